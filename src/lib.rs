@@ -1,0 +1,5 @@
+//! wxrelay: a relay for WeChat Official Account server pushes.
+
+pub mod config;
+pub mod route;
+pub mod wechat;
