@@ -2,4 +2,5 @@
 
 pub mod config;
 pub mod route;
+pub mod spool;
 pub mod wechat;

@@ -1,0 +1,335 @@
+//! One suite, run against both spools, so the twin cannot drift from the real one.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use std::sync::Arc;
+
+const WINDOW: i64 = 600_000;
+
+fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
+    NewEvent {
+        dedup_key: key.into(),
+        account: "main".into(),
+        received_at: now,
+        query: format!("signature=s&timestamp=1&nonce={key}"),
+        body: format!("<xml>{key}</xml>").into_bytes(),
+        xml: format!("<xml><K>{key}</K></xml>"),
+        fields: format!("{{\"K\":\"{key}\"}}"),
+        msg_type: "event".into(),
+        event: Some("CLICK".into()),
+        targets: targets
+            .iter()
+            .map(|t| NewDelivery {
+                target: t.to_string(),
+                due_at: now,
+            })
+            .collect(),
+    }
+}
+
+async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (i64, Vec<i64>) {
+    match spool.enqueue(e, now, WINDOW).await.unwrap() {
+        Enqueued::Stored {
+            event_id,
+            deliveries,
+        } => (event_id, deliveries),
+        Enqueued::Duplicate => panic!("unexpected duplicate"),
+    }
+}
+
+fn spools() -> Vec<(&'static str, Arc<dyn Spool>, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteSpool::open(&dir.path().join("spool.db")).unwrap();
+    vec![
+        ("memory", Arc::new(MemorySpool::new()), None),
+        ("sqlite", Arc::new(sqlite), Some(dir)),
+    ]
+}
+
+#[tokio::test]
+async fn dedup_key_is_unique_within_the_window_and_reusable_after() {
+    for (name, spool, _dir) in spools() {
+        stored(&*spool, event("k1", &["a"], 1_000), 1_000).await;
+        let again = spool
+            .enqueue(event("k1", &["a"], 2_000), 2_000, WINDOW)
+            .await
+            .unwrap();
+        assert_eq!(again, Enqueued::Duplicate, "{name}");
+        let later = 1_000 + WINDOW;
+        let after = spool
+            .enqueue(event("k1", &["a"], later), later, WINDOW)
+            .await
+            .unwrap();
+        assert!(
+            matches!(after, Enqueued::Stored { .. }),
+            "{name}: expired key is reusable"
+        );
+    }
+}
+
+#[tokio::test]
+async fn racing_enqueues_of_one_key_store_exactly_one() {
+    for (name, spool, _dir) in spools() {
+        let attempts: Vec<_> = (0..16)
+            .map(|_| spool.enqueue(event("race", &["a", "b"], 5), 5, WINDOW))
+            .collect();
+        let mut stored = 0;
+        for a in attempts {
+            if matches!(a.await.unwrap(), Enqueued::Stored { .. }) {
+                stored += 1;
+            }
+        }
+        assert_eq!(stored, 1, "{name}");
+        let leased = spool.lease("a", 5, 100, 1_000).await.unwrap();
+        assert_eq!(leased.len(), 1, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn lease_hides_a_delivery_until_the_lease_ends() {
+    for (name, spool, _dir) in spools() {
+        let (_, ids) = stored(&*spool, event("k", &["a", "b"], 10), 10).await;
+        let first = spool.lease("a", 10, 10, 1_000).await.unwrap();
+        assert_eq!(first.len(), 1, "{name}");
+        assert_eq!(first[0].delivery_id, ids[0]);
+        assert_eq!(first[0].xml, "<xml><K>k</K></xml>");
+        assert_eq!(first[0].body, b"<xml>k</xml>");
+        assert!(
+            spool.lease("a", 500, 10, 1_000).await.unwrap().is_empty(),
+            "{name}: hidden"
+        );
+        let again = spool.lease("a", 1_010, 10, 1_000).await.unwrap();
+        assert_eq!(again.len(), 1, "{name}: due again after the lease");
+        assert_eq!(
+            spool.lease("b", 10, 10, 1_000).await.unwrap().len(),
+            1,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn not_due_yet_is_not_leased() {
+    for (name, spool, _dir) in spools() {
+        let mut e = event("k", &["a"], 10);
+        e.targets[0].due_at = 4_010;
+        stored(&*spool, e, 10).await;
+        assert!(
+            spool.lease("a", 4_009, 10, 1).await.unwrap().is_empty(),
+            "{name}"
+        );
+        assert_eq!(
+            spool.lease("a", 4_010, 10, 1).await.unwrap().len(),
+            1,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn delivered_removes_the_event_once_every_target_has_it() {
+    for (name, spool, _dir) in spools() {
+        let (event_id, ids) = stored(&*spool, event("k", &["a", "b"], 0), 0).await;
+        spool
+            .settle(
+                vec![Settlement::Delivered {
+                    delivery_id: ids[0],
+                }],
+                1,
+            )
+            .await
+            .unwrap();
+        assert!(
+            spool.event(event_id).await.unwrap().is_some(),
+            "{name}: b still pending"
+        );
+        spool
+            .settle(
+                vec![Settlement::Delivered {
+                    delivery_id: ids[1],
+                }],
+                2,
+            )
+            .await
+            .unwrap();
+        assert!(spool.event(event_id).await.unwrap().is_none(), "{name}");
+        assert!(spool.depth().await.unwrap().is_empty(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn retry_counts_attempts_and_reschedules() {
+    for (name, spool, _dir) in spools() {
+        let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
+        spool.lease("a", 0, 1, 100).await.unwrap();
+        let retry = Settlement::Retry {
+            delivery_id: ids[0],
+            next_at: 5_000,
+            error: "HTTP 503".into(),
+        };
+        spool.settle(vec![retry], 10).await.unwrap();
+        assert!(
+            spool.lease("a", 4_999, 1, 100).await.unwrap().is_empty(),
+            "{name}"
+        );
+        let leased = spool.lease("a", 5_000, 1, 100).await.unwrap();
+        assert_eq!(leased[0].attempts, 1, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_filtered_replayed_and_purged() {
+    for (name, spool, _dir) in spools() {
+        let (_, a) = stored(&*spool, event("k1", &["a"], 0), 0).await;
+        let (_, b) = stored(&*spool, event("k2", &["b"], 0), 0).await;
+        stored(&*spool, event("k3", &[], 0), 0).await;
+        let dead = |id: i64, why: &str| Settlement::Dead {
+            delivery_id: id,
+            reason: why.into(),
+            error: "HTTP 400: bad".into(),
+        };
+        spool
+            .settle(vec![dead(a[0], "rejected")], 100)
+            .await
+            .unwrap();
+        spool
+            .settle(vec![dead(b[0], "exhausted")], 200)
+            .await
+            .unwrap();
+
+        let all = spool
+            .dead_letters(DeadFilter::default(), 100)
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 3, "{name}");
+        let unrouted: Vec<_> = all.iter().filter(|d| d.reason == REASON_UNROUTED).collect();
+        assert_eq!(unrouted.len(), 1, "{name}");
+        assert_eq!(unrouted[0].target, None);
+
+        let only_a = DeadFilter {
+            target: Some("a".into()),
+            ..Default::default()
+        };
+        let listed = spool.dead_letters(only_a.clone(), 100).await.unwrap();
+        assert_eq!(listed.len(), 1, "{name}");
+        assert_eq!(listed[0].last_error, "HTTP 400: bad");
+        assert_eq!(listed[0].attempts, 1);
+        let window = DeadFilter {
+            since: Some(150),
+            until: Some(250),
+            ..Default::default()
+        };
+        assert_eq!(
+            spool.dead_letters(window, 100).await.unwrap()[0]
+                .target
+                .as_deref(),
+            Some("b")
+        );
+
+        assert_eq!(spool.replay(only_a, 300).await.unwrap(), 1, "{name}");
+        let back = spool.lease("a", 300, 10, 100).await.unwrap();
+        assert_eq!(back.len(), 1, "{name}: replayed is due");
+        assert_eq!(back[0].attempts, 0, "{name}: attempts reset");
+
+        let unrouted_filter = DeadFilter {
+            reason: Some(REASON_UNROUTED.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            spool.replay(unrouted_filter.clone(), 300).await.unwrap(),
+            0,
+            "{name}"
+        );
+        assert_eq!(spool.purge(unrouted_filter).await.unwrap(), 1, "{name}");
+        assert_eq!(
+            spool
+                .dead_letters(DeadFilter::default(), 100)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+}
+
+#[tokio::test]
+async fn removed_targets_dead_letter_their_pending_deliveries() {
+    for (name, spool, _dir) in spools() {
+        stored(&*spool, event("k", &["kept", "gone"], 0), 0).await;
+        assert_eq!(
+            spool.retire_targets(vec!["kept".into()], 7).await.unwrap(),
+            1,
+            "{name}"
+        );
+        let dead = spool.dead_letters(DeadFilter::default(), 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].reason, REASON_TARGET_REMOVED);
+        assert_eq!(dead[0].target.as_deref(), Some("gone"));
+        assert_eq!(
+            spool.lease("kept", 0, 10, 1).await.unwrap().len(),
+            1,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn depth_counts_pending_per_target_with_the_oldest_arrival() {
+    for (name, spool, _dir) in spools() {
+        stored(&*spool, event("k1", &["a"], 100), 100).await;
+        stored(&*spool, event("k2", &["a", "b"], 200), 200).await;
+        let depth = spool.depth().await.unwrap();
+        assert_eq!(
+            depth,
+            vec![
+                TargetDepth {
+                    target: "a".into(),
+                    pending: 2,
+                    oldest_received_at: Some(100)
+                },
+                TargetDepth {
+                    target: "b".into(),
+                    pending: 1,
+                    oldest_received_at: Some(200)
+                },
+            ],
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sqlite_spool_keeps_everything_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let event_id = {
+        let spool = SqliteSpool::open(&path).unwrap();
+        let (event_id, _) = stored(&spool, event("persist", &["a"], 0), 0).await;
+        spool.close();
+        event_id
+    };
+    let spool = SqliteSpool::open(&path).unwrap();
+    let e = spool
+        .event(event_id)
+        .await
+        .unwrap()
+        .expect("event survives");
+    assert_eq!(e.dedup_key, "persist");
+    assert_eq!(
+        spool
+            .enqueue(event("persist", &["a"], 1), 1, WINDOW)
+            .await
+            .unwrap(),
+        Enqueued::Duplicate,
+        "dedup survives a restart"
+    );
+    assert_eq!(spool.lease("a", 0, 10, 1).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_closed_spool_refuses_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = SqliteSpool::open(&dir.path().join("spool.db")).unwrap();
+    spool.close();
+    assert!(matches!(spool.probe().await, Err(SpoolError::Closed)));
+}

@@ -1,0 +1,329 @@
+//! The in-memory twin of the SQLite spool: the same contract minus durability,
+//! for unit tests of the code around the spool.
+
+use super::{
+    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, Settlement, Spool, SpoolError,
+    StoredEvent, TargetDepth, REASON_TARGET_REMOVED, REASON_UNROUTED,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone)]
+struct Delivery {
+    event_id: i64,
+    target: Option<String>,
+    dead: bool,
+    attempts: u32,
+    next_at: i64,
+    last_error: String,
+    reason: String,
+    updated_at: i64,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: i64,
+    events: HashMap<i64, StoredEvent>,
+    deliveries: BTreeMap<i64, Delivery>,
+    dedup: HashMap<String, i64>,
+}
+
+impl State {
+    fn id(&mut self) -> i64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn drop_event_if_done(&mut self, event_id: i64) {
+        if !self.deliveries.values().any(|d| d.event_id == event_id) {
+            self.events.remove(&event_id);
+        }
+    }
+
+    fn dead_letter(&self, id: i64, d: &Delivery) -> Option<DeadLetter> {
+        let e = self.events.get(&d.event_id)?;
+        Some(DeadLetter {
+            delivery_id: id,
+            event_id: d.event_id,
+            target: d.target.clone(),
+            reason: d.reason.clone(),
+            last_error: d.last_error.clone(),
+            attempts: d.attempts,
+            account: e.account.clone(),
+            dedup_key: e.dedup_key.clone(),
+            msg_type: e.msg_type.clone(),
+            event: e.event.clone(),
+            received_at: e.received_at,
+            dead_at: d.updated_at,
+        })
+    }
+
+    fn selected_dead(&self, f: &DeadFilter) -> Vec<i64> {
+        self.deliveries
+            .iter()
+            .filter(|(_, d)| d.dead)
+            .filter_map(|(id, d)| self.dead_letter(*id, d))
+            .filter(|dl| f.admits(dl))
+            .map(|dl| dl.delivery_id)
+            .collect()
+    }
+}
+
+#[derive(Default)]
+pub struct MemorySpool {
+    state: Mutex<State>,
+}
+
+impl MemorySpool {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut State) -> T) -> Pending<T> {
+        let result = self
+            .state
+            .lock()
+            .map(|mut s| f(&mut s))
+            .map_err(|_| SpoolError::Storage("memory spool poisoned".into()));
+        Box::pin(async move { result })
+    }
+}
+
+impl Spool for MemorySpool {
+    fn enqueue(&self, e: NewEvent, now: i64, window: i64) -> Pending<Enqueued> {
+        self.with(move |s| {
+            if s.dedup.get(&e.dedup_key).is_some_and(|&exp| exp > now) {
+                return Enqueued::Duplicate;
+            }
+            s.dedup.insert(e.dedup_key.clone(), now + window);
+            let event_id = s.id();
+            if e.targets.is_empty() {
+                let id = s.id();
+                s.deliveries.insert(
+                    id,
+                    Delivery {
+                        event_id,
+                        target: None,
+                        dead: true,
+                        attempts: 0,
+                        next_at: 0,
+                        last_error: String::new(),
+                        reason: REASON_UNROUTED.into(),
+                        updated_at: now,
+                    },
+                );
+            }
+            let mut deliveries = Vec::new();
+            for t in &e.targets {
+                let id = s.id();
+                s.deliveries.insert(
+                    id,
+                    Delivery {
+                        event_id,
+                        target: Some(t.target.clone()),
+                        dead: false,
+                        attempts: 0,
+                        next_at: t.due_at,
+                        last_error: String::new(),
+                        reason: String::new(),
+                        updated_at: now,
+                    },
+                );
+                deliveries.push(id);
+            }
+            s.events.insert(
+                event_id,
+                StoredEvent {
+                    event_id,
+                    dedup_key: e.dedup_key,
+                    account: e.account,
+                    received_at: e.received_at,
+                    query: e.query,
+                    body: e.body,
+                    xml: e.xml,
+                    fields: e.fields,
+                    msg_type: e.msg_type,
+                    event: e.event,
+                },
+            );
+            Enqueued::Stored {
+                event_id,
+                deliveries,
+            }
+        })
+    }
+
+    fn lease(&self, target: &str, now: i64, limit: usize, lease_ms: i64) -> Pending<Vec<Lease>> {
+        let target = target.to_string();
+        self.with(move |s| {
+            let mut due: Vec<(i64, i64)> = s
+                .deliveries
+                .iter()
+                .filter(|(_, d)| {
+                    !d.dead && d.target.as_deref() == Some(&target) && d.next_at <= now
+                })
+                .map(|(id, d)| (d.next_at, *id))
+                .collect();
+            due.sort_unstable();
+            due.truncate(limit);
+            let mut leases = Vec::with_capacity(due.len());
+            for (_, id) in due {
+                let Some(d) = s.deliveries.get_mut(&id) else {
+                    continue;
+                };
+                d.next_at = now + lease_ms;
+                let (event_id, attempts) = (d.event_id, d.attempts);
+                let Some(e) = s.events.get(&event_id) else {
+                    continue;
+                };
+                leases.push(Lease {
+                    delivery_id: id,
+                    event_id,
+                    target: target.clone(),
+                    attempts,
+                    dedup_key: e.dedup_key.clone(),
+                    account: e.account.clone(),
+                    received_at: e.received_at,
+                    query: e.query.clone(),
+                    body: e.body.clone(),
+                    xml: e.xml.clone(),
+                    fields: e.fields.clone(),
+                    msg_type: e.msg_type.clone(),
+                    event: e.event.clone(),
+                });
+            }
+            leases
+        })
+    }
+
+    fn settle(&self, settlements: Vec<Settlement>, now: i64) -> Pending<()> {
+        self.with(move |s| {
+            for settlement in settlements {
+                match settlement {
+                    Settlement::Delivered { delivery_id } => {
+                        if s.deliveries.get(&delivery_id).is_some_and(|d| !d.dead) {
+                            if let Some(d) = s.deliveries.remove(&delivery_id) {
+                                s.drop_event_if_done(d.event_id);
+                            }
+                        }
+                    }
+                    Settlement::Retry {
+                        delivery_id,
+                        next_at,
+                        error,
+                    } => {
+                        if let Some(d) = s.deliveries.get_mut(&delivery_id).filter(|d| !d.dead) {
+                            d.attempts += 1;
+                            d.next_at = next_at;
+                            d.last_error = error;
+                            d.updated_at = now;
+                        }
+                    }
+                    Settlement::Dead {
+                        delivery_id,
+                        reason,
+                        error,
+                    } => {
+                        if let Some(d) = s.deliveries.get_mut(&delivery_id).filter(|d| !d.dead) {
+                            d.dead = true;
+                            d.attempts += 1;
+                            d.reason = reason;
+                            d.last_error = error;
+                            d.updated_at = now;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn retire_targets(&self, keep: Vec<String>, now: i64) -> Pending<u64> {
+        self.with(move |s| {
+            let mut n = 0;
+            for d in s.deliveries.values_mut() {
+                let removed = d.target.as_ref().is_some_and(|t| !keep.contains(t));
+                if !d.dead && removed {
+                    d.dead = true;
+                    d.reason = REASON_TARGET_REMOVED.into();
+                    d.last_error = "the target is no longer in the configuration".into();
+                    d.updated_at = now;
+                    n += 1;
+                }
+            }
+            n
+        })
+    }
+
+    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> Pending<Vec<DeadLetter>> {
+        self.with(move |s| {
+            let mut dead: Vec<DeadLetter> = s
+                .selected_dead(&filter)
+                .into_iter()
+                .filter_map(|id| s.deliveries.get(&id).and_then(|d| s.dead_letter(id, d)))
+                .collect();
+            dead.sort_by_key(|d| (d.dead_at, d.delivery_id));
+            dead.truncate(limit);
+            dead
+        })
+    }
+
+    fn replay(&self, filter: DeadFilter, now: i64) -> Pending<u64> {
+        self.with(move |s| {
+            let mut n = 0;
+            for id in s.selected_dead(&filter) {
+                if let Some(d) = s.deliveries.get_mut(&id).filter(|d| d.target.is_some()) {
+                    d.dead = false;
+                    d.attempts = 0;
+                    d.next_at = now;
+                    d.reason.clear();
+                    d.updated_at = now;
+                    n += 1;
+                }
+            }
+            n
+        })
+    }
+
+    fn purge(&self, filter: DeadFilter) -> Pending<u64> {
+        self.with(move |s| {
+            let ids = s.selected_dead(&filter);
+            for id in &ids {
+                if let Some(d) = s.deliveries.remove(id) {
+                    s.drop_event_if_done(d.event_id);
+                }
+            }
+            ids.len() as u64
+        })
+    }
+
+    fn depth(&self) -> Pending<Vec<TargetDepth>> {
+        self.with(|s| {
+            let mut by_target: BTreeMap<String, TargetDepth> = BTreeMap::new();
+            for d in s.deliveries.values().filter(|d| !d.dead) {
+                let Some(target) = &d.target else { continue };
+                let received = s.events.get(&d.event_id).map(|e| e.received_at);
+                let entry = by_target
+                    .entry(target.clone())
+                    .or_insert_with(|| TargetDepth {
+                        target: target.clone(),
+                        pending: 0,
+                        oldest_received_at: None,
+                    });
+                entry.pending += 1;
+                entry.oldest_received_at = match (entry.oldest_received_at, received) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            by_target.into_values().collect()
+        })
+    }
+
+    fn event(&self, event_id: i64) -> Pending<Option<StoredEvent>> {
+        self.with(move |s| s.events.get(&event_id).cloned())
+    }
+
+    fn probe(&self) -> Pending<()> {
+        self.with(|_| ())
+    }
+}

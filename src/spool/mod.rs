@@ -1,0 +1,221 @@
+//! The spool: where every accepted push waits until each of its targets has it.
+//!
+//! # Contract
+//!
+//! - [`Spool::enqueue`] resolves `Ok` only once the event, its deliveries and its
+//!   dedup key are durable: for the SQLite spool, committed in WAL mode with
+//!   `synchronous=FULL`, so the commit survives `kill -9` and power loss. The
+//!   handler answers WeChat only after that, so a crash can lose nothing that
+//!   WeChat was told `success` for. Concurrent enqueues share one commit.
+//! - The dedup key is inserted in the same transaction as the deliveries and is
+//!   unique: of two racing enqueues with one key, exactly one is stored and the
+//!   other resolves to [`Enqueued::Duplicate`]. A key expires after the spool's
+//!   dedup window.
+//! - A delivery is handed out by [`Spool::lease`] only when due, and is hidden
+//!   for the lease duration: if its worker dies, it is due again when the lease
+//!   ends (at least once, never silently dropped).
+//! - A delivery ends in exactly one of two ways: delivered (removed with its
+//!   event once no delivery of the event remains), or dead-lettered with a
+//!   reason, where it stays until an operator replays or purges it.
+//! - An event routed to no target is stored as a dead letter with reason
+//!   `unrouted`, with no target.
+
+mod memory;
+mod sqlite;
+
+pub use memory::MemorySpool;
+pub use sqlite::SqliteSpool;
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A spool operation in flight; resolves once its effect is durable.
+pub type Pending<T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send>>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool storage: {0}")]
+    Storage(String),
+    #[error("spool is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for SpoolError {
+    fn from(e: rusqlite::Error) -> Self {
+        SpoolError::Storage(e.to_string())
+    }
+}
+
+/// A verified push, as it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub dedup_key: String,
+    pub account: String,
+    /// Unix milliseconds.
+    pub received_at: i64,
+    /// The request's query string, byte for byte.
+    pub query: String,
+    /// The request's body, byte for byte.
+    pub body: Vec<u8>,
+    /// The decrypted (or, in plaintext mode, received) message XML.
+    pub xml: String,
+    /// The message's fields as a JSON object of strings.
+    pub fields: String,
+    pub msg_type: String,
+    pub event: Option<String>,
+    /// One delivery per target; empty means the event matched no route.
+    pub targets: Vec<NewDelivery>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDelivery {
+    pub target: String,
+    /// Unix milliseconds when the delivery first becomes due. A reply target
+    /// that the handler tries inline is due only after the reply budget, so
+    /// that workers do not send it at the same time.
+    pub due_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    Stored {
+        event_id: i64,
+        /// Delivery ids, in the order of [`NewEvent::targets`].
+        deliveries: Vec<i64>,
+    },
+    Duplicate,
+}
+
+/// A due delivery handed to a worker, with what it needs to build any format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub delivery_id: i64,
+    pub event_id: i64,
+    pub target: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub dedup_key: String,
+    pub account: String,
+    pub received_at: i64,
+    pub query: String,
+    pub body: Vec<u8>,
+    pub xml: String,
+    pub fields: String,
+    pub msg_type: String,
+    pub event: Option<String>,
+}
+
+/// What became of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    Delivered {
+        delivery_id: i64,
+    },
+    Retry {
+        delivery_id: i64,
+        next_at: i64,
+        error: String,
+    },
+    Dead {
+        delivery_id: i64,
+        reason: String,
+        error: String,
+    },
+}
+
+/// A delivery in the dead-letter table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub delivery_id: i64,
+    pub event_id: i64,
+    /// `None` for an event that matched no route.
+    pub target: Option<String>,
+    pub reason: String,
+    pub last_error: String,
+    pub attempts: u32,
+    pub account: String,
+    pub dedup_key: String,
+    pub msg_type: String,
+    pub event: Option<String>,
+    pub received_at: i64,
+    /// When it was dead-lettered, unix milliseconds.
+    pub dead_at: i64,
+}
+
+/// Selects dead letters; every field narrows the selection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadFilter {
+    pub target: Option<String>,
+    pub reason: Option<String>,
+    /// Dead-lettered at or after, unix milliseconds.
+    pub since: Option<i64>,
+    /// Dead-lettered before, unix milliseconds.
+    pub until: Option<i64>,
+    pub delivery_id: Option<i64>,
+}
+
+impl DeadFilter {
+    fn admits(&self, d: &DeadLetter) -> bool {
+        self.target
+            .as_deref()
+            .is_none_or(|t| d.target.as_deref() == Some(t))
+            && self.reason.as_deref().is_none_or(|r| d.reason == r)
+            && self.since.is_none_or(|s| d.dead_at >= s)
+            && self.until.is_none_or(|u| d.dead_at < u)
+            && self.delivery_id.is_none_or(|id| d.delivery_id == id)
+    }
+}
+
+/// Pending work of one target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetDepth {
+    pub target: String,
+    pub pending: u64,
+    /// Unix milliseconds of the oldest pending event's arrival.
+    pub oldest_received_at: Option<i64>,
+}
+
+/// Where accepted pushes wait for their targets. See the module doc for the
+/// durability contract every implementation keeps.
+pub trait Spool: Send + Sync + 'static {
+    /// Stores an event with its deliveries and dedup key, durably, in one commit.
+    fn enqueue(&self, event: NewEvent, now_ms: i64, dedup_window_ms: i64) -> Pending<Enqueued>;
+    /// Up to `limit` due deliveries of `target`, each hidden for `lease_ms`.
+    fn lease(&self, target: &str, now_ms: i64, limit: usize, lease_ms: i64) -> Pending<Vec<Lease>>;
+    /// Records what became of leased deliveries.
+    fn settle(&self, settlements: Vec<Settlement>, now_ms: i64) -> Pending<()>;
+    /// Dead-letters every pending delivery whose target is not in `targets`,
+    /// with reason `target_removed`. Returns how many.
+    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<u64>;
+    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> Pending<Vec<DeadLetter>>;
+    /// Makes the selected dead letters due again, with their attempts reset.
+    /// Unrouted ones have no target and are left alone. Returns how many.
+    fn replay(&self, filter: DeadFilter, now_ms: i64) -> Pending<u64>;
+    /// Deletes the selected dead letters. Returns how many.
+    fn purge(&self, filter: DeadFilter) -> Pending<u64>;
+    fn depth(&self) -> Pending<Vec<TargetDepth>>;
+    /// The stored XML and fields of an event, while it is in the spool.
+    fn event(&self, event_id: i64) -> Pending<Option<StoredEvent>>;
+    /// Checks that the spool still accepts writes (for readiness).
+    fn probe(&self) -> Pending<()>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub event_id: i64,
+    pub dedup_key: String,
+    pub account: String,
+    pub received_at: i64,
+    pub query: String,
+    pub body: Vec<u8>,
+    pub xml: String,
+    pub fields: String,
+    pub msg_type: String,
+    pub event: Option<String>,
+}
+
+pub const REASON_UNROUTED: &str = "unrouted";
+pub const REASON_TARGET_REMOVED: &str = "target_removed";
+
+#[cfg(test)]
+mod contract_tests;
