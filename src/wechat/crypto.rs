@@ -217,10 +217,12 @@ pub fn decrypt_frame(key: &AesKey, encrypt_b64: &str) -> Result<(String, String)
         return Err(DecryptError::Padding);
     }
 
-    let Some(len_bytes) = frame.get(16..FRAME_HEADER) else {
-        return Err(DecryptError::Frame);
-    };
-    let msg_len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+    let len_bytes: [u8; 4] = frame
+        .get(16..FRAME_HEADER)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or(DecryptError::Frame)?;
+    // msg_len counts bytes; it is untrusted until checked against the frame.
+    let msg_len = u32::from_be_bytes(len_bytes);
     let msg_end = usize::try_from(msg_len)
         .ok()
         .and_then(|len| FRAME_HEADER.checked_add(len))
