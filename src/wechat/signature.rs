@@ -12,6 +12,15 @@ use subtle::ConstantTimeEq;
 ///
 /// The sort is on bytes, not numbers: base64's `+`, `/` and `=` sort before
 /// digits, and timestamps and nonces are compared as text.
+///
+/// ```
+/// use wxrelay::wechat::signature::{sign, verify};
+///
+/// // WeChat's GET check: signature = sign([token, timestamp, nonce]).
+/// let parts = ["AAAAA", "1714036504", "1514711492"];
+/// assert_eq!(sign(&parts), "f464b24fc39322e44b38aa78f5edd27bd1441696");
+/// assert!(verify("f464b24fc39322e44b38aa78f5edd27bd1441696", &parts));
+/// ```
 pub fn sign(parts: &[&str]) -> String {
     let mut sorted = parts.to_vec();
     // `str`'s `Ord` is byte-wise lexicographic, which is what WeChat does.
