@@ -1,1 +1,174 @@
-//! (in progress)
+//! Answers to WeChat (PROTOCOL.md §6, §10).
+//!
+//! WeChat accepts exactly three bodies: `success`, an empty body, or a passive
+//! reply XML, which in secure mode must be wrapped in the encrypted
+//! [`envelope`]. Anything else makes WeChat show the user "该公众号暂时无法提供服务".
+//! [`classify_reply`] is the gate that keeps a reply target's JSON, HTML or
+//! error page from ever reaching WeChat.
+
+use crate::wechat::crypto::{encrypt, AesKey};
+use crate::wechat::message::Message;
+use crate::wechat::signature::sign;
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+
+/// Encrypts `reply_xml` and wraps it in WeChat's envelope, signed with
+/// `MsgSignature = sign([token, timestamp, nonce, Encrypt])`.
+///
+/// Use the key that decrypted the request (PROTOCOL.md §7). `timestamp` and
+/// `nonce` may be the request's own or fresh ones.
+pub fn envelope(
+    key: &AesKey,
+    token: &str,
+    app_id: &str,
+    reply_xml: &str,
+    timestamp: &str,
+    nonce: &str,
+    random: &[u8; 16],
+) -> String {
+    let encrypted = encrypt(key, random, reply_xml, app_id);
+    let signature = sign(&[token, timestamp, nonce, &encrypted]);
+    format!(
+        "<xml>\n<Encrypt><![CDATA[{encrypted}]]></Encrypt>\n\
+         <MsgSignature><![CDATA[{signature}]]></MsgSignature>\n\
+         <TimeStamp>{timestamp}</TimeStamp>\n\
+         <Nonce><![CDATA[{nonce}]]></Nonce>\n</xml>"
+    )
+}
+
+/// What a reply target answered, once judged fit for WeChat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyBody {
+    /// `success` or an empty body: pass on `success` as is, never encrypted.
+    Ack,
+    /// A passive reply in plaintext; the caller encrypts it for a secure account.
+    PlainXml(String),
+    /// A reply already wrapped in an envelope (it has a non-empty `Encrypt`).
+    Envelope(String),
+}
+
+/// Judges a reply target's body. `None` means it must not reach WeChat: JSON,
+/// HTML, plain text, malformed XML, a DOCTYPE, or a root other than `xml`.
+/// The XML variants carry the body unchanged.
+pub fn classify_reply(body: &[u8]) -> Option<ReplyBody> {
+    let trimmed = body.trim_ascii();
+    if trimmed.is_empty() || trimmed == b"success" {
+        return Some(ReplyBody::Ack);
+    }
+    let message = Message::parse(body).ok()?;
+    if message.root != "xml" {
+        return None;
+    }
+    // `parse` succeeded, so the body is UTF-8.
+    let text = String::from_utf8(body.to_vec()).ok()?;
+    match message.get("Encrypt") {
+        Some(encrypted) if !encrypted.is_empty() => Some(ReplyBody::Envelope(text)),
+        _ => Some(ReplyBody::PlainXml(text)),
+    }
+}
+
+/// The frame's 16-byte random prefix: letters and digits, as WeChat's own
+/// samples use.
+pub fn random_bytes() -> [u8; 16] {
+    let mut rng = rand::thread_rng();
+    std::array::from_fn(|_| rng.sample(Alphanumeric))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::wechat::crypto::decrypt;
+    use crate::wechat::signature::verify;
+    use proptest::prelude::*;
+
+    #[test]
+    fn envelope_decrypts_and_verifies() {
+        let key = AesKey::from_encoding("R3layV3ct0rsEncodingAesKeyForTests0123456Zq").unwrap();
+        let reply =
+            "<xml><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[欢迎]]></Content></xml>";
+        let body = envelope(
+            &key,
+            "Token",
+            "wx5f3c9a1e7d2b4c60",
+            reply,
+            "1717000000",
+            "42",
+            &random_bytes(),
+        );
+        let parsed = Message::parse(body.as_bytes()).unwrap();
+        let encrypted = parsed.get("Encrypt").unwrap();
+        let signature = parsed.get("MsgSignature").unwrap();
+        assert_eq!(parsed.get("TimeStamp"), Some("1717000000"));
+        assert_eq!(parsed.get("Nonce"), Some("42"));
+        assert!(verify(signature, &["Token", "1717000000", "42", encrypted]));
+        assert_eq!(
+            decrypt(&key, encrypted, "wx5f3c9a1e7d2b4c60").unwrap(),
+            reply
+        );
+        assert_eq!(
+            classify_reply(body.as_bytes()),
+            Some(ReplyBody::Envelope(body.clone()))
+        );
+    }
+
+    #[test]
+    fn success_and_empty_bodies_are_acks() {
+        for body in ["", "success", " success\r\n", "\n\t"] {
+            assert_eq!(
+                classify_reply(body.as_bytes()),
+                Some(ReplyBody::Ack),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reply_xml_is_kept_verbatim() {
+        let xml = "<?xml version=\"1.0\"?>\n<xml><ToUserName><![CDATA[o1]]></ToUserName>\
+                   <MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hi]]></Content></xml>\n";
+        assert_eq!(
+            classify_reply(xml.as_bytes()),
+            Some(ReplyBody::PlainXml(xml.to_owned()))
+        );
+        // An empty Encrypt is no envelope.
+        let empty = "<xml><Encrypt></Encrypt></xml>";
+        assert_eq!(
+            classify_reply(empty.as_bytes()),
+            Some(ReplyBody::PlainXml(empty.to_owned()))
+        );
+    }
+
+    #[test]
+    fn anything_else_is_refused() {
+        for body in [
+            "OK",
+            "Success",
+            "successful",
+            "{\"reply\":\"hi\"}",
+            "<html><body>502 Bad Gateway</body></html>",
+            "<xml><Content>unclosed</xml>",
+            "<!DOCTYPE xml><xml><Content>x</Content></xml>",
+            "<reply><Content>x</Content></reply>",
+            "<xml/>trailing",
+        ] {
+            assert_eq!(classify_reply(body.as_bytes()), None, "{body:?}");
+        }
+        assert_eq!(classify_reply(b"<xml>\xff</xml>"), None);
+    }
+
+    #[test]
+    fn random_bytes_are_letters_and_digits() {
+        let first = random_bytes();
+        assert!(first.iter().all(u8::is_ascii_alphanumeric));
+        // 62^16 possibilities: two equal draws mean the generator is broken.
+        assert_ne!(first, random_bytes());
+    }
+
+    proptest! {
+        #[test]
+        fn classify_reply_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = classify_reply(&bytes);
+        }
+    }
+}
