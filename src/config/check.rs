@@ -1,0 +1,132 @@
+//! The report of `wxrelay check`: what the relay will do with this config,
+//! in the order an operator reads it. Secrets appear as `***`, keys as
+//! fingerprints, and URL passwords are masked.
+
+use super::{Secret, Settings};
+use humantime::format_duration;
+use std::fmt::{self, Display, Write as _};
+
+/// Renders the validated config, the route table and the warnings.
+pub fn render_check(settings: &Settings) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = report(settings, &mut out);
+    out
+}
+
+fn report(settings: &Settings, out: &mut String) -> fmt::Result {
+    let s = &settings.server;
+    writeln!(out, "server")?;
+    row(out, "listen", format!("{} (WeChat pushes)", s.listen))?;
+    row(
+        out,
+        "admin_listen",
+        format!("{} (metrics, health, admin)", s.admin_listen),
+    )?;
+    row(out, "max_body", format!("{} bytes", s.max_body))?;
+    row(out, "reply_budget", format_duration(s.reply_budget))?;
+    row(out, "header_timeout", format_duration(s.header_timeout))?;
+    row(out, "shutdown_timeout", format_duration(s.shutdown_timeout))?;
+    row(out, "admin_token", masked(s.admin_token.as_ref()))?;
+
+    writeln!(out, "\nspool")?;
+    row(out, "path", settings.spool.path.display())?;
+    row(
+        out,
+        "dedup_window",
+        format_duration(settings.spool.dedup_window),
+    )?;
+
+    for account in settings.accounts.values() {
+        writeln!(out, "\naccount {} at /wx/{}", account.id, account.id)?;
+        row(out, "app_id", &account.app_id)?;
+        row(out, "mode", account.mode.as_str())?;
+        row(out, "token", &account.token)?;
+        match &account.keys {
+            None => row(out, "encoding_aes_key", "none")?,
+            Some(ring) => {
+                row(out, "encoding_aes_key", ring.current.fingerprint())?;
+                if let Some(previous) = &ring.previous {
+                    row(out, "previous key", previous.fingerprint())?;
+                }
+            }
+        }
+        match account.timestamp_window {
+            None => row(out, "timestamp_window", "off")?,
+            Some(window) => row(out, "timestamp_window", format_duration(window))?,
+        }
+    }
+
+    for target in settings.targets.values() {
+        let mut url = target.url.clone();
+        if url.password().is_some() {
+            // Only fails for URLs that cannot carry a password at all.
+            let _ = url.set_password(Some("***"));
+        }
+        let retry = &target.retry;
+        let delays: Vec<String> = retry
+            .delays
+            .iter()
+            .map(|d| format_duration(*d).to_string())
+            .collect();
+        let schedule = if delays.is_empty() {
+            "no retries".to_owned()
+        } else {
+            format!("waits {}", delays.join(", "))
+        };
+        writeln!(out, "\ntarget {}", target.name)?;
+        row(out, "url", url)?;
+        row(out, "format", target.format.as_str())?;
+        row(
+            out,
+            "retry",
+            format!(
+                "{}: {} attempts over {} ({schedule})",
+                retry.class.as_str(),
+                retry.max_attempts(),
+                format_duration(retry.span()),
+            ),
+        )?;
+        row(out, "timeout", format_duration(target.timeout))?;
+        row(out, "concurrency", target.concurrency)?;
+        row(out, "secret", masked(target.secret.as_ref()))?;
+    }
+
+    writeln!(out, "\nroutes (first match wins)")?;
+    if settings.routes.is_empty() {
+        writeln!(out, "  (none)")?;
+    }
+    for (i, rule) in settings.routes.iter().enumerate() {
+        let to: Vec<String> = rule
+            .to
+            .iter()
+            .map(|name| match &rule.reply_from {
+                Some(replier) if replier == name => format!("{name} (replies)"),
+                _ => name.clone(),
+            })
+            .collect();
+        let described = rule.matcher.describe();
+        writeln!(out, "  [{i}] {described} -> {}", to.join(", "))?;
+    }
+
+    let warnings = settings.warnings();
+    if !warnings.is_empty() {
+        writeln!(out, "\nwarnings")?;
+        for warning in warnings {
+            writeln!(out, "  - {warning}")?;
+        }
+    }
+    Ok(())
+}
+
+fn row(out: &mut String, key: &str, value: impl Display) -> fmt::Result {
+    writeln!(out, "  {key:<18}{value}")
+}
+
+fn masked(secret: Option<&Secret>) -> &'static str {
+    if secret.is_some() {
+        "***"
+    } else {
+        "none"
+    }
+}

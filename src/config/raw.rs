@@ -1,0 +1,157 @@
+//! The config file as written: every section `deny_unknown_fields`, and almost
+//! every value optional or a plain string. Types are loose on purpose: serde
+//! stops at its first error, while [`super::validate`] reports every problem at
+//! once with its key path, so the checks live there.
+
+use super::Secret;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub spool: RawSpool,
+    #[serde(default)]
+    pub accounts: BTreeMap<String, RawAccount>,
+    #[serde(default)]
+    pub targets: BTreeMap<String, RawTarget>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServer {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub max_body: Option<StringOrNumber>,
+    pub reply_budget: Option<String>,
+    pub header_timeout: Option<String>,
+    pub shutdown_timeout: Option<String>,
+    pub admin_token: Option<Secret>,
+    pub admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSpool {
+    pub path: Option<PathBuf>,
+    pub dedup_window: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAccount {
+    pub app_id: Option<String>,
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    pub encoding_aes_key: Option<Secret>,
+    pub previous_encoding_aes_key: Option<Secret>,
+    pub mode: Option<String>,
+    pub timestamp_window: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTarget {
+    pub url: Option<String>,
+    pub format: Option<String>,
+    pub retry: Option<String>,
+    pub retry_schedule: Option<Vec<String>>,
+    pub timeout: Option<String>,
+    /// Signed so that `-1` is reported as out of range, not as a type error.
+    pub concurrency: Option<i64>,
+    pub secret: Option<Secret>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    #[serde(rename = "match", default)]
+    pub matcher: RawMatch,
+    pub to: Option<Vec<String>>,
+    pub reply_from: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMatch {
+    pub account: Option<OneOrMany>,
+    pub msg_type: Option<OneOrMany>,
+    pub event: Option<OneOrMany>,
+    pub event_key: Option<OneOrMany>,
+    pub event_key_prefix: Option<OneOrMany>,
+    pub has_ticket: Option<bool>,
+    pub from_user: Option<OneOrMany>,
+}
+
+/// A match value: `"subscribe"` or `["subscribe", "SCAN"]`.
+#[derive(Debug)]
+pub(crate) struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OneOrManyVisitor;
+
+        impl<'de> Visitor<'de> for OneOrManyVisitor {
+            type Value = OneOrMany;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut values = Vec::new();
+                while let Some(value) = seq.next_element::<String>()? {
+                    values.push(value);
+                }
+                Ok(OneOrMany(values))
+            }
+        }
+
+        deserializer.deserialize_any(OneOrManyVisitor)
+    }
+}
+
+/// `max_body = 65536` and `max_body = "64KiB"` both read naturally, and an
+/// environment variable holding only digits arrives as a number.
+#[derive(Debug)]
+pub(crate) struct StringOrNumber(pub String);
+
+impl<'de> Deserialize<'de> for StringOrNumber {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StringOrNumberVisitor;
+
+        impl Visitor<'_> for StringOrNumberVisitor {
+            type Value = StringOrNumber;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"256KiB\" or a number of bytes")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StringOrNumber, E> {
+                Ok(StringOrNumber(v.to_owned()))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StringOrNumber, E> {
+                Ok(StringOrNumber(v.to_string()))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StringOrNumber, E> {
+                Ok(StringOrNumber(v.to_string()))
+            }
+        }
+
+        deserializer.deserialize_any(StringOrNumberVisitor)
+    }
+}

@@ -1,0 +1,273 @@
+//! The validated configuration: typed, defaults applied, secrets masked.
+//! A `Settings` value is always consistent — every route names configured
+//! targets, every secure account has a key — so the rest of the relay never
+//! re-checks the file.
+
+use super::Secret;
+use crate::route::Rule;
+use crate::wechat::crypto::KeyRing;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub spool: SpoolSettings,
+    /// Keyed by id; account `main` is served at `/wx/main`.
+    pub accounts: BTreeMap<String, Account>,
+    pub targets: BTreeMap<String, Target>,
+    /// In file order: the first matching rule decides.
+    pub routes: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    /// Public address: WeChat's pushes only.
+    pub listen: SocketAddr,
+    /// Metrics, health and the admin API; never the public address.
+    pub admin_listen: SocketAddr,
+    /// Larger request bodies are refused before they are read.
+    pub max_body: usize,
+    /// WeChat gives up after 5 s; the answer must leave before this.
+    pub reply_budget: Duration,
+    /// Time allowed to receive request headers, against slow clients.
+    pub header_timeout: Duration,
+    /// Drain deadline on SIGTERM.
+    pub shutdown_timeout: Duration,
+    /// Bearer token for `/admin/*`; `None` leaves them to the admin address.
+    pub admin_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolSettings {
+    pub path: PathBuf,
+    /// How long an event key is remembered to drop WeChat's re-sends.
+    pub dedup_window: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    pub id: String,
+    /// Checked against the AppID inside each decrypted push.
+    pub app_id: String,
+    pub token: Secret,
+    /// Present whenever `encoding_aes_key` is configured; always for
+    /// compat and secure accounts.
+    pub keys: Option<KeyRing>,
+    pub mode: Mode,
+    /// Pushes whose timestamp is further from now are refused; `None` = off.
+    pub timestamp_window: Option<Duration>,
+}
+
+/// The message encryption mode chosen in the WeChat admin console. The
+/// config decides it, never the request (DESIGN.md §2.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// 明文模式: pushes arrive as plain XML.
+    Plaintext,
+    /// 兼容模式: plain and encrypted copies side by side.
+    Compat,
+    /// 安全模式: encrypted only.
+    Secure,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Plaintext, Mode::Compat, Mode::Secure];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Plaintext => "plaintext",
+            Mode::Compat => "compat",
+            Mode::Secure => "secure",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub name: String,
+    pub url: url::Url,
+    pub format: Format,
+    pub retry: RetryPolicy,
+    /// Per attempt.
+    pub timeout: Duration,
+    /// Attempts in flight at once, so a slow target cannot take every worker.
+    pub concurrency: usize,
+    /// The Standard Webhooks secret (`whsec_…`); present exactly when
+    /// `format` is [`Format::Json`].
+    pub secret: Option<Secret>,
+}
+
+impl Target {
+    /// The HMAC key behind `secret`, for signing `json` deliveries.
+    pub fn signing_key(&self) -> Option<Vec<u8>> {
+        self.secret
+            .as_ref()
+            .and_then(|s| decode_webhook_secret(s.expose()).ok())
+    }
+}
+
+/// Decodes a Standard Webhooks secret: `whsec_` then standard base64 of 24
+/// to 64 random bytes. Errors never quote the secret.
+pub fn decode_webhook_secret(secret: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let encoded = secret
+        .strip_prefix("whsec_")
+        .ok_or("must start with \"whsec_\"")?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| "must be \"whsec_\" followed by standard base64")?;
+    if !(24..=64).contains(&key.len()) {
+        return Err(format!("must decode to 24 to 64 bytes, got {}", key.len()));
+    }
+    Ok(key)
+}
+
+/// How a delivery's body is built (DESIGN.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// WeChat's request, byte for byte.
+    Raw,
+    /// The push as WeChat would send it in plaintext mode.
+    Plain,
+    /// A signed Standard Webhooks JSON envelope.
+    Json,
+    /// The body Authing's demo relay posts.
+    AuthingDemoJson,
+}
+
+impl Format {
+    pub const ALL: [Format; 4] = [
+        Format::Raw,
+        Format::Plain,
+        Format::Json,
+        Format::AuthingDemoJson,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Plain => "plain",
+            Format::Json => "json",
+            Format::AuthingDemoJson => "authing-demo-json",
+        }
+    }
+}
+
+/// How long a target's deliveries keep being retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// QR tickets and login pages expire within minutes: try at once, then
+    /// for about two minutes.
+    Login,
+    /// Business events must arrive eventually: back off for about a day.
+    Durable,
+}
+
+impl RetryClass {
+    pub const ALL: [RetryClass; 2] = [RetryClass::Login, RetryClass::Durable];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryClass::Login => "login",
+            RetryClass::Durable => "durable",
+        }
+    }
+
+    /// The class's schedule when the target sets no `retry_schedule`.
+    pub fn default_delays(self) -> Vec<Duration> {
+        const LOGIN: &[u64] = &[1, 2, 4, 8, 15, 30, 30, 30];
+        const MINUTE: u64 = 60;
+        const HOUR: u64 = 60 * MINUTE;
+        const DURABLE: &[u64] = &[
+            5,
+            30,
+            2 * MINUTE,
+            10 * MINUTE,
+            30 * MINUTE,
+            HOUR,
+            2 * HOUR,
+            4 * HOUR,
+            8 * HOUR,
+            8 * HOUR,
+        ];
+        let secs = match self {
+            RetryClass::Login => LOGIN,
+            RetryClass::Durable => DURABLE,
+        };
+        secs.iter().copied().map(Duration::from_secs).collect()
+    }
+}
+
+/// A retry schedule as data; the delivery worker applies it (and its jitter).
+///
+/// The first attempt is immediate; `delays[i]` is the wait before attempt
+/// `i + 2`; after `delays.len() + 1` failed attempts the delivery is
+/// dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub class: RetryClass,
+    pub delays: Vec<Duration>,
+}
+
+impl RetryPolicy {
+    pub fn for_class(class: RetryClass) -> Self {
+        Self {
+            class,
+            delays: class.default_delays(),
+        }
+    }
+
+    pub fn max_attempts(&self) -> usize {
+        self.delays.len() + 1
+    }
+
+    /// The wait before the next attempt once `attempts_made` have failed
+    /// (zero before the first), or `None` when the policy is exhausted.
+    pub fn delay_after(&self, attempts_made: usize) -> Option<Duration> {
+        match attempts_made {
+            0 => Some(Duration::ZERO),
+            n => self.delays.get(n - 1).copied(),
+        }
+    }
+
+    /// The time from the first attempt to the last, before jitter.
+    pub fn span(&self) -> Duration {
+        self.delays.iter().sum()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_retries_for_about_two_minutes() {
+        let policy = RetryPolicy::for_class(RetryClass::Login);
+        assert_eq!(policy.max_attempts(), 9);
+        assert_eq!(policy.span(), Duration::from_secs(120));
+        assert_eq!(policy.delay_after(1), Some(Duration::from_secs(1)));
+        assert_eq!(policy.delay_after(8), Some(Duration::from_secs(30)));
+        assert_eq!(policy.delay_after(9), None);
+    }
+
+    #[test]
+    fn durable_retries_for_about_a_day() {
+        let policy = RetryPolicy::for_class(RetryClass::Durable);
+        assert_eq!(policy.max_attempts(), 11);
+        let hours = policy.span().as_secs_f64() / 3600.0;
+        assert!((22.0..26.0).contains(&hours), "{hours}");
+        assert_eq!(policy.delay_after(0), Some(Duration::ZERO));
+        assert_eq!(policy.delay_after(1), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(Format::AuthingDemoJson.as_str(), "authing-demo-json");
+        assert_eq!(Mode::Compat.as_str(), "compat");
+        assert_eq!(RetryClass::Durable.as_str(), "durable");
+    }
+}

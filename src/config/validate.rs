@@ -1,0 +1,619 @@
+//! Raw config → [`Settings`] in one fallible step. Every check records a
+//! [`Problem`] at its key path and moves on, so one run of `wxrelay check`
+//! lists everything that is wrong, not just the first thing.
+
+use super::raw::{
+    OneOrMany, RawAccount, RawConfig, RawMatch, RawRoute, RawServer, RawSpool, RawTarget,
+};
+use super::settings::{
+    decode_webhook_secret, Account, Format, Mode, RetryClass, RetryPolicy, ServerSettings,
+    Settings, SpoolSettings, Target,
+};
+use super::units::{parse_duration, parse_size};
+use super::{ConfigError, Problem, Secret};
+use crate::route::{Match, Rule};
+use crate::wechat::crypto::{AesKey, KeyRing};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+const DEFAULT_MAX_BODY: usize = 256 * 1024;
+const MAX_BODY_RANGE: std::ops::RangeInclusive<usize> = 1024..=16 * 1024 * 1024;
+/// WeChat abandons a push it has no answer for after five seconds.
+const WECHAT_DEADLINE: Duration = Duration::from_secs(5);
+const DEFAULT_REPLY_BUDGET: Duration = Duration::from_secs(4);
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_SPOOL_PATH: &str = "./data/spool.db";
+const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(10 * 60);
+const DEFAULT_TIMESTAMP_WINDOW: Duration = Duration::from_secs(300);
+const DEFAULT_TARGET_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_CONCURRENCY: usize = 8;
+const CONCURRENCY_RANGE: std::ops::RangeInclusive<i64> = 1..=1024;
+
+pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
+    let mut p = Problems::default();
+    let server = server(raw.server, &mut p);
+    let spool = spool(raw.spool, &mut p);
+    if raw.accounts.is_empty() {
+        p.add(
+            "accounts",
+            "no accounts configured: add an [accounts.<id>] section",
+        );
+    }
+    // Routes are checked against the names in the file, not against the
+    // entries that validated, so one bad target does not also make every
+    // route that names it an error.
+    let account_ids: BTreeSet<String> = raw.accounts.keys().cloned().collect();
+    let target_names: BTreeSet<String> = raw.targets.keys().cloned().collect();
+    let accounts = raw
+        .accounts
+        .into_iter()
+        .filter_map(|(id, raw)| Some((id.clone(), account(id, raw, &mut p)?)))
+        .collect();
+    let targets = raw
+        .targets
+        .into_iter()
+        .filter_map(|(name, raw)| Some((name.clone(), target(name, raw, &mut p)?)))
+        .collect();
+    let routes = routes(raw.routes, &account_ids, &target_names, &mut p);
+    let settings = Settings {
+        server,
+        spool,
+        accounts,
+        targets,
+        routes,
+    };
+    if p.0.is_empty() {
+        Ok(settings)
+    } else {
+        Err(ConfigError { problems: p.0 })
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// The value, or `None` with the error recorded at `path`.
+    fn ok<T>(&mut self, path: &str, result: Result<T, String>) -> Option<T> {
+        result.map_err(|message| self.add(path, message)).ok()
+    }
+
+    /// A duration key: its default when absent, and the default again (with
+    /// the problem recorded) when it does not parse or is zero.
+    fn duration(&mut self, path: &str, raw: Option<String>, default: Duration) -> Duration {
+        let Some(text) = raw else { return default };
+        match self.ok(path, parse_duration(&text)) {
+            Some(Duration::ZERO) => {
+                self.add(path, "must be greater than zero");
+                default
+            }
+            Some(duration) => duration,
+            None => default,
+        }
+    }
+}
+
+fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
+    let listen = address(p, "server.listen", raw.listen, DEFAULT_LISTEN);
+    let admin_listen = address(
+        p,
+        "server.admin_listen",
+        raw.admin_listen,
+        DEFAULT_ADMIN_LISTEN,
+    );
+    if same_socket(listen, admin_listen) {
+        p.add(
+            "server.admin_listen",
+            "must differ from server.listen: the admin API must never be reachable on the public address",
+        );
+    }
+    let max_body = match raw.max_body {
+        None => DEFAULT_MAX_BODY,
+        Some(text) => match p.ok("server.max_body", parse_size(&text.0)) {
+            Some(size) if MAX_BODY_RANGE.contains(&size) => size,
+            Some(_) => {
+                p.add("server.max_body", "must be between 1KiB and 16MiB");
+                DEFAULT_MAX_BODY
+            }
+            None => DEFAULT_MAX_BODY,
+        },
+    };
+    let reply_budget = p.duration(
+        "server.reply_budget",
+        raw.reply_budget,
+        DEFAULT_REPLY_BUDGET,
+    );
+    if reply_budget >= WECHAT_DEADLINE {
+        p.add(
+            "server.reply_budget",
+            "must be less than 5s: WeChat gives up on a push after 5 seconds",
+        );
+    }
+    let admin_token = secret_source(
+        p,
+        "server.admin_token",
+        raw.admin_token,
+        raw.admin_token_file,
+    )
+    .ok()
+    .flatten()
+    .map(|(token, path)| {
+        if token.expose().is_empty() {
+            p.add(path, "must not be empty");
+        }
+        token
+    });
+    ServerSettings {
+        listen,
+        admin_listen,
+        max_body,
+        reply_budget,
+        header_timeout: p.duration(
+            "server.header_timeout",
+            raw.header_timeout,
+            DEFAULT_HEADER_TIMEOUT,
+        ),
+        shutdown_timeout: p.duration(
+            "server.shutdown_timeout",
+            raw.shutdown_timeout,
+            DEFAULT_SHUTDOWN_TIMEOUT,
+        ),
+        admin_token,
+    }
+}
+
+fn address(p: &mut Problems, path: &str, raw: Option<String>, default: &str) -> SocketAddr {
+    let text = raw.as_deref().unwrap_or(default);
+    let parsed = text.parse().map_err(|_| {
+        format!(
+            "invalid address {text:?}: expected an IP address and port, e.g. \"127.0.0.1:8080\""
+        )
+    });
+    p.ok(path, parsed)
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Whether binding both would collide. Port 0 asks the OS for a fresh port
+/// each time, so two such addresses never collide.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn spool(raw: RawSpool, p: &mut Problems) -> SpoolSettings {
+    SpoolSettings {
+        path: raw
+            .path
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_PATH)),
+        dedup_window: p.duration("spool.dedup_window", raw.dedup_window, DEFAULT_DEDUP_WINDOW),
+    }
+}
+
+fn account(id: String, raw: RawAccount, p: &mut Problems) -> Option<Account> {
+    let at = |key: &str| format!("accounts.{id}.{key}");
+    let found = p.0.len();
+    check_name(p, &format!("accounts.{id}"), &id, "account id");
+
+    let app_id = match raw.app_id {
+        None => {
+            p.add(
+                at("app_id"),
+                "required: the AppID from the WeChat admin console (\"wx\" and 16 hex digits)",
+            );
+            None
+        }
+        Some(app_id) if is_app_id(&app_id) => Some(app_id),
+        Some(_) => {
+            p.add(at("app_id"), "must be \"wx\" followed by 16 hex digits");
+            None
+        }
+    };
+
+    let token = match secret_source(p, &at("token"), raw.token, raw.token_file) {
+        Ok(None) => {
+            p.add(at("token"), "required: set token or token_file");
+            None
+        }
+        Ok(Some((token, path))) => p.ok(&path, check_token(token.expose()).map(|()| token)),
+        Err(()) => None,
+    };
+
+    let mode = match raw.mode {
+        None => {
+            p.add(
+                at("mode"),
+                "required: plaintext, compat or secure, as set in the WeChat admin console",
+            );
+            None
+        }
+        Some(text) => p.ok(&at("mode"), choice(&Mode::ALL, Mode::as_str, &text, "mode")),
+    };
+
+    let mut decode = |key: &str, value: Option<Secret>| {
+        value.and_then(|v| {
+            p.ok(
+                &at(key),
+                AesKey::from_encoding(v.expose()).map_err(|e| e.to_string()),
+            )
+        })
+    };
+    let has_current = raw.encoding_aes_key.is_some();
+    let current = decode("encoding_aes_key", raw.encoding_aes_key);
+    let has_previous = raw.previous_encoding_aes_key.is_some();
+    let previous = decode("previous_encoding_aes_key", raw.previous_encoding_aes_key);
+    if has_previous && !has_current {
+        p.add(
+            at("previous_encoding_aes_key"),
+            "requires encoding_aes_key: it is the key being rotated out",
+        );
+    }
+    if current.is_some() && current == previous {
+        p.add(
+            at("previous_encoding_aes_key"),
+            "must differ from encoding_aes_key",
+        );
+    }
+    if let Some(mode @ (Mode::Compat | Mode::Secure)) = mode {
+        if !has_current {
+            p.add(
+                at("encoding_aes_key"),
+                format!("required when mode is {}", mode.as_str()),
+            );
+        }
+    }
+    let keys = current.map(|current| KeyRing { current, previous });
+
+    // "0s" is how the file says "off"; `None` says it to the handler.
+    let timestamp_window = match raw.timestamp_window {
+        None => Some(DEFAULT_TIMESTAMP_WINDOW),
+        Some(text) => p.ok(&at("timestamp_window"), parse_duration(&text)),
+    }
+    .filter(|window| !window.is_zero());
+
+    if p.0.len() > found {
+        return None;
+    }
+    Some(Account {
+        id,
+        app_id: app_id?,
+        token: token?,
+        keys,
+        mode: mode?,
+        timestamp_window,
+    })
+}
+
+/// WeChat's own rule for the server Token.
+fn check_token(token: &str) -> Result<(), String> {
+    let len = token.chars().count();
+    if !(3..=32).contains(&len) {
+        return Err(format!(
+            "must be 3 to 32 letters or digits, got {len} characters"
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err("must contain only ASCII letters and digits".to_owned());
+    }
+    Ok(())
+}
+
+fn is_app_id(app_id: &str) -> bool {
+    app_id
+        .strip_prefix("wx")
+        .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Account ids and target names appear in URLs, metric labels and logs.
+fn check_name(p: &mut Problems, path: &str, name: &str, what: &str) {
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        p.add(
+            path,
+            format!("{what} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -"),
+        );
+    }
+}
+
+/// A secret given inline or as a file (for container secrets): the value
+/// and the key path it came from, for the caller's further checks; `Err`
+/// once a problem is recorded, so the caller adds no second one.
+fn secret_source(
+    p: &mut Problems,
+    path: &str,
+    inline: Option<Secret>,
+    file: Option<PathBuf>,
+) -> Result<Option<(Secret, String)>, ()> {
+    let file_path = format!("{path}_file");
+    match (inline, file) {
+        (Some(_), Some(_)) => {
+            let key = last_key(path);
+            p.add(file_path, format!("set {key} or {key}_file, not both"));
+            Err(())
+        }
+        (Some(secret), None) => Ok(Some((secret, path.to_owned()))),
+        (None, Some(file)) => {
+            let read = std::fs::read_to_string(&file)
+                .map(|text| Secret::new(text.trim()))
+                .map_err(|e| format!("cannot read {}: {e}", file.display()));
+            let secret = p.ok(&file_path, read).ok_or(())?;
+            Ok(Some((secret, file_path)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn last_key(path: &str) -> &str {
+    path.rsplit('.').next().unwrap_or(path)
+}
+
+fn target(name: String, raw: RawTarget, p: &mut Problems) -> Option<Target> {
+    let at = |key: &str| format!("targets.{name}.{key}");
+    let found = p.0.len();
+    check_name(p, &format!("targets.{name}"), &name, "target name");
+
+    let url = match raw.url {
+        None => {
+            p.add(at("url"), "required: where deliveries are POSTed");
+            None
+        }
+        Some(text) => p.ok(&at("url"), check_url(&text)),
+    };
+
+    // `None` when invalid: the secret rules below depend on the format.
+    let format = match raw.format {
+        None => Some(Format::Raw),
+        Some(text) => p.ok(
+            &at("format"),
+            choice(&Format::ALL, Format::as_str, &text, "format"),
+        ),
+    };
+    let class = match raw.retry {
+        None => RetryClass::Durable,
+        Some(text) => p
+            .ok(
+                &at("retry"),
+                choice(&RetryClass::ALL, RetryClass::as_str, &text, "retry class"),
+            )
+            .unwrap_or(RetryClass::Durable),
+    };
+    let mut retry = RetryPolicy::for_class(class);
+    if let Some(schedule) = raw.retry_schedule {
+        retry.delays = schedule
+            .into_iter()
+            .enumerate()
+            .map(|(i, text)| {
+                p.duration(
+                    &format!("{}[{i}]", at("retry_schedule")),
+                    Some(text),
+                    Duration::ZERO,
+                )
+            })
+            .collect();
+    }
+
+    let timeout = p.duration(&at("timeout"), raw.timeout, DEFAULT_TARGET_TIMEOUT);
+
+    let concurrency = match raw.concurrency {
+        None => DEFAULT_CONCURRENCY,
+        Some(n) if CONCURRENCY_RANGE.contains(&n) => {
+            usize::try_from(n).unwrap_or(DEFAULT_CONCURRENCY)
+        }
+        Some(_) => {
+            p.add(at("concurrency"), "must be between 1 and 1024");
+            DEFAULT_CONCURRENCY
+        }
+    };
+
+    let secret = match (format, raw.secret) {
+        (Some(Format::Json), None) => {
+            p.add(
+                at("secret"),
+                "required when format is json: a Standard Webhooks secret, \"whsec_\" followed by base64",
+            );
+            None
+        }
+        (Some(Format::Json), Some(secret)) => p.ok(
+            &at("secret"),
+            decode_webhook_secret(secret.expose()).map(|_| secret),
+        ),
+        (Some(other), Some(_)) => {
+            let message = format!(
+                "is only used with format = \"json\", not {:?}",
+                other.as_str()
+            );
+            p.add(at("secret"), message);
+            None
+        }
+        (Some(_), None) | (None, _) => None,
+    };
+
+    if p.0.len() > found {
+        return None;
+    }
+    Some(Target {
+        name,
+        url: url?,
+        format: format?,
+        retry,
+        timeout,
+        concurrency,
+        secret,
+    })
+}
+
+fn check_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|e| format!("invalid URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "must be an http or https URL, not {}",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("must have a host".to_owned());
+    }
+    Ok(url)
+}
+
+fn routes(
+    raw: Vec<RawRoute>,
+    accounts: &BTreeSet<String>,
+    targets: &BTreeSet<String>,
+    p: &mut Problems,
+) -> Vec<Rule> {
+    let rules: Vec<Option<Rule>> = raw
+        .into_iter()
+        .enumerate()
+        .map(|(i, raw)| rule(&format!("routes[{i}]"), raw, accounts, targets, p))
+        .collect();
+    for (later, rule) in rules.iter().enumerate() {
+        let Some(rule) = rule else { continue };
+        let covering = rules[..later].iter().enumerate().find_map(|(i, earlier)| {
+            earlier
+                .as_ref()
+                .filter(|e| e.matcher.covers(&rule.matcher))
+                .map(|e| (i, e))
+        });
+        if let Some((earlier, by)) = covering {
+            p.add(
+                format!("routes[{later}]"),
+                format!(
+                    "unreachable: routes[{earlier}] ({}) already matches every event this rule matches",
+                    by.matcher.describe()
+                ),
+            );
+        }
+    }
+    rules.into_iter().flatten().collect()
+}
+
+fn rule(
+    at: &str,
+    raw: RawRoute,
+    accounts: &BTreeSet<String>,
+    targets: &BTreeSet<String>,
+    p: &mut Problems,
+) -> Option<Rule> {
+    let found = p.0.len();
+    let matcher = matcher(&format!("{at}.match"), raw.matcher, accounts, p);
+
+    let to_path = format!("{at}.to");
+    let to = match raw.to {
+        None => {
+            p.add(
+                &to_path,
+                "required: the targets that receive the matching events",
+            );
+            Vec::new()
+        }
+        Some(to) => {
+            if to.is_empty() {
+                p.add(&to_path, "must name at least one target");
+            }
+            to
+        }
+    };
+    let mut seen = BTreeSet::new();
+    for name in &to {
+        if !targets.contains(name) {
+            p.add(&to_path, unknown("target", name, targets));
+        } else if !seen.insert(name) {
+            p.add(&to_path, format!("names target {name:?} twice"));
+        }
+    }
+
+    if let Some(reply_from) = &raw.reply_from {
+        if !to.contains(reply_from) {
+            let path = format!("{at}.reply_from");
+            if targets.contains(reply_from) {
+                p.add(path, format!("must be one of `to` ({})", to.join(", ")));
+            } else {
+                p.add(path, unknown("target", reply_from, targets));
+            }
+        }
+    }
+
+    if p.0.len() > found {
+        return None;
+    }
+    Some(Rule {
+        matcher,
+        to,
+        reply_from: raw.reply_from,
+    })
+}
+
+fn matcher(at: &str, raw: RawMatch, accounts: &BTreeSet<String>, p: &mut Problems) -> Match {
+    let mut list = |key: &str, values: Option<OneOrMany>| {
+        let values = values?.0;
+        if values.is_empty() {
+            p.add(
+                format!("{at}.{key}"),
+                "must not be empty: an empty list never matches",
+            );
+        }
+        Some(values)
+    };
+    let matcher = Match {
+        account: list("account", raw.account),
+        msg_type: list("msg_type", raw.msg_type),
+        event: list("event", raw.event),
+        event_key: list("event_key", raw.event_key),
+        event_key_prefix: list("event_key_prefix", raw.event_key_prefix),
+        has_ticket: raw.has_ticket,
+        from_user: list("from_user", raw.from_user),
+    };
+    for id in matcher.account.iter().flatten() {
+        if !accounts.contains(id) {
+            p.add(format!("{at}.account"), unknown("account", id, accounts));
+        }
+    }
+    matcher
+}
+
+/// One of a fixed set of names, or a message listing them.
+fn choice<T: Copy>(
+    all: &[T],
+    name: fn(T) -> &'static str,
+    text: &str,
+    what: &str,
+) -> Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|v| name(*v) == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|v| name(*v)).collect();
+            format!(
+                "unknown {what} {text:?}: expected one of {}",
+                names.join(", ")
+            )
+        })
+}
+
+fn unknown(what: &str, name: &str, known: &BTreeSet<String>) -> String {
+    if known.is_empty() {
+        format!("unknown {what} {name:?}: none are configured")
+    } else {
+        let known: Vec<&str> = known.iter().map(String::as_str).collect();
+        format!(
+            "unknown {what} {name:?}: configured are {}",
+            known.join(", ")
+        )
+    }
+}
