@@ -1,6 +1,36 @@
 //! wxrelay: a relay for WeChat Official Account server pushes.
+//!
+//! ```text
+//! WeChat ──GET  /wx/{account}──▶ verify signature ──▶ echo echostr
+//! WeChat ──POST /wx/{account}──▶ size cap ▶ signature ▶ freshness ▶ msg_signature
+//!        ▶ decrypt (current key, then previous) ▶ AppID ▶ parse XML (no DTD)
+//!        ▶ route ▶ spool: one durable commit of the event, its deliveries and
+//!          its dedup key (group commit) ▶ answer `success`
+//! spool ─▶ delivery workers ─▶ targets (raw, plain, json, authing-demo-json)
+//! ```
+//!
+//! The durability contract: WeChat is answered 200 only after the event and a
+//! delivery per routed target are committed with fsync; a duplicate (same
+//! dedup key within the window) is answered `success` and stores nothing.
+//!
+//! # Layout
+//!
+//! - [`wechat`]: the pure protocol: signatures, the AES frame, push and reply XML.
+//! - [`config`]: the TOML file → validated [`config::Settings`].
+//! - [`route`]: pure rule matching: push → targets.
+//! - [`spool`]: the durable queue, its trait and its two implementations.
+//! - [`deliver`]: the delivery workers, the target formats and the retry policy.
+//! - [`handler`]: the WeChat-facing request path and its one error type.
+//! - [`server`]: the accept loop and graceful drain.
+//! - [`app`]: wiring and shutdown order.
+//! - [`clock`]: injected wall-clock time.
 
+pub mod app;
+pub mod clock;
 pub mod config;
+pub mod deliver;
+pub mod handler;
 pub mod route;
+pub mod server;
 pub mod spool;
 pub mod wechat;

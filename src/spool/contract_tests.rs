@@ -92,8 +92,8 @@ async fn lease_hides_a_delivery_until_the_lease_ends() {
         let first = spool.lease("a", 10, 10, 1_000).await.unwrap();
         assert_eq!(first.len(), 1, "{name}");
         assert_eq!(first[0].delivery_id, ids[0]);
-        assert_eq!(first[0].xml, "<xml><K>k</K></xml>");
-        assert_eq!(first[0].body, b"<xml>k</xml>");
+        assert_eq!(first[0].event.xml, "<xml><K>k</K></xml>");
+        assert_eq!(first[0].event.body, b"<xml>k</xml>");
         assert!(
             spool.lease("a", 500, 10, 1_000).await.unwrap().is_empty(),
             "{name}: hidden"

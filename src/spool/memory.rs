@@ -178,18 +178,9 @@ impl Spool for MemorySpool {
                 };
                 leases.push(Lease {
                     delivery_id: id,
-                    event_id,
                     target: target.clone(),
                     attempts,
-                    dedup_key: e.dedup_key.clone(),
-                    account: e.account.clone(),
-                    received_at: e.received_at,
-                    query: e.query.clone(),
-                    body: e.body.clone(),
-                    xml: e.xml.clone(),
-                    fields: e.fields.clone(),
-                    msg_type: e.msg_type.clone(),
-                    event: e.event.clone(),
+                    event: e.clone(),
                 });
             }
             leases

@@ -86,23 +86,14 @@ pub enum Enqueued {
     Duplicate,
 }
 
-/// A due delivery handed to a worker, with what it needs to build any format.
+/// A due delivery handed to a worker, with the event it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub delivery_id: i64,
-    pub event_id: i64,
     pub target: String,
     /// Attempts made before this one.
     pub attempts: u32,
-    pub dedup_key: String,
-    pub account: String,
-    pub received_at: i64,
-    pub query: String,
-    pub body: Vec<u8>,
-    pub xml: String,
-    pub fields: String,
-    pub msg_type: String,
-    pub event: Option<String>,
+    pub event: StoredEvent,
 }
 
 /// What became of one attempt.

@@ -330,18 +330,20 @@ fn lease(
         .query_map(params![target, now, limit as i64], |row| {
             Ok(Lease {
                 delivery_id: row.get(0)?,
-                event_id: row.get(1)?,
                 target: target.to_string(),
                 attempts: row.get(2)?,
-                dedup_key: row.get(3)?,
-                account: row.get(4)?,
-                received_at: row.get(5)?,
-                query: row.get(6)?,
-                body: row.get(7)?,
-                xml: row.get(8)?,
-                fields: row.get(9)?,
-                msg_type: row.get(10)?,
-                event: row.get(11)?,
+                event: StoredEvent {
+                    event_id: row.get(1)?,
+                    dedup_key: row.get(3)?,
+                    account: row.get(4)?,
+                    received_at: row.get(5)?,
+                    query: row.get(6)?,
+                    body: row.get(7)?,
+                    xml: row.get(8)?,
+                    fields: row.get(9)?,
+                    msg_type: row.get(10)?,
+                    event: row.get(11)?,
+                },
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;

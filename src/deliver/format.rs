@@ -1,0 +1,221 @@
+//! How a stored event becomes a request to a target, per the target's `format`
+//! (DESIGN.md §5). Pure: the same stored event always gives the same request,
+//! whichever attempt it is.
+
+use crate::config::{Format, Target};
+use crate::spool::StoredEvent;
+use crate::wechat::message::{Message, Node};
+use base64::Engine as _;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Map, Value};
+use sha2::Sha256;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// A request ready to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    pub uri: String,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("the stored fields are not a JSON object")]
+    Fields,
+    #[error("the stored request body is not XML WeChat's demo relay could read")]
+    DemoBody,
+    #[error("the target's secret is missing or invalid")]
+    Secret,
+}
+
+/// Builds the request for `target`. `now_secs` stamps `json` signatures.
+pub fn build(target: &Target, event: &StoredEvent, now_secs: i64) -> Result<Outbound, FormatError> {
+    match target.format {
+        Format::Raw => Ok(Outbound {
+            uri: with_query(&target.url, &event.query),
+            content_type: "text/xml",
+            headers: Vec::new(),
+            body: Bytes::from(event.body.clone()),
+        }),
+        Format::Plain => Ok(Outbound {
+            uri: with_query(&target.url, &plaintext_query(&event.query)),
+            content_type: "text/xml",
+            headers: Vec::new(),
+            body: Bytes::from(event.xml.clone()),
+        }),
+        Format::Json => {
+            let key = target.signing_key().ok_or(FormatError::Secret)?;
+            let body = json_envelope(event)?.to_string();
+            let signature = standard_webhooks_signature(&key, &event.dedup_key, now_secs, &body);
+            Ok(Outbound {
+                uri: target.url.to_string(),
+                content_type: "application/json",
+                headers: vec![
+                    ("webhook-id", event.dedup_key.clone()),
+                    ("webhook-timestamp", now_secs.to_string()),
+                    ("webhook-signature", signature),
+                ],
+                body: Bytes::from(body),
+            })
+        }
+        Format::AuthingDemoJson => Ok(Outbound {
+            uri: target.url.to_string(),
+            content_type: "application/json",
+            headers: Vec::new(),
+            body: Bytes::from(authing_demo_body(&event.body)?.to_string()),
+        }),
+    }
+}
+
+/// The target URL with WeChat's query appended to any query it already has.
+fn with_query(url: &url::Url, query: &str) -> String {
+    let mut uri = url.to_string();
+    if query.is_empty() {
+        return uri;
+    }
+    uri.push(if url.query().is_some() { '&' } else { '?' });
+    uri.push_str(query);
+    uri
+}
+
+/// The query WeChat sends in plaintext mode: the original, byte for byte,
+/// without `encrypt_type` and `msg_signature`. `signature` still verifies: it
+/// covers only the token, timestamp and nonce.
+pub fn plaintext_query(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split('=').next().unwrap_or("");
+            !pair.is_empty() && name != "encrypt_type" && name != "msg_signature"
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The `json` format's envelope: the decrypted event with every field as a
+/// string (`MsgId` exceeds 2^53 and must not become a JSON number).
+fn json_envelope(event: &StoredEvent) -> Result<Value, FormatError> {
+    let fields: Map<String, Value> = match serde_json::from_str(&event.fields) {
+        Ok(Value::Object(map)) => map,
+        _ => return Err(FormatError::Fields),
+    };
+    let text = |name: &str| fields.get(name).and_then(Value::as_str).map(str::to_string);
+    let received_at = UNIX_EPOCH + Duration::from_millis(event.received_at.max(0) as u64);
+    Ok(json!({
+        "id": event.dedup_key,
+        "account": event.account,
+        "received_at": humantime::format_rfc3339_millis(received_at).to_string(),
+        "msg_type": event.msg_type,
+        "event": event.event,
+        "event_key": text("EventKey"),
+        "from_user": text("FromUserName"),
+        "to_user": text("ToUserName"),
+        "create_time": text("CreateTime"),
+        "fields": fields,
+        "xml": event.xml,
+    }))
+}
+
+/// `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")), as the
+/// Standard Webhooks specification defines it.
+pub fn standard_webhooks_signature(key: &[u8], id: &str, timestamp: i64, body: &str) -> String {
+    #[allow(clippy::expect_used)] // HMAC accepts keys of any length.
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body.as_bytes());
+    let tag = mac.finalize().into_bytes();
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(tag)
+    )
+}
+
+/// What Authing's demo relay posts: WeChat's body read by
+/// express-xml-bodyparser's defaults (xml2js with lower-cased tag names, every
+/// value in an array, text trimmed and runs of white space collapsed).
+fn authing_demo_body(body: &[u8]) -> Result<Value, FormatError> {
+    let message = Message::parse(body).map_err(|_| FormatError::DemoBody)?;
+    let root = message.root.to_lowercase();
+    Ok(json!({ root: xml2js_children(&message.fields) }))
+}
+
+fn xml2js_children(children: &[(String, Node)]) -> Value {
+    let mut object = Map::new();
+    for (name, node) in children {
+        let value = match node {
+            Node::Text(text) => Value::String(xml2js_text(text)),
+            Node::Children(grand) => xml2js_children(grand),
+        };
+        match object
+            .entry(name.to_lowercase())
+            .or_insert_with(|| Value::Array(Vec::new()))
+        {
+            Value::Array(values) => values.push(value),
+            other => *other = Value::Array(vec![value]),
+        }
+    }
+    Value::Object(object)
+}
+
+/// xml2js's `trim` then `normalize`: trim, then every run of two or more
+/// white-space characters becomes one space (a single newline stays).
+fn xml2js_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    for c in text.trim().chars() {
+        if c.is_whitespace() {
+            run.push(c);
+            continue;
+        }
+        match run.chars().count() {
+            0 => {}
+            1 => out.push_str(&run),
+            _ => out.push(' '),
+        }
+        run.clear();
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_query_drops_only_the_encryption_parameters() {
+        assert_eq!(
+            plaintext_query(
+                "signature=a&timestamp=1&nonce=2&openid=o&encrypt_type=aes&msg_signature=m"
+            ),
+            "signature=a&timestamp=1&nonce=2&openid=o"
+        );
+        assert_eq!(
+            plaintext_query("msg_signature=m&signature=a%2B"),
+            "signature=a%2B"
+        );
+        assert_eq!(plaintext_query(""), "");
+    }
+
+    #[test]
+    fn the_query_is_appended_to_the_targets_own() {
+        let url = url::Url::parse("https://broker.example/events?tenant=7")
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(
+            with_query(&url, "a=1"),
+            "https://broker.example/events?tenant=7&a=1"
+        );
+        let bare = url::Url::parse("http://127.0.0.1:1/x").unwrap_or_else(|_| unreachable!());
+        assert_eq!(with_query(&bare, "a=1"), "http://127.0.0.1:1/x?a=1");
+    }
+
+    #[test]
+    fn xml2js_text_trims_and_collapses_white_space() {
+        assert_eq!(xml2js_text("  a  b\n c "), "a b c");
+        assert_eq!(xml2js_text("a\nb"), "a\nb");
+        assert_eq!(xml2js_text(""), "");
+    }
+}

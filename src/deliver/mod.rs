@@ -1,0 +1,318 @@
+//! Delivery: one worker loop per target leases due deliveries from the spool,
+//! sends them (at most `concurrency` at once per target, so a slow or dead
+//! target only ever holds its own slots), and records each outcome.
+//!
+//! The loop moves bytes only: the request comes from [`format`], the meaning of
+//! the answer and the next attempt's time from [`retry`].
+
+pub mod format;
+pub mod retry;
+
+use crate::app::Shared;
+use crate::config::Target;
+use crate::server::stopping;
+use crate::spool::{Lease, StoredEvent};
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rand::Rng;
+use retry::Verdict;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+/// The outbound HTTP client: pooled keep-alive connections, HTTP and HTTPS
+/// (rustls with the webpki roots).
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The most of a target's answer that is read: enough for a passive reply.
+const MAX_ANSWER: usize = 64 * 1024;
+/// How much of a refusing answer is kept in the dead-letter record.
+const SNIPPET: usize = 200;
+/// How often an idle worker looks for retries that have become due.
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+pub fn client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(https)
+}
+
+/// The result of one attempt.
+#[derive(Debug)]
+pub struct Attempt {
+    pub verdict: Verdict,
+    pub status: Option<StatusCode>,
+    /// The target's answer (up to 64 KiB), for a passive reply.
+    pub body: Bytes,
+}
+
+/// Sends `event` to `target` once, within `timeout`.
+pub async fn attempt(
+    client: &HttpClient,
+    target: &Target,
+    event: &StoredEvent,
+    now_secs: i64,
+    timeout: Duration,
+) -> Attempt {
+    let failed = |verdict| Attempt {
+        verdict,
+        status: None,
+        body: Bytes::new(),
+    };
+    let outbound = match format::build(target, event, now_secs) {
+        Ok(outbound) => outbound,
+        Err(e) => {
+            return failed(Verdict::Reject {
+                error: e.to_string(),
+            })
+        }
+    };
+    let mut request = Request::post(outbound.uri.as_str())
+        .header(CONTENT_TYPE, outbound.content_type)
+        .header(USER_AGENT, concat!("wxrelay/", env!("CARGO_PKG_VERSION")));
+    for (name, value) in &outbound.headers {
+        request = request.header(*name, value.as_str());
+    }
+    let request = match request.body(Full::new(outbound.body)) {
+        Ok(request) => request,
+        Err(e) => {
+            return failed(Verdict::Reject {
+                error: format!("bad request: {e}"),
+            })
+        }
+    };
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| error_chain(&e))?;
+        let (parts, body) = response.into_parts();
+        // A refusal's body is only evidence; an unreadable one does not change
+        // what the status says.
+        let body = Limited::new(body, MAX_ANSWER)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Ok::<_, String>((parts, body))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => failed(Verdict::Retry {
+            error: format!("no answer within {}", humantime::format_duration(timeout)),
+            retry_after: None,
+        }),
+        Ok(Err(error)) => failed(Verdict::Retry {
+            error,
+            retry_after: None,
+        }),
+        Ok(Ok((parts, body))) => {
+            let retry_after = parts
+                .headers
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
+            let snippet: String = String::from_utf8_lossy(&body)
+                .chars()
+                .take(SNIPPET)
+                .collect::<String>()
+                .replace(['\r', '\n'], " ");
+            Attempt {
+                verdict: retry::classify(parts.status, retry_after, snippet.trim()),
+                status: Some(parts.status),
+                body,
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Starts the delivery workers: one loop per configured target, and a
+/// supervisor that starts loops for targets added by a reload (a loop whose
+/// target disappears ends by itself).
+pub fn start(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    tasks.spawn(supervise(shared, stop));
+    tasks
+}
+
+async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut loops = JoinSet::new();
+    let mut running: HashSet<String> = HashSet::new();
+    loop {
+        let config = shared.config.load_full();
+        for name in config.targets.keys() {
+            if running.insert(name.clone()) {
+                loops.spawn(run_target(shared.clone(), name.clone(), stop.clone()));
+            }
+        }
+        tokio::select! {
+            _ = shared.config_changed.notified() => {}
+            Some(Ok(name)) = loops.join_next() => { running.remove(&name); }
+            _ = stopping(&mut stop) => break,
+        }
+    }
+    while loops.join_next().await.is_some() {}
+}
+
+/// Delivers `name`'s due deliveries until stopped or until the target is no
+/// longer configured. Returns the target's name.
+async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver<bool>) -> String {
+    let wake = shared.waker(&name);
+    let mut slots: Option<(usize, Arc<Semaphore>)> = None;
+    let mut in_flight = JoinSet::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let config = shared.config.load_full();
+        let Some(target) = config.targets.get(&name).cloned() else {
+            break;
+        };
+        // The concurrency limit may change on reload; a new limit takes a new
+        // semaphore, and attempts under the old one finish under it.
+        let semaphore = match &slots {
+            Some((n, s)) if *n == target.concurrency => s.clone(),
+            _ => {
+                let s = Arc::new(Semaphore::new(target.concurrency));
+                slots = Some((target.concurrency, s.clone()));
+                s
+            }
+        };
+        let first = tokio::select! {
+            permit = semaphore.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stopping(&mut stop) => break,
+        };
+        while in_flight.try_join_next().is_some() {}
+        let free = semaphore.available_permits() + 1;
+        let now = shared.clock.now_ms();
+        // The lease outlives the attempt's timeout, so a slow answer is not sent
+        // twice; a worker that dies leaves it to expire and be sent again.
+        let lease_ms = (target.timeout.as_millis() as i64) * 2 + 10_000;
+        let leases = match shared.spool.lease(&name, now, free, lease_ms).await {
+            Ok(leases) => leases,
+            Err(e) => {
+                tracing::error!(target = %name, error = %e, "cannot lease deliveries");
+                drop(first);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stopping(&mut stop) => break,
+                }
+                continue;
+            }
+        };
+        if leases.is_empty() {
+            drop(first);
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = stopping(&mut stop) => break,
+            }
+            continue;
+        }
+        let mut permit = Some(first);
+        for lease in leases {
+            let permit = match permit.take() {
+                Some(p) => p,
+                None => match semaphore.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    // Not reached: the lease asked for no more than the free slots.
+                    Err(_) => break,
+                },
+            };
+            let shared = shared.clone();
+            let target = target.clone();
+            in_flight.spawn(async move {
+                deliver(&shared, &target, lease).await;
+                drop(permit);
+            });
+        }
+    }
+    // Let the attempts under way end; the caller bounds this with its drain deadline.
+    while in_flight.join_next().await.is_some() {}
+    name
+}
+
+async fn deliver(shared: &Shared, target: &Target, lease: Lease) {
+    let started = tokio::time::Instant::now();
+    let now_secs = shared.clock.now_secs();
+    let result = attempt(
+        &shared.client,
+        target,
+        &lease.event,
+        now_secs,
+        target.timeout,
+    )
+    .await;
+    let outcome = outcome_label(&result.verdict, &target.retry, lease.attempts);
+    let unit: f64 = rand::thread_rng().gen();
+    let settlement = retry::settle(
+        lease.delivery_id,
+        &target.retry,
+        lease.attempts,
+        result.verdict,
+        shared.clock.now_ms(),
+        unit,
+    );
+    tracing::info!(
+        target = %target.name,
+        delivery_id = lease.delivery_id,
+        attempt = lease.attempts + 1,
+        status = result.status.map(|s| s.as_u16()),
+        outcome,
+        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "delivery attempt"
+    );
+    if let Err(e) = shared
+        .spool
+        .settle(vec![settlement], shared.clock.now_ms())
+        .await
+    {
+        // The lease will expire and the delivery be sent again: at least once.
+        tracing::error!(target = %target.name, error = %e, "cannot record a delivery outcome");
+    }
+}
+
+fn outcome_label(
+    verdict: &Verdict,
+    policy: &crate::config::RetryPolicy,
+    attempts_before: u32,
+) -> &'static str {
+    match verdict {
+        Verdict::Delivered => "delivered",
+        Verdict::Reject { .. } => "dead_lettered",
+        Verdict::Retry { .. } if policy.delay_after(attempts_before as usize + 1).is_none() => {
+            "dead_lettered"
+        }
+        Verdict::Retry { .. } => "retried",
+    }
+}

@@ -1,0 +1,216 @@
+//! What an attempt's outcome means, as data: 2xx is delivered; 408, 429, 5xx
+//! and transport errors are retried on the target's schedule (with jitter, and
+//! never sooner than a `Retry-After`); any other status is a rejection that
+//! dead-letters at once. Pure: the worker loop only applies it.
+
+use crate::config::RetryPolicy;
+use crate::spool::Settlement;
+use http::StatusCode;
+use std::time::{Duration, SystemTime};
+
+/// The longest `Retry-After` honoured; a target asking for more is retried
+/// after this, so an event is not parked indefinitely by one header.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+pub const REASON_REJECTED: &str = "rejected";
+pub const REASON_EXHAUSTED: &str = "exhausted";
+
+/// How one attempt went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    Retry {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    Reject {
+        error: String,
+    },
+}
+
+/// Classifies an HTTP answer. `snippet` is the start of the answer's body,
+/// kept in the dead-letter record so an operator can see why.
+pub fn classify(status: StatusCode, retry_after: Option<Duration>, snippet: &str) -> Verdict {
+    let error = if snippet.is_empty() {
+        format!("HTTP {}", status.as_u16())
+    } else {
+        format!("HTTP {}: {snippet}", status.as_u16())
+    };
+    if status.is_success() {
+        Verdict::Delivered
+    } else if status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+    {
+        Verdict::Retry { error, retry_after }
+    } else {
+        Verdict::Reject { error }
+    }
+}
+
+/// Parses `Retry-After`: delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// Spreads retries of many deliveries that failed together: ±20 %.
+/// `unit` is a uniform random number in [0, 1).
+pub fn jittered(delay: Duration, unit: f64) -> Duration {
+    delay.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0))
+}
+
+/// What the spool should record for a delivery after `attempts_before`
+/// earlier attempts and this one's verdict.
+pub fn settle(
+    delivery_id: i64,
+    policy: &RetryPolicy,
+    attempts_before: u32,
+    verdict: Verdict,
+    now_ms: i64,
+    unit: f64,
+) -> Settlement {
+    match verdict {
+        Verdict::Delivered => Settlement::Delivered { delivery_id },
+        Verdict::Reject { error } => Settlement::Dead {
+            delivery_id,
+            reason: REASON_REJECTED.into(),
+            error,
+        },
+        Verdict::Retry { error, retry_after } => {
+            match policy.delay_after(attempts_before as usize + 1) {
+                None => Settlement::Dead {
+                    delivery_id,
+                    reason: REASON_EXHAUSTED.into(),
+                    error,
+                },
+                Some(delay) => {
+                    let wait = jittered(delay, unit).max(retry_after.unwrap_or_default());
+                    Settlement::Retry {
+                        delivery_id,
+                        next_at: now_ms + wait.as_millis() as i64,
+                        error,
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::RetryClass;
+
+    fn policy(secs: &[u64]) -> RetryPolicy {
+        RetryPolicy {
+            class: RetryClass::Durable,
+            delays: secs.iter().copied().map(Duration::from_secs).collect(),
+        }
+    }
+
+    #[test]
+    fn classifies_statuses() {
+        assert_eq!(classify(StatusCode::OK, None, ""), Verdict::Delivered);
+        assert_eq!(
+            classify(StatusCode::NO_CONTENT, None, ""),
+            Verdict::Delivered
+        );
+        for retried in [408, 429, 500, 502, 503, 504] {
+            let status = StatusCode::from_u16(retried).unwrap();
+            assert!(
+                matches!(classify(status, None, ""), Verdict::Retry { .. }),
+                "{retried}"
+            );
+        }
+        for rejected in [400, 401, 403, 404, 410, 422, 301] {
+            let status = StatusCode::from_u16(rejected).unwrap();
+            assert!(
+                matches!(classify(status, None, ""), Verdict::Reject { .. }),
+                "{rejected}"
+            );
+        }
+        assert_eq!(
+            classify(StatusCode::BAD_REQUEST, None, "no such user"),
+            Verdict::Reject {
+                error: "HTTP 400: no such user".into()
+            }
+        );
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date_and_is_capped() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(90)));
+        assert_eq!(parse_retry_after("9999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn follows_the_schedule_then_dead_letters() {
+        let p = policy(&[10, 60]);
+        let retry = || Verdict::Retry {
+            error: "HTTP 503".into(),
+            retry_after: None,
+        };
+        assert_eq!(
+            settle(1, &p, 0, retry(), 0, 0.5),
+            Settlement::Retry {
+                delivery_id: 1,
+                next_at: 10_000,
+                error: "HTTP 503".into()
+            }
+        );
+        assert_eq!(
+            settle(1, &p, 1, retry(), 0, 0.5),
+            Settlement::Retry {
+                delivery_id: 1,
+                next_at: 60_000,
+                error: "HTTP 503".into()
+            }
+        );
+        assert_eq!(
+            settle(1, &p, 2, retry(), 0, 0.5),
+            Settlement::Dead {
+                delivery_id: 1,
+                reason: REASON_EXHAUSTED.into(),
+                error: "HTTP 503".into()
+            }
+        );
+    }
+
+    #[test]
+    fn retry_after_is_never_undercut() {
+        let p = policy(&[1]);
+        let verdict = Verdict::Retry {
+            error: "HTTP 429".into(),
+            retry_after: Some(Duration::from_secs(30)),
+        };
+        assert_eq!(
+            settle(1, &p, 0, verdict, 1_000, 0.0),
+            Settlement::Retry {
+                delivery_id: 1,
+                next_at: 31_000,
+                error: "HTTP 429".into()
+            }
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        let d = Duration::from_secs(100);
+        assert_eq!(jittered(d, 0.0), Duration::from_secs(80));
+        assert!(jittered(d, 0.999) < Duration::from_secs(120));
+        assert_eq!(jittered(d, 0.5), d);
+    }
+}

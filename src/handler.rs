@@ -1,0 +1,578 @@
+//! The WeChat-facing request path.
+//!
+//! GET `/wx/{account}` is the URL check: verify `signature`, echo `echostr`.
+//! POST `/wx/{account}` is a push: read the body under the size cap → verify
+//! `signature` → check freshness → parse the outer XML → (encrypted) verify
+//! `msg_signature`, decrypt with the key ring, check the AppID → parse the
+//! message → route → one durable spool commit → answer `success`.
+//!
+//! [`handle`] is the outer shell: it runs the inner `?` chain and turns its one
+//! error type, [`Rejection`], into a status, a reason, a verdict label and a log
+//! line, in one exhaustive `match`.
+
+use crate::app::Shared;
+use crate::config::{Account, Mode, Settings, Target};
+use crate::deliver::{self, retry, retry::Verdict};
+use crate::route::{self, RouteInput};
+use crate::spool::{Enqueued, NewDelivery, NewEvent, SpoolError, StoredEvent};
+use crate::wechat::crypto::{DecryptError, KeySlot};
+use crate::wechat::message::{Message, XmlError};
+use crate::wechat::reply::{self, ReplyBody};
+use crate::wechat::signature;
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Why a request was refused. Every variant maps to one status and one verdict
+/// in [`Rejection::status`] and [`Rejection::verdict`].
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("unknown account")]
+    UnknownAccount,
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("body too large")]
+    TooLarge,
+    #[error("could not read the body")]
+    BodyRead,
+    #[error("missing {0}")]
+    MissingSignature(&'static str),
+    #[error("missing echostr")]
+    MissingEchostr,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("stale timestamp")]
+    Stale,
+    #[error("unknown encrypt_type")]
+    BadEncryptType,
+    #[error("plaintext push refused: the account is in secure mode")]
+    PlaintextRefused,
+    #[error("encrypted push refused: the account is in plaintext mode")]
+    EncryptedRefused,
+    #[error("missing Encrypt")]
+    MissingEncrypt,
+    #[error("bad msg_signature")]
+    BadMsgSignature,
+    #[error("bad XML: {0}")]
+    BadXml(#[from] XmlError),
+    #[error("AppID mismatch")]
+    BadAppId,
+    #[error("undecryptable: {0}")]
+    Decrypt(DecryptError),
+    #[error("spool unavailable")]
+    Spool(SpoolError),
+    #[error("spool commit took longer than the reply budget")]
+    SpoolTimeout,
+}
+
+impl From<DecryptError> for Rejection {
+    fn from(e: DecryptError) -> Self {
+        match e {
+            DecryptError::AppId => Rejection::BadAppId,
+            other => Rejection::Decrypt(other),
+        }
+    }
+}
+
+impl Rejection {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::UnknownAccount | Rejection::NotFound => StatusCode::NOT_FOUND,
+            Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::BodyRead
+            | Rejection::MissingEchostr
+            | Rejection::BadEncryptType
+            | Rejection::MissingEncrypt
+            | Rejection::BadXml(_)
+            | Rejection::Decrypt(_) => StatusCode::BAD_REQUEST,
+            Rejection::MissingSignature(_)
+            | Rejection::BadSignature
+            | Rejection::BadMsgSignature => StatusCode::UNAUTHORIZED,
+            Rejection::Stale
+            | Rejection::PlaintextRefused
+            | Rejection::EncryptedRefused
+            | Rejection::BadAppId => StatusCode::FORBIDDEN,
+            Rejection::Spool(_) | Rejection::SpoolTimeout => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The label this outcome is counted and logged under.
+    pub fn verdict(&self) -> &'static str {
+        match self {
+            Rejection::UnknownAccount | Rejection::NotFound => "unknown_account",
+            Rejection::MethodNotAllowed => "method_not_allowed",
+            Rejection::TooLarge => "too_large",
+            Rejection::BodyRead | Rejection::MissingEchostr | Rejection::BadEncryptType => {
+                "bad_request"
+            }
+            Rejection::MissingSignature(_) | Rejection::BadSignature => "bad_signature",
+            Rejection::Stale => "stale",
+            Rejection::PlaintextRefused | Rejection::EncryptedRefused => "mode_refused",
+            Rejection::MissingEncrypt | Rejection::Decrypt(_) => "decrypt_error",
+            Rejection::BadMsgSignature => "bad_msg_signature",
+            Rejection::BadXml(_) => "bad_xml",
+            Rejection::BadAppId => "bad_appid",
+            Rejection::Spool(_) | Rejection::SpoolTimeout => "spool_unavailable",
+        }
+    }
+}
+
+/// What a request that was not refused gets.
+#[derive(Debug)]
+enum Answer {
+    Echo(String),
+    Accepted(Accepted),
+}
+
+#[derive(Debug)]
+struct Accepted {
+    duplicate: bool,
+    event_id: Option<i64>,
+    kind: String,
+    key_hash: String,
+    key_slot: Option<KeySlot>,
+    body: Bytes,
+}
+
+/// Serves one request on the public listener. Never fails: every outcome is an
+/// HTTP answer.
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let config = shared.config.load_full();
+    let method = req.method().clone();
+    let account_id = account_of(req.uri().path()).map(str::to_string);
+    let outcome = answer(&shared, &config, req).await;
+    let account = account_id.as_deref().unwrap_or("-");
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(match outcome {
+        Ok(Answer::Echo(echostr)) => {
+            tracing::info!(
+                account,
+                verdict = "ok",
+                latency_ms,
+                "URL verification answered"
+            );
+            text(StatusCode::OK, "text/plain; charset=utf-8", echostr.into())
+        }
+        Ok(Answer::Accepted(a)) => {
+            let verdict = if a.duplicate { "duplicate" } else { "ok" };
+            tracing::info!(
+                account,
+                kind = %a.kind,
+                verdict,
+                latency_ms,
+                key = %a.key_hash,
+                event_id = a.event_id,
+                key_slot = a.key_slot.map(KeySlot::as_str),
+                "push answered"
+            );
+            if a.key_slot == Some(KeySlot::Previous) {
+                tracing::warn!(account, "push decrypted with the previous EncodingAESKey");
+            }
+            text(StatusCode::OK, "text/plain; charset=utf-8", a.body)
+        }
+        Err(rejection) => {
+            let status = rejection.status();
+            let verdict = rejection.verdict();
+            if status.is_server_error() {
+                tracing::error!(account, %method, verdict, latency_ms, reason = %rejection, "push not accepted");
+            } else {
+                tracing::warn!(account, %method, verdict, latency_ms, reason = %rejection, "request refused");
+            }
+            text(
+                status,
+                "text/plain; charset=utf-8",
+                format!("{rejection}\n").into(),
+            )
+        }
+    })
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response
+}
+
+/// `/wx/{account}` → the account id.
+fn account_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/wx/")
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+}
+
+async fn answer(
+    shared: &Shared,
+    config: &Settings,
+    req: Request<Incoming>,
+) -> Result<Answer, Rejection> {
+    let account_id = account_of(req.uri().path()).ok_or(Rejection::NotFound)?;
+    let account = config
+        .accounts
+        .get(account_id)
+        .ok_or(Rejection::UnknownAccount)?;
+    let query = req.uri().query().unwrap_or("").to_string();
+    match *req.method() {
+        Method::GET => verify_url(shared, account, &query).map(Answer::Echo),
+        Method::POST => {
+            let body = read_body(req, config.server.max_body).await?;
+            accept_push(shared, config, account, query, body)
+                .await
+                .map(Answer::Accepted)
+        }
+        _ => Err(Rejection::MethodNotAllowed),
+    }
+}
+
+/// The query's parameters by name; WeChat's order varies. The first of a
+/// repeated name wins.
+fn params(query: &str) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        map.entry(k.into_owned()).or_insert_with(|| v.into_owned());
+    }
+    map
+}
+
+struct Signed<'q> {
+    timestamp: &'q str,
+    nonce: &'q str,
+}
+
+/// Checks `signature` over (token, timestamp, nonce) and the freshness window.
+fn check_signature<'q>(
+    shared: &Shared,
+    account: &Account,
+    q: &'q HashMap<String, String>,
+) -> Result<Signed<'q>, Rejection> {
+    let param = |name: &'static str| {
+        q.get(name)
+            .map(String::as_str)
+            .ok_or(Rejection::MissingSignature(name))
+    };
+    let (signature, timestamp, nonce) = (param("signature")?, param("timestamp")?, param("nonce")?);
+    if !signature::verify(signature, &[account.token.expose(), timestamp, nonce]) {
+        return Err(Rejection::BadSignature);
+    }
+    if let Some(window) = account.timestamp_window {
+        let sent: i64 = timestamp.parse().map_err(|_| Rejection::Stale)?;
+        let skew = (shared.clock.now_secs() - sent).unsigned_abs();
+        if skew > window.as_secs() {
+            return Err(Rejection::Stale);
+        }
+    }
+    Ok(Signed { timestamp, nonce })
+}
+
+fn verify_url(shared: &Shared, account: &Account, query: &str) -> Result<String, Rejection> {
+    let q = params(query);
+    check_signature(shared, account, &q)?;
+    // For an Official Account the echostr is never encrypted, in any mode.
+    q.get("echostr").cloned().ok_or(Rejection::MissingEchostr)
+}
+
+async fn read_body(req: Request<Incoming>, max_body: usize) -> Result<Bytes, Rejection> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max_body as u64) {
+        return Err(Rejection::TooLarge);
+    }
+    match Limited::new(req.into_body(), max_body).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::TooLarge),
+        Err(_) => Err(Rejection::BodyRead),
+    }
+}
+
+/// A verified, decrypted push.
+struct Verified {
+    xml: String,
+    message: Message,
+    key_slot: Option<KeySlot>,
+}
+
+fn verify_push(
+    shared: &Shared,
+    account: &Account,
+    q: &HashMap<String, String>,
+    body: &[u8],
+) -> Result<Verified, Rejection> {
+    let signed = check_signature(shared, account, q)?;
+    let encrypted = match q.get("encrypt_type").map(String::as_str) {
+        None | Some("raw") => false,
+        Some("aes") => true,
+        Some(_) => return Err(Rejection::BadEncryptType),
+    };
+    match (account.mode, encrypted) {
+        (Mode::Secure, false) => return Err(Rejection::PlaintextRefused),
+        (Mode::Plaintext, true) => return Err(Rejection::EncryptedRefused),
+        _ => {}
+    }
+    let outer = Message::parse(body)?;
+    if !encrypted {
+        let xml = std::str::from_utf8(body)
+            .map_err(|_| Rejection::BadXml(XmlError::Utf8))?
+            .to_string();
+        return Ok(Verified {
+            xml,
+            message: outer,
+            key_slot: None,
+        });
+    }
+    // Only <Encrypt> is authenticated; in compatibility mode the plaintext
+    // copies beside it are ignored.
+    let encrypt = outer
+        .get("Encrypt")
+        .filter(|e| !e.is_empty())
+        .ok_or(Rejection::MissingEncrypt)?;
+    let msg_signature = q
+        .get("msg_signature")
+        .ok_or(Rejection::MissingSignature("msg_signature"))?;
+    let parts = [
+        account.token.expose(),
+        signed.timestamp,
+        signed.nonce,
+        encrypt,
+    ];
+    if !signature::verify(msg_signature, &parts) {
+        return Err(Rejection::BadMsgSignature);
+    }
+    let keys = account.keys.as_ref().ok_or(Rejection::EncryptedRefused)?;
+    let (xml, slot) = keys.decrypt(encrypt, &account.app_id)?;
+    let message = Message::parse(xml.as_bytes())?;
+    Ok(Verified {
+        xml,
+        message,
+        key_slot: Some(slot),
+    })
+}
+
+async fn accept_push(
+    shared: &Shared,
+    config: &Settings,
+    account: &Account,
+    query: String,
+    body: Bytes,
+) -> Result<Accepted, Rejection> {
+    let started = Instant::now();
+    let q = params(&query);
+    let verified = verify_push(shared, account, &q, &body)?;
+    let message = &verified.message;
+    let now = shared.clock.now_ms();
+
+    let input = RouteInput {
+        account: &account.id,
+        msg_type: message.msg_type().unwrap_or(""),
+        event: message.event(),
+        event_key: message.event_key(),
+        has_ticket: message.ticket().is_some_and(|t| !t.is_empty()),
+        from_user: message.from_user().unwrap_or(""),
+    };
+    let rule = route::route(&config.routes, &input).map(|(_, rule)| rule);
+    let reply_budget = config.server.reply_budget;
+    let targets = rule
+        .map(|rule| {
+            rule.to
+                .iter()
+                .map(|target| NewDelivery {
+                    target: target.clone(),
+                    // The reply target is tried inline first; the workers wait
+                    // until that attempt is over.
+                    due_at: if rule.reply_from.as_ref() == Some(target) {
+                        now + reply_budget.as_millis() as i64 + 1000
+                    } else {
+                        now
+                    },
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let dedup_key = format!("{}|{}", account.id, message.dedup_key());
+    let kind = match message.event() {
+        Some(event) => format!("event/{event}"),
+        None => input.msg_type.to_string(),
+    };
+    let event = NewEvent {
+        dedup_key: dedup_key.clone(),
+        account: account.id.clone(),
+        received_at: now,
+        query,
+        body: body.to_vec(),
+        xml: verified.xml.clone(),
+        fields: message.fields_json().to_string(),
+        msg_type: input.msg_type.to_string(),
+        event: message.event().map(str::to_string),
+        targets,
+    };
+    let window = config.spool.dedup_window.as_millis() as i64;
+    // The reply target needs the event again after the commit; only then is it copied.
+    let reply_from = rule.and_then(|r| r.reply_from.as_deref()).and_then(|name| {
+        let position = event.targets.iter().position(|t| t.target == name)?;
+        Some((
+            config.targets.get(name)?.clone(),
+            position,
+            stored_view(&event),
+        ))
+    });
+    let routed: Vec<String> = event.targets.iter().map(|t| t.target.clone()).collect();
+    let commit = shared.spool.enqueue(event, now, window);
+    let remaining = reply_budget.saturating_sub(started.elapsed());
+    let enqueued = tokio::time::timeout(remaining, commit)
+        .await
+        .map_err(|_| Rejection::SpoolTimeout)?
+        .map_err(Rejection::Spool)?;
+
+    let mut accepted = Accepted {
+        duplicate: true,
+        event_id: None,
+        kind,
+        key_hash: short_hash(&dedup_key),
+        key_slot: verified.key_slot,
+        body: Bytes::from_static(b"success"),
+    };
+    let Enqueued::Stored {
+        event_id,
+        deliveries,
+    } = enqueued
+    else {
+        return Ok(accepted);
+    };
+    accepted.duplicate = false;
+    accepted.event_id = Some(event_id);
+    for target in &routed {
+        shared.wake(target);
+    }
+    if let Some((target, position, mut stored)) = reply_from {
+        stored.event_id = event_id;
+        let remaining = reply_budget.saturating_sub(started.elapsed());
+        let delivery_id = deliveries.get(position).copied().unwrap_or_default();
+        let reply = reply_inline(shared, &target, delivery_id, &stored, remaining).await;
+        if let Some(body) = reply {
+            accepted.body = answer_with(account, &verified, &q, body);
+        }
+    }
+    Ok(accepted)
+}
+
+/// The event as it will be stored, for the inline attempt (its id is filled
+/// in after the commit).
+fn stored_view(event: &NewEvent) -> StoredEvent {
+    StoredEvent {
+        event_id: 0,
+        dedup_key: event.dedup_key.clone(),
+        account: event.account.clone(),
+        received_at: event.received_at,
+        query: event.query.clone(),
+        body: event.body.clone(),
+        xml: event.xml.clone(),
+        fields: event.fields.clone(),
+        msg_type: event.msg_type.clone(),
+        event: event.event.clone(),
+    }
+}
+
+/// One attempt at the rule's reply target within what is left of the budget.
+/// Its outcome is recorded like any worker's; a failure leaves the delivery to
+/// the workers. Returns the target's answer when it can go to WeChat.
+async fn reply_inline(
+    shared: &Shared,
+    target: &Target,
+    delivery_id: i64,
+    event: &StoredEvent,
+    remaining: Duration,
+) -> Option<ReplyBody> {
+    let timeout = remaining.min(target.timeout);
+    let result = deliver::attempt(
+        &shared.client,
+        target,
+        event,
+        shared.clock.now_secs(),
+        timeout,
+    )
+    .await;
+    let delivered = result.verdict == Verdict::Delivered;
+    let unit: f64 = rand::thread_rng().gen();
+    let settlement = retry::settle(
+        delivery_id,
+        &target.retry,
+        0,
+        result.verdict,
+        shared.clock.now_ms(),
+        unit,
+    );
+    // Not awaited: WeChat's answer does not depend on it, and if the record
+    // is lost the lease expires and the workers send it again.
+    let settled = shared.spool.settle(vec![settlement], shared.clock.now_ms());
+    tokio::spawn(async move {
+        if let Err(e) = settled.await {
+            tracing::error!(error = %e, "cannot record the reply target's outcome");
+        }
+    });
+    if !delivered {
+        shared.wake(&target.name);
+        return None;
+    }
+    let reply = reply::classify_reply(&result.body);
+    if reply.is_none() {
+        tracing::info!(target = %target.name, "reply target answered something WeChat cannot take; answering success");
+    }
+    reply
+}
+
+/// What WeChat gets for a reply target's valid answer: `success` as is; reply
+/// XML as is, except that a secure-mode account's plaintext reply is sealed
+/// into the envelope with the key that decrypted the push.
+fn answer_with(
+    account: &Account,
+    verified: &Verified,
+    q: &HashMap<String, String>,
+    reply: ReplyBody,
+) -> Bytes {
+    match reply {
+        ReplyBody::Ack => Bytes::from_static(b"success"),
+        ReplyBody::Envelope(xml) => Bytes::from(xml),
+        ReplyBody::PlainXml(xml) => match (account.mode, &account.keys, verified.key_slot) {
+            (Mode::Secure, Some(keys), Some(slot)) => {
+                let timestamp = q.get("timestamp").map(String::as_str).unwrap_or("");
+                let nonce = q.get("nonce").map(String::as_str).unwrap_or("");
+                Bytes::from(reply::envelope(
+                    keys.key(slot),
+                    account.token.expose(),
+                    &account.app_id,
+                    &xml,
+                    timestamp,
+                    nonce,
+                    &reply::random_bytes(),
+                ))
+            }
+            _ => Bytes::from(xml),
+        },
+    }
+}
+
+/// A short, non-reversible stand-in for an identifier that carries an OpenID,
+/// so logs can correlate without holding personal data.
+pub fn short_hash(value: &str) -> String {
+    hex::encode(&Sha256::digest(value.as_bytes())[..6])
+}
