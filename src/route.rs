@@ -1,8 +1,8 @@
 //! Routing: which targets get a push, and which of them may answer WeChat.
 //!
-//! Rules are tried in order and the first whose [`Match`] holds decides
-//! (DESIGN.md §4). A match is a conjunction of optional keys; each key lists
-//! alternatives. `msg_type` and `event` compare ignoring ASCII case, because
+//! Rules are tried in order and the first whose [`Match`] holds decides, so
+//! the table reads top to bottom. A match is a conjunction of optional keys;
+//! each key lists alternatives. `msg_type` and `event` compare ignoring ASCII case, because
 //! WeChat writes `subscribe` but `SCAN`; every other key compares exactly.
 //! A push that matches no rule is the caller's to dead-letter as `unrouted`.
 //!

@@ -2,6 +2,7 @@
 //! in the order an operator reads it. Secrets appear as `***`, keys as
 //! fingerprints, and URL passwords are masked.
 
+use super::units::format_size;
 use super::{Secret, Settings};
 use humantime::format_duration;
 use std::fmt::{self, Display, Write as _};
@@ -23,7 +24,7 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
         "admin_listen",
         format!("{} (metrics, health, admin)", s.admin_listen),
     )?;
-    row(out, "max_body", format!("{} bytes", s.max_body))?;
+    row(out, "max_body", format_size(s.max_body))?;
     row(out, "reply_budget", format_duration(s.reply_budget))?;
     row(out, "header_timeout", format_duration(s.header_timeout))?;
     row(out, "shutdown_timeout", format_duration(s.shutdown_timeout))?;

@@ -62,7 +62,8 @@ pub struct Account {
 }
 
 /// The message encryption mode chosen in the WeChat admin console. The
-/// config decides it, never the request (DESIGN.md §2.5).
+/// config decides it, never the request: a plaintext POST to a secure
+/// account is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// 明文模式: pushes arrive as plain XML.
@@ -125,7 +126,7 @@ pub fn decode_webhook_secret(secret: &str) -> Result<Vec<u8>, String> {
     Ok(key)
 }
 
-/// How a delivery's body is built (DESIGN.md §5).
+/// How a delivery's body is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// WeChat's request, byte for byte.

@@ -29,6 +29,16 @@ pub(crate) fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// The inverse of [`parse_size`] for reports: `262144` → `256KiB`.
+pub(crate) fn format_size(bytes: usize) -> String {
+    match bytes {
+        0 => "0B".to_owned(),
+        b if b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => format!("{b}B"),
+    }
+}
+
 /// Parses a duration such as `"4s"`, `"300ms"`, `"10m"` or `"1h 30m"`.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| {
@@ -59,6 +69,14 @@ mod tests {
             assert!(err.contains("invalid size"), "{text}: {err}");
         }
         assert!(parse_size("99999999999999999999MiB").is_err());
+    }
+
+    #[test]
+    fn formats_sizes_so_they_parse_back() {
+        for (bytes, text) in [(262144, "256KiB"), (1 << 20, "1MiB"), (1000, "1000B")] {
+            assert_eq!(format_size(bytes), text);
+            assert_eq!(parse_size(text), Ok(bytes));
+        }
     }
 
     #[test]

@@ -1,0 +1,733 @@
+//! The config contract: the shipped example loads; environment variables
+//! override the file; a bad config is refused with every problem at its key
+//! path; no secret is ever printed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+use wxrelay::config::{figment_for, render_check, Format, Mode, RetryClass, Settings};
+use wxrelay::route::{route, RouteInput};
+
+const TOKEN: &str = "Relay2024Token";
+const AES_KEY: &str = "R3layV3ct0rsEncodingAesKeyForTests0123456Zq";
+const WEBHOOK_SECRET: &str = "whsec_ZXhhbXBsZS1vbmx5LXJlcGxhY2UtdGhpcy1zZWNyZXQ=";
+
+/// Tests that read the process environment hold this, so that one test's
+/// variables never leak into another's config.
+static ENV: Mutex<()> = Mutex::new(());
+
+fn example_path() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.toml.example")
+}
+
+/// A small valid config; each broken case edits one thing in it.
+const VALID: &str = r#"
+[accounts.main]
+app_id = "wx5f3c9a1e7d2b4c60"
+token = "Relay2024Token"
+encoding_aes_key = "R3layV3ct0rsEncodingAesKeyForTests0123456Zq"
+mode = "secure"
+
+[targets.broker]
+url = "http://127.0.0.1:8081/broker"
+retry = "login"
+
+[targets.hooks]
+url = "https://hooks.example.com/events"
+format = "json"
+secret = "whsec_ZXhhbXBsZS1vbmx5LXJlcGxhY2UtdGhpcy1zZWNyZXQ="
+
+[[routes]]
+match = { event = ["subscribe", "SCAN"] }
+to = ["broker", "hooks"]
+reply_from = "broker"
+
+[[routes]]
+to = ["hooks"]
+"#;
+
+const CATCH_ALL: &str = "[[routes]]\nto = [\"hooks\"]\n";
+
+/// `VALID` with each `(from, to)` applied; `from` must occur, so that a
+/// change to `VALID` cannot turn a case into a test of nothing.
+fn edit(edits: &[(&str, &str)]) -> String {
+    edits.iter().fold(VALID.to_owned(), |toml, (from, to)| {
+        assert!(toml.contains(from), "{from:?} is not in the config");
+        toml.replacen(from, to, 1)
+    })
+}
+
+fn line(key: &str) -> String {
+    VALID
+        .lines()
+        .find(|l| l.starts_with(&format!("{key} =")))
+        .expect("key in VALID")
+        .to_owned()
+}
+
+#[test]
+fn the_valid_base_is_valid() {
+    let settings = Settings::from_toml_str(VALID).unwrap();
+    assert!(settings.warnings().is_empty(), "{:?}", settings.warnings());
+}
+
+#[test]
+fn the_shipped_example_loads() {
+    let _env = ENV.lock().unwrap();
+    let settings = Settings::load(&example_path()).unwrap();
+
+    let main = &settings.accounts["main"];
+    assert_eq!(main.mode, Mode::Secure);
+    assert_eq!(main.app_id, "wx5f3c9a1e7d2b4c60");
+    assert_eq!(main.token.expose(), TOKEN);
+    assert!(main.keys.is_some());
+    assert_eq!(main.timestamp_window, Some(Duration::from_secs(300)));
+
+    assert_eq!(settings.server.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(settings.server.admin_listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(settings.server.max_body, 256 * 1024);
+    assert_eq!(settings.spool.path, Path::new("./data/spool.db"));
+
+    assert_eq!(settings.targets.len(), 2);
+    let broker = &settings.targets["broker"];
+    assert_eq!(broker.format, Format::Raw);
+    assert_eq!(broker.retry.class, RetryClass::Login);
+    assert_eq!(broker.timeout, Duration::from_secs(3));
+    let webhooks = &settings.targets["webhooks"];
+    assert_eq!(webhooks.format, Format::Json);
+    assert_eq!(webhooks.signing_key().map(|k| k.len()), Some(32));
+
+    assert_eq!(settings.routes.len(), 2);
+    assert_eq!(settings.routes[0].reply_from.as_deref(), Some("broker"));
+    assert_eq!(settings.routes[0].to, ["broker", "webhooks"]);
+    assert!(settings.routes[1].matcher.is_catch_all());
+    assert!(settings.warnings().is_empty(), "{:?}", settings.warnings());
+}
+
+#[test]
+fn the_example_routes_login_events_to_the_broker_and_the_rest_to_webhooks() {
+    let settings =
+        Settings::from_toml_str(&std::fs::read_to_string(example_path()).unwrap()).unwrap();
+    let scan = RouteInput {
+        account: "main",
+        msg_type: "event",
+        event: Some("SCAN"),
+        event_key: Some("login_42"),
+        has_ticket: true,
+        from_user: "oUser",
+    };
+    let (index, rule) = route(&settings.routes, &scan).unwrap();
+    assert_eq!((index, rule.reply_from.as_deref()), (0, Some("broker")));
+    let text = RouteInput {
+        msg_type: "text",
+        event: None,
+        event_key: None,
+        has_ticket: false,
+        ..scan
+    };
+    let (index, rule) = route(&settings.routes, &text).unwrap();
+    assert_eq!(
+        (index, rule.to.as_slice()),
+        (1, ["webhooks".to_owned()].as_slice())
+    );
+}
+
+#[test]
+fn environment_variables_override_the_file() {
+    let _env = ENV.lock().unwrap();
+    let overrides = [
+        ("WXRELAY_ACCOUNTS__MAIN__TOKEN", "FromTheEnvironment1"),
+        ("WXRELAY_SERVER__LISTEN", "127.0.0.1:18080"),
+        ("WXRELAY_TARGETS__BROKER__CONCURRENCY", "3"),
+        // Not a config key (no `__`): must not be mistaken for one.
+        ("WXRELAY_LOG", "debug"),
+    ];
+    for (key, value) in overrides {
+        std::env::set_var(key, value);
+    }
+    let loaded = Settings::from_figment(figment_for(&example_path()));
+    for (key, _) in overrides {
+        std::env::remove_var(key);
+    }
+
+    let settings = loaded.unwrap();
+    assert_eq!(
+        settings.accounts["main"].token.expose(),
+        "FromTheEnvironment1"
+    );
+    assert_eq!(settings.server.listen.to_string(), "127.0.0.1:18080");
+    assert_eq!(settings.targets["broker"].concurrency, 3);
+    // Untouched keys keep the file's values.
+    assert_eq!(settings.server.admin_listen.to_string(), "127.0.0.1:9090");
+}
+
+#[test]
+fn a_bad_environment_variable_is_reported_at_its_key() {
+    let _env = ENV.lock().unwrap();
+    std::env::set_var("WXRELAY_ACCOUNTS__MAIN__TOKEN", "no!");
+    let loaded = Settings::from_figment(figment_for(&example_path()));
+    std::env::remove_var("WXRELAY_ACCOUNTS__MAIN__TOKEN");
+    assert_has(
+        &loaded.unwrap_err(),
+        "accounts.main.token",
+        "letters and digits",
+    );
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let err = Settings::load(Path::new("/nonexistent/relay.toml")).unwrap_err();
+    assert_eq!(err.problems.len(), 1);
+    assert_eq!(err.problems[0].path, "/nonexistent/relay.toml");
+    assert!(err.to_string().contains("cannot read config file"), "{err}");
+}
+
+fn assert_has(err: &wxrelay::config::ConfigError, path: &str, fragment: &str) {
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.path == path && p.message.contains(fragment)),
+        "expected `{path}: …{fragment}…` among:\n{err}"
+    );
+}
+
+#[test]
+fn broken_configs_are_refused_at_their_key_path() {
+    let key_42 = &AES_KEY[..42];
+    let key_bad_char = format!("{}+", &AES_KEY[..42]);
+    let token_33 = "a".repeat(33);
+    let after_catch_all =
+        format!("{VALID}[[routes]]\nmatch = {{ event = \"CLICK\" }}\nto = [\"broker\"]\n");
+    let shadowed = format!(
+        "[[routes]]\nmatch = {{ event = \"scan\", has_ticket = true }}\nto = [\"broker\"]\n\n{CATCH_ALL}"
+    );
+    let key_line = line("encoding_aes_key");
+    let mode_line = line("mode");
+    let secret_line = line("secret");
+
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "unknown top-level key",
+            format!("colour = \"blue\"\n{VALID}"),
+            "",
+            "unknown field `colour`",
+        ),
+        (
+            "unknown account key",
+            edit(&[("token =", "tokn =")]),
+            "accounts.main",
+            "unknown field `tokn`",
+        ),
+        (
+            "unknown target key",
+            edit(&[("retry = \"login\"", "retries = 3")]),
+            "targets.broker",
+            "unknown field `retries`",
+        ),
+        (
+            "unknown match key",
+            edit(&[("event = [", "evnt = [")]),
+            "routes[0].match",
+            "unknown field `evnt`",
+        ),
+        (
+            "key too short",
+            edit(&[(AES_KEY, key_42)]),
+            "accounts.main.encoding_aes_key",
+            "must be 43 characters, got 42",
+        ),
+        (
+            "key with a bad character",
+            edit(&[(AES_KEY, &key_bad_char)]),
+            "accounts.main.encoding_aes_key",
+            "only letters and digits",
+        ),
+        (
+            "token too short",
+            edit(&[(TOKEN, "ab")]),
+            "accounts.main.token",
+            "3 to 32",
+        ),
+        (
+            "token too long",
+            edit(&[(TOKEN, &token_33)]),
+            "accounts.main.token",
+            "got 33",
+        ),
+        (
+            "token with punctuation",
+            edit(&[(TOKEN, "Relay-2024")]),
+            "accounts.main.token",
+            "only ASCII letters and digits",
+        ),
+        (
+            "token and token_file",
+            edit(&[(
+                &line("token"),
+                "token = \"Relay2024Token\"\ntoken_file = \"/run/secrets/t\"",
+            )]),
+            "accounts.main.token_file",
+            "not both",
+        ),
+        (
+            "neither token nor token_file",
+            edit(&[(&line("token"), "")]),
+            "accounts.main.token",
+            "required",
+        ),
+        (
+            "unreadable token_file",
+            edit(&[(&line("token"), "token_file = \"/nonexistent/token\"")]),
+            "accounts.main.token_file",
+            "cannot read /nonexistent/token",
+        ),
+        (
+            "missing mode",
+            edit(&[(&mode_line, "")]),
+            "accounts.main.mode",
+            "required",
+        ),
+        (
+            "unknown mode",
+            edit(&[("\"secure\"", "\"encrypted\"")]),
+            "accounts.main.mode",
+            "unknown mode \"encrypted\"",
+        ),
+        (
+            "secure without a key",
+            edit(&[(&key_line, "")]),
+            "accounts.main.encoding_aes_key",
+            "required when mode is secure",
+        ),
+        (
+            "compat without a key",
+            edit(&[(&key_line, ""), ("\"secure\"", "\"compat\"")]),
+            "accounts.main.encoding_aes_key",
+            "required when mode is compat",
+        ),
+        (
+            "previous key without a key",
+            edit(&[
+                (
+                    &key_line,
+                    &format!("previous_encoding_aes_key = \"{AES_KEY}\""),
+                ),
+                ("\"secure\"", "\"plaintext\""),
+            ]),
+            "accounts.main.previous_encoding_aes_key",
+            "requires encoding_aes_key",
+        ),
+        (
+            "previous key equal to the key",
+            edit(&[(
+                &key_line,
+                &format!("{key_line}\nprevious_encoding_aes_key = \"{AES_KEY}\""),
+            )]),
+            "accounts.main.previous_encoding_aes_key",
+            "must differ",
+        ),
+        (
+            "bad app_id",
+            edit(&[("wx5f3c9a1e7d2b4c60", "wx5f3c9a1e7d2b4c6")]),
+            "accounts.main.app_id",
+            "\"wx\" followed by 16 hex digits",
+        ),
+        (
+            "bad account id",
+            edit(&[("[accounts.main]", "[accounts.\"main account\"]")]),
+            "accounts.main account",
+            "account id must be",
+        ),
+        (
+            "unknown target in to",
+            edit(&[("to = [\"broker\", \"hooks\"]", "to = [\"broker\", \"crm\"]")]),
+            "routes[0].to",
+            "unknown target \"crm\"",
+        ),
+        (
+            "duplicate target in to",
+            edit(&[(
+                "to = [\"broker\", \"hooks\"]",
+                "to = [\"broker\", \"hooks\", \"broker\"]",
+            )]),
+            "routes[0].to",
+            "twice",
+        ),
+        (
+            "empty to",
+            edit(&[("to = [\"hooks\"]", "to = []")]),
+            "routes[1].to",
+            "at least one target",
+        ),
+        (
+            "reply_from not among to",
+            edit(&[("to = [\"broker\", \"hooks\"]", "to = [\"hooks\"]")]),
+            "routes[0].reply_from",
+            "must be one of `to`",
+        ),
+        (
+            "reply_from not a target",
+            edit(&[("reply_from = \"broker\"", "reply_from = \"crm\"")]),
+            "routes[0].reply_from",
+            "unknown target \"crm\"",
+        ),
+        (
+            "unreachable after a catch-all",
+            after_catch_all,
+            "routes[2]",
+            "unreachable: routes[1] (*)",
+        ),
+        (
+            "unreachable under a wider rule",
+            edit(&[(CATCH_ALL, &shadowed)]),
+            "routes[1]",
+            "unreachable: routes[0] (event=subscribe|SCAN)",
+        ),
+        (
+            "unknown match account",
+            edit(&[("event = [\"subscribe\", \"SCAN\"]", "account = \"other\"")]),
+            "routes[0].match.account",
+            "unknown account \"other\"",
+        ),
+        (
+            "empty match list",
+            edit(&[("event = [\"subscribe\", \"SCAN\"]", "event = []")]),
+            "routes[0].match.event",
+            "must not be empty",
+        ),
+        (
+            "wrong type in a list",
+            edit(&[("to = [\"hooks\"]", "to = [\"hooks\", 3]")]),
+            "routes[1].to[1]",
+            "expected a string",
+        ),
+        (
+            "bad URL",
+            edit(&[("http://127.0.0.1:8081/broker", "not a url")]),
+            "targets.broker.url",
+            "invalid URL",
+        ),
+        (
+            "ftp URL",
+            edit(&[("http://127.0.0.1:8081/broker", "ftp://files.example.com/in")]),
+            "targets.broker.url",
+            "http or https",
+        ),
+        (
+            "json without a secret",
+            edit(&[(&secret_line, "")]),
+            "targets.hooks.secret",
+            "required when format is json",
+        ),
+        (
+            "secret on a raw target",
+            edit(&[(
+                "retry = \"login\"",
+                &format!("retry = \"login\"\nsecret = \"{WEBHOOK_SECRET}\""),
+            )]),
+            "targets.broker.secret",
+            "only used with format = \"json\"",
+        ),
+        (
+            "secret without whsec_",
+            edit(&[("whsec_", "")]),
+            "targets.hooks.secret",
+            "must start with \"whsec_\"",
+        ),
+        (
+            "secret too short",
+            edit(&[(&WEBHOOK_SECRET[6..], "c2hvcnQ=")]),
+            "targets.hooks.secret",
+            "24 to 64 bytes, got 5",
+        ),
+        (
+            "unknown format",
+            edit(&[("format = \"json\"", "format = \"xml\"")]),
+            "targets.hooks.format",
+            "unknown format \"xml\"",
+        ),
+        (
+            "unknown retry class",
+            edit(&[("retry = \"login\"", "retry = \"forever\"")]),
+            "targets.broker.retry",
+            "unknown retry class",
+        ),
+        (
+            "bad retry delay",
+            edit(&[("retry = \"login\"", "retry_schedule = [\"1s\", \"soon\"]")]),
+            "targets.broker.retry_schedule[1]",
+            "invalid duration \"soon\"",
+        ),
+        (
+            "zero concurrency",
+            edit(&[("retry = \"login\"", "concurrency = 0")]),
+            "targets.broker.concurrency",
+            "between 1 and 1024",
+        ),
+        (
+            "zero timeout",
+            edit(&[("retry = \"login\"", "timeout = \"0s\"")]),
+            "targets.broker.timeout",
+            "greater than zero",
+        ),
+        (
+            "reply_budget of 5s",
+            format!("[server]\nreply_budget = \"5s\"\n{VALID}"),
+            "server.reply_budget",
+            "less than 5s",
+        ),
+        (
+            "zero reply_budget",
+            format!("[server]\nreply_budget = \"0s\"\n{VALID}"),
+            "server.reply_budget",
+            "greater than zero",
+        ),
+        (
+            "listen == admin_listen",
+            format!(
+                "[server]\nlisten = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.1:9000\"\n{VALID}"
+            ),
+            "server.admin_listen",
+            "must differ from server.listen",
+        ),
+        (
+            "admin on the public socket",
+            format!(
+                "[server]\nlisten = \"0.0.0.0:9000\"\nadmin_listen = \"127.0.0.1:9000\"\n{VALID}"
+            ),
+            "server.admin_listen",
+            "must differ",
+        ),
+        (
+            "bad address",
+            format!("[server]\nlisten = \"localhost\"\n{VALID}"),
+            "server.listen",
+            "IP address and port",
+        ),
+        (
+            "bad size",
+            format!("[server]\nmax_body = \"12 parsecs\"\n{VALID}"),
+            "server.max_body",
+            "invalid size \"12 parsecs\"",
+        ),
+        (
+            "size out of range",
+            format!("[server]\nmax_body = \"32MiB\"\n{VALID}"),
+            "server.max_body",
+            "between 1KiB and 16MiB",
+        ),
+        (
+            "zero dedup_window",
+            format!("[spool]\ndedup_window = \"0s\"\n{VALID}"),
+            "spool.dedup_window",
+            "greater than zero",
+        ),
+        (
+            "no accounts",
+            "[targets.t]\nurl = \"http://localhost/\"\n".to_owned(),
+            "accounts",
+            "no accounts configured",
+        ),
+    ];
+
+    // One problem each: a mistake is reported once, where it was made, not
+    // again by every check that depends on it.
+    for (name, toml, path, fragment) in &cases {
+        let err = Settings::from_toml_str(toml)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: accepted:\n{toml}"));
+        assert_eq!(err.problems.len(), 1, "{name}:\n{err}");
+        let problem = &err.problems[0];
+        assert!(
+            problem.path == *path && problem.message.contains(fragment),
+            "{name}: expected `{path}: …{fragment}…`, got:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let toml = edit(&[
+        (AES_KEY, "short"),
+        ("to = [\"hooks\"]", "to = [\"crm\"]"),
+        (
+            "url = \"http://127.0.0.1:8081/broker\"",
+            "url = \"ftp://x\"",
+        ),
+        ("\"secure\"", "\"sekure\""),
+    ]);
+    let err =
+        Settings::from_toml_str(&format!("[server]\nreply_budget = \"9s\"\n{toml}")).unwrap_err();
+    for path in [
+        "server.reply_budget",
+        "accounts.main.encoding_aes_key",
+        "accounts.main.mode",
+        "targets.broker.url",
+        "routes[1].to",
+    ] {
+        assert!(
+            err.problems.iter().any(|p| p.path == path),
+            "{path} missing from:\n{err}"
+        );
+    }
+    assert_eq!(err.to_string().lines().count(), err.problems.len());
+}
+
+#[test]
+fn timestamp_window_zero_turns_the_check_off() {
+    let settings = Settings::from_toml_str(&edit(&[(
+        "mode = \"secure\"",
+        "mode = \"secure\"\ntimestamp_window = \"0s\"",
+    )]))
+    .unwrap();
+    assert_eq!(settings.accounts["main"].timestamp_window, None);
+}
+
+#[test]
+fn a_plaintext_account_needs_no_key() {
+    let settings = Settings::from_toml_str(&edit(&[
+        (&line("encoding_aes_key"), ""),
+        ("\"secure\"", "\"plaintext\""),
+    ]))
+    .unwrap();
+    assert_eq!(settings.accounts["main"].mode, Mode::Plaintext);
+    assert!(settings.accounts["main"].keys.is_none());
+}
+
+#[test]
+fn defaults_apply() {
+    let settings = Settings::from_toml_str(VALID).unwrap();
+    let server = &settings.server;
+    assert_eq!(server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(server.admin_listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(server.max_body, 256 * 1024);
+    assert_eq!(server.reply_budget, Duration::from_secs(4));
+    assert_eq!(server.header_timeout, Duration::from_secs(10));
+    assert_eq!(server.shutdown_timeout, Duration::from_secs(10));
+    assert!(server.admin_token.is_none());
+    assert_eq!(settings.spool.dedup_window, Duration::from_secs(600));
+    let hooks = &settings.targets["hooks"];
+    assert_eq!(hooks.retry.class, RetryClass::Durable);
+    assert_eq!(hooks.retry.delays.len(), 10);
+    assert_eq!(hooks.timeout, Duration::from_secs(5));
+    assert_eq!(hooks.concurrency, 8);
+}
+
+#[test]
+fn an_explicit_retry_schedule_replaces_the_class_default() {
+    let toml = edit(&[(
+        "retry = \"login\"",
+        "retry = \"login\"\nretry_schedule = [\"1s\", \"2m\"]",
+    )]);
+    let retry = &Settings::from_toml_str(&toml).unwrap().targets["broker"].retry;
+    assert_eq!(retry.class, RetryClass::Login);
+    assert_eq!(
+        retry.delays,
+        [Duration::from_secs(1), Duration::from_secs(120)]
+    );
+    assert_eq!(retry.max_attempts(), 3);
+}
+
+#[test]
+fn token_file_is_read_and_trimmed() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(file, "  {TOKEN}").unwrap();
+    let token_file = format!("token_file = '{}'", file.path().display());
+    let settings = Settings::from_toml_str(&edit(&[(&line("token"), &token_file)])).unwrap();
+    assert_eq!(settings.accounts["main"].token.expose(), TOKEN);
+}
+
+#[test]
+fn admin_token_file_is_read() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(file, "admin-secret-value").unwrap();
+    let toml = format!(
+        "[server]\nadmin_token_file = '{}'\n{VALID}",
+        file.path().display()
+    );
+    let settings = Settings::from_toml_str(&toml).unwrap();
+    let token = settings.server.admin_token.as_ref().unwrap();
+    assert_eq!(token.expose(), "admin-secret-value");
+}
+
+#[test]
+fn secrets_never_appear_in_debug_or_the_check_report() {
+    let toml = format!("[server]\nadmin_token = \"admin-secret-value\"\n{VALID}");
+    let toml = toml.replace(
+        "url = \"https://hooks.example.com/events\"",
+        "url = \"https://user:url-password@hooks.example.com/events\"",
+    );
+    let settings = Settings::from_toml_str(&toml).unwrap();
+    let debug = format!("{settings:?}");
+    let report = render_check(&settings);
+    for secret in [
+        TOKEN,
+        AES_KEY,
+        WEBHOOK_SECRET,
+        &WEBHOOK_SECRET[6..],
+        "admin-secret-value",
+    ] {
+        assert!(!debug.contains(secret), "Debug shows {secret}");
+        assert!(!report.contains(secret), "check shows {secret}:\n{report}");
+    }
+    assert!(!report.contains("url-password"), "{report}");
+    assert!(report.contains("***"));
+}
+
+#[test]
+fn errors_never_quote_a_secret() {
+    let toml = edit(&[
+        (TOKEN, "Relay2024Token!"),
+        (AES_KEY, &format!("{AES_KEY}Z")),
+    ]);
+    let err = Settings::from_toml_str(&toml).unwrap_err();
+    let text = err.to_string();
+    assert!(!text.contains("Relay2024Token"), "{text}");
+    assert!(!text.contains(AES_KEY), "{text}");
+}
+
+#[test]
+fn the_check_report_shows_what_the_relay_will_do() {
+    let settings = Settings::from_toml_str(VALID).unwrap();
+    let report = render_check(&settings);
+    let fingerprint = settings.accounts["main"]
+        .keys
+        .as_ref()
+        .unwrap()
+        .current
+        .fingerprint();
+    for expected in [
+        "max_body          256KiB",
+        "account main at /wx/main",
+        "wx5f3c9a1e7d2b4c60",
+        "secure",
+        &fingerprint,
+        "http://127.0.0.1:8081/broker",
+        "login: 9 attempts over 2m",
+        "[0] event=subscribe|SCAN -> broker (replies), hooks",
+        "[1] * -> hooks",
+    ] {
+        assert!(
+            report.contains(expected),
+            "missing {expected:?} in:\n{report}"
+        );
+    }
+    assert!(!report.contains("warnings"), "{report}");
+}
+
+#[test]
+fn the_check_report_warns_about_unrouted_events() {
+    let without_routes = VALID.split("[[routes]]").next().unwrap();
+    let report = render_check(&Settings::from_toml_str(without_routes).unwrap());
+    assert!(
+        report.contains("no routes: every event will be dead-lettered as `unrouted`"),
+        "{report}"
+    );
+
+    let without_catch_all = edit(&[(CATCH_ALL, "")]);
+    let report = render_check(&Settings::from_toml_str(&without_catch_all).unwrap());
+    assert!(report.contains("no catch-all rule"), "{report}");
+}
