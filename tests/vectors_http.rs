@@ -6,64 +6,10 @@
 
 mod common;
 
-use common::{fixture, TestRelay};
+use common::{body, fixture, generated, generated_config, path, reference_now, TestRelay};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use wxrelay::wechat::signature;
-
-fn generated() -> Value {
-    fixture("generated-vectors.json")
-}
-
-fn reference_now(g: &Value) -> i64 {
-    g["config"]["reference_now"].as_i64().unwrap()
-}
-
-/// The generated vectors' credentials on four accounts: one per mode, and a
-/// secure one that also holds the previous key.
-fn generated_config(g: &Value) -> String {
-    let c = &g["config"];
-    let account = |id: &str, mode: &str, previous: bool| {
-        let mut s = format!(
-            "[accounts.{id}]\napp_id = {}\ntoken = {}\nencoding_aes_key = {}\nmode = \"{mode}\"\ntimestamp_window = \"300s\"\n",
-            c["appid"], c["token"], c["encoding_aes_key"]
-        );
-        if previous {
-            s += &format!(
-                "previous_encoding_aes_key = {}\n",
-                c["previous_encoding_aes_key"]
-            );
-        }
-        s
-    };
-    [
-        account("plaintext", "plaintext", false),
-        account("compat", "compat", false),
-        account("secure", "secure", false),
-        account("rotating", "secure", true),
-    ]
-    .join("\n")
-}
-
-fn path(account: &str, request: &Value) -> String {
-    format!(
-        "/wx/{account}?{}",
-        request["query_string"].as_str().unwrap()
-    )
-}
-
-fn body(request: &Value) -> Vec<u8> {
-    if let Some(g) = request.get("body_generator").filter(|g| !g.is_null()) {
-        let mut b = g["prefix"].as_str().unwrap().to_string();
-        b += &g["repeat"]
-            .as_str()
-            .unwrap()
-            .repeat(g["count"].as_u64().unwrap() as usize);
-        b += g["suffix"].as_str().unwrap();
-        return b.into_bytes();
-    }
-    request["body"].as_str().unwrap_or("").as_bytes().to_vec()
-}
 
 fn is_ack(text: &str) -> bool {
     text == "success" || text.is_empty()

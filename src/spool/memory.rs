@@ -2,8 +2,8 @@
 //! for unit tests of the code around the spool.
 
 use super::{
-    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, Settlement, Spool, SpoolError,
-    StoredEvent, TargetDepth, REASON_TARGET_REMOVED, REASON_UNROUTED,
+    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Settlement, Spool,
+    SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED, REASON_UNROUTED,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -307,6 +307,27 @@ impl Spool for MemorySpool {
                 };
             }
             by_target.into_values().collect()
+        })
+    }
+
+    fn pending(&self, target: &str, limit: usize) -> Pending<Vec<PendingDelivery>> {
+        let target = target.to_string();
+        self.with(move |s| {
+            let mut pending: Vec<PendingDelivery> = s
+                .deliveries
+                .iter()
+                .filter(|(_, d)| !d.dead && d.target.as_deref() == Some(&target))
+                .map(|(id, d)| PendingDelivery {
+                    delivery_id: *id,
+                    event_id: d.event_id,
+                    attempts: d.attempts,
+                    next_at: d.next_at,
+                    last_error: d.last_error.clone(),
+                })
+                .collect();
+            pending.sort_by_key(|p| (p.next_at, p.delivery_id));
+            pending.truncate(limit);
+            pending
         })
     }
 

@@ -157,6 +157,17 @@ impl DeadFilter {
     }
 }
 
+/// A delivery still waiting for its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDelivery {
+    pub delivery_id: i64,
+    pub event_id: i64,
+    pub attempts: u32,
+    /// When it is next due (or its lease ends), unix milliseconds.
+    pub next_at: i64,
+    pub last_error: String,
+}
+
 /// Pending work of one target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetDepth {
@@ -185,6 +196,8 @@ pub trait Spool: Send + Sync + 'static {
     /// Deletes the selected dead letters. Returns how many.
     fn purge(&self, filter: DeadFilter) -> Pending<u64>;
     fn depth(&self) -> Pending<Vec<TargetDepth>>;
+    /// The pending deliveries of `target`, soonest due first.
+    fn pending(&self, target: &str, limit: usize) -> Pending<Vec<PendingDelivery>>;
     /// The stored XML and fields of an event, while it is in the spool.
     fn event(&self, event_id: i64) -> Pending<Option<StoredEvent>>;
     /// Checks that the spool still accepts writes (for readiness).

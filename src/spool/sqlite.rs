@@ -4,8 +4,8 @@
 //! per push.
 
 use super::{
-    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, Settlement, Spool, SpoolError,
-    StoredEvent, TargetDepth, REASON_TARGET_REMOVED, REASON_UNROUTED,
+    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Settlement, Spool,
+    SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED, REASON_UNROUTED,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::path::{Path, PathBuf};
@@ -64,6 +64,7 @@ enum Command {
     Replay(DeadFilter, i64, Reply<u64>),
     Purge(DeadFilter, Reply<u64>),
     Depth(Reply<Vec<TargetDepth>>),
+    Pending(String, usize, Reply<Vec<PendingDelivery>>),
     Event(i64, Reply<Option<StoredEvent>>),
     Probe(Reply<()>),
 }
@@ -202,6 +203,7 @@ fn fail(cmd: Command, err: SpoolError) {
         Command::Replay(_, _, r) => drop(r.send(Err(err))),
         Command::Purge(_, r) => drop(r.send(Err(err))),
         Command::Depth(r) => drop(r.send(Err(err))),
+        Command::Pending(_, _, r) => drop(r.send(Err(err))),
         Command::Event(_, r) => drop(r.send(Err(err))),
         Command::Probe(r) => drop(r.send(Err(err))),
     }
@@ -246,6 +248,9 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> Box<dyn FnOnce(Option<SpoolE
         Command::Replay(f, now, r) => deferred(r, in_savepoint(tx, |c| replay(c, &f, now))),
         Command::Purge(f, r) => deferred(r, in_savepoint(tx, |c| purge(c, &f))),
         Command::Depth(r) => deferred(r, in_savepoint(tx, depth)),
+        Command::Pending(target, limit, r) => {
+            deferred(r, in_savepoint(tx, |c| pending(c, &target, limit)))
+        }
         Command::Event(id, r) => deferred(r, in_savepoint(tx, |c| stored_event(c, id))),
         Command::Probe(r) => deferred(
             r,
@@ -517,6 +522,23 @@ fn depth(c: &Connection) -> rusqlite::Result<Vec<TargetDepth>> {
     rows.collect()
 }
 
+fn pending(c: &Connection, target: &str, limit: usize) -> rusqlite::Result<Vec<PendingDelivery>> {
+    let mut select = c.prepare_cached(
+        "SELECT id, event_id, attempts, next_at, last_error FROM deliveries
+         WHERE state = 0 AND target = ?1 ORDER BY next_at, id LIMIT ?2",
+    )?;
+    let rows = select.query_map(params![target, limit as i64], |row| {
+        Ok(PendingDelivery {
+            delivery_id: row.get(0)?,
+            event_id: row.get(1)?,
+            attempts: row.get(2)?,
+            next_at: row.get(3)?,
+            last_error: row.get(4)?,
+        })
+    })?;
+    rows.collect()
+}
+
 fn stored_event(c: &Connection, id: i64) -> rusqlite::Result<Option<StoredEvent>> {
     c.prepare_cached(
         "SELECT id, dedup_key, account, received_at, query, body, xml, fields, msg_type, event
@@ -564,6 +586,10 @@ impl Spool for SqliteSpool {
     }
     fn depth(&self) -> Pending<Vec<TargetDepth>> {
         self.submit(Command::Depth)
+    }
+    fn pending(&self, target: &str, limit: usize) -> Pending<Vec<PendingDelivery>> {
+        let target = target.to_string();
+        self.submit(|r| Command::Pending(target, limit, r))
     }
     fn event(&self, event_id: i64) -> Pending<Option<StoredEvent>> {
         self.submit(|r| Command::Event(event_id, r))

@@ -3,5 +3,6 @@
 
 pub mod crypto;
 pub mod message;
+pub mod push;
 pub mod reply;
 pub mod signature;

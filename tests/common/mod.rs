@@ -2,6 +2,8 @@
 //! in a temp dir and an injected clock, a minimal HTTP client, and the vectors.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod target;
+
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -24,6 +26,62 @@ pub fn fixture(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+// ---- the generated vectors ----
+
+pub fn generated() -> Value {
+    fixture("generated-vectors.json")
+}
+
+pub fn reference_now(g: &Value) -> i64 {
+    g["config"]["reference_now"].as_i64().unwrap()
+}
+
+/// The generated vectors' credentials on four accounts: one per mode, and a
+/// secure one that also holds the previous key.
+pub fn generated_config(g: &Value) -> String {
+    let c = &g["config"];
+    let account = |id: &str, mode: &str, previous: bool| {
+        let mut s = format!(
+            "[accounts.{id}]\napp_id = {}\ntoken = {}\nencoding_aes_key = {}\nmode = \"{mode}\"\ntimestamp_window = \"300s\"\n",
+            c["appid"], c["token"], c["encoding_aes_key"]
+        );
+        if previous {
+            s += &format!(
+                "previous_encoding_aes_key = {}\n",
+                c["previous_encoding_aes_key"]
+            );
+        }
+        s
+    };
+    [
+        account("plaintext", "plaintext", false),
+        account("compat", "compat", false),
+        account("secure", "secure", false),
+        account("rotating", "secure", true),
+    ]
+    .join("\n")
+}
+
+pub fn path(account: &str, request: &Value) -> String {
+    format!(
+        "/wx/{account}?{}",
+        request["query_string"].as_str().unwrap()
+    )
+}
+
+pub fn body(request: &Value) -> Vec<u8> {
+    if let Some(g) = request.get("body_generator").filter(|g| !g.is_null()) {
+        let mut b = g["prefix"].as_str().unwrap().to_string();
+        b += &g["repeat"]
+            .as_str()
+            .unwrap()
+            .repeat(g["count"].as_u64().unwrap() as usize);
+        b += g["suffix"].as_str().unwrap();
+        return b.into_bytes();
+    }
+    request["body"].as_str().unwrap_or("").as_bytes().to_vec()
+}
+
 pub struct TestRelay {
     pub relay: Option<Relay>,
     pub addr: SocketAddr,
@@ -37,10 +95,33 @@ impl TestRelay {
     /// Starts the relay on `toml` (the spool path is replaced by a temp file).
     pub async fn start(toml: &str, now_secs: i64) -> TestRelay {
         let dir = tempfile::tempdir().unwrap();
-        let settings = Settings::from_toml_str(toml).unwrap_or_else(|e| panic!("test config: {e}"));
         let spool = Arc::new(SqliteSpool::open(&dir.path().join("spool.db")).unwrap());
         let clock = Arc::new(FixedClock::at_secs(now_secs));
-        let relay = Relay::start(
+        let relay = Self::launch(toml, spool.clone(), clock.clone()).await;
+        TestRelay {
+            addr: relay.public_addr,
+            admin: relay.admin_addr,
+            relay: Some(relay),
+            spool,
+            clock,
+            dir,
+        }
+    }
+
+    /// Stops the relay and starts it again on `toml`, with the same spool and clock.
+    pub async fn restart(&mut self, toml: &str) {
+        if let Some(relay) = self.relay.take() {
+            relay.shutdown().await;
+        }
+        let relay = Self::launch(toml, self.spool.clone(), self.clock.clone()).await;
+        self.addr = relay.public_addr;
+        self.admin = relay.admin_addr;
+        self.relay = Some(relay);
+    }
+
+    async fn launch(toml: &str, spool: Arc<SqliteSpool>, clock: Arc<FixedClock>) -> Relay {
+        let settings = Settings::from_toml_str(toml).unwrap_or_else(|e| panic!("test config: {e}"));
+        Relay::start(
             settings,
             Options {
                 public: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
@@ -50,15 +131,7 @@ impl TestRelay {
             },
         )
         .await
-        .unwrap();
-        TestRelay {
-            addr: relay.public_addr,
-            admin: relay.admin_addr,
-            relay: Some(relay),
-            spool,
-            clock,
-            dir,
-        }
+        .unwrap()
     }
 
     pub async fn post(&self, path_and_query: &str, body: impl Into<Bytes>) -> Answer {

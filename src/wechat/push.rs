@@ -1,0 +1,139 @@
+//! Builds a push exactly as WeChat sends it: the query with `signature` (and,
+//! encrypted, `encrypt_type=aes` and `msg_signature`) and the body of the
+//! chosen mode. For `wxrelay simulate`, the load harness and tests.
+
+use super::crypto::{encrypt, AesKey};
+use super::signature::sign;
+
+/// How the message is sealed, as the account's message mode in the WeChat console.
+#[derive(Debug, Clone, Copy)]
+pub enum Sealing<'k> {
+    Plaintext,
+    /// The plaintext fields plus an `<Encrypt>` element.
+    Compat(&'k AesKey),
+    /// Only `ToUserName` and `<Encrypt>`.
+    Secure(&'k AesKey),
+}
+
+/// A push ready to POST: `/wx/{account}?{query}` with `body`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push {
+    pub query: String,
+    pub body: String,
+}
+
+/// What identifies the account and the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub token: &'a str,
+    pub app_id: &'a str,
+    pub timestamp: i64,
+    pub nonce: &'a str,
+    /// The sender, repeated in the query as newer pushes do.
+    pub openid: Option<&'a str>,
+    pub random: &'a [u8; 16],
+}
+
+/// Seals `xml` (a whole `<xml>…</xml>` message) as WeChat would.
+pub fn build(xml: &str, sealing: Sealing<'_>, e: &Envelope<'_>) -> Push {
+    let timestamp = e.timestamp.to_string();
+    let mut query = format!(
+        "signature={}&timestamp={timestamp}&nonce={}",
+        sign(&[e.token, &timestamp, e.nonce]),
+        e.nonce
+    );
+    if let Some(openid) = e.openid {
+        query += &format!("&openid={openid}");
+    }
+    let (key, compat) = match sealing {
+        Sealing::Plaintext => {
+            return Push {
+                query,
+                body: xml.to_string(),
+            }
+        }
+        Sealing::Compat(key) => (key, true),
+        Sealing::Secure(key) => (key, false),
+    };
+    let encrypted = encrypt(key, e.random, xml, e.app_id);
+    let msg_signature = sign(&[e.token, &timestamp, e.nonce, &encrypted]);
+    query += &format!("&encrypt_type=aes&msg_signature={msg_signature}");
+    let element = format!("<Encrypt><![CDATA[{encrypted}]]></Encrypt>");
+    let body = match xml.trim_end().strip_suffix("</xml>") {
+        Some(open) if compat => format!("{open}\n{element}\n</xml>"),
+        _ => {
+            let to_user = super::message::Message::parse(xml.as_bytes())
+                .ok()
+                .and_then(|m| m.get("ToUserName").map(str::to_string))
+                .unwrap_or_default();
+            format!("<xml>\n<ToUserName><![CDATA[{to_user}]]></ToUserName>\n{element}\n</xml>")
+        }
+    };
+    Push { query, body }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::wechat::crypto::decrypt;
+    use crate::wechat::message::Message;
+    use crate::wechat::signature::verify;
+
+    const XML: &str = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o1]]></FromUserName><CreateTime>1</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hi]]></Content><MsgId>1</MsgId></xml>";
+
+    fn envelope<'a>(random: &'a [u8; 16]) -> Envelope<'a> {
+        Envelope {
+            token: "tok123",
+            app_id: "wx0123456789abcdef",
+            timestamp: 1_717_000_000,
+            nonce: "42",
+            openid: Some("o1"),
+            random,
+        }
+    }
+
+    fn param<'q>(query: &'q str, name: &str) -> &'q str {
+        query
+            .split('&')
+            .find_map(|p| p.strip_prefix(&format!("{name}=")))
+            .unwrap()
+    }
+
+    #[test]
+    fn secure_pushes_carry_only_the_envelope_and_verify() {
+        let key = AesKey::from_bytes([7; 32]);
+        let push = build(XML, Sealing::Secure(&key), &envelope(&[b'a'; 16]));
+        let outer = Message::parse(push.body.as_bytes()).unwrap();
+        assert_eq!(outer.get("ToUserName"), Some("gh_1"));
+        assert_eq!(outer.get("Content"), None);
+        let encrypted = outer.get("Encrypt").unwrap();
+        let q = &push.query;
+        assert!(verify(
+            param(q, "signature"),
+            &["tok123", "1717000000", "42"]
+        ));
+        assert!(verify(
+            param(q, "msg_signature"),
+            &["tok123", "1717000000", "42", encrypted]
+        ));
+        assert_eq!(decrypt(&key, encrypted, "wx0123456789abcdef").unwrap(), XML);
+    }
+
+    #[test]
+    fn compat_pushes_keep_the_plaintext_beside_the_ciphertext() {
+        let key = AesKey::from_bytes([7; 32]);
+        let push = build(XML, Sealing::Compat(&key), &envelope(&[b'a'; 16]));
+        let outer = Message::parse(push.body.as_bytes()).unwrap();
+        assert_eq!(outer.get("Content"), Some("hi"));
+        assert!(outer.get("Encrypt").is_some());
+        assert_eq!(param(&push.query, "encrypt_type"), "aes");
+    }
+
+    #[test]
+    fn plaintext_pushes_are_the_message_itself() {
+        let push = build(XML, Sealing::Plaintext, &envelope(&[b'a'; 16]));
+        assert_eq!(push.body, XML);
+        assert!(!push.query.contains("encrypt_type"));
+    }
+}

@@ -1,0 +1,691 @@
+//! Delivery contracts over real sockets: every routed target gets each event
+//! (in its format), retries follow the schedule and `Retry-After`, refusals and
+//! unroutable events become dead letters, the reply target's answer reaches
+//! WeChat within the budget, and one slow target delays no other.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use base64::Engine as _;
+use common::target::{Behaviour, FakeTarget, Received};
+use common::{body, generated, generated_config, path, reference_now, TestRelay};
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+use std::time::Duration;
+use wxrelay::spool::{DeadFilter, Spool};
+use wxrelay::wechat::crypto::{decrypt, AesKey};
+use wxrelay::wechat::message::Message;
+use wxrelay::wechat::signature;
+
+const WAIT: Duration = Duration::from_secs(20);
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn vector<'g>(g: &'g Value, id: &str) -> &'g Value {
+    ["positive", "special"]
+        .iter()
+        .flat_map(|group| g[group].as_array().unwrap())
+        .find(|v| v["id"] == id)
+        .unwrap_or_else(|| panic!("no vector {id}"))
+}
+
+fn target(name: &str, url: &str, extra: &str) -> String {
+    format!("[targets.{name}]\nurl = \"{url}\"\ntimeout = \"2s\"\n{extra}\n")
+}
+
+/// The vectors' accounts, the given targets and routes, a short reply budget.
+fn config(g: &Value, targets: &[String], routes: &str) -> String {
+    format!(
+        "[server]\nreply_budget = \"1s\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n{}\n{}\n{routes}",
+        generated_config(g),
+        targets.concat()
+    )
+}
+
+async fn send(relay: &TestRelay, v: &Value, account: &str) -> common::Answer {
+    relay
+        .post(&path(account, &v["request"]), body(&v["request"]))
+        .await
+}
+
+fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .find_map(|p| p.strip_prefix(&format!("{name}=")))
+}
+
+/// Standard Webhooks verification, written from the specification.
+fn verify_standard_webhook(r: &Received, secret: &str) -> bool {
+    let header = |name: &str| r.headers[name].to_str().unwrap().to_string();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    let signed = format!(
+        "{}.{}.{}",
+        header("webhook-id"),
+        header("webhook-timestamp"),
+        r.text()
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(signed.as_bytes());
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    header("webhook-signature")
+        .split(' ')
+        .any(|sig| sig.strip_prefix("v1,") == Some(expected.as_str()))
+}
+
+#[tokio::test]
+async fn each_format_carries_the_event_as_its_consumer_expects() {
+    let g = generated();
+    let (raw, plain, json, demo) = (
+        FakeTarget::start().await,
+        FakeTarget::start().await,
+        FakeTarget::start().await,
+        FakeTarget::start().await,
+    );
+    let targets = [
+        target("raw", &raw.url("/raw?tenant=7"), "format = \"raw\""),
+        target("plain", &plain.url("/api/webhook"), "format = \"plain\""),
+        target(
+            "json",
+            &json.url("/events"),
+            &format!("format = \"json\"\nsecret = \"{SECRET}\""),
+        ),
+        target("demo", &demo.url("/demo"), "format = \"authing-demo-json\""),
+    ];
+    let routes = "[[routes]]\nmatch = { event = [\"subscribe\", \"SCAN\"] }\nto = [\"raw\", \"plain\", \"json\", \"demo\"]\n";
+    let relay = TestRelay::start(&config(&g, &targets, routes), reference_now(&g)).await;
+    let token = g["config"]["token"].as_str().unwrap();
+
+    let broker_vectors: Vec<&Value> = g["positive"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["expected"].get("authing_demo_forward").is_some())
+        .collect();
+    assert_eq!(broker_vectors.len(), 15, "5 login events in 3 modes");
+    for v in &broker_vectors {
+        let answer = send(&relay, v, v["mode"].as_str().unwrap()).await;
+        assert_eq!(answer.status, 200, "{}", v["id"]);
+    }
+    let n = broker_vectors.len();
+    for t in [&raw, &plain, &json, &demo] {
+        assert!(t.wait_for(n, WAIT).await, "{} of {n} delivered", t.count());
+    }
+
+    for v in &broker_vectors {
+        let id = v["id"].as_str().unwrap();
+        let request = &v["request"];
+        let query = request["query_string"].as_str().unwrap();
+        let plaintext = v["expected"]["plaintext_xml"].as_str().unwrap();
+
+        // raw: WeChat's query and body byte for byte, after the target's own query.
+        let got = raw.received();
+        let r = got
+            .iter()
+            .find(|r| r.body == body(request))
+            .unwrap_or_else(|| panic!("{id}: raw body"));
+        assert_eq!(r.uri, format!("/raw?tenant=7&{query}"), "{id}");
+        assert_eq!(r.headers["content-type"], "text/xml");
+
+        // plain: the decrypted XML under a plaintext-mode query that still verifies.
+        let got = plain.received();
+        let r = got
+            .iter()
+            .find(|r| r.text() == plaintext)
+            .unwrap_or_else(|| panic!("{id}: plain"));
+        let q = r.query();
+        assert!(
+            query_param(q, "encrypt_type").is_none() && query_param(q, "msg_signature").is_none(),
+            "{id}"
+        );
+        let (ts, nonce) = (
+            query_param(q, "timestamp").unwrap(),
+            query_param(q, "nonce").unwrap(),
+        );
+        assert!(
+            signature::verify(query_param(q, "signature").unwrap(), &[token, ts, nonce]),
+            "{id}"
+        );
+        assert_eq!(r.headers["content-type"], "text/xml");
+
+        // json: the fields as strings, the XML, a valid Standard Webhooks signature.
+        let got = json.received();
+        let r = got
+            .iter()
+            .find(|r| {
+                let e: Value = serde_json::from_str(&r.text()).unwrap();
+                e["xml"] == plaintext && e["account"] == v["mode"]
+            })
+            .unwrap_or_else(|| panic!("{id}: json"));
+        let envelope: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(envelope["fields"], v["expected"]["fields"], "{id}");
+        assert_eq!(envelope["account"], v["mode"]);
+        assert_eq!(envelope["event"], v["expected"]["fields"]["Event"]);
+        assert_eq!(
+            envelope["from_user"],
+            v["expected"]["fields"]["FromUserName"]
+        );
+        assert_eq!(
+            r.headers["webhook-id"].to_str().unwrap(),
+            envelope["id"].as_str().unwrap()
+        );
+        assert!(verify_standard_webhook(r, SECRET), "{id}: signature");
+        assert!(
+            !verify_standard_webhook(r, "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+            "{id}"
+        );
+
+        // authing-demo-json: exactly what Authing's demo relay would post.
+        let expected = &v["expected"]["authing_demo_forward"]["json"];
+        let got = demo.received();
+        let r = got
+            .iter()
+            .find(|r| &serde_json::from_str::<Value>(&r.text()).unwrap() == expected)
+            .unwrap_or_else(|| panic!("{id}: authing-demo-json"));
+        assert_eq!(r.uri, "/demo");
+        assert_eq!(r.headers["content-type"], "application/json");
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_target_answering_503_twice_then_200_gets_the_event_on_the_third_attempt() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    hooks.script([Behaviour::status(503), Behaviour::status(503)]);
+    let targets = [target(
+        "hooks",
+        &hooks.url("/"),
+        "retry_schedule = [\"1s\", \"1s\", \"1s\"]",
+    )];
+    let relay = TestRelay::start(
+        &config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n"),
+        reference_now(&g),
+    )
+    .await;
+    assert_eq!(
+        send(&relay, vector(&g, "secure.CLICK"), "secure")
+            .await
+            .status,
+        200
+    );
+
+    for attempt in 1..=2u32 {
+        assert!(hooks.wait_for(attempt as usize, WAIT).await);
+        let spool = relay.spool.clone();
+        let recorded = common::eventually(WAIT, || {
+            let spool = spool.clone();
+            async move {
+                spool
+                    .pending("hooks", 1)
+                    .await
+                    .unwrap()
+                    .first()
+                    .is_some_and(|p| p.attempts == attempt)
+            }
+        })
+        .await;
+        assert!(recorded, "attempt {attempt} counted");
+        let p = &relay.spool.pending("hooks", 1).await.unwrap()[0];
+        assert!(p.last_error.starts_with("HTTP 503"), "{}", p.last_error);
+        relay.clock.advance_ms(2_000);
+    }
+    assert!(hooks.wait_for(3, WAIT).await);
+    let spool = relay.spool.clone();
+    assert!(
+        common::eventually(WAIT, || {
+            let s = spool.clone();
+            async move { s.pending("hooks", 1).await.unwrap().is_empty() }
+        })
+        .await
+    );
+    assert_eq!(hooks.count(), 3);
+    assert!(relay
+        .spool
+        .dead_letters(DeadFilter::default(), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_over_the_schedule() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    hooks.script([Behaviour::Answer {
+        status: 429,
+        headers: vec![("retry-after", "120".into())],
+        body: String::new(),
+    }]);
+    let targets = [target(
+        "hooks",
+        &hooks.url("/"),
+        "retry_schedule = [\"1s\"]",
+    )];
+    let relay = TestRelay::start(
+        &config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n"),
+        reference_now(&g),
+    )
+    .await;
+    assert_eq!(
+        send(&relay, vector(&g, "secure.CLICK"), "secure")
+            .await
+            .status,
+        200
+    );
+    assert!(hooks.wait_for(1, WAIT).await);
+    let spool = relay.spool.clone();
+    assert!(
+        common::eventually(WAIT, || {
+            let s = spool.clone();
+            async move {
+                s.pending("hooks", 1)
+                    .await
+                    .unwrap()
+                    .first()
+                    .is_some_and(|p| p.attempts == 1)
+            }
+        })
+        .await
+    );
+    let due_in = relay.spool.pending("hooks", 1).await.unwrap()[0].next_at
+        - wxrelay::clock::Clock::now_ms(&*relay.clock);
+    assert!(
+        (120_000..=121_000).contains(&due_in),
+        "next attempt in {due_in} ms, not the schedule's 1 s"
+    );
+    relay.clock.advance_ms(121_000);
+    assert!(
+        hooks.wait_for(2, WAIT).await,
+        "retried once Retry-After has passed"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_400_dead_letters_at_once_with_its_reason() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    hooks.set_default(Behaviour::body(400, "text/plain", "unknown user\n"));
+    let relay = TestRelay::start(
+        &config(
+            &g,
+            &[target("hooks", &hooks.url("/"), "")],
+            "[[routes]]\nto = [\"hooks\"]\n",
+        ),
+        reference_now(&g),
+    )
+    .await;
+    assert_eq!(
+        send(&relay, vector(&g, "secure.CLICK"), "secure")
+            .await
+            .status,
+        200
+    );
+    let spool = relay.spool.clone();
+    assert!(
+        common::eventually(WAIT, || {
+            let s = spool.clone();
+            async move {
+                !s.dead_letters(DeadFilter::default(), 10)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            }
+        })
+        .await
+    );
+    let dead = relay
+        .spool
+        .dead_letters(DeadFilter::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].target.as_deref(), Some("hooks"));
+    assert_eq!(dead[0].reason, "rejected");
+    assert_eq!(dead[0].last_error, "HTTP 400: unknown user");
+    assert_eq!(dead[0].attempts, 1);
+    assert_eq!(hooks.count(), 1, "no retry after a 4xx");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn exhausted_retries_dead_letter_with_the_last_error() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    hooks.set_default(Behaviour::status(502));
+    let targets = [target(
+        "hooks",
+        &hooks.url("/"),
+        "retry_schedule = [\"1s\"]",
+    )];
+    let relay = TestRelay::start(
+        &config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n"),
+        reference_now(&g),
+    )
+    .await;
+    assert_eq!(
+        send(&relay, vector(&g, "secure.CLICK"), "secure")
+            .await
+            .status,
+        200
+    );
+    assert!(hooks.wait_for(1, WAIT).await);
+    let spool = relay.spool.clone();
+    assert!(
+        common::eventually(WAIT, || {
+            let s = spool.clone();
+            async move {
+                s.pending("hooks", 1)
+                    .await
+                    .unwrap()
+                    .first()
+                    .is_some_and(|p| p.attempts == 1)
+            }
+        })
+        .await
+    );
+    relay.clock.advance_ms(2_000);
+    assert!(
+        common::eventually(WAIT, || {
+            let s = spool.clone();
+            async move {
+                !s.dead_letters(DeadFilter::default(), 10)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            }
+        })
+        .await
+    );
+    let dead = &relay
+        .spool
+        .dead_letters(DeadFilter::default(), 10)
+        .await
+        .unwrap()[0];
+    assert_eq!((dead.reason.as_str(), dead.attempts), ("exhausted", 2));
+    assert_eq!(dead.last_error, "HTTP 502");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn unrouted_and_removed_target_dead_letters_are_kept_and_listed() {
+    let g = generated();
+    let kept = FakeTarget::start().await;
+    let gone = FakeTarget::start().await;
+    gone.set_default(Behaviour::status(503));
+    let both = config(
+        &g,
+        &[
+            target("kept", &kept.url("/"), ""),
+            target("gone", &gone.url("/"), ""),
+        ],
+        "[[routes]]\nmatch = { event = \"CLICK\" }\nto = [\"kept\", \"gone\"]\n",
+    );
+    let mut relay = TestRelay::start(&both, reference_now(&g)).await;
+    assert_eq!(
+        send(&relay, vector(&g, "secure.CLICK"), "secure")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send(&relay, vector(&g, "secure.text"), "secure")
+            .await
+            .status,
+        200,
+        "unrouted is still accepted"
+    );
+    assert!(kept.wait_for(1, WAIT).await);
+    assert!(gone.wait_for(1, WAIT).await);
+
+    let only_kept = config(
+        &g,
+        &[target("kept", &kept.url("/"), "")],
+        "[[routes]]\nmatch = { event = \"CLICK\" }\nto = [\"kept\"]\n",
+    );
+    relay.restart(&only_kept).await;
+    let dead = relay
+        .spool
+        .dead_letters(DeadFilter::default(), 10)
+        .await
+        .unwrap();
+    let reasons: Vec<(Option<&str>, &str)> = dead
+        .iter()
+        .map(|d| (d.target.as_deref(), d.reason.as_str()))
+        .collect();
+    assert!(reasons.contains(&(None, "unrouted")), "{reasons:?}");
+    assert!(
+        reasons.contains(&(Some("gone"), "target_removed")),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons.len(), 2);
+    let unrouted = dead.iter().find(|d| d.reason == "unrouted").unwrap();
+    assert_eq!(unrouted.msg_type, "text");
+    assert_eq!(kept.count(), 1, "the unrouted text reached no target");
+    relay.stop().await;
+}
+
+fn broker_routes() -> &'static str {
+    "[[routes]]\nmatch = { event = [\"subscribe\", \"SCAN\"] }\nto = [\"broker\"]\nreply_from = \"broker\"\n"
+}
+
+#[tokio::test]
+async fn a_broker_that_never_answers_does_not_hold_wechat_and_gets_the_event_later() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    broker.script([Behaviour::Hang]);
+    let targets = [target(
+        "broker",
+        &broker.url("/events"),
+        "retry = \"login\"",
+    )];
+    let relay = TestRelay::start(&config(&g, &targets, broker_routes()), reference_now(&g)).await;
+
+    let started = std::time::Instant::now();
+    let answer = send(&relay, vector(&g, "secure.scan_str"), "secure").await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "success");
+    // reply_budget is 1 s here; WeChat gives up at 5 s.
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+
+    broker.release_hung();
+    relay.clock.advance_ms(5_000);
+    assert!(
+        broker.wait_for(2, WAIT).await,
+        "the broker gets the event once it answers"
+    );
+    let spool = relay.spool.clone();
+    assert!(
+        common::eventually(WAIT, || {
+            let s = spool.clone();
+            async move { s.pending("broker", 1).await.unwrap().is_empty() }
+        })
+        .await
+    );
+    assert_eq!(
+        broker.received()[1].body,
+        body(&vector(&g, "secure.scan_str")["request"])
+    );
+    relay.stop().await;
+}
+
+fn reply_xml() -> &'static str {
+    "<xml><ToUserName><![CDATA[oRlyT3stUserOpenId0000000002]]></ToUserName><FromUserName><![CDATA[gh_3f1a2b9c8d7e]]></FromUserName><CreateTime>1717000000</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[欢迎!]]></Content></xml>"
+}
+
+#[tokio::test]
+async fn a_brokers_reply_reaches_wechat_sealed_for_secure_accounts() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    broker.set_default(Behaviour::body(200, "text/xml", reply_xml()));
+    let targets = [target(
+        "broker",
+        &broker.url("/events"),
+        "retry = \"login\"",
+    )];
+    let relay = TestRelay::start(&config(&g, &targets, broker_routes()), reference_now(&g)).await;
+
+    let answer = send(&relay, vector(&g, "secure.scan_str"), "secure").await;
+    assert_eq!(answer.status, 200);
+    let envelope = Message::parse(&answer.body).unwrap();
+    let encrypted = envelope.get("Encrypt").expect("an encrypted envelope");
+    let key = AesKey::from_encoding(g["config"]["encoding_aes_key"].as_str().unwrap()).unwrap();
+    let app_id = g["config"]["appid"].as_str().unwrap();
+    assert_eq!(decrypt(&key, encrypted, app_id).unwrap(), reply_xml());
+    let token = g["config"]["token"].as_str().unwrap();
+    let (ts, nonce) = (
+        envelope.get("TimeStamp").unwrap(),
+        envelope.get("Nonce").unwrap(),
+    );
+    assert!(signature::verify(
+        envelope.get("MsgSignature").unwrap(),
+        &[token, ts, nonce, encrypted]
+    ));
+
+    // In plaintext mode the reply goes as it came.
+    let answer = send(&relay, vector(&g, "plaintext.scan_str"), "plaintext").await;
+    assert_eq!(answer.text(), reply_xml());
+
+    // The inline attempt was the delivery: the workers do not send it again.
+    let spool = relay.spool.clone();
+    assert!(
+        common::eventually(WAIT, || {
+            let s = spool.clone();
+            async move { s.pending("broker", 1).await.unwrap().is_empty() }
+        })
+        .await
+    );
+    assert_eq!(broker.count(), 2);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_reply_wechat_cannot_take_becomes_success() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    let targets = [target(
+        "broker",
+        &broker.url("/events"),
+        "retry = \"login\"",
+    )];
+    let relay = TestRelay::start(&config(&g, &targets, broker_routes()), reference_now(&g)).await;
+    let cases = [
+        (
+            "secure.scan_str",
+            Behaviour::body(200, "application/json", "{\"code\":200,\"message\":\"ok\"}"),
+        ),
+        (
+            "secure.scan_id",
+            Behaviour::body(200, "text/html", "<html><body>OK</body></html>"),
+        ),
+        (
+            "secure.subscribe_qrscene_str",
+            Behaviour::body(500, "text/xml", reply_xml()),
+        ),
+        (
+            "secure.subscribe_qrscene_id",
+            Behaviour::body(200, "text/plain", "OK"),
+        ),
+    ];
+    for (id, behaviour) in cases {
+        broker.script([behaviour]);
+        let answer = send(&relay, vector(&g, id), "secure").await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.text().as_str()),
+            (200, "success"),
+            "{id}"
+        );
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn retries_and_races_of_one_push_are_delivered_once_and_distinct_events_all_are() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let relay = TestRelay::start(
+        &config(
+            &g,
+            &[target("hooks", &hooks.url("/"), "")],
+            "[[routes]]\nto = [\"hooks\"]\n",
+        ),
+        reference_now(&g),
+    )
+    .await;
+    // WeChat's retry: new timestamp and nonce, same content.
+    for r in vector(&g, "special.retry_duplicate")["requests"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(relay.post(&path("secure", r), body(r)).await.status, 200);
+    }
+    // The same push sent four times at once.
+    let v = vector(&g, "secure.LOCATION");
+    let racing: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(relay.post_later(path("secure", &v["request"]), body(&v["request"]))))
+        .collect();
+    for r in racing {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+    // Two different events from one user in one second.
+    for r in vector(&g, "special.same_second_different_events")["requests"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(relay.post(&path("secure", r), body(r)).await.status, 200);
+    }
+    assert!(hooks.wait_for(4, WAIT).await);
+    let spool = relay.spool.clone();
+    assert!(
+        common::eventually(WAIT, || {
+            let s = spool.clone();
+            async move { s.pending("hooks", 1).await.unwrap().is_empty() }
+        })
+        .await
+    );
+    assert_eq!(hooks.count(), 4, "1 retried + 1 raced + 2 distinct");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_hung_target_delays_neither_other_targets_nor_wechat() {
+    let g = generated();
+    let slow = FakeTarget::start().await;
+    slow.set_default(Behaviour::Hang);
+    let fast = FakeTarget::start().await;
+    let targets = [
+        target("slow", &slow.url("/"), "concurrency = 1"),
+        target("fast", &fast.url("/"), ""),
+    ];
+    let relay = TestRelay::start(
+        &config(&g, &targets, "[[routes]]\nto = [\"slow\", \"fast\"]\n"),
+        reference_now(&g),
+    )
+    .await;
+    let ids = [
+        "secure.CLICK",
+        "secure.VIEW",
+        "secure.LOCATION",
+        "secure.text",
+        "secure.image",
+    ];
+    for id in ids {
+        assert_eq!(
+            send(&relay, vector(&g, id), "secure").await.status,
+            200,
+            "{id}"
+        );
+    }
+    assert!(
+        fast.wait_for(ids.len(), WAIT).await,
+        "fast got {} of {}",
+        fast.count(),
+        ids.len()
+    );
+    assert_eq!(slow.count(), 1, "one slot, held by the hung attempt");
+    relay.stop().await;
+}
