@@ -217,7 +217,7 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
         let now = shared.clock.now_ms();
         // The lease outlives the attempt's timeout, so a slow answer is not sent
         // twice; a worker that dies leaves it to expire and be sent again.
-        let lease_ms = (target.timeout.as_millis() as i64) * 2 + 10_000;
+        let lease_ms = (target.timeout.as_millis() as i64) * 2 + 2_000;
         let leases = match shared.spool.lease(&name, now, free, lease_ms).await {
             Ok(leases) => leases,
             Err(e) => {

@@ -193,10 +193,20 @@ impl Answer {
 
 /// One HTTP/1.1 request on a fresh connection.
 pub async fn send(addr: SocketAddr, method: Method, path_and_query: &str, body: Bytes) -> Answer {
-    let stream = TcpStream::connect(addr).await.unwrap();
+    try_send(addr, method, path_and_query, body).await.unwrap()
+}
+
+/// As [`send`], for a relay that may be gone: connection errors are returned.
+pub async fn try_send(
+    addr: SocketAddr,
+    method: Method,
+    path_and_query: &str,
+    body: Bytes,
+) -> Result<Answer, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .unwrap();
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = Request::builder()
         .method(method)
@@ -207,14 +217,22 @@ pub async fn send(addr: SocketAddr, method: Method, path_and_query: &str, body: 
         .unwrap();
     let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
         .await
-        .expect("the relay answers")
-        .unwrap();
+        .map_err(|_| "no answer within 30 s".to_string())?
+        .map_err(|e| e.to_string())?;
     let (parts, body) = response.into_parts();
-    Answer {
+    Ok(Answer {
         status: parts.status,
         headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+        body: body.collect().await.map_err(|e| e.to_string())?.to_bytes(),
+    })
+}
+
+/// A free port on 127.0.0.1, for a process that binds it itself.
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Polls `check` until it holds or `within` passes; for waiting on effects that
