@@ -1,35 +1,47 @@
-//! Wires the relay together: configuration, spool, listeners; owns the order of
-//! shutdown (stop accepting → finish requests → close the spool).
+//! Wires the relay together: configuration, spool, listeners, delivery workers;
+//! owns reload and the order of shutdown (stop accepting → finish requests →
+//! end delivery attempts → close the spool).
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings};
 use crate::deliver::{self, HttpClient};
 use crate::handler;
+use crate::metrics::{Metrics, MetricsError};
 use crate::server::{self, Limits};
-use crate::spool::{Spool, SpoolError, SqliteSpool};
+use crate::spool::{Spool, SpoolError, SqliteSpool, REASON_TARGET_REMOVED};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 /// What every request and worker reads: the current configuration (swapped
-/// atomically on reload), the spool, the clock and the outbound client.
+/// atomically on reload; a request keeps the view it started with), the spool,
+/// the clock, the outbound client and the metrics.
 pub struct Shared {
     pub config: ArcSwap<Settings>,
     pub spool: Arc<dyn Spool>,
     pub clock: Arc<dyn Clock>,
     pub client: HttpClient,
+    pub metrics: Metrics,
+    /// Where the configuration is reloaded from; `None` when it came from elsewhere.
+    pub config_path: Option<PathBuf>,
     /// Signalled after a reload, so new targets get a worker.
     pub config_changed: Notify,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Serialises reloads, so two at once cannot interleave.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -43,6 +55,69 @@ impl Shared {
     pub fn wake(&self, target: &str) {
         self.waker(target).notify_one();
     }
+
+    /// Loads, validates and swaps in the configuration file. An invalid file
+    /// changes nothing: the running configuration stays, the reasons are
+    /// returned and logged, and the failure is counted.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let result = self.try_reload().await;
+        let label = if result.is_ok() { "ok" } else { "failed" };
+        self.metrics.reloads.with_label_values(&[label]).inc();
+        match &result {
+            Ok(()) => tracing::info!("configuration reloaded"),
+            Err(e) => {
+                tracing::error!(reasons = %e, "configuration reload refused; the running configuration stays")
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let next = Settings::load(path)?;
+        let current = self.config.load();
+        if next.server.listen != current.server.listen
+            || next.server.admin_listen != current.server.admin_listen
+            || next.spool.path != current.spool.path
+        {
+            tracing::warn!(
+                "listen, admin_listen and spool.path take effect at the next start only"
+            );
+        }
+        self.retire_removed_targets(&next).await?;
+        self.config.store(Arc::new(next));
+        self.config_changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Pending deliveries of targets no longer configured can never be sent:
+    /// they become dead letters an operator can see and replay.
+    async fn retire_removed_targets(&self, settings: &Settings) -> Result<(), SpoolError> {
+        let targets: Vec<String> = settings.targets.keys().cloned().collect();
+        for (target, n) in self
+            .spool
+            .retire_targets(targets, self.clock.now_ms())
+            .await?
+        {
+            tracing::warn!(target = %target, retired = n, "pending deliveries of a removed target dead-lettered");
+            self.metrics
+                .dead_letters
+                .with_label_values(&[target.as_str(), REASON_TARGET_REMOVED])
+                .inc_by(n);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the relay was not started from a configuration file")]
+    NoFile,
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +129,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// How to start: the defaults bind the configured addresses, open the
@@ -64,6 +141,8 @@ pub struct Options {
     pub admin: Option<TcpListener>,
     pub spool: Option<Arc<dyn Spool>>,
     pub clock: Option<Arc<dyn Clock>>,
+    /// The file that `SIGHUP` and `POST /admin/reload` read again.
+    pub config_path: Option<PathBuf>,
 }
 
 /// A running relay.
@@ -74,7 +153,7 @@ pub struct Relay {
     stop: watch::Sender<bool>,
     listeners: JoinSet<()>,
     workers: JoinSet<()>,
-    drain: std::time::Duration,
+    drain: Duration,
     owned_spool: Option<Arc<SqliteSpool>>,
 }
 
@@ -87,18 +166,19 @@ async fn bind(listener: Option<TcpListener>, addr: SocketAddr) -> Result<TcpList
     }
 }
 
+fn local_addr(l: &TcpListener, configured: SocketAddr) -> Result<SocketAddr, StartError> {
+    l.local_addr().map_err(|source| StartError::Listen {
+        addr: configured,
+        source,
+    })
+}
+
 impl Relay {
     pub async fn start(settings: Settings, options: Options) -> Result<Relay, StartError> {
         let public = bind(options.public, settings.server.listen).await?;
         let admin = bind(options.admin, settings.server.admin_listen).await?;
-        let public_addr = public.local_addr().map_err(|source| StartError::Listen {
-            addr: settings.server.listen,
-            source,
-        })?;
-        let admin_addr = admin.local_addr().map_err(|source| StartError::Listen {
-            addr: settings.server.admin_listen,
-            source,
-        })?;
+        let public_addr = local_addr(&public, settings.server.listen)?;
+        let admin_addr = local_addr(&admin, settings.server.admin_listen)?;
         let (spool, owned_spool): (Arc<dyn Spool>, _) = match options.spool {
             Some(spool) => (spool, None),
             None => {
@@ -106,31 +186,24 @@ impl Relay {
                 (sqlite.clone(), Some(sqlite))
             }
         };
-        let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let limits = || Limits {
             header_timeout: settings.server.header_timeout,
             drain: settings.server.shutdown_timeout,
         };
         let (public_limits, admin_limits) = (limits(), limits());
         let drain = settings.server.shutdown_timeout;
-        // Deliveries to targets that are no longer configured can never be
-        // sent: they become dead letters an operator can see and replay.
-        let targets: Vec<String> = settings.targets.keys().cloned().collect();
-        let retired = spool.retire_targets(targets, clock.now_ms()).await?;
-        if retired > 0 {
-            tracing::warn!(
-                retired,
-                "pending deliveries of removed targets dead-lettered as target_removed"
-            );
-        }
         let shared = Arc::new(Shared {
             config: ArcSwap::from_pointee(settings),
             spool,
-            clock,
+            clock: options.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             client: deliver::client(),
+            metrics: Metrics::new()?,
+            config_path: options.config_path,
             config_changed: Notify::new(),
             wakers: Mutex::new(HashMap::new()),
+            reloading: tokio::sync::Mutex::new(()),
         });
+        shared.retire_removed_targets(&shared.config.load()).await?;
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 
@@ -152,9 +225,10 @@ impl Relay {
             stopped.clone(),
         ));
 
+        listeners.spawn(reload_on_hangup(shared.clone(), stopped.clone()));
         let workers = deliver::start(shared.clone(), stopped);
 
-        tracing::info!(%public_addr, %admin_addr, "wxrelay listening");
+        tracing::info!(%public_addr, %admin_addr, version = env!("CARGO_PKG_VERSION"), "wxrelay listening");
         Ok(Relay {
             public_addr,
             admin_addr,
@@ -188,19 +262,102 @@ impl Relay {
     }
 }
 
+/// SIGHUP reloads the configuration file, as `systemctl reload` sends it.
+async fn reload_on_hangup(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if shared.config_path.is_none() {
+            return;
+        }
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hangups.recv() => { let _ = shared.reload().await; }
+                _ = server::stopping(&mut stop) => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (shared, server::stopping(&mut stop).await);
+    }
+}
+
+/// The admin listener: `/metrics`, `/healthz`, `/readyz`, and `/admin/*`
+/// behind the admin token when one is configured.
 async fn serve_admin(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (status, body) = match req.uri().path() {
-        "/healthz" => (StatusCode::OK, "ok\n"),
-        "/readyz" => match shared.spool.probe().await {
-            Ok(()) => (StatusCode::OK, "ready\n"),
-            Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "spool not writable\n"),
-        },
-        _ => (StatusCode::NOT_FOUND, "not found\n"),
+    let plain = |status: StatusCode, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
     };
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    Ok(response)
+    let path = req.uri().path().to_string();
+    Ok(match (req.method(), path.as_str()) {
+        (&Method::GET, "/metrics") => {
+            let config = shared.config.load();
+            let targets: Vec<String> = config.targets.keys().cloned().collect();
+            let text = shared
+                .metrics
+                .render(&*shared.spool, &targets, shared.clock.now_ms())
+                .await;
+            let mut response = plain(StatusCode::OK, text);
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/readyz") => match shared.spool.probe().await {
+            Ok(()) => plain(StatusCode::OK, "ready\n".into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "not ready: the spool does not accept writes");
+                plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "spool not writable\n".into(),
+                )
+            }
+        },
+        (_, p) if p.starts_with("/admin/") && !authorized(&shared, &req) => {
+            tracing::warn!(path = p, "admin request without a valid token");
+            plain(StatusCode::UNAUTHORIZED, "admin token required\n".into())
+        }
+        (&Method::POST, "/admin/reload") => match shared.reload().await {
+            Ok(()) => plain(StatusCode::OK, "reloaded\n".into()),
+            Err(e) => plain(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("reload refused; still running the previous configuration\n{e}\n"),
+            ),
+        },
+        (_, "/metrics" | "/healthz" | "/readyz" | "/admin/reload") => plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        ),
+        _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
+    })
+}
+
+/// `Authorization: Bearer <admin_token>`, compared in constant time; open when
+/// no token is configured.
+fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
+    let config = shared.config.load();
+    let Some(token) = &config.server.admin_token else {
+        return true;
+    };
+    req.headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())))
 }

@@ -14,7 +14,7 @@ use crate::app::Shared;
 use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
 use crate::route::{self, RouteInput};
-use crate::spool::{Enqueued, NewDelivery, NewEvent, SpoolError, StoredEvent};
+use crate::spool::{Enqueued, NewDelivery, NewEvent, SpoolError, StoredEvent, REASON_UNROUTED};
 use crate::wechat::crypto::{DecryptError, KeySlot};
 use crate::wechat::message::{Message, XmlError};
 use crate::wechat::reply::{self, ReplyBody};
@@ -140,6 +140,12 @@ enum Answer {
 struct Accepted {
     duplicate: bool,
     event_id: Option<i64>,
+    /// Stored as an `unrouted` dead letter: no rule matched.
+    unrouted: bool,
+    msg_type: String,
+    event: String,
+    /// What the reply target's inline attempt gave WeChat, when there was one.
+    reply: Option<&'static str>,
     kind: String,
     key_hash: String,
     key_slot: Option<KeySlot>,
@@ -147,7 +153,7 @@ struct Accepted {
 }
 
 /// Serves one request on the public listener. Never fails: every outcome is an
-/// HTTP answer.
+/// HTTP answer, counted and logged once here.
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
@@ -155,22 +161,52 @@ pub async fn handle(
     let started = Instant::now();
     let config = shared.config.load_full();
     let method = req.method().clone();
-    let account_id = account_of(req.uri().path()).map(str::to_string);
+    // Only configured accounts become label values; anything else is "-".
+    let account = account_of(req.uri().path())
+        .filter(|id| config.accounts.contains_key(*id))
+        .unwrap_or("-")
+        .to_string();
     let outcome = answer(&shared, &config, req).await;
-    let account = account_id.as_deref().unwrap_or("-");
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let account = account.as_str();
+    let elapsed = started.elapsed();
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    let m = &shared.metrics;
+    let verdict = match &outcome {
+        Ok(Answer::Accepted(a)) if a.duplicate => "duplicate",
+        Ok(_) => "ok",
+        Err(rejection) => rejection.verdict(),
+    };
+    if method == Method::POST {
+        m.pushes.with_label_values(&[account, verdict]).inc();
+        m.answer_seconds
+            .with_label_values(&[account])
+            .observe(elapsed.as_secs_f64());
+    } else {
+        m.url_checks.with_label_values(&[account, verdict]).inc();
+    }
     Ok(match outcome {
         Ok(Answer::Echo(echostr)) => {
-            tracing::info!(
-                account,
-                verdict = "ok",
-                latency_ms,
-                "URL verification answered"
-            );
+            tracing::info!(account, verdict, latency_ms, "URL verification answered");
             text(StatusCode::OK, "text/plain; charset=utf-8", echostr.into())
         }
         Ok(Answer::Accepted(a)) => {
-            let verdict = if a.duplicate { "duplicate" } else { "ok" };
+            if !a.duplicate {
+                m.events
+                    .with_label_values(&[account, &a.msg_type, &a.event])
+                    .inc();
+                if a.unrouted {
+                    m.dead_letters
+                        .with_label_values(&["", REASON_UNROUTED])
+                        .inc();
+                }
+            }
+            if let Some(outcome) = a.reply {
+                m.replies.with_label_values(&[account, outcome]).inc();
+            }
+            if a.key_slot == Some(KeySlot::Previous) {
+                m.previous_key_decrypts.with_label_values(&[account]).inc();
+                tracing::warn!(account, "push decrypted with the previous EncodingAESKey");
+            }
             tracing::info!(
                 account,
                 kind = %a.kind,
@@ -178,17 +214,14 @@ pub async fn handle(
                 latency_ms,
                 key = %a.key_hash,
                 event_id = a.event_id,
-                key_slot = a.key_slot.map(KeySlot::as_str),
+                unrouted = a.unrouted,
+                reply = a.reply,
                 "push answered"
             );
-            if a.key_slot == Some(KeySlot::Previous) {
-                tracing::warn!(account, "push decrypted with the previous EncodingAESKey");
-            }
             text(StatusCode::OK, "text/plain; charset=utf-8", a.body)
         }
         Err(rejection) => {
             let status = rejection.status();
-            let verdict = rejection.verdict();
             if status.is_server_error() {
                 tracing::error!(account, %method, verdict, latency_ms, reason = %rejection, "push not accepted");
             } else {
@@ -446,6 +479,10 @@ async fn accept_push(
     let mut accepted = Accepted {
         duplicate: true,
         event_id: None,
+        unrouted: routed.is_empty(),
+        msg_type: input.msg_type.to_string(),
+        event: message.event().unwrap_or("").to_string(),
+        reply: None,
         kind,
         key_hash: short_hash(&dedup_key),
         key_slot: verified.key_slot,
@@ -468,9 +505,9 @@ async fn accept_push(
         let remaining = reply_budget.saturating_sub(started.elapsed());
         let delivery_id = deliveries.get(position).copied().unwrap_or_default();
         let reply = reply_inline(shared, &target, delivery_id, &stored, remaining).await;
-        if let Some(body) = reply {
-            accepted.body = answer_with(account, &verified, &q, body);
-        }
+        let (body, outcome) = answer_with(account, &verified, &q, reply);
+        accepted.body = body;
+        accepted.reply = Some(outcome);
     }
     Ok(accepted)
 }
@@ -492,16 +529,27 @@ fn stored_view(event: &NewEvent) -> StoredEvent {
     }
 }
 
+/// What the reply target's inline attempt gave.
+enum InlineReply {
+    /// Delivered, with an answer WeChat can take.
+    Valid(ReplyBody),
+    /// Delivered, but the answer is not for WeChat (JSON, HTML, text…).
+    Invalid,
+    /// Not delivered in time; the workers will retry it.
+    Failed,
+}
+
 /// One attempt at the rule's reply target within what is left of the budget.
 /// Its outcome is recorded like any worker's; a failure leaves the delivery to
-/// the workers. Returns the target's answer when it can go to WeChat.
+/// the workers.
 async fn reply_inline(
     shared: &Shared,
     target: &Target,
     delivery_id: i64,
     event: &StoredEvent,
     remaining: Duration,
-) -> Option<ReplyBody> {
+) -> InlineReply {
+    let started = Instant::now();
     let timeout = remaining.min(target.timeout);
     let result = deliver::attempt(
         &shared.client,
@@ -521,6 +569,12 @@ async fn reply_inline(
         shared.clock.now_ms(),
         unit,
     );
+    deliver::count(
+        &shared.metrics,
+        &target.name,
+        &settlement,
+        started.elapsed(),
+    );
     // Not awaited: WeChat's answer does not depend on it, and if the record
     // is lost the lease expires and the workers send it again.
     let settled = shared.spool.settle(vec![settlement], shared.clock.now_ms());
@@ -530,33 +584,40 @@ async fn reply_inline(
         }
     });
     if !delivered {
-        shared.wake(&target.name);
-        return None;
+        return InlineReply::Failed;
     }
-    let reply = reply::classify_reply(&result.body);
-    if reply.is_none() {
-        tracing::info!(target = %target.name, "reply target answered something WeChat cannot take; answering success");
+    match reply::classify_reply(&result.body) {
+        Some(body) => InlineReply::Valid(body),
+        None => {
+            tracing::info!(target = %target.name, "reply target answered something WeChat cannot take; answering success");
+            InlineReply::Invalid
+        }
     }
-    reply
 }
 
-/// What WeChat gets for a reply target's valid answer: `success` as is; reply
-/// XML as is, except that a secure-mode account's plaintext reply is sealed
-/// into the envelope with the key that decrypted the push.
+/// What WeChat gets for the reply target's answer: `success` unless it was
+/// valid; valid reply XML as is, except that a secure-mode account's plaintext
+/// reply is sealed into the envelope with the key that decrypted the push.
 fn answer_with(
     account: &Account,
     verified: &Verified,
     q: &HashMap<String, String>,
-    reply: ReplyBody,
-) -> Bytes {
+    reply: InlineReply,
+) -> (Bytes, &'static str) {
+    let success = Bytes::from_static(b"success");
+    let reply = match reply {
+        InlineReply::Failed => return (success, "none"),
+        InlineReply::Invalid => return (success, "ignored"),
+        InlineReply::Valid(reply) => reply,
+    };
     match reply {
-        ReplyBody::Ack => Bytes::from_static(b"success"),
-        ReplyBody::Envelope(xml) => Bytes::from(xml),
+        ReplyBody::Ack => (success, "passed"),
+        ReplyBody::Envelope(xml) => (Bytes::from(xml), "passed"),
         ReplyBody::PlainXml(xml) => match (account.mode, &account.keys, verified.key_slot) {
             (Mode::Secure, Some(keys), Some(slot)) => {
                 let timestamp = q.get("timestamp").map(String::as_str).unwrap_or("");
                 let nonce = q.get("nonce").map(String::as_str).unwrap_or("");
-                Bytes::from(reply::envelope(
+                let sealed = reply::envelope(
                     keys.key(slot),
                     account.token.expose(),
                     &account.app_id,
@@ -564,9 +625,10 @@ fn answer_with(
                     timestamp,
                     nonce,
                     &reply::random_bytes(),
-                ))
+                );
+                (Bytes::from(sealed), "encrypted")
             }
-            _ => Bytes::from(xml),
+            _ => (Bytes::from(xml), "passed"),
         },
     }
 }

@@ -21,6 +21,7 @@
 //! - [`spool`]: the durable queue, its trait and its two implementations.
 //! - [`deliver`]: the delivery workers, the target formats and the retry policy.
 //! - [`handler`]: the WeChat-facing request path and its one error type.
+//! - [`metrics`]: the Prometheus registry and every collector.
 //! - [`server`]: the accept loop and graceful drain.
 //! - [`app`]: wiring and shutdown order.
 //! - [`clock`]: injected wall-clock time.
@@ -30,6 +31,7 @@ pub mod clock;
 pub mod config;
 pub mod deliver;
 pub mod handler;
+pub mod metrics;
 pub mod route;
 pub mod server;
 pub mod spool;

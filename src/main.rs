@@ -77,13 +77,17 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_FAILURE);
                 }
             };
-            runtime.block_on(serve(settings))
+            runtime.block_on(serve(settings, config))
         }
     }
 }
 
-async fn serve(settings: Settings) -> ExitCode {
-    let relay = match Relay::start(settings, Options::default()).await {
+async fn serve(settings: Settings, config: PathBuf) -> ExitCode {
+    let options = Options {
+        config_path: Some(config),
+        ..Options::default()
+    };
+    let relay = match Relay::start(settings, options).await {
         Ok(relay) => relay,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");

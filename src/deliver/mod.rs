@@ -10,8 +10,9 @@ pub mod retry;
 
 use crate::app::Shared;
 use crate::config::Target;
+use crate::metrics::Metrics;
 use crate::server::stopping;
-use crate::spool::{Lease, StoredEvent};
+use crate::spool::{Lease, Settlement, StoredEvent};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode};
@@ -273,7 +274,6 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease) {
         target.timeout,
     )
     .await;
-    let outcome = outcome_label(&result.verdict, &target.retry, lease.attempts);
     let unit: f64 = rand::thread_rng().gen();
     let settlement = retry::settle(
         lease.delivery_id,
@@ -282,6 +282,12 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease) {
         result.verdict,
         shared.clock.now_ms(),
         unit,
+    );
+    let outcome = count(
+        &shared.metrics,
+        &target.name,
+        &settlement,
+        started.elapsed(),
     );
     tracing::info!(
         target = %target.name,
@@ -302,17 +308,31 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease) {
     }
 }
 
-fn outcome_label(
-    verdict: &Verdict,
-    policy: &crate::config::RetryPolicy,
-    attempts_before: u32,
+/// Counts one attempt by what the spool will record; returns the outcome label.
+pub fn count(
+    metrics: &Metrics,
+    target: &str,
+    settlement: &Settlement,
+    took: Duration,
 ) -> &'static str {
-    match verdict {
-        Verdict::Delivered => "delivered",
-        Verdict::Reject { .. } => "dead_lettered",
-        Verdict::Retry { .. } if policy.delay_after(attempts_before as usize + 1).is_none() => {
+    let outcome = match settlement {
+        Settlement::Delivered { .. } => "delivered",
+        Settlement::Retry { .. } => "retried",
+        Settlement::Dead { reason, .. } => {
+            metrics
+                .dead_letters
+                .with_label_values(&[target, reason])
+                .inc();
             "dead_lettered"
         }
-        Verdict::Retry { .. } => "retried",
-    }
+    };
+    metrics
+        .deliveries
+        .with_label_values(&[target, outcome])
+        .inc();
+    metrics
+        .delivery_seconds
+        .with_label_values(&[target])
+        .observe(took.as_secs_f64());
+    outcome
 }

@@ -258,7 +258,7 @@ async fn removed_targets_dead_letter_their_pending_deliveries() {
         stored(&*spool, event("k", &["kept", "gone"], 0), 0).await;
         assert_eq!(
             spool.retire_targets(vec!["kept".into()], 7).await.unwrap(),
-            1,
+            vec![("gone".to_string(), 1)],
             "{name}"
         );
         let dead = spool.dead_letters(DeadFilter::default(), 10).await.unwrap();

@@ -228,20 +228,22 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn retire_targets(&self, keep: Vec<String>, now: i64) -> Pending<u64> {
+    fn retire_targets(&self, keep: Vec<String>, now: i64) -> Pending<Vec<(String, u64)>> {
         self.with(move |s| {
-            let mut n = 0;
+            let mut retired: BTreeMap<String, u64> = BTreeMap::new();
             for d in s.deliveries.values_mut() {
-                let removed = d.target.as_ref().is_some_and(|t| !keep.contains(t));
-                if !d.dead && removed {
+                let Some(target) = d.target.clone() else {
+                    continue;
+                };
+                if !d.dead && !keep.contains(&target) {
                     d.dead = true;
                     d.reason = REASON_TARGET_REMOVED.into();
                     d.last_error = "the target is no longer in the configuration".into();
                     d.updated_at = now;
-                    n += 1;
+                    *retired.entry(target).or_default() += 1;
                 }
             }
-            n
+            retired.into_iter().collect()
         })
     }
 

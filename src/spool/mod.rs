@@ -187,8 +187,8 @@ pub trait Spool: Send + Sync + 'static {
     /// Records what became of leased deliveries.
     fn settle(&self, settlements: Vec<Settlement>, now_ms: i64) -> Pending<()>;
     /// Dead-letters every pending delivery whose target is not in `targets`,
-    /// with reason `target_removed`. Returns how many.
-    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<u64>;
+    /// with reason `target_removed`. Returns how many, per removed target.
+    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<Vec<(String, u64)>>;
     fn dead_letters(&self, filter: DeadFilter, limit: usize) -> Pending<Vec<DeadLetter>>;
     /// Makes the selected dead letters due again, with their attempts reset.
     /// Unrouted ones have no target and are left alone. Returns how many.

@@ -59,7 +59,7 @@ enum Command {
     Enqueue(Box<NewEvent>, i64, i64, Reply<Enqueued>),
     Lease(String, i64, usize, i64, Reply<Vec<Lease>>),
     Settle(Vec<Settlement>, i64, Reply<()>),
-    Retire(Vec<String>, i64, Reply<u64>),
+    Retire(Vec<String>, i64, Reply<Vec<(String, u64)>>),
     DeadLetters(DeadFilter, usize, Reply<Vec<DeadLetter>>),
     Replay(DeadFilter, i64, Reply<u64>),
     Purge(DeadFilter, Reply<u64>),
@@ -408,20 +408,21 @@ fn drop_event_if_done(c: &Connection, event_id: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn retire(c: &Connection, keep: &[String], now: i64) -> rusqlite::Result<u64> {
+fn retire(c: &Connection, keep: &[String], now: i64) -> rusqlite::Result<Vec<(String, u64)>> {
     let mut targets = c.prepare_cached("SELECT DISTINCT target FROM deliveries WHERE state = 0")?;
     let pending: Vec<String> = targets
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    let mut retired = 0;
+    let mut retired = Vec::new();
     for target in pending.iter().filter(|t| !keep.contains(t)) {
-        retired += c
+        let n = c
             .prepare_cached(
                 "UPDATE deliveries SET state = 2, reason = ?2, updated_at = ?3,
                  last_error = 'the target is no longer in the configuration'
                  WHERE state = 0 AND target = ?1",
             )?
             .execute(params![target, REASON_TARGET_REMOVED, now])? as u64;
+        retired.push((target.clone(), n));
     }
     Ok(retired)
 }
@@ -572,7 +573,7 @@ impl Spool for SqliteSpool {
     fn settle(&self, settlements: Vec<Settlement>, now_ms: i64) -> Pending<()> {
         self.submit(|r| Command::Settle(settlements, now_ms, r))
     }
-    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<u64> {
+    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<Vec<(String, u64)>> {
         self.submit(|r| Command::Retire(targets, now_ms, r))
     }
     fn dead_letters(&self, filter: DeadFilter, limit: usize) -> Pending<Vec<DeadLetter>> {

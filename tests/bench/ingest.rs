@@ -132,6 +132,7 @@ async fn run(max_batch: usize, n: usize, connections: usize, seed: u64) -> f64 {
             ),
             spool: Some(spool.clone()),
             clock: None,
+            config_path: None,
         },
     )
     .await

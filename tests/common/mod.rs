@@ -97,7 +97,7 @@ impl TestRelay {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(SqliteSpool::open(&dir.path().join("spool.db")).unwrap());
         let clock = Arc::new(FixedClock::at_secs(now_secs));
-        let relay = Self::launch(toml, spool.clone(), clock.clone()).await;
+        let relay = Self::launch(toml, spool.clone(), clock.clone(), &dir).await;
         TestRelay {
             addr: relay.public_addr,
             admin: relay.admin_addr,
@@ -113,14 +113,26 @@ impl TestRelay {
         if let Some(relay) = self.relay.take() {
             relay.shutdown().await;
         }
-        let relay = Self::launch(toml, self.spool.clone(), self.clock.clone()).await;
+        let relay = Self::launch(toml, self.spool.clone(), self.clock.clone(), &self.dir).await;
         self.addr = relay.public_addr;
         self.admin = relay.admin_addr;
         self.relay = Some(relay);
     }
 
-    async fn launch(toml: &str, spool: Arc<SqliteSpool>, clock: Arc<FixedClock>) -> Relay {
+    /// The configuration file the relay reloads from.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("relay.toml")
+    }
+
+    async fn launch(
+        toml: &str,
+        spool: Arc<SqliteSpool>,
+        clock: Arc<FixedClock>,
+        dir: &tempfile::TempDir,
+    ) -> Relay {
         let settings = Settings::from_toml_str(toml).unwrap_or_else(|e| panic!("test config: {e}"));
+        let config_path = dir.path().join("relay.toml");
+        std::fs::write(&config_path, toml).unwrap();
         Relay::start(
             settings,
             Options {
@@ -128,6 +140,7 @@ impl TestRelay {
                 admin: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
                 spool: Some(spool.clone()),
                 clock: Some(clock.clone()),
+                config_path: Some(config_path),
             },
         )
         .await
@@ -155,6 +168,11 @@ impl TestRelay {
 
     pub async fn get(&self, path_and_query: &str) -> Answer {
         send(self.addr, Method::GET, path_and_query, Bytes::new()).await
+    }
+
+    /// A request to the admin listener.
+    pub async fn admin(&self, method: Method, path: &str, bearer: Option<&str>) -> Answer {
+        admin_request(self.admin, method, path, bearer).await
     }
 
     /// Every event stored as an `unrouted` dead letter, oldest first.
@@ -225,6 +243,57 @@ pub async fn try_send(
         headers: parts.headers,
         body: body.collect().await.map_err(|e| e.to_string())?.to_bytes(),
     })
+}
+
+/// A request to an admin listener, with an optional bearer token.
+pub async fn admin_request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    bearer: Option<&str>,
+) -> Answer {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if let Some(token) = bearer {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let response = sender
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// One sample of a Prometheus text exposition: the value of `name` whose
+/// labels include every pair in `labels`, summed over the other labels; 0
+/// when there is none.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
 }
 
 /// A free port on 127.0.0.1, for a process that binds it itself.

@@ -1,0 +1,204 @@
+//! Every metric the relay exports, in one registry of its own, all prefixed
+//! `wxrelay_`. The README lists each with its meaning.
+//!
+//! Label values come from the configuration (account and target names) or from
+//! small fixed sets (verdicts, outcomes, reasons), never from a request that
+//! was not authenticated: an unknown account is counted as `-`.
+
+use crate::spool::Spool;
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Answer latency buckets, dense around the reply budget and WeChat's 5 s.
+const ANSWER_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 4.5, 5.0,
+];
+const DELIVERY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    /// POSTs by account and verdict (ok, duplicate, or why they were refused).
+    pub pushes: IntCounterVec,
+    /// GET URL checks by account and verdict.
+    pub url_checks: IntCounterVec,
+    /// Time from request to answer for POSTs.
+    pub answer_seconds: HistogramVec,
+    /// Accepted (not duplicate) events by account, MsgType and Event.
+    pub events: IntCounterVec,
+    /// Delivery attempts by target and outcome (delivered, retried, dead_lettered).
+    pub deliveries: IntCounterVec,
+    pub delivery_seconds: HistogramVec,
+    pub spool_pending: IntGaugeVec,
+    pub spool_oldest_age: GaugeVec,
+    /// Dead letters by target ("" for unrouted) and reason.
+    pub dead_letters: IntCounterVec,
+    pub previous_key_decrypts: IntCounterVec,
+    /// Reloads by result (ok, failed).
+    pub reloads: IntCounterVec,
+    /// What the reply target's inline attempt gave WeChat: passed (its XML as
+    /// is), encrypted (sealed by the relay), ignored (not valid for WeChat, so
+    /// success), none (no answer in time or an error, so success).
+    pub replies: IntCounterVec,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("metric registration: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new_custom(Some("wxrelay".into()), None)?;
+        fn counter(
+            r: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+        ) -> Result<IntCounterVec, MetricsError> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        fn histogram(
+            r: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+            buckets: &[f64],
+        ) -> Result<HistogramVec, MetricsError> {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )?;
+            r.register(Box::new(h.clone()))?;
+            Ok(h)
+        }
+        let r = &registry;
+        let spool_pending = IntGaugeVec::new(
+            Opts::new(
+                "spool_pending",
+                "Deliveries waiting in the spool, per target.",
+            ),
+            &["target"],
+        )?;
+        r.register(Box::new(spool_pending.clone()))?;
+        let spool_oldest_age = GaugeVec::new(
+            Opts::new(
+                "spool_oldest_pending_age_seconds",
+                "Age of the oldest event still waiting for a target.",
+            ),
+            &["target"],
+        )?;
+        r.register(Box::new(spool_oldest_age.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "The running version; always 1."),
+            &["version"],
+        )?;
+        r.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(Self {
+            pushes: counter(
+                r,
+                "pushes_total",
+                "Pushes (POST) by account and verdict.",
+                &["account", "verdict"],
+            )?,
+            url_checks: counter(
+                r,
+                "url_checks_total",
+                "URL checks (GET) by account and verdict.",
+                &["account", "verdict"],
+            )?,
+            answer_seconds: histogram(
+                r,
+                "answer_duration_seconds",
+                "Time to answer a push; WeChat gives up at 5 s.",
+                &["account"],
+                ANSWER_BUCKETS,
+            )?,
+            events: counter(
+                r,
+                "events_total",
+                "Accepted events by account, MsgType and Event.",
+                &["account", "msg_type", "event"],
+            )?,
+            deliveries: counter(
+                r,
+                "deliveries_total",
+                "Delivery attempts by target and outcome.",
+                &["target", "outcome"],
+            )?,
+            delivery_seconds: histogram(
+                r,
+                "delivery_duration_seconds",
+                "Duration of delivery attempts.",
+                &["target"],
+                DELIVERY_BUCKETS,
+            )?,
+            spool_pending,
+            spool_oldest_age,
+            dead_letters: counter(
+                r,
+                "dead_letters_total",
+                "Deliveries moved to the dead-letter table, by target and reason.",
+                &["target", "reason"],
+            )?,
+            previous_key_decrypts: counter(
+                r,
+                "previous_key_decrypts_total",
+                "Pushes that only the previous EncodingAESKey decrypted.",
+                &["account"],
+            )?,
+            reloads: counter(
+                r,
+                "config_reloads_total",
+                "Configuration reloads by result.",
+                &["result"],
+            )?,
+            replies: counter(
+                r,
+                "replies_total",
+                "What the reply target's inline attempt gave WeChat.",
+                &["account", "outcome"],
+            )?,
+            registry,
+        })
+    }
+
+    /// The text exposition, with the spool gauges read now. `targets` are the
+    /// configured targets, shown at 0 when nothing waits for them.
+    pub async fn render(&self, spool: &dyn Spool, targets: &[String], now_ms: i64) -> String {
+        match spool.depth().await {
+            Ok(depth) => {
+                self.spool_pending.reset();
+                self.spool_oldest_age.reset();
+                for t in targets {
+                    self.spool_pending.with_label_values(&[t]).set(0);
+                    self.spool_oldest_age.with_label_values(&[t]).set(0.0);
+                }
+                for d in depth {
+                    self.spool_pending
+                        .with_label_values(&[&d.target])
+                        .set(d.pending as i64);
+                    let age = d
+                        .oldest_received_at
+                        .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
+                    self.spool_oldest_age
+                        .with_label_values(&[&d.target])
+                        .set(age);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the spool depth for metrics"),
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,143 @@
+//! The logs of a real run hold no secret and no personal data: no Token, no
+//! EncodingAESKey, no ciphertext, no message content, no OpenID; and they
+//! hold one line per push and per delivery attempt.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::target::{Behaviour, FakeTarget};
+use common::{body, free_port, generated, path, try_send};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_log_holds_no_secret_and_no_content() {
+    let g = generated();
+    let c = &g["config"];
+    let (public, admin) = (free_port(), free_port());
+    let hooks = FakeTarget::start().await;
+    hooks.script([Behaviour::body(400, "text/plain", "refused")]);
+    let dir = tempfile::tempdir().unwrap();
+    let accounts: String = ["plaintext", "compat", "secure"]
+        .iter()
+        .map(|mode| {
+            format!(
+                "[accounts.{mode}]\napp_id = {}\ntoken = {}\nencoding_aes_key = {}\nmode = \"{mode}\"\ntimestamp_window = \"0s\"\n\n",
+                c["appid"], c["token"], c["encoding_aes_key"]
+            )
+        })
+        .collect();
+    let toml = format!(
+        "[server]\nlisten = \"{public}\"\nadmin_listen = \"{admin}\"\n\n[spool]\npath = \"{}\"\n\n{accounts}\
+         [targets.hooks]\nurl = \"{}\"\nformat = \"json\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n\n[[routes]]\nto = [\"hooks\"]\n",
+        dir.path().join("spool.db").display(),
+        hooks.url("/hooks")
+    );
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, toml).unwrap();
+    let log = dir.path().join("relay.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wxrelay"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&config)
+        .env("WXRELAY_LOG", "debug")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = common::eventually(Duration::from_secs(30), || async move {
+        try_send(admin, http::Method::GET, "/healthz", Default::default())
+            .await
+            .is_ok_and(|a| a.status == 200)
+    })
+    .await;
+    assert!(up);
+
+    let mut sent = 0;
+    for v in g["positive"].as_array().unwrap() {
+        let answer = try_send(
+            public,
+            http::Method::POST,
+            &path(v["mode"].as_str().unwrap(), &v["request"]),
+            body(&v["request"]).into(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.status, 200);
+        sent += 1;
+    }
+    for v in g["negative"].as_array().unwrap() {
+        let account = if v["mode"] == "plaintext" {
+            "plaintext"
+        } else {
+            "secure"
+        };
+        // The oversized body is refused before it is all sent: a write error here.
+        let _ = try_send(
+            public,
+            http::Method::POST,
+            &path(account, &v["request"]),
+            body(&v["request"]).into(),
+        )
+        .await;
+    }
+    assert!(hooks.wait_for(sent, Duration::from_secs(30)).await);
+    assert!(Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    assert!(child.wait().unwrap().success());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("JSON log line: {l}")))
+        .collect();
+    let count = |msg: &str| lines.iter().filter(|l| l["message"] == msg).count();
+    // The freshness window is off here, so the stale and future vectors are
+    // accepted; each push still has exactly one line, answered or refused.
+    let negatives = g["negative"].as_array().unwrap().len();
+    assert!(count("push answered") >= sent);
+    assert!(count("request refused") >= negatives - 3);
+    assert_eq!(
+        count("push answered") + count("request refused"),
+        sent + negatives,
+        "one line per push"
+    );
+    assert!(
+        count("delivery attempt") >= sent,
+        "one line per delivery attempt"
+    );
+
+    let mut forbidden: Vec<(String, String)> = vec![
+        ("token".into(), c["token"].as_str().unwrap().into()),
+        ("key".into(), c["encoding_aes_key"].as_str().unwrap().into()),
+        (
+            "previous key".into(),
+            c["previous_encoding_aes_key"].as_str().unwrap().into(),
+        ),
+        (
+            "webhook secret".into(),
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        ),
+    ];
+    for v in g["positive"].as_array().unwrap() {
+        let fields = &v["expected"]["fields"];
+        forbidden.push((
+            "OpenID".into(),
+            fields["FromUserName"].as_str().unwrap().into(),
+        ));
+        for name in ["Content", "Label", "Url", "Title", "Ticket", "PicUrl"] {
+            if let Some(value) = fields[name].as_str().filter(|s| s.len() >= 6) {
+                forbidden.push((format!("{name} content"), value.into()));
+            }
+        }
+        if let Some(encrypt) = v["encrypt"].as_str() {
+            forbidden.push(("ciphertext".into(), encrypt[..32].into()));
+        }
+    }
+    for (what, value) in &forbidden {
+        assert!(!text.contains(value.as_str()), "the log contains a {what}");
+    }
+}
