@@ -13,7 +13,7 @@
 use crate::app::Shared;
 use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
-use crate::route::{self, RouteInput};
+use crate::route;
 use crate::spool::{Enqueued, NewDelivery, NewEvent, SpoolError, StoredEvent, REASON_UNROUTED};
 use crate::wechat::crypto::{DecryptError, KeySlot};
 use crate::wechat::message::{Message, XmlError};
@@ -413,14 +413,7 @@ async fn accept_push(
     let message = &verified.message;
     let now = shared.clock.now_ms();
 
-    let input = RouteInput {
-        account: &account.id,
-        msg_type: message.msg_type().unwrap_or(""),
-        event: message.event(),
-        event_key: message.event_key(),
-        has_ticket: message.ticket().is_some_and(|t| !t.is_empty()),
-        from_user: message.from_user().unwrap_or(""),
-    };
+    let input = route::route_input(&account.id, message);
     let rule = route::route(&config.routes, &input).map(|(_, rule)| rule);
     let reply_budget = config.server.reply_budget;
     let targets = rule

@@ -25,8 +25,10 @@
 //! - [`server`]: the accept loop and graceful drain.
 //! - [`app`]: wiring and shutdown order.
 //! - [`clock`]: injected wall-clock time.
+//! - [`cli`]: the operator's commands: simulate, route, dlq, keygen.
 
 pub mod app;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod deliver;

@@ -1,10 +1,17 @@
 //! The `wxrelay` command line: `serve` runs the relay, `check` validates a
-//! configuration. Configuration errors exit with status 64 (EX_USAGE).
+//! configuration; `simulate`, `route`, `dlq` and `keygen` are the operator's
+//! tools (see [`wxrelay::cli`]). Usage and configuration errors exit with
+//! status 64 (EX_USAGE), other failures with 1.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wxrelay::app::{Options, Relay};
+use wxrelay::cli::dlq::{self, DlqCommand};
+use wxrelay::cli::route::{self, RouteArgs};
+use wxrelay::cli::simulate::{self, SimulateArgs};
+use wxrelay::cli::{self, keygen, CliError, Report};
 use wxrelay::config::{render_check, Settings};
 
 const EXIT_CONFIG: u8 = 64;
@@ -43,10 +50,47 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Send a push (or the URL check) to a running relay exactly as WeChat would.
+    Simulate {
+        /// The configuration of the relay to push to: its accounts' credentials.
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        args: SimulateArgs,
+    },
+    /// Say which route a push would take, without sending it.
+    Route {
+        /// The configuration whose routes to try.
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        args: RouteArgs,
+    },
+    /// List, show, replay or purge dead letters (safe while the relay runs).
+    Dlq {
+        /// The configuration file (required): the spool path is read from it.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Print a fresh Token and EncodingAESKey for a new account.
+    Keygen,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // clap would exit 2 on a bad command line; scripts expect EX_USAGE.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     init_logs(cli.log_format);
     match cli.command {
         Command::Check { config } => match Settings::load(&config) {
@@ -79,7 +123,63 @@ fn main() -> ExitCode {
             };
             runtime.block_on(serve(settings, config))
         }
+        Command::Simulate { config, args } => {
+            finish(cli::load(&config).and_then(|settings| {
+                block_on(async move { simulate::run(&settings, &args).await })?
+            }))
+        }
+        Command::Route { config, args } => finish(
+            cli::load(&config)
+                .and_then(|settings| route::run(&settings, &args))
+                .map(done),
+        ),
+        Command::Dlq { config, command } => finish(run_dlq(config, command).map(done)),
+        Command::Keygen => finish(Ok(done(keygen::run()))),
     }
+}
+
+fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliError> {
+    let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
+    let settings = cli::load(&config)?;
+    let spool = dlq::open(&settings)?;
+    let result = block_on(dlq::run(&spool, &command, cli::now_ms()));
+    spool.close();
+    result?
+}
+
+/// A report for a command that succeeds whenever it runs to the end.
+fn done(text: String) -> Report {
+    Report { text, ok: true }
+}
+
+/// Prints the outcome and picks the exit status.
+fn finish(outcome: Result<Report, CliError>) -> ExitCode {
+    match outcome {
+        Ok(report) => {
+            print!("{}", report.text);
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(match e {
+                CliError::Config { .. } | CliError::Usage(_) => EXIT_CONFIG,
+                CliError::Failed(_) => EXIT_FAILURE,
+            })
+        }
+    }
+}
+
+/// Runs a command's async part on a runtime of its own.
+fn block_on<F: Future>(future: F) -> Result<F::Output, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map(|runtime| runtime.block_on(future))
+        .map_err(|e| CliError::Failed(format!("cannot start the runtime: {e}")))
 }
 
 async fn serve(settings: Settings, config: PathBuf) -> ExitCode {

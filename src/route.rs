@@ -8,6 +8,8 @@
 //!
 //! Everything here is pure: no I/O, no clock, no config parsing.
 
+use crate::wechat::message::Message;
+
 /// The conditions of one rule. `None` means "any"; a list means "one of".
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Match {
@@ -41,6 +43,20 @@ pub struct RouteInput<'a> {
     pub event_key: Option<&'a str>,
     pub has_ticket: bool,
     pub from_user: &'a str,
+}
+
+/// What routing sees of a decrypted push to `account`; the relay and
+/// `wxrelay route` both build it here, so the dry run cannot drift from the
+/// real path. An empty `Ticket` counts as none.
+pub fn route_input<'a>(account: &'a str, message: &'a Message) -> RouteInput<'a> {
+    RouteInput {
+        account,
+        msg_type: message.msg_type().unwrap_or(""),
+        event: message.event(),
+        event_key: message.event_key(),
+        has_ticket: message.ticket().is_some_and(|t| !t.is_empty()),
+        from_user: message.from_user().unwrap_or(""),
+    }
 }
 
 /// The first rule that matches, with its index for logs and metrics.

@@ -1,0 +1,61 @@
+//! `wxrelay keygen`: fresh credentials for a new account, printed as
+//! `relay.toml` lines. The same two values go into the WeChat admin console,
+//! which accepts letters and digits only: a Token of 3 to 32, an
+//! EncodingAESKey of exactly 43.
+
+use rand::distributions::Alphanumeric;
+use rand::rngs::OsRng;
+use rand::Rng;
+
+/// The longest Token WeChat accepts: as much entropy as it allows.
+const TOKEN_LEN: usize = 32;
+/// 43 base64 characters carry the 32-byte AES key.
+const KEY_LEN: usize = 43;
+
+/// A Token and an EncodingAESKey drawn from the operating system's RNG.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub token: String,
+    pub encoding_aes_key: String,
+}
+
+pub fn generate() -> Credentials {
+    let draw = |len| -> String {
+        (0..len)
+            .map(|_| char::from(OsRng.sample(Alphanumeric)))
+            .collect()
+    };
+    Credentials {
+        token: draw(TOKEN_LEN),
+        // Any 43 letters and digits decode: base64 with the last 2 bits ignored.
+        encoding_aes_key: draw(KEY_LEN),
+    }
+}
+
+/// What `wxrelay keygen` prints.
+pub fn run() -> String {
+    let c = generate();
+    format!(
+        "# Paste the same values into the WeChat admin console (基本配置 → 服务器配置) \
+         and under [accounts.<id>] in relay.toml.\n\
+         token = \"{}\"\nencoding_aes_key = \"{}\"\n",
+        c.token, c.encoding_aes_key
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::wechat::crypto::AesKey;
+
+    #[test]
+    fn keys_decode_and_tokens_are_alphanumeric() {
+        for _ in 0..200 {
+            let c = generate();
+            assert_eq!(c.token.len(), TOKEN_LEN);
+            assert!(c.token.bytes().all(|b| b.is_ascii_alphanumeric()));
+            AesKey::from_encoding(&c.encoding_aes_key).unwrap();
+        }
+    }
+}

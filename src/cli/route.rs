@@ -1,0 +1,77 @@
+//! `wxrelay route`: a dry run of the route table. It builds the push that
+//! `simulate` would send (or reads one), sees it as the relay does, and says
+//! which rule takes it and where it would go — without sending anything.
+
+use super::simulate::{MessageOptions, Payload};
+use super::CliError;
+use crate::config::Settings;
+use crate::route::{self, RouteInput};
+use crate::wechat::message::Message;
+use std::fmt::Write as _;
+
+/// `wxrelay route`'s options, beside `--config`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct RouteArgs {
+    /// The account the push arrives at; optional when there is only one.
+    #[arg(long)]
+    pub account: Option<String>,
+    #[command(flatten)]
+    pub message: MessageOptions,
+    #[command(subcommand)]
+    pub payload: Payload,
+}
+
+/// Says which rule matches the push, its targets (with their formats) and
+/// its reply target, or that the push would be dead-lettered as `unrouted`.
+pub fn run(settings: &Settings, args: &RouteArgs) -> Result<String, CliError> {
+    let account = super::account(settings, args.account.as_deref())?;
+    let xml = args.payload.xml(&args.message, super::now_ms() / 1000)?;
+    let message = Message::parse(xml.as_bytes())
+        .map_err(|e| CliError::Usage(format!("the message is not WeChat XML: {e}")))?;
+    let input = route::route_input(&account.id, &message);
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "push      {}", describe(&input));
+    let Some((index, rule)) = route::route(&settings.routes, &input) else {
+        let _ = writeln!(
+            out,
+            "rule      none matches: the relay would answer `success` and dead-letter \
+             the event as `unrouted`"
+        );
+        return Ok(out);
+    };
+    let _ = writeln!(out, "rule      [{index}] {}", rule.matcher.describe());
+    for name in &rule.to {
+        let format = settings
+            .targets
+            .get(name)
+            .map_or("?", |t| t.format.as_str());
+        let _ = writeln!(out, "target    {name} ({format})");
+    }
+    match &rule.reply_from {
+        Some(name) => {
+            let _ = writeln!(
+                out,
+                "reply     {name}: its answer, if it is valid reply XML within the reply \
+                 budget, goes to WeChat"
+            );
+        }
+        None => {
+            let _ = writeln!(out, "reply     none: WeChat gets `success`");
+        }
+    }
+    Ok(out)
+}
+
+/// The keys a rule can match on, except the sender's OpenID.
+fn describe(input: &RouteInput<'_>) -> String {
+    let mut text = format!("account={} msg_type={}", input.account, input.msg_type);
+    if let Some(event) = input.event {
+        let _ = write!(text, " event={event}");
+    }
+    if let Some(key) = input.event_key {
+        let _ = write!(text, " event_key={key:?}");
+    }
+    let _ = write!(text, " has_ticket={}", input.has_ticket);
+    text
+}

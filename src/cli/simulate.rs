@@ -1,0 +1,633 @@
+//! `wxrelay simulate`: sends a push to a running relay exactly as WeChat
+//! would — the account's mode, its token's signatures, a fresh timestamp and
+//! nonce — so an operator can see the whole path work before WeChat is
+//! pointed at it. With `--verify-url` it sends WeChat's GET URL check instead.
+//!
+//! The XML of each kind follows what WeChat sends (the shapes of the
+//! generated vectors); `wxrelay route` builds the same messages. Two events
+//! of one kind sent within the same second are one event by WeChat's dedup
+//! rules, and the relay answers the second without storing it.
+
+use super::{CliError, Report};
+use crate::config::{Account, Mode, Settings};
+use crate::deliver::{self, HttpClient};
+use crate::wechat::message::Message;
+use crate::wechat::push::{self, Envelope, Sealing};
+use crate::wechat::{reply, signature};
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, USER_AGENT};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use rand::Rng;
+use std::fmt::{Display, Write as _};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long the relay has to answer; WeChat itself waits 5 s.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// More than any answer WeChat would accept.
+const MAX_ANSWER: usize = 64 * 1024;
+
+pub const DEFAULT_TO: &str = "gh_000000000000";
+/// Shaped like an OpenID (28 characters) and plainly not one.
+pub const DEFAULT_FROM: &str = "oSimulatedUser00000000000000";
+/// A parametric QR code's ticket, as WeChat shapes them.
+const TICKET: &str = "gQH47joAAAAAAAAAAS5odHRwOi8vd2VpeGluLnFxLmNvbS9xLzAyU2ltdWxhdGVkAAIE";
+
+/// The fields every push carries, whatever its kind.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct MessageOptions {
+    /// ToUserName: the account's original ID (`gh_` and 12 hex digits).
+    #[arg(long, global = true, default_value = DEFAULT_TO)]
+    pub to: String,
+    /// FromUserName: the sender's OpenID (28 characters); also the query's `openid`.
+    #[arg(long, global = true, default_value = DEFAULT_FROM)]
+    pub from: String,
+}
+
+impl Default for MessageOptions {
+    fn default() -> Self {
+        Self {
+            to: DEFAULT_TO.to_owned(),
+            from: DEFAULT_FROM.to_owned(),
+        }
+    }
+}
+
+/// The pushes that can be built: WeChat's messages and the events an
+/// Official Account server receives.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum Kind {
+    /// A text message.
+    Text {
+        /// The message text.
+        #[arg(long, default_value = "hello")]
+        content: String,
+    },
+    /// An image message.
+    Image,
+    /// A voice message.
+    Voice,
+    /// A video message.
+    Video,
+    /// A short video message.
+    Shortvideo,
+    /// A location message.
+    Location,
+    /// A link message.
+    Link,
+    /// A follow; with --scene, by scanning a parametric QR code (EventKey qrscene_SCENE).
+    Subscribe {
+        /// The QR code's scene: EventKey becomes qrscene_SCENE, with a Ticket.
+        #[arg(long)]
+        scene: Option<String>,
+    },
+    /// An unfollow.
+    Unsubscribe,
+    /// A follower scanning a parametric QR code (SCAN, EventKey SCENE).
+    Scan {
+        /// The QR code's scene: the EventKey.
+        #[arg(long)]
+        scene: String,
+    },
+    /// A menu click (CLICK).
+    Click {
+        /// The menu button's key.
+        #[arg(long, default_value = "V1001_TODAY_MUSIC")]
+        key: String,
+    },
+    /// A menu link opened (VIEW); the key is the URL.
+    View {
+        /// The menu link's URL.
+        #[arg(long, default_value = "https://www.example.com/")]
+        key: String,
+    },
+    /// A reported location (LOCATION).
+    LocationEvent,
+    /// A menu QR scan (scancode_push).
+    ScancodePush,
+    /// A template message's outcome (TEMPLATESENDJOBFINISH).
+    Templatesendjobfinish,
+    /// A mass send's outcome (MASSSENDJOBFINISH).
+    Masssendjobfinish,
+    /// A publication's outcome (PUBLISHJOBFINISH).
+    Publishjobfinish,
+    /// A subscription message popup's answer (subscribe_msg_popup_event).
+    SubscribeMsgPopup,
+}
+
+/// What to send: a built message, or a file's XML as is.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum Payload {
+    #[command(flatten)]
+    Kind(Kind),
+    /// The message XML in a file, as is.
+    Xml {
+        /// A file holding one <xml>…</xml> message.
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+impl Payload {
+    /// The message XML, stamped `now` (unix seconds).
+    pub fn xml(&self, opts: &MessageOptions, now: i64) -> Result<String, CliError> {
+        match self {
+            Payload::Kind(kind) => Ok(message_xml(kind, opts, now, fresh_msg_id())),
+            Payload::Xml { file } => std::fs::read_to_string(file)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", file.display()))),
+        }
+    }
+}
+
+/// `wxrelay simulate`'s options, beside `--config`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct SimulateArgs {
+    /// The account, as configured; optional when there is only one.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// The relay's public base URL, e.g. http://127.0.0.1:8080 (/wx/ACCOUNT is added unless present).
+    #[arg(long)]
+    pub url: String,
+    /// Send WeChat's GET URL check instead of a push.
+    #[arg(long)]
+    pub verify_url: bool,
+    #[command(flatten)]
+    pub message: MessageOptions,
+    #[command(subcommand)]
+    pub payload: Option<Payload>,
+}
+
+/// Sends the push (or the URL check) and reports the relay's answer. `ok`
+/// when the relay answered 200 and, for a push, any reply envelope verifies
+/// and decrypts.
+pub async fn run(settings: &Settings, args: &SimulateArgs) -> Result<Report, CliError> {
+    let account = super::account(settings, args.account.as_deref())?;
+    let url = push_url(&args.url, &account.id)?;
+    let client = deliver::client();
+    let now = super::now_ms() / 1000;
+    if args.verify_url {
+        return verify_url(&client, account, &url, now).await;
+    }
+    let payload = args.payload.as_ref().ok_or_else(|| {
+        CliError::Usage("give a kind of push to send (text, scan, …) or --verify-url".to_owned())
+    })?;
+    let xml = payload.xml(&args.message, now)?;
+    let openid = Message::parse(xml.as_bytes())
+        .ok()
+        .and_then(|m| m.from_user().map(str::to_owned));
+    let nonce = digits(9);
+    let random = reply::random_bytes();
+    let envelope = Envelope {
+        token: account.token.expose(),
+        app_id: &account.app_id,
+        timestamp: now,
+        nonce: &nonce,
+        openid: openid.as_deref(),
+        random: &random,
+    };
+    let push = push::build(&xml, sealing(account)?, &envelope);
+
+    let mut text = format!("POST {url} ({} mode)\n", account.mode.as_str());
+    let uri = format!("{url}?{}", push.query);
+    let (status, body) = exchange(&client, Method::POST, &uri, push.body).await?;
+    let answer = String::from_utf8_lossy(&body);
+    line(&mut text, format!("HTTP {status}"));
+    line(&mut text, answer.trim_end());
+    let mut ok = status == StatusCode::OK;
+    if let Some(envelope) = Message::parse(&body)
+        .ok()
+        .filter(|m| m.get("Encrypt").is_some_and(|e| !e.is_empty()))
+    {
+        let (opened, report) = open_envelope(account, &envelope);
+        ok &= opened;
+        line(&mut text, report);
+    }
+    Ok(Report { text, ok })
+}
+
+/// The sealing the account's console mode implies, with its current key.
+fn sealing(account: &Account) -> Result<Sealing<'_>, CliError> {
+    let key = || {
+        account.keys.as_ref().map(|k| &k.current).ok_or_else(|| {
+            CliError::Usage(format!(
+                "account {} has no encoding_aes_key for {} mode",
+                account.id,
+                account.mode.as_str()
+            ))
+        })
+    };
+    Ok(match account.mode {
+        Mode::Plaintext => Sealing::Plaintext,
+        Mode::Compat => Sealing::Compat(key()?),
+        Mode::Secure => Sealing::Secure(key()?),
+    })
+}
+
+/// Checks a reply envelope as WeChat would: its MsgSignature, then its
+/// decryption (current key, then previous). Says what it found.
+fn open_envelope(account: &Account, envelope: &Message) -> (bool, String) {
+    let field = |name| envelope.get(name).unwrap_or_default();
+    let encrypted = field("Encrypt");
+    let parts = [
+        account.token.expose(),
+        field("TimeStamp"),
+        field("Nonce"),
+        encrypted,
+    ];
+    let signed = signature::verify(field("MsgSignature"), &parts);
+    let mut report = format!(
+        "reply envelope: MsgSignature {}",
+        if signed { "valid" } else { "INVALID" }
+    );
+    let Some(keys) = &account.keys else {
+        report += "; cannot decrypt: the account has no encoding_aes_key";
+        return (false, report);
+    };
+    match keys.decrypt(encrypted, &account.app_id) {
+        Ok((xml, slot)) => {
+            let _ = write!(report, "; decrypted with the {} key:\n{xml}", slot.as_str());
+            (signed, report)
+        }
+        Err(e) => {
+            let _ = write!(report, "; cannot decrypt: {e}");
+            (false, report)
+        }
+    }
+}
+
+async fn verify_url(
+    client: &HttpClient,
+    account: &Account,
+    url: &url::Url,
+    now: i64,
+) -> Result<Report, CliError> {
+    let (timestamp, nonce, echostr) = (now.to_string(), digits(9), digits(19));
+    let signature = signature::sign(&[account.token.expose(), &timestamp, &nonce]);
+    let uri = format!(
+        "{url}?signature={signature}&echostr={echostr}&timestamp={timestamp}&nonce={nonce}"
+    );
+    let (status, body) = exchange(client, Method::GET, &uri, String::new()).await?;
+    let echoed = status == StatusCode::OK && body == echostr.as_bytes();
+    let mut text = format!("GET {url} (URL check)\n");
+    line(&mut text, format!("HTTP {status}"));
+    line(&mut text, String::from_utf8_lossy(&body).trim_end());
+    line(
+        &mut text,
+        if echoed {
+            "echostr echoed: WeChat would accept this server URL"
+        } else {
+            "echostr NOT echoed: WeChat would refuse this server URL"
+        },
+    );
+    Ok(Report { text, ok: echoed })
+}
+
+/// One request with the overall timeout; the answer's status and body.
+async fn exchange(
+    client: &HttpClient,
+    method: Method,
+    uri: &str,
+    body: String,
+) -> Result<(StatusCode, Bytes), CliError> {
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(CONTENT_TYPE, "text/xml")
+        .header(
+            USER_AGENT,
+            concat!("wxrelay-simulate/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| CliError::Usage(format!("cannot build a request to {uri}: {e}")))?;
+    let exchange = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| CliError::Failed(format!("cannot reach the relay: {}", chain(&e))))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| CliError::Failed(format!("cannot read the answer: {e}")))?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(TIMEOUT, exchange).await.map_err(|_| {
+        CliError::Failed(format!(
+            "no answer within {}",
+            humantime::format_duration(TIMEOUT)
+        ))
+    })?
+}
+
+/// An error with its sources, which is where the client says what went wrong.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let _ = write!(text, ": {s}");
+        source = s.source();
+    }
+    text
+}
+
+/// `base` with `/wx/{account}` appended, unless its path already ends so.
+pub fn push_url(base: &str, account: &str) -> Result<url::Url, CliError> {
+    let mut url =
+        url::Url::parse(base).map_err(|e| CliError::Usage(format!("--url {base}: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(CliError::Usage(format!(
+            "--url {base}: must be http or https"
+        )));
+    }
+    let suffix = format!("/wx/{account}");
+    let path = url.path().trim_end_matches('/').to_owned();
+    if !path.ends_with(&suffix) {
+        url.set_path(&format!("{path}{suffix}"));
+    }
+    url.set_query(None);
+    url.set_fragment(None);
+    Ok(url)
+}
+
+fn line(text: &mut String, value: impl Display) {
+    let _ = writeln!(text, "{value}");
+}
+
+/// `len` random decimal digits, the first not zero, as WeChat's nonces are.
+fn digits(len: usize) -> String {
+    let mut rng = rand::thread_rng();
+    (0..len)
+        .map(|i| char::from(b'0' + rng.gen_range(u8::from(i == 0)..10)))
+        .collect()
+}
+
+/// A MsgId: 17 digits, like WeChat's (above 2^53, so never a JSON number).
+pub fn fresh_msg_id() -> u64 {
+    rand::thread_rng().gen_range(10_000_000_000_000_000..100_000_000_000_000_000)
+}
+
+/// The message XML WeChat would send for `kind`, created at `now` (unix
+/// seconds); `msg_id` is the MsgId of messages and the MsgID of job events.
+pub fn message_xml(kind: &Kind, opts: &MessageOptions, now: i64, msg_id: u64) -> String {
+    let head = |msg_type: &str| {
+        vec![
+            text("ToUserName", &opts.to),
+            text("FromUserName", &opts.from),
+            plain("CreateTime", now),
+            text("MsgType", msg_type),
+        ]
+    };
+    let message = |msg_type: &str, fields: &[String]| {
+        let mut all = head(msg_type);
+        all.extend_from_slice(fields);
+        all.push(plain("MsgId", msg_id));
+        all
+    };
+    let event = |name: &str, fields: &[String]| {
+        let mut all = head("event");
+        all.push(text("Event", name));
+        all.extend_from_slice(fields);
+        all
+    };
+    let media = |kind: &str| text("MediaId", &format!("SIMULATED_MEDIA_ID_{kind}"));
+    let thumb = || text("ThumbMediaId", "SIMULATED_THUMB_MEDIA_ID");
+    let lines = match kind {
+        Kind::Text { content } => message("text", &[text("Content", content)]),
+        Kind::Image => message(
+            "image",
+            &[
+                text("PicUrl", "http://mmbiz.qpic.cn/mmbiz_jpg/simulated/0"),
+                media("image"),
+            ],
+        ),
+        Kind::Voice => message("voice", &[media("voice"), text("Format", "amr")]),
+        Kind::Video => message("video", &[media("video"), thumb()]),
+        Kind::Shortvideo => message("shortvideo", &[media("shortvideo"), thumb()]),
+        Kind::Location => message(
+            "location",
+            &[
+                plain("Location_X", "23.134521"),
+                plain("Location_Y", "113.358803"),
+                plain("Scale", 20),
+                text("Label", "位置信息"),
+            ],
+        ),
+        Kind::Link => message(
+            "link",
+            &[
+                text("Title", "公众平台官网链接"),
+                text("Description", "公众平台官网链接"),
+                text("Url", "https://mp.weixin.qq.com/s/example"),
+            ],
+        ),
+        Kind::Subscribe { scene: None } => event("subscribe", &[text("EventKey", "")]),
+        Kind::Subscribe { scene: Some(scene) } => event(
+            "subscribe",
+            &[
+                text("EventKey", &format!("qrscene_{scene}")),
+                text("Ticket", TICKET),
+            ],
+        ),
+        Kind::Unsubscribe => event("unsubscribe", &[text("EventKey", "")]),
+        Kind::Scan { scene } => event("SCAN", &[text("EventKey", scene), text("Ticket", TICKET)]),
+        Kind::Click { key } => event("CLICK", &[text("EventKey", key)]),
+        Kind::View { key } => event("VIEW", &[text("EventKey", key), plain("MenuId", 208396938)]),
+        Kind::LocationEvent => event(
+            "LOCATION",
+            &[
+                plain("Latitude", "23.137466"),
+                plain("Longitude", "113.352425"),
+                plain("Precision", "119.385040"),
+            ],
+        ),
+        Kind::ScancodePush => event(
+            "scancode_push",
+            &[
+                text("EventKey", "rselfmenu_0_1"),
+                format!(
+                    "<ScanCodeInfo>{}{}</ScanCodeInfo>",
+                    text("ScanType", "qrcode"),
+                    text("ScanResult", "https://example.com/q?x=1")
+                ),
+            ],
+        ),
+        Kind::Templatesendjobfinish => event(
+            "TEMPLATESENDJOBFINISH",
+            &[plain("MsgID", msg_id), text("Status", "success")],
+        ),
+        Kind::Masssendjobfinish => event(
+            "MASSSENDJOBFINISH",
+            &[
+                plain("MsgID", msg_id),
+                text("Status", "send success"),
+                plain("TotalCount", 100),
+                plain("FilterCount", 80),
+                plain("SentCount", 80),
+                plain("ErrorCount", 0),
+                format!(
+                    "<CopyrightCheckResult>{}<ResultList></ResultList>{}</CopyrightCheckResult>",
+                    plain("Count", 0),
+                    plain("CheckState", 1)
+                ),
+            ],
+        ),
+        Kind::Publishjobfinish => event(
+            "PUBLISHJOBFINISH",
+            &[format!(
+                "<PublishEventInfo>{}{}{}<article_detail>{}<item>{}{}</item></article_detail></PublishEventInfo>",
+                plain("publish_id", msg_id),
+                plain("publish_status", 0),
+                text("article_id", "SIMULATED_ARTICLE_ID"),
+                plain("count", 1),
+                plain("idx", 1),
+                text("article_url", "https://mp.weixin.qq.com/s/example"),
+            )],
+        ),
+        Kind::SubscribeMsgPopup => event(
+            "subscribe_msg_popup_event",
+            &[format!(
+                "<SubscribeMsgPopupEvent><List>{}{}{}</List></SubscribeMsgPopupEvent>",
+                text("TemplateId", "SIMULATED_TEMPLATE_ID"),
+                text("SubscribeStatusString", "accept"),
+                plain("PopupScene", 2),
+            )],
+        ),
+    };
+    format!("<xml>{}\n</xml>", lines.join("\n"))
+}
+
+/// `<name><![CDATA[value]]></name>`, with any `]]>` in the value split across
+/// two sections so it cannot end the first early.
+fn text(name: &str, value: &str) -> String {
+    let value = value.replace("]]>", "]]]]><![CDATA[>");
+    format!("<{name}><![CDATA[{value}]]></{name}>")
+}
+
+/// `<name>value</name>`, for WeChat's unquoted numbers.
+fn plain(name: &str, value: impl Display) -> String {
+    format!("<{name}>{value}</{name}>")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::wechat::message::Kind as Parsed;
+
+    #[test]
+    fn every_kind_parses_with_its_type_and_the_given_parties() {
+        let opts = MessageOptions {
+            to: "gh_0123456789ab".into(),
+            from: "oAnotherUser0000000000000000".into(),
+        };
+        let kinds = [
+            (
+                Kind::Text {
+                    content: "a]]>b <c>".into(),
+                },
+                "text",
+            ),
+            (Kind::Image, "image"),
+            (Kind::Voice, "voice"),
+            (Kind::Video, "video"),
+            (Kind::Shortvideo, "shortvideo"),
+            (Kind::Location, "location"),
+            (Kind::Link, "link"),
+            (Kind::Subscribe { scene: None }, "event/subscribe"),
+            (Kind::Unsubscribe, "event/unsubscribe"),
+            (Kind::Scan { scene: "s".into() }, "event/SCAN"),
+            (Kind::Click { key: "k".into() }, "event/CLICK"),
+            (
+                Kind::View {
+                    key: "https://e.com/".into(),
+                },
+                "event/VIEW",
+            ),
+            (Kind::LocationEvent, "event/LOCATION"),
+            (Kind::ScancodePush, "event/scancode_push"),
+            (Kind::Templatesendjobfinish, "event/TEMPLATESENDJOBFINISH"),
+            (Kind::Masssendjobfinish, "event/MASSSENDJOBFINISH"),
+            (Kind::Publishjobfinish, "event/PUBLISHJOBFINISH"),
+            (Kind::SubscribeMsgPopup, "event/subscribe_msg_popup_event"),
+        ];
+        for (kind, expected) in kinds {
+            let xml = message_xml(&kind, &opts, 1_717_000_000, 24602147850012345);
+            let m = Message::parse(xml.as_bytes()).unwrap();
+            let got = match m.kind() {
+                Parsed::Message { msg_type } => {
+                    assert_eq!(m.get("MsgId"), Some("24602147850012345"), "{xml}");
+                    msg_type
+                }
+                Parsed::Event { event } => format!("event/{event}"),
+            };
+            assert_eq!(got, expected, "{xml}");
+            assert_eq!(m.get("ToUserName"), Some("gh_0123456789ab"));
+            assert_eq!(m.from_user(), Some("oAnotherUser0000000000000000"));
+            assert_eq!(m.get("CreateTime"), Some("1717000000"));
+        }
+        let text = message_xml(
+            &Kind::Text {
+                content: "a]]>b <c>".into(),
+            },
+            &opts,
+            1,
+            1,
+        );
+        assert_eq!(
+            Message::parse(text.as_bytes()).unwrap().get("Content"),
+            Some("a]]>b <c>")
+        );
+    }
+
+    #[test]
+    fn scenes_are_where_the_relay_reads_them() {
+        let opts = MessageOptions::default();
+        assert_eq!(DEFAULT_FROM.len(), 28);
+        let scene = |kind| {
+            Message::parse(message_xml(&kind, &opts, 1, 1).as_bytes())
+                .unwrap()
+                .scene()
+        };
+        assert_eq!(
+            scene(Kind::Subscribe {
+                scene: Some("login_1".into())
+            })
+            .as_deref(),
+            Some("login_1")
+        );
+        assert_eq!(scene(Kind::Subscribe { scene: None }), None);
+        assert_eq!(
+            scene(Kind::Scan {
+                scene: "login_2".into()
+            })
+            .as_deref(),
+            Some("login_2")
+        );
+    }
+
+    #[test]
+    fn push_urls() {
+        let url = |base| push_url(base, "main").map(|u| u.to_string());
+        assert_eq!(
+            url("http://127.0.0.1:8080").unwrap(),
+            "http://127.0.0.1:8080/wx/main"
+        );
+        assert_eq!(url("http://h/base/").unwrap(), "http://h/base/wx/main");
+        assert_eq!(url("https://h/wx/main").unwrap(), "https://h/wx/main");
+        assert_eq!(url("https://h/wx/main?x=1").unwrap(), "https://h/wx/main");
+        assert!(url("ftp://h").is_err());
+        assert!(url("not a url").is_err());
+    }
+
+    #[test]
+    fn nonces_are_digits_of_the_asked_length() {
+        for _ in 0..100 {
+            let n = digits(9);
+            assert_eq!(n.len(), 9);
+            assert!(n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0'));
+        }
+        assert_eq!(fresh_msg_id().to_string().len(), 17);
+    }
+}
