@@ -455,11 +455,9 @@ async fn accept_push(
     // The reply target needs the event again after the commit; only then is it copied.
     let reply_from = rule.and_then(|r| r.reply_from.as_deref()).and_then(|name| {
         let position = event.targets.iter().position(|t| t.target == name)?;
-        Some((
-            config.targets.get(name)?.clone(),
-            position,
-            stored_view(&event),
-        ))
+        // A paused target gets no inline attempt either: its delivery waits.
+        let target = config.targets.get(name).filter(|t| !t.paused)?;
+        Some((target.clone(), position, stored_view(&event)))
     });
     let routed: Vec<String> = event.targets.iter().map(|t| t.target.clone()).collect();
     let commit = shared.spool.enqueue(event, now, window);

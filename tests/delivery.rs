@@ -689,3 +689,51 @@ async fn a_hung_target_delays_neither_other_targets_nor_wechat() {
     assert_eq!(slow.count(), 1, "one slot, held by the hung attempt");
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn when_a_down_target_answers_again_its_backed_off_deliveries_go_at_once() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    hooks.script([Behaviour::status(503)]);
+    let targets = [target(
+        "hooks",
+        &hooks.url("/"),
+        "retry_schedule = [\"60s\"]",
+    )];
+    let relay = TestRelay::start(
+        &config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n"),
+        reference_now(&g),
+    )
+    .await;
+    let first = vector(&g, "secure.CLICK");
+    assert_eq!(send(&relay, first, "secure").await.status, 200);
+    assert!(hooks.wait_for(1, WAIT).await);
+    let spool = relay.spool.clone();
+    assert!(
+        common::eventually(WAIT, || {
+            let s = spool.clone();
+            async move {
+                s.pending("hooks", 1)
+                    .await
+                    .unwrap()
+                    .first()
+                    .is_some_and(|p| p.attempts == 1)
+            }
+        })
+        .await,
+        "backing off for a minute"
+    );
+    // The clock does not move: only the next success can bring the first back.
+    assert_eq!(
+        send(&relay, vector(&g, "secure.VIEW"), "secure")
+            .await
+            .status,
+        200
+    );
+    assert!(
+        hooks.wait_for(3, WAIT).await,
+        "the backed-off delivery followed the success"
+    );
+    assert_eq!(hooks.received()[2].body, body(&first["request"]));
+    relay.stop().await;
+}

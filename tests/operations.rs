@@ -422,3 +422,53 @@ async fn the_admin_api_requires_the_admin_token_when_one_is_set() {
     assert_eq!(relay.admin(Method::GET, "/healthz", None).await.status, 200);
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_paused_target_holds_its_deliveries_until_a_reload_releases_them() {
+    let g = generated();
+    let (held, live) = (FakeTarget::start().await, FakeTarget::start().await);
+    let with = |paused: bool| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n{}\n\
+             [targets.held]\nurl = \"{}\"\npaused = {paused}\n\n[targets.live]\nurl = \"{}\"\n\n[[routes]]\nto = [\"held\", \"live\"]\n",
+            generated_config(&g),
+            held.url("/"),
+            live.url("/")
+        )
+    };
+    let relay = TestRelay::start(&with(true), reference_now(&g)).await;
+    let ids = ["secure.CLICK", "secure.text", "secure.LOCATION"];
+    for id in ids {
+        let v = vector(&g, id);
+        assert_eq!(
+            relay
+                .post(&path("secure", &v["request"]), body(&v["request"]))
+                .await
+                .status,
+            200
+        );
+    }
+    assert!(
+        live.wait_for(ids.len(), WAIT).await,
+        "the other target is not held"
+    );
+    assert_eq!(held.count(), 0, "nothing is sent to a paused target");
+    assert_eq!(
+        relay.spool.pending("held", 10).await.unwrap().len(),
+        ids.len()
+    );
+
+    std::fs::write(relay.config_path(), with(false)).unwrap();
+    assert_eq!(
+        relay
+            .admin(Method::POST, "/admin/reload", None)
+            .await
+            .status,
+        200
+    );
+    assert!(
+        held.wait_for(ids.len(), WAIT).await,
+        "released by the reload"
+    );
+    relay.stop().await;
+}

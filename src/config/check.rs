@@ -90,6 +90,9 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
         )?;
         row(out, "timeout", format_duration(target.timeout))?;
         row(out, "concurrency", target.concurrency)?;
+        if target.paused {
+            row(out, "paused", "yes: deliveries wait in the spool")?;
+        }
         row(out, "secret", masked(target.secret.as_ref()))?;
     }
 

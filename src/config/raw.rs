@@ -68,6 +68,7 @@ pub(crate) struct RawTarget {
     /// Signed so that `-1` is reported as out of range, not as a type error.
     pub concurrency: Option<i64>,
     pub secret: Option<Secret>,
+    pub paused: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -99,6 +99,9 @@ pub struct Target {
     /// The Standard Webhooks secret (`whsec_…`); present exactly when
     /// `format` is [`Format::Json`].
     pub secret: Option<Secret>,
+    /// Deliveries are held in the spool and not sent (a maintenance window);
+    /// a reload with `paused = false` sends them.
+    pub paused: bool,
 }
 
 impl Target {

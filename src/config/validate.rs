@@ -454,6 +454,7 @@ fn target(name: String, raw: RawTarget, p: &mut Problems) -> Option<Target> {
         timeout,
         concurrency,
         secret,
+        paused: raw.paused.unwrap_or(false),
     })
 }
 

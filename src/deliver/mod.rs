@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use retry::Verdict;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Semaphore};
@@ -186,6 +187,7 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 /// longer configured. Returns the target's name.
 async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver<bool>) -> String {
     let wake = shared.waker(&name);
+    let down = Arc::new(AtomicBool::new(false));
     let mut slots: Option<(usize, Arc<Semaphore>)> = None;
     let mut in_flight = JoinSet::new();
     loop {
@@ -196,6 +198,15 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
         let Some(target) = config.targets.get(&name).cloned() else {
             break;
         };
+        if target.paused {
+            // Held on purpose: wait for a reload rather than poll the spool.
+            tokio::select! {
+                _ = shared.config_changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stopping(&mut stop) => break,
+            }
+            continue;
+        }
         // The concurrency limit may change on reload; a new limit takes a new
         // semaphore, and attempts under the old one finish under it.
         let semaphore = match &slots {
@@ -252,8 +263,9 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
             };
             let shared = shared.clone();
             let target = target.clone();
+            let down = down.clone();
             in_flight.spawn(async move {
-                deliver(&shared, &target, lease).await;
+                deliver(&shared, &target, lease, &down).await;
                 drop(permit);
             });
         }
@@ -263,7 +275,11 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
     name
 }
 
-async fn deliver(shared: &Shared, target: &Target, lease: Lease) {
+/// One attempt and its record. `down` says the target last failed as if it
+/// were down (no answer, or a 5xx); the first success after that makes the
+/// target's backed-off deliveries due at once, so a backlog drains at full
+/// speed when the target returns rather than as each backoff ends.
+async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &AtomicBool) {
     let started = tokio::time::Instant::now();
     let now_secs = shared.clock.now_secs();
     let result = attempt(
@@ -274,6 +290,24 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease) {
         target.timeout,
     )
     .await;
+    match (&result.verdict, result.status) {
+        (Verdict::Delivered, _) if down.swap(false, Ordering::Relaxed) => {
+            let now = shared.clock.now_ms();
+            match shared.spool.release_backoff(&target.name, now).await {
+                Ok(n) => {
+                    tracing::info!(target = %target.name, released = n, "target answers again; its backlog is due now")
+                }
+                Err(e) => {
+                    tracing::warn!(target = %target.name, error = %e, "cannot release the backlog")
+                }
+            }
+            shared.wake(&target.name);
+        }
+        (Verdict::Retry { .. }, status) if status.is_none_or(|s| s.is_server_error()) => {
+            down.store(true, Ordering::Relaxed);
+        }
+        _ => {}
+    }
     let unit: f64 = rand::thread_rng().gen();
     let settlement = retry::settle(
         lease.delivery_id,

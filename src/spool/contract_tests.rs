@@ -178,6 +178,32 @@ async fn retry_counts_attempts_and_reschedules() {
 }
 
 #[tokio::test]
+async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
+    for (name, spool, _dir) in spools() {
+        let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
+        assert_eq!(spool.lease("a", 0, 10, 60_000).await.unwrap().len(), 1);
+        let retry = Settlement::Retry {
+            delivery_id: ids[0],
+            next_at: 30_000,
+            error: "HTTP 503".into(),
+        };
+        spool.settle(vec![retry], 1).await.unwrap();
+        assert!(
+            spool.lease("a", 2, 10, 60_000).await.unwrap().is_empty(),
+            "{name}: backing off"
+        );
+        assert_eq!(spool.release_backoff("a", 3).await.unwrap(), 1, "{name}");
+        let again = spool.lease("a", 3, 10, 60_000).await.unwrap();
+        assert_eq!(
+            again.len(),
+            1,
+            "{name}: due at once, though the lease had not ended"
+        );
+        assert_eq!(again[0].attempts, 1, "{name}");
+    }
+}
+
+#[tokio::test]
 async fn dead_letters_are_listed_filtered_replayed_and_purged() {
     for (name, spool, _dir) in spools() {
         let (_, a) = stored(&*spool, event("k1", &["a"], 0), 0).await;

@@ -228,6 +228,20 @@ impl Spool for MemorySpool {
         })
     }
 
+    fn release_backoff(&self, target: &str, now: i64) -> Pending<u64> {
+        let target = target.to_string();
+        self.with(move |s| {
+            let mut n = 0;
+            for d in s.deliveries.values_mut() {
+                if !d.dead && d.target.as_deref() == Some(&target) && d.next_at > now {
+                    d.next_at = now;
+                    n += 1;
+                }
+            }
+            n
+        })
+    }
+
     fn retire_targets(&self, keep: Vec<String>, now: i64) -> Pending<Vec<(String, u64)>> {
         self.with(move |s| {
             let mut retired: BTreeMap<String, u64> = BTreeMap::new();

@@ -12,8 +12,9 @@
 //!   other resolves to [`Enqueued::Duplicate`]. A key expires after the spool's
 //!   dedup window.
 //! - A delivery is handed out by [`Spool::lease`] only when due, and is hidden
-//!   for the lease duration: if its worker dies, it is due again when the lease
-//!   ends (at least once, never silently dropped).
+//!   until it is settled or the lease duration ends: if its worker dies, it is
+//!   due again when the lease ends, or at the next start after a crash (at
+//!   least once, never silently dropped).
 //! - A delivery ends in exactly one of two ways: delivered (removed with its
 //!   event once no delivery of the event remains), or dead-lettered with a
 //!   reason, where it stays until an operator replays or purges it.
@@ -114,6 +115,16 @@ pub enum Settlement {
     },
 }
 
+impl Settlement {
+    pub fn delivery_id(&self) -> i64 {
+        match self {
+            Settlement::Delivered { delivery_id }
+            | Settlement::Retry { delivery_id, .. }
+            | Settlement::Dead { delivery_id, .. } => *delivery_id,
+        }
+    }
+}
+
 /// A delivery in the dead-letter table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -186,6 +197,9 @@ pub trait Spool: Send + Sync + 'static {
     fn lease(&self, target: &str, now_ms: i64, limit: usize, lease_ms: i64) -> Pending<Vec<Lease>>;
     /// Records what became of leased deliveries.
     fn settle(&self, settlements: Vec<Settlement>, now_ms: i64) -> Pending<()>;
+    /// Makes every backed-off delivery of `target` due now (it answers again).
+    /// Returns how many.
+    fn release_backoff(&self, target: &str, now_ms: i64) -> Pending<u64>;
     /// Dead-letters every pending delivery whose target is not in `targets`,
     /// with reason `target_removed`. Returns how many, per removed target.
     fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<Vec<(String, u64)>>;

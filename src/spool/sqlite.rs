@@ -1,16 +1,24 @@
 //! The embedded spool: one SQLite file in WAL mode with `synchronous=FULL`,
 //! written by one thread that commits whatever requests are waiting in one
 //! transaction (group commit), so a burst of pushes costs one fsync, not one
-//! per push.
+//! per push. Reads (leases, listings) run on a second thread with its own
+//! connection, so they never wait behind a commit.
+//!
+//! A lease is held in memory, not written: the database still shows the
+//! delivery as due, and the in-memory mark hides it from the next lease until
+//! it is settled or the lease ends. A crash loses only the marks, so the
+//! leased deliveries are due again at the next start: at least once, with no
+//! fsync spent on handing work out.
 
 use super::{
     DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Settlement, Spool,
     SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED, REASON_UNROUTED,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use tokio::sync::oneshot;
 
@@ -55,25 +63,36 @@ CREATE TABLE IF NOT EXISTS dedup (
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
+/// What the writer does, each in the next group commit.
 enum Command {
     Enqueue(Box<NewEvent>, i64, i64, Reply<Enqueued>),
-    Lease(String, i64, usize, i64, Reply<Vec<Lease>>),
     Settle(Vec<Settlement>, i64, Reply<()>),
     Retire(Vec<String>, i64, Reply<Vec<(String, u64)>>),
-    DeadLetters(DeadFilter, usize, Reply<Vec<DeadLetter>>),
     Replay(DeadFilter, i64, Reply<u64>),
     Purge(DeadFilter, Reply<u64>),
+    ReleaseBackoff(String, i64, Reply<u64>),
+    Probe(Reply<()>),
+}
+
+/// What the reader does.
+enum Read {
+    Lease(String, i64, usize, i64, Reply<Vec<Lease>>),
+    DeadLetters(DeadFilter, usize, Reply<Vec<DeadLetter>>),
     Depth(Reply<Vec<TargetDepth>>),
     Pending(String, usize, Reply<Vec<PendingDelivery>>),
     Event(i64, Reply<Option<StoredEvent>>),
-    Probe(Reply<()>),
 }
+
+/// Deliveries handed out and not settled yet: id → (target, lease end).
+type Leased = Arc<Mutex<HashMap<i64, (String, i64)>>>;
 
 /// The SQLite spool. Dropping it (or calling [`SqliteSpool::close`]) lets the
 /// writer finish what it has queued and close the file.
 pub struct SqliteSpool {
     tx: Mutex<Option<mpsc::Sender<Command>>>,
-    writer: Mutex<Option<thread::JoinHandle<()>>>,
+    reads: Mutex<Option<mpsc::Sender<Read>>>,
+    threads: Mutex<Vec<thread::JoinHandle<()>>>,
+    leased: Leased,
     path: PathBuf,
 }
 
@@ -92,14 +111,26 @@ impl SqliteSpool {
             })?;
         }
         let conn = open_connection(path)?;
+        let read_conn = open_connection(path)?;
+        let leased = Leased::default();
         let (tx, rx) = mpsc::channel();
+        let (reads, read_rx) = mpsc::channel();
+        let start_error =
+            |e: std::io::Error| SpoolError::Storage(format!("cannot start the spool threads: {e}"));
         let writer = thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || run_writer(conn, rx, max_batch.max(1)))
-            .map_err(|e| SpoolError::Storage(format!("cannot start the spool writer: {e}")))?;
+            .map_err(start_error)?;
+        let held = leased.clone();
+        let reader = thread::Builder::new()
+            .name("spool-reader".into())
+            .spawn(move || run_reader(read_conn, read_rx, held))
+            .map_err(start_error)?;
         Ok(Self {
             tx: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
+            reads: Mutex::new(Some(reads)),
+            threads: Mutex::new(vec![writer, reader]),
+            leased,
             path: path.to_path_buf(),
         })
     }
@@ -113,26 +144,67 @@ impl SqliteSpool {
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
-        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
-        if let Some(writer) = writer {
-            let _ = writer.join();
+        if let Ok(mut reads) = self.reads.lock() {
+            reads.take();
+        }
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in threads {
+            let _ = t.join();
         }
     }
 
     fn submit<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Pending<T> {
-        let (reply, rx) = oneshot::channel();
-        let sent = self
-            .tx
-            .lock()
-            .ok()
-            .and_then(|tx| tx.as_ref().map(|tx| tx.send(make(reply)).is_ok()))
-            .unwrap_or(false);
-        Box::pin(async move {
-            if !sent {
-                return Err(SpoolError::Closed);
+        send_to(&self.tx, make)
+    }
+
+    fn read<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Read) -> Pending<T> {
+        send_to(&self.reads, make)
+    }
+}
+
+fn send_to<C, T: Send + 'static>(
+    channel: &Mutex<Option<mpsc::Sender<C>>>,
+    make: impl FnOnce(Reply<T>) -> C,
+) -> Pending<T> {
+    let (reply, rx) = oneshot::channel();
+    let sent = channel
+        .lock()
+        .ok()
+        .and_then(|tx| tx.as_ref().map(|tx| tx.send(make(reply)).is_ok()))
+        .unwrap_or(false);
+    Box::pin(async move {
+        if !sent {
+            return Err(SpoolError::Closed);
+        }
+        rx.await.unwrap_or(Err(SpoolError::Closed))
+    })
+}
+
+fn run_reader(conn: Connection, rx: mpsc::Receiver<Read>, leased: Leased) {
+    while let Ok(read) = rx.recv() {
+        match read {
+            Read::Lease(target, now, limit, lease_ms, r) => {
+                let _ = r.send(
+                    lease(&conn, &leased, &target, now, limit, lease_ms).map_err(SpoolError::from),
+                );
             }
-            rx.await.unwrap_or(Err(SpoolError::Closed))
-        })
+            Read::DeadLetters(f, limit, r) => {
+                let _ = r.send(dead_letters(&conn, &f, limit).map_err(SpoolError::from));
+            }
+            Read::Depth(r) => {
+                let _ = r.send(depth(&conn).map_err(SpoolError::from));
+            }
+            Read::Pending(target, limit, r) => {
+                let _ = r.send(pending(&conn, &target, limit).map_err(SpoolError::from));
+            }
+            Read::Event(id, r) => {
+                let _ = r.send(stored_event(&conn, id).map_err(SpoolError::from));
+            }
+        }
     }
 }
 
@@ -196,15 +268,11 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Command>) {
 fn fail(cmd: Command, err: SpoolError) {
     match cmd {
         Command::Enqueue(_, _, _, r) => drop(r.send(Err(err))),
-        Command::Lease(_, _, _, _, r) => drop(r.send(Err(err))),
         Command::Settle(_, _, r) => drop(r.send(Err(err))),
         Command::Retire(_, _, r) => drop(r.send(Err(err))),
-        Command::DeadLetters(_, _, r) => drop(r.send(Err(err))),
         Command::Replay(_, _, r) => drop(r.send(Err(err))),
         Command::Purge(_, r) => drop(r.send(Err(err))),
-        Command::Depth(r) => drop(r.send(Err(err))),
-        Command::Pending(_, _, r) => drop(r.send(Err(err))),
-        Command::Event(_, r) => drop(r.send(Err(err))),
+        Command::ReleaseBackoff(_, _, r) => drop(r.send(Err(err))),
         Command::Probe(r) => drop(r.send(Err(err))),
     }
 }
@@ -236,22 +304,13 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> Box<dyn FnOnce(Option<SpoolE
         Command::Enqueue(event, now, window, r) => {
             deferred(r, in_savepoint(tx, |c| enqueue(c, &event, now, window)))
         }
-        Command::Lease(target, now, limit, lease_ms, r) => deferred(
-            r,
-            in_savepoint(tx, |c| lease(c, &target, now, limit, lease_ms)),
-        ),
         Command::Settle(s, now, r) => deferred(r, in_savepoint(tx, |c| settle(c, &s, now))),
         Command::Retire(keep, now, r) => deferred(r, in_savepoint(tx, |c| retire(c, &keep, now))),
-        Command::DeadLetters(f, limit, r) => {
-            deferred(r, in_savepoint(tx, |c| dead_letters(c, &f, limit)))
-        }
         Command::Replay(f, now, r) => deferred(r, in_savepoint(tx, |c| replay(c, &f, now))),
         Command::Purge(f, r) => deferred(r, in_savepoint(tx, |c| purge(c, &f))),
-        Command::Depth(r) => deferred(r, in_savepoint(tx, depth)),
-        Command::Pending(target, limit, r) => {
-            deferred(r, in_savepoint(tx, |c| pending(c, &target, limit)))
+        Command::ReleaseBackoff(target, now, r) => {
+            deferred(r, in_savepoint(tx, |c| release_backoff(c, &target, now)))
         }
-        Command::Event(id, r) => deferred(r, in_savepoint(tx, |c| stored_event(c, id))),
         Command::Probe(r) => deferred(
             r,
             in_savepoint(tx, |c| {
@@ -317,13 +376,20 @@ fn enqueue(c: &Connection, e: &NewEvent, now: i64, window: i64) -> rusqlite::Res
     })
 }
 
+/// Up to `limit` due deliveries of `target` that are not held by a lease,
+/// each then held until `now + lease_ms` or until it is settled.
 fn lease(
     c: &Connection,
+    leased: &Leased,
     target: &str,
     now: i64,
     limit: usize,
     lease_ms: i64,
 ) -> rusqlite::Result<Vec<Lease>> {
+    let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
+    held.retain(|_, (_, until)| *until > now);
+    // Held deliveries are still due in the file and come first; read past them.
+    let skip = held.values().filter(|(t, _)| t == target).count();
     let mut select = c.prepare_cached(
         "SELECT d.id, d.event_id, d.attempts, e.dedup_key, e.account, e.received_at, e.query, e.body,
                 e.xml, e.fields, e.msg_type, e.event
@@ -331,32 +397,47 @@ fn lease(
          WHERE d.state = 0 AND d.target = ?1 AND d.next_at <= ?2
          ORDER BY d.next_at, d.id LIMIT ?3",
     )?;
-    let leases = select
-        .query_map(params![target, now, limit as i64], |row| {
-            Ok(Lease {
-                delivery_id: row.get(0)?,
-                target: target.to_string(),
-                attempts: row.get(2)?,
-                event: StoredEvent {
-                    event_id: row.get(1)?,
-                    dedup_key: row.get(3)?,
-                    account: row.get(4)?,
-                    received_at: row.get(5)?,
-                    query: row.get(6)?,
-                    body: row.get(7)?,
-                    xml: row.get(8)?,
-                    fields: row.get(9)?,
-                    msg_type: row.get(10)?,
-                    event: row.get(11)?,
-                },
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut hide = c.prepare_cached("UPDATE deliveries SET next_at = ?2 WHERE id = ?1")?;
-    for l in &leases {
-        hide.execute(params![l.delivery_id, now + lease_ms])?;
+    let mut rows = select.query(params![target, now, (limit + skip) as i64])?;
+    let mut leases = Vec::with_capacity(limit);
+    while let Some(row) = rows.next()? {
+        let delivery_id: i64 = row.get(0)?;
+        if held.contains_key(&delivery_id) {
+            continue;
+        }
+        leases.push(Lease {
+            delivery_id,
+            target: target.to_string(),
+            attempts: row.get(2)?,
+            event: StoredEvent {
+                event_id: row.get(1)?,
+                dedup_key: row.get(3)?,
+                account: row.get(4)?,
+                received_at: row.get(5)?,
+                query: row.get(6)?,
+                body: row.get(7)?,
+                xml: row.get(8)?,
+                fields: row.get(9)?,
+                msg_type: row.get(10)?,
+                event: row.get(11)?,
+            },
+        });
+        held.insert(delivery_id, (target.to_string(), now + lease_ms));
+        if leases.len() == limit {
+            break;
+        }
     }
     Ok(leases)
+}
+
+/// Makes every backed-off delivery of `target` due now: the target answers
+/// again, so its backlog need not wait out each delivery's own backoff.
+fn release_backoff(c: &Connection, target: &str, now: i64) -> rusqlite::Result<u64> {
+    let n = c
+        .prepare_cached(
+            "UPDATE deliveries SET next_at = ?2 WHERE state = 0 AND target = ?1 AND next_at > ?2",
+        )?
+        .execute(params![target, now])?;
+    Ok(n as u64)
 }
 
 fn settle(c: &Connection, settlements: &[Settlement], now: i64) -> rusqlite::Result<()> {
@@ -568,16 +649,32 @@ impl Spool for SqliteSpool {
     }
     fn lease(&self, target: &str, now_ms: i64, limit: usize, lease_ms: i64) -> Pending<Vec<Lease>> {
         let target = target.to_string();
-        self.submit(|r| Command::Lease(target, now_ms, limit, lease_ms, r))
+        self.read(|r| Read::Lease(target, now_ms, limit, lease_ms, r))
     }
     fn settle(&self, settlements: Vec<Settlement>, now_ms: i64) -> Pending<()> {
-        self.submit(|r| Command::Settle(settlements, now_ms, r))
+        let ids: Vec<i64> = settlements.iter().map(Settlement::delivery_id).collect();
+        let committed = self.submit(|r| Command::Settle(settlements, now_ms, r));
+        let leased = self.leased.clone();
+        // The lease is let go only once the outcome is in the file, so the
+        // reader can never hand out a delivery whose outcome is being written.
+        Box::pin(async move {
+            let result = committed.await;
+            let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
+            for id in ids {
+                held.remove(&id);
+            }
+            result
+        })
+    }
+    fn release_backoff(&self, target: &str, now_ms: i64) -> Pending<u64> {
+        let target = target.to_string();
+        self.submit(|r| Command::ReleaseBackoff(target, now_ms, r))
     }
     fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<Vec<(String, u64)>> {
         self.submit(|r| Command::Retire(targets, now_ms, r))
     }
     fn dead_letters(&self, filter: DeadFilter, limit: usize) -> Pending<Vec<DeadLetter>> {
-        self.submit(|r| Command::DeadLetters(filter, limit, r))
+        self.read(|r| Read::DeadLetters(filter, limit, r))
     }
     fn replay(&self, filter: DeadFilter, now_ms: i64) -> Pending<u64> {
         self.submit(|r| Command::Replay(filter, now_ms, r))
@@ -586,14 +683,14 @@ impl Spool for SqliteSpool {
         self.submit(|r| Command::Purge(filter, r))
     }
     fn depth(&self) -> Pending<Vec<TargetDepth>> {
-        self.submit(Command::Depth)
+        self.read(Read::Depth)
     }
     fn pending(&self, target: &str, limit: usize) -> Pending<Vec<PendingDelivery>> {
         let target = target.to_string();
-        self.submit(|r| Command::Pending(target, limit, r))
+        self.read(|r| Read::Pending(target, limit, r))
     }
     fn event(&self, event_id: i64) -> Pending<Option<StoredEvent>> {
-        self.submit(|r| Command::Event(event_id, r))
+        self.read(|r| Read::Event(event_id, r))
     }
     fn probe(&self) -> Pending<()> {
         self.submit(Command::Probe)

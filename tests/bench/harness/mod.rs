@@ -97,6 +97,18 @@ pub fn relay_config(
     broker: &str,
     hooks: &str,
 ) -> String {
+    relay_config_paused(public, admin, spool, broker, hooks, false)
+}
+
+/// As [`relay_config`], with both targets paused or not.
+pub fn relay_config_paused(
+    public: SocketAddr,
+    admin: SocketAddr,
+    spool: &std::path::Path,
+    broker: &str,
+    hooks: &str,
+    paused: bool,
+) -> String {
     format!(
         r#"[server]
 listen = "{public}"
@@ -117,6 +129,7 @@ format = "raw"
 retry = "login"
 timeout = "3s"
 concurrency = 32
+paused = {paused}
 
 [targets.webhooks]
 url = "{hooks}"
@@ -125,6 +138,7 @@ secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 retry = "durable"
 timeout = "5s"
 concurrency = 32
+paused = {paused}
 
 [[routes]]
 match = {{ event = ["subscribe", "SCAN"] }}
