@@ -76,6 +76,13 @@ enum Command {
     },
     /// Print a fresh Token and EncodingAESKey for a new account.
     Keygen,
+    /// Run a local target that prints every delivery it receives and answers
+    /// `success`, for trying routes and formats without a broker.
+    Sink {
+        /// Where to listen; the example configuration's webhook target is 127.0.0.1:8082.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -135,6 +142,7 @@ fn main() -> ExitCode {
         ),
         Command::Dlq { config, command } => finish(run_dlq(config, command).map(done)),
         Command::Keygen => finish(Ok(done(keygen::run()))),
+        Command::Sink { listen } => finish(block_on(run_sink(listen)).and_then(|r| r)),
     }
 }
 
@@ -145,6 +153,22 @@ fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliEr
     let result = block_on(dlq::run(&spool, &command, cli::now_ms()));
     spool.close();
     result?
+}
+
+/// Prints deliveries until interrupted.
+async fn run_sink(listen: std::net::SocketAddr) -> Result<Report, CliError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| CliError::Failed(format!("cannot listen on {listen}: {e}")))?;
+    eprintln!("wxrelay sink listening on {listen}; Ctrl-C to stop");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = stop.send(true);
+    });
+    let show = std::sync::Arc::new(|text: String| println!("{text}"));
+    cli::sink::serve(listener, show, stopped).await;
+    Ok(done(String::new()))
 }
 
 /// A report for a command that succeeds whenever it runs to the end.

@@ -585,3 +585,47 @@ fn the_binary_exits_0_on_success_64_on_usage_and_1_on_failure() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("cannot reach the relay"), "{out}");
 }
+
+#[tokio::test]
+async fn the_sink_prints_what_the_relay_delivers_to_it() {
+    let g = generated();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let seen = printed.clone();
+    let show: std::sync::Arc<dyn Fn(String) + Send + Sync> =
+        std::sync::Arc::new(move |text| seen.lock().unwrap().push(text));
+    let sink = tokio::spawn(wxrelay::cli::sink::serve(listener, show, stopped));
+
+    let toml = config(
+        &g,
+        &[target(
+            "hooks",
+            &format!("http://{at}/events"),
+            &format!("format = \"json\"\nsecret = \"{SECRET}\""),
+        )],
+        "[[routes]]\nto = [\"hooks\"]\n",
+    );
+    let relay = relay_now(&toml).await;
+    let follow = Payload::Kind(Kind::Subscribe {
+        scene: Some("login:42".into()),
+    });
+    let report = simulate::run(&settings(&toml), &push(&relay, "secure", follow))
+        .await
+        .unwrap();
+    assert!(report.ok, "{}", report.text);
+    let arrived = common::eventually(Duration::from_secs(20), || {
+        let printed = printed.clone();
+        async move { !printed.lock().unwrap().is_empty() }
+    })
+    .await;
+    assert!(arrived, "the sink got the delivery");
+    let text = printed.lock().unwrap()[0].clone();
+    assert!(text.starts_with("POST /events\n"), "{text}");
+    assert!(text.contains("webhook-signature: v1,"), "{text}");
+    assert!(text.contains("qrscene_login:42"), "{text}");
+    relay.stop().await;
+    let _ = stop.send(true);
+    sink.await.unwrap();
+}

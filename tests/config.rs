@@ -731,3 +731,36 @@ fn the_check_report_warns_about_unrouted_events() {
     let report = render_check(&Settings::from_toml_str(&without_catch_all).unwrap());
     assert!(report.contains("no catch-all rule"), "{report}");
 }
+
+/// The relay.toml inside the Kubernetes ConfigMap, with the secrets the
+/// StatefulSet passes from its Secret, is a configuration the relay accepts.
+#[test]
+fn the_kubernetes_configmap_is_a_valid_configuration() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml");
+    let yaml = std::fs::read_to_string(path).unwrap();
+    let body: String = yaml
+        .split_once("relay.toml: |\n")
+        .unwrap()
+        .1
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    use figment::providers::Format as _;
+    let figment = figment::Figment::from(figment::providers::Toml::string(&body))
+        .merge(("accounts.main.token", "Relay2024Token"))
+        .merge((
+            "accounts.main.encoding_aes_key",
+            "R3layV3ct0rsEncodingAesKeyForTests0123456Zq",
+        ))
+        .merge((
+            "targets.webhooks.secret",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ))
+        .merge(("server.listen", "0.0.0.0:8080"))
+        .merge(("server.admin_listen", "0.0.0.0:9090"));
+    let settings = Settings::from_figment(figment).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(settings.accounts["main"].mode, Mode::Secure);
+    assert_eq!(settings.targets["webhooks"].format, Format::Json);
+    assert_eq!(settings.routes.len(), 2);
+}

@@ -8,13 +8,16 @@
 //! - [`dlq`]: list, inspect, replay and purge dead letters in the spool file,
 //!   safely while the relay runs.
 //! - [`keygen`]: a fresh Token and EncodingAESKey for a new account.
+//! - [`sink`]: a local target that prints what it receives.
 //!
-//! None of them prints message content or an OpenID unless asked to.
+//! None of them prints message content or an OpenID unless asked to (the sink
+//! prints what it is sent: that is what it is for).
 
 pub mod dlq;
 pub mod keygen;
 pub mod route;
 pub mod simulate;
+pub mod sink;
 
 use crate::config::{Account, ConfigError, Settings};
 use std::path::{Path, PathBuf};
