@@ -213,33 +213,14 @@ async fn a_target_answering_503_twice_then_200_gets_the_event_on_the_third_attem
 
     for attempt in 1..=2u32 {
         assert!(hooks.wait_for(attempt as usize, WAIT).await);
-        let spool = relay.spool.clone();
-        let recorded = common::eventually(WAIT, || {
-            let spool = spool.clone();
-            async move {
-                spool
-                    .pending("hooks", 1)
-                    .await
-                    .unwrap()
-                    .first()
-                    .is_some_and(|p| p.attempts == attempt)
-            }
-        })
-        .await;
+        let recorded = relay.until_attempts("hooks", attempt).await;
         assert!(recorded, "attempt {attempt} counted");
         let p = &relay.spool.pending("hooks", 1).await.unwrap()[0];
         assert!(p.last_error.starts_with("HTTP 503"), "{}", p.last_error);
         relay.clock.advance_ms(2_000);
     }
     assert!(hooks.wait_for(3, WAIT).await);
-    let spool = relay.spool.clone();
-    assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move { s.pending("hooks", 1).await.unwrap().is_empty() }
-        })
-        .await
-    );
+    assert!(relay.until_nothing_pending("hooks").await);
     assert_eq!(hooks.count(), 3);
     assert!(relay
         .spool
@@ -276,20 +257,7 @@ async fn retry_after_is_honoured_over_the_schedule() {
         200
     );
     assert!(hooks.wait_for(1, WAIT).await);
-    let spool = relay.spool.clone();
-    assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move {
-                s.pending("hooks", 1)
-                    .await
-                    .unwrap()
-                    .first()
-                    .is_some_and(|p| p.attempts == 1)
-            }
-        })
-        .await
-    );
+    assert!(relay.until_attempts("hooks", 1).await);
     let due_in = relay.spool.pending("hooks", 1).await.unwrap()[0].next_at
         - wxrelay::clock::Clock::now_ms(&*relay.clock);
     assert!(
@@ -324,19 +292,7 @@ async fn a_400_dead_letters_at_once_with_its_reason() {
             .status,
         200
     );
-    let spool = relay.spool.clone();
-    assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move {
-                !s.dead_letters(DeadFilter::default(), 10)
-                    .await
-                    .unwrap()
-                    .is_empty()
-            }
-        })
-        .await
-    );
+    assert!(relay.until_dead_letter(DeadFilter::default()).await);
     let dead = relay
         .spool
         .dead_letters(DeadFilter::default(), 10)
@@ -373,33 +329,9 @@ async fn exhausted_retries_dead_letter_with_the_last_error() {
         200
     );
     assert!(hooks.wait_for(1, WAIT).await);
-    let spool = relay.spool.clone();
-    assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move {
-                s.pending("hooks", 1)
-                    .await
-                    .unwrap()
-                    .first()
-                    .is_some_and(|p| p.attempts == 1)
-            }
-        })
-        .await
-    );
+    assert!(relay.until_attempts("hooks", 1).await);
     relay.clock.advance_ms(2_000);
-    assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move {
-                !s.dead_letters(DeadFilter::default(), 10)
-                    .await
-                    .unwrap()
-                    .is_empty()
-            }
-        })
-        .await
-    );
+    assert!(relay.until_dead_letter(DeadFilter::default()).await);
     let dead = &relay
         .spool
         .dead_letters(DeadFilter::default(), 10)
@@ -498,14 +430,7 @@ async fn a_broker_that_never_answers_does_not_hold_wechat_and_gets_the_event_lat
         broker.wait_for(2, WAIT).await,
         "the broker gets the event once it answers"
     );
-    let spool = relay.spool.clone();
-    assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move { s.pending("broker", 1).await.unwrap().is_empty() }
-        })
-        .await
-    );
+    assert!(relay.until_nothing_pending("broker").await);
     assert_eq!(
         broker.received()[1].body,
         body(&vector(&g, "secure.scan_str")["request"])
@@ -551,14 +476,7 @@ async fn a_brokers_reply_reaches_wechat_sealed_for_secure_accounts() {
     assert_eq!(answer.text(), reply_xml());
 
     // The inline attempt was the delivery: the workers do not send it again.
-    let spool = relay.spool.clone();
-    assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move { s.pending("broker", 1).await.unwrap().is_empty() }
-        })
-        .await
-    );
+    assert!(relay.until_nothing_pending("broker").await);
     assert_eq!(broker.count(), 2);
     relay.stop().await;
 }
@@ -639,14 +557,7 @@ async fn retries_and_races_of_one_push_are_delivered_once_and_distinct_events_al
         assert_eq!(relay.post(&path("secure", r), body(r)).await.status, 200);
     }
     assert!(hooks.wait_for(4, WAIT).await);
-    let spool = relay.spool.clone();
-    assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move { s.pending("hooks", 1).await.unwrap().is_empty() }
-        })
-        .await
-    );
+    assert!(relay.until_nothing_pending("hooks").await);
     assert_eq!(hooks.count(), 4, "1 retried + 1 raced + 2 distinct");
     relay.stop().await;
 }
@@ -708,19 +619,8 @@ async fn when_a_down_target_answers_again_its_backed_off_deliveries_go_at_once()
     let first = vector(&g, "secure.CLICK");
     assert_eq!(send(&relay, first, "secure").await.status, 200);
     assert!(hooks.wait_for(1, WAIT).await);
-    let spool = relay.spool.clone();
     assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move {
-                s.pending("hooks", 1)
-                    .await
-                    .unwrap()
-                    .first()
-                    .is_some_and(|p| p.attempts == 1)
-            }
-        })
-        .await,
+        relay.until_attempts("hooks", 1).await,
         "backing off for a minute"
     );
     // The clock does not move: only the next success can bring the first back.

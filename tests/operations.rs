@@ -81,24 +81,13 @@ async fn metrics_follow_valid_invalid_duplicate_pushes_and_failed_deliveries() {
     );
     assert_eq!(relay.post("/wx/nobody?signature=x", "x").await.status, 404);
     assert!(hooks.wait_for(1, WAIT).await);
-    let spool = relay.spool.clone();
     assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move {
-                !s.dead_letters(
-                    DeadFilter {
-                        target: Some("hooks".into()),
-                        ..Default::default()
-                    },
-                    1,
-                )
-                .await
-                .unwrap()
-                .is_empty()
-            }
-        })
-        .await
+        relay
+            .until_dead_letter(DeadFilter {
+                target: Some("hooks".into()),
+                ..Default::default()
+            })
+            .await
     );
 
     let m = scrape(&relay).await;
@@ -195,20 +184,7 @@ async fn metrics_follow_valid_invalid_duplicate_pushes_and_failed_deliveries() {
         200
     );
     assert!(hooks.wait_for(2, WAIT).await);
-    let spool = relay.spool.clone();
-    assert!(
-        common::eventually(WAIT, || {
-            let s = spool.clone();
-            async move {
-                s.pending("hooks", 1)
-                    .await
-                    .unwrap()
-                    .first()
-                    .is_some_and(|p| p.attempts == 1)
-            }
-        })
-        .await
-    );
+    assert!(relay.until_attempts("hooks", 1).await);
     relay.clock.advance_ms(30_000);
     let m = scrape(&relay).await;
     assert_eq!(

@@ -161,6 +161,40 @@ impl TestRelay {
         async move { send(addr, Method::POST, &path_and_query, body.into()).await }
     }
 
+    /// Waits until `target` has no pending delivery; false after 20 s.
+    pub async fn until_nothing_pending(&self, target: &str) -> bool {
+        let spool = self.spool.clone();
+        eventually(Duration::from_secs(20), || {
+            let spool = spool.clone();
+            async move { spool.pending(target, 1).await.unwrap().is_empty() }
+        })
+        .await
+    }
+
+    /// Waits until the first pending delivery of `target` has had `attempts`
+    /// attempts recorded; false after 20 s.
+    pub async fn until_attempts(&self, target: &str, attempts: u32) -> bool {
+        let spool = self.spool.clone();
+        eventually(Duration::from_secs(20), || {
+            let spool = spool.clone();
+            async move {
+                let pending = spool.pending(target, 1).await.unwrap();
+                pending.first().is_some_and(|p| p.attempts == attempts)
+            }
+        })
+        .await
+    }
+
+    /// Waits until `filter` selects a dead letter; false after 20 s.
+    pub async fn until_dead_letter(&self, filter: DeadFilter) -> bool {
+        let spool = self.spool.clone();
+        eventually(Duration::from_secs(20), || {
+            let (spool, filter) = (spool.clone(), filter.clone());
+            async move { !spool.dead_letters(filter, 1).await.unwrap().is_empty() }
+        })
+        .await
+    }
+
     /// No delivery is waiting in the spool.
     pub async fn nothing_pending(&self) -> bool {
         self.spool.depth().await.unwrap().is_empty()
