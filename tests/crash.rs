@@ -11,7 +11,7 @@ use common::{free_port, generated, try_send};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -79,19 +79,21 @@ to = ["hooks"]
     path
 }
 
-fn spawn_relay(config: &Path, log: &Path) -> Child {
+fn spawn_relay(config: &Path, log: &Path) -> common::Process {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_wxrelay"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    common::Process(
+        Command::new(env!("CARGO_BIN_EXE_wxrelay"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 async fn wait_healthy(admin: SocketAddr) {
@@ -179,8 +181,8 @@ async fn no_push_answered_200_is_lost_across_a_kill_9() {
             while ok.load(Ordering::SeqCst) < KILL_AFTER {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            child.lock().unwrap().kill().unwrap();
-            child.lock().unwrap().wait().unwrap();
+            child.lock().unwrap().0.kill().unwrap();
+            child.lock().unwrap().0.wait().unwrap();
         })
     };
     let senders: Vec<_> = (0..8)
@@ -253,13 +255,6 @@ async fn no_push_answered_200_is_lost_across_a_kill_9() {
     assert!(to_hooks.is_subset(&sent));
 
     // A clean stop: SIGTERM drains and exits 0.
-    let pid = child.lock().unwrap().id();
-    assert!(Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .unwrap()
-        .success());
-    let status = child.lock().unwrap().wait().unwrap();
+    let status = child.lock().unwrap().terminate();
     assert!(status.success(), "graceful stop: {status:?}");
 }

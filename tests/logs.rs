@@ -36,14 +36,16 @@ async fn a_captured_log_holds_no_secret_and_no_content() {
     let config = dir.path().join("relay.toml");
     std::fs::write(&config, toml).unwrap();
     let log = dir.path().join("relay.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wxrelay"))
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&config)
-        .env("WXRELAY_LOG", "debug")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::Process(
+        Command::new(env!("CARGO_BIN_EXE_wxrelay"))
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(&config)
+            .env("WXRELAY_LOG", "debug")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let up = common::eventually(Duration::from_secs(30), || async move {
         try_send(admin, http::Method::GET, "/healthz", Default::default())
             .await
@@ -81,13 +83,7 @@ async fn a_captured_log_holds_no_secret_and_no_content() {
         .await;
     }
     assert!(hooks.wait_for(sent, Duration::from_secs(30)).await);
-    assert!(Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap()
-        .success());
-    assert!(child.wait().unwrap().success());
+    assert!(child.terminate().success(), "a graceful stop");
 
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<serde_json::Value> = text
