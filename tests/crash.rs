@@ -11,7 +11,6 @@ use common::{free_port, generated, try_send};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -79,31 +78,10 @@ to = ["hooks"]
     path
 }
 
-fn spawn_relay(config: &Path, log: &Path) -> common::Process {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    common::Process(
-        Command::new(env!("CARGO_BIN_EXE_wxrelay"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn wait_healthy(admin: SocketAddr) {
-    let up = common::eventually(Duration::from_secs(30), || async move {
-        try_send(admin, http::Method::GET, "/healthz", Default::default())
-            .await
-            .is_ok_and(|a| a.status == 200)
-    })
-    .await;
-    assert!(up, "the relay came up");
+/// Starts the relay on `config`; `None` if it exits before it is healthy.
+async fn start_relay(config: &Path, log: &Path, admin: SocketAddr) -> Option<common::Process> {
+    let args = ["serve".as_ref(), "--config".as_ref(), config.as_os_str()];
+    common::start_binary(&args, &[], log, admin).await
 }
 
 /// One push per index: every third a SCAN (for the broker and the hooks), the
@@ -154,16 +132,29 @@ fn nonce_of(query: &str) -> String {
 async fn no_push_answered_200_is_lost_across_a_kill_9() {
     let g = generated();
     let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        public: free_port(),
-        admin: free_port(),
-        broker: free_port(),
-        hooks: free_port(),
-    };
-    let config = write_config(dir.path(), &ports, &g);
     let log = dir.path().join("relay.log");
-    let child = Arc::new(Mutex::new(spawn_relay(&config, &log)));
-    wait_healthy(ports.admin).await;
+    // Ports are chosen before the relay binds them; another process may take
+    // one meanwhile, so a failed start is tried again with fresh ones.
+    let mut tries = 0;
+    let (ports, config, first) = loop {
+        let ports = Ports {
+            public: free_port(),
+            admin: free_port(),
+            broker: free_port(),
+            hooks: free_port(),
+        };
+        let config = write_config(dir.path(), &ports, &g);
+        if let Some(relay) = start_relay(&config, &log, ports.admin).await {
+            break (ports, config, relay);
+        }
+        tries += 1;
+        assert!(
+            tries < 3,
+            "the relay could not start: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+    };
+    let child = Arc::new(Mutex::new(first));
 
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -217,8 +208,8 @@ async fn no_push_answered_200_is_lost_across_a_kill_9() {
     );
 
     // Back up: the relay first, then the targets.
-    *child.lock().unwrap() = spawn_relay(&config, &log);
-    wait_healthy(ports.admin).await;
+    let restarted = start_relay(&config, &log, ports.admin).await;
+    *child.lock().unwrap() = restarted.expect("the relay restarts on its own ports");
     let broker = FakeTarget::start_on(ports.broker).await;
     let hooks = FakeTarget::start_on(ports.hooks).await;
 

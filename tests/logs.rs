@@ -7,14 +7,12 @@ mod common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{body, free_port, generated, path, try_send};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_captured_log_holds_no_secret_and_no_content() {
     let g = generated();
     let c = &g["config"];
-    let (public, admin) = (free_port(), free_port());
     let hooks = FakeTarget::start().await;
     hooks.script([Behaviour::body(400, "text/plain", "refused")]);
     let dir = tempfile::tempdir().unwrap();
@@ -27,32 +25,38 @@ async fn a_captured_log_holds_no_secret_and_no_content() {
             )
         })
         .collect();
-    let toml = format!(
-        "[server]\nlisten = \"{public}\"\nadmin_listen = \"{admin}\"\n\n[spool]\npath = \"{}\"\n\n{accounts}\
-         [targets.hooks]\nurl = \"{}\"\nformat = \"json\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n\n[[routes]]\nto = [\"hooks\"]\n",
-        dir.path().join("spool.db").display(),
-        hooks.url("/hooks")
-    );
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, toml).unwrap();
     let log = dir.path().join("relay.log");
-    let mut child = common::Process(
-        Command::new(env!("CARGO_BIN_EXE_wxrelay"))
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(&config)
-            .env("WXRELAY_LOG", "debug")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let up = common::eventually(Duration::from_secs(30), || async move {
-        try_send(admin, http::Method::GET, "/healthz", Default::default())
-            .await
-            .is_ok_and(|a| a.status == 200)
-    })
-    .await;
-    assert!(up);
+    let config = dir.path().join("relay.toml");
+    let mut tries = 0;
+    let (mut child, public) = loop {
+        let (public, admin) = (free_port(), free_port());
+        let toml = format!(
+            "[server]\nlisten = \"{public}\"\nadmin_listen = \"{admin}\"\n\n[spool]\npath = \"{}\"\n\n{accounts}\
+             [targets.hooks]\nurl = \"{}\"\nformat = \"json\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n\n[[routes]]\nto = [\"hooks\"]\n",
+            dir.path().join("spool.db").display(),
+            hooks.url("/hooks")
+        );
+        std::fs::write(&config, toml).unwrap();
+        let args = [
+            "--log-format".as_ref(),
+            "json".as_ref(),
+            "serve".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ];
+        if let Some(child) =
+            common::start_binary(&args, &[("WXRELAY_LOG", "debug")], &log, admin).await
+        {
+            break (child, public);
+        }
+        tries += 1;
+        assert!(
+            tries < 3,
+            "the relay could not start: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::fs::write(&log, "").unwrap();
+    };
 
     let mut sent = 0;
     for v in g["positive"].as_array().unwrap() {

@@ -358,6 +358,47 @@ impl Drop for Process {
     }
 }
 
+/// Runs the real binary (`wxrelay ARGS`, stderr appended to `log`) and waits
+/// until its admin listener answers /healthz. `None` when it exits first: the
+/// ports chosen by [`free_port`] can be taken by another process meanwhile,
+/// and the caller then tries again with fresh ones.
+pub async fn start_binary(
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+    log: &std::path::Path,
+    admin: SocketAddr,
+) -> Option<Process> {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut process = Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wxrelay"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if process.0.try_wait().unwrap().is_some() {
+            return None;
+        }
+        let health = try_send(admin, Method::GET, "/healthz", Bytes::new()).await;
+        if health.is_ok_and(|a| a.status == 200) {
+            return Some(process);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay came up within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A free port on 127.0.0.1, for a process that binds it itself.
 pub fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
