@@ -85,15 +85,22 @@ impl Shared {
                 "listen, admin_listen and spool.path take effect at the next start only"
             );
         }
-        self.retire_removed_targets(&next).await?;
-        self.config.store(Arc::new(next));
+        let next = Arc::new(next);
+        self.config.store(next.clone());
         self.config_changed.notify_waiters();
+        // After the swap, so no worker starts on a removed target again; a
+        // request still finishing under the previous view is caught by the
+        // workers' periodic retire.
+        self.retire_removed_targets(&next).await?;
         Ok(())
     }
 
     /// Pending deliveries of targets no longer configured can never be sent:
     /// they become dead letters an operator can see and replay.
-    async fn retire_removed_targets(&self, settings: &Settings) -> Result<(), SpoolError> {
+    pub(crate) async fn retire_removed_targets(
+        &self,
+        settings: &Settings,
+    ) -> Result<(), SpoolError> {
         let targets: Vec<String> = settings.targets.keys().cloned().collect();
         for (target, n) in self
             .spool

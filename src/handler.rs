@@ -46,6 +46,8 @@ pub enum Rejection {
     TooLarge,
     #[error("could not read the body")]
     BodyRead,
+    #[error("body not received within the reply budget")]
+    BodyTimeout,
     #[error("missing {0}")]
     MissingSignature(&'static str),
     #[error("missing echostr")]
@@ -90,6 +92,7 @@ impl Rejection {
         match self {
             Rejection::UnknownAccount | Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::BodyRead
             | Rejection::MissingEchostr
@@ -114,9 +117,10 @@ impl Rejection {
             Rejection::UnknownAccount | Rejection::NotFound => "unknown_account",
             Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::TooLarge => "too_large",
-            Rejection::BodyRead | Rejection::MissingEchostr | Rejection::BadEncryptType => {
-                "bad_request"
-            }
+            Rejection::BodyRead
+            | Rejection::BodyTimeout
+            | Rejection::MissingEchostr
+            | Rejection::BadEncryptType => "bad_request",
             Rejection::MissingSignature(_) | Rejection::BadSignature => "bad_signature",
             Rejection::Stale => "stale",
             Rejection::PlaintextRefused | Rejection::EncryptedRefused => "mode_refused",
@@ -166,7 +170,7 @@ pub async fn handle(
         .filter(|id| config.accounts.contains_key(*id))
         .unwrap_or("-")
         .to_string();
-    let outcome = answer(&shared, &config, req).await;
+    let outcome = answer(&shared, &config, req, started).await;
     let account = account.as_str();
     let elapsed = started.elapsed();
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
@@ -191,8 +195,9 @@ pub async fn handle(
         }
         Ok(Answer::Accepted(a)) => {
             if !a.duplicate {
+                let (msg_type, event) = crate::metrics::event_labels(&a.msg_type, &a.event);
                 m.events
-                    .with_label_values(&[account, &a.msg_type, &a.event])
+                    .with_label_values(&[account, msg_type, event])
                     .inc();
                 if a.unrouted {
                     m.dead_letters
@@ -255,6 +260,7 @@ async fn answer(
     shared: &Shared,
     config: &Settings,
     req: Request<Incoming>,
+    started: Instant,
 ) -> Result<Answer, Rejection> {
     let account_id = account_of(req.uri().path()).ok_or(Rejection::NotFound)?;
     let account = config
@@ -265,8 +271,13 @@ async fn answer(
     match *req.method() {
         Method::GET => verify_url(shared, account, &query).map(Answer::Echo),
         Method::POST => {
-            let body = read_body(req, config.server.max_body).await?;
-            accept_push(shared, config, account, query, body)
+            // The body must arrive within the reply budget too: WeChat sends it
+            // at once, and a client trickling it holds a connection for nothing.
+            let read = read_body(req, config.server.max_body);
+            let body = tokio::time::timeout(config.server.reply_budget, read)
+                .await
+                .map_err(|_| Rejection::BodyTimeout)??;
+            accept_push(shared, config, account, query, body, started)
                 .await
                 .map(Answer::Accepted)
         }
@@ -406,8 +417,8 @@ async fn accept_push(
     account: &Account,
     query: String,
     body: Bytes,
+    started: Instant,
 ) -> Result<Accepted, Rejection> {
-    let started = Instant::now();
     let q = params(&query);
     let verified = verify_push(shared, account, &q, &body)?;
     let message = &verified.message;
@@ -495,7 +506,13 @@ async fn accept_push(
         stored.event_id = event_id;
         let remaining = reply_budget.saturating_sub(started.elapsed());
         let delivery_id = deliveries.get(position).copied().unwrap_or_default();
-        let reply = reply_inline(shared, &target, delivery_id, &stored, remaining).await;
+        // With no time left, an attempt could not even be sent: leave the
+        // delivery to the workers rather than count an attempt never made.
+        let reply = if remaining < MIN_INLINE_ATTEMPT {
+            InlineReply::Failed
+        } else {
+            reply_inline(shared, &target, delivery_id, &stored, remaining).await
+        };
         let (body, outcome) = answer_with(account, &verified, &q, reply);
         accepted.body = body;
         accepted.reply = Some(outcome);
@@ -519,6 +536,9 @@ fn stored_view(event: &NewEvent) -> StoredEvent {
         event: event.event.clone(),
     }
 }
+
+/// The least time worth an inline attempt at the reply target.
+const MIN_INLINE_ATTEMPT: Duration = Duration::from_millis(50);
 
 /// What the reply target's inline attempt gave.
 enum InlineReply {

@@ -448,3 +448,33 @@ async fn a_paused_target_holds_its_deliveries_until_a_reload_releases_them() {
     );
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_body_that_never_finishes_is_refused_with_408_and_stores_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let g = generated();
+    let cfg = config(&g, "http://127.0.0.1:9/", "", "reply_budget = \"1s\"\n");
+    let relay = TestRelay::start(&cfg, reference_now(&g)).await;
+    let v = vector(&g, "secure.CLICK");
+    let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nhost: relay\r\ncontent-type: text/xml\r\ncontent-length: 1000\r\n\r\n<xml>",
+        path("secure", &v["request"])
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer);
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(relay.nothing_pending().await && relay.unrouted().await.is_empty());
+    let m = scrape(&relay).await;
+    assert_eq!(
+        metric(&m, "wxrelay_pushes_total", &[("verdict", "bad_request")]),
+        1.0
+    );
+    relay.stop().await;
+}

@@ -23,8 +23,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use retry::Verdict;
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Semaphore};
@@ -164,30 +164,84 @@ pub fn start(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> JoinSet<()> {
     tasks
 }
 
+/// How often pending deliveries of targets that are no longer configured are
+/// dead-lettered: a request that began under the previous configuration can
+/// store one just after a reload retired the rest.
+const RETIRE_EVERY: Duration = Duration::from_secs(30);
+
 async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut loops = JoinSet::new();
-    let mut running: HashSet<String> = HashSet::new();
+    let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut tick = tokio::time::interval(RETIRE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let config = shared.config.load_full();
         for name in config.targets.keys() {
-            if running.insert(name.clone()) {
-                loops.spawn(run_target(shared.clone(), name.clone(), stop.clone()));
+            if !names.values().any(|n| n == name) {
+                let task = loops.spawn(run_target(shared.clone(), name.clone(), stop.clone()));
+                names.insert(task.id(), name.clone());
             }
         }
         tokio::select! {
             _ = shared.config_changed.notified() => {}
-            Some(Ok(name)) = loops.join_next() => { running.remove(&name); }
+            _ = tick.tick() => {
+                if let Err(e) = shared.retire_removed_targets(&config).await {
+                    tracing::warn!(error = %e, "cannot retire the deliveries of removed targets");
+                }
+            }
+            Some(ended) = loops.join_next_with_id() => {
+                let id = match &ended {
+                    Ok((id, _)) => *id,
+                    Err(e) => e.id(),
+                };
+                if let Some(name) = names.remove(&id) {
+                    if ended.is_err() {
+                        tracing::error!(target = %name, "a delivery loop ended unexpectedly; starting it again");
+                    }
+                }
+            }
             _ = stopping(&mut stop) => break,
         }
     }
     while loops.join_next().await.is_some() {}
 }
 
+/// Whether a target looks down, and when its backlog was last released.
+#[derive(Default)]
+struct Health {
+    down: AtomicBool,
+    released_at_ms: AtomicI64,
+}
+
+/// A flapping target (some answers, some 5xx) must not get its whole backlog
+/// back on every success.
+const RELEASE_AT_MOST_EVERY_MS: i64 = 10_000;
+
+impl Health {
+    fn failed(&self) {
+        self.down.store(true, Ordering::Relaxed);
+    }
+
+    /// True when the target was down, answers again, and its backlog was not
+    /// released in the last ten seconds.
+    fn recovered(&self, now_ms: i64) -> bool {
+        if !self.down.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        let last = self.released_at_ms.load(Ordering::Relaxed);
+        if last != 0 && now_ms - last < RELEASE_AT_MOST_EVERY_MS {
+            return false;
+        }
+        self.released_at_ms.store(now_ms, Ordering::Relaxed);
+        true
+    }
+}
+
 /// Delivers `name`'s due deliveries until stopped or until the target is no
 /// longer configured. Returns the target's name.
 async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver<bool>) -> String {
     let wake = shared.waker(&name);
-    let down = Arc::new(AtomicBool::new(false));
+    let down = Arc::new(Health::default());
     let mut slots: Option<(usize, Arc<Semaphore>)> = None;
     let mut in_flight = JoinSet::new();
     loop {
@@ -279,7 +333,7 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
 /// were down (no answer, or a 5xx); the first success after that makes the
 /// target's backed-off deliveries due at once, so a backlog drains at full
 /// speed when the target returns rather than as each backoff ends.
-async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &AtomicBool) {
+async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health) {
     let started = tokio::time::Instant::now();
     let now_secs = shared.clock.now_secs();
     let result = attempt(
@@ -291,7 +345,7 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &AtomicBo
     )
     .await;
     match (&result.verdict, result.status) {
-        (Verdict::Delivered, _) if down.swap(false, Ordering::Relaxed) => {
+        (Verdict::Delivered, _) if down.recovered(shared.clock.now_ms()) => {
             let now = shared.clock.now_ms();
             match shared.spool.release_backoff(&target.name, now).await {
                 Ok(n) => {
@@ -304,7 +358,7 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &AtomicBo
             shared.wake(&target.name);
         }
         (Verdict::Retry { .. }, status) if status.is_none_or(|s| s.is_server_error()) => {
-            down.store(true, Ordering::Relaxed);
+            down.failed();
         }
         _ => {}
     }

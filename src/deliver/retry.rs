@@ -96,6 +96,7 @@ pub fn settle(
                     Settlement::Retry {
                         delivery_id,
                         next_at: now_ms + wait.as_millis() as i64,
+                        not_before: retry_after.map_or(0, |d| now_ms + d.as_millis() as i64),
                         error,
                     }
                 }
@@ -168,6 +169,7 @@ mod tests {
             Settlement::Retry {
                 delivery_id: 1,
                 next_at: 10_000,
+                not_before: 0,
                 error: "HTTP 503".into()
             }
         );
@@ -176,6 +178,7 @@ mod tests {
             Settlement::Retry {
                 delivery_id: 1,
                 next_at: 60_000,
+                not_before: 0,
                 error: "HTTP 503".into()
             }
         );
@@ -201,6 +204,7 @@ mod tests {
             Settlement::Retry {
                 delivery_id: 1,
                 next_at: 31_000,
+                not_before: 31_000,
                 error: "HTTP 429".into()
             }
         );

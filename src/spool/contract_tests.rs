@@ -165,6 +165,7 @@ async fn retry_counts_attempts_and_reschedules() {
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: 5_000,
+            not_before: 0,
             error: "HTTP 503".into(),
         };
         spool.settle(vec![retry], 10).await.unwrap();
@@ -185,6 +186,7 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: 30_000,
+            not_before: 0,
             error: "HTTP 503".into(),
         };
         spool.settle(vec![retry], 1).await.unwrap();
@@ -358,4 +360,89 @@ async fn a_closed_spool_refuses_work() {
     let spool = SqliteSpool::open(&dir.path().join("spool.db")).unwrap();
     spool.close();
     assert!(matches!(spool.probe().await, Err(SpoolError::Closed)));
+}
+
+#[tokio::test]
+async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
+    for (name, spool, _dir) in spools() {
+        // Not tried yet and due later (a reply target's delivery awaiting its inline attempt).
+        let mut later = event("later", &["a"], 0);
+        later.targets[0].due_at = 9_000;
+        stored(&*spool, later, 0).await;
+        // Failed with Retry-After: 120 s.
+        let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
+        // Failed without one.
+        let (_, plain) = stored(&*spool, event("plain", &["a"], 0), 0).await;
+        spool.lease("a", 0, 10, 60_000).await.unwrap();
+        let retry = |id: i64, not_before: i64| Settlement::Retry {
+            delivery_id: id,
+            next_at: 120_000,
+            not_before,
+            error: "HTTP 503".into(),
+        };
+        spool
+            .settle(vec![retry(held[0], 120_000), retry(plain[0], 0)], 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            spool.release_backoff("a", 2).await.unwrap(),
+            1,
+            "{name}: only the plain failure"
+        );
+        let due = spool.lease("a", 2, 10, 60_000).await.unwrap();
+        assert_eq!(due.len(), 1, "{name}");
+        assert_eq!(due[0].delivery_id, plain[0], "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_settle_repeated_after_the_event_is_gone_touches_no_later_event() {
+    for (name, spool, _dir) in spools() {
+        let (_, first) = stored(&*spool, event("k1", &["a"], 0), 0).await;
+        let done = || Settlement::Delivered {
+            delivery_id: first[0],
+        };
+        spool.settle(vec![done()], 1).await.unwrap();
+        let (_, second) = stored(&*spool, event("k2", &["a"], 2), 2).await;
+        assert_ne!(second[0], first[0], "{name}: ids are never reused");
+        spool.settle(vec![done()], 3).await.unwrap();
+        assert_eq!(
+            spool.pending("a", 10).await.unwrap().len(),
+            1,
+            "{name}: k2 still pending"
+        );
+    }
+}
+
+#[tokio::test]
+async fn expired_dedup_keys_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let spool = SqliteSpool::open(&path).unwrap();
+    let mut now = 0;
+    // A one-second window and a push every ten seconds: every key but the
+    // newest few expires long before the next prune.
+    for i in 0..50 {
+        let e = event(&format!("k{i}"), &["a"], now);
+        let Enqueued::Stored { deliveries, .. } = spool.enqueue(e, now, 1_000).await.unwrap()
+        else {
+            panic!("stored")
+        };
+        spool
+            .settle(
+                vec![Settlement::Delivered {
+                    delivery_id: deliveries[0],
+                }],
+                now,
+            )
+            .await
+            .unwrap();
+        now += 10_000;
+    }
+    spool.close();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let live: i64 = c
+        .query_row("SELECT COUNT(*) FROM dedup", [], |r| r.get(0))
+        .unwrap();
+    assert!(live <= 4, "{live} dedup keys kept of 50");
 }

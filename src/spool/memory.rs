@@ -18,6 +18,7 @@ struct Delivery {
     last_error: String,
     reason: String,
     updated_at: i64,
+    not_before: i64,
 }
 
 #[derive(Default)]
@@ -110,6 +111,7 @@ impl Spool for MemorySpool {
                         last_error: String::new(),
                         reason: REASON_UNROUTED.into(),
                         updated_at: now,
+                        not_before: 0,
                     },
                 );
             }
@@ -127,6 +129,7 @@ impl Spool for MemorySpool {
                         last_error: String::new(),
                         reason: String::new(),
                         updated_at: now,
+                        not_before: 0,
                     },
                 );
                 deliveries.push(id);
@@ -201,11 +204,13 @@ impl Spool for MemorySpool {
                     Settlement::Retry {
                         delivery_id,
                         next_at,
+                        not_before,
                         error,
                     } => {
                         if let Some(d) = s.deliveries.get_mut(&delivery_id).filter(|d| !d.dead) {
                             d.attempts += 1;
                             d.next_at = next_at;
+                            d.not_before = not_before;
                             d.last_error = error;
                             d.updated_at = now;
                         }
@@ -233,7 +238,8 @@ impl Spool for MemorySpool {
         self.with(move |s| {
             let mut n = 0;
             for d in s.deliveries.values_mut() {
-                if !d.dead && d.target.as_deref() == Some(&target) && d.next_at > now {
+                let failed = d.attempts > 0 && d.not_before <= now;
+                if !d.dead && d.target.as_deref() == Some(&target) && d.next_at > now && failed {
                     d.next_at = now;
                     n += 1;
                 }

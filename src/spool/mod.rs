@@ -39,6 +39,8 @@ pub enum SpoolError {
     Storage(String),
     #[error("spool is closed")]
     Closed,
+    #[error("spool is busy: too many requests waiting for the disk")]
+    Busy,
 }
 
 impl From<rusqlite::Error> for SpoolError {
@@ -106,6 +108,9 @@ pub enum Settlement {
     Retry {
         delivery_id: i64,
         next_at: i64,
+        /// The target asked (Retry-After) not to be called before this, unix
+        /// milliseconds; 0 when it did not.
+        not_before: i64,
         error: String,
     },
     Dead {

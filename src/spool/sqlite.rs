@@ -25,12 +25,15 @@ use tokio::sync::oneshot;
 const PENDING: i64 = 0;
 const DEAD: i64 = 2;
 
+/// Requests waiting for the writer (or the reader) at most.
+const QUEUE: usize = 8192;
+
 /// How many requests one commit may carry at most.
 pub const DEFAULT_MAX_BATCH: usize = 512;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
-    id          INTEGER PRIMARY KEY,
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
     dedup_key   TEXT    NOT NULL,
     account     TEXT    NOT NULL,
     received_at INTEGER NOT NULL,
@@ -42,7 +45,7 @@ CREATE TABLE IF NOT EXISTS events (
     event       TEXT
 );
 CREATE TABLE IF NOT EXISTS deliveries (
-    id          INTEGER PRIMARY KEY,
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id    INTEGER NOT NULL REFERENCES events(id),
     target      TEXT,
     state       INTEGER NOT NULL,
@@ -50,7 +53,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_at     INTEGER NOT NULL,
     last_error  TEXT    NOT NULL DEFAULT '',
     reason      TEXT    NOT NULL DEFAULT '',
-    updated_at  INTEGER NOT NULL
+    updated_at  INTEGER NOT NULL,
+    -- Set by a Retry-After: the target asked not to be called before this.
+    not_before  INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, next_at) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (updated_at) WHERE state = 2;
@@ -89,8 +94,8 @@ type Leased = Arc<Mutex<HashMap<i64, (String, i64)>>>;
 /// The SQLite spool. Dropping it (or calling [`SqliteSpool::close`]) lets the
 /// writer finish what it has queued and close the file.
 pub struct SqliteSpool {
-    tx: Mutex<Option<mpsc::Sender<Command>>>,
-    reads: Mutex<Option<mpsc::Sender<Read>>>,
+    tx: Mutex<Option<mpsc::SyncSender<Command>>>,
+    reads: Mutex<Option<mpsc::SyncSender<Read>>>,
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
     leased: Leased,
     path: PathBuf,
@@ -113,8 +118,10 @@ impl SqliteSpool {
         let conn = open_connection(path)?;
         let read_conn = open_connection(path)?;
         let leased = Leased::default();
-        let (tx, rx) = mpsc::channel();
-        let (reads, read_rx) = mpsc::channel();
+        // Bounded: while the disk stalls, requests are refused at once (503,
+        // and WeChat retries) rather than queued in memory without limit.
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let (reads, read_rx) = mpsc::sync_channel(QUEUE);
         let start_error =
             |e: std::io::Error| SpoolError::Storage(format!("cannot start the spool threads: {e}"));
         let writer = thread::Builder::new()
@@ -167,19 +174,19 @@ impl SqliteSpool {
 }
 
 fn send_to<C, T: Send + 'static>(
-    channel: &Mutex<Option<mpsc::Sender<C>>>,
+    channel: &Mutex<Option<mpsc::SyncSender<C>>>,
     make: impl FnOnce(Reply<T>) -> C,
 ) -> Pending<T> {
     let (reply, rx) = oneshot::channel();
-    let sent = channel
-        .lock()
-        .ok()
-        .and_then(|tx| tx.as_ref().map(|tx| tx.send(make(reply)).is_ok()))
-        .unwrap_or(false);
+    let sent = match channel.lock().ok().as_ref().and_then(|tx| tx.as_ref()) {
+        None => Err(SpoolError::Closed),
+        Some(tx) => tx.try_send(make(reply)).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => SpoolError::Busy,
+            mpsc::TrySendError::Disconnected(_) => SpoolError::Closed,
+        }),
+    };
     Box::pin(async move {
-        if !sent {
-            return Err(SpoolError::Closed);
-        }
+        sent?;
         rx.await.unwrap_or(Err(SpoolError::Closed))
     })
 }
@@ -225,8 +232,12 @@ fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
     Ok(conn)
 }
 
+/// How often expired dedup keys are deleted, in the pushes' own time.
+const PRUNE_EVERY_MS: i64 = 30_000;
+
 fn run_writer(mut conn: Connection, rx: mpsc::Receiver<Command>, max_batch: usize) {
     let mut batch = Vec::with_capacity(max_batch);
+    let mut pruned_at = 0;
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -235,14 +246,24 @@ fn run_writer(mut conn: Connection, rx: mpsc::Receiver<Command>, max_batch: usiz
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, &mut batch);
+        // Keep the dedup table to its window, now and then rather than on
+        // every push; the clock is the pushes' own, so tests can move it.
+        let now = batch.iter().filter_map(|c| match c {
+            Command::Enqueue(_, now, _, _) => Some(*now),
+            _ => None,
+        });
+        let prune = now.max().filter(|now| now - pruned_at >= PRUNE_EVERY_MS);
+        if let Some(now) = prune {
+            pruned_at = now;
+        }
+        commit_batch(&mut conn, &mut batch, prune);
     }
 }
 
 /// Applies every command in one transaction, each under its own savepoint so
 /// that one failing command does not undo the others, then commits once and
 /// only then answers them.
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<Command>) {
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<Command>, prune_dedup_before: Option<i64>) {
     let mut answers: Vec<Box<dyn FnOnce(Option<SpoolError>) + Send>> =
         Vec::with_capacity(batch.len());
     let tx = match conn.transaction() {
@@ -258,6 +279,11 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Command>) {
     let mut tx = tx;
     for cmd in batch.drain(..) {
         answers.push(apply(&mut tx, cmd));
+    }
+    if let Some(now) = prune_dedup_before {
+        if let Err(e) = tx.execute("DELETE FROM dedup WHERE expires_at <= ?1", params![now]) {
+            tracing::warn!(error = %e, "cannot prune expired dedup keys");
+        }
     }
     let outcome = tx.commit().err().map(SpoolError::from);
     for answer in answers {
@@ -364,12 +390,6 @@ fn enqueue(c: &Connection, e: &NewEvent, now: i64, window: i64) -> rusqlite::Res
         insert.execute(params![event_id, d.target, PENDING, d.due_at, now])?;
         deliveries.push(c.last_insert_rowid());
     }
-    // Keep the dedup table to its window; cheap with the primary key, done now
-    // and then rather than on every push.
-    if event_id % 1024 == 0 {
-        c.prepare_cached("DELETE FROM dedup WHERE expires_at <= ?1")?
-            .execute(params![now])?;
-    }
     Ok(Enqueued::Stored {
         event_id,
         deliveries,
@@ -429,12 +449,16 @@ fn lease(
     Ok(leases)
 }
 
-/// Makes every backed-off delivery of `target` due now: the target answers
-/// again, so its backlog need not wait out each delivery's own backoff.
+/// Makes the backed-off deliveries of `target` due now: the target answers
+/// again, so its backlog need not wait out each delivery's own backoff. Only
+/// deliveries that failed are moved, and never one the target asked (with
+/// Retry-After) not to be sent yet; one not tried yet keeps its time (a reply
+/// target's delivery waits for its inline attempt).
 fn release_backoff(c: &Connection, target: &str, now: i64) -> rusqlite::Result<u64> {
     let n = c
         .prepare_cached(
-            "UPDATE deliveries SET next_at = ?2 WHERE state = 0 AND target = ?1 AND next_at > ?2",
+            "UPDATE deliveries SET next_at = ?2
+             WHERE state = 0 AND target = ?1 AND next_at > ?2 AND attempts > 0 AND not_before <= ?2",
         )?
         .execute(params![target, now])?;
     Ok(n as u64)
@@ -457,13 +481,14 @@ fn settle(c: &Connection, settlements: &[Settlement], now: i64) -> rusqlite::Res
             Settlement::Retry {
                 delivery_id,
                 next_at,
+                not_before,
                 error,
             } => {
                 c.prepare_cached(
-                    "UPDATE deliveries SET attempts = attempts + 1, next_at = ?2, last_error = ?3, updated_at = ?4
-                     WHERE id = ?1 AND state = 0",
+                    "UPDATE deliveries SET attempts = attempts + 1, next_at = ?2, last_error = ?3, updated_at = ?4,
+                     not_before = ?5 WHERE id = ?1 AND state = 0",
                 )?
-                .execute(params![delivery_id, next_at, error, now])?;
+                .execute(params![delivery_id, next_at, error, now, not_before])?;
             }
             Settlement::Dead {
                 delivery_id,
