@@ -8,7 +8,7 @@
 mod common;
 
 use common::target::{Behaviour, FakeTarget};
-use common::{generated, generated_config, TestRelay};
+use common::{broker_routes, config, generated, generated_config, target, TestRelay};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -27,23 +27,6 @@ use wxrelay::wechat::message::Message;
 const WAIT: Duration = Duration::from_secs(20);
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const MODES: [&str; 3] = ["plaintext", "compat", "secure"];
-
-fn target(name: &str, url: &str, extra: &str) -> String {
-    format!("[targets.{name}]\nurl = \"{url}\"\ntimeout = \"2s\"\n{extra}\n")
-}
-
-/// The vectors' accounts, the given targets and routes, a short reply budget.
-fn config(g: &Value, targets: &[String], routes: &str) -> String {
-    format!(
-        "[server]\nreply_budget = \"1s\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n{}\n{}\n{routes}",
-        generated_config(g),
-        targets.concat()
-    )
-}
-
-fn broker_routes() -> &'static str {
-    "[[routes]]\nmatch = { event = [\"subscribe\", \"SCAN\"] }\nto = [\"broker\"]\nreply_from = \"broker\"\n"
-}
 
 /// `simulate` stamps the system time; the relay's clock must agree.
 async fn relay_now(toml: &str) -> TestRelay {

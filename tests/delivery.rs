@@ -8,7 +8,9 @@ mod common;
 
 use base64::Engine as _;
 use common::target::{Behaviour, FakeTarget, Received};
-use common::{body, generated, generated_config, path, reference_now, TestRelay};
+use common::{
+    body, broker_routes, config, generated, path, reference_now, target, vector, TestRelay,
+};
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
@@ -20,27 +22,6 @@ use wxrelay::wechat::signature;
 
 const WAIT: Duration = Duration::from_secs(20);
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-fn vector<'g>(g: &'g Value, id: &str) -> &'g Value {
-    ["positive", "special"]
-        .iter()
-        .flat_map(|group| g[group].as_array().unwrap())
-        .find(|v| v["id"] == id)
-        .unwrap_or_else(|| panic!("no vector {id}"))
-}
-
-fn target(name: &str, url: &str, extra: &str) -> String {
-    format!("[targets.{name}]\nurl = \"{url}\"\ntimeout = \"2s\"\n{extra}\n")
-}
-
-/// The vectors' accounts, the given targets and routes, a short reply budget.
-fn config(g: &Value, targets: &[String], routes: &str) -> String {
-    format!(
-        "[server]\nreply_budget = \"1s\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n{}\n{}\n{routes}",
-        generated_config(g),
-        targets.concat()
-    )
-}
 
 async fn send(relay: &TestRelay, v: &Value, account: &str) -> common::Answer {
     relay
@@ -398,10 +379,6 @@ async fn unrouted_and_removed_target_dead_letters_are_kept_and_listed() {
     assert_eq!(unrouted.msg_type, "text");
     assert_eq!(kept.count(), 1, "the unrouted text reached no target");
     relay.stop().await;
-}
-
-fn broker_routes() -> &'static str {
-    "[[routes]]\nmatch = { event = [\"subscribe\", \"SCAN\"] }\nto = [\"broker\"]\nreply_from = \"broker\"\n"
 }
 
 #[tokio::test]

@@ -6,22 +6,13 @@
 mod common;
 
 use common::target::{Behaviour, FakeTarget};
-use common::{body, generated, generated_config, metric, path, reference_now, TestRelay};
+use common::{body, generated, generated_config, metric, path, reference_now, vector, TestRelay};
 use http::Method;
 use serde_json::Value;
 use std::time::Duration;
 use wxrelay::spool::{DeadFilter, Spool};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn vector<'g>(g: &'g Value, id: &str) -> &'g Value {
-    g["positive"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["id"] == id)
-        .unwrap()
-}
 
 fn config(g: &Value, hooks_url: &str, routes: &str, server_extra: &str) -> String {
     format!(

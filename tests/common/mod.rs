@@ -82,6 +82,34 @@ pub fn body(request: &Value) -> Vec<u8> {
     request["body"].as_str().unwrap_or("").as_bytes().to_vec()
 }
 
+/// A positive or special vector by id.
+pub fn vector<'g>(g: &'g Value, id: &str) -> &'g Value {
+    ["positive", "special"]
+        .iter()
+        .flat_map(|group| g[group].as_array().unwrap())
+        .find(|v| v["id"] == id)
+        .unwrap_or_else(|| panic!("no vector {id}"))
+}
+
+/// A `[targets.NAME]` section with a short timeout and `extra` keys.
+pub fn target(name: &str, url: &str, extra: &str) -> String {
+    format!("[targets.{name}]\nurl = \"{url}\"\ntimeout = \"2s\"\n{extra}\n")
+}
+
+/// The vectors' accounts, the given targets and routes, a short reply budget.
+pub fn config(g: &Value, targets: &[String], routes: &str) -> String {
+    format!(
+        "[server]\nreply_budget = \"1s\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n{}\n{}\n{routes}",
+        generated_config(g),
+        targets.concat()
+    )
+}
+
+/// Login events to the broker, which may answer WeChat.
+pub fn broker_routes() -> &'static str {
+    "[[routes]]\nmatch = { event = [\"subscribe\", \"SCAN\"] }\nto = [\"broker\"]\nreply_from = \"broker\"\n"
+}
+
 pub struct TestRelay {
     pub relay: Option<Relay>,
     pub addr: SocketAddr,
