@@ -451,15 +451,18 @@ async fn accept_push(
         None => input.msg_type.to_string(),
     };
     let event = NewEvent {
-        dedup_key: dedup_key.clone(),
-        account: account.id.clone(),
-        received_at: now,
-        query,
-        body: body.to_vec(),
-        xml: verified.xml.clone(),
-        fields: message.fields_json().to_string(),
-        msg_type: input.msg_type.to_string(),
-        event: message.event().map(str::to_string),
+        event: StoredEvent {
+            event_id: 0,
+            dedup_key: dedup_key.clone(),
+            account: account.id.clone(),
+            received_at: now,
+            query,
+            body: body.to_vec(),
+            xml: verified.xml.clone(),
+            fields: message.fields_json().to_string(),
+            msg_type: input.msg_type.to_string(),
+            event: message.event().map(str::to_string),
+        },
         targets,
     };
     let window = config.spool.dedup_window.as_millis() as i64;
@@ -468,7 +471,7 @@ async fn accept_push(
         let position = event.targets.iter().position(|t| t.target == name)?;
         // A paused target gets no inline attempt either: its delivery waits.
         let target = config.targets.get(name).filter(|t| !t.paused)?;
-        Some((target.clone(), position, stored_view(&event)))
+        Some((target.clone(), position, event.event.clone()))
     });
     let routed: Vec<String> = event.targets.iter().map(|t| t.target.clone()).collect();
     let commit = shared.spool.enqueue(event, now, window);
@@ -518,23 +521,6 @@ async fn accept_push(
         accepted.reply = Some(outcome);
     }
     Ok(accepted)
-}
-
-/// The event as it will be stored, for the inline attempt (its id is filled
-/// in after the commit).
-fn stored_view(event: &NewEvent) -> StoredEvent {
-    StoredEvent {
-        event_id: 0,
-        dedup_key: event.dedup_key.clone(),
-        account: event.account.clone(),
-        received_at: event.received_at,
-        query: event.query.clone(),
-        body: event.body.clone(),
-        xml: event.xml.clone(),
-        fields: event.fields.clone(),
-        msg_type: event.msg_type.clone(),
-        event: event.event.clone(),
-    }
 }
 
 /// The least time worth an inline attempt at the reply target.

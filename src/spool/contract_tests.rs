@@ -8,15 +8,18 @@ const WINDOW: i64 = 600_000;
 
 fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
     NewEvent {
-        dedup_key: key.into(),
-        account: "main".into(),
-        received_at: now,
-        query: format!("signature=s&timestamp=1&nonce={key}"),
-        body: format!("<xml>{key}</xml>").into_bytes(),
-        xml: format!("<xml><K>{key}</K></xml>"),
-        fields: format!("{{\"K\":\"{key}\"}}"),
-        msg_type: "event".into(),
-        event: Some("CLICK".into()),
+        event: StoredEvent {
+            event_id: 0,
+            dedup_key: key.into(),
+            account: "main".into(),
+            received_at: now,
+            query: format!("signature=s&timestamp=1&nonce={key}"),
+            body: format!("<xml>{key}</xml>").into_bytes(),
+            xml: format!("<xml><K>{key}</K></xml>"),
+            fields: format!("{{\"K\":\"{key}\"}}"),
+            msg_type: "event".into(),
+            event: Some("CLICK".into()),
+        },
         targets: targets
             .iter()
             .map(|t| NewDelivery {

@@ -91,14 +91,18 @@ impl MemorySpool {
 }
 
 impl Spool for MemorySpool {
-    fn enqueue(&self, e: NewEvent, now: i64, window: i64) -> Pending<Enqueued> {
+    fn enqueue(&self, new: NewEvent, now: i64, window: i64) -> Pending<Enqueued> {
         self.with(move |s| {
+            let NewEvent {
+                event: mut e,
+                targets,
+            } = new;
             if s.dedup.get(&e.dedup_key).is_some_and(|&exp| exp > now) {
                 return Enqueued::Duplicate;
             }
             s.dedup.insert(e.dedup_key.clone(), now + window);
             let event_id = s.id();
-            if e.targets.is_empty() {
+            if targets.is_empty() {
                 let id = s.id();
                 s.deliveries.insert(
                     id,
@@ -116,7 +120,7 @@ impl Spool for MemorySpool {
                 );
             }
             let mut deliveries = Vec::new();
-            for t in &e.targets {
+            for t in &targets {
                 let id = s.id();
                 s.deliveries.insert(
                     id,
@@ -134,21 +138,8 @@ impl Spool for MemorySpool {
                 );
                 deliveries.push(id);
             }
-            s.events.insert(
-                event_id,
-                StoredEvent {
-                    event_id,
-                    dedup_key: e.dedup_key,
-                    account: e.account,
-                    received_at: e.received_at,
-                    query: e.query,
-                    body: e.body,
-                    xml: e.xml,
-                    fields: e.fields,
-                    msg_type: e.msg_type,
-                    event: e.event,
-                },
-            );
+            e.event_id = event_id;
+            s.events.insert(event_id, e);
             Enqueued::Stored {
                 event_id,
                 deliveries,

@@ -49,23 +49,11 @@ impl From<rusqlite::Error> for SpoolError {
     }
 }
 
-/// A verified push, as it is stored.
+/// A verified push to store, with a delivery per target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
-    pub dedup_key: String,
-    pub account: String,
-    /// Unix milliseconds.
-    pub received_at: i64,
-    /// The request's query string, byte for byte.
-    pub query: String,
-    /// The request's body, byte for byte.
-    pub body: Vec<u8>,
-    /// The decrypted (or, in plaintext mode, received) message XML.
-    pub xml: String,
-    /// The message's fields as a JSON object of strings.
-    pub fields: String,
-    pub msg_type: String,
-    pub event: Option<String>,
+    /// The event as it will be stored; its `event_id` is assigned by the spool.
+    pub event: StoredEvent,
     /// One delivery per target; empty means the event matched no route.
     pub targets: Vec<NewDelivery>,
 }
@@ -223,15 +211,22 @@ pub trait Spool: Send + Sync + 'static {
     fn probe(&self) -> Pending<()>;
 }
 
+/// An event as the spool holds it: the request as WeChat sent it, and what
+/// the relay made of it, so any target format can be built from it later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
     pub event_id: i64,
     pub dedup_key: String,
     pub account: String,
+    /// Unix milliseconds.
     pub received_at: i64,
+    /// The request's query string, byte for byte.
     pub query: String,
+    /// The request's body, byte for byte.
     pub body: Vec<u8>,
+    /// The decrypted (or, in plaintext mode, received) message XML.
     pub xml: String,
+    /// The message's fields as a JSON object of strings.
     pub fields: String,
     pub msg_type: String,
     pub event: Option<String>,

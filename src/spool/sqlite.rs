@@ -347,7 +347,8 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> Box<dyn FnOnce(Option<SpoolE
     }
 }
 
-fn enqueue(c: &Connection, e: &NewEvent, now: i64, window: i64) -> rusqlite::Result<Enqueued> {
+fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::Result<Enqueued> {
+    let (e, targets) = (&new.event, &new.targets);
     // An expired key is taken over by the new event; a live one makes it a duplicate.
     let inserted = c
         .prepare_cached(
@@ -375,8 +376,8 @@ fn enqueue(c: &Connection, e: &NewEvent, now: i64, window: i64) -> rusqlite::Res
         e.event
     ])?;
     let event_id = c.last_insert_rowid();
-    let mut deliveries = Vec::with_capacity(e.targets.len());
-    if e.targets.is_empty() {
+    let mut deliveries = Vec::with_capacity(targets.len());
+    if targets.is_empty() {
         c.prepare_cached(
             "INSERT INTO deliveries (event_id, target, state, next_at, reason, updated_at)
              VALUES (?1, NULL, ?2, 0, ?3, ?4)",
@@ -386,7 +387,7 @@ fn enqueue(c: &Connection, e: &NewEvent, now: i64, window: i64) -> rusqlite::Res
     let mut insert = c.prepare_cached(
         "INSERT INTO deliveries (event_id, target, state, next_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
-    for d in &e.targets {
+    for d in targets {
         insert.execute(params![event_id, d.target, PENDING, d.due_at, now])?;
         deliveries.push(c.last_insert_rowid());
     }
