@@ -1,6 +1,13 @@
 //! The accept loop shared by the public and admin listeners: HTTP/1.1 with
 //! keep-alive and a header-read timeout, over a listener the caller binds (so
 //! tests can use port 0), with a bounded graceful drain.
+//!
+//! Connections are capped, so a flood cannot exhaust file descriptors (accept
+//! failing with EMFILE would stall real pushes too) or memory. At the cap, the
+//! connection idle the longest (open, but with no request in progress) is
+//! closed to make room: idle connections cannot starve real pushes. Only when
+//! every connection has a request in progress does a new one get a canned
+//! `503` and a close.
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -9,17 +16,159 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 pub struct Limits {
     pub header_timeout: Duration,
     /// How long in-flight requests may take to finish once shutdown begins.
     pub drain: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Where connection events are counted; `None` counts nothing.
+    pub counters: Option<Counters>,
+}
+
+/// The connection metrics of a listener (see [`crate::metrics::Metrics`]).
+#[derive(Clone)]
+pub struct Counters {
+    pub open: IntGauge,
+    pub refused: IntCounter,
+    pub idle_closed: IntCounter,
+    /// Requests hyper refused itself (malformed, too large) and connections
+    /// that ended in an error, by kind.
+    pub http_errors: IntCounterVec,
+}
+
+/// Room for a request head: a URI up to hyper's own 64 KiB limit (a longer
+/// one gets 414) and headers. hyper's default lets every connection buffer
+/// 400 KiB of headers, which across thousands of connections is the memory
+/// a flood is after.
+const MAX_HEAD_BUFFER: usize = 80 * 1024;
+
+/// How long a new connection waits for the idle one it displaced to close.
+const ADMISSION_WAIT: Duration = Duration::from_secs(1);
+
+/// File descriptors kept for everything but public connections: the spool,
+/// the admin listener, outbound connections to targets, logs.
+const RESERVED_FDS: u64 = 256;
+
+/// The default cap on connections: half of the descriptors the open-file
+/// limit leaves (the other half absorbs connections being refused or
+/// waiting for a displaced one to close), at most 4096, at least 16.
+pub fn default_max_connections() -> usize {
+    let limit = open_files_limit().unwrap_or(1024);
+    let spare = limit.saturating_sub(RESERVED_FDS) / 2;
+    spare.clamp(16, 4096) as usize
+}
+
+/// The soft RLIMIT_NOFILE of this process, from `/proc/self/limits`; `None`
+/// where that does not exist, or when it is unlimited.
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether `max_connections` public connections fit in the open-file limit.
+pub fn fits_open_files(max_connections: usize) -> bool {
+    open_files_limit().is_none_or(|limit| max_connections as u64 + RESERVED_FDS <= limit)
+}
+
+/// Open connections: whether each has a request in progress, and since when
+/// it has been idle.
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    connections: HashMap<u64, Tracked>,
+}
+
+struct Tracked {
+    in_flight: usize,
+    idle_since: Instant,
+    close: Arc<Notify>,
+    closing: bool,
+}
+
+type Connections = Arc<Mutex<Registry>>;
+
+fn lock(connections: &Connections) -> std::sync::MutexGuard<'_, Registry> {
+    connections.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Asks the connection idle the longest to close; false when none is idle.
+fn close_idlest(connections: &Connections) -> bool {
+    let mut registry = lock(connections);
+    let idlest = registry
+        .connections
+        .values_mut()
+        .filter(|c| c.in_flight == 0 && !c.closing)
+        .min_by_key(|c| c.idle_since);
+    match idlest {
+        Some(connection) => {
+            connection.closing = true;
+            // A stored permit: the connection may not be waiting on it yet.
+            connection.close.notify_one();
+            true
+        }
+        None => false,
+    }
+}
+
+/// Marks a connection busy while a request of it is being answered.
+struct InFlight {
+    connections: Connections,
+    id: u64,
+}
+
+impl InFlight {
+    fn start(connections: &Connections, id: u64) -> InFlight {
+        if let Some(c) = lock(connections).connections.get_mut(&id) {
+            c.in_flight += 1;
+        }
+        InFlight {
+            connections: connections.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(c) = lock(&self.connections).connections.get_mut(&self.id) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+            c.idle_since = Instant::now();
+        }
+    }
+}
+
+/// A served connection's slot: its permit, registry entry and gauge, all
+/// released together when the connection ends.
+struct Slot {
+    connections: Connections,
+    id: u64,
+    open: Option<IntGauge>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.connections).connections.remove(&self.id);
+        if let Some(open) = &self.open {
+            open.dec();
+        }
+    }
 }
 
 /// Serves `listener` until `shutdown` turns true, then stops accepting and waits
@@ -33,11 +182,16 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD_BUFFER)
         .keep_alive(true);
+    let max = limits.max_connections.max(1);
+    let permits = Arc::new(Semaphore::new(max));
+    let connections: Connections = Arc::default();
+    let counters = limits.counters;
+    let errors = Arc::new(ErrorLog::default());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -51,21 +205,50 @@ pub async fn serve<H, F>(
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let conn = http.serve_connection(TokioIo::new(stream), service_fn(handler));
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                let permit = match permits.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) if close_idlest(&connections) => {
+                        if let Some(c) = &counters {
+                            c.idle_closed.inc();
+                        }
+                        None
                     }
+                    Err(_) => {
+                        refuse(&stream, counters.as_ref());
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let connection = Connection {
+                    http: http.clone(),
+                    handler: handler.clone(),
+                    connections: connections.clone(),
+                    counters: counters.clone(),
+                    errors: errors.clone(),
+                    shutdown: shutdown.clone(),
+                };
+                let permits = permits.clone();
+                tokio::spawn(async move {
+                    let permit = match permit {
+                        Some(permit) => permit,
+                        // Fair: the permit the displaced connection frees
+                        // goes to the oldest waiter, not to a newer arrival.
+                        None => match tokio::time::timeout(ADMISSION_WAIT, permits.acquire_owned()).await {
+                            Ok(Ok(permit)) => permit,
+                            _ => return refuse(&stream, connection.counters.as_ref()),
+                        },
+                    };
+                    connection.run(stream, permit).await;
                 });
             }
             _ = stopping(&mut shutdown) => break,
         }
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain, graceful.shutdown())
+    // Every connection holds a permit until it ends: all of them back means
+    // every connection has finished.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(limits.drain, permits.acquire_many(all))
         .await
         .is_err()
     {
@@ -73,6 +256,155 @@ pub async fn serve<H, F>(
             drain_secs = limits.drain.as_secs_f64(),
             "requests still open at the drain deadline"
         );
+    }
+}
+
+/// One accepted connection and what serving it needs.
+struct Connection<H> {
+    http: http1::Builder,
+    handler: H,
+    connections: Connections,
+    counters: Option<Counters>,
+    errors: Arc<ErrorLog>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<H, F> Connection<H>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    async fn run(mut self, stream: TcpStream, permit: OwnedSemaphorePermit) {
+        if *self.shutdown.borrow() {
+            return;
+        }
+        let close = Arc::new(Notify::new());
+        let id = {
+            let mut registry = lock(&self.connections);
+            registry.next_id += 1;
+            let id = registry.next_id;
+            registry.connections.insert(
+                id,
+                Tracked {
+                    in_flight: 0,
+                    idle_since: Instant::now(),
+                    close: close.clone(),
+                    closing: false,
+                },
+            );
+            id
+        };
+        let open = self.counters.as_ref().map(|c| c.open.clone());
+        if let Some(open) = &open {
+            open.inc();
+        }
+        let _slot = Slot {
+            connections: self.connections.clone(),
+            id,
+            open,
+            _permit: permit,
+        };
+        let (connections, handler) = (self.connections.clone(), self.handler.clone());
+        let service = service_fn(move |req| {
+            let busy = InFlight::start(&connections, id);
+            let answer = handler(req);
+            async move {
+                let response = answer.await;
+                drop(busy);
+                response
+            }
+        });
+        let conn = self.http.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = close.notified() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            _ = stopping(&mut self.shutdown) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            let kind = error_kind(&e);
+            if let Some(c) = &self.counters {
+                c.http_errors.with_label_values(&[kind]).inc();
+            }
+            self.errors.record(kind);
+        }
+    }
+}
+
+/// The canned answer for a connection over the cap; the connection is
+/// closed without reading from it.
+fn refuse(stream: &TcpStream, counters: Option<&Counters>) {
+    const BODY: &str = "too many connections open\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    // A fresh socket's send buffer is empty, so this never blocks; if it
+    // cannot be written, the close alone tells the client.
+    let _ = stream.try_write(answer.as_bytes());
+    if let Some(c) = counters {
+        c.refused.inc();
+    }
+}
+
+/// The `kind` label of a connection that ended in an error. hyper answers
+/// the first three itself (400, 414, 431) before any handler runs.
+fn error_kind(e: &hyper::Error) -> &'static str {
+    if e.is_parse_too_large() {
+        // hyper tells the two apart only in its message.
+        if e.to_string().contains("URI") {
+            "uri_too_long"
+        } else {
+            "headers_too_large"
+        }
+    } else if e.is_parse() {
+        "malformed"
+    } else if e.is_timeout() {
+        "header_timeout"
+    } else if e.is_incomplete_message() {
+        "incomplete"
+    } else {
+        "other"
+    }
+}
+
+/// Logs refused requests at most once per [`ErrorLog::EVERY`], with how many
+/// were not logged since: a flood of junk must not become a flood of logs.
+#[derive(Default)]
+struct ErrorLog {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl ErrorLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn record(&self, kind: &'static str) {
+        // Timeouts and early closes are what idle keep-alive and impatient
+        // clients do; the metric is enough for them.
+        if !matches!(kind, "malformed" | "uri_too_long" | "headers_too_large") {
+            tracing::debug!(kind, "connection ended with an error");
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, suppressed) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < Self::EVERY) {
+            *suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            kind,
+            not_logged_since_last = *suppressed,
+            "request refused by the HTTP layer"
+        );
+        *last = Some(Instant::now());
+        *suppressed = 0;
     }
 }
 
