@@ -27,6 +27,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use rand::Rng;
 use sha2::{Digest, Sha256};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub enum Rejection {
     MissingSignature(&'static str),
     #[error("missing echostr")]
     MissingEchostr,
+    #[error("repeated query parameter: {0}")]
+    RepeatedParam(&'static str),
     #[error("bad signature")]
     BadSignature,
     #[error("stale timestamp")]
@@ -99,6 +102,7 @@ impl Rejection {
             Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::BodyRead
             | Rejection::MissingEchostr
+            | Rejection::RepeatedParam(_)
             | Rejection::BadEncryptType
             | Rejection::MissingEncrypt
             | Rejection::BadXml(_)
@@ -125,6 +129,7 @@ impl Rejection {
             Rejection::BodyRead
             | Rejection::BodyTimeout
             | Rejection::MissingEchostr
+            | Rejection::RepeatedParam(_)
             | Rejection::BadEncryptType => "bad_request",
             Rejection::MissingSignature(_) | Rejection::BadSignature => "bad_signature",
             Rejection::Stale => "stale",
@@ -280,7 +285,7 @@ async fn answer(
             // `signature` covers only the query, so everything the query
             // decides is checked before a byte of the body is read: an
             // unsigned flood costs no memory and holds no connection.
-            let q = params(&query);
+            let q = params(&query)?;
             let encrypted = check_push_query(shared, account, &q)?;
             let reserved = reserve_body(shared, &req, config.server.max_body)?;
             // The body must arrive within the reply budget too: WeChat sends it
@@ -302,14 +307,36 @@ async fn answer(
     }
 }
 
-/// The query's parameters by name; WeChat's order varies. The first of a
-/// repeated name wins.
-fn params(query: &str) -> HashMap<String, String> {
+/// The parameters the relay verifies or forwards on. Each may appear once:
+/// with two, another parser could take the other one than the relay checked.
+const SINGLE_PARAMS: &[&str] = &[
+    "signature",
+    "timestamp",
+    "nonce",
+    "msg_signature",
+    "encrypt_type",
+    "openid",
+    "echostr",
+];
+
+/// The query's parameters by name; WeChat's order varies. A repeated
+/// parameter of [`SINGLE_PARAMS`] is refused; of any other name, unused,
+/// the first is kept.
+fn params(query: &str) -> Result<HashMap<String, String>, Rejection> {
     let mut map = HashMap::new();
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        map.entry(k.into_owned()).or_insert_with(|| v.into_owned());
+        match map.entry(k.into_owned()) {
+            Entry::Vacant(entry) => {
+                entry.insert(v.into_owned());
+            }
+            Entry::Occupied(entry) => {
+                if let Some(name) = SINGLE_PARAMS.iter().find(|&&name| name == entry.key()) {
+                    return Err(Rejection::RepeatedParam(name));
+                }
+            }
+        }
     }
-    map
+    Ok(map)
 }
 
 /// A push's query once [`check_push_query`] has passed it.
@@ -370,7 +397,7 @@ fn check_push_query(
 }
 
 fn verify_url(shared: &Shared, account: &Account, query: &str) -> Result<String, Rejection> {
-    let q = params(query);
+    let q = params(query)?;
     check_signature(shared, account, &q)?;
     // For an Official Account the echostr is never encrypted, in any mode.
     q.get("echostr").cloned().ok_or(Rejection::MissingEchostr)
@@ -447,7 +474,7 @@ fn verify_push(
     encrypted: bool,
     body: &[u8],
 ) -> Result<Verified, Rejection> {
-    let outer = Message::parse(body)?;
+    let outer = Message::parse_push(body)?;
     if !encrypted {
         let xml = std::str::from_utf8(body)
             .map_err(|_| Rejection::BadXml(XmlError::Utf8))?
@@ -476,7 +503,7 @@ fn verify_push(
     }
     let keys = account.keys.as_ref().ok_or(Rejection::EncryptedRefused)?;
     let (xml, slot) = keys.decrypt(encrypt, &account.app_id)?;
-    let message = Message::parse(xml.as_bytes())?;
+    let message = Message::parse_push(xml.as_bytes())?;
     Ok(Verified {
         xml,
         message,
