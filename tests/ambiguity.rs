@@ -6,26 +6,13 @@
 
 mod common;
 
-use common::{body, generated, generated_config, metric, path, reference_now, vector, TestRelay};
-use http::Method;
+use common::{
+    body, config, generated, metric, path, reference_now, status_line, vector, TestRelay,
+};
 use serde_json::Value;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use wxrelay::wechat::crypto::AesKey;
 use wxrelay::wechat::push::{self, Envelope, Sealing};
-
-fn config(g: &Value) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}",
-        generated_config(g)
-    )
-}
-
-async fn scrape(relay: &TestRelay) -> String {
-    let answer = relay.admin(Method::GET, "/metrics", None).await;
-    assert_eq!(answer.status, 200);
-    answer.text()
-}
 
 /// `xml` sealed for account `mode` of the vectors, signed as WeChat would.
 fn sealed(g: &Value, mode: &str, xml: &str) -> (String, String) {
@@ -70,7 +57,7 @@ fn assert_refused(answer: &common::Answer, what: &str) {
 #[tokio::test]
 async fn a_repeated_query_parameter_is_refused() {
     let g = generated();
-    let relay = TestRelay::start(&config(&g), reference_now(&g)).await;
+    let relay = TestRelay::start(&config(&g, &[], ""), reference_now(&g)).await;
     let v = vector(&g, "secure.text");
     for name in [
         "signature",
@@ -99,7 +86,7 @@ async fn a_repeated_query_parameter_is_refused() {
         relay.unrouted().await.len() == 1,
         "only the last was stored"
     );
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert_eq!(
         metric(&m, "wxrelay_pushes_total", &[("verdict", "bad_request")]),
         6.0
@@ -118,7 +105,7 @@ async fn a_repeated_query_parameter_is_refused() {
 #[tokio::test]
 async fn a_repeated_top_level_element_or_another_root_is_refused() {
     let g = generated();
-    let relay = TestRelay::start(&config(&g), reference_now(&g)).await;
+    let relay = TestRelay::start(&config(&g, &[], ""), reference_now(&g)).await;
     let twice_from = message(
         "<FromUserName><![CDATA[oFirst]]></FromUserName><FromUserName><![CDATA[oSecond]]></FromUserName>",
     );
@@ -150,7 +137,7 @@ async fn a_repeated_top_level_element_or_another_root_is_refused() {
     assert_refused(&relay.post(&target, body).await, "root <root>");
 
     assert!(relay.unrouted().await.is_empty(), "nothing stored");
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert_eq!(
         metric(&m, "wxrelay_pushes_total", &[("verdict", "bad_xml")]),
         5.0
@@ -161,7 +148,7 @@ async fn a_repeated_top_level_element_or_another_root_is_refused() {
 #[tokio::test]
 async fn characters_xml_forbids_are_refused_even_as_references() {
     let g = generated();
-    let relay = TestRelay::start(&config(&g), reference_now(&g)).await;
+    let relay = TestRelay::start(&config(&g, &[], ""), reference_now(&g)).await;
     for (what, content) in [
         ("NUL", "<Content>a\u{0}b</Content>"),
         ("&#0;", "<Content>a&#0;b</Content>"),
@@ -196,22 +183,13 @@ async fn raw(relay: &TestRelay, request: &[u8]) -> String {
     let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
     // hyper may answer and close before all of a too-large head is in.
     let _ = stream.write_all(request).await;
-    let mut got = Vec::new();
-    let read = stream.read_to_end(&mut got);
-    let _ = tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("an answer, not a hang");
-    String::from_utf8_lossy(&got)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_owned()
+    status_line(&mut stream).await
 }
 
 #[tokio::test]
 async fn what_hyper_refuses_is_counted() {
     let g = generated();
-    let relay = TestRelay::start(&config(&g), reference_now(&g)).await;
+    let relay = TestRelay::start(&config(&g, &[], ""), reference_now(&g)).await;
     let malformed = raw(&relay, b"POST /wx/secure HTTP/1.1\r\nhost relay\r\n\r\n").await;
     assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
     let long_uri = format!(
@@ -227,7 +205,7 @@ async fn what_hyper_refuses_is_counted() {
     let line = raw(&relay, big_headers.as_bytes()).await;
     assert!(line.starts_with("HTTP/1.1 431"), "{line}");
 
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     for kind in ["malformed", "uri_too_long", "headers_too_large"] {
         assert_eq!(
             metric(&m, "wxrelay_http_errors_total", &[("kind", kind)]),

@@ -6,9 +6,9 @@
 mod common;
 
 use common::{
-    body, eventually, generated, generated_config, metric, path, reference_now, vector, TestRelay,
+    body, eventually, generated, generated_config, metric, path, reference_now, status_line,
+    vector, TestRelay,
 };
-use http::Method;
 use serde_json::Value;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,12 +23,6 @@ fn config(g: &Value, server_extra: &str) -> String {
     )
 }
 
-async fn scrape(relay: &TestRelay) -> String {
-    let answer = relay.admin(Method::GET, "/metrics", None).await;
-    assert_eq!(answer.status, 200);
-    answer.text()
-}
-
 /// Sends a request head (and `body_part` of its body) on a new connection.
 async fn open(relay: &TestRelay, target: &str, length: usize, body_part: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(relay.addr).await.unwrap();
@@ -40,32 +34,9 @@ async fn open(relay: &TestRelay, target: &str, length: usize, body_part: &[u8]) 
     stream
 }
 
-/// The status line of the answer on `stream`, read until the head ends or the
-/// connection closes; a guard of 10 s stops a hung test, not a slow relay.
-async fn status_line(stream: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    let read = async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-            if got.windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("an answer, not a hang");
-    let text = String::from_utf8_lossy(&got).into_owned();
-    text.lines().next().unwrap_or("").to_owned()
-}
-
 async fn until_metric(relay: &TestRelay, name: &str, labels: &[(&str, &str)], value: f64) -> bool {
     eventually(WAIT, || async {
-        metric(&scrape(relay).await, name, labels) == value
+        metric(&relay.metrics().await, name, labels) == value
     })
     .await
 }
@@ -99,7 +70,7 @@ async fn an_unsigned_push_is_refused_before_its_body_is_sent() {
             "{target}: {line}"
         );
     }
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert_eq!(
         metric(&m, "wxrelay_pushes_total", &[("verdict", "bad_signature")]),
         2.0
@@ -133,7 +104,7 @@ async fn idle_connections_at_the_cap_make_room_for_a_real_push() {
         .post(&path("secure", &v["request"]), body(&v["request"]))
         .await;
     assert_eq!(answer.status, 200, "{}", answer.text());
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert!(
         metric(&m, "wxrelay_idle_connections_closed_total", &[]) >= 1.0,
         "{m}"
@@ -184,7 +155,7 @@ async fn connections_over_the_cap_get_503_while_a_signed_push_is_answered() {
         line.starts_with("HTTP/1.1 200"),
         "the push in progress: {line}"
     );
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert_eq!(metric(&m, "wxrelay_connections_refused_total", &[]), 1.0);
     relay.stop().await;
 }
@@ -227,7 +198,7 @@ async fn bodies_over_the_in_flight_budget_get_503() {
         .post(&path("secure", &b["request"]), body(&b["request"]))
         .await;
     assert_eq!(again.status, 200, "{}", again.text());
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert_eq!(
         metric(&m, "wxrelay_pushes_total", &[("verdict", "busy")]),
         1.0
