@@ -214,7 +214,7 @@ pub async fn serve<H, F>(
                         None
                     }
                     Err(_) => {
-                        refuse(&stream, counters.as_ref());
+                        refuse(&stream, counters.as_ref(), &errors);
                         continue;
                     }
                 };
@@ -235,7 +235,7 @@ pub async fn serve<H, F>(
                         // goes to the oldest waiter, not to a newer arrival.
                         None => match tokio::time::timeout(ADMISSION_WAIT, permits.acquire_owned()).await {
                             Ok(Ok(permit)) => permit,
-                            _ => return refuse(&stream, connection.counters.as_ref()),
+                            _ => return refuse(&stream, connection.counters.as_ref(), &connection.errors),
                         },
                     };
                     connection.run(stream, permit).await;
@@ -339,7 +339,7 @@ where
 
 /// The canned answer for a connection over the cap; the connection is
 /// closed without reading from it.
-fn refuse(stream: &TcpStream, counters: Option<&Counters>) {
+fn refuse(stream: &TcpStream, counters: Option<&Counters>, log: &ErrorLog) {
     const BODY: &str = "too many connections open\n";
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
@@ -352,6 +352,7 @@ fn refuse(stream: &TcpStream, counters: Option<&Counters>) {
     if let Some(c) = counters {
         c.refused.inc();
     }
+    log.at_capacity();
 }
 
 /// The `kind` label of a connection that ended in an error. hyper answers
@@ -375,16 +376,37 @@ fn error_kind(e: &hyper::Error) -> &'static str {
     }
 }
 
-/// Logs refused requests at most once per [`ErrorLog::EVERY`], with how many
-/// were not logged since: a flood of junk must not become a flood of logs.
+/// Logs at most once per [`RateLimited::EVERY`], with how many lines were
+/// not logged since: a flood of junk must not become a flood of logs.
 #[derive(Default)]
-struct ErrorLog {
+struct RateLimited {
     state: Mutex<(Option<Instant>, u64)>,
 }
 
-impl ErrorLog {
+impl RateLimited {
     const EVERY: Duration = Duration::from_secs(10);
 
+    /// `Some(lines skipped since the last one)` when a line may be logged now.
+    fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, skipped) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < Self::EVERY) {
+            *skipped += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(skipped))
+    }
+}
+
+/// A listener's rate-limited log lines.
+#[derive(Default)]
+struct ErrorLog {
+    refused: RateLimited,
+    at_capacity: RateLimited,
+}
+
+impl ErrorLog {
     fn record(&self, kind: &'static str) {
         // Timeouts and early closes are what idle keep-alive and impatient
         // clients do; the metric is enough for them.
@@ -392,19 +414,18 @@ impl ErrorLog {
             tracing::debug!(kind, "connection ended with an error");
             return;
         }
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (last, suppressed) = &mut *state;
-        if last.is_some_and(|at| at.elapsed() < Self::EVERY) {
-            *suppressed += 1;
-            return;
+        if let Some(not_logged) = self.refused.allow() {
+            tracing::warn!(kind, not_logged, "request refused by the HTTP layer");
         }
-        tracing::warn!(
-            kind,
-            not_logged_since_last = *suppressed,
-            "request refused by the HTTP layer"
-        );
-        *last = Some(Instant::now());
-        *suppressed = 0;
+    }
+
+    fn at_capacity(&self) {
+        if let Some(not_logged) = self.at_capacity.allow() {
+            tracing::warn!(
+                not_logged,
+                "connection refused: max_connections reached and none idle"
+            );
+        }
     }
 }
 
