@@ -4,7 +4,7 @@
 //! cargo bench --bench load -- compare [PUSHES] [CONNECTIONS]   baseline vs relay at saturation
 //! cargo bench --bench load -- rate [RATE] [SECONDS]            p99 at a fixed rate, both servers
 //! cargo bench --bench load -- backlog [PUSHES]                 webhooks down: memory, then drain rate
-//! cargo bench --bench load -- flood [CONNECTIONS] [SECONDS]     unsigned 256 KiB bodies: RSS, real pushes' latency
+//! cargo bench --bench load -- flood [CONNECTIONS] [SECONDS] [hold]  unsigned 256 KiB bodies: RSS, real pushes' latency
 //! ```
 //!
 //! `WXRELAY_BIN=/path/to/wxrelay` runs another build of the relay (an older
@@ -347,8 +347,10 @@ struct FloodCounts {
 }
 
 /// An attacker's flood: `connections` connections each sending unsigned POSTs
-/// with a 256 KiB body, one after the other, until `until`.
-async fn flood_connection(addr: SocketAddr, until: Instant, counts: Arc<FloodCounts>) {
+/// with a 256 KiB body, one after the other, until `until`. With `hold`, the
+/// last byte of each body is never sent, so a relay that reads bodies before
+/// checking the signature holds the rest until its reply budget runs out.
+async fn flood_connection(addr: SocketAddr, until: Instant, hold: bool, counts: Arc<FloodCounts>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const BODY: usize = 256 * 1024;
     let head = format!(
@@ -366,7 +368,8 @@ async fn flood_connection(addr: SocketAddr, until: Instant, counts: Arc<FloodCou
         let exchange = async {
             stream.write_all(head.as_bytes()).await.ok()?;
             // The relay may answer and close before the body is in: fine.
-            let _ = stream.write_all(&body).await;
+            let sent = if hold { &body[..BODY - 1] } else { &body[..] };
+            let _ = stream.write_all(sent).await;
             let mut answer = [0u8; 64];
             let n = stream.read(&mut answer).await.ok()?;
             Some(answer[..n].starts_with(b"HTTP/1.1 503"))
@@ -391,10 +394,11 @@ async fn flood_client(args: &[String]) {
         .unwrap_or_else(|| panic!("flood-client ADDR CONNECTIONS SECONDS"));
     let connections = arg(args, 1, 4000.0) as usize;
     let seconds = arg(args, 2, 15.0);
+    let hold = args.get(3).is_some_and(|a| a == "hold");
     let counts = Arc::new(FloodCounts::default());
     let until = Instant::now() + Duration::from_secs_f64(seconds);
     let flooders: Vec<_> = (0..connections)
-        .map(|_| tokio::spawn(flood_connection(addr, until, counts.clone())))
+        .map(|_| tokio::spawn(flood_connection(addr, until, hold, counts.clone())))
         .collect();
     while counts.connections.load(Ordering::Relaxed) < connections as u64 && Instant::now() < until
     {
@@ -417,6 +421,7 @@ async fn flood(args: &[String]) {
     use std::io::BufRead;
     let connections = arg(args, 0, 4000.0) as usize;
     let seconds = arg(args, 1, 15.0);
+    let hold = args.get(2).is_some_and(|a| a == "hold");
     let rate = 50.0;
     let (sink, at) = start_sink().await;
     let relay = start_relay(
@@ -426,7 +431,8 @@ async fn flood(args: &[String]) {
     .await;
     let pid = relay.server.child.id();
     println!(
-        "flood: {connections} connections sending unsigned 256 KiB POSTs for {seconds:.0} s, real signed pushes at {rate:.0}/s meanwhile; relay {} RSS idle {:.1} MiB",
+        "flood: {connections} connections sending unsigned 256 KiB POSTs{} for {seconds:.0} s, real signed pushes at {rate:.0}/s meanwhile; relay {} RSS idle {:.1} MiB",
+        if hold { " (all but their last byte)" } else { "" },
         std::env::var("WXRELAY_BIN").unwrap_or_else(|_| "(this build)".into()),
         harness::rss_mib(pid).unwrap_or(0.0)
     );
@@ -436,6 +442,7 @@ async fn flood(args: &[String]) {
             relay.server.addr.to_string(),
             connections.to_string(),
             seconds.to_string(),
+            if hold { "hold" } else { "send" }.to_string(),
         ])
         .stdout(Stdio::piped())
         .spawn()
