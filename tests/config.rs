@@ -548,6 +548,38 @@ fn broken_configs_are_refused_at_their_key_path() {
     }
 }
 
+/// An admin listener reachable from other hosts would let anyone reload the
+/// configuration: it needs a token, or an explicit allowance.
+#[test]
+fn a_non_loopback_admin_listener_needs_a_token_or_an_explicit_allowance() {
+    for admin in ["0.0.0.0:9090", "10.1.2.3:9090", "[::]:9090"] {
+        let toml = format!("[server]\nadmin_listen = \"{admin}\"\n{VALID}");
+        let err = Settings::from_toml_str(&toml)
+            .err()
+            .unwrap_or_else(|| panic!("{admin}: accepted without a token"));
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_has(&err, "server.admin_token", "required when admin_listen");
+        assert_has(&err, "server.admin_token", "allow_unauthenticated_admin");
+
+        let with_token = format!(
+            "[server]\nadmin_listen = \"{admin}\"\nadmin_token = \"a-long-admin-token\"\n{VALID}"
+        );
+        Settings::from_toml_str(&with_token).unwrap_or_else(|e| panic!("{admin}: {e}"));
+
+        let allowed = format!(
+            "[server]\nadmin_listen = \"{admin}\"\nallow_unauthenticated_admin = true\n{VALID}"
+        );
+        let settings = Settings::from_toml_str(&allowed).unwrap_or_else(|e| panic!("{admin}: {e}"));
+        assert!(settings.server.allow_unauthenticated_admin);
+    }
+    // Loopback needs neither, as before.
+    for admin in ["127.0.0.1:9090", "127.0.0.2:9090", "[::1]:9090"] {
+        let toml = format!("[server]\nadmin_listen = \"{admin}\"\n{VALID}");
+        let settings = Settings::from_toml_str(&toml).unwrap_or_else(|e| panic!("{admin}: {e}"));
+        assert!(!settings.server.allow_unauthenticated_admin);
+    }
+}
+
 #[test]
 fn every_problem_is_reported_at_once() {
     let toml = edit(&[
@@ -732,12 +764,13 @@ fn the_check_report_warns_about_unrouted_events() {
     assert!(report.contains("no catch-all rule"), "{report}");
 }
 
-/// The relay.toml inside the Kubernetes ConfigMap, with the secrets the
-/// StatefulSet passes from its Secret, is a configuration the relay accepts.
+/// The relay.toml inside the Kubernetes ConfigMap, with the environment the
+/// StatefulSet sets (its Secret's values stood in for by test values), is a
+/// configuration the relay accepts.
 #[test]
 fn the_kubernetes_configmap_is_a_valid_configuration() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml");
-    let yaml = std::fs::read_to_string(path).unwrap();
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let yaml = std::fs::read_to_string(deploy.join("configmap.yaml")).unwrap();
     let body: String = yaml
         .split_once("relay.toml: |\n")
         .unwrap()
@@ -747,19 +780,42 @@ fn the_kubernetes_configmap_is_a_valid_configuration() {
         .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
         .collect();
     use figment::providers::Format as _;
-    let figment = figment::Figment::from(figment::providers::Toml::string(&body))
-        .merge(("accounts.main.token", "Relay2024Token"))
-        .merge((
-            "accounts.main.encoding_aes_key",
-            "R3layV3ct0rsEncodingAesKeyForTests0123456Zq",
-        ))
-        .merge((
-            "targets.webhooks.secret",
-            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-        ))
-        .merge(("server.listen", "0.0.0.0:8080"))
-        .merge(("server.admin_listen", "0.0.0.0:9090"));
+    let mut figment = figment::Figment::from(figment::providers::Toml::string(&body));
+    let statefulset = std::fs::read_to_string(deploy.join("statefulset.yaml")).unwrap();
+    let lines: Vec<&str> = statefulset.lines().map(str::trim).collect();
+    let mut from_secret = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(name) = line.strip_prefix("- name: WXRELAY_") else {
+            continue;
+        };
+        let key = name
+            .split("__")
+            .collect::<Vec<_>>()
+            .join(".")
+            .to_lowercase();
+        let value = match lines[i + 1].strip_prefix("value: ") {
+            Some(value) => value.trim_matches('"').to_owned(),
+            None => {
+                assert_eq!(lines[i + 1], "valueFrom:", "{name}");
+                from_secret.push(key.clone());
+                match key.rsplit('.').next().unwrap() {
+                    "token" => TOKEN.to_owned(),
+                    "encoding_aes_key" => AES_KEY.to_owned(),
+                    "secret" => WEBHOOK_SECRET.to_owned(),
+                    "admin_token" => "a-long-random-admin-token".to_owned(),
+                    other => panic!("no test value for {other}"),
+                }
+            }
+        };
+        figment = figment.merge((key, value));
+    }
+    assert!(
+        from_secret.iter().any(|k| k == "server.admin_token"),
+        "the admin token comes from the Secret: {from_secret:?}"
+    );
     let settings = Settings::from_figment(figment).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(settings.server.admin_listen.to_string(), "0.0.0.0:9090");
+    assert!(settings.server.admin_token.is_some());
     assert_eq!(settings.accounts["main"].mode, Mode::Secure);
     assert_eq!(settings.targets["webhooks"].format, Format::Json);
     assert_eq!(settings.routes.len(), 2);

@@ -134,6 +134,13 @@ impl Settings {
                     .to_owned(),
             );
         }
+        let server = &self.server;
+        if server.admin_token.is_none() && !server.admin_listen.ip().is_loopback() {
+            warnings.push(format!(
+                "the admin API on {} has no token: anyone who reaches it can reload the configuration",
+                server.admin_listen
+            ));
+        }
         for name in self.targets.keys() {
             if !self.routes.iter().any(|r| r.to.contains(name)) {
                 warnings.push(format!("target {name:?} is not named by any route"));

@@ -141,15 +141,29 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
             "must be less than 5s: WeChat gives up on a push after 5 seconds",
         );
     }
+    let allow_unauthenticated_admin = raw.allow_unauthenticated_admin.unwrap_or(false);
     let admin_token = secret_source(
         p,
         "server.admin_token",
         raw.admin_token,
         raw.admin_token_file,
-    )
-    .ok()
-    .flatten()
-    .map(|(token, path)| {
+    );
+    // Another host reaching an open admin listener could reload the
+    // configuration at will: that takes a token or a deliberate choice.
+    if matches!(admin_token, Ok(None))
+        && !admin_listen.ip().is_loopback()
+        && !allow_unauthenticated_admin
+    {
+        p.add(
+            "server.admin_token",
+            format!(
+                "required when admin_listen ({admin_listen}) is not a loopback address: \
+                 set admin_token or admin_token_file, or allow_unauthenticated_admin = true \
+                 if only trusted hosts can reach it"
+            ),
+        );
+    }
+    let admin_token = admin_token.ok().flatten().map(|(token, path)| {
         if token.expose().is_empty() {
             p.add(path, "must not be empty");
         }
@@ -171,6 +185,7 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
             DEFAULT_SHUTDOWN_TIMEOUT,
         ),
         admin_token,
+        allow_unauthenticated_admin,
     }
 }
 

@@ -314,6 +314,17 @@ pub async fn admin_request(
     path: &str,
     bearer: Option<&str>,
 ) -> Answer {
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    admin_request_authorized(addr, method, path, authorization.as_deref()).await
+}
+
+/// A request to an admin listener with this `Authorization` header, if any.
+pub async fn admin_request_authorized(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    authorization: Option<&str>,
+) -> Answer {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -323,8 +334,8 @@ pub async fn admin_request(
         .method(method)
         .uri(path)
         .header("host", addr.to_string());
-    if let Some(token) = bearer {
-        req = req.header("authorization", format!("Bearer {token}"));
+    if let Some(value) = authorization {
+        req = req.header("authorization", value);
     }
     let response = sender
         .send_request(req.body(Full::new(Bytes::new())).unwrap())
