@@ -164,6 +164,43 @@ fn environment_variables_override_the_file() {
     assert_eq!(settings.server.admin_listen.to_string(), "127.0.0.1:9090");
 }
 
+/// figment lower-cases the keys of `WXRELAY_` variables, so an id with an
+/// upper-case letter could never be overridden: such ids are refused, at the
+/// id's key path.
+#[test]
+fn upper_case_ids_are_refused_because_the_environment_cannot_name_them() {
+    let toml = edit(&[
+        ("[accounts.main]", "[accounts.Shop]"),
+        ("[targets.broker]", "[targets.Broker]"),
+        (
+            "to = [\"broker\", \"hooks\"]",
+            "to = [\"Broker\", \"hooks\"]",
+        ),
+        ("reply_from = \"broker\"", "reply_from = \"Broker\""),
+    ]);
+    let err = Settings::from_toml_str(&toml).unwrap_err();
+    assert_eq!(err.problems.len(), 2, "{err}");
+    assert_has(&err, "accounts.Shop", "lower-case");
+    assert_has(&err, "accounts.Shop", "WXRELAY_ACCOUNTS__SHOP__");
+    assert_has(&err, "targets.Broker", "lower-case");
+    assert_has(&err, "targets.Broker", "WXRELAY_TARGETS__BROKER__");
+
+    // A lower-case id, with `_` and `-`, is overridden through the environment.
+    let _env = ENV.lock().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    let toml = edit(&[("[accounts.main]", "[accounts.shop_eu-2]")]);
+    std::fs::write(&path, toml).unwrap();
+    std::env::set_var("WXRELAY_ACCOUNTS__SHOP_EU-2__TOKEN", "FromTheEnvironment2");
+    let loaded = Settings::from_figment(figment_for(&path));
+    std::env::remove_var("WXRELAY_ACCOUNTS__SHOP_EU-2__TOKEN");
+    let settings = loaded.unwrap();
+    assert_eq!(
+        settings.accounts["shop_eu-2"].token.expose(),
+        "FromTheEnvironment2"
+    );
+}
+
 #[test]
 fn a_bad_environment_variable_is_reported_at_its_key() {
     let _env = ENV.lock().unwrap();

@@ -10,7 +10,7 @@ use super::settings::{
     Settings, SpoolSettings, Target,
 };
 use super::units::{parse_duration, parse_size};
-use super::{ConfigError, Problem, Secret};
+use super::{ConfigError, Problem, Secret, ENV_PREFIX};
 use crate::route::{Match, Rule};
 use crate::wechat::crypto::{AesKey, KeyRing};
 use std::collections::BTreeSet;
@@ -332,6 +332,8 @@ fn is_app_id(app_id: &str) -> bool {
 }
 
 /// Account ids and target names appear in URLs, metric labels and logs.
+/// They are lower-case because figment lower-cases the keys of `WXRELAY_`
+/// variables: an id with capitals could never be overridden.
 fn check_name(p: &mut Problems, path: &str, name: &str, what: &str) {
     let valid = (1..=64).contains(&name.len())
         && name
@@ -340,7 +342,18 @@ fn check_name(p: &mut Problems, path: &str, name: &str, what: &str) {
     if !valid {
         p.add(
             path,
-            format!("{what} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -"),
+            format!("{what} must be 1 to 64 characters of a-z, 0-9, _ and -"),
+        );
+    } else if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        let env = format!("{ENV_PREFIX}{}__", path.replace('.', "__").to_uppercase());
+        p.add(
+            path,
+            format!(
+                "{what} must be lower-case: {env}… variables are read as {:?}, so they \
+                 could never override it; rename it to {:?}",
+                name.to_lowercase(),
+                name.to_lowercase()
+            ),
         );
     }
 }
