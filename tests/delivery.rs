@@ -170,6 +170,111 @@ async fn each_format_carries_the_event_as_its_consumer_expects() {
     relay.stop().await;
 }
 
+/// A plaintext push of `xml` to account `plaintext`, signed with the vectors' Token.
+fn plaintext_push(g: &Value, xml: &str) -> (String, Vec<u8>) {
+    let token = g["config"]["token"].as_str().unwrap();
+    let (ts, nonce) = (reference_now(g).to_string(), "1714112445");
+    let sig = signature::sign(&[token, &ts, nonce]);
+    (
+        format!("/wx/plaintext?signature={sig}&timestamp={ts}&nonce={nonce}&openid=oUser"),
+        xml.as_bytes().to_vec(),
+    )
+}
+
+/// Standard Webhooks verification as Python's and Node's servers do it: the
+/// header bytes read as Latin-1, the signed content `{id}.{timestamp}.{body}`
+/// encoded as UTF-8.
+fn verify_as_latin1_servers_do(r: &Received, secret: &str) -> bool {
+    let header = |name: &str| -> String {
+        r.headers[name]
+            .as_bytes()
+            .iter()
+            .map(|&b| b as char)
+            .collect()
+    };
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    let signed = format!(
+        "{}.{}.{}",
+        header("webhook-id"),
+        header("webhook-timestamp"),
+        r.text()
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(signed.as_bytes());
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    header("webhook-signature")
+        .split(' ')
+        .any(|sig| sig.strip_prefix("v1,") == Some(expected.as_str()))
+}
+
+#[tokio::test]
+async fn json_deliveries_of_non_ascii_event_keys_verify_and_keep_their_id_across_retries() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    // Each event's first attempt fails, so each is sent twice.
+    hooks.script([Behaviour::status(503), Behaviour::status(503)]);
+    let targets = [target(
+        "hooks",
+        &hooks.url("/events"),
+        &format!("format = \"json\"\nsecret = \"{SECRET}\"\nretry_schedule = [\"1s\"]"),
+    )];
+    let relay = TestRelay::start(
+        &config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n"),
+        reference_now(&g),
+    )
+    .await;
+    let now = reference_now(&g);
+    let event = |event: &str, key: &str| {
+        format!(
+            "<xml><ToUserName><![CDATA[gh_3f1a2b9c8d7e]]></ToUserName>\
+             <FromUserName><![CDATA[oUser]]></FromUserName><CreateTime>{now}</CreateTime>\
+             <MsgType><![CDATA[event]]></MsgType><Event><![CDATA[{event}]]></Event>\
+             <EventKey><![CDATA[{key}]]></EventKey></xml>"
+        )
+    };
+    for xml in [
+        event("subscribe", "qrscene_登录:1"),
+        event("CLICK", "菜单_1"),
+    ] {
+        let (path, body) = plaintext_push(&g, &xml);
+        assert_eq!(relay.post(&path, body).await.status, 200);
+    }
+    assert!(hooks.wait_for(2, WAIT).await);
+    relay.clock.advance_ms(2_000);
+    assert!(hooks.wait_for(4, WAIT).await, "{} of 4", hooks.count());
+    assert!(relay.until_nothing_pending("hooks").await);
+
+    let got = hooks.received();
+    let mut ids = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for r in &got {
+        assert!(
+            verify_as_latin1_servers_do(r, SECRET),
+            "the signature fails as a Latin-1 server reads it: {:?}",
+            r.headers["webhook-id"]
+        );
+        let id = r.headers["webhook-id"].as_bytes();
+        assert!(id.is_ascii(), "webhook-id is not ASCII: {id:?}");
+        let id = String::from_utf8(id.to_vec()).unwrap();
+        assert!(id.starts_with("msg_") && id.len() > 4, "{id}");
+        assert!(verify_standard_webhook(r, SECRET), "{id}");
+        let envelope: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(envelope["id"], id.as_str());
+        ids.entry(envelope["event_key"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(id);
+    }
+    assert_eq!(ids.keys().collect::<Vec<_>>(), ["qrscene_登录:1", "菜单_1"]);
+    for (key, ids) in &ids {
+        assert_eq!(ids.len(), 2, "{key}: two attempts");
+        assert_eq!(ids[0], ids[1], "{key}: the id is stable across retries");
+    }
+    let distinct: std::collections::BTreeSet<_> = ids.values().map(|v| &v[0]).collect();
+    assert_eq!(distinct.len(), 2, "two events, two ids");
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_target_answering_503_twice_then_200_gets_the_event_on_the_third_attempt() {
     let g = generated();
