@@ -594,7 +594,8 @@ async fn reply_inline(
 
 /// What WeChat gets for the reply target's answer: `success` unless it was
 /// valid; valid reply XML as is, except that a secure-mode account's plaintext
-/// reply is sealed into the envelope with the key that decrypted the push.
+/// reply is sealed into the envelope with the key that decrypted the push,
+/// and an envelope the target sealed itself passes only if WeChat could open it.
 fn answer_with(
     account: &Account,
     verified: &Verified,
@@ -609,7 +610,17 @@ fn answer_with(
     };
     match reply {
         ReplyBody::Ack => (success, "passed"),
-        ReplyBody::Envelope(xml) => (Bytes::from(xml), "passed"),
+        ReplyBody::Envelope(xml) => {
+            let keys = account.keys.as_ref();
+            let token = account.token.expose();
+            match reply::open_envelope(keys, token, &account.app_id, xml.as_bytes()) {
+                Ok(_) => (Bytes::from(xml), "passed"),
+                Err(e) => {
+                    tracing::warn!(account = %account.id, reason = %e, "reply target's envelope would not open for WeChat; answering success");
+                    (success, "unverifiable")
+                }
+            }
+        }
         ReplyBody::PlainXml(xml) => match (account.mode, &account.keys, verified.key_slot) {
             (Mode::Secure, Some(keys), Some(slot)) => {
                 let timestamp = q.get("timestamp").map(String::as_str).unwrap_or("");

@@ -18,7 +18,7 @@ use std::time::Duration;
 use wxrelay::spool::{DeadFilter, Spool};
 use wxrelay::wechat::crypto::{decrypt, AesKey};
 use wxrelay::wechat::message::Message;
-use wxrelay::wechat::signature;
+use wxrelay::wechat::{reply, signature};
 
 const WAIT: Duration = Duration::from_secs(20);
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -560,6 +560,88 @@ async fn a_brokers_reply_reaches_wechat_sealed_for_secure_accounts() {
     // The inline attempt was the delivery: the workers do not send it again.
     assert!(relay.until_nothing_pending("broker").await);
     assert_eq!(broker.count(), 2);
+    relay.stop().await;
+}
+
+/// A reply the broker sealed itself reaches WeChat only if WeChat can open it:
+/// its MsgSignature verifies with the account's Token and it decrypts with the
+/// account's current or previous key for the account's AppID.
+#[tokio::test]
+async fn a_brokers_own_envelope_is_passed_only_if_wechat_could_open_it() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    let targets = [target(
+        "broker",
+        &broker.url("/events"),
+        "retry = \"login\"",
+    )];
+    let relay = TestRelay::start(&config(&g, &targets, broker_routes()), reference_now(&g)).await;
+    let c = &g["config"];
+    let token = c["token"].as_str().unwrap();
+    let app_id = c["appid"].as_str().unwrap();
+    let key = AesKey::from_encoding(c["encoding_aes_key"].as_str().unwrap()).unwrap();
+    let previous = AesKey::from_encoding(c["previous_encoding_aes_key"].as_str().unwrap()).unwrap();
+    let other_key = AesKey::from_bytes([7; 32]);
+    let seal = |key: &AesKey, token: &str, app_id: &str| {
+        reply::envelope(
+            key,
+            token,
+            app_id,
+            reply_xml(),
+            "1717000001",
+            "31337",
+            &reply::random_bytes(),
+        )
+    };
+    let good = seal(&key, token, app_id);
+    let bad_signature = seal(&key, "AnotherToken1", app_id);
+    let cases = [
+        ("secure", "secure.scan_str", seal(&other_key, token, app_id)),
+        (
+            "secure",
+            "secure.scan_id",
+            seal(&key, token, "wx0000000000000000"),
+        ),
+        ("secure", "secure.subscribe_qrscene_str", bad_signature),
+    ];
+    for (account, id, envelope) in &cases {
+        broker.script([Behaviour::body(200, "text/xml", envelope)]);
+        let answer = send(&relay, vector(&g, id), account).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.text().as_str()),
+            (200, "success"),
+            "{id}"
+        );
+    }
+
+    // Sealed with the current key, or with the previous one during a rotation.
+    for (account, id, envelope) in [
+        ("secure", "secure.subscribe_qrscene_id", good),
+        (
+            "rotating",
+            "secure.scan_str",
+            seal(&previous, token, app_id),
+        ),
+    ] {
+        broker.script([Behaviour::body(200, "text/xml", &envelope)]);
+        let answer = send(&relay, vector(&g, id), account).await;
+        assert_eq!(answer.status, 200, "{account} {id}");
+        assert_eq!(answer.text(), envelope, "{account} {id}: passed as is");
+        let parsed = Message::parse(&answer.body).unwrap();
+        let encrypted = parsed.get("Encrypt").unwrap();
+        let opened =
+            decrypt(&key, encrypted, app_id).or_else(|_| decrypt(&previous, encrypted, app_id));
+        assert_eq!(opened.unwrap(), reply_xml());
+    }
+
+    let m = relay
+        .admin(http::Method::GET, "/metrics", None)
+        .await
+        .text();
+    let replies =
+        |outcome: &str| common::metric(&m, "wxrelay_replies_total", &[("outcome", outcome)]);
+    assert_eq!(replies("unverifiable"), 3.0, "{m}");
+    assert_eq!(replies("passed"), 2.0);
     relay.stop().await;
 }
 
