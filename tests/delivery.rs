@@ -275,6 +275,121 @@ async fn json_deliveries_of_non_ascii_event_keys_verify_and_keep_their_id_across
     relay.stop().await;
 }
 
+/// The `json` body, byte for byte, as the README documents it: top-level
+/// values are strings or `null`; `fields` keeps document order, nests child
+/// elements as objects and makes `item` and `List` entries arrays, even of one.
+#[tokio::test]
+async fn the_json_body_is_exactly_as_documented_for_each_nested_kind() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let targets = [target(
+        "hooks",
+        &hooks.url("/events"),
+        &format!("format = \"json\"\nsecret = \"{SECRET}\""),
+    )];
+    let relay = TestRelay::start(
+        &config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n"),
+        reference_now(&g),
+    )
+    .await;
+    let now = reference_now(&g);
+    let head = |msg_type: &str| {
+        format!(
+            "<xml><ToUserName><![CDATA[gh_3f1a2b9c8d7e]]></ToUserName>\
+             <FromUserName><![CDATA[oUser]]></FromUserName><CreateTime>{now}</CreateTime>\
+             <MsgType><![CDATA[{msg_type}]]></MsgType>"
+        )
+    };
+    let fields_head = |msg_type: &str| {
+        format!(
+            r#""ToUserName":"gh_3f1a2b9c8d7e","FromUserName":"oUser","CreateTime":"{now}","MsgType":"{msg_type}""#
+        )
+    };
+    let cases = [
+        (
+            format!(
+                "{}<Event><![CDATA[scancode_push]]></Event><EventKey><![CDATA[扫码_1]]></EventKey>\
+                 <ScanCodeInfo><ScanType><![CDATA[qrcode]]></ScanType>\
+                 <ScanResult><![CDATA[1]]></ScanResult></ScanCodeInfo></xml>",
+                head("event")
+            ),
+            r#""event":"scancode_push","event_key":"扫码_1""#.to_owned(),
+            format!(
+                r#"{},"Event":"scancode_push","EventKey":"扫码_1","ScanCodeInfo":{{"ScanType":"qrcode","ScanResult":"1"}}"#,
+                fields_head("event")
+            ),
+        ),
+        (
+            format!(
+                "{}<Event><![CDATA[pic_sysphoto]]></Event><EventKey><![CDATA[6]]></EventKey>\
+                 <SendPicsInfo><Count>1</Count><PicList><item><PicMd5Sum><![CDATA[1b5f7c23b5bf75682a53e7b6d163e185]]></PicMd5Sum>\
+                 </item></PicList></SendPicsInfo></xml>",
+                head("event")
+            ),
+            r#""event":"pic_sysphoto","event_key":"6""#.to_owned(),
+            format!(
+                r#"{},"Event":"pic_sysphoto","EventKey":"6","SendPicsInfo":{{"Count":"1","PicList":{{"item":[{{"PicMd5Sum":"1b5f7c23b5bf75682a53e7b6d163e185"}}]}}}}"#,
+                fields_head("event")
+            ),
+        ),
+        (
+            format!(
+                "{}<Event><![CDATA[PUBLISHJOBFINISH]]></Event><PublishEventInfo>\
+                 <publish_id>2247503051</publish_id><publish_status>0</publish_status>\
+                 <article_id><![CDATA[b5O2OUs25HBxRceL7hfReg]]></article_id><article_detail>\
+                 <count>2</count><item><idx>1</idx><article_url><![CDATA[https://mp.weixin.qq.com/s/a]]></article_url></item>\
+                 <item><idx>2</idx><article_url><![CDATA[https://mp.weixin.qq.com/s/b]]></article_url></item>\
+                 </article_detail></PublishEventInfo></xml>",
+                head("event")
+            ),
+            r#""event":"PUBLISHJOBFINISH","event_key":null"#.to_owned(),
+            format!(
+                r#"{},"Event":"PUBLISHJOBFINISH","PublishEventInfo":{{"publish_id":"2247503051","publish_status":"0","article_id":"b5O2OUs25HBxRceL7hfReg","article_detail":{{"count":"2","item":[{{"idx":"1","article_url":"https://mp.weixin.qq.com/s/a"}},{{"idx":"2","article_url":"https://mp.weixin.qq.com/s/b"}}]}}}}"#,
+                fields_head("event")
+            ),
+        ),
+        (
+            format!(
+                "{}<Content><![CDATA[你好]]></Content><MsgId>24602152426471537</MsgId></xml>",
+                head("text")
+            ),
+            r#""event":null,"event_key":null"#.to_owned(),
+            format!(
+                r#"{},"Content":"你好","MsgId":"24602152426471537""#,
+                fields_head("text")
+            ),
+        ),
+    ];
+    for (xml, _, _) in &cases {
+        let (path, body) = plaintext_push(&g, xml);
+        assert_eq!(relay.post(&path, body).await.status, 200);
+    }
+    assert!(hooks.wait_for(cases.len(), WAIT).await);
+
+    let received_at =
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_secs(now as u64));
+    let got = hooks.received();
+    for (xml, event, fields) in &cases {
+        let xml_json = serde_json::to_string(xml).unwrap();
+        let r = got
+            .iter()
+            .find(|r| r.text().ends_with(&format!(r#""xml":{xml_json}}}"#)))
+            .unwrap_or_else(|| panic!("not delivered: {xml}"));
+        let id = r.headers["webhook-id"].to_str().unwrap();
+        let msg_type = if event.contains("null,") {
+            "text"
+        } else {
+            "event"
+        };
+        let expected = format!(
+            r#"{{"id":"{id}","account":"plaintext","received_at":"{received_at}","msg_type":"{msg_type}",{event},"from_user":"oUser","to_user":"gh_3f1a2b9c8d7e","create_time":"{now}","fields":{{{fields}}},"xml":{xml_json}}}"#
+        );
+        assert_eq!(r.text(), expected);
+        assert!(verify_standard_webhook(r, SECRET));
+    }
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_target_answering_503_twice_then_200_gets_the_event_on_the_third_attempt() {
     let g = generated();

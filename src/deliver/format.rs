@@ -108,8 +108,10 @@ pub fn webhook_id(dedup_key: &str) -> String {
     )
 }
 
-/// The `json` format's envelope: the decrypted event with every field as a
-/// string (`MsgId` exceeds 2^53 and must not become a JSON number).
+/// The `json` format's envelope, keys in the documented order: the decrypted
+/// event's values as strings (`MsgId` exceeds 2^53 and must not become a JSON
+/// number) or `null` when absent, and `fields` in document order, which
+/// survives the spool because serde_json keeps insertion order.
 fn json_envelope(event: &StoredEvent, id: &str) -> Result<Value, FormatError> {
     let fields: Map<String, Value> = match serde_json::from_str(&event.fields) {
         Ok(Value::Object(map)) => map,

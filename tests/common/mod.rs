@@ -62,6 +62,33 @@ pub fn generated_config(g: &Value) -> String {
     .join("\n")
 }
 
+/// A vector's `expected.fields` in the relay's shape: the generator's parser
+/// makes a single `item` or `List` entry an object, the relay always makes
+/// list entries an array.
+pub fn expected_fields(expected: &Value) -> Value {
+    fn lists_as_arrays(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(name, child)| {
+                        let child = lists_as_arrays(child);
+                        let list = matches!(name.as_str(), "item" | "List") && !child.is_array();
+                        let child = if list {
+                            Value::Array(vec![child])
+                        } else {
+                            child
+                        };
+                        (name.clone(), child)
+                    })
+                    .collect(),
+            ),
+            Value::Array(values) => Value::Array(values.iter().map(lists_as_arrays).collect()),
+            other => other.clone(),
+        }
+    }
+    lists_as_arrays(&expected["fields"])
+}
+
 pub fn path(account: &str, request: &Value) -> String {
     format!(
         "/wx/{account}?{}",
