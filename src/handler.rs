@@ -223,7 +223,7 @@ pub async fn handle(
                 reply = a.reply,
                 "push answered"
             );
-            text(StatusCode::OK, "text/plain; charset=utf-8", a.body)
+            text(StatusCode::OK, answer_content_type(&a.body), a.body)
         }
         Err(rejection) => {
             let status = rejection.status();
@@ -248,6 +248,16 @@ fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response
         .headers_mut()
         .insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     response
+}
+
+/// `success` is the only answer that is not XML: a reply (plain or sealed)
+/// is labelled as the XML it is.
+fn answer_content_type(body: &[u8]) -> &'static str {
+    if body == b"success" {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/xml; charset=utf-8"
+    }
 }
 
 /// `/wx/{account}` → the account id.

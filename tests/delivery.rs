@@ -653,6 +653,10 @@ async fn a_brokers_reply_reaches_wechat_sealed_for_secure_accounts() {
 
     let answer = send(&relay, vector(&g, "secure.scan_str"), "secure").await;
     assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.headers["content-type"],
+        "application/xml; charset=utf-8"
+    );
     let envelope = Message::parse(&answer.body).unwrap();
     let encrypted = envelope.get("Encrypt").expect("an encrypted envelope");
     let key = AesKey::from_encoding(g["config"]["encoding_aes_key"].as_str().unwrap()).unwrap();
@@ -671,6 +675,10 @@ async fn a_brokers_reply_reaches_wechat_sealed_for_secure_accounts() {
     // In plaintext mode the reply goes as it came.
     let answer = send(&relay, vector(&g, "plaintext.scan_str"), "plaintext").await;
     assert_eq!(answer.text(), reply_xml());
+    assert_eq!(
+        answer.headers["content-type"],
+        "application/xml; charset=utf-8"
+    );
 
     // The inline attempt was the delivery: the workers do not send it again.
     assert!(relay.until_nothing_pending("broker").await);
@@ -727,6 +735,7 @@ async fn a_brokers_own_envelope_is_passed_only_if_wechat_could_open_it() {
             (200, "success"),
             "{id}"
         );
+        assert_eq!(answer.headers["content-type"], "text/plain; charset=utf-8");
     }
 
     // Sealed with the current key, or with the previous one during a rotation.
@@ -742,6 +751,10 @@ async fn a_brokers_own_envelope_is_passed_only_if_wechat_could_open_it() {
         let answer = send(&relay, vector(&g, id), account).await;
         assert_eq!(answer.status, 200, "{account} {id}");
         assert_eq!(answer.text(), envelope, "{account} {id}: passed as is");
+        assert_eq!(
+            answer.headers["content-type"],
+            "application/xml; charset=utf-8"
+        );
         let parsed = Message::parse(&answer.body).unwrap();
         let encrypted = parsed.get("Encrypt").unwrap();
         let opened =
