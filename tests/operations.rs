@@ -388,10 +388,14 @@ async fn the_admin_api_requires_the_admin_token_when_one_is_set() {
         200
     );
     // The scheme is case-insensitive (RFC 7235 §2.1); the token is not.
-    for authorization in [
-        "bearer s3cret-admin-token",
-        "BEARER s3cret-admin-token",
-        "BeArEr s3cret-admin-token",
+    for (authorization, status) in [
+        ("bearer s3cret-admin-token", 200),
+        ("BEARER s3cret-admin-token", 200),
+        ("BeArEr s3cret-admin-token", 200),
+        ("Bearer S3CRET-ADMIN-TOKEN", 401),
+        ("Basic s3cret-admin-token", 401),
+        ("Bearers3cret-admin-token", 401),
+        ("s3cret-admin-token", 401),
     ] {
         let answer = admin_request_authorized(
             relay.admin,
@@ -400,22 +404,7 @@ async fn the_admin_api_requires_the_admin_token_when_one_is_set() {
             Some(authorization),
         )
         .await;
-        assert_eq!(answer.status, 200, "{authorization}");
-    }
-    for authorization in [
-        "Bearer S3CRET-ADMIN-TOKEN",
-        "Basic s3cret-admin-token",
-        "Bearers3cret-admin-token",
-        "s3cret-admin-token",
-    ] {
-        let answer = admin_request_authorized(
-            relay.admin,
-            Method::POST,
-            "/admin/reload",
-            Some(authorization),
-        )
-        .await;
-        assert_eq!(answer.status, 401, "{authorization}");
+        assert_eq!(answer.status, status, "{authorization}");
     }
     // Metrics and health stay open for scrapers and probes.
     assert_eq!(relay.admin(Method::GET, "/metrics", None).await.status, 200);
