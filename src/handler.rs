@@ -15,7 +15,7 @@ use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
 use crate::route;
 use crate::spool::{Enqueued, NewDelivery, NewEvent, SpoolError, StoredEvent, REASON_UNROUTED};
-use crate::wechat::crypto::{DecryptError, KeySlot};
+use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::{Message, XmlError};
 use crate::wechat::reply::{self, ReplyBody};
 use crate::wechat::signature;
@@ -618,13 +618,33 @@ fn answer_with(
         InlineReply::Invalid => return (success, "ignored"),
         InlineReply::Valid(reply) => reply,
     };
+    // Sealed as WeChat expects: with the key that decrypted the push.
+    let seal = |keys: &KeyRing, slot: KeySlot, xml: &str| {
+        let timestamp = q.get("timestamp").map(String::as_str).unwrap_or("");
+        let nonce = q.get("nonce").map(String::as_str).unwrap_or("");
+        let sealed = reply::envelope(
+            keys.key(slot),
+            account.token.expose(),
+            &account.app_id,
+            xml,
+            timestamp,
+            nonce,
+            &reply::random_bytes(),
+        );
+        (Bytes::from(sealed), "encrypted")
+    };
     match reply {
         ReplyBody::Ack => (success, "passed"),
         ReplyBody::Envelope(xml) => {
             let keys = account.keys.as_ref();
             let token = account.token.expose();
             match reply::open_envelope(keys, token, &account.app_id, xml.as_bytes()) {
-                Ok(_) => (Bytes::from(xml), "passed"),
+                // A target still sealing with the other key of a rotation: its
+                // reply is re-sealed with the key WeChat used for this push.
+                Ok((plain, opened_with)) => match (keys, verified.key_slot) {
+                    (Some(keys), Some(slot)) if slot != opened_with => seal(keys, slot, &plain),
+                    _ => (Bytes::from(xml), "passed"),
+                },
                 Err(e) => {
                     tracing::warn!(account = %account.id, reason = %e, "reply target's envelope would not open for WeChat; answering success");
                     (success, "unverifiable")
@@ -632,20 +652,7 @@ fn answer_with(
             }
         }
         ReplyBody::PlainXml(xml) => match (account.mode, &account.keys, verified.key_slot) {
-            (Mode::Secure, Some(keys), Some(slot)) => {
-                let timestamp = q.get("timestamp").map(String::as_str).unwrap_or("");
-                let nonce = q.get("nonce").map(String::as_str).unwrap_or("");
-                let sealed = reply::envelope(
-                    keys.key(slot),
-                    account.token.expose(),
-                    &account.app_id,
-                    &xml,
-                    timestamp,
-                    nonce,
-                    &reply::random_bytes(),
-                );
-                (Bytes::from(sealed), "encrypted")
-            }
+            (Mode::Secure, Some(keys), Some(slot)) => seal(keys, slot, &xml),
             _ => (Bytes::from(xml), "passed"),
         },
     }

@@ -6,7 +6,7 @@
 //! [`classify_reply`] is the gate that keeps a reply target's JSON, HTML or
 //! error page from ever reaching WeChat.
 
-use crate::wechat::crypto::{encrypt, AesKey, DecryptError, KeyRing};
+use crate::wechat::crypto::{encrypt, AesKey, DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::Message;
 use crate::wechat::signature::{sign, verify};
 use rand::distributions::Alphanumeric;
@@ -86,14 +86,14 @@ pub enum EnvelopeError {
 /// Opens a reply target's envelope as WeChat will: `MsgSignature` over
 /// (token, TimeStamp, Nonce, Encrypt), then decryption with the current or
 /// previous key for `app_id`, and the content must be reply XML. Returns the
-/// decrypted reply. A broker that sealed with a key or AppID it has not been
+/// decrypted reply and the key that opened it. A broker that sealed with a key or AppID it has not been
 /// told about yet would otherwise make WeChat show the user its error page.
 pub fn open_envelope(
     keys: Option<&KeyRing>,
     token: &str,
     app_id: &str,
     body: &[u8],
-) -> Result<String, EnvelopeError> {
+) -> Result<(String, KeySlot), EnvelopeError> {
     let keys = keys.ok_or(EnvelopeError::NoKey)?;
     let envelope = Message::parse(body).map_err(|_| EnvelopeError::Incomplete)?;
     let field = |name| envelope.get(name).ok_or(EnvelopeError::Incomplete);
@@ -102,11 +102,11 @@ pub fn open_envelope(
     if !verify(field("MsgSignature")?, &parts) {
         return Err(EnvelopeError::Signature);
     }
-    let (reply, _) = keys
+    let (reply, slot) = keys
         .decrypt(encrypted, app_id)
         .map_err(EnvelopeError::Decrypt)?;
     match classify_reply(reply.as_bytes()) {
-        Some(ReplyBody::PlainXml(_)) => Ok(reply),
+        Some(ReplyBody::PlainXml(_)) => Ok((reply, slot)),
         _ => Err(EnvelopeError::Content),
     }
 }
@@ -168,7 +168,10 @@ mod tests {
             envelope(key, token, app_id, xml, "1", "2", &random_bytes())
         };
         let open = |body: String| open_envelope(Some(&ring), "Token", app, body.as_bytes());
-        assert_eq!(open(seal(&key, "Token", app, reply)).unwrap(), reply);
+        assert_eq!(
+            open(seal(&key, "Token", app, reply)).unwrap(),
+            (reply.to_string(), KeySlot::Current)
+        );
         assert_eq!(
             open(seal(&key, "Other", app, reply)),
             Err(EnvelopeError::Signature)
