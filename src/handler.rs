@@ -72,7 +72,7 @@ pub enum Rejection {
     BadAppId,
     #[error("undecryptable: {0}")]
     Decrypt(DecryptError),
-    #[error("spool unavailable")]
+    #[error("spool unavailable: {0}")]
     Spool(SpoolError),
     #[error("spool commit took longer than the reply budget")]
     SpoolTimeout,
@@ -108,6 +108,15 @@ impl Rejection {
             | Rejection::EncryptedRefused
             | Rejection::BadAppId => StatusCode::FORBIDDEN,
             Rejection::Spool(_) | Rejection::SpoolTimeout => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// What the client is told: the reason, except that a storage failure's
+    /// cause (a path, the disk's state) is for the log only.
+    fn client_reason(&self) -> String {
+        match self {
+            Rejection::Spool(_) => "spool unavailable".to_string(),
+            other => other.to_string(),
         }
     }
 
@@ -235,7 +244,7 @@ pub async fn handle(
             text(
                 status,
                 "text/plain; charset=utf-8",
-                format!("{rejection}\n").into(),
+                format!("{}\n", rejection.client_reason()).into(),
             )
         }
     })

@@ -41,6 +41,8 @@ pub enum SpoolError {
     Closed,
     #[error("spool is busy: too many requests waiting for the disk")]
     Busy,
+    #[error("the spool file {0} was removed or replaced; restart the relay")]
+    Gone(String),
 }
 
 impl From<rusqlite::Error> for SpoolError {
