@@ -31,8 +31,9 @@
 //! opens the file at the path (creating an empty one if there is none).
 
 use super::{
-    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Settlement, Spool,
-    SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED, REASON_UNROUTED,
+    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, ReplayGuard,
+    Settlement, Spool, SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED,
+    REASON_UNROUTED,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::collections::HashMap;
@@ -82,6 +83,13 @@ CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (updated_at) WHERE stat
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
 CREATE TABLE IF NOT EXISTS dedup (
     key        TEXT    PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+-- Signed queries whose signature does not cover the body, with the body
+-- they were first taken with (see ReplayGuard).
+CREATE TABLE IF NOT EXISTS replay (
+    key        TEXT    PRIMARY KEY,
+    body_hash  BLOB    NOT NULL,
     expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 -- One row, rewritten by the readiness probe: a real page write and fsync.
@@ -319,8 +327,9 @@ fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
     Ok(conn)
 }
 
-/// How often expired dedup keys are deleted, in the pushes' own time.
-const PRUNE_EVERY_MS: i64 = 30_000;
+/// How often expired dedup keys and replay guards are deleted, in the
+/// pushes' own time.
+pub(super) const PRUNE_EVERY_MS: i64 = 30_000;
 
 fn run_writer(
     mut conn: Connection,
@@ -338,7 +347,7 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        // Keep the dedup table to its window, now and then rather than on
+        // Keep the dedup and replay tables to their windows, now and then rather than on
         // every push; the clock is the pushes' own, so tests can move it.
         let now = batch.iter().filter_map(|c| match c {
             Command::Enqueue(_, now, _, _) => Some(*now),
@@ -383,8 +392,14 @@ fn commit_batch(
         answers.push(apply(&mut tx, cmd));
     }
     if let Some(now) = prune_dedup_before {
-        if let Err(e) = tx.execute("DELETE FROM dedup WHERE expires_at <= ?1", params![now]) {
-            tracing::warn!(error = %e, "cannot prune expired dedup keys");
+        for table in ["dedup", "replay"] {
+            let delete = format!("DELETE FROM {table} WHERE expires_at <= ?1");
+            if let Err(e) = tx
+                .prepare_cached(&delete)
+                .and_then(|mut d| d.execute(params![now]))
+            {
+                tracing::warn!(error = %e, table, "cannot prune expired keys");
+            }
         }
     }
     let outcome = tx
@@ -459,6 +474,11 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> Box<dyn FnOnce(Option<SpoolE
 
 fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::Result<Enqueued> {
     let (e, targets) = (&new.event, &new.targets);
+    if let Some(guard) = &new.replay {
+        if !first_body_under(c, guard, now)? {
+            return Ok(Enqueued::Replayed);
+        }
+    }
     // An expired key is taken over by the new event; a live one makes it a duplicate.
     let inserted = c
         .prepare_cached(
@@ -505,6 +525,26 @@ fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::R
         event_id,
         deliveries,
     })
+}
+
+/// Records the guard's query with its body hash; false when the query was
+/// already taken, unexpired, with another body. An expired entry is taken
+/// over, like an expired dedup key.
+fn first_body_under(c: &Connection, guard: &ReplayGuard, now: i64) -> rusqlite::Result<bool> {
+    let inserted = c
+        .prepare_cached(
+            "INSERT INTO replay (key, body_hash, expires_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET body_hash = excluded.body_hash, expires_at = excluded.expires_at
+             WHERE replay.expires_at <= ?4",
+        )?
+        .execute(params![guard.key, &guard.body_hash[..], guard.expires_at, now])?;
+    if inserted == 1 {
+        return Ok(true);
+    }
+    let seen: Vec<u8> = c
+        .prepare_cached("SELECT body_hash FROM replay WHERE key = ?1")?
+        .query_row(params![guard.key], |r| r.get(0))?;
+    Ok(seen == guard.body_hash)
 }
 
 /// Up to `limit` due deliveries of `target` that are not held by a lease,
