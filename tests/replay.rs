@@ -127,3 +127,28 @@ async fn racing_bodies_under_one_query_store_exactly_one() {
     assert_eq!(broker.count(), 1);
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn an_identical_secure_replay_stays_a_duplicate_while_its_query_is_fresh() {
+    let g = generated();
+    let v = vector(&g, "secure.CLICK");
+    let sent: i64 = v["request"]["query_string"]
+        .as_str()
+        .unwrap()
+        .split('&')
+        .find_map(|p| p.strip_prefix("timestamp="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The shortest dedup window the check allows, and a relay clock 250 s
+    // behind WeChat's: the query stays fresh for 550 s of the relay's time.
+    let toml = config(&g, &[], "[spool]\ndedup_window = \"300s\"\n");
+    let relay = TestRelay::start(&toml, sent - 250).await;
+    let (query, push) = (path("secure", &v["request"]), body(&v["request"]));
+    assert_eq!(relay.post(&query, push.clone()).await.status, 200);
+    relay.clock.advance_ms(320_000);
+    assert_eq!(relay.post(&query, push).await.status, 200);
+    assert_eq!(relay.unrouted().await.len(), 1, "stored once");
+    assert_eq!(pushes(&relay, "secure", "duplicate").await, 1.0);
+    relay.stop().await;
+}
