@@ -32,6 +32,12 @@ fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
     }
 }
 
+/// What the spool makes of a guarded event, at the time it was received.
+async fn guarded_outcome(spool: &dyn Spool, e: NewEvent) -> Enqueued {
+    let now = e.event.received_at;
+    spool.enqueue(e, now, WINDOW).await.unwrap()
+}
+
 /// `event` under a guard on `query` for `body`, stale from `expires_at`.
 fn guarded(key: &str, query: &str, body: &str, now: i64, expires_at: i64) -> NewEvent {
     NewEvent {
@@ -468,15 +474,9 @@ async fn expired_dedup_keys_are_pruned() {
 async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup() {
     for (name, spool, _dir) in spools() {
         stored(&*spool, guarded("k1", "q", "body", 1_000, 9_000), 1_000).await;
-        let forged = spool
-            .enqueue(guarded("k2", "q", "forged", 2_000, 9_000), 2_000, WINDOW)
-            .await
-            .unwrap();
+        let forged = guarded_outcome(&*spool, guarded("k2", "q", "forged", 2_000, 9_000)).await;
         assert_eq!(forged, Enqueued::Replayed, "{name}");
-        let resent = spool
-            .enqueue(guarded("k1", "q", "body", 3_000, 9_000), 3_000, WINDOW)
-            .await
-            .unwrap();
+        let resent = guarded_outcome(&*spool, guarded("k1", "q", "body", 3_000, 9_000)).await;
         assert_eq!(resent, Enqueued::Duplicate, "{name}");
         // The same body under a fresh query is new when its dedup key is.
         stored(&*spool, guarded("k3", "q2", "forged", 3_000, 9_000), 3_000).await;
@@ -496,16 +496,10 @@ async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup()
 async fn a_guard_expires_when_its_query_goes_stale() {
     for (name, spool, _dir) in spools() {
         stored(&*spool, guarded("k1", "q", "body", 1_000, 5_000), 1_000).await;
-        let before = spool
-            .enqueue(guarded("k2", "q", "other", 4_999, 5_000), 4_999, WINDOW)
-            .await
-            .unwrap();
+        let before = guarded_outcome(&*spool, guarded("k2", "q", "other", 4_999, 5_000)).await;
         assert_eq!(before, Enqueued::Replayed, "{name}");
         stored(&*spool, guarded("k3", "q", "other", 5_000, 9_000), 5_000).await;
-        let after = spool
-            .enqueue(guarded("k4", "q", "third", 6_000, 9_000), 6_000, WINDOW)
-            .await
-            .unwrap();
+        let after = guarded_outcome(&*spool, guarded("k4", "q", "third", 6_000, 9_000)).await;
         assert_eq!(
             after,
             Enqueued::Replayed,
@@ -557,10 +551,7 @@ async fn a_spool_file_from_before_the_replay_guard_opens_and_guards() {
     drop(old);
     let spool = SqliteSpool::open(&path).unwrap();
     stored(&spool, guarded("k1", "q", "body", 1_000, 9_000), 1_000).await;
-    let forged = spool
-        .enqueue(guarded("k2", "q", "forged", 2_000, 9_000), 2_000, WINDOW)
-        .await
-        .unwrap();
+    let forged = guarded_outcome(&spool, guarded("k2", "q", "forged", 2_000, 9_000)).await;
     assert_eq!(forged, Enqueued::Replayed);
     spool.probe().await.unwrap();
 }
