@@ -76,7 +76,8 @@ pub struct ReplayGuard {
     pub key: String,
     /// SHA-256 of the request body.
     pub body_hash: [u8; 32],
-    /// Unix milliseconds from which the query is refused as stale anyway.
+    /// Unix milliseconds from which the guard is forgotten: when the query
+    /// is refused as stale anyway.
     pub expires_at: i64,
 }
 
