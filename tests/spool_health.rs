@@ -11,6 +11,7 @@ use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+use wxrelay::spool::{Spool, SpoolError};
 
 /// A small tmpfs mounted in a temp dir, unmounted when dropped.
 struct Tmpfs {
@@ -159,6 +160,9 @@ async fn assert_refused_as_gone(relay: &TestRelay, g: &Value) {
     let (push, push_body) = click(g);
     let answer = relay.post(&push, push_body).await;
     assert_eq!(answer.status, 503, "{}", answer.text());
+    // Nor is any work handed out from the lost file.
+    let lease = relay.spool.lease("hooks", 0, 1, 1_000).await;
+    assert!(matches!(lease, Err(SpoolError::Gone(_))), "{lease:?}");
 }
 
 #[tokio::test]
