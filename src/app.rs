@@ -332,7 +332,7 @@ async fn serve_admin(
                 tracing::warn!(error = %e, "not ready: the spool does not accept writes");
                 plain(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "spool not writable\n".into(),
+                    format!("spool not writable: {e}\n"),
                 )
             }
         },

@@ -14,7 +14,9 @@ use crate::app::Shared;
 use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
 use crate::route;
-use crate::spool::{Enqueued, NewDelivery, NewEvent, SpoolError, StoredEvent, REASON_UNROUTED};
+use crate::spool::{
+    Enqueued, NewDelivery, NewEvent, ReplayGuard, SpoolError, StoredEvent, REASON_UNROUTED,
+};
 use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::{Message, XmlError};
 use crate::wechat::reply::{self, ReplyBody};
@@ -72,10 +74,12 @@ pub enum Rejection {
     BadAppId,
     #[error("undecryptable: {0}")]
     Decrypt(DecryptError),
-    #[error("spool unavailable")]
+    #[error("spool unavailable: {0}")]
     Spool(SpoolError),
     #[error("spool commit took longer than the reply budget")]
     SpoolTimeout,
+    #[error("replayed: this signed query was already used with another body")]
+    Replayed,
 }
 
 impl From<DecryptError> for Rejection {
@@ -106,8 +110,18 @@ impl Rejection {
             Rejection::Stale
             | Rejection::PlaintextRefused
             | Rejection::EncryptedRefused
-            | Rejection::BadAppId => StatusCode::FORBIDDEN,
+            | Rejection::BadAppId
+            | Rejection::Replayed => StatusCode::FORBIDDEN,
             Rejection::Spool(_) | Rejection::SpoolTimeout => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// What the client is told: the reason, except that a storage failure's
+    /// cause (a path, the disk's state) is for the log only.
+    fn client_reason(&self) -> String {
+        match self {
+            Rejection::Spool(_) => "spool unavailable".to_string(),
+            other => other.to_string(),
         }
     }
 
@@ -128,6 +142,7 @@ impl Rejection {
             Rejection::BadMsgSignature => "bad_msg_signature",
             Rejection::BadXml(_) => "bad_xml",
             Rejection::BadAppId => "bad_appid",
+            Rejection::Replayed => "replayed",
             Rejection::Spool(_) | Rejection::SpoolTimeout => "spool_unavailable",
         }
     }
@@ -235,7 +250,7 @@ pub async fn handle(
             text(
                 status,
                 "text/plain; charset=utf-8",
-                format!("{rejection}\n").into(),
+                format!("{}\n", rejection.client_reason()).into(),
             )
         }
     })
@@ -460,7 +475,13 @@ async fn accept_push(
         Some(event) => format!("event/{event}"),
         None => input.msg_type.to_string(),
     };
+    let dedup_window = config.spool.dedup_window.as_millis() as i64;
+    let timestamp = q.get("timestamp").map(String::as_str).unwrap_or_default();
+    // Until the query goes stale, a replay of it must still find its guard and
+    // its dedup key, even when the timestamp is ahead of the relay's clock.
+    let stale_at = stale_at(account, timestamp).unwrap_or(now + dedup_window);
     let event = NewEvent {
+        replay: replay_guard(account, &q, &body, stale_at),
         event: StoredEvent {
             event_id: 0,
             dedup_key: dedup_key.clone(),
@@ -475,7 +496,7 @@ async fn accept_push(
         },
         targets,
     };
-    let window = config.spool.dedup_window.as_millis() as i64;
+    let window = dedup_window.max(stale_at - now);
     // The reply target needs the event again after the commit; only then is it copied.
     let reply_from = rule.and_then(|r| r.reply_from.as_deref()).and_then(|name| {
         let position = event.targets.iter().position(|t| t.target == name)?;
@@ -490,6 +511,9 @@ async fn accept_push(
         .await
         .map_err(|_| Rejection::SpoolTimeout)?
         .map_err(Rejection::Spool)?;
+    if enqueued == Enqueued::Replayed {
+        return Err(Rejection::Replayed);
+    }
 
     let mut accepted = Accepted {
         duplicate: true,
@@ -531,6 +555,48 @@ async fn accept_push(
         accepted.reply = Some(outcome);
     }
     Ok(accepted)
+}
+
+/// When the account starts refusing a query with this timestamp as stale,
+/// unix milliseconds; `None` when it does not check freshness.
+fn stale_at(account: &Account, timestamp: &str) -> Option<i64> {
+    let window = account.timestamp_window?;
+    let sent: i64 = timestamp.parse().ok()?;
+    // Accepted while the clock's whole seconds are within the window.
+    let last_second = sent.saturating_add(window.as_secs() as i64);
+    Some(last_second.saturating_add(1).saturating_mul(1000))
+}
+
+/// `signature` covers (token, timestamp, nonce), never the body, so a
+/// captured query can carry any body until it goes stale; the guard refuses
+/// it with any body other than the first. In secure mode every accepted push
+/// is also under `msg_signature`, which covers the `<Encrypt>` that is all the
+/// relay reads of the body: another `<Encrypt>` fails it and the same one is
+/// the same message, a duplicate. So secure accounts need no guard and spend
+/// no write on one. Compat accounts take unencrypted pushes, and an encrypted
+/// push's query without `encrypt_type` and `msg_signature` is a valid
+/// unencrypted one, so their encrypted pushes are guarded too.
+fn replay_guard(
+    account: &Account,
+    q: &HashMap<String, String>,
+    body: &[u8],
+    stale_at: i64,
+) -> Option<ReplayGuard> {
+    if account.mode == Mode::Secure {
+        return None;
+    }
+    let param = |name| q.get(name).map(String::as_str).unwrap_or_default();
+    Some(ReplayGuard {
+        key: format!(
+            "{}|{}|{}|{}",
+            account.id,
+            param("timestamp"),
+            param("nonce"),
+            param("signature")
+        ),
+        body_hash: Sha256::digest(body).into(),
+        expires_at: stale_at,
+    })
 }
 
 /// The least time worth an inline attempt at the reply target.

@@ -563,6 +563,12 @@ fn broken_configs_are_refused_at_their_key_path() {
             "greater than zero",
         ),
         (
+            "dedup_window shorter than a timestamp_window",
+            format!("[spool]\ndedup_window = \"299s\"\n{VALID}"),
+            "spool.dedup_window",
+            "must be at least accounts.main.timestamp_window (5m)",
+        ),
+        (
             "no accounts",
             "[targets.t]\nurl = \"http://localhost/\"\n".to_owned(),
             "accounts",

@@ -13,7 +13,7 @@ use common::{
 };
 use hmac::{Hmac, Mac};
 use serde_json::Value;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use std::time::Duration;
 use wxrelay::spool::{DeadFilter, Spool};
 use wxrelay::wechat::crypto::{decrypt, AesKey};
@@ -166,8 +166,11 @@ async fn with_one_target(
 /// A plaintext push of `xml` to account `plaintext`, signed with the vectors' Token.
 fn plaintext_push(g: &Value, xml: &str) -> (String, Vec<u8>) {
     let token = g["config"]["token"].as_str().unwrap();
-    let (ts, nonce) = (reference_now(g).to_string(), "1714112445");
-    let sig = signature::sign(&[token, &ts, nonce]);
+    // A nonce per message, as WeChat sends: one signed query taken with two
+    // bodies is a replay.
+    let nonce = u32::from_be_bytes(Sha256::digest(xml.as_bytes())[..4].try_into().unwrap());
+    let (ts, nonce) = (reference_now(g).to_string(), nonce.to_string());
+    let sig = signature::sign(&[token, &ts, &nonce]);
     (
         format!("/wx/plaintext?signature={sig}&timestamp={ts}&nonce={nonce}&openid=oUser"),
         xml.as_bytes().to_vec(),

@@ -13,7 +13,7 @@ use super::units::{parse_duration, parse_size};
 use super::{ConfigError, Problem, Secret, ENV_PREFIX};
 use crate::route::{Match, Rule};
 use crate::wechat::crypto::{AesKey, KeyRing};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,7 +37,9 @@ const CONCURRENCY_RANGE: std::ops::RangeInclusive<i64> = 1..=1024;
 pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
     let mut p = Problems::default();
     let server = server(raw.server, &mut p);
+    let found = p.0.len();
     let spool = spool(raw.spool, &mut p);
+    let dedup_window_valid = p.0.len() == found;
     if raw.accounts.is_empty() {
         p.add(
             "accounts",
@@ -59,6 +61,9 @@ pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
         .into_iter()
         .filter_map(|(name, raw)| Some((name.clone(), target(name, raw, &mut p)?)))
         .collect();
+    if dedup_window_valid {
+        dedup_outlasts_timestamp_windows(&spool, &accounts, &mut p);
+    }
     let routes = routes(raw.routes, &account_ids, &target_names, &mut p);
     let settings = Settings {
         server,
@@ -214,6 +219,28 @@ fn spool(raw: RawSpool, p: &mut Problems) -> SpoolSettings {
             .path
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_PATH)),
         dedup_window: p.duration("spool.dedup_window", raw.dedup_window, DEFAULT_DEDUP_WINDOW),
+    }
+}
+
+/// A push stays acceptable for its account's timestamp window, so a replay of
+/// it is only recognised as a duplicate if its dedup key lives that long.
+fn dedup_outlasts_timestamp_windows(
+    spool: &SpoolSettings,
+    accounts: &BTreeMap<String, Account>,
+    p: &mut Problems,
+) {
+    for account in accounts.values() {
+        if let Some(window) = account.timestamp_window.filter(|w| *w > spool.dedup_window) {
+            p.add(
+                "spool.dedup_window",
+                format!(
+                    "must be at least accounts.{}.timestamp_window ({}): a push replayed within \
+                     that window would be stored and delivered again",
+                    account.id,
+                    humantime::format_duration(window)
+                ),
+            );
+        }
     }
 }
 

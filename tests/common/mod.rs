@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -150,7 +150,22 @@ impl TestRelay {
     /// Starts the relay on `toml` (the spool path is replaced by a temp file).
     pub async fn start(toml: &str, now_secs: i64) -> TestRelay {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Arc::new(SqliteSpool::open(&dir.path().join("spool.db")).unwrap());
+        let spool_path = dir.path().join("spool.db");
+        Self::start_in(toml, now_secs, dir, &spool_path).await
+    }
+
+    /// As [`TestRelay::start`], with the spool file at `spool_path`.
+    pub async fn start_with_spool_at(toml: &str, now_secs: i64, spool_path: &Path) -> TestRelay {
+        Self::start_in(toml, now_secs, tempfile::tempdir().unwrap(), spool_path).await
+    }
+
+    async fn start_in(
+        toml: &str,
+        now_secs: i64,
+        dir: tempfile::TempDir,
+        spool_path: &Path,
+    ) -> TestRelay {
+        let spool = Arc::new(SqliteSpool::open(spool_path).unwrap());
         let clock = Arc::new(FixedClock::at_secs(now_secs));
         let relay = Self::launch(toml, spool.clone(), clock.clone(), &dir).await;
         TestRelay {
