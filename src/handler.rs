@@ -481,7 +481,7 @@ async fn accept_push(
     // its dedup key, even when the timestamp is ahead of the relay's clock.
     let stale_at = stale_at(account, timestamp).unwrap_or(now + dedup_window);
     let event = NewEvent {
-        replay: replay_guard(account, &q, &body, stale_at),
+        replay: replay_guard(account, &q, &verified.xml, stale_at),
         event: StoredEvent {
             event_id: 0,
             dedup_key: dedup_key.clone(),
@@ -575,11 +575,14 @@ fn stale_at(account: &Account, timestamp: &str) -> Option<i64> {
 /// the same message, a duplicate. So secure accounts need no guard and spend
 /// no write on one. Compat accounts take unencrypted pushes, and an encrypted
 /// push's query without `encrypt_type` and `msg_signature` is a valid
-/// unencrypted one, so their encrypted pushes are guarded too.
+/// unencrypted one, so their encrypted pushes are guarded too. What is
+/// compared is the message the relay acts on (the decrypted XML of an
+/// encrypted push), so WeChat re-sending a push sealed afresh under the same
+/// query stays a duplicate rather than a replay.
 fn replay_guard(
     account: &Account,
     q: &HashMap<String, String>,
-    body: &[u8],
+    message_xml: &str,
     stale_at: i64,
 ) -> Option<ReplayGuard> {
     if account.mode == Mode::Secure {
@@ -594,7 +597,7 @@ fn replay_guard(
             param("nonce"),
             param("signature")
         ),
-        body_hash: Sha256::digest(body).into(),
+        body_hash: Sha256::digest(message_xml.as_bytes()).into(),
         expires_at: stale_at,
     })
 }

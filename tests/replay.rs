@@ -145,3 +145,44 @@ async fn an_identical_secure_replay_stays_a_duplicate_while_its_query_is_fresh()
     assert_eq!(pushes(&relay, "secure", "duplicate").await, 1.0);
     relay.stop().await;
 }
+
+/// WeChat may seal a re-sent push afresh (a new random prefix, so another
+/// `<Encrypt>` and `msg_signature`) under the same timestamp and nonce: the
+/// message is the same, so it is a duplicate, not a replay.
+#[tokio::test]
+async fn a_compat_push_sealed_afresh_under_the_same_query_is_a_duplicate() {
+    use wxrelay::wechat::crypto::AesKey;
+    use wxrelay::wechat::push::{self, Envelope, Sealing};
+    let g = generated();
+    let (relay, broker) = relay_with_broker(&g).await;
+    let c = &g["config"];
+    let key = AesKey::from_encoding(c["encoding_aes_key"].as_str().unwrap()).unwrap();
+    let xml = String::from_utf8(body(&vector(&g, "plaintext.scan_str")["request"])).unwrap();
+    let sealed = |random: [u8; 16]| {
+        let envelope = Envelope {
+            token: c["token"].as_str().unwrap(),
+            app_id: c["appid"].as_str().unwrap(),
+            timestamp: reference_now(&g),
+            nonce: "1520398187",
+            openid: None,
+            random: &random,
+        };
+        push::build(&xml, Sealing::Compat(&key), &envelope)
+    };
+    let (first, again) = (sealed([b'a'; 16]), sealed([b'b'; 16]));
+    assert_eq!(first.query.split('&').nth(2), again.query.split('&').nth(2));
+    assert_ne!(first.body, again.body, "sealed afresh");
+    for push in [first, again] {
+        let answer = relay
+            .post(
+                &format!("/wx/compat?{}", push.query),
+                push.body.into_bytes(),
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!(pushes(&relay, "compat", "duplicate").await, 1.0);
+    assert_eq!(pushes(&relay, "compat", "replayed").await, 0.0);
+    assert_broker_got_only_the_genuine_scan(&relay, &broker).await;
+    relay.stop().await;
+}

@@ -74,7 +74,8 @@ pub struct NewEvent {
 pub struct ReplayGuard {
     /// The account and the query's timestamp, nonce and signature.
     pub key: String,
-    /// SHA-256 of the request body.
+    /// SHA-256 of the message the relay acts on (the decrypted XML of an
+    /// encrypted push, the body of a plaintext one).
     pub body_hash: [u8; 32],
     /// Unix milliseconds from which the guard is forgotten: when the query
     /// is refused as stale anyway.
