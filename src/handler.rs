@@ -550,7 +550,7 @@ async fn accept_push(
         } else {
             reply_inline(shared, &target, delivery_id, &stored, remaining).await
         };
-        let (body, outcome) = answer_with(account, &verified, &q, reply);
+        let (body, outcome) = answer_with(account, &target.name, &verified, &q, reply);
         accepted.body = body;
         accepted.reply = Some(outcome);
     }
@@ -677,6 +677,7 @@ async fn reply_inline(
 /// and an envelope the target sealed itself passes only if WeChat could open it.
 fn answer_with(
     account: &Account,
+    target: &str,
     verified: &Verified,
     q: &HashMap<String, String>,
     reply: InlineReply,
@@ -712,10 +713,12 @@ fn answer_with(
                 // reply is re-sealed with the key WeChat used for this push.
                 Ok((plain, opened_with)) => match (keys, verified.key_slot) {
                     (Some(keys), Some(slot)) if slot != opened_with => seal(keys, slot, &plain),
-                    _ => (Bytes::from(xml), "passed"),
+                    (_, Some(_)) => (Bytes::from(xml), "passed"),
+                    // An unencrypted push: WeChat expects its reply in plaintext.
+                    (_, None) => (Bytes::from(plain), "passed"),
                 },
                 Err(e) => {
-                    tracing::warn!(account = %account.id, reason = %e, "reply target's envelope would not open for WeChat; answering success");
+                    tracing::warn!(account = %account.id, target, reason = %e, "reply target's envelope would not open for WeChat; answering success");
                     (success, "unverifiable")
                 }
             }

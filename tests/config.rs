@@ -185,6 +185,21 @@ fn upper_case_ids_are_refused_because_the_environment_cannot_name_them() {
     assert_has(&err, "targets.Broker", "lower-case");
     assert_has(&err, "targets.Broker", "WXRELAY_TARGETS__BROKER__");
 
+    // `__` splits a variable's keys: these names could not be addressed either.
+    let toml = edit(&[
+        ("[accounts.main]", "[accounts.shop__eu]"),
+        ("[targets.broker]", "[targets.broker_]"),
+        (
+            "to = [\"broker\", \"hooks\"]",
+            "to = [\"broker_\", \"hooks\"]",
+        ),
+        ("reply_from = \"broker\"", "reply_from = \"broker_\""),
+    ]);
+    let err = Settings::from_toml_str(&toml).unwrap_err();
+    assert_eq!(err.problems.len(), 2, "{err}");
+    assert_has(&err, "accounts.shop__eu", "must not contain \"__\"");
+    assert_has(&err, "targets.broker_", "end in \"_\"");
+
     // A lower-case id, with `_` and `-`, is overridden through the environment.
     let _env = ENV.lock().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -246,6 +261,12 @@ fn broken_configs_are_refused_at_their_key_path() {
     let secret_line = line("secret");
 
     let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "admin token with a space",
+            format!("[server]\nadmin_token = \" padded-token\"\n{VALID}"),
+            "server.admin_token",
+            "visible ASCII",
+        ),
         (
             "unknown top-level key",
             format!("colour = \"blue\"\n{VALID}"),

@@ -747,6 +747,13 @@ async fn a_brokers_own_envelope_is_passed_only_if_wechat_could_open_it() {
     assert_eq!(decrypt(&key, encrypted, app_id).unwrap(), reply_xml());
     assert!(decrypt(&previous, encrypted, app_id).is_err());
 
+    // An unencrypted push (WeChat in plaintext mode) expects a plaintext
+    // reply: the envelope is opened and its reply passed.
+    broker.script([Behaviour::body(200, "text/xml", &good)]);
+    let answer = send(&relay, vector(&g, "plaintext.scan_str"), "plaintext").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), reply_xml(), "opened for a plaintext push");
+
     let m = relay
         .admin(http::Method::GET, "/metrics", None)
         .await
@@ -754,7 +761,7 @@ async fn a_brokers_own_envelope_is_passed_only_if_wechat_could_open_it() {
     let replies =
         |outcome: &str| common::metric(&m, "wxrelay_replies_total", &[("outcome", outcome)]);
     assert_eq!(replies("unverifiable"), 3.0, "{m}");
-    assert_eq!(replies("passed"), 1.0);
+    assert_eq!(replies("passed"), 2.0);
     assert_eq!(replies("encrypted"), 1.0);
     relay.stop().await;
 }

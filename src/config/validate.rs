@@ -171,6 +171,14 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
     let admin_token = admin_token.ok().flatten().map(|(token, path)| {
         if token.expose().is_empty() {
             p.add(path, "must not be empty");
+        } else if !token.expose().bytes().all(|b| b.is_ascii_graphic()) {
+            // It travels in an Authorization header, which trims white space
+            // and may carry only visible ASCII: another token never matches.
+            p.add(
+                path,
+                "must be visible ASCII characters, without spaces: it is sent in an \
+                 Authorization header",
+            );
         }
         token
     });
@@ -360,7 +368,8 @@ fn is_app_id(app_id: &str) -> bool {
 
 /// Account ids and target names appear in URLs, metric labels and logs.
 /// They are lower-case because figment lower-cases the keys of `WXRELAY_`
-/// variables: an id with capitals could never be overridden.
+/// variables and splits them at `__`: an id with capitals, a `__` or a
+/// trailing `_` could never be overridden.
 fn check_name(p: &mut Problems, path: &str, name: &str, what: &str) {
     let valid = (1..=64).contains(&name.len())
         && name
@@ -380,6 +389,14 @@ fn check_name(p: &mut Problems, path: &str, name: &str, what: &str) {
                  could never override it; rename it to {:?}",
                 name.to_lowercase(),
                 name.to_lowercase()
+            ),
+        );
+    } else if name.contains("__") || name.ends_with('_') {
+        p.add(
+            path,
+            format!(
+                "{what} must not contain \"__\" or end in \"_\": {ENV_PREFIX} variables use \"__\" \
+                 between keys, so such a name could never be overridden from the environment"
             ),
         );
     }

@@ -4,7 +4,8 @@
 //! reply XML, which in secure mode must be wrapped in the encrypted
 //! [`envelope`]. Anything else makes WeChat show the user "该公众号暂时无法提供服务".
 //! [`classify_reply`] is the gate that keeps a reply target's JSON, HTML or
-//! error page from ever reaching WeChat.
+//! error page from ever reaching WeChat, and [`open_envelope`] the one that
+//! keeps out an envelope the target sealed with keys WeChat does not use.
 
 use crate::wechat::crypto::{encrypt, AesKey, DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::Message;
@@ -73,7 +74,7 @@ pub fn classify_reply(body: &[u8]) -> Option<ReplyBody> {
 pub enum EnvelopeError {
     #[error("the account has no EncodingAESKey to check it with")]
     NoKey,
-    #[error("no MsgSignature, TimeStamp or Nonce")]
+    #[error("not an envelope: no Encrypt, MsgSignature, TimeStamp or Nonce")]
     Incomplete,
     #[error("bad MsgSignature")]
     Signature,
@@ -86,8 +87,9 @@ pub enum EnvelopeError {
 /// Opens a reply target's envelope as WeChat will: `MsgSignature` over
 /// (token, TimeStamp, Nonce, Encrypt), then decryption with the current or
 /// previous key for `app_id`, and the content must be reply XML. Returns the
-/// decrypted reply and the key that opened it. A broker that sealed with a key or AppID it has not been
-/// told about yet would otherwise make WeChat show the user its error page.
+/// decrypted reply and the key that opened it. A broker that sealed with a
+/// key or AppID it has not been told about yet would otherwise make WeChat
+/// show the user its error page.
 pub fn open_envelope(
     keys: Option<&KeyRing>,
     token: &str,
