@@ -175,10 +175,26 @@ pub struct Relay {
 async fn bind(listener: Option<TcpListener>, addr: SocketAddr) -> Result<TcpListener, StartError> {
     match listener {
         Some(l) => Ok(l),
-        None => TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Listen { addr, source }),
+        None => listen(addr).map_err(|source| StartError::Listen { addr, source }),
     }
+}
+
+/// Connections the kernel queues for accept (it caps this at
+/// `net.core.somaxconn`). Its usual default, 1024, overflows under a flood of
+/// short connections, and a dropped SYN costs a real push a 1 s, then 3 s,
+/// retransmission: longer than WeChat waits.
+const ACCEPT_BACKLOG: u32 = 8192;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's bind does, so a restart need not wait out TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 fn local_addr(l: &TcpListener, configured: SocketAddr) -> Result<SocketAddr, StartError> {

@@ -4,11 +4,12 @@
 //! cargo bench --bench load -- compare [PUSHES] [CONNECTIONS]   baseline vs relay at saturation
 //! cargo bench --bench load -- rate [RATE] [SECONDS]            p99 at a fixed rate, both servers
 //! cargo bench --bench load -- backlog [PUSHES]                 webhooks down: memory, then drain rate
-//! cargo bench --bench load -- flood [CONNECTIONS] [SECONDS] [hold]  unsigned 256 KiB bodies: RSS, real pushes' latency
+//! cargo bench --bench load -- flood [CONNECTIONS] [SECONDS] [send|hold|idle]  an attacker's flood: RSS, real pushes' latency
 //! ```
 //!
 //! `WXRELAY_BIN=/path/to/wxrelay` runs another build of the relay (an older
-//! release, to compare). `flood` opens one descriptor per connection in this
+//! release, to compare); `WXRELAY_NOFILE=1024` runs it under that open-file
+//! limit. `flood` opens one descriptor per connection in this
 //! process: raise `ulimit -n` first.
 //!
 //! The relay is the real release binary in its own process, on a fresh SQLite
@@ -97,7 +98,11 @@ async fn start_relay_paused(broker: &str, hooks: &str, paused: bool) -> RelayPro
     let toml = harness::relay_config_paused(public, admin, &spool, broker, hooks, paused);
     std::fs::write(&config, toml).unwrap_or_else(|e| panic!("{e}"));
     let relay = std::env::var("WXRELAY_BIN").unwrap_or_else(|_| RELAY.to_string());
-    let child = Command::new(relay)
+    let nofile = std::env::var("WXRELAY_NOFILE").unwrap_or_else(|_| "unlimited".into());
+    // Through a shell only to set the limit; `exec` keeps the relay's pid.
+    let child = Command::new("sh")
+        .args(["-c", "ulimit -n \"$0\" 2>/dev/null; exec \"$@\"", &nofile])
+        .arg(relay)
         .args(["serve", "--config"])
         .arg(&config)
         .env("WXRELAY_LOG", "warn")
@@ -346,11 +351,43 @@ struct FloodCounts {
     failed: AtomicU64,
 }
 
-/// An attacker's flood: `connections` connections each sending unsigned POSTs
-/// with a 256 KiB body, one after the other, until `until`. With `hold`, the
-/// last byte of each body is never sent, so a relay that reads bodies before
-/// checking the signature holds the rest until its reply budget runs out.
-async fn flood_connection(addr: SocketAddr, until: Instant, hold: bool, counts: Arc<FloodCounts>) {
+/// What each attacker connection does, over and over until the flood ends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Attack {
+    /// An unsigned POST with a 256 KiB body, then wait for the answer.
+    Send,
+    /// The same without the body's last byte, so a relay that reads bodies
+    /// before checking the signature holds the rest until its reply budget ends.
+    Hold,
+    /// Connect and send nothing until the relay closes the connection.
+    Idle,
+}
+
+impl Attack {
+    fn parse(arg: Option<&String>) -> Attack {
+        match arg.map(String::as_str) {
+            Some("hold") => Attack::Hold,
+            Some("idle") => Attack::Idle,
+            _ => Attack::Send,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Attack::Send => "send",
+            Attack::Hold => "hold",
+            Attack::Idle => "idle",
+        }
+    }
+}
+
+/// One attacker connection after another, until `until`.
+async fn flood_connection(
+    addr: SocketAddr,
+    until: Instant,
+    attack: Attack,
+    counts: Arc<FloodCounts>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const BODY: usize = 256 * 1024;
     let head = format!(
@@ -366,10 +403,16 @@ async fn flood_connection(addr: SocketAddr, until: Instant, hold: bool, counts: 
         };
         counts.connections.fetch_add(1, Ordering::Relaxed);
         let exchange = async {
-            stream.write_all(head.as_bytes()).await.ok()?;
-            // The relay may answer and close before the body is in: fine.
-            let sent = if hold { &body[..BODY - 1] } else { &body[..] };
-            let _ = stream.write_all(sent).await;
+            if attack != Attack::Idle {
+                stream.write_all(head.as_bytes()).await.ok()?;
+                // The relay may answer and close before the body is in: fine.
+                let sent = if attack == Attack::Hold {
+                    &body[..BODY - 1]
+                } else {
+                    &body[..]
+                };
+                let _ = stream.write_all(sent).await;
+            }
             let mut answer = [0u8; 64];
             let n = stream.read(&mut answer).await.ok()?;
             Some(answer[..n].starts_with(b"HTTP/1.1 503"))
@@ -394,11 +437,11 @@ async fn flood_client(args: &[String]) {
         .unwrap_or_else(|| panic!("flood-client ADDR CONNECTIONS SECONDS"));
     let connections = arg(args, 1, 4000.0) as usize;
     let seconds = arg(args, 2, 15.0);
-    let hold = args.get(3).is_some_and(|a| a == "hold");
+    let attack = Attack::parse(args.get(3));
     let counts = Arc::new(FloodCounts::default());
     let until = Instant::now() + Duration::from_secs_f64(seconds);
     let flooders: Vec<_> = (0..connections)
-        .map(|_| tokio::spawn(flood_connection(addr, until, hold, counts.clone())))
+        .map(|_| tokio::spawn(flood_connection(addr, until, attack, counts.clone())))
         .collect();
     while counts.connections.load(Ordering::Relaxed) < connections as u64 && Instant::now() < until
     {
@@ -421,7 +464,7 @@ async fn flood(args: &[String]) {
     use std::io::BufRead;
     let connections = arg(args, 0, 4000.0) as usize;
     let seconds = arg(args, 1, 15.0);
-    let hold = args.get(2).is_some_and(|a| a == "hold");
+    let attack = Attack::parse(args.get(2));
     let rate = 50.0;
     let (sink, at) = start_sink().await;
     let relay = start_relay(
@@ -431,8 +474,12 @@ async fn flood(args: &[String]) {
     .await;
     let pid = relay.server.child.id();
     println!(
-        "flood: {connections} connections sending unsigned 256 KiB POSTs{} for {seconds:.0} s, real signed pushes at {rate:.0}/s meanwhile; relay {} RSS idle {:.1} MiB",
-        if hold { " (all but their last byte)" } else { "" },
+        "flood: {connections} connections, {} for {seconds:.0} s, real signed pushes at {rate:.0}/s meanwhile; relay {} RSS idle {:.1} MiB",
+        match attack {
+            Attack::Send => "each sending unsigned POSTs with 256 KiB bodies",
+            Attack::Hold => "each sending unsigned POSTs with all but the last byte of 256 KiB bodies",
+            Attack::Idle => "each opened and left idle",
+        },
         std::env::var("WXRELAY_BIN").unwrap_or_else(|_| "(this build)".into()),
         harness::rss_mib(pid).unwrap_or(0.0)
     );
@@ -442,7 +489,7 @@ async fn flood(args: &[String]) {
             relay.server.addr.to_string(),
             connections.to_string(),
             seconds.to_string(),
-            if hold { "hold" } else { "send" }.to_string(),
+            attack.name().to_string(),
         ])
         .stdout(Stdio::piped())
         .spawn()
@@ -477,11 +524,13 @@ async fn flood(args: &[String]) {
         peak
     });
     let pushes = ((seconds / 2.0).max(1.0) * rate) as usize;
+    // One connection per push, as WeChat does: each push competes with the
+    // flood for accept too.
     let real = harness::drive(
         relay.server.addr,
         0,
         pushes,
-        8,
+        pushes,
         Some(rate),
         harness::unix_now(),
     )
