@@ -53,7 +53,7 @@ pub struct Counters {
 /// a flood is after.
 const MAX_HEAD_BUFFER: usize = 80 * 1024;
 
-/// How long a new connection waits for the idle one it displaced to close.
+/// How long a new connection at the cap waits for a slot to come free.
 const ADMISSION_WAIT: Duration = Duration::from_secs(1);
 
 /// File descriptors kept for everything but public connections: the spool,
@@ -92,6 +92,8 @@ pub fn fits_open_files(max_connections: usize) -> bool {
 struct Registry {
     next_id: u64,
     connections: HashMap<u64, Tracked>,
+    /// New connections waiting for a slot that a closing one will free.
+    waiting: usize,
 }
 
 struct Tracked {
@@ -107,23 +109,51 @@ fn lock(connections: &Connections) -> std::sync::MutexGuard<'_, Registry> {
     connections.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Asks the connection idle the longest to close; false when none is idle.
-fn close_idlest(connections: &Connections) -> bool {
+/// How a new connection at the cap can get a slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// The connection idle the longest was asked to close for it.
+    Displaced,
+    /// Connections asked to close earlier will free slots; it waits its turn.
+    Pending,
+    /// Every connection has a request in progress, or too many wait already.
+    Full,
+}
+
+/// Finds a slot for a new connection at the cap; unless [`Room::Full`], the
+/// caller is counted as waiting until it calls [`done_waiting`]. At most
+/// `max_waiting` wait at once, each holding a descriptor.
+fn make_room(connections: &Connections, max_waiting: usize) -> Room {
     let mut registry = lock(connections);
+    let registry = &mut *registry;
+    if registry.waiting >= max_waiting {
+        return Room::Full;
+    }
+    let closing = registry.connections.values().any(|c| c.closing);
     let idlest = registry
         .connections
         .values_mut()
         .filter(|c| c.in_flight == 0 && !c.closing)
         .min_by_key(|c| c.idle_since);
-    match idlest {
+    let room = match idlest {
         Some(connection) => {
             connection.closing = true;
             // A stored permit: the connection may not be waiting on it yet.
             connection.close.notify_one();
-            true
+            Room::Displaced
         }
-        None => false,
-    }
+        // Under churn every idle connection may already be closing for an
+        // earlier arrival: the slots they free go to the waiters in turn.
+        None if closing => Room::Pending,
+        None => return Room::Full,
+    };
+    registry.waiting += 1;
+    room
+}
+
+fn done_waiting(connections: &Connections) {
+    let mut registry = lock(connections);
+    registry.waiting = registry.waiting.saturating_sub(1);
 }
 
 /// Marks a connection busy while a request of it is being answered.
@@ -207,16 +237,18 @@ pub async fn serve<H, F>(
                 };
                 let permit = match permits.clone().try_acquire_owned() {
                     Ok(permit) => Some(permit),
-                    Err(_) if close_idlest(&connections) => {
-                        if let Some(c) = &counters {
-                            c.idle_closed.inc();
+                    Err(_) => match make_room(&connections, max) {
+                        Room::Full => {
+                            refuse(&stream, counters.as_ref(), &errors);
+                            continue;
                         }
-                        None
-                    }
-                    Err(_) => {
-                        refuse(&stream, counters.as_ref(), &errors);
-                        continue;
-                    }
+                        room => {
+                            if let (Room::Displaced, Some(c)) = (room, &counters) {
+                                c.idle_closed.inc();
+                            }
+                            None
+                        }
+                    },
                 };
                 let _ = stream.set_nodelay(true);
                 let connection = Connection {
@@ -233,10 +265,14 @@ pub async fn serve<H, F>(
                         Some(permit) => permit,
                         // Fair: the permit the displaced connection frees
                         // goes to the oldest waiter, not to a newer arrival.
-                        None => match tokio::time::timeout(ADMISSION_WAIT, permits.acquire_owned()).await {
-                            Ok(Ok(permit)) => permit,
-                            _ => return refuse(&stream, connection.counters.as_ref(), &connection.errors),
-                        },
+                        None => {
+                            let wait = tokio::time::timeout(ADMISSION_WAIT, permits.acquire_owned()).await;
+                            done_waiting(&connection.connections);
+                            match wait {
+                                Ok(Ok(permit)) => permit,
+                                _ => return refuse(&stream, connection.counters.as_ref(), &connection.errors),
+                            }
+                        }
                     };
                     connection.run(stream, permit).await;
                 });
