@@ -5,9 +5,10 @@
 //! Connections are capped, so a flood cannot exhaust file descriptors (accept
 //! failing with EMFILE would stall real pushes too) or memory. At the cap, the
 //! connection idle the longest (open, but with no request in progress) is
-//! closed to make room: idle connections cannot starve real pushes. Only when
-//! every connection has a request in progress does a new one get a canned
-//! `503` and a close.
+//! closed to make room, and the new one waits for the slot it frees: idle
+//! connections cannot starve real pushes. Only when every connection has a
+//! request in progress, or as many new ones as the cap already wait, does a
+//! new one get a canned `503` and a close.
 
 use bytes::Bytes;
 use http::{Request, Response};
