@@ -14,7 +14,9 @@ use crate::app::Shared;
 use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
 use crate::route;
-use crate::spool::{Enqueued, NewDelivery, NewEvent, SpoolError, StoredEvent, REASON_UNROUTED};
+use crate::spool::{
+    Enqueued, NewDelivery, NewEvent, Schedule, SpoolError, StoredEvent, REASON_UNROUTED,
+};
 use crate::wechat::crypto::{DecryptError, KeySlot};
 use crate::wechat::message::{Message, XmlError};
 use crate::wechat::reply::{self, ReplyBody};
@@ -558,12 +560,14 @@ async fn reply_inline(
     .await;
     let delivered = result.verdict == Verdict::Delivered;
     let unit: f64 = rand::thread_rng().gen();
+    let now = shared.clock.now_ms();
     let settlement = retry::settle(
         delivery_id,
         &target.retry,
-        0,
+        Schedule::default(),
         result.verdict,
-        shared.clock.now_ms(),
+        now,
+        now,
         unit,
     );
     deliver::count(

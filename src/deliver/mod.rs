@@ -24,8 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use retry::Verdict;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -206,11 +205,18 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     while loops.join_next().await.is_some() {}
 }
 
-/// Whether a target looks down, and when its backlog was last released.
+/// Whether a target looks down, and whether its backlog is owed a release.
 #[derive(Default)]
-struct Health {
-    down: AtomicBool,
-    released_at_ms: AtomicI64,
+struct Health(Mutex<HealthState>);
+
+#[derive(Default)]
+struct HealthState {
+    /// The target's last answer was a failure as if it were down.
+    down: bool,
+    /// It answered after being down, and its backlog has not been released
+    /// since (the release waits for [`RELEASE_AT_MOST_EVERY_MS`]).
+    owed: bool,
+    released_at_ms: Option<i64>,
 }
 
 /// A flapping target (some answers, some 5xx) must not get its whole backlog
@@ -218,23 +224,59 @@ struct Health {
 const RELEASE_AT_MOST_EVERY_MS: i64 = 10_000;
 
 impl Health {
-    fn failed(&self) {
-        self.down.store(true, Ordering::Relaxed);
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// True when the target was down, answers again, and its backlog was not
-    /// released in the last ten seconds.
-    fn recovered(&self, now_ms: i64) -> bool {
-        if !self.down.swap(false, Ordering::Relaxed) {
+    fn failed(&self) {
+        self.state().down = true;
+    }
+
+    /// The target answered: true when its backlog should be released now.
+    /// A release the rate limit holds back is owed, not forgotten: the worker
+    /// loop asks [`Health::release_due`] until it is made.
+    fn answered(&self, now_ms: i64) -> bool {
+        let mut s = self.state();
+        if std::mem::take(&mut s.down) {
+            s.owed = true;
+        }
+        s.take_release(now_ms)
+    }
+
+    /// True when an owed release may be made now; false while the target's
+    /// last answer was a failure (its next success will release).
+    fn release_due(&self, now_ms: i64) -> bool {
+        let mut s = self.state();
+        !s.down && s.take_release(now_ms)
+    }
+}
+
+impl HealthState {
+    fn take_release(&mut self, now_ms: i64) -> bool {
+        let allowed = self
+            .released_at_ms
+            .is_none_or(|last| now_ms - last >= RELEASE_AT_MOST_EVERY_MS);
+        if !self.owed || !allowed {
             return false;
         }
-        let last = self.released_at_ms.load(Ordering::Relaxed);
-        if last != 0 && now_ms - last < RELEASE_AT_MOST_EVERY_MS {
-            return false;
-        }
-        self.released_at_ms.store(now_ms, Ordering::Relaxed);
+        self.owed = false;
+        self.released_at_ms = Some(now_ms);
         true
     }
+}
+
+/// Makes the target's backed-off deliveries due now and wakes its worker.
+async fn release_backlog(shared: &Shared, name: &str) {
+    let now = shared.clock.now_ms();
+    match shared.spool.release_backoff(name, now).await {
+        Ok(n) => {
+            tracing::info!(target = %name, released = n, "target answers again; its backlog is due now")
+        }
+        Err(e) => {
+            tracing::warn!(target = %name, error = %e, "cannot release the backlog")
+        }
+    }
+    shared.wake(name);
 }
 
 /// Delivers `name`'s due deliveries until stopped or until the target is no
@@ -279,6 +321,9 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
             _ = stopping(&mut stop) => break,
         };
         while in_flight.try_join_next().is_some() {}
+        if down.release_due(shared.clock.now_ms()) {
+            release_backlog(&shared, &name).await;
+        }
         let free = semaphore.available_permits() + 1;
         let now = shared.clock.now_ms();
         // The lease outlives the attempt's timeout, so a slow answer is not sent
@@ -335,27 +380,18 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
 /// speed when the target returns rather than as each backoff ends.
 async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health) {
     let started = tokio::time::Instant::now();
-    let now_secs = shared.clock.now_secs();
+    let started_ms = shared.clock.now_ms();
     let result = attempt(
         &shared.client,
         target,
         &lease.event,
-        now_secs,
+        started_ms.div_euclid(1000),
         target.timeout,
     )
     .await;
     match (&result.verdict, result.status) {
-        (Verdict::Delivered, _) if down.recovered(shared.clock.now_ms()) => {
-            let now = shared.clock.now_ms();
-            match shared.spool.release_backoff(&target.name, now).await {
-                Ok(n) => {
-                    tracing::info!(target = %target.name, released = n, "target answers again; its backlog is due now")
-                }
-                Err(e) => {
-                    tracing::warn!(target = %target.name, error = %e, "cannot release the backlog")
-                }
-            }
-            shared.wake(&target.name);
+        (Verdict::Delivered, _) if down.answered(shared.clock.now_ms()) => {
+            release_backlog(shared, &target.name).await;
         }
         (Verdict::Retry { .. }, status) if status.is_none_or(|s| s.is_server_error()) => {
             down.failed();
@@ -366,8 +402,9 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health) 
     let settlement = retry::settle(
         lease.delivery_id,
         &target.retry,
-        lease.attempts,
+        lease.schedule,
         result.verdict,
+        started_ms,
         shared.clock.now_ms(),
         unit,
     );

@@ -168,6 +168,10 @@ async fn retry_counts_attempts_and_reschedules() {
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: 5_000,
+            schedule: Schedule {
+                step: 1,
+                due_at: 5_000,
+            },
             not_before: 0,
             error: "HTTP 503".into(),
         };
@@ -178,6 +182,14 @@ async fn retry_counts_attempts_and_reschedules() {
         );
         let leased = spool.lease("a", 5_000, 1, 100).await.unwrap();
         assert_eq!(leased[0].attempts, 1, "{name}");
+        assert_eq!(
+            leased[0].schedule,
+            Schedule {
+                step: 1,
+                due_at: 5_000
+            },
+            "{name}"
+        );
     }
 }
 
@@ -189,6 +201,10 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: 30_000,
+            schedule: Schedule {
+                step: 1,
+                due_at: 30_000,
+            },
             not_before: 0,
             error: "HTTP 503".into(),
         };
@@ -205,6 +221,14 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
             "{name}: due at once, though the lease had not ended"
         );
         assert_eq!(again[0].attempts, 1, "{name}");
+        assert_eq!(
+            again[0].schedule,
+            Schedule {
+                step: 1,
+                due_at: 30_000
+            },
+            "{name}: a release leaves the schedule where it was"
+        );
     }
 }
 
@@ -380,6 +404,10 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
         let retry = |id: i64, not_before: i64| Settlement::Retry {
             delivery_id: id,
             next_at: 120_000,
+            schedule: Schedule {
+                step: 1,
+                due_at: 120_000,
+            },
             not_before,
             error: "HTTP 503".into(),
         };
@@ -448,4 +476,112 @@ async fn expired_dedup_keys_are_pruned() {
         .query_row("SELECT COUNT(*) FROM dedup", [], |r| r.get(0))
         .unwrap();
     assert!(live <= 4, "{live} dedup keys kept of 50");
+}
+
+#[tokio::test]
+async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
+    for (name, spool, _dir) in spools() {
+        let (_, one) = stored(&*spool, event("one", &["a"], 0), 0).await;
+        let (_, two) = stored(&*spool, event("two", &["a"], 0), 0).await;
+        let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
+        spool.lease("a", 0, 10, 60_000).await.unwrap();
+        let retry = |id: i64, not_before: i64| Settlement::Retry {
+            delivery_id: id,
+            next_at: 120_000,
+            schedule: Schedule {
+                step: 1,
+                due_at: 120_000,
+            },
+            not_before,
+            error: "HTTP 503".into(),
+        };
+        spool
+            .settle(
+                vec![retry(one[0], 0), retry(two[0], 0), retry(held[0], 120_000)],
+                1,
+            )
+            .await
+            .unwrap();
+        let only = |id: i64, past_retry_after: bool| Release {
+            target: "a".into(),
+            delivery_id: Some(id),
+            past_retry_after,
+        };
+        assert_eq!(spool.release(only(two[0], false), 2).await.unwrap(), 1);
+        assert_eq!(
+            spool.release(only(held[0], false), 2).await.unwrap(),
+            0,
+            "{name}: Retry-After holds"
+        );
+        assert_eq!(spool.release(only(held[0], true), 2).await.unwrap(), 1);
+        let mut due: Vec<i64> = spool
+            .lease("a", 2, 10, 60_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| l.delivery_id)
+            .collect();
+        due.sort_unstable();
+        assert_eq!(due, vec![two[0], held[0]], "{name}");
+        let waiting = spool.pending("a", 10).await.unwrap();
+        let rest = waiting.iter().find(|p| p.delivery_id == one[0]).unwrap();
+        assert_eq!(rest.next_at, 120_000, "{name}: the others wait");
+        assert_eq!(
+            rest.schedule,
+            Schedule {
+                step: 1,
+                due_at: 120_000
+            },
+            "{name}"
+        );
+        let released = waiting.iter().find(|p| p.delivery_id == held[0]).unwrap();
+        assert_eq!(
+            (released.schedule.due_at, released.not_before),
+            (120_000, 120_000),
+            "{name}: due now, its schedule and the target's wish kept"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    {
+        // The deliveries table as earlier versions created it.
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, dedup_key TEXT NOT NULL,
+                account TEXT NOT NULL, received_at INTEGER NOT NULL, query TEXT NOT NULL,
+                body BLOB NOT NULL, xml TEXT NOT NULL, fields TEXT NOT NULL, msg_type TEXT NOT NULL,
+                event TEXT);
+             CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                event_id INTEGER NOT NULL REFERENCES events(id), target TEXT, state INTEGER NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL,
+                last_error TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
+                updated_at INTEGER NOT NULL, not_before INTEGER NOT NULL DEFAULT 0);
+             INSERT INTO events VALUES (1, 'k', 'main', 0, 'q', x'00', '<xml/>', '{}', 'text', NULL);
+             INSERT INTO deliveries (event_id, target, state, attempts, next_at, last_error, updated_at)
+                VALUES (1, 'a', 0, 3, 7000, 'HTTP 503', 0);",
+        )
+        .unwrap();
+    }
+    let spool = SqliteSpool::open(&path).unwrap();
+    let leased = spool.lease("a", 7_000, 10, 1_000).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(
+        (leased[0].attempts, leased[0].schedule),
+        (
+            3,
+            Schedule {
+                step: 3,
+                due_at: 7_000
+            }
+        ),
+        "its place on the schedule is what it had"
+    );
+    spool.close();
+    // Opening it again (the relay and an operator command) changes nothing.
+    let again = SqliteSpool::open(&path).unwrap();
+    assert_eq!(again.pending("a", 10).await.unwrap()[0].schedule.step, 3);
 }
