@@ -7,60 +7,13 @@
 mod common;
 
 use common::target::{Behaviour, FakeTarget};
-use common::{config, eventually, generated, reference_now, target, TestRelay};
-use serde_json::Value;
+use common::{config, eventually, generated, push_text, quiet, reference_now, target, TestRelay};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wxrelay::clock::Clock;
 use wxrelay::config::{RetryClass, RetryPolicy};
 use wxrelay::spool::{DeadFilter, Spool};
-use wxrelay::wechat::push::{self, Envelope, Sealing};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// A text message to the plaintext account, signed for `now_secs`, carrying
-/// `content` so the fake target can tell the pushes apart.
-async fn push_text(relay: &TestRelay, g: &Value, msg_id: u64, content: &str) {
-    let now = relay.clock.now_secs();
-    let xml = format!(
-        "<xml><ToUserName><![CDATA[gh_relay]]></ToUserName><FromUserName><![CDATA[o_flap]]></FromUserName>\
-         <CreateTime>{now}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
-         <Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId></xml>"
-    );
-    let nonce = format!("n{msg_id}");
-    let push = push::build(
-        &xml,
-        Sealing::Plaintext,
-        &Envelope {
-            token: g["config"]["token"].as_str().unwrap(),
-            app_id: g["config"]["appid"].as_str().unwrap(),
-            timestamp: now,
-            nonce: &nonce,
-            openid: None,
-            random: &[0; 16],
-        },
-    );
-    let answer = relay
-        .post(&format!("/wx/plaintext?{}", push.query), push.body)
-        .await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
-}
-
-/// Waits until no delivery of `target` is due or being sent: every one
-/// still pending waits for a time after now.
-async fn quiet(relay: &TestRelay, target: &str) -> bool {
-    let (spool, clock) = (relay.spool.clone(), relay.clock.clone());
-    eventually(WAIT, || {
-        let (spool, clock) = (spool.clone(), clock.clone());
-        async move {
-            let now = clock.now_ms();
-            let pending = spool.pending(target, 100_000).await.unwrap();
-            pending.iter().all(|p| p.next_at > now)
-        }
-    })
-    .await
-}
 
 /// A durable delivery the target always refuses, while it answers the rest of
 /// a steady stream of pushes alternately 503 and 200: every success after a
@@ -256,7 +209,12 @@ async fn a_target_that_recovers_inside_the_release_window_gets_its_whole_backlog
             .chain(std::iter::repeat_n(Behaviour::status(503), BACKLOG)),
     );
     push_text(&relay, &g, 1, "first answer").await;
-    assert!(hooks.wait_for(2 * BACKLOG + 1, WAIT).await, "released");
+    assert!(
+        hooks
+            .wait_for(2 * BACKLOG + 1, Duration::from_secs(20))
+            .await,
+        "released"
+    );
     assert!(quiet(&relay, "hooks").await);
 
     // Two seconds later it answers again and stays up: a release now would

@@ -12,9 +12,9 @@
 //!   other resolves to [`Enqueued::Duplicate`]. A key expires after the spool's
 //!   dedup window.
 //! - A delivery is handed out by [`Spool::lease`] only when due, and is hidden
-//!   until it is settled or the lease duration ends: if its worker dies, it is
-//!   due again when the lease ends, or at the next start after a crash (at
-//!   least once, never silently dropped).
+//!   until it is settled or the lease duration ends: if its worker dies, or
+//!   its outcome cannot be written, it is due again when the lease ends, or at
+//!   the next start after a crash (at least once, never silently dropped).
 //! - A delivery ends in exactly one of two ways: delivered (removed with its
 //!   event once no delivery of the event remains), or dead-lettered with a
 //!   reason, where it stays until an operator replays or purges it.

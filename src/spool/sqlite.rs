@@ -739,11 +739,15 @@ impl Spool for SqliteSpool {
         let leased = self.leased.clone();
         // The lease is let go only once the outcome is in the file, so the
         // reader can never hand out a delivery whose outcome is being written.
+        // An outcome that could not be written keeps its lease to the end:
+        // the delivery is sent again then, not at once and over and over.
         Box::pin(async move {
             let result = committed.await;
-            let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
-            for id in ids {
-                held.remove(&id);
+            if result.is_ok() {
+                let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
+                for id in ids {
+                    held.remove(&id);
+                }
             }
             result
         })

@@ -123,7 +123,26 @@ impl TestRelay {
     /// Starts the relay on `toml` (the spool path is replaced by a temp file).
     pub async fn start(toml: &str, now_secs: i64) -> TestRelay {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Arc::new(SqliteSpool::open(&dir.path().join("spool.db")).unwrap());
+        let spool_path = dir.path().join("spool.db");
+        Self::start_in(dir, toml, now_secs, &spool_path).await
+    }
+
+    /// As [`TestRelay::start`], with the spool file at `spool_path`.
+    pub async fn start_with_spool_at(
+        toml: &str,
+        now_secs: i64,
+        spool_path: &std::path::Path,
+    ) -> TestRelay {
+        Self::start_in(tempfile::tempdir().unwrap(), toml, now_secs, spool_path).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        toml: &str,
+        now_secs: i64,
+        spool_path: &std::path::Path,
+    ) -> TestRelay {
+        let spool = Arc::new(SqliteSpool::open(spool_path).unwrap());
         let clock = Arc::new(FixedClock::at_secs(now_secs));
         let relay = Self::launch(toml, spool.clone(), clock.clone(), &dir).await;
         TestRelay {
@@ -425,6 +444,49 @@ pub async fn start_binary(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A text message to the plaintext account, signed for `now_secs`, carrying
+/// `content` so the fake target can tell the pushes apart.
+pub async fn push_text(relay: &TestRelay, g: &Value, msg_id: u64, content: &str) {
+    let now = wxrelay::clock::Clock::now_secs(&*relay.clock);
+    let xml = format!(
+        "<xml><ToUserName><![CDATA[gh_relay]]></ToUserName><FromUserName><![CDATA[o_flap]]></FromUserName>\
+         <CreateTime>{now}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
+         <Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId></xml>"
+    );
+    let nonce = format!("n{msg_id}");
+    let push = wxrelay::wechat::push::build(
+        &xml,
+        wxrelay::wechat::push::Sealing::Plaintext,
+        &wxrelay::wechat::push::Envelope {
+            token: g["config"]["token"].as_str().unwrap(),
+            app_id: g["config"]["appid"].as_str().unwrap(),
+            timestamp: now,
+            nonce: &nonce,
+            openid: None,
+            random: &[0; 16],
+        },
+    );
+    let answer = relay
+        .post(&format!("/wx/plaintext?{}", push.query), push.body)
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+/// Waits until no delivery of `target` is due or being sent: every one
+/// still pending waits for a time after now.
+pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
+    let (spool, clock) = (relay.spool.clone(), relay.clock.clone());
+    eventually(Duration::from_secs(20), || {
+        let (spool, clock) = (spool.clone(), clock.clone());
+        async move {
+            let now = wxrelay::clock::Clock::now_ms(&*clock);
+            let pending = spool.pending(target, 100_000).await.unwrap();
+            pending.iter().all(|p| p.next_at > now)
+        }
+    })
+    .await
 }
 
 /// A free port on 127.0.0.1, for a process that binds it itself.
