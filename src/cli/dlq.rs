@@ -299,20 +299,7 @@ fn table(dead: &[DeadLetter], limit: usize) -> String {
             ]
         }))
         .collect();
-    let mut widths = [0; 9];
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let mut line = String::new();
-        for (cell, width) in row.iter().zip(widths) {
-            let _ = write!(line, "{cell:<width$}  ");
-        }
-        let _ = writeln!(out, "{}", line.trim_end());
-    }
+    let mut out = aligned(&rows);
     let shown = dead.len();
     let _ = write!(
         out,
@@ -326,6 +313,25 @@ fn table(dead: &[DeadLetter], limit: usize) -> String {
     out
 }
 
+/// Rows as lines of left-aligned columns, two spaces apart.
+pub(super) fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(widths) {
+            let _ = write!(line, "{cell:<width$}  ");
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
 /// `event/SCAN` or `text`, as the relay's logs name pushes.
 fn kind(d: &DeadLetter) -> String {
     match &d.event {
@@ -334,13 +340,13 @@ fn kind(d: &DeadLetter) -> String {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(super) fn rfc3339(ms: i64) -> String {
     let at = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// One line of at most `max` characters.
-fn clip(text: &str, max: usize) -> String {
+pub(super) fn clip(text: &str, max: usize) -> String {
     let flat: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -352,7 +358,7 @@ fn clip(text: &str, max: usize) -> String {
     format!("{kept}…")
 }
 
-fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
+pub(super) fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
     if n == 1 {
         one
     } else {
