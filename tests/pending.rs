@@ -7,13 +7,28 @@
 mod common;
 
 use common::target::{Behaviour, FakeTarget};
-use common::{config, eventually, generated, push_text, quiet, TestRelay};
+use common::{eventually, generated, hooks_config, push_text, quiet, TestRelay};
 use std::process::Command;
 use std::time::Duration;
 use wxrelay::cli;
 use wxrelay::spool::Spool;
 
 const WAIT: Duration = Duration::from_secs(20);
+
+/// The relay on `toml`, and the path of the same configuration naming its
+/// spool file, for the command. The relay's clock starts at the system time,
+/// which the command reads.
+async fn relay_and_operator_config(toml: &str) -> (TestRelay, String) {
+    let relay = TestRelay::start(toml, cli::now_ms() / 1000).await;
+    let spool = relay.dir.path().join("spool.db");
+    let path = relay.dir.path().join("operator.toml");
+    std::fs::write(
+        &path,
+        format!("[spool]\npath = \"{}\"\n{toml}", spool.display()),
+    )
+    .unwrap();
+    (relay, path.to_str().unwrap().to_owned())
+}
 
 /// Brings the relay's clock up to the system time the command used.
 fn catch_up(relay: &TestRelay) {
@@ -50,22 +65,9 @@ async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
             body: String::new(),
         },
     ]);
-    let targets = [common::target(
-        "hooks",
-        &hooks.url("/"),
-        "format = \"plain\"\nretry_schedule = [\"1h\", \"1h\"]",
-    )];
-    let toml = config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n");
-    // The command reads the system clock; the relay's must agree.
-    let relay = TestRelay::start(&toml, cli::now_ms() / 1000).await;
-    let spool_path = relay.dir.path().join("spool.db");
-    let config_path = relay.dir.path().join("operator.toml");
-    std::fs::write(
-        &config_path,
-        format!("[spool]\npath = \"{}\"\n{toml}", spool_path.display()),
-    )
-    .unwrap();
-    let config = config_path.to_str().unwrap().to_owned();
+    let extra = "format = \"plain\"\nretry_schedule = [\"1h\", \"1h\"]";
+    let (relay, config) =
+        relay_and_operator_config(&hooks_config(&g, &hooks.url("/"), extra)).await;
     let command = |args: &[&str]| {
         let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         all.extend(["--config".to_owned(), config.clone()]);
@@ -183,22 +185,9 @@ async fn retry_now_on_a_target_still_down_keeps_the_schedule() {
     let g = generated();
     let hooks = FakeTarget::start().await;
     hooks.set_default(Behaviour::status(503));
-    let targets = [common::target(
-        "hooks",
-        &hooks.url("/"),
-        "format = \"plain\"\nretry_schedule = [\"1h\"]",
-    )];
-    let toml = config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n");
-    let relay = TestRelay::start(&toml, cli::now_ms() / 1000).await;
-    let config_path = relay.dir.path().join("operator.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "[spool]\npath = \"{}\"\n{toml}",
-            relay.dir.path().join("spool.db").display()
-        ),
-    )
-    .unwrap();
+    let extra = "format = \"plain\"\nretry_schedule = [\"1h\"]";
+    let (relay, config) =
+        relay_and_operator_config(&hooks_config(&g, &hooks.url("/"), extra)).await;
     push_text(&relay, &g, 1, "one").await;
     assert!(quiet(&relay, "hooks").await);
     let before = relay.spool.pending("hooks", 1).await.unwrap()[0].clone();
@@ -210,7 +199,7 @@ async fn retry_now_on_a_target_still_down_keeps_the_schedule() {
             "--target".into(),
             "hooks".into(),
             "--config".into(),
-            config_path.to_str().unwrap().into(),
+            config.clone(),
         ])
         .await;
         catch_up(&relay);

@@ -21,7 +21,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How much of a last error fits in a table row.
-const ERROR_WIDTH: usize = 60;
+pub(super) const ERROR_WIDTH: usize = 60;
 
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum DlqCommand {
@@ -299,13 +299,19 @@ fn table(dead: &[DeadLetter], limit: usize) -> String {
             ]
         }))
         .collect();
-    let mut out = aligned(&rows);
-    let shown = dead.len();
-    let _ = write!(
-        out,
-        "{shown} {}",
-        plural(shown as u64, "dead letter", "dead letters")
-    );
+    listing(&rows, limit, ("dead letter", "dead letters"))
+}
+
+/// A table of `rows` (a header, then one a line), then how many lines there
+/// are, by `noun` (one, many), and whether the limit cut the list.
+pub(super) fn listing<const N: usize>(
+    rows: &[[String; N]],
+    limit: usize,
+    noun: (&str, &str),
+) -> String {
+    let mut out = aligned(rows);
+    let shown = rows.len().saturating_sub(1);
+    let _ = write!(out, "{shown} {}", if shown == 1 { noun.0 } else { noun.1 });
     if shown == limit {
         let _ = write!(out, " (the limit; --limit shows more)");
     }
@@ -314,7 +320,7 @@ fn table(dead: &[DeadLetter], limit: usize) -> String {
 }
 
 /// Rows as lines of left-aligned columns, two spaces apart.
-pub(super) fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
+fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0; N];
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -366,7 +372,7 @@ pub(super) fn plural(n: u64, one: &'static str, many: &'static str) -> &'static 
     }
 }
 
-fn failed(e: SpoolError) -> CliError {
+pub(super) fn failed(e: SpoolError) -> CliError {
     CliError::Failed(e.to_string())
 }
 

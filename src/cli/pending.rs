@@ -11,14 +11,11 @@
 //!
 //! Nothing here prints message content or an OpenID.
 
-use super::dlq::{aligned, clip, plural, rfc3339};
+use super::dlq::{clip, failed, listing, plural, rfc3339, ERROR_WIDTH};
 use super::CliError;
 use crate::config::Settings;
-use crate::spool::{PendingDelivery, Release, Spool, SpoolError};
+use crate::spool::{PendingDelivery, Release, Spool};
 use std::fmt::Write as _;
-
-/// How much of a last error fits in a table row.
-const ERROR_WIDTH: usize = 60;
 
 /// How many pending deliveries `retry-now` looks at to say which it left held.
 const HELD_SCAN: usize = 100_000;
@@ -195,20 +192,5 @@ fn table(target: &str, pending: &[PendingDelivery], limit: usize, now_ms: i64) -
             ]
         }))
         .collect();
-    let mut out = aligned(&rows);
-    let shown = pending.len();
-    let _ = write!(
-        out,
-        "{shown} pending {}",
-        plural(shown as u64, "delivery", "deliveries")
-    );
-    if shown == limit {
-        let _ = write!(out, " (the limit; --limit shows more)");
-    }
-    out.push('\n');
-    out
-}
-
-fn failed(e: SpoolError) -> CliError {
-    CliError::Failed(e.to_string())
+    listing(&rows, limit, ("pending delivery", "pending deliveries"))
 }

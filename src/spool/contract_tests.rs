@@ -40,6 +40,21 @@ async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (i64, Vec<i64>) {
     }
 }
 
+/// A first failure, the next attempt due at 120 s, held by Retry-After to
+/// `not_before` (0: not held).
+fn failed_once(id: i64, not_before: i64) -> Settlement {
+    Settlement::Retry {
+        delivery_id: id,
+        next_at: 120_000,
+        schedule: Schedule {
+            step: 1,
+            due_at: 120_000,
+        },
+        not_before,
+        error: "HTTP 503".into(),
+    }
+}
+
 fn spools() -> Vec<(&'static str, Arc<dyn Spool>, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteSpool::open(&dir.path().join("spool.db")).unwrap();
@@ -401,18 +416,11 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
         // Failed without one.
         let (_, plain) = stored(&*spool, event("plain", &["a"], 0), 0).await;
         spool.lease("a", 0, 10, 60_000).await.unwrap();
-        let retry = |id: i64, not_before: i64| Settlement::Retry {
-            delivery_id: id,
-            next_at: 120_000,
-            schedule: Schedule {
-                step: 1,
-                due_at: 120_000,
-            },
-            not_before,
-            error: "HTTP 503".into(),
-        };
         spool
-            .settle(vec![retry(held[0], 120_000), retry(plain[0], 0)], 1)
+            .settle(
+                vec![failed_once(held[0], 120_000), failed_once(plain[0], 0)],
+                1,
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -485,19 +493,13 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
         let (_, two) = stored(&*spool, event("two", &["a"], 0), 0).await;
         let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
         spool.lease("a", 0, 10, 60_000).await.unwrap();
-        let retry = |id: i64, not_before: i64| Settlement::Retry {
-            delivery_id: id,
-            next_at: 120_000,
-            schedule: Schedule {
-                step: 1,
-                due_at: 120_000,
-            },
-            not_before,
-            error: "HTTP 503".into(),
-        };
         spool
             .settle(
-                vec![retry(one[0], 0), retry(two[0], 0), retry(held[0], 120_000)],
+                vec![
+                    failed_once(one[0], 0),
+                    failed_once(two[0], 0),
+                    failed_once(held[0], 120_000),
+                ],
                 1,
             )
             .await

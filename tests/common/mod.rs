@@ -105,6 +105,15 @@ pub fn config(g: &Value, targets: &[String], routes: &str) -> String {
     )
 }
 
+/// One target, `hooks` at `url` with `extra` keys, that every push goes to.
+pub fn hooks_config(g: &Value, url: &str, extra: &str) -> String {
+    config(
+        g,
+        &[target("hooks", url, extra)],
+        "[[routes]]\nto = [\"hooks\"]\n",
+    )
+}
+
 /// Login events to the broker, which may answer WeChat.
 pub fn broker_routes() -> &'static str {
     "[[routes]]\nmatch = { event = [\"subscribe\", \"SCAN\"] }\nto = [\"broker\"]\nreply_from = \"broker\"\n"
