@@ -587,3 +587,20 @@ async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
     let again = SqliteSpool::open(&path).unwrap();
     assert_eq!(again.pending("a", 10).await.unwrap()[0].schedule.step, 3);
 }
+
+#[tokio::test]
+async fn a_release_does_not_hand_out_a_delivery_being_sent() {
+    for (name, spool, _dir) in spools() {
+        let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
+        spool.lease("a", 0, 10, 60_000).await.unwrap();
+        spool.settle(vec![failed_once(ids[0], 0)], 1).await.unwrap();
+        assert_eq!(spool.release_backoff("a", 2).await.unwrap(), 1, "{name}");
+        assert_eq!(spool.lease("a", 2, 10, 60_000).await.unwrap().len(), 1);
+        // Released again (another success, an operator) while it is being sent.
+        spool.release_backoff("a", 3).await.unwrap();
+        assert!(
+            spool.lease("a", 3, 10, 60_000).await.unwrap().is_empty(),
+            "{name}: still held by its lease"
+        );
+    }
+}

@@ -21,6 +21,9 @@ struct Delivery {
     updated_at: i64,
     not_before: i64,
     schedule: Schedule,
+    /// Hidden from leases until then, unix milliseconds; apart from
+    /// `next_at`, as the SQLite spool holds leases apart from the file.
+    leased_until: i64,
 }
 
 #[derive(Default)]
@@ -119,6 +122,7 @@ impl Spool for MemorySpool {
                         updated_at: now,
                         not_before: 0,
                         schedule: Schedule::default(),
+                        leased_until: 0,
                     },
                 );
             }
@@ -141,6 +145,7 @@ impl Spool for MemorySpool {
                             step: 0,
                             due_at: t.due_at,
                         },
+                        leased_until: 0,
                     },
                 );
                 deliveries.push(id);
@@ -161,7 +166,10 @@ impl Spool for MemorySpool {
                 .deliveries
                 .iter()
                 .filter(|(_, d)| {
-                    !d.dead && d.target.as_deref() == Some(&target) && d.next_at <= now
+                    !d.dead
+                        && d.target.as_deref() == Some(&target)
+                        && d.next_at <= now
+                        && d.leased_until <= now
                 })
                 .map(|(id, d)| (d.next_at, *id))
                 .collect();
@@ -172,7 +180,7 @@ impl Spool for MemorySpool {
                 let Some(d) = s.deliveries.get_mut(&id) else {
                     continue;
                 };
-                d.next_at = now + lease_ms;
+                d.leased_until = now + lease_ms;
                 let (event_id, attempts, schedule) = (d.event_id, d.attempts, d.schedule);
                 let Some(e) = s.events.get(&event_id) else {
                     continue;
@@ -211,6 +219,7 @@ impl Spool for MemorySpool {
                             d.attempts += 1;
                             d.next_at = next_at;
                             d.schedule = schedule;
+                            d.leased_until = 0;
                             d.not_before = not_before;
                             d.last_error = error;
                             d.updated_at = now;
@@ -224,6 +233,7 @@ impl Spool for MemorySpool {
                         if let Some(d) = s.deliveries.get_mut(&delivery_id).filter(|d| !d.dead) {
                             d.dead = true;
                             d.attempts += 1;
+                            d.leased_until = 0;
                             d.reason = reason;
                             d.last_error = error;
                             d.updated_at = now;

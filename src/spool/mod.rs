@@ -182,7 +182,8 @@ pub struct PendingDelivery {
     pub delivery_id: i64,
     pub event_id: i64,
     pub attempts: u32,
-    /// When it is next due (or its lease ends), unix milliseconds.
+    /// When it is next due, unix milliseconds; one being sent shows when it
+    /// was due (leases are not listed).
     pub next_at: i64,
     pub schedule: Schedule,
     /// Not to be sent before this (the target's Retry-After), unix
