@@ -332,7 +332,7 @@ async fn serve_admin(
                 tracing::warn!(error = %e, "not ready: the spool does not accept writes");
                 plain(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "spool not writable\n".into(),
+                    format!("spool not writable: {e}\n"),
                 )
             }
         },
@@ -356,7 +356,8 @@ async fn serve_admin(
 }
 
 /// `Authorization: Bearer <admin_token>`, compared in constant time; open when
-/// no token is configured.
+/// no token is configured (validation allows that only on loopback or when
+/// explicitly allowed). The scheme is case-insensitive (RFC 7235 §2.1).
 fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
     let config = shared.config.load();
     let Some(token) = &config.server.admin_token else {
@@ -365,6 +366,9 @@ fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
     req.headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .is_some_and(|(_, given)| {
+            bool::from(given.trim().as_bytes().ct_eq(token.expose().as_bytes()))
+        })
 }

@@ -15,9 +15,10 @@ use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
 use crate::route;
 use crate::spool::{
-    Enqueued, NewDelivery, NewEvent, Schedule, SpoolError, StoredEvent, REASON_UNROUTED,
+    Enqueued, NewDelivery, NewEvent, ReplayGuard, Schedule, SpoolError, StoredEvent,
+    REASON_UNROUTED,
 };
-use crate::wechat::crypto::{DecryptError, KeySlot};
+use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::{Message, XmlError};
 use crate::wechat::reply::{self, ReplyBody};
 use crate::wechat::signature;
@@ -74,10 +75,12 @@ pub enum Rejection {
     BadAppId,
     #[error("undecryptable: {0}")]
     Decrypt(DecryptError),
-    #[error("spool unavailable")]
+    #[error("spool unavailable: {0}")]
     Spool(SpoolError),
     #[error("spool commit took longer than the reply budget")]
     SpoolTimeout,
+    #[error("replayed: this signed query was already used with another body")]
+    Replayed,
 }
 
 impl From<DecryptError> for Rejection {
@@ -108,8 +111,18 @@ impl Rejection {
             Rejection::Stale
             | Rejection::PlaintextRefused
             | Rejection::EncryptedRefused
-            | Rejection::BadAppId => StatusCode::FORBIDDEN,
+            | Rejection::BadAppId
+            | Rejection::Replayed => StatusCode::FORBIDDEN,
             Rejection::Spool(_) | Rejection::SpoolTimeout => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// What the client is told: the reason, except that a storage failure's
+    /// cause (a path, the disk's state) is for the log only.
+    fn client_reason(&self) -> String {
+        match self {
+            Rejection::Spool(_) => "spool unavailable".to_string(),
+            other => other.to_string(),
         }
     }
 
@@ -130,6 +143,7 @@ impl Rejection {
             Rejection::BadMsgSignature => "bad_msg_signature",
             Rejection::BadXml(_) => "bad_xml",
             Rejection::BadAppId => "bad_appid",
+            Rejection::Replayed => "replayed",
             Rejection::Spool(_) | Rejection::SpoolTimeout => "spool_unavailable",
         }
     }
@@ -225,7 +239,7 @@ pub async fn handle(
                 reply = a.reply,
                 "push answered"
             );
-            text(StatusCode::OK, "text/plain; charset=utf-8", a.body)
+            text(StatusCode::OK, answer_content_type(&a.body), a.body)
         }
         Err(rejection) => {
             let status = rejection.status();
@@ -237,7 +251,7 @@ pub async fn handle(
             text(
                 status,
                 "text/plain; charset=utf-8",
-                format!("{rejection}\n").into(),
+                format!("{}\n", rejection.client_reason()).into(),
             )
         }
     })
@@ -250,6 +264,16 @@ fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response
         .headers_mut()
         .insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     response
+}
+
+/// `success` is the only answer that is not XML: a reply (plain or sealed)
+/// is labelled as the XML it is.
+fn answer_content_type(body: &[u8]) -> &'static str {
+    if body == b"success" {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/xml; charset=utf-8"
+    }
 }
 
 /// `/wx/{account}` → the account id.
@@ -452,7 +476,13 @@ async fn accept_push(
         Some(event) => format!("event/{event}"),
         None => input.msg_type.to_string(),
     };
+    let dedup_window = config.spool.dedup_window.as_millis() as i64;
+    let timestamp = q.get("timestamp").map(String::as_str).unwrap_or_default();
+    // Until the query goes stale, a replay of it must still find its guard and
+    // its dedup key, even when the timestamp is ahead of the relay's clock.
+    let stale_at = stale_at(account, timestamp).unwrap_or(now + dedup_window);
     let event = NewEvent {
+        replay: replay_guard(account, &q, &verified.xml, stale_at),
         event: StoredEvent {
             event_id: 0,
             dedup_key: dedup_key.clone(),
@@ -467,7 +497,7 @@ async fn accept_push(
         },
         targets,
     };
-    let window = config.spool.dedup_window.as_millis() as i64;
+    let window = dedup_window.max(stale_at - now);
     // The reply target needs the event again after the commit; only then is it copied.
     let reply_from = rule.and_then(|r| r.reply_from.as_deref()).and_then(|name| {
         let position = event.targets.iter().position(|t| t.target == name)?;
@@ -482,6 +512,9 @@ async fn accept_push(
         .await
         .map_err(|_| Rejection::SpoolTimeout)?
         .map_err(Rejection::Spool)?;
+    if enqueued == Enqueued::Replayed {
+        return Err(Rejection::Replayed);
+    }
 
     let mut accepted = Accepted {
         duplicate: true,
@@ -518,11 +551,56 @@ async fn accept_push(
         } else {
             reply_inline(shared, &target, delivery_id, &stored, remaining).await
         };
-        let (body, outcome) = answer_with(account, &verified, &q, reply);
+        let (body, outcome) = answer_with(account, &target.name, &verified, &q, reply);
         accepted.body = body;
         accepted.reply = Some(outcome);
     }
     Ok(accepted)
+}
+
+/// When the account starts refusing a query with this timestamp as stale,
+/// unix milliseconds; `None` when it does not check freshness.
+fn stale_at(account: &Account, timestamp: &str) -> Option<i64> {
+    let window = account.timestamp_window?;
+    let sent: i64 = timestamp.parse().ok()?;
+    // Accepted while the clock's whole seconds are within the window.
+    let last_second = sent.saturating_add(window.as_secs() as i64);
+    Some(last_second.saturating_add(1).saturating_mul(1000))
+}
+
+/// `signature` covers (token, timestamp, nonce), never the body, so a
+/// captured query can carry any body until it goes stale; the guard refuses
+/// it with any body other than the first. In secure mode every accepted push
+/// is also under `msg_signature`, which covers the `<Encrypt>` that is all the
+/// relay reads of the body: another `<Encrypt>` fails it and the same one is
+/// the same message, a duplicate. So secure accounts need no guard and spend
+/// no write on one. Compat accounts take unencrypted pushes, and an encrypted
+/// push's query without `encrypt_type` and `msg_signature` is a valid
+/// unencrypted one, so their encrypted pushes are guarded too. What is
+/// compared is the message the relay acts on (the decrypted XML of an
+/// encrypted push), so WeChat re-sending a push sealed afresh under the same
+/// query stays a duplicate rather than a replay.
+fn replay_guard(
+    account: &Account,
+    q: &HashMap<String, String>,
+    message_xml: &str,
+    stale_at: i64,
+) -> Option<ReplayGuard> {
+    if account.mode == Mode::Secure {
+        return None;
+    }
+    let param = |name| q.get(name).map(String::as_str).unwrap_or_default();
+    Some(ReplayGuard {
+        key: format!(
+            "{}|{}|{}|{}",
+            account.id,
+            param("timestamp"),
+            param("nonce"),
+            param("signature")
+        ),
+        body_hash: Sha256::digest(message_xml.as_bytes()).into(),
+        expires_at: stale_at,
+    })
 }
 
 /// The least time worth an inline attempt at the reply target.
@@ -598,9 +676,11 @@ async fn reply_inline(
 
 /// What WeChat gets for the reply target's answer: `success` unless it was
 /// valid; valid reply XML as is, except that a secure-mode account's plaintext
-/// reply is sealed into the envelope with the key that decrypted the push.
+/// reply is sealed into the envelope with the key that decrypted the push,
+/// and an envelope the target sealed itself passes only if WeChat could open it.
 fn answer_with(
     account: &Account,
+    target: &str,
     verified: &Verified,
     q: &HashMap<String, String>,
     reply: InlineReply,
@@ -611,24 +691,43 @@ fn answer_with(
         InlineReply::Invalid => return (success, "ignored"),
         InlineReply::Valid(reply) => reply,
     };
+    // Sealed as WeChat expects: with the key that decrypted the push.
+    let seal = |keys: &KeyRing, slot: KeySlot, xml: &str| {
+        let timestamp = q.get("timestamp").map(String::as_str).unwrap_or("");
+        let nonce = q.get("nonce").map(String::as_str).unwrap_or("");
+        let sealed = reply::envelope(
+            keys.key(slot),
+            account.token.expose(),
+            &account.app_id,
+            xml,
+            timestamp,
+            nonce,
+            &reply::random_bytes(),
+        );
+        (Bytes::from(sealed), "encrypted")
+    };
     match reply {
         ReplyBody::Ack => (success, "passed"),
-        ReplyBody::Envelope(xml) => (Bytes::from(xml), "passed"),
-        ReplyBody::PlainXml(xml) => match (account.mode, &account.keys, verified.key_slot) {
-            (Mode::Secure, Some(keys), Some(slot)) => {
-                let timestamp = q.get("timestamp").map(String::as_str).unwrap_or("");
-                let nonce = q.get("nonce").map(String::as_str).unwrap_or("");
-                let sealed = reply::envelope(
-                    keys.key(slot),
-                    account.token.expose(),
-                    &account.app_id,
-                    &xml,
-                    timestamp,
-                    nonce,
-                    &reply::random_bytes(),
-                );
-                (Bytes::from(sealed), "encrypted")
+        ReplyBody::Envelope(xml) => {
+            let keys = account.keys.as_ref();
+            let token = account.token.expose();
+            match reply::open_envelope(keys, token, &account.app_id, xml.as_bytes()) {
+                // A target still sealing with the other key of a rotation: its
+                // reply is re-sealed with the key WeChat used for this push.
+                Ok((plain, opened_with)) => match (keys, verified.key_slot) {
+                    (Some(keys), Some(slot)) if slot != opened_with => seal(keys, slot, &plain),
+                    (_, Some(_)) => (Bytes::from(xml), "passed"),
+                    // An unencrypted push: WeChat expects its reply in plaintext.
+                    (_, None) => (Bytes::from(plain), "passed"),
+                },
+                Err(e) => {
+                    tracing::warn!(account = %account.id, target, reason = %e, "reply target's envelope would not open for WeChat; answering success");
+                    (success, "unverifiable")
+                }
             }
+        }
+        ReplyBody::PlainXml(xml) => match (account.mode, &account.keys, verified.key_slot) {
+            (Mode::Secure, Some(keys), Some(slot)) => seal(keys, slot, &xml),
             _ => (Bytes::from(xml), "passed"),
         },
     }

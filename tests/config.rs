@@ -164,6 +164,58 @@ fn environment_variables_override_the_file() {
     assert_eq!(settings.server.admin_listen.to_string(), "127.0.0.1:9090");
 }
 
+/// figment lower-cases the keys of `WXRELAY_` variables, so an id with an
+/// upper-case letter could never be overridden: such ids are refused, at the
+/// id's key path.
+#[test]
+fn upper_case_ids_are_refused_because_the_environment_cannot_name_them() {
+    let toml = edit(&[
+        ("[accounts.main]", "[accounts.Shop]"),
+        ("[targets.broker]", "[targets.Broker]"),
+        (
+            "to = [\"broker\", \"hooks\"]",
+            "to = [\"Broker\", \"hooks\"]",
+        ),
+        ("reply_from = \"broker\"", "reply_from = \"Broker\""),
+    ]);
+    let err = Settings::from_toml_str(&toml).unwrap_err();
+    assert_eq!(err.problems.len(), 2, "{err}");
+    assert_has(&err, "accounts.Shop", "lower-case");
+    assert_has(&err, "accounts.Shop", "WXRELAY_ACCOUNTS__SHOP__");
+    assert_has(&err, "targets.Broker", "lower-case");
+    assert_has(&err, "targets.Broker", "WXRELAY_TARGETS__BROKER__");
+
+    // `__` splits a variable's keys: these names could not be addressed either.
+    let toml = edit(&[
+        ("[accounts.main]", "[accounts.shop__eu]"),
+        ("[targets.broker]", "[targets.broker_]"),
+        (
+            "to = [\"broker\", \"hooks\"]",
+            "to = [\"broker_\", \"hooks\"]",
+        ),
+        ("reply_from = \"broker\"", "reply_from = \"broker_\""),
+    ]);
+    let err = Settings::from_toml_str(&toml).unwrap_err();
+    assert_eq!(err.problems.len(), 2, "{err}");
+    assert_has(&err, "accounts.shop__eu", "must not contain \"__\"");
+    assert_has(&err, "targets.broker_", "end in \"_\"");
+
+    // A lower-case id, with `_` and `-`, is overridden through the environment.
+    let _env = ENV.lock().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    let toml = edit(&[("[accounts.main]", "[accounts.shop_eu-2]")]);
+    std::fs::write(&path, toml).unwrap();
+    std::env::set_var("WXRELAY_ACCOUNTS__SHOP_EU-2__TOKEN", "FromTheEnvironment2");
+    let loaded = Settings::from_figment(figment_for(&path));
+    std::env::remove_var("WXRELAY_ACCOUNTS__SHOP_EU-2__TOKEN");
+    let settings = loaded.unwrap();
+    assert_eq!(
+        settings.accounts["shop_eu-2"].token.expose(),
+        "FromTheEnvironment2"
+    );
+}
+
 #[test]
 fn a_bad_environment_variable_is_reported_at_its_key() {
     let _env = ENV.lock().unwrap();
@@ -209,6 +261,12 @@ fn broken_configs_are_refused_at_their_key_path() {
     let secret_line = line("secret");
 
     let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "admin token with a space",
+            format!("[server]\nadmin_token = \" padded-token\"\n{VALID}"),
+            "server.admin_token",
+            "visible ASCII",
+        ),
         (
             "unknown top-level key",
             format!("colour = \"blue\"\n{VALID}"),
@@ -526,6 +584,12 @@ fn broken_configs_are_refused_at_their_key_path() {
             "greater than zero",
         ),
         (
+            "dedup_window shorter than a timestamp_window",
+            format!("[spool]\ndedup_window = \"299s\"\n{VALID}"),
+            "spool.dedup_window",
+            "must be at least accounts.main.timestamp_window (5m)",
+        ),
+        (
             "no accounts",
             "[targets.t]\nurl = \"http://localhost/\"\n".to_owned(),
             "accounts",
@@ -545,6 +609,38 @@ fn broken_configs_are_refused_at_their_key_path() {
             problem.path == *path && problem.message.contains(fragment),
             "{name}: expected `{path}: …{fragment}…`, got:\n{err}"
         );
+    }
+}
+
+/// An admin listener reachable from other hosts would let anyone reload the
+/// configuration: it needs a token, or an explicit allowance.
+#[test]
+fn a_non_loopback_admin_listener_needs_a_token_or_an_explicit_allowance() {
+    for admin in ["0.0.0.0:9090", "10.1.2.3:9090", "[::]:9090"] {
+        let toml = format!("[server]\nadmin_listen = \"{admin}\"\n{VALID}");
+        let err = Settings::from_toml_str(&toml)
+            .err()
+            .unwrap_or_else(|| panic!("{admin}: accepted without a token"));
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_has(&err, "server.admin_token", "required when admin_listen");
+        assert_has(&err, "server.admin_token", "allow_unauthenticated_admin");
+
+        let with_token = format!(
+            "[server]\nadmin_listen = \"{admin}\"\nadmin_token = \"a-long-admin-token\"\n{VALID}"
+        );
+        Settings::from_toml_str(&with_token).unwrap_or_else(|e| panic!("{admin}: {e}"));
+
+        let allowed = format!(
+            "[server]\nadmin_listen = \"{admin}\"\nallow_unauthenticated_admin = true\n{VALID}"
+        );
+        let settings = Settings::from_toml_str(&allowed).unwrap_or_else(|e| panic!("{admin}: {e}"));
+        assert!(settings.server.allow_unauthenticated_admin);
+    }
+    // Loopback needs neither, as before.
+    for admin in ["127.0.0.1:9090", "127.0.0.2:9090", "[::1]:9090"] {
+        let toml = format!("[server]\nadmin_listen = \"{admin}\"\n{VALID}");
+        let settings = Settings::from_toml_str(&toml).unwrap_or_else(|e| panic!("{admin}: {e}"));
+        assert!(!settings.server.allow_unauthenticated_admin);
     }
 }
 
@@ -732,12 +828,13 @@ fn the_check_report_warns_about_unrouted_events() {
     assert!(report.contains("no catch-all rule"), "{report}");
 }
 
-/// The relay.toml inside the Kubernetes ConfigMap, with the secrets the
-/// StatefulSet passes from its Secret, is a configuration the relay accepts.
+/// The relay.toml inside the Kubernetes ConfigMap, with the environment the
+/// StatefulSet sets (its Secret's values stood in for by test values), is a
+/// configuration the relay accepts.
 #[test]
 fn the_kubernetes_configmap_is_a_valid_configuration() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml");
-    let yaml = std::fs::read_to_string(path).unwrap();
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let yaml = std::fs::read_to_string(deploy.join("configmap.yaml")).unwrap();
     let body: String = yaml
         .split_once("relay.toml: |\n")
         .unwrap()
@@ -747,19 +844,42 @@ fn the_kubernetes_configmap_is_a_valid_configuration() {
         .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
         .collect();
     use figment::providers::Format as _;
-    let figment = figment::Figment::from(figment::providers::Toml::string(&body))
-        .merge(("accounts.main.token", "Relay2024Token"))
-        .merge((
-            "accounts.main.encoding_aes_key",
-            "R3layV3ct0rsEncodingAesKeyForTests0123456Zq",
-        ))
-        .merge((
-            "targets.webhooks.secret",
-            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-        ))
-        .merge(("server.listen", "0.0.0.0:8080"))
-        .merge(("server.admin_listen", "0.0.0.0:9090"));
+    let mut figment = figment::Figment::from(figment::providers::Toml::string(&body));
+    let statefulset = std::fs::read_to_string(deploy.join("statefulset.yaml")).unwrap();
+    let lines: Vec<&str> = statefulset.lines().map(str::trim).collect();
+    let mut from_secret = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(name) = line.strip_prefix("- name: WXRELAY_") else {
+            continue;
+        };
+        let key = name
+            .split("__")
+            .collect::<Vec<_>>()
+            .join(".")
+            .to_lowercase();
+        let value = match lines[i + 1].strip_prefix("value: ") {
+            Some(value) => value.trim_matches('"').to_owned(),
+            None => {
+                assert_eq!(lines[i + 1], "valueFrom:", "{name}");
+                from_secret.push(key.clone());
+                match key.rsplit('.').next().unwrap() {
+                    "token" => TOKEN.to_owned(),
+                    "encoding_aes_key" => AES_KEY.to_owned(),
+                    "secret" => WEBHOOK_SECRET.to_owned(),
+                    "admin_token" => "a-long-random-admin-token".to_owned(),
+                    other => panic!("no test value for {other}"),
+                }
+            }
+        };
+        figment = figment.merge((key, value));
+    }
+    assert!(
+        from_secret.iter().any(|k| k == "server.admin_token"),
+        "the admin token comes from the Secret: {from_secret:?}"
+    );
     let settings = Settings::from_figment(figment).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(settings.server.admin_listen.to_string(), "0.0.0.0:9090");
+    assert!(settings.server.admin_token.is_some());
     assert_eq!(settings.accounts["main"].mode, Mode::Secure);
     assert_eq!(settings.targets["webhooks"].format, Format::Json);
     assert_eq!(settings.routes.len(), 2);

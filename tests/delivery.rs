@@ -13,12 +13,12 @@ use common::{
 };
 use hmac::{Hmac, Mac};
 use serde_json::Value;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use std::time::Duration;
 use wxrelay::spool::{DeadFilter, Spool};
 use wxrelay::wechat::crypto::{decrypt, AesKey};
 use wxrelay::wechat::message::Message;
-use wxrelay::wechat::signature;
+use wxrelay::wechat::{reply, signature};
 
 const WAIT: Duration = Duration::from_secs(20);
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -33,26 +33,6 @@ fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
     query
         .split('&')
         .find_map(|p| p.strip_prefix(&format!("{name}=")))
-}
-
-/// Standard Webhooks verification, written from the specification.
-fn verify_standard_webhook(r: &Received, secret: &str) -> bool {
-    let header = |name: &str| r.headers[name].to_str().unwrap().to_string();
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(secret.strip_prefix("whsec_").unwrap())
-        .unwrap();
-    let signed = format!(
-        "{}.{}.{}",
-        header("webhook-id"),
-        header("webhook-timestamp"),
-        r.text()
-    );
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
-    mac.update(signed.as_bytes());
-    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    header("webhook-signature")
-        .split(' ')
-        .any(|sig| sig.strip_prefix("v1,") == Some(expected.as_str()))
 }
 
 #[tokio::test]
@@ -166,6 +146,225 @@ async fn each_format_carries_the_event_as_its_consumer_expects() {
             .unwrap_or_else(|| panic!("{id}: authing-demo-json"));
         assert_eq!(r.uri, "/demo");
         assert_eq!(r.headers["content-type"], "application/json");
+    }
+    relay.stop().await;
+}
+
+/// The relay with one fake target `name` (with `extra` keys) and `routes`.
+async fn with_one_target(
+    g: &Value,
+    name: &str,
+    extra: &str,
+    routes: &str,
+) -> (FakeTarget, TestRelay) {
+    let fake = FakeTarget::start().await;
+    let targets = [target(name, &fake.url("/events"), extra)];
+    let relay = TestRelay::start(&config(g, &targets, routes), reference_now(g)).await;
+    (fake, relay)
+}
+
+/// A plaintext push of `xml` to account `plaintext`, signed with the vectors' Token.
+fn plaintext_push(g: &Value, xml: &str) -> (String, Vec<u8>) {
+    let token = g["config"]["token"].as_str().unwrap();
+    // A nonce per message, as WeChat sends: one signed query taken with two
+    // bodies is a replay.
+    let nonce = u32::from_be_bytes(Sha256::digest(xml.as_bytes())[..4].try_into().unwrap());
+    let (ts, nonce) = (reference_now(g).to_string(), nonce.to_string());
+    let sig = signature::sign(&[token, &ts, &nonce]);
+    (
+        format!("/wx/plaintext?signature={sig}&timestamp={ts}&nonce={nonce}&openid=oUser"),
+        xml.as_bytes().to_vec(),
+    )
+}
+
+/// Standard Webhooks verification written from the specification, as
+/// Python's and Node's servers do it: the header bytes read as Latin-1, the
+/// signed content `{id}.{timestamp}.{body}` encoded as UTF-8.
+fn verify_standard_webhook(r: &Received, secret: &str) -> bool {
+    let header = |name: &str| -> String {
+        r.headers[name]
+            .as_bytes()
+            .iter()
+            .map(|&b| b as char)
+            .collect()
+    };
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    let signed = format!(
+        "{}.{}.{}",
+        header("webhook-id"),
+        header("webhook-timestamp"),
+        r.text()
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(signed.as_bytes());
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    header("webhook-signature")
+        .split(' ')
+        .any(|sig| sig.strip_prefix("v1,") == Some(expected.as_str()))
+}
+
+#[tokio::test]
+async fn json_deliveries_of_non_ascii_event_keys_verify_and_keep_their_id_across_retries() {
+    let g = generated();
+    let extra = format!("format = \"json\"\nsecret = \"{SECRET}\"\nretry_schedule = [\"1s\"]");
+    let (hooks, relay) =
+        with_one_target(&g, "hooks", &extra, "[[routes]]\nto = [\"hooks\"]\n").await;
+    // Each event's first attempt fails, so each is sent twice.
+    hooks.script([Behaviour::status(503), Behaviour::status(503)]);
+    let now = reference_now(&g);
+    let event = |event: &str, key: &str| {
+        format!(
+            "<xml><ToUserName><![CDATA[gh_3f1a2b9c8d7e]]></ToUserName>\
+             <FromUserName><![CDATA[oUser]]></FromUserName><CreateTime>{now}</CreateTime>\
+             <MsgType><![CDATA[event]]></MsgType><Event><![CDATA[{event}]]></Event>\
+             <EventKey><![CDATA[{key}]]></EventKey></xml>"
+        )
+    };
+    for xml in [
+        event("subscribe", "qrscene_登录:1"),
+        event("CLICK", "菜单_1"),
+    ] {
+        let (path, body) = plaintext_push(&g, &xml);
+        assert_eq!(relay.post(&path, body).await.status, 200);
+    }
+    assert!(hooks.wait_for(2, WAIT).await);
+    relay.clock.advance_ms(2_000);
+    assert!(hooks.wait_for(4, WAIT).await, "{} of 4", hooks.count());
+    assert!(relay.until_nothing_pending("hooks").await);
+
+    let got = hooks.received();
+    let mut ids = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for r in &got {
+        assert!(
+            verify_standard_webhook(r, SECRET),
+            "the signature fails as a Latin-1 server reads it: {:?}",
+            r.headers["webhook-id"]
+        );
+        let id = r.headers["webhook-id"].as_bytes();
+        assert!(id.is_ascii(), "webhook-id is not ASCII: {id:?}");
+        let id = String::from_utf8(id.to_vec()).unwrap();
+        assert!(id.starts_with("msg_") && id.len() > 4, "{id}");
+        let envelope: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(envelope["id"], id.as_str());
+        ids.entry(envelope["event_key"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(id);
+    }
+    assert_eq!(ids.keys().collect::<Vec<_>>(), ["qrscene_登录:1", "菜单_1"]);
+    for (key, ids) in &ids {
+        assert_eq!(ids.len(), 2, "{key}: two attempts");
+        assert_eq!(ids[0], ids[1], "{key}: the id is stable across retries");
+    }
+    let distinct: std::collections::BTreeSet<_> = ids.values().map(|v| &v[0]).collect();
+    assert_eq!(distinct.len(), 2, "two events, two ids");
+    relay.stop().await;
+}
+
+/// The `json` body, byte for byte, as the README documents it: top-level
+/// values are strings or `null`; `fields` keeps document order, nests child
+/// elements as objects and makes `item` and `List` entries arrays, even of one.
+#[tokio::test]
+async fn the_json_body_is_exactly_as_documented_for_each_nested_kind() {
+    let g = generated();
+    let extra = format!("format = \"json\"\nsecret = \"{SECRET}\"");
+    let (hooks, relay) =
+        with_one_target(&g, "hooks", &extra, "[[routes]]\nto = [\"hooks\"]\n").await;
+    let now = reference_now(&g);
+    let head = |msg_type: &str| {
+        format!(
+            "<xml><ToUserName><![CDATA[gh_3f1a2b9c8d7e]]></ToUserName>\
+             <FromUserName><![CDATA[oUser]]></FromUserName><CreateTime>{now}</CreateTime>\
+             <MsgType><![CDATA[{msg_type}]]></MsgType>"
+        )
+    };
+    let fields_head = |msg_type: &str| {
+        format!(
+            r#""ToUserName":"gh_3f1a2b9c8d7e","FromUserName":"oUser","CreateTime":"{now}","MsgType":"{msg_type}""#
+        )
+    };
+    let cases = [
+        (
+            format!(
+                "{}<Event><![CDATA[scancode_push]]></Event><EventKey><![CDATA[扫码_1]]></EventKey>\
+                 <ScanCodeInfo><ScanType><![CDATA[qrcode]]></ScanType>\
+                 <ScanResult><![CDATA[1]]></ScanResult></ScanCodeInfo></xml>",
+                head("event")
+            ),
+            r#""event":"scancode_push","event_key":"扫码_1""#.to_owned(),
+            format!(
+                r#"{},"Event":"scancode_push","EventKey":"扫码_1","ScanCodeInfo":{{"ScanType":"qrcode","ScanResult":"1"}}"#,
+                fields_head("event")
+            ),
+        ),
+        (
+            format!(
+                "{}<Event><![CDATA[pic_sysphoto]]></Event><EventKey><![CDATA[6]]></EventKey>\
+                 <SendPicsInfo><Count>1</Count><PicList><item><PicMd5Sum><![CDATA[1b5f7c23b5bf75682a53e7b6d163e185]]></PicMd5Sum>\
+                 </item></PicList></SendPicsInfo></xml>",
+                head("event")
+            ),
+            r#""event":"pic_sysphoto","event_key":"6""#.to_owned(),
+            format!(
+                r#"{},"Event":"pic_sysphoto","EventKey":"6","SendPicsInfo":{{"Count":"1","PicList":{{"item":[{{"PicMd5Sum":"1b5f7c23b5bf75682a53e7b6d163e185"}}]}}}}"#,
+                fields_head("event")
+            ),
+        ),
+        (
+            format!(
+                "{}<Event><![CDATA[PUBLISHJOBFINISH]]></Event><PublishEventInfo>\
+                 <publish_id>2247503051</publish_id><publish_status>0</publish_status>\
+                 <article_id><![CDATA[b5O2OUs25HBxRceL7hfReg]]></article_id><article_detail>\
+                 <count>2</count><item><idx>1</idx><article_url><![CDATA[https://mp.weixin.qq.com/s/a]]></article_url></item>\
+                 <item><idx>2</idx><article_url><![CDATA[https://mp.weixin.qq.com/s/b]]></article_url></item>\
+                 </article_detail></PublishEventInfo></xml>",
+                head("event")
+            ),
+            r#""event":"PUBLISHJOBFINISH","event_key":null"#.to_owned(),
+            format!(
+                r#"{},"Event":"PUBLISHJOBFINISH","PublishEventInfo":{{"publish_id":"2247503051","publish_status":"0","article_id":"b5O2OUs25HBxRceL7hfReg","article_detail":{{"count":"2","item":[{{"idx":"1","article_url":"https://mp.weixin.qq.com/s/a"}},{{"idx":"2","article_url":"https://mp.weixin.qq.com/s/b"}}]}}}}"#,
+                fields_head("event")
+            ),
+        ),
+        (
+            format!(
+                "{}<Content><![CDATA[你好]]></Content><MsgId>24602152426471537</MsgId></xml>",
+                head("text")
+            ),
+            r#""event":null,"event_key":null"#.to_owned(),
+            format!(
+                r#"{},"Content":"你好","MsgId":"24602152426471537""#,
+                fields_head("text")
+            ),
+        ),
+    ];
+    for (xml, _, _) in &cases {
+        let (path, body) = plaintext_push(&g, xml);
+        assert_eq!(relay.post(&path, body).await.status, 200);
+    }
+    assert!(hooks.wait_for(cases.len(), WAIT).await);
+
+    let received_at =
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_secs(now as u64));
+    let got = hooks.received();
+    for (xml, event, fields) in &cases {
+        let xml_json = serde_json::to_string(xml).unwrap();
+        let r = got
+            .iter()
+            .find(|r| r.text().ends_with(&format!(r#""xml":{xml_json}}}"#)))
+            .unwrap_or_else(|| panic!("not delivered: {xml}"));
+        let id = r.headers["webhook-id"].to_str().unwrap();
+        let msg_type = if event.contains("null,") {
+            "text"
+        } else {
+            "event"
+        };
+        let expected = format!(
+            r#"{{"id":"{id}","account":"plaintext","received_at":"{received_at}","msg_type":"{msg_type}",{event},"from_user":"oUser","to_user":"gh_3f1a2b9c8d7e","create_time":"{now}","fields":{{{fields}}},"xml":{xml_json}}}"#
+        );
+        assert_eq!(r.text(), expected);
+        assert!(verify_standard_webhook(r, SECRET));
     }
     relay.stop().await;
 }
@@ -433,6 +632,10 @@ async fn a_brokers_reply_reaches_wechat_sealed_for_secure_accounts() {
 
     let answer = send(&relay, vector(&g, "secure.scan_str"), "secure").await;
     assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.headers["content-type"],
+        "application/xml; charset=utf-8"
+    );
     let envelope = Message::parse(&answer.body).unwrap();
     let encrypted = envelope.get("Encrypt").expect("an encrypted envelope");
     let key = AesKey::from_encoding(g["config"]["encoding_aes_key"].as_str().unwrap()).unwrap();
@@ -451,10 +654,115 @@ async fn a_brokers_reply_reaches_wechat_sealed_for_secure_accounts() {
     // In plaintext mode the reply goes as it came.
     let answer = send(&relay, vector(&g, "plaintext.scan_str"), "plaintext").await;
     assert_eq!(answer.text(), reply_xml());
+    assert_eq!(
+        answer.headers["content-type"],
+        "application/xml; charset=utf-8"
+    );
 
     // The inline attempt was the delivery: the workers do not send it again.
     assert!(relay.until_nothing_pending("broker").await);
     assert_eq!(broker.count(), 2);
+    relay.stop().await;
+}
+
+/// A reply the broker sealed itself reaches WeChat only if WeChat can open it:
+/// its MsgSignature verifies with the account's Token and it decrypts with the
+/// account's current or previous key for the account's AppID.
+#[tokio::test]
+async fn a_brokers_own_envelope_is_passed_only_if_wechat_could_open_it() {
+    let g = generated();
+    let (broker, relay) = with_one_target(&g, "broker", "retry = \"login\"", broker_routes()).await;
+    let c = &g["config"];
+    let token = c["token"].as_str().unwrap();
+    let app_id = c["appid"].as_str().unwrap();
+    let key = AesKey::from_encoding(c["encoding_aes_key"].as_str().unwrap()).unwrap();
+    let previous = AesKey::from_encoding(c["previous_encoding_aes_key"].as_str().unwrap()).unwrap();
+    let other_key = AesKey::from_bytes([7; 32]);
+    let seal = |key: &AesKey, token: &str, app_id: &str| {
+        reply::envelope(
+            key,
+            token,
+            app_id,
+            reply_xml(),
+            "1717000001",
+            "31337",
+            &reply::random_bytes(),
+        )
+    };
+    let good = seal(&key, token, app_id);
+    let bad_signature = seal(&key, "AnotherToken1", app_id);
+    let cases = [
+        ("secure", "secure.scan_str", seal(&other_key, token, app_id)),
+        (
+            "secure",
+            "secure.scan_id",
+            seal(&key, token, "wx0000000000000000"),
+        ),
+        ("secure", "secure.subscribe_qrscene_str", bad_signature),
+    ];
+    for (account, id, envelope) in &cases {
+        broker.script([Behaviour::body(200, "text/xml", envelope)]);
+        let answer = send(&relay, vector(&g, id), account).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.text().as_str()),
+            (200, "success"),
+            "{id}"
+        );
+        assert_eq!(answer.headers["content-type"], "text/plain; charset=utf-8");
+    }
+
+    // Sealed with the key that decrypted the push: passed as is.
+    broker.script([Behaviour::body(200, "text/xml", &good)]);
+    let answer = send(&relay, vector(&g, "secure.subscribe_qrscene_id"), "secure").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), good, "passed as is");
+    assert_eq!(
+        answer.headers["content-type"],
+        "application/xml; charset=utf-8"
+    );
+
+    // Sealed with the previous key during a rotation, while WeChat used the
+    // current one for the push: re-sealed with the current key.
+    let stale = seal(&previous, token, app_id);
+    broker.script([Behaviour::body(200, "text/xml", &stale)]);
+    let answer = send(&relay, vector(&g, "secure.scan_str"), "rotating").await;
+    assert_eq!(answer.status, 200);
+    assert_ne!(answer.text(), stale, "not passed as is");
+    assert_eq!(
+        answer.headers["content-type"],
+        "application/xml; charset=utf-8"
+    );
+    let parsed = Message::parse(&answer.body).unwrap();
+    let encrypted = parsed.get("Encrypt").unwrap();
+    let parts = [
+        token,
+        parsed.get("TimeStamp").unwrap(),
+        parsed.get("Nonce").unwrap(),
+        encrypted,
+    ];
+    assert!(signature::verify(
+        parsed.get("MsgSignature").unwrap(),
+        &parts
+    ));
+    assert_eq!(decrypt(&key, encrypted, app_id).unwrap(), reply_xml());
+    assert!(decrypt(&previous, encrypted, app_id).is_err());
+
+    // An unencrypted push (WeChat in plaintext mode) expects a plaintext
+    // reply: the envelope is opened and its reply passed.
+    broker.script([Behaviour::body(200, "text/xml", &good)]);
+    let answer = send(&relay, vector(&g, "plaintext.scan_str"), "plaintext").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), reply_xml(), "opened for a plaintext push");
+
+    let m = relay
+        .admin(http::Method::GET, "/metrics", None)
+        .await
+        .text();
+    let replies =
+        |outcome: &str| common::metric(&m, "wxrelay_replies_total", &[("outcome", outcome)]);
+    assert_eq!(replies("unverifiable"), 3.0, "{m}");
+    assert_eq!(replies("passed"), 2.0);
+    assert_eq!(replies("encrypted"), 1.0);
     relay.stop().await;
 }
 

@@ -6,7 +6,10 @@
 mod common;
 
 use common::target::{Behaviour, FakeTarget};
-use common::{body, generated, generated_config, metric, path, reference_now, vector, TestRelay};
+use common::{
+    admin_request_authorized, body, generated, generated_config, metric, path, reference_now,
+    vector, TestRelay,
+};
 use http::Method;
 use serde_json::Value;
 use std::time::Duration;
@@ -384,6 +387,25 @@ async fn the_admin_api_requires_the_admin_token_when_one_is_set() {
             .status,
         200
     );
+    // The scheme is case-insensitive (RFC 7235 §2.1); the token is not.
+    for (authorization, status) in [
+        ("bearer s3cret-admin-token", 200),
+        ("BEARER s3cret-admin-token", 200),
+        ("BeArEr s3cret-admin-token", 200),
+        ("Bearer S3CRET-ADMIN-TOKEN", 401),
+        ("Basic s3cret-admin-token", 401),
+        ("Bearers3cret-admin-token", 401),
+        ("s3cret-admin-token", 401),
+    ] {
+        let answer = admin_request_authorized(
+            relay.admin,
+            Method::POST,
+            "/admin/reload",
+            Some(authorization),
+        )
+        .await;
+        assert_eq!(answer.status, status, "{authorization}");
+    }
     // Metrics and health stay open for scrapers and probes.
     assert_eq!(relay.admin(Method::GET, "/metrics", None).await.status, 200);
     assert_eq!(relay.admin(Method::GET, "/healthz", None).await.status, 200);

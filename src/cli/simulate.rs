@@ -195,11 +195,11 @@ pub async fn run(settings: &Settings, args: &SimulateArgs) -> Result<Report, Cli
     line(&mut text, format!("HTTP {status}"));
     line(&mut text, answer.trim_end());
     let mut ok = status == StatusCode::OK;
-    if let Some(envelope) = Message::parse(&body)
+    if Message::parse(&body)
         .ok()
-        .filter(|m| m.get("Encrypt").is_some_and(|e| !e.is_empty()))
+        .is_some_and(|m| m.get("Encrypt").is_some_and(|e| !e.is_empty()))
     {
-        let (opened, report) = open_envelope(account, &envelope);
+        let (opened, report) = open_envelope(account, &body);
         ok &= opened;
         line(&mut text, report);
     }
@@ -224,35 +224,19 @@ fn sealing(account: &Account) -> Result<Sealing<'_>, CliError> {
     })
 }
 
-/// Checks a reply envelope as WeChat would: its MsgSignature, then its
-/// decryption (current key, then previous). Says what it found.
-fn open_envelope(account: &Account, envelope: &Message) -> (bool, String) {
-    let field = |name| envelope.get(name).unwrap_or_default();
-    let encrypted = field("Encrypt");
-    let parts = [
-        account.token.expose(),
-        field("TimeStamp"),
-        field("Nonce"),
-        encrypted,
-    ];
-    let signed = signature::verify(field("MsgSignature"), &parts);
-    let mut report = format!(
-        "reply envelope: MsgSignature {}",
-        if signed { "valid" } else { "INVALID" }
-    );
-    let Some(keys) = &account.keys else {
-        report += "; cannot decrypt: the account has no encoding_aes_key";
-        return (false, report);
-    };
-    match keys.decrypt(encrypted, &account.app_id) {
-        Ok((xml, slot)) => {
-            let _ = write!(report, "; decrypted with the {} key:\n{xml}", slot.as_str());
-            (signed, report)
-        }
-        Err(e) => {
-            let _ = write!(report, "; cannot decrypt: {e}");
-            (false, report)
-        }
+/// Checks a reply envelope as WeChat would (see [`reply::open_envelope`]).
+/// Says what it found.
+fn open_envelope(account: &Account, body: &[u8]) -> (bool, String) {
+    let keys = account.keys.as_ref();
+    match reply::open_envelope(keys, account.token.expose(), &account.app_id, body) {
+        Ok((xml, slot)) => (
+            true,
+            format!(
+                "reply envelope: MsgSignature valid; decrypted with the {} key:\n{xml}",
+                slot.as_str()
+            ),
+        ),
+        Err(e) => (false, format!("reply envelope: INVALID: {e}")),
     }
 }
 

@@ -10,8 +10,9 @@
 //!
 //! Environment overrides name a key path with `__` between keys, e.g.
 //! `WXRELAY_ACCOUNTS__MAIN__TOKEN` or `WXRELAY_SERVER__LISTEN`; keys are
-//! lowercased. Variables without `__` (`WXRELAY_LOG`, …) are not config keys
-//! and are left alone. A value made only of digits is read as a number: quote
+//! lowercased and `__` splits them, which is why account ids and target names
+//! must be lower-case and may neither contain `__` nor end in `_`. Variables
+//! without `__` (`WXRELAY_LOG`, …) are not config keys and are left alone. A value made only of digits is read as a number: quote
 //! it (`"0123"`) where a string is expected.
 //!
 //! Layout: [`raw`] is the file as serde sees it; `validate` turns it into
@@ -133,6 +134,13 @@ impl Settings {
                 "no catch-all rule: events that match no rule become `unrouted` dead letters"
                     .to_owned(),
             );
+        }
+        let server = &self.server;
+        if server.admin_token.is_none() && !server.admin_listen.ip().is_loopback() {
+            warnings.push(format!(
+                "the admin API on {} has no token: anyone who reaches it can reload the configuration",
+                server.admin_listen
+            ));
         }
         for name in self.targets.keys() {
             if !self.routes.iter().any(|r| r.to.contains(name)) {

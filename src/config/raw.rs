@@ -36,6 +36,7 @@ pub(crate) struct RawServer {
     pub shutdown_timeout: Option<String>,
     pub admin_token: Option<Secret>,
     pub admin_token_file: Option<PathBuf>,
+    pub allow_unauthenticated_admin: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -38,6 +38,9 @@ pub struct ServerSettings {
     pub shutdown_timeout: Duration,
     /// Bearer token for `/admin/*`; `None` leaves them to the admin address.
     pub admin_token: Option<Secret>,
+    /// The operator's explicit choice to serve `/admin/*` without a token on
+    /// an address other hosts can reach.
+    pub allow_unauthenticated_admin: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -10,10 +10,10 @@ use super::settings::{
     Settings, SpoolSettings, Target,
 };
 use super::units::{parse_duration, parse_size};
-use super::{ConfigError, Problem, Secret};
+use super::{ConfigError, Problem, Secret, ENV_PREFIX};
 use crate::route::{Match, Rule};
 use crate::wechat::crypto::{AesKey, KeyRing};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,7 +37,9 @@ const CONCURRENCY_RANGE: std::ops::RangeInclusive<i64> = 1..=1024;
 pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
     let mut p = Problems::default();
     let server = server(raw.server, &mut p);
+    let found = p.0.len();
     let spool = spool(raw.spool, &mut p);
+    let dedup_window_valid = p.0.len() == found;
     if raw.accounts.is_empty() {
         p.add(
             "accounts",
@@ -59,6 +61,9 @@ pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
         .into_iter()
         .filter_map(|(name, raw)| Some((name.clone(), target(name, raw, &mut p)?)))
         .collect();
+    if dedup_window_valid {
+        dedup_outlasts_timestamp_windows(&spool, &accounts, &mut p);
+    }
     let routes = routes(raw.routes, &account_ids, &target_names, &mut p);
     let settings = Settings {
         server,
@@ -141,17 +146,39 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
             "must be less than 5s: WeChat gives up on a push after 5 seconds",
         );
     }
+    let allow_unauthenticated_admin = raw.allow_unauthenticated_admin.unwrap_or(false);
     let admin_token = secret_source(
         p,
         "server.admin_token",
         raw.admin_token,
         raw.admin_token_file,
-    )
-    .ok()
-    .flatten()
-    .map(|(token, path)| {
+    );
+    // Another host reaching an open admin listener could reload the
+    // configuration at will: that takes a token or a deliberate choice.
+    if matches!(admin_token, Ok(None))
+        && !admin_listen.ip().is_loopback()
+        && !allow_unauthenticated_admin
+    {
+        p.add(
+            "server.admin_token",
+            format!(
+                "required when admin_listen ({admin_listen}) is not a loopback address: \
+                 set admin_token or admin_token_file, or allow_unauthenticated_admin = true \
+                 if only trusted hosts can reach it"
+            ),
+        );
+    }
+    let admin_token = admin_token.ok().flatten().map(|(token, path)| {
         if token.expose().is_empty() {
             p.add(path, "must not be empty");
+        } else if !token.expose().bytes().all(|b| b.is_ascii_graphic()) {
+            // It travels in an Authorization header, which trims white space
+            // and may carry only visible ASCII: another token never matches.
+            p.add(
+                path,
+                "must be visible ASCII characters, without spaces: it is sent in an \
+                 Authorization header",
+            );
         }
         token
     });
@@ -171,6 +198,7 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
             DEFAULT_SHUTDOWN_TIMEOUT,
         ),
         admin_token,
+        allow_unauthenticated_admin,
     }
 }
 
@@ -199,6 +227,28 @@ fn spool(raw: RawSpool, p: &mut Problems) -> SpoolSettings {
             .path
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_PATH)),
         dedup_window: p.duration("spool.dedup_window", raw.dedup_window, DEFAULT_DEDUP_WINDOW),
+    }
+}
+
+/// A push stays acceptable for its account's timestamp window, so a replay of
+/// it is only recognised as a duplicate if its dedup key lives that long.
+fn dedup_outlasts_timestamp_windows(
+    spool: &SpoolSettings,
+    accounts: &BTreeMap<String, Account>,
+    p: &mut Problems,
+) {
+    for account in accounts.values() {
+        if let Some(window) = account.timestamp_window.filter(|w| *w > spool.dedup_window) {
+            p.add(
+                "spool.dedup_window",
+                format!(
+                    "must be at least accounts.{}.timestamp_window ({}): a push replayed within \
+                     that window would be stored and delivered again",
+                    account.id,
+                    humantime::format_duration(window)
+                ),
+            );
+        }
     }
 }
 
@@ -317,6 +367,9 @@ fn is_app_id(app_id: &str) -> bool {
 }
 
 /// Account ids and target names appear in URLs, metric labels and logs.
+/// They are lower-case because figment lower-cases the keys of `WXRELAY_`
+/// variables and splits them at `__`: an id with capitals, a `__` or a
+/// trailing `_` could never be overridden.
 fn check_name(p: &mut Problems, path: &str, name: &str, what: &str) {
     let valid = (1..=64).contains(&name.len())
         && name
@@ -325,7 +378,26 @@ fn check_name(p: &mut Problems, path: &str, name: &str, what: &str) {
     if !valid {
         p.add(
             path,
-            format!("{what} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -"),
+            format!("{what} must be 1 to 64 characters of a-z, 0-9, _ and -"),
+        );
+    } else if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        let env = format!("{ENV_PREFIX}{}__", path.replace('.', "__").to_uppercase());
+        p.add(
+            path,
+            format!(
+                "{what} must be lower-case: {env}… variables are read as {:?}, so they \
+                 could never override it; rename it to {:?}",
+                name.to_lowercase(),
+                name.to_lowercase()
+            ),
+        );
+    } else if name.contains("__") || name.ends_with('_') {
+        p.add(
+            path,
+            format!(
+                "{what} must not contain \"__\" or end in \"_\": {ENV_PREFIX} variables use \"__\" \
+                 between keys, so such a name could never be overridden from the environment"
+            ),
         );
     }
 }

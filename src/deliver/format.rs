@@ -9,7 +9,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Map, Value};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use std::time::{Duration, UNIX_EPOCH};
 
 /// A request ready to send.
@@ -48,13 +48,14 @@ pub fn build(target: &Target, event: &StoredEvent, now_secs: i64) -> Result<Outb
         }),
         Format::Json => {
             let key = target.signing_key().ok_or(FormatError::Secret)?;
-            let body = json_envelope(event)?.to_string();
-            let signature = standard_webhooks_signature(&key, &event.dedup_key, now_secs, &body);
+            let id = webhook_id(&event.dedup_key);
+            let body = json_envelope(event, &id)?.to_string();
+            let signature = standard_webhooks_signature(&key, &id, now_secs, &body);
             Ok(Outbound {
                 uri: target.url.to_string(),
                 content_type: "application/json",
                 headers: vec![
-                    ("webhook-id", event.dedup_key.clone()),
+                    ("webhook-id", id),
                     ("webhook-timestamp", now_secs.to_string()),
                     ("webhook-signature", signature),
                 ],
@@ -95,9 +96,23 @@ pub fn plaintext_query(query: &str) -> String {
         .join("&")
 }
 
-/// The `json` format's envelope: the decrypted event with every field as a
-/// string (`MsgId` exceeds 2^53 and must not become a JSON number).
-fn json_envelope(event: &StoredEvent) -> Result<Value, FormatError> {
+/// The Standard Webhooks message id: `msg_` and a hash of the dedup key. The
+/// key itself holds the sender's OpenID and any EventKey, which may be
+/// non-ASCII: Python and Node servers read header bytes as Latin-1, so a raw
+/// UTF-8 id makes every official verifier reject the signature. The hash is
+/// ASCII and the same for every attempt, so receivers can dedup on it.
+pub fn webhook_id(dedup_key: &str) -> String {
+    format!(
+        "msg_{}",
+        hex::encode(&Sha256::digest(dedup_key.as_bytes())[..16])
+    )
+}
+
+/// The `json` format's envelope, keys in the documented order: the decrypted
+/// event's values as strings (`MsgId` exceeds 2^53 and must not become a JSON
+/// number) or `null` when absent, and `fields` in document order, which
+/// survives the spool because serde_json keeps insertion order.
+fn json_envelope(event: &StoredEvent, id: &str) -> Result<Value, FormatError> {
     let fields: Map<String, Value> = match serde_json::from_str(&event.fields) {
         Ok(Value::Object(map)) => map,
         _ => return Err(FormatError::Fields),
@@ -105,7 +120,7 @@ fn json_envelope(event: &StoredEvent) -> Result<Value, FormatError> {
     let text = |name: &str| fields.get(name).and_then(Value::as_str).map(str::to_string);
     let received_at = UNIX_EPOCH + Duration::from_millis(event.received_at.max(0) as u64);
     Ok(json!({
-        "id": event.dedup_key,
+        "id": id,
         "account": event.account,
         "received_at": humantime::format_rfc3339_millis(received_at).to_string(),
         "msg_type": event.msg_type,

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
+use sha2::Digest;
 use std::sync::Arc;
 
 const WINDOW: i64 = 600_000;
@@ -27,6 +28,25 @@ fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
                 due_at: now,
             })
             .collect(),
+        replay: None,
+    }
+}
+
+/// What the spool makes of a guarded event, at the time it was received.
+async fn guarded_outcome(spool: &dyn Spool, e: NewEvent) -> Enqueued {
+    let now = e.event.received_at;
+    spool.enqueue(e, now, WINDOW).await.unwrap()
+}
+
+/// `event` under a guard on `query` for `body`, stale from `expires_at`.
+fn guarded(key: &str, query: &str, body: &str, now: i64, expires_at: i64) -> NewEvent {
+    NewEvent {
+        replay: Some(ReplayGuard {
+            key: query.into(),
+            body_hash: sha2::Sha256::digest(body.as_bytes()).into(),
+            expires_at,
+        }),
+        ..event(key, &["a"], now)
     }
 }
 
@@ -36,7 +56,7 @@ async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (i64, Vec<i64>) {
             event_id,
             deliveries,
         } => (event_id, deliveries),
-        Enqueued::Duplicate => panic!("unexpected duplicate"),
+        other => panic!("unexpected {other:?}"),
     }
 }
 
@@ -546,6 +566,28 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
 }
 
 #[tokio::test]
+async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup() {
+    for (name, spool, _dir) in spools() {
+        stored(&*spool, guarded("k1", "q", "body", 1_000, 9_000), 1_000).await;
+        let forged = guarded_outcome(&*spool, guarded("k2", "q", "forged", 2_000, 9_000)).await;
+        assert_eq!(forged, Enqueued::Replayed, "{name}");
+        let resent = guarded_outcome(&*spool, guarded("k1", "q", "body", 3_000, 9_000)).await;
+        assert_eq!(resent, Enqueued::Duplicate, "{name}");
+        // The same body under a fresh query is new when its dedup key is.
+        stored(&*spool, guarded("k3", "q2", "forged", 3_000, 9_000), 3_000).await;
+        // Unguarded events never meet the guard.
+        stored(&*spool, event("k4", &["a"], 3_000), 3_000).await;
+        let leased = spool.lease("a", 3_000, 100, 1_000).await.unwrap();
+        let keys: Vec<&str> = leased.iter().map(|l| l.event.dedup_key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["k1", "k3", "k4"],
+            "{name}: nothing of the replay stored"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
@@ -603,4 +645,87 @@ async fn a_release_does_not_hand_out_a_delivery_being_sent() {
             "{name}: still held by its lease"
         );
     }
+}
+
+#[tokio::test]
+async fn a_guard_expires_when_its_query_goes_stale() {
+    for (name, spool, _dir) in spools() {
+        stored(&*spool, guarded("k1", "q", "body", 1_000, 5_000), 1_000).await;
+        let before = guarded_outcome(&*spool, guarded("k2", "q", "other", 4_999, 5_000)).await;
+        assert_eq!(before, Enqueued::Replayed, "{name}");
+        stored(&*spool, guarded("k3", "q", "other", 5_000, 9_000), 5_000).await;
+        let after = guarded_outcome(&*spool, guarded("k4", "q", "third", 6_000, 9_000)).await;
+        assert_eq!(
+            after,
+            Enqueued::Replayed,
+            "{name}: the new body holds the guard"
+        );
+    }
+}
+
+#[tokio::test]
+async fn racing_bodies_under_one_guard_store_exactly_one() {
+    for (name, spool, _dir) in spools() {
+        let attempts: Vec<_> = (0..16)
+            .map(|i| {
+                let e = guarded(&format!("k{i}"), "q", &format!("body{i}"), 5, 9_000);
+                spool.enqueue(e, 5, WINDOW)
+            })
+            .collect();
+        let mut outcomes = (0, 0);
+        for a in attempts {
+            match a.await.unwrap() {
+                Enqueued::Stored { .. } => outcomes.0 += 1,
+                Enqueued::Replayed => outcomes.1 += 1,
+                Enqueued::Duplicate => panic!("{name}: distinct dedup keys"),
+            }
+        }
+        assert_eq!(outcomes, (1, 15), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_spool_file_from_before_the_replay_guard_opens_and_guards() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let old = rusqlite::Connection::open(&path).unwrap();
+    old.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, dedup_key TEXT NOT NULL,
+             account TEXT NOT NULL, received_at INTEGER NOT NULL, query TEXT NOT NULL,
+             body BLOB NOT NULL, xml TEXT NOT NULL, fields TEXT NOT NULL, msg_type TEXT NOT NULL,
+             event TEXT);
+         CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT,
+             event_id INTEGER NOT NULL REFERENCES events(id), target TEXT, state INTEGER NOT NULL,
+             attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL,
+             last_error TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
+             updated_at INTEGER NOT NULL, not_before INTEGER NOT NULL DEFAULT 0);
+         CREATE TABLE dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;",
+    )
+    .unwrap();
+    drop(old);
+    let spool = SqliteSpool::open(&path).unwrap();
+    stored(&spool, guarded("k1", "q", "body", 1_000, 9_000), 1_000).await;
+    let forged = guarded_outcome(&spool, guarded("k2", "q", "forged", 2_000, 9_000)).await;
+    assert_eq!(forged, Enqueued::Replayed);
+    spool.probe().await.unwrap();
+}
+
+#[tokio::test]
+async fn expired_replay_guards_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let spool = SqliteSpool::open(&path).unwrap();
+    let mut now = 0;
+    for i in 0..50 {
+        let e = guarded(&format!("k{i}"), &format!("q{i}"), "b", now, now + 1_000);
+        stored(&spool, e, now).await;
+        now += sqlite::PRUNE_EVERY_MS / 3;
+    }
+    spool.close();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let live: i64 = c
+        .query_row("SELECT COUNT(*) FROM replay", [], |r| r.get(0))
+        .unwrap();
+    assert!(live <= 4, "{live} replay guards kept of 50");
 }

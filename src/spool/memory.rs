@@ -32,6 +32,8 @@ struct State {
     events: HashMap<i64, StoredEvent>,
     deliveries: BTreeMap<i64, Delivery>,
     dedup: HashMap<String, i64>,
+    /// Replay guard key → (body hash, expires at).
+    replay: HashMap<String, ([u8; 32], i64)>,
 }
 
 impl State {
@@ -101,7 +103,20 @@ impl Spool for MemorySpool {
             let NewEvent {
                 event: mut e,
                 targets,
+                replay,
             } = new;
+            if let Some(guard) = replay {
+                match s.replay.get(&guard.key) {
+                    Some((hash, expires)) if *expires > now && *hash != guard.body_hash => {
+                        return Enqueued::Replayed;
+                    }
+                    Some((_, expires)) if *expires > now => {}
+                    _ => {
+                        s.replay
+                            .insert(guard.key, (guard.body_hash, guard.expires_at));
+                    }
+                }
+            }
             if s.dedup.get(&e.dedup_key).is_some_and(|&exp| exp > now) {
                 return Enqueued::Duplicate;
             }

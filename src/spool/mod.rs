@@ -11,6 +11,12 @@
 //!   unique: of two racing enqueues with one key, exactly one is stored and the
 //!   other resolves to [`Enqueued::Duplicate`]. A key expires after the spool's
 //!   dedup window.
+//! - A replay guard, when the event has one, is checked and recorded in the
+//!   same transaction, before the dedup key: a guard key already recorded
+//!   with another body hash and not expired makes the enqueue resolve to
+//!   [`Enqueued::Replayed`] with nothing stored; with the same body hash the
+//!   dedup key decides as usual. Of two racing enqueues with one guard key and
+//!   different bodies, exactly one gets past it.
 //! - A delivery is handed out by [`Spool::lease`] only when due, and is hidden
 //!   until it is settled or the lease duration ends: if its worker dies, or
 //!   its outcome cannot be written, it is due again when the lease ends, or at
@@ -41,6 +47,8 @@ pub enum SpoolError {
     Closed,
     #[error("spool is busy: too many requests waiting for the disk")]
     Busy,
+    #[error("the spool file {0} was removed or replaced; restart the relay")]
+    Gone(String),
 }
 
 impl From<rusqlite::Error> for SpoolError {
@@ -56,6 +64,22 @@ pub struct NewEvent {
     pub event: StoredEvent,
     /// One delivery per target; empty means the event matched no route.
     pub targets: Vec<NewDelivery>,
+    /// Set when the request's signature does not cover its body.
+    pub replay: Option<ReplayGuard>,
+}
+
+/// A signed query whose signature does not cover the body: once taken with
+/// one body, it is refused with any other until it would be stale anyway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayGuard {
+    /// The account and the query's timestamp, nonce and signature.
+    pub key: String,
+    /// SHA-256 of the message the relay acts on (the decrypted XML of an
+    /// encrypted push, the body of a plaintext one).
+    pub body_hash: [u8; 32],
+    /// Unix milliseconds from which the guard is forgotten: when the query
+    /// is refused as stale anyway.
+    pub expires_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +99,8 @@ pub enum Enqueued {
         deliveries: Vec<i64>,
     },
     Duplicate,
+    /// The guard's query was already taken with another body: nothing stored.
+    Replayed,
 }
 
 /// A due delivery handed to a worker, with the event it carries.

@@ -9,11 +9,31 @@
 //! it is settled or the lease ends. A crash loses only the marks, so the
 //! leased deliveries are due again at the next start: at least once, with no
 //! fsync spent on handing work out.
+//!
+//! # When the file goes away
+//!
+//! A full disk fails the commit itself, and the storage error (e.g. "database
+//! or disk is full") reaches every request of that commit. The readiness probe
+//! rewrites a one-row table through the writer like any other command, so it
+//! fails in the same way, and recovers by itself once there is space again.
+//!
+//! A file removed or replaced under the running relay (a cleanup job, a
+//! restore copied over it) does not fail any write: SQLite keeps writing into
+//! the file it has open, which nothing can open again after the relay stops.
+//! So before each commit and again before answering it, the writer compares
+//! the device and inode at the spool's path with those of the file it opened;
+//! on a mismatch it refuses every write (pushes get 503, and WeChat retries
+//! them) and the reader refuses every read, so no work is handed out from the
+//! lost file. `/readyz` then answers 503 with that reason. The relay does not
+//! reopen the path by itself, because what it accepted earlier is only in the
+//! old file: while the relay still runs, the operator can copy that file (and
+//! its `-wal`) back from `/proc/<pid>/fd/`, then restarts the relay, which
+//! opens the file at the path (creating an empty one if there is none).
 
 use super::{
-    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Release, Schedule,
-    Settlement, Spool, SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED,
-    REASON_UNROUTED,
+    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Release,
+    ReplayGuard, Schedule, Settlement, Spool, SpoolError, StoredEvent, TargetDepth,
+    REASON_TARGET_REMOVED, REASON_UNROUTED,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::collections::HashMap;
@@ -68,6 +88,18 @@ CREATE TABLE IF NOT EXISTS dedup (
     key        TEXT    PRIMARY KEY,
     expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- Signed queries whose signature does not cover the body, with the body
+-- they were first taken with (see ReplayGuard).
+CREATE TABLE IF NOT EXISTS replay (
+    key        TEXT    PRIMARY KEY,
+    body_hash  BLOB    NOT NULL,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+-- One row, rewritten by the readiness probe: a real page write and fsync.
+CREATE TABLE IF NOT EXISTS probe (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    probes INTEGER NOT NULL
+);
 ";
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
@@ -120,6 +152,7 @@ impl SqliteSpool {
             })?;
         }
         let conn = open_connection(path)?;
+        let file = Arc::new(OpenedFile::of(path)?);
         let read_conn = open_connection(path)?;
         let leased = Leased::default();
         // Bounded: while the disk stalls, requests are refused at once (503,
@@ -130,12 +163,15 @@ impl SqliteSpool {
             |e: std::io::Error| SpoolError::Storage(format!("cannot start the spool threads: {e}"));
         let writer = thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || run_writer(conn, rx, max_batch.max(1)))
+            .spawn({
+                let file = file.clone();
+                move || run_writer(conn, rx, max_batch.max(1), &file)
+            })
             .map_err(start_error)?;
         let held = leased.clone();
         let reader = thread::Builder::new()
             .name("spool-reader".into())
-            .spawn(move || run_reader(read_conn, read_rx, held))
+            .spawn(move || run_reader(read_conn, read_rx, held, &file))
             .map_err(start_error)?;
         Ok(Self {
             tx: Mutex::new(Some(tx)),
@@ -195,8 +231,12 @@ fn send_to<C, T: Send + 'static>(
     })
 }
 
-fn run_reader(conn: Connection, rx: mpsc::Receiver<Read>, leased: Leased) {
+fn run_reader(conn: Connection, rx: mpsc::Receiver<Read>, leased: Leased, file: &OpenedFile) {
     while let Ok(read) = rx.recv() {
+        if let Err(e) = file.check() {
+            fail_read(read, e);
+            continue;
+        }
         match read {
             Read::Lease(target, now, limit, lease_ms, r) => {
                 let _ = r.send(
@@ -217,6 +257,60 @@ fn run_reader(conn: Connection, rx: mpsc::Receiver<Read>, leased: Leased) {
             }
         }
     }
+}
+
+fn fail_read(read: Read, err: SpoolError) {
+    match read {
+        Read::Lease(_, _, _, _, r) => drop(r.send(Err(err))),
+        Read::DeadLetters(_, _, r) => drop(r.send(Err(err))),
+        Read::Depth(r) => drop(r.send(Err(err))),
+        Read::Pending(_, _, r) => drop(r.send(Err(err))),
+        Read::Event(_, r) => drop(r.send(Err(err))),
+    }
+}
+
+/// The file the spool opened, to notice when its path no longer leads to it.
+struct OpenedFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl OpenedFile {
+    fn of(path: &Path) -> Result<Self, SpoolError> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| SpoolError::Storage(format!("cannot stat {}: {e}", path.display())))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            id: file_id(&meta),
+        })
+    }
+
+    /// One `stat`: cheap next to the fsync of a commit.
+    fn check(&self) -> Result<(), SpoolError> {
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if file_id(&meta) == self.id => Ok(()),
+            Ok(_) => Err(SpoolError::Gone(self.path.display().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(SpoolError::Gone(self.path.display().to_string()))
+            }
+            Err(e) => Err(SpoolError::Storage(format!(
+                "cannot stat {}: {e}",
+                self.path.display()
+            ))),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+/// Elsewhere there is no inode to compare; the check always passes.
+#[cfg(not(unix))]
+fn file_id(_: &std::fs::Metadata) -> (u64, u64) {
+    (0, 0)
 }
 
 impl Drop for SqliteSpool {
@@ -270,10 +364,16 @@ fn add_schedule_columns(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
-/// How often expired dedup keys are deleted, in the pushes' own time.
-const PRUNE_EVERY_MS: i64 = 30_000;
+/// How often expired dedup keys and replay guards are deleted, in the
+/// pushes' own time.
+pub(super) const PRUNE_EVERY_MS: i64 = 30_000;
 
-fn run_writer(mut conn: Connection, rx: mpsc::Receiver<Command>, max_batch: usize) {
+fn run_writer(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Command>,
+    max_batch: usize,
+    file: &OpenedFile,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     let mut pruned_at = 0;
     while let Ok(first) = rx.recv() {
@@ -284,7 +384,7 @@ fn run_writer(mut conn: Connection, rx: mpsc::Receiver<Command>, max_batch: usiz
                 Err(_) => break,
             }
         }
-        // Keep the dedup table to its window, now and then rather than on
+        // Keep the dedup and replay tables to their windows, now and then rather than on
         // every push; the clock is the pushes' own, so tests can move it.
         let now = batch.iter().filter_map(|c| match c {
             Command::Enqueue(_, now, _, _) => Some(*now),
@@ -294,20 +394,30 @@ fn run_writer(mut conn: Connection, rx: mpsc::Receiver<Command>, max_batch: usiz
         if let Some(now) = prune {
             pruned_at = now;
         }
-        commit_batch(&mut conn, &mut batch, prune);
+        commit_batch(&mut conn, &mut batch, prune, file);
     }
 }
 
 /// Applies every command in one transaction, each under its own savepoint so
 /// that one failing command does not undo the others, then commits once and
 /// only then answers them.
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<Command>, prune_dedup_before: Option<i64>) {
+///
+/// Nothing is written into a file that is no longer at the spool's path, and
+/// a commit that raced with its removal is answered as failed.
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Command>,
+    prune_dedup_before: Option<i64>,
+    file: &OpenedFile,
+) {
     let mut answers: Vec<Box<dyn FnOnce(Option<SpoolError>) + Send>> =
         Vec::with_capacity(batch.len());
-    let tx = match conn.transaction() {
+    let tx = match file
+        .check()
+        .and_then(|()| conn.transaction().map_err(SpoolError::from))
+    {
         Ok(tx) => tx,
-        Err(e) => {
-            let err = SpoolError::from(e);
+        Err(err) => {
             for cmd in batch.drain(..) {
                 fail(cmd, err.clone());
             }
@@ -319,11 +429,21 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Command>, prune_dedup_bef
         answers.push(apply(&mut tx, cmd));
     }
     if let Some(now) = prune_dedup_before {
-        if let Err(e) = tx.execute("DELETE FROM dedup WHERE expires_at <= ?1", params![now]) {
-            tracing::warn!(error = %e, "cannot prune expired dedup keys");
+        for table in ["dedup", "replay"] {
+            let delete = format!("DELETE FROM {table} WHERE expires_at <= ?1");
+            if let Err(e) = tx
+                .prepare_cached(&delete)
+                .and_then(|mut d| d.execute(params![now]))
+            {
+                tracing::warn!(error = %e, table, "cannot prune expired keys");
+            }
         }
     }
-    let outcome = tx.commit().err().map(SpoolError::from);
+    let outcome = tx
+        .commit()
+        .map_err(SpoolError::from)
+        .and_then(|()| file.check())
+        .err();
     for answer in answers {
         answer(outcome.clone());
     }
@@ -378,7 +498,11 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> Box<dyn FnOnce(Option<SpoolE
         Command::Probe(r) => deferred(
             r,
             in_savepoint(tx, |c| {
-                c.execute("DELETE FROM dedup WHERE key = ''", [])?;
+                c.prepare_cached(
+                    "INSERT INTO probe (id, probes) VALUES (1, 1)
+                     ON CONFLICT (id) DO UPDATE SET probes = probes + 1",
+                )?
+                .execute([])?;
                 Ok(())
             }),
         ),
@@ -387,6 +511,11 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> Box<dyn FnOnce(Option<SpoolE
 
 fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::Result<Enqueued> {
     let (e, targets) = (&new.event, &new.targets);
+    if let Some(guard) = &new.replay {
+        if !first_body_under(c, guard, now)? {
+            return Ok(Enqueued::Replayed);
+        }
+    }
     // An expired key is taken over by the new event; a live one makes it a duplicate.
     let inserted = c
         .prepare_cached(
@@ -434,6 +563,26 @@ fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::R
         event_id,
         deliveries,
     })
+}
+
+/// Records the guard's query with its body hash; false when the query was
+/// already taken, unexpired, with another body. An expired entry is taken
+/// over, like an expired dedup key.
+fn first_body_under(c: &Connection, guard: &ReplayGuard, now: i64) -> rusqlite::Result<bool> {
+    let inserted = c
+        .prepare_cached(
+            "INSERT INTO replay (key, body_hash, expires_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET body_hash = excluded.body_hash, expires_at = excluded.expires_at
+             WHERE replay.expires_at <= ?4",
+        )?
+        .execute(params![guard.key, &guard.body_hash[..], guard.expires_at, now])?;
+    if inserted == 1 {
+        return Ok(true);
+    }
+    let seen: Vec<u8> = c
+        .prepare_cached("SELECT body_hash FROM replay WHERE key = ?1")?
+        .query_row(params![guard.key], |r| r.get(0))?;
+    Ok(seen == guard.body_hash)
 }
 
 /// Up to `limit` due deliveries of `target` that are not held by a lease,

@@ -184,8 +184,9 @@ impl Message {
         self.get("Ticket")
     }
 
-    /// The fields as a JSON object: text becomes a string, children an object,
-    /// and a name repeated among siblings an array of its values in order.
+    /// The fields as a JSON object in document order: text becomes a string,
+    /// children an object, `item` and `List` entries an array (even of one),
+    /// and any other name repeated among siblings an array of its values.
     pub fn fields_json(&self) -> Value {
         children_json(&self.fields)
     }
@@ -352,11 +353,21 @@ fn node_json(node: &Node) -> Value {
     }
 }
 
+/// WeChat's list entries: `<PicList><item>…</item></PicList>`, the
+/// subscribe-message events' `<List>`. Always arrays, so a list of one has the
+/// same shape as a list of two.
+const LIST_ENTRIES: [&str; 2] = ["item", "List"];
+
+/// Children in document order (serde_json keeps insertion order); a list
+/// entry, or any name repeated under one parent, becomes an array.
 fn children_json(children: &[(String, Node)]) -> Value {
     let mut object = Map::new();
     for (name, node) in children {
         let value = node_json(node);
         match object.get_mut(name) {
+            None if LIST_ENTRIES.contains(&name.as_str()) => {
+                object.insert(name.clone(), Value::Array(vec![value]));
+            }
             None => {
                 object.insert(name.clone(), value);
             }
@@ -473,6 +484,19 @@ mod tests {
             message.fields_json(),
             json!({"MsgType": "event", "NewField": "v",
                    "SendPicsInfo": {"Count": "2", "PicList": {"item": [{"PicMd5Sum": "a"}, {"PicMd5Sum": "b"}]}}})
+        );
+    }
+
+    #[test]
+    fn fields_keep_document_order_and_a_list_of_one_is_an_array() {
+        let message = parse(
+            "<xml><ToUserName>t</ToUserName><CreateTime>1</CreateTime>\
+             <SubscribeMsgPopupEvent><List><TemplateId>x</TemplateId></List></SubscribeMsgPopupEvent></xml>",
+        )
+        .unwrap();
+        assert_eq!(
+            message.fields_json().to_string(),
+            r#"{"ToUserName":"t","CreateTime":"1","SubscribeMsgPopupEvent":{"List":[{"TemplateId":"x"}]}}"#
         );
     }
 

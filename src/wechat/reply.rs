@@ -4,11 +4,12 @@
 //! reply XML, which in secure mode must be wrapped in the encrypted
 //! [`envelope`]. Anything else makes WeChat show the user "该公众号暂时无法提供服务".
 //! [`classify_reply`] is the gate that keeps a reply target's JSON, HTML or
-//! error page from ever reaching WeChat.
+//! error page from ever reaching WeChat, and [`open_envelope`] the one that
+//! keeps out an envelope the target sealed with keys WeChat does not use.
 
-use crate::wechat::crypto::{encrypt, AesKey};
+use crate::wechat::crypto::{encrypt, AesKey, DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::Message;
-use crate::wechat::signature::sign;
+use crate::wechat::signature::{sign, verify};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 
@@ -67,6 +68,51 @@ pub fn classify_reply(body: &[u8]) -> Option<ReplyBody> {
     }
 }
 
+/// Why a reply target's own envelope would not open for WeChat. The messages
+/// never quote the ciphertext or the reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("the account has no EncodingAESKey to check it with")]
+    NoKey,
+    #[error("not an envelope: no Encrypt, MsgSignature, TimeStamp or Nonce")]
+    Incomplete,
+    #[error("bad MsgSignature")]
+    Signature,
+    #[error("not sealed with the account's keys and AppID: {0}")]
+    Decrypt(DecryptError),
+    #[error("the sealed content is not reply XML")]
+    Content,
+}
+
+/// Opens a reply target's envelope as WeChat will: `MsgSignature` over
+/// (token, TimeStamp, Nonce, Encrypt), then decryption with the current or
+/// previous key for `app_id`, and the content must be reply XML. Returns the
+/// decrypted reply and the key that opened it. A broker that sealed with a
+/// key or AppID it has not been told about yet would otherwise make WeChat
+/// show the user its error page.
+pub fn open_envelope(
+    keys: Option<&KeyRing>,
+    token: &str,
+    app_id: &str,
+    body: &[u8],
+) -> Result<(String, KeySlot), EnvelopeError> {
+    let keys = keys.ok_or(EnvelopeError::NoKey)?;
+    let envelope = Message::parse(body).map_err(|_| EnvelopeError::Incomplete)?;
+    let field = |name| envelope.get(name).ok_or(EnvelopeError::Incomplete);
+    let encrypted = field("Encrypt")?;
+    let parts = [token, field("TimeStamp")?, field("Nonce")?, encrypted];
+    if !verify(field("MsgSignature")?, &parts) {
+        return Err(EnvelopeError::Signature);
+    }
+    let (reply, slot) = keys
+        .decrypt(encrypted, app_id)
+        .map_err(EnvelopeError::Decrypt)?;
+    match classify_reply(reply.as_bytes()) {
+        Some(ReplyBody::PlainXml(_)) => Ok((reply, slot)),
+        _ => Err(EnvelopeError::Content),
+    }
+}
+
 /// The frame's 16-byte random prefix: letters and digits, as WeChat's own
 /// samples use.
 pub fn random_bytes() -> [u8; 16] {
@@ -79,7 +125,6 @@ pub fn random_bytes() -> [u8; 16] {
 mod tests {
     use super::*;
     use crate::wechat::crypto::decrypt;
-    use crate::wechat::signature::verify;
     use proptest::prelude::*;
 
     #[test]
@@ -109,6 +154,46 @@ mod tests {
         assert_eq!(
             classify_reply(body.as_bytes()),
             Some(ReplyBody::Envelope(body.clone()))
+        );
+    }
+
+    #[test]
+    fn an_envelope_opens_only_with_the_token_keys_and_appid_wechat_uses() {
+        let key = AesKey::from_encoding("R3layV3ct0rsEncodingAesKeyForTests0123456Zq").unwrap();
+        let ring = KeyRing {
+            current: key.clone(),
+            previous: None,
+        };
+        let app = "wx5f3c9a1e7d2b4c60";
+        let reply = "<xml><MsgType><![CDATA[text]]></MsgType></xml>";
+        let seal = |key: &AesKey, token: &str, app_id: &str, xml: &str| {
+            envelope(key, token, app_id, xml, "1", "2", &random_bytes())
+        };
+        let open = |body: String| open_envelope(Some(&ring), "Token", app, body.as_bytes());
+        assert_eq!(
+            open(seal(&key, "Token", app, reply)).unwrap(),
+            (reply.to_string(), KeySlot::Current)
+        );
+        assert_eq!(
+            open(seal(&key, "Other", app, reply)),
+            Err(EnvelopeError::Signature)
+        );
+        assert_eq!(
+            open(seal(&key, "Token", "wx0000000000000000", reply)),
+            Err(EnvelopeError::Decrypt(DecryptError::AppId))
+        );
+        assert_eq!(
+            open(seal(&key, "Token", app, "{\"not\": \"xml\"}")),
+            Err(EnvelopeError::Content)
+        );
+        assert_eq!(
+            open("<xml><Encrypt>abc</Encrypt></xml>".into()),
+            Err(EnvelopeError::Incomplete)
+        );
+        let body = seal(&key, "Token", app, reply);
+        assert_eq!(
+            open_envelope(None, "Token", app, body.as_bytes()),
+            Err(EnvelopeError::NoKey)
         );
     }
 

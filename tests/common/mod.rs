@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -60,6 +60,33 @@ pub fn generated_config(g: &Value) -> String {
         account("rotating", "secure", true),
     ]
     .join("\n")
+}
+
+/// A vector's `expected.fields` in the relay's shape: the generator's parser
+/// makes a single `item` or `List` entry an object, the relay always makes
+/// list entries an array.
+pub fn expected_fields(expected: &Value) -> Value {
+    fn lists_as_arrays(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(name, child)| {
+                        let child = lists_as_arrays(child);
+                        let list = matches!(name.as_str(), "item" | "List") && !child.is_array();
+                        let child = if list {
+                            Value::Array(vec![child])
+                        } else {
+                            child
+                        };
+                        (name.clone(), child)
+                    })
+                    .collect(),
+            ),
+            Value::Array(values) => Value::Array(values.iter().map(lists_as_arrays).collect()),
+            other => other.clone(),
+        }
+    }
+    lists_as_arrays(&expected["fields"])
 }
 
 pub fn path(account: &str, request: &Value) -> String {
@@ -133,23 +160,19 @@ impl TestRelay {
     pub async fn start(toml: &str, now_secs: i64) -> TestRelay {
         let dir = tempfile::tempdir().unwrap();
         let spool_path = dir.path().join("spool.db");
-        Self::start_in(dir, toml, now_secs, &spool_path).await
+        Self::start_in(toml, now_secs, dir, &spool_path).await
     }
 
     /// As [`TestRelay::start`], with the spool file at `spool_path`.
-    pub async fn start_with_spool_at(
-        toml: &str,
-        now_secs: i64,
-        spool_path: &std::path::Path,
-    ) -> TestRelay {
-        Self::start_in(tempfile::tempdir().unwrap(), toml, now_secs, spool_path).await
+    pub async fn start_with_spool_at(toml: &str, now_secs: i64, spool_path: &Path) -> TestRelay {
+        Self::start_in(toml, now_secs, tempfile::tempdir().unwrap(), spool_path).await
     }
 
     async fn start_in(
-        dir: tempfile::TempDir,
         toml: &str,
         now_secs: i64,
-        spool_path: &std::path::Path,
+        dir: tempfile::TempDir,
+        spool_path: &Path,
     ) -> TestRelay {
         let spool = Arc::new(SqliteSpool::open(spool_path).unwrap());
         let clock = Arc::new(FixedClock::at_secs(now_secs));
@@ -342,6 +365,17 @@ pub async fn admin_request(
     path: &str,
     bearer: Option<&str>,
 ) -> Answer {
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    admin_request_authorized(addr, method, path, authorization.as_deref()).await
+}
+
+/// A request to an admin listener with this `Authorization` header, if any.
+pub async fn admin_request_authorized(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    authorization: Option<&str>,
+) -> Answer {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -351,8 +385,8 @@ pub async fn admin_request(
         .method(method)
         .uri(path)
         .header("host", addr.to_string());
-    if let Some(token) = bearer {
-        req = req.header("authorization", format!("Bearer {token}"));
+    if let Some(value) = authorization {
+        req = req.header("authorization", value);
     }
     let response = sender
         .send_request(req.body(Full::new(Bytes::new())).unwrap())

@@ -1,0 +1,191 @@
+//! Readiness and pushes follow what the spool's disk really does: a full disk
+//! and a spool file removed or replaced under the running relay both turn
+//! `/readyz` and every push into 503, with the cause in the log line.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{body, config, generated, path, reference_now, vector, TestRelay};
+use http::{Method, StatusCode};
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use wxrelay::spool::{Spool, SpoolError};
+
+/// A small tmpfs mounted in a temp dir, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` when this process may not mount (it needs root).
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Writes `path` until the file system has no block left.
+fn fill(path: &Path) {
+    let mut file = std::fs::File::create(path).unwrap();
+    for chunk in [1 << 16, 1 << 12, 1 << 9] {
+        let block = vec![0u8; chunk];
+        while file
+            .write_all(&block)
+            .and_then(|()| file.sync_all())
+            .is_ok()
+        {}
+    }
+}
+
+/// Every log line of this test binary. A global subscriber, because a
+/// thread-scoped one can miss callsites that other tests hit first.
+#[derive(Clone)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> &'static Captured {
+    static LOGS: OnceLock<Captured> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let captured = Captured(Arc::default());
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        captured
+    })
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn click(g: &Value) -> (String, Vec<u8>) {
+    let v = vector(g, "secure.CLICK");
+    (path("secure", &v["request"]), body(&v["request"]))
+}
+
+async fn ready(relay: &TestRelay) -> (StatusCode, String) {
+    let answer = relay.admin(Method::GET, "/readyz", None).await;
+    (answer.status, answer.text())
+}
+
+#[tokio::test]
+async fn a_full_disk_makes_the_relay_unready_and_refuse_pushes_with_the_cause() {
+    let Some(disk) = Tmpfs::mount("2m") else {
+        println!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let g = generated();
+    let logs = logs();
+    let relay = TestRelay::start_with_spool_at(
+        &config(&g, &[], ""),
+        reference_now(&g),
+        &disk.path().join("spool.db"),
+    )
+    .await;
+    assert_eq!(ready(&relay).await.0, 200);
+
+    let filler = disk.path().join("filler");
+    fill(&filler);
+    let (status, reason) = ready(&relay).await;
+    assert_eq!(status, 503, "not ready on a full disk: {reason}");
+    assert!(reason.contains("database or disk is full"), "{reason}");
+    let (push, push_body) = click(&g);
+    let refused = relay.post(&push, push_body.clone()).await;
+    assert_eq!(refused.status, 503);
+    let log = logs.text();
+    assert!(
+        log.lines().any(|l| l.contains("push not accepted")
+            && l.contains("verdict=\"spool_unavailable\"")
+            && l.contains("database or disk is full")),
+        "the refusal's log line names the cause:\n{log}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(ready(&relay).await, (StatusCode::OK, "ready\n".into()));
+    let accepted = relay.post(&push, push_body).await;
+    assert_eq!(accepted.status, 200);
+    assert_eq!(
+        relay.unrouted().await.len(),
+        1,
+        "stored once space was back"
+    );
+    relay.stop().await;
+}
+
+fn spool_files(relay: &TestRelay) -> Vec<PathBuf> {
+    ["spool.db", "spool.db-wal", "spool.db-shm"]
+        .iter()
+        .map(|f| relay.spool.path().with_file_name(f))
+        .collect()
+}
+
+async fn assert_refused_as_gone(relay: &TestRelay, g: &Value) {
+    let (status, reason) = ready(relay).await;
+    assert_eq!(status, 503, "{reason}");
+    assert!(reason.contains("removed or replaced"), "{reason}");
+    let (push, push_body) = click(g);
+    let answer = relay.post(&push, push_body).await;
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    // Nor is any work handed out from the lost file.
+    let lease = relay.spool.lease("hooks", 0, 1, 1_000).await;
+    assert!(matches!(lease, Err(SpoolError::Gone(_))), "{lease:?}");
+}
+
+#[tokio::test]
+async fn a_deleted_spool_file_makes_the_relay_unready_and_refuse_pushes() {
+    let g = generated();
+    let relay = TestRelay::start(&config(&g, &[], ""), reference_now(&g)).await;
+    assert_eq!(ready(&relay).await.0, 200);
+    for file in spool_files(&relay) {
+        std::fs::remove_file(file).unwrap();
+    }
+    assert_refused_as_gone(&relay, &g).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_replaced_spool_file_makes_the_relay_unready_and_refuse_pushes() {
+    let g = generated();
+    let relay = TestRelay::start(&config(&g, &[], ""), reference_now(&g)).await;
+    assert_eq!(ready(&relay).await.0, 200);
+    let db = relay.spool.path().to_path_buf();
+    let copy = db.with_file_name("restored.db");
+    std::fs::copy(&db, &copy).unwrap();
+    std::fs::rename(&copy, &db).unwrap();
+    assert_refused_as_gone(&relay, &g).await;
+    relay.stop().await;
+}
