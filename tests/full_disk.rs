@@ -8,60 +8,14 @@
 
 mod common;
 
+use common::disk::{fill, Tmpfs};
 use common::target::{Behaviour, FakeTarget};
 use common::{config, generated, metric, push_text, reference_now, TestRelay};
 use http::Method;
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 use wxrelay::spool::Spool;
-
-/// A tmpfs mounted on a temp dir, lazily unmounted when dropped.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        mounted.then_some(Tmpfs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-/// Writes `path` until the file system has no room left.
-fn fill(path: &Path) -> u64 {
-    let mut file = std::fs::File::create(path).unwrap();
-    let mut written = 0;
-    for chunk in [1 << 20, 4096, 1] {
-        let block = vec![0u8; chunk];
-        while file.write_all(&block).is_ok() {
-            written += chunk as u64;
-        }
-    }
-    let _ = file.sync_all();
-    written
-}
 
 /// How many times the target got each push, by its content.
 fn per_push(hooks: &FakeTarget) -> HashMap<String, usize> {
@@ -110,8 +64,7 @@ async fn an_outcome_the_spool_cannot_save_is_not_followed_by_a_flood_of_resends(
 
     // The disk fills while the target holds every request; then it answers.
     let filler = disk.path().join("filler");
-    let filled = fill(&filler);
-    eprintln!("filled the spool's disk with {filled} bytes");
+    fill(&filler);
     hooks.set_default(Behaviour::status(200));
     hooks.release_hung();
 

@@ -60,6 +60,18 @@ async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (i64, Vec<i64>) {
     }
 }
 
+/// The events and deliveries tables as the first versions created them.
+const EARLIER_TABLES: &str = "
+    CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, dedup_key TEXT NOT NULL,
+        account TEXT NOT NULL, received_at INTEGER NOT NULL, query TEXT NOT NULL,
+        body BLOB NOT NULL, xml TEXT NOT NULL, fields TEXT NOT NULL, msg_type TEXT NOT NULL,
+        event TEXT);
+    CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id INTEGER NOT NULL REFERENCES events(id), target TEXT, state INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
+        updated_at INTEGER NOT NULL, not_before INTEGER NOT NULL DEFAULT 0);";
+
 /// A first failure, the next attempt due at 120 s, held by Retry-After to
 /// `not_before` (0: not held).
 fn failed_once(id: i64, not_before: i64) -> Settlement {
@@ -592,19 +604,10 @@ async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
     {
-        // The deliveries table as earlier versions created it.
         let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(EARLIER_TABLES).unwrap();
         c.execute_batch(
-            "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, dedup_key TEXT NOT NULL,
-                account TEXT NOT NULL, received_at INTEGER NOT NULL, query TEXT NOT NULL,
-                body BLOB NOT NULL, xml TEXT NOT NULL, fields TEXT NOT NULL, msg_type TEXT NOT NULL,
-                event TEXT);
-             CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT,
-                event_id INTEGER NOT NULL REFERENCES events(id), target TEXT, state INTEGER NOT NULL,
-                attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL,
-                last_error TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
-                updated_at INTEGER NOT NULL, not_before INTEGER NOT NULL DEFAULT 0);
-             INSERT INTO events VALUES (1, 'k', 'main', 0, 'q', x'00', '<xml/>', '{}', 'text', NULL);
+            "INSERT INTO events VALUES (1, 'k', 'main', 0, 'q', x'00', '<xml/>', '{}', 'text', NULL);
              INSERT INTO deliveries (event_id, target, state, attempts, next_at, last_error, updated_at)
                 VALUES (1, 'a', 0, 3, 7000, 'HTTP 503', 0);",
         )
@@ -689,18 +692,10 @@ async fn a_spool_file_from_before_the_replay_guard_opens_and_guards() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
     let old = rusqlite::Connection::open(&path).unwrap();
+    old.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
+    old.execute_batch(EARLIER_TABLES).unwrap();
     old.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, dedup_key TEXT NOT NULL,
-             account TEXT NOT NULL, received_at INTEGER NOT NULL, query TEXT NOT NULL,
-             body BLOB NOT NULL, xml TEXT NOT NULL, fields TEXT NOT NULL, msg_type TEXT NOT NULL,
-             event TEXT);
-         CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT,
-             event_id INTEGER NOT NULL REFERENCES events(id), target TEXT, state INTEGER NOT NULL,
-             attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL,
-             last_error TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
-             updated_at INTEGER NOT NULL, not_before INTEGER NOT NULL DEFAULT 0);
-         CREATE TABLE dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;",
+        "CREATE TABLE dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;",
     )
     .unwrap();
     drop(old);

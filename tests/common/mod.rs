@@ -2,6 +2,7 @@
 //! in a temp dir and an injected clock, a minimal HTTP client, and the vectors.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod disk;
 pub mod target;
 
 use bytes::Bytes;
