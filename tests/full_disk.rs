@@ -9,6 +9,7 @@
 mod common;
 
 use common::disk::{fill, Tmpfs};
+use common::logs::logs;
 use common::target::{Behaviour, FakeTarget};
 use common::{config, generated, metric, push_text, reference_now, TestRelay};
 use http::Method;
@@ -37,6 +38,7 @@ async fn an_outcome_the_spool_cannot_save_is_not_followed_by_a_flood_of_resends(
         eprintln!("skipped: cannot mount a tmpfs (needs root)");
         return;
     };
+    let logs = logs();
     let g = generated();
     let hooks = FakeTarget::start().await;
     hooks.set_default(Behaviour::Hang);
@@ -99,6 +101,22 @@ async fn an_outcome_the_spool_cannot_save_is_not_followed_by_a_flood_of_resends(
     let counts = per_push(&hooks);
     eprintln!("after one lease period: {counts:?}");
     assert!(!flooded && counts.values().all(|&n| n == 2), "{counts:?}");
+    let admin = relay.admin(Method::GET, "/metrics", None).await.text();
+    let failures = metric(
+        &admin,
+        "wxrelay_spool_failures_total",
+        &[("operation", "settle")],
+    );
+    assert!(failures >= (2 * PUSHES) as f64, "{failures} counted");
+    // One line says what is wrong; the repeats only count, and are summed up
+    // in a line at most once a minute.
+    let text = logs.text();
+    let lines = |what: &str| text.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(
+        lines("cannot record a delivery outcome"),
+        1,
+        "{failures} failures logged as:\n{text}"
+    );
 
     // Room again: at the next lease end every delivery is sent and settles.
     std::fs::remove_file(&filler).unwrap();
@@ -111,6 +129,13 @@ async fn an_outcome_the_spool_cannot_save_is_not_followed_by_a_flood_of_resends(
     eprintln!("after the disk has room: {counts:?}");
     assert_eq!(counts.len(), PUSHES, "every push arrived");
     assert!(counts.values().all(|&n| n == 3), "{counts:?}");
+    assert_eq!(
+        logs.text()
+            .lines()
+            .filter(|l| l.contains("delivery outcomes are recorded again"))
+            .count(),
+        1
+    );
     assert!(relay.nothing_pending().await);
     assert!(relay.spool.depth().await.unwrap().is_empty());
     relay.stop().await;

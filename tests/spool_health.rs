@@ -6,47 +6,12 @@
 mod common;
 
 use common::disk::{fill, Tmpfs};
+use common::logs::logs;
 use common::{body, config, generated, path, reference_now, vector, TestRelay};
 use http::{Method, StatusCode};
 use serde_json::Value;
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
 use wxrelay::spool::{Spool, SpoolError};
-
-/// Every log line of this test binary. A global subscriber, because a
-/// thread-scoped one can miss callsites that other tests hit first.
-#[derive(Clone)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured(Arc::default());
-        let writer = captured.clone();
-        tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .init();
-        captured
-    })
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 fn click(g: &Value) -> (String, Vec<u8>) {
     let v = vector(g, "secure.CLICK");

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod disk;
+pub mod logs;
 pub mod target;
 
 use bytes::Bytes;
