@@ -31,9 +31,9 @@
 //! opens the file at the path (creating an empty one if there is none).
 
 use super::{
-    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, ReplayGuard,
-    Settlement, Spool, SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED,
-    REASON_UNROUTED,
+    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Release,
+    ReplayGuard, Schedule, Settlement, Spool, SpoolError, StoredEvent, TargetDepth,
+    REASON_TARGET_REMOVED, REASON_UNROUTED,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::collections::HashMap;
@@ -76,7 +76,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     reason      TEXT    NOT NULL DEFAULT '',
     updated_at  INTEGER NOT NULL,
     -- Set by a Retry-After: the target asked not to be called before this.
-    not_before  INTEGER NOT NULL DEFAULT 0
+    not_before  INTEGER NOT NULL DEFAULT 0,
+    -- The retry schedule's place, apart from next_at (which a release moves).
+    step         INTEGER NOT NULL DEFAULT 0,
+    scheduled_at INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, next_at) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (updated_at) WHERE state = 2;
@@ -108,7 +111,7 @@ enum Command {
     Retire(Vec<String>, i64, Reply<Vec<(String, u64)>>),
     Replay(DeadFilter, i64, Reply<u64>),
     Purge(DeadFilter, Reply<u64>),
-    ReleaseBackoff(String, i64, Reply<u64>),
+    Release(Release, i64, Reply<u64>),
     Probe(Reply<()>),
 }
 
@@ -324,7 +327,41 @@ fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
     conn.pragma_update(None, "busy_timeout", 5000)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.execute_batch(SCHEMA)?;
+    add_schedule_columns(&conn)?;
     Ok(conn)
+}
+
+/// A spool file from before the schedule was kept apart from `next_at` gets
+/// the columns, each delivery's schedule taken from what it had: its failed
+/// attempts and its due time.
+fn add_schedule_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has_step = |c: &Connection| -> rusqlite::Result<bool> {
+        c.prepare("SELECT 1 FROM pragma_table_info('deliveries') WHERE name = 'step'")?
+            .exists([])
+    };
+    if has_step(conn)? {
+        return Ok(());
+    }
+    // Immediate, so that of two processes opening the old file at once the
+    // second sees the first's columns rather than adding them twice.
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let migrated = (|| {
+        if !has_step(conn)? {
+            conn.execute_batch(
+                "ALTER TABLE deliveries ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE deliveries ADD COLUMN scheduled_at INTEGER NOT NULL DEFAULT 0;
+                 UPDATE deliveries SET step = attempts, scheduled_at = next_at;",
+            )?;
+        }
+        Ok(())
+    })();
+    match migrated {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
 }
 
 /// How often expired dedup keys and replay guards are deleted, in the
@@ -419,7 +456,7 @@ fn fail(cmd: Command, err: SpoolError) {
         Command::Retire(_, _, r) => drop(r.send(Err(err))),
         Command::Replay(_, _, r) => drop(r.send(Err(err))),
         Command::Purge(_, r) => drop(r.send(Err(err))),
-        Command::ReleaseBackoff(_, _, r) => drop(r.send(Err(err))),
+        Command::Release(_, _, r) => drop(r.send(Err(err))),
         Command::Probe(r) => drop(r.send(Err(err))),
     }
 }
@@ -455,8 +492,8 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> Box<dyn FnOnce(Option<SpoolE
         Command::Retire(keep, now, r) => deferred(r, in_savepoint(tx, |c| retire(c, &keep, now))),
         Command::Replay(f, now, r) => deferred(r, in_savepoint(tx, |c| replay(c, &f, now))),
         Command::Purge(f, r) => deferred(r, in_savepoint(tx, |c| purge(c, &f))),
-        Command::ReleaseBackoff(target, now, r) => {
-            deferred(r, in_savepoint(tx, |c| release_backoff(c, &target, now)))
+        Command::Release(select, now, r) => {
+            deferred(r, in_savepoint(tx, |c| release(c, &select, now)))
         }
         Command::Probe(r) => deferred(
             r,
@@ -515,7 +552,8 @@ fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::R
         .execute(params![event_id, DEAD, REASON_UNROUTED, now])?;
     }
     let mut insert = c.prepare_cached(
-        "INSERT INTO deliveries (event_id, target, state, next_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
     )?;
     for d in targets {
         insert.execute(params![event_id, d.target, PENDING, d.due_at, now])?;
@@ -563,7 +601,7 @@ fn lease(
     let skip = held.values().filter(|(t, _)| t == target).count();
     let mut select = c.prepare_cached(
         "SELECT d.id, d.event_id, d.attempts, e.dedup_key, e.account, e.received_at, e.query, e.body,
-                e.xml, e.fields, e.msg_type, e.event
+                e.xml, e.fields, e.msg_type, e.event, d.step, d.scheduled_at
          FROM deliveries d JOIN events e ON e.id = d.event_id
          WHERE d.state = 0 AND d.target = ?1 AND d.next_at <= ?2
          ORDER BY d.next_at, d.id LIMIT ?3",
@@ -579,6 +617,10 @@ fn lease(
             delivery_id,
             target: target.to_string(),
             attempts: row.get(2)?,
+            schedule: Schedule {
+                step: row.get(12)?,
+                due_at: row.get(13)?,
+            },
             event: StoredEvent {
                 event_id: row.get(1)?,
                 dedup_key: row.get(3)?,
@@ -600,18 +642,16 @@ fn lease(
     Ok(leases)
 }
 
-/// Makes the backed-off deliveries of `target` due now: the target answers
-/// again, so its backlog need not wait out each delivery's own backoff. Only
-/// deliveries that failed are moved, and never one the target asked (with
-/// Retry-After) not to be sent yet; one not tried yet keeps its time (a reply
-/// target's delivery waits for its inline attempt).
-fn release_backoff(c: &Connection, target: &str, now: i64) -> rusqlite::Result<u64> {
+/// Makes the selected waiting deliveries due now (see [`Release`]); only
+/// `next_at` moves, so the schedule is where it was.
+fn release(c: &Connection, r: &Release, now: i64) -> rusqlite::Result<u64> {
     let n = c
         .prepare_cached(
             "UPDATE deliveries SET next_at = ?2
-             WHERE state = 0 AND target = ?1 AND next_at > ?2 AND attempts > 0 AND not_before <= ?2",
+             WHERE state = 0 AND target = ?1 AND next_at > ?2 AND attempts > 0
+               AND (?3 IS NULL OR id = ?3) AND (?4 OR not_before <= ?2)",
         )?
-        .execute(params![target, now])?;
+        .execute(params![r.target, now, r.delivery_id, r.past_retry_after])?;
     Ok(n as u64)
 }
 
@@ -632,14 +672,23 @@ fn settle(c: &Connection, settlements: &[Settlement], now: i64) -> rusqlite::Res
             Settlement::Retry {
                 delivery_id,
                 next_at,
+                schedule,
                 not_before,
                 error,
             } => {
                 c.prepare_cached(
                     "UPDATE deliveries SET attempts = attempts + 1, next_at = ?2, last_error = ?3, updated_at = ?4,
-                     not_before = ?5 WHERE id = ?1 AND state = 0",
+                     not_before = ?5, step = ?6, scheduled_at = ?7 WHERE id = ?1 AND state = 0",
                 )?
-                .execute(params![delivery_id, next_at, error, now, not_before])?;
+                .execute(params![
+                    delivery_id,
+                    next_at,
+                    error,
+                    now,
+                    not_before,
+                    schedule.step,
+                    schedule.due_at
+                ])?;
             }
             Settlement::Dead {
                 delivery_id,
@@ -729,7 +778,8 @@ fn dead_letters(c: &Connection, f: &DeadFilter, limit: usize) -> rusqlite::Resul
 fn replay(c: &Connection, f: &DeadFilter, now: i64) -> rusqlite::Result<u64> {
     let n = c
         .prepare_cached(
-            "UPDATE deliveries SET state = 0, attempts = 0, next_at = ?6, reason = '', updated_at = ?6
+            "UPDATE deliveries SET state = 0, attempts = 0, next_at = ?6, reason = '', updated_at = ?6,
+                    step = 0, scheduled_at = ?6, not_before = 0
              WHERE state = 2 AND target IS NOT NULL
                AND (?1 IS NULL OR target = ?1)
                AND (?2 IS NULL OR reason = ?2)
@@ -782,8 +832,8 @@ fn depth(c: &Connection) -> rusqlite::Result<Vec<TargetDepth>> {
 
 fn pending(c: &Connection, target: &str, limit: usize) -> rusqlite::Result<Vec<PendingDelivery>> {
     let mut select = c.prepare_cached(
-        "SELECT id, event_id, attempts, next_at, last_error FROM deliveries
-         WHERE state = 0 AND target = ?1 ORDER BY next_at, id LIMIT ?2",
+        "SELECT id, event_id, attempts, next_at, last_error, step, scheduled_at, not_before
+         FROM deliveries WHERE state = 0 AND target = ?1 ORDER BY next_at, id LIMIT ?2",
     )?;
     let rows = select.query_map(params![target, limit as i64], |row| {
         Ok(PendingDelivery {
@@ -791,6 +841,11 @@ fn pending(c: &Connection, target: &str, limit: usize) -> rusqlite::Result<Vec<P
             event_id: row.get(1)?,
             attempts: row.get(2)?,
             next_at: row.get(3)?,
+            schedule: Schedule {
+                step: row.get(5)?,
+                due_at: row.get(6)?,
+            },
+            not_before: row.get(7)?,
             last_error: row.get(4)?,
         })
     })?;
@@ -833,18 +888,21 @@ impl Spool for SqliteSpool {
         let leased = self.leased.clone();
         // The lease is let go only once the outcome is in the file, so the
         // reader can never hand out a delivery whose outcome is being written.
+        // An outcome that could not be written keeps its lease to the end:
+        // the delivery is sent again then, not at once and over and over.
         Box::pin(async move {
             let result = committed.await;
-            let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
-            for id in ids {
-                held.remove(&id);
+            if result.is_ok() {
+                let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
+                for id in ids {
+                    held.remove(&id);
+                }
             }
             result
         })
     }
-    fn release_backoff(&self, target: &str, now_ms: i64) -> Pending<u64> {
-        let target = target.to_string();
-        self.submit(|r| Command::ReleaseBackoff(target, now_ms, r))
+    fn release(&self, release: Release, now_ms: i64) -> Pending<u64> {
+        self.submit(|r| Command::Release(release, now_ms, r))
     }
     fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<Vec<(String, u64)>> {
         self.submit(|r| Command::Retire(targets, now_ms, r))
