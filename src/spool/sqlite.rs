@@ -410,8 +410,7 @@ fn commit_batch(
     prune_dedup_before: Option<i64>,
     file: &OpenedFile,
 ) {
-    let mut answers: Vec<Box<dyn FnOnce(Option<SpoolError>) + Send>> =
-        Vec::with_capacity(batch.len());
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
     let tx = match file
         .check()
         .and_then(|()| conn.transaction().map_err(SpoolError::from))
@@ -425,8 +424,25 @@ fn commit_batch(
         }
     };
     let mut tx = tx;
-    for cmd in batch.drain(..) {
-        answers.push(apply(&mut tx, cmd));
+    let mut commands = batch.drain(..);
+    while let Some(cmd) = commands.next() {
+        let (answer, error) = apply(&mut tx, cmd);
+        answers.push(answer);
+        // A full disk or an I/O error can make SQLite roll the whole
+        // transaction back. The next savepoint would then start (and commit)
+        // a transaction of its own while every request is told the batch
+        // failed: stop here and fail the batch with the cause.
+        if tx.is_autocommit() {
+            let err = error
+                .unwrap_or_else(|| SpoolError::Storage("the transaction was rolled back".into()));
+            for cmd in commands {
+                fail(cmd, err.clone());
+            }
+            for answer in answers {
+                answer(Some(err.clone()));
+            }
+            return;
+        }
     }
     if let Some(now) = prune_dedup_before {
         for table in ["dedup", "replay"] {
@@ -449,6 +465,9 @@ fn commit_batch(
     }
 }
 
+/// Answers a command once the commit's outcome is known (`Some` if it failed).
+type Answer = Box<dyn FnOnce(Option<SpoolError>) + Send>;
+
 fn fail(cmd: Command, err: SpoolError) {
     match cmd {
         Command::Enqueue(_, _, _, r) => drop(r.send(Err(err))),
@@ -463,17 +482,20 @@ fn fail(cmd: Command, err: SpoolError) {
 
 /// Runs one command inside a savepoint and returns how to answer it once the
 /// commit's outcome is known: a result is only sent after the commit.
-fn apply(tx: &mut Transaction<'_>, cmd: Command) -> Box<dyn FnOnce(Option<SpoolError>) + Send> {
+/// Also returns the command's own error, if it failed.
+fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>) {
     fn deferred<T: Send + 'static>(
         reply: Reply<T>,
         result: Result<T, SpoolError>,
-    ) -> Box<dyn FnOnce(Option<SpoolError>) + Send> {
-        Box::new(move |commit_error| {
+    ) -> (Answer, Option<SpoolError>) {
+        let error = result.as_ref().err().cloned();
+        let answer: Answer = Box::new(move |commit_error| {
             let _ = reply.send(match commit_error {
                 Some(e) => Err(e),
                 None => result,
             });
-        })
+        });
+        (answer, error)
     }
     fn in_savepoint<T>(
         tx: &mut Transaction<'_>,
@@ -928,5 +950,75 @@ impl Spool for SqliteSpool {
     }
     fn probe(&self) -> Pending<()> {
         self.submit(Command::Probe)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::spool::{NewDelivery, StoredEvent};
+
+    fn event(key: &str, body_bytes: usize) -> NewEvent {
+        NewEvent {
+            event: StoredEvent {
+                event_id: 0,
+                dedup_key: key.into(),
+                account: "main".into(),
+                received_at: 1,
+                query: String::new(),
+                body: vec![b'x'; body_bytes],
+                xml: "<xml/>".into(),
+                fields: "{}".into(),
+                msg_type: "event".into(),
+                event: None,
+            },
+            targets: vec![NewDelivery {
+                target: "hooks".into(),
+                due_at: 1,
+            }],
+            replay: None,
+        }
+    }
+
+    /// A full disk makes SQLite roll the whole transaction back: what the
+    /// batch holds after that must not be committed on its own while every
+    /// request is told the commit failed.
+    #[tokio::test]
+    async fn nothing_after_a_rolled_back_command_is_committed_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut conn = open_connection(&path).unwrap();
+        let file = OpenedFile::of(&path).unwrap();
+        // A small database: the second event does not fit.
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        conn.pragma_update(None, "max_page_count", pages + 8)
+            .unwrap();
+        let mut replies = Vec::new();
+        let mut batch = Vec::new();
+        for (key, size) in [("before", 10), ("too-big", 1 << 20), ("after", 10)] {
+            let (reply, rx) = oneshot::channel();
+            batch.push(Command::Enqueue(
+                Box::new(event(key, size)),
+                1,
+                1_000,
+                reply,
+            ));
+            replies.push(rx);
+        }
+        commit_batch(&mut conn, &mut batch, None, &file);
+        for rx in replies {
+            let answer = rx.await.unwrap();
+            assert!(
+                matches!(&answer, Err(SpoolError::Storage(e)) if e.contains("full")),
+                "{answer:?}"
+            );
+        }
+        let stored: i64 = conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, 0, "a request told it failed was stored");
     }
 }
