@@ -2,7 +2,7 @@
 //! sends them (at most `concurrency` at once per target, so a slow or dead
 //! target only ever holds its own slots), and records each outcome.
 //!
-//! The loop moves bytes only: the request comes from [`format`], the meaning of
+//! The loop moves bytes only: the request comes from [`mod@format`], the meaning of
 //! the answer and the next attempt's time from [`retry`].
 
 pub mod format;
