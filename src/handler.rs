@@ -16,7 +16,8 @@ use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
 use crate::route;
 use crate::spool::{
-    Enqueued, NewDelivery, NewEvent, ReplayGuard, SpoolError, StoredEvent, REASON_UNROUTED,
+    Enqueued, NewDelivery, NewEvent, ReplayGuard, Schedule, SpoolError, StoredEvent,
+    REASON_UNROUTED,
 };
 use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::{Message, XmlError};
@@ -741,12 +742,14 @@ async fn reply_inline(
     .await;
     let delivered = result.verdict == Verdict::Delivered;
     let unit: f64 = rand::thread_rng().gen();
+    let now = shared.clock.now_ms();
     let settlement = retry::settle(
         delivery_id,
         &target.retry,
-        0,
+        Schedule::default(),
         result.verdict,
-        shared.clock.now_ms(),
+        now,
+        now,
         unit,
     );
     deliver::count(

@@ -1,5 +1,5 @@
 //! The `wxrelay` command line: `serve` runs the relay, `check` validates a
-//! configuration; `simulate`, `route`, `dlq` and `keygen` are the operator's
+//! configuration; `simulate`, `route`, `dlq`, `pending` and `keygen` are the operator's
 //! tools (see [`wxrelay::cli`]). Usage and configuration errors exit with
 //! status 64 (EX_USAGE), other failures with 1.
 
@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use wxrelay::app::{Options, Relay};
 use wxrelay::cli::dlq::{self, DlqCommand};
+use wxrelay::cli::pending::{self, PendingCommand};
 use wxrelay::cli::route::{self, RouteArgs};
 use wxrelay::cli::simulate::{self, SimulateArgs};
 use wxrelay::cli::{self, keygen, CliError, Report};
@@ -73,6 +74,15 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// List a target's pending deliveries, or make them due now (safe while
+    /// the relay runs).
+    Pending {
+        /// The configuration file (required): the spool path is read from it.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: PendingCommand,
     },
     /// Print a fresh Token and EncodingAESKey for a new account.
     Keygen,
@@ -141,6 +151,7 @@ fn main() -> ExitCode {
                 .map(done),
         ),
         Command::Dlq { config, command } => finish(run_dlq(config, command).map(done)),
+        Command::Pending { config, command } => finish(run_pending(config, command).map(done)),
         Command::Keygen => finish(Ok(done(keygen::run()))),
         Command::Sink { listen } => finish(block_on(run_sink(listen)).and_then(|r| r)),
     }
@@ -151,6 +162,16 @@ fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliEr
     let settings = cli::load(&config)?;
     let spool = dlq::open(&settings)?;
     let result = block_on(dlq::run(&spool, &command, cli::now_ms()));
+    spool.close();
+    result?
+}
+
+fn run_pending(config: Option<PathBuf>, command: PendingCommand) -> Result<String, CliError> {
+    let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
+    let settings = cli::load(&config)?;
+    pending::check_target(&settings, &command)?;
+    let spool = dlq::open(&settings)?;
+    let result = block_on(pending::run(&spool, &command, cli::now_ms()));
     spool.close();
     result?
 }

@@ -43,6 +43,9 @@ pub struct Metrics {
     /// is), encrypted (sealed by the relay), ignored (not valid for WeChat, so
     /// success), none (no answer in time or an error, so success).
     pub replies: IntCounterVec,
+    /// Delivery work the spool refused, by target and operation (settle:
+    /// an outcome not recorded; lease: due deliveries not read; release).
+    pub spool_failures: IntCounterVec,
     /// Connections open on the public address.
     pub open_connections: IntGauge,
     /// Connections refused with a canned 503: the cap was reached and every
@@ -188,6 +191,12 @@ impl Metrics {
                 "replies_total",
                 "What the reply target's inline attempt gave WeChat.",
                 &["account", "outcome"],
+            )?,
+            spool_failures: counter(
+                r,
+                "spool_failures_total",
+                "Delivery work the spool could not do, by target and operation.",
+                &["target", "operation"],
             )?,
             open_connections: gauge(
                 r,

@@ -1,6 +1,6 @@
 //! The pure protocol core against every test vector: the public ones taken from
 //! independent implementations and WeChat's docs, and the generated ones
-//! (PROTOCOL.md §15). Each vector is run by its kind, and the counts are checked
+//! (`tests/fixtures/`). Each vector is run by its kind, and the counts are checked
 //! so a vector of a new kind cannot be skipped silently.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]

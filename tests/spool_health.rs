@@ -5,92 +5,13 @@
 
 mod common;
 
+use common::disk::{fill, Tmpfs};
+use common::logs::logs;
 use common::{body, config, generated, path, reference_now, vector, TestRelay};
 use http::{Method, StatusCode};
 use serde_json::Value;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::path::PathBuf;
 use wxrelay::spool::{Spool, SpoolError};
-
-/// A small tmpfs mounted in a temp dir, unmounted when dropped.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// `None` when this process may not mount (it needs root).
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        mounted.then_some(Tmpfs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-/// Writes `path` until the file system has no block left.
-fn fill(path: &Path) {
-    let mut file = std::fs::File::create(path).unwrap();
-    for chunk in [1 << 16, 1 << 12, 1 << 9] {
-        let block = vec![0u8; chunk];
-        while file
-            .write_all(&block)
-            .and_then(|()| file.sync_all())
-            .is_ok()
-        {}
-    }
-}
-
-/// Every log line of this test binary. A global subscriber, because a
-/// thread-scoped one can miss callsites that other tests hit first.
-#[derive(Clone)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured(Arc::default());
-        let writer = captured.clone();
-        tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .init();
-        captured
-    })
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 fn click(g: &Value) -> (String, Vec<u8>) {
     let v = vector(g, "secure.CLICK");

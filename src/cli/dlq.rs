@@ -21,7 +21,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How much of a last error fits in a table row.
-const ERROR_WIDTH: usize = 60;
+pub(super) const ERROR_WIDTH: usize = 60;
 
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum DlqCommand {
@@ -299,30 +299,42 @@ fn table(dead: &[DeadLetter], limit: usize) -> String {
             ]
         }))
         .collect();
-    let mut widths = [0; 9];
-    for row in &rows {
+    listing(&rows, limit, ("dead letter", "dead letters"))
+}
+
+/// A table of `rows` (a header, then one a line), then how many lines there
+/// are, by `noun` (one, many), and whether the limit cut the list.
+pub(super) fn listing<const N: usize>(
+    rows: &[[String; N]],
+    limit: usize,
+    noun: (&str, &str),
+) -> String {
+    let mut out = aligned(rows);
+    let shown = rows.len().saturating_sub(1);
+    let _ = write!(out, "{shown} {}", if shown == 1 { noun.0 } else { noun.1 });
+    if shown == limit {
+        let _ = write!(out, " (the limit; --limit shows more)");
+    }
+    out.push('\n');
+    out
+}
+
+/// Rows as lines of left-aligned columns, two spaces apart.
+fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in &rows {
+    for row in rows {
         let mut line = String::new();
         for (cell, width) in row.iter().zip(widths) {
             let _ = write!(line, "{cell:<width$}  ");
         }
         let _ = writeln!(out, "{}", line.trim_end());
     }
-    let shown = dead.len();
-    let _ = write!(
-        out,
-        "{shown} {}",
-        plural(shown as u64, "dead letter", "dead letters")
-    );
-    if shown == limit {
-        let _ = write!(out, " (the limit; --limit shows more)");
-    }
-    out.push('\n');
     out
 }
 
@@ -334,13 +346,13 @@ fn kind(d: &DeadLetter) -> String {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(super) fn rfc3339(ms: i64) -> String {
     let at = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// One line of at most `max` characters.
-fn clip(text: &str, max: usize) -> String {
+pub(super) fn clip(text: &str, max: usize) -> String {
     let flat: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -352,7 +364,7 @@ fn clip(text: &str, max: usize) -> String {
     format!("{kept}…")
 }
 
-fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
+pub(super) fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
     if n == 1 {
         one
     } else {
@@ -360,7 +372,7 @@ fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
     }
 }
 
-fn failed(e: SpoolError) -> CliError {
+pub(super) fn failed(e: SpoolError) -> CliError {
     CliError::Failed(e.to_string())
 }
 

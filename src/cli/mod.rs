@@ -7,6 +7,8 @@
 //! - [`route`]: say which rule and targets a push would get, without sending.
 //! - [`dlq`]: list, inspect, replay and purge dead letters in the spool file,
 //!   safely while the relay runs.
+//! - [`pending`]: list a target's pending deliveries, or make them due now,
+//!   safely while the relay runs.
 //! - [`keygen`]: a fresh Token and EncodingAESKey for a new account.
 //! - [`sink`]: a local target that prints what it receives.
 //!
@@ -15,6 +17,7 @@
 
 pub mod dlq;
 pub mod keygen;
+pub mod pending;
 pub mod route;
 pub mod simulate;
 pub mod sink;

@@ -15,8 +15,8 @@
 //! without `__` (`WXRELAY_LOG`, …) are not config keys and are left alone. A value made only of digits is read as a number: quote
 //! it (`"0123"`) where a string is expected.
 //!
-//! Layout: [`raw`] is the file as serde sees it; `validate` turns it into
-//! [`settings`]; `check` renders the report.
+//! Layout: `raw` is the file as serde sees it; `validate` turns it into
+//! [`Settings`]; `check` renders the report.
 
 mod check;
 mod raw;

@@ -1,6 +1,6 @@
 //! How a stored event becomes a request to a target, per the target's `format`
-//! (DESIGN.md §5). Pure: the same stored event always gives the same request,
-//! whichever attempt it is.
+//! ([`Format`]; the README's "Routing and targets" describes each). Pure: the
+//! same stored event always gives the same request, whichever attempt it is.
 
 use crate::config::{Format, Target};
 use crate::spool::StoredEvent;

@@ -2,7 +2,7 @@
 //! sends them (at most `concurrency` at once per target, so a slow or dead
 //! target only ever holds its own slots), and records each outcome.
 //!
-//! The loop moves bytes only: the request comes from [`format`], the meaning of
+//! The loop moves bytes only: the request comes from [`mod@format`], the meaning of
 //! the answer and the next attempt's time from [`retry`].
 
 pub mod format;
@@ -24,8 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use retry::Verdict;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -206,11 +205,18 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     while loops.join_next().await.is_some() {}
 }
 
-/// Whether a target looks down, and when its backlog was last released.
+/// Whether a target looks down, and whether its backlog is owed a release.
 #[derive(Default)]
-struct Health {
-    down: AtomicBool,
-    released_at_ms: AtomicI64,
+struct Health(Mutex<HealthState>);
+
+#[derive(Default)]
+struct HealthState {
+    /// The target's last answer was a failure as if it were down.
+    down: bool,
+    /// It answered after being down, and its backlog has not been released
+    /// since (the release waits for [`RELEASE_AT_MOST_EVERY_MS`]).
+    owed: bool,
+    released_at_ms: Option<i64>,
 }
 
 /// A flapping target (some answers, some 5xx) must not get its whole backlog
@@ -218,23 +224,133 @@ struct Health {
 const RELEASE_AT_MOST_EVERY_MS: i64 = 10_000;
 
 impl Health {
-    fn failed(&self) {
-        self.down.store(true, Ordering::Relaxed);
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// True when the target was down, answers again, and its backlog was not
-    /// released in the last ten seconds.
-    fn recovered(&self, now_ms: i64) -> bool {
-        if !self.down.swap(false, Ordering::Relaxed) {
+    fn failed(&self) {
+        self.state().down = true;
+    }
+
+    /// The target answered: true when its backlog should be released now.
+    /// A release the rate limit holds back is owed, not forgotten: the worker
+    /// loop asks [`Health::release_due`] until it is made.
+    fn answered(&self, now_ms: i64) -> bool {
+        let mut s = self.state();
+        if std::mem::take(&mut s.down) {
+            s.owed = true;
+        }
+        s.take_release(now_ms)
+    }
+
+    /// True when an owed release may be made now; false while the target's
+    /// last answer was a failure (its next success will release).
+    fn release_due(&self, now_ms: i64) -> bool {
+        let mut s = self.state();
+        !s.down && s.take_release(now_ms)
+    }
+}
+
+impl HealthState {
+    fn take_release(&mut self, now_ms: i64) -> bool {
+        let allowed = self
+            .released_at_ms
+            .is_none_or(|last| now_ms - last >= RELEASE_AT_MOST_EVERY_MS);
+        if !self.owed || !allowed {
             return false;
         }
-        let last = self.released_at_ms.load(Ordering::Relaxed);
-        if last != 0 && now_ms - last < RELEASE_AT_MOST_EVERY_MS {
-            return false;
-        }
-        self.released_at_ms.store(now_ms, Ordering::Relaxed);
+        self.owed = false;
+        self.released_at_ms = Some(now_ms);
         true
     }
+}
+
+/// Makes the target's backed-off deliveries due now and wakes its worker.
+async fn release_backlog(shared: &Shared, name: &str) {
+    let now = shared.clock.now_ms();
+    match shared.spool.release_backoff(name, now).await {
+        Ok(n) => {
+            tracing::info!(target = %name, released = n, "target answers again; its backlog is due now")
+        }
+        Err(e) => {
+            spool_failed(shared, name, "release");
+            tracing::warn!(target = %name, error = %e, "cannot release the backlog")
+        }
+    }
+    shared.wake(name);
+}
+
+fn spool_failed(shared: &Shared, target: &str, operation: &str) {
+    shared
+        .metrics
+        .spool_failures
+        .with_label_values(&[target, operation])
+        .inc();
+}
+
+/// How often a spool failure that keeps happening is logged again. A full
+/// disk fails every write, and a line per failure would go to that disk.
+const REPEAT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// One kind of spool failure of one target, for logging it without a line per
+/// occurrence: the first, then a count at most every [`REPEAT_LOG_EVERY`],
+/// then once when it works again.
+#[derive(Default)]
+struct Repeats(Mutex<RepeatState>);
+
+#[derive(Default)]
+struct RepeatState {
+    failing: bool,
+    logged_at: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+/// What to log for one more failure.
+enum Repeat {
+    First,
+    /// Failures since the last line, this one included.
+    Summary(u64),
+    Quiet,
+}
+
+impl Repeats {
+    fn state(&self) -> std::sync::MutexGuard<'_, RepeatState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failed(&self) -> Repeat {
+        self.failed_at(std::time::Instant::now())
+    }
+
+    fn failed_at(&self, now: std::time::Instant) -> Repeat {
+        let mut s = self.state();
+        if !std::mem::replace(&mut s.failing, true) {
+            s.logged_at = Some(now);
+            s.unlogged = 0;
+            return Repeat::First;
+        }
+        s.unlogged += 1;
+        if s.logged_at
+            .is_some_and(|at| now.duration_since(at) < REPEAT_LOG_EVERY)
+        {
+            return Repeat::Quiet;
+        }
+        s.logged_at = Some(now);
+        Repeat::Summary(std::mem::take(&mut s.unlogged))
+    }
+
+    /// `Some(failures not logged yet)` when this success ends a run of failures.
+    fn succeeded(&self) -> Option<u64> {
+        let mut s = self.state();
+        std::mem::take(&mut s.failing).then(|| std::mem::take(&mut s.unlogged))
+    }
+}
+
+/// The spool failures a target's worker has seen.
+#[derive(Default)]
+struct Faults {
+    lease: Repeats,
+    settle: Repeats,
 }
 
 /// Delivers `name`'s due deliveries until stopped or until the target is no
@@ -242,6 +358,7 @@ impl Health {
 async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver<bool>) -> String {
     let wake = shared.waker(&name);
     let down = Arc::new(Health::default());
+    let faults = Arc::new(Faults::default());
     let mut slots: Option<(usize, Arc<Semaphore>)> = None;
     let mut in_flight = JoinSet::new();
     loop {
@@ -279,15 +396,32 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
             _ = stopping(&mut stop) => break,
         };
         while in_flight.try_join_next().is_some() {}
+        if down.release_due(shared.clock.now_ms()) {
+            release_backlog(&shared, &name).await;
+        }
         let free = semaphore.available_permits() + 1;
         let now = shared.clock.now_ms();
         // The lease outlives the attempt's timeout, so a slow answer is not sent
         // twice; a worker that dies leaves it to expire and be sent again.
         let lease_ms = (target.timeout.as_millis() as i64) * 2 + 2_000;
         let leases = match shared.spool.lease(&name, now, free, lease_ms).await {
-            Ok(leases) => leases,
+            Ok(leases) => {
+                if let Some(unlogged) = faults.lease.succeeded() {
+                    tracing::info!(target = %name, unlogged_failures = unlogged, "the spool hands out deliveries again");
+                }
+                leases
+            }
             Err(e) => {
-                tracing::error!(target = %name, error = %e, "cannot lease deliveries");
+                spool_failed(&shared, &name, "lease");
+                match faults.lease.failed() {
+                    Repeat::First => {
+                        tracing::error!(target = %name, error = %e, "cannot lease deliveries; trying again every second")
+                    }
+                    Repeat::Summary(n) => {
+                        tracing::error!(target = %name, error = %e, failures = n, "still cannot lease deliveries")
+                    }
+                    Repeat::Quiet => {}
+                }
                 drop(first);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -318,8 +452,9 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
             let shared = shared.clone();
             let target = target.clone();
             let down = down.clone();
+            let faults = faults.clone();
             in_flight.spawn(async move {
-                deliver(&shared, &target, lease, &down).await;
+                deliver(&shared, &target, lease, &down, &faults).await;
                 drop(permit);
             });
         }
@@ -333,29 +468,20 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
 /// were down (no answer, or a 5xx); the first success after that makes the
 /// target's backed-off deliveries due at once, so a backlog drains at full
 /// speed when the target returns rather than as each backoff ends.
-async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health) {
+async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, faults: &Faults) {
     let started = tokio::time::Instant::now();
-    let now_secs = shared.clock.now_secs();
+    let started_ms = shared.clock.now_ms();
     let result = attempt(
         &shared.client,
         target,
         &lease.event,
-        now_secs,
+        started_ms.div_euclid(1000),
         target.timeout,
     )
     .await;
     match (&result.verdict, result.status) {
-        (Verdict::Delivered, _) if down.recovered(shared.clock.now_ms()) => {
-            let now = shared.clock.now_ms();
-            match shared.spool.release_backoff(&target.name, now).await {
-                Ok(n) => {
-                    tracing::info!(target = %target.name, released = n, "target answers again; its backlog is due now")
-                }
-                Err(e) => {
-                    tracing::warn!(target = %target.name, error = %e, "cannot release the backlog")
-                }
-            }
-            shared.wake(&target.name);
+        (Verdict::Delivered, _) if down.answered(shared.clock.now_ms()) => {
+            release_backlog(shared, &target.name).await;
         }
         (Verdict::Retry { .. }, status) if status.is_none_or(|s| s.is_server_error()) => {
             down.failed();
@@ -366,8 +492,9 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health) 
     let settlement = retry::settle(
         lease.delivery_id,
         &target.retry,
-        lease.attempts,
+        lease.schedule,
         result.verdict,
+        started_ms,
         shared.clock.now_ms(),
         unit,
     );
@@ -386,13 +513,30 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health) 
         latency_ms = started.elapsed().as_secs_f64() * 1000.0,
         "delivery attempt"
     );
-    if let Err(e) = shared
+    match shared
         .spool
         .settle(vec![settlement], shared.clock.now_ms())
         .await
     {
-        // The lease will expire and the delivery be sent again: at least once.
-        tracing::error!(target = %target.name, error = %e, "cannot record a delivery outcome");
+        Ok(()) => {
+            if let Some(unlogged) = faults.settle.succeeded() {
+                tracing::info!(target = %target.name, unlogged_failures = unlogged, "delivery outcomes are recorded again");
+            }
+        }
+        // The delivery stays leased; when the lease ends it is sent again:
+        // at least once.
+        Err(e) => {
+            spool_failed(shared, &target.name, "settle");
+            match faults.settle.failed() {
+                Repeat::First => {
+                    tracing::error!(target = %target.name, delivery_id = lease.delivery_id, error = %e, "cannot record a delivery outcome; it is held until its lease ends, then sent again")
+                }
+                Repeat::Summary(n) => {
+                    tracing::error!(target = %target.name, error = %e, failures = n, "still cannot record delivery outcomes")
+                }
+                Repeat::Quiet => {}
+            }
+        }
     }
 }
 
@@ -423,4 +567,49 @@ pub fn count(
         .with_label_values(&[target])
         .observe(took.as_secs_f64());
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeating_failure_is_logged_first_then_counted_once_a_minute() {
+        let repeats = Repeats::default();
+        let t0 = std::time::Instant::now();
+        assert!(matches!(repeats.failed_at(t0), Repeat::First));
+        for s in 1..60 {
+            let at = t0 + Duration::from_secs(s);
+            assert!(matches!(repeats.failed_at(at), Repeat::Quiet), "{s} s");
+        }
+        let later = t0 + REPEAT_LOG_EVERY;
+        assert!(matches!(repeats.failed_at(later), Repeat::Summary(60)));
+        assert!(matches!(
+            repeats.failed_at(later + Duration::from_secs(1)),
+            Repeat::Quiet
+        ));
+        assert_eq!(repeats.succeeded(), Some(1));
+        assert_eq!(repeats.succeeded(), None);
+        assert!(matches!(repeats.failed_at(later), Repeat::First));
+    }
+
+    #[test]
+    fn a_release_held_back_by_the_limit_is_owed_until_made() {
+        let health = Health::default();
+        health.failed();
+        assert!(health.answered(1_000), "the first release is at once");
+        health.failed();
+        assert!(!health.answered(5_000), "within ten seconds: held back");
+        assert!(!health.release_due(9_000));
+        health.failed();
+        assert!(
+            !health.release_due(12_000),
+            "down again: the next success releases"
+        );
+        assert!(health.answered(12_500));
+        assert!(!health.release_due(30_000), "nothing owed any more");
+        health.failed();
+        assert!(!health.answered(13_000));
+        assert!(health.release_due(22_500), "made once the limit allows");
+    }
 }

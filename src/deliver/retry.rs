@@ -1,10 +1,12 @@
 //! What an attempt's outcome means, as data: 2xx is delivered; 408, 429, 5xx
 //! and transport errors are retried on the target's schedule (with jitter, and
 //! never sooner than a `Retry-After`); any other status is a rejection that
-//! dead-letters at once. Pure: the worker loop only applies it.
+//! dead-letters at once. An attempt made before the schedule had it due (the
+//! backlog was released) that fails leaves the schedule where it was. Pure:
+//! the worker loop only applies it.
 
 use crate::config::RetryPolicy;
-use crate::spool::Settlement;
+use crate::spool::{Schedule, Settlement};
 use http::StatusCode;
 use std::time::{Duration, SystemTime};
 
@@ -67,13 +69,14 @@ pub fn jittered(delay: Duration, unit: f64) -> Duration {
     delay.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0))
 }
 
-/// What the spool should record for a delivery after `attempts_before`
-/// earlier attempts and this one's verdict.
+/// What the spool should record for a delivery at `schedule` after this
+/// attempt's verdict; the attempt started at `started_ms` and ended at `now_ms`.
 pub fn settle(
     delivery_id: i64,
     policy: &RetryPolicy,
-    attempts_before: u32,
+    schedule: Schedule,
     verdict: Verdict,
+    started_ms: i64,
     now_ms: i64,
     unit: f64,
 ) -> Settlement {
@@ -85,7 +88,20 @@ pub fn settle(
             error,
         },
         Verdict::Retry { error, retry_after } => {
-            match policy.delay_after(attempts_before as usize + 1) {
+            let not_before = retry_after.map_or(0, |d| now_ms + d.as_millis() as i64);
+            // Released ahead of its schedule: a release is not the schedule's
+            // attempt, so failing it uses up no step and moves nothing on.
+            if started_ms < schedule.due_at {
+                return Settlement::Retry {
+                    delivery_id,
+                    next_at: schedule.due_at.max(not_before),
+                    schedule,
+                    not_before,
+                    error,
+                };
+            }
+            let step = schedule.step + 1;
+            match policy.delay_after(step as usize) {
                 None => Settlement::Dead {
                     delivery_id,
                     reason: REASON_EXHAUSTED.into(),
@@ -93,10 +109,15 @@ pub fn settle(
                 },
                 Some(delay) => {
                     let wait = jittered(delay, unit).max(retry_after.unwrap_or_default());
+                    let next_at = now_ms + wait.as_millis() as i64;
                     Settlement::Retry {
                         delivery_id,
-                        next_at: now_ms + wait.as_millis() as i64,
-                        not_before: retry_after.map_or(0, |d| now_ms + d.as_millis() as i64),
+                        next_at,
+                        schedule: Schedule {
+                            step,
+                            due_at: next_at,
+                        },
+                        not_before,
                         error,
                     }
                 }
@@ -157,6 +178,10 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
     }
 
+    fn at(step: u32, due_at: i64) -> Schedule {
+        Schedule { step, due_at }
+    }
+
     #[test]
     fn follows_the_schedule_then_dead_letters() {
         let p = policy(&[10, 60]);
@@ -165,25 +190,27 @@ mod tests {
             retry_after: None,
         };
         assert_eq!(
-            settle(1, &p, 0, retry(), 0, 0.5),
+            settle(1, &p, at(0, 0), retry(), 0, 0, 0.5),
             Settlement::Retry {
                 delivery_id: 1,
                 next_at: 10_000,
+                schedule: at(1, 10_000),
                 not_before: 0,
                 error: "HTTP 503".into()
             }
         );
         assert_eq!(
-            settle(1, &p, 1, retry(), 0, 0.5),
+            settle(1, &p, at(1, 0), retry(), 0, 0, 0.5),
             Settlement::Retry {
                 delivery_id: 1,
                 next_at: 60_000,
+                schedule: at(2, 60_000),
                 not_before: 0,
                 error: "HTTP 503".into()
             }
         );
         assert_eq!(
-            settle(1, &p, 2, retry(), 0, 0.5),
+            settle(1, &p, at(2, 0), retry(), 0, 0, 0.5),
             Settlement::Dead {
                 delivery_id: 1,
                 reason: REASON_EXHAUSTED.into(),
@@ -200,12 +227,57 @@ mod tests {
             retry_after: Some(Duration::from_secs(30)),
         };
         assert_eq!(
-            settle(1, &p, 0, verdict, 1_000, 0.0),
+            settle(1, &p, at(0, 0), verdict, 1_000, 1_000, 0.0),
             Settlement::Retry {
                 delivery_id: 1,
                 next_at: 31_000,
+                schedule: at(1, 31_000),
                 not_before: 31_000,
                 error: "HTTP 429".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_early_attempt_keeps_the_schedule_and_its_step() {
+        let p = policy(&[10, 60]);
+        let retry = |retry_after| Verdict::Retry {
+            error: "HTTP 503".into(),
+            retry_after,
+        };
+        // Due on its schedule at 70 s after one failure; released and sent at 20 s.
+        assert_eq!(
+            settle(1, &p, at(1, 70_000), retry(None), 20_000, 20_500, 0.9),
+            Settlement::Retry {
+                delivery_id: 1,
+                next_at: 70_000,
+                schedule: at(1, 70_000),
+                not_before: 0,
+                error: "HTTP 503".into()
+            }
+        );
+        // At the last step, an early failure does not exhaust it.
+        assert!(matches!(
+            settle(1, &p, at(2, 70_000), retry(None), 20_000, 20_000, 0.5),
+            Settlement::Retry { .. }
+        ));
+        // A Retry-After beyond the schedule's time still holds.
+        assert_eq!(
+            settle(
+                1,
+                &p,
+                at(1, 70_000),
+                retry(Some(Duration::from_secs(120))),
+                20_000,
+                20_000,
+                0.5
+            ),
+            Settlement::Retry {
+                delivery_id: 1,
+                next_at: 140_000,
+                schedule: at(1, 70_000),
+                not_before: 140_000,
+                error: "HTTP 503".into()
             }
         );
     }

@@ -60,6 +60,33 @@ async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (i64, Vec<i64>) {
     }
 }
 
+/// The events and deliveries tables as the first versions created them.
+const EARLIER_TABLES: &str = "
+    CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, dedup_key TEXT NOT NULL,
+        account TEXT NOT NULL, received_at INTEGER NOT NULL, query TEXT NOT NULL,
+        body BLOB NOT NULL, xml TEXT NOT NULL, fields TEXT NOT NULL, msg_type TEXT NOT NULL,
+        event TEXT);
+    CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id INTEGER NOT NULL REFERENCES events(id), target TEXT, state INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
+        updated_at INTEGER NOT NULL, not_before INTEGER NOT NULL DEFAULT 0);";
+
+/// A first failure, the next attempt due at 120 s, held by Retry-After to
+/// `not_before` (0: not held).
+fn failed_once(id: i64, not_before: i64) -> Settlement {
+    Settlement::Retry {
+        delivery_id: id,
+        next_at: 120_000,
+        schedule: Schedule {
+            step: 1,
+            due_at: 120_000,
+        },
+        not_before,
+        error: "HTTP 503".into(),
+    }
+}
+
 fn spools() -> Vec<(&'static str, Arc<dyn Spool>, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteSpool::open(&dir.path().join("spool.db")).unwrap();
@@ -188,6 +215,10 @@ async fn retry_counts_attempts_and_reschedules() {
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: 5_000,
+            schedule: Schedule {
+                step: 1,
+                due_at: 5_000,
+            },
             not_before: 0,
             error: "HTTP 503".into(),
         };
@@ -198,6 +229,14 @@ async fn retry_counts_attempts_and_reschedules() {
         );
         let leased = spool.lease("a", 5_000, 1, 100).await.unwrap();
         assert_eq!(leased[0].attempts, 1, "{name}");
+        assert_eq!(
+            leased[0].schedule,
+            Schedule {
+                step: 1,
+                due_at: 5_000
+            },
+            "{name}"
+        );
     }
 }
 
@@ -209,6 +248,10 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: 30_000,
+            schedule: Schedule {
+                step: 1,
+                due_at: 30_000,
+            },
             not_before: 0,
             error: "HTTP 503".into(),
         };
@@ -225,6 +268,14 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
             "{name}: due at once, though the lease had not ended"
         );
         assert_eq!(again[0].attempts, 1, "{name}");
+        assert_eq!(
+            again[0].schedule,
+            Schedule {
+                step: 1,
+                due_at: 30_000
+            },
+            "{name}: a release leaves the schedule where it was"
+        );
     }
 }
 
@@ -397,14 +448,11 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
         // Failed without one.
         let (_, plain) = stored(&*spool, event("plain", &["a"], 0), 0).await;
         spool.lease("a", 0, 10, 60_000).await.unwrap();
-        let retry = |id: i64, not_before: i64| Settlement::Retry {
-            delivery_id: id,
-            next_at: 120_000,
-            not_before,
-            error: "HTTP 503".into(),
-        };
         spool
-            .settle(vec![retry(held[0], 120_000), retry(plain[0], 0)], 1)
+            .settle(
+                vec![failed_once(held[0], 120_000), failed_once(plain[0], 0)],
+                1,
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -471,6 +519,65 @@ async fn expired_dedup_keys_are_pruned() {
 }
 
 #[tokio::test]
+async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
+    for (name, spool, _dir) in spools() {
+        let (_, one) = stored(&*spool, event("one", &["a"], 0), 0).await;
+        let (_, two) = stored(&*spool, event("two", &["a"], 0), 0).await;
+        let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
+        spool.lease("a", 0, 10, 60_000).await.unwrap();
+        spool
+            .settle(
+                vec![
+                    failed_once(one[0], 0),
+                    failed_once(two[0], 0),
+                    failed_once(held[0], 120_000),
+                ],
+                1,
+            )
+            .await
+            .unwrap();
+        let only = |id: i64, past_retry_after: bool| Release {
+            target: "a".into(),
+            delivery_id: Some(id),
+            past_retry_after,
+        };
+        assert_eq!(spool.release(only(two[0], false), 2).await.unwrap(), 1);
+        assert_eq!(
+            spool.release(only(held[0], false), 2).await.unwrap(),
+            0,
+            "{name}: Retry-After holds"
+        );
+        assert_eq!(spool.release(only(held[0], true), 2).await.unwrap(), 1);
+        let mut due: Vec<i64> = spool
+            .lease("a", 2, 10, 60_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| l.delivery_id)
+            .collect();
+        due.sort_unstable();
+        assert_eq!(due, vec![two[0], held[0]], "{name}");
+        let waiting = spool.pending("a", 10).await.unwrap();
+        let rest = waiting.iter().find(|p| p.delivery_id == one[0]).unwrap();
+        assert_eq!(rest.next_at, 120_000, "{name}: the others wait");
+        assert_eq!(
+            rest.schedule,
+            Schedule {
+                step: 1,
+                due_at: 120_000
+            },
+            "{name}"
+        );
+        let released = waiting.iter().find(|p| p.delivery_id == held[0]).unwrap();
+        assert_eq!(
+            (released.schedule.due_at, released.not_before),
+            (120_000, 120_000),
+            "{name}: due now, its schedule and the target's wish kept"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup() {
     for (name, spool, _dir) in spools() {
         stored(&*spool, guarded("k1", "q", "body", 1_000, 9_000), 1_000).await;
@@ -488,6 +595,57 @@ async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup()
             keys,
             ["k1", "k3", "k4"],
             "{name}: nothing of the replay stored"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(EARLIER_TABLES).unwrap();
+        c.execute_batch(
+            "INSERT INTO events VALUES (1, 'k', 'main', 0, 'q', x'00', '<xml/>', '{}', 'text', NULL);
+             INSERT INTO deliveries (event_id, target, state, attempts, next_at, last_error, updated_at)
+                VALUES (1, 'a', 0, 3, 7000, 'HTTP 503', 0);",
+        )
+        .unwrap();
+    }
+    let spool = SqliteSpool::open(&path).unwrap();
+    let leased = spool.lease("a", 7_000, 10, 1_000).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(
+        (leased[0].attempts, leased[0].schedule),
+        (
+            3,
+            Schedule {
+                step: 3,
+                due_at: 7_000
+            }
+        ),
+        "its place on the schedule is what it had"
+    );
+    spool.close();
+    // Opening it again (the relay and an operator command) changes nothing.
+    let again = SqliteSpool::open(&path).unwrap();
+    assert_eq!(again.pending("a", 10).await.unwrap()[0].schedule.step, 3);
+}
+
+#[tokio::test]
+async fn a_release_does_not_hand_out_a_delivery_being_sent() {
+    for (name, spool, _dir) in spools() {
+        let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
+        spool.lease("a", 0, 10, 60_000).await.unwrap();
+        spool.settle(vec![failed_once(ids[0], 0)], 1).await.unwrap();
+        assert_eq!(spool.release_backoff("a", 2).await.unwrap(), 1, "{name}");
+        assert_eq!(spool.lease("a", 2, 10, 60_000).await.unwrap().len(), 1);
+        // Released again (another success, an operator) while it is being sent.
+        spool.release_backoff("a", 3).await.unwrap();
+        assert!(
+            spool.lease("a", 3, 10, 60_000).await.unwrap().is_empty(),
+            "{name}: still held by its lease"
         );
     }
 }
@@ -534,18 +692,10 @@ async fn a_spool_file_from_before_the_replay_guard_opens_and_guards() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
     let old = rusqlite::Connection::open(&path).unwrap();
+    old.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
+    old.execute_batch(EARLIER_TABLES).unwrap();
     old.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, dedup_key TEXT NOT NULL,
-             account TEXT NOT NULL, received_at INTEGER NOT NULL, query TEXT NOT NULL,
-             body BLOB NOT NULL, xml TEXT NOT NULL, fields TEXT NOT NULL, msg_type TEXT NOT NULL,
-             event TEXT);
-         CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT,
-             event_id INTEGER NOT NULL REFERENCES events(id), target TEXT, state INTEGER NOT NULL,
-             attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL,
-             last_error TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
-             updated_at INTEGER NOT NULL, not_before INTEGER NOT NULL DEFAULT 0);
-         CREATE TABLE dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;",
+        "CREATE TABLE dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;",
     )
     .unwrap();
     drop(old);

@@ -2,8 +2,9 @@
 //! for unit tests of the code around the spool.
 
 use super::{
-    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Settlement, Spool,
-    SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED, REASON_UNROUTED,
+    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Release, Schedule,
+    Settlement, Spool, SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED,
+    REASON_UNROUTED,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -19,6 +20,10 @@ struct Delivery {
     reason: String,
     updated_at: i64,
     not_before: i64,
+    schedule: Schedule,
+    /// Hidden from leases until then, unix milliseconds; apart from
+    /// `next_at`, as the SQLite spool holds leases apart from the file.
+    leased_until: i64,
 }
 
 #[derive(Default)]
@@ -131,6 +136,8 @@ impl Spool for MemorySpool {
                         reason: REASON_UNROUTED.into(),
                         updated_at: now,
                         not_before: 0,
+                        schedule: Schedule::default(),
+                        leased_until: 0,
                     },
                 );
             }
@@ -149,6 +156,11 @@ impl Spool for MemorySpool {
                         reason: String::new(),
                         updated_at: now,
                         not_before: 0,
+                        schedule: Schedule {
+                            step: 0,
+                            due_at: t.due_at,
+                        },
+                        leased_until: 0,
                     },
                 );
                 deliveries.push(id);
@@ -169,7 +181,10 @@ impl Spool for MemorySpool {
                 .deliveries
                 .iter()
                 .filter(|(_, d)| {
-                    !d.dead && d.target.as_deref() == Some(&target) && d.next_at <= now
+                    !d.dead
+                        && d.target.as_deref() == Some(&target)
+                        && d.next_at <= now
+                        && d.leased_until <= now
                 })
                 .map(|(id, d)| (d.next_at, *id))
                 .collect();
@@ -180,8 +195,8 @@ impl Spool for MemorySpool {
                 let Some(d) = s.deliveries.get_mut(&id) else {
                     continue;
                 };
-                d.next_at = now + lease_ms;
-                let (event_id, attempts) = (d.event_id, d.attempts);
+                d.leased_until = now + lease_ms;
+                let (event_id, attempts, schedule) = (d.event_id, d.attempts, d.schedule);
                 let Some(e) = s.events.get(&event_id) else {
                     continue;
                 };
@@ -189,6 +204,7 @@ impl Spool for MemorySpool {
                     delivery_id: id,
                     target: target.clone(),
                     attempts,
+                    schedule,
                     event: e.clone(),
                 });
             }
@@ -210,12 +226,15 @@ impl Spool for MemorySpool {
                     Settlement::Retry {
                         delivery_id,
                         next_at,
+                        schedule,
                         not_before,
                         error,
                     } => {
                         if let Some(d) = s.deliveries.get_mut(&delivery_id).filter(|d| !d.dead) {
                             d.attempts += 1;
                             d.next_at = next_at;
+                            d.schedule = schedule;
+                            d.leased_until = 0;
                             d.not_before = not_before;
                             d.last_error = error;
                             d.updated_at = now;
@@ -229,6 +248,7 @@ impl Spool for MemorySpool {
                         if let Some(d) = s.deliveries.get_mut(&delivery_id).filter(|d| !d.dead) {
                             d.dead = true;
                             d.attempts += 1;
+                            d.leased_until = 0;
                             d.reason = reason;
                             d.last_error = error;
                             d.updated_at = now;
@@ -239,13 +259,13 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn release_backoff(&self, target: &str, now: i64) -> Pending<u64> {
-        let target = target.to_string();
+    fn release(&self, release: Release, now: i64) -> Pending<u64> {
         self.with(move |s| {
             let mut n = 0;
-            for d in s.deliveries.values_mut() {
-                let failed = d.attempts > 0 && d.not_before <= now;
-                if !d.dead && d.target.as_deref() == Some(&target) && d.next_at > now && failed {
+            for (id, d) in s.deliveries.iter_mut() {
+                let chosen =
+                    release.admits(*id, d.target.as_deref(), d.attempts, d.not_before, now);
+                if !d.dead && d.next_at > now && chosen {
                     d.next_at = now;
                     n += 1;
                 }
@@ -294,6 +314,11 @@ impl Spool for MemorySpool {
                     d.dead = false;
                     d.attempts = 0;
                     d.next_at = now;
+                    d.not_before = 0;
+                    d.schedule = Schedule {
+                        step: 0,
+                        due_at: now,
+                    };
                     d.reason.clear();
                     d.updated_at = now;
                     n += 1;
@@ -350,6 +375,8 @@ impl Spool for MemorySpool {
                     event_id: d.event_id,
                     attempts: d.attempts,
                     next_at: d.next_at,
+                    schedule: d.schedule,
+                    not_before: d.not_before,
                     last_error: d.last_error.clone(),
                 })
                 .collect();

@@ -18,9 +18,9 @@
 //!   dedup key decides as usual. Of two racing enqueues with one guard key and
 //!   different bodies, exactly one gets past it.
 //! - A delivery is handed out by [`Spool::lease`] only when due, and is hidden
-//!   until it is settled or the lease duration ends: if its worker dies, it is
-//!   due again when the lease ends, or at the next start after a crash (at
-//!   least once, never silently dropped).
+//!   until it is settled or the lease duration ends: if its worker dies, or
+//!   its outcome cannot be written, it is due again when the lease ends, or at
+//!   the next start after a crash (at least once, never silently dropped).
 //! - A delivery ends in exactly one of two ways: delivered (removed with its
 //!   event once no delivery of the event remains), or dead-lettered with a
 //!   reason, where it stays until an operator replays or purges it.
@@ -110,7 +110,20 @@ pub struct Lease {
     pub target: String,
     /// Attempts made before this one.
     pub attempts: u32,
+    /// Where the delivery stands on its retry schedule.
+    pub schedule: Schedule,
     pub event: StoredEvent,
+}
+
+/// A delivery's place on its retry schedule, kept apart from when it is next
+/// due: a released backlog is sent before its schedule has it due, and an
+/// attempt made that early neither uses up a step nor moves the schedule on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Schedule {
+    /// Failed attempts that counted against the schedule.
+    pub step: u32,
+    /// When the schedule has the next attempt, unix milliseconds.
+    pub due_at: i64,
 }
 
 /// What became of one attempt.
@@ -122,6 +135,8 @@ pub enum Settlement {
     Retry {
         delivery_id: i64,
         next_at: i64,
+        /// The schedule after this attempt.
+        schedule: Schedule,
         /// The target asked (Retry-After) not to be called before this, unix
         /// milliseconds; 0 when it did not.
         not_before: i64,
@@ -193,9 +208,52 @@ pub struct PendingDelivery {
     pub delivery_id: i64,
     pub event_id: i64,
     pub attempts: u32,
-    /// When it is next due (or its lease ends), unix milliseconds.
+    /// When it is next due, unix milliseconds; one being sent shows when it
+    /// was due (leases are not listed).
     pub next_at: i64,
+    pub schedule: Schedule,
+    /// Not to be sent before this (the target's Retry-After), unix
+    /// milliseconds; 0 when the target did not ask.
+    pub not_before: i64,
     pub last_error: String,
+}
+
+/// Which waiting deliveries of one target to make due now. Only deliveries
+/// that have failed are moved (one not tried yet keeps its time: a reply
+/// target's delivery waits for its inline attempt); their schedule and
+/// attempts stay as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    pub target: String,
+    /// Only this delivery.
+    pub delivery_id: Option<i64>,
+    /// Also those the target asked, with Retry-After, not to be sent yet.
+    pub past_retry_after: bool,
+}
+
+impl Release {
+    /// A target's backed-off deliveries, sparing those held by Retry-After.
+    pub fn backlog(target: &str) -> Self {
+        Release {
+            target: target.to_owned(),
+            delivery_id: None,
+            past_retry_after: false,
+        }
+    }
+
+    fn admits(
+        &self,
+        id: i64,
+        target: Option<&str>,
+        attempts: u32,
+        not_before: i64,
+        now: i64,
+    ) -> bool {
+        target == Some(self.target.as_str())
+            && self.delivery_id.is_none_or(|d| d == id)
+            && attempts > 0
+            && (self.past_retry_after || not_before <= now)
+    }
 }
 
 /// Pending work of one target.
@@ -218,7 +276,12 @@ pub trait Spool: Send + Sync + 'static {
     fn settle(&self, settlements: Vec<Settlement>, now_ms: i64) -> Pending<()>;
     /// Makes every backed-off delivery of `target` due now (it answers again).
     /// Returns how many.
-    fn release_backoff(&self, target: &str, now_ms: i64) -> Pending<u64>;
+    fn release_backoff(&self, target: &str, now_ms: i64) -> Pending<u64> {
+        self.release(Release::backlog(target), now_ms)
+    }
+    /// Makes the selected deliveries due now, leaving their schedules as they
+    /// are. Returns how many were waiting and now are due.
+    fn release(&self, release: Release, now_ms: i64) -> Pending<u64>;
     /// Dead-letters every pending delivery whose target is not in `targets`,
     /// with reason `target_removed`. Returns how many, per removed target.
     fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<Vec<(String, u64)>>;

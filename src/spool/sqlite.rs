@@ -31,9 +31,9 @@
 //! opens the file at the path (creating an empty one if there is none).
 
 use super::{
-    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, ReplayGuard,
-    Settlement, Spool, SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED,
-    REASON_UNROUTED,
+    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Release,
+    ReplayGuard, Schedule, Settlement, Spool, SpoolError, StoredEvent, TargetDepth,
+    REASON_TARGET_REMOVED, REASON_UNROUTED,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::collections::HashMap;
@@ -76,7 +76,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     reason      TEXT    NOT NULL DEFAULT '',
     updated_at  INTEGER NOT NULL,
     -- Set by a Retry-After: the target asked not to be called before this.
-    not_before  INTEGER NOT NULL DEFAULT 0
+    not_before  INTEGER NOT NULL DEFAULT 0,
+    -- The retry schedule's place, apart from next_at (which a release moves).
+    step         INTEGER NOT NULL DEFAULT 0,
+    scheduled_at INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, next_at) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (updated_at) WHERE state = 2;
@@ -108,7 +111,7 @@ enum Command {
     Retire(Vec<String>, i64, Reply<Vec<(String, u64)>>),
     Replay(DeadFilter, i64, Reply<u64>),
     Purge(DeadFilter, Reply<u64>),
-    ReleaseBackoff(String, i64, Reply<u64>),
+    Release(Release, i64, Reply<u64>),
     Probe(Reply<()>),
 }
 
@@ -324,7 +327,41 @@ fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
     conn.pragma_update(None, "busy_timeout", 5000)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.execute_batch(SCHEMA)?;
+    add_schedule_columns(&conn)?;
     Ok(conn)
+}
+
+/// A spool file from before the schedule was kept apart from `next_at` gets
+/// the columns, each delivery's schedule taken from what it had: its failed
+/// attempts and its due time.
+fn add_schedule_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has_step = |c: &Connection| -> rusqlite::Result<bool> {
+        c.prepare("SELECT 1 FROM pragma_table_info('deliveries') WHERE name = 'step'")?
+            .exists([])
+    };
+    if has_step(conn)? {
+        return Ok(());
+    }
+    // Immediate, so that of two processes opening the old file at once the
+    // second sees the first's columns rather than adding them twice.
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let migrated = (|| {
+        if !has_step(conn)? {
+            conn.execute_batch(
+                "ALTER TABLE deliveries ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE deliveries ADD COLUMN scheduled_at INTEGER NOT NULL DEFAULT 0;
+                 UPDATE deliveries SET step = attempts, scheduled_at = next_at;",
+            )?;
+        }
+        Ok(())
+    })();
+    match migrated {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
 }
 
 /// How often expired dedup keys and replay guards are deleted, in the
@@ -373,8 +410,7 @@ fn commit_batch(
     prune_dedup_before: Option<i64>,
     file: &OpenedFile,
 ) {
-    let mut answers: Vec<Box<dyn FnOnce(Option<SpoolError>) + Send>> =
-        Vec::with_capacity(batch.len());
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
     let tx = match file
         .check()
         .and_then(|()| conn.transaction().map_err(SpoolError::from))
@@ -388,8 +424,25 @@ fn commit_batch(
         }
     };
     let mut tx = tx;
-    for cmd in batch.drain(..) {
-        answers.push(apply(&mut tx, cmd));
+    let mut commands = batch.drain(..);
+    while let Some(cmd) = commands.next() {
+        let (answer, error) = apply(&mut tx, cmd);
+        answers.push(answer);
+        // A full disk or an I/O error can make SQLite roll the whole
+        // transaction back. The next savepoint would then start (and commit)
+        // a transaction of its own while every request is told the batch
+        // failed: stop here and fail the batch with the cause.
+        if tx.is_autocommit() {
+            let err = error
+                .unwrap_or_else(|| SpoolError::Storage("the transaction was rolled back".into()));
+            for cmd in commands {
+                fail(cmd, err.clone());
+            }
+            for answer in answers {
+                answer(Some(err.clone()));
+            }
+            return;
+        }
     }
     if let Some(now) = prune_dedup_before {
         for table in ["dedup", "replay"] {
@@ -412,6 +465,9 @@ fn commit_batch(
     }
 }
 
+/// Answers a command once the commit's outcome is known (`Some` if it failed).
+type Answer = Box<dyn FnOnce(Option<SpoolError>) + Send>;
+
 fn fail(cmd: Command, err: SpoolError) {
     match cmd {
         Command::Enqueue(_, _, _, r) => drop(r.send(Err(err))),
@@ -419,24 +475,27 @@ fn fail(cmd: Command, err: SpoolError) {
         Command::Retire(_, _, r) => drop(r.send(Err(err))),
         Command::Replay(_, _, r) => drop(r.send(Err(err))),
         Command::Purge(_, r) => drop(r.send(Err(err))),
-        Command::ReleaseBackoff(_, _, r) => drop(r.send(Err(err))),
+        Command::Release(_, _, r) => drop(r.send(Err(err))),
         Command::Probe(r) => drop(r.send(Err(err))),
     }
 }
 
 /// Runs one command inside a savepoint and returns how to answer it once the
 /// commit's outcome is known: a result is only sent after the commit.
-fn apply(tx: &mut Transaction<'_>, cmd: Command) -> Box<dyn FnOnce(Option<SpoolError>) + Send> {
+/// Also returns the command's own error, if it failed.
+fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>) {
     fn deferred<T: Send + 'static>(
         reply: Reply<T>,
         result: Result<T, SpoolError>,
-    ) -> Box<dyn FnOnce(Option<SpoolError>) + Send> {
-        Box::new(move |commit_error| {
+    ) -> (Answer, Option<SpoolError>) {
+        let error = result.as_ref().err().cloned();
+        let answer: Answer = Box::new(move |commit_error| {
             let _ = reply.send(match commit_error {
                 Some(e) => Err(e),
                 None => result,
             });
-        })
+        });
+        (answer, error)
     }
     fn in_savepoint<T>(
         tx: &mut Transaction<'_>,
@@ -455,8 +514,8 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> Box<dyn FnOnce(Option<SpoolE
         Command::Retire(keep, now, r) => deferred(r, in_savepoint(tx, |c| retire(c, &keep, now))),
         Command::Replay(f, now, r) => deferred(r, in_savepoint(tx, |c| replay(c, &f, now))),
         Command::Purge(f, r) => deferred(r, in_savepoint(tx, |c| purge(c, &f))),
-        Command::ReleaseBackoff(target, now, r) => {
-            deferred(r, in_savepoint(tx, |c| release_backoff(c, &target, now)))
+        Command::Release(select, now, r) => {
+            deferred(r, in_savepoint(tx, |c| release(c, &select, now)))
         }
         Command::Probe(r) => deferred(
             r,
@@ -515,7 +574,8 @@ fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::R
         .execute(params![event_id, DEAD, REASON_UNROUTED, now])?;
     }
     let mut insert = c.prepare_cached(
-        "INSERT INTO deliveries (event_id, target, state, next_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
     )?;
     for d in targets {
         insert.execute(params![event_id, d.target, PENDING, d.due_at, now])?;
@@ -563,7 +623,7 @@ fn lease(
     let skip = held.values().filter(|(t, _)| t == target).count();
     let mut select = c.prepare_cached(
         "SELECT d.id, d.event_id, d.attempts, e.dedup_key, e.account, e.received_at, e.query, e.body,
-                e.xml, e.fields, e.msg_type, e.event
+                e.xml, e.fields, e.msg_type, e.event, d.step, d.scheduled_at
          FROM deliveries d JOIN events e ON e.id = d.event_id
          WHERE d.state = 0 AND d.target = ?1 AND d.next_at <= ?2
          ORDER BY d.next_at, d.id LIMIT ?3",
@@ -579,6 +639,10 @@ fn lease(
             delivery_id,
             target: target.to_string(),
             attempts: row.get(2)?,
+            schedule: Schedule {
+                step: row.get(12)?,
+                due_at: row.get(13)?,
+            },
             event: StoredEvent {
                 event_id: row.get(1)?,
                 dedup_key: row.get(3)?,
@@ -600,18 +664,16 @@ fn lease(
     Ok(leases)
 }
 
-/// Makes the backed-off deliveries of `target` due now: the target answers
-/// again, so its backlog need not wait out each delivery's own backoff. Only
-/// deliveries that failed are moved, and never one the target asked (with
-/// Retry-After) not to be sent yet; one not tried yet keeps its time (a reply
-/// target's delivery waits for its inline attempt).
-fn release_backoff(c: &Connection, target: &str, now: i64) -> rusqlite::Result<u64> {
+/// Makes the selected waiting deliveries due now (see [`Release`]); only
+/// `next_at` moves, so the schedule is where it was.
+fn release(c: &Connection, r: &Release, now: i64) -> rusqlite::Result<u64> {
     let n = c
         .prepare_cached(
             "UPDATE deliveries SET next_at = ?2
-             WHERE state = 0 AND target = ?1 AND next_at > ?2 AND attempts > 0 AND not_before <= ?2",
+             WHERE state = 0 AND target = ?1 AND next_at > ?2 AND attempts > 0
+               AND (?3 IS NULL OR id = ?3) AND (?4 OR not_before <= ?2)",
         )?
-        .execute(params![target, now])?;
+        .execute(params![r.target, now, r.delivery_id, r.past_retry_after])?;
     Ok(n as u64)
 }
 
@@ -632,14 +694,23 @@ fn settle(c: &Connection, settlements: &[Settlement], now: i64) -> rusqlite::Res
             Settlement::Retry {
                 delivery_id,
                 next_at,
+                schedule,
                 not_before,
                 error,
             } => {
                 c.prepare_cached(
                     "UPDATE deliveries SET attempts = attempts + 1, next_at = ?2, last_error = ?3, updated_at = ?4,
-                     not_before = ?5 WHERE id = ?1 AND state = 0",
+                     not_before = ?5, step = ?6, scheduled_at = ?7 WHERE id = ?1 AND state = 0",
                 )?
-                .execute(params![delivery_id, next_at, error, now, not_before])?;
+                .execute(params![
+                    delivery_id,
+                    next_at,
+                    error,
+                    now,
+                    not_before,
+                    schedule.step,
+                    schedule.due_at
+                ])?;
             }
             Settlement::Dead {
                 delivery_id,
@@ -729,7 +800,8 @@ fn dead_letters(c: &Connection, f: &DeadFilter, limit: usize) -> rusqlite::Resul
 fn replay(c: &Connection, f: &DeadFilter, now: i64) -> rusqlite::Result<u64> {
     let n = c
         .prepare_cached(
-            "UPDATE deliveries SET state = 0, attempts = 0, next_at = ?6, reason = '', updated_at = ?6
+            "UPDATE deliveries SET state = 0, attempts = 0, next_at = ?6, reason = '', updated_at = ?6,
+                    step = 0, scheduled_at = ?6, not_before = 0
              WHERE state = 2 AND target IS NOT NULL
                AND (?1 IS NULL OR target = ?1)
                AND (?2 IS NULL OR reason = ?2)
@@ -782,8 +854,8 @@ fn depth(c: &Connection) -> rusqlite::Result<Vec<TargetDepth>> {
 
 fn pending(c: &Connection, target: &str, limit: usize) -> rusqlite::Result<Vec<PendingDelivery>> {
     let mut select = c.prepare_cached(
-        "SELECT id, event_id, attempts, next_at, last_error FROM deliveries
-         WHERE state = 0 AND target = ?1 ORDER BY next_at, id LIMIT ?2",
+        "SELECT id, event_id, attempts, next_at, last_error, step, scheduled_at, not_before
+         FROM deliveries WHERE state = 0 AND target = ?1 ORDER BY next_at, id LIMIT ?2",
     )?;
     let rows = select.query_map(params![target, limit as i64], |row| {
         Ok(PendingDelivery {
@@ -791,6 +863,11 @@ fn pending(c: &Connection, target: &str, limit: usize) -> rusqlite::Result<Vec<P
             event_id: row.get(1)?,
             attempts: row.get(2)?,
             next_at: row.get(3)?,
+            schedule: Schedule {
+                step: row.get(5)?,
+                due_at: row.get(6)?,
+            },
+            not_before: row.get(7)?,
             last_error: row.get(4)?,
         })
     })?;
@@ -833,18 +910,21 @@ impl Spool for SqliteSpool {
         let leased = self.leased.clone();
         // The lease is let go only once the outcome is in the file, so the
         // reader can never hand out a delivery whose outcome is being written.
+        // An outcome that could not be written keeps its lease to the end:
+        // the delivery is sent again then, not at once and over and over.
         Box::pin(async move {
             let result = committed.await;
-            let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
-            for id in ids {
-                held.remove(&id);
+            if result.is_ok() {
+                let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
+                for id in ids {
+                    held.remove(&id);
+                }
             }
             result
         })
     }
-    fn release_backoff(&self, target: &str, now_ms: i64) -> Pending<u64> {
-        let target = target.to_string();
-        self.submit(|r| Command::ReleaseBackoff(target, now_ms, r))
+    fn release(&self, release: Release, now_ms: i64) -> Pending<u64> {
+        self.submit(|r| Command::Release(release, now_ms, r))
     }
     fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<Vec<(String, u64)>> {
         self.submit(|r| Command::Retire(targets, now_ms, r))
@@ -870,5 +950,75 @@ impl Spool for SqliteSpool {
     }
     fn probe(&self) -> Pending<()> {
         self.submit(Command::Probe)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::spool::{NewDelivery, StoredEvent};
+
+    fn event(key: &str, body_bytes: usize) -> NewEvent {
+        NewEvent {
+            event: StoredEvent {
+                event_id: 0,
+                dedup_key: key.into(),
+                account: "main".into(),
+                received_at: 1,
+                query: String::new(),
+                body: vec![b'x'; body_bytes],
+                xml: "<xml/>".into(),
+                fields: "{}".into(),
+                msg_type: "event".into(),
+                event: None,
+            },
+            targets: vec![NewDelivery {
+                target: "hooks".into(),
+                due_at: 1,
+            }],
+            replay: None,
+        }
+    }
+
+    /// A full disk makes SQLite roll the whole transaction back: what the
+    /// batch holds after that must not be committed on its own while every
+    /// request is told the commit failed.
+    #[tokio::test]
+    async fn nothing_after_a_rolled_back_command_is_committed_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut conn = open_connection(&path).unwrap();
+        let file = OpenedFile::of(&path).unwrap();
+        // A small database: the second event does not fit.
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        conn.pragma_update(None, "max_page_count", pages + 8)
+            .unwrap();
+        let mut replies = Vec::new();
+        let mut batch = Vec::new();
+        for (key, size) in [("before", 10), ("too-big", 1 << 20), ("after", 10)] {
+            let (reply, rx) = oneshot::channel();
+            batch.push(Command::Enqueue(
+                Box::new(event(key, size)),
+                1,
+                1_000,
+                reply,
+            ));
+            replies.push(rx);
+        }
+        commit_batch(&mut conn, &mut batch, None, &file);
+        for rx in replies {
+            let answer = rx.await.unwrap();
+            assert!(
+                matches!(&answer, Err(SpoolError::Storage(e)) if e.contains("full")),
+                "{answer:?}"
+            );
+        }
+        let stored: i64 = conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, 0, "a request told it failed was stored");
     }
 }

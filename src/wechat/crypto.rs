@@ -1,4 +1,4 @@
-//! WeChat's AES-256-CBC frame and the EncodingAESKey (PROTOCOL.md §5, §7).
+//! WeChat's AES-256-CBC frame and the EncodingAESKey.
 //!
 //! ```text
 //! frame   = random(16) | msg_len (u32, big-endian, in bytes) | msg (UTF-8) | receive id
@@ -6,12 +6,44 @@
 //! Encrypt = base64(AES-256-CBC(key, iv = key[..16], padded))
 //! ```
 //!
-//! The receive id is the AppID for an Official Account (the CorpID for WeCom).
+//! # The key
+//!
+//! The EncodingAESKey shown in the console is 43 characters of standard base64
+//! with the trailing `=` left off: 43 × 6 = 258 bits, the 256 of the AES key
+//! plus two spare bits in the last character. WeChat does not zero those bits,
+//! so a decoder that insists on canonical base64 refuses most real keys; the
+//! key is decoded leniently ([`AesKey::from_encoding`]), after checking it is
+//! 43 letters and digits (WeChat's keys never contain `+` or `/`). The IV is not
+//! sent anywhere: it is the first 16 bytes of the key, the same for every
+//! message, which is why the random prefix of the frame exists.
+//!
+//! # The frame
+//!
+//! The plaintext is 16 random bytes, the message length as a 4-byte
+//! big-endian count of bytes (not characters), the message as UTF-8, then the
+//! receive id: the AppID for an Official Account (the CorpID for WeCom). It is
+//! padded PKCS#7-style but to a 32-byte block, so the pad value runs from 1 to
+//! 32; a whole block of 32 is added when the frame is already a multiple of 32.
+//! AES libraries pad to their 16-byte block and their unpadders refuse any pad
+//! value over 16, which breaks about half of real messages, so padding is
+//! done here by hand, both ways. Decryption only asks for a whole number of
+//! 16-byte blocks: a sender that padded to 16 still yields a valid frame.
+//!
 //! Decryption never trusts the ciphertext: the length, the padding, `msg_len`
 //! and the receive id are all checked before anything is sliced or returned,
-//! and no input can make it panic. The padding and AppID checks are also what
-//! tells a wrong key from the right one during a key rotation; the signature
-//! cannot, since it only proves knowledge of the Token.
+//! and no input can make it panic.
+//!
+//! # The AppID check
+//!
+//! There is no MAC on the frame. `msg_signature` proves that the sender knows
+//! the Token, not which key it encrypted with, so the receive id is the only
+//! integrity check on the key: decrypting with a wrong key gives noise that
+//! may, now and then, even pass the padding and length checks, but never ends
+//! in the exact AppID. Skipping that comparison turns a wrong key, or another
+//! account's push, into garbage accepted as a message. It is also what decides
+//! a key rotation: [`KeyRing::decrypt`] tries the current key, then the
+//! previous one, and the first whose frame ends in the AppID is the key the
+//! push was sealed with, and the key its passive reply must be sealed with.
 
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit};
@@ -147,7 +179,7 @@ impl KeyRing {
     }
 }
 
-/// WeChat pads to a 32-byte block, not AES's 16 (PROTOCOL.md §5.3).
+/// WeChat pads to a 32-byte block, not AES's 16 (see the module docs).
 const PAD_BLOCK: usize = 32;
 /// The random prefix plus `msg_len`.
 const FRAME_HEADER: usize = 20;

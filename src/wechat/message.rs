@@ -1,4 +1,51 @@
-//! The XML of WeChat pushes (PROTOCOL.md §8, §9, §13).
+//! The XML of WeChat pushes.
+//!
+//! # What a push carries
+//!
+//! A message is one `<xml>` element whose children are its fields, text in
+//! CDATA or plain. Every push has `ToUserName` (the account's original id,
+//! `gh_…`), `FromUserName` (the sender's OpenID, which differs per account),
+//! `CreateTime` (unix seconds) and `MsgType`. A user's message (`text`,
+//! `image`, `voice`, `video`, `shortvideo`, `location`, `link`, …) has a
+//! 64-bit `MsgId`. An event has `MsgType` `event` and an `Event` (`subscribe`,
+//! `unsubscribe`, `SCAN`, `LOCATION`, `CLICK`, `VIEW`, …), usually an
+//! `EventKey`, a `Ticket` when it comes from a QR code, and for some
+//! notifications (a template message or a mass send finishing) a `MsgID`,
+//! spelt with a capital D. A few events nest elements (lists of `item`).
+//!
+//! The outer body of an encrypted push is XML too: in secure mode just
+//! `ToUserName` and `Encrypt`, in compat mode the plaintext fields as well.
+//! Only the decrypted message is authenticated (its `<Encrypt>` is what
+//! `msg_signature` covers), so routing, the dedup key and every delivery
+//! format but `raw` (WeChat's bytes as they came) read it and never the outer
+//! copies; [`Message::from_user`] in particular is only worth something from
+//! a decrypted message or a plaintext account.
+//!
+//! # The login scene
+//!
+//! A parametric QR code carries a scene. A user who does not follow the
+//! account yet and scans it sends `subscribe` with `EventKey` `qrscene_<scene>`;
+//! a follower sends `SCAN` with the bare scene as `EventKey`. Both carry the
+//! code's `Ticket`. [`Message::scene`] gives the scene either way; a follow
+//! without a QR code has no scene.
+//!
+//! # The dedup key
+//!
+//! WeChat re-sends a push it got no answer to in time, sometimes while the
+//! first is still being handled, so each push has a key that is the same for
+//! every copy ([`Message::dedup_key`]; the request path prefixes the account
+//! id and logs only a hash of it). A user's message is identified by its
+//! `MsgId`: `msg|<FromUserName>|<MsgId>`. Events have no `MsgId`; the sender
+//! and `CreateTime` identify one only to the second, and a single action can
+//! produce two events in the same second (a follow and the `LOCATION` report
+//! that comes with it), so the key goes on with `Event`, `EventKey`, `Ticket`
+//! and `MsgID`: `evt|<FromUserName>|<CreateTime>|<Event>|<EventKey>|<Ticket>|<MsgID>`,
+//! absent fields empty. A message without a (non-empty) `MsgId` falls back to
+//! the event form with its `MsgType` where `Event` would be. Each part comes
+//! from the decrypted message, so a forged plaintext copy in a compat body can
+//! neither collide with a real push nor mask one.
+//!
+//! # Parsing
 //!
 //! [`Message::parse`] reads the outer body of a push, the decrypted message
 //! inside it, and a reply target's answer. The contract:
@@ -215,7 +262,8 @@ impl Message {
         self.get("EventKey")
     }
 
-    /// The sender's OpenID. Trust it only from a decrypted message (PROTOCOL.md §3).
+    /// The sender's OpenID. Trust it only from a decrypted message: the
+    /// plaintext copy in a compat body is covered by no signature.
     pub fn from_user(&self) -> Option<&str> {
         self.get("FromUserName")
     }
@@ -242,7 +290,7 @@ impl Message {
         }
     }
 
-    /// The login scene of a parametric QR code (PROTOCOL.md §8.2, §11): the
+    /// The login scene of a parametric QR code (see the module docs): the
     /// `EventKey` after `qrscene_` for `subscribe`, the whole `EventKey` for
     /// `SCAN`. `None` for anything else, including a follow without a scene.
     pub fn scene(&self) -> Option<String> {
@@ -261,7 +309,7 @@ impl Message {
     }
 
     /// The key under which WeChat's retries of this push are recognised
-    /// (DESIGN.md §2.4), built from decrypted fields only:
+    /// (see the module docs), built from decrypted fields only:
     ///
     /// * a message: `msg|<FromUserName>|<MsgId>`;
     /// * an event: `evt|<FromUserName>|<CreateTime>|<Event>|<EventKey>|<Ticket>|<MsgID>`,

@@ -1,6 +1,21 @@
 //! Builds a push exactly as WeChat sends it: the query with `signature` (and,
 //! encrypted, `encrypt_type=aes` and `msg_signature`) and the body of the
 //! chosen mode. For `wxrelay simulate`, the load harness and tests.
+//!
+//! ```text
+//! plaintext  ?signature=…&timestamp=…&nonce=…[&openid=…]
+//!            <xml>…the message…</xml>
+//! compat     ?signature=…&timestamp=…&nonce=…[&openid=…]&encrypt_type=aes&msg_signature=…
+//!            <xml>…the message's fields…<Encrypt>…</Encrypt></xml>
+//! secure     the same query as compat
+//!            <xml><ToUserName>…</ToUserName><Encrypt>…</Encrypt></xml>
+//! ```
+//!
+//! `signature` is over `[token, timestamp, nonce]` and `msg_signature` adds
+//! the `Encrypt` value ([`crate::wechat::signature`]); `Encrypt` is the
+//! message sealed with the account's key and AppID ([`crate::wechat::crypto`]).
+//! The plaintext fields of a compat body are copied from the message, as
+//! WeChat does, but nothing vouches for them; the relay reads only `Encrypt`.
 
 use super::crypto::{encrypt, AesKey};
 use super::signature::sign;

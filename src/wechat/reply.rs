@@ -1,4 +1,4 @@
-//! Answers to WeChat (PROTOCOL.md §6, §10).
+//! Answers to WeChat.
 //!
 //! WeChat accepts exactly three bodies: `success`, an empty body, or a passive
 //! reply XML, which in secure mode must be wrapped in the encrypted
@@ -6,6 +6,44 @@
 //! [`classify_reply`] is the gate that keeps a reply target's JSON, HTML or
 //! error page from ever reaching WeChat, and [`open_envelope`] the one that
 //! keeps out an envelope the target sealed with keys WeChat does not use.
+//!
+//! # The deadline
+//!
+//! The answer is due within 5 seconds of WeChat sending the push. A late
+//! answer counts as none: WeChat retries the push, and after the last try
+//! shows the user the same error message as for a malformed answer. `success`
+//! and an empty body both mean "received, nothing to say"; the relay answers
+//! `success` unless a reply target gave a valid passive reply in time.
+//!
+//! # Passive replies
+//!
+//! A passive reply is one message back to the user, as XML with root `<xml>`:
+//! `ToUserName` (the user's OpenID), `FromUserName` (the account), `CreateTime`,
+//! `MsgType` and the fields of that type. Composing it is the reply target's
+//! business; this module only judges whether WeChat can take it.
+//!
+//! `success` and an empty body are never encrypted, in any mode. A reply XML
+//! to a secure-mode push must be sealed: encrypted into a frame with the
+//! account's AppID ([`crate::wechat::crypto`]) and wrapped as
+//!
+//! ```text
+//! <xml>
+//! <Encrypt>base64 of the frame</Encrypt>
+//! <MsgSignature>sign([token, TimeStamp, Nonce, Encrypt])</MsgSignature>
+//! <TimeStamp>unix seconds</TimeStamp>
+//! <Nonce>any string</Nonce>
+//! </xml>
+//! ```
+//!
+//! WeChat checks `MsgSignature` with the Token and decrypts with the key it
+//! holds; while a new key is being rolled out, that is the key that sealed
+//! the push, so the reply is sealed with whichever key of the ring decrypted
+//! it. A target's own envelope goes out only if it opens with the account's
+//! Token, keys and AppID, as WeChat would open it, and is re-sealed when the
+//! target used the other key of a rotation. To an encrypted compat-mode push,
+//! plaintext reply XML goes out as it is, since WeChat takes either form
+//! there; to an unencrypted push, an envelope goes out as its plaintext
+//! content.
 
 use crate::wechat::crypto::{encrypt, AesKey, DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::Message;
@@ -16,8 +54,8 @@ use rand::Rng;
 /// Encrypts `reply_xml` and wraps it in WeChat's envelope, signed with
 /// `MsgSignature = sign([token, timestamp, nonce, Encrypt])`.
 ///
-/// Use the key that decrypted the request (PROTOCOL.md §7). `timestamp` and
-/// `nonce` may be the request's own or fresh ones.
+/// Use the key that decrypted the request (see the module docs). `timestamp`
+/// and `nonce` may be the request's own or fresh ones.
 pub fn envelope(
     key: &AesKey,
     token: &str,

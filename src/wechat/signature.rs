@@ -1,9 +1,28 @@
-//! WeChat's SHA-1 signatures (PROTOCOL.md §2–§4).
+//! WeChat's SHA-1 signatures.
 //!
 //! Every signature WeChat uses is the same construction: sort the parts
 //! byte-wise, join them with no separator, and take the lower-case hex SHA-1.
 //! `signature` covers `[token, timestamp, nonce]`; `msg_signature` (and the
 //! `MsgSignature` of a reply envelope) covers `[token, timestamp, nonce, Encrypt]`.
+//!
+//! * `signature` is in the query of the URL check and of every push, in every
+//!   mode. It proves the sender knows the Token and nothing more: the body is
+//!   not part of it, so a captured query verifies with any body until its
+//!   `timestamp` is too old for the account's freshness window.
+//! * `msg_signature` is in the query of an encrypted push (`encrypt_type=aes`).
+//!   Because it covers the `<Encrypt>` value, it is what binds the body to the
+//!   query; it is checked before anything is decrypted, so a forged ciphertext
+//!   never reaches the decryption code.
+//! * `MsgSignature` in a reply envelope is made the same way by whoever seals
+//!   the reply ([`crate::wechat::reply::envelope`]).
+//!
+//! The Token never leaves the server; only these digests do. `timestamp` and
+//! `nonce` are sorted as text, like everything else: numbers do not sort as
+//! their digits do, so a numeric or locale-aware sort gives another digest.
+//!
+//! A check compares the whole digest in constant time ([`verify`]). An `==`
+//! on strings stops at the first differing byte, and the time that takes tells
+//! an attacker how many leading characters of a forged signature were right.
 
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;

@@ -179,9 +179,10 @@ async fn compare(args: &[String]) {
     };
     println!("{}", base.line("baseline"));
 
-    // Ingest as DESIGN.md §8 defines it (verify, decrypt, parse, dedup, durable
-    // commit, answer): the targets are paused, so no fan-out competes for the
-    // cores; then a reload unpauses them and the fan-out is timed on its own.
+    // Ingest alone, as the README's Performance table reports it (verify,
+    // decrypt, parse, dedup, durable commit, answer): the targets are paused,
+    // so no fan-out competes for the cores; then a reload unpauses them and
+    // the fan-out is timed on its own.
     let (sink, at) = start_sink().await;
     let relay = start_relay_paused(
         &format!("http://{at}/broker"),

@@ -2,6 +2,8 @@
 //! in a temp dir and an injected clock, a minimal HTTP client, and the vectors.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod disk;
+pub mod logs;
 pub mod target;
 
 use bytes::Bytes;
@@ -129,6 +131,15 @@ pub fn config(g: &Value, targets: &[String], routes: &str) -> String {
         "[server]\nreply_budget = \"1s\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n{}\n{}\n{routes}",
         generated_config(g),
         targets.concat()
+    )
+}
+
+/// One target, `hooks` at `url` with `extra` keys, that every push goes to.
+pub fn hooks_config(g: &Value, url: &str, extra: &str) -> String {
+    config(
+        g,
+        &[target("hooks", url, extra)],
+        "[[routes]]\nto = [\"hooks\"]\n",
     )
 }
 
@@ -510,6 +521,49 @@ pub async fn start_binary(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A text message to the plaintext account, signed for `now_secs`, carrying
+/// `content` so the fake target can tell the pushes apart.
+pub async fn push_text(relay: &TestRelay, g: &Value, msg_id: u64, content: &str) {
+    let now = wxrelay::clock::Clock::now_secs(&*relay.clock);
+    let xml = format!(
+        "<xml><ToUserName><![CDATA[gh_relay]]></ToUserName><FromUserName><![CDATA[o_flap]]></FromUserName>\
+         <CreateTime>{now}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
+         <Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId></xml>"
+    );
+    let nonce = format!("n{msg_id}");
+    let push = wxrelay::wechat::push::build(
+        &xml,
+        wxrelay::wechat::push::Sealing::Plaintext,
+        &wxrelay::wechat::push::Envelope {
+            token: g["config"]["token"].as_str().unwrap(),
+            app_id: g["config"]["appid"].as_str().unwrap(),
+            timestamp: now,
+            nonce: &nonce,
+            openid: None,
+            random: &[0; 16],
+        },
+    );
+    let answer = relay
+        .post(&format!("/wx/plaintext?{}", push.query), push.body)
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+/// Waits until no delivery of `target` is due or being sent: every one
+/// still pending waits for a time after now.
+pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
+    let (spool, clock) = (relay.spool.clone(), relay.clock.clone());
+    eventually(Duration::from_secs(20), || {
+        let (spool, clock) = (spool.clone(), clock.clone());
+        async move {
+            let now = wxrelay::clock::Clock::now_ms(&*clock);
+            let pending = spool.pending(target, 100_000).await.unwrap();
+            pending.iter().all(|p| p.next_at > now)
+        }
+    })
+    .await
 }
 
 /// A free port on 127.0.0.1, for a process that binds it itself.

@@ -64,9 +64,14 @@ impl Received {
     }
 }
 
+/// Picks the answer to a request from what it carries; `None` leaves it to
+/// the script and the default.
+pub type Responder = Box<dyn FnMut(&Received) -> Option<Behaviour> + Send>;
+
 struct State {
     script: VecDeque<Behaviour>,
     default: Behaviour,
+    responder: Option<Responder>,
     received: Vec<Received>,
 }
 
@@ -104,6 +109,7 @@ impl FakeTarget {
         let state = Arc::new(Mutex::new(State {
             script: VecDeque::new(),
             default: Behaviour::status(200),
+            responder: None,
             received: Vec::new(),
         }));
         let (stop, mut stopped) = watch::channel(false);
@@ -141,6 +147,14 @@ impl FakeTarget {
 
     pub fn set_default(&self, behaviour: Behaviour) {
         self.state.lock().unwrap().default = behaviour;
+    }
+
+    /// Answers each request as `responder` says, before the script and the default.
+    pub fn respond_with(
+        &self,
+        responder: impl FnMut(&Received) -> Option<Behaviour> + Send + 'static,
+    ) {
+        self.state.lock().unwrap().responder = Some(Box::new(responder));
     }
 
     /// Lets every hanging request end (with a 503).
@@ -197,13 +211,20 @@ async fn answer(
         .unwrap_or_default();
     let behaviour = {
         let mut s = state.lock().unwrap();
-        s.received.push(Received {
+        let received = Received {
             uri: parts.uri.to_string(),
             headers: parts.headers,
             body,
-        });
-        let next = s.script.pop_front();
-        next.unwrap_or_else(|| s.default.clone())
+        };
+        let chosen = s.responder.as_mut().and_then(|r| r(&received));
+        s.received.push(received);
+        match chosen {
+            Some(behaviour) => behaviour,
+            None => {
+                let next = s.script.pop_front();
+                next.unwrap_or_else(|| s.default.clone())
+            }
+        }
     };
     arrived.notify_waiters();
     match behaviour {
