@@ -157,7 +157,7 @@ const REPEATABLE: &[&str] = &["item", "List"];
 impl Message {
     /// Parses a push or the message inside one: [`Message::parse`], then the
     /// root must be `<xml>` and a top-level element may repeat only if it is
-    /// a list container ([`REPEATABLE`]) holding elements.
+    /// a list container (`item`, `List`) holding elements.
     pub fn parse_push(xml: &[u8]) -> Result<Message, XmlError> {
         let message = Message::parse(xml)?;
         if message.root != "xml" {
