@@ -470,3 +470,61 @@ impl ErrorLog {
 pub async fn stopping(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(states: &[(usize, bool)]) -> Connections {
+        let connections: Connections = Arc::default();
+        {
+            let mut r = lock(&connections);
+            for (id, &(in_flight, closing)) in states.iter().enumerate() {
+                r.connections.insert(
+                    id as u64,
+                    Tracked {
+                        in_flight,
+                        idle_since: Instant::now(),
+                        close: Arc::new(Notify::new()),
+                        closing,
+                    },
+                );
+            }
+        }
+        connections
+    }
+
+    #[tokio::test]
+    async fn room_at_the_cap_comes_from_idle_then_closing_connections() {
+        // One idle, one busy: the idle one is asked to close.
+        let c = registry(&[(0, false), (1, false)]);
+        assert!(make_room(&c, 4) == Room::Displaced);
+        assert!(lock(&c).connections[&0].closing);
+        assert_eq!(lock(&c).waiting, 1);
+        // Now none idle, but one closing: the next waits for a slot.
+        assert!(make_room(&c, 4) == Room::Pending);
+        assert_eq!(lock(&c).waiting, 2);
+        // No more waiters than allowed.
+        assert!(make_room(&c, 2) == Room::Full);
+        done_waiting(&c);
+        done_waiting(&c);
+        assert_eq!(lock(&c).waiting, 0);
+        // Every connection busy and none closing: refused.
+        let busy = registry(&[(1, false), (2, false)]);
+        assert!(make_room(&busy, 4) == Room::Full);
+        assert_eq!(lock(&busy).waiting, 0);
+    }
+
+    #[tokio::test]
+    async fn the_longest_idle_connection_is_the_one_asked_to_close() {
+        let c = registry(&[(0, false), (0, false)]);
+        lock(&c)
+            .connections
+            .get_mut(&1)
+            .into_iter()
+            .for_each(|t| t.idle_since -= Duration::from_secs(5));
+        assert!(make_room(&c, 4) == Room::Displaced);
+        let r = lock(&c);
+        assert!(r.connections[&1].closing && !r.connections[&0].closing);
+    }
+}
