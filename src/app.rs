@@ -26,6 +26,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
+/// Connections on the admin address: an operator, a scraper, a probe.
+const ADMIN_CONNECTIONS: usize = 64;
+
 /// What every request and worker reads: the current configuration (swapped
 /// atomically on reload; a request keeps the view it started with), the spool,
 /// the clock, the outbound client and the metrics.
@@ -42,6 +45,9 @@ pub struct Shared {
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     /// Serialises reloads, so two at once cannot interleave.
     reloading: tokio::sync::Mutex<()>,
+    /// One permit per byte of `max_body_bytes_in_flight`: a push reserves its
+    /// body's size before reading it and keeps it until answered.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -80,9 +86,11 @@ impl Shared {
         if next.server.listen != current.server.listen
             || next.server.admin_listen != current.server.admin_listen
             || next.spool.path != current.spool.path
+            || next.server.max_connections != current.server.max_connections
+            || next.server.max_body_bytes_in_flight != current.server.max_body_bytes_in_flight
         {
             tracing::warn!(
-                "listen, admin_listen and spool.path take effect at the next start only"
+                "listen, admin_listen, max_connections, max_body_bytes_in_flight and spool.path take effect at the next start only"
             );
         }
         let next = Arc::new(next);
@@ -167,10 +175,26 @@ pub struct Relay {
 async fn bind(listener: Option<TcpListener>, addr: SocketAddr) -> Result<TcpListener, StartError> {
     match listener {
         Some(l) => Ok(l),
-        None => TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Listen { addr, source }),
+        None => listen(addr).map_err(|source| StartError::Listen { addr, source }),
     }
+}
+
+/// Connections the kernel queues for accept (it caps this at
+/// `net.core.somaxconn`). Its usual default, 1024, overflows under a flood of
+/// short connections, and a dropped SYN costs a real push a 1 s, then 3 s,
+/// retransmission: longer than WeChat waits.
+const ACCEPT_BACKLOG: u32 = 8192;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's bind does, so a restart need not wait out TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 fn local_addr(l: &TcpListener, configured: SocketAddr) -> Result<SocketAddr, StartError> {
@@ -193,12 +217,25 @@ impl Relay {
                 (sqlite.clone(), Some(sqlite))
             }
         };
-        let limits = || Limits {
+        let limits = |max_connections| Limits {
             header_timeout: settings.server.header_timeout,
             drain: settings.server.shutdown_timeout,
+            max_connections,
+            counters: None,
         };
-        let (public_limits, admin_limits) = (limits(), limits());
+        let mut public_limits = limits(settings.server.max_connections);
+        let admin_limits = limits(ADMIN_CONNECTIONS);
+        if !server::fits_open_files(settings.server.max_connections) {
+            tracing::warn!(
+                max_connections = settings.server.max_connections,
+                open_files = server::open_files_limit(),
+                "max_connections is more than the open-file limit allows: raise the limit (ulimit -n) or lower max_connections"
+            );
+        }
         let drain = settings.server.shutdown_timeout;
+        let body_budget = Arc::new(tokio::sync::Semaphore::new(
+            settings.server.max_body_bytes_in_flight,
+        ));
         let shared = Arc::new(Shared {
             config: ArcSwap::from_pointee(settings),
             spool,
@@ -209,7 +246,9 @@ impl Relay {
             config_changed: Notify::new(),
             wakers: Mutex::new(HashMap::new()),
             reloading: tokio::sync::Mutex::new(()),
+            body_budget,
         });
+        public_limits.counters = Some(shared.metrics.connection_counters());
         shared.retire_removed_targets(&shared.config.load()).await?;
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();

@@ -1,8 +1,9 @@
 //! The WeChat-facing request path.
 //!
 //! GET `/wx/{account}` is the URL check: verify `signature`, echo `echostr`.
-//! POST `/wx/{account}` is a push: read the body under the size cap → verify
-//! `signature` → check freshness → parse the outer XML → (encrypted) verify
+//! POST `/wx/{account}` is a push: verify `signature` → check freshness, the
+//! mode and `encrypt_type` → reserve and read the body under the size caps →
+//! parse the outer XML → (encrypted) verify
 //! `msg_signature`, decrypt with the key ring, check the AppID → parse the
 //! message → route → one durable spool commit → answer `success`.
 //!
@@ -29,6 +30,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use rand::Rng;
 use sha2::{Digest, Sha256};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -55,6 +57,8 @@ pub enum Rejection {
     MissingSignature(&'static str),
     #[error("missing echostr")]
     MissingEchostr,
+    #[error("repeated query parameter: {0}")]
+    RepeatedParam(&'static str),
     #[error("bad signature")]
     BadSignature,
     #[error("stale timestamp")]
@@ -81,6 +85,8 @@ pub enum Rejection {
     SpoolTimeout,
     #[error("replayed: this signed query was already used with another body")]
     Replayed,
+    #[error("too many request bodies in flight")]
+    Busy,
 }
 
 impl From<DecryptError> for Rejection {
@@ -101,6 +107,7 @@ impl Rejection {
             Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::BodyRead
             | Rejection::MissingEchostr
+            | Rejection::RepeatedParam(_)
             | Rejection::BadEncryptType
             | Rejection::MissingEncrypt
             | Rejection::BadXml(_)
@@ -113,7 +120,9 @@ impl Rejection {
             | Rejection::EncryptedRefused
             | Rejection::BadAppId
             | Rejection::Replayed => StatusCode::FORBIDDEN,
-            Rejection::Spool(_) | Rejection::SpoolTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Spool(_) | Rejection::SpoolTimeout | Rejection::Busy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -135,6 +144,7 @@ impl Rejection {
             Rejection::BodyRead
             | Rejection::BodyTimeout
             | Rejection::MissingEchostr
+            | Rejection::RepeatedParam(_)
             | Rejection::BadEncryptType => "bad_request",
             Rejection::MissingSignature(_) | Rejection::BadSignature => "bad_signature",
             Rejection::Stale => "stale",
@@ -145,6 +155,7 @@ impl Rejection {
             Rejection::BadAppId => "bad_appid",
             Rejection::Replayed => "replayed",
             Rejection::Spool(_) | Rejection::SpoolTimeout => "spool_unavailable",
+            Rejection::Busy => "busy",
         }
     }
 }
@@ -297,47 +308,87 @@ async fn answer(
     match *req.method() {
         Method::GET => verify_url(shared, account, &query).map(Answer::Echo),
         Method::POST => {
+            // `signature` covers only the query, so everything the query
+            // decides is checked before a byte of the body is read: an
+            // unsigned flood costs no memory and holds no connection.
+            let q = params(&query)?;
+            let encrypted = check_push_query(shared, account, &q)?;
+            let reserved = reserve_body(shared, &req, config.server.max_body)?;
             // The body must arrive within the reply budget too: WeChat sends it
             // at once, and a client trickling it holds a connection for nothing.
             let read = read_body(req, config.server.max_body);
             let body = tokio::time::timeout(config.server.reply_budget, read)
                 .await
                 .map_err(|_| Rejection::BodyTimeout)??;
-            accept_push(shared, config, account, query, body, started)
-                .await
-                .map(Answer::Accepted)
+            let signed = SignedQuery {
+                raw: query,
+                params: q,
+                encrypted,
+            };
+            let accepted = accept_push(shared, config, account, signed, body, started).await;
+            drop(reserved);
+            accepted.map(Answer::Accepted)
         }
         _ => Err(Rejection::MethodNotAllowed),
     }
 }
 
-/// The query's parameters by name; WeChat's order varies. The first of a
-/// repeated name wins.
-fn params(query: &str) -> HashMap<String, String> {
+/// The parameters the relay verifies or forwards on. Each may appear once:
+/// with two, another parser could take the other one than the relay checked.
+const SINGLE_PARAMS: &[&str] = &[
+    "signature",
+    "timestamp",
+    "nonce",
+    "msg_signature",
+    "encrypt_type",
+    "openid",
+    "echostr",
+];
+
+/// The query's parameters by name; WeChat's order varies. A repeated
+/// parameter of [`SINGLE_PARAMS`] is refused; of any other name, unused,
+/// the first is kept.
+fn params(query: &str) -> Result<HashMap<String, String>, Rejection> {
     let mut map = HashMap::new();
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        map.entry(k.into_owned()).or_insert_with(|| v.into_owned());
+        match map.entry(k.into_owned()) {
+            Entry::Vacant(entry) => {
+                entry.insert(v.into_owned());
+            }
+            Entry::Occupied(entry) => {
+                if let Some(name) = SINGLE_PARAMS.iter().find(|&&name| name == entry.key()) {
+                    return Err(Rejection::RepeatedParam(name));
+                }
+            }
+        }
     }
-    map
+    Ok(map)
 }
 
-struct Signed<'q> {
-    timestamp: &'q str,
-    nonce: &'q str,
+/// A push's query once [`check_push_query`] has passed it.
+struct SignedQuery {
+    raw: String,
+    params: HashMap<String, String>,
+    encrypted: bool,
+}
+
+fn param<'q>(q: &'q HashMap<String, String>, name: &'static str) -> Result<&'q str, Rejection> {
+    q.get(name)
+        .map(String::as_str)
+        .ok_or(Rejection::MissingSignature(name))
 }
 
 /// Checks `signature` over (token, timestamp, nonce) and the freshness window.
-fn check_signature<'q>(
+fn check_signature(
     shared: &Shared,
     account: &Account,
-    q: &'q HashMap<String, String>,
-) -> Result<Signed<'q>, Rejection> {
-    let param = |name: &'static str| {
-        q.get(name)
-            .map(String::as_str)
-            .ok_or(Rejection::MissingSignature(name))
-    };
-    let (signature, timestamp, nonce) = (param("signature")?, param("timestamp")?, param("nonce")?);
+    q: &HashMap<String, String>,
+) -> Result<(), Rejection> {
+    let (signature, timestamp, nonce) = (
+        param(q, "signature")?,
+        param(q, "timestamp")?,
+        param(q, "nonce")?,
+    );
     if !signature::verify(signature, &[account.token.expose(), timestamp, nonce]) {
         return Err(Rejection::BadSignature);
     }
@@ -348,25 +399,87 @@ fn check_signature<'q>(
             return Err(Rejection::Stale);
         }
     }
-    Ok(Signed { timestamp, nonce })
+    Ok(())
+}
+
+/// Everything about a push its query decides: the signature, freshness,
+/// `encrypt_type` and the account's mode. Whether it is encrypted.
+fn check_push_query(
+    shared: &Shared,
+    account: &Account,
+    q: &HashMap<String, String>,
+) -> Result<bool, Rejection> {
+    check_signature(shared, account, q)?;
+    let encrypted = match q.get("encrypt_type").map(String::as_str) {
+        None | Some("raw") => false,
+        Some("aes") => true,
+        Some(_) => return Err(Rejection::BadEncryptType),
+    };
+    match (account.mode, encrypted) {
+        (Mode::Secure, false) => Err(Rejection::PlaintextRefused),
+        (Mode::Plaintext, true) => Err(Rejection::EncryptedRefused),
+        _ => Ok(encrypted),
+    }
 }
 
 fn verify_url(shared: &Shared, account: &Account, query: &str) -> Result<String, Rejection> {
-    let q = params(query);
+    let q = params(query)?;
     check_signature(shared, account, &q)?;
     // For an Official Account the echostr is never encrypted, in any mode.
     q.get("echostr").cloned().ok_or(Rejection::MissingEchostr)
 }
 
-async fn read_body(req: Request<Incoming>, max_body: usize) -> Result<Bytes, Rejection> {
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+/// Bytes of `max_body_bytes_in_flight` held for one body until its push is
+/// answered.
+struct Reserved {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+    bytes: i64,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.gauge.sub(self.bytes);
+    }
+}
+
+/// Reserves the declared body size (`max_body` when none is declared), or
+/// refuses the push when that much is not free: bodies in flight are what a
+/// flood of signed-looking pushes would grow memory with.
+fn reserve_body(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    max_body: usize,
+) -> Result<Reserved, Rejection> {
+    let declared = declared_length(req);
     if declared.is_some_and(|len| len > max_body as u64) {
         return Err(Rejection::TooLarge);
     }
+    let bytes = declared.map_or(max_body, |len| len as usize);
+    let permits = u32::try_from(bytes).map_err(|_| Rejection::TooLarge)?;
+    let permit = shared
+        .body_budget
+        .clone()
+        .try_acquire_many_owned(permits)
+        .map_err(|_| Rejection::Busy)?;
+    let gauge = shared.metrics.body_bytes_in_flight.clone();
+    gauge.add(bytes as i64);
+    Ok(Reserved {
+        _permit: permit,
+        gauge,
+        bytes: bytes as i64,
+    })
+}
+
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Reads the body, which [`reserve_body`] has let through.
+async fn read_body(req: Request<Incoming>, max_body: usize) -> Result<Bytes, Rejection> {
     match Limited::new(req.into_body(), max_body).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::TooLarge),
@@ -382,23 +495,12 @@ struct Verified {
 }
 
 fn verify_push(
-    shared: &Shared,
     account: &Account,
     q: &HashMap<String, String>,
+    encrypted: bool,
     body: &[u8],
 ) -> Result<Verified, Rejection> {
-    let signed = check_signature(shared, account, q)?;
-    let encrypted = match q.get("encrypt_type").map(String::as_str) {
-        None | Some("raw") => false,
-        Some("aes") => true,
-        Some(_) => return Err(Rejection::BadEncryptType),
-    };
-    match (account.mode, encrypted) {
-        (Mode::Secure, false) => return Err(Rejection::PlaintextRefused),
-        (Mode::Plaintext, true) => return Err(Rejection::EncryptedRefused),
-        _ => {}
-    }
-    let outer = Message::parse(body)?;
+    let outer = Message::parse_push(body)?;
     if !encrypted {
         let xml = std::str::from_utf8(body)
             .map_err(|_| Rejection::BadXml(XmlError::Utf8))?
@@ -415,13 +517,11 @@ fn verify_push(
         .get("Encrypt")
         .filter(|e| !e.is_empty())
         .ok_or(Rejection::MissingEncrypt)?;
-    let msg_signature = q
-        .get("msg_signature")
-        .ok_or(Rejection::MissingSignature("msg_signature"))?;
+    let msg_signature = param(q, "msg_signature")?;
     let parts = [
         account.token.expose(),
-        signed.timestamp,
-        signed.nonce,
+        param(q, "timestamp")?,
+        param(q, "nonce")?,
         encrypt,
     ];
     if !signature::verify(msg_signature, &parts) {
@@ -429,7 +529,7 @@ fn verify_push(
     }
     let keys = account.keys.as_ref().ok_or(Rejection::EncryptedRefused)?;
     let (xml, slot) = keys.decrypt(encrypt, &account.app_id)?;
-    let message = Message::parse(xml.as_bytes())?;
+    let message = Message::parse_push(xml.as_bytes())?;
     Ok(Verified {
         xml,
         message,
@@ -441,12 +541,16 @@ async fn accept_push(
     shared: &Shared,
     config: &Settings,
     account: &Account,
-    query: String,
+    signed: SignedQuery,
     body: Bytes,
     started: Instant,
 ) -> Result<Accepted, Rejection> {
-    let q = params(&query);
-    let verified = verify_push(shared, account, &q, &body)?;
+    let SignedQuery {
+        raw: query,
+        params: q,
+        encrypted,
+    } = signed;
+    let verified = verify_push(account, &q, encrypted, &body)?;
     let message = &verified.message;
     let now = shared.clock.now_ms();
 

@@ -7,8 +7,8 @@
 
 use crate::spool::Spool;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Answer latency buckets, dense around the reply budget and WeChat's 5 s.
@@ -46,6 +46,19 @@ pub struct Metrics {
     /// Delivery work the spool refused, by target and operation (settle:
     /// an outcome not recorded; lease: due deliveries not read; release).
     pub spool_failures: IntCounterVec,
+    /// Connections open on the public address.
+    pub open_connections: IntGauge,
+    /// Connections refused with a canned 503: the cap was reached and every
+    /// connection had a request in progress.
+    pub connections_refused: IntCounter,
+    /// Idle connections closed to make room for a new one at the cap.
+    pub idle_connections_closed: IntCounter,
+    /// Connections on the public address that ended in an error, by kind:
+    /// `malformed` (hyper answered 400), `uri_too_long` (414),
+    /// `headers_too_large` (431), `header_timeout`, `incomplete`, `other`.
+    pub http_errors: IntCounterVec,
+    /// Bytes reserved for request bodies being read or processed.
+    pub body_bytes_in_flight: IntGauge,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +114,16 @@ impl Metrics {
             &["version"],
         )?;
         r.register(Box::new(build_info.clone()))?;
+        fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
+            let g = IntGauge::new(name, help)?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        }
+        fn count(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
+            let c = IntCounter::new(name, help)?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -175,8 +198,44 @@ impl Metrics {
                 "Delivery work the spool could not do, by target and operation.",
                 &["target", "operation"],
             )?,
+            open_connections: gauge(
+                r,
+                "open_connections",
+                "Connections open on the public address.",
+            )?,
+            connections_refused: count(
+                r,
+                "connections_refused_total",
+                "Connections refused with 503 at the connection cap.",
+            )?,
+            idle_connections_closed: count(
+                r,
+                "idle_connections_closed_total",
+                "Idle connections closed to make room at the connection cap.",
+            )?,
+            http_errors: counter(
+                r,
+                "http_errors_total",
+                "Public connections that ended in an error, by kind.",
+                &["kind"],
+            )?,
+            body_bytes_in_flight: gauge(
+                r,
+                "body_bytes_in_flight",
+                "Bytes reserved for request bodies in progress.",
+            )?,
             registry,
         })
+    }
+
+    /// The public listener's connection counters.
+    pub fn connection_counters(&self) -> crate::server::Counters {
+        crate::server::Counters {
+            open: self.open_connections.clone(),
+            refused: self.connections_refused.clone(),
+            idle_closed: self.idle_connections_closed.clone(),
+            http_errors: self.http_errors.clone(),
+        }
     }
 
     /// The text exposition, with the spool gauges read now. `targets` are the

@@ -578,6 +578,26 @@ fn broken_configs_are_refused_at_their_key_path() {
             "between 1KiB and 16MiB",
         ),
         (
+            "no connections",
+            format!("[server]\nmax_connections = 0\n{VALID}"),
+            "server.max_connections",
+            "between 1 and 1000000",
+        ),
+        (
+            "body budget below one body",
+            format!(
+                "[server]\nmax_body = \"64KiB\"\nmax_body_bytes_in_flight = \"32KiB\"\n{VALID}"
+            ),
+            "server.max_body_bytes_in_flight",
+            "at least server.max_body",
+        ),
+        (
+            "body budget too large",
+            format!("[server]\nmax_body_bytes_in_flight = \"2048MiB\"\n{VALID}"),
+            "server.max_body_bytes_in_flight",
+            "at most 1GiB",
+        ),
+        (
             "zero dedup_window",
             format!("[spool]\ndedup_window = \"0s\"\n{VALID}"),
             "spool.dedup_window",
@@ -700,6 +720,8 @@ fn defaults_apply() {
     assert_eq!(server.listen.to_string(), "0.0.0.0:8080");
     assert_eq!(server.admin_listen.to_string(), "127.0.0.1:9090");
     assert_eq!(server.max_body, 256 * 1024);
+    assert!((16..=4096).contains(&server.max_connections));
+    assert_eq!(server.max_body_bytes_in_flight, 32 * 1024 * 1024);
     assert_eq!(server.reply_budget, Duration::from_secs(4));
     assert_eq!(server.header_timeout, Duration::from_secs(10));
     assert_eq!(server.shutdown_timeout, Duration::from_secs(10));

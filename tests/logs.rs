@@ -86,6 +86,17 @@ async fn a_captured_log_holds_no_secret_and_no_content() {
         )
         .await;
     }
+    // What hyper refuses itself: logged once per interval, without content.
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(public).await.unwrap();
+        let request = b"POST /wx/secure?hyperMarker42 HTTP/1.1\r\nhost relay\r\n\r\n";
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request)
+            .await
+            .unwrap();
+        assert!(common::status_line(&mut stream)
+            .await
+            .starts_with("HTTP/1.1 400"));
+    }
     assert!(hooks.wait_for(sent, Duration::from_secs(30)).await);
     assert!(child.terminate().success(), "a graceful stop");
 
@@ -109,6 +120,12 @@ async fn a_captured_log_holds_no_secret_and_no_content() {
         count("delivery attempt") >= sent,
         "one line per delivery attempt"
     );
+    assert_eq!(
+        count("request refused by the HTTP layer"),
+        1,
+        "rate-limited"
+    );
+    assert!(!text.contains("hyperMarker42"), "no request content");
 
     let mut forbidden: Vec<(String, String)> = vec![
         ("token".into(), c["token"].as_str().unwrap().into()),

@@ -40,6 +40,8 @@ pub async fn serve(
     let limits = Limits {
         header_timeout: Duration::from_secs(10),
         drain: Duration::from_secs(1),
+        max_connections: 256,
+        counters: None,
     };
     server::serve(listener, handler, limits, stop).await;
 }

@@ -25,6 +25,13 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
         format!("{} (metrics, health, admin)", s.admin_listen),
     )?;
     row(out, "max_body", format_size(s.max_body))?;
+    row(out, "max_connections", s.max_connections)?;
+    // Longer than the column: one space keeps it readable.
+    writeln!(
+        out,
+        "  max_body_bytes_in_flight {}",
+        format_size(s.max_body_bytes_in_flight)
+    )?;
     row(out, "reply_budget", format_duration(s.reply_budget))?;
     row(out, "header_timeout", format_duration(s.header_timeout))?;
     row(out, "shutdown_timeout", format_duration(s.shutdown_timeout))?;

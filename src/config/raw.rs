@@ -31,6 +31,9 @@ pub(crate) struct RawServer {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
     pub max_body: Option<StringOrNumber>,
+    /// Signed so that `-1` is reported as out of range, not as a type error.
+    pub max_connections: Option<i64>,
+    pub max_body_bytes_in_flight: Option<StringOrNumber>,
     pub reply_budget: Option<String>,
     pub header_timeout: Option<String>,
     pub shutdown_timeout: Option<String>,

@@ -30,6 +30,12 @@ pub struct ServerSettings {
     pub admin_listen: SocketAddr,
     /// Larger request bodies are refused before they are read.
     pub max_body: usize,
+    /// Connections served at once on `listen`; at the cap the longest-idle
+    /// connection is closed for a new one, or the new one gets 503.
+    pub max_connections: usize,
+    /// Request bodies being read or processed at once, in bytes; a signed
+    /// push over it gets 503. Never less than `max_body`.
+    pub max_body_bytes_in_flight: usize,
     /// WeChat gives up after 5 s; the answer must leave before this.
     pub reply_budget: Duration,
     /// Time allowed to receive request headers, against slow clients.

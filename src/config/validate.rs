@@ -22,6 +22,11 @@ const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 const DEFAULT_MAX_BODY: usize = 256 * 1024;
 const MAX_BODY_RANGE: std::ops::RangeInclusive<usize> = 1024..=16 * 1024 * 1024;
+const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<i64> = 1..=1_000_000;
+/// 128 bodies of the default `max_body`: far more than WeChat sends at once,
+/// and a bounded share of a 512 MiB container.
+const DEFAULT_BODY_BYTES_IN_FLIGHT: usize = 32 * 1024 * 1024;
+const MAX_BODY_BYTES_IN_FLIGHT: usize = 1024 * 1024 * 1024;
 /// WeChat abandons a push it has no answer for after five seconds.
 const WECHAT_DEADLINE: Duration = Duration::from_secs(5);
 const DEFAULT_REPLY_BUDGET: Duration = Duration::from_secs(4);
@@ -135,6 +140,32 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
             None => DEFAULT_MAX_BODY,
         },
     };
+    let max_connections = match raw.max_connections {
+        None => crate::server::default_max_connections(),
+        Some(n) if MAX_CONNECTIONS_RANGE.contains(&n) => n as usize,
+        Some(_) => {
+            p.add("server.max_connections", "must be between 1 and 1000000");
+            crate::server::default_max_connections()
+        }
+    };
+    let max_body_bytes_in_flight = match raw.max_body_bytes_in_flight {
+        None => DEFAULT_BODY_BYTES_IN_FLIGHT.max(max_body),
+        Some(text) => match p.ok("server.max_body_bytes_in_flight", parse_size(&text.0)) {
+            Some(size) if size > MAX_BODY_BYTES_IN_FLIGHT => {
+                p.add("server.max_body_bytes_in_flight", "must be at most 1GiB");
+                DEFAULT_BODY_BYTES_IN_FLIGHT
+            }
+            Some(size) if size < max_body => {
+                p.add(
+                    "server.max_body_bytes_in_flight",
+                    "must be at least server.max_body: a push of the largest allowed size could never be read",
+                );
+                max_body
+            }
+            Some(size) => size,
+            None => DEFAULT_BODY_BYTES_IN_FLIGHT,
+        },
+    };
     let reply_budget = p.duration(
         "server.reply_budget",
         raw.reply_budget,
@@ -186,6 +217,8 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
         listen,
         admin_listen,
         max_body,
+        max_connections,
+        max_body_bytes_in_flight,
         reply_budget,
         header_timeout: p.duration(
             "server.header_timeout",

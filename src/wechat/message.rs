@@ -65,6 +65,13 @@
 //!   not know: WeChat adds fields over time.
 //! * Values stay strings. `MsgId` is larger than 2^53 and must never become a
 //!   JSON number.
+//! * Characters XML 1.0 forbids (NUL and the other C0 controls but tab, line
+//!   feed and carriage return; U+FFFE, U+FFFF) are refused wherever they
+//!   appear, written as is or as a character reference (`&#0;`): parsers
+//!   differ on them, and a downstream one may cut a value short.
+//! * [`Message::parse_push`] is stricter, for what the relay verifies, routes
+//!   and forwards on: the root must be `<xml>` and no top-level element may
+//!   repeat, so every parser reads the same `Encrypt` or `FromUserName`.
 //!
 //! No input, however hostile, makes parsing panic.
 
@@ -107,6 +114,12 @@ pub enum XmlError {
     TooDeep,
     #[error("XML is not UTF-8")]
     Utf8,
+    #[error("a character XML does not allow")]
+    ForbiddenChar,
+    #[error("the root element is not <xml>")]
+    Root,
+    #[error("{0} appears more than once at the top level")]
+    Repeated(String),
 }
 
 /// What a push is, for routing and deduplication.
@@ -136,11 +149,36 @@ impl Open {
     }
 }
 
+/// Top-level elements that are lists of containers, which WeChat may repeat.
+/// None of its pushes does today (its lists are nested: `PicList/item`,
+/// `SubscribeMsgPopupEvent/List`); these are the names it uses for lists.
+const REPEATABLE: &[&str] = &["item", "List"];
+
 impl Message {
+    /// Parses a push or the message inside one: [`Message::parse`], then the
+    /// root must be `<xml>` and a top-level element may repeat only if it is
+    /// a list container (`item`, `List`) holding elements.
+    pub fn parse_push(xml: &[u8]) -> Result<Message, XmlError> {
+        let message = Message::parse(xml)?;
+        if message.root != "xml" {
+            return Err(XmlError::Root);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (name, node) in &message.fields {
+            let list = REPEATABLE.contains(&name.as_str()) && matches!(node, Node::Children(_));
+            if !seen.insert(name.as_str()) && !list {
+                return Err(XmlError::Repeated(quotable(name)));
+            }
+        }
+        Ok(message)
+    }
+
     /// Parses a whole document; see the module docs for what is accepted.
     pub fn parse(xml: &[u8]) -> Result<Message, XmlError> {
         let text = std::str::from_utf8(xml).map_err(|_| XmlError::Utf8)?;
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        // Written as is, anywhere: text, CDATA, attributes, comments.
+        check_chars(text)?;
         let mut reader = Reader::from_str(text);
         let mut open: Vec<Open> = Vec::new();
         let mut root: Option<(String, Node)> = None;
@@ -177,6 +215,8 @@ impl Message {
                     let content = raw
                         .unescape()
                         .map_err(|_| malformed("unknown or unterminated entity reference"))?;
+                    // Written as a character reference.
+                    check_chars(&content)?;
                     add_text(&content, &mut open, root.is_some())?;
                 }
                 Event::CData(raw) => {
@@ -314,9 +354,38 @@ fn start_element(start: &BytesStart, open: &[Open], root_done: bool) -> Result<S
     }
     // Attributes are unused, but a document with broken ones is not well-formed.
     for attribute in start.attributes() {
-        attribute.map_err(|_| malformed("invalid attribute"))?;
+        let attribute = attribute.map_err(|_| malformed("invalid attribute"))?;
+        let value = attribute
+            .unescape_value()
+            .map_err(|_| malformed("unknown or unterminated entity reference"))?;
+        check_chars(&value)?;
     }
     Ok(name.to_owned())
+}
+
+/// Refuses the characters outside XML 1.0's `Char` production. Surrogates
+/// cannot occur in a `str`.
+fn check_chars(text: &str) -> Result<(), XmlError> {
+    let forbidden = |c: char| {
+        matches!(
+            c,
+            '\u{0}'..='\u{8}' | '\u{B}' | '\u{C}' | '\u{E}'..='\u{1F}' | '\u{FFFE}' | '\u{FFFF}'
+        )
+    };
+    if text.contains(forbidden) {
+        return Err(XmlError::ForbiddenChar);
+    }
+    Ok(())
+}
+
+/// An element name fit for a refusal's reason and a log line: WeChat's field
+/// names are short ASCII; anything else is not repeated back.
+fn quotable(name: &str) -> String {
+    if name.len() <= 32 && name.is_ascii() {
+        format!("<{name}>")
+    } else {
+        "an element".to_owned()
+    }
 }
 
 /// Files a finished element under its parent, or as the root.
@@ -653,6 +722,60 @@ mod tests {
         assert_eq!(parse(&open_only), Err(XmlError::TooDeep));
         let empty_at_depth = "<a>".repeat(MAX_DEPTH) + "<b/>" + &"</a>".repeat(MAX_DEPTH);
         assert_eq!(parse(&empty_at_depth), Err(XmlError::TooDeep));
+    }
+
+    #[test]
+    fn refuses_characters_xml_forbids_however_written() {
+        for xml in [
+            "<xml><A>a\u{0}b</A></xml>",
+            "<xml><A><![CDATA[\u{1}]]></A></xml>",
+            "<xml><A b=\"\u{1F}\"/></xml>",
+            "<xml><!-- \u{0} --><A/></xml>",
+            "<xml><A>\u{FFFF}</A></xml>",
+        ] {
+            assert_eq!(parse(xml), Err(XmlError::ForbiddenChar), "{xml:?}");
+        }
+        for xml in [
+            "<xml><A>&#0;</A></xml>",
+            "<xml><A>&#x8;</A></xml>",
+            "<xml><A>&#xFFFE;</A></xml>",
+            "<xml><A b=\"&#0;\"/></xml>",
+            "<xml><A b=\"&#x1b;\"/></xml>",
+        ] {
+            assert!(parse(xml).is_err(), "{xml:?}");
+        }
+        let allowed =
+            parse("<xml><A b=\"&#9;\">\t\r\n&#10;&#xD7FF;&#xE000;\u{10FFFF}</A></xml>").unwrap();
+        assert_eq!(allowed.get("A"), Some("\t\r\n\n\u{D7FF}\u{E000}\u{10FFFF}"));
+    }
+
+    #[test]
+    fn a_push_has_an_xml_root_and_no_repeated_top_level_field() {
+        assert_eq!(
+            Message::parse_push(b"<root><A>1</A></root>"),
+            Err(XmlError::Root)
+        );
+        assert_eq!(
+            Message::parse_push(b"<xml><Encrypt>a</Encrypt><Encrypt>b</Encrypt></xml>"),
+            Err(XmlError::Repeated("<Encrypt>".into()))
+        );
+        assert_eq!(
+            Message::parse_push(b"<xml><A><B>1</B></A><A><B>2</B></A></xml>"),
+            Err(XmlError::Repeated("<A>".into()))
+        );
+        let long = format!("<xml><{0}/><{0}/></xml>", "N".repeat(40));
+        assert_eq!(
+            Message::parse_push(long.as_bytes()),
+            Err(XmlError::Repeated("an element".into()))
+        );
+        // Lists repeat their items below the top level, and list containers may.
+        let lists = b"<xml><SendPicsInfo><Count>2</Count><PicList><item><A>1</A></item>\
+            <item><A>2</A></item></PicList></SendPicsInfo><item><A>1</A></item><item><A>2</A></item></xml>";
+        assert!(Message::parse_push(lists).is_ok());
+        assert_eq!(
+            Message::parse_push(b"<xml><item>1</item><item>2</item></xml>"),
+            Err(XmlError::Repeated("<item>".into()))
+        );
     }
 
     #[test]

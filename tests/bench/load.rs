@@ -4,7 +4,13 @@
 //! cargo bench --bench load -- compare [PUSHES] [CONNECTIONS]   baseline vs relay at saturation
 //! cargo bench --bench load -- rate [RATE] [SECONDS]            p99 at a fixed rate, both servers
 //! cargo bench --bench load -- backlog [PUSHES]                 webhooks down: memory, then drain rate
+//! cargo bench --bench load -- flood [CONNECTIONS] [SECONDS] [send|hold|idle]  an attacker's flood: RSS, real pushes' latency
 //! ```
+//!
+//! `WXRELAY_BIN=/path/to/wxrelay` runs another build of the relay (an older
+//! release, to compare); `WXRELAY_NOFILE=1024` runs it under that open-file
+//! limit. `flood` opens one descriptor per connection in this
+//! process: raise `ulimit -n` first.
 //!
 //! The relay is the real release binary in its own process, on a fresh SQLite
 //! spool, routing as the example config does; the baseline is a bare hyper
@@ -18,6 +24,8 @@ mod harness;
 use harness::{Report, Sink};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
@@ -89,7 +97,12 @@ async fn start_relay_paused(broker: &str, hooks: &str, paused: bool) -> RelayPro
     let spool = dir.path().join("spool.db");
     let toml = harness::relay_config_paused(public, admin, &spool, broker, hooks, paused);
     std::fs::write(&config, toml).unwrap_or_else(|e| panic!("{e}"));
-    let child = Command::new(RELAY)
+    let relay = std::env::var("WXRELAY_BIN").unwrap_or_else(|_| RELAY.to_string());
+    let nofile = std::env::var("WXRELAY_NOFILE").unwrap_or_else(|_| "unlimited".into());
+    // Through a shell only to set the limit; `exec` keeps the relay's pid.
+    let child = Command::new("sh")
+        .args(["-c", "ulimit -n \"$0\" 2>/dev/null; exec \"$@\"", &nofile])
+        .arg(relay)
         .args(["serve", "--config"])
         .arg(&config)
         .env("WXRELAY_LOG", "warn")
@@ -330,6 +343,216 @@ async fn backlog(args: &[String]) {
     let _ = relay.admin;
 }
 
+/// How the flood's requests were answered.
+#[derive(Default)]
+struct FloodCounts {
+    connections: AtomicU64,
+    answered: AtomicU64,
+    refused_503: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// What each attacker connection does, over and over until the flood ends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Attack {
+    /// An unsigned POST with a 256 KiB body, then wait for the answer.
+    Send,
+    /// The same without the body's last byte, so a relay that reads bodies
+    /// before checking the signature holds the rest until its reply budget ends.
+    Hold,
+    /// Connect and send nothing until the relay closes the connection.
+    Idle,
+}
+
+impl Attack {
+    fn parse(arg: Option<&String>) -> Attack {
+        match arg.map(String::as_str) {
+            Some("hold") => Attack::Hold,
+            Some("idle") => Attack::Idle,
+            _ => Attack::Send,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Attack::Send => "send",
+            Attack::Hold => "hold",
+            Attack::Idle => "idle",
+        }
+    }
+}
+
+/// One attacker connection after another, until `until`.
+async fn flood_connection(
+    addr: SocketAddr,
+    until: Instant,
+    attack: Attack,
+    counts: Arc<FloodCounts>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: usize = 256 * 1024;
+    let head = format!(
+        "POST /wx/main?signature=0&timestamp={}&nonce=1 HTTP/1.1\r\nhost: relay\r\ncontent-type: text/xml\r\ncontent-length: {BODY}\r\n\r\n",
+        harness::unix_now()
+    );
+    let body = vec![b'x'; BODY];
+    while Instant::now() < until {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+            counts.failed.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        counts.connections.fetch_add(1, Ordering::Relaxed);
+        let exchange = async {
+            if attack != Attack::Idle {
+                stream.write_all(head.as_bytes()).await.ok()?;
+                // The relay may answer and close before the body is in: fine.
+                let sent = if attack == Attack::Hold {
+                    &body[..BODY - 1]
+                } else {
+                    &body[..]
+                };
+                let _ = stream.write_all(sent).await;
+            }
+            let mut answer = [0u8; 64];
+            let n = stream.read(&mut answer).await.ok()?;
+            Some(answer[..n].starts_with(b"HTTP/1.1 503"))
+        };
+        let left = until.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+        match tokio::time::timeout(left, exchange).await {
+            Ok(Some(true)) => counts.refused_503.fetch_add(1, Ordering::Relaxed),
+            Ok(Some(false)) => counts.answered.fetch_add(1, Ordering::Relaxed),
+            _ => counts.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// The attacker, in its own process (`flood-client ADDR CONNECTIONS
+/// SECONDS`) so its tasks do not share a runtime with the client timing the
+/// real pushes. Prints `ramped` once every connection has been opened, then
+/// one line of counts.
+async fn flood_client(args: &[String]) {
+    let addr: SocketAddr = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("flood-client ADDR CONNECTIONS SECONDS"));
+    let connections = arg(args, 1, 4000.0) as usize;
+    let seconds = arg(args, 2, 15.0);
+    let attack = Attack::parse(args.get(3));
+    let counts = Arc::new(FloodCounts::default());
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let flooders: Vec<_> = (0..connections)
+        .map(|_| tokio::spawn(flood_connection(addr, until, attack, counts.clone())))
+        .collect();
+    while counts.connections.load(Ordering::Relaxed) < connections as u64 && Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("ramped");
+    for f in flooders {
+        let _ = f.await;
+    }
+    println!(
+        "flood      {} connections opened, {} answered (503: {}), {} failed or cut",
+        counts.connections.load(Ordering::Relaxed),
+        counts.answered.load(Ordering::Relaxed) + counts.refused_503.load(Ordering::Relaxed),
+        counts.refused_503.load(Ordering::Relaxed),
+        counts.failed.load(Ordering::Relaxed),
+    );
+}
+
+async fn flood(args: &[String]) {
+    use std::io::BufRead;
+    let connections = arg(args, 0, 4000.0) as usize;
+    let seconds = arg(args, 1, 15.0);
+    let attack = Attack::parse(args.get(2));
+    let rate = 50.0;
+    let (sink, at) = start_sink().await;
+    let relay = start_relay(
+        &format!("http://{at}/broker"),
+        &format!("http://{at}/hooks"),
+    )
+    .await;
+    let pid = relay.server.child.id();
+    println!(
+        "flood: {connections} connections, {} for {seconds:.0} s, real signed pushes at {rate:.0}/s meanwhile; relay {} RSS idle {:.1} MiB",
+        match attack {
+            Attack::Send => "each sending unsigned POSTs with 256 KiB bodies",
+            Attack::Hold => "each sending unsigned POSTs with all but the last byte of 256 KiB bodies",
+            Attack::Idle => "each opened and left idle",
+        },
+        std::env::var("WXRELAY_BIN").unwrap_or_else(|_| "(this build)".into()),
+        harness::rss_mib(pid).unwrap_or(0.0)
+    );
+    let mut attacker = Command::new(std::env::current_exe().unwrap_or_else(|e| panic!("{e}")))
+        .args([
+            "flood-client".to_string(),
+            relay.server.addr.to_string(),
+            connections.to_string(),
+            seconds.to_string(),
+            attack.name().to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = attacker.stdout.take().unwrap_or_else(|| panic!("stdout"));
+    let (ramped_tx, ramped) = tokio::sync::oneshot::channel();
+    let lines = std::thread::spawn(move || {
+        let mut ramped_tx = Some(ramped_tx);
+        let mut rest = Vec::new();
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            match (line.as_str(), ramped_tx.take()) {
+                ("ramped", Some(tx)) => {
+                    let _ = tx.send(());
+                }
+                (_, tx) => {
+                    ramped_tx = tx;
+                    rest.push(line);
+                }
+            }
+        }
+        rest
+    });
+    // The flood first, then the real pushes in the middle of it.
+    let _ = ramped.await;
+    let flood_ends = Instant::now() + Duration::from_secs_f64(seconds);
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0.0f64;
+        while Instant::now() < flood_ends {
+            peak = peak.max(harness::rss_mib(pid).unwrap_or(0.0));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        peak
+    });
+    let pushes = ((seconds / 2.0).max(1.0) * rate) as usize;
+    // One connection per push, as WeChat does: each push competes with the
+    // flood for accept too.
+    let real = harness::drive(
+        relay.server.addr,
+        0,
+        pushes,
+        pushes,
+        Some(rate),
+        harness::unix_now(),
+    )
+    .await;
+    let _ = attacker.wait();
+    let attacker_lines = lines.join().unwrap_or_default();
+    let during = sampler.await.unwrap_or(0.0);
+    // Give the relay a moment to drop what the closed connections held.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("{}", real.line("real"));
+    for line in attacker_lines {
+        println!("{line}");
+    }
+    println!(
+        "relay RSS  peak (VmHWM) {:.1} MiB, highest sampled during the flood {during:.1} MiB, after the flood {:.1} MiB",
+        harness::status_mib(pid, "VmHWM:").unwrap_or(0.0),
+        harness::rss_mib(pid).unwrap_or(0.0)
+    );
+    check_delivered(&sink, &real, Duration::from_secs(60)).await;
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -362,7 +585,9 @@ fn main() {
             Some("compare") | None => compare(&rest).await,
             Some("rate") => rate(&rest).await,
             Some("backlog") => backlog(&rest).await,
-            Some(other) => eprintln!("unknown run {other}: compare | rate | backlog"),
+            Some("flood") => flood(&rest).await,
+            Some("flood-client") => flood_client(&rest).await,
+            Some(other) => eprintln!("unknown run {other}: compare | rate | backlog | flood"),
         }
     });
 }

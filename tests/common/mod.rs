@@ -290,6 +290,13 @@ impl TestRelay {
         admin_request(self.admin, method, path, bearer).await
     }
 
+    /// The metrics exposition from the admin listener.
+    pub async fn metrics(&self) -> String {
+        let answer = self.admin(Method::GET, "/metrics", None).await;
+        assert_eq!(answer.status, 200);
+        answer.text()
+    }
+
     /// Every event stored as an `unrouted` dead letter, oldest first.
     pub async fn unrouted(&self) -> Vec<wxrelay::spool::StoredEvent> {
         let filter = DeadFilter {
@@ -358,6 +365,31 @@ pub async fn try_send(
         headers: parts.headers,
         body: body.collect().await.map_err(|e| e.to_string())?.to_bytes(),
     })
+}
+
+/// The status line of the answer on a raw connection, read until the head
+/// ends or the connection closes; a guard of 10 s stops a hung test, not a
+/// slow relay.
+pub async fn status_line(stream: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("an answer, not a hang");
+    let text = String::from_utf8_lossy(&got).into_owned();
+    text.lines().next().unwrap_or("").to_owned()
 }
 
 /// A request to an admin listener, with an optional bearer token.

@@ -370,10 +370,15 @@ pub async fn baseline(listener: TcpListener) {
 
 /// Resident memory of a process, in MiB, from /proc.
 pub fn rss_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A memory field of /proc/PID/status (`VmRSS:`, `VmHWM:` for the peak), in MiB.
+pub fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .trim_end_matches("kB")
         .trim()
