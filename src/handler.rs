@@ -16,8 +16,7 @@ use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
 use crate::route;
 use crate::spool::{
-    Enqueued, NewDelivery, NewEvent, ReplayGuard, Schedule, SpoolError, StoredEvent,
-    REASON_UNROUTED,
+    DeadReason, Enqueued, NewDelivery, NewEvent, ReplayGuard, Schedule, SpoolError, StoredEvent,
 };
 use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::{Message, XmlError};
@@ -228,7 +227,7 @@ pub async fn handle(
                     .inc();
                 if a.unrouted {
                     m.dead_letters
-                        .with_label_values(&["", REASON_UNROUTED])
+                        .with_label_values(&["", DeadReason::Unrouted.as_str()])
                         .inc();
                 }
             }
@@ -743,7 +742,7 @@ async fn reply_inline(
     let delivered = result.verdict == Verdict::Delivered;
     let unit: f64 = rand::thread_rng().gen();
     let now = shared.clock.now_ms();
-    let settlement = retry::settle(
+    let settlement = retry::decide(
         delivery_id,
         &target.retry,
         Schedule::default(),
@@ -760,7 +759,7 @@ async fn reply_inline(
     );
     // Not awaited: WeChat's answer does not depend on it, and if the record
     // is lost the lease expires and the workers send it again.
-    let settled = shared.spool.settle(vec![settlement], shared.clock.now_ms());
+    let settled = shared.spool.record(vec![settlement], shared.clock.now_ms());
     tokio::spawn(async move {
         if let Err(e) = settled.await {
             tracing::error!(error = %e, "cannot record the reply target's outcome");

@@ -54,7 +54,7 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
 
     push_text(&relay, &g, 1, "TRACKED").await;
     assert!(quiet(&relay, "hooks").await);
-    let first = relay.spool.pending("hooks", 1).await.unwrap()[0].clone();
+    let first = relay.spool.waiting("hooks", 1).await.unwrap()[0].clone();
     let tracked = first.delivery_id;
     assert_eq!(tracked_count(), 1);
     eprintln!("attempt 1 at +0 s: the first");
@@ -78,7 +78,7 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
         let now = relay.clock.now_ms();
         let state = relay
             .spool
-            .pending("hooks", 100_000)
+            .waiting("hooks", 100_000)
             .await
             .unwrap()
             .into_iter()
@@ -158,7 +158,7 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
         dead.attempts,
         on_schedule.len()
     );
-    assert_eq!(dead.reason, "exhausted");
+    assert_eq!(dead.reason.as_str(), "exhausted");
     assert_eq!(
         on_schedule.len(),
         delays.len() + 1,
@@ -219,16 +219,16 @@ async fn a_target_that_recovers_inside_the_release_window_gets_its_whole_backlog
     relay.clock.advance_ms(2_000);
     push_text(&relay, &g, 2, "second answer").await;
     assert!(quiet(&relay, "hooks").await);
-    let waiting = relay.spool.pending("hooks", 100).await.unwrap();
+    let waiting = relay.spool.waiting("hooks", 100).await.unwrap();
     assert_eq!(waiting.len(), BACKLOG, "the backlog still waits");
 
     relay.clock.advance_ms(9_000);
     let started = Instant::now();
     let drained = eventually(Duration::from_secs(10), || async {
-        relay.spool.pending("hooks", 1).await.unwrap().is_empty()
+        relay.spool.waiting("hooks", 1).await.unwrap().is_empty()
     })
     .await;
-    let left = relay.spool.pending("hooks", 100).await.unwrap();
+    let left = relay.spool.waiting("hooks", 100).await.unwrap();
     let now = relay.clock.now_ms();
     assert!(
         drained,

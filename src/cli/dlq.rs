@@ -14,7 +14,7 @@
 use super::CliError;
 use crate::config::Settings;
 use crate::handler::short_hash;
-use crate::spool::{DeadFilter, DeadLetter, Spool, SpoolError, SqliteSpool, REASON_UNROUTED};
+use crate::spool::{DeadFilter, DeadLetter, DeadReason, Spool, SpoolError, SqliteSpool};
 use crate::wechat::message::Message;
 use std::fmt::Write as _;
 use std::str::FromStr;
@@ -67,7 +67,7 @@ pub struct Selection {
     pub target: Option<String>,
     /// Only this reason: rejected, exhausted, unrouted or target_removed.
     #[arg(long)]
-    pub reason: Option<String>,
+    pub reason: Option<DeadReason>,
     /// Dead-lettered at or after TIME: RFC 3339 (2024-05-29T08:00:00Z) or a time ago (2h, 30m).
     #[arg(long, value_name = "TIME")]
     pub since: Option<When>,
@@ -87,7 +87,7 @@ impl Selection {
     fn filter(&self, now_ms: i64) -> DeadFilter {
         DeadFilter {
             target: self.target.clone(),
-            reason: self.reason.clone(),
+            reason: self.reason,
             since: self.since.map(|w| w.at_ms(now_ms)),
             until: self.until.map(|w| w.at_ms(now_ms)),
             delivery_id: self.id,
@@ -200,16 +200,11 @@ fn guard(verb: &str, select: &Selection, all: bool) -> Result<(), CliError> {
 
 /// How many of the selected dead letters are unrouted (they have no target).
 async fn count_unrouted(spool: &dyn Spool, filter: &DeadFilter) -> Result<u64, CliError> {
-    if filter.target.is_some()
-        || filter
-            .reason
-            .as_deref()
-            .is_some_and(|r| r != REASON_UNROUTED)
-    {
+    if filter.target.is_some() || filter.reason.is_some_and(|r| r != DeadReason::Unrouted) {
         return Ok(0);
     }
     let unrouted = DeadFilter {
-        reason: Some(REASON_UNROUTED.to_owned()),
+        reason: Some(DeadReason::Unrouted),
         ..filter.clone()
     };
     let found = spool
@@ -290,7 +285,7 @@ fn table(dead: &[DeadLetter], limit: usize) -> String {
                 d.delivery_id.to_string(),
                 rfc3339(d.dead_at),
                 d.target.clone().unwrap_or_else(|| "-".to_owned()),
-                d.reason.clone(),
+                d.reason.to_string(),
                 d.attempts.to_string(),
                 d.account.clone(),
                 kind(d),
@@ -406,7 +401,7 @@ mod tests {
         assert!(guard("replay", &Selection::default(), false).is_err());
         assert!(guard("replay", &Selection::default(), true).is_ok());
         let some = Selection {
-            reason: Some("rejected".into()),
+            reason: Some(DeadReason::Rejected),
             ..Selection::default()
         };
         assert!(guard("purge", &some, false).is_ok());

@@ -489,7 +489,7 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
         _ => {}
     }
     let unit: f64 = rand::thread_rng().gen();
-    let settlement = retry::settle(
+    let settlement = retry::decide(
         lease.delivery_id,
         &target.retry,
         lease.schedule,
@@ -515,7 +515,7 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
     );
     match shared
         .spool
-        .settle(vec![settlement], shared.clock.now_ms())
+        .record(vec![settlement], shared.clock.now_ms())
         .await
     {
         Ok(()) => {
@@ -553,7 +553,7 @@ pub fn count(
         Settlement::Dead { reason, .. } => {
             metrics
                 .dead_letters
-                .with_label_values(&[target, reason])
+                .with_label_values(&[target, reason.as_str()])
                 .inc();
             "dead_lettered"
         }

@@ -6,16 +6,13 @@
 //! the worker loop only applies it.
 
 use crate::config::RetryPolicy;
-use crate::spool::{Schedule, Settlement};
+use crate::spool::{DeadReason, Schedule, Settlement};
 use http::StatusCode;
 use std::time::{Duration, SystemTime};
 
 /// The longest `Retry-After` honoured; a target asking for more is retried
 /// after this, so an event is not parked indefinitely by one header.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
-
-pub const REASON_REJECTED: &str = "rejected";
-pub const REASON_EXHAUSTED: &str = "exhausted";
 
 /// How one attempt went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +68,7 @@ pub fn jittered(delay: Duration, unit: f64) -> Duration {
 
 /// What the spool should record for a delivery at `schedule` after this
 /// attempt's verdict; the attempt started at `started_ms` and ended at `now_ms`.
-pub fn settle(
+pub fn decide(
     delivery_id: i64,
     policy: &RetryPolicy,
     schedule: Schedule,
@@ -84,7 +81,7 @@ pub fn settle(
         Verdict::Delivered => Settlement::Delivered { delivery_id },
         Verdict::Reject { error } => Settlement::Dead {
             delivery_id,
-            reason: REASON_REJECTED.into(),
+            reason: DeadReason::Rejected,
             error,
         },
         Verdict::Retry { error, retry_after } => {
@@ -104,7 +101,7 @@ pub fn settle(
             match policy.delay_after(step as usize) {
                 None => Settlement::Dead {
                     delivery_id,
-                    reason: REASON_EXHAUSTED.into(),
+                    reason: DeadReason::Exhausted,
                     error,
                 },
                 Some(delay) => {
@@ -190,7 +187,7 @@ mod tests {
             retry_after: None,
         };
         assert_eq!(
-            settle(1, &p, at(0, 0), retry(), 0, 0, 0.5),
+            decide(1, &p, at(0, 0), retry(), 0, 0, 0.5),
             Settlement::Retry {
                 delivery_id: 1,
                 next_at: 10_000,
@@ -200,7 +197,7 @@ mod tests {
             }
         );
         assert_eq!(
-            settle(1, &p, at(1, 0), retry(), 0, 0, 0.5),
+            decide(1, &p, at(1, 0), retry(), 0, 0, 0.5),
             Settlement::Retry {
                 delivery_id: 1,
                 next_at: 60_000,
@@ -210,10 +207,10 @@ mod tests {
             }
         );
         assert_eq!(
-            settle(1, &p, at(2, 0), retry(), 0, 0, 0.5),
+            decide(1, &p, at(2, 0), retry(), 0, 0, 0.5),
             Settlement::Dead {
                 delivery_id: 1,
-                reason: REASON_EXHAUSTED.into(),
+                reason: DeadReason::Exhausted,
                 error: "HTTP 503".into()
             }
         );
@@ -227,7 +224,7 @@ mod tests {
             retry_after: Some(Duration::from_secs(30)),
         };
         assert_eq!(
-            settle(1, &p, at(0, 0), verdict, 1_000, 1_000, 0.0),
+            decide(1, &p, at(0, 0), verdict, 1_000, 1_000, 0.0),
             Settlement::Retry {
                 delivery_id: 1,
                 next_at: 31_000,
@@ -247,7 +244,7 @@ mod tests {
         };
         // Due on its schedule at 70 s after one failure; released and sent at 20 s.
         assert_eq!(
-            settle(1, &p, at(1, 70_000), retry(None), 20_000, 20_500, 0.9),
+            decide(1, &p, at(1, 70_000), retry(None), 20_000, 20_500, 0.9),
             Settlement::Retry {
                 delivery_id: 1,
                 next_at: 70_000,
@@ -258,12 +255,12 @@ mod tests {
         );
         // At the last step, an early failure does not exhaust it.
         assert!(matches!(
-            settle(1, &p, at(2, 70_000), retry(None), 20_000, 20_000, 0.5),
+            decide(1, &p, at(2, 70_000), retry(None), 20_000, 20_000, 0.5),
             Settlement::Retry { .. }
         ));
         // A Retry-After beyond the schedule's time still holds.
         assert_eq!(
-            settle(
+            decide(
                 1,
                 &p,
                 at(1, 70_000),

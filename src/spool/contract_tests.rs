@@ -181,7 +181,7 @@ async fn delivered_removes_the_event_once_every_target_has_it() {
     for (name, spool, _dir) in spools() {
         let (event_id, ids) = stored(&*spool, event("k", &["a", "b"], 0), 0).await;
         spool
-            .settle(
+            .record(
                 vec![Settlement::Delivered {
                     delivery_id: ids[0],
                 }],
@@ -194,7 +194,7 @@ async fn delivered_removes_the_event_once_every_target_has_it() {
             "{name}: b still pending"
         );
         spool
-            .settle(
+            .record(
                 vec![Settlement::Delivered {
                     delivery_id: ids[1],
                 }],
@@ -222,7 +222,7 @@ async fn retry_counts_attempts_and_reschedules() {
             not_before: 0,
             error: "HTTP 503".into(),
         };
-        spool.settle(vec![retry], 10).await.unwrap();
+        spool.record(vec![retry], 10).await.unwrap();
         assert!(
             spool.lease("a", 4_999, 1, 100).await.unwrap().is_empty(),
             "{name}"
@@ -255,7 +255,7 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
             not_before: 0,
             error: "HTTP 503".into(),
         };
-        spool.settle(vec![retry], 1).await.unwrap();
+        spool.record(vec![retry], 1).await.unwrap();
         assert!(
             spool.lease("a", 2, 10, 60_000).await.unwrap().is_empty(),
             "{name}: backing off"
@@ -285,17 +285,17 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
         let (_, a) = stored(&*spool, event("k1", &["a"], 0), 0).await;
         let (_, b) = stored(&*spool, event("k2", &["b"], 0), 0).await;
         stored(&*spool, event("k3", &[], 0), 0).await;
-        let dead = |id: i64, why: &str| Settlement::Dead {
+        let dead = |id: i64, why: DeadReason| Settlement::Dead {
             delivery_id: id,
-            reason: why.into(),
+            reason: why,
             error: "HTTP 400: bad".into(),
         };
         spool
-            .settle(vec![dead(a[0], "rejected")], 100)
+            .record(vec![dead(a[0], DeadReason::Rejected)], 100)
             .await
             .unwrap();
         spool
-            .settle(vec![dead(b[0], "exhausted")], 200)
+            .record(vec![dead(b[0], DeadReason::Exhausted)], 200)
             .await
             .unwrap();
 
@@ -304,7 +304,10 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
             .await
             .unwrap();
         assert_eq!(all.len(), 3, "{name}");
-        let unrouted: Vec<_> = all.iter().filter(|d| d.reason == REASON_UNROUTED).collect();
+        let unrouted: Vec<_> = all
+            .iter()
+            .filter(|d| d.reason == DeadReason::Unrouted)
+            .collect();
         assert_eq!(unrouted.len(), 1, "{name}");
         assert_eq!(unrouted[0].target, None);
 
@@ -334,7 +337,7 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
         assert_eq!(back[0].attempts, 0, "{name}: attempts reset");
 
         let unrouted_filter = DeadFilter {
-            reason: Some(REASON_UNROUTED.into()),
+            reason: Some(DeadReason::Unrouted),
             ..Default::default()
         };
         assert_eq!(
@@ -365,7 +368,7 @@ async fn removed_targets_dead_letter_their_pending_deliveries() {
         );
         let dead = spool.dead_letters(DeadFilter::default(), 10).await.unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].reason, REASON_TARGET_REMOVED);
+        assert_eq!(dead[0].reason, DeadReason::TargetRemoved);
         assert_eq!(dead[0].target.as_deref(), Some("gone"));
         assert_eq!(
             spool.lease("kept", 0, 10, 1).await.unwrap().len(),
@@ -449,7 +452,7 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
         let (_, plain) = stored(&*spool, event("plain", &["a"], 0), 0).await;
         spool.lease("a", 0, 10, 60_000).await.unwrap();
         spool
-            .settle(
+            .record(
                 vec![failed_once(held[0], 120_000), failed_once(plain[0], 0)],
                 1,
             )
@@ -467,18 +470,18 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
 }
 
 #[tokio::test]
-async fn a_settle_repeated_after_the_event_is_gone_touches_no_later_event() {
+async fn a_record_repeated_after_the_event_is_gone_touches_no_later_event() {
     for (name, spool, _dir) in spools() {
         let (_, first) = stored(&*spool, event("k1", &["a"], 0), 0).await;
         let done = || Settlement::Delivered {
             delivery_id: first[0],
         };
-        spool.settle(vec![done()], 1).await.unwrap();
+        spool.record(vec![done()], 1).await.unwrap();
         let (_, second) = stored(&*spool, event("k2", &["a"], 2), 2).await;
         assert_ne!(second[0], first[0], "{name}: ids are never reused");
-        spool.settle(vec![done()], 3).await.unwrap();
+        spool.record(vec![done()], 3).await.unwrap();
         assert_eq!(
-            spool.pending("a", 10).await.unwrap().len(),
+            spool.waiting("a", 10).await.unwrap().len(),
             1,
             "{name}: k2 still pending"
         );
@@ -500,7 +503,7 @@ async fn expired_dedup_keys_are_pruned() {
             panic!("stored")
         };
         spool
-            .settle(
+            .record(
                 vec![Settlement::Delivered {
                     delivery_id: deliveries[0],
                 }],
@@ -526,7 +529,7 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
         let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
         spool.lease("a", 0, 10, 60_000).await.unwrap();
         spool
-            .settle(
+            .record(
                 vec![
                     failed_once(one[0], 0),
                     failed_once(two[0], 0),
@@ -557,7 +560,7 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
             .collect();
         due.sort_unstable();
         assert_eq!(due, vec![two[0], held[0]], "{name}");
-        let waiting = spool.pending("a", 10).await.unwrap();
+        let waiting = spool.waiting("a", 10).await.unwrap();
         let rest = waiting.iter().find(|p| p.delivery_id == one[0]).unwrap();
         assert_eq!(rest.next_at, 120_000, "{name}: the others wait");
         assert_eq!(
@@ -630,7 +633,7 @@ async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
     spool.close();
     // Opening it again (the relay and an operator command) changes nothing.
     let again = SqliteSpool::open(&path).unwrap();
-    assert_eq!(again.pending("a", 10).await.unwrap()[0].schedule.step, 3);
+    assert_eq!(again.waiting("a", 10).await.unwrap()[0].schedule.step, 3);
 }
 
 #[tokio::test]
@@ -638,7 +641,7 @@ async fn a_release_does_not_hand_out_a_delivery_being_sent() {
     for (name, spool, _dir) in spools() {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
         spool.lease("a", 0, 10, 60_000).await.unwrap();
-        spool.settle(vec![failed_once(ids[0], 0)], 1).await.unwrap();
+        spool.record(vec![failed_once(ids[0], 0)], 1).await.unwrap();
         assert_eq!(spool.release_backoff("a", 2).await.unwrap(), 1, "{name}");
         assert_eq!(spool.lease("a", 2, 10, 60_000).await.unwrap().len(), 1);
         // Released again (another success, an operator) while it is being sent.

@@ -37,7 +37,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 /// A spool operation in flight; resolves once its effect is durable.
-pub type Pending<T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send>>;
+pub type SpoolFuture<T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send>>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
@@ -144,7 +144,7 @@ pub enum Settlement {
     },
     Dead {
         delivery_id: i64,
-        reason: String,
+        reason: DeadReason,
         error: String,
     },
 }
@@ -166,7 +166,7 @@ pub struct DeadLetter {
     pub event_id: i64,
     /// `None` for an event that matched no route.
     pub target: Option<String>,
-    pub reason: String,
+    pub reason: DeadReason,
     pub last_error: String,
     pub attempts: u32,
     pub account: String,
@@ -182,7 +182,7 @@ pub struct DeadLetter {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeadFilter {
     pub target: Option<String>,
-    pub reason: Option<String>,
+    pub reason: Option<DeadReason>,
     /// Dead-lettered at or after, unix milliseconds.
     pub since: Option<i64>,
     /// Dead-lettered before, unix milliseconds.
@@ -195,16 +195,16 @@ impl DeadFilter {
         self.target
             .as_deref()
             .is_none_or(|t| d.target.as_deref() == Some(t))
-            && self.reason.as_deref().is_none_or(|r| d.reason == r)
+            && self.reason.is_none_or(|r| d.reason == r)
             && self.since.is_none_or(|s| d.dead_at >= s)
             && self.until.is_none_or(|u| d.dead_at < u)
             && self.delivery_id.is_none_or(|id| d.delivery_id == id)
     }
 }
 
-/// A delivery still waiting for its target.
+/// A delivery still waiting for its target: one in the pending state.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingDelivery {
+pub struct WaitingDelivery {
     pub delivery_id: i64,
     pub event_id: i64,
     pub attempts: u32,
@@ -269,35 +269,42 @@ pub struct TargetDepth {
 /// durability contract every implementation keeps.
 pub trait Spool: Send + Sync + 'static {
     /// Stores an event with its deliveries and dedup key, durably, in one commit.
-    fn enqueue(&self, event: NewEvent, now_ms: i64, dedup_window_ms: i64) -> Pending<Enqueued>;
+    fn enqueue(&self, event: NewEvent, now_ms: i64, dedup_window_ms: i64) -> SpoolFuture<Enqueued>;
     /// Up to `limit` due deliveries of `target`, each hidden for `lease_ms`.
-    fn lease(&self, target: &str, now_ms: i64, limit: usize, lease_ms: i64) -> Pending<Vec<Lease>>;
-    /// Records what became of leased deliveries.
-    fn settle(&self, settlements: Vec<Settlement>, now_ms: i64) -> Pending<()>;
+    fn lease(
+        &self,
+        target: &str,
+        now_ms: i64,
+        limit: usize,
+        lease_ms: i64,
+    ) -> SpoolFuture<Vec<Lease>>;
+    /// Records what became of leased deliveries (see `deliver::retry::decide`).
+    fn record(&self, settlements: Vec<Settlement>, now_ms: i64) -> SpoolFuture<()>;
     /// Makes every backed-off delivery of `target` due now (it answers again).
     /// Returns how many.
-    fn release_backoff(&self, target: &str, now_ms: i64) -> Pending<u64> {
+    fn release_backoff(&self, target: &str, now_ms: i64) -> SpoolFuture<u64> {
         self.release(Release::backlog(target), now_ms)
     }
     /// Makes the selected deliveries due now, leaving their schedules as they
     /// are. Returns how many were waiting and now are due.
-    fn release(&self, release: Release, now_ms: i64) -> Pending<u64>;
+    fn release(&self, release: Release, now_ms: i64) -> SpoolFuture<u64>;
     /// Dead-letters every pending delivery whose target is not in `targets`,
-    /// with reason `target_removed`. Returns how many, per removed target.
-    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<Vec<(String, u64)>>;
-    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> Pending<Vec<DeadLetter>>;
+    /// with reason [`DeadReason::TargetRemoved`]. Returns how many, per removed target.
+    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> SpoolFuture<Vec<(String, u64)>>;
+    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> SpoolFuture<Vec<DeadLetter>>;
     /// Makes the selected dead letters due again, with their attempts reset.
     /// Unrouted ones have no target and are left alone. Returns how many.
-    fn replay(&self, filter: DeadFilter, now_ms: i64) -> Pending<u64>;
+    fn replay(&self, filter: DeadFilter, now_ms: i64) -> SpoolFuture<u64>;
     /// Deletes the selected dead letters. Returns how many.
-    fn purge(&self, filter: DeadFilter) -> Pending<u64>;
-    fn depth(&self) -> Pending<Vec<TargetDepth>>;
-    /// The pending deliveries of `target`, soonest due first.
-    fn pending(&self, target: &str, limit: usize) -> Pending<Vec<PendingDelivery>>;
+    fn purge(&self, filter: DeadFilter) -> SpoolFuture<u64>;
+    fn depth(&self) -> SpoolFuture<Vec<TargetDepth>>;
+    /// The deliveries of `target` still waiting for it (pending, leased or
+    /// not), soonest due first.
+    fn waiting(&self, target: &str, limit: usize) -> SpoolFuture<Vec<WaitingDelivery>>;
     /// The stored XML and fields of an event, while it is in the spool.
-    fn event(&self, event_id: i64) -> Pending<Option<StoredEvent>>;
+    fn event(&self, event_id: i64) -> SpoolFuture<Option<StoredEvent>>;
     /// Checks that the spool still accepts writes (for readiness).
-    fn probe(&self) -> Pending<()>;
+    fn probe(&self) -> SpoolFuture<()>;
 }
 
 /// An event as the spool holds it: the request as WeChat sent it, and what
@@ -321,8 +328,66 @@ pub struct StoredEvent {
     pub event: Option<String>,
 }
 
-pub const REASON_UNROUTED: &str = "unrouted";
-pub const REASON_TARGET_REMOVED: &str = "target_removed";
+/// Where a delivery stands. A delivered one is removed, so it has no state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for its target: due, backing off, or leased.
+    Pending,
+    /// Dead-lettered, until an operator replays or purges it.
+    Dead,
+}
+
+/// Why a delivery was dead-lettered. Its name is what the spool stores, the
+/// metrics label and the logs show, and `dlq --reason` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadReason {
+    /// The target refused it (a 4xx other than 408 and 429).
+    Rejected,
+    /// Every attempt of the target's retry schedule failed.
+    Exhausted,
+    /// The event matched no route; it has no target.
+    Unrouted,
+    /// Its target was removed from the configuration.
+    TargetRemoved,
+}
+
+impl DeadReason {
+    pub const ALL: [DeadReason; 4] = [
+        DeadReason::Rejected,
+        DeadReason::Exhausted,
+        DeadReason::Unrouted,
+        DeadReason::TargetRemoved,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Rejected => "rejected",
+            DeadReason::Exhausted => "exhausted",
+            DeadReason::Unrouted => "unrouted",
+            DeadReason::TargetRemoved => "target_removed",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DeadReason {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DeadReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = DeadReason::ALL.iter().map(|r| r.as_str()).collect();
+                format!("unknown reason {s:?} (one of: {})", names.join(", "))
+            })
+    }
+}
 
 #[cfg(test)]
 mod contract_tests;

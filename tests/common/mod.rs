@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use wxrelay::app::{Options, Relay};
 use wxrelay::clock::FixedClock;
 use wxrelay::config::Settings;
-use wxrelay::spool::{DeadFilter, Spool, SqliteSpool};
+use wxrelay::spool::{DeadFilter, DeadReason, Spool, SqliteSpool};
 
 pub fn fixture(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -247,7 +247,7 @@ impl TestRelay {
         let spool = self.spool.clone();
         eventually(Duration::from_secs(20), || {
             let spool = spool.clone();
-            async move { spool.pending(target, 1).await.unwrap().is_empty() }
+            async move { spool.waiting(target, 1).await.unwrap().is_empty() }
         })
         .await
     }
@@ -259,7 +259,7 @@ impl TestRelay {
         eventually(Duration::from_secs(20), || {
             let spool = spool.clone();
             async move {
-                let pending = spool.pending(target, 1).await.unwrap();
+                let pending = spool.waiting(target, 1).await.unwrap();
                 pending.first().is_some_and(|p| p.attempts == attempts)
             }
         })
@@ -300,7 +300,7 @@ impl TestRelay {
     /// Every event stored as an `unrouted` dead letter, oldest first.
     pub async fn unrouted(&self) -> Vec<wxrelay::spool::StoredEvent> {
         let filter = DeadFilter {
-            reason: Some("unrouted".into()),
+            reason: Some(DeadReason::Unrouted),
             ..Default::default()
         };
         let mut events = Vec::new();
@@ -559,7 +559,7 @@ pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
         let (spool, clock) = (spool.clone(), clock.clone());
         async move {
             let now = wxrelay::clock::Clock::now_ms(&*clock);
-            let pending = spool.pending(target, 100_000).await.unwrap();
+            let pending = spool.waiting(target, 100_000).await.unwrap();
             pending.iter().all(|p| p.next_at > now)
         }
     })
