@@ -16,7 +16,7 @@ use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
 use crate::route;
 use crate::spool::{
-    DeadReason, Enqueued, NewDelivery, NewEvent, ReplayGuard, Schedule, SpoolError, StoredEvent,
+    DeadReason, Enqueued, Event, NewDelivery, NewEvent, ReplayGuard, Schedule, SpoolError,
 };
 use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::{Message, XmlError};
@@ -586,27 +586,26 @@ async fn accept_push(
     let stale_at = stale_at(account, timestamp).unwrap_or(now + dedup_window);
     let event = NewEvent {
         replay: replay_guard(account, &q, &verified.xml, stale_at),
-        event: StoredEvent {
-            event_id: 0,
+        event: Event {
             dedup_key: dedup_key.clone(),
             account: account.id.clone(),
             received_at: now,
             query,
-            body: body.to_vec(),
+            body,
             xml: verified.xml.clone(),
             fields: message.fields_json().to_string(),
             msg_type: input.msg_type.to_string(),
-            event: message.event().map(str::to_string),
+            event_type: message.event().map(str::to_string),
         },
         targets,
     };
     let window = dedup_window.max(stale_at - now);
-    // The reply target needs the event again after the commit; only then is it copied.
+    // The reply target is sent the event as the spool hands it back.
     let reply_from = rule.and_then(|r| r.reply_from.as_deref()).and_then(|name| {
         let position = event.targets.iter().position(|t| t.target == name)?;
         // A paused target gets no inline attempt either: its delivery waits.
         let target = config.targets.get(name).filter(|t| !t.paused)?;
-        Some((target.clone(), position, event.event.clone()))
+        Some((target.clone(), position))
     });
     let routed: Vec<String> = event.targets.iter().map(|t| t.target.clone()).collect();
     let commit = shared.spool.enqueue(event, now, window);
@@ -634,6 +633,7 @@ async fn accept_push(
     let Enqueued::Stored {
         event_id,
         deliveries,
+        event: stored,
     } = enqueued
     else {
         return Ok(accepted);
@@ -643,8 +643,7 @@ async fn accept_push(
     for target in &routed {
         shared.wake(target);
     }
-    if let Some((target, position, mut stored)) = reply_from {
-        stored.event_id = event_id;
+    if let Some((target, position)) = reply_from {
         let remaining = reply_budget.saturating_sub(started.elapsed());
         let delivery_id = deliveries.get(position).copied().unwrap_or_default();
         // With no time left, an attempt could not even be sent: leave the
@@ -726,7 +725,7 @@ async fn reply_inline(
     shared: &Shared,
     target: &Target,
     delivery_id: i64,
-    event: &StoredEvent,
+    event: &Event,
     remaining: Duration,
 ) -> InlineReply {
     let started = Instant::now();

@@ -335,7 +335,7 @@ fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
 
 /// `event/SCAN` or `text`, as the relay's logs name pushes.
 fn kind(d: &DeadLetter) -> String {
-    match &d.event {
+    match &d.event_type {
         Some(event) => format!("event/{event}"),
         None => d.msg_type.clone(),
     }

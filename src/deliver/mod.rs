@@ -12,7 +12,7 @@ use crate::app::Shared;
 use crate::config::Target;
 use crate::metrics::Metrics;
 use crate::server::stopping;
-use crate::spool::{Lease, Settlement, StoredEvent};
+use crate::spool::{Event, Lease, Settlement};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode};
@@ -71,7 +71,7 @@ pub struct Attempt {
 pub async fn attempt(
     client: &HttpClient,
     target: &Target,
-    event: &StoredEvent,
+    event: &Event,
     now_secs: i64,
     timeout: Duration,
 ) -> Attempt {

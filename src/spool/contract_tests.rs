@@ -9,17 +9,16 @@ const WINDOW: i64 = 600_000;
 
 fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
     NewEvent {
-        event: StoredEvent {
-            event_id: 0,
+        event: Event {
             dedup_key: key.into(),
             account: "main".into(),
             received_at: now,
             query: format!("signature=s&timestamp=1&nonce={key}"),
-            body: format!("<xml>{key}</xml>").into_bytes(),
+            body: format!("<xml>{key}</xml>").into_bytes().into(),
             xml: format!("<xml><K>{key}</K></xml>"),
             fields: format!("{{\"K\":\"{key}\"}}"),
             msg_type: "event".into(),
-            event: Some("CLICK".into()),
+            event_type: Some("CLICK".into()),
         },
         targets: targets
             .iter()
@@ -55,6 +54,7 @@ async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (i64, Vec<i64>) {
         Enqueued::Stored {
             event_id,
             deliveries,
+            ..
         } => (event_id, deliveries),
         other => panic!("unexpected {other:?}"),
     }
@@ -143,7 +143,7 @@ async fn lease_hides_a_delivery_until_the_lease_ends() {
         assert_eq!(first.len(), 1, "{name}");
         assert_eq!(first[0].delivery_id, ids[0]);
         assert_eq!(first[0].event.xml, "<xml><K>k</K></xml>");
-        assert_eq!(first[0].event.body, b"<xml>k</xml>");
+        assert_eq!(first[0].event.body, &b"<xml>k</xml>"[..]);
         assert!(
             spool.lease("a", 500, 10, 1_000).await.unwrap().is_empty(),
             "{name}: hidden"
@@ -726,4 +726,30 @@ async fn expired_replay_guards_are_pruned() {
         .query_row("SELECT COUNT(*) FROM replay", [], |r| r.get(0))
         .unwrap();
     assert!(live <= 4, "{live} replay guards kept of 50");
+}
+
+#[tokio::test]
+async fn an_enqueue_hands_back_the_event_as_stored_with_its_id() {
+    for (name, spool, _dir) in spools() {
+        let new = event("k", &["a"], 10);
+        let given = new.event.clone();
+        let Enqueued::Stored {
+            event_id, event, ..
+        } = spool.enqueue(new, 10, WINDOW).await.unwrap()
+        else {
+            panic!("{name}: stored")
+        };
+        assert_eq!(*event, given, "{name}");
+        assert_eq!(
+            spool.event(event_id).await.unwrap().as_ref(),
+            Some(&given),
+            "{name}"
+        );
+        let leased = spool.lease("a", 10, 1, 1_000).await.unwrap();
+        assert_eq!(
+            (leased[0].event_id, &leased[0].event),
+            (event_id, &given),
+            "{name}"
+        );
+    }
 }

@@ -2,9 +2,8 @@
 //! for unit tests of the code around the spool.
 
 use super::{
-    DeadFilter, DeadLetter, DeadReason, DeliveryState, Enqueued, Lease, NewEvent, Release,
-    Schedule, Settlement, Spool, SpoolError, SpoolFuture, StoredEvent, TargetDepth,
-    WaitingDelivery,
+    DeadFilter, DeadLetter, DeadReason, DeliveryState, Enqueued, Event, Lease, NewEvent, Release,
+    Schedule, Settlement, Spool, SpoolError, SpoolFuture, TargetDepth, WaitingDelivery,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -30,7 +29,7 @@ struct Delivery {
 #[derive(Default)]
 struct State {
     next_id: i64,
-    events: HashMap<i64, StoredEvent>,
+    events: HashMap<i64, Event>,
     deliveries: BTreeMap<i64, Delivery>,
     dedup: HashMap<String, i64>,
     /// Replay guard key → (body hash, expires at).
@@ -62,7 +61,7 @@ impl State {
             account: e.account.clone(),
             dedup_key: e.dedup_key.clone(),
             msg_type: e.msg_type.clone(),
-            event: e.event.clone(),
+            event_type: e.event_type.clone(),
             received_at: e.received_at,
             dead_at: d.updated_at,
         })
@@ -103,7 +102,7 @@ impl Spool for MemorySpool {
     fn enqueue(&self, new: NewEvent, now: i64, window: i64) -> SpoolFuture<Enqueued> {
         self.with(move |s| {
             let NewEvent {
-                event: mut e,
+                event: e,
                 targets,
                 replay,
             } = new;
@@ -167,11 +166,11 @@ impl Spool for MemorySpool {
                 );
                 deliveries.push(id);
             }
-            e.event_id = event_id;
-            s.events.insert(event_id, e);
+            s.events.insert(event_id, e.clone());
             Enqueued::Stored {
                 event_id,
                 deliveries,
+                event: Box::new(e),
             }
         })
     }
@@ -213,6 +212,7 @@ impl Spool for MemorySpool {
                     target: target.clone(),
                     attempts,
                     schedule,
+                    event_id,
                     event: e.clone(),
                 });
             }
@@ -411,7 +411,7 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn event(&self, event_id: i64) -> SpoolFuture<Option<StoredEvent>> {
+    fn event(&self, event_id: i64) -> SpoolFuture<Option<Event>> {
         self.with(move |s| s.events.get(&event_id).cloned())
     }
 

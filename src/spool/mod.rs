@@ -33,6 +33,7 @@ mod sqlite;
 pub use memory::MemorySpool;
 pub use sqlite::SqliteSpool;
 
+use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -60,8 +61,8 @@ impl From<rusqlite::Error> for SpoolError {
 /// A verified push to store, with a delivery per target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
-    /// The event as it will be stored; its `event_id` is assigned by the spool.
-    pub event: StoredEvent,
+    /// The event as it will be stored; the spool gives it its id.
+    pub event: Event,
     /// One delivery per target; empty means the event matched no route.
     pub targets: Vec<NewDelivery>,
     /// Set when the request's signature does not cover its body.
@@ -97,6 +98,8 @@ pub enum Enqueued {
         event_id: i64,
         /// Delivery ids, in the order of [`NewEvent::targets`].
         deliveries: Vec<i64>,
+        /// The event as stored, handed back rather than copied beforehand.
+        event: Box<Event>,
     },
     Duplicate,
     /// The guard's query was already taken with another body: nothing stored.
@@ -112,7 +115,8 @@ pub struct Lease {
     pub attempts: u32,
     /// Where the delivery stands on its retry schedule.
     pub schedule: Schedule,
-    pub event: StoredEvent,
+    pub event_id: i64,
+    pub event: Event,
 }
 
 /// A delivery's place on its retry schedule, kept apart from when it is next
@@ -172,7 +176,7 @@ pub struct DeadLetter {
     pub account: String,
     pub dedup_key: String,
     pub msg_type: String,
-    pub event: Option<String>,
+    pub event_type: Option<String>,
     pub received_at: i64,
     /// When it was dead-lettered, unix milliseconds.
     pub dead_at: i64,
@@ -302,30 +306,31 @@ pub trait Spool: Send + Sync + 'static {
     /// not), soonest due first.
     fn waiting(&self, target: &str, limit: usize) -> SpoolFuture<Vec<WaitingDelivery>>;
     /// The stored XML and fields of an event, while it is in the spool.
-    fn event(&self, event_id: i64) -> SpoolFuture<Option<StoredEvent>>;
+    fn event(&self, event_id: i64) -> SpoolFuture<Option<Event>>;
     /// Checks that the spool still accepts writes (for readiness).
     fn probe(&self) -> SpoolFuture<()>;
 }
 
 /// An event as the spool holds it: the request as WeChat sent it, and what
 /// the relay made of it, so any target format can be built from it later.
+/// Its id is the spool's, kept beside it ([`Enqueued::Stored`], [`Lease`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredEvent {
-    pub event_id: i64,
+pub struct Event {
     pub dedup_key: String,
     pub account: String,
     /// Unix milliseconds.
     pub received_at: i64,
     /// The request's query string, byte for byte.
     pub query: String,
-    /// The request's body, byte for byte.
-    pub body: Vec<u8>,
+    /// The request's body, byte for byte; each attempt shares it.
+    pub body: Bytes,
     /// The decrypted (or, in plaintext mode, received) message XML.
     pub xml: String,
     /// The message's fields as a JSON object of strings.
     pub fields: String,
     pub msg_type: String,
-    pub event: Option<String>,
+    /// The `Event` element of an event message (`subscribe`, `CLICK`…).
+    pub event_type: Option<String>,
 }
 
 /// Where a delivery stands. A delivered one is removed, so it has no state.

@@ -31,8 +31,8 @@
 //! opens the file at the path (creating an empty one if there is none).
 
 use super::{
-    DeadFilter, DeadLetter, DeadReason, DeliveryState, Enqueued, Lease, NewEvent, Release,
-    ReplayGuard, Schedule, Settlement, Spool, SpoolError, SpoolFuture, StoredEvent, TargetDepth,
+    DeadFilter, DeadLetter, DeadReason, DeliveryState, Enqueued, Event, Lease, NewEvent, Release,
+    ReplayGuard, Schedule, Settlement, Spool, SpoolError, SpoolFuture, TargetDepth,
     WaitingDelivery,
 };
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
@@ -166,7 +166,7 @@ enum Read {
     DeadLetters(DeadFilter, usize, Reply<Vec<DeadLetter>>),
     Depth(Reply<Vec<TargetDepth>>),
     Waiting(String, usize, Reply<Vec<WaitingDelivery>>),
-    Event(i64, Reply<Option<StoredEvent>>),
+    Event(i64, Reply<Option<Event>>),
 }
 
 /// Deliveries handed out and not settled yet: id → (target, lease end).
@@ -553,7 +553,7 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>)
     }
     match cmd {
         Command::Enqueue(event, now, window, r) => {
-            deferred(r, in_savepoint(tx, |c| enqueue(c, &event, now, window)))
+            deferred(r, in_savepoint(tx, |c| enqueue(c, *event, now, window)))
         }
         Command::Record(s, now, r) => deferred(r, in_savepoint(tx, |c| record(c, &s, now))),
         Command::Retire(keep, now, r) => deferred(r, in_savepoint(tx, |c| retire(c, &keep, now))),
@@ -576,9 +576,13 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>)
     }
 }
 
-fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::Result<Enqueued> {
-    let (e, targets) = (&new.event, &new.targets);
-    if let Some(guard) = &new.replay {
+fn enqueue(c: &Connection, new: NewEvent, now: i64, window: i64) -> rusqlite::Result<Enqueued> {
+    let NewEvent {
+        event: e,
+        targets,
+        replay,
+    } = new;
+    if let Some(guard) = &replay {
         if !first_body_under(c, guard, now)? {
             return Ok(Enqueued::Replayed);
         }
@@ -603,11 +607,11 @@ fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::R
         e.account,
         e.received_at,
         e.query,
-        e.body,
+        &e.body[..],
         e.xml,
         e.fields,
         e.msg_type,
-        e.event
+        e.event_type
     ])?;
     let event_id = c.last_insert_rowid();
     let mut deliveries = Vec::with_capacity(targets.len());
@@ -627,7 +631,7 @@ fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::R
         "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
     )?;
-    for d in targets {
+    for d in &targets {
         insert.execute(params![
             event_id,
             d.target,
@@ -640,6 +644,7 @@ fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::R
     Ok(Enqueued::Stored {
         event_id,
         deliveries,
+        event: Box::new(e),
     })
 }
 
@@ -699,18 +704,8 @@ fn lease(
                 step: row.get(12)?,
                 due_at: row.get(13)?,
             },
-            event: StoredEvent {
-                event_id: row.get(1)?,
-                dedup_key: row.get(3)?,
-                account: row.get(4)?,
-                received_at: row.get(5)?,
-                query: row.get(6)?,
-                body: row.get(7)?,
-                xml: row.get(8)?,
-                fields: row.get(9)?,
-                msg_type: row.get(10)?,
-                event: row.get(11)?,
-            },
+            event_id: row.get(1)?,
+            event: event_from(row, 3)?,
         });
         held.insert(delivery_id, (target.to_string(), now + lease_ms));
         if leases.len() == limit {
@@ -859,7 +854,7 @@ fn dead_letters(c: &Connection, f: &DeadFilter, limit: usize) -> rusqlite::Resul
                 account: row.get(6)?,
                 dedup_key: row.get(7)?,
                 msg_type: row.get(8)?,
-                event: row.get(9)?,
+                event_type: row.get(9)?,
                 received_at: row.get(10)?,
                 dead_at: row.get(11)?,
             })
@@ -962,26 +957,30 @@ fn waiting(c: &Connection, target: &str, limit: usize) -> rusqlite::Result<Vec<W
     rows.collect()
 }
 
-fn stored_event(c: &Connection, id: i64) -> rusqlite::Result<Option<StoredEvent>> {
+fn stored_event(c: &Connection, id: i64) -> rusqlite::Result<Option<Event>> {
     c.prepare_cached(
-        "SELECT id, dedup_key, account, received_at, query, body, xml, fields, msg_type, event
+        "SELECT dedup_key, account, received_at, query, body, xml, fields, msg_type, event
          FROM events WHERE id = ?1",
     )?
-    .query_row(params![id], |row| {
-        Ok(StoredEvent {
-            event_id: row.get(0)?,
-            dedup_key: row.get(1)?,
-            account: row.get(2)?,
-            received_at: row.get(3)?,
-            query: row.get(4)?,
-            body: row.get(5)?,
-            xml: row.get(6)?,
-            fields: row.get(7)?,
-            msg_type: row.get(8)?,
-            event: row.get(9)?,
-        })
-    })
+    .query_row(params![id], |row| event_from(row, 0))
     .optional()
+}
+
+/// The event in the row's columns from `first` on, in the order of the
+/// events table: dedup_key, account, received_at, query, body, xml, fields,
+/// msg_type, event.
+fn event_from(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Event> {
+    Ok(Event {
+        dedup_key: row.get(first)?,
+        account: row.get(first + 1)?,
+        received_at: row.get(first + 2)?,
+        query: row.get(first + 3)?,
+        body: row.get::<_, Vec<u8>>(first + 4)?.into(),
+        xml: row.get(first + 5)?,
+        fields: row.get(first + 6)?,
+        msg_type: row.get(first + 7)?,
+        event_type: row.get(first + 8)?,
+    })
 }
 
 impl Spool for SqliteSpool {
@@ -1039,7 +1038,7 @@ impl Spool for SqliteSpool {
         let target = target.to_string();
         self.read(|r| Read::Waiting(target, limit, r))
     }
-    fn event(&self, event_id: i64) -> SpoolFuture<Option<StoredEvent>> {
+    fn event(&self, event_id: i64) -> SpoolFuture<Option<Event>> {
         self.read(|r| Read::Event(event_id, r))
     }
     fn probe(&self) -> SpoolFuture<()> {
@@ -1051,21 +1050,20 @@ impl Spool for SqliteSpool {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::spool::{NewDelivery, StoredEvent};
+    use crate::spool::{Event, NewDelivery};
 
     fn event(key: &str, body_bytes: usize) -> NewEvent {
         NewEvent {
-            event: StoredEvent {
-                event_id: 0,
+            event: Event {
                 dedup_key: key.into(),
                 account: "main".into(),
                 received_at: 1,
                 query: String::new(),
-                body: vec![b'x'; body_bytes],
+                body: vec![b'x'; body_bytes].into(),
                 xml: "<xml/>".into(),
                 fields: "{}".into(),
                 msg_type: "event".into(),
-                event: None,
+                event_type: None,
             },
             targets: vec![NewDelivery {
                 target: "hooks".into(),

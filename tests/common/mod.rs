@@ -298,16 +298,17 @@ impl TestRelay {
     }
 
     /// Every event stored as an `unrouted` dead letter, oldest first.
-    pub async fn unrouted(&self) -> Vec<wxrelay::spool::StoredEvent> {
+    pub async fn unrouted(&self) -> Vec<wxrelay::spool::Event> {
         let filter = DeadFilter {
             reason: Some(DeadReason::Unrouted),
             ..Default::default()
         };
+        let mut dead = self.spool.dead_letters(filter, 100_000).await.unwrap();
+        dead.sort_by_key(|d| d.event_id);
         let mut events = Vec::new();
-        for d in self.spool.dead_letters(filter, 100_000).await.unwrap() {
+        for d in dead {
             events.push(self.spool.event(d.event_id).await.unwrap().unwrap());
         }
-        events.sort_by_key(|e| e.event_id);
         events
     }
 
