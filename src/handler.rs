@@ -16,7 +16,8 @@ use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
 use crate::route;
 use crate::spool::{
-    DeadReason, Enqueued, Event, NewDelivery, NewEvent, ReplayGuard, Schedule, SpoolError,
+    DeadReason, DeliveryId, Enqueued, Event, EventId, NewDelivery, NewEvent, ReplayGuard, Schedule,
+    SpoolError,
 };
 use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::{Message, XmlError};
@@ -169,7 +170,7 @@ enum Answer {
 #[derive(Debug)]
 struct Accepted {
     duplicate: bool,
-    event_id: Option<i64>,
+    event_id: Option<EventId>,
     /// Stored as an `unrouted` dead letter: no rule matched.
     unrouted: bool,
     msg_type: String,
@@ -244,7 +245,7 @@ pub async fn handle(
                 verdict,
                 latency_ms,
                 key = %a.key_hash,
-                event_id = a.event_id,
+                event_id = a.event_id.map(|id| id.0),
                 unrouted = a.unrouted,
                 reply = a.reply,
                 "push answered"
@@ -645,13 +646,13 @@ async fn accept_push(
     }
     if let Some((target, position)) = reply_from {
         let remaining = reply_budget.saturating_sub(started.elapsed());
-        let delivery_id = deliveries.get(position).copied().unwrap_or_default();
         // With no time left, an attempt could not even be sent: leave the
         // delivery to the workers rather than count an attempt never made.
-        let reply = if remaining < MIN_INLINE_ATTEMPT {
-            InlineReply::Failed
-        } else {
-            reply_inline(shared, &target, delivery_id, &stored, remaining).await
+        let reply = match deliveries.get(position) {
+            Some(&delivery_id) if remaining >= MIN_INLINE_ATTEMPT => {
+                reply_inline(shared, &target, delivery_id, &stored, remaining).await
+            }
+            _ => InlineReply::Failed,
         };
         let (body, outcome) = answer_with(account, &target.name, &verified, &q, reply);
         accepted.body = body;
@@ -724,7 +725,7 @@ enum InlineReply {
 async fn reply_inline(
     shared: &Shared,
     target: &Target,
-    delivery_id: i64,
+    delivery_id: DeliveryId,
     event: &Event,
     remaining: Duration,
 ) -> InlineReply {

@@ -419,7 +419,7 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
     assert!(!out.contains(DEFAULT_FROM), "no OpenID: {out}");
 
     let show = |content| DlqCommand::Show {
-        id: rejected.delivery_id,
+        id: rejected.delivery_id.0,
         content,
     };
     let out = run(show(false)).await.unwrap();

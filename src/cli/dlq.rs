@@ -14,7 +14,9 @@
 use super::CliError;
 use crate::config::Settings;
 use crate::handler::short_hash;
-use crate::spool::{DeadFilter, DeadLetter, DeadReason, Spool, SpoolError, SqliteSpool};
+use crate::spool::{
+    DeadFilter, DeadLetter, DeadReason, DeliveryId, Spool, SpoolError, SqliteSpool,
+};
 use crate::wechat::message::Message;
 use std::fmt::Write as _;
 use std::str::FromStr;
@@ -90,7 +92,7 @@ impl Selection {
             reason: self.reason,
             since: self.since.map(|w| w.at_ms(now_ms)),
             until: self.until.map(|w| w.at_ms(now_ms)),
-            delivery_id: self.id,
+            delivery_id: self.id.map(DeliveryId),
         }
     }
 }
@@ -216,7 +218,7 @@ async fn count_unrouted(spool: &dyn Spool, filter: &DeadFilter) -> Result<u64, C
 
 async fn show(spool: &dyn Spool, id: i64, content: bool) -> Result<String, CliError> {
     let filter = DeadFilter {
-        delivery_id: Some(id),
+        delivery_id: Some(DeliveryId(id)),
         ..DeadFilter::default()
     };
     let dead = spool.dead_letters(filter, 1).await.map_err(failed)?;

@@ -14,7 +14,7 @@
 use super::dlq::{clip, failed, listing, plural, rfc3339, ERROR_WIDTH};
 use super::CliError;
 use crate::config::Settings;
-use crate::spool::{Release, Spool, WaitingDelivery};
+use crate::spool::{DeliveryId, Release, Spool, WaitingDelivery};
 use std::fmt::Write as _;
 
 /// How many pending deliveries `retry-now` looks at to say which it left held.
@@ -95,6 +95,7 @@ async fn retry_now(
     ignore_retry_after: bool,
     now_ms: i64,
 ) -> Result<String, CliError> {
+    let delivery = delivery.map(DeliveryId);
     let release = Release {
         target: target.to_owned(),
         delivery_id: delivery,

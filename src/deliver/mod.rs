@@ -506,7 +506,7 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
     );
     tracing::info!(
         target = %target.name,
-        delivery_id = lease.delivery_id,
+        delivery_id = lease.delivery_id.0,
         attempt = lease.attempts + 1,
         status = result.status.map(|s| s.as_u16()),
         outcome,
@@ -529,7 +529,7 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
             spool_failed(shared, &target.name, "settle");
             match faults.settle.failed() {
                 Repeat::First => {
-                    tracing::error!(target = %target.name, delivery_id = lease.delivery_id, error = %e, "cannot record a delivery outcome; it is held until its lease ends, then sent again")
+                    tracing::error!(target = %target.name, delivery_id = lease.delivery_id.0, error = %e, "cannot record a delivery outcome; it is held until its lease ends, then sent again")
                 }
                 Repeat::Summary(n) => {
                     tracing::error!(target = %target.name, error = %e, failures = n, "still cannot record delivery outcomes")

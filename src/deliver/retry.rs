@@ -6,7 +6,7 @@
 //! the worker loop only applies it.
 
 use crate::config::RetryPolicy;
-use crate::spool::{DeadReason, Schedule, Settlement};
+use crate::spool::{DeadReason, DeliveryId, Schedule, Settlement};
 use http::StatusCode;
 use std::time::{Duration, SystemTime};
 
@@ -69,7 +69,7 @@ pub fn jittered(delay: Duration, unit: f64) -> Duration {
 /// What the spool should record for a delivery at `schedule` after this
 /// attempt's verdict; the attempt started at `started_ms` and ended at `now_ms`.
 pub fn decide(
-    delivery_id: i64,
+    delivery_id: DeliveryId,
     policy: &RetryPolicy,
     schedule: Schedule,
     verdict: Verdict,
@@ -175,6 +175,8 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
     }
 
+    const ID: DeliveryId = DeliveryId(1);
+
     fn at(step: u32, due_at: i64) -> Schedule {
         Schedule { step, due_at }
     }
@@ -187,9 +189,9 @@ mod tests {
             retry_after: None,
         };
         assert_eq!(
-            decide(1, &p, at(0, 0), retry(), 0, 0, 0.5),
+            decide(ID, &p, at(0, 0), retry(), 0, 0, 0.5),
             Settlement::Retry {
-                delivery_id: 1,
+                delivery_id: ID,
                 next_at: 10_000,
                 schedule: at(1, 10_000),
                 not_before: 0,
@@ -197,9 +199,9 @@ mod tests {
             }
         );
         assert_eq!(
-            decide(1, &p, at(1, 0), retry(), 0, 0, 0.5),
+            decide(ID, &p, at(1, 0), retry(), 0, 0, 0.5),
             Settlement::Retry {
-                delivery_id: 1,
+                delivery_id: ID,
                 next_at: 60_000,
                 schedule: at(2, 60_000),
                 not_before: 0,
@@ -207,9 +209,9 @@ mod tests {
             }
         );
         assert_eq!(
-            decide(1, &p, at(2, 0), retry(), 0, 0, 0.5),
+            decide(ID, &p, at(2, 0), retry(), 0, 0, 0.5),
             Settlement::Dead {
-                delivery_id: 1,
+                delivery_id: ID,
                 reason: DeadReason::Exhausted,
                 error: "HTTP 503".into()
             }
@@ -224,9 +226,9 @@ mod tests {
             retry_after: Some(Duration::from_secs(30)),
         };
         assert_eq!(
-            decide(1, &p, at(0, 0), verdict, 1_000, 1_000, 0.0),
+            decide(ID, &p, at(0, 0), verdict, 1_000, 1_000, 0.0),
             Settlement::Retry {
-                delivery_id: 1,
+                delivery_id: ID,
                 next_at: 31_000,
                 schedule: at(1, 31_000),
                 not_before: 31_000,
@@ -244,9 +246,9 @@ mod tests {
         };
         // Due on its schedule at 70 s after one failure; released and sent at 20 s.
         assert_eq!(
-            decide(1, &p, at(1, 70_000), retry(None), 20_000, 20_500, 0.9),
+            decide(ID, &p, at(1, 70_000), retry(None), 20_000, 20_500, 0.9),
             Settlement::Retry {
-                delivery_id: 1,
+                delivery_id: ID,
                 next_at: 70_000,
                 schedule: at(1, 70_000),
                 not_before: 0,
@@ -255,13 +257,13 @@ mod tests {
         );
         // At the last step, an early failure does not exhaust it.
         assert!(matches!(
-            decide(1, &p, at(2, 70_000), retry(None), 20_000, 20_000, 0.5),
+            decide(ID, &p, at(2, 70_000), retry(None), 20_000, 20_000, 0.5),
             Settlement::Retry { .. }
         ));
         // A Retry-After beyond the schedule's time still holds.
         assert_eq!(
             decide(
-                1,
+                ID,
                 &p,
                 at(1, 70_000),
                 retry(Some(Duration::from_secs(120))),
@@ -270,7 +272,7 @@ mod tests {
                 0.5
             ),
             Settlement::Retry {
-                delivery_id: 1,
+                delivery_id: ID,
                 next_at: 140_000,
                 schedule: at(1, 70_000),
                 not_before: 140_000,

@@ -49,7 +49,7 @@ fn guarded(key: &str, query: &str, body: &str, now: i64, expires_at: i64) -> New
     }
 }
 
-async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (i64, Vec<i64>) {
+async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (EventId, Vec<DeliveryId>) {
     match spool.enqueue(e, now, WINDOW).await.unwrap() {
         Enqueued::Stored {
             event_id,
@@ -74,7 +74,7 @@ const EARLIER_TABLES: &str = "
 
 /// A first failure, the next attempt due at 120 s, held by Retry-After to
 /// `not_before` (0: not held).
-fn failed_once(id: i64, not_before: i64) -> Settlement {
+fn failed_once(id: DeliveryId, not_before: i64) -> Settlement {
     Settlement::Retry {
         delivery_id: id,
         next_at: 120_000,
@@ -285,7 +285,7 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
         let (_, a) = stored(&*spool, event("k1", &["a"], 0), 0).await;
         let (_, b) = stored(&*spool, event("k2", &["b"], 0), 0).await;
         stored(&*spool, event("k3", &[], 0), 0).await;
-        let dead = |id: i64, why: DeadReason| Settlement::Dead {
+        let dead = |id: DeliveryId, why: DeadReason| Settlement::Dead {
             delivery_id: id,
             reason: why,
             error: "HTTP 400: bad".into(),
@@ -539,7 +539,7 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
             )
             .await
             .unwrap();
-        let only = |id: i64, past_retry_after: bool| Release {
+        let only = |id: DeliveryId, past_retry_after: bool| Release {
             target: "a".into(),
             delivery_id: Some(id),
             past_retry_after,
@@ -551,7 +551,7 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
             "{name}: Retry-After holds"
         );
         assert_eq!(spool.release(only(held[0], true), 2).await.unwrap(), 1);
-        let mut due: Vec<i64> = spool
+        let mut due: Vec<DeliveryId> = spool
             .lease("a", 2, 10, 60_000)
             .await
             .unwrap()

@@ -2,15 +2,16 @@
 //! for unit tests of the code around the spool.
 
 use super::{
-    DeadFilter, DeadLetter, DeadReason, DeliveryState, Enqueued, Event, Lease, NewEvent, Release,
-    Schedule, Settlement, Spool, SpoolError, SpoolFuture, TargetDepth, WaitingDelivery,
+    DeadFilter, DeadLetter, DeadReason, DeliveryId, DeliveryState, Enqueued, Event, EventId, Lease,
+    NewEvent, Release, Schedule, Settlement, Spool, SpoolError, SpoolFuture, TargetDepth,
+    WaitingDelivery,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 #[derive(Debug, Clone)]
 struct Delivery {
-    event_id: i64,
+    event_id: EventId,
     target: Option<String>,
     state: DeliveryState,
     attempts: u32,
@@ -29,8 +30,8 @@ struct Delivery {
 #[derive(Default)]
 struct State {
     next_id: i64,
-    events: HashMap<i64, Event>,
-    deliveries: BTreeMap<i64, Delivery>,
+    events: HashMap<EventId, Event>,
+    deliveries: BTreeMap<DeliveryId, Delivery>,
     dedup: HashMap<String, i64>,
     /// Replay guard key → (body hash, expires at).
     replay: HashMap<String, ([u8; 32], i64)>,
@@ -42,13 +43,13 @@ impl State {
         self.next_id
     }
 
-    fn drop_event_if_done(&mut self, event_id: i64) {
+    fn drop_event_if_done(&mut self, event_id: EventId) {
         if !self.deliveries.values().any(|d| d.event_id == event_id) {
             self.events.remove(&event_id);
         }
     }
 
-    fn dead_letter(&self, id: i64, d: &Delivery) -> Option<DeadLetter> {
+    fn dead_letter(&self, id: DeliveryId, d: &Delivery) -> Option<DeadLetter> {
         let e = self.events.get(&d.event_id)?;
         let reason = d.reason.filter(|_| d.state == DeliveryState::Dead)?;
         Some(DeadLetter {
@@ -67,7 +68,7 @@ impl State {
         })
     }
 
-    fn selected_dead(&self, f: &DeadFilter) -> Vec<i64> {
+    fn selected_dead(&self, f: &DeadFilter) -> Vec<DeliveryId> {
         self.deliveries
             .iter()
             .filter(|(_, d)| d.state == DeliveryState::Dead)
@@ -122,9 +123,9 @@ impl Spool for MemorySpool {
                 return Enqueued::Duplicate;
             }
             s.dedup.insert(e.dedup_key.clone(), now + window);
-            let event_id = s.id();
+            let event_id = EventId(s.id());
             if targets.is_empty() {
-                let id = s.id();
+                let id = DeliveryId(s.id());
                 s.deliveries.insert(
                     id,
                     Delivery {
@@ -144,7 +145,7 @@ impl Spool for MemorySpool {
             }
             let mut deliveries = Vec::new();
             for t in &targets {
-                let id = s.id();
+                let id = DeliveryId(s.id());
                 s.deliveries.insert(
                     id,
                     Delivery {
@@ -184,7 +185,7 @@ impl Spool for MemorySpool {
     ) -> SpoolFuture<Vec<Lease>> {
         let target = target.to_string();
         self.with(move |s| {
-            let mut due: Vec<(i64, i64)> = s
+            let mut due: Vec<(i64, DeliveryId)> = s
                 .deliveries
                 .iter()
                 .filter(|(_, d)| {
@@ -411,7 +412,7 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn event(&self, event_id: i64) -> SpoolFuture<Option<Event>> {
+    fn event(&self, event_id: EventId) -> SpoolFuture<Option<Event>> {
         self.with(move |s| s.events.get(&event_id).cloned())
     }
 

@@ -37,6 +37,31 @@ use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
 
+/// Defines an id the spool assigns: a row id, a number only at the SQL,
+/// log and command-line edges.
+macro_rules! spool_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(pub i64);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+spool_id!(
+    /// An event's id in the spool.
+    EventId
+);
+spool_id!(
+    /// A delivery's id in the spool: one event has one per target.
+    DeliveryId
+);
+
 /// A spool operation in flight; resolves once its effect is durable.
 pub type SpoolFuture<T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send>>;
 
@@ -95,9 +120,9 @@ pub struct NewDelivery {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
     Stored {
-        event_id: i64,
+        event_id: EventId,
         /// Delivery ids, in the order of [`NewEvent::targets`].
-        deliveries: Vec<i64>,
+        deliveries: Vec<DeliveryId>,
         /// The event as stored, handed back rather than copied beforehand.
         event: Box<Event>,
     },
@@ -109,13 +134,13 @@ pub enum Enqueued {
 /// A due delivery handed to a worker, with the event it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub delivery_id: i64,
+    pub delivery_id: DeliveryId,
     pub target: String,
     /// Attempts made before this one.
     pub attempts: u32,
     /// Where the delivery stands on its retry schedule.
     pub schedule: Schedule,
-    pub event_id: i64,
+    pub event_id: EventId,
     pub event: Event,
 }
 
@@ -134,10 +159,10 @@ pub struct Schedule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
     Delivered {
-        delivery_id: i64,
+        delivery_id: DeliveryId,
     },
     Retry {
-        delivery_id: i64,
+        delivery_id: DeliveryId,
         next_at: i64,
         /// The schedule after this attempt.
         schedule: Schedule,
@@ -147,14 +172,14 @@ pub enum Settlement {
         error: String,
     },
     Dead {
-        delivery_id: i64,
+        delivery_id: DeliveryId,
         reason: DeadReason,
         error: String,
     },
 }
 
 impl Settlement {
-    pub fn delivery_id(&self) -> i64 {
+    pub fn delivery_id(&self) -> DeliveryId {
         match self {
             Settlement::Delivered { delivery_id }
             | Settlement::Retry { delivery_id, .. }
@@ -166,8 +191,8 @@ impl Settlement {
 /// A delivery in the dead-letter table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
-    pub delivery_id: i64,
-    pub event_id: i64,
+    pub delivery_id: DeliveryId,
+    pub event_id: EventId,
     /// `None` for an event that matched no route.
     pub target: Option<String>,
     pub reason: DeadReason,
@@ -191,7 +216,7 @@ pub struct DeadFilter {
     pub since: Option<i64>,
     /// Dead-lettered before, unix milliseconds.
     pub until: Option<i64>,
-    pub delivery_id: Option<i64>,
+    pub delivery_id: Option<DeliveryId>,
 }
 
 impl DeadFilter {
@@ -209,8 +234,8 @@ impl DeadFilter {
 /// A delivery still waiting for its target: one in the pending state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WaitingDelivery {
-    pub delivery_id: i64,
-    pub event_id: i64,
+    pub delivery_id: DeliveryId,
+    pub event_id: EventId,
     pub attempts: u32,
     /// When it is next due, unix milliseconds; one being sent shows when it
     /// was due (leases are not listed).
@@ -230,7 +255,7 @@ pub struct WaitingDelivery {
 pub struct Release {
     pub target: String,
     /// Only this delivery.
-    pub delivery_id: Option<i64>,
+    pub delivery_id: Option<DeliveryId>,
     /// Also those the target asked, with Retry-After, not to be sent yet.
     pub past_retry_after: bool,
 }
@@ -247,7 +272,7 @@ impl Release {
 
     fn admits(
         &self,
-        id: i64,
+        id: DeliveryId,
         target: Option<&str>,
         attempts: u32,
         not_before: i64,
@@ -306,7 +331,7 @@ pub trait Spool: Send + Sync + 'static {
     /// not), soonest due first.
     fn waiting(&self, target: &str, limit: usize) -> SpoolFuture<Vec<WaitingDelivery>>;
     /// The stored XML and fields of an event, while it is in the spool.
-    fn event(&self, event_id: i64) -> SpoolFuture<Option<Event>>;
+    fn event(&self, event_id: EventId) -> SpoolFuture<Option<Event>>;
     /// Checks that the spool still accepts writes (for readiness).
     fn probe(&self) -> SpoolFuture<()>;
 }

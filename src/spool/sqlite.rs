@@ -31,9 +31,9 @@
 //! opens the file at the path (creating an empty one if there is none).
 
 use super::{
-    DeadFilter, DeadLetter, DeadReason, DeliveryState, Enqueued, Event, Lease, NewEvent, Release,
-    ReplayGuard, Schedule, Settlement, Spool, SpoolError, SpoolFuture, TargetDepth,
-    WaitingDelivery,
+    DeadFilter, DeadLetter, DeadReason, DeliveryId, DeliveryState, Enqueued, Event, EventId, Lease,
+    NewEvent, Release, ReplayGuard, Schedule, Settlement, Spool, SpoolError, SpoolFuture,
+    TargetDepth, WaitingDelivery,
 };
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, ToSql, Transaction};
@@ -75,6 +75,25 @@ impl ToSql for DeadReason {
         Ok(self.as_str().into())
     }
 }
+
+/// Ids are row ids: integers in the file.
+macro_rules! sql_id {
+    ($($id:ident),*) => {$(
+        impl ToSql for $id {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(self.0.into())
+            }
+        }
+
+        impl FromSql for $id {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                value.as_i64().map($id)
+            }
+        }
+    )*};
+}
+
+sql_id!(EventId, DeliveryId);
 
 impl FromSql for DeadReason {
     fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
@@ -166,11 +185,11 @@ enum Read {
     DeadLetters(DeadFilter, usize, Reply<Vec<DeadLetter>>),
     Depth(Reply<Vec<TargetDepth>>),
     Waiting(String, usize, Reply<Vec<WaitingDelivery>>),
-    Event(i64, Reply<Option<Event>>),
+    Event(EventId, Reply<Option<Event>>),
 }
 
 /// Deliveries handed out and not settled yet: id → (target, lease end).
-type Leased = Arc<Mutex<HashMap<i64, (String, i64)>>>;
+type Leased = Arc<Mutex<HashMap<DeliveryId, (String, i64)>>>;
 
 /// The SQLite spool. Dropping it (or calling [`SqliteSpool::close`]) lets the
 /// writer finish what it has queued and close the file.
@@ -613,7 +632,7 @@ fn enqueue(c: &Connection, new: NewEvent, now: i64, window: i64) -> rusqlite::Re
         e.msg_type,
         e.event_type
     ])?;
-    let event_id = c.last_insert_rowid();
+    let event_id = EventId(c.last_insert_rowid());
     let mut deliveries = Vec::with_capacity(targets.len());
     if targets.is_empty() {
         c.prepare_cached(
@@ -639,7 +658,7 @@ fn enqueue(c: &Connection, new: NewEvent, now: i64, window: i64) -> rusqlite::Re
             d.due_at,
             now
         ])?;
-        deliveries.push(c.last_insert_rowid());
+        deliveries.push(DeliveryId(c.last_insert_rowid()));
     }
     Ok(Enqueued::Stored {
         event_id,
@@ -692,7 +711,7 @@ fn lease(
     let mut rows = select.query(params![target, now, (limit + skip) as i64])?;
     let mut leases = Vec::with_capacity(limit);
     while let Some(row) = rows.next()? {
-        let delivery_id: i64 = row.get(0)?;
+        let delivery_id: DeliveryId = row.get(0)?;
         if held.contains_key(&delivery_id) {
             continue;
         }
@@ -957,7 +976,7 @@ fn waiting(c: &Connection, target: &str, limit: usize) -> rusqlite::Result<Vec<W
     rows.collect()
 }
 
-fn stored_event(c: &Connection, id: i64) -> rusqlite::Result<Option<Event>> {
+fn stored_event(c: &Connection, id: EventId) -> rusqlite::Result<Option<Event>> {
     c.prepare_cached(
         "SELECT dedup_key, account, received_at, query, body, xml, fields, msg_type, event
          FROM events WHERE id = ?1",
@@ -998,7 +1017,7 @@ impl Spool for SqliteSpool {
         self.read(|r| Read::Lease(target, now_ms, limit, lease_ms, r))
     }
     fn record(&self, settlements: Vec<Settlement>, now_ms: i64) -> SpoolFuture<()> {
-        let ids: Vec<i64> = settlements.iter().map(Settlement::delivery_id).collect();
+        let ids: Vec<DeliveryId> = settlements.iter().map(Settlement::delivery_id).collect();
         let committed = self.submit(|r| Command::Record(settlements, now_ms, r));
         let leased = self.leased.clone();
         // The lease is let go only once the outcome is in the file, so the
@@ -1038,7 +1057,7 @@ impl Spool for SqliteSpool {
         let target = target.to_string();
         self.read(|r| Read::Waiting(target, limit, r))
     }
-    fn event(&self, event_id: i64) -> SpoolFuture<Option<Event>> {
+    fn event(&self, event_id: EventId) -> SpoolFuture<Option<Event>> {
         self.read(|r| Read::Event(event_id, r))
     }
     fn probe(&self) -> SpoolFuture<()> {
