@@ -17,7 +17,7 @@ use crate::deliver::{self, retry, retry::Verdict};
 use crate::route;
 use crate::spool::{
     DeadReason, DeliveryId, Enqueued, Event, EventId, NewDelivery, NewEvent, ReplayGuard, Schedule,
-    SpoolError,
+    SpoolError, UnixMs,
 };
 use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::{Message, XmlError};
@@ -552,7 +552,7 @@ async fn accept_push(
     } = signed;
     let verified = verify_push(account, &q, encrypted, &body)?;
     let message = &verified.message;
-    let now = shared.clock.now_ms();
+    let now = UnixMs(shared.clock.now_ms());
 
     let input = route::route_input(&account.id, message);
     let rule = route::route(&config.routes, &input).map(|(_, rule)| rule);
@@ -584,7 +584,7 @@ async fn accept_push(
     let timestamp = q.get("timestamp").map(String::as_str).unwrap_or_default();
     // Until the query goes stale, a replay of it must still find its guard and
     // its dedup key, even when the timestamp is ahead of the relay's clock.
-    let stale_at = stale_at(account, timestamp).unwrap_or(now + dedup_window);
+    let stale_at = stale_at(account, timestamp).map_or(now + dedup_window, UnixMs);
     let event = NewEvent {
         replay: replay_guard(account, &q, &verified.xml, stale_at),
         event: Event {
@@ -687,7 +687,7 @@ fn replay_guard(
     account: &Account,
     q: &HashMap<String, String>,
     message_xml: &str,
-    stale_at: i64,
+    stale_at: UnixMs,
 ) -> Option<ReplayGuard> {
     if account.mode == Mode::Secure {
         return None;
@@ -741,7 +741,7 @@ async fn reply_inline(
     .await;
     let delivered = result.verdict == Verdict::Delivered;
     let unit: f64 = rand::thread_rng().gen();
-    let now = shared.clock.now_ms();
+    let now = UnixMs(shared.clock.now_ms());
     let settlement = retry::decide(
         delivery_id,
         &target.retry,
@@ -759,7 +759,9 @@ async fn reply_inline(
     );
     // Not awaited: WeChat's answer does not depend on it, and if the record
     // is lost the lease expires and the workers send it again.
-    let settled = shared.spool.record(vec![settlement], shared.clock.now_ms());
+    let settled = shared
+        .spool
+        .record(vec![settlement], UnixMs(shared.clock.now_ms()));
     tokio::spawn(async move {
         if let Err(e) = settled.await {
             tracing::error!(error = %e, "cannot record the reply target's outcome");

@@ -438,7 +438,7 @@ async fn retry_after_is_honoured_over_the_schedule() {
     );
     assert!(hooks.wait_for(1, WAIT).await);
     assert!(relay.until_attempts("hooks", 1).await);
-    let due_in = relay.spool.waiting("hooks", 1).await.unwrap()[0].next_at
+    let due_in = relay.spool.waiting("hooks", 1).await.unwrap()[0].next_at.0
         - wxrelay::clock::Clock::now_ms(&*relay.clock);
     assert!(
         (120_000..=121_000).contains(&due_in),

@@ -64,7 +64,7 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
     let mut seen = 1;
     let mut early = 0;
     let mut early_in_step = 0;
-    let mut due_in_step = first.schedule.due_at;
+    let mut due_in_step = first.schedule.due_at.0;
     let mut msg_id = 100;
     let secs = |ms: i64| (ms - t0) as f64 / 1000.0;
     let dead = loop {
@@ -117,7 +117,7 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
                 on_schedule.push(now);
                 early_in_step = 0;
                 if let Some(p) = &state {
-                    due_in_step = p.schedule.due_at;
+                    due_in_step = p.schedule.due_at.0;
                 }
             }
             let sent_early = sent - usize::from(advanced);
@@ -129,11 +129,11 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
                     "not sooner than its schedule"
                 );
                 assert_eq!(
-                    p.schedule.due_at,
+                    p.schedule.due_at.0,
                     due_in_step,
                     "an early attempt moved the schedule from +{:.0} s to +{:.0} s",
                     secs(due_in_step),
-                    secs(p.schedule.due_at)
+                    secs(p.schedule.due_at.0)
                 );
             }
         }
@@ -234,7 +234,7 @@ async fn a_target_that_recovers_inside_the_release_window_gets_its_whole_backlog
         drained,
         "{} deliveries still waiting, due up to {:.1} h from now",
         left.len(),
-        left.iter().map(|p| p.next_at - now).max().unwrap_or(0) as f64 / 3_600_000.0
+        left.iter().map(|p| p.next_at.0 - now).max().unwrap_or(0) as f64 / 3_600_000.0
     );
     eprintln!(
         "backlog of {BACKLOG} drained {} ms after the release was allowed",

@@ -108,7 +108,7 @@ async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
     hooks.set_default(Behaviour::status(200));
     let first = before
         .iter()
-        .find(|p| p.not_before == 0)
+        .find(|p| p.not_before.0 == 0)
         .unwrap()
         .delivery_id;
     let (code, out) = command(&[
@@ -146,7 +146,10 @@ async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
         "{out}"
     );
     let held = &relay.spool.waiting("hooks", 10).await.unwrap()[0];
-    assert!(held.not_before > cli::now_ms(), "the 429's delivery waits");
+    assert!(
+        held.not_before.0 > cli::now_ms(),
+        "the 429's delivery waits"
+    );
 
     let (code, out) = command(&[
         "pending",

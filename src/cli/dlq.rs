@@ -15,7 +15,7 @@ use super::CliError;
 use crate::config::Settings;
 use crate::handler::short_hash;
 use crate::spool::{
-    DeadFilter, DeadLetter, DeadReason, DeliveryId, Spool, SpoolError, SqliteSpool,
+    DeadFilter, DeadLetter, DeadReason, DeliveryId, Spool, SpoolError, SqliteSpool, UnixMs,
 };
 use crate::wechat::message::Message;
 use std::fmt::Write as _;
@@ -90,8 +90,8 @@ impl Selection {
         DeadFilter {
             target: self.target.clone(),
             reason: self.reason,
-            since: self.since.map(|w| w.at_ms(now_ms)),
-            until: self.until.map(|w| w.at_ms(now_ms)),
+            since: self.since.map(|w| UnixMs(w.at_ms(now_ms))),
+            until: self.until.map(|w| UnixMs(w.at_ms(now_ms))),
             delivery_id: self.id.map(DeliveryId),
         }
     }
@@ -157,7 +157,7 @@ pub async fn run(spool: &dyn Spool, command: &DlqCommand, now_ms: i64) -> Result
             guard("replay", select, *all)?;
             let filter = select.filter(now_ms);
             let unrouted = count_unrouted(spool, &filter).await?;
-            let replayed = spool.replay(filter, now_ms).await.map_err(failed)?;
+            let replayed = spool.replay(filter, UnixMs(now_ms)).await.map_err(failed)?;
             let mut out = match replayed {
                 0 => "no delivery was made due again\n".to_owned(),
                 n => format!(
@@ -343,9 +343,8 @@ fn kind(d: &DeadLetter) -> String {
     }
 }
 
-pub(super) fn rfc3339(ms: i64) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(at).to_string()
+pub(super) fn rfc3339(at: UnixMs) -> String {
+    humantime::format_rfc3339_seconds(at.to_system_time()).to_string()
 }
 
 /// One line of at most `max` characters.

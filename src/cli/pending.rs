@@ -14,7 +14,7 @@
 use super::dlq::{clip, failed, listing, plural, rfc3339, ERROR_WIDTH};
 use super::CliError;
 use crate::config::Settings;
-use crate::spool::{DeliveryId, Release, Spool, WaitingDelivery};
+use crate::spool::{DeliveryId, Release, Spool, UnixMs, WaitingDelivery};
 use std::fmt::Write as _;
 
 /// How many pending deliveries `retry-now` looks at to say which it left held.
@@ -75,6 +75,7 @@ pub async fn run(
     command: &PendingCommand,
     now_ms: i64,
 ) -> Result<String, CliError> {
+    let now_ms = UnixMs(now_ms);
     match command {
         PendingCommand::List { target, limit } => {
             let pending = spool.waiting(target, *limit).await.map_err(failed)?;
@@ -93,7 +94,7 @@ async fn retry_now(
     target: &str,
     delivery: Option<i64>,
     ignore_retry_after: bool,
-    now_ms: i64,
+    now_ms: UnixMs,
 ) -> Result<String, CliError> {
     let delivery = delivery.map(DeliveryId);
     let release = Release {
@@ -156,7 +157,7 @@ async fn retry_now(
 }
 
 /// The list as a table with aligned columns.
-fn table(target: &str, pending: &[WaitingDelivery], limit: usize, now_ms: i64) -> String {
+fn table(target: &str, pending: &[WaitingDelivery], limit: usize, now_ms: UnixMs) -> String {
     if pending.is_empty() {
         return format!("no delivery of {target} is pending\n");
     }

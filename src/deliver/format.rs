@@ -10,7 +10,6 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use std::time::{Duration, UNIX_EPOCH};
 
 /// A request ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +116,7 @@ fn json_envelope(event: &Event, id: &str) -> Result<Value, FormatError> {
     let fields: Map<String, Value> =
         serde_json::from_str(&event.fields).map_err(|_| FormatError::Fields)?;
     let text = |name: &str| fields.get(name).and_then(Value::as_str).map(str::to_string);
-    let received_at = UNIX_EPOCH + Duration::from_millis(event.received_at.max(0) as u64);
+    let received_at = event.received_at.to_system_time();
     Ok(json!({
         "id": id,
         "account": event.account,

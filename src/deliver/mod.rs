@@ -12,7 +12,7 @@ use crate::app::Shared;
 use crate::config::Target;
 use crate::metrics::Metrics;
 use crate::server::stopping;
-use crate::spool::{Event, Lease, Settlement};
+use crate::spool::{Event, Lease, Settlement, UnixMs};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode};
@@ -267,7 +267,7 @@ impl HealthState {
 
 /// Makes the target's backed-off deliveries due now and wakes its worker.
 async fn release_backlog(shared: &Shared, name: &str) {
-    let now = shared.clock.now_ms();
+    let now = UnixMs(shared.clock.now_ms());
     match shared.spool.release_backoff(name, now).await {
         Ok(n) => {
             tracing::info!(target = %name, released = n, "target answers again; its backlog is due now")
@@ -400,7 +400,7 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
             release_backlog(&shared, &name).await;
         }
         let free = semaphore.available_permits() + 1;
-        let now = shared.clock.now_ms();
+        let now = UnixMs(shared.clock.now_ms());
         // The lease outlives the attempt's timeout, so a slow answer is not sent
         // twice; a worker that dies leaves it to expire and be sent again.
         let lease_ms = (target.timeout.as_millis() as i64) * 2 + 2_000;
@@ -494,8 +494,8 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
         &target.retry,
         lease.schedule,
         result.verdict,
-        started_ms,
-        shared.clock.now_ms(),
+        UnixMs(started_ms),
+        UnixMs(shared.clock.now_ms()),
         unit,
     );
     let outcome = count(
@@ -515,7 +515,7 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
     );
     match shared
         .spool
-        .record(vec![settlement], shared.clock.now_ms())
+        .record(vec![settlement], UnixMs(shared.clock.now_ms()))
         .await
     {
         Ok(()) => {

@@ -6,7 +6,7 @@
 //! the worker loop only applies it.
 
 use crate::config::RetryPolicy;
-use crate::spool::{DeadReason, DeliveryId, Schedule, Settlement};
+use crate::spool::{DeadReason, DeliveryId, Schedule, Settlement, UnixMs};
 use http::StatusCode;
 use std::time::{Duration, SystemTime};
 
@@ -73,8 +73,8 @@ pub fn decide(
     policy: &RetryPolicy,
     schedule: Schedule,
     verdict: Verdict,
-    started_ms: i64,
-    now_ms: i64,
+    started_ms: UnixMs,
+    now_ms: UnixMs,
     unit: f64,
 ) -> Settlement {
     match verdict {
@@ -85,7 +85,7 @@ pub fn decide(
             error,
         },
         Verdict::Retry { error, retry_after } => {
-            let not_before = retry_after.map_or(0, |d| now_ms + d.as_millis() as i64);
+            let not_before = retry_after.map_or(UnixMs(0), |d| now_ms + d.as_millis() as i64);
             // Released ahead of its schedule: a release is not the schedule's
             // attempt, so failing it uses up no step and moves nothing on.
             if started_ms < schedule.due_at {
@@ -178,7 +178,10 @@ mod tests {
     const ID: DeliveryId = DeliveryId(1);
 
     fn at(step: u32, due_at: i64) -> Schedule {
-        Schedule { step, due_at }
+        Schedule {
+            step,
+            due_at: UnixMs(due_at),
+        }
     }
 
     #[test]
@@ -189,27 +192,27 @@ mod tests {
             retry_after: None,
         };
         assert_eq!(
-            decide(ID, &p, at(0, 0), retry(), 0, 0, 0.5),
+            decide(ID, &p, at(0, 0), retry(), UnixMs(0), UnixMs(0), 0.5),
             Settlement::Retry {
                 delivery_id: ID,
-                next_at: 10_000,
+                next_at: UnixMs(10_000),
                 schedule: at(1, 10_000),
-                not_before: 0,
+                not_before: UnixMs(0),
                 error: "HTTP 503".into()
             }
         );
         assert_eq!(
-            decide(ID, &p, at(1, 0), retry(), 0, 0, 0.5),
+            decide(ID, &p, at(1, 0), retry(), UnixMs(0), UnixMs(0), 0.5),
             Settlement::Retry {
                 delivery_id: ID,
-                next_at: 60_000,
+                next_at: UnixMs(60_000),
                 schedule: at(2, 60_000),
-                not_before: 0,
+                not_before: UnixMs(0),
                 error: "HTTP 503".into()
             }
         );
         assert_eq!(
-            decide(ID, &p, at(2, 0), retry(), 0, 0, 0.5),
+            decide(ID, &p, at(2, 0), retry(), UnixMs(0), UnixMs(0), 0.5),
             Settlement::Dead {
                 delivery_id: ID,
                 reason: DeadReason::Exhausted,
@@ -226,12 +229,12 @@ mod tests {
             retry_after: Some(Duration::from_secs(30)),
         };
         assert_eq!(
-            decide(ID, &p, at(0, 0), verdict, 1_000, 1_000, 0.0),
+            decide(ID, &p, at(0, 0), verdict, UnixMs(1_000), UnixMs(1_000), 0.0),
             Settlement::Retry {
                 delivery_id: ID,
-                next_at: 31_000,
+                next_at: UnixMs(31_000),
                 schedule: at(1, 31_000),
-                not_before: 31_000,
+                not_before: UnixMs(31_000),
                 error: "HTTP 429".into()
             }
         );
@@ -246,18 +249,34 @@ mod tests {
         };
         // Due on its schedule at 70 s after one failure; released and sent at 20 s.
         assert_eq!(
-            decide(ID, &p, at(1, 70_000), retry(None), 20_000, 20_500, 0.9),
+            decide(
+                ID,
+                &p,
+                at(1, 70_000),
+                retry(None),
+                UnixMs(20_000),
+                UnixMs(20_500),
+                0.9
+            ),
             Settlement::Retry {
                 delivery_id: ID,
-                next_at: 70_000,
+                next_at: UnixMs(70_000),
                 schedule: at(1, 70_000),
-                not_before: 0,
+                not_before: UnixMs(0),
                 error: "HTTP 503".into()
             }
         );
         // At the last step, an early failure does not exhaust it.
         assert!(matches!(
-            decide(ID, &p, at(2, 70_000), retry(None), 20_000, 20_000, 0.5),
+            decide(
+                ID,
+                &p,
+                at(2, 70_000),
+                retry(None),
+                UnixMs(20_000),
+                UnixMs(20_000),
+                0.5
+            ),
             Settlement::Retry { .. }
         ));
         // A Retry-After beyond the schedule's time still holds.
@@ -267,15 +286,15 @@ mod tests {
                 &p,
                 at(1, 70_000),
                 retry(Some(Duration::from_secs(120))),
-                20_000,
-                20_000,
+                UnixMs(20_000),
+                UnixMs(20_000),
                 0.5
             ),
             Settlement::Retry {
                 delivery_id: ID,
-                next_at: 140_000,
+                next_at: UnixMs(140_000),
                 schedule: at(1, 70_000),
-                not_before: 140_000,
+                not_before: UnixMs(140_000),
                 error: "HTTP 503".into()
             }
         );

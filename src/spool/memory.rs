@@ -3,7 +3,7 @@
 
 use super::{
     DeadFilter, DeadLetter, DeadReason, DeliveryId, DeliveryState, Enqueued, Event, EventId, Lease,
-    NewEvent, Release, Schedule, Settlement, Spool, SpoolError, SpoolFuture, TargetDepth,
+    NewEvent, Release, Schedule, Settlement, Spool, SpoolError, SpoolFuture, TargetDepth, UnixMs,
     WaitingDelivery,
 };
 use std::collections::{BTreeMap, HashMap};
@@ -15,16 +15,16 @@ struct Delivery {
     target: Option<String>,
     state: DeliveryState,
     attempts: u32,
-    next_at: i64,
+    next_at: UnixMs,
     last_error: String,
     /// Set while dead.
     reason: Option<DeadReason>,
-    updated_at: i64,
-    not_before: i64,
+    updated_at: UnixMs,
+    not_before: UnixMs,
     schedule: Schedule,
     /// Hidden from leases until then, unix milliseconds; apart from
     /// `next_at`, as the SQLite spool holds leases apart from the file.
-    leased_until: i64,
+    leased_until: UnixMs,
 }
 
 #[derive(Default)]
@@ -32,9 +32,9 @@ struct State {
     next_id: i64,
     events: HashMap<EventId, Event>,
     deliveries: BTreeMap<DeliveryId, Delivery>,
-    dedup: HashMap<String, i64>,
+    dedup: HashMap<String, UnixMs>,
     /// Replay guard key → (body hash, expires at).
-    replay: HashMap<String, ([u8; 32], i64)>,
+    replay: HashMap<String, ([u8; 32], UnixMs)>,
 }
 
 impl State {
@@ -100,7 +100,7 @@ impl MemorySpool {
 }
 
 impl Spool for MemorySpool {
-    fn enqueue(&self, new: NewEvent, now: i64, window: i64) -> SpoolFuture<Enqueued> {
+    fn enqueue(&self, new: NewEvent, now: UnixMs, window: i64) -> SpoolFuture<Enqueued> {
         self.with(move |s| {
             let NewEvent {
                 event: e,
@@ -133,13 +133,13 @@ impl Spool for MemorySpool {
                         target: None,
                         state: DeliveryState::Dead,
                         attempts: 0,
-                        next_at: 0,
+                        next_at: UnixMs(0),
                         last_error: String::new(),
                         reason: Some(DeadReason::Unrouted),
                         updated_at: now,
-                        not_before: 0,
+                        not_before: UnixMs(0),
                         schedule: Schedule::default(),
-                        leased_until: 0,
+                        leased_until: UnixMs(0),
                     },
                 );
             }
@@ -157,12 +157,12 @@ impl Spool for MemorySpool {
                         last_error: String::new(),
                         reason: None,
                         updated_at: now,
-                        not_before: 0,
+                        not_before: UnixMs(0),
                         schedule: Schedule {
                             step: 0,
                             due_at: t.due_at,
                         },
-                        leased_until: 0,
+                        leased_until: UnixMs(0),
                     },
                 );
                 deliveries.push(id);
@@ -179,13 +179,13 @@ impl Spool for MemorySpool {
     fn lease(
         &self,
         target: &str,
-        now: i64,
+        now: UnixMs,
         limit: usize,
         lease_ms: i64,
     ) -> SpoolFuture<Vec<Lease>> {
         let target = target.to_string();
         self.with(move |s| {
-            let mut due: Vec<(i64, DeliveryId)> = s
+            let mut due: Vec<(UnixMs, DeliveryId)> = s
                 .deliveries
                 .iter()
                 .filter(|(_, d)| {
@@ -221,7 +221,7 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn record(&self, settlements: Vec<Settlement>, now: i64) -> SpoolFuture<()> {
+    fn record(&self, settlements: Vec<Settlement>, now: UnixMs) -> SpoolFuture<()> {
         self.with(move |s| {
             for settlement in settlements {
                 match settlement {
@@ -250,7 +250,7 @@ impl Spool for MemorySpool {
                             d.attempts += 1;
                             d.next_at = next_at;
                             d.schedule = schedule;
-                            d.leased_until = 0;
+                            d.leased_until = UnixMs(0);
                             d.not_before = not_before;
                             d.last_error = error;
                             d.updated_at = now;
@@ -268,7 +268,7 @@ impl Spool for MemorySpool {
                         {
                             d.state = DeliveryState::Dead;
                             d.attempts += 1;
-                            d.leased_until = 0;
+                            d.leased_until = UnixMs(0);
                             d.reason = Some(reason);
                             d.last_error = error;
                             d.updated_at = now;
@@ -279,7 +279,7 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn release(&self, release: Release, now: i64) -> SpoolFuture<u64> {
+    fn release(&self, release: Release, now: UnixMs) -> SpoolFuture<u64> {
         self.with(move |s| {
             let mut n = 0;
             for (id, d) in s.deliveries.iter_mut() {
@@ -294,7 +294,7 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn retire_targets(&self, keep: Vec<String>, now: i64) -> SpoolFuture<Vec<(String, u64)>> {
+    fn retire_targets(&self, keep: Vec<String>, now: UnixMs) -> SpoolFuture<Vec<(String, u64)>> {
         self.with(move |s| {
             let mut retired: BTreeMap<String, u64> = BTreeMap::new();
             for d in s.deliveries.values_mut() {
@@ -326,7 +326,7 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn replay(&self, filter: DeadFilter, now: i64) -> SpoolFuture<u64> {
+    fn replay(&self, filter: DeadFilter, now: UnixMs) -> SpoolFuture<u64> {
         self.with(move |s| {
             let mut n = 0;
             for id in s.selected_dead(&filter) {
@@ -334,7 +334,7 @@ impl Spool for MemorySpool {
                     d.state = DeliveryState::Pending;
                     d.attempts = 0;
                     d.next_at = now;
-                    d.not_before = 0;
+                    d.not_before = UnixMs(0);
                     d.schedule = Schedule {
                         step: 0,
                         due_at: now,

@@ -62,6 +62,35 @@ spool_id!(
     DeliveryId
 );
 
+/// A point in time, as unix milliseconds: how the spool stores, compares and
+/// schedules times. Spans between two are plain milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixMs(pub i64);
+
+impl UnixMs {
+    /// The same instant; one before 1970 is taken as 1970.
+    pub fn to_system_time(self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.0.max(0) as u64)
+    }
+}
+
+impl std::ops::Add<i64> for UnixMs {
+    type Output = UnixMs;
+
+    fn add(self, ms: i64) -> UnixMs {
+        UnixMs(self.0.saturating_add(ms))
+    }
+}
+
+impl std::ops::Sub for UnixMs {
+    type Output = i64;
+
+    /// Milliseconds from `earlier` to `self`.
+    fn sub(self, earlier: UnixMs) -> i64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
 /// A spool operation in flight; resolves once its effect is durable.
 pub type SpoolFuture<T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send>>;
 
@@ -105,7 +134,7 @@ pub struct ReplayGuard {
     pub body_hash: [u8; 32],
     /// Unix milliseconds from which the guard is forgotten: when the query
     /// is refused as stale anyway.
-    pub expires_at: i64,
+    pub expires_at: UnixMs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +143,7 @@ pub struct NewDelivery {
     /// Unix milliseconds when the delivery first becomes due. A reply target
     /// that the handler tries inline is due only after the reply budget, so
     /// that workers do not send it at the same time.
-    pub due_at: i64,
+    pub due_at: UnixMs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,7 +181,7 @@ pub struct Schedule {
     /// Failed attempts that counted against the schedule.
     pub step: u32,
     /// When the schedule has the next attempt, unix milliseconds.
-    pub due_at: i64,
+    pub due_at: UnixMs,
 }
 
 /// What became of one attempt.
@@ -163,12 +192,12 @@ pub enum Settlement {
     },
     Retry {
         delivery_id: DeliveryId,
-        next_at: i64,
+        next_at: UnixMs,
         /// The schedule after this attempt.
         schedule: Schedule,
         /// The target asked (Retry-After) not to be called before this, unix
         /// milliseconds; 0 when it did not.
-        not_before: i64,
+        not_before: UnixMs,
         error: String,
     },
     Dead {
@@ -202,9 +231,9 @@ pub struct DeadLetter {
     pub dedup_key: String,
     pub msg_type: String,
     pub event_type: Option<String>,
-    pub received_at: i64,
+    pub received_at: UnixMs,
     /// When it was dead-lettered, unix milliseconds.
-    pub dead_at: i64,
+    pub dead_at: UnixMs,
 }
 
 /// Selects dead letters; every field narrows the selection.
@@ -213,9 +242,9 @@ pub struct DeadFilter {
     pub target: Option<String>,
     pub reason: Option<DeadReason>,
     /// Dead-lettered at or after, unix milliseconds.
-    pub since: Option<i64>,
+    pub since: Option<UnixMs>,
     /// Dead-lettered before, unix milliseconds.
-    pub until: Option<i64>,
+    pub until: Option<UnixMs>,
     pub delivery_id: Option<DeliveryId>,
 }
 
@@ -239,11 +268,11 @@ pub struct WaitingDelivery {
     pub attempts: u32,
     /// When it is next due, unix milliseconds; one being sent shows when it
     /// was due (leases are not listed).
-    pub next_at: i64,
+    pub next_at: UnixMs,
     pub schedule: Schedule,
     /// Not to be sent before this (the target's Retry-After), unix
     /// milliseconds; 0 when the target did not ask.
-    pub not_before: i64,
+    pub not_before: UnixMs,
     pub last_error: String,
 }
 
@@ -275,8 +304,8 @@ impl Release {
         id: DeliveryId,
         target: Option<&str>,
         attempts: u32,
-        not_before: i64,
-        now: i64,
+        not_before: UnixMs,
+        now: UnixMs,
     ) -> bool {
         target == Some(self.target.as_str())
             && self.delivery_id.is_none_or(|d| d == id)
@@ -291,39 +320,48 @@ pub struct TargetDepth {
     pub target: String,
     pub pending: u64,
     /// Unix milliseconds of the oldest pending event's arrival.
-    pub oldest_received_at: Option<i64>,
+    pub oldest_received_at: Option<UnixMs>,
 }
 
 /// Where accepted pushes wait for their targets. See the module doc for the
 /// durability contract every implementation keeps.
 pub trait Spool: Send + Sync + 'static {
     /// Stores an event with its deliveries and dedup key, durably, in one commit.
-    fn enqueue(&self, event: NewEvent, now_ms: i64, dedup_window_ms: i64) -> SpoolFuture<Enqueued>;
+    fn enqueue(
+        &self,
+        event: NewEvent,
+        now_ms: UnixMs,
+        dedup_window_ms: i64,
+    ) -> SpoolFuture<Enqueued>;
     /// Up to `limit` due deliveries of `target`, each hidden for `lease_ms`.
     fn lease(
         &self,
         target: &str,
-        now_ms: i64,
+        now_ms: UnixMs,
         limit: usize,
         lease_ms: i64,
     ) -> SpoolFuture<Vec<Lease>>;
     /// Records what became of leased deliveries (see `deliver::retry::decide`).
-    fn record(&self, settlements: Vec<Settlement>, now_ms: i64) -> SpoolFuture<()>;
+    fn record(&self, settlements: Vec<Settlement>, now_ms: UnixMs) -> SpoolFuture<()>;
     /// Makes every backed-off delivery of `target` due now (it answers again).
     /// Returns how many.
-    fn release_backoff(&self, target: &str, now_ms: i64) -> SpoolFuture<u64> {
+    fn release_backoff(&self, target: &str, now_ms: UnixMs) -> SpoolFuture<u64> {
         self.release(Release::backlog(target), now_ms)
     }
     /// Makes the selected deliveries due now, leaving their schedules as they
     /// are. Returns how many were waiting and now are due.
-    fn release(&self, release: Release, now_ms: i64) -> SpoolFuture<u64>;
+    fn release(&self, release: Release, now_ms: UnixMs) -> SpoolFuture<u64>;
     /// Dead-letters every pending delivery whose target is not in `targets`,
     /// with reason [`DeadReason::TargetRemoved`]. Returns how many, per removed target.
-    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> SpoolFuture<Vec<(String, u64)>>;
+    fn retire_targets(
+        &self,
+        targets: Vec<String>,
+        now_ms: UnixMs,
+    ) -> SpoolFuture<Vec<(String, u64)>>;
     fn dead_letters(&self, filter: DeadFilter, limit: usize) -> SpoolFuture<Vec<DeadLetter>>;
     /// Makes the selected dead letters due again, with their attempts reset.
     /// Unrouted ones have no target and are left alone. Returns how many.
-    fn replay(&self, filter: DeadFilter, now_ms: i64) -> SpoolFuture<u64>;
+    fn replay(&self, filter: DeadFilter, now_ms: UnixMs) -> SpoolFuture<u64>;
     /// Deletes the selected dead letters. Returns how many.
     fn purge(&self, filter: DeadFilter) -> SpoolFuture<u64>;
     fn depth(&self) -> SpoolFuture<Vec<TargetDepth>>;
@@ -344,7 +382,7 @@ pub struct Event {
     pub dedup_key: String,
     pub account: String,
     /// Unix milliseconds.
-    pub received_at: i64,
+    pub received_at: UnixMs,
     /// The request's query string, byte for byte.
     pub query: String,
     /// The request's body, byte for byte; each attempt shares it.

@@ -33,7 +33,7 @@
 use super::{
     DeadFilter, DeadLetter, DeadReason, DeliveryId, DeliveryState, Enqueued, Event, EventId, Lease,
     NewEvent, Release, ReplayGuard, Schedule, Settlement, Spool, SpoolError, SpoolFuture,
-    TargetDepth, WaitingDelivery,
+    TargetDepth, UnixMs, WaitingDelivery,
 };
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, ToSql, Transaction};
@@ -76,8 +76,8 @@ impl ToSql for DeadReason {
     }
 }
 
-/// Ids are row ids: integers in the file.
-macro_rules! sql_id {
+/// Ids (row ids) and times (unix milliseconds) are integers in the file.
+macro_rules! sql_integer {
     ($($id:ident),*) => {$(
         impl ToSql for $id {
             fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
@@ -93,7 +93,7 @@ macro_rules! sql_id {
     )*};
 }
 
-sql_id!(EventId, DeliveryId);
+sql_integer!(EventId, DeliveryId, UnixMs);
 
 impl FromSql for DeadReason {
     fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
@@ -170,18 +170,18 @@ type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// What the writer does, each in the next group commit.
 enum Command {
-    Enqueue(Box<NewEvent>, i64, i64, Reply<Enqueued>),
-    Record(Vec<Settlement>, i64, Reply<()>),
-    Retire(Vec<String>, i64, Reply<Vec<(String, u64)>>),
-    Replay(DeadFilter, i64, Reply<u64>),
+    Enqueue(Box<NewEvent>, UnixMs, i64, Reply<Enqueued>),
+    Record(Vec<Settlement>, UnixMs, Reply<()>),
+    Retire(Vec<String>, UnixMs, Reply<Vec<(String, u64)>>),
+    Replay(DeadFilter, UnixMs, Reply<u64>),
     Purge(DeadFilter, Reply<u64>),
-    Release(Release, i64, Reply<u64>),
+    Release(Release, UnixMs, Reply<u64>),
     Probe(Reply<()>),
 }
 
 /// What the reader does.
 enum Read {
-    Lease(String, i64, usize, i64, Reply<Vec<Lease>>),
+    Lease(String, UnixMs, usize, i64, Reply<Vec<Lease>>),
     DeadLetters(DeadFilter, usize, Reply<Vec<DeadLetter>>),
     Depth(Reply<Vec<TargetDepth>>),
     Waiting(String, usize, Reply<Vec<WaitingDelivery>>),
@@ -189,7 +189,7 @@ enum Read {
 }
 
 /// Deliveries handed out and not settled yet: id → (target, lease end).
-type Leased = Arc<Mutex<HashMap<DeliveryId, (String, i64)>>>;
+type Leased = Arc<Mutex<HashMap<DeliveryId, (String, UnixMs)>>>;
 
 /// The SQLite spool. Dropping it (or calling [`SqliteSpool::close`]) lets the
 /// writer finish what it has queued and close the file.
@@ -439,7 +439,7 @@ fn run_writer(
     file: &OpenedFile,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
-    let mut pruned_at = 0;
+    let mut pruned_at = UnixMs(0);
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -454,7 +454,7 @@ fn run_writer(
             Command::Enqueue(_, now, _, _) => Some(*now),
             _ => None,
         });
-        let prune = now.max().filter(|now| now - pruned_at >= PRUNE_EVERY_MS);
+        let prune = now.max().filter(|&now| now - pruned_at >= PRUNE_EVERY_MS);
         if let Some(now) = prune {
             pruned_at = now;
         }
@@ -471,7 +471,7 @@ fn run_writer(
 fn commit_batch(
     conn: &mut Connection,
     batch: &mut Vec<Command>,
-    prune_dedup_before: Option<i64>,
+    prune_dedup_before: Option<UnixMs>,
     file: &OpenedFile,
 ) {
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
@@ -595,7 +595,7 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>)
     }
 }
 
-fn enqueue(c: &Connection, new: NewEvent, now: i64, window: i64) -> rusqlite::Result<Enqueued> {
+fn enqueue(c: &Connection, new: NewEvent, now: UnixMs, window: i64) -> rusqlite::Result<Enqueued> {
     let NewEvent {
         event: e,
         targets,
@@ -670,7 +670,7 @@ fn enqueue(c: &Connection, new: NewEvent, now: i64, window: i64) -> rusqlite::Re
 /// Records the guard's query with its body hash; false when the query was
 /// already taken, unexpired, with another body. An expired entry is taken
 /// over, like an expired dedup key.
-fn first_body_under(c: &Connection, guard: &ReplayGuard, now: i64) -> rusqlite::Result<bool> {
+fn first_body_under(c: &Connection, guard: &ReplayGuard, now: UnixMs) -> rusqlite::Result<bool> {
     let inserted = c
         .prepare_cached(
             "INSERT INTO replay (key, body_hash, expires_at) VALUES (?1, ?2, ?3)
@@ -693,7 +693,7 @@ fn lease(
     c: &Connection,
     leased: &Leased,
     target: &str,
-    now: i64,
+    now: UnixMs,
     limit: usize,
     lease_ms: i64,
 ) -> rusqlite::Result<Vec<Lease>> {
@@ -736,7 +736,7 @@ fn lease(
 
 /// Makes the selected waiting deliveries due now (see [`Release`]); only
 /// `next_at` moves, so the schedule is where it was.
-fn release(c: &Connection, r: &Release, now: i64) -> rusqlite::Result<u64> {
+fn release(c: &Connection, r: &Release, now: UnixMs) -> rusqlite::Result<u64> {
     let n = c
         .prepare_cached(concat!(
             "UPDATE deliveries SET next_at = ?2
@@ -749,7 +749,7 @@ fn release(c: &Connection, r: &Release, now: i64) -> rusqlite::Result<u64> {
     Ok(n as u64)
 }
 
-fn record(c: &Connection, settlements: &[Settlement], now: i64) -> rusqlite::Result<()> {
+fn record(c: &Connection, settlements: &[Settlement], now: UnixMs) -> rusqlite::Result<()> {
     for s in settlements {
         match s {
             Settlement::Delivered { delivery_id } => {
@@ -814,7 +814,7 @@ fn drop_event_if_done(c: &Connection, event_id: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn retire(c: &Connection, keep: &[String], now: i64) -> rusqlite::Result<Vec<(String, u64)>> {
+fn retire(c: &Connection, keep: &[String], now: UnixMs) -> rusqlite::Result<Vec<(String, u64)>> {
     let mut targets = c.prepare_cached(concat!(
         "SELECT DISTINCT target FROM deliveries WHERE state = ",
         pending!()
@@ -882,7 +882,7 @@ fn dead_letters(c: &Connection, f: &DeadFilter, limit: usize) -> rusqlite::Resul
     rows.collect()
 }
 
-fn replay(c: &Connection, f: &DeadFilter, now: i64) -> rusqlite::Result<u64> {
+fn replay(c: &Connection, f: &DeadFilter, now: UnixMs) -> rusqlite::Result<u64> {
     let n = c
         .prepare_cached(concat!(
             "UPDATE deliveries SET state = ",
@@ -1003,20 +1003,25 @@ fn event_from(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Event> 
 }
 
 impl Spool for SqliteSpool {
-    fn enqueue(&self, event: NewEvent, now_ms: i64, dedup_window_ms: i64) -> SpoolFuture<Enqueued> {
+    fn enqueue(
+        &self,
+        event: NewEvent,
+        now_ms: UnixMs,
+        dedup_window_ms: i64,
+    ) -> SpoolFuture<Enqueued> {
         self.submit(|r| Command::Enqueue(Box::new(event), now_ms, dedup_window_ms, r))
     }
     fn lease(
         &self,
         target: &str,
-        now_ms: i64,
+        now_ms: UnixMs,
         limit: usize,
         lease_ms: i64,
     ) -> SpoolFuture<Vec<Lease>> {
         let target = target.to_string();
         self.read(|r| Read::Lease(target, now_ms, limit, lease_ms, r))
     }
-    fn record(&self, settlements: Vec<Settlement>, now_ms: i64) -> SpoolFuture<()> {
+    fn record(&self, settlements: Vec<Settlement>, now_ms: UnixMs) -> SpoolFuture<()> {
         let ids: Vec<DeliveryId> = settlements.iter().map(Settlement::delivery_id).collect();
         let committed = self.submit(|r| Command::Record(settlements, now_ms, r));
         let leased = self.leased.clone();
@@ -1035,16 +1040,20 @@ impl Spool for SqliteSpool {
             result
         })
     }
-    fn release(&self, release: Release, now_ms: i64) -> SpoolFuture<u64> {
+    fn release(&self, release: Release, now_ms: UnixMs) -> SpoolFuture<u64> {
         self.submit(|r| Command::Release(release, now_ms, r))
     }
-    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> SpoolFuture<Vec<(String, u64)>> {
+    fn retire_targets(
+        &self,
+        targets: Vec<String>,
+        now_ms: UnixMs,
+    ) -> SpoolFuture<Vec<(String, u64)>> {
         self.submit(|r| Command::Retire(targets, now_ms, r))
     }
     fn dead_letters(&self, filter: DeadFilter, limit: usize) -> SpoolFuture<Vec<DeadLetter>> {
         self.read(|r| Read::DeadLetters(filter, limit, r))
     }
-    fn replay(&self, filter: DeadFilter, now_ms: i64) -> SpoolFuture<u64> {
+    fn replay(&self, filter: DeadFilter, now_ms: UnixMs) -> SpoolFuture<u64> {
         self.submit(|r| Command::Replay(filter, now_ms, r))
     }
     fn purge(&self, filter: DeadFilter) -> SpoolFuture<u64> {
@@ -1076,7 +1085,7 @@ mod tests {
             event: Event {
                 dedup_key: key.into(),
                 account: "main".into(),
-                received_at: 1,
+                received_at: UnixMs(1),
                 query: String::new(),
                 body: vec![b'x'; body_bytes].into(),
                 xml: "<xml/>".into(),
@@ -1086,7 +1095,7 @@ mod tests {
             },
             targets: vec![NewDelivery {
                 target: "hooks".into(),
-                due_at: 1,
+                due_at: UnixMs(1),
             }],
             replay: None,
         }
@@ -1113,7 +1122,7 @@ mod tests {
             let (reply, rx) = oneshot::channel();
             batch.push(Command::Enqueue(
                 Box::new(event(key, size)),
-                1,
+                UnixMs(1),
                 1_000,
                 reply,
             ));

@@ -561,7 +561,7 @@ pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
         async move {
             let now = wxrelay::clock::Clock::now_ms(&*clock);
             let pending = spool.waiting(target, 100_000).await.unwrap();
-            pending.iter().all(|p| p.next_at > now)
+            pending.iter().all(|p| p.next_at.0 > now)
         }
     })
     .await
