@@ -398,6 +398,30 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_reason_is_refused_with_the_known_ones() {
+        #[derive(clap::Parser)]
+        struct Args {
+            #[command(flatten)]
+            select: Selection,
+        }
+        use clap::Parser as _;
+        let parsed = Args::try_parse_from(["dlq", "--reason", "target_removed"]);
+        assert_eq!(
+            parsed.map(|a| a.select.reason).ok(),
+            Some(Some(DeadReason::TargetRemoved))
+        );
+        let refused = Args::try_parse_from(["dlq", "--reason", "rejcted"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(refused.contains("unknown reason \"rejcted\""), "{refused}");
+        assert!(
+            refused.contains("rejected, exhausted, unrouted, target_removed"),
+            "{refused}"
+        );
+    }
+
+    #[test]
     fn replay_and_purge_need_a_filter_or_all() {
         assert!(guard("replay", &Selection::default(), false).is_err());
         assert!(guard("replay", &Selection::default(), true).is_ok());
