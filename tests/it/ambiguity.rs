@@ -4,7 +4,7 @@
 //! request is counted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{
     body, config, generated, metric, path, reference_now, status_line, vector, TestRelay,

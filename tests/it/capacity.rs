@@ -3,7 +3,7 @@
 //! are capped, and idle connections make room for real pushes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{
     body, eventually, generated, generated_config, metric, path, reference_now, status_line,

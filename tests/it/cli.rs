@@ -5,7 +5,7 @@
 //! The last test runs the binary for its exit statuses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{broker_routes, config, generated, generated_config, target, TestRelay};

@@ -4,7 +4,7 @@
 //! target its route names, and no target gets a push its route does not name.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::FakeTarget;
 use common::{free_port, generated, try_send};

@@ -4,7 +4,7 @@
 //! WeChat within the budget, and one slow target delays no other.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::target::{Behaviour, FakeTarget, Received};

@@ -3,7 +3,7 @@
 //! and each is asked of a running relay.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{generated, generated_config, reference_now, TestRelay};
 use http::Method;

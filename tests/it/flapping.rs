@@ -4,7 +4,7 @@
 //! Real relay, real spool, real sockets; the clock is the injected one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{eventually, generated, hooks_config, push_text, quiet, reference_now, TestRelay};

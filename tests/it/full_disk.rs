@@ -6,7 +6,7 @@
 //! with a file while the relay waits on its target.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::disk::{fill, Tmpfs};
 use common::logs::logs;

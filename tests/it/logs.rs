@@ -3,7 +3,7 @@
 //! hold one line per push and per delivery attempt.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{body, free_port, generated, path, try_send};

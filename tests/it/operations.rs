@@ -3,7 +3,7 @@
 //! the running configuration on an invalid one, and an admin API behind its token.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{

@@ -4,7 +4,7 @@
 //! told otherwise) a target's Retry-After.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{eventually, generated, hooks_config, push_text, quiet, TestRelay};

@@ -3,7 +3,7 @@
 //! to the targets within its freshness window.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::FakeTarget;
 use common::{

@@ -3,7 +3,7 @@
 //! `/readyz` and every push into 503, with the cause in the log line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::disk::{fill, Tmpfs};
 use common::logs::logs;

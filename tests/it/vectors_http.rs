@@ -4,7 +4,7 @@
 //! query and body the tests read back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{body, fixture, generated, generated_config, path, reference_now, TestRelay};
 use serde_json::Value;

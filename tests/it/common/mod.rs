@@ -1,6 +1,5 @@
 //! Shared test harness: the real relay on 127.0.0.1:0 with a real SQLite spool
 //! in a temp dir and an injected clock, a minimal HTTP client, and the vectors.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod disk;
 pub mod logs;
@@ -459,10 +458,6 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 pub struct Process(pub std::process::Child);
 
 impl Process {
-    pub fn id(&self) -> u32 {
-        self.0.id()
-    }
-
     /// SIGTERM, then the exit status: a graceful stop.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.0.id().to_string();
