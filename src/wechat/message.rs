@@ -293,6 +293,7 @@ impl Message {
     /// The login scene of a parametric QR code (see the module docs): the
     /// `EventKey` after `qrscene_` for `subscribe`, the whole `EventKey` for
     /// `SCAN`. `None` for anything else, including a follow without a scene.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn scene(&self) -> Option<String> {
         let Kind::Event { event } = self.kind() else {
             return None;

@@ -19,7 +19,7 @@ use wxrelay::cli::simulate::{self, Kind, MessageOptions, Payload, SimulateArgs, 
 use wxrelay::cli::{self, keygen, CliError};
 use wxrelay::clock::Clock;
 use wxrelay::config::Settings;
-use wxrelay::handler::short_hash;
+use wxrelay::short_hash;
 use wxrelay::spool::{DeadFilter, Spool, SqliteSpool};
 use wxrelay::wechat::crypto::AesKey;
 use wxrelay::wechat::message::Message;

@@ -152,6 +152,7 @@ pub struct TestRelay {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub spool: Arc<SqliteSpool>,
+    pub spool_path: PathBuf,
     pub clock: Arc<FixedClock>,
     pub dir: tempfile::TempDir,
 }
@@ -183,6 +184,7 @@ impl TestRelay {
             admin: relay.admin_addr,
             relay: Some(relay),
             spool,
+            spool_path: spool_path.to_path_buf(),
             clock,
             dir,
         }
