@@ -949,7 +949,6 @@ impl Spool for SqliteSpool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::spool::{NewDelivery, StoredEvent};
 

@@ -498,7 +498,6 @@ fn children_json(children: &[(String, Node)]) -> Value {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -2,7 +2,6 @@
 //! parameters, repeated top-level XML elements, a root other than `<xml>`,
 //! characters XML 1.0 forbids. And what hyper refuses before the relay sees a
 //! request is counted.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

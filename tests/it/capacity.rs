@@ -1,7 +1,6 @@
 //! What an unauthenticated flood can and cannot take: the query is checked
 //! before a byte of the body is read, connections and body bytes in flight
 //! are capped, and idle connections make room for real pushes.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

@@ -3,7 +3,6 @@
 //! routing, `dlq` lists without personal data and replays a dead letter to a
 //! target that is back, and `keygen` prints credentials the config accepts.
 //! The last test runs the binary for its exit statuses.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

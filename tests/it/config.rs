@@ -2,8 +2,6 @@
 //! override the file; a bad config is refused with every problem at its key
 //! path; no secret is ever printed.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::Mutex;

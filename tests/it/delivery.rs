@@ -2,7 +2,6 @@
 //! (in its format), retries follow the schedule and `Retry-After`, refusals and
 //! unroutable events become dead letters, the reply target's answer reaches
 //! WeChat within the budget, and one slow target delays no other.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

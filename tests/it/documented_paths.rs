@@ -1,7 +1,6 @@
 //! Every admin-listener path the operator docs mention is one the relay serves:
 //! the paths are read out of `README.md`, `relay.toml.example` and `deploy/`,
 //! and each is asked of a running relay.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

@@ -2,7 +2,6 @@
 //! backlog never uses up a delivery's retry schedule, and a target that
 //! recovers gets its whole backlog, however its last failures were timed.
 //! Real relay, real spool, real sockets; the clock is the injected one.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

@@ -4,7 +4,6 @@
 //!
 //! The disk is real: a small tmpfs the test mounts (it needs root), filled
 //! with a file while the relay waits on its target.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

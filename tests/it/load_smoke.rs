@@ -1,7 +1,6 @@
 //! A small run of the load harness, so it cannot rot: a few hundred pushes of
 //! the realistic mix against the real relay (in-process, real SQLite spool),
 //! every one answered `success`, and every one delivered to its targets.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

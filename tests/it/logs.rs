@@ -1,7 +1,6 @@
 //! The logs of a real run hold no secret and no personal data: no Token, no
 //! EncodingAESKey, no ciphertext, no message content, no OpenID; and they
 //! hold one line per push and per delivery attempt.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

@@ -1,5 +1,8 @@
 //! The integration tests, one module per area, in one binary so that the
 //! harness in [`common`] and the relay are built and linked once.
+// clippy.toml lets #[test] functions unwrap; this lets the helpers they call
+// do the same, as everything in this crate is test code.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

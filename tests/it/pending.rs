@@ -2,7 +2,6 @@
 //! target's backed-off deliveries without message content, and `retry-now`
 //! has the relay send them at once, keeping their retry schedules and (unless
 //! told otherwise) a target's Retry-After.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

@@ -1,7 +1,6 @@
 //! `signature` covers only (token, timestamp, nonce), not the body: a signed
 //! query captured from a plaintext or compat push must not carry another body
 //! to the targets within its freshness window.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

@@ -1,7 +1,6 @@
 //! Readiness and pushes follow what the spool's disk really does: a full disk
 //! and a spool file removed or replaced under the running relay both turn
 //! `/readyz` and every push into 503, with the cause in the log line.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 

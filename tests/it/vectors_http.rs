@@ -2,7 +2,6 @@
 //! SQLite spool. Accepted pushes are configured to match no route, so each one
 //! lands in the spool as an `unrouted` dead letter whose stored XML, fields,
 //! query and body the tests read back.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 
