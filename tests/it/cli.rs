@@ -515,6 +515,7 @@ fn the_binary_exits_0_on_success_64_on_usage_and_1_on_failure() {
     )
     .unwrap();
     let wxrelay = |args: &[&str]| {
+        let _environment = common::ENVIRONMENT.blocking_lock();
         let out = Command::new(env!("CARGO_BIN_EXE_wxrelay"))
             .args(args)
             .output()

@@ -38,6 +38,7 @@ fn catch_up(relay: &TestRelay) {
 /// Runs the binary off the runtime's thread, so the relay keeps running.
 async fn wxrelay(args: Vec<String>) -> (Option<i32>, String) {
     tokio::task::spawn_blocking(move || {
+        let _environment = common::ENVIRONMENT.blocking_lock();
         let out = Command::new(env!("CARGO_BIN_EXE_wxrelay"))
             .args(&args)
             .output()

@@ -288,6 +288,8 @@ impl TestRelay {
 
     /// A request to the admin listener.
     pub async fn admin(&self, method: Method, path: &str, bearer: Option<&str>) -> Answer {
+        // A reload reads the environment.
+        let _environment = ENVIRONMENT.lock().await;
         admin_request(self.admin, method, path, bearer).await
     }
 
@@ -494,6 +496,7 @@ pub async fn start_binary(
         .append(true)
         .open(log)
         .unwrap();
+    let environment = ENVIRONMENT.lock().await;
     let mut process = Process(
         std::process::Command::new(env!("CARGO_BIN_EXE_wxrelay"))
             .args(args)
@@ -503,6 +506,7 @@ pub async fn start_binary(
             .spawn()
             .unwrap(),
     );
+    drop(environment);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         if process.0.try_wait().unwrap().is_some() {
@@ -562,6 +566,12 @@ pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
     })
     .await
 }
+
+/// The test binary's one process environment. Tests that set `WXRELAY_`
+/// variables hold this while they are set, and whatever reads them (a spawned
+/// binary, a reload) holds it too, so that no test runs on another's overrides.
+/// Synchronous tests take it with `blocking_lock`, async ones with `lock`.
+pub static ENVIRONMENT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A free port on 127.0.0.1, for a process that binds it itself.
 pub fn free_port() -> SocketAddr {
