@@ -26,7 +26,8 @@
 //! A parametric QR code carries a scene. A user who does not follow the
 //! account yet and scans it sends `subscribe` with `EventKey` `qrscene_<scene>`;
 //! a follower sends `SCAN` with the bare scene as `EventKey`. Both carry the
-//! code's `Ticket`. [`Message::scene`] gives the scene either way; a follow
+//! code's `Ticket`. The scene is thus the `EventKey` after `qrscene_` or the
+//! whole `EventKey` (what the tests' `Message::scene` reads); a follow
 //! without a QR code has no scene.
 //!
 //! # The dedup key
