@@ -118,11 +118,13 @@ async fn start_relay_paused(broker: &str, hooks: &str, paused: bool) -> RelayPro
         child,
         addr: public,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while harness::get(admin, "/healthz").await.map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "the relay came up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let up = common::eventually(Duration::from_secs(20), || async {
+        common::try_send(admin, http::Method::GET, "/healthz", bytes::Bytes::new())
+            .await
+            .is_ok_and(|answer| answer.status == 200)
+    })
+    .await;
+    assert!(up, "the relay came up");
     RelayProcess {
         server,
         admin,

@@ -388,16 +388,3 @@ pub fn status_mib(pid: u32, field: &str) -> Option<f64> {
         .ok()?;
     Some(kib / 1024.0)
 }
-
-/// A GET on a fresh connection: (status, body), or `None` when nothing answers.
-pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut sender = connect(addr).await?;
-    let request = Request::get(path)
-        .header("host", "relay")
-        .body(Full::new(Bytes::new()))
-        .ok()?;
-    let response = sender.send_request(request).await.ok()?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.ok()?.to_bytes();
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
-}
