@@ -128,7 +128,6 @@ pub fn settle(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::RetryClass;
 

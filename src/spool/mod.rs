@@ -27,10 +27,12 @@
 //! - An event routed to no target is stored as a dead letter with reason
 //!   `unrouted`, with no target.
 
+#[cfg(test)]
 mod memory;
 mod sqlite;
 
-pub use memory::MemorySpool;
+#[cfg(test)]
+use memory::MemorySpool;
 pub use sqlite::SqliteSpool;
 
 use std::future::Future;
@@ -191,6 +193,7 @@ pub struct DeadFilter {
 }
 
 impl DeadFilter {
+    #[cfg(test)]
     fn admits(&self, d: &DeadLetter) -> bool {
         self.target
             .as_deref()
@@ -241,6 +244,7 @@ impl Release {
         }
     }
 
+    #[cfg(test)]
     fn admits(
         &self,
         id: i64,
