@@ -2,6 +2,7 @@
 //! schedules read it through [`Clock`], so tests can pin "now" (the WeChat test
 //! vectors are all relative to a fixed reference time).
 
+#[cfg(any(test, feature = "test-util"))]
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -27,10 +28,12 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that stays where it is set: for tests and for replaying recorded pushes.
+/// A clock that stays where it is set, for tests.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct FixedClock(AtomicI64);
 
+#[cfg(any(test, feature = "test-util"))]
 impl FixedClock {
     pub fn at_secs(secs: i64) -> Self {
         Self(AtomicI64::new(secs * 1000))
@@ -45,6 +48,7 @@ impl FixedClock {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Clock for FixedClock {
     fn now_ms(&self) -> i64 {
         self.0.load(Ordering::SeqCst)

@@ -18,11 +18,11 @@
 //! - [`wechat`]: the pure protocol: signatures, the AES frame, push and reply XML.
 //! - [`config`]: the TOML file → validated [`config::Settings`].
 //! - [`route`]: pure rule matching: push → targets.
-//! - [`spool`]: the durable queue, its trait and its two implementations.
-//! - [`deliver`]: the delivery workers, the target formats and the retry policy.
-//! - [`handler`]: the WeChat-facing request path and its one error type.
-//! - [`metrics`]: the Prometheus registry and every collector.
-//! - [`server`]: the accept loop and graceful drain.
+//! - [`spool`]: the durable queue, its trait and its SQLite implementation.
+//! - `deliver`: the delivery workers, the target formats and the retry policy.
+//! - `handler`: the WeChat-facing request path and its one error type.
+//! - `metrics`: the Prometheus registry and every collector.
+//! - `server`: the accept loop and graceful drain.
 //! - [`app`]: wiring and shutdown order.
 //! - [`clock`]: injected wall-clock time.
 //! - [`cli`]: the operator's commands: simulate, route, dlq, keygen.
@@ -31,10 +31,12 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod deliver;
-pub mod handler;
-pub mod metrics;
+pub(crate) mod deliver;
+pub(crate) mod handler;
+pub(crate) mod metrics;
 pub mod route;
-pub mod server;
+pub(crate) mod server;
 pub mod spool;
 pub mod wechat;
+
+pub use handler::short_hash;

@@ -373,7 +373,6 @@ pub(super) fn failed(e: SpoolError) -> CliError {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -44,7 +44,6 @@ pub fn run() -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::wechat::crypto::AesKey;

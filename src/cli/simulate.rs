@@ -495,7 +495,6 @@ fn plain(name: &str, value: impl Display) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::wechat::message::Kind as Parsed;

@@ -72,7 +72,6 @@ pub fn describe(parts: &http::request::Parts, body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

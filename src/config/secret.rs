@@ -76,7 +76,6 @@ fn digits_only<E: de::Error>() -> E {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

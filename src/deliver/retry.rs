@@ -125,7 +125,6 @@ pub fn decide(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::RetryClass;
 

@@ -1,5 +1,4 @@
 //! One suite, run against both spools, so the twin cannot drift from the real one.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
 use sha2::Digest;

@@ -27,10 +27,12 @@
 //! - An event routed to no target is stored as a dead letter with reason
 //!   `unrouted`, with no target.
 
+#[cfg(test)]
 mod memory;
 mod sqlite;
 
-pub use memory::MemorySpool;
+#[cfg(test)]
+use memory::MemorySpool;
 pub use sqlite::SqliteSpool;
 
 use bytes::Bytes;
@@ -249,6 +251,7 @@ pub struct DeadFilter {
 }
 
 impl DeadFilter {
+    #[cfg(test)]
     fn admits(&self, d: &DeadLetter) -> bool {
         self.target
             .as_deref()
@@ -299,6 +302,7 @@ impl Release {
         }
     }
 
+    #[cfg(test)]
     fn admits(
         &self,
         id: DeliveryId,

@@ -198,7 +198,6 @@ pub struct SqliteSpool {
     reads: Mutex<Option<mpsc::SyncSender<Read>>>,
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
     leased: Leased,
-    path: PathBuf,
 }
 
 impl SqliteSpool {
@@ -242,12 +241,7 @@ impl SqliteSpool {
             reads: Mutex::new(Some(reads)),
             threads: Mutex::new(vec![writer, reader]),
             leased,
-            path: path.to_path_buf(),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Finishes the queued requests and closes the file. Blocks until done.
@@ -1076,7 +1070,6 @@ impl Spool for SqliteSpool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::spool::{Event, NewDelivery};
 

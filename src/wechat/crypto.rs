@@ -292,7 +292,6 @@ pub fn encrypt(key: &AesKey, random: &[u8; 16], msg: &str, app_id: &str) -> Stri
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

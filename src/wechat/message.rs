@@ -26,7 +26,8 @@
 //! A parametric QR code carries a scene. A user who does not follow the
 //! account yet and scans it sends `subscribe` with `EventKey` `qrscene_<scene>`;
 //! a follower sends `SCAN` with the bare scene as `EventKey`. Both carry the
-//! code's `Ticket`. [`Message::scene`] gives the scene either way; a follow
+//! code's `Ticket`. The scene is thus the `EventKey` after `qrscene_` or the
+//! whole `EventKey` (what the tests' `Message::scene` reads); a follow
 //! without a QR code has no scene.
 //!
 //! # The dedup key
@@ -293,6 +294,7 @@ impl Message {
     /// The login scene of a parametric QR code (see the module docs): the
     /// `EventKey` after `qrscene_` for `subscribe`, the whole `EventKey` for
     /// `SCAN`. `None` for anything else, including a follow without a scene.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn scene(&self) -> Option<String> {
         let Kind::Event { event } = self.kind() else {
             return None;
@@ -497,7 +499,6 @@ fn children_json(children: &[(String, Node)]) -> Value {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

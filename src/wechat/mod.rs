@@ -4,7 +4,7 @@
 //! An Official Account (公众号 / 服务号) has one server URL, set in the admin
 //! console together with a Token, an EncodingAESKey and a message mode. WeChat
 //! talks to that URL in two ways, and the relay serves both on
-//! `/wx/{account}` ([`crate::handler`]).
+//! `/wx/{account}` (the request handler).
 //!
 //! # The URL check (GET)
 //!

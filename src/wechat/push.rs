@@ -89,7 +89,6 @@ pub fn build(xml: &str, sealing: Sealing<'_>, e: &Envelope<'_>) -> Push {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::wechat::crypto::decrypt;
     use crate::wechat::message::Message;

@@ -159,7 +159,6 @@ pub fn random_bytes() -> [u8; 16] {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::wechat::crypto::decrypt;

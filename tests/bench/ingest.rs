@@ -8,6 +8,11 @@
 //! (the load harness's), with the targets paused so that only ingest is timed,
 //! and the run prints pushes/s for each and their ratio.
 
+// The integration tests' helpers, which the load harness builds on; a bench
+// uses only a few of them.
+#[path = "../it/common/mod.rs"]
+#[allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+mod common;
 #[path = "harness/mod.rs"]
 mod harness;
 
@@ -22,10 +27,9 @@ async fn run(max_batch: usize, n: usize, connections: usize, first: u64) -> harn
     let path = dir.path().join("spool.db");
     let spool =
         Arc::new(SqliteSpool::open_with_batch(&path, max_batch).unwrap_or_else(|e| panic!("{e}")));
-    let unused = harness::free_port();
+    let unused = common::free_port();
     let sink = format!("http://{unused}/");
-    let toml =
-        harness::relay_config_paused(unused, harness::free_port(), &path, &sink, &sink, true);
+    let toml = harness::relay_config_paused(unused, common::free_port(), &path, &sink, &sink, true);
     let settings = Settings::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"));
     let listener = || async {
         TcpListener::bind("127.0.0.1:0")

@@ -18,6 +18,11 @@
 //! runtime settings; the client and the counting sinks run here. Every relay
 //! run also checks that each answered push reached each of its targets.
 
+// The integration tests' helpers, which the load harness builds on; a bench
+// uses only a few of them.
+#[path = "../it/common/mod.rs"]
+#[allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+mod common;
 #[path = "harness/mod.rs"]
 mod harness;
 
@@ -44,13 +49,13 @@ impl Drop for Server {
 }
 
 async fn start_baseline() -> Server {
-    let addr = harness::free_port();
+    let addr = common::free_port();
     let child = Command::new(std::env::current_exe().unwrap_or_else(|e| panic!("{e}")))
         .args(["baseline-server", &addr.to_string()])
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
-    let up = harness::wait_until(Duration::from_secs(10), || {
+    let up = common::eventually(Duration::from_secs(10), || async {
         std::net::TcpStream::connect(addr).is_ok()
     })
     .await;
@@ -92,7 +97,7 @@ async fn start_relay(broker: &str, hooks: &str) -> RelayProcess {
 
 async fn start_relay_paused(broker: &str, hooks: &str, paused: bool) -> RelayProcess {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let (public, admin) = (harness::free_port(), harness::free_port());
+    let (public, admin) = (common::free_port(), common::free_port());
     let config = dir.path().join("relay.toml");
     let spool = dir.path().join("spool.db");
     let toml = harness::relay_config_paused(public, admin, &spool, broker, hooks, paused);
@@ -113,11 +118,13 @@ async fn start_relay_paused(broker: &str, hooks: &str, paused: bool) -> RelayPro
         child,
         addr: public,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while harness::get(admin, "/healthz").await.map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "the relay came up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let up = common::eventually(Duration::from_secs(20), || async {
+        common::try_send(admin, http::Method::GET, "/healthz", bytes::Bytes::new())
+            .await
+            .is_ok_and(|answer| answer.status == 200)
+    })
+    .await;
+    assert!(up, "the relay came up");
     RelayProcess {
         server,
         admin,
@@ -144,7 +151,7 @@ fn arg(args: &[String], i: usize, default: f64) -> f64 {
 /// Waits until the sinks hold what the report says was answered.
 async fn check_delivered(sink: &Sink, report: &Report, within: Duration) -> Duration {
     let started = Instant::now();
-    let ok = harness::wait_until(within, || {
+    let ok = common::eventually(within, || async {
         sink.count("/hooks") >= report.success as u64
             && sink.count("/broker") >= report.login_success as u64
     })
@@ -262,7 +269,7 @@ async fn rate(args: &[String]) {
 async fn backlog(args: &[String]) {
     let n = arg(args, 0, 200_000.0) as usize;
     let (broker, broker_at) = start_sink().await;
-    let hooks_at = harness::free_port();
+    let hooks_at = common::free_port();
     let relay = start_relay(
         &format!("http://{broker_at}/broker"),
         &format!("http://{hooks_at}/hooks"),

@@ -3,7 +3,9 @@
 //! (at saturation or at a fixed rate, timing each answer from when it was due),
 //! counting sinks for the broker and the webhooks, the bare baseline server,
 //! and resident-memory readings. Used by `cargo bench --bench load` and by the
-//! smoke test in `tests/load_smoke.rs`.
+//! smoke test in `tests/it/load_smoke.rs`, which each use a part of it. It
+//! builds on the integration tests' `common` (free ports, waiting with a
+//! deadline), which every user of this module includes.
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -385,36 +387,4 @@ pub fn status_mib(pid: u32, field: &str) -> Option<f64> {
         .parse()
         .ok()?;
     Some(kib / 1024.0)
-}
-
-/// A GET on a fresh connection: (status, body), or `None` when nothing answers.
-pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut sender = connect(addr).await?;
-    let request = Request::get(path)
-        .header("host", "relay")
-        .body(Full::new(Bytes::new()))
-        .ok()?;
-    let response = sender.send_request(request).await.ok()?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.ok()?.to_bytes();
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// Waits until `check` holds, polling; false if `within` passes first.
-pub async fn wait_until<F: FnMut() -> bool>(within: Duration, mut check: F) -> bool {
-    let deadline = Instant::now() + within;
-    while !check() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
-/// A free loopback port for a server started later or in another process.
-pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|e| panic!("{e}"))
 }

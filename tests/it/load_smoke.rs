@@ -1,9 +1,10 @@
 //! A small run of the load harness, so it cannot rot: a few hundred pushes of
 //! the realistic mix against the real relay (in-process, real SQLite spool),
 //! every one answered `success`, and every one delivered to its targets.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "bench/harness/mod.rs"]
+use crate::common;
+
+#[path = "../bench/harness/mod.rs"]
 mod harness;
 
 use std::time::Duration;
@@ -17,7 +18,7 @@ async fn the_load_harness_drives_the_relay_and_every_push_reaches_its_targets() 
     let sink_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sink_addr = sink_listener.local_addr().unwrap();
     let sink = harness::Sink::start(sink_listener).await;
-    let (public, admin) = (harness::free_port(), harness::free_port());
+    let (public, admin) = (common::free_port(), common::free_port());
     let toml = harness::relay_config(
         public,
         admin,
@@ -41,7 +42,7 @@ async fn the_load_harness_drives_the_relay_and_every_push_reaches_its_targets() 
         "the mix is 30 % login events"
     );
 
-    let delivered = harness::wait_until(Duration::from_secs(30), || {
+    let delivered = common::eventually(Duration::from_secs(30), || async {
         sink.count("/hooks") == n as u64 && sink.count("/broker") == report.login_success as u64
     })
     .await;

@@ -3,9 +3,7 @@
 //! (`tests/fixtures/`). Each vector is run by its kind, and the counts are checked
 //! so a vector of a new kind cannot be skipped silently.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{BlockDecrypt, KeyInit};

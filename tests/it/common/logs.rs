@@ -1,5 +1,4 @@
 //! The log lines of a test binary, captured, for tests of what the relay logs.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -2,9 +2,8 @@
 //! target is down, the relay is killed with SIGKILL mid-stream, started again
 //! and the targets come back. Every push that was answered 200 must reach each
 //! target its route names, and no target gets a push its route does not name.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::FakeTarget;
 use common::{free_port, generated, try_send};

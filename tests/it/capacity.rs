@@ -1,9 +1,8 @@
 //! What an unauthenticated flood can and cannot take: the query is checked
 //! before a byte of the body is read, connections and body bytes in flight
 //! are capped, and idle connections make room for real pushes.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{
     body, eventually, generated, generated_config, metric, path, reference_now, status_line,

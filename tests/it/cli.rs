@@ -3,9 +3,8 @@
 //! routing, `dlq` lists without personal data and replays a dead letter to a
 //! target that is back, and `keygen` prints credentials the config accepts.
 //! The last test runs the binary for its exit statuses.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{broker_routes, config, generated, generated_config, target, TestRelay};
@@ -19,7 +18,7 @@ use wxrelay::cli::simulate::{self, Kind, MessageOptions, Payload, SimulateArgs, 
 use wxrelay::cli::{self, keygen, CliError};
 use wxrelay::clock::Clock;
 use wxrelay::config::Settings;
-use wxrelay::handler::short_hash;
+use wxrelay::short_hash;
 use wxrelay::spool::{DeadFilter, Spool, SqliteSpool};
 use wxrelay::wechat::crypto::AesKey;
 use wxrelay::wechat::message::Message;
@@ -519,6 +518,7 @@ fn the_binary_exits_0_on_success_64_on_usage_and_1_on_failure() {
     )
     .unwrap();
     let wxrelay = |args: &[&str]| {
+        let _environment = common::ENVIRONMENT.blocking_lock();
         let out = Command::new(env!("CARGO_BIN_EXE_wxrelay"))
             .args(args)
             .output()

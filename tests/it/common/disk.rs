@@ -1,6 +1,5 @@
 //! A real small disk for the tests of a full spool: a tmpfs the test mounts
 //! (it needs root), and a way to fill it.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::path::Path;

@@ -1,6 +1,5 @@
 //! Shared test harness: the real relay on 127.0.0.1:0 with a real SQLite spool
 //! in a temp dir and an injected clock, a minimal HTTP client, and the vectors.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod disk;
 pub mod logs;
@@ -153,6 +152,7 @@ pub struct TestRelay {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub spool: Arc<SqliteSpool>,
+    pub spool_path: PathBuf,
     pub clock: Arc<FixedClock>,
     pub dir: tempfile::TempDir,
 }
@@ -184,6 +184,7 @@ impl TestRelay {
             admin: relay.admin_addr,
             relay: Some(relay),
             spool,
+            spool_path: spool_path.to_path_buf(),
             clock,
             dir,
         }
@@ -287,6 +288,8 @@ impl TestRelay {
 
     /// A request to the admin listener.
     pub async fn admin(&self, method: Method, path: &str, bearer: Option<&str>) -> Answer {
+        // A reload reads the environment.
+        let _environment = ENVIRONMENT.lock().await;
         admin_request(self.admin, method, path, bearer).await
     }
 
@@ -460,10 +463,6 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 pub struct Process(pub std::process::Child);
 
 impl Process {
-    pub fn id(&self) -> u32 {
-        self.0.id()
-    }
-
     /// SIGTERM, then the exit status: a graceful stop.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.0.id().to_string();
@@ -498,6 +497,7 @@ pub async fn start_binary(
         .append(true)
         .open(log)
         .unwrap();
+    let environment = ENVIRONMENT.lock().await;
     let mut process = Process(
         std::process::Command::new(env!("CARGO_BIN_EXE_wxrelay"))
             .args(args)
@@ -507,6 +507,7 @@ pub async fn start_binary(
             .spawn()
             .unwrap(),
     );
+    drop(environment);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         if process.0.try_wait().unwrap().is_some() {
@@ -566,6 +567,12 @@ pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
     })
     .await
 }
+
+/// The test binary's one process environment. Tests that set `WXRELAY_`
+/// variables hold this while they are set, and whatever reads them (a spawned
+/// binary, a reload) holds it too, so that no test runs on another's overrides.
+/// Synchronous tests take it with `blocking_lock`, async ones with `lock`.
+pub static ENVIRONMENT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A free port on 127.0.0.1, for a process that binds it itself.
 pub fn free_port() -> SocketAddr {

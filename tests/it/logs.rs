@@ -1,9 +1,8 @@
 //! The logs of a real run hold no secret and no personal data: no Token, no
 //! EncodingAESKey, no ciphertext, no message content, no OpenID; and they
 //! hold one line per push and per delivery attempt.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{body, free_port, generated, path, try_send};

@@ -2,9 +2,8 @@
 //! SQLite spool. Accepted pushes are configured to match no route, so each one
 //! lands in the spool as an `unrouted` dead letter whose stored XML, fields,
 //! query and body the tests read back.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{body, fixture, generated, generated_config, path, reference_now, TestRelay};
 use serde_json::Value;

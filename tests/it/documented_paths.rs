@@ -1,9 +1,8 @@
 //! Every admin-listener path the operator docs mention is one the relay serves:
 //! the paths are read out of `README.md`, `relay.toml.example` and `deploy/`,
 //! and each is asked of a running relay.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{generated, generated_config, reference_now, TestRelay};
 use http::Method;

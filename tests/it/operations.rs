@@ -1,9 +1,8 @@
 //! What operators rely on: metrics that move with what happened, readiness
 //! that follows the spool, reloads that apply a valid file atomically and keep
 //! the running configuration on an invalid one, and an admin API behind its token.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{

@@ -1,9 +1,8 @@
 //! `signature` covers only (token, timestamp, nonce), not the body: a signed
 //! query captured from a plaintext or compat push must not carry another body
 //! to the targets within its freshness window.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::FakeTarget;
 use common::{

@@ -2,9 +2,8 @@
 //! target's backed-off deliveries without message content, and `retry-now`
 //! has the relay send them at once, keeping their retry schedules and (unless
 //! told otherwise) a target's Retry-After.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{eventually, generated, hooks_config, push_text, quiet, TestRelay};
@@ -39,6 +38,7 @@ fn catch_up(relay: &TestRelay) {
 /// Runs the binary off the runtime's thread, so the relay keeps running.
 async fn wxrelay(args: Vec<String>) -> (Option<i32>, String) {
     tokio::task::spawn_blocking(move || {
+        let _environment = common::ENVIRONMENT.blocking_lock();
         let out = Command::new(env!("CARGO_BIN_EXE_wxrelay"))
             .args(&args)
             .output()

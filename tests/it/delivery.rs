@@ -2,9 +2,8 @@
 //! (in its format), retries follow the schedule and `Retry-After`, refusals and
 //! unroutable events become dead letters, the reply target's answer reaches
 //! WeChat within the budget, and one slow target delays no other.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::target::{Behaviour, FakeTarget, Received};

@@ -2,9 +2,8 @@
 //! parameters, repeated top-level XML elements, a root other than `<xml>`,
 //! characters XML 1.0 forbids. And what hyper refuses before the relay sees a
 //! request is counted.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{
     body, config, generated, metric, path, reference_now, status_line, vector, TestRelay,

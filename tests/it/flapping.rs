@@ -2,9 +2,8 @@
 //! backlog never uses up a delivery's retry schedule, and a target that
 //! recovers gets its whole backlog, however its last failures were timed.
 //! Real relay, real spool, real sockets; the clock is the injected one.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{eventually, generated, hooks_config, push_text, quiet, reference_now, TestRelay};

@@ -2,11 +2,9 @@
 //! override the file; a bad config is refused with every problem at its key
 //! path; no secret is ever printed.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
+use crate::common::ENVIRONMENT;
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 use wxrelay::config::{figment_for, render_check, Format, Mode, RetryClass, Settings};
 use wxrelay::route::{route, RouteInput};
@@ -14,10 +12,6 @@ use wxrelay::route::{route, RouteInput};
 const TOKEN: &str = "Relay2024Token";
 const AES_KEY: &str = "R3layV3ct0rsEncodingAesKeyForTests0123456Zq";
 const WEBHOOK_SECRET: &str = "whsec_ZXhhbXBsZS1vbmx5LXJlcGxhY2UtdGhpcy1zZWNyZXQ=";
-
-/// Tests that read the process environment hold this, so that one test's
-/// variables never leak into another's config.
-static ENV: Mutex<()> = Mutex::new(());
 
 fn example_path() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.toml.example")
@@ -76,7 +70,7 @@ fn the_valid_base_is_valid() {
 
 #[test]
 fn the_shipped_example_loads() {
-    let _env = ENV.lock().unwrap();
+    let _env = ENVIRONMENT.blocking_lock();
     let settings = Settings::load(&example_path()).unwrap();
 
     let main = &settings.accounts["main"];
@@ -137,7 +131,7 @@ fn the_example_routes_login_events_to_the_broker_and_the_rest_to_webhooks() {
 
 #[test]
 fn environment_variables_override_the_file() {
-    let _env = ENV.lock().unwrap();
+    let _env = ENVIRONMENT.blocking_lock();
     let overrides = [
         ("WXRELAY_ACCOUNTS__MAIN__TOKEN", "FromTheEnvironment1"),
         ("WXRELAY_SERVER__LISTEN", "127.0.0.1:18080"),
@@ -201,7 +195,7 @@ fn upper_case_ids_are_refused_because_the_environment_cannot_name_them() {
     assert_has(&err, "targets.broker_", "end in \"_\"");
 
     // A lower-case id, with `_` and `-`, is overridden through the environment.
-    let _env = ENV.lock().unwrap();
+    let _env = ENVIRONMENT.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.toml");
     let toml = edit(&[("[accounts.main]", "[accounts.shop_eu-2]")]);
@@ -218,7 +212,7 @@ fn upper_case_ids_are_refused_because_the_environment_cannot_name_them() {
 
 #[test]
 fn a_bad_environment_variable_is_reported_at_its_key() {
-    let _env = ENV.lock().unwrap();
+    let _env = ENVIRONMENT.blocking_lock();
     std::env::set_var("WXRELAY_ACCOUNTS__MAIN__TOKEN", "no!");
     let loaded = Settings::from_figment(figment_for(&example_path()));
     std::env::remove_var("WXRELAY_ACCOUNTS__MAIN__TOKEN");

@@ -1,6 +1,5 @@
 //! A fake target on a real socket: answers as scripted and records every
 //! request it received, for the tests to compare with what WeChat sent.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};

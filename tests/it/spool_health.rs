@@ -1,9 +1,8 @@
 //! Readiness and pushes follow what the spool's disk really does: a full disk
 //! and a spool file removed or replaced under the running relay both turn
 //! `/readyz` and every push into 503, with the cause in the log line.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::disk::{fill, Tmpfs};
 use common::logs::logs;
@@ -70,7 +69,7 @@ async fn a_full_disk_makes_the_relay_unready_and_refuse_pushes_with_the_cause() 
 fn spool_files(relay: &TestRelay) -> Vec<PathBuf> {
     ["spool.db", "spool.db-wal", "spool.db-shm"]
         .iter()
-        .map(|f| relay.spool.path().with_file_name(f))
+        .map(|f| relay.spool_path.with_file_name(f))
         .collect()
 }
 
@@ -106,7 +105,7 @@ async fn a_replaced_spool_file_makes_the_relay_unready_and_refuse_pushes() {
     let g = generated();
     let relay = TestRelay::start(&config(&g, &[], ""), reference_now(&g)).await;
     assert_eq!(ready(&relay).await.0, 200);
-    let db = relay.spool.path().to_path_buf();
+    let db = relay.spool_path.clone();
     let copy = db.with_file_name("restored.db");
     std::fs::copy(&db, &copy).unwrap();
     std::fs::rename(&copy, &db).unwrap();

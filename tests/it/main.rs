@@ -1,0 +1,25 @@
+//! The integration tests, one module per area, in one binary so that the
+//! harness in [`common`] and the relay are built and linked once.
+// clippy.toml lets #[test] functions unwrap; this lets the helpers they call
+// do the same, as everything in this crate is test code.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+mod ambiguity;
+mod capacity;
+mod cli;
+mod config;
+mod crash;
+mod delivery;
+mod documented_paths;
+mod flapping;
+mod full_disk;
+mod load_smoke;
+mod logs;
+mod operations;
+mod pending;
+mod protocol_pure;
+mod replay;
+mod spool_health;
+mod vectors_http;
