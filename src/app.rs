@@ -8,7 +8,7 @@ use crate::deliver::{self, HttpClient};
 use crate::handler;
 use crate::metrics::{Metrics, MetricsError};
 use crate::server::{self, Limits};
-use crate::spool::{Spool, SpoolError, SqliteSpool, REASON_TARGET_REMOVED};
+use crate::spool::{DeadReason, Spool, SpoolError, SqliteSpool, UnixMs};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -112,13 +112,13 @@ impl Shared {
         let targets: Vec<String> = settings.targets.keys().cloned().collect();
         for (target, n) in self
             .spool
-            .retire_targets(targets, self.clock.now_ms())
+            .retire_targets(targets, UnixMs(self.clock.now_ms()))
             .await?
         {
             tracing::warn!(target = %target, retired = n, "pending deliveries of a removed target dead-lettered");
             self.metrics
                 .dead_letters
-                .with_label_values(&[target.as_str(), REASON_TARGET_REMOVED])
+                .with_label_values(&[target.as_str(), DeadReason::TargetRemoved.as_str()])
                 .inc_by(n);
         }
         Ok(())

@@ -16,8 +16,8 @@ use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::{self, retry, retry::Verdict};
 use crate::route;
 use crate::spool::{
-    Enqueued, NewDelivery, NewEvent, ReplayGuard, Schedule, SpoolError, StoredEvent,
-    REASON_UNROUTED,
+    DeadReason, DeliveryId, Enqueued, Event, EventId, NewDelivery, NewEvent, ReplayGuard, Schedule,
+    SpoolError, UnixMs,
 };
 use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::message::{Message, XmlError};
@@ -170,7 +170,7 @@ enum Answer {
 #[derive(Debug)]
 struct Accepted {
     duplicate: bool,
-    event_id: Option<i64>,
+    event_id: Option<EventId>,
     /// Stored as an `unrouted` dead letter: no rule matched.
     unrouted: bool,
     msg_type: String,
@@ -228,7 +228,7 @@ pub async fn handle(
                     .inc();
                 if a.unrouted {
                     m.dead_letters
-                        .with_label_values(&["", REASON_UNROUTED])
+                        .with_label_values(&["", DeadReason::Unrouted.as_str()])
                         .inc();
                 }
             }
@@ -245,7 +245,7 @@ pub async fn handle(
                 verdict,
                 latency_ms,
                 key = %a.key_hash,
-                event_id = a.event_id,
+                event_id = a.event_id.map(|id| id.0),
                 unrouted = a.unrouted,
                 reply = a.reply,
                 "push answered"
@@ -552,7 +552,7 @@ async fn accept_push(
     } = signed;
     let verified = verify_push(account, &q, encrypted, &body)?;
     let message = &verified.message;
-    let now = shared.clock.now_ms();
+    let now = UnixMs(shared.clock.now_ms());
 
     let input = route::route_input(&account.id, message);
     let rule = route::route(&config.routes, &input).map(|(_, rule)| rule);
@@ -584,30 +584,29 @@ async fn accept_push(
     let timestamp = q.get("timestamp").map(String::as_str).unwrap_or_default();
     // Until the query goes stale, a replay of it must still find its guard and
     // its dedup key, even when the timestamp is ahead of the relay's clock.
-    let stale_at = stale_at(account, timestamp).unwrap_or(now + dedup_window);
+    let stale_at = stale_at(account, timestamp).map_or(now + dedup_window, UnixMs);
     let event = NewEvent {
         replay: replay_guard(account, &q, &verified.xml, stale_at),
-        event: StoredEvent {
-            event_id: 0,
+        event: Event {
             dedup_key: dedup_key.clone(),
             account: account.id.clone(),
             received_at: now,
             query,
-            body: body.to_vec(),
+            body,
             xml: verified.xml.clone(),
             fields: message.fields_json().to_string(),
             msg_type: input.msg_type.to_string(),
-            event: message.event().map(str::to_string),
+            event_type: message.event().map(str::to_string),
         },
         targets,
     };
     let window = dedup_window.max(stale_at - now);
-    // The reply target needs the event again after the commit; only then is it copied.
+    // The reply target is sent the event as the spool hands it back.
     let reply_from = rule.and_then(|r| r.reply_from.as_deref()).and_then(|name| {
         let position = event.targets.iter().position(|t| t.target == name)?;
         // A paused target gets no inline attempt either: its delivery waits.
         let target = config.targets.get(name).filter(|t| !t.paused)?;
-        Some((target.clone(), position, event.event.clone()))
+        Some((target.clone(), position))
     });
     let routed: Vec<String> = event.targets.iter().map(|t| t.target.clone()).collect();
     let commit = shared.spool.enqueue(event, now, window);
@@ -635,6 +634,7 @@ async fn accept_push(
     let Enqueued::Stored {
         event_id,
         deliveries,
+        event: stored,
     } = enqueued
     else {
         return Ok(accepted);
@@ -644,16 +644,15 @@ async fn accept_push(
     for target in &routed {
         shared.wake(target);
     }
-    if let Some((target, position, mut stored)) = reply_from {
-        stored.event_id = event_id;
+    if let Some((target, position)) = reply_from {
         let remaining = reply_budget.saturating_sub(started.elapsed());
-        let delivery_id = deliveries.get(position).copied().unwrap_or_default();
         // With no time left, an attempt could not even be sent: leave the
         // delivery to the workers rather than count an attempt never made.
-        let reply = if remaining < MIN_INLINE_ATTEMPT {
-            InlineReply::Failed
-        } else {
-            reply_inline(shared, &target, delivery_id, &stored, remaining).await
+        let reply = match deliveries.get(position) {
+            Some(&delivery_id) if remaining >= MIN_INLINE_ATTEMPT => {
+                reply_inline(shared, &target, delivery_id, &stored, remaining).await
+            }
+            _ => InlineReply::Failed,
         };
         let (body, outcome) = answer_with(account, &target.name, &verified, &q, reply);
         accepted.body = body;
@@ -688,7 +687,7 @@ fn replay_guard(
     account: &Account,
     q: &HashMap<String, String>,
     message_xml: &str,
-    stale_at: i64,
+    stale_at: UnixMs,
 ) -> Option<ReplayGuard> {
     if account.mode == Mode::Secure {
         return None;
@@ -726,8 +725,8 @@ enum InlineReply {
 async fn reply_inline(
     shared: &Shared,
     target: &Target,
-    delivery_id: i64,
-    event: &StoredEvent,
+    delivery_id: DeliveryId,
+    event: &Event,
     remaining: Duration,
 ) -> InlineReply {
     let started = Instant::now();
@@ -742,8 +741,8 @@ async fn reply_inline(
     .await;
     let delivered = result.verdict == Verdict::Delivered;
     let unit: f64 = rand::thread_rng().gen();
-    let now = shared.clock.now_ms();
-    let settlement = retry::settle(
+    let now = UnixMs(shared.clock.now_ms());
+    let settlement = retry::decide(
         delivery_id,
         &target.retry,
         Schedule::default(),
@@ -760,7 +759,9 @@ async fn reply_inline(
     );
     // Not awaited: WeChat's answer does not depend on it, and if the record
     // is lost the lease expires and the workers send it again.
-    let settled = shared.spool.settle(vec![settlement], shared.clock.now_ms());
+    let settled = shared
+        .spool
+        .record(vec![settlement], UnixMs(shared.clock.now_ms()));
     tokio::spawn(async move {
         if let Err(e) = settled.await {
             tracing::error!(error = %e, "cannot record the reply target's outcome");

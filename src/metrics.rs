@@ -255,7 +255,7 @@ impl Metrics {
                         .set(d.pending as i64);
                     let age = d
                         .oldest_received_at
-                        .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
+                        .map_or(0.0, |t| (now_ms - t.0).max(0) as f64 / 1000.0);
                     self.spool_oldest_age
                         .with_label_values(&[&d.target])
                         .set(age);

@@ -14,7 +14,9 @@
 use super::CliError;
 use crate::config::Settings;
 use crate::handler::short_hash;
-use crate::spool::{DeadFilter, DeadLetter, Spool, SpoolError, SqliteSpool, REASON_UNROUTED};
+use crate::spool::{
+    DeadFilter, DeadLetter, DeadReason, DeliveryId, Spool, SpoolError, SqliteSpool, UnixMs,
+};
 use crate::wechat::message::Message;
 use std::fmt::Write as _;
 use std::str::FromStr;
@@ -67,7 +69,7 @@ pub struct Selection {
     pub target: Option<String>,
     /// Only this reason: rejected, exhausted, unrouted or target_removed.
     #[arg(long)]
-    pub reason: Option<String>,
+    pub reason: Option<DeadReason>,
     /// Dead-lettered at or after TIME: RFC 3339 (2024-05-29T08:00:00Z) or a time ago (2h, 30m).
     #[arg(long, value_name = "TIME")]
     pub since: Option<When>,
@@ -87,10 +89,10 @@ impl Selection {
     fn filter(&self, now_ms: i64) -> DeadFilter {
         DeadFilter {
             target: self.target.clone(),
-            reason: self.reason.clone(),
-            since: self.since.map(|w| w.at_ms(now_ms)),
-            until: self.until.map(|w| w.at_ms(now_ms)),
-            delivery_id: self.id,
+            reason: self.reason,
+            since: self.since.map(|w| UnixMs(w.at_ms(now_ms))),
+            until: self.until.map(|w| UnixMs(w.at_ms(now_ms))),
+            delivery_id: self.id.map(DeliveryId),
         }
     }
 }
@@ -155,7 +157,7 @@ pub async fn run(spool: &dyn Spool, command: &DlqCommand, now_ms: i64) -> Result
             guard("replay", select, *all)?;
             let filter = select.filter(now_ms);
             let unrouted = count_unrouted(spool, &filter).await?;
-            let replayed = spool.replay(filter, now_ms).await.map_err(failed)?;
+            let replayed = spool.replay(filter, UnixMs(now_ms)).await.map_err(failed)?;
             let mut out = match replayed {
                 0 => "no delivery was made due again\n".to_owned(),
                 n => format!(
@@ -200,16 +202,11 @@ fn guard(verb: &str, select: &Selection, all: bool) -> Result<(), CliError> {
 
 /// How many of the selected dead letters are unrouted (they have no target).
 async fn count_unrouted(spool: &dyn Spool, filter: &DeadFilter) -> Result<u64, CliError> {
-    if filter.target.is_some()
-        || filter
-            .reason
-            .as_deref()
-            .is_some_and(|r| r != REASON_UNROUTED)
-    {
+    if filter.target.is_some() || filter.reason.is_some_and(|r| r != DeadReason::Unrouted) {
         return Ok(0);
     }
     let unrouted = DeadFilter {
-        reason: Some(REASON_UNROUTED.to_owned()),
+        reason: Some(DeadReason::Unrouted),
         ..filter.clone()
     };
     let found = spool
@@ -221,7 +218,7 @@ async fn count_unrouted(spool: &dyn Spool, filter: &DeadFilter) -> Result<u64, C
 
 async fn show(spool: &dyn Spool, id: i64, content: bool) -> Result<String, CliError> {
     let filter = DeadFilter {
-        delivery_id: Some(id),
+        delivery_id: Some(DeliveryId(id)),
         ..DeadFilter::default()
     };
     let dead = spool.dead_letters(filter, 1).await.map_err(failed)?;
@@ -290,7 +287,7 @@ fn table(dead: &[DeadLetter], limit: usize) -> String {
                 d.delivery_id.to_string(),
                 rfc3339(d.dead_at),
                 d.target.clone().unwrap_or_else(|| "-".to_owned()),
-                d.reason.clone(),
+                d.reason.to_string(),
                 d.attempts.to_string(),
                 d.account.clone(),
                 kind(d),
@@ -340,15 +337,14 @@ fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
 
 /// `event/SCAN` or `text`, as the relay's logs name pushes.
 fn kind(d: &DeadLetter) -> String {
-    match &d.event {
+    match &d.event_type {
         Some(event) => format!("event/{event}"),
         None => d.msg_type.clone(),
     }
 }
 
-pub(super) fn rfc3339(ms: i64) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(at).to_string()
+pub(super) fn rfc3339(at: UnixMs) -> String {
+    humantime::format_rfc3339_seconds(at.to_system_time()).to_string()
 }
 
 /// One line of at most `max` characters.
@@ -401,11 +397,35 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_reason_is_refused_with_the_known_ones() {
+        #[derive(clap::Parser)]
+        struct Args {
+            #[command(flatten)]
+            select: Selection,
+        }
+        use clap::Parser as _;
+        let parsed = Args::try_parse_from(["dlq", "--reason", "target_removed"]);
+        assert_eq!(
+            parsed.map(|a| a.select.reason).ok(),
+            Some(Some(DeadReason::TargetRemoved))
+        );
+        let refused = Args::try_parse_from(["dlq", "--reason", "rejcted"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(refused.contains("unknown reason \"rejcted\""), "{refused}");
+        assert!(
+            refused.contains("rejected, exhausted, unrouted, target_removed"),
+            "{refused}"
+        );
+    }
+
+    #[test]
     fn replay_and_purge_need_a_filter_or_all() {
         assert!(guard("replay", &Selection::default(), false).is_err());
         assert!(guard("replay", &Selection::default(), true).is_ok());
         let some = Selection {
-            reason: Some("rejected".into()),
+            reason: Some(DeadReason::Rejected),
             ..Selection::default()
         };
         assert!(guard("purge", &some, false).is_ok());

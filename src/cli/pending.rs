@@ -14,7 +14,7 @@
 use super::dlq::{clip, failed, listing, plural, rfc3339, ERROR_WIDTH};
 use super::CliError;
 use crate::config::Settings;
-use crate::spool::{PendingDelivery, Release, Spool};
+use crate::spool::{DeliveryId, Release, Spool, UnixMs, WaitingDelivery};
 use std::fmt::Write as _;
 
 /// How many pending deliveries `retry-now` looks at to say which it left held.
@@ -75,9 +75,10 @@ pub async fn run(
     command: &PendingCommand,
     now_ms: i64,
 ) -> Result<String, CliError> {
+    let now_ms = UnixMs(now_ms);
     match command {
         PendingCommand::List { target, limit } => {
-            let pending = spool.pending(target, *limit).await.map_err(failed)?;
+            let pending = spool.waiting(target, *limit).await.map_err(failed)?;
             Ok(table(target, &pending, *limit, now_ms))
         }
         PendingCommand::RetryNow {
@@ -93,16 +94,17 @@ async fn retry_now(
     target: &str,
     delivery: Option<i64>,
     ignore_retry_after: bool,
-    now_ms: i64,
+    now_ms: UnixMs,
 ) -> Result<String, CliError> {
+    let delivery = delivery.map(DeliveryId);
     let release = Release {
         target: target.to_owned(),
         delivery_id: delivery,
         past_retry_after: ignore_retry_after,
     };
     let released = spool.release(release, now_ms).await.map_err(failed)?;
-    let waiting = spool.pending(target, HELD_SCAN).await.map_err(failed)?;
-    let selected = |p: &&PendingDelivery| delivery.is_none_or(|id| p.delivery_id == id);
+    let waiting = spool.waiting(target, HELD_SCAN).await.map_err(failed)?;
+    let selected = |p: &&WaitingDelivery| delivery.is_none_or(|id| p.delivery_id == id);
     if let Some(id) = delivery {
         if !waiting.iter().any(|p| p.delivery_id == id) && waiting.len() < HELD_SCAN {
             return Err(CliError::Failed(format!(
@@ -120,7 +122,7 @@ async fn retry_now(
             plural(n, "it", "them"),
         ),
     };
-    let held: Vec<&PendingDelivery> = waiting
+    let held: Vec<&WaitingDelivery> = waiting
         .iter()
         .filter(selected)
         .filter(|p| p.not_before > now_ms)
@@ -155,7 +157,7 @@ async fn retry_now(
 }
 
 /// The list as a table with aligned columns.
-fn table(target: &str, pending: &[PendingDelivery], limit: usize, now_ms: i64) -> String {
+fn table(target: &str, pending: &[WaitingDelivery], limit: usize, now_ms: UnixMs) -> String {
     if pending.is_empty() {
         return format!("no delivery of {target} is pending\n");
     }

@@ -3,14 +3,13 @@
 //! same stored event always gives the same request, whichever attempt it is.
 
 use crate::config::{Format, Target};
-use crate::spool::StoredEvent;
+use crate::spool::Event;
 use crate::wechat::message::{Message, Node};
 use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use std::time::{Duration, UNIX_EPOCH};
 
 /// A request ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,13 +31,13 @@ pub enum FormatError {
 }
 
 /// Builds the request for `target`. `now_secs` stamps `json` signatures.
-pub fn build(target: &Target, event: &StoredEvent, now_secs: i64) -> Result<Outbound, FormatError> {
+pub fn build(target: &Target, event: &Event, now_secs: i64) -> Result<Outbound, FormatError> {
     match target.format {
         Format::Raw => Ok(Outbound {
             uri: with_query(&target.url, &event.query),
             content_type: "text/xml",
             headers: Vec::new(),
-            body: Bytes::from(event.body.clone()),
+            body: event.body.clone(),
         }),
         Format::Plain => Ok(Outbound {
             uri: with_query(&target.url, &plaintext_query(&event.query)),
@@ -111,20 +110,19 @@ pub fn webhook_id(dedup_key: &str) -> String {
 /// The `json` format's envelope, keys in the documented order: the decrypted
 /// event's values as strings (`MsgId` exceeds 2^53 and must not become a JSON
 /// number) or `null` when absent, and `fields` in document order, which
-/// survives the spool because serde_json keeps insertion order.
-fn json_envelope(event: &StoredEvent, id: &str) -> Result<Value, FormatError> {
-    let fields: Map<String, Value> = match serde_json::from_str(&event.fields) {
-        Ok(Value::Object(map)) => map,
-        _ => return Err(FormatError::Fields),
-    };
+/// survives the spool because serde_json keeps insertion order. The stored
+/// fields are parsed once, straight into the envelope's map.
+fn json_envelope(event: &Event, id: &str) -> Result<Value, FormatError> {
+    let fields: Map<String, Value> =
+        serde_json::from_str(&event.fields).map_err(|_| FormatError::Fields)?;
     let text = |name: &str| fields.get(name).and_then(Value::as_str).map(str::to_string);
-    let received_at = UNIX_EPOCH + Duration::from_millis(event.received_at.max(0) as u64);
+    let received_at = event.received_at.to_system_time();
     Ok(json!({
         "id": id,
         "account": event.account,
         "received_at": humantime::format_rfc3339_millis(received_at).to_string(),
         "msg_type": event.msg_type,
-        "event": event.event,
+        "event": event.event_type,
         "event_key": text("EventKey"),
         "from_user": text("FromUserName"),
         "to_user": text("ToUserName"),

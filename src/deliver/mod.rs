@@ -12,7 +12,7 @@ use crate::app::Shared;
 use crate::config::Target;
 use crate::metrics::Metrics;
 use crate::server::stopping;
-use crate::spool::{Lease, Settlement, StoredEvent};
+use crate::spool::{Event, Lease, Settlement, UnixMs};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode};
@@ -71,7 +71,7 @@ pub struct Attempt {
 pub async fn attempt(
     client: &HttpClient,
     target: &Target,
-    event: &StoredEvent,
+    event: &Event,
     now_secs: i64,
     timeout: Duration,
 ) -> Attempt {
@@ -267,7 +267,7 @@ impl HealthState {
 
 /// Makes the target's backed-off deliveries due now and wakes its worker.
 async fn release_backlog(shared: &Shared, name: &str) {
-    let now = shared.clock.now_ms();
+    let now = UnixMs(shared.clock.now_ms());
     match shared.spool.release_backoff(name, now).await {
         Ok(n) => {
             tracing::info!(target = %name, released = n, "target answers again; its backlog is due now")
@@ -400,7 +400,7 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
             release_backlog(&shared, &name).await;
         }
         let free = semaphore.available_permits() + 1;
-        let now = shared.clock.now_ms();
+        let now = UnixMs(shared.clock.now_ms());
         // The lease outlives the attempt's timeout, so a slow answer is not sent
         // twice; a worker that dies leaves it to expire and be sent again.
         let lease_ms = (target.timeout.as_millis() as i64) * 2 + 2_000;
@@ -489,13 +489,13 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
         _ => {}
     }
     let unit: f64 = rand::thread_rng().gen();
-    let settlement = retry::settle(
+    let settlement = retry::decide(
         lease.delivery_id,
         &target.retry,
         lease.schedule,
         result.verdict,
-        started_ms,
-        shared.clock.now_ms(),
+        UnixMs(started_ms),
+        UnixMs(shared.clock.now_ms()),
         unit,
     );
     let outcome = count(
@@ -506,7 +506,7 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
     );
     tracing::info!(
         target = %target.name,
-        delivery_id = lease.delivery_id,
+        delivery_id = lease.delivery_id.0,
         attempt = lease.attempts + 1,
         status = result.status.map(|s| s.as_u16()),
         outcome,
@@ -515,7 +515,7 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
     );
     match shared
         .spool
-        .settle(vec![settlement], shared.clock.now_ms())
+        .record(vec![settlement], UnixMs(shared.clock.now_ms()))
         .await
     {
         Ok(()) => {
@@ -529,7 +529,7 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
             spool_failed(shared, &target.name, "settle");
             match faults.settle.failed() {
                 Repeat::First => {
-                    tracing::error!(target = %target.name, delivery_id = lease.delivery_id, error = %e, "cannot record a delivery outcome; it is held until its lease ends, then sent again")
+                    tracing::error!(target = %target.name, delivery_id = lease.delivery_id.0, error = %e, "cannot record a delivery outcome; it is held until its lease ends, then sent again")
                 }
                 Repeat::Summary(n) => {
                     tracing::error!(target = %target.name, error = %e, failures = n, "still cannot record delivery outcomes")
@@ -553,7 +553,7 @@ pub fn count(
         Settlement::Dead { reason, .. } => {
             metrics
                 .dead_letters
-                .with_label_values(&[target, reason])
+                .with_label_values(&[target, reason.as_str()])
                 .inc();
             "dead_lettered"
         }

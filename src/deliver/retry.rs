@@ -6,16 +6,13 @@
 //! the worker loop only applies it.
 
 use crate::config::RetryPolicy;
-use crate::spool::{Schedule, Settlement};
+use crate::spool::{DeadReason, DeliveryId, Schedule, Settlement, UnixMs};
 use http::StatusCode;
 use std::time::{Duration, SystemTime};
 
 /// The longest `Retry-After` honoured; a target asking for more is retried
 /// after this, so an event is not parked indefinitely by one header.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
-
-pub const REASON_REJECTED: &str = "rejected";
-pub const REASON_EXHAUSTED: &str = "exhausted";
 
 /// How one attempt went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,24 +68,24 @@ pub fn jittered(delay: Duration, unit: f64) -> Duration {
 
 /// What the spool should record for a delivery at `schedule` after this
 /// attempt's verdict; the attempt started at `started_ms` and ended at `now_ms`.
-pub fn settle(
-    delivery_id: i64,
+pub fn decide(
+    delivery_id: DeliveryId,
     policy: &RetryPolicy,
     schedule: Schedule,
     verdict: Verdict,
-    started_ms: i64,
-    now_ms: i64,
+    started_ms: UnixMs,
+    now_ms: UnixMs,
     unit: f64,
 ) -> Settlement {
     match verdict {
         Verdict::Delivered => Settlement::Delivered { delivery_id },
         Verdict::Reject { error } => Settlement::Dead {
             delivery_id,
-            reason: REASON_REJECTED.into(),
+            reason: DeadReason::Rejected,
             error,
         },
         Verdict::Retry { error, retry_after } => {
-            let not_before = retry_after.map_or(0, |d| now_ms + d.as_millis() as i64);
+            let not_before = retry_after.map_or(UnixMs(0), |d| now_ms + d.as_millis() as i64);
             // Released ahead of its schedule: a release is not the schedule's
             // attempt, so failing it uses up no step and moves nothing on.
             if started_ms < schedule.due_at {
@@ -104,7 +101,7 @@ pub fn settle(
             match policy.delay_after(step as usize) {
                 None => Settlement::Dead {
                     delivery_id,
-                    reason: REASON_EXHAUSTED.into(),
+                    reason: DeadReason::Exhausted,
                     error,
                 },
                 Some(delay) => {
@@ -177,8 +174,13 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
     }
 
+    const ID: DeliveryId = DeliveryId(1);
+
     fn at(step: u32, due_at: i64) -> Schedule {
-        Schedule { step, due_at }
+        Schedule {
+            step,
+            due_at: UnixMs(due_at),
+        }
     }
 
     #[test]
@@ -189,30 +191,30 @@ mod tests {
             retry_after: None,
         };
         assert_eq!(
-            settle(1, &p, at(0, 0), retry(), 0, 0, 0.5),
+            decide(ID, &p, at(0, 0), retry(), UnixMs(0), UnixMs(0), 0.5),
             Settlement::Retry {
-                delivery_id: 1,
-                next_at: 10_000,
+                delivery_id: ID,
+                next_at: UnixMs(10_000),
                 schedule: at(1, 10_000),
-                not_before: 0,
+                not_before: UnixMs(0),
                 error: "HTTP 503".into()
             }
         );
         assert_eq!(
-            settle(1, &p, at(1, 0), retry(), 0, 0, 0.5),
+            decide(ID, &p, at(1, 0), retry(), UnixMs(0), UnixMs(0), 0.5),
             Settlement::Retry {
-                delivery_id: 1,
-                next_at: 60_000,
+                delivery_id: ID,
+                next_at: UnixMs(60_000),
                 schedule: at(2, 60_000),
-                not_before: 0,
+                not_before: UnixMs(0),
                 error: "HTTP 503".into()
             }
         );
         assert_eq!(
-            settle(1, &p, at(2, 0), retry(), 0, 0, 0.5),
+            decide(ID, &p, at(2, 0), retry(), UnixMs(0), UnixMs(0), 0.5),
             Settlement::Dead {
-                delivery_id: 1,
-                reason: REASON_EXHAUSTED.into(),
+                delivery_id: ID,
+                reason: DeadReason::Exhausted,
                 error: "HTTP 503".into()
             }
         );
@@ -226,12 +228,12 @@ mod tests {
             retry_after: Some(Duration::from_secs(30)),
         };
         assert_eq!(
-            settle(1, &p, at(0, 0), verdict, 1_000, 1_000, 0.0),
+            decide(ID, &p, at(0, 0), verdict, UnixMs(1_000), UnixMs(1_000), 0.0),
             Settlement::Retry {
-                delivery_id: 1,
-                next_at: 31_000,
+                delivery_id: ID,
+                next_at: UnixMs(31_000),
                 schedule: at(1, 31_000),
-                not_before: 31_000,
+                not_before: UnixMs(31_000),
                 error: "HTTP 429".into()
             }
         );
@@ -246,36 +248,52 @@ mod tests {
         };
         // Due on its schedule at 70 s after one failure; released and sent at 20 s.
         assert_eq!(
-            settle(1, &p, at(1, 70_000), retry(None), 20_000, 20_500, 0.9),
+            decide(
+                ID,
+                &p,
+                at(1, 70_000),
+                retry(None),
+                UnixMs(20_000),
+                UnixMs(20_500),
+                0.9
+            ),
             Settlement::Retry {
-                delivery_id: 1,
-                next_at: 70_000,
+                delivery_id: ID,
+                next_at: UnixMs(70_000),
                 schedule: at(1, 70_000),
-                not_before: 0,
+                not_before: UnixMs(0),
                 error: "HTTP 503".into()
             }
         );
         // At the last step, an early failure does not exhaust it.
         assert!(matches!(
-            settle(1, &p, at(2, 70_000), retry(None), 20_000, 20_000, 0.5),
+            decide(
+                ID,
+                &p,
+                at(2, 70_000),
+                retry(None),
+                UnixMs(20_000),
+                UnixMs(20_000),
+                0.5
+            ),
             Settlement::Retry { .. }
         ));
         // A Retry-After beyond the schedule's time still holds.
         assert_eq!(
-            settle(
-                1,
+            decide(
+                ID,
                 &p,
                 at(1, 70_000),
                 retry(Some(Duration::from_secs(120))),
-                20_000,
-                20_000,
+                UnixMs(20_000),
+                UnixMs(20_000),
                 0.5
             ),
             Settlement::Retry {
-                delivery_id: 1,
-                next_at: 140_000,
+                delivery_id: ID,
+                next_at: UnixMs(140_000),
                 schedule: at(1, 70_000),
-                not_before: 140_000,
+                not_before: UnixMs(140_000),
                 error: "HTTP 503".into()
             }
         );

@@ -8,23 +8,22 @@ const WINDOW: i64 = 600_000;
 
 fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
     NewEvent {
-        event: StoredEvent {
-            event_id: 0,
+        event: Event {
             dedup_key: key.into(),
             account: "main".into(),
-            received_at: now,
+            received_at: UnixMs(now),
             query: format!("signature=s&timestamp=1&nonce={key}"),
-            body: format!("<xml>{key}</xml>").into_bytes(),
+            body: format!("<xml>{key}</xml>").into_bytes().into(),
             xml: format!("<xml><K>{key}</K></xml>"),
             fields: format!("{{\"K\":\"{key}\"}}"),
             msg_type: "event".into(),
-            event: Some("CLICK".into()),
+            event_type: Some("CLICK".into()),
         },
         targets: targets
             .iter()
             .map(|t| NewDelivery {
                 target: t.to_string(),
-                due_at: now,
+                due_at: UnixMs(now),
             })
             .collect(),
         replay: None,
@@ -43,17 +42,18 @@ fn guarded(key: &str, query: &str, body: &str, now: i64, expires_at: i64) -> New
         replay: Some(ReplayGuard {
             key: query.into(),
             body_hash: sha2::Sha256::digest(body.as_bytes()).into(),
-            expires_at,
+            expires_at: UnixMs(expires_at),
         }),
         ..event(key, &["a"], now)
     }
 }
 
-async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (i64, Vec<i64>) {
-    match spool.enqueue(e, now, WINDOW).await.unwrap() {
+async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (EventId, Vec<DeliveryId>) {
+    match spool.enqueue(e, UnixMs(now), WINDOW).await.unwrap() {
         Enqueued::Stored {
             event_id,
             deliveries,
+            ..
         } => (event_id, deliveries),
         other => panic!("unexpected {other:?}"),
     }
@@ -73,15 +73,15 @@ const EARLIER_TABLES: &str = "
 
 /// A first failure, the next attempt due at 120 s, held by Retry-After to
 /// `not_before` (0: not held).
-fn failed_once(id: i64, not_before: i64) -> Settlement {
+fn failed_once(id: DeliveryId, not_before: i64) -> Settlement {
     Settlement::Retry {
         delivery_id: id,
-        next_at: 120_000,
+        next_at: UnixMs(120_000),
         schedule: Schedule {
             step: 1,
-            due_at: 120_000,
+            due_at: UnixMs(120_000),
         },
-        not_before,
+        not_before: UnixMs(not_before),
         error: "HTTP 503".into(),
     }
 }
@@ -100,13 +100,13 @@ async fn dedup_key_is_unique_within_the_window_and_reusable_after() {
     for (name, spool, _dir) in spools() {
         stored(&*spool, event("k1", &["a"], 1_000), 1_000).await;
         let again = spool
-            .enqueue(event("k1", &["a"], 2_000), 2_000, WINDOW)
+            .enqueue(event("k1", &["a"], 2_000), UnixMs(2_000), WINDOW)
             .await
             .unwrap();
         assert_eq!(again, Enqueued::Duplicate, "{name}");
         let later = 1_000 + WINDOW;
         let after = spool
-            .enqueue(event("k1", &["a"], later), later, WINDOW)
+            .enqueue(event("k1", &["a"], later), UnixMs(later), WINDOW)
             .await
             .unwrap();
         assert!(
@@ -120,7 +120,7 @@ async fn dedup_key_is_unique_within_the_window_and_reusable_after() {
 async fn racing_enqueues_of_one_key_store_exactly_one() {
     for (name, spool, _dir) in spools() {
         let attempts: Vec<_> = (0..16)
-            .map(|_| spool.enqueue(event("race", &["a", "b"], 5), 5, WINDOW))
+            .map(|_| spool.enqueue(event("race", &["a", "b"], 5), UnixMs(5), WINDOW))
             .collect();
         let mut stored = 0;
         for a in attempts {
@@ -129,7 +129,7 @@ async fn racing_enqueues_of_one_key_store_exactly_one() {
             }
         }
         assert_eq!(stored, 1, "{name}");
-        let leased = spool.lease("a", 5, 100, 1_000).await.unwrap();
+        let leased = spool.lease("a", UnixMs(5), 100, 1_000).await.unwrap();
         assert_eq!(leased.len(), 1, "{name}");
     }
 }
@@ -138,19 +138,23 @@ async fn racing_enqueues_of_one_key_store_exactly_one() {
 async fn lease_hides_a_delivery_until_the_lease_ends() {
     for (name, spool, _dir) in spools() {
         let (_, ids) = stored(&*spool, event("k", &["a", "b"], 10), 10).await;
-        let first = spool.lease("a", 10, 10, 1_000).await.unwrap();
+        let first = spool.lease("a", UnixMs(10), 10, 1_000).await.unwrap();
         assert_eq!(first.len(), 1, "{name}");
         assert_eq!(first[0].delivery_id, ids[0]);
         assert_eq!(first[0].event.xml, "<xml><K>k</K></xml>");
-        assert_eq!(first[0].event.body, b"<xml>k</xml>");
+        assert_eq!(first[0].event.body, &b"<xml>k</xml>"[..]);
         assert!(
-            spool.lease("a", 500, 10, 1_000).await.unwrap().is_empty(),
+            spool
+                .lease("a", UnixMs(500), 10, 1_000)
+                .await
+                .unwrap()
+                .is_empty(),
             "{name}: hidden"
         );
-        let again = spool.lease("a", 1_010, 10, 1_000).await.unwrap();
+        let again = spool.lease("a", UnixMs(1_010), 10, 1_000).await.unwrap();
         assert_eq!(again.len(), 1, "{name}: due again after the lease");
         assert_eq!(
-            spool.lease("b", 10, 10, 1_000).await.unwrap().len(),
+            spool.lease("b", UnixMs(10), 10, 1_000).await.unwrap().len(),
             1,
             "{name}"
         );
@@ -161,14 +165,18 @@ async fn lease_hides_a_delivery_until_the_lease_ends() {
 async fn not_due_yet_is_not_leased() {
     for (name, spool, _dir) in spools() {
         let mut e = event("k", &["a"], 10);
-        e.targets[0].due_at = 4_010;
+        e.targets[0].due_at = UnixMs(4_010);
         stored(&*spool, e, 10).await;
         assert!(
-            spool.lease("a", 4_009, 10, 1).await.unwrap().is_empty(),
+            spool
+                .lease("a", UnixMs(4_009), 10, 1)
+                .await
+                .unwrap()
+                .is_empty(),
             "{name}"
         );
         assert_eq!(
-            spool.lease("a", 4_010, 10, 1).await.unwrap().len(),
+            spool.lease("a", UnixMs(4_010), 10, 1).await.unwrap().len(),
             1,
             "{name}"
         );
@@ -180,11 +188,11 @@ async fn delivered_removes_the_event_once_every_target_has_it() {
     for (name, spool, _dir) in spools() {
         let (event_id, ids) = stored(&*spool, event("k", &["a", "b"], 0), 0).await;
         spool
-            .settle(
+            .record(
                 vec![Settlement::Delivered {
                     delivery_id: ids[0],
                 }],
-                1,
+                UnixMs(1),
             )
             .await
             .unwrap();
@@ -193,11 +201,11 @@ async fn delivered_removes_the_event_once_every_target_has_it() {
             "{name}: b still pending"
         );
         spool
-            .settle(
+            .record(
                 vec![Settlement::Delivered {
                     delivery_id: ids[1],
                 }],
-                2,
+                UnixMs(2),
             )
             .await
             .unwrap();
@@ -210,29 +218,33 @@ async fn delivered_removes_the_event_once_every_target_has_it() {
 async fn retry_counts_attempts_and_reschedules() {
     for (name, spool, _dir) in spools() {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        spool.lease("a", 0, 1, 100).await.unwrap();
+        spool.lease("a", UnixMs(0), 1, 100).await.unwrap();
         let retry = Settlement::Retry {
             delivery_id: ids[0],
-            next_at: 5_000,
+            next_at: UnixMs(5_000),
             schedule: Schedule {
                 step: 1,
-                due_at: 5_000,
+                due_at: UnixMs(5_000),
             },
-            not_before: 0,
+            not_before: UnixMs(0),
             error: "HTTP 503".into(),
         };
-        spool.settle(vec![retry], 10).await.unwrap();
+        spool.record(vec![retry], UnixMs(10)).await.unwrap();
         assert!(
-            spool.lease("a", 4_999, 1, 100).await.unwrap().is_empty(),
+            spool
+                .lease("a", UnixMs(4_999), 1, 100)
+                .await
+                .unwrap()
+                .is_empty(),
             "{name}"
         );
-        let leased = spool.lease("a", 5_000, 1, 100).await.unwrap();
+        let leased = spool.lease("a", UnixMs(5_000), 1, 100).await.unwrap();
         assert_eq!(leased[0].attempts, 1, "{name}");
         assert_eq!(
             leased[0].schedule,
             Schedule {
                 step: 1,
-                due_at: 5_000
+                due_at: UnixMs(5_000)
             },
             "{name}"
         );
@@ -243,24 +255,35 @@ async fn retry_counts_attempts_and_reschedules() {
 async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
     for (name, spool, _dir) in spools() {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        assert_eq!(spool.lease("a", 0, 10, 60_000).await.unwrap().len(), 1);
+        assert_eq!(
+            spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap().len(),
+            1
+        );
         let retry = Settlement::Retry {
             delivery_id: ids[0],
-            next_at: 30_000,
+            next_at: UnixMs(30_000),
             schedule: Schedule {
                 step: 1,
-                due_at: 30_000,
+                due_at: UnixMs(30_000),
             },
-            not_before: 0,
+            not_before: UnixMs(0),
             error: "HTTP 503".into(),
         };
-        spool.settle(vec![retry], 1).await.unwrap();
+        spool.record(vec![retry], UnixMs(1)).await.unwrap();
         assert!(
-            spool.lease("a", 2, 10, 60_000).await.unwrap().is_empty(),
+            spool
+                .lease("a", UnixMs(2), 10, 60_000)
+                .await
+                .unwrap()
+                .is_empty(),
             "{name}: backing off"
         );
-        assert_eq!(spool.release_backoff("a", 3).await.unwrap(), 1, "{name}");
-        let again = spool.lease("a", 3, 10, 60_000).await.unwrap();
+        assert_eq!(
+            spool.release_backoff("a", UnixMs(3)).await.unwrap(),
+            1,
+            "{name}"
+        );
+        let again = spool.lease("a", UnixMs(3), 10, 60_000).await.unwrap();
         assert_eq!(
             again.len(),
             1,
@@ -271,7 +294,7 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
             again[0].schedule,
             Schedule {
                 step: 1,
-                due_at: 30_000
+                due_at: UnixMs(30_000)
             },
             "{name}: a release leaves the schedule where it was"
         );
@@ -284,17 +307,17 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
         let (_, a) = stored(&*spool, event("k1", &["a"], 0), 0).await;
         let (_, b) = stored(&*spool, event("k2", &["b"], 0), 0).await;
         stored(&*spool, event("k3", &[], 0), 0).await;
-        let dead = |id: i64, why: &str| Settlement::Dead {
+        let dead = |id: DeliveryId, why: DeadReason| Settlement::Dead {
             delivery_id: id,
-            reason: why.into(),
+            reason: why,
             error: "HTTP 400: bad".into(),
         };
         spool
-            .settle(vec![dead(a[0], "rejected")], 100)
+            .record(vec![dead(a[0], DeadReason::Rejected)], UnixMs(100))
             .await
             .unwrap();
         spool
-            .settle(vec![dead(b[0], "exhausted")], 200)
+            .record(vec![dead(b[0], DeadReason::Exhausted)], UnixMs(200))
             .await
             .unwrap();
 
@@ -303,7 +326,10 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
             .await
             .unwrap();
         assert_eq!(all.len(), 3, "{name}");
-        let unrouted: Vec<_> = all.iter().filter(|d| d.reason == REASON_UNROUTED).collect();
+        let unrouted: Vec<_> = all
+            .iter()
+            .filter(|d| d.reason == DeadReason::Unrouted)
+            .collect();
         assert_eq!(unrouted.len(), 1, "{name}");
         assert_eq!(unrouted[0].target, None);
 
@@ -316,8 +342,8 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
         assert_eq!(listed[0].last_error, "HTTP 400: bad");
         assert_eq!(listed[0].attempts, 1);
         let window = DeadFilter {
-            since: Some(150),
-            until: Some(250),
+            since: Some(UnixMs(150)),
+            until: Some(UnixMs(250)),
             ..Default::default()
         };
         assert_eq!(
@@ -327,17 +353,24 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
             Some("b")
         );
 
-        assert_eq!(spool.replay(only_a, 300).await.unwrap(), 1, "{name}");
-        let back = spool.lease("a", 300, 10, 100).await.unwrap();
+        assert_eq!(
+            spool.replay(only_a, UnixMs(300)).await.unwrap(),
+            1,
+            "{name}"
+        );
+        let back = spool.lease("a", UnixMs(300), 10, 100).await.unwrap();
         assert_eq!(back.len(), 1, "{name}: replayed is due");
         assert_eq!(back[0].attempts, 0, "{name}: attempts reset");
 
         let unrouted_filter = DeadFilter {
-            reason: Some(REASON_UNROUTED.into()),
+            reason: Some(DeadReason::Unrouted),
             ..Default::default()
         };
         assert_eq!(
-            spool.replay(unrouted_filter.clone(), 300).await.unwrap(),
+            spool
+                .replay(unrouted_filter.clone(), UnixMs(300))
+                .await
+                .unwrap(),
             0,
             "{name}"
         );
@@ -358,16 +391,19 @@ async fn removed_targets_dead_letter_their_pending_deliveries() {
     for (name, spool, _dir) in spools() {
         stored(&*spool, event("k", &["kept", "gone"], 0), 0).await;
         assert_eq!(
-            spool.retire_targets(vec!["kept".into()], 7).await.unwrap(),
+            spool
+                .retire_targets(vec!["kept".into()], UnixMs(7))
+                .await
+                .unwrap(),
             vec![("gone".to_string(), 1)],
             "{name}"
         );
         let dead = spool.dead_letters(DeadFilter::default(), 10).await.unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].reason, REASON_TARGET_REMOVED);
+        assert_eq!(dead[0].reason, DeadReason::TargetRemoved);
         assert_eq!(dead[0].target.as_deref(), Some("gone"));
         assert_eq!(
-            spool.lease("kept", 0, 10, 1).await.unwrap().len(),
+            spool.lease("kept", UnixMs(0), 10, 1).await.unwrap().len(),
             1,
             "{name}"
         );
@@ -386,12 +422,12 @@ async fn depth_counts_pending_per_target_with_the_oldest_arrival() {
                 TargetDepth {
                     target: "a".into(),
                     pending: 2,
-                    oldest_received_at: Some(100)
+                    oldest_received_at: Some(UnixMs(100))
                 },
                 TargetDepth {
                     target: "b".into(),
                     pending: 1,
-                    oldest_received_at: Some(200)
+                    oldest_received_at: Some(UnixMs(200))
                 },
             ],
             "{name}"
@@ -418,13 +454,13 @@ async fn sqlite_spool_keeps_everything_across_reopen() {
     assert_eq!(e.dedup_key, "persist");
     assert_eq!(
         spool
-            .enqueue(event("persist", &["a"], 1), 1, WINDOW)
+            .enqueue(event("persist", &["a"], 1), UnixMs(1), WINDOW)
             .await
             .unwrap(),
         Enqueued::Duplicate,
         "dedup survives a restart"
     );
-    assert_eq!(spool.lease("a", 0, 10, 1).await.unwrap().len(), 1);
+    assert_eq!(spool.lease("a", UnixMs(0), 10, 1).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -440,44 +476,44 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
     for (name, spool, _dir) in spools() {
         // Not tried yet and due later (a reply target's delivery awaiting its inline attempt).
         let mut later = event("later", &["a"], 0);
-        later.targets[0].due_at = 9_000;
+        later.targets[0].due_at = UnixMs(9_000);
         stored(&*spool, later, 0).await;
         // Failed with Retry-After: 120 s.
         let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
         // Failed without one.
         let (_, plain) = stored(&*spool, event("plain", &["a"], 0), 0).await;
-        spool.lease("a", 0, 10, 60_000).await.unwrap();
+        spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
         spool
-            .settle(
+            .record(
                 vec![failed_once(held[0], 120_000), failed_once(plain[0], 0)],
-                1,
+                UnixMs(1),
             )
             .await
             .unwrap();
         assert_eq!(
-            spool.release_backoff("a", 2).await.unwrap(),
+            spool.release_backoff("a", UnixMs(2)).await.unwrap(),
             1,
             "{name}: only the plain failure"
         );
-        let due = spool.lease("a", 2, 10, 60_000).await.unwrap();
+        let due = spool.lease("a", UnixMs(2), 10, 60_000).await.unwrap();
         assert_eq!(due.len(), 1, "{name}");
         assert_eq!(due[0].delivery_id, plain[0], "{name}");
     }
 }
 
 #[tokio::test]
-async fn a_settle_repeated_after_the_event_is_gone_touches_no_later_event() {
+async fn a_record_repeated_after_the_event_is_gone_touches_no_later_event() {
     for (name, spool, _dir) in spools() {
         let (_, first) = stored(&*spool, event("k1", &["a"], 0), 0).await;
         let done = || Settlement::Delivered {
             delivery_id: first[0],
         };
-        spool.settle(vec![done()], 1).await.unwrap();
+        spool.record(vec![done()], UnixMs(1)).await.unwrap();
         let (_, second) = stored(&*spool, event("k2", &["a"], 2), 2).await;
         assert_ne!(second[0], first[0], "{name}: ids are never reused");
-        spool.settle(vec![done()], 3).await.unwrap();
+        spool.record(vec![done()], UnixMs(3)).await.unwrap();
         assert_eq!(
-            spool.pending("a", 10).await.unwrap().len(),
+            spool.waiting("a", 10).await.unwrap().len(),
             1,
             "{name}: k2 still pending"
         );
@@ -494,16 +530,17 @@ async fn expired_dedup_keys_are_pruned() {
     // newest few expires long before the next prune.
     for i in 0..50 {
         let e = event(&format!("k{i}"), &["a"], now);
-        let Enqueued::Stored { deliveries, .. } = spool.enqueue(e, now, 1_000).await.unwrap()
+        let Enqueued::Stored { deliveries, .. } =
+            spool.enqueue(e, UnixMs(now), 1_000).await.unwrap()
         else {
             panic!("stored")
         };
         spool
-            .settle(
+            .record(
                 vec![Settlement::Delivered {
                     delivery_id: deliveries[0],
                 }],
-                now,
+                UnixMs(now),
             )
             .await
             .unwrap();
@@ -523,32 +560,41 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
         let (_, one) = stored(&*spool, event("one", &["a"], 0), 0).await;
         let (_, two) = stored(&*spool, event("two", &["a"], 0), 0).await;
         let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
-        spool.lease("a", 0, 10, 60_000).await.unwrap();
+        spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
         spool
-            .settle(
+            .record(
                 vec![
                     failed_once(one[0], 0),
                     failed_once(two[0], 0),
                     failed_once(held[0], 120_000),
                 ],
-                1,
+                UnixMs(1),
             )
             .await
             .unwrap();
-        let only = |id: i64, past_retry_after: bool| Release {
+        let only = |id: DeliveryId, past_retry_after: bool| Release {
             target: "a".into(),
             delivery_id: Some(id),
             past_retry_after,
         };
-        assert_eq!(spool.release(only(two[0], false), 2).await.unwrap(), 1);
         assert_eq!(
-            spool.release(only(held[0], false), 2).await.unwrap(),
+            spool.release(only(two[0], false), UnixMs(2)).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            spool
+                .release(only(held[0], false), UnixMs(2))
+                .await
+                .unwrap(),
             0,
             "{name}: Retry-After holds"
         );
-        assert_eq!(spool.release(only(held[0], true), 2).await.unwrap(), 1);
-        let mut due: Vec<i64> = spool
-            .lease("a", 2, 10, 60_000)
+        assert_eq!(
+            spool.release(only(held[0], true), UnixMs(2)).await.unwrap(),
+            1
+        );
+        let mut due: Vec<DeliveryId> = spool
+            .lease("a", UnixMs(2), 10, 60_000)
             .await
             .unwrap()
             .iter()
@@ -556,21 +602,21 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
             .collect();
         due.sort_unstable();
         assert_eq!(due, vec![two[0], held[0]], "{name}");
-        let waiting = spool.pending("a", 10).await.unwrap();
+        let waiting = spool.waiting("a", 10).await.unwrap();
         let rest = waiting.iter().find(|p| p.delivery_id == one[0]).unwrap();
-        assert_eq!(rest.next_at, 120_000, "{name}: the others wait");
+        assert_eq!(rest.next_at, UnixMs(120_000), "{name}: the others wait");
         assert_eq!(
             rest.schedule,
             Schedule {
                 step: 1,
-                due_at: 120_000
+                due_at: UnixMs(120_000)
             },
             "{name}"
         );
         let released = waiting.iter().find(|p| p.delivery_id == held[0]).unwrap();
         assert_eq!(
             (released.schedule.due_at, released.not_before),
-            (120_000, 120_000),
+            (UnixMs(120_000), UnixMs(120_000)),
             "{name}: due now, its schedule and the target's wish kept"
         );
     }
@@ -588,7 +634,7 @@ async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup()
         stored(&*spool, guarded("k3", "q2", "forged", 3_000, 9_000), 3_000).await;
         // Unguarded events never meet the guard.
         stored(&*spool, event("k4", &["a"], 3_000), 3_000).await;
-        let leased = spool.lease("a", 3_000, 100, 1_000).await.unwrap();
+        let leased = spool.lease("a", UnixMs(3_000), 100, 1_000).await.unwrap();
         let keys: Vec<&str> = leased.iter().map(|l| l.event.dedup_key.as_str()).collect();
         assert_eq!(
             keys,
@@ -613,7 +659,7 @@ async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
         .unwrap();
     }
     let spool = SqliteSpool::open(&path).unwrap();
-    let leased = spool.lease("a", 7_000, 10, 1_000).await.unwrap();
+    let leased = spool.lease("a", UnixMs(7_000), 10, 1_000).await.unwrap();
     assert_eq!(leased.len(), 1);
     assert_eq!(
         (leased[0].attempts, leased[0].schedule),
@@ -621,7 +667,7 @@ async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
             3,
             Schedule {
                 step: 3,
-                due_at: 7_000
+                due_at: UnixMs(7_000)
             }
         ),
         "its place on the schedule is what it had"
@@ -629,21 +675,35 @@ async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
     spool.close();
     // Opening it again (the relay and an operator command) changes nothing.
     let again = SqliteSpool::open(&path).unwrap();
-    assert_eq!(again.pending("a", 10).await.unwrap()[0].schedule.step, 3);
+    assert_eq!(again.waiting("a", 10).await.unwrap()[0].schedule.step, 3);
 }
 
 #[tokio::test]
 async fn a_release_does_not_hand_out_a_delivery_being_sent() {
     for (name, spool, _dir) in spools() {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        spool.lease("a", 0, 10, 60_000).await.unwrap();
-        spool.settle(vec![failed_once(ids[0], 0)], 1).await.unwrap();
-        assert_eq!(spool.release_backoff("a", 2).await.unwrap(), 1, "{name}");
-        assert_eq!(spool.lease("a", 2, 10, 60_000).await.unwrap().len(), 1);
+        spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        spool
+            .record(vec![failed_once(ids[0], 0)], UnixMs(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            spool.release_backoff("a", UnixMs(2)).await.unwrap(),
+            1,
+            "{name}"
+        );
+        assert_eq!(
+            spool.lease("a", UnixMs(2), 10, 60_000).await.unwrap().len(),
+            1
+        );
         // Released again (another success, an operator) while it is being sent.
-        spool.release_backoff("a", 3).await.unwrap();
+        spool.release_backoff("a", UnixMs(3)).await.unwrap();
         assert!(
-            spool.lease("a", 3, 10, 60_000).await.unwrap().is_empty(),
+            spool
+                .lease("a", UnixMs(3), 10, 60_000)
+                .await
+                .unwrap()
+                .is_empty(),
             "{name}: still held by its lease"
         );
     }
@@ -671,7 +731,7 @@ async fn racing_bodies_under_one_guard_store_exactly_one() {
         let attempts: Vec<_> = (0..16)
             .map(|i| {
                 let e = guarded(&format!("k{i}"), "q", &format!("body{i}"), 5, 9_000);
-                spool.enqueue(e, 5, WINDOW)
+                spool.enqueue(e, UnixMs(5), WINDOW)
             })
             .collect();
         let mut outcomes = (0, 0);
@@ -722,4 +782,30 @@ async fn expired_replay_guards_are_pruned() {
         .query_row("SELECT COUNT(*) FROM replay", [], |r| r.get(0))
         .unwrap();
     assert!(live <= 4, "{live} replay guards kept of 50");
+}
+
+#[tokio::test]
+async fn an_enqueue_hands_back_the_event_as_stored_with_its_id() {
+    for (name, spool, _dir) in spools() {
+        let new = event("k", &["a"], 10);
+        let given = new.event.clone();
+        let Enqueued::Stored {
+            event_id, event, ..
+        } = spool.enqueue(new, UnixMs(10), WINDOW).await.unwrap()
+        else {
+            panic!("{name}: stored")
+        };
+        assert_eq!(*event, given, "{name}");
+        assert_eq!(
+            spool.event(event_id).await.unwrap().as_ref(),
+            Some(&given),
+            "{name}"
+        );
+        let leased = spool.lease("a", UnixMs(10), 1, 1_000).await.unwrap();
+        assert_eq!(
+            (leased[0].event_id, &leased[0].event),
+            (event_id, &given),
+            "{name}"
+        );
+    }
 }

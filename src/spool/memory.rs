@@ -2,38 +2,39 @@
 //! for unit tests of the code around the spool.
 
 use super::{
-    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Release, Schedule,
-    Settlement, Spool, SpoolError, StoredEvent, TargetDepth, REASON_TARGET_REMOVED,
-    REASON_UNROUTED,
+    DeadFilter, DeadLetter, DeadReason, DeliveryId, DeliveryState, Enqueued, Event, EventId, Lease,
+    NewEvent, Release, Schedule, Settlement, Spool, SpoolError, SpoolFuture, TargetDepth, UnixMs,
+    WaitingDelivery,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 #[derive(Debug, Clone)]
 struct Delivery {
-    event_id: i64,
+    event_id: EventId,
     target: Option<String>,
-    dead: bool,
+    state: DeliveryState,
     attempts: u32,
-    next_at: i64,
+    next_at: UnixMs,
     last_error: String,
-    reason: String,
-    updated_at: i64,
-    not_before: i64,
+    /// Set while dead.
+    reason: Option<DeadReason>,
+    updated_at: UnixMs,
+    not_before: UnixMs,
     schedule: Schedule,
     /// Hidden from leases until then, unix milliseconds; apart from
     /// `next_at`, as the SQLite spool holds leases apart from the file.
-    leased_until: i64,
+    leased_until: UnixMs,
 }
 
 #[derive(Default)]
 struct State {
     next_id: i64,
-    events: HashMap<i64, StoredEvent>,
-    deliveries: BTreeMap<i64, Delivery>,
-    dedup: HashMap<String, i64>,
+    events: HashMap<EventId, Event>,
+    deliveries: BTreeMap<DeliveryId, Delivery>,
+    dedup: HashMap<String, UnixMs>,
     /// Replay guard key → (body hash, expires at).
-    replay: HashMap<String, ([u8; 32], i64)>,
+    replay: HashMap<String, ([u8; 32], UnixMs)>,
 }
 
 impl State {
@@ -42,34 +43,35 @@ impl State {
         self.next_id
     }
 
-    fn drop_event_if_done(&mut self, event_id: i64) {
+    fn drop_event_if_done(&mut self, event_id: EventId) {
         if !self.deliveries.values().any(|d| d.event_id == event_id) {
             self.events.remove(&event_id);
         }
     }
 
-    fn dead_letter(&self, id: i64, d: &Delivery) -> Option<DeadLetter> {
+    fn dead_letter(&self, id: DeliveryId, d: &Delivery) -> Option<DeadLetter> {
         let e = self.events.get(&d.event_id)?;
+        let reason = d.reason.filter(|_| d.state == DeliveryState::Dead)?;
         Some(DeadLetter {
             delivery_id: id,
             event_id: d.event_id,
             target: d.target.clone(),
-            reason: d.reason.clone(),
+            reason,
             last_error: d.last_error.clone(),
             attempts: d.attempts,
             account: e.account.clone(),
             dedup_key: e.dedup_key.clone(),
             msg_type: e.msg_type.clone(),
-            event: e.event.clone(),
+            event_type: e.event_type.clone(),
             received_at: e.received_at,
             dead_at: d.updated_at,
         })
     }
 
-    fn selected_dead(&self, f: &DeadFilter) -> Vec<i64> {
+    fn selected_dead(&self, f: &DeadFilter) -> Vec<DeliveryId> {
         self.deliveries
             .iter()
-            .filter(|(_, d)| d.dead)
+            .filter(|(_, d)| d.state == DeliveryState::Dead)
             .filter_map(|(id, d)| self.dead_letter(*id, d))
             .filter(|dl| f.admits(dl))
             .map(|dl| dl.delivery_id)
@@ -87,7 +89,7 @@ impl MemorySpool {
         Self::default()
     }
 
-    fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut State) -> T) -> Pending<T> {
+    fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut State) -> T) -> SpoolFuture<T> {
         let result = self
             .state
             .lock()
@@ -98,10 +100,10 @@ impl MemorySpool {
 }
 
 impl Spool for MemorySpool {
-    fn enqueue(&self, new: NewEvent, now: i64, window: i64) -> Pending<Enqueued> {
+    fn enqueue(&self, new: NewEvent, now: UnixMs, window: i64) -> SpoolFuture<Enqueued> {
         self.with(move |s| {
             let NewEvent {
-                event: mut e,
+                event: e,
                 targets,
                 replay,
             } = new;
@@ -121,67 +123,73 @@ impl Spool for MemorySpool {
                 return Enqueued::Duplicate;
             }
             s.dedup.insert(e.dedup_key.clone(), now + window);
-            let event_id = s.id();
+            let event_id = EventId(s.id());
             if targets.is_empty() {
-                let id = s.id();
+                let id = DeliveryId(s.id());
                 s.deliveries.insert(
                     id,
                     Delivery {
                         event_id,
                         target: None,
-                        dead: true,
+                        state: DeliveryState::Dead,
                         attempts: 0,
-                        next_at: 0,
+                        next_at: UnixMs(0),
                         last_error: String::new(),
-                        reason: REASON_UNROUTED.into(),
+                        reason: Some(DeadReason::Unrouted),
                         updated_at: now,
-                        not_before: 0,
+                        not_before: UnixMs(0),
                         schedule: Schedule::default(),
-                        leased_until: 0,
+                        leased_until: UnixMs(0),
                     },
                 );
             }
             let mut deliveries = Vec::new();
             for t in &targets {
-                let id = s.id();
+                let id = DeliveryId(s.id());
                 s.deliveries.insert(
                     id,
                     Delivery {
                         event_id,
                         target: Some(t.target.clone()),
-                        dead: false,
+                        state: DeliveryState::Pending,
                         attempts: 0,
                         next_at: t.due_at,
                         last_error: String::new(),
-                        reason: String::new(),
+                        reason: None,
                         updated_at: now,
-                        not_before: 0,
+                        not_before: UnixMs(0),
                         schedule: Schedule {
                             step: 0,
                             due_at: t.due_at,
                         },
-                        leased_until: 0,
+                        leased_until: UnixMs(0),
                     },
                 );
                 deliveries.push(id);
             }
-            e.event_id = event_id;
-            s.events.insert(event_id, e);
+            s.events.insert(event_id, e.clone());
             Enqueued::Stored {
                 event_id,
                 deliveries,
+                event: Box::new(e),
             }
         })
     }
 
-    fn lease(&self, target: &str, now: i64, limit: usize, lease_ms: i64) -> Pending<Vec<Lease>> {
+    fn lease(
+        &self,
+        target: &str,
+        now: UnixMs,
+        limit: usize,
+        lease_ms: i64,
+    ) -> SpoolFuture<Vec<Lease>> {
         let target = target.to_string();
         self.with(move |s| {
-            let mut due: Vec<(i64, i64)> = s
+            let mut due: Vec<(UnixMs, DeliveryId)> = s
                 .deliveries
                 .iter()
                 .filter(|(_, d)| {
-                    !d.dead
+                    d.state == DeliveryState::Pending
                         && d.target.as_deref() == Some(&target)
                         && d.next_at <= now
                         && d.leased_until <= now
@@ -205,6 +213,7 @@ impl Spool for MemorySpool {
                     target: target.clone(),
                     attempts,
                     schedule,
+                    event_id,
                     event: e.clone(),
                 });
             }
@@ -212,12 +221,15 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn settle(&self, settlements: Vec<Settlement>, now: i64) -> Pending<()> {
+    fn record(&self, settlements: Vec<Settlement>, now: UnixMs) -> SpoolFuture<()> {
         self.with(move |s| {
             for settlement in settlements {
                 match settlement {
                     Settlement::Delivered { delivery_id } => {
-                        if s.deliveries.get(&delivery_id).is_some_and(|d| !d.dead) {
+                        if s.deliveries
+                            .get(&delivery_id)
+                            .is_some_and(|d| d.state == DeliveryState::Pending)
+                        {
                             if let Some(d) = s.deliveries.remove(&delivery_id) {
                                 s.drop_event_if_done(d.event_id);
                             }
@@ -230,11 +242,15 @@ impl Spool for MemorySpool {
                         not_before,
                         error,
                     } => {
-                        if let Some(d) = s.deliveries.get_mut(&delivery_id).filter(|d| !d.dead) {
+                        if let Some(d) = s
+                            .deliveries
+                            .get_mut(&delivery_id)
+                            .filter(|d| d.state == DeliveryState::Pending)
+                        {
                             d.attempts += 1;
                             d.next_at = next_at;
                             d.schedule = schedule;
-                            d.leased_until = 0;
+                            d.leased_until = UnixMs(0);
                             d.not_before = not_before;
                             d.last_error = error;
                             d.updated_at = now;
@@ -245,11 +261,15 @@ impl Spool for MemorySpool {
                         reason,
                         error,
                     } => {
-                        if let Some(d) = s.deliveries.get_mut(&delivery_id).filter(|d| !d.dead) {
-                            d.dead = true;
+                        if let Some(d) = s
+                            .deliveries
+                            .get_mut(&delivery_id)
+                            .filter(|d| d.state == DeliveryState::Pending)
+                        {
+                            d.state = DeliveryState::Dead;
                             d.attempts += 1;
-                            d.leased_until = 0;
-                            d.reason = reason;
+                            d.leased_until = UnixMs(0);
+                            d.reason = Some(reason);
                             d.last_error = error;
                             d.updated_at = now;
                         }
@@ -259,13 +279,13 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn release(&self, release: Release, now: i64) -> Pending<u64> {
+    fn release(&self, release: Release, now: UnixMs) -> SpoolFuture<u64> {
         self.with(move |s| {
             let mut n = 0;
             for (id, d) in s.deliveries.iter_mut() {
                 let chosen =
                     release.admits(*id, d.target.as_deref(), d.attempts, d.not_before, now);
-                if !d.dead && d.next_at > now && chosen {
+                if d.state == DeliveryState::Pending && d.next_at > now && chosen {
                     d.next_at = now;
                     n += 1;
                 }
@@ -274,16 +294,16 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn retire_targets(&self, keep: Vec<String>, now: i64) -> Pending<Vec<(String, u64)>> {
+    fn retire_targets(&self, keep: Vec<String>, now: UnixMs) -> SpoolFuture<Vec<(String, u64)>> {
         self.with(move |s| {
             let mut retired: BTreeMap<String, u64> = BTreeMap::new();
             for d in s.deliveries.values_mut() {
                 let Some(target) = d.target.clone() else {
                     continue;
                 };
-                if !d.dead && !keep.contains(&target) {
-                    d.dead = true;
-                    d.reason = REASON_TARGET_REMOVED.into();
+                if d.state == DeliveryState::Pending && !keep.contains(&target) {
+                    d.state = DeliveryState::Dead;
+                    d.reason = Some(DeadReason::TargetRemoved);
                     d.last_error = "the target is no longer in the configuration".into();
                     d.updated_at = now;
                     *retired.entry(target).or_default() += 1;
@@ -293,7 +313,7 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> Pending<Vec<DeadLetter>> {
+    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> SpoolFuture<Vec<DeadLetter>> {
         self.with(move |s| {
             let mut dead: Vec<DeadLetter> = s
                 .selected_dead(&filter)
@@ -306,20 +326,20 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn replay(&self, filter: DeadFilter, now: i64) -> Pending<u64> {
+    fn replay(&self, filter: DeadFilter, now: UnixMs) -> SpoolFuture<u64> {
         self.with(move |s| {
             let mut n = 0;
             for id in s.selected_dead(&filter) {
                 if let Some(d) = s.deliveries.get_mut(&id).filter(|d| d.target.is_some()) {
-                    d.dead = false;
+                    d.state = DeliveryState::Pending;
                     d.attempts = 0;
                     d.next_at = now;
-                    d.not_before = 0;
+                    d.not_before = UnixMs(0);
                     d.schedule = Schedule {
                         step: 0,
                         due_at: now,
                     };
-                    d.reason.clear();
+                    d.reason = None;
                     d.updated_at = now;
                     n += 1;
                 }
@@ -328,7 +348,7 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn purge(&self, filter: DeadFilter) -> Pending<u64> {
+    fn purge(&self, filter: DeadFilter) -> SpoolFuture<u64> {
         self.with(move |s| {
             let ids = s.selected_dead(&filter);
             for id in &ids {
@@ -340,10 +360,14 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn depth(&self) -> Pending<Vec<TargetDepth>> {
+    fn depth(&self) -> SpoolFuture<Vec<TargetDepth>> {
         self.with(|s| {
             let mut by_target: BTreeMap<String, TargetDepth> = BTreeMap::new();
-            for d in s.deliveries.values().filter(|d| !d.dead) {
+            for d in s
+                .deliveries
+                .values()
+                .filter(|d| d.state == DeliveryState::Pending)
+            {
                 let Some(target) = &d.target else { continue };
                 let received = s.events.get(&d.event_id).map(|e| e.received_at);
                 let entry = by_target
@@ -363,14 +387,16 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn pending(&self, target: &str, limit: usize) -> Pending<Vec<PendingDelivery>> {
+    fn waiting(&self, target: &str, limit: usize) -> SpoolFuture<Vec<WaitingDelivery>> {
         let target = target.to_string();
         self.with(move |s| {
-            let mut pending: Vec<PendingDelivery> = s
+            let mut pending: Vec<WaitingDelivery> = s
                 .deliveries
                 .iter()
-                .filter(|(_, d)| !d.dead && d.target.as_deref() == Some(&target))
-                .map(|(id, d)| PendingDelivery {
+                .filter(|(_, d)| {
+                    d.state == DeliveryState::Pending && d.target.as_deref() == Some(&target)
+                })
+                .map(|(id, d)| WaitingDelivery {
                     delivery_id: *id,
                     event_id: d.event_id,
                     attempts: d.attempts,
@@ -386,11 +412,11 @@ impl Spool for MemorySpool {
         })
     }
 
-    fn event(&self, event_id: i64) -> Pending<Option<StoredEvent>> {
+    fn event(&self, event_id: EventId) -> SpoolFuture<Option<Event>> {
         self.with(move |s| s.events.get(&event_id).cloned())
     }
 
-    fn probe(&self) -> Pending<()> {
+    fn probe(&self) -> SpoolFuture<()> {
         self.with(|_| ())
     }
 }

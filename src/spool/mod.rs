@@ -35,11 +35,66 @@ mod sqlite;
 use memory::MemorySpool;
 pub use sqlite::SqliteSpool;
 
+use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
 
+/// Defines an id the spool assigns: a row id, a number only at the SQL,
+/// log and command-line edges.
+macro_rules! spool_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(pub i64);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+spool_id!(
+    /// An event's id in the spool.
+    EventId
+);
+spool_id!(
+    /// A delivery's id in the spool: one event has one per target.
+    DeliveryId
+);
+
+/// A point in time, as unix milliseconds: how the spool stores, compares and
+/// schedules times. Spans between two are plain milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixMs(pub i64);
+
+impl UnixMs {
+    /// The same instant; one before 1970 is taken as 1970.
+    pub fn to_system_time(self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.0.max(0) as u64)
+    }
+}
+
+impl std::ops::Add<i64> for UnixMs {
+    type Output = UnixMs;
+
+    fn add(self, ms: i64) -> UnixMs {
+        UnixMs(self.0.saturating_add(ms))
+    }
+}
+
+impl std::ops::Sub for UnixMs {
+    type Output = i64;
+
+    /// Milliseconds from `earlier` to `self`.
+    fn sub(self, earlier: UnixMs) -> i64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
 /// A spool operation in flight; resolves once its effect is durable.
-pub type Pending<T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send>>;
+pub type SpoolFuture<T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send>>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
@@ -62,8 +117,8 @@ impl From<rusqlite::Error> for SpoolError {
 /// A verified push to store, with a delivery per target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
-    /// The event as it will be stored; its `event_id` is assigned by the spool.
-    pub event: StoredEvent,
+    /// The event as it will be stored; the spool gives it its id.
+    pub event: Event,
     /// One delivery per target; empty means the event matched no route.
     pub targets: Vec<NewDelivery>,
     /// Set when the request's signature does not cover its body.
@@ -81,7 +136,7 @@ pub struct ReplayGuard {
     pub body_hash: [u8; 32],
     /// Unix milliseconds from which the guard is forgotten: when the query
     /// is refused as stale anyway.
-    pub expires_at: i64,
+    pub expires_at: UnixMs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,15 +145,17 @@ pub struct NewDelivery {
     /// Unix milliseconds when the delivery first becomes due. A reply target
     /// that the handler tries inline is due only after the reply budget, so
     /// that workers do not send it at the same time.
-    pub due_at: i64,
+    pub due_at: UnixMs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
     Stored {
-        event_id: i64,
+        event_id: EventId,
         /// Delivery ids, in the order of [`NewEvent::targets`].
-        deliveries: Vec<i64>,
+        deliveries: Vec<DeliveryId>,
+        /// The event as stored, handed back rather than copied beforehand.
+        event: Box<Event>,
     },
     Duplicate,
     /// The guard's query was already taken with another body: nothing stored.
@@ -108,13 +165,14 @@ pub enum Enqueued {
 /// A due delivery handed to a worker, with the event it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub delivery_id: i64,
+    pub delivery_id: DeliveryId,
     pub target: String,
     /// Attempts made before this one.
     pub attempts: u32,
     /// Where the delivery stands on its retry schedule.
     pub schedule: Schedule,
-    pub event: StoredEvent,
+    pub event_id: EventId,
+    pub event: Event,
 }
 
 /// A delivery's place on its retry schedule, kept apart from when it is next
@@ -125,34 +183,34 @@ pub struct Schedule {
     /// Failed attempts that counted against the schedule.
     pub step: u32,
     /// When the schedule has the next attempt, unix milliseconds.
-    pub due_at: i64,
+    pub due_at: UnixMs,
 }
 
 /// What became of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
     Delivered {
-        delivery_id: i64,
+        delivery_id: DeliveryId,
     },
     Retry {
-        delivery_id: i64,
-        next_at: i64,
+        delivery_id: DeliveryId,
+        next_at: UnixMs,
         /// The schedule after this attempt.
         schedule: Schedule,
         /// The target asked (Retry-After) not to be called before this, unix
         /// milliseconds; 0 when it did not.
-        not_before: i64,
+        not_before: UnixMs,
         error: String,
     },
     Dead {
-        delivery_id: i64,
-        reason: String,
+        delivery_id: DeliveryId,
+        reason: DeadReason,
         error: String,
     },
 }
 
 impl Settlement {
-    pub fn delivery_id(&self) -> i64 {
+    pub fn delivery_id(&self) -> DeliveryId {
         match self {
             Settlement::Delivered { delivery_id }
             | Settlement::Retry { delivery_id, .. }
@@ -164,32 +222,32 @@ impl Settlement {
 /// A delivery in the dead-letter table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
-    pub delivery_id: i64,
-    pub event_id: i64,
+    pub delivery_id: DeliveryId,
+    pub event_id: EventId,
     /// `None` for an event that matched no route.
     pub target: Option<String>,
-    pub reason: String,
+    pub reason: DeadReason,
     pub last_error: String,
     pub attempts: u32,
     pub account: String,
     pub dedup_key: String,
     pub msg_type: String,
-    pub event: Option<String>,
-    pub received_at: i64,
+    pub event_type: Option<String>,
+    pub received_at: UnixMs,
     /// When it was dead-lettered, unix milliseconds.
-    pub dead_at: i64,
+    pub dead_at: UnixMs,
 }
 
 /// Selects dead letters; every field narrows the selection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeadFilter {
     pub target: Option<String>,
-    pub reason: Option<String>,
+    pub reason: Option<DeadReason>,
     /// Dead-lettered at or after, unix milliseconds.
-    pub since: Option<i64>,
+    pub since: Option<UnixMs>,
     /// Dead-lettered before, unix milliseconds.
-    pub until: Option<i64>,
-    pub delivery_id: Option<i64>,
+    pub until: Option<UnixMs>,
+    pub delivery_id: Option<DeliveryId>,
 }
 
 impl DeadFilter {
@@ -198,26 +256,26 @@ impl DeadFilter {
         self.target
             .as_deref()
             .is_none_or(|t| d.target.as_deref() == Some(t))
-            && self.reason.as_deref().is_none_or(|r| d.reason == r)
+            && self.reason.is_none_or(|r| d.reason == r)
             && self.since.is_none_or(|s| d.dead_at >= s)
             && self.until.is_none_or(|u| d.dead_at < u)
             && self.delivery_id.is_none_or(|id| d.delivery_id == id)
     }
 }
 
-/// A delivery still waiting for its target.
+/// A delivery still waiting for its target: one in the pending state.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingDelivery {
-    pub delivery_id: i64,
-    pub event_id: i64,
+pub struct WaitingDelivery {
+    pub delivery_id: DeliveryId,
+    pub event_id: EventId,
     pub attempts: u32,
     /// When it is next due, unix milliseconds; one being sent shows when it
     /// was due (leases are not listed).
-    pub next_at: i64,
+    pub next_at: UnixMs,
     pub schedule: Schedule,
     /// Not to be sent before this (the target's Retry-After), unix
     /// milliseconds; 0 when the target did not ask.
-    pub not_before: i64,
+    pub not_before: UnixMs,
     pub last_error: String,
 }
 
@@ -229,7 +287,7 @@ pub struct PendingDelivery {
 pub struct Release {
     pub target: String,
     /// Only this delivery.
-    pub delivery_id: Option<i64>,
+    pub delivery_id: Option<DeliveryId>,
     /// Also those the target asked, with Retry-After, not to be sent yet.
     pub past_retry_after: bool,
 }
@@ -247,11 +305,11 @@ impl Release {
     #[cfg(test)]
     fn admits(
         &self,
-        id: i64,
+        id: DeliveryId,
         target: Option<&str>,
         attempts: u32,
-        not_before: i64,
-        now: i64,
+        not_before: UnixMs,
+        now: UnixMs,
     ) -> bool {
         target == Some(self.target.as_str())
             && self.delivery_id.is_none_or(|d| d == id)
@@ -266,67 +324,142 @@ pub struct TargetDepth {
     pub target: String,
     pub pending: u64,
     /// Unix milliseconds of the oldest pending event's arrival.
-    pub oldest_received_at: Option<i64>,
+    pub oldest_received_at: Option<UnixMs>,
 }
 
 /// Where accepted pushes wait for their targets. See the module doc for the
 /// durability contract every implementation keeps.
 pub trait Spool: Send + Sync + 'static {
     /// Stores an event with its deliveries and dedup key, durably, in one commit.
-    fn enqueue(&self, event: NewEvent, now_ms: i64, dedup_window_ms: i64) -> Pending<Enqueued>;
+    fn enqueue(
+        &self,
+        event: NewEvent,
+        now_ms: UnixMs,
+        dedup_window_ms: i64,
+    ) -> SpoolFuture<Enqueued>;
     /// Up to `limit` due deliveries of `target`, each hidden for `lease_ms`.
-    fn lease(&self, target: &str, now_ms: i64, limit: usize, lease_ms: i64) -> Pending<Vec<Lease>>;
-    /// Records what became of leased deliveries.
-    fn settle(&self, settlements: Vec<Settlement>, now_ms: i64) -> Pending<()>;
+    fn lease(
+        &self,
+        target: &str,
+        now_ms: UnixMs,
+        limit: usize,
+        lease_ms: i64,
+    ) -> SpoolFuture<Vec<Lease>>;
+    /// Records what became of leased deliveries (see `deliver::retry::decide`).
+    fn record(&self, settlements: Vec<Settlement>, now_ms: UnixMs) -> SpoolFuture<()>;
     /// Makes every backed-off delivery of `target` due now (it answers again).
     /// Returns how many.
-    fn release_backoff(&self, target: &str, now_ms: i64) -> Pending<u64> {
+    fn release_backoff(&self, target: &str, now_ms: UnixMs) -> SpoolFuture<u64> {
         self.release(Release::backlog(target), now_ms)
     }
     /// Makes the selected deliveries due now, leaving their schedules as they
     /// are. Returns how many were waiting and now are due.
-    fn release(&self, release: Release, now_ms: i64) -> Pending<u64>;
+    fn release(&self, release: Release, now_ms: UnixMs) -> SpoolFuture<u64>;
     /// Dead-letters every pending delivery whose target is not in `targets`,
-    /// with reason `target_removed`. Returns how many, per removed target.
-    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<Vec<(String, u64)>>;
-    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> Pending<Vec<DeadLetter>>;
+    /// with reason [`DeadReason::TargetRemoved`]. Returns how many, per removed target.
+    fn retire_targets(
+        &self,
+        targets: Vec<String>,
+        now_ms: UnixMs,
+    ) -> SpoolFuture<Vec<(String, u64)>>;
+    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> SpoolFuture<Vec<DeadLetter>>;
     /// Makes the selected dead letters due again, with their attempts reset.
     /// Unrouted ones have no target and are left alone. Returns how many.
-    fn replay(&self, filter: DeadFilter, now_ms: i64) -> Pending<u64>;
+    fn replay(&self, filter: DeadFilter, now_ms: UnixMs) -> SpoolFuture<u64>;
     /// Deletes the selected dead letters. Returns how many.
-    fn purge(&self, filter: DeadFilter) -> Pending<u64>;
-    fn depth(&self) -> Pending<Vec<TargetDepth>>;
-    /// The pending deliveries of `target`, soonest due first.
-    fn pending(&self, target: &str, limit: usize) -> Pending<Vec<PendingDelivery>>;
+    fn purge(&self, filter: DeadFilter) -> SpoolFuture<u64>;
+    fn depth(&self) -> SpoolFuture<Vec<TargetDepth>>;
+    /// The deliveries of `target` still waiting for it (pending, leased or
+    /// not), soonest due first.
+    fn waiting(&self, target: &str, limit: usize) -> SpoolFuture<Vec<WaitingDelivery>>;
     /// The stored XML and fields of an event, while it is in the spool.
-    fn event(&self, event_id: i64) -> Pending<Option<StoredEvent>>;
+    fn event(&self, event_id: EventId) -> SpoolFuture<Option<Event>>;
     /// Checks that the spool still accepts writes (for readiness).
-    fn probe(&self) -> Pending<()>;
+    fn probe(&self) -> SpoolFuture<()>;
 }
 
 /// An event as the spool holds it: the request as WeChat sent it, and what
 /// the relay made of it, so any target format can be built from it later.
+/// Its id is the spool's, kept beside it ([`Enqueued::Stored`], [`Lease`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredEvent {
-    pub event_id: i64,
+pub struct Event {
     pub dedup_key: String,
     pub account: String,
     /// Unix milliseconds.
-    pub received_at: i64,
+    pub received_at: UnixMs,
     /// The request's query string, byte for byte.
     pub query: String,
-    /// The request's body, byte for byte.
-    pub body: Vec<u8>,
+    /// The request's body, byte for byte; each attempt shares it.
+    pub body: Bytes,
     /// The decrypted (or, in plaintext mode, received) message XML.
     pub xml: String,
     /// The message's fields as a JSON object of strings.
     pub fields: String,
     pub msg_type: String,
-    pub event: Option<String>,
+    /// The `Event` element of an event message (`subscribe`, `CLICK`…).
+    pub event_type: Option<String>,
 }
 
-pub const REASON_UNROUTED: &str = "unrouted";
-pub const REASON_TARGET_REMOVED: &str = "target_removed";
+/// Where a delivery stands. A delivered one is removed, so it has no state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for its target: due, backing off, or leased.
+    Pending,
+    /// Dead-lettered, until an operator replays or purges it.
+    Dead,
+}
+
+/// Why a delivery was dead-lettered. Its name is what the spool stores, the
+/// metrics label and the logs show, and `dlq --reason` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadReason {
+    /// The target refused it (a 4xx other than 408 and 429).
+    Rejected,
+    /// Every attempt of the target's retry schedule failed.
+    Exhausted,
+    /// The event matched no route; it has no target.
+    Unrouted,
+    /// Its target was removed from the configuration.
+    TargetRemoved,
+}
+
+impl DeadReason {
+    pub const ALL: [DeadReason; 4] = [
+        DeadReason::Rejected,
+        DeadReason::Exhausted,
+        DeadReason::Unrouted,
+        DeadReason::TargetRemoved,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Rejected => "rejected",
+            DeadReason::Exhausted => "exhausted",
+            DeadReason::Unrouted => "unrouted",
+            DeadReason::TargetRemoved => "target_removed",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DeadReason {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DeadReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = DeadReason::ALL.iter().map(|r| r.as_str()).collect();
+                format!("unknown reason {s:?} (one of: {})", names.join(", "))
+            })
+    }
+}
 
 #[cfg(test)]
 mod contract_tests;

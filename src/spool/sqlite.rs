@@ -31,11 +31,12 @@
 //! opens the file at the path (creating an empty one if there is none).
 
 use super::{
-    DeadFilter, DeadLetter, Enqueued, Lease, NewEvent, Pending, PendingDelivery, Release,
-    ReplayGuard, Schedule, Settlement, Spool, SpoolError, StoredEvent, TargetDepth,
-    REASON_TARGET_REMOVED, REASON_UNROUTED,
+    DeadFilter, DeadLetter, DeadReason, DeliveryId, DeliveryState, Enqueued, Event, EventId, Lease,
+    NewEvent, Release, ReplayGuard, Schedule, Settlement, Spool, SpoolError, SpoolFuture,
+    TargetDepth, UnixMs, WaitingDelivery,
 };
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{params, Connection, OptionalExtension, ToSql, Transaction};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -43,8 +44,65 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use tokio::sync::oneshot;
 
-const PENDING: i64 = 0;
-const DEAD: i64 = 2;
+/// The `state` column's value for [`DeliveryState::Pending`]. A macro, so
+/// that statements can spell it as a literal: a bound value would keep
+/// SQLite from using the partial indexes on the state.
+macro_rules! pending {
+    () => {
+        0
+    };
+}
+
+/// The `state` column's value for [`DeliveryState::Dead`] (see [`pending!`]).
+macro_rules! dead {
+    () => {
+        2
+    };
+}
+
+impl ToSql for DeliveryState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        let code: i64 = match self {
+            DeliveryState::Pending => pending!(),
+            DeliveryState::Dead => dead!(),
+        };
+        Ok(code.into())
+    }
+}
+
+impl ToSql for DeadReason {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+/// Ids (row ids) and times (unix milliseconds) are integers in the file.
+macro_rules! sql_integer {
+    ($($id:ident),*) => {$(
+        impl ToSql for $id {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(self.0.into())
+            }
+        }
+
+        impl FromSql for $id {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                value.as_i64().map($id)
+            }
+        }
+    )*};
+}
+
+sql_integer!(EventId, DeliveryId, UnixMs);
+
+impl FromSql for DeadReason {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        value
+            .as_str()?
+            .parse()
+            .map_err(|e: String| FromSqlError::Other(e.into()))
+    }
+}
 
 /// Requests waiting for the writer (or the reader) at most.
 const QUEUE: usize = 8192;
@@ -52,7 +110,8 @@ const QUEUE: usize = 8192;
 /// How many requests one commit may carry at most.
 pub const DEFAULT_MAX_BATCH: usize = 512;
 
-const SCHEMA: &str = "
+const SCHEMA: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS events (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     dedup_key   TEXT    NOT NULL,
@@ -81,8 +140,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
     step         INTEGER NOT NULL DEFAULT 0,
     scheduled_at INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, next_at) WHERE state = 0;
-CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (updated_at) WHERE state = 2;
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, next_at) WHERE state = ",
+    pending!(),
+    ";
+CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (updated_at) WHERE state = ",
+    dead!(),
+    ";
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
 CREATE TABLE IF NOT EXISTS dedup (
     key        TEXT    PRIMARY KEY,
@@ -100,32 +163,33 @@ CREATE TABLE IF NOT EXISTS probe (
     id     INTEGER PRIMARY KEY CHECK (id = 1),
     probes INTEGER NOT NULL
 );
-";
+"
+);
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// What the writer does, each in the next group commit.
 enum Command {
-    Enqueue(Box<NewEvent>, i64, i64, Reply<Enqueued>),
-    Settle(Vec<Settlement>, i64, Reply<()>),
-    Retire(Vec<String>, i64, Reply<Vec<(String, u64)>>),
-    Replay(DeadFilter, i64, Reply<u64>),
+    Enqueue(Box<NewEvent>, UnixMs, i64, Reply<Enqueued>),
+    Record(Vec<Settlement>, UnixMs, Reply<()>),
+    Retire(Vec<String>, UnixMs, Reply<Vec<(String, u64)>>),
+    Replay(DeadFilter, UnixMs, Reply<u64>),
     Purge(DeadFilter, Reply<u64>),
-    Release(Release, i64, Reply<u64>),
+    Release(Release, UnixMs, Reply<u64>),
     Probe(Reply<()>),
 }
 
 /// What the reader does.
 enum Read {
-    Lease(String, i64, usize, i64, Reply<Vec<Lease>>),
+    Lease(String, UnixMs, usize, i64, Reply<Vec<Lease>>),
     DeadLetters(DeadFilter, usize, Reply<Vec<DeadLetter>>),
     Depth(Reply<Vec<TargetDepth>>),
-    Pending(String, usize, Reply<Vec<PendingDelivery>>),
-    Event(i64, Reply<Option<StoredEvent>>),
+    Waiting(String, usize, Reply<Vec<WaitingDelivery>>),
+    Event(EventId, Reply<Option<Event>>),
 }
 
 /// Deliveries handed out and not settled yet: id → (target, lease end).
-type Leased = Arc<Mutex<HashMap<i64, (String, i64)>>>;
+type Leased = Arc<Mutex<HashMap<DeliveryId, (String, UnixMs)>>>;
 
 /// The SQLite spool. Dropping it (or calling [`SqliteSpool::close`]) lets the
 /// writer finish what it has queued and close the file.
@@ -198,11 +262,11 @@ impl SqliteSpool {
         }
     }
 
-    fn submit<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Pending<T> {
+    fn submit<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Command) -> SpoolFuture<T> {
         send_to(&self.tx, make)
     }
 
-    fn read<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Read) -> Pending<T> {
+    fn read<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Read) -> SpoolFuture<T> {
         send_to(&self.reads, make)
     }
 }
@@ -210,7 +274,7 @@ impl SqliteSpool {
 fn send_to<C, T: Send + 'static>(
     channel: &Mutex<Option<mpsc::SyncSender<C>>>,
     make: impl FnOnce(Reply<T>) -> C,
-) -> Pending<T> {
+) -> SpoolFuture<T> {
     let (reply, rx) = oneshot::channel();
     let sent = match channel.lock().ok().as_ref().and_then(|tx| tx.as_ref()) {
         None => Err(SpoolError::Closed),
@@ -243,8 +307,8 @@ fn run_reader(conn: Connection, rx: mpsc::Receiver<Read>, leased: Leased, file: 
             Read::Depth(r) => {
                 let _ = r.send(depth(&conn).map_err(SpoolError::from));
             }
-            Read::Pending(target, limit, r) => {
-                let _ = r.send(pending(&conn, &target, limit).map_err(SpoolError::from));
+            Read::Waiting(target, limit, r) => {
+                let _ = r.send(waiting(&conn, &target, limit).map_err(SpoolError::from));
             }
             Read::Event(id, r) => {
                 let _ = r.send(stored_event(&conn, id).map_err(SpoolError::from));
@@ -258,7 +322,7 @@ fn fail_read(read: Read, err: SpoolError) {
         Read::Lease(_, _, _, _, r) => drop(r.send(Err(err))),
         Read::DeadLetters(_, _, r) => drop(r.send(Err(err))),
         Read::Depth(r) => drop(r.send(Err(err))),
-        Read::Pending(_, _, r) => drop(r.send(Err(err))),
+        Read::Waiting(_, _, r) => drop(r.send(Err(err))),
         Read::Event(_, r) => drop(r.send(Err(err))),
     }
 }
@@ -369,7 +433,7 @@ fn run_writer(
     file: &OpenedFile,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
-    let mut pruned_at = 0;
+    let mut pruned_at = UnixMs(0);
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -384,7 +448,7 @@ fn run_writer(
             Command::Enqueue(_, now, _, _) => Some(*now),
             _ => None,
         });
-        let prune = now.max().filter(|now| now - pruned_at >= PRUNE_EVERY_MS);
+        let prune = now.max().filter(|&now| now - pruned_at >= PRUNE_EVERY_MS);
         if let Some(now) = prune {
             pruned_at = now;
         }
@@ -401,7 +465,7 @@ fn run_writer(
 fn commit_batch(
     conn: &mut Connection,
     batch: &mut Vec<Command>,
-    prune_dedup_before: Option<i64>,
+    prune_dedup_before: Option<UnixMs>,
     file: &OpenedFile,
 ) {
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
@@ -465,7 +529,7 @@ type Answer = Box<dyn FnOnce(Option<SpoolError>) + Send>;
 fn fail(cmd: Command, err: SpoolError) {
     match cmd {
         Command::Enqueue(_, _, _, r) => drop(r.send(Err(err))),
-        Command::Settle(_, _, r) => drop(r.send(Err(err))),
+        Command::Record(_, _, r) => drop(r.send(Err(err))),
         Command::Retire(_, _, r) => drop(r.send(Err(err))),
         Command::Replay(_, _, r) => drop(r.send(Err(err))),
         Command::Purge(_, r) => drop(r.send(Err(err))),
@@ -502,9 +566,9 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>)
     }
     match cmd {
         Command::Enqueue(event, now, window, r) => {
-            deferred(r, in_savepoint(tx, |c| enqueue(c, &event, now, window)))
+            deferred(r, in_savepoint(tx, |c| enqueue(c, *event, now, window)))
         }
-        Command::Settle(s, now, r) => deferred(r, in_savepoint(tx, |c| settle(c, &s, now))),
+        Command::Record(s, now, r) => deferred(r, in_savepoint(tx, |c| record(c, &s, now))),
         Command::Retire(keep, now, r) => deferred(r, in_savepoint(tx, |c| retire(c, &keep, now))),
         Command::Replay(f, now, r) => deferred(r, in_savepoint(tx, |c| replay(c, &f, now))),
         Command::Purge(f, r) => deferred(r, in_savepoint(tx, |c| purge(c, &f))),
@@ -525,9 +589,13 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>)
     }
 }
 
-fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::Result<Enqueued> {
-    let (e, targets) = (&new.event, &new.targets);
-    if let Some(guard) = &new.replay {
+fn enqueue(c: &Connection, new: NewEvent, now: UnixMs, window: i64) -> rusqlite::Result<Enqueued> {
+    let NewEvent {
+        event: e,
+        targets,
+        replay,
+    } = new;
+    if let Some(guard) = &replay {
         if !first_body_under(c, guard, now)? {
             return Ok(Enqueued::Replayed);
         }
@@ -552,39 +620,51 @@ fn enqueue(c: &Connection, new: &NewEvent, now: i64, window: i64) -> rusqlite::R
         e.account,
         e.received_at,
         e.query,
-        e.body,
+        &e.body[..],
         e.xml,
         e.fields,
         e.msg_type,
-        e.event
+        e.event_type
     ])?;
-    let event_id = c.last_insert_rowid();
+    let event_id = EventId(c.last_insert_rowid());
     let mut deliveries = Vec::with_capacity(targets.len());
     if targets.is_empty() {
         c.prepare_cached(
             "INSERT INTO deliveries (event_id, target, state, next_at, reason, updated_at)
              VALUES (?1, NULL, ?2, 0, ?3, ?4)",
         )?
-        .execute(params![event_id, DEAD, REASON_UNROUTED, now])?;
+        .execute(params![
+            event_id,
+            DeliveryState::Dead,
+            DeadReason::Unrouted,
+            now
+        ])?;
     }
     let mut insert = c.prepare_cached(
         "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
     )?;
-    for d in targets {
-        insert.execute(params![event_id, d.target, PENDING, d.due_at, now])?;
-        deliveries.push(c.last_insert_rowid());
+    for d in &targets {
+        insert.execute(params![
+            event_id,
+            d.target,
+            DeliveryState::Pending,
+            d.due_at,
+            now
+        ])?;
+        deliveries.push(DeliveryId(c.last_insert_rowid()));
     }
     Ok(Enqueued::Stored {
         event_id,
         deliveries,
+        event: Box::new(e),
     })
 }
 
 /// Records the guard's query with its body hash; false when the query was
 /// already taken, unexpired, with another body. An expired entry is taken
 /// over, like an expired dedup key.
-fn first_body_under(c: &Connection, guard: &ReplayGuard, now: i64) -> rusqlite::Result<bool> {
+fn first_body_under(c: &Connection, guard: &ReplayGuard, now: UnixMs) -> rusqlite::Result<bool> {
     let inserted = c
         .prepare_cached(
             "INSERT INTO replay (key, body_hash, expires_at) VALUES (?1, ?2, ?3)
@@ -607,7 +687,7 @@ fn lease(
     c: &Connection,
     leased: &Leased,
     target: &str,
-    now: i64,
+    now: UnixMs,
     limit: usize,
     lease_ms: i64,
 ) -> rusqlite::Result<Vec<Lease>> {
@@ -616,16 +696,16 @@ fn lease(
     // Held deliveries are still due in the file and come first; read past them.
     let skip = held.values().filter(|(t, _)| t == target).count();
     let mut select = c.prepare_cached(
-        "SELECT d.id, d.event_id, d.attempts, e.dedup_key, e.account, e.received_at, e.query, e.body,
+        concat!("SELECT d.id, d.event_id, d.attempts, e.dedup_key, e.account, e.received_at, e.query, e.body,
                 e.xml, e.fields, e.msg_type, e.event, d.step, d.scheduled_at
          FROM deliveries d JOIN events e ON e.id = d.event_id
-         WHERE d.state = 0 AND d.target = ?1 AND d.next_at <= ?2
-         ORDER BY d.next_at, d.id LIMIT ?3",
+         WHERE d.state = ", pending!(), " AND d.target = ?1 AND d.next_at <= ?2
+         ORDER BY d.next_at, d.id LIMIT ?3"),
     )?;
     let mut rows = select.query(params![target, now, (limit + skip) as i64])?;
     let mut leases = Vec::with_capacity(limit);
     while let Some(row) = rows.next()? {
-        let delivery_id: i64 = row.get(0)?;
+        let delivery_id: DeliveryId = row.get(0)?;
         if held.contains_key(&delivery_id) {
             continue;
         }
@@ -637,18 +717,8 @@ fn lease(
                 step: row.get(12)?,
                 due_at: row.get(13)?,
             },
-            event: StoredEvent {
-                event_id: row.get(1)?,
-                dedup_key: row.get(3)?,
-                account: row.get(4)?,
-                received_at: row.get(5)?,
-                query: row.get(6)?,
-                body: row.get(7)?,
-                xml: row.get(8)?,
-                fields: row.get(9)?,
-                msg_type: row.get(10)?,
-                event: row.get(11)?,
-            },
+            event_id: row.get(1)?,
+            event: event_from(row, 3)?,
         });
         held.insert(delivery_id, (target.to_string(), now + lease_ms));
         if leases.len() == limit {
@@ -660,25 +730,29 @@ fn lease(
 
 /// Makes the selected waiting deliveries due now (see [`Release`]); only
 /// `next_at` moves, so the schedule is where it was.
-fn release(c: &Connection, r: &Release, now: i64) -> rusqlite::Result<u64> {
+fn release(c: &Connection, r: &Release, now: UnixMs) -> rusqlite::Result<u64> {
     let n = c
-        .prepare_cached(
+        .prepare_cached(concat!(
             "UPDATE deliveries SET next_at = ?2
-             WHERE state = 0 AND target = ?1 AND next_at > ?2 AND attempts > 0
-               AND (?3 IS NULL OR id = ?3) AND (?4 OR not_before <= ?2)",
-        )?
+             WHERE state = ",
+            pending!(),
+            " AND target = ?1 AND next_at > ?2 AND attempts > 0
+               AND (?3 IS NULL OR id = ?3) AND (?4 OR not_before <= ?2)"
+        ))?
         .execute(params![r.target, now, r.delivery_id, r.past_retry_after])?;
     Ok(n as u64)
 }
 
-fn settle(c: &Connection, settlements: &[Settlement], now: i64) -> rusqlite::Result<()> {
+fn record(c: &Connection, settlements: &[Settlement], now: UnixMs) -> rusqlite::Result<()> {
     for s in settlements {
         match s {
             Settlement::Delivered { delivery_id } => {
                 let event_id: Option<i64> = c
-                    .prepare_cached(
-                        "DELETE FROM deliveries WHERE id = ?1 AND state = 0 RETURNING event_id",
-                    )?
+                    .prepare_cached(concat!(
+                        "DELETE FROM deliveries WHERE id = ?1 AND state = ",
+                        pending!(),
+                        " RETURNING event_id"
+                    ))?
                     .query_row(params![delivery_id], |r| r.get(0))
                     .optional()?;
                 if let Some(event_id) = event_id {
@@ -693,8 +767,8 @@ fn settle(c: &Connection, settlements: &[Settlement], now: i64) -> rusqlite::Res
                 error,
             } => {
                 c.prepare_cached(
-                    "UPDATE deliveries SET attempts = attempts + 1, next_at = ?2, last_error = ?3, updated_at = ?4,
-                     not_before = ?5, step = ?6, scheduled_at = ?7 WHERE id = ?1 AND state = 0",
+                    concat!("UPDATE deliveries SET attempts = attempts + 1, next_at = ?2, last_error = ?3, updated_at = ?4,
+                     not_before = ?5, step = ?6, scheduled_at = ?7 WHERE id = ?1 AND state = ", pending!(), ""),
                 )?
                 .execute(params![
                     delivery_id,
@@ -711,10 +785,14 @@ fn settle(c: &Connection, settlements: &[Settlement], now: i64) -> rusqlite::Res
                 reason,
                 error,
             } => {
-                c.prepare_cached(
-                    "UPDATE deliveries SET state = 2, attempts = attempts + 1, reason = ?2, last_error = ?3,
-                     updated_at = ?4 WHERE id = ?1 AND state = 0",
-                )?
+                c.prepare_cached(concat!(
+                    "UPDATE deliveries SET state = ",
+                    dead!(),
+                    ", attempts = attempts + 1, reason = ?2, last_error = ?3,
+                     updated_at = ?4 WHERE id = ?1 AND state = ",
+                    pending!(),
+                    ""
+                ))?
                 .execute(params![delivery_id, reason, error, now])?;
             }
         }
@@ -730,20 +808,27 @@ fn drop_event_if_done(c: &Connection, event_id: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn retire(c: &Connection, keep: &[String], now: i64) -> rusqlite::Result<Vec<(String, u64)>> {
-    let mut targets = c.prepare_cached("SELECT DISTINCT target FROM deliveries WHERE state = 0")?;
+fn retire(c: &Connection, keep: &[String], now: UnixMs) -> rusqlite::Result<Vec<(String, u64)>> {
+    let mut targets = c.prepare_cached(concat!(
+        "SELECT DISTINCT target FROM deliveries WHERE state = ",
+        pending!()
+    ))?;
     let pending: Vec<String> = targets
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     let mut retired = Vec::new();
     for target in pending.iter().filter(|t| !keep.contains(t)) {
         let n = c
-            .prepare_cached(
-                "UPDATE deliveries SET state = 2, reason = ?2, updated_at = ?3,
+            .prepare_cached(concat!(
+                "UPDATE deliveries SET state = ",
+                dead!(),
+                ", reason = ?2, updated_at = ?3,
                  last_error = 'the target is no longer in the configuration'
-                 WHERE state = 0 AND target = ?1",
-            )?
-            .execute(params![target, REASON_TARGET_REMOVED, now])? as u64;
+                 WHERE state = ",
+                pending!(),
+                " AND target = ?1"
+            ))?
+            .execute(params![target, DeadReason::TargetRemoved, now])? as u64;
         retired.push((target.clone(), n));
     }
     Ok(retired)
@@ -751,16 +836,16 @@ fn retire(c: &Connection, keep: &[String], now: i64) -> rusqlite::Result<Vec<(St
 
 fn dead_letters(c: &Connection, f: &DeadFilter, limit: usize) -> rusqlite::Result<Vec<DeadLetter>> {
     let mut select = c.prepare_cached(
-        "SELECT d.id, d.event_id, d.target, d.reason, d.last_error, d.attempts, e.account, e.dedup_key,
+        concat!("SELECT d.id, d.event_id, d.target, d.reason, d.last_error, d.attempts, e.account, e.dedup_key,
                 e.msg_type, e.event, e.received_at, d.updated_at
          FROM deliveries d JOIN events e ON e.id = d.event_id
-         WHERE d.state = 2
+         WHERE d.state = ", dead!(), "
            AND (?1 IS NULL OR d.target = ?1)
            AND (?2 IS NULL OR d.reason = ?2)
            AND (?3 IS NULL OR d.updated_at >= ?3)
            AND (?4 IS NULL OR d.updated_at < ?4)
            AND (?5 IS NULL OR d.id = ?5)
-         ORDER BY d.updated_at, d.id LIMIT ?6",
+         ORDER BY d.updated_at, d.id LIMIT ?6"),
     )?;
     let rows = select.query_map(
         params![
@@ -782,7 +867,7 @@ fn dead_letters(c: &Connection, f: &DeadFilter, limit: usize) -> rusqlite::Resul
                 account: row.get(6)?,
                 dedup_key: row.get(7)?,
                 msg_type: row.get(8)?,
-                event: row.get(9)?,
+                event_type: row.get(9)?,
                 received_at: row.get(10)?,
                 dead_at: row.get(11)?,
             })
@@ -791,33 +876,46 @@ fn dead_letters(c: &Connection, f: &DeadFilter, limit: usize) -> rusqlite::Resul
     rows.collect()
 }
 
-fn replay(c: &Connection, f: &DeadFilter, now: i64) -> rusqlite::Result<u64> {
+fn replay(c: &Connection, f: &DeadFilter, now: UnixMs) -> rusqlite::Result<u64> {
     let n = c
-        .prepare_cached(
-            "UPDATE deliveries SET state = 0, attempts = 0, next_at = ?6, reason = '', updated_at = ?6,
+        .prepare_cached(concat!(
+            "UPDATE deliveries SET state = ",
+            pending!(),
+            ", attempts = 0, next_at = ?6, reason = '', updated_at = ?6,
                     step = 0, scheduled_at = ?6, not_before = 0
-             WHERE state = 2 AND target IS NOT NULL
+             WHERE state = ",
+            dead!(),
+            " AND target IS NOT NULL
                AND (?1 IS NULL OR target = ?1)
                AND (?2 IS NULL OR reason = ?2)
                AND (?3 IS NULL OR updated_at >= ?3)
                AND (?4 IS NULL OR updated_at < ?4)
-               AND (?5 IS NULL OR id = ?5)",
-        )?
-        .execute(params![f.target, f.reason, f.since, f.until, f.delivery_id, now])?;
+               AND (?5 IS NULL OR id = ?5)"
+        ))?
+        .execute(params![
+            f.target,
+            f.reason,
+            f.since,
+            f.until,
+            f.delivery_id,
+            now
+        ])?;
     Ok(n as u64)
 }
 
 fn purge(c: &Connection, f: &DeadFilter) -> rusqlite::Result<u64> {
-    let mut delete = c.prepare_cached(
+    let mut delete = c.prepare_cached(concat!(
         "DELETE FROM deliveries
-         WHERE state = 2
+         WHERE state = ",
+        dead!(),
+        "
            AND (?1 IS NULL OR target = ?1)
            AND (?2 IS NULL OR reason = ?2)
            AND (?3 IS NULL OR updated_at >= ?3)
            AND (?4 IS NULL OR updated_at < ?4)
            AND (?5 IS NULL OR id = ?5)
-         RETURNING event_id",
-    )?;
+         RETURNING event_id"
+    ))?;
     let events: Vec<i64> = delete
         .query_map(
             params![f.target, f.reason, f.since, f.until, f.delivery_id],
@@ -831,11 +929,13 @@ fn purge(c: &Connection, f: &DeadFilter) -> rusqlite::Result<u64> {
 }
 
 fn depth(c: &Connection) -> rusqlite::Result<Vec<TargetDepth>> {
-    let mut select = c.prepare_cached(
+    let mut select = c.prepare_cached(concat!(
         "SELECT d.target, COUNT(*), MIN(e.received_at)
          FROM deliveries d JOIN events e ON e.id = d.event_id
-         WHERE d.state = 0 GROUP BY d.target ORDER BY d.target",
-    )?;
+         WHERE d.state = ",
+        pending!(),
+        " GROUP BY d.target ORDER BY d.target"
+    ))?;
     let rows = select.query_map([], |row| {
         Ok(TargetDepth {
             target: row.get(0)?,
@@ -846,13 +946,15 @@ fn depth(c: &Connection) -> rusqlite::Result<Vec<TargetDepth>> {
     rows.collect()
 }
 
-fn pending(c: &Connection, target: &str, limit: usize) -> rusqlite::Result<Vec<PendingDelivery>> {
-    let mut select = c.prepare_cached(
+fn waiting(c: &Connection, target: &str, limit: usize) -> rusqlite::Result<Vec<WaitingDelivery>> {
+    let mut select = c.prepare_cached(concat!(
         "SELECT id, event_id, attempts, next_at, last_error, step, scheduled_at, not_before
-         FROM deliveries WHERE state = 0 AND target = ?1 ORDER BY next_at, id LIMIT ?2",
-    )?;
+         FROM deliveries WHERE state = ",
+        pending!(),
+        " AND target = ?1 ORDER BY next_at, id LIMIT ?2"
+    ))?;
     let rows = select.query_map(params![target, limit as i64], |row| {
-        Ok(PendingDelivery {
+        Ok(WaitingDelivery {
             delivery_id: row.get(0)?,
             event_id: row.get(1)?,
             attempts: row.get(2)?,
@@ -868,39 +970,54 @@ fn pending(c: &Connection, target: &str, limit: usize) -> rusqlite::Result<Vec<P
     rows.collect()
 }
 
-fn stored_event(c: &Connection, id: i64) -> rusqlite::Result<Option<StoredEvent>> {
+fn stored_event(c: &Connection, id: EventId) -> rusqlite::Result<Option<Event>> {
     c.prepare_cached(
-        "SELECT id, dedup_key, account, received_at, query, body, xml, fields, msg_type, event
+        "SELECT dedup_key, account, received_at, query, body, xml, fields, msg_type, event
          FROM events WHERE id = ?1",
     )?
-    .query_row(params![id], |row| {
-        Ok(StoredEvent {
-            event_id: row.get(0)?,
-            dedup_key: row.get(1)?,
-            account: row.get(2)?,
-            received_at: row.get(3)?,
-            query: row.get(4)?,
-            body: row.get(5)?,
-            xml: row.get(6)?,
-            fields: row.get(7)?,
-            msg_type: row.get(8)?,
-            event: row.get(9)?,
-        })
-    })
+    .query_row(params![id], |row| event_from(row, 0))
     .optional()
 }
 
+/// The event in the row's columns from `first` on, in the order of the
+/// events table: dedup_key, account, received_at, query, body, xml, fields,
+/// msg_type, event.
+fn event_from(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Event> {
+    Ok(Event {
+        dedup_key: row.get(first)?,
+        account: row.get(first + 1)?,
+        received_at: row.get(first + 2)?,
+        query: row.get(first + 3)?,
+        body: row.get::<_, Vec<u8>>(first + 4)?.into(),
+        xml: row.get(first + 5)?,
+        fields: row.get(first + 6)?,
+        msg_type: row.get(first + 7)?,
+        event_type: row.get(first + 8)?,
+    })
+}
+
 impl Spool for SqliteSpool {
-    fn enqueue(&self, event: NewEvent, now_ms: i64, dedup_window_ms: i64) -> Pending<Enqueued> {
+    fn enqueue(
+        &self,
+        event: NewEvent,
+        now_ms: UnixMs,
+        dedup_window_ms: i64,
+    ) -> SpoolFuture<Enqueued> {
         self.submit(|r| Command::Enqueue(Box::new(event), now_ms, dedup_window_ms, r))
     }
-    fn lease(&self, target: &str, now_ms: i64, limit: usize, lease_ms: i64) -> Pending<Vec<Lease>> {
+    fn lease(
+        &self,
+        target: &str,
+        now_ms: UnixMs,
+        limit: usize,
+        lease_ms: i64,
+    ) -> SpoolFuture<Vec<Lease>> {
         let target = target.to_string();
         self.read(|r| Read::Lease(target, now_ms, limit, lease_ms, r))
     }
-    fn settle(&self, settlements: Vec<Settlement>, now_ms: i64) -> Pending<()> {
-        let ids: Vec<i64> = settlements.iter().map(Settlement::delivery_id).collect();
-        let committed = self.submit(|r| Command::Settle(settlements, now_ms, r));
+    fn record(&self, settlements: Vec<Settlement>, now_ms: UnixMs) -> SpoolFuture<()> {
+        let ids: Vec<DeliveryId> = settlements.iter().map(Settlement::delivery_id).collect();
+        let committed = self.submit(|r| Command::Record(settlements, now_ms, r));
         let leased = self.leased.clone();
         // The lease is let go only once the outcome is in the file, so the
         // reader can never hand out a delivery whose outcome is being written.
@@ -917,32 +1034,36 @@ impl Spool for SqliteSpool {
             result
         })
     }
-    fn release(&self, release: Release, now_ms: i64) -> Pending<u64> {
+    fn release(&self, release: Release, now_ms: UnixMs) -> SpoolFuture<u64> {
         self.submit(|r| Command::Release(release, now_ms, r))
     }
-    fn retire_targets(&self, targets: Vec<String>, now_ms: i64) -> Pending<Vec<(String, u64)>> {
+    fn retire_targets(
+        &self,
+        targets: Vec<String>,
+        now_ms: UnixMs,
+    ) -> SpoolFuture<Vec<(String, u64)>> {
         self.submit(|r| Command::Retire(targets, now_ms, r))
     }
-    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> Pending<Vec<DeadLetter>> {
+    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> SpoolFuture<Vec<DeadLetter>> {
         self.read(|r| Read::DeadLetters(filter, limit, r))
     }
-    fn replay(&self, filter: DeadFilter, now_ms: i64) -> Pending<u64> {
+    fn replay(&self, filter: DeadFilter, now_ms: UnixMs) -> SpoolFuture<u64> {
         self.submit(|r| Command::Replay(filter, now_ms, r))
     }
-    fn purge(&self, filter: DeadFilter) -> Pending<u64> {
+    fn purge(&self, filter: DeadFilter) -> SpoolFuture<u64> {
         self.submit(|r| Command::Purge(filter, r))
     }
-    fn depth(&self) -> Pending<Vec<TargetDepth>> {
+    fn depth(&self) -> SpoolFuture<Vec<TargetDepth>> {
         self.read(Read::Depth)
     }
-    fn pending(&self, target: &str, limit: usize) -> Pending<Vec<PendingDelivery>> {
+    fn waiting(&self, target: &str, limit: usize) -> SpoolFuture<Vec<WaitingDelivery>> {
         let target = target.to_string();
-        self.read(|r| Read::Pending(target, limit, r))
+        self.read(|r| Read::Waiting(target, limit, r))
     }
-    fn event(&self, event_id: i64) -> Pending<Option<StoredEvent>> {
+    fn event(&self, event_id: EventId) -> SpoolFuture<Option<Event>> {
         self.read(|r| Read::Event(event_id, r))
     }
-    fn probe(&self) -> Pending<()> {
+    fn probe(&self) -> SpoolFuture<()> {
         self.submit(Command::Probe)
     }
 }
@@ -950,25 +1071,24 @@ impl Spool for SqliteSpool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::{NewDelivery, StoredEvent};
+    use crate::spool::{Event, NewDelivery};
 
     fn event(key: &str, body_bytes: usize) -> NewEvent {
         NewEvent {
-            event: StoredEvent {
-                event_id: 0,
+            event: Event {
                 dedup_key: key.into(),
                 account: "main".into(),
-                received_at: 1,
+                received_at: UnixMs(1),
                 query: String::new(),
-                body: vec![b'x'; body_bytes],
+                body: vec![b'x'; body_bytes].into(),
                 xml: "<xml/>".into(),
                 fields: "{}".into(),
                 msg_type: "event".into(),
-                event: None,
+                event_type: None,
             },
             targets: vec![NewDelivery {
                 target: "hooks".into(),
-                due_at: 1,
+                due_at: UnixMs(1),
             }],
             replay: None,
         }
@@ -995,7 +1115,7 @@ mod tests {
             let (reply, rx) = oneshot::channel();
             batch.push(Command::Enqueue(
                 Box::new(event(key, size)),
-                1,
+                UnixMs(1),
                 1_000,
                 reply,
             ));

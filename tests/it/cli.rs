@@ -386,7 +386,10 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
         .await
     );
     let dead = dead_letters(&*relay.spool).await;
-    let rejected = dead.iter().find(|d| d.reason == "rejected").unwrap();
+    let rejected = dead
+        .iter()
+        .find(|d| d.reason.as_str() == "rejected")
+        .unwrap();
 
     // The command's own handle on the file, as beside a running relay.
     let spool = SqliteSpool::open(&relay.dir.path().join("spool.db")).unwrap();
@@ -415,7 +418,7 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
     assert!(!out.contains(DEFAULT_FROM), "no OpenID: {out}");
 
     let show = |content| DlqCommand::Show {
-        id: rejected.delivery_id,
+        id: rejected.delivery_id.0,
         content,
     };
     let out = run(show(false)).await.unwrap();
@@ -465,7 +468,7 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
 
     let out = run(DlqCommand::Replay {
         select: Selection {
-            reason: Some("unrouted".into()),
+            reason: Some(wxrelay::spool::DeadReason::Unrouted),
             ..Selection::default()
         },
         all: false,
@@ -485,7 +488,7 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
     ));
     let out = run(DlqCommand::Purge {
         select: Selection {
-            reason: Some("unrouted".into()),
+            reason: Some(wxrelay::spool::DeadReason::Unrouted),
             ..Selection::default()
         },
         all: false,

@@ -394,7 +394,7 @@ async fn a_target_answering_503_twice_then_200_gets_the_event_on_the_third_attem
         assert!(hooks.wait_for(attempt as usize, WAIT).await);
         let recorded = relay.until_attempts("hooks", attempt).await;
         assert!(recorded, "attempt {attempt} counted");
-        let p = &relay.spool.pending("hooks", 1).await.unwrap()[0];
+        let p = &relay.spool.waiting("hooks", 1).await.unwrap()[0];
         assert!(p.last_error.starts_with("HTTP 503"), "{}", p.last_error);
         relay.clock.advance_ms(2_000);
     }
@@ -437,7 +437,7 @@ async fn retry_after_is_honoured_over_the_schedule() {
     );
     assert!(hooks.wait_for(1, WAIT).await);
     assert!(relay.until_attempts("hooks", 1).await);
-    let due_in = relay.spool.pending("hooks", 1).await.unwrap()[0].next_at
+    let due_in = relay.spool.waiting("hooks", 1).await.unwrap()[0].next_at.0
         - wxrelay::clock::Clock::now_ms(&*relay.clock);
     assert!(
         (120_000..=121_000).contains(&due_in),
@@ -479,7 +479,7 @@ async fn a_400_dead_letters_at_once_with_its_reason() {
         .unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].target.as_deref(), Some("hooks"));
-    assert_eq!(dead[0].reason, "rejected");
+    assert_eq!(dead[0].reason.as_str(), "rejected");
     assert_eq!(dead[0].last_error, "HTTP 400: unknown user");
     assert_eq!(dead[0].attempts, 1);
     assert_eq!(hooks.count(), 1, "no retry after a 4xx");
@@ -573,7 +573,10 @@ async fn unrouted_and_removed_target_dead_letters_are_kept_and_listed() {
         "{reasons:?}"
     );
     assert_eq!(reasons.len(), 2);
-    let unrouted = dead.iter().find(|d| d.reason == "unrouted").unwrap();
+    let unrouted = dead
+        .iter()
+        .find(|d| d.reason.as_str() == "unrouted")
+        .unwrap();
     assert_eq!(unrouted.msg_type, "text");
     assert_eq!(kept.count(), 1, "the unrouted text reached no target");
     relay.stop().await;

@@ -53,7 +53,7 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
 
     push_text(&relay, &g, 1, "TRACKED").await;
     assert!(quiet(&relay, "hooks").await);
-    let first = relay.spool.pending("hooks", 1).await.unwrap()[0].clone();
+    let first = relay.spool.waiting("hooks", 1).await.unwrap()[0].clone();
     let tracked = first.delivery_id;
     assert_eq!(tracked_count(), 1);
     eprintln!("attempt 1 at +0 s: the first");
@@ -63,7 +63,7 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
     let mut seen = 1;
     let mut early = 0;
     let mut early_in_step = 0;
-    let mut due_in_step = first.schedule.due_at;
+    let mut due_in_step = first.schedule.due_at.0;
     let mut msg_id = 100;
     let secs = |ms: i64| (ms - t0) as f64 / 1000.0;
     let dead = loop {
@@ -77,7 +77,7 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
         let now = relay.clock.now_ms();
         let state = relay
             .spool
-            .pending("hooks", 100_000)
+            .waiting("hooks", 100_000)
             .await
             .unwrap()
             .into_iter()
@@ -116,7 +116,7 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
                 on_schedule.push(now);
                 early_in_step = 0;
                 if let Some(p) = &state {
-                    due_in_step = p.schedule.due_at;
+                    due_in_step = p.schedule.due_at.0;
                 }
             }
             let sent_early = sent - usize::from(advanced);
@@ -128,11 +128,11 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
                     "not sooner than its schedule"
                 );
                 assert_eq!(
-                    p.schedule.due_at,
+                    p.schedule.due_at.0,
                     due_in_step,
                     "an early attempt moved the schedule from +{:.0} s to +{:.0} s",
                     secs(due_in_step),
-                    secs(p.schedule.due_at)
+                    secs(p.schedule.due_at.0)
                 );
             }
         }
@@ -157,7 +157,7 @@ async fn a_durable_delivery_keeps_its_schedule_while_its_target_flaps() {
         dead.attempts,
         on_schedule.len()
     );
-    assert_eq!(dead.reason, "exhausted");
+    assert_eq!(dead.reason.as_str(), "exhausted");
     assert_eq!(
         on_schedule.len(),
         delays.len() + 1,
@@ -218,22 +218,22 @@ async fn a_target_that_recovers_inside_the_release_window_gets_its_whole_backlog
     relay.clock.advance_ms(2_000);
     push_text(&relay, &g, 2, "second answer").await;
     assert!(quiet(&relay, "hooks").await);
-    let waiting = relay.spool.pending("hooks", 100).await.unwrap();
+    let waiting = relay.spool.waiting("hooks", 100).await.unwrap();
     assert_eq!(waiting.len(), BACKLOG, "the backlog still waits");
 
     relay.clock.advance_ms(9_000);
     let started = Instant::now();
     let drained = eventually(Duration::from_secs(10), || async {
-        relay.spool.pending("hooks", 1).await.unwrap().is_empty()
+        relay.spool.waiting("hooks", 1).await.unwrap().is_empty()
     })
     .await;
-    let left = relay.spool.pending("hooks", 100).await.unwrap();
+    let left = relay.spool.waiting("hooks", 100).await.unwrap();
     let now = relay.clock.now_ms();
     assert!(
         drained,
         "{} deliveries still waiting, due up to {:.1} h from now",
         left.len(),
-        left.iter().map(|p| p.next_at - now).max().unwrap_or(0) as f64 / 3_600_000.0
+        left.iter().map(|p| p.next_at.0 - now).max().unwrap_or(0) as f64 / 3_600_000.0
     );
     eprintln!(
         "backlog of {BACKLOG} drained {} ms after the release was allowed",

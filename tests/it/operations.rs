@@ -442,7 +442,7 @@ async fn a_paused_target_holds_its_deliveries_until_a_reload_releases_them() {
     );
     assert_eq!(held.count(), 0, "nothing is sent to a paused target");
     assert_eq!(
-        relay.spool.pending("held", 10).await.unwrap().len(),
+        relay.spool.waiting("held", 10).await.unwrap().len(),
         ids.len()
     );
 

@@ -84,7 +84,7 @@ async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
         assert!(hooks.wait_for(i as usize + 1, WAIT).await);
         assert!(quiet(&relay, "hooks").await);
     }
-    let before = relay.spool.pending("hooks", 10).await.unwrap();
+    let before = relay.spool.waiting("hooks", 10).await.unwrap();
     assert_eq!(before.len(), 3);
 
     let (code, out) = command(&["pending", "list", "--target", "hooks"]).await;
@@ -108,7 +108,7 @@ async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
     hooks.set_default(Behaviour::status(200));
     let first = before
         .iter()
-        .find(|p| p.not_before == 0)
+        .find(|p| p.not_before.0 == 0)
         .unwrap()
         .delivery_id;
     let (code, out) = command(&[
@@ -129,7 +129,7 @@ async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
     assert!(hooks.wait_for(5, WAIT).await);
     assert!(
         eventually(WAIT, || async {
-            relay.spool.pending("hooks", 10).await.unwrap().len() == 1
+            relay.spool.waiting("hooks", 10).await.unwrap().len() == 1
         })
         .await
     );
@@ -145,8 +145,11 @@ async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
         out.contains("1 held by the target's Retry-After") && out.contains("--ignore-retry-after"),
         "{out}"
     );
-    let held = &relay.spool.pending("hooks", 10).await.unwrap()[0];
-    assert!(held.not_before > cli::now_ms(), "the 429's delivery waits");
+    let held = &relay.spool.waiting("hooks", 10).await.unwrap()[0];
+    assert!(
+        held.not_before.0 > cli::now_ms(),
+        "the 429's delivery waits"
+    );
 
     let (code, out) = command(&[
         "pending",
@@ -190,7 +193,7 @@ async fn retry_now_on_a_target_still_down_keeps_the_schedule() {
         relay_and_operator_config(&hooks_config(&g, &hooks.url("/"), extra)).await;
     push_text(&relay, &g, 1, "one").await;
     assert!(quiet(&relay, "hooks").await);
-    let before = relay.spool.pending("hooks", 1).await.unwrap()[0].clone();
+    let before = relay.spool.waiting("hooks", 1).await.unwrap()[0].clone();
 
     for round in 0..3 {
         let (code, out) = wxrelay(vec![
@@ -207,7 +210,7 @@ async fn retry_now_on_a_target_still_down_keeps_the_schedule() {
         assert!(hooks.wait_for(round + 2, WAIT).await);
         assert!(quiet(&relay, "hooks").await);
     }
-    let after = relay.spool.pending("hooks", 1).await.unwrap()[0].clone();
+    let after = relay.spool.waiting("hooks", 1).await.unwrap()[0].clone();
     assert_eq!(after.attempts, 4, "every attempt is counted");
     assert_eq!(
         after.schedule, before.schedule,

@@ -81,7 +81,10 @@ async fn assert_refused_as_gone(relay: &TestRelay, g: &Value) {
     let answer = relay.post(&push, push_body).await;
     assert_eq!(answer.status, 503, "{}", answer.text());
     // Nor is any work handed out from the lost file.
-    let lease = relay.spool.lease("hooks", 0, 1, 1_000).await;
+    let lease = relay
+        .spool
+        .lease("hooks", wxrelay::spool::UnixMs(0), 1, 1_000)
+        .await;
     assert!(matches!(lease, Err(SpoolError::Gone(_))), "{lease:?}");
 }
 

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use wxrelay::app::{Options, Relay};
 use wxrelay::clock::FixedClock;
 use wxrelay::config::Settings;
-use wxrelay::spool::{DeadFilter, Spool, SqliteSpool};
+use wxrelay::spool::{DeadFilter, DeadReason, Spool, SqliteSpool};
 
 pub fn fixture(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -248,7 +248,7 @@ impl TestRelay {
         let spool = self.spool.clone();
         eventually(Duration::from_secs(20), || {
             let spool = spool.clone();
-            async move { spool.pending(target, 1).await.unwrap().is_empty() }
+            async move { spool.waiting(target, 1).await.unwrap().is_empty() }
         })
         .await
     }
@@ -260,7 +260,7 @@ impl TestRelay {
         eventually(Duration::from_secs(20), || {
             let spool = spool.clone();
             async move {
-                let pending = spool.pending(target, 1).await.unwrap();
+                let pending = spool.waiting(target, 1).await.unwrap();
                 pending.first().is_some_and(|p| p.attempts == attempts)
             }
         })
@@ -301,16 +301,17 @@ impl TestRelay {
     }
 
     /// Every event stored as an `unrouted` dead letter, oldest first.
-    pub async fn unrouted(&self) -> Vec<wxrelay::spool::StoredEvent> {
+    pub async fn unrouted(&self) -> Vec<wxrelay::spool::Event> {
         let filter = DeadFilter {
-            reason: Some("unrouted".into()),
+            reason: Some(DeadReason::Unrouted),
             ..Default::default()
         };
+        let mut dead = self.spool.dead_letters(filter, 100_000).await.unwrap();
+        dead.sort_by_key(|d| d.event_id);
         let mut events = Vec::new();
-        for d in self.spool.dead_letters(filter, 100_000).await.unwrap() {
+        for d in dead {
             events.push(self.spool.event(d.event_id).await.unwrap().unwrap());
         }
-        events.sort_by_key(|e| e.event_id);
         events
     }
 
@@ -560,8 +561,8 @@ pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
         let (spool, clock) = (spool.clone(), clock.clone());
         async move {
             let now = wxrelay::clock::Clock::now_ms(&*clock);
-            let pending = spool.pending(target, 100_000).await.unwrap();
-            pending.iter().all(|p| p.next_at > now)
+            let pending = spool.waiting(target, 100_000).await.unwrap();
+            pending.iter().all(|p| p.next_at.0 > now)
         }
     })
     .await
