@@ -566,7 +566,7 @@ async fn accept_push(
                     // The reply target is tried inline first; the workers wait
                     // until that attempt is over.
                     due_at: if rule.reply_from.as_ref() == Some(target) {
-                        now + reply_budget.as_millis() as i64 + 1000
+                        deliver::inline_due_at(now, reply_budget)
                     } else {
                         now
                     },
@@ -732,14 +732,7 @@ async fn reply_inline(
 ) -> InlineReply {
     let started = Instant::now();
     let timeout = remaining.min(target.timeout);
-    let result = deliver::attempt(
-        &shared.client,
-        target,
-        event,
-        shared.clock.now_secs(),
-        timeout,
-    )
-    .await;
+    let result = deliver::attempt(&shared.client, &*shared.clock, target, event, timeout).await;
     let delivered = result.verdict == Verdict::Delivered;
     let unit: f64 = rand::thread_rng().gen();
     let now = shared.clock.now_ms();

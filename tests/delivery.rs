@@ -453,6 +453,40 @@ async fn retry_after_is_honoured_over_the_schedule() {
 }
 
 #[tokio::test]
+async fn a_retry_after_date_is_read_against_the_relays_clock() {
+    let g = generated();
+    let now = reference_now(&g);
+    let hooks = FakeTarget::start().await;
+    let at = std::time::UNIX_EPOCH + Duration::from_secs((now + 120) as u64);
+    hooks.script([Behaviour::Answer {
+        status: 503,
+        headers: vec![("retry-after", httpdate::fmt_http_date(at))],
+        body: String::new(),
+    }]);
+    let targets = [target(
+        "hooks",
+        &hooks.url("/"),
+        "retry_schedule = [\"1s\"]",
+    )];
+    let relay =
+        TestRelay::start(&config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n"), now).await;
+    assert_eq!(
+        send(&relay, vector(&g, "secure.CLICK"), "secure")
+            .await
+            .status,
+        200
+    );
+    assert!(relay.until_attempts("hooks", 1).await);
+    let due_in = relay.spool.pending("hooks", 1).await.unwrap()[0].next_at
+        - wxrelay::clock::Clock::now_ms(&*relay.clock);
+    assert!(
+        (119_000..=121_000).contains(&due_in),
+        "next attempt in {due_in} ms, not at the date the target named"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn a_400_dead_letters_at_once_with_its_reason() {
     let g = generated();
     let hooks = FakeTarget::start().await;

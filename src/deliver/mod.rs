@@ -9,6 +9,7 @@ pub mod format;
 pub mod retry;
 
 use crate::app::Shared;
+use crate::clock::Clock;
 use crate::config::Target;
 use crate::metrics::Metrics;
 use crate::server::stopping;
@@ -25,7 +26,7 @@ use rand::Rng;
 use retry::Verdict;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -70,9 +71,9 @@ pub struct Attempt {
 /// Sends `event` to `target` once, within `timeout`.
 pub async fn attempt(
     client: &HttpClient,
+    clock: &dyn Clock,
     target: &Target,
     event: &StoredEvent,
-    now_secs: i64,
     timeout: Duration,
 ) -> Attempt {
     let failed = |verdict| Attempt {
@@ -80,7 +81,7 @@ pub async fn attempt(
         status: None,
         body: Bytes::new(),
     };
-    let outbound = match format::build(target, event, now_secs) {
+    let outbound = match format::build(target, event, clock.now_secs()) {
         Ok(outbound) => outbound,
         Err(e) => {
             return failed(Verdict::Reject {
@@ -128,7 +129,7 @@ pub async fn attempt(
                 .headers
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
+                .and_then(|v| retry::parse_retry_after(v, clock_time(clock)));
             let snippet: String = String::from_utf8_lossy(&body)
                 .chars()
                 .take(SNIPPET)
@@ -143,6 +144,13 @@ pub async fn attempt(
     }
 }
 
+/// The injected clock as a `SystemTime`, for HTTP dates: a target's
+/// `Retry-After` date is read against the same time as the schedule it moves.
+fn clock_time(clock: &dyn Clock) -> SystemTime {
+    let ms = u64::try_from(clock.now_ms()).unwrap_or(0);
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -152,6 +160,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// How long a worker holds a delivery it leased: longer than the attempt's
+/// timeout, so a slow answer is not sent twice; a worker that dies leaves it
+/// to expire and be sent again.
+fn lease_ms(target: &Target) -> i64 {
+    (target.timeout.as_millis() as i64) * 2 + 2_000
+}
+
+/// Past the inline attempt's end, so the workers do not send it at the same time.
+const AFTER_INLINE_MS: i64 = 1_000;
+
+/// When the workers may send a delivery that the request path attempts inline
+/// first, within `budget` from `now_ms`: once that attempt is over.
+pub fn inline_due_at(now_ms: i64, budget: Duration) -> i64 {
+    now_ms + budget.as_millis() as i64 + AFTER_INLINE_MS
 }
 
 /// Starts the delivery workers: one loop per configured target, and a
@@ -401,10 +425,11 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
         }
         let free = semaphore.available_permits() + 1;
         let now = shared.clock.now_ms();
-        // The lease outlives the attempt's timeout, so a slow answer is not sent
-        // twice; a worker that dies leaves it to expire and be sent again.
-        let lease_ms = (target.timeout.as_millis() as i64) * 2 + 2_000;
-        let leases = match shared.spool.lease(&name, now, free, lease_ms).await {
+        let leases = match shared
+            .spool
+            .lease(&name, now, free, lease_ms(&target))
+            .await
+        {
             Ok(leases) => {
                 if let Some(unlogged) = faults.lease.succeeded() {
                     tracing::info!(target = %name, unlogged_failures = unlogged, "the spool hands out deliveries again");
@@ -473,9 +498,9 @@ async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, 
     let started_ms = shared.clock.now_ms();
     let result = attempt(
         &shared.client,
+        &*shared.clock,
         target,
         &lease.event,
-        started_ms.div_euclid(1000),
         target.timeout,
     )
     .await;
