@@ -20,9 +20,9 @@ use crate::spool::{
     REASON_UNROUTED,
 };
 use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
-use crate::wechat::message::{Message, XmlError};
+use crate::wechat::inbound::{self, Credentials, Refused, VerifiedPush};
+use crate::wechat::message::XmlError;
 use crate::wechat::reply::{self, ReplyBody};
-use crate::wechat::signature;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
@@ -30,8 +30,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use rand::Rng;
 use sha2::{Digest, Sha256};
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +85,25 @@ pub enum Rejection {
     Replayed,
     #[error("too many request bodies in flight")]
     Busy,
+}
+
+impl From<Refused> for Rejection {
+    fn from(e: Refused) -> Self {
+        match e {
+            Refused::MissingSignature(name) => Rejection::MissingSignature(name),
+            Refused::MissingEchostr => Rejection::MissingEchostr,
+            Refused::RepeatedParam(name) => Rejection::RepeatedParam(name),
+            Refused::BadSignature => Rejection::BadSignature,
+            Refused::Stale => Rejection::Stale,
+            Refused::BadEncryptType => Rejection::BadEncryptType,
+            Refused::PlaintextRefused => Rejection::PlaintextRefused,
+            Refused::EncryptedRefused => Rejection::EncryptedRefused,
+            Refused::MissingEncrypt => Rejection::MissingEncrypt,
+            Refused::BadMsgSignature => Rejection::BadMsgSignature,
+            Refused::BadXml(e) => Rejection::BadXml(e),
+            Refused::Decrypt(e) => e.into(),
+        }
+    }
 }
 
 impl From<DecryptError> for Rejection {
@@ -304,15 +321,16 @@ async fn answer(
         .accounts
         .get(account_id)
         .ok_or(Rejection::UnknownAccount)?;
-    let query = req.uri().query().unwrap_or("").to_string();
+    let query = req.uri().query().unwrap_or("");
+    let creds = credentials(account);
+    let now_secs = shared.clock.now_secs();
     match *req.method() {
-        Method::GET => verify_url(shared, account, &query).map(Answer::Echo),
+        Method::GET => Ok(Answer::Echo(inbound::check_url(&creds, query, now_secs)?)),
         Method::POST => {
             // `signature` covers only the query, so everything the query
             // decides is checked before a byte of the body is read: an
             // unsigned flood costs no memory and holds no connection.
-            let q = params(&query)?;
-            let encrypted = check_push_query(shared, account, &q)?;
+            let signed = inbound::check_push_query(&creds, query, now_secs)?;
             let reserved = reserve_body(shared, &req, config.server.max_body)?;
             // The body must arrive within the reply budget too: WeChat sends it
             // at once, and a client trickling it holds a connection for nothing.
@@ -320,12 +338,8 @@ async fn answer(
             let body = tokio::time::timeout(config.server.reply_budget, read)
                 .await
                 .map_err(|_| Rejection::BodyTimeout)??;
-            let signed = SignedQuery {
-                raw: query,
-                params: q,
-                encrypted,
-            };
-            let accepted = accept_push(shared, config, account, signed, body, started).await;
+            let verified = inbound::verify_push(&creds, signed, &body)?;
+            let accepted = accept_push(shared, config, account, verified, body, started).await;
             drop(reserved);
             accepted.map(Answer::Accepted)
         }
@@ -333,100 +347,17 @@ async fn answer(
     }
 }
 
-/// The parameters the relay verifies or forwards on. Each may appear once:
-/// with two, another parser could take the other one than the relay checked.
-const SINGLE_PARAMS: &[&str] = &[
-    "signature",
-    "timestamp",
-    "nonce",
-    "msg_signature",
-    "encrypt_type",
-    "openid",
-    "echostr",
-];
-
-/// The query's parameters by name; WeChat's order varies. A repeated
-/// parameter of [`SINGLE_PARAMS`] is refused; of any other name, unused,
-/// the first is kept.
-fn params(query: &str) -> Result<HashMap<String, String>, Rejection> {
-    let mut map = HashMap::new();
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        match map.entry(k.into_owned()) {
-            Entry::Vacant(entry) => {
-                entry.insert(v.into_owned());
-            }
-            Entry::Occupied(entry) => {
-                if let Some(name) = SINGLE_PARAMS.iter().find(|&&name| name == entry.key()) {
-                    return Err(Rejection::RepeatedParam(name));
-                }
-            }
-        }
+/// What the account's pushes are verified with.
+fn credentials(account: &Account) -> Credentials<'_> {
+    Credentials {
+        account: &account.id,
+        token: account.token.expose(),
+        app_id: &account.app_id,
+        keys: account.keys.as_ref(),
+        timestamp_window: account.timestamp_window,
+        accepts_plaintext: account.mode != Mode::Secure,
+        accepts_encrypted: account.mode != Mode::Plaintext,
     }
-    Ok(map)
-}
-
-/// A push's query once [`check_push_query`] has passed it.
-struct SignedQuery {
-    raw: String,
-    params: HashMap<String, String>,
-    encrypted: bool,
-}
-
-fn param<'q>(q: &'q HashMap<String, String>, name: &'static str) -> Result<&'q str, Rejection> {
-    q.get(name)
-        .map(String::as_str)
-        .ok_or(Rejection::MissingSignature(name))
-}
-
-/// Checks `signature` over (token, timestamp, nonce) and the freshness window.
-fn check_signature(
-    shared: &Shared,
-    account: &Account,
-    q: &HashMap<String, String>,
-) -> Result<(), Rejection> {
-    let (signature, timestamp, nonce) = (
-        param(q, "signature")?,
-        param(q, "timestamp")?,
-        param(q, "nonce")?,
-    );
-    if !signature::verify(signature, &[account.token.expose(), timestamp, nonce]) {
-        return Err(Rejection::BadSignature);
-    }
-    if let Some(window) = account.timestamp_window {
-        let sent: i64 = timestamp.parse().map_err(|_| Rejection::Stale)?;
-        let skew = (shared.clock.now_secs() - sent).unsigned_abs();
-        if skew > window.as_secs() {
-            return Err(Rejection::Stale);
-        }
-    }
-    Ok(())
-}
-
-/// Everything about a push its query decides: the signature, freshness,
-/// `encrypt_type` and the account's mode. Whether it is encrypted.
-fn check_push_query(
-    shared: &Shared,
-    account: &Account,
-    q: &HashMap<String, String>,
-) -> Result<bool, Rejection> {
-    check_signature(shared, account, q)?;
-    let encrypted = match q.get("encrypt_type").map(String::as_str) {
-        None | Some("raw") => false,
-        Some("aes") => true,
-        Some(_) => return Err(Rejection::BadEncryptType),
-    };
-    match (account.mode, encrypted) {
-        (Mode::Secure, false) => Err(Rejection::PlaintextRefused),
-        (Mode::Plaintext, true) => Err(Rejection::EncryptedRefused),
-        _ => Ok(encrypted),
-    }
-}
-
-fn verify_url(shared: &Shared, account: &Account, query: &str) -> Result<String, Rejection> {
-    let q = params(query)?;
-    check_signature(shared, account, &q)?;
-    // For an Official Account the echostr is never encrypted, in any mode.
-    q.get("echostr").cloned().ok_or(Rejection::MissingEchostr)
 }
 
 /// Bytes of `max_body_bytes_in_flight` held for one body until its push is
@@ -487,70 +418,14 @@ async fn read_body(req: Request<Incoming>, max_body: usize) -> Result<Bytes, Rej
     }
 }
 
-/// A verified, decrypted push.
-struct Verified {
-    xml: String,
-    message: Message,
-    key_slot: Option<KeySlot>,
-}
-
-fn verify_push(
-    account: &Account,
-    q: &HashMap<String, String>,
-    encrypted: bool,
-    body: &[u8],
-) -> Result<Verified, Rejection> {
-    let outer = Message::parse_push(body)?;
-    if !encrypted {
-        let xml = std::str::from_utf8(body)
-            .map_err(|_| Rejection::BadXml(XmlError::Utf8))?
-            .to_string();
-        return Ok(Verified {
-            xml,
-            message: outer,
-            key_slot: None,
-        });
-    }
-    // Only <Encrypt> is authenticated; in compatibility mode the plaintext
-    // copies beside it are ignored.
-    let encrypt = outer
-        .get("Encrypt")
-        .filter(|e| !e.is_empty())
-        .ok_or(Rejection::MissingEncrypt)?;
-    let msg_signature = param(q, "msg_signature")?;
-    let parts = [
-        account.token.expose(),
-        param(q, "timestamp")?,
-        param(q, "nonce")?,
-        encrypt,
-    ];
-    if !signature::verify(msg_signature, &parts) {
-        return Err(Rejection::BadMsgSignature);
-    }
-    let keys = account.keys.as_ref().ok_or(Rejection::EncryptedRefused)?;
-    let (xml, slot) = keys.decrypt(encrypt, &account.app_id)?;
-    let message = Message::parse_push(xml.as_bytes())?;
-    Ok(Verified {
-        xml,
-        message,
-        key_slot: Some(slot),
-    })
-}
-
 async fn accept_push(
     shared: &Shared,
     config: &Settings,
     account: &Account,
-    signed: SignedQuery,
+    verified: VerifiedPush,
     body: Bytes,
     started: Instant,
 ) -> Result<Accepted, Rejection> {
-    let SignedQuery {
-        raw: query,
-        params: q,
-        encrypted,
-    } = signed;
-    let verified = verify_push(account, &q, encrypted, &body)?;
     let message = &verified.message;
     let now = shared.clock.now_ms();
 
@@ -581,18 +456,17 @@ async fn accept_push(
         None => input.msg_type.to_string(),
     };
     let dedup_window = config.spool.dedup_window.as_millis() as i64;
-    let timestamp = q.get("timestamp").map(String::as_str).unwrap_or_default();
     // Until the query goes stale, a replay of it must still find its guard and
     // its dedup key, even when the timestamp is ahead of the relay's clock.
-    let stale_at = stale_at(account, timestamp).unwrap_or(now + dedup_window);
+    let stale_at = stale_at(account, &verified.timestamp).unwrap_or(now + dedup_window);
     let event = NewEvent {
-        replay: replay_guard(account, &q, &verified.xml, stale_at),
+        replay: replay_guard(account, &verified, stale_at),
         event: StoredEvent {
             event_id: 0,
             dedup_key: dedup_key.clone(),
             account: account.id.clone(),
             received_at: now,
-            query,
+            query: verified.query.clone(),
             body: body.to_vec(),
             xml: verified.xml.clone(),
             fields: message.fields_json().to_string(),
@@ -655,7 +529,7 @@ async fn accept_push(
         } else {
             reply_inline(shared, &target, delivery_id, &stored, remaining).await
         };
-        let (body, outcome) = answer_with(account, &target.name, &verified, &q, reply);
+        let (body, outcome) = answer_with(account, &target.name, &verified, reply);
         accepted.body = body;
         accepted.reply = Some(outcome);
     }
@@ -684,25 +558,16 @@ fn stale_at(account: &Account, timestamp: &str) -> Option<i64> {
 /// compared is the message the relay acts on (the decrypted XML of an
 /// encrypted push), so WeChat re-sending a push sealed afresh under the same
 /// query stays a duplicate rather than a replay.
-fn replay_guard(
-    account: &Account,
-    q: &HashMap<String, String>,
-    message_xml: &str,
-    stale_at: i64,
-) -> Option<ReplayGuard> {
+fn replay_guard(account: &Account, push: &VerifiedPush, stale_at: i64) -> Option<ReplayGuard> {
     if account.mode == Mode::Secure {
         return None;
     }
-    let param = |name| q.get(name).map(String::as_str).unwrap_or_default();
     Some(ReplayGuard {
         key: format!(
             "{}|{}|{}|{}",
-            account.id,
-            param("timestamp"),
-            param("nonce"),
-            param("signature")
+            push.account, push.timestamp, push.nonce, push.signature
         ),
-        body_hash: Sha256::digest(message_xml.as_bytes()).into(),
+        body_hash: Sha256::digest(push.xml.as_bytes()).into(),
         expires_at: stale_at,
     })
 }
@@ -778,8 +643,7 @@ async fn reply_inline(
 fn answer_with(
     account: &Account,
     target: &str,
-    verified: &Verified,
-    q: &HashMap<String, String>,
+    verified: &VerifiedPush,
     reply: InlineReply,
 ) -> (Bytes, &'static str) {
     let success = Bytes::from_static(b"success");
@@ -790,15 +654,13 @@ fn answer_with(
     };
     // Sealed as WeChat expects: with the key that decrypted the push.
     let seal = |keys: &KeyRing, slot: KeySlot, xml: &str| {
-        let timestamp = q.get("timestamp").map(String::as_str).unwrap_or("");
-        let nonce = q.get("nonce").map(String::as_str).unwrap_or("");
         let sealed = reply::envelope(
             keys.key(slot),
             account.token.expose(),
             &account.app_id,
             xml,
-            timestamp,
-            nonce,
+            &verified.timestamp,
+            &verified.nonce,
             &reply::random_bytes(),
         );
         (Bytes::from(sealed), "encrypted")
