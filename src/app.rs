@@ -4,26 +4,25 @@
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{ConfigError, Settings};
-use crate::deliver::{self, HttpClient};
+use crate::deliver::Dispatcher;
 use crate::handler;
 use crate::metrics::{Metrics, MetricsError};
 use crate::server::{self, Limits};
-use crate::spool::{Spool, SpoolError, SqliteSpool, REASON_TARGET_REMOVED};
+use crate::spool::{Spool, SpoolError, SqliteSpool};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 /// Connections on the admin address: an operator, a scraper, a probe.
@@ -33,16 +32,13 @@ const ADMIN_CONNECTIONS: usize = 64;
 /// atomically on reload; a request keeps the view it started with), the spool,
 /// the clock, the outbound client and the metrics.
 pub struct Shared {
-    pub config: ArcSwap<Settings>,
+    pub config: Arc<ArcSwap<Settings>>,
     pub spool: Arc<dyn Spool>,
     pub clock: Arc<dyn Clock>,
-    pub client: HttpClient,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
+    pub dispatcher: Arc<Dispatcher>,
     /// Where the configuration is reloaded from; `None` when it came from elsewhere.
     pub config_path: Option<PathBuf>,
-    /// Signalled after a reload, so new targets get a worker.
-    pub config_changed: Notify,
-    wakers: Mutex<HashMap<String, Arc<Notify>>>,
     /// Serialises reloads, so two at once cannot interleave.
     reloading: tokio::sync::Mutex<()>,
     /// One permit per byte of `max_body_bytes_in_flight`: a push reserves its
@@ -51,17 +47,6 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The signal a target's worker waits on when it has nothing due.
-    pub fn waker(&self, target: &str) -> Arc<Notify> {
-        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
-        wakers.entry(target.to_string()).or_default().clone()
-    }
-
-    /// Tells a target's worker that a delivery is due now.
-    pub fn wake(&self, target: &str) {
-        self.waker(target).notify_one();
-    }
-
     /// Loads, validates and swaps in the configuration file. An invalid file
     /// changes nothing: the running configuration stays, the reasons are
     /// returned and logged, and the failure is counted.
@@ -95,32 +80,11 @@ impl Shared {
         }
         let next = Arc::new(next);
         self.config.store(next.clone());
-        self.config_changed.notify_waiters();
+        self.dispatcher.reconfigured();
         // After the swap, so no worker starts on a removed target again; a
         // request still finishing under the previous view is caught by the
         // workers' periodic retire.
-        self.retire_removed_targets(&next).await?;
-        Ok(())
-    }
-
-    /// Pending deliveries of targets no longer configured can never be sent:
-    /// they become dead letters an operator can see and replay.
-    pub(crate) async fn retire_removed_targets(
-        &self,
-        settings: &Settings,
-    ) -> Result<(), SpoolError> {
-        let targets: Vec<String> = settings.targets.keys().cloned().collect();
-        for (target, n) in self
-            .spool
-            .retire_targets(targets, self.clock.now_ms())
-            .await?
-        {
-            tracing::warn!(target = %target, retired = n, "pending deliveries of a removed target dead-lettered");
-            self.metrics
-                .dead_letters
-                .with_label_values(&[target.as_str(), REASON_TARGET_REMOVED])
-                .inc_by(n);
-        }
+        self.dispatcher.retire_removed_targets(&next).await?;
         Ok(())
     }
 }
@@ -236,20 +200,30 @@ impl Relay {
         let body_budget = Arc::new(tokio::sync::Semaphore::new(
             settings.server.max_body_bytes_in_flight,
         ));
+        let config = Arc::new(ArcSwap::from_pointee(settings));
+        let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let metrics = Arc::new(Metrics::new()?);
+        let dispatcher = Dispatcher::new(
+            config.clone(),
+            spool.clone(),
+            clock.clone(),
+            metrics.clone(),
+        );
         let shared = Arc::new(Shared {
-            config: ArcSwap::from_pointee(settings),
+            config,
             spool,
-            clock: options.clock.unwrap_or_else(|| Arc::new(SystemClock)),
-            client: deliver::client(),
-            metrics: Metrics::new()?,
+            clock,
+            metrics,
+            dispatcher,
             config_path: options.config_path,
-            config_changed: Notify::new(),
-            wakers: Mutex::new(HashMap::new()),
             reloading: tokio::sync::Mutex::new(()),
             body_budget,
         });
         public_limits.counters = Some(shared.metrics.connection_counters());
-        shared.retire_removed_targets(&shared.config.load()).await?;
+        shared
+            .dispatcher
+            .retire_removed_targets(&shared.config.load())
+            .await?;
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 
@@ -272,7 +246,7 @@ impl Relay {
         ));
 
         listeners.spawn(reload_on_hangup(shared.clone(), stopped.clone()));
-        let workers = deliver::start(shared.clone(), stopped);
+        let workers = shared.dispatcher.start(stopped);
 
         tracing::info!(%public_addr, %admin_addr, version = env!("CARGO_PKG_VERSION"), "wxrelay listening");
         Ok(Relay {
@@ -293,7 +267,11 @@ impl Relay {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.listeners.join_next().await.is_some() {}
-        let workers_done = async { while self.workers.join_next().await.is_some() {} };
+        let dispatcher = self.shared.dispatcher.clone();
+        let workers_done = async {
+            while self.workers.join_next().await.is_some() {}
+            dispatcher.records_written().await;
+        };
         if tokio::time::timeout(self.drain, workers_done)
             .await
             .is_err()

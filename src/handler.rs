@@ -13,11 +13,10 @@
 
 use crate::app::Shared;
 use crate::config::{Account, Mode, Settings, Target};
-use crate::deliver::{self, retry, retry::Verdict};
+use crate::deliver::retry::Verdict;
 use crate::route;
 use crate::spool::{
-    Enqueued, NewDelivery, NewEvent, ReplayGuard, Schedule, SpoolError, StoredEvent,
-    REASON_UNROUTED,
+    Enqueued, NewDelivery, NewEvent, ReplayGuard, SpoolError, StoredEvent, REASON_UNROUTED,
 };
 use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::inbound::{self, Credentials, Refused, VerifiedPush};
@@ -28,7 +27,6 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use rand::Rng;
 use sha2::{Digest, Sha256};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -441,7 +439,7 @@ async fn accept_push(
                     // The reply target is tried inline first; the workers wait
                     // until that attempt is over.
                     due_at: if rule.reply_from.as_ref() == Some(target) {
-                        deliver::inline_due_at(now, reply_budget)
+                        shared.dispatcher.reply_due_at(now, reply_budget)
                     } else {
                         now
                     },
@@ -516,7 +514,7 @@ async fn accept_push(
     accepted.duplicate = false;
     accepted.event_id = Some(event_id);
     for target in &routed {
-        shared.wake(target);
+        shared.dispatcher.wake(target);
     }
     if let Some((target, position, mut stored)) = reply_from {
         stored.event_id = event_id;
@@ -595,35 +593,12 @@ async fn reply_inline(
     event: &StoredEvent,
     remaining: Duration,
 ) -> InlineReply {
-    let started = Instant::now();
     let timeout = remaining.min(target.timeout);
-    let result = deliver::attempt(&shared.client, &*shared.clock, target, event, timeout).await;
+    let result = shared
+        .dispatcher
+        .attempt_inline(target, delivery_id, event, timeout)
+        .await;
     let delivered = result.verdict == Verdict::Delivered;
-    let unit: f64 = rand::thread_rng().gen();
-    let now = shared.clock.now_ms();
-    let settlement = retry::settle(
-        delivery_id,
-        &target.retry,
-        Schedule::default(),
-        result.verdict,
-        now,
-        now,
-        unit,
-    );
-    deliver::count(
-        &shared.metrics,
-        &target.name,
-        &settlement,
-        started.elapsed(),
-    );
-    // Not awaited: WeChat's answer does not depend on it, and if the record
-    // is lost the lease expires and the workers send it again.
-    let settled = shared.spool.settle(vec![settlement], shared.clock.now_ms());
-    tokio::spawn(async move {
-        if let Err(e) = settled.await {
-            tracing::error!(error = %e, "cannot record the reply target's outcome");
-        }
-    });
     if !delivered {
         return InlineReply::Failed;
     }
