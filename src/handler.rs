@@ -1,33 +1,33 @@
 //! The WeChat-facing request path.
 //!
 //! GET `/wx/{account}` is the URL check: verify `signature`, echo `echostr`.
-//! POST `/wx/{account}` is a push: verify `signature` → check freshness, the
-//! mode and `encrypt_type` → reserve and read the body under the size caps →
-//! parse the outer XML → (encrypted) verify
-//! `msg_signature`, decrypt with the key ring, check the AppID → parse the
-//! message → route → one durable spool commit → answer `success`.
+//! POST `/wx/{account}` is a push: the query's checks
+//! ([`crate::wechat::inbound`]) → reserve and read the body under the size
+//! caps → the body's checks → [`crate::ingest`] (route, one durable spool
+//! commit) → the reply target's inline attempt through the dispatcher → answer
+//! `success` or the reply.
 //!
 //! [`handle`] is the outer shell: it runs the inner `?` chain and turns its one
 //! error type, [`Rejection`], into a status, a reason, a verdict label and a log
 //! line, in one exhaustive `match`.
 
-use crate::app::Shared;
-use crate::config::{Account, Mode, Settings, Target};
+use crate::clock::Clock;
+use crate::config::{Account, Mode, Settings};
 use crate::deliver::retry::Verdict;
-use crate::route;
-use crate::spool::{
-    Enqueued, NewDelivery, NewEvent, ReplayGuard, SpoolError, StoredEvent, REASON_UNROUTED,
-};
+use crate::deliver::Dispatcher;
+use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
+use crate::metrics::Metrics;
+use crate::spool::{SpoolError, REASON_UNROUTED};
 use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
 use crate::wechat::inbound::{self, Credentials, Refused, VerifiedPush};
 use crate::wechat::message::XmlError;
 use crate::wechat::reply::{self, ReplyBody};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use sha2::{Digest, Sha256};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,6 +104,16 @@ impl From<Refused> for Rejection {
     }
 }
 
+impl From<IngestError> for Rejection {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Spool(e) => Rejection::Spool(e),
+            IngestError::Timeout => Rejection::SpoolTimeout,
+            IngestError::Replayed => Rejection::Replayed,
+        }
+    }
+}
+
 impl From<DecryptError> for Rejection {
     fn from(e: DecryptError) -> Self {
         match e {
@@ -150,27 +160,72 @@ impl Rejection {
         }
     }
 
-    /// The label this outcome is counted and logged under.
-    pub fn verdict(&self) -> &'static str {
+    /// What this outcome is counted and logged as.
+    pub fn verdict(&self) -> PushVerdict {
         match self {
-            Rejection::UnknownAccount | Rejection::NotFound => "unknown_account",
-            Rejection::MethodNotAllowed => "method_not_allowed",
-            Rejection::TooLarge => "too_large",
+            Rejection::UnknownAccount | Rejection::NotFound => PushVerdict::UnknownAccount,
+            Rejection::MethodNotAllowed => PushVerdict::MethodNotAllowed,
+            Rejection::TooLarge => PushVerdict::TooLarge,
             Rejection::BodyRead
             | Rejection::BodyTimeout
             | Rejection::MissingEchostr
             | Rejection::RepeatedParam(_)
-            | Rejection::BadEncryptType => "bad_request",
-            Rejection::MissingSignature(_) | Rejection::BadSignature => "bad_signature",
-            Rejection::Stale => "stale",
-            Rejection::PlaintextRefused | Rejection::EncryptedRefused => "mode_refused",
-            Rejection::MissingEncrypt | Rejection::Decrypt(_) => "decrypt_error",
-            Rejection::BadMsgSignature => "bad_msg_signature",
-            Rejection::BadXml(_) => "bad_xml",
-            Rejection::BadAppId => "bad_appid",
-            Rejection::Replayed => "replayed",
-            Rejection::Spool(_) | Rejection::SpoolTimeout => "spool_unavailable",
-            Rejection::Busy => "busy",
+            | Rejection::BadEncryptType => PushVerdict::BadRequest,
+            Rejection::MissingSignature(_) | Rejection::BadSignature => PushVerdict::BadSignature,
+            Rejection::Stale => PushVerdict::Stale,
+            Rejection::PlaintextRefused | Rejection::EncryptedRefused => PushVerdict::ModeRefused,
+            Rejection::MissingEncrypt | Rejection::Decrypt(_) => PushVerdict::DecryptError,
+            Rejection::BadMsgSignature => PushVerdict::BadMsgSignature,
+            Rejection::BadXml(_) => PushVerdict::BadXml,
+            Rejection::BadAppId => PushVerdict::BadAppId,
+            Rejection::Replayed => PushVerdict::Replayed,
+            Rejection::Spool(_) | Rejection::SpoolTimeout => PushVerdict::SpoolUnavailable,
+            Rejection::Busy => PushVerdict::Busy,
+        }
+    }
+}
+
+/// How a request to `/wx/{account}` ended, as counted and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushVerdict {
+    Ok,
+    Duplicate,
+    UnknownAccount,
+    MethodNotAllowed,
+    TooLarge,
+    BadRequest,
+    BadSignature,
+    Stale,
+    ModeRefused,
+    DecryptError,
+    BadMsgSignature,
+    BadXml,
+    BadAppId,
+    Replayed,
+    SpoolUnavailable,
+    Busy,
+}
+
+impl PushVerdict {
+    /// The metric label and log value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushVerdict::Ok => "ok",
+            PushVerdict::Duplicate => "duplicate",
+            PushVerdict::UnknownAccount => "unknown_account",
+            PushVerdict::MethodNotAllowed => "method_not_allowed",
+            PushVerdict::TooLarge => "too_large",
+            PushVerdict::BadRequest => "bad_request",
+            PushVerdict::BadSignature => "bad_signature",
+            PushVerdict::Stale => "stale",
+            PushVerdict::ModeRefused => "mode_refused",
+            PushVerdict::DecryptError => "decrypt_error",
+            PushVerdict::BadMsgSignature => "bad_msg_signature",
+            PushVerdict::BadXml => "bad_xml",
+            PushVerdict::BadAppId => "bad_appid",
+            PushVerdict::Replayed => "replayed",
+            PushVerdict::SpoolUnavailable => "spool_unavailable",
+            PushVerdict::Busy => "busy",
         }
     }
 }
@@ -179,49 +234,63 @@ impl Rejection {
 #[derive(Debug)]
 enum Answer {
     Echo(String),
-    Accepted(Accepted),
+    Accepted(Box<Accepted>),
 }
 
 #[derive(Debug)]
 struct Accepted {
-    duplicate: bool,
-    event_id: Option<i64>,
-    /// Stored as an `unrouted` dead letter: no rule matched.
-    unrouted: bool,
-    msg_type: String,
-    event: String,
+    ingested: Ingested,
     /// What the reply target's inline attempt gave WeChat, when there was one.
     reply: Option<&'static str>,
-    kind: String,
-    key_hash: String,
     key_slot: Option<KeySlot>,
     body: Bytes,
+}
+
+impl Accepted {
+    fn duplicate(&self) -> bool {
+        self.ingested.stored.is_none()
+    }
+}
+
+/// What the public listener's requests need: the running configuration, the
+/// clock (freshness), the metrics, the bytes that bodies in flight may hold,
+/// ingest, and the dispatcher for the reply target's inline attempt.
+pub struct PushPath {
+    pub config: Arc<ArcSwap<Settings>>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    /// One permit per byte of `max_body_bytes_in_flight`: a push reserves its
+    /// body's size before reading it and keeps it until answered.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+    pub ingest: Ingest,
+    pub dispatcher: Arc<Dispatcher>,
 }
 
 /// Serves one request on the public listener. Never fails: every outcome is an
 /// HTTP answer, counted and logged once here.
 pub async fn handle(
-    shared: Arc<Shared>,
+    path: Arc<PushPath>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
-    let config = shared.config.load_full();
+    let config = path.config.load_full();
     let method = req.method().clone();
     // Only configured accounts become label values; anything else is "-".
     let account = account_of(req.uri().path())
         .filter(|id| config.accounts.contains_key(*id))
         .unwrap_or("-")
         .to_string();
-    let outcome = answer(&shared, &config, req, started).await;
+    let outcome = answer(&path, &config, req, started).await;
     let account = account.as_str();
     let elapsed = started.elapsed();
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
-    let m = &shared.metrics;
+    let m = &path.metrics;
     let verdict = match &outcome {
-        Ok(Answer::Accepted(a)) if a.duplicate => "duplicate",
-        Ok(_) => "ok",
+        Ok(Answer::Accepted(a)) if a.duplicate() => PushVerdict::Duplicate,
+        Ok(_) => PushVerdict::Ok,
         Err(rejection) => rejection.verdict(),
     };
+    let verdict = verdict.as_str();
     if method == Method::POST {
         m.pushes.with_label_values(&[account, verdict]).inc();
         m.answer_seconds
@@ -236,12 +305,13 @@ pub async fn handle(
             text(StatusCode::OK, "text/plain; charset=utf-8", echostr.into())
         }
         Ok(Answer::Accepted(a)) => {
-            if !a.duplicate {
-                let (msg_type, event) = crate::metrics::event_labels(&a.msg_type, &a.event);
+            let i = &a.ingested;
+            if !a.duplicate() {
+                let (msg_type, event) = crate::metrics::event_labels(&i.msg_type, &i.event_name);
                 m.events
                     .with_label_values(&[account, msg_type, event])
                     .inc();
-                if a.unrouted {
+                if i.unrouted {
                     m.dead_letters
                         .with_label_values(&["", REASON_UNROUTED])
                         .inc();
@@ -256,12 +326,12 @@ pub async fn handle(
             }
             tracing::info!(
                 account,
-                kind = %a.kind,
+                kind = %i.kind,
                 verdict,
                 latency_ms,
-                key = %a.key_hash,
-                event_id = a.event_id,
-                unrouted = a.unrouted,
+                key = %i.key_hash,
+                event_id = i.stored.as_ref().map(|s| s.event_id),
+                unrouted = i.unrouted,
                 reply = a.reply,
                 "push answered"
             );
@@ -309,7 +379,7 @@ fn account_of(path: &str) -> Option<&str> {
 }
 
 async fn answer(
-    shared: &Shared,
+    path: &PushPath,
     config: &Settings,
     req: Request<Incoming>,
     started: Instant,
@@ -321,7 +391,7 @@ async fn answer(
         .ok_or(Rejection::UnknownAccount)?;
     let query = req.uri().query().unwrap_or("");
     let creds = credentials(account);
-    let now_secs = shared.clock.now_secs();
+    let now_secs = path.clock.now_secs();
     match *req.method() {
         Method::GET => Ok(Answer::Echo(inbound::check_url(&creds, query, now_secs)?)),
         Method::POST => {
@@ -329,7 +399,7 @@ async fn answer(
             // decides is checked before a byte of the body is read: an
             // unsigned flood costs no memory and holds no connection.
             let signed = inbound::check_push_query(&creds, query, now_secs)?;
-            let reserved = reserve_body(shared, &req, config.server.max_body)?;
+            let reserved = reserve_body(path, &req, config.server.max_body)?;
             // The body must arrive within the reply budget too: WeChat sends it
             // at once, and a client trickling it holds a connection for nothing.
             let read = read_body(req, config.server.max_body);
@@ -337,9 +407,9 @@ async fn answer(
                 .await
                 .map_err(|_| Rejection::BodyTimeout)??;
             let verified = inbound::verify_push(&creds, signed, &body)?;
-            let accepted = accept_push(shared, config, account, verified, body, started).await;
+            let accepted = accept_push(path, config, account, verified, body, started).await;
             drop(reserved);
-            accepted.map(Answer::Accepted)
+            accepted.map(|a| Answer::Accepted(Box::new(a)))
         }
         _ => Err(Rejection::MethodNotAllowed),
     }
@@ -376,7 +446,7 @@ impl Drop for Reserved {
 /// refuses the push when that much is not free: bodies in flight are what a
 /// flood of signed-looking pushes would grow memory with.
 fn reserve_body(
-    shared: &Shared,
+    path: &PushPath,
     req: &Request<Incoming>,
     max_body: usize,
 ) -> Result<Reserved, Rejection> {
@@ -386,12 +456,12 @@ fn reserve_body(
     }
     let bytes = declared.map_or(max_body, |len| len as usize);
     let permits = u32::try_from(bytes).map_err(|_| Rejection::TooLarge)?;
-    let permit = shared
+    let permit = path
         .body_budget
         .clone()
         .try_acquire_many_owned(permits)
         .map_err(|_| Rejection::Busy)?;
-    let gauge = shared.metrics.body_bytes_in_flight.clone();
+    let gauge = path.metrics.body_bytes_in_flight.clone();
     gauge.add(bytes as i64);
     Ok(Reserved {
         _permit: permit,
@@ -417,156 +487,38 @@ async fn read_body(req: Request<Incoming>, max_body: usize) -> Result<Bytes, Rej
 }
 
 async fn accept_push(
-    shared: &Shared,
+    path: &PushPath,
     config: &Settings,
     account: &Account,
     verified: VerifiedPush,
     body: Bytes,
     started: Instant,
 ) -> Result<Accepted, Rejection> {
-    let message = &verified.message;
-    let now = shared.clock.now_ms();
-
-    let input = route::route_input(&account.id, message);
-    let rule = route::route(&config.routes, &input).map(|(_, rule)| rule);
     let reply_budget = config.server.reply_budget;
-    let targets = rule
-        .map(|rule| {
-            rule.to
-                .iter()
-                .map(|target| NewDelivery {
-                    target: target.clone(),
-                    // The reply target is tried inline first; the workers wait
-                    // until that attempt is over.
-                    due_at: if rule.reply_from.as_ref() == Some(target) {
-                        shared.dispatcher.reply_due_at(now, reply_budget)
-                    } else {
-                        now
-                    },
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-
-    let dedup_key = format!("{}|{}", account.id, message.dedup_key());
-    let kind = match message.event() {
-        Some(event) => format!("event/{event}"),
-        None => input.msg_type.to_string(),
-    };
-    let dedup_window = config.spool.dedup_window.as_millis() as i64;
-    // Until the query goes stale, a replay of it must still find its guard and
-    // its dedup key, even when the timestamp is ahead of the relay's clock.
-    let stale_at = stale_at(account, &verified.timestamp).unwrap_or(now + dedup_window);
-    let event = NewEvent {
-        replay: replay_guard(account, &verified, stale_at),
-        event: StoredEvent {
-            event_id: 0,
-            dedup_key: dedup_key.clone(),
-            account: account.id.clone(),
-            received_at: now,
-            query: verified.query.clone(),
-            body: body.to_vec(),
-            xml: verified.xml.clone(),
-            fields: message.fields_json().to_string(),
-            msg_type: input.msg_type.to_string(),
-            event: message.event().map(str::to_string),
-        },
-        targets,
-    };
-    let window = dedup_window.max(stale_at - now);
-    // The reply target needs the event again after the commit; only then is it copied.
-    let reply_from = rule.and_then(|r| r.reply_from.as_deref()).and_then(|name| {
-        let position = event.targets.iter().position(|t| t.target == name)?;
-        // A paused target gets no inline attempt either: its delivery waits.
-        let target = config.targets.get(name).filter(|t| !t.paused)?;
-        Some((target.clone(), position, event.event.clone()))
-    });
-    let routed: Vec<String> = event.targets.iter().map(|t| t.target.clone()).collect();
-    let commit = shared.spool.enqueue(event, now, window);
-    let remaining = reply_budget.saturating_sub(started.elapsed());
-    let enqueued = tokio::time::timeout(remaining, commit)
-        .await
-        .map_err(|_| Rejection::SpoolTimeout)?
-        .map_err(Rejection::Spool)?;
-    if enqueued == Enqueued::Replayed {
-        return Err(Rejection::Replayed);
-    }
-
-    let mut accepted = Accepted {
-        duplicate: true,
-        event_id: None,
-        unrouted: routed.is_empty(),
-        msg_type: input.msg_type.to_string(),
-        event: message.event().unwrap_or("").to_string(),
-        reply: None,
-        kind,
-        key_hash: short_hash(&dedup_key),
-        key_slot: verified.key_slot,
-        body: Bytes::from_static(b"success"),
-    };
-    let Enqueued::Stored {
-        event_id,
-        deliveries,
-    } = enqueued
-    else {
-        return Ok(accepted);
-    };
-    accepted.duplicate = false;
-    accepted.event_id = Some(event_id);
-    for target in &routed {
-        shared.dispatcher.wake(target);
-    }
-    if let Some((target, position, mut stored)) = reply_from {
-        stored.event_id = event_id;
+    let ingested = path
+        .ingest
+        .ingest(config, account, &verified, &body, started + reply_budget)
+        .await?;
+    let mut answer = Bytes::from_static(b"success");
+    let mut reply = None;
+    if let Some(to) = ingested.stored.as_ref().and_then(|s| s.reply.as_ref()) {
         let remaining = reply_budget.saturating_sub(started.elapsed());
-        let delivery_id = deliveries.get(position).copied().unwrap_or_default();
         // With no time left, an attempt could not even be sent: leave the
         // delivery to the workers rather than count an attempt never made.
-        let reply = if remaining < MIN_INLINE_ATTEMPT {
+        let inline = if remaining < MIN_INLINE_ATTEMPT {
             InlineReply::Failed
         } else {
-            reply_inline(shared, &target, delivery_id, &stored, remaining).await
+            reply_inline(path, to, remaining).await
         };
-        let (body, outcome) = answer_with(account, &target.name, &verified, reply);
-        accepted.body = body;
-        accepted.reply = Some(outcome);
+        let (body, outcome) = answer_with(account, &to.target.name, &verified, inline);
+        answer = body;
+        reply = Some(outcome);
     }
-    Ok(accepted)
-}
-
-/// When the account starts refusing a query with this timestamp as stale,
-/// unix milliseconds; `None` when it does not check freshness.
-fn stale_at(account: &Account, timestamp: &str) -> Option<i64> {
-    let window = account.timestamp_window?;
-    let sent: i64 = timestamp.parse().ok()?;
-    // Accepted while the clock's whole seconds are within the window.
-    let last_second = sent.saturating_add(window.as_secs() as i64);
-    Some(last_second.saturating_add(1).saturating_mul(1000))
-}
-
-/// `signature` covers (token, timestamp, nonce), never the body, so a
-/// captured query can carry any body until it goes stale; the guard refuses
-/// it with any body other than the first. In secure mode every accepted push
-/// is also under `msg_signature`, which covers the `<Encrypt>` that is all the
-/// relay reads of the body: another `<Encrypt>` fails it and the same one is
-/// the same message, a duplicate. So secure accounts need no guard and spend
-/// no write on one. Compat accounts take unencrypted pushes, and an encrypted
-/// push's query without `encrypt_type` and `msg_signature` is a valid
-/// unencrypted one, so their encrypted pushes are guarded too. What is
-/// compared is the message the relay acts on (the decrypted XML of an
-/// encrypted push), so WeChat re-sending a push sealed afresh under the same
-/// query stays a duplicate rather than a replay.
-fn replay_guard(account: &Account, push: &VerifiedPush, stale_at: i64) -> Option<ReplayGuard> {
-    if account.mode == Mode::Secure {
-        return None;
-    }
-    Some(ReplayGuard {
-        key: format!(
-            "{}|{}|{}|{}",
-            push.account, push.timestamp, push.nonce, push.signature
-        ),
-        body_hash: Sha256::digest(push.xml.as_bytes()).into(),
-        expires_at: stale_at,
+    Ok(Accepted {
+        ingested,
+        reply,
+        key_slot: verified.key_slot,
+        body: answer,
     })
 }
 
@@ -586,17 +538,12 @@ enum InlineReply {
 /// One attempt at the rule's reply target within what is left of the budget.
 /// Its outcome is recorded like any worker's; a failure leaves the delivery to
 /// the workers.
-async fn reply_inline(
-    shared: &Shared,
-    target: &Target,
-    delivery_id: i64,
-    event: &StoredEvent,
-    remaining: Duration,
-) -> InlineReply {
+async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> InlineReply {
+    let target = &to.target;
     let timeout = remaining.min(target.timeout);
-    let result = shared
+    let result = path
         .dispatcher
-        .attempt_inline(target, delivery_id, event, timeout)
+        .attempt_inline(target, to.delivery_id, &to.event, timeout)
         .await;
     let delivered = result.verdict == Verdict::Delivered;
     if !delivered {
@@ -667,8 +614,4 @@ fn answer_with(
     }
 }
 
-/// A short, non-reversible stand-in for an identifier that carries an OpenID,
-/// so logs can correlate without holding personal data.
-pub fn short_hash(value: &str) -> String {
-    hex::encode(&Sha256::digest(value.as_bytes())[..6])
-}
+pub use crate::ingest::short_hash;
