@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 /// Connections on the admin address: an operator, a scraper, a probe.
@@ -95,38 +95,77 @@ fn local_addr(l: &TcpListener, configured: SocketAddr) -> Result<SocketAddr, Sta
     })
 }
 
+/// The spool in use and, when the relay opened it, the same spool to close.
+type Spools = (Arc<dyn Spool>, Option<Arc<SqliteSpool>>);
+
+/// The spool passed in, or the configured file's, which the relay then owns
+/// and closes at shutdown.
+fn open_spool(
+    given: Option<Arc<dyn Spool>>,
+    settings: &Settings,
+) -> Result<Spools, StartError> {
+    Ok(match given {
+        Some(spool) => (spool, None),
+        None => {
+            let sqlite = Arc::new(SqliteSpool::open(&settings.spool.path)?);
+            (sqlite.clone(), Some(sqlite))
+        }
+    })
+}
+
+/// What the public listener's requests get: exactly the handles they use.
+fn push_path(
+    config: &Arc<ArcSwap<Settings>>,
+    spool: &Arc<dyn Spool>,
+    clock: &Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+    dispatcher: &Arc<Dispatcher>,
+) -> Arc<PushPath> {
+    let in_flight = config.load().server.max_body_bytes_in_flight;
+    Arc::new(PushPath {
+        config: config.clone(),
+        clock: clock.clone(),
+        metrics: metrics.clone(),
+        body_budget: Arc::new(Semaphore::new(in_flight)),
+        ingest: Ingest {
+            spool: spool.clone(),
+            clock: clock.clone(),
+            dispatcher: dispatcher.clone(),
+        },
+        dispatcher: dispatcher.clone(),
+    })
+}
+
+/// The public and admin listeners' limits.
+fn limits(settings: &Settings) -> (Limits, Limits) {
+    let limits = |max_connections| Limits {
+        header_timeout: settings.server.header_timeout,
+        drain: settings.server.shutdown_timeout,
+        max_connections,
+        counters: None,
+    };
+    if !server::fits_open_files(settings.server.max_connections) {
+        tracing::warn!(
+            max_connections = settings.server.max_connections,
+            open_files = server::open_files_limit(),
+            "max_connections is more than the open-file limit allows: raise the limit (ulimit -n) or lower max_connections"
+        );
+    }
+    (
+        limits(settings.server.max_connections),
+        limits(ADMIN_CONNECTIONS),
+    )
+}
+
 impl Relay {
     pub async fn start(settings: Settings, options: Options) -> Result<Relay, StartError> {
         let public = bind(options.public, settings.server.listen).await?;
         let admin = bind(options.admin, settings.server.admin_listen).await?;
         let public_addr = local_addr(&public, settings.server.listen)?;
         let admin_addr = local_addr(&admin, settings.server.admin_listen)?;
-        let (spool, owned_spool): (Arc<dyn Spool>, _) = match options.spool {
-            Some(spool) => (spool, None),
-            None => {
-                let sqlite = Arc::new(SqliteSpool::open(&settings.spool.path)?);
-                (sqlite.clone(), Some(sqlite))
-            }
-        };
-        let limits = |max_connections| Limits {
-            header_timeout: settings.server.header_timeout,
-            drain: settings.server.shutdown_timeout,
-            max_connections,
-            counters: None,
-        };
-        let mut public_limits = limits(settings.server.max_connections);
-        let admin_limits = limits(ADMIN_CONNECTIONS);
-        if !server::fits_open_files(settings.server.max_connections) {
-            tracing::warn!(
-                max_connections = settings.server.max_connections,
-                open_files = server::open_files_limit(),
-                "max_connections is more than the open-file limit allows: raise the limit (ulimit -n) or lower max_connections"
-            );
-        }
+        let (spool, owned_spool) = open_spool(options.spool, &settings)?;
+        let (mut public_limits, admin_limits) = limits(&settings);
         let drain = settings.server.shutdown_timeout;
-        let body_budget = Arc::new(tokio::sync::Semaphore::new(
-            settings.server.max_body_bytes_in_flight,
-        ));
         let config = Arc::new(ArcSwap::from_pointee(settings));
         let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let metrics = Arc::new(Metrics::new()?);
@@ -147,18 +186,7 @@ impl Relay {
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 
-        let push_path = Arc::new(PushPath {
-            config: config.clone(),
-            clock: clock.clone(),
-            metrics: metrics.clone(),
-            body_budget,
-            ingest: Ingest {
-                spool: spool.clone(),
-                clock: clock.clone(),
-                dispatcher: dispatcher.clone(),
-            },
-            dispatcher: dispatcher.clone(),
-        });
+        let push_path = push_path(&config, &spool, &clock, &metrics, &dispatcher);
         let public_handler = move |req: Request<Incoming>| handler::handle(push_path.clone(), req);
         listeners.spawn(server::serve(
             public,

@@ -284,13 +284,13 @@ pub async fn handle(
     let account = account.as_str();
     let elapsed = started.elapsed();
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
-    let m = &path.metrics;
     let verdict = match &outcome {
         Ok(Answer::Accepted(a)) if a.duplicate() => PushVerdict::Duplicate,
         Ok(_) => PushVerdict::Ok,
         Err(rejection) => rejection.verdict(),
     };
     let verdict = verdict.as_str();
+    let m = &path.metrics;
     if method == Method::POST {
         m.pushes.with_label_values(&[account, verdict]).inc();
         m.answer_seconds
@@ -305,36 +305,7 @@ pub async fn handle(
             text(StatusCode::OK, "text/plain; charset=utf-8", echostr.into())
         }
         Ok(Answer::Accepted(a)) => {
-            let i = &a.ingested;
-            if !a.duplicate() {
-                let (msg_type, event) = crate::metrics::event_labels(&i.msg_type, &i.event_name);
-                m.events
-                    .with_label_values(&[account, msg_type, event])
-                    .inc();
-                if i.unrouted {
-                    m.dead_letters
-                        .with_label_values(&["", REASON_UNROUTED])
-                        .inc();
-                }
-            }
-            if let Some(outcome) = a.reply {
-                m.replies.with_label_values(&[account, outcome]).inc();
-            }
-            if a.key_slot == Some(KeySlot::Previous) {
-                m.previous_key_decrypts.with_label_values(&[account]).inc();
-                tracing::warn!(account, "push decrypted with the previous EncodingAESKey");
-            }
-            tracing::info!(
-                account,
-                kind = %i.kind,
-                verdict,
-                latency_ms,
-                key = %i.key_hash,
-                event_id = i.stored.as_ref().map(|s| s.event_id),
-                unrouted = i.unrouted,
-                reply = a.reply,
-                "push answered"
-            );
+            observe_accepted(m, account, verdict, latency_ms, &a);
             text(StatusCode::OK, answer_content_type(&a.body), a.body)
         }
         Err(rejection) => {
@@ -351,6 +322,41 @@ pub async fn handle(
             )
         }
     })
+}
+
+/// The metrics and the log line of an accepted push, from what ingest and
+/// the inline reply gave.
+fn observe_accepted(m: &Metrics, account: &str, verdict: &str, latency_ms: f64, a: &Accepted) {
+    let i = &a.ingested;
+    if !a.duplicate() {
+        let (msg_type, event) = crate::metrics::event_labels(&i.msg_type, &i.event_name);
+        m.events
+            .with_label_values(&[account, msg_type, event])
+            .inc();
+        if i.unrouted {
+            m.dead_letters
+                .with_label_values(&["", REASON_UNROUTED])
+                .inc();
+        }
+    }
+    if let Some(outcome) = a.reply {
+        m.replies.with_label_values(&[account, outcome]).inc();
+    }
+    if a.key_slot == Some(KeySlot::Previous) {
+        m.previous_key_decrypts.with_label_values(&[account]).inc();
+        tracing::warn!(account, "push decrypted with the previous EncodingAESKey");
+    }
+    tracing::info!(
+        account,
+        kind = %i.kind,
+        verdict,
+        latency_ms,
+        key = %i.key_hash,
+        event_id = i.stored.as_ref().map(|s| s.event_id),
+        unrouted = i.unrouted,
+        reply = a.reply,
+        "push answered"
+    );
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {

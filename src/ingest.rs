@@ -81,23 +81,9 @@ impl Ingest {
         let reply_due_at = self
             .dispatcher
             .reply_due_at(now, config.server.reply_budget);
-        let targets: Vec<NewDelivery> = rule
-            .map(|rule| {
-                rule.to
-                    .iter()
-                    .map(|target| NewDelivery {
-                        target: target.clone(),
-                        // The reply target is tried inline first; the workers
-                        // wait until that attempt is over.
-                        due_at: if reply_from == Some(target.as_str()) {
-                            reply_due_at
-                        } else {
-                            now
-                        },
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let targets = rule.map_or_else(Vec::new, |rule| {
+            deliveries(&rule.to, reply_from, now, reply_due_at)
+        });
 
         let dedup_key = format!("{}|{}", account.id, message.dedup_key());
         let dedup_window = config.spool.dedup_window.as_millis() as i64;
@@ -106,28 +92,11 @@ impl Ingest {
         let stale_at = stale_at(account, &push.timestamp).unwrap_or(now + dedup_window);
         let new_event = NewEvent {
             replay: replay_guard(account, push, stale_at),
-            event: StoredEvent {
-                event_id: 0,
-                dedup_key: dedup_key.clone(),
-                account: account.id.clone(),
-                received_at: now,
-                query: push.query.clone(),
-                body: body.to_vec(),
-                xml: push.xml.clone(),
-                fields: message.fields_json().to_string(),
-                msg_type: input.msg_type.to_string(),
-                event: message.event().map(str::to_string),
-            },
+            event: stored_event(push, body, dedup_key.clone(), now, input.msg_type),
             targets,
         };
         let window = dedup_window.max(stale_at - now);
-        // The reply target needs the event again after the commit; only then
-        // is it copied. A paused target gets no inline attempt: its delivery waits.
-        let reply = reply_from.and_then(|name| {
-            let position = new_event.targets.iter().position(|t| t.target == name)?;
-            let target = config.targets.get(name).filter(|t| !t.paused)?;
-            Some((target.clone(), position, new_event.event.clone()))
-        });
+        let reply = reply_from.and_then(|name| reply_plan(config, name, &new_event));
         let routed: Vec<String> = new_event.targets.iter().map(|t| t.target.clone()).collect();
         let commit = self.spool.enqueue(new_event, now, window);
         let enqueued = tokio::time::timeout_at(deadline, commit)
@@ -139,10 +108,7 @@ impl Ingest {
             unrouted: routed.is_empty(),
             msg_type: input.msg_type.to_string(),
             event_name: message.event().unwrap_or("").to_string(),
-            kind: match message.event() {
-                Some(event) => format!("event/{event}"),
-                None => input.msg_type.to_string(),
-            },
+            kind: kind(message.event(), input.msg_type),
             key_hash: short_hash(&dedup_key),
         };
         let (event_id, deliveries) = match enqueued {
@@ -166,6 +132,69 @@ impl Ingest {
         });
         ingested.stored = Some(Stored { event_id, reply });
         Ok(ingested)
+    }
+}
+
+/// The reply target, where its delivery is among the event's, and a copy of
+/// the event: it is needed again after the commit. A paused target gets no
+/// inline attempt: its delivery waits.
+fn reply_plan(
+    config: &Settings,
+    name: &str,
+    new_event: &NewEvent,
+) -> Option<(Target, usize, StoredEvent)> {
+    let position = new_event.targets.iter().position(|t| t.target == name)?;
+    let target = config.targets.get(name).filter(|t| !t.paused)?;
+    Some((target.clone(), position, new_event.event.clone()))
+}
+
+/// The event as stored; its id is the spool's to give.
+fn stored_event(
+    push: &VerifiedPush,
+    body: &[u8],
+    dedup_key: String,
+    now: i64,
+    msg_type: &str,
+) -> StoredEvent {
+    StoredEvent {
+        event_id: 0,
+        dedup_key,
+        account: push.account.clone(),
+        received_at: now,
+        query: push.query.clone(),
+        body: body.to_vec(),
+        xml: push.xml.clone(),
+        fields: push.message.fields_json().to_string(),
+        msg_type: msg_type.to_string(),
+        event: push.message.event().map(str::to_string),
+    }
+}
+
+/// A delivery per routed target, due now, except the reply target's: it is
+/// tried inline first, and the workers wait until that attempt is over.
+fn deliveries(
+    to: &[String],
+    reply_from: Option<&str>,
+    now: i64,
+    reply_due_at: i64,
+) -> Vec<NewDelivery> {
+    to.iter()
+        .map(|target| NewDelivery {
+            target: target.clone(),
+            due_at: if reply_from == Some(target.as_str()) {
+                reply_due_at
+            } else {
+                now
+            },
+        })
+        .collect()
+}
+
+/// `event/{Event}` for an event, the MsgType otherwise.
+fn kind(event: Option<&str>, msg_type: &str) -> String {
+    match event {
+        Some(event) => format!("event/{event}"),
+        None => msg_type.to_string(),
     }
 }
 

@@ -12,7 +12,9 @@ use crate::clock::Clock;
 use crate::config::{Settings, Target};
 use crate::metrics::Metrics;
 use crate::server::stopping;
-use crate::spool::{Schedule, Settlement, Spool, SpoolError, StoredEvent, REASON_TARGET_REMOVED};
+use crate::spool::{
+    Lease, Schedule, Settlement, Spool, SpoolError, StoredEvent, REASON_TARGET_REMOVED,
+};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
@@ -28,7 +30,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// The outbound HTTP client: pooled keep-alive connections, HTTP and HTTPS
@@ -125,23 +127,26 @@ pub async fn attempt(
             error,
             retry_after: None,
         }),
-        Ok(Ok((parts, body))) => {
-            let retry_after = parts
-                .headers
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| retry::parse_retry_after(v, clock_time(clock)));
-            let snippet: String = String::from_utf8_lossy(&body)
-                .chars()
-                .take(SNIPPET)
-                .collect::<String>()
-                .replace(['\r', '\n'], " ");
-            Attempt {
-                verdict: retry::classify(parts.status, retry_after, snippet.trim()),
-                status: Some(parts.status),
-                body,
-            }
-        }
+        Ok(Ok((parts, body))) => answered(parts, body, clock),
+    }
+}
+
+/// What an HTTP answer means for the delivery.
+fn answered(parts: http::response::Parts, body: Bytes, clock: &dyn Clock) -> Attempt {
+    let retry_after = parts
+        .headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry::parse_retry_after(v, clock_time(clock)));
+    let snippet: String = String::from_utf8_lossy(&body)
+        .chars()
+        .take(SNIPPET)
+        .collect::<String>()
+        .replace(['\r', '\n'], " ");
+    Attempt {
+        verdict: retry::classify(parts.status, retry_after, snippet.trim()),
+        status: Some(parts.status),
+        body,
     }
 }
 
@@ -636,16 +641,7 @@ impl Dispatcher {
                 }
                 continue;
             }
-            // The concurrency limit may change on reload; a new limit takes a new
-            // semaphore, and attempts under the old one finish under it.
-            let semaphore = match &slots {
-                Some((n, s)) if *n == target.concurrency => s.clone(),
-                _ => {
-                    let s = Arc::new(Semaphore::new(target.concurrency));
-                    slots = Some((target.concurrency, s.clone()));
-                    s
-                }
-            };
+            let semaphore = slots_for(&mut slots, target.concurrency);
             let first = tokio::select! {
                 permit = semaphore.clone().acquire_owned() => match permit {
                     Ok(p) => p,
@@ -659,31 +655,13 @@ impl Dispatcher {
             }
             let free = semaphore.available_permits() + 1;
             let now = self.clock.now_ms();
-            let leases = match self.spool.lease(&name, now, free, lease_ms(&target)).await {
-                Ok(leases) => {
-                    if let Some(unlogged) = state.faults.lease.succeeded() {
-                        tracing::info!(target = %name, unlogged_failures = unlogged, "the spool hands out deliveries again");
-                    }
-                    leases
+            let Some(leases) = self.lease(&name, &target, &state, now, free).await else {
+                drop(first);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stopping(&mut stop) => break,
                 }
-                Err(e) => {
-                    self.spool_failed(&name, "lease");
-                    match state.faults.lease.failed() {
-                        Repeat::First => {
-                            tracing::error!(target = %name, error = %e, "cannot lease deliveries; trying again every second")
-                        }
-                        Repeat::Summary(n) => {
-                            tracing::error!(target = %name, error = %e, failures = n, "still cannot lease deliveries")
-                        }
-                        Repeat::Quiet => {}
-                    }
-                    drop(first);
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stopping(&mut stop) => break,
-                    }
-                    continue;
-                }
+                continue;
             };
             if leases.is_empty() {
                 drop(first);
@@ -694,39 +672,98 @@ impl Dispatcher {
                 }
                 continue;
             }
-            let mut permit = Some(first);
-            for lease in leases {
-                let permit = match permit.take() {
-                    Some(p) => p,
-                    None => match semaphore.clone().try_acquire_owned() {
-                        Ok(p) => p,
-                        // Not reached: the lease asked for no more than the free slots.
-                        Err(_) => break,
-                    },
-                };
-                let this = self.clone();
-                let target = target.clone();
-                in_flight.spawn(async move {
-                    let due = Due {
-                        delivery_id: lease.delivery_id,
-                        attempts: lease.attempts,
-                        schedule: lease.schedule,
-                    };
-                    this.attempt_and_record(
-                        &target,
-                        due,
-                        &lease.event,
-                        target.timeout,
-                        Record::Awaited,
-                    )
-                    .await;
-                    drop(permit);
-                });
-            }
+            self.spawn_attempts(&mut in_flight, &target, leases, first, &semaphore);
         }
         // Let the attempts under way end; the caller bounds this with its drain deadline.
         while in_flight.join_next().await.is_some() {}
         name
+    }
+
+    /// Leases up to `free` due deliveries; `None` when the spool cannot,
+    /// logged without a line per failure.
+    async fn lease(
+        &self,
+        name: &str,
+        target: &Target,
+        state: &TargetState,
+        now: i64,
+        free: usize,
+    ) -> Option<Vec<Lease>> {
+        match self.spool.lease(name, now, free, lease_ms(target)).await {
+            Ok(leases) => {
+                if let Some(unlogged) = state.faults.lease.succeeded() {
+                    tracing::info!(target = %name, unlogged_failures = unlogged, "the spool hands out deliveries again");
+                }
+                Some(leases)
+            }
+            Err(e) => {
+                self.spool_failed(name, "lease");
+                match state.faults.lease.failed() {
+                    Repeat::First => {
+                        tracing::error!(target = %name, error = %e, "cannot lease deliveries; trying again every second")
+                    }
+                    Repeat::Summary(n) => {
+                        tracing::error!(target = %name, error = %e, failures = n, "still cannot lease deliveries")
+                    }
+                    Repeat::Quiet => {}
+                }
+                None
+            }
+        }
+    }
+
+    /// Starts an attempt per lease, each holding a slot: `first`, then the
+    /// free ones the lease was sized by.
+    fn spawn_attempts(
+        self: &Arc<Self>,
+        in_flight: &mut JoinSet<()>,
+        target: &Target,
+        leases: Vec<Lease>,
+        first: OwnedSemaphorePermit,
+        semaphore: &Arc<Semaphore>,
+    ) {
+        let mut permit = Some(first);
+        for lease in leases {
+            let permit = match permit.take() {
+                Some(p) => p,
+                None => match semaphore.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    // Not reached: the lease asked for no more than the free slots.
+                    Err(_) => break,
+                },
+            };
+            let this = self.clone();
+            let target = target.clone();
+            in_flight.spawn(async move {
+                let due = Due {
+                    delivery_id: lease.delivery_id,
+                    attempts: lease.attempts,
+                    schedule: lease.schedule,
+                };
+                this.attempt_and_record(
+                    &target,
+                    due,
+                    &lease.event,
+                    target.timeout,
+                    Record::Awaited,
+                )
+                .await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// The target's slots. The concurrency limit may change on reload; a new
+/// limit takes a new semaphore, and attempts under the old one finish under it.
+fn slots_for(slots: &mut Option<(usize, Arc<Semaphore>)>, concurrency: usize) -> Arc<Semaphore> {
+    match slots {
+        Some((n, s)) if *n == concurrency => s.clone(),
+        _ => {
+            let s = Arc::new(Semaphore::new(concurrency));
+            *slots = Some((concurrency, s.clone()));
+            s
+        }
     }
 }
 
