@@ -100,10 +100,7 @@ type Spools = (Arc<dyn Spool>, Option<Arc<SqliteSpool>>);
 
 /// The spool passed in, or the configured file's, which the relay then owns
 /// and closes at shutdown.
-fn open_spool(
-    given: Option<Arc<dyn Spool>>,
-    settings: &Settings,
-) -> Result<Spools, StartError> {
+fn open_spool(given: Option<Arc<dyn Spool>>, settings: &Settings) -> Result<Spools, StartError> {
     Ok(match given {
         Some(spool) => (spool, None),
         None => {

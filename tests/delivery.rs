@@ -648,6 +648,38 @@ async fn a_broker_that_never_answers_does_not_hold_wechat_and_gets_the_event_lat
     relay.stop().await;
 }
 
+/// The inline attempt at the reply target is an attempt like a worker's: a
+/// 503 there marks the target down, so its next answer releases the backlog.
+#[tokio::test]
+async fn an_inline_reply_counts_toward_the_targets_health() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    broker.script([Behaviour::status(503)]);
+    broker.set_default(Behaviour::body(200, "text/xml", reply_xml()));
+    let targets = [target(
+        "broker",
+        &broker.url("/events"),
+        "retry_schedule = [\"1h\"]",
+    )];
+    let relay = TestRelay::start(&config(&g, &targets, broker_routes()), reference_now(&g)).await;
+
+    let first = send(&relay, vector(&g, "secure.scan_str"), "secure").await;
+    assert_eq!(first.text(), "success", "no reply from a 503");
+    assert!(relay.until_attempts("broker", 1).await);
+    let second = send(&relay, vector(&g, "secure.scan_id"), "secure").await;
+    assert_eq!(second.status, 200);
+    assert!(
+        broker.wait_for(3, WAIT).await,
+        "the first push is sent again when the broker answers, not an hour later: {} requests",
+        broker.count()
+    );
+    assert_eq!(
+        broker.received()[2].body,
+        body(&vector(&g, "secure.scan_str")["request"])
+    );
+    relay.stop().await;
+}
+
 fn reply_xml() -> &'static str {
     "<xml><ToUserName><![CDATA[oRlyT3stUserOpenId0000000002]]></ToUserName><FromUserName><![CDATA[gh_3f1a2b9c8d7e]]></FromUserName><CreateTime>1717000000</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[欢迎!]]></Content></xml>"
 }
