@@ -18,9 +18,8 @@ use crate::deliver::Dispatcher;
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
 use crate::metrics::Metrics;
 use crate::spool::{SpoolError, REASON_UNROUTED};
-use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
+use crate::wechat::crypto::{KeyRing, KeySlot};
 use crate::wechat::inbound::{self, Credentials, Refused, VerifiedPush};
-use crate::wechat::message::XmlError;
 use crate::wechat::reply::{self, ReplyBody};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -49,32 +48,8 @@ pub enum Rejection {
     BodyRead,
     #[error("body not received within the reply budget")]
     BodyTimeout,
-    #[error("missing {0}")]
-    MissingSignature(&'static str),
-    #[error("missing echostr")]
-    MissingEchostr,
-    #[error("repeated query parameter: {0}")]
-    RepeatedParam(&'static str),
-    #[error("bad signature")]
-    BadSignature,
-    #[error("stale timestamp")]
-    Stale,
-    #[error("unknown encrypt_type")]
-    BadEncryptType,
-    #[error("plaintext push refused: the account is in secure mode")]
-    PlaintextRefused,
-    #[error("encrypted push refused: the account is in plaintext mode")]
-    EncryptedRefused,
-    #[error("missing Encrypt")]
-    MissingEncrypt,
-    #[error("bad msg_signature")]
-    BadMsgSignature,
-    #[error("bad XML: {0}")]
-    BadXml(#[from] XmlError),
-    #[error("AppID mismatch")]
-    BadAppId,
-    #[error("undecryptable: {0}")]
-    Decrypt(DecryptError),
+    #[error(transparent)]
+    Refused(#[from] Refused),
     #[error("spool unavailable: {0}")]
     Spool(SpoolError),
     #[error("spool commit took longer than the reply budget")]
@@ -83,25 +58,6 @@ pub enum Rejection {
     Replayed,
     #[error("too many request bodies in flight")]
     Busy,
-}
-
-impl From<Refused> for Rejection {
-    fn from(e: Refused) -> Self {
-        match e {
-            Refused::MissingSignature(name) => Rejection::MissingSignature(name),
-            Refused::MissingEchostr => Rejection::MissingEchostr,
-            Refused::RepeatedParam(name) => Rejection::RepeatedParam(name),
-            Refused::BadSignature => Rejection::BadSignature,
-            Refused::Stale => Rejection::Stale,
-            Refused::BadEncryptType => Rejection::BadEncryptType,
-            Refused::PlaintextRefused => Rejection::PlaintextRefused,
-            Refused::EncryptedRefused => Rejection::EncryptedRefused,
-            Refused::MissingEncrypt => Rejection::MissingEncrypt,
-            Refused::BadMsgSignature => Rejection::BadMsgSignature,
-            Refused::BadXml(e) => Rejection::BadXml(e),
-            Refused::Decrypt(e) => e.into(),
-        }
-    }
 }
 
 impl From<IngestError> for Rejection {
@@ -114,15 +70,6 @@ impl From<IngestError> for Rejection {
     }
 }
 
-impl From<DecryptError> for Rejection {
-    fn from(e: DecryptError) -> Self {
-        match e {
-            DecryptError::AppId => Rejection::BadAppId,
-            other => Rejection::Decrypt(other),
-        }
-    }
-}
-
 impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -130,21 +77,23 @@ impl Rejection {
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Rejection::BodyRead
-            | Rejection::MissingEchostr
-            | Rejection::RepeatedParam(_)
-            | Rejection::BadEncryptType
-            | Rejection::MissingEncrypt
-            | Rejection::BadXml(_)
-            | Rejection::Decrypt(_) => StatusCode::BAD_REQUEST,
-            Rejection::MissingSignature(_)
-            | Rejection::BadSignature
-            | Rejection::BadMsgSignature => StatusCode::UNAUTHORIZED,
-            Rejection::Stale
-            | Rejection::PlaintextRefused
-            | Rejection::EncryptedRefused
-            | Rejection::BadAppId
-            | Rejection::Replayed => StatusCode::FORBIDDEN,
+            Rejection::BodyRead => StatusCode::BAD_REQUEST,
+            Rejection::Refused(refused) => match refused {
+                Refused::MissingEchostr
+                | Refused::RepeatedParam(_)
+                | Refused::BadEncryptType
+                | Refused::MissingEncrypt
+                | Refused::BadXml(_)
+                | Refused::Decrypt(_) => StatusCode::BAD_REQUEST,
+                Refused::MissingSignature(_) | Refused::BadSignature | Refused::BadMsgSignature => {
+                    StatusCode::UNAUTHORIZED
+                }
+                Refused::Stale
+                | Refused::PlaintextRefused
+                | Refused::EncryptedRefused
+                | Refused::BadAppId => StatusCode::FORBIDDEN,
+            },
+            Rejection::Replayed => StatusCode::FORBIDDEN,
             Rejection::Spool(_) | Rejection::SpoolTimeout | Rejection::Busy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -166,18 +115,19 @@ impl Rejection {
             Rejection::UnknownAccount | Rejection::NotFound => PushVerdict::UnknownAccount,
             Rejection::MethodNotAllowed => PushVerdict::MethodNotAllowed,
             Rejection::TooLarge => PushVerdict::TooLarge,
-            Rejection::BodyRead
-            | Rejection::BodyTimeout
-            | Rejection::MissingEchostr
-            | Rejection::RepeatedParam(_)
-            | Rejection::BadEncryptType => PushVerdict::BadRequest,
-            Rejection::MissingSignature(_) | Rejection::BadSignature => PushVerdict::BadSignature,
-            Rejection::Stale => PushVerdict::Stale,
-            Rejection::PlaintextRefused | Rejection::EncryptedRefused => PushVerdict::ModeRefused,
-            Rejection::MissingEncrypt | Rejection::Decrypt(_) => PushVerdict::DecryptError,
-            Rejection::BadMsgSignature => PushVerdict::BadMsgSignature,
-            Rejection::BadXml(_) => PushVerdict::BadXml,
-            Rejection::BadAppId => PushVerdict::BadAppId,
+            Rejection::BodyRead | Rejection::BodyTimeout => PushVerdict::BadRequest,
+            Rejection::Refused(refused) => match refused {
+                Refused::MissingEchostr | Refused::RepeatedParam(_) | Refused::BadEncryptType => {
+                    PushVerdict::BadRequest
+                }
+                Refused::MissingSignature(_) | Refused::BadSignature => PushVerdict::BadSignature,
+                Refused::Stale => PushVerdict::Stale,
+                Refused::PlaintextRefused | Refused::EncryptedRefused => PushVerdict::ModeRefused,
+                Refused::MissingEncrypt | Refused::Decrypt(_) => PushVerdict::DecryptError,
+                Refused::BadMsgSignature => PushVerdict::BadMsgSignature,
+                Refused::BadXml(_) => PushVerdict::BadXml,
+                Refused::BadAppId => PushVerdict::BadAppId,
+            },
             Rejection::Replayed => PushVerdict::Replayed,
             Rejection::Spool(_) | Rejection::SpoolTimeout => PushVerdict::SpoolUnavailable,
             Rejection::Busy => PushVerdict::Busy,

@@ -51,13 +51,18 @@ pub enum Refused {
     BadMsgSignature,
     #[error("bad XML: {0}")]
     BadXml(#[from] XmlError),
+    #[error("AppID mismatch")]
+    BadAppId,
     #[error("undecryptable: {0}")]
     Decrypt(DecryptError),
 }
 
 impl From<DecryptError> for Refused {
     fn from(e: DecryptError) -> Self {
-        Refused::Decrypt(e)
+        match e {
+            DecryptError::AppId => Refused::BadAppId,
+            other => Refused::Decrypt(other),
+        }
     }
 }
 
