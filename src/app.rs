@@ -2,138 +2,29 @@
 //! owns reload and the order of shutdown (stop accepting → finish requests →
 //! end delivery attempts → close the spool).
 
+use crate::admin::{self, Admin};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{ConfigError, Settings};
-use crate::deliver::{self, HttpClient};
-use crate::handler;
+use crate::config::Settings;
+use crate::deliver::Dispatcher;
+use crate::handler::{self, PushPath};
+use crate::ingest::Ingest;
 use crate::metrics::{Metrics, MetricsError};
+use crate::reload::Reloader;
 use crate::server::{self, Limits};
-use crate::spool::{DeadReason, Spool, SpoolError, SqliteSpool, UnixMs};
+use crate::spool::{Spool, SpoolError, SqliteSpool};
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::Request;
 use hyper::body::Incoming;
-use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 /// Connections on the admin address: an operator, a scraper, a probe.
 const ADMIN_CONNECTIONS: usize = 64;
-
-/// What every request and worker reads: the current configuration (swapped
-/// atomically on reload; a request keeps the view it started with), the spool,
-/// the clock, the outbound client and the metrics.
-pub struct Shared {
-    pub config: ArcSwap<Settings>,
-    pub spool: Arc<dyn Spool>,
-    pub clock: Arc<dyn Clock>,
-    pub client: HttpClient,
-    pub metrics: Metrics,
-    /// Where the configuration is reloaded from; `None` when it came from elsewhere.
-    pub config_path: Option<PathBuf>,
-    /// Signalled after a reload, so new targets get a worker.
-    pub config_changed: Notify,
-    wakers: Mutex<HashMap<String, Arc<Notify>>>,
-    /// Serialises reloads, so two at once cannot interleave.
-    reloading: tokio::sync::Mutex<()>,
-    /// One permit per byte of `max_body_bytes_in_flight`: a push reserves its
-    /// body's size before reading it and keeps it until answered.
-    pub body_budget: Arc<tokio::sync::Semaphore>,
-}
-
-impl Shared {
-    /// The signal a target's worker waits on when it has nothing due.
-    pub fn waker(&self, target: &str) -> Arc<Notify> {
-        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
-        wakers.entry(target.to_string()).or_default().clone()
-    }
-
-    /// Tells a target's worker that a delivery is due now.
-    pub fn wake(&self, target: &str) {
-        self.waker(target).notify_one();
-    }
-
-    /// Loads, validates and swaps in the configuration file. An invalid file
-    /// changes nothing: the running configuration stays, the reasons are
-    /// returned and logged, and the failure is counted.
-    pub async fn reload(&self) -> Result<(), ReloadError> {
-        let _one_at_a_time = self.reloading.lock().await;
-        let result = self.try_reload().await;
-        let label = if result.is_ok() { "ok" } else { "failed" };
-        self.metrics.reloads.with_label_values(&[label]).inc();
-        match &result {
-            Ok(()) => tracing::info!("configuration reloaded"),
-            Err(e) => {
-                tracing::error!(reasons = %e, "configuration reload refused; the running configuration stays")
-            }
-        }
-        result
-    }
-
-    async fn try_reload(&self) -> Result<(), ReloadError> {
-        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
-        let next = Settings::load(path)?;
-        let current = self.config.load();
-        if next.server.listen != current.server.listen
-            || next.server.admin_listen != current.server.admin_listen
-            || next.spool.path != current.spool.path
-            || next.server.max_connections != current.server.max_connections
-            || next.server.max_body_bytes_in_flight != current.server.max_body_bytes_in_flight
-        {
-            tracing::warn!(
-                "listen, admin_listen, max_connections, max_body_bytes_in_flight and spool.path take effect at the next start only"
-            );
-        }
-        let next = Arc::new(next);
-        self.config.store(next.clone());
-        self.config_changed.notify_waiters();
-        // After the swap, so no worker starts on a removed target again; a
-        // request still finishing under the previous view is caught by the
-        // workers' periodic retire.
-        self.retire_removed_targets(&next).await?;
-        Ok(())
-    }
-
-    /// Pending deliveries of targets no longer configured can never be sent:
-    /// they become dead letters an operator can see and replay.
-    pub(crate) async fn retire_removed_targets(
-        &self,
-        settings: &Settings,
-    ) -> Result<(), SpoolError> {
-        let targets: Vec<String> = settings.targets.keys().cloned().collect();
-        for (target, n) in self
-            .spool
-            .retire_targets(targets, UnixMs(self.clock.now_ms()))
-            .await?
-        {
-            tracing::warn!(target = %target, retired = n, "pending deliveries of a removed target dead-lettered");
-            self.metrics
-                .dead_letters
-                .with_label_values(&[target.as_str(), DeadReason::TargetRemoved.as_str()])
-                .inc_by(n);
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("the relay was not started from a configuration file")]
-    NoFile,
-    #[error("{0}")]
-    Invalid(#[from] ConfigError),
-    #[error(transparent)]
-    Spool(#[from] SpoolError),
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -164,7 +55,7 @@ pub struct Options {
 pub struct Relay {
     pub public_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub shared: Arc<Shared>,
+    dispatcher: Arc<Dispatcher>,
     stop: watch::Sender<bool>,
     listeners: JoinSet<()>,
     workers: JoinSet<()>,
@@ -204,57 +95,96 @@ fn local_addr(l: &TcpListener, configured: SocketAddr) -> Result<SocketAddr, Sta
     })
 }
 
+/// The spool in use and, when the relay opened it, the same spool to close.
+type Spools = (Arc<dyn Spool>, Option<Arc<SqliteSpool>>);
+
+/// The spool passed in, or the configured file's, which the relay then owns
+/// and closes at shutdown.
+fn open_spool(given: Option<Arc<dyn Spool>>, settings: &Settings) -> Result<Spools, StartError> {
+    Ok(match given {
+        Some(spool) => (spool, None),
+        None => {
+            let sqlite = Arc::new(SqliteSpool::open(&settings.spool.path)?);
+            (sqlite.clone(), Some(sqlite))
+        }
+    })
+}
+
+/// What the public listener's requests get: exactly the handles they use.
+fn push_path(
+    config: &Arc<ArcSwap<Settings>>,
+    spool: &Arc<dyn Spool>,
+    clock: &Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+    dispatcher: &Arc<Dispatcher>,
+) -> Arc<PushPath> {
+    let in_flight = config.load().server.max_body_bytes_in_flight;
+    Arc::new(PushPath {
+        config: config.clone(),
+        clock: clock.clone(),
+        metrics: metrics.clone(),
+        body_budget: Arc::new(Semaphore::new(in_flight)),
+        ingest: Ingest {
+            spool: spool.clone(),
+            clock: clock.clone(),
+            dispatcher: dispatcher.clone(),
+        },
+        dispatcher: dispatcher.clone(),
+    })
+}
+
+/// The public and admin listeners' limits.
+fn limits(settings: &Settings) -> (Limits, Limits) {
+    let limits = |max_connections| Limits {
+        header_timeout: settings.server.header_timeout,
+        drain: settings.server.shutdown_timeout,
+        max_connections,
+        counters: None,
+    };
+    if !server::fits_open_files(settings.server.max_connections) {
+        tracing::warn!(
+            max_connections = settings.server.max_connections,
+            open_files = server::open_files_limit(),
+            "max_connections is more than the open-file limit allows: raise the limit (ulimit -n) or lower max_connections"
+        );
+    }
+    (
+        limits(settings.server.max_connections),
+        limits(ADMIN_CONNECTIONS),
+    )
+}
+
 impl Relay {
     pub async fn start(settings: Settings, options: Options) -> Result<Relay, StartError> {
         let public = bind(options.public, settings.server.listen).await?;
         let admin = bind(options.admin, settings.server.admin_listen).await?;
         let public_addr = local_addr(&public, settings.server.listen)?;
         let admin_addr = local_addr(&admin, settings.server.admin_listen)?;
-        let (spool, owned_spool): (Arc<dyn Spool>, _) = match options.spool {
-            Some(spool) => (spool, None),
-            None => {
-                let sqlite = Arc::new(SqliteSpool::open(&settings.spool.path)?);
-                (sqlite.clone(), Some(sqlite))
-            }
-        };
-        let limits = |max_connections| Limits {
-            header_timeout: settings.server.header_timeout,
-            drain: settings.server.shutdown_timeout,
-            max_connections,
-            counters: None,
-        };
-        let mut public_limits = limits(settings.server.max_connections);
-        let admin_limits = limits(ADMIN_CONNECTIONS);
-        if !server::fits_open_files(settings.server.max_connections) {
-            tracing::warn!(
-                max_connections = settings.server.max_connections,
-                open_files = server::open_files_limit(),
-                "max_connections is more than the open-file limit allows: raise the limit (ulimit -n) or lower max_connections"
-            );
-        }
+        let (spool, owned_spool) = open_spool(options.spool, &settings)?;
+        let (mut public_limits, admin_limits) = limits(&settings);
         let drain = settings.server.shutdown_timeout;
-        let body_budget = Arc::new(tokio::sync::Semaphore::new(
-            settings.server.max_body_bytes_in_flight,
+        let config = Arc::new(ArcSwap::from_pointee(settings));
+        let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let metrics = Arc::new(Metrics::new()?);
+        let dispatcher = Dispatcher::new(
+            config.clone(),
+            spool.clone(),
+            clock.clone(),
+            metrics.clone(),
+        );
+        let reloader = Arc::new(Reloader::new(
+            config.clone(),
+            dispatcher.clone(),
+            metrics.clone(),
+            options.config_path,
         ));
-        let shared = Arc::new(Shared {
-            config: ArcSwap::from_pointee(settings),
-            spool,
-            clock: options.clock.unwrap_or_else(|| Arc::new(SystemClock)),
-            client: deliver::client(),
-            metrics: Metrics::new()?,
-            config_path: options.config_path,
-            config_changed: Notify::new(),
-            wakers: Mutex::new(HashMap::new()),
-            reloading: tokio::sync::Mutex::new(()),
-            body_budget,
-        });
-        public_limits.counters = Some(shared.metrics.connection_counters());
-        shared.retire_removed_targets(&shared.config.load()).await?;
+        public_limits.counters = Some(metrics.connection_counters());
+        dispatcher.retire_removed_targets(&config.load()).await?;
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 
-        let s = shared.clone();
-        let public_handler = move |req: Request<Incoming>| handler::handle(s.clone(), req);
+        let push_path = push_path(&config, &spool, &clock, &metrics, &dispatcher);
+        let public_handler = move |req: Request<Incoming>| handler::handle(push_path.clone(), req);
         listeners.spawn(server::serve(
             public,
             public_handler,
@@ -262,8 +192,14 @@ impl Relay {
             stopped.clone(),
         ));
 
-        let s = shared.clone();
-        let admin_handler = move |req: Request<Incoming>| serve_admin(s.clone(), req);
+        let admin_routes = Arc::new(Admin {
+            config,
+            spool,
+            clock,
+            metrics,
+            reloader: reloader.clone(),
+        });
+        let admin_handler = move |req: Request<Incoming>| admin::serve(admin_routes.clone(), req);
         listeners.spawn(server::serve(
             admin,
             admin_handler,
@@ -271,14 +207,14 @@ impl Relay {
             stopped.clone(),
         ));
 
-        listeners.spawn(reload_on_hangup(shared.clone(), stopped.clone()));
-        let workers = deliver::start(shared.clone(), stopped);
+        listeners.spawn(reload_on_hangup(reloader, stopped.clone()));
+        let workers = dispatcher.start(stopped);
 
         tracing::info!(%public_addr, %admin_addr, version = env!("CARGO_PKG_VERSION"), "wxrelay listening");
         Ok(Relay {
             public_addr,
             admin_addr,
-            shared,
+            dispatcher,
             stop,
             listeners,
             workers,
@@ -293,7 +229,11 @@ impl Relay {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.listeners.join_next().await.is_some() {}
-        let workers_done = async { while self.workers.join_next().await.is_some() {} };
+        let dispatcher = self.dispatcher.clone();
+        let workers_done = async {
+            while self.workers.join_next().await.is_some() {}
+            dispatcher.records_written().await;
+        };
         if tokio::time::timeout(self.drain, workers_done)
             .await
             .is_err()
@@ -309,11 +249,11 @@ impl Relay {
 }
 
 /// SIGHUP reloads the configuration file, as `systemctl reload` sends it.
-async fn reload_on_hangup(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn reload_on_hangup(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        if shared.config_path.is_none() {
+        if !reloader.has_file() {
             return;
         }
         let Ok(mut hangups) = signal(SignalKind::hangup()) else {
@@ -322,92 +262,13 @@ async fn reload_on_hangup(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) 
         };
         loop {
             tokio::select! {
-                _ = hangups.recv() => { let _ = shared.reload().await; }
+                _ = hangups.recv() => { let _ = reloader.reload().await; }
                 _ = server::stopping(&mut stop) => return,
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = (shared, server::stopping(&mut stop).await);
+        let _ = (reloader, server::stopping(&mut stop).await);
     }
-}
-
-/// The admin listener: `/metrics`, `/healthz`, `/readyz`, and `/admin/*`
-/// behind the admin token when one is configured.
-async fn serve_admin(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let plain = |status: StatusCode, body: String| {
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        response.headers_mut().insert(
-            CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        response
-    };
-    let path = req.uri().path().to_string();
-    Ok(match (req.method(), path.as_str()) {
-        (&Method::GET, "/metrics") => {
-            let config = shared.config.load();
-            let targets: Vec<String> = config.targets.keys().cloned().collect();
-            let text = shared
-                .metrics
-                .render(&*shared.spool, &targets, shared.clock.now_ms())
-                .await;
-            let mut response = plain(StatusCode::OK, text);
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        }
-        (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok\n".into()),
-        (&Method::GET, "/readyz") => match shared.spool.probe().await {
-            Ok(()) => plain(StatusCode::OK, "ready\n".into()),
-            Err(e) => {
-                tracing::warn!(error = %e, "not ready: the spool does not accept writes");
-                plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("spool not writable: {e}\n"),
-                )
-            }
-        },
-        (_, p) if p.starts_with("/admin/") && !authorized(&shared, &req) => {
-            tracing::warn!(path = p, "admin request without a valid token");
-            plain(StatusCode::UNAUTHORIZED, "admin token required\n".into())
-        }
-        (&Method::POST, "/admin/reload") => match shared.reload().await {
-            Ok(()) => plain(StatusCode::OK, "reloaded\n".into()),
-            Err(e) => plain(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("reload refused; still running the previous configuration\n{e}\n"),
-            ),
-        },
-        (_, "/metrics" | "/healthz" | "/readyz" | "/admin/reload") => plain(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n".into(),
-        ),
-        _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
-    })
-}
-
-/// `Authorization: Bearer <admin_token>`, compared in constant time; open when
-/// no token is configured (validation allows that only on loopback or when
-/// explicitly allowed). The scheme is case-insensitive (RFC 7235 §2.1).
-fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
-    let config = shared.config.load();
-    let Some(token) = &config.server.admin_token else {
-        return true;
-    };
-    req.headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .is_some_and(|(_, given)| {
-            bool::from(given.trim().as_bytes().ct_eq(token.expose().as_bytes()))
-        })
 }

@@ -1,37 +1,32 @@
 //! The WeChat-facing request path.
 //!
 //! GET `/wx/{account}` is the URL check: verify `signature`, echo `echostr`.
-//! POST `/wx/{account}` is a push: verify `signature` → check freshness, the
-//! mode and `encrypt_type` → reserve and read the body under the size caps →
-//! parse the outer XML → (encrypted) verify
-//! `msg_signature`, decrypt with the key ring, check the AppID → parse the
-//! message → route → one durable spool commit → answer `success`.
+//! POST `/wx/{account}` is a push: the query's checks
+//! ([`crate::wechat::inbound`]) → reserve and read the body under the size
+//! caps → the body's checks → [`crate::ingest`] (route, one durable spool
+//! commit) → the reply target's inline attempt through the dispatcher → answer
+//! `success` or the reply.
 //!
 //! [`handle`] is the outer shell: it runs the inner `?` chain and turns its one
 //! error type, [`Rejection`], into a status, a reason, a verdict label and a log
 //! line, in one exhaustive `match`.
 
-use crate::app::Shared;
-use crate::config::{Account, Mode, Settings, Target};
-use crate::deliver::{self, retry, retry::Verdict};
-use crate::route;
-use crate::spool::{
-    DeadReason, DeliveryId, Enqueued, Event, EventId, NewDelivery, NewEvent, ReplayGuard, Schedule,
-    SpoolError, UnixMs,
-};
-use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
-use crate::wechat::message::{Message, XmlError};
+use crate::clock::Clock;
+use crate::config::{Account, Mode, Settings};
+use crate::deliver::retry::Verdict;
+use crate::deliver::Dispatcher;
+use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
+use crate::metrics::Metrics;
+use crate::spool::{DeadReason, SpoolError};
+use crate::wechat::crypto::{KeyRing, KeySlot};
+use crate::wechat::inbound::{self, Credentials, Refused, VerifiedPush};
 use crate::wechat::reply::{self, ReplyBody};
-use crate::wechat::signature;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use rand::Rng;
-use sha2::{Digest, Sha256};
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,32 +48,8 @@ pub enum Rejection {
     BodyRead,
     #[error("body not received within the reply budget")]
     BodyTimeout,
-    #[error("missing {0}")]
-    MissingSignature(&'static str),
-    #[error("missing echostr")]
-    MissingEchostr,
-    #[error("repeated query parameter: {0}")]
-    RepeatedParam(&'static str),
-    #[error("bad signature")]
-    BadSignature,
-    #[error("stale timestamp")]
-    Stale,
-    #[error("unknown encrypt_type")]
-    BadEncryptType,
-    #[error("plaintext push refused: the account is in secure mode")]
-    PlaintextRefused,
-    #[error("encrypted push refused: the account is in plaintext mode")]
-    EncryptedRefused,
-    #[error("missing Encrypt")]
-    MissingEncrypt,
-    #[error("bad msg_signature")]
-    BadMsgSignature,
-    #[error("bad XML: {0}")]
-    BadXml(#[from] XmlError),
-    #[error("AppID mismatch")]
-    BadAppId,
-    #[error("undecryptable: {0}")]
-    Decrypt(DecryptError),
+    #[error(transparent)]
+    Refused(#[from] Refused),
     #[error("spool unavailable: {0}")]
     Spool(SpoolError),
     #[error("spool commit took longer than the reply budget")]
@@ -89,11 +60,12 @@ pub enum Rejection {
     Busy,
 }
 
-impl From<DecryptError> for Rejection {
-    fn from(e: DecryptError) -> Self {
+impl From<IngestError> for Rejection {
+    fn from(e: IngestError) -> Self {
         match e {
-            DecryptError::AppId => Rejection::BadAppId,
-            other => Rejection::Decrypt(other),
+            IngestError::Spool(e) => Rejection::Spool(e),
+            IngestError::Timeout => Rejection::SpoolTimeout,
+            IngestError::Replayed => Rejection::Replayed,
         }
     }
 }
@@ -105,21 +77,23 @@ impl Rejection {
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Rejection::BodyRead
-            | Rejection::MissingEchostr
-            | Rejection::RepeatedParam(_)
-            | Rejection::BadEncryptType
-            | Rejection::MissingEncrypt
-            | Rejection::BadXml(_)
-            | Rejection::Decrypt(_) => StatusCode::BAD_REQUEST,
-            Rejection::MissingSignature(_)
-            | Rejection::BadSignature
-            | Rejection::BadMsgSignature => StatusCode::UNAUTHORIZED,
-            Rejection::Stale
-            | Rejection::PlaintextRefused
-            | Rejection::EncryptedRefused
-            | Rejection::BadAppId
-            | Rejection::Replayed => StatusCode::FORBIDDEN,
+            Rejection::BodyRead => StatusCode::BAD_REQUEST,
+            Rejection::Refused(refused) => match refused {
+                Refused::MissingEchostr
+                | Refused::RepeatedParam(_)
+                | Refused::BadEncryptType
+                | Refused::MissingEncrypt
+                | Refused::BadXml(_)
+                | Refused::Decrypt(_) => StatusCode::BAD_REQUEST,
+                Refused::MissingSignature(_) | Refused::BadSignature | Refused::BadMsgSignature => {
+                    StatusCode::UNAUTHORIZED
+                }
+                Refused::Stale
+                | Refused::PlaintextRefused
+                | Refused::EncryptedRefused
+                | Refused::BadAppId => StatusCode::FORBIDDEN,
+            },
+            Rejection::Replayed => StatusCode::FORBIDDEN,
             Rejection::Spool(_) | Rejection::SpoolTimeout | Rejection::Busy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -135,27 +109,73 @@ impl Rejection {
         }
     }
 
-    /// The label this outcome is counted and logged under.
-    pub fn verdict(&self) -> &'static str {
+    /// What this outcome is counted and logged as.
+    pub fn verdict(&self) -> PushVerdict {
         match self {
-            Rejection::UnknownAccount | Rejection::NotFound => "unknown_account",
-            Rejection::MethodNotAllowed => "method_not_allowed",
-            Rejection::TooLarge => "too_large",
-            Rejection::BodyRead
-            | Rejection::BodyTimeout
-            | Rejection::MissingEchostr
-            | Rejection::RepeatedParam(_)
-            | Rejection::BadEncryptType => "bad_request",
-            Rejection::MissingSignature(_) | Rejection::BadSignature => "bad_signature",
-            Rejection::Stale => "stale",
-            Rejection::PlaintextRefused | Rejection::EncryptedRefused => "mode_refused",
-            Rejection::MissingEncrypt | Rejection::Decrypt(_) => "decrypt_error",
-            Rejection::BadMsgSignature => "bad_msg_signature",
-            Rejection::BadXml(_) => "bad_xml",
-            Rejection::BadAppId => "bad_appid",
-            Rejection::Replayed => "replayed",
-            Rejection::Spool(_) | Rejection::SpoolTimeout => "spool_unavailable",
-            Rejection::Busy => "busy",
+            Rejection::UnknownAccount | Rejection::NotFound => PushVerdict::UnknownAccount,
+            Rejection::MethodNotAllowed => PushVerdict::MethodNotAllowed,
+            Rejection::TooLarge => PushVerdict::TooLarge,
+            Rejection::BodyRead | Rejection::BodyTimeout => PushVerdict::BadRequest,
+            Rejection::Refused(refused) => match refused {
+                Refused::MissingEchostr | Refused::RepeatedParam(_) | Refused::BadEncryptType => {
+                    PushVerdict::BadRequest
+                }
+                Refused::MissingSignature(_) | Refused::BadSignature => PushVerdict::BadSignature,
+                Refused::Stale => PushVerdict::Stale,
+                Refused::PlaintextRefused | Refused::EncryptedRefused => PushVerdict::ModeRefused,
+                Refused::MissingEncrypt | Refused::Decrypt(_) => PushVerdict::DecryptError,
+                Refused::BadMsgSignature => PushVerdict::BadMsgSignature,
+                Refused::BadXml(_) => PushVerdict::BadXml,
+                Refused::BadAppId => PushVerdict::BadAppId,
+            },
+            Rejection::Replayed => PushVerdict::Replayed,
+            Rejection::Spool(_) | Rejection::SpoolTimeout => PushVerdict::SpoolUnavailable,
+            Rejection::Busy => PushVerdict::Busy,
+        }
+    }
+}
+
+/// How a request to `/wx/{account}` ended, as counted and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushVerdict {
+    Ok,
+    Duplicate,
+    UnknownAccount,
+    MethodNotAllowed,
+    TooLarge,
+    BadRequest,
+    BadSignature,
+    Stale,
+    ModeRefused,
+    DecryptError,
+    BadMsgSignature,
+    BadXml,
+    BadAppId,
+    Replayed,
+    SpoolUnavailable,
+    Busy,
+}
+
+impl PushVerdict {
+    /// The metric label and log value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushVerdict::Ok => "ok",
+            PushVerdict::Duplicate => "duplicate",
+            PushVerdict::UnknownAccount => "unknown_account",
+            PushVerdict::MethodNotAllowed => "method_not_allowed",
+            PushVerdict::TooLarge => "too_large",
+            PushVerdict::BadRequest => "bad_request",
+            PushVerdict::BadSignature => "bad_signature",
+            PushVerdict::Stale => "stale",
+            PushVerdict::ModeRefused => "mode_refused",
+            PushVerdict::DecryptError => "decrypt_error",
+            PushVerdict::BadMsgSignature => "bad_msg_signature",
+            PushVerdict::BadXml => "bad_xml",
+            PushVerdict::BadAppId => "bad_appid",
+            PushVerdict::Replayed => "replayed",
+            PushVerdict::SpoolUnavailable => "spool_unavailable",
+            PushVerdict::Busy => "busy",
         }
     }
 }
@@ -164,49 +184,63 @@ impl Rejection {
 #[derive(Debug)]
 enum Answer {
     Echo(String),
-    Accepted(Accepted),
+    Accepted(Box<Accepted>),
 }
 
 #[derive(Debug)]
 struct Accepted {
-    duplicate: bool,
-    event_id: Option<EventId>,
-    /// Stored as an `unrouted` dead letter: no rule matched.
-    unrouted: bool,
-    msg_type: String,
-    event: String,
+    ingested: Ingested,
     /// What the reply target's inline attempt gave WeChat, when there was one.
     reply: Option<&'static str>,
-    kind: String,
-    key_hash: String,
     key_slot: Option<KeySlot>,
     body: Bytes,
+}
+
+impl Accepted {
+    fn duplicate(&self) -> bool {
+        self.ingested.stored.is_none()
+    }
+}
+
+/// What the public listener's requests need: the running configuration, the
+/// clock (freshness), the metrics, the bytes that bodies in flight may hold,
+/// ingest, and the dispatcher for the reply target's inline attempt.
+pub struct PushPath {
+    pub config: Arc<ArcSwap<Settings>>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    /// One permit per byte of `max_body_bytes_in_flight`: a push reserves its
+    /// body's size before reading it and keeps it until answered.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+    pub ingest: Ingest,
+    pub dispatcher: Arc<Dispatcher>,
 }
 
 /// Serves one request on the public listener. Never fails: every outcome is an
 /// HTTP answer, counted and logged once here.
 pub async fn handle(
-    shared: Arc<Shared>,
+    path: Arc<PushPath>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
-    let config = shared.config.load_full();
+    let config = path.config.load_full();
     let method = req.method().clone();
     // Only configured accounts become label values; anything else is "-".
     let account = account_of(req.uri().path())
         .filter(|id| config.accounts.contains_key(*id))
         .unwrap_or("-")
         .to_string();
-    let outcome = answer(&shared, &config, req, started).await;
+    let outcome = answer(&path, &config, req, started).await;
     let account = account.as_str();
     let elapsed = started.elapsed();
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
-    let m = &shared.metrics;
     let verdict = match &outcome {
-        Ok(Answer::Accepted(a)) if a.duplicate => "duplicate",
-        Ok(_) => "ok",
+        Ok(Answer::Accepted(a)) if a.duplicate() => PushVerdict::Duplicate,
+        Ok(_) => PushVerdict::Ok,
         Err(rejection) => rejection.verdict(),
     };
+    let verdict = verdict.as_str();
+    let m = &path.metrics;
     if method == Method::POST {
         m.pushes.with_label_values(&[account, verdict]).inc();
         m.answer_seconds
@@ -221,35 +255,7 @@ pub async fn handle(
             text(StatusCode::OK, "text/plain; charset=utf-8", echostr.into())
         }
         Ok(Answer::Accepted(a)) => {
-            if !a.duplicate {
-                let (msg_type, event) = crate::metrics::event_labels(&a.msg_type, &a.event);
-                m.events
-                    .with_label_values(&[account, msg_type, event])
-                    .inc();
-                if a.unrouted {
-                    m.dead_letters
-                        .with_label_values(&["", DeadReason::Unrouted.as_str()])
-                        .inc();
-                }
-            }
-            if let Some(outcome) = a.reply {
-                m.replies.with_label_values(&[account, outcome]).inc();
-            }
-            if a.key_slot == Some(KeySlot::Previous) {
-                m.previous_key_decrypts.with_label_values(&[account]).inc();
-                tracing::warn!(account, "push decrypted with the previous EncodingAESKey");
-            }
-            tracing::info!(
-                account,
-                kind = %a.kind,
-                verdict,
-                latency_ms,
-                key = %a.key_hash,
-                event_id = a.event_id.map(|id| id.0),
-                unrouted = a.unrouted,
-                reply = a.reply,
-                "push answered"
-            );
+            observe_accepted(m, account, verdict, latency_ms, &a);
             text(StatusCode::OK, answer_content_type(&a.body), a.body)
         }
         Err(rejection) => {
@@ -266,6 +272,41 @@ pub async fn handle(
             )
         }
     })
+}
+
+/// The metrics and the log line of an accepted push, from what ingest and
+/// the inline reply gave.
+fn observe_accepted(m: &Metrics, account: &str, verdict: &str, latency_ms: f64, a: &Accepted) {
+    let i = &a.ingested;
+    if !a.duplicate() {
+        let (msg_type, event) = crate::metrics::event_labels(&i.msg_type, &i.event_name);
+        m.events
+            .with_label_values(&[account, msg_type, event])
+            .inc();
+        if i.unrouted {
+            m.dead_letters
+                .with_label_values(&["", DeadReason::Unrouted.as_str()])
+                .inc();
+        }
+    }
+    if let Some(outcome) = a.reply {
+        m.replies.with_label_values(&[account, outcome]).inc();
+    }
+    if a.key_slot == Some(KeySlot::Previous) {
+        m.previous_key_decrypts.with_label_values(&[account]).inc();
+        tracing::warn!(account, "push decrypted with the previous EncodingAESKey");
+    }
+    tracing::info!(
+        account,
+        kind = %i.kind,
+        verdict,
+        latency_ms,
+        key = %i.key_hash,
+        event_id = i.stored.as_ref().map(|s| s.event_id.0),
+        unrouted = i.unrouted,
+        reply = a.reply,
+        "push answered"
+    );
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
@@ -294,7 +335,7 @@ fn account_of(path: &str) -> Option<&str> {
 }
 
 async fn answer(
-    shared: &Shared,
+    path: &PushPath,
     config: &Settings,
     req: Request<Incoming>,
     started: Instant,
@@ -304,129 +345,43 @@ async fn answer(
         .accounts
         .get(account_id)
         .ok_or(Rejection::UnknownAccount)?;
-    let query = req.uri().query().unwrap_or("").to_string();
+    let query = req.uri().query().unwrap_or("");
+    let creds = credentials(account);
+    let now_secs = path.clock.now_secs();
     match *req.method() {
-        Method::GET => verify_url(shared, account, &query).map(Answer::Echo),
+        Method::GET => Ok(Answer::Echo(inbound::check_url(&creds, query, now_secs)?)),
         Method::POST => {
             // `signature` covers only the query, so everything the query
             // decides is checked before a byte of the body is read: an
             // unsigned flood costs no memory and holds no connection.
-            let q = params(&query)?;
-            let encrypted = check_push_query(shared, account, &q)?;
-            let reserved = reserve_body(shared, &req, config.server.max_body)?;
+            let signed = inbound::check_push_query(&creds, query, now_secs)?;
+            let reserved = reserve_body(path, &req, config.server.max_body)?;
             // The body must arrive within the reply budget too: WeChat sends it
             // at once, and a client trickling it holds a connection for nothing.
             let read = read_body(req, config.server.max_body);
             let body = tokio::time::timeout(config.server.reply_budget, read)
                 .await
                 .map_err(|_| Rejection::BodyTimeout)??;
-            let signed = SignedQuery {
-                raw: query,
-                params: q,
-                encrypted,
-            };
-            let accepted = accept_push(shared, config, account, signed, body, started).await;
+            let verified = inbound::verify_push(&creds, signed, &body)?;
+            let accepted = accept_push(path, config, account, verified, body, started).await;
             drop(reserved);
-            accepted.map(Answer::Accepted)
+            accepted.map(|a| Answer::Accepted(Box::new(a)))
         }
         _ => Err(Rejection::MethodNotAllowed),
     }
 }
 
-/// The parameters the relay verifies or forwards on. Each may appear once:
-/// with two, another parser could take the other one than the relay checked.
-const SINGLE_PARAMS: &[&str] = &[
-    "signature",
-    "timestamp",
-    "nonce",
-    "msg_signature",
-    "encrypt_type",
-    "openid",
-    "echostr",
-];
-
-/// The query's parameters by name; WeChat's order varies. A repeated
-/// parameter of [`SINGLE_PARAMS`] is refused; of any other name, unused,
-/// the first is kept.
-fn params(query: &str) -> Result<HashMap<String, String>, Rejection> {
-    let mut map = HashMap::new();
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        match map.entry(k.into_owned()) {
-            Entry::Vacant(entry) => {
-                entry.insert(v.into_owned());
-            }
-            Entry::Occupied(entry) => {
-                if let Some(name) = SINGLE_PARAMS.iter().find(|&&name| name == entry.key()) {
-                    return Err(Rejection::RepeatedParam(name));
-                }
-            }
-        }
+/// What the account's pushes are verified with.
+fn credentials(account: &Account) -> Credentials<'_> {
+    Credentials {
+        account: &account.id,
+        token: account.token.expose(),
+        app_id: &account.app_id,
+        keys: account.keys.as_ref(),
+        timestamp_window: account.timestamp_window,
+        accepts_plaintext: account.mode != Mode::Secure,
+        accepts_encrypted: account.mode != Mode::Plaintext,
     }
-    Ok(map)
-}
-
-/// A push's query once [`check_push_query`] has passed it.
-struct SignedQuery {
-    raw: String,
-    params: HashMap<String, String>,
-    encrypted: bool,
-}
-
-fn param<'q>(q: &'q HashMap<String, String>, name: &'static str) -> Result<&'q str, Rejection> {
-    q.get(name)
-        .map(String::as_str)
-        .ok_or(Rejection::MissingSignature(name))
-}
-
-/// Checks `signature` over (token, timestamp, nonce) and the freshness window.
-fn check_signature(
-    shared: &Shared,
-    account: &Account,
-    q: &HashMap<String, String>,
-) -> Result<(), Rejection> {
-    let (signature, timestamp, nonce) = (
-        param(q, "signature")?,
-        param(q, "timestamp")?,
-        param(q, "nonce")?,
-    );
-    if !signature::verify(signature, &[account.token.expose(), timestamp, nonce]) {
-        return Err(Rejection::BadSignature);
-    }
-    if let Some(window) = account.timestamp_window {
-        let sent: i64 = timestamp.parse().map_err(|_| Rejection::Stale)?;
-        let skew = (shared.clock.now_secs() - sent).unsigned_abs();
-        if skew > window.as_secs() {
-            return Err(Rejection::Stale);
-        }
-    }
-    Ok(())
-}
-
-/// Everything about a push its query decides: the signature, freshness,
-/// `encrypt_type` and the account's mode. Whether it is encrypted.
-fn check_push_query(
-    shared: &Shared,
-    account: &Account,
-    q: &HashMap<String, String>,
-) -> Result<bool, Rejection> {
-    check_signature(shared, account, q)?;
-    let encrypted = match q.get("encrypt_type").map(String::as_str) {
-        None | Some("raw") => false,
-        Some("aes") => true,
-        Some(_) => return Err(Rejection::BadEncryptType),
-    };
-    match (account.mode, encrypted) {
-        (Mode::Secure, false) => Err(Rejection::PlaintextRefused),
-        (Mode::Plaintext, true) => Err(Rejection::EncryptedRefused),
-        _ => Ok(encrypted),
-    }
-}
-
-fn verify_url(shared: &Shared, account: &Account, query: &str) -> Result<String, Rejection> {
-    let q = params(query)?;
-    check_signature(shared, account, &q)?;
-    // For an Official Account the echostr is never encrypted, in any mode.
-    q.get("echostr").cloned().ok_or(Rejection::MissingEchostr)
 }
 
 /// Bytes of `max_body_bytes_in_flight` held for one body until its push is
@@ -447,7 +402,7 @@ impl Drop for Reserved {
 /// refuses the push when that much is not free: bodies in flight are what a
 /// flood of signed-looking pushes would grow memory with.
 fn reserve_body(
-    shared: &Shared,
+    path: &PushPath,
     req: &Request<Incoming>,
     max_body: usize,
 ) -> Result<Reserved, Rejection> {
@@ -457,12 +412,12 @@ fn reserve_body(
     }
     let bytes = declared.map_or(max_body, |len| len as usize);
     let permits = u32::try_from(bytes).map_err(|_| Rejection::TooLarge)?;
-    let permit = shared
+    let permit = path
         .body_budget
         .clone()
         .try_acquire_many_owned(permits)
         .map_err(|_| Rejection::Busy)?;
-    let gauge = shared.metrics.body_bytes_in_flight.clone();
+    let gauge = path.metrics.body_bytes_in_flight.clone();
     gauge.add(bytes as i64);
     Ok(Reserved {
         _permit: permit,
@@ -487,222 +442,39 @@ async fn read_body(req: Request<Incoming>, max_body: usize) -> Result<Bytes, Rej
     }
 }
 
-/// A verified, decrypted push.
-struct Verified {
-    xml: String,
-    message: Message,
-    key_slot: Option<KeySlot>,
-}
-
-fn verify_push(
-    account: &Account,
-    q: &HashMap<String, String>,
-    encrypted: bool,
-    body: &[u8],
-) -> Result<Verified, Rejection> {
-    let outer = Message::parse_push(body)?;
-    if !encrypted {
-        let xml = std::str::from_utf8(body)
-            .map_err(|_| Rejection::BadXml(XmlError::Utf8))?
-            .to_string();
-        return Ok(Verified {
-            xml,
-            message: outer,
-            key_slot: None,
-        });
-    }
-    // Only <Encrypt> is authenticated; in compatibility mode the plaintext
-    // copies beside it are ignored.
-    let encrypt = outer
-        .get("Encrypt")
-        .filter(|e| !e.is_empty())
-        .ok_or(Rejection::MissingEncrypt)?;
-    let msg_signature = param(q, "msg_signature")?;
-    let parts = [
-        account.token.expose(),
-        param(q, "timestamp")?,
-        param(q, "nonce")?,
-        encrypt,
-    ];
-    if !signature::verify(msg_signature, &parts) {
-        return Err(Rejection::BadMsgSignature);
-    }
-    let keys = account.keys.as_ref().ok_or(Rejection::EncryptedRefused)?;
-    let (xml, slot) = keys.decrypt(encrypt, &account.app_id)?;
-    let message = Message::parse_push(xml.as_bytes())?;
-    Ok(Verified {
-        xml,
-        message,
-        key_slot: Some(slot),
-    })
-}
-
 async fn accept_push(
-    shared: &Shared,
+    path: &PushPath,
     config: &Settings,
     account: &Account,
-    signed: SignedQuery,
+    verified: VerifiedPush,
     body: Bytes,
     started: Instant,
 ) -> Result<Accepted, Rejection> {
-    let SignedQuery {
-        raw: query,
-        params: q,
-        encrypted,
-    } = signed;
-    let verified = verify_push(account, &q, encrypted, &body)?;
-    let message = &verified.message;
-    let now = UnixMs(shared.clock.now_ms());
-
-    let input = route::route_input(&account.id, message);
-    let rule = route::route(&config.routes, &input).map(|(_, rule)| rule);
     let reply_budget = config.server.reply_budget;
-    let targets = rule
-        .map(|rule| {
-            rule.to
-                .iter()
-                .map(|target| NewDelivery {
-                    target: target.clone(),
-                    // The reply target is tried inline first; the workers wait
-                    // until that attempt is over.
-                    due_at: if rule.reply_from.as_ref() == Some(target) {
-                        now + reply_budget.as_millis() as i64 + 1000
-                    } else {
-                        now
-                    },
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-
-    let dedup_key = format!("{}|{}", account.id, message.dedup_key());
-    let kind = match message.event() {
-        Some(event) => format!("event/{event}"),
-        None => input.msg_type.to_string(),
-    };
-    let dedup_window = config.spool.dedup_window.as_millis() as i64;
-    let timestamp = q.get("timestamp").map(String::as_str).unwrap_or_default();
-    // Until the query goes stale, a replay of it must still find its guard and
-    // its dedup key, even when the timestamp is ahead of the relay's clock.
-    let stale_at = stale_at(account, timestamp).map_or(now + dedup_window, UnixMs);
-    let event = NewEvent {
-        replay: replay_guard(account, &q, &verified.xml, stale_at),
-        event: Event {
-            dedup_key: dedup_key.clone(),
-            account: account.id.clone(),
-            received_at: now,
-            query,
-            body,
-            xml: verified.xml.clone(),
-            fields: message.fields_json().to_string(),
-            msg_type: input.msg_type.to_string(),
-            event_type: message.event().map(str::to_string),
-        },
-        targets,
-    };
-    let window = dedup_window.max(stale_at - now);
-    // The reply target is sent the event as the spool hands it back.
-    let reply_from = rule.and_then(|r| r.reply_from.as_deref()).and_then(|name| {
-        let position = event.targets.iter().position(|t| t.target == name)?;
-        // A paused target gets no inline attempt either: its delivery waits.
-        let target = config.targets.get(name).filter(|t| !t.paused)?;
-        Some((target.clone(), position))
-    });
-    let routed: Vec<String> = event.targets.iter().map(|t| t.target.clone()).collect();
-    let commit = shared.spool.enqueue(event, now, window);
-    let remaining = reply_budget.saturating_sub(started.elapsed());
-    let enqueued = tokio::time::timeout(remaining, commit)
-        .await
-        .map_err(|_| Rejection::SpoolTimeout)?
-        .map_err(Rejection::Spool)?;
-    if enqueued == Enqueued::Replayed {
-        return Err(Rejection::Replayed);
-    }
-
-    let mut accepted = Accepted {
-        duplicate: true,
-        event_id: None,
-        unrouted: routed.is_empty(),
-        msg_type: input.msg_type.to_string(),
-        event: message.event().unwrap_or("").to_string(),
-        reply: None,
-        kind,
-        key_hash: short_hash(&dedup_key),
-        key_slot: verified.key_slot,
-        body: Bytes::from_static(b"success"),
-    };
-    let Enqueued::Stored {
-        event_id,
-        deliveries,
-        event: stored,
-    } = enqueued
-    else {
-        return Ok(accepted);
-    };
-    accepted.duplicate = false;
-    accepted.event_id = Some(event_id);
-    for target in &routed {
-        shared.wake(target);
-    }
-    if let Some((target, position)) = reply_from {
+    let ingested = path
+        .ingest
+        .ingest(config, account, &verified, body, started + reply_budget)
+        .await?;
+    let mut answer = Bytes::from_static(b"success");
+    let mut reply = None;
+    if let Some(to) = ingested.stored.as_ref().and_then(|s| s.reply.as_ref()) {
         let remaining = reply_budget.saturating_sub(started.elapsed());
         // With no time left, an attempt could not even be sent: leave the
         // delivery to the workers rather than count an attempt never made.
-        let reply = match deliveries.get(position) {
-            Some(&delivery_id) if remaining >= MIN_INLINE_ATTEMPT => {
-                reply_inline(shared, &target, delivery_id, &stored, remaining).await
-            }
-            _ => InlineReply::Failed,
+        let inline = if remaining < MIN_INLINE_ATTEMPT {
+            InlineReply::Failed
+        } else {
+            reply_inline(path, to, remaining).await
         };
-        let (body, outcome) = answer_with(account, &target.name, &verified, &q, reply);
-        accepted.body = body;
-        accepted.reply = Some(outcome);
+        let (body, outcome) = answer_with(account, &to.target.name, &verified, inline);
+        answer = body;
+        reply = Some(outcome);
     }
-    Ok(accepted)
-}
-
-/// When the account starts refusing a query with this timestamp as stale,
-/// unix milliseconds; `None` when it does not check freshness.
-fn stale_at(account: &Account, timestamp: &str) -> Option<i64> {
-    let window = account.timestamp_window?;
-    let sent: i64 = timestamp.parse().ok()?;
-    // Accepted while the clock's whole seconds are within the window.
-    let last_second = sent.saturating_add(window.as_secs() as i64);
-    Some(last_second.saturating_add(1).saturating_mul(1000))
-}
-
-/// `signature` covers (token, timestamp, nonce), never the body, so a
-/// captured query can carry any body until it goes stale; the guard refuses
-/// it with any body other than the first. In secure mode every accepted push
-/// is also under `msg_signature`, which covers the `<Encrypt>` that is all the
-/// relay reads of the body: another `<Encrypt>` fails it and the same one is
-/// the same message, a duplicate. So secure accounts need no guard and spend
-/// no write on one. Compat accounts take unencrypted pushes, and an encrypted
-/// push's query without `encrypt_type` and `msg_signature` is a valid
-/// unencrypted one, so their encrypted pushes are guarded too. What is
-/// compared is the message the relay acts on (the decrypted XML of an
-/// encrypted push), so WeChat re-sending a push sealed afresh under the same
-/// query stays a duplicate rather than a replay.
-fn replay_guard(
-    account: &Account,
-    q: &HashMap<String, String>,
-    message_xml: &str,
-    stale_at: UnixMs,
-) -> Option<ReplayGuard> {
-    if account.mode == Mode::Secure {
-        return None;
-    }
-    let param = |name| q.get(name).map(String::as_str).unwrap_or_default();
-    Some(ReplayGuard {
-        key: format!(
-            "{}|{}|{}|{}",
-            account.id,
-            param("timestamp"),
-            param("nonce"),
-            param("signature")
-        ),
-        body_hash: Sha256::digest(message_xml.as_bytes()).into(),
-        expires_at: stale_at,
+    Ok(Accepted {
+        ingested,
+        reply,
+        key_slot: verified.key_slot,
+        body: answer,
     })
 }
 
@@ -722,51 +494,14 @@ enum InlineReply {
 /// One attempt at the rule's reply target within what is left of the budget.
 /// Its outcome is recorded like any worker's; a failure leaves the delivery to
 /// the workers.
-async fn reply_inline(
-    shared: &Shared,
-    target: &Target,
-    delivery_id: DeliveryId,
-    event: &Event,
-    remaining: Duration,
-) -> InlineReply {
-    let started = Instant::now();
+async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> InlineReply {
+    let target = &to.target;
     let timeout = remaining.min(target.timeout);
-    let result = deliver::attempt(
-        &shared.client,
-        target,
-        event,
-        shared.clock.now_secs(),
-        timeout,
-    )
-    .await;
+    let result = path
+        .dispatcher
+        .attempt_inline(target, to.delivery_id, &to.event, timeout)
+        .await;
     let delivered = result.verdict == Verdict::Delivered;
-    let unit: f64 = rand::thread_rng().gen();
-    let now = UnixMs(shared.clock.now_ms());
-    let settlement = retry::decide(
-        delivery_id,
-        &target.retry,
-        Schedule::default(),
-        result.verdict,
-        now,
-        now,
-        unit,
-    );
-    deliver::count(
-        &shared.metrics,
-        &target.name,
-        &settlement,
-        started.elapsed(),
-    );
-    // Not awaited: WeChat's answer does not depend on it, and if the record
-    // is lost the lease expires and the workers send it again.
-    let settled = shared
-        .spool
-        .record(vec![settlement], UnixMs(shared.clock.now_ms()));
-    tokio::spawn(async move {
-        if let Err(e) = settled.await {
-            tracing::error!(error = %e, "cannot record the reply target's outcome");
-        }
-    });
     if !delivered {
         return InlineReply::Failed;
     }
@@ -786,8 +521,7 @@ async fn reply_inline(
 fn answer_with(
     account: &Account,
     target: &str,
-    verified: &Verified,
-    q: &HashMap<String, String>,
+    verified: &VerifiedPush,
     reply: InlineReply,
 ) -> (Bytes, &'static str) {
     let success = Bytes::from_static(b"success");
@@ -798,15 +532,13 @@ fn answer_with(
     };
     // Sealed as WeChat expects: with the key that decrypted the push.
     let seal = |keys: &KeyRing, slot: KeySlot, xml: &str| {
-        let timestamp = q.get("timestamp").map(String::as_str).unwrap_or("");
-        let nonce = q.get("nonce").map(String::as_str).unwrap_or("");
         let sealed = reply::envelope(
             keys.key(slot),
             account.token.expose(),
             &account.app_id,
             xml,
-            timestamp,
-            nonce,
+            &verified.timestamp,
+            &verified.nonce,
             &reply::random_bytes(),
         );
         (Bytes::from(sealed), "encrypted")
@@ -838,8 +570,4 @@ fn answer_with(
     }
 }
 
-/// A short, non-reversible stand-in for an identifier that carries an OpenID,
-/// so logs can correlate without holding personal data.
-pub fn short_hash(value: &str) -> String {
-    hex::encode(&Sha256::digest(value.as_bytes())[..6])
-}
+pub use crate::ingest::short_hash;

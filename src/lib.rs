@@ -19,21 +19,27 @@
 //! - [`config`]: the TOML file → validated [`config::Settings`].
 //! - [`route`]: pure rule matching: push → targets.
 //! - [`spool`]: the durable queue, its trait and its SQLite implementation.
-//! - `deliver`: the delivery workers, the target formats and the retry policy.
-//! - `handler`: the WeChat-facing request path and its one error type.
+//! - `deliver`: the dispatcher (delivery workers, target health, one way to
+//!   attempt and record), the target formats and the retry policy.
+//! - `handler`: the WeChat-facing HTTP shell and its one error type.
+//! - `ingest`: route a verified push and store it durably.
+//! - `admin`: the admin listener's routes; `reload`: configuration reload.
 //! - `metrics`: the Prometheus registry and every collector.
 //! - `server`: the accept loop and graceful drain.
 //! - [`app`]: wiring and shutdown order.
 //! - [`clock`]: injected wall-clock time.
 //! - [`cli`]: the operator's commands: simulate, route, dlq, keygen.
 
+pub(crate) mod admin;
 pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub(crate) mod deliver;
 pub(crate) mod handler;
+pub(crate) mod ingest;
 pub(crate) mod metrics;
+pub(crate) mod reload;
 pub mod route;
 pub(crate) mod server;
 pub mod spool;

@@ -13,6 +13,7 @@ use wxrelay::cli::pending::{self, PendingCommand};
 use wxrelay::cli::route::{self, RouteArgs};
 use wxrelay::cli::simulate::{self, SimulateArgs};
 use wxrelay::cli::{self, keygen, CliError, Report};
+use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{render_check, Settings};
 
 const EXIT_CONFIG: u8 = 64;
@@ -140,14 +141,12 @@ fn main() -> ExitCode {
             };
             runtime.block_on(serve(settings, config))
         }
-        Command::Simulate { config, args } => {
-            finish(cli::load(&config).and_then(|settings| {
-                block_on(async move { simulate::run(&settings, &args).await })?
-            }))
-        }
+        Command::Simulate { config, args } => finish(cli::load(&config).and_then(|settings| {
+            block_on(async move { simulate::run(&settings, &args, &SystemClock).await })?
+        })),
         Command::Route { config, args } => finish(
             cli::load(&config)
-                .and_then(|settings| route::run(&settings, &args))
+                .and_then(|settings| route::run(&settings, &args, &SystemClock))
                 .map(done),
         ),
         Command::Dlq { config, command } => finish(run_dlq(config, command).map(done)),
@@ -161,7 +160,7 @@ fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliEr
     let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
     let settings = cli::load(&config)?;
     let spool = dlq::open(&settings)?;
-    let result = block_on(dlq::run(&spool, &command, cli::now_ms()));
+    let result = block_on(dlq::run(&spool, &command, SystemClock.now_ms()));
     spool.close();
     result?
 }
@@ -171,7 +170,7 @@ fn run_pending(config: Option<PathBuf>, command: PendingCommand) -> Result<Strin
     let settings = cli::load(&config)?;
     pending::check_target(&settings, &command)?;
     let spool = dlq::open(&settings)?;
-    let result = block_on(pending::run(&spool, &command, cli::now_ms()));
+    let result = block_on(pending::run(&spool, &command, SystemClock.now_ms()));
     spool.close();
     result?
 }

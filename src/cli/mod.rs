@@ -76,11 +76,3 @@ pub fn account<'s>(settings: &'s Settings, id: Option<&str>) -> Result<&'s Accou
         },
     }
 }
-
-/// Unix milliseconds now, from the system clock: the commands act on a
-/// relay that reads the same clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}

@@ -4,6 +4,7 @@
 
 use super::simulate::{MessageOptions, Payload};
 use super::CliError;
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::route::{self, RouteInput};
 use crate::wechat::message::Message;
@@ -23,9 +24,9 @@ pub struct RouteArgs {
 
 /// Says which rule matches the push, its targets (with their formats) and
 /// its reply target, or that the push would be dead-lettered as `unrouted`.
-pub fn run(settings: &Settings, args: &RouteArgs) -> Result<String, CliError> {
+pub fn run(settings: &Settings, args: &RouteArgs, clock: &dyn Clock) -> Result<String, CliError> {
     let account = super::account(settings, args.account.as_deref())?;
-    let xml = args.payload.xml(&args.message, super::now_ms() / 1000)?;
+    let xml = args.payload.xml(&args.message, clock.now_secs())?;
     let message = Message::parse(xml.as_bytes())
         .map_err(|e| CliError::Usage(format!("the message is not WeChat XML: {e}")))?;
     let input = route::route_input(&account.id, &message);

@@ -9,6 +9,7 @@
 //! rules, and the relay answers the second without storing it.
 
 use super::{CliError, Report};
+use crate::clock::Clock;
 use crate::config::{Account, Mode, Settings};
 use crate::deliver::{self, HttpClient};
 use crate::wechat::message::Message;
@@ -161,11 +162,15 @@ pub struct SimulateArgs {
 /// Sends the push (or the URL check) and reports the relay's answer. `ok`
 /// when the relay answered 200 and, for a push, any reply envelope verifies
 /// and decrypts.
-pub async fn run(settings: &Settings, args: &SimulateArgs) -> Result<Report, CliError> {
+pub async fn run(
+    settings: &Settings,
+    args: &SimulateArgs,
+    clock: &dyn Clock,
+) -> Result<Report, CliError> {
     let account = super::account(settings, args.account.as_deref())?;
     let url = push_url(&args.url, &account.id)?;
     let client = deliver::client();
-    let now = super::now_ms() / 1000;
+    let now = clock.now_secs();
     if args.verify_url {
         return verify_url(&client, account, &url, now).await;
     }

@@ -8,11 +8,14 @@
 pub mod format;
 pub mod retry;
 
-use crate::app::Shared;
-use crate::config::Target;
+use crate::clock::Clock;
+use crate::config::{Settings, Target};
 use crate::metrics::Metrics;
 use crate::server::stopping;
-use crate::spool::{Event, Lease, Settlement, UnixMs};
+use crate::spool::{
+    DeadReason, DeliveryId, Event, Lease, Schedule, Settlement, Spool, SpoolError, UnixMs,
+};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode};
@@ -24,9 +27,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use retry::Verdict;
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
-use tokio::sync::{watch, Semaphore};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// The outbound HTTP client: pooled keep-alive connections, HTTP and HTTPS
@@ -70,9 +74,9 @@ pub struct Attempt {
 /// Sends `event` to `target` once, within `timeout`.
 pub async fn attempt(
     client: &HttpClient,
+    clock: &dyn Clock,
     target: &Target,
     event: &Event,
-    now_secs: i64,
     timeout: Duration,
 ) -> Attempt {
     let failed = |verdict| Attempt {
@@ -80,7 +84,7 @@ pub async fn attempt(
         status: None,
         body: Bytes::new(),
     };
-    let outbound = match format::build(target, event, now_secs) {
+    let outbound = match format::build(target, event, clock.now_secs()) {
         Ok(outbound) => outbound,
         Err(e) => {
             return failed(Verdict::Reject {
@@ -123,24 +127,34 @@ pub async fn attempt(
             error,
             retry_after: None,
         }),
-        Ok(Ok((parts, body))) => {
-            let retry_after = parts
-                .headers
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
-            let snippet: String = String::from_utf8_lossy(&body)
-                .chars()
-                .take(SNIPPET)
-                .collect::<String>()
-                .replace(['\r', '\n'], " ");
-            Attempt {
-                verdict: retry::classify(parts.status, retry_after, snippet.trim()),
-                status: Some(parts.status),
-                body,
-            }
-        }
+        Ok(Ok((parts, body))) => answered(parts, body, clock),
     }
+}
+
+/// What an HTTP answer means for the delivery.
+fn answered(parts: http::response::Parts, body: Bytes, clock: &dyn Clock) -> Attempt {
+    let retry_after = parts
+        .headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry::parse_retry_after(v, clock_time(clock)));
+    let snippet: String = String::from_utf8_lossy(&body)
+        .chars()
+        .take(SNIPPET)
+        .collect::<String>()
+        .replace(['\r', '\n'], " ");
+    Attempt {
+        verdict: retry::classify(parts.status, retry_after, snippet.trim()),
+        status: Some(parts.status),
+        body,
+    }
+}
+
+/// The injected clock as a `SystemTime`, for HTTP dates: a target's
+/// `Retry-After` date is read against the same time as the schedule it moves.
+fn clock_time(clock: &dyn Clock) -> SystemTime {
+    let ms = u64::try_from(clock.now_ms()).unwrap_or(0);
+    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -154,55 +168,303 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Starts the delivery workers: one loop per configured target, and a
-/// supervisor that starts loops for targets added by a reload (a loop whose
-/// target disappears ends by itself).
-pub fn start(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> JoinSet<()> {
-    let mut tasks = JoinSet::new();
-    tasks.spawn(supervise(shared, stop));
-    tasks
+/// How long a worker holds a delivery it leased: longer than the attempt's
+/// timeout, so a slow answer is not sent twice; a worker that dies leaves it
+/// to expire and be sent again.
+fn lease_ms(target: &Target) -> i64 {
+    (target.timeout.as_millis() as i64) * 2 + 2_000
 }
+
+/// Past the inline attempt's end, so the workers do not send it at the same time.
+const AFTER_INLINE_MS: i64 = 1_000;
 
 /// How often pending deliveries of targets that are no longer configured are
 /// dead-lettered: a request that began under the previous configuration can
 /// store one just after a reload retired the rest.
 const RETIRE_EVERY: Duration = Duration::from_secs(30);
 
-async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut loops = JoinSet::new();
-    let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
-    let mut tick = tokio::time::interval(RETIRE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let config = shared.config.load_full();
-        for name in config.targets.keys() {
-            if !names.values().any(|n| n == name) {
-                let task = loops.spawn(run_target(shared.clone(), name.clone(), stop.clone()));
-                names.insert(task.id(), name.clone());
-            }
+/// Owns delivery: the target workers and their wake signals, each target's
+/// health, retiring removed targets, and the one way an attempt is made and
+/// recorded, for the workers and the request path's inline reply alike.
+pub struct Dispatcher {
+    config: Arc<ArcSwap<Settings>>,
+    spool: Arc<dyn Spool>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    client: HttpClient,
+    /// Signalled after a reload, so new targets get a worker.
+    config_changed: Notify,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    targets: Mutex<HashMap<String, Arc<TargetState>>>,
+    /// Outcomes of inline attempts still being written; awaited at shutdown.
+    records: Mutex<JoinSet<()>>,
+}
+
+/// What the dispatcher knows of one target between attempts.
+#[derive(Default)]
+struct TargetState {
+    health: Health,
+    faults: Faults,
+}
+
+/// Which delivery an attempt is for, and where it stands on its schedule.
+#[derive(Debug, Clone, Copy)]
+struct Due {
+    delivery_id: DeliveryId,
+    /// Attempts made before this one.
+    attempts: u32,
+    schedule: Schedule,
+}
+
+/// How an attempt's outcome is written to the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// Before the attempt returns: a worker's slot is free only once it is.
+    Awaited,
+    /// In the background, tracked until shutdown: WeChat's answer does not
+    /// depend on it, and if the record is lost the delivery is sent again.
+    Tracked,
+}
+
+impl Dispatcher {
+    pub fn new(
+        config: Arc<ArcSwap<Settings>>,
+        spool: Arc<dyn Spool>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Dispatcher> {
+        Arc::new(Dispatcher {
+            config,
+            spool,
+            clock,
+            metrics,
+            client: client(),
+            config_changed: Notify::new(),
+            wakers: Mutex::new(HashMap::new()),
+            targets: Mutex::new(HashMap::new()),
+            records: Mutex::new(JoinSet::new()),
+        })
+    }
+
+    /// Starts the delivery workers: one loop per configured target, and a
+    /// supervisor that starts loops for targets added by a reload (a loop
+    /// whose target disappears ends by itself).
+    pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) -> JoinSet<()> {
+        let mut tasks = JoinSet::new();
+        tasks.spawn(self.clone().supervise(stop));
+        tasks
+    }
+
+    /// When the workers may send a delivery that the request path attempts
+    /// inline first, within `budget` from `now_ms`: once that attempt is over.
+    pub fn reply_due_at(&self, now_ms: UnixMs, budget: Duration) -> UnixMs {
+        now_ms + (budget.as_millis() as i64 + AFTER_INLINE_MS)
+    }
+
+    /// The signal a target's worker waits on when it has nothing due.
+    fn waker(&self, target: &str) -> Arc<Notify> {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        wakers.entry(target.to_string()).or_default().clone()
+    }
+
+    /// Tells a target's worker that a delivery is due now.
+    pub fn wake(&self, target: &str) {
+        self.waker(target).notify_one();
+    }
+
+    /// Tells the workers the configuration changed: targets may have come or gone.
+    pub fn reconfigured(&self) {
+        self.config_changed.notify_waiters();
+    }
+
+    fn target_state(&self, target: &str) -> Arc<TargetState> {
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        targets.entry(target.to_string()).or_default().clone()
+    }
+
+    /// Pending deliveries of targets no longer configured can never be sent:
+    /// they become dead letters an operator can see and replay.
+    pub async fn retire_removed_targets(&self, settings: &Settings) -> Result<(), SpoolError> {
+        let targets: Vec<String> = settings.targets.keys().cloned().collect();
+        for (target, n) in self
+            .spool
+            .retire_targets(targets, UnixMs(self.clock.now_ms()))
+            .await?
+        {
+            tracing::warn!(target = %target, retired = n, "pending deliveries of a removed target dead-lettered");
+            self.metrics
+                .dead_letters
+                .with_label_values(&[target.as_str(), DeadReason::TargetRemoved.as_str()])
+                .inc_by(n);
         }
-        tokio::select! {
-            _ = shared.config_changed.notified() => {}
-            _ = tick.tick() => {
-                if let Err(e) = shared.retire_removed_targets(&config).await {
-                    tracing::warn!(error = %e, "cannot retire the deliveries of removed targets");
+        Ok(())
+    }
+
+    /// The request path's one attempt at the reply target, within `timeout`.
+    /// Recorded like a worker's; the record is written in the background.
+    pub async fn attempt_inline(
+        self: &Arc<Self>,
+        target: &Target,
+        delivery_id: DeliveryId,
+        event: &Event,
+        timeout: Duration,
+    ) -> Attempt {
+        let due = Due {
+            delivery_id,
+            attempts: 0,
+            schedule: Schedule::default(),
+        };
+        self.attempt_and_record(target, due, event, timeout, Record::Tracked)
+            .await
+    }
+
+    /// Waits for the inline attempts' records still being written.
+    pub async fn records_written(&self) {
+        let mut records = {
+            let mut guard = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut *guard)
+        };
+        while records.join_next().await.is_some() {}
+    }
+
+    fn track(&self, write: impl Future<Output = ()> + Send + 'static) {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        while records.try_join_next().is_some() {}
+        records.spawn(write);
+    }
+
+    /// One attempt and its record: the attempt, the retry decision, the
+    /// metrics, the log line and the spool's record. A failure as if the
+    /// target were down (no answer, or a 5xx) marks it down; the first
+    /// success after that makes its backed-off deliveries due at once, so a
+    /// backlog drains at full speed when the target returns rather than as
+    /// each backoff ends.
+    async fn attempt_and_record(
+        self: &Arc<Self>,
+        target: &Target,
+        due: Due,
+        event: &Event,
+        timeout: Duration,
+        record: Record,
+    ) -> Attempt {
+        let started = tokio::time::Instant::now();
+        let started_ms = self.clock.now_ms();
+        let result = attempt(&self.client, &*self.clock, target, event, timeout).await;
+        let state = self.target_state(&target.name);
+        let release = match (&result.verdict, result.status) {
+            (Verdict::Delivered, _) => state.health.answered(self.clock.now_ms()),
+            (Verdict::Retry { .. }, status) if status.is_none_or(|s| s.is_server_error()) => {
+                state.health.failed();
+                false
+            }
+            _ => false,
+        };
+        let unit: f64 = rand::thread_rng().gen();
+        let settlement = retry::decide(
+            due.delivery_id,
+            &target.retry,
+            due.schedule,
+            result.verdict.clone(),
+            UnixMs(started_ms),
+            UnixMs(self.clock.now_ms()),
+            unit,
+        );
+        let outcome = count(&self.metrics, &target.name, &settlement, started.elapsed());
+        tracing::info!(
+            target = %target.name,
+            delivery_id = due.delivery_id.0,
+            attempt = due.attempts + 1,
+            status = result.status.map(|s| s.as_u16()),
+            outcome,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "delivery attempt"
+        );
+        let this = self.clone();
+        let name = target.name.clone();
+        let write = async move {
+            if release {
+                this.release_backlog(&name).await;
+            }
+            this.record(&name, &state.faults, due.delivery_id, settlement)
+                .await;
+        };
+        match record {
+            Record::Awaited => write.await,
+            Record::Tracked => self.track(write),
+        }
+        result
+    }
+
+    /// Writes an attempt's outcome. When the spool cannot, the delivery stays
+    /// leased; when the lease ends it is sent again: at least once.
+    async fn record(
+        &self,
+        target: &str,
+        faults: &Faults,
+        delivery_id: DeliveryId,
+        settlement: Settlement,
+    ) {
+        match self
+            .spool
+            .record(vec![settlement], UnixMs(self.clock.now_ms()))
+            .await
+        {
+            Ok(()) => {
+                if let Some(unlogged) = faults.settle.succeeded() {
+                    tracing::info!(target = %target, unlogged_failures = unlogged, "delivery outcomes are recorded again");
                 }
             }
-            Some(ended) = loops.join_next_with_id() => {
-                let id = match &ended {
-                    Ok((id, _)) => *id,
-                    Err(e) => e.id(),
-                };
-                if let Some(name) = names.remove(&id) {
-                    if ended.is_err() {
-                        tracing::error!(target = %name, "a delivery loop ended unexpectedly; starting it again");
+            Err(e) => {
+                self.spool_failed(target, "settle");
+                match faults.settle.failed() {
+                    Repeat::First => {
+                        tracing::error!(target = %target, delivery_id = delivery_id.0, error = %e, "cannot record a delivery outcome; it is held until its lease ends, then sent again")
                     }
+                    Repeat::Summary(n) => {
+                        tracing::error!(target = %target, error = %e, failures = n, "still cannot record delivery outcomes")
+                    }
+                    Repeat::Quiet => {}
                 }
             }
-            _ = stopping(&mut stop) => break,
         }
     }
-    while loops.join_next().await.is_some() {}
+
+    async fn supervise(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut loops = JoinSet::new();
+        let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut tick = tokio::time::interval(RETIRE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let config = self.config.load_full();
+            for name in config.targets.keys() {
+                if !names.values().any(|n| n == name) {
+                    let task = loops.spawn(self.clone().run_target(name.clone(), stop.clone()));
+                    names.insert(task.id(), name.clone());
+                }
+            }
+            tokio::select! {
+                _ = self.config_changed.notified() => {}
+                _ = tick.tick() => {
+                    if let Err(e) = self.retire_removed_targets(&config).await {
+                        tracing::warn!(error = %e, "cannot retire the deliveries of removed targets");
+                    }
+                }
+                Some(ended) = loops.join_next_with_id() => {
+                    let id = match &ended {
+                        Ok((id, _)) => *id,
+                        Err(e) => e.id(),
+                    };
+                    if let Some(name) = names.remove(&id) {
+                        if ended.is_err() {
+                            tracing::error!(target = %name, "a delivery loop ended unexpectedly; starting it again");
+                        }
+                    }
+                }
+                _ = stopping(&mut stop) => break,
+            }
+        }
+        while loops.join_next().await.is_some() {}
+    }
 }
 
 /// Whether a target looks down, and whether its backlog is owed a release.
@@ -265,27 +527,28 @@ impl HealthState {
     }
 }
 
-/// Makes the target's backed-off deliveries due now and wakes its worker.
-async fn release_backlog(shared: &Shared, name: &str) {
-    let now = UnixMs(shared.clock.now_ms());
-    match shared.spool.release_backoff(name, now).await {
-        Ok(n) => {
-            tracing::info!(target = %name, released = n, "target answers again; its backlog is due now")
+impl Dispatcher {
+    /// Makes the target's backed-off deliveries due now and wakes its worker.
+    async fn release_backlog(&self, name: &str) {
+        let now = self.clock.now_ms();
+        match self.spool.release_backoff(name, UnixMs(now)).await {
+            Ok(n) => {
+                tracing::info!(target = %name, released = n, "target answers again; its backlog is due now")
+            }
+            Err(e) => {
+                self.spool_failed(name, "release");
+                tracing::warn!(target = %name, error = %e, "cannot release the backlog")
+            }
         }
-        Err(e) => {
-            spool_failed(shared, name, "release");
-            tracing::warn!(target = %name, error = %e, "cannot release the backlog")
-        }
+        self.wake(name);
     }
-    shared.wake(name);
-}
 
-fn spool_failed(shared: &Shared, target: &str, operation: &str) {
-    shared
-        .metrics
-        .spool_failures
-        .with_label_values(&[target, operation])
-        .inc();
+    fn spool_failed(&self, target: &str, operation: &str) {
+        self.metrics
+            .spool_failures
+            .with_label_values(&[target, operation])
+            .inc();
+    }
 }
 
 /// How often a spool failure that keeps happening is logged again. A full
@@ -353,67 +616,93 @@ struct Faults {
     settle: Repeats,
 }
 
-/// Delivers `name`'s due deliveries until stopped or until the target is no
-/// longer configured. Returns the target's name.
-async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver<bool>) -> String {
-    let wake = shared.waker(&name);
-    let down = Arc::new(Health::default());
-    let faults = Arc::new(Faults::default());
-    let mut slots: Option<(usize, Arc<Semaphore>)> = None;
-    let mut in_flight = JoinSet::new();
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        let config = shared.config.load_full();
-        let Some(target) = config.targets.get(&name).cloned() else {
-            break;
-        };
-        if target.paused {
-            // Held on purpose: wait for a reload rather than poll the spool.
-            tokio::select! {
-                _ = shared.config_changed.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+impl Dispatcher {
+    /// Delivers `name`'s due deliveries until stopped or until the target is no
+    /// longer configured. Returns the target's name.
+    async fn run_target(self: Arc<Self>, name: String, mut stop: watch::Receiver<bool>) -> String {
+        let wake = self.waker(&name);
+        let state = self.target_state(&name);
+        let mut slots: Option<(usize, Arc<Semaphore>)> = None;
+        let mut in_flight = JoinSet::new();
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let config = self.config.load_full();
+            let Some(target) = config.targets.get(&name).cloned() else {
+                break;
+            };
+            if target.paused {
+                // Held on purpose: wait for a reload rather than poll the spool.
+                tokio::select! {
+                    _ = self.config_changed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stopping(&mut stop) => break,
+                }
+                continue;
+            }
+            let semaphore = slots_for(&mut slots, target.concurrency);
+            let first = tokio::select! {
+                permit = semaphore.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
                 _ = stopping(&mut stop) => break,
+            };
+            while in_flight.try_join_next().is_some() {}
+            if state.health.release_due(self.clock.now_ms()) {
+                self.release_backlog(&name).await;
             }
-            continue;
-        }
-        // The concurrency limit may change on reload; a new limit takes a new
-        // semaphore, and attempts under the old one finish under it.
-        let semaphore = match &slots {
-            Some((n, s)) if *n == target.concurrency => s.clone(),
-            _ => {
-                let s = Arc::new(Semaphore::new(target.concurrency));
-                slots = Some((target.concurrency, s.clone()));
-                s
+            let free = semaphore.available_permits() + 1;
+            let now = self.clock.now_ms();
+            let Some(leases) = self.lease(&name, &target, &state, now, free).await else {
+                drop(first);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stopping(&mut stop) => break,
+                }
+                continue;
+            };
+            if leases.is_empty() {
+                drop(first);
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = stopping(&mut stop) => break,
+                }
+                continue;
             }
-        };
-        let first = tokio::select! {
-            permit = semaphore.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stopping(&mut stop) => break,
-        };
-        while in_flight.try_join_next().is_some() {}
-        if down.release_due(shared.clock.now_ms()) {
-            release_backlog(&shared, &name).await;
+            self.spawn_attempts(&mut in_flight, &target, leases, first, &semaphore);
         }
-        let free = semaphore.available_permits() + 1;
-        let now = UnixMs(shared.clock.now_ms());
-        // The lease outlives the attempt's timeout, so a slow answer is not sent
-        // twice; a worker that dies leaves it to expire and be sent again.
-        let lease_ms = (target.timeout.as_millis() as i64) * 2 + 2_000;
-        let leases = match shared.spool.lease(&name, now, free, lease_ms).await {
+        // Let the attempts under way end; the caller bounds this with its drain deadline.
+        while in_flight.join_next().await.is_some() {}
+        name
+    }
+
+    /// Leases up to `free` due deliveries; `None` when the spool cannot,
+    /// logged without a line per failure.
+    async fn lease(
+        &self,
+        name: &str,
+        target: &Target,
+        state: &TargetState,
+        now: i64,
+        free: usize,
+    ) -> Option<Vec<Lease>> {
+        match self
+            .spool
+            .lease(name, UnixMs(now), free, lease_ms(target))
+            .await
+        {
             Ok(leases) => {
-                if let Some(unlogged) = faults.lease.succeeded() {
+                if let Some(unlogged) = state.faults.lease.succeeded() {
                     tracing::info!(target = %name, unlogged_failures = unlogged, "the spool hands out deliveries again");
                 }
-                leases
+                Some(leases)
             }
             Err(e) => {
-                spool_failed(&shared, &name, "lease");
-                match faults.lease.failed() {
+                self.spool_failed(name, "lease");
+                match state.faults.lease.failed() {
                     Repeat::First => {
                         tracing::error!(target = %name, error = %e, "cannot lease deliveries; trying again every second")
                     }
@@ -422,23 +711,21 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
                     }
                     Repeat::Quiet => {}
                 }
-                drop(first);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stopping(&mut stop) => break,
-                }
-                continue;
+                None
             }
-        };
-        if leases.is_empty() {
-            drop(first);
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(IDLE_POLL) => {}
-                _ = stopping(&mut stop) => break,
-            }
-            continue;
         }
+    }
+
+    /// Starts an attempt per lease, each holding a slot: `first`, then the
+    /// free ones the lease was sized by.
+    fn spawn_attempts(
+        self: &Arc<Self>,
+        in_flight: &mut JoinSet<()>,
+        target: &Target,
+        leases: Vec<Lease>,
+        first: OwnedSemaphorePermit,
+        semaphore: &Arc<Semaphore>,
+    ) {
         let mut permit = Some(first);
         for lease in leases {
             let permit = match permit.take() {
@@ -449,93 +736,37 @@ async fn run_target(shared: Arc<Shared>, name: String, mut stop: watch::Receiver
                     Err(_) => break,
                 },
             };
-            let shared = shared.clone();
+            let this = self.clone();
             let target = target.clone();
-            let down = down.clone();
-            let faults = faults.clone();
             in_flight.spawn(async move {
-                deliver(&shared, &target, lease, &down, &faults).await;
+                let due = Due {
+                    delivery_id: lease.delivery_id,
+                    attempts: lease.attempts,
+                    schedule: lease.schedule,
+                };
+                this.attempt_and_record(
+                    &target,
+                    due,
+                    &lease.event,
+                    target.timeout,
+                    Record::Awaited,
+                )
+                .await;
                 drop(permit);
             });
         }
     }
-    // Let the attempts under way end; the caller bounds this with its drain deadline.
-    while in_flight.join_next().await.is_some() {}
-    name
 }
 
-/// One attempt and its record. `down` says the target last failed as if it
-/// were down (no answer, or a 5xx); the first success after that makes the
-/// target's backed-off deliveries due at once, so a backlog drains at full
-/// speed when the target returns rather than as each backoff ends.
-async fn deliver(shared: &Shared, target: &Target, lease: Lease, down: &Health, faults: &Faults) {
-    let started = tokio::time::Instant::now();
-    let started_ms = shared.clock.now_ms();
-    let result = attempt(
-        &shared.client,
-        target,
-        &lease.event,
-        started_ms.div_euclid(1000),
-        target.timeout,
-    )
-    .await;
-    match (&result.verdict, result.status) {
-        (Verdict::Delivered, _) if down.answered(shared.clock.now_ms()) => {
-            release_backlog(shared, &target.name).await;
-        }
-        (Verdict::Retry { .. }, status) if status.is_none_or(|s| s.is_server_error()) => {
-            down.failed();
-        }
-        _ => {}
-    }
-    let unit: f64 = rand::thread_rng().gen();
-    let settlement = retry::decide(
-        lease.delivery_id,
-        &target.retry,
-        lease.schedule,
-        result.verdict,
-        UnixMs(started_ms),
-        UnixMs(shared.clock.now_ms()),
-        unit,
-    );
-    let outcome = count(
-        &shared.metrics,
-        &target.name,
-        &settlement,
-        started.elapsed(),
-    );
-    tracing::info!(
-        target = %target.name,
-        delivery_id = lease.delivery_id.0,
-        attempt = lease.attempts + 1,
-        status = result.status.map(|s| s.as_u16()),
-        outcome,
-        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-        "delivery attempt"
-    );
-    match shared
-        .spool
-        .record(vec![settlement], UnixMs(shared.clock.now_ms()))
-        .await
-    {
-        Ok(()) => {
-            if let Some(unlogged) = faults.settle.succeeded() {
-                tracing::info!(target = %target.name, unlogged_failures = unlogged, "delivery outcomes are recorded again");
-            }
-        }
-        // The delivery stays leased; when the lease ends it is sent again:
-        // at least once.
-        Err(e) => {
-            spool_failed(shared, &target.name, "settle");
-            match faults.settle.failed() {
-                Repeat::First => {
-                    tracing::error!(target = %target.name, delivery_id = lease.delivery_id.0, error = %e, "cannot record a delivery outcome; it is held until its lease ends, then sent again")
-                }
-                Repeat::Summary(n) => {
-                    tracing::error!(target = %target.name, error = %e, failures = n, "still cannot record delivery outcomes")
-                }
-                Repeat::Quiet => {}
-            }
+/// The target's slots. The concurrency limit may change on reload; a new
+/// limit takes a new semaphore, and attempts under the old one finish under it.
+fn slots_for(slots: &mut Option<(usize, Arc<Semaphore>)>, concurrency: usize) -> Arc<Semaphore> {
+    match slots {
+        Some((n, s)) if *n == concurrency => s.clone(),
+        _ => {
+            let s = Arc::new(Semaphore::new(concurrency));
+            *slots = Some((concurrency, s.clone()));
+            s
         }
     }
 }

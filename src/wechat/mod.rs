@@ -79,6 +79,7 @@
 //! [`push`] builds a push exactly as WeChat would, for simulation and tests.
 
 pub mod crypto;
+pub mod inbound;
 pub mod message;
 pub mod push;
 pub mod reply;

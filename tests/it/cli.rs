@@ -15,8 +15,8 @@ use std::time::Duration;
 use wxrelay::cli::dlq::{self, DlqCommand, Selection};
 use wxrelay::cli::route::{self, RouteArgs};
 use wxrelay::cli::simulate::{self, Kind, MessageOptions, Payload, SimulateArgs, DEFAULT_FROM};
-use wxrelay::cli::{self, keygen, CliError};
-use wxrelay::clock::Clock;
+use wxrelay::cli::{keygen, CliError};
+use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::Settings;
 use wxrelay::short_hash;
 use wxrelay::spool::{DeadFilter, Spool, SqliteSpool};
@@ -29,7 +29,7 @@ const MODES: [&str; 3] = ["plaintext", "compat", "secure"];
 
 /// `simulate` stamps the system time; the relay's clock must agree.
 async fn relay_now(toml: &str) -> TestRelay {
-    TestRelay::start(toml, cli::now_ms() / 1000).await
+    TestRelay::start(toml, SystemClock.now_ms() / 1000).await
 }
 
 fn settings(toml: &str) -> Settings {
@@ -136,9 +136,13 @@ async fn every_kind_is_accepted_in_every_mode_and_reaches_the_targets() {
     let mut expected = Vec::new();
     for account in MODES {
         for (payload, msg_type, event) in &kinds {
-            let report = simulate::run(&settings, &push(&relay, account, payload.clone()))
-                .await
-                .unwrap();
+            let report = simulate::run(
+                &settings,
+                &push(&relay, account, payload.clone()),
+                &SystemClock,
+            )
+            .await
+            .unwrap();
             assert!(report.ok, "{account} {payload:?}: {}", report.text);
             assert!(
                 report.text.contains("HTTP 200") && report.text.contains("success"),
@@ -217,9 +221,13 @@ async fn a_secure_reply_is_verified_and_printed_decrypted() {
     let scan = Payload::Kind(Kind::Scan {
         scene: "login_1".into(),
     });
-    let report = simulate::run(&settings(&toml), &push(&relay, "secure", scan))
-        .await
-        .unwrap();
+    let report = simulate::run(
+        &settings(&toml),
+        &push(&relay, "secure", scan),
+        &SystemClock,
+    )
+    .await
+    .unwrap();
     assert!(report.ok, "{}", report.text);
     assert!(report.text.contains("<Encrypt>"), "{}", report.text);
     assert!(
@@ -243,7 +251,7 @@ async fn the_url_check_passes_for_a_served_account_only() {
         payload: None,
         ..push(&relay, account, Payload::Kind(Kind::Image))
     };
-    let report = simulate::run(&settings(&toml), &check("secure"))
+    let report = simulate::run(&settings(&toml), &check("secure"), &SystemClock)
         .await
         .unwrap();
     assert!(report.ok, "{}", report.text);
@@ -253,7 +261,7 @@ async fn the_url_check_passes_for_a_served_account_only() {
     let ghost = format!(
         "{toml}\n[accounts.ghost]\napp_id = \"wx5f3c9a1e7d2b4c60\"\ntoken = \"Relay2024Token\"\nmode = \"plaintext\"\n"
     );
-    let report = simulate::run(&settings(&ghost), &check("ghost"))
+    let report = simulate::run(&settings(&ghost), &check("ghost"), &SystemClock)
         .await
         .unwrap();
     assert!(!report.ok, "{}", report.text);
@@ -261,7 +269,7 @@ async fn the_url_check_passes_for_a_served_account_only() {
     assert!(report.text.contains("NOT echoed"), "{}", report.text);
 
     // An account the config does not have is the operator's mistake.
-    let err = simulate::run(&settings(&toml), &check("nobody"))
+    let err = simulate::run(&settings(&toml), &check("nobody"), &SystemClock)
         .await
         .unwrap_err();
     assert!(matches!(err, CliError::Usage(_)), "{err}");
@@ -320,20 +328,20 @@ fn route_names_the_rule_the_relay_would_use() {
         content: "hi".into(),
     }));
 
-    let out = route::run(&with_catch_all, &scan).unwrap();
+    let out = route::run(&with_catch_all, &scan, &SystemClock).unwrap();
     assert!(out.contains("rule      [0] event=subscribe|SCAN"), "{out}");
     assert!(out.contains("target    broker (raw)"), "{out}");
     assert!(out.contains("reply     broker"), "{out}");
     assert!(!out.contains("hooks"), "{out}");
     assert!(!out.contains(DEFAULT_FROM), "no OpenID: {out}");
 
-    let out = route::run(&with_catch_all, &text).unwrap();
+    let out = route::run(&with_catch_all, &text, &SystemClock).unwrap();
     assert!(out.contains("rule      [1] *"), "{out}");
     assert!(out.contains("target    hooks (json)"), "{out}");
     assert!(out.contains("reply     none"), "{out}");
 
     let without = settings(&config(&g, &targets, broker_routes()));
-    let out = route::run(&without, &text).unwrap();
+    let out = route::run(&without, &text, &SystemClock).unwrap();
     assert!(out.contains("none matches"), "{out}");
     assert!(out.contains("unrouted"), "{out}");
 
@@ -342,7 +350,7 @@ fn route_names_the_rule_the_relay_would_use() {
         ..text.clone()
     };
     assert!(matches!(
-        route::run(&without, &no_account),
+        route::run(&without, &no_account, &SystemClock),
         Err(CliError::Usage(_))
     ));
 }
@@ -372,7 +380,7 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
             content: "a secret".into(),
         }),
     ] {
-        let report = simulate::run(&settings, &push(&relay, "secure", payload))
+        let report = simulate::run(&settings, &push(&relay, "secure", payload), &SystemClock)
             .await
             .unwrap();
         assert!(report.ok, "{}", report.text);
@@ -597,9 +605,13 @@ async fn the_sink_prints_what_the_relay_delivers_to_it() {
     let follow = Payload::Kind(Kind::Subscribe {
         scene: Some("login:42".into()),
     });
-    let report = simulate::run(&settings(&toml), &push(&relay, "secure", follow))
-        .await
-        .unwrap();
+    let report = simulate::run(
+        &settings(&toml),
+        &push(&relay, "secure", follow),
+        &SystemClock,
+    )
+    .await
+    .unwrap();
     assert!(report.ok, "{}", report.text);
     let arrived = common::eventually(Duration::from_secs(20), || {
         let printed = printed.clone();

@@ -455,6 +455,40 @@ async fn retry_after_is_honoured_over_the_schedule() {
 }
 
 #[tokio::test]
+async fn a_retry_after_date_is_read_against_the_relays_clock() {
+    let g = generated();
+    let now = reference_now(&g);
+    let hooks = FakeTarget::start().await;
+    let at = std::time::UNIX_EPOCH + Duration::from_secs((now + 120) as u64);
+    hooks.script([Behaviour::Answer {
+        status: 503,
+        headers: vec![("retry-after", httpdate::fmt_http_date(at))],
+        body: String::new(),
+    }]);
+    let targets = [target(
+        "hooks",
+        &hooks.url("/"),
+        "retry_schedule = [\"1s\"]",
+    )];
+    let relay =
+        TestRelay::start(&config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n"), now).await;
+    assert_eq!(
+        send(&relay, vector(&g, "secure.CLICK"), "secure")
+            .await
+            .status,
+        200
+    );
+    assert!(relay.until_attempts("hooks", 1).await);
+    let due_in = relay.spool.waiting("hooks", 1).await.unwrap()[0].next_at.0
+        - wxrelay::clock::Clock::now_ms(&*relay.clock);
+    assert!(
+        (119_000..=121_000).contains(&due_in),
+        "next attempt in {due_in} ms, not at the date the target named"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn a_400_dead_letters_at_once_with_its_reason() {
     let g = generated();
     let hooks = FakeTarget::start().await;
@@ -614,6 +648,38 @@ async fn a_broker_that_never_answers_does_not_hold_wechat_and_gets_the_event_lat
     assert!(relay.until_nothing_pending("broker").await);
     assert_eq!(
         broker.received()[1].body,
+        body(&vector(&g, "secure.scan_str")["request"])
+    );
+    relay.stop().await;
+}
+
+/// The inline attempt at the reply target is an attempt like a worker's: a
+/// 503 there marks the target down, so its next answer releases the backlog.
+#[tokio::test]
+async fn an_inline_reply_counts_toward_the_targets_health() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    broker.script([Behaviour::status(503)]);
+    broker.set_default(Behaviour::body(200, "text/xml", reply_xml()));
+    let targets = [target(
+        "broker",
+        &broker.url("/events"),
+        "retry_schedule = [\"1h\"]",
+    )];
+    let relay = TestRelay::start(&config(&g, &targets, broker_routes()), reference_now(&g)).await;
+
+    let first = send(&relay, vector(&g, "secure.scan_str"), "secure").await;
+    assert_eq!(first.text(), "success", "no reply from a 503");
+    assert!(relay.until_attempts("broker", 1).await);
+    let second = send(&relay, vector(&g, "secure.scan_id"), "secure").await;
+    assert_eq!(second.status, 200);
+    assert!(
+        broker.wait_for(3, WAIT).await,
+        "the first push is sent again when the broker answers, not an hour later: {} requests",
+        broker.count()
+    );
+    assert_eq!(
+        broker.received()[2].body,
         body(&vector(&g, "secure.scan_str")["request"])
     );
     relay.stop().await;

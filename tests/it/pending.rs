@@ -9,7 +9,7 @@ use common::target::{Behaviour, FakeTarget};
 use common::{eventually, generated, hooks_config, push_text, quiet, TestRelay};
 use std::process::Command;
 use std::time::Duration;
-use wxrelay::cli;
+use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::spool::Spool;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -18,7 +18,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// spool file, for the command. The relay's clock starts at the system time,
 /// which the command reads.
 async fn relay_and_operator_config(toml: &str) -> (TestRelay, String) {
-    let relay = TestRelay::start(toml, cli::now_ms() / 1000).await;
+    let relay = TestRelay::start(toml, SystemClock.now_ms() / 1000).await;
     let spool = relay.dir.path().join("spool.db");
     let path = relay.dir.path().join("operator.toml");
     std::fs::write(
@@ -31,7 +31,7 @@ async fn relay_and_operator_config(toml: &str) -> (TestRelay, String) {
 
 /// Brings the relay's clock up to the system time the command used.
 fn catch_up(relay: &TestRelay) {
-    let behind = cli::now_ms() - wxrelay::clock::Clock::now_ms(&*relay.clock);
+    let behind = SystemClock.now_ms() - wxrelay::clock::Clock::now_ms(&*relay.clock);
     relay.clock.advance_ms(behind.max(0) + 1);
 }
 
@@ -147,7 +147,7 @@ async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
     );
     let held = &relay.spool.waiting("hooks", 10).await.unwrap()[0];
     assert!(
-        held.not_before.0 > cli::now_ms(),
+        held.not_before.0 > SystemClock.now_ms(),
         "the 429's delivery waits"
     );
 

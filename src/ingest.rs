@@ -1,0 +1,241 @@
+//! Taking in a verified push: route it, build the event to store with a
+//! delivery per routed target, commit it (with its dedup key and replay
+//! guard) within what is left of the reply budget, and wake the targets'
+//! workers. The result is a value, [`Ingested`], from which the request path
+//! derives its metrics and log line in one place.
+
+use crate::clock::Clock;
+use crate::config::{Account, Mode, Settings, Target};
+use crate::deliver::Dispatcher;
+use crate::route;
+use crate::spool::{
+    DeliveryId, Enqueued, Event, EventId, NewDelivery, NewEvent, ReplayGuard, Spool, SpoolError,
+    UnixMs,
+};
+use crate::wechat::inbound::VerifiedPush;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// What ingesting needs: where events go, what time it is, and who delivers.
+pub struct Ingest {
+    pub spool: Arc<dyn Spool>,
+    pub clock: Arc<dyn Clock>,
+    pub dispatcher: Arc<Dispatcher>,
+}
+
+/// Why a verified push was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("spool unavailable: {0}")]
+    Spool(SpoolError),
+    #[error("spool commit took longer than the reply budget")]
+    Timeout,
+    #[error("replayed: this signed query was already used with another body")]
+    Replayed,
+}
+
+/// A push taken in: stored, or a duplicate of one that was.
+#[derive(Debug)]
+pub struct Ingested {
+    /// `None` for a duplicate: nothing was stored.
+    pub stored: Option<Stored>,
+    /// No rule matched: stored as an `unrouted` dead letter.
+    pub unrouted: bool,
+    pub msg_type: String,
+    /// The `Event` of an event push, empty otherwise.
+    pub event_name: String,
+    /// `event/{Event}` or the MsgType, for the log line.
+    pub kind: String,
+    /// The dedup key, hashed: it carries the sender's OpenID.
+    pub key_hash: String,
+}
+
+#[derive(Debug)]
+pub struct Stored {
+    pub event_id: EventId,
+    /// The rule's reply target, when it is to be tried inline.
+    pub reply: Option<ReplyTo>,
+}
+
+/// The delivery the request path attempts inline for WeChat's answer.
+#[derive(Debug)]
+pub struct ReplyTo {
+    pub target: Target,
+    pub delivery_id: DeliveryId,
+    pub event: Event,
+}
+
+impl Ingest {
+    /// Routes and stores `push`; the commit must end by `deadline`.
+    pub async fn ingest(
+        &self,
+        config: &Settings,
+        account: &Account,
+        push: &VerifiedPush,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<Ingested, IngestError> {
+        let message = &push.message;
+        let now = UnixMs(self.clock.now_ms());
+        let input = route::route_input(&account.id, message);
+        let rule = route::route(&config.routes, &input).map(|(_, rule)| rule);
+        let reply_from = rule.and_then(|r| r.reply_from.as_deref());
+        let reply_due_at = self
+            .dispatcher
+            .reply_due_at(now, config.server.reply_budget);
+        let targets = rule.map_or_else(Vec::new, |rule| {
+            deliveries(&rule.to, reply_from, now, reply_due_at)
+        });
+
+        let dedup_key = format!("{}|{}", account.id, message.dedup_key());
+        let dedup_window = config.spool.dedup_window.as_millis() as i64;
+        // Until the query goes stale, a replay of it must still find its guard
+        // and its dedup key, even when the timestamp is ahead of the clock.
+        let stale_at = stale_at(account, &push.timestamp).unwrap_or(now + dedup_window);
+        let new_event = NewEvent {
+            replay: replay_guard(account, push, stale_at),
+            event: stored_event(push, body, dedup_key.clone(), now, input.msg_type),
+            targets,
+        };
+        let window = dedup_window.max(stale_at - now);
+        // The reply target is sent the event as the spool hands it back.
+        let reply = reply_from.and_then(|name| reply_plan(config, name, &new_event));
+        let routed: Vec<String> = new_event.targets.iter().map(|t| t.target.clone()).collect();
+        let commit = self.spool.enqueue(new_event, now, window);
+        let enqueued = tokio::time::timeout_at(deadline, commit)
+            .await
+            .map_err(|_| IngestError::Timeout)?
+            .map_err(IngestError::Spool)?;
+        let mut ingested = Ingested {
+            stored: None,
+            unrouted: routed.is_empty(),
+            msg_type: input.msg_type.to_string(),
+            event_name: message.event().unwrap_or("").to_string(),
+            kind: kind(message.event(), input.msg_type),
+            key_hash: short_hash(&dedup_key),
+        };
+        let (event_id, deliveries, stored) = match enqueued {
+            Enqueued::Replayed => return Err(IngestError::Replayed),
+            Enqueued::Duplicate => return Ok(ingested),
+            Enqueued::Stored {
+                event_id,
+                deliveries,
+                event,
+            } => (event_id, deliveries, event),
+        };
+        for target in &routed {
+            self.dispatcher.wake(target);
+        }
+        // Without its delivery there is nothing to attempt inline.
+        let reply = reply.and_then(|(target, position)| {
+            Some(ReplyTo {
+                target,
+                delivery_id: *deliveries.get(position)?,
+                event: *stored,
+            })
+        });
+        ingested.stored = Some(Stored { event_id, reply });
+        Ok(ingested)
+    }
+}
+
+/// The reply target and where its delivery is among the event's. A paused
+/// target gets no inline attempt: its delivery waits.
+fn reply_plan(config: &Settings, name: &str, new_event: &NewEvent) -> Option<(Target, usize)> {
+    let position = new_event.targets.iter().position(|t| t.target == name)?;
+    let target = config.targets.get(name).filter(|t| !t.paused)?;
+    Some((target.clone(), position))
+}
+
+/// The event as stored; its id is the spool's to give.
+fn stored_event(
+    push: &VerifiedPush,
+    body: Bytes,
+    dedup_key: String,
+    now: UnixMs,
+    msg_type: &str,
+) -> Event {
+    Event {
+        dedup_key,
+        account: push.account.clone(),
+        received_at: now,
+        query: push.query.clone(),
+        body,
+        xml: push.xml.clone(),
+        fields: push.message.fields_json().to_string(),
+        msg_type: msg_type.to_string(),
+        event_type: push.message.event().map(str::to_string),
+    }
+}
+
+/// A delivery per routed target, due now, except the reply target's: it is
+/// tried inline first, and the workers wait until that attempt is over.
+fn deliveries(
+    to: &[String],
+    reply_from: Option<&str>,
+    now: UnixMs,
+    reply_due_at: UnixMs,
+) -> Vec<NewDelivery> {
+    to.iter()
+        .map(|target| NewDelivery {
+            target: target.clone(),
+            due_at: if reply_from == Some(target.as_str()) {
+                reply_due_at
+            } else {
+                now
+            },
+        })
+        .collect()
+}
+
+/// `event/{Event}` for an event, the MsgType otherwise.
+fn kind(event: Option<&str>, msg_type: &str) -> String {
+    match event {
+        Some(event) => format!("event/{event}"),
+        None => msg_type.to_string(),
+    }
+}
+
+/// When the account starts refusing a query with this timestamp as stale,
+/// unix milliseconds; `None` when it does not check freshness.
+fn stale_at(account: &Account, timestamp: &str) -> Option<UnixMs> {
+    let window = account.timestamp_window?;
+    let sent: i64 = timestamp.parse().ok()?;
+    // Accepted while the clock's whole seconds are within the window.
+    let last_second = sent.saturating_add(window.as_secs() as i64);
+    Some(UnixMs(last_second.saturating_add(1).saturating_mul(1000)))
+}
+
+/// `signature` covers (token, timestamp, nonce), never the body, so a
+/// captured query can carry any body until it goes stale; the guard refuses
+/// it with any body other than the first. In secure mode every accepted push
+/// is also under `msg_signature`, which covers the `<Encrypt>` that is all the
+/// relay reads of the body: another `<Encrypt>` fails it and the same one is
+/// the same message, a duplicate. So secure accounts need no guard and spend
+/// no write on one. Compat accounts take unencrypted pushes, and an encrypted
+/// push's query without `encrypt_type` and `msg_signature` is a valid
+/// unencrypted one, so their encrypted pushes are guarded too. What is
+/// compared is the message the relay acts on (the decrypted XML of an
+/// encrypted push), so WeChat re-sending a push sealed afresh under the same
+/// query stays a duplicate rather than a replay.
+fn replay_guard(account: &Account, push: &VerifiedPush, stale_at: UnixMs) -> Option<ReplayGuard> {
+    if account.mode == Mode::Secure {
+        return None;
+    }
+    Some(ReplayGuard {
+        key: format!(
+            "{}|{}|{}|{}",
+            push.account, push.timestamp, push.nonce, push.signature
+        ),
+        body_hash: Sha256::digest(push.xml.as_bytes()).into(),
+        expires_at: stale_at,
+    })
+}
+
+/// A short, non-reversible stand-in for an identifier that carries an OpenID,
+/// so logs can correlate without holding personal data.
+pub fn short_hash(value: &str) -> String {
+    hex::encode(&Sha256::digest(value.as_bytes())[..6])
+}

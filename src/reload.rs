@@ -1,0 +1,97 @@
+//! Reloading the configuration file: validate it whole, swap it in
+//! atomically, tell the dispatcher, and retire the removed targets' work.
+
+use crate::config::{ConfigError, Settings};
+use crate::deliver::Dispatcher;
+use crate::metrics::Metrics;
+use crate::spool::SpoolError;
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What a reload reads and changes: the running configuration (a request
+/// keeps the view it started with) and the dispatcher that follows it.
+pub struct Reloader {
+    config: Arc<ArcSwap<Settings>>,
+    dispatcher: Arc<Dispatcher>,
+    metrics: Arc<Metrics>,
+    /// Where the configuration is reloaded from; `None` when it came from elsewhere.
+    config_path: Option<PathBuf>,
+    /// Serialises reloads, so two at once cannot interleave.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(
+        config: Arc<ArcSwap<Settings>>,
+        dispatcher: Arc<Dispatcher>,
+        metrics: Arc<Metrics>,
+        config_path: Option<PathBuf>,
+    ) -> Reloader {
+        Reloader {
+            config,
+            dispatcher,
+            metrics,
+            config_path,
+            reloading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether there is a file to reload from.
+    pub fn has_file(&self) -> bool {
+        self.config_path.is_some()
+    }
+}
+
+impl Reloader {
+    /// Loads, validates and swaps in the configuration file. An invalid file
+    /// changes nothing: the running configuration stays, the reasons are
+    /// returned and logged, and the failure is counted.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let result = self.try_reload().await;
+        let label = if result.is_ok() { "ok" } else { "failed" };
+        self.metrics.reloads.with_label_values(&[label]).inc();
+        match &result {
+            Ok(()) => tracing::info!("configuration reloaded"),
+            Err(e) => {
+                tracing::error!(reasons = %e, "configuration reload refused; the running configuration stays")
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let next = Settings::load(path)?;
+        let current = self.config.load();
+        if next.server.listen != current.server.listen
+            || next.server.admin_listen != current.server.admin_listen
+            || next.spool.path != current.spool.path
+            || next.server.max_connections != current.server.max_connections
+            || next.server.max_body_bytes_in_flight != current.server.max_body_bytes_in_flight
+        {
+            tracing::warn!(
+                "listen, admin_listen, max_connections, max_body_bytes_in_flight and spool.path take effect at the next start only"
+            );
+        }
+        let next = Arc::new(next);
+        self.config.store(next.clone());
+        self.dispatcher.reconfigured();
+        // After the swap, so no worker starts on a removed target again; a
+        // request still finishing under the previous view is caught by the
+        // workers' periodic retire.
+        self.dispatcher.retire_removed_targets(&next).await?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the relay was not started from a configuration file")]
+    NoFile,
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
