@@ -236,20 +236,9 @@ pub async fn serve<H, F>(
                         continue;
                     }
                 };
-                let permit = match permits.clone().try_acquire_owned() {
-                    Ok(permit) => Some(permit),
-                    Err(_) => match make_room(&connections, max) {
-                        Room::Full => {
-                            refuse(&stream, counters.as_ref(), &errors);
-                            continue;
-                        }
-                        room => {
-                            if let (Room::Displaced, Some(c)) = (room, &counters) {
-                                c.idle_closed.inc();
-                            }
-                            None
-                        }
-                    },
+                let Some(admission) = admit(&permits, &connections, max, counters.as_ref()) else {
+                    refuse(&stream, counters.as_ref(), &errors);
+                    continue;
                 };
                 let _ = stream.set_nodelay(true);
                 let connection = Connection {
@@ -260,23 +249,7 @@ pub async fn serve<H, F>(
                     errors: errors.clone(),
                     shutdown: shutdown.clone(),
                 };
-                let permits = permits.clone();
-                tokio::spawn(async move {
-                    let permit = match permit {
-                        Some(permit) => permit,
-                        // Fair: the permit the displaced connection frees
-                        // goes to the oldest waiter, not to a newer arrival.
-                        None => {
-                            let wait = tokio::time::timeout(ADMISSION_WAIT, permits.acquire_owned()).await;
-                            done_waiting(&connection.connections);
-                            match wait {
-                                Ok(Ok(permit)) => permit,
-                                _ => return refuse(&stream, connection.counters.as_ref(), &connection.errors),
-                            }
-                        }
-                    };
-                    connection.run(stream, permit).await;
-                });
+                tokio::spawn(connection.take_slot_and_run(stream, admission, permits.clone()));
             }
             _ = stopping(&mut shutdown) => break,
         }
@@ -296,6 +269,35 @@ pub async fn serve<H, F>(
     }
 }
 
+/// How a new connection gets its slot.
+enum Admission {
+    Free(OwnedSemaphorePermit),
+    /// None is free, but one is being freed for it: it waits its turn.
+    Awaited,
+}
+
+/// A slot for a new connection, or `None` when it must be refused: every
+/// connection has a request in progress, or too many are already waiting.
+fn admit(
+    permits: &Arc<Semaphore>,
+    connections: &Connections,
+    max: usize,
+    counters: Option<&Counters>,
+) -> Option<Admission> {
+    if let Ok(permit) = permits.clone().try_acquire_owned() {
+        return Some(Admission::Free(permit));
+    }
+    match make_room(connections, max) {
+        Room::Full => None,
+        room => {
+            if let (Room::Displaced, Some(c)) = (room, counters) {
+                c.idle_closed.inc();
+            }
+            Some(Admission::Awaited)
+        }
+    }
+}
+
 /// One accepted connection and what serving it needs.
 struct Connection<H> {
     http: http1::Builder,
@@ -311,6 +313,29 @@ where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
+    /// Serves the connection once it has its slot.
+    async fn take_slot_and_run(
+        self,
+        stream: TcpStream,
+        admission: Admission,
+        permits: Arc<Semaphore>,
+    ) {
+        let permit = match admission {
+            Admission::Free(permit) => permit,
+            // Fair: the permit the displaced connection frees goes to the
+            // oldest waiter, not to a newer arrival.
+            Admission::Awaited => {
+                let wait = tokio::time::timeout(ADMISSION_WAIT, permits.acquire_owned()).await;
+                done_waiting(&self.connections);
+                match wait {
+                    Ok(Ok(permit)) => permit,
+                    _ => return refuse(&stream, self.counters.as_ref(), &self.errors),
+                }
+            }
+        };
+        self.run(stream, permit).await;
+    }
+
     async fn run(mut self, stream: TcpStream, permit: OwnedSemaphorePermit) {
         if *self.shutdown.borrow() {
             return;

@@ -4,6 +4,7 @@
 
 use super::raw::{
     OneOrMany, RawAccount, RawConfig, RawMatch, RawRoute, RawServer, RawSpool, RawTarget,
+    StringOrNumber,
 };
 use super::settings::{
     decode_webhook_secret, Account, Format, Mode, RetryClass, RetryPolicy, ServerSettings,
@@ -140,32 +141,12 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
             None => DEFAULT_MAX_BODY,
         },
     };
-    let max_connections = match raw.max_connections {
-        None => crate::server::default_max_connections(),
-        Some(n) if MAX_CONNECTIONS_RANGE.contains(&n) => n as usize,
-        Some(_) => {
-            p.add("server.max_connections", "must be between 1 and 1000000");
-            crate::server::default_max_connections()
-        }
-    };
-    let max_body_bytes_in_flight = match raw.max_body_bytes_in_flight {
-        None => DEFAULT_BODY_BYTES_IN_FLIGHT.max(max_body),
-        Some(text) => match p.ok("server.max_body_bytes_in_flight", parse_size(&text.0)) {
-            Some(size) if size > MAX_BODY_BYTES_IN_FLIGHT => {
-                p.add("server.max_body_bytes_in_flight", "must be at most 1GiB");
-                DEFAULT_BODY_BYTES_IN_FLIGHT
-            }
-            Some(size) if size < max_body => {
-                p.add(
-                    "server.max_body_bytes_in_flight",
-                    "must be at least server.max_body: a push of the largest allowed size could never be read",
-                );
-                max_body
-            }
-            Some(size) => size,
-            None => DEFAULT_BODY_BYTES_IN_FLIGHT,
-        },
-    };
+    let (max_connections, max_body_bytes_in_flight) = capacity(
+        p,
+        raw.max_connections,
+        raw.max_body_bytes_in_flight,
+        max_body,
+    );
     let reply_budget = p.duration(
         "server.reply_budget",
         raw.reply_budget,
@@ -178,41 +159,12 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
         );
     }
     let allow_unauthenticated_admin = raw.allow_unauthenticated_admin.unwrap_or(false);
-    let admin_token = secret_source(
+    let admin_token = admin_token(
         p,
-        "server.admin_token",
-        raw.admin_token,
-        raw.admin_token_file,
+        (raw.admin_token, raw.admin_token_file),
+        admin_listen,
+        allow_unauthenticated_admin,
     );
-    // Another host reaching an open admin listener could reload the
-    // configuration at will: that takes a token or a deliberate choice.
-    if matches!(admin_token, Ok(None))
-        && !admin_listen.ip().is_loopback()
-        && !allow_unauthenticated_admin
-    {
-        p.add(
-            "server.admin_token",
-            format!(
-                "required when admin_listen ({admin_listen}) is not a loopback address: \
-                 set admin_token or admin_token_file, or allow_unauthenticated_admin = true \
-                 if only trusted hosts can reach it"
-            ),
-        );
-    }
-    let admin_token = admin_token.ok().flatten().map(|(token, path)| {
-        if token.expose().is_empty() {
-            p.add(path, "must not be empty");
-        } else if !token.expose().bytes().all(|b| b.is_ascii_graphic()) {
-            // It travels in an Authorization header, which trims white space
-            // and may carry only visible ASCII: another token never matches.
-            p.add(
-                path,
-                "must be visible ASCII characters, without spaces: it is sent in an \
-                 Authorization header",
-            );
-        }
-        token
-    });
     ServerSettings {
         listen,
         admin_listen,
@@ -233,6 +185,82 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
         admin_token,
         allow_unauthenticated_admin,
     }
+}
+
+/// `max_connections` and `max_body_bytes_in_flight`: what a flood can take.
+fn capacity(
+    p: &mut Problems,
+    max_connections: Option<i64>,
+    max_body_bytes_in_flight: Option<StringOrNumber>,
+    max_body: usize,
+) -> (usize, usize) {
+    let max_connections = match max_connections {
+        None => crate::server::default_max_connections(),
+        Some(n) if MAX_CONNECTIONS_RANGE.contains(&n) => n as usize,
+        Some(_) => {
+            p.add("server.max_connections", "must be between 1 and 1000000");
+            crate::server::default_max_connections()
+        }
+    };
+    let max_body_bytes_in_flight = match max_body_bytes_in_flight {
+        None => DEFAULT_BODY_BYTES_IN_FLIGHT.max(max_body),
+        Some(text) => match p.ok("server.max_body_bytes_in_flight", parse_size(&text.0)) {
+            Some(size) if size > MAX_BODY_BYTES_IN_FLIGHT => {
+                p.add("server.max_body_bytes_in_flight", "must be at most 1GiB");
+                DEFAULT_BODY_BYTES_IN_FLIGHT
+            }
+            Some(size) if size < max_body => {
+                p.add(
+                    "server.max_body_bytes_in_flight",
+                    "must be at least server.max_body: a push of the largest allowed size could never be read",
+                );
+                max_body
+            }
+            Some(size) => size,
+            None => DEFAULT_BODY_BYTES_IN_FLIGHT,
+        },
+    };
+    (max_connections, max_body_bytes_in_flight)
+}
+
+/// The admin token, required unless the admin listener is on loopback or an
+/// open admin API is allowed explicitly.
+fn admin_token(
+    p: &mut Problems,
+    (inline, file): (Option<Secret>, Option<PathBuf>),
+    admin_listen: SocketAddr,
+    allow_unauthenticated_admin: bool,
+) -> Option<Secret> {
+    let admin_token = secret_source(p, "server.admin_token", inline, file);
+    // Another host reaching an open admin listener could reload the
+    // configuration at will: that takes a token or a deliberate choice.
+    if matches!(admin_token, Ok(None))
+        && !admin_listen.ip().is_loopback()
+        && !allow_unauthenticated_admin
+    {
+        p.add(
+            "server.admin_token",
+            format!(
+                "required when admin_listen ({admin_listen}) is not a loopback address: \
+                 set admin_token or admin_token_file, or allow_unauthenticated_admin = true \
+                 if only trusted hosts can reach it"
+            ),
+        );
+    }
+    admin_token.ok().flatten().map(|(token, path)| {
+        if token.expose().is_empty() {
+            p.add(path, "must not be empty");
+        } else if !token.expose().bytes().all(|b| b.is_ascii_graphic()) {
+            // It travels in an Authorization header, which trims white space
+            // and may carry only visible ASCII: another token never matches.
+            p.add(
+                path,
+                "must be visible ASCII characters, without spaces: it is sent in an \
+                 Authorization header",
+            );
+        }
+        token
+    })
 }
 
 fn address(p: &mut Problems, path: &str, raw: Option<String>, default: &str) -> SocketAddr {

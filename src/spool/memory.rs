@@ -43,6 +43,13 @@ impl State {
         self.next_id
     }
 
+    /// A delivery still waiting for its target: only those take an outcome.
+    fn waiting_mut(&mut self, delivery_id: DeliveryId) -> Option<&mut Delivery> {
+        self.deliveries
+            .get_mut(&delivery_id)
+            .filter(|d| d.state == DeliveryState::Pending)
+    }
+
     fn drop_event_if_done(&mut self, event_id: EventId) {
         if !self.deliveries.values().any(|d| d.event_id == event_id) {
             self.events.remove(&event_id);
@@ -242,11 +249,7 @@ impl Spool for MemorySpool {
                         not_before,
                         error,
                     } => {
-                        if let Some(d) = s
-                            .deliveries
-                            .get_mut(&delivery_id)
-                            .filter(|d| d.state == DeliveryState::Pending)
-                        {
+                        if let Some(d) = s.waiting_mut(delivery_id) {
                             d.attempts += 1;
                             d.next_at = next_at;
                             d.schedule = schedule;
@@ -261,11 +264,7 @@ impl Spool for MemorySpool {
                         reason,
                         error,
                     } => {
-                        if let Some(d) = s
-                            .deliveries
-                            .get_mut(&delivery_id)
-                            .filter(|d| d.state == DeliveryState::Pending)
-                        {
+                        if let Some(d) = s.waiting_mut(delivery_id) {
                             d.state = DeliveryState::Dead;
                             d.attempts += 1;
                             d.leased_until = UnixMs(0);
