@@ -13,7 +13,7 @@ use crate::clock::Clock;
 use crate::config::{Account, Mode, Settings};
 use crate::deliver::{self, HttpClient};
 use crate::wechat::message::Message;
-use crate::wechat::push::{self, Envelope, Sealing};
+use crate::wechat::push::{self, PushParams, Sealing};
 use crate::wechat::{reply, signature};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, USER_AGENT};
@@ -58,7 +58,7 @@ impl Default for MessageOptions {
 /// The pushes that can be built: WeChat's messages and the events an
 /// Official Account server receives.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
-pub enum Kind {
+pub enum PushKind {
     /// A text message.
     Text {
         /// The message text.
@@ -121,7 +121,7 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum Payload {
     #[command(flatten)]
-    Kind(Kind),
+    PushKind(PushKind),
     /// The message XML in a file, as is.
     Xml {
         /// A file holding one <xml>…</xml> message.
@@ -134,7 +134,7 @@ impl Payload {
     /// The message XML, stamped `now` (unix seconds).
     pub fn xml(&self, opts: &MessageOptions, now: i64) -> Result<String, CliError> {
         match self {
-            Payload::Kind(kind) => Ok(message_xml(kind, opts, now, fresh_msg_id())),
+            Payload::PushKind(kind) => Ok(message_xml(kind, opts, now, fresh_msg_id())),
             Payload::Xml { file } => std::fs::read_to_string(file)
                 .map_err(|e| CliError::Usage(format!("{}: {e}", file.display()))),
         }
@@ -183,7 +183,7 @@ pub async fn run(
         .and_then(|m| m.from_user().map(str::to_owned));
     let nonce = digits(9);
     let random = reply::random_bytes();
-    let envelope = Envelope {
+    let envelope = PushParams {
         token: account.token.expose(),
         app_id: &account.app_id,
         timestamp: now,
@@ -359,7 +359,7 @@ pub fn fresh_msg_id() -> u64 {
 
 /// The message XML WeChat would send for `kind`, created at `now` (unix
 /// seconds); `msg_id` is the MsgId of messages and the MsgID of job events.
-pub fn message_xml(kind: &Kind, opts: &MessageOptions, now: i64, msg_id: u64) -> String {
+pub fn message_xml(kind: &PushKind, opts: &MessageOptions, now: i64, msg_id: u64) -> String {
     let head = |msg_type: &str| {
         vec![
             text("ToUserName", &opts.to),
@@ -383,18 +383,18 @@ pub fn message_xml(kind: &Kind, opts: &MessageOptions, now: i64, msg_id: u64) ->
     let media = |kind: &str| text("MediaId", &format!("SIMULATED_MEDIA_ID_{kind}"));
     let thumb = || text("ThumbMediaId", "SIMULATED_THUMB_MEDIA_ID");
     let lines = match kind {
-        Kind::Text { content } => message("text", &[text("Content", content)]),
-        Kind::Image => message(
+        PushKind::Text { content } => message("text", &[text("Content", content)]),
+        PushKind::Image => message(
             "image",
             &[
                 text("PicUrl", "http://mmbiz.qpic.cn/mmbiz_jpg/simulated/0"),
                 media("image"),
             ],
         ),
-        Kind::Voice => message("voice", &[media("voice"), text("Format", "amr")]),
-        Kind::Video => message("video", &[media("video"), thumb()]),
-        Kind::Shortvideo => message("shortvideo", &[media("shortvideo"), thumb()]),
-        Kind::Location => message(
+        PushKind::Voice => message("voice", &[media("voice"), text("Format", "amr")]),
+        PushKind::Video => message("video", &[media("video"), thumb()]),
+        PushKind::Shortvideo => message("shortvideo", &[media("shortvideo"), thumb()]),
+        PushKind::Location => message(
             "location",
             &[
                 plain("Location_X", "23.134521"),
@@ -403,7 +403,7 @@ pub fn message_xml(kind: &Kind, opts: &MessageOptions, now: i64, msg_id: u64) ->
                 text("Label", "位置信息"),
             ],
         ),
-        Kind::Link => message(
+        PushKind::Link => message(
             "link",
             &[
                 text("Title", "公众平台官网链接"),
@@ -411,19 +411,19 @@ pub fn message_xml(kind: &Kind, opts: &MessageOptions, now: i64, msg_id: u64) ->
                 text("Url", "https://mp.weixin.qq.com/s/example"),
             ],
         ),
-        Kind::Subscribe { scene: None } => event("subscribe", &[text("EventKey", "")]),
-        Kind::Subscribe { scene: Some(scene) } => event(
+        PushKind::Subscribe { scene: None } => event("subscribe", &[text("EventKey", "")]),
+        PushKind::Subscribe { scene: Some(scene) } => event(
             "subscribe",
             &[
                 text("EventKey", &format!("qrscene_{scene}")),
                 text("Ticket", TICKET),
             ],
         ),
-        Kind::Unsubscribe => event("unsubscribe", &[text("EventKey", "")]),
-        Kind::Scan { scene } => event("SCAN", &[text("EventKey", scene), text("Ticket", TICKET)]),
-        Kind::Click { key } => event("CLICK", &[text("EventKey", key)]),
-        Kind::View { key } => event("VIEW", &[text("EventKey", key), plain("MenuId", 208396938)]),
-        Kind::LocationEvent => event(
+        PushKind::Unsubscribe => event("unsubscribe", &[text("EventKey", "")]),
+        PushKind::Scan { scene } => event("SCAN", &[text("EventKey", scene), text("Ticket", TICKET)]),
+        PushKind::Click { key } => event("CLICK", &[text("EventKey", key)]),
+        PushKind::View { key } => event("VIEW", &[text("EventKey", key), plain("MenuId", 208396938)]),
+        PushKind::LocationEvent => event(
             "LOCATION",
             &[
                 plain("Latitude", "23.137466"),
@@ -431,7 +431,7 @@ pub fn message_xml(kind: &Kind, opts: &MessageOptions, now: i64, msg_id: u64) ->
                 plain("Precision", "119.385040"),
             ],
         ),
-        Kind::ScancodePush => event(
+        PushKind::ScancodePush => event(
             "scancode_push",
             &[
                 text("EventKey", "rselfmenu_0_1"),
@@ -442,11 +442,11 @@ pub fn message_xml(kind: &Kind, opts: &MessageOptions, now: i64, msg_id: u64) ->
                 ),
             ],
         ),
-        Kind::Templatesendjobfinish => event(
+        PushKind::Templatesendjobfinish => event(
             "TEMPLATESENDJOBFINISH",
             &[plain("MsgID", msg_id), text("Status", "success")],
         ),
-        Kind::Masssendjobfinish => event(
+        PushKind::Masssendjobfinish => event(
             "MASSSENDJOBFINISH",
             &[
                 plain("MsgID", msg_id),
@@ -462,7 +462,7 @@ pub fn message_xml(kind: &Kind, opts: &MessageOptions, now: i64, msg_id: u64) ->
                 ),
             ],
         ),
-        Kind::Publishjobfinish => event(
+        PushKind::Publishjobfinish => event(
             "PUBLISHJOBFINISH",
             &[format!(
                 "<PublishEventInfo>{}{}{}<article_detail>{}<item>{}{}</item></article_detail></PublishEventInfo>",
@@ -474,7 +474,7 @@ pub fn message_xml(kind: &Kind, opts: &MessageOptions, now: i64, msg_id: u64) ->
                 text("article_url", "https://mp.weixin.qq.com/s/example"),
             )],
         ),
-        Kind::SubscribeMsgPopup => event(
+        PushKind::SubscribeMsgPopup => event(
             "subscribe_msg_popup_event",
             &[format!(
                 "<SubscribeMsgPopupEvent><List>{}{}{}</List></SubscribeMsgPopupEvent>",
@@ -502,7 +502,7 @@ fn plain(name: &str, value: impl Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wechat::message::Kind as Parsed;
+    use crate::wechat::message::MessageKind as Parsed;
 
     #[test]
     fn every_kind_parses_with_its_type_and_the_given_parties() {
@@ -512,33 +512,39 @@ mod tests {
         };
         let kinds = [
             (
-                Kind::Text {
+                PushKind::Text {
                     content: "a]]>b <c>".into(),
                 },
                 "text",
             ),
-            (Kind::Image, "image"),
-            (Kind::Voice, "voice"),
-            (Kind::Video, "video"),
-            (Kind::Shortvideo, "shortvideo"),
-            (Kind::Location, "location"),
-            (Kind::Link, "link"),
-            (Kind::Subscribe { scene: None }, "event/subscribe"),
-            (Kind::Unsubscribe, "event/unsubscribe"),
-            (Kind::Scan { scene: "s".into() }, "event/SCAN"),
-            (Kind::Click { key: "k".into() }, "event/CLICK"),
+            (PushKind::Image, "image"),
+            (PushKind::Voice, "voice"),
+            (PushKind::Video, "video"),
+            (PushKind::Shortvideo, "shortvideo"),
+            (PushKind::Location, "location"),
+            (PushKind::Link, "link"),
+            (PushKind::Subscribe { scene: None }, "event/subscribe"),
+            (PushKind::Unsubscribe, "event/unsubscribe"),
+            (PushKind::Scan { scene: "s".into() }, "event/SCAN"),
+            (PushKind::Click { key: "k".into() }, "event/CLICK"),
             (
-                Kind::View {
+                PushKind::View {
                     key: "https://e.com/".into(),
                 },
                 "event/VIEW",
             ),
-            (Kind::LocationEvent, "event/LOCATION"),
-            (Kind::ScancodePush, "event/scancode_push"),
-            (Kind::Templatesendjobfinish, "event/TEMPLATESENDJOBFINISH"),
-            (Kind::Masssendjobfinish, "event/MASSSENDJOBFINISH"),
-            (Kind::Publishjobfinish, "event/PUBLISHJOBFINISH"),
-            (Kind::SubscribeMsgPopup, "event/subscribe_msg_popup_event"),
+            (PushKind::LocationEvent, "event/LOCATION"),
+            (PushKind::ScancodePush, "event/scancode_push"),
+            (
+                PushKind::Templatesendjobfinish,
+                "event/TEMPLATESENDJOBFINISH",
+            ),
+            (PushKind::Masssendjobfinish, "event/MASSSENDJOBFINISH"),
+            (PushKind::Publishjobfinish, "event/PUBLISHJOBFINISH"),
+            (
+                PushKind::SubscribeMsgPopup,
+                "event/subscribe_msg_popup_event",
+            ),
         ];
         for (kind, expected) in kinds {
             let xml = message_xml(&kind, &opts, 1_717_000_000, 24602147850012345);
@@ -556,7 +562,7 @@ mod tests {
             assert_eq!(m.get("CreateTime"), Some("1717000000"));
         }
         let text = message_xml(
-            &Kind::Text {
+            &PushKind::Text {
                 content: "a]]>b <c>".into(),
             },
             &opts,
@@ -579,15 +585,15 @@ mod tests {
                 .scene()
         };
         assert_eq!(
-            scene(Kind::Subscribe {
+            scene(PushKind::Subscribe {
                 scene: Some("login_1".into())
             })
             .as_deref(),
             Some("login_1")
         );
-        assert_eq!(scene(Kind::Subscribe { scene: None }), None);
+        assert_eq!(scene(PushKind::Subscribe { scene: None }), None);
         assert_eq!(
-            scene(Kind::Scan {
+            scene(PushKind::Scan {
                 scene: "login_2".into()
             })
             .as_deref(),

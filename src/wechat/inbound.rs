@@ -344,7 +344,7 @@ mod tests {
     fn an_encrypted_push_is_checked_decrypted_and_says_which_key_opened_it() {
         let keys = ring();
         let c = creds(Some(&keys), false, true);
-        let envelope = push::Envelope {
+        let envelope = push::PushParams {
             token: TOKEN,
             app_id: APP_ID,
             timestamp: NOW,

@@ -125,7 +125,7 @@ pub enum XmlError {
 
 /// What a push is, for routing and deduplication.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Kind {
+pub enum MessageKind {
     /// An ordinary message; `msg_type` is `""` when `MsgType` is missing.
     Message { msg_type: String },
     /// `MsgType` is `event` (any case); `event` is the `Event` value as sent.
@@ -280,12 +280,12 @@ impl Message {
         children_json(&self.fields)
     }
 
-    pub fn kind(&self) -> Kind {
+    pub fn kind(&self) -> MessageKind {
         match self.msg_type() {
-            Some(msg_type) if msg_type.eq_ignore_ascii_case("event") => Kind::Event {
+            Some(msg_type) if msg_type.eq_ignore_ascii_case("event") => MessageKind::Event {
                 event: self.event().unwrap_or_default().to_owned(),
             },
-            msg_type => Kind::Message {
+            msg_type => MessageKind::Message {
                 msg_type: msg_type.unwrap_or_default().to_owned(),
             },
         }
@@ -296,7 +296,7 @@ impl Message {
     /// `SCAN`. `None` for anything else, including a follow without a scene.
     #[cfg(any(test, feature = "test-util"))]
     pub fn scene(&self) -> Option<String> {
-        let Kind::Event { event } = self.kind() else {
+        let MessageKind::Event { event } = self.kind() else {
             return None;
         };
         let key = self.event_key()?;
@@ -321,11 +321,13 @@ impl Message {
     pub fn dedup_key(&self) -> String {
         let from = self.from_user().unwrap_or_default();
         let what = match self.kind() {
-            Kind::Message { msg_type } => match self.get("MsgId").filter(|id| !id.is_empty()) {
-                Some(msg_id) => return format!("msg|{from}|{msg_id}"),
-                None => msg_type,
-            },
-            Kind::Event { event } => event,
+            MessageKind::Message { msg_type } => {
+                match self.get("MsgId").filter(|id| !id.is_empty()) {
+                    Some(msg_id) => return format!("msg|{from}|{msg_id}"),
+                    None => msg_type,
+                }
+            }
+            MessageKind::Event { event } => event,
         };
         let field = |name| self.get(name).unwrap_or_default();
         format!(
@@ -791,27 +793,27 @@ mod tests {
         let message = parse("<xml><MsgType>text</MsgType><MsgId>1</MsgId></xml>").unwrap();
         assert_eq!(
             message.kind(),
-            Kind::Message {
+            MessageKind::Message {
                 msg_type: "text".to_owned()
             }
         );
         assert_eq!(
             parse("<xml/>").unwrap().kind(),
-            Kind::Message {
+            MessageKind::Message {
                 msg_type: String::new()
             }
         );
         let event = parse("<xml><MsgType>EVENT</MsgType><Event>LOCATION</Event></xml>").unwrap();
         assert_eq!(
             event.kind(),
-            Kind::Event {
+            MessageKind::Event {
                 event: "LOCATION".to_owned()
             }
         );
         let no_event = parse("<xml><MsgType>event</MsgType></xml>").unwrap();
         assert_eq!(
             no_event.kind(),
-            Kind::Event {
+            MessageKind::Event {
                 event: String::new()
             }
         );

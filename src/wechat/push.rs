@@ -39,7 +39,7 @@ pub struct Push {
 
 /// What identifies the account and the request.
 #[derive(Debug, Clone, Copy)]
-pub struct Envelope<'a> {
+pub struct PushParams<'a> {
     pub token: &'a str,
     pub app_id: &'a str,
     pub timestamp: i64,
@@ -50,7 +50,7 @@ pub struct Envelope<'a> {
 }
 
 /// Seals `xml` (a whole `<xml>…</xml>` message) as WeChat would.
-pub fn build(xml: &str, sealing: Sealing<'_>, e: &Envelope<'_>) -> Push {
+pub fn build(xml: &str, sealing: Sealing<'_>, e: &PushParams<'_>) -> Push {
     let timestamp = e.timestamp.to_string();
     let mut query = format!(
         "signature={}&timestamp={timestamp}&nonce={}",
@@ -96,8 +96,8 @@ mod tests {
 
     const XML: &str = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o1]]></FromUserName><CreateTime>1</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hi]]></Content><MsgId>1</MsgId></xml>";
 
-    fn envelope<'a>(random: &'a [u8; 16]) -> Envelope<'a> {
-        Envelope {
+    fn envelope<'a>(random: &'a [u8; 16]) -> PushParams<'a> {
+        PushParams {
             token: "tok123",
             app_id: "wx0123456789abcdef",
             timestamp: 1_717_000_000,

@@ -8,7 +8,7 @@ use wxrelay::config::Settings;
 use wxrelay::route;
 use wxrelay::wechat::crypto::AesKey;
 use wxrelay::wechat::message::Message;
-use wxrelay::wechat::push::{self, Envelope, Sealing};
+use wxrelay::wechat::push::{self, PushParams, Sealing};
 use wxrelay::wechat::signature;
 
 const TOKEN: &str = "Relay2024Token";
@@ -63,7 +63,7 @@ fn process(query: &str, body: &[u8], key: Option<&AesKey>, rules: &[route::Rule]
 fn bench(c: &mut Criterion) {
     let key = AesKey::from_encoding(KEY).unwrap_or_else(|e| panic!("{e}"));
     let rules = routes();
-    let envelope = Envelope {
+    let envelope = PushParams {
         token: TOKEN,
         app_id: APP_ID,
         timestamp: 1_716_999_970,

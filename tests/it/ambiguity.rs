@@ -11,7 +11,7 @@ use common::{
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use wxrelay::wechat::crypto::AesKey;
-use wxrelay::wechat::push::{self, Envelope, Sealing};
+use wxrelay::wechat::push::{self, PushParams, Sealing};
 
 /// `xml` sealed for account `mode` of the vectors, signed as WeChat would.
 fn sealed(g: &Value, mode: &str, xml: &str) -> (String, String) {
@@ -25,7 +25,7 @@ fn sealed(g: &Value, mode: &str, xml: &str) -> (String, String) {
     let p = push::build(
         xml,
         sealing,
-        &Envelope {
+        &PushParams {
             token: c["token"].as_str().unwrap(),
             app_id: c["appid"].as_str().unwrap(),
             timestamp: reference_now(g),

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 use wxrelay::cli::dlq::{self, DlqCommand, Selection};
 use wxrelay::cli::route::{self, RouteArgs};
-use wxrelay::cli::simulate::{self, Kind, MessageOptions, Payload, SimulateArgs, DEFAULT_FROM};
+use wxrelay::cli::simulate::{self, MessageOptions, Payload, PushKind, SimulateArgs, DEFAULT_FROM};
 use wxrelay::cli::{keygen, CliError};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::Settings;
@@ -55,54 +55,54 @@ fn every_kind(dir: &Path) -> Vec<(Payload, &'static str, Option<&'static str>)> 
         "<xml><ToUserName><![CDATA[gh_3f1a2b9c8d7e]]></ToUserName><FromUserName><![CDATA[oFromAFile000000000000000000]]></FromUserName><CreateTime>1717000000</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[from a file]]></Content><MsgId>24602147850099999</MsgId></xml>",
     )
     .unwrap();
-    let kind = |k: Kind, msg_type, event| (Payload::Kind(k), msg_type, event);
-    let event = |k: Kind, name| kind(k, "event", Some(name));
+    let kind = |k: PushKind, msg_type, event| (Payload::PushKind(k), msg_type, event);
+    let event = |k: PushKind, name| kind(k, "event", Some(name));
     vec![
         kind(
-            Kind::Text {
+            PushKind::Text {
                 content: "hello".into(),
             },
             "text",
             None,
         ),
-        kind(Kind::Image, "image", None),
-        kind(Kind::Voice, "voice", None),
-        kind(Kind::Video, "video", None),
-        kind(Kind::Shortvideo, "shortvideo", None),
-        kind(Kind::Location, "location", None),
-        kind(Kind::Link, "link", None),
-        event(Kind::Subscribe { scene: None }, "subscribe"),
+        kind(PushKind::Image, "image", None),
+        kind(PushKind::Voice, "voice", None),
+        kind(PushKind::Video, "video", None),
+        kind(PushKind::Shortvideo, "shortvideo", None),
+        kind(PushKind::Location, "location", None),
+        kind(PushKind::Link, "link", None),
+        event(PushKind::Subscribe { scene: None }, "subscribe"),
         event(
-            Kind::Subscribe {
+            PushKind::Subscribe {
                 scene: Some("login_1".into()),
             },
             "subscribe",
         ),
-        event(Kind::Unsubscribe, "unsubscribe"),
+        event(PushKind::Unsubscribe, "unsubscribe"),
         event(
-            Kind::Scan {
+            PushKind::Scan {
                 scene: "login_2".into(),
             },
             "SCAN",
         ),
         event(
-            Kind::Click {
+            PushKind::Click {
                 key: "V1001".into(),
             },
             "CLICK",
         ),
         event(
-            Kind::View {
+            PushKind::View {
                 key: "https://www.example.com/".into(),
             },
             "VIEW",
         ),
-        event(Kind::LocationEvent, "LOCATION"),
-        event(Kind::ScancodePush, "scancode_push"),
-        event(Kind::Templatesendjobfinish, "TEMPLATESENDJOBFINISH"),
-        event(Kind::Masssendjobfinish, "MASSSENDJOBFINISH"),
-        event(Kind::Publishjobfinish, "PUBLISHJOBFINISH"),
-        event(Kind::SubscribeMsgPopup, "subscribe_msg_popup_event"),
+        event(PushKind::LocationEvent, "LOCATION"),
+        event(PushKind::ScancodePush, "scancode_push"),
+        event(PushKind::Templatesendjobfinish, "TEMPLATESENDJOBFINISH"),
+        event(PushKind::Masssendjobfinish, "MASSSENDJOBFINISH"),
+        event(PushKind::Publishjobfinish, "PUBLISHJOBFINISH"),
+        event(PushKind::SubscribeMsgPopup, "subscribe_msg_popup_event"),
         (Payload::Xml { file }, "text", None),
     ]
 }
@@ -218,7 +218,7 @@ async fn a_secure_reply_is_verified_and_printed_decrypted() {
         broker_routes(),
     );
     let relay = relay_now(&toml).await;
-    let scan = Payload::Kind(Kind::Scan {
+    let scan = Payload::PushKind(PushKind::Scan {
         scene: "login_1".into(),
     });
     let report = simulate::run(
@@ -249,7 +249,7 @@ async fn the_url_check_passes_for_a_served_account_only() {
     let check = |account: &str| SimulateArgs {
         verify_url: true,
         payload: None,
-        ..push(&relay, account, Payload::Kind(Kind::Image))
+        ..push(&relay, account, Payload::PushKind(PushKind::Image))
     };
     let report = simulate::run(&settings(&toml), &check("secure"), &SystemClock)
         .await
@@ -321,10 +321,10 @@ fn route_names_the_rule_the_relay_would_use() {
         message: MessageOptions::default(),
         payload,
     };
-    let scan = args(Payload::Kind(Kind::Scan {
+    let scan = args(Payload::PushKind(PushKind::Scan {
         scene: "login_1".into(),
     }));
-    let text = args(Payload::Kind(Kind::Text {
+    let text = args(Payload::PushKind(PushKind::Text {
         content: "hi".into(),
     }));
 
@@ -375,8 +375,8 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
     let relay = relay_now(&toml).await;
     let settings = settings(&toml);
     for payload in [
-        Payload::Kind(Kind::Click { key: "k".into() }),
-        Payload::Kind(Kind::Text {
+        Payload::PushKind(PushKind::Click { key: "k".into() }),
+        Payload::PushKind(PushKind::Text {
             content: "a secret".into(),
         }),
     ] {
@@ -602,7 +602,7 @@ async fn the_sink_prints_what_the_relay_delivers_to_it() {
         "[[routes]]\nto = [\"hooks\"]\n",
     );
     let relay = relay_now(&toml).await;
-    let follow = Payload::Kind(Kind::Subscribe {
+    let follow = Payload::PushKind(PushKind::Subscribe {
         scene: Some("login:42".into()),
     });
     let report = simulate::run(

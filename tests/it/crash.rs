@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wxrelay::wechat::crypto::AesKey;
-use wxrelay::wechat::push::{self, Envelope, Sealing};
+use wxrelay::wechat::push::{self, PushParams, Sealing};
 
 const PUSHES: usize = 300;
 const KILL_AFTER: usize = 150;
@@ -105,7 +105,7 @@ fn pushes(g: &serde_json::Value, now: i64) -> Vec<(String, String, bool)> {
             let p = push::build(
                 &xml,
                 Sealing::Secure(&key),
-                &Envelope {
+                &PushParams {
                     token: c["token"].as_str().unwrap(),
                     app_id: c["appid"].as_str().unwrap(),
                     timestamp: now,

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use wxrelay::wechat::crypto::{
     decrypt, decrypt_frame, encrypt, AesKey, DecryptError, KeyRing, KeySlot,
 };
-use wxrelay::wechat::message::{Kind, Message, XmlError};
+use wxrelay::wechat::message::{Message, MessageKind, XmlError};
 use wxrelay::wechat::reply::{classify_reply, envelope, random_bytes, ReplyBody};
 use wxrelay::wechat::signature::{sign, verify};
 
@@ -277,10 +277,10 @@ fn generated_positive_vectors() {
 
         let classification = &expected["classification"];
         let expected_kind = match s(classification, "kind") {
-            "message" => Kind::Message {
+            "message" => MessageKind::Message {
                 msg_type: s(classification, "MsgType").to_owned(),
             },
-            "event" => Kind::Event {
+            "event" => MessageKind::Event {
                 event: s(classification, "Event").to_owned(),
             },
             other => panic!("{id}: unknown kind {other}"),

@@ -151,14 +151,14 @@ async fn an_identical_secure_replay_stays_a_duplicate_while_its_query_is_fresh()
 #[tokio::test]
 async fn a_compat_push_sealed_afresh_under_the_same_query_is_a_duplicate() {
     use wxrelay::wechat::crypto::AesKey;
-    use wxrelay::wechat::push::{self, Envelope, Sealing};
+    use wxrelay::wechat::push::{self, PushParams, Sealing};
     let g = generated();
     let (relay, broker) = relay_with_broker(&g).await;
     let c = &g["config"];
     let key = AesKey::from_encoding(c["encoding_aes_key"].as_str().unwrap()).unwrap();
     let xml = String::from_utf8(body(&vector(&g, "plaintext.scan_str")["request"])).unwrap();
     let sealed = |random: [u8; 16]| {
-        let envelope = Envelope {
+        let envelope = PushParams {
             token: c["token"].as_str().unwrap(),
             app_id: c["appid"].as_str().unwrap(),
             timestamp: reference_now(&g),

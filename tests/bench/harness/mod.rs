@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use wxrelay::wechat::crypto::AesKey;
-use wxrelay::wechat::push::{self, Envelope, Sealing};
+use wxrelay::wechat::push::{self, PushParams, Sealing};
 
 pub const TOKEN: &str = "Relay2024Token";
 pub const KEY: &str = "R3layV3ct0rsEncodingAesKeyForTests0123456Zq";
@@ -31,7 +31,7 @@ pub const APP_ID: &str = "wx5f3c9a1e7d2b4c60";
 
 /// What kind of push, by the route it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum PushKind {
     /// subscribe with a scene and a Ticket, or SCAN: broker and webhooks.
     Login,
     /// text, CLICK or LOCATION: webhooks only.
@@ -41,7 +41,7 @@ pub enum Kind {
 pub struct Push {
     pub path: String,
     pub body: Bytes,
-    pub kind: Kind,
+    pub kind: PushKind,
 }
 
 /// Push number `i`: 20 % subscribe with a scene and Ticket, 10 % SCAN, 70 %
@@ -49,11 +49,11 @@ pub struct Push {
 pub fn push(i: u64, now: i64, key: &AesKey) -> Push {
     let user = format!("oLoadTestUser{i:015}");
     let (kind, inner) = match i % 10 {
-        0 | 1 => (Kind::Login, format!("<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[subscribe]]></Event><EventKey><![CDATA[qrscene_login:{i}]]></EventKey><Ticket><![CDATA[gQH47joAAAAAAAAAAS5odHRwOi8v{i}]]></Ticket>")),
-        2 => (Kind::Login, format!("<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[SCAN]]></Event><EventKey><![CDATA[login:{i}]]></EventKey><Ticket><![CDATA[gQH47joAAAAAAAAAAS5odHRwOi8v{i}]]></Ticket>")),
-        3..=5 => (Kind::Other, format!("<MsgType><![CDATA[text]]></MsgType><Content><![CDATA[你好 load test message {i}]]></Content><MsgId>{}</MsgId>", 24_000_000_000_000_000 + i)),
-        6 | 7 => (Kind::Other, "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[CLICK]]></Event><EventKey><![CDATA[V1001_TODAY_MUSIC]]></EventKey>".to_string()),
-        _ => (Kind::Other, "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[LOCATION]]></Event><Latitude>23.137466</Latitude><Longitude>113.352425</Longitude><Precision>119.385040</Precision>".to_string()),
+        0 | 1 => (PushKind::Login, format!("<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[subscribe]]></Event><EventKey><![CDATA[qrscene_login:{i}]]></EventKey><Ticket><![CDATA[gQH47joAAAAAAAAAAS5odHRwOi8v{i}]]></Ticket>")),
+        2 => (PushKind::Login, format!("<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[SCAN]]></Event><EventKey><![CDATA[login:{i}]]></EventKey><Ticket><![CDATA[gQH47joAAAAAAAAAAS5odHRwOi8v{i}]]></Ticket>")),
+        3..=5 => (PushKind::Other, format!("<MsgType><![CDATA[text]]></MsgType><Content><![CDATA[你好 load test message {i}]]></Content><MsgId>{}</MsgId>", 24_000_000_000_000_000 + i)),
+        6 | 7 => (PushKind::Other, "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[CLICK]]></Event><EventKey><![CDATA[V1001_TODAY_MUSIC]]></EventKey>".to_string()),
+        _ => (PushKind::Other, "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[LOCATION]]></Event><Latitude>23.137466</Latitude><Longitude>113.352425</Longitude><Precision>119.385040</Precision>".to_string()),
     };
     let xml = format!(
         "<xml><ToUserName><![CDATA[gh_3f1a2b9c8d7e]]></ToUserName>\n<FromUserName><![CDATA[{user}]]></FromUserName>\n<CreateTime>{now}</CreateTime>\n{inner}\n</xml>"
@@ -62,7 +62,7 @@ pub fn push(i: u64, now: i64, key: &AesKey) -> Push {
     let p = push::build(
         &xml,
         Sealing::Secure(key),
-        &Envelope {
+        &PushParams {
             token: TOKEN,
             app_id: APP_ID,
             timestamp: now,
@@ -257,7 +257,7 @@ pub async fn drive(
                         if status == StatusCode::OK && (&body[..] == b"success" || body.is_empty())
                         {
                             report.success += 1;
-                            if p.kind == Kind::Login {
+                            if p.kind == PushKind::Login {
                                 report.login_success += 1;
                             }
                         } else {

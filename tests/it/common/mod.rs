@@ -538,7 +538,7 @@ pub async fn push_text(relay: &TestRelay, g: &Value, msg_id: u64, content: &str)
     let push = wxrelay::wechat::push::build(
         &xml,
         wxrelay::wechat::push::Sealing::Plaintext,
-        &wxrelay::wechat::push::Envelope {
+        &wxrelay::wechat::push::PushParams {
             token: g["config"]["token"].as_str().unwrap(),
             app_id: g["config"]["appid"].as_str().unwrap(),
             timestamp: now,
