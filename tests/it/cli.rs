@@ -400,7 +400,7 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
         .unwrap();
 
     // The command's own handle on the file, as beside a running relay.
-    let spool = SqliteSpool::open(&relay.dir.path().join("spool.db")).unwrap();
+    let spool = SqliteSpool::open(&relay.spool_path).unwrap();
     let now = relay.clock.now_ms();
     let run = |command: DlqCommand| {
         let spool = &spool;

@@ -825,10 +825,7 @@ async fn a_brokers_own_envelope_is_passed_only_if_wechat_could_open_it() {
     assert_eq!(answer.status, 200);
     assert_eq!(answer.text(), reply_xml(), "opened for a plaintext push");
 
-    let m = relay
-        .admin(http::Method::GET, "/metrics", None)
-        .await
-        .text();
+    let m = relay.metrics().await;
     let replies =
         |outcome: &str| common::metric(&m, "wxrelay_replies_total", &[("outcome", outcome)]);
     assert_eq!(replies("unverifiable"), 3.0, "{m}");

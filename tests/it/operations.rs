@@ -24,12 +24,6 @@ fn config(g: &Value, hooks_url: &str, routes: &str, server_extra: &str) -> Strin
     )
 }
 
-async fn scrape(relay: &TestRelay) -> String {
-    let answer = relay.admin(Method::GET, "/metrics", None).await;
-    assert_eq!(answer.status, 200);
-    answer.text()
-}
-
 #[tokio::test]
 async fn metrics_follow_valid_invalid_duplicate_pushes_and_failed_deliveries() {
     let g = generated();
@@ -37,7 +31,7 @@ async fn metrics_follow_valid_invalid_duplicate_pushes_and_failed_deliveries() {
     hooks.set_default(Behaviour::body(400, "text/plain", "no"));
     let routes = "[[routes]]\nmatch = { msg_type = \"event\" }\nto = [\"hooks\"]\n";
     let relay = TestRelay::start(&config(&g, &hooks.url("/"), routes, ""), reference_now(&g)).await;
-    let before = scrape(&relay).await;
+    let before = relay.metrics().await;
     assert_eq!(metric(&before, "wxrelay_build_info", &[]), 1.0);
     assert_eq!(
         metric(&before, "wxrelay_spool_pending", &[("target", "hooks")]),
@@ -83,7 +77,7 @@ async fn metrics_follow_valid_invalid_duplicate_pushes_and_failed_deliveries() {
             .await
     );
 
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     let pushes = |verdict| {
         metric(
             &m,
@@ -179,7 +173,7 @@ async fn metrics_follow_valid_invalid_duplicate_pushes_and_failed_deliveries() {
     assert!(hooks.wait_for(2, WAIT).await);
     assert!(relay.until_attempts("hooks", 1).await);
     relay.clock.advance_ms(30_000);
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert_eq!(
         metric(
             &m,
@@ -224,7 +218,7 @@ async fn previous_key_decrypts_are_counted() {
             .status,
         200
     );
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert_eq!(
         metric(
             &m,
@@ -307,7 +301,7 @@ async fn a_reload_adds_a_route_and_the_next_push_follows_it() {
         "delivered raw"
     );
     assert_eq!(relay.unrouted().await.len(), 1, "the image was routed");
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert_eq!(
         metric(&m, "wxrelay_config_reloads_total", &[("result", "ok")]),
         1.0
@@ -343,7 +337,7 @@ async fn an_invalid_reload_keeps_the_running_routes_and_is_counted() {
         hooks.wait_for(1, WAIT).await,
         "the old route still delivers"
     );
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert_eq!(
         metric(&m, "wxrelay_config_reloads_total", &[("result", "failed")]),
         1.0
@@ -483,7 +477,7 @@ async fn a_body_that_never_finishes_is_refused_with_408_and_stores_nothing() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(relay.nothing_pending().await && relay.unrouted().await.is_empty());
-    let m = scrape(&relay).await;
+    let m = relay.metrics().await;
     assert_eq!(
         metric(&m, "wxrelay_pushes_total", &[("verdict", "bad_request")]),
         1.0

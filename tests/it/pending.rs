@@ -19,7 +19,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// which the command reads.
 async fn relay_and_operator_config(toml: &str) -> (TestRelay, String) {
     let relay = TestRelay::start(toml, SystemClock.now_ms() / 1000).await;
-    let spool = relay.dir.path().join("spool.db");
+    let spool = relay.spool_path.clone();
     let path = relay.dir.path().join("operator.toml");
     std::fs::write(
         &path,

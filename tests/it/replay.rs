@@ -8,7 +8,6 @@ use common::target::FakeTarget;
 use common::{
     body, broker_routes, config, generated, metric, path, reference_now, target, vector, TestRelay,
 };
-use http::Method;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -51,7 +50,7 @@ async fn assert_broker_got_only_the_genuine_scan(relay: &TestRelay, broker: &Fak
 }
 
 async fn pushes(relay: &TestRelay, account: &str, verdict: &str) -> f64 {
-    let text = relay.admin(Method::GET, "/metrics", None).await.text();
+    let text = relay.metrics().await;
     metric(
         &text,
         "wxrelay_pushes_total",
