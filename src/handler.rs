@@ -569,5 +569,3 @@ fn answer_with(
         },
     }
 }
-
-pub use crate::ingest::short_hash;

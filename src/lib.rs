@@ -45,4 +45,4 @@ pub(crate) mod server;
 pub mod spool;
 pub mod wechat;
 
-pub use handler::short_hash;
+pub use ingest::short_hash;

@@ -13,7 +13,7 @@
 
 use super::CliError;
 use crate::config::Settings;
-use crate::handler::short_hash;
+use crate::ingest::short_hash;
 use crate::spool::{
     DeadFilter, DeadLetter, DeadReason, DeliveryId, Spool, SpoolError, SqliteSpool, UnixMs,
 };

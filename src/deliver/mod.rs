@@ -29,7 +29,7 @@ use retry::Verdict;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -137,7 +137,7 @@ fn answered(parts: http::response::Parts, body: Bytes, clock: &dyn Clock) -> Att
         .headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| retry::parse_retry_after(v, clock_time(clock)));
+        .and_then(|v| retry::parse_retry_after(v, UnixMs(clock.now_ms()).to_system_time()));
     let snippet: String = String::from_utf8_lossy(&body)
         .chars()
         .take(SNIPPET)
@@ -148,13 +148,6 @@ fn answered(parts: http::response::Parts, body: Bytes, clock: &dyn Clock) -> Att
         status: Some(parts.status),
         body,
     }
-}
-
-/// The injected clock as a `SystemTime`, for HTTP dates: a target's
-/// `Retry-After` date is read against the same time as the schedule it moves.
-fn clock_time(clock: &dyn Clock) -> SystemTime {
-    let ms = u64::try_from(clock.now_ms()).unwrap_or(0);
-    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -194,7 +187,6 @@ pub struct Dispatcher {
     client: HttpClient,
     /// Signalled after a reload, so new targets get a worker.
     config_changed: Notify,
-    wakers: Mutex<HashMap<String, Arc<Notify>>>,
     targets: Mutex<HashMap<String, Arc<TargetState>>>,
     /// Outcomes of inline attempts still being written; awaited at shutdown.
     records: Mutex<JoinSet<()>>,
@@ -203,6 +195,8 @@ pub struct Dispatcher {
 /// What the dispatcher knows of one target between attempts.
 #[derive(Default)]
 struct TargetState {
+    /// What its worker waits on when it has nothing due.
+    wake: Notify,
     health: Health,
     faults: Faults,
 }
@@ -240,7 +234,6 @@ impl Dispatcher {
             metrics,
             client: client(),
             config_changed: Notify::new(),
-            wakers: Mutex::new(HashMap::new()),
             targets: Mutex::new(HashMap::new()),
             records: Mutex::new(JoinSet::new()),
         })
@@ -262,14 +255,9 @@ impl Dispatcher {
     }
 
     /// The signal a target's worker waits on when it has nothing due.
-    fn waker(&self, target: &str) -> Arc<Notify> {
-        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
-        wakers.entry(target.to_string()).or_default().clone()
-    }
-
     /// Tells a target's worker that a delivery is due now.
     pub fn wake(&self, target: &str) {
-        self.waker(target).notify_one();
+        self.target_state(target).wake.notify_one();
     }
 
     /// Tells the workers the configuration changed: targets may have come or gone.
@@ -279,6 +267,10 @@ impl Dispatcher {
 
     fn target_state(&self, target: &str) -> Arc<TargetState> {
         let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        // Looked up on every push: no new name is allocated for a known target.
+        if let Some(state) = targets.get(target) {
+            return state.clone();
+        }
         targets.entry(target.to_string()).or_default().clone()
     }
 
@@ -620,7 +612,6 @@ impl Dispatcher {
     /// Delivers `name`'s due deliveries until stopped or until the target is no
     /// longer configured. Returns the target's name.
     async fn run_target(self: Arc<Self>, name: String, mut stop: watch::Receiver<bool>) -> String {
-        let wake = self.waker(&name);
         let state = self.target_state(&name);
         let mut slots: Option<(usize, Arc<Semaphore>)> = None;
         let mut in_flight = JoinSet::new();
@@ -666,7 +657,7 @@ impl Dispatcher {
             if leases.is_empty() {
                 drop(first);
                 tokio::select! {
-                    _ = wake.notified() => {}
+                    _ = state.wake.notified() => {}
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                     _ = stopping(&mut stop) => break,
                 }

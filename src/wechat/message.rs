@@ -150,11 +150,6 @@ impl Open {
     }
 }
 
-/// Top-level elements that are lists of containers, which WeChat may repeat.
-/// None of its pushes does today (its lists are nested: `PicList/item`,
-/// `SubscribeMsgPopupEvent/List`); these are the names it uses for lists.
-const REPEATABLE: &[&str] = &["item", "List"];
-
 impl Message {
     /// Parses a push or the message inside one: [`Message::parse`], then the
     /// root must be `<xml>` and a top-level element may repeat only if it is
@@ -164,10 +159,10 @@ impl Message {
         if message.root != "xml" {
             return Err(XmlError::Root);
         }
-        let mut seen = std::collections::HashSet::new();
-        for (name, node) in &message.fields {
-            let list = REPEATABLE.contains(&name.as_str()) && matches!(node, Node::Children(_));
-            if !seen.insert(name.as_str()) && !list {
+        // A push has a dozen fields: a scan beats a set.
+        for (i, (name, node)) in message.fields.iter().enumerate() {
+            let list = LIST_ENTRIES.contains(&name.as_str()) && matches!(node, Node::Children(_));
+            if !list && message.fields[..i].iter().any(|(seen, _)| seen == name) {
                 return Err(XmlError::Repeated(quotable(name)));
             }
         }
@@ -478,7 +473,8 @@ fn node_json(node: &Node) -> Value {
 
 /// WeChat's list entries: `<PicList><item>…</item></PicList>`, the
 /// subscribe-message events' `<List>`. Always arrays, so a list of one has the
-/// same shape as a list of two.
+/// same shape as a list of two. The only top-level names a push may repeat
+/// (none does today: WeChat's lists are nested).
 const LIST_ENTRIES: [&str; 2] = ["item", "List"];
 
 /// Children in document order (serde_json keeps insertion order); a list
