@@ -27,12 +27,8 @@
 //! - An event routed to no target is stored as a dead letter with reason
 //!   `unrouted`, with no target.
 
-#[cfg(test)]
-mod memory;
 mod sqlite;
 
-#[cfg(test)]
-use memory::MemorySpool;
 pub use sqlite::SqliteSpool;
 
 use bytes::Bytes;
@@ -250,19 +246,6 @@ pub struct DeadFilter {
     pub delivery_id: Option<DeliveryId>,
 }
 
-impl DeadFilter {
-    #[cfg(test)]
-    fn admits(&self, d: &DeadLetter) -> bool {
-        self.target
-            .as_deref()
-            .is_none_or(|t| d.target.as_deref() == Some(t))
-            && self.reason.is_none_or(|r| d.reason == r)
-            && self.since.is_none_or(|s| d.dead_at >= s)
-            && self.until.is_none_or(|u| d.dead_at < u)
-            && self.delivery_id.is_none_or(|id| d.delivery_id == id)
-    }
-}
-
 /// A delivery still waiting for its target: one in the pending state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WaitingDelivery {
@@ -300,21 +283,6 @@ impl Release {
             delivery_id: None,
             past_retry_after: false,
         }
-    }
-
-    #[cfg(test)]
-    fn admits(
-        &self,
-        id: DeliveryId,
-        target: Option<&str>,
-        attempts: u32,
-        not_before: UnixMs,
-        now: UnixMs,
-    ) -> bool {
-        target == Some(self.target.as_str())
-            && self.delivery_id.is_none_or(|d| d == id)
-            && attempts > 0
-            && (self.past_retry_after || not_before <= now)
     }
 }
 
