@@ -17,7 +17,7 @@ use crate::deliver::retry::Verdict;
 use crate::deliver::Dispatcher;
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
 use crate::metrics::Metrics;
-use crate::spool::{DeadReason, SpoolError};
+use crate::spool::DeadReason;
 use crate::wechat::crypto::{KeyRing, KeySlot};
 use crate::wechat::inbound::{self, Credentials, Refused, VerifiedPush};
 use crate::wechat::reply::{self, ReplyBody};
@@ -50,24 +50,10 @@ pub enum Rejection {
     BodyTimeout,
     #[error(transparent)]
     Refused(#[from] Refused),
-    #[error("spool unavailable: {0}")]
-    Spool(SpoolError),
-    #[error("spool commit took longer than the reply budget")]
-    SpoolTimeout,
-    #[error("replayed: this signed query was already used with another body")]
-    Replayed,
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
     #[error("too many request bodies in flight")]
     Busy,
-}
-
-impl From<IngestError> for Rejection {
-    fn from(e: IngestError) -> Self {
-        match e {
-            IngestError::Spool(e) => Rejection::Spool(e),
-            IngestError::Timeout => Rejection::SpoolTimeout,
-            IngestError::Replayed => Rejection::Replayed,
-        }
-    }
 }
 
 impl Rejection {
@@ -93,8 +79,8 @@ impl Rejection {
                 | Refused::EncryptedRefused
                 | Refused::BadAppId => StatusCode::FORBIDDEN,
             },
-            Rejection::Replayed => StatusCode::FORBIDDEN,
-            Rejection::Spool(_) | Rejection::SpoolTimeout | Rejection::Busy => {
+            Rejection::Ingest(IngestError::Replayed) => StatusCode::FORBIDDEN,
+            Rejection::Ingest(IngestError::Spool(_) | IngestError::Timeout) | Rejection::Busy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }
@@ -104,7 +90,7 @@ impl Rejection {
     /// cause (a path, the disk's state) is for the log only.
     fn client_reason(&self) -> String {
         match self {
-            Rejection::Spool(_) => "spool unavailable".to_string(),
+            Rejection::Ingest(IngestError::Spool(_)) => "spool unavailable".to_string(),
             other => other.to_string(),
         }
     }
@@ -128,8 +114,10 @@ impl Rejection {
                 Refused::BadXml(_) => PushVerdict::BadXml,
                 Refused::BadAppId => PushVerdict::BadAppId,
             },
-            Rejection::Replayed => PushVerdict::Replayed,
-            Rejection::Spool(_) | Rejection::SpoolTimeout => PushVerdict::SpoolUnavailable,
+            Rejection::Ingest(IngestError::Replayed) => PushVerdict::Replayed,
+            Rejection::Ingest(IngestError::Spool(_) | IngestError::Timeout) => {
+                PushVerdict::SpoolUnavailable
+            }
             Rejection::Busy => PushVerdict::Busy,
         }
     }
@@ -374,7 +362,6 @@ async fn answer(
 /// What the account's pushes are verified with.
 fn credentials(account: &Account) -> Credentials<'_> {
     Credentials {
-        account: &account.id,
         token: account.token.expose(),
         app_id: &account.app_id,
         keys: account.keys.as_ref(),

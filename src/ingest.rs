@@ -96,7 +96,7 @@ impl Ingest {
         let stale_at = stale_at(account, &push.timestamp).unwrap_or(now + dedup_window);
         let new_event = NewEvent {
             replay: replay_guard(account, push, stale_at),
-            event: stored_event(push, body, dedup_key.clone(), now, input.msg_type),
+            event: stored_event(account, push, body, dedup_key.clone(), now, input.msg_type),
             targets,
         };
         let window = dedup_window.max(stale_at - now);
@@ -151,6 +151,7 @@ fn reply_plan(config: &Settings, name: &str, new_event: &NewEvent) -> Option<(Ta
 
 /// The event as stored; its id is the spool's to give.
 fn stored_event(
+    account: &Account,
     push: &VerifiedPush,
     body: Bytes,
     dedup_key: String,
@@ -159,7 +160,7 @@ fn stored_event(
 ) -> Event {
     Event {
         dedup_key,
-        account: push.account.clone(),
+        account: account.id.clone(),
         received_at: now,
         query: push.query.clone(),
         body,
@@ -227,7 +228,7 @@ fn replay_guard(account: &Account, push: &VerifiedPush, stale_at: UnixMs) -> Opt
     Some(ReplayGuard {
         key: format!(
             "{}|{}|{}|{}",
-            push.account, push.timestamp, push.nonce, push.signature
+            account.id, push.timestamp, push.nonce, push.signature
         ),
         body_hash: Sha256::digest(push.xml.as_bytes()).into(),
         expires_at: stale_at,

@@ -16,7 +16,6 @@ use std::time::Duration;
 /// What one account's server URL is checked with.
 #[derive(Clone, Copy)]
 pub struct Credentials<'a> {
-    pub account: &'a str,
     pub token: &'a str,
     pub app_id: &'a str,
     pub keys: Option<&'a KeyRing>,
@@ -183,7 +182,6 @@ pub fn check_push_query(
 /// A push whose query and body verified: what the relay acts on.
 #[derive(Debug)]
 pub struct VerifiedPush {
-    pub account: String,
     /// The key that decrypted it; `None` for an unencrypted push.
     pub key_slot: Option<KeySlot>,
     /// The signed `timestamp`, `nonce` and `signature` of the query, as sent.
@@ -238,7 +236,6 @@ pub fn verify_push(
         signature,
     } = query.signed;
     Ok(VerifiedPush {
-        account: creds.account.to_string(),
         key_slot,
         timestamp,
         nonce,
@@ -269,7 +266,6 @@ mod tests {
 
     fn creds(keys: Option<&KeyRing>, plaintext: bool, encrypted: bool) -> Credentials<'_> {
         Credentials {
-            account: "a",
             token: TOKEN,
             app_id: APP_ID,
             keys,
