@@ -21,5 +21,6 @@ mod operations;
 mod pending;
 mod protocol_pure;
 mod replay;
+mod retire_race;
 mod spool_health;
 mod vectors_http;
