@@ -59,6 +59,8 @@ pub struct Metrics {
     pub http_errors: IntCounterVec,
     /// Bytes reserved for request bodies being read or processed.
     pub body_bytes_in_flight: IntGauge,
+    /// Each target's circuit: 0 closed, 1 open (left alone), 2 probing.
+    pub target_circuit: IntGaugeVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +116,14 @@ impl Metrics {
             &["version"],
         )?;
         r.register(Box::new(build_info.clone()))?;
+        let target_circuit = IntGaugeVec::new(
+            Opts::new(
+                "target_circuit",
+                "A target's circuit: 0 closed, 1 open (no attempts), 2 probing.",
+            ),
+            &["target"],
+        )?;
+        r.register(Box::new(target_circuit.clone()))?;
         fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
             let g = IntGauge::new(name, help)?;
             r.register(Box::new(g.clone()))?;
@@ -224,6 +234,7 @@ impl Metrics {
                 "body_bytes_in_flight",
                 "Bytes reserved for request bodies in progress.",
             )?,
+            target_circuit,
             registry,
         })
     }

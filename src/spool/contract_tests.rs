@@ -903,6 +903,17 @@ async fn expired_deliveries_are_dead_letters_that_can_be_selected() {
             1,
             "{name}"
         );
+        // Replayed, it is untried and due from the replay on: its age for
+        // max_age counts from there.
+        let again = spool
+            .lease("broker", UnixMs(700_000), 10, 1_000)
+            .await
+            .unwrap();
+        let replayed = again.iter().find(|l| l.delivery_id == d[0]).unwrap();
+        assert_eq!(
+            (replayed.attempts, replayed.schedule.due_at),
+            (0, UnixMs(700_000))
+        );
     }
 }
 

@@ -532,9 +532,23 @@ pub async fn start_binary(
 /// `content` so the fake target can tell the pushes apart.
 pub async fn push_text(relay: &TestRelay, g: &Value, msg_id: u64, content: &str) {
     let now = wxrelay::clock::Clock::now_secs(&*relay.clock);
+    let (path, body) = text_push(g, now, "o_flap", msg_id, content);
+    let answer = relay.post(&path, body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+/// The path and body of a text message from `from_user` to the plaintext
+/// account, signed for `now_secs`.
+pub fn text_push(
+    g: &Value,
+    now_secs: i64,
+    from_user: &str,
+    msg_id: u64,
+    content: &str,
+) -> (String, Vec<u8>) {
     let xml = format!(
-        "<xml><ToUserName><![CDATA[gh_relay]]></ToUserName><FromUserName><![CDATA[o_flap]]></FromUserName>\
-         <CreateTime>{now}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
+        "<xml><ToUserName><![CDATA[gh_relay]]></ToUserName><FromUserName><![CDATA[{from_user}]]></FromUserName>\
+         <CreateTime>{now_secs}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
          <Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId></xml>"
     );
     let nonce = format!("n{msg_id}");
@@ -544,16 +558,16 @@ pub async fn push_text(relay: &TestRelay, g: &Value, msg_id: u64, content: &str)
         &wxrelay::wechat::push::PushParams {
             token: g["config"]["token"].as_str().unwrap(),
             app_id: g["config"]["appid"].as_str().unwrap(),
-            timestamp: now,
+            timestamp: now_secs,
             nonce: &nonce,
             openid: None,
             random: &[0; 16],
         },
     );
-    let answer = relay
-        .post(&format!("/wx/plaintext?{}", push.query), push.body)
-        .await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
+    (
+        format!("/wx/plaintext?{}", push.query),
+        push.body.into_bytes(),
+    )
 }
 
 /// Waits until no delivery of `target` is due or being sent: every one
