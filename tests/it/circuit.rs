@@ -123,3 +123,33 @@ async fn refusals_do_not_open_the_circuit() {
     assert_eq!(circuit(&relay).await, 0.0, "a 4xx is the event's fault");
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn an_open_circuit_makes_no_inline_reply_attempt() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    broker.set_default(Behaviour::status(503));
+    let toml = common::config(
+        &g,
+        &[common::target(
+            "broker",
+            &broker.url("/"),
+            "breaker = { failures = 1 }",
+        )],
+        "[[routes]]\nto = [\"broker\"]\nreply_from = \"broker\"\n",
+    );
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    push_text(&relay, &g, 1, "first").await;
+    assert_eq!(broker.count(), 1, "tried inline");
+    let phase = metric(
+        &relay.metrics().await,
+        "wxrelay_target_circuit",
+        &[("target", "broker")],
+    );
+    assert_eq!(phase, 1.0, "one failure opens this circuit");
+    push_text(&relay, &g, 2, "second").await;
+    assert_eq!(broker.count(), 1, "no inline attempt while open");
+    let waiting = relay.spool.waiting("broker", 10).await.unwrap();
+    assert_eq!(waiting.len(), 2, "both wait in the spool");
+    relay.stop().await;
+}
