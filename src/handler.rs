@@ -12,7 +12,7 @@
 //! line, in one exhaustive `match`.
 
 use crate::clock::Clock;
-use crate::config::{Account, Mode, Settings};
+use crate::config::{Account, Mode, Settings, Target, WechatServer};
 use crate::deliver::retry::Verdict;
 use crate::deliver::Dispatcher;
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
@@ -271,6 +271,11 @@ fn observe_accepted(m: &Metrics, account: &str, verdict: &str, latency_ms: f64, 
         m.events
             .with_label_values(&[account, msg_type, event])
             .inc();
+        if let Some(login) = i.login {
+            m.login_events
+                .with_label_values(&[account, login.as_str()])
+                .inc();
+        }
         if i.unrouted {
             m.dead_letters
                 .with_label_values(&["", DeadReason::Unrouted.as_str()])
@@ -453,7 +458,7 @@ async fn accept_push(
         } else {
             reply_inline(path, to, remaining).await
         };
-        let (body, outcome) = answer_with(account, &to.target.name, &verified, inline);
+        let (body, outcome) = answer_with(account, &to.target, &verified, inline);
         answer = body;
         reply = Some(outcome);
     }
@@ -505,9 +510,11 @@ async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Inl
 /// valid; valid reply XML as is, except that a secure-mode account's plaintext
 /// reply is sealed into the envelope with the key that decrypted the push,
 /// and an envelope the target sealed itself passes only if WeChat could open it.
+/// A `wechat` target's reply must verify with the target's own credentials,
+/// and is sealed again with the account's.
 fn answer_with(
     account: &Account,
-    target: &str,
+    target: &Target,
     verified: &VerifiedPush,
     reply: InlineReply,
 ) -> (Bytes, &'static str) {
@@ -530,6 +537,23 @@ fn answer_with(
         );
         (Bytes::from(sealed), "encrypted")
     };
+    let reply = match &target.wechat {
+        None => reply,
+        Some(server) => match from_target_server(server, &account.app_id, reply) {
+            Ok(Opened::Sealed(xml)) => {
+                return match (&account.keys, verified.key_slot) {
+                    (Some(keys), Some(slot)) => seal(keys, slot, &xml),
+                    // An unencrypted push: WeChat expects its reply in plaintext.
+                    _ => (Bytes::from(xml), "passed"),
+                };
+            }
+            Ok(Opened::Plain(reply)) => reply,
+            Err(reason) => {
+                tracing::warn!(account = %account.id, target = %target.name, %reason, "reply target's answer does not verify with its own credentials; answering success");
+                return (success, "unverifiable");
+            }
+        },
+    };
     match reply {
         ReplyBody::Ack => (success, "passed"),
         ReplyBody::Envelope(xml) => {
@@ -545,7 +569,7 @@ fn answer_with(
                     (_, None) => (Bytes::from(plain), "passed"),
                 },
                 Err(e) => {
-                    tracing::warn!(account = %account.id, target, reason = %e, "reply target's envelope would not open for WeChat; answering success");
+                    tracing::warn!(account = %account.id, target = %target.name, reason = %e, "reply target's envelope would not open for WeChat; answering success");
                     (success, "unverifiable")
                 }
             }
@@ -554,5 +578,37 @@ fn answer_with(
             (Mode::Secure, Some(keys), Some(slot)) => seal(keys, slot, &xml),
             _ => (Bytes::from(xml), "passed"),
         },
+    }
+}
+
+/// A `wechat` target's reply, judged as WeChat would judge it from a server
+/// holding the target's credentials.
+enum Opened {
+    /// Its envelope opened: the reply inside, to be sealed for the account.
+    Sealed(String),
+    /// `success`, or plaintext reply XML from a server not in secure mode.
+    Plain(ReplyBody),
+}
+
+/// Opens a `wechat` target's reply with its own Token, keys and AppID (the
+/// account's when it sets none). A plaintext reply carries no signature;
+/// from a server in secure mode WeChat would refuse it, and so does this.
+fn from_target_server(
+    server: &WechatServer,
+    account_app_id: &str,
+    reply: ReplyBody,
+) -> Result<Opened, String> {
+    match reply {
+        ReplyBody::Envelope(xml) => {
+            let app_id = server.app_id.as_deref().unwrap_or(account_app_id);
+            let keys = server.keys.as_ref();
+            reply::open_envelope(keys, server.token.expose(), app_id, xml.as_bytes())
+                .map(|(plain, _)| Opened::Sealed(plain))
+                .map_err(|e| e.to_string())
+        }
+        ReplyBody::PlainXml(_) if server.mode == Mode::Secure => {
+            Err("a plaintext reply from a server in secure mode".to_owned())
+        }
+        other => Ok(Opened::Plain(other)),
     }
 }

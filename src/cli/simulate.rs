@@ -13,7 +13,7 @@ use crate::clock::Clock;
 use crate::config::{Account, Mode, Settings};
 use crate::deliver::{self, HttpClient};
 use crate::wechat::message::Message;
-use crate::wechat::push::{self, PushParams, Sealing};
+use crate::wechat::push::{self, digits, PushParams, Sealing};
 use crate::wechat::{reply, signature};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, USER_AGENT};
@@ -251,10 +251,22 @@ async fn verify_url(
     url: &url::Url,
     now: i64,
 ) -> Result<Report, CliError> {
+    url_check(client, account.token.expose(), url, now).await
+}
+
+/// WeChat's GET URL check of `url`, signed with `token`: `ok` when the server
+/// echoed `echostr`, which proves it holds the same Token.
+pub async fn url_check(
+    client: &HttpClient,
+    token: &str,
+    url: &url::Url,
+    now: i64,
+) -> Result<Report, CliError> {
     let (timestamp, nonce, echostr) = (now.to_string(), digits(9), digits(19));
-    let signature = signature::sign(&[account.token.expose(), &timestamp, &nonce]);
+    let signature = signature::sign(&[token, &timestamp, &nonce]);
+    let separator = if url.query().is_some() { '&' } else { '?' };
     let uri = format!(
-        "{url}?signature={signature}&echostr={echostr}&timestamp={timestamp}&nonce={nonce}"
+        "{url}{separator}signature={signature}&echostr={echostr}&timestamp={timestamp}&nonce={nonce}"
     );
     let (status, body) = exchange(client, Method::GET, &uri, String::new()).await?;
     let echoed = status == StatusCode::OK && body == echostr.as_bytes();
@@ -342,14 +354,6 @@ pub fn push_url(base: &str, account: &str) -> Result<url::Url, CliError> {
 
 fn line(text: &mut String, value: impl Display) {
     let _ = writeln!(text, "{value}");
-}
-
-/// `len` random decimal digits, the first not zero, as WeChat's nonces are.
-fn digits(len: usize) -> String {
-    let mut rng = rand::thread_rng();
-    (0..len)
-        .map(|i| char::from(b'0' + rng.gen_range(u8::from(i == 0)..10)))
-        .collect()
 }
 
 /// A MsgId: 17 digits, like WeChat's (above 2^53, so never a JSON number).

@@ -23,3 +23,4 @@ mod protocol_pure;
 mod replay;
 mod spool_health;
 mod vectors_http;
+mod wechat_format;

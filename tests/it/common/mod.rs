@@ -571,6 +571,24 @@ pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
     .await
 }
 
+/// Runs the real binary (`wxrelay ARGS`) off the runtime's thread, so a
+/// relay or target in this test keeps serving: its exit code and its output
+/// (standard output, then standard error).
+pub async fn wxrelay(args: Vec<String>) -> (Option<i32>, String) {
+    tokio::task::spawn_blocking(move || {
+        let _environment = ENVIRONMENT.blocking_lock();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxrelay"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    })
+    .await
+    .unwrap()
+}
+
 /// The test binary's one process environment. Tests that set `WXRELAY_`
 /// variables hold this while they are set, and whatever reads them (a spawned
 /// binary, a reload) holds it too, so that no test runs on another's overrides.

@@ -26,6 +26,8 @@ pub enum Behaviour {
     },
     /// Never answers (until it is told to release).
     Hang,
+    /// Answers as the inner behaviour after a delay: a slow broker.
+    After(Duration, Box<Behaviour>),
 }
 
 impl Behaviour {
@@ -226,7 +228,13 @@ async fn answer(
         }
     };
     arrived.notify_waiters();
+    let mut behaviour = behaviour;
+    while let Behaviour::After(delay, then) = behaviour {
+        tokio::time::sleep(delay).await;
+        behaviour = *then;
+    }
     match behaviour {
+        Behaviour::After(..) => unreachable!("unwrapped above"),
         Behaviour::Hang => {
             release.notified().await;
             Ok(respond(503, &[], ""))
