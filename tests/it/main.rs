@@ -15,6 +15,7 @@ mod delivery;
 mod documented_paths;
 mod flapping;
 mod full_disk;
+mod interop;
 mod load_smoke;
 mod logs;
 mod operations;

@@ -17,7 +17,6 @@ use wxrelay::clock::Clock;
 use wxrelay::config::Settings;
 use wxrelay::wechat::crypto::{decrypt, AesKey, KeyRing};
 use wxrelay::wechat::message::Message;
-use wxrelay::wechat::push::{self, PushParams, Sealing};
 use wxrelay::wechat::reply::{self, envelope, random_bytes};
 use wxrelay::wechat::signature::{sign, verify};
 
@@ -61,40 +60,6 @@ fn xml(kind: &PushKind, now: i64, msg_id: u64) -> String {
         from: SENDER.to_owned(),
     };
     message_xml(kind, &opts, now, msg_id)
-}
-
-/// POSTs `xml` to `account` (whose id is its mode) as WeChat would; the
-/// query it was sent with and the answer.
-async fn push_as_wechat(
-    relay: &TestRelay,
-    a: &Account,
-    mode: &str,
-    xml: &str,
-) -> (String, common::Answer) {
-    let sealing = match mode {
-        "plaintext" => Sealing::Plaintext,
-        "compat" => Sealing::Compat(&a.key),
-        _ => Sealing::Secure(&a.key),
-    };
-    let account = if mode == "rotating" { "rotating" } else { mode };
-    let nonce = push::digits(9);
-    let push = push::build(
-        xml,
-        sealing,
-        &PushParams {
-            token: &a.token,
-            app_id: &a.app_id,
-            timestamp: relay.clock.now_secs(),
-            nonce: &nonce,
-            openid: Some(SENDER),
-            random: &random_bytes(),
-        },
-    );
-    let answer = relay
-        .post(&format!("/wx/{account}?{}", push.query), push.body)
-        .await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
-    (push.query, answer)
 }
 
 fn param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
@@ -161,7 +126,7 @@ async fn a_wechat_target_gets_every_push_under_its_own_credentials_and_never_the
             reference_now(&g),
             100 + i as u64,
         );
-        let (query, _) = push_as_wechat(&relay, &a, mode, &xml).await;
+        let (query, _) = common::push_as_wechat(&relay, &g, mode, &xml, SENDER).await;
         // The account's own request holds nothing the target's Token signs.
         assert!(signed_with(&query, &a.token) && !signed_with(&query, TARGET_TOKEN));
         sent.push(xml);
@@ -259,20 +224,20 @@ async fn a_wechat_targets_reply_is_opened_with_its_credentials_and_sealed_with_t
         reply::open_envelope(Some(&ring), &a.token, &a.app_id, &answer.body).map(|(x, _)| x)
     };
 
-    let (_, first) = push_as_wechat(&relay, &a, "secure", &scan(1)).await;
+    let (_, first) = common::push_as_wechat(&relay, &g, "secure", &scan(1), SENDER).await;
     assert_eq!(
         open_answer(&first).unwrap(),
         reply_xml("sealed by the broker")
     );
-    let (_, second) = push_as_wechat(&relay, &a, "secure", &scan(2)).await;
+    let (_, second) = common::push_as_wechat(&relay, &g, "secure", &scan(2), SENDER).await;
     assert_eq!(second.text(), "success");
-    let (_, third) = push_as_wechat(&relay, &a, "secure", &scan(3)).await;
+    let (_, third) = common::push_as_wechat(&relay, &g, "secure", &scan(3), SENDER).await;
     assert_eq!(third.text(), "success");
 
     // A plaintext-mode server's plaintext reply, to a secure account: sealed.
     let plain_answer = reply_xml("plaintext from a plaintext server");
     broker.script([Behaviour::body(200, "text/xml", &plain_answer)]);
-    let (_, fourth) = push_as_wechat(&relay, &a, "rotating", &scan(4)).await;
+    let (_, fourth) = common::push_as_wechat(&relay, &g, "rotating", &scan(4), SENDER).await;
     assert_eq!(open_answer(&fourth).unwrap(), plain_answer);
 
     let m = relay.metrics().await;
@@ -322,7 +287,6 @@ fn brokers(broker: &FakeTarget) -> Logins {
 #[tokio::test]
 async fn adapters_let_scene_lookups_and_scan_only_handlers_log_a_first_time_follower_in() {
     let g = generated();
-    let a = account(&g);
     let broker = FakeTarget::start().await;
     let logins = brokers(&broker);
     let keycloak = format!(
@@ -353,7 +317,14 @@ async fn adapters_let_scene_lookups_and_scan_only_handlers_log_a_first_time_foll
     let follow = PushKind::Subscribe {
         scene: Some(PENDING_SCENE.to_owned()),
     };
-    push_as_wechat(&relay, &a, "secure", &xml(&follow, reference_now(&g), 1)).await;
+    common::push_as_wechat(
+        &relay,
+        &g,
+        "secure",
+        &xml(&follow, reference_now(&g), 1),
+        SENDER,
+    )
+    .await;
     assert!(broker.wait_for(4, WAIT).await, "got {}", broker.count());
 
     let logged_in: Vec<String> = logins
@@ -482,7 +453,6 @@ fn a_wechat_target_needs_its_credentials_and_other_formats_refuse_them() {
 #[tokio::test]
 async fn the_login_funnel_counts_each_kind_and_times_every_delivery_to_the_brokers_2xx() {
     let g = generated();
-    let a = account(&g);
     let broker = FakeTarget::start().await;
     let crm = FakeTarget::start().await;
     // The broker answers after 300 ms, on the wall clock and the relay's.
@@ -522,11 +492,12 @@ async fn the_login_funnel_counts_each_kind_and_times_every_delivery_to_the_broke
         },
     ];
     for (i, kind) in pushes.iter().enumerate() {
-        let (_, answer) = push_as_wechat(&relay, &a, "secure", &xml(kind, now, i as u64)).await;
+        let (_, answer) =
+            common::push_as_wechat(&relay, &g, "secure", &xml(kind, now, i as u64), SENDER).await;
         assert_eq!(answer.text(), "success");
     }
     // WeChat's retry of the first push is a duplicate, not a second login.
-    push_as_wechat(&relay, &a, "secure", &xml(&pushes[0], now, 0)).await;
+    common::push_as_wechat(&relay, &g, "secure", &xml(&pushes[0], now, 0), SENDER).await;
     assert!(relay.until_nothing_pending("broker").await);
     assert!(relay.until_nothing_pending("crm").await);
 

@@ -556,6 +556,47 @@ pub async fn push_text(relay: &TestRelay, g: &Value, msg_id: u64, content: &str)
     assert_eq!(answer.status, 200, "{}", answer.text());
 }
 
+/// POSTs `xml` from `openid` to the vectors' `account` (see
+/// [`generated_config`]: its id is its mode, `rotating` is secure) as WeChat
+/// would, stamped with the relay's clock; the query it was sent with and the
+/// answer, which must be 200.
+pub async fn push_as_wechat(
+    relay: &TestRelay,
+    g: &Value,
+    account: &str,
+    xml: &str,
+    openid: &str,
+) -> (String, Answer) {
+    use wxrelay::wechat::push::{self, PushParams, Sealing};
+    let c = &g["config"];
+    let key =
+        wxrelay::wechat::crypto::AesKey::from_encoding(c["encoding_aes_key"].as_str().unwrap())
+            .unwrap();
+    let sealing = match account {
+        "plaintext" => Sealing::Plaintext,
+        "compat" => Sealing::Compat(&key),
+        _ => Sealing::Secure(&key),
+    };
+    let nonce = push::digits(9);
+    let push = push::build(
+        xml,
+        sealing,
+        &PushParams {
+            token: c["token"].as_str().unwrap(),
+            app_id: c["appid"].as_str().unwrap(),
+            timestamp: wxrelay::clock::Clock::now_secs(&*relay.clock),
+            nonce: &nonce,
+            openid: Some(openid),
+            random: &wxrelay::wechat::reply::random_bytes(),
+        },
+    );
+    let answer = relay
+        .post(&format!("/wx/{account}?{}", push.query), push.body)
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    (push.query, answer)
+}
+
 /// Waits until no delivery of `target` is due or being sent: every one
 /// still pending waits for a time after now.
 pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
