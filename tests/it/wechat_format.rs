@@ -436,6 +436,23 @@ fn a_wechat_target_needs_its_credentials_and_other_formats_refuse_them() {
         err.contains("targets.b.token: is only used with format = \"wechat\", not \"raw\""),
         "{err}"
     );
+    // Secrets come from a file as an account's do.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{TARGET_TOKEN}\n")).unwrap();
+    let from_file = format!(
+        "format = \"wechat\"\nmode = \"plaintext\"\ntoken_file = {:?}\n",
+        file.to_str().unwrap()
+    );
+    let toml = config(
+        &g,
+        &[target("b", "http://127.0.0.1:1/", &from_file)],
+        "[[routes]]\nto = [\"b\"]\n",
+    );
+    let settings = Settings::from_toml_str(&toml).unwrap();
+    let server = settings.targets["b"].wechat.as_ref().unwrap();
+    assert_eq!(server.token.expose(), TARGET_TOKEN);
+    assert_eq!(format!("{:?}", server.token), "***");
     // The account's own Token on a target defeats the purpose: a warning.
     let shared = "format = \"wechat\"\nmode = \"plaintext\"\ntoken = \"Relay2024Token\"\n";
     let toml = config(
