@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::spool::DeadReason;
 use crate::wechat::crypto::{KeyRing, KeySlot};
 use crate::wechat::inbound::{self, Credentials, Refused, VerifiedPush};
+use crate::wechat::push::digits;
 use crate::wechat::reply::{self, ReplyBody};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -524,7 +525,10 @@ fn answer_with(
         InlineReply::Invalid => return (success, "ignored"),
         InlineReply::Valid(reply) => reply,
     };
-    // Sealed as WeChat expects: with the key that decrypted the push.
+    // Sealed as WeChat expects: with the key that decrypted the push. The
+    // nonce is fresh: under the push's own, the envelope's `Encrypt` and
+    // `MsgSignature` beside the push's `signature` would make a push whose
+    // content the reply target chose.
     let seal = |keys: &KeyRing, slot: KeySlot, xml: &str| {
         let sealed = reply::envelope(
             keys.key(slot),
@@ -532,7 +536,7 @@ fn answer_with(
             &account.app_id,
             xml,
             &verified.timestamp,
-            &verified.nonce,
+            &digits(10),
             &reply::random_bytes(),
         );
         (Bytes::from(sealed), "encrypted")

@@ -54,8 +54,12 @@ use rand::Rng;
 /// Encrypts `reply_xml` and wraps it in WeChat's envelope, signed with
 /// `MsgSignature = sign([token, timestamp, nonce, Encrypt])`.
 ///
-/// Use the key that decrypted the request (see the module docs). `timestamp`
-/// and `nonce` may be the request's own or fresh ones.
+/// Use the key that decrypted the request (see the module docs). WeChat takes
+/// the request's own `timestamp` and `nonce` or fresh ones; the nonce must be
+/// fresh when someone other than the account's server chose `reply_xml`: the
+/// frame has the shape of a push's, and the envelope's `Encrypt` and
+/// `MsgSignature` under the request's signed `timestamp` and `nonce` are a
+/// push.
 pub fn envelope(
     key: &AesKey,
     token: &str,

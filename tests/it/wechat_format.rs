@@ -254,6 +254,80 @@ async fn a_wechat_targets_reply_is_opened_with_its_credentials_and_sealed_with_t
     relay.stop().await;
 }
 
+/// Whoever sees a push's query and the relay's answer to it (WeChat allows
+/// plain HTTP on port 80) and can make a reply target answer what it likes
+/// must not get a push out of the two: an envelope the relay seals for the
+/// account is signed with the account's Token, so it must not be dated and
+/// salted with the very timestamp and nonce the push's `signature` covers.
+#[tokio::test]
+async fn an_answer_the_relay_seals_cannot_be_replayed_as_a_push() {
+    let g = generated();
+    let a = account(&g);
+    let broker = FakeTarget::start().await;
+    let targets = [target(
+        "w_secure",
+        &broker.url("/secure"),
+        &wechat_keys("secure"),
+    )];
+    let routes = "[[routes]]\nto = [\"w_secure\"]\nreply_from = \"w_secure\"\n";
+    let relay = TestRelay::start(&config(&g, &targets, routes), reference_now(&g)).await;
+    let chosen = reply_xml("chosen by whoever runs the broker");
+    let sealed = envelope(
+        &target_key(),
+        TARGET_TOKEN,
+        &a.app_id,
+        &chosen,
+        "1717000001",
+        "77",
+        &random_bytes(),
+    );
+    broker.script([Behaviour::body(200, "text/xml", &sealed)]);
+    let scan = PushKind::Scan {
+        scene: "s1".to_owned(),
+    };
+    let push = xml(&scan, reference_now(&g), 1);
+    let (query, answer) = common::push_as_wechat(&relay, &g, "secure", &push, SENDER).await;
+    let ring = KeyRing {
+        current: a.key.clone(),
+        previous: None,
+    };
+    let opened = reply::open_envelope(Some(&ring), &a.token, &a.app_id, &answer.body);
+    assert_eq!(opened.map(|(xml, _)| xml), Ok(chosen));
+    assert!(broker.wait_for(1, WAIT).await);
+
+    let envelope = Message::parse(&answer.body).unwrap();
+    let field = |name| envelope.get(name).unwrap();
+    let body = format!(
+        "<xml><ToUserName><![CDATA[gh_3f1a2b9c8d7e]]></ToUserName>\
+         <Encrypt><![CDATA[{}]]></Encrypt></xml>",
+        field("Encrypt")
+    );
+    let signature = param(&query, "signature").unwrap();
+    let dated = [
+        (
+            param(&query, "timestamp").unwrap(),
+            param(&query, "nonce").unwrap(),
+        ),
+        (field("TimeStamp"), field("Nonce")),
+    ];
+    for (timestamp, nonce) in dated {
+        let forged = format!(
+            "/wx/secure?signature={signature}&timestamp={timestamp}&nonce={nonce}\
+             &encrypt_type=aes&msg_signature={}",
+            field("MsgSignature")
+        );
+        let refused = relay.post(&forged, body.clone()).await;
+        assert!(
+            refused.status.is_client_error(),
+            "{}: {}",
+            refused.status,
+            refused.text()
+        );
+    }
+    assert_eq!(broker.count(), 1);
+    relay.stop().await;
+}
+
 /// The scenes a broker has QR codes out for.
 const PENDING_SCENE: &str = "login_42";
 
