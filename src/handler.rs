@@ -543,7 +543,7 @@ fn answer_with(
     };
     let reply = match &target.wechat {
         None => reply,
-        Some(server) => match from_target_server(server, &account.app_id, reply) {
+        Some(server) => match from_target_server(server, account, verified, reply) {
             Ok(Opened::Sealed(xml)) => {
                 return match (&account.keys, verified.key_slot) {
                     (Some(keys), Some(slot)) => seal(keys, slot, &xml),
@@ -597,22 +597,38 @@ enum Opened {
 /// Opens a `wechat` target's reply with its own Token, keys and AppID (the
 /// account's when it sets none). A plaintext reply carries no signature;
 /// from a server in secure mode WeChat would refuse it, and so does this.
+/// What is to be sealed for the account must be a passive reply to the push:
+/// the target holds none of the account's credentials, and must not get more
+/// than that sealed under them.
 fn from_target_server(
     server: &WechatServer,
-    account_app_id: &str,
+    account: &Account,
+    verified: &VerifiedPush,
     reply: ReplyBody,
 ) -> Result<Opened, String> {
+    let answers = |xml: &str| {
+        reply::check_answers(xml, &verified.message).map_err(|e| format!("the reply is {e}"))
+    };
     match reply {
         ReplyBody::Envelope(xml) => {
-            let app_id = server.app_id.as_deref().unwrap_or(account_app_id);
-            let keys = server.keys.as_ref();
-            reply::open_envelope(keys, server.token.expose(), app_id, xml.as_bytes())
-                .map(|(plain, _)| Opened::Sealed(plain))
-                .map_err(|e| e.to_string())
+            let app_id = server.app_id.as_deref().unwrap_or(&account.app_id);
+            let keys = server
+                .keys
+                .as_ref()
+                .ok_or("the target has no EncodingAESKey to open it with")?;
+            let (plain, _) =
+                reply::open_envelope(Some(keys), server.token.expose(), app_id, xml.as_bytes())
+                    .map_err(|e| e.to_string())?;
+            answers(&plain)?;
+            Ok(Opened::Sealed(plain))
         }
         ReplyBody::PlainXml(_) if server.mode == Mode::Secure => {
             Err("a plaintext reply from a server in secure mode".to_owned())
         }
-        other => Ok(Opened::Plain(other)),
+        ReplyBody::PlainXml(xml) => {
+            answers(&xml)?;
+            Ok(Opened::Plain(ReplyBody::PlainXml(xml)))
+        }
+        ReplyBody::Ack => Ok(Opened::Plain(ReplyBody::Ack)),
     }
 }

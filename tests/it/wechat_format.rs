@@ -328,6 +328,83 @@ async fn an_answer_the_relay_seals_cannot_be_replayed_as_a_push() {
     relay.stop().await;
 }
 
+/// What a `wechat` target's answer may have the relay seal with the
+/// account's key: a passive reply to the push it answers, nothing else.
+#[tokio::test]
+async fn a_wechat_target_gets_only_a_passive_reply_to_the_push_sealed_for_the_account() {
+    let g = generated();
+    let a = account(&g);
+    let broker = FakeTarget::start().await;
+    let targets = [target(
+        "w_compat",
+        &broker.url("/compat"),
+        &wechat_keys("compat"),
+    )];
+    let routes = "[[routes]]\nto = [\"w_compat\"]\nreply_from = \"w_compat\"\n";
+    let relay = TestRelay::start(&config(&g, &targets, routes), reference_now(&g)).await;
+    let seal = |xml: &str| {
+        envelope(
+            &target_key(),
+            TARGET_TOKEN,
+            &a.app_id,
+            xml,
+            "1717000001",
+            "77",
+            &random_bytes(),
+        )
+    };
+    // A login event, as a push would carry it.
+    let event = xml(
+        &PushKind::Scan {
+            scene: "someone_elses_login".to_owned(),
+        },
+        reference_now(&g),
+        9,
+    );
+    let elsewhere = reply_xml("to another follower").replace(SENDER, "oAnotherFollower00000000000");
+    let refused = [
+        seal(&event),
+        seal(&elsewhere),
+        event.clone(),
+        elsewhere.clone(),
+    ];
+    let fine = [seal(&reply_xml("sealed")), reply_xml("plain")];
+    broker.script(
+        refused
+            .iter()
+            .chain(&fine)
+            .map(|body| Behaviour::body(200, "text/xml", body)),
+    );
+    let ring = KeyRing {
+        current: a.key.clone(),
+        previous: None,
+    };
+    for i in 0..refused.len() + fine.len() {
+        let scan = PushKind::Scan {
+            scene: format!("s{i}"),
+        };
+        let push = xml(&scan, reference_now(&g), 100 + i as u64);
+        let (_, answer) = common::push_as_wechat(&relay, &g, "secure", &push, SENDER).await;
+        let opened = reply::open_envelope(Some(&ring), &a.token, &a.app_id, &answer.body);
+        if i < refused.len() {
+            assert_eq!(answer.text(), "success", "answer {i}");
+        } else {
+            assert!(opened.is_ok(), "answer {i}: {}", answer.text());
+        }
+    }
+    let m = relay.metrics().await;
+    let replies = |outcome| {
+        metric(
+            &m,
+            "wxrelay_replies_total",
+            &[("account", "secure"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(replies("unverifiable"), 4.0, "{m}");
+    assert_eq!(replies("encrypted"), 2.0, "{m}");
+    relay.stop().await;
+}
+
 /// The scenes a broker has QR codes out for.
 const PENDING_SCENE: &str = "login_42";
 
