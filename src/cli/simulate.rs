@@ -270,9 +270,9 @@ pub async fn url_check(
     );
     let (status, body) = exchange(client, Method::GET, &uri, String::new()).await?;
     let echoed = status == StatusCode::OK && body == echostr.as_bytes();
-    let mut text = format!("GET {url} (URL check)\n");
+    let mut text = format!("GET {} (URL check)\n", crate::config::masked_url(url));
     line(&mut text, format!("HTTP {status}"));
-    line(&mut text, String::from_utf8_lossy(&body).trim_end());
+    line(&mut text, printable(&String::from_utf8_lossy(&body)));
     line(
         &mut text,
         if echoed {
@@ -282,6 +282,20 @@ pub async fn url_check(
         },
     );
     Ok(Report { text, ok: echoed })
+}
+
+/// A server's answer as it may be printed: control characters other than
+/// line breaks and tabs escaped, so that a terminal shows them rather than
+/// acts on them.
+fn printable(text: &str) -> String {
+    text.trim_end()
+        .chars()
+        .map(|c| match c {
+            '\n' | '\t' => c.to_string(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 /// One request with the overall timeout; the answer's status and body.

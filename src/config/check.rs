@@ -59,11 +59,7 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
     }
 
     for target in settings.targets.values() {
-        let mut url = target.url.clone();
-        if url.password().is_some() {
-            // Only fails for URLs that cannot carry a password at all.
-            let _ = url.set_password(Some("***"));
-        }
+        let url = masked_url(&target.url);
         let retry = &target.retry;
         let delays: Vec<String> = retry
             .delays
@@ -143,6 +139,16 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
         }
     }
     Ok(())
+}
+
+/// `url` with any password replaced by `***`, for printing.
+pub fn masked_url(url: &url::Url) -> url::Url {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        // Only fails for URLs that cannot carry a password at all.
+        let _ = url.set_password(Some("***"));
+    }
+    url
 }
 
 /// The key fingerprints, never the keys.

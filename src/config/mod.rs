@@ -25,7 +25,7 @@ mod settings;
 mod units;
 mod validate;
 
-pub use check::render_check;
+pub use check::{masked_url, render_check};
 pub use secret::Secret;
 pub use settings::{
     decode_webhook_secret, Account, Adapters, Format, Mode, RetryClass, RetryPolicy,

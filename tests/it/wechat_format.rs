@@ -760,3 +760,33 @@ async fn target_check_says_whether_the_broker_holds_the_targets_token() {
         sign(&[TARGET_TOKEN, ts, nonce])
     );
 }
+
+/// `target check` prints what it sent and what came back, but not the
+/// password of the target's URL, and no control characters of the broker's
+/// answer that a terminal would act on.
+#[tokio::test]
+async fn target_check_prints_no_url_password_and_no_terminal_controls() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    broker.respond_with(|_| {
+        Some(Behaviour::body(
+            200,
+            "text/plain",
+            "\u{1b}]0;retitled\u{7}\u{1b}[2Jnot the echostr",
+        ))
+    });
+    let url = broker.url("/wx").replace("://", "://relay:UrlPassw0rd@");
+    let targets = [target("w", &url, &wechat_keys("plaintext"))];
+    let toml = config(&g, &targets, "[[routes]]\nto = [\"w\"]\n");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, toml).unwrap();
+    let args = ["target", "check", "--config", file.to_str().unwrap(), "w"];
+    let (code, text) = common::wxrelay(args.iter().map(|s| s.to_string()).collect()).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(broker.count(), 1);
+    assert!(text.contains("not the echostr"), "{text}");
+    assert!(!text.contains("UrlPassw0rd"), "{text}");
+    assert!(text.contains("relay:***@"), "{text}");
+    assert!(!text.contains(['\u{1b}', '\u{7}']), "{text:?}");
+}
