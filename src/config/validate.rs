@@ -733,13 +733,12 @@ fn adapters(
         ("content_type", content_type.is_some()),
     ];
     let content_type = content_type.filter(|value| {
-        let valid = value.contains('/')
-            && value.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
-            && !value.trim().is_empty();
+        let valid = is_media_type(value);
         if !valid {
             p.add(
                 at("content_type"),
-                "must be a media type such as \"application/xml\" (visible ASCII with a \"/\")",
+                "must be a media type such as \"application/xml\" or \"text/xml; charset=utf-8\" \
+                 (type/subtype, then optional name=value parameters)",
             );
         }
         valid
@@ -764,6 +763,40 @@ fn adapters(
         p.add(at(key), format!("cannot be used with {why}"));
     }
     Adapters::default()
+}
+
+/// A `Content-Type` value as HTTP defines it (RFC 9110, 8.3.1):
+/// `type/subtype` followed by `; name=value` parameters, each a token, a
+/// value a token or a quoted string.
+fn is_media_type(value: &str) -> bool {
+    fn token(s: &str) -> bool {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    }
+    fn quoted(s: &str) -> bool {
+        let Some(inner) = s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) else {
+            return false;
+        };
+        let mut escaped = false;
+        inner.bytes().all(|b| {
+            let ok = (b == b'\t' || b == b' ' || b.is_ascii_graphic()) && (escaped || b != b'"');
+            escaped = !escaped && b == b'\\';
+            ok
+        }) && !escaped
+    }
+    let mut parts = value.split(';');
+    let essence = parts.next().unwrap_or("");
+    let essence_ok = essence
+        .split_once('/')
+        .is_some_and(|(kind, subtype)| token(kind) && token(subtype));
+    essence_ok
+        && parts.all(|parameter| {
+            parameter
+                .trim_matches([' ', '\t'])
+                .split_once('=')
+                .is_some_and(|(name, value)| token(name) && (token(value) || quoted(value)))
+        })
 }
 
 fn check_url(text: &str) -> Result<url::Url, String> {

@@ -790,3 +790,44 @@ async fn target_check_prints_no_url_password_and_no_terminal_controls() {
     assert!(text.contains("relay:***@"), "{text}");
     assert!(!text.contains(['\u{1b}', '\u{7}']), "{text:?}");
 }
+
+#[test]
+fn content_type_must_be_a_media_type() {
+    let g = generated();
+    let check = |value: &str| {
+        let extra = format!("format = \"plain\"\ncontent_type = {value:?}\n");
+        let toml = config(
+            &g,
+            &[target("b", "http://127.0.0.1:1/", &extra)],
+            "[[routes]]\nto = [\"b\"]\n",
+        );
+        Settings::from_toml_str(&toml).err().map(|e| e.to_string())
+    };
+    for fine in [
+        "application/xml",
+        "text/plain",
+        "text/xml; charset=utf-8",
+        "application/xml;charset=\"UTF-8\"",
+        "application/vnd.wechat+xml",
+    ] {
+        assert_eq!(check(fine), None, "{fine}");
+    }
+    for bad in [
+        "/",
+        "text/",
+        "/xml",
+        "text /xml",
+        "text/xml/x",
+        "text/xml,application/json",
+        "text/xml; charset",
+        "text/xml; charset=\"utf-8",
+        "text/(xml)",
+        "text/xml\r\nX-Injected: 1",
+    ] {
+        let err = check(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+        assert!(
+            err.contains("targets.b.content_type: must be a media type"),
+            "{err}"
+        );
+    }
+}
