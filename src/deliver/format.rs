@@ -136,12 +136,17 @@ pub fn plaintext_query(query: &str) -> String {
 }
 
 /// `query` without the parameters called `names`, the rest byte for byte.
+/// A name is compared as the receiver reads it, percent-decoded: the relay
+/// reads WeChat's query that way, so `%74imestamp` is a `timestamp` that must
+/// not reach the target beside the fresh one.
 fn without(query: &str, names: &[&str]) -> String {
     query
         .split('&')
         .filter(|pair| {
-            let name = pair.split('=').next().unwrap_or("");
-            !pair.is_empty() && !names.contains(&name)
+            let name = url::form_urlencoded::parse(pair.as_bytes())
+                .next()
+                .map(|(name, _)| name);
+            !pair.is_empty() && !name.is_some_and(|name| names.contains(&name.as_ref()))
         })
         .collect::<Vec<_>>()
         .join("&")
@@ -323,6 +328,11 @@ mod tests {
             "signature=a%2B"
         );
         assert_eq!(plaintext_query(""), "");
+        // Named as the receiver's parser reads them: percent-decoded.
+        assert_eq!(
+            plaintext_query("signature=a&%65ncrypt_type=aes&msg%5Fsignature=m"),
+            "signature=a"
+        );
     }
 
     #[test]
