@@ -1,5 +1,5 @@
 //! The `wxrelay` command line: `serve` runs the relay, `check` validates a
-//! configuration; `simulate`, `route`, `dlq`, `pending` and `keygen` are the operator's
+//! configuration; `simulate`, `route`, `dlq`, `pending`, `target` and `keygen` are the operator's
 //! tools (see [`wxrelay::cli`]). Usage and configuration errors exit with
 //! status 64 (EX_USAGE), other failures with 1.
 
@@ -12,6 +12,7 @@ use wxrelay::cli::dlq::{self, DlqCommand};
 use wxrelay::cli::pending::{self, PendingCommand};
 use wxrelay::cli::route::{self, RouteArgs};
 use wxrelay::cli::simulate::{self, SimulateArgs};
+use wxrelay::cli::target::{self, TargetCommand};
 use wxrelay::cli::{self, keygen, CliError, Report};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{render_check, Settings};
@@ -85,7 +86,15 @@ enum Command {
         #[command(subcommand)]
         command: PendingCommand,
     },
-    /// Print a fresh Token and EncodingAESKey for a new account.
+    /// Check a `format = "wechat"` target: WeChat's URL check signed with its Token.
+    Target {
+        /// The configuration that holds the target.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: TargetCommand,
+    },
+    /// Print a fresh Token and EncodingAESKey for a new account or a `wechat` target.
     Keygen,
     /// Run a local target that prints every delivery it receives and answers
     /// `success`, for trying routes and formats without a broker.
@@ -151,6 +160,7 @@ fn main() -> ExitCode {
         ),
         Command::Dlq { config, command } => finish(run_dlq(config, command).map(done)),
         Command::Pending { config, command } => finish(run_pending(config, command).map(done)),
+        Command::Target { config, command } => finish(run_target(config, command)),
         Command::Keygen => finish(Ok(done(keygen::run()))),
         Command::Sink { listen } => finish(block_on(run_sink(listen)).and_then(|r| r)),
     }
@@ -173,6 +183,12 @@ fn run_pending(config: Option<PathBuf>, command: PendingCommand) -> Result<Strin
     let result = block_on(pending::run(&spool, &command, SystemClock.now_ms()));
     spool.close();
     result?
+}
+
+fn run_target(config: Option<PathBuf>, command: TargetCommand) -> Result<Report, CliError> {
+    let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
+    let settings = cli::load(&config)?;
+    block_on(async move { target::run(&settings, &command, &SystemClock).await })?
 }
 
 /// Prints deliveries until interrupted.

@@ -5,12 +5,13 @@
 //! The loop moves bytes only: the request comes from [`mod@format`], the meaning of
 //! the answer and the next attempt's time from [`retry`].
 
+pub mod adapter;
 pub mod breaker;
 pub mod format;
 pub mod retry;
 
 use crate::clock::Clock;
-use crate::config::{Settings, Target};
+use crate::config::{Format, Settings, Target};
 use crate::metrics::Metrics;
 use crate::server::stopping;
 use crate::spool::{
@@ -73,12 +74,13 @@ pub struct Attempt {
     pub body: Bytes,
 }
 
-/// Sends `event` to `target` once, within `timeout`.
+/// Sends `event` to `target` once, within `timeout`. `account_app_id` is the
+/// AppID of the event's account, which a `wechat` target may seal with.
 pub async fn attempt(
     client: &HttpClient,
     clock: &dyn Clock,
     target: &Target,
-    event: &Event,
+    (event, account_app_id): (&Event, Option<&str>),
     timeout: Duration,
 ) -> Attempt {
     let failed = |verdict| Attempt {
@@ -86,7 +88,11 @@ pub async fn attempt(
         status: None,
         body: Bytes::new(),
     };
-    let outbound = match format::build(target, event, clock.now_secs()) {
+    let stamp = format::Stamp {
+        now_secs: clock.now_secs(),
+        account_app_id,
+    };
+    let outbound = match format::build(target, event, stamp) {
         Ok(outbound) => outbound,
         Err(e) => {
             return failed(Verdict::Reject {
@@ -359,7 +365,13 @@ impl Dispatcher {
     ) -> Attempt {
         let started = tokio::time::Instant::now();
         let started_ms = self.clock.now_ms();
-        let result = attempt(&self.client, &*self.clock, target, event, timeout).await;
+        // Only a `wechat` target may need its account's AppID.
+        let config = (target.format == Format::Wechat).then(|| self.config.load_full());
+        let app_id = config
+            .as_ref()
+            .and_then(|c| c.accounts.get(&event.account))
+            .map(|a| a.app_id.as_str());
+        let result = attempt(&self.client, &*self.clock, target, (event, app_id), timeout).await;
         let state = self.target_state(&target.name);
         let release = match (&result.verdict, result.status) {
             (Verdict::Delivered, _) => state.health.answered(self.clock.now_ms()),
@@ -382,6 +394,9 @@ impl Dispatcher {
             unit,
         );
         let outcome = count(&self.metrics, &target.name, &settlement, started.elapsed());
+        if matches!(settlement, Settlement::Delivered { .. }) {
+            observe_login(&self.metrics, &target.name, event, self.clock.now_ms());
+        }
         tracing::info!(
             target = %target.name,
             delivery_id = due.delivery_id.0,
@@ -967,6 +982,22 @@ pub fn count(
         .with_label_values(&[target])
         .observe(took.as_secs_f64());
     outcome
+}
+
+/// A login event's time from its push's arrival to a target's 2xx, whoever
+/// sent it (the inline reply or a worker), on the relay's clock.
+fn observe_login(metrics: &Metrics, target: &str, event: &Event, now_ms: i64) {
+    let login = event
+        .event_type
+        .as_deref()
+        .is_some_and(|e| e.eq_ignore_ascii_case("subscribe") || e.eq_ignore_ascii_case("SCAN"));
+    if login {
+        let seconds = (now_ms - event.received_at.0).max(0) as f64 / 1000.0;
+        metrics
+            .login_delivery_seconds
+            .with_label_values(&[target])
+            .observe(seconds);
+    }
 }
 
 #[cfg(test)]

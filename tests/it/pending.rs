@@ -7,7 +7,6 @@ use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{eventually, generated, hooks_config, push_text, quiet, TestRelay};
-use std::process::Command;
 use std::time::Duration;
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::spool::Spool;
@@ -35,22 +34,6 @@ fn catch_up(relay: &TestRelay) {
     relay.clock.advance_ms(behind.max(0) + 1);
 }
 
-/// Runs the binary off the runtime's thread, so the relay keeps running.
-async fn wxrelay(args: Vec<String>) -> (Option<i32>, String) {
-    tokio::task::spawn_blocking(move || {
-        let _environment = common::ENVIRONMENT.blocking_lock();
-        let out = Command::new(env!("CARGO_BIN_EXE_wxrelay"))
-            .args(&args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.code(), text)
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
     let g = generated();
@@ -73,7 +56,7 @@ async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
         all.extend(["--config".to_owned(), config.clone()]);
         let relay = &relay;
         async move {
-            let outcome = wxrelay(all).await;
+            let outcome = common::wxrelay(all).await;
             catch_up(relay);
             outcome
         }
@@ -196,7 +179,7 @@ async fn retry_now_on_a_target_still_down_keeps_the_schedule() {
     let before = relay.spool.waiting("hooks", 1).await.unwrap()[0].clone();
 
     for round in 0..3 {
-        let (code, out) = wxrelay(vec![
+        let (code, out) = common::wxrelay(vec![
             "pending".into(),
             "retry-now".into(),
             "--target".into(),

@@ -570,6 +570,47 @@ pub fn text_push(
     )
 }
 
+/// POSTs `xml` from `openid` to the vectors' `account` (see
+/// [`generated_config`]: its id is its mode, `rotating` is secure) as WeChat
+/// would, stamped with the relay's clock; the query it was sent with and the
+/// answer, which must be 200.
+pub async fn push_as_wechat(
+    relay: &TestRelay,
+    g: &Value,
+    account: &str,
+    xml: &str,
+    openid: &str,
+) -> (String, Answer) {
+    use wxrelay::wechat::push::{self, PushParams, Sealing};
+    let c = &g["config"];
+    let key =
+        wxrelay::wechat::crypto::AesKey::from_encoding(c["encoding_aes_key"].as_str().unwrap())
+            .unwrap();
+    let sealing = match account {
+        "plaintext" => Sealing::Plaintext,
+        "compat" => Sealing::Compat(&key),
+        _ => Sealing::Secure(&key),
+    };
+    let nonce = push::digits(9);
+    let push = push::build(
+        xml,
+        sealing,
+        &PushParams {
+            token: c["token"].as_str().unwrap(),
+            app_id: c["appid"].as_str().unwrap(),
+            timestamp: wxrelay::clock::Clock::now_secs(&*relay.clock),
+            nonce: &nonce,
+            openid: Some(openid),
+            random: &wxrelay::wechat::reply::random_bytes(),
+        },
+    );
+    let answer = relay
+        .post(&format!("/wx/{account}?{}", push.query), push.body)
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    (push.query, answer)
+}
+
 /// Waits until no delivery of `target` is due or being sent: every one
 /// still pending waits for a time after now.
 pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
@@ -583,6 +624,24 @@ pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
         }
     })
     .await
+}
+
+/// Runs the real binary (`wxrelay ARGS`) off the runtime's thread, so a
+/// relay or target in this test keeps serving: its exit code and its output
+/// (standard output, then standard error).
+pub async fn wxrelay(args: Vec<String>) -> (Option<i32>, String) {
+    tokio::task::spawn_blocking(move || {
+        let _environment = ENVIRONMENT.blocking_lock();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxrelay"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    })
+    .await
+    .unwrap()
 }
 
 /// The test binary's one process environment. Tests that set `WXRELAY_`
