@@ -693,12 +693,14 @@ impl Dispatcher {
         self.show_circuit(&name, state.circuit.phase());
         let mut slots: Option<(usize, Arc<Semaphore>)> = None;
         let mut in_flight = JoinSet::new();
+        let mut removed = false;
         loop {
             if *stop.borrow() {
                 break;
             }
             let config = self.config.load_full();
             let Some(target) = config.targets.get(&name).cloned() else {
+                removed = true;
                 break;
             };
             if target.paused {
@@ -746,7 +748,20 @@ impl Dispatcher {
         }
         // Let the attempts under way end; the caller bounds this with its drain deadline.
         while in_flight.join_next().await.is_some() {}
+        if removed {
+            self.forget(&name);
+        }
         name
+    }
+
+    /// A target a reload removed leaves no circuit behind: no series that
+    /// would keep an open circuit's alert firing, and a fresh start if a
+    /// later reload brings it back.
+    fn forget(&self, name: &str) {
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        targets.remove(name);
+        // Absent when it was never shown; nothing to remove then.
+        let _ = self.metrics.target_circuit.remove_label_values(&[name]);
     }
 
     /// The deliveries to send now, up to `free` of them, as the circuit
@@ -759,8 +774,15 @@ impl Dispatcher {
         free: usize,
     ) -> Result<(Vec<Lease>, bool), Pause> {
         let now = self.clock.now_ms();
+        let before = state.circuit.phase();
         let probe = match state.circuit.gate(&target.breaker, now) {
-            Gate::Send => false,
+            Gate::Send => {
+                if before != Phase::Closed {
+                    // A reload turned the breaker off.
+                    self.show_circuit(&target.name, Phase::Closed);
+                }
+                false
+            }
             Gate::Probe => {
                 self.show_circuit(&target.name, Phase::Probing);
                 true

@@ -153,3 +153,68 @@ async fn an_open_circuit_makes_no_inline_reply_attempt() {
     assert_eq!(waiting.len(), 2, "both wait in the spool");
     relay.stop().await;
 }
+
+/// Opens `hooks`'s circuit (one failure does), then applies `reloaded`.
+async fn open_then_reload(reloaded: impl Fn(&str) -> String) -> (TestRelay, FakeTarget) {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    hooks.set_default(Behaviour::status(503));
+    let toml = hooks_config(
+        &g,
+        &hooks.url("/"),
+        "breaker = { failures = 1, backoff = \"1h\", max_backoff = \"1h\" }",
+    );
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    push_text(&relay, &g, 1, "opens it").await;
+    assert!(until_circuit(&relay, 1.0).await, "open after one failure");
+    std::fs::write(relay.config_path(), reloaded(&hooks.url("/"))).unwrap();
+    let answer = relay.admin(http::Method::POST, "/admin/reload", None).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    (relay, hooks)
+}
+
+#[tokio::test]
+async fn a_breaker_turned_off_by_a_reload_shows_the_circuit_closed_and_sends() {
+    let g = generated();
+    let (relay, hooks) =
+        open_then_reload(|url| hooks_config(&g, url, "breaker = { failures = 0 }")).await;
+    hooks.set_default(Behaviour::status(200));
+    push_text(&relay, &g, 2, "after the reload").await;
+    assert!(hooks.wait_for(2, WAIT).await, "sent without a probe");
+    assert!(until_circuit(&relay, 0.0).await, "no open circuit is shown");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_removed_target_leaves_no_circuit_behind() {
+    let g = generated();
+    let other = FakeTarget::start().await;
+    let (relay, _hooks) = open_then_reload(|_| {
+        common::config(
+            &g,
+            &[common::target("other", &other.url("/"), "")],
+            "[[routes]]\nto = [\"other\"]\n",
+        )
+    })
+    .await;
+    let gone = eventually(WAIT, || async {
+        !relay
+            .metrics()
+            .await
+            .contains("wxrelay_target_circuit{target=\"hooks\"}")
+    })
+    .await;
+    assert!(
+        gone,
+        "an open circuit of a removed target would alert forever"
+    );
+    assert_eq!(
+        metric(
+            &relay.metrics().await,
+            "wxrelay_target_circuit",
+            &[("target", "other")]
+        ),
+        0.0
+    );
+    relay.stop().await;
+}
