@@ -898,6 +898,7 @@ async fn expired_deliveries_are_dead_letters_that_can_be_selected() {
             (dead[0].delivery_id, dead[0].reason),
             (d[0], DeadReason::Expired)
         );
+        assert_eq!(dead[0].attempts, 0, "{name}: expired, not sent");
         assert_eq!(
             spool.replay(filter, UnixMs(700_000)).await.unwrap(),
             1,

@@ -208,6 +208,8 @@ pub enum Settlement {
         not_before: UnixMs,
         error: String,
     },
+    /// Counts as an attempt, except with reason `expired`: that one was
+    /// dead-lettered instead of sent.
     Dead {
         delivery_id: DeliveryId,
         reason: DeadReason,

@@ -835,15 +835,17 @@ fn record(c: &Connection, settlements: &[Settlement], now: UnixMs) -> rusqlite::
                 reason,
                 error,
             } => {
+                // An expired delivery is dead-lettered instead of sent: no attempt.
+                let attempted = i64::from(*reason != DeadReason::Expired);
                 c.prepare_cached(concat!(
                     "UPDATE deliveries SET state = ",
                     dead!(),
-                    ", attempts = attempts + 1, reason = ?2, last_error = ?3,
+                    ", attempts = attempts + ?5, reason = ?2, last_error = ?3,
                      updated_at = ?4 WHERE id = ?1 AND state = ",
                     pending!(),
                     ""
                 ))?
-                .execute(params![delivery_id, reason, error, now])?;
+                .execute(params![delivery_id, reason, error, now, attempted])?;
             }
         }
     }
