@@ -73,6 +73,10 @@ async fn login_deliveries_older_than_max_age_expire_when_the_broker_returns() {
         "{}",
         dead[0].last_error
     );
+    assert_eq!(
+        dead[0].attempts as usize, tries_before_return,
+        "expiring it is not an attempt"
+    );
     assert!(
         broker.received().iter().any(|r| r.text().contains("YOUNG")),
         "the younger one is sent"
