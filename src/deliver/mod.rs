@@ -805,7 +805,14 @@ impl Dispatcher {
         let (leases, expired) = self.expire(target, state, leases, now).await;
         if leases.is_empty() {
             self.no_probe(target, state, probe, expired > 0, now);
-            return Err(Pause::Woken);
+            // What expired may hide due deliveries behind it: look again at
+            // once, not at the next wake, or a backlog of stale ones would
+            // hold back the fresh ones (and the probe) by a pause each.
+            return Err(if expired > 0 {
+                Pause::For(Duration::ZERO)
+            } else {
+                Pause::Woken
+            });
         }
         Ok((leases, probe))
     }
@@ -960,7 +967,8 @@ impl Dispatcher {
 enum Pause {
     /// Its wake signal, or the idle poll: nothing is due.
     Woken,
-    /// A time: the spool failed, or the circuit is open.
+    /// A time: the spool failed, or the circuit is open; none after
+    /// expiring deliveries.
     For(Duration),
 }
 

@@ -135,3 +135,42 @@ async fn login_deliveries_older_than_max_age_expire_when_the_broker_returns() {
     assert_eq!(answered(&broker, "OLD"), tries_before_return + 1);
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_backlog_of_expired_deliveries_does_not_hold_back_the_probe() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    broker.set_default(Behaviour::status(503));
+    let breaker = "breaker = { failures = 1, backoff = \"1s\", max_backoff = \"1s\" }";
+    let extra = format!("format = \"plain\"\nretry = \"login\"\n{breaker}");
+    let toml = config(
+        &g,
+        &[target("broker", &broker.url("/"), &extra)],
+        "[[routes]]\nto = [\"broker\"]\n",
+    );
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    push_text(&relay, &g, 1, "opens the circuit").await;
+    assert!(broker.wait_for(1, Duration::from_secs(20)).await);
+    let stale = 200;
+    for i in 0..stale {
+        push_text(&relay, &g, 100 + i, &format!("STALE {i}")).await;
+    }
+    // Eleven minutes on, the broker is back and a login arrives.
+    relay.clock.advance_ms(11 * MINUTE_MS);
+    broker.set_default(Behaviour::status(200));
+    push_text(&relay, &g, 2, "FRESH").await;
+    // Each stale one is dead-lettered as the probe takes it; none may cost
+    // the probe a pause, or the broker would wait minutes for its logins.
+    let fresh_sent = common::eventually(Duration::from_secs(20), || async {
+        broker.received().iter().any(|r| r.text().contains("FRESH"))
+    })
+    .await;
+    assert!(fresh_sent, "the fresh login is sent");
+    let expired = metric(
+        &relay.metrics().await,
+        "wxrelay_dead_letters_total",
+        &[("target", "broker"), ("reason", "expired")],
+    );
+    assert!(expired >= stale as f64, "{expired}");
+    relay.stop().await;
+}
