@@ -163,7 +163,10 @@ pub async fn run(spool: &dyn Spool, command: &DlqCommand, now_ms: i64) -> Result
             let expired = count_reason(spool, &filter, DeadReason::Expired).await?;
             if expired > 0 && !force {
                 return Err(CliError::Usage(format!(
-                    "refusing to replay {expired} expired {}: {} waited longer than the target's                      max_age, and a login event sent that late is noise at best and a surprise                      login at worst. Say --force to send {} anyway, or narrow the selection                      (e.g. --reason exhausted).",
+                    "refusing to replay {expired} expired {}: {} waited longer than the target's \
+                     max_age, and a login event sent that late is noise at best and a surprise \
+                     login at worst. Say --force to send {} anyway, or narrow the selection \
+                     (e.g. --reason exhausted).",
                     plural(expired, "delivery", "deliveries"),
                     plural(expired, "it", "they"),
                     plural(expired, "it", "them"),

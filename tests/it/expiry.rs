@@ -119,7 +119,8 @@ async fn login_deliveries_older_than_max_age_expire_when_the_broker_returns() {
     let sent_before = broker.count();
     match dlq::run(&*relay.spool, &replay(false), now).await {
         Err(CliError::Usage(why)) => {
-            assert!(why.contains("--force") && why.contains("max_age"), "{why}")
+            assert!(why.contains("--force") && why.contains("max_age"), "{why}");
+            assert!(!why.contains("  "), "one sentence, not a layout: {why}");
         }
         other => panic!("replayed without --force: {other:?}"),
     }
