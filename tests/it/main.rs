@@ -19,6 +19,7 @@ mod load_smoke;
 mod logs;
 mod operations;
 mod pending;
+mod postgres;
 mod protocol_pure;
 mod replay;
 mod spool_health;
