@@ -1,18 +1,19 @@
 //! The relay on the PostgreSQL spool: a push stored and delivered through
 //! the real server, the schema applied by `wxrelay migrate` (again and again
 //! to no effect) and a newer schema refused, the operator commands on the
-//! shared queue, and the database password kept out of what the relay
-//! prints. The tests that need the database skip (saying so once) unless
+//! shared queue, a database outage answered 503 and recovered from without
+//! a restart, and the database password kept out of what the relay prints. The tests that need the database skip (saying so once) unless
 //! `WXRELAY_TEST_POSTGRES_URL` names one.
 
 use crate::common;
 
+use common::proxy::{self, CutProxy};
 use common::target::{Behaviour, FakeTarget};
 use common::{body, generated, hooks_config, path, reference_now, vector, TestRelay};
 use std::time::Duration;
 use wxrelay::app::{Options, Relay};
 use wxrelay::clock::{Clock, SystemClock};
-use wxrelay::config::Settings;
+use wxrelay::config::{Secret, Settings};
 use wxrelay::spool::postgres::testing::{test_url, TestSchema};
 use wxrelay::spool::DeadFilter;
 
@@ -250,4 +251,54 @@ async fn the_database_password_never_shows_in_check_or_errors() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("database"), "{out}");
     assert!(!out.contains(PASSWORD), "{out}");
+}
+
+#[tokio::test]
+async fn a_database_outage_is_answered_503_and_the_relay_recovers_by_itself() {
+    let Some(url) = test_url() else { return };
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let proxy = CutProxy::start(proxy::upstream(&url)).await;
+    let mut schema = TestSchema::new(&url);
+    schema.settings.url = Secret::new(proxy.url_through(&url));
+    let toml = hooks_config(&g, &hooks.url("/"), "");
+    let relay = TestRelay::start_on_schema(&toml, reference_now(&g), schema).await;
+    let push = |id: &str| {
+        let v = vector(&g, id);
+        relay.post_later(path("secure", &v["request"]), body(&v["request"]))
+    };
+    let ready = || async { relay.admin(http::Method::GET, "/readyz", None).await.status };
+
+    assert_eq!(push("secure.CLICK").await.status, 200);
+    assert!(hooks.wait_for(1, WAIT).await);
+
+    proxy.cut();
+    let refused = push("secure.VIEW").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        refused.text().contains("spool unavailable"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(ready().await, 503);
+
+    proxy.restore();
+    let recovered = common::eventually(WAIT, || async { ready().await == 200 }).await;
+    assert!(recovered, "ready again without a restart");
+    // WeChat's re-send of the refused push is stored now, not a duplicate:
+    // the 503 stored nothing.
+    assert_eq!(push("secure.VIEW").await.status, 200);
+    assert!(hooks.wait_for(2, WAIT).await, "delivered after the outage");
+    let metrics = relay.metrics().await;
+    assert!(
+        metrics.contains("wxrelay_pushes_total{account=\"secure\",verdict=\"ok\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("wxrelay_pushes_total{account=\"secure\",verdict=\"spool_unavailable\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(hooks.count(), 2);
+    relay.stop().await;
 }
