@@ -914,3 +914,55 @@ async fn settles_of_many_deliveries_are_recorded_together() {
         assert_eq!(dead, vec![ids[2], ids[5]], "{name}");
     }
 }
+
+#[tokio::test]
+async fn postgres_prunes_expired_keys_and_delivered_events() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+        .await
+        .unwrap();
+    let mut now = 0;
+    // A one-second window, guards as short, and a push every ten seconds:
+    // every key but the newest few expires long before the next prune.
+    for i in 0..50 {
+        let e = guarded(&format!("k{i}"), &format!("q{i}"), "b", now, now + 1_000);
+        let Enqueued::Stored { deliveries, .. } =
+            spool.enqueue(e, UnixMs(now), 1_000).await.unwrap()
+        else {
+            panic!("stored")
+        };
+        settle(
+            &spool,
+            &[],
+            vec![Settlement::Delivered {
+                delivery_id: deliveries[0],
+            }],
+            now,
+        )
+        .await;
+        now += 10_000;
+    }
+    // Pruning runs beside the commits; wait for its last round.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (schema.count("dedup") > 4 || schema.count("replay") > 4)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        schema.count("dedup") <= 4,
+        "{} dedup keys kept of 50",
+        schema.count("dedup")
+    );
+    assert!(
+        schema.count("replay") <= 4,
+        "{} guards kept of 50",
+        schema.count("replay")
+    );
+    assert_eq!(schema.count("events"), 0, "delivered events are deleted");
+    assert_eq!(schema.count("deliveries"), 0);
+    spool.close().await;
+}
