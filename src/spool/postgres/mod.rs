@@ -176,14 +176,15 @@ impl PostgresSpool {
             prune::Pruner::new(pool.clone()),
         ));
         let notify = tokio::spawn(notifier.clone().run());
-        let replica: u64 = rand::random();
+        let replica = format!("{:016x}", rand::random::<u64>());
+        tracing::info!(replica = %replica, database = %settings.display, schema = %settings.schema, "spool opened");
         Ok(Self {
             pool,
             requests: Mutex::new(Some(requests)),
             tasks: Mutex::new(vec![notify]),
             writer: Mutex::new(Some(writer)),
             notifier,
-            replica: format!("{replica:016x}"),
+            replica,
             schema: settings.schema.clone(),
             listen: (config, tls),
         })
