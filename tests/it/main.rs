@@ -22,5 +22,6 @@ mod pending;
 mod postgres;
 mod protocol_pure;
 mod replay;
+mod retire_race;
 mod spool_health;
 mod vectors_http;

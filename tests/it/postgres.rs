@@ -14,6 +14,7 @@ use std::time::Duration;
 use wxrelay::app::{Options, Relay};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{Secret, Settings};
+use wxrelay::spool::postgres::latest_schema_version;
 use wxrelay::spool::postgres::testing::{test_url, TestSchema};
 use wxrelay::spool::DeadFilter;
 
@@ -92,17 +93,24 @@ async fn migrate_applies_the_schema_once_and_then_changes_nothing() {
 
     let (code, first) = migrate().await;
     assert_eq!(code, Some(0), "{first}");
-    assert!(first.contains("applied 1 queue"), "{first}");
+    let latest = latest_schema_version();
+    assert!(
+        first.contains("applied 1 queue\napplied 2 order_key"),
+        "{first}"
+    );
     assert!(
         first.contains(&format!(
-            "schema {} migrated from version 0 to 1",
+            "schema {} migrated from version 0 to {latest}",
             schema.settings.schema
         )),
         "{first}"
     );
     let (code, second) = migrate().await;
     assert_eq!(code, Some(0), "{second}");
-    assert!(second.contains("up to date at version 1"), "{second}");
+    assert!(
+        second.contains(&format!("up to date at version {latest}")),
+        "{second}"
+    );
     assert!(!second.contains("applied"), "{second}");
     // The operator commands use the migrated schema as it is.
     let (code, out) = wxrelay(
@@ -146,7 +154,10 @@ async fn a_schema_newer_than_the_binary_is_refused() {
     };
     let message = e.to_string();
     assert!(
-        message.contains("at version 99, newer than this wxrelay knows (1)"),
+        message.contains(&format!(
+            "at version 99, newer than this wxrelay knows ({})",
+            latest_schema_version()
+        )),
         "{message}"
     );
     let (code, out) = wxrelay(

@@ -14,11 +14,18 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "queue",
-    sql: include_str!("migrations/0001_queue.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "queue",
+        sql: include_str!("migrations/0001_queue.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "order_key",
+        sql: include_str!("migrations/0002_order_key.sql"),
+    },
+];
 
 /// The newest schema version this binary knows.
 pub fn latest() -> i32 {

@@ -13,6 +13,9 @@
 //!
 //! # Leases
 //!
+//! A delivery with an order key (per-user ordering) is not claimed while an
+//! earlier delivery of its target and key is pending, leased or not.
+//!
 //! [`Spool::lease`] claims due deliveries with `FOR UPDATE SKIP LOCKED` and
 //! writes the lease into the row: owner (this process's replica id), end, and
 //! a token from a sequence. A replica that dies leaves its leases to end;
@@ -532,10 +535,14 @@ async fn lease(
     let statement = c
         .prepare_cached(&format!(
             "WITH due AS (
-                 SELECT id FROM deliveries
-                 WHERE state = 0 AND target = $1 AND next_at <= $2 AND lease_until <= $2
-                 ORDER BY next_at, id LIMIT $3
-                 FOR UPDATE SKIP LOCKED
+                 SELECT d.id FROM deliveries d
+                 WHERE d.state = 0 AND d.target = $1 AND d.next_at <= $2 AND d.lease_until <= $2
+                   AND (d.order_key IS NULL OR NOT EXISTS (
+                       SELECT 1 FROM deliveries p
+                       WHERE p.target = $1 AND p.order_key = d.order_key AND p.id < d.id
+                         AND p.state = 0 AND p.order_key IS NOT NULL))
+                 ORDER BY d.next_at, d.id LIMIT $3
+                 FOR UPDATE OF d SKIP LOCKED
              ), leased AS (
                  UPDATE deliveries d
                  SET lease_owner = $4, lease_until = $2 + $5, lease_token = nextval('lease_tokens')
@@ -573,7 +580,9 @@ async fn lease(
 }
 
 /// Writes outcomes in one transaction, three statements at most, each
-/// applied only where the row still holds the outcome's lease token.
+/// applied only where the row still holds the outcome's lease token. A
+/// delivered outcome also settles a delivery retired (`target_removed`)
+/// while its attempt was in flight: the target has it.
 async fn record(c: &mut Object, settles: &[Settle], now: UnixMs) -> Result<(), SpoolError> {
     let mut done = (Vec::new(), Vec::new());
     let mut retry = RetryColumns::default();
@@ -617,7 +626,8 @@ async fn record(c: &mut Object, settles: &[Settle], now: UnixMs) -> Result<(), S
         let delete = tx
             .prepare_cached(
                 "DELETE FROM deliveries d USING unnest($1::bigint[], $2::bigint[]) AS s(id, token)
-                 WHERE d.id = s.id AND d.state = 0 AND d.lease_token = s.token",
+                 WHERE d.id = s.id AND d.lease_token = s.token
+                   AND (d.state = 0 OR (d.state = 2 AND d.reason = 'target_removed'))",
             )
             .await?;
         tx.execute(&delete, &[&done.0, &done.1]).await?;

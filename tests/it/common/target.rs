@@ -26,6 +26,8 @@ pub enum Behaviour {
     },
     /// Never answers (until it is told to release).
     Hang,
+    /// Answers with this status once told to release.
+    Hold(u16),
 }
 
 impl Behaviour {
@@ -156,7 +158,7 @@ impl FakeTarget {
         self.state.lock().unwrap().responder = Some(Box::new(responder));
     }
 
-    /// Lets every hanging request end (with a 503).
+    /// Lets every hanging request end (with a 503) and every held one answer.
     pub fn release_hung(&self) {
         self.release.notify_waiters();
     }
@@ -230,6 +232,10 @@ async fn answer(
         Behaviour::Hang => {
             release.notified().await;
             Ok(respond(503, &[], ""))
+        }
+        Behaviour::Hold(status) => {
+            release.notified().await;
+            Ok(respond(status, &[], ""))
         }
         Behaviour::Answer {
             status,
