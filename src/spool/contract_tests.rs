@@ -542,32 +542,33 @@ async fn a_record_repeated_after_the_event_is_gone_touches_no_later_event() {
     }
 }
 
-#[tokio::test]
-async fn expired_dedup_keys_are_pruned() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spool.db");
-    let spool = SqliteSpool::open(&path).unwrap();
+/// Fifty events from `make(i, now)`, each stored with a one-second dedup
+/// window ten seconds after the one before and delivered at once: every key
+/// but the newest few expires long before the next prune.
+async fn fifty_short_lived(spool: &dyn Spool, make: impl Fn(usize, i64) -> NewEvent) {
     let mut now = 0;
-    // A one-second window and a push every ten seconds: every key but the
-    // newest few expires long before the next prune.
     for i in 0..50 {
-        let e = event(&format!("k{i}"), &["a"], now);
+        let mut e = make(i, now);
+        e.event.received_at = UnixMs(now);
         let Enqueued::Stored { deliveries, .. } =
             spool.enqueue(e, UnixMs(now), 1_000).await.unwrap()
         else {
             panic!("stored")
         };
-        settle(
-            &spool,
-            &[],
-            vec![Settlement::Delivered {
-                delivery_id: deliveries[0],
-            }],
-            now,
-        )
-        .await;
+        let done = Settlement::Delivered {
+            delivery_id: deliveries[0],
+        };
+        settle(spool, &[], vec![done], now).await;
         now += 10_000;
     }
+}
+
+#[tokio::test]
+async fn expired_dedup_keys_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let spool = SqliteSpool::open(&path).unwrap();
+    fifty_short_lived(&spool, |i, _| event(&format!("k{i}"), &["a"], 0)).await;
     spool.close();
     let c = rusqlite::Connection::open(&path).unwrap();
     let live: i64 = c
@@ -1085,27 +1086,10 @@ async fn postgres_prunes_expired_keys_and_delivered_events() {
     let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
         .await
         .unwrap();
-    let mut now = 0;
-    // A one-second window, guards as short, and a push every ten seconds:
-    // every key but the newest few expires long before the next prune.
-    for i in 0..50 {
-        let e = guarded(&format!("k{i}"), &format!("q{i}"), "b", now, now + 1_000);
-        let Enqueued::Stored { deliveries, .. } =
-            spool.enqueue(e, UnixMs(now), 1_000).await.unwrap()
-        else {
-            panic!("stored")
-        };
-        settle(
-            &spool,
-            &[],
-            vec![Settlement::Delivered {
-                delivery_id: deliveries[0],
-            }],
-            now,
-        )
-        .await;
-        now += 10_000;
-    }
+    fifty_short_lived(&spool, |i, now| {
+        guarded(&format!("k{i}"), &format!("q{i}"), "b", now, now + 1_000)
+    })
+    .await;
     // Pruning runs beside the commits; wait for its last round.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while (schema.count("dedup") > 4 || schema.count("replay") > 4)
@@ -1155,4 +1139,38 @@ async fn a_spool_file_from_before_ordered_delivery_opens_and_orders() {
     spool.close();
     let again = SqliteSpool::open(&path).unwrap();
     assert_eq!(again.waiting("t", 10).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn postgres_a_delivery_stored_by_one_replica_wakes_the_others_workers() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let open = || PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate);
+    let (here, there) = (open().await.unwrap(), open().await.unwrap());
+    let (woken, mut wakes) = tokio::sync::mpsc::unbounded_channel();
+    there.on_due_elsewhere(Box::new(move |target| {
+        let _ = woken.send(target.to_owned());
+    }));
+    // The listener connects in the background: store until it hears one.
+    let mut heard = None;
+    for i in 0..100 {
+        stored(&here, event(&format!("k{i}"), &["hooks", "crm"], 0), 0).await;
+        let wait = std::time::Duration::from_millis(100);
+        if let Ok(Some(target)) = tokio::time::timeout(wait, wakes.recv()).await {
+            heard = Some(target);
+            break;
+        }
+    }
+    let first = heard.expect("the other replica is woken");
+    let second = tokio::time::timeout(std::time::Duration::from_secs(5), wakes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut targets = [first, second];
+    targets.sort();
+    assert_eq!(targets, ["crm", "hooks"]);
+    here.close().await;
+    there.close().await;
 }

@@ -313,3 +313,41 @@ async fn a_database_outage_is_answered_503_and_the_relay_recovers_by_itself() {
     assert_eq!(hooks.count(), 2);
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_commit_slower_than_the_reply_budget_is_a_503_and_stores_at_most_once() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let toml = hooks_config(&g, &hooks.url("/"), "");
+    let Some(relay) = TestRelay::start_postgres(&toml, reference_now(&g)).await else {
+        return;
+    };
+    let schema = relay.schema.as_ref().unwrap();
+    // Another session holds the dedup table: the commit waits for it past
+    // the reply budget (1 s here).
+    let (other, connection) = tokio_postgres::connect(&test_url().unwrap(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    other
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE \"{}\".dedup IN EXCLUSIVE MODE",
+            schema.settings.schema
+        ))
+        .await
+        .unwrap();
+    let v = vector(&g, "secure.CLICK");
+    let send = || relay.post_later(path("secure", &v["request"]), body(&v["request"]));
+    let late = send().await;
+    assert_eq!(late.status, 503, "{}", late.text());
+    assert!(late.text().contains("reply budget"), "{}", late.text());
+    other.batch_execute("ROLLBACK").await.unwrap();
+
+    // The commit WeChat was not told about may have gone through after
+    // all: its re-send is then a duplicate. Either way one delivery.
+    assert_eq!(send().await.status, 200);
+    assert!(hooks.wait_for(1, WAIT).await);
+    assert!(relay.until_nothing_pending("hooks").await);
+    assert_eq!(hooks.count(), 1);
+    relay.stop().await;
+}

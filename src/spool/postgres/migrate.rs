@@ -79,6 +79,9 @@ pub async fn migrate(
     schema: &str,
 ) -> Result<Migrated, SpoolError> {
     let tx = client.transaction().await?;
+    // A migration may rebuild a large table, and a replica may wait for
+    // another's: neither is bounded like the queue's own statements.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(schema)])
         .await?;
     // The schema is a checked identifier; quoted all the same.

@@ -130,7 +130,7 @@ pub async fn migrate(settings: &PostgresSettings) -> Result<Migrated, SpoolError
     let tls = connect::tls(settings)?;
     let pool = connect::pool(settings, config, tls)?;
     let mut client = client(&pool).await?;
-    bounded("migrate", migrate::migrate(&mut client, &settings.schema)).await
+    migrate::migrate(&mut client, &settings.schema).await
 }
 
 impl PostgresSpool {
@@ -154,8 +154,7 @@ impl PostgresSpool {
             let mut client = client(&pool).await?;
             match on_open {
                 OnOpen::Migrate => {
-                    let migrated =
-                        bounded("migrate", migrate::migrate(&mut client, &settings.schema)).await?;
+                    let migrated = migrate::migrate(&mut client, &settings.schema).await?;
                     if !migrated.applied.is_empty() {
                         tracing::info!(schema = %settings.schema, from = migrated.from, to = migrate::latest(), "spool schema migrated");
                     }
