@@ -10,13 +10,14 @@ use crate::common;
 use common::proxy::{self, CutProxy};
 use common::target::{Behaviour, FakeTarget};
 use common::{body, generated, hooks_config, path, reference_now, vector, TestRelay};
+use std::process::Command;
 use std::time::Duration;
 use wxrelay::app::{Options, Relay};
 use wxrelay::clock::{Clock, SystemClock};
-use wxrelay::config::{Secret, Settings};
-use wxrelay::spool::postgres::latest_schema_version;
+use wxrelay::config::{Secret, Settings, SslMode};
 use wxrelay::spool::postgres::testing::{test_url, TestSchema};
-use wxrelay::spool::DeadFilter;
+use wxrelay::spool::postgres::{latest_schema_version, OnOpen};
+use wxrelay::spool::{DeadFilter, PostgresSpool, Spool};
 
 const WAIT: Duration = Duration::from_secs(20);
 const PASSWORD: &str = "Pg-S3cret-pw";
@@ -350,4 +351,80 @@ async fn a_commit_slower_than_the_reply_budget_is_a_503_and_stores_at_most_once(
     assert!(relay.until_nothing_pending("hooks").await);
     assert_eq!(hooks.count(), 1);
     relay.stop().await;
+}
+
+/// The test database's certificate, when it serves TLS and the file is
+/// readable here (a database on this host).
+async fn server_certificate(url: &str) -> Option<String> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let show = |name: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(&format!("SHOW {name}"), &[])
+                .await
+                .unwrap();
+            row.get::<_, String>(0)
+        }
+    };
+    if show("ssl").await != "on" {
+        return None;
+    }
+    let file = show("ssl_cert_file").await;
+    std::fs::metadata(&file).ok().map(|_| file)
+}
+
+#[tokio::test]
+async fn tls_require_verifies_the_chain_and_verify_full_the_name_too() {
+    let Some(url) = test_url() else { return };
+    let Some(cert) = server_certificate(&url).await else {
+        eprintln!("the test database serves no TLS here: TLS test skipped");
+        return;
+    };
+    let name = |cert_file: &str| -> Option<String> {
+        // The certificate's first DNS name, for verify-full to match.
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in", cert_file])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split("DNS:")
+            .nth(1)
+            .map(|n| n.split([',', '\n']).next().unwrap_or("").trim().to_owned())
+    };
+    let open = |host: &str, sslmode: SslMode, ca_file: Option<&str>| {
+        let mut schema = TestSchema::new(&url);
+        let mut with_host = url::Url::parse(&url).unwrap();
+        with_host.set_host(Some(host)).unwrap();
+        schema.settings.url = Secret::new(with_host.to_string());
+        schema.settings.sslmode = sslmode;
+        schema.settings.ca_file = ca_file.map(Into::into);
+        async move {
+            let opened = PostgresSpool::open(&schema.settings, OnOpen::Migrate).await;
+            if let Ok(spool) = &opened {
+                spool.probe().await.unwrap();
+                spool.close().await;
+            }
+            opened.map(|_| ()).map_err(|e| e.to_string())
+        }
+    };
+    // The certificate does not name 127.0.0.1: require takes it, its chain
+    // being good; verify-full does not.
+    open("127.0.0.1", SslMode::Require, Some(&cert))
+        .await
+        .unwrap();
+    let refused = open("127.0.0.1", SslMode::VerifyFull, Some(&cert))
+        .await
+        .unwrap_err();
+    assert!(refused.contains("certificate"), "{refused}");
+    // Without the database's CA among the roots, require refuses too: the
+    // chain is verified, not skipped.
+    let refused = open("127.0.0.1", SslMode::Require, None).await.unwrap_err();
+    assert!(refused.contains("certificate"), "{refused}");
+    if let Some(host) = name(&cert).filter(|h| h == "localhost") {
+        open(&host, SslMode::VerifyFull, Some(&cert)).await.unwrap();
+    }
 }
