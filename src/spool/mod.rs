@@ -123,7 +123,7 @@ pub enum SpoolError {
     Storage(String),
     #[error("spool is closed")]
     Closed,
-    #[error("spool is busy: too many requests waiting for the disk")]
+    #[error("spool is busy: too many requests waiting to be stored")]
     Busy,
     #[error("the spool file {0} was removed or replaced; restart the relay")]
     Gone(String),
