@@ -13,14 +13,13 @@
 //!
 //! # Leases
 //!
-//! A delivery with an order key (per-user ordering) is not claimed while an
-//! earlier delivery of its target and key is pending, leased or not.
-//!
 //! [`Spool::lease`] claims due deliveries with `FOR UPDATE SKIP LOCKED` and
 //! writes the lease into the row: owner (this process's replica id), end, and
 //! a token from a sequence. A replica that dies leaves its leases to end;
 //! then any replica takes the deliveries, under new tokens. An outcome is
 //! written only while the row still holds the token it was leased under.
+//! A delivery with an order key (per-user ordering) is not claimed while an
+//! earlier delivery of its target and key is pending, leased or not.
 //!
 //! # Time
 //!
@@ -31,8 +30,9 @@
 //! # A database that misbehaves
 //!
 //! The pool holds at most `pool_size` connections; a request waits
-//! [`connect::POOL_WAIT`] for one at most, and every operation is bounded by
-//! [`OPERATION_TIMEOUT`]. A connection the database dropped is discarded
+//! [`connect::POOL_WAIT`] for one at most, and every operation but a schema
+//! migration is bounded by [`OPERATION_TIMEOUT`], in the database too
+//! (`statement_timeout`). A connection the database dropped is discarded
 //! and a new one opened on the next request, so the spool recovers by itself
 //! when the database is back.
 
