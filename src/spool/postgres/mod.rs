@@ -98,8 +98,11 @@ pub enum OnOpen {
 pub struct PostgresSpool {
     pool: Pool,
     requests: Mutex<Option<mpsc::Sender<commit::Request>>>,
+    recordings: Mutex<Option<mpsc::Sender<settle::Recording>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The group commit of pushes and the recorder of outcomes: let finish
+    /// at close.
+    writers: Mutex<Vec<JoinHandle<()>>>,
     notifier: wake::Notifier,
     /// This process's name in lease owners.
     replica: String,
@@ -180,13 +183,16 @@ impl PostgresSpool {
             prune::Pruner::new(pool.clone()),
         ));
         let notify = tokio::spawn(notifier.clone().run());
+        let (recordings, recorded) = mpsc::channel(QUEUE);
+        let recorder = tokio::spawn(settle::run(pool.clone(), recorded));
         let replica = format!("{:016x}", rand::random::<u64>());
         tracing::info!(replica = %replica, database = %settings.display, schema = %settings.schema, "spool opened");
         Ok(Self {
             pool,
             requests: Mutex::new(Some(requests)),
+            recordings: Mutex::new(Some(recordings)),
             tasks: Mutex::new(vec![notify]),
-            writer: Mutex::new(Some(writer)),
+            writers: Mutex::new(vec![writer, recorder]),
             notifier,
             replica,
             schema: settings.schema.clone(),
@@ -194,15 +200,19 @@ impl PostgresSpool {
         })
     }
 
-    /// Refuses new work, lets the writer commit what is queued, and stops
+    /// Refuses new work, lets the writers commit what is queued, and stops
     /// listening.
     pub async fn close(&self) {
         self.requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(writer) = writer {
+        self.recordings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|e| e.into_inner()));
+        for writer in writers {
             let _ = writer.await;
         }
         // An operator's replay is announced before the command exits.
@@ -256,6 +266,18 @@ impl Drop for PostgresSpool {
     }
 }
 
+/// Hands `item` to a writer task: `Busy` when its queue is full, `Closed`
+/// once the spool is.
+fn send<T>(channel: &Mutex<Option<mpsc::Sender<T>>>, item: T) -> Result<(), SpoolError> {
+    match channel.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        None => Err(SpoolError::Closed),
+        Some(tx) => tx.try_send(item).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SpoolError::Busy,
+            mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
+        }),
+    }
+}
+
 type BoxedOp<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send + 'c>>;
 
 impl Spool for PostgresSpool {
@@ -272,18 +294,7 @@ impl Spool for PostgresSpool {
             window: dedup_window_ms,
             reply,
         };
-        let sent = match self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            None => Err(SpoolError::Closed),
-            Some(tx) => tx.try_send(request).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SpoolError::Busy,
-                mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
-            }),
-        };
+        let sent = send(&self.requests, request);
         Box::pin(async move {
             sent?;
             answer.await.unwrap_or(Err(SpoolError::Closed))
@@ -307,8 +318,16 @@ impl Spool for PostgresSpool {
     }
 
     fn record(&self, settlements: Vec<Settle>, now_ms: UnixMs) -> SpoolFuture<()> {
-        self.with_client("record", move |c| {
-            Box::pin(async move { settle::record(c, &settlements, now_ms).await })
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let call = settle::Recording {
+            settles: settlements,
+            now: now_ms,
+            reply,
+        };
+        let sent = send(&self.recordings, call);
+        Box::pin(async move {
+            sent?;
+            answer.await.unwrap_or(Err(SpoolError::Closed))
         })
     }
 
