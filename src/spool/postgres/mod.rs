@@ -99,7 +99,10 @@ pub struct PostgresSpool {
     pool: Pool,
     requests: Mutex<Option<mpsc::Sender<commit::Request>>>,
     recordings: Mutex<Option<mpsc::Sender<settle::Recording>>>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The notifier: runs until the spool closes.
+    notify: JoinHandle<()>,
+    /// The listener for other replicas' notifications, once asked for.
+    listener: Mutex<Option<JoinHandle<()>>>,
     /// The group commit of pushes and the recorder of outcomes: let finish
     /// at close.
     writers: Mutex<Vec<JoinHandle<()>>>,
@@ -191,7 +194,8 @@ impl PostgresSpool {
             pool,
             requests: Mutex::new(Some(requests)),
             recordings: Mutex::new(Some(recordings)),
-            tasks: Mutex::new(vec![notify]),
+            notify,
+            listener: Mutex::new(None),
             writers: Mutex::new(vec![writer, recorder]),
             notifier,
             replica,
@@ -217,15 +221,21 @@ impl PostgresSpool {
         }
         // An operator's replay is announced before the command exits.
         self.notifier.flush().await;
-        for task in self
-            .tasks
+        self.stop_background();
+        self.pool.close();
+    }
+
+    /// Ends the tasks that run until told to: the notifier and the listener.
+    fn stop_background(&self) {
+        self.notify.abort();
+        if let Some(listener) = self
+            .listener
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
+            .take()
         {
-            task.abort();
+            listener.abort();
         }
-        self.pool.close();
     }
 
     /// Runs `operation` on a pooled connection, bounded.
@@ -255,14 +265,7 @@ impl PostgresSpool {
 
 impl Drop for PostgresSpool {
     fn drop(&mut self) {
-        for task in self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            task.abort();
-        }
+        self.stop_background();
     }
 }
 
@@ -498,10 +501,15 @@ impl Spool for PostgresSpool {
     fn on_due_elsewhere(&self, wake: DueWaker) {
         let (config, tls) = self.listen.clone();
         let task = tokio::spawn(wake::listen(config, tls, self.schema.clone(), wake));
-        self.tasks
+        // A relay started again on the same spool listens for its new workers.
+        let previous = self
+            .listener
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(task);
+            .replace(task);
+        if let Some(previous) = previous {
+            previous.abort();
+        }
     }
 }
 
