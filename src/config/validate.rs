@@ -402,6 +402,15 @@ fn postgres(raw: RawSpool, p: &mut Problems) -> PostgresSettings {
                 SslMode::Disable
             }),
     };
+    if sslmode == SslMode::Require && raw.ca_file.is_none() {
+        // With no name check, trusting the public roots would trust anyone
+        // holding a public certificate for any name.
+        p.add(
+            "spool.ca_file",
+            "required with sslmode = \"require\": the certificate's name is not checked, \
+             so only your own CA may be trusted (or use sslmode = \"verify-full\")",
+        );
+    }
     if let Some(file) = &raw.ca_file {
         if sslmode == SslMode::Disable {
             p.add(
@@ -433,6 +442,13 @@ fn postgres_url(text: &str) -> Result<String, String> {
     })?;
     if config.get_hosts().is_empty() {
         return Err("must name a host, e.g. postgres://relay@db.internal:5432/relay".to_owned());
+    }
+    let at_in_host = config
+        .get_hosts()
+        .iter()
+        .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(name) if name.contains('@')));
+    if at_in_host {
+        return Err("its host part holds an '@': write an '@' in the password as %40".to_owned());
     }
     if config.get_ssl_mode() != tokio_postgres::config::SslMode::Prefer {
         return Err(

@@ -662,6 +662,18 @@ fn broken_configs_are_refused_at_their_key_path() {
             "only for backend = \"postgres\"",
         ),
         (
+            "require without the CA",
+            format!("{PG}sslmode = \"require\"\n{VALID}"),
+            "spool.ca_file",
+            "required with sslmode = \"require\"",
+        ),
+        (
+            "an unescaped @ in the password",
+            format!("[spool]\nbackend = \"postgres\"\nurl = \"postgres://relay:Tr0ub@dor-SECRET@db:5432/relay\"\n{VALID}"),
+            "spool.url",
+            "write an '@' in the password as %40",
+        ),
+        (
             "unknown sslmode",
             format!("{PG}sslmode = \"prefer\"\n{VALID}"),
             "spool.sslmode",

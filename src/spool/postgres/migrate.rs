@@ -79,9 +79,12 @@ pub async fn migrate(
     schema: &str,
 ) -> Result<Migrated, SpoolError> {
     let tx = client.transaction().await?;
-    // A migration may rebuild a large table, and a replica may wait for
-    // another's: neither is bounded like the queue's own statements.
-    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
+    // A migration may rebuild a large table: it is not bounded like the
+    // queue's own statements.
+    // But it gives up rather than wait long for a table lock: while it
+    // waits, every replica's pushes would queue behind it.
+    tx.batch_execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '5s'")
+        .await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(schema)])
         .await?;
     // The schema is a checked identifier; quoted all the same.
