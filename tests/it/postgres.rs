@@ -447,3 +447,26 @@ async fn tls_require_verifies_the_chain_and_verify_full_the_name_too() {
         open(&host, SslMode::VerifyFull, Some(&cert)).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_connection_gone_silent_is_replaced_not_reused() {
+    let Some(url) = test_url() else { return };
+    let proxy = CutProxy::start(proxy::upstream(&url)).await;
+    let mut schema = TestSchema::new(&url);
+    schema.settings.url = Secret::new(proxy.url_through(&url));
+    schema.settings.pool_size = 2;
+    let spool = PostgresSpool::open(&schema.settings, OnOpen::Migrate)
+        .await
+        .unwrap();
+    // Both of the pool's connections in use once.
+    let (a, b) = tokio::join!(spool.probe(), spool.probe());
+    a.unwrap();
+    b.unwrap();
+    proxy.stall();
+    // Each silent connection fails its operation when its time is up...
+    let (a, b) = tokio::join!(spool.probe(), spool.probe());
+    assert!(a.is_err() && b.is_err(), "{a:?} {b:?}");
+    // ...and is not handed out again: the next one is new, and works.
+    spool.probe().await.unwrap();
+    spool.close().await;
+}

@@ -13,7 +13,7 @@ use super::wake::Notifier;
 use crate::spool::{
     DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, SpoolError, UnixMs,
 };
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::{Object, Pool, Transaction};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
@@ -45,7 +45,13 @@ pub(super) async fn run(
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while requests.recv_many(&mut batch, max_batch).await > 0 {
-        let result = super::bounded("commit", commit(&pool, &batch)).await;
+        let result = super::bounded("commit", async {
+            let mut checkout = super::Checkout::of(&pool).await?;
+            let outcomes = commit(checkout.get()?, &batch).await;
+            checkout.finished();
+            outcomes
+        })
+        .await;
         match result {
             Ok(outcomes) => {
                 let mut due = BTreeSet::new();
@@ -76,8 +82,7 @@ pub(super) async fn run(
     }
 }
 
-async fn commit(pool: &Pool, batch: &[Request]) -> Result<Vec<Outcome>, SpoolError> {
-    let mut client = super::client(pool).await?;
+async fn commit(client: &mut Object, batch: &[Request]) -> Result<Vec<Outcome>, SpoolError> {
     let tx = client.transaction().await?;
     let passed = guards(&tx, batch).await?;
     let first = dedup(&tx, batch, &passed).await?;

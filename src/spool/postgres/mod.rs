@@ -132,6 +132,51 @@ async fn client(pool: &Pool) -> Result<Object, SpoolError> {
     Ok(pool.get().await?)
 }
 
+/// A pooled connection for one bounded operation. It goes back to the pool
+/// only when [`Checkout::finished`] says the operation ended; dropped before
+/// (the operation's time ran out), it is discarded: a database that stopped
+/// answering on it (a failover, a partition) may well answer a new one.
+struct Checkout(Option<Object>);
+
+impl Checkout {
+    async fn of(pool: &Pool) -> Result<Self, SpoolError> {
+        Ok(Self(Some(client(pool).await?)))
+    }
+
+    /// The connection, until finished.
+    fn get(&mut self) -> Result<&mut Object, SpoolError> {
+        self.0.as_mut().ok_or(SpoolError::Closed)
+    }
+
+    /// The operation ended (well or not): the connection may serve again.
+    fn finished(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            drop(Object::take(object));
+        }
+    }
+}
+
+/// Runs `operation` on a pooled connection within [`OPERATION_TIMEOUT`].
+async fn on_connection<T>(
+    pool: &Pool,
+    what: &str,
+    operation: impl for<'c> FnOnce(&'c mut Object) -> BoxedOp<'c, T>,
+) -> Result<T, SpoolError> {
+    bounded(what, async {
+        let mut checkout = Checkout::of(pool).await?;
+        let result = operation(checkout.get()?).await;
+        checkout.finished();
+        result
+    })
+    .await
+}
+
 /// Applies the migrations the database lacks (`wxrelay migrate`).
 pub async fn migrate(settings: &PostgresSettings) -> Result<Migrated, SpoolError> {
     let config = connect::driver_config(settings)?;
@@ -254,11 +299,7 @@ impl PostgresSpool {
             if closed {
                 return Err(SpoolError::Closed);
             }
-            bounded(what, async move {
-                let mut client = client(&pool).await?;
-                operation(&mut client).await
-            })
-            .await
+            on_connection(&pool, what, operation).await
         })
     }
 }

@@ -64,10 +64,12 @@ impl Pruner {
                  ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))"
         );
         loop {
-            let deleted = super::bounded("prune", async {
-                let client = super::client(&self.pool).await?;
-                let statement = client.prepare_cached(&delete).await?;
-                Ok(client.execute(&statement, &[&now.0, &BATCH]).await?)
+            let delete = delete.clone();
+            let deleted = super::on_connection(&self.pool, "prune", move |client| {
+                Box::pin(async move {
+                    let statement = client.prepare_cached(&delete).await?;
+                    Ok(client.execute(&statement, &[&now.0, &BATCH]).await?)
+                })
             })
             .await?;
             if deleted < BATCH as u64 {

@@ -94,8 +94,10 @@ pub(super) async fn run(pool: Pool, mut calls: mpsc::Receiver<Recording>) {
     let mut batch = Vec::new();
     while calls.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let result = super::bounded("record", async {
-            let mut client = super::client(&pool).await?;
-            record(&mut client, &batch).await
+            let mut checkout = super::Checkout::of(&pool).await?;
+            let recorded = record(checkout.get()?, &batch).await;
+            checkout.finished();
+            recorded
         })
         .await;
         for call in batch.drain(..) {
