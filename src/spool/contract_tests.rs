@@ -1174,3 +1174,52 @@ async fn postgres_a_delivery_stored_by_one_replica_wakes_the_others_workers() {
     here.close().await;
     there.close().await;
 }
+
+#[tokio::test]
+async fn postgres_retires_only_targets_no_live_replica_names() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let open = || PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate);
+    let (newer, older) = (open().await.unwrap(), open().await.unwrap());
+    let names = |n: &[&str]| n.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+    stored(&newer, event("k", &["hooks", "added"], 0), 0).await;
+    // A rolling change: one replica's configuration has the new target,
+    // the other's not yet.
+    let retired = newer.retire_targets(names(&["hooks", "added"]), UnixMs(1_000));
+    assert_eq!(retired.await.unwrap(), vec![]);
+    let retired = older.retire_targets(names(&["hooks"]), UnixMs(1_000));
+    assert_eq!(retired.await.unwrap(), vec![], "another replica names it");
+    // Once no replica heard from lately names it, it is retired.
+    let later = 1_000 + postgres::TARGETS_HOLD_MS - 1;
+    assert_eq!(
+        older
+            .retire_targets(names(&["hooks"]), UnixMs(later))
+            .await
+            .unwrap(),
+        vec![],
+        "the newer replica's word still holds"
+    );
+    let lapsed = UnixMs(later + 1);
+    assert_eq!(
+        older
+            .retire_targets(names(&["hooks"]), lapsed)
+            .await
+            .unwrap(),
+        vec![("added".to_string(), 1)]
+    );
+    // A replica that drops a target from its own list lets it go at once.
+    stored(&newer, event("k2", &["hooks", "gone"], 0), 0).await;
+    let now = UnixMs(later + 2);
+    newer
+        .retire_targets(names(&["hooks", "gone"]), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        newer.retire_targets(names(&["hooks"]), now).await.unwrap(),
+        vec![("gone".to_string(), 1)]
+    );
+    newer.close().await;
+    older.close().await;
+}

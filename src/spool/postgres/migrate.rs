@@ -25,6 +25,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "order_key",
         sql: include_str!("migrations/0002_order_key.sql"),
     },
+    Migration {
+        version: 3,
+        name: "replica_targets",
+        sql: include_str!("migrations/0003_replica_targets.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

@@ -48,15 +48,15 @@ mod wake;
 
 pub use connect::postgres_display;
 pub use migrate::{latest as latest_schema_version, Migrated};
+pub use settle::TARGETS_HOLD_MS;
 
 use super::{
-    DeadFilter, DeadLetter, DeadReason, DeliveryId, DueWaker, Enqueued, Event, EventId, Lease,
-    NewEvent, Release, Schedule, Settle, Spool, SpoolError, SpoolFuture, TargetDepth, UnixMs,
+    DeadFilter, DeadLetter, DeliveryId, DueWaker, Enqueued, Event, EventId, Lease, NewEvent,
+    Release, Schedule, Settle, Spool, SpoolError, SpoolFuture, TargetDepth, UnixMs,
     WaitingDelivery,
 };
 use crate::config::PostgresSettings;
 use deadpool_postgres::{Object, Pool};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -406,28 +406,9 @@ impl Spool for PostgresSpool {
         targets: Vec<String>,
         now_ms: UnixMs,
     ) -> SpoolFuture<Vec<(String, u64)>> {
+        let replica = self.replica.clone();
         self.with_client("retire", move |c| {
-            Box::pin(async move {
-                let statement = c
-                    .prepare_cached(
-                        "UPDATE deliveries SET state = 2, reason = $2, updated_at = $3,
-                            last_error = 'the target is no longer in the configuration'
-                         WHERE state = 0 AND target IS NOT NULL AND NOT (target = ANY($1))
-                         RETURNING target",
-                    )
-                    .await?;
-                let rows = c
-                    .query(
-                        &statement,
-                        &[&targets, &DeadReason::TargetRemoved.as_str(), &now_ms.0],
-                    )
-                    .await?;
-                let mut retired: BTreeMap<String, u64> = BTreeMap::new();
-                for row in rows {
-                    *retired.entry(row.get(0)).or_default() += 1;
-                }
-                Ok(retired.into_iter().collect())
-            })
+            Box::pin(async move { settle::retire(c, &replica, &targets, now_ms).await })
         })
     }
 

@@ -1,10 +1,13 @@
-//! Claiming due deliveries and recording what became of them.
+//! Claiming due deliveries, recording what became of them, and retiring
+//! those of targets no replica names any more.
 
 use super::{event_from, EVENT_COLUMNS};
 use crate::spool::{
-    DeliveryId, EventId, Lease, LeaseToken, Schedule, Settle, Settlement, SpoolError, UnixMs,
+    DeadReason, DeliveryId, EventId, Lease, LeaseToken, Schedule, Settle, Settlement, SpoolError,
+    UnixMs,
 };
 use deadpool_postgres::{Object, Pool};
+use std::collections::BTreeMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
@@ -283,4 +286,62 @@ pub(super) async fn drop_events_if_done(
         .await?;
     tx.execute(&delete, &[&events]).await?;
     Ok(())
+}
+
+/// How long a replica's word on its targets holds: several of the relay's
+/// retirement rounds (every 30 s), so that a live replica never lapses.
+pub const TARGETS_HOLD_MS: i64 = 120_000;
+
+/// Records that `replica` names `targets`, then dead-letters the pending
+/// deliveries of every target that no replica heard from within
+/// [`TARGETS_HOLD_MS`] names. Returns how many, per target.
+pub(super) async fn retire(
+    c: &mut Object,
+    replica: &str,
+    targets: &[String],
+    now: UnixMs,
+) -> Result<Vec<(String, u64)>, SpoolError> {
+    let tx = c.transaction().await?;
+    let forget = tx
+        .prepare_cached(
+            "DELETE FROM replica_targets
+             WHERE (replica = $1 AND NOT (target = ANY($2))) OR seen_at <= $3 - 10 * $4::bigint",
+        )
+        .await?;
+    tx.execute(&forget, &[&replica, &targets, &now.0, &TARGETS_HOLD_MS])
+        .await?;
+    let name = tx
+        .prepare_cached(
+            "INSERT INTO replica_targets (replica, target, seen_at)
+             SELECT $1, t, $3 FROM unnest($2::text[]) AS t ORDER BY 2
+             ON CONFLICT (replica, target) DO UPDATE SET seen_at = excluded.seen_at",
+        )
+        .await?;
+    tx.execute(&name, &[&replica, &targets, &now.0]).await?;
+    let retire = tx
+        .prepare_cached(
+            "UPDATE deliveries d SET state = 2, reason = $1, updated_at = $2,
+                last_error = 'the target is no longer in the configuration'
+             WHERE d.state = 0 AND d.target IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM replica_targets r
+                               WHERE r.target = d.target AND r.seen_at > $2 - $3::bigint)
+             RETURNING d.target",
+        )
+        .await?;
+    let rows = tx
+        .query(
+            &retire,
+            &[
+                &DeadReason::TargetRemoved.as_str(),
+                &now.0,
+                &TARGETS_HOLD_MS,
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    let mut retired: BTreeMap<String, u64> = BTreeMap::new();
+    for row in rows {
+        *retired.entry(row.get(0)).or_default() += 1;
+    }
+    Ok(retired.into_iter().collect())
 }
