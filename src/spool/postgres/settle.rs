@@ -124,8 +124,24 @@ async fn record(c: &mut Object, calls: &[Recording]) -> Result<(), SpoolError> {
         }
     }
     let tx = not_waiting_for_the_flush(c).await?;
+    // Rows are locked in one order, events then deliveries, each by id: two
+    // batches (two replicas', or a stale outcome and the new owner's) wait
+    // for each other rather than deadlock.
+    let events = if o.delivered.0.is_empty() {
+        Vec::new()
+    } else {
+        lock_events_of(&tx, "d.id = ANY($1)", &[&o.delivered.0]).await?
+    };
+    let all: Vec<i64> = [&o.delivered.0, &o.retry.ids, &o.dead.ids]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    let lock = tx
+        .prepare_cached("SELECT id FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .await?;
+    tx.execute(&lock, &[&all]).await?;
     if !o.delivered.0.is_empty() {
-        let events = lock_events_of(&tx, "d.id = ANY($1)", &[&o.delivered.0]).await?;
         let delete = tx
             .prepare_cached(
                 "DELETE FROM deliveries d USING unnest($1::bigint[], $2::bigint[]) AS s(id, token)
