@@ -439,11 +439,21 @@ impl Spool for PostgresSpool {
     fn depth(&self) -> SpoolFuture<Vec<TargetDepth>> {
         self.with_client("depth", move |c| {
             Box::pin(async move {
+                // Counted from the due index alone, every scrape: the oldest
+                // is the event of each target's first pending delivery (ids
+                // are drawn as pushes arrive), one lookup per target rather
+                // than a join of the whole backlog.
                 let statement = c
                     .prepare_cached(
-                        "SELECT d.target, COUNT(*), MIN(e.received_at)
-                         FROM deliveries d JOIN events e ON e.id = d.event_id
-                         WHERE d.state = 0 GROUP BY d.target ORDER BY d.target",
+                        "WITH pending AS (
+                             SELECT target, count(*) AS n, min(id) AS first
+                             FROM deliveries WHERE state = 0 GROUP BY target
+                         )
+                         SELECT p.target, p.n, e.received_at
+                         FROM pending p
+                         JOIN deliveries d ON d.id = p.first
+                         JOIN events e ON e.id = d.event_id
+                         ORDER BY p.target",
                     )
                     .await?;
                 Ok(c.query(&statement, &[])
