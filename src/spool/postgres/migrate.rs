@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "replica_targets",
         sql: include_str!("migrations/0003_replica_targets.sql"),
     },
+    Migration {
+        version: 4,
+        name: "due_unordered",
+        sql: include_str!("migrations/0004_due_unordered.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

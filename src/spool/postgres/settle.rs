@@ -12,7 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
 /// Claims up to `limit` due deliveries nobody holds, each under a new token
-/// until `now + lease_ms`.
+/// until `now + lease_ms`. Of the deliveries with an order key, only each
+/// key's first pending one may be claimed: the keys' heads are found by
+/// stepping through the order index one key at a time, so a backlog held
+/// back behind its heads is never read.
 pub(super) async fn lease(
     c: &mut Object,
     target: &str,
@@ -24,13 +27,27 @@ pub(super) async fn lease(
     let tx = not_waiting_for_the_flush(c).await?;
     let statement = tx
         .prepare_cached(&format!(
-            "WITH due AS (
+            "WITH RECURSIVE heads AS (
+                 (SELECT order_key, id FROM deliveries
+                  WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
+                  ORDER BY order_key, id LIMIT 1)
+                 UNION ALL
+                 SELECT next.order_key, next.id FROM heads h CROSS JOIN LATERAL (
+                     SELECT order_key, id FROM deliveries
+                     WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
+                       AND order_key > h.order_key
+                     ORDER BY order_key, id LIMIT 1) next
+             ), candidates AS (
+                 SELECT id FROM heads
+                 UNION ALL
+                 (SELECT id FROM deliveries
+                  WHERE target = $1 AND state = 0 AND order_key IS NULL
+                    AND next_at <= $2 AND lease_until <= $2
+                  ORDER BY next_at, id LIMIT $3)
+             ), due AS (
                  SELECT d.id FROM deliveries d
-                 WHERE d.state = 0 AND d.target = $1 AND d.next_at <= $2 AND d.lease_until <= $2
-                   AND (d.order_key IS NULL OR NOT EXISTS (
-                       SELECT 1 FROM deliveries p
-                       WHERE p.target = $1 AND p.order_key = d.order_key AND p.id < d.id
-                         AND p.state = 0 AND p.order_key IS NOT NULL))
+                 WHERE d.id IN (SELECT id FROM candidates)
+                   AND d.state = 0 AND d.next_at <= $2 AND d.lease_until <= $2
                  ORDER BY d.next_at, d.id LIMIT $3
                  FOR UPDATE OF d SKIP LOCKED
              ), leased AS (
