@@ -186,10 +186,10 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-/// The pool: at most `pool_size` connections, a bounded wait for one, and a
-/// broken connection (the database restarted) replaced rather than reused.
+/// A pool: at most `size` connections, a bounded wait for one, and a broken
+/// connection (the database restarted) replaced rather than reused.
 pub(super) fn pool(
-    settings: &PostgresSettings,
+    size: usize,
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
 ) -> Result<Pool, SpoolError> {
@@ -201,7 +201,7 @@ pub(super) fn pool(
         },
     );
     Pool::builder(manager)
-        .max_size(settings.pool_size)
+        .max_size(size)
         .wait_timeout(Some(POOL_WAIT))
         .create_timeout(Some(CONNECT_TIMEOUT))
         .recycle_timeout(Some(CONNECT_TIMEOUT))

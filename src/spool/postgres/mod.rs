@@ -68,6 +68,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Enqueues waiting for the writer at most; past it, pushes get 503.
 const QUEUE: usize = 8192;
+/// Connections that store pushes (the one group-commit writer's), beside
+/// `pool_size` for everything else.
+pub const PUSH_CONNECTIONS: usize = 1;
 /// How many enqueues one commit may carry at most.
 pub const DEFAULT_MAX_BATCH: usize = 512;
 
@@ -181,7 +184,7 @@ async fn on_connection<T>(
 pub async fn migrate(settings: &PostgresSettings) -> Result<Migrated, SpoolError> {
     let config = connect::driver_config(settings)?;
     let tls = connect::tls(settings)?;
-    let pool = connect::pool(settings, config, tls)?;
+    let pool = connect::pool(1, config, tls)?;
     let mut client = client(&pool).await?;
     migrate::migrate(&mut client, &settings.schema).await
 }
@@ -202,7 +205,10 @@ impl PostgresSpool {
     ) -> Result<Self, SpoolError> {
         let config = connect::driver_config(settings)?;
         let tls = connect::tls(settings)?;
-        let pool = connect::pool(settings, config.clone(), tls.clone())?;
+        let pool = connect::pool(settings.pool_size, config.clone(), tls.clone())?;
+        // Pushes are stored on a connection of their own, so that they never
+        // wait for one behind the delivery workers' leases and outcomes.
+        let push_pool = connect::pool(PUSH_CONNECTIONS, config.clone(), tls.clone())?;
         {
             let mut client = client(&pool).await?;
             match on_open {
@@ -224,7 +230,7 @@ impl PostgresSpool {
         let (requests, rx) = mpsc::channel(QUEUE);
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
         let writer = tokio::spawn(commit::run(
-            pool.clone(),
+            push_pool,
             rx,
             max_batch.max(1),
             notifier.clone(),
