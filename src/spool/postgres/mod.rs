@@ -229,13 +229,12 @@ impl PostgresSpool {
         }
         let (requests, rx) = mpsc::channel(QUEUE);
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
-        let writer = tokio::spawn(commit::run(
-            push_pool,
-            rx,
-            max_batch.max(1),
-            notifier.clone(),
-            prune::Pruner::new(pool.clone()),
-        ));
+        let writer = commit::Writer {
+            pool: push_pool,
+            notifier: notifier.clone(),
+            prune: prune::Pruner::new(pool.clone()),
+        };
+        let writer = tokio::spawn(commit::run(writer, rx, max_batch.max(1)));
         let notify = tokio::spawn(notifier.clone().run());
         let (recordings, recorded) = mpsc::channel(QUEUE);
         let recorder = tokio::spawn(settle::run(pool.clone(), recorded));
