@@ -1275,3 +1275,37 @@ async fn postgres_two_replicas_racing_store_each_push_once() {
     a.close().await;
     b.close().await;
 }
+
+/// A push of a user stored while another replica's batch holding a push of
+/// the same user is in flight draws its ids after that batch commits, so
+/// ids (and the per-user order) follow the commits.
+#[tokio::test]
+async fn postgres_an_ordered_push_waits_for_a_batch_of_its_user_in_flight() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+        .await
+        .unwrap();
+    let (other, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lock = format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('{}|main|u1', 0))",
+        schema.settings.schema
+    );
+    other.batch_execute(&lock).await.unwrap();
+    let stored = spool.enqueue(ordered("k", &["t"], 0, "main|u1"), UnixMs(0), WINDOW);
+    let mut stored = tokio::spawn(stored);
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(300), &mut stored).await;
+    assert!(
+        waited.is_err(),
+        "stored while the user's other batch was in flight"
+    );
+    other.batch_execute("COMMIT").await.unwrap();
+    let stored = stored.await.unwrap().unwrap();
+    assert!(matches!(stored, Enqueued::Stored { .. }), "{stored:?}");
+    spool.close().await;
+}

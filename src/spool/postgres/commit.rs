@@ -229,6 +229,7 @@ async fn store(
     let (event_ids, delivery_ids) = if stored.is_empty() {
         (Vec::new(), Vec::new())
     } else {
+        order_after_earlier_commits(tx, &stored).await?;
         insert_rows(tx, &stored, rows).await?
     };
     let mut events = event_ids.into_iter();
@@ -255,6 +256,35 @@ async fn store(
         })
         .collect();
     Ok(outcomes)
+}
+
+/// Per-user order follows delivery ids. Two pushes of one user stored on
+/// two replicas at once could take ids in one order and commit in the
+/// other, and the later push be leased while the earlier one is not yet
+/// visible. So a batch takes a lock per order key (sorted, after its dedup
+/// keys, as every batch does) before drawing ids: of two such batches, the
+/// second draws its ids once the first has committed.
+async fn order_after_earlier_commits(
+    tx: &Transaction<'_>,
+    stored: &[&Request],
+) -> Result<(), SpoolError> {
+    let keys: BTreeSet<&str> = stored
+        .iter()
+        .flat_map(|r| r.event.targets.iter())
+        .filter_map(|t| t.order_key.as_deref())
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = keys.into_iter().collect();
+    let lock = tx
+        .prepare_cached(
+            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '|' || k, 0))
+             FROM unnest($1::text[]) AS k ORDER BY k",
+        )
+        .await?;
+    tx.execute(&lock, &[&keys]).await?;
+    Ok(())
 }
 
 /// Two statements whatever the batch's size; returns the ids given, in
