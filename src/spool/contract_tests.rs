@@ -966,6 +966,17 @@ async fn expired_deliveries_are_dead_letters_that_can_be_selected() {
             1,
             "{name}"
         );
+        // Replayed, it is untried and due from the replay on: its age for
+        // max_age counts from there.
+        let again = spool
+            .lease("broker", UnixMs(700_000), 10, 1_000)
+            .await
+            .unwrap();
+        let replayed = again.iter().find(|l| l.delivery_id == d[0]).unwrap();
+        assert_eq!(
+            (replayed.attempts, replayed.schedule.due_at),
+            (0, UnixMs(700_000))
+        );
     }
 }
 
@@ -1308,4 +1319,17 @@ async fn postgres_an_ordered_push_waits_for_a_batch_of_its_user_in_flight() {
     let stored = stored.await.unwrap().unwrap();
     assert!(matches!(stored, Enqueued::Stored { .. }), "{stored:?}");
     spool.close().await;
+}
+
+/// The operator commands list "everything" as a limit of `usize::MAX`.
+#[tokio::test]
+async fn a_limit_of_everything_lists_everything() {
+    for (name, spool, _cleanup) in spools().await {
+        stored(&*spool, event("k", &[], 0), 0).await;
+        stored(&*spool, event("w", &["a"], 0), 0).await;
+        let dead = spool.dead_letters(DeadFilter::default(), usize::MAX).await;
+        assert_eq!(dead.unwrap().len(), 1, "{name}");
+        let waiting = spool.waiting("a", usize::MAX).await;
+        assert_eq!(waiting.unwrap().len(), 1, "{name}");
+    }
 }

@@ -315,6 +315,11 @@ impl Drop for PostgresSpool {
     }
 }
 
+/// A row limit as SQL takes it: "all" (`usize::MAX`) is the largest bigint.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
 /// Hands `item` to a writer task: `Busy` when its queue is full, `Closed`
 /// once the spool is.
 fn send<T>(channel: &Mutex<Option<mpsc::Sender<T>>>, item: T) -> Result<(), SpoolError> {
@@ -486,7 +491,7 @@ impl Spool for PostgresSpool {
                          ORDER BY next_at, id LIMIT $2",
                     )
                     .await?;
-                Ok(c.query(&statement, &[&target, &(limit as i64)])
+                Ok(c.query(&statement, &[&target, &sql_limit(limit)])
                     .await?
                     .iter()
                     .map(|row| WaitingDelivery {

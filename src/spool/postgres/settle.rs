@@ -66,7 +66,7 @@ pub(super) async fn lease(
     let rows = tx
         .query(
             &statement,
-            &[&target, &now.0, &(limit as i64), &owner, &lease_ms],
+            &[&target, &now.0, &super::sql_limit(limit), &owner, &lease_ms],
         )
         .await?;
     tx.commit().await?;

@@ -28,6 +28,8 @@ pub enum Behaviour {
     Hang,
     /// Answers with this status once told to release.
     Hold(u16),
+    /// Answers as the inner behaviour after a delay: a slow broker.
+    After(Duration, Box<Behaviour>),
 }
 
 impl Behaviour {
@@ -228,7 +230,13 @@ async fn answer(
         }
     };
     arrived.notify_waiters();
+    let mut behaviour = behaviour;
+    while let Behaviour::After(delay, then) = behaviour {
+        tokio::time::sleep(delay).await;
+        behaviour = *then;
+    }
     match behaviour {
+        Behaviour::After(..) => unreachable!("unwrapped above"),
         Behaviour::Hang => {
             release.notified().await;
             Ok(respond(503, &[], ""))
