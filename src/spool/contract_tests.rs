@@ -1333,3 +1333,27 @@ async fn a_limit_of_everything_lists_everything() {
         assert_eq!(waiting.unwrap().len(), 1, "{name}");
     }
 }
+
+/// More dead letters than one purge batch holds are purged all the same.
+#[tokio::test]
+async fn a_large_purge_removes_every_selected_dead_letter_and_its_event() {
+    for (name, spool, _cleanup) in spools().await {
+        let stores: Vec<_> = (0..1_500)
+            .map(|i| spool.enqueue(event(&format!("k{i}"), &[], 0), UnixMs(0), WINDOW))
+            .collect();
+        let mut first = None;
+        for store in stores {
+            if let Enqueued::Stored { event_id, .. } = store.await.unwrap() {
+                first.get_or_insert(event_id);
+            }
+        }
+        let all = DeadFilter::default();
+        assert_eq!(spool.purge(all.clone()).await.unwrap(), 1_500, "{name}");
+        assert!(
+            spool.dead_letters(all, 10).await.unwrap().is_empty(),
+            "{name}"
+        );
+        let first = first.unwrap();
+        assert_eq!(spool.event(first).await.unwrap(), None, "{name}");
+    }
+}
