@@ -18,7 +18,8 @@
 //! - [`wechat`]: the pure protocol: signatures, the AES frame, push and reply XML.
 //! - [`config`]: the TOML file → validated [`config::Settings`].
 //! - [`route`]: pure rule matching: push → targets.
-//! - [`spool`]: the durable queue, its trait and its SQLite implementation.
+//! - [`spool`]: the durable queue, its trait, and its SQLite (one replica) and
+//!   PostgreSQL (shared by several replicas) implementations.
 //! - `deliver`: the dispatcher (delivery workers, target health, one way to
 //!   attempt and record), the target formats, the retry policy and the
 //!   per-target circuit breaker.
@@ -29,7 +30,7 @@
 //! - `server`: the accept loop and graceful drain.
 //! - [`app`]: wiring and shutdown order.
 //! - [`clock`]: injected wall-clock time.
-//! - [`cli`]: the operator's commands: simulate, route, dlq, keygen.
+//! - [`cli`]: the operator's commands: simulate, route, dlq, pending, migrate, keygen.
 
 pub(crate) mod admin;
 pub mod app;
@@ -47,3 +48,19 @@ pub mod spool;
 pub mod wechat;
 
 pub use ingest::short_hash;
+
+/// An error and its causes, one after the other: `a: b: c`. A cause whose
+/// text the message already ends with is not repeated.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -1,5 +1,5 @@
 //! The `wxrelay` command line: `serve` runs the relay, `check` validates a
-//! configuration; `simulate`, `route`, `dlq`, `pending`, `target` and `keygen` are the operator's
+//! configuration; `simulate`, `route`, `dlq`, `pending`, `migrate`, `target` and `keygen` are the operator's
 //! tools (see [`wxrelay::cli`]). Usage and configuration errors exit with
 //! status 64 (EX_USAGE), other failures with 1.
 
@@ -13,9 +13,10 @@ use wxrelay::cli::pending::{self, PendingCommand};
 use wxrelay::cli::route::{self, RouteArgs};
 use wxrelay::cli::simulate::{self, SimulateArgs};
 use wxrelay::cli::target::{self, TargetCommand};
-use wxrelay::cli::{self, keygen, CliError, Report};
+use wxrelay::cli::{self, keygen, migrate, CliError, Report};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{render_check, Settings};
+use wxrelay::spool::Spool;
 
 const EXIT_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
@@ -85,6 +86,12 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: PendingCommand,
+    },
+    /// Apply the PostgreSQL spool's schema migrations and say what was done
+    /// (safe while the relay runs; the relay also applies them at start).
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Check a `format = "wechat"` target: WeChat's URL check signed with its Token.
     Target {
@@ -160,6 +167,11 @@ fn main() -> ExitCode {
         ),
         Command::Dlq { config, command } => finish(run_dlq(config, command).map(done)),
         Command::Pending { config, command } => finish(run_pending(config, command).map(done)),
+        Command::Migrate { config } => finish(
+            cli::load(&config)
+                .and_then(|settings| block_on(async move { migrate::run(&settings).await })?)
+                .map(done),
+        ),
         Command::Target { config, command } => finish(run_target(config, command)),
         Command::Keygen => finish(Ok(done(keygen::run()))),
         Command::Sink { listen } => finish(block_on(run_sink(listen)).and_then(|r| r)),
@@ -169,20 +181,31 @@ fn main() -> ExitCode {
 fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliError> {
     let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
     let settings = cli::load(&config)?;
-    let spool = dlq::open(&settings)?;
-    let result = block_on(dlq::run(&spool, &command, SystemClock.now_ms()));
-    spool.close();
-    result?
+    on_spool(&settings, async |spool| {
+        dlq::run(spool, &command, SystemClock.now_ms()).await
+    })
 }
 
 fn run_pending(config: Option<PathBuf>, command: PendingCommand) -> Result<String, CliError> {
     let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
     let settings = cli::load(&config)?;
     pending::check_target(&settings, &command)?;
-    let spool = dlq::open(&settings)?;
-    let result = block_on(pending::run(&spool, &command, SystemClock.now_ms()));
-    spool.close();
-    result?
+    on_spool(&settings, async |spool| {
+        pending::run(spool, &command, SystemClock.now_ms()).await
+    })
+}
+
+/// Opens the configured spool, runs `command` on it, and closes it.
+fn on_spool(
+    settings: &Settings,
+    command: impl AsyncFnOnce(&dyn Spool) -> Result<String, CliError>,
+) -> Result<String, CliError> {
+    block_on(async move {
+        let opened = dlq::open(settings).await?;
+        let result = command(&*opened.spool()).await;
+        opened.close().await;
+        result
+    })?
 }
 
 fn run_target(config: Option<PathBuf>, command: TargetCommand) -> Result<Report, CliError> {

@@ -9,6 +9,8 @@
 //!   safely while the relay runs.
 //! - [`pending`]: list a target's pending deliveries, or make them due now,
 //!   safely while the relay runs.
+//! - [`migrate`]: bring a PostgreSQL spool's schema up to date ahead of a
+//!   rollout.
 //! - [`keygen`]: a fresh Token and EncodingAESKey for a new account or a
 //!   `format = "wechat"` target.
 //! - [`target`]: check that a `wechat` target holds the Token the relay
@@ -20,6 +22,7 @@
 
 pub mod dlq;
 pub mod keygen;
+pub mod migrate;
 pub mod pending;
 pub mod route;
 pub mod simulate;

@@ -28,8 +28,9 @@ mod validate;
 pub use check::{masked_url, render_check};
 pub use secret::Secret;
 pub use settings::{
-    decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, RetryClass,
-    RetryPolicy, ServerSettings, Settings, SpoolSettings, Target, WechatServer,
+    decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, PostgresSettings,
+    RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode,
+    Target, WechatServer,
 };
 
 use figment::providers::{Env, Format as _, Toml};

@@ -15,7 +15,8 @@ use crate::config::{Format, Settings, Target};
 use crate::metrics::Metrics;
 use crate::server::stopping;
 use crate::spool::{
-    DeadReason, DeliveryId, Event, Lease, Schedule, Settlement, Spool, SpoolError, UnixMs,
+    DeadReason, DeliveryId, Event, Lease, LeaseToken, Schedule, Settle, Settlement, Spool,
+    SpoolError, UnixMs,
 };
 use arc_swap::ArcSwap;
 use breaker::{Circuit, Gate, Phase};
@@ -115,7 +116,10 @@ pub async fn attempt(
         }
     };
     let exchange = async {
-        let response = client.request(request).await.map_err(|e| error_chain(&e))?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
         let (parts, body) = response.into_parts();
         // A refusal's body is only evidence; an unreadable one does not change
         // what the status says.
@@ -156,17 +160,6 @@ fn answered(parts: http::response::Parts, body: Bytes, clock: &dyn Clock) -> Att
         status: Some(parts.status),
         body,
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// How long a worker holds a delivery it leased: longer than the attempt's
@@ -217,6 +210,8 @@ struct Due {
     /// Attempts made before this one.
     attempts: u32,
     schedule: Schedule,
+    /// The lease the attempt is made under.
+    lease: LeaseToken,
     /// The one attempt an open circuit lets through.
     probe: bool,
 }
@@ -254,6 +249,15 @@ impl Dispatcher {
     /// supervisor that starts loops for targets added by a reload (a loop
     /// whose target disappears ends by itself).
     pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) -> JoinSet<()> {
+        // Deliveries another replica makes due wake the workers here too.
+        let dispatcher = Arc::downgrade(self);
+        self.spool.on_due_elsewhere(Box::new(move |target| {
+            if let Some(d) = dispatcher.upgrade() {
+                if d.config.load().targets.contains_key(target) {
+                    d.wake(target);
+                }
+            }
+        }));
         let mut tasks = JoinSet::new();
         tasks.spawn(self.clone().supervise(stop));
         tasks
@@ -328,6 +332,7 @@ impl Dispatcher {
             delivery_id,
             attempts: 0,
             schedule: Schedule::default(),
+            lease: LeaseToken::NONE,
             probe: false,
         };
         self.attempt_and_record(target, due, event, timeout, Record::Tracked)
@@ -412,7 +417,11 @@ impl Dispatcher {
             if release {
                 this.release_backlog(&name).await;
             }
-            this.record(&name, &state.faults, vec![settlement]).await;
+            let settle = Settle {
+                lease: due.lease,
+                settlement,
+            };
+            this.record(&name, &state.faults, vec![settle]).await;
         };
         match record {
             Record::Awaited => write.await,
@@ -469,13 +478,13 @@ impl Dispatcher {
 
     /// Writes an attempt's outcome. When the spool cannot, the delivery stays
     /// leased; when the lease ends it is sent again: at least once.
-    async fn record(&self, target: &str, faults: &Faults, settlements: Vec<Settlement>) {
-        let Some(delivery_id) = settlements.first().map(Settlement::delivery_id) else {
+    async fn record(&self, target: &str, faults: &Faults, settles: Vec<Settle>) {
+        let Some(delivery_id) = settles.first().map(|s| s.settlement.delivery_id()) else {
             return;
         };
         match self
             .spool
-            .record(settlements, UnixMs(self.clock.now_ms()))
+            .record(settles, UnixMs(self.clock.now_ms()))
             .await
         {
             Ok(()) => {
@@ -900,12 +909,15 @@ impl Dispatcher {
             "older than the target's max_age of {}",
             humantime::format_duration(max_age)
         );
-        let expired: Vec<Settlement> = stale
+        let expired: Vec<Settle> = stale
             .iter()
-            .map(|l| Settlement::Dead {
-                delivery_id: l.delivery_id,
-                reason: DeadReason::Expired,
-                error: error.clone(),
+            .map(|l| Settle {
+                lease: l.token,
+                settlement: Settlement::Dead {
+                    delivery_id: l.delivery_id,
+                    reason: DeadReason::Expired,
+                    error: error.clone(),
+                },
             })
             .collect();
         self.metrics
@@ -947,6 +959,7 @@ impl Dispatcher {
                     delivery_id: lease.delivery_id,
                     attempts: lease.attempts,
                     schedule: lease.schedule,
+                    lease: lease.token,
                     probe,
                 };
                 this.attempt_and_record(

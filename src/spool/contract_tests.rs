@@ -88,15 +88,46 @@ fn failed_once(id: DeliveryId, not_before: i64) -> Settlement {
     }
 }
 
-fn spools() -> Vec<(&'static str, Arc<dyn Spool>, Option<tempfile::TempDir>)> {
+/// Records `settlements`, each under the token of its delivery's lease in
+/// `leases`, or as never leased.
+async fn settle(spool: &dyn Spool, leases: &[Lease], settlements: Vec<Settlement>, now: i64) {
+    let settles = settlements
+        .into_iter()
+        .map(|settlement| Settle {
+            lease: leases
+                .iter()
+                .find(|l| l.delivery_id == settlement.delivery_id())
+                .map_or(LeaseToken::NONE, |l| l.token),
+            settlement,
+        })
+        .collect();
+    spool.record(settles, UnixMs(now)).await.unwrap();
+}
+
+/// What a spool of [`spools`] leaves behind and removes when dropped.
+type Cleanup = Box<dyn std::any::Any>;
+
+/// Every spool the relay ships, each fresh: SQLite in a temp dir, and
+/// PostgreSQL in a schema of its own when the test database is configured
+/// (see [`postgres::testing::test_url`]).
+async fn spools() -> Vec<(&'static str, Arc<dyn Spool>, Cleanup)> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteSpool::open(&dir.path().join("spool.db")).unwrap();
-    vec![("sqlite", Arc::new(sqlite), Some(dir))]
+    let mut spools: Vec<(&'static str, Arc<dyn Spool>, Cleanup)> =
+        vec![("sqlite", Arc::new(sqlite), Box::new(dir))];
+    if let Some(url) = postgres::testing::test_url() {
+        let schema = postgres::testing::TestSchema::new(&url);
+        let pg = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+            .await
+            .unwrap_or_else(|e| panic!("the test database at {url}: {e}"));
+        spools.push(("postgres", Arc::new(pg), Box::new(schema)));
+    }
+    spools
 }
 
 #[tokio::test]
 async fn dedup_key_is_unique_within_the_window_and_reusable_after() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         stored(&*spool, event("k1", &["a"], 1_000), 1_000).await;
         let again = spool
             .enqueue(event("k1", &["a"], 2_000), UnixMs(2_000), WINDOW)
@@ -117,7 +148,7 @@ async fn dedup_key_is_unique_within_the_window_and_reusable_after() {
 
 #[tokio::test]
 async fn racing_enqueues_of_one_key_store_exactly_one() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let attempts: Vec<_> = (0..16)
             .map(|_| spool.enqueue(event("race", &["a", "b"], 5), UnixMs(5), WINDOW))
             .collect();
@@ -135,7 +166,7 @@ async fn racing_enqueues_of_one_key_store_exactly_one() {
 
 #[tokio::test]
 async fn lease_hides_a_delivery_until_the_lease_ends() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a", "b"], 10), 10).await;
         let first = spool.lease("a", UnixMs(10), 10, 1_000).await.unwrap();
         assert_eq!(first.len(), 1, "{name}");
@@ -162,7 +193,7 @@ async fn lease_hides_a_delivery_until_the_lease_ends() {
 
 #[tokio::test]
 async fn not_due_yet_is_not_leased() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let mut e = event("k", &["a"], 10);
         e.targets[0].due_at = UnixMs(4_010);
         stored(&*spool, e, 10).await;
@@ -184,30 +215,30 @@ async fn not_due_yet_is_not_leased() {
 
 #[tokio::test]
 async fn delivered_removes_the_event_once_every_target_has_it() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (event_id, ids) = stored(&*spool, event("k", &["a", "b"], 0), 0).await;
-        spool
-            .record(
-                vec![Settlement::Delivered {
-                    delivery_id: ids[0],
-                }],
-                UnixMs(1),
-            )
-            .await
-            .unwrap();
+        settle(
+            &*spool,
+            &[],
+            vec![Settlement::Delivered {
+                delivery_id: ids[0],
+            }],
+            1,
+        )
+        .await;
         assert!(
             spool.event(event_id).await.unwrap().is_some(),
             "{name}: b still pending"
         );
-        spool
-            .record(
-                vec![Settlement::Delivered {
-                    delivery_id: ids[1],
-                }],
-                UnixMs(2),
-            )
-            .await
-            .unwrap();
+        settle(
+            &*spool,
+            &[],
+            vec![Settlement::Delivered {
+                delivery_id: ids[1],
+            }],
+            2,
+        )
+        .await;
         assert!(spool.event(event_id).await.unwrap().is_none(), "{name}");
         assert!(spool.depth().await.unwrap().is_empty(), "{name}");
     }
@@ -215,9 +246,9 @@ async fn delivered_removes_the_event_once_every_target_has_it() {
 
 #[tokio::test]
 async fn retry_counts_attempts_and_reschedules() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        spool.lease("a", UnixMs(0), 1, 100).await.unwrap();
+        let leases = spool.lease("a", UnixMs(0), 1, 100).await.unwrap();
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: UnixMs(5_000),
@@ -228,7 +259,7 @@ async fn retry_counts_attempts_and_reschedules() {
             not_before: UnixMs(0),
             error: "HTTP 503".into(),
         };
-        spool.record(vec![retry], UnixMs(10)).await.unwrap();
+        settle(&*spool, &leases, vec![retry], 10).await;
         assert!(
             spool
                 .lease("a", UnixMs(4_999), 1, 100)
@@ -252,12 +283,10 @@ async fn retry_counts_attempts_and_reschedules() {
 
 #[tokio::test]
 async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        assert_eq!(
-            spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap().len(),
-            1
-        );
+        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        assert_eq!(leases.len(), 1);
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: UnixMs(30_000),
@@ -268,7 +297,7 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
             not_before: UnixMs(0),
             error: "HTTP 503".into(),
         };
-        spool.record(vec![retry], UnixMs(1)).await.unwrap();
+        settle(&*spool, &leases, vec![retry], 1).await;
         assert!(
             spool
                 .lease("a", UnixMs(2), 10, 60_000)
@@ -302,7 +331,7 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
 
 #[tokio::test]
 async fn dead_letters_are_listed_filtered_replayed_and_purged() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, a) = stored(&*spool, event("k1", &["a"], 0), 0).await;
         let (_, b) = stored(&*spool, event("k2", &["b"], 0), 0).await;
         stored(&*spool, event("k3", &[], 0), 0).await;
@@ -311,14 +340,8 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
             reason: why,
             error: "HTTP 400: bad".into(),
         };
-        spool
-            .record(vec![dead(a[0], DeadReason::Rejected)], UnixMs(100))
-            .await
-            .unwrap();
-        spool
-            .record(vec![dead(b[0], DeadReason::Exhausted)], UnixMs(200))
-            .await
-            .unwrap();
+        settle(&*spool, &[], vec![dead(a[0], DeadReason::Rejected)], 100).await;
+        settle(&*spool, &[], vec![dead(b[0], DeadReason::Exhausted)], 200).await;
 
         let all = spool
             .dead_letters(DeadFilter::default(), 100)
@@ -387,7 +410,7 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
 
 #[tokio::test]
 async fn removed_targets_dead_letter_their_pending_deliveries() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         stored(&*spool, event("k", &["kept", "gone"], 0), 0).await;
         assert_eq!(
             spool
@@ -411,7 +434,7 @@ async fn removed_targets_dead_letter_their_pending_deliveries() {
 
 #[tokio::test]
 async fn depth_counts_pending_per_target_with_the_oldest_arrival() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         stored(&*spool, event("k1", &["a"], 100), 100).await;
         stored(&*spool, event("k2", &["a", "b"], 200), 200).await;
         let depth = spool.depth().await.unwrap();
@@ -472,7 +495,7 @@ async fn a_closed_spool_refuses_work() {
 
 #[tokio::test]
 async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         // Not tried yet and due later (a reply target's delivery awaiting its inline attempt).
         let mut later = event("later", &["a"], 0);
         later.targets[0].due_at = UnixMs(9_000);
@@ -481,14 +504,14 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
         let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
         // Failed without one.
         let (_, plain) = stored(&*spool, event("plain", &["a"], 0), 0).await;
-        spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
-        spool
-            .record(
-                vec![failed_once(held[0], 120_000), failed_once(plain[0], 0)],
-                UnixMs(1),
-            )
-            .await
-            .unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        settle(
+            &*spool,
+            &leases,
+            vec![failed_once(held[0], 120_000), failed_once(plain[0], 0)],
+            1,
+        )
+        .await;
         assert_eq!(
             spool.release_backoff("a", UnixMs(2)).await.unwrap(),
             1,
@@ -502,15 +525,15 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
 
 #[tokio::test]
 async fn a_record_repeated_after_the_event_is_gone_touches_no_later_event() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, first) = stored(&*spool, event("k1", &["a"], 0), 0).await;
         let done = || Settlement::Delivered {
             delivery_id: first[0],
         };
-        spool.record(vec![done()], UnixMs(1)).await.unwrap();
+        settle(&*spool, &[], vec![done()], 1).await;
         let (_, second) = stored(&*spool, event("k2", &["a"], 2), 2).await;
         assert_ne!(second[0], first[0], "{name}: ids are never reused");
-        spool.record(vec![done()], UnixMs(3)).await.unwrap();
+        settle(&*spool, &[], vec![done()], 3).await;
         assert_eq!(
             spool.waiting("a", 10).await.unwrap().len(),
             1,
@@ -519,32 +542,46 @@ async fn a_record_repeated_after_the_event_is_gone_touches_no_later_event() {
     }
 }
 
-#[tokio::test]
-async fn expired_dedup_keys_are_pruned() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spool.db");
-    let spool = SqliteSpool::open(&path).unwrap();
+/// A fresh schema on the test database, for the PostgreSQL-only tests;
+/// `None` (the test skipped) when none is configured.
+fn pg_schema() -> Option<postgres::testing::TestSchema> {
+    postgres::testing::test_url().map(|url| postgres::testing::TestSchema::new(&url))
+}
+
+/// One replica's spool on `schema`.
+async fn pg_replica(schema: &postgres::testing::TestSchema) -> PostgresSpool {
+    PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+        .await
+        .unwrap()
+}
+
+/// Fifty events from `make(i, now)`, each stored with a one-second dedup
+/// window ten seconds after the one before and delivered at once: every key
+/// but the newest few expires long before the next prune.
+async fn fifty_short_lived(spool: &dyn Spool, make: impl Fn(usize, i64) -> NewEvent) {
     let mut now = 0;
-    // A one-second window and a push every ten seconds: every key but the
-    // newest few expires long before the next prune.
     for i in 0..50 {
-        let e = event(&format!("k{i}"), &["a"], now);
+        let mut e = make(i, now);
+        e.event.received_at = UnixMs(now);
         let Enqueued::Stored { deliveries, .. } =
             spool.enqueue(e, UnixMs(now), 1_000).await.unwrap()
         else {
             panic!("stored")
         };
-        spool
-            .record(
-                vec![Settlement::Delivered {
-                    delivery_id: deliveries[0],
-                }],
-                UnixMs(now),
-            )
-            .await
-            .unwrap();
+        let done = Settlement::Delivered {
+            delivery_id: deliveries[0],
+        };
+        settle(spool, &[], vec![done], now).await;
         now += 10_000;
     }
+}
+
+#[tokio::test]
+async fn expired_dedup_keys_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let spool = SqliteSpool::open(&path).unwrap();
+    fifty_short_lived(&spool, |i, _| event(&format!("k{i}"), &["a"], 0)).await;
     spool.close();
     let c = rusqlite::Connection::open(&path).unwrap();
     let live: i64 = c
@@ -555,22 +592,22 @@ async fn expired_dedup_keys_are_pruned() {
 
 #[tokio::test]
 async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, one) = stored(&*spool, event("one", &["a"], 0), 0).await;
         let (_, two) = stored(&*spool, event("two", &["a"], 0), 0).await;
         let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
-        spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
-        spool
-            .record(
-                vec![
-                    failed_once(one[0], 0),
-                    failed_once(two[0], 0),
-                    failed_once(held[0], 120_000),
-                ],
-                UnixMs(1),
-            )
-            .await
-            .unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        settle(
+            &*spool,
+            &leases,
+            vec![
+                failed_once(one[0], 0),
+                failed_once(two[0], 0),
+                failed_once(held[0], 120_000),
+            ],
+            1,
+        )
+        .await;
         let only = |id: DeliveryId, past_retry_after: bool| Release {
             target: "a".into(),
             delivery_id: Some(id),
@@ -623,7 +660,7 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
 
 #[tokio::test]
 async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         stored(&*spool, guarded("k1", "q", "body", 1_000, 9_000), 1_000).await;
         let forged = guarded_outcome(&*spool, guarded("k2", "q", "forged", 2_000, 9_000)).await;
         assert_eq!(forged, Enqueued::Replayed, "{name}");
@@ -679,13 +716,10 @@ async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
 
 #[tokio::test]
 async fn a_release_does_not_hand_out_a_delivery_being_sent() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
-        spool
-            .record(vec![failed_once(ids[0], 0)], UnixMs(1))
-            .await
-            .unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        settle(&*spool, &leases, vec![failed_once(ids[0], 0)], 1).await;
         assert_eq!(
             spool.release_backoff("a", UnixMs(2)).await.unwrap(),
             1,
@@ -710,7 +744,7 @@ async fn a_release_does_not_hand_out_a_delivery_being_sent() {
 
 #[tokio::test]
 async fn a_guard_expires_when_its_query_goes_stale() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         stored(&*spool, guarded("k1", "q", "body", 1_000, 5_000), 1_000).await;
         let before = guarded_outcome(&*spool, guarded("k2", "q", "other", 4_999, 5_000)).await;
         assert_eq!(before, Enqueued::Replayed, "{name}");
@@ -726,7 +760,7 @@ async fn a_guard_expires_when_its_query_goes_stale() {
 
 #[tokio::test]
 async fn racing_bodies_under_one_guard_store_exactly_one() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let attempts: Vec<_> = (0..16)
             .map(|i| {
                 let e = guarded(&format!("k{i}"), "q", &format!("body{i}"), 5, 9_000);
@@ -785,7 +819,7 @@ async fn expired_replay_guards_are_pruned() {
 
 #[tokio::test]
 async fn an_enqueue_hands_back_the_event_as_stored_with_its_id() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let new = event("k", &["a"], 10);
         let given = new.event.clone();
         let Enqueued::Stored {
@@ -809,6 +843,50 @@ async fn an_enqueue_hands_back_the_event_as_stored_with_its_id() {
     }
 }
 
+#[tokio::test]
+async fn a_settle_after_the_lease_was_taken_over_changes_nothing() {
+    for (name, spool, _cleanup) in spools().await {
+        let late_outcomes = [
+            |id| Settlement::Dead {
+                delivery_id: id,
+                reason: DeadReason::Rejected,
+                error: "HTTP 400".into(),
+            },
+            |id| Settlement::Delivered { delivery_id: id },
+            |id| failed_once(id, 0),
+        ];
+        for (i, late) in late_outcomes.into_iter().enumerate() {
+            let now = 10_000 * i as i64;
+            let (_, ids) = stored(&*spool, event(&format!("k{i}"), &["a"], now), now).await;
+            let first = spool.lease("a", UnixMs(now), 10, 1_000).await.unwrap();
+            // The first worker's lease ends; another worker takes the delivery.
+            let second = spool.lease("a", UnixMs(now + 1_000), 10, 1_000);
+            let second = second.await.unwrap();
+            assert_eq!(second.len(), 1, "{name}: taken over once the lease ended");
+            assert_ne!(first[0].token, second[0].token, "{name}");
+            settle(&*spool, &first, vec![late(ids[0])], now + 1_100).await;
+            let dead = spool.dead_letters(DeadFilter::default(), 10).await;
+            assert!(
+                dead.unwrap().is_empty(),
+                "{name} {i}: the late outcome is ignored"
+            );
+            let waiting = spool.waiting("a", 10).await.unwrap();
+            assert_eq!(waiting.len(), 1, "{name} {i}");
+            assert_eq!(
+                (waiting[0].attempts, waiting[0].next_at),
+                (0, UnixMs(now)),
+                "{name} {i}: no attempt counted, not rescheduled"
+            );
+            // The new owner's outcome is recorded.
+            let done = Settlement::Delivered {
+                delivery_id: ids[0],
+            };
+            settle(&*spool, &second, vec![done], now + 1_200).await;
+            assert!(spool.depth().await.unwrap().is_empty(), "{name} {i}");
+        }
+    }
+}
+
 /// `event` with the given order key on each of its deliveries.
 fn ordered(key: &str, targets: &[&str], now: i64, order_key: &str) -> NewEvent {
     let mut e = event(key, targets, now);
@@ -824,12 +902,10 @@ fn ids(leases: &[Lease]) -> Vec<DeliveryId> {
 
 #[tokio::test]
 async fn a_delivered_outcome_settles_a_delivery_retired_while_in_flight() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (event_id, d) = stored(&*spool, event("k", &["gone"], 0), 0).await;
-        assert_eq!(
-            ids(&spool.lease("gone", UnixMs(0), 10, 60_000).await.unwrap()),
-            d
-        );
+        let leases = spool.lease("gone", UnixMs(0), 10, 60_000).await.unwrap();
+        assert_eq!(ids(&leases), d);
         // A reload removes the target while the attempt is in flight.
         spool.retire_targets(vec![], UnixMs(5)).await.unwrap();
         let filter = DeadFilter {
@@ -842,13 +918,13 @@ async fn a_delivered_outcome_settles_a_delivery_retired_while_in_flight() {
             "{name}"
         );
         // The attempt succeeded: the target has it, nothing is left to replay.
-        spool
-            .record(
-                vec![Settlement::Delivered { delivery_id: d[0] }],
-                UnixMs(10),
-            )
-            .await
-            .unwrap();
+        settle(
+            &*spool,
+            &leases,
+            vec![Settlement::Delivered { delivery_id: d[0] }],
+            10,
+        )
+        .await;
         assert!(
             spool.dead_letters(filter, 10).await.unwrap().is_empty(),
             "{name}"
@@ -856,20 +932,20 @@ async fn a_delivered_outcome_settles_a_delivery_retired_while_in_flight() {
         assert_eq!(spool.event(event_id).await.unwrap(), None, "{name}");
         // Only a retirement yields: a refused delivery stays dead.
         let (_, r) = stored(&*spool, event("r", &["a"], 20), 20).await;
-        spool.lease("a", UnixMs(20), 10, 60_000).await.unwrap();
+        let leases = spool.lease("a", UnixMs(20), 10, 60_000).await.unwrap();
         let refused = Settlement::Dead {
             delivery_id: r[0],
             reason: DeadReason::Rejected,
             error: "HTTP 400".into(),
         };
-        spool.record(vec![refused], UnixMs(21)).await.unwrap();
-        spool
-            .record(
-                vec![Settlement::Delivered { delivery_id: r[0] }],
-                UnixMs(22),
-            )
-            .await
-            .unwrap();
+        settle(&*spool, &leases, vec![refused], 21).await;
+        settle(
+            &*spool,
+            &leases,
+            vec![Settlement::Delivered { delivery_id: r[0] }],
+            22,
+        )
+        .await;
         let dead = spool.dead_letters(DeadFilter::default(), 10).await.unwrap();
         assert_eq!(dead.len(), 1, "{name}");
         assert_eq!(dead[0].reason, DeadReason::Rejected, "{name}");
@@ -878,16 +954,16 @@ async fn a_delivered_outcome_settles_a_delivery_retired_while_in_flight() {
 
 #[tokio::test]
 async fn expired_deliveries_are_dead_letters_that_can_be_selected() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, d) = stored(&*spool, event("old", &["broker"], 0), 0).await;
         stored(&*spool, event("other", &["broker"], 0), 0).await;
-        spool.lease("broker", UnixMs(0), 1, 60_000).await.unwrap();
+        let leases = spool.lease("broker", UnixMs(0), 1, 60_000).await.unwrap();
         let expired = Settlement::Dead {
             delivery_id: d[0],
             reason: DeadReason::Expired,
             error: "waited 11m, longer than max_age 10m".into(),
         };
-        spool.record(vec![expired], UnixMs(660_000)).await.unwrap();
+        settle(&*spool, &leases, vec![expired], 660_000).await;
         let filter = DeadFilter {
             reason: Some(DeadReason::Expired),
             ..DeadFilter::default()
@@ -920,7 +996,7 @@ async fn expired_deliveries_are_dead_letters_that_can_be_selected() {
 
 #[tokio::test]
 async fn an_ordered_delivery_waits_while_an_earlier_one_of_its_user_is_pending() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, u1a) = stored(&*spool, ordered("1a", &["t", "u"], 0, "main|u1"), 0).await;
         let (_, u1b) = stored(&*spool, ordered("1b", &["t", "u"], 0, "main|u1"), 0).await;
         let (_, u2a) = stored(&*spool, ordered("2a", &["t"], 0, "main|u2"), 0).await;
@@ -937,10 +1013,7 @@ async fn an_ordered_delivery_waits_while_an_earlier_one_of_its_user_is_pending()
             vec![u1a[1]]
         );
         // Backing off, the earlier one still holds the later one back.
-        spool
-            .record(vec![failed_once(u1a[0], 0)], UnixMs(1))
-            .await
-            .unwrap();
+        settle(&*spool, &first, vec![failed_once(u1a[0], 0)], 1).await;
         assert!(
             spool
                 .lease("t", UnixMs(2), 10, 1_000)
@@ -955,7 +1028,7 @@ async fn an_ordered_delivery_waits_while_an_earlier_one_of_its_user_is_pending()
             reason: DeadReason::Rejected,
             error: "HTTP 400".into(),
         };
-        spool.record(vec![refused], UnixMs(3)).await.unwrap();
+        settle(&*spool, &first, vec![refused], 3).await;
         assert_eq!(
             ids(&spool.lease("t", UnixMs(4), 10, 1_000).await.unwrap()),
             vec![u1b[0]]
@@ -970,20 +1043,102 @@ async fn an_ordered_delivery_waits_while_an_earlier_one_of_its_user_is_pending()
                 .is_empty(),
             "{name}"
         );
-        spool
-            .record(
-                vec![Settlement::Delivered {
-                    delivery_id: u2a[0],
-                }],
-                UnixMs(6),
-            )
-            .await
-            .unwrap();
+        settle(
+            &*spool,
+            &first,
+            vec![Settlement::Delivered {
+                delivery_id: u2a[0],
+            }],
+            6,
+        )
+        .await;
         assert_eq!(
             ids(&spool.lease("t", UnixMs(6), 10, 1_000).await.unwrap()),
             vec![u2b[0]]
         );
     }
+}
+
+#[tokio::test]
+async fn settles_of_many_deliveries_are_recorded_together() {
+    for (name, spool, _cleanup) in spools().await {
+        let mut ids = Vec::new();
+        for i in 0..6 {
+            ids.push(
+                stored(&*spool, event(&format!("k{i}"), &["a"], 0), 0)
+                    .await
+                    .1[0],
+            );
+        }
+        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        assert_eq!(leases.len(), 6, "{name}");
+        let dead = |id| Settlement::Dead {
+            delivery_id: id,
+            reason: DeadReason::Exhausted,
+            error: "HTTP 503".into(),
+        };
+        let done = |id| Settlement::Delivered { delivery_id: id };
+        settle(
+            &*spool,
+            &leases,
+            vec![
+                done(ids[0]),
+                failed_once(ids[1], 0),
+                dead(ids[2]),
+                done(ids[3]),
+                failed_once(ids[4], 0),
+                dead(ids[5]),
+            ],
+            5,
+        )
+        .await;
+        let waiting: Vec<DeliveryId> = spool
+            .waiting("a", 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|w| w.delivery_id)
+            .collect();
+        assert_eq!(waiting, vec![ids[1], ids[4]], "{name}");
+        let dead: Vec<DeliveryId> = spool
+            .dead_letters(DeadFilter::default(), 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.delivery_id)
+            .collect();
+        assert_eq!(dead, vec![ids[2], ids[5]], "{name}");
+    }
+}
+
+#[tokio::test]
+async fn postgres_prunes_expired_keys_and_delivered_events() {
+    let Some(schema) = pg_schema() else { return };
+    let spool = pg_replica(&schema).await;
+    fifty_short_lived(&spool, |i, now| {
+        guarded(&format!("k{i}"), &format!("q{i}"), "b", now, now + 1_000)
+    })
+    .await;
+    // Pruning runs beside the commits; wait for its last round.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (schema.count("dedup") > 4 || schema.count("replay") > 4)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        schema.count("dedup") <= 4,
+        "{} dedup keys kept of 50",
+        schema.count("dedup")
+    );
+    assert!(
+        schema.count("replay") <= 4,
+        "{} guards kept of 50",
+        schema.count("replay")
+    );
+    assert_eq!(schema.count("events"), 0, "delivered events are deleted");
+    assert_eq!(schema.count("deliveries"), 0);
+    spool.close().await;
 }
 
 #[tokio::test]
@@ -1013,4 +1168,185 @@ async fn a_spool_file_from_before_ordered_delivery_opens_and_orders() {
     spool.close();
     let again = SqliteSpool::open(&path).unwrap();
     assert_eq!(again.waiting("t", 10).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn postgres_a_delivery_stored_by_one_replica_wakes_the_others_workers() {
+    let Some(schema) = pg_schema() else { return };
+    let (here, there) = (pg_replica(&schema).await, pg_replica(&schema).await);
+    let (woken, mut wakes) = tokio::sync::mpsc::unbounded_channel();
+    there.on_due_elsewhere(Box::new(move |target| {
+        let _ = woken.send(target.to_owned());
+    }));
+    // The listener connects in the background: store until it hears one.
+    let mut heard = None;
+    for i in 0..100 {
+        stored(&here, event(&format!("k{i}"), &["hooks", "crm"], 0), 0).await;
+        let wait = std::time::Duration::from_millis(100);
+        if let Ok(Some(target)) = tokio::time::timeout(wait, wakes.recv()).await {
+            heard = Some(target);
+            break;
+        }
+    }
+    let first = heard.expect("the other replica is woken");
+    let second = tokio::time::timeout(std::time::Duration::from_secs(5), wakes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut targets = [first, second];
+    targets.sort();
+    assert_eq!(targets, ["crm", "hooks"]);
+    here.close().await;
+    there.close().await;
+}
+
+#[tokio::test]
+async fn postgres_retires_only_targets_no_live_replica_names() {
+    let Some(schema) = pg_schema() else { return };
+    let (newer, older) = (pg_replica(&schema).await, pg_replica(&schema).await);
+    let names = |n: &[&str]| n.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+    stored(&newer, event("k", &["hooks", "added"], 0), 0).await;
+    // A rolling change: one replica's configuration has the new target,
+    // the other's not yet.
+    let retired = newer.retire_targets(names(&["hooks", "added"]), UnixMs(1_000));
+    assert_eq!(retired.await.unwrap(), vec![]);
+    let retired = older.retire_targets(names(&["hooks"]), UnixMs(1_000));
+    assert_eq!(retired.await.unwrap(), vec![], "another replica names it");
+    // Once no replica heard from lately names it, it is retired.
+    let later = 1_000 + postgres::TARGETS_HOLD_MS - 1;
+    assert_eq!(
+        older
+            .retire_targets(names(&["hooks"]), UnixMs(later))
+            .await
+            .unwrap(),
+        vec![],
+        "the newer replica's word still holds"
+    );
+    let lapsed = UnixMs(later + 1);
+    assert_eq!(
+        older
+            .retire_targets(names(&["hooks"]), lapsed)
+            .await
+            .unwrap(),
+        vec![("added".to_string(), 1)]
+    );
+    // A replica that drops a target from its own list lets it go at once.
+    stored(&newer, event("k2", &["hooks", "gone"], 0), 0).await;
+    let now = UnixMs(later + 2);
+    newer
+        .retire_targets(names(&["hooks", "gone"]), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        newer.retire_targets(names(&["hooks"]), now).await.unwrap(),
+        vec![("gone".to_string(), 1)]
+    );
+    newer.close().await;
+    older.close().await;
+}
+
+/// Two replicas store the same 400 pushes at once, one in ascending and the
+/// other in descending order: every one is answered (no deadlock), each
+/// stored once.
+#[tokio::test]
+async fn postgres_two_replicas_racing_store_each_push_once() {
+    let Some(schema) = pg_schema() else { return };
+    let (a, b) = (
+        Arc::new(pg_replica(&schema).await),
+        Arc::new(pg_replica(&schema).await),
+    );
+    let keys: Vec<String> = (0..400).map(|i| format!("key{i:04}")).collect();
+    let mut racing = tokio::task::JoinSet::new();
+    for (i, key) in keys.iter().enumerate() {
+        let reversed = keys[keys.len() - 1 - i].clone();
+        for (spool, key) in [(a.clone(), key.clone()), (b.clone(), reversed)] {
+            racing.spawn(async move {
+                let answer = spool
+                    .enqueue(event(&key, &["t"], 5), UnixMs(5), WINDOW)
+                    .await;
+                (key, answer)
+            });
+        }
+    }
+    let mut stored = std::collections::HashMap::<String, u32>::new();
+    while let Some(raced) = racing.join_next().await {
+        let (key, answer) = raced.unwrap();
+        match answer.unwrap() {
+            Enqueued::Stored { .. } => *stored.entry(key).or_default() += 1,
+            Enqueued::Duplicate => {}
+            Enqueued::Replayed => panic!("no guard here"),
+        }
+    }
+    assert_eq!(stored.len(), 400);
+    assert!(stored.values().all(|n| *n == 1), "{stored:?}");
+    assert_eq!(a.depth().await.unwrap()[0].pending, 400);
+    a.close().await;
+    b.close().await;
+}
+
+/// A push of a user stored while another replica's batch holding a push of
+/// the same user is in flight draws its ids after that batch commits, so
+/// ids (and the per-user order) follow the commits.
+#[tokio::test]
+async fn postgres_an_ordered_push_waits_for_a_batch_of_its_user_in_flight() {
+    let Some(schema) = pg_schema() else { return };
+    let spool = pg_replica(&schema).await;
+    let (other, connection) =
+        tokio_postgres::connect(schema.settings.url.expose(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let lock = format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('{}|main|u1', 0))",
+        schema.settings.schema
+    );
+    other.batch_execute(&lock).await.unwrap();
+    let stored = spool.enqueue(ordered("k", &["t"], 0, "main|u1"), UnixMs(0), WINDOW);
+    let mut stored = tokio::spawn(stored);
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(300), &mut stored).await;
+    assert!(
+        waited.is_err(),
+        "stored while the user's other batch was in flight"
+    );
+    other.batch_execute("COMMIT").await.unwrap();
+    let stored = stored.await.unwrap().unwrap();
+    assert!(matches!(stored, Enqueued::Stored { .. }), "{stored:?}");
+    spool.close().await;
+}
+
+/// The operator commands list "everything" as a limit of `usize::MAX`.
+#[tokio::test]
+async fn a_limit_of_everything_lists_everything() {
+    for (name, spool, _cleanup) in spools().await {
+        stored(&*spool, event("k", &[], 0), 0).await;
+        stored(&*spool, event("w", &["a"], 0), 0).await;
+        let dead = spool.dead_letters(DeadFilter::default(), usize::MAX).await;
+        assert_eq!(dead.unwrap().len(), 1, "{name}");
+        let waiting = spool.waiting("a", usize::MAX).await;
+        assert_eq!(waiting.unwrap().len(), 1, "{name}");
+    }
+}
+
+/// More dead letters than one purge batch holds are purged all the same.
+#[tokio::test]
+async fn a_large_purge_removes_every_selected_dead_letter_and_its_event() {
+    for (name, spool, _cleanup) in spools().await {
+        let stores: Vec<_> = (0..1_500)
+            .map(|i| spool.enqueue(event(&format!("k{i}"), &[], 0), UnixMs(0), WINDOW))
+            .collect();
+        let mut first = None;
+        for store in stores {
+            if let Enqueued::Stored { event_id, .. } = store.await.unwrap() {
+                first.get_or_insert(event_id);
+            }
+        }
+        let all = DeadFilter::default();
+        assert_eq!(spool.purge(all.clone()).await.unwrap(), 1_500, "{name}");
+        assert!(
+            spool.dead_letters(all, 10).await.unwrap().is_empty(),
+            "{name}"
+        );
+        let first = first.unwrap();
+        assert_eq!(spool.event(first).await.unwrap(), None, "{name}");
+    }
 }

@@ -8,7 +8,6 @@ use crate::common;
 use common::target::{Behaviour, FakeTarget};
 use common::{eventually, generated, hooks_config, metric, push_text, reference_now, TestRelay};
 use std::time::Duration;
-use wxrelay::spool::Spool;
 
 const WAIT: Duration = Duration::from_secs(20);
 

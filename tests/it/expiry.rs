@@ -11,7 +11,7 @@ use std::time::Duration;
 use wxrelay::cli::dlq::{self, DlqCommand, Selection};
 use wxrelay::cli::CliError;
 use wxrelay::clock::Clock;
-use wxrelay::spool::{DeadFilter, DeadReason, Spool};
+use wxrelay::spool::{DeadFilter, DeadReason};
 
 const MINUTE_MS: i64 = 60_000;
 

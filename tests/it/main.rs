@@ -23,6 +23,7 @@ mod logs;
 mod operations;
 mod ordering;
 mod pending;
+mod postgres;
 mod protocol_pure;
 mod replay;
 mod retire_race;

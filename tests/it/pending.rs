@@ -9,7 +9,6 @@ use common::target::{Behaviour, FakeTarget};
 use common::{eventually, generated, hooks_config, push_text, quiet, TestRelay};
 use std::time::Duration;
 use wxrelay::clock::{Clock, SystemClock};
-use wxrelay::spool::Spool;
 
 const WAIT: Duration = Duration::from_secs(20);
 

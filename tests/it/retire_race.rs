@@ -8,7 +8,7 @@ use common::target::{Behaviour, FakeTarget};
 use common::{config, eventually, generated, push_text, reference_now, target, TestRelay};
 use http::Method;
 use std::time::Duration;
-use wxrelay::spool::{DeadFilter, DeadReason, Spool};
+use wxrelay::spool::{DeadFilter, DeadReason};
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -1,0 +1,460 @@
+//! Group commit: the enqueues waiting when the writer is free go into one
+//! transaction, a handful of multi-row statements (`INSERT … SELECT … FROM
+//! unnest(…)`) whatever the batch's size, and one commit answers them all.
+//!
+//! Of a batch, the replay guards are written first, then the dedup keys,
+//! each sorted by key: every transaction takes its row locks in one global
+//! order, so two replicas' batches can wait for each other but never
+//! deadlock. A key another transaction is inserting makes this one wait for
+//! it, then see the conflict: of two racing copies, one is stored and the
+//! other answered as a duplicate, on one replica or two.
+
+use super::wake::Notifier;
+use crate::spool::{
+    DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, SpoolError, UnixMs,
+};
+use deadpool_postgres::{Object, Pool, Transaction};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+
+/// An enqueue waiting for its commit.
+pub(super) struct Request {
+    pub event: NewEvent,
+    pub now: UnixMs,
+    pub window: i64,
+    pub reply: oneshot::Sender<Result<Enqueued, SpoolError>>,
+}
+
+/// What one request of a batch came to, before its event is handed back.
+enum Outcome {
+    Stored(EventId, Vec<DeliveryId>),
+    Duplicate,
+    Replayed,
+}
+
+/// What one commit carries at most, in bytes of bodies, XML and fields:
+/// well under PostgreSQL's limits on a value and a message, whatever
+/// `max_body` is.
+const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+/// The parts of the spool the writer answers through.
+pub(super) struct Writer {
+    pub pool: Pool,
+    pub notifier: Notifier,
+    pub prune: super::prune::Pruner,
+}
+
+/// Commits the waiting requests, a batch at a time, until every sender is
+/// gone. `max_batch` of 1 commits each push on its own (to measure what
+/// grouping is worth).
+pub(super) async fn run(writer: Writer, mut requests: mpsc::Receiver<Request>, max_batch: usize) {
+    let mut waiting = Vec::with_capacity(max_batch);
+    while requests.recv_many(&mut waiting, max_batch).await > 0 {
+        while !waiting.is_empty() {
+            let batch: Vec<Request> = waiting.drain(..fitting(&waiting)).collect();
+            writer.commit_and_answer(batch).await;
+        }
+    }
+}
+
+/// How many of the first requests fit in one commit: at least one.
+fn fitting(requests: &[Request]) -> usize {
+    let mut bytes = 0;
+    let n = requests
+        .iter()
+        .take_while(|r| {
+            let e = &r.event.event;
+            bytes += e.body.len() + e.xml.len() + e.fields.len();
+            bytes <= MAX_BATCH_BYTES
+        })
+        .count();
+    n.max(1)
+}
+
+impl Writer {
+    async fn commit_and_answer(&self, batch: Vec<Request>) {
+        let result = super::bounded("commit", async {
+            let mut checkout = super::Checkout::of(&self.pool).await?;
+            let outcomes = commit(checkout.get()?, &batch).await;
+            checkout.finished();
+            outcomes
+        })
+        .await;
+        let outcomes = match result {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                for request in batch {
+                    let _ = request.reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let mut due = BTreeSet::new();
+        for (request, outcome) in batch.into_iter().zip(outcomes) {
+            if let Outcome::Stored(..) = outcome {
+                due.extend(request.event.targets.iter().map(|t| t.target.clone()));
+            }
+            self.prune.saw(request.now);
+            let answer = match outcome {
+                Outcome::Stored(event_id, deliveries) => Enqueued::Stored {
+                    event_id,
+                    deliveries,
+                    event: Box::new(request.event.event),
+                },
+                Outcome::Duplicate => Enqueued::Duplicate,
+                Outcome::Replayed => Enqueued::Replayed,
+            };
+            let _ = request.reply.send(Ok(answer));
+        }
+        self.notifier.due(due);
+    }
+}
+
+async fn commit(client: &mut Object, batch: &[Request]) -> Result<Vec<Outcome>, SpoolError> {
+    let tx = client.transaction().await?;
+    let passed = guards(&tx, batch).await?;
+    let first = dedup(&tx, batch, &passed).await?;
+    let outcomes = store(&tx, batch, &passed, &first).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// Records each guard's first body and answers, per request, whether it got
+/// past its guard: no guard, or the body the guard holds (its own, or the
+/// same body taken earlier). An expired guard is taken over.
+async fn guards(tx: &Transaction<'_>, batch: &[Request]) -> Result<Vec<bool>, SpoolError> {
+    // The first body of each key in the batch, sorted by key.
+    let mut first: BTreeMap<&str, (&[u8], i64)> = BTreeMap::new();
+    for r in batch {
+        if let Some(g) = &r.event.replay {
+            first
+                .entry(g.key.as_str())
+                .or_insert((&g.body_hash[..], g.expires_at.0));
+        }
+    }
+    if first.is_empty() {
+        return Ok(vec![true; batch.len()]);
+    }
+    let keys: Vec<&str> = first.keys().copied().collect();
+    let hashes: Vec<&[u8]> = first.values().map(|(h, _)| *h).collect();
+    let expires: Vec<i64> = first.values().map(|(_, e)| *e).collect();
+    let now = batch.iter().map(|r| r.now.0).max().unwrap_or(0);
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO replay (key, body_hash, expires_at)
+             SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[]) ORDER BY 1
+             ON CONFLICT (key) DO UPDATE
+                SET body_hash = excluded.body_hash, expires_at = excluded.expires_at
+                WHERE replay.expires_at <= $4",
+        )
+        .await?;
+    tx.execute(&insert, &[&keys, &hashes, &expires, &now])
+        .await?;
+    let held = tx
+        .prepare_cached("SELECT key, body_hash FROM replay WHERE key = ANY($1)")
+        .await?;
+    let holds: HashMap<String, Vec<u8>> = tx
+        .query(&held, &[&keys])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    Ok(batch
+        .iter()
+        .map(|r| match &r.event.replay {
+            None => true,
+            Some(g) => holds.get(&g.key).is_some_and(|h| h[..] == g.body_hash[..]),
+        })
+        .collect())
+}
+
+/// Inserts the dedup keys of the requests past their guards; returns, per
+/// request, whether it took its key: the first of the batch with the key,
+/// and the key was free (or expired).
+async fn dedup(
+    tx: &Transaction<'_>,
+    batch: &[Request],
+    passed: &[bool],
+) -> Result<Vec<bool>, SpoolError> {
+    let mut first: BTreeMap<&str, (usize, i64)> = BTreeMap::new();
+    for (i, r) in batch.iter().enumerate().filter(|(i, _)| passed[*i]) {
+        first
+            .entry(r.event.event.dedup_key.as_str())
+            .or_insert((i, r.now.0 + r.window));
+    }
+    if first.is_empty() {
+        return Ok(vec![false; batch.len()]);
+    }
+    let keys: Vec<&str> = first.keys().copied().collect();
+    let expires: Vec<i64> = first.values().map(|(_, e)| *e).collect();
+    let now = batch.iter().map(|r| r.now.0).max().unwrap_or(0);
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO dedup (key, expires_at)
+             SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
+             ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
+                WHERE dedup.expires_at <= $3
+             RETURNING key",
+        )
+        .await?;
+    let taken: HashSet<String> = tx
+        .query(&insert, &[&keys, &expires, &now])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut took = vec![false; batch.len()];
+    for (key, (i, _)) in first {
+        took[i] = taken.contains(key);
+    }
+    Ok(took)
+}
+
+/// Inserts the events that took their keys and their deliveries (an
+/// unrouted event gets its dead letter), ids drawn in batch order.
+async fn store(
+    tx: &Transaction<'_>,
+    batch: &[Request],
+    passed: &[bool],
+    took: &[bool],
+) -> Result<Vec<Outcome>, SpoolError> {
+    let stored: Vec<&Request> = batch
+        .iter()
+        .zip(took)
+        .filter(|(_, took)| **took)
+        .map(|(r, _)| r)
+        .collect();
+    let rows: usize = stored.iter().map(|r| r.event.targets.len().max(1)).sum();
+    let (event_ids, delivery_ids) = if stored.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        order_after_earlier_commits(tx, &stored).await?;
+        insert_rows(tx, &stored, rows).await?
+    };
+    let mut events = event_ids.into_iter();
+    let mut deliveries = delivery_ids.into_iter();
+    let outcomes = batch
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if !passed[i] {
+                return Outcome::Replayed;
+            }
+            if !took[i] {
+                return Outcome::Duplicate;
+            }
+            let event_id = events.next().unwrap_or(EventId(0));
+            let n = r.event.targets.len().max(1);
+            let ids: Vec<DeliveryId> = deliveries.by_ref().take(n).collect();
+            let ids = if r.event.targets.is_empty() {
+                Vec::new()
+            } else {
+                ids
+            };
+            Outcome::Stored(event_id, ids)
+        })
+        .collect();
+    Ok(outcomes)
+}
+
+/// Per-user order follows delivery ids. Two pushes of one user stored on
+/// two replicas at once could take ids in one order and commit in the
+/// other, and the later push be leased while the earlier one is not yet
+/// visible. So a batch takes a lock per order key (sorted, after its dedup
+/// keys, as every batch does) before drawing ids: of two such batches, the
+/// second draws its ids once the first has committed.
+async fn order_after_earlier_commits(
+    tx: &Transaction<'_>,
+    stored: &[&Request],
+) -> Result<(), SpoolError> {
+    let keys: BTreeSet<&str> = stored
+        .iter()
+        .flat_map(|r| r.event.targets.iter())
+        .filter_map(|t| t.order_key.as_deref())
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = keys.into_iter().collect();
+    let lock = tx
+        .prepare_cached(
+            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '|' || k, 0))
+             FROM unnest($1::text[]) AS k ORDER BY k",
+        )
+        .await?;
+    tx.execute(&lock, &[&keys]).await?;
+    Ok(())
+}
+
+/// Two statements whatever the batch's size; returns the ids given, in
+/// order: an event's, and one per delivery row (one for an unrouted event).
+async fn insert_rows(
+    tx: &Transaction<'_>,
+    stored: &[&Request],
+    rows: usize,
+) -> Result<(Vec<EventId>, Vec<DeliveryId>), SpoolError> {
+    let ids = tx
+        .prepare_cached(
+            "SELECT ARRAY(SELECT nextval('events_id_seq') FROM generate_series(1, $1::int)),
+                    ARRAY(SELECT nextval('deliveries_id_seq') FROM generate_series(1, $2::int))",
+        )
+        .await?;
+    let row = tx
+        .query_one(&ids, &[&(stored.len() as i32), &(rows as i32)])
+        .await?;
+    let mut event_ids: Vec<i64> = row.get(0);
+    let mut delivery_ids: Vec<i64> = row.get(1);
+    event_ids.sort_unstable();
+    delivery_ids.sort_unstable();
+
+    let e = |f: fn(&Request) -> &str| -> Vec<&str> { stored.iter().map(|r| f(r)).collect() };
+    let keys = e(|r| &r.event.event.dedup_key);
+    let accounts = e(|r| &r.event.event.account);
+    let queries = e(|r| &r.event.event.query);
+    let xmls = e(|r| &r.event.event.xml);
+    let fields = e(|r| &r.event.event.fields);
+    let msg_types = e(|r| &r.event.event.msg_type);
+    let received: Vec<i64> = stored.iter().map(|r| r.event.event.received_at.0).collect();
+    let bodies: Vec<&[u8]> = stored.iter().map(|r| &r.event.event.body[..]).collect();
+    let kinds: Vec<Option<&str>> = stored
+        .iter()
+        .map(|r| r.event.event.event_type.as_deref())
+        .collect();
+
+    let d = DeliveryColumns::of(stored, &event_ids, rows);
+    let (events, deliveries) = tokio::try_join!(
+        tx.prepare_cached(
+            "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
+                                 msg_type, event)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                                  $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[])",
+        ),
+        tx.prepare_cached(
+            "INSERT INTO deliveries (id, event_id, target, state, next_at, scheduled_at, reason,
+                                     updated_at, order_key)
+             SELECT id, event_id, target, state, next_at, next_at, reason, updated_at, order_key
+             FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
+                         $6::text[], $7::bigint[], $8::text[])
+                  AS t(id, event_id, target, state, next_at, reason, updated_at, order_key)",
+        ),
+    )?;
+    let event_params: [&(dyn ToSql + Sync); 10] = [
+        &event_ids, &keys, &accounts, &received, &queries, &bodies, &xmls, &fields, &msg_types,
+        &kinds,
+    ];
+    let delivery_params: [&(dyn ToSql + Sync); 8] = [
+        &delivery_ids,
+        &d.event_ids,
+        &d.targets,
+        &d.states,
+        &d.next_at,
+        &d.reasons,
+        &d.now,
+        &d.order_keys,
+    ];
+    // Pipelined: both statements go out before the first answer comes back.
+    tokio::try_join!(
+        tx.execute(&events, &event_params),
+        tx.execute(&deliveries, &delivery_params),
+    )?;
+    Ok((
+        event_ids.into_iter().map(EventId).collect(),
+        delivery_ids.into_iter().map(DeliveryId).collect(),
+    ))
+}
+
+/// The delivery rows of the stored requests, as columns: one per target, or
+/// an `unrouted` dead letter for an event with none.
+struct DeliveryColumns<'a> {
+    event_ids: Vec<i64>,
+    targets: Vec<Option<&'a str>>,
+    states: Vec<i16>,
+    next_at: Vec<i64>,
+    reasons: Vec<&'a str>,
+    order_keys: Vec<Option<&'a str>>,
+    now: Vec<i64>,
+}
+
+impl<'a> DeliveryColumns<'a> {
+    fn of(stored: &[&'a Request], event_ids: &[i64], rows: usize) -> Self {
+        let mut d = DeliveryColumns {
+            event_ids: Vec::with_capacity(rows),
+            targets: Vec::with_capacity(rows),
+            states: Vec::with_capacity(rows),
+            next_at: Vec::with_capacity(rows),
+            reasons: Vec::with_capacity(rows),
+            order_keys: Vec::with_capacity(rows),
+            now: Vec::with_capacity(rows),
+        };
+        for (r, event_id) in stored.iter().zip(event_ids) {
+            if r.event.targets.is_empty() {
+                d.event_ids.push(*event_id);
+                d.targets.push(None);
+                d.states.push(state_code(DeliveryState::Dead));
+                d.next_at.push(0);
+                d.reasons.push(DeadReason::Unrouted.as_str());
+                d.order_keys.push(None);
+                d.now.push(r.now.0);
+            }
+            for t in &r.event.targets {
+                d.event_ids.push(*event_id);
+                d.targets.push(Some(&t.target));
+                d.states.push(state_code(DeliveryState::Pending));
+                d.next_at.push(t.due_at.0);
+                d.reasons.push("");
+                d.order_keys.push(t.order_key.as_deref());
+                d.now.push(r.now.0);
+            }
+        }
+        d
+    }
+}
+
+/// The `state` column's value.
+fn state_code(state: DeliveryState) -> i16 {
+    match state {
+        DeliveryState::Pending => 0,
+        DeliveryState::Dead => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Event;
+
+    fn request(body_bytes: usize) -> Request {
+        let event = Event {
+            dedup_key: "k".into(),
+            account: "main".into(),
+            received_at: UnixMs(0),
+            query: String::new(),
+            body: vec![b'x'; body_bytes].into(),
+            xml: String::new(),
+            fields: String::new(),
+            msg_type: "event".into(),
+            event_type: None,
+        };
+        Request {
+            event: NewEvent {
+                event,
+                targets: Vec::new(),
+                replay: None,
+            },
+            now: UnixMs(0),
+            window: 0,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_commit_carries_as_many_requests_as_fit_and_never_none() {
+        let small: Vec<Request> = (0..3).map(|_| request(100)).collect();
+        assert_eq!(fitting(&small), 3);
+        let large: Vec<Request> = (0..3).map(|_| request(MAX_BATCH_BYTES / 2 + 1)).collect();
+        assert_eq!(fitting(&large), 1);
+        let huge = [request(MAX_BATCH_BYTES + 1)];
+        assert_eq!(fitting(&huge), 1, "one is always taken");
+    }
+}

@@ -1,0 +1,570 @@
+//! The shared spool: PostgreSQL, for any number of replicas on one queue.
+//!
+//! # Durability
+//!
+//! [`Spool::enqueue`] resolves once the transaction holding the event, its
+//! deliveries and its dedup key has committed: durable as the database makes
+//! commits (`synchronous_commit`, and a synchronous standby if the operator
+//! runs one). Concurrent enqueues share one transaction (see [`commit`]).
+//! A commit that fails or is cut off answers every request in it with an
+//! error, so the handler answers 503 and WeChat retries; if the commit did
+//! reach the database and only the answer was lost, the retry is a duplicate
+//! of a stored event.
+//!
+//! # Leases
+//!
+//! [`Spool::lease`] claims due deliveries with `FOR UPDATE SKIP LOCKED` and
+//! writes the lease into the row: owner (this process's replica id), end, and
+//! a token from a sequence. A replica that dies leaves its leases to end;
+//! then any replica takes the deliveries, under new tokens. An outcome is
+//! written only while the row still holds the token it was leased under.
+//! A delivery with an order key (per-user ordering) is not claimed while an
+//! earlier delivery of its target and key is pending, leased or not.
+//!
+//! # Time
+//!
+//! Due times and lease ends are the callers' unix milliseconds, as with the
+//! SQLite spool: the replicas' clocks are assumed to agree (NTP) to well
+//! within a lease, which lasts twice a target's timeout plus two seconds.
+//!
+//! # A database that misbehaves
+//!
+//! The pool holds at most `pool_size` connections; a request waits
+//! [`connect::POOL_WAIT`] for one at most, and every operation but a schema
+//! migration is bounded by [`OPERATION_TIMEOUT`], in the database too
+//! (`statement_timeout`). A connection the database dropped is discarded
+//! and a new one opened on the next request, so the spool recovers by itself
+//! when the database is back.
+
+mod commit;
+mod connect;
+mod dead;
+mod migrate;
+mod prune;
+mod settle;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+mod wake;
+
+pub use connect::postgres_display;
+pub use migrate::{latest as latest_schema_version, Migrated};
+pub use settle::TARGETS_HOLD_MS;
+
+use super::{
+    DeadFilter, DeadLetter, DeliveryId, DueWaker, Enqueued, Event, EventId, Lease, NewEvent,
+    Release, Schedule, Settle, Spool, SpoolError, SpoolFuture, TargetDepth, UnixMs,
+    WaitingDelivery,
+};
+use crate::config::PostgresSettings;
+use deadpool_postgres::{Object, Pool};
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// Any one database operation, at most.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Enqueues waiting for the writer at most; past it, pushes get 503.
+const QUEUE: usize = 8192;
+/// Connections that store pushes (the one group-commit writer's), beside
+/// `pool_size` for everything else.
+pub const PUSH_CONNECTIONS: usize = 1;
+/// How many enqueues one commit may carry at most.
+pub const DEFAULT_MAX_BATCH: usize = 512;
+
+impl From<tokio_postgres::Error> for SpoolError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        SpoolError::Storage(format!("database: {}", crate::error_chain(&e)))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for SpoolError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        SpoolError::Storage(format!("database connection: {}", crate::error_chain(&e)))
+    }
+}
+
+/// What opening the spool does to the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOpen {
+    /// Apply the migrations it lacks (the relay at start).
+    Migrate,
+    /// Require the version this binary knows; change nothing (the operator
+    /// commands, which may run beside replicas of another version).
+    RequireCurrent,
+}
+
+/// The PostgreSQL spool. [`PostgresSpool::close`] lets the writer finish the
+/// commits queued.
+pub struct PostgresSpool {
+    pool: Pool,
+    requests: Mutex<Option<mpsc::Sender<commit::Request>>>,
+    recordings: Mutex<Option<mpsc::Sender<settle::Recording>>>,
+    /// The notifier: runs until the spool closes.
+    notify: JoinHandle<()>,
+    /// The listener for other replicas' notifications, once asked for.
+    listener: Mutex<Option<JoinHandle<()>>>,
+    /// The group commit of pushes and the recorder of outcomes: let finish
+    /// at close.
+    writers: Mutex<Vec<JoinHandle<()>>>,
+    notifier: wake::Notifier,
+    /// This process's name in lease owners.
+    replica: String,
+    schema: String,
+    listen: (tokio_postgres::Config, MakeRustlsConnect),
+}
+
+/// One operation within [`OPERATION_TIMEOUT`].
+async fn bounded<T>(
+    what: &str,
+    operation: impl Future<Output = Result<T, SpoolError>>,
+) -> Result<T, SpoolError> {
+    tokio::time::timeout(OPERATION_TIMEOUT, operation)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SpoolError::Storage(format!(
+                "the database did not answer within {}s ({what})",
+                OPERATION_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+async fn client(pool: &Pool) -> Result<Object, SpoolError> {
+    Ok(pool.get().await?)
+}
+
+/// A pooled connection for one bounded operation. It goes back to the pool
+/// only when [`Checkout::finished`] says the operation ended; dropped before
+/// (the operation's time ran out), it is discarded: a database that stopped
+/// answering on it (a failover, a partition) may well answer a new one.
+struct Checkout(Option<Object>);
+
+impl Checkout {
+    async fn of(pool: &Pool) -> Result<Self, SpoolError> {
+        Ok(Self(Some(client(pool).await?)))
+    }
+
+    /// The connection, until finished.
+    fn get(&mut self) -> Result<&mut Object, SpoolError> {
+        self.0.as_mut().ok_or(SpoolError::Closed)
+    }
+
+    /// The operation ended (well or not): the connection may serve again.
+    fn finished(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            drop(Object::take(object));
+        }
+    }
+}
+
+/// Runs `operation` on a pooled connection within [`OPERATION_TIMEOUT`].
+async fn on_connection<T>(
+    pool: &Pool,
+    what: &str,
+    operation: impl for<'c> FnOnce(&'c mut Object) -> BoxedOp<'c, T>,
+) -> Result<T, SpoolError> {
+    bounded(what, async {
+        let mut checkout = Checkout::of(pool).await?;
+        let result = operation(checkout.get()?).await;
+        checkout.finished();
+        result
+    })
+    .await
+}
+
+/// Applies the migrations the database lacks (`wxrelay migrate`).
+pub async fn migrate(settings: &PostgresSettings) -> Result<Migrated, SpoolError> {
+    let config = connect::driver_config(settings)?;
+    let tls = connect::tls(settings)?;
+    let pool = connect::pool(1, config, tls)?;
+    let mut client = client(&pool).await?;
+    migrate::migrate(&mut client, &settings.schema).await
+}
+
+impl PostgresSpool {
+    /// Connects, brings the schema up to date or checks it (`on_open`), and
+    /// starts the writer. Fails when the database cannot be reached.
+    pub async fn open(settings: &PostgresSettings, on_open: OnOpen) -> Result<Self, SpoolError> {
+        Self::open_with_batch(settings, on_open, DEFAULT_MAX_BATCH).await
+    }
+
+    /// As [`PostgresSpool::open`], with at most `max_batch` enqueues per
+    /// commit (1 turns group commit off; used to measure what it is worth).
+    pub async fn open_with_batch(
+        settings: &PostgresSettings,
+        on_open: OnOpen,
+        max_batch: usize,
+    ) -> Result<Self, SpoolError> {
+        let config = connect::driver_config(settings)?;
+        let tls = connect::tls(settings)?;
+        let pool = connect::pool(settings.pool_size, config.clone(), tls.clone())?;
+        // Pushes are stored on a connection of their own, so that they never
+        // wait for one behind the delivery workers' leases and outcomes.
+        let push_pool = connect::pool(PUSH_CONNECTIONS, config.clone(), tls.clone())?;
+        {
+            let mut client = client(&pool).await?;
+            match on_open {
+                OnOpen::Migrate => {
+                    let migrated = migrate::migrate(&mut client, &settings.schema).await?;
+                    if !migrated.applied.is_empty() {
+                        tracing::info!(schema = %settings.schema, from = migrated.from, to = migrate::latest(), "spool schema migrated");
+                    }
+                }
+                OnOpen::RequireCurrent => {
+                    bounded(
+                        "schema check",
+                        migrate::require_current(&client, &settings.schema),
+                    )
+                    .await?
+                }
+            }
+        }
+        let (requests, rx) = mpsc::channel(QUEUE);
+        let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
+        let writer = commit::Writer {
+            pool: push_pool,
+            notifier: notifier.clone(),
+            prune: prune::Pruner::new(pool.clone()),
+        };
+        let writer = tokio::spawn(commit::run(writer, rx, max_batch.max(1)));
+        let notify = tokio::spawn(notifier.clone().run());
+        let (recordings, recorded) = mpsc::channel(QUEUE);
+        let recorder = tokio::spawn(settle::run(pool.clone(), recorded));
+        let replica = format!("{:016x}", rand::random::<u64>());
+        tracing::info!(replica = %replica, database = %settings.display, schema = %settings.schema, "spool opened");
+        Ok(Self {
+            pool,
+            requests: Mutex::new(Some(requests)),
+            recordings: Mutex::new(Some(recordings)),
+            notify,
+            listener: Mutex::new(None),
+            writers: Mutex::new(vec![writer, recorder]),
+            notifier,
+            replica,
+            schema: settings.schema.clone(),
+            listen: (config, tls),
+        })
+    }
+
+    /// Refuses new work, lets the writers commit what is queued, and stops
+    /// listening.
+    pub async fn close(&self) {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.recordings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|e| e.into_inner()));
+        for writer in writers {
+            let _ = writer.await;
+        }
+        // An operator's replay is announced before the command exits.
+        self.notifier.flush().await;
+        self.stop_background();
+        self.pool.close();
+    }
+
+    /// Ends the tasks that run until told to: the notifier and the listener.
+    fn stop_background(&self) {
+        self.notify.abort();
+        if let Some(listener) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            listener.abort();
+        }
+    }
+
+    /// Runs `operation` on a pooled connection, bounded.
+    fn with_client<T, F>(&self, what: &'static str, operation: F) -> SpoolFuture<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut Object) -> BoxedOp<'c, T> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let closed = self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none();
+        Box::pin(async move {
+            if closed {
+                return Err(SpoolError::Closed);
+            }
+            on_connection(&pool, what, operation).await
+        })
+    }
+}
+
+impl Drop for PostgresSpool {
+    fn drop(&mut self) {
+        self.stop_background();
+    }
+}
+
+/// A row limit as SQL takes it: "all" (`usize::MAX`) is the largest bigint.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Hands a request to a writer task and resolves with its answer: `Busy`
+/// when the task's queue is full, `Closed` once the spool is.
+fn submit<T: Send + 'static, R>(
+    channel: &Mutex<Option<mpsc::Sender<R>>>,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, SpoolError>>) -> R,
+) -> SpoolFuture<T> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let sent = match channel.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        None => Err(SpoolError::Closed),
+        Some(tx) => tx.try_send(make(reply)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SpoolError::Busy,
+            mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
+        }),
+    };
+    Box::pin(async move {
+        sent?;
+        answer.await.unwrap_or(Err(SpoolError::Closed))
+    })
+}
+
+type BoxedOp<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send + 'c>>;
+
+impl Spool for PostgresSpool {
+    fn enqueue(
+        &self,
+        event: NewEvent,
+        now_ms: UnixMs,
+        dedup_window_ms: i64,
+    ) -> SpoolFuture<Enqueued> {
+        submit(&self.requests, |reply| commit::Request {
+            event,
+            now: now_ms,
+            window: dedup_window_ms,
+            reply,
+        })
+    }
+
+    fn lease(
+        &self,
+        target: &str,
+        now_ms: UnixMs,
+        limit: usize,
+        lease_ms: i64,
+    ) -> SpoolFuture<Vec<Lease>> {
+        let target = target.to_owned();
+        let owner = self.replica.clone();
+        self.with_client("lease", move |c| {
+            Box::pin(
+                async move { settle::lease(c, &target, now_ms, limit, lease_ms, &owner).await },
+            )
+        })
+    }
+
+    fn record(&self, settlements: Vec<Settle>, now_ms: UnixMs) -> SpoolFuture<()> {
+        submit(&self.recordings, |reply| settle::Recording {
+            settles: settlements,
+            now: now_ms,
+            reply,
+        })
+    }
+
+    fn release(&self, release: Release, now_ms: UnixMs) -> SpoolFuture<u64> {
+        let notifier = self.notifier.clone();
+        self.with_client("release", move |c| {
+            Box::pin(async move {
+                let statement = c
+                    .prepare_cached(
+                        "UPDATE deliveries SET next_at = $2
+                         WHERE state = 0 AND target = $1 AND next_at > $2 AND attempts > 0
+                           AND ($3::bigint IS NULL OR id = $3) AND ($4 OR not_before <= $2)",
+                    )
+                    .await?;
+                let id = release.delivery_id.map(|d| d.0);
+                let n = c
+                    .execute(
+                        &statement,
+                        &[&release.target, &now_ms.0, &id, &release.past_retry_after],
+                    )
+                    .await?;
+                if n > 0 {
+                    notifier.due([release.target]);
+                }
+                Ok(n)
+            })
+        })
+    }
+
+    fn retire_targets(
+        &self,
+        targets: Vec<String>,
+        now_ms: UnixMs,
+    ) -> SpoolFuture<Vec<(String, u64)>> {
+        let replica = self.replica.clone();
+        self.with_client("retire", move |c| {
+            Box::pin(async move { settle::retire(c, &replica, &targets, now_ms).await })
+        })
+    }
+
+    fn dead_letters(&self, filter: DeadFilter, limit: usize) -> SpoolFuture<Vec<DeadLetter>> {
+        self.with_client("dead letters", move |c| {
+            Box::pin(async move { dead::dead_letters(c, &filter, limit).await })
+        })
+    }
+
+    fn replay(&self, filter: DeadFilter, now_ms: UnixMs) -> SpoolFuture<u64> {
+        let notifier = self.notifier.clone();
+        self.with_client("replay", move |c| {
+            Box::pin(async move {
+                let targets = dead::replay(c, &filter, now_ms).await?;
+                let n = targets.len() as u64;
+                notifier.due(targets);
+                Ok(n)
+            })
+        })
+    }
+
+    fn purge(&self, filter: DeadFilter) -> SpoolFuture<u64> {
+        self.with_client("purge", move |c| {
+            Box::pin(async move { dead::purge(c, &filter).await })
+        })
+    }
+
+    fn depth(&self) -> SpoolFuture<Vec<TargetDepth>> {
+        self.with_client("depth", move |c| {
+            Box::pin(async move {
+                // Counted from the due index alone, every scrape: the oldest
+                // is the event of each target's first pending delivery (ids
+                // are drawn as pushes arrive), one lookup per target rather
+                // than a join of the whole backlog.
+                let statement = c
+                    .prepare_cached(
+                        "WITH pending AS (
+                             SELECT target, count(*) AS n, min(id) AS first
+                             FROM deliveries WHERE state = 0 GROUP BY target
+                         )
+                         SELECT p.target, p.n, e.received_at
+                         FROM pending p
+                         JOIN deliveries d ON d.id = p.first
+                         JOIN events e ON e.id = d.event_id
+                         ORDER BY p.target",
+                    )
+                    .await?;
+                Ok(c.query(&statement, &[])
+                    .await?
+                    .iter()
+                    .map(|row| TargetDepth {
+                        target: row.get(0),
+                        pending: row.get::<_, i64>(1) as u64,
+                        oldest_received_at: row.get::<_, Option<i64>>(2).map(UnixMs),
+                    })
+                    .collect())
+            })
+        })
+    }
+
+    fn waiting(&self, target: &str, limit: usize) -> SpoolFuture<Vec<WaitingDelivery>> {
+        let target = target.to_owned();
+        self.with_client("waiting", move |c| {
+            Box::pin(async move {
+                let statement = c
+                    .prepare_cached(
+                        "SELECT id, event_id, attempts, next_at, last_error, step, scheduled_at,
+                                not_before
+                         FROM deliveries WHERE state = 0 AND target = $1
+                         ORDER BY next_at, id LIMIT $2",
+                    )
+                    .await?;
+                Ok(c.query(&statement, &[&target, &sql_limit(limit)])
+                    .await?
+                    .iter()
+                    .map(|row| WaitingDelivery {
+                        delivery_id: DeliveryId(row.get(0)),
+                        event_id: EventId(row.get(1)),
+                        attempts: row.get::<_, i32>(2) as u32,
+                        next_at: UnixMs(row.get(3)),
+                        schedule: Schedule {
+                            step: row.get::<_, i32>(5) as u32,
+                            due_at: UnixMs(row.get(6)),
+                        },
+                        not_before: UnixMs(row.get(7)),
+                        last_error: row.get(4),
+                    })
+                    .collect())
+            })
+        })
+    }
+
+    fn event(&self, event_id: EventId) -> SpoolFuture<Option<Event>> {
+        self.with_client("event", move |c| {
+            Box::pin(async move {
+                let statement = c
+                    .prepare_cached(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM events e WHERE id = $1"
+                    ))
+                    .await?;
+                let row = c.query_opt(&statement, &[&event_id.0]).await?;
+                Ok(row.map(|row| event_from(&row, 0)))
+            })
+        })
+    }
+
+    fn probe(&self) -> SpoolFuture<()> {
+        self.with_client("probe", move |c| {
+            Box::pin(async move {
+                let statement = c
+                    .prepare_cached(
+                        "INSERT INTO probe (id, probes) VALUES (1, 1)
+                         ON CONFLICT (id) DO UPDATE SET probes = probe.probes + 1",
+                    )
+                    .await?;
+                c.execute(&statement, &[]).await?;
+                Ok(())
+            })
+        })
+    }
+
+    fn on_due_elsewhere(&self, wake: DueWaker) {
+        let (config, tls) = self.listen.clone();
+        let task = tokio::spawn(wake::listen(config, tls, self.schema.clone(), wake));
+        // A relay started again on the same spool listens for its new workers.
+        let previous = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(task);
+        if let Some(previous) = previous {
+            previous.abort();
+        }
+    }
+}
+
+/// The events table's columns, in the order [`event_from`] reads them.
+const EVENT_COLUMNS: &str =
+    "e.dedup_key, e.account, e.received_at, e.query, e.body, e.xml, e.fields, e.msg_type, e.event";
+
+fn event_from(row: &tokio_postgres::Row, first: usize) -> Event {
+    Event {
+        dedup_key: row.get(first),
+        account: row.get(first + 1),
+        received_at: UnixMs(row.get(first + 2)),
+        query: row.get(first + 3),
+        body: row.get::<_, Vec<u8>>(first + 4).into(),
+        xml: row.get(first + 5),
+        fields: row.get(first + 6),
+        msg_type: row.get(first + 7),
+        event_type: row.get(first + 8),
+    }
+}

@@ -1,0 +1,380 @@
+//! Claiming due deliveries, recording what became of them, and retiring
+//! those of targets no replica names any more.
+
+use super::{event_from, EVENT_COLUMNS};
+use crate::spool::{
+    DeadReason, DeliveryId, EventId, Lease, LeaseToken, Schedule, Settle, Settlement, SpoolError,
+    UnixMs,
+};
+use deadpool_postgres::{Object, Pool};
+use std::collections::BTreeMap;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+
+/// Claims up to `limit` due deliveries nobody holds, each under a new token
+/// until `now + lease_ms`. Of the deliveries with an order key, only each
+/// key's first pending one may be claimed: the keys' heads are found by
+/// stepping through the order index one key at a time, so a backlog held
+/// back behind its heads is never read.
+pub(super) async fn lease(
+    c: &mut Object,
+    target: &str,
+    now: UnixMs,
+    limit: usize,
+    lease_ms: i64,
+    owner: &str,
+) -> Result<Vec<Lease>, SpoolError> {
+    let tx = not_waiting_for_the_flush(c).await?;
+    let statement = tx
+        .prepare_cached(&format!(
+            "WITH RECURSIVE heads AS (
+                 (SELECT order_key, id FROM deliveries
+                  WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
+                  ORDER BY order_key, id LIMIT 1)
+                 UNION ALL
+                 SELECT next.order_key, next.id FROM heads h CROSS JOIN LATERAL (
+                     SELECT order_key, id FROM deliveries
+                     WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
+                       AND order_key > h.order_key
+                     ORDER BY order_key, id LIMIT 1) next
+             ), candidates AS (
+                 SELECT id FROM heads
+                 UNION ALL
+                 (SELECT id FROM deliveries
+                  WHERE target = $1 AND state = 0 AND order_key IS NULL
+                    AND next_at <= $2 AND lease_until <= $2
+                  ORDER BY next_at, id LIMIT $3)
+             ), due AS (
+                 SELECT d.id FROM deliveries d
+                 WHERE d.id IN (SELECT id FROM candidates)
+                   AND d.state = 0 AND d.next_at <= $2 AND d.lease_until <= $2
+                 ORDER BY d.next_at, d.id LIMIT $3
+                 FOR UPDATE OF d SKIP LOCKED
+             ), leased AS (
+                 UPDATE deliveries d
+                 SET lease_owner = $4, lease_until = $2 + $5, lease_token = nextval('lease_tokens')
+                 FROM due WHERE d.id = due.id
+                 RETURNING d.id, d.event_id, d.attempts, d.step, d.scheduled_at, d.lease_token,
+                           d.next_at
+             )
+             SELECT l.id, l.event_id, l.attempts, l.step, l.scheduled_at, l.lease_token,
+                    {EVENT_COLUMNS}
+             FROM leased l JOIN events e ON e.id = l.event_id
+             ORDER BY l.next_at, l.id"
+        ))
+        .await?;
+    let rows = tx
+        .query(
+            &statement,
+            &[&target, &now.0, &super::sql_limit(limit), &owner, &lease_ms],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(rows
+        .iter()
+        .map(|row| Lease {
+            delivery_id: DeliveryId(row.get(0)),
+            target: target.to_owned(),
+            attempts: row.get::<_, i32>(2) as u32,
+            schedule: Schedule {
+                step: row.get::<_, i32>(3) as u32,
+                due_at: UnixMs(row.get(4)),
+            },
+            event_id: EventId(row.get(1)),
+            event: event_from(row, 6),
+            token: LeaseToken(row.get(5)),
+        })
+        .collect())
+}
+
+/// A transaction whose commit does not wait for the database to flush it
+/// to disk (`synchronous_commit = off`), for leases and outcomes: a database
+/// crash can lose the last of them, which only means their deliveries are
+/// sent again (at least once), and an fsync per lease or outcome would bound
+/// fan-out by the disk. Pushes are never stored this way.
+async fn not_waiting_for_the_flush(
+    c: &mut Object,
+) -> Result<deadpool_postgres::Transaction<'_>, SpoolError> {
+    let tx = c.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await?;
+    Ok(tx)
+}
+
+/// A `record` call waiting for the next batch of outcomes.
+pub(super) struct Recording {
+    pub settles: Vec<Settle>,
+    pub now: UnixMs,
+    pub reply: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+/// The `record` calls waiting when the recorder is free go into one
+/// transaction, as pushes do: the workers of every target settle together.
+pub(super) async fn run(pool: Pool, mut calls: mpsc::Receiver<Recording>) {
+    let mut batch = Vec::new();
+    while calls.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let result = super::bounded("record", async {
+            let mut checkout = super::Checkout::of(&pool).await?;
+            let recorded = record(checkout.get()?, &batch).await;
+            checkout.finished();
+            recorded
+        })
+        .await;
+        for call in batch.drain(..) {
+            let _ = call.reply.send(result.clone());
+        }
+    }
+}
+
+/// `record` calls in one transaction at most.
+const MAX_BATCH: usize = 256;
+
+/// Writes outcomes in one transaction, three statements at most, each
+/// applied only where the row still holds the outcome's lease token. A
+/// delivered outcome also settles a delivery retired (`target_removed`)
+/// while its attempt was in flight: the target has it.
+async fn record(c: &mut Object, calls: &[Recording]) -> Result<(), SpoolError> {
+    let mut o = Outcomes::default();
+    for call in calls {
+        for settle in &call.settles {
+            o.add(settle, call.now);
+        }
+    }
+    let tx = not_waiting_for_the_flush(c).await?;
+    // Rows are locked in one order, events then deliveries, each by id: two
+    // batches (two replicas', or a stale outcome and the new owner's) wait
+    // for each other rather than deadlock.
+    let events = if o.delivered.0.is_empty() {
+        Vec::new()
+    } else {
+        lock_events_of(&tx, "d.id = ANY($1)", &[&o.delivered.0]).await?
+    };
+    let all: Vec<i64> = [&o.delivered.0, &o.retry.ids, &o.dead.ids]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    let lock = tx
+        .prepare_cached("SELECT id FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .await?;
+    tx.execute(&lock, &[&all]).await?;
+    if !o.delivered.0.is_empty() {
+        let delete = tx
+            .prepare_cached(
+                "DELETE FROM deliveries d USING unnest($1::bigint[], $2::bigint[]) AS s(id, token)
+                 WHERE d.id = s.id AND d.lease_token = s.token
+                   AND (d.state = 0 OR (d.state = 2 AND d.reason = 'target_removed'))",
+            )
+            .await?;
+        tx.execute(&delete, &[&o.delivered.0, &o.delivered.1])
+            .await?;
+        drop_events_if_done(&tx, &events).await?;
+    }
+    if !o.retry.ids.is_empty() {
+        let update = tx
+            .prepare_cached(
+                "UPDATE deliveries d SET attempts = d.attempts + 1, next_at = s.next_at,
+                    last_error = s.error, updated_at = s.now, not_before = s.not_before,
+                    step = s.step, scheduled_at = s.scheduled_at, lease_until = 0
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[],
+                             $6::int[], $7::bigint[], $8::bigint[])
+                      AS s(id, token, next_at, error, not_before, step, scheduled_at, now)
+                 WHERE d.id = s.id AND d.state = 0 AND d.lease_token = s.token",
+            )
+            .await?;
+        let r = &o.retry;
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &r.ids,
+            &r.tokens,
+            &r.next_at,
+            &r.errors,
+            &r.not_before,
+            &r.steps,
+            &r.scheduled_at,
+            &r.now,
+        ];
+        tx.execute(&update, &params).await?;
+    }
+    if !o.dead.ids.is_empty() {
+        let update = tx
+            .prepare_cached(
+                "UPDATE deliveries d SET state = 2, attempts = d.attempts + 1, reason = s.reason,
+                    last_error = s.error, updated_at = s.now, lease_until = 0
+                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])
+                      AS s(id, token, reason, error, now)
+                 WHERE d.id = s.id AND d.state = 0 AND d.lease_token = s.token",
+            )
+            .await?;
+        let d = &o.dead;
+        tx.execute(&update, &[&d.ids, &d.tokens, &d.reasons, &d.errors, &d.now])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Outcomes as columns, one set per statement.
+#[derive(Default)]
+struct Outcomes<'a> {
+    /// Ids and tokens.
+    delivered: (Vec<i64>, Vec<i64>),
+    retry: RetryColumns<'a>,
+    dead: DeadColumns<'a>,
+}
+
+#[derive(Default)]
+struct RetryColumns<'a> {
+    ids: Vec<i64>,
+    tokens: Vec<i64>,
+    next_at: Vec<i64>,
+    errors: Vec<&'a str>,
+    not_before: Vec<i64>,
+    steps: Vec<i32>,
+    scheduled_at: Vec<i64>,
+    now: Vec<i64>,
+}
+
+#[derive(Default)]
+struct DeadColumns<'a> {
+    ids: Vec<i64>,
+    tokens: Vec<i64>,
+    reasons: Vec<&'a str>,
+    errors: Vec<&'a str>,
+    now: Vec<i64>,
+}
+
+impl<'a> Outcomes<'a> {
+    /// One outcome, recorded at `now`.
+    fn add(&mut self, Settle { lease, settlement }: &'a Settle, now: UnixMs) {
+        match settlement {
+            Settlement::Delivered { delivery_id } => {
+                self.delivered.0.push(delivery_id.0);
+                self.delivered.1.push(lease.0);
+            }
+            Settlement::Retry {
+                delivery_id,
+                next_at,
+                schedule,
+                not_before,
+                error,
+            } => {
+                let r = &mut self.retry;
+                r.ids.push(delivery_id.0);
+                r.tokens.push(lease.0);
+                r.next_at.push(next_at.0);
+                r.errors.push(error);
+                r.not_before.push(not_before.0);
+                r.steps.push(schedule.step as i32);
+                r.scheduled_at.push(schedule.due_at.0);
+                r.now.push(now.0);
+            }
+            Settlement::Dead {
+                delivery_id,
+                reason,
+                error,
+            } => {
+                let d = &mut self.dead;
+                d.ids.push(delivery_id.0);
+                d.tokens.push(lease.0);
+                d.reasons.push(reason.as_str());
+                d.errors.push(error);
+                d.now.push(now.0);
+            }
+        }
+    }
+}
+
+/// Locks, in id order, the events of the deliveries `selection` picks (a
+/// condition on `deliveries d`). Two transactions that remove the last two
+/// deliveries of one event then take turns, so the second sees the first's
+/// removal and removes the event; and the order keeps them from deadlocking.
+pub(super) async fn lock_events_of(
+    tx: &deadpool_postgres::Transaction<'_>,
+    selection: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<i64>, SpoolError> {
+    let lock = tx
+        .prepare_cached(&format!(
+            "SELECT id FROM events WHERE id IN (SELECT d.event_id FROM deliveries d WHERE {selection})
+             ORDER BY id FOR UPDATE"
+        ))
+        .await?;
+    Ok(tx
+        .query(&lock, params)
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+pub(super) async fn drop_events_if_done(
+    tx: &deadpool_postgres::Transaction<'_>,
+    events: &[i64],
+) -> Result<(), SpoolError> {
+    let delete = tx
+        .prepare_cached(
+            "DELETE FROM events e WHERE e.id = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)",
+        )
+        .await?;
+    tx.execute(&delete, &[&events]).await?;
+    Ok(())
+}
+
+/// How long a replica's word on its targets holds: several of the relay's
+/// retirement rounds (every 30 s), so that a live replica never lapses.
+pub const TARGETS_HOLD_MS: i64 = 120_000;
+
+/// Records that `replica` names `targets`, then dead-letters the pending
+/// deliveries of every target that no replica heard from within
+/// [`TARGETS_HOLD_MS`] names. Returns how many, per target.
+pub(super) async fn retire(
+    c: &mut Object,
+    replica: &str,
+    targets: &[String],
+    now: UnixMs,
+) -> Result<Vec<(String, u64)>, SpoolError> {
+    let tx = c.transaction().await?;
+    let forget = tx
+        .prepare_cached(
+            "DELETE FROM replica_targets
+             WHERE (replica = $1 AND NOT (target = ANY($2))) OR seen_at <= $3 - 10 * $4::bigint",
+        )
+        .await?;
+    tx.execute(&forget, &[&replica, &targets, &now.0, &TARGETS_HOLD_MS])
+        .await?;
+    let name = tx
+        .prepare_cached(
+            "INSERT INTO replica_targets (replica, target, seen_at)
+             SELECT $1, t, $3 FROM unnest($2::text[]) AS t ORDER BY 2
+             ON CONFLICT (replica, target) DO UPDATE SET seen_at = excluded.seen_at",
+        )
+        .await?;
+    tx.execute(&name, &[&replica, &targets, &now.0]).await?;
+    let retire = tx
+        .prepare_cached(
+            "UPDATE deliveries d SET state = 2, reason = $1, updated_at = $2,
+                last_error = 'the target is no longer in the configuration'
+             WHERE d.state = 0 AND d.target IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM replica_targets r
+                               WHERE r.target = d.target AND r.seen_at > $2 - $3::bigint)
+             RETURNING d.target",
+        )
+        .await?;
+    let rows = tx
+        .query(
+            &retire,
+            &[
+                &DeadReason::TargetRemoved.as_str(),
+                &now.0,
+                &TARGETS_HOLD_MS,
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    let mut retired: BTreeMap<String, u64> = BTreeMap::new();
+    for row in rows {
+        *retired.entry(row.get(0)).or_default() += 1;
+    }
+    Ok(retired.into_iter().collect())
+}
