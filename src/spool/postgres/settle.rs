@@ -198,7 +198,9 @@ async fn record(c: &mut Object, calls: &[Recording]) -> Result<(), SpoolError> {
     if !o.dead.ids.is_empty() {
         let update = tx
             .prepare_cached(
-                "UPDATE deliveries d SET state = 2, attempts = d.attempts + 1, reason = s.reason,
+                // An expired delivery is dead-lettered instead of sent: no attempt.
+                "UPDATE deliveries d SET state = 2,
+                    attempts = d.attempts + (s.reason <> 'expired')::int, reason = s.reason,
                     last_error = s.error, updated_at = s.now, lease_until = 0
                  FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])
                       AS s(id, token, reason, error, now)
