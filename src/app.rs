@@ -11,7 +11,8 @@ use crate::ingest::Ingest;
 use crate::metrics::{Metrics, MetricsError};
 use crate::reload::Reloader;
 use crate::server::{self, Limits};
-use crate::spool::{Spool, SpoolError, SqliteSpool};
+use crate::spool::postgres::OnOpen;
+use crate::spool::{OpenSpool, Spool, SpoolError};
 use arc_swap::ArcSwap;
 use http::Request;
 use hyper::body::Incoming;
@@ -60,7 +61,7 @@ pub struct Relay {
     listeners: JoinSet<()>,
     workers: JoinSet<()>,
     drain: Duration,
-    owned_spool: Option<Arc<SqliteSpool>>,
+    owned_spool: Option<OpenSpool>,
 }
 
 async fn bind(listener: Option<TcpListener>, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -96,16 +97,19 @@ fn local_addr(l: &TcpListener, configured: SocketAddr) -> Result<SocketAddr, Sta
 }
 
 /// The spool in use and, when the relay opened it, the same spool to close.
-type Spools = (Arc<dyn Spool>, Option<Arc<SqliteSpool>>);
+type Spools = (Arc<dyn Spool>, Option<OpenSpool>);
 
-/// The spool passed in, or the configured file's, which the relay then owns
-/// and closes at shutdown.
-fn open_spool(given: Option<Arc<dyn Spool>>, settings: &Settings) -> Result<Spools, StartError> {
+/// The spool passed in, or the configured one, which the relay then owns
+/// and closes at shutdown. A PostgreSQL schema is brought up to date first.
+async fn open_spool(
+    given: Option<Arc<dyn Spool>>,
+    settings: &Settings,
+) -> Result<Spools, StartError> {
     Ok(match given {
         Some(spool) => (spool, None),
         None => {
-            let sqlite = Arc::new(SqliteSpool::open(&settings.spool.path)?);
-            (sqlite.clone(), Some(sqlite))
+            let opened = OpenSpool::open(&settings.spool, OnOpen::Migrate).await?;
+            (opened.spool(), Some(opened))
         }
     })
 }
@@ -160,7 +164,7 @@ impl Relay {
         let admin = bind(options.admin, settings.server.admin_listen).await?;
         let public_addr = local_addr(&public, settings.server.listen)?;
         let admin_addr = local_addr(&admin, settings.server.admin_listen)?;
-        let (spool, owned_spool) = open_spool(options.spool, &settings)?;
+        let (spool, owned_spool) = open_spool(options.spool, &settings).await?;
         let (mut public_limits, admin_limits) = limits(&settings);
         let drain = settings.server.shutdown_timeout;
         let config = Arc::new(ArcSwap::from_pointee(settings));
@@ -242,7 +246,7 @@ impl Relay {
             self.workers.abort_all();
         }
         if let Some(spool) = self.owned_spool.take() {
-            let _ = tokio::task::spawn_blocking(move || spool.close()).await;
+            spool.close().await;
         }
         tracing::info!("wxrelay stopped");
     }

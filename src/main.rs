@@ -15,6 +15,7 @@ use wxrelay::cli::simulate::{self, SimulateArgs};
 use wxrelay::cli::{self, keygen, CliError, Report};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{render_check, Settings};
+use wxrelay::spool::Spool;
 
 const EXIT_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
@@ -159,20 +160,31 @@ fn main() -> ExitCode {
 fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliError> {
     let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
     let settings = cli::load(&config)?;
-    let spool = dlq::open(&settings)?;
-    let result = block_on(dlq::run(&spool, &command, SystemClock.now_ms()));
-    spool.close();
-    result?
+    on_spool(&settings, async |spool| {
+        dlq::run(spool, &command, SystemClock.now_ms()).await
+    })
 }
 
 fn run_pending(config: Option<PathBuf>, command: PendingCommand) -> Result<String, CliError> {
     let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
     let settings = cli::load(&config)?;
     pending::check_target(&settings, &command)?;
-    let spool = dlq::open(&settings)?;
-    let result = block_on(pending::run(&spool, &command, SystemClock.now_ms()));
-    spool.close();
-    result?
+    on_spool(&settings, async |spool| {
+        pending::run(spool, &command, SystemClock.now_ms()).await
+    })
+}
+
+/// Opens the configured spool, runs `command` on it, and closes it.
+fn on_spool(
+    settings: &Settings,
+    command: impl AsyncFnOnce(&dyn Spool) -> Result<String, CliError>,
+) -> Result<String, CliError> {
+    block_on(async move {
+        let opened = dlq::open(settings).await?;
+        let result = command(&*opened.spool()).await;
+        opened.close().await;
+        result
+    })?
 }
 
 /// Prints deliveries until interrupted.

@@ -67,12 +67,12 @@ impl Reloader {
         let current = self.config.load();
         if next.server.listen != current.server.listen
             || next.server.admin_listen != current.server.admin_listen
-            || next.spool.path != current.spool.path
+            || next.spool.backend != current.spool.backend
             || next.server.max_connections != current.server.max_connections
             || next.server.max_body_bytes_in_flight != current.server.max_body_bytes_in_flight
         {
             tracing::warn!(
-                "listen, admin_listen, max_connections, max_body_bytes_in_flight and spool.path take effect at the next start only"
+                "listen, admin_listen, max_connections, max_body_bytes_in_flight and the spool's backend and location take effect at the next start only"
             );
         }
         let next = Arc::new(next);

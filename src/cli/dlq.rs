@@ -12,10 +12,11 @@
 //! filter unless `--all` says that is meant.
 
 use super::CliError;
-use crate::config::Settings;
+use crate::config::{Settings, SpoolBackend};
 use crate::ingest::short_hash;
+use crate::spool::postgres::OnOpen;
 use crate::spool::{
-    DeadFilter, DeadLetter, DeadReason, DeliveryId, Spool, SpoolError, SqliteSpool, UnixMs,
+    DeadFilter, DeadLetter, DeadReason, DeliveryId, OpenSpool, Spool, SpoolError, UnixMs,
 };
 use crate::wechat::message::Message;
 use std::fmt::Write as _;
@@ -128,17 +129,21 @@ impl FromStr for When {
     }
 }
 
-/// Opens the configured spool file; refuses to create one, since a missing
-/// file means a wrong config or a relay that never ran.
-pub fn open(settings: &Settings) -> Result<SqliteSpool, CliError> {
-    let path = &settings.spool.path;
-    if !path.exists() {
-        return Err(CliError::Failed(format!(
-            "no spool at {}: has the relay run with this configuration?",
-            path.display()
-        )));
+/// Opens the configured spool. Refuses to create a SQLite file, since a
+/// missing file means a wrong config or a relay that never ran; a PostgreSQL
+/// schema must be at this binary's version and is never changed.
+pub async fn open(settings: &Settings) -> Result<OpenSpool, CliError> {
+    if let SpoolBackend::Sqlite { path } = &settings.spool.backend {
+        if !path.exists() {
+            return Err(CliError::Failed(format!(
+                "no spool at {}: has the relay run with this configuration?",
+                path.display()
+            )));
+        }
     }
-    SqliteSpool::open(path).map_err(failed)
+    OpenSpool::open(&settings.spool, OnOpen::RequireCurrent)
+        .await
+        .map_err(failed)
 }
 
 /// Runs one `dlq` command; `now_ms` resolves `--since 2h` and is when

@@ -3,7 +3,7 @@
 //! fingerprints, and URL passwords are masked.
 
 use super::units::format_size;
-use super::{Secret, Settings};
+use super::{Secret, Settings, SpoolBackend};
 use humantime::format_duration;
 use std::fmt::{self, Display, Write as _};
 
@@ -38,7 +38,22 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
     row(out, "admin_token", masked(s.admin_token.as_ref()))?;
 
     writeln!(out, "\nspool")?;
-    row(out, "path", settings.spool.path.display())?;
+    match &settings.spool.backend {
+        SpoolBackend::Sqlite { path } => {
+            row(out, "backend", "sqlite")?;
+            row(out, "path", path.display())?;
+        }
+        SpoolBackend::Postgres(pg) => {
+            row(out, "backend", "postgres")?;
+            row(out, "url", &pg.display)?;
+            row(out, "schema", &pg.schema)?;
+            row(out, "pool_size", pg.pool_size)?;
+            row(out, "sslmode", pg.sslmode.as_str())?;
+            if let Some(ca) = &pg.ca_file {
+                row(out, "ca_file", ca.display())?;
+            }
+        }
+    }
     row(
         out,
         "dedup_window",

@@ -45,8 +45,16 @@ pub(crate) struct RawServer {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSpool {
+    pub backend: Option<String>,
     pub path: Option<PathBuf>,
     pub dedup_window: Option<String>,
+    pub url: Option<Secret>,
+    pub url_file: Option<PathBuf>,
+    pub schema: Option<String>,
+    /// Signed so that `-1` is reported as out of range, not as a type error.
+    pub pool_size: Option<i64>,
+    pub sslmode: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

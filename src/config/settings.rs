@@ -51,9 +51,60 @@ pub struct ServerSettings {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpoolSettings {
-    pub path: PathBuf,
+    pub backend: SpoolBackend,
     /// How long an event key is remembered to drop WeChat's re-sends.
     pub dedup_window: Duration,
+}
+
+/// Where the spool keeps its data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpoolBackend {
+    /// One SQLite file on the relay's own disk: one replica.
+    Sqlite { path: PathBuf },
+    /// A PostgreSQL database shared by any number of replicas.
+    Postgres(PostgresSettings),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresSettings {
+    /// The connection URL (or `key=value` string) as configured; it may hold
+    /// a password, so it is a [`Secret`]. [`PostgresSettings::display`] is
+    /// the form to show.
+    pub url: Secret,
+    /// The URL without its password, for `check`, logs and errors.
+    pub display: String,
+    /// The schema holding the relay's tables: a plain SQL identifier.
+    pub schema: String,
+    /// Connections open at once, at most.
+    pub pool_size: usize,
+    pub sslmode: SslMode,
+    /// PEM root certificates to trust instead of the built-in (webpki) roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// TLS to the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP: for a database on the same host or a private network.
+    Disable,
+    /// TLS, the server's certificate chain verified against the roots; its
+    /// name is not checked (for servers reached by an address their
+    /// certificate does not name).
+    Require,
+    /// TLS, the chain verified and the certificate must name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub const ALL: [SslMode; 3] = [SslMode::Disable, SslMode::Require, SslMode::VerifyFull];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Require => "require",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

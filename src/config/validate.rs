@@ -7,8 +7,8 @@ use super::raw::{
     StringOrNumber,
 };
 use super::settings::{
-    decode_webhook_secret, Account, Format, Mode, RetryClass, RetryPolicy, ServerSettings,
-    Settings, SpoolSettings, Target,
+    decode_webhook_secret, Account, Format, Mode, PostgresSettings, RetryClass, RetryPolicy,
+    ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode, Target,
 };
 use super::units::{parse_duration, parse_size};
 use super::{ConfigError, Problem, Secret, ENV_PREFIX};
@@ -34,6 +34,11 @@ const DEFAULT_REPLY_BUDGET: Duration = Duration::from_secs(4);
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SPOOL_PATH: &str = "./data/spool.db";
+const DEFAULT_SCHEMA: &str = "wxrelay";
+/// Enough for the group commit, the lease queries and the operator
+/// commands at once; PostgreSQL's own default limit is 100 connections.
+const DEFAULT_POOL_SIZE: usize = 8;
+const POOL_SIZE_RANGE: std::ops::RangeInclusive<i64> = 2..=256;
 const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(10 * 60);
 const DEFAULT_TIMESTAMP_WINDOW: Duration = Duration::from_secs(300);
 const DEFAULT_TARGET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -282,13 +287,172 @@ fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-fn spool(raw: RawSpool, p: &mut Problems) -> SpoolSettings {
+fn spool(mut raw: RawSpool, p: &mut Problems) -> SpoolSettings {
+    let dedup_window = p.duration(
+        "spool.dedup_window",
+        raw.dedup_window.take(),
+        DEFAULT_DEDUP_WINDOW,
+    );
+    let backend = match raw.backend.as_deref().unwrap_or("sqlite") {
+        "sqlite" => {
+            let postgres_keys = [
+                ("url", raw.url.is_some()),
+                ("url_file", raw.url_file.is_some()),
+                ("schema", raw.schema.is_some()),
+                ("pool_size", raw.pool_size.is_some()),
+                ("sslmode", raw.sslmode.is_some()),
+                ("ca_file", raw.ca_file.is_some()),
+            ];
+            for (key, _) in postgres_keys.iter().filter(|(_, set)| *set) {
+                p.add(
+                    format!("spool.{key}"),
+                    "only for backend = \"postgres\" (the spool is SQLite)",
+                );
+            }
+            SpoolBackend::Sqlite {
+                path: raw
+                    .path
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_PATH)),
+            }
+        }
+        "postgres" => {
+            if raw.path.is_some() {
+                p.add(
+                    "spool.path",
+                    "only for backend = \"sqlite\" (the spool is PostgreSQL)",
+                );
+            }
+            SpoolBackend::Postgres(postgres(raw, p))
+        }
+        other => {
+            p.add(
+                "spool.backend",
+                format!("unknown backend {other:?}: expected \"sqlite\" or \"postgres\""),
+            );
+            SpoolBackend::Sqlite {
+                path: PathBuf::from(DEFAULT_SPOOL_PATH),
+            }
+        }
+    };
     SpoolSettings {
-        path: raw
-            .path
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_PATH)),
-        dedup_window: p.duration("spool.dedup_window", raw.dedup_window, DEFAULT_DEDUP_WINDOW),
+        backend,
+        dedup_window,
     }
+}
+
+fn postgres(raw: RawSpool, p: &mut Problems) -> PostgresSettings {
+    let (url, display) = match secret_source(p, "spool.url", raw.url, raw.url_file) {
+        Ok(Some((url, path))) => match postgres_url(url.expose()) {
+            Ok(display) => (url, display),
+            Err(message) => {
+                p.add(path, message);
+                (url, String::new())
+            }
+        },
+        Ok(None) => {
+            p.add(
+                "spool.url",
+                format!(
+                    "required with backend = \"postgres\": set url, url_file or \
+                     {ENV_PREFIX}SPOOL__URL (e.g. postgres://relay@db.internal:5432/relay)"
+                ),
+            );
+            (Secret::new(""), String::new())
+        }
+        Err(()) => (Secret::new(""), String::new()),
+    };
+    let schema = raw.schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
+    if !is_identifier(&schema) {
+        p.add(
+            "spool.schema",
+            format!(
+                "{schema:?} is not a plain identifier: use lower-case letters, digits and _, \
+                 starting with a letter or _, at most 63 characters"
+            ),
+        );
+    }
+    let pool_size = match raw.pool_size {
+        None => DEFAULT_POOL_SIZE,
+        Some(n) if POOL_SIZE_RANGE.contains(&n) => n as usize,
+        Some(n) => {
+            p.add(
+                "spool.pool_size",
+                format!(
+                    "must be between {} and {}, got {n}",
+                    POOL_SIZE_RANGE.start(),
+                    POOL_SIZE_RANGE.end()
+                ),
+            );
+            DEFAULT_POOL_SIZE
+        }
+    };
+    let sslmode = match raw.sslmode.as_deref() {
+        None => SslMode::Disable,
+        Some(text) => SslMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == text)
+            .unwrap_or_else(|| {
+                p.add(
+                    "spool.sslmode",
+                    format!(
+                        "unknown sslmode {text:?}: expected one of disable, require, verify-full"
+                    ),
+                );
+                SslMode::Disable
+            }),
+    };
+    if let Some(file) = &raw.ca_file {
+        if sslmode == SslMode::Disable {
+            p.add(
+                "spool.ca_file",
+                "needs sslmode = \"require\" or \"verify-full\": without TLS it is not used",
+            );
+        } else if let Err(e) = std::fs::read(file) {
+            p.add(
+                "spool.ca_file",
+                format!("cannot read {}: {e}", file.display()),
+            );
+        }
+    }
+    PostgresSettings {
+        url,
+        display,
+        schema,
+        pool_size,
+        sslmode,
+        ca_file: raw.ca_file,
+    }
+}
+
+/// Checks a PostgreSQL connection string (a URL or `key=value` pairs) and
+/// returns it without its password. Errors never quote it: it may hold one.
+fn postgres_url(text: &str) -> Result<String, String> {
+    let config: tokio_postgres::Config = text.parse().map_err(|e| {
+        format!("not a PostgreSQL connection string ({e}); expected postgres://user:password@host:5432/database")
+    })?;
+    if config.get_hosts().is_empty() {
+        return Err("must name a host, e.g. postgres://relay@db.internal:5432/relay".to_owned());
+    }
+    if config.get_ssl_mode() != tokio_postgres::config::SslMode::Prefer {
+        return Err(
+            "sets sslmode: remove it from the URL and set spool.sslmode instead".to_owned(),
+        );
+    }
+    Ok(crate::spool::postgres_display(&config))
+}
+
+/// A name PostgreSQL takes unquoted and unchanged: the schema name is
+/// written into statements, so nothing else is accepted.
+fn is_identifier(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+    first_ok
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// A push stays acceptable for its account's timestamp window, so a replay of

@@ -13,7 +13,8 @@ use crate::config::{Settings, Target};
 use crate::metrics::Metrics;
 use crate::server::stopping;
 use crate::spool::{
-    DeadReason, DeliveryId, Event, Lease, Schedule, Settlement, Spool, SpoolError, UnixMs,
+    DeadReason, DeliveryId, Event, Lease, LeaseToken, Schedule, Settle, Settlement, Spool,
+    SpoolError, UnixMs,
 };
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -208,6 +209,8 @@ struct Due {
     /// Attempts made before this one.
     attempts: u32,
     schedule: Schedule,
+    /// The lease the attempt is made under.
+    lease: LeaseToken,
 }
 
 /// How an attempt's outcome is written to the spool.
@@ -243,6 +246,15 @@ impl Dispatcher {
     /// supervisor that starts loops for targets added by a reload (a loop
     /// whose target disappears ends by itself).
     pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) -> JoinSet<()> {
+        // Deliveries another replica makes due wake the workers here too.
+        let dispatcher = Arc::downgrade(self);
+        self.spool.on_due_elsewhere(Box::new(move |target| {
+            if let Some(d) = dispatcher.upgrade() {
+                if d.config.load().targets.contains_key(target) {
+                    d.wake(target);
+                }
+            }
+        }));
         let mut tasks = JoinSet::new();
         tasks.spawn(self.clone().supervise(stop));
         tasks
@@ -305,6 +317,7 @@ impl Dispatcher {
             delivery_id,
             attempts: 0,
             schedule: Schedule::default(),
+            lease: LeaseToken::NONE,
         };
         self.attempt_and_record(target, due, event, timeout, Record::Tracked)
             .await
@@ -377,7 +390,11 @@ impl Dispatcher {
             if release {
                 this.release_backlog(&name).await;
             }
-            this.record(&name, &state.faults, due.delivery_id, settlement)
+            let settle = Settle {
+                lease: due.lease,
+                settlement,
+            };
+            this.record(&name, &state.faults, due.delivery_id, settle)
                 .await;
         };
         match record {
@@ -389,16 +406,10 @@ impl Dispatcher {
 
     /// Writes an attempt's outcome. When the spool cannot, the delivery stays
     /// leased; when the lease ends it is sent again: at least once.
-    async fn record(
-        &self,
-        target: &str,
-        faults: &Faults,
-        delivery_id: DeliveryId,
-        settlement: Settlement,
-    ) {
+    async fn record(&self, target: &str, faults: &Faults, delivery_id: DeliveryId, settle: Settle) {
         match self
             .spool
-            .record(vec![settlement], UnixMs(self.clock.now_ms()))
+            .record(vec![settle], UnixMs(self.clock.now_ms()))
             .await
         {
             Ok(()) => {
@@ -734,6 +745,7 @@ impl Dispatcher {
                     delivery_id: lease.delivery_id,
                     attempts: lease.attempts,
                     schedule: lease.schedule,
+                    lease: lease.token,
                 };
                 this.attempt_and_record(
                     &target,

@@ -87,15 +87,46 @@ fn failed_once(id: DeliveryId, not_before: i64) -> Settlement {
     }
 }
 
-fn spools() -> Vec<(&'static str, Arc<dyn Spool>, Option<tempfile::TempDir>)> {
+/// Records `settlements`, each under the token of its delivery's lease in
+/// `leases`, or as never leased.
+async fn settle(spool: &dyn Spool, leases: &[Lease], settlements: Vec<Settlement>, now: i64) {
+    let settles = settlements
+        .into_iter()
+        .map(|settlement| Settle {
+            lease: leases
+                .iter()
+                .find(|l| l.delivery_id == settlement.delivery_id())
+                .map_or(LeaseToken::NONE, |l| l.token),
+            settlement,
+        })
+        .collect();
+    spool.record(settles, UnixMs(now)).await.unwrap();
+}
+
+/// What a spool of [`spools`] leaves behind and removes when dropped.
+type Cleanup = Box<dyn std::any::Any>;
+
+/// Every spool the relay ships, each fresh: SQLite in a temp dir, and
+/// PostgreSQL in a schema of its own when the test database is configured
+/// (see [`postgres::testing::test_url`]).
+async fn spools() -> Vec<(&'static str, Arc<dyn Spool>, Cleanup)> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteSpool::open(&dir.path().join("spool.db")).unwrap();
-    vec![("sqlite", Arc::new(sqlite), Some(dir))]
+    let mut spools: Vec<(&'static str, Arc<dyn Spool>, Cleanup)> =
+        vec![("sqlite", Arc::new(sqlite), Box::new(dir))];
+    if let Some(url) = postgres::testing::test_url() {
+        let schema = postgres::testing::TestSchema::new(&url);
+        let pg = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+            .await
+            .unwrap_or_else(|e| panic!("the test database at {url}: {e}"));
+        spools.push(("postgres", Arc::new(pg), Box::new(schema)));
+    }
+    spools
 }
 
 #[tokio::test]
 async fn dedup_key_is_unique_within_the_window_and_reusable_after() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         stored(&*spool, event("k1", &["a"], 1_000), 1_000).await;
         let again = spool
             .enqueue(event("k1", &["a"], 2_000), UnixMs(2_000), WINDOW)
@@ -116,7 +147,7 @@ async fn dedup_key_is_unique_within_the_window_and_reusable_after() {
 
 #[tokio::test]
 async fn racing_enqueues_of_one_key_store_exactly_one() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let attempts: Vec<_> = (0..16)
             .map(|_| spool.enqueue(event("race", &["a", "b"], 5), UnixMs(5), WINDOW))
             .collect();
@@ -134,7 +165,7 @@ async fn racing_enqueues_of_one_key_store_exactly_one() {
 
 #[tokio::test]
 async fn lease_hides_a_delivery_until_the_lease_ends() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a", "b"], 10), 10).await;
         let first = spool.lease("a", UnixMs(10), 10, 1_000).await.unwrap();
         assert_eq!(first.len(), 1, "{name}");
@@ -161,7 +192,7 @@ async fn lease_hides_a_delivery_until_the_lease_ends() {
 
 #[tokio::test]
 async fn not_due_yet_is_not_leased() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let mut e = event("k", &["a"], 10);
         e.targets[0].due_at = UnixMs(4_010);
         stored(&*spool, e, 10).await;
@@ -183,30 +214,30 @@ async fn not_due_yet_is_not_leased() {
 
 #[tokio::test]
 async fn delivered_removes_the_event_once_every_target_has_it() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (event_id, ids) = stored(&*spool, event("k", &["a", "b"], 0), 0).await;
-        spool
-            .record(
-                vec![Settlement::Delivered {
-                    delivery_id: ids[0],
-                }],
-                UnixMs(1),
-            )
-            .await
-            .unwrap();
+        settle(
+            &*spool,
+            &[],
+            vec![Settlement::Delivered {
+                delivery_id: ids[0],
+            }],
+            1,
+        )
+        .await;
         assert!(
             spool.event(event_id).await.unwrap().is_some(),
             "{name}: b still pending"
         );
-        spool
-            .record(
-                vec![Settlement::Delivered {
-                    delivery_id: ids[1],
-                }],
-                UnixMs(2),
-            )
-            .await
-            .unwrap();
+        settle(
+            &*spool,
+            &[],
+            vec![Settlement::Delivered {
+                delivery_id: ids[1],
+            }],
+            2,
+        )
+        .await;
         assert!(spool.event(event_id).await.unwrap().is_none(), "{name}");
         assert!(spool.depth().await.unwrap().is_empty(), "{name}");
     }
@@ -214,9 +245,9 @@ async fn delivered_removes_the_event_once_every_target_has_it() {
 
 #[tokio::test]
 async fn retry_counts_attempts_and_reschedules() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        spool.lease("a", UnixMs(0), 1, 100).await.unwrap();
+        let leases = spool.lease("a", UnixMs(0), 1, 100).await.unwrap();
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: UnixMs(5_000),
@@ -227,7 +258,7 @@ async fn retry_counts_attempts_and_reschedules() {
             not_before: UnixMs(0),
             error: "HTTP 503".into(),
         };
-        spool.record(vec![retry], UnixMs(10)).await.unwrap();
+        settle(&*spool, &leases, vec![retry], 10).await;
         assert!(
             spool
                 .lease("a", UnixMs(4_999), 1, 100)
@@ -251,12 +282,10 @@ async fn retry_counts_attempts_and_reschedules() {
 
 #[tokio::test]
 async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        assert_eq!(
-            spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap().len(),
-            1
-        );
+        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        assert_eq!(leases.len(), 1);
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: UnixMs(30_000),
@@ -267,7 +296,7 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
             not_before: UnixMs(0),
             error: "HTTP 503".into(),
         };
-        spool.record(vec![retry], UnixMs(1)).await.unwrap();
+        settle(&*spool, &leases, vec![retry], 1).await;
         assert!(
             spool
                 .lease("a", UnixMs(2), 10, 60_000)
@@ -301,7 +330,7 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
 
 #[tokio::test]
 async fn dead_letters_are_listed_filtered_replayed_and_purged() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, a) = stored(&*spool, event("k1", &["a"], 0), 0).await;
         let (_, b) = stored(&*spool, event("k2", &["b"], 0), 0).await;
         stored(&*spool, event("k3", &[], 0), 0).await;
@@ -310,14 +339,8 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
             reason: why,
             error: "HTTP 400: bad".into(),
         };
-        spool
-            .record(vec![dead(a[0], DeadReason::Rejected)], UnixMs(100))
-            .await
-            .unwrap();
-        spool
-            .record(vec![dead(b[0], DeadReason::Exhausted)], UnixMs(200))
-            .await
-            .unwrap();
+        settle(&*spool, &[], vec![dead(a[0], DeadReason::Rejected)], 100).await;
+        settle(&*spool, &[], vec![dead(b[0], DeadReason::Exhausted)], 200).await;
 
         let all = spool
             .dead_letters(DeadFilter::default(), 100)
@@ -386,7 +409,7 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
 
 #[tokio::test]
 async fn removed_targets_dead_letter_their_pending_deliveries() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         stored(&*spool, event("k", &["kept", "gone"], 0), 0).await;
         assert_eq!(
             spool
@@ -410,7 +433,7 @@ async fn removed_targets_dead_letter_their_pending_deliveries() {
 
 #[tokio::test]
 async fn depth_counts_pending_per_target_with_the_oldest_arrival() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         stored(&*spool, event("k1", &["a"], 100), 100).await;
         stored(&*spool, event("k2", &["a", "b"], 200), 200).await;
         let depth = spool.depth().await.unwrap();
@@ -471,7 +494,7 @@ async fn a_closed_spool_refuses_work() {
 
 #[tokio::test]
 async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         // Not tried yet and due later (a reply target's delivery awaiting its inline attempt).
         let mut later = event("later", &["a"], 0);
         later.targets[0].due_at = UnixMs(9_000);
@@ -480,14 +503,14 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
         let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
         // Failed without one.
         let (_, plain) = stored(&*spool, event("plain", &["a"], 0), 0).await;
-        spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
-        spool
-            .record(
-                vec![failed_once(held[0], 120_000), failed_once(plain[0], 0)],
-                UnixMs(1),
-            )
-            .await
-            .unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        settle(
+            &*spool,
+            &leases,
+            vec![failed_once(held[0], 120_000), failed_once(plain[0], 0)],
+            1,
+        )
+        .await;
         assert_eq!(
             spool.release_backoff("a", UnixMs(2)).await.unwrap(),
             1,
@@ -501,15 +524,15 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
 
 #[tokio::test]
 async fn a_record_repeated_after_the_event_is_gone_touches_no_later_event() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, first) = stored(&*spool, event("k1", &["a"], 0), 0).await;
         let done = || Settlement::Delivered {
             delivery_id: first[0],
         };
-        spool.record(vec![done()], UnixMs(1)).await.unwrap();
+        settle(&*spool, &[], vec![done()], 1).await;
         let (_, second) = stored(&*spool, event("k2", &["a"], 2), 2).await;
         assert_ne!(second[0], first[0], "{name}: ids are never reused");
-        spool.record(vec![done()], UnixMs(3)).await.unwrap();
+        settle(&*spool, &[], vec![done()], 3).await;
         assert_eq!(
             spool.waiting("a", 10).await.unwrap().len(),
             1,
@@ -533,15 +556,15 @@ async fn expired_dedup_keys_are_pruned() {
         else {
             panic!("stored")
         };
-        spool
-            .record(
-                vec![Settlement::Delivered {
-                    delivery_id: deliveries[0],
-                }],
-                UnixMs(now),
-            )
-            .await
-            .unwrap();
+        settle(
+            &spool,
+            &[],
+            vec![Settlement::Delivered {
+                delivery_id: deliveries[0],
+            }],
+            now,
+        )
+        .await;
         now += 10_000;
     }
     spool.close();
@@ -554,22 +577,22 @@ async fn expired_dedup_keys_are_pruned() {
 
 #[tokio::test]
 async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, one) = stored(&*spool, event("one", &["a"], 0), 0).await;
         let (_, two) = stored(&*spool, event("two", &["a"], 0), 0).await;
         let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
-        spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
-        spool
-            .record(
-                vec![
-                    failed_once(one[0], 0),
-                    failed_once(two[0], 0),
-                    failed_once(held[0], 120_000),
-                ],
-                UnixMs(1),
-            )
-            .await
-            .unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        settle(
+            &*spool,
+            &leases,
+            vec![
+                failed_once(one[0], 0),
+                failed_once(two[0], 0),
+                failed_once(held[0], 120_000),
+            ],
+            1,
+        )
+        .await;
         let only = |id: DeliveryId, past_retry_after: bool| Release {
             target: "a".into(),
             delivery_id: Some(id),
@@ -622,7 +645,7 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
 
 #[tokio::test]
 async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         stored(&*spool, guarded("k1", "q", "body", 1_000, 9_000), 1_000).await;
         let forged = guarded_outcome(&*spool, guarded("k2", "q", "forged", 2_000, 9_000)).await;
         assert_eq!(forged, Enqueued::Replayed, "{name}");
@@ -678,13 +701,10 @@ async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
 
 #[tokio::test]
 async fn a_release_does_not_hand_out_a_delivery_being_sent() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
-        spool
-            .record(vec![failed_once(ids[0], 0)], UnixMs(1))
-            .await
-            .unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        settle(&*spool, &leases, vec![failed_once(ids[0], 0)], 1).await;
         assert_eq!(
             spool.release_backoff("a", UnixMs(2)).await.unwrap(),
             1,
@@ -709,7 +729,7 @@ async fn a_release_does_not_hand_out_a_delivery_being_sent() {
 
 #[tokio::test]
 async fn a_guard_expires_when_its_query_goes_stale() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         stored(&*spool, guarded("k1", "q", "body", 1_000, 5_000), 1_000).await;
         let before = guarded_outcome(&*spool, guarded("k2", "q", "other", 4_999, 5_000)).await;
         assert_eq!(before, Enqueued::Replayed, "{name}");
@@ -725,7 +745,7 @@ async fn a_guard_expires_when_its_query_goes_stale() {
 
 #[tokio::test]
 async fn racing_bodies_under_one_guard_store_exactly_one() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let attempts: Vec<_> = (0..16)
             .map(|i| {
                 let e = guarded(&format!("k{i}"), "q", &format!("body{i}"), 5, 9_000);
@@ -784,7 +804,7 @@ async fn expired_replay_guards_are_pruned() {
 
 #[tokio::test]
 async fn an_enqueue_hands_back_the_event_as_stored_with_its_id() {
-    for (name, spool, _dir) in spools() {
+    for (name, spool, _cleanup) in spools().await {
         let new = event("k", &["a"], 10);
         let given = new.event.clone();
         let Enqueued::Stored {
@@ -805,5 +825,92 @@ async fn an_enqueue_hands_back_the_event_as_stored_with_its_id() {
             (event_id, &given),
             "{name}"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_settle_after_the_lease_was_taken_over_changes_nothing() {
+    for (name, spool, _cleanup) in spools().await {
+        let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
+        let first = spool.lease("a", UnixMs(0), 10, 1_000).await.unwrap();
+        // The first worker's lease ends; another worker takes the delivery.
+        let second = spool.lease("a", UnixMs(1_000), 10, 1_000).await.unwrap();
+        assert_eq!(second.len(), 1, "{name}: taken over once the lease ended");
+        assert_ne!(first[0].token, second[0].token, "{name}");
+        let late = Settlement::Dead {
+            delivery_id: ids[0],
+            reason: DeadReason::Rejected,
+            error: "HTTP 400".into(),
+        };
+        settle(&*spool, &first, vec![late], 1_100).await;
+        assert!(
+            spool
+                .dead_letters(DeadFilter::default(), 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{name}: the first worker's outcome is ignored"
+        );
+        let waiting = spool.waiting("a", 10).await.unwrap();
+        assert_eq!(waiting.len(), 1, "{name}");
+        assert_eq!(waiting[0].attempts, 0, "{name}: no attempt counted");
+        // The new owner's outcome is recorded.
+        let done = Settlement::Delivered {
+            delivery_id: ids[0],
+        };
+        settle(&*spool, &second, vec![done], 1_200).await;
+        assert!(spool.depth().await.unwrap().is_empty(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn settles_of_many_deliveries_are_recorded_together() {
+    for (name, spool, _cleanup) in spools().await {
+        let mut ids = Vec::new();
+        for i in 0..6 {
+            ids.push(
+                stored(&*spool, event(&format!("k{i}"), &["a"], 0), 0)
+                    .await
+                    .1[0],
+            );
+        }
+        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        assert_eq!(leases.len(), 6, "{name}");
+        let dead = |id| Settlement::Dead {
+            delivery_id: id,
+            reason: DeadReason::Exhausted,
+            error: "HTTP 503".into(),
+        };
+        let done = |id| Settlement::Delivered { delivery_id: id };
+        settle(
+            &*spool,
+            &leases,
+            vec![
+                done(ids[0]),
+                failed_once(ids[1], 0),
+                dead(ids[2]),
+                done(ids[3]),
+                failed_once(ids[4], 0),
+                dead(ids[5]),
+            ],
+            5,
+        )
+        .await;
+        let waiting: Vec<DeliveryId> = spool
+            .waiting("a", 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|w| w.delivery_id)
+            .collect();
+        assert_eq!(waiting, vec![ids[1], ids[4]], "{name}");
+        let dead: Vec<DeliveryId> = spool
+            .dead_letters(DeadFilter::default(), 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.delivery_id)
+            .collect();
+        assert_eq!(dead, vec![ids[2], ids[5]], "{name}");
     }
 }

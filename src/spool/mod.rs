@@ -21,14 +21,22 @@
 //!   until it is settled or the lease duration ends: if its worker dies, or
 //!   its outcome cannot be written, it is due again when the lease ends, or at
 //!   the next start after a crash (at least once, never silently dropped).
+//! - Each lease carries a fresh [`LeaseToken`], and an outcome is recorded
+//!   with the token of the lease its attempt was made under: once the
+//!   delivery has been leased again (the first lease ended and another worker,
+//!   perhaps on another replica, took it), the late outcome changes nothing.
 //! - A delivery ends in exactly one of two ways: delivered (removed with its
 //!   event once no delivery of the event remains), or dead-lettered with a
 //!   reason, where it stays until an operator replays or purges it.
 //! - An event routed to no target is stored as a dead letter with reason
 //!   `unrouted`, with no target.
 
+mod backend;
+pub mod postgres;
 mod sqlite;
 
+pub use backend::OpenSpool;
+pub use postgres::{postgres_display, PostgresSpool};
 pub use sqlite::SqliteSpool;
 
 use bytes::Bytes;
@@ -59,6 +67,17 @@ spool_id!(
     /// A delivery's id in the spool: one event has one per target.
     DeliveryId
 );
+
+/// Which lease of a delivery an attempt was made under; [`Spool::record`]
+/// ignores an outcome whose delivery has since been leased again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LeaseToken(pub i64);
+
+impl LeaseToken {
+    /// The token of a delivery never leased: what the request path's inline
+    /// attempt records under, before any worker may take the delivery.
+    pub const NONE: LeaseToken = LeaseToken(0);
+}
 
 /// A point in time, as unix milliseconds: how the spool stores, compares and
 /// schedules times. Spans between two are plain milliseconds.
@@ -102,6 +121,10 @@ pub enum SpoolError {
     Busy,
     #[error("the spool file {0} was removed or replaced; restart the relay")]
     Gone(String),
+    /// The database's schema cannot be used by this binary: newer than it
+    /// knows, or older and not migrated yet.
+    #[error("spool schema: {0}")]
+    Schema(String),
 }
 
 impl From<rusqlite::Error> for SpoolError {
@@ -169,6 +192,8 @@ pub struct Lease {
     pub schedule: Schedule,
     pub event_id: EventId,
     pub event: Event,
+    /// What the attempt's outcome is recorded under.
+    pub token: LeaseToken,
 }
 
 /// A delivery's place on its retry schedule, kept apart from when it is next
@@ -213,6 +238,13 @@ impl Settlement {
             | Settlement::Dead { delivery_id, .. } => *delivery_id,
         }
     }
+}
+
+/// An outcome to record, with the lease its attempt was made under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settle {
+    pub lease: LeaseToken,
+    pub settlement: Settlement,
 }
 
 /// A delivery in the dead-letter table.
@@ -313,8 +345,9 @@ pub trait Spool: Send + Sync + 'static {
         limit: usize,
         lease_ms: i64,
     ) -> SpoolFuture<Vec<Lease>>;
-    /// Records what became of leased deliveries (see `deliver::retry::decide`).
-    fn record(&self, settlements: Vec<Settlement>, now_ms: UnixMs) -> SpoolFuture<()>;
+    /// Records what became of leased deliveries (see `deliver::retry::decide`),
+    /// each only while its delivery holds no later lease than its own.
+    fn record(&self, settlements: Vec<Settle>, now_ms: UnixMs) -> SpoolFuture<()>;
     /// Makes every backed-off delivery of `target` due now (it answers again).
     /// Returns how many.
     fn release_backoff(&self, target: &str, now_ms: UnixMs) -> SpoolFuture<u64> {
@@ -344,7 +377,16 @@ pub trait Spool: Send + Sync + 'static {
     fn event(&self, event_id: EventId) -> SpoolFuture<Option<Event>>;
     /// Checks that the spool still accepts writes (for readiness).
     fn probe(&self) -> SpoolFuture<()>;
+    /// Hands the spool a way to wake this process's workers of a target when
+    /// another process makes its deliveries due (a shared spool); a spool
+    /// only this process writes has no use for it.
+    fn on_due_elsewhere(&self, wake: DueWaker) {
+        drop(wake);
+    }
 }
+
+/// Wakes the local workers of the named target.
+pub type DueWaker = Box<dyn Fn(&str) + Send + Sync>;
 
 /// An event as the spool holds it: the request as WeChat sent it, and what
 /// the relay made of it, so any target format can be built from it later.

@@ -8,7 +8,10 @@
 //! delivery as due, and the in-memory mark hides it from the next lease until
 //! it is settled or the lease ends. A crash loses only the marks, so the
 //! leased deliveries are due again at the next start: at least once, with no
-//! fsync spent on handing work out.
+//! fsync spent on handing work out. The mark holds the lease's token: an
+//! outcome under another token than the mark's is dropped, and an outcome
+//! being written keeps its mark to the end, so no new lease is taken on the
+//! delivery meanwhile.
 //!
 //! # When the file goes away
 //!
@@ -32,8 +35,8 @@
 
 use super::{
     DeadFilter, DeadLetter, DeadReason, DeliveryId, DeliveryState, Enqueued, Event, EventId, Lease,
-    NewEvent, Release, ReplayGuard, Schedule, Settlement, Spool, SpoolError, SpoolFuture,
-    TargetDepth, UnixMs, WaitingDelivery,
+    LeaseToken, NewEvent, Release, ReplayGuard, Schedule, Settle, Settlement, Spool, SpoolError,
+    SpoolFuture, TargetDepth, UnixMs, WaitingDelivery,
 };
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, ToSql, Transaction};
@@ -188,8 +191,19 @@ enum Read {
     Event(EventId, Reply<Option<Event>>),
 }
 
-/// Deliveries handed out and not settled yet: id → (target, lease end).
-type Leased = Arc<Mutex<HashMap<DeliveryId, (String, UnixMs)>>>;
+/// Deliveries handed out and not settled yet.
+type Leased = Arc<Mutex<Held>>;
+
+#[derive(Default)]
+struct Held {
+    /// Id → (target, lease end, token).
+    marks: HashMap<DeliveryId, (String, UnixMs, LeaseToken)>,
+    /// The last token handed out.
+    last_token: i64,
+}
+
+/// A lease end no clock reaches: the mark of an outcome being written.
+const WRITING: UnixMs = UnixMs(i64::MAX);
 
 /// The SQLite spool. Dropping it (or calling [`SqliteSpool::close`]) lets the
 /// writer finish what it has queued and close the file.
@@ -692,9 +706,10 @@ fn lease(
     lease_ms: i64,
 ) -> rusqlite::Result<Vec<Lease>> {
     let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
-    held.retain(|_, (_, until)| *until > now);
+    let held = &mut *held;
+    held.marks.retain(|_, (_, until, _)| *until > now);
     // Held deliveries are still due in the file and come first; read past them.
-    let skip = held.values().filter(|(t, _)| t == target).count();
+    let skip = held.marks.values().filter(|(t, _, _)| t == target).count();
     let mut select = c.prepare_cached(
         concat!("SELECT d.id, d.event_id, d.attempts, e.dedup_key, e.account, e.received_at, e.query, e.body,
                 e.xml, e.fields, e.msg_type, e.event, d.step, d.scheduled_at
@@ -706,9 +721,11 @@ fn lease(
     let mut leases = Vec::with_capacity(limit);
     while let Some(row) = rows.next()? {
         let delivery_id: DeliveryId = row.get(0)?;
-        if held.contains_key(&delivery_id) {
+        if held.marks.contains_key(&delivery_id) {
             continue;
         }
+        held.last_token += 1;
+        let token = LeaseToken(held.last_token);
         leases.push(Lease {
             delivery_id,
             target: target.to_string(),
@@ -719,8 +736,10 @@ fn lease(
             },
             event_id: row.get(1)?,
             event: event_from(row, 3)?,
+            token,
         });
-        held.insert(delivery_id, (target.to_string(), now + lease_ms));
+        held.marks
+            .insert(delivery_id, (target.to_string(), now + lease_ms, token));
         if leases.len() == limit {
             break;
         }
@@ -798,6 +817,31 @@ fn record(c: &Connection, settlements: &[Settlement], now: UnixMs) -> rusqlite::
         }
     }
     Ok(())
+}
+
+/// The outcomes to write: those whose delivery is unleased or leased under
+/// their own token, each such lease marked as being written (see the module
+/// doc), with the lease end to restore if the write fails.
+fn take_marks(
+    leased: &Leased,
+    settles: Vec<Settle>,
+) -> (Vec<Settlement>, Vec<(DeliveryId, UnixMs, LeaseToken)>) {
+    let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
+    let mut writing = Vec::new();
+    let mut settlements = Vec::with_capacity(settles.len());
+    for Settle { lease, settlement } in settles {
+        let id = settlement.delivery_id();
+        match held.marks.get_mut(&id) {
+            Some((_, until, token)) if *token == lease => {
+                writing.push((id, *until, lease));
+                *until = WRITING;
+            }
+            Some(_) => continue,
+            None => {}
+        }
+        settlements.push(settlement);
+    }
+    (settlements, writing)
 }
 
 fn drop_event_if_done(c: &Connection, event_id: i64) -> rusqlite::Result<()> {
@@ -1015,8 +1059,8 @@ impl Spool for SqliteSpool {
         let target = target.to_string();
         self.read(|r| Read::Lease(target, now_ms, limit, lease_ms, r))
     }
-    fn record(&self, settlements: Vec<Settlement>, now_ms: UnixMs) -> SpoolFuture<()> {
-        let ids: Vec<DeliveryId> = settlements.iter().map(Settlement::delivery_id).collect();
+    fn record(&self, settlements: Vec<Settle>, now_ms: UnixMs) -> SpoolFuture<()> {
+        let (settlements, writing) = take_marks(&self.leased, settlements);
         let committed = self.submit(|r| Command::Record(settlements, now_ms, r));
         let leased = self.leased.clone();
         // The lease is let go only once the outcome is in the file, so the
@@ -1025,10 +1069,16 @@ impl Spool for SqliteSpool {
         // the delivery is sent again then, not at once and over and over.
         Box::pin(async move {
             let result = committed.await;
-            if result.is_ok() {
-                let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
-                for id in ids {
-                    held.remove(&id);
+            let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, until, token) in writing {
+                let ours = held.marks.get(&id).is_some_and(|(_, _, t)| *t == token);
+                if !ours {
+                    continue;
+                }
+                if result.is_ok() {
+                    held.marks.remove(&id);
+                } else if let Some(mark) = held.marks.get_mut(&id) {
+                    mark.1 = until;
                 }
             }
             result

@@ -6,7 +6,9 @@ use crate::common::ENVIRONMENT;
 use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
-use wxrelay::config::{figment_for, render_check, Format, Mode, RetryClass, Settings};
+use wxrelay::config::{
+    figment_for, render_check, Format, Mode, RetryClass, Settings, SpoolBackend,
+};
 use wxrelay::route::{route, RouteInput};
 
 const TOKEN: &str = "Relay2024Token";
@@ -83,7 +85,12 @@ fn the_shipped_example_loads() {
     assert_eq!(settings.server.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(settings.server.admin_listen.to_string(), "127.0.0.1:9090");
     assert_eq!(settings.server.max_body, 256 * 1024);
-    assert_eq!(settings.spool.path, Path::new("./data/spool.db"));
+    assert_eq!(
+        settings.spool.backend,
+        SpoolBackend::Sqlite {
+            path: "./data/spool.db".into()
+        }
+    );
 
     assert_eq!(settings.targets.len(), 2);
     let broker = &settings.targets["broker"];

@@ -1,0 +1,331 @@
+//! Group commit: the enqueues waiting when the writer is free go into one
+//! transaction, a handful of multi-row statements (`INSERT … SELECT … FROM
+//! unnest(…)`) whatever the batch's size, and one commit answers them all.
+//!
+//! Of a batch, the replay guards are written first, then the dedup keys,
+//! each sorted by key: every transaction takes its row locks in one global
+//! order, so two replicas' batches can wait for each other but never
+//! deadlock. A key another transaction is inserting makes this one wait for
+//! it, then see the conflict: of two racing copies, one is stored and the
+//! other answered as a duplicate, on one replica or two.
+
+use super::wake::Notifier;
+use crate::spool::{
+    DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, SpoolError, UnixMs,
+};
+use deadpool_postgres::{Pool, Transaction};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+
+/// An enqueue waiting for its commit.
+pub(super) struct Request {
+    pub event: NewEvent,
+    pub now: UnixMs,
+    pub window: i64,
+    pub reply: oneshot::Sender<Result<Enqueued, SpoolError>>,
+}
+
+/// What one request of a batch came to, before its event is handed back.
+enum Outcome {
+    Stored(EventId, Vec<DeliveryId>),
+    Duplicate,
+    Replayed,
+}
+
+/// Commits the waiting requests, a batch at a time, until every sender is
+/// gone. `max_batch` of 1 commits each push on its own (to measure what
+/// grouping is worth).
+pub(super) async fn run(
+    pool: Pool,
+    mut requests: mpsc::Receiver<Request>,
+    max_batch: usize,
+    notifier: Notifier,
+    prune: super::prune::Pruner,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while requests.recv_many(&mut batch, max_batch).await > 0 {
+        let result = super::bounded("commit", commit(&pool, &batch)).await;
+        match result {
+            Ok(outcomes) => {
+                let mut due = BTreeSet::new();
+                for (request, outcome) in batch.drain(..).zip(outcomes) {
+                    if let Outcome::Stored(..) = outcome {
+                        due.extend(request.event.targets.iter().map(|t| t.target.clone()));
+                    }
+                    prune.saw(request.now);
+                    let answer = match outcome {
+                        Outcome::Stored(event_id, deliveries) => Enqueued::Stored {
+                            event_id,
+                            deliveries,
+                            event: Box::new(request.event.event),
+                        },
+                        Outcome::Duplicate => Enqueued::Duplicate,
+                        Outcome::Replayed => Enqueued::Replayed,
+                    };
+                    let _ = request.reply.send(Ok(answer));
+                }
+                notifier.due(due);
+            }
+            Err(e) => {
+                for request in batch.drain(..) {
+                    let _ = request.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn commit(pool: &Pool, batch: &[Request]) -> Result<Vec<Outcome>, SpoolError> {
+    let mut client = super::client(pool).await?;
+    let tx = client.transaction().await?;
+    let passed = guards(&tx, batch).await?;
+    let first = dedup(&tx, batch, &passed).await?;
+    let outcomes = store(&tx, batch, &passed, &first).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// Records each guard's first body and answers, per request, whether it got
+/// past its guard: no guard, or the body the guard holds (its own, or the
+/// same body taken earlier). An expired guard is taken over.
+async fn guards(tx: &Transaction<'_>, batch: &[Request]) -> Result<Vec<bool>, SpoolError> {
+    // The first body of each key in the batch, sorted by key.
+    let mut first: BTreeMap<&str, (&[u8], i64)> = BTreeMap::new();
+    for r in batch {
+        if let Some(g) = &r.event.replay {
+            first
+                .entry(g.key.as_str())
+                .or_insert((&g.body_hash[..], g.expires_at.0));
+        }
+    }
+    if first.is_empty() {
+        return Ok(vec![true; batch.len()]);
+    }
+    let keys: Vec<&str> = first.keys().copied().collect();
+    let hashes: Vec<&[u8]> = first.values().map(|(h, _)| *h).collect();
+    let expires: Vec<i64> = first.values().map(|(_, e)| *e).collect();
+    let now = batch.iter().map(|r| r.now.0).max().unwrap_or(0);
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO replay (key, body_hash, expires_at)
+             SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[]) ORDER BY 1
+             ON CONFLICT (key) DO UPDATE
+                SET body_hash = excluded.body_hash, expires_at = excluded.expires_at
+                WHERE replay.expires_at <= $4",
+        )
+        .await?;
+    tx.execute(&insert, &[&keys, &hashes, &expires, &now])
+        .await?;
+    let held = tx
+        .prepare_cached("SELECT key, body_hash FROM replay WHERE key = ANY($1)")
+        .await?;
+    let holds: HashMap<String, Vec<u8>> = tx
+        .query(&held, &[&keys])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    Ok(batch
+        .iter()
+        .map(|r| match &r.event.replay {
+            None => true,
+            Some(g) => holds.get(&g.key).is_some_and(|h| h[..] == g.body_hash[..]),
+        })
+        .collect())
+}
+
+/// Inserts the dedup keys of the requests past their guards; returns, per
+/// request, whether it took its key: the first of the batch with the key,
+/// and the key was free (or expired).
+async fn dedup(
+    tx: &Transaction<'_>,
+    batch: &[Request],
+    passed: &[bool],
+) -> Result<Vec<bool>, SpoolError> {
+    let mut first: BTreeMap<&str, (usize, i64)> = BTreeMap::new();
+    for (i, r) in batch.iter().enumerate().filter(|(i, _)| passed[*i]) {
+        first
+            .entry(r.event.event.dedup_key.as_str())
+            .or_insert((i, r.now.0 + r.window));
+    }
+    if first.is_empty() {
+        return Ok(vec![false; batch.len()]);
+    }
+    let keys: Vec<&str> = first.keys().copied().collect();
+    let expires: Vec<i64> = first.values().map(|(_, e)| *e).collect();
+    let now = batch.iter().map(|r| r.now.0).max().unwrap_or(0);
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO dedup (key, expires_at)
+             SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
+             ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
+                WHERE dedup.expires_at <= $3
+             RETURNING key",
+        )
+        .await?;
+    let taken: HashSet<String> = tx
+        .query(&insert, &[&keys, &expires, &now])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut took = vec![false; batch.len()];
+    for (key, (i, _)) in first {
+        took[i] = taken.contains(key);
+    }
+    Ok(took)
+}
+
+/// Inserts the events that took their keys and their deliveries (an
+/// unrouted event gets its dead letter), ids drawn in batch order.
+async fn store(
+    tx: &Transaction<'_>,
+    batch: &[Request],
+    passed: &[bool],
+    took: &[bool],
+) -> Result<Vec<Outcome>, SpoolError> {
+    let stored: Vec<&Request> = batch
+        .iter()
+        .zip(took)
+        .filter(|(_, took)| **took)
+        .map(|(r, _)| r)
+        .collect();
+    let rows: usize = stored.iter().map(|r| r.event.targets.len().max(1)).sum();
+    let (event_ids, delivery_ids) = if stored.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        insert_rows(tx, &stored, rows).await?
+    };
+    let mut events = event_ids.into_iter();
+    let mut deliveries = delivery_ids.into_iter();
+    let outcomes = batch
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if !passed[i] {
+                return Outcome::Replayed;
+            }
+            if !took[i] {
+                return Outcome::Duplicate;
+            }
+            let event_id = events.next().unwrap_or(EventId(0));
+            let n = r.event.targets.len().max(1);
+            let ids: Vec<DeliveryId> = deliveries.by_ref().take(n).collect();
+            let ids = if r.event.targets.is_empty() {
+                Vec::new()
+            } else {
+                ids
+            };
+            Outcome::Stored(event_id, ids)
+        })
+        .collect();
+    Ok(outcomes)
+}
+
+/// Two statements whatever the batch's size; returns the ids given, in
+/// order: an event's, and one per delivery row (one for an unrouted event).
+async fn insert_rows(
+    tx: &Transaction<'_>,
+    stored: &[&Request],
+    rows: usize,
+) -> Result<(Vec<EventId>, Vec<DeliveryId>), SpoolError> {
+    let ids = tx
+        .prepare_cached(
+            "SELECT ARRAY(SELECT nextval('events_id_seq') FROM generate_series(1, $1::int)),
+                    ARRAY(SELECT nextval('deliveries_id_seq') FROM generate_series(1, $2::int))",
+        )
+        .await?;
+    let row = tx
+        .query_one(&ids, &[&(stored.len() as i32), &(rows as i32)])
+        .await?;
+    let mut event_ids: Vec<i64> = row.get(0);
+    let mut delivery_ids: Vec<i64> = row.get(1);
+    event_ids.sort_unstable();
+    delivery_ids.sort_unstable();
+
+    let e = |f: fn(&Request) -> &str| -> Vec<&str> { stored.iter().map(|r| f(r)).collect() };
+    let keys = e(|r| &r.event.event.dedup_key);
+    let accounts = e(|r| &r.event.event.account);
+    let queries = e(|r| &r.event.event.query);
+    let xmls = e(|r| &r.event.event.xml);
+    let fields = e(|r| &r.event.event.fields);
+    let msg_types = e(|r| &r.event.event.msg_type);
+    let received: Vec<i64> = stored.iter().map(|r| r.event.event.received_at.0).collect();
+    let bodies: Vec<&[u8]> = stored.iter().map(|r| &r.event.event.body[..]).collect();
+    let kinds: Vec<Option<&str>> = stored
+        .iter()
+        .map(|r| r.event.event.event_type.as_deref())
+        .collect();
+
+    let mut d_event = Vec::with_capacity(rows);
+    let mut d_target: Vec<Option<&str>> = Vec::with_capacity(rows);
+    let mut d_state: Vec<i16> = Vec::with_capacity(rows);
+    let mut d_next: Vec<i64> = Vec::with_capacity(rows);
+    let mut d_reason: Vec<&str> = Vec::with_capacity(rows);
+    let mut d_now: Vec<i64> = Vec::with_capacity(rows);
+    for (r, event_id) in stored.iter().zip(&event_ids) {
+        if r.event.targets.is_empty() {
+            d_event.push(*event_id);
+            d_target.push(None);
+            d_state.push(state_code(DeliveryState::Dead));
+            d_next.push(0);
+            d_reason.push(DeadReason::Unrouted.as_str());
+            d_now.push(r.now.0);
+        }
+        for t in &r.event.targets {
+            d_event.push(*event_id);
+            d_target.push(Some(&t.target));
+            d_state.push(state_code(DeliveryState::Pending));
+            d_next.push(t.due_at.0);
+            d_reason.push("");
+            d_now.push(r.now.0);
+        }
+    }
+    let (events, deliveries) = tokio::try_join!(
+        tx.prepare_cached(
+            "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
+                                 msg_type, event)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                                  $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[])",
+        ),
+        tx.prepare_cached(
+            "INSERT INTO deliveries (id, event_id, target, state, next_at, scheduled_at, reason,
+                                     updated_at)
+             SELECT id, event_id, target, state, next_at, next_at, reason, updated_at
+             FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
+                         $6::text[], $7::bigint[])
+                  AS t(id, event_id, target, state, next_at, reason, updated_at)",
+        ),
+    )?;
+    let event_params: [&(dyn ToSql + Sync); 10] = [
+        &event_ids, &keys, &accounts, &received, &queries, &bodies, &xmls, &fields, &msg_types,
+        &kinds,
+    ];
+    let delivery_params: [&(dyn ToSql + Sync); 7] = [
+        &delivery_ids,
+        &d_event,
+        &d_target,
+        &d_state,
+        &d_next,
+        &d_reason,
+        &d_now,
+    ];
+    // Pipelined: both statements go out before the first answer comes back.
+    tokio::try_join!(
+        tx.execute(&events, &event_params),
+        tx.execute(&deliveries, &delivery_params),
+    )?;
+    Ok((
+        event_ids.into_iter().map(EventId).collect(),
+        delivery_ids.into_iter().map(DeliveryId).collect(),
+    ))
+}
+
+/// The `state` column's value.
+pub(super) fn state_code(state: DeliveryState) -> i16 {
+    match state {
+        DeliveryState::Pending => 0,
+        DeliveryState::Dead => 2,
+    }
+}

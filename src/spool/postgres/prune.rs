@@ -1,0 +1,76 @@
+//! Expired dedup keys and replay guards are deleted in small batches, by a
+//! task of their own, now and then: never a large `DELETE` holding locks
+//! and leaving a table's worth of dead rows at once, and never in the
+//! commit a push waits for. Autovacuum (tuned per table in the migration)
+//! makes the space reusable behind them.
+
+use crate::spool::{SpoolError, UnixMs};
+use deadpool_postgres::Pool;
+use std::sync::{Arc, Mutex};
+
+/// How often, in the pushes' own time, expired keys are looked for.
+pub(super) const PRUNE_EVERY_MS: i64 = 30_000;
+/// Rows deleted per statement.
+const BATCH: i64 = 1_000;
+
+#[derive(Clone)]
+pub(super) struct Pruner {
+    pool: Pool,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    pruned_at: i64,
+    running: bool,
+}
+
+impl Pruner {
+    pub(super) fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            state: Arc::default(),
+        }
+    }
+
+    /// A push was stored at `now`: prune if it is time and no prune runs.
+    pub(super) fn saw(&self, now: UnixMs) {
+        {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.running || now.0 - s.pruned_at < PRUNE_EVERY_MS {
+                return;
+            }
+            s.running = true;
+            s.pruned_at = now.0;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            for table in ["dedup", "replay"] {
+                if let Err(e) = this.prune(table, now).await {
+                    tracing::warn!(error = %e, table, "cannot prune expired keys");
+                }
+            }
+            this.state.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+        });
+    }
+
+    async fn prune(&self, table: &str, now: UnixMs) -> Result<(), SpoolError> {
+        // Rows being taken over by a commit right now are left for next time.
+        let delete = format!(
+            "DELETE FROM {table} WHERE key IN (
+                 SELECT key FROM {table} WHERE expires_at <= $1
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)"
+        );
+        loop {
+            let deleted = super::bounded("prune", async {
+                let client = super::client(&self.pool).await?;
+                let statement = client.prepare_cached(&delete).await?;
+                Ok(client.execute(&statement, &[&now.0, &BATCH]).await?)
+            })
+            .await?;
+            if deleted < BATCH as u64 {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Waking the workers of other replicas when deliveries become due.
+//!
+//! A process wakes its own workers in-process; the others hear of it by
+//! `LISTEN`/`NOTIFY` on a channel named after the schema, the payload the
+//! targets' names. `NOTIFY` takes a database-wide lock while its transaction
+//! commits, so it is never sent in a push's commit: the targets made due
+//! are collected and sent at most once per [`DEBOUNCE`], in a statement of
+//! its own. A notification lost (the listener reconnecting, a debounce
+//! window still open) costs only latency: every worker also polls.
+
+use super::connect::CONNECT_TIMEOUT;
+use crate::spool::DueWaker;
+use deadpool_postgres::Pool;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// At most one `NOTIFY` per this, per process.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// `NOTIFY` payloads must stay under 8000 bytes.
+const PAYLOAD_MAX: usize = 7_000;
+/// Waits between attempts to reconnect the listener, at most.
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+
+/// Collects the targets made due and announces them.
+#[derive(Clone, Default)]
+pub(super) struct Notifier {
+    inner: Arc<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    targets: Mutex<BTreeSet<String>>,
+    signal: Notify,
+}
+
+impl Notifier {
+    /// These targets have deliveries due now.
+    pub(super) fn due(&self, targets: impl IntoIterator<Item = String>) {
+        let mut pending = self.inner.targets.lock().unwrap_or_else(|e| e.into_inner());
+        let before = pending.len();
+        pending.extend(targets);
+        if pending.len() > before {
+            self.inner.signal.notify_one();
+        }
+    }
+
+    /// Sends what is pending, once per [`DEBOUNCE`] at most, until aborted.
+    pub(super) async fn run(self, pool: Pool, channel: String) {
+        loop {
+            self.inner.signal.notified().await;
+            let targets =
+                std::mem::take(&mut *self.inner.targets.lock().unwrap_or_else(|e| e.into_inner()));
+            for payload in payloads(targets) {
+                let sent = super::bounded("notify", async {
+                    let client = super::client(&pool).await?;
+                    client
+                        .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+                        .await?;
+                    Ok(())
+                })
+                .await;
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "cannot notify the other replicas; they poll");
+                }
+            }
+            tokio::time::sleep(DEBOUNCE).await;
+        }
+    }
+}
+
+/// Target names joined by commas, split to fit a payload.
+fn payloads(targets: BTreeSet<String>) -> Vec<String> {
+    let mut payloads = vec![String::new()];
+    for target in targets {
+        let last = payloads.last().map_or(0, |p| p.len());
+        if last + target.len() + 1 > PAYLOAD_MAX {
+            payloads.push(String::new());
+        }
+        if let Some(p) = payloads.last_mut() {
+            if !p.is_empty() {
+                p.push(',');
+            }
+            p.push_str(&target);
+        }
+    }
+    payloads
+}
+
+/// Listens on `channel` on a connection of its own, waking the named
+/// targets' workers, and reconnects whenever the connection drops; runs
+/// until aborted.
+pub(super) async fn listen(
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    channel: String,
+    wake: DueWaker,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tls.clone())).await {
+            Ok(Ok((client, mut connection))) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    loop {
+                        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                            Some(Ok(AsyncMessage::Notification(n))) => {
+                                let _ = tx.send(n.payload().to_owned());
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => return Some(e),
+                            None => return None,
+                        }
+                    }
+                });
+                match client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(250);
+                        tracing::debug!(channel, "listening for deliveries due on other replicas");
+                        while let Some(payload) = rx.recv().await {
+                            payload.split(',').for_each(&wake);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for other replicas' deliveries")
+                    }
+                }
+                drop(client);
+                if let Ok(Some(e)) = driver.await {
+                    tracing::warn!(error = %e, "the listening connection dropped; reconnecting");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot connect to listen for other replicas' deliveries")
+            }
+            Err(_) => {
+                tracing::warn!("cannot connect to listen for other replicas' deliveries: timed out")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+}
