@@ -5,6 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+// The load harness, shared with the benchmarks.
+#[path = "../bench/harness/mod.rs"]
+mod harness;
 
 mod ambiguity;
 mod capacity;
@@ -18,8 +21,10 @@ mod full_disk;
 mod load_smoke;
 mod logs;
 mod operations;
+mod outage;
 mod pending;
 mod protocol_pure;
 mod replay;
+mod replicas;
 mod spool_health;
 mod vectors_http;

@@ -26,6 +26,8 @@ pub enum Behaviour {
     },
     /// Never answers (until it is told to release).
     Hang,
+    /// Answers 200 after this long: a target that takes its time.
+    Slow(Duration),
 }
 
 impl Behaviour {
@@ -230,6 +232,10 @@ async fn answer(
         Behaviour::Hang => {
             release.notified().await;
             Ok(respond(503, &[], ""))
+        }
+        Behaviour::Slow(after) => {
+            tokio::time::sleep(after).await;
+            Ok(respond(200, &[], ""))
         }
         Behaviour::Answer {
             status,
