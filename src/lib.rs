@@ -46,3 +46,19 @@ pub mod spool;
 pub mod wechat;
 
 pub use ingest::short_hash;
+
+/// An error and its causes, one after the other: `a: b: c`. A cause whose
+/// text the message already ends with is not repeated.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -1,5 +1,5 @@
 //! The `wxrelay` command line: `serve` runs the relay, `check` validates a
-//! configuration; `simulate`, `route`, `dlq`, `pending` and `keygen` are the operator's
+//! configuration; `simulate`, `route`, `dlq`, `pending`, `migrate` and `keygen` are the operator's
 //! tools (see [`wxrelay::cli`]). Usage and configuration errors exit with
 //! status 64 (EX_USAGE), other failures with 1.
 
@@ -12,7 +12,7 @@ use wxrelay::cli::dlq::{self, DlqCommand};
 use wxrelay::cli::pending::{self, PendingCommand};
 use wxrelay::cli::route::{self, RouteArgs};
 use wxrelay::cli::simulate::{self, SimulateArgs};
-use wxrelay::cli::{self, keygen, CliError, Report};
+use wxrelay::cli::{self, keygen, migrate, CliError, Report};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{render_check, Settings};
 use wxrelay::spool::Spool;
@@ -86,6 +86,12 @@ enum Command {
         #[command(subcommand)]
         command: PendingCommand,
     },
+    /// Apply the PostgreSQL spool's schema migrations and say what was done
+    /// (safe while the relay runs; the relay also applies them at start).
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Print a fresh Token and EncodingAESKey for a new account.
     Keygen,
     /// Run a local target that prints every delivery it receives and answers
@@ -152,6 +158,11 @@ fn main() -> ExitCode {
         ),
         Command::Dlq { config, command } => finish(run_dlq(config, command).map(done)),
         Command::Pending { config, command } => finish(run_pending(config, command).map(done)),
+        Command::Migrate { config } => finish(
+            cli::load(&config)
+                .and_then(|settings| block_on(async move { migrate::run(&settings).await })?)
+                .map(done),
+        ),
         Command::Keygen => finish(Ok(done(keygen::run()))),
         Command::Sink { listen } => finish(block_on(run_sink(listen)).and_then(|r| r)),
     }

@@ -9,6 +9,8 @@
 //!   safely while the relay runs.
 //! - [`pending`]: list a target's pending deliveries, or make them due now,
 //!   safely while the relay runs.
+//! - [`migrate`]: bring a PostgreSQL spool's schema up to date ahead of a
+//!   rollout.
 //! - [`keygen`]: a fresh Token and EncodingAESKey for a new account.
 //! - [`sink`]: a local target that prints what it receives.
 //!
@@ -17,6 +19,7 @@
 
 pub mod dlq;
 pub mod keygen;
+pub mod migrate;
 pub mod pending;
 pub mod route;
 pub mod simulate;

@@ -108,7 +108,10 @@ pub async fn attempt(
         }
     };
     let exchange = async {
-        let response = client.request(request).await.map_err(|e| error_chain(&e))?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
         let (parts, body) = response.into_parts();
         // A refusal's body is only evidence; an unreadable one does not change
         // what the status says.
@@ -149,17 +152,6 @@ fn answered(parts: http::response::Parts, body: Bytes, clock: &dyn Clock) -> Att
         status: Some(parts.status),
         body,
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// How long a worker holds a delivery it leased: longer than the attempt's

@@ -14,7 +14,7 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
-use wxrelay::spool::{DeadFilter, Spool};
+use wxrelay::spool::DeadFilter;
 use wxrelay::wechat::crypto::{decrypt, AesKey};
 use wxrelay::wechat::message::Message;
 use wxrelay::wechat::{reply, signature};

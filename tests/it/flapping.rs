@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wxrelay::clock::Clock;
 use wxrelay::config::{RetryClass, RetryPolicy};
-use wxrelay::spool::{DeadFilter, Spool};
+use wxrelay::spool::DeadFilter;
 
 /// A durable delivery the target always refuses, while it answers the rest of
 /// a steady stream of pushes alternately 503 and 200: every success after a

@@ -23,6 +23,7 @@ mod logs;
 mod operations;
 mod outage;
 mod pending;
+mod postgres;
 mod protocol_pure;
 mod replay;
 mod replicas;

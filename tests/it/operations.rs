@@ -12,7 +12,7 @@ use common::{
 use http::Method;
 use serde_json::Value;
 use std::time::Duration;
-use wxrelay::spool::{DeadFilter, Spool};
+use wxrelay::spool::DeadFilter;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -239,7 +239,7 @@ async fn readiness_follows_the_spool_and_health_the_process() {
     )
     .await;
     assert_eq!(relay.admin(Method::GET, "/readyz", None).await.status, 200);
-    relay.spool.close();
+    relay.close_spool().await;
     let ready = relay.admin(Method::GET, "/readyz", None).await;
     assert_eq!(ready.status, 503);
     assert!(ready.text().contains("spool"));

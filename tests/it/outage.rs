@@ -8,7 +8,7 @@
 use crate::common;
 use crate::harness;
 
-use common::postgres::TestSchema;
+use common::database::Database;
 use common::proxy::Proxy;
 use common::replicas::Replicas;
 use common::target::FakeTarget;
@@ -54,12 +54,12 @@ async fn a_database_outage_is_503_and_loses_nothing_answered() {
     // Pushes sent after the database came back.
     const AFTER: usize = 200;
 
-    let Some(schema) = TestSchema::create() else {
+    let Some(database) = Database::create() else {
         return;
     };
-    let proxy = Proxy::start(schema.server()).await;
+    let proxy = Proxy::start(database.server()).await;
     let hooks = FakeTarget::start().await;
-    let (spool, hooks_url) = (schema.spool_toml_via(proxy.addr), hooks.url("/hooks"));
+    let (spool, hooks_url) = (database.spool_toml_via(proxy.addr), hooks.url("/hooks"));
     let replicas = Replicas::start(
         1,
         &[],

@@ -7,10 +7,8 @@ use crate::common;
 
 use common::target::{Behaviour, FakeTarget};
 use common::{eventually, generated, hooks_config, push_text, quiet, TestRelay};
-use std::process::Command;
 use std::time::Duration;
 use wxrelay::clock::{Clock, SystemClock};
-use wxrelay::spool::Spool;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -35,20 +33,8 @@ fn catch_up(relay: &TestRelay) {
     relay.clock.advance_ms(behind.max(0) + 1);
 }
 
-/// Runs the binary off the runtime's thread, so the relay keeps running.
 async fn wxrelay(args: Vec<String>) -> (Option<i32>, String) {
-    tokio::task::spawn_blocking(move || {
-        let _environment = common::ENVIRONMENT.blocking_lock();
-        let out = Command::new(env!("CARGO_BIN_EXE_wxrelay"))
-            .args(&args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.code(), text)
-    })
-    .await
-    .unwrap()
+    common::run_wxrelay(args, Vec::new()).await
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 use crate::common;
 use crate::harness;
 
-use common::postgres::TestSchema;
+use common::database::Database;
 use common::replicas::Replicas;
 use common::target::{Behaviour, FakeTarget};
 use common::wechat::{nonce_of, WeChat};
@@ -106,9 +106,9 @@ async fn spool_empty(admin: SocketAddr) -> bool {
     metrics.status == 200 && common::metric(&metrics.text(), "wxrelay_spool_pending", &[]) == 0.0
 }
 
-/// `n` replicas on `schema`, sending to `broker` and `hooks`.
-async fn start(n: usize, schema: &TestSchema, broker: &Recorded, hooks: &Recorded) -> Replicas {
-    let (spool, broker, hooks) = (schema.spool_toml(), broker.url(), hooks.url());
+/// `n` replicas on `database`, sending to `broker` and `hooks`.
+async fn start(n: usize, database: &Database, broker: &Recorded, hooks: &Recorded) -> Replicas {
+    let (spool, broker, hooks) = (database.spool_toml(), broker.url(), hooks.url());
     let config = move |public, admin| config(public, admin, &spool, &broker, &hooks);
     Replicas::start(n, &[], Box::new(config)).await
 }
@@ -135,12 +135,12 @@ async fn three_replicas_deliver_every_answered_push_when_two_are_killed() {
     const FIRST_BACK: usize = 450;
     const SECOND_KILL: usize = 600;
 
-    let Some(schema) = TestSchema::create() else {
+    let Some(database) = Database::create() else {
         return;
     };
     let broker = Recorded::start(true).await;
     let hooks = Recorded::start(true).await;
-    let mut replicas = start(3, &schema, &broker, &hooks).await;
+    let mut replicas = start(3, &database, &broker, &hooks).await;
     let wechat = Arc::new(WeChat::new(replicas.publics()));
 
     let key = harness::key();
@@ -299,12 +299,12 @@ async fn three_replicas_deliver_every_answered_push_when_two_are_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_sent_to_two_replicas_at_once_is_one_event() {
     const PUSHES: u64 = 60;
-    let Some(schema) = TestSchema::create() else {
+    let Some(database) = Database::create() else {
         return;
     };
     let broker = Recorded::start(false).await;
     let hooks = Recorded::start(false).await;
-    let replicas = start(2, &schema, &broker, &hooks).await;
+    let replicas = start(2, &database, &broker, &hooks).await;
     let key = harness::key();
     let now = harness::unix_now();
     let (a, b) = (replicas.replica(0).public, replicas.replica(1).public);

@@ -10,7 +10,7 @@ use common::{body, config, generated, path, reference_now, vector, TestRelay};
 use http::{Method, StatusCode};
 use serde_json::Value;
 use std::path::PathBuf;
-use wxrelay::spool::{Spool, SpoolError};
+use wxrelay::spool::SpoolError;
 
 fn click(g: &Value) -> (String, Vec<u8>) {
     let v = vector(g, "secure.CLICK");

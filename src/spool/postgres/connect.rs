@@ -58,7 +58,11 @@ pub(super) fn driver_config(
         })?;
     // The schema is a checked identifier, so it needs no quoting here, and
     // every statement can name its tables unqualified.
-    config.options(format!("-c search_path={}", settings.schema));
+    // Notices ("already exists, skipping") are not worth a log line.
+    config.options(format!(
+        "-c search_path={} -c client_min_messages=warning",
+        settings.schema
+    ));
     config.application_name("wxrelay");
     config.connect_timeout(CONNECT_TIMEOUT);
     config.keepalives(true);

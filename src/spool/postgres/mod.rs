@@ -68,13 +68,13 @@ pub const DEFAULT_MAX_BATCH: usize = 512;
 
 impl From<tokio_postgres::Error> for SpoolError {
     fn from(e: tokio_postgres::Error) -> Self {
-        SpoolError::Storage(format!("database: {e}"))
+        SpoolError::Storage(format!("database: {}", crate::error_chain(&e)))
     }
 }
 
 impl From<deadpool_postgres::PoolError> for SpoolError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        SpoolError::Storage(format!("database connection: {e}"))
+        SpoolError::Storage(format!("database connection: {}", crate::error_chain(&e)))
     }
 }
 
@@ -167,7 +167,7 @@ impl PostgresSpool {
             }
         }
         let (requests, rx) = mpsc::channel(QUEUE);
-        let notifier = wake::Notifier::default();
+        let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
         let writer = tokio::spawn(commit::run(
             pool.clone(),
             rx,
@@ -175,7 +175,7 @@ impl PostgresSpool {
             notifier.clone(),
             prune::Pruner::new(pool.clone()),
         ));
-        let notify = tokio::spawn(notifier.clone().run(pool.clone(), settings.schema.clone()));
+        let notify = tokio::spawn(notifier.clone().run());
         let replica: u64 = rand::random();
         Ok(Self {
             pool,
@@ -200,6 +200,8 @@ impl PostgresSpool {
         if let Some(writer) = writer {
             let _ = writer.await;
         }
+        // An operator's replay is announced before the command exits.
+        self.notifier.flush().await;
         for task in self
             .tasks
             .lock()

@@ -26,18 +26,30 @@ const PAYLOAD_MAX: usize = 7_000;
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
 /// Collects the targets made due and announces them.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(super) struct Notifier {
     inner: Arc<Pending>,
 }
 
-#[derive(Default)]
 struct Pending {
+    pool: Pool,
+    channel: String,
     targets: Mutex<BTreeSet<String>>,
     signal: Notify,
 }
 
 impl Notifier {
+    pub(super) fn new(pool: Pool, channel: String) -> Self {
+        Self {
+            inner: Arc::new(Pending {
+                pool,
+                channel,
+                targets: Mutex::default(),
+                signal: Notify::new(),
+            }),
+        }
+    }
+
     /// These targets have deliveries due now.
     pub(super) fn due(&self, targets: impl IntoIterator<Item = String>) {
         let mut pending = self.inner.targets.lock().unwrap_or_else(|e| e.into_inner());
@@ -49,25 +61,34 @@ impl Notifier {
     }
 
     /// Sends what is pending, once per [`DEBOUNCE`] at most, until aborted.
-    pub(super) async fn run(self, pool: Pool, channel: String) {
+    pub(super) async fn run(self) {
         loop {
             self.inner.signal.notified().await;
-            let targets =
-                std::mem::take(&mut *self.inner.targets.lock().unwrap_or_else(|e| e.into_inner()));
-            for payload in payloads(targets) {
-                let sent = super::bounded("notify", async {
-                    let client = super::client(&pool).await?;
-                    client
-                        .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
-                        .await?;
-                    Ok(())
-                })
-                .await;
-                if let Err(e) = sent {
-                    tracing::debug!(error = %e, "cannot notify the other replicas; they poll");
-                }
-            }
+            self.flush().await;
             tokio::time::sleep(DEBOUNCE).await;
+        }
+    }
+
+    /// Sends what is pending now (also when the spool closes).
+    pub(super) async fn flush(&self) {
+        let targets =
+            std::mem::take(&mut *self.inner.targets.lock().unwrap_or_else(|e| e.into_inner()));
+        if targets.is_empty() {
+            return;
+        }
+        let Pending { pool, channel, .. } = &*self.inner;
+        for payload in payloads(targets) {
+            let sent = super::bounded("notify", async {
+                let client = super::client(pool).await?;
+                client
+                    .execute("SELECT pg_notify($1, $2)", &[channel, &payload])
+                    .await?;
+                Ok(())
+            })
+            .await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "cannot notify the other replicas; they poll");
+            }
         }
     }
 }

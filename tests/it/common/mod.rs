@@ -1,9 +1,10 @@
 //! Shared test harness: the real relay on 127.0.0.1:0 with a real SQLite spool
+//! (or PostgreSQL, in a schema of its own on the test database)
 //! in a temp dir and an injected clock, a minimal HTTP client, and the vectors.
 
+pub mod database;
 pub mod disk;
 pub mod logs;
-pub mod postgres;
 pub mod proxy;
 pub mod replicas;
 pub mod target;
@@ -22,7 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 use wxrelay::app::{Options, Relay};
 use wxrelay::clock::FixedClock;
 use wxrelay::config::Settings;
-use wxrelay::spool::{DeadFilter, DeadReason, Spool, SqliteSpool};
+use wxrelay::spool::postgres::{self, testing::TestSchema};
+use wxrelay::spool::{DeadFilter, DeadReason, OpenSpool, PostgresSpool, Spool, SqliteSpool};
 
 pub fn fixture(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -155,10 +157,14 @@ pub struct TestRelay {
     pub relay: Option<Relay>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    pub spool: Arc<SqliteSpool>,
+    pub spool: Arc<dyn Spool>,
+    /// The SQLite spool's file (unused on PostgreSQL).
     pub spool_path: PathBuf,
     pub clock: Arc<FixedClock>,
     pub dir: tempfile::TempDir,
+    opened: OpenSpool,
+    /// The PostgreSQL spool's schema, dropped with the relay.
+    pub schema: Option<TestSchema>,
 }
 
 impl TestRelay {
@@ -180,7 +186,32 @@ impl TestRelay {
         dir: tempfile::TempDir,
         spool_path: &Path,
     ) -> TestRelay {
-        let spool = Arc::new(SqliteSpool::open(spool_path).unwrap());
+        let opened = OpenSpool::Sqlite(Arc::new(SqliteSpool::open(spool_path).unwrap()));
+        Self::start_on(toml, now_secs, dir, spool_path, opened, None).await
+    }
+
+    /// As [`TestRelay::start`], on a PostgreSQL spool in a fresh schema of
+    /// the test database; `None` (the tests skipped) when none is configured.
+    pub async fn start_postgres(toml: &str, now_secs: i64) -> Option<TestRelay> {
+        let schema = TestSchema::new(&postgres::testing::test_url()?);
+        let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+            .await
+            .unwrap_or_else(|e| panic!("the test database: {e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let opened = OpenSpool::Postgres(Arc::new(spool));
+        let path = dir.path().join("unused.db");
+        Some(Self::start_on(toml, now_secs, dir, &path, opened, Some(schema)).await)
+    }
+
+    async fn start_on(
+        toml: &str,
+        now_secs: i64,
+        dir: tempfile::TempDir,
+        spool_path: &Path,
+        opened: OpenSpool,
+        schema: Option<TestSchema>,
+    ) -> TestRelay {
+        let spool = opened.spool();
         let clock = Arc::new(FixedClock::at_secs(now_secs));
         let relay = Self::launch(toml, spool.clone(), clock.clone(), &dir).await;
         TestRelay {
@@ -191,7 +222,14 @@ impl TestRelay {
             spool_path: spool_path.to_path_buf(),
             clock,
             dir,
+            opened,
+            schema,
         }
+    }
+
+    /// Closes the spool under the running relay.
+    pub async fn close_spool(&self) {
+        self.opened.clone().close().await;
     }
 
     /// Stops the relay and starts it again on `toml`, with the same spool and clock.
@@ -212,7 +250,7 @@ impl TestRelay {
 
     async fn launch(
         toml: &str,
-        spool: Arc<SqliteSpool>,
+        spool: Arc<dyn Spool>,
         clock: Arc<FixedClock>,
         dir: &tempfile::TempDir,
     ) -> Relay {
@@ -558,6 +596,27 @@ pub async fn push_text(relay: &TestRelay, g: &Value, msg_id: u64, content: &str)
         .post(&format!("/wx/plaintext?{}", push.query), push.body)
         .await;
     assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+/// Runs the binary with `env` set for it alone, off the runtime's thread so
+/// that a relay in the test keeps running; its exit status and output.
+pub async fn run_wxrelay(
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+) -> (Option<i32>, String) {
+    tokio::task::spawn_blocking(move || {
+        let _environment = ENVIRONMENT.blocking_lock();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxrelay"))
+            .args(&args)
+            .envs(env)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    })
+    .await
+    .unwrap()
 }
 
 /// Waits until no delivery of `target` is due or being sent: every one

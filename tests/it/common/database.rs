@@ -7,22 +7,22 @@ use wxrelay::spool::postgres::testing;
 
 pub use testing::TEST_URL_VAR;
 
-pub struct TestSchema {
+pub struct Database {
     pub url: url::Url,
     pub schema: testing::TestSchema,
 }
 
-impl TestSchema {
+impl Database {
     /// A fresh schema; `None`, after one line saying so, when no server is
     /// configured. A server that is configured but cannot be reached fails
     /// the test.
-    pub fn create() -> Option<TestSchema> {
+    pub fn create() -> Option<Database> {
         let url = testing::test_url()?;
         let schema = testing::TestSchema::new(&url);
         // Fails here, not later in a relay's log, when the server is away.
         schema.execute("SELECT 1");
         let url = url::Url::parse(&url).unwrap_or_else(|e| panic!("{TEST_URL_VAR}: {e}"));
-        Some(TestSchema { url, schema })
+        Some(Database { url, schema })
     }
 
     pub fn name(&self) -> &str {
@@ -41,7 +41,7 @@ impl TestSchema {
         self.spool_toml_at(&self.url)
     }
 
-    /// As [`TestSchema::spool_toml`], reaching the server through `proxy`.
+    /// As [`Database::spool_toml`], reaching the server through `proxy`.
     pub fn spool_toml_via(&self, proxy: SocketAddr) -> String {
         let mut url = self.url.clone();
         url.set_host(Some(&proxy.ip().to_string())).unwrap();

@@ -1,0 +1,253 @@
+//! The relay on the PostgreSQL spool: a push stored and delivered through
+//! the real server, the schema applied by `wxrelay migrate` (again and again
+//! to no effect) and a newer schema refused, the operator commands on the
+//! shared queue, and the database password kept out of what the relay
+//! prints. The tests that need the database skip (saying so once) unless
+//! `WXRELAY_TEST_POSTGRES_URL` names one.
+
+use crate::common;
+
+use common::target::{Behaviour, FakeTarget};
+use common::{body, generated, hooks_config, path, reference_now, vector, TestRelay};
+use std::time::Duration;
+use wxrelay::app::{Options, Relay};
+use wxrelay::clock::{Clock, SystemClock};
+use wxrelay::config::Settings;
+use wxrelay::spool::postgres::testing::{test_url, TestSchema};
+use wxrelay::spool::DeadFilter;
+
+const WAIT: Duration = Duration::from_secs(20);
+const PASSWORD: &str = "Pg-S3cret-pw";
+
+async fn wxrelay(args: Vec<String>, env: Vec<(&'static str, String)>) -> (Option<i32>, String) {
+    common::run_wxrelay(args, env).await
+}
+
+/// A configuration on the PostgreSQL spool `spool` (its TOML lines) with the
+/// vectors' accounts, written to a file in `dir`.
+fn config_file(dir: &tempfile::TempDir, spool: &str) -> String {
+    let g = generated();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[spool]\nbackend = \"postgres\"\n{spool}\n{}",
+            common::generated_config(&g)
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn spool_lines(schema: &TestSchema) -> String {
+    format!(
+        "url = \"{}\"\nschema = \"{}\"\n",
+        schema.settings.url.expose(),
+        schema.settings.schema
+    )
+}
+
+#[tokio::test]
+async fn a_push_is_stored_and_delivered_through_postgres() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let toml = hooks_config(&g, &hooks.url("/"), "");
+    let Some(relay) = TestRelay::start_postgres(&toml, reference_now(&g)).await else {
+        return;
+    };
+    let v = vector(&g, "secure.CLICK");
+    let answer = relay
+        .post(&path("secure", &v["request"]), body(&v["request"]))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(hooks.wait_for(1, WAIT).await, "delivered");
+    assert!(relay.until_nothing_pending("hooks").await);
+    // The same push again is a duplicate: stored once, delivered once.
+    let again = relay
+        .post(&path("secure", &v["request"]), body(&v["request"]))
+        .await;
+    assert_eq!(again.status, 200);
+    assert!(relay.metrics().await.contains("verdict=\"duplicate\""));
+    assert_eq!(hooks.count(), 1);
+    assert_eq!(
+        relay.admin(http::Method::GET, "/readyz", None).await.status,
+        200
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn migrate_applies_the_schema_once_and_then_changes_nothing() {
+    let Some(url) = test_url() else { return };
+    let schema = TestSchema::new(&url);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(&dir, &spool_lines(&schema));
+    let migrate = || {
+        wxrelay(
+            vec!["migrate".into(), "--config".into(), config.clone()],
+            vec![],
+        )
+    };
+
+    let (code, first) = migrate().await;
+    assert_eq!(code, Some(0), "{first}");
+    assert!(first.contains("applied 1 queue"), "{first}");
+    assert!(
+        first.contains(&format!(
+            "schema {} migrated from version 0 to 1",
+            schema.settings.schema
+        )),
+        "{first}"
+    );
+    let (code, second) = migrate().await;
+    assert_eq!(code, Some(0), "{second}");
+    assert!(second.contains("up to date at version 1"), "{second}");
+    assert!(!second.contains("applied"), "{second}");
+    // The operator commands use the migrated schema as it is.
+    let (code, out) = wxrelay(
+        vec!["dlq".into(), "list".into(), "--config".into(), config],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[tokio::test]
+async fn a_schema_newer_than_the_binary_is_refused() {
+    let Some(url) = test_url() else { return };
+    let schema = TestSchema::new(&url);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(&dir, &spool_lines(&schema));
+    let (code, out) = wxrelay(
+        vec!["migrate".into(), "--config".into(), config.clone()],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}");
+    // A later release has been here.
+    schema.execute(&format!(
+        "INSERT INTO \"{}\".schema_migrations (version, name) VALUES (99, 'from the future')",
+        schema.settings.schema
+    ));
+
+    let settings = Settings::load(std::path::Path::new(&config)).unwrap();
+    let refused = Relay::start(
+        settings,
+        Options {
+            public: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            admin: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let Err(e) = refused else {
+        panic!("started on a newer schema")
+    };
+    let message = e.to_string();
+    assert!(
+        message.contains("at version 99, newer than this wxrelay knows (1)"),
+        "{message}"
+    );
+    let (code, out) = wxrelay(
+        vec!["migrate".into(), "--config".into(), config.clone()],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("newer than this wxrelay knows"), "{out}");
+    let (code, out) = wxrelay(
+        vec!["dlq".into(), "list".into(), "--config".into(), config],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("newer than this wxrelay knows"), "{out}");
+}
+
+#[tokio::test]
+async fn the_dlq_command_replays_on_the_shared_queue_beside_a_running_relay() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    hooks.set_default(Behaviour::status(400));
+    let toml = hooks_config(&g, &hooks.url("/"), "");
+    let Some(relay) = TestRelay::start_postgres(&toml, reference_now(&g)).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(&dir, &spool_lines(relay.schema.as_ref().unwrap()));
+    let dlq = |args: &[&str]| {
+        let mut all = vec!["dlq".to_owned()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        all.extend(["--config".to_owned(), config.clone()]);
+        wxrelay(all, vec![])
+    };
+    let v = vector(&g, "secure.CLICK");
+    let answer = relay
+        .post(&path("secure", &v["request"]), body(&v["request"]))
+        .await;
+    assert_eq!(answer.status, 200);
+    assert!(relay.until_dead_letter(DeadFilter::default()).await);
+
+    let (code, listed) = dlq(&["list"]).await;
+    assert_eq!(code, Some(0), "{listed}");
+    assert!(listed.contains("rejected"), "{listed}");
+    hooks.set_default(Behaviour::status(200));
+    let (code, replayed) = dlq(&["replay", "--target", "hooks"]).await;
+    assert_eq!(code, Some(0), "{replayed}");
+    // Replayed deliveries are due at the command's (the system's) time.
+    let behind = SystemClock.now_ms() - Clock::now_ms(&*relay.clock);
+    relay.clock.advance_ms(behind.max(0) + 1);
+    assert!(hooks.wait_for(2, WAIT).await, "sent again");
+    assert!(relay.until_nothing_pending("hooks").await);
+    let (code, listed) = dlq(&["list"]).await;
+    assert_eq!(code, Some(0), "{listed}");
+    assert!(!listed.contains("rejected"), "{listed}");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_database_password_never_shows_in_check_or_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://relay:{PASSWORD}@db.internal:5432/relay");
+    let config = config_file(&dir, &format!("url = \"{url}\"\n"));
+    let (code, out) = wxrelay(vec!["check".into(), "--config".into(), config], vec![]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("postgres://relay@db.internal:5432/relay"),
+        "{out}"
+    );
+    assert!(!out.contains(PASSWORD), "{out}");
+
+    // From the environment, and with a mistake in it.
+    let config = config_file(&dir, "");
+    let bad = format!("postgres://relay:{PASSWORD}@db.internal:notaport/relay");
+    let (code, out) = wxrelay(
+        vec!["check".into(), "--config".into(), config.clone()],
+        vec![("WXRELAY_SPOOL__URL", bad)],
+    )
+    .await;
+    assert_eq!(code, Some(64), "{out}");
+    assert!(
+        out.contains("spool.url: not a PostgreSQL connection string"),
+        "{out}"
+    );
+    assert!(!out.contains(PASSWORD), "{out}");
+    let (code, out) = wxrelay(
+        vec!["check".into(), "--config".into(), config.clone()],
+        vec![("WXRELAY_SPOOL__URL", url)],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains(PASSWORD), "{out}");
+
+    // A database that refuses the connection: the error names it without the password.
+    let unreachable = format!("postgres://relay:{PASSWORD}@127.0.0.1:9/relay");
+    let (code, out) = wxrelay(
+        vec!["dlq".into(), "list".into(), "--config".into(), config],
+        vec![("WXRELAY_SPOOL__URL", unreachable)],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("database"), "{out}");
+    assert!(!out.contains(PASSWORD), "{out}");
+}
