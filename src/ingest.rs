@@ -5,7 +5,7 @@
 //! derives its metrics and log line in one place.
 
 use crate::clock::Clock;
-use crate::config::{Account, Mode, Settings, Target};
+use crate::config::{Account, Mode, Ordering, Settings, Target};
 use crate::deliver::Dispatcher;
 use crate::route;
 use crate::spool::{
@@ -85,8 +85,9 @@ impl Ingest {
         let reply_due_at = self
             .dispatcher
             .reply_due_at(now, config.server.reply_budget);
+        let user = (account.id.as_str(), message.from_user().unwrap_or(""));
         let targets = rule.map_or_else(Vec::new, |rule| {
-            deliveries(&rule.to, reply_from, now, reply_due_at)
+            deliveries(config, &rule.to, reply_from, now, reply_due_at, user)
         });
 
         let dedup_key = format!("{}|{}", account.id, message.dedup_key());
@@ -172,12 +173,15 @@ fn stored_event(
 }
 
 /// A delivery per routed target, due now, except the reply target's: it is
-/// tried inline first, and the workers wait until that attempt is over.
+/// tried inline first, and the workers wait until that attempt is over. A
+/// target that takes one user's events in order gets the user's key.
 fn deliveries(
+    config: &Settings,
     to: &[String],
     reply_from: Option<&str>,
     now: UnixMs,
     reply_due_at: UnixMs,
+    (account, from_user): (&str, &str),
 ) -> Vec<NewDelivery> {
     to.iter()
         .map(|target| NewDelivery {
@@ -187,6 +191,11 @@ fn deliveries(
             } else {
                 now
             },
+            order_key: config
+                .targets
+                .get(target)
+                .filter(|t| t.ordering == Ordering::PerUser)
+                .map(|_| format!("{account}|{from_user}")),
         })
         .collect()
 }

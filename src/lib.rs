@@ -18,7 +18,8 @@
 //! - [`wechat`]: the pure protocol: signatures, the AES frame, push and reply XML.
 //! - [`config`]: the TOML file → validated [`config::Settings`].
 //! - [`route`]: pure rule matching: push → targets.
-//! - [`spool`]: the durable queue, its trait and its SQLite implementation.
+//! - [`spool`]: the durable queue, its trait, and its SQLite (one replica) and
+//!   PostgreSQL (shared by several replicas) implementations.
 //! - `deliver`: the dispatcher (delivery workers, target health, one way to
 //!   attempt and record), the target formats and the retry policy.
 //! - `handler`: the WeChat-facing HTTP shell and its one error type.
@@ -28,7 +29,7 @@
 //! - `server`: the accept loop and graceful drain.
 //! - [`app`]: wiring and shutdown order.
 //! - [`clock`]: injected wall-clock time.
-//! - [`cli`]: the operator's commands: simulate, route, dlq, keygen.
+//! - [`cli`]: the operator's commands: simulate, route, dlq, pending, migrate, keygen.
 
 pub(crate) mod admin;
 pub mod app;

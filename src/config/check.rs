@@ -115,6 +115,26 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
         if target.paused {
             row(out, "paused", "yes: deliveries wait in the spool")?;
         }
+        match target.max_age {
+            None => row(out, "max_age", "off")?,
+            Some(age) => row(out, "max_age", format_duration(age))?,
+        }
+        row(out, "ordering", target.ordering.as_str())?;
+        let breaker = &target.breaker;
+        if breaker.failures == 0 {
+            row(out, "breaker", "off")?;
+        } else {
+            row(
+                out,
+                "breaker",
+                format!(
+                    "opens after {} failures in a row; probes after {}, up to every {}",
+                    breaker.failures,
+                    format_duration(breaker.backoff),
+                    format_duration(breaker.max_backoff)
+                ),
+            )?;
+        }
         row(out, "secret", masked(target.secret.as_ref()))?;
     }
 

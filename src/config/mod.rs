@@ -28,8 +28,8 @@ mod validate;
 pub use check::render_check;
 pub use secret::Secret;
 pub use settings::{
-    decode_webhook_secret, Account, Format, Mode, PostgresSettings, RetryClass, RetryPolicy,
-    ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode, Target,
+    decode_webhook_secret, Account, Breaker, Format, Mode, Ordering, PostgresSettings, RetryClass,
+    RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode, Target,
 };
 
 use figment::providers::{Env, Format as _, Toml};

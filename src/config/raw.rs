@@ -81,6 +81,19 @@ pub(crate) struct RawTarget {
     pub concurrency: Option<i64>,
     pub secret: Option<Secret>,
     pub paused: Option<bool>,
+    /// A duration, or "off".
+    pub max_age: Option<String>,
+    pub ordering: Option<String>,
+    pub breaker: Option<RawBreaker>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBreaker {
+    /// Signed so that `-1` is reported as out of range, not as a type error.
+    pub failures: Option<i64>,
+    pub backoff: Option<String>,
+    pub max_backoff: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

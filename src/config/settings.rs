@@ -162,6 +162,45 @@ pub struct Target {
     /// Deliveries are held in the spool and not sent (a maintenance window);
     /// a reload with `paused = false` sends them.
     pub paused: bool,
+    /// A delivery whose event arrived longer ago is dead-lettered as
+    /// expired instead of sent; `None`: sent however late.
+    pub max_age: Option<Duration>,
+    pub ordering: Ordering,
+    pub breaker: Breaker,
+}
+
+/// In what order a target gets one user's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// As they become due, many at once: the fastest.
+    Unordered,
+    /// One at a time per account and sender (`FromUserName`), in arrival
+    /// order; other users' events are not held up.
+    PerUser,
+}
+
+impl Ordering {
+    pub const ALL: [Ordering; 2] = [Ordering::Unordered, Ordering::PerUser];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ordering::Unordered => "unordered",
+            Ordering::PerUser => "per_user",
+        }
+    }
+}
+
+/// When a failing target is left alone, and how it is probed meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Breaker {
+    /// Consecutive failures (no answer, 408, 429, 5xx) that open the
+    /// circuit; 0 never opens it.
+    pub failures: u32,
+    /// The wait before the first probe once the circuit opens; it doubles
+    /// after each failed probe.
+    pub backoff: Duration,
+    /// The longest wait between probes (a Retry-After may ask for longer).
+    pub max_backoff: Duration,
 }
 
 impl Target {
@@ -237,6 +276,36 @@ impl RetryClass {
         match self {
             RetryClass::Login => "login",
             RetryClass::Durable => "durable",
+        }
+    }
+
+    /// How long the class's events stay worth sending, when the target
+    /// sets no `max_age`: a login is abandoned within minutes, and sent
+    /// later it is noise at best and a surprise login at worst.
+    pub fn default_max_age(self) -> Option<Duration> {
+        match self {
+            RetryClass::Login => Some(Duration::from_secs(10 * 60)),
+            RetryClass::Durable => None,
+        }
+    }
+
+    /// The class's breaker when the target sets no `breaker`. A login
+    /// broker's users are waiting: it is probed often (at least every 5 s)
+    /// so logins flow within seconds of its return. A webhook's events wait
+    /// for hours anyway: it may fail longer before its circuit opens, and is
+    /// probed at least every 30 s.
+    pub fn default_breaker(self) -> Breaker {
+        match self {
+            RetryClass::Login => Breaker {
+                failures: 5,
+                backoff: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(5),
+            },
+            RetryClass::Durable => Breaker {
+                failures: 10,
+                backoff: Duration::from_secs(2),
+                max_backoff: Duration::from_secs(30),
+            },
         }
     }
 

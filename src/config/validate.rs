@@ -3,12 +3,12 @@
 //! lists everything that is wrong, not just the first thing.
 
 use super::raw::{
-    OneOrMany, RawAccount, RawConfig, RawMatch, RawRoute, RawServer, RawSpool, RawTarget,
-    StringOrNumber,
+    OneOrMany, RawAccount, RawBreaker, RawConfig, RawMatch, RawRoute, RawServer, RawSpool,
+    RawTarget, StringOrNumber,
 };
 use super::settings::{
-    decode_webhook_secret, Account, Format, Mode, PostgresSettings, RetryClass, RetryPolicy,
-    ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode, Target,
+    decode_webhook_secret, Account, Breaker, Format, Mode, Ordering, PostgresSettings, RetryClass,
+    RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode, Target,
 };
 use super::units::{parse_duration, parse_size};
 use super::{ConfigError, Problem, Secret, ENV_PREFIX};
@@ -44,6 +44,7 @@ const DEFAULT_TIMESTAMP_WINDOW: Duration = Duration::from_secs(300);
 const DEFAULT_TARGET_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_CONCURRENCY: usize = 8;
 const CONCURRENCY_RANGE: std::ops::RangeInclusive<i64> = 1..=1024;
+const BREAKER_FAILURES_RANGE: std::ops::RangeInclusive<i64> = 0..=100_000;
 
 pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
     let mut p = Problems::default();
@@ -740,6 +741,26 @@ fn target(name: String, raw: RawTarget, p: &mut Problems) -> Option<Target> {
         (Some(_), None) | (None, _) => None,
     };
 
+    let max_age = match raw.max_age.as_deref() {
+        None => class.default_max_age(),
+        Some("off") => None,
+        Some(text) => Some(p.duration(
+            &at("max_age"),
+            Some(text.to_owned()),
+            Duration::from_secs(1),
+        )),
+    };
+    let ordering = match raw.ordering {
+        None => Ordering::Unordered,
+        Some(text) => p
+            .ok(
+                &at("ordering"),
+                choice(&Ordering::ALL, Ordering::as_str, &text, "ordering"),
+            )
+            .unwrap_or(Ordering::Unordered),
+    };
+    let breaker = breaker(&at("breaker"), raw.breaker, class.default_breaker(), p);
+
     if p.0.len() > found {
         return None;
     }
@@ -752,7 +773,39 @@ fn target(name: String, raw: RawTarget, p: &mut Problems) -> Option<Target> {
         concurrency,
         secret,
         paused: raw.paused.unwrap_or(false),
+        max_age,
+        ordering,
+        breaker,
     })
+}
+
+/// A target's breaker: the class's defaults, with what the file sets.
+fn breaker(at: &str, raw: Option<RawBreaker>, default: Breaker, p: &mut Problems) -> Breaker {
+    let Some(raw) = raw else { return default };
+    let key = |k: &str| format!("{at}.{k}");
+    let failures = match raw.failures {
+        None => default.failures,
+        Some(n) if BREAKER_FAILURES_RANGE.contains(&n) => {
+            u32::try_from(n).unwrap_or(default.failures)
+        }
+        Some(_) => {
+            p.add(
+                key("failures"),
+                "must be between 0 (never opens) and 100000",
+            );
+            default.failures
+        }
+    };
+    let backoff = p.duration(&key("backoff"), raw.backoff, default.backoff);
+    let max_backoff = p.duration(&key("max_backoff"), raw.max_backoff, default.max_backoff);
+    if max_backoff < backoff {
+        p.add(key("max_backoff"), "must not be less than backoff");
+    }
+    Breaker {
+        failures,
+        backoff,
+        max_backoff,
+    }
 }
 
 fn check_url(text: &str) -> Result<url::Url, String> {

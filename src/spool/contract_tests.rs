@@ -25,6 +25,7 @@ fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
             .map(|t| NewDelivery {
                 target: t.to_string(),
                 due_at: UnixMs(now),
+                order_key: None,
             })
             .collect(),
         replay: None,
@@ -541,32 +542,33 @@ async fn a_record_repeated_after_the_event_is_gone_touches_no_later_event() {
     }
 }
 
-#[tokio::test]
-async fn expired_dedup_keys_are_pruned() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spool.db");
-    let spool = SqliteSpool::open(&path).unwrap();
+/// Fifty events from `make(i, now)`, each stored with a one-second dedup
+/// window ten seconds after the one before and delivered at once: every key
+/// but the newest few expires long before the next prune.
+async fn fifty_short_lived(spool: &dyn Spool, make: impl Fn(usize, i64) -> NewEvent) {
     let mut now = 0;
-    // A one-second window and a push every ten seconds: every key but the
-    // newest few expires long before the next prune.
     for i in 0..50 {
-        let e = event(&format!("k{i}"), &["a"], now);
+        let mut e = make(i, now);
+        e.event.received_at = UnixMs(now);
         let Enqueued::Stored { deliveries, .. } =
             spool.enqueue(e, UnixMs(now), 1_000).await.unwrap()
         else {
             panic!("stored")
         };
-        settle(
-            &spool,
-            &[],
-            vec![Settlement::Delivered {
-                delivery_id: deliveries[0],
-            }],
-            now,
-        )
-        .await;
+        let done = Settlement::Delivered {
+            delivery_id: deliveries[0],
+        };
+        settle(spool, &[], vec![done], now).await;
         now += 10_000;
     }
+}
+
+#[tokio::test]
+async fn expired_dedup_keys_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let spool = SqliteSpool::open(&path).unwrap();
+    fifty_short_lived(&spool, |i, _| event(&format!("k{i}"), &["a"], 0)).await;
     spool.close();
     let c = rusqlite::Connection::open(&path).unwrap();
     let live: i64 = c
@@ -863,6 +865,166 @@ async fn a_settle_after_the_lease_was_taken_over_changes_nothing() {
     }
 }
 
+/// `event` with the given order key on each of its deliveries.
+fn ordered(key: &str, targets: &[&str], now: i64, order_key: &str) -> NewEvent {
+    let mut e = event(key, targets, now);
+    for d in &mut e.targets {
+        d.order_key = Some(order_key.into());
+    }
+    e
+}
+
+fn ids(leases: &[Lease]) -> Vec<DeliveryId> {
+    leases.iter().map(|l| l.delivery_id).collect()
+}
+
+#[tokio::test]
+async fn a_delivered_outcome_settles_a_delivery_retired_while_in_flight() {
+    for (name, spool, _cleanup) in spools().await {
+        let (event_id, d) = stored(&*spool, event("k", &["gone"], 0), 0).await;
+        let leases = spool.lease("gone", UnixMs(0), 10, 60_000).await.unwrap();
+        assert_eq!(ids(&leases), d);
+        // A reload removes the target while the attempt is in flight.
+        spool.retire_targets(vec![], UnixMs(5)).await.unwrap();
+        let filter = DeadFilter {
+            reason: Some(DeadReason::TargetRemoved),
+            ..DeadFilter::default()
+        };
+        assert_eq!(
+            spool.dead_letters(filter.clone(), 10).await.unwrap().len(),
+            1,
+            "{name}"
+        );
+        // The attempt succeeded: the target has it, nothing is left to replay.
+        settle(
+            &*spool,
+            &leases,
+            vec![Settlement::Delivered { delivery_id: d[0] }],
+            10,
+        )
+        .await;
+        assert!(
+            spool.dead_letters(filter, 10).await.unwrap().is_empty(),
+            "{name}"
+        );
+        assert_eq!(spool.event(event_id).await.unwrap(), None, "{name}");
+        // Only a retirement yields: a refused delivery stays dead.
+        let (_, r) = stored(&*spool, event("r", &["a"], 20), 20).await;
+        let leases = spool.lease("a", UnixMs(20), 10, 60_000).await.unwrap();
+        let refused = Settlement::Dead {
+            delivery_id: r[0],
+            reason: DeadReason::Rejected,
+            error: "HTTP 400".into(),
+        };
+        settle(&*spool, &leases, vec![refused], 21).await;
+        settle(
+            &*spool,
+            &leases,
+            vec![Settlement::Delivered { delivery_id: r[0] }],
+            22,
+        )
+        .await;
+        let dead = spool.dead_letters(DeadFilter::default(), 10).await.unwrap();
+        assert_eq!(dead.len(), 1, "{name}");
+        assert_eq!(dead[0].reason, DeadReason::Rejected, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn expired_deliveries_are_dead_letters_that_can_be_selected() {
+    for (name, spool, _cleanup) in spools().await {
+        let (_, d) = stored(&*spool, event("old", &["broker"], 0), 0).await;
+        stored(&*spool, event("other", &["broker"], 0), 0).await;
+        let leases = spool.lease("broker", UnixMs(0), 1, 60_000).await.unwrap();
+        let expired = Settlement::Dead {
+            delivery_id: d[0],
+            reason: DeadReason::Expired,
+            error: "waited 11m, longer than max_age 10m".into(),
+        };
+        settle(&*spool, &leases, vec![expired], 660_000).await;
+        let filter = DeadFilter {
+            reason: Some(DeadReason::Expired),
+            ..DeadFilter::default()
+        };
+        let dead = spool.dead_letters(filter.clone(), 10).await.unwrap();
+        assert_eq!(dead.len(), 1, "{name}");
+        assert_eq!(
+            (dead[0].delivery_id, dead[0].reason),
+            (d[0], DeadReason::Expired)
+        );
+        assert_eq!(
+            spool.replay(filter, UnixMs(700_000)).await.unwrap(),
+            1,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_ordered_delivery_waits_while_an_earlier_one_of_its_user_is_pending() {
+    for (name, spool, _cleanup) in spools().await {
+        let (_, u1a) = stored(&*spool, ordered("1a", &["t", "u"], 0, "main|u1"), 0).await;
+        let (_, u1b) = stored(&*spool, ordered("1b", &["t", "u"], 0, "main|u1"), 0).await;
+        let (_, u2a) = stored(&*spool, ordered("2a", &["t"], 0, "main|u2"), 0).await;
+        let (_, free) = stored(&*spool, event("free", &["t"], 0), 0).await;
+        let first = spool.lease("t", UnixMs(0), 10, 1_000).await.unwrap();
+        assert_eq!(
+            ids(&first),
+            vec![u1a[0], u2a[0], free[0]],
+            "{name}: 1b waits for 1a"
+        );
+        // The key holds back only its own target's deliveries.
+        assert_eq!(
+            ids(&spool.lease("u", UnixMs(0), 1, 1_000).await.unwrap()),
+            vec![u1a[1]]
+        );
+        // Backing off, the earlier one still holds the later one back.
+        settle(&*spool, &first, vec![failed_once(u1a[0], 0)], 1).await;
+        assert!(
+            spool
+                .lease("t", UnixMs(2), 10, 1_000)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{name}: 1b waits while 1a backs off"
+        );
+        // Dead-lettered, it no longer does.
+        let refused = Settlement::Dead {
+            delivery_id: u1a[0],
+            reason: DeadReason::Rejected,
+            error: "HTTP 400".into(),
+        };
+        settle(&*spool, &first, vec![refused], 3).await;
+        assert_eq!(
+            ids(&spool.lease("t", UnixMs(4), 10, 1_000).await.unwrap()),
+            vec![u1b[0]]
+        );
+        // Delivered, it no longer does either.
+        let (_, u2b) = stored(&*spool, ordered("2b", &["t"], 5, "main|u2"), 5).await;
+        assert!(
+            spool
+                .lease("t", UnixMs(5), 10, 1_000)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{name}"
+        );
+        settle(
+            &*spool,
+            &first,
+            vec![Settlement::Delivered {
+                delivery_id: u2a[0],
+            }],
+            6,
+        )
+        .await;
+        assert_eq!(
+            ids(&spool.lease("t", UnixMs(6), 10, 1_000).await.unwrap()),
+            vec![u2b[0]]
+        );
+    }
+}
+
 #[tokio::test]
 async fn settles_of_many_deliveries_are_recorded_together() {
     for (name, spool, _cleanup) in spools().await {
@@ -913,4 +1075,102 @@ async fn settles_of_many_deliveries_are_recorded_together() {
             .collect();
         assert_eq!(dead, vec![ids[2], ids[5]], "{name}");
     }
+}
+
+#[tokio::test]
+async fn postgres_prunes_expired_keys_and_delivered_events() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+        .await
+        .unwrap();
+    fifty_short_lived(&spool, |i, now| {
+        guarded(&format!("k{i}"), &format!("q{i}"), "b", now, now + 1_000)
+    })
+    .await;
+    // Pruning runs beside the commits; wait for its last round.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (schema.count("dedup") > 4 || schema.count("replay") > 4)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        schema.count("dedup") <= 4,
+        "{} dedup keys kept of 50",
+        schema.count("dedup")
+    );
+    assert!(
+        schema.count("replay") <= 4,
+        "{} guards kept of 50",
+        schema.count("replay")
+    );
+    assert_eq!(schema.count("events"), 0, "delivered events are deleted");
+    assert_eq!(schema.count("deliveries"), 0);
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn a_spool_file_from_before_ordered_delivery_opens_and_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(EARLIER_TABLES).unwrap();
+        c.execute_batch(
+            "INSERT INTO events VALUES (1, 'k', 'main', 0, 'q', x'00', '<xml/>', '{}', 'text', NULL);
+             INSERT INTO deliveries (event_id, target, state, attempts, next_at, last_error, updated_at)
+                VALUES (1, 't', 0, 0, 0, '', 0);",
+        )
+        .unwrap();
+    }
+    let spool = SqliteSpool::open(&path).unwrap();
+    let (_, a) = stored(&spool, ordered("a", &["t"], 0, "main|u1"), 0).await;
+    stored(&spool, ordered("b", &["t"], 0, "main|u1"), 0).await;
+    let leased = spool.lease("t", UnixMs(0), 10, 1_000).await.unwrap();
+    assert_eq!(
+        leased.len(),
+        2,
+        "the old delivery has no key and is not held back"
+    );
+    assert_eq!(leased[1].delivery_id, a[0]);
+    spool.close();
+    let again = SqliteSpool::open(&path).unwrap();
+    assert_eq!(again.waiting("t", 10).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn postgres_a_delivery_stored_by_one_replica_wakes_the_others_workers() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let open = || PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate);
+    let (here, there) = (open().await.unwrap(), open().await.unwrap());
+    let (woken, mut wakes) = tokio::sync::mpsc::unbounded_channel();
+    there.on_due_elsewhere(Box::new(move |target| {
+        let _ = woken.send(target.to_owned());
+    }));
+    // The listener connects in the background: store until it hears one.
+    let mut heard = None;
+    for i in 0..100 {
+        stored(&here, event(&format!("k{i}"), &["hooks", "crm"], 0), 0).await;
+        let wait = std::time::Duration::from_millis(100);
+        if let Ok(Some(target)) = tokio::time::timeout(wait, wakes.recv()).await {
+            heard = Some(target);
+            break;
+        }
+    }
+    let first = heard.expect("the other replica is woken");
+    let second = tokio::time::timeout(std::time::Duration::from_secs(5), wakes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut targets = [first, second];
+    targets.sort();
+    assert_eq!(targets, ["crm", "hooks"]);
+    here.close().await;
+    there.close().await;
 }

@@ -25,9 +25,15 @@
 //!   with the token of the lease its attempt was made under: once the
 //!   delivery has been leased again (the first lease ended and another worker,
 //!   perhaps on another replica, took it), the late outcome changes nothing.
+//! - A delivery with an order key is not leased while an earlier delivery
+//!   (a lower id) of the same target with the same key is pending, leased or
+//!   backing off; delivered and dead-lettered ones do not hold it back.
 //! - A delivery ends in exactly one of two ways: delivered (removed with its
 //!   event once no delivery of the event remains), or dead-lettered with a
-//!   reason, where it stays until an operator replays or purges it.
+//!   reason, where it stays until an operator replays or purges it. A
+//!   delivered outcome also settles a delivery retired while its attempt was
+//!   in flight (reason `target_removed`): the target has it, so a replay
+//!   would send it twice.
 //! - An event routed to no target is stored as a dead letter with reason
 //!   `unrouted`, with no target.
 
@@ -117,7 +123,7 @@ pub enum SpoolError {
     Storage(String),
     #[error("spool is closed")]
     Closed,
-    #[error("spool is busy: too many requests waiting for the disk")]
+    #[error("spool is busy: too many requests waiting to be stored")]
     Busy,
     #[error("the spool file {0} was removed or replaced; restart the relay")]
     Gone(String),
@@ -165,6 +171,10 @@ pub struct NewDelivery {
     /// that the handler tries inline is due only after the reply budget, so
     /// that workers do not send it at the same time.
     pub due_at: UnixMs,
+    /// Set for a target that takes one user's events in arrival order: the
+    /// account and the sender. A delivery with a key is not leased while an
+    /// earlier delivery (a lower id) of the same target and key is pending.
+    pub order_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -431,14 +441,18 @@ pub enum DeadReason {
     Unrouted,
     /// Its target was removed from the configuration.
     TargetRemoved,
+    /// It waited longer than its target's `max_age`: sent now, it would
+    /// arrive too late to mean anything (a QR-code login the user gave up).
+    Expired,
 }
 
 impl DeadReason {
-    pub const ALL: [DeadReason; 4] = [
+    pub const ALL: [DeadReason; 5] = [
         DeadReason::Rejected,
         DeadReason::Exhausted,
         DeadReason::Unrouted,
         DeadReason::TargetRemoved,
+        DeadReason::Expired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -447,6 +461,7 @@ impl DeadReason {
             DeadReason::Exhausted => "exhausted",
             DeadReason::Unrouted => "unrouted",
             DeadReason::TargetRemoved => "target_removed",
+            DeadReason::Expired => "expired",
         }
     }
 }

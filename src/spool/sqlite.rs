@@ -141,7 +141,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     not_before  INTEGER NOT NULL DEFAULT 0,
     -- The retry schedule's place, apart from next_at (which a release moves).
     step         INTEGER NOT NULL DEFAULT 0,
-    scheduled_at INTEGER NOT NULL DEFAULT 0
+    scheduled_at INTEGER NOT NULL DEFAULT 0,
+    -- Account and sender, for a target that takes one user's events in order.
+    order_key    TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, next_at) WHERE state = ",
     pending!(),
@@ -167,6 +169,15 @@ CREATE TABLE IF NOT EXISTS probe (
     probes INTEGER NOT NULL
 );
 "
+);
+
+/// Finds the pending deliveries that hold back a later one of the same user.
+/// Created once the column exists: a file from before it is migrated first.
+const ORDER_INDEX: &str = concat!(
+    "CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries (target, order_key, id)
+     WHERE state = ",
+    pending!(),
+    " AND order_key IS NOT NULL;"
 );
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
@@ -400,6 +411,8 @@ fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.execute_batch(SCHEMA)?;
     add_schedule_columns(&conn)?;
+    add_order_key(&conn)?;
+    conn.execute_batch(ORDER_INDEX)?;
     Ok(conn)
 }
 
@@ -424,6 +437,32 @@ fn add_schedule_columns(conn: &Connection) -> rusqlite::Result<()> {
                  ALTER TABLE deliveries ADD COLUMN scheduled_at INTEGER NOT NULL DEFAULT 0;
                  UPDATE deliveries SET step = attempts, scheduled_at = next_at;",
             )?;
+        }
+        Ok(())
+    })();
+    match migrated {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// A spool file from before ordered delivery gets the `order_key` column;
+/// its deliveries have none, so they keep being sent unordered.
+fn add_order_key(conn: &Connection) -> rusqlite::Result<()> {
+    let has_key = |c: &Connection| -> rusqlite::Result<bool> {
+        c.prepare("SELECT 1 FROM pragma_table_info('deliveries') WHERE name = 'order_key'")?
+            .exists([])
+    };
+    if has_key(conn)? {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let migrated = (|| {
+        if !has_key(conn)? {
+            conn.execute_batch("ALTER TABLE deliveries ADD COLUMN order_key TEXT;")?;
         }
         Ok(())
     })();
@@ -655,8 +694,8 @@ fn enqueue(c: &Connection, new: NewEvent, now: UnixMs, window: i64) -> rusqlite:
         ])?;
     }
     let mut insert = c.prepare_cached(
-        "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+        "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at, order_key)
+         VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)",
     )?;
     for d in &targets {
         insert.execute(params![
@@ -664,7 +703,8 @@ fn enqueue(c: &Connection, new: NewEvent, now: UnixMs, window: i64) -> rusqlite:
             d.target,
             DeliveryState::Pending,
             d.due_at,
-            now
+            now,
+            d.order_key
         ])?;
         deliveries.push(DeliveryId(c.last_insert_rowid()));
     }
@@ -715,6 +755,10 @@ fn lease(
                 e.xml, e.fields, e.msg_type, e.event, d.step, d.scheduled_at
          FROM deliveries d JOIN events e ON e.id = d.event_id
          WHERE d.state = ", pending!(), " AND d.target = ?1 AND d.next_at <= ?2
+           AND (d.order_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM deliveries p
+                WHERE p.target = ?1 AND p.order_key = d.order_key AND p.id < d.id
+                  AND p.state = ", pending!(), " AND p.order_key IS NOT NULL))
          ORDER BY d.next_at, d.id LIMIT ?3"),
     )?;
     let mut rows = select.query(params![target, now, (limit + skip) as i64])?;
@@ -766,13 +810,19 @@ fn record(c: &Connection, settlements: &[Settlement], now: UnixMs) -> rusqlite::
     for s in settlements {
         match s {
             Settlement::Delivered { delivery_id } => {
+                // A delivery retired while its attempt was in flight was
+                // still delivered: a replay would send it twice.
                 let event_id: Option<i64> = c
                     .prepare_cached(concat!(
-                        "DELETE FROM deliveries WHERE id = ?1 AND state = ",
+                        "DELETE FROM deliveries WHERE id = ?1 AND (state = ",
                         pending!(),
-                        " RETURNING event_id"
+                        " OR (state = ",
+                        dead!(),
+                        " AND reason = ?2)) RETURNING event_id"
                     ))?
-                    .query_row(params![delivery_id], |r| r.get(0))
+                    .query_row(params![delivery_id, DeadReason::TargetRemoved], |r| {
+                        r.get(0)
+                    })
                     .optional()?;
                 if let Some(event_id) = event_id {
                     drop_event_if_done(c, event_id)?;
@@ -1139,6 +1189,7 @@ mod tests {
             targets: vec![NewDelivery {
                 target: "hooks".into(),
                 due_at: UnixMs(1),
+                order_key: None,
             }],
             replay: None,
         }

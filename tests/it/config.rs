@@ -47,6 +47,9 @@ to = ["hooks"]
 
 const CATCH_ALL: &str = "[[routes]]\nto = [\"hooks\"]\n";
 
+/// A PostgreSQL spool section, for cases to add keys to.
+const PG: &str = "[spool]\nbackend = \"postgres\"\nurl = \"postgres://relay@db:5432/relay\"\n";
+
 /// `VALID` with each `(from, to)` applied; `from` must occur, so that a
 /// change to `VALID` cannot turn a case into a test of nothing.
 fn edit(edits: &[(&str, &str)]) -> String {
@@ -616,6 +619,78 @@ fn broken_configs_are_refused_at_their_key_path() {
             "accounts",
             "no accounts configured",
         ),
+        (
+            "unknown spool backend",
+            format!("[spool]\nbackend = \"redis\"\n{VALID}"),
+            "spool.backend",
+            "unknown backend \"redis\": expected \"sqlite\" or \"postgres\"",
+        ),
+        (
+            "postgres without a url",
+            format!("[spool]\nbackend = \"postgres\"\n{VALID}"),
+            "spool.url",
+            "required with backend = \"postgres\": set url, url_file or WXRELAY_SPOOL__URL",
+        ),
+        (
+            "postgres with a bad url",
+            format!("[spool]\nbackend = \"postgres\"\nurl = \"postgres://relay@db:port/relay\"\n{VALID}"),
+            "spool.url",
+            "not a PostgreSQL connection string",
+        ),
+        (
+            "postgres with sslmode in the url",
+            format!("[spool]\nbackend = \"postgres\"\nurl = \"postgres://relay@db/relay?sslmode=require\"\n{VALID}"),
+            "spool.url",
+            "set spool.sslmode instead",
+        ),
+        (
+            "postgres with a url and a url_file",
+            format!("{PG}url_file = \"/run/secrets/db\"\n{VALID}"),
+            "spool.url_file",
+            "set url or url_file, not both",
+        ),
+        (
+            "postgres with the sqlite path",
+            format!("{PG}path = \"./data/spool.db\"\n{VALID}"),
+            "spool.path",
+            "only for backend = \"sqlite\"",
+        ),
+        (
+            "sqlite with a postgres key",
+            format!("[spool]\nschema = \"relay\"\n{VALID}"),
+            "spool.schema",
+            "only for backend = \"postgres\"",
+        ),
+        (
+            "unknown sslmode",
+            format!("{PG}sslmode = \"prefer\"\n{VALID}"),
+            "spool.sslmode",
+            "unknown sslmode \"prefer\": expected one of disable, require, verify-full",
+        ),
+        (
+            "a schema that is no plain identifier",
+            format!("{PG}schema = \"Relay; DROP\"\n{VALID}"),
+            "spool.schema",
+            "not a plain identifier",
+        ),
+        (
+            "pool_size too small",
+            format!("{PG}pool_size = 1\n{VALID}"),
+            "spool.pool_size",
+            "must be between 2 and 256, got 1",
+        ),
+        (
+            "ca_file without TLS",
+            format!("{PG}ca_file = \"/etc/ssl/db.pem\"\n{VALID}"),
+            "spool.ca_file",
+            "needs sslmode = \"require\" or \"verify-full\"",
+        ),
+        (
+            "unreadable ca_file",
+            format!("{PG}sslmode = \"verify-full\"\nca_file = \"/nonexistent/db.pem\"\n{VALID}"),
+            "spool.ca_file",
+            "cannot read /nonexistent/db.pem",
+        ),
     ];
 
     // One problem each: a mistake is reported once, where it was made, not
@@ -993,4 +1068,29 @@ fn the_compose_replicas_have_a_valid_configuration() {
     assert!(matches!(settings.spool.backend, SpoolBackend::Postgres(_)));
     assert_eq!(settings.server.listen.to_string(), "0.0.0.0:8080");
     assert!(settings.server.admin_token.is_some());
+}
+
+#[test]
+fn a_postgres_spool_is_configured_with_its_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("db-url");
+    std::fs::write(&url_file, "postgres://relay:pw@db.internal/relay\n").unwrap();
+    let toml = format!(
+        "[spool]\nbackend = \"postgres\"\nurl_file = \"{}\"\n{VALID}",
+        url_file.display()
+    );
+    let settings = Settings::from_toml_str(&toml).unwrap();
+    let SpoolBackend::Postgres(pg) = &settings.spool.backend else {
+        panic!("{:?}", settings.spool.backend)
+    };
+    assert_eq!(pg.url.expose(), "postgres://relay:pw@db.internal/relay");
+    assert_eq!(pg.display, "postgres://relay@db.internal:5432/relay");
+    assert_eq!(
+        (pg.schema.as_str(), pg.pool_size, pg.sslmode),
+        ("wxrelay", 8, SslMode::Disable)
+    );
+    let report = render_check(&settings);
+    assert!(report.contains("backend           postgres"), "{report}");
+    assert!(!report.contains(":pw@"), "{report}");
+    assert!(!format!("{settings:?}").contains(":pw@"));
 }

@@ -27,5 +27,6 @@ mod postgres;
 mod protocol_pure;
 mod replay;
 mod replicas;
+mod retire_race;
 mod spool_health;
 mod vectors_http;

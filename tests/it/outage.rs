@@ -9,7 +9,7 @@ use crate::common;
 use crate::harness;
 
 use common::database::Database;
-use common::proxy::Proxy;
+use common::proxy::{self, CutProxy};
 use common::replicas::Replicas;
 use common::target::FakeTarget;
 use common::wechat::nonce_of;
@@ -57,9 +57,12 @@ async fn a_database_outage_is_503_and_loses_nothing_answered() {
     let Some(database) = Database::create() else {
         return;
     };
-    let proxy = Proxy::start(database.server()).await;
+    let proxy = CutProxy::start(proxy::upstream(database.url.as_str())).await;
     let hooks = FakeTarget::start().await;
-    let (spool, hooks_url) = (database.spool_toml_via(proxy.addr), hooks.url("/hooks"));
+    let (spool, hooks_url) = (
+        database.spool_toml_at(&proxy.url_through(database.url.as_str())),
+        hooks.url("/hooks"),
+    );
     let replicas = Replicas::start(
         1,
         &[],
@@ -158,13 +161,12 @@ async fn a_database_outage_is_503_and_loses_nothing_answered() {
     })
     .await;
     println!(
-        "sent {sent}: answered 200 {}, 503 {}, other {} ({:?}); {} connections cut or refused; \
+        "sent {sent}: answered 200 {}, 503 {}, other {} ({:?}); \
          ready again {recovered_in:?} after the database came back; delivered {} of the {} answered 200",
         counts.ok.len(),
         counts.unavailable,
         counts.other.len(),
         counts.other.iter().take(3).collect::<Vec<_>>(),
-        proxy.dropped(),
         delivered().intersection(&counts.ok).count(),
         counts.ok.len(),
     );

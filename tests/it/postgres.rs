@@ -1,20 +1,23 @@
 //! The relay on the PostgreSQL spool: a push stored and delivered through
 //! the real server, the schema applied by `wxrelay migrate` (again and again
 //! to no effect) and a newer schema refused, the operator commands on the
-//! shared queue, and the database password kept out of what the relay
-//! prints. The tests that need the database skip (saying so once) unless
+//! shared queue, a database outage answered 503 and recovered from without
+//! a restart, and the database password kept out of what the relay prints. The tests that need the database skip (saying so once) unless
 //! `WXRELAY_TEST_POSTGRES_URL` names one.
 
 use crate::common;
 
+use common::proxy::{self, CutProxy};
 use common::target::{Behaviour, FakeTarget};
 use common::{body, generated, hooks_config, path, reference_now, vector, TestRelay};
+use std::process::Command;
 use std::time::Duration;
 use wxrelay::app::{Options, Relay};
 use wxrelay::clock::{Clock, SystemClock};
-use wxrelay::config::Settings;
+use wxrelay::config::{Secret, Settings, SslMode};
 use wxrelay::spool::postgres::testing::{test_url, TestSchema};
-use wxrelay::spool::DeadFilter;
+use wxrelay::spool::postgres::{latest_schema_version, OnOpen};
+use wxrelay::spool::{DeadFilter, PostgresSpool, Spool};
 
 const WAIT: Duration = Duration::from_secs(20);
 const PASSWORD: &str = "Pg-S3cret-pw";
@@ -91,17 +94,24 @@ async fn migrate_applies_the_schema_once_and_then_changes_nothing() {
 
     let (code, first) = migrate().await;
     assert_eq!(code, Some(0), "{first}");
-    assert!(first.contains("applied 1 queue"), "{first}");
+    let latest = latest_schema_version();
+    assert!(
+        first.contains("applied 1 queue\napplied 2 order_key"),
+        "{first}"
+    );
     assert!(
         first.contains(&format!(
-            "schema {} migrated from version 0 to 1",
+            "schema {} migrated from version 0 to {latest}",
             schema.settings.schema
         )),
         "{first}"
     );
     let (code, second) = migrate().await;
     assert_eq!(code, Some(0), "{second}");
-    assert!(second.contains("up to date at version 1"), "{second}");
+    assert!(
+        second.contains(&format!("up to date at version {latest}")),
+        "{second}"
+    );
     assert!(!second.contains("applied"), "{second}");
     // The operator commands use the migrated schema as it is.
     let (code, out) = wxrelay(
@@ -145,7 +155,10 @@ async fn a_schema_newer_than_the_binary_is_refused() {
     };
     let message = e.to_string();
     assert!(
-        message.contains("at version 99, newer than this wxrelay knows (1)"),
+        message.contains(&format!(
+            "at version 99, newer than this wxrelay knows ({})",
+            latest_schema_version()
+        )),
         "{message}"
     );
     let (code, out) = wxrelay(
@@ -250,4 +263,168 @@ async fn the_database_password_never_shows_in_check_or_errors() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("database"), "{out}");
     assert!(!out.contains(PASSWORD), "{out}");
+}
+
+#[tokio::test]
+async fn a_database_outage_is_answered_503_and_the_relay_recovers_by_itself() {
+    let Some(url) = test_url() else { return };
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let proxy = CutProxy::start(proxy::upstream(&url)).await;
+    let mut schema = TestSchema::new(&url);
+    schema.settings.url = Secret::new(proxy.url_through(&url));
+    let toml = hooks_config(&g, &hooks.url("/"), "");
+    let relay = TestRelay::start_on_schema(&toml, reference_now(&g), schema).await;
+    let push = |id: &str| {
+        let v = vector(&g, id);
+        relay.post_later(path("secure", &v["request"]), body(&v["request"]))
+    };
+    let ready = || async { relay.admin(http::Method::GET, "/readyz", None).await.status };
+
+    assert_eq!(push("secure.CLICK").await.status, 200);
+    assert!(hooks.wait_for(1, WAIT).await);
+
+    proxy.cut();
+    let refused = push("secure.VIEW").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        refused.text().contains("spool unavailable"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(ready().await, 503);
+
+    proxy.restore();
+    let recovered = common::eventually(WAIT, || async { ready().await == 200 }).await;
+    assert!(recovered, "ready again without a restart");
+    // WeChat's re-send of the refused push is stored now, not a duplicate:
+    // the 503 stored nothing.
+    assert_eq!(push("secure.VIEW").await.status, 200);
+    assert!(hooks.wait_for(2, WAIT).await, "delivered after the outage");
+    let metrics = relay.metrics().await;
+    assert!(
+        metrics.contains("wxrelay_pushes_total{account=\"secure\",verdict=\"ok\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("wxrelay_pushes_total{account=\"secure\",verdict=\"spool_unavailable\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(hooks.count(), 2);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_commit_slower_than_the_reply_budget_is_a_503_and_stores_at_most_once() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let toml = hooks_config(&g, &hooks.url("/"), "");
+    let Some(relay) = TestRelay::start_postgres(&toml, reference_now(&g)).await else {
+        return;
+    };
+    let schema = relay.schema.as_ref().unwrap();
+    // Another session holds the dedup table: the commit waits for it past
+    // the reply budget (1 s here).
+    let (other, connection) = tokio_postgres::connect(&test_url().unwrap(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    other
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE \"{}\".dedup IN EXCLUSIVE MODE",
+            schema.settings.schema
+        ))
+        .await
+        .unwrap();
+    let v = vector(&g, "secure.CLICK");
+    let send = || relay.post_later(path("secure", &v["request"]), body(&v["request"]));
+    let late = send().await;
+    assert_eq!(late.status, 503, "{}", late.text());
+    assert!(late.text().contains("reply budget"), "{}", late.text());
+    other.batch_execute("ROLLBACK").await.unwrap();
+
+    // The commit WeChat was not told about may have gone through after
+    // all: its re-send is then a duplicate. Either way one delivery.
+    assert_eq!(send().await.status, 200);
+    assert!(hooks.wait_for(1, WAIT).await);
+    assert!(relay.until_nothing_pending("hooks").await);
+    assert_eq!(hooks.count(), 1);
+    relay.stop().await;
+}
+
+/// The test database's certificate, when it serves TLS and the file is
+/// readable here (a database on this host).
+async fn server_certificate(url: &str) -> Option<String> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let show = |name: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(&format!("SHOW {name}"), &[])
+                .await
+                .unwrap();
+            row.get::<_, String>(0)
+        }
+    };
+    if show("ssl").await != "on" {
+        return None;
+    }
+    let file = show("ssl_cert_file").await;
+    std::fs::metadata(&file).ok().map(|_| file)
+}
+
+#[tokio::test]
+async fn tls_require_verifies_the_chain_and_verify_full_the_name_too() {
+    let Some(url) = test_url() else { return };
+    let Some(cert) = server_certificate(&url).await else {
+        eprintln!("the test database serves no TLS here: TLS test skipped");
+        return;
+    };
+    let name = |cert_file: &str| -> Option<String> {
+        // The certificate's first DNS name, for verify-full to match.
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in", cert_file])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split("DNS:")
+            .nth(1)
+            .map(|n| n.split([',', '\n']).next().unwrap_or("").trim().to_owned())
+    };
+    let open = |host: &str, sslmode: SslMode, ca_file: Option<&str>| {
+        let mut schema = TestSchema::new(&url);
+        let mut with_host = url::Url::parse(&url).unwrap();
+        with_host.set_host(Some(host)).unwrap();
+        schema.settings.url = Secret::new(with_host.to_string());
+        schema.settings.sslmode = sslmode;
+        schema.settings.ca_file = ca_file.map(Into::into);
+        async move {
+            let opened = PostgresSpool::open(&schema.settings, OnOpen::Migrate).await;
+            if let Ok(spool) = &opened {
+                spool.probe().await.unwrap();
+                spool.close().await;
+            }
+            opened.map(|_| ()).map_err(|e| e.to_string())
+        }
+    };
+    // The certificate does not name 127.0.0.1: require takes it, its chain
+    // being good; verify-full does not.
+    open("127.0.0.1", SslMode::Require, Some(&cert))
+        .await
+        .unwrap();
+    let refused = open("127.0.0.1", SslMode::VerifyFull, Some(&cert))
+        .await
+        .unwrap_err();
+    assert!(refused.contains("certificate"), "{refused}");
+    // Without the database's CA among the roots, require refuses too: the
+    // chain is verified, not skipped.
+    let refused = open("127.0.0.1", SslMode::Require, None).await.unwrap_err();
+    assert!(refused.contains("certificate"), "{refused}");
+    if let Some(host) = name(&cert).filter(|h| h == "localhost") {
+        open(&host, SslMode::VerifyFull, Some(&cert)).await.unwrap();
+    }
 }

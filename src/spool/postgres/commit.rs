@@ -263,6 +263,7 @@ async fn insert_rows(
     let mut d_state: Vec<i16> = Vec::with_capacity(rows);
     let mut d_next: Vec<i64> = Vec::with_capacity(rows);
     let mut d_reason: Vec<&str> = Vec::with_capacity(rows);
+    let mut d_order: Vec<Option<&str>> = Vec::with_capacity(rows);
     let mut d_now: Vec<i64> = Vec::with_capacity(rows);
     for (r, event_id) in stored.iter().zip(&event_ids) {
         if r.event.targets.is_empty() {
@@ -271,6 +272,7 @@ async fn insert_rows(
             d_state.push(state_code(DeliveryState::Dead));
             d_next.push(0);
             d_reason.push(DeadReason::Unrouted.as_str());
+            d_order.push(None);
             d_now.push(r.now.0);
         }
         for t in &r.event.targets {
@@ -279,6 +281,7 @@ async fn insert_rows(
             d_state.push(state_code(DeliveryState::Pending));
             d_next.push(t.due_at.0);
             d_reason.push("");
+            d_order.push(t.order_key.as_deref());
             d_now.push(r.now.0);
         }
     }
@@ -291,18 +294,18 @@ async fn insert_rows(
         ),
         tx.prepare_cached(
             "INSERT INTO deliveries (id, event_id, target, state, next_at, scheduled_at, reason,
-                                     updated_at)
-             SELECT id, event_id, target, state, next_at, next_at, reason, updated_at
+                                     updated_at, order_key)
+             SELECT id, event_id, target, state, next_at, next_at, reason, updated_at, order_key
              FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
-                         $6::text[], $7::bigint[])
-                  AS t(id, event_id, target, state, next_at, reason, updated_at)",
+                         $6::text[], $7::bigint[], $8::text[])
+                  AS t(id, event_id, target, state, next_at, reason, updated_at, order_key)",
         ),
     )?;
     let event_params: [&(dyn ToSql + Sync); 10] = [
         &event_ids, &keys, &accounts, &received, &queries, &bodies, &xmls, &fields, &msg_types,
         &kinds,
     ];
-    let delivery_params: [&(dyn ToSql + Sync); 7] = [
+    let delivery_params: [&(dyn ToSql + Sync); 8] = [
         &delivery_ids,
         &d_event,
         &d_target,
@@ -310,6 +313,7 @@ async fn insert_rows(
         &d_next,
         &d_reason,
         &d_now,
+        &d_order,
     ];
     // Pipelined: both statements go out before the first answer comes back.
     tokio::try_join!(

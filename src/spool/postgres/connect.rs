@@ -58,10 +58,16 @@ pub(super) fn driver_config(
         })?;
     // The schema is a checked identifier, so it needs no quoting here, and
     // every statement can name its tables unqualified.
-    // Notices ("already exists, skipping") are not worth a log line.
+    // Notices ("already exists, skipping") are not worth a log line. The
+    // database bounds each statement as the spool bounds each operation, so
+    // one given up on does not run on, holding its connection and locks; and
+    // it ends a transaction left idle by a replica that stopped mid-way.
     config.options(format!(
-        "-c search_path={} -c client_min_messages=warning",
-        settings.schema
+        "-c search_path={} -c client_min_messages=warning -c statement_timeout={} \
+         -c idle_in_transaction_session_timeout={}",
+        settings.schema,
+        super::OPERATION_TIMEOUT.as_millis(),
+        3 * super::OPERATION_TIMEOUT.as_millis()
     ));
     config.application_name("wxrelay");
     config.connect_timeout(CONNECT_TIMEOUT);

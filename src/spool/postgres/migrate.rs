@@ -14,11 +14,18 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "queue",
-    sql: include_str!("migrations/0001_queue.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "queue",
+        sql: include_str!("migrations/0001_queue.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "order_key",
+        sql: include_str!("migrations/0002_order_key.sql"),
+    },
+];
 
 /// The newest schema version this binary knows.
 pub fn latest() -> i32 {
@@ -72,6 +79,9 @@ pub async fn migrate(
     schema: &str,
 ) -> Result<Migrated, SpoolError> {
     let tx = client.transaction().await?;
+    // A migration may rebuild a large table, and a replica may wait for
+    // another's: neither is bounded like the queue's own statements.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(schema)])
         .await?;
     // The schema is a checked identifier; quoted all the same.

@@ -13,6 +13,9 @@
 //!
 //! # Leases
 //!
+//! A delivery with an order key (per-user ordering) is not claimed while an
+//! earlier delivery of its target and key is pending, leased or not.
+//!
 //! [`Spool::lease`] claims due deliveries with `FOR UPDATE SKIP LOCKED` and
 //! writes the lease into the row: owner (this process's replica id), end, and
 //! a token from a sequence. A replica that dies leaves its leases to end;
@@ -35,8 +38,10 @@
 
 mod commit;
 mod connect;
+mod dead;
 mod migrate;
 mod prune;
+mod settle;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 mod wake;
@@ -46,8 +51,8 @@ pub use migrate::{latest as latest_schema_version, Migrated};
 
 use super::{
     DeadFilter, DeadLetter, DeadReason, DeliveryId, DueWaker, Enqueued, Event, EventId, Lease,
-    LeaseToken, NewEvent, Release, Schedule, Settle, Settlement, Spool, SpoolError, SpoolFuture,
-    TargetDepth, UnixMs, WaitingDelivery,
+    NewEvent, Release, Schedule, Settle, Spool, SpoolError, SpoolFuture, TargetDepth, UnixMs,
+    WaitingDelivery,
 };
 use crate::config::PostgresSettings;
 use deadpool_postgres::{Object, Pool};
@@ -127,7 +132,7 @@ pub async fn migrate(settings: &PostgresSettings) -> Result<Migrated, SpoolError
     let tls = connect::tls(settings)?;
     let pool = connect::pool(settings, config, tls)?;
     let mut client = client(&pool).await?;
-    bounded("migrate", migrate::migrate(&mut client, &settings.schema)).await
+    migrate::migrate(&mut client, &settings.schema).await
 }
 
 impl PostgresSpool {
@@ -151,8 +156,7 @@ impl PostgresSpool {
             let mut client = client(&pool).await?;
             match on_open {
                 OnOpen::Migrate => {
-                    let migrated =
-                        bounded("migrate", migrate::migrate(&mut client, &settings.schema)).await?;
+                    let migrated = migrate::migrate(&mut client, &settings.schema).await?;
                     if !migrated.applied.is_empty() {
                         tracing::info!(schema = %settings.schema, from = migrated.from, to = migrate::latest(), "spool schema migrated");
                     }
@@ -176,14 +180,15 @@ impl PostgresSpool {
             prune::Pruner::new(pool.clone()),
         ));
         let notify = tokio::spawn(notifier.clone().run());
-        let replica: u64 = rand::random();
+        let replica = format!("{:016x}", rand::random::<u64>());
+        tracing::info!(replica = %replica, database = %settings.display, schema = %settings.schema, "spool opened");
         Ok(Self {
             pool,
             requests: Mutex::new(Some(requests)),
             tasks: Mutex::new(vec![notify]),
             writer: Mutex::new(Some(writer)),
             notifier,
-            replica: format!("{replica:016x}"),
+            replica,
             schema: settings.schema.clone(),
             listen: (config, tls),
         })
@@ -295,13 +300,15 @@ impl Spool for PostgresSpool {
         let target = target.to_owned();
         let owner = self.replica.clone();
         self.with_client("lease", move |c| {
-            Box::pin(async move { lease(c, &target, now_ms, limit, lease_ms, &owner).await })
+            Box::pin(
+                async move { settle::lease(c, &target, now_ms, limit, lease_ms, &owner).await },
+            )
         })
     }
 
     fn record(&self, settlements: Vec<Settle>, now_ms: UnixMs) -> SpoolFuture<()> {
         self.with_client("record", move |c| {
-            Box::pin(async move { record(c, &settlements, now_ms).await })
+            Box::pin(async move { settle::record(c, &settlements, now_ms).await })
         })
     }
 
@@ -363,7 +370,7 @@ impl Spool for PostgresSpool {
 
     fn dead_letters(&self, filter: DeadFilter, limit: usize) -> SpoolFuture<Vec<DeadLetter>> {
         self.with_client("dead letters", move |c| {
-            Box::pin(async move { dead_letters(c, &filter, limit).await })
+            Box::pin(async move { dead::dead_letters(c, &filter, limit).await })
         })
     }
 
@@ -371,28 +378,7 @@ impl Spool for PostgresSpool {
         let notifier = self.notifier.clone();
         self.with_client("replay", move |c| {
             Box::pin(async move {
-                let statement = c
-                    .prepare_cached(
-                        "UPDATE deliveries SET state = 0, attempts = 0, next_at = $6, reason = '',
-                            updated_at = $6, step = 0, scheduled_at = $6, not_before = 0,
-                            lease_until = 0
-                         WHERE state = 2 AND target IS NOT NULL
-                           AND ($1::text IS NULL OR target = $1)
-                           AND ($2::text IS NULL OR reason = $2)
-                           AND ($3::bigint IS NULL OR updated_at >= $3)
-                           AND ($4::bigint IS NULL OR updated_at < $4)
-                           AND ($5::bigint IS NULL OR id = $5)
-                         RETURNING target",
-                    )
-                    .await?;
-                let f = FilterParams::of(&filter);
-                let rows = c
-                    .query(
-                        &statement,
-                        &[&f.target, &f.reason, &f.since, &f.until, &f.id, &now_ms.0],
-                    )
-                    .await?;
-                let targets: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                let targets = dead::replay(c, &filter, now_ms).await?;
                 let n = targets.len() as u64;
                 notifier.due(targets);
                 Ok(n)
@@ -402,7 +388,7 @@ impl Spool for PostgresSpool {
 
     fn purge(&self, filter: DeadFilter) -> SpoolFuture<u64> {
         self.with_client("purge", move |c| {
-            Box::pin(async move { purge(c, &filter).await })
+            Box::pin(async move { dead::purge(c, &filter).await })
         })
     }
 
@@ -516,295 +502,4 @@ fn event_from(row: &tokio_postgres::Row, first: usize) -> Event {
         msg_type: row.get(first + 7),
         event_type: row.get(first + 8),
     }
-}
-
-/// Claims up to `limit` due deliveries nobody holds, each under a new token
-/// until `now + lease_ms`.
-async fn lease(
-    c: &Object,
-    target: &str,
-    now: UnixMs,
-    limit: usize,
-    lease_ms: i64,
-    owner: &str,
-) -> Result<Vec<Lease>, SpoolError> {
-    let statement = c
-        .prepare_cached(&format!(
-            "WITH due AS (
-                 SELECT id FROM deliveries
-                 WHERE state = 0 AND target = $1 AND next_at <= $2 AND lease_until <= $2
-                 ORDER BY next_at, id LIMIT $3
-                 FOR UPDATE SKIP LOCKED
-             ), leased AS (
-                 UPDATE deliveries d
-                 SET lease_owner = $4, lease_until = $2 + $5, lease_token = nextval('lease_tokens')
-                 FROM due WHERE d.id = due.id
-                 RETURNING d.id, d.event_id, d.attempts, d.step, d.scheduled_at, d.lease_token,
-                           d.next_at
-             )
-             SELECT l.id, l.event_id, l.attempts, l.step, l.scheduled_at, l.lease_token,
-                    {EVENT_COLUMNS}
-             FROM leased l JOIN events e ON e.id = l.event_id
-             ORDER BY l.next_at, l.id"
-        ))
-        .await?;
-    let rows = c
-        .query(
-            &statement,
-            &[&target, &now.0, &(limit as i64), &owner, &lease_ms],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|row| Lease {
-            delivery_id: DeliveryId(row.get(0)),
-            target: target.to_owned(),
-            attempts: row.get::<_, i32>(2) as u32,
-            schedule: Schedule {
-                step: row.get::<_, i32>(3) as u32,
-                due_at: UnixMs(row.get(4)),
-            },
-            event_id: EventId(row.get(1)),
-            event: event_from(row, 6),
-            token: LeaseToken(row.get(5)),
-        })
-        .collect())
-}
-
-/// Writes outcomes in one transaction, three statements at most, each
-/// applied only where the row still holds the outcome's lease token.
-async fn record(c: &mut Object, settles: &[Settle], now: UnixMs) -> Result<(), SpoolError> {
-    let mut done = (Vec::new(), Vec::new());
-    let mut retry = RetryColumns::default();
-    let mut dead: (Vec<i64>, Vec<i64>, Vec<&str>, Vec<&str>) = Default::default();
-    for Settle { lease, settlement } in settles {
-        match settlement {
-            Settlement::Delivered { delivery_id } => {
-                done.0.push(delivery_id.0);
-                done.1.push(lease.0);
-            }
-            Settlement::Retry {
-                delivery_id,
-                next_at,
-                schedule,
-                not_before,
-                error,
-            } => {
-                retry.ids.push(delivery_id.0);
-                retry.tokens.push(lease.0);
-                retry.next_at.push(next_at.0);
-                retry.errors.push(error);
-                retry.not_before.push(not_before.0);
-                retry.steps.push(schedule.step as i32);
-                retry.scheduled_at.push(schedule.due_at.0);
-            }
-            Settlement::Dead {
-                delivery_id,
-                reason,
-                error,
-            } => {
-                dead.0.push(delivery_id.0);
-                dead.1.push(lease.0);
-                dead.2.push(reason.as_str());
-                dead.3.push(error);
-            }
-        }
-    }
-    let tx = c.transaction().await?;
-    if !done.0.is_empty() {
-        let events = lock_events_of(&tx, "d.id = ANY($1)", &[&done.0]).await?;
-        let delete = tx
-            .prepare_cached(
-                "DELETE FROM deliveries d USING unnest($1::bigint[], $2::bigint[]) AS s(id, token)
-                 WHERE d.id = s.id AND d.state = 0 AND d.lease_token = s.token",
-            )
-            .await?;
-        tx.execute(&delete, &[&done.0, &done.1]).await?;
-        drop_events_if_done(&tx, &events).await?;
-    }
-    if !retry.ids.is_empty() {
-        let update = tx
-            .prepare_cached(
-                "UPDATE deliveries d SET attempts = d.attempts + 1, next_at = s.next_at,
-                    last_error = s.error, updated_at = $8, not_before = s.not_before,
-                    step = s.step, scheduled_at = s.scheduled_at, lease_until = 0
-                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[],
-                             $6::int[], $7::bigint[])
-                      AS s(id, token, next_at, error, not_before, step, scheduled_at)
-                 WHERE d.id = s.id AND d.state = 0 AND d.lease_token = s.token",
-            )
-            .await?;
-        let r = &retry;
-        tx.execute(
-            &update,
-            &[
-                &r.ids,
-                &r.tokens,
-                &r.next_at,
-                &r.errors,
-                &r.not_before,
-                &r.steps,
-                &r.scheduled_at,
-                &now.0,
-            ],
-        )
-        .await?;
-    }
-    if !dead.0.is_empty() {
-        let update = tx
-            .prepare_cached(
-                "UPDATE deliveries d SET state = 2, attempts = d.attempts + 1, reason = s.reason,
-                    last_error = s.error, updated_at = $5, lease_until = 0
-                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[])
-                      AS s(id, token, reason, error)
-                 WHERE d.id = s.id AND d.state = 0 AND d.lease_token = s.token",
-            )
-            .await?;
-        tx.execute(&update, &[&dead.0, &dead.1, &dead.2, &dead.3, &now.0])
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-#[derive(Default)]
-struct RetryColumns<'a> {
-    ids: Vec<i64>,
-    tokens: Vec<i64>,
-    next_at: Vec<i64>,
-    errors: Vec<&'a str>,
-    not_before: Vec<i64>,
-    steps: Vec<i32>,
-    scheduled_at: Vec<i64>,
-}
-
-/// Locks, in id order, the events of the deliveries `selection` picks (a
-/// condition on `deliveries d`). Two transactions that remove the last two
-/// deliveries of one event then take turns, so the second sees the first's
-/// removal and removes the event; and the order keeps them from deadlocking.
-async fn lock_events_of(
-    tx: &deadpool_postgres::Transaction<'_>,
-    selection: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Vec<i64>, SpoolError> {
-    let lock = tx
-        .prepare_cached(&format!(
-            "SELECT id FROM events WHERE id IN (SELECT d.event_id FROM deliveries d WHERE {selection})
-             ORDER BY id FOR UPDATE"
-        ))
-        .await?;
-    Ok(tx
-        .query(&lock, params)
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
-}
-
-async fn drop_events_if_done(
-    tx: &deadpool_postgres::Transaction<'_>,
-    events: &[i64],
-) -> Result<(), SpoolError> {
-    let delete = tx
-        .prepare_cached(
-            "DELETE FROM events e WHERE e.id = ANY($1)
-               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)",
-        )
-        .await?;
-    tx.execute(&delete, &[&events]).await?;
-    Ok(())
-}
-
-/// A [`DeadFilter`] as statement parameters.
-struct FilterParams<'a> {
-    target: Option<&'a str>,
-    reason: Option<&'static str>,
-    since: Option<i64>,
-    until: Option<i64>,
-    id: Option<i64>,
-}
-
-impl<'a> FilterParams<'a> {
-    fn of(f: &'a DeadFilter) -> Self {
-        Self {
-            target: f.target.as_deref(),
-            reason: f.reason.map(DeadReason::as_str),
-            since: f.since.map(|t| t.0),
-            until: f.until.map(|t| t.0),
-            id: f.delivery_id.map(|d| d.0),
-        }
-    }
-}
-
-/// The dead letters a filter selects, as a condition on `deliveries d` with
-/// the filter's five parameters.
-const DEAD_SELECTION: &str = "d.state = 2
-    AND ($1::text IS NULL OR d.target = $1)
-    AND ($2::text IS NULL OR d.reason = $2)
-    AND ($3::bigint IS NULL OR d.updated_at >= $3)
-    AND ($4::bigint IS NULL OR d.updated_at < $4)
-    AND ($5::bigint IS NULL OR d.id = $5)";
-
-async fn dead_letters(
-    c: &Object,
-    filter: &DeadFilter,
-    limit: usize,
-) -> Result<Vec<DeadLetter>, SpoolError> {
-    let statement = c
-        .prepare_cached(&format!(
-            "SELECT d.id, d.event_id, d.target, d.reason, d.last_error, d.attempts, e.account,
-                    e.dedup_key, e.msg_type, e.event, e.received_at, d.updated_at
-             FROM deliveries d JOIN events e ON e.id = d.event_id
-             WHERE {DEAD_SELECTION}
-             ORDER BY d.updated_at, d.id LIMIT $6"
-        ))
-        .await?;
-    let f = FilterParams::of(filter);
-    let rows = c
-        .query(
-            &statement,
-            &[
-                &f.target,
-                &f.reason,
-                &f.since,
-                &f.until,
-                &f.id,
-                &(limit as i64),
-            ],
-        )
-        .await?;
-    rows.iter()
-        .map(|row| {
-            let reason: String = row.get(3);
-            Ok(DeadLetter {
-                delivery_id: DeliveryId(row.get(0)),
-                event_id: EventId(row.get(1)),
-                target: row.get(2),
-                reason: reason.parse().map_err(SpoolError::Storage)?,
-                last_error: row.get(4),
-                attempts: row.get::<_, i32>(5) as u32,
-                account: row.get(6),
-                dedup_key: row.get(7),
-                msg_type: row.get(8),
-                event_type: row.get(9),
-                received_at: UnixMs(row.get(10)),
-                dead_at: UnixMs(row.get(11)),
-            })
-        })
-        .collect()
-}
-
-async fn purge(c: &mut Object, filter: &DeadFilter) -> Result<u64, SpoolError> {
-    let f = FilterParams::of(filter);
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-        [&f.target, &f.reason, &f.since, &f.until, &f.id];
-    let tx = c.transaction().await?;
-    let events = lock_events_of(&tx, DEAD_SELECTION, &params).await?;
-    let delete = tx
-        .prepare_cached(&format!("DELETE FROM deliveries d WHERE {DEAD_SELECTION}"))
-        .await?;
-    let n = tx.execute(&delete, &params).await?;
-    drop_events_if_done(&tx, &events).await?;
-    tx.commit().await?;
-    Ok(n)
 }

@@ -73,6 +73,27 @@ impl TestSchema {
         })
         .unwrap_or_else(|e| panic!("{e}"));
     }
+
+    /// The rows in one of the schema's tables.
+    pub fn count(&self, table: &str) -> i64 {
+        let url = self.url.clone();
+        let sql = format!("SELECT count(*) FROM \"{}\".{table}", self.settings.schema);
+        let (tx, rx) = std::sync::mpsc::channel();
+        on_own_runtime(move || async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            let row = client
+                .query_one(&sql, &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = tx.send(row.get::<_, i64>(0));
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        rx.recv().unwrap_or_else(|e| panic!("{e}"))
+    }
 }
 
 impl Drop for TestSchema {

@@ -2,7 +2,6 @@
 //! relays started from a configuration file reach it: a schema of the test's
 //! own, dropped when the test ends, and the `[spool]` keys that name it.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use wxrelay::spool::postgres::testing;
 
 pub use testing::TEST_URL_VAR;
@@ -29,27 +28,14 @@ impl Database {
         &self.schema.settings.schema
     }
 
-    /// The server's address, for a proxy in front of it.
-    pub fn server(&self) -> SocketAddr {
-        let host = self.url.host_str().unwrap_or("127.0.0.1");
-        let port = self.url.port().unwrap_or(5432);
-        (host, port).to_socket_addrs().unwrap().next().unwrap()
-    }
-
     /// The `[spool]` keys of a relay on this schema.
     pub fn spool_toml(&self) -> String {
-        self.spool_toml_at(&self.url)
+        self.spool_toml_at(self.url.as_str())
     }
 
-    /// As [`Database::spool_toml`], reaching the server through `proxy`.
-    pub fn spool_toml_via(&self, proxy: SocketAddr) -> String {
-        let mut url = self.url.clone();
-        url.set_host(Some(&proxy.ip().to_string())).unwrap();
-        url.set_port(Some(proxy.port())).unwrap();
-        self.spool_toml_at(&url)
-    }
-
-    fn spool_toml_at(&self, url: &url::Url) -> String {
+    /// As [`Database::spool_toml`], reaching the server at `url` (through a
+    /// proxy).
+    pub fn spool_toml_at(&self, url: &str) -> String {
         format!(
             "backend = \"postgres\"\nurl = \"{url}\"\nschema = \"{}\"\npool_size = 4\nsslmode = \"disable\"\n",
             self.name()

@@ -194,13 +194,18 @@ impl TestRelay {
     /// the test database; `None` (the tests skipped) when none is configured.
     pub async fn start_postgres(toml: &str, now_secs: i64) -> Option<TestRelay> {
         let schema = TestSchema::new(&postgres::testing::test_url()?);
+        Some(Self::start_on_schema(toml, now_secs, schema).await)
+    }
+
+    /// As [`TestRelay::start_postgres`], in `schema` as its settings say.
+    pub async fn start_on_schema(toml: &str, now_secs: i64, schema: TestSchema) -> TestRelay {
         let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
             .await
             .unwrap_or_else(|e| panic!("the test database: {e}"));
         let dir = tempfile::tempdir().unwrap();
         let opened = OpenSpool::Postgres(Arc::new(spool));
         let path = dir.path().join("unused.db");
-        Some(Self::start_on(toml, now_secs, dir, &path, opened, Some(schema)).await)
+        Self::start_on(toml, now_secs, dir, &path, opened, Some(schema)).await
     }
 
     async fn start_on(

@@ -26,6 +26,8 @@ pub enum Behaviour {
     },
     /// Never answers (until it is told to release).
     Hang,
+    /// Answers with this status once told to release.
+    Hold(u16),
     /// Answers 200 after this long: a target that takes its time.
     Slow(Duration),
 }
@@ -158,7 +160,7 @@ impl FakeTarget {
         self.state.lock().unwrap().responder = Some(Box::new(responder));
     }
 
-    /// Lets every hanging request end (with a 503).
+    /// Lets every hanging request end (with a 503) and every held one answer.
     pub fn release_hung(&self) {
         self.release.notify_waiters();
     }
@@ -232,6 +234,10 @@ async fn answer(
         Behaviour::Hang => {
             release.notified().await;
             Ok(respond(503, &[], ""))
+        }
+        Behaviour::Hold(status) => {
+            release.notified().await;
+            Ok(respond(status, &[], ""))
         }
         Behaviour::Slow(after) => {
             tokio::time::sleep(after).await;

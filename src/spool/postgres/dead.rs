@@ -1,0 +1,124 @@
+//! The dead-letter table: listing, replaying and purging by filter.
+
+use super::settle::{drop_events_if_done, lock_events_of};
+use crate::spool::{DeadFilter, DeadLetter, DeadReason, DeliveryId, EventId, SpoolError, UnixMs};
+use deadpool_postgres::Object;
+
+/// A [`DeadFilter`] as statement parameters.
+pub(super) struct FilterParams<'a> {
+    target: Option<&'a str>,
+    reason: Option<&'static str>,
+    since: Option<i64>,
+    until: Option<i64>,
+    id: Option<i64>,
+}
+
+impl<'a> FilterParams<'a> {
+    pub(super) fn of(f: &'a DeadFilter) -> Self {
+        Self {
+            target: f.target.as_deref(),
+            reason: f.reason.map(DeadReason::as_str),
+            since: f.since.map(|t| t.0),
+            until: f.until.map(|t| t.0),
+            id: f.delivery_id.map(|d| d.0),
+        }
+    }
+}
+
+/// The dead letters a filter selects, as a condition on `deliveries d` with
+/// the filter's five parameters.
+pub(super) const DEAD_SELECTION: &str = "d.state = 2
+    AND ($1::text IS NULL OR d.target = $1)
+    AND ($2::text IS NULL OR d.reason = $2)
+    AND ($3::bigint IS NULL OR d.updated_at >= $3)
+    AND ($4::bigint IS NULL OR d.updated_at < $4)
+    AND ($5::bigint IS NULL OR d.id = $5)";
+
+pub(super) async fn dead_letters(
+    c: &Object,
+    filter: &DeadFilter,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, SpoolError> {
+    let statement = c
+        .prepare_cached(&format!(
+            "SELECT d.id, d.event_id, d.target, d.reason, d.last_error, d.attempts, e.account,
+                    e.dedup_key, e.msg_type, e.event, e.received_at, d.updated_at
+             FROM deliveries d JOIN events e ON e.id = d.event_id
+             WHERE {DEAD_SELECTION}
+             ORDER BY d.updated_at, d.id LIMIT $6"
+        ))
+        .await?;
+    let f = FilterParams::of(filter);
+    let rows = c
+        .query(
+            &statement,
+            &[
+                &f.target,
+                &f.reason,
+                &f.since,
+                &f.until,
+                &f.id,
+                &(limit as i64),
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let reason: String = row.get(3);
+            Ok(DeadLetter {
+                delivery_id: DeliveryId(row.get(0)),
+                event_id: EventId(row.get(1)),
+                target: row.get(2),
+                reason: reason.parse().map_err(SpoolError::Storage)?,
+                last_error: row.get(4),
+                attempts: row.get::<_, i32>(5) as u32,
+                account: row.get(6),
+                dedup_key: row.get(7),
+                msg_type: row.get(8),
+                event_type: row.get(9),
+                received_at: UnixMs(row.get(10)),
+                dead_at: UnixMs(row.get(11)),
+            })
+        })
+        .collect()
+}
+
+/// Makes the selected dead letters (those with a target) due at `now`, with
+/// their attempts and schedules reset; returns their targets.
+pub(super) async fn replay(
+    c: &Object,
+    filter: &DeadFilter,
+    now: UnixMs,
+) -> Result<Vec<String>, SpoolError> {
+    let statement = c
+        .prepare_cached(&format!(
+            "UPDATE deliveries d SET state = 0, attempts = 0, next_at = $6, reason = '',
+                updated_at = $6, step = 0, scheduled_at = $6, not_before = 0, lease_until = 0
+             WHERE {DEAD_SELECTION} AND d.target IS NOT NULL
+             RETURNING d.target"
+        ))
+        .await?;
+    let f = FilterParams::of(filter);
+    let rows = c
+        .query(
+            &statement,
+            &[&f.target, &f.reason, &f.since, &f.until, &f.id, &now.0],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+pub(super) async fn purge(c: &mut Object, filter: &DeadFilter) -> Result<u64, SpoolError> {
+    let f = FilterParams::of(filter);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&f.target, &f.reason, &f.since, &f.until, &f.id];
+    let tx = c.transaction().await?;
+    let events = lock_events_of(&tx, DEAD_SELECTION, &params).await?;
+    let delete = tx
+        .prepare_cached(&format!("DELETE FROM deliveries d WHERE {DEAD_SELECTION}"))
+        .await?;
+    let n = tx.execute(&delete, &params).await?;
+    drop_events_if_done(&tx, &events).await?;
+    tx.commit().await?;
+    Ok(n)
+}
