@@ -43,7 +43,6 @@ impl Database {
     }
 
     /// A connection to the server, to look at the schema's tables.
-    #[allow(dead_code)] // for the benchmarks
     pub async fn client(&self) -> tokio_postgres::Client {
         let (client, connection) =
             tokio_postgres::connect(self.url.as_str(), tokio_postgres::NoTls)
