@@ -29,14 +29,15 @@ async fn wxrelay(args: Vec<String>, env: Vec<(&'static str, String)>) -> (Option
 /// A configuration on the PostgreSQL spool `spool` (its TOML lines) with the
 /// vectors' accounts, written to a file in `dir`.
 fn config_file(dir: &tempfile::TempDir, spool: &str) -> String {
-    let g = generated();
+    config_file_with(dir, spool, &common::generated_config(&generated()))
+}
+
+/// As [`config_file`], with `rest` (accounts, targets, routes) after the spool.
+fn config_file_with(dir: &tempfile::TempDir, spool: &str, rest: &str) -> String {
     let path = dir.path().join("relay.toml");
     std::fs::write(
         &path,
-        format!(
-            "[spool]\nbackend = \"postgres\"\n{spool}\n{}",
-            common::generated_config(&g)
-        ),
+        format!("[spool]\nbackend = \"postgres\"\n{spool}\n{rest}"),
     )
     .unwrap();
     path.to_str().unwrap().to_owned()
@@ -178,7 +179,7 @@ async fn a_schema_newer_than_the_binary_is_refused() {
 }
 
 #[tokio::test]
-async fn the_dlq_command_replays_on_the_shared_queue_beside_a_running_relay() {
+async fn the_operator_commands_work_on_the_shared_queue_beside_a_running_relay() {
     let g = generated();
     let hooks = FakeTarget::start().await;
     hooks.set_default(Behaviour::status(400));
@@ -187,13 +188,14 @@ async fn the_dlq_command_replays_on_the_shared_queue_beside_a_running_relay() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = config_file(&dir, &spool_lines(relay.schema.as_ref().unwrap()));
-    let dlq = |args: &[&str]| {
-        let mut all = vec!["dlq".to_owned()];
+    let config = config_file_with(&dir, &spool_lines(relay.schema.as_ref().unwrap()), &toml);
+    let command = |name: &str, args: &[&str]| {
+        let mut all = vec![name.to_owned()];
         all.extend(args.iter().map(|a| a.to_string()));
         all.extend(["--config".to_owned(), config.clone()]);
         wxrelay(all, vec![])
     };
+    let dlq = |args: &[&str]| command("dlq", args);
     let v = vector(&g, "secure.CLICK");
     let answer = relay
         .post(&path("secure", &v["request"]), body(&v["request"]))
@@ -204,6 +206,12 @@ async fn the_dlq_command_replays_on_the_shared_queue_beside_a_running_relay() {
     let (code, listed) = dlq(&["list"]).await;
     assert_eq!(code, Some(0), "{listed}");
     assert!(listed.contains("rejected"), "{listed}");
+    let (code, pending) = command("pending", &["list", "--target", "hooks"]).await;
+    assert_eq!(code, Some(0), "{pending}");
+    assert!(
+        pending.contains("no delivery of hooks is pending"),
+        "{pending}"
+    );
     hooks.set_default(Behaviour::status(200));
     let (code, replayed) = dlq(&["replay", "--target", "hooks"]).await;
     assert_eq!(code, Some(0), "{replayed}");

@@ -258,33 +258,7 @@ async fn insert_rows(
         .map(|r| r.event.event.event_type.as_deref())
         .collect();
 
-    let mut d_event = Vec::with_capacity(rows);
-    let mut d_target: Vec<Option<&str>> = Vec::with_capacity(rows);
-    let mut d_state: Vec<i16> = Vec::with_capacity(rows);
-    let mut d_next: Vec<i64> = Vec::with_capacity(rows);
-    let mut d_reason: Vec<&str> = Vec::with_capacity(rows);
-    let mut d_order: Vec<Option<&str>> = Vec::with_capacity(rows);
-    let mut d_now: Vec<i64> = Vec::with_capacity(rows);
-    for (r, event_id) in stored.iter().zip(&event_ids) {
-        if r.event.targets.is_empty() {
-            d_event.push(*event_id);
-            d_target.push(None);
-            d_state.push(state_code(DeliveryState::Dead));
-            d_next.push(0);
-            d_reason.push(DeadReason::Unrouted.as_str());
-            d_order.push(None);
-            d_now.push(r.now.0);
-        }
-        for t in &r.event.targets {
-            d_event.push(*event_id);
-            d_target.push(Some(&t.target));
-            d_state.push(state_code(DeliveryState::Pending));
-            d_next.push(t.due_at.0);
-            d_reason.push("");
-            d_order.push(t.order_key.as_deref());
-            d_now.push(r.now.0);
-        }
-    }
+    let d = DeliveryColumns::of(stored, &event_ids, rows);
     let (events, deliveries) = tokio::try_join!(
         tx.prepare_cached(
             "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
@@ -307,13 +281,13 @@ async fn insert_rows(
     ];
     let delivery_params: [&(dyn ToSql + Sync); 8] = [
         &delivery_ids,
-        &d_event,
-        &d_target,
-        &d_state,
-        &d_next,
-        &d_reason,
-        &d_now,
-        &d_order,
+        &d.event_ids,
+        &d.targets,
+        &d.states,
+        &d.next_at,
+        &d.reasons,
+        &d.now,
+        &d.order_keys,
     ];
     // Pipelined: both statements go out before the first answer comes back.
     tokio::try_join!(
@@ -326,8 +300,55 @@ async fn insert_rows(
     ))
 }
 
+/// The delivery rows of the stored requests, as columns: one per target, or
+/// an `unrouted` dead letter for an event with none.
+struct DeliveryColumns<'a> {
+    event_ids: Vec<i64>,
+    targets: Vec<Option<&'a str>>,
+    states: Vec<i16>,
+    next_at: Vec<i64>,
+    reasons: Vec<&'a str>,
+    order_keys: Vec<Option<&'a str>>,
+    now: Vec<i64>,
+}
+
+impl<'a> DeliveryColumns<'a> {
+    fn of(stored: &[&'a Request], event_ids: &[i64], rows: usize) -> Self {
+        let mut d = DeliveryColumns {
+            event_ids: Vec::with_capacity(rows),
+            targets: Vec::with_capacity(rows),
+            states: Vec::with_capacity(rows),
+            next_at: Vec::with_capacity(rows),
+            reasons: Vec::with_capacity(rows),
+            order_keys: Vec::with_capacity(rows),
+            now: Vec::with_capacity(rows),
+        };
+        for (r, event_id) in stored.iter().zip(event_ids) {
+            if r.event.targets.is_empty() {
+                d.event_ids.push(*event_id);
+                d.targets.push(None);
+                d.states.push(state_code(DeliveryState::Dead));
+                d.next_at.push(0);
+                d.reasons.push(DeadReason::Unrouted.as_str());
+                d.order_keys.push(None);
+                d.now.push(r.now.0);
+            }
+            for t in &r.event.targets {
+                d.event_ids.push(*event_id);
+                d.targets.push(Some(&t.target));
+                d.states.push(state_code(DeliveryState::Pending));
+                d.next_at.push(t.due_at.0);
+                d.reasons.push("");
+                d.order_keys.push(t.order_key.as_deref());
+                d.now.push(r.now.0);
+            }
+        }
+        d
+    }
+}
+
 /// The `state` column's value.
-pub(super) fn state_code(state: DeliveryState) -> i16 {
+fn state_code(state: DeliveryState) -> i16 {
     match state {
         DeliveryState::Pending => 0,
         DeliveryState::Dead => 2,

@@ -13,14 +13,13 @@
 //!
 //! # Leases
 //!
-//! A delivery with an order key (per-user ordering) is not claimed while an
-//! earlier delivery of its target and key is pending, leased or not.
-//!
 //! [`Spool::lease`] claims due deliveries with `FOR UPDATE SKIP LOCKED` and
 //! writes the lease into the row: owner (this process's replica id), end, and
 //! a token from a sequence. A replica that dies leaves its leases to end;
 //! then any replica takes the deliveries, under new tokens. An outcome is
 //! written only while the row still holds the token it was leased under.
+//! A delivery with an order key (per-user ordering) is not claimed while an
+//! earlier delivery of its target and key is pending, leased or not.
 //!
 //! # Time
 //!
@@ -31,8 +30,9 @@
 //! # A database that misbehaves
 //!
 //! The pool holds at most `pool_size` connections; a request waits
-//! [`connect::POOL_WAIT`] for one at most, and every operation is bounded by
-//! [`OPERATION_TIMEOUT`]. A connection the database dropped is discarded
+//! [`connect::POOL_WAIT`] for one at most, and every operation but a schema
+//! migration is bounded by [`OPERATION_TIMEOUT`], in the database too
+//! (`statement_timeout`). A connection the database dropped is discarded
 //! and a new one opened on the next request, so the spool recovers by itself
 //! when the database is back.
 
@@ -98,8 +98,14 @@ pub enum OnOpen {
 pub struct PostgresSpool {
     pool: Pool,
     requests: Mutex<Option<mpsc::Sender<commit::Request>>>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    recordings: Mutex<Option<mpsc::Sender<settle::Recording>>>,
+    /// The notifier: runs until the spool closes.
+    notify: JoinHandle<()>,
+    /// The listener for other replicas' notifications, once asked for.
+    listener: Mutex<Option<JoinHandle<()>>>,
+    /// The group commit of pushes and the recorder of outcomes: let finish
+    /// at close.
+    writers: Mutex<Vec<JoinHandle<()>>>,
     notifier: wake::Notifier,
     /// This process's name in lease owners.
     replica: String,
@@ -180,13 +186,17 @@ impl PostgresSpool {
             prune::Pruner::new(pool.clone()),
         ));
         let notify = tokio::spawn(notifier.clone().run());
+        let (recordings, recorded) = mpsc::channel(QUEUE);
+        let recorder = tokio::spawn(settle::run(pool.clone(), recorded));
         let replica = format!("{:016x}", rand::random::<u64>());
         tracing::info!(replica = %replica, database = %settings.display, schema = %settings.schema, "spool opened");
         Ok(Self {
             pool,
             requests: Mutex::new(Some(requests)),
-            tasks: Mutex::new(vec![notify]),
-            writer: Mutex::new(Some(writer)),
+            recordings: Mutex::new(Some(recordings)),
+            notify,
+            listener: Mutex::new(None),
+            writers: Mutex::new(vec![writer, recorder]),
             notifier,
             replica,
             schema: settings.schema.clone(),
@@ -194,28 +204,38 @@ impl PostgresSpool {
         })
     }
 
-    /// Refuses new work, lets the writer commit what is queued, and stops
+    /// Refuses new work, lets the writers commit what is queued, and stops
     /// listening.
     pub async fn close(&self) {
         self.requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(writer) = writer {
+        self.recordings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|e| e.into_inner()));
+        for writer in writers {
             let _ = writer.await;
         }
         // An operator's replay is announced before the command exits.
         self.notifier.flush().await;
-        for task in self
-            .tasks
+        self.stop_background();
+        self.pool.close();
+    }
+
+    /// Ends the tasks that run until told to: the notifier and the listener.
+    fn stop_background(&self) {
+        self.notify.abort();
+        if let Some(listener) = self
+            .listener
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
+            .take()
         {
-            task.abort();
+            listener.abort();
         }
-        self.pool.close();
     }
 
     /// Runs `operation` on a pooled connection, bounded.
@@ -245,14 +265,19 @@ impl PostgresSpool {
 
 impl Drop for PostgresSpool {
     fn drop(&mut self) {
-        for task in self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            task.abort();
-        }
+        self.stop_background();
+    }
+}
+
+/// Hands `item` to a writer task: `Busy` when its queue is full, `Closed`
+/// once the spool is.
+fn send<T>(channel: &Mutex<Option<mpsc::Sender<T>>>, item: T) -> Result<(), SpoolError> {
+    match channel.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        None => Err(SpoolError::Closed),
+        Some(tx) => tx.try_send(item).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SpoolError::Busy,
+            mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
+        }),
     }
 }
 
@@ -272,18 +297,7 @@ impl Spool for PostgresSpool {
             window: dedup_window_ms,
             reply,
         };
-        let sent = match self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            None => Err(SpoolError::Closed),
-            Some(tx) => tx.try_send(request).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SpoolError::Busy,
-                mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
-            }),
-        };
+        let sent = send(&self.requests, request);
         Box::pin(async move {
             sent?;
             answer.await.unwrap_or(Err(SpoolError::Closed))
@@ -307,8 +321,16 @@ impl Spool for PostgresSpool {
     }
 
     fn record(&self, settlements: Vec<Settle>, now_ms: UnixMs) -> SpoolFuture<()> {
-        self.with_client("record", move |c| {
-            Box::pin(async move { settle::record(c, &settlements, now_ms).await })
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let call = settle::Recording {
+            settles: settlements,
+            now: now_ms,
+            reply,
+        };
+        let sent = send(&self.recordings, call);
+        Box::pin(async move {
+            sent?;
+            answer.await.unwrap_or(Err(SpoolError::Closed))
         })
     }
 
@@ -479,10 +501,15 @@ impl Spool for PostgresSpool {
     fn on_due_elsewhere(&self, wake: DueWaker) {
         let (config, tls) = self.listen.clone();
         let task = tokio::spawn(wake::listen(config, tls, self.schema.clone(), wake));
-        self.tasks
+        // A relay started again on the same spool listens for its new workers.
+        let previous = self
+            .listener
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(task);
+            .replace(task);
+        if let Some(previous) = previous {
+            previous.abort();
+        }
     }
 }
 

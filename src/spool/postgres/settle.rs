@@ -4,20 +4,22 @@ use super::{event_from, EVENT_COLUMNS};
 use crate::spool::{
     DeliveryId, EventId, Lease, LeaseToken, Schedule, Settle, Settlement, SpoolError, UnixMs,
 };
-use deadpool_postgres::Object;
+use deadpool_postgres::{Object, Pool};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
 /// Claims up to `limit` due deliveries nobody holds, each under a new token
 /// until `now + lease_ms`.
 pub(super) async fn lease(
-    c: &Object,
+    c: &mut Object,
     target: &str,
     now: UnixMs,
     limit: usize,
     lease_ms: i64,
     owner: &str,
 ) -> Result<Vec<Lease>, SpoolError> {
-    let statement = c
+    let tx = not_waiting_for_the_flush(c).await?;
+    let statement = tx
         .prepare_cached(&format!(
             "WITH due AS (
                  SELECT d.id FROM deliveries d
@@ -41,12 +43,13 @@ pub(super) async fn lease(
              ORDER BY l.next_at, l.id"
         ))
         .await?;
-    let rows = c
+    let rows = tx
         .query(
             &statement,
             &[&target, &now.0, &(limit as i64), &owner, &lease_ms],
         )
         .await?;
+    tx.commit().await?;
     Ok(rows
         .iter()
         .map(|row| Lease {
@@ -64,17 +67,58 @@ pub(super) async fn lease(
         .collect())
 }
 
+/// A transaction whose commit does not wait for the database to flush it
+/// to disk (`synchronous_commit = off`), for leases and outcomes: a database
+/// crash can lose the last of them, which only means their deliveries are
+/// sent again (at least once), and an fsync per lease or outcome would bound
+/// fan-out by the disk. Pushes are never stored this way.
+async fn not_waiting_for_the_flush(
+    c: &mut Object,
+) -> Result<deadpool_postgres::Transaction<'_>, SpoolError> {
+    let tx = c.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await?;
+    Ok(tx)
+}
+
+/// A `record` call waiting for the next batch of outcomes.
+pub(super) struct Recording {
+    pub settles: Vec<Settle>,
+    pub now: UnixMs,
+    pub reply: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+/// The `record` calls waiting when the recorder is free go into one
+/// transaction, as pushes do: the workers of every target settle together.
+pub(super) async fn run(pool: Pool, mut calls: mpsc::Receiver<Recording>) {
+    let mut batch = Vec::new();
+    while calls.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let result = super::bounded("record", async {
+            let mut client = super::client(&pool).await?;
+            record(&mut client, &batch).await
+        })
+        .await;
+        for call in batch.drain(..) {
+            let _ = call.reply.send(result.clone());
+        }
+    }
+}
+
+/// `record` calls in one transaction at most.
+const MAX_BATCH: usize = 256;
+
 /// Writes outcomes in one transaction, three statements at most, each
 /// applied only where the row still holds the outcome's lease token. A
 /// delivered outcome also settles a delivery retired (`target_removed`)
 /// while its attempt was in flight: the target has it.
-pub(super) async fn record(
-    c: &mut Object,
-    settles: &[Settle],
-    now: UnixMs,
-) -> Result<(), SpoolError> {
-    let o = Outcomes::of(settles);
-    let tx = c.transaction().await?;
+async fn record(c: &mut Object, calls: &[Recording]) -> Result<(), SpoolError> {
+    let mut o = Outcomes::default();
+    for call in calls {
+        for settle in &call.settles {
+            o.add(settle, call.now);
+        }
+    }
+    let tx = not_waiting_for_the_flush(c).await?;
     if !o.delivered.0.is_empty() {
         let events = lock_events_of(&tx, "d.id = ANY($1)", &[&o.delivered.0]).await?;
         let delete = tx
@@ -92,11 +136,11 @@ pub(super) async fn record(
         let update = tx
             .prepare_cached(
                 "UPDATE deliveries d SET attempts = d.attempts + 1, next_at = s.next_at,
-                    last_error = s.error, updated_at = $8, not_before = s.not_before,
+                    last_error = s.error, updated_at = s.now, not_before = s.not_before,
                     step = s.step, scheduled_at = s.scheduled_at, lease_until = 0
                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[],
-                             $6::int[], $7::bigint[])
-                      AS s(id, token, next_at, error, not_before, step, scheduled_at)
+                             $6::int[], $7::bigint[], $8::bigint[])
+                      AS s(id, token, next_at, error, not_before, step, scheduled_at, now)
                  WHERE d.id = s.id AND d.state = 0 AND d.lease_token = s.token",
             )
             .await?;
@@ -109,22 +153,22 @@ pub(super) async fn record(
             &r.not_before,
             &r.steps,
             &r.scheduled_at,
-            &now.0,
+            &r.now,
         ];
         tx.execute(&update, &params).await?;
     }
-    if !o.dead.0.is_empty() {
+    if !o.dead.ids.is_empty() {
         let update = tx
             .prepare_cached(
                 "UPDATE deliveries d SET state = 2, attempts = d.attempts + 1, reason = s.reason,
-                    last_error = s.error, updated_at = $5, lease_until = 0
-                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[])
-                      AS s(id, token, reason, error)
+                    last_error = s.error, updated_at = s.now, lease_until = 0
+                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])
+                      AS s(id, token, reason, error, now)
                  WHERE d.id = s.id AND d.state = 0 AND d.lease_token = s.token",
             )
             .await?;
         let d = &o.dead;
-        tx.execute(&update, &[&d.0, &d.1, &d.2, &d.3, &now.0])
+        tx.execute(&update, &[&d.ids, &d.tokens, &d.reasons, &d.errors, &d.now])
             .await?;
     }
     tx.commit().await?;
@@ -137,8 +181,7 @@ struct Outcomes<'a> {
     /// Ids and tokens.
     delivered: (Vec<i64>, Vec<i64>),
     retry: RetryColumns<'a>,
-    /// Ids, tokens, reasons and errors.
-    dead: (Vec<i64>, Vec<i64>, Vec<&'a str>, Vec<&'a str>),
+    dead: DeadColumns<'a>,
 }
 
 #[derive(Default)]
@@ -150,46 +193,56 @@ struct RetryColumns<'a> {
     not_before: Vec<i64>,
     steps: Vec<i32>,
     scheduled_at: Vec<i64>,
+    now: Vec<i64>,
+}
+
+#[derive(Default)]
+struct DeadColumns<'a> {
+    ids: Vec<i64>,
+    tokens: Vec<i64>,
+    reasons: Vec<&'a str>,
+    errors: Vec<&'a str>,
+    now: Vec<i64>,
 }
 
 impl<'a> Outcomes<'a> {
-    fn of(settles: &'a [Settle]) -> Self {
-        let mut o = Outcomes::default();
-        for Settle { lease, settlement } in settles {
-            match settlement {
-                Settlement::Delivered { delivery_id } => {
-                    o.delivered.0.push(delivery_id.0);
-                    o.delivered.1.push(lease.0);
-                }
-                Settlement::Retry {
-                    delivery_id,
-                    next_at,
-                    schedule,
-                    not_before,
-                    error,
-                } => {
-                    let r = &mut o.retry;
-                    r.ids.push(delivery_id.0);
-                    r.tokens.push(lease.0);
-                    r.next_at.push(next_at.0);
-                    r.errors.push(error);
-                    r.not_before.push(not_before.0);
-                    r.steps.push(schedule.step as i32);
-                    r.scheduled_at.push(schedule.due_at.0);
-                }
-                Settlement::Dead {
-                    delivery_id,
-                    reason,
-                    error,
-                } => {
-                    o.dead.0.push(delivery_id.0);
-                    o.dead.1.push(lease.0);
-                    o.dead.2.push(reason.as_str());
-                    o.dead.3.push(error);
-                }
+    /// One outcome, recorded at `now`.
+    fn add(&mut self, Settle { lease, settlement }: &'a Settle, now: UnixMs) {
+        match settlement {
+            Settlement::Delivered { delivery_id } => {
+                self.delivered.0.push(delivery_id.0);
+                self.delivered.1.push(lease.0);
+            }
+            Settlement::Retry {
+                delivery_id,
+                next_at,
+                schedule,
+                not_before,
+                error,
+            } => {
+                let r = &mut self.retry;
+                r.ids.push(delivery_id.0);
+                r.tokens.push(lease.0);
+                r.next_at.push(next_at.0);
+                r.errors.push(error);
+                r.not_before.push(not_before.0);
+                r.steps.push(schedule.step as i32);
+                r.scheduled_at.push(schedule.due_at.0);
+                r.now.push(now.0);
+            }
+            Settlement::Dead {
+                delivery_id,
+                reason,
+                error,
+            } => {
+                let d = &mut self.dead;
+                d.ids.push(delivery_id.0);
+                d.tokens.push(lease.0);
+                d.reasons.push(reason.as_str());
+                d.errors.push(error);
+                d.now.push(now.0);
             }
         }
-        o
     }
 }
 
