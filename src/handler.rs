@@ -12,7 +12,7 @@
 //! line, in one exhaustive `match`.
 
 use crate::clock::Clock;
-use crate::config::{Account, Mode, Settings};
+use crate::config::{Account, Mode, Settings, Target, WechatServer};
 use crate::deliver::retry::Verdict;
 use crate::deliver::Dispatcher;
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::spool::DeadReason;
 use crate::wechat::crypto::{KeyRing, KeySlot};
 use crate::wechat::inbound::{self, Credentials, Refused, VerifiedPush};
+use crate::wechat::push::digits;
 use crate::wechat::reply::{self, ReplyBody};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -271,6 +272,11 @@ fn observe_accepted(m: &Metrics, account: &str, verdict: &str, latency_ms: f64, 
         m.events
             .with_label_values(&[account, msg_type, event])
             .inc();
+        if let Some(login) = i.login {
+            m.login_events
+                .with_label_values(&[account, login.as_str()])
+                .inc();
+        }
         if i.unrouted {
             m.dead_letters
                 .with_label_values(&["", DeadReason::Unrouted.as_str()])
@@ -453,7 +459,7 @@ async fn accept_push(
         } else {
             reply_inline(path, to, remaining).await
         };
-        let (body, outcome) = answer_with(account, &to.target.name, &verified, inline);
+        let (body, outcome) = answer_with(account, &to.target, &verified, inline);
         answer = body;
         reply = Some(outcome);
     }
@@ -505,9 +511,11 @@ async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Inl
 /// valid; valid reply XML as is, except that a secure-mode account's plaintext
 /// reply is sealed into the envelope with the key that decrypted the push,
 /// and an envelope the target sealed itself passes only if WeChat could open it.
+/// A `wechat` target's reply must verify with the target's own credentials,
+/// and is sealed again with the account's.
 fn answer_with(
     account: &Account,
-    target: &str,
+    target: &Target,
     verified: &VerifiedPush,
     reply: InlineReply,
 ) -> (Bytes, &'static str) {
@@ -517,7 +525,10 @@ fn answer_with(
         InlineReply::Invalid => return (success, "ignored"),
         InlineReply::Valid(reply) => reply,
     };
-    // Sealed as WeChat expects: with the key that decrypted the push.
+    // Sealed as WeChat expects: with the key that decrypted the push. The
+    // nonce is fresh: under the push's own, the envelope's `Encrypt` and
+    // `MsgSignature` beside the push's `signature` would make a push whose
+    // content the reply target chose.
     let seal = |keys: &KeyRing, slot: KeySlot, xml: &str| {
         let sealed = reply::envelope(
             keys.key(slot),
@@ -525,10 +536,27 @@ fn answer_with(
             &account.app_id,
             xml,
             &verified.timestamp,
-            &verified.nonce,
+            &digits(10),
             &reply::random_bytes(),
         );
         (Bytes::from(sealed), "encrypted")
+    };
+    let reply = match &target.wechat {
+        None => reply,
+        Some(server) => match from_target_server(server, account, verified, reply) {
+            Ok(Opened::Sealed(xml)) => {
+                return match (&account.keys, verified.key_slot) {
+                    (Some(keys), Some(slot)) => seal(keys, slot, &xml),
+                    // An unencrypted push: WeChat expects its reply in plaintext.
+                    _ => (Bytes::from(xml), "passed"),
+                };
+            }
+            Ok(Opened::Plain(reply)) => reply,
+            Err(reason) => {
+                tracing::warn!(account = %account.id, target = %target.name, %reason, "reply target's answer does not verify with its own credentials; answering success");
+                return (success, "unverifiable");
+            }
+        },
     };
     match reply {
         ReplyBody::Ack => (success, "passed"),
@@ -545,7 +573,7 @@ fn answer_with(
                     (_, None) => (Bytes::from(plain), "passed"),
                 },
                 Err(e) => {
-                    tracing::warn!(account = %account.id, target, reason = %e, "reply target's envelope would not open for WeChat; answering success");
+                    tracing::warn!(account = %account.id, target = %target.name, reason = %e, "reply target's envelope would not open for WeChat; answering success");
                     (success, "unverifiable")
                 }
             }
@@ -554,5 +582,53 @@ fn answer_with(
             (Mode::Secure, Some(keys), Some(slot)) => seal(keys, slot, &xml),
             _ => (Bytes::from(xml), "passed"),
         },
+    }
+}
+
+/// A `wechat` target's reply, judged as WeChat would judge it from a server
+/// holding the target's credentials.
+enum Opened {
+    /// Its envelope opened: the reply inside, to be sealed for the account.
+    Sealed(String),
+    /// `success`, or plaintext reply XML from a server not in secure mode.
+    Plain(ReplyBody),
+}
+
+/// Opens a `wechat` target's reply with its own Token, keys and AppID (the
+/// account's when it sets none). A plaintext reply carries no signature;
+/// from a server in secure mode WeChat would refuse it, and so does this.
+/// What is to be sealed for the account must be a passive reply to the push:
+/// the target holds none of the account's credentials, and must not get more
+/// than that sealed under them.
+fn from_target_server(
+    server: &WechatServer,
+    account: &Account,
+    verified: &VerifiedPush,
+    reply: ReplyBody,
+) -> Result<Opened, String> {
+    let answers = |xml: &str| {
+        reply::check_answers(xml, &verified.message).map_err(|e| format!("the reply is {e}"))
+    };
+    match reply {
+        ReplyBody::Envelope(xml) => {
+            let app_id = server.app_id.as_deref().unwrap_or(&account.app_id);
+            let keys = server
+                .keys
+                .as_ref()
+                .ok_or("the target has no EncodingAESKey to open it with")?;
+            let (plain, _) =
+                reply::open_envelope(Some(keys), server.token.expose(), app_id, xml.as_bytes())
+                    .map_err(|e| e.to_string())?;
+            answers(&plain)?;
+            Ok(Opened::Sealed(plain))
+        }
+        ReplyBody::PlainXml(_) if server.mode == Mode::Secure => {
+            Err("a plaintext reply from a server in secure mode".to_owned())
+        }
+        ReplyBody::PlainXml(xml) => {
+            answers(&xml)?;
+            Ok(Opened::Plain(ReplyBody::PlainXml(xml)))
+        }
+        ReplyBody::Ack => Ok(Opened::Plain(ReplyBody::Ack)),
     }
 }

@@ -13,6 +13,7 @@ use crate::spool::{
     UnixMs,
 };
 use crate::wechat::inbound::VerifiedPush;
+use crate::wechat::message::LoginEvent;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct Ingested {
     pub msg_type: String,
     /// The `Event` of an event push, empty otherwise.
     pub event_name: String,
+    /// Its part in a QR-code login, if any.
+    pub login: Option<LoginEvent>,
     /// `event/{Event}` or the MsgType, for the log line.
     pub kind: String,
     /// The dedup key, hashed: it carries the sender's OpenID.
@@ -114,6 +117,7 @@ impl Ingest {
             unrouted: routed.is_empty(),
             msg_type: input.msg_type.to_string(),
             event_name: message.event().unwrap_or("").to_string(),
+            login: message.login(),
             kind: kind(message.event(), input.msg_type),
             key_hash: short_hash(&dedup_key),
         };

@@ -21,7 +21,8 @@
 //! - [`spool`]: the durable queue, its trait, and its SQLite (one replica) and
 //!   PostgreSQL (shared by several replicas) implementations.
 //! - `deliver`: the dispatcher (delivery workers, target health, one way to
-//!   attempt and record), the target formats and the retry policy.
+//!   attempt and record), the target formats, the retry policy and the
+//!   per-target circuit breaker.
 //! - `handler`: the WeChat-facing HTTP shell and its one error type.
 //! - `ingest`: route a verified push and store it durably.
 //! - `admin`: the admin listener's routes; `reload`: configuration reload.

@@ -1,5 +1,5 @@
 //! The `wxrelay` command line: `serve` runs the relay, `check` validates a
-//! configuration; `simulate`, `route`, `dlq`, `pending`, `migrate` and `keygen` are the operator's
+//! configuration; `simulate`, `route`, `dlq`, `pending`, `migrate`, `target` and `keygen` are the operator's
 //! tools (see [`wxrelay::cli`]). Usage and configuration errors exit with
 //! status 64 (EX_USAGE), other failures with 1.
 
@@ -12,6 +12,7 @@ use wxrelay::cli::dlq::{self, DlqCommand};
 use wxrelay::cli::pending::{self, PendingCommand};
 use wxrelay::cli::route::{self, RouteArgs};
 use wxrelay::cli::simulate::{self, SimulateArgs};
+use wxrelay::cli::target::{self, TargetCommand};
 use wxrelay::cli::{self, keygen, migrate, CliError, Report};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{render_check, Settings};
@@ -92,7 +93,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Print a fresh Token and EncodingAESKey for a new account.
+    /// Check a `format = "wechat"` target: WeChat's URL check signed with its Token.
+    Target {
+        /// The configuration that holds the target.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: TargetCommand,
+    },
+    /// Print a fresh Token and EncodingAESKey for a new account or a `wechat` target.
     Keygen,
     /// Run a local target that prints every delivery it receives and answers
     /// `success`, for trying routes and formats without a broker.
@@ -163,6 +172,7 @@ fn main() -> ExitCode {
                 .and_then(|settings| block_on(async move { migrate::run(&settings).await })?)
                 .map(done),
         ),
+        Command::Target { config, command } => finish(run_target(config, command)),
         Command::Keygen => finish(Ok(done(keygen::run()))),
         Command::Sink { listen } => finish(block_on(run_sink(listen)).and_then(|r| r)),
     }
@@ -196,6 +206,12 @@ fn on_spool(
         opened.close().await;
         result
     })?
+}
+
+fn run_target(config: Option<PathBuf>, command: TargetCommand) -> Result<Report, CliError> {
+    let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
+    let settings = cli::load(&config)?;
+    block_on(async move { target::run(&settings, &command, &SystemClock).await })?
 }
 
 /// Prints deliveries until interrupted.

@@ -15,6 +15,11 @@ use prometheus::{
 const ANSWER_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 4.5, 5.0,
 ];
+/// Login delivery buckets: fine below a second, where a waiting user is.
+const LOGIN_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
 const DELIVERY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -41,8 +46,16 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// What the reply target's inline attempt gave WeChat: passed (its XML as
     /// is), encrypted (sealed by the relay), ignored (not valid for WeChat, so
-    /// success), none (no answer in time or an error, so success).
+    /// success), unverifiable (an envelope or reply that does not verify with
+    /// the credentials it must be sealed with, so success), none (no answer in
+    /// time or an error, so success).
     pub replies: IntCounterVec,
+    /// Accepted login events by account and kind: subscribe_scene (a first
+    /// follow by a parametric QR code), subscribe_plain (a follow without a
+    /// scene), scan (a follower's scan).
+    pub login_events: IntCounterVec,
+    /// From a login event's arrival to a target's 2xx, inline or by a worker.
+    pub login_delivery_seconds: HistogramVec,
     /// Delivery work the spool refused, by target and operation (settle:
     /// an outcome not recorded; lease: due deliveries not read; release).
     pub spool_failures: IntCounterVec,
@@ -59,6 +72,8 @@ pub struct Metrics {
     pub http_errors: IntCounterVec,
     /// Bytes reserved for request bodies being read or processed.
     pub body_bytes_in_flight: IntGauge,
+    /// Each target's circuit: 0 closed, 1 open (left alone), 2 probing.
+    pub target_circuit: IntGaugeVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +129,14 @@ impl Metrics {
             &["version"],
         )?;
         r.register(Box::new(build_info.clone()))?;
+        let target_circuit = IntGaugeVec::new(
+            Opts::new(
+                "target_circuit",
+                "A target's circuit: 0 closed, 1 open (no attempts), 2 probing.",
+            ),
+            &["target"],
+        )?;
+        r.register(Box::new(target_circuit.clone()))?;
         fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
             let g = IntGauge::new(name, help)?;
             r.register(Box::new(g.clone()))?;
@@ -192,6 +215,19 @@ impl Metrics {
                 "What the reply target's inline attempt gave WeChat.",
                 &["account", "outcome"],
             )?,
+            login_events: counter(
+                r,
+                "login_events_total",
+                "Accepted login events (subscribe_scene, subscribe_plain, scan) by account.",
+                &["account", "event"],
+            )?,
+            login_delivery_seconds: histogram(
+                r,
+                "login_delivery_seconds",
+                "Time from a login event's arrival to a target's 2xx.",
+                &["target"],
+                LOGIN_BUCKETS,
+            )?,
             spool_failures: counter(
                 r,
                 "spool_failures_total",
@@ -224,6 +260,7 @@ impl Metrics {
                 "body_bytes_in_flight",
                 "Bytes reserved for request bodies in progress.",
             )?,
+            target_circuit,
             registry,
         })
     }

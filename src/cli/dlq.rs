@@ -51,6 +51,10 @@ pub enum DlqCommand {
         /// Replay every dead letter (needed when no filter is given).
         #[arg(long)]
         all: bool,
+        /// Also replay expired deliveries: they waited longer than their
+        /// target's max_age, and sent now they arrive that late.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete the selected dead letters.
     Purge {
@@ -68,7 +72,7 @@ pub struct Selection {
     /// Only this target's.
     #[arg(long)]
     pub target: Option<String>,
-    /// Only this reason: rejected, exhausted, unrouted or target_removed.
+    /// Only this reason: rejected, exhausted, unrouted, target_removed or expired.
     #[arg(long)]
     pub reason: Option<DeadReason>,
     /// Dead-lettered at or after TIME: RFC 3339 (2024-05-29T08:00:00Z) or a time ago (2h, 30m).
@@ -158,10 +162,19 @@ pub async fn run(spool: &dyn Spool, command: &DlqCommand, now_ms: i64) -> Result
             Ok(table(&dead, *limit))
         }
         DlqCommand::Show { id, content } => show(spool, *id, *content).await,
-        DlqCommand::Replay { select, all } => {
+        DlqCommand::Replay { select, all, force } => {
             guard("replay", select, *all)?;
             let filter = select.filter(now_ms);
-            let unrouted = count_unrouted(spool, &filter).await?;
+            let expired = count_reason(spool, &filter, DeadReason::Expired).await?;
+            if expired > 0 && !force {
+                return Err(CliError::Usage(format!(
+                    "refusing to replay {expired} expired {}: {} waited longer than the target's                      max_age, and a login event sent that late is noise at best and a surprise                      login at worst. Say --force to send {} anyway, or narrow the selection                      (e.g. --reason exhausted).",
+                    plural(expired, "delivery", "deliveries"),
+                    plural(expired, "it", "they"),
+                    plural(expired, "it", "them"),
+                )));
+            }
+            let unrouted = count_reason(spool, &filter, DeadReason::Unrouted).await?;
             let replayed = spool.replay(filter, UnixMs(now_ms)).await.map_err(failed)?;
             let mut out = match replayed {
                 0 => "no delivery was made due again\n".to_owned(),
@@ -205,17 +218,23 @@ fn guard(verb: &str, select: &Selection, all: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-/// How many of the selected dead letters are unrouted (they have no target).
-async fn count_unrouted(spool: &dyn Spool, filter: &DeadFilter) -> Result<u64, CliError> {
-    if filter.target.is_some() || filter.reason.is_some_and(|r| r != DeadReason::Unrouted) {
+/// How many of the selected dead letters have `reason`. Unrouted ones have
+/// no target, so a selection by target has none.
+async fn count_reason(
+    spool: &dyn Spool,
+    filter: &DeadFilter,
+    reason: DeadReason,
+) -> Result<u64, CliError> {
+    let no_target = reason == DeadReason::Unrouted && filter.target.is_some();
+    if no_target || filter.reason.is_some_and(|r| r != reason) {
         return Ok(0);
     }
-    let unrouted = DeadFilter {
-        reason: Some(DeadReason::Unrouted),
+    let selected = DeadFilter {
+        reason: Some(reason),
         ..filter.clone()
     };
     let found = spool
-        .dead_letters(unrouted, usize::MAX)
+        .dead_letters(selected, usize::MAX)
         .await
         .map_err(failed)?;
     Ok(found.len() as u64)

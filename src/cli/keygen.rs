@@ -1,7 +1,8 @@
-//! `wxrelay keygen`: fresh credentials for a new account, printed as
-//! `relay.toml` lines. The same two values go into the WeChat admin console,
-//! which accepts letters and digits only: a Token of 3 to 32, an
-//! EncodingAESKey of exactly 43.
+//! `wxrelay keygen`: fresh credentials, printed as `relay.toml` lines, for a
+//! new account (the same two values go into the WeChat admin console) or a
+//! `format = "wechat"` target (they go into the broker's WeChat settings, so
+//! the broker never holds the account's own). Both take letters and digits
+//! only: a Token of 3 to 32, an EncodingAESKey of exactly 43.
 
 use rand::distributions::Alphanumeric;
 use rand::rngs::OsRng;
@@ -36,8 +37,10 @@ pub fn generate() -> Credentials {
 pub fn run() -> String {
     let c = generate();
     format!(
-        "# Paste the same values into the WeChat admin console (基本配置 → 服务器配置) \
-         and under [accounts.<id>] in relay.toml.\n\
+        "# For an account: paste the same values into the WeChat admin console \
+         (基本配置 → 服务器配置) and under [accounts.<id>] in relay.toml.\n\
+         # For a format = \"wechat\" target: into the broker's WeChat settings and \
+         under [targets.<name>].\n\
          token = \"{}\"\nencoding_aes_key = \"{}\"\n",
         c.token, c.encoding_aes_key
     )

@@ -11,7 +11,10 @@
 //!   safely while the relay runs.
 //! - [`migrate`]: bring a PostgreSQL spool's schema up to date ahead of a
 //!   rollout.
-//! - [`keygen`]: a fresh Token and EncodingAESKey for a new account.
+//! - [`keygen`]: a fresh Token and EncodingAESKey for a new account or a
+//!   `format = "wechat"` target.
+//! - [`target`]: check that a `wechat` target holds the Token the relay
+//!   signs with (WeChat's URL check).
 //! - [`sink`]: a local target that prints what it receives.
 //!
 //! None of them prints message content or an OpenID unless asked to (the sink
@@ -24,6 +27,7 @@ pub mod pending;
 pub mod route;
 pub mod simulate;
 pub mod sink;
+pub mod target;
 
 use crate::config::{Account, ConfigError, Settings};
 use std::path::{Path, PathBuf};

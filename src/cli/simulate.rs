@@ -13,7 +13,7 @@ use crate::clock::Clock;
 use crate::config::{Account, Mode, Settings};
 use crate::deliver::{self, HttpClient};
 use crate::wechat::message::Message;
-use crate::wechat::push::{self, PushParams, Sealing};
+use crate::wechat::push::{self, digits, PushParams, Sealing};
 use crate::wechat::{reply, signature};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, USER_AGENT};
@@ -251,16 +251,28 @@ async fn verify_url(
     url: &url::Url,
     now: i64,
 ) -> Result<Report, CliError> {
+    url_check(client, account.token.expose(), url, now).await
+}
+
+/// WeChat's GET URL check of `url`, signed with `token`: `ok` when the server
+/// echoed `echostr`, which proves it holds the same Token.
+pub async fn url_check(
+    client: &HttpClient,
+    token: &str,
+    url: &url::Url,
+    now: i64,
+) -> Result<Report, CliError> {
     let (timestamp, nonce, echostr) = (now.to_string(), digits(9), digits(19));
-    let signature = signature::sign(&[account.token.expose(), &timestamp, &nonce]);
+    let signature = signature::sign(&[token, &timestamp, &nonce]);
+    let separator = if url.query().is_some() { '&' } else { '?' };
     let uri = format!(
-        "{url}?signature={signature}&echostr={echostr}&timestamp={timestamp}&nonce={nonce}"
+        "{url}{separator}signature={signature}&echostr={echostr}&timestamp={timestamp}&nonce={nonce}"
     );
     let (status, body) = exchange(client, Method::GET, &uri, String::new()).await?;
     let echoed = status == StatusCode::OK && body == echostr.as_bytes();
-    let mut text = format!("GET {url} (URL check)\n");
+    let mut text = format!("GET {} (URL check)\n", crate::config::masked_url(url));
     line(&mut text, format!("HTTP {status}"));
-    line(&mut text, String::from_utf8_lossy(&body).trim_end());
+    line(&mut text, printable(&String::from_utf8_lossy(&body)));
     line(
         &mut text,
         if echoed {
@@ -270,6 +282,20 @@ async fn verify_url(
         },
     );
     Ok(Report { text, ok: echoed })
+}
+
+/// A server's answer as it may be printed: control characters other than
+/// line breaks and tabs escaped, so that a terminal shows them rather than
+/// acts on them.
+fn printable(text: &str) -> String {
+    text.trim_end()
+        .chars()
+        .map(|c| match c {
+            '\n' | '\t' => c.to_string(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 /// One request with the overall timeout; the answer's status and body.
@@ -342,14 +368,6 @@ pub fn push_url(base: &str, account: &str) -> Result<url::Url, CliError> {
 
 fn line(text: &mut String, value: impl Display) {
     let _ = writeln!(text, "{value}");
-}
-
-/// `len` random decimal digits, the first not zero, as WeChat's nonces are.
-fn digits(len: usize) -> String {
-    let mut rng = rand::thread_rng();
-    (0..len)
-        .map(|i| char::from(b'0' + rng.gen_range(u8::from(i == 0)..10)))
-        .collect()
 }
 
 /// A MsgId: 17 digits, like WeChat's (above 2^53, so never a JSON number).

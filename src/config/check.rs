@@ -4,6 +4,7 @@
 
 use super::units::format_size;
 use super::{Secret, Settings, SpoolBackend};
+use crate::wechat::crypto::KeyRing;
 use humantime::format_duration;
 use std::fmt::{self, Display, Write as _};
 
@@ -65,15 +66,7 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
         row(out, "app_id", &account.app_id)?;
         row(out, "mode", account.mode.as_str())?;
         row(out, "token", &account.token)?;
-        match &account.keys {
-            None => row(out, "encoding_aes_key", "none")?,
-            Some(ring) => {
-                row(out, "encoding_aes_key", ring.current.fingerprint())?;
-                if let Some(previous) = &ring.previous {
-                    row(out, "previous key", previous.fingerprint())?;
-                }
-            }
-        }
+        keys(out, account.keys.as_ref())?;
         match account.timestamp_window {
             None => row(out, "timestamp_window", "off")?,
             Some(window) => row(out, "timestamp_window", format_duration(window))?,
@@ -81,11 +74,7 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
     }
 
     for target in settings.targets.values() {
-        let mut url = target.url.clone();
-        if url.password().is_some() {
-            // Only fails for URLs that cannot carry a password at all.
-            let _ = url.set_password(Some("***"));
-        }
+        let url = masked_url(&target.url);
         let retry = &target.retry;
         let delays: Vec<String> = retry
             .delays
@@ -136,6 +125,28 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
             )?;
         }
         row(out, "secret", masked(target.secret.as_ref()))?;
+        if let Some(server) = &target.wechat {
+            row(out, "mode", server.mode.as_str())?;
+            let app_id = server.app_id.as_deref().unwrap_or("the event's account's");
+            row(out, "app_id", app_id)?;
+            row(out, "token", &server.token)?;
+            keys(out, server.keys.as_ref())?;
+        }
+        let a = &target.adapters;
+        let adapters: Vec<String> = [
+            a.strip_qrscene
+                .then(|| "event_key = strip_qrscene".to_owned()),
+            a.subscribe_as_scan.then(|| "subscribe_as_scan".to_owned()),
+            a.content_type
+                .as_ref()
+                .map(|c| format!("content_type = {c}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !adapters.is_empty() {
+            row(out, "adapters", adapters.join(", "))?;
+        }
     }
 
     writeln!(out, "\nroutes (first match wins)")?;
@@ -163,6 +174,30 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
         }
     }
     Ok(())
+}
+
+/// `url` with any password replaced by `***`, for printing.
+pub fn masked_url(url: &url::Url) -> url::Url {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        // Only fails for URLs that cannot carry a password at all.
+        let _ = url.set_password(Some("***"));
+    }
+    url
+}
+
+/// The key fingerprints, never the keys.
+fn keys(out: &mut String, keys: Option<&KeyRing>) -> fmt::Result {
+    match keys {
+        None => row(out, "encoding_aes_key", "none"),
+        Some(ring) => {
+            row(out, "encoding_aes_key", ring.current.fingerprint())?;
+            match &ring.previous {
+                Some(previous) => row(out, "previous key", previous.fingerprint()),
+                None => Ok(()),
+            }
+        }
+    }
 }
 
 fn row(out: &mut String, key: &str, value: impl Display) -> fmt::Result {

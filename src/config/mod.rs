@@ -25,11 +25,12 @@ mod settings;
 mod units;
 mod validate;
 
-pub use check::render_check;
+pub use check::{masked_url, render_check};
 pub use secret::Secret;
 pub use settings::{
-    decode_webhook_secret, Account, Breaker, Format, Mode, Ordering, PostgresSettings, RetryClass,
-    RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode, Target,
+    decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, PostgresSettings,
+    RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode,
+    Target, WechatServer,
 };
 
 use figment::providers::{Env, Format as _, Toml};
@@ -145,6 +146,40 @@ impl Settings {
         for name in self.targets.keys() {
             if !self.routes.iter().any(|r| r.to.contains(name)) {
                 warnings.push(format!("target {name:?} is not named by any route"));
+            }
+        }
+        warnings.extend(self.shared_credentials());
+        warnings
+    }
+
+    /// `wechat` targets that hold an account's own Token or key: the point of
+    /// the format is that the broker never does.
+    fn shared_credentials(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for target in self.targets.values() {
+            let Some(server) = &target.wechat else {
+                continue;
+            };
+            for account in self.accounts.values() {
+                let keys = |ring: Option<&crate::wechat::crypto::KeyRing>| {
+                    ring.map(|r| [Some(&r.current), r.previous.as_ref()])
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                };
+                let account_keys = keys(account.keys.as_ref());
+                let shares_key = keys(server.keys.as_ref())
+                    .iter()
+                    .any(|k| account_keys.contains(k));
+                if server.token == account.token || shares_key {
+                    warnings.push(format!(
+                        "target {:?} uses account {:?}'s own Token or EncodingAESKey: give it \
+                         its own (wxrelay keygen), so the broker never holds the account's",
+                        target.name, account.id
+                    ));
+                }
             }
         }
         warnings

@@ -85,6 +85,17 @@ pub(crate) struct RawTarget {
     pub max_age: Option<String>,
     pub ordering: Option<String>,
     pub breaker: Option<RawBreaker>,
+    /// `format = "wechat"`: the WeChat server the target is told it is.
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    pub encoding_aes_key: Option<Secret>,
+    pub previous_encoding_aes_key: Option<Secret>,
+    pub app_id: Option<String>,
+    pub mode: Option<String>,
+    /// Adapters for brokers that read WeChat's events their own way.
+    pub event_key: Option<String>,
+    pub subscribe_as_scan: Option<bool>,
+    pub content_type: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -167,6 +167,47 @@ pub struct Target {
     pub max_age: Option<Duration>,
     pub ordering: Ordering,
     pub breaker: Breaker,
+    /// The WeChat server the target is told it is; present exactly when
+    /// `format` is [`Format::Wechat`].
+    pub wechat: Option<WechatServer>,
+    /// Changes to the event for brokers that read it their own way; only
+    /// for the formats whose body the relay writes (`plain`, `wechat`).
+    pub adapters: Adapters,
+}
+
+/// A `format = "wechat"` target's own credentials: the relay sends it each
+/// event as WeChat would send it to a server configured with these, so the
+/// broker never holds the account's Token or EncodingAESKey.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WechatServer {
+    pub token: Secret,
+    /// Present whenever `encoding_aes_key` is configured; always for
+    /// compat and secure targets.
+    pub keys: Option<KeyRing>,
+    /// `None`: the AppID of the account the event came from.
+    pub app_id: Option<String>,
+    pub mode: Mode,
+}
+
+/// Per-target rewrites of the event, for brokers that handle WeChat's
+/// events only partly. Each defaults to off.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Adapters {
+    /// `event_key = "strip_qrscene"`: a first-time follower's `subscribe`
+    /// carries `EventKey=qrscene_<scene>`; brokers that look the scene up as
+    /// it is get `<scene>`.
+    pub strip_qrscene: bool,
+    /// A ticketed `subscribe` is sent as the `SCAN` (with the bare scene)
+    /// a follower's scan would give, for brokers that handle only `SCAN`.
+    pub subscribe_as_scan: bool,
+    /// The delivery's `Content-Type` instead of the format's own.
+    pub content_type: Option<String>,
+}
+
+impl Adapters {
+    pub fn any(&self) -> bool {
+        self.strip_qrscene || self.subscribe_as_scan || self.content_type.is_some()
+    }
 }
 
 /// In what order a target gets one user's events.
@@ -239,14 +280,18 @@ pub enum Format {
     Json,
     /// The body Authing's demo relay posts.
     AuthingDemoJson,
+    /// The push as WeChat would send it to a server holding the target's
+    /// own credentials: signed and, in compat or secure mode, sealed afresh.
+    Wechat,
 }
 
 impl Format {
-    pub const ALL: [Format; 4] = [
+    pub const ALL: [Format; 5] = [
         Format::Raw,
         Format::Plain,
         Format::Json,
         Format::AuthingDemoJson,
+        Format::Wechat,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -255,6 +300,7 @@ impl Format {
             Format::Plain => "plain",
             Format::Json => "json",
             Format::AuthingDemoJson => "authing-demo-json",
+            Format::Wechat => "wechat",
         }
     }
 }

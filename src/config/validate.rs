@@ -7,8 +7,9 @@ use super::raw::{
     RawTarget, StringOrNumber,
 };
 use super::settings::{
-    decode_webhook_secret, Account, Breaker, Format, Mode, Ordering, PostgresSettings, RetryClass,
-    RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode, Target,
+    decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, PostgresSettings,
+    RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode,
+    Target, WechatServer,
 };
 use super::units::{parse_duration, parse_size};
 use super::{ConfigError, Problem, Secret, ENV_PREFIX};
@@ -402,6 +403,15 @@ fn postgres(raw: RawSpool, p: &mut Problems) -> PostgresSettings {
                 SslMode::Disable
             }),
     };
+    if sslmode == SslMode::Require && raw.ca_file.is_none() {
+        // With no name check, trusting the public roots would trust anyone
+        // holding a public certificate for any name.
+        p.add(
+            "spool.ca_file",
+            "required with sslmode = \"require\": the certificate's name is not checked, \
+             so only your own CA may be trusted (or use sslmode = \"verify-full\")",
+        );
+    }
     if let Some(file) = &raw.ca_file {
         if sslmode == SslMode::Disable {
             p.add(
@@ -433,6 +443,13 @@ fn postgres_url(text: &str) -> Result<String, String> {
     })?;
     if config.get_hosts().is_empty() {
         return Err("must name a host, e.g. postgres://relay@db.internal:5432/relay".to_owned());
+    }
+    let at_in_host = config
+        .get_hosts()
+        .iter()
+        .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(name) if name.contains('@')));
+    if at_in_host {
+        return Err("its host part holds an '@': write an '@' in the password as %40".to_owned());
     }
     if config.get_ssl_mode() != tokio_postgres::config::SslMode::Prefer {
         return Err(
@@ -498,6 +515,64 @@ fn account(id: String, raw: RawAccount, p: &mut Problems) -> Option<Account> {
         }
     };
 
+    let creds = server_credentials(
+        p,
+        &at,
+        RawCredentials {
+            token: raw.token,
+            token_file: raw.token_file,
+            encoding_aes_key: raw.encoding_aes_key,
+            previous_encoding_aes_key: raw.previous_encoding_aes_key,
+            mode: raw.mode,
+        },
+        "as set in the WeChat admin console",
+    );
+
+    // "0s" is how the file says "off"; `None` says it to the handler.
+    let timestamp_window = match raw.timestamp_window {
+        None => Some(DEFAULT_TIMESTAMP_WINDOW),
+        Some(text) => p.ok(&at("timestamp_window"), parse_duration(&text)),
+    }
+    .filter(|window| !window.is_zero());
+
+    if p.0.len() > found {
+        return None;
+    }
+    Some(Account {
+        id,
+        app_id: app_id?,
+        token: creds.token?,
+        keys: creds.keys,
+        mode: creds.mode?,
+        timestamp_window,
+    })
+}
+
+/// What a WeChat server is configured with, as written: an account's, or a
+/// `format = "wechat"` target's, which mirrors the account's keys.
+struct RawCredentials {
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
+    encoding_aes_key: Option<Secret>,
+    previous_encoding_aes_key: Option<Secret>,
+    mode: Option<String>,
+}
+
+/// The checked credentials; a field is `None` when a problem was recorded.
+struct Credentials {
+    token: Option<Secret>,
+    mode: Option<Mode>,
+    keys: Option<KeyRing>,
+}
+
+/// Checks a Token, a mode and the keys by WeChat's rules; `mode_source` says
+/// where the operator finds the mode.
+fn server_credentials(
+    p: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    raw: RawCredentials,
+    mode_source: &str,
+) -> Credentials {
     let token = match secret_source(p, &at("token"), raw.token, raw.token_file) {
         Ok(None) => {
             p.add(at("token"), "required: set token or token_file");
@@ -511,7 +586,7 @@ fn account(id: String, raw: RawAccount, p: &mut Problems) -> Option<Account> {
         None => {
             p.add(
                 at("mode"),
-                "required: plaintext, compat or secure, as set in the WeChat admin console",
+                format!("required: plaintext, compat or secure, {mode_source}"),
             );
             None
         }
@@ -550,26 +625,11 @@ fn account(id: String, raw: RawAccount, p: &mut Problems) -> Option<Account> {
             );
         }
     }
-    let keys = current.map(|current| KeyRing { current, previous });
-
-    // "0s" is how the file says "off"; `None` says it to the handler.
-    let timestamp_window = match raw.timestamp_window {
-        None => Some(DEFAULT_TIMESTAMP_WINDOW),
-        Some(text) => p.ok(&at("timestamp_window"), parse_duration(&text)),
+    Credentials {
+        token,
+        mode,
+        keys: current.map(|current| KeyRing { current, previous }),
     }
-    .filter(|window| !window.is_zero());
-
-    if p.0.len() > found {
-        return None;
-    }
-    Some(Account {
-        id,
-        app_id: app_id?,
-        token: token?,
-        keys,
-        mode: mode?,
-        timestamp_window,
-    })
 }
 
 /// WeChat's own rule for the server Token.
@@ -660,7 +720,7 @@ fn last_key(path: &str) -> &str {
     path.rsplit('.').next().unwrap_or(path)
 }
 
-fn target(name: String, raw: RawTarget, p: &mut Problems) -> Option<Target> {
+fn target(name: String, mut raw: RawTarget, p: &mut Problems) -> Option<Target> {
     let at = |key: &str| format!("targets.{name}.{key}");
     let found = p.0.len();
     check_name(p, &format!("targets.{name}"), &name, "target name");
@@ -718,7 +778,17 @@ fn target(name: String, raw: RawTarget, p: &mut Problems) -> Option<Target> {
         }
     };
 
-    let secret = match (format, raw.secret) {
+    let adapters = adapters(
+        p,
+        &at,
+        format,
+        (
+            raw.event_key.take(),
+            raw.subscribe_as_scan.take(),
+            raw.content_type.take(),
+        ),
+    );
+    let secret = match (format, raw.secret.take()) {
         (Some(Format::Json), None) => {
             p.add(
                 at("secret"),
@@ -760,6 +830,15 @@ fn target(name: String, raw: RawTarget, p: &mut Problems) -> Option<Target> {
             .unwrap_or(Ordering::Unordered),
     };
     let breaker = breaker(&at("breaker"), raw.breaker, class.default_breaker(), p);
+    let paused = raw.paused.unwrap_or(false);
+    let credentials = RawCredentials {
+        token: raw.token,
+        token_file: raw.token_file,
+        encoding_aes_key: raw.encoding_aes_key,
+        previous_encoding_aes_key: raw.previous_encoding_aes_key,
+        mode: raw.mode,
+    };
+    let wechat = wechat_server(p, &at, format, raw.app_id, credentials);
 
     if p.0.len() > found {
         return None;
@@ -772,11 +851,156 @@ fn target(name: String, raw: RawTarget, p: &mut Problems) -> Option<Target> {
         timeout,
         concurrency,
         secret,
-        paused: raw.paused.unwrap_or(false),
+        paused,
         max_age,
         ordering,
         breaker,
+        wechat,
+        adapters,
     })
+}
+
+/// A `format = "wechat"` target's credentials; the keys are refused on any
+/// other format, where nothing would use them.
+fn wechat_server(
+    p: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    format: Option<Format>,
+    app_id: Option<String>,
+    raw: RawCredentials,
+) -> Option<WechatServer> {
+    let given = [
+        ("token", raw.token.is_some()),
+        ("token_file", raw.token_file.is_some()),
+        ("encoding_aes_key", raw.encoding_aes_key.is_some()),
+        (
+            "previous_encoding_aes_key",
+            raw.previous_encoding_aes_key.is_some(),
+        ),
+        ("app_id", app_id.is_some()),
+        ("mode", raw.mode.is_some()),
+    ];
+    match format {
+        Some(Format::Wechat) => {}
+        Some(other) => {
+            for (key, _) in given.iter().filter(|(_, set)| *set) {
+                p.add(
+                    at(key),
+                    format!(
+                        "is only used with format = \"wechat\", not {:?}",
+                        other.as_str()
+                    ),
+                );
+            }
+            return None;
+        }
+        None => return None,
+    }
+    let app_id = app_id.filter(|app_id| {
+        let valid = is_app_id(app_id);
+        if !valid {
+            p.add(at("app_id"), "must be \"wx\" followed by 16 hex digits");
+        }
+        valid
+    });
+    let creds = server_credentials(p, at, raw, "as set in the broker's WeChat settings");
+    Some(WechatServer {
+        token: creds.token?,
+        keys: creds.keys,
+        app_id,
+        mode: creds.mode?,
+    })
+}
+
+/// The adapters, which rewrite the body or its type: only for the formats
+/// whose body the relay writes.
+fn adapters(
+    p: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    format: Option<Format>,
+    (event_key, subscribe_as_scan, content_type): (Option<String>, Option<bool>, Option<String>),
+) -> Adapters {
+    let strip_qrscene = match event_key.as_deref() {
+        None => false,
+        Some("strip_qrscene") => true,
+        Some(other) => {
+            p.add(
+                at("event_key"),
+                format!("unknown adapter {other:?}: expected \"strip_qrscene\""),
+            );
+            false
+        }
+    };
+    let set = [
+        ("event_key", event_key.is_some()),
+        ("subscribe_as_scan", subscribe_as_scan.is_some()),
+        ("content_type", content_type.is_some()),
+    ];
+    let content_type = content_type.filter(|value| {
+        let valid = is_media_type(value);
+        if !valid {
+            p.add(
+                at("content_type"),
+                "must be a media type such as \"application/xml\" or \"text/xml; charset=utf-8\" \
+                 (type/subtype, then optional name=value parameters)",
+            );
+        }
+        valid
+    });
+    let adapters = Adapters {
+        strip_qrscene,
+        subscribe_as_scan: subscribe_as_scan.unwrap_or(false),
+        content_type,
+    };
+    let why = match format {
+        Some(Format::Plain | Format::Wechat) | None => return adapters,
+        Some(Format::Raw) => "format = \"raw\": it forwards WeChat's request byte for byte, and \
+                              WeChat's signatures would not hold for a changed body; use \
+                              format = \"plain\" or \"wechat\""
+            .to_owned(),
+        Some(other) => format!(
+            "format = {:?}: adapters apply to format = \"plain\" or \"wechat\"",
+            other.as_str()
+        ),
+    };
+    for (key, _) in set.iter().filter(|(_, given)| *given) {
+        p.add(at(key), format!("cannot be used with {why}"));
+    }
+    Adapters::default()
+}
+
+/// A `Content-Type` value as HTTP defines it (RFC 9110, 8.3.1):
+/// `type/subtype` followed by `; name=value` parameters, each a token, a
+/// value a token or a quoted string.
+fn is_media_type(value: &str) -> bool {
+    fn token(s: &str) -> bool {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    }
+    fn quoted(s: &str) -> bool {
+        let Some(inner) = s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) else {
+            return false;
+        };
+        let mut escaped = false;
+        inner.bytes().all(|b| {
+            let ok = (b == b'\t' || b == b' ' || b.is_ascii_graphic()) && (escaped || b != b'"');
+            escaped = !escaped && b == b'\\';
+            ok
+        }) && !escaped
+    }
+    let mut parts = value.split(';');
+    let essence = parts.next().unwrap_or("");
+    let essence_ok = essence
+        .split_once('/')
+        .is_some_and(|(kind, subtype)| token(kind) && token(subtype));
+    essence_ok
+        && parts.all(|parameter| {
+            parameter
+                .trim_matches([' ', '\t'])
+                .split_once('=')
+                .is_some_and(|(name, value)| token(name) && (token(value) || quoted(value)))
+        })
 }
 
 /// A target's breaker: the class's defaults, with what the file sets.

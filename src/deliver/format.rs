@@ -1,10 +1,16 @@
 //! How a stored event becomes a request to a target, per the target's `format`
-//! ([`Format`]; the README's "Routing and targets" describes each). Pure: the
-//! same stored event always gives the same request, whichever attempt it is.
+//! ([`Format`]; the README's "Routing and targets" describes each), with the
+//! target's [`adapter`]s applied to the formats whose body the relay writes.
+//! The same stored event and [`Stamp`] always give the same request, except
+//! that a `wechat` delivery draws a fresh nonce and frame prefix per attempt,
+//! as WeChat does per push.
 
-use crate::config::{Format, Target};
+use super::adapter;
+use crate::config::{Format, Mode, Target, WechatServer};
 use crate::spool::Event;
 use crate::wechat::message::{Message, Node};
+use crate::wechat::push::{self, Push, PushParams, Sealing};
+use crate::wechat::reply::random_bytes;
 use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -15,7 +21,7 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outbound {
     pub uri: String,
-    pub content_type: &'static str,
+    pub content_type: String,
     pub headers: Vec<(&'static str, String)>,
     pub body: Bytes,
 }
@@ -28,34 +34,75 @@ pub enum FormatError {
     DemoBody,
     #[error("the target's secret is missing or invalid")]
     Secret,
+    #[error("the target's WeChat credentials are missing")]
+    Credentials,
+    #[error("no AppID to seal with: the target sets none and the event's account is gone")]
+    AppId,
 }
 
-/// Builds the request for `target`. `now_secs` stamps `json` signatures.
-pub fn build(target: &Target, event: &Event, now_secs: i64) -> Result<Outbound, FormatError> {
+/// What an attempt adds to the stored event.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp<'a> {
+    /// Dates `json` signatures and `wechat` pushes.
+    pub now_secs: i64,
+    /// The AppID of the event's account: a `wechat` target's default.
+    pub account_app_id: Option<&'a str>,
+}
+
+/// Builds the request for `target`.
+pub fn build(target: &Target, event: &Event, stamp: Stamp<'_>) -> Result<Outbound, FormatError> {
+    let content_type = |own: &str| {
+        target
+            .adapters
+            .content_type
+            .clone()
+            .unwrap_or_else(|| own.to_owned())
+    };
     match target.format {
         Format::Raw => Ok(Outbound {
             uri: with_query(&target.url, &event.query),
-            content_type: "text/xml",
+            content_type: "text/xml".to_owned(),
             headers: Vec::new(),
             body: event.body.clone(),
         }),
         Format::Plain => Ok(Outbound {
             uri: with_query(&target.url, &plaintext_query(&event.query)),
-            content_type: "text/xml",
+            content_type: content_type("text/xml"),
             headers: Vec::new(),
-            body: Bytes::from(event.xml.clone()),
+            body: Bytes::from(adapter::apply(&target.adapters, &event.xml).into_owned()),
         }),
+        Format::Wechat => {
+            let server = target.wechat.as_ref().ok_or(FormatError::Credentials)?;
+            let app_id = server
+                .app_id
+                .as_deref()
+                .or(stamp.account_app_id)
+                .ok_or(FormatError::AppId)?;
+            let xml = adapter::apply(&target.adapters, &event.xml);
+            let fresh = Fresh {
+                timestamp: stamp.now_secs,
+                nonce: &push::digits(9),
+                random: &random_bytes(),
+            };
+            let push = as_wechat_would(server, app_id, &event.query, &xml, &fresh)?;
+            Ok(Outbound {
+                uri: with_query(&target.url, &push.query),
+                content_type: content_type("text/xml"),
+                headers: Vec::new(),
+                body: Bytes::from(push.body),
+            })
+        }
         Format::Json => {
             let key = target.signing_key().ok_or(FormatError::Secret)?;
             let id = webhook_id(&event.dedup_key);
             let body = json_envelope(event, &id)?.to_string();
-            let signature = standard_webhooks_signature(&key, &id, now_secs, &body);
+            let signature = standard_webhooks_signature(&key, &id, stamp.now_secs, &body);
             Ok(Outbound {
                 uri: target.url.to_string(),
-                content_type: "application/json",
+                content_type: "application/json".to_owned(),
                 headers: vec![
                     ("webhook-id", id),
-                    ("webhook-timestamp", now_secs.to_string()),
+                    ("webhook-timestamp", stamp.now_secs.to_string()),
                     ("webhook-signature", signature),
                 ],
                 body: Bytes::from(body),
@@ -63,7 +110,7 @@ pub fn build(target: &Target, event: &Event, now_secs: i64) -> Result<Outbound, 
         }
         Format::AuthingDemoJson => Ok(Outbound {
             uri: target.url.to_string(),
-            content_type: "application/json",
+            content_type: "application/json".to_owned(),
             headers: Vec::new(),
             body: Bytes::from(authing_demo_body(&event.body)?.to_string()),
         }),
@@ -85,15 +132,85 @@ fn with_query(url: &url::Url, query: &str) -> String {
 /// without `encrypt_type` and `msg_signature`. `signature` still verifies: it
 /// covers only the token, timestamp and nonce.
 pub fn plaintext_query(query: &str) -> String {
+    without(query, &["encrypt_type", "msg_signature"])
+}
+
+/// `query` without the parameters called `names`, the rest byte for byte.
+/// A name is compared as the receiver reads it, percent-decoded: the relay
+/// reads WeChat's query that way, so `%74imestamp` is a `timestamp` that must
+/// not reach the target beside the fresh one.
+fn without(query: &str, names: &[&str]) -> String {
     query
         .split('&')
         .filter(|pair| {
-            let name = pair.split('=').next().unwrap_or("");
-            !pair.is_empty() && name != "encrypt_type" && name != "msg_signature"
+            let name = url::form_urlencoded::parse(pair.as_bytes())
+                .next()
+                .map(|(name, _)| name);
+            !pair.is_empty() && !name.is_some_and(|name| names.contains(&name.as_ref()))
         })
         .collect::<Vec<_>>()
         .join("&")
 }
+
+/// What a push is dated and salted with.
+struct Fresh<'a> {
+    timestamp: i64,
+    nonce: &'a str,
+    random: &'a [u8; 16],
+}
+
+/// The push WeChat would send a server holding `server`'s credentials: the
+/// query signed with its Token (the original's other parameters, `openid`
+/// among them, kept byte for byte) and, in compat and secure mode, the
+/// message sealed with its key and `app_id` under a fresh `msg_signature`.
+fn as_wechat_would(
+    server: &WechatServer,
+    app_id: &str,
+    original_query: &str,
+    xml: &str,
+    fresh: &Fresh<'_>,
+) -> Result<Push, FormatError> {
+    let key = || {
+        server
+            .keys
+            .as_ref()
+            .map(|k| &k.current)
+            .ok_or(FormatError::Credentials)
+    };
+    let sealing = match server.mode {
+        Mode::Plaintext => Sealing::Plaintext,
+        Mode::Compat => Sealing::Compat(key()?),
+        Mode::Secure => Sealing::Secure(key()?),
+    };
+    let params = PushParams {
+        token: server.token.expose(),
+        app_id,
+        timestamp: fresh.timestamp,
+        nonce: fresh.nonce,
+        openid: None,
+        random: fresh.random,
+    };
+    let mut push = push::build(xml, sealing, &params);
+    let kept = without(original_query, RESIGNED);
+    if !kept.is_empty() {
+        // After the signed three, before encrypt_type, as WeChat orders them.
+        let at = push
+            .query
+            .find("&encrypt_type=")
+            .unwrap_or(push.query.len());
+        push.query.insert_str(at, &format!("&{kept}"));
+    }
+    Ok(push)
+}
+
+/// The parameters a `wechat` delivery signs afresh.
+const RESIGNED: &[&str] = &[
+    "signature",
+    "timestamp",
+    "nonce",
+    "encrypt_type",
+    "msg_signature",
+];
 
 /// The Standard Webhooks message id: `msg_` and a hash of the dedup key. The
 /// key itself holds the sender's OpenID and any EventKey, which may be
@@ -211,6 +328,11 @@ mod tests {
             "signature=a%2B"
         );
         assert_eq!(plaintext_query(""), "");
+        // Named as the receiver's parser reads them: percent-decoded.
+        assert_eq!(
+            plaintext_query("signature=a&%65ncrypt_type=aes&msg%5Fsignature=m"),
+            "signature=a"
+        );
     }
 
     #[test]
@@ -223,6 +345,90 @@ mod tests {
         );
         let bare = url::Url::parse("http://127.0.0.1:1/x").unwrap_or_else(|_| unreachable!());
         assert_eq!(with_query(&bare, "a=1"), "http://127.0.0.1:1/x?a=1");
+    }
+
+    mod wechat {
+        use super::super::*;
+        use crate::config::Secret;
+        use crate::wechat::crypto::{decrypt, AesKey, KeyRing};
+        use crate::wechat::signature::verify;
+
+        const XML: &str = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName>\
+            <FromUserName><![CDATA[o1]]></FromUserName><CreateTime>1</CreateTime>\
+            <MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hi]]></Content><MsgId>7</MsgId></xml>";
+        const ORIGINAL: &str = "signature=a&timestamp=1&nonce=2&openid=o1&lang=zh_CN\
+            &encrypt_type=aes&msg_signature=m";
+
+        fn server(mode: Mode) -> WechatServer {
+            WechatServer {
+                token: Secret::new("brokerToken"),
+                keys: Some(KeyRing {
+                    current: AesKey::from_bytes([9; 32]),
+                    previous: None,
+                }),
+                app_id: None,
+                mode,
+            }
+        }
+
+        fn param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+            query
+                .split('&')
+                .find_map(|p| p.strip_prefix(&format!("{name}=")))
+        }
+
+        fn fresh() -> Fresh<'static> {
+            Fresh {
+                timestamp: 1_717_000_123,
+                nonce: "424242",
+                random: &[b'r'; 16],
+            }
+        }
+
+        #[test]
+        fn secure_pushes_are_signed_and_sealed_with_the_targets_credentials() {
+            let s = server(Mode::Secure);
+            let push = as_wechat_would(&s, "wx0000000000000001", ORIGINAL, XML, &fresh()).unwrap();
+            let q = &push.query;
+            assert_eq!(param(q, "timestamp"), Some("1717000123"));
+            assert_eq!(param(q, "nonce"), Some("424242"));
+            assert_eq!(param(q, "openid"), Some("o1"));
+            assert_eq!(param(q, "lang"), Some("zh_CN"));
+            assert_eq!(param(q, "encrypt_type"), Some("aes"));
+            assert!(!q.contains("signature=a&") && !q.contains("msg_signature=m"));
+            let parts = ["brokerToken", "1717000123", "424242"];
+            assert!(verify(param(q, "signature").unwrap(), &parts));
+            let outer = Message::parse(push.body.as_bytes()).unwrap();
+            let encrypted = outer.get("Encrypt").unwrap();
+            let with_body = ["brokerToken", "1717000123", "424242", encrypted];
+            assert!(verify(param(q, "msg_signature").unwrap(), &with_body));
+            let key = AesKey::from_bytes([9; 32]);
+            assert_eq!(decrypt(&key, encrypted, "wx0000000000000001").unwrap(), XML);
+            assert_eq!(outer.get("Content"), None);
+        }
+
+        #[test]
+        fn plaintext_pushes_carry_no_encryption_parameters() {
+            let s = server(Mode::Plaintext);
+            let push = as_wechat_would(&s, "wx0000000000000001", ORIGINAL, XML, &fresh()).unwrap();
+            assert_eq!(push.body, XML);
+            assert_eq!(param(&push.query, "encrypt_type"), None);
+            assert_eq!(param(&push.query, "msg_signature"), None);
+            assert_eq!(param(&push.query, "openid"), Some("o1"));
+        }
+
+        #[test]
+        fn compat_pushes_keep_the_plaintext_beside_the_ciphertext() {
+            let s = server(Mode::Compat);
+            let push = as_wechat_would(&s, "wx0000000000000001", "", XML, &fresh()).unwrap();
+            let outer = Message::parse(push.body.as_bytes()).unwrap();
+            assert_eq!(outer.get("Content"), Some("hi"));
+            assert!(outer.get("Encrypt").is_some());
+            assert!(push.query.ends_with(&format!(
+                "&encrypt_type=aes&msg_signature={}",
+                param(&push.query, "msg_signature").unwrap()
+            )));
+        }
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! The loop moves bytes only: the request comes from [`mod@format`], the meaning of
 //! the answer and the next attempt's time from [`retry`].
 
+pub mod adapter;
+pub mod breaker;
 pub mod format;
 pub mod retry;
 
 use crate::clock::Clock;
-use crate::config::{Settings, Target};
+use crate::config::{Format, Settings, Target};
 use crate::metrics::Metrics;
 use crate::server::stopping;
 use crate::spool::{
@@ -17,6 +19,7 @@ use crate::spool::{
     SpoolError, UnixMs,
 };
 use arc_swap::ArcSwap;
+use breaker::{Circuit, Gate, Phase};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode};
@@ -72,12 +75,13 @@ pub struct Attempt {
     pub body: Bytes,
 }
 
-/// Sends `event` to `target` once, within `timeout`.
+/// Sends `event` to `target` once, within `timeout`. `account_app_id` is the
+/// AppID of the event's account, which a `wechat` target may seal with.
 pub async fn attempt(
     client: &HttpClient,
     clock: &dyn Clock,
     target: &Target,
-    event: &Event,
+    (event, account_app_id): (&Event, Option<&str>),
     timeout: Duration,
 ) -> Attempt {
     let failed = |verdict| Attempt {
@@ -85,7 +89,11 @@ pub async fn attempt(
         status: None,
         body: Bytes::new(),
     };
-    let outbound = match format::build(target, event, clock.now_secs()) {
+    let stamp = format::Stamp {
+        now_secs: clock.now_secs(),
+        account_app_id,
+    };
+    let outbound = match format::build(target, event, stamp) {
         Ok(outbound) => outbound,
         Err(e) => {
             return failed(Verdict::Reject {
@@ -191,6 +199,7 @@ struct TargetState {
     /// What its worker waits on when it has nothing due.
     wake: Notify,
     health: Health,
+    circuit: Circuit,
     faults: Faults,
 }
 
@@ -203,6 +212,8 @@ struct Due {
     schedule: Schedule,
     /// The lease the attempt is made under.
     lease: LeaseToken,
+    /// The one attempt an open circuit lets through.
+    probe: bool,
 }
 
 /// How an attempt's outcome is written to the spool.
@@ -305,11 +316,24 @@ impl Dispatcher {
         event: &Event,
         timeout: Duration,
     ) -> Attempt {
+        // An open circuit sends nothing, this included: the delivery waits in
+        // the spool and WeChat gets `success`.
+        if self.target_state(&target.name).circuit.phase() != Phase::Closed {
+            return Attempt {
+                verdict: Verdict::Retry {
+                    error: "the target's circuit is open".into(),
+                    retry_after: None,
+                },
+                status: None,
+                body: Bytes::new(),
+            };
+        }
         let due = Due {
             delivery_id,
             attempts: 0,
             schedule: Schedule::default(),
             lease: LeaseToken::NONE,
+            probe: false,
         };
         self.attempt_and_record(target, due, event, timeout, Record::Tracked)
             .await
@@ -346,7 +370,13 @@ impl Dispatcher {
     ) -> Attempt {
         let started = tokio::time::Instant::now();
         let started_ms = self.clock.now_ms();
-        let result = attempt(&self.client, &*self.clock, target, event, timeout).await;
+        // Only a `wechat` target may need its account's AppID.
+        let config = (target.format == Format::Wechat).then(|| self.config.load_full());
+        let app_id = config
+            .as_ref()
+            .and_then(|c| c.accounts.get(&event.account))
+            .map(|a| a.app_id.as_str());
+        let result = attempt(&self.client, &*self.clock, target, (event, app_id), timeout).await;
         let state = self.target_state(&target.name);
         let release = match (&result.verdict, result.status) {
             (Verdict::Delivered, _) => state.health.answered(self.clock.now_ms()),
@@ -356,6 +386,8 @@ impl Dispatcher {
             }
             _ => false,
         };
+        let closed = self.observe_circuit(target, &state, due.probe, &result.verdict);
+        let release = release || closed;
         let unit: f64 = rand::thread_rng().gen();
         let settlement = retry::decide(
             due.delivery_id,
@@ -367,6 +399,9 @@ impl Dispatcher {
             unit,
         );
         let outcome = count(&self.metrics, &target.name, &settlement, started.elapsed());
+        if matches!(settlement, Settlement::Delivered { .. }) {
+            observe_login(&self.metrics, &target.name, event, self.clock.now_ms());
+        }
         tracing::info!(
             target = %target.name,
             delivery_id = due.delivery_id.0,
@@ -386,8 +421,7 @@ impl Dispatcher {
                 lease: due.lease,
                 settlement,
             };
-            this.record(&name, &state.faults, due.delivery_id, settle)
-                .await;
+            this.record(&name, &state.faults, vec![settle]).await;
         };
         match record {
             Record::Awaited => write.await,
@@ -396,12 +430,61 @@ impl Dispatcher {
         result
     }
 
+    /// Tells the target's circuit what an attempt said about the target;
+    /// true when that closed it, so its backlog is released.
+    fn observe_circuit(
+        &self,
+        target: &Target,
+        state: &TargetState,
+        probe: bool,
+        verdict: &Verdict,
+    ) -> bool {
+        let health = match verdict {
+            Verdict::Retry { retry_after, .. } => breaker::Health::Down {
+                retry_after: *retry_after,
+            },
+            Verdict::Delivered | Verdict::Reject { .. } => breaker::Health::Up,
+        };
+        let unit: f64 = rand::thread_rng().gen();
+        let (before, after) =
+            state
+                .circuit
+                .observe(&target.breaker, probe, health, self.clock.now_ms(), unit);
+        if before != after {
+            self.show_circuit(&target.name, after);
+            if before == Phase::Probing {
+                // The worker waits for the probe's end to go on.
+                state.wake.notify_one();
+            }
+            match after {
+                Phase::Open if before == Phase::Closed => {
+                    tracing::warn!(target = %target.name, failures = target.breaker.failures, "target failing: its circuit is open, deliveries wait and it is probed")
+                }
+                Phase::Closed => {
+                    tracing::info!(target = %target.name, "target answers again: its circuit is closed")
+                }
+                Phase::Open | Phase::Probing => {}
+            }
+        }
+        before != Phase::Closed && after == Phase::Closed
+    }
+
+    fn show_circuit(&self, target: &str, phase: Phase) {
+        self.metrics
+            .target_circuit
+            .with_label_values(&[target])
+            .set(phase as i64);
+    }
+
     /// Writes an attempt's outcome. When the spool cannot, the delivery stays
     /// leased; when the lease ends it is sent again: at least once.
-    async fn record(&self, target: &str, faults: &Faults, delivery_id: DeliveryId, settle: Settle) {
+    async fn record(&self, target: &str, faults: &Faults, settles: Vec<Settle>) {
+        let Some(delivery_id) = settles.first().map(|s| s.settlement.delivery_id()) else {
+            return;
+        };
         match self
             .spool
-            .record(vec![settle], UnixMs(self.clock.now_ms()))
+            .record(settles, UnixMs(self.clock.now_ms()))
             .await
         {
             Ok(()) => {
@@ -616,6 +699,7 @@ impl Dispatcher {
     /// longer configured. Returns the target's name.
     async fn run_target(self: Arc<Self>, name: String, mut stop: watch::Receiver<bool>) -> String {
         let state = self.target_state(&name);
+        self.show_circuit(&name, state.circuit.phase());
         let mut slots: Option<(usize, Arc<Semaphore>)> = None;
         let mut in_flight = JoinSet::new();
         loop {
@@ -644,33 +728,73 @@ impl Dispatcher {
                 _ = stopping(&mut stop) => break,
             };
             while in_flight.try_join_next().is_some() {}
-            if state.health.release_due(self.clock.now_ms()) {
-                self.release_backlog(&name).await;
-            }
             let free = semaphore.available_permits() + 1;
-            let now = self.clock.now_ms();
-            let Some(leases) = self.lease(&name, &target, &state, now, free).await else {
-                drop(first);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stopping(&mut stop) => break,
+            match self.next_leases(&target, &state, free).await {
+                Ok((leases, probe)) => {
+                    self.spawn_attempts(&mut in_flight, &target, leases, probe, first, &semaphore);
                 }
-                continue;
-            };
-            if leases.is_empty() {
-                drop(first);
-                tokio::select! {
-                    _ = state.wake.notified() => {}
-                    _ = tokio::time::sleep(IDLE_POLL) => {}
-                    _ = stopping(&mut stop) => break,
+                Err(pause) => {
+                    drop(first);
+                    let resume = async {
+                        match pause {
+                            Pause::Woken => {
+                                tokio::select! {
+                                    _ = state.wake.notified() => {}
+                                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                                }
+                            }
+                            Pause::For(wait) => tokio::time::sleep(wait).await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = resume => {}
+                        _ = stopping(&mut stop) => break,
+                    }
                 }
-                continue;
             }
-            self.spawn_attempts(&mut in_flight, &target, leases, first, &semaphore);
         }
         // Let the attempts under way end; the caller bounds this with its drain deadline.
         while in_flight.join_next().await.is_some() {}
         name
+    }
+
+    /// The deliveries to send now, up to `free` of them, as the circuit
+    /// allows (true: the one is its probe), with those past `max_age`
+    /// dead-lettered; or how long to pause when there are none.
+    async fn next_leases(
+        &self,
+        target: &Target,
+        state: &TargetState,
+        free: usize,
+    ) -> Result<(Vec<Lease>, bool), Pause> {
+        let now = self.clock.now_ms();
+        let probe = match state.circuit.gate(&target.breaker, now) {
+            Gate::Send => false,
+            Gate::Probe => {
+                self.show_circuit(&target.name, Phase::Probing);
+                true
+            }
+            // Not past IDLE_POLL: a reload may change the breaker.
+            Gate::WaitUntil(at) => {
+                let wait = Duration::from_millis((at - now).max(1) as u64);
+                return Err(Pause::For(wait.min(IDLE_POLL)));
+            }
+            Gate::ProbeOut => return Err(Pause::Woken),
+        };
+        if !probe && state.health.release_due(now) {
+            self.release_backlog(&target.name).await;
+        }
+        let limit = if probe { 1 } else { free };
+        let Some(leases) = self.lease(&target.name, target, state, now, limit).await else {
+            self.no_probe(target, state, probe, false, now);
+            return Err(Pause::For(Duration::from_secs(1)));
+        };
+        let (leases, expired) = self.expire(target, state, leases, now).await;
+        if leases.is_empty() {
+            self.no_probe(target, state, probe, expired > 0, now);
+            return Err(Pause::Woken);
+        }
+        Ok((leases, probe))
     }
 
     /// Leases up to `free` due deliveries; `None` when the spool cannot,
@@ -710,13 +834,82 @@ impl Dispatcher {
         }
     }
 
+    /// A probe found nothing it could send: the circuit waits again, or,
+    /// when what it found had expired, probes again at once with the next.
+    fn no_probe(&self, target: &Target, state: &TargetState, probe: bool, expired: bool, now: i64) {
+        if !probe {
+            return;
+        }
+        if expired {
+            state.circuit.probe_again();
+        } else {
+            let unit: f64 = rand::thread_rng().gen();
+            state.circuit.nothing_to_probe(&target.breaker, now, unit);
+        }
+        self.show_circuit(&target.name, state.circuit.phase());
+    }
+
+    /// Dead-letters the leased deliveries whose event arrived longer ago than
+    /// the target's `max_age`, in one write; returns the others and how many
+    /// expired.
+    async fn expire(
+        &self,
+        target: &Target,
+        state: &TargetState,
+        leases: Vec<Lease>,
+        now: i64,
+    ) -> (Vec<Lease>, usize) {
+        let Some(max_age) = target.max_age else {
+            return (leases, 0);
+        };
+        let max_ms = max_age.as_millis() as i64;
+        // The age counts from the event's arrival; for a delivery not tried
+        // since an operator replayed it, from the replay: `dlq replay --force`
+        // sends an expired one once.
+        let since = |l: &Lease| match l.attempts {
+            0 => l.event.received_at.max(l.schedule.due_at),
+            _ => l.event.received_at,
+        };
+        let (stale, fresh): (Vec<Lease>, Vec<Lease>) = leases
+            .into_iter()
+            .partition(|l| UnixMs(now) - since(l) > max_ms);
+        if stale.is_empty() {
+            return (fresh, 0);
+        }
+        let error = format!(
+            "older than the target's max_age of {}",
+            humantime::format_duration(max_age)
+        );
+        let expired: Vec<Settle> = stale
+            .iter()
+            .map(|l| Settle {
+                lease: l.token,
+                settlement: Settlement::Dead {
+                    delivery_id: l.delivery_id,
+                    reason: DeadReason::Expired,
+                    error: error.clone(),
+                },
+            })
+            .collect();
+        self.metrics
+            .dead_letters
+            .with_label_values(&[target.name.as_str(), DeadReason::Expired.as_str()])
+            .inc_by(expired.len() as u64);
+        let n = expired.len();
+        tracing::warn!(target = %target.name, expired = n, "deliveries older than max_age dead-lettered instead of sent");
+        self.record(&target.name, &state.faults, expired).await;
+        (fresh, n)
+    }
+
     /// Starts an attempt per lease, each holding a slot: `first`, then the
-    /// free ones the lease was sized by.
+    /// free ones the lease was sized by. `probe`: the lease is the circuit's
+    /// one probe.
     fn spawn_attempts(
         self: &Arc<Self>,
         in_flight: &mut JoinSet<()>,
         target: &Target,
         leases: Vec<Lease>,
+        probe: bool,
         first: OwnedSemaphorePermit,
         semaphore: &Arc<Semaphore>,
     ) {
@@ -738,6 +931,7 @@ impl Dispatcher {
                     attempts: lease.attempts,
                     schedule: lease.schedule,
                     lease: lease.token,
+                    probe,
                 };
                 this.attempt_and_record(
                     &target,
@@ -751,6 +945,14 @@ impl Dispatcher {
             });
         }
     }
+}
+
+/// Why a worker has nothing to send, and what it waits for.
+enum Pause {
+    /// Its wake signal, or the idle poll: nothing is due.
+    Woken,
+    /// A time: the spool failed, or the circuit is open.
+    For(Duration),
 }
 
 /// The target's slots. The concurrency limit may change on reload; a new
@@ -793,6 +995,22 @@ pub fn count(
         .with_label_values(&[target])
         .observe(took.as_secs_f64());
     outcome
+}
+
+/// A login event's time from its push's arrival to a target's 2xx, whoever
+/// sent it (the inline reply or a worker), on the relay's clock.
+fn observe_login(metrics: &Metrics, target: &str, event: &Event, now_ms: i64) {
+    let login = event
+        .event_type
+        .as_deref()
+        .is_some_and(|e| e.eq_ignore_ascii_case("subscribe") || e.eq_ignore_ascii_case("SCAN"));
+    if login {
+        let seconds = (now_ms - event.received_at.0).max(0) as f64 / 1000.0;
+        metrics
+            .login_delivery_seconds
+            .with_label_values(&[target])
+            .observe(seconds);
+    }
 }
 
 #[cfg(test)]

@@ -833,35 +833,44 @@ async fn an_enqueue_hands_back_the_event_as_stored_with_its_id() {
 #[tokio::test]
 async fn a_settle_after_the_lease_was_taken_over_changes_nothing() {
     for (name, spool, _cleanup) in spools().await {
-        let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        let first = spool.lease("a", UnixMs(0), 10, 1_000).await.unwrap();
-        // The first worker's lease ends; another worker takes the delivery.
-        let second = spool.lease("a", UnixMs(1_000), 10, 1_000).await.unwrap();
-        assert_eq!(second.len(), 1, "{name}: taken over once the lease ended");
-        assert_ne!(first[0].token, second[0].token, "{name}");
-        let late = Settlement::Dead {
-            delivery_id: ids[0],
-            reason: DeadReason::Rejected,
-            error: "HTTP 400".into(),
-        };
-        settle(&*spool, &first, vec![late], 1_100).await;
-        assert!(
-            spool
-                .dead_letters(DeadFilter::default(), 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "{name}: the first worker's outcome is ignored"
-        );
-        let waiting = spool.waiting("a", 10).await.unwrap();
-        assert_eq!(waiting.len(), 1, "{name}");
-        assert_eq!(waiting[0].attempts, 0, "{name}: no attempt counted");
-        // The new owner's outcome is recorded.
-        let done = Settlement::Delivered {
-            delivery_id: ids[0],
-        };
-        settle(&*spool, &second, vec![done], 1_200).await;
-        assert!(spool.depth().await.unwrap().is_empty(), "{name}");
+        let late_outcomes = [
+            |id| Settlement::Dead {
+                delivery_id: id,
+                reason: DeadReason::Rejected,
+                error: "HTTP 400".into(),
+            },
+            |id| Settlement::Delivered { delivery_id: id },
+            |id| failed_once(id, 0),
+        ];
+        for (i, late) in late_outcomes.into_iter().enumerate() {
+            let now = 10_000 * i as i64;
+            let (_, ids) = stored(&*spool, event(&format!("k{i}"), &["a"], now), now).await;
+            let first = spool.lease("a", UnixMs(now), 10, 1_000).await.unwrap();
+            // The first worker's lease ends; another worker takes the delivery.
+            let second = spool.lease("a", UnixMs(now + 1_000), 10, 1_000);
+            let second = second.await.unwrap();
+            assert_eq!(second.len(), 1, "{name}: taken over once the lease ended");
+            assert_ne!(first[0].token, second[0].token, "{name}");
+            settle(&*spool, &first, vec![late(ids[0])], now + 1_100).await;
+            let dead = spool.dead_letters(DeadFilter::default(), 10).await;
+            assert!(
+                dead.unwrap().is_empty(),
+                "{name} {i}: the late outcome is ignored"
+            );
+            let waiting = spool.waiting("a", 10).await.unwrap();
+            assert_eq!(waiting.len(), 1, "{name} {i}");
+            assert_eq!(
+                (waiting[0].attempts, waiting[0].next_at),
+                (0, UnixMs(now)),
+                "{name} {i}: no attempt counted, not rescheduled"
+            );
+            // The new owner's outcome is recorded.
+            let done = Settlement::Delivered {
+                delivery_id: ids[0],
+            };
+            settle(&*spool, &second, vec![done], now + 1_200).await;
+            assert!(spool.depth().await.unwrap().is_empty(), "{name} {i}");
+        }
     }
 }
 
@@ -956,6 +965,17 @@ async fn expired_deliveries_are_dead_letters_that_can_be_selected() {
             spool.replay(filter, UnixMs(700_000)).await.unwrap(),
             1,
             "{name}"
+        );
+        // Replayed, it is untried and due from the replay on: its age for
+        // max_age counts from there.
+        let again = spool
+            .lease("broker", UnixMs(700_000), 10, 1_000)
+            .await
+            .unwrap();
+        let replayed = again.iter().find(|l| l.delivery_id == d[0]).unwrap();
+        assert_eq!(
+            (replayed.attempts, replayed.schedule.due_at),
+            (0, UnixMs(700_000))
         );
     }
 }
@@ -1173,4 +1193,143 @@ async fn postgres_a_delivery_stored_by_one_replica_wakes_the_others_workers() {
     assert_eq!(targets, ["crm", "hooks"]);
     here.close().await;
     there.close().await;
+}
+
+#[tokio::test]
+async fn postgres_retires_only_targets_no_live_replica_names() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let open = || PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate);
+    let (newer, older) = (open().await.unwrap(), open().await.unwrap());
+    let names = |n: &[&str]| n.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+    stored(&newer, event("k", &["hooks", "added"], 0), 0).await;
+    // A rolling change: one replica's configuration has the new target,
+    // the other's not yet.
+    let retired = newer.retire_targets(names(&["hooks", "added"]), UnixMs(1_000));
+    assert_eq!(retired.await.unwrap(), vec![]);
+    let retired = older.retire_targets(names(&["hooks"]), UnixMs(1_000));
+    assert_eq!(retired.await.unwrap(), vec![], "another replica names it");
+    // Once no replica heard from lately names it, it is retired.
+    let later = 1_000 + postgres::TARGETS_HOLD_MS - 1;
+    assert_eq!(
+        older
+            .retire_targets(names(&["hooks"]), UnixMs(later))
+            .await
+            .unwrap(),
+        vec![],
+        "the newer replica's word still holds"
+    );
+    let lapsed = UnixMs(later + 1);
+    assert_eq!(
+        older
+            .retire_targets(names(&["hooks"]), lapsed)
+            .await
+            .unwrap(),
+        vec![("added".to_string(), 1)]
+    );
+    // A replica that drops a target from its own list lets it go at once.
+    stored(&newer, event("k2", &["hooks", "gone"], 0), 0).await;
+    let now = UnixMs(later + 2);
+    newer
+        .retire_targets(names(&["hooks", "gone"]), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        newer.retire_targets(names(&["hooks"]), now).await.unwrap(),
+        vec![("gone".to_string(), 1)]
+    );
+    newer.close().await;
+    older.close().await;
+}
+
+/// Two replicas store the same 400 pushes at once, one in ascending and the
+/// other in descending order: every one is answered (no deadlock), each
+/// stored once.
+#[tokio::test]
+async fn postgres_two_replicas_racing_store_each_push_once() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let open = || PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate);
+    let (a, b) = (
+        Arc::new(open().await.unwrap()),
+        Arc::new(open().await.unwrap()),
+    );
+    let keys: Vec<String> = (0..400).map(|i| format!("key{i:04}")).collect();
+    let mut racing = tokio::task::JoinSet::new();
+    for (i, key) in keys.iter().enumerate() {
+        let reversed = keys[keys.len() - 1 - i].clone();
+        for (spool, key) in [(a.clone(), key.clone()), (b.clone(), reversed)] {
+            racing.spawn(async move {
+                let answer = spool
+                    .enqueue(event(&key, &["t"], 5), UnixMs(5), WINDOW)
+                    .await;
+                (key, answer)
+            });
+        }
+    }
+    let mut stored = std::collections::HashMap::<String, u32>::new();
+    while let Some(raced) = racing.join_next().await {
+        let (key, answer) = raced.unwrap();
+        match answer.unwrap() {
+            Enqueued::Stored { .. } => *stored.entry(key).or_default() += 1,
+            Enqueued::Duplicate => {}
+            Enqueued::Replayed => panic!("no guard here"),
+        }
+    }
+    assert_eq!(stored.len(), 400);
+    assert!(stored.values().all(|n| *n == 1), "{stored:?}");
+    assert_eq!(a.depth().await.unwrap()[0].pending, 400);
+    a.close().await;
+    b.close().await;
+}
+
+/// A push of a user stored while another replica's batch holding a push of
+/// the same user is in flight draws its ids after that batch commits, so
+/// ids (and the per-user order) follow the commits.
+#[tokio::test]
+async fn postgres_an_ordered_push_waits_for_a_batch_of_its_user_in_flight() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+        .await
+        .unwrap();
+    let (other, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lock = format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('{}|main|u1', 0))",
+        schema.settings.schema
+    );
+    other.batch_execute(&lock).await.unwrap();
+    let stored = spool.enqueue(ordered("k", &["t"], 0, "main|u1"), UnixMs(0), WINDOW);
+    let mut stored = tokio::spawn(stored);
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(300), &mut stored).await;
+    assert!(
+        waited.is_err(),
+        "stored while the user's other batch was in flight"
+    );
+    other.batch_execute("COMMIT").await.unwrap();
+    let stored = stored.await.unwrap().unwrap();
+    assert!(matches!(stored, Enqueued::Stored { .. }), "{stored:?}");
+    spool.close().await;
+}
+
+/// The operator commands list "everything" as a limit of `usize::MAX`.
+#[tokio::test]
+async fn a_limit_of_everything_lists_everything() {
+    for (name, spool, _cleanup) in spools().await {
+        stored(&*spool, event("k", &[], 0), 0).await;
+        stored(&*spool, event("w", &["a"], 0), 0).await;
+        let dead = spool.dead_letters(DeadFilter::default(), usize::MAX).await;
+        assert_eq!(dead.unwrap().len(), 1, "{name}");
+        let waiting = spool.waiting("a", usize::MAX).await;
+        assert_eq!(waiting.unwrap().len(), 1, "{name}");
+    }
 }

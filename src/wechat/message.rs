@@ -150,6 +150,27 @@ impl Open {
     }
 }
 
+/// The pushes a QR-code login flow is made of, as the login funnel counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginEvent {
+    /// A first follow by scanning a parametric QR code (`EventKey=qrscene_…`).
+    SubscribeScene,
+    /// A follow without a scene (search, a name card, a payment).
+    SubscribePlain,
+    /// A follower scanning a parametric QR code.
+    Scan,
+}
+
+impl LoginEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoginEvent::SubscribeScene => "subscribe_scene",
+            LoginEvent::SubscribePlain => "subscribe_plain",
+            LoginEvent::Scan => "scan",
+        }
+    }
+}
+
 impl Message {
     /// Parses a push or the message inside one: [`Message::parse`], then the
     /// root must be `<xml>` and a top-level element may repeat only if it is
@@ -287,6 +308,27 @@ impl Message {
                 msg_type: msg_type.unwrap_or_default().to_owned(),
             },
         }
+    }
+
+    /// What part the push plays in a QR-code login, if any.
+    pub fn login(&self) -> Option<LoginEvent> {
+        let MessageKind::Event { event } = self.kind() else {
+            return None;
+        };
+        if event.eq_ignore_ascii_case("SCAN") {
+            return Some(LoginEvent::Scan);
+        }
+        if !event.eq_ignore_ascii_case("subscribe") {
+            return None;
+        }
+        let scene = self
+            .event_key()
+            .is_some_and(|key| key.starts_with("qrscene_"));
+        Some(if scene {
+            LoginEvent::SubscribeScene
+        } else {
+            LoginEvent::SubscribePlain
+        })
     }
 
     /// The login scene of a parametric QR code (see the module docs): the
@@ -516,6 +558,29 @@ mod tests {
         <FromUserName><![CDATA[oUser]]></FromUserName>\n<CreateTime>1716999972</CreateTime>\n\
         <MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[SCAN]]></Event>\n\
         <EventKey><![CDATA[login:7f3c]]></EventKey>\n<Ticket><![CDATA[T1]]></Ticket>\n</xml>";
+
+    #[test]
+    fn login_events_are_told_apart_by_event_and_scene() {
+        let event = |event: &str, key: &str| {
+            let xml = format!(
+                "<xml><MsgType>event</MsgType><Event>{event}</Event><EventKey>{key}</EventKey></xml>"
+            );
+            Message::parse(xml.as_bytes()).unwrap().login()
+        };
+        assert_eq!(
+            event("subscribe", "qrscene_7"),
+            Some(LoginEvent::SubscribeScene)
+        );
+        assert_eq!(event("subscribe", ""), Some(LoginEvent::SubscribePlain));
+        assert_eq!(
+            event("subscribe", "last_trade_no_1"),
+            Some(LoginEvent::SubscribePlain)
+        );
+        assert_eq!(event("SCAN", "7"), Some(LoginEvent::Scan));
+        assert_eq!(event("CLICK", "qrscene_7"), None);
+        let text = Message::parse(b"<xml><MsgType>text</MsgType></xml>").unwrap();
+        assert_eq!(text.login(), None);
+    }
 
     #[test]
     fn reads_cdata_and_plain_text_alike() {

@@ -49,6 +49,15 @@ pub struct PushParams<'a> {
     pub random: &'a [u8; 16],
 }
 
+/// `len` random decimal digits, the first not zero, as WeChat's nonces are.
+pub fn digits(len: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..len)
+        .map(|i| char::from(b'0' + rng.gen_range(u8::from(i == 0)..10)))
+        .collect()
+}
+
 /// Seals `xml` (a whole `<xml>…</xml>` message) as WeChat would.
 pub fn build(xml: &str, sealing: Sealing<'_>, e: &PushParams<'_>) -> Push {
     let timestamp = e.timestamp.to_string();

@@ -54,8 +54,12 @@ use rand::Rng;
 /// Encrypts `reply_xml` and wraps it in WeChat's envelope, signed with
 /// `MsgSignature = sign([token, timestamp, nonce, Encrypt])`.
 ///
-/// Use the key that decrypted the request (see the module docs). `timestamp`
-/// and `nonce` may be the request's own or fresh ones.
+/// Use the key that decrypted the request (see the module docs). WeChat takes
+/// the request's own `timestamp` and `nonce` or fresh ones; the nonce must be
+/// fresh when someone other than the account's server chose `reply_xml`: the
+/// frame has the shape of a push's, and the envelope's `Encrypt` and
+/// `MsgSignature` under the request's signed `timestamp` and `nonce` are a
+/// push.
 pub fn envelope(
     key: &AesKey,
     token: &str,
@@ -149,6 +153,47 @@ pub fn open_envelope(
         Some(ReplyBody::PlainXml(_)) => Ok((reply, slot)),
         _ => Err(EnvelopeError::Content),
     }
+}
+
+/// The `MsgType`s of WeChat's passive replies.
+const REPLY_TYPES: [&str; 7] = [
+    "text",
+    "image",
+    "voice",
+    "video",
+    "music",
+    "news",
+    "transfer_customer_service",
+];
+
+/// Why reply XML is not a passive reply to the push it answers. The messages
+/// never quote the reply or an OpenID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAReply {
+    #[error("not XML")]
+    Xml,
+    #[error("its MsgType is not a passive reply's")]
+    MsgType,
+    #[error("not addressed back: ToUserName must be the push's sender, FromUserName its account")]
+    Addressed,
+}
+
+/// Checks that `reply` is a passive reply to `push`: a reply's `MsgType`,
+/// `ToUserName` the push's sender and `FromUserName` the account it was sent
+/// to. What the relay seals for an account under the account's key must be
+/// no more than that: the frame has the shape of a push's.
+pub fn check_answers(reply: &str, push: &Message) -> Result<(), NotAReply> {
+    let reply = Message::parse(reply.as_bytes()).map_err(|_| NotAReply::Xml)?;
+    if !reply.msg_type().is_some_and(|t| REPLY_TYPES.contains(&t)) {
+        return Err(NotAReply::MsgType);
+    }
+    let to_sender =
+        reply.get("ToUserName").is_some() && reply.get("ToUserName") == push.from_user();
+    let from_account = reply.from_user().is_some() && reply.from_user() == push.get("ToUserName");
+    if !(to_sender && from_account) {
+        return Err(NotAReply::Addressed);
+    }
+    Ok(())
 }
 
 /// The frame's 16-byte random prefix: letters and digits, as WeChat's own

@@ -5,10 +5,11 @@
 //! cargo bench --bench load -- rate [RATE] [SECONDS]            p99 at a fixed rate, both servers
 //! cargo bench --bench load -- backlog [PUSHES]                 webhooks down: memory, then drain rate
 //! cargo bench --bench load -- flood [CONNECTIONS] [SECONDS] [send|hold|idle]  an attacker's flood: RSS, real pushes' latency
+//! cargo bench --bench load -- outage [SECONDS] [CONNECTIONS]  webhooks down that long under a stream of pushes, then back
 //! ```
 //!
 //! `WXRELAY_BIN=/path/to/wxrelay` runs another build of the relay (an older
-//! release, to compare); `WXRELAY_NOFILE=1024` runs it under that open-file
+//! release, to compare; `outage` runs it first, then this build); `WXRELAY_NOFILE=1024` runs it under that open-file
 //! limit. `flood` opens one descriptor per connection in this
 //! process: raise `ulimit -n` first.
 //!
@@ -96,6 +97,11 @@ async fn start_relay(broker: &str, hooks: &str) -> RelayProcess {
 }
 
 async fn start_relay_paused(broker: &str, hooks: &str, paused: bool) -> RelayProcess {
+    let relay = std::env::var("WXRELAY_BIN").unwrap_or_else(|_| RELAY.to_string());
+    start_relay_bin(&relay, broker, hooks, paused).await
+}
+
+async fn start_relay_bin(relay: &str, broker: &str, hooks: &str, paused: bool) -> RelayProcess {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (public, admin) = (common::free_port(), common::free_port());
     let config = dir.path().join("relay.toml");
@@ -109,7 +115,6 @@ async fn start_relay_paused(broker: &str, hooks: &str, paused: bool) -> RelayPro
         paused,
     );
     std::fs::write(&config, toml).unwrap_or_else(|e| panic!("{e}"));
-    let relay = std::env::var("WXRELAY_BIN").unwrap_or_else(|_| RELAY.to_string());
     let nofile = std::env::var("WXRELAY_NOFILE").unwrap_or_else(|_| "unlimited".into());
     // Through a shell only to set the limit; `exec` keeps the relay's pid.
     let child = Command::new("sh")
@@ -559,6 +564,236 @@ async fn flood(args: &[String]) {
     check_delivered(&sink, &real, Duration::from_secs(60)).await;
 }
 
+/// The webhooks target down for `SECONDS` (default 60) under a stream of
+/// pushes at saturation, then back: ingest during the outage against ingest
+/// with every target healthy, the attempts the dead target receives, the
+/// spool writes its failures cost, the circuit metric, and whether every
+/// event arrives once it is back. With `WXRELAY_BIN`, that build is run
+/// first ("before"), then this one ("after"), in the same run.
+async fn outage(args: &[String]) {
+    let down = Duration::from_secs_f64(arg(args, 0, 60.0));
+    let connections = arg(args, 1, 32.0) as usize;
+    println!(
+        "outage: 15 s all healthy, then webhooks answering 503 for {} s, then back for 10 s; pushes at saturation over {connections} connections",
+        down.as_secs()
+    );
+    let mut runs = vec![("after", RELAY.to_string())];
+    if let Ok(old) = std::env::var("WXRELAY_BIN") {
+        runs.insert(0, ("before", old));
+    }
+    for (label, bin) in runs {
+        outage_run(label, &bin, down, connections).await;
+    }
+}
+
+/// What the relay's metrics say about the webhooks target.
+#[derive(Debug, Clone, Copy, Default)]
+struct TargetSample {
+    circuit: f64,
+    /// Failed attempts recorded (each a spool write), and dead letters.
+    failure_writes: f64,
+    pending: f64,
+}
+
+async fn sample_webhooks(admin: SocketAddr) -> Option<TargetSample> {
+    let answer = common::try_send(admin, http::Method::GET, "/metrics", bytes::Bytes::new())
+        .await
+        .ok()?;
+    let text = answer.text();
+    let on = |name: &str, outcome: Option<&str>| {
+        let mut labels = vec![("target", "webhooks")];
+        labels.extend(outcome.map(|o| ("outcome", o)));
+        common::metric(&text, name, &labels)
+    };
+    Some(TargetSample {
+        // + 0.0: a build without the metric sums nothing, -0.0.
+        circuit: on("wxrelay_target_circuit", None) + 0.0,
+        failure_writes: on("wxrelay_deliveries_total", Some("retried"))
+            + on("wxrelay_deliveries_total", Some("dead_lettered")),
+        pending: on("wxrelay_spool_pending", None),
+    })
+}
+
+/// Pushes at saturation in chunks until `window` has passed; returns what
+/// was answered and how long it took.
+async fn stream_for(
+    relay: &RelayProcess,
+    next: &mut u64,
+    window: Duration,
+    connections: usize,
+    total: &mut Report,
+) -> (usize, f64) {
+    const CHUNK: usize = 4_000;
+    let started = Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < window {
+        let r = harness::drive(
+            relay.server.addr,
+            *next,
+            CHUNK,
+            connections,
+            None,
+            harness::unix_now(),
+        )
+        .await;
+        *next += CHUNK as u64;
+        answered += r.success;
+        total.success += r.success;
+        total.login_success += r.login_success;
+        total.non_success += r.non_success;
+        total.errors += r.errors;
+    }
+    (answered, started.elapsed().as_secs_f64())
+}
+
+/// The webhooks target's metrics, sampled once a second in the background.
+struct Sampler {
+    samples: Arc<std::sync::Mutex<Vec<TargetSample>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    fn start(admin: SocketAddr) -> Sampler {
+        let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let seen = samples.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                if let Some(s) = sample_webhooks(admin).await {
+                    seen.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stopped.changed() => break,
+                }
+            }
+        });
+        Sampler {
+            samples,
+            stop,
+            task,
+        }
+    }
+
+    fn latest(&self) -> TargetSample {
+        let s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        s.last().copied().unwrap_or_default()
+    }
+
+    /// Stops sampling; the circuit's values, each change kept.
+    async fn circuit(self) -> Vec<f64> {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        let mut circuit: Vec<f64> = Vec::new();
+        for s in self
+            .samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if circuit.last() != Some(&s.circuit) {
+                circuit.push(s.circuit);
+            }
+        }
+        circuit
+    }
+}
+
+/// What the outage cost: pushes answered and seconds, attempts at the dead
+/// target, failure writes.
+struct Outage {
+    answered: usize,
+    secs: f64,
+    attempts: u64,
+    writes: f64,
+}
+
+/// Streams pushes while the webhooks answer 503, a line per 10 s.
+#[allow(clippy::too_many_arguments)]
+async fn stream_while_down(
+    relay: &RelayProcess,
+    sink: &Sink,
+    sampler: &Sampler,
+    down: Duration,
+    connections: usize,
+    healthy: f64,
+    next: &mut u64,
+    total: &mut Report,
+) -> Outage {
+    sink.set_down(Some("/hooks"));
+    let (refused0, writes0) = (sink.refused(), sampler.latest().failure_writes);
+    let started = Instant::now();
+    let (mut answered, mut secs) = (0, 0.0);
+    while started.elapsed() < down {
+        let window = (down - started.elapsed()).min(Duration::from_secs(10));
+        let refused = sink.refused();
+        let (ok, took) = stream_for(relay, next, window, connections, total).await;
+        (answered, secs) = (answered + ok, secs + took);
+        let s = sampler.latest();
+        println!(
+            "  down {:>3.0} s   ingest {:>7.0}/s ({:.2} of healthy)  dead target {:>7.1} attempts/s  failure writes so far {:>8.0}  circuit {}  webhooks pending {:>8.0}",
+            started.elapsed().as_secs_f64(),
+            ok as f64 / took,
+            ok as f64 / took / healthy,
+            (sink.refused() - refused) as f64 / took,
+            s.failure_writes - writes0,
+            s.circuit,
+            s.pending
+        );
+    }
+    sink.set_down(None);
+    Outage {
+        answered,
+        secs,
+        attempts: sink.refused() - refused0,
+        writes: sampler.latest().failure_writes - writes0,
+    }
+}
+
+async fn outage_run(label: &str, bin: &str, down: Duration, connections: usize) {
+    let (sink, at) = Sink::start_local().await;
+    let relay = start_relay_bin(
+        bin,
+        &format!("http://{at}/broker"),
+        &format!("http://{at}/hooks"),
+        false,
+    )
+    .await;
+    println!("{label}: {bin}");
+    let sampler = Sampler::start(relay.admin);
+    let (mut next, mut total) = (0u64, Report::default());
+    let window = Duration::from_secs(15);
+    let (ok, secs) = stream_for(&relay, &mut next, window, connections, &mut total).await;
+    let healthy = ok as f64 / secs;
+    println!("  healthy      ingest {healthy:>7.0}/s");
+    let o = stream_while_down(
+        &relay,
+        &sink,
+        &sampler,
+        down,
+        connections,
+        healthy,
+        &mut next,
+        &mut total,
+    )
+    .await;
+    let window = Duration::from_secs(10);
+    let (ok, secs) = stream_for(&relay, &mut next, window, connections, &mut total).await;
+    println!("  back         ingest {:>7.0}/s", ok as f64 / secs);
+    let drain = check_delivered(&sink, &total, Duration::from_secs(900)).await;
+    let circuit = sampler.circuit().await;
+    println!(
+        "  {label}: ingest during the outage {:.0}/s = {:.2} of healthy; the dead target got {} attempts ({:.1}/s); failure writes {:.0}; every event delivered within {:.1} s of the last push; circuit sampled each second {circuit:?}",
+        o.answered as f64 / o.secs,
+        o.answered as f64 / o.secs / healthy,
+        o.attempts,
+        o.attempts as f64 / down.as_secs_f64(),
+        o.writes,
+        drain.as_secs_f64()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -593,7 +828,10 @@ fn main() {
             Some("backlog") => backlog(&rest).await,
             Some("flood") => flood(&rest).await,
             Some("flood-client") => flood_client(&rest).await,
-            Some(other) => eprintln!("unknown run {other}: compare | rate | backlog | flood"),
+            Some("outage") => outage(&rest).await,
+            Some(other) => {
+                eprintln!("unknown run {other}: compare | rate | backlog | flood | outage")
+            }
         }
     });
 }

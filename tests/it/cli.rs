@@ -444,6 +444,7 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
     let everything = |all| DlqCommand::Replay {
         select: Selection::default(),
         all,
+        force: false,
     };
     assert!(matches!(
         run(everything(false)).await,
@@ -457,6 +458,7 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
             ..Selection::default()
         },
         all: false,
+        force: false,
     })
     .await
     .unwrap();
@@ -480,6 +482,7 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
             ..Selection::default()
         },
         all: false,
+        force: false,
     })
     .await
     .unwrap();

@@ -7,7 +7,8 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 use wxrelay::config::{
-    figment_for, render_check, Format, Mode, RetryClass, Settings, SpoolBackend, SslMode,
+    figment_for, render_check, Breaker, Format, Mode, Ordering, RetryClass, Settings, SpoolBackend,
+    SslMode,
 };
 use wxrelay::route::{route, RouteInput};
 
@@ -530,6 +531,45 @@ fn broken_configs_are_refused_at_their_key_path() {
             "between 1 and 1024",
         ),
         (
+            "negative breaker failures",
+            edit(&[("retry = \"login\"", "breaker = { failures = -1 }")]),
+            "targets.broker.breaker.failures",
+            "between 0 (never opens) and 100000",
+        ),
+        (
+            "bad breaker backoff",
+            edit(&[("retry = \"login\"", "breaker = { backoff = \"soon\" }")]),
+            "targets.broker.breaker.backoff",
+            "invalid duration \"soon\"",
+        ),
+        (
+            "breaker cap below its backoff",
+            edit(&[(
+                "retry = \"login\"",
+                "breaker = { backoff = \"10s\", max_backoff = \"5s\" }",
+            )]),
+            "targets.broker.breaker.max_backoff",
+            "must not be less than backoff",
+        ),
+        (
+            "unknown breaker key",
+            edit(&[("retry = \"login\"", "breaker = { failure = 3 }")]),
+            "targets.broker.breaker",
+            "unknown field",
+        ),
+        (
+            "zero max_age",
+            edit(&[("retry = \"login\"", "max_age = \"0s\"")]),
+            "targets.broker.max_age",
+            "greater than zero",
+        ),
+        (
+            "unknown ordering",
+            edit(&[("retry = \"login\"", "ordering = \"per_account\"")]),
+            "targets.broker.ordering",
+            "unknown ordering \"per_account\": expected one of unordered, per_user",
+        ),
+        (
             "zero timeout",
             edit(&[("retry = \"login\"", "timeout = \"0s\"")]),
             "targets.broker.timeout",
@@ -660,6 +700,18 @@ fn broken_configs_are_refused_at_their_key_path() {
             format!("[spool]\nschema = \"relay\"\n{VALID}"),
             "spool.schema",
             "only for backend = \"postgres\"",
+        ),
+        (
+            "require without the CA",
+            format!("{PG}sslmode = \"require\"\n{VALID}"),
+            "spool.ca_file",
+            "required with sslmode = \"require\"",
+        ),
+        (
+            "an unescaped @ in the password",
+            format!("[spool]\nbackend = \"postgres\"\nurl = \"postgres://relay:Tr0ub@dor-SECRET@db:5432/relay\"\n{VALID}"),
+            "spool.url",
+            "write an '@' in the password as %40",
         ),
         (
             "unknown sslmode",
@@ -808,6 +860,43 @@ fn defaults_apply() {
     assert_eq!(hooks.retry.delays.len(), 10);
     assert_eq!(hooks.timeout, Duration::from_secs(5));
     assert_eq!(hooks.concurrency, 8);
+    assert_eq!(hooks.max_age, None, "durable events are sent however late");
+    assert_eq!(hooks.ordering, Ordering::Unordered);
+    assert_eq!(hooks.breaker, RetryClass::Durable.default_breaker());
+    let broker = &settings.targets["broker"];
+    assert_eq!(broker.max_age, Some(Duration::from_secs(600)));
+    assert_eq!(broker.breaker, RetryClass::Login.default_breaker());
+}
+
+#[test]
+fn a_breaker_takes_what_the_file_sets_and_the_class_default_for_the_rest() {
+    let toml = edit(&[(
+        "retry = \"login\"",
+        "retry = \"login\"\nbreaker = { failures = 0, max_backoff = \"1m\" }\nmax_age = \"off\"\nordering = \"per_user\"",
+    )]);
+    let broker = &Settings::from_toml_str(&toml).unwrap().targets["broker"];
+    let login = RetryClass::Login.default_breaker();
+    assert_eq!(
+        broker.breaker,
+        Breaker {
+            failures: 0,
+            backoff: login.backoff,
+            max_backoff: Duration::from_secs(60),
+        }
+    );
+    assert_eq!(broker.max_age, None);
+    assert_eq!(broker.ordering, Ordering::PerUser);
+    let report = render_check(&Settings::from_toml_str(&toml).unwrap());
+    for expected in [
+        "breaker           off",
+        "max_age           off",
+        "ordering          per_user",
+    ] {
+        assert!(
+            report.contains(expected),
+            "missing {expected:?} in:\n{report}"
+        );
+    }
 }
 
 #[test]
@@ -901,6 +990,8 @@ fn the_check_report_shows_what_the_relay_will_do() {
         &fingerprint,
         "http://127.0.0.1:8081/broker",
         "login: 9 attempts over 2m",
+        "max_age           10m",
+        "opens after 5 failures in a row; probes after 1s, up to every 5s",
         "[0] event=subscribe|SCAN -> broker (replies), hooks",
         "[1] * -> hooks",
     ] {

@@ -33,10 +33,6 @@ fn catch_up(relay: &TestRelay) {
     relay.clock.advance_ms(behind.max(0) + 1);
 }
 
-async fn wxrelay(args: Vec<String>) -> (Option<i32>, String) {
-    common::run_wxrelay(args, Vec::new()).await
-}
-
 #[tokio::test]
 async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
     let g = generated();
@@ -59,7 +55,7 @@ async fn pending_lists_a_backlog_and_retry_now_has_the_running_relay_send_it() {
         all.extend(["--config".to_owned(), config.clone()]);
         let relay = &relay;
         async move {
-            let outcome = wxrelay(all).await;
+            let outcome = common::wxrelay(all).await;
             catch_up(relay);
             outcome
         }
@@ -182,7 +178,7 @@ async fn retry_now_on_a_target_still_down_keeps_the_schedule() {
     let before = relay.spool.waiting("hooks", 1).await.unwrap()[0].clone();
 
     for round in 0..3 {
-        let (code, out) = wxrelay(vec![
+        let (code, out) = common::wxrelay(vec![
             "pending".into(),
             "retry-now".into(),
             "--target".into(),

@@ -261,6 +261,16 @@ async fn the_database_password_never_shows_in_check_or_errors() {
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains(PASSWORD), "{out}");
 
+    // An '@' left unescaped in the password: refused, and no part of it shown.
+    let slip = "postgres://relay:Tr0ub@dor-SECRET@db.internal:5432/relay".to_owned();
+    let (code, out) = wxrelay(
+        vec!["check".into(), "--config".into(), config.clone()],
+        vec![("WXRELAY_SPOOL__URL", slip)],
+    )
+    .await;
+    assert_eq!(code, Some(64), "{out}");
+    assert!(!out.contains("SECRET") && !out.contains("Tr0ub"), "{out}");
+
     // A database that refuses the connection: the error names it without the password.
     let unreachable = format!("postgres://relay:{PASSWORD}@127.0.0.1:9/relay");
     let (code, out) = wxrelay(
@@ -428,11 +438,35 @@ async fn tls_require_verifies_the_chain_and_verify_full_the_name_too() {
         .await
         .unwrap_err();
     assert!(refused.contains("certificate"), "{refused}");
-    // Without the database's CA among the roots, require refuses too: the
-    // chain is verified, not skipped.
+    // Without the database's CA among the roots (only the public ones, which
+    // `check` does not allow with require), it refuses too: the chain is
+    // verified, not skipped.
     let refused = open("127.0.0.1", SslMode::Require, None).await.unwrap_err();
     assert!(refused.contains("certificate"), "{refused}");
     if let Some(host) = name(&cert).filter(|h| h == "localhost") {
         open(&host, SslMode::VerifyFull, Some(&cert)).await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_connection_gone_silent_is_replaced_not_reused() {
+    let Some(url) = test_url() else { return };
+    let proxy = CutProxy::start(proxy::upstream(&url)).await;
+    let mut schema = TestSchema::new(&url);
+    schema.settings.url = Secret::new(proxy.url_through(&url));
+    schema.settings.pool_size = 2;
+    let spool = PostgresSpool::open(&schema.settings, OnOpen::Migrate)
+        .await
+        .unwrap();
+    // Both of the pool's connections in use once.
+    let (a, b) = tokio::join!(spool.probe(), spool.probe());
+    a.unwrap();
+    b.unwrap();
+    proxy.stall();
+    // Each silent connection fails its operation when its time is up...
+    let (a, b) = tokio::join!(spool.probe(), spool.probe());
+    assert!(a.is_err() && b.is_err(), "{a:?} {b:?}");
+    // ...and is not handed out again: the next one is new, and works.
+    spool.probe().await.unwrap();
+    spool.close().await;
 }

@@ -71,7 +71,7 @@ impl Recorded {
             a.entry(nonce_of(r.query()))
                 .or_default()
                 .push(Instant::now());
-            Some(Behaviour::Slow(TAKES))
+            Some(Behaviour::After(TAKES, Box::new(Behaviour::status(200))))
         });
         Recorded {
             target,

@@ -13,7 +13,7 @@ use super::wake::Notifier;
 use crate::spool::{
     DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, SpoolError, UnixMs,
 };
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::{Object, Pool, Transaction};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
@@ -33,51 +33,85 @@ enum Outcome {
     Replayed,
 }
 
+/// What one commit carries at most, in bytes of bodies, XML and fields:
+/// well under PostgreSQL's limits on a value and a message, whatever
+/// `max_body` is.
+const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+/// The parts of the spool the writer answers through.
+pub(super) struct Writer {
+    pub pool: Pool,
+    pub notifier: Notifier,
+    pub prune: super::prune::Pruner,
+}
+
 /// Commits the waiting requests, a batch at a time, until every sender is
 /// gone. `max_batch` of 1 commits each push on its own (to measure what
 /// grouping is worth).
-pub(super) async fn run(
-    pool: Pool,
-    mut requests: mpsc::Receiver<Request>,
-    max_batch: usize,
-    notifier: Notifier,
-    prune: super::prune::Pruner,
-) {
-    let mut batch = Vec::with_capacity(max_batch);
-    while requests.recv_many(&mut batch, max_batch).await > 0 {
-        let result = super::bounded("commit", commit(&pool, &batch)).await;
-        match result {
-            Ok(outcomes) => {
-                let mut due = BTreeSet::new();
-                for (request, outcome) in batch.drain(..).zip(outcomes) {
-                    if let Outcome::Stored(..) = outcome {
-                        due.extend(request.event.targets.iter().map(|t| t.target.clone()));
-                    }
-                    prune.saw(request.now);
-                    let answer = match outcome {
-                        Outcome::Stored(event_id, deliveries) => Enqueued::Stored {
-                            event_id,
-                            deliveries,
-                            event: Box::new(request.event.event),
-                        },
-                        Outcome::Duplicate => Enqueued::Duplicate,
-                        Outcome::Replayed => Enqueued::Replayed,
-                    };
-                    let _ = request.reply.send(Ok(answer));
-                }
-                notifier.due(due);
-            }
-            Err(e) => {
-                for request in batch.drain(..) {
-                    let _ = request.reply.send(Err(e.clone()));
-                }
-            }
+pub(super) async fn run(writer: Writer, mut requests: mpsc::Receiver<Request>, max_batch: usize) {
+    let mut waiting = Vec::with_capacity(max_batch);
+    while requests.recv_many(&mut waiting, max_batch).await > 0 {
+        while !waiting.is_empty() {
+            let batch: Vec<Request> = waiting.drain(..fitting(&waiting)).collect();
+            writer.commit_and_answer(batch).await;
         }
     }
 }
 
-async fn commit(pool: &Pool, batch: &[Request]) -> Result<Vec<Outcome>, SpoolError> {
-    let mut client = super::client(pool).await?;
+/// How many of the first requests fit in one commit: at least one.
+fn fitting(requests: &[Request]) -> usize {
+    let mut bytes = 0;
+    let n = requests
+        .iter()
+        .take_while(|r| {
+            let e = &r.event.event;
+            bytes += e.body.len() + e.xml.len() + e.fields.len();
+            bytes <= MAX_BATCH_BYTES
+        })
+        .count();
+    n.max(1)
+}
+
+impl Writer {
+    async fn commit_and_answer(&self, batch: Vec<Request>) {
+        let result = super::bounded("commit", async {
+            let mut checkout = super::Checkout::of(&self.pool).await?;
+            let outcomes = commit(checkout.get()?, &batch).await;
+            checkout.finished();
+            outcomes
+        })
+        .await;
+        let outcomes = match result {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                for request in batch {
+                    let _ = request.reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let mut due = BTreeSet::new();
+        for (request, outcome) in batch.into_iter().zip(outcomes) {
+            if let Outcome::Stored(..) = outcome {
+                due.extend(request.event.targets.iter().map(|t| t.target.clone()));
+            }
+            self.prune.saw(request.now);
+            let answer = match outcome {
+                Outcome::Stored(event_id, deliveries) => Enqueued::Stored {
+                    event_id,
+                    deliveries,
+                    event: Box::new(request.event.event),
+                },
+                Outcome::Duplicate => Enqueued::Duplicate,
+                Outcome::Replayed => Enqueued::Replayed,
+            };
+            let _ = request.reply.send(Ok(answer));
+        }
+        self.notifier.due(due);
+    }
+}
+
+async fn commit(client: &mut Object, batch: &[Request]) -> Result<Vec<Outcome>, SpoolError> {
     let tx = client.transaction().await?;
     let passed = guards(&tx, batch).await?;
     let first = dedup(&tx, batch, &passed).await?;
@@ -195,6 +229,7 @@ async fn store(
     let (event_ids, delivery_ids) = if stored.is_empty() {
         (Vec::new(), Vec::new())
     } else {
+        order_after_earlier_commits(tx, &stored).await?;
         insert_rows(tx, &stored, rows).await?
     };
     let mut events = event_ids.into_iter();
@@ -221,6 +256,35 @@ async fn store(
         })
         .collect();
     Ok(outcomes)
+}
+
+/// Per-user order follows delivery ids. Two pushes of one user stored on
+/// two replicas at once could take ids in one order and commit in the
+/// other, and the later push be leased while the earlier one is not yet
+/// visible. So a batch takes a lock per order key (sorted, after its dedup
+/// keys, as every batch does) before drawing ids: of two such batches, the
+/// second draws its ids once the first has committed.
+async fn order_after_earlier_commits(
+    tx: &Transaction<'_>,
+    stored: &[&Request],
+) -> Result<(), SpoolError> {
+    let keys: BTreeSet<&str> = stored
+        .iter()
+        .flat_map(|r| r.event.targets.iter())
+        .filter_map(|t| t.order_key.as_deref())
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = keys.into_iter().collect();
+    let lock = tx
+        .prepare_cached(
+            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '|' || k, 0))
+             FROM unnest($1::text[]) AS k ORDER BY k",
+        )
+        .await?;
+    tx.execute(&lock, &[&keys]).await?;
+    Ok(())
 }
 
 /// Two statements whatever the batch's size; returns the ids given, in
@@ -352,5 +416,45 @@ fn state_code(state: DeliveryState) -> i16 {
     match state {
         DeliveryState::Pending => 0,
         DeliveryState::Dead => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Event;
+
+    fn request(body_bytes: usize) -> Request {
+        let event = Event {
+            dedup_key: "k".into(),
+            account: "main".into(),
+            received_at: UnixMs(0),
+            query: String::new(),
+            body: vec![b'x'; body_bytes].into(),
+            xml: String::new(),
+            fields: String::new(),
+            msg_type: "event".into(),
+            event_type: None,
+        };
+        Request {
+            event: NewEvent {
+                event,
+                targets: Vec::new(),
+                replay: None,
+            },
+            now: UnixMs(0),
+            window: 0,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_commit_carries_as_many_requests_as_fit_and_never_none() {
+        let small: Vec<Request> = (0..3).map(|_| request(100)).collect();
+        assert_eq!(fitting(&small), 3);
+        let large: Vec<Request> = (0..3).map(|_| request(MAX_BATCH_BYTES / 2 + 1)).collect();
+        assert_eq!(fitting(&large), 1);
+        let huge = [request(MAX_BATCH_BYTES + 1)];
+        assert_eq!(fitting(&huge), 1, "one is always taken");
     }
 }

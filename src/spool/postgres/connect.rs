@@ -29,6 +29,9 @@ pub fn postgres_display(config: &tokio_postgres::Config) -> String {
         .enumerate()
         .map(|(i, host)| {
             let name = match host {
+                // What follows an unescaped '@' in a password is taken for
+                // the host: never print it.
+                Host::Tcp(name) if name.contains('@') => "<invalid host>".to_owned(),
                 Host::Tcp(name) => name.clone(),
                 #[cfg(unix)]
                 Host::Unix(path) => path.display().to_string(),
@@ -61,18 +64,26 @@ pub(super) fn driver_config(
     // Notices ("already exists, skipping") are not worth a log line. The
     // database bounds each statement as the spool bounds each operation, so
     // one given up on does not run on, holding its connection and locks; and
-    // it ends a transaction left idle by a replica that stopped mid-way.
+    // it ends a transaction left idle by a replica that stopped mid-way. A
+    // push's commit is durable whatever the server's or role's default says
+    // (and waits for a synchronous standby when the server names one).
     config.options(format!(
         "-c search_path={} -c client_min_messages=warning -c statement_timeout={} \
-         -c idle_in_transaction_session_timeout={}",
+         -c idle_in_transaction_session_timeout={} -c synchronous_commit=on",
         settings.schema,
         super::OPERATION_TIMEOUT.as_millis(),
         3 * super::OPERATION_TIMEOUT.as_millis()
     ));
     config.application_name("wxrelay");
     config.connect_timeout(CONNECT_TIMEOUT);
+    // A database host gone without a word (a failover moving its address, a
+    // partition) is noticed within seconds, not the system's minutes: the
+    // listener's connection included, which waits without sending.
     config.keepalives(true);
-    config.keepalives_idle(Duration::from_secs(30));
+    config.keepalives_idle(Duration::from_secs(5));
+    config.keepalives_interval(Duration::from_secs(2));
+    config.keepalives_retries(3);
+    config.tcp_user_timeout(Duration::from_secs(10));
     config.ssl_mode(match settings.sslmode {
         SslMode::Disable => tokio_postgres::config::SslMode::Disable,
         SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
@@ -175,10 +186,10 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-/// The pool: at most `pool_size` connections, a bounded wait for one, and a
-/// broken connection (the database restarted) replaced rather than reused.
+/// A pool: at most `size` connections, a bounded wait for one, and a broken
+/// connection (the database restarted) replaced rather than reused.
 pub(super) fn pool(
-    settings: &PostgresSettings,
+    size: usize,
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
 ) -> Result<Pool, SpoolError> {
@@ -190,7 +201,7 @@ pub(super) fn pool(
         },
     );
     Pool::builder(manager)
-        .max_size(settings.pool_size)
+        .max_size(size)
         .wait_timeout(Some(POOL_WAIT))
         .create_timeout(Some(CONNECT_TIMEOUT))
         .recycle_timeout(Some(CONNECT_TIMEOUT))

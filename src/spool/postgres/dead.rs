@@ -58,7 +58,7 @@ pub(super) async fn dead_letters(
                 &f.since,
                 &f.until,
                 &f.id,
-                &(limit as i64),
+                &super::sql_limit(limit),
             ],
         )
         .await?;

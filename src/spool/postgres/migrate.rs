@@ -25,6 +25,16 @@ const MIGRATIONS: &[Migration] = &[
         name: "order_key",
         sql: include_str!("migrations/0002_order_key.sql"),
     },
+    Migration {
+        version: 3,
+        name: "replica_targets",
+        sql: include_str!("migrations/0003_replica_targets.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "due_unordered",
+        sql: include_str!("migrations/0004_due_unordered.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.
@@ -79,9 +89,12 @@ pub async fn migrate(
     schema: &str,
 ) -> Result<Migrated, SpoolError> {
     let tx = client.transaction().await?;
-    // A migration may rebuild a large table, and a replica may wait for
-    // another's: neither is bounded like the queue's own statements.
-    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
+    // A migration may rebuild a large table: it is not bounded like the
+    // queue's own statements.
+    // But it gives up rather than wait long for a table lock: while it
+    // waits, every replica's pushes would queue behind it.
+    tx.batch_execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '5s'")
+        .await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(schema)])
         .await?;
     // The schema is a checked identifier; quoted all the same.

@@ -48,15 +48,15 @@ mod wake;
 
 pub use connect::postgres_display;
 pub use migrate::{latest as latest_schema_version, Migrated};
+pub use settle::TARGETS_HOLD_MS;
 
 use super::{
-    DeadFilter, DeadLetter, DeadReason, DeliveryId, DueWaker, Enqueued, Event, EventId, Lease,
-    NewEvent, Release, Schedule, Settle, Spool, SpoolError, SpoolFuture, TargetDepth, UnixMs,
+    DeadFilter, DeadLetter, DeliveryId, DueWaker, Enqueued, Event, EventId, Lease, NewEvent,
+    Release, Schedule, Settle, Spool, SpoolError, SpoolFuture, TargetDepth, UnixMs,
     WaitingDelivery,
 };
 use crate::config::PostgresSettings;
 use deadpool_postgres::{Object, Pool};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -68,6 +68,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Enqueues waiting for the writer at most; past it, pushes get 503.
 const QUEUE: usize = 8192;
+/// Connections that store pushes (the one group-commit writer's), beside
+/// `pool_size` for everything else.
+pub const PUSH_CONNECTIONS: usize = 1;
 /// How many enqueues one commit may carry at most.
 pub const DEFAULT_MAX_BATCH: usize = 512;
 
@@ -132,11 +135,56 @@ async fn client(pool: &Pool) -> Result<Object, SpoolError> {
     Ok(pool.get().await?)
 }
 
+/// A pooled connection for one bounded operation. It goes back to the pool
+/// only when [`Checkout::finished`] says the operation ended; dropped before
+/// (the operation's time ran out), it is discarded: a database that stopped
+/// answering on it (a failover, a partition) may well answer a new one.
+struct Checkout(Option<Object>);
+
+impl Checkout {
+    async fn of(pool: &Pool) -> Result<Self, SpoolError> {
+        Ok(Self(Some(client(pool).await?)))
+    }
+
+    /// The connection, until finished.
+    fn get(&mut self) -> Result<&mut Object, SpoolError> {
+        self.0.as_mut().ok_or(SpoolError::Closed)
+    }
+
+    /// The operation ended (well or not): the connection may serve again.
+    fn finished(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            drop(Object::take(object));
+        }
+    }
+}
+
+/// Runs `operation` on a pooled connection within [`OPERATION_TIMEOUT`].
+async fn on_connection<T>(
+    pool: &Pool,
+    what: &str,
+    operation: impl for<'c> FnOnce(&'c mut Object) -> BoxedOp<'c, T>,
+) -> Result<T, SpoolError> {
+    bounded(what, async {
+        let mut checkout = Checkout::of(pool).await?;
+        let result = operation(checkout.get()?).await;
+        checkout.finished();
+        result
+    })
+    .await
+}
+
 /// Applies the migrations the database lacks (`wxrelay migrate`).
 pub async fn migrate(settings: &PostgresSettings) -> Result<Migrated, SpoolError> {
     let config = connect::driver_config(settings)?;
     let tls = connect::tls(settings)?;
-    let pool = connect::pool(settings, config, tls)?;
+    let pool = connect::pool(1, config, tls)?;
     let mut client = client(&pool).await?;
     migrate::migrate(&mut client, &settings.schema).await
 }
@@ -157,7 +205,10 @@ impl PostgresSpool {
     ) -> Result<Self, SpoolError> {
         let config = connect::driver_config(settings)?;
         let tls = connect::tls(settings)?;
-        let pool = connect::pool(settings, config.clone(), tls.clone())?;
+        let pool = connect::pool(settings.pool_size, config.clone(), tls.clone())?;
+        // Pushes are stored on a connection of their own, so that they never
+        // wait for one behind the delivery workers' leases and outcomes.
+        let push_pool = connect::pool(PUSH_CONNECTIONS, config.clone(), tls.clone())?;
         {
             let mut client = client(&pool).await?;
             match on_open {
@@ -178,13 +229,12 @@ impl PostgresSpool {
         }
         let (requests, rx) = mpsc::channel(QUEUE);
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
-        let writer = tokio::spawn(commit::run(
-            pool.clone(),
-            rx,
-            max_batch.max(1),
-            notifier.clone(),
-            prune::Pruner::new(pool.clone()),
-        ));
+        let writer = commit::Writer {
+            pool: push_pool,
+            notifier: notifier.clone(),
+            prune: prune::Pruner::new(pool.clone()),
+        };
+        let writer = tokio::spawn(commit::run(writer, rx, max_batch.max(1)));
         let notify = tokio::spawn(notifier.clone().run());
         let (recordings, recorded) = mpsc::channel(QUEUE);
         let recorder = tokio::spawn(settle::run(pool.clone(), recorded));
@@ -254,11 +304,7 @@ impl PostgresSpool {
             if closed {
                 return Err(SpoolError::Closed);
             }
-            bounded(what, async move {
-                let mut client = client(&pool).await?;
-                operation(&mut client).await
-            })
-            .await
+            on_connection(&pool, what, operation).await
         })
     }
 }
@@ -267,6 +313,11 @@ impl Drop for PostgresSpool {
     fn drop(&mut self) {
         self.stop_background();
     }
+}
+
+/// A row limit as SQL takes it: "all" (`usize::MAX`) is the largest bigint.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 /// Hands `item` to a writer task: `Busy` when its queue is full, `Closed`
@@ -365,28 +416,9 @@ impl Spool for PostgresSpool {
         targets: Vec<String>,
         now_ms: UnixMs,
     ) -> SpoolFuture<Vec<(String, u64)>> {
+        let replica = self.replica.clone();
         self.with_client("retire", move |c| {
-            Box::pin(async move {
-                let statement = c
-                    .prepare_cached(
-                        "UPDATE deliveries SET state = 2, reason = $2, updated_at = $3,
-                            last_error = 'the target is no longer in the configuration'
-                         WHERE state = 0 AND target IS NOT NULL AND NOT (target = ANY($1))
-                         RETURNING target",
-                    )
-                    .await?;
-                let rows = c
-                    .query(
-                        &statement,
-                        &[&targets, &DeadReason::TargetRemoved.as_str(), &now_ms.0],
-                    )
-                    .await?;
-                let mut retired: BTreeMap<String, u64> = BTreeMap::new();
-                for row in rows {
-                    *retired.entry(row.get(0)).or_default() += 1;
-                }
-                Ok(retired.into_iter().collect())
-            })
+            Box::pin(async move { settle::retire(c, &replica, &targets, now_ms).await })
         })
     }
 
@@ -417,11 +449,21 @@ impl Spool for PostgresSpool {
     fn depth(&self) -> SpoolFuture<Vec<TargetDepth>> {
         self.with_client("depth", move |c| {
             Box::pin(async move {
+                // Counted from the due index alone, every scrape: the oldest
+                // is the event of each target's first pending delivery (ids
+                // are drawn as pushes arrive), one lookup per target rather
+                // than a join of the whole backlog.
                 let statement = c
                     .prepare_cached(
-                        "SELECT d.target, COUNT(*), MIN(e.received_at)
-                         FROM deliveries d JOIN events e ON e.id = d.event_id
-                         WHERE d.state = 0 GROUP BY d.target ORDER BY d.target",
+                        "WITH pending AS (
+                             SELECT target, count(*) AS n, min(id) AS first
+                             FROM deliveries WHERE state = 0 GROUP BY target
+                         )
+                         SELECT p.target, p.n, e.received_at
+                         FROM pending p
+                         JOIN deliveries d ON d.id = p.first
+                         JOIN events e ON e.id = d.event_id
+                         ORDER BY p.target",
                     )
                     .await?;
                 Ok(c.query(&statement, &[])
@@ -449,7 +491,7 @@ impl Spool for PostgresSpool {
                          ORDER BY next_at, id LIMIT $2",
                     )
                     .await?;
-                Ok(c.query(&statement, &[&target, &(limit as i64)])
+                Ok(c.query(&statement, &[&target, &sql_limit(limit)])
                     .await?
                     .iter()
                     .map(|row| WaitingDelivery {

@@ -56,16 +56,20 @@ impl Pruner {
 
     async fn prune(&self, table: &str, now: UnixMs) -> Result<(), SpoolError> {
         // Rows being taken over by a commit right now are left for next time.
+        // The keys are picked by the expiry index and deleted by the
+        // primary key: each batch costs the same whatever the table's size.
         let delete = format!(
-            "DELETE FROM {table} WHERE key IN (
+            "DELETE FROM {table} WHERE key = ANY(ARRAY(
                  SELECT key FROM {table} WHERE expires_at <= $1
-                 LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))"
         );
         loop {
-            let deleted = super::bounded("prune", async {
-                let client = super::client(&self.pool).await?;
-                let statement = client.prepare_cached(&delete).await?;
-                Ok(client.execute(&statement, &[&now.0, &BATCH]).await?)
+            let delete = delete.clone();
+            let deleted = super::on_connection(&self.pool, "prune", move |client| {
+                Box::pin(async move {
+                    let statement = client.prepare_cached(&delete).await?;
+                    Ok(client.execute(&statement, &[&now.0, &BATCH]).await?)
+                })
             })
             .await?;
             if deleted < BATCH as u64 {

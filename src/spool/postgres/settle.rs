@@ -1,15 +1,21 @@
-//! Claiming due deliveries and recording what became of them.
+//! Claiming due deliveries, recording what became of them, and retiring
+//! those of targets no replica names any more.
 
 use super::{event_from, EVENT_COLUMNS};
 use crate::spool::{
-    DeliveryId, EventId, Lease, LeaseToken, Schedule, Settle, Settlement, SpoolError, UnixMs,
+    DeadReason, DeliveryId, EventId, Lease, LeaseToken, Schedule, Settle, Settlement, SpoolError,
+    UnixMs,
 };
 use deadpool_postgres::{Object, Pool};
+use std::collections::BTreeMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
 /// Claims up to `limit` due deliveries nobody holds, each under a new token
-/// until `now + lease_ms`.
+/// until `now + lease_ms`. Of the deliveries with an order key, only each
+/// key's first pending one may be claimed: the keys' heads are found by
+/// stepping through the order index one key at a time, so a backlog held
+/// back behind its heads is never read.
 pub(super) async fn lease(
     c: &mut Object,
     target: &str,
@@ -21,13 +27,27 @@ pub(super) async fn lease(
     let tx = not_waiting_for_the_flush(c).await?;
     let statement = tx
         .prepare_cached(&format!(
-            "WITH due AS (
+            "WITH RECURSIVE heads AS (
+                 (SELECT order_key, id FROM deliveries
+                  WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
+                  ORDER BY order_key, id LIMIT 1)
+                 UNION ALL
+                 SELECT next.order_key, next.id FROM heads h CROSS JOIN LATERAL (
+                     SELECT order_key, id FROM deliveries
+                     WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
+                       AND order_key > h.order_key
+                     ORDER BY order_key, id LIMIT 1) next
+             ), candidates AS (
+                 SELECT id FROM heads
+                 UNION ALL
+                 (SELECT id FROM deliveries
+                  WHERE target = $1 AND state = 0 AND order_key IS NULL
+                    AND next_at <= $2 AND lease_until <= $2
+                  ORDER BY next_at, id LIMIT $3)
+             ), due AS (
                  SELECT d.id FROM deliveries d
-                 WHERE d.state = 0 AND d.target = $1 AND d.next_at <= $2 AND d.lease_until <= $2
-                   AND (d.order_key IS NULL OR NOT EXISTS (
-                       SELECT 1 FROM deliveries p
-                       WHERE p.target = $1 AND p.order_key = d.order_key AND p.id < d.id
-                         AND p.state = 0 AND p.order_key IS NOT NULL))
+                 WHERE d.id IN (SELECT id FROM candidates)
+                   AND d.state = 0 AND d.next_at <= $2 AND d.lease_until <= $2
                  ORDER BY d.next_at, d.id LIMIT $3
                  FOR UPDATE OF d SKIP LOCKED
              ), leased AS (
@@ -46,7 +66,7 @@ pub(super) async fn lease(
     let rows = tx
         .query(
             &statement,
-            &[&target, &now.0, &(limit as i64), &owner, &lease_ms],
+            &[&target, &now.0, &super::sql_limit(limit), &owner, &lease_ms],
         )
         .await?;
     tx.commit().await?;
@@ -94,8 +114,10 @@ pub(super) async fn run(pool: Pool, mut calls: mpsc::Receiver<Recording>) {
     let mut batch = Vec::new();
     while calls.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let result = super::bounded("record", async {
-            let mut client = super::client(&pool).await?;
-            record(&mut client, &batch).await
+            let mut checkout = super::Checkout::of(&pool).await?;
+            let recorded = record(checkout.get()?, &batch).await;
+            checkout.finished();
+            recorded
         })
         .await;
         for call in batch.drain(..) {
@@ -119,8 +141,24 @@ async fn record(c: &mut Object, calls: &[Recording]) -> Result<(), SpoolError> {
         }
     }
     let tx = not_waiting_for_the_flush(c).await?;
+    // Rows are locked in one order, events then deliveries, each by id: two
+    // batches (two replicas', or a stale outcome and the new owner's) wait
+    // for each other rather than deadlock.
+    let events = if o.delivered.0.is_empty() {
+        Vec::new()
+    } else {
+        lock_events_of(&tx, "d.id = ANY($1)", &[&o.delivered.0]).await?
+    };
+    let all: Vec<i64> = [&o.delivered.0, &o.retry.ids, &o.dead.ids]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    let lock = tx
+        .prepare_cached("SELECT id FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .await?;
+    tx.execute(&lock, &[&all]).await?;
     if !o.delivered.0.is_empty() {
-        let events = lock_events_of(&tx, "d.id = ANY($1)", &[&o.delivered.0]).await?;
         let delete = tx
             .prepare_cached(
                 "DELETE FROM deliveries d USING unnest($1::bigint[], $2::bigint[]) AS s(id, token)
@@ -281,4 +319,62 @@ pub(super) async fn drop_events_if_done(
         .await?;
     tx.execute(&delete, &[&events]).await?;
     Ok(())
+}
+
+/// How long a replica's word on its targets holds: several of the relay's
+/// retirement rounds (every 30 s), so that a live replica never lapses.
+pub const TARGETS_HOLD_MS: i64 = 120_000;
+
+/// Records that `replica` names `targets`, then dead-letters the pending
+/// deliveries of every target that no replica heard from within
+/// [`TARGETS_HOLD_MS`] names. Returns how many, per target.
+pub(super) async fn retire(
+    c: &mut Object,
+    replica: &str,
+    targets: &[String],
+    now: UnixMs,
+) -> Result<Vec<(String, u64)>, SpoolError> {
+    let tx = c.transaction().await?;
+    let forget = tx
+        .prepare_cached(
+            "DELETE FROM replica_targets
+             WHERE (replica = $1 AND NOT (target = ANY($2))) OR seen_at <= $3 - 10 * $4::bigint",
+        )
+        .await?;
+    tx.execute(&forget, &[&replica, &targets, &now.0, &TARGETS_HOLD_MS])
+        .await?;
+    let name = tx
+        .prepare_cached(
+            "INSERT INTO replica_targets (replica, target, seen_at)
+             SELECT $1, t, $3 FROM unnest($2::text[]) AS t ORDER BY 2
+             ON CONFLICT (replica, target) DO UPDATE SET seen_at = excluded.seen_at",
+        )
+        .await?;
+    tx.execute(&name, &[&replica, &targets, &now.0]).await?;
+    let retire = tx
+        .prepare_cached(
+            "UPDATE deliveries d SET state = 2, reason = $1, updated_at = $2,
+                last_error = 'the target is no longer in the configuration'
+             WHERE d.state = 0 AND d.target IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM replica_targets r
+                               WHERE r.target = d.target AND r.seen_at > $2 - $3::bigint)
+             RETURNING d.target",
+        )
+        .await?;
+    let rows = tx
+        .query(
+            &retire,
+            &[
+                &DeadReason::TargetRemoved.as_str(),
+                &now.0,
+                &TARGETS_HOLD_MS,
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    let mut retired: BTreeMap<String, u64> = BTreeMap::new();
+    for row in rows {
+        *retired.entry(row.get(0)).or_default() += 1;
+    }
+    Ok(retired.into_iter().collect())
 }

@@ -78,12 +78,14 @@ impl Notifier {
         }
         let Pending { pool, channel, .. } = &*self.inner;
         for payload in payloads(targets) {
-            let sent = super::bounded("notify", async {
-                let client = super::client(pool).await?;
-                client
-                    .execute("SELECT pg_notify($1, $2)", &[channel, &payload])
-                    .await?;
-                Ok(())
+            let channel = channel.clone();
+            let sent = super::on_connection(pool, "notify", move |client| {
+                Box::pin(async move {
+                    client
+                        .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+                        .await?;
+                    Ok(())
+                })
             })
             .await;
             if let Err(e) = sent {

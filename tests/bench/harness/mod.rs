@@ -358,11 +358,14 @@ pub async fn ingest_in_process(
 }
 
 /// A fast local target that counts what it receives, per path, and answers
-/// `success` (a valid answer for a reply target too).
+/// `success` (a valid answer for a reply target too). A path can be made to
+/// play dead: it then answers 503 and counts the attempts instead.
 #[derive(Clone, Default)]
 pub struct Sink {
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
     total: Arc<AtomicU64>,
+    down: Arc<Mutex<Option<String>>>,
+    refused: Arc<AtomicU64>,
 }
 
 impl Sink {
@@ -378,6 +381,14 @@ impl Sink {
                     async move {
                         let path = req.uri().path().to_string();
                         let _ = req.into_body().collect().await;
+                        let down = s.down.lock().unwrap_or_else(|e| e.into_inner());
+                        if down.as_deref() == Some(path.as_str()) {
+                            s.refused.fetch_add(1, Ordering::Relaxed);
+                            let mut refusal = Response::new(Full::new(Bytes::new()));
+                            *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                            return Ok::<_, Infallible>(refusal);
+                        }
+                        drop(down);
                         *s.counts
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -415,6 +426,16 @@ impl Sink {
 
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
+    }
+
+    /// Makes `path` answer 503 (`None`: every path answers again).
+    pub fn set_down(&self, path: Option<&str>) {
+        *self.down.lock().unwrap_or_else(|e| e.into_inner()) = path.map(str::to_owned);
+    }
+
+    /// Requests refused while a path played dead.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 }
 

@@ -579,9 +579,23 @@ pub async fn start_binary(
 /// `content` so the fake target can tell the pushes apart.
 pub async fn push_text(relay: &TestRelay, g: &Value, msg_id: u64, content: &str) {
     let now = wxrelay::clock::Clock::now_secs(&*relay.clock);
+    let (path, body) = text_push(g, now, "o_flap", msg_id, content);
+    let answer = relay.post(&path, body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+/// The path and body of a text message from `from_user` to the plaintext
+/// account, signed for `now_secs`.
+pub fn text_push(
+    g: &Value,
+    now_secs: i64,
+    from_user: &str,
+    msg_id: u64,
+    content: &str,
+) -> (String, Vec<u8>) {
     let xml = format!(
-        "<xml><ToUserName><![CDATA[gh_relay]]></ToUserName><FromUserName><![CDATA[o_flap]]></FromUserName>\
-         <CreateTime>{now}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
+        "<xml><ToUserName><![CDATA[gh_relay]]></ToUserName><FromUserName><![CDATA[{from_user}]]></FromUserName>\
+         <CreateTime>{now_secs}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
          <Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId></xml>"
     );
     let nonce = format!("n{msg_id}");
@@ -591,20 +605,60 @@ pub async fn push_text(relay: &TestRelay, g: &Value, msg_id: u64, content: &str)
         &wxrelay::wechat::push::PushParams {
             token: g["config"]["token"].as_str().unwrap(),
             app_id: g["config"]["appid"].as_str().unwrap(),
-            timestamp: now,
+            timestamp: now_secs,
             nonce: &nonce,
             openid: None,
             random: &[0; 16],
         },
     );
-    let answer = relay
-        .post(&format!("/wx/plaintext?{}", push.query), push.body)
-        .await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
+    (
+        format!("/wx/plaintext?{}", push.query),
+        push.body.into_bytes(),
+    )
 }
 
-/// Runs the binary with `env` set for it alone, off the runtime's thread so
-/// that a relay in the test keeps running; its exit status and output.
+/// POSTs `xml` from `openid` to the vectors' `account` (see
+/// [`generated_config`]: its id is its mode, `rotating` is secure) as WeChat
+/// would, stamped with the relay's clock; the query it was sent with and the
+/// answer, which must be 200.
+pub async fn push_as_wechat(
+    relay: &TestRelay,
+    g: &Value,
+    account: &str,
+    xml: &str,
+    openid: &str,
+) -> (String, Answer) {
+    use wxrelay::wechat::push::{self, PushParams, Sealing};
+    let c = &g["config"];
+    let key =
+        wxrelay::wechat::crypto::AesKey::from_encoding(c["encoding_aes_key"].as_str().unwrap())
+            .unwrap();
+    let sealing = match account {
+        "plaintext" => Sealing::Plaintext,
+        "compat" => Sealing::Compat(&key),
+        _ => Sealing::Secure(&key),
+    };
+    let nonce = push::digits(9);
+    let push = push::build(
+        xml,
+        sealing,
+        &PushParams {
+            token: c["token"].as_str().unwrap(),
+            app_id: c["appid"].as_str().unwrap(),
+            timestamp: wxrelay::clock::Clock::now_secs(&*relay.clock),
+            nonce: &nonce,
+            openid: Some(openid),
+            random: &wxrelay::wechat::reply::random_bytes(),
+        },
+    );
+    let answer = relay
+        .post(&format!("/wx/{account}?{}", push.query), push.body)
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    (push.query, answer)
+}
+
+/// As [`wxrelay`], with `env` set for the binary alone.
 pub async fn run_wxrelay(
     args: Vec<String>,
     env: Vec<(&'static str, String)>,
@@ -637,6 +691,13 @@ pub async fn quiet(relay: &TestRelay, target: &str) -> bool {
         }
     })
     .await
+}
+
+/// Runs the real binary (`wxrelay ARGS`) off the runtime's thread, so a
+/// relay or target in this test keeps serving: its exit code and its output
+/// (standard output, then standard error).
+pub async fn wxrelay(args: Vec<String>) -> (Option<i32>, String) {
+    run_wxrelay(args, Vec::new()).await
 }
 
 /// The test binary's one process environment. Tests that set `WXRELAY_`

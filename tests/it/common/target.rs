@@ -28,8 +28,8 @@ pub enum Behaviour {
     Hang,
     /// Answers with this status once told to release.
     Hold(u16),
-    /// Answers 200 after this long: a target that takes its time.
-    Slow(Duration),
+    /// Answers as the inner behaviour after a delay: a slow broker.
+    After(Duration, Box<Behaviour>),
 }
 
 impl Behaviour {
@@ -230,7 +230,13 @@ async fn answer(
         }
     };
     arrived.notify_waiters();
+    let mut behaviour = behaviour;
+    while let Behaviour::After(delay, then) = behaviour {
+        tokio::time::sleep(delay).await;
+        behaviour = *then;
+    }
     match behaviour {
+        Behaviour::After(..) => unreachable!("unwrapped above"),
         Behaviour::Hang => {
             release.notified().await;
             Ok(respond(503, &[], ""))
@@ -238,10 +244,6 @@ async fn answer(
         Behaviour::Hold(status) => {
             release.notified().await;
             Ok(respond(status, &[], ""))
-        }
-        Behaviour::Slow(after) => {
-            tokio::time::sleep(after).await;
-            Ok(respond(200, &[], ""))
         }
         Behaviour::Answer {
             status,
