@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! WXRELAY_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test \
-//!   cargo bench --bench spools -- [PUSHES] [BACKLOG]
+//!   cargo bench --bench spools -- [PUSHES] [BACKLOG] [backlog]
 //! ```
+//!
+//! (`backlog` runs the third part alone.)
 //!
 //! 1. Ingest and fan-out, for SQLite, PostgreSQL with one replica and
 //!    PostgreSQL with two: the real binaries, each in its own process, with
@@ -165,6 +167,8 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    // `backlog` alone: only the third part.
+    let backlog_only = std::env::args().any(|a| a == "backlog");
     let n = args.first().copied().unwrap_or(50_000);
     let backlog = args.get(1).copied().unwrap_or(1_000_000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -172,6 +176,10 @@ fn main() {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     runtime.block_on(async {
+        if backlog_only {
+            backlog_sizes(backlog).await;
+            return;
+        }
         println!("ingest (targets paused), then fan-out to two local sinks: {n} pushes over {CONNECTIONS} connections");
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         ingest_and_fan_out("SQLite", Backend::Sqlite(dir), 1, n).await;
