@@ -542,6 +542,19 @@ async fn a_record_repeated_after_the_event_is_gone_touches_no_later_event() {
     }
 }
 
+/// A fresh schema on the test database, for the PostgreSQL-only tests;
+/// `None` (the test skipped) when none is configured.
+fn pg_schema() -> Option<postgres::testing::TestSchema> {
+    postgres::testing::test_url().map(|url| postgres::testing::TestSchema::new(&url))
+}
+
+/// One replica's spool on `schema`.
+async fn pg_replica(schema: &postgres::testing::TestSchema) -> PostgresSpool {
+    PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+        .await
+        .unwrap()
+}
+
 /// Fifty events from `make(i, now)`, each stored with a one-second dedup
 /// window ten seconds after the one before and delivered at once: every key
 /// but the newest few expires long before the next prune.
@@ -1099,13 +1112,8 @@ async fn settles_of_many_deliveries_are_recorded_together() {
 
 #[tokio::test]
 async fn postgres_prunes_expired_keys_and_delivered_events() {
-    let Some(url) = postgres::testing::test_url() else {
-        return;
-    };
-    let schema = postgres::testing::TestSchema::new(&url);
-    let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
-        .await
-        .unwrap();
+    let Some(schema) = pg_schema() else { return };
+    let spool = pg_replica(&schema).await;
     fifty_short_lived(&spool, |i, now| {
         guarded(&format!("k{i}"), &format!("q{i}"), "b", now, now + 1_000)
     })
@@ -1163,12 +1171,8 @@ async fn a_spool_file_from_before_ordered_delivery_opens_and_orders() {
 
 #[tokio::test]
 async fn postgres_a_delivery_stored_by_one_replica_wakes_the_others_workers() {
-    let Some(url) = postgres::testing::test_url() else {
-        return;
-    };
-    let schema = postgres::testing::TestSchema::new(&url);
-    let open = || PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate);
-    let (here, there) = (open().await.unwrap(), open().await.unwrap());
+    let Some(schema) = pg_schema() else { return };
+    let (here, there) = (pg_replica(&schema).await, pg_replica(&schema).await);
     let (woken, mut wakes) = tokio::sync::mpsc::unbounded_channel();
     there.on_due_elsewhere(Box::new(move |target| {
         let _ = woken.send(target.to_owned());
@@ -1197,12 +1201,8 @@ async fn postgres_a_delivery_stored_by_one_replica_wakes_the_others_workers() {
 
 #[tokio::test]
 async fn postgres_retires_only_targets_no_live_replica_names() {
-    let Some(url) = postgres::testing::test_url() else {
-        return;
-    };
-    let schema = postgres::testing::TestSchema::new(&url);
-    let open = || PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate);
-    let (newer, older) = (open().await.unwrap(), open().await.unwrap());
+    let Some(schema) = pg_schema() else { return };
+    let (newer, older) = (pg_replica(&schema).await, pg_replica(&schema).await);
     let names = |n: &[&str]| n.iter().map(|t| t.to_string()).collect::<Vec<_>>();
     stored(&newer, event("k", &["hooks", "added"], 0), 0).await;
     // A rolling change: one replica's configuration has the new target,
@@ -1249,14 +1249,10 @@ async fn postgres_retires_only_targets_no_live_replica_names() {
 /// stored once.
 #[tokio::test]
 async fn postgres_two_replicas_racing_store_each_push_once() {
-    let Some(url) = postgres::testing::test_url() else {
-        return;
-    };
-    let schema = postgres::testing::TestSchema::new(&url);
-    let open = || PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate);
+    let Some(schema) = pg_schema() else { return };
     let (a, b) = (
-        Arc::new(open().await.unwrap()),
-        Arc::new(open().await.unwrap()),
+        Arc::new(pg_replica(&schema).await),
+        Arc::new(pg_replica(&schema).await),
     );
     let keys: Vec<String> = (0..400).map(|i| format!("key{i:04}")).collect();
     let mut racing = tokio::task::JoinSet::new();
@@ -1292,16 +1288,12 @@ async fn postgres_two_replicas_racing_store_each_push_once() {
 /// ids (and the per-user order) follow the commits.
 #[tokio::test]
 async fn postgres_an_ordered_push_waits_for_a_batch_of_its_user_in_flight() {
-    let Some(url) = postgres::testing::test_url() else {
-        return;
-    };
-    let schema = postgres::testing::TestSchema::new(&url);
-    let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
-        .await
-        .unwrap();
-    let (other, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let Some(schema) = pg_schema() else { return };
+    let spool = pg_replica(&schema).await;
+    let (other, connection) =
+        tokio_postgres::connect(schema.settings.url.expose(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     tokio::spawn(connection);
     let lock = format!(
         "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('{}|main|u1', 0))",
@@ -1331,5 +1323,29 @@ async fn a_limit_of_everything_lists_everything() {
         assert_eq!(dead.unwrap().len(), 1, "{name}");
         let waiting = spool.waiting("a", usize::MAX).await;
         assert_eq!(waiting.unwrap().len(), 1, "{name}");
+    }
+}
+
+/// More dead letters than one purge batch holds are purged all the same.
+#[tokio::test]
+async fn a_large_purge_removes_every_selected_dead_letter_and_its_event() {
+    for (name, spool, _cleanup) in spools().await {
+        let stores: Vec<_> = (0..1_500)
+            .map(|i| spool.enqueue(event(&format!("k{i}"), &[], 0), UnixMs(0), WINDOW))
+            .collect();
+        let mut first = None;
+        for store in stores {
+            if let Enqueued::Stored { event_id, .. } = store.await.unwrap() {
+                first.get_or_insert(event_id);
+            }
+        }
+        let all = DeadFilter::default();
+        assert_eq!(spool.purge(all.clone()).await.unwrap(), 1_500, "{name}");
+        assert!(
+            spool.dead_letters(all, 10).await.unwrap().is_empty(),
+            "{name}"
+        );
+        let first = first.unwrap();
+        assert_eq!(spool.event(first).await.unwrap(), None, "{name}");
     }
 }

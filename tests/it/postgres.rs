@@ -96,10 +96,7 @@ async fn migrate_applies_the_schema_once_and_then_changes_nothing() {
     let (code, first) = migrate().await;
     assert_eq!(code, Some(0), "{first}");
     let latest = latest_schema_version();
-    assert!(
-        first.contains("applied 1 queue\napplied 2 order_key"),
-        "{first}"
-    );
+    assert!(first.contains("applied 1 queue"), "{first}");
     assert!(
         first.contains(&format!(
             "schema {} migrated from version 0 to {latest}",

@@ -108,17 +108,41 @@ pub(super) async fn replay(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Dead letters purged per transaction: a large purge never holds many
+/// events' locks (and the outcomes of their other deliveries) for long.
+const PURGE_BATCH: i64 = 1_000;
+
+/// Deletes the selected dead letters, and their events once no delivery of
+/// them is left, a batch at a time. Returns how many.
 pub(super) async fn purge(c: &mut Object, filter: &DeadFilter) -> Result<u64, SpoolError> {
     let f = FilterParams::of(filter);
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
         [&f.target, &f.reason, &f.since, &f.until, &f.id];
-    let tx = c.transaction().await?;
-    let events = lock_events_of(&tx, DEAD_SELECTION, &params).await?;
-    let delete = tx
-        .prepare_cached(&format!("DELETE FROM deliveries d WHERE {DEAD_SELECTION}"))
-        .await?;
-    let n = tx.execute(&delete, &params).await?;
-    drop_events_if_done(&tx, &events).await?;
-    tx.commit().await?;
-    Ok(n)
+    let mut purged = 0;
+    loop {
+        let tx = c.transaction().await?;
+        let pick = tx
+            .prepare_cached(&format!(
+                "SELECT d.id FROM deliveries d WHERE {DEAD_SELECTION}
+                 ORDER BY d.id LIMIT {PURGE_BATCH}"
+            ))
+            .await?;
+        let ids: Vec<i64> = tx
+            .query(&pick, &params)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // Events first, then deliveries, as outcomes lock them.
+        let events = lock_events_of(&tx, "d.id = ANY($1)", &[&ids]).await?;
+        let delete = tx
+            .prepare_cached("DELETE FROM deliveries WHERE id = ANY($1) AND state = 2")
+            .await?;
+        purged += tx.execute(&delete, &[&ids]).await?;
+        drop_events_if_done(&tx, &events).await?;
+        tx.commit().await?;
+        if (ids.len() as i64) < PURGE_BATCH {
+            return Ok(purged);
+        }
+    }
 }

@@ -14,28 +14,11 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "queue",
-        sql: include_str!("migrations/0001_queue.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "order_key",
-        sql: include_str!("migrations/0002_order_key.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "replica_targets",
-        sql: include_str!("migrations/0003_replica_targets.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "due_unordered",
-        sql: include_str!("migrations/0004_due_unordered.sql"),
-    },
-];
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "queue",
+    sql: include_str!("migrations/0001_queue.sql"),
+}];
 
 /// The newest schema version this binary knows.
 pub fn latest() -> i32 {

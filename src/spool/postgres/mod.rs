@@ -320,16 +320,24 @@ fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
-/// Hands `item` to a writer task: `Busy` when its queue is full, `Closed`
-/// once the spool is.
-fn send<T>(channel: &Mutex<Option<mpsc::Sender<T>>>, item: T) -> Result<(), SpoolError> {
-    match channel.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+/// Hands a request to a writer task and resolves with its answer: `Busy`
+/// when the task's queue is full, `Closed` once the spool is.
+fn submit<T: Send + 'static, R>(
+    channel: &Mutex<Option<mpsc::Sender<R>>>,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, SpoolError>>) -> R,
+) -> SpoolFuture<T> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let sent = match channel.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
         None => Err(SpoolError::Closed),
-        Some(tx) => tx.try_send(item).map_err(|e| match e {
+        Some(tx) => tx.try_send(make(reply)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SpoolError::Busy,
             mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
         }),
-    }
+    };
+    Box::pin(async move {
+        sent?;
+        answer.await.unwrap_or(Err(SpoolError::Closed))
+    })
 }
 
 type BoxedOp<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send + 'c>>;
@@ -341,17 +349,11 @@ impl Spool for PostgresSpool {
         now_ms: UnixMs,
         dedup_window_ms: i64,
     ) -> SpoolFuture<Enqueued> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let request = commit::Request {
+        submit(&self.requests, |reply| commit::Request {
             event,
             now: now_ms,
             window: dedup_window_ms,
             reply,
-        };
-        let sent = send(&self.requests, request);
-        Box::pin(async move {
-            sent?;
-            answer.await.unwrap_or(Err(SpoolError::Closed))
         })
     }
 
@@ -372,16 +374,10 @@ impl Spool for PostgresSpool {
     }
 
     fn record(&self, settlements: Vec<Settle>, now_ms: UnixMs) -> SpoolFuture<()> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let call = settle::Recording {
+        submit(&self.recordings, |reply| settle::Recording {
             settles: settlements,
             now: now_ms,
             reply,
-        };
-        let sent = send(&self.recordings, call);
-        Box::pin(async move {
-            sent?;
-            answer.await.unwrap_or(Err(SpoolError::Closed))
         })
     }
 

@@ -40,13 +40,23 @@ CREATE TABLE deliveries (
     scheduled_at bigint   NOT NULL DEFAULT 0,
     lease_owner  text,
     lease_until  bigint   NOT NULL DEFAULT 0,
-    lease_token  bigint   NOT NULL DEFAULT 0
+    lease_token  bigint   NOT NULL DEFAULT 0,
+    -- Per-user ordering: a delivery with an order key (account and user) is
+    -- not leased while an earlier delivery of its target and key is pending.
+    order_key    text
     -- Room on each page, so that a lease (which changes no indexed column)
     -- is written as a HOT update beside the row.
 ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000);
 
 CREATE SEQUENCE lease_tokens;
 CREATE INDEX deliveries_due ON deliveries (target, next_at, id) WHERE state = 0;
+-- Due deliveries without an order key, apart from ordered ones: the lease
+-- reads them in due order without stepping over a large ordered backlog,
+-- whose deliveries it reaches through deliveries_order, one per key.
+CREATE INDEX deliveries_due_unordered ON deliveries (target, next_at, id)
+    WHERE state = 0 AND order_key IS NULL;
+CREATE INDEX deliveries_order ON deliveries (target, order_key, id)
+    WHERE state = 0 AND order_key IS NOT NULL;
 CREATE INDEX deliveries_dead ON deliveries (updated_at, id) WHERE state = 2;
 CREATE INDEX deliveries_event ON deliveries (event_id);
 
@@ -67,4 +77,16 @@ CREATE INDEX replay_expires ON replay (expires_at);
 CREATE TABLE probe (
     id     integer PRIMARY KEY CHECK (id = 1),
     probes bigint  NOT NULL
+);
+
+-- The targets each replica's configuration names, as each last said (unix
+-- ms). A pending delivery is retired (target_removed) only when no replica
+-- seen lately names its target: during a rolling change of the
+-- configuration, a replica on the older one does not retire the deliveries
+-- of a target the newer one added.
+CREATE TABLE replica_targets (
+    replica text   NOT NULL,
+    target  text   NOT NULL,
+    seen_at bigint NOT NULL,
+    PRIMARY KEY (replica, target)
 );
