@@ -1017,6 +1017,16 @@ fn the_check_report_warns_about_unrouted_events() {
     assert!(report.contains("no catch-all rule"), "{report}");
 }
 
+/// The setting a `WXRELAY_` variable (named without the prefix) overrides:
+/// `SPOOL__URL` is `spool.url`.
+fn setting_of(variable: &str) -> String {
+    variable
+        .split("__")
+        .collect::<Vec<_>>()
+        .join(".")
+        .to_lowercase()
+}
+
 /// A test value for a setting a deployment takes from a Secret.
 fn stand_in(key: &str) -> String {
     match key.rsplit('.').next().unwrap() {
@@ -1052,11 +1062,7 @@ fn deployed(configmap: &str, workload: &str) -> (Settings, Vec<String>) {
         let Some(name) = line.strip_prefix("- name: WXRELAY_") else {
             continue;
         };
-        let key = name
-            .split("__")
-            .collect::<Vec<_>>()
-            .join(".")
-            .to_lowercase();
+        let key = setting_of(name);
         let value = match lines[i + 1].strip_prefix("value: ") {
             Some(value) => value.trim_matches('"').to_owned(),
             None => {
@@ -1137,11 +1143,7 @@ fn the_compose_replicas_have_a_valid_configuration() {
         else {
             continue;
         };
-        let key = name
-            .split("__")
-            .collect::<Vec<_>>()
-            .join(".")
-            .to_lowercase();
+        let key = setting_of(name);
         let value = value.trim_matches('"');
         let value = match value.split_once("${") {
             None => value.to_owned(),
