@@ -87,29 +87,79 @@ while IFS= read -r -d '' f; do
     run "yaml $f" yaml_check "$f"
 done < <(find deploy/kubernetes -type f \( -name '*.yaml' -o -name '*.yml' \) -print0 | sort -z)
 
-# The relay.toml embedded in the ConfigMap must be valid TOML.
+# Each relay.toml (embedded in a ConfigMap, or a file) must be valid TOML.
 toml_check() {
-    python3 - <<'PY'
+    python3 - "$1" <<'PY'
 import sys, yaml
 try:
     import tomllib
 except ImportError:
     sys.exit(0)  # Python < 3.11: nothing to check with
-with open("deploy/kubernetes/configmap.yaml", encoding="utf-8") as f:
-    cm = yaml.safe_load(f)
-cfg = tomllib.loads(cm["data"]["relay.toml"])
+path = sys.argv[1]
+with open(path, encoding="utf-8") as f:
+    text = f.read()
+if path.endswith(".yaml"):
+    text = yaml.safe_load(text)["data"]["relay.toml"]
+cfg = tomllib.loads(text)
 for key in ("server", "spool", "accounts", "targets", "routes"):
     if key not in cfg:
         sys.exit(f"relay.toml lacks [{key}]")
 PY
 }
-run "toml deploy/kubernetes/configmap.yaml (relay.toml)" toml_check
+for f in deploy/kubernetes/configmap.yaml deploy/kubernetes/postgres/configmap.yaml \
+         deploy/compose/relay.toml; do
+    run "toml $f (relay.toml)" toml_check "$f"
+done
 
-# The kustomization builds (only where kubectl is at hand).
-if command -v kubectl >/dev/null 2>&1; then
-    run "kubectl kustomize deploy/kubernetes" kubectl kustomize deploy/kubernetes
+# The kustomizations build (only where kubectl is at hand).
+for k in deploy/kubernetes deploy/kubernetes/postgres; do
+    if command -v kubectl >/dev/null 2>&1; then
+        run "kubectl kustomize $k" kubectl kustomize "$k"
+    else
+        skip "kubectl kustomize $k" "no kubectl"
+    fi
+done
+
+# --- docker compose -------------------------------------------------------------
+
+# Two relay replicas on the same image, configuration and database, behind
+# the load balancer, started after the schema is migrated.
+compose_check() {
+    python3 - <<'PY'
+import sys, yaml
+with open("deploy/compose/docker-compose.yml", encoding="utf-8") as f:
+    services = yaml.safe_load(f)["services"]
+relays = [n for n, s in services.items() if "serve" in s.get("command", [])]
+if len(relays) < 2:
+    sys.exit(f"fewer than two relay replicas: {relays}")
+for name in ("postgres", "migrate", "nginx"):
+    if name not in services:
+        sys.exit(f"no service {name}")
+first = services[relays[0]]
+for name in relays:
+    s = services[name]
+    for key in ("image", "volumes", "environment"):
+        if s.get(key) != first.get(key):
+            sys.exit(f"{name}: {key} differs from {relays[0]}'s")
+    if "WXRELAY_SPOOL__URL" not in s["environment"]:
+        sys.exit(f"{name}: no WXRELAY_SPOOL__URL")
+    if s["depends_on"]["migrate"]["condition"] != "service_completed_successfully":
+        sys.exit(f"{name}: starts before migrate completes")
+with open("deploy/compose/nginx.conf", encoding="utf-8") as f:
+    nginx = f.read()
+for name in relays:
+    if f"server {name}:8080" not in nginx:
+        sys.exit(f"nginx.conf does not balance over {name}")
+PY
+}
+run "yaml deploy/compose/docker-compose.yml" compose_check
+if docker compose version >/dev/null 2>&1; then
+    run "docker compose config deploy/compose/docker-compose.yml" \
+        env POSTGRES_PASSWORD=x WXRELAY_TOKEN=x WXRELAY_ENCODING_AES_KEY=x \
+        WXRELAY_WEBHOOKS_SECRET=x WXRELAY_ADMIN_TOKEN=x \
+        docker compose -f deploy/compose/docker-compose.yml config --quiet
 else
-    skip "kubectl kustomize deploy/kubernetes" "no kubectl"
+    skip "docker compose config deploy/compose/docker-compose.yml" "no docker compose"
 fi
 
 # --- shell and systemd --------------------------------------------------------

@@ -17,9 +17,6 @@ mod common;
 mod harness;
 
 use std::sync::Arc;
-use tokio::net::TcpListener;
-use wxrelay::app::{Options, Relay};
-use wxrelay::config::Settings;
 use wxrelay::spool::SqliteSpool;
 
 async fn run(max_batch: usize, n: usize, connections: usize, first: u64) -> harness::Report {
@@ -27,35 +24,8 @@ async fn run(max_batch: usize, n: usize, connections: usize, first: u64) -> harn
     let path = dir.path().join("spool.db");
     let spool =
         Arc::new(SqliteSpool::open_with_batch(&path, max_batch).unwrap_or_else(|e| panic!("{e}")));
-    let unused = common::free_port();
-    let sink = format!("http://{unused}/");
-    let toml = harness::relay_config_paused(unused, common::free_port(), &path, &sink, &sink, true);
-    let settings = Settings::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"));
-    let listener = || async {
-        TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-    };
-    let options = Options {
-        public: Some(listener().await),
-        admin: Some(listener().await),
-        spool: Some(spool.clone()),
-        clock: None,
-        config_path: None,
-    };
-    let relay = Relay::start(settings, options)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let report = harness::drive(
-        relay.public_addr,
-        first,
-        n,
-        connections,
-        None,
-        harness::unix_now(),
-    )
-    .await;
-    relay.shutdown().await;
+    let toml = harness::sqlite_spool(&path);
+    let report = harness::ingest_in_process(spool.clone(), &toml, first, n, connections).await;
     spool.close();
     report
 }

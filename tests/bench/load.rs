@@ -80,7 +80,7 @@ impl RelayProcess {
         let toml = harness::relay_config_paused(
             self.server.addr,
             self.admin,
-            &self.spool,
+            &harness::sqlite_spool(&self.spool),
             &self.broker,
             &self.hooks,
             paused,
@@ -106,7 +106,14 @@ async fn start_relay_bin(relay: &str, broker: &str, hooks: &str, paused: bool) -
     let (public, admin) = (common::free_port(), common::free_port());
     let config = dir.path().join("relay.toml");
     let spool = dir.path().join("spool.db");
-    let toml = harness::relay_config_paused(public, admin, &spool, broker, hooks, paused);
+    let toml = harness::relay_config_paused(
+        public,
+        admin,
+        &harness::sqlite_spool(&spool),
+        broker,
+        hooks,
+        paused,
+    );
     std::fs::write(&config, toml).unwrap_or_else(|e| panic!("{e}"));
     let nofile = std::env::var("WXRELAY_NOFILE").unwrap_or_else(|_| "unlimited".into());
     // Through a shell only to set the limit; `exec` keeps the relay's pid.
@@ -139,14 +146,6 @@ async fn start_relay_bin(relay: &str, broker: &str, hooks: &str, paused: bool) -
         hooks: hooks.into(),
         _dir: dir,
     }
-}
-
-async fn start_sink() -> (Sink, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    (Sink::start(listener).await, addr)
 }
 
 fn arg(args: &[String], i: usize, default: f64) -> f64 {
@@ -195,7 +194,7 @@ async fn compare(args: &[String]) {
     // decrypt, parse, dedup, durable commit, answer): the targets are paused,
     // so no fan-out competes for the cores; then a reload unpauses them and
     // the fan-out is timed on its own.
-    let (sink, at) = start_sink().await;
+    let (sink, at) = Sink::start_local().await;
     let relay = start_relay_paused(
         &format!("http://{at}/broker"),
         &format!("http://{at}/hooks"),
@@ -225,7 +224,7 @@ async fn compare(args: &[String]) {
     drop(relay);
 
     // The same pushes while the fan-out runs at the same time.
-    let (sink, at) = start_sink().await;
+    let (sink, at) = Sink::start_local().await;
     let relay = start_relay(
         &format!("http://{at}/broker"),
         &format!("http://{at}/hooks"),
@@ -260,7 +259,7 @@ async fn rate(args: &[String]) {
         harness::drive(baseline.addr, 0, n, 64, Some(rate), harness::unix_now()).await
     };
     println!("{}", base.line("baseline"));
-    let (sink, at) = start_sink().await;
+    let (sink, at) = Sink::start_local().await;
     let relay = start_relay(
         &format!("http://{at}/broker"),
         &format!("http://{at}/hooks"),
@@ -273,7 +272,7 @@ async fn rate(args: &[String]) {
 
 async fn backlog(args: &[String]) {
     let n = arg(args, 0, 200_000.0) as usize;
-    let (broker, broker_at) = start_sink().await;
+    let (broker, broker_at) = Sink::start_local().await;
     let hooks_at = common::free_port();
     let relay = start_relay(
         &format!("http://{broker_at}/broker"),
@@ -479,7 +478,7 @@ async fn flood(args: &[String]) {
     let seconds = arg(args, 1, 15.0);
     let attack = Attack::parse(args.get(2));
     let rate = 50.0;
-    let (sink, at) = start_sink().await;
+    let (sink, at) = Sink::start_local().await;
     let relay = start_relay(
         &format!("http://{at}/broker"),
         &format!("http://{at}/hooks"),
@@ -753,7 +752,7 @@ async fn stream_while_down(
 }
 
 async fn outage_run(label: &str, bin: &str, down: Duration, connections: usize) {
-    let (sink, at) = start_sink().await;
+    let (sink, at) = Sink::start_local().await;
     let relay = start_relay_bin(
         bin,
         &format!("http://{at}/broker"),

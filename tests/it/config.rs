@@ -1017,13 +1017,34 @@ fn the_check_report_warns_about_unrouted_events() {
     assert!(report.contains("no catch-all rule"), "{report}");
 }
 
-/// The relay.toml inside the Kubernetes ConfigMap, with the environment the
-/// StatefulSet sets (its Secret's values stood in for by test values), is a
-/// configuration the relay accepts.
-#[test]
-fn the_kubernetes_configmap_is_a_valid_configuration() {
-    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
-    let yaml = std::fs::read_to_string(deploy.join("configmap.yaml")).unwrap();
+/// The setting a `WXRELAY_` variable (named without the prefix) overrides:
+/// `SPOOL__URL` is `spool.url`.
+fn setting_of(variable: &str) -> String {
+    variable
+        .split("__")
+        .collect::<Vec<_>>()
+        .join(".")
+        .to_lowercase()
+}
+
+/// A test value for a setting a deployment takes from a Secret.
+fn stand_in(key: &str) -> String {
+    match key.rsplit('.').next().unwrap() {
+        "token" => TOKEN.to_owned(),
+        "encoding_aes_key" => AES_KEY.to_owned(),
+        "secret" => WEBHOOK_SECRET.to_owned(),
+        "admin_token" => "a-long-random-admin-token".to_owned(),
+        "url" => "postgres://wxrelay:a-password@db.example.internal:5432/wxrelay".to_owned(),
+        other => panic!("no test value for {other}"),
+    }
+}
+
+/// The relay.toml inside the ConfigMap `configmap` (under `deploy/`), with
+/// the `WXRELAY_` environment the `workload` sets (its Secrets' values stood
+/// in for by test values), and the keys that came from Secrets.
+fn deployed(configmap: &str, workload: &str) -> (Settings, Vec<String>) {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let yaml = std::fs::read_to_string(deploy.join(configmap)).unwrap();
     let body: String = yaml
         .split_once("relay.toml: |\n")
         .unwrap()
@@ -1034,44 +1055,112 @@ fn the_kubernetes_configmap_is_a_valid_configuration() {
         .collect();
     use figment::providers::Format as _;
     let mut figment = figment::Figment::from(figment::providers::Toml::string(&body));
-    let statefulset = std::fs::read_to_string(deploy.join("statefulset.yaml")).unwrap();
-    let lines: Vec<&str> = statefulset.lines().map(str::trim).collect();
+    let workload = std::fs::read_to_string(deploy.join(workload)).unwrap();
+    let lines: Vec<&str> = workload.lines().map(str::trim).collect();
     let mut from_secret = Vec::new();
     for (i, line) in lines.iter().enumerate() {
         let Some(name) = line.strip_prefix("- name: WXRELAY_") else {
             continue;
         };
-        let key = name
-            .split("__")
-            .collect::<Vec<_>>()
-            .join(".")
-            .to_lowercase();
+        let key = setting_of(name);
         let value = match lines[i + 1].strip_prefix("value: ") {
             Some(value) => value.trim_matches('"').to_owned(),
             None => {
                 assert_eq!(lines[i + 1], "valueFrom:", "{name}");
                 from_secret.push(key.clone());
-                match key.rsplit('.').next().unwrap() {
-                    "token" => TOKEN.to_owned(),
-                    "encoding_aes_key" => AES_KEY.to_owned(),
-                    "secret" => WEBHOOK_SECRET.to_owned(),
-                    "admin_token" => "a-long-random-admin-token".to_owned(),
-                    other => panic!("no test value for {other}"),
-                }
+                stand_in(&key)
             }
         };
         figment = figment.merge((key, value));
     }
+    let settings = Settings::from_figment(figment).unwrap_or_else(|e| panic!("{e}"));
+    (settings, from_secret)
+}
+
+/// The relay.toml inside the Kubernetes ConfigMap, with the environment the
+/// StatefulSet sets (its Secret's values stood in for by test values), is a
+/// configuration the relay accepts.
+#[test]
+fn the_kubernetes_configmap_is_a_valid_configuration() {
+    let (settings, from_secret) =
+        deployed("kubernetes/configmap.yaml", "kubernetes/statefulset.yaml");
     assert!(
         from_secret.iter().any(|k| k == "server.admin_token"),
         "the admin token comes from the Secret: {from_secret:?}"
     );
-    let settings = Settings::from_figment(figment).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(settings.server.admin_listen.to_string(), "0.0.0.0:9090");
     assert!(settings.server.admin_token.is_some());
+    assert!(matches!(
+        settings.spool.backend,
+        SpoolBackend::Sqlite { .. }
+    ));
     assert_eq!(settings.accounts["main"].mode, Mode::Secure);
     assert_eq!(settings.targets["webhooks"].format, Format::Json);
     assert_eq!(settings.routes.len(), 2);
+}
+
+/// The same for the Deployment of several replicas on PostgreSQL, and for
+/// the Job that migrates its schema ahead of a rollout: the database URL
+/// comes from a Secret, never from the ConfigMap.
+#[test]
+fn the_kubernetes_postgres_deployment_is_a_valid_configuration() {
+    let configmap = "kubernetes/postgres/configmap.yaml";
+    for workload in ["deployment.yaml", "migrate-job.yaml"] {
+        let workload = format!("kubernetes/postgres/{workload}");
+        let (settings, from_secret) = deployed(configmap, &workload);
+        assert!(
+            from_secret.iter().any(|k| k == "spool.url"),
+            "{workload}: the database URL comes from a Secret: {from_secret:?}"
+        );
+        let SpoolBackend::Postgres(postgres) = &settings.spool.backend else {
+            panic!("{workload}: not on PostgreSQL");
+        };
+        assert_eq!(postgres.schema, "wxrelay");
+        assert_eq!(postgres.sslmode, SslMode::VerifyFull);
+        assert!(
+            !postgres.display.contains("a-password"),
+            "{}",
+            postgres.display
+        );
+        assert_eq!(settings.routes.len(), 2);
+    }
+}
+
+/// The compose file's replicas run `compose/relay.toml` with the environment
+/// it sets them (its `${…}` secrets stood in for by test values).
+#[test]
+fn the_compose_replicas_have_a_valid_configuration() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/compose");
+    let toml = std::fs::read_to_string(deploy.join("relay.toml")).unwrap();
+    use figment::providers::Format as _;
+    let mut figment = figment::Figment::from(figment::providers::Toml::string(&toml));
+    let compose = std::fs::read_to_string(deploy.join("docker-compose.yml")).unwrap();
+    let mut keys = Vec::new();
+    for line in compose.lines().map(str::trim) {
+        let Some((name, value)) = line
+            .strip_prefix("WXRELAY_")
+            .and_then(|l| l.split_once(": "))
+        else {
+            continue;
+        };
+        let key = setting_of(name);
+        let value = value.trim_matches('"');
+        let value = match value.split_once("${") {
+            None => value.to_owned(),
+            // A password inside the URL.
+            Some((before, rest)) if key == "spool.url" => {
+                format!("{before}a-password{}", rest.split_once('}').unwrap().1)
+            }
+            Some(_) => stand_in(&key),
+        };
+        keys.push(key.clone());
+        figment = figment.merge((key, value));
+    }
+    assert!(keys.iter().any(|k| k == "spool.url"), "{keys:?}");
+    let settings = Settings::from_figment(figment).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(settings.spool.backend, SpoolBackend::Postgres(_)));
+    assert_eq!(settings.server.listen.to_string(), "0.0.0.0:8080");
+    assert!(settings.server.admin_token.is_some());
 }
 
 #[test]

@@ -6,6 +6,7 @@
 use crate::common;
 
 use common::target::FakeTarget;
+use common::wechat::nonce_of;
 use common::{free_port, generated, try_send};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -117,14 +118,6 @@ fn pushes(g: &serde_json::Value, now: i64) -> Vec<(String, String, bool)> {
             (format!("/wx/main?{}", p.query), p.body, login)
         })
         .collect()
-}
-
-fn nonce_of(query: &str) -> String {
-    query
-        .split('&')
-        .find_map(|p| p.strip_prefix("nonce="))
-        .unwrap()
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

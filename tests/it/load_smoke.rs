@@ -3,9 +3,7 @@
 //! every one answered `success`, and every one delivered to its targets.
 
 use crate::common;
-
-#[path = "../bench/harness/mod.rs"]
-mod harness;
+use crate::harness;
 
 use std::time::Duration;
 use tokio::net::TcpListener;

@@ -5,6 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+// The load harness, shared with the benchmarks.
+#[path = "../bench/harness/mod.rs"]
+mod harness;
 
 mod ambiguity;
 mod capacity;
@@ -22,10 +25,12 @@ mod load_smoke;
 mod logs;
 mod operations;
 mod ordering;
+mod outage;
 mod pending;
 mod postgres;
 mod protocol_pure;
 mod replay;
+mod replicas;
 mod retire_race;
 mod spool_health;
 mod vectors_http;

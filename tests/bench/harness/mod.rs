@@ -99,32 +99,42 @@ pub fn relay_config(
     broker: &str,
     hooks: &str,
 ) -> String {
-    relay_config_paused(public, admin, spool, broker, hooks, false)
+    relay_config_paused(public, admin, &sqlite_spool(spool), broker, hooks, false)
 }
 
-/// As [`relay_config`], with both targets paused or not.
+/// The account the pushes are signed and sealed for: `[accounts.main]`, in
+/// secure mode.
+pub fn account() -> String {
+    format!(
+        "[accounts.main]\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\nencoding_aes_key = \"{KEY}\"\nmode = \"secure\"\n"
+    )
+}
+
+/// The `[spool]` keys of a SQLite spool at `path`.
+pub fn sqlite_spool(path: &std::path::Path) -> String {
+    format!("path = \"{}\"\n", path.display())
+}
+
+/// As [`relay_config`], with the `[spool]` keys `spool`, and both targets
+/// paused or not.
 pub fn relay_config_paused(
     public: SocketAddr,
     admin: SocketAddr,
-    spool: &std::path::Path,
+    spool: &str,
     broker: &str,
     hooks: &str,
     paused: bool,
 ) -> String {
+    let account = account();
     format!(
         r#"[server]
 listen = "{public}"
 admin_listen = "{admin}"
 
 [spool]
-path = "{spool}"
+{spool}
 
-[accounts.main]
-app_id = "{APP_ID}"
-token = "{TOKEN}"
-encoding_aes_key = "{KEY}"
-mode = "secure"
-
+{account}
 [targets.broker]
 url = "{broker}"
 format = "raw"
@@ -149,8 +159,7 @@ reply_from = "broker"
 
 [[routes]]
 to = ["webhooks"]
-"#,
-        spool = spool.display()
+"#
     )
 }
 
@@ -208,12 +217,25 @@ pub async fn drive(
     rate: Option<f64>,
     now: i64,
 ) -> Report {
+    drive_spread(&[addr], first, n, connections, rate, now).await
+}
+
+/// As [`drive`], the connections shared out over `addrs` in turn (several
+/// replicas, as a load balancer would).
+pub async fn drive_spread(
+    addrs: &[SocketAddr],
+    first: u64,
+    n: usize,
+    connections: usize,
+    rate: Option<f64>,
+    now: i64,
+) -> Report {
     let key = Arc::new(key());
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let (key, next) = (key.clone(), next.clone());
+    for c in 0..connections {
+        let (key, next, addr) = (key.clone(), next.clone(), addrs[c % addrs.len()]);
         tasks.push(tokio::spawn(async move {
             let mut report = Report::default();
             let mut sender = None;
@@ -299,6 +321,42 @@ async fn connect(addr: SocketAddr) -> Option<hyper::client::conn::http1::SendReq
     Some(sender)
 }
 
+/// Pushes `first..first + n` into the relay started in this process on
+/// `spool` (whose `[spool]` keys are `spool_toml`), its targets paused so that
+/// only ingest is timed; the relay is stopped after.
+pub async fn ingest_in_process(
+    spool: Arc<dyn wxrelay::spool::Spool>,
+    spool_toml: &str,
+    first: u64,
+    n: usize,
+    connections: usize,
+) -> Report {
+    let unused = super::common::free_port();
+    let sink = format!("http://{unused}/");
+    let admin = super::common::free_port();
+    let toml = relay_config_paused(unused, admin, spool_toml, &sink, &sink, true);
+    let settings =
+        wxrelay::config::Settings::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"));
+    let listener = || async {
+        TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let options = wxrelay::app::Options {
+        public: Some(listener().await),
+        admin: Some(listener().await),
+        spool: Some(spool),
+        clock: None,
+        config_path: None,
+    };
+    let relay = wxrelay::app::Relay::start(settings, options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let report = drive(relay.public_addr, first, n, connections, None, unix_now()).await;
+    relay.shutdown().await;
+    report
+}
+
 /// A fast local target that counts what it receives, per path, and answers
 /// `success` (a valid answer for a reply target too). A path can be made to
 /// play dead: it then answers 503 and counts the attempts instead.
@@ -346,6 +404,15 @@ impl Sink {
             }
         });
         sink
+    }
+
+    /// A sink on a fresh port of 127.0.0.1, and its address.
+    pub async fn start_local() -> (Sink, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        (Sink::start(listener).await, addr)
     }
 
     pub fn count(&self, path: &str) -> u64 {

@@ -2,10 +2,13 @@
 //! (or PostgreSQL, in a schema of its own on the test database)
 //! in a temp dir and an injected clock, a minimal HTTP client, and the vectors.
 
+pub mod database;
 pub mod disk;
 pub mod logs;
 pub mod proxy;
+pub mod replicas;
 pub mod target;
+pub mod wechat;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -709,6 +712,17 @@ pub fn free_port() -> SocketAddr {
         .unwrap()
         .local_addr()
         .unwrap()
+}
+
+/// Waits until `counter` (e.g. pushes sent so far, by concurrent senders)
+/// reaches `n`; fails the test after a minute.
+pub async fn until_reached(counter: &std::sync::atomic::AtomicUsize, n: usize) {
+    let reached = eventually(Duration::from_secs(60), || {
+        let reached = counter.load(std::sync::atomic::Ordering::SeqCst) >= n;
+        async move { reached }
+    })
+    .await;
+    assert!(reached, "the count reached {n}");
 }
 
 /// Polls `check` until it holds or `within` passes; for waiting on effects that

@@ -1,0 +1,378 @@
+//! The spools side by side, in one run on one machine. Release build, from the
+//! repository root, with a PostgreSQL server (the tests' one will do):
+//!
+//! ```text
+//! WXRELAY_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test \
+//!   cargo bench --bench spools -- [PUSHES] [BACKLOG] [backlog]
+//! ```
+//!
+//! (`backlog` runs the third part alone.)
+//!
+//! 1. Ingest and fan-out, for SQLite, PostgreSQL with one replica and
+//!    PostgreSQL with two: the real binaries, each in its own process, with
+//!    the targets paused; PUSHES pushes (default 50,000) of the load harness's
+//!    mix over 64 keep-alive connections spread over the replicas give pushes/s
+//!    with a durable commit; then a reload releases the targets, and the time
+//!    from 1 % to 99 % of the deliveries reaching two local sinks gives
+//!    deliveries/s. No target answers inline (`reply_from`), so that fan-out
+//!    is measured on its own.
+//! 2. Group commit on PostgreSQL: the relay in this process on a spool that
+//!    batches up to 512 pushes per commit, then on one that commits each push
+//!    alone, with the same client (as `cargo bench --bench ingest` does for
+//!    SQLite).
+//! 3. A backlog on PostgreSQL, one replica: BACKLOG pushes (default
+//!    1,000,000) taken in with the targets paused, then drained, twice; the
+//!    sizes of the spool's tables (`pg_total_relation_size`, indexes and
+//!    TOAST included) are sampled as it goes, and once autovacuum has cleaned
+//!    up after each drain. The dedup window is one minute, so keys expire and
+//!    are pruned during the run.
+//!
+//! The client, the sinks, the relays and PostgreSQL share the machine's cores.
+//! Each PostgreSQL run has a schema of its own, dropped at the end.
+
+// The integration tests' helpers, which the load harness builds on; a bench
+// uses only a few of them.
+#[path = "../it/common/mod.rs"]
+#[allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+mod common;
+#[path = "harness/mod.rs"]
+mod harness;
+
+use common::database::Database;
+use common::replicas::Replicas;
+use harness::{Report, Sink};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wxrelay::spool::postgres::OnOpen;
+use wxrelay::spool::PostgresSpool;
+
+const CONNECTIONS: usize = 64;
+
+/// Where a run's spool is.
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(Database),
+}
+
+impl Backend {
+    fn postgres() -> Backend {
+        let database = Database::create().unwrap_or_else(|| {
+            panic!(
+                "set {} to run this benchmark",
+                common::database::TEST_URL_VAR
+            )
+        });
+        Backend::Postgres(database)
+    }
+
+    fn spool_toml(&self) -> String {
+        match self {
+            Backend::Sqlite(dir) => harness::sqlite_spool(&dir.path().join("spool.db")),
+            Backend::Postgres(database) => database.spool_toml(),
+        }
+    }
+}
+
+/// Replicas on `backend`, all routing to one sink, their targets paused until
+/// `paused` is cleared and they are reloaded.
+async fn start(
+    backend: &Backend,
+    replicas: usize,
+    sink: SocketAddr,
+    paused: Arc<AtomicBool>,
+    edit: fn(String) -> String,
+) -> Replicas {
+    let spool = backend.spool_toml();
+    let config = move |public, admin| {
+        edit(harness::relay_config_paused(
+            public,
+            admin,
+            &spool,
+            &format!("http://{sink}/broker"),
+            &format!("http://{sink}/hooks"),
+            paused.load(Ordering::SeqCst),
+        ))
+    };
+    Replicas::start(replicas, &[("WXRELAY_LOG", "warn")], Box::new(config)).await
+}
+
+/// Pushes `first..first + n`, the connections shared out over `replicas`.
+async fn drive(replicas: &Replicas, first: u64, n: usize) -> Report {
+    let now = harness::unix_now();
+    harness::drive_spread(&replicas.publics(), first, n, CONNECTIONS, None, now).await
+}
+
+/// Waits until the sink holds `expected` deliveries; the time it took.
+async fn drained(sink: &Sink, expected: u64, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    common::eventually(within, || async { sink.total() >= expected })
+        .await
+        .then(|| started.elapsed())
+}
+
+/// One row of the first table: ingest, then fan-out.
+async fn ingest_and_fan_out(name: &str, backend: Backend, replicas: usize, n: usize) -> String {
+    let (sink, at) = Sink::start_local().await;
+    let paused = Arc::new(AtomicBool::new(true));
+    let relays = start(
+        &backend,
+        replicas,
+        at,
+        paused.clone(),
+        without_inline_replies,
+    )
+    .await;
+    let warm_up = drive(&relays, 90_000_000, 500).await; // delivered with the rest
+    let ingest = drive(&relays, 0, n).await;
+    paused.store(false, Ordering::SeqCst);
+    relays.reload();
+    let deliveries =
+        ingest.success + ingest.login_success + warm_up.success + warm_up.login_success;
+    // The rate from 1 % to 99 % of them: what the relay sustains, apart from
+    // how long it takes to start after the reload and the last attempts.
+    let start = drained(&sink, deliveries as u64 / 100, Duration::from_secs(60)).await;
+    let most = drained(
+        &sink,
+        deliveries as u64 * 99 / 100,
+        Duration::from_secs(600),
+    )
+    .await;
+    let all = drained(&sink, deliveries as u64, Duration::from_secs(600)).await;
+    let fan_out = match (start, most, all) {
+        (Some(start), Some(most), Some(_)) => format!(
+            "{:>6.0} deliveries/s (1 % to 99 % of {deliveries} in {:.1} s; 1 % reached {:.1} s after the reload)",
+            deliveries as f64 * 0.98 / most.as_secs_f64(),
+            most.as_secs_f64(),
+            start.as_secs_f64(),
+        ),
+        _ => format!("MISSING: {} of {deliveries}", sink.total()),
+    };
+    let row = format!(
+        "{name:<24} {:>7.0} pushes/s (p99 {:>5.1} ms, {} of {} answered)   fan-out {fan_out}",
+        ingest.throughput(),
+        ingest.percentile_ms(99.0),
+        ingest.success,
+        ingest.sent,
+    );
+    println!("{row}");
+    drop(relays);
+    drop(backend);
+    row
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    // `backlog` alone: only the third part.
+    let backlog_only = std::env::args().any(|a| a == "backlog");
+    let n = args.first().copied().unwrap_or(50_000);
+    let backlog = args.get(1).copied().unwrap_or(1_000_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    runtime.block_on(async {
+        if backlog_only {
+            backlog_sizes(backlog).await;
+            return;
+        }
+        println!("ingest (targets paused), then fan-out to two local sinks: {n} pushes over {CONNECTIONS} connections");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        ingest_and_fan_out("SQLite", Backend::Sqlite(dir), 1, n).await;
+        ingest_and_fan_out("PostgreSQL, 1 replica", Backend::postgres(), 1, n).await;
+        ingest_and_fan_out("PostgreSQL, 2 replicas", Backend::postgres(), 2, n).await;
+        group_commit(n.min(20_000)).await;
+        backlog_sizes(backlog).await;
+    });
+}
+
+/// Pushes/s into a relay in this process on a PostgreSQL spool committing
+/// at most `max_batch` pushes at once, its targets paused.
+async fn ingest_in_process(max_batch: usize, n: usize, first: u64) -> Report {
+    let Backend::Postgres(database) = Backend::postgres() else {
+        unreachable!()
+    };
+    let spool =
+        PostgresSpool::open_with_batch(&database.schema.settings, OnOpen::Migrate, max_batch)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    let spool = Arc::new(spool);
+    let toml = database.spool_toml();
+    let report = harness::ingest_in_process(spool.clone(), &toml, first, n, CONNECTIONS).await;
+    spool.close().await;
+    report
+}
+
+/// Group commit against one commit per push, on PostgreSQL.
+async fn group_commit(n: usize) {
+    ingest_in_process(512, 500, 80_000_000).await; // warm-up
+    let grouped = ingest_in_process(512, n, 60_000_000).await;
+    let single = ingest_in_process(1, n, 70_000_000).await;
+    println!("group commit on PostgreSQL, relay in this process: {n} pushes over {CONNECTIONS} connections, targets paused");
+    println!("{}", grouped.line("grouped"));
+    println!("{}", single.line("single"));
+    println!(
+        "ratio group/single: {:.1}x",
+        grouped.throughput() / single.throughput()
+    );
+}
+
+/// The harness's configuration without `reply_from`: the broker, paused,
+/// would otherwise be tried inline for every login push, and its circuit
+/// breaker would hold its backlog for a few seconds once it is released.
+fn without_inline_replies(toml: String) -> String {
+    toml.replace("reply_from = \"broker\"\n", "")
+}
+
+/// The backlog's configuration: pushes stay fresh for a minute and their
+/// dedup keys are kept as long, so that keys expire during the run.
+fn short_windows(toml: String) -> String {
+    without_inline_replies(toml)
+        .replace("[spool]\n", "[spool]\ndedup_window = \"60s\"\n")
+        .replace(
+            "mode = \"secure\"\n",
+            "mode = \"secure\"\ntimestamp_window = \"60s\"\n",
+        )
+}
+
+/// The size of each of the schema's tables, indexes and TOAST included.
+async fn table_sizes(client: &tokio_postgres::Client, schema: &str) -> Vec<(String, i64)> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text, pg_total_relation_size(c.oid) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relkind = 'r' ORDER BY c.relname",
+            &[&schema],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+async fn sample(client: &tokio_postgres::Client, schema: &str, header: &mut bool, when: &str) {
+    let sizes = table_sizes(client, schema).await;
+    if !*header {
+        let names: Vec<String> = sizes.iter().map(|(n, _)| format!("{n:>18}")).collect();
+        println!("{:<44} {}", "", names.join(""));
+        *header = true;
+    }
+    let values: Vec<String> = sizes
+        .iter()
+        .map(|(_, bytes)| format!("{:>18.1}", *bytes as f64 / 1_048_576.0))
+        .collect();
+    println!("{when:<44} {}", values.join(""));
+}
+
+/// Two rounds of a backlog of `total / 2` pushes taken in with the targets
+/// paused, then drained, with the tables' sizes along the way.
+async fn backlog_sizes(total: usize) {
+    const CHUNK: usize = 100_000;
+    let backend = Backend::postgres();
+    let Backend::Postgres(database) = &backend else {
+        unreachable!()
+    };
+    let client = database.client().await;
+    let autovacuum: String = client
+        .query_one("SHOW autovacuum", &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .get(0);
+    let autovacuum_on = autovacuum == "on";
+    let (sink, at) = Sink::start_local().await;
+    let paused = Arc::new(AtomicBool::new(true));
+    let relays = start(&backend, 1, at, paused.clone(), short_windows).await;
+    let public = relays.replica(0).public;
+    println!("backlog on PostgreSQL, 1 replica: {total} pushes in two rounds, each taken in with the targets paused, then drained; table sizes in MiB, indexes and TOAST included; autovacuum {autovacuum}");
+    let round = total / 2;
+    let (mut first, mut expected, mut header) = (0u64, 0u64, false);
+    for r in 1..=2 {
+        paused.store(true, Ordering::SeqCst);
+        relays.reload();
+        let (mut taken, before) = (0, expected);
+        while taken < round {
+            let n = CHUNK.min(round - taken);
+            let report =
+                harness::drive(public, first, n, CONNECTIONS, None, harness::unix_now()).await;
+            first += n as u64;
+            taken += n;
+            expected += (report.success + report.login_success) as u64;
+            let when = format!(
+                "round {r}: {taken} in ({:.0} pushes/s)",
+                report.throughput()
+            );
+            sample(&client, database.name(), &mut header, &when).await;
+        }
+        paused.store(false, Ordering::SeqCst);
+        relays.reload();
+        let started = Instant::now();
+        loop {
+            let done = drained(&sink, expected, Duration::from_secs(20))
+                .await
+                .is_some();
+            let when = if done {
+                let took = started.elapsed().as_secs_f64();
+                let deliveries = expected - before;
+                format!(
+                    "round {r}: {deliveries} delivered in {took:.0} s ({:.0}/s)",
+                    deliveries as f64 / took
+                )
+            } else {
+                format!("round {r}: draining, {} delivered", sink.total())
+            };
+            sample(&client, database.name(), &mut header, &when).await;
+            if done {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3_600),
+                "the backlog drained within an hour"
+            );
+        }
+        // Deleted rows are reused once vacuumed: the next round should then
+        // fit where this one was. Autovacuum does it where it runs (within a
+        // minute, by default); where it is off, this does it in its place.
+        let waited = Instant::now();
+        let autovacuumed = autovacuum_on
+            && common::eventually(Duration::from_secs(90), || {
+                dead_rows_cleaned(&client, database.name())
+            })
+            .await;
+        let took = waited.elapsed().as_secs_f64();
+        let when = if autovacuumed {
+            format!("round {r}: autovacuumed within {took:.0} s")
+        } else {
+            vacuum(&client, database.name()).await;
+            format!("round {r}: vacuumed (no autovacuum)")
+        };
+        sample(&client, database.name(), &mut header, &when).await;
+    }
+    drop(relays);
+}
+
+/// What autovacuum would do: a plain VACUUM (no lock against the relay) of
+/// the queue tables.
+async fn vacuum(client: &tokio_postgres::Client, schema: &str) {
+    for table in ["events", "deliveries", "dedup", "replay"] {
+        client
+            .batch_execute(&format!("VACUUM \"{schema}\".{table}"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Autovacuum has cleaned the queue tables of the rows deleted from them.
+async fn dead_rows_cleaned(client: &tokio_postgres::Client, schema: &str) -> bool {
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(n_dead_tup), 0) FROM pg_stat_user_tables \
+             WHERE schemaname = $1 AND relname IN ('events', 'deliveries', 'dedup')",
+            &[&schema],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    row.get::<_, i64>(0) <= 1_000
+}
