@@ -148,6 +148,19 @@ impl Settings {
                 warnings.push(format!("target {name:?} is not named by any route"));
             }
         }
+        let reply_targets: std::collections::BTreeSet<&str> = self
+            .routes
+            .iter()
+            .filter_map(|r| r.reply_from.as_deref())
+            .collect();
+        for name in reply_targets {
+            if self.targets.get(name).map(|t| t.ordering) == Some(Ordering::PerUser) {
+                warnings.push(format!(
+                    "target {name:?} is a reply_from with ordering = \"per_user\": its inline \
+                     reply attempt is not held back by the user's earlier deliveries"
+                ));
+            }
+        }
         warnings.extend(self.shared_credentials());
         warnings
     }

@@ -1017,6 +1017,29 @@ fn the_check_report_warns_about_unrouted_events() {
     assert!(report.contains("no catch-all rule"), "{report}");
 }
 
+#[test]
+fn the_check_report_warns_that_an_ordered_reply_target_answers_out_of_order() {
+    let warning = "target \"broker\" is a reply_from with ordering = \"per_user\": \
+                   its inline reply attempt is not held back by the user's earlier deliveries";
+    let ordered = edit(&[(
+        "retry = \"login\"",
+        "retry = \"login\"\nordering = \"per_user\"",
+    )]);
+    let report = render_check(&Settings::from_toml_str(&ordered).unwrap());
+    assert!(report.contains(warning), "{report}");
+
+    // Ordered, but not a reply target: nothing to warn about.
+    let not_replying = edit(&[
+        ("reply_from = \"broker\"\n", ""),
+        (
+            "url = \"http://127.0.0.1:8081/broker\"",
+            "url = \"http://127.0.0.1:8081/broker\"\nordering = \"per_user\"",
+        ),
+    ]);
+    let report = render_check(&Settings::from_toml_str(&not_replying).unwrap());
+    assert!(!report.contains("warnings"), "{report}");
+}
+
 /// The setting a `WXRELAY_` variable (named without the prefix) overrides:
 /// `SPOOL__URL` is `spool.url`.
 fn setting_of(variable: &str) -> String {
