@@ -143,7 +143,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     step         INTEGER NOT NULL DEFAULT 0,
     scheduled_at INTEGER NOT NULL DEFAULT 0,
     -- Account and sender, for a target that takes one user's events in order.
-    order_key    TEXT
+    order_key    TEXT,
+    blocked      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, next_at) WHERE state = ",
     pending!(),
@@ -171,13 +172,22 @@ CREATE TABLE IF NOT EXISTS probe (
 "
 );
 
-/// Finds the pending deliveries that hold back a later one of the same user.
-/// Created once the column exists: a file from before it is migrated first.
+/// Finds the pending deliveries of one user, to find the next head; and the
+/// due deliveries that no earlier one of their user holds back, which is all
+/// a lease reads. A pending delivery's `blocked` is 1 while an earlier pending
+/// delivery of the same target and `order_key` exists: it is set at enqueue
+/// and cleared for the next one when the head is delivered or dead-lettered,
+/// and a replay sets it again for the deliveries behind a replayed one. Created once the columns exist: a file from before them is
+/// migrated first.
 const ORDER_INDEX: &str = concat!(
     "CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries (target, order_key, id)
      WHERE state = ",
     pending!(),
-    " AND order_key IS NOT NULL;"
+    " AND order_key IS NOT NULL;
+     CREATE INDEX IF NOT EXISTS deliveries_heads ON deliveries (target, next_at)
+     WHERE state = ",
+    pending!(),
+    " AND blocked = 0;"
 );
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
@@ -412,6 +422,7 @@ fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
     conn.execute_batch(SCHEMA)?;
     add_schedule_columns(&conn)?;
     add_order_key(&conn)?;
+    add_blocked(&conn)?;
     conn.execute_batch(ORDER_INDEX)?;
     Ok(conn)
 }
@@ -420,49 +431,61 @@ fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
 /// the columns, each delivery's schedule taken from what it had: its failed
 /// attempts and its due time.
 fn add_schedule_columns(conn: &Connection) -> rusqlite::Result<()> {
-    let has_step = |c: &Connection| -> rusqlite::Result<bool> {
-        c.prepare("SELECT 1 FROM pragma_table_info('deliveries') WHERE name = 'step'")?
-            .exists([])
-    };
-    if has_step(conn)? {
-        return Ok(());
-    }
-    // Immediate, so that of two processes opening the old file at once the
-    // second sees the first's columns rather than adding them twice.
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let migrated = (|| {
-        if !has_step(conn)? {
-            conn.execute_batch(
-                "ALTER TABLE deliveries ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
-                 ALTER TABLE deliveries ADD COLUMN scheduled_at INTEGER NOT NULL DEFAULT 0;
-                 UPDATE deliveries SET step = attempts, scheduled_at = next_at;",
-            )?;
-        }
-        Ok(())
-    })();
-    match migrated {
-        Ok(()) => conn.execute_batch("COMMIT"),
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
-    }
+    add_column(
+        conn,
+        "step",
+        "ALTER TABLE deliveries ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE deliveries ADD COLUMN scheduled_at INTEGER NOT NULL DEFAULT 0;
+         UPDATE deliveries SET step = attempts, scheduled_at = next_at;",
+    )
 }
 
 /// A spool file from before ordered delivery gets the `order_key` column;
 /// its deliveries have none, so they keep being sent unordered.
 fn add_order_key(conn: &Connection) -> rusqlite::Result<()> {
-    let has_key = |c: &Connection| -> rusqlite::Result<bool> {
-        c.prepare("SELECT 1 FROM pragma_table_info('deliveries') WHERE name = 'order_key'")?
-            .exists([])
+    add_column(
+        conn,
+        "order_key",
+        "ALTER TABLE deliveries ADD COLUMN order_key TEXT;",
+    )
+}
+
+/// A spool file from before the `blocked` flag gets it, set on every pending
+/// delivery that an earlier pending one of its user holds back.
+fn add_blocked(conn: &Connection) -> rusqlite::Result<()> {
+    add_column(
+        conn,
+        "blocked",
+        concat!(
+            "ALTER TABLE deliveries ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
+             UPDATE deliveries SET blocked = 1
+             WHERE state = ",
+            pending!(),
+            " AND order_key IS NOT NULL AND EXISTS (
+                 SELECT 1 FROM deliveries p
+                 WHERE p.target = deliveries.target AND p.order_key = deliveries.order_key
+                   AND p.id < deliveries.id AND p.state = ",
+            pending!(),
+            ");"
+        ),
+    )
+}
+
+/// Runs `migration` unless `deliveries` has `column` already. Immediate, so
+/// that of two processes opening the old file at once the second sees the
+/// first's column rather than adding it twice.
+fn add_column(conn: &Connection, column: &str, migration: &str) -> rusqlite::Result<()> {
+    let has_column = |c: &Connection| -> rusqlite::Result<bool> {
+        c.prepare("SELECT 1 FROM pragma_table_info('deliveries') WHERE name = ?1")?
+            .exists([column])
     };
-    if has_key(conn)? {
+    if has_column(conn)? {
         return Ok(());
     }
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let migrated = (|| {
-        if !has_key(conn)? {
-            conn.execute_batch("ALTER TABLE deliveries ADD COLUMN order_key TEXT;")?;
+        if !has_column(conn)? {
+            conn.execute_batch(migration)?;
         }
         Ok(())
     })();
@@ -693,10 +716,14 @@ fn enqueue(c: &Connection, new: NewEvent, now: UnixMs, window: i64) -> rusqlite:
             now
         ])?;
     }
-    let mut insert = c.prepare_cached(
-        "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at, order_key)
-         VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)",
-    )?;
+    // Ids only grow, so a new delivery is blocked by any pending one of its user.
+    let mut insert = c.prepare_cached(concat!(
+        "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at, order_key, blocked)
+         VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?6 IS NOT NULL AND EXISTS (
+             SELECT 1 FROM deliveries p WHERE p.target = ?2 AND p.order_key = ?6 AND p.state = ",
+        pending!(),
+        "))"
+    ))?;
     for d in &targets {
         insert.execute(params![
             event_id,
@@ -754,11 +781,7 @@ fn lease(
         concat!("SELECT d.id, d.event_id, d.attempts, e.dedup_key, e.account, e.received_at, e.query, e.body,
                 e.xml, e.fields, e.msg_type, e.event, d.step, d.scheduled_at
          FROM deliveries d JOIN events e ON e.id = d.event_id
-         WHERE d.state = ", pending!(), " AND d.target = ?1 AND d.next_at <= ?2
-           AND (d.order_key IS NULL OR NOT EXISTS (
-                SELECT 1 FROM deliveries p
-                WHERE p.target = ?1 AND p.order_key = d.order_key AND p.id < d.id
-                  AND p.state = ", pending!(), " AND p.order_key IS NOT NULL))
+         WHERE d.state = ", pending!(), " AND d.blocked = 0 AND d.target = ?1 AND d.next_at <= ?2
          ORDER BY d.next_at, d.id LIMIT ?3"),
     )?;
     let mut rows = select.query(params![target, now, (limit + skip) as i64])?;
@@ -812,20 +835,21 @@ fn record(c: &Connection, settlements: &[Settlement], now: UnixMs) -> rusqlite::
             Settlement::Delivered { delivery_id } => {
                 // A delivery retired while its attempt was in flight was
                 // still delivered: a replay would send it twice.
-                let event_id: Option<i64> = c
+                let deleted: Option<(i64, Option<String>, Option<String>)> = c
                     .prepare_cached(concat!(
                         "DELETE FROM deliveries WHERE id = ?1 AND (state = ",
                         pending!(),
                         " OR (state = ",
                         dead!(),
-                        " AND reason = ?2)) RETURNING event_id"
+                        " AND reason = ?2)) RETURNING event_id, target, order_key"
                     ))?
                     .query_row(params![delivery_id, DeadReason::TargetRemoved], |r| {
-                        r.get(0)
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                     })
                     .optional()?;
-                if let Some(event_id) = event_id {
+                if let Some((event_id, target, order_key)) = deleted {
                     drop_event_if_done(c, event_id)?;
+                    unblock_next(c, target, order_key)?;
                 }
             }
             Settlement::Retry {
@@ -856,15 +880,22 @@ fn record(c: &Connection, settlements: &[Settlement], now: UnixMs) -> rusqlite::
             } => {
                 // An expired delivery is dead-lettered instead of sent: no attempt.
                 let attempted = i64::from(*reason != DeadReason::Expired);
-                c.prepare_cached(concat!(
-                    "UPDATE deliveries SET state = ",
-                    dead!(),
-                    ", attempts = attempts + ?5, reason = ?2, last_error = ?3,
-                     updated_at = ?4 WHERE id = ?1 AND state = ",
-                    pending!(),
-                    ""
-                ))?
-                .execute(params![delivery_id, reason, error, now, attempted])?;
+                let died: Option<(Option<String>, Option<String>)> = c
+                    .prepare_cached(concat!(
+                        "UPDATE deliveries SET state = ",
+                        dead!(),
+                        ", attempts = attempts + ?5, reason = ?2, last_error = ?3,
+                         updated_at = ?4 WHERE id = ?1 AND state = ",
+                        pending!(),
+                        " RETURNING target, order_key"
+                    ))?
+                    .query_row(params![delivery_id, reason, error, now, attempted], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                if let Some((target, order_key)) = died {
+                    unblock_next(c, target, order_key)?;
+                }
             }
         }
     }
@@ -894,6 +925,42 @@ fn take_marks(
         settlements.push(settlement);
     }
     (settlements, writing)
+}
+
+/// Once a pending delivery of `order_key` is gone (delivered or dead), the
+/// earliest pending one left of that user is the head: a lease may take it.
+fn unblock_next(
+    c: &Connection,
+    target: Option<String>,
+    order_key: Option<String>,
+) -> rusqlite::Result<()> {
+    let (Some(target), Some(order_key)) = (target, order_key) else {
+        return Ok(());
+    };
+    c.prepare_cached(concat!(
+        "UPDATE deliveries SET blocked = 0 WHERE blocked = 1 AND id = (
+             SELECT MIN(id) FROM deliveries
+             WHERE target = ?1 AND order_key = ?2 AND order_key IS NOT NULL AND state = ",
+        pending!(),
+        ")"
+    ))?
+    .execute(params![target, order_key])?;
+    Ok(())
+}
+
+/// After a replay made dead deliveries of `order_key` pending again, the
+/// earliest pending one is the head and every later one waits behind it,
+/// whether it was replayed or already pending.
+fn reorder(c: &Connection, target: &str, order_key: &str) -> rusqlite::Result<()> {
+    c.prepare_cached(concat!(
+        "UPDATE deliveries SET blocked = blocked_now FROM (
+             SELECT id AS row_id, id > MIN(id) OVER () AS blocked_now FROM deliveries
+             WHERE target = ?1 AND order_key = ?2 AND order_key IS NOT NULL AND state = ",
+        pending!(),
+        ") WHERE id = row_id AND blocked IS NOT blocked_now"
+    ))?
+    .execute(params![target, order_key])?;
+    Ok(())
 }
 
 fn drop_event_if_done(c: &Connection, event_id: i64) -> rusqlite::Result<()> {
@@ -973,30 +1040,35 @@ fn dead_letters(c: &Connection, f: &DeadFilter, limit: usize) -> rusqlite::Resul
 }
 
 fn replay(c: &Connection, f: &DeadFilter, now: UnixMs) -> rusqlite::Result<u64> {
-    let n = c
-        .prepare_cached(concat!(
-            "UPDATE deliveries SET state = ",
-            pending!(),
-            ", attempts = 0, next_at = ?6, reason = '', updated_at = ?6,
-                    step = 0, scheduled_at = ?6, not_before = 0
-             WHERE state = ",
-            dead!(),
-            " AND target IS NOT NULL
-               AND (?1 IS NULL OR target = ?1)
-               AND (?2 IS NULL OR reason = ?2)
-               AND (?3 IS NULL OR updated_at >= ?3)
-               AND (?4 IS NULL OR updated_at < ?4)
-               AND (?5 IS NULL OR id = ?5)"
-        ))?
-        .execute(params![
-            f.target,
-            f.reason,
-            f.since,
-            f.until,
-            f.delivery_id,
-            now
-        ])?;
-    Ok(n as u64)
+    let mut update = c.prepare_cached(concat!(
+        "UPDATE deliveries SET state = ",
+        pending!(),
+        ", attempts = 0, next_at = ?6, reason = '', updated_at = ?6,
+                step = 0, scheduled_at = ?6, not_before = 0, blocked = 0
+         WHERE state = ",
+        dead!(),
+        " AND target IS NOT NULL
+           AND (?1 IS NULL OR target = ?1)
+           AND (?2 IS NULL OR reason = ?2)
+           AND (?3 IS NULL OR updated_at >= ?3)
+           AND (?4 IS NULL OR updated_at < ?4)
+           AND (?5 IS NULL OR id = ?5)
+         RETURNING target, order_key"
+    ))?;
+    let replayed: Vec<(String, Option<String>)> = update
+        .query_map(
+            params![f.target, f.reason, f.since, f.until, f.delivery_id, now],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    let users: std::collections::BTreeSet<(&str, &str)> = replayed
+        .iter()
+        .filter_map(|(target, key)| Some((target.as_str(), key.as_deref()?)))
+        .collect();
+    for (target, order_key) in users {
+        reorder(c, target, order_key)?;
+    }
+    Ok(replayed.len() as u64)
 }
 
 fn purge(c: &Connection, f: &DeadFilter) -> rusqlite::Result<u64> {
@@ -1195,6 +1267,124 @@ mod tests {
             }],
             replay: None,
         }
+    }
+
+    /// `event(key, 0)` for the target `t`, in the order of user `user`.
+    fn ordered(key: &str, user: &str) -> NewEvent {
+        let mut e = event(key, 0);
+        e.targets[0].target = "t".into();
+        e.targets[0].due_at = UnixMs(0);
+        e.targets[0].order_key = Some(format!("main|{user}"));
+        e
+    }
+
+    async fn stored(spool: &SqliteSpool, e: NewEvent) -> DeliveryId {
+        match spool.enqueue(e, UnixMs(0), 1_000).await.unwrap() {
+            Enqueued::Stored { deliveries, .. } => deliveries[0],
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    async fn leased(spool: &SqliteSpool, now: i64) -> Vec<Lease> {
+        spool.lease("t", UnixMs(now), 10, 1).await.unwrap()
+    }
+
+    fn ids(leases: &[Lease]) -> Vec<DeliveryId> {
+        leases.iter().map(|l| l.delivery_id).collect()
+    }
+
+    /// Records `settlement` under its lease in `leases`.
+    async fn settle(spool: &SqliteSpool, leases: &[Lease], settlement: Settlement, now: i64) {
+        let lease = leases
+            .iter()
+            .find(|l| l.delivery_id == settlement.delivery_id())
+            .unwrap()
+            .token;
+        let settle = Settle { lease, settlement };
+        spool.record(vec![settle], UnixMs(now)).await.unwrap();
+    }
+
+    fn dead(delivery_id: DeliveryId, reason: DeadReason) -> Settlement {
+        Settlement::Dead {
+            delivery_id,
+            reason,
+            error: "gone".into(),
+        }
+    }
+
+    /// A replayed dead letter is its user's earliest pending delivery again:
+    /// it goes before the later ones, which wait for it as before.
+    #[tokio::test]
+    async fn a_replayed_dead_letter_goes_before_its_users_later_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = SqliteSpool::open(&dir.path().join("spool.db")).unwrap();
+        let a = stored(&spool, ordered("a", "u1")).await;
+        let b = stored(&spool, ordered("b", "u1")).await;
+        let c = stored(&spool, ordered("c", "u1")).await;
+        let first = leased(&spool, 0).await;
+        assert_eq!(ids(&first), vec![a]);
+        settle(&spool, &first, dead(a, DeadReason::Expired), 1).await;
+        assert_eq!(ids(&leased(&spool, 2).await), vec![b], "c waits for b");
+        // b's lease runs out; a is replayed and holds back b and c again.
+        let filter = DeadFilter {
+            delivery_id: Some(a),
+            ..DeadFilter::default()
+        };
+        assert_eq!(spool.replay(filter, UnixMs(3)).await.unwrap(), 1);
+        let replayed = leased(&spool, 4).await;
+        assert_eq!(ids(&replayed), vec![a]);
+        settle(
+            &spool,
+            &replayed,
+            Settlement::Delivered { delivery_id: a },
+            5,
+        )
+        .await;
+        assert_eq!(ids(&leased(&spool, 6).await), vec![b]);
+        // Retired, the user's deliveries are all dead; replayed, the earliest is
+        // the head again and the others wait behind it.
+        spool.retire_targets(vec![], UnixMs(7)).await.unwrap();
+        assert_eq!(
+            spool
+                .replay(DeadFilter::default(), UnixMs(8))
+                .await
+                .unwrap(),
+            2
+        );
+        let again = leased(&spool, 9).await;
+        assert_eq!(ids(&again), vec![b]);
+        settle(&spool, &again, dead(b, DeadReason::Rejected), 10).await;
+        assert_eq!(ids(&leased(&spool, 11).await), vec![c]);
+    }
+
+    /// A file whose deliveries were written before the `blocked` flag: the
+    /// later deliveries of a user get it and wait for the earliest.
+    #[tokio::test]
+    async fn a_spool_file_from_before_the_blocked_flag_opens_and_orders() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.execute_batch(
+                "ALTER TABLE deliveries DROP COLUMN blocked;
+                 INSERT INTO events VALUES (1, 'k', 'main', 0, 'q', x'00', '<xml/>', '{}', 'text', NULL);
+                 INSERT INTO deliveries (event_id, target, state, next_at, updated_at, order_key)
+                    VALUES (1, 't', 0, 0, 0, 'main|u1'), (1, 't', 0, 0, 0, 'main|u1'),
+                           (1, 't', 0, 0, 0, 'main|u2'), (1, 't', 0, 0, 0, NULL);",
+            )
+            .unwrap();
+        }
+        let spool = SqliteSpool::open(&path).unwrap();
+        let rows = |ids: &[i64]| ids.iter().map(|&i| DeliveryId(i)).collect::<Vec<_>>();
+        let first = leased(&spool, 0).await;
+        assert_eq!(ids(&first), rows(&[1, 3, 4]), "2 waits for 1");
+        let delivered = Settlement::Delivered {
+            delivery_id: DeliveryId(1),
+        };
+        settle(&spool, &first, delivered, 1).await;
+        // 3 and 4 again too: their leases ran out.
+        assert_eq!(ids(&leased(&spool, 2).await), rows(&[2, 3, 4]));
     }
 
     /// A full disk makes SQLite roll the whole transaction back: what the
