@@ -1060,6 +1060,32 @@ async fn an_ordered_delivery_waits_while_an_earlier_one_of_its_user_is_pending()
 }
 
 #[tokio::test]
+async fn a_user_is_served_behind_a_long_backlog_of_another_held_back() {
+    // More of one user's deliveries than a lease reads ahead in due order.
+    const HELD: usize = 1_100;
+    for (name, spool, _cleanup) in spools().await {
+        let backlog: Vec<_> = (0..HELD)
+            .map(|i| {
+                let e = ordered(&format!("1-{i}"), &["t"], 0, "main|u1");
+                spool.enqueue(e, UnixMs(0), WINDOW)
+            })
+            .collect();
+        for enqueued in backlog {
+            assert!(matches!(enqueued.await.unwrap(), Enqueued::Stored { .. }));
+        }
+        let (_, u2) = stored(&*spool, ordered("2", &["t"], 0, "main|u2"), 0).await;
+        let (_, free) = stored(&*spool, event("free", &["t"], 0), 0).await;
+        let head = spool.lease("t", UnixMs(0), 1, 1_000).await.unwrap();
+        assert_eq!(head.len(), 1, "{name}");
+        assert_eq!(
+            ids(&spool.lease("t", UnixMs(0), 10, 1_000).await.unwrap()),
+            vec![u2[0], free[0]],
+            "{name}: the first user's backlog waits for its head, the others do not"
+        );
+    }
+}
+
+#[tokio::test]
 async fn settles_of_many_deliveries_are_recorded_together() {
     for (name, spool, _cleanup) in spools().await {
         let mut ids = Vec::new();

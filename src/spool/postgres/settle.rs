@@ -12,10 +12,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
 /// Claims up to `limit` due deliveries nobody holds, each under a new token
-/// until `now + lease_ms`. Of the deliveries with an order key, only each
-/// key's first pending one may be claimed: the keys' heads are found by
-/// stepping through the order index one key at a time, so a backlog held
-/// back behind its heads is never read.
+/// until `now + lease_ms`, the first due first. Of the deliveries with an
+/// order key, only each key's first pending one may be claimed.
+///
+/// The lease reads the target's due deliveries in due order, at most
+/// [`LOOK_AHEAD`] past `limit`, and claims those that are their key's first
+/// pending one (or have no key): a few index entries a call however many
+/// deliveries and keys are pending. Only when that window is full of
+/// deliveries it may not claim (held back behind their keys' heads, or
+/// leased) does it look past it, stepping through the order index one key at
+/// a time to the keys' heads, until it has found enough, so that a backlog
+/// held back behind its heads is never read in full.
 pub(super) async fn lease(
     c: &mut Object,
     target: &str,
@@ -25,50 +32,64 @@ pub(super) async fn lease(
     owner: &str,
 ) -> Result<Vec<Lease>, SpoolError> {
     let tx = not_waiting_for_the_flush(c).await?;
-    let statement = tx
-        .prepare_cached(&format!(
-            "WITH RECURSIVE heads AS (
-                 (SELECT order_key, id FROM deliveries
-                  WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
-                  ORDER BY order_key, id LIMIT 1)
-                 UNION ALL
-                 SELECT next.order_key, next.id FROM heads h CROSS JOIN LATERAL (
-                     SELECT order_key, id FROM deliveries
-                     WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
-                       AND order_key > h.order_key
-                     ORDER BY order_key, id LIMIT 1) next
-             ), candidates AS (
-                 SELECT id FROM heads
-                 UNION ALL
-                 (SELECT id FROM deliveries
-                  WHERE target = $1 AND state = 0 AND order_key IS NULL
-                    AND next_at <= $2 AND lease_until <= $2
-                  ORDER BY next_at, id LIMIT $3)
-             ), due AS (
-                 SELECT d.id FROM deliveries d
-                 WHERE d.id IN (SELECT id FROM candidates)
-                   AND d.state = 0 AND d.next_at <= $2 AND d.lease_until <= $2
-                 ORDER BY d.next_at, d.id LIMIT $3
+    let limit = super::sql_limit(limit);
+    let window = limit.saturating_add(LOOK_AHEAD);
+    let in_due_order = tx
+        .prepare_cached(&claim(
+            "due AS (
+                 SELECT d.id FROM (
+                     SELECT id, order_key, next_at FROM deliveries
+                     WHERE target = $1 AND state = 0 AND next_at <= $2
+                     ORDER BY next_at, id LIMIT $6) w
+                 JOIN deliveries d ON d.id = w.id
+                 WHERE d.state = 0 AND d.next_at <= $2 AND d.lease_until <= $2
+                   AND (w.order_key IS NULL OR NOT EXISTS (
+                       SELECT 1 FROM deliveries p
+                       WHERE p.target = $1 AND p.state = 0 AND p.order_key = w.order_key
+                         AND p.id < w.id))
+                 ORDER BY w.next_at, w.id LIMIT $3
                  FOR UPDATE OF d SKIP LOCKED
-             ), leased AS (
-                 UPDATE deliveries d
-                 SET lease_owner = $4, lease_until = $2 + $5, lease_token = nextval('lease_tokens')
-                 FROM due WHERE d.id = due.id
-                 RETURNING d.id, d.event_id, d.attempts, d.step, d.scheduled_at, d.lease_token,
-                           d.next_at
-             )
-             SELECT l.id, l.event_id, l.attempts, l.step, l.scheduled_at, l.lease_token,
-                    {EVENT_COLUMNS}
-             FROM leased l JOIN events e ON e.id = l.event_id
-             ORDER BY l.next_at, l.id"
+             )",
         ))
         .await?;
-    let rows = tx
-        .query(
-            &statement,
-            &[&target, &now.0, &super::sql_limit(limit), &owner, &lease_ms],
-        )
-        .await?;
+    let params: [&(dyn ToSql + Sync); 6] = [&target, &now.0, &limit, &owner, &lease_ms, &window];
+    let mut rows = tx.query(&in_due_order, &params).await?;
+    let short = limit - rows.len() as i64;
+    if short > 0 && window_full(&tx, target, now, window).await? {
+        let through_heads = tx
+            .prepare_cached(&claim(
+                "heads AS (
+                     (SELECT order_key, id FROM deliveries
+                      WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
+                      ORDER BY order_key, id LIMIT 1)
+                     UNION ALL
+                     SELECT next.order_key, next.id FROM heads h CROSS JOIN LATERAL (
+                         SELECT order_key, id FROM deliveries
+                         WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
+                           AND order_key > h.order_key
+                         ORDER BY order_key, id LIMIT 1) next
+                 ), candidates AS (
+                     -- The walk stops once it has found enough heads to claim.
+                     (SELECT h.id FROM heads h JOIN deliveries x ON x.id = h.id
+                      WHERE x.next_at <= $2 AND x.lease_until <= $2 LIMIT $3)
+                     UNION ALL
+                     (SELECT id FROM deliveries
+                      WHERE target = $1 AND state = 0 AND order_key IS NULL
+                        AND next_at <= $2 AND lease_until <= $2
+                      ORDER BY next_at, id LIMIT $3)
+                 ), due AS (
+                     SELECT d.id FROM deliveries d
+                     WHERE d.id IN (SELECT id FROM candidates)
+                       AND d.state = 0 AND d.next_at <= $2 AND d.lease_until <= $2
+                     ORDER BY d.next_at, d.id LIMIT $3
+                     FOR UPDATE OF d SKIP LOCKED
+                 )",
+            ))
+            .await?;
+        let params: [&(dyn ToSql + Sync); 5] = [&target, &now.0, &short, &owner, &lease_ms];
+        rows.extend(tx.query(&through_heads, &params).await?);
+        rows.sort_by_key(|row| (row.get::<_, i64>(NEXT_AT), row.get::<_, i64>(0)));
+    }
     tx.commit().await?;
     Ok(rows
         .iter()
@@ -85,6 +106,57 @@ pub(super) async fn lease(
             token: LeaseToken(row.get(5)),
         })
         .collect())
+}
+
+/// How many due deliveries past `limit` a lease reads in due order before it
+/// looks for the keys' heads instead: more than a target's attempts in
+/// flight, which hold their deliveries (and those of their keys) at the front
+/// of the due order.
+const LOOK_AHEAD: i64 = 1024;
+
+/// The column of a claimed row holding its due time.
+const NEXT_AT: usize = 15;
+
+/// A lease statement: `due` (one or more CTEs ending in one of that name)
+/// picks and locks the deliveries, which are then leased with their events.
+/// Parameters: target, now, limit, owner, lease length, and what `due` uses.
+fn claim(due: &str) -> String {
+    format!(
+        "WITH RECURSIVE {due}, leased AS (
+             UPDATE deliveries d
+             SET lease_owner = $4, lease_until = $2 + $5, lease_token = nextval('lease_tokens')
+             FROM due WHERE d.id = due.id
+             RETURNING d.id, d.event_id, d.attempts, d.step, d.scheduled_at, d.lease_token,
+                       d.next_at
+         )
+         SELECT l.id, l.event_id, l.attempts, l.step, l.scheduled_at, l.lease_token,
+                {EVENT_COLUMNS}, l.next_at
+         FROM leased l JOIN events e ON e.id = l.event_id
+         ORDER BY l.next_at, l.id"
+    )
+}
+
+/// Whether the target has `window` due pending deliveries or more: then a
+/// lease that read them all in due order may have left claimable ones past
+/// them.
+async fn window_full(
+    tx: &deadpool_postgres::Transaction<'_>,
+    target: &str,
+    now: UnixMs,
+    window: i64,
+) -> Result<bool, SpoolError> {
+    let count = tx
+        .prepare_cached(
+            "SELECT count(*) FROM (
+                 SELECT 1 FROM deliveries WHERE target = $1 AND state = 0 AND next_at <= $2
+                 LIMIT $3) w",
+        )
+        .await?;
+    let n: i64 = tx
+        .query_one(&count, &[&target, &now.0, &window])
+        .await?
+        .get(0);
+    Ok(n >= window)
 }
 
 /// A transaction whose commit does not wait for the database to flush it
