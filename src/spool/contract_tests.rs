@@ -73,6 +73,23 @@ const EARLIER_TABLES: &str = "
         last_error TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
         updated_at INTEGER NOT NULL, not_before INTEGER NOT NULL DEFAULT 0);";
 
+/// A spool file in the earlier tables holding one event and one delivery
+/// with `delivery` as its (event_id, target, state, attempts, next_at,
+/// last_error, updated_at).
+fn earlier_file(delivery: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(EARLIER_TABLES).unwrap();
+    c.execute_batch(&format!(
+        "INSERT INTO events VALUES (1, 'k', 'main', 0, 'q', x'00', '<xml/>', '{{}}', 'text', NULL);
+         INSERT INTO deliveries (event_id, target, state, attempts, next_at, last_error, updated_at)
+            VALUES ({delivery});"
+    ))
+    .unwrap();
+    (dir, path)
+}
+
 /// A first failure, the next attempt due at 120 s, held by Retry-After to
 /// `not_before` (0: not held).
 fn failed_once(id: DeliveryId, not_before: i64) -> Settlement {
@@ -682,18 +699,7 @@ async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup()
 
 #[tokio::test]
 async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spool.db");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(EARLIER_TABLES).unwrap();
-        c.execute_batch(
-            "INSERT INTO events VALUES (1, 'k', 'main', 0, 'q', x'00', '<xml/>', '{}', 'text', NULL);
-             INSERT INTO deliveries (event_id, target, state, attempts, next_at, last_error, updated_at)
-                VALUES (1, 'a', 0, 3, 7000, 'HTTP 503', 0);",
-        )
-        .unwrap();
-    }
+    let (_dir, path) = earlier_file("1, 'a', 0, 3, 7000, 'HTTP 503', 0");
     let spool = SqliteSpool::open(&path).unwrap();
     let leased = spool.lease("a", UnixMs(7_000), 10, 1_000).await.unwrap();
     assert_eq!(leased.len(), 1);
@@ -1169,18 +1175,7 @@ async fn postgres_prunes_expired_keys_and_delivered_events() {
 
 #[tokio::test]
 async fn a_spool_file_from_before_ordered_delivery_opens_and_orders() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spool.db");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(EARLIER_TABLES).unwrap();
-        c.execute_batch(
-            "INSERT INTO events VALUES (1, 'k', 'main', 0, 'q', x'00', '<xml/>', '{}', 'text', NULL);
-             INSERT INTO deliveries (event_id, target, state, attempts, next_at, last_error, updated_at)
-                VALUES (1, 't', 0, 0, 0, '', 0);",
-        )
-        .unwrap();
-    }
+    let (_dir, path) = earlier_file("1, 't', 0, 0, 0, '', 0");
     let spool = SqliteSpool::open(&path).unwrap();
     let (_, a) = stored(&spool, ordered("a", &["t"], 0, "main|u1"), 0).await;
     stored(&spool, ordered("b", &["t"], 0, "main|u1"), 0).await;
