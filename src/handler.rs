@@ -71,7 +71,8 @@ impl Rejection {
                 | Refused::BadEncryptType
                 | Refused::MissingEncrypt
                 | Refused::BadXml(_)
-                | Refused::Decrypt(_) => StatusCode::BAD_REQUEST,
+                | Refused::Decrypt(_)
+                | Refused::OpenidMismatch => StatusCode::BAD_REQUEST,
                 Refused::MissingSignature(_) | Refused::BadSignature | Refused::BadMsgSignature => {
                     StatusCode::UNAUTHORIZED
                 }
@@ -114,6 +115,7 @@ impl Rejection {
                 Refused::BadMsgSignature => PushVerdict::BadMsgSignature,
                 Refused::BadXml(_) => PushVerdict::BadXml,
                 Refused::BadAppId => PushVerdict::BadAppId,
+                Refused::OpenidMismatch => PushVerdict::OpenidMismatch,
             },
             Rejection::Ingest(IngestError::Replayed) => PushVerdict::Replayed,
             Rejection::Ingest(IngestError::Spool(_) | IngestError::Timeout) => {
@@ -140,6 +142,7 @@ pub enum PushVerdict {
     BadMsgSignature,
     BadXml,
     BadAppId,
+    OpenidMismatch,
     Replayed,
     SpoolUnavailable,
     Busy,
@@ -162,6 +165,7 @@ impl PushVerdict {
             PushVerdict::BadMsgSignature => "bad_msg_signature",
             PushVerdict::BadXml => "bad_xml",
             PushVerdict::BadAppId => "bad_appid",
+            PushVerdict::OpenidMismatch => "openid_mismatch",
             PushVerdict::Replayed => "replayed",
             PushVerdict::SpoolUnavailable => "spool_unavailable",
             PushVerdict::Busy => "busy",

@@ -52,6 +52,8 @@ pub enum Refused {
     BadXml(#[from] XmlError),
     #[error("AppID mismatch")]
     BadAppId,
+    #[error("openid does not match FromUserName")]
+    OpenidMismatch,
     #[error("undecryptable: {0}")]
     Decrypt(DecryptError),
 }
@@ -147,6 +149,8 @@ pub struct PushQuery {
     signed: Signed,
     /// Present when the push is encrypted.
     msg_signature: Option<String>,
+    /// The sender as the query names it, covered by no signature.
+    openid: Option<String>,
     encrypted: bool,
 }
 
@@ -175,6 +179,7 @@ pub fn check_push_query(
         raw: query.to_string(),
         signed,
         msg_signature: q.remove("msg_signature"),
+        openid: q.remove("openid"),
         encrypted,
     })
 }
@@ -196,7 +201,9 @@ pub struct VerifiedPush {
 }
 
 /// Checks a push's body against its verified query: the XML, and for an
-/// encrypted push `msg_signature`, the AES frame and the AppID.
+/// encrypted push `msg_signature`, the AES frame and the AppID. A query's
+/// `openid` must name the sender the (decrypted) message names: no signature
+/// covers it, and whoever reads the query would take it for the sender.
 pub fn verify_push(
     creds: &Credentials<'_>,
     query: PushQuery,
@@ -230,6 +237,13 @@ pub fn verify_push(
             .to_string();
         (xml, outer, None)
     };
+    if query
+        .openid
+        .as_deref()
+        .is_some_and(|openid| message.from_user() != Some(openid))
+    {
+        return Err(Refused::OpenidMismatch);
+    }
     let Signed {
         timestamp,
         nonce,
@@ -325,7 +339,7 @@ mod tests {
     #[test]
     fn a_plaintext_push_carries_its_signed_parameters_and_xml() {
         let c = creds(None, true, false);
-        let q = signed_query(NOW, "&openid=o");
+        let q = signed_query(NOW, "&openid=from");
         let query = check_push_query(&c, &q, NOW).unwrap();
         let push = verify_push(&c, query, XML.as_bytes()).unwrap();
         assert_eq!(push.timestamp, NOW.to_string());
@@ -334,6 +348,21 @@ mod tests {
         assert_eq!(push.xml, XML);
         assert_eq!(push.key_slot, None);
         assert_eq!(push.message.get("Content"), Some("hi"));
+    }
+
+    #[test]
+    fn an_openid_other_than_the_sender_is_refused() {
+        let c = creds(None, true, false);
+        for (openid, expected) in [
+            ("&openid=from", Ok(())),
+            ("", Ok(())),
+            ("&openid=other", Err(Refused::OpenidMismatch)),
+            ("&openid=", Err(Refused::OpenidMismatch)),
+        ] {
+            let query = check_push_query(&c, &signed_query(NOW, openid), NOW).unwrap();
+            let verified = verify_push(&c, query, XML.as_bytes());
+            assert_eq!(verified.map(|_| ()), expected, "{openid:?}");
+        }
     }
 
     #[test]

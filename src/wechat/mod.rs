@@ -24,7 +24,8 @@
 //! `openid`, the sender. `signature` covers only the Token, `timestamp` and
 //! `nonce`, never the body, and `openid` is covered by nothing, so the relay
 //! takes the sender from the message's own `FromUserName`, in an encrypted
-//! push from the decrypted message. What the body looks like depends on the
+//! push from the decrypted message, and refuses a push whose `openid` names
+//! anyone else. What the body looks like depends on the
 //! account's message mode:
 //!
 //! * **Plaintext** (明文): the body is the message, e.g. `<xml><ToUserName>…

@@ -13,8 +13,14 @@ use tokio::io::AsyncWriteExt;
 use wxrelay::wechat::crypto::AesKey;
 use wxrelay::wechat::push::{self, PushParams, Sealing};
 
-/// `xml` sealed for account `mode` of the vectors, signed as WeChat would.
+/// `xml` sealed for account `mode` of the vectors, signed as WeChat would,
+/// with the `openid` of the sender the tests' messages name.
 fn sealed(g: &Value, mode: &str, xml: &str) -> (String, String) {
+    sealed_for(g, mode, xml, Some("o1"))
+}
+
+/// As [`sealed`], with `openid` in the query (or none).
+fn sealed_for(g: &Value, mode: &str, xml: &str, openid: Option<&str>) -> (String, String) {
     let c = &g["config"];
     let key = AesKey::from_encoding(c["encoding_aes_key"].as_str().unwrap()).unwrap();
     let sealing = match mode {
@@ -30,7 +36,7 @@ fn sealed(g: &Value, mode: &str, xml: &str) -> (String, String) {
             app_id: c["appid"].as_str().unwrap(),
             timestamp: reference_now(g),
             nonce: "4242",
-            openid: Some("oAmbiguous"),
+            openid,
             random: &[b'A'; 16],
         },
     );
@@ -174,6 +180,49 @@ async fn characters_xml_forbids_are_refused_even_as_references() {
     );
     let answer = relay.post(&target, body).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
+    relay.stop().await;
+}
+
+/// The query's `openid` is covered by no signature: a push that names another
+/// user there than in its (decrypted) `FromUserName` could be read as from
+/// either by whoever reads the query, so it is refused in every mode.
+#[tokio::test]
+async fn an_openid_that_is_not_the_sender_is_refused_in_every_mode() {
+    let g = generated();
+    let logs = crate::common::logs::logs();
+    let relay = TestRelay::start(&config(&g, &[], ""), reference_now(&g)).await;
+    let xml = message("<FromUserName><![CDATA[o1]]></FromUserName>");
+    for mode in ["plaintext", "compat", "secure"] {
+        let (target, body) = sealed_for(&g, mode, &xml, Some("oSomeoneElse"));
+        let answer = relay.post(&target, body).await;
+        assert_refused(&answer, &format!("{mode}: another openid"));
+        assert_eq!(
+            answer.text().trim(),
+            "openid does not match FromUserName",
+            "{mode}"
+        );
+    }
+    assert!(relay.unrouted().await.is_empty(), "nothing stored");
+    let m = relay.metrics().await;
+    for mode in ["plaintext", "compat", "secure"] {
+        let verdict = [("account", mode), ("verdict", "openid_mismatch")];
+        assert_eq!(metric(&m, "wxrelay_pushes_total", &verdict), 1.0, "{m}");
+    }
+    let log = logs.text();
+    assert!(
+        log.lines().any(|l| l.contains("openid_mismatch")
+            && l.contains("openid does not match FromUserName")),
+        "a log line per refusal"
+    );
+    assert!(!log.contains("oSomeoneElse"), "no OpenID in the log");
+
+    // The same pushes with the sender's openid, or with none, are taken.
+    for (mode, openid) in [("plaintext", Some("o1")), ("compat", None), ("secure", Some("o1"))] {
+        let (target, body) = sealed_for(&g, mode, &xml.replace("77", mode), openid);
+        let answer = relay.post(&target, body).await;
+        assert_eq!(answer.status, 200, "{mode}: {}", answer.text());
+    }
+    assert_eq!(relay.unrouted().await.len(), 3);
     relay.stop().await;
 }
 
