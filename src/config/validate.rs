@@ -15,6 +15,7 @@ use super::units::{parse_duration, parse_size};
 use super::{ConfigError, Problem, Secret, ENV_PREFIX};
 use crate::route::{Match, Rule};
 use crate::wechat::crypto::{AesKey, KeyRing};
+use crate::wechat::inbound::SINGLE_PARAMS;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -765,6 +766,10 @@ fn target(name: String, mut raw: RawTarget, p: &mut Problems) -> Option<Target> 
             .collect();
     }
 
+    if let (Some(url), Some(format)) = (&url, format) {
+        p.ok(&at("url"), check_query_for(url, format));
+    }
+
     let timeout = p.duration(&at("timeout"), raw.timeout, DEFAULT_TARGET_TIMEOUT);
 
     let concurrency = match raw.concurrency {
@@ -1043,7 +1048,35 @@ fn check_url(text: &str) -> Result<url::Url, String> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err("must have a host".to_owned());
     }
+    if url.fragment().is_some() {
+        return Err(
+            "must not have a #fragment: it is never sent, and a query appended to the URL \
+             would end up inside it"
+                .to_owned(),
+        );
+    }
     Ok(url)
+}
+
+/// A `raw`, `plain` or `wechat` target gets WeChat's query appended to its
+/// URL: one that already carries a parameter of it would reach the target
+/// twice, and the target might read the one no signature covers. Names are
+/// compared percent-decoded, as the target reads them.
+fn check_query_for(url: &url::Url, format: Format) -> Result<(), String> {
+    if !matches!(format, Format::Raw | Format::Plain | Format::Wechat) {
+        return Ok(());
+    }
+    let carried = url
+        .query_pairs()
+        .find(|(name, _)| SINGLE_PARAMS.contains(&name.as_ref()));
+    match carried {
+        Some((name, _)) => Err(format!(
+            "its query carries `{name}`, which the relay sets from WeChat's query for format \
+             = {:?}: remove it",
+            format.as_str()
+        )),
+        None => Ok(()),
+    }
 }
 
 fn routes(

@@ -69,7 +69,8 @@ impl From<DecryptError> for Refused {
 
 /// The parameters the relay verifies or forwards on. Each may appear once:
 /// with two, another parser could take the other one than the relay checked.
-const SINGLE_PARAMS: &[&str] = &[
+/// A target URL that WeChat's query is appended to must carry none of them.
+pub const SINGLE_PARAMS: &[&str] = &[
     "signature",
     "timestamp",
     "nonce",

@@ -210,14 +210,19 @@ async fn an_openid_that_is_not_the_sender_is_refused_in_every_mode() {
     }
     let log = logs.text();
     assert!(
-        log.lines().any(|l| l.contains("openid_mismatch")
-            && l.contains("openid does not match FromUserName")),
+        log.lines()
+            .any(|l| l.contains("openid_mismatch")
+                && l.contains("openid does not match FromUserName")),
         "a log line per refusal"
     );
     assert!(!log.contains("oSomeoneElse"), "no OpenID in the log");
 
     // The same pushes with the sender's openid, or with none, are taken.
-    for (mode, openid) in [("plaintext", Some("o1")), ("compat", None), ("secure", Some("o1"))] {
+    for (mode, openid) in [
+        ("plaintext", Some("o1")),
+        ("compat", None),
+        ("secure", Some("o1")),
+    ] {
         let (target, body) = sealed_for(&g, mode, &xml.replace("77", mode), openid);
         let answer = relay.post(&target, body).await;
         assert_eq!(answer.status, 200, "{mode}: {}", answer.text());

@@ -760,6 +760,68 @@ fn broken_configs_are_refused_at_their_key_path() {
     }
 }
 
+/// A target that gets WeChat's query appended to its URL must not carry one
+/// of its parameters already (the target would read one of two, and maybe
+/// not the one signed), and no target URL may have a `#fragment` (the
+/// query would be appended inside it and never sent).
+#[test]
+fn a_target_url_with_a_fragment_or_wechats_parameters_is_refused() {
+    let broker = line("url");
+    let mut cases = vec![("http://127.0.0.1:8081/broker#events".to_owned(), "fragment")];
+    for name in [
+        "signature",
+        "timestamp",
+        "nonce",
+        "msg_signature",
+        "encrypt_type",
+        "echostr",
+        "openid",
+    ] {
+        cases.push((
+            format!("http://127.0.0.1:8081/broker?tenant=7&{name}=x"),
+            name,
+        ));
+    }
+    // Read as the target reads it: percent-decoded.
+    cases.push((
+        "http://127.0.0.1:8081/broker?%74imestamp=1".to_owned(),
+        "timestamp",
+    ));
+    for format in ["raw", "plain", "wechat"] {
+        for (url, named) in &cases {
+            let mut edits = vec![(
+                broker.as_str(),
+                format!("url = \"{url}\"\nformat = \"{format}\""),
+            )];
+            if format == "wechat" {
+                edits.push((
+                    "retry = \"login\"",
+                    format!("retry = \"login\"\nmode = \"plaintext\"\ntoken = \"{TOKEN}\""),
+                ));
+            }
+            let edits: Vec<(&str, &str)> = edits.iter().map(|(a, b)| (*a, b.as_str())).collect();
+            let err = Settings::from_toml_str(&edit(&edits))
+                .err()
+                .unwrap_or_else(|| panic!("{format} {url}: accepted"));
+            assert_eq!(err.problems.len(), 1, "{format} {url}:\n{err}");
+            assert_has(&err, "targets.broker.url", named);
+        }
+    }
+    // A json target is sent no query of WeChat's: only the fragment matters.
+    let hooks = "url = \"https://hooks.example.com/events\"";
+    let with_nonce = edit(&[(hooks, "url = \"https://hooks.example.com/events?nonce=1\"")]);
+    assert!(Settings::from_toml_str(&with_nonce).is_ok());
+    let with_fragment = edit(&[(hooks, "url = \"https://hooks.example.com/events#x\"")]);
+    let err = Settings::from_toml_str(&with_fragment).unwrap_err();
+    assert_has(&err, "targets.hooks.url", "fragment");
+    // Other parameters are the target's own, and kept.
+    let tenant = edit(&[(
+        broker.as_str(),
+        "url = \"http://127.0.0.1:8081/broker?tenant=7\"",
+    )]);
+    assert!(Settings::from_toml_str(&tenant).is_ok());
+}
+
 /// An admin listener reachable from other hosts would let anyone reload the
 /// configuration: it needs a token, or an explicit allowance.
 #[test]
