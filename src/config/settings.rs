@@ -240,8 +240,13 @@ pub struct Breaker {
     /// The wait before the first probe once the circuit opens; it doubles
     /// after each failed probe.
     pub backoff: Duration,
-    /// The longest wait between probes (a Retry-After may ask for longer).
+    /// The longest wait between probes (a Retry-After may ask for longer,
+    /// unless `retry_after_up_to_max`).
     pub max_backoff: Duration,
+    /// A `Retry-After` holds the circuit no longer than `max_backoff`: for
+    /// `login` targets, whose users wait at a QR code, so a broker back
+    /// within seconds gets the next login within seconds whatever it asked.
+    pub retry_after_up_to_max: bool,
 }
 
 impl Target {
@@ -346,11 +351,13 @@ impl RetryClass {
                 failures: 5,
                 backoff: Duration::from_secs(1),
                 max_backoff: Duration::from_secs(5),
+                retry_after_up_to_max: true,
             },
             RetryClass::Durable => Breaker {
                 failures: 10,
                 backoff: Duration::from_secs(2),
                 max_backoff: Duration::from_secs(30),
+                retry_after_up_to_max: false,
             },
         }
     }

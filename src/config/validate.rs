@@ -1034,6 +1034,7 @@ fn breaker(at: &str, raw: Option<RawBreaker>, default: Breaker, p: &mut Problems
         failures,
         backoff,
         max_backoff,
+        ..default
     }
 }
 

@@ -5,7 +5,8 @@
 //! write per delivery. Once a backoff has passed, one delivery is sent as a
 //! probe; its success closes the circuit, its failure opens it again for
 //! twice as long (jittered, capped at `max_backoff`, never sooner than a
-//! `Retry-After`). Any answer other than a failure closes it: a 4xx is the
+//! `Retry-After`, which a `login` target's circuit honours only up to
+//! `max_backoff`). Any answer other than a failure closes it: a 4xx is the
 //! event's fault, and proves the target is there.
 
 use super::retry::jittered;
@@ -153,14 +154,18 @@ impl Circuit {
 
 /// The wait before the next probe after `probes_failed` failed probes:
 /// `backoff` doubled each time up to `max_backoff`, ±20 %, and never less
-/// than the target's `Retry-After`. Milliseconds.
+/// than the target's `Retry-After` (or than `max_backoff`, when that caps
+/// it). Milliseconds.
 fn wait(config: &Breaker, probes_failed: u32, retry_after: Option<Duration>, unit: f64) -> i64 {
     let doubled = config
         .backoff
         .saturating_mul(1u32 << probes_failed.min(20))
         .min(config.max_backoff);
-    let wait = jittered(doubled, unit).max(retry_after.unwrap_or_default());
-    wait.as_millis() as i64
+    let mut asked = retry_after.unwrap_or_default();
+    if config.retry_after_up_to_max {
+        asked = asked.min(config.max_backoff);
+    }
+    jittered(doubled, unit).max(asked).as_millis() as i64
 }
 
 #[cfg(test)]
@@ -171,6 +176,7 @@ mod tests {
         failures: 3,
         backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(4),
+        retry_after_up_to_max: false,
     };
     const DOWN: Health = Health::Down { retry_after: None };
 
@@ -235,6 +241,29 @@ mod tests {
         };
         c.observe(&CONFIG, true, asked, 800, 0.5);
         assert_eq!(c.gate(&CONFIG, 800), Gate::WaitUntil(60_800));
+    }
+
+    #[test]
+    fn a_capped_retry_after_holds_the_circuit_for_max_backoff_at_most() {
+        let login = Breaker {
+            retry_after_up_to_max: true,
+            ..CONFIG
+        };
+        let asked = |secs| Health::Down {
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        let c = Circuit::default();
+        for _ in 0..3 {
+            c.observe(&login, false, asked(3_600), 0, 0.5);
+        }
+        assert_eq!(c.gate(&login, 0), Gate::WaitUntil(4_000), "max_backoff");
+        assert_eq!(c.gate(&login, 4_000), Gate::Probe);
+        c.observe(&login, true, asked(2), 4_000, 0.0);
+        assert_eq!(
+            c.gate(&login, 4_000),
+            Gate::WaitUntil(6_000),
+            "a shorter one still holds it beyond the jittered backoff"
+        );
     }
 
     #[test]

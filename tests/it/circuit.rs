@@ -217,3 +217,48 @@ async fn a_removed_target_leaves_no_circuit_behind() {
     );
     relay.stop().await;
 }
+
+/// Users wait at a QR code for a `login` target: a broker's hour-long
+/// `Retry-After` holds its circuit for `max_backoff` at most, so the next
+/// login is probed within seconds; a `durable` target's circuit honours it.
+#[tokio::test]
+async fn a_login_targets_circuit_honours_retry_after_only_up_to_max_backoff() {
+    let g = generated();
+    for (class, probed) in [("login", true), ("durable", false)] {
+        let hooks = FakeTarget::start().await;
+        hooks.set_default(Behaviour::Answer {
+            status: 503,
+            headers: vec![("retry-after", "3600".to_owned())],
+            body: String::new(),
+        });
+        let extra = format!(
+            "retry = \"{class}\"\nmax_age = \"off\"\n\
+             breaker = {{ failures = 1, backoff = \"1s\", max_backoff = \"5s\" }}"
+        );
+        let relay = TestRelay::start(
+            &hooks_config(&g, &hooks.url("/"), &extra),
+            reference_now(&g),
+        )
+        .await;
+        push_text(&relay, &g, 1, "asks for an hour").await;
+        assert!(until_circuit(&relay, 1.0).await, "{class}: open");
+        hooks.set_default(Behaviour::status(200));
+        push_text(&relay, &g, 2, "the next login").await;
+        // Past max_backoff and its jitter, well short of the hour.
+        relay.clock.advance_ms(6_100);
+        let sent = eventually(Duration::from_secs(5), || async {
+            hooks
+                .received()
+                .iter()
+                .any(|r| r.text().contains("the next login"))
+        })
+        .await;
+        assert_eq!(sent, probed, "{class}: probed after max_backoff");
+        assert_eq!(
+            circuit(&relay).await,
+            if probed { 0.0 } else { 1.0 },
+            "{class}"
+        );
+        relay.stop().await;
+    }
+}

@@ -944,6 +944,7 @@ fn a_breaker_takes_what_the_file_sets_and_the_class_default_for_the_rest() {
             failures: 0,
             backoff: login.backoff,
             max_backoff: Duration::from_secs(60),
+            retry_after_up_to_max: true,
         }
     );
     assert_eq!(broker.max_age, None);
