@@ -305,7 +305,7 @@ async fn wait_for_stop_signal() {
 }
 
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WXRELAY_LOG")
+    let filter = tracing_subscriber::EnvFilter::try_from_env(wxrelay::config::LOG_FILTER_ENV)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only for a person at a terminal, never into a file or a journal.
     let builder = tracing_subscriber::fmt()

@@ -33,6 +33,10 @@ pub use settings::{
     Target, WechatServer,
 };
 
+/// The environment variable the relay reads its log filter from
+/// (`WXRELAY_LOG=debug`, or any `tracing` filter): not a config key.
+pub const LOG_FILTER_ENV: &str = "WXRELAY_LOG";
+
 use figment::providers::{Env, Format as _, Toml};
 use figment::Figment;
 use std::fmt;

@@ -1145,7 +1145,12 @@ fn deployed(configmap: &str, workload: &str) -> (Settings, Vec<String>) {
     let lines: Vec<&str> = workload.lines().map(str::trim).collect();
     let mut from_secret = Vec::new();
     for (i, line) in lines.iter().enumerate() {
-        let Some(name) = line.strip_prefix("- name: WXRELAY_") else {
+        // As the relay reads them: a variable without `__` (the log
+        // filter) is not a config key.
+        let Some(name) = line
+            .strip_prefix("- name: WXRELAY_")
+            .filter(|name| name.contains("__"))
+        else {
             continue;
         };
         let key = setting_of(name);
@@ -1161,6 +1166,48 @@ fn deployed(configmap: &str, workload: &str) -> (Settings, Vec<String>) {
     }
     let settings = Settings::from_figment(figment).unwrap_or_else(|e| panic!("{e}"));
     (settings, from_secret)
+}
+
+/// Every deploy file that sets the log filter sets the variable the relay
+/// reads: a `RUST_LOG` (or any other `…_LOG`) is silently ignored.
+#[test]
+fn the_deploy_files_set_the_log_filter_the_relay_reads() {
+    let relay_reads = wxrelay::config::LOG_FILTER_ENV;
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut dirs = vec![deploy.clone()];
+    let mut wrong = Vec::new();
+    let mut setters = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let name = path.strip_prefix(&deploy).unwrap().display().to_string();
+            let words = text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+            for word in words.filter(|w| w.ends_with("_LOG") && w.len() > 4) {
+                if word == relay_reads {
+                    setters.push(name.clone());
+                } else {
+                    wrong.push(format!("{name}: {word}"));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "variables the relay does not read: {wrong:?}"
+    );
+    for file in ["kubernetes/statefulset.yaml", "systemd/wxrelay.service"] {
+        assert!(
+            setters.iter().any(|s| s == file),
+            "{file} sets no {relay_reads}: {setters:?}"
+        );
+    }
 }
 
 /// The relay.toml inside the Kubernetes ConfigMap, with the environment the
