@@ -226,7 +226,7 @@ pub async fn handle(
     let outcome = answer(&path, &config, req, started).await;
     let account = account.as_str();
     let elapsed = started.elapsed();
-    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    let latency_ms = crate::rounded_ms(elapsed);
     let verdict = match &outcome {
         Ok(Answer::Accepted(a)) if a.duplicate() => PushVerdict::Duplicate,
         Ok(_) => PushVerdict::Ok,

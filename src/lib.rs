@@ -64,3 +64,24 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// A duration as milliseconds to three decimals, for log fields: a
+/// microsecond is finer than anything logged needs, and the float of the
+/// whole value prints as `0.24564299999999997`.
+pub(crate) fn rounded_ms(d: std::time::Duration) -> f64 {
+    // Division is correctly rounded: the result prints as its three decimals.
+    d.as_micros() as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_logged_duration_prints_three_decimals() {
+        let ms = super::rounded_ms(Duration::from_nanos(1_382_874_321));
+        assert_eq!(ms.to_string(), "1382.874");
+        let ms = super::rounded_ms(Duration::from_nanos(633_962));
+        assert_eq!(ms.to_string(), "0.633");
+    }
+}

@@ -408,7 +408,7 @@ impl Dispatcher {
             attempt = due.attempts + 1,
             status = result.status.map(|s| s.as_u16()),
             outcome,
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms = crate::rounded_ms(started.elapsed()),
             "delivery attempt"
         );
         let this = self.clone();

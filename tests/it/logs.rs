@@ -126,6 +126,25 @@ async fn a_captured_log_holds_no_secret_and_no_content() {
     );
     assert!(!text.contains("hyperMarker42"), "no request content");
 
+    // Durations print rounded to the microsecond, not as 0.24564299999999997.
+    let latencies: Vec<String> = lines
+        .iter()
+        .filter_map(|l| l.get("latency_ms"))
+        .map(|v| v.to_string())
+        .collect();
+    assert!(
+        latencies.len() >= count("push answered") + count("delivery attempt"),
+        "every push and attempt has its latency"
+    );
+    let unrounded: Vec<&String> = latencies
+        .iter()
+        .filter(|v| {
+            v.split_once('.')
+                .is_some_and(|(_, decimals)| decimals.len() > 3)
+        })
+        .collect();
+    assert!(unrounded.is_empty(), "latencies not rounded: {unrounded:?}");
+
     let mut forbidden: Vec<(String, String)> = vec![
         ("token".into(), c["token"].as_str().unwrap().into()),
         ("key".into(), c["encoding_aes_key"].as_str().unwrap().into()),
