@@ -484,7 +484,8 @@ enum InlineReply {
     Valid(ReplyBody),
     /// Delivered, but the answer is not for WeChat (JSON, HTML, text…).
     Invalid,
-    /// Not delivered in time; the workers will retry it.
+    /// No answer in time: not delivered (the workers will retry it), or a
+    /// 2xx whose body did not arrive (delivered, with nothing to pass on).
     Failed,
 }
 
@@ -498,11 +499,12 @@ async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Inl
         .dispatcher
         .attempt_inline(target, to.delivery_id, &to.event, timeout)
         .await;
-    let delivered = result.verdict == Verdict::Delivered;
-    if !delivered {
-        return InlineReply::Failed;
-    }
-    match reply::classify_reply(&result.body) {
+    // A 2xx whose body did not arrive in time is delivered, but says nothing.
+    let body = match (&result.verdict, result.body) {
+        (Verdict::Delivered, Some(body)) => body,
+        _ => return InlineReply::Failed,
+    };
+    match reply::classify_reply(&body) {
         Some(body) => InlineReply::Valid(body),
         None => {
             tracing::info!(target = %target.name, "reply target answered something WeChat cannot take; answering success");

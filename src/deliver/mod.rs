@@ -71,8 +71,9 @@ pub fn client() -> HttpClient {
 pub struct Attempt {
     pub verdict: Verdict,
     pub status: Option<StatusCode>,
-    /// The target's answer (up to 64 KiB), for a passive reply.
-    pub body: Bytes,
+    /// The target's answer (up to 64 KiB), for a passive reply; `None` when
+    /// it did not arrive whole within the timeout (the status still counts).
+    pub body: Option<Bytes>,
 }
 
 /// Sends `event` to `target` once, within `timeout`. `account_app_id` is the
@@ -87,7 +88,7 @@ pub async fn attempt(
     let failed = |verdict| Attempt {
         verdict,
         status: None,
-        body: Bytes::new(),
+        body: None,
     };
     let stamp = format::Stamp {
         now_secs: clock.now_secs(),
@@ -115,42 +116,42 @@ pub async fn attempt(
             })
         }
     };
-    let exchange = async {
-        let response = client
-            .request(request)
-            .await
-            .map_err(|e| crate::error_chain(&e))?;
-        let (parts, body) = response.into_parts();
-        // A refusal's body is only evidence; an unreadable one does not change
-        // what the status says.
-        let body = Limited::new(body, MAX_ANSWER)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        Ok::<_, String>((parts, body))
+    let deadline = tokio::time::Instant::now() + timeout;
+    let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
+        Err(_) => {
+            return failed(Verdict::Retry {
+                error: format!("no answer within {}", humantime::format_duration(timeout)),
+                retry_after: None,
+            })
+        }
+        Ok(Err(e)) => {
+            return failed(Verdict::Retry {
+                error: crate::error_chain(&e),
+                retry_after: None,
+            })
+        }
+        Ok(Ok(response)) => response,
     };
-    match tokio::time::timeout(timeout, exchange).await {
-        Err(_) => failed(Verdict::Retry {
-            error: format!("no answer within {}", humantime::format_duration(timeout)),
-            retry_after: None,
-        }),
-        Ok(Err(error)) => failed(Verdict::Retry {
-            error,
-            retry_after: None,
-        }),
-        Ok(Ok((parts, body))) => answered(parts, body, clock),
-    }
+    let (parts, body) = response.into_parts();
+    // The status is the answer: a 2xx is the delivery even if the body then
+    // stalls, and a refusal's body is only evidence. Neither an unreadable
+    // nor a late body changes what the status says.
+    let read = Limited::new(body, MAX_ANSWER).collect();
+    let body = match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(body)) => Some(body.to_bytes()),
+        Ok(Err(_)) | Err(_) => None,
+    };
+    answered(parts, body, clock)
 }
 
 /// What an HTTP answer means for the delivery.
-fn answered(parts: http::response::Parts, body: Bytes, clock: &dyn Clock) -> Attempt {
+fn answered(parts: http::response::Parts, body: Option<Bytes>, clock: &dyn Clock) -> Attempt {
     let retry_after = parts
         .headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| retry::parse_retry_after(v, UnixMs(clock.now_ms()).to_system_time()));
-    let snippet: String = String::from_utf8_lossy(&body)
+    let snippet: String = String::from_utf8_lossy(body.as_deref().unwrap_or_default())
         .chars()
         .take(SNIPPET)
         .collect::<String>()
@@ -325,7 +326,7 @@ impl Dispatcher {
                     retry_after: None,
                 },
                 status: None,
-                body: Bytes::new(),
+                body: None,
             };
         }
         let due = Due {

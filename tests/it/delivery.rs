@@ -990,3 +990,64 @@ async fn when_a_down_target_answers_again_its_backed_off_deliveries_go_at_once()
     assert_eq!(hooks.received()[2].body, body(&first["request"]));
     relay.stop().await;
 }
+
+/// A 2xx is the delivery, even when the body after it stalls past the
+/// target's `timeout`: the target took the event, and sending it again
+/// would give it twice.
+#[tokio::test]
+async fn a_2xx_whose_body_stalls_is_delivered_once() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    hooks.set_default(Behaviour::StallBody(200));
+    let targets = [target("hooks", &hooks.url("/events"), "")];
+    let relay = TestRelay::start(
+        &config(&g, &targets, "[[routes]]\nto = [\"hooks\"]\n"),
+        reference_now(&g),
+    )
+    .await;
+    assert_eq!(
+        send(&relay, vector(&g, "secure.text"), "secure")
+            .await
+            .status,
+        200
+    );
+    assert!(relay.until_nothing_pending("hooks").await, "delivered");
+    let m = relay.metrics().await;
+    let outcome = |o| common::metric(&m, "wxrelay_deliveries_total", &[("outcome", o)]);
+    assert_eq!(
+        (outcome("delivered"), outcome("retried")),
+        (1.0, 0.0),
+        "{m}"
+    );
+    assert_eq!(hooks.count(), 1, "sent once");
+    relay.stop().await;
+}
+
+/// The reply target's inline attempt needs the body for WeChat's answer: a
+/// stalled one gives `success` (no reply in time), but the 2xx is still
+/// the delivery, which the workers do not send again.
+#[tokio::test]
+async fn a_reply_targets_2xx_whose_body_stalls_answers_success_and_is_delivered() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    broker.set_default(Behaviour::StallBody(200));
+    let targets = [target("broker", &broker.url("/events"), "")];
+    let relay = TestRelay::start(&config(&g, &targets, broker_routes()), reference_now(&g)).await;
+    let answer = send(&relay, vector(&g, "secure.scan_str"), "secure").await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.text().as_str()),
+        (200, "success")
+    );
+    assert!(relay.until_nothing_pending("broker").await, "delivered");
+    let m = relay.metrics().await;
+    let reply = common::metric(&m, "wxrelay_replies_total", &[("outcome", "none")]);
+    assert_eq!(reply, 1.0, "{m}");
+    let outcome = |o| common::metric(&m, "wxrelay_deliveries_total", &[("outcome", o)]);
+    assert_eq!(
+        (outcome("delivered"), outcome("retried")),
+        (1.0, 0.0),
+        "{m}"
+    );
+    assert_eq!(broker.count(), 1, "sent once");
+    relay.stop().await;
+}

@@ -3,15 +3,19 @@
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
+use hyper::body::{Body, Frame};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
@@ -28,6 +32,9 @@ pub enum Behaviour {
     Hang,
     /// Answers with this status once told to release.
     Hold(u16),
+    /// Sends this status and its headers at once, then a body that never
+    /// ends (until told to release): a target that stalls mid-answer.
+    StallBody(u16),
     /// Answers as the inner behaviour after a delay: a slow broker.
     After(Duration, Box<Behaviour>),
 }
@@ -200,12 +207,30 @@ impl Drop for FakeTarget {
     }
 }
 
+/// What the fake target answers with: a whole body, or one that stalls.
+type Answered = Response<Either<Full<Bytes>, Stalled>>;
+
+/// A body that yields nothing until the target is told to release.
+struct Stalled(Pin<Box<dyn Future<Output = ()> + Send + Sync>>);
+
+impl Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.as_mut().poll(cx).map(|()| None)
+    }
+}
+
 async fn answer(
     state: Arc<Mutex<State>>,
     arrived: Arc<Notify>,
     release: Arc<Notify>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Answered, Infallible> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -235,26 +260,41 @@ async fn answer(
         tokio::time::sleep(delay).await;
         behaviour = *then;
     }
+    let whole = |status, headers: &[(&'static str, String)], body: &str| {
+        respond(
+            status,
+            headers,
+            Either::Left(Full::new(Bytes::from(body.to_owned()))),
+        )
+    };
     match behaviour {
         Behaviour::After(..) => unreachable!("unwrapped above"),
         Behaviour::Hang => {
             release.notified().await;
-            Ok(respond(503, &[], ""))
+            Ok(whole(503, &[], ""))
         }
         Behaviour::Hold(status) => {
             release.notified().await;
-            Ok(respond(status, &[], ""))
+            Ok(whole(status, &[], ""))
+        }
+        Behaviour::StallBody(status) => {
+            let released = Box::pin(async move { release.notified().await });
+            Ok(respond(status, &[], Either::Right(Stalled(released))))
         }
         Behaviour::Answer {
             status,
             headers,
             body,
-        } => Ok(respond(status, &headers, &body)),
+        } => Ok(whole(status, &headers, &body)),
     }
 }
 
-fn respond(status: u16, headers: &[(&'static str, String)], body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+fn respond(
+    status: u16,
+    headers: &[(&'static str, String)],
+    body: Either<Full<Bytes>, Stalled>,
+) -> Answered {
+    let mut response = Response::new(body);
     *response.status_mut() = StatusCode::from_u16(status).unwrap();
     for (name, value) in headers {
         response.headers_mut().insert(*name, value.parse().unwrap());
