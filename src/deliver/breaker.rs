@@ -9,6 +9,7 @@
 //! `max_backoff`). Any answer other than a failure closes it: a 4xx is the
 //! event's fault, and proves the target is there.
 
+use super::health::Signal;
 use super::retry::jittered;
 use crate::config::Breaker;
 use std::sync::Mutex;
@@ -33,15 +34,6 @@ pub enum Gate {
     WaitUntil(i64),
     /// Send nothing while the probe is out.
     ProbeOut,
-}
-
-/// What an attempt said about the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    /// It answered (2xx, or a 4xx that is the event's fault).
-    Up,
-    /// It failed as if down; it may have asked to be left alone this long.
-    Down { retry_after: Option<Duration> },
 }
 
 #[derive(Debug, Default)]
@@ -116,21 +108,22 @@ impl Circuit {
         }
     }
 
-    /// Takes an attempt's outcome; `probe` when it was the probe. Returns
-    /// the phase before and after.
+    /// Takes what an attempt said about the target; `probe` when it was the
+    /// probe. Returns the phase before and after.
     pub fn observe(
         &self,
         config: &Breaker,
         probe: bool,
-        health: Health,
+        signal: Signal,
         now_ms: i64,
         unit: f64,
     ) -> (Phase, Phase) {
         let mut s = self.state();
         let before = s.phase;
-        match health {
-            Health::Up => *s = State::default(),
-            Health::Down { retry_after } => match s.phase {
+        match signal {
+            Signal::Unsent => {}
+            Signal::Answered => *s = State::default(),
+            Signal::Down { retry_after } => match s.phase {
                 Phase::Closed => {
                     s.failures += 1;
                     if config.failures > 0 && s.failures >= config.failures {
@@ -178,14 +171,14 @@ mod tests {
         max_backoff: Duration::from_secs(4),
         retry_after_up_to_max: false,
     };
-    const DOWN: Health = Health::Down { retry_after: None };
+    const DOWN: Signal = Signal::Down { retry_after: None };
 
     #[test]
     fn opens_after_failures_in_a_row_and_an_answer_resets_the_count() {
         let c = Circuit::default();
         c.observe(&CONFIG, false, DOWN, 0, 0.5);
         c.observe(&CONFIG, false, DOWN, 0, 0.5);
-        c.observe(&CONFIG, false, Health::Up, 0, 0.5);
+        c.observe(&CONFIG, false, Signal::Answered, 0, 0.5);
         c.observe(&CONFIG, false, DOWN, 0, 0.5);
         assert_eq!(c.observe(&CONFIG, false, DOWN, 0, 0.5).1, Phase::Closed);
         assert_eq!(
@@ -222,7 +215,7 @@ mod tests {
             assert_eq!(c.gate(&CONFIG, at), Gate::Probe);
         }
         assert_eq!(
-            c.observe(&CONFIG, true, Health::Up, at, 0.5),
+            c.observe(&CONFIG, true, Signal::Answered, at, 0.5),
             (Phase::Probing, Phase::Closed)
         );
         assert_eq!(c.gate(&CONFIG, at), Gate::Send);
@@ -236,7 +229,7 @@ mod tests {
         }
         assert_eq!(c.gate(&CONFIG, 0), Gate::WaitUntil(800), "-20 %");
         assert_eq!(c.gate(&CONFIG, 800), Gate::Probe);
-        let asked = Health::Down {
+        let asked = Signal::Down {
             retry_after: Some(Duration::from_secs(60)),
         };
         c.observe(&CONFIG, true, asked, 800, 0.5);
@@ -249,7 +242,7 @@ mod tests {
             retry_after_up_to_max: true,
             ..CONFIG
         };
-        let asked = |secs| Health::Down {
+        let asked = |secs| Signal::Down {
             retry_after: Some(Duration::from_secs(secs)),
         };
         let c = Circuit::default();

@@ -1,0 +1,142 @@
+//! One attempt at a target over HTTP, and what its answer means: the status
+//! decides (through [`retry::classify`]), and the body is read within what is
+//! left of the timeout for a passive reply and a dead letter's evidence.
+
+use super::format;
+use super::retry::{self, Verdict};
+use crate::clock::Clock;
+use crate::config::Target;
+use crate::spool::{Event, UnixMs};
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::time::Duration;
+
+/// The outbound HTTP client: pooled keep-alive connections, HTTP and HTTPS
+/// (rustls with the webpki roots).
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The most of a target's answer that is read: enough for a passive reply.
+const MAX_ANSWER: usize = 64 * 1024;
+/// How much of a refusing answer is kept in the dead-letter record.
+const SNIPPET: usize = 200;
+
+pub fn client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(https)
+}
+
+/// The result of one attempt.
+#[derive(Debug)]
+pub struct Attempt {
+    pub verdict: Verdict,
+    pub status: Option<StatusCode>,
+    /// The target's answer (up to 64 KiB), for a passive reply; `None` when
+    /// it did not arrive whole within the timeout (the status still counts).
+    pub body: Option<Bytes>,
+}
+
+/// Sends `event` to `target` once, within `timeout`. `account_app_id` is the
+/// AppID of the event's account, which a `wechat` target may seal with.
+pub async fn attempt(
+    client: &HttpClient,
+    clock: &dyn Clock,
+    target: &Target,
+    (event, account_app_id): (&Event, Option<&str>),
+    timeout: Duration,
+) -> Attempt {
+    let failed = |verdict| Attempt {
+        verdict,
+        status: None,
+        body: None,
+    };
+    let stamp = format::Stamp {
+        now_secs: clock.now_secs(),
+        account_app_id,
+    };
+    let outbound = match format::build(target, event, stamp) {
+        Ok(outbound) => outbound,
+        Err(e) => {
+            return failed(Verdict::Reject {
+                error: e.to_string(),
+            })
+        }
+    };
+    let mut request = Request::post(outbound.uri.as_str())
+        .header(CONTENT_TYPE, outbound.content_type)
+        .header(USER_AGENT, concat!("wxrelay/", env!("CARGO_PKG_VERSION")));
+    for (name, value) in &outbound.headers {
+        request = request.header(*name, value.as_str());
+    }
+    let request = match request.body(Full::new(outbound.body)) {
+        Ok(request) => request,
+        Err(e) => {
+            return failed(Verdict::Reject {
+                error: format!("bad request: {e}"),
+            })
+        }
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
+        Err(_) => {
+            return failed(Verdict::Retry {
+                error: format!("no answer within {}", humantime::format_duration(timeout)),
+                retry_after: None,
+            })
+        }
+        Ok(Err(e)) => {
+            return failed(Verdict::Retry {
+                error: crate::error_chain(&e),
+                retry_after: None,
+            })
+        }
+        Ok(Ok(response)) => response,
+    };
+    let (parts, body) = response.into_parts();
+    // The status is the answer: a 2xx is the delivery even if the body then
+    // stalls, and a refusal's body is only evidence. Neither an unreadable
+    // nor a late body changes what the status says.
+    let read = Limited::new(body, MAX_ANSWER).collect();
+    let body = match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(body)) => Some(body.to_bytes()),
+        Ok(Err(_)) | Err(_) => None,
+    };
+    answered(parts, body, clock)
+}
+
+/// What an HTTP answer means for the delivery.
+fn answered(parts: http::response::Parts, body: Option<Bytes>, clock: &dyn Clock) -> Attempt {
+    let retry_after = parts
+        .headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry::parse_retry_after(v, UnixMs(clock.now_ms()).to_system_time()));
+    let snippet: String = String::from_utf8_lossy(body.as_deref().unwrap_or_default())
+        .chars()
+        .take(SNIPPET)
+        .collect::<String>()
+        .replace(['\r', '\n'], " ");
+    Attempt {
+        verdict: retry::classify(parts.status, retry_after, snippet.trim()),
+        status: Some(parts.status),
+        body,
+    }
+}

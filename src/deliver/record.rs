@@ -1,0 +1,251 @@
+//! The one way an attempt is made and its outcome recorded, whoever makes
+//! it (a worker, or the request path's inline reply): the attempt, what it
+//! says about the target, the retry decision, the metrics, the log line and
+//! the spool's record.
+
+use super::attempt::{attempt, Attempt};
+use super::breaker::Phase;
+use super::faults::{Faults, Repeat};
+use super::retry::{self, Verdict};
+use super::Dispatcher;
+use crate::config::{Format, Target};
+use crate::metrics::Metrics;
+use crate::spool::{DeliveryId, Event, LeaseToken, Schedule, Settle, Settlement, UnixMs};
+use rand::Rng;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Past the inline attempt's end, so the workers do not send it at the same time.
+const AFTER_INLINE_MS: i64 = 1_000;
+
+/// Which delivery an attempt is for, and where it stands on its schedule.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Due {
+    pub(super) delivery_id: DeliveryId,
+    /// Attempts made before this one.
+    pub(super) attempts: u32,
+    pub(super) schedule: Schedule,
+    /// The lease the attempt is made under.
+    pub(super) lease: LeaseToken,
+    /// The one attempt an open circuit lets through.
+    pub(super) probe: bool,
+}
+
+/// How an attempt's outcome is written to the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Record {
+    /// Before the attempt returns: a worker's slot is free only once it is.
+    Awaited,
+    /// In the background, tracked until shutdown: WeChat's answer does not
+    /// depend on it, and if the record is lost the delivery is sent again.
+    Tracked,
+}
+
+impl Dispatcher {
+    /// When the workers may send a delivery that the request path attempts
+    /// inline first, within `budget` from `now_ms`: once that attempt is over.
+    pub fn reply_due_at(&self, now_ms: UnixMs, budget: Duration) -> UnixMs {
+        now_ms + (budget.as_millis() as i64 + AFTER_INLINE_MS)
+    }
+
+    /// The request path's one attempt at the reply target, within `timeout`.
+    /// Recorded like a worker's; the record is written in the background.
+    pub async fn attempt_inline(
+        self: &Arc<Self>,
+        target: &Target,
+        delivery_id: DeliveryId,
+        event: &Event,
+        timeout: Duration,
+    ) -> Attempt {
+        // An open circuit sends nothing, this included: the delivery waits in
+        // the spool and WeChat gets `success`.
+        if self.target_state(&target.name).health.phase() != Phase::Closed {
+            return Attempt {
+                verdict: Verdict::Retry {
+                    error: "the target's circuit is open".into(),
+                    retry_after: None,
+                },
+                status: None,
+                body: None,
+            };
+        }
+        let due = Due {
+            delivery_id,
+            attempts: 0,
+            schedule: Schedule::default(),
+            lease: LeaseToken::NONE,
+            probe: false,
+        };
+        self.attempt_and_record(target, due, event, timeout, Record::Tracked)
+            .await
+    }
+
+    /// Waits for the inline attempts' records still being written.
+    pub async fn records_written(&self) {
+        let mut records = {
+            let mut guard = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut *guard)
+        };
+        while records.join_next().await.is_some() {}
+    }
+
+    fn track(&self, write: impl Future<Output = ()> + Send + 'static) {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        while records.try_join_next().is_some() {}
+        records.spawn(write);
+    }
+
+    /// One attempt and its record: the attempt, what it says about the
+    /// target's health (which may release the target's backlog), the retry
+    /// decision, the metrics, the log line and the spool's record.
+    pub(super) async fn attempt_and_record(
+        self: &Arc<Self>,
+        target: &Target,
+        due: Due,
+        event: &Event,
+        timeout: Duration,
+        record: Record,
+    ) -> Attempt {
+        let started = tokio::time::Instant::now();
+        let started_ms = UnixMs(self.clock.now_ms());
+        // Only a `wechat` target may need its account's AppID.
+        let config = (target.format == Format::Wechat).then(|| self.config.load_full());
+        let app_id = config
+            .as_ref()
+            .and_then(|c| c.accounts.get(&event.account))
+            .map(|a| a.app_id.as_str());
+        let result = attempt(&self.client, &*self.clock, target, (event, app_id), timeout).await;
+        let state = self.target_state(&target.name);
+        let release = self.observe_health(target, &state, due.probe, &result);
+        let unit: f64 = rand::thread_rng().gen();
+        let settlement = retry::decide(
+            due.delivery_id,
+            &target.retry,
+            due.schedule,
+            result.verdict.clone(),
+            started_ms,
+            UnixMs(self.clock.now_ms()),
+            unit,
+        );
+        self.observe_attempt(target, &due, event, &result, &settlement, started);
+        let this = self.clone();
+        let name = target.name.clone();
+        let write = async move {
+            if release {
+                this.release_backlog(&name).await;
+            }
+            let settle = Settle {
+                lease: due.lease,
+                settlement,
+            };
+            this.record(&name, &state.faults, vec![settle]).await;
+        };
+        match record {
+            Record::Awaited => write.await,
+            Record::Tracked => self.track(write),
+        }
+        result
+    }
+
+    /// An attempt's metrics and log line, from what the spool will record.
+    fn observe_attempt(
+        &self,
+        target: &Target,
+        due: &Due,
+        event: &Event,
+        result: &Attempt,
+        settlement: &Settlement,
+        started: tokio::time::Instant,
+    ) {
+        let outcome = count(&self.metrics, &target.name, settlement, started.elapsed());
+        if matches!(settlement, Settlement::Delivered { .. }) {
+            observe_login(&self.metrics, &target.name, event, self.clock.now_ms());
+        }
+        tracing::info!(
+            target = %target.name,
+            delivery_id = due.delivery_id.0,
+            attempt = due.attempts + 1,
+            status = result.status.map(|s| s.as_u16()),
+            outcome,
+            latency_ms = crate::rounded_ms(started.elapsed()),
+            "delivery attempt"
+        );
+    }
+
+    /// Writes an attempt's outcome. When the spool cannot, the delivery stays
+    /// leased; when the lease ends it is sent again: at least once.
+    pub(super) async fn record(&self, target: &str, faults: &Faults, settles: Vec<Settle>) {
+        let Some(delivery_id) = settles.first().map(|s| s.settlement.delivery_id()) else {
+            return;
+        };
+        match self
+            .spool
+            .record(settles, UnixMs(self.clock.now_ms()))
+            .await
+        {
+            Ok(()) => {
+                if let Some(unlogged) = faults.settle.succeeded() {
+                    tracing::info!(target = %target, unlogged_failures = unlogged, "delivery outcomes are recorded again");
+                }
+            }
+            Err(e) => {
+                self.spool_failed(target, "settle");
+                match faults.settle.failed() {
+                    Repeat::First => {
+                        tracing::error!(target = %target, delivery_id = delivery_id.0, error = %e, "cannot record a delivery outcome; it is held until its lease ends, then sent again")
+                    }
+                    Repeat::Summary(n) => {
+                        tracing::error!(target = %target, error = %e, failures = n, "still cannot record delivery outcomes")
+                    }
+                    Repeat::Quiet => {}
+                }
+            }
+        }
+    }
+}
+
+/// Counts one attempt by what the spool will record; returns the outcome label.
+pub fn count(
+    metrics: &Metrics,
+    target: &str,
+    settlement: &Settlement,
+    took: Duration,
+) -> &'static str {
+    let outcome = match settlement {
+        Settlement::Delivered { .. } => "delivered",
+        Settlement::Retry { .. } => "retried",
+        Settlement::Dead { reason, .. } => {
+            metrics
+                .dead_letters
+                .with_label_values(&[target, reason.as_str()])
+                .inc();
+            "dead_lettered"
+        }
+    };
+    metrics
+        .deliveries
+        .with_label_values(&[target, outcome])
+        .inc();
+    metrics
+        .delivery_seconds
+        .with_label_values(&[target])
+        .observe(took.as_secs_f64());
+    outcome
+}
+
+/// A login event's time from its push's arrival to a target's 2xx, whoever
+/// sent it (the inline reply or a worker), on the relay's clock.
+fn observe_login(metrics: &Metrics, target: &str, event: &Event, now_ms: i64) {
+    let login = event
+        .event_type
+        .as_deref()
+        .is_some_and(|e| e.eq_ignore_ascii_case("subscribe") || e.eq_ignore_ascii_case("SCAN"));
+    if login {
+        let seconds = (now_ms - event.received_at.0).max(0) as f64 / 1000.0;
+        metrics
+            .login_delivery_seconds
+            .with_label_values(&[target])
+            .observe(seconds);
+    }
+}
