@@ -5,23 +5,23 @@
 //! ([`crate::wechat::inbound`]) → reserve and read the body under the size
 //! caps → the body's checks → [`crate::ingest`] (route, one durable spool
 //! commit) → the reply target's inline attempt through the dispatcher → answer
-//! `success` or the reply.
+//! `success` or the reply, as [`crate::wechat::reply::answer`] judges it.
 //!
 //! [`handle`] is the outer shell: it runs the inner `?` chain and turns its one
 //! error type, [`Rejection`], into a status, a reason, a verdict label and a log
 //! line, in one exhaustive `match`.
 
 use crate::clock::Clock;
-use crate::config::{Account, Mode, Settings, Target, WechatServer};
+use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::retry::Verdict;
 use crate::deliver::Dispatcher;
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
 use crate::metrics::Metrics;
 use crate::spool::DeadReason;
-use crate::wechat::crypto::{KeyRing, KeySlot};
+use crate::wechat::crypto::KeySlot;
 use crate::wechat::inbound::{self, Credentials, Refused, VerifiedPush};
 use crate::wechat::push::digits;
-use crate::wechat::reply::{self, ReplyBody};
+use crate::wechat::reply;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -459,7 +459,7 @@ async fn accept_push(
         // With no time left, an attempt could not even be sent: leave the
         // delivery to the workers rather than count an attempt never made.
         let inline = if remaining < MIN_INLINE_ATTEMPT {
-            InlineReply::Failed
+            None
         } else {
             reply_inline(path, to, remaining).await
         };
@@ -478,21 +478,10 @@ async fn accept_push(
 /// The least time worth an inline attempt at the reply target.
 const MIN_INLINE_ATTEMPT: Duration = Duration::from_millis(50);
 
-/// What the reply target's inline attempt gave.
-enum InlineReply {
-    /// Delivered, with an answer WeChat can take.
-    Valid(ReplyBody),
-    /// Delivered, but the answer is not for WeChat (JSON, HTML, text…).
-    Invalid,
-    /// No answer in time: not delivered (the workers will retry it), or a
-    /// 2xx whose body did not arrive (delivered, with nothing to pass on).
-    Failed,
-}
-
-/// One attempt at the rule's reply target within what is left of the budget.
-/// Its outcome is recorded like any worker's; a failure leaves the delivery to
-/// the workers.
-async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> InlineReply {
+/// One attempt at the rule's reply target within what is left of the budget:
+/// its answer's body, when it delivered one in time. Its outcome is recorded
+/// like any worker's; a failure leaves the delivery to the workers.
+async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Option<Bytes> {
     let target = &to.target;
     let timeout = remaining.min(target.timeout);
     let result = path
@@ -500,141 +489,52 @@ async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Inl
         .attempt_inline(target, to.delivery_id, &to.event, timeout)
         .await;
     // A 2xx whose body did not arrive in time is delivered, but says nothing.
-    let body = match (&result.verdict, result.body) {
-        (Verdict::Delivered, Some(body)) => body,
-        _ => return InlineReply::Failed,
-    };
-    match reply::classify_reply(&body) {
-        Some(body) => InlineReply::Valid(body),
-        None => {
-            tracing::info!(target = %target.name, "reply target answered something WeChat cannot take; answering success");
-            InlineReply::Invalid
-        }
+    match (&result.verdict, result.body) {
+        (Verdict::Delivered, Some(body)) => Some(body),
+        _ => None,
     }
 }
 
-/// What WeChat gets for the reply target's answer: `success` unless it was
-/// valid; valid reply XML as is, except that a secure-mode account's plaintext
-/// reply is sealed into the envelope with the key that decrypted the push,
-/// and an envelope the target sealed itself passes only if WeChat could open it.
-/// A `wechat` target's reply must verify with the target's own credentials,
-/// and is sealed again with the account's.
+/// What WeChat gets for the reply target's answer ([`reply::answer`] judges
+/// it), and the outcome's label; `success` and `none` without an answer.
+/// The log line says why a reply was not passed on.
 fn answer_with(
     account: &Account,
     target: &Target,
     verified: &VerifiedPush,
-    reply: InlineReply,
+    body: Option<Bytes>,
 ) -> (Bytes, &'static str) {
-    let success = Bytes::from_static(b"success");
-    let reply = match reply {
-        InlineReply::Failed => return (success, "none"),
-        InlineReply::Invalid => return (success, "ignored"),
-        InlineReply::Valid(reply) => reply,
+    let Some(body) = body else {
+        return (Bytes::from_static(b"success"), "none");
     };
-    // Sealed as WeChat expects: with the key that decrypted the push. The
-    // nonce is fresh: under the push's own, the envelope's `Encrypt` and
-    // `MsgSignature` beside the push's `signature` would make a push whose
-    // content the reply target chose.
-    let seal = |keys: &KeyRing, slot: KeySlot, xml: &str| {
-        let sealed = reply::envelope(
-            keys.key(slot),
-            account.token.expose(),
-            &account.app_id,
-            xml,
-            &verified.timestamp,
-            &digits(10),
-            &reply::random_bytes(),
-        );
-        (Bytes::from(sealed), "encrypted")
+    let to = reply::Answering {
+        token: account.token.expose(),
+        app_id: &account.app_id,
+        keys: account.keys.as_ref(),
+        secure: account.mode == Mode::Secure,
+        push: &verified.message,
+        key_slot: verified.key_slot,
+        timestamp: &verified.timestamp,
     };
-    let reply = match &target.wechat {
-        None => reply,
-        Some(server) => match from_target_server(server, account, verified, reply) {
-            Ok(Opened::Sealed(xml)) => {
-                return match (&account.keys, verified.key_slot) {
-                    (Some(keys), Some(slot)) => seal(keys, slot, &xml),
-                    // An unencrypted push: WeChat expects its reply in plaintext.
-                    _ => (Bytes::from(xml), "passed"),
-                };
-            }
-            Ok(Opened::Plain(reply)) => reply,
-            Err(reason) => {
-                tracing::warn!(account = %account.id, target = %target.name, %reason, "reply target's answer does not verify with its own credentials; answering success");
-                return (success, "unverifiable");
-            }
-        },
+    let own = target.wechat.as_ref().map(|server| reply::OwnServer {
+        token: server.token.expose(),
+        keys: server.keys.as_ref(),
+        app_id: server.app_id.as_deref().unwrap_or(&account.app_id),
+        secure: server.mode == Mode::Secure,
+    });
+    let salt = reply::Salt {
+        nonce: &digits(10),
+        random: &reply::random_bytes(),
     };
-    match reply {
-        ReplyBody::Ack => (success, "passed"),
-        ReplyBody::Envelope(xml) => {
-            let keys = account.keys.as_ref();
-            let token = account.token.expose();
-            match reply::open_envelope(keys, token, &account.app_id, xml.as_bytes()) {
-                // A target still sealing with the other key of a rotation: its
-                // reply is re-sealed with the key WeChat used for this push.
-                Ok((plain, opened_with)) => match (keys, verified.key_slot) {
-                    (Some(keys), Some(slot)) if slot != opened_with => seal(keys, slot, &plain),
-                    (_, Some(_)) => (Bytes::from(xml), "passed"),
-                    // An unencrypted push: WeChat expects its reply in plaintext.
-                    (_, None) => (Bytes::from(plain), "passed"),
-                },
-                Err(e) => {
-                    tracing::warn!(account = %account.id, target = %target.name, reason = %e, "reply target's envelope would not open for WeChat; answering success");
-                    (success, "unverifiable")
-                }
-            }
+    let (answer, outcome) = reply::answer(&body, &to, own.as_ref(), &salt);
+    match &outcome {
+        reply::Outcome::Ignored => {
+            tracing::info!(account = %account.id, target = %target.name, "reply target answered something WeChat cannot take; answering success")
         }
-        ReplyBody::PlainXml(xml) => match (account.mode, &account.keys, verified.key_slot) {
-            (Mode::Secure, Some(keys), Some(slot)) => seal(keys, slot, &xml),
-            _ => (Bytes::from(xml), "passed"),
-        },
+        reply::Outcome::Unverifiable(reason) => {
+            tracing::warn!(account = %account.id, target = %target.name, %reason, "reply target's answer is not one the relay can pass to WeChat; answering success")
+        }
+        reply::Outcome::Passed | reply::Outcome::Sealed => {}
     }
-}
-
-/// A `wechat` target's reply, judged as WeChat would judge it from a server
-/// holding the target's credentials.
-enum Opened {
-    /// Its envelope opened: the reply inside, to be sealed for the account.
-    Sealed(String),
-    /// `success`, or plaintext reply XML from a server not in secure mode.
-    Plain(ReplyBody),
-}
-
-/// Opens a `wechat` target's reply with its own Token, keys and AppID (the
-/// account's when it sets none). A plaintext reply carries no signature;
-/// from a server in secure mode WeChat would refuse it, and so does this.
-/// What is to be sealed for the account must be a passive reply to the push:
-/// the target holds none of the account's credentials, and must not get more
-/// than that sealed under them.
-fn from_target_server(
-    server: &WechatServer,
-    account: &Account,
-    verified: &VerifiedPush,
-    reply: ReplyBody,
-) -> Result<Opened, String> {
-    let answers = |xml: &str| {
-        reply::check_answers(xml, &verified.message).map_err(|e| format!("the reply is {e}"))
-    };
-    match reply {
-        ReplyBody::Envelope(xml) => {
-            let app_id = server.app_id.as_deref().unwrap_or(&account.app_id);
-            let keys = server
-                .keys
-                .as_ref()
-                .ok_or("the target has no EncodingAESKey to open it with")?;
-            let (plain, _) =
-                reply::open_envelope(Some(keys), server.token.expose(), app_id, xml.as_bytes())
-                    .map_err(|e| e.to_string())?;
-            answers(&plain)?;
-            Ok(Opened::Sealed(plain))
-        }
-        ReplyBody::PlainXml(_) if server.mode == Mode::Secure => {
-            Err("a plaintext reply from a server in secure mode".to_owned())
-        }
-        ReplyBody::PlainXml(xml) => {
-            answers(&xml)?;
-            Ok(Opened::Plain(ReplyBody::PlainXml(xml)))
-        }
-        ReplyBody::Ack => Ok(Opened::Plain(ReplyBody::Ack)),
-    }
+    (Bytes::from(answer), outcome.as_str())
 }

@@ -3,9 +3,11 @@
 //! WeChat accepts exactly three bodies: `success`, an empty body, or a passive
 //! reply XML, which in secure mode must be wrapped in the encrypted
 //! [`envelope`]. Anything else makes WeChat show the user "该公众号暂时无法提供服务".
-//! [`classify_reply`] is the gate that keeps a reply target's JSON, HTML or
-//! error page from ever reaching WeChat, and [`open_envelope`] the one that
-//! keeps out an envelope the target sealed with keys WeChat does not use.
+//! [`answer`] turns a reply target's answer into WeChat's, and says what it
+//! became ([`Outcome`]): [`classify_reply`] is the gate that keeps a reply
+//! target's JSON, HTML or error page from ever reaching WeChat, and
+//! [`open_envelope`] the one that keeps out an envelope the target sealed
+//! with keys WeChat does not use.
 //!
 //! # The deadline
 //!
@@ -196,6 +198,200 @@ pub fn check_answers(reply: &str, push: &Message) -> Result<(), NotAReply> {
     Ok(())
 }
 
+/// What WeChat's answer to one push is judged and sealed with: the
+/// account's credentials and what the push was.
+#[derive(Clone, Copy)]
+pub struct Answering<'a> {
+    pub token: &'a str,
+    pub app_id: &'a str,
+    pub keys: Option<&'a KeyRing>,
+    /// The account is in secure mode: a plaintext reply must be sealed.
+    pub secure: bool,
+    /// The (decrypted) push the reply answers.
+    pub push: &'a Message,
+    /// The key that decrypted the push; `None` for an unencrypted push.
+    pub key_slot: Option<KeySlot>,
+    /// The push's signed `timestamp`, which a sealed answer is dated with.
+    pub timestamp: &'a str,
+}
+
+/// The credentials of the server a `wechat` target plays: its reply is
+/// judged as WeChat would judge it from a server holding them.
+#[derive(Clone, Copy)]
+pub struct OwnServer<'a> {
+    pub token: &'a str,
+    pub keys: Option<&'a KeyRing>,
+    /// The target's AppID, or else the account's.
+    pub app_id: &'a str,
+    /// In secure mode WeChat refuses a plaintext reply.
+    pub secure: bool,
+}
+
+/// What a relay-sealed envelope is salted with: fresh for every answer.
+#[derive(Clone, Copy)]
+pub struct Salt<'a> {
+    pub nonce: &'a str,
+    pub random: &'a [u8; 16],
+}
+
+/// What a reply target's answer became for WeChat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its reply as it was (or a target's envelope opened for an
+    /// unencrypted push), or `success`.
+    Passed,
+    /// Sealed by the relay, or a target's envelope re-sealed with the key
+    /// that decrypted the push.
+    Sealed,
+    /// Not something WeChat takes (JSON, HTML, text): `success` instead.
+    Ignored,
+    /// A reply the relay will not vouch for: `success` instead.
+    Unverifiable(Unverifiable),
+}
+
+impl Outcome {
+    /// The metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Passed => "passed",
+            Outcome::Sealed => "encrypted",
+            Outcome::Ignored => "ignored",
+            Outcome::Unverifiable(_) => "unverifiable",
+        }
+    }
+}
+
+/// Why a reply was not passed to WeChat. The messages never quote the reply,
+/// an OpenID or the ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unverifiable {
+    #[error("the target's envelope would not open for WeChat: {0}")]
+    AccountEnvelope(EnvelopeError),
+    #[error("the target's envelope does not open with its own credentials: {0}")]
+    OwnEnvelope(EnvelopeError),
+    #[error("the target has no EncodingAESKey to open its envelope with")]
+    NoOwnKey,
+    #[error("a plaintext reply from a server in secure mode")]
+    PlaintextFromSecure,
+    #[error("the reply is {0}")]
+    NotAReply(NotAReply),
+}
+
+/// WeChat's answer to a push, from its reply target's answer `body`: the
+/// bytes to answer, and what became of the reply. Valid reply XML goes as
+/// it is, except that a secure account's plaintext reply is sealed with the
+/// key that decrypted the push, and an envelope the target sealed itself
+/// passes only if WeChat could open it (re-sealed when the target used the
+/// other key of a rotation). A `wechat` target (`own`) must verify with its
+/// own credentials and answer the push with a passive reply, which is then
+/// sealed with the account's. Anything else is `success`.
+pub fn answer(
+    body: &[u8],
+    to: &Answering<'_>,
+    own: Option<&OwnServer<'_>>,
+    salt: &Salt<'_>,
+) -> (String, Outcome) {
+    let success = || "success".to_owned();
+    let Some(reply) = classify_reply(body) else {
+        return (success(), Outcome::Ignored);
+    };
+    let opened = match own {
+        None => Ok(Opened::Plain(reply)),
+        Some(server) => from_own_server(server, to.push, reply),
+    };
+    let reply = match opened {
+        Err(why) => return (success(), Outcome::Unverifiable(why)),
+        Ok(Opened::Sealed(xml)) => return sealed_for(to, salt, xml),
+        Ok(Opened::Plain(reply)) => reply,
+    };
+    match reply {
+        ReplyBody::Ack => (success(), Outcome::Passed),
+        ReplyBody::Envelope(xml) => {
+            match open_envelope(to.keys, to.token, to.app_id, xml.as_bytes()) {
+                // A target still sealing with the other key of a rotation: its
+                // reply is re-sealed with the key WeChat used for this push.
+                Ok((plain, opened_with)) => match (to.keys, to.key_slot) {
+                    (Some(keys), Some(slot)) if slot != opened_with => {
+                        (seal(to, salt, keys, slot, &plain), Outcome::Sealed)
+                    }
+                    (_, Some(_)) => (xml, Outcome::Passed),
+                    // An unencrypted push: WeChat expects its reply in plaintext.
+                    (_, None) => (plain, Outcome::Passed),
+                },
+                Err(e) => (
+                    success(),
+                    Outcome::Unverifiable(Unverifiable::AccountEnvelope(e)),
+                ),
+            }
+        }
+        ReplyBody::PlainXml(xml) if to.secure => sealed_for(to, salt, xml),
+        ReplyBody::PlainXml(xml) => (xml, Outcome::Passed),
+    }
+}
+
+/// `xml` as WeChat expects the answer to this push: sealed with the key that
+/// decrypted it, or in plaintext for an unencrypted push.
+fn sealed_for(to: &Answering<'_>, salt: &Salt<'_>, xml: String) -> (String, Outcome) {
+    match (to.keys, to.key_slot) {
+        (Some(keys), Some(slot)) => (seal(to, salt, keys, slot, &xml), Outcome::Sealed),
+        _ => (xml, Outcome::Passed),
+    }
+}
+
+/// Sealed as WeChat expects: with the key that decrypted the push, dated
+/// with its timestamp. The nonce is fresh: under the push's own, the
+/// envelope's `Encrypt` and `MsgSignature` beside the push's `signature`
+/// would make a push whose content the reply target chose.
+fn seal(to: &Answering<'_>, salt: &Salt<'_>, keys: &KeyRing, slot: KeySlot, xml: &str) -> String {
+    let key = keys.key(slot);
+    envelope(
+        key,
+        to.token,
+        to.app_id,
+        xml,
+        to.timestamp,
+        salt.nonce,
+        salt.random,
+    )
+}
+
+/// A `wechat` target's reply, judged as WeChat would judge it from a server
+/// holding the target's credentials.
+enum Opened {
+    /// Its envelope opened: the reply inside, to be sealed for the account.
+    Sealed(String),
+    /// `success`, or plaintext reply XML from a server not in secure mode.
+    Plain(ReplyBody),
+}
+
+/// Opens a `wechat` target's reply with its own Token, keys and AppID. A
+/// plaintext reply carries no signature; from a server in secure mode WeChat
+/// would refuse it, and so does this. What is to be sealed for the account
+/// must be a passive reply to the push: the target holds none of the
+/// account's credentials, and must not get more than that sealed under them.
+fn from_own_server(
+    server: &OwnServer<'_>,
+    push: &Message,
+    reply: ReplyBody,
+) -> Result<Opened, Unverifiable> {
+    let answers = |xml: &str| check_answers(xml, push).map_err(Unverifiable::NotAReply);
+    match reply {
+        ReplyBody::Envelope(xml) => {
+            let keys = server.keys.ok_or(Unverifiable::NoOwnKey)?;
+            let (plain, _) = open_envelope(Some(keys), server.token, server.app_id, xml.as_bytes())
+                .map_err(Unverifiable::OwnEnvelope)?;
+            answers(&plain)?;
+            Ok(Opened::Sealed(plain))
+        }
+        ReplyBody::PlainXml(_) if server.secure => Err(Unverifiable::PlaintextFromSecure),
+        ReplyBody::PlainXml(xml) => {
+            answers(&xml)?;
+            Ok(Opened::Plain(ReplyBody::PlainXml(xml)))
+        }
+        ReplyBody::Ack => Ok(Opened::Plain(ReplyBody::Ack)),
+    }
+}
+
 /// The frame's 16-byte random prefix: letters and digits, as WeChat's own
 /// samples use.
 pub fn random_bytes() -> [u8; 16] {
@@ -277,6 +473,192 @@ mod tests {
             open_envelope(None, "Token", app, body.as_bytes()),
             Err(EnvelopeError::NoKey)
         );
+    }
+
+    /// The account, a broker with credentials of its own, and a push.
+    mod judged {
+        use super::*;
+
+        pub const APP: &str = "wx5f3c9a1e7d2b4c60";
+        pub const TOKEN: &str = "AccountToken";
+        pub const OWN_TOKEN: &str = "BrokerOwnToken";
+        pub const SENDER: &str = "oSender";
+        pub const NOW: &str = "1717000000";
+
+        pub fn current() -> AesKey {
+            AesKey::from_bytes([1; 32])
+        }
+        pub fn previous() -> AesKey {
+            AesKey::from_bytes([2; 32])
+        }
+        pub fn own_key() -> AesKey {
+            AesKey::from_bytes([3; 32])
+        }
+
+        pub fn ring() -> KeyRing {
+            KeyRing {
+                current: current(),
+                previous: Some(previous()),
+            }
+        }
+
+        pub fn push() -> Message {
+            let xml = format!(
+                "<xml><ToUserName>gh_account</ToUserName><FromUserName>{SENDER}</FromUserName>\
+                 <CreateTime>1</CreateTime><MsgType>event</MsgType><Event>SCAN</Event></xml>"
+            );
+            Message::parse_push(xml.as_bytes()).unwrap()
+        }
+
+        pub fn reply(to: &str, msg_type: &str) -> String {
+            format!(
+                "<xml><ToUserName>{to}</ToUserName><FromUserName>gh_account</FromUserName>\
+                 <CreateTime>2</CreateTime><MsgType>{msg_type}</MsgType><Content>hi</Content></xml>"
+            )
+        }
+
+        pub fn sealed(key: &AesKey, token: &str, xml: &str) -> String {
+            envelope(key, token, APP, xml, NOW, "5150", &random_bytes())
+        }
+
+        /// Judges `body` for a secure push that `slot` decrypted.
+        pub fn judge(body: &str, slot: KeySlot, own: Option<&OwnServer<'_>>) -> (String, Outcome) {
+            let (ring, push) = (ring(), push());
+            let to = Answering {
+                token: TOKEN,
+                app_id: APP,
+                keys: Some(&ring),
+                secure: true,
+                push: &push,
+                key_slot: Some(slot),
+                timestamp: NOW,
+            };
+            let salt = Salt {
+                nonce: "77",
+                random: &random_bytes(),
+            };
+            answer(body.as_bytes(), &to, own, &salt)
+        }
+
+        /// What WeChat reads in an answer: the reply and the key that opens it.
+        pub fn opened(answer: &str) -> (String, KeySlot) {
+            open_envelope(Some(&ring()), TOKEN, APP, answer.as_bytes()).unwrap()
+        }
+    }
+
+    #[test]
+    fn a_reply_sealed_with_the_other_key_of_a_rotation_is_resealed_with_the_pushs() {
+        use judged::*;
+        let reply = reply(SENDER, "text");
+        let by_previous = sealed(&previous(), TOKEN, &reply);
+        let (answer, outcome) = judge(&by_previous, KeySlot::Current, None);
+        assert_eq!(outcome, Outcome::Sealed);
+        assert_eq!(opened(&answer), (reply.clone(), KeySlot::Current));
+        // Sealed with the key WeChat used for the push: passed as it is.
+        let (answer, outcome) = judge(&by_previous, KeySlot::Previous, None);
+        assert_eq!((answer, outcome), (by_previous, Outcome::Passed));
+        // A plaintext reply to a secure push is sealed with the push's key.
+        let (answer, outcome) = judge(&reply, KeySlot::Previous, None);
+        assert_eq!(outcome, Outcome::Sealed);
+        assert_eq!(opened(&answer), (reply, KeySlot::Previous));
+    }
+
+    #[test]
+    fn a_wechat_targets_reply_opens_with_its_own_credentials_and_is_sealed_with_the_accounts() {
+        use judged::*;
+        let own_ring = KeyRing {
+            current: own_key(),
+            previous: None,
+        };
+        let own = OwnServer {
+            token: OWN_TOKEN,
+            keys: Some(&own_ring),
+            app_id: APP,
+            secure: true,
+        };
+        let reply = reply(SENDER, "text");
+        let (answer, outcome) = judge(
+            &sealed(&own_key(), OWN_TOKEN, &reply),
+            KeySlot::Current,
+            Some(&own),
+        );
+        assert_eq!(outcome, Outcome::Sealed);
+        assert_eq!(opened(&answer), (reply.clone(), KeySlot::Current));
+        // Sealed with the account's own credentials: the broker must not hold them.
+        let (answer, outcome) = judge(
+            &sealed(&current(), TOKEN, &reply),
+            KeySlot::Current,
+            Some(&own),
+        );
+        assert_eq!(answer, "success");
+        assert_eq!(
+            outcome,
+            Outcome::Unverifiable(Unverifiable::OwnEnvelope(EnvelopeError::Signature))
+        );
+        // Plaintext from a server in secure mode: WeChat would refuse it.
+        let (answer, outcome) = judge(&reply, KeySlot::Current, Some(&own));
+        assert_eq!(
+            (answer.as_str(), outcome),
+            (
+                "success",
+                Outcome::Unverifiable(Unverifiable::PlaintextFromSecure)
+            )
+        );
+        // `success` is passed in every mode.
+        assert_eq!(
+            judge("success", KeySlot::Current, Some(&own)),
+            ("success".to_owned(), Outcome::Passed)
+        );
+    }
+
+    #[test]
+    fn an_envelope_sealed_with_a_key_the_account_does_not_hold_is_unverifiable() {
+        use judged::*;
+        let stranger = AesKey::from_bytes([9; 32]);
+        let (answer, outcome) = judge(
+            &sealed(&stranger, TOKEN, &reply(SENDER, "text")),
+            KeySlot::Current,
+            None,
+        );
+        assert_eq!(answer, "success");
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Unverifiable(Unverifiable::AccountEnvelope(EnvelopeError::Decrypt(_)))
+            ),
+            "{outcome:?}"
+        );
+        let (_, outcome) = judge("{\"reply\": \"hi\"}", KeySlot::Current, None);
+        assert_eq!(outcome, Outcome::Ignored);
+    }
+
+    #[test]
+    fn a_wechat_target_gets_only_a_passive_reply_to_the_push_sealed() {
+        use judged::*;
+        let own_ring = KeyRing {
+            current: own_key(),
+            previous: None,
+        };
+        let own = OwnServer {
+            token: OWN_TOKEN,
+            keys: Some(&own_ring),
+            app_id: APP,
+            secure: false,
+        };
+        let not_replies = [
+            (reply(SENDER, "event"), NotAReply::MsgType),
+            (reply("oSomeoneElse", "text"), NotAReply::Addressed),
+        ];
+        for (xml, why) in not_replies {
+            for body in [sealed(&own_key(), OWN_TOKEN, &xml), xml.clone()] {
+                let (answer, outcome) = judge(&body, KeySlot::Current, Some(&own));
+                assert_eq!(answer, "success");
+                assert_eq!(
+                    outcome,
+                    Outcome::Unverifiable(Unverifiable::NotAReply(why.clone()))
+                );
+            }
+        }
     }
 
     #[test]
