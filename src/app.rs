@@ -13,6 +13,7 @@ use crate::reload::Reloader;
 use crate::server::{self, Limits};
 use crate::spool::postgres::OnOpen;
 use crate::spool::{OpenSpool, Spool, SpoolError};
+use crate::wechat::reply::SeenStamps;
 use arc_swap::ArcSwap;
 use http::Request;
 use hyper::body::Incoming;
@@ -134,6 +135,7 @@ fn push_path(
             dispatcher: dispatcher.clone(),
         },
         dispatcher: dispatcher.clone(),
+        reply_stamps: SeenStamps::default(),
     })
 }
 

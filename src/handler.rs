@@ -207,6 +207,8 @@ pub struct PushPath {
     pub body_budget: Arc<tokio::sync::Semaphore>,
     pub ingest: Ingest,
     pub dispatcher: Arc<Dispatcher>,
+    /// The stamps of the envelopes `wechat` reply targets sealed lately.
+    pub reply_stamps: reply::SeenStamps,
 }
 
 /// Serves one request on the public listener. Never fails: every outcome is an
@@ -463,7 +465,7 @@ async fn accept_push(
         } else {
             reply_inline(path, to, remaining).await
         };
-        let (body, outcome) = answer_with(account, &to.target, &verified, inline);
+        let (body, outcome) = answer_with(path, account, &to.target, &verified, inline);
         answer = body;
         reply = Some(outcome);
     }
@@ -499,6 +501,7 @@ async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Opt
 /// it), and the outcome's label; `success` and `none` without an answer.
 /// The log line says why a reply was not passed on.
 fn answer_with(
+    path: &PushPath,
     account: &Account,
     target: &Target,
     verified: &VerifiedPush,
@@ -517,10 +520,13 @@ fn answer_with(
         timestamp: &verified.timestamp,
     };
     let own = target.wechat.as_ref().map(|server| reply::OwnServer {
+        target: &target.name,
         token: server.token.expose(),
         keys: server.keys.as_ref(),
         app_id: server.app_id.as_deref().unwrap_or(&account.app_id),
         secure: server.mode == Mode::Secure,
+        now_secs: path.clock.now_secs(),
+        seen: &path.reply_stamps,
     });
     let salt = reply::Salt {
         nonce: &digits(10),

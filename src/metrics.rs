@@ -47,8 +47,9 @@ pub struct Metrics {
     /// What the reply target's inline attempt gave WeChat: passed (its XML as
     /// is), encrypted (sealed by the relay), ignored (not valid for WeChat, so
     /// success), unverifiable (an envelope or reply that does not verify with
-    /// the credentials it must be sealed with, so success), none (no answer in
-    /// time or an error, so success).
+    /// the credentials it must be sealed with, is ambiguous or too large, or
+    /// is a target's stale or replayed envelope, so success), none (no answer
+    /// in time or an error, so success).
     pub replies: IntCounterVec,
     /// Accepted login events by account and kind: subscribe_scene (a first
     /// follow by a parametric QR code), subscribe_plain (a follow without a

@@ -71,8 +71,10 @@
 //!   appear, written as is or as a character reference (`&#0;`): parsers
 //!   differ on them, and a downstream one may cut a value short.
 //! * [`Message::parse_push`] is stricter, for what the relay verifies, routes
-//!   and forwards on: the root must be `<xml>` and no top-level element may
-//!   repeat, so every parser reads the same `Encrypt` or `FromUserName`.
+//!   and forwards on, and a reply target's answer is held to the same
+//!   ([`Message::unambiguous`]): the root must be `<xml>` and no top-level
+//!   element may repeat, so every parser reads the same `Encrypt`,
+//!   `FromUserName` or `ToUserName`.
 //!
 //! No input, however hostile, makes parsing panic.
 
@@ -177,17 +179,26 @@ impl Message {
     /// a list container (`item`, `List`) holding elements.
     pub fn parse_push(xml: &[u8]) -> Result<Message, XmlError> {
         let message = Message::parse(xml)?;
-        if message.root != "xml" {
+        message.unambiguous()?;
+        Ok(message)
+    }
+
+    /// What [`Message::parse_push`] adds to [`Message::parse`], for a
+    /// document parsed already (a reply, which must be as unambiguous as a
+    /// push): the root is `<xml>` and no top-level element but a list
+    /// container holding elements repeats.
+    pub fn unambiguous(&self) -> Result<(), XmlError> {
+        if self.root != "xml" {
             return Err(XmlError::Root);
         }
         // A push has a dozen fields: a scan beats a set.
-        for (i, (name, node)) in message.fields.iter().enumerate() {
+        for (i, (name, node)) in self.fields.iter().enumerate() {
             let list = LIST_ENTRIES.contains(&name.as_str()) && matches!(node, Node::Children(_));
-            if !list && message.fields[..i].iter().any(|(seen, _)| seen == name) {
+            if !list && self.fields[..i].iter().any(|(seen, _)| seen == name) {
                 return Err(XmlError::Repeated(quotable(name)));
             }
         }
-        Ok(message)
+        Ok(())
     }
 
     /// Parses a whole document; see the module docs for what is accepted.

@@ -48,10 +48,12 @@
 //! content.
 
 use crate::wechat::crypto::{encrypt, AesKey, DecryptError, KeyRing, KeySlot};
-use crate::wechat::message::Message;
+use crate::wechat::message::{Message, XmlError};
 use crate::wechat::signature::{sign, verify};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 
 /// Encrypts `reply_xml` and wraps it in WeChat's envelope, signed with
 /// `MsgSignature = sign([token, timestamp, nonce, Encrypt])`.
@@ -92,23 +94,49 @@ pub enum ReplyBody {
     Envelope(String),
 }
 
-/// Judges a reply target's body. `None` means it must not reach WeChat: JSON,
-/// HTML, plain text, malformed XML, a DOCTYPE, or a root other than `xml`.
-/// The XML variants carry the body unchanged.
-pub fn classify_reply(body: &[u8]) -> Option<ReplyBody> {
+/// The most reply XML passed to WeChat, in bytes: WeChat limits a text
+/// reply's `Content` to 2,048 bytes, and the fields around it (the OpenID,
+/// the account's id, the time, the type, CDATA) take a few hundred more;
+/// twice that leaves room for a news, music or video reply's titles and
+/// URLs. A bigger reply is one WeChat would refuse or cut: `success` is
+/// answered instead. The limit is on the reply XML, sealed or not.
+pub const MAX_REPLY: usize = 4 * 1024;
+
+/// Why a reply target's body is not a reply for WeChat.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unfit {
+    /// JSON, HTML, plain text, malformed XML, a DOCTYPE, a root other than
+    /// `xml`: not something WeChat takes at all.
+    #[error("not reply XML")]
+    NotXml,
+    /// Reply XML that parsers could read two ways, like a push with a
+    /// top-level field twice.
+    #[error("ambiguous: {0}")]
+    Ambiguous(XmlError),
+    #[error("{0} bytes, over the {MAX_REPLY} a reply may have")]
+    TooLarge(usize),
+}
+
+/// Judges a reply target's body: whether it is fit for WeChat, and which
+/// kind of answer it is. Reply XML is held to what a push is
+/// ([`Message::unambiguous`]) and to [`MAX_REPLY`] (an envelope's once it is
+/// opened). The XML variants carry the body unchanged.
+pub fn classify_reply(body: &[u8]) -> Result<ReplyBody, Unfit> {
     let trimmed = body.trim_ascii();
     if trimmed.is_empty() || trimmed == b"success" {
-        return Some(ReplyBody::Ack);
+        return Ok(ReplyBody::Ack);
     }
-    let message = Message::parse(body).ok()?;
+    let message = Message::parse(body).map_err(|_| Unfit::NotXml)?;
     if message.root != "xml" {
-        return None;
+        return Err(Unfit::NotXml);
     }
+    message.unambiguous().map_err(Unfit::Ambiguous)?;
     // `parse` succeeded, so the body is UTF-8.
-    let text = String::from_utf8(body.to_vec()).ok()?;
+    let text = String::from_utf8(body.to_vec()).map_err(|_| Unfit::NotXml)?;
     match message.get("Encrypt") {
-        Some(encrypted) if !encrypted.is_empty() => Some(ReplyBody::Envelope(text)),
-        _ => Some(ReplyBody::PlainXml(text)),
+        Some(encrypted) if !encrypted.is_empty() => Ok(ReplyBody::Envelope(text)),
+        _ if text.len() > MAX_REPLY => Err(Unfit::TooLarge(text.len())),
+        _ => Ok(ReplyBody::PlainXml(text)),
     }
 }
 
@@ -122,10 +150,14 @@ pub enum EnvelopeError {
     Incomplete,
     #[error("bad MsgSignature")]
     Signature,
+    #[error("ambiguous: {0}")]
+    Ambiguous(XmlError),
     #[error("not sealed with the account's keys and AppID: {0}")]
     Decrypt(DecryptError),
     #[error("the sealed content is not reply XML")]
     Content,
+    #[error("the sealed reply is {0}")]
+    Sealed(Unfit),
 }
 
 /// Opens a reply target's envelope as WeChat will: `MsgSignature` over
@@ -140,20 +172,49 @@ pub fn open_envelope(
     app_id: &str,
     body: &[u8],
 ) -> Result<(String, KeySlot), EnvelopeError> {
+    open_stamped(keys, token, app_id, body).map(|o| (o.reply, o.slot))
+}
+
+/// An envelope opened, with what it was dated and salted with.
+struct Unsealed {
+    reply: String,
+    slot: KeySlot,
+    timestamp: String,
+    nonce: String,
+}
+
+/// [`open_envelope`], keeping the envelope's `TimeStamp` and `Nonce`.
+fn open_stamped(
+    keys: Option<&KeyRing>,
+    token: &str,
+    app_id: &str,
+    body: &[u8],
+) -> Result<Unsealed, EnvelopeError> {
     let keys = keys.ok_or(EnvelopeError::NoKey)?;
     let envelope = Message::parse(body).map_err(|_| EnvelopeError::Incomplete)?;
+    envelope.unambiguous().map_err(EnvelopeError::Ambiguous)?;
     let field = |name| envelope.get(name).ok_or(EnvelopeError::Incomplete);
-    let encrypted = field("Encrypt")?;
-    let parts = [token, field("TimeStamp")?, field("Nonce")?, encrypted];
-    if !verify(field("MsgSignature")?, &parts) {
+    let (encrypted, timestamp, nonce) = (field("Encrypt")?, field("TimeStamp")?, field("Nonce")?);
+    if !verify(
+        field("MsgSignature")?,
+        &[token, timestamp, nonce, encrypted],
+    ) {
         return Err(EnvelopeError::Signature);
     }
     let (reply, slot) = keys
         .decrypt(encrypted, app_id)
         .map_err(EnvelopeError::Decrypt)?;
     match classify_reply(reply.as_bytes()) {
-        Some(ReplyBody::PlainXml(_)) => Ok((reply, slot)),
-        _ => Err(EnvelopeError::Content),
+        Ok(ReplyBody::PlainXml(_)) => Ok(Unsealed {
+            reply,
+            slot,
+            timestamp: timestamp.to_owned(),
+            nonce: nonce.to_owned(),
+        }),
+        Ok(ReplyBody::Ack | ReplyBody::Envelope(_)) | Err(Unfit::NotXml) => {
+            Err(EnvelopeError::Content)
+        }
+        Err(unfit) => Err(EnvelopeError::Sealed(unfit)),
     }
 }
 
@@ -172,8 +233,8 @@ const REPLY_TYPES: [&str; 7] = [
 /// never quote the reply or an OpenID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NotAReply {
-    #[error("not XML")]
-    Xml,
+    #[error("not XML read one way only: {0}")]
+    Xml(XmlError),
     #[error("its MsgType is not a passive reply's")]
     MsgType,
     #[error("not addressed back: ToUserName must be the push's sender, FromUserName its account")]
@@ -185,7 +246,7 @@ pub enum NotAReply {
 /// to. What the relay seals for an account under the account's key must be
 /// no more than that: the frame has the shape of a push's.
 pub fn check_answers(reply: &str, push: &Message) -> Result<(), NotAReply> {
-    let reply = Message::parse(reply.as_bytes()).map_err(|_| NotAReply::Xml)?;
+    let reply = Message::parse_push(reply.as_bytes()).map_err(NotAReply::Xml)?;
     if !reply.msg_type().is_some_and(|t| REPLY_TYPES.contains(&t)) {
         return Err(NotAReply::MsgType);
     }
@@ -219,12 +280,71 @@ pub struct Answering<'a> {
 /// judged as WeChat would judge it from a server holding them.
 #[derive(Clone, Copy)]
 pub struct OwnServer<'a> {
+    /// The target's name: what its envelopes' stamps are remembered under.
+    pub target: &'a str,
     pub token: &'a str,
     pub keys: Option<&'a KeyRing>,
     /// The target's AppID, or else the account's.
     pub app_id: &'a str,
     /// In secure mode WeChat refuses a plaintext reply.
     pub secure: bool,
+    /// The relay's clock, which the envelope's `TimeStamp` must be near.
+    pub now_secs: i64,
+    /// The stamps of the envelopes the targets sealed lately.
+    pub seen: &'a SeenStamps,
+}
+
+/// How far a `wechat` target's envelope may be dated from the relay's
+/// clock: the default freshness window of the pushes themselves.
+pub const REPLY_WINDOW_SECS: i64 = 300;
+
+/// The most stamps [`SeenStamps`] holds: a stamp is kept while its envelope
+/// is fresh, so this is about 200 sealed replies a second from `wechat`
+/// targets over the window; beyond that, the oldest are forgotten early.
+const MAX_SEEN: usize = 65_536;
+
+/// The (`TimeStamp`, `Nonce`) pairs of the envelopes `wechat` targets
+/// sealed, per target, while they are fresh: an envelope sealed once is
+/// never sealed for the account a second time. Bounded by [`MAX_SEEN`].
+#[derive(Default)]
+pub struct SeenStamps(Mutex<Seen>);
+
+/// A target's name, and an envelope's `TimeStamp` and `Nonce`.
+type Stamp = (String, String, String);
+
+#[derive(Default)]
+struct Seen {
+    /// Each stamp and when it goes stale (unix seconds).
+    stale_at: HashMap<Stamp, i64>,
+    /// The stamps in the order they came, for forgetting the oldest.
+    order: VecDeque<Stamp>,
+}
+
+impl SeenStamps {
+    /// Remembers `stamp` until it goes stale at `stale_at`: false when it
+    /// was remembered already.
+    fn first_use(&self, stamp: Stamp, stale_at: i64, now: i64) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Seen {
+            stale_at: map,
+            order,
+        } = &mut *seen;
+        while let Some(oldest) = order.front() {
+            let gone = map.get(oldest).is_none_or(|at| *at <= now);
+            if !gone && order.len() < MAX_SEEN {
+                break;
+            }
+            if let Some(oldest) = order.pop_front() {
+                map.remove(&oldest);
+            }
+        }
+        if map.get(&stamp).is_some_and(|at| *at > now) {
+            return false;
+        }
+        map.insert(stamp.clone(), stale_at);
+        order.push_back(stamp);
+        true
+    }
 }
 
 /// What a relay-sealed envelope is salted with: fresh for every answer.
@@ -275,6 +395,14 @@ pub enum Unverifiable {
     PlaintextFromSecure,
     #[error("the reply is {0}")]
     NotAReply(NotAReply),
+    #[error("the reply is {0}")]
+    Unfit(Unfit),
+    #[error(
+        "the target's envelope is dated further than {REPLY_WINDOW_SECS} s from the relay's clock"
+    )]
+    Stale,
+    #[error("the target's envelope has the TimeStamp and Nonce of one it sent before")]
+    Replayed,
 }
 
 /// WeChat's answer to a push, from its reply target's answer `body`: the
@@ -292,8 +420,10 @@ pub fn answer(
     salt: &Salt<'_>,
 ) -> (String, Outcome) {
     let success = || "success".to_owned();
-    let Some(reply) = classify_reply(body) else {
-        return (success(), Outcome::Ignored);
+    let reply = match classify_reply(body) {
+        Ok(reply) => reply,
+        Err(Unfit::NotXml) => return (success(), Outcome::Ignored),
+        Err(unfit) => return (success(), Outcome::Unverifiable(Unverifiable::Unfit(unfit))),
     };
     let opened = match own {
         None => Ok(Opened::Plain(reply)),
@@ -378,10 +508,11 @@ fn from_own_server(
     match reply {
         ReplyBody::Envelope(xml) => {
             let keys = server.keys.ok_or(Unverifiable::NoOwnKey)?;
-            let (plain, _) = open_envelope(Some(keys), server.token, server.app_id, xml.as_bytes())
+            let opened = open_stamped(Some(keys), server.token, server.app_id, xml.as_bytes())
                 .map_err(Unverifiable::OwnEnvelope)?;
-            answers(&plain)?;
-            Ok(Opened::Sealed(plain))
+            fresh_once(server, &opened)?;
+            answers(&opened.reply)?;
+            Ok(Opened::Sealed(opened.reply))
         }
         ReplyBody::PlainXml(_) if server.secure => Err(Unverifiable::PlaintextFromSecure),
         ReplyBody::PlainXml(xml) => {
@@ -390,6 +521,26 @@ fn from_own_server(
         }
         ReplyBody::Ack => Ok(Opened::Plain(ReplyBody::Ack)),
     }
+}
+
+/// A `wechat` target's envelope is dated and salted as a push is: it must be
+/// dated within [`REPLY_WINDOW_SECS`] of the relay's clock, and its stamp
+/// not used before, or a reply recorded once could be had sealed again.
+fn fresh_once(server: &OwnServer<'_>, opened: &Unsealed) -> Result<(), Unverifiable> {
+    let dated: i64 = opened.timestamp.parse().map_err(|_| Unverifiable::Stale)?;
+    if (server.now_secs - dated).abs() > REPLY_WINDOW_SECS {
+        return Err(Unverifiable::Stale);
+    }
+    let stamp = (
+        server.target.to_owned(),
+        opened.timestamp.clone(),
+        opened.nonce.clone(),
+    );
+    let stale_at = dated + REPLY_WINDOW_SECS;
+    if !server.seen.first_use(stamp, stale_at, server.now_secs) {
+        return Err(Unverifiable::Replayed);
+    }
+    Ok(())
 }
 
 /// The frame's 16-byte random prefix: letters and digits, as WeChat's own
@@ -431,7 +582,7 @@ mod tests {
         );
         assert_eq!(
             classify_reply(body.as_bytes()),
-            Some(ReplyBody::Envelope(body.clone()))
+            Ok(ReplyBody::Envelope(body.clone()))
         );
     }
 
@@ -484,6 +635,7 @@ mod tests {
         pub const OWN_TOKEN: &str = "BrokerOwnToken";
         pub const SENDER: &str = "oSender";
         pub const NOW: &str = "1717000000";
+        pub const NOW_SECS: i64 = 1_717_000_000;
 
         pub fn current() -> AesKey {
             AesKey::from_bytes([1; 32])
@@ -493,6 +645,26 @@ mod tests {
         }
         pub fn own_key() -> AesKey {
             AesKey::from_bytes([3; 32])
+        }
+
+        /// The broker's own server, in secure mode or not.
+        pub fn own<'a>(ring: &'a KeyRing, secure: bool, seen: &'a SeenStamps) -> OwnServer<'a> {
+            OwnServer {
+                target: "broker",
+                token: OWN_TOKEN,
+                keys: Some(ring),
+                app_id: APP,
+                secure,
+                now_secs: NOW_SECS,
+                seen,
+            }
+        }
+
+        pub fn own_ring() -> KeyRing {
+            KeyRing {
+                current: own_key(),
+                previous: None,
+            }
         }
 
         pub fn ring() -> KeyRing {
@@ -517,8 +689,13 @@ mod tests {
             )
         }
 
+        /// Sealed now, with a fresh nonce, as a server does.
         pub fn sealed(key: &AesKey, token: &str, xml: &str) -> String {
-            envelope(key, token, APP, xml, NOW, "5150", &random_bytes())
+            sealed_at(key, token, xml, NOW, &crate::wechat::push::digits(9))
+        }
+
+        pub fn sealed_at(key: &AesKey, token: &str, xml: &str, at: &str, nonce: &str) -> String {
+            envelope(key, token, APP, xml, at, nonce, &random_bytes())
         }
 
         /// Judges `body` for a secure push that `slot` decrypted.
@@ -566,16 +743,8 @@ mod tests {
     #[test]
     fn a_wechat_targets_reply_opens_with_its_own_credentials_and_is_sealed_with_the_accounts() {
         use judged::*;
-        let own_ring = KeyRing {
-            current: own_key(),
-            previous: None,
-        };
-        let own = OwnServer {
-            token: OWN_TOKEN,
-            keys: Some(&own_ring),
-            app_id: APP,
-            secure: true,
-        };
+        let (own_ring, seen) = (own_ring(), SeenStamps::default());
+        let own = own(&own_ring, true, &seen);
         let reply = reply(SENDER, "text");
         let (answer, outcome) = judge(
             &sealed(&own_key(), OWN_TOKEN, &reply),
@@ -635,16 +804,8 @@ mod tests {
     #[test]
     fn a_wechat_target_gets_only_a_passive_reply_to_the_push_sealed() {
         use judged::*;
-        let own_ring = KeyRing {
-            current: own_key(),
-            previous: None,
-        };
-        let own = OwnServer {
-            token: OWN_TOKEN,
-            keys: Some(&own_ring),
-            app_id: APP,
-            secure: false,
-        };
+        let (own_ring, seen) = (own_ring(), SeenStamps::default());
+        let own = own(&own_ring, false, &seen);
         let not_replies = [
             (reply(SENDER, "event"), NotAReply::MsgType),
             (reply("oSomeoneElse", "text"), NotAReply::Addressed),
@@ -662,11 +823,133 @@ mod tests {
     }
 
     #[test]
+    fn a_wechat_targets_envelope_must_be_fresh_and_its_stamp_unused() {
+        use judged::*;
+        let (own_ring, seen) = (own_ring(), SeenStamps::default());
+        let own = own(&own_ring, true, &seen);
+        let reply = reply(SENDER, "text");
+        let at = |offset: i64, nonce: &str| {
+            let at = (NOW_SECS + offset).to_string();
+            let body = sealed_at(&own_key(), OWN_TOKEN, &reply, &at, nonce);
+            judge(&body, KeySlot::Current, Some(&own)).1
+        };
+        assert_eq!(at(-301, "1"), Outcome::Unverifiable(Unverifiable::Stale));
+        assert_eq!(at(301, "2"), Outcome::Unverifiable(Unverifiable::Stale));
+        assert_eq!(at(300, "3"), Outcome::Sealed);
+        assert_eq!(at(300, "3"), Outcome::Unverifiable(Unverifiable::Replayed));
+        assert_eq!(at(300, "4"), Outcome::Sealed, "another nonce");
+        assert_eq!(at(-300, "3"), Outcome::Sealed, "another timestamp");
+        // Another target's stamps are its own.
+        let other = OwnServer {
+            target: "other",
+            ..own
+        };
+        let body = sealed_at(
+            &own_key(),
+            OWN_TOKEN,
+            &reply,
+            &(NOW_SECS + 300).to_string(),
+            "3",
+        );
+        assert_eq!(
+            judge(&body, KeySlot::Current, Some(&other)).1,
+            Outcome::Sealed
+        );
+    }
+
+    #[test]
+    fn seen_stamps_are_forgotten_once_stale_and_bounded() {
+        let seen = SeenStamps::default();
+        let stamp = |nonce: usize| ("t".to_owned(), "100".to_owned(), nonce.to_string());
+        assert!(seen.first_use(stamp(0), 400, 100));
+        assert!(!seen.first_use(stamp(0), 400, 399));
+        assert!(seen.first_use(stamp(0), 700, 400), "stale: forgotten");
+        for nonce in 1..=MAX_SEEN {
+            assert!(seen.first_use(stamp(nonce), 1_000, 500));
+        }
+        let held = seen.0.lock().unwrap();
+        assert!(held.order.len() <= MAX_SEEN && held.stale_at.len() <= MAX_SEEN);
+        assert!(
+            held.stale_at.contains_key(&stamp(MAX_SEEN)),
+            "the newest is kept"
+        );
+    }
+
+    #[test]
+    fn a_reply_with_a_repeated_top_level_field_is_unverifiable() {
+        use judged::*;
+        let (own_ring, seen) = (own_ring(), SeenStamps::default());
+        let reply = reply(SENDER, "text");
+        let twice = |field: &str, value: &str| {
+            reply.replacen(
+                "<CreateTime>",
+                &format!("<{field}>{value}</{field}><CreateTime>"),
+                1,
+            )
+        };
+        for doubled in [
+            twice("ToUserName", "oVictim"),
+            twice("FromUserName", "gh_other"),
+            twice("MsgType", "event"),
+        ] {
+            let repeated = |e: &Outcome| matches!(e, Outcome::Unverifiable(why) if why.to_string().contains("more than once"));
+            for own_server in [None, Some(own(&own_ring, false, &seen))] {
+                let (answer, outcome) = judge(&doubled, KeySlot::Current, own_server.as_ref());
+                assert_eq!(answer, "success");
+                assert!(repeated(&outcome), "{outcome:?}");
+            }
+            let by_broker = sealed(&own_key(), OWN_TOKEN, &doubled);
+            let own_server = own(&own_ring, true, &seen);
+            let (_, outcome) = judge(&by_broker, KeySlot::Current, Some(&own_server));
+            assert!(repeated(&outcome), "{outcome:?}");
+            let by_account = sealed(&current(), TOKEN, &doubled);
+            let (_, outcome) = judge(&by_account, KeySlot::Current, None);
+            assert!(repeated(&outcome), "{outcome:?}");
+        }
+        // An envelope with two of its own fields is no better.
+        let envelope = sealed(&current(), TOKEN, &reply);
+        let two = envelope.replacen("<Nonce>", "<Nonce><![CDATA[1]]></Nonce><Nonce>", 1);
+        let (_, outcome) = judge(&two, KeySlot::Current, None);
+        assert!(matches!(outcome, Outcome::Unverifiable(_)), "{outcome:?}");
+    }
+
+    #[test]
+    fn a_reply_over_the_cap_is_unverifiable_plain_or_sealed() {
+        use judged::*;
+        let sized = |len: usize| {
+            let reply = reply(SENDER, "text");
+            let pad = "x".repeat(len - reply.len() + 2);
+            reply.replace(
+                "<Content>hi</Content>",
+                &format!("<Content>{pad}</Content>"),
+            )
+        };
+        assert_eq!(sized(MAX_REPLY).len(), MAX_REPLY);
+        let (_, outcome) = judge(&sized(MAX_REPLY), KeySlot::Current, None);
+        assert_eq!(outcome, Outcome::Sealed, "at the cap");
+        let over = sized(MAX_REPLY + 1);
+        let too_large = Outcome::Unverifiable(Unverifiable::Unfit(Unfit::TooLarge(MAX_REPLY + 1)));
+        assert_eq!(
+            judge(&over, KeySlot::Current, None),
+            ("success".to_owned(), too_large)
+        );
+        let sealed_over = sealed(&current(), TOKEN, &over);
+        let (answer, outcome) = judge(&sealed_over, KeySlot::Current, None);
+        assert_eq!(answer, "success");
+        assert_eq!(
+            outcome,
+            Outcome::Unverifiable(Unverifiable::AccountEnvelope(EnvelopeError::Sealed(
+                Unfit::TooLarge(MAX_REPLY + 1)
+            )))
+        );
+    }
+
+    #[test]
     fn success_and_empty_bodies_are_acks() {
         for body in ["", "success", " success\r\n", "\n\t"] {
             assert_eq!(
                 classify_reply(body.as_bytes()),
-                Some(ReplyBody::Ack),
+                Ok(ReplyBody::Ack),
                 "{body:?}"
             );
         }
@@ -678,13 +961,13 @@ mod tests {
                    <MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hi]]></Content></xml>\n";
         assert_eq!(
             classify_reply(xml.as_bytes()),
-            Some(ReplyBody::PlainXml(xml.to_owned()))
+            Ok(ReplyBody::PlainXml(xml.to_owned()))
         );
         // An empty Encrypt is no envelope.
         let empty = "<xml><Encrypt></Encrypt></xml>";
         assert_eq!(
             classify_reply(empty.as_bytes()),
-            Some(ReplyBody::PlainXml(empty.to_owned()))
+            Ok(ReplyBody::PlainXml(empty.to_owned()))
         );
     }
 
@@ -701,9 +984,13 @@ mod tests {
             "<reply><Content>x</Content></reply>",
             "<xml/>trailing",
         ] {
-            assert_eq!(classify_reply(body.as_bytes()), None, "{body:?}");
+            assert_eq!(
+                classify_reply(body.as_bytes()),
+                Err(Unfit::NotXml),
+                "{body:?}"
+            );
         }
-        assert_eq!(classify_reply(b"<xml>\xff</xml>"), None);
+        assert_eq!(classify_reply(b"<xml>\xff</xml>"), Err(Unfit::NotXml));
     }
 
     #[test]

@@ -1051,3 +1051,44 @@ async fn a_reply_targets_2xx_whose_body_stalls_answers_success_and_is_delivered(
     assert_eq!(broker.count(), 1, "sent once");
     relay.stop().await;
 }
+
+/// WeChat takes a text reply's `Content` up to 2,048 bytes: a reply far
+/// beyond what WeChat takes (60,000 bytes of it in plaintext, 10,000 sealed
+/// by the target, whose envelope fits in what the relay reads of an answer)
+/// is never passed or sealed, but answered `success`.
+#[tokio::test]
+async fn a_reply_larger_than_wechat_takes_becomes_success() {
+    let g = generated();
+    let (broker, relay) = with_one_target(&g, "broker", "retry = \"login\"", broker_routes()).await;
+    let c = &g["config"];
+    let key = AesKey::from_encoding(c["encoding_aes_key"].as_str().unwrap()).unwrap();
+    let with_content = |content: &str| reply_xml().replace("欢迎!", content);
+    let longest = with_content(&"字".repeat(2_048 / 3));
+    let huge = with_content(&"a".repeat(60_000));
+    let huge_sealed = reply::envelope(
+        &key,
+        c["token"].as_str().unwrap(),
+        c["appid"].as_str().unwrap(),
+        &with_content(&"a".repeat(10_000)),
+        "1717000001",
+        "31337",
+        &reply::random_bytes(),
+    );
+    let cases = [
+        ("secure.scan_str", &longest, false),
+        ("secure.scan_id", &huge, true),
+        ("secure.subscribe_qrscene_str", &huge_sealed, true),
+    ];
+    for (id, body, refused) in cases {
+        broker.script([Behaviour::body(200, "text/xml", body)]);
+        let answer = send(&relay, vector(&g, id), "secure").await;
+        assert_eq!(answer.status, 200, "{id}");
+        assert_eq!(answer.text() == "success", refused, "{id}");
+    }
+    let m = relay.metrics().await;
+    let replies =
+        |outcome: &str| common::metric(&m, "wxrelay_replies_total", &[("outcome", outcome)]);
+    assert_eq!(replies("unverifiable"), 2.0, "{m}");
+    assert_eq!(replies("encrypted"), 1.0, "{m}");
+    relay.stop().await;
+}

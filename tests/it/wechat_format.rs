@@ -342,6 +342,7 @@ async fn a_wechat_target_gets_only_a_passive_reply_to_the_push_sealed_for_the_ac
     )];
     let routes = "[[routes]]\nto = [\"w_compat\"]\nreply_from = \"w_compat\"\n";
     let relay = TestRelay::start(&config(&g, &targets, routes), reference_now(&g)).await;
+    // Each envelope salted anew, as a server does: a stamp used twice is a replay.
     let seal = |xml: &str| {
         envelope(
             &target_key(),
@@ -349,7 +350,7 @@ async fn a_wechat_target_gets_only_a_passive_reply_to_the_push_sealed_for_the_ac
             &a.app_id,
             xml,
             "1717000001",
-            "77",
+            &wxrelay::wechat::push::digits(9),
             &random_bytes(),
         )
     };
@@ -830,4 +831,146 @@ fn content_type_must_be_a_media_type() {
             "{err}"
         );
     }
+}
+
+/// A `wechat` target's reply is read as strictly as a push: one with a
+/// top-level field twice could be read as addressed to the sender by the
+/// relay and to someone else by WeChat, so it is never sealed or passed.
+#[tokio::test]
+async fn a_wechat_targets_reply_with_a_repeated_field_is_unverifiable() {
+    let g = generated();
+    let a = account(&g);
+    let broker = FakeTarget::start().await;
+    let targets = [
+        target("w_secure", &broker.url("/secure"), &wechat_keys("secure")),
+        target(
+            "w_plain",
+            &broker.url("/plaintext"),
+            &wechat_keys("plaintext"),
+        ),
+    ];
+    let routes = "[[routes]]\nmatch = { account = \"secure\" }\nto = [\"w_secure\"]\nreply_from = \"w_secure\"\n\n\
+                  [[routes]]\nto = [\"w_plain\"]\nreply_from = \"w_plain\"\n";
+    let relay = TestRelay::start(&config(&g, &targets, routes), reference_now(&g)).await;
+    let reply = reply_xml("hello");
+    let twice = |field: &str, value: &str| {
+        let at = reply.find("<CreateTime>").unwrap();
+        let mut xml = reply.clone();
+        xml.insert_str(at, &format!("<{field}><![CDATA[{value}]]></{field}>"));
+        xml
+    };
+    let doubled = [
+        twice("ToUserName", "oTheVictim000000000000000000"),
+        twice("FromUserName", "gh_another_account"),
+        twice("MsgType", "event"),
+    ];
+    let mut answers: Vec<String> = doubled
+        .iter()
+        .enumerate()
+        .map(|(i, xml)| {
+            let nonce = format!("{}", 900 + i);
+            envelope(
+                &target_key(),
+                TARGET_TOKEN,
+                &a.app_id,
+                xml,
+                "1717000001",
+                &nonce,
+                &random_bytes(),
+            )
+        })
+        .collect();
+    answers.push(doubled[0].clone());
+    broker.script(
+        answers
+            .iter()
+            .map(|body| Behaviour::body(200, "text/xml", body)),
+    );
+    for i in 0..answers.len() {
+        let account = if i < doubled.len() {
+            "secure"
+        } else {
+            "plaintext"
+        };
+        let scan = PushKind::Scan {
+            scene: format!("s{i}"),
+        };
+        let push = xml(&scan, reference_now(&g), 200 + i as u64);
+        let (_, answer) = common::push_as_wechat(&relay, &g, account, &push, SENDER).await;
+        assert_eq!(answer.text(), "success", "answer {i}");
+    }
+    let m = relay.metrics().await;
+    let unverifiable = |account| {
+        metric(
+            &m,
+            "wxrelay_replies_total",
+            &[("account", account), ("outcome", "unverifiable")],
+        )
+    };
+    assert_eq!(unverifiable("secure"), 3.0, "{m}");
+    assert_eq!(unverifiable("plaintext"), 1.0, "{m}");
+    relay.stop().await;
+}
+
+/// A `wechat` target's sealed reply is dated and salted like a push: one
+/// stamped outside the freshness window, or with a (`TimeStamp`, `Nonce`)
+/// it already used, is a replay and is never sealed for the account.
+#[tokio::test]
+async fn a_wechat_targets_stale_or_replayed_reply_is_unverifiable() {
+    let g = generated();
+    let a = account(&g);
+    let broker = FakeTarget::start().await;
+    let targets = [target(
+        "w_secure",
+        &broker.url("/secure"),
+        &wechat_keys("secure"),
+    )];
+    let routes = "[[routes]]\nto = [\"w_secure\"]\nreply_from = \"w_secure\"\n";
+    let relay = TestRelay::start(&config(&g, &targets, routes), reference_now(&g)).await;
+    let now = reference_now(&g);
+    let sealed = |timestamp: i64, nonce: &str| {
+        let reply = reply_xml("stamped");
+        let timestamp = timestamp.to_string();
+        envelope(
+            &target_key(),
+            TARGET_TOKEN,
+            &a.app_id,
+            &reply,
+            &timestamp,
+            nonce,
+            &random_bytes(),
+        )
+    };
+    let answers = [
+        (sealed(now - 301, "1"), false),
+        (sealed(now + 301, "2"), false),
+        (sealed(now - 290, "3"), true),
+        // The same stamp on another, equally valid, reply.
+        (sealed(now - 290, "3"), false),
+        (sealed(now - 290, "4"), true),
+    ];
+    broker.script(
+        answers
+            .iter()
+            .map(|(body, _)| Behaviour::body(200, "text/xml", body)),
+    );
+    for (i, (_, sealed)) in answers.iter().enumerate() {
+        let scan = PushKind::Scan {
+            scene: format!("s{i}"),
+        };
+        let push = xml(&scan, now, 300 + i as u64);
+        let (_, answer) = common::push_as_wechat(&relay, &g, "secure", &push, SENDER).await;
+        assert_eq!(answer.text() != "success", *sealed, "answer {i}");
+    }
+    let m = relay.metrics().await;
+    let replies = |outcome| {
+        metric(
+            &m,
+            "wxrelay_replies_total",
+            &[("account", "secure"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(replies("unverifiable"), 3.0, "{m}");
+    assert_eq!(replies("encrypted"), 2.0, "{m}");
+    relay.stop().await;
 }
