@@ -81,188 +81,200 @@ pub struct Metrics {
 #[error("metric registration: {0}")]
 pub struct MetricsError(#[from] prometheus::Error);
 
+/// A metric's name (after `wxrelay_`), help text and labels: the table of
+/// every collector the relay registers.
+struct Spec {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+const fn spec(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Spec {
+    Spec { name, help, labels }
+}
+
+const ACCOUNT: &[&str] = &["account"];
+const TARGET: &[&str] = &["target"];
+const NONE: &[&str] = &[];
+
+const PUSHES: Spec = spec(
+    "pushes_total",
+    "Pushes (POST) by account and verdict.",
+    &["account", "verdict"],
+);
+const URL_CHECKS: Spec = spec(
+    "url_checks_total",
+    "URL checks (GET) by account and verdict.",
+    &["account", "verdict"],
+);
+const ANSWER_SECONDS: Spec = spec(
+    "answer_duration_seconds",
+    "Time to answer a push; WeChat gives up at 5 s.",
+    ACCOUNT,
+);
+const EVENTS: Spec = spec(
+    "events_total",
+    "Accepted events by account, MsgType and Event.",
+    &["account", "msg_type", "event"],
+);
+const DELIVERIES: Spec = spec(
+    "deliveries_total",
+    "Delivery attempts by target and outcome.",
+    &["target", "outcome"],
+);
+const DELIVERY_SECONDS: Spec = spec(
+    "delivery_duration_seconds",
+    "Duration of delivery attempts.",
+    TARGET,
+);
+const SPOOL_PENDING: Spec = spec(
+    "spool_pending",
+    "Deliveries waiting in the spool, per target.",
+    TARGET,
+);
+const SPOOL_OLDEST_AGE: Spec = spec(
+    "spool_oldest_pending_age_seconds",
+    "Age of the oldest event still waiting for a target.",
+    TARGET,
+);
+const DEAD_LETTERS: Spec = spec(
+    "dead_letters_total",
+    "Deliveries moved to the dead-letter table, by target and reason.",
+    &["target", "reason"],
+);
+const PREVIOUS_KEY_DECRYPTS: Spec = spec(
+    "previous_key_decrypts_total",
+    "Pushes that only the previous EncodingAESKey decrypted.",
+    ACCOUNT,
+);
+const RELOADS: Spec = spec(
+    "config_reloads_total",
+    "Configuration reloads by result.",
+    &["result"],
+);
+const REPLIES: Spec = spec(
+    "replies_total",
+    "What the reply target's inline attempt gave WeChat.",
+    &["account", "outcome"],
+);
+const LOGIN_EVENTS: Spec = spec(
+    "login_events_total",
+    "Accepted login events (subscribe_scene, subscribe_plain, scan) by account.",
+    &["account", "event"],
+);
+const LOGIN_DELIVERY_SECONDS: Spec = spec(
+    "login_delivery_seconds",
+    "Time from a login event's arrival to a target's 2xx.",
+    TARGET,
+);
+const SPOOL_FAILURES: Spec = spec(
+    "spool_failures_total",
+    "Delivery work the spool could not do, by target and operation.",
+    &["target", "operation"],
+);
+const OPEN_CONNECTIONS: Spec = spec(
+    "open_connections",
+    "Connections open on the public address.",
+    NONE,
+);
+const CONNECTIONS_REFUSED: Spec = spec(
+    "connections_refused_total",
+    "Connections refused with 503 at the connection cap.",
+    NONE,
+);
+const IDLE_CONNECTIONS_CLOSED: Spec = spec(
+    "idle_connections_closed_total",
+    "Idle connections closed to make room at the connection cap.",
+    NONE,
+);
+const HTTP_ERRORS: Spec = spec(
+    "http_errors_total",
+    "Public connections that ended in an error, by kind.",
+    &["kind"],
+);
+const BODY_BYTES_IN_FLIGHT: Spec = spec(
+    "body_bytes_in_flight",
+    "Bytes reserved for request bodies in progress.",
+    NONE,
+);
+const TARGET_CIRCUIT: Spec = spec(
+    "target_circuit",
+    "A target's circuit: 0 closed, 1 open (no attempts), 2 probing.",
+    TARGET,
+);
+const BUILD_INFO: Spec = spec("build_info", "The running version; always 1.", &["version"]);
+
+/// Registers collectors of [`Spec`]s in the relay's registry.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn register<C: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        collector: C,
+    ) -> Result<C, MetricsError> {
+        self.0.register(Box::new(collector.clone()))?;
+        Ok(collector)
+    }
+
+    fn opts(spec: &Spec) -> Opts {
+        Opts::new(spec.name, spec.help)
+    }
+
+    fn counters(&self, spec: Spec) -> Result<IntCounterVec, MetricsError> {
+        self.register(IntCounterVec::new(Self::opts(&spec), spec.labels)?)
+    }
+
+    fn counter(&self, spec: Spec) -> Result<IntCounter, MetricsError> {
+        self.register(IntCounter::with_opts(Self::opts(&spec))?)
+    }
+
+    fn gauge(&self, spec: Spec) -> Result<IntGauge, MetricsError> {
+        self.register(IntGauge::with_opts(Self::opts(&spec))?)
+    }
+
+    fn gauges(&self, spec: Spec) -> Result<IntGaugeVec, MetricsError> {
+        self.register(IntGaugeVec::new(Self::opts(&spec), spec.labels)?)
+    }
+
+    fn float_gauges(&self, spec: Spec) -> Result<GaugeVec, MetricsError> {
+        self.register(GaugeVec::new(Self::opts(&spec), spec.labels)?)
+    }
+
+    fn histograms(&self, spec: Spec, buckets: &[f64]) -> Result<HistogramVec, MetricsError> {
+        let opts = HistogramOpts::new(spec.name, spec.help).buckets(buckets.to_vec());
+        self.register(HistogramVec::new(opts, spec.labels)?)
+    }
+}
+
 impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
-        let registry = Registry::new_custom(Some("wxrelay".into()), None)?;
-        fn counter(
-            r: &Registry,
-            name: &str,
-            help: &str,
-            labels: &[&str],
-        ) -> Result<IntCounterVec, MetricsError> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
-        fn histogram(
-            r: &Registry,
-            name: &str,
-            help: &str,
-            labels: &[&str],
-            buckets: &[f64],
-        ) -> Result<HistogramVec, MetricsError> {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )?;
-            r.register(Box::new(h.clone()))?;
-            Ok(h)
-        }
-        let r = &registry;
-        let spool_pending = IntGaugeVec::new(
-            Opts::new(
-                "spool_pending",
-                "Deliveries waiting in the spool, per target.",
-            ),
-            &["target"],
-        )?;
-        r.register(Box::new(spool_pending.clone()))?;
-        let spool_oldest_age = GaugeVec::new(
-            Opts::new(
-                "spool_oldest_pending_age_seconds",
-                "Age of the oldest event still waiting for a target.",
-            ),
-            &["target"],
-        )?;
-        r.register(Box::new(spool_oldest_age.clone()))?;
-        let build_info = IntGaugeVec::new(
-            Opts::new("build_info", "The running version; always 1."),
-            &["version"],
-        )?;
-        r.register(Box::new(build_info.clone()))?;
-        let target_circuit = IntGaugeVec::new(
-            Opts::new(
-                "target_circuit",
-                "A target's circuit: 0 closed, 1 open (no attempts), 2 probing.",
-            ),
-            &["target"],
-        )?;
-        r.register(Box::new(target_circuit.clone()))?;
-        fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
-            let g = IntGauge::new(name, help)?;
-            r.register(Box::new(g.clone()))?;
-            Ok(g)
-        }
-        fn count(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
-            let c = IntCounter::new(name, help)?;
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
-        build_info
+        let r = Registrar(Registry::new_custom(Some("wxrelay".into()), None)?);
+        r.gauges(BUILD_INFO)?
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         Ok(Self {
-            pushes: counter(
-                r,
-                "pushes_total",
-                "Pushes (POST) by account and verdict.",
-                &["account", "verdict"],
-            )?,
-            url_checks: counter(
-                r,
-                "url_checks_total",
-                "URL checks (GET) by account and verdict.",
-                &["account", "verdict"],
-            )?,
-            answer_seconds: histogram(
-                r,
-                "answer_duration_seconds",
-                "Time to answer a push; WeChat gives up at 5 s.",
-                &["account"],
-                ANSWER_BUCKETS,
-            )?,
-            events: counter(
-                r,
-                "events_total",
-                "Accepted events by account, MsgType and Event.",
-                &["account", "msg_type", "event"],
-            )?,
-            deliveries: counter(
-                r,
-                "deliveries_total",
-                "Delivery attempts by target and outcome.",
-                &["target", "outcome"],
-            )?,
-            delivery_seconds: histogram(
-                r,
-                "delivery_duration_seconds",
-                "Duration of delivery attempts.",
-                &["target"],
-                DELIVERY_BUCKETS,
-            )?,
-            spool_pending,
-            spool_oldest_age,
-            dead_letters: counter(
-                r,
-                "dead_letters_total",
-                "Deliveries moved to the dead-letter table, by target and reason.",
-                &["target", "reason"],
-            )?,
-            previous_key_decrypts: counter(
-                r,
-                "previous_key_decrypts_total",
-                "Pushes that only the previous EncodingAESKey decrypted.",
-                &["account"],
-            )?,
-            reloads: counter(
-                r,
-                "config_reloads_total",
-                "Configuration reloads by result.",
-                &["result"],
-            )?,
-            replies: counter(
-                r,
-                "replies_total",
-                "What the reply target's inline attempt gave WeChat.",
-                &["account", "outcome"],
-            )?,
-            login_events: counter(
-                r,
-                "login_events_total",
-                "Accepted login events (subscribe_scene, subscribe_plain, scan) by account.",
-                &["account", "event"],
-            )?,
-            login_delivery_seconds: histogram(
-                r,
-                "login_delivery_seconds",
-                "Time from a login event's arrival to a target's 2xx.",
-                &["target"],
-                LOGIN_BUCKETS,
-            )?,
-            spool_failures: counter(
-                r,
-                "spool_failures_total",
-                "Delivery work the spool could not do, by target and operation.",
-                &["target", "operation"],
-            )?,
-            open_connections: gauge(
-                r,
-                "open_connections",
-                "Connections open on the public address.",
-            )?,
-            connections_refused: count(
-                r,
-                "connections_refused_total",
-                "Connections refused with 503 at the connection cap.",
-            )?,
-            idle_connections_closed: count(
-                r,
-                "idle_connections_closed_total",
-                "Idle connections closed to make room at the connection cap.",
-            )?,
-            http_errors: counter(
-                r,
-                "http_errors_total",
-                "Public connections that ended in an error, by kind.",
-                &["kind"],
-            )?,
-            body_bytes_in_flight: gauge(
-                r,
-                "body_bytes_in_flight",
-                "Bytes reserved for request bodies in progress.",
-            )?,
-            target_circuit,
-            registry,
+            pushes: r.counters(PUSHES)?,
+            url_checks: r.counters(URL_CHECKS)?,
+            answer_seconds: r.histograms(ANSWER_SECONDS, ANSWER_BUCKETS)?,
+            events: r.counters(EVENTS)?,
+            deliveries: r.counters(DELIVERIES)?,
+            delivery_seconds: r.histograms(DELIVERY_SECONDS, DELIVERY_BUCKETS)?,
+            spool_pending: r.gauges(SPOOL_PENDING)?,
+            spool_oldest_age: r.float_gauges(SPOOL_OLDEST_AGE)?,
+            dead_letters: r.counters(DEAD_LETTERS)?,
+            previous_key_decrypts: r.counters(PREVIOUS_KEY_DECRYPTS)?,
+            reloads: r.counters(RELOADS)?,
+            replies: r.counters(REPLIES)?,
+            login_events: r.counters(LOGIN_EVENTS)?,
+            login_delivery_seconds: r.histograms(LOGIN_DELIVERY_SECONDS, LOGIN_BUCKETS)?,
+            spool_failures: r.counters(SPOOL_FAILURES)?,
+            open_connections: r.gauge(OPEN_CONNECTIONS)?,
+            connections_refused: r.counter(CONNECTIONS_REFUSED)?,
+            idle_connections_closed: r.counter(IDLE_CONNECTIONS_CLOSED)?,
+            http_errors: r.counters(HTTP_ERRORS)?,
+            body_bytes_in_flight: r.gauge(BODY_BYTES_IN_FLIGHT)?,
+            target_circuit: r.gauges(TARGET_CIRCUIT)?,
+            registry: r.0,
         })
     }
 
