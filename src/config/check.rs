@@ -3,7 +3,11 @@
 //! fingerprints, and URL passwords are masked.
 
 use super::units::format_size;
-use super::{Secret, Settings, SpoolBackend};
+use super::{
+    Account, Adapters, Breaker, RetryPolicy, Secret, ServerSettings, Settings, SpoolBackend,
+    SpoolSettings, Target,
+};
+use crate::route::Rule;
 use crate::wechat::crypto::KeyRing;
 use humantime::format_duration;
 use std::fmt::{self, Display, Write as _};
@@ -16,8 +20,28 @@ pub fn render_check(settings: &Settings) -> String {
     out
 }
 
+/// The report, one section after the other.
 fn report(settings: &Settings, out: &mut String) -> fmt::Result {
-    let s = &settings.server;
+    server(&settings.server, out)?;
+    spool(&settings.spool, out)?;
+    for account in settings.accounts.values() {
+        self::account(account, out)?;
+    }
+    for target in settings.targets.values() {
+        self::target(target, out)?;
+    }
+    routes(&settings.routes, out)?;
+    let warnings = settings.warnings();
+    if !warnings.is_empty() {
+        writeln!(out, "\nwarnings")?;
+        for warning in warnings {
+            writeln!(out, "  - {warning}")?;
+        }
+    }
+    Ok(())
+}
+
+fn server(s: &ServerSettings, out: &mut String) -> fmt::Result {
     writeln!(out, "server")?;
     row(out, "listen", format!("{} (WeChat pushes)", s.listen))?;
     row(
@@ -36,10 +60,12 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
     row(out, "reply_budget", format_duration(s.reply_budget))?;
     row(out, "header_timeout", format_duration(s.header_timeout))?;
     row(out, "shutdown_timeout", format_duration(s.shutdown_timeout))?;
-    row(out, "admin_token", masked(s.admin_token.as_ref()))?;
+    row(out, "admin_token", masked(s.admin_token.as_ref()))
+}
 
+fn spool(spool: &SpoolSettings, out: &mut String) -> fmt::Result {
     writeln!(out, "\nspool")?;
-    match &settings.spool.backend {
+    match &spool.backend {
         SpoolBackend::Sqlite { path } => {
             row(out, "backend", "sqlite")?;
             row(out, "path", path.display())?;
@@ -55,105 +81,104 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
             }
         }
     }
-    row(
-        out,
-        "dedup_window",
-        format_duration(settings.spool.dedup_window),
-    )?;
+    row(out, "dedup_window", format_duration(spool.dedup_window))
+}
 
-    for account in settings.accounts.values() {
-        writeln!(out, "\naccount {} at /wx/{}", account.id, account.id)?;
-        row(out, "app_id", &account.app_id)?;
-        row(out, "mode", account.mode.as_str())?;
-        row(out, "token", &account.token)?;
-        keys(out, account.keys.as_ref())?;
-        match account.timestamp_window {
-            None => row(out, "timestamp_window", "off")?,
-            Some(window) => row(out, "timestamp_window", format_duration(window))?,
-        }
+fn account(account: &Account, out: &mut String) -> fmt::Result {
+    writeln!(out, "\naccount {} at /wx/{}", account.id, account.id)?;
+    row(out, "app_id", &account.app_id)?;
+    row(out, "mode", account.mode.as_str())?;
+    row(out, "token", &account.token)?;
+    keys(out, account.keys.as_ref())?;
+    match account.timestamp_window {
+        None => row(out, "timestamp_window", "off"),
+        Some(window) => row(out, "timestamp_window", format_duration(window)),
     }
+}
 
-    for target in settings.targets.values() {
-        let url = masked_url(&target.url);
-        let retry = &target.retry;
-        let delays: Vec<String> = retry
-            .delays
-            .iter()
-            .map(|d| format_duration(*d).to_string())
-            .collect();
-        let schedule = if delays.is_empty() {
-            "no retries".to_owned()
-        } else {
-            format!("waits {}", delays.join(", "))
-        };
-        writeln!(out, "\ntarget {}", target.name)?;
-        row(out, "url", url)?;
-        row(out, "format", target.format.as_str())?;
-        row(
-            out,
-            "retry",
-            format!(
-                "{}: {} attempts over {} ({schedule})",
-                retry.class.as_str(),
-                retry.max_attempts(),
-                format_duration(retry.span()),
-            ),
-        )?;
-        row(out, "timeout", format_duration(target.timeout))?;
-        row(out, "concurrency", target.concurrency)?;
-        if target.paused {
-            row(out, "paused", "yes: deliveries wait in the spool")?;
-        }
-        match target.max_age {
-            None => row(out, "max_age", "off")?,
-            Some(age) => row(out, "max_age", format_duration(age))?,
-        }
-        row(out, "ordering", target.ordering.as_str())?;
-        let breaker = &target.breaker;
-        if breaker.failures == 0 {
-            row(out, "breaker", "off")?;
-        } else {
-            row(
-                out,
-                "breaker",
-                format!(
-                    "opens after {} failures in a row; probes after {}, up to every {}",
-                    breaker.failures,
-                    format_duration(breaker.backoff),
-                    format_duration(breaker.max_backoff)
-                ),
-            )?;
-        }
-        row(out, "secret", masked(target.secret.as_ref()))?;
-        if let Some(server) = &target.wechat {
-            row(out, "mode", server.mode.as_str())?;
-            let app_id = server.app_id.as_deref().unwrap_or("the event's account's");
-            row(out, "app_id", app_id)?;
-            row(out, "token", &server.token)?;
-            keys(out, server.keys.as_ref())?;
-        }
-        let a = &target.adapters;
-        let adapters: Vec<String> = [
-            a.strip_qrscene
-                .then(|| "event_key = strip_qrscene".to_owned()),
-            a.subscribe_as_scan.then(|| "subscribe_as_scan".to_owned()),
-            a.content_type
-                .as_ref()
-                .map(|c| format!("content_type = {c}")),
-        ]
-        .into_iter()
-        .flatten()
+fn target(target: &Target, out: &mut String) -> fmt::Result {
+    writeln!(out, "\ntarget {}", target.name)?;
+    row(out, "url", masked_url(&target.url))?;
+    row(out, "format", target.format.as_str())?;
+    row(out, "retry", retry(&target.retry))?;
+    row(out, "timeout", format_duration(target.timeout))?;
+    row(out, "concurrency", target.concurrency)?;
+    if target.paused {
+        row(out, "paused", "yes: deliveries wait in the spool")?;
+    }
+    match target.max_age {
+        None => row(out, "max_age", "off")?,
+        Some(age) => row(out, "max_age", format_duration(age))?,
+    }
+    row(out, "ordering", target.ordering.as_str())?;
+    row(out, "breaker", breaker(&target.breaker))?;
+    row(out, "secret", masked(target.secret.as_ref()))?;
+    if let Some(server) = &target.wechat {
+        row(out, "mode", server.mode.as_str())?;
+        let app_id = server.app_id.as_deref().unwrap_or("the event's account's");
+        row(out, "app_id", app_id)?;
+        row(out, "token", &server.token)?;
+        keys(out, server.keys.as_ref())?;
+    }
+    let adapters = adapters(&target.adapters);
+    if !adapters.is_empty() {
+        row(out, "adapters", adapters.join(", "))?;
+    }
+    Ok(())
+}
+
+/// `durable: 8 attempts over 1d (waits 5s, 30s, …)`.
+fn retry(retry: &RetryPolicy) -> String {
+    let delays: Vec<String> = retry
+        .delays
+        .iter()
+        .map(|d| format_duration(*d).to_string())
         .collect();
-        if !adapters.is_empty() {
-            row(out, "adapters", adapters.join(", "))?;
-        }
-    }
+    let schedule = if delays.is_empty() {
+        "no retries".to_owned()
+    } else {
+        format!("waits {}", delays.join(", "))
+    };
+    format!(
+        "{}: {} attempts over {} ({schedule})",
+        retry.class.as_str(),
+        retry.max_attempts(),
+        format_duration(retry.span()),
+    )
+}
 
+fn breaker(breaker: &Breaker) -> String {
+    if breaker.failures == 0 {
+        return "off".to_owned();
+    }
+    format!(
+        "opens after {} failures in a row; probes after {}, up to every {}",
+        breaker.failures,
+        format_duration(breaker.backoff),
+        format_duration(breaker.max_backoff)
+    )
+}
+
+fn adapters(a: &Adapters) -> Vec<String> {
+    [
+        a.strip_qrscene
+            .then(|| "event_key = strip_qrscene".to_owned()),
+        a.subscribe_as_scan.then(|| "subscribe_as_scan".to_owned()),
+        a.content_type
+            .as_ref()
+            .map(|c| format!("content_type = {c}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+fn routes(routes: &[Rule], out: &mut String) -> fmt::Result {
     writeln!(out, "\nroutes (first match wins)")?;
-    if settings.routes.is_empty() {
+    if routes.is_empty() {
         writeln!(out, "  (none)")?;
     }
-    for (i, rule) in settings.routes.iter().enumerate() {
+    for (i, rule) in routes.iter().enumerate() {
         let to: Vec<String> = rule
             .to
             .iter()
@@ -164,14 +189,6 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
             .collect();
         let described = rule.matcher.describe();
         writeln!(out, "  [{i}] {described} -> {}", to.join(", "))?;
-    }
-
-    let warnings = settings.warnings();
-    if !warnings.is_empty() {
-        writeln!(out, "\nwarnings")?;
-        for warning in warnings {
-            writeln!(out, "  - {warning}")?;
-        }
     }
     Ok(())
 }
