@@ -125,30 +125,8 @@ impl Problems {
 }
 
 fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
-    let listen = address(p, "server.listen", raw.listen, DEFAULT_LISTEN);
-    let admin_listen = address(
-        p,
-        "server.admin_listen",
-        raw.admin_listen,
-        DEFAULT_ADMIN_LISTEN,
-    );
-    if same_socket(listen, admin_listen) {
-        p.add(
-            "server.admin_listen",
-            "must differ from server.listen: the admin API must never be reachable on the public address",
-        );
-    }
-    let max_body = match raw.max_body {
-        None => DEFAULT_MAX_BODY,
-        Some(text) => match p.ok("server.max_body", parse_size(&text.0)) {
-            Some(size) if MAX_BODY_RANGE.contains(&size) => size,
-            Some(_) => {
-                p.add("server.max_body", "must be between 1KiB and 16MiB");
-                DEFAULT_MAX_BODY
-            }
-            None => DEFAULT_MAX_BODY,
-        },
-    };
+    let (listen, admin_listen) = listeners(p, raw.listen, raw.admin_listen);
+    let max_body = max_body(p, raw.max_body);
     let (max_connections, max_body_bytes_in_flight) = capacity(
         p,
         raw.max_connections,
@@ -192,6 +170,37 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
         ),
         admin_token,
         allow_unauthenticated_admin,
+    }
+}
+
+/// The public and admin addresses, which must differ.
+fn listeners(
+    p: &mut Problems,
+    listen: Option<String>,
+    admin_listen: Option<String>,
+) -> (SocketAddr, SocketAddr) {
+    let listen = address(p, "server.listen", listen, DEFAULT_LISTEN);
+    let admin_listen = address(p, "server.admin_listen", admin_listen, DEFAULT_ADMIN_LISTEN);
+    if same_socket(listen, admin_listen) {
+        p.add(
+            "server.admin_listen",
+            "must differ from server.listen: the admin API must never be reachable on the public address",
+        );
+    }
+    (listen, admin_listen)
+}
+
+fn max_body(p: &mut Problems, raw: Option<StringOrNumber>) -> usize {
+    let Some(text) = raw else {
+        return DEFAULT_MAX_BODY;
+    };
+    match p.ok("server.max_body", parse_size(&text.0)) {
+        Some(size) if MAX_BODY_RANGE.contains(&size) => size,
+        Some(_) => {
+            p.add("server.max_body", "must be between 1KiB and 16MiB");
+            DEFAULT_MAX_BODY
+        }
+        None => DEFAULT_MAX_BODY,
     }
 }
 
@@ -344,26 +353,7 @@ fn spool(mut raw: RawSpool, p: &mut Problems) -> SpoolSettings {
 }
 
 fn postgres(raw: RawSpool, p: &mut Problems) -> PostgresSettings {
-    let (url, display) = match secret_source(p, "spool.url", raw.url, raw.url_file) {
-        Ok(Some((url, path))) => match postgres_url(url.expose()) {
-            Ok(display) => (url, display),
-            Err(message) => {
-                p.add(path, message);
-                (url, String::new())
-            }
-        },
-        Ok(None) => {
-            p.add(
-                "spool.url",
-                format!(
-                    "required with backend = \"postgres\": set url, url_file or \
-                     {ENV_PREFIX}SPOOL__URL (e.g. postgres://relay@db.internal:5432/relay)"
-                ),
-            );
-            (Secret::new(""), String::new())
-        }
-        Err(()) => (Secret::new(""), String::new()),
-    };
+    let (url, display) = postgres_url_setting(p, raw.url, raw.url_file);
     let schema = raw.schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
     if !is_identifier(&schema) {
         p.add(
@@ -389,7 +379,49 @@ fn postgres(raw: RawSpool, p: &mut Problems) -> PostgresSettings {
             DEFAULT_POOL_SIZE
         }
     };
-    let sslmode = match raw.sslmode.as_deref() {
+    let sslmode = sslmode(p, raw.sslmode.as_deref(), raw.ca_file.as_deref());
+    PostgresSettings {
+        url,
+        display,
+        schema,
+        pool_size,
+        sslmode,
+        ca_file: raw.ca_file,
+    }
+}
+
+/// The database URL, from `url`, `url_file` or the environment, and how it
+/// is shown (without its password).
+fn postgres_url_setting(
+    p: &mut Problems,
+    url: Option<Secret>,
+    url_file: Option<PathBuf>,
+) -> (Secret, String) {
+    match secret_source(p, "spool.url", url, url_file) {
+        Ok(Some((url, path))) => match postgres_url(url.expose()) {
+            Ok(display) => (url, display),
+            Err(message) => {
+                p.add(path, message);
+                (url, String::new())
+            }
+        },
+        Ok(None) => {
+            p.add(
+                "spool.url",
+                format!(
+                    "required with backend = \"postgres\": set url, url_file or \
+                     {ENV_PREFIX}SPOOL__URL (e.g. postgres://relay@db.internal:5432/relay)"
+                ),
+            );
+            (Secret::new(""), String::new())
+        }
+        Err(()) => (Secret::new(""), String::new()),
+    }
+}
+
+/// `sslmode`, and the `ca_file` it needs or cannot use.
+fn sslmode(p: &mut Problems, raw: Option<&str>, ca_file: Option<&std::path::Path>) -> SslMode {
+    let sslmode = match raw {
         None => SslMode::Disable,
         Some(text) => SslMode::ALL
             .into_iter()
@@ -404,7 +436,7 @@ fn postgres(raw: RawSpool, p: &mut Problems) -> PostgresSettings {
                 SslMode::Disable
             }),
     };
-    if sslmode == SslMode::Require && raw.ca_file.is_none() {
+    if sslmode == SslMode::Require && ca_file.is_none() {
         // With no name check, trusting the public roots would trust anyone
         // holding a public certificate for any name.
         p.add(
@@ -413,7 +445,7 @@ fn postgres(raw: RawSpool, p: &mut Problems) -> PostgresSettings {
              so only your own CA may be trusted (or use sslmode = \"verify-full\")",
         );
     }
-    if let Some(file) = &raw.ca_file {
+    if let Some(file) = ca_file {
         if sslmode == SslMode::Disable {
             p.add(
                 "spool.ca_file",
@@ -426,14 +458,7 @@ fn postgres(raw: RawSpool, p: &mut Problems) -> PostgresSettings {
             );
         }
     }
-    PostgresSettings {
-        url,
-        display,
-        schema,
-        pool_size,
-        sslmode,
-        ca_file: raw.ca_file,
-    }
+    sslmode
 }
 
 /// Checks a PostgreSQL connection string (a URL or `key=value` pairs) and
@@ -725,64 +750,18 @@ fn target(name: String, mut raw: RawTarget, p: &mut Problems) -> Option<Target> 
     let at = |key: &str| format!("targets.{name}.{key}");
     let found = p.0.len();
     check_name(p, &format!("targets.{name}"), &name, "target name");
-
-    let url = match raw.url {
-        None => {
-            p.add(at("url"), "required: where deliveries are POSTed");
-            None
-        }
-        Some(text) => p.ok(&at("url"), check_url(&text)),
-    };
-
-    // `None` when invalid: the secret rules below depend on the format.
-    let format = match raw.format {
+    // `None` when invalid: the rules below that depend on the format skip.
+    let format = match raw.format.take() {
         None => Some(Format::Raw),
         Some(text) => p.ok(
             &at("format"),
             choice(&Format::ALL, Format::as_str, &text, "format"),
         ),
     };
-    let class = match raw.retry {
-        None => RetryClass::Durable,
-        Some(text) => p
-            .ok(
-                &at("retry"),
-                choice(&RetryClass::ALL, RetryClass::as_str, &text, "retry class"),
-            )
-            .unwrap_or(RetryClass::Durable),
-    };
-    let mut retry = RetryPolicy::for_class(class);
-    if let Some(schedule) = raw.retry_schedule {
-        retry.delays = schedule
-            .into_iter()
-            .enumerate()
-            .map(|(i, text)| {
-                p.duration(
-                    &format!("{}[{i}]", at("retry_schedule")),
-                    Some(text),
-                    Duration::ZERO,
-                )
-            })
-            .collect();
-    }
-
-    if let (Some(url), Some(format)) = (&url, format) {
-        p.ok(&at("url"), check_query_for(url, format));
-    }
-
-    let timeout = p.duration(&at("timeout"), raw.timeout, DEFAULT_TARGET_TIMEOUT);
-
-    let concurrency = match raw.concurrency {
-        None => DEFAULT_CONCURRENCY,
-        Some(n) if CONCURRENCY_RANGE.contains(&n) => {
-            usize::try_from(n).unwrap_or(DEFAULT_CONCURRENCY)
-        }
-        Some(_) => {
-            p.add(at("concurrency"), "must be between 1 and 1024");
-            DEFAULT_CONCURRENCY
-        }
-    };
-
+    let url = target_url(p, &at, raw.url.take(), format);
+    let (class, retry) = retry(p, &at, raw.retry.take(), raw.retry_schedule.take());
+    let timeout = p.duration(&at("timeout"), raw.timeout.take(), DEFAULT_TARGET_TIMEOUT);
+    let concurrency = concurrency(p, &at, raw.concurrency);
     let adapters = adapters(
         p,
         &at,
@@ -793,48 +772,19 @@ fn target(name: String, mut raw: RawTarget, p: &mut Problems) -> Option<Target> 
             raw.content_type.take(),
         ),
     );
-    let secret = match (format, raw.secret.take()) {
-        (Some(Format::Json), None) => {
-            p.add(
-                at("secret"),
-                "required when format is json: a Standard Webhooks secret, \"whsec_\" followed by base64",
-            );
-            None
-        }
-        (Some(Format::Json), Some(secret)) => p.ok(
-            &at("secret"),
-            decode_webhook_secret(secret.expose()).map(|_| secret),
-        ),
-        (Some(other), Some(_)) => {
-            let message = format!(
-                "is only used with format = \"json\", not {:?}",
-                other.as_str()
-            );
-            p.add(at("secret"), message);
-            None
-        }
-        (Some(_), None) | (None, _) => None,
-    };
-
-    let max_age = match raw.max_age.as_deref() {
-        None => class.default_max_age(),
-        Some("off") => None,
-        Some(text) => Some(p.duration(
-            &at("max_age"),
-            Some(text.to_owned()),
-            Duration::from_secs(1),
-        )),
-    };
-    let ordering = match raw.ordering {
-        None => Ordering::Unordered,
-        Some(text) => p
-            .ok(
-                &at("ordering"),
-                choice(&Ordering::ALL, Ordering::as_str, &text, "ordering"),
-            )
-            .unwrap_or(Ordering::Unordered),
-    };
-    let breaker = breaker(&at("breaker"), raw.breaker, class.default_breaker(), p);
+    let secret = secret(p, &at, format, raw.secret.take());
+    let max_age = max_age(p, &at, raw.max_age.take(), class);
+    let ordering = raw.ordering.take().map_or(Ordering::Unordered, |text| {
+        let ordering = choice(&Ordering::ALL, Ordering::as_str, &text, "ordering");
+        p.ok(&at("ordering"), ordering)
+            .unwrap_or(Ordering::Unordered)
+    });
+    let breaker = breaker(
+        &at("breaker"),
+        raw.breaker.take(),
+        class.default_breaker(),
+        p,
+    );
     let paused = raw.paused.unwrap_or(false);
     let credentials = RawCredentials {
         token: raw.token,
@@ -863,6 +813,121 @@ fn target(name: String, mut raw: RawTarget, p: &mut Problems) -> Option<Target> 
         wechat,
         adapters,
     })
+}
+
+/// A target's URL: required, http or https, and fit for its format.
+fn target_url(
+    p: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    raw: Option<String>,
+    format: Option<Format>,
+) -> Option<url::Url> {
+    let Some(text) = raw else {
+        p.add(at("url"), "required: where deliveries are POSTed");
+        return None;
+    };
+    let url = p.ok(&at("url"), check_url(&text))?;
+    match format {
+        Some(format) => p
+            .ok(&at("url"), check_query_for(&url, format))
+            .map(|()| url),
+        None => Some(url),
+    }
+}
+
+/// The retry class, and its schedule or the one the target sets.
+fn retry(
+    p: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    class: Option<String>,
+    schedule: Option<Vec<String>>,
+) -> (RetryClass, RetryPolicy) {
+    let class = match class {
+        None => RetryClass::Durable,
+        Some(text) => p
+            .ok(
+                &at("retry"),
+                choice(&RetryClass::ALL, RetryClass::as_str, &text, "retry class"),
+            )
+            .unwrap_or(RetryClass::Durable),
+    };
+    let mut retry = RetryPolicy::for_class(class);
+    if let Some(schedule) = schedule {
+        retry.delays = schedule
+            .into_iter()
+            .enumerate()
+            .map(|(i, text)| {
+                p.duration(
+                    &format!("{}[{i}]", at("retry_schedule")),
+                    Some(text),
+                    Duration::ZERO,
+                )
+            })
+            .collect();
+    }
+    (class, retry)
+}
+
+fn concurrency(p: &mut Problems, at: &dyn Fn(&str) -> String, raw: Option<i64>) -> usize {
+    match raw {
+        None => DEFAULT_CONCURRENCY,
+        Some(n) if CONCURRENCY_RANGE.contains(&n) => {
+            usize::try_from(n).unwrap_or(DEFAULT_CONCURRENCY)
+        }
+        Some(_) => {
+            p.add(at("concurrency"), "must be between 1 and 1024");
+            DEFAULT_CONCURRENCY
+        }
+    }
+}
+
+/// The Standard Webhooks secret: required for `json`, refused elsewhere.
+fn secret(
+    p: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    format: Option<Format>,
+    secret: Option<Secret>,
+) -> Option<Secret> {
+    match (format, secret) {
+        (Some(Format::Json), None) => {
+            p.add(
+                at("secret"),
+                "required when format is json: a Standard Webhooks secret, \"whsec_\" followed by base64",
+            );
+            None
+        }
+        (Some(Format::Json), Some(secret)) => p.ok(
+            &at("secret"),
+            decode_webhook_secret(secret.expose()).map(|_| secret),
+        ),
+        (Some(other), Some(_)) => {
+            let message = format!(
+                "is only used with format = \"json\", not {:?}",
+                other.as_str()
+            );
+            p.add(at("secret"), message);
+            None
+        }
+        (Some(_), None) | (None, _) => None,
+    }
+}
+
+/// `max_age`: a duration, `off`, or the retry class's default.
+fn max_age(
+    p: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    raw: Option<String>,
+    class: RetryClass,
+) -> Option<Duration> {
+    match raw.as_deref() {
+        None => class.default_max_age(),
+        Some("off") => None,
+        Some(text) => Some(p.duration(
+            &at("max_age"),
+            Some(text.to_owned()),
+            Duration::from_secs(1),
+        )),
+    }
 }
 
 /// A `format = "wechat"` target's credentials; the keys are refused on any
