@@ -412,23 +412,8 @@ pub fn message_xml(kind: &PushKind, opts: &MessageOptions, now: i64, msg_id: u64
         PushKind::Voice => message("voice", &[media("voice"), text("Format", "amr")]),
         PushKind::Video => message("video", &[media("video"), thumb()]),
         PushKind::Shortvideo => message("shortvideo", &[media("shortvideo"), thumb()]),
-        PushKind::Location => message(
-            "location",
-            &[
-                plain("Location_X", "23.134521"),
-                plain("Location_Y", "113.358803"),
-                plain("Scale", 20),
-                text("Label", "位置信息"),
-            ],
-        ),
-        PushKind::Link => message(
-            "link",
-            &[
-                text("Title", "公众平台官网链接"),
-                text("Description", "公众平台官网链接"),
-                text("Url", "https://mp.weixin.qq.com/s/example"),
-            ],
-        ),
+        PushKind::Location => message("location", &location_fields()),
+        PushKind::Link => message("link", &link_fields()),
         PushKind::Subscribe { scene: None } => event("subscribe", &[text("EventKey", "")]),
         PushKind::Subscribe { scene: Some(scene) } => event(
             "subscribe",
@@ -438,71 +423,102 @@ pub fn message_xml(kind: &PushKind, opts: &MessageOptions, now: i64, msg_id: u64
             ],
         ),
         PushKind::Unsubscribe => event("unsubscribe", &[text("EventKey", "")]),
-        PushKind::Scan { scene } => event("SCAN", &[text("EventKey", scene), text("Ticket", TICKET)]),
+        PushKind::Scan { scene } => {
+            event("SCAN", &[text("EventKey", scene), text("Ticket", TICKET)])
+        }
         PushKind::Click { key } => event("CLICK", &[text("EventKey", key)]),
-        PushKind::View { key } => event("VIEW", &[text("EventKey", key), plain("MenuId", 208396938)]),
-        PushKind::LocationEvent => event(
-            "LOCATION",
-            &[
-                plain("Latitude", "23.137466"),
-                plain("Longitude", "113.352425"),
-                plain("Precision", "119.385040"),
-            ],
-        ),
-        PushKind::ScancodePush => event(
-            "scancode_push",
-            &[
-                text("EventKey", "rselfmenu_0_1"),
-                format!(
-                    "<ScanCodeInfo>{}{}</ScanCodeInfo>",
-                    text("ScanType", "qrcode"),
-                    text("ScanResult", "https://example.com/q?x=1")
-                ),
-            ],
-        ),
+        PushKind::View { key } => {
+            event("VIEW", &[text("EventKey", key), plain("MenuId", 208396938)])
+        }
+        PushKind::LocationEvent => event("LOCATION", &location_event_fields()),
+        PushKind::ScancodePush => event("scancode_push", &scancode_push_fields()),
         PushKind::Templatesendjobfinish => event(
             "TEMPLATESENDJOBFINISH",
             &[plain("MsgID", msg_id), text("Status", "success")],
         ),
-        PushKind::Masssendjobfinish => event(
-            "MASSSENDJOBFINISH",
-            &[
-                plain("MsgID", msg_id),
-                text("Status", "send success"),
-                plain("TotalCount", 100),
-                plain("FilterCount", 80),
-                plain("SentCount", 80),
-                plain("ErrorCount", 0),
-                format!(
-                    "<CopyrightCheckResult>{}<ResultList></ResultList>{}</CopyrightCheckResult>",
-                    plain("Count", 0),
-                    plain("CheckState", 1)
-                ),
-            ],
-        ),
-        PushKind::Publishjobfinish => event(
-            "PUBLISHJOBFINISH",
-            &[format!(
-                "<PublishEventInfo>{}{}{}<article_detail>{}<item>{}{}</item></article_detail></PublishEventInfo>",
-                plain("publish_id", msg_id),
-                plain("publish_status", 0),
-                text("article_id", "SIMULATED_ARTICLE_ID"),
-                plain("count", 1),
-                plain("idx", 1),
-                text("article_url", "https://mp.weixin.qq.com/s/example"),
-            )],
-        ),
-        PushKind::SubscribeMsgPopup => event(
-            "subscribe_msg_popup_event",
-            &[format!(
-                "<SubscribeMsgPopupEvent><List>{}{}{}</List></SubscribeMsgPopupEvent>",
-                text("TemplateId", "SIMULATED_TEMPLATE_ID"),
-                text("SubscribeStatusString", "accept"),
-                plain("PopupScene", 2),
-            )],
-        ),
+        PushKind::Masssendjobfinish => event("MASSSENDJOBFINISH", &masssend_fields(msg_id)),
+        PushKind::Publishjobfinish => event("PUBLISHJOBFINISH", &publish_fields(msg_id)),
+        PushKind::SubscribeMsgPopup => {
+            event("subscribe_msg_popup_event", &subscribe_msg_popup_fields())
+        }
     };
     format!("<xml>{}\n</xml>", lines.join("\n"))
+}
+
+// The fields of the kinds that carry more than one or two, after the head
+// (and, for an event, `Event`).
+
+fn location_fields() -> [String; 4] {
+    [
+        plain("Location_X", "23.134521"),
+        plain("Location_Y", "113.358803"),
+        plain("Scale", 20),
+        text("Label", "位置信息"),
+    ]
+}
+
+fn link_fields() -> [String; 3] {
+    [
+        text("Title", "公众平台官网链接"),
+        text("Description", "公众平台官网链接"),
+        text("Url", "https://mp.weixin.qq.com/s/example"),
+    ]
+}
+
+fn location_event_fields() -> [String; 3] {
+    [
+        plain("Latitude", "23.137466"),
+        plain("Longitude", "113.352425"),
+        plain("Precision", "119.385040"),
+    ]
+}
+
+fn scancode_push_fields() -> [String; 2] {
+    [
+        text("EventKey", "rselfmenu_0_1"),
+        format!(
+            "<ScanCodeInfo>{}{}</ScanCodeInfo>",
+            text("ScanType", "qrcode"),
+            text("ScanResult", "https://example.com/q?x=1")
+        ),
+    ]
+}
+
+fn masssend_fields(msg_id: u64) -> [String; 7] {
+    [
+        plain("MsgID", msg_id),
+        text("Status", "send success"),
+        plain("TotalCount", 100),
+        plain("FilterCount", 80),
+        plain("SentCount", 80),
+        plain("ErrorCount", 0),
+        format!(
+            "<CopyrightCheckResult>{}<ResultList></ResultList>{}</CopyrightCheckResult>",
+            plain("Count", 0),
+            plain("CheckState", 1)
+        ),
+    ]
+}
+
+fn publish_fields(msg_id: u64) -> [String; 1] {
+    [format!(
+        "<PublishEventInfo>{}{}{}<article_detail>{}<item>{}{}</item></article_detail></PublishEventInfo>",
+        plain("publish_id", msg_id),
+        plain("publish_status", 0),
+        text("article_id", "SIMULATED_ARTICLE_ID"),
+        plain("count", 1),
+        plain("idx", 1),
+        text("article_url", "https://mp.weixin.qq.com/s/example"),
+    )]
+}
+
+fn subscribe_msg_popup_fields() -> [String; 1] {
+    [format!(
+        "<SubscribeMsgPopupEvent><List>{}{}{}</List></SubscribeMsgPopupEvent>",
+        text("TemplateId", "SIMULATED_TEMPLATE_ID"),
+        text("SubscribeStatusString", "accept"),
+        plain("PopupScene", 2),
+    )]
 }
 
 /// `<name><![CDATA[value]]></name>`, with any `]]>` in the value split across
