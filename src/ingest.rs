@@ -13,7 +13,7 @@ use crate::spool::{
     UnixMs,
 };
 use crate::wechat::inbound::VerifiedPush;
-use crate::wechat::message::LoginEvent;
+use crate::wechat::message::{LoginEvent, Message};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -112,15 +112,7 @@ impl Ingest {
             .await
             .map_err(|_| IngestError::Timeout)?
             .map_err(IngestError::Spool)?;
-        let mut ingested = Ingested {
-            stored: None,
-            unrouted: routed.is_empty(),
-            msg_type: input.msg_type.to_string(),
-            event_name: message.event().unwrap_or("").to_string(),
-            login: message.login(),
-            kind: kind(message.event(), input.msg_type),
-            key_hash: short_hash(&dedup_key),
-        };
+        let mut ingested = Ingested::taken(message, input.msg_type, &dedup_key, routed.is_empty());
         let (event_id, deliveries, stored) = match enqueued {
             Enqueued::Replayed => return Err(IngestError::Replayed),
             Enqueued::Duplicate => return Ok(ingested),
@@ -143,6 +135,22 @@ impl Ingest {
         });
         ingested.stored = Some(Stored { event_id, reply });
         Ok(ingested)
+    }
+}
+
+impl Ingested {
+    /// What the request path counts and logs of a push taken in, before
+    /// the spool says whether it was stored.
+    fn taken(message: &Message, msg_type: &str, dedup_key: &str, unrouted: bool) -> Ingested {
+        Ingested {
+            stored: None,
+            unrouted,
+            msg_type: msg_type.to_string(),
+            event_name: message.event().unwrap_or("").to_string(),
+            login: message.login(),
+            kind: kind(message.event(), msg_type),
+            key_hash: short_hash(dedup_key),
+        }
     }
 }
 
