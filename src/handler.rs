@@ -14,7 +14,7 @@
 use crate::clock::Clock;
 use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::retry::Verdict;
-use crate::deliver::Dispatcher;
+use crate::deliver::{Dispatcher, Unread};
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
 use crate::metrics::Metrics;
 use crate::spool::DeadReason;
@@ -461,7 +461,7 @@ async fn accept_push(
         // With no time left, an attempt could not even be sent: leave the
         // delivery to the workers rather than count an attempt never made.
         let inline = if remaining < MIN_INLINE_ATTEMPT {
-            None
+            Inline::Nothing
         } else {
             reply_inline(path, to, remaining).await
         };
@@ -480,20 +480,31 @@ async fn accept_push(
 /// The least time worth an inline attempt at the reply target.
 const MIN_INLINE_ATTEMPT: Duration = Duration::from_millis(50);
 
-/// One attempt at the rule's reply target within what is left of the budget:
-/// its answer's body, when it delivered one in time. Its outcome is recorded
-/// like any worker's; a failure leaves the delivery to the workers.
-async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Option<Bytes> {
+/// What the reply target's inline attempt gave for WeChat's answer.
+enum Inline {
+    /// Delivered, with this answer.
+    Answered(Bytes),
+    /// Delivered, with an answer larger than the relay reads: no reply.
+    TooLarge,
+    /// Not delivered (the workers will retry it), or a 2xx whose body did
+    /// not arrive in time (delivered, with nothing to pass on).
+    Nothing,
+}
+
+/// One attempt at the rule's reply target within what is left of the budget.
+/// Its outcome is recorded like any worker's; a failure leaves the delivery
+/// to the workers.
+async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Inline {
     let target = &to.target;
     let timeout = remaining.min(target.timeout);
     let result = path
         .dispatcher
         .attempt_inline(target, to.delivery_id, &to.event, timeout)
         .await;
-    // A 2xx whose body did not arrive in time is delivered, but says nothing.
     match (&result.verdict, result.body) {
-        (Verdict::Delivered, Some(body)) => Some(body),
-        _ => None,
+        (Verdict::Delivered, Ok(body)) => Inline::Answered(body),
+        (Verdict::Delivered, Err(Unread::TooLarge)) => Inline::TooLarge,
+        _ => Inline::Nothing,
     }
 }
 
@@ -505,10 +516,16 @@ fn answer_with(
     account: &Account,
     target: &Target,
     verified: &VerifiedPush,
-    body: Option<Bytes>,
+    inline: Inline,
 ) -> (Bytes, &'static str) {
-    let Some(body) = body else {
-        return (Bytes::from_static(b"success"), "none");
+    let success = Bytes::from_static(b"success");
+    let body = match inline {
+        Inline::Answered(body) => body,
+        Inline::Nothing => return (success, "none"),
+        Inline::TooLarge => {
+            tracing::warn!(account = %account.id, target = %target.name, "reply target answered more than the relay reads of an answer, far more than a reply may have; answering success");
+            return (success, "unverifiable");
+        }
     };
     let to = reply::Answering {
         token: account.token.expose(),

@@ -49,9 +49,18 @@ pub fn client() -> HttpClient {
 pub struct Attempt {
     pub verdict: Verdict,
     pub status: Option<StatusCode>,
-    /// The target's answer (up to 64 KiB), for a passive reply; `None` when
-    /// it did not arrive whole within the timeout (the status still counts).
-    pub body: Option<Bytes>,
+    /// The target's answer (up to 64 KiB), for a passive reply; or why
+    /// there is none to read (the status still counts).
+    pub body: Result<Bytes, Unread>,
+}
+
+/// Why an attempt has no answer's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unread {
+    /// No answer, or a body that did not arrive whole within the timeout.
+    Missing,
+    /// More than the 64 KiB read of an answer: far more than any reply.
+    TooLarge,
 }
 
 /// Sends `event` to `target` once, within `timeout`. `account_app_id` is the
@@ -66,7 +75,7 @@ pub async fn attempt(
     let failed = |verdict| Attempt {
         verdict,
         status: None,
-        body: None,
+        body: Err(Unread::Missing),
     };
     let stamp = format::Stamp {
         now_secs: clock.now_secs(),
@@ -116,14 +125,19 @@ pub async fn attempt(
     // nor a late body changes what the status says.
     let read = Limited::new(body, MAX_ANSWER).collect();
     let body = match tokio::time::timeout_at(deadline, read).await {
-        Ok(Ok(body)) => Some(body.to_bytes()),
-        Ok(Err(_)) | Err(_) => None,
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Unread::TooLarge),
+        Ok(Err(_)) | Err(_) => Err(Unread::Missing),
     };
     answered(parts, body, clock)
 }
 
 /// What an HTTP answer means for the delivery.
-fn answered(parts: http::response::Parts, body: Option<Bytes>, clock: &dyn Clock) -> Attempt {
+fn answered(
+    parts: http::response::Parts,
+    body: Result<Bytes, Unread>,
+    clock: &dyn Clock,
+) -> Attempt {
     let retry_after = parts
         .headers
         .get(RETRY_AFTER)

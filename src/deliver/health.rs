@@ -239,6 +239,7 @@ impl Dispatcher {
 
 #[cfg(test)]
 mod tests {
+    use super::super::attempt::Unread;
     use super::*;
     use bytes::Bytes;
     use http::StatusCode;
@@ -251,7 +252,7 @@ mod tests {
         Attempt {
             verdict,
             status: Some(status),
-            body: Some(Bytes::new()),
+            body: Ok(Bytes::new()),
         }
     }
 
@@ -262,7 +263,7 @@ mod tests {
                 retry_after: None,
             },
             status: None,
-            body: None,
+            body: Err(Unread::Missing),
         }
     }
 
@@ -280,7 +281,7 @@ mod tests {
                 error: "bad request".into(),
             },
             status: None,
-            body: None,
+            body: Err(Unread::Missing),
         };
         assert_eq!(Signal::of(&unsent), Signal::Unsent);
     }

@@ -34,7 +34,7 @@ mod record;
 pub mod retry;
 mod worker;
 
-pub use attempt::{client, HttpClient};
+pub use attempt::{client, HttpClient, Unread};
 
 use crate::clock::Clock;
 use crate::config::Settings;

@@ -3,7 +3,7 @@
 //! says about the target, the retry decision, the metrics, the log line and
 //! the spool's record.
 
-use super::attempt::{attempt, Attempt};
+use super::attempt::{attempt, Attempt, Unread};
 use super::breaker::Phase;
 use super::faults::{Faults, Repeat};
 use super::retry::{self, Verdict};
@@ -67,7 +67,7 @@ impl Dispatcher {
                     retry_after: None,
                 },
                 status: None,
-                body: None,
+                body: Err(Unread::Missing),
             };
         }
         let due = Due {

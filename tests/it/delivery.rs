@@ -1054,8 +1054,8 @@ async fn a_reply_targets_2xx_whose_body_stalls_answers_success_and_is_delivered(
 
 /// WeChat takes a text reply's `Content` up to 2,048 bytes: a reply far
 /// beyond what WeChat takes (60,000 bytes of it in plaintext, 10,000 sealed
-/// by the target, whose envelope fits in what the relay reads of an answer)
-/// is never passed or sealed, but answered `success`.
+/// by the target, 70,000, more than the relay reads of an answer) is never
+/// passed or sealed, but answered `success` and counted `unverifiable`.
 #[tokio::test]
 async fn a_reply_larger_than_wechat_takes_becomes_success() {
     let g = generated();
@@ -1074,10 +1074,13 @@ async fn a_reply_larger_than_wechat_takes_becomes_success() {
         "31337",
         &reply::random_bytes(),
     );
+    // More than the relay reads of an answer at all.
+    let unread = with_content(&"a".repeat(70_000));
     let cases = [
         ("secure.scan_str", &longest, false),
         ("secure.scan_id", &huge, true),
         ("secure.subscribe_qrscene_str", &huge_sealed, true),
+        ("secure.subscribe_qrscene_id", &unread, true),
     ];
     for (id, body, refused) in cases {
         broker.script([Behaviour::body(200, "text/xml", body)]);
@@ -1088,7 +1091,7 @@ async fn a_reply_larger_than_wechat_takes_becomes_success() {
     let m = relay.metrics().await;
     let replies =
         |outcome: &str| common::metric(&m, "wxrelay_replies_total", &[("outcome", outcome)]);
-    assert_eq!(replies("unverifiable"), 2.0, "{m}");
+    assert_eq!(replies("unverifiable"), 3.0, "{m}");
     assert_eq!(replies("encrypted"), 1.0, "{m}");
     relay.stop().await;
 }
