@@ -82,9 +82,13 @@ impl Ingest {
     ) -> Result<Ingested, IngestError> {
         let message = &push.message;
         let now = UnixMs(self.clock.now_ms());
-        let input = route::route_input(&account.id, message);
-        let rule = route::route(&config.routes, &input).map(|(_, rule)| rule);
-        let reply_from = rule.and_then(|r| r.reply_from.as_deref());
+        let subject = route::subject(&account.id, message, &push.origin);
+        let input = subject.input;
+        let rule = route::route(&config.routes, subject).map(|(_, rule)| rule);
+        // A family that answers `success` only has no reply to wait for.
+        let reply_from = rule
+            .and_then(|r| r.reply_from.as_deref())
+            .filter(|_| push.origin.takes_reply());
         let reply_due_at = self
             .dispatcher
             .reply_due_at(now, config.server.reply_budget);
@@ -93,7 +97,10 @@ impl Ingest {
             deliveries(config, &rule.to, reply_from, now, reply_due_at, user)
         });
 
-        let dedup_key = format!("{}|{}", account.id, message.dedup_key());
+        let dedup_key = match push.origin.dedup_scope(message) {
+            None => format!("{}|{}", account.id, message.dedup_key()),
+            Some(scope) => format!("{}|{scope}|{}", account.id, message.dedup_key()),
+        };
         let dedup_window = config.spool.dedup_window.as_millis() as i64;
         // Until the query goes stale, a replay of it must still find its guard
         // and its dedup key, even when the timestamp is ahead of the clock.
@@ -148,7 +155,7 @@ impl Ingested {
             msg_type: msg_type.to_string(),
             event_name: message.event().unwrap_or("").to_string(),
             login: message.login(),
-            kind: kind(message.event(), msg_type),
+            kind: kind(message, msg_type),
             key_hash: short_hash(dedup_key),
         }
     }
@@ -178,7 +185,7 @@ fn stored_event(
         query: push.query.clone(),
         body,
         xml: push.xml.clone(),
-        fields: push.message.fields_json().to_string(),
+        fields: push.fields.to_string(),
         msg_type: msg_type.to_string(),
         event_type: push.message.event().map(str::to_string),
     }
@@ -212,11 +219,13 @@ fn deliveries(
         .collect()
 }
 
-/// `event/{Event}` for an event, the MsgType otherwise.
-fn kind(event: Option<&str>, msg_type: &str) -> String {
-    match event {
-        Some(event) => format!("event/{event}"),
-        None => msg_type.to_string(),
+/// `event/{Event}` for an event, `info/{InfoType}` for an Open Platform's
+/// authorisation event, the MsgType otherwise.
+fn kind(message: &Message, msg_type: &str) -> String {
+    match (message.event(), message.get("InfoType")) {
+        (Some(event), _) => format!("event/{event}"),
+        (None, Some(info_type)) if msg_type.is_empty() => format!("info/{info_type}"),
+        (None, _) => msg_type.to_string(),
     }
 }
 

@@ -367,6 +367,7 @@ mod tests {
                     previous: None,
                 }),
                 app_id: None,
+                corp_id: None,
                 mode,
             }
         }

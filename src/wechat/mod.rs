@@ -80,7 +80,9 @@
 //! [`push`] builds a push exactly as WeChat would, for simulation and tests.
 
 pub mod crypto;
+pub mod family;
 pub mod inbound;
+pub mod json;
 pub mod message;
 pub mod push;
 pub mod reply;
