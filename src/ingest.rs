@@ -97,10 +97,7 @@ impl Ingest {
             deliveries(config, &rule.to, reply_from, now, reply_due_at, user)
         });
 
-        let dedup_key = match push.origin.dedup_scope(message) {
-            None => format!("{}|{}", account.id, message.dedup_key()),
-            Some(scope) => format!("{}|{scope}|{}", account.id, message.dedup_key()),
-        };
+        let dedup_key = dedup_key(account, push);
         let dedup_window = config.spool.dedup_window.as_millis() as i64;
         // Until the query goes stale, a replay of it must still find its guard
         // and its dedup key, even when the timestamp is ahead of the clock.
@@ -217,6 +214,16 @@ fn deliveries(
                 .map(|_| format!("{account}|{from_user}")),
         })
         .collect()
+}
+
+/// The account, what the family adds to tell its senders apart (an Open
+/// Platform's authoriser, a WeCom corporation and app), and the message's key.
+fn dedup_key(account: &Account, push: &VerifiedPush) -> String {
+    let message = push.message.dedup_key();
+    match push.origin.dedup_scope(&push.message) {
+        None => format!("{}|{message}", account.id),
+        Some(scope) => format!("{}|{scope}|{message}", account.id),
+    }
 }
 
 /// `event/{Event}` for an event, `info/{InfoType}` for an Open Platform's

@@ -11,7 +11,7 @@ use wxrelay::app::{Options, Relay};
 use wxrelay::cli::dlq::{self, DlqCommand};
 use wxrelay::cli::pending::{self, PendingCommand};
 use wxrelay::cli::route::{self, RouteArgs};
-use wxrelay::cli::simulate::{self, SimulateArgs};
+use wxrelay::cli::simulate::{self, FamilyOptions, SimulateArgs};
 use wxrelay::cli::target::{self, TargetCommand};
 use wxrelay::cli::{self, keygen, migrate, CliError, Report};
 use wxrelay::clock::{Clock, SystemClock};
@@ -61,6 +61,8 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         args: SimulateArgs,
+        #[command(flatten)]
+        family: FamilyOptions,
     },
     /// Say which route a push would take, without sending it.
     Route {
@@ -69,6 +71,8 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         args: RouteArgs,
+        #[command(flatten)]
+        family: FamilyOptions,
     },
     /// List, show, replay or purge dead letters (safe while the relay runs).
     Dlq {
@@ -157,14 +161,16 @@ fn main() -> ExitCode {
             };
             runtime.block_on(serve(settings, config))
         }
-        Command::Simulate { config, args } => finish(cli::load(&config).and_then(|settings| {
-            block_on(async move { simulate::run(&settings, &args, &SystemClock).await })?
-        })),
-        Command::Route { config, args } => finish(
-            cli::load(&config)
-                .and_then(|settings| route::run(&settings, &args, &SystemClock))
-                .map(done),
-        ),
+        Command::Simulate {
+            config,
+            args,
+            family,
+        } => finish(run_simulate(config, args, family)),
+        Command::Route {
+            config,
+            args,
+            family,
+        } => finish(run_route(config, args, family).map(done)),
         Command::Dlq { config, command } => finish(run_dlq(config, command).map(done)),
         Command::Pending { config, command } => finish(run_pending(config, command).map(done)),
         Command::Migrate { config } => finish(
@@ -176,6 +182,19 @@ fn main() -> ExitCode {
         Command::Keygen => finish(Ok(done(keygen::run()))),
         Command::Sink { listen } => finish(block_on(run_sink(listen)).and_then(|r| r)),
     }
+}
+
+fn run_simulate(
+    config: PathBuf,
+    args: SimulateArgs,
+    family: FamilyOptions,
+) -> Result<Report, CliError> {
+    let settings = cli::load(&config)?;
+    block_on(async move { simulate::run_with(&settings, &args, &family, &SystemClock).await })?
+}
+
+fn run_route(config: PathBuf, args: RouteArgs, family: FamilyOptions) -> Result<String, CliError> {
+    route::run_with(&cli::load(&config)?, &args, &family, &SystemClock)
 }
 
 fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliError> {

@@ -1294,11 +1294,16 @@ impl Names {
         }
     }
 
-    /// The kinds of the accounts a rule can match.
+    /// The kinds of the accounts a rule can match: those it names, and of
+    /// those the kinds whose pushes carry the identifiers it asks for.
     fn kinds_matched(&self, matcher: &Match) -> BTreeSet<&'static str> {
+        let platform_only = matcher.appid.is_some() || matcher.info_type.is_some();
+        let wecom_only = matcher.agent_id.is_some();
         self.kinds
             .iter()
             .filter(|(id, _)| matcher.account.as_ref().is_none_or(|ids| ids.contains(id)))
+            .filter(|(_, kind)| !platform_only || **kind == Family::OpenPlatform)
+            .filter(|(_, kind)| !wecom_only || **kind == Family::Wecom)
             .map(|(_, kind)| kind.as_str())
             .collect()
     }

@@ -68,15 +68,17 @@ pub enum Refused {
     BadAppId { found: ReceiveId },
     /// WeCom's error -40007: the CorpID or SuiteID the frame ends in is not
     /// the account's `corp_id`, its most common support thread.
-    #[error("receive id mismatch: sealed for another CorpID or SuiteID than corp_id (WeCom error -40007)")]
+    #[error("receive id mismatch: not sealed for corp_id (WeCom error -40007)")]
     BadReceiveId { found: ReceiveId },
     #[error("openid does not match FromUserName")]
     OpenidMismatch,
     #[error("undecryptable: {0}")]
     Decrypt(DecryptError),
-    #[error("not an AppID: the message URL is /wx/{{account}}/$APPID$, and WeChat puts the authoriser's AppID (wx and 16 hex digits) in place of $APPID$")]
+    /// WeChat fills the message URL's `$APPID$` with an authoriser's AppID.
+    #[error("authoriser is not an AppID (wx and 16 hex digits): the message URL is /wx/{{account}}/$APPID$")]
     BadAuthorizer,
-    #[error("not an authorisation event (no InfoType): the authorisation URL takes those only; messages go to /wx/{{account}}/$APPID$")]
+    /// A message at the authorisation URL has lost its authoriser.
+    #[error("not an authorisation event: messages go to the message URL, /wx/{{account}}/$APPID$")]
     NotAuthorizationEvent,
 }
 
@@ -93,7 +95,7 @@ impl fmt::Display for ReceiveId {
             None => f.write_str("(not text)"),
             Some(id) => {
                 let shown: String = id.chars().take(64).collect();
-                write!(f, "{:?}", shown)?;
+                write!(f, "{}", shown.escape_debug())?;
                 if shown.len() < id.len() {
                     f.write_str("…")?;
                 }
@@ -400,7 +402,7 @@ impl<'a> Callback<'a> {
     /// Platform's authorisation URL takes authorisation events only: a
     /// message there has lost its authoriser (the message URL is missing
     /// its `$APPID$`).
-    fn origin(&self, message: &Message) -> Result<Origin, Refused> {
+    pub fn origin(&self, message: &Message) -> Result<Origin, Refused> {
         let mut origin = Origin::of(self.family, self.codec);
         match self.family {
             Family::OpenPlatform => {
@@ -751,10 +753,9 @@ mod tests {
                     found: ReceiveId(Some(APP_ID.into()))
                 }
             );
-            assert_eq!(
-                format!("{}", ReceiveId(Some(APP_ID.into()))),
-                format!("{APP_ID:?}")
-            );
+            assert_eq!(format!("{}", ReceiveId(Some(APP_ID.into()))), APP_ID);
+            let hostile = ReceiveId(Some(format!("a\n{}", "x".repeat(100))));
+            assert_eq!(hostile.to_string(), format!("a\\n{}…", "x".repeat(62)));
             // Sealed with another key: not a frame at all.
             let other = build_wecom(xml, &AesKey::from_bytes([8; 32]), &params(CORP_ID));
             let query = wecom.check_push_query(&c, &other.query, NOW).unwrap();

@@ -18,6 +18,7 @@ mod crash;
 mod delivery;
 mod documented_paths;
 mod expiry;
+mod families;
 mod flapping;
 mod full_disk;
 mod interop;
