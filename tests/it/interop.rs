@@ -332,3 +332,298 @@ async fn wechatpy_verifies_every_delivery_and_its_replies_reach_wechat() {
     assert_eq!(code, Some(0), "{text}");
     relay.stop().await;
 }
+
+// ---- every callback family, built by wechatpy ----
+
+/// The families' accounts: a Mini Program in XML and one in JSON per mode,
+/// an Open Platform and a WeCom app, with the families tests' credentials.
+fn families_config() -> String {
+    use crate::families::{Kind, MP, OP, WECOM};
+    let mp = |id: &str, mode: &str, format: &str| {
+        let kind = Kind { id: "", ..MP };
+        kind.section(&format!(
+            "kind = \"mini_program\"\nmode = \"{mode}\"\ndata_format = \"{format}\"\ntimestamp_window = \"0s\""
+        ))
+        .replacen("[accounts.]", &format!("[accounts.{id}]"), 1)
+    };
+    let mut toml = "[server]\nreply_budget = \"3s\"\nmax_body = \"1MiB\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n".to_owned();
+    toml += &mp("mp_xml", "secure", "xml");
+    for mode in MODES {
+        toml += &mp(&format!("mp_{mode}"), mode, "json");
+    }
+    toml += &OP.section("kind = \"open_platform\"\ntimestamp_window = \"0s\"");
+    toml += &WECOM.section("kind = \"wecom\"\ntimestamp_window = \"0s\"");
+    toml
+}
+
+/// Asks the peer to build a push (or, with `echo`, a URL check).
+async fn wechatpy_build(peer: SocketAddr, spec: Value) -> (String, String) {
+    let answer = peer_request(peer, http::Method::POST, "/build", spec.to_string().into()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let built: Value = serde_json::from_slice(&answer.body).unwrap();
+    (
+        built["query"].as_str().unwrap().to_owned(),
+        built["body"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn spec(kind: &crate::families::Kind, family: &str, now: i64, nonce: u64) -> Value {
+    json!({"family": family, "token": kind.token, "encoding_aes_key": kind.key,
+           "receive_id": kind.receive_id, "timestamp": now.to_string(), "nonce": nonce.to_string()})
+}
+
+#[tokio::test]
+async fn wechatpy_builds_every_familys_pushes_and_opens_the_relays_replies() {
+    use crate::families::{AUTHORIZER, MP, OP, WECOM};
+    use wxrelay::cli::simulate::{as_json, family_xml, Authorization, FamilyOptions};
+    let Some(python) = python() else {
+        say("interop: skipped: WXRELAY_TEST_PYTHON is not set (.ci/run installs wechatpy in a venv and sets it)");
+        return;
+    };
+    let creds = |k: &crate::families::Kind, family: &str| json!({"token": k.token, "encoding_aes_key": k.key, "app_id": k.receive_id, "family": family});
+    let peer_config = json!({"targets": {}, "accounts": {"corp": creds(&WECOM, "wecom"), "platform": creds(&OP, "xml")}});
+    let (_peer_process, peer) = start_peer(&python, &peer_config);
+    let replier = common::target::FakeTarget::start().await;
+    let reply = "<xml><ToUserName><![CDATA[oUser]]></ToUserName><FromUserName><![CDATA[gh_1]]></FromUserName>\
+                 <CreateTime>1</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[sealed for you]]></Content></xml>";
+    replier.set_default(common::target::Behaviour::body(
+        200,
+        "application/xml",
+        reply,
+    ));
+    let routes = format!(
+        "{}[[routes]]\nmatch = {{ account = [\"corp\", \"platform\"], event = \"SCAN\" }}\nto = [\"replier\"]\nreply_from = \"replier\"\n",
+        common::target("replier", &replier.url("/r"), "")
+    );
+    let relay = TestRelay::start(&(families_config() + &routes), 1_717_000_000).await;
+    let now = relay.clock.now_secs();
+    let opts = MessageOptions {
+        to: "gh_3f1a2b9c8d7e".to_owned(),
+        from: SENDER.to_owned(),
+    };
+    let mut nonce = 0;
+    let mut sent: Vec<(String, String, String)> = Vec::new(); // (family/mode, kind, message)
+    let mut msg_id = 24602147850000000;
+    let mut push = |label: &str, kind: &str, path: String, message: String, spec: Value| {
+        nonce += 1;
+        let mut spec = spec;
+        spec["message"] = message.clone().into();
+        spec["nonce"] = nonce.to_string().into();
+        let relay = &relay;
+        let entry = (label.to_owned(), kind.to_owned(), message);
+        sent.push(entry);
+        async move {
+            let (query, body) = wechatpy_build(peer, spec).await;
+            let answer = relay.post(&format!("{path}?{query}"), body).await;
+            assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+        }
+    };
+    for (label, kind) in kinds() {
+        if matches!(kind, PushKind::Scan { .. }) {
+            continue; // the replies' own, below
+        }
+        msg_id += 1;
+        let xml = message_xml(&kind, &opts, now, msg_id);
+        let mut s = spec(&MP, "mini_program", now, 0);
+        s["mode"] = "secure".into();
+        s["openid"] = SENDER.into();
+        push(
+            "mini_program/xml/secure",
+            &label,
+            "/wx/mp_xml".into(),
+            xml.clone(),
+            s.clone(),
+        )
+        .await;
+        for mode in MODES {
+            s["mode"] = mode.into();
+            s["codec"] = "json".into();
+            let json = as_json(&xml).unwrap();
+            push(
+                &format!("mini_program/json/{mode}"),
+                &label,
+                format!("/wx/mp_{mode}"),
+                json,
+                s.clone(),
+            )
+            .await;
+        }
+        let mut s = spec(&OP, "open_platform", now, 0);
+        s["mode"] = "secure".into();
+        push(
+            "open_platform/message",
+            &label,
+            format!("/wx/platform/{AUTHORIZER}"),
+            xml,
+            s,
+        )
+        .await;
+        let wecom = FamilyOptions {
+            appid: None,
+            agent_id: Some("1000002".into()),
+        };
+        let opts = MessageOptions {
+            to: WECOM.receive_id.to_owned(),
+            ..opts.clone()
+        };
+        let xml = family_xml(&kind, &opts, &wecom, now, msg_id);
+        push(
+            "wecom",
+            &label,
+            "/wx/corp".into(),
+            xml,
+            spec(&WECOM, "wecom", now, 0),
+        )
+        .await;
+    }
+    for (label, event) in [
+        ("ticket", Authorization::Ticket),
+        ("authorized", Authorization::Authorized),
+        ("unauthorized", Authorization::Unauthorized),
+        ("updateauthorized", Authorization::Updateauthorized),
+    ] {
+        msg_id += 1;
+        let opts = MessageOptions {
+            to: OP.receive_id.to_owned(),
+            ..opts.clone()
+        };
+        let family = FamilyOptions {
+            appid: Some(AUTHORIZER.into()),
+            agent_id: None,
+        };
+        let xml = family_xml(&PushKind::Authorization(event), &opts, &family, now, msg_id);
+        let mut s = spec(&OP, "open_platform", now, 0);
+        s["mode"] = "secure".into();
+        push(
+            "open_platform/authorisation",
+            label,
+            "/wx/platform".into(),
+            xml,
+            s,
+        )
+        .await;
+    }
+
+    // What the relay stored is what wechatpy sealed, for every push.
+    let stored: Vec<String> = relay.unrouted().await.into_iter().map(|e| e.xml).collect();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (label, kind, message) in &sent {
+        assert!(
+            stored.contains(message),
+            "{label} {kind}: not stored as sealed"
+        );
+        *counts.entry(label.clone()).or_default() += 1;
+    }
+    assert_eq!(stored.len(), sent.len());
+    for (label, n) in &counts {
+        say(&format!(
+            "interop: wechatpy built, the relay verified and stored: {label}: {n} pushes"
+        ));
+    }
+    assert_eq!(counts["open_platform/authorisation"], 4);
+    assert_eq!(counts["mini_program/json/compat"], kinds().len() - 1);
+
+    // WeCom's URL check, built by wechatpy's enterprise crypto.
+    let mut s = spec(&WECOM, "wecom", now, 900);
+    s["echo"] = "6480519872014652389".into();
+    let (query, _) = wechatpy_build(peer, s.clone()).await;
+    let answer = relay.get(&format!("/wx/corp?{query}")).await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.text().as_str()),
+        (200, "6480519872014652389")
+    );
+    s["receive_id"] = "wwffffffffffffffff".into();
+    let (query, _) = wechatpy_build(peer, s).await;
+    assert_eq!(relay.get(&format!("/wx/corp?{query}")).await.status, 403);
+    let mut s = spec(&OP, "open_platform", now, 901);
+    s["echo"] = "1".into();
+    let (query, _) = wechatpy_build(peer, s).await;
+    assert_eq!(
+        relay.get(&format!("/wx/platform?{query}")).await.text(),
+        "1"
+    );
+
+    // The relay's sealed replies, opened by wechatpy as WeCom and as WeChat
+    // opens an Open Platform's.
+    for (account, path, kind, family) in [
+        ("corp", "/wx/corp".to_owned(), &WECOM, "wecom"),
+        (
+            "platform",
+            format!("/wx/platform/{AUTHORIZER}"),
+            &OP,
+            "open_platform",
+        ),
+    ] {
+        msg_id += 1;
+        let opts = MessageOptions {
+            to: kind.receive_id.to_owned(),
+            ..opts.clone()
+        };
+        let ids = FamilyOptions {
+            appid: None,
+            agent_id: (family == "wecom").then(|| "1000002".into()),
+        };
+        let scan = PushKind::Scan {
+            scene: "login_9".into(),
+        };
+        let mut s = spec(kind, family, now, 950 + msg_id);
+        s["mode"] = "secure".into();
+        s["message"] = family_xml(&scan, &opts, &ids, now, msg_id).into();
+        let (query, body) = wechatpy_build(peer, s).await;
+        let answer = relay.post(&format!("{path}?{query}"), body).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let opened = peer_request(
+            peer,
+            http::Method::POST,
+            &format!("/wechat/{account}"),
+            answer.body.clone(),
+        )
+        .await;
+        assert_eq!(
+            opened.status,
+            200,
+            "{account}: {}: {}",
+            opened.text(),
+            answer.text()
+        );
+        let opened: Value = serde_json::from_slice(&opened.body).unwrap();
+        assert_eq!(opened["encrypted"], true, "{opened}");
+        assert_eq!(opened["reply"]["Content"], "sealed for you", "{opened}");
+        say(&format!(
+            "interop: reply to a {family} push sealed by the relay, opened by wechatpy"
+        ));
+    }
+
+    // Refused, built by wechatpy: JSON with a key twice; a ticket under another
+    // platform's Token.
+    let mut s = spec(&MP, "mini_program", now, 990);
+    s["mode"] = "secure".into();
+    s["codec"] = "json".into();
+    s["message"] = r#"{"ToUserName":"gh_1","FromUserName":"a","FromUserName":"b","MsgType":"text","CreateTime":1,"MsgId":1}"#.into();
+    let (query, body) = wechatpy_build(peer, s).await;
+    assert_eq!(
+        relay
+            .post(&format!("/wx/mp_secure?{query}"), body)
+            .await
+            .status,
+        400
+    );
+    let mut s = spec(&OP, "open_platform", now, 991);
+    s["token"] = "AnotherPlatform9".into();
+    s["mode"] = "secure".into();
+    s["message"] = crate::families::ticket_xml("ticket@@@forged", now).into();
+    let (query, body) = wechatpy_build(peer, s).await;
+    assert_eq!(
+        relay
+            .post(&format!("/wx/platform?{query}"), body)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        relay.unrouted().await.len(),
+        sent.len(),
+        "nothing more stored"
+    );
+    relay.stop().await;
+}
