@@ -15,8 +15,8 @@ use crate::config::{Format, Settings, Target};
 use crate::metrics::Metrics;
 use crate::server::stopping;
 use crate::spool::{
-    DeadReason, DeliveryId, Event, Lease, LeaseToken, Schedule, Settle, Settlement, Spool,
-    SpoolError, UnixMs,
+    DeadReason, DeliveryId, DueWaker, Event, Lease, LeaseToken, Schedule, Settle, Settlement,
+    SpoolError, UnixMs, Work,
 };
 use arc_swap::ArcSwap;
 use breaker::{Circuit, Gate, Phase};
@@ -165,8 +165,8 @@ fn answered(parts: http::response::Parts, body: Bytes, clock: &dyn Clock) -> Att
 /// How long a worker holds a delivery it leased: longer than the attempt's
 /// timeout, so a slow answer is not sent twice; a worker that dies leaves it
 /// to expire and be sent again.
-fn lease_ms(target: &Target) -> i64 {
-    (target.timeout.as_millis() as i64) * 2 + 2_000
+fn lease_length(target: &Target) -> Duration {
+    target.timeout * 2 + Duration::from_secs(2)
 }
 
 /// Past the inline attempt's end, so the workers do not send it at the same time.
@@ -182,7 +182,7 @@ const RETIRE_EVERY: Duration = Duration::from_secs(30);
 /// recorded, for the workers and the request path's inline reply alike.
 pub struct Dispatcher {
     config: Arc<ArcSwap<Settings>>,
-    spool: Arc<dyn Spool>,
+    spool: Arc<dyn Work>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     client: HttpClient,
@@ -229,7 +229,7 @@ enum Record {
 impl Dispatcher {
     pub fn new(
         config: Arc<ArcSwap<Settings>>,
-        spool: Arc<dyn Spool>,
+        spool: Arc<dyn Work>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Arc<Dispatcher> {
@@ -249,18 +249,22 @@ impl Dispatcher {
     /// supervisor that starts loops for targets added by a reload (a loop
     /// whose target disappears ends by itself).
     pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) -> JoinSet<()> {
-        // Deliveries another replica makes due wake the workers here too.
+        let mut tasks = JoinSet::new();
+        tasks.spawn(self.clone().supervise(stop));
+        tasks
+    }
+
+    /// Wakes the workers of a configured target when another replica makes
+    /// its deliveries due.
+    pub fn due_waker(self: &Arc<Self>) -> DueWaker {
         let dispatcher = Arc::downgrade(self);
-        self.spool.on_due_elsewhere(Box::new(move |target| {
+        Box::new(move |target| {
             if let Some(d) = dispatcher.upgrade() {
                 if d.config.load().targets.contains_key(target) {
                     d.wake(target);
                 }
             }
-        }));
-        let mut tasks = JoinSet::new();
-        tasks.spawn(self.clone().supervise(stop));
-        tasks
+        })
     }
 
     /// When the workers may send a delivery that the request path attempts
@@ -496,10 +500,10 @@ impl Dispatcher {
                 self.spool_failed(target, "settle");
                 match faults.settle.failed() {
                     Repeat::First => {
-                        tracing::error!(target = %target, delivery_id = delivery_id.0, error = %e, "cannot record a delivery outcome; it is held until its lease ends, then sent again")
+                        tracing::error!(target = %target, delivery_id = delivery_id.0, error = %crate::error_chain(&e), "cannot record a delivery outcome; it is held until its lease ends, then sent again")
                     }
                     Repeat::Summary(n) => {
-                        tracing::error!(target = %target, error = %e, failures = n, "still cannot record delivery outcomes")
+                        tracing::error!(target = %target, error = %crate::error_chain(&e), failures = n, "still cannot record delivery outcomes")
                     }
                     Repeat::Quiet => {}
                 }
@@ -524,7 +528,7 @@ impl Dispatcher {
                 _ = self.config_changed.notified() => {}
                 _ = tick.tick() => {
                     if let Err(e) = self.retire_removed_targets(&config).await {
-                        tracing::warn!(error = %e, "cannot retire the deliveries of removed targets");
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot retire the deliveries of removed targets");
                     }
                 }
                 Some(ended) = loops.join_next_with_id() => {
@@ -615,7 +619,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 self.spool_failed(name, "release");
-                tracing::warn!(target = %name, error = %e, "cannot release the backlog")
+                tracing::warn!(target = %name, error = %crate::error_chain(&e), "cannot release the backlog")
             }
         }
         self.wake(name);
@@ -838,7 +842,7 @@ impl Dispatcher {
     ) -> Option<Vec<Lease>> {
         match self
             .spool
-            .lease(name, UnixMs(now), free, lease_ms(target))
+            .lease(name, UnixMs(now), free, lease_length(target))
             .await
         {
             Ok(leases) => {
@@ -851,10 +855,10 @@ impl Dispatcher {
                 self.spool_failed(name, "lease");
                 match state.faults.lease.failed() {
                     Repeat::First => {
-                        tracing::error!(target = %name, error = %e, "cannot lease deliveries; trying again every second")
+                        tracing::error!(target = %name, error = %crate::error_chain(&e), "cannot lease deliveries; trying again every second")
                     }
                     Repeat::Summary(n) => {
-                        tracing::error!(target = %name, error = %e, failures = n, "still cannot lease deliveries")
+                        tracing::error!(target = %name, error = %crate::error_chain(&e), failures = n, "still cannot lease deliveries")
                     }
                     Repeat::Quiet => {}
                 }
