@@ -60,6 +60,8 @@ mod supervise;
 pub mod vocab;
 
 pub use backend::OpenSpool;
+#[cfg(any(test, feature = "test-util"))]
+pub use backend::FAIL_WRITER_VAR;
 pub use migration::Migrated;
 pub use postgres::{postgres_display, PostgresSpool};
 pub use sqlite::SqliteSpool;
@@ -147,6 +149,9 @@ impl std::ops::Sub for UnixMs {
 
 /// A spool operation in flight; resolves once its effect is durable.
 pub type SpoolFuture<T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send>>;
+
+/// Deliveries being leased ([`Work::lease`]).
+pub type Leases = SpoolFuture<Vec<Lease>>;
 
 /// What caused a storage error: shared, as one failed commit answers every
 /// request of its batch.
@@ -408,26 +413,16 @@ pub struct TargetDepth {
 /// What ingest needs: storing pushes. See the module doc for the contract.
 pub trait Intake: Send + Sync + 'static {
     /// Stores an event with its deliveries and dedup key, durably, in one
-    /// commit; the key is a duplicate's for `dedup_window`.
-    fn enqueue(
-        &self,
-        event: NewEvent,
-        now: UnixMs,
-        dedup_window: Duration,
-    ) -> SpoolFuture<Enqueued>;
+    /// commit; the key makes a push a duplicate for `window` (the dedup window).
+    fn enqueue(&self, event: NewEvent, now: UnixMs, window: Duration) -> SpoolFuture<Enqueued>;
 }
 
 /// What the delivery workers need: taking due deliveries, recording what
 /// became of them, and the spool's side of a target's health.
 pub trait Work: Send + Sync + 'static {
-    /// Up to `limit` due deliveries of `target`, each hidden for `lease`.
-    fn lease(
-        &self,
-        target: &str,
-        now: UnixMs,
-        limit: usize,
-        lease: Duration,
-    ) -> SpoolFuture<Vec<Lease>>;
+    /// Up to `n` due deliveries of `target`, each held (hidden from other
+    /// leases) for `hold`: the lease's length.
+    fn lease(&self, target: &str, now: UnixMs, n: usize, hold: Duration) -> Leases;
     /// Records what became of leased deliveries (see `deliver::retry::decide`),
     /// each only while its delivery holds no later lease than its own.
     fn record(&self, settlements: Vec<Settle>, now: UnixMs) -> SpoolFuture<()>;

@@ -148,10 +148,11 @@ impl Supervision {
         until_closed: bool,
         body: impl Future<Output = ()> + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let outcome = CatchUnwind(Box::pin(body)).await;
-            this.ended(task, until_closed, outcome);
+        tokio::spawn(Watched {
+            supervision: self.clone(),
+            task,
+            until_closed,
+            body: Box::pin(body),
         })
     }
 }
@@ -181,19 +182,30 @@ fn panic_text(panic: &(dyn Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
-/// A future whose panic is caught and handed back, like a thread's.
-struct CatchUnwind<F>(Pin<Box<F>>);
+/// A task whose end is judged (see [`Supervision::ended`]) while its future
+/// is still held: the failure is recorded before the requests the task held
+/// are dropped, so their callers already find the reason.
+struct Watched<F> {
+    supervision: Supervision,
+    task: &'static str,
+    until_closed: bool,
+    body: Pin<Box<F>>,
+}
 
-impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn Any + Send>>;
+impl<F: Future<Output = ()>> Future for Watched<F> {
+    type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = self.get_mut().0.as_mut();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
-            Err(panic) => Poll::Ready(Err(panic)),
-        }
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let body = this.body.as_mut();
+        let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| body.poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(())) => Ok(()),
+            Err(panic) => Err(panic),
+        };
+        this.supervision
+            .ended(this.task, this.until_closed, outcome);
+        Poll::Ready(())
     }
 }
 

@@ -382,16 +382,7 @@ async fn insert_rows(
         &e.msg_types,
         &e.kinds,
     ];
-    let delivery_params: [&(dyn ToSql + Sync); 8] = [
-        &delivery_ids,
-        &d.event_ids,
-        &d.targets,
-        &d.states,
-        &d.next_at,
-        &d.reasons,
-        &d.now,
-        &d.order_keys,
-    ];
+    let delivery_params = d.params(&delivery_ids);
     // Pipelined: both statements go out before the first answer comes back.
     tokio::try_join!(
         tx.execute(&events, &event_params),
@@ -446,6 +437,20 @@ struct DeliveryColumns<'a> {
 }
 
 impl<'a> DeliveryColumns<'a> {
+    /// The parameters of the deliveries' insert, with their ids.
+    fn params<'p>(&'p self, ids: &'p Vec<i64>) -> [&'p (dyn ToSql + Sync); 8] {
+        [
+            ids,
+            &self.event_ids,
+            &self.targets,
+            &self.states,
+            &self.next_at,
+            &self.reasons,
+            &self.now,
+            &self.order_keys,
+        ]
+    }
+
     fn of(stored: &[&'a Push], event_ids: &[i64], rows: usize) -> Self {
         let mut d = DeliveryColumns {
             event_ids: Vec::with_capacity(rows),

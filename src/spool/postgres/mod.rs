@@ -228,10 +228,11 @@ impl PostgresSpool {
             prune: prune::Pruner::new(pool.clone(), supervision.clone()),
             supervision: supervision.clone(),
         };
-        let writer = supervision.spawn("spool writer", commit::run(writer, rx, max_batch.max(1)));
-        let notify = supervision.spawn("spool notifier", notifier.clone().run());
+        let writer =
+            supervision.spawn("postgres writer", commit::run(writer, rx, max_batch.max(1)));
+        let notify = supervision.spawn("postgres notifier", notifier.clone().run());
         let (recordings, recorded) = mpsc::channel(QUEUE);
-        let recorder = supervision.spawn("spool settler", settle::run(pool.clone(), recorded));
+        let recorder = supervision.spawn("postgres settler", settle::run(pool.clone(), recorded));
         let replica = format!("{:016x}", rand::random::<u64>());
         tracing::info!(replica = %replica, database = %settings.display, schema = %settings.schema, "spool opened");
         Ok(Self {
@@ -340,9 +341,14 @@ fn submit<T: Send + 'static, R>(
             mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
         }),
     };
+    let supervision = supervision.clone();
     Box::pin(async move {
         sent?;
-        answer.await.unwrap_or(Err(SpoolError::Closed))
+        match answer.await {
+            Ok(answer) => answer,
+            // The task went away with the request: say why, when it failed.
+            Err(_) => supervision.check().and(Err(SpoolError::Closed)),
+        }
     })
 }
 
@@ -522,7 +528,7 @@ impl DueListener for PostgresSpool {
     fn on_due_elsewhere(&self, wake: DueWaker) {
         let (config, tls) = self.listen.clone();
         let listen = wake::listen(config, tls, self.schema.clone(), wake);
-        let task = self.supervision.spawn("spool listener", listen);
+        let task = self.supervision.spawn("postgres listener", listen);
         // A relay started again on the same spool listens for its new workers.
         let previous = self
             .listener

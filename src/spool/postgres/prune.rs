@@ -45,7 +45,7 @@ impl Pruner {
             s.pruned_at = now.0;
         }
         let this = self.clone();
-        self.supervision.spawn_brief("spool pruner", async move {
+        self.supervision.spawn_brief("postgres pruner", async move {
             for table in ["dedup", "replay"] {
                 if let Err(e) = this.prune(table, now).await {
                     tracing::warn!(error = %crate::error_chain(&e), table, "cannot prune expired keys");

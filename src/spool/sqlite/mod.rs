@@ -104,14 +104,14 @@ impl SqliteSpool {
         let start_error = |e| SpoolError::caused("cannot start the spool threads", e);
         let file = std::sync::Arc::new(file);
         let writer = supervision
-            .thread("spool writer", {
+            .thread("sqlite writer", {
                 let (file, supervision) = (file.clone(), supervision.clone());
                 move || writer::run(conn, rx, max_batch.max(1), &file, &supervision)
             })
             .map_err(start_error)?;
         let held = leased.clone();
         let reader = supervision
-            .thread("spool reader", move || {
+            .thread("sqlite reader", move || {
                 reader::run(read_conn, read_rx, held, &file)
             })
             .map_err(start_error)?;
