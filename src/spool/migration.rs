@@ -13,6 +13,12 @@ pub(super) struct Migration {
     pub sql: &'static str,
 }
 
+impl Migration {
+    pub(super) const fn new(version: i32, name: &'static str, sql: &'static str) -> Self {
+        Self { version, name, sql }
+    }
+}
+
 /// The newest version of `migrations`.
 pub(super) fn latest(migrations: &[Migration]) -> i32 {
     migrations.last().map_or(0, |m| m.version)

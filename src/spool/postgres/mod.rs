@@ -61,7 +61,7 @@ pub use settle::TARGETS_HOLD_MS;
 use super::vocab::{EVENT_COLUMNS, PENDING, QUEUE};
 use super::{
     rows, DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId, Health, Intake,
-    Lease, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture, Supervision, TargetDepth,
+    Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture, Supervision, TargetDepth,
     UnixMs, WaitingDelivery, Work,
 };
 use crate::config::PostgresSettings;
@@ -368,17 +368,11 @@ impl Intake for PostgresSpool {
 }
 
 impl Work for PostgresSpool {
-    fn lease(
-        &self,
-        target: &str,
-        now: UnixMs,
-        limit: usize,
-        lease: Duration,
-    ) -> SpoolFuture<Vec<Lease>> {
+    fn lease(&self, target: &str, now: UnixMs, n: usize, hold: Duration) -> Leases {
         let target = target.to_owned();
         let owner = self.replica.clone();
         self.with_client("lease", move |c| {
-            Box::pin(async move { settle::lease(c, &target, now, limit, lease, &owner).await })
+            Box::pin(async move { settle::lease(c, &target, now, n, hold, &owner).await })
         })
     }
 

@@ -12,36 +12,24 @@ use rusqlite::{Connection, TransactionBehavior};
 use std::path::Path;
 
 const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "queue",
-        sql: include_str!("migrations/0001_queue.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "retry_after",
-        sql: include_str!("migrations/0002_retry_after.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "schedule",
-        sql: include_str!("migrations/0003_schedule.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "order_key",
-        sql: include_str!("migrations/0004_order_key.sql"),
-    },
-    Migration {
-        version: 5,
-        name: "blocked",
-        sql: include_str!("migrations/0005_blocked.sql"),
-    },
-    Migration {
-        version: 6,
-        name: "created_at_open",
-        sql: include_str!("migrations/0006_created_at_open.sql"),
-    },
+    Migration::new(1, "queue", include_str!("migrations/0001_queue.sql")),
+    Migration::new(
+        2,
+        "retry_after",
+        include_str!("migrations/0002_retry_after.sql"),
+    ),
+    Migration::new(3, "schedule", include_str!("migrations/0003_schedule.sql")),
+    Migration::new(
+        4,
+        "order_key",
+        include_str!("migrations/0004_order_key.sql"),
+    ),
+    Migration::new(5, "blocked", include_str!("migrations/0005_blocked.sql")),
+    Migration::new(
+        6,
+        "created_at_open",
+        include_str!("migrations/0006_created_at_open.sql"),
+    ),
 ];
 
 /// The column each step before versions added, by the version it is.

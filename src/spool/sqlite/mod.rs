@@ -49,9 +49,9 @@ mod writer;
 
 use super::vocab::{DEFAULT_MAX_BATCH, QUEUE};
 use super::{
-    DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId, Health, Intake, Lease,
-    NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture, Supervision, TargetDepth, UnixMs,
-    WaitingDelivery, Work,
+    DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId, Health, Intake,
+    Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture, Supervision, TargetDepth,
+    UnixMs, WaitingDelivery, Work,
 };
 use file::{open_connection, OpenedFile};
 use leases::Leased;
@@ -199,15 +199,9 @@ impl Intake for SqliteSpool {
 }
 
 impl Work for SqliteSpool {
-    fn lease(
-        &self,
-        target: &str,
-        now: UnixMs,
-        limit: usize,
-        lease: Duration,
-    ) -> SpoolFuture<Vec<Lease>> {
+    fn lease(&self, target: &str, now: UnixMs, n: usize, hold: Duration) -> Leases {
         let target = target.to_string();
-        self.read(|r| Read::Lease(target, now, limit, lease, r))
+        self.read(|r| Read::Lease(target, now, n, hold, r))
     }
 
     fn record(&self, settlements: Vec<Settle>, now: UnixMs) -> SpoolFuture<()> {

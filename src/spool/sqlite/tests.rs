@@ -3,7 +3,7 @@
 
 use super::writer::{commit_batch, Command};
 use super::*;
-use crate::spool::{DeadReason, DeliveryId, NewDelivery, Schedule, Settlement, UnixMs};
+use crate::spool::{DeadReason, DeliveryId, Lease, NewDelivery, Schedule, Settlement, UnixMs};
 use rusqlite::Connection;
 
 fn event(key: &str, body_bytes: usize) -> NewEvent {
