@@ -5,7 +5,7 @@ use crate::clock::Clock;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
-use crate::spool::Spool;
+use crate::spool::Health;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 /// the metrics and the reloader.
 pub struct Admin {
     pub config: Arc<ArcSwap<Settings>>,
-    pub spool: Arc<dyn Spool>,
+    pub spool: Arc<dyn Health>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub reloader: Arc<Reloader>,
@@ -62,6 +62,7 @@ pub async fn serve(
         (&Method::GET, "/readyz") => match admin.spool.probe().await {
             Ok(()) => plain(StatusCode::OK, "ready\n".into()),
             Err(e) => {
+                let e = crate::error_chain(&e);
                 tracing::warn!(error = %e, "not ready: the spool does not accept writes");
                 plain(
                     StatusCode::SERVICE_UNAVAILABLE,

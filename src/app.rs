@@ -1,6 +1,7 @@
 //! Wires the relay together: configuration, spool, listeners, delivery workers;
 //! owns reload and the order of shutdown (stop accepting → finish requests →
-//! end delivery attempts → close the spool).
+//! end delivery attempts → close the spool). A spool task that fails stops
+//! the relay the same way ([`Relay::run`]).
 
 use crate::admin::{self, Admin};
 use crate::clock::{Clock, SystemClock};
@@ -12,7 +13,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::reload::Reloader;
 use crate::server::{self, Limits};
 use crate::spool::postgres::OnOpen;
-use crate::spool::{OpenSpool, Spool, SpoolError};
+use crate::spool::{OpenSpool, SpoolError, Supervision};
 use crate::wechat::reply::SeenStamps;
 use arc_swap::ArcSwap;
 use http::Request;
@@ -41,13 +42,22 @@ pub enum StartError {
     Metrics(#[from] MetricsError),
 }
 
+/// Why a running relay stopped by itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// The relay is to be started again (it exits with status 70).
+    #[error("a spool task failed: {0}")]
+    Spool(Arc<str>),
+}
+
 /// How to start: the defaults bind the configured addresses, open the
 /// configured spool file and read the system clock; tests pass their own.
 #[derive(Default)]
 pub struct Options {
     pub public: Option<TcpListener>,
     pub admin: Option<TcpListener>,
-    pub spool: Option<Arc<dyn Spool>>,
+    /// A spool the caller opened, and closes: the relay leaves it open.
+    pub spool: Option<OpenSpool>,
     pub clock: Option<Arc<dyn Clock>>,
     /// The file that `SIGHUP` and `POST /admin/reload` read again.
     pub config_path: Option<PathBuf>,
@@ -63,6 +73,7 @@ pub struct Relay {
     workers: JoinSet<()>,
     drain: Duration,
     owned_spool: Option<OpenSpool>,
+    supervision: Supervision,
 }
 
 async fn bind(listener: Option<TcpListener>, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -98,19 +109,16 @@ fn local_addr(l: &TcpListener, configured: SocketAddr) -> Result<SocketAddr, Sta
 }
 
 /// The spool in use and, when the relay opened it, the same spool to close.
-type Spools = (Arc<dyn Spool>, Option<OpenSpool>);
+type Spools = (OpenSpool, Option<OpenSpool>);
 
 /// The spool passed in, or the configured one, which the relay then owns
 /// and closes at shutdown. A PostgreSQL schema is brought up to date first.
-async fn open_spool(
-    given: Option<Arc<dyn Spool>>,
-    settings: &Settings,
-) -> Result<Spools, StartError> {
+async fn open_spool(given: Option<OpenSpool>, settings: &Settings) -> Result<Spools, StartError> {
     Ok(match given {
         Some(spool) => (spool, None),
         None => {
             let opened = OpenSpool::open(&settings.spool, OnOpen::Migrate).await?;
-            (opened.spool(), Some(opened))
+            (opened.clone(), Some(opened))
         }
     })
 }
@@ -118,7 +126,7 @@ async fn open_spool(
 /// What the public listener's requests get: exactly the handles they use.
 fn push_path(
     config: &Arc<ArcSwap<Settings>>,
-    spool: &Arc<dyn Spool>,
+    spool: &OpenSpool,
     clock: &Arc<dyn Clock>,
     metrics: &Arc<Metrics>,
     dispatcher: &Arc<Dispatcher>,
@@ -130,7 +138,7 @@ fn push_path(
         metrics: metrics.clone(),
         body_budget: Arc::new(Semaphore::new(in_flight)),
         ingest: Ingest {
-            spool: spool.clone(),
+            spool: spool.intake(),
             clock: clock.clone(),
             dispatcher: dispatcher.clone(),
         },
@@ -172,12 +180,8 @@ impl Relay {
         let config = Arc::new(ArcSwap::from_pointee(settings));
         let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let metrics = Arc::new(Metrics::new()?);
-        let dispatcher = Dispatcher::new(
-            config.clone(),
-            spool.clone(),
-            clock.clone(),
-            metrics.clone(),
-        );
+        let dispatcher =
+            Dispatcher::new(config.clone(), spool.work(), clock.clone(), metrics.clone());
         let reloader = Arc::new(Reloader::new(
             config.clone(),
             dispatcher.clone(),
@@ -200,7 +204,7 @@ impl Relay {
 
         let admin_routes = Arc::new(Admin {
             config,
-            spool,
+            spool: spool.health(),
             clock,
             metrics,
             reloader: reloader.clone(),
@@ -215,6 +219,10 @@ impl Relay {
 
         listeners.spawn(reload_on_hangup(reloader, stopped.clone()));
         let workers = dispatcher.start(stopped);
+        // Deliveries another replica makes due wake the workers here too.
+        spool
+            .due_listener()
+            .on_due_elsewhere(dispatcher.due_waker());
 
         tracing::info!(%public_addr, %admin_addr, version = env!("CARGO_PKG_VERSION"), "wxrelay listening");
         Ok(Relay {
@@ -226,7 +234,28 @@ impl Relay {
             workers,
             drain,
             owned_spool,
+            supervision: spool.supervision(),
         })
+    }
+
+    /// Resolves when one of the spool's tasks has failed, with the reason:
+    /// the spool then refuses all work, and the relay is to be shut down.
+    pub async fn failed(&self) -> Arc<str> {
+        self.supervision.failed().await
+    }
+
+    /// Runs until `stop` resolves or a spool task fails, then shuts down;
+    /// returns the failure, if that is what stopped it.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), Failure> {
+        let failed = tokio::select! {
+            () = stop => None,
+            reason = self.failed() => Some(reason),
+        };
+        if let Some(reason) = &failed {
+            tracing::error!(%reason, "a spool task failed: stopping the relay");
+        }
+        self.shutdown().await;
+        failed.map_or(Ok(()), |reason| Err(Failure::Spool(reason)))
     }
 
     /// Stops accepting, lets open requests and delivery attempts finish (each

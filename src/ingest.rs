@@ -9,7 +9,7 @@ use crate::config::{Account, Mode, Ordering, Settings, Target};
 use crate::deliver::Dispatcher;
 use crate::route;
 use crate::spool::{
-    DeliveryId, Enqueued, Event, EventId, NewDelivery, NewEvent, ReplayGuard, Spool, SpoolError,
+    DeliveryId, Enqueued, Event, EventId, Intake, NewDelivery, NewEvent, ReplayGuard, SpoolError,
     UnixMs,
 };
 use crate::wechat::inbound::VerifiedPush;
@@ -17,11 +17,12 @@ use crate::wechat::message::{LoginEvent, Message};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// What ingesting needs: where events go, what time it is, and who delivers.
 pub struct Ingest {
-    pub spool: Arc<dyn Spool>,
+    pub spool: Arc<dyn Intake>,
     pub clock: Arc<dyn Clock>,
     pub dispatcher: Arc<Dispatcher>,
 }
@@ -29,7 +30,7 @@ pub struct Ingest {
 /// Why a verified push was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("spool unavailable: {0}")]
+    #[error("spool unavailable: {}", crate::error_chain(.0))]
     Spool(SpoolError),
     #[error("spool commit took longer than the reply budget")]
     Timeout,
@@ -98,7 +99,7 @@ impl Ingest {
         });
 
         let dedup_key = dedup_key(account, push);
-        let dedup_window = config.spool.dedup_window.as_millis() as i64;
+        let dedup_window = config.spool.dedup_window;
         // Until the query goes stale, a replay of it must still find its guard
         // and its dedup key, even when the timestamp is ahead of the clock.
         let stale_at = stale_at(account, &push.timestamp).unwrap_or(now + dedup_window);
@@ -107,7 +108,7 @@ impl Ingest {
             event: stored_event(account, push, body, dedup_key.clone(), now, input.msg_type),
             targets,
         };
-        let window = dedup_window.max(stale_at - now);
+        let window = dedup_window.max(Duration::from_millis((stale_at - now).max(0) as u64));
         // The reply target is sent the event as the spool hands it back.
         let reply = reply_from.and_then(|name| reply_plan(config, name, &new_event));
         let routed: Vec<String> = new_event.targets.iter().map(|t| t.target.clone()).collect();

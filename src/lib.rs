@@ -18,7 +18,7 @@
 //! - [`wechat`]: the pure protocol: signatures, the AES frame, push and reply XML.
 //! - [`config`]: the TOML file → validated [`config::Settings`].
 //! - [`route`]: pure rule matching: push → targets.
-//! - [`spool`]: the durable queue, its trait, and its SQLite (one replica) and
+//! - [`spool`]: the durable queue, its roles (traits by audience), and its SQLite (one replica) and
 //!   PostgreSQL (shared by several replicas) implementations.
 //! - `deliver`: the dispatcher (delivery workers, target health, one way to
 //!   attempt and record), the target formats, the retry policy and the
@@ -51,7 +51,7 @@ pub use ingest::short_hash;
 
 /// An error and its causes, one after the other: `a: b: c`. A cause whose
 /// text the message already ends with is not repeated.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

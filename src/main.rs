@@ -1,7 +1,9 @@
 //! The `wxrelay` command line: `serve` runs the relay, `check` validates a
 //! configuration; `simulate`, `route`, `dlq`, `pending`, `migrate`, `target` and `keygen` are the operator's
 //! tools (see [`wxrelay::cli`]). Usage and configuration errors exit with
-//! status 64 (EX_USAGE), other failures with 1.
+//! status 64 (EX_USAGE), other failures with 1; a relay that stops because
+//! a spool task failed exits with 70 (EX_SOFTWARE), for its supervisor to
+//! start it again.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::future::Future;
@@ -16,10 +18,12 @@ use wxrelay::cli::target::{self, TargetCommand};
 use wxrelay::cli::{self, keygen, migrate, CliError, Report};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{render_check, Settings};
-use wxrelay::spool::Spool;
+use wxrelay::spool::Operator;
 
 const EXIT_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
+/// EX_SOFTWARE: the relay stopped on an internal failure (a spool task).
+const EXIT_SOFTWARE: u8 = 70;
 
 #[derive(Parser)]
 #[command(
@@ -217,11 +221,11 @@ fn run_pending(config: Option<PathBuf>, command: PendingCommand) -> Result<Strin
 /// Opens the configured spool, runs `command` on it, and closes it.
 fn on_spool(
     settings: &Settings,
-    command: impl AsyncFnOnce(&dyn Spool) -> Result<String, CliError>,
+    command: impl AsyncFnOnce(&dyn Operator) -> Result<String, CliError>,
 ) -> Result<String, CliError> {
     block_on(async move {
         let opened = dlq::open(settings).await?;
-        let result = command(&*opened.spool()).await;
+        let result = command(&*opened.operator()).await;
         opened.close().await;
         result
     })?
@@ -292,14 +296,21 @@ async fn serve(settings: Settings, config: PathBuf) -> ExitCode {
     let relay = match Relay::start(settings, options).await {
         Ok(relay) => relay,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start");
+            tracing::error!(error = %wxrelay::error_chain(&e), "cannot start");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    wait_for_stop_signal().await;
-    tracing::info!("stop signal received; draining");
-    relay.shutdown().await;
-    ExitCode::SUCCESS
+    let stop = async {
+        wait_for_stop_signal().await;
+        tracing::info!("stop signal received; draining");
+    };
+    match relay.run(stop).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, exit_code = EXIT_SOFTWARE, "wxrelay stopped on a failure; exiting for its supervisor to start it again");
+            ExitCode::from(EXIT_SOFTWARE)
+        }
+    }
 }
 
 #[cfg(unix)]

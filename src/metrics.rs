@@ -5,7 +5,7 @@
 //! small fixed sets (verdicts, outcomes, reasons), never from a request that
 //! was not authenticated: an unknown account is counted as `-`.
 
-use crate::spool::Spool;
+use crate::spool::Health;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -290,7 +290,7 @@ impl Metrics {
 
     /// The text exposition, with the spool gauges read now. `targets` are the
     /// configured targets, shown at 0 when nothing waits for them.
-    pub async fn render(&self, spool: &dyn Spool, targets: &[String], now_ms: i64) -> String {
+    pub async fn render(&self, spool: &dyn Health, targets: &[String], now_ms: i64) -> String {
         match spool.depth().await {
             Ok(depth) => {
                 self.spool_pending.reset();
@@ -311,7 +311,9 @@ impl Metrics {
                         .set(age);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read the spool depth for metrics"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot read the spool depth for metrics")
+            }
         }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

@@ -16,7 +16,7 @@ use crate::config::{Settings, SpoolBackend};
 use crate::ingest::short_hash;
 use crate::spool::postgres::OnOpen;
 use crate::spool::{
-    DeadFilter, DeadLetter, DeadReason, DeliveryId, OpenSpool, Spool, SpoolError, UnixMs,
+    DeadFilter, DeadLetter, DeadReason, DeliveryId, OpenSpool, Operator, SpoolError, UnixMs,
 };
 use crate::wechat::message::Message;
 use std::fmt::Write as _;
@@ -152,7 +152,11 @@ pub async fn open(settings: &Settings) -> Result<OpenSpool, CliError> {
 
 /// Runs one `dlq` command; `now_ms` resolves `--since 2h` and is when
 /// replayed deliveries become due.
-pub async fn run(spool: &dyn Spool, command: &DlqCommand, now_ms: i64) -> Result<String, CliError> {
+pub async fn run(
+    spool: &dyn Operator,
+    command: &DlqCommand,
+    now_ms: i64,
+) -> Result<String, CliError> {
     match command {
         DlqCommand::List { select, limit } => {
             let dead = spool
@@ -224,7 +228,7 @@ fn guard(verb: &str, select: &Selection, all: bool) -> Result<(), CliError> {
 /// How many of the selected dead letters have `reason`. Unrouted ones have
 /// no target, so a selection by target has none.
 async fn count_reason(
-    spool: &dyn Spool,
+    spool: &dyn Operator,
     filter: &DeadFilter,
     reason: DeadReason,
 ) -> Result<u64, CliError> {
@@ -243,7 +247,7 @@ async fn count_reason(
     Ok(found.len() as u64)
 }
 
-async fn show(spool: &dyn Spool, id: i64, content: bool) -> Result<String, CliError> {
+async fn show(spool: &dyn Operator, id: i64, content: bool) -> Result<String, CliError> {
     let filter = DeadFilter {
         delivery_id: Some(DeliveryId(id)),
         ..DeadFilter::default()
@@ -396,7 +400,7 @@ pub(super) fn plural(n: u64, one: &'static str, many: &'static str) -> &'static 
 }
 
 pub(super) fn failed(e: SpoolError) -> CliError {
-    CliError::Failed(e.to_string())
+    CliError::Failed(crate::error_chain(&e))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 use super::dlq::{clip, failed, listing, plural, rfc3339, ERROR_WIDTH};
 use super::CliError;
 use crate::config::Settings;
-use crate::spool::{DeliveryId, Release, Spool, UnixMs, WaitingDelivery};
+use crate::spool::{DeliveryId, Operator, Release, UnixMs, WaitingDelivery};
 use std::fmt::Write as _;
 
 /// How many pending deliveries `retry-now` looks at to say which it left held.
@@ -71,7 +71,7 @@ pub fn check_target(settings: &Settings, command: &PendingCommand) -> Result<(),
 
 /// Runs one `pending` command; `now_ms` is when released deliveries become due.
 pub async fn run(
-    spool: &dyn Spool,
+    spool: &dyn Operator,
     command: &PendingCommand,
     now_ms: i64,
 ) -> Result<String, CliError> {
@@ -90,7 +90,7 @@ pub async fn run(
 }
 
 async fn retry_now(
-    spool: &dyn Spool,
+    spool: &dyn Operator,
     target: &str,
     delivery: Option<i64>,
     ignore_retry_after: bool,

@@ -230,7 +230,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 self.spool_failed(name, "release");
-                tracing::warn!(target = %name, error = %e, "cannot release the backlog")
+                tracing::warn!(target = %name, error = %crate::error_chain(&e), "cannot release the backlog")
             }
         }
         self.wake(name);

@@ -39,7 +39,7 @@ pub use attempt::{client, HttpClient, Unread};
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::spool::Spool;
+use crate::spool::{DueWaker, Work};
 use arc_swap::ArcSwap;
 use faults::Faults;
 use health::TargetHealth;
@@ -53,7 +53,7 @@ use tokio::task::JoinSet;
 /// recorded, for the workers and the request path's inline reply alike.
 pub struct Dispatcher {
     config: Arc<ArcSwap<Settings>>,
-    spool: Arc<dyn Spool>,
+    spool: Arc<dyn Work>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     client: HttpClient,
@@ -79,7 +79,7 @@ struct TargetState {
 impl Dispatcher {
     pub fn new(
         config: Arc<ArcSwap<Settings>>,
-        spool: Arc<dyn Spool>,
+        spool: Arc<dyn Work>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Arc<Dispatcher> {
@@ -99,18 +99,22 @@ impl Dispatcher {
     /// supervisor that starts loops for targets added by a reload (a loop
     /// whose target disappears ends by itself).
     pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) -> JoinSet<()> {
-        // Deliveries another replica makes due wake the workers here too.
+        let mut tasks = JoinSet::new();
+        tasks.spawn(self.clone().supervise(stop));
+        tasks
+    }
+
+    /// Wakes the workers of a configured target when another replica makes
+    /// its deliveries due.
+    pub fn due_waker(self: &Arc<Self>) -> DueWaker {
         let dispatcher = Arc::downgrade(self);
-        self.spool.on_due_elsewhere(Box::new(move |target| {
+        Box::new(move |target| {
             if let Some(d) = dispatcher.upgrade() {
                 if d.config.load().targets.contains_key(target) {
                     d.wake(target);
                 }
             }
-        }));
-        let mut tasks = JoinSet::new();
-        tasks.spawn(self.clone().supervise(stop));
-        tasks
+        })
     }
 
     /// Tells a target's worker that a delivery is due now.

@@ -193,10 +193,10 @@ impl Dispatcher {
                 self.spool_failed(target, "settle");
                 match faults.settle.failed() {
                     Repeat::First => {
-                        tracing::error!(target = %target, delivery_id = delivery_id.0, error = %e, "cannot record a delivery outcome; it is held until its lease ends, then sent again")
+                        tracing::error!(target = %target, delivery_id = delivery_id.0, error = %crate::error_chain(&e), "cannot record a delivery outcome; it is held until its lease ends, then sent again")
                     }
                     Repeat::Summary(n) => {
-                        tracing::error!(target = %target, error = %e, failures = n, "still cannot record delivery outcomes")
+                        tracing::error!(target = %target, error = %crate::error_chain(&e), failures = n, "still cannot record delivery outcomes")
                     }
                     Repeat::Quiet => {}
                 }

@@ -24,8 +24,8 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 /// How long a worker holds a delivery it leased: longer than the attempt's
 /// timeout, so a slow answer is not sent twice; a worker that dies leaves it
 /// to expire and be sent again.
-fn lease_ms(target: &Target) -> i64 {
-    (target.timeout.as_millis() as i64) * 2 + 2_000
+fn lease_length(target: &Target) -> Duration {
+    target.timeout * 2 + Duration::from_secs(2)
 }
 
 /// How often pending deliveries of targets that are no longer configured are
@@ -67,7 +67,7 @@ impl Dispatcher {
                 _ = self.config_changed.notified() => {}
                 _ = tick.tick() => {
                     if let Err(e) = self.retire_removed_targets(&config).await {
-                        tracing::warn!(error = %e, "cannot retire the deliveries of removed targets");
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot retire the deliveries of removed targets");
                     }
                 }
                 Some(ended) = loops.join_next_with_id() => {
@@ -230,7 +230,7 @@ impl Dispatcher {
     ) -> Option<Vec<Lease>> {
         match self
             .spool
-            .lease(name, UnixMs(now), free, lease_ms(target))
+            .lease(name, UnixMs(now), free, lease_length(target))
             .await
         {
             Ok(leases) => {
@@ -243,10 +243,10 @@ impl Dispatcher {
                 self.spool_failed(name, "lease");
                 match state.faults.lease.failed() {
                     Repeat::First => {
-                        tracing::error!(target = %name, error = %e, "cannot lease deliveries; trying again every second")
+                        tracing::error!(target = %name, error = %crate::error_chain(&e), "cannot lease deliveries; trying again every second")
                     }
                     Repeat::Summary(n) => {
-                        tracing::error!(target = %name, error = %e, failures = n, "still cannot lease deliveries")
+                        tracing::error!(target = %name, error = %crate::error_chain(&e), failures = n, "still cannot lease deliveries")
                     }
                     Repeat::Quiet => {}
                 }

@@ -1,7 +1,11 @@
-//! Opening the configured spool, and closing it the way its kind needs.
+//! Opening the configured spool, handing it out by role, and closing it the
+//! way its kind needs.
 
 use super::postgres::OnOpen;
-use super::{PostgresSpool, Spool, SpoolError, SqliteSpool};
+use super::{
+    DueListener, Health, Intake, Operator, PostgresSpool, SpoolError, SqliteSpool, Supervision,
+    Work,
+};
 use crate::config::{SpoolBackend, SpoolSettings};
 use std::sync::Arc;
 
@@ -12,22 +16,59 @@ pub enum OpenSpool {
     Postgres(Arc<PostgresSpool>),
 }
 
+/// For a test on the real binary: set, the spool's writer panics when it
+/// takes the first push (see [`Supervision::fail_writer_at_next_push`]).
+#[cfg(any(test, feature = "test-util"))]
+pub const FAIL_WRITER_VAR: &str = "WXRELAY_TEST_FAIL_SPOOL_WRITER";
+
+/// Hands out one role of either engine.
+macro_rules! roles {
+    ($($(#[$doc:meta])* $name:ident: $role:ident;)*) => {$(
+        $(#[$doc])*
+        pub fn $name(&self) -> Arc<dyn $role> {
+            match self {
+                OpenSpool::Sqlite(s) => s.clone(),
+                OpenSpool::Postgres(s) => s.clone(),
+            }
+        }
+    )*};
+}
+
 impl OpenSpool {
     /// Opens the configured spool; a PostgreSQL one is migrated or checked
-    /// as `on_open` says.
+    /// as `on_open` says (a SQLite file is always brought up to date).
     pub async fn open(settings: &SpoolSettings, on_open: OnOpen) -> Result<Self, SpoolError> {
-        Ok(match &settings.backend {
+        let opened = match &settings.backend {
             SpoolBackend::Sqlite { path } => OpenSpool::Sqlite(Arc::new(SqliteSpool::open(path)?)),
             SpoolBackend::Postgres(pg) => {
                 OpenSpool::Postgres(Arc::new(PostgresSpool::open(pg, on_open).await?))
             }
-        })
+        };
+        #[cfg(any(test, feature = "test-util"))]
+        if std::env::var_os(FAIL_WRITER_VAR).is_some() {
+            opened.supervision().fail_writer_at_next_push();
+        }
+        Ok(opened)
     }
 
-    pub fn spool(&self) -> Arc<dyn Spool> {
+    roles! {
+        /// What ingest uses: storing pushes.
+        intake: Intake;
+        /// What the delivery workers use.
+        work: Work;
+        /// What the operator's commands use.
+        operator: Operator;
+        /// What readiness and the metrics use.
+        health: Health;
+        /// Wake-ups from the other replicas on the same spool.
+        due_listener: DueListener;
+    }
+
+    /// The watch on the spool's tasks: the relay stops when one fails.
+    pub fn supervision(&self) -> Supervision {
         match self {
-            OpenSpool::Sqlite(s) => s.clone(),
-            OpenSpool::Postgres(s) => s.clone(),
+            OpenSpool::Sqlite(s) => s.supervision(),
+            OpenSpool::Postgres(s) => s.supervision(),
         }
     }
 

@@ -5,7 +5,16 @@ use super::*;
 use sha2::Digest;
 use std::sync::Arc;
 
-const WINDOW: i64 = 600_000;
+const WINDOW_MS: i64 = 600_000;
+const WINDOW: Duration = Duration::from_millis(WINDOW_MS as u64);
+
+/// Every role of a spool, for the suite to use them all.
+trait Roles: Intake + Work + Operator + Health + DueListener {}
+impl<T: Intake + Work + Operator + Health + DueListener> Roles for T {}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
 
 fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
     NewEvent {
@@ -33,7 +42,7 @@ fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
 }
 
 /// What the spool makes of a guarded event, at the time it was received.
-async fn guarded_outcome(spool: &dyn Spool, e: NewEvent) -> Enqueued {
+async fn guarded_outcome(spool: &dyn Roles, e: NewEvent) -> Enqueued {
     let now = e.event.received_at;
     spool.enqueue(e, now, WINDOW).await.unwrap()
 }
@@ -50,7 +59,7 @@ fn guarded(key: &str, query: &str, body: &str, now: i64, expires_at: i64) -> New
     }
 }
 
-async fn stored(spool: &dyn Spool, e: NewEvent, now: i64) -> (EventId, Vec<DeliveryId>) {
+async fn stored(spool: &dyn Roles, e: NewEvent, now: i64) -> (EventId, Vec<DeliveryId>) {
     match spool.enqueue(e, UnixMs(now), WINDOW).await.unwrap() {
         Enqueued::Stored {
             event_id,
@@ -107,7 +116,7 @@ fn failed_once(id: DeliveryId, not_before: i64) -> Settlement {
 
 /// Records `settlements`, each under the token of its delivery's lease in
 /// `leases`, or as never leased.
-async fn settle(spool: &dyn Spool, leases: &[Lease], settlements: Vec<Settlement>, now: i64) {
+async fn settle(spool: &dyn Roles, leases: &[Lease], settlements: Vec<Settlement>, now: i64) {
     let settles = settlements
         .into_iter()
         .map(|settlement| Settle {
@@ -127,10 +136,10 @@ type Cleanup = Box<dyn std::any::Any>;
 /// Every spool the relay ships, each fresh: SQLite in a temp dir, and
 /// PostgreSQL in a schema of its own when the test database is configured
 /// (see [`postgres::testing::test_url`]).
-async fn spools() -> Vec<(&'static str, Arc<dyn Spool>, Cleanup)> {
+async fn spools() -> Vec<(&'static str, Arc<dyn Roles>, Cleanup)> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteSpool::open(&dir.path().join("spool.db")).unwrap();
-    let mut spools: Vec<(&'static str, Arc<dyn Spool>, Cleanup)> =
+    let mut spools: Vec<(&'static str, Arc<dyn Roles>, Cleanup)> =
         vec![("sqlite", Arc::new(sqlite), Box::new(dir))];
     if let Some(url) = postgres::testing::test_url() {
         let schema = postgres::testing::TestSchema::new(&url);
@@ -151,7 +160,7 @@ async fn dedup_key_is_unique_within_the_window_and_reusable_after() {
             .await
             .unwrap();
         assert_eq!(again, Enqueued::Duplicate, "{name}");
-        let later = 1_000 + WINDOW;
+        let later = 1_000 + WINDOW_MS;
         let after = spool
             .enqueue(event("k1", &["a"], later), UnixMs(later), WINDOW)
             .await
@@ -176,7 +185,7 @@ async fn racing_enqueues_of_one_key_store_exactly_one() {
             }
         }
         assert_eq!(stored, 1, "{name}");
-        let leased = spool.lease("a", UnixMs(5), 100, 1_000).await.unwrap();
+        let leased = spool.lease("a", UnixMs(5), 100, ms(1_000)).await.unwrap();
         assert_eq!(leased.len(), 1, "{name}");
     }
 }
@@ -185,23 +194,30 @@ async fn racing_enqueues_of_one_key_store_exactly_one() {
 async fn lease_hides_a_delivery_until_the_lease_ends() {
     for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a", "b"], 10), 10).await;
-        let first = spool.lease("a", UnixMs(10), 10, 1_000).await.unwrap();
+        let first = spool.lease("a", UnixMs(10), 10, ms(1_000)).await.unwrap();
         assert_eq!(first.len(), 1, "{name}");
         assert_eq!(first[0].delivery_id, ids[0]);
         assert_eq!(first[0].event.xml, "<xml><K>k</K></xml>");
         assert_eq!(first[0].event.body, &b"<xml>k</xml>"[..]);
         assert!(
             spool
-                .lease("a", UnixMs(500), 10, 1_000)
+                .lease("a", UnixMs(500), 10, ms(1_000))
                 .await
                 .unwrap()
                 .is_empty(),
             "{name}: hidden"
         );
-        let again = spool.lease("a", UnixMs(1_010), 10, 1_000).await.unwrap();
+        let again = spool
+            .lease("a", UnixMs(1_010), 10, ms(1_000))
+            .await
+            .unwrap();
         assert_eq!(again.len(), 1, "{name}: due again after the lease");
         assert_eq!(
-            spool.lease("b", UnixMs(10), 10, 1_000).await.unwrap().len(),
+            spool
+                .lease("b", UnixMs(10), 10, ms(1_000))
+                .await
+                .unwrap()
+                .len(),
             1,
             "{name}"
         );
@@ -216,14 +232,18 @@ async fn not_due_yet_is_not_leased() {
         stored(&*spool, e, 10).await;
         assert!(
             spool
-                .lease("a", UnixMs(4_009), 10, 1)
+                .lease("a", UnixMs(4_009), 10, ms(1))
                 .await
                 .unwrap()
                 .is_empty(),
             "{name}"
         );
         assert_eq!(
-            spool.lease("a", UnixMs(4_010), 10, 1).await.unwrap().len(),
+            spool
+                .lease("a", UnixMs(4_010), 10, ms(1))
+                .await
+                .unwrap()
+                .len(),
             1,
             "{name}"
         );
@@ -265,7 +285,7 @@ async fn delivered_removes_the_event_once_every_target_has_it() {
 async fn retry_counts_attempts_and_reschedules() {
     for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        let leases = spool.lease("a", UnixMs(0), 1, 100).await.unwrap();
+        let leases = spool.lease("a", UnixMs(0), 1, ms(100)).await.unwrap();
         let retry = Settlement::Retry {
             delivery_id: ids[0],
             next_at: UnixMs(5_000),
@@ -279,13 +299,13 @@ async fn retry_counts_attempts_and_reschedules() {
         settle(&*spool, &leases, vec![retry], 10).await;
         assert!(
             spool
-                .lease("a", UnixMs(4_999), 1, 100)
+                .lease("a", UnixMs(4_999), 1, ms(100))
                 .await
                 .unwrap()
                 .is_empty(),
             "{name}"
         );
-        let leased = spool.lease("a", UnixMs(5_000), 1, 100).await.unwrap();
+        let leased = spool.lease("a", UnixMs(5_000), 1, ms(100)).await.unwrap();
         assert_eq!(leased[0].attempts, 1, "{name}");
         assert_eq!(
             leased[0].schedule,
@@ -302,7 +322,7 @@ async fn retry_counts_attempts_and_reschedules() {
 async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
     for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, ms(60_000)).await.unwrap();
         assert_eq!(leases.len(), 1);
         let retry = Settlement::Retry {
             delivery_id: ids[0],
@@ -317,7 +337,7 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
         settle(&*spool, &leases, vec![retry], 1).await;
         assert!(
             spool
-                .lease("a", UnixMs(2), 10, 60_000)
+                .lease("a", UnixMs(2), 10, ms(60_000))
                 .await
                 .unwrap()
                 .is_empty(),
@@ -328,7 +348,7 @@ async fn a_settled_lease_is_released_and_backoff_can_be_cut_short() {
             1,
             "{name}"
         );
-        let again = spool.lease("a", UnixMs(3), 10, 60_000).await.unwrap();
+        let again = spool.lease("a", UnixMs(3), 10, ms(60_000)).await.unwrap();
         assert_eq!(
             again.len(),
             1,
@@ -397,7 +417,7 @@ async fn dead_letters_are_listed_filtered_replayed_and_purged() {
             1,
             "{name}"
         );
-        let back = spool.lease("a", UnixMs(300), 10, 100).await.unwrap();
+        let back = spool.lease("a", UnixMs(300), 10, ms(100)).await.unwrap();
         assert_eq!(back.len(), 1, "{name}: replayed is due");
         assert_eq!(back[0].attempts, 0, "{name}: attempts reset");
 
@@ -442,7 +462,11 @@ async fn removed_targets_dead_letter_their_pending_deliveries() {
         assert_eq!(dead[0].reason, DeadReason::TargetRemoved);
         assert_eq!(dead[0].target.as_deref(), Some("gone"));
         assert_eq!(
-            spool.lease("kept", UnixMs(0), 10, 1).await.unwrap().len(),
+            spool
+                .lease("kept", UnixMs(0), 10, ms(1))
+                .await
+                .unwrap()
+                .len(),
             1,
             "{name}"
         );
@@ -499,7 +523,10 @@ async fn sqlite_spool_keeps_everything_across_reopen() {
         Enqueued::Duplicate,
         "dedup survives a restart"
     );
-    assert_eq!(spool.lease("a", UnixMs(0), 10, 1).await.unwrap().len(), 1);
+    assert_eq!(
+        spool.lease("a", UnixMs(0), 10, ms(1)).await.unwrap().len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -521,7 +548,7 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
         let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
         // Failed without one.
         let (_, plain) = stored(&*spool, event("plain", &["a"], 0), 0).await;
-        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, ms(60_000)).await.unwrap();
         settle(
             &*spool,
             &leases,
@@ -534,7 +561,7 @@ async fn release_spares_untried_deliveries_and_those_held_by_retry_after() {
             1,
             "{name}: only the plain failure"
         );
-        let due = spool.lease("a", UnixMs(2), 10, 60_000).await.unwrap();
+        let due = spool.lease("a", UnixMs(2), 10, ms(60_000)).await.unwrap();
         assert_eq!(due.len(), 1, "{name}");
         assert_eq!(due[0].delivery_id, plain[0], "{name}");
     }
@@ -575,13 +602,13 @@ async fn pg_replica(schema: &postgres::testing::TestSchema) -> PostgresSpool {
 /// Fifty events from `make(i, now)`, each stored with a one-second dedup
 /// window ten seconds after the one before and delivered at once: every key
 /// but the newest few expires long before the next prune.
-async fn fifty_short_lived(spool: &dyn Spool, make: impl Fn(usize, i64) -> NewEvent) {
+async fn fifty_short_lived(spool: &dyn Roles, make: impl Fn(usize, i64) -> NewEvent) {
     let mut now = 0;
     for i in 0..50 {
         let mut e = make(i, now);
         e.event.received_at = UnixMs(now);
         let Enqueued::Stored { deliveries, .. } =
-            spool.enqueue(e, UnixMs(now), 1_000).await.unwrap()
+            spool.enqueue(e, UnixMs(now), ms(1_000)).await.unwrap()
         else {
             panic!("stored")
         };
@@ -613,7 +640,7 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
         let (_, one) = stored(&*spool, event("one", &["a"], 0), 0).await;
         let (_, two) = stored(&*spool, event("two", &["a"], 0), 0).await;
         let (_, held) = stored(&*spool, event("held", &["a"], 0), 0).await;
-        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, ms(60_000)).await.unwrap();
         settle(
             &*spool,
             &leases,
@@ -647,7 +674,7 @@ async fn a_release_can_pick_one_delivery_and_pass_a_retry_after() {
             1
         );
         let mut due: Vec<DeliveryId> = spool
-            .lease("a", UnixMs(2), 10, 60_000)
+            .lease("a", UnixMs(2), 10, ms(60_000))
             .await
             .unwrap()
             .iter()
@@ -687,7 +714,10 @@ async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup()
         stored(&*spool, guarded("k3", "q2", "forged", 3_000, 9_000), 3_000).await;
         // Unguarded events never meet the guard.
         stored(&*spool, event("k4", &["a"], 3_000), 3_000).await;
-        let leased = spool.lease("a", UnixMs(3_000), 100, 1_000).await.unwrap();
+        let leased = spool
+            .lease("a", UnixMs(3_000), 100, ms(1_000))
+            .await
+            .unwrap();
         let keys: Vec<&str> = leased.iter().map(|l| l.event.dedup_key.as_str()).collect();
         assert_eq!(
             keys,
@@ -701,7 +731,10 @@ async fn a_guarded_query_refuses_another_body_and_passes_the_same_one_to_dedup()
 async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
     let (_dir, path) = earlier_file("1, 'a', 0, 3, 7000, 'HTTP 503', 0");
     let spool = SqliteSpool::open(&path).unwrap();
-    let leased = spool.lease("a", UnixMs(7_000), 10, 1_000).await.unwrap();
+    let leased = spool
+        .lease("a", UnixMs(7_000), 10, ms(1_000))
+        .await
+        .unwrap();
     assert_eq!(leased.len(), 1);
     assert_eq!(
         (leased[0].attempts, leased[0].schedule),
@@ -724,7 +757,7 @@ async fn a_spool_file_from_before_the_schedule_columns_is_migrated() {
 async fn a_release_does_not_hand_out_a_delivery_being_sent() {
     for (name, spool, _cleanup) in spools().await {
         let (_, ids) = stored(&*spool, event("k", &["a"], 0), 0).await;
-        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, ms(60_000)).await.unwrap();
         settle(&*spool, &leases, vec![failed_once(ids[0], 0)], 1).await;
         assert_eq!(
             spool.release_backoff("a", UnixMs(2)).await.unwrap(),
@@ -732,14 +765,18 @@ async fn a_release_does_not_hand_out_a_delivery_being_sent() {
             "{name}"
         );
         assert_eq!(
-            spool.lease("a", UnixMs(2), 10, 60_000).await.unwrap().len(),
+            spool
+                .lease("a", UnixMs(2), 10, ms(60_000))
+                .await
+                .unwrap()
+                .len(),
             1
         );
         // Released again (another success, an operator) while it is being sent.
         spool.release_backoff("a", UnixMs(3)).await.unwrap();
         assert!(
             spool
-                .lease("a", UnixMs(3), 10, 60_000)
+                .lease("a", UnixMs(3), 10, ms(60_000))
                 .await
                 .unwrap()
                 .is_empty(),
@@ -813,7 +850,7 @@ async fn expired_replay_guards_are_pruned() {
     for i in 0..50 {
         let e = guarded(&format!("k{i}"), &format!("q{i}"), "b", now, now + 1_000);
         stored(&spool, e, now).await;
-        now += sqlite::PRUNE_EVERY_MS / 3;
+        now += vocab::PRUNE_EVERY.as_millis() as i64 / 3;
     }
     spool.close();
     let c = rusqlite::Connection::open(&path).unwrap();
@@ -840,7 +877,7 @@ async fn an_enqueue_hands_back_the_event_as_stored_with_its_id() {
             Some(&given),
             "{name}"
         );
-        let leased = spool.lease("a", UnixMs(10), 1, 1_000).await.unwrap();
+        let leased = spool.lease("a", UnixMs(10), 1, ms(1_000)).await.unwrap();
         assert_eq!(
             (leased[0].event_id, &leased[0].event),
             (event_id, &given),
@@ -864,9 +901,9 @@ async fn a_settle_after_the_lease_was_taken_over_changes_nothing() {
         for (i, late) in late_outcomes.into_iter().enumerate() {
             let now = 10_000 * i as i64;
             let (_, ids) = stored(&*spool, event(&format!("k{i}"), &["a"], now), now).await;
-            let first = spool.lease("a", UnixMs(now), 10, 1_000).await.unwrap();
+            let first = spool.lease("a", UnixMs(now), 10, ms(1_000)).await.unwrap();
             // The first worker's lease ends; another worker takes the delivery.
-            let second = spool.lease("a", UnixMs(now + 1_000), 10, 1_000);
+            let second = spool.lease("a", UnixMs(now + 1_000), 10, ms(1_000));
             let second = second.await.unwrap();
             assert_eq!(second.len(), 1, "{name}: taken over once the lease ended");
             assert_ne!(first[0].token, second[0].token, "{name}");
@@ -910,7 +947,10 @@ fn ids(leases: &[Lease]) -> Vec<DeliveryId> {
 async fn a_delivered_outcome_settles_a_delivery_retired_while_in_flight() {
     for (name, spool, _cleanup) in spools().await {
         let (event_id, d) = stored(&*spool, event("k", &["gone"], 0), 0).await;
-        let leases = spool.lease("gone", UnixMs(0), 10, 60_000).await.unwrap();
+        let leases = spool
+            .lease("gone", UnixMs(0), 10, ms(60_000))
+            .await
+            .unwrap();
         assert_eq!(ids(&leases), d);
         // A reload removes the target while the attempt is in flight.
         spool.retire_targets(vec![], UnixMs(5)).await.unwrap();
@@ -938,7 +978,7 @@ async fn a_delivered_outcome_settles_a_delivery_retired_while_in_flight() {
         assert_eq!(spool.event(event_id).await.unwrap(), None, "{name}");
         // Only a retirement yields: a refused delivery stays dead.
         let (_, r) = stored(&*spool, event("r", &["a"], 20), 20).await;
-        let leases = spool.lease("a", UnixMs(20), 10, 60_000).await.unwrap();
+        let leases = spool.lease("a", UnixMs(20), 10, ms(60_000)).await.unwrap();
         let refused = Settlement::Dead {
             delivery_id: r[0],
             reason: DeadReason::Rejected,
@@ -963,7 +1003,10 @@ async fn expired_deliveries_are_dead_letters_that_can_be_selected() {
     for (name, spool, _cleanup) in spools().await {
         let (_, d) = stored(&*spool, event("old", &["broker"], 0), 0).await;
         stored(&*spool, event("other", &["broker"], 0), 0).await;
-        let leases = spool.lease("broker", UnixMs(0), 1, 60_000).await.unwrap();
+        let leases = spool
+            .lease("broker", UnixMs(0), 1, ms(60_000))
+            .await
+            .unwrap();
         let expired = Settlement::Dead {
             delivery_id: d[0],
             reason: DeadReason::Expired,
@@ -989,7 +1032,7 @@ async fn expired_deliveries_are_dead_letters_that_can_be_selected() {
         // Replayed, it is untried and due from the replay on: its age for
         // max_age counts from there.
         let again = spool
-            .lease("broker", UnixMs(700_000), 10, 1_000)
+            .lease("broker", UnixMs(700_000), 10, ms(1_000))
             .await
             .unwrap();
         let replayed = again.iter().find(|l| l.delivery_id == d[0]).unwrap();
@@ -1007,7 +1050,7 @@ async fn an_ordered_delivery_waits_while_an_earlier_one_of_its_user_is_pending()
         let (_, u1b) = stored(&*spool, ordered("1b", &["t", "u"], 0, "main|u1"), 0).await;
         let (_, u2a) = stored(&*spool, ordered("2a", &["t"], 0, "main|u2"), 0).await;
         let (_, free) = stored(&*spool, event("free", &["t"], 0), 0).await;
-        let first = spool.lease("t", UnixMs(0), 10, 1_000).await.unwrap();
+        let first = spool.lease("t", UnixMs(0), 10, ms(1_000)).await.unwrap();
         assert_eq!(
             ids(&first),
             vec![u1a[0], u2a[0], free[0]],
@@ -1015,14 +1058,14 @@ async fn an_ordered_delivery_waits_while_an_earlier_one_of_its_user_is_pending()
         );
         // The key holds back only its own target's deliveries.
         assert_eq!(
-            ids(&spool.lease("u", UnixMs(0), 1, 1_000).await.unwrap()),
+            ids(&spool.lease("u", UnixMs(0), 1, ms(1_000)).await.unwrap()),
             vec![u1a[1]]
         );
         // Backing off, the earlier one still holds the later one back.
         settle(&*spool, &first, vec![failed_once(u1a[0], 0)], 1).await;
         assert!(
             spool
-                .lease("t", UnixMs(2), 10, 1_000)
+                .lease("t", UnixMs(2), 10, ms(1_000))
                 .await
                 .unwrap()
                 .is_empty(),
@@ -1036,14 +1079,14 @@ async fn an_ordered_delivery_waits_while_an_earlier_one_of_its_user_is_pending()
         };
         settle(&*spool, &first, vec![refused], 3).await;
         assert_eq!(
-            ids(&spool.lease("t", UnixMs(4), 10, 1_000).await.unwrap()),
+            ids(&spool.lease("t", UnixMs(4), 10, ms(1_000)).await.unwrap()),
             vec![u1b[0]]
         );
         // Delivered, it no longer does either.
         let (_, u2b) = stored(&*spool, ordered("2b", &["t"], 5, "main|u2"), 5).await;
         assert!(
             spool
-                .lease("t", UnixMs(5), 10, 1_000)
+                .lease("t", UnixMs(5), 10, ms(1_000))
                 .await
                 .unwrap()
                 .is_empty(),
@@ -1059,7 +1102,7 @@ async fn an_ordered_delivery_waits_while_an_earlier_one_of_its_user_is_pending()
         )
         .await;
         assert_eq!(
-            ids(&spool.lease("t", UnixMs(6), 10, 1_000).await.unwrap()),
+            ids(&spool.lease("t", UnixMs(6), 10, ms(1_000)).await.unwrap()),
             vec![u2b[0]]
         );
     }
@@ -1081,10 +1124,10 @@ async fn a_user_is_served_behind_a_long_backlog_of_another_held_back() {
         }
         let (_, u2) = stored(&*spool, ordered("2", &["t"], 0, "main|u2"), 0).await;
         let (_, free) = stored(&*spool, event("free", &["t"], 0), 0).await;
-        let head = spool.lease("t", UnixMs(0), 1, 1_000).await.unwrap();
+        let head = spool.lease("t", UnixMs(0), 1, ms(1_000)).await.unwrap();
         assert_eq!(head.len(), 1, "{name}");
         assert_eq!(
-            ids(&spool.lease("t", UnixMs(0), 10, 1_000).await.unwrap()),
+            ids(&spool.lease("t", UnixMs(0), 10, ms(1_000)).await.unwrap()),
             vec![u2[0], free[0]],
             "{name}: the first user's backlog waits for its head, the others do not"
         );
@@ -1102,7 +1145,7 @@ async fn settles_of_many_deliveries_are_recorded_together() {
                     .1[0],
             );
         }
-        let leases = spool.lease("a", UnixMs(0), 10, 60_000).await.unwrap();
+        let leases = spool.lease("a", UnixMs(0), 10, ms(60_000)).await.unwrap();
         assert_eq!(leases.len(), 6, "{name}");
         let dead = |id| Settlement::Dead {
             delivery_id: id,
@@ -1179,7 +1222,7 @@ async fn a_spool_file_from_before_ordered_delivery_opens_and_orders() {
     let spool = SqliteSpool::open(&path).unwrap();
     let (_, a) = stored(&spool, ordered("a", &["t"], 0, "main|u1"), 0).await;
     stored(&spool, ordered("b", &["t"], 0, "main|u1"), 0).await;
-    let leased = spool.lease("t", UnixMs(0), 10, 1_000).await.unwrap();
+    let leased = spool.lease("t", UnixMs(0), 10, ms(1_000)).await.unwrap();
     assert_eq!(
         leased.len(),
         2,

@@ -2,7 +2,7 @@
 //!
 //! # Contract
 //!
-//! - [`Spool::enqueue`] resolves `Ok` only once the event, its deliveries and its
+//! - [`Intake::enqueue`] resolves `Ok` only once the event, its deliveries and its
 //!   dedup key are durable: for the SQLite spool, committed in WAL mode with
 //!   `synchronous=FULL`, so the commit survives `kill -9` and power loss. The
 //!   handler answers WeChat only after that, so a crash can lose nothing that
@@ -17,7 +17,7 @@
 //!   [`Enqueued::Replayed`] with nothing stored; with the same body hash the
 //!   dedup key decides as usual. Of two racing enqueues with one guard key and
 //!   different bodies, exactly one gets past it.
-//! - A delivery is handed out by [`Spool::lease`] only when due, and is hidden
+//! - A delivery is handed out by [`Work::lease`] only when due, and is hidden
 //!   until it is settled or the lease duration ends: if its worker dies, or
 //!   its outcome cannot be written, it is due again when the lease ends, or at
 //!   the next start after a crash (at least once, never silently dropped).
@@ -37,17 +37,41 @@
 //! - An event routed to no target is stored as a dead letter with reason
 //!   `unrouted`, with no target.
 
+//! - Every task a spool runs (writers, readers, settlers, pruners,
+//!   listeners) is supervised: one that panics, or ends while the spool is
+//!   open, fails the spool ([`Supervision`]); every operation then answers
+//!   [`SpoolError::Failed`], and the relay stops so that its supervisor
+//!   starts it again.
+//!
+//! # Roles
+//!
+//! A spool is handed out by [`OpenSpool`] in roles, one per audience, and
+//! each component takes only the roles it uses: ingest [`Intake`], the
+//! delivery workers [`Work`], the operator's commands [`Operator`],
+//! readiness and metrics [`Health`], and the workers' wake-ups from other
+//! replicas [`DueListener`].
+
 mod backend;
+mod migration;
 pub mod postgres;
+mod rows;
 mod sqlite;
+mod supervise;
+pub mod vocab;
 
 pub use backend::OpenSpool;
+#[cfg(any(test, feature = "test-util"))]
+pub use backend::FAIL_WRITER_VAR;
+pub use migration::Migrated;
 pub use postgres::{postgres_display, PostgresSpool};
 pub use sqlite::SqliteSpool;
+pub use supervise::Supervision;
 
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Defines an id the spool assigns: a row id, a number only at the SQL,
 /// log and command-line edges.
@@ -74,7 +98,7 @@ spool_id!(
     DeliveryId
 );
 
-/// Which lease of a delivery an attempt was made under; [`Spool::record`]
+/// Which lease of a delivery an attempt was made under; [`Work::record`]
 /// ignores an outcome whose delivery has since been leased again.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LeaseToken(pub i64);
@@ -105,6 +129,15 @@ impl std::ops::Add<i64> for UnixMs {
     }
 }
 
+impl std::ops::Add<Duration> for UnixMs {
+    type Output = UnixMs;
+
+    /// A span later, to the millisecond.
+    fn add(self, span: Duration) -> UnixMs {
+        self + i64::try_from(span.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
 impl std::ops::Sub for UnixMs {
     type Output = i64;
 
@@ -117,10 +150,23 @@ impl std::ops::Sub for UnixMs {
 /// A spool operation in flight; resolves once its effect is durable.
 pub type SpoolFuture<T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send>>;
 
+/// Deliveries being leased ([`Work::lease`]).
+pub type Leases = SpoolFuture<Vec<Lease>>;
+
+/// What caused a storage error: shared, as one failed commit answers every
+/// request of its batch.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
-    #[error("spool storage: {0}")]
-    Storage(String),
+    /// The file or the database failed; `source` is the driver's error (and
+    /// its own causes), when there is one: [`crate::error_chain`] prints it all.
+    #[error("spool storage: {what}")]
+    Storage {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
     #[error("spool is closed")]
     Closed,
     #[error("spool is busy: too many requests waiting to be stored")]
@@ -131,11 +177,36 @@ pub enum SpoolError {
     /// knows, or older and not migrated yet.
     #[error("spool schema: {0}")]
     Schema(String),
+    /// One of the spool's tasks panicked or ended: the relay must be
+    /// restarted (see [`Supervision`]).
+    #[error("a spool task failed: {0}")]
+    Failed(Arc<str>),
+}
+
+impl SpoolError {
+    /// A storage error with no cause beyond its text.
+    pub(crate) fn storage(what: impl Into<String>) -> Self {
+        SpoolError::Storage {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A storage error caused by `source`.
+    pub(crate) fn caused(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        SpoolError::Storage {
+            what: what.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
 }
 
 impl From<rusqlite::Error> for SpoolError {
     fn from(e: rusqlite::Error) -> Self {
-        SpoolError::Storage(e.to_string())
+        SpoolError::caused("the spool file", e)
     }
 }
 
@@ -339,62 +410,64 @@ pub struct TargetDepth {
     pub oldest_received_at: Option<UnixMs>,
 }
 
-/// Where accepted pushes wait for their targets. See the module doc for the
-/// durability contract every implementation keeps.
-pub trait Spool: Send + Sync + 'static {
-    /// Stores an event with its deliveries and dedup key, durably, in one commit.
-    fn enqueue(
-        &self,
-        event: NewEvent,
-        now_ms: UnixMs,
-        dedup_window_ms: i64,
-    ) -> SpoolFuture<Enqueued>;
-    /// Up to `limit` due deliveries of `target`, each hidden for `lease_ms`.
-    fn lease(
-        &self,
-        target: &str,
-        now_ms: UnixMs,
-        limit: usize,
-        lease_ms: i64,
-    ) -> SpoolFuture<Vec<Lease>>;
+/// What ingest needs: storing pushes. See the module doc for the contract.
+pub trait Intake: Send + Sync + 'static {
+    /// Stores an event with its deliveries and dedup key, durably, in one
+    /// commit; the key makes a push a duplicate for `window` (the dedup window).
+    fn enqueue(&self, event: NewEvent, now: UnixMs, window: Duration) -> SpoolFuture<Enqueued>;
+}
+
+/// What the delivery workers need: taking due deliveries, recording what
+/// became of them, and the spool's side of a target's health.
+pub trait Work: Send + Sync + 'static {
+    /// Up to `n` due deliveries of `target`, each held (hidden from other
+    /// leases) for `hold`: the lease's length.
+    fn lease(&self, target: &str, now: UnixMs, n: usize, hold: Duration) -> Leases;
     /// Records what became of leased deliveries (see `deliver::retry::decide`),
     /// each only while its delivery holds no later lease than its own.
-    fn record(&self, settlements: Vec<Settle>, now_ms: UnixMs) -> SpoolFuture<()>;
-    /// Makes every backed-off delivery of `target` due now (it answers again).
-    /// Returns how many.
-    fn release_backoff(&self, target: &str, now_ms: UnixMs) -> SpoolFuture<u64> {
-        self.release(Release::backlog(target), now_ms)
-    }
-    /// Makes the selected deliveries due now, leaving their schedules as they
-    /// are. Returns how many were waiting and now are due.
-    fn release(&self, release: Release, now_ms: UnixMs) -> SpoolFuture<u64>;
+    fn record(&self, settlements: Vec<Settle>, now: UnixMs) -> SpoolFuture<()>;
+    /// Makes every backed-off delivery of `target` due now (it answers
+    /// again), sparing those held by Retry-After. Returns how many.
+    fn release_backoff(&self, target: &str, now: UnixMs) -> SpoolFuture<u64>;
     /// Dead-letters every pending delivery whose target is not in `targets`,
     /// with reason [`DeadReason::TargetRemoved`]. Returns how many, per removed target.
-    fn retire_targets(
-        &self,
-        targets: Vec<String>,
-        now_ms: UnixMs,
-    ) -> SpoolFuture<Vec<(String, u64)>>;
+    fn retire_targets(&self, targets: Vec<String>, now: UnixMs) -> SpoolFuture<Vec<(String, u64)>>;
+}
+
+/// What the operator's commands need: the dead letters, the waiting
+/// deliveries, and the events they carry.
+pub trait Operator: Send + Sync + 'static {
     fn dead_letters(&self, filter: DeadFilter, limit: usize) -> SpoolFuture<Vec<DeadLetter>>;
     /// Makes the selected dead letters due again, with their attempts reset.
     /// Unrouted ones have no target and are left alone. Returns how many.
-    fn replay(&self, filter: DeadFilter, now_ms: UnixMs) -> SpoolFuture<u64>;
+    fn replay(&self, filter: DeadFilter, now: UnixMs) -> SpoolFuture<u64>;
     /// Deletes the selected dead letters. Returns how many.
     fn purge(&self, filter: DeadFilter) -> SpoolFuture<u64>;
-    fn depth(&self) -> SpoolFuture<Vec<TargetDepth>>;
     /// The deliveries of `target` still waiting for it (pending, leased or
     /// not), soonest due first.
     fn waiting(&self, target: &str, limit: usize) -> SpoolFuture<Vec<WaitingDelivery>>;
+    /// Makes the selected deliveries due now, leaving their schedules as they
+    /// are. Returns how many were waiting and now are due.
+    fn release(&self, release: Release, now: UnixMs) -> SpoolFuture<u64>;
     /// The stored XML and fields of an event, while it is in the spool.
     fn event(&self, event_id: EventId) -> SpoolFuture<Option<Event>>;
-    /// Checks that the spool still accepts writes (for readiness).
+}
+
+/// What readiness and the metrics read.
+pub trait Health: Send + Sync + 'static {
+    /// Checks that the spool still stores pushes: a real write through the
+    /// writer that stores them, behind the pushes already waiting for it.
     fn probe(&self) -> SpoolFuture<()>;
-    /// Hands the spool a way to wake this process's workers of a target when
-    /// another process makes its deliveries due (a shared spool); a spool
+    /// Pending work per target.
+    fn depth(&self) -> SpoolFuture<Vec<TargetDepth>>;
+}
+
+/// Wake-ups for this process's workers when another process makes
+/// deliveries due (a shared spool).
+pub trait DueListener: Send + Sync + 'static {
+    /// Wakes the named target's workers through `wake` from now on; a spool
     /// only this process writes has no use for it.
-    fn on_due_elsewhere(&self, wake: DueWaker) {
-        drop(wake);
-    }
+    fn on_due_elsewhere(&self, wake: DueWaker);
 }
 
 /// Wakes the local workers of the named target.
@@ -456,16 +529,6 @@ impl DeadReason {
         DeadReason::TargetRemoved,
         DeadReason::Expired,
     ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadReason::Rejected => "rejected",
-            DeadReason::Exhausted => "exhausted",
-            DeadReason::Unrouted => "unrouted",
-            DeadReason::TargetRemoved => "target_removed",
-            DeadReason::Expired => "expired",
-        }
-    }
 }
 
 impl std::fmt::Display for DeadReason {

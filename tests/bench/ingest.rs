@@ -17,7 +17,7 @@ mod common;
 mod harness;
 
 use std::sync::Arc;
-use wxrelay::spool::SqliteSpool;
+use wxrelay::spool::{OpenSpool, SqliteSpool};
 
 async fn run(max_batch: usize, n: usize, connections: usize, first: u64) -> harness::Report {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -25,7 +25,14 @@ async fn run(max_batch: usize, n: usize, connections: usize, first: u64) -> harn
     let spool =
         Arc::new(SqliteSpool::open_with_batch(&path, max_batch).unwrap_or_else(|e| panic!("{e}")));
     let toml = harness::sqlite_spool(&path);
-    let report = harness::ingest_in_process(spool.clone(), &toml, first, n, connections).await;
+    let report = harness::ingest_in_process(
+        OpenSpool::Sqlite(spool.clone()),
+        &toml,
+        first,
+        n,
+        connections,
+    )
+    .await;
     spool.close();
     report
 }

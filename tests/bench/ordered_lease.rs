@@ -18,13 +18,14 @@ use rusqlite::{params, Connection};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use wxrelay::spool::{
-    Enqueued, Event, Lease, NewDelivery, NewEvent, Schedule, Settle, Settlement, Spool,
-    SqliteSpool, UnixMs,
+    Enqueued, Event, Intake, Lease, NewDelivery, NewEvent, Schedule, Settle, Settlement,
+    SqliteSpool, UnixMs, Work,
 };
 
 const TARGET: &str = "ordered";
 const LIMIT: usize = 64;
 const LEASE_MS: i64 = 3_600_000;
+const LEASE: Duration = Duration::from_millis(LEASE_MS as u64);
 
 /// The lease query before the `blocked` flag, word for word.
 const BEFORE: &str =
@@ -65,7 +66,7 @@ fn event(i: usize, users: usize) -> NewEvent {
 async fn fill(spool: &SqliteSpool, n: usize, users: usize) {
     for start in (0..n).step_by(4_096) {
         let burst: Vec<_> = (start..n.min(start + 4_096))
-            .map(|i| spool.enqueue(event(i, users), UnixMs(0), 60_000))
+            .map(|i| spool.enqueue(event(i, users), UnixMs(0), Duration::from_secs(60)))
             .collect();
         for enqueued in burst {
             let stored = enqueued.await.unwrap_or_else(|e| panic!("{e}"));
@@ -79,7 +80,7 @@ async fn lease_heads(spool: &SqliteSpool, now: i64, users: usize) -> Vec<Lease> 
     let mut heads = Vec::new();
     loop {
         let leases = spool
-            .lease(TARGET, UnixMs(now), LIMIT, LEASE_MS)
+            .lease(TARGET, UnixMs(now), LIMIT, LEASE)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         if leases.is_empty() {
@@ -95,7 +96,7 @@ async fn time_spool(spool: &SqliteSpool, now: i64, calls: usize) -> Duration {
     let start = Instant::now();
     for _ in 0..calls {
         let leases = spool
-            .lease(TARGET, UnixMs(now), LIMIT, LEASE_MS)
+            .lease(TARGET, UnixMs(now), LIMIT, LEASE)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(leases.is_empty(), "only blocked deliveries are due");

@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wxrelay::spool::postgres::OnOpen;
-use wxrelay::spool::PostgresSpool;
+use wxrelay::spool::{OpenSpool, PostgresSpool};
 
 const CONNECTIONS: usize = 64;
 
@@ -202,7 +202,14 @@ async fn ingest_in_process(max_batch: usize, n: usize, first: u64) -> Report {
             .unwrap_or_else(|e| panic!("{e}"));
     let spool = Arc::new(spool);
     let toml = database.spool_toml();
-    let report = harness::ingest_in_process(spool.clone(), &toml, first, n, CONNECTIONS).await;
+    let report = harness::ingest_in_process(
+        OpenSpool::Postgres(spool.clone()),
+        &toml,
+        first,
+        n,
+        CONNECTIONS,
+    )
+    .await;
     spool.close().await;
     report
 }

@@ -19,7 +19,7 @@ use wxrelay::cli::{keygen, CliError};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::Settings;
 use wxrelay::short_hash;
-use wxrelay::spool::{DeadFilter, Spool, SqliteSpool};
+use wxrelay::spool::{DeadFilter, Operator, SqliteSpool};
 use wxrelay::wechat::crypto::AesKey;
 use wxrelay::wechat::message::Message;
 
@@ -355,7 +355,7 @@ fn route_names_the_rule_the_relay_would_use() {
     ));
 }
 
-async fn dead_letters(spool: &dyn Spool) -> Vec<wxrelay::spool::DeadLetter> {
+async fn dead_letters(spool: &dyn Operator) -> Vec<wxrelay::spool::DeadLetter> {
     spool
         .dead_letters(DeadFilter::default(), 100)
         .await

@@ -17,7 +17,7 @@ use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{Secret, Settings, SslMode};
 use wxrelay::spool::postgres::testing::{test_url, TestSchema};
 use wxrelay::spool::postgres::{latest_schema_version, OnOpen};
-use wxrelay::spool::{DeadFilter, PostgresSpool, Spool};
+use wxrelay::spool::{DeadFilter, Health, PostgresSpool};
 
 const WAIT: Duration = Duration::from_secs(20);
 const PASSWORD: &str = "Pg-S3cret-pw";
@@ -423,7 +423,7 @@ async fn tls_require_verifies_the_chain_and_verify_full_the_name_too() {
                 spool.probe().await.unwrap();
                 spool.close().await;
             }
-            opened.map(|_| ()).map_err(|e| e.to_string())
+            opened.map(|_| ()).map_err(|e| wxrelay::error_chain(&e))
         }
     };
     // The certificate does not name 127.0.0.1: require takes it, its chain

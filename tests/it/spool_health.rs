@@ -10,7 +10,8 @@ use common::{body, config, generated, path, reference_now, vector, TestRelay};
 use http::{Method, StatusCode};
 use serde_json::Value;
 use std::path::PathBuf;
-use wxrelay::spool::SpoolError;
+use std::time::Duration;
+use wxrelay::spool::{SpoolError, UnixMs};
 
 fn click(g: &Value) -> (String, Vec<u8>) {
     let v = vector(g, "secure.CLICK");
@@ -82,8 +83,9 @@ async fn assert_refused_as_gone(relay: &TestRelay, g: &Value) {
     assert_eq!(answer.status, 503, "{}", answer.text());
     // Nor is any work handed out from the lost file.
     let lease = relay
-        .spool
-        .lease("hooks", wxrelay::spool::UnixMs(0), 1, 1_000)
+        .opened
+        .work()
+        .lease("hooks", UnixMs(0), 1, Duration::from_secs(1))
         .await;
     assert!(matches!(lease, Err(SpoolError::Gone(_))), "{lease:?}");
 }

@@ -9,21 +9,37 @@
 //! it, then see the conflict: of two racing copies, one is stored and the
 //! other answered as a duplicate, on one replica or two.
 
+use super::row::{column, get};
 use super::wake::Notifier;
+use crate::spool::vocab::PROBE;
 use crate::spool::{
-    DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, SpoolError, UnixMs,
+    DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, SpoolError, Supervision,
+    UnixMs,
 };
 use deadpool_postgres::{Object, Pool, Transaction};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
+type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
+
+/// What the writer is asked to do. Nearly every request is a push: boxing
+/// it would only add an allocation per push.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Request {
+    /// Store a push.
+    Push(Push),
+    /// Write through the push connection, behind the pushes waiting (readiness).
+    Probe(Reply<()>),
+}
+
 /// An enqueue waiting for its commit.
-pub(super) struct Request {
+pub(super) struct Push {
     pub event: NewEvent,
     pub now: UnixMs,
-    pub window: i64,
-    pub reply: oneshot::Sender<Result<Enqueued, SpoolError>>,
+    pub window: Duration,
+    pub reply: Reply<Enqueued>,
 }
 
 /// What one request of a batch came to, before its event is handed back.
@@ -43,23 +59,39 @@ pub(super) struct Writer {
     pub pool: Pool,
     pub notifier: Notifier,
     pub prune: super::prune::Pruner,
+    /// For the tests' injected failure.
+    #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
+    pub supervision: Supervision,
 }
 
-/// Commits the waiting requests, a batch at a time, until every sender is
-/// gone. `max_batch` of 1 commits each push on its own (to measure what
-/// grouping is worth).
+/// Commits the waiting pushes, a batch at a time, then answers the probes
+/// that came with them, until every sender is gone. `max_batch` of 1 commits
+/// each push on its own (to measure what grouping is worth).
 pub(super) async fn run(writer: Writer, mut requests: mpsc::Receiver<Request>, max_batch: usize) {
     let mut waiting = Vec::with_capacity(max_batch);
+    let mut pushes = Vec::with_capacity(max_batch);
+    let mut probes = Vec::new();
     while requests.recv_many(&mut waiting, max_batch).await > 0 {
-        while !waiting.is_empty() {
-            let batch: Vec<Request> = waiting.drain(..fitting(&waiting)).collect();
+        for request in waiting.drain(..) {
+            match request {
+                Request::Push(push) => pushes.push(push),
+                Request::Probe(reply) => probes.push(reply),
+            }
+        }
+        while !pushes.is_empty() {
+            #[cfg(any(test, feature = "test-util"))]
+            writer.supervision.panic_if_asked();
+            let batch: Vec<Push> = pushes.drain(..fitting(&pushes)).collect();
             writer.commit_and_answer(batch).await;
+        }
+        if !probes.is_empty() {
+            writer.probe(std::mem::take(&mut probes)).await;
         }
     }
 }
 
-/// How many of the first requests fit in one commit: at least one.
-fn fitting(requests: &[Request]) -> usize {
+/// How many of the first pushes fit in one commit: at least one.
+fn fitting(requests: &[Push]) -> usize {
     let mut bytes = 0;
     let n = requests
         .iter()
@@ -73,7 +105,22 @@ fn fitting(requests: &[Request]) -> usize {
 }
 
 impl Writer {
-    async fn commit_and_answer(&self, batch: Vec<Request>) {
+    /// A real write on the push connection, answering every probe waiting.
+    async fn probe(&self, probes: Vec<Reply<()>>) {
+        let written = super::on_connection(&self.pool, "probe", |c| {
+            Box::pin(async move {
+                let statement = c.prepare_cached(PROBE).await?;
+                c.execute(&statement, &[]).await?;
+                Ok(())
+            })
+        })
+        .await;
+        for probe in probes {
+            let _ = probe.send(written.clone());
+        }
+    }
+
+    async fn commit_and_answer(&self, batch: Vec<Push>) {
         let result = super::bounded("commit", async {
             let mut checkout = super::Checkout::of(&self.pool).await?;
             let outcomes = commit(checkout.get()?, &batch).await;
@@ -111,7 +158,7 @@ impl Writer {
     }
 }
 
-async fn commit(client: &mut Object, batch: &[Request]) -> Result<Vec<Outcome>, SpoolError> {
+async fn commit(client: &mut Object, batch: &[Push]) -> Result<Vec<Outcome>, SpoolError> {
     let tx = client.transaction().await?;
     let passed = guards(&tx, batch).await?;
     let first = dedup(&tx, batch, &passed).await?;
@@ -123,7 +170,7 @@ async fn commit(client: &mut Object, batch: &[Request]) -> Result<Vec<Outcome>, 
 /// Records each guard's first body and answers, per request, whether it got
 /// past its guard: no guard, or the body the guard holds (its own, or the
 /// same body taken earlier). An expired guard is taken over.
-async fn guards(tx: &Transaction<'_>, batch: &[Request]) -> Result<Vec<bool>, SpoolError> {
+async fn guards(tx: &Transaction<'_>, batch: &[Push]) -> Result<Vec<bool>, SpoolError> {
     // The first body of each key in the batch, sorted by key.
     let mut first: BTreeMap<&str, (&[u8], i64)> = BTreeMap::new();
     for r in batch {
@@ -158,8 +205,8 @@ async fn guards(tx: &Transaction<'_>, batch: &[Request]) -> Result<Vec<bool>, Sp
         .query(&held, &[&keys])
         .await?
         .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+        .map(|row| Ok((get(row, "key")?, get(row, "body_hash")?)))
+        .collect::<Result<_, SpoolError>>()?;
     Ok(batch
         .iter()
         .map(|r| match &r.event.replay {
@@ -174,14 +221,14 @@ async fn guards(tx: &Transaction<'_>, batch: &[Request]) -> Result<Vec<bool>, Sp
 /// and the key was free (or expired).
 async fn dedup(
     tx: &Transaction<'_>,
-    batch: &[Request],
+    batch: &[Push],
     passed: &[bool],
 ) -> Result<Vec<bool>, SpoolError> {
     let mut first: BTreeMap<&str, (usize, i64)> = BTreeMap::new();
     for (i, r) in batch.iter().enumerate().filter(|(i, _)| passed[*i]) {
         first
             .entry(r.event.event.dedup_key.as_str())
-            .or_insert((i, r.now.0 + r.window));
+            .or_insert((i, (r.now + r.window).0));
     }
     if first.is_empty() {
         return Ok(vec![false; batch.len()]);
@@ -198,12 +245,8 @@ async fn dedup(
              RETURNING key",
         )
         .await?;
-    let taken: HashSet<String> = tx
-        .query(&insert, &[&keys, &expires, &now])
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let rows = tx.query(&insert, &[&keys, &expires, &now]).await?;
+    let taken: HashSet<String> = column(&rows, "key")?.into_iter().collect();
     let mut took = vec![false; batch.len()];
     for (key, (i, _)) in first {
         took[i] = taken.contains(key);
@@ -215,11 +258,11 @@ async fn dedup(
 /// unrouted event gets its dead letter), ids drawn in batch order.
 async fn store(
     tx: &Transaction<'_>,
-    batch: &[Request],
+    batch: &[Push],
     passed: &[bool],
     took: &[bool],
 ) -> Result<Vec<Outcome>, SpoolError> {
-    let stored: Vec<&Request> = batch
+    let stored: Vec<&Push> = batch
         .iter()
         .zip(took)
         .filter(|(_, took)| **took)
@@ -266,7 +309,7 @@ async fn store(
 /// second draws its ids once the first has committed.
 async fn order_after_earlier_commits(
     tx: &Transaction<'_>,
-    stored: &[&Request],
+    stored: &[&Push],
 ) -> Result<(), SpoolError> {
     let keys: BTreeSet<&str> = stored
         .iter()
@@ -291,37 +334,25 @@ async fn order_after_earlier_commits(
 /// order: an event's, and one per delivery row (one for an unrouted event).
 async fn insert_rows(
     tx: &Transaction<'_>,
-    stored: &[&Request],
+    stored: &[&Push],
     rows: usize,
 ) -> Result<(Vec<EventId>, Vec<DeliveryId>), SpoolError> {
     let ids = tx
         .prepare_cached(
-            "SELECT ARRAY(SELECT nextval('events_id_seq') FROM generate_series(1, $1::int)),
-                    ARRAY(SELECT nextval('deliveries_id_seq') FROM generate_series(1, $2::int))",
+            "SELECT ARRAY(SELECT nextval('events_id_seq') FROM generate_series(1, $1::int)) AS events,
+                    ARRAY(SELECT nextval('deliveries_id_seq') FROM generate_series(1, $2::int))
+                        AS deliveries",
         )
         .await?;
     let row = tx
         .query_one(&ids, &[&(stored.len() as i32), &(rows as i32)])
         .await?;
-    let mut event_ids: Vec<i64> = row.get(0);
-    let mut delivery_ids: Vec<i64> = row.get(1);
+    let mut event_ids: Vec<i64> = get(&row, "events")?;
+    let mut delivery_ids: Vec<i64> = get(&row, "deliveries")?;
     event_ids.sort_unstable();
     delivery_ids.sort_unstable();
 
-    let e = |f: fn(&Request) -> &str| -> Vec<&str> { stored.iter().map(|r| f(r)).collect() };
-    let keys = e(|r| &r.event.event.dedup_key);
-    let accounts = e(|r| &r.event.event.account);
-    let queries = e(|r| &r.event.event.query);
-    let xmls = e(|r| &r.event.event.xml);
-    let fields = e(|r| &r.event.event.fields);
-    let msg_types = e(|r| &r.event.event.msg_type);
-    let received: Vec<i64> = stored.iter().map(|r| r.event.event.received_at.0).collect();
-    let bodies: Vec<&[u8]> = stored.iter().map(|r| &r.event.event.body[..]).collect();
-    let kinds: Vec<Option<&str>> = stored
-        .iter()
-        .map(|r| r.event.event.event_type.as_deref())
-        .collect();
-
+    let e = EventColumns::of(stored);
     let d = DeliveryColumns::of(stored, &event_ids, rows);
     let (events, deliveries) = tokio::try_join!(
         tx.prepare_cached(
@@ -340,19 +371,18 @@ async fn insert_rows(
         ),
     )?;
     let event_params: [&(dyn ToSql + Sync); 10] = [
-        &event_ids, &keys, &accounts, &received, &queries, &bodies, &xmls, &fields, &msg_types,
-        &kinds,
+        &event_ids,
+        &e.keys,
+        &e.accounts,
+        &e.received,
+        &e.queries,
+        &e.bodies,
+        &e.xmls,
+        &e.fields,
+        &e.msg_types,
+        &e.kinds,
     ];
-    let delivery_params: [&(dyn ToSql + Sync); 8] = [
-        &delivery_ids,
-        &d.event_ids,
-        &d.targets,
-        &d.states,
-        &d.next_at,
-        &d.reasons,
-        &d.now,
-        &d.order_keys,
-    ];
+    let delivery_params = d.params(&delivery_ids);
     // Pipelined: both statements go out before the first answer comes back.
     tokio::try_join!(
         tx.execute(&events, &event_params),
@@ -362,6 +392,36 @@ async fn insert_rows(
         event_ids.into_iter().map(EventId).collect(),
         delivery_ids.into_iter().map(DeliveryId).collect(),
     ))
+}
+
+/// The stored requests' events, as columns.
+struct EventColumns<'a> {
+    keys: Vec<&'a str>,
+    accounts: Vec<&'a str>,
+    received: Vec<i64>,
+    queries: Vec<&'a str>,
+    bodies: Vec<&'a [u8]>,
+    xmls: Vec<&'a str>,
+    fields: Vec<&'a str>,
+    msg_types: Vec<&'a str>,
+    kinds: Vec<Option<&'a str>>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn of(stored: &[&'a Push]) -> Self {
+        let events = || stored.iter().map(|r| &r.event.event);
+        Self {
+            keys: events().map(|e| e.dedup_key.as_str()).collect(),
+            accounts: events().map(|e| e.account.as_str()).collect(),
+            received: events().map(|e| e.received_at.0).collect(),
+            queries: events().map(|e| e.query.as_str()).collect(),
+            bodies: events().map(|e| &e.body[..]).collect(),
+            xmls: events().map(|e| e.xml.as_str()).collect(),
+            fields: events().map(|e| e.fields.as_str()).collect(),
+            msg_types: events().map(|e| e.msg_type.as_str()).collect(),
+            kinds: events().map(|e| e.event_type.as_deref()).collect(),
+        }
+    }
 }
 
 /// The delivery rows of the stored requests, as columns: one per target, or
@@ -377,7 +437,21 @@ struct DeliveryColumns<'a> {
 }
 
 impl<'a> DeliveryColumns<'a> {
-    fn of(stored: &[&'a Request], event_ids: &[i64], rows: usize) -> Self {
+    /// The parameters of the deliveries' insert, with their ids.
+    fn params<'p>(&'p self, ids: &'p Vec<i64>) -> [&'p (dyn ToSql + Sync); 8] {
+        [
+            ids,
+            &self.event_ids,
+            &self.targets,
+            &self.states,
+            &self.next_at,
+            &self.reasons,
+            &self.now,
+            &self.order_keys,
+        ]
+    }
+
+    fn of(stored: &[&'a Push], event_ids: &[i64], rows: usize) -> Self {
         let mut d = DeliveryColumns {
             event_ids: Vec::with_capacity(rows),
             targets: Vec::with_capacity(rows),
@@ -391,7 +465,7 @@ impl<'a> DeliveryColumns<'a> {
             if r.event.targets.is_empty() {
                 d.event_ids.push(*event_id);
                 d.targets.push(None);
-                d.states.push(state_code(DeliveryState::Dead));
+                d.states.push(DeliveryState::Dead.code());
                 d.next_at.push(0);
                 d.reasons.push(DeadReason::Unrouted.as_str());
                 d.order_keys.push(None);
@@ -400,7 +474,7 @@ impl<'a> DeliveryColumns<'a> {
             for t in &r.event.targets {
                 d.event_ids.push(*event_id);
                 d.targets.push(Some(&t.target));
-                d.states.push(state_code(DeliveryState::Pending));
+                d.states.push(DeliveryState::Pending.code());
                 d.next_at.push(t.due_at.0);
                 d.reasons.push("");
                 d.order_keys.push(t.order_key.as_deref());
@@ -411,20 +485,12 @@ impl<'a> DeliveryColumns<'a> {
     }
 }
 
-/// The `state` column's value.
-fn state_code(state: DeliveryState) -> i16 {
-    match state {
-        DeliveryState::Pending => 0,
-        DeliveryState::Dead => 2,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::spool::Event;
 
-    fn request(body_bytes: usize) -> Request {
+    fn request(body_bytes: usize) -> Push {
         let event = Event {
             dedup_key: "k".into(),
             account: "main".into(),
@@ -436,23 +502,23 @@ mod tests {
             msg_type: "event".into(),
             event_type: None,
         };
-        Request {
+        Push {
             event: NewEvent {
                 event,
                 targets: Vec::new(),
                 replay: None,
             },
             now: UnixMs(0),
-            window: 0,
+            window: Duration::ZERO,
             reply: oneshot::channel().0,
         }
     }
 
     #[test]
     fn a_commit_carries_as_many_requests_as_fit_and_never_none() {
-        let small: Vec<Request> = (0..3).map(|_| request(100)).collect();
+        let small: Vec<Push> = (0..3).map(|_| request(100)).collect();
         assert_eq!(fitting(&small), 3);
-        let large: Vec<Request> = (0..3).map(|_| request(MAX_BATCH_BYTES / 2 + 1)).collect();
+        let large: Vec<Push> = (0..3).map(|_| request(MAX_BATCH_BYTES / 2 + 1)).collect();
         assert_eq!(fitting(&large), 1);
         let huge = [request(MAX_BATCH_BYTES + 1)];
         assert_eq!(fitting(&huge), 1, "one is always taken");

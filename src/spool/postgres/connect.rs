@@ -55,10 +55,11 @@ pub fn postgres_display(config: &tokio_postgres::Config) -> String {
 pub(super) fn driver_config(
     settings: &PostgresSettings,
 ) -> Result<tokio_postgres::Config, SpoolError> {
-    let mut config: tokio_postgres::Config =
-        settings.url.expose().parse().map_err(|e| {
-            SpoolError::Storage(format!("spool.url is not a connection string: {e}"))
-        })?;
+    let mut config: tokio_postgres::Config = settings
+        .url
+        .expose()
+        .parse()
+        .map_err(|e| SpoolError::caused("spool.url is not a connection string", e))?;
     // The schema is a checked identifier, so it needs no quoting here, and
     // every statement can name its tables unqualified.
     // Notices ("already exists, skipping") are not worth a log line. The
@@ -95,7 +96,7 @@ pub(super) fn driver_config(
 pub(super) fn tls(settings: &PostgresSettings) -> Result<MakeRustlsConnect, SpoolError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = Arc::new(roots(settings)?);
-    let tls_error = |e: rustls::Error| SpoolError::Storage(format!("TLS setup: {e}"));
+    let tls_error = |e: rustls::Error| SpoolError::caused("TLS setup", e);
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(tls_error)?;
@@ -106,7 +107,7 @@ pub(super) fn tls(settings: &PostgresSettings) -> Result<MakeRustlsConnect, Spoo
         SslMode::Require => {
             let chain = WebPkiServerVerifier::builder_with_provider(roots, provider)
                 .build()
-                .map_err(|e| SpoolError::Storage(format!("TLS setup: {e}")))?;
+                .map_err(|e| SpoolError::caused("TLS setup", e))?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(ChainOnly(chain)))
@@ -124,7 +125,7 @@ fn roots(settings: &PostgresSettings) -> Result<RootCertStore, SpoolError> {
         });
     };
     let unreadable = |e: &dyn std::fmt::Display| {
-        SpoolError::Storage(format!("spool.ca_file {}: {e}", file.display()))
+        SpoolError::storage(format!("spool.ca_file {}: {e}", file.display()))
     };
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(file).map_err(|e| unreadable(&e))? {
@@ -207,5 +208,5 @@ pub(super) fn pool(
         .recycle_timeout(Some(CONNECT_TIMEOUT))
         .runtime(Runtime::Tokio1)
         .build()
-        .map_err(|e| SpoolError::Storage(format!("cannot set up the connection pool: {e}")))
+        .map_err(|e| SpoolError::caused("cannot set up the connection pool", e))
 }

@@ -1,7 +1,10 @@
 //! The dead-letter table: listing, replaying and purging by filter.
 
+use super::row::column;
 use super::settle::{drop_events_if_done, lock_events_of};
-use crate::spool::{DeadFilter, DeadLetter, DeadReason, DeliveryId, EventId, SpoolError, UnixMs};
+use crate::spool::vocab::{DEAD, PENDING};
+use crate::spool::{rows, DeadFilter, DeadLetter, DeadReason, SpoolError, UnixMs};
+use const_format::formatcp;
 use deadpool_postgres::Object;
 
 /// A [`DeadFilter`] as statement parameters.
@@ -27,27 +30,43 @@ impl<'a> FilterParams<'a> {
 
 /// The dead letters a filter selects, as a condition on `deliveries d` with
 /// the filter's five parameters.
-pub(super) const DEAD_SELECTION: &str = "d.state = 2
+pub(super) const DEAD_SELECTION: &str = formatcp!(
+    "d.state = {DEAD}
     AND ($1::text IS NULL OR d.target = $1)
     AND ($2::text IS NULL OR d.reason = $2)
     AND ($3::bigint IS NULL OR d.updated_at >= $3)
     AND ($4::bigint IS NULL OR d.updated_at < $4)
-    AND ($5::bigint IS NULL OR d.id = $5)";
+    AND ($5::bigint IS NULL OR d.id = $5)"
+);
+
+const DEAD_LETTERS: &str = formatcp!(
+    "SELECT d.id, d.event_id, d.target, d.reason, d.last_error, d.attempts, e.account,
+            e.dedup_key, e.msg_type, e.event, e.received_at, d.updated_at
+     FROM deliveries d JOIN events e ON e.id = d.event_id
+     WHERE {DEAD_SELECTION}
+     ORDER BY d.updated_at, d.id LIMIT $6"
+);
+
+const REPLAY: &str = formatcp!(
+    "UPDATE deliveries d SET state = {PENDING}, attempts = 0, next_at = $6, reason = '',
+        updated_at = $6, step = 0, scheduled_at = $6, not_before = 0, lease_until = 0
+     WHERE {DEAD_SELECTION} AND d.target IS NOT NULL
+     RETURNING d.target"
+);
+
+const PURGE_PICK: &str = formatcp!(
+    "SELECT d.id FROM deliveries d WHERE {DEAD_SELECTION}
+     ORDER BY d.id LIMIT {PURGE_BATCH}"
+);
+
+const PURGE: &str = formatcp!("DELETE FROM deliveries WHERE id = ANY($1) AND state = {DEAD}");
 
 pub(super) async fn dead_letters(
     c: &Object,
     filter: &DeadFilter,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, SpoolError> {
-    let statement = c
-        .prepare_cached(&format!(
-            "SELECT d.id, d.event_id, d.target, d.reason, d.last_error, d.attempts, e.account,
-                    e.dedup_key, e.msg_type, e.event, e.received_at, d.updated_at
-             FROM deliveries d JOIN events e ON e.id = d.event_id
-             WHERE {DEAD_SELECTION}
-             ORDER BY d.updated_at, d.id LIMIT $6"
-        ))
-        .await?;
+    let statement = c.prepare_cached(DEAD_LETTERS).await?;
     let f = FilterParams::of(filter);
     let rows = c
         .query(
@@ -62,25 +81,7 @@ pub(super) async fn dead_letters(
             ],
         )
         .await?;
-    rows.iter()
-        .map(|row| {
-            let reason: String = row.get(3);
-            Ok(DeadLetter {
-                delivery_id: DeliveryId(row.get(0)),
-                event_id: EventId(row.get(1)),
-                target: row.get(2),
-                reason: reason.parse().map_err(SpoolError::Storage)?,
-                last_error: row.get(4),
-                attempts: row.get::<_, i32>(5) as u32,
-                account: row.get(6),
-                dedup_key: row.get(7),
-                msg_type: row.get(8),
-                event_type: row.get(9),
-                received_at: UnixMs(row.get(10)),
-                dead_at: UnixMs(row.get(11)),
-            })
-        })
-        .collect()
+    rows.iter().map(rows::dead_letter).collect()
 }
 
 /// Makes the selected dead letters (those with a target) due at `now`, with
@@ -90,14 +91,7 @@ pub(super) async fn replay(
     filter: &DeadFilter,
     now: UnixMs,
 ) -> Result<Vec<String>, SpoolError> {
-    let statement = c
-        .prepare_cached(&format!(
-            "UPDATE deliveries d SET state = 0, attempts = 0, next_at = $6, reason = '',
-                updated_at = $6, step = 0, scheduled_at = $6, not_before = 0, lease_until = 0
-             WHERE {DEAD_SELECTION} AND d.target IS NOT NULL
-             RETURNING d.target"
-        ))
-        .await?;
+    let statement = c.prepare_cached(REPLAY).await?;
     let f = FilterParams::of(filter);
     let rows = c
         .query(
@@ -105,7 +99,7 @@ pub(super) async fn replay(
             &[&f.target, &f.reason, &f.since, &f.until, &f.id, &now.0],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    column(&rows, "target")
 }
 
 /// Dead letters purged per transaction: a large purge never holds many
@@ -121,23 +115,11 @@ pub(super) async fn purge(c: &mut Object, filter: &DeadFilter) -> Result<u64, Sp
     let mut purged = 0;
     loop {
         let tx = c.transaction().await?;
-        let pick = tx
-            .prepare_cached(&format!(
-                "SELECT d.id FROM deliveries d WHERE {DEAD_SELECTION}
-                 ORDER BY d.id LIMIT {PURGE_BATCH}"
-            ))
-            .await?;
-        let ids: Vec<i64> = tx
-            .query(&pick, &params)
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let pick = tx.prepare_cached(PURGE_PICK).await?;
+        let ids: Vec<i64> = column(&tx.query(&pick, &params).await?, "id")?;
         // Events first, then deliveries, as outcomes lock them.
         let events = lock_events_of(&tx, "d.id = ANY($1)", &[&ids]).await?;
-        let delete = tx
-            .prepare_cached("DELETE FROM deliveries WHERE id = ANY($1) AND state = 2")
-            .await?;
+        let delete = tx.prepare_cached(PURGE).await?;
         purged += tx.execute(&delete, &[&ids]).await?;
         drop_events_if_done(&tx, &events).await?;
         tx.commit().await?;

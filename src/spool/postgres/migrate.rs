@@ -5,14 +5,9 @@
 //! advisory lock derived from the schema's name, so replicas that start
 //! together apply them once: the second waits, then finds nothing to do.
 
+use crate::spool::migration::{self, Migrated, Migration};
 use crate::spool::SpoolError;
 use sha2::Digest;
-
-struct Migration {
-    version: i32,
-    name: &'static str,
-    sql: &'static str,
-}
 
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
@@ -22,39 +17,7 @@ const MIGRATIONS: &[Migration] = &[Migration {
 
 /// The newest schema version this binary knows.
 pub fn latest() -> i32 {
-    MIGRATIONS.last().map_or(0, |m| m.version)
-}
-
-/// What [`migrate`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Migrated {
-    pub schema: String,
-    /// The version before.
-    pub from: i32,
-    /// Applied now, in order: version and name.
-    pub applied: Vec<(i32, &'static str)>,
-}
-
-impl std::fmt::Display for Migrated {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.applied.is_empty() {
-            return write!(
-                f,
-                "schema {} is up to date at version {}",
-                self.schema, self.from
-            );
-        }
-        for (version, name) in &self.applied {
-            writeln!(f, "applied {version} {name}")?;
-        }
-        write!(
-            f,
-            "schema {} migrated from version {} to {}",
-            self.schema,
-            self.from,
-            latest()
-        )
-    }
+    migration::latest(MIGRATIONS)
 }
 
 /// The advisory lock's key: the same for every process using this schema.
@@ -92,23 +55,21 @@ pub async fn migrate(
     ))
     .await?;
     let from = version_in(&tx).await?;
-    too_new(schema, from)?;
-    let mut applied = Vec::new();
-    for m in MIGRATIONS.iter().filter(|m| m.version > from) {
+    migration::refuse_newer(MIGRATIONS, &store(schema), from)?;
+    for m in migration::after(MIGRATIONS, from) {
         tx.batch_execute(m.sql).await?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
             &[&m.version, &m.name],
         )
         .await?;
-        applied.push((m.version, m.name));
     }
     tx.commit().await?;
-    Ok(Migrated {
-        schema: schema.to_owned(),
+    Ok(Migrated::of(
+        store(schema),
         from,
-        applied,
-    })
+        migration::after(MIGRATIONS, from),
+    ))
 }
 
 /// Checks that the schema is exactly the version this binary knows, for the
@@ -126,7 +87,7 @@ pub async fn require_current(
         .await?
         .is_some();
     let version = if exists { version_in(client).await? } else { 0 };
-    too_new(schema, version)?;
+    migration::refuse_newer(MIGRATIONS, &store(schema), version)?;
     if version < latest() {
         return Err(SpoolError::Schema(format!(
             "schema {schema} is at version {version}, this wxrelay needs {}: \
@@ -137,23 +98,17 @@ pub async fn require_current(
     Ok(())
 }
 
+/// How messages name the schema.
+fn store(schema: &str) -> String {
+    format!("schema {schema}")
+}
+
 async fn version_in(client: &impl tokio_postgres::GenericClient) -> Result<i32, SpoolError> {
     let row = client
         .query_one(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            "SELECT coalesce(max(version), 0) AS version FROM schema_migrations",
             &[],
         )
         .await?;
-    Ok(row.get(0))
-}
-
-fn too_new(schema: &str, version: i32) -> Result<(), SpoolError> {
-    if version > latest() {
-        return Err(SpoolError::Schema(format!(
-            "schema {schema} is at version {version}, newer than this wxrelay knows ({}): \
-             a newer release has migrated it; run that release (or newer)",
-            latest()
-        )));
-    }
-    Ok(())
+    Ok(row.try_get("version")?)
 }

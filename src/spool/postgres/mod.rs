@@ -2,7 +2,7 @@
 //!
 //! # Durability
 //!
-//! [`Spool::enqueue`] resolves once the transaction holding the event, its
+//! [`Intake::enqueue`] resolves once the transaction holding the event, its
 //! deliveries and its dedup key has committed: durable as the database makes
 //! commits (`synchronous_commit`, and a synchronous standby if the operator
 //! runs one). Concurrent enqueues share one transaction (see [`commit`]).
@@ -13,7 +13,7 @@
 //!
 //! # Leases
 //!
-//! [`Spool::lease`] claims due deliveries with `FOR UPDATE SKIP LOCKED` and
+//! [`Work::lease`] claims due deliveries with `FOR UPDATE SKIP LOCKED` and
 //! writes the lease into the row: owner (this process's replica id), end, and
 //! a token from a sequence. A replica that dies leaves its leases to end;
 //! then any replica takes the deliveries, under new tokens. An outcome is
@@ -35,27 +35,37 @@
 //! (`statement_timeout`). A connection the database dropped is discarded
 //! and a new one opened on the next request, so the spool recovers by itself
 //! when the database is back.
+//!
+//! # Tasks
+//!
+//! The group commit of pushes (which also answers the readiness probe), the
+//! recorder of outcomes, the notifier, the pruners and the listener run as
+//! supervised tasks (see [`Supervision`]).
 
 mod commit;
 mod connect;
 mod dead;
 mod migrate;
 mod prune;
+mod row;
 mod settle;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 mod wake;
 
+use super::Migrated;
 pub use connect::postgres_display;
-pub use migrate::{latest as latest_schema_version, Migrated};
+pub use migrate::latest as latest_schema_version;
 pub use settle::TARGETS_HOLD_MS;
 
+use super::vocab::{EVENT_COLUMNS, PENDING, QUEUE};
 use super::{
-    DeadFilter, DeadLetter, DeliveryId, DueWaker, Enqueued, Event, EventId, Lease, NewEvent,
-    Release, Schedule, Settle, Spool, SpoolError, SpoolFuture, TargetDepth, UnixMs,
-    WaitingDelivery,
+    rows, DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId, Health, Intake,
+    Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture, Supervision, TargetDepth,
+    UnixMs, WaitingDelivery, Work,
 };
 use crate::config::PostgresSettings;
+use const_format::formatcp;
 use deadpool_postgres::{Object, Pool};
 use std::future::Future;
 use std::sync::Mutex;
@@ -64,25 +74,23 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+pub use super::vocab::DEFAULT_MAX_BATCH;
+
 /// Any one database operation, at most.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Enqueues waiting for the writer at most; past it, pushes get 503.
-const QUEUE: usize = 8192;
 /// Connections that store pushes (the one group-commit writer's), beside
 /// `pool_size` for everything else.
 pub const PUSH_CONNECTIONS: usize = 1;
-/// How many enqueues one commit may carry at most.
-pub const DEFAULT_MAX_BATCH: usize = 512;
 
 impl From<tokio_postgres::Error> for SpoolError {
     fn from(e: tokio_postgres::Error) -> Self {
-        SpoolError::Storage(format!("database: {}", crate::error_chain(&e)))
+        SpoolError::caused("database", e)
     }
 }
 
 impl From<deadpool_postgres::PoolError> for SpoolError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        SpoolError::Storage(format!("database connection: {}", crate::error_chain(&e)))
+        SpoolError::caused("database connection", e)
     }
 }
 
@@ -109,6 +117,7 @@ pub struct PostgresSpool {
     /// The group commit of pushes and the recorder of outcomes: let finish
     /// at close.
     writers: Mutex<Vec<JoinHandle<()>>>,
+    supervision: Supervision,
     notifier: wake::Notifier,
     /// This process's name in lease owners.
     replica: String,
@@ -124,7 +133,7 @@ async fn bounded<T>(
     tokio::time::timeout(OPERATION_TIMEOUT, operation)
         .await
         .unwrap_or_else(|_| {
-            Err(SpoolError::Storage(format!(
+            Err(SpoolError::storage(format!(
                 "the database did not answer within {}s ({what})",
                 OPERATION_TIMEOUT.as_secs()
             )))
@@ -209,35 +218,21 @@ impl PostgresSpool {
         // Pushes are stored on a connection of their own, so that they never
         // wait for one behind the delivery workers' leases and outcomes.
         let push_pool = connect::pool(PUSH_CONNECTIONS, config.clone(), tls.clone())?;
-        {
-            let mut client = client(&pool).await?;
-            match on_open {
-                OnOpen::Migrate => {
-                    let migrated = migrate::migrate(&mut client, &settings.schema).await?;
-                    if !migrated.applied.is_empty() {
-                        tracing::info!(schema = %settings.schema, from = migrated.from, to = migrate::latest(), "spool schema migrated");
-                    }
-                }
-                OnOpen::RequireCurrent => {
-                    bounded(
-                        "schema check",
-                        migrate::require_current(&client, &settings.schema),
-                    )
-                    .await?
-                }
-            }
-        }
+        prepare_schema(&pool, settings, on_open).await?;
+        let supervision = Supervision::default();
         let (requests, rx) = mpsc::channel(QUEUE);
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
         let writer = commit::Writer {
             pool: push_pool,
             notifier: notifier.clone(),
-            prune: prune::Pruner::new(pool.clone()),
+            prune: prune::Pruner::new(pool.clone(), supervision.clone()),
+            supervision: supervision.clone(),
         };
-        let writer = tokio::spawn(commit::run(writer, rx, max_batch.max(1)));
-        let notify = tokio::spawn(notifier.clone().run());
+        let writer =
+            supervision.spawn("postgres writer", commit::run(writer, rx, max_batch.max(1)));
+        let notify = supervision.spawn("postgres notifier", notifier.clone().run());
         let (recordings, recorded) = mpsc::channel(QUEUE);
-        let recorder = tokio::spawn(settle::run(pool.clone(), recorded));
+        let recorder = supervision.spawn("postgres settler", settle::run(pool.clone(), recorded));
         let replica = format!("{:016x}", rand::random::<u64>());
         tracing::info!(replica = %replica, database = %settings.display, schema = %settings.schema, "spool opened");
         Ok(Self {
@@ -247,6 +242,7 @@ impl PostgresSpool {
             notify,
             listener: Mutex::new(None),
             writers: Mutex::new(vec![writer, recorder]),
+            supervision,
             notifier,
             replica,
             schema: settings.schema.clone(),
@@ -254,9 +250,15 @@ impl PostgresSpool {
         })
     }
 
+    /// The watch on this spool's tasks.
+    pub fn supervision(&self) -> Supervision {
+        self.supervision.clone()
+    }
+
     /// Refuses new work, lets the writers commit what is queued, and stops
     /// listening.
     pub async fn close(&self) {
+        self.supervision.closing();
         self.requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -277,6 +279,7 @@ impl PostgresSpool {
 
     /// Ends the tasks that run until told to: the notifier and the listener.
     fn stop_background(&self) {
+        self.supervision.closing();
         self.notify.abort();
         if let Some(listener) = self
             .listener
@@ -300,7 +303,9 @@ impl PostgresSpool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none();
+        let failed = self.supervision.check();
         Box::pin(async move {
+            failed?;
             if closed {
                 return Err(SpoolError::Closed);
             }
@@ -323,82 +328,93 @@ fn sql_limit(limit: usize) -> i64 {
 /// Hands a request to a writer task and resolves with its answer: `Busy`
 /// when the task's queue is full, `Closed` once the spool is.
 fn submit<T: Send + 'static, R>(
+    supervision: &Supervision,
     channel: &Mutex<Option<mpsc::Sender<R>>>,
     make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, SpoolError>>) -> R,
 ) -> SpoolFuture<T> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     let sent = match channel.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        _ if supervision.check().is_err() => supervision.check(),
         None => Err(SpoolError::Closed),
         Some(tx) => tx.try_send(make(reply)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SpoolError::Busy,
             mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
         }),
     };
+    let supervision = supervision.clone();
     Box::pin(async move {
         sent?;
-        answer.await.unwrap_or(Err(SpoolError::Closed))
+        match answer.await {
+            Ok(answer) => answer,
+            // The task went away with the request: say why, when it failed.
+            Err(_) => supervision.check().and(Err(SpoolError::Closed)),
+        }
     })
 }
 
 type BoxedOp<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send + 'c>>;
 
-impl Spool for PostgresSpool {
-    fn enqueue(
-        &self,
-        event: NewEvent,
-        now_ms: UnixMs,
-        dedup_window_ms: i64,
-    ) -> SpoolFuture<Enqueued> {
-        submit(&self.requests, |reply| commit::Request {
-            event,
-            now: now_ms,
-            window: dedup_window_ms,
-            reply,
+impl Intake for PostgresSpool {
+    fn enqueue(&self, event: NewEvent, now: UnixMs, window: Duration) -> SpoolFuture<Enqueued> {
+        submit(&self.supervision, &self.requests, |reply| {
+            commit::Request::Push(commit::Push {
+                event,
+                now,
+                window,
+                reply,
+            })
         })
     }
+}
 
-    fn lease(
-        &self,
-        target: &str,
-        now_ms: UnixMs,
-        limit: usize,
-        lease_ms: i64,
-    ) -> SpoolFuture<Vec<Lease>> {
+impl Work for PostgresSpool {
+    fn lease(&self, target: &str, now: UnixMs, n: usize, hold: Duration) -> Leases {
         let target = target.to_owned();
         let owner = self.replica.clone();
         self.with_client("lease", move |c| {
-            Box::pin(
-                async move { settle::lease(c, &target, now_ms, limit, lease_ms, &owner).await },
-            )
+            Box::pin(async move { settle::lease(c, &target, now, n, hold, &owner).await })
         })
     }
 
-    fn record(&self, settlements: Vec<Settle>, now_ms: UnixMs) -> SpoolFuture<()> {
-        submit(&self.recordings, |reply| settle::Recording {
-            settles: settlements,
-            now: now_ms,
-            reply,
+    fn record(&self, settlements: Vec<Settle>, now: UnixMs) -> SpoolFuture<()> {
+        submit(&self.supervision, &self.recordings, |reply| {
+            settle::Recording {
+                settles: settlements,
+                now,
+                reply,
+            }
         })
     }
 
-    fn release(&self, release: Release, now_ms: UnixMs) -> SpoolFuture<u64> {
+    fn release_backoff(&self, target: &str, now: UnixMs) -> SpoolFuture<u64> {
+        self.release_now(Release::backlog(target), now)
+    }
+
+    fn retire_targets(&self, targets: Vec<String>, now: UnixMs) -> SpoolFuture<Vec<(String, u64)>> {
+        let replica = self.replica.clone();
+        self.with_client("retire", move |c| {
+            Box::pin(async move { settle::retire(c, &replica, &targets, now).await })
+        })
+    }
+}
+
+/// Makes waiting deliveries due now (see [`Release`]).
+const RELEASE: &str = formatcp!(
+    "UPDATE deliveries SET next_at = $2
+     WHERE state = {PENDING} AND target = $1 AND next_at > $2 AND attempts > 0
+       AND ($3::bigint IS NULL OR id = $3) AND ($4 OR not_before <= $2)"
+);
+
+impl PostgresSpool {
+    fn release_now(&self, release: Release, now: UnixMs) -> SpoolFuture<u64> {
         let notifier = self.notifier.clone();
         self.with_client("release", move |c| {
             Box::pin(async move {
-                let statement = c
-                    .prepare_cached(
-                        "UPDATE deliveries SET next_at = $2
-                         WHERE state = 0 AND target = $1 AND next_at > $2 AND attempts > 0
-                           AND ($3::bigint IS NULL OR id = $3) AND ($4 OR not_before <= $2)",
-                    )
-                    .await?;
+                let statement = c.prepare_cached(RELEASE).await?;
                 let id = release.delivery_id.map(|d| d.0);
-                let n = c
-                    .execute(
-                        &statement,
-                        &[&release.target, &now_ms.0, &id, &release.past_retry_after],
-                    )
-                    .await?;
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                    [&release.target, &now.0, &id, &release.past_retry_after];
+                let n = c.execute(&statement, &params).await?;
                 if n > 0 {
                     notifier.due([release.target]);
                 }
@@ -406,29 +422,20 @@ impl Spool for PostgresSpool {
             })
         })
     }
+}
 
-    fn retire_targets(
-        &self,
-        targets: Vec<String>,
-        now_ms: UnixMs,
-    ) -> SpoolFuture<Vec<(String, u64)>> {
-        let replica = self.replica.clone();
-        self.with_client("retire", move |c| {
-            Box::pin(async move { settle::retire(c, &replica, &targets, now_ms).await })
-        })
-    }
-
+impl Operator for PostgresSpool {
     fn dead_letters(&self, filter: DeadFilter, limit: usize) -> SpoolFuture<Vec<DeadLetter>> {
         self.with_client("dead letters", move |c| {
             Box::pin(async move { dead::dead_letters(c, &filter, limit).await })
         })
     }
 
-    fn replay(&self, filter: DeadFilter, now_ms: UnixMs) -> SpoolFuture<u64> {
+    fn replay(&self, filter: DeadFilter, now: UnixMs) -> SpoolFuture<u64> {
         let notifier = self.notifier.clone();
         self.with_client("replay", move |c| {
             Box::pin(async move {
-                let targets = dead::replay(c, &filter, now_ms).await?;
+                let targets = dead::replay(c, &filter, now).await?;
                 let n = targets.len() as u64;
                 notifier.due(targets);
                 Ok(n)
@@ -442,103 +449,80 @@ impl Spool for PostgresSpool {
         })
     }
 
-    fn depth(&self) -> SpoolFuture<Vec<TargetDepth>> {
-        self.with_client("depth", move |c| {
-            Box::pin(async move {
-                // Counted from the due index alone, every scrape: the oldest
-                // is the event of each target's first pending delivery (ids
-                // are drawn as pushes arrive), one lookup per target rather
-                // than a join of the whole backlog.
-                let statement = c
-                    .prepare_cached(
-                        "WITH pending AS (
-                             SELECT target, count(*) AS n, min(id) AS first
-                             FROM deliveries WHERE state = 0 GROUP BY target
-                         )
-                         SELECT p.target, p.n, e.received_at
-                         FROM pending p
-                         JOIN deliveries d ON d.id = p.first
-                         JOIN events e ON e.id = d.event_id
-                         ORDER BY p.target",
-                    )
-                    .await?;
-                Ok(c.query(&statement, &[])
-                    .await?
-                    .iter()
-                    .map(|row| TargetDepth {
-                        target: row.get(0),
-                        pending: row.get::<_, i64>(1) as u64,
-                        oldest_received_at: row.get::<_, Option<i64>>(2).map(UnixMs),
-                    })
-                    .collect())
-            })
-        })
-    }
-
     fn waiting(&self, target: &str, limit: usize) -> SpoolFuture<Vec<WaitingDelivery>> {
         let target = target.to_owned();
         self.with_client("waiting", move |c| {
             Box::pin(async move {
-                let statement = c
-                    .prepare_cached(
-                        "SELECT id, event_id, attempts, next_at, last_error, step, scheduled_at,
-                                not_before
-                         FROM deliveries WHERE state = 0 AND target = $1
-                         ORDER BY next_at, id LIMIT $2",
-                    )
-                    .await?;
-                Ok(c.query(&statement, &[&target, &sql_limit(limit)])
-                    .await?
-                    .iter()
-                    .map(|row| WaitingDelivery {
-                        delivery_id: DeliveryId(row.get(0)),
-                        event_id: EventId(row.get(1)),
-                        attempts: row.get::<_, i32>(2) as u32,
-                        next_at: UnixMs(row.get(3)),
-                        schedule: Schedule {
-                            step: row.get::<_, i32>(5) as u32,
-                            due_at: UnixMs(row.get(6)),
-                        },
-                        not_before: UnixMs(row.get(7)),
-                        last_error: row.get(4),
-                    })
-                    .collect())
+                let statement = c.prepare_cached(WAITING).await?;
+                let rows = c.query(&statement, &[&target, &sql_limit(limit)]).await?;
+                rows.iter().map(rows::waiting).collect()
             })
         })
+    }
+
+    fn release(&self, release: Release, now: UnixMs) -> SpoolFuture<u64> {
+        self.release_now(release, now)
     }
 
     fn event(&self, event_id: EventId) -> SpoolFuture<Option<Event>> {
         self.with_client("event", move |c| {
             Box::pin(async move {
-                let statement = c
-                    .prepare_cached(&format!(
-                        "SELECT {EVENT_COLUMNS} FROM events e WHERE id = $1"
-                    ))
-                    .await?;
+                let statement = c.prepare_cached(EVENT).await?;
                 let row = c.query_opt(&statement, &[&event_id.0]).await?;
-                Ok(row.map(|row| event_from(&row, 0)))
+                row.as_ref().map(rows::event).transpose()
             })
         })
     }
+}
 
+/// A target's waiting deliveries, soonest due first.
+const WAITING: &str = formatcp!(
+    "SELECT id, event_id, attempts, next_at, last_error, step, scheduled_at, not_before
+     FROM deliveries WHERE state = {PENDING} AND target = $1
+     ORDER BY next_at, id LIMIT $2"
+);
+
+/// One stored event.
+const EVENT: &str = formatcp!("SELECT {EVENT_COLUMNS} FROM events e WHERE id = $1");
+
+/// Pending deliveries per target, counted from the due index alone: the
+/// oldest is the event of each target's first pending delivery (ids are
+/// drawn as pushes arrive), one lookup per target rather than a join of the
+/// whole backlog.
+const DEPTH: &str = formatcp!(
+    "WITH pending AS (
+         SELECT target, count(*) AS n, min(id) AS first
+         FROM deliveries WHERE state = {PENDING} GROUP BY target
+     )
+     SELECT p.target, p.n AS pending, e.received_at AS oldest_received_at
+     FROM pending p
+     JOIN deliveries d ON d.id = p.first
+     JOIN events e ON e.id = d.event_id
+     ORDER BY p.target"
+);
+
+impl Health for PostgresSpool {
+    /// A write through the push writer, behind the pushes waiting for it.
     fn probe(&self) -> SpoolFuture<()> {
-        self.with_client("probe", move |c| {
+        submit(&self.supervision, &self.requests, commit::Request::Probe)
+    }
+
+    fn depth(&self) -> SpoolFuture<Vec<TargetDepth>> {
+        self.with_client("depth", move |c| {
             Box::pin(async move {
-                let statement = c
-                    .prepare_cached(
-                        "INSERT INTO probe (id, probes) VALUES (1, 1)
-                         ON CONFLICT (id) DO UPDATE SET probes = probe.probes + 1",
-                    )
-                    .await?;
-                c.execute(&statement, &[]).await?;
-                Ok(())
+                let statement = c.prepare_cached(DEPTH).await?;
+                let rows = c.query(&statement, &[]).await?;
+                rows.iter().map(rows::depth).collect()
             })
         })
     }
+}
 
+impl DueListener for PostgresSpool {
     fn on_due_elsewhere(&self, wake: DueWaker) {
         let (config, tls) = self.listen.clone();
-        let task = tokio::spawn(wake::listen(config, tls, self.schema.clone(), wake));
+        let listen = wake::listen(config, tls, self.schema.clone(), wake);
+        let task = self.supervision.spawn("postgres listener", listen);
         // A relay started again on the same spool listens for its new workers.
         let previous = self
             .listener
@@ -551,20 +535,27 @@ impl Spool for PostgresSpool {
     }
 }
 
-/// The events table's columns, in the order [`event_from`] reads them.
-const EVENT_COLUMNS: &str =
-    "e.dedup_key, e.account, e.received_at, e.query, e.body, e.xml, e.fields, e.msg_type, e.event";
-
-fn event_from(row: &tokio_postgres::Row, first: usize) -> Event {
-    Event {
-        dedup_key: row.get(first),
-        account: row.get(first + 1),
-        received_at: UnixMs(row.get(first + 2)),
-        query: row.get(first + 3),
-        body: row.get::<_, Vec<u8>>(first + 4).into(),
-        xml: row.get(first + 5),
-        fields: row.get(first + 6),
-        msg_type: row.get(first + 7),
-        event_type: row.get(first + 8),
+/// Brings the schema up to date, or checks it is, as `on_open` says.
+async fn prepare_schema(
+    pool: &Pool,
+    settings: &PostgresSettings,
+    on_open: OnOpen,
+) -> Result<(), SpoolError> {
+    let mut client = client(pool).await?;
+    match on_open {
+        OnOpen::Migrate => {
+            let migrated = migrate::migrate(&mut client, &settings.schema).await?;
+            if !migrated.applied.is_empty() {
+                tracing::info!(schema = %settings.schema, from = migrated.from, to = migrated.to, "spool schema migrated");
+            }
+            Ok(())
+        }
+        OnOpen::RequireCurrent => {
+            bounded(
+                "schema check",
+                migrate::require_current(&client, &settings.schema),
+            )
+            .await
+        }
     }
 }

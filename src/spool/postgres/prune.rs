@@ -4,12 +4,11 @@
 //! commit a push waits for. Autovacuum (tuned per table in the migration)
 //! makes the space reusable behind them.
 
-use crate::spool::{SpoolError, UnixMs};
+use crate::spool::vocab::PRUNE_EVERY;
+use crate::spool::{SpoolError, Supervision, UnixMs};
 use deadpool_postgres::Pool;
 use std::sync::{Arc, Mutex};
 
-/// How often, in the pushes' own time, expired keys are looked for.
-pub(super) const PRUNE_EVERY_MS: i64 = 30_000;
 /// Rows deleted per statement.
 const BATCH: i64 = 1_000;
 
@@ -17,6 +16,7 @@ const BATCH: i64 = 1_000;
 pub(super) struct Pruner {
     pool: Pool,
     state: Arc<Mutex<State>>,
+    supervision: Supervision,
 }
 
 #[derive(Default)]
@@ -26,10 +26,11 @@ struct State {
 }
 
 impl Pruner {
-    pub(super) fn new(pool: Pool) -> Self {
+    pub(super) fn new(pool: Pool, supervision: Supervision) -> Self {
         Self {
             pool,
             state: Arc::default(),
+            supervision,
         }
     }
 
@@ -37,17 +38,17 @@ impl Pruner {
     pub(super) fn saw(&self, now: UnixMs) {
         {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if s.running || now.0 - s.pruned_at < PRUNE_EVERY_MS {
+            if s.running || now < UnixMs(s.pruned_at) + PRUNE_EVERY {
                 return;
             }
             s.running = true;
             s.pruned_at = now.0;
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        self.supervision.spawn_brief("postgres pruner", async move {
             for table in ["dedup", "replay"] {
                 if let Err(e) = this.prune(table, now).await {
-                    tracing::warn!(error = %e, table, "cannot prune expired keys");
+                    tracing::warn!(error = %crate::error_chain(&e), table, "cannot prune expired keys");
                 }
             }
             this.state.lock().unwrap_or_else(|e| e.into_inner()).running = false;

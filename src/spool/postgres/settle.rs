@@ -1,18 +1,18 @@
 //! Claiming due deliveries, recording what became of them, and retiring
 //! those of targets no replica names any more.
 
-use super::{event_from, EVENT_COLUMNS};
-use crate::spool::{
-    DeadReason, DeliveryId, EventId, Lease, LeaseToken, Schedule, Settle, Settlement, SpoolError,
-    UnixMs,
-};
+use super::row::{column, get};
+use crate::spool::vocab::{DEAD, EVENT_COLUMNS, EXPIRED, PENDING, RETIRED_ERROR, TARGET_REMOVED};
+use crate::spool::{rows, DeadReason, Lease, LeaseToken, Settle, Settlement, SpoolError, UnixMs};
+use const_format::formatcp;
 use deadpool_postgres::{Object, Pool};
 use std::collections::BTreeMap;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
 /// Claims up to `limit` due deliveries nobody holds, each under a new token
-/// until `now + lease_ms`, the first due first. Of the deliveries with an
+/// until `now + lease`, the first due first. Of the deliveries with an
 /// order key, only each key's first pending one may be claimed.
 ///
 /// The lease reads the target's due deliveries in due order, at most
@@ -28,84 +28,36 @@ pub(super) async fn lease(
     target: &str,
     now: UnixMs,
     limit: usize,
-    lease_ms: i64,
+    lease: Duration,
     owner: &str,
 ) -> Result<Vec<Lease>, SpoolError> {
     let tx = not_waiting_for_the_flush(c).await?;
     let limit = super::sql_limit(limit);
     let window = limit.saturating_add(LOOK_AHEAD);
-    let in_due_order = tx
-        .prepare_cached(&claim(
-            "due AS (
-                 SELECT d.id FROM (
-                     SELECT id, order_key, next_at FROM deliveries
-                     WHERE target = $1 AND state = 0 AND next_at <= $2
-                     ORDER BY next_at, id LIMIT $6) w
-                 JOIN deliveries d ON d.id = w.id
-                 WHERE d.state = 0 AND d.next_at <= $2 AND d.lease_until <= $2
-                   AND (w.order_key IS NULL OR NOT EXISTS (
-                       SELECT 1 FROM deliveries p
-                       WHERE p.target = $1 AND p.state = 0 AND p.order_key = w.order_key
-                         AND p.id < w.id))
-                 ORDER BY w.next_at, w.id LIMIT $3
-                 FOR UPDATE OF d SKIP LOCKED
-             )",
-        ))
-        .await?;
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    let in_due_order = tx.prepare_cached(CLAIM_IN_DUE_ORDER).await?;
     let params: [&(dyn ToSql + Sync); 6] = [&target, &now.0, &limit, &owner, &lease_ms, &window];
     let mut rows = tx.query(&in_due_order, &params).await?;
     let short = limit - rows.len() as i64;
     if short > 0 && window_full(&tx, target, now, window).await? {
-        let through_heads = tx
-            .prepare_cached(&claim(
-                "heads AS (
-                     (SELECT order_key, id FROM deliveries
-                      WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
-                      ORDER BY order_key, id LIMIT 1)
-                     UNION ALL
-                     SELECT next.order_key, next.id FROM heads h CROSS JOIN LATERAL (
-                         SELECT order_key, id FROM deliveries
-                         WHERE target = $1 AND state = 0 AND order_key IS NOT NULL
-                           AND order_key > h.order_key
-                         ORDER BY order_key, id LIMIT 1) next
-                 ), candidates AS (
-                     -- The walk stops once it has found enough heads to claim.
-                     (SELECT h.id FROM heads h JOIN deliveries x ON x.id = h.id
-                      WHERE x.next_at <= $2 AND x.lease_until <= $2 LIMIT $3)
-                     UNION ALL
-                     (SELECT id FROM deliveries
-                      WHERE target = $1 AND state = 0 AND order_key IS NULL
-                        AND next_at <= $2 AND lease_until <= $2
-                      ORDER BY next_at, id LIMIT $3)
-                 ), due AS (
-                     SELECT d.id FROM deliveries d
-                     WHERE d.id IN (SELECT id FROM candidates)
-                       AND d.state = 0 AND d.next_at <= $2 AND d.lease_until <= $2
-                     ORDER BY d.next_at, d.id LIMIT $3
-                     FOR UPDATE OF d SKIP LOCKED
-                 )",
-            ))
-            .await?;
+        let through_heads = tx.prepare_cached(CLAIM_THROUGH_HEADS).await?;
         let params: [&(dyn ToSql + Sync); 5] = [&target, &now.0, &short, &owner, &lease_ms];
         rows.extend(tx.query(&through_heads, &params).await?);
-        rows.sort_by_key(|row| (row.get::<_, i64>(NEXT_AT), row.get::<_, i64>(0)));
     }
     tx.commit().await?;
-    Ok(rows
+    let mut leases = rows
         .iter()
-        .map(|row| Lease {
-            delivery_id: DeliveryId(row.get(0)),
-            target: target.to_owned(),
-            attempts: row.get::<_, i32>(2) as u32,
-            schedule: Schedule {
-                step: row.get::<_, i32>(3) as u32,
-                due_at: UnixMs(row.get(4)),
-            },
-            event_id: EventId(row.get(1)),
-            event: event_from(row, 6),
-            token: LeaseToken(row.get(5)),
+        .map(|row| {
+            let token = LeaseToken(get(row, "lease_token")?);
+            Ok((
+                get::<i64>(row, "next_at")?,
+                rows::lease(row, target, token)?,
+            ))
         })
-        .collect())
+        .collect::<Result<Vec<_>, SpoolError>>()?;
+    // The two claims' rows, in due order together.
+    leases.sort_by_key(|(next_at, lease)| (*next_at, lease.delivery_id));
+    Ok(leases.into_iter().map(|(_, lease)| lease).collect())
 }
 
 /// How many due deliveries past `limit` a lease reads in due order before it
@@ -114,27 +66,70 @@ pub(super) async fn lease(
 /// of the due order.
 const LOOK_AHEAD: i64 = 1024;
 
-/// The column of a claimed row holding its due time.
-const NEXT_AT: usize = 15;
+/// The end of a lease statement: the deliveries a `due` CTE picked and
+/// locked are leased, and returned with their events. Parameters: target,
+/// now, limit, owner, lease length, and what `due` uses.
+const LEASED: &str = formatcp!(
+    "leased AS (
+         UPDATE deliveries d
+         SET lease_owner = $4, lease_until = $2 + $5, lease_token = nextval('lease_tokens')
+         FROM due WHERE d.id = due.id
+         RETURNING d.id, d.event_id, d.attempts, d.step, d.scheduled_at, d.lease_token,
+                   d.next_at
+     )
+     SELECT l.id, l.event_id, l.attempts, l.step, l.scheduled_at, l.lease_token,
+            {EVENT_COLUMNS}, l.next_at
+     FROM leased l JOIN events e ON e.id = l.event_id
+     ORDER BY l.next_at, l.id"
+);
 
-/// A lease statement: `due` (one or more CTEs ending in one of that name)
-/// picks and locks the deliveries, which are then leased with their events.
-/// Parameters: target, now, limit, owner, lease length, and what `due` uses.
-fn claim(due: &str) -> String {
-    format!(
-        "WITH RECURSIVE {due}, leased AS (
-             UPDATE deliveries d
-             SET lease_owner = $4, lease_until = $2 + $5, lease_token = nextval('lease_tokens')
-             FROM due WHERE d.id = due.id
-             RETURNING d.id, d.event_id, d.attempts, d.step, d.scheduled_at, d.lease_token,
-                       d.next_at
-         )
-         SELECT l.id, l.event_id, l.attempts, l.step, l.scheduled_at, l.lease_token,
-                {EVENT_COLUMNS}, l.next_at
-         FROM leased l JOIN events e ON e.id = l.event_id
-         ORDER BY l.next_at, l.id"
-    )
-}
+/// Claims in due order, among the first `$6` due deliveries.
+const CLAIM_IN_DUE_ORDER: &str = formatcp!(
+    "WITH RECURSIVE due AS (
+         SELECT d.id FROM (
+             SELECT id, order_key, next_at FROM deliveries
+             WHERE target = $1 AND state = {PENDING} AND next_at <= $2
+             ORDER BY next_at, id LIMIT $6) w
+         JOIN deliveries d ON d.id = w.id
+         WHERE d.state = {PENDING} AND d.next_at <= $2 AND d.lease_until <= $2
+           AND (w.order_key IS NULL OR NOT EXISTS (
+               SELECT 1 FROM deliveries p
+               WHERE p.target = $1 AND p.state = {PENDING} AND p.order_key = w.order_key
+                 AND p.id < w.id))
+         ORDER BY w.next_at, w.id LIMIT $3
+         FOR UPDATE OF d SKIP LOCKED
+     ), {LEASED}"
+);
+
+/// Claims through the keys' heads, walking the order index a key at a time.
+const CLAIM_THROUGH_HEADS: &str = formatcp!(
+    "WITH RECURSIVE heads AS (
+         (SELECT order_key, id FROM deliveries
+          WHERE target = $1 AND state = {PENDING} AND order_key IS NOT NULL
+          ORDER BY order_key, id LIMIT 1)
+         UNION ALL
+         SELECT next.order_key, next.id FROM heads h CROSS JOIN LATERAL (
+             SELECT order_key, id FROM deliveries
+             WHERE target = $1 AND state = {PENDING} AND order_key IS NOT NULL
+               AND order_key > h.order_key
+             ORDER BY order_key, id LIMIT 1) next
+     ), candidates AS (
+         -- The walk stops once it has found enough heads to claim.
+         (SELECT h.id FROM heads h JOIN deliveries x ON x.id = h.id
+          WHERE x.next_at <= $2 AND x.lease_until <= $2 LIMIT $3)
+         UNION ALL
+         (SELECT id FROM deliveries
+          WHERE target = $1 AND state = {PENDING} AND order_key IS NULL
+            AND next_at <= $2 AND lease_until <= $2
+          ORDER BY next_at, id LIMIT $3)
+     ), due AS (
+         SELECT d.id FROM deliveries d
+         WHERE d.id IN (SELECT id FROM candidates)
+           AND d.state = {PENDING} AND d.next_at <= $2 AND d.lease_until <= $2
+         ORDER BY d.next_at, d.id LIMIT $3
+         FOR UPDATE OF d SKIP LOCKED
+     ), {LEASED}"
+);
 
 /// Whether the target has `window` due pending deliveries or more: then a
 /// lease that read them all in due order may have left claimable ones past
@@ -145,19 +140,16 @@ async fn window_full(
     now: UnixMs,
     window: i64,
 ) -> Result<bool, SpoolError> {
-    let count = tx
-        .prepare_cached(
-            "SELECT count(*) FROM (
-                 SELECT 1 FROM deliveries WHERE target = $1 AND state = 0 AND next_at <= $2
-                 LIMIT $3) w",
-        )
-        .await?;
-    let n: i64 = tx
-        .query_one(&count, &[&target, &now.0, &window])
-        .await?
-        .get(0);
-    Ok(n >= window)
+    let count = tx.prepare_cached(DUE_IN_WINDOW).await?;
+    let row = tx.query_one(&count, &[&target, &now.0, &window]).await?;
+    Ok(get::<i64>(&row, "due")? >= window)
 }
+
+const DUE_IN_WINDOW: &str = formatcp!(
+    "SELECT count(*) AS due FROM (
+         SELECT 1 FROM deliveries WHERE target = $1 AND state = {PENDING} AND next_at <= $2
+         LIMIT $3) w"
+);
 
 /// A transaction whose commit does not wait for the database to flush it
 /// to disk (`synchronous_commit = off`), for leases and outcomes: a database
@@ -231,54 +223,17 @@ async fn record(c: &mut Object, calls: &[Recording]) -> Result<(), SpoolError> {
         .await?;
     tx.execute(&lock, &[&all]).await?;
     if !o.delivered.0.is_empty() {
-        let delete = tx
-            .prepare_cached(
-                "DELETE FROM deliveries d USING unnest($1::bigint[], $2::bigint[]) AS s(id, token)
-                 WHERE d.id = s.id AND d.lease_token = s.token
-                   AND (d.state = 0 OR (d.state = 2 AND d.reason = 'target_removed'))",
-            )
-            .await?;
+        let delete = tx.prepare_cached(DELETE_DELIVERED).await?;
         tx.execute(&delete, &[&o.delivered.0, &o.delivered.1])
             .await?;
         drop_events_if_done(&tx, &events).await?;
     }
     if !o.retry.ids.is_empty() {
-        let update = tx
-            .prepare_cached(
-                "UPDATE deliveries d SET attempts = d.attempts + 1, next_at = s.next_at,
-                    last_error = s.error, updated_at = s.now, not_before = s.not_before,
-                    step = s.step, scheduled_at = s.scheduled_at, lease_until = 0
-                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[],
-                             $6::int[], $7::bigint[], $8::bigint[])
-                      AS s(id, token, next_at, error, not_before, step, scheduled_at, now)
-                 WHERE d.id = s.id AND d.state = 0 AND d.lease_token = s.token",
-            )
-            .await?;
-        let r = &o.retry;
-        let params: [&(dyn ToSql + Sync); 8] = [
-            &r.ids,
-            &r.tokens,
-            &r.next_at,
-            &r.errors,
-            &r.not_before,
-            &r.steps,
-            &r.scheduled_at,
-            &r.now,
-        ];
-        tx.execute(&update, &params).await?;
+        let update = tx.prepare_cached(RETRY).await?;
+        tx.execute(&update, &o.retry.params()).await?;
     }
     if !o.dead.ids.is_empty() {
-        let update = tx
-            .prepare_cached(
-                // An expired delivery is dead-lettered instead of sent: no attempt.
-                "UPDATE deliveries d SET state = 2,
-                    attempts = d.attempts + (s.reason <> 'expired')::int, reason = s.reason,
-                    last_error = s.error, updated_at = s.now, lease_until = 0
-                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])
-                      AS s(id, token, reason, error, now)
-                 WHERE d.id = s.id AND d.state = 0 AND d.lease_token = s.token",
-            )
-            .await?;
+        let update = tx.prepare_cached(DEAD_LETTER).await?;
         let d = &o.dead;
         tx.execute(&update, &[&d.ids, &d.tokens, &d.reasons, &d.errors, &d.now])
             .await?;
@@ -286,6 +241,35 @@ async fn record(c: &mut Object, calls: &[Recording]) -> Result<(), SpoolError> {
     tx.commit().await?;
     Ok(())
 }
+
+/// Delivered outcomes: ids and tokens.
+const DELETE_DELIVERED: &str = formatcp!(
+    "DELETE FROM deliveries d USING unnest($1::bigint[], $2::bigint[]) AS s(id, token)
+     WHERE d.id = s.id AND d.lease_token = s.token
+       AND (d.state = {PENDING} OR (d.state = {DEAD} AND d.reason = '{TARGET_REMOVED}'))"
+);
+
+/// Failed attempts to try again: [`RetryColumns`].
+const RETRY: &str = formatcp!(
+    "UPDATE deliveries d SET attempts = d.attempts + 1, next_at = s.next_at,
+        last_error = s.error, updated_at = s.now, not_before = s.not_before,
+        step = s.step, scheduled_at = s.scheduled_at, lease_until = 0
+     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[],
+                 $6::int[], $7::bigint[], $8::bigint[])
+          AS s(id, token, next_at, error, not_before, step, scheduled_at, now)
+     WHERE d.id = s.id AND d.state = {PENDING} AND d.lease_token = s.token"
+);
+
+/// Dead letters: [`DeadColumns`]. An expired delivery is dead-lettered
+/// instead of sent: no attempt.
+const DEAD_LETTER: &str = formatcp!(
+    "UPDATE deliveries d SET state = {DEAD},
+        attempts = d.attempts + (s.reason <> '{EXPIRED}')::int, reason = s.reason,
+        last_error = s.error, updated_at = s.now, lease_until = 0
+     FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])
+          AS s(id, token, reason, error, now)
+     WHERE d.id = s.id AND d.state = {PENDING} AND d.lease_token = s.token"
+);
 
 /// Outcomes as columns, one set per statement.
 #[derive(Default)]
@@ -306,6 +290,22 @@ struct RetryColumns<'a> {
     steps: Vec<i32>,
     scheduled_at: Vec<i64>,
     now: Vec<i64>,
+}
+
+impl RetryColumns<'_> {
+    /// The parameters of [`RETRY`].
+    fn params(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.ids,
+            &self.tokens,
+            &self.next_at,
+            &self.errors,
+            &self.not_before,
+            &self.steps,
+            &self.scheduled_at,
+            &self.now,
+        ]
+    }
 }
 
 #[derive(Default)]
@@ -373,12 +373,7 @@ pub(super) async fn lock_events_of(
              ORDER BY id FOR UPDATE"
         ))
         .await?;
-    Ok(tx
-        .query(&lock, params)
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+    column(&tx.query(&lock, params).await?, "id")
 }
 
 pub(super) async fn drop_events_if_done(
@@ -425,16 +420,7 @@ pub(super) async fn retire(
         )
         .await?;
     tx.execute(&name, &[&replica, &targets, &now.0]).await?;
-    let retire = tx
-        .prepare_cached(
-            "UPDATE deliveries d SET state = 2, reason = $1, updated_at = $2,
-                last_error = 'the target is no longer in the configuration'
-             WHERE d.state = 0 AND d.target IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM replica_targets r
-                               WHERE r.target = d.target AND r.seen_at > $2 - $3::bigint)
-             RETURNING d.target",
-        )
-        .await?;
+    let retire = tx.prepare_cached(RETIRE).await?;
     let rows = tx
         .query(
             &retire,
@@ -447,8 +433,19 @@ pub(super) async fn retire(
         .await?;
     tx.commit().await?;
     let mut retired: BTreeMap<String, u64> = BTreeMap::new();
-    for row in rows {
-        *retired.entry(row.get(0)).or_default() += 1;
+    for target in column::<String>(&rows, "target")? {
+        *retired.entry(target).or_default() += 1;
     }
     Ok(retired.into_iter().collect())
 }
+
+/// Dead-letters the pending deliveries of targets that no replica heard from
+/// lately names. Parameters: the reason, now, how long a replica's word holds.
+const RETIRE: &str = formatcp!(
+    "UPDATE deliveries d SET state = {DEAD}, reason = $1, updated_at = $2,
+        last_error = '{RETIRED_ERROR}'
+     WHERE d.state = {PENDING} AND d.target IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM replica_targets r
+                       WHERE r.target = d.target AND r.seen_at > $2 - $3::bigint)
+     RETURNING d.target"
+);

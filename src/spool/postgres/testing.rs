@@ -88,7 +88,7 @@ impl TestSchema {
                 .query_one(&sql, &[])
                 .await
                 .map_err(|e| e.to_string())?;
-            let _ = tx.send(row.get::<_, i64>(0));
+            let _ = tx.send(row.try_get::<_, i64>(0).map_err(|e| e.to_string())?);
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));

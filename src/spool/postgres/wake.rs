@@ -89,7 +89,7 @@ impl Notifier {
             })
             .await;
             if let Err(e) = sent {
-                tracing::debug!(error = %e, "cannot notify the other replicas; they poll");
+                tracing::debug!(error = %crate::error_chain(&e), "cannot notify the other replicas; they poll");
             }
         }
     }
@@ -152,8 +152,13 @@ pub(super) async fn listen(
                     }
                 }
                 drop(client);
-                if let Ok(Some(e)) = driver.await {
-                    tracing::warn!(error = %e, "the listening connection dropped; reconnecting");
+                match driver.await {
+                    Ok(Some(e)) => {
+                        tracing::warn!(error = %e, "the listening connection dropped; reconnecting")
+                    }
+                    // The listener fails with it (see `Supervision`).
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Ok(None) | Err(_) => {}
                 }
             }
             Ok(Err(e)) => {

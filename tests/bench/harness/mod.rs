@@ -325,7 +325,7 @@ async fn connect(addr: SocketAddr) -> Option<hyper::client::conn::http1::SendReq
 /// `spool` (whose `[spool]` keys are `spool_toml`), its targets paused so that
 /// only ingest is timed; the relay is stopped after.
 pub async fn ingest_in_process(
-    spool: Arc<dyn wxrelay::spool::Spool>,
+    spool: wxrelay::spool::OpenSpool,
     spool_toml: &str,
     first: u64,
     n: usize,

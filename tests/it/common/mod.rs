@@ -24,7 +24,7 @@ use wxrelay::app::{Options, Relay};
 use wxrelay::clock::FixedClock;
 use wxrelay::config::Settings;
 use wxrelay::spool::postgres::{self, testing::TestSchema};
-use wxrelay::spool::{DeadFilter, DeadReason, OpenSpool, PostgresSpool, Spool, SqliteSpool};
+use wxrelay::spool::{DeadFilter, DeadReason, OpenSpool, Operator, PostgresSpool, SqliteSpool};
 
 pub fn fixture(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -157,12 +157,13 @@ pub struct TestRelay {
     pub relay: Option<Relay>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    pub spool: Arc<dyn Spool>,
+    /// The spool as the operator's commands see it.
+    pub spool: Arc<dyn Operator>,
     /// The SQLite spool's file (unused on PostgreSQL).
     pub spool_path: PathBuf,
     pub clock: Arc<FixedClock>,
     pub dir: tempfile::TempDir,
-    opened: OpenSpool,
+    pub opened: OpenSpool,
     /// The PostgreSQL spool's schema, dropped with the relay.
     pub schema: Option<TestSchema>,
 }
@@ -216,9 +217,9 @@ impl TestRelay {
         opened: OpenSpool,
         schema: Option<TestSchema>,
     ) -> TestRelay {
-        let spool = opened.spool();
+        let spool = opened.operator();
         let clock = Arc::new(FixedClock::at_secs(now_secs));
-        let relay = Self::launch(toml, spool.clone(), clock.clone(), &dir).await;
+        let relay = Self::launch(toml, opened.clone(), clock.clone(), &dir).await;
         TestRelay {
             addr: relay.public_addr,
             admin: relay.admin_addr,
@@ -242,7 +243,7 @@ impl TestRelay {
         if let Some(relay) = self.relay.take() {
             relay.shutdown().await;
         }
-        let relay = Self::launch(toml, self.spool.clone(), self.clock.clone(), &self.dir).await;
+        let relay = Self::launch(toml, self.opened.clone(), self.clock.clone(), &self.dir).await;
         self.addr = relay.public_addr;
         self.admin = relay.admin_addr;
         self.relay = Some(relay);
@@ -255,7 +256,7 @@ impl TestRelay {
 
     async fn launch(
         toml: &str,
-        spool: Arc<dyn Spool>,
+        spool: OpenSpool,
         clock: Arc<FixedClock>,
         dir: &tempfile::TempDir,
     ) -> Relay {
@@ -267,7 +268,7 @@ impl TestRelay {
             Options {
                 public: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
                 admin: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-                spool: Some(spool.clone()),
+                spool: Some(spool),
                 clock: Some(clock.clone()),
                 config_path: Some(config_path),
             },
@@ -326,7 +327,7 @@ impl TestRelay {
 
     /// No delivery is waiting in the spool.
     pub async fn nothing_pending(&self) -> bool {
-        self.spool.depth().await.unwrap().is_empty()
+        self.opened.health().depth().await.unwrap().is_empty()
     }
 
     pub async fn get(&self, path_and_query: &str) -> Answer {

@@ -1,0 +1,107 @@
+//! What a push's commit writes: its replay guard, its dedup key, the event
+//! and a delivery per target (or its `unrouted` dead letter).
+
+use crate::spool::vocab::{PENDING, UNROUTED};
+use crate::spool::{DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, ReplayGuard, UnixMs};
+use const_format::formatcp;
+use rusqlite::{params, Connection};
+use std::time::Duration;
+
+pub(super) fn enqueue(
+    c: &Connection,
+    new: NewEvent,
+    now: UnixMs,
+    window: Duration,
+) -> rusqlite::Result<Enqueued> {
+    let NewEvent {
+        event: e,
+        targets,
+        replay,
+    } = new;
+    if let Some(guard) = &replay {
+        if !first_body_under(c, guard, now)? {
+            return Ok(Enqueued::Replayed);
+        }
+    }
+    // An expired key is taken over by the new event; a live one makes it a duplicate.
+    let inserted = c
+        .prepare_cached(TAKE_KEY)?
+        .execute(params![e.dedup_key, now + window, now])?;
+    if inserted == 0 {
+        return Ok(Enqueued::Duplicate);
+    }
+    c.prepare_cached(INSERT_EVENT)?.execute(params![
+        e.dedup_key,
+        e.account,
+        e.received_at,
+        e.query,
+        &e.body[..],
+        e.xml,
+        e.fields,
+        e.msg_type,
+        e.event_type
+    ])?;
+    let event_id = EventId(c.last_insert_rowid());
+    if targets.is_empty() {
+        c.prepare_cached(INSERT_UNROUTED)?
+            .execute(params![event_id, DeliveryState::Dead, now])?;
+    }
+    let mut deliveries = Vec::with_capacity(targets.len());
+    let mut insert = c.prepare_cached(INSERT_DELIVERY)?;
+    for d in &targets {
+        let state = DeliveryState::Pending;
+        insert.execute(params![
+            event_id,
+            d.target,
+            state,
+            d.due_at,
+            now,
+            d.order_key
+        ])?;
+        deliveries.push(DeliveryId(c.last_insert_rowid()));
+    }
+    Ok(Enqueued::Stored {
+        event_id,
+        deliveries,
+        event: Box::new(e),
+    })
+}
+
+const TAKE_KEY: &str = "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
+     ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
+     WHERE dedup.expires_at <= ?3";
+
+const INSERT_EVENT: &str = "INSERT INTO events (dedup_key, account, received_at, query, body, xml, fields, msg_type, event)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+const INSERT_UNROUTED: &str = formatcp!(
+    "INSERT INTO deliveries (event_id, target, state, next_at, reason, updated_at)
+     VALUES (?1, NULL, ?2, 0, '{UNROUTED}', ?3)"
+);
+
+/// Ids only grow, so a new delivery is blocked by any pending one of its user.
+const INSERT_DELIVERY: &str = formatcp!(
+    "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at, order_key, blocked)
+     VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?6 IS NOT NULL AND EXISTS (
+         SELECT 1 FROM deliveries p WHERE p.target = ?2 AND p.order_key = ?6 AND p.state = {PENDING}))"
+);
+
+/// Records the guard's query with its body hash; false when the query was
+/// already taken, unexpired, with another body. An expired entry is taken
+/// over, like an expired dedup key.
+fn first_body_under(c: &Connection, guard: &ReplayGuard, now: UnixMs) -> rusqlite::Result<bool> {
+    let inserted = c
+        .prepare_cached(
+            "INSERT INTO replay (key, body_hash, expires_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET body_hash = excluded.body_hash, expires_at = excluded.expires_at
+             WHERE replay.expires_at <= ?4",
+        )?
+        .execute(params![guard.key, &guard.body_hash[..], guard.expires_at, now])?;
+    if inserted == 1 {
+        return Ok(true);
+    }
+    let seen: Vec<u8> = c
+        .prepare_cached("SELECT body_hash FROM replay WHERE key = ?1")?
+        .query_row(params![guard.key], |r| r.get("body_hash"))?;
+    Ok(seen == guard.body_hash)
+}

@@ -1,0 +1,119 @@
+//! Leases, held in memory: the file still shows a leased delivery as due,
+//! and its mark here hides it from the next lease until it is settled or the
+//! lease ends. A crash loses only the marks, so the leased deliveries are
+//! due again at the next start: at least once, with no fsync spent on
+//! handing work out. The mark holds the lease's token: an outcome under
+//! another token than the mark's is dropped, and an outcome being written
+//! keeps its mark to the end, so no new lease is taken on the delivery
+//! meanwhile.
+
+use crate::spool::vocab::{EVENT_COLUMNS, PENDING};
+use crate::spool::SpoolError;
+use crate::spool::{rows, DeliveryId, Lease, LeaseToken, Settle, Settlement, UnixMs};
+use const_format::formatcp;
+use rusqlite::{params, Connection};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Deliveries handed out and not settled yet.
+pub(super) type Leased = Arc<Mutex<Held>>;
+
+#[derive(Default)]
+pub(super) struct Held {
+    /// Id → (target, lease end, token).
+    marks: HashMap<DeliveryId, (String, UnixMs, LeaseToken)>,
+    /// The last token handed out.
+    last_token: i64,
+}
+
+/// A lease end no clock reaches: the mark of an outcome being written.
+const WRITING: UnixMs = UnixMs(i64::MAX);
+
+/// The due deliveries that no earlier one of their user holds back, first
+/// due first, with their events.
+pub(super) const DUE: &str = formatcp!(
+    "SELECT d.id, d.event_id, d.attempts, d.step, d.scheduled_at, {EVENT_COLUMNS}
+     FROM deliveries d JOIN events e ON e.id = d.event_id
+     WHERE d.state = {PENDING} AND d.blocked = 0 AND d.target = ?1 AND d.next_at <= ?2
+     ORDER BY d.next_at, d.id LIMIT ?3"
+);
+
+/// Up to `limit` due deliveries of `target` that are not held by a lease,
+/// each then held until `now + lease` or until it is settled.
+pub(super) fn lease(
+    c: &Connection,
+    leased: &Leased,
+    target: &str,
+    now: UnixMs,
+    limit: usize,
+    lease: Duration,
+) -> Result<Vec<Lease>, SpoolError> {
+    let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
+    let held = &mut *held;
+    held.marks.retain(|_, (_, until, _)| *until > now);
+    // Held deliveries are still due in the file and come first; read past them.
+    let skip = held.marks.values().filter(|(t, _, _)| t == target).count();
+    let mut select = c.prepare_cached(DUE)?;
+    let mut rows = select.query(params![target, now, (limit + skip) as i64])?;
+    let mut leases = Vec::with_capacity(limit);
+    while let Some(row) = rows.next()? {
+        let delivery_id: DeliveryId = row.get("id")?;
+        if held.marks.contains_key(&delivery_id) {
+            continue;
+        }
+        held.last_token += 1;
+        let token = LeaseToken(held.last_token);
+        leases.push(rows::lease(row, target, token)?);
+        held.marks
+            .insert(delivery_id, (target.to_string(), now + lease, token));
+        if leases.len() == limit {
+            break;
+        }
+    }
+    Ok(leases)
+}
+
+/// The outcomes to write: those whose delivery is unleased or leased under
+/// their own token, each such lease marked as being written, with the lease
+/// end to restore if the write fails.
+pub(super) fn take_marks(
+    leased: &Leased,
+    settles: Vec<Settle>,
+) -> (Vec<Settlement>, Vec<(DeliveryId, UnixMs, LeaseToken)>) {
+    let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
+    let mut writing = Vec::new();
+    let mut settlements = Vec::with_capacity(settles.len());
+    for Settle { lease, settlement } in settles {
+        let id = settlement.delivery_id();
+        match held.marks.get_mut(&id) {
+            Some((_, until, token)) if *token == lease => {
+                writing.push((id, *until, lease));
+                *until = WRITING;
+            }
+            Some(_) => continue,
+            None => {}
+        }
+        settlements.push(settlement);
+    }
+    (settlements, writing)
+}
+
+/// The outcomes' write ended: a lease is let go only once its outcome is in
+/// the file, so the reader can never hand out a delivery whose outcome is
+/// being written; one that could not be written keeps its lease to the end,
+/// so the delivery is sent again then, not at once and over and over.
+pub(super) fn written(leased: &Leased, writing: Vec<(DeliveryId, UnixMs, LeaseToken)>, ok: bool) {
+    let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
+    for (id, until, token) in writing {
+        let ours = held.marks.get(&id).is_some_and(|(_, _, t)| *t == token);
+        if !ours {
+            continue;
+        }
+        if ok {
+            held.marks.remove(&id);
+        } else if let Some(mark) = held.marks.get_mut(&id) {
+            mark.1 = until;
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The writer: one thread that commits whatever requests are waiting in one
+//! transaction (group commit), so a burst of pushes costs one fsync, not one
+//! per push.
+
+use super::file::OpenedFile;
+use super::{commit, dead, settle, Reply};
+use crate::spool::vocab::{PROBE, PRUNE_EVERY};
+use crate::spool::{
+    DeadFilter, Enqueued, NewEvent, Release, Settlement, SpoolError, Supervision, UnixMs,
+};
+use rusqlite::{params, Connection, Transaction};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// What the writer does, each in the next group commit.
+pub(super) enum Command {
+    Enqueue(Box<NewEvent>, UnixMs, Duration, Reply<Enqueued>),
+    Record(Vec<Settlement>, UnixMs, Reply<()>),
+    Retire(Vec<String>, UnixMs, Reply<Vec<(String, u64)>>),
+    Replay(DeadFilter, UnixMs, Reply<u64>),
+    Purge(DeadFilter, Reply<u64>),
+    Release(Release, UnixMs, Reply<u64>),
+    Probe(Reply<()>),
+}
+
+/// Commits the waiting commands, a batch at a time, until the spool closes.
+pub(super) fn run(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Command>,
+    max_batch: usize,
+    file: &OpenedFile,
+    supervision: &Supervision,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    let mut pruned_at = UnixMs(0);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        // Keep the dedup and replay tables to their windows, now and then rather than on
+        // every push; the clock is the pushes' own, so tests can move it.
+        let now = batch.iter().filter_map(|c| match c {
+            Command::Enqueue(_, now, _, _) => Some(*now),
+            _ => None,
+        });
+        #[cfg(any(test, feature = "test-util"))]
+        if now.clone().next().is_some() {
+            supervision.panic_if_asked();
+        }
+        let _ = supervision;
+        let prune = now.max().filter(|&now| now >= pruned_at + PRUNE_EVERY);
+        if let Some(now) = prune {
+            pruned_at = now;
+        }
+        commit_batch(&mut conn, &mut batch, prune, file);
+    }
+}
+
+/// Applies every command in one transaction, each under its own savepoint so
+/// that one failing command does not undo the others, then commits once and
+/// only then answers them.
+///
+/// Nothing is written into a file that is no longer at the spool's path, and
+/// a commit that raced with its removal is answered as failed.
+pub(super) fn commit_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Command>,
+    prune_dedup_before: Option<UnixMs>,
+    file: &OpenedFile,
+) {
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    let tx = match file
+        .check()
+        .and_then(|()| conn.transaction().map_err(SpoolError::from))
+    {
+        Ok(tx) => tx,
+        Err(err) => {
+            for cmd in batch.drain(..) {
+                fail(cmd, err.clone());
+            }
+            return;
+        }
+    };
+    let mut tx = tx;
+    let mut commands = batch.drain(..);
+    while let Some(cmd) = commands.next() {
+        let (answer, error) = apply(&mut tx, cmd);
+        answers.push(answer);
+        // A full disk or an I/O error can make SQLite roll the whole
+        // transaction back. The next savepoint would then start (and commit)
+        // a transaction of its own while every request is told the batch
+        // failed: stop here and fail the batch with the cause.
+        if tx.is_autocommit() {
+            let err =
+                error.unwrap_or_else(|| SpoolError::storage("the transaction was rolled back"));
+            for cmd in commands {
+                fail(cmd, err.clone());
+            }
+            for answer in answers {
+                answer(Some(err.clone()));
+            }
+            return;
+        }
+    }
+    if let Some(now) = prune_dedup_before {
+        prune(&tx, now);
+    }
+    let outcome = tx
+        .commit()
+        .map_err(SpoolError::from)
+        .and_then(|()| file.check())
+        .err();
+    for answer in answers {
+        answer(outcome.clone());
+    }
+}
+
+/// Deletes the dedup keys and replay guards expired by `now`.
+fn prune(tx: &Transaction<'_>, now: UnixMs) {
+    for table in ["dedup", "replay"] {
+        let delete = format!("DELETE FROM {table} WHERE expires_at <= ?1");
+        if let Err(e) = tx
+            .prepare_cached(&delete)
+            .and_then(|mut d| d.execute(params![now]))
+        {
+            tracing::warn!(error = %e, table, "cannot prune expired keys");
+        }
+    }
+}
+
+/// Answers a command once the commit's outcome is known (`Some` if it failed).
+type Answer = Box<dyn FnOnce(Option<SpoolError>) + Send>;
+
+fn fail(cmd: Command, err: SpoolError) {
+    match cmd {
+        Command::Enqueue(_, _, _, r) => drop(r.send(Err(err))),
+        Command::Record(_, _, r) => drop(r.send(Err(err))),
+        Command::Retire(_, _, r) => drop(r.send(Err(err))),
+        Command::Replay(_, _, r) => drop(r.send(Err(err))),
+        Command::Purge(_, r) => drop(r.send(Err(err))),
+        Command::Release(_, _, r) => drop(r.send(Err(err))),
+        Command::Probe(r) => drop(r.send(Err(err))),
+    }
+}
+
+/// Runs one command inside a savepoint and returns how to answer it once the
+/// commit's outcome is known: a result is only sent after the commit.
+/// Also returns the command's own error, if it failed.
+fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>) {
+    match cmd {
+        Command::Enqueue(event, now, window, r) => deferred(
+            r,
+            in_savepoint(tx, |c| commit::enqueue(c, *event, now, window)),
+        ),
+        Command::Record(s, now, r) => deferred(r, in_savepoint(tx, |c| settle::record(c, &s, now))),
+        Command::Retire(keep, now, r) => {
+            deferred(r, in_savepoint(tx, |c| settle::retire(c, &keep, now)))
+        }
+        Command::Replay(f, now, r) => deferred(r, in_savepoint(tx, |c| dead::replay(c, &f, now))),
+        Command::Purge(f, r) => deferred(r, in_savepoint(tx, |c| dead::purge(c, &f))),
+        Command::Release(select, now, r) => {
+            deferred(r, in_savepoint(tx, |c| settle::release(c, &select, now)))
+        }
+        Command::Probe(r) => deferred(
+            r,
+            in_savepoint(tx, |c| c.prepare_cached(PROBE)?.execute([]).map(drop)),
+        ),
+    }
+}
+
+fn deferred<T: Send + 'static>(
+    reply: Reply<T>,
+    result: Result<T, SpoolError>,
+) -> (Answer, Option<SpoolError>) {
+    let error = result.as_ref().err().cloned();
+    let answer: Answer = Box::new(move |commit_error| {
+        let _ = reply.send(match commit_error {
+            Some(e) => Err(e),
+            None => result,
+        });
+    });
+    (answer, error)
+}
+
+fn in_savepoint<T>(
+    tx: &mut Transaction<'_>,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> Result<T, SpoolError> {
+    let sp = tx.savepoint()?;
+    let value = f(&sp)?;
+    sp.commit()?;
+    Ok(value)
+}
