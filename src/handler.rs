@@ -333,6 +333,7 @@ fn observe_accepted(m: &Metrics, account: &str, verdict: &str, latency_ms: f64, 
         event_id = i.stored.as_ref().map(|s| s.event_id.0),
         unrouted = i.unrouted,
         reply = a.reply,
+        ticket = i.ticket.map(|latest| if latest { "kept" } else { "older" }),
         "push answered"
     );
 }
@@ -581,8 +582,11 @@ fn answer_with(
         target: &target.name,
         token: server.token.expose(),
         keys: server.keys.as_ref(),
-        app_id: server.app_id.as_deref().unwrap_or(&account.app_id),
-        secure: server.mode == Mode::Secure,
+        app_id: server
+            .receive_id(verified.origin.family)
+            .unwrap_or(&account.app_id),
+        // WeCom takes a sealed reply only.
+        secure: server.mode == Mode::Secure || verified.origin.family == Family::Wecom,
         now_secs: path.clock.now_secs(),
         seen: &path.reply_stamps,
     });

@@ -15,10 +15,10 @@ use wxrelay::cli::pending::{self, PendingCommand};
 use wxrelay::cli::route::{self, RouteArgs};
 use wxrelay::cli::simulate::{self, FamilyOptions, SimulateArgs};
 use wxrelay::cli::target::{self, TargetCommand};
-use wxrelay::cli::{self, keygen, migrate, CliError, Report};
+use wxrelay::cli::{self, keygen, migrate, ticket, CliError, Report};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{render_check, Settings};
-use wxrelay::spool::Operator;
+use wxrelay::spool::OpenSpool;
 
 const EXIT_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
@@ -101,6 +101,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print an Open Platform's latest component_verify_ticket and its age.
+    Ticket {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The Open Platform account; optional when there is only one.
+        #[arg(long)]
+        account: Option<String>,
+    },
     /// Check a `format = "wechat"` target: WeChat's URL check signed with its Token.
     Target {
         /// The configuration that holds the target.
@@ -182,6 +190,7 @@ fn main() -> ExitCode {
                 .and_then(|settings| block_on(async move { migrate::run(&settings).await })?)
                 .map(done),
         ),
+        Command::Ticket { config, account } => finish(run_ticket(config, account).map(done)),
         Command::Target { config, command } => finish(run_target(config, command)),
         Command::Keygen => finish(Ok(done(keygen::run()))),
         Command::Sink { listen } => finish(block_on(run_sink(listen)).and_then(|r| r)),
@@ -205,7 +214,21 @@ fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliEr
     let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
     let settings = cli::load(&config)?;
     on_spool(&settings, async |spool| {
-        dlq::run(spool, &command, SystemClock.now_ms()).await
+        dlq::run(&*spool.operator(), &command, SystemClock.now_ms()).await
+    })
+}
+
+fn run_ticket(config: PathBuf, account: Option<String>) -> Result<String, CliError> {
+    let settings = cli::load(&config)?;
+    on_spool(&settings, async |spool| {
+        let tickets = spool.tickets();
+        ticket::run(
+            &settings,
+            &*tickets,
+            account.as_deref(),
+            SystemClock.now_ms(),
+        )
+        .await
     })
 }
 
@@ -214,18 +237,18 @@ fn run_pending(config: Option<PathBuf>, command: PendingCommand) -> Result<Strin
     let settings = cli::load(&config)?;
     pending::check_target(&settings, &command)?;
     on_spool(&settings, async |spool| {
-        pending::run(spool, &command, SystemClock.now_ms()).await
+        pending::run(&*spool.operator(), &command, SystemClock.now_ms()).await
     })
 }
 
 /// Opens the configured spool, runs `command` on it, and closes it.
 fn on_spool(
     settings: &Settings,
-    command: impl AsyncFnOnce(&dyn Operator) -> Result<String, CliError>,
+    command: impl AsyncFnOnce(&OpenSpool) -> Result<String, CliError>,
 ) -> Result<String, CliError> {
     block_on(async move {
         let opened = dlq::open(settings).await?;
-        let result = command(&*opened.operator()).await;
+        let result = command(&opened).await;
         opened.close().await;
         result
     })?

@@ -202,6 +202,18 @@ pub struct WechatServer {
     pub mode: Mode,
 }
 
+impl WechatServer {
+    /// The receive id the target names for an event of `family`: its
+    /// `corp_id` for WeCom's, its `app_id` for the others'; `None` leaves it
+    /// to the event's account.
+    pub fn receive_id(&self, family: Family) -> Option<&str> {
+        match family {
+            Family::Wecom => self.corp_id.as_deref(),
+            _ => self.app_id.as_deref(),
+        }
+    }
+}
+
 /// Per-target rewrites of the event, for brokers that handle WeChat's
 /// events only partly. Each defaults to off.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -151,6 +151,10 @@ impl Origin {
     }
 }
 
+/// The `InfoType` of the push that brings an Open Platform its
+/// `component_verify_ticket`, every 10 minutes.
+pub const TICKET_INFO_TYPE: &str = "component_verify_ticket";
+
 /// An AppID as WeChat issues them: `wx` and 16 hex digits.
 pub fn is_app_id(text: &str) -> bool {
     text.strip_prefix("wx")

@@ -37,6 +37,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import xmltodict
 from wechatpy import parse_message
+from wechatpy.component import (COMPONENT_MESSAGE_TYPES, ComponentUnknownMessage,
+                                WeChatComponent)
 from wechatpy.crypto import PrpCrypto, WeChatCrypto, _get_signature
 from wechatpy.enterprise import parse_message as parse_wecom_message
 from wechatpy.enterprise.crypto import WeChatCrypto as WeComCrypto
@@ -183,6 +185,13 @@ class Peer(BaseHTTPRequestHandler):
             return self.answer(403, "refused")
         entry.update(ok=True, xml=xml, type=message.type,
                      event=getattr(message, "event", None))
+        if message.type == "component_verify_ticket":
+            # As a platform's backend built on wechatpy takes it in.
+            component = WeChatComponent(creds["app_id"], "secret", creds["token"],
+                                        creds["encoding_aes_key"])
+            component.parse_message(body, query["msg_signature"], query["timestamp"],
+                                    query["nonce"])
+            entry["ticket"] = component.session.get("component_verify_ticket")
         record(entry)
         if reply == "none":
             return self.answer(200, "success")
@@ -217,6 +226,11 @@ class Peer(BaseHTTPRequestHandler):
                 body, query["msg_signature"], query["timestamp"], query["nonce"])
         else:
             xml = body
+        fields = xmltodict.parse(xml)["xml"]
+        if "InfoType" in fields:
+            # An Open Platform's authorisation event, as wechatpy's component reads it.
+            kind = COMPONENT_MESSAGE_TYPES.get(fields["InfoType"].lower(), ComponentUnknownMessage)
+            return xml, kind(fields)
         return xml, parse_message(xml)
 
     def wechat(self, account, body):

@@ -756,3 +756,216 @@ async fn an_open_platform_refuses_what_is_not_its_own_and_stores_nothing() {
     assert_eq!(refused(&m, "platform", "bad_appid"), 1.0, "{m}");
     relay.stop().await;
 }
+
+// ---- formats ----
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Every format, each a target of its own, for every push.
+async fn every_format() -> (Vec<(&'static str, FakeTarget)>, String) {
+    let mut targets = Vec::new();
+    let mut toml = String::new();
+    for (name, extra) in [
+        ("raw", "format = \"raw\""),
+        ("plain", "format = \"plain\""),
+        (
+            "json",
+            "format = \"json\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"",
+        ),
+    ] {
+        let target = FakeTarget::start().await;
+        toml += &common::target(name, &target.url(&format!("/{name}/$APPID$")), extra);
+        targets.push((name, target));
+    }
+    let names: Vec<String> = targets.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+    toml += &format!("[[routes]]\nto = [{}]\n", names.join(", "));
+    (targets, toml)
+}
+
+fn json_of(r: &common::target::Received) -> serde_json::Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+#[tokio::test]
+async fn raw_and_plain_forward_each_family_as_it_came_and_json_names_it() {
+    assert!(!SECRET.is_empty());
+    let (targets, routes) = every_format().await;
+    let relay = TestRelay::start(&relay_config(&accounts("secure"), &routes), NOW).await;
+    let json = mp_json("24602152426471537123");
+    let mp = mp_push(&json, "secure", "1");
+    let wecom_xml = wecom_text("zhangsan", "1000002", 3);
+    let wecom = wecom_push(&wecom_xml, "2");
+    let op_xml = text_xml("gh_authoriser01", "oUser", 4);
+    let op = op_push(&op_xml, "3");
+    let ticket = op_push(&ticket_xml("ticket@@@7", NOW), "4");
+    let to_authoriser = format!("/wx/platform/{AUTHORIZER}");
+    for (path, push) in [
+        ("/wx/mp", &mp),
+        ("/wx/corp", &wecom),
+        (to_authoriser.as_str(), &op),
+        ("/wx/platform", &ticket),
+    ] {
+        assert_eq!(post(&relay, path, push).await.status, 200, "{path}");
+    }
+    for (name, target) in &targets {
+        assert!(target.wait_for(4, WAIT).await, "{name}");
+    }
+    let got = |name: &str, needle: &str| {
+        let (_, target) = targets.iter().find(|(n, _)| *n == name).unwrap();
+        target
+            .received()
+            .into_iter()
+            .find(|r| r.text().contains(needle) || r.query().contains(needle))
+            .unwrap_or_else(|| panic!("{name}: nothing with {needle}"))
+    };
+    // raw: WeChat's request as it came, its type the codec's; plain: the
+    // message, decrypted, under the query without the encryption's parameters.
+    let raw = got("raw", mp.query.split('&').next().unwrap());
+    assert_eq!(
+        (raw.text(), raw.query()),
+        (mp.body.clone(), mp.query.as_str())
+    );
+    assert_eq!(raw.headers["content-type"], "application/json");
+    let plain = got("plain", "oMiniUser");
+    assert_eq!(
+        plain.text(),
+        json,
+        "a JSON push's plain delivery is its JSON"
+    );
+    assert_eq!(plain.headers["content-type"], "application/json");
+    assert!(!plain.query().contains("msg_signature") && plain.query().contains("signature="));
+    let plain = got("plain", "zhangsan");
+    assert_eq!(plain.text(), wecom_xml);
+    assert_eq!(plain.headers["content-type"], "text/xml");
+    // The authoriser in the message URL's place, as WeChat fills it.
+    let raw = got("raw", op.query.split('&').next().unwrap());
+    assert!(
+        raw.uri.starts_with(&format!("/raw/{AUTHORIZER}?")),
+        "{}",
+        raw.uri
+    );
+    let raw = got("raw", ticket.query.split('&').next().unwrap());
+    assert!(
+        raw.uri.starts_with(&format!("/raw/{}?", OP.receive_id)),
+        "{}",
+        raw.uri
+    );
+
+    // json: the family and its identifiers, after the account.
+    let envelope = json_of(&got("json", "\"mp\""));
+    assert_eq!(envelope["family"], "mini_program");
+    assert_eq!(envelope["json"], json);
+    assert!(envelope.get("xml").is_none());
+    assert_eq!(envelope["fields"]["MsgId"], "24602152426471537123");
+    let envelope = json_of(&got("json", "1000002"));
+    assert_eq!(envelope["family"], "wecom");
+    assert_eq!(envelope["agent_id"], "1000002");
+    assert_eq!(envelope["appid"], serde_json::Value::Null);
+    let envelope = json_of(&got("json", "oUser\""));
+    assert_eq!(envelope["appid"], AUTHORIZER);
+    assert_eq!(envelope["info_type"], serde_json::Value::Null);
+    let envelope = json_of(&got("json", "ticket@@@7"));
+    assert_eq!(envelope["info_type"], "component_verify_ticket");
+    let keys: Vec<&String> = envelope.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "id",
+            "account",
+            "family",
+            "appid",
+            "agent_id",
+            "info_type",
+            "received_at",
+            "msg_type",
+            "event",
+            "event_key",
+            "from_user",
+            "to_user",
+            "create_time",
+            "fields",
+            "xml"
+        ]
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_wechat_format_reseals_each_family_for_the_targets_own_credentials() {
+    let broker = FakeTarget::start().await;
+    let key = "Br0kerEncodingAesKeyForTests0123456789abcde";
+    let routes = format!(
+        "{}[[routes]]\nto = [\"broker\"]\n",
+        common::target(
+            "broker",
+            &broker.url("/b/$APPID$"),
+            &format!(
+                "format = \"wechat\"\nmode = \"secure\"\ntoken = \"brokerToken1\"\nencoding_aes_key = \"{key}\"\n\
+                 app_id = \"wx00000000000000cc\"\ncorp_id = \"ww00000000000000cc\""
+            )
+        )
+    );
+    let relay = TestRelay::start(&relay_config(&accounts("compat"), &routes), NOW).await;
+    let json = mp_json("24602152426471537123");
+    let wecom_xml = wecom_text("zhangsan", "1000002", 3);
+    let op_xml = text_xml("gh_authoriser01", "oUser", 4);
+    let pushes = [
+        ("/wx/mp".to_owned(), mp_push(&json, "compat", "1")),
+        ("/wx/corp".to_owned(), wecom_push(&wecom_xml, "2")),
+        (format!("/wx/platform/{AUTHORIZER}"), op_push(&op_xml, "3")),
+    ];
+    for (path, push) in &pushes {
+        assert_eq!(post(&relay, path, push).await.status, 200, "{path}");
+    }
+    assert!(broker.wait_for(3, WAIT).await);
+    let aes = AesKey::from_encoding(key).unwrap();
+    let opened: Vec<(String, String)> = broker
+        .received()
+        .iter()
+        .map(|r| {
+            let q: std::collections::HashMap<String, String> =
+                url::form_urlencoded::parse(r.query().as_bytes())
+                    .into_owned()
+                    .collect();
+            let encrypt = if r.headers["content-type"] == "application/json" {
+                let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                body["Encrypt"].as_str().unwrap().to_owned()
+            } else {
+                wxrelay::wechat::message::Message::parse(&r.body)
+                    .unwrap()
+                    .get("Encrypt")
+                    .unwrap()
+                    .to_owned()
+            };
+            let (ts, nonce) = (&q["timestamp"], &q["nonce"]);
+            assert!(wxrelay::wechat::signature::verify(
+                &q["msg_signature"],
+                &["brokerToken1", ts, nonce, &encrypt]
+            ));
+            let (text, receive_id) =
+                wxrelay::wechat::crypto::decrypt_frame(&aes, &encrypt).unwrap();
+            (r.uri.clone(), format!("{receive_id} {text}"))
+        })
+        .collect();
+    let find = |needle: &str| {
+        opened
+            .iter()
+            .find(|(_, text)| text.contains(needle))
+            .unwrap_or_else(|| panic!("no delivery with {needle}: {opened:?}"))
+    };
+    // A Mini Program's JSON, sealed as JSON for the target's AppID.
+    let (_, mp) = find("oMiniUser");
+    assert_eq!(mp, &format!("wx00000000000000cc {json}"));
+    // WeCom's, for the target's CorpID, signed with msg_signature alone.
+    let (uri, wecom) = find("zhangsan");
+    assert_eq!(wecom, &format!("ww00000000000000cc {wecom_xml}"));
+    assert!(
+        !uri.contains("&signature=") && !uri.contains("?signature="),
+        "{uri}"
+    );
+    // An authoriser's, for the target's AppID, at its URL for the authoriser.
+    let (uri, op) = find("gh_authoriser01");
+    assert_eq!(op, &format!("wx00000000000000cc {op_xml}"));
+    assert!(uri.starts_with(&format!("/b/{AUTHORIZER}?")), "{uri}");
+    relay.stop().await;
+}

@@ -627,3 +627,186 @@ async fn wechatpy_builds_every_familys_pushes_and_opens_the_relays_replies() {
     );
     relay.stop().await;
 }
+
+/// The `wechat` targets of every family, each with credentials of its own:
+/// (name, the peer's family, mode, the receive id it seals for).
+const FAMILY_TARGETS: [(&str, &str, &str, &str); 6] = [
+    ("w_mp_json_plaintext", "json", "plaintext", OWN_APP_ID),
+    ("w_mp_json_compat", "json", "compat", OWN_APP_ID),
+    ("w_mp_json_secure", "json", "secure", OWN_APP_ID),
+    ("w_mp_xml", "xml", "secure", OWN_APP_ID),
+    ("w_platform", "xml", "secure", "wx00000000000000bb"),
+    ("w_corp", "wecom", "secure", "ww00000000000000bb"),
+];
+
+#[tokio::test]
+async fn wechatpy_verifies_each_familys_wechat_deliveries_with_the_targets_credentials() {
+    use crate::families::{self, AUTHORIZER, MP, OP, WECOM};
+    use wxrelay::cli::simulate::{as_json, family_xml, Authorization, FamilyOptions};
+    let Some(python) = python() else {
+        say("interop: skipped: WXRELAY_TEST_PYTHON is not set (.ci/run installs wechatpy in a venv and sets it)");
+        return;
+    };
+    let mut targets = serde_json::Map::new();
+    for (name, family, _, receive_id) in FAMILY_TARGETS {
+        let creds = json!({"token": TARGET_TOKEN, "encoding_aes_key": TARGET_KEY, "app_id": receive_id, "family": family});
+        targets.insert(name.to_owned(), creds);
+    }
+    let (_peer_process, peer) = start_peer(&python, &json!({"targets": targets, "accounts": {}}));
+    let mut toml = "[server]\nreply_budget = \"3s\"\nmax_body = \"1MiB\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n".to_owned();
+    toml += &MP
+        .section("kind = \"mini_program\"\nmode = \"secure\"\ndata_format = \"json\"")
+        .replacen("[accounts.mp]", "[accounts.mp_json]", 1);
+    toml += &MP
+        .section("kind = \"mini_program\"\nmode = \"secure\"")
+        .replacen("[accounts.mp]", "[accounts.mp_xml]", 1);
+    toml += &OP.section("kind = \"open_platform\"");
+    toml += &WECOM.section("kind = \"wecom\"");
+    for (name, _, mode, receive_id) in FAMILY_TARGETS {
+        let id_key = if receive_id.starts_with("ww") {
+            "corp_id"
+        } else {
+            "app_id"
+        };
+        toml += &format!(
+            "[targets.{name}]\nurl = \"http://{peer}/broker/{name}/none/$APPID$\"\ntimeout = \"10s\"\nformat = \"wechat\"\n\
+             mode = \"{mode}\"\ntoken = \"{TARGET_TOKEN}\"\nencoding_aes_key = \"{TARGET_KEY}\"\n{id_key} = \"{receive_id}\"\n\n"
+        );
+    }
+    for (account, to) in [
+        (
+            "mp_json",
+            "\"w_mp_json_plaintext\", \"w_mp_json_compat\", \"w_mp_json_secure\"",
+        ),
+        ("mp_xml", "\"w_mp_xml\""),
+        ("platform", "\"w_platform\""),
+        ("corp", "\"w_corp\""),
+    ] {
+        toml += &format!("[[routes]]\nmatch = {{ account = \"{account}\" }}\nto = [{to}]\n");
+    }
+    let relay = TestRelay::start(&toml, families::NOW).await;
+    let opts = MessageOptions {
+        to: "gh_3f1a2b9c8d7e".to_owned(),
+        from: SENDER.to_owned(),
+    };
+    let now = families::NOW;
+    let post = |path: String, push: wxrelay::wechat::push::Push| {
+        let relay = &relay;
+        async move {
+            let answer = relay
+                .post(&format!("{path}?{}", push.query), push.body)
+                .await;
+            assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+        }
+    };
+    let mut sent: BTreeMap<String, String> = BTreeMap::new(); // message → label
+    let mut msg_id = 24602147860000000;
+    for (label, kind) in kinds() {
+        msg_id += 1;
+        let nonce = msg_id.to_string();
+        let xml = message_xml(&kind, &opts, now, msg_id);
+        let json = as_json(&xml).unwrap();
+        let key = MP.aes();
+        let params = wxrelay::wechat::push::PushParams {
+            token: MP.token,
+            app_id: MP.receive_id,
+            timestamp: now,
+            nonce: &nonce,
+            openid: Some(SENDER),
+            random: &[b'M'; 16],
+        };
+        let secure = wxrelay::wechat::push::Sealing::Secure(&key);
+        let mp_json = wxrelay::wechat::push::build_json(&json, secure, &params);
+        post("/wx/mp_json".into(), mp_json).await;
+        let mp_xml = wxrelay::wechat::push::build(&xml, secure, &params);
+        post("/wx/mp_xml".into(), mp_xml).await;
+        post(
+            format!("/wx/platform/{AUTHORIZER}"),
+            families::op_push(&xml, &nonce),
+        )
+        .await;
+        let wecom = FamilyOptions {
+            appid: None,
+            agent_id: Some("1000002".into()),
+        };
+        let corp = MessageOptions {
+            to: WECOM.receive_id.to_owned(),
+            ..opts.clone()
+        };
+        let wecom_xml = family_xml(&kind, &corp, &wecom, now, msg_id);
+        post("/wx/corp".into(), families::wecom_push(&wecom_xml, &nonce)).await;
+        sent.insert(json, format!("mp_json/{label}"));
+        sent.insert(xml, label.clone());
+        sent.insert(wecom_xml, format!("wecom/{label}"));
+    }
+    for (label, event) in [
+        ("ticket", Authorization::Ticket),
+        ("authorized", Authorization::Authorized),
+        ("unauthorized", Authorization::Unauthorized),
+        ("updateauthorized", Authorization::Updateauthorized),
+    ] {
+        msg_id += 1;
+        let platform = MessageOptions {
+            to: OP.receive_id.to_owned(),
+            ..opts.clone()
+        };
+        let ids = FamilyOptions {
+            appid: Some(AUTHORIZER.into()),
+            agent_id: None,
+        };
+        let xml = family_xml(
+            &PushKind::Authorization(event),
+            &platform,
+            &ids,
+            now,
+            msg_id,
+        );
+        post(
+            "/wx/platform".into(),
+            families::op_push(&xml, &msg_id.to_string()),
+        )
+        .await;
+        sent.insert(xml, format!("authorisation/{label}"));
+    }
+    for (name, _, _, _) in FAMILY_TARGETS {
+        assert!(relay.until_nothing_pending(name).await, "{name}");
+    }
+
+    let results = peer_request(peer, http::Method::GET, "/results", bytes::Bytes::new()).await;
+    let results: Vec<Value> = serde_json::from_slice(&results.body).unwrap();
+    let failed: Vec<&Value> = results.iter().filter(|r| r["ok"] != true).collect();
+    assert!(failed.is_empty(), "wechatpy refused: {failed:?}");
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &results {
+        let target = r["target"].as_str().unwrap();
+        let xml = r["xml"].as_str().unwrap();
+        let label = sent
+            .get(xml)
+            .unwrap_or_else(|| panic!("{target} got a message nobody sent: {xml}"));
+        if target == "w_platform" {
+            // The authoriser in the target's URL, as WeChat fills $APPID$;
+            // an authorisation event has none: the platform's own AppID.
+            let expected = if label.starts_with("authorisation/") {
+                OP.receive_id
+            } else {
+                AUTHORIZER
+            };
+            assert_eq!(r["path"], json!([expected]), "{label}");
+        }
+        if label == "authorisation/ticket" {
+            assert!(
+                r["ticket"].as_str().unwrap().starts_with("ticket@@@"),
+                "{r}"
+            );
+        }
+        *counts.entry(target.to_owned()).or_default() += 1;
+    }
+    let per_family = kinds().len();
+    for (name, _, mode, _) in FAMILY_TARGETS {
+        let n = counts.get(name).copied().unwrap_or(0);
+        let expected = per_family + if name == "w_platform" { 4 } else { 0 };
+        assert_eq!(n, expected, "{name}");
+        say(&format!("interop: wechatpy verified with the target's own credentials: {name} ({mode}): {n} deliveries"));
+    }
+    relay.stop().await;
+}

@@ -35,5 +35,6 @@ mod replicas;
 mod retire_race;
 mod spool_health;
 mod supervision;
+mod ticket;
 mod vectors_http;
 mod wechat_format;
