@@ -72,8 +72,8 @@ pub async fn serve(
             tracing::warn!(path = p, "admin request without a valid token");
             plain(StatusCode::UNAUTHORIZED, "admin token required\n".into())
         }
-        (&Method::GET, p) if p.starts_with(TICKET) => {
-            match ticket(&admin, &p[TICKET.len()..]).await {
+        (&Method::GET, p) if p.starts_with(TICKET) || p == TICKETS => {
+            match ticket(&admin, p).await {
                 Ok(json) => {
                     let mut response = plain(StatusCode::OK, json);
                     let json = http::HeaderValue::from_static("application/json");
@@ -122,31 +122,47 @@ async fn exposition(admin: &Admin) -> String {
     admin.metrics.render(&*admin.spool, &targets, now).await
 }
 
-/// Where an Open Platform's latest ticket is served, below its account.
+/// Every Open Platform's latest ticket; one's below it, at its account.
+const TICKETS: &str = "/admin/ticket";
 const TICKET: &str = "/admin/ticket/";
 
-/// An Open Platform's latest ticket, `{"ticket", "received_at"}`, or the
-/// status and reason why there is none.
-async fn ticket(admin: &Admin, account: &str) -> Result<String, (StatusCode, String)> {
-    if !platforms(&admin.config.load()).iter().any(|p| p == account) {
+/// `GET /admin/ticket/{account}`: an Open Platform's latest ticket,
+/// `{"ticket", "received_at"}`, or the status and reason why there is none.
+/// `GET /admin/ticket`: every Open Platform's, by account (`null` for one
+/// that has none yet).
+async fn ticket(admin: &Admin, path: &str) -> Result<String, (StatusCode, String)> {
+    let platforms = platforms(&admin.config.load());
+    let account = path.strip_prefix(TICKET);
+    if account.is_some_and(|a| !platforms.iter().any(|p| p == a)) {
         let reason = "no such Open Platform account (kind = \"open_platform\")\n";
         return Err((StatusCode::NOT_FOUND, reason.into()));
     }
     let kept = admin.tickets.tickets().await.map_err(|e| {
         let e = crate::error_chain(&e);
-        tracing::warn!(error = %e, account, "cannot read the ticket");
+        tracing::warn!(error = %e, "cannot read the tickets");
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("spool unavailable: {e}\n"),
         )
     })?;
-    let t = kept
-        .into_iter()
-        .find(|t| t.account == account)
-        .ok_or((StatusCode::NOT_FOUND, "no ticket received yet\n".to_owned()))?;
-    let received_at = humantime::format_rfc3339_millis(t.received_at.to_system_time());
-    let body = serde_json::json!({"ticket": t.ticket, "received_at": received_at.to_string()});
-    Ok(body.to_string())
+    let json = |account: &str| {
+        kept.iter().find(|t| t.account == account).map(|t| {
+            let received_at = humantime::format_rfc3339_millis(t.received_at.to_system_time());
+            serde_json::json!({"ticket": t.ticket, "received_at": received_at.to_string()})
+        })
+    };
+    match account {
+        Some(account) => json(account)
+            .map(|ticket| ticket.to_string())
+            .ok_or((StatusCode::NOT_FOUND, "no ticket received yet\n".to_owned())),
+        None => {
+            let all: serde_json::Map<String, serde_json::Value> = platforms
+                .iter()
+                .map(|p| (p.clone(), json(p).into()))
+                .collect();
+            Ok(serde_json::Value::Object(all).to_string())
+        }
+    }
 }
 
 /// `Authorization: Bearer <admin_token>`, compared in constant time; open when

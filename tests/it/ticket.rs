@@ -126,6 +126,11 @@ async fn an_open_platforms_ticket_is_kept_served_aged_and_routed() {
     assert_eq!(anonymous.status, 401);
     assert_eq!(served(relay.admin, "main").await.0, 404);
     assert_eq!(served(relay.admin, "nobody").await.0, 404);
+    // Every platform's at once.
+    let all = admin_request(relay.admin, Method::GET, "/admin/ticket", Some(ADMIN_TOKEN)).await;
+    let all: Value = serde_json::from_slice(&all.body).unwrap();
+    assert_eq!(all["platform"]["ticket"], "ticket@@@newer");
+    assert_eq!(all.as_object().unwrap().len(), 1, "{all}");
     let log = logs.text();
     assert!(log.contains("ticket=\"kept\"") && log.contains("ticket=\"older\""));
     assert!(
