@@ -69,8 +69,8 @@ pub fn run_with(
         Some(_) if !origin.takes_reply() => {
             let _ = writeln!(
                 out,
-                "reply     none: a {} push like this one is answered `success`",
-                account.kind.as_str()
+                "reply     none: WeChat takes no reply to this push (a Mini Program's, an Open \
+                 Platform's authorisation event): `success`"
             );
         }
         Some(name) => {

@@ -754,6 +754,99 @@ async fn an_open_platform_refuses_what_is_not_its_own_and_stores_nothing() {
     let m = relay.metrics().await;
     assert_eq!(refused(&m, "platform", "bad_request"), 4.0, "{m}");
     assert_eq!(refused(&m, "platform", "bad_appid"), 1.0, "{m}");
+    // No ticket was kept from the forged ones either.
+    let kept = common::admin_request(
+        relay.admin,
+        http::Method::GET,
+        "/admin/ticket/platform",
+        None,
+    );
+    assert_eq!(kept.await.status, 404);
+    relay.stop().await;
+}
+
+// ---- the operator's tools ----
+
+#[tokio::test]
+async fn simulate_sends_each_familys_url_check_and_pushes() {
+    use wxrelay::cli::simulate::{
+        self, Authorization, FamilyOptions, Payload, PushKind, SimulateArgs,
+    };
+    use wxrelay::clock::{Clock, SystemClock};
+    let toml = relay_config(&accounts("compat"), "");
+    let relay = TestRelay::start(&toml, SystemClock.now_secs()).await;
+    let settings = Settings::from_toml_str(&toml).unwrap();
+    let args = |account: &str, payload: Option<PushKind>| SimulateArgs {
+        account: Some(account.to_owned()),
+        url: format!("http://{}", relay.addr),
+        verify_url: payload.is_none(),
+        message: Default::default(),
+        payload: payload.map(Payload::PushKind),
+    };
+    let run = |args: SimulateArgs, family: FamilyOptions| {
+        let settings = &settings;
+        async move { simulate::run_with(settings, &args, &family, &SystemClock).await }
+    };
+    let none = FamilyOptions::default;
+    for account in ["main", "mp", "platform", "corp"] {
+        let report = run(args(account, None), none()).await.unwrap();
+        assert!(report.ok, "{account}: {}", report.text);
+    }
+    let text = || {
+        Some(PushKind::Text {
+            content: "hi".into(),
+        })
+    };
+    let authoriser = FamilyOptions {
+        appid: Some(AUTHORIZER.into()),
+        agent_id: None,
+    };
+    let agent = FamilyOptions {
+        appid: None,
+        agent_id: Some("1000005".into()),
+    };
+    let ticket = Some(PushKind::Authorization(Authorization::Ticket));
+    let authorized = Some(PushKind::Authorization(Authorization::Authorized));
+    for (account, payload, family) in [
+        ("mp", text(), none()),
+        ("corp", text(), agent),
+        ("platform", ticket.clone(), none()),
+        ("platform", authorized.clone(), authoriser.clone()),
+        ("platform", text(), authoriser.clone()),
+    ] {
+        let report = run(args(account, payload), family).await.unwrap();
+        assert!(report.ok, "{account}: {}", report.text);
+    }
+    let stored = relay.unrouted().await;
+    assert_eq!(stored.len(), 5);
+    assert!(
+        stored[0].xml.starts_with('{'),
+        "a JSON Mini Program's push is JSON"
+    );
+    assert!(stored[1].xml.contains("<AgentID>1000005</AgentID>"));
+    assert!(stored[2].xml.contains("component_verify_ticket"));
+    assert!(stored[3]
+        .xml
+        .contains(&format!("<AuthorizerAppid><![CDATA[{AUTHORIZER}]]>")));
+    assert_eq!(stored[4].origin.appid.as_deref(), Some(AUTHORIZER));
+    // What a family has no place for is the operator's to fix.
+    for (account, payload, family) in [
+        ("platform", text(), none()),
+        ("platform", authorized, none()),
+        ("main", ticket, none()),
+        ("mp", text(), authoriser),
+    ] {
+        let refused = run(args(account, payload), family).await;
+        assert!(
+            matches!(refused, Err(wxrelay::cli::CliError::Usage(_))),
+            "{account}: {refused:?}"
+        );
+    }
+    assert_eq!(relay.unrouted().await.len(), 5);
+    let keys = wxrelay::cli::keygen::run();
+    for console in ["official_account", "mini_program", "open_platform", "wecom"] {
+        assert!(keys.contains(console), "{keys}");
+    }
     relay.stop().await;
 }
 
@@ -968,4 +1061,52 @@ async fn the_wechat_format_reseals_each_family_for_the_targets_own_credentials()
     assert_eq!(op, &format!("wx00000000000000cc {op_xml}"));
     assert!(uri.starts_with(&format!("/b/{AUTHORIZER}?")), "{uri}");
     relay.stop().await;
+}
+
+#[test]
+fn route_dry_runs_a_push_as_its_family_sees_it() {
+    use wxrelay::cli::route::{self, RouteArgs};
+    use wxrelay::cli::simulate::{Authorization, FamilyOptions, Payload, PushKind};
+    use wxrelay::clock::SystemClock;
+    let routes = "[targets.t]\nurl = \"http://127.0.0.1:1/t\"\n[targets.op]\nurl = \"http://127.0.0.1:1/op\"\n\
+                  [[routes]]\nmatch = { info_type = \"component_verify_ticket\" }\nto = [\"t\"]\nreply_from = \"t\"\n\
+                  [[routes]]\nmatch = { appid = \"wx00000000000000aa\" }\nto = [\"op\"]\n";
+    let settings = Settings::from_toml_str(&relay_config(&accounts("secure"), routes)).unwrap();
+    let args = |account: &str, kind| RouteArgs {
+        account: Some(account.into()),
+        message: Default::default(),
+        payload: Payload::PushKind(kind),
+    };
+    let authoriser = FamilyOptions {
+        appid: Some(AUTHORIZER.into()),
+        agent_id: None,
+    };
+    let text = || PushKind::Text {
+        content: "hi".into(),
+    };
+    let out = route::run_with(
+        &settings,
+        &args("platform", text()),
+        &authoriser,
+        &SystemClock,
+    );
+    let out = out.unwrap();
+    assert!(out.contains(&format!("appid={AUTHORIZER}")), "{out}");
+    assert!(
+        out.contains("rule      [1] appid=wx00000000000000aa"),
+        "{out}"
+    );
+    let ticket = PushKind::Authorization(Authorization::Ticket);
+    let out = route::run_with(
+        &settings,
+        &args("platform", ticket),
+        &FamilyOptions::default(),
+        &SystemClock,
+    );
+    let out = out.unwrap();
+    assert!(out.contains("info_type=component_verify_ticket"), "{out}");
+    assert!(
+        out.contains("reply     none: WeChat takes no reply to this push"),
+        "{out}"
+    );
 }
