@@ -353,15 +353,13 @@ enum Thread {
 }
 
 fn thread_of(p: &Profile) -> Thread {
-    // The spool's loops may be inlined into their threads' closures; `apply`
-    // (one command of a batch) runs on the writer alone, in every version.
-    let writer =
-        ["run_writer", "commit_batch", "apply"].map(|f| format!("wxrelay::spool::sqlite::{f}"));
-    if p.has(|f| writer.iter().any(|w| f == w)) {
+    // By what the thread does, not by the names of the spool's functions,
+    // which move from one layout of the code to the next: only the writer
+    // appends pages to the WAL, and only the spool's threads have a
+    // connection (tokio's workers reach them through channels).
+    if p.has(|f| f == "pagerWalFrames" || f == "sqlite3WalFrames") {
         Thread::SpoolWriter
     } else if p.has(|f| f == "sqlite3_step") {
-        // The only other thread with a connection: tokio's workers reach
-        // the spool through its threads' channels.
         Thread::SpoolReader
     } else {
         Thread::Other
