@@ -50,6 +50,9 @@ pub struct Options {
     pub clock: Option<Arc<dyn Clock>>,
     /// The file that `SIGHUP` and `POST /admin/reload` read again.
     pub config_path: Option<PathBuf>,
+    /// How often an idle delivery worker looks in the spool unprompted
+    /// (default 250 ms); tests lengthen it to show what wakes the workers.
+    pub idle_poll: Option<Duration>,
 }
 
 /// A running relay.
@@ -176,6 +179,9 @@ impl Relay {
             clock.clone(),
             metrics.clone(),
         );
+        if let Some(every) = options.idle_poll {
+            dispatcher.poll_idle_every(every);
+        }
         let reloader = Arc::new(Reloader::new(
             config.clone(),
             dispatcher.clone(),

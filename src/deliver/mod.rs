@@ -11,7 +11,7 @@ pub mod format;
 pub mod retry;
 
 use crate::clock::Clock;
-use crate::config::{Format, Settings, Target};
+use crate::config::{Format, Ordering::PerUser, Settings, Target};
 use crate::metrics::Metrics;
 use crate::server::stopping;
 use crate::spool::{
@@ -191,6 +191,8 @@ pub struct Dispatcher {
     targets: Mutex<HashMap<String, Arc<TargetState>>>,
     /// Outcomes of inline attempts still being written; awaited at shutdown.
     records: Mutex<JoinSet<()>>,
+    /// Set by [`Dispatcher::poll_idle_every`]; [`IDLE_POLL`] otherwise.
+    idle_poll: std::sync::OnceLock<Duration>,
 }
 
 /// What the dispatcher knows of one target between attempts.
@@ -242,7 +244,14 @@ impl Dispatcher {
             config_changed: Notify::new(),
             targets: Mutex::new(HashMap::new()),
             records: Mutex::new(JoinSet::new()),
+            idle_poll: std::sync::OnceLock::new(),
         })
+    }
+
+    /// How often idle workers look in the spool unprompted, instead of
+    /// [`IDLE_POLL`]; set before [`Dispatcher::start`].
+    pub fn poll_idle_every(&self, every: Duration) {
+        let _ = self.idle_poll.set(every);
     }
 
     /// Starts the delivery workers: one loop per configured target, and a
@@ -273,6 +282,10 @@ impl Dispatcher {
     /// Tells a target's worker that a delivery is due now.
     pub fn wake(&self, target: &str) {
         self.target_state(target).wake.notify_one();
+    }
+
+    fn idle_poll(&self) -> Duration {
+        self.idle_poll.get().copied().unwrap_or(IDLE_POLL)
     }
 
     /// Tells the workers the configuration changed: targets may have come or gone.
@@ -477,11 +490,15 @@ impl Dispatcher {
     }
 
     /// Writes an attempt's outcome. When the spool cannot, the delivery stays
-    /// leased; when the lease ends it is sent again: at least once.
+    /// leased; when the lease ends it is sent again: at least once. A user's
+    /// next delivery waits for one that ends here: the worker is woken for it.
     async fn record(&self, target: &str, faults: &Faults, settles: Vec<Settle>) {
         let Some(delivery_id) = settles.first().map(|s| s.settlement.delivery_id()) else {
             return;
         };
+        let ends = settles
+            .iter()
+            .any(|s| !matches!(s.settlement, Settlement::Retry { .. }));
         match self
             .spool
             .record(settles, UnixMs(self.clock.now_ms()))
@@ -504,6 +521,15 @@ impl Dispatcher {
                     Repeat::Quiet => {}
                 }
             }
+        }
+        let config = self.config.load();
+        if ends
+            && config
+                .targets
+                .get(target)
+                .is_some_and(|t| t.ordering == PerUser)
+        {
+            self.wake(target);
         }
     }
 
@@ -742,7 +768,7 @@ impl Dispatcher {
                             Pause::Woken => {
                                 tokio::select! {
                                     _ = state.wake.notified() => {}
-                                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                                    _ = tokio::time::sleep(self.idle_poll()) => {}
                                 }
                             }
                             Pause::For(wait) => tokio::time::sleep(wait).await,
