@@ -381,6 +381,8 @@ pub trait Spool: Send + Sync + 'static {
     fn replay(&self, filter: DeadFilter, now_ms: UnixMs) -> SpoolFuture<u64>;
     /// Deletes the selected dead letters. Returns how many.
     fn purge(&self, filter: DeadFilter) -> SpoolFuture<u64>;
+    /// Pending work per target, for the gauges: a shared spool may answer
+    /// with a reading a few seconds old.
     fn depth(&self) -> SpoolFuture<Vec<TargetDepth>>;
     /// The deliveries of `target` still waiting for it (pending, leased or
     /// not), soonest due first.

@@ -467,3 +467,33 @@ async fn a_connection_gone_silent_is_replaced_not_reused() {
     spool.probe().await.unwrap();
     spool.close().await;
 }
+
+/// The shared queue's gauges count the whole backlog in the database: they
+/// are read at most every few seconds, however often `/metrics` is scraped,
+/// and follow the queue once that time has passed.
+#[tokio::test]
+async fn the_queue_gauges_are_read_at_most_every_few_seconds_whatever_the_scrapes() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let toml = hooks_config(&g, &hooks.url("/"), "paused = true");
+    let Some(relay) = TestRelay::start_postgres(&toml, reference_now(&g)).await else {
+        return;
+    };
+    let pending = || async {
+        let text = relay.metrics().await;
+        common::metric(&text, "wxrelay_spool_pending", &[("target", "hooks")])
+    };
+    let push = |id: &str| {
+        let v = vector(&g, id);
+        relay.post_later(path("secure", &v["request"]), body(&v["request"]))
+    };
+    assert_eq!(push("secure.CLICK").await.status, 200);
+    assert_eq!(pending().await, 1.0);
+    assert_eq!(push("secure.text").await.status, 200);
+    for scrape in 0..20 {
+        assert_eq!(pending().await, 1.0, "scrape {scrape}: the last reading");
+    }
+    let followed = common::eventually(WAIT, || async { pending().await == 2.0 }).await;
+    assert!(followed, "read again once its time has passed");
+    relay.stop().await;
+}

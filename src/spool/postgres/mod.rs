@@ -58,7 +58,7 @@ use super::{
 use crate::config::PostgresSettings;
 use deadpool_postgres::{Object, Pool};
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -73,6 +73,9 @@ const QUEUE: usize = 8192;
 pub const PUSH_CONNECTIONS: usize = 1;
 /// How many enqueues one commit may carry at most.
 pub const DEFAULT_MAX_BATCH: usize = 512;
+/// How long a reading of the queue's depth is answered again: each is a
+/// count of the whole backlog, and every replica's every scrape asks.
+pub const DEPTH_EVERY: Duration = Duration::from_secs(5);
 
 impl From<tokio_postgres::Error> for SpoolError {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -110,6 +113,8 @@ pub struct PostgresSpool {
     /// at close.
     writers: Mutex<Vec<JoinHandle<()>>>,
     notifier: wake::Notifier,
+    /// The last reading of the depth.
+    depth: Arc<LastDepth>,
     /// This process's name in lease owners.
     replica: String,
     schema: String,
@@ -248,6 +253,7 @@ impl PostgresSpool {
             listener: Mutex::new(None),
             writers: Mutex::new(vec![writer, recorder]),
             notifier,
+            depth: Arc::default(),
             replica,
             schema: settings.schema.clone(),
             listen: (config, tls),
@@ -442,8 +448,10 @@ impl Spool for PostgresSpool {
         })
     }
 
+    /// Read from the database at most every [`DEPTH_EVERY`]; calls in
+    /// between, on this replica, get the last reading.
     fn depth(&self) -> SpoolFuture<Vec<TargetDepth>> {
-        self.with_client("depth", move |c| {
+        let read = self.with_client("depth", move |c| {
             Box::pin(async move {
                 // Counted from the due index alone, every scrape: the oldest
                 // is the event of each target's first pending delivery (ids
@@ -472,7 +480,8 @@ impl Spool for PostgresSpool {
                     })
                     .collect())
             })
-        })
+        });
+        Box::pin(last_or_read(self.depth.clone(), read))
     }
 
     fn waiting(&self, target: &str, limit: usize) -> SpoolFuture<Vec<WaitingDelivery>> {
@@ -549,6 +558,26 @@ impl Spool for PostgresSpool {
             previous.abort();
         }
     }
+}
+
+/// A reading of the depth and when it was taken; locked while one is taken,
+/// so that scrapes at once wait for the one reading.
+type LastDepth = tokio::sync::Mutex<Option<(std::time::Instant, Vec<TargetDepth>)>>;
+
+/// The last reading while it is younger than [`DEPTH_EVERY`], else `read`.
+async fn last_or_read(
+    last: Arc<LastDepth>,
+    read: SpoolFuture<Vec<TargetDepth>>,
+) -> Result<Vec<TargetDepth>, SpoolError> {
+    let mut last = last.lock().await;
+    if let Some((at, depth)) = &*last {
+        if at.elapsed() < DEPTH_EVERY {
+            return Ok(depth.clone());
+        }
+    }
+    let depth = read.await?;
+    *last = Some((std::time::Instant::now(), depth.clone()));
+    Ok(depth)
 }
 
 /// The events table's columns, in the order [`event_from`] reads them.
