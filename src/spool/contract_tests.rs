@@ -1373,3 +1373,39 @@ async fn a_large_purge_removes_every_selected_dead_letter_and_its_event() {
         assert_eq!(spool.event(first).await.unwrap(), None, "{name}");
     }
 }
+
+/// A replica not heard from for [`postgres::REPLICA_FORGOTTEN_MS`] (one
+/// stopped for good, or renamed by its restart) leaves no row behind: the
+/// next round of any live replica deletes its names. One heard from since
+/// keeps them.
+#[tokio::test]
+async fn postgres_a_replica_long_gone_leaves_no_names_behind() {
+    let Some(schema) = pg_schema() else { return };
+    let spool = pg_replica(&schema).await;
+    let now = 10 * postgres::REPLICA_FORGOTTEN_MS;
+    let (gone, quiet) = (
+        now - postgres::REPLICA_FORGOTTEN_MS,
+        now - postgres::REPLICA_FORGOTTEN_MS + 1,
+    );
+    schema.execute(&format!(
+        "INSERT INTO \"{}\".replica_targets (replica, target, seen_at)
+         VALUES ('gone', 'hooks', {gone}), ('gone', 'crm', {gone}), ('quiet', 'hooks', {quiet})",
+        schema.settings.schema
+    ));
+    let retired = spool.retire_targets(vec!["hooks".into()], UnixMs(now));
+    assert_eq!(retired.await.unwrap(), vec![]);
+    let rows =
+        |replica: &str| schema.count(&format!("replica_targets WHERE replica = '{replica}'"));
+    assert_eq!(rows("gone"), 0, "the gone replica's names are deleted");
+    assert_eq!(
+        rows("quiet"),
+        1,
+        "a replica heard from since keeps its names"
+    );
+    assert_eq!(
+        schema.count("replica_targets"),
+        2,
+        "and the live one has its own"
+    );
+    spool.close().await;
+}

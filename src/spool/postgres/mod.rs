@@ -48,7 +48,7 @@ mod wake;
 
 pub use connect::postgres_display;
 pub use migrate::{latest as latest_schema_version, Migrated};
-pub use settle::TARGETS_HOLD_MS;
+pub use settle::{REPLICA_FORGOTTEN_MS, TARGETS_HOLD_MS};
 
 use super::{
     DeadFilter, DeadLetter, DeliveryId, DueWaker, Enqueued, Event, EventId, Lease, NewEvent,
