@@ -111,7 +111,7 @@ async fn open_spool(
     Ok(match given {
         Some(spool) => (spool, None),
         None => {
-            let opened = OpenSpool::open(&settings.spool, OnOpen::Migrate).await?;
+            let opened = OpenSpool::open(&settings.spool, OnOpen::MigrateWhenReachable).await?;
             (opened.spool(), Some(opened))
         }
     })
@@ -189,7 +189,10 @@ impl Relay {
             options.config_path,
         ));
         public_limits.counters = Some(metrics.connection_counters());
-        dispatcher.retire_removed_targets(&config.load()).await?;
+        if let Err(e) = dispatcher.retire_removed_targets(&config.load()).await {
+            // The workers' supervisor tries again at once, then every 30 s.
+            tracing::warn!(error = %e, "cannot retire the deliveries of removed targets yet");
+        }
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 

@@ -40,6 +40,7 @@ mod commit;
 mod connect;
 mod dead;
 mod migrate;
+mod opening;
 mod prune;
 mod settle;
 #[cfg(any(test, feature = "test-util"))]
@@ -92,8 +93,13 @@ impl From<deadpool_postgres::PoolError> for SpoolError {
 /// What opening the spool does to the schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnOpen {
-    /// Apply the migrations it lacks (the relay at start).
+    /// Apply the migrations it lacks.
     Migrate,
+    /// As `Migrate`, but a database that cannot be reached does not stop
+    /// the opening: the spool refuses every operation, saying why, and
+    /// tries again in the background until the database answers (the
+    /// relay at start).
+    MigrateWhenReachable,
     /// Require the version this binary knows; change nothing (the operator
     /// commands, which may run beside replicas of another version).
     RequireCurrent,
@@ -109,6 +115,10 @@ pub struct PostgresSpool {
     notify: JoinHandle<()>,
     /// The listener for other replicas' notifications, once asked for.
     listener: Mutex<Option<JoinHandle<()>>>,
+    /// Until the schema is checked, why not: every operation fails with it.
+    ready: Arc<opening::Readiness>,
+    /// The task checking the schema while the database cannot be reached.
+    opening: Option<JoinHandle<()>>,
     /// The group commit of pushes and the recorder of outcomes: let finish
     /// at close.
     writers: Mutex<Vec<JoinHandle<()>>>,
@@ -214,24 +224,7 @@ impl PostgresSpool {
         // Pushes are stored on a connection of their own, so that they never
         // wait for one behind the delivery workers' leases and outcomes.
         let push_pool = connect::pool(PUSH_CONNECTIONS, config.clone(), tls.clone())?;
-        {
-            let mut client = client(&pool).await?;
-            match on_open {
-                OnOpen::Migrate => {
-                    let migrated = migrate::migrate(&mut client, &settings.schema).await?;
-                    if !migrated.applied.is_empty() {
-                        tracing::info!(schema = %settings.schema, from = migrated.from, to = migrate::latest(), "spool schema migrated");
-                    }
-                }
-                OnOpen::RequireCurrent => {
-                    bounded(
-                        "schema check",
-                        migrate::require_current(&client, &settings.schema),
-                    )
-                    .await?
-                }
-            }
-        }
+        let (ready, opening) = opening::schema(&pool, &settings.schema, on_open).await?;
         let (requests, rx) = mpsc::channel(QUEUE);
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
         let writer = commit::Writer {
@@ -251,6 +244,8 @@ impl PostgresSpool {
             recordings: Mutex::new(Some(recordings)),
             notify,
             listener: Mutex::new(None),
+            ready,
+            opening,
             writers: Mutex::new(vec![writer, recorder]),
             notifier,
             depth: Arc::default(),
@@ -284,6 +279,9 @@ impl PostgresSpool {
     /// Ends the tasks that run until told to: the notifier and the listener.
     fn stop_background(&self) {
         self.notify.abort();
+        if let Some(opening) = &self.opening {
+            opening.abort();
+        }
         if let Some(listener) = self
             .listener
             .lock()
@@ -306,12 +304,25 @@ impl PostgresSpool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none();
+        let ready = self.ready.check();
         Box::pin(async move {
             if closed {
                 return Err(SpoolError::Closed);
             }
+            ready?;
             on_connection(&pool, what, operation).await
         })
+    }
+
+    /// `write`, unless the schema is not checked yet.
+    fn when_ready<T: Send + 'static>(
+        &self,
+        write: impl FnOnce() -> SpoolFuture<T>,
+    ) -> SpoolFuture<T> {
+        match self.ready.check() {
+            Ok(()) => write(),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
     }
 }
 
@@ -355,11 +366,13 @@ impl Spool for PostgresSpool {
         now_ms: UnixMs,
         dedup_window_ms: i64,
     ) -> SpoolFuture<Enqueued> {
-        submit(&self.requests, |reply| commit::Request {
-            event,
-            now: now_ms,
-            window: dedup_window_ms,
-            reply,
+        self.when_ready(|| {
+            submit(&self.requests, |reply| commit::Request {
+                event,
+                now: now_ms,
+                window: dedup_window_ms,
+                reply,
+            })
         })
     }
 
@@ -380,10 +393,12 @@ impl Spool for PostgresSpool {
     }
 
     fn record(&self, settlements: Vec<Settle>, now_ms: UnixMs) -> SpoolFuture<()> {
-        submit(&self.recordings, |reply| settle::Recording {
-            settles: settlements,
-            now: now_ms,
-            reply,
+        self.when_ready(|| {
+            submit(&self.recordings, |reply| settle::Recording {
+                settles: settlements,
+                now: now_ms,
+                reply,
+            })
         })
     }
 
