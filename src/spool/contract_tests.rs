@@ -1409,3 +1409,54 @@ async fn postgres_a_replica_long_gone_leaves_no_names_behind() {
     );
     spool.close().await;
 }
+
+/// After a large intake the spool analyzes its queue tables itself: the
+/// planner's statistics do not wait for autovacuum, which may be off (as
+/// here) or late, while a backlog built on tables it last saw empty.
+#[tokio::test]
+async fn postgres_a_large_intake_gets_fresh_statistics_without_autovacuum() {
+    let Some(schema) = pg_schema() else { return };
+    let spool = pg_replica(&schema).await;
+    let s = &schema.settings.schema;
+    for table in ["events", "deliveries", "dedup", "replay"] {
+        schema.execute(&format!(
+            "ALTER TABLE \"{s}\".{table} SET (autovacuum_enabled = off)"
+        ));
+    }
+    let (client, connection) =
+        tokio_postgres::connect(schema.settings.url.expose(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let planned = || async {
+        let row = client
+            .query_one(
+                "SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = 'deliveries'",
+                &[s],
+            )
+            .await
+            .unwrap();
+        row.get::<_, f32>(0)
+    };
+    assert!(planned().await < 1.0, "never analyzed yet");
+    let targets: Vec<String> = (0..10).map(|t| format!("t{t}")).collect();
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let rows = postgres::ANALYZE_AFTER_ROWS as usize;
+    let stores: Vec<_> = (0..rows / targets.len())
+        .map(|i| spool.enqueue(event(&format!("k{i}"), &targets, 0), UnixMs(0), WINDOW))
+        .collect();
+    for store in stores {
+        assert!(matches!(store.await.unwrap(), Enqueued::Stored { .. }));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while planned().await < rows as f32 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let planned = planned().await;
+    assert!(
+        planned >= rows as f32,
+        "the planner counts {planned} deliveries"
+    );
+    spool.close().await;
+}

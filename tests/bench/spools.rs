@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! WXRELAY_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test \
-//!   cargo bench --bench spools -- [PUSHES] [BACKLOG] [backlog]
+//!   cargo bench --bench spools -- [PUSHES] [BACKLOG] [backlog [analyze]]
 //! ```
 //!
 //! (`backlog` runs the third part alone; `one-user [EVENTS]` the fourth.)
@@ -25,7 +25,9 @@
 //!    sizes of the spool's tables (`pg_total_relation_size`, indexes and
 //!    TOAST included) are sampled as it goes, and once autovacuum has cleaned
 //!    up after each drain. The dedup window is one minute, so keys expire and
-//!    are pruned during the run.
+//!    are pruned during the run. Where autovacuum is off, the benchmark runs
+//!    the plain VACUUM it would after each drain, and leaves the statistics
+//!    to the relay; `analyze` makes it an ANALYZE too, as autovacuum would.
 //! 4. One user's backlog on a `per_user` target, for SQLite and PostgreSQL:
 //!    EVENTS text messages (default 1,000) from one user taken in with the
 //!    targets paused, then drained to a sink that answers each after 20 ms.
@@ -174,6 +176,7 @@ fn main() {
         .collect();
     // `backlog` alone: only the third part; `one-user`: only the fourth.
     let backlog_only = std::env::args().any(|a| a == "backlog");
+    let analyze = std::env::args().any(|a| a == "analyze");
     let one_user_only = std::env::args().any(|a| a == "one-user");
     let n = args.first().copied().unwrap_or(50_000);
     let backlog = args.get(1).copied().unwrap_or(1_000_000);
@@ -183,7 +186,7 @@ fn main() {
         .unwrap_or_else(|e| panic!("{e}"));
     runtime.block_on(async {
         if backlog_only {
-            backlog_sizes(backlog).await;
+            backlog_sizes(backlog, analyze).await;
             return;
         }
         if one_user_only {
@@ -200,7 +203,7 @@ fn main() {
         ingest_and_fan_out("PostgreSQL, 1 replica", Backend::postgres(), 1, n).await;
         ingest_and_fan_out("PostgreSQL, 2 replicas", Backend::postgres(), 2, n).await;
         group_commit(n.min(20_000)).await;
-        backlog_sizes(backlog).await;
+        backlog_sizes(backlog, analyze).await;
     });
 }
 
@@ -282,8 +285,10 @@ async fn sample(client: &tokio_postgres::Client, schema: &str, header: &mut bool
 }
 
 /// Two rounds of a backlog of `total / 2` pushes taken in with the targets
-/// paused, then drained, with the tables' sizes along the way.
-async fn backlog_sizes(total: usize) {
+/// paused, then drained, with the tables' sizes along the way; where
+/// autovacuum is off, vacuumed after each drain (and analyzed, with
+/// `analyze`).
+async fn backlog_sizes(total: usize, analyze: bool) {
     const CHUNK: usize = 100_000;
     let backend = Backend::postgres();
     let Backend::Postgres(database) = &backend else {
@@ -358,23 +363,26 @@ async fn backlog_sizes(total: usize) {
         let took = waited.elapsed().as_secs_f64();
         let when = if autovacuumed {
             format!("round {r}: autovacuumed within {took:.0} s")
-        } else {
-            vacuum(&client, database.name()).await;
+        } else if analyze {
+            vacuum(&client, database.name(), "VACUUM ANALYZE").await;
             format!("round {r}: vacuumed and analyzed (no autovacuum)")
+        } else {
+            vacuum(&client, database.name(), "VACUUM").await;
+            format!("round {r}: vacuumed (no autovacuum)")
         };
         sample(&client, database.name(), &mut header, &when).await;
     }
     drop(relays);
 }
 
-/// What autovacuum would do: a plain VACUUM (no lock against the relay) of
-/// the queue tables, and the ANALYZE that comes with it. Without fresh
-/// statistics, after a drain emptied the tables, the planner takes them for
-/// small and the claim's plan for a full table is far slower.
-async fn vacuum(client: &tokio_postgres::Client, schema: &str) {
+/// What autovacuum would do: `command`, a plain VACUUM (no lock against the
+/// relay) of the queue tables, with or without an ANALYZE. The statistics
+/// of a table a drain emptied make the planner take it for small once it is
+/// full again: the relay analyzes the tables after a large intake itself.
+async fn vacuum(client: &tokio_postgres::Client, schema: &str, command: &str) {
     for table in ["events", "deliveries", "dedup", "replay"] {
         client
-            .batch_execute(&format!("VACUUM ANALYZE \"{schema}\".{table}"))
+            .batch_execute(&format!("{command} \"{schema}\".{table}"))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }

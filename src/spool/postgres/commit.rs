@@ -43,6 +43,7 @@ pub(super) struct Writer {
     pub pool: Pool,
     pub notifier: Notifier,
     pub prune: super::prune::Pruner,
+    pub analyze: super::analyze::Analyzer,
 }
 
 /// Commits the waiting requests, a batch at a time, until every sender is
@@ -90,10 +91,11 @@ impl Writer {
                 return;
             }
         };
-        let mut due = BTreeSet::new();
+        let (mut due, mut stored) = (BTreeSet::new(), 0);
         for (request, outcome) in batch.into_iter().zip(outcomes) {
             if let Outcome::Stored(..) = outcome {
                 due.extend(request.event.targets.iter().map(|t| t.target.clone()));
+                stored += request.event.targets.len().max(1) as u64;
             }
             self.prune.saw(request.now);
             let answer = match outcome {
@@ -108,6 +110,7 @@ impl Writer {
             let _ = request.reply.send(Ok(answer));
         }
         self.notifier.due(due);
+        self.analyze.stored(stored);
     }
 }
 

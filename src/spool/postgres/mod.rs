@@ -36,6 +36,7 @@
 //! and a new one opened on the next request, so the spool recovers by itself
 //! when the database is back.
 
+mod analyze;
 mod commit;
 mod connect;
 mod dead;
@@ -47,6 +48,7 @@ mod settle;
 pub mod testing;
 mod wake;
 
+pub use analyze::ANALYZE_AFTER_ROWS;
 pub use connect::postgres_display;
 pub use migrate::{latest as latest_schema_version, Migrated};
 pub use settle::{REPLICA_FORGOTTEN_MS, TARGETS_HOLD_MS};
@@ -231,6 +233,7 @@ impl PostgresSpool {
             pool: push_pool,
             notifier: notifier.clone(),
             prune: prune::Pruner::new(pool.clone()),
+            analyze: analyze::Analyzer::new(pool.clone()),
         };
         let writer = tokio::spawn(commit::run(writer, rx, max_batch.max(1)));
         let notify = tokio::spawn(notifier.clone().run());
