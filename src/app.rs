@@ -179,9 +179,9 @@ impl Relay {
             clock.clone(),
             metrics.clone(),
         );
-        if let Some(every) = options.idle_poll {
-            dispatcher.poll_idle_every(every);
-        }
+        options
+            .idle_poll
+            .inspect(|every| dispatcher.poll_idle_every(*every));
         let reloader = Arc::new(Reloader::new(
             config.clone(),
             dispatcher.clone(),
@@ -189,10 +189,7 @@ impl Relay {
             options.config_path,
         ));
         public_limits.counters = Some(metrics.connection_counters());
-        if let Err(e) = dispatcher.retire_removed_targets(&config.load()).await {
-            // The workers' supervisor tries again at once, then every 30 s.
-            tracing::warn!(error = %e, "cannot retire the deliveries of removed targets yet");
-        }
+        retire_removed_targets(&dispatcher, &config.load()).await;
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 
@@ -258,6 +255,15 @@ impl Relay {
             spool.close().await;
         }
         tracing::info!("wxrelay stopped");
+    }
+}
+
+/// Dead-letters the pending deliveries of targets no longer configured. A
+/// spool that cannot yet (a database still away) leaves it to the workers'
+/// supervisor, which tries again at once, then every 30 s.
+async fn retire_removed_targets(dispatcher: &Dispatcher, settings: &Settings) {
+    if let Err(e) = dispatcher.retire_removed_targets(settings).await {
+        tracing::warn!(error = %e, "cannot retire the deliveries of removed targets yet");
     }
 }
 
