@@ -1,11 +1,13 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, and `/admin/*`
-//! behind the admin token when one is configured.
+//! (`POST /admin/reload`, `GET /admin/ticket/{account}`) behind the admin
+//! token when one is configured.
 
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
-use crate::spool::Health;
+use crate::spool::{Health, Tickets};
+use crate::wechat::family::Family;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -22,6 +24,8 @@ use subtle::ConstantTimeEq;
 pub struct Admin {
     pub config: Arc<ArcSwap<Settings>>,
     pub spool: Arc<dyn Health>,
+    /// The Open Platforms' tickets, for their gauge and `/admin/ticket`.
+    pub tickets: Arc<dyn Tickets>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub reloader: Arc<Reloader>,
@@ -45,13 +49,7 @@ pub async fn serve(
     let path = req.uri().path().to_string();
     Ok(match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
-            let config = admin.config.load();
-            let targets: Vec<String> = config.targets.keys().cloned().collect();
-            let text = admin
-                .metrics
-                .render(&*admin.spool, &targets, admin.clock.now_ms())
-                .await;
-            let mut response = plain(StatusCode::OK, text);
+            let mut response = plain(StatusCode::OK, exposition(&admin).await);
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -74,6 +72,17 @@ pub async fn serve(
             tracing::warn!(path = p, "admin request without a valid token");
             plain(StatusCode::UNAUTHORIZED, "admin token required\n".into())
         }
+        (&Method::GET, p) if p.starts_with(TICKET) || p == TICKETS => {
+            match ticket(&admin, p).await {
+                Ok(json) => {
+                    let mut response = plain(StatusCode::OK, json);
+                    let json = http::HeaderValue::from_static("application/json");
+                    response.headers_mut().insert(CONTENT_TYPE, json);
+                    response
+                }
+                Err((status, reason)) => plain(status, reason),
+            }
+        }
         (&Method::POST, "/admin/reload") => match admin.reloader.reload().await {
             Ok(()) => plain(StatusCode::OK, "reloaded\n".into()),
             Err(e) => plain(
@@ -87,6 +96,73 @@ pub async fn serve(
         ),
         _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
     })
+}
+
+/// The configured Open Platform accounts.
+fn platforms(config: &Settings) -> Vec<String> {
+    config
+        .accounts
+        .values()
+        .filter(|a| a.kind == Family::OpenPlatform)
+        .map(|a| a.id.clone())
+        .collect()
+}
+
+/// The metrics, with the spool's gauges and the Open Platforms' tickets
+/// read now.
+async fn exposition(admin: &Admin) -> String {
+    let config = admin.config.load();
+    let targets: Vec<String> = config.targets.keys().cloned().collect();
+    let now = admin.clock.now_ms();
+    let platforms = platforms(&config);
+    if !platforms.is_empty() {
+        let tickets = &*admin.tickets;
+        admin.metrics.read_tickets(tickets, &platforms, now).await;
+    }
+    admin.metrics.render(&*admin.spool, &targets, now).await
+}
+
+/// Every Open Platform's latest ticket; one's below it, at its account.
+const TICKETS: &str = "/admin/ticket";
+const TICKET: &str = "/admin/ticket/";
+
+/// `GET /admin/ticket/{account}`: an Open Platform's latest ticket,
+/// `{"ticket", "received_at"}`, or the status and reason why there is none.
+/// `GET /admin/ticket`: every Open Platform's, by account (`null` for one
+/// that has none yet).
+async fn ticket(admin: &Admin, path: &str) -> Result<String, (StatusCode, String)> {
+    let platforms = platforms(&admin.config.load());
+    let account = path.strip_prefix(TICKET);
+    if account.is_some_and(|a| !platforms.iter().any(|p| p == a)) {
+        let reason = "no such Open Platform account (kind = \"open_platform\")\n";
+        return Err((StatusCode::NOT_FOUND, reason.into()));
+    }
+    let kept = admin.tickets.tickets().await.map_err(|e| {
+        let e = crate::error_chain(&e);
+        tracing::warn!(error = %e, "cannot read the tickets");
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("spool unavailable: {e}\n"),
+        )
+    })?;
+    let json = |account: &str| {
+        kept.iter().find(|t| t.account == account).map(|t| {
+            let received_at = humantime::format_rfc3339_millis(t.received_at.to_system_time());
+            serde_json::json!({"ticket": t.ticket, "received_at": received_at.to_string()})
+        })
+    };
+    match account {
+        Some(account) => json(account)
+            .map(|ticket| ticket.to_string())
+            .ok_or((StatusCode::NOT_FOUND, "no ticket received yet\n".to_owned())),
+        None => {
+            let all: serde_json::Map<String, serde_json::Value> = platforms
+                .iter()
+                .map(|p| (p.clone(), json(p).into()))
+                .collect();
+            Ok(serde_json::Value::Object(all).to_string())
+        }
+    }
 }
 
 /// `Authorization: Bearer <admin_token>`, compared in constant time; open when

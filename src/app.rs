@@ -142,6 +142,7 @@ fn push_path(
         body_budget: Arc::new(Semaphore::new(in_flight)),
         ingest: Ingest {
             spool: spool.intake(),
+            tickets: spool.tickets(),
             clock: clock.clone(),
             dispatcher: dispatcher.clone(),
         },
@@ -211,6 +212,7 @@ impl Relay {
         let admin_routes = Arc::new(Admin {
             config,
             spool: spool.health(),
+            tickets: spool.tickets(),
             clock,
             metrics,
             reloader: reloader.clone(),

@@ -1,11 +1,14 @@
 //! The WeChat-facing request path.
 //!
-//! GET `/wx/{account}` is the URL check: verify `signature`, echo `echostr`.
+//! GET `/wx/{account}` is the URL check: verify `signature`, echo `echostr`
+//! (WeCom: verify `msg_signature`, answer the decrypted `echostr`).
 //! POST `/wx/{account}` is a push: the query's checks
-//! ([`crate::wechat::inbound`]) → reserve and read the body under the size
-//! caps → the body's checks → [`crate::ingest`] (route, one durable spool
-//! commit) → the reply target's inline attempt through the dispatcher → answer
-//! `success` or the reply, as [`crate::wechat::reply::answer`] judges it.
+//! ([`crate::wechat::inbound`], as the account's family does them) → reserve
+//! and read the body under the size caps → the body's checks →
+//! [`crate::ingest`] (route, one durable spool commit) → the reply target's
+//! inline attempt through the dispatcher → answer `success` or the reply, as
+//! [`crate::wechat::reply::answer`] judges it. An Open Platform also has its
+//! message URL, `/wx/{account}/{authoriser's AppID}`.
 //!
 //! [`handle`] is the outer shell: it runs the inner `?` chain and turns its one
 //! error type, [`Rejection`], into a status, a reason, a verdict label and a log
@@ -19,7 +22,8 @@ use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
 use crate::metrics::Metrics;
 use crate::spool::DeadReason;
 use crate::wechat::crypto::KeySlot;
-use crate::wechat::inbound::{self, Credentials, Refused, VerifiedPush};
+use crate::wechat::family::Family;
+use crate::wechat::inbound::{Callback, Credentials, Refused, VerifiedPush};
 use crate::wechat::push::digits;
 use crate::wechat::reply;
 use arc_swap::ArcSwap;
@@ -71,15 +75,19 @@ impl Rejection {
                 | Refused::BadEncryptType
                 | Refused::MissingEncrypt
                 | Refused::BadXml(_)
+                | Refused::BadJson(_)
                 | Refused::Decrypt(_)
-                | Refused::OpenidMismatch => StatusCode::BAD_REQUEST,
+                | Refused::OpenidMismatch
+                | Refused::BadAuthorizer
+                | Refused::NotAuthorizationEvent => StatusCode::BAD_REQUEST,
                 Refused::MissingSignature(_) | Refused::BadSignature | Refused::BadMsgSignature => {
                     StatusCode::UNAUTHORIZED
                 }
                 Refused::Stale
                 | Refused::PlaintextRefused
                 | Refused::EncryptedRefused
-                | Refused::BadAppId => StatusCode::FORBIDDEN,
+                | Refused::BadAppId { .. }
+                | Refused::BadReceiveId { .. } => StatusCode::FORBIDDEN,
             },
             Rejection::Ingest(IngestError::Replayed) => StatusCode::FORBIDDEN,
             Rejection::Ingest(IngestError::Spool(_) | IngestError::Timeout) | Rejection::Busy => {
@@ -105,16 +113,20 @@ impl Rejection {
             Rejection::TooLarge => PushVerdict::TooLarge,
             Rejection::BodyRead | Rejection::BodyTimeout => PushVerdict::BadRequest,
             Rejection::Refused(refused) => match refused {
-                Refused::MissingEchostr | Refused::RepeatedParam(_) | Refused::BadEncryptType => {
-                    PushVerdict::BadRequest
-                }
+                Refused::MissingEchostr
+                | Refused::RepeatedParam(_)
+                | Refused::BadEncryptType
+                | Refused::BadAuthorizer
+                | Refused::NotAuthorizationEvent => PushVerdict::BadRequest,
                 Refused::MissingSignature(_) | Refused::BadSignature => PushVerdict::BadSignature,
                 Refused::Stale => PushVerdict::Stale,
                 Refused::PlaintextRefused | Refused::EncryptedRefused => PushVerdict::ModeRefused,
                 Refused::MissingEncrypt | Refused::Decrypt(_) => PushVerdict::DecryptError,
                 Refused::BadMsgSignature => PushVerdict::BadMsgSignature,
                 Refused::BadXml(_) => PushVerdict::BadXml,
-                Refused::BadAppId => PushVerdict::BadAppId,
+                Refused::BadJson(_) => PushVerdict::BadJson,
+                Refused::BadAppId { .. } => PushVerdict::BadAppId,
+                Refused::BadReceiveId { .. } => PushVerdict::BadReceiveId,
                 Refused::OpenidMismatch => PushVerdict::OpenidMismatch,
             },
             Rejection::Ingest(IngestError::Replayed) => PushVerdict::Replayed,
@@ -122,6 +134,16 @@ impl Rejection {
                 PushVerdict::SpoolUnavailable
             }
             Rejection::Busy => PushVerdict::Busy,
+        }
+    }
+
+    /// The receive id a frame held instead of the account's, for the log.
+    fn receive_id_found(&self) -> Option<String> {
+        match self {
+            Rejection::Refused(Refused::BadAppId { found } | Refused::BadReceiveId { found }) => {
+                Some(found.to_string())
+            }
+            _ => None,
         }
     }
 }
@@ -141,7 +163,9 @@ pub enum PushVerdict {
     DecryptError,
     BadMsgSignature,
     BadXml,
+    BadJson,
     BadAppId,
+    BadReceiveId,
     OpenidMismatch,
     Replayed,
     SpoolUnavailable,
@@ -164,7 +188,9 @@ impl PushVerdict {
             PushVerdict::DecryptError => "decrypt_error",
             PushVerdict::BadMsgSignature => "bad_msg_signature",
             PushVerdict::BadXml => "bad_xml",
+            PushVerdict::BadJson => "bad_json",
             PushVerdict::BadAppId => "bad_appid",
+            PushVerdict::BadReceiveId => "bad_receive_id",
             PushVerdict::OpenidMismatch => "openid_mismatch",
             PushVerdict::Replayed => "replayed",
             PushVerdict::SpoolUnavailable => "spool_unavailable",
@@ -221,7 +247,8 @@ pub async fn handle(
     let config = path.config.load_full();
     let method = req.method().clone();
     // Only configured accounts become label values; anything else is "-".
-    let account = account_of(req.uri().path())
+    let account = endpoint(req.uri().path())
+        .map(|(id, _)| id)
         .filter(|id| config.accounts.contains_key(*id))
         .unwrap_or("-")
         .to_string();
@@ -258,7 +285,8 @@ pub async fn handle(
             if status.is_server_error() {
                 tracing::error!(account, %method, verdict, latency_ms, reason = %rejection, "push not accepted");
             } else {
-                tracing::warn!(account, %method, verdict, latency_ms, reason = %rejection, "request refused");
+                let receive_id = rejection.receive_id_found();
+                tracing::warn!(account, %method, verdict, latency_ms, reason = %rejection, receive_id, "request refused");
             }
             text(
                 status,
@@ -305,6 +333,7 @@ fn observe_accepted(m: &Metrics, account: &str, verdict: &str, latency_ms: f64, 
         event_id = i.stored.as_ref().map(|s| s.event_id.0),
         unrouted = i.unrouted,
         reply = a.reply,
+        ticket = i.ticket.map(|latest| if latest { "kept" } else { "older" }),
         "push answered"
     );
 }
@@ -328,10 +357,16 @@ fn answer_content_type(body: &[u8]) -> &'static str {
     }
 }
 
-/// `/wx/{account}` → the account id.
-fn account_of(path: &str) -> Option<&str> {
-    path.strip_prefix("/wx/")
-        .filter(|id| !id.is_empty() && !id.contains('/'))
+/// `/wx/{account}` → the account id; `/wx/{account}/{appid}` (an Open
+/// Platform's message URL) → the account id and the authoriser's AppID.
+fn endpoint(path: &str) -> Option<(&str, Option<&str>)> {
+    let rest = path.strip_prefix("/wx/")?;
+    let (account, authorizer) = match rest.split_once('/') {
+        None => (rest, None),
+        Some((account, authorizer)) => (account, Some(authorizer)),
+    };
+    let segment = |s: &str| !s.is_empty() && !s.contains('/');
+    (segment(account) && authorizer.is_none_or(segment)).then_some((account, authorizer))
 }
 
 async fn answer(
@@ -340,21 +375,28 @@ async fn answer(
     req: Request<Incoming>,
     started: Instant,
 ) -> Result<Answer, Rejection> {
-    let account_id = account_of(req.uri().path()).ok_or(Rejection::NotFound)?;
+    // The callback reads the path after the body is taken from the request.
+    let uri = req.uri().clone();
+    let (account_id, authorizer) = endpoint(uri.path()).ok_or(Rejection::NotFound)?;
     let account = config
         .accounts
         .get(account_id)
         .ok_or(Rejection::UnknownAccount)?;
-    let query = req.uri().query().unwrap_or("");
+    // Only an Open Platform has a URL below its own: its message URL.
+    if authorizer.is_some() && account.kind != Family::OpenPlatform {
+        return Err(Rejection::NotFound);
+    }
+    let callback = Callback::new(account.kind, account.codec, authorizer)?;
+    let query = uri.query().unwrap_or("");
     let creds = credentials(account);
     let now_secs = path.clock.now_secs();
     match *req.method() {
-        Method::GET => Ok(Answer::Echo(inbound::check_url(&creds, query, now_secs)?)),
+        Method::GET => Ok(Answer::Echo(callback.check_url(&creds, query, now_secs)?)),
         Method::POST => {
-            // `signature` covers only the query, so everything the query
-            // decides is checked before a byte of the body is read: an
-            // unsigned flood costs no memory and holds no connection.
-            let signed = inbound::check_push_query(&creds, query, now_secs)?;
+            // A signature covers the query, so everything the query decides
+            // is checked before a byte of the body is read: an unsigned
+            // flood costs no memory and holds no connection.
+            let signed = callback.check_push_query(&creds, query, now_secs)?;
             let reserved = reserve_body(path, &req, config.server.max_body)?;
             // The body must arrive within the reply budget too: WeChat sends it
             // at once, and a client trickling it holds a connection for nothing.
@@ -362,7 +404,7 @@ async fn answer(
             let body = tokio::time::timeout(config.server.reply_budget, read)
                 .await
                 .map_err(|_| Rejection::BodyTimeout)??;
-            let verified = inbound::verify_push(&creds, signed, &body)?;
+            let verified = callback.verify_push(&creds, signed, &body)?;
             let accepted = accept_push(path, config, account, verified, body, started).await;
             drop(reserved);
             accepted.map(|a| Answer::Accepted(Box::new(a)))
@@ -540,8 +582,11 @@ fn answer_with(
         target: &target.name,
         token: server.token.expose(),
         keys: server.keys.as_ref(),
-        app_id: server.app_id.as_deref().unwrap_or(&account.app_id),
-        secure: server.mode == Mode::Secure,
+        app_id: server
+            .receive_id(verified.origin.family)
+            .unwrap_or(&account.app_id),
+        // WeCom takes a sealed reply only.
+        secure: server.mode == Mode::Secure || verified.origin.family == Family::Wecom,
         now_secs: path.clock.now_secs(),
         seen: &path.reply_stamps,
     });

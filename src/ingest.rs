@@ -9,9 +9,10 @@ use crate::config::{Account, Mode, Ordering, Settings, Target};
 use crate::deliver::Dispatcher;
 use crate::route;
 use crate::spool::{
-    DeliveryId, Enqueued, Event, EventId, Intake, NewDelivery, NewEvent, ReplayGuard, SpoolError,
-    UnixMs,
+    ComponentTicket, DeliveryId, Enqueued, Event, EventId, Intake, NewDelivery, NewEvent,
+    ReplayGuard, SpoolError, SpoolFuture, Tickets, UnixMs,
 };
+use crate::wechat::family::{Family, TICKET_INFO_TYPE};
 use crate::wechat::inbound::VerifiedPush;
 use crate::wechat::message::{LoginEvent, Message};
 use bytes::Bytes;
@@ -20,9 +21,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// What ingesting needs: where events go, what time it is, and who delivers.
+/// What ingesting needs: where events (and an Open Platform's tickets) go,
+/// what time it is, and who delivers.
 pub struct Ingest {
     pub spool: Arc<dyn Intake>,
+    pub tickets: Arc<dyn Tickets>,
     pub clock: Arc<dyn Clock>,
     pub dispatcher: Arc<Dispatcher>,
 }
@@ -54,6 +57,9 @@ pub struct Ingested {
     pub kind: String,
     /// The dedup key, hashed: it carries the sender's OpenID.
     pub key_hash: String,
+    /// An Open Platform's ticket push: whether its ticket is now the
+    /// latest kept (`false`: one as new or newer was kept already).
+    pub ticket: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -71,8 +77,16 @@ pub struct ReplyTo {
     pub event: Event,
 }
 
+/// What a push is stored as: its event and deliveries, the reply target
+/// and where its delivery is among them, and how long its key lives.
+struct Planned {
+    new_event: NewEvent,
+    reply: Option<(Target, usize)>,
+    window: Duration,
+}
+
 impl Ingest {
-    /// Routes and stores `push`; the commit must end by `deadline`.
+    /// Routes and stores `push`; the commits must end by `deadline`.
     pub async fn ingest(
         &self,
         config: &Settings,
@@ -81,39 +95,24 @@ impl Ingest {
         body: Bytes,
         deadline: Instant,
     ) -> Result<Ingested, IngestError> {
-        let message = &push.message;
         let now = UnixMs(self.clock.now_ms());
-        let input = route::route_input(&account.id, message);
-        let rule = route::route(&config.routes, &input).map(|(_, rule)| rule);
-        let reply_from = rule.and_then(|r| r.reply_from.as_deref());
-        let reply_due_at = self
-            .dispatcher
-            .reply_due_at(now, config.server.reply_budget);
-        let user = (account.id.as_str(), message.from_user().unwrap_or(""));
-        let targets = rule.map_or_else(Vec::new, |rule| {
-            deliveries(config, &rule.to, reply_from, now, reply_due_at, user)
-        });
-
-        let dedup_key = format!("{}|{}", account.id, message.dedup_key());
-        let dedup_window = config.spool.dedup_window;
-        // Until the query goes stale, a replay of it must still find its guard
-        // and its dedup key, even when the timestamp is ahead of the clock.
-        let stale_at = stale_at(account, &push.timestamp).unwrap_or(now + dedup_window);
-        let new_event = NewEvent {
-            replay: replay_guard(account, push, stale_at),
-            event: stored_event(account, push, body, dedup_key.clone(), now, input.msg_type),
-            targets,
+        // An Open Platform's ticket is kept before its event is stored: a
+        // push WeChat sends again after a failed commit keeps it again.
+        let ticket = match ticket_of(account, push, now) {
+            Some(ticket) => Some(within(deadline, self.tickets.keep(ticket)).await?),
+            None => None,
         };
-        let window = dedup_window.max(Duration::from_millis((stale_at - now).max(0) as u64));
-        // The reply target is sent the event as the spool hands it back.
-        let reply = reply_from.and_then(|name| reply_plan(config, name, &new_event));
+        let Planned {
+            new_event,
+            reply,
+            window,
+        } = plan(config, account, push, body, now, &self.dispatcher);
+        let dedup_key = new_event.event.dedup_key.clone();
+        let msg_type = new_event.event.msg_type.clone();
         let routed: Vec<String> = new_event.targets.iter().map(|t| t.target.clone()).collect();
-        let commit = self.spool.enqueue(new_event, now, window);
-        let enqueued = tokio::time::timeout_at(deadline, commit)
-            .await
-            .map_err(|_| IngestError::Timeout)?
-            .map_err(IngestError::Spool)?;
-        let mut ingested = Ingested::taken(message, input.msg_type, &dedup_key, routed.is_empty());
+        let enqueued = within(deadline, self.spool.enqueue(new_event, now, window)).await?;
+        let mut ingested = Ingested::taken(&push.message, &msg_type, &dedup_key, routed.is_empty());
+        ingested.ticket = ticket;
         let (event_id, deliveries, stored) = match enqueued {
             Enqueued::Replayed => return Err(IngestError::Replayed),
             Enqueued::Duplicate => return Ok(ingested),
@@ -139,6 +138,80 @@ impl Ingest {
     }
 }
 
+/// A spool operation that must end by `deadline`.
+async fn within<T>(deadline: Instant, operation: SpoolFuture<T>) -> Result<T, IngestError> {
+    tokio::time::timeout_at(deadline, operation)
+        .await
+        .map_err(|_| IngestError::Timeout)?
+        .map_err(IngestError::Spool)
+}
+
+/// Routes `push` and builds what is stored of it.
+fn plan(
+    config: &Settings,
+    account: &Account,
+    push: &VerifiedPush,
+    body: Bytes,
+    now: UnixMs,
+    dispatcher: &Dispatcher,
+) -> Planned {
+    let message = &push.message;
+    let subject = route::subject(&account.id, message, &push.origin);
+    let rule = route::route(&config.routes, subject).map(|(_, rule)| rule);
+    // A family that answers `success` only has no reply to wait for.
+    let reply_from = rule
+        .and_then(|r| r.reply_from.as_deref())
+        .filter(|_| push.origin.takes_reply());
+    let reply_due_at = dispatcher.reply_due_at(now, config.server.reply_budget);
+    let user = (account.id.as_str(), message.from_user().unwrap_or(""));
+    let targets = rule.map_or_else(Vec::new, |rule| {
+        deliveries(config, &rule.to, reply_from, now, reply_due_at, user)
+    });
+    let dedup_window = config.spool.dedup_window;
+    // Until the query goes stale, a replay of it must still find its guard
+    // and its dedup key, even when the timestamp is ahead of the clock.
+    let stale_at = stale_at(account, &push.timestamp).unwrap_or(now + dedup_window);
+    let msg_type = subject.input.msg_type;
+    let new_event = NewEvent {
+        replay: replay_guard(account, push, stale_at),
+        event: stored_event(account, push, body, dedup_key(account, push), now, msg_type),
+        targets,
+    };
+    // The reply target is sent the event as the spool hands it back.
+    let reply = reply_from.and_then(|name| reply_plan(config, name, &new_event));
+    Planned {
+        new_event,
+        reply,
+        window: dedup_window.max(Duration::from_millis((stale_at - now).max(0) as u64)),
+    }
+}
+
+/// An Open Platform's `component_verify_ticket`, as the spool keeps it; a
+/// push without a ticket or its `CreateTime` is routed but has none to keep.
+fn ticket_of(account: &Account, push: &VerifiedPush, now: UnixMs) -> Option<ComponentTicket> {
+    let origin = &push.origin;
+    let is_ticket = origin.family == Family::OpenPlatform
+        && origin.info_type.as_deref() == Some(TICKET_INFO_TYPE);
+    if !is_ticket {
+        return None;
+    }
+    let ticket = push
+        .message
+        .get("ComponentVerifyTicket")
+        .filter(|t| !t.is_empty());
+    let create_time = push.message.get("CreateTime").and_then(|t| t.parse().ok());
+    let (Some(ticket), Some(create_time)) = (ticket, create_time) else {
+        tracing::warn!(account = %account.id, "a component_verify_ticket push without its ticket or CreateTime: nothing to keep");
+        return None;
+    };
+    Some(ComponentTicket {
+        account: account.id.clone(),
+        ticket: ticket.to_owned(),
+        create_time,
+        received_at: now,
+    })
+}
+
 impl Ingested {
     /// What the request path counts and logs of a push taken in, before
     /// the spool says whether it was stored.
@@ -149,8 +222,9 @@ impl Ingested {
             msg_type: msg_type.to_string(),
             event_name: message.event().unwrap_or("").to_string(),
             login: message.login(),
-            kind: kind(message.event(), msg_type),
+            kind: kind(message, msg_type),
             key_hash: short_hash(dedup_key),
+            ticket: None,
         }
     }
 }
@@ -179,9 +253,10 @@ fn stored_event(
         query: push.query.clone(),
         body,
         xml: push.xml.clone(),
-        fields: push.message.fields_json().to_string(),
+        fields: push.fields.to_string(),
         msg_type: msg_type.to_string(),
         event_type: push.message.event().map(str::to_string),
+        origin: push.origin.clone(),
     }
 }
 
@@ -213,11 +288,23 @@ fn deliveries(
         .collect()
 }
 
-/// `event/{Event}` for an event, the MsgType otherwise.
-fn kind(event: Option<&str>, msg_type: &str) -> String {
-    match event {
-        Some(event) => format!("event/{event}"),
-        None => msg_type.to_string(),
+/// The account, what the family adds to tell its senders apart (an Open
+/// Platform's authoriser, a WeCom corporation and app), and the message's key.
+fn dedup_key(account: &Account, push: &VerifiedPush) -> String {
+    let message = push.message.dedup_key();
+    match push.origin.dedup_scope(&push.message) {
+        None => format!("{}|{message}", account.id),
+        Some(scope) => format!("{}|{scope}|{message}", account.id),
+    }
+}
+
+/// `event/{Event}` for an event, `info/{InfoType}` for an Open Platform's
+/// authorisation event, the MsgType otherwise.
+fn kind(message: &Message, msg_type: &str) -> String {
+    match (message.event(), message.get("InfoType")) {
+        (Some(event), _) => format!("event/{event}"),
+        (None, Some(info_type)) if msg_type.is_empty() => format!("info/{info_type}"),
+        (None, _) => msg_type.to_string(),
     }
 }
 

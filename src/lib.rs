@@ -1,12 +1,15 @@
-//! wxrelay: a relay for WeChat Official Account server pushes.
+//! wxrelay: a relay for WeChat server pushes: Official Accounts, Mini
+//! Programs, Open Platform third-party platforms and WeCom apps.
 //!
 //! ```text
 //! WeChat ──GET  /wx/{account}──▶ verify signature ──▶ echo echostr
-//! WeChat ──POST /wx/{account}──▶ size cap ▶ signature ▶ freshness ▶ msg_signature
-//!        ▶ decrypt (current key, then previous) ▶ AppID ▶ parse XML (no DTD)
+//!                                (WeCom: msg_signature ▶ decrypt ▶ receive id ▶ answer it)
+//! WeChat ──POST /wx/{account}[/{authoriser}]──▶ size cap ▶ signature ▶ freshness
+//!        ▶ msg_signature ▶ decrypt (current key, then previous) ▶ receive id
+//!        ▶ parse XML (no DTD) or JSON (no repeats) ▶ [Open Platform: keep the ticket]
 //!        ▶ route ▶ spool: one durable commit of the event, its deliveries and
 //!          its dedup key (group commit) ▶ answer `success`
-//! spool ─▶ delivery workers ─▶ targets (raw, plain, json, authing-demo-json)
+//! spool ─▶ delivery workers ─▶ targets (raw, plain, json, authing-demo-json, wechat)
 //! ```
 //!
 //! The durability contract: WeChat is answered 200 only after the event and a
@@ -15,7 +18,8 @@
 //!
 //! # Layout
 //!
-//! - [`wechat`]: the pure protocol: signatures, the AES frame, push and reply XML.
+//! - [`wechat`]: the pure protocol: signatures, the AES frame, push and reply
+//!   XML, a Mini Program's JSON, and each callback family's differences.
 //! - [`config`]: the TOML file → validated [`config::Settings`].
 //! - [`route`]: pure rule matching: push → targets.
 //! - [`spool`]: the durable queue, its roles (traits by audience), and its SQLite (one replica) and

@@ -13,12 +13,12 @@ use wxrelay::app::{Options, Relay};
 use wxrelay::cli::dlq::{self, DlqCommand};
 use wxrelay::cli::pending::{self, PendingCommand};
 use wxrelay::cli::route::{self, RouteArgs};
-use wxrelay::cli::simulate::{self, SimulateArgs};
+use wxrelay::cli::simulate::{self, FamilyOptions, SimulateArgs};
 use wxrelay::cli::target::{self, TargetCommand};
-use wxrelay::cli::{self, keygen, migrate, CliError, Report};
+use wxrelay::cli::{self, keygen, migrate, ticket, CliError, Report};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{render_check, Settings};
-use wxrelay::spool::Operator;
+use wxrelay::spool::OpenSpool;
 
 const EXIT_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
@@ -65,6 +65,8 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         args: SimulateArgs,
+        #[command(flatten)]
+        family: FamilyOptions,
     },
     /// Say which route a push would take, without sending it.
     Route {
@@ -73,6 +75,8 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         args: RouteArgs,
+        #[command(flatten)]
+        family: FamilyOptions,
     },
     /// List, show, replay or purge dead letters (safe while the relay runs).
     Dlq {
@@ -96,6 +100,14 @@ enum Command {
     Migrate {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Print an Open Platform's latest component_verify_ticket and its age.
+    Ticket {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The Open Platform account; optional when there is only one.
+        #[arg(long)]
+        account: Option<String>,
     },
     /// Check a `format = "wechat"` target: WeChat's URL check signed with its Token.
     Target {
@@ -161,14 +173,16 @@ fn main() -> ExitCode {
             };
             runtime.block_on(serve(settings, config))
         }
-        Command::Simulate { config, args } => finish(cli::load(&config).and_then(|settings| {
-            block_on(async move { simulate::run(&settings, &args, &SystemClock).await })?
-        })),
-        Command::Route { config, args } => finish(
-            cli::load(&config)
-                .and_then(|settings| route::run(&settings, &args, &SystemClock))
-                .map(done),
-        ),
+        Command::Simulate {
+            config,
+            args,
+            family,
+        } => finish(run_simulate(config, args, family)),
+        Command::Route {
+            config,
+            args,
+            family,
+        } => finish(run_route(config, args, family).map(done)),
         Command::Dlq { config, command } => finish(run_dlq(config, command).map(done)),
         Command::Pending { config, command } => finish(run_pending(config, command).map(done)),
         Command::Migrate { config } => finish(
@@ -176,17 +190,45 @@ fn main() -> ExitCode {
                 .and_then(|settings| block_on(async move { migrate::run(&settings).await })?)
                 .map(done),
         ),
+        Command::Ticket { config, account } => finish(run_ticket(config, account).map(done)),
         Command::Target { config, command } => finish(run_target(config, command)),
         Command::Keygen => finish(Ok(done(keygen::run()))),
         Command::Sink { listen } => finish(block_on(run_sink(listen)).and_then(|r| r)),
     }
 }
 
+fn run_simulate(
+    config: PathBuf,
+    args: SimulateArgs,
+    family: FamilyOptions,
+) -> Result<Report, CliError> {
+    let settings = cli::load(&config)?;
+    block_on(async move { simulate::run_with(&settings, &args, &family, &SystemClock).await })?
+}
+
+fn run_route(config: PathBuf, args: RouteArgs, family: FamilyOptions) -> Result<String, CliError> {
+    route::run_with(&cli::load(&config)?, &args, &family, &SystemClock)
+}
+
 fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliError> {
     let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
     let settings = cli::load(&config)?;
     on_spool(&settings, async |spool| {
-        dlq::run(spool, &command, SystemClock.now_ms()).await
+        dlq::run(&*spool.operator(), &command, SystemClock.now_ms()).await
+    })
+}
+
+fn run_ticket(config: PathBuf, account: Option<String>) -> Result<String, CliError> {
+    let settings = cli::load(&config)?;
+    on_spool(&settings, async |spool| {
+        let tickets = spool.tickets();
+        ticket::run(
+            &settings,
+            &*tickets,
+            account.as_deref(),
+            SystemClock.now_ms(),
+        )
+        .await
     })
 }
 
@@ -195,18 +237,18 @@ fn run_pending(config: Option<PathBuf>, command: PendingCommand) -> Result<Strin
     let settings = cli::load(&config)?;
     pending::check_target(&settings, &command)?;
     on_spool(&settings, async |spool| {
-        pending::run(spool, &command, SystemClock.now_ms()).await
+        pending::run(&*spool.operator(), &command, SystemClock.now_ms()).await
     })
 }
 
 /// Opens the configured spool, runs `command` on it, and closes it.
 fn on_spool(
     settings: &Settings,
-    command: impl AsyncFnOnce(&dyn Operator) -> Result<String, CliError>,
+    command: impl AsyncFnOnce(&OpenSpool) -> Result<String, CliError>,
 ) -> Result<String, CliError> {
     block_on(async move {
         let opened = dlq::open(settings).await?;
-        let result = command(&*opened.operator()).await;
+        let result = command(&opened).await;
         opened.close().await;
         result
     })?

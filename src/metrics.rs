@@ -5,7 +5,7 @@
 //! small fixed sets (verdicts, outcomes, reasons), never from a request that
 //! was not authenticated: an unknown account is counted as `-`.
 
-use crate::spool::Health;
+use crate::spool::{Health, Tickets};
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -75,6 +75,8 @@ pub struct Metrics {
     pub body_bytes_in_flight: IntGauge,
     /// Each target's circuit: 0 closed, 1 open (left alone), 2 probing.
     pub target_circuit: IntGaugeVec,
+    /// Each Open Platform's latest ticket's age, read at each scrape.
+    pub component_ticket_age: GaugeVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +204,11 @@ const TARGET_CIRCUIT: Spec = spec(
     "A target's circuit: 0 closed, 1 open (no attempts), 2 probing.",
     TARGET,
 );
+const COMPONENT_TICKET_AGE: Spec = spec(
+    "component_ticket_age_seconds",
+    "Age of each Open Platform's latest component_verify_ticket; +Inf while none was received.",
+    ACCOUNT,
+);
 const BUILD_INFO: Spec = spec("build_info", "The running version; always 1.", &["version"]);
 
 /// Registers collectors of [`Spec`]s in the relay's registry.
@@ -274,6 +281,7 @@ impl Metrics {
             http_errors: r.counters(HTTP_ERRORS)?,
             body_bytes_in_flight: r.gauge(BODY_BYTES_IN_FLIGHT)?,
             target_circuit: r.gauges(TARGET_CIRCUIT)?,
+            component_ticket_age: r.float_gauges(COMPONENT_TICKET_AGE)?,
             registry: r.0,
         })
     }
@@ -285,6 +293,32 @@ impl Metrics {
             refused: self.connections_refused.clone(),
             idle_closed: self.idle_connections_closed.clone(),
             http_errors: self.http_errors.clone(),
+        }
+    }
+
+    /// Sets each Open Platform account's ticket age from what the spool
+    /// keeps now (shared by every replica of a PostgreSQL spool): `+Inf`
+    /// for one that has none yet, as that platform's API calls all fail.
+    pub async fn read_tickets(&self, tickets: &dyn Tickets, platforms: &[String], now_ms: i64) {
+        let kept = match tickets.tickets().await {
+            Ok(kept) => kept,
+            Err(e) => {
+                let error = crate::error_chain(&e);
+                tracing::warn!(%error, "cannot read the tickets for metrics");
+                return;
+            }
+        };
+        self.component_ticket_age.reset();
+        for account in platforms {
+            let age = kept
+                .iter()
+                .find(|t| &t.account == account)
+                .map_or(f64::INFINITY, |t| {
+                    (now_ms - t.received_at.0).max(0) as f64 / 1000.0
+                });
+            self.component_ticket_age
+                .with_label_values(&[account])
+                .set(age);
         }
     }
 

@@ -2,12 +2,17 @@
 //!
 //! Rules are tried in order and the first whose [`Match`] holds decides, so
 //! the table reads top to bottom. A match is a conjunction of optional keys;
-//! each key lists alternatives. `msg_type` and `event` compare ignoring ASCII case, because
-//! WeChat writes `subscribe` but `SCAN`; every other key compares exactly.
-//! A push that matches no rule is the caller's to dead-letter as `unrouted`.
+//! each key lists alternatives. `msg_type`, `event` and `info_type` compare
+//! ignoring ASCII case, because WeChat writes `subscribe` but `SCAN`; every
+//! other key compares exactly. Besides the message's fields, a rule can ask
+//! for the family's identifiers ([`Identifiers`]): an Open Platform's
+//! authoriser (`appid`) and authorisation event (`info_type`), a WeCom app's
+//! `agent_id`. A push that matches no rule is the caller's to dead-letter as
+//! `unrouted`.
 //!
 //! Everything here is pure: no I/O, no clock, no config parsing.
 
+use crate::wechat::family::Origin;
 use crate::wechat::message::Message;
 
 /// The conditions of one rule. `None` means "any"; a list means "one of".
@@ -20,6 +25,12 @@ pub struct Match {
     pub event_key_prefix: Option<Vec<String>>,
     pub has_ticket: Option<bool>,
     pub from_user: Option<Vec<String>>,
+    /// An Open Platform's authoriser, from its message URL.
+    pub appid: Option<Vec<String>>,
+    /// A WeCom app's `AgentID`.
+    pub agent_id: Option<Vec<String>>,
+    /// An Open Platform's authorisation event (`component_verify_ticket`, …).
+    pub info_type: Option<Vec<String>>,
 }
 
 /// One `[[routes]]` entry, validated: every name in `to` and `reply_from`
@@ -45,6 +56,42 @@ pub struct RouteInput<'a> {
     pub from_user: &'a str,
 }
 
+/// A push's family identifiers, as a rule may ask for them: what its
+/// [`Origin`] verified. An Official Account's push has none.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Identifiers<'a> {
+    pub appid: Option<&'a str>,
+    pub agent_id: Option<&'a str>,
+    pub info_type: Option<&'a str>,
+}
+
+impl<'a> Identifiers<'a> {
+    pub fn of(origin: &'a Origin) -> Self {
+        Identifiers {
+            appid: origin.appid.as_deref(),
+            agent_id: origin.agent_id.as_deref(),
+            info_type: origin.info_type.as_deref(),
+        }
+    }
+}
+
+/// Everything a rule can ask of a push: its message's keys and its family's
+/// identifiers. A bare [`RouteInput`] is a push with no identifiers.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub input: RouteInput<'a>,
+    pub ids: Identifiers<'a>,
+}
+
+impl<'a> From<&RouteInput<'a>> for Subject<'a> {
+    fn from(input: &RouteInput<'a>) -> Self {
+        Subject {
+            input: *input,
+            ids: Identifiers::default(),
+        }
+    }
+}
+
 /// What routing sees of a decrypted push to `account`; the relay and
 /// `wxrelay route` both build it here, so the dry run cannot drift from the
 /// real path. An empty `Ticket` counts as none.
@@ -59,20 +106,36 @@ pub fn route_input<'a>(account: &'a str, message: &'a Message) -> RouteInput<'a>
     }
 }
 
+/// [`route_input`] with the identifiers `origin` verified.
+pub fn subject<'a>(account: &'a str, message: &'a Message, origin: &'a Origin) -> Subject<'a> {
+    Subject {
+        input: route_input(account, message),
+        ids: Identifiers::of(origin),
+    }
+}
+
 /// The first rule that matches, with its index for logs and metrics.
-pub fn route<'r>(rules: &'r [Rule], input: &RouteInput<'_>) -> Option<(usize, &'r Rule)> {
+pub fn route<'r, 'a>(rules: &'r [Rule], push: impl Into<Subject<'a>>) -> Option<(usize, &'r Rule)> {
+    let push = push.into();
     rules
         .iter()
         .enumerate()
-        .find(|(_, rule)| rule.matcher.matches(input))
+        .find(|(_, rule)| rule.matcher.matches(push))
 }
 
 impl Match {
-    /// Whether every present key holds for `input`. A key that asks about a
-    /// field the push lacks (`event` on a text message) never holds.
-    pub fn matches(&self, input: &RouteInput<'_>) -> bool {
+    /// Whether every present key holds for `push`. A key that asks about a
+    /// field the push lacks (`event` on a text message, `appid` on an
+    /// Official Account's push) never holds.
+    pub fn matches<'a>(&self, push: impl Into<Subject<'a>>) -> bool {
+        let Subject { input, ids } = push.into();
         let (event, key) = (input.event, input.event_key);
-        one_of(&self.account, |s| s == input.account)
+        one_of(&self.appid, |s| ids.appid == Some(s))
+            && one_of(&self.agent_id, |s| ids.agent_id == Some(s))
+            && one_of(&self.info_type, |s| {
+                ids.info_type.is_some_and(|t| t.eq_ignore_ascii_case(s))
+            })
+            && one_of(&self.account, |s| s == input.account)
             && one_of(&self.msg_type, |s| s.eq_ignore_ascii_case(input.msg_type))
             && one_of(&self.event, |s| {
                 event.is_some_and(|e| e.eq_ignore_ascii_case(s))
@@ -109,6 +172,9 @@ impl Match {
             && prefix_covered
             && self.has_ticket.is_none_or(|t| later.has_ticket == Some(t))
             && within(&self.from_user, &later.from_user, exact)
+            && within(&self.appid, &later.appid, exact)
+            && within(&self.agent_id, &later.agent_id, exact)
+            && within(&self.info_type, &later.info_type, caseless)
     }
 
     /// A one-line summary for `wxrelay check` and logs, e.g.
@@ -131,6 +197,16 @@ impl Match {
         if let Some(v) = &self.from_user {
             parts.push(format!("from_user={}", v.join("|")));
         }
+        let identifiers = [
+            ("appid", &self.appid),
+            ("agent_id", &self.agent_id),
+            ("info_type", &self.info_type),
+        ];
+        parts.extend(
+            identifiers.iter().filter_map(|(key, values)| {
+                values.as_ref().map(|v| format!("{key}={}", v.join("|")))
+            }),
+        );
         if parts.is_empty() {
             "*".to_owned()
         } else {

@@ -1,8 +1,9 @@
 //! `wxrelay keygen`: fresh credentials, printed as `relay.toml` lines, for a
-//! new account (the same two values go into the WeChat admin console) or a
+//! new account of any kind (the same two values go into its console) or a
 //! `format = "wechat"` target (they go into the broker's WeChat settings, so
-//! the broker never holds the account's own). Both take letters and digits
-//! only: a Token of 3 to 32, an EncodingAESKey of exactly 43.
+//! the broker never holds the account's own). Every family takes the same
+//! shape: letters and digits only, a Token of 3 to 32, an EncodingAESKey of
+//! exactly 43.
 
 use rand::distributions::Alphanumeric;
 use rand::rngs::OsRng;
@@ -33,15 +34,20 @@ pub fn generate() -> Credentials {
     }
 }
 
+/// Where each kind's console takes the Token and the EncodingAESKey.
+const CONSOLES: &str = "\
+# For an account: paste the same values under [accounts.<id>] in relay.toml and into its console:\n\
+#   official_account  mp.weixin.qq.com: 基本配置 → 服务器配置 (Token, EncodingAESKey)\n\
+#   mini_program      mp.weixin.qq.com: 开发管理 → 开发设置 → 消息推送 (Token, EncodingAESKey)\n\
+#   open_platform     open.weixin.qq.com: 第三方平台 → 开发资料 (消息校验Token, 消息加解密Key)\n\
+#   wecom             work.weixin.qq.com: 应用管理 → the app → 接收消息 → 设置API接收 (Token, EncodingAESKey)\n\
+# For a format = \"wechat\" target: into the broker's WeChat settings and under [targets.<name>].\n";
+
 /// What `wxrelay keygen` prints.
 pub fn run() -> String {
     let c = generate();
     format!(
-        "# For an account: paste the same values into the WeChat admin console \
-         (基本配置 → 服务器配置) and under [accounts.<id>] in relay.toml.\n\
-         # For a format = \"wechat\" target: into the broker's WeChat settings and \
-         under [targets.<name>].\n\
-         token = \"{}\"\nencoding_aes_key = \"{}\"\n",
+        "{CONSOLES}token = \"{}\"\nencoding_aes_key = \"{}\"\n",
         c.token, c.encoding_aes_key
     )
 }

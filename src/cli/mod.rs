@@ -16,6 +16,8 @@
 //! - [`target`]: check that a `wechat` target holds the Token the relay
 //!   signs with (WeChat's URL check).
 //! - [`sink`]: a local target that prints what it receives.
+//! - [`ticket`]: an Open Platform's latest `component_verify_ticket` and
+//!   its age.
 //!
 //! None of them prints message content or an OpenID unless asked to (the sink
 //! prints what it is sent: that is what it is for).
@@ -28,6 +30,7 @@ pub mod route;
 pub mod simulate;
 pub mod sink;
 pub mod target;
+pub mod ticket;
 
 use crate::config::{Account, ConfigError, Settings};
 use std::path::{Path, PathBuf};

@@ -1,19 +1,26 @@
 //! `wxrelay simulate`: sends a push to a running relay exactly as WeChat
-//! would — the account's mode, its token's signatures, a fresh timestamp and
-//! nonce — so an operator can see the whole path work before WeChat is
-//! pointed at it. With `--verify-url` it sends WeChat's GET URL check instead.
+//! would — the account's family and mode, its token's signatures, a fresh
+//! timestamp and nonce — so an operator can see the whole path work before
+//! WeChat is pointed at it. With `--verify-url` it sends the family's GET URL
+//! check instead (WeCom's with an encrypted `echostr`).
 //!
 //! The XML of each kind follows what WeChat sends (the shapes of the
-//! generated vectors); `wxrelay route` builds the same messages. Two events
-//! of one kind sent within the same second are one event by WeChat's dedup
-//! rules, and the relay answers the second without storing it.
+//! generated vectors); `wxrelay route` builds the same messages. A Mini
+//! Program in JSON gets the same message as JSON, `CreateTime` and `MsgId`
+//! as numbers; a WeCom app's carries its `AgentID`; an Open Platform's
+//! authorisation events (`ticket`, `authorized`, …) go to its authorisation
+//! URL and any message, for the authoriser `--appid` names, to its message
+//! URL. Two events of one kind sent within the same second are one event by
+//! WeChat's dedup rules, and the relay answers the second without storing it.
 
 use super::{CliError, Report};
 use crate::clock::Clock;
 use crate::config::{Account, Mode, Settings};
 use crate::deliver::{self, HttpClient};
+use crate::wechat::crypto::encrypt;
+use crate::wechat::family::{Codec, Family};
 use crate::wechat::message::Message;
-use crate::wechat::push::{self, digits, PushParams, Sealing};
+use crate::wechat::push::{self, digits, Push, PushParams, Sealing};
 use crate::wechat::{reply, signature};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, USER_AGENT};
@@ -115,7 +122,44 @@ pub enum PushKind {
     Publishjobfinish,
     /// A subscription message popup's answer (subscribe_msg_popup_event).
     SubscribeMsgPopup,
+    #[command(flatten)]
+    Authorization(Authorization),
 }
+
+/// An Open Platform's authorisation events, for its authorisation URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum Authorization {
+    /// An Open Platform's component_verify_ticket.
+    Ticket,
+    /// An Open Platform's authorisation by the account --appid names.
+    Authorized,
+    /// An Open Platform's authorisation withdrawn by the account --appid names.
+    Unauthorized,
+    /// An Open Platform's authorisation changed by the account --appid names.
+    Updateauthorized,
+}
+
+impl PushKind {
+    /// An Open Platform's authorisation event, for its authorisation URL.
+    pub fn is_authorization_event(&self) -> bool {
+        matches!(self, PushKind::Authorization(_))
+    }
+}
+
+/// What the other families' pushes carry beside the message's fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct FamilyOptions {
+    /// Open Platform: the authoriser's AppID. A message goes to the message
+    /// URL (/wx/ACCOUNT/APPID); `authorized` and the like name it as AuthorizerAppid.
+    #[arg(long, global = true)]
+    pub appid: Option<String>,
+    /// WeCom: the app's AgentID [default: 1000002].
+    #[arg(long, global = true)]
+    pub agent_id: Option<String>,
+}
+
+/// The AgentID of a simulated WeCom push when none is given.
+pub const DEFAULT_AGENT_ID: &str = "1000002";
 
 /// What to send: a built message, or a file's XML as is.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
@@ -133,12 +177,83 @@ pub enum Payload {
 impl Payload {
     /// The message XML, stamped `now` (unix seconds).
     pub fn xml(&self, opts: &MessageOptions, now: i64) -> Result<String, CliError> {
+        self.xml_with(opts, &FamilyOptions::default(), now)
+    }
+
+    /// The message XML with the family's fields from `family`.
+    pub fn xml_with(
+        &self,
+        opts: &MessageOptions,
+        family: &FamilyOptions,
+        now: i64,
+    ) -> Result<String, CliError> {
         match self {
-            Payload::PushKind(kind) => Ok(message_xml(kind, opts, now, fresh_msg_id())),
+            Payload::PushKind(kind) => Ok(family_xml(kind, opts, family, now, fresh_msg_id())),
             Payload::Xml { file } => std::fs::read_to_string(file)
                 .map_err(|e| CliError::Usage(format!("{}: {e}", file.display()))),
         }
     }
+
+    fn is_authorization_event(&self) -> bool {
+        matches!(self, Payload::PushKind(kind) if kind.is_authorization_event())
+    }
+}
+
+/// What a push to `account` is built from: the message options with the
+/// account's own addressee where none was given (a WeCom app's CorpID, an
+/// Open Platform's AppID for its authorisation events), the family's fields,
+/// and the authoriser whose message URL it goes to. Refuses what the
+/// account's family has no place for.
+pub fn plan(
+    account: &Account,
+    payload: &Payload,
+    opts: &MessageOptions,
+    family: &FamilyOptions,
+) -> Result<(MessageOptions, FamilyOptions, Option<String>), CliError> {
+    let usage = |text: String| Err(CliError::Usage(text));
+    let authorization = payload.is_authorization_event();
+    let mut opts = opts.clone();
+    let mut family = family.clone();
+    let own_addressee = account.kind == Family::Wecom || authorization;
+    if opts.to == DEFAULT_TO && own_addressee {
+        opts.to = account.app_id.clone();
+    }
+    let is_platform = account.kind == Family::OpenPlatform;
+    if authorization && !is_platform {
+        return usage(format!(
+            "account {} is not an Open Platform (kind = \"open_platform\"): it gets no authorisation events",
+            account.id
+        ));
+    }
+    if family.appid.is_some() && !is_platform {
+        return usage(format!(
+            "--appid is for an Open Platform account, and {} is not one",
+            account.id
+        ));
+    }
+    if account.kind == Family::Wecom && family.agent_id.is_none() {
+        family.agent_id = Some(DEFAULT_AGENT_ID.to_owned());
+    }
+    let authorizer = match (is_platform, authorization, &family.appid) {
+        (true, false, None) => {
+            return usage(
+                "a message to an Open Platform is for an authoriser: give its --appid".to_owned(),
+            )
+        }
+        (true, true, None)
+            if !matches!(
+                payload,
+                Payload::PushKind(PushKind::Authorization(Authorization::Ticket))
+            ) =>
+        {
+            return usage(
+                "an authorisation event names the authoriser: give its --appid".to_owned(),
+            )
+        }
+        (true, false, Some(appid)) => Some(appid.clone()),
+        _ => None,
+    };
+    Ok((opts, family, authorizer))
 }
 
 /// `wxrelay simulate`'s options, beside `--config`.
@@ -167,33 +282,39 @@ pub async fn run(
     args: &SimulateArgs,
     clock: &dyn Clock,
 ) -> Result<Report, CliError> {
+    run_with(settings, args, &FamilyOptions::default(), clock).await
+}
+
+/// [`run`], with the other families' fields from `family`.
+pub async fn run_with(
+    settings: &Settings,
+    args: &SimulateArgs,
+    family: &FamilyOptions,
+    clock: &dyn Clock,
+) -> Result<Report, CliError> {
     let account = super::account(settings, args.account.as_deref())?;
-    let url = push_url(&args.url, &account.id)?;
     let client = deliver::client();
     let now = clock.now_secs();
     if args.verify_url {
+        let url = push_url(&args.url, &account.id)?;
         return verify_url(&client, account, &url, now).await;
     }
     let payload = args.payload.as_ref().ok_or_else(|| {
         CliError::Usage("give a kind of push to send (text, scan, …) or --verify-url".to_owned())
     })?;
-    let xml = payload.xml(&args.message, now)?;
-    let openid = Message::parse(xml.as_bytes())
-        .ok()
-        .and_then(|m| m.from_user().map(str::to_owned));
-    let nonce = digits(9);
-    let random = reply::random_bytes();
-    let envelope = PushParams {
-        token: account.token.expose(),
-        app_id: &account.app_id,
-        timestamp: now,
-        nonce: &nonce,
-        openid: openid.as_deref(),
-        random: &random,
-    };
-    let push = push::build(&xml, sealing(account)?, &envelope);
+    let (opts, family, authorizer) = plan(account, payload, &args.message, family)?;
+    let mut url = push_url(&args.url, &account.id)?;
+    if let Some(appid) = &authorizer {
+        url.set_path(&format!("{}/{appid}", url.path()));
+    }
+    let xml = payload.xml_with(&opts, &family, now)?;
+    let push = seal(account, &xml, now)?;
 
-    let mut text = format!("POST {url} ({} mode)\n", account.mode.as_str());
+    let mut text = format!(
+        "POST {url} ({}, {} mode)\n",
+        account.kind.as_str(),
+        account.mode.as_str()
+    );
     let uri = format!("{url}?{}", push.query);
     let (status, body) = exchange(&client, Method::POST, &uri, push.body).await?;
     let answer = String::from_utf8_lossy(&body);
@@ -211,21 +332,66 @@ pub async fn run(
     Ok(Report { text, ok })
 }
 
+/// `xml` sealed for `account` as WeChat seals its family's pushes, stamped
+/// `now`: a Mini Program's in JSON when that is its data format.
+fn seal(account: &Account, xml: &str, now: i64) -> Result<Push, CliError> {
+    let openid = Message::parse(xml.as_bytes())
+        .ok()
+        .and_then(|m| m.from_user().map(str::to_owned))
+        .filter(|_| account.kind != Family::Wecom);
+    let nonce = digits(9);
+    let random = reply::random_bytes();
+    let params = PushParams {
+        token: account.token.expose(),
+        app_id: &account.app_id,
+        timestamp: now,
+        nonce: &nonce,
+        openid: openid.as_deref(),
+        random: &random,
+    };
+    Ok(match (account.kind, account.codec) {
+        (Family::Wecom, _) => push::build_wecom(xml, key(account)?, &params),
+        (_, Codec::Json) => push::build_json(&as_json(xml)?, sealing(account)?, &params),
+        (_, Codec::Xml) => push::build(xml, sealing(account)?, &params),
+    })
+}
+
+/// A message's XML as a Mini Program writes it in JSON: the same fields,
+/// `CreateTime` and the message ids as numbers.
+pub fn as_json(xml: &str) -> Result<String, CliError> {
+    let message = Message::parse(xml.as_bytes())
+        .map_err(|e| CliError::Usage(format!("the message is not WeChat XML: {e}")))?;
+    let mut fields = message.fields_json();
+    if let Some(object) = fields.as_object_mut() {
+        for name in ["CreateTime", "MsgId", "MsgID"] {
+            let number = object
+                .get(name)
+                .and_then(|v| v.as_str()?.parse::<u64>().ok());
+            if let Some(number) = number {
+                object.insert(name.to_owned(), number.into());
+            }
+        }
+    }
+    Ok(fields.to_string())
+}
+
 /// The sealing the account's console mode implies, with its current key.
 fn sealing(account: &Account) -> Result<Sealing<'_>, CliError> {
-    let key = || {
-        account.keys.as_ref().map(|k| &k.current).ok_or_else(|| {
-            CliError::Usage(format!(
-                "account {} has no encoding_aes_key for {} mode",
-                account.id,
-                account.mode.as_str()
-            ))
-        })
-    };
     Ok(match account.mode {
         Mode::Plaintext => Sealing::Plaintext,
-        Mode::Compat => Sealing::Compat(key()?),
-        Mode::Secure => Sealing::Secure(key()?),
+        Mode::Compat => Sealing::Compat(key(account)?),
+        Mode::Secure => Sealing::Secure(key(account)?),
+    })
+}
+
+/// The account's current key, which its mode needs.
+fn key(account: &Account) -> Result<&crate::wechat::crypto::AesKey, CliError> {
+    account.keys.as_ref().map(|k| &k.current).ok_or_else(|| {
+        CliError::Usage(format!(
+            "account {} has no encoding_aes_key for {} mode",
+            account.id,
+            account.mode.as_str()
+        ))
     })
 }
 
@@ -251,7 +417,27 @@ async fn verify_url(
     url: &url::Url,
     now: i64,
 ) -> Result<Report, CliError> {
-    url_check(client, account.token.expose(), url, now).await
+    if account.kind != Family::Wecom {
+        return url_check(client, account.token.expose(), url, now).await;
+    }
+    // WeCom's: echostr encrypted for the CorpID, signed with msg_signature.
+    let (timestamp, nonce, echo) = (now.to_string(), digits(9), digits(19));
+    let echostr = encrypt(
+        key(account)?,
+        &reply::random_bytes(),
+        &echo,
+        &account.app_id,
+    );
+    let msg_signature = signature::sign(&[account.token.expose(), &timestamp, &nonce, &echostr]);
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([
+            ("msg_signature", msg_signature.as_str()),
+            ("timestamp", &timestamp),
+            ("nonce", &nonce),
+            ("echostr", &echostr),
+        ])
+        .finish();
+    echo_check(client, url, &query, &echo).await
 }
 
 /// WeChat's GET URL check of `url`, signed with `token`: `ok` when the server
@@ -264,12 +450,23 @@ pub async fn url_check(
 ) -> Result<Report, CliError> {
     let (timestamp, nonce, echostr) = (now.to_string(), digits(9), digits(19));
     let signature = signature::sign(&[token, &timestamp, &nonce]);
+    let query =
+        format!("signature={signature}&echostr={echostr}&timestamp={timestamp}&nonce={nonce}");
+    echo_check(client, url, &query, &echostr).await
+}
+
+/// A URL check of `url` with `query`: `ok` when the server answered
+/// `expected`, the whole body.
+async fn echo_check(
+    client: &HttpClient,
+    url: &url::Url,
+    query: &str,
+    expected: &str,
+) -> Result<Report, CliError> {
     let separator = if url.query().is_some() { '&' } else { '?' };
-    let uri = format!(
-        "{url}{separator}signature={signature}&echostr={echostr}&timestamp={timestamp}&nonce={nonce}"
-    );
+    let uri = format!("{url}{separator}{query}");
     let (status, body) = exchange(client, Method::GET, &uri, String::new()).await?;
-    let echoed = status == StatusCode::OK && body == echostr.as_bytes();
+    let echoed = status == StatusCode::OK && body == expected.as_bytes();
     let mut text = format!("GET {} (URL check)\n", crate::config::masked_url(url));
     line(&mut text, format!("HTTP {status}"));
     line(&mut text, printable(&String::from_utf8_lossy(&body)));
@@ -378,26 +575,118 @@ pub fn fresh_msg_id() -> u64 {
 /// The message XML WeChat would send for `kind`, created at `now` (unix
 /// seconds); `msg_id` is the MsgId of messages and the MsgID of job events.
 pub fn message_xml(kind: &PushKind, opts: &MessageOptions, now: i64, msg_id: u64) -> String {
-    let head = |msg_type: &str| {
+    family_xml(kind, opts, &FamilyOptions::default(), now, msg_id)
+}
+
+/// [`message_xml`] with the family's fields: a WeCom push's `AgentID`, the
+/// authoriser an authorisation event names (its `AppId` is `opts.to`).
+pub fn family_xml(
+    kind: &PushKind,
+    opts: &MessageOptions,
+    family: &FamilyOptions,
+    now: i64,
+    msg_id: u64,
+) -> String {
+    let authorizer = family.appid.as_deref().unwrap_or("wx0000000000000000");
+    let xml = xml_of(kind, opts, authorizer, now, msg_id);
+    match &family.agent_id {
+        Some(agent_id) if !kind.is_authorization_event() => {
+            let agent = plain("AgentID", agent_id);
+            xml.replacen("\n</xml>", &format!("\n{agent}\n</xml>"), 1)
+        }
+        _ => xml,
+    }
+}
+
+/// An Open Platform's authorisation event: `AppId` (the platform's),
+/// `CreateTime`, `InfoType` and what that kind of event carries.
+fn authorization_xml(
+    kind: Authorization,
+    opts: &MessageOptions,
+    authorizer: &str,
+    now: i64,
+    msg_id: u64,
+) -> String {
+    let grant = |info_type: &str| {
         vec![
-            text("ToUserName", &opts.to),
-            text("FromUserName", &opts.from),
-            plain("CreateTime", now),
-            text("MsgType", msg_type),
+            text("InfoType", info_type),
+            text("AuthorizerAppid", authorizer),
+            text(
+                "AuthorizationCode",
+                &format!("queryauthcode@@@SIMULATED{msg_id}"),
+            ),
+            plain("AuthorizationCodeExpiredTime", now + 3600),
+            text("PreAuthCode", &format!("preauthcode@@@SIMULATED{msg_id}")),
         ]
     };
-    let message = |msg_type: &str, fields: &[String]| {
-        let mut all = head(msg_type);
-        all.extend_from_slice(fields);
-        all.push(plain("MsgId", msg_id));
-        all
+    let fields = match kind {
+        Authorization::Authorized => grant("authorized"),
+        Authorization::Updateauthorized => grant("updateauthorized"),
+        Authorization::Unauthorized => vec![
+            text("InfoType", "unauthorized"),
+            text("AuthorizerAppid", authorizer),
+        ],
+        Authorization::Ticket => vec![
+            text("InfoType", "component_verify_ticket"),
+            text(
+                "ComponentVerifyTicket",
+                &format!("ticket@@@SIMULATED{msg_id}"),
+            ),
+        ],
     };
-    let event = |name: &str, fields: &[String]| {
-        let mut all = head("event");
+    let head = [text("AppId", &opts.to), plain("CreateTime", now)];
+    format!("<xml>{}\n{}\n</xml>", head.join("\n"), fields.join("\n"))
+}
+
+/// The fields every push of a user carries: ToUserName, FromUserName,
+/// CreateTime and MsgType.
+struct Head<'a> {
+    opts: &'a MessageOptions,
+    now: i64,
+    msg_id: u64,
+}
+
+impl Head<'_> {
+    fn of(&self, msg_type: &str) -> Vec<String> {
+        vec![
+            text("ToUserName", &self.opts.to),
+            text("FromUserName", &self.opts.from),
+            plain("CreateTime", self.now),
+            text("MsgType", msg_type),
+        ]
+    }
+
+    /// A user's message: its fields, then its MsgId.
+    fn message(&self, msg_type: &str, fields: &[String]) -> Vec<String> {
+        let mut all = self.of(msg_type);
+        all.extend_from_slice(fields);
+        all.push(plain("MsgId", self.msg_id));
+        all
+    }
+
+    /// An event: its Event, then its fields.
+    fn event(&self, name: &str, fields: &[String]) -> Vec<String> {
+        let mut all = self.of("event");
         all.push(text("Event", name));
         all.extend_from_slice(fields);
         all
-    };
+    }
+}
+
+/// A message's or an event's XML, as an Official Account gets it, or an
+/// Open Platform's authorisation event naming `authorizer`.
+fn xml_of(
+    kind: &PushKind,
+    opts: &MessageOptions,
+    authorizer: &str,
+    now: i64,
+    msg_id: u64,
+) -> String {
+    let head = Head { opts, now, msg_id };
+    let (message, event) = (
+        |t, f: &[String]| head.message(t, f),
+        |n, f: &[String]| head.event(n, f),
+    );
     let media = |kind: &str| text("MediaId", &format!("SIMULATED_MEDIA_ID_{kind}"));
     let thumb = || text("ThumbMediaId", "SIMULATED_THUMB_MEDIA_ID");
     let lines = match kind {
@@ -440,6 +729,9 @@ pub fn message_xml(kind: &PushKind, opts: &MessageOptions, now: i64, msg_id: u64
         PushKind::Publishjobfinish => event("PUBLISHJOBFINISH", &publish_fields(msg_id)),
         PushKind::SubscribeMsgPopup => {
             event("subscribe_msg_popup_event", &subscribe_msg_popup_fields())
+        }
+        PushKind::Authorization(kind) => {
+            return authorization_xml(*kind, opts, authorizer, now, msg_id)
         }
     };
     format!("<xml>{}\n</xml>", lines.join("\n"))

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::route::Rule;
 use crate::wechat::crypto::KeyRing;
+use crate::wechat::family::Family;
 use humantime::format_duration;
 use std::fmt::{self, Display, Write as _};
 
@@ -86,13 +87,43 @@ fn spool(spool: &SpoolSettings, out: &mut String) -> fmt::Result {
 
 fn account(account: &Account, out: &mut String) -> fmt::Result {
     writeln!(out, "\naccount {} at /wx/{}", account.id, account.id)?;
-    row(out, "app_id", &account.app_id)?;
+    row(out, "kind", account.kind.as_str())?;
+    for (field, url) in console_urls(account) {
+        row(out, field, url)?;
+    }
+    match account.kind {
+        Family::Wecom => row(out, "corp_id", &account.app_id)?,
+        Family::OpenPlatform => row(
+            out,
+            "app_id",
+            format!("{} (the platform's)", account.app_id),
+        )?,
+        Family::OfficialAccount | Family::MiniProgram => row(out, "app_id", &account.app_id)?,
+    }
+    if account.kind == Family::MiniProgram {
+        row(out, "data_format", account.codec.as_str())?;
+    }
     row(out, "mode", account.mode.as_str())?;
     row(out, "token", &account.token)?;
     keys(out, account.keys.as_ref())?;
     match account.timestamp_window {
         None => row(out, "timestamp_window", "off"),
         Some(window) => row(out, "timestamp_window", format_duration(window)),
+    }
+}
+
+/// The URLs to enter in the kind's console, with the console's field for
+/// each; the relay does not know the host WeChat reaches it at.
+pub fn console_urls(account: &Account) -> Vec<(&'static str, String)> {
+    let url = format!("https://<host>/wx/{}", account.id);
+    match account.kind {
+        Family::OfficialAccount => vec![("URL", format!("{url}  (服务器配置 → 服务器地址)"))],
+        Family::MiniProgram => vec![("URL", format!("{url}  (消息推送 → URL)"))],
+        Family::OpenPlatform => vec![
+            ("authorisation URL", format!("{url}  (授权事件接收URL)")),
+            ("message URL", format!("{url}/$APPID$  (消息与事件接收URL)")),
+        ],
+        Family::Wecom => vec![("URL", format!("{url}  (接收消息 → 设置API接收 → URL)"))],
     }
 }
 
@@ -117,6 +148,8 @@ fn target(target: &Target, out: &mut String) -> fmt::Result {
         row(out, "mode", server.mode.as_str())?;
         let app_id = server.app_id.as_deref().unwrap_or("the event's account's");
         row(out, "app_id", app_id)?;
+        let corp_id = server.corp_id.as_deref().unwrap_or("the event's account's");
+        row(out, "corp_id", corp_id)?;
         row(out, "token", &server.token)?;
         keys(out, server.keys.as_ref())?;
     }

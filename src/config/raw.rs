@@ -60,7 +60,14 @@ pub(crate) struct RawSpool {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAccount {
+    /// The callback family: official_account (the default), mini_program,
+    /// open_platform or wecom.
+    pub kind: Option<String>,
     pub app_id: Option<String>,
+    /// `kind = "wecom"`: the receive id, a CorpID or SuiteID.
+    pub corp_id: Option<String>,
+    /// `kind = "mini_program"`: xml (the default) or json.
+    pub data_format: Option<String>,
     pub token: Option<Secret>,
     pub token_file: Option<PathBuf>,
     pub encoding_aes_key: Option<Secret>,
@@ -91,6 +98,8 @@ pub(crate) struct RawTarget {
     pub encoding_aes_key: Option<Secret>,
     pub previous_encoding_aes_key: Option<Secret>,
     pub app_id: Option<String>,
+    /// The receive id WeCom events are sealed for.
+    pub corp_id: Option<String>,
     pub mode: Option<String>,
     /// Adapters for brokers that read WeChat's events their own way.
     pub event_key: Option<String>,
@@ -126,6 +135,9 @@ pub(crate) struct RawMatch {
     pub event_key_prefix: Option<OneOrMany>,
     pub has_ticket: Option<bool>,
     pub from_user: Option<OneOrMany>,
+    pub appid: Option<OneOrMany>,
+    pub agent_id: Option<OneOrMany>,
+    pub info_type: Option<OneOrMany>,
 }
 
 /// A match value: `"subscribe"` or `["subscribe", "SCAN"]`.

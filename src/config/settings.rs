@@ -6,6 +6,7 @@
 use super::Secret;
 use crate::route::Rule;
 use crate::wechat::crypto::KeyRing;
+use crate::wechat::family::{Codec, Family};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -121,7 +122,15 @@ impl SslMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Account {
     pub id: String,
-    /// Checked against the AppID inside each decrypted push.
+    /// The callback family (`kind` in the file): how the account's URL is
+    /// checked, its pushes read and answered.
+    pub kind: Family,
+    /// How its pushes are written: JSON only for a Mini Program whose
+    /// `data_format` is json.
+    pub codec: Codec,
+    /// The receive id checked inside each decrypted push: the AppID (an
+    /// Official Account, a Mini Program), the platform's component AppID
+    /// (an Open Platform), or the CorpID or SuiteID (WeCom's `corp_id`).
     pub app_id: String,
     pub token: Secret,
     /// Present whenever `encoding_aes_key` is configured; always for
@@ -197,7 +206,23 @@ pub struct WechatServer {
     pub keys: Option<KeyRing>,
     /// `None`: the AppID of the account the event came from.
     pub app_id: Option<String>,
+    /// The receive id a WeCom event is sealed for; `None`: the CorpID or
+    /// SuiteID of the account the event came from.
+    pub corp_id: Option<String>,
+    /// WeCom events are always sealed, whatever the mode.
     pub mode: Mode,
+}
+
+impl WechatServer {
+    /// The receive id the target names for an event of `family`: its
+    /// `corp_id` for WeCom's, its `app_id` for the others'; `None` leaves it
+    /// to the event's account.
+    pub fn receive_id(&self, family: Family) -> Option<&str> {
+        match family {
+            Family::Wecom => self.corp_id.as_deref(),
+            _ => self.app_id.as_deref(),
+        }
+    }
 }
 
 /// Per-target rewrites of the event, for brokers that handle WeChat's

@@ -15,6 +15,7 @@ use super::units::{parse_duration, parse_size};
 use super::{ConfigError, Problem, Secret, ENV_PREFIX};
 use crate::route::{Match, Rule};
 use crate::wechat::crypto::{AesKey, KeyRing};
+use crate::wechat::family::{is_app_id, Codec, Family};
 use crate::wechat::inbound::SINGLE_PARAMS;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -63,8 +64,7 @@ pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
     // Routes are checked against the names in the file, not against the
     // entries that validated, so one bad target does not also make every
     // route that names it an error.
-    let account_ids: BTreeSet<String> = raw.accounts.keys().cloned().collect();
-    let target_names: BTreeSet<String> = raw.targets.keys().cloned().collect();
+    let names = Names::of(&raw.accounts, &raw.targets);
     let accounts = raw
         .accounts
         .into_iter()
@@ -78,7 +78,7 @@ pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
     if dedup_window_valid {
         dedup_outlasts_timestamp_windows(&spool, &accounts, &mut p);
     }
-    let routes = routes(raw.routes, &account_ids, &target_names, &mut p);
+    let routes = routes(raw.routes, &names, &mut p);
     let settings = Settings {
         server,
         spool,
@@ -517,22 +517,16 @@ fn account(id: String, raw: RawAccount, p: &mut Problems) -> Option<Account> {
     let at = |key: &str| format!("accounts.{id}.{key}");
     let found = p.0.len();
     check_name(p, &format!("accounts.{id}"), &id, "account id");
-
-    let app_id = match raw.app_id {
-        None => {
-            p.add(
-                at("app_id"),
-                "required: the AppID from the WeChat admin console (\"wx\" and 16 hex digits)",
-            );
-            None
-        }
-        Some(app_id) if is_app_id(&app_id) => Some(app_id),
-        Some(_) => {
-            p.add(at("app_id"), "must be \"wx\" followed by 16 hex digits");
-            None
-        }
+    let kind = match raw.kind.as_deref() {
+        None => Some(Family::OfficialAccount),
+        Some(text) => p.ok(
+            &at("kind"),
+            choice(&Family::ALL, Family::as_str, text, "kind"),
+        ),
     };
-
+    let app_id = kind.and_then(|kind| receive_id(p, &at, kind, raw.app_id, raw.corp_id));
+    let codec = kind.map(|kind| data_format(p, &at, kind, raw.data_format));
+    let always_sealed = matches!(kind, Some(Family::OpenPlatform | Family::Wecom));
     let creds = server_credentials(
         p,
         &at,
@@ -541,10 +535,24 @@ fn account(id: String, raw: RawAccount, p: &mut Problems) -> Option<Account> {
             token_file: raw.token_file,
             encoding_aes_key: raw.encoding_aes_key,
             previous_encoding_aes_key: raw.previous_encoding_aes_key,
-            mode: raw.mode,
+            // Every push of these families is encrypted: secure is the only mode.
+            mode: raw
+                .mode
+                .or_else(|| always_sealed.then(|| "secure".to_owned())),
         },
         "as set in the WeChat admin console",
     );
+    if let (Some(kind), Some(mode)) = (kind, creds.mode) {
+        if always_sealed && mode != Mode::Secure {
+            p.add(
+                at("mode"),
+                format!(
+                    "must be \"secure\" (or left out) for kind = {:?}: WeChat encrypts every push of this kind",
+                    kind.as_str()
+                ),
+            );
+        }
+    }
 
     // "0s" is how the file says "off"; `None` says it to the handler.
     let timestamp_window = match raw.timestamp_window {
@@ -558,12 +566,116 @@ fn account(id: String, raw: RawAccount, p: &mut Problems) -> Option<Account> {
     }
     Some(Account {
         id,
+        kind: kind?,
+        codec: codec?,
         app_id: app_id?,
         token: creds.token?,
         keys: creds.keys,
         mode: creds.mode?,
         timestamp_window,
     })
+}
+
+/// The receive id the kind's frames end in: `app_id` for the AppID
+/// families, `corp_id` for WeCom; the other key is refused.
+fn receive_id(
+    p: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    kind: Family,
+    app_id: Option<String>,
+    corp_id: Option<String>,
+) -> Option<String> {
+    let (used, unused, required) = match kind {
+        Family::Wecom => (
+            ("corp_id", corp_id),
+            ("app_id", app_id),
+            "required for kind = \"wecom\": the CorpID (a self-built app) or SuiteID (a suite) \
+             its pushes are sealed for",
+        ),
+        Family::OfficialAccount => (
+            ("app_id", app_id),
+            ("corp_id", corp_id),
+            "required: the AppID from the WeChat admin console (\"wx\" and 16 hex digits)",
+        ),
+        Family::MiniProgram => (
+            ("app_id", app_id),
+            ("corp_id", corp_id),
+            "required for kind = \"mini_program\": the Mini Program's AppID (\"wx\" and 16 hex digits)",
+        ),
+        Family::OpenPlatform => (
+            ("app_id", app_id),
+            ("corp_id", corp_id),
+            "required for kind = \"open_platform\": the platform's own (component) AppID, \
+             which every authoriser's push is sealed for",
+        ),
+    };
+    if unused.1.is_some() {
+        p.add(
+            at(unused.0),
+            format!(
+                "not used for kind = {:?}: its pushes are sealed for {}",
+                kind.as_str(),
+                used.0
+            ),
+        );
+    }
+    let valid = |id: &str| match kind {
+        Family::Wecom => is_corp_id(id),
+        _ => is_app_id(id),
+    };
+    match used.1 {
+        None => {
+            p.add(at(used.0), required);
+            None
+        }
+        Some(id) if valid(&id) => Some(id),
+        Some(_) if kind == Family::Wecom => {
+            p.add(
+                at(used.0),
+                "must be 2 to 64 letters and digits, e.g. ww and 16 hex digits",
+            );
+            None
+        }
+        Some(_) => {
+            p.add(at(used.0), "must be \"wx\" followed by 16 hex digits");
+            None
+        }
+    }
+}
+
+/// A CorpID or SuiteID: `ww` and 16 hex digits today, `wx…` for older
+/// corporations, `tj…` for some suites; letters and digits, whatever the form.
+fn is_corp_id(id: &str) -> bool {
+    (2..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// A Mini Program's `data_format`, as its console's 数据格式; the other
+/// kinds' pushes are XML.
+fn data_format(
+    p: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    kind: Family,
+    raw: Option<String>,
+) -> Codec {
+    match (kind, raw) {
+        (_, None) => Codec::Xml,
+        (Family::MiniProgram, Some(text)) => p
+            .ok(
+                &at("data_format"),
+                choice(&Codec::ALL, Codec::as_str, &text, "data_format"),
+            )
+            .unwrap_or_default(),
+        (kind, Some(_)) => {
+            p.add(
+                at("data_format"),
+                format!(
+                    "only for kind = \"mini_program\", not {:?}: the other kinds' pushes are XML",
+                    kind.as_str()
+                ),
+            );
+            Codec::Xml
+        }
+    }
 }
 
 /// What a WeChat server is configured with, as written: an account's, or a
@@ -662,12 +774,6 @@ fn check_token(token: &str) -> Result<(), String> {
         return Err("must contain only ASCII letters and digits".to_owned());
     }
     Ok(())
-}
-
-fn is_app_id(app_id: &str) -> bool {
-    app_id
-        .strip_prefix("wx")
-        .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Account ids and target names appear in URLs, metric labels and logs.
@@ -785,7 +891,7 @@ fn target(name: String, mut raw: RawTarget, p: &mut Problems) -> Option<Target> 
         previous_encoding_aes_key: raw.previous_encoding_aes_key,
         mode: raw.mode,
     };
-    let wechat = wechat_server(p, &at, format, raw.app_id, credentials);
+    let wechat = wechat_server(p, &at, format, (raw.app_id, raw.corp_id), credentials);
 
     if p.0.len() > found {
         return None;
@@ -928,7 +1034,7 @@ fn wechat_server(
     p: &mut Problems,
     at: &dyn Fn(&str) -> String,
     format: Option<Format>,
-    app_id: Option<String>,
+    (app_id, corp_id): (Option<String>, Option<String>),
     raw: RawCredentials,
 ) -> Option<WechatServer> {
     let given = [
@@ -940,6 +1046,7 @@ fn wechat_server(
             raw.previous_encoding_aes_key.is_some(),
         ),
         ("app_id", app_id.is_some()),
+        ("corp_id", corp_id.is_some()),
         ("mode", raw.mode.is_some()),
     ];
     match format {
@@ -965,11 +1072,22 @@ fn wechat_server(
         }
         valid
     });
+    let corp_id = corp_id.filter(|corp_id| {
+        let valid = is_corp_id(corp_id);
+        if !valid {
+            p.add(
+                at("corp_id"),
+                "must be 2 to 64 letters and digits, e.g. ww and 16 hex digits",
+            );
+        }
+        valid
+    });
     let creds = server_credentials(p, at, raw, "as set in the broker's WeChat settings");
     Some(WechatServer {
         token: creds.token?,
         keys: creds.keys,
         app_id,
+        corp_id,
         mode: creds.mode?,
     })
 }
@@ -1137,16 +1255,57 @@ fn check_query_for(url: &url::Url, format: Format) -> Result<(), String> {
     }
 }
 
-fn routes(
-    raw: Vec<RawRoute>,
-    accounts: &BTreeSet<String>,
-    targets: &BTreeSet<String>,
-    p: &mut Problems,
-) -> Vec<Rule> {
+/// What rules are checked against: the names in the file (so that one bad
+/// account or target does not also make every rule naming it an error),
+/// each account's kind as far as it reads, and the `wechat` targets that
+/// have no key to seal with.
+struct Names {
+    accounts: BTreeSet<String>,
+    targets: BTreeSet<String>,
+    kinds: BTreeMap<String, Family>,
+    keyless_wechat: BTreeSet<String>,
+}
+
+impl Names {
+    fn of(accounts: &BTreeMap<String, RawAccount>, targets: &BTreeMap<String, RawTarget>) -> Names {
+        let kinds = accounts.iter().filter_map(|(id, account)| {
+            let kind = match account.kind.as_deref() {
+                None => Some(Family::OfficialAccount),
+                Some(text) => Family::ALL.into_iter().find(|k| k.as_str() == text),
+            };
+            kind.map(|kind| (id.clone(), kind))
+        });
+        let keyless_wechat = targets.iter().filter(|(_, t)| {
+            t.format.as_deref() == Some(Format::Wechat.as_str()) && t.encoding_aes_key.is_none()
+        });
+        Names {
+            accounts: accounts.keys().cloned().collect(),
+            targets: targets.keys().cloned().collect(),
+            kinds: kinds.collect(),
+            keyless_wechat: keyless_wechat.map(|(name, _)| name.clone()).collect(),
+        }
+    }
+
+    /// The kinds of the accounts a rule can match: those it names, and of
+    /// those the kinds whose pushes carry the identifiers it asks for.
+    fn kinds_matched(&self, matcher: &Match) -> BTreeSet<&'static str> {
+        let platform_only = matcher.appid.is_some() || matcher.info_type.is_some();
+        let wecom_only = matcher.agent_id.is_some();
+        self.kinds
+            .iter()
+            .filter(|(id, _)| matcher.account.as_ref().is_none_or(|ids| ids.contains(id)))
+            .filter(|(_, kind)| !platform_only || **kind == Family::OpenPlatform)
+            .filter(|(_, kind)| !wecom_only || **kind == Family::Wecom)
+            .map(|(_, kind)| kind.as_str())
+            .collect()
+    }
+}
+
+fn routes(raw: Vec<RawRoute>, names: &Names, p: &mut Problems) -> Vec<Rule> {
     let rules: Vec<Option<Rule>> = raw
         .into_iter()
         .enumerate()
-        .map(|(i, raw)| rule(&format!("routes[{i}]"), raw, accounts, targets, p))
+        .map(|(i, raw)| rule(&format!("routes[{i}]"), raw, names, p))
         .collect();
     for (later, rule) in rules.iter().enumerate() {
         let Some(rule) = rule else { continue };
@@ -1169,52 +1328,21 @@ fn routes(
     rules.into_iter().flatten().collect()
 }
 
-fn rule(
-    at: &str,
-    raw: RawRoute,
-    accounts: &BTreeSet<String>,
-    targets: &BTreeSet<String>,
-    p: &mut Problems,
-) -> Option<Rule> {
+fn rule(at: &str, raw: RawRoute, names: &Names, p: &mut Problems) -> Option<Rule> {
     let found = p.0.len();
-    let matcher = matcher(&format!("{at}.match"), raw.matcher, accounts, p);
-
-    let to_path = format!("{at}.to");
-    let to = match raw.to {
-        None => {
-            p.add(
-                &to_path,
-                "required: the targets that receive the matching events",
-            );
-            Vec::new()
-        }
-        Some(to) => {
-            if to.is_empty() {
-                p.add(&to_path, "must name at least one target");
-            }
-            to
-        }
-    };
-    let mut seen = BTreeSet::new();
-    for name in &to {
-        if !targets.contains(name) {
-            p.add(&to_path, unknown("target", name, targets));
-        } else if !seen.insert(name) {
-            p.add(&to_path, format!("names target {name:?} twice"));
-        }
-    }
-
+    let matcher = matcher(&format!("{at}.match"), raw.matcher, &names.accounts, p);
+    let to = rule_targets(&format!("{at}.to"), raw.to, &names.targets, p);
     if let Some(reply_from) = &raw.reply_from {
         if !to.contains(reply_from) {
             let path = format!("{at}.reply_from");
-            if targets.contains(reply_from) {
+            if names.targets.contains(reply_from) {
                 p.add(path, format!("must be one of `to` ({})", to.join(", ")));
             } else {
-                p.add(path, unknown("target", reply_from, targets));
+                p.add(path, unknown("target", reply_from, &names.targets));
             }
         }
     }
-
+    fits_families(at, &matcher, &to, raw.reply_from.is_some(), names, p);
     if p.0.len() > found {
         return None;
     }
@@ -1223,6 +1351,74 @@ fn rule(
         to,
         reply_from: raw.reply_from,
     })
+}
+
+/// A rule's `to`: at least one configured target, each once.
+fn rule_targets(
+    path: &str,
+    to: Option<Vec<String>>,
+    targets: &BTreeSet<String>,
+    p: &mut Problems,
+) -> Vec<String> {
+    let to = match to {
+        None => {
+            p.add(
+                path,
+                "required: the targets that receive the matching events",
+            );
+            Vec::new()
+        }
+        Some(to) => {
+            if to.is_empty() {
+                p.add(path, "must name at least one target");
+            }
+            to
+        }
+    };
+    let mut seen = BTreeSet::new();
+    for name in &to {
+        if !targets.contains(name) {
+            p.add(path, unknown("target", name, targets));
+        } else if !seen.insert(name) {
+            p.add(path, format!("names target {name:?} twice"));
+        }
+    }
+    to
+}
+
+/// What the families of the accounts a rule can match allow: a Mini
+/// Program answers `success` only, so no `reply_from`; a WeCom push is
+/// always sealed, so a `wechat` target needs a key for it.
+fn fits_families(
+    at: &str,
+    matcher: &Match,
+    to: &[String],
+    reply_from: bool,
+    names: &Names,
+    p: &mut Problems,
+) {
+    let kinds = names.kinds_matched(matcher);
+    let mini_program = Family::MiniProgram.as_str();
+    if reply_from && kinds.contains(mini_program) {
+        p.add(
+            format!("{at}.reply_from"),
+            format!(
+                "refused for kind = {mini_program:?}: a Mini Program is answered `success`, never \
+                 a passive reply, and this rule matches one; name the other accounts in match.account"
+            ),
+        );
+    }
+    if kinds.contains(Family::Wecom.as_str()) {
+        for name in to.iter().filter(|t| names.keyless_wechat.contains(*t)) {
+            p.add(
+                format!("{at}.to"),
+                format!(
+                    "target {name:?} has no encoding_aes_key, and this rule matches a kind = \"wecom\" \
+                     account, whose pushes the format = \"wechat\" seals for the target always"
+                ),
+            );
+        }
+    }
 }
 
 fn matcher(at: &str, raw: RawMatch, accounts: &BTreeSet<String>, p: &mut Problems) -> Match {
@@ -1244,11 +1440,20 @@ fn matcher(at: &str, raw: RawMatch, accounts: &BTreeSet<String>, p: &mut Problem
         event_key_prefix: list("event_key_prefix", raw.event_key_prefix),
         has_ticket: raw.has_ticket,
         from_user: list("from_user", raw.from_user),
+        appid: list("appid", raw.appid),
+        agent_id: list("agent_id", raw.agent_id),
+        info_type: list("info_type", raw.info_type),
     };
     for id in matcher.account.iter().flatten() {
         if !accounts.contains(id) {
             p.add(format!("{at}.account"), unknown("account", id, accounts));
         }
+    }
+    for appid in matcher.appid.iter().flatten().filter(|a| !is_app_id(a)) {
+        p.add(
+            format!("{at}.appid"),
+            format!("{appid:?} is not an AppID: \"wx\" followed by 16 hex digits"),
+        );
     }
     matcher
 }

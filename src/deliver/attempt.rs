@@ -63,13 +63,14 @@ pub enum Unread {
     TooLarge,
 }
 
-/// Sends `event` to `target` once, within `timeout`. `account_app_id` is the
-/// AppID of the event's account, which a `wechat` target may seal with.
+/// Sends `event` to `target` once, within `timeout`. `receive_id` is the
+/// receive id of the event's account (its AppID, a WeCom app's CorpID),
+/// which a `wechat` target may seal for.
 pub async fn attempt(
     client: &HttpClient,
     clock: &dyn Clock,
     target: &Target,
-    (event, account_app_id): (&Event, Option<&str>),
+    (event, receive_id): (&Event, Option<&str>),
     timeout: Duration,
 ) -> Attempt {
     let failed = |verdict| Attempt {
@@ -79,7 +80,7 @@ pub async fn attempt(
     };
     let stamp = format::Stamp {
         now_secs: clock.now_secs(),
-        account_app_id,
+        receive_id,
     };
     let outbound = match format::build(target, event, stamp) {
         Ok(outbound) => outbound,

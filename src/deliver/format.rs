@@ -8,6 +8,7 @@
 use super::adapter;
 use crate::config::{Format, Mode, Target, WechatServer};
 use crate::spool::Event;
+use crate::wechat::family::{Codec, Family, Origin};
 use crate::wechat::message::{Message, Node};
 use crate::wechat::push::{self, Push, PushParams, Sealing};
 use crate::wechat::reply::random_bytes;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 
 /// A request ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,49 +47,41 @@ pub enum FormatError {
 pub struct Stamp<'a> {
     /// Dates `json` signatures and `wechat` pushes.
     pub now_secs: i64,
-    /// The AppID of the event's account: a `wechat` target's default.
-    pub account_app_id: Option<&'a str>,
+    /// The receive id of the event's account (its AppID, a WeCom app's
+    /// CorpID): what a `wechat` target seals for unless it names its own,
+    /// and a `$APPID$` in a target URL for an event without an authoriser.
+    pub receive_id: Option<&'a str>,
 }
 
 /// Builds the request for `target`.
 pub fn build(target: &Target, event: &Event, stamp: Stamp<'_>) -> Result<Outbound, FormatError> {
-    let content_type = |own: &str| {
+    let url = target_url(&target.url, event, stamp);
+    let codec = event.origin.codec;
+    let content_type = || {
         target
             .adapters
             .content_type
             .clone()
-            .unwrap_or_else(|| own.to_owned())
+            .unwrap_or_else(|| codec.content_type().to_owned())
     };
     match target.format {
         Format::Raw => Ok(Outbound {
-            uri: with_query(&target.url, &event.query),
-            content_type: "text/xml".to_owned(),
+            uri: with_query(&url, &event.query),
+            content_type: codec.content_type().to_owned(),
             headers: Vec::new(),
             body: event.body.clone(),
         }),
         Format::Plain => Ok(Outbound {
-            uri: with_query(&target.url, &plaintext_query(&event.query)),
-            content_type: content_type("text/xml"),
+            uri: with_query(&url, &plaintext_query(&event.query)),
+            content_type: content_type(),
             headers: Vec::new(),
             body: Bytes::from(adapter::apply(&target.adapters, &event.xml).into_owned()),
         }),
         Format::Wechat => {
-            let server = target.wechat.as_ref().ok_or(FormatError::Credentials)?;
-            let app_id = server
-                .app_id
-                .as_deref()
-                .or(stamp.account_app_id)
-                .ok_or(FormatError::AppId)?;
-            let xml = adapter::apply(&target.adapters, &event.xml);
-            let fresh = Fresh {
-                timestamp: stamp.now_secs,
-                nonce: &push::digits(9),
-                random: &random_bytes(),
-            };
-            let push = as_wechat_would(server, app_id, &event.query, &xml, &fresh)?;
+            let push = resealed(target, event, stamp)?;
             Ok(Outbound {
-                uri: with_query(&target.url, &push.query),
-                content_type: content_type("text/xml"),
+                uri: with_query(&url, &push.query),
+                content_type: content_type(),
                 headers: Vec::new(),
                 body: Bytes::from(push.body),
             })
@@ -98,7 +92,7 @@ pub fn build(target: &Target, event: &Event, stamp: Stamp<'_>) -> Result<Outboun
             let body = json_envelope(event, &id)?.to_string();
             let signature = standard_webhooks_signature(&key, &id, stamp.now_secs, &body);
             Ok(Outbound {
-                uri: target.url.to_string(),
+                uri: url.to_string(),
                 content_type: "application/json".to_owned(),
                 headers: vec![
                     ("webhook-id", id),
@@ -109,12 +103,54 @@ pub fn build(target: &Target, event: &Event, stamp: Stamp<'_>) -> Result<Outboun
             })
         }
         Format::AuthingDemoJson => Ok(Outbound {
-            uri: target.url.to_string(),
+            uri: url.to_string(),
             content_type: "application/json".to_owned(),
             headers: Vec::new(),
             body: Bytes::from(authing_demo_body(&event.body)?.to_string()),
         }),
     }
+}
+
+/// A `wechat` delivery: the event sealed afresh for the target's own
+/// credentials, as its family frames a push, for the receive id the target
+/// names (or its account's).
+fn resealed(target: &Target, event: &Event, stamp: Stamp<'_>) -> Result<Push, FormatError> {
+    let server = target.wechat.as_ref().ok_or(FormatError::Credentials)?;
+    let receive_id = server
+        .receive_id(event.origin.family)
+        .or(stamp.receive_id)
+        .ok_or(FormatError::AppId)?;
+    let text = adapter::apply(&target.adapters, &event.xml);
+    let fresh = Fresh {
+        timestamp: stamp.now_secs,
+        nonce: &push::digits(9),
+        random: &random_bytes(),
+    };
+    let framing = Framing::of(&event.origin);
+    as_family_would(server, framing, receive_id, &event.query, &text, &fresh)
+}
+
+/// What a target URL holds where an Open Platform's authoriser goes, as in
+/// the message URL entered in its console.
+const PLACEHOLDER: &str = "$APPID$";
+
+/// Whether building a request for `target` may need the receive id of the
+/// event's account ([`Stamp::receive_id`]).
+pub fn needs_receive_id(target: &Target) -> bool {
+    target.format == Format::Wechat || target.url.as_str().contains(PLACEHOLDER)
+}
+
+/// The target's URL, with an Open Platform's authoriser in place of any
+/// `$APPID$`, as WeChat fills the message URL: the authoriser's AppID, or
+/// for an event that has none its account's own.
+fn target_url<'u>(url: &'u url::Url, event: &Event, stamp: Stamp<'_>) -> Cow<'u, url::Url> {
+    if !url.as_str().contains(PLACEHOLDER) {
+        return Cow::Borrowed(url);
+    }
+    let appid = event.origin.appid.as_deref().or(stamp.receive_id);
+    let filled =
+        appid.and_then(|appid| url::Url::parse(&url.as_str().replace(PLACEHOLDER, appid)).ok());
+    filled.map_or(Cow::Borrowed(url), Cow::Owned)
 }
 
 /// The target URL with WeChat's query appended to any query it already has.
@@ -159,15 +195,37 @@ struct Fresh<'a> {
     random: &'a [u8; 16],
 }
 
-/// The push WeChat would send a server holding `server`'s credentials: the
-/// query signed with its Token (the original's other parameters, `openid`
-/// among them, kept byte for byte) and, in compat and secure mode, the
-/// message sealed with its key and `app_id` under a fresh `msg_signature`.
-fn as_wechat_would(
+/// How a family frames a push: an Official Account's (and an Open
+/// Platform's, and a Mini Program's) XML, a Mini Program's JSON, WeCom's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Xml,
+    Json,
+    Wecom,
+}
+
+impl Framing {
+    fn of(origin: &Origin) -> Self {
+        match (origin.family, origin.codec) {
+            (Family::Wecom, _) => Framing::Wecom,
+            (_, Codec::Json) => Framing::Json,
+            (_, Codec::Xml) => Framing::Xml,
+        }
+    }
+}
+
+/// The push WeChat would send a server holding `server`'s credentials,
+/// framed as the push's family frames it: the query signed with its Token
+/// (the original's other parameters, `openid` among them, kept byte for
+/// byte) and, in compat and secure mode, the message sealed with its key
+/// for `receive_id` under a fresh `msg_signature`. WeCom seals every push,
+/// whatever the server's mode, and signs it with `msg_signature` alone.
+fn as_family_would(
     server: &WechatServer,
-    app_id: &str,
+    framing: Framing,
+    receive_id: &str,
     original_query: &str,
-    xml: &str,
+    text: &str,
     fresh: &Fresh<'_>,
 ) -> Result<Push, FormatError> {
     let key = || {
@@ -184,13 +242,17 @@ fn as_wechat_would(
     };
     let params = PushParams {
         token: server.token.expose(),
-        app_id,
+        app_id: receive_id,
         timestamp: fresh.timestamp,
         nonce: fresh.nonce,
         openid: None,
         random: fresh.random,
     };
-    let mut push = push::build(xml, sealing, &params);
+    let mut push = match framing {
+        Framing::Xml => push::build(text, sealing, &params),
+        Framing::Json => push::build_json(text, sealing, &params),
+        Framing::Wecom => push::build_wecom(text, key()?, &params),
+    };
     let kept = without(original_query, RESIGNED);
     if !kept.is_empty() {
         // After the signed three, before encrypt_type, as WeChat orders them.
@@ -228,25 +290,44 @@ pub fn webhook_id(dedup_key: &str) -> String {
 /// event's values as strings (`MsgId` exceeds 2^53 and must not become a JSON
 /// number) or `null` when absent, and `fields` in document order, which
 /// survives the spool because serde_json keeps insertion order. The stored
-/// fields are parsed once, straight into the envelope's map.
+/// fields are parsed once, straight into the envelope's map. An Official
+/// Account's envelope is as it always was; another family's names the
+/// family and its identifiers after `account`, and a JSON push carries its
+/// text as `json` where an XML push has `xml`.
 fn json_envelope(event: &Event, id: &str) -> Result<Value, FormatError> {
     let fields: Map<String, Value> =
         serde_json::from_str(&event.fields).map_err(|_| FormatError::Fields)?;
     let text = |name: &str| fields.get(name).and_then(Value::as_str).map(str::to_string);
     let received_at = event.received_at.to_system_time();
-    Ok(json!({
-        "id": id,
-        "account": event.account,
-        "received_at": humantime::format_rfc3339_millis(received_at).to_string(),
-        "msg_type": event.msg_type,
-        "event": event.event_type,
-        "event_key": text("EventKey"),
-        "from_user": text("FromUserName"),
-        "to_user": text("ToUserName"),
-        "create_time": text("CreateTime"),
-        "fields": fields,
-        "xml": event.xml,
-    }))
+    let mut envelope = Map::new();
+    envelope.insert("id".into(), id.into());
+    envelope.insert("account".into(), event.account.clone().into());
+    let origin = &event.origin;
+    if origin.family != Family::OfficialAccount {
+        envelope.insert("family".into(), origin.family.as_str().into());
+        envelope.insert("appid".into(), origin.appid.clone().into());
+        envelope.insert("agent_id".into(), origin.agent_id.clone().into());
+        envelope.insert("info_type".into(), origin.info_type.clone().into());
+    }
+    let at = humantime::format_rfc3339_millis(received_at).to_string();
+    envelope.insert("received_at".into(), at.into());
+    envelope.insert("msg_type".into(), event.msg_type.clone().into());
+    envelope.insert("event".into(), event.event_type.clone().into());
+    for (key, field) in [
+        ("event_key", "EventKey"),
+        ("from_user", "FromUserName"),
+        ("to_user", "ToUserName"),
+        ("create_time", "CreateTime"),
+    ] {
+        envelope.insert(key.into(), text(field).into());
+    }
+    let message = match origin.codec {
+        Codec::Xml => "xml",
+        Codec::Json => "json",
+    };
+    envelope.insert("fields".into(), Value::Object(fields));
+    envelope.insert(message.into(), event.xml.clone().into());
+    Ok(Value::Object(envelope))
 }
 
 /// `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")), as the
@@ -367,6 +448,7 @@ mod tests {
                     previous: None,
                 }),
                 app_id: None,
+                corp_id: None,
                 mode,
             }
         }
@@ -375,6 +457,17 @@ mod tests {
             query
                 .split('&')
                 .find_map(|p| p.strip_prefix(&format!("{name}=")))
+        }
+
+        /// An Official Account's push, as a `wechat` target gets it.
+        fn as_wechat_would(
+            server: &WechatServer,
+            app_id: &str,
+            original_query: &str,
+            xml: &str,
+            fresh: &Fresh<'_>,
+        ) -> Result<Push, FormatError> {
+            as_family_would(server, Framing::Xml, app_id, original_query, xml, fresh)
         }
 
         fn fresh() -> Fresh<'static> {

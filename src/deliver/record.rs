@@ -6,9 +6,10 @@
 use super::attempt::{attempt, Attempt, Unread};
 use super::breaker::Phase;
 use super::faults::{Faults, Repeat};
+use super::format;
 use super::retry::{self, Verdict};
 use super::Dispatcher;
-use crate::config::{Format, Target};
+use crate::config::Target;
 use crate::metrics::Metrics;
 use crate::spool::{DeliveryId, Event, LeaseToken, Schedule, Settle, Settlement, UnixMs};
 use rand::Rng;
@@ -109,8 +110,9 @@ impl Dispatcher {
     ) -> Attempt {
         let started = tokio::time::Instant::now();
         let started_ms = UnixMs(self.clock.now_ms());
-        // Only a `wechat` target may need its account's AppID.
-        let config = (target.format == Format::Wechat).then(|| self.config.load_full());
+        // Only a `wechat` target, or a URL with `$APPID$`, may need its
+        // account's receive id.
+        let config = format::needs_receive_id(target).then(|| self.config.load_full());
         let app_id = config
             .as_ref()
             .and_then(|c| c.accounts.get(&event.account))

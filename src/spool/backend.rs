@@ -4,7 +4,7 @@
 use super::postgres::OnOpen;
 use super::{
     DueListener, Health, Intake, Operator, PostgresSpool, SpoolError, SqliteSpool, Supervision,
-    Work,
+    Tickets, Work,
 };
 use crate::config::{SpoolBackend, SpoolSettings};
 use std::sync::Arc;
@@ -62,6 +62,9 @@ impl OpenSpool {
         health: Health;
         /// Wake-ups from the other replicas on the same spool.
         due_listener: DueListener;
+        /// An Open Platform's ticket: kept by ingest, read by the admin
+        /// API, `wxrelay ticket` and the metrics.
+        tickets: Tickets;
     }
 
     /// The watch on the spool's tasks: the relay stops when one fails.

@@ -9,8 +9,8 @@ const WINDOW_MS: i64 = 600_000;
 const WINDOW: Duration = Duration::from_millis(WINDOW_MS as u64);
 
 /// Every role of a spool, for the suite to use them all.
-trait Roles: Intake + Work + Operator + Health + DueListener {}
-impl<T: Intake + Work + Operator + Health + DueListener> Roles for T {}
+trait Roles: Intake + Work + Operator + Health + DueListener + Tickets {}
+impl<T: Intake + Work + Operator + Health + DueListener + Tickets> Roles for T {}
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -28,6 +28,7 @@ fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
             fields: format!("{{\"K\":\"{key}\"}}"),
             msg_type: "event".into(),
             event_type: Some("CLICK".into()),
+            origin: Origin::default(),
         },
         targets: targets
             .iter()
@@ -1414,6 +1415,82 @@ async fn a_large_purge_removes_every_selected_dead_letter_and_its_event() {
         );
         let first = first.unwrap();
         assert_eq!(spool.event(first).await.unwrap(), None, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn an_event_keeps_its_family_codec_and_identifiers() {
+    use crate::wechat::family::{Codec, Family};
+    for (name, spool, _cleanup) in spools().await {
+        let mut platform = event("op", &["a"], 1_000);
+        platform.event.origin = Origin {
+            appid: Some("wx00000000000000aa".into()),
+            info_type: Some("authorized".into()),
+            ..Origin::of(Family::OpenPlatform, Codec::Xml)
+        };
+        let mut mini = event("mp", &[], 1_000);
+        mini.event.origin = Origin::of(Family::MiniProgram, Codec::Json);
+        let mut wecom = event("wc", &["a"], 1_000);
+        wecom.event.origin = Origin {
+            agent_id: Some("1000002".into()),
+            ..Origin::of(Family::Wecom, Codec::Xml)
+        };
+        let oa = event("oa", &["a"], 1_000);
+        for e in [&platform, &mini, &wecom, &oa] {
+            let (event_id, _) = stored(&*spool, e.clone(), 1_000).await;
+            let read = spool.event(event_id).await.unwrap().unwrap();
+            assert_eq!(read.origin, e.event.origin, "{name}");
+        }
+        let leased = spool
+            .lease("a", UnixMs(1_000), 10, ms(1_000))
+            .await
+            .unwrap();
+        let origins: Vec<&Origin> = leased.iter().map(|l| &l.event.origin).collect();
+        assert_eq!(
+            origins,
+            [
+                &platform.event.origin,
+                &wecom.event.origin,
+                &oa.event.origin
+            ],
+            "{name}"
+        );
+    }
+}
+
+fn ticket(account: &str, ticket: &str, create_time: i64, received_at: i64) -> ComponentTicket {
+    ComponentTicket {
+        account: account.into(),
+        ticket: ticket.into(),
+        create_time,
+        received_at: UnixMs(received_at),
+    }
+}
+
+#[tokio::test]
+async fn the_newest_ticket_of_each_platform_is_kept() {
+    for (name, spool, _cleanup) in spools().await {
+        assert!(spool.tickets().await.unwrap().is_empty(), "{name}");
+        assert!(spool.keep(ticket("op", "t1", 100, 1_000)).await.unwrap());
+        assert!(spool.keep(ticket("op", "t3", 300, 3_000)).await.unwrap());
+        // Older, or as old, arriving late (another replica, a re-send): ignored.
+        assert!(
+            !spool.keep(ticket("op", "t2", 200, 4_000)).await.unwrap(),
+            "{name}"
+        );
+        assert!(
+            !spool.keep(ticket("op", "t3b", 300, 5_000)).await.unwrap(),
+            "{name}"
+        );
+        assert!(spool.keep(ticket("other", "u1", 50, 6_000)).await.unwrap());
+        assert_eq!(
+            spool.tickets().await.unwrap(),
+            [
+                ticket("op", "t3", 300, 3_000),
+                ticket("other", "u1", 50, 6_000)
+            ],
+            "{name}"
+        );
     }
 }
 

@@ -43,13 +43,17 @@
 //!   [`SpoolError::Failed`], and the relay stops so that its supervisor
 //!   starts it again.
 //!
+//! - An Open Platform's `component_verify_ticket` is kept per account, the
+//!   one with the newest `CreateTime` (see [`Tickets`]): durable when
+//!   [`Tickets::keep`] resolves, and shared by every replica of the spool.
+//!
 //! # Roles
 //!
 //! A spool is handed out by [`OpenSpool`] in roles, one per audience, and
 //! each component takes only the roles it uses: ingest [`Intake`], the
 //! delivery workers [`Work`], the operator's commands [`Operator`],
-//! readiness and metrics [`Health`], and the workers' wake-ups from other
-//! replicas [`DueListener`].
+//! readiness and metrics [`Health`], the workers' wake-ups from other
+//! replicas [`DueListener`], and an Open Platform's ticket [`Tickets`].
 
 mod backend;
 mod migration;
@@ -67,6 +71,7 @@ pub use postgres::{postgres_display, PostgresSpool};
 pub use sqlite::SqliteSpool;
 pub use supervise::Supervision;
 
+use crate::wechat::family::Origin;
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
@@ -474,6 +479,35 @@ pub trait DueListener: Send + Sync + 'static {
 /// Wakes the local workers of the named target.
 pub type DueWaker = Box<dyn Fn(&str) + Send + Sync>;
 
+/// An Open Platform's `component_verify_ticket`: WeChat sends a new one
+/// every 10 minutes, each valid for 12 hours, and the platform's every API
+/// call needs the latest. Lost, the platform is stuck until the next one
+/// (the SDKs' "works on one machine, breaks when distributed"), so it is
+/// kept with the spool: durably, and shared by every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentTicket {
+    /// The Open Platform account it came to.
+    pub account: String,
+    /// The ticket, a credential of the platform: never logged.
+    pub ticket: String,
+    /// The push's `CreateTime` (unix seconds): the newest wins, whichever
+    /// replica stores it first.
+    pub create_time: i64,
+    /// When the relay received it.
+    pub received_at: UnixMs,
+}
+
+/// What the Open Platform's ticket needs: ingest keeps each one, the admin
+/// API, `wxrelay ticket` and the metrics read the latest.
+pub trait Tickets: Send + Sync + 'static {
+    /// Stores `ticket` as its account's latest unless one with a later (or
+    /// the same) `CreateTime` is kept already: durable when it resolves.
+    /// Returns whether it is now the latest.
+    fn keep(&self, ticket: ComponentTicket) -> SpoolFuture<bool>;
+    /// Every account's latest ticket, by account.
+    fn tickets(&self) -> SpoolFuture<Vec<ComponentTicket>>;
+}
+
 /// An event as the spool holds it: the request as WeChat sent it, and what
 /// the relay made of it, so any target format can be built from it later.
 /// Its id is the spool's, kept beside it ([`Enqueued::Stored`], [`Lease`]).
@@ -487,13 +521,16 @@ pub struct Event {
     pub query: String,
     /// The request's body, byte for byte; each attempt shares it.
     pub body: Bytes,
-    /// The decrypted (or, in plaintext mode, received) message XML.
+    /// The decrypted (or, in plaintext mode, received) message: XML, or a
+    /// Mini Program's JSON (`origin.codec`).
     pub xml: String,
     /// The message's fields as a JSON object of strings.
     pub fields: String,
     pub msg_type: String,
     /// The `Event` element of an event message (`subscribe`, `CLICK`…).
     pub event_type: Option<String>,
+    /// The family, the codec and the family's identifiers, as verified.
+    pub origin: Origin,
 }
 
 /// Where a delivery stands. A delivered one is removed, so it has no state.

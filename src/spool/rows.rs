@@ -3,9 +3,10 @@
 //! A column missing or of another type is an error, never a panic.
 
 use super::{
-    DeadLetter, DeliveryId, Event, EventId, Lease, LeaseToken, Schedule, SpoolError, TargetDepth,
-    UnixMs, WaitingDelivery,
+    ComponentTicket, DeadLetter, DeliveryId, Event, EventId, Lease, LeaseToken, Schedule,
+    SpoolError, TargetDepth, UnixMs, WaitingDelivery,
 };
+use crate::wechat::family::{Codec, Family, Origin};
 
 /// A row of either engine, read by column name.
 pub(super) trait Columns {
@@ -47,6 +48,49 @@ pub(super) fn event(row: &impl Columns) -> Result<Event, SpoolError> {
         fields: row.text("fields")?,
         msg_type: row.text("msg_type")?,
         event_type: row.opt_text("event")?,
+        origin: origin(row)?,
+    })
+}
+
+/// An event's origin: `family` and `codec` by name, NULL for an Official
+/// Account's XML (what every event before them was), and the identifiers.
+fn origin(row: &impl Columns) -> Result<Origin, SpoolError> {
+    let named = |column: &str, names: &[&'static str]| -> Result<Option<usize>, SpoolError> {
+        row.opt_text(column)?
+            .map(|name| {
+                names.iter().position(|n| *n == name).ok_or_else(|| {
+                    SpoolError::storage(format!("column {column} holds an unknown {name:?}"))
+                })
+            })
+            .transpose()
+    };
+    let families = Family::ALL.map(Family::as_str);
+    let codecs = Codec::ALL.map(Codec::as_str);
+    let family = named("family", &families)?.map_or(Family::OfficialAccount, |i| Family::ALL[i]);
+    let codec = named("codec", &codecs)?.map_or(Codec::Xml, |i| Codec::ALL[i]);
+    Ok(Origin {
+        appid: row.opt_text("appid")?,
+        agent_id: row.opt_text("agent_id")?,
+        info_type: row.opt_text("info_type")?,
+        ..Origin::of(family, codec)
+    })
+}
+
+/// The stored form of an origin: `family`, `codec`, NULL where they are an
+/// Official Account's XML, which costs its events nothing.
+pub(super) fn origin_names(origin: &Origin) -> (Option<&'static str>, Option<&'static str>) {
+    let family = (origin.family != Family::OfficialAccount).then(|| origin.family.as_str());
+    let codec = (origin.codec != Codec::Xml).then(|| origin.codec.as_str());
+    (family, codec)
+}
+
+/// A kept ticket: `account`, `ticket`, `create_time`, `received_at`.
+pub(super) fn ticket(row: &impl Columns) -> Result<ComponentTicket, SpoolError> {
+    Ok(ComponentTicket {
+        account: row.text("account")?,
+        ticket: row.text("ticket")?,
+        create_time: row.int("create_time")?,
+        received_at: row.time("received_at")?,
     })
 }
 

@@ -30,7 +30,24 @@ pub const RETIRED_ERROR: &str = "the target is no longer in the configuration";
 /// The events table's columns, as selected under the alias `e`; read back by
 /// name (see `rows::event`).
 pub const EVENT_COLUMNS: &str =
-    "e.dedup_key, e.account, e.received_at, e.query, e.body, e.xml, e.fields, e.msg_type, e.event";
+    "e.dedup_key, e.account, e.received_at, e.query, e.body, e.xml, e.fields, e.msg_type, e.event, \
+     e.family, e.codec, e.appid, e.agent_id, e.info_type";
+
+/// Keeps a ticket unless its account has one as new or newer; the
+/// parameters are the account, the ticket, its `CreateTime` and when it was
+/// received. Returns the account when it was kept.
+pub const KEEP_TICKET: &str =
+    "INSERT INTO component_tickets (account, ticket, create_time, received_at)
+     VALUES ($1, $2, $3, $4)
+     ON CONFLICT (account) DO UPDATE
+        SET ticket = excluded.ticket, create_time = excluded.create_time,
+            received_at = excluded.received_at
+        WHERE component_tickets.create_time < excluded.create_time
+     RETURNING account";
+
+/// Every account's latest ticket.
+pub const TICKETS: &str =
+    "SELECT account, ticket, create_time, received_at FROM component_tickets ORDER BY account";
 
 /// The readiness probe's write: one row rewritten, a real write and commit.
 pub const PROBE: &str = "INSERT INTO probe (id, probes) VALUES (1, 1)

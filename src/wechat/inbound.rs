@@ -1,22 +1,34 @@
 //! Verifying what WeChat sends to the server URL, in the order the request
 //! path can afford it: the query (signature, freshness, `encrypt_type`, the
 //! account's mode) before a byte of the body is read, then the body
-//! (`msg_signature`, the AES frame, the AppID, the message XML).
+//! (`msg_signature`, the AES frame, the receive id, the message in the
+//! account's codec).
 //!
-//! The result, [`VerifiedPush`], carries everything that was verified, so what
+//! Each family ([`crate::wechat::family`]) is verified by one [`Callback`]
+//! value: what differs between them (WeCom's encrypted URL check and its
+//! query of `msg_signature` alone, a Mini Program's JSON, an Open Platform's
+//! two URLs and the authoriser in the path, whose receive id ends the frame)
+//! is decided there, and the result, [`VerifiedPush`], is the same for all.
+//! It carries everything that was verified, its [`Origin`] included, so what
 //! comes after (storing, sealing a reply) never reads the request again.
 
-use crate::wechat::crypto::{DecryptError, KeyRing, KeySlot};
+use crate::wechat::crypto::{decrypt_frame, DecryptError, KeyRing, KeySlot};
+use crate::wechat::family::{is_app_id, Codec, Family, Origin};
+use crate::wechat::json::{self, JsonError};
 use crate::wechat::message::{Message, XmlError};
 use crate::wechat::signature;
+use serde_json::Value;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::fmt;
 use std::time::Duration;
 
 /// What one account's server URL is checked with.
 #[derive(Clone, Copy)]
 pub struct Credentials<'a> {
     pub token: &'a str,
+    /// The receive id every frame must end in: the AppID, the platform's
+    /// component AppID, or WeCom's CorpID or SuiteID.
     pub app_id: &'a str,
     pub keys: Option<&'a KeyRing>,
     /// Pushes whose timestamp is further from now are refused; `None` = off.
@@ -50,19 +62,45 @@ pub enum Refused {
     BadMsgSignature,
     #[error("bad XML: {0}")]
     BadXml(#[from] XmlError),
+    #[error("bad JSON: {0}")]
+    BadJson(#[from] JsonError),
     #[error("AppID mismatch")]
-    BadAppId,
+    BadAppId { found: ReceiveId },
+    /// WeCom's error -40007: the CorpID or SuiteID the frame ends in is not
+    /// the account's `corp_id`, its most common support thread.
+    #[error("receive id mismatch: not sealed for corp_id (WeCom error -40007)")]
+    BadReceiveId { found: ReceiveId },
     #[error("openid does not match FromUserName")]
     OpenidMismatch,
     #[error("undecryptable: {0}")]
     Decrypt(DecryptError),
+    /// WeChat fills the message URL's `$APPID$` with an authoriser's AppID.
+    #[error("authoriser is not an AppID (wx and 16 hex digits): the message URL is /wx/{{account}}/$APPID$")]
+    BadAuthorizer,
+    /// A message at the authorisation URL has lost its authoriser.
+    #[error("not an authorisation event: messages go to the message URL, /wx/{{account}}/$APPID$")]
+    NotAuthorizationEvent,
 }
 
-impl From<DecryptError> for Refused {
-    fn from(e: DecryptError) -> Self {
-        match e {
-            DecryptError::AppId => Refused::BadAppId,
-            other => Refused::Decrypt(other),
+/// The receive id a frame ended in, when it was not the account's: for the
+/// log line that says which one was found. It is an AppID, CorpID or
+/// SuiteID, never a secret; shown escaped and cut short, as it is whatever
+/// the sender sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiveId(Option<String>);
+
+impl fmt::Display for ReceiveId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            None => f.write_str("(not text)"),
+            Some(id) => {
+                let shown: String = id.chars().take(64).collect();
+                write!(f, "{}", shown.escape_debug())?;
+                if shown.len() < id.len() {
+                    f.write_str("…")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -123,12 +161,7 @@ fn check_signature(
     if !signature::verify(&signature, &[creds.token, &timestamp, &nonce]) {
         return Err(Refused::BadSignature);
     }
-    if let Some(window) = creds.timestamp_window {
-        let sent: i64 = timestamp.parse().map_err(|_| Refused::Stale)?;
-        if (now_secs - sent).unsigned_abs() > window.as_secs() {
-            return Err(Refused::Stale);
-        }
-    }
+    fresh(creds, &timestamp, now_secs)?;
     Ok(Signed {
         timestamp,
         nonce,
@@ -136,12 +169,75 @@ fn check_signature(
     })
 }
 
+/// The freshness window, once a signature has vouched for the timestamp.
+fn fresh(creds: &Credentials<'_>, timestamp: &str, now_secs: i64) -> Result<(), Refused> {
+    if let Some(window) = creds.timestamp_window {
+        let sent: i64 = timestamp.parse().map_err(|_| Refused::Stale)?;
+        if (now_secs - sent).unsigned_abs() > window.as_secs() {
+            return Err(Refused::Stale);
+        }
+    }
+    Ok(())
+}
+
 /// The URL check: the `echostr` to answer, once the signature verifies. For
 /// an Official Account it is never encrypted, in any mode.
 pub fn check_url(creds: &Credentials<'_>, query: &str, now_secs: i64) -> Result<String, Refused> {
+    Callback::OFFICIAL_ACCOUNT.check_url(creds, query, now_secs)
+}
+
+/// WeCom's URL check: `msg_signature` over (token, timestamp, nonce,
+/// echostr), then `echostr` decrypted and its receive id checked; the
+/// plaintext is the answer, exactly. Pure work on the query, a few
+/// microseconds: well inside the second WeCom allows.
+fn wecom_url_check(creds: &Credentials<'_>, query: &str, now_secs: i64) -> Result<String, Refused> {
     let mut q = params(query)?;
-    check_signature(creds, &mut q, now_secs)?;
-    q.remove("echostr").ok_or(Refused::MissingEchostr)
+    let signed = msg_signed(&mut q)?;
+    let echostr = q.remove("echostr").ok_or(Refused::MissingEchostr)?;
+    let parts = [creds.token, &signed.timestamp, &signed.nonce, &echostr];
+    if !signature::verify(&signed.signature, &parts) {
+        return Err(Refused::BadMsgSignature);
+    }
+    fresh(creds, &signed.timestamp, now_secs)?;
+    let keys = creds.keys.ok_or(Refused::EncryptedRefused)?;
+    let (plaintext, _) = open(Family::Wecom, keys, &echostr, creds.app_id)?;
+    Ok(plaintext)
+}
+
+/// WeCom's query: `msg_signature`, `timestamp` and `nonce`, and no
+/// `signature`; the `msg_signature` is checked with what it covers, the
+/// `echostr` or the body's `Encrypt`.
+fn msg_signed(q: &mut HashMap<String, String>) -> Result<Signed, Refused> {
+    let signature = take(q, "msg_signature")?;
+    let timestamp = take(q, "timestamp")?;
+    let nonce = take(q, "nonce")?;
+    Ok(Signed {
+        timestamp,
+        nonce,
+        signature,
+    })
+}
+
+/// Decrypts with the ring and checks the receive id: a mismatch is refused
+/// with the receive id that was found, named as the family names it.
+fn open(
+    family: Family,
+    keys: &KeyRing,
+    encrypt: &str,
+    receive_id: &str,
+) -> Result<(String, KeySlot), Refused> {
+    match keys.decrypt(encrypt, receive_id) {
+        Ok(opened) => Ok(opened),
+        Err(DecryptError::AppId) => {
+            // The ring reports the current key's error: its frame held another id.
+            let found = ReceiveId(decrypt_frame(&keys.current, encrypt).ok().map(|(_, id)| id));
+            Err(match family {
+                Family::Wecom => Refused::BadReceiveId { found },
+                _ => Refused::BadAppId { found },
+            })
+        }
+        Err(other) => Err(Refused::Decrypt(other)),
+    }
 }
 
 /// A push's query that has passed [`check_push_query`].
@@ -159,6 +255,16 @@ pub struct PushQuery {
 /// `encrypt_type` and whether the account takes that kind of push. A
 /// signature covers only the query, so this runs before the body is read.
 pub fn check_push_query(
+    creds: &Credentials<'_>,
+    query: &str,
+    now_secs: i64,
+) -> Result<PushQuery, Refused> {
+    Callback::OFFICIAL_ACCOUNT.check_push_query(creds, query, now_secs)
+}
+
+/// A push's query as an Official Account's (and a Mini Program's and an
+/// Open Platform's) is written.
+fn signed_push_query(
     creds: &Credentials<'_>,
     query: &str,
     now_secs: i64,
@@ -190,15 +296,127 @@ pub fn check_push_query(
 pub struct VerifiedPush {
     /// The key that decrypted it; `None` for an unencrypted push.
     pub key_slot: Option<KeySlot>,
-    /// The signed `timestamp`, `nonce` and `signature` of the query, as sent.
+    /// The signed `timestamp`, `nonce` and `signature` of the query, as sent
+    /// (WeCom's `msg_signature`, its only one).
     pub timestamp: String,
     pub nonce: String,
     pub signature: String,
     /// The query as it arrived, kept with the stored event.
     pub query: String,
-    /// The message's XML: the decrypted XML of an encrypted push.
+    /// The message as written: the decrypted text of an encrypted push, XML
+    /// or (a Mini Program's JSON) JSON.
     pub xml: String,
     pub message: Message,
+    /// The message's fields for the `json` format: text as strings, lists as
+    /// arrays ([`Message::fields_json`], or a JSON push's own object).
+    pub fields: Value,
+    /// The family, the codec and the family's identifiers.
+    pub origin: Origin,
+}
+
+/// One family's callback as the request path meets it: the account's family
+/// and codec, and for an Open Platform's message URL the authoriser the path
+/// names. Each step of verification asks it what its family does.
+#[derive(Debug, Clone, Copy)]
+pub struct Callback<'a> {
+    pub family: Family,
+    pub codec: Codec,
+    /// The authoriser's AppID from `/wx/{account}/{appid}`, an Open
+    /// Platform's message URL; `None` at `/wx/{account}`.
+    pub authorizer: Option<&'a str>,
+}
+
+impl<'a> Callback<'a> {
+    /// An Official Account's server URL.
+    pub const OFFICIAL_ACCOUNT: Callback<'static> = Callback {
+        family: Family::OfficialAccount,
+        codec: Codec::Xml,
+        authorizer: None,
+    };
+
+    /// The callback at a path: `authorizer` is the second segment of an Open
+    /// Platform's message URL, which must be an AppID.
+    pub fn new(family: Family, codec: Codec, authorizer: Option<&'a str>) -> Result<Self, Refused> {
+        if authorizer.is_some_and(|appid| !is_app_id(appid)) {
+            return Err(Refused::BadAuthorizer);
+        }
+        Ok(Callback {
+            family,
+            codec,
+            authorizer,
+        })
+    }
+
+    /// The URL check: the text to answer, once the query verifies.
+    pub fn check_url(
+        &self,
+        creds: &Credentials<'_>,
+        query: &str,
+        now_secs: i64,
+    ) -> Result<String, Refused> {
+        if self.family == Family::Wecom {
+            return wecom_url_check(creds, query, now_secs);
+        }
+        let mut q = params(query)?;
+        check_signature(creds, &mut q, now_secs)?;
+        q.remove("echostr").ok_or(Refused::MissingEchostr)
+    }
+
+    /// What a push's query decides, before its body is read. A WeCom push's
+    /// query is `msg_signature`, `timestamp` and `nonce`: it is always
+    /// encrypted, and its signature is checked with the body it covers.
+    pub fn check_push_query(
+        &self,
+        creds: &Credentials<'_>,
+        query: &str,
+        now_secs: i64,
+    ) -> Result<PushQuery, Refused> {
+        if self.family != Family::Wecom {
+            return signed_push_query(creds, query, now_secs);
+        }
+        let mut q = params(query)?;
+        let signed = msg_signed(&mut q)?;
+        // Stale or not is known now; whether it is signed, only with the body.
+        fresh(creds, &signed.timestamp, now_secs)?;
+        Ok(PushQuery {
+            raw: query.to_string(),
+            msg_signature: Some(signed.signature.clone()),
+            signed,
+            openid: None,
+            encrypted: true,
+        })
+    }
+
+    /// Reads a body (or the decrypted message) in the callback's codec.
+    fn read(&self, body: &[u8]) -> Result<(Message, Option<Value>), Refused> {
+        match self.codec {
+            Codec::Xml => Ok((Message::parse_push(body)?, None)),
+            Codec::Json => {
+                let push = json::parse_push(body)?;
+                Ok((push.message, Some(push.fields)))
+            }
+        }
+    }
+
+    /// What the family's identifiers are for this message. An Open
+    /// Platform's authorisation URL takes authorisation events only: a
+    /// message there has lost its authoriser (the message URL is missing
+    /// its `$APPID$`).
+    pub fn origin(&self, message: &Message) -> Result<Origin, Refused> {
+        let mut origin = Origin::of(self.family, self.codec);
+        match self.family {
+            Family::OpenPlatform => {
+                origin.appid = self.authorizer.map(str::to_owned);
+                origin.info_type = message.get("InfoType").map(str::to_owned);
+                if self.authorizer.is_none() && origin.info_type.is_none() {
+                    return Err(Refused::NotAuthorizationEvent);
+                }
+            }
+            Family::Wecom => origin.agent_id = message.get("AgentID").map(str::to_owned),
+            Family::OfficialAccount | Family::MiniProgram => {}
+        }
+        Ok(origin)
+    }
 }
 
 /// Checks a push's body against its verified query: the XML, and for an
@@ -210,10 +428,68 @@ pub fn verify_push(
     query: PushQuery,
     body: &[u8],
 ) -> Result<VerifiedPush, Refused> {
-    let outer = Message::parse_push(body)?;
-    let (xml, message, key_slot) = if query.encrypted {
-        // Only <Encrypt> is authenticated; in compatibility mode the
-        // plaintext copies beside it are ignored.
+    Callback::OFFICIAL_ACCOUNT.verify_push(creds, query, body)
+}
+
+impl Callback<'_> {
+    /// Checks a push's body against its verified query, in the callback's
+    /// codec: for an encrypted push `msg_signature`, the AES frame and the
+    /// receive id, then the message. A query's `openid` must name the
+    /// sender the (decrypted) message names: no signature covers it, and
+    /// whoever reads the query would take it for the sender.
+    pub fn verify_push(
+        &self,
+        creds: &Credentials<'_>,
+        query: PushQuery,
+        body: &[u8],
+    ) -> Result<VerifiedPush, Refused> {
+        let (outer, outer_fields) = self.read(body)?;
+        let (xml, (message, fields), key_slot) = if query.encrypted {
+            let (text, slot) = self.unseal(creds, &query, &outer)?;
+            let read = self.read(text.as_bytes())?;
+            (text, read, Some(slot))
+        } else {
+            let text = std::str::from_utf8(body).map_err(|_| match self.codec {
+                Codec::Xml => Refused::BadXml(XmlError::Utf8),
+                Codec::Json => Refused::BadJson(JsonError::Utf8),
+            })?;
+            (text.to_string(), (outer, outer_fields), None)
+        };
+        if query
+            .openid
+            .as_deref()
+            .is_some_and(|openid| message.from_user() != Some(openid))
+        {
+            return Err(Refused::OpenidMismatch);
+        }
+        let origin = self.origin(&message)?;
+        let Signed {
+            timestamp,
+            nonce,
+            signature,
+        } = query.signed;
+        Ok(VerifiedPush {
+            key_slot,
+            timestamp,
+            nonce,
+            signature,
+            query: query.raw,
+            xml,
+            fields: fields.unwrap_or_else(|| message.fields_json()),
+            message,
+            origin,
+        })
+    }
+
+    /// An encrypted push's message: only `Encrypt` is authenticated (in
+    /// compatibility mode the plaintext copies beside it are ignored), by
+    /// `msg_signature`, before anything is decrypted.
+    fn unseal(
+        &self,
+        creds: &Credentials<'_>,
+        query: &PushQuery,
+        outer: &Message,
+    ) -> Result<(String, KeySlot), Refused> {
         let encrypt = outer
             .get("Encrypt")
             .filter(|e| !e.is_empty())
@@ -229,36 +505,8 @@ pub fn verify_push(
             return Err(Refused::BadMsgSignature);
         }
         let keys = creds.keys.ok_or(Refused::EncryptedRefused)?;
-        let (xml, slot) = keys.decrypt(encrypt, creds.app_id)?;
-        let message = Message::parse_push(xml.as_bytes())?;
-        (xml, message, Some(slot))
-    } else {
-        let xml = std::str::from_utf8(body)
-            .map_err(|_| Refused::BadXml(XmlError::Utf8))?
-            .to_string();
-        (xml, outer, None)
-    };
-    if query
-        .openid
-        .as_deref()
-        .is_some_and(|openid| message.from_user() != Some(openid))
-    {
-        return Err(Refused::OpenidMismatch);
+        open(self.family, keys, encrypt, creds.app_id)
     }
-    let Signed {
-        timestamp,
-        nonce,
-        signature,
-    } = query.signed;
-    Ok(VerifiedPush {
-        key_slot,
-        timestamp,
-        nonce,
-        signature,
-        query: query.raw,
-        xml,
-        message,
-    })
 }
 
 #[cfg(test)]
@@ -401,5 +649,222 @@ mod tests {
             verify_push(&c, query, b"<xml><Encrypt></Encrypt></xml>").err(),
             Some(Refused::MissingEncrypt)
         );
+    }
+
+    mod families {
+        use super::*;
+        use crate::wechat::push::{build_json, build_wecom, PushParams, Sealing};
+
+        const CORP_ID: &str = "ww0123456789abcdef";
+
+        fn callback(family: Family, codec: Codec, authorizer: Option<&str>) -> Callback<'_> {
+            Callback::new(family, codec, authorizer).unwrap()
+        }
+
+        fn params(app_id: &str) -> PushParams<'_> {
+            PushParams {
+                token: TOKEN,
+                app_id,
+                timestamp: NOW,
+                nonce: "n1",
+                openid: None,
+                random: &[3; 16],
+            }
+        }
+
+        fn wecom_creds(keys: &KeyRing) -> Credentials<'_> {
+            Credentials {
+                app_id: CORP_ID,
+                ..creds(Some(keys), false, true)
+            }
+        }
+
+        #[test]
+        fn wecom_answers_the_decrypted_echostr_of_tencents_sample() {
+            // Tencent's WeCom sample VerifyURL: the values of its C++ and Java samples.
+            let keys = KeyRing {
+                current: AesKey::from_encoding("jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C")
+                    .unwrap(),
+                previous: None,
+            };
+            let c = Credentials {
+                token: "QDG6eK",
+                app_id: "wx5823bf96d3bd56c7",
+                keys: Some(&keys),
+                timestamp_window: None,
+                accepts_plaintext: false,
+                accepts_encrypted: true,
+            };
+            let echostr = "P9nAzCzyDtyTWESHep1vC5X9xho%2FqYX3Zpb4yKa9SKld1DsH3Iyt3tP3zNdtp%2B4RPcs8TgAE7OaBO%2BFZXvnaqQ%3D%3D";
+            let q = format!("msg_signature=5c45ff5e21c57e6ad56bac8758b79b1d9ac89fd3&timestamp=1409659589&nonce=263014780&echostr={echostr}");
+            let wecom = callback(Family::Wecom, Codec::Xml, None);
+            assert_eq!(
+                wecom.check_url(&c, &q, NOW).as_deref(),
+                Ok("1616140317555161061")
+            );
+            // An Official Account never decrypts it: there is no `signature` to check.
+            assert_eq!(
+                check_url(&c, &q, NOW),
+                Err(Refused::MissingSignature("signature"))
+            );
+            let tampered = q.replace("P9nA", "P9nB");
+            assert_eq!(
+                wecom.check_url(&c, &tampered, NOW),
+                Err(Refused::BadMsgSignature)
+            );
+            let other = Credentials {
+                app_id: "ww5823bf96d3bd56c7",
+                ..c
+            };
+            assert_eq!(
+                wecom.check_url(&other, &q, NOW),
+                Err(Refused::BadReceiveId {
+                    found: ReceiveId(Some("wx5823bf96d3bd56c7".into()))
+                })
+            );
+        }
+
+        #[test]
+        fn a_wecom_push_verifies_only_with_its_corp_id_and_key() {
+            let keys = ring();
+            let c = wecom_creds(&keys);
+            let xml = "<xml><ToUserName>ww0123456789abcdef</ToUserName><FromUserName>zhangsan</FromUserName>\
+                <CreateTime>1</CreateTime><MsgType>text</MsgType><Content>hi</Content><MsgId>7</MsgId><AgentID>1000002</AgentID></xml>";
+            let wecom = callback(Family::Wecom, Codec::Xml, None);
+            let push = build_wecom(xml, &keys.current, &params(CORP_ID));
+            assert!(
+                push.query.starts_with("msg_signature=") && !push.query.contains("&signature=")
+            );
+            let query = wecom.check_push_query(&c, &push.query, NOW).unwrap();
+            let verified = wecom.verify_push(&c, query, push.body.as_bytes()).unwrap();
+            assert_eq!(verified.xml, xml);
+            assert_eq!(verified.origin.agent_id.as_deref(), Some("1000002"));
+            assert_eq!(verified.origin.family, Family::Wecom);
+
+            // Sealed for an Official Account's AppID (its key shared): refused, saying which.
+            let oa = build_wecom(xml, &keys.current, &params(APP_ID));
+            let query = wecom.check_push_query(&c, &oa.query, NOW).unwrap();
+            let refused = wecom
+                .verify_push(&c, query, oa.body.as_bytes())
+                .unwrap_err();
+            assert_eq!(
+                refused,
+                Refused::BadReceiveId {
+                    found: ReceiveId(Some(APP_ID.into()))
+                }
+            );
+            assert_eq!(format!("{}", ReceiveId(Some(APP_ID.into()))), APP_ID);
+            let hostile = ReceiveId(Some(format!("a\n{}", "x".repeat(100))));
+            assert_eq!(hostile.to_string(), format!("a\\n{}…", "x".repeat(62)));
+            // Sealed with another key: not a frame at all.
+            let other = build_wecom(xml, &AesKey::from_bytes([8; 32]), &params(CORP_ID));
+            let query = wecom.check_push_query(&c, &other.query, NOW).unwrap();
+            assert!(matches!(
+                wecom.verify_push(&c, query, other.body.as_bytes()),
+                Err(Refused::Decrypt(_) | Refused::BadReceiveId { .. })
+            ));
+            // Its query has no `signature`: an Official Account's would be refused.
+            assert_eq!(
+                wecom
+                    .check_push_query(&c, &oa.query.replace("msg_signature", "signature"), NOW)
+                    .err(),
+                Some(Refused::MissingSignature("msg_signature"))
+            );
+        }
+
+        const JSON: &str = r#"{"ToUserName":"gh_1","FromUserName":"o1","CreateTime":1700000000,"MsgType":"text","Content":"hi","MsgId":24602152426471537123}"#;
+
+        #[test]
+        fn mini_program_json_verifies_in_every_mode() {
+            let keys = ring();
+            let mp = callback(Family::MiniProgram, Codec::Json, None);
+            let key = &keys.current;
+            for (sealing, accepts) in [
+                (Sealing::Plaintext, (true, false)),
+                (Sealing::Compat(key), (true, true)),
+                (Sealing::Secure(key), (false, true)),
+            ] {
+                let c = creds(Some(&keys), accepts.0, accepts.1);
+                let push = build_json(JSON, sealing, &params(APP_ID));
+                let query = mp.check_push_query(&c, &push.query, NOW).unwrap();
+                let verified = mp.verify_push(&c, query, push.body.as_bytes()).unwrap();
+                assert_eq!(verified.xml, JSON, "{sealing:?}");
+                assert_eq!(verified.message.get("MsgId"), Some("24602152426471537123"));
+                assert_eq!(verified.fields["CreateTime"], "1700000000");
+                assert_eq!(verified.origin.codec, Codec::Json);
+            }
+        }
+
+        #[test]
+        fn mini_program_json_is_checked_before_it_is_decrypted() {
+            let keys = ring();
+            let c = creds(Some(&keys), false, true);
+            let mp = callback(Family::MiniProgram, Codec::Json, None);
+            let push = build_json(JSON, Sealing::Secure(&keys.current), &params(APP_ID));
+            // A msg_signature over another Encrypt: refused, never decrypted.
+            let forged = push.query.replace("msg_signature=", "msg_signature=0");
+            let query = mp.check_push_query(&c, &forged, NOW).unwrap();
+            assert_eq!(
+                mp.verify_push(&c, query, push.body.as_bytes()).err(),
+                Some(Refused::BadMsgSignature)
+            );
+            let twice = push.body.replacen('{', r#"{"Encrypt":"x","#, 1);
+            let query = mp.check_push_query(&c, &push.query, NOW).unwrap();
+            assert!(matches!(
+                mp.verify_push(&c, query, twice.as_bytes()),
+                Err(Refused::BadJson(JsonError::Repeated(_)))
+            ));
+            let xml = push::build(XML, Sealing::Secure(&keys.current), &params(APP_ID));
+            let query = mp.check_push_query(&c, &xml.query, NOW).unwrap();
+            assert!(matches!(
+                mp.verify_push(&c, query, xml.body.as_bytes()),
+                Err(Refused::BadJson(_))
+            ));
+        }
+
+        #[test]
+        fn an_open_platform_has_two_urls() {
+            let keys = ring();
+            let c = creds(Some(&keys), false, true);
+            let ticket = "<xml><AppId>wx0123456789abcdef</AppId><CreateTime>1</CreateTime>\
+                <InfoType>component_verify_ticket</InfoType><ComponentVerifyTicket>t@@@1</ComponentVerifyTicket></xml>";
+            let sealed = push::build(ticket, Sealing::Secure(&keys.current), &params(APP_ID));
+            assert!(sealed.body.contains("<AppId>"), "{}", sealed.body);
+            let authorisation = callback(Family::OpenPlatform, Codec::Xml, None);
+            let query = authorisation
+                .check_push_query(&c, &sealed.query, NOW)
+                .unwrap();
+            let verified = authorisation
+                .verify_push(&c, query, sealed.body.as_bytes())
+                .unwrap();
+            assert_eq!(
+                verified.origin.info_type.as_deref(),
+                Some("component_verify_ticket")
+            );
+            assert_eq!(verified.origin.appid, None);
+
+            let message = push::build(XML, Sealing::Secure(&keys.current), &params(APP_ID));
+            let query = authorisation
+                .check_push_query(&c, &message.query, NOW)
+                .unwrap();
+            assert_eq!(
+                authorisation
+                    .verify_push(&c, query, message.body.as_bytes())
+                    .err(),
+                Some(Refused::NotAuthorizationEvent)
+            );
+            let authoriser = callback(Family::OpenPlatform, Codec::Xml, Some("wx00000000000000aa"));
+            let query = authoriser
+                .check_push_query(&c, &message.query, NOW)
+                .unwrap();
+            let verified = authoriser
+                .verify_push(&c, query, message.body.as_bytes())
+                .unwrap();
+            assert_eq!(verified.origin.appid.as_deref(), Some("wx00000000000000aa"));
+            assert_eq!(
+                Callback::new(Family::OpenPlatform, Codec::Xml, Some("$APPID$")).err(),
+                Some(Refused::BadAuthorizer)
+            );
+        }
     }
 }

@@ -42,7 +42,11 @@
 //! that comes with it), so the key goes on with `Event`, `EventKey`, `Ticket`
 //! and `MsgID`: `evt|<FromUserName>|<CreateTime>|<Event>|<EventKey>|<Ticket>|<MsgID>`,
 //! absent fields empty. A message without a (non-empty) `MsgId` falls back to
-//! the event form with its `MsgType` where `Event` would be. Each part comes
+//! the event form with its `MsgType` where `Event` would be. An Open
+//! Platform's authorisation event has neither sender nor `MsgType`, only an
+//! `InfoType` and fields that differ by it (two `authorized` of one second
+//! differ in `AuthorizerAppid`), so its key is its `InfoType`, `CreateTime`
+//! and a hash of all its fields: `info|<InfoType>|<CreateTime>|<hash>`. Each part comes
 //! from the decrypted message, so a forged plaintext copy in a compat body can
 //! neither collide with a real push nor mask one.
 //!
@@ -82,10 +86,11 @@ use quick_xml::errors::{IllFormedError, SyntaxError};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 /// WeChat's deepest push (`PUBLISHJOBFINISH`) nests 5 levels; 32 leaves room
 /// for new ones while bounding the recursion of [`Node`] and its consumers.
-const MAX_DEPTH: usize = 32;
+pub(crate) const MAX_DEPTH: usize = 32;
 
 /// The content of an element.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,14 +196,10 @@ impl Message {
         if self.root != "xml" {
             return Err(XmlError::Root);
         }
-        // A push has a dozen fields: a scan beats a set.
-        for (i, (name, node)) in self.fields.iter().enumerate() {
-            let list = LIST_ENTRIES.contains(&name.as_str()) && matches!(node, Node::Children(_));
-            if !list && self.fields[..i].iter().any(|(seen, _)| seen == name) {
-                return Err(XmlError::Repeated(quotable(name)));
-            }
+        match first_repeat(&self.fields) {
+            Some(name) => Err(XmlError::Repeated(quotable(name))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Parses a whole document; see the module docs for what is accepted.
@@ -368,8 +369,18 @@ impl Message {
     /// * an event: `evt|<FromUserName>|<CreateTime>|<Event>|<EventKey>|<Ticket>|<MsgID>`,
     ///   absent fields empty. `Event` and `EventKey` are included because two
     ///   events of one user can share a second (subscribe then LOCATION);
-    /// * a message without a `MsgId`: the event form with `MsgType` for `Event`.
+    /// * a message without a `MsgId`: the event form with `MsgType` for `Event`;
+    /// * an Open Platform authorisation event (an `InfoType` and no
+    ///   `MsgType`): `info|<InfoType>|<CreateTime>|<hash of its fields>`.
     pub fn dedup_key(&self) -> String {
+        let field = |name| self.get(name).unwrap_or_default();
+        if let (Some(info_type), None) = (self.get("InfoType"), self.msg_type()) {
+            // What else an authorisation event carries differs by InfoType;
+            // its whole content tells two events of one second apart.
+            let content = Sha256::digest(self.fields_json().to_string().as_bytes());
+            let content = hex::encode(&content[..16]);
+            return format!("info|{info_type}|{}|{content}", field("CreateTime"));
+        }
         let from = self.from_user().unwrap_or_default();
         let what = match self.kind() {
             MessageKind::Message { msg_type } => {
@@ -380,7 +391,6 @@ impl Message {
             }
             MessageKind::Event { event } => event,
         };
-        let field = |name| self.get(name).unwrap_or_default();
         format!(
             "evt|{from}|{}|{what}|{}|{}|{}",
             field("CreateTime"),
@@ -420,7 +430,7 @@ fn start_element(start: &BytesStart, open: &[Open], root_done: bool) -> Result<S
 
 /// Refuses the characters outside XML 1.0's `Char` production. Surrogates
 /// cannot occur in a `str`.
-fn check_chars(text: &str) -> Result<(), XmlError> {
+pub(crate) fn check_chars(text: &str) -> Result<(), XmlError> {
     // Every push passes here, so the scan is written to vectorise: the C0
     // controls are single bytes in UTF-8, and a fold does not stop early.
     let control = text.bytes().fold(false, |found, b| {
@@ -434,12 +444,23 @@ fn check_chars(text: &str) -> Result<(), XmlError> {
 
 /// An element name fit for a refusal's reason and a log line: WeChat's field
 /// names are short ASCII; anything else is not repeated back.
-fn quotable(name: &str) -> String {
+pub(crate) fn quotable(name: &str) -> String {
     if name.len() <= 32 && name.is_ascii() {
         format!("<{name}>")
     } else {
         "an element".to_owned()
     }
+}
+
+/// The first top-level name that repeats where a push may not repeat one:
+/// only a list container (`item`, `List`) holding elements may.
+pub(crate) fn first_repeat(fields: &[(String, Node)]) -> Option<&str> {
+    // A push has a dozen fields: a scan beats a set.
+    fields.iter().enumerate().find_map(|(i, (name, node))| {
+        let list = LIST_ENTRIES.contains(&name.as_str()) && matches!(node, Node::Children(_));
+        let repeated = !list && fields[..i].iter().any(|(seen, _)| seen == name);
+        repeated.then_some(name.as_str())
+    })
 }
 
 /// Files a finished element under its parent, or as the root.

@@ -14,7 +14,7 @@
 //! answering `echostr` as the whole body, byte for byte. For an Official
 //! Account `echostr` is a plain random string in every message mode, never
 //! ciphertext: trying to decrypt it fails the check. (WeCom's callbacks do
-//! encrypt it; that is another product.)
+//! encrypt it: see [`family`].)
 //!
 //! # Pushes (POST)
 //!
@@ -76,11 +76,16 @@
 //!
 //! [`signature`] the SHA-1 signatures; [`crypto`] the EncodingAESKey, the AES
 //! frame and the key ring; [`message`] the XML of pushes and the dedup key;
-//! [`reply`] what WeChat accepts as an answer and the encrypted envelope;
-//! [`push`] builds a push exactly as WeChat would, for simulation and tests.
+//! [`json`] a Mini Program's JSON pushes, read as strictly; [`family`] the
+//! other callback families (Mini Programs, Open Platforms, WeCom) beside
+//! this one; [`inbound`] verifying what each family sends; [`reply`] what
+//! WeChat accepts as an answer and the encrypted envelope; [`push`] builds a
+//! push exactly as WeChat would, for simulation and tests.
 
 pub mod crypto;
+pub mod family;
 pub mod inbound;
+pub mod json;
 pub mod message;
 pub mod push;
 pub mod reply;

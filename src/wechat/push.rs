@@ -16,8 +16,22 @@
 //! message sealed with the account's key and AppID ([`crate::wechat::crypto`]).
 //! The plaintext fields of a compat body are copied from the message, as
 //! WeChat does, but nothing vouches for them; the relay reads only `Encrypt`.
+//!
+//! The other families frame the same frame otherwise ([`crate::wechat::family`]):
+//!
+//! ```text
+//! JSON (a Mini Program)  the same query; {"ToUserName":…,"Encrypt":…} in secure
+//!                        mode, the message's own keys and "Encrypt" in compat
+//! WeCom                  ?msg_signature=…&timestamp=…&nonce=…
+//!                        <xml><ToUserName>…</ToUserName><AgentID>…</AgentID><Encrypt>…</Encrypt></xml>
+//! ```
+//!
+//! An Open Platform's authorisation event, which has no `ToUserName`, is
+//! sealed under its `AppId` instead: `<xml><AppId>…</AppId><Encrypt>…</Encrypt></xml>`.
 
 use super::crypto::{encrypt, AesKey};
+use super::json;
+use super::message::Message;
 use super::signature::sign;
 
 /// How the message is sealed, as the account's message mode in the WeChat console.
@@ -60,6 +74,96 @@ pub fn digits(len: usize) -> String {
 
 /// Seals `xml` (a whole `<xml>…</xml>` message) as WeChat would.
 pub fn build(xml: &str, sealing: Sealing<'_>, e: &PushParams<'_>) -> Push {
+    let (mut query, sealed) = signed(sealing, xml, e);
+    let Some((compat, encrypted)) = sealed else {
+        return Push {
+            query,
+            body: xml.to_string(),
+        };
+    };
+    query += &format!("&encrypt_type=aes&msg_signature={}", encrypted.signature);
+    let element = format!("<Encrypt><![CDATA[{}]]></Encrypt>", encrypted.text);
+    let body = match xml.trim_end().strip_suffix("</xml>") {
+        Some(open) if compat => format!("{open}\n{element}\n</xml>"),
+        _ => {
+            let (name, value) = addressee(&Message::parse(xml.as_bytes()).ok());
+            format!("<xml>\n<{name}><![CDATA[{value}]]></{name}>\n{element}\n</xml>")
+        }
+    };
+    Push { query, body }
+}
+
+/// Seals `json` (a whole JSON object, a Mini Program's message) as WeChat
+/// would: the query as for XML, the body JSON.
+pub fn build_json(json: &str, sealing: Sealing<'_>, e: &PushParams<'_>) -> Push {
+    let (mut query, sealed) = signed(sealing, json, e);
+    let Some((compat, encrypted)) = sealed else {
+        return Push {
+            query,
+            body: json.to_string(),
+        };
+    };
+    query += &format!("&encrypt_type=aes&msg_signature={}", encrypted.signature);
+    let member = format!("\"Encrypt\":{}", quoted(&encrypted.text));
+    let open = json.trim_end().strip_suffix('}');
+    let body = match open {
+        Some(open) if compat => {
+            let empty = open.trim_end().ends_with('{');
+            format!("{open}{}{member}}}", if empty { "" } else { "," })
+        }
+        _ => {
+            let to_user = json::parse_push(json.as_bytes())
+                .ok()
+                .and_then(|p| p.message.get("ToUserName").map(str::to_owned))
+                .unwrap_or_default();
+            format!("{{\"ToUserName\":{},{member}}}", quoted(&to_user))
+        }
+    };
+    Push { query, body }
+}
+
+/// Seals `xml` as WeCom does: always encrypted with `key` for the receive
+/// id `e.app_id` (the CorpID or SuiteID), under a query of `msg_signature`,
+/// `timestamp` and `nonce` alone; the body names the corporation and the
+/// app as the message does.
+pub fn build_wecom(xml: &str, key: &AesKey, e: &PushParams<'_>) -> Push {
+    let timestamp = e.timestamp.to_string();
+    let encrypted = encrypt(key, e.random, xml, e.app_id);
+    let msg_signature = sign(&[e.token, &timestamp, e.nonce, &encrypted]);
+    let message = Message::parse(xml.as_bytes()).ok();
+    let field = |name| {
+        message
+            .as_ref()
+            .and_then(|m| m.get(name).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    Push {
+        query: format!(
+            "msg_signature={msg_signature}&timestamp={timestamp}&nonce={}",
+            e.nonce
+        ),
+        body: format!(
+            "<xml><ToUserName><![CDATA[{}]]></ToUserName><AgentID><![CDATA[{}]]></AgentID>\
+             <Encrypt><![CDATA[{encrypted}]]></Encrypt></xml>",
+            field("ToUserName"),
+            field("AgentID")
+        ),
+    }
+}
+
+/// An `Encrypt` value and its `msg_signature`.
+struct Encrypted {
+    text: String,
+    signature: String,
+}
+
+/// The signed query (`signature`, `timestamp`, `nonce`, any `openid`) and,
+/// when the mode seals, whether it is compat and the sealed message.
+fn signed(
+    sealing: Sealing<'_>,
+    message: &str,
+    e: &PushParams<'_>,
+) -> (String, Option<(bool, Encrypted)>) {
     let timestamp = e.timestamp.to_string();
     let mut query = format!(
         "signature={}&timestamp={timestamp}&nonce={}",
@@ -70,30 +174,33 @@ pub fn build(xml: &str, sealing: Sealing<'_>, e: &PushParams<'_>) -> Push {
         query += &format!("&openid={openid}");
     }
     let (key, compat) = match sealing {
-        Sealing::Plaintext => {
-            return Push {
-                query,
-                body: xml.to_string(),
-            }
-        }
+        Sealing::Plaintext => return (query, None),
         Sealing::Compat(key) => (key, true),
         Sealing::Secure(key) => (key, false),
     };
-    let encrypted = encrypt(key, e.random, xml, e.app_id);
-    let msg_signature = sign(&[e.token, &timestamp, e.nonce, &encrypted]);
-    query += &format!("&encrypt_type=aes&msg_signature={msg_signature}");
-    let element = format!("<Encrypt><![CDATA[{encrypted}]]></Encrypt>");
-    let body = match xml.trim_end().strip_suffix("</xml>") {
-        Some(open) if compat => format!("{open}\n{element}\n</xml>"),
-        _ => {
-            let to_user = super::message::Message::parse(xml.as_bytes())
-                .ok()
-                .and_then(|m| m.get("ToUserName").map(str::to_string))
-                .unwrap_or_default();
-            format!("<xml>\n<ToUserName><![CDATA[{to_user}]]></ToUserName>\n{element}\n</xml>")
-        }
+    let text = encrypt(key, e.random, message, e.app_id);
+    let signature = sign(&[e.token, &timestamp, e.nonce, &text]);
+    (query, Some((compat, Encrypted { text, signature })))
+}
+
+/// The element a secure body keeps beside `Encrypt`: `ToUserName`, or an
+/// authorisation event's `AppId`.
+fn addressee(message: &Option<Message>) -> (&'static str, String) {
+    let get = |name| {
+        message
+            .as_ref()
+            .and_then(|m| m.get(name))
+            .map(str::to_owned)
     };
-    Push { query, body }
+    match (get("ToUserName"), get("AppId")) {
+        (None, Some(app_id)) => ("AppId", app_id),
+        (to_user, _) => ("ToUserName", to_user.unwrap_or_default()),
+    }
+}
+
+/// A JSON string.
+fn quoted(text: &str) -> String {
+    serde_json::Value::String(text.to_owned()).to_string()
 }
 
 #[cfg(test)]

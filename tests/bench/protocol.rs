@@ -1,12 +1,17 @@
 //! Micro-benchmarks of the per-push protocol work, per message mode: verify
 //! the signatures, decrypt, parse, route — everything the handler does before
-//! the spool. `cargo bench --bench protocol`.
+//! the spool; and the other families' verification as the request path does
+//! it ([`Callback`]): WeCom's URL check (answered within WeCom's second, with
+//! no spool access), a WeCom push, a Mini Program's JSON push.
+//! `cargo bench --bench protocol`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 use wxrelay::config::Settings;
 use wxrelay::route;
-use wxrelay::wechat::crypto::AesKey;
+use wxrelay::wechat::crypto::{encrypt, AesKey, KeyRing};
+use wxrelay::wechat::family::{Codec, Family};
+use wxrelay::wechat::inbound::{Callback, Credentials};
 use wxrelay::wechat::message::Message;
 use wxrelay::wechat::push::{self, PushParams, Sealing};
 use wxrelay::wechat::signature;
@@ -85,5 +90,69 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// The families' verification through the relay's own path.
+fn families(c: &mut Criterion) {
+    let key = AesKey::from_encoding(KEY).unwrap_or_else(|e| panic!("{e}"));
+    let ring = KeyRing {
+        current: key.clone(),
+        previous: None,
+    };
+    let corp = "ww0123456789abcdef";
+    let creds = |receive_id| Credentials {
+        token: TOKEN,
+        app_id: receive_id,
+        keys: Some(&ring),
+        timestamp_window: None,
+        accepts_plaintext: false,
+        accepts_encrypted: true,
+    };
+    let mut group = c.benchmark_group("families");
+    let echostr = encrypt(&key, &[b'e'; 16], "6480519872014652389", corp);
+    let msg_signature = signature::sign(&[TOKEN, "1716999970", "1816087198", &echostr]);
+    let url_check = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([
+            ("msg_signature", msg_signature.as_str()),
+            ("timestamp", "1716999970"),
+            ("nonce", "1816087198"),
+            ("echostr", &echostr),
+        ])
+        .finish();
+    let wecom = Callback::new(Family::Wecom, Codec::Xml, None).unwrap_or_else(|e| panic!("{e}"));
+    let (wecom_creds, now) = (creds(corp), 1_716_999_970);
+    group.bench_function("wecom URL check", |b| {
+        b.iter(|| wecom.check_url(&wecom_creds, black_box(&url_check), now))
+    });
+    let params = |receive_id| PushParams {
+        token: TOKEN,
+        app_id: receive_id,
+        timestamp: now,
+        nonce: "1816087198",
+        openid: None,
+        random: &[b'r'; 16],
+    };
+    let xml = XML.replace("</xml>", "<AgentID>1000002</AgentID></xml>");
+    let sealed = push::build_wecom(&xml, &key, &params(corp));
+    group.bench_function("wecom push", |b| {
+        b.iter(|| {
+            let query = wecom.check_push_query(&wecom_creds, black_box(&sealed.query), now);
+            let query = query.unwrap_or_else(|e| panic!("{e}"));
+            wecom.verify_push(&wecom_creds, query, black_box(sealed.body.as_bytes()))
+        })
+    });
+    let json = r#"{"ToUserName":"gh_3f1a2b9c8d7e","FromUserName":"oRlyT3stUserOpenId0000000001","CreateTime":1716999970,"MsgType":"event","Event":"subscribe","EventKey":"qrscene_login:7f3c2a9e1b","MsgId":24602152426471537123}"#;
+    let mp =
+        Callback::new(Family::MiniProgram, Codec::Json, None).unwrap_or_else(|e| panic!("{e}"));
+    let sealed = push::build_json(json, Sealing::Secure(&key), &params(APP_ID));
+    let mp_creds = creds(APP_ID);
+    group.bench_function("mini program JSON push, secure", |b| {
+        b.iter(|| {
+            let query = mp.check_push_query(&mp_creds, black_box(&sealed.query), now);
+            let query = query.unwrap_or_else(|e| panic!("{e}"));
+            mp.verify_push(&mp_creds, query, black_box(sealed.body.as_bytes()))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, families);
 criterion_main!(benches);

@@ -13,8 +13,8 @@ use super::row::{column, get};
 use super::wake::Notifier;
 use crate::spool::vocab::PROBE;
 use crate::spool::{
-    DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, SpoolError, Supervision,
-    UnixMs,
+    rows, DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, SpoolError,
+    Supervision, UnixMs,
 };
 use deadpool_postgres::{Object, Pool, Transaction};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -360,9 +360,10 @@ async fn insert_rows(
     let (events, deliveries) = tokio::try_join!(
         tx.prepare_cached(
             "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
-                                 msg_type, event)
+                                 msg_type, event, family, codec, appid, agent_id, info_type)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[],
-                                  $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[])",
+                                  $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[],
+                                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])",
         ),
         tx.prepare_cached(
             "INSERT INTO deliveries (id, event_id, target, state, next_at, scheduled_at, reason,
@@ -373,7 +374,7 @@ async fn insert_rows(
                   AS t(id, event_id, target, state, next_at, reason, updated_at, order_key)",
         ),
     )?;
-    let event_params: [&(dyn ToSql + Sync); 10] = [
+    let event_params: [&(dyn ToSql + Sync); 15] = [
         &event_ids,
         &e.keys,
         &e.accounts,
@@ -384,6 +385,11 @@ async fn insert_rows(
         &e.fields,
         &e.msg_types,
         &e.kinds,
+        &e.families,
+        &e.codecs,
+        &e.appids,
+        &e.agent_ids,
+        &e.info_types,
     ];
     let delivery_params = d.params(&delivery_ids);
     // Pipelined: both statements go out before the first answer comes back.
@@ -408,12 +414,24 @@ struct EventColumns<'a> {
     fields: Vec<&'a str>,
     msg_types: Vec<&'a str>,
     kinds: Vec<Option<&'a str>>,
+    families: Vec<Option<&'static str>>,
+    codecs: Vec<Option<&'static str>>,
+    appids: Vec<Option<&'a str>>,
+    agent_ids: Vec<Option<&'a str>>,
+    info_types: Vec<Option<&'a str>>,
 }
 
 impl<'a> EventColumns<'a> {
     fn of(stored: &[&'a Push]) -> Self {
         let events = || stored.iter().map(|r| &r.event.event);
+        let origins = || events().map(|e| &e.origin);
+        let (families, codecs) = origins().map(rows::origin_names).unzip();
         Self {
+            families,
+            codecs,
+            appids: origins().map(|o| o.appid.as_deref()).collect(),
+            agent_ids: origins().map(|o| o.agent_id.as_deref()).collect(),
+            info_types: origins().map(|o| o.info_type.as_deref()).collect(),
             keys: events().map(|e| e.dedup_key.as_str()).collect(),
             accounts: events().map(|e| e.account.as_str()).collect(),
             received: events().map(|e| e.received_at.0).collect(),
@@ -504,6 +522,7 @@ mod tests {
             fields: String::new(),
             msg_type: "event".into(),
             event_type: None,
+            origin: Default::default(),
         };
         Push {
             event: NewEvent {

@@ -9,11 +9,10 @@ use crate::spool::migration::{self, Migrated, Migration};
 use crate::spool::SpoolError;
 use sha2::Digest;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "queue",
-    sql: include_str!("migrations/0001_queue.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration::new(1, "queue", include_str!("migrations/0001_queue.sql")),
+    Migration::new(2, "families", include_str!("migrations/0002_families.sql")),
+];
 
 /// The newest schema version this binary knows.
 pub fn latest() -> i32 {

@@ -61,11 +61,11 @@ pub use connect::postgres_display;
 pub use migrate::latest as latest_schema_version;
 pub use settle::{REPLICA_FORGOTTEN_MS, TARGETS_HOLD_MS};
 
-use super::vocab::{EVENT_COLUMNS, PENDING, QUEUE};
+use super::vocab::{EVENT_COLUMNS, KEEP_TICKET, PENDING, QUEUE, TICKETS};
 use super::{
-    rows, DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId, Health, Intake,
-    Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture, Supervision, TargetDepth,
-    UnixMs, WaitingDelivery, Work,
+    rows, ComponentTicket, DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId,
+    Health, Intake, Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture,
+    Supervision, TargetDepth, Tickets, UnixMs, WaitingDelivery, Work,
 };
 use crate::config::PostgresSettings;
 use const_format::formatcp;
@@ -560,6 +560,31 @@ impl Health for PostgresSpool {
             })
         });
         Box::pin(last_or_read(self.depth.clone(), read))
+    }
+}
+
+impl Tickets for PostgresSpool {
+    /// On a connection of the pool, committed as durably as a push.
+    fn keep(&self, ticket: ComponentTicket) -> SpoolFuture<bool> {
+        self.with_client("keep ticket", move |c| {
+            Box::pin(async move {
+                let statement = c.prepare_cached(KEEP_TICKET).await?;
+                let t = &ticket;
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                    [&t.account, &t.ticket, &t.create_time, &t.received_at.0];
+                Ok(c.query_opt(&statement, &params).await?.is_some())
+            })
+        })
+    }
+
+    fn tickets(&self) -> SpoolFuture<Vec<ComponentTicket>> {
+        self.with_client("tickets", move |c| {
+            Box::pin(async move {
+                let statement = c.prepare_cached(TICKETS).await?;
+                let rows = c.query(&statement, &[]).await?;
+                rows.iter().map(rows::ticket).collect()
+            })
+        })
     }
 }
 

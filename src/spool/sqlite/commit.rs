@@ -1,8 +1,12 @@
 //! What a push's commit writes: its replay guard, its dedup key, the event
 //! and a delivery per target (or its `unrouted` dead letter).
 
+use crate::spool::vocab::KEEP_TICKET;
 use crate::spool::vocab::{PENDING, UNROUTED};
-use crate::spool::{DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, ReplayGuard, UnixMs};
+use crate::spool::{
+    rows, ComponentTicket, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, ReplayGuard,
+    UnixMs,
+};
 use const_format::formatcp;
 use rusqlite::{params, Connection};
 use std::time::Duration;
@@ -30,6 +34,7 @@ pub(super) fn enqueue(
     if inserted == 0 {
         return Ok(Enqueued::Duplicate);
     }
+    let (family, codec) = rows::origin_names(&e.origin);
     c.prepare_cached(INSERT_EVENT)?.execute(params![
         e.dedup_key,
         e.account,
@@ -39,7 +44,12 @@ pub(super) fn enqueue(
         e.xml,
         e.fields,
         e.msg_type,
-        e.event_type
+        e.event_type,
+        family,
+        codec,
+        e.origin.appid,
+        e.origin.agent_id,
+        e.origin.info_type
     ])?;
     let event_id = EventId(c.last_insert_rowid());
     if targets.is_empty() {
@@ -71,8 +81,9 @@ const TAKE_KEY: &str = "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
      ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
      WHERE dedup.expires_at <= ?3";
 
-const INSERT_EVENT: &str = "INSERT INTO events (dedup_key, account, received_at, query, body, xml, fields, msg_type, event)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+const INSERT_EVENT: &str = "INSERT INTO events (dedup_key, account, received_at, query, body, xml, fields, msg_type, event,
+                         family, codec, appid, agent_id, info_type)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 
 const INSERT_UNROUTED: &str = formatcp!(
     "INSERT INTO deliveries (event_id, target, state, next_at, reason, updated_at)
@@ -104,4 +115,16 @@ fn first_body_under(c: &Connection, guard: &ReplayGuard, now: UnixMs) -> rusqlit
         .prepare_cached("SELECT body_hash FROM replay WHERE key = ?1")?
         .query_row(params![guard.key], |r| r.get("body_hash"))?;
     Ok(seen == guard.body_hash)
+}
+
+/// Keeps `ticket` unless its account has one as new or newer; whether it did.
+pub(super) fn keep_ticket(c: &Connection, ticket: &ComponentTicket) -> rusqlite::Result<bool> {
+    let mut keep = c.prepare_cached(KEEP_TICKET)?;
+    let mut kept = keep.query(params![
+        ticket.account,
+        ticket.ticket,
+        ticket.create_time,
+        ticket.received_at
+    ])?;
+    Ok(kept.next()?.is_some())
 }

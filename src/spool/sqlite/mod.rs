@@ -49,9 +49,9 @@ mod writer;
 
 use super::vocab::{DEFAULT_MAX_BATCH, QUEUE};
 use super::{
-    DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId, Health, Intake,
-    Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture, Supervision, TargetDepth,
-    UnixMs, WaitingDelivery, Work,
+    ComponentTicket, DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId,
+    Health, Intake, Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture,
+    Supervision, TargetDepth, Tickets, UnixMs, WaitingDelivery, Work,
 };
 use file::{open_connection, OpenedFile};
 use leases::Leased;
@@ -260,6 +260,16 @@ impl Health for SqliteSpool {
 
     fn depth(&self) -> SpoolFuture<Vec<TargetDepth>> {
         self.read(Read::Depth)
+    }
+}
+
+impl Tickets for SqliteSpool {
+    fn keep(&self, ticket: ComponentTicket) -> SpoolFuture<bool> {
+        self.submit(|r| Command::KeepTicket(ticket, r))
+    }
+
+    fn tickets(&self) -> SpoolFuture<Vec<ComponentTicket>> {
+        self.read(Read::Tickets)
     }
 }
 

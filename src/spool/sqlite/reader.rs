@@ -5,10 +5,10 @@ use super::dead::dead_letters;
 use super::file::OpenedFile;
 use super::leases::{self, Leased};
 use super::Reply;
-use crate::spool::vocab::{EVENT_COLUMNS, PENDING};
+use crate::spool::vocab::{EVENT_COLUMNS, PENDING, TICKETS};
 use crate::spool::{
-    rows, DeadFilter, DeadLetter, Event, EventId, Lease, SpoolError, TargetDepth, UnixMs,
-    WaitingDelivery,
+    rows, ComponentTicket, DeadFilter, DeadLetter, Event, EventId, Lease, SpoolError, TargetDepth,
+    UnixMs, WaitingDelivery,
 };
 use const_format::formatcp;
 use rusqlite::{params, Connection};
@@ -22,6 +22,7 @@ pub(super) enum Read {
     Depth(Reply<Vec<TargetDepth>>),
     Waiting(String, usize, Reply<Vec<WaitingDelivery>>),
     Event(EventId, Reply<Option<Event>>),
+    Tickets(Reply<Vec<ComponentTicket>>),
 }
 
 /// Answers reads until the spool closes; none from a file no longer at the
@@ -48,6 +49,9 @@ pub(super) fn run(conn: Connection, rx: mpsc::Receiver<Read>, leased: Leased, fi
             Read::Event(id, r) => {
                 let _ = r.send(stored_event(&conn, id));
             }
+            Read::Tickets(r) => {
+                let _ = r.send(read_rows(&conn, TICKETS, [], |row| rows::ticket(row)));
+            }
         }
     }
 }
@@ -59,6 +63,7 @@ fn fail(read: Read, err: SpoolError) {
         Read::Depth(r) => drop(r.send(Err(err))),
         Read::Waiting(_, _, r) => drop(r.send(Err(err))),
         Read::Event(_, r) => drop(r.send(Err(err))),
+        Read::Tickets(r) => drop(r.send(Err(err))),
     }
 }
 

@@ -18,6 +18,7 @@ fn event(key: &str, body_bytes: usize) -> NewEvent {
             fields: "{}".into(),
             msg_type: "event".into(),
             event_type: None,
+            origin: Default::default(),
         },
         targets: vec![NewDelivery {
             target: "hooks".into(),

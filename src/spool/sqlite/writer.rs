@@ -6,7 +6,8 @@ use super::file::OpenedFile;
 use super::{commit, dead, settle, Reply};
 use crate::spool::vocab::{PROBE, PRUNE_EVERY};
 use crate::spool::{
-    DeadFilter, Enqueued, NewEvent, Release, Settlement, SpoolError, Supervision, UnixMs,
+    ComponentTicket, DeadFilter, Enqueued, NewEvent, Release, Settlement, SpoolError, Supervision,
+    UnixMs,
 };
 use rusqlite::{params, Connection, Transaction};
 use std::sync::mpsc;
@@ -21,6 +22,7 @@ pub(super) enum Command {
     Purge(DeadFilter, Reply<u64>),
     Release(Release, UnixMs, Reply<u64>),
     Probe(Reply<()>),
+    KeepTicket(ComponentTicket, Reply<bool>),
 }
 
 /// Commits the waiting commands, a batch at a time, until the spool closes.
@@ -144,6 +146,7 @@ fn fail(cmd: Command, err: SpoolError) {
         Command::Purge(_, r) => drop(r.send(Err(err))),
         Command::Release(_, _, r) => drop(r.send(Err(err))),
         Command::Probe(r) => drop(r.send(Err(err))),
+        Command::KeepTicket(_, r) => drop(r.send(Err(err))),
     }
 }
 
@@ -169,6 +172,9 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>)
             r,
             in_savepoint(tx, |c| c.prepare_cached(PROBE)?.execute([]).map(drop)),
         ),
+        Command::KeepTicket(ticket, r) => {
+            deferred(r, in_savepoint(tx, |c| commit::keep_ticket(c, &ticket)))
+        }
     }
 }
 
