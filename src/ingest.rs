@@ -182,6 +182,7 @@ fn stored_event(
         fields: push.message.fields_json().to_string(),
         msg_type: msg_type.to_string(),
         event_type: push.message.event().map(str::to_string),
+        trace_context: None,
     }
 }
 

@@ -28,6 +28,7 @@ fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
             fields: format!("{{\"K\":\"{key}\"}}"),
             msg_type: "event".into(),
             event_type: Some("CLICK".into()),
+            trace_context: Some(format!("00-{:032x}-{:016x}-01", now + 1, now + 1)),
         },
         targets: targets
             .iter()

@@ -493,6 +493,10 @@ pub struct Event {
     pub msg_type: String,
     /// The `Event` element of an event message (`subscribe`, `CLICK`…).
     pub event_type: Option<String>,
+    /// The W3C trace context (a `traceparent` value) of the push's span, so
+    /// that every attempt, by any worker on any replica, joins its trace;
+    /// `None` when traces are not exported.
+    pub trace_context: Option<String>,
 }
 
 /// Where a delivery stands. A delivered one is removed, so it has no state.

@@ -47,6 +47,7 @@ pub(super) fn event(row: &impl Columns) -> Result<Event, SpoolError> {
         fields: row.text("fields")?,
         msg_type: row.text("msg_type")?,
         event_type: row.opt_text("event")?,
+        trace_context: row.opt_text("trace_context")?,
     })
 }
 

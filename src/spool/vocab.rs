@@ -29,8 +29,8 @@ pub const RETIRED_ERROR: &str = "the target is no longer in the configuration";
 
 /// The events table's columns, as selected under the alias `e`; read back by
 /// name (see `rows::event`).
-pub const EVENT_COLUMNS: &str =
-    "e.dedup_key, e.account, e.received_at, e.query, e.body, e.xml, e.fields, e.msg_type, e.event";
+pub const EVENT_COLUMNS: &str = "e.dedup_key, e.account, e.received_at, e.query, e.body, e.xml, \
+     e.fields, e.msg_type, e.event, e.trace_context";
 
 /// The readiness probe's write: one row rewritten, a real write and commit.
 pub const PROBE: &str = "INSERT INTO probe (id, probes) VALUES (1, 1)

@@ -52,6 +52,7 @@ fn event(i: usize, users: usize) -> NewEvent {
             fields: "{}".into(),
             msg_type: "text".into(),
             event_type: None,
+            trace_context: None,
         },
         targets: vec![NewDelivery {
             target: TARGET.into(),

@@ -357,9 +357,10 @@ async fn insert_rows(
     let (events, deliveries) = tokio::try_join!(
         tx.prepare_cached(
             "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
-                                 msg_type, event)
+                                 msg_type, event, trace_context)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[],
-                                  $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[])",
+                                  $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[],
+                                  $11::text[])",
         ),
         tx.prepare_cached(
             "INSERT INTO deliveries (id, event_id, target, state, next_at, scheduled_at, reason,
@@ -370,7 +371,7 @@ async fn insert_rows(
                   AS t(id, event_id, target, state, next_at, reason, updated_at, order_key)",
         ),
     )?;
-    let event_params: [&(dyn ToSql + Sync); 10] = [
+    let event_params: [&(dyn ToSql + Sync); 11] = [
         &event_ids,
         &e.keys,
         &e.accounts,
@@ -381,6 +382,7 @@ async fn insert_rows(
         &e.fields,
         &e.msg_types,
         &e.kinds,
+        &e.traces,
     ];
     let delivery_params = d.params(&delivery_ids);
     // Pipelined: both statements go out before the first answer comes back.
@@ -405,6 +407,7 @@ struct EventColumns<'a> {
     fields: Vec<&'a str>,
     msg_types: Vec<&'a str>,
     kinds: Vec<Option<&'a str>>,
+    traces: Vec<Option<&'a str>>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -420,6 +423,7 @@ impl<'a> EventColumns<'a> {
             fields: events().map(|e| e.fields.as_str()).collect(),
             msg_types: events().map(|e| e.msg_type.as_str()).collect(),
             kinds: events().map(|e| e.event_type.as_deref()).collect(),
+            traces: events().map(|e| e.trace_context.as_deref()).collect(),
         }
     }
 }
@@ -501,6 +505,7 @@ mod tests {
             fields: String::new(),
             msg_type: "event".into(),
             event_type: None,
+            trace_context: None,
         };
         Push {
             event: NewEvent {

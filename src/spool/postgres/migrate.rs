@@ -9,11 +9,14 @@ use crate::spool::migration::{self, Migrated, Migration};
 use crate::spool::SpoolError;
 use sha2::Digest;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "queue",
-    sql: include_str!("migrations/0001_queue.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration::new(1, "queue", include_str!("migrations/0001_queue.sql")),
+    Migration::new(
+        2,
+        "trace_context",
+        include_str!("migrations/0002_trace_context.sql"),
+    ),
+];
 
 /// The newest schema version this binary knows.
 pub fn latest() -> i32 {

@@ -39,7 +39,8 @@ pub(super) fn enqueue(
         e.xml,
         e.fields,
         e.msg_type,
-        e.event_type
+        e.event_type,
+        e.trace_context
     ])?;
     let event_id = EventId(c.last_insert_rowid());
     if targets.is_empty() {
@@ -71,8 +72,8 @@ const TAKE_KEY: &str = "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
      ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
      WHERE dedup.expires_at <= ?3";
 
-const INSERT_EVENT: &str = "INSERT INTO events (dedup_key, account, received_at, query, body, xml, fields, msg_type, event)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+const INSERT_EVENT: &str = "INSERT INTO events (dedup_key, account, received_at, query, body, xml, fields, msg_type, event, trace_context)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
 const INSERT_UNROUTED: &str = formatcp!(
     "INSERT INTO deliveries (event_id, target, state, next_at, reason, updated_at)

@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         "created_at_open",
         include_str!("migrations/0006_created_at_open.sql"),
     ),
+    Migration::new(
+        7,
+        "trace_context",
+        include_str!("migrations/0007_trace_context.sql"),
+    ),
 ];
 
 /// The column each step before versions added, by the version it is.

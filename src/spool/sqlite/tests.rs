@@ -18,6 +18,7 @@ fn event(key: &str, body_bytes: usize) -> NewEvent {
             fields: "{}".into(),
             msg_type: "event".into(),
             event_type: None,
+            trace_context: None,
         },
         targets: vec![NewDelivery {
             target: "hooks".into(),
@@ -351,6 +352,10 @@ async fn rows_are_intact(spool: &SqliteSpool) {
         ("<xml>2</xml>", &[2u8][..])
     );
     assert_eq!(event.event_type.as_deref(), Some("CLICK"));
+    assert_eq!(
+        event.trace_context, None,
+        "pushes stored before traces have none"
+    );
     let lease = leased(spool, "a", 7_000).await;
     assert_eq!((ids(&lease), lease[0].schedule), (rows(&[1]), schedule));
 }
