@@ -14,6 +14,7 @@ use crate::reload::Reloader;
 use crate::server::{self, Limits};
 use crate::spool::postgres::OnOpen;
 use crate::spool::{OpenSpool, SpoolError, Supervision};
+use crate::telemetry::{Export, Telemetry, TelemetryError};
 use crate::wechat::reply::SeenStamps;
 use arc_swap::ArcSwap;
 use http::Request;
@@ -40,6 +41,8 @@ pub enum StartError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// Why a running relay stopped by itself.
@@ -74,6 +77,8 @@ pub struct Relay {
     drain: Duration,
     owned_spool: Option<OpenSpool>,
     supervision: Supervision,
+    /// The span export, when traces are on: flushed at shutdown.
+    export: Option<Export>,
 }
 
 async fn bind(listener: Option<TcpListener>, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -129,7 +134,7 @@ fn push_path(
     spool: &OpenSpool,
     clock: &Arc<dyn Clock>,
     metrics: &Arc<Metrics>,
-    dispatcher: &Arc<Dispatcher>,
+    (dispatcher, telemetry): (&Arc<Dispatcher>, Option<Arc<Telemetry>>),
 ) -> Arc<PushPath> {
     let in_flight = config.load().server.max_body_bytes_in_flight;
     Arc::new(PushPath {
@@ -144,6 +149,7 @@ fn push_path(
         },
         dispatcher: dispatcher.clone(),
         reply_stamps: SeenStamps::default(),
+        telemetry,
     })
 }
 
@@ -180,8 +186,16 @@ impl Relay {
         let config = Arc::new(ArcSwap::from_pointee(settings));
         let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let metrics = Arc::new(Metrics::new()?);
-        let dispatcher =
-            Dispatcher::new(config.clone(), spool.work(), clock.clone(), metrics.clone());
+        let traces =
+            Telemetry::start(&config.load().telemetry, &metrics, crate::deliver::client())?;
+        let (telemetry, export) = traces.unzip();
+        let dispatcher = Dispatcher::new(
+            config.clone(),
+            spool.work(),
+            clock.clone(),
+            metrics.clone(),
+            telemetry.clone(),
+        );
         let reloader = Arc::new(Reloader::new(
             config.clone(),
             dispatcher.clone(),
@@ -193,7 +207,7 @@ impl Relay {
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 
-        let push_path = push_path(&config, &spool, &clock, &metrics, &dispatcher);
+        let push_path = push_path(&config, &spool, &clock, &metrics, (&dispatcher, telemetry));
         let public_handler = move |req: Request<Incoming>| handler::handle(push_path.clone(), req);
         listeners.spawn(server::serve(
             public,
@@ -235,6 +249,7 @@ impl Relay {
             drain,
             owned_spool,
             supervision: spool.supervision(),
+            export,
         })
     }
 
@@ -275,6 +290,10 @@ impl Relay {
         {
             tracing::warn!("delivery attempts still running at the drain deadline");
             self.workers.abort_all();
+        }
+        // The attempts' spans are made by now: send what is queued.
+        if let Some(export) = self.export.take() {
+            export.finish(self.drain).await;
         }
         if let Some(spool) = self.owned_spool.take() {
             spool.close().await;

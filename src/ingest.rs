@@ -67,18 +67,20 @@ pub struct Stored {
 #[derive(Debug)]
 pub struct ReplyTo {
     pub target: Target,
+    pub event_id: EventId,
     pub delivery_id: DeliveryId,
     pub event: Event,
 }
 
 impl Ingest {
-    /// Routes and stores `push`; the commit must end by `deadline`.
+    /// Routes and stores `push`, with the W3C trace context of its span when
+    /// it is traced; the commit must end by `deadline`.
     pub async fn ingest(
         &self,
         config: &Settings,
         account: &Account,
         push: &VerifiedPush,
-        body: Bytes,
+        (body, trace_context): (Bytes, Option<String>),
         deadline: Instant,
     ) -> Result<Ingested, IngestError> {
         let message = &push.message;
@@ -99,11 +101,12 @@ impl Ingest {
         // Until the query goes stale, a replay of it must still find its guard
         // and its dedup key, even when the timestamp is ahead of the clock.
         let stale_at = stale_at(account, &push.timestamp).unwrap_or(now + dedup_window);
-        let new_event = NewEvent {
+        let mut new_event = NewEvent {
             replay: replay_guard(account, push, stale_at),
             event: stored_event(account, push, body, dedup_key.clone(), now, input.msg_type),
             targets,
         };
+        new_event.event.trace_context = trace_context;
         let window = dedup_window.max(Duration::from_millis((stale_at - now).max(0) as u64));
         // The reply target is sent the event as the spool hands it back.
         let reply = reply_from.and_then(|name| reply_plan(config, name, &new_event));
@@ -130,6 +133,7 @@ impl Ingest {
         let reply = reply.and_then(|(target, position)| {
             Some(ReplyTo {
                 target,
+                event_id,
                 delivery_id: *deliveries.get(position)?,
                 event: *stored,
             })

@@ -75,6 +75,10 @@ pub struct Metrics {
     pub body_bytes_in_flight: IntGauge,
     /// Each target's circuit: 0 closed, 1 open (left alone), 2 probing.
     pub target_circuit: IntGaugeVec,
+    /// Spans not exported, by reason: `queue_full` (the collector is slower
+    /// than the relay makes spans), `export_failed` (it refused them or did
+    /// not answer).
+    pub trace_spans_dropped: IntCounterVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +206,11 @@ const TARGET_CIRCUIT: Spec = spec(
     "A target's circuit: 0 closed, 1 open (no attempts), 2 probing.",
     TARGET,
 );
+const TRACE_SPANS_DROPPED: Spec = spec(
+    "trace_spans_dropped_total",
+    "Spans not exported to the collector, by reason.",
+    &["reason"],
+);
 const BUILD_INFO: Spec = spec("build_info", "The running version; always 1.", &["version"]);
 
 /// Registers collectors of [`Spec`]s in the relay's registry.
@@ -274,6 +283,7 @@ impl Metrics {
             http_errors: r.counters(HTTP_ERRORS)?,
             body_bytes_in_flight: r.gauge(BODY_BYTES_IN_FLIGHT)?,
             target_circuit: r.gauges(TARGET_CIRCUIT)?,
+            trace_spans_dropped: r.counters(TRACE_SPANS_DROPPED)?,
             registry: r.0,
         })
     }

@@ -7,9 +7,10 @@ use super::retry::{self, Verdict};
 use crate::clock::Clock;
 use crate::config::Target;
 use crate::spool::{Event, UnixMs};
+use crate::telemetry::TRACEPARENT;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
-use http::{Request, StatusCode};
+use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -64,12 +65,13 @@ pub enum Unread {
 }
 
 /// Sends `event` to `target` once, within `timeout`. `account_app_id` is the
-/// AppID of the event's account, which a `wechat` target may seal with.
+/// AppID of the event's account, which a `wechat` target may seal with;
+/// `traceparent` names the attempt's span when traces are exported.
 pub async fn attempt(
     client: &HttpClient,
     clock: &dyn Clock,
     target: &Target,
-    (event, account_app_id): (&Event, Option<&str>),
+    (event, account_app_id, traceparent): (&Event, Option<&str>, Option<&HeaderValue>),
     timeout: Duration,
 ) -> Attempt {
     let failed = |verdict| Attempt {
@@ -94,6 +96,9 @@ pub async fn attempt(
         .header(USER_AGENT, concat!("wxrelay/", env!("CARGO_PKG_VERSION")));
     for (name, value) in &outbound.headers {
         request = request.header(*name, value.as_str());
+    }
+    if let Some(value) = traceparent {
+        request = request.header(TRACEPARENT, value);
     }
     let request = match request.body(Full::new(outbound.body)) {
         Ok(request) => request,

@@ -10,7 +10,8 @@ use super::retry::{self, Verdict};
 use super::Dispatcher;
 use crate::config::{Format, Target};
 use crate::metrics::Metrics;
-use crate::spool::{DeliveryId, Event, LeaseToken, Schedule, Settle, Settlement, UnixMs};
+use crate::spool::{DeliveryId, Event, EventId, LeaseToken, Schedule, Settle, Settlement, UnixMs};
+use crate::telemetry::AttemptFacts;
 use rand::Rng;
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +24,8 @@ const AFTER_INLINE_MS: i64 = 1_000;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Due {
     pub(super) delivery_id: DeliveryId,
+    /// Its event's: what its span is found by.
+    pub(super) event_id: EventId,
     /// Attempts made before this one.
     pub(super) attempts: u32,
     pub(super) schedule: Schedule,
@@ -54,7 +57,7 @@ impl Dispatcher {
     pub async fn attempt_inline(
         self: &Arc<Self>,
         target: &Target,
-        delivery_id: DeliveryId,
+        (event_id, delivery_id): (EventId, DeliveryId),
         event: &Event,
         timeout: Duration,
     ) -> Attempt {
@@ -72,6 +75,7 @@ impl Dispatcher {
         }
         let due = Due {
             delivery_id,
+            event_id,
             attempts: 0,
             schedule: Schedule::default(),
             lease: LeaseToken::NONE,
@@ -115,7 +119,13 @@ impl Dispatcher {
             .as_ref()
             .and_then(|c| c.accounts.get(&event.account))
             .map(|a| a.app_id.as_str());
-        let result = attempt(&self.client, &*self.clock, target, (event, app_id), timeout).await;
+        let trace = self
+            .telemetry
+            .as_ref()
+            .map(|t| t.attempt(event.trace_context.as_deref()));
+        let traceparent = trace.as_ref().and_then(|t| t.header());
+        let sent = (event, app_id, traceparent);
+        let result = attempt(&self.client, &*self.clock, target, sent, timeout).await;
         let state = self.target_state(&target.name);
         let release = self.observe_health(target, &state, due.probe, &result);
         let unit: f64 = rand::thread_rng().gen();
@@ -128,7 +138,21 @@ impl Dispatcher {
             UnixMs(self.clock.now_ms()),
             unit,
         );
-        self.observe_attempt(target, &due, event, &result, &settlement, started);
+        let outcome = self.observe_attempt(target, &due, event, &result, &settlement, started);
+        if let (Some(telemetry), Some(trace)) = (&self.telemetry, trace) {
+            let facts = AttemptFacts {
+                event_id: due.event_id,
+                delivery_id: due.delivery_id,
+                account: &event.account,
+                target: &target.name,
+                attempt: due.attempts + 1,
+                // Only the inline reply's record is written in the background.
+                inline: record == Record::Tracked,
+                status: result.status.map(|s| s.as_u16()),
+                outcome,
+            };
+            telemetry.attempt_span(trace, &facts);
+        }
         let this = self.clone();
         let name = target.name.clone();
         let write = async move {
@@ -148,7 +172,8 @@ impl Dispatcher {
         result
     }
 
-    /// An attempt's metrics and log line, from what the spool will record.
+    /// An attempt's metrics and log line, from what the spool will record;
+    /// returns the outcome as counted.
     fn observe_attempt(
         &self,
         target: &Target,
@@ -157,7 +182,7 @@ impl Dispatcher {
         result: &Attempt,
         settlement: &Settlement,
         started: tokio::time::Instant,
-    ) {
+    ) -> &'static str {
         let outcome = count(&self.metrics, &target.name, settlement, started.elapsed());
         if matches!(settlement, Settlement::Delivered { .. }) {
             observe_login(&self.metrics, &target.name, event, self.clock.now_ms());
@@ -171,6 +196,7 @@ impl Dispatcher {
             latency_ms = crate::rounded_ms(started.elapsed()),
             "delivery attempt"
         );
+        outcome
     }
 
     /// Writes an attempt's outcome. When the spool cannot, the delivery stays

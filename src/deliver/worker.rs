@@ -352,6 +352,7 @@ impl Dispatcher {
             in_flight.spawn(async move {
                 let due = Due {
                     delivery_id: lease.delivery_id,
+                    event_id: lease.event_id,
                     attempts: lease.attempts,
                     schedule: lease.schedule,
                     lease: lease.token,

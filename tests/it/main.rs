@@ -34,5 +34,6 @@ mod replicas;
 mod retire_race;
 mod spool_health;
 mod supervision;
+mod traces;
 mod vectors_http;
 mod wechat_format;
