@@ -153,6 +153,25 @@ fn push_path(
     })
 }
 
+/// The dispatcher, and where its spans and the pushes' go when traces are
+/// exported, with their export.
+type Delivery = (Arc<Dispatcher>, Option<Arc<Telemetry>>, Option<Export>);
+
+/// The delivery side, and where its spans and the pushes' go when traces
+/// are exported.
+fn delivery(
+    config: &Arc<ArcSwap<Settings>>,
+    spool: &OpenSpool,
+    clock: &Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+) -> Result<Delivery, StartError> {
+    let traces = Telemetry::start(&config.load().telemetry, metrics, crate::deliver::client())?;
+    let (telemetry, export) = traces.unzip();
+    let (spool, clock, metrics) = (spool.work(), clock.clone(), metrics.clone());
+    let dispatcher = Dispatcher::new(config.clone(), spool, clock, metrics, telemetry.clone());
+    Ok((dispatcher, telemetry, export))
+}
+
 /// The public and admin listeners' limits.
 fn limits(settings: &Settings) -> (Limits, Limits) {
     let limits = |max_connections| Limits {
@@ -186,16 +205,7 @@ impl Relay {
         let config = Arc::new(ArcSwap::from_pointee(settings));
         let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let metrics = Arc::new(Metrics::new()?);
-        let traces =
-            Telemetry::start(&config.load().telemetry, &metrics, crate::deliver::client())?;
-        let (telemetry, export) = traces.unzip();
-        let dispatcher = Dispatcher::new(
-            config.clone(),
-            spool.work(),
-            clock.clone(),
-            metrics.clone(),
-            telemetry.clone(),
-        );
+        let (dispatcher, telemetry, export) = delivery(&config, &spool, &clock, &metrics)?;
         let reloader = Arc::new(Reloader::new(
             config.clone(),
             dispatcher.clone(),

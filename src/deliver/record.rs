@@ -11,7 +11,7 @@ use super::Dispatcher;
 use crate::config::{Format, Target};
 use crate::metrics::Metrics;
 use crate::spool::{DeliveryId, Event, EventId, LeaseToken, Schedule, Settle, Settlement, UnixMs};
-use crate::telemetry::AttemptFacts;
+use crate::telemetry::{AttemptFacts, AttemptTrace};
 use rand::Rng;
 use std::future::Future;
 use std::sync::Arc;
@@ -33,6 +33,8 @@ pub(super) struct Due {
     pub(super) lease: LeaseToken,
     /// The one attempt an open circuit lets through.
     pub(super) probe: bool,
+    /// Made by the request path for WeChat's answer, not by a worker.
+    pub(super) inline: bool,
 }
 
 /// How an attempt's outcome is written to the spool.
@@ -80,6 +82,7 @@ impl Dispatcher {
             schedule: Schedule::default(),
             lease: LeaseToken::NONE,
             probe: false,
+            inline: true,
         };
         self.attempt_and_record(target, due, event, timeout, Record::Tracked)
             .await
@@ -138,21 +141,8 @@ impl Dispatcher {
             UnixMs(self.clock.now_ms()),
             unit,
         );
-        let outcome = self.observe_attempt(target, &due, event, &result, &settlement, started);
-        if let (Some(telemetry), Some(trace)) = (&self.telemetry, trace) {
-            let facts = AttemptFacts {
-                event_id: due.event_id,
-                delivery_id: due.delivery_id,
-                account: &event.account,
-                target: &target.name,
-                attempt: due.attempts + 1,
-                // Only the inline reply's record is written in the background.
-                inline: record == Record::Tracked,
-                status: result.status.map(|s| s.as_u16()),
-                outcome,
-            };
-            telemetry.attempt_span(trace, &facts);
-        }
+        let taken = (started, trace);
+        self.observe_attempt(target, &due, event, &result, &settlement, taken);
         let this = self.clone();
         let name = target.name.clone();
         let write = async move {
@@ -172,8 +162,8 @@ impl Dispatcher {
         result
     }
 
-    /// An attempt's metrics and log line, from what the spool will record;
-    /// returns the outcome as counted.
+    /// An attempt's metrics, log line and span (when traced), from what the
+    /// spool will record.
     fn observe_attempt(
         &self,
         target: &Target,
@@ -181,8 +171,8 @@ impl Dispatcher {
         event: &Event,
         result: &Attempt,
         settlement: &Settlement,
-        started: tokio::time::Instant,
-    ) -> &'static str {
+        (started, trace): (tokio::time::Instant, Option<AttemptTrace>),
+    ) {
         let outcome = count(&self.metrics, &target.name, settlement, started.elapsed());
         if matches!(settlement, Settlement::Delivered { .. }) {
             observe_login(&self.metrics, &target.name, event, self.clock.now_ms());
@@ -196,7 +186,19 @@ impl Dispatcher {
             latency_ms = crate::rounded_ms(started.elapsed()),
             "delivery attempt"
         );
-        outcome
+        if let (Some(telemetry), Some(trace)) = (&self.telemetry, trace) {
+            let facts = AttemptFacts {
+                event_id: due.event_id,
+                delivery_id: due.delivery_id,
+                account: &event.account,
+                target: &target.name,
+                attempt: due.attempts + 1,
+                inline: due.inline,
+                status: result.status.map(|s| s.as_u16()),
+                outcome,
+            };
+            telemetry.attempt_span(trace, &facts);
+        }
     }
 
     /// Writes an attempt's outcome. When the spool cannot, the delivery stays

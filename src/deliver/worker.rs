@@ -357,6 +357,7 @@ impl Dispatcher {
                     schedule: lease.schedule,
                     lease: lease.token,
                     probe,
+                    inline: false,
                 };
                 this.attempt_and_record(
                     &target,

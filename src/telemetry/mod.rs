@@ -27,7 +27,7 @@
 mod collector;
 mod spans;
 
-pub use spans::{AttemptFacts, PushFacts, PushTrace, TRACEPARENT};
+pub use spans::{AttemptFacts, AttemptTrace, PushFacts, PushTrace, TRACEPARENT};
 
 use crate::config::TelemetrySettings;
 use crate::deliver::faults::{Repeat, Repeats};

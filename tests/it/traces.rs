@@ -145,11 +145,14 @@ async fn a_push_and_every_attempt_at_its_deliveries_are_one_trace() {
     let now = reference_now(&g);
     push_as_wechat(&relay, &g, "secure", &subscribe(now), OPENID).await;
     push_as_wechat(&relay, &g, "secure", &text(now), OPENID).await;
+    assert!(hooks.wait_for(2, WAIT).await, "both events to the hooks");
     assert!(broker.wait_for(1, WAIT).await, "the inline attempt");
+    // Every outcome so far recorded, so that moving the clock ends no lease.
+    assert!(relay.until_nothing_pending("hooks").await);
+    assert!(relay.until_attempts("broker", 1).await);
     // Past the retry's time on the relay's clock: a worker sends it.
     relay.clock.advance_ms(60_000);
     assert!(broker.wait_for(2, WAIT).await, "the retry");
-    assert!(hooks.wait_for(2, WAIT).await, "both events to the hooks");
 
     // A push, its three children and three attempts; a push, two children
     // (no reply target) and one attempt.
