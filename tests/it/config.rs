@@ -960,6 +960,13 @@ fn a_collector_is_an_http_base_url_named_at_its_key() {
         assert_has(&err, "telemetry.otlp_endpoint", fragment);
         assert!(!err.to_string().contains("pass@"), "{err}");
     }
+    let report = render_check(&settings);
+    assert!(
+        report.contains("otlp_endpoint     http://collector:4318/"),
+        "{report}"
+    );
+    let off = render_check(&Settings::from_toml_str(VALID).unwrap());
+    assert!(!off.contains("telemetry"), "{off}");
     let err = with("service_name = \" \"").unwrap_err();
     assert_has(&err, "telemetry.service_name", "not empty");
     let err = with("endpoint = \"http://collector:4318\"").unwrap_err();
