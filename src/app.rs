@@ -64,6 +64,9 @@ pub struct Options {
     pub clock: Option<Arc<dyn Clock>>,
     /// The file that `SIGHUP` and `POST /admin/reload` read again.
     pub config_path: Option<PathBuf>,
+    /// How often an idle delivery worker looks in the spool unprompted
+    /// (default 250 ms); tests lengthen it to show what wakes the workers.
+    pub idle_poll: Option<Duration>,
 }
 
 /// A running relay.
@@ -122,7 +125,7 @@ async fn open_spool(given: Option<OpenSpool>, settings: &Settings) -> Result<Spo
     Ok(match given {
         Some(spool) => (spool, None),
         None => {
-            let opened = OpenSpool::open(&settings.spool, OnOpen::Migrate).await?;
+            let opened = OpenSpool::open(&settings.spool, OnOpen::MigrateWhenReachable).await?;
             (opened.clone(), Some(opened))
         }
     })
@@ -206,6 +209,9 @@ impl Relay {
         let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let metrics = Arc::new(Metrics::new()?);
         let (dispatcher, telemetry, export) = delivery(&config, &spool, &clock, &metrics)?;
+        options
+            .idle_poll
+            .inspect(|every| dispatcher.poll_idle_every(*every));
         let reloader = Arc::new(Reloader::new(
             config.clone(),
             dispatcher.clone(),
@@ -213,7 +219,7 @@ impl Relay {
             options.config_path,
         ));
         public_limits.counters = Some(metrics.connection_counters());
-        dispatcher.retire_removed_targets(&config.load()).await?;
+        retire_removed_targets(&dispatcher, &config.load()).await;
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 
@@ -309,6 +315,15 @@ impl Relay {
             spool.close().await;
         }
         tracing::info!("wxrelay stopped");
+    }
+}
+
+/// Dead-letters the pending deliveries of targets no longer configured. A
+/// spool that cannot yet (a database still away) leaves it to the workers'
+/// supervisor, which tries again at once, then every 30 s.
+async fn retire_removed_targets(dispatcher: &Dispatcher, settings: &Settings) {
+    if let Err(e) = dispatcher.retire_removed_targets(settings).await {
+        tracing::warn!(error = %e, "cannot retire the deliveries of removed targets yet");
     }
 }
 

@@ -165,6 +165,16 @@ impl Settings {
                 ));
             }
         }
+        if let SpoolBackend::Postgres(pg) = &self.spool.backend {
+            if pg.sslmode == SslMode::Require && pg.ca_file.is_none() {
+                warnings.push(
+                    "spool.sslmode = \"require\" encrypts but verifies nothing: whoever can \
+                     intercept the connection can pose as the database; use \"verify-full\" \
+                     (or \"verify-ca\" with ca_file)"
+                        .to_owned(),
+                );
+            }
+        }
         warnings.extend(self.shared_credentials());
         warnings
     }

@@ -93,26 +93,37 @@ pub struct PostgresSettings {
     pub ca_file: Option<PathBuf>,
 }
 
-/// TLS to the database.
+/// TLS to the database, as libpq's `sslmode` values mean it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
     /// Plain TCP: for a database on the same host or a private network.
     Disable,
+    /// TLS, the server's certificate not verified: encrypted, but whoever
+    /// can intercept the connection can pose as the database. With a
+    /// `ca_file`, as libpq with a root certificate, it is verified as
+    /// [`SslMode::VerifyCa`] does.
+    Require,
     /// TLS, the server's certificate chain verified against the roots; its
     /// name is not checked (for servers reached by an address their
     /// certificate does not name).
-    Require,
+    VerifyCa,
     /// TLS, the chain verified and the certificate must name the host.
     VerifyFull,
 }
 
 impl SslMode {
-    pub const ALL: [SslMode; 3] = [SslMode::Disable, SslMode::Require, SslMode::VerifyFull];
+    pub const ALL: [SslMode; 4] = [
+        SslMode::Disable,
+        SslMode::Require,
+        SslMode::VerifyCa,
+        SslMode::VerifyFull,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
             SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
             SslMode::VerifyFull => "verify-full",
         }
     }

@@ -467,26 +467,18 @@ fn sslmode(p: &mut Problems, raw: Option<&str>, ca_file: Option<&std::path::Path
                 p.add(
                     "spool.sslmode",
                     format!(
-                        "unknown sslmode {text:?}: expected one of disable, require, verify-full"
+                        "unknown sslmode {text:?}: expected one of disable, require, verify-ca, \
+                         verify-full"
                     ),
                 );
                 SslMode::Disable
             }),
     };
-    if sslmode == SslMode::Require && ca_file.is_none() {
-        // With no name check, trusting the public roots would trust anyone
-        // holding a public certificate for any name.
-        p.add(
-            "spool.ca_file",
-            "required with sslmode = \"require\": the certificate's name is not checked, \
-             so only your own CA may be trusted (or use sslmode = \"verify-full\")",
-        );
-    }
     if let Some(file) = ca_file {
         if sslmode == SslMode::Disable {
             p.add(
                 "spool.ca_file",
-                "needs sslmode = \"require\" or \"verify-full\": without TLS it is not used",
+                "needs sslmode = \"verify-ca\" or \"verify-full\": without TLS it is not used",
             );
         } else if let Err(e) = std::fs::read(file) {
             p.add(

@@ -65,6 +65,8 @@ pub struct Dispatcher {
     targets: Mutex<HashMap<String, Arc<TargetState>>>,
     /// Outcomes of inline attempts still being written; awaited at shutdown.
     records: Mutex<JoinSet<()>>,
+    /// Set by [`Dispatcher::poll_idle_every`]; the workers' default otherwise.
+    idle_poll: std::sync::OnceLock<std::time::Duration>,
 }
 
 /// What the dispatcher knows of one target between attempts.
@@ -97,6 +99,7 @@ impl Dispatcher {
             config_changed: Notify::new(),
             targets: Mutex::new(HashMap::new()),
             records: Mutex::new(JoinSet::new()),
+            idle_poll: std::sync::OnceLock::new(),
         })
     }
 
@@ -120,6 +123,12 @@ impl Dispatcher {
                 }
             }
         })
+    }
+
+    /// How often idle workers look in the spool unprompted, instead of the
+    /// default; set before [`Dispatcher::start`].
+    pub fn poll_idle_every(&self, every: std::time::Duration) {
+        let _ = self.idle_poll.set(every);
     }
 
     /// Tells a target's worker that a delivery is due now.

@@ -203,10 +203,15 @@ impl Dispatcher {
 
     /// Writes an attempt's outcome. When the spool cannot, the delivery stays
     /// leased; when the lease ends it is sent again: at least once.
+    /// A user's next delivery waits for one that ends here: the worker is
+    /// woken for it.
     pub(super) async fn record(&self, target: &str, faults: &Faults, settles: Vec<Settle>) {
         let Some(delivery_id) = settles.first().map(|s| s.settlement.delivery_id()) else {
             return;
         };
+        let ends = settles
+            .iter()
+            .any(|s| !matches!(s.settlement, Settlement::Retry { .. }));
         match self
             .spool
             .record(settles, UnixMs(self.clock.now_ms()))
@@ -229,6 +234,15 @@ impl Dispatcher {
                     Repeat::Quiet => {}
                 }
             }
+        }
+        let per_user = self
+            .config
+            .load()
+            .targets
+            .get(target)
+            .is_some_and(|t| t.ordering == crate::config::Ordering::PerUser);
+        if ends && per_user {
+            self.wake(target);
         }
     }
 }

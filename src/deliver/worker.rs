@@ -21,6 +21,12 @@ use tokio::task::JoinSet;
 /// How often an idle worker looks for retries that have become due.
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
+impl Dispatcher {
+    fn idle_poll(&self) -> Duration {
+        self.idle_poll.get().copied().unwrap_or(IDLE_POLL)
+    }
+}
+
 /// How long a worker holds a delivery it leased: longer than the attempt's
 /// timeout, so a slow answer is not sent twice; a worker that dies leaves it
 /// to expire and be sent again.
@@ -134,7 +140,7 @@ impl Dispatcher {
                             Pause::Woken => {
                                 tokio::select! {
                                     _ = state.wake.notified() => {}
-                                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                                    _ = tokio::time::sleep(self.idle_poll()) => {}
                                 }
                             }
                             Pause::For(wait) => tokio::time::sleep(wait).await,

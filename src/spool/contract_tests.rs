@@ -926,7 +926,9 @@ async fn a_settle_after_the_lease_was_taken_over_changes_nothing() {
                 delivery_id: ids[0],
             };
             settle(&*spool, &second, vec![done], now + 1_200).await;
-            assert!(spool.depth().await.unwrap().is_empty(), "{name} {i}");
+            // Not `depth`, which a shared spool reads at most every few seconds.
+            let waiting = spool.waiting("a", 10).await.unwrap();
+            assert!(waiting.is_empty(), "{name} {i}");
         }
     }
 }
@@ -1414,4 +1416,91 @@ async fn a_large_purge_removes_every_selected_dead_letter_and_its_event() {
         let first = first.unwrap();
         assert_eq!(spool.event(first).await.unwrap(), None, "{name}");
     }
+}
+
+/// A replica not heard from for [`postgres::REPLICA_FORGOTTEN_MS`] (one
+/// stopped for good, or renamed by its restart) leaves no row behind: the
+/// next round of any live replica deletes its names. One heard from since
+/// keeps them.
+#[tokio::test]
+async fn postgres_a_replica_long_gone_leaves_no_names_behind() {
+    let Some(schema) = pg_schema() else { return };
+    let spool = pg_replica(&schema).await;
+    let now = 10 * postgres::REPLICA_FORGOTTEN_MS;
+    let (gone, quiet) = (
+        now - postgres::REPLICA_FORGOTTEN_MS,
+        now - postgres::REPLICA_FORGOTTEN_MS + 1,
+    );
+    schema.execute(&format!(
+        "INSERT INTO \"{}\".replica_targets (replica, target, seen_at)
+         VALUES ('gone', 'hooks', {gone}), ('gone', 'crm', {gone}), ('quiet', 'hooks', {quiet})",
+        schema.settings.schema
+    ));
+    let retired = spool.retire_targets(vec!["hooks".into()], UnixMs(now));
+    assert_eq!(retired.await.unwrap(), vec![]);
+    let rows =
+        |replica: &str| schema.count(&format!("replica_targets WHERE replica = '{replica}'"));
+    assert_eq!(rows("gone"), 0, "the gone replica's names are deleted");
+    assert_eq!(
+        rows("quiet"),
+        1,
+        "a replica heard from since keeps its names"
+    );
+    assert_eq!(
+        schema.count("replica_targets"),
+        2,
+        "and the live one has its own"
+    );
+    spool.close().await;
+}
+
+/// After a large intake the spool analyzes its queue tables itself: the
+/// planner's statistics do not wait for autovacuum, which may be off (as
+/// here) or late, while a backlog built on tables it last saw empty.
+#[tokio::test]
+async fn postgres_a_large_intake_gets_fresh_statistics_without_autovacuum() {
+    let Some(schema) = pg_schema() else { return };
+    let spool = pg_replica(&schema).await;
+    let s = &schema.settings.schema;
+    for table in ["events", "deliveries", "dedup", "replay"] {
+        schema.execute(&format!(
+            "ALTER TABLE \"{s}\".{table} SET (autovacuum_enabled = off)"
+        ));
+    }
+    let (client, connection) =
+        tokio_postgres::connect(schema.settings.url.expose(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let planned = || async {
+        let row = client
+            .query_one(
+                "SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = 'deliveries'",
+                &[s],
+            )
+            .await
+            .unwrap();
+        row.get::<_, f32>(0)
+    };
+    assert!(planned().await < 1.0, "never analyzed yet");
+    let targets: Vec<String> = (0..10).map(|t| format!("t{t}")).collect();
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let rows = postgres::ANALYZE_AFTER_ROWS as usize;
+    let stores: Vec<_> = (0..rows / targets.len())
+        .map(|i| spool.enqueue(event(&format!("k{i}"), &targets, 0), UnixMs(0), WINDOW))
+        .collect();
+    for store in stores {
+        assert!(matches!(store.await.unwrap(), Enqueued::Stored { .. }));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while planned().await < rows as f32 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let planned = planned().await;
+    assert!(
+        planned >= rows as f32,
+        "the planner counts {planned} deliveries"
+    );
+    spool.close().await;
 }

@@ -458,7 +458,8 @@ pub trait Health: Send + Sync + 'static {
     /// Checks that the spool still stores pushes: a real write through the
     /// writer that stores them, behind the pushes already waiting for it.
     fn probe(&self) -> SpoolFuture<()>;
-    /// Pending work per target.
+    /// Pending work per target, for the gauges: a shared spool may answer
+    /// with a reading a few seconds old.
     fn depth(&self) -> SpoolFuture<Vec<TargetDepth>>;
 }
 

@@ -3,10 +3,10 @@
 //!
 //! ```text
 //! WXRELAY_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test \
-//!   cargo bench --bench spools -- [PUSHES] [BACKLOG] [backlog]
+//!   cargo bench --bench spools -- [PUSHES] [BACKLOG] [backlog [analyze]]
 //! ```
 //!
-//! (`backlog` runs the third part alone.)
+//! (`backlog` runs the third part alone; `one-user [EVENTS]` the fourth.)
 //!
 //! 1. Ingest and fan-out, for SQLite, PostgreSQL with one replica and
 //!    PostgreSQL with two: the real binaries, each in its own process, with
@@ -25,7 +25,14 @@
 //!    sizes of the spool's tables (`pg_total_relation_size`, indexes and
 //!    TOAST included) are sampled as it goes, and once autovacuum has cleaned
 //!    up after each drain. The dedup window is one minute, so keys expire and
-//!    are pruned during the run.
+//!    are pruned during the run. Where autovacuum is off, the benchmark runs
+//!    the plain VACUUM it would after each drain, and leaves the statistics
+//!    to the relay; `analyze` makes it an ANALYZE too, as autovacuum would.
+//! 4. One user's backlog on a `per_user` target, for SQLite and PostgreSQL:
+//!    EVENTS text messages (default 1,000) from one user taken in with the
+//!    targets paused, then drained to a sink that answers each after 20 ms.
+//!    Only one of them can be in flight at a time, so the rate is bound by
+//!    how soon the next is sent once one is delivered.
 //!
 //! The client, the sinks, the relays and PostgreSQL share the machine's cores.
 //! Each PostgreSQL run has a schema of its own, dropped at the end.
@@ -167,8 +174,10 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    // `backlog` alone: only the third part.
+    // `backlog` alone: only the third part; `one-user`: only the fourth.
     let backlog_only = std::env::args().any(|a| a == "backlog");
+    let analyze = std::env::args().any(|a| a == "analyze");
+    let one_user_only = std::env::args().any(|a| a == "one-user");
     let n = args.first().copied().unwrap_or(50_000);
     let backlog = args.get(1).copied().unwrap_or(1_000_000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -177,7 +186,15 @@ fn main() {
         .unwrap_or_else(|e| panic!("{e}"));
     runtime.block_on(async {
         if backlog_only {
-            backlog_sizes(backlog).await;
+            backlog_sizes(backlog, analyze).await;
+            return;
+        }
+        if one_user_only {
+            let events = args.first().copied().unwrap_or(1_000);
+            println!("one user's {events} events to a per_user target answering in 20 ms");
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            one_user("SQLite", Backend::Sqlite(dir), events).await;
+            one_user("PostgreSQL, 1 replica", Backend::postgres(), events).await;
             return;
         }
         println!("ingest (targets paused), then fan-out to two local sinks: {n} pushes over {CONNECTIONS} connections");
@@ -186,7 +203,7 @@ fn main() {
         ingest_and_fan_out("PostgreSQL, 1 replica", Backend::postgres(), 1, n).await;
         ingest_and_fan_out("PostgreSQL, 2 replicas", Backend::postgres(), 2, n).await;
         group_commit(n.min(20_000)).await;
-        backlog_sizes(backlog).await;
+        backlog_sizes(backlog, analyze).await;
     });
 }
 
@@ -275,8 +292,10 @@ async fn sample(client: &tokio_postgres::Client, schema: &str, header: &mut bool
 }
 
 /// Two rounds of a backlog of `total / 2` pushes taken in with the targets
-/// paused, then drained, with the tables' sizes along the way.
-async fn backlog_sizes(total: usize) {
+/// paused, then drained, with the tables' sizes along the way; where
+/// autovacuum is off, vacuumed after each drain (and analyzed, with
+/// `analyze`).
+async fn backlog_sizes(total: usize, analyze: bool) {
     const CHUNK: usize = 100_000;
     let backend = Backend::postgres();
     let Backend::Postgres(database) = &backend else {
@@ -351,23 +370,26 @@ async fn backlog_sizes(total: usize) {
         let took = waited.elapsed().as_secs_f64();
         let when = if autovacuumed {
             format!("round {r}: autovacuumed within {took:.0} s")
-        } else {
-            vacuum(&client, database.name()).await;
+        } else if analyze {
+            vacuum(&client, database.name(), "VACUUM ANALYZE").await;
             format!("round {r}: vacuumed and analyzed (no autovacuum)")
+        } else {
+            vacuum(&client, database.name(), "VACUUM").await;
+            format!("round {r}: vacuumed (no autovacuum)")
         };
         sample(&client, database.name(), &mut header, &when).await;
     }
     drop(relays);
 }
 
-/// What autovacuum would do: a plain VACUUM (no lock against the relay) of
-/// the queue tables, and the ANALYZE that comes with it. Without fresh
-/// statistics, after a drain emptied the tables, the planner takes them for
-/// small and the claim's plan for a full table is far slower.
-async fn vacuum(client: &tokio_postgres::Client, schema: &str) {
+/// What autovacuum would do: `command`, a plain VACUUM (no lock against the
+/// relay) of the queue tables, with or without an ANALYZE. The statistics
+/// of a table a drain emptied make the planner take it for small once it is
+/// full again: the relay analyzes the tables after a large intake itself.
+async fn vacuum(client: &tokio_postgres::Client, schema: &str, command: &str) {
     for table in ["events", "deliveries", "dedup", "replay"] {
         client
-            .batch_execute(&format!("VACUUM ANALYZE \"{schema}\".{table}"))
+            .batch_execute(&format!("{command} \"{schema}\".{table}"))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
@@ -384,4 +406,71 @@ async fn dead_rows_cleaned(client: &tokio_postgres::Client, schema: &str) -> boo
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     row.get::<_, i64>(0) <= 1_000
+}
+
+/// The harness's configuration, its webhooks taking each user's events in
+/// order.
+fn per_user_webhooks(toml: String) -> String {
+    without_inline_replies(toml).replace(
+        "[targets.webhooks]\n",
+        "[targets.webhooks]\nordering = \"per_user\"\n",
+    )
+}
+
+/// Text message `i` from the one user, sealed for the harness's account.
+fn one_user_push(i: usize, now: i64, key: &wxrelay::wechat::crypto::AesKey) -> (String, Vec<u8>) {
+    use wxrelay::wechat::push::{build, PushParams, Sealing};
+    let xml = format!(
+        "<xml><ToUserName><![CDATA[gh_3f1a2b9c8d7e]]></ToUserName>\
+         <FromUserName><![CDATA[oOneUser]]></FromUserName><CreateTime>{now}</CreateTime>\
+         <MsgType><![CDATA[text]]></MsgType><Content><![CDATA[message {i}]]></Content>\
+         <MsgId>{}</MsgId></xml>",
+        25_000_000_000_000_000 + i
+    );
+    let nonce = (2_000_000_000 + i).to_string();
+    let params = PushParams {
+        token: harness::TOKEN,
+        app_id: harness::APP_ID,
+        timestamp: now,
+        nonce: &nonce,
+        openid: Some("oOneUser"),
+        random: &[b'U'; 16],
+    };
+    let p = build(&xml, Sealing::Secure(key), &params);
+    (format!("/wx/main?{}", p.query), p.body.into_bytes())
+}
+
+/// One row of the fourth table: one user's backlog drained to a target that
+/// answers in 20 ms.
+async fn one_user(name: &str, backend: Backend, events: usize) {
+    let (sink, at) = Sink::start_local().await;
+    sink.set_delay(Duration::from_millis(20));
+    let paused = Arc::new(AtomicBool::new(true));
+    let relays = start(&backend, 1, at, paused.clone(), per_user_webhooks).await;
+    let (public, key, now) = (
+        relays.replica(0).public,
+        harness::key(),
+        harness::unix_now(),
+    );
+    for i in 0..events {
+        let (path, body) = one_user_push(i, now, &key);
+        let answer = common::send(public, http::Method::POST, &path, body.into()).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    paused.store(false, Ordering::SeqCst);
+    relays.reload();
+    let first = drained(&sink, 1, Duration::from_secs(60)).await;
+    let rest = drained(&sink, events as u64, Duration::from_secs(600)).await;
+    match (first, rest) {
+        (Some(first), Some(rest)) => println!(
+            "{name:<24} {:>6.1} deliveries/s ({} after the first in {:.1} s; the first {:.1} s after the reload)",
+            (events - 1) as f64 / rest.as_secs_f64(),
+            events - 1,
+            rest.as_secs_f64(),
+            first.as_secs_f64(),
+        ),
+        _ => println!("{name:<24} MISSING: {} of {events}", sink.total()),
+    }
+    drop(relays);
+    drop(backend);
 }

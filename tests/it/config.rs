@@ -702,12 +702,6 @@ fn broken_configs_are_refused_at_their_key_path() {
             "only for backend = \"postgres\"",
         ),
         (
-            "require without the CA",
-            format!("{PG}sslmode = \"require\"\n{VALID}"),
-            "spool.ca_file",
-            "required with sslmode = \"require\"",
-        ),
-        (
             "an unescaped @ in the password",
             format!("[spool]\nbackend = \"postgres\"\nurl = \"postgres://relay:Tr0ub@dor-SECRET@db:5432/relay\"\n{VALID}"),
             "spool.url",
@@ -717,7 +711,7 @@ fn broken_configs_are_refused_at_their_key_path() {
             "unknown sslmode",
             format!("{PG}sslmode = \"prefer\"\n{VALID}"),
             "spool.sslmode",
-            "unknown sslmode \"prefer\": expected one of disable, require, verify-full",
+            "unknown sslmode \"prefer\": expected one of disable, require, verify-ca, verify-full",
         ),
         (
             "a schema that is no plain identifier",
@@ -735,7 +729,7 @@ fn broken_configs_are_refused_at_their_key_path() {
             "ca_file without TLS",
             format!("{PG}ca_file = \"/etc/ssl/db.pem\"\n{VALID}"),
             "spool.ca_file",
-            "needs sslmode = \"require\" or \"verify-full\"",
+            "needs sslmode = \"verify-ca\" or \"verify-full\"",
         ),
         (
             "unreadable ca_file",
@@ -1144,6 +1138,29 @@ fn the_check_report_warns_that_an_ordered_reply_target_answers_out_of_order() {
     ]);
     let report = render_check(&Settings::from_toml_str(&not_replying).unwrap());
     assert!(!report.contains("warnings"), "{report}");
+}
+
+/// `sslmode` takes libpq's values; `require` without a CA verifies nothing,
+/// which `check` says.
+#[test]
+fn the_check_report_warns_that_sslmode_require_verifies_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, "not read by check beyond being there").unwrap();
+    let ca = format!("ca_file = \"{}\"\n", ca_file.display());
+    let warning = "spool.sslmode = \"require\" encrypts but verifies nothing";
+    for (tls, warned) in [
+        ("sslmode = \"require\"\n".to_owned(), true),
+        (format!("sslmode = \"require\"\n{ca}"), false),
+        (format!("sslmode = \"verify-ca\"\n{ca}"), false),
+        ("sslmode = \"verify-ca\"\n".to_owned(), false),
+        ("sslmode = \"verify-full\"\n".to_owned(), false),
+    ] {
+        let settings = Settings::from_toml_str(&format!("{PG}{tls}{VALID}"))
+            .unwrap_or_else(|e| panic!("{tls}: {e}"));
+        let report = render_check(&settings);
+        assert_eq!(report.contains(warning), warned, "{tls}: {report}");
+    }
 }
 
 /// The setting a `WXRELAY_` variable (named without the prefix) overrides:

@@ -119,3 +119,55 @@ async fn a_per_user_target_gets_each_users_events_in_arrival_order() {
     );
     relay.stop().await;
 }
+
+/// One user's backlog on a `per_user` target, its workers woken but never
+/// polling: when a delivery settles, the next one of the user is sent at
+/// once, so every event arrives, in order, however many slots are free.
+async fn one_users_backlog_drains_by_wake_ups_alone(postgres: bool) {
+    const EVENTS: u32 = 30;
+    let g = generated();
+    let ordered = FakeTarget::start().await;
+    let extra = "format = \"plain\"\nconcurrency = 8\nordering = \"per_user\"";
+    let toml = config(
+        &g,
+        &[target("ordered", &ordered.url("/"), extra)],
+        "[[routes]]\nto = [\"ordered\"]\n",
+    );
+    let Some(relay) = TestRelay::start_woken_only(&toml, reference_now(&g), postgres).await else {
+        return;
+    };
+    let now = relay.clock.now_secs();
+    for i in 0..EVENTS {
+        let (path, body) = text_push(&g, now, "o_one", u64::from(i) + 1, &format!("EV-{i}]"));
+        assert_eq!(relay.post(&path, body).await.status, 200);
+    }
+    let all = ordered
+        .wait_for(EVENTS as usize, Duration::from_secs(20))
+        .await;
+    let got: Vec<u32> = ordered
+        .received()
+        .iter()
+        .filter_map(|r| {
+            r.text()
+                .split("EV-")
+                .nth(1)?
+                .split(']')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(all, "all {EVENTS} arrived by wake-ups alone; got {got:?}");
+    assert_eq!(got, (0..EVENTS).collect::<Vec<_>>(), "in arrival order");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn one_users_backlog_drains_by_wake_ups_alone_on_sqlite() {
+    one_users_backlog_drains_by_wake_ups_alone(false).await;
+}
+
+#[tokio::test]
+async fn one_users_backlog_drains_by_wake_ups_alone_on_postgres() {
+    one_users_backlog_drains_by_wake_ups_alone(true).await;
+}

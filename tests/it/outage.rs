@@ -187,3 +187,70 @@ async fn a_database_outage_is_503_and_loses_nothing_answered() {
         counts.other
     );
 }
+
+/// A replica started while the database cannot be reached (the proxy
+/// refuses every connection) stays up: `/healthz` answers 200, `/readyz` 503
+/// with the reason, pushes 503, and it tries again, waiting longer each
+/// time. Once the database answers it checks the schema and becomes ready
+/// by itself, and takes pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_the_database_is_down_waits_for_it() {
+    let Some(database) = Database::create() else {
+        return;
+    };
+    let proxy = CutProxy::start(proxy::upstream(database.url.as_str())).await;
+    proxy.cut();
+    let hooks = FakeTarget::start().await;
+    let (spool, hooks_url) = (
+        database.spool_toml_at(&proxy.url_through(database.url.as_str())),
+        hooks.url("/hooks"),
+    );
+    // Up means /healthz answers: the relay that gave up did not get there.
+    let replicas = Replicas::start(
+        1,
+        &[],
+        Box::new(move |public, admin| config(public, admin, &spool, &hooks_url)),
+    )
+    .await;
+    let (public, admin) = (replicas.replica(0).public, replicas.replica(0).admin);
+
+    let ready = common::try_send(admin, Method::GET, "/readyz", bytes::Bytes::new()).await;
+    let ready = ready.unwrap();
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        ready.text().contains("waiting for the database"),
+        "{}",
+        ready.text()
+    );
+    let (key, now) = (harness::key(), harness::unix_now());
+    let push = harness::push(1, now, &key);
+    let refused = common::try_send(public, Method::POST, &push.path, push.body.clone()).await;
+    assert_eq!(
+        refused.unwrap().status,
+        503,
+        "a push is refused, not stored"
+    );
+    // It keeps trying, past the first few seconds.
+    let attempts = |log: &str| log.matches("still waiting for the database").count();
+    let retried = common::eventually(Duration::from_secs(30), || {
+        let log = replicas.log(0);
+        async move { attempts(&log) >= 4 }
+    })
+    .await;
+    assert!(retried, "{}", replicas.log(0));
+    let health = common::try_send(admin, Method::GET, "/healthz", bytes::Bytes::new()).await;
+    assert_eq!(health.unwrap().status, StatusCode::OK, "still up");
+
+    proxy.restore();
+    let became_ready = common::eventually(Duration::from_secs(30), || async {
+        readyz(admin).await == Some(StatusCode::OK)
+    })
+    .await;
+    assert!(became_ready, "{}", replicas.log(0));
+    let stored = common::try_send(public, Method::POST, &push.path, push.body).await;
+    assert_eq!(stored.unwrap().status, 200);
+    assert!(
+        hooks.wait_for(1, Duration::from_secs(20)).await,
+        "delivered"
+    );
+}

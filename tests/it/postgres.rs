@@ -392,8 +392,10 @@ async fn server_certificate(url: &str) -> Option<String> {
     std::fs::metadata(&file).ok().map(|_| file)
 }
 
+/// The `sslmode` values as libpq has them, against the test database's own
+/// certificate (which no public root signed, and which names `localhost`).
 #[tokio::test]
-async fn tls_require_verifies_the_chain_and_verify_full_the_name_too() {
+async fn tls_require_verifies_nothing_verify_ca_the_chain_and_verify_full_the_name_too() {
     let Some(url) = test_url() else { return };
     let Some(cert) = server_certificate(&url).await else {
         eprintln!("the test database serves no TLS here: TLS test skipped");
@@ -426,8 +428,12 @@ async fn tls_require_verifies_the_chain_and_verify_full_the_name_too() {
             opened.map(|_| ()).map_err(|e| wxrelay::error_chain(&e))
         }
     };
-    // The certificate does not name 127.0.0.1: require takes it, its chain
-    // being good; verify-full does not.
+    // The certificate does not name 127.0.0.1: verify-ca takes it, its
+    // chain being good, and so does require given the CA (as libpq with a
+    // root certificate); verify-full does not.
+    open("127.0.0.1", SslMode::VerifyCa, Some(&cert))
+        .await
+        .unwrap();
     open("127.0.0.1", SslMode::Require, Some(&cert))
         .await
         .unwrap();
@@ -435,11 +441,14 @@ async fn tls_require_verifies_the_chain_and_verify_full_the_name_too() {
         .await
         .unwrap_err();
     assert!(refused.contains("certificate"), "{refused}");
-    // Without the database's CA among the roots (only the public ones, which
-    // `check` does not allow with require), it refuses too: the chain is
-    // verified, not skipped.
-    let refused = open("127.0.0.1", SslMode::Require, None).await.unwrap_err();
-    assert!(refused.contains("certificate"), "{refused}");
+    // Against the public roots alone the chain does not verify.
+    let refused = open("127.0.0.1", SslMode::VerifyCa, None)
+        .await
+        .unwrap_err();
+    assert!(refused.contains("UnknownIssuer"), "{refused}");
+    // Without a CA of its own, require encrypts and verifies nothing, as in
+    // libpq: the database's certificate, which no public root signed, is taken.
+    open("127.0.0.1", SslMode::Require, None).await.unwrap();
     if let Some(host) = name(&cert).filter(|h| h == "localhost") {
         open(&host, SslMode::VerifyFull, Some(&cert)).await.unwrap();
     }
@@ -466,4 +475,34 @@ async fn a_connection_gone_silent_is_replaced_not_reused() {
     // ...and is not handed out again: the next one is new, and works.
     spool.probe().await.unwrap();
     spool.close().await;
+}
+
+/// The shared queue's gauges count the whole backlog in the database: they
+/// are read at most every few seconds, however often `/metrics` is scraped,
+/// and follow the queue once that time has passed.
+#[tokio::test]
+async fn the_queue_gauges_are_read_at_most_every_few_seconds_whatever_the_scrapes() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let toml = hooks_config(&g, &hooks.url("/"), "paused = true");
+    let Some(relay) = TestRelay::start_postgres(&toml, reference_now(&g)).await else {
+        return;
+    };
+    let pending = || async {
+        let text = relay.metrics().await;
+        common::metric(&text, "wxrelay_spool_pending", &[("target", "hooks")])
+    };
+    let push = |id: &str| {
+        let v = vector(&g, id);
+        relay.post_later(path("secure", &v["request"]), body(&v["request"]))
+    };
+    assert_eq!(push("secure.CLICK").await.status, 200);
+    assert_eq!(pending().await, 1.0);
+    assert_eq!(push("secure.text").await.status, 200);
+    for scrape in 0..20 {
+        assert_eq!(pending().await, 1.0, "scrape {scrape}: the last reading");
+    }
+    let followed = common::eventually(WAIT, || async { pending().await == 2.0 }).await;
+    assert!(followed, "read again once its time has passed");
+    relay.stop().await;
 }

@@ -62,6 +62,7 @@ pub(super) struct Writer {
     /// For the tests' injected failure.
     #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
     pub supervision: Supervision,
+    pub analyze: super::analyze::Analyzer,
 }
 
 /// Commits the waiting pushes, a batch at a time, then answers the probes
@@ -137,10 +138,11 @@ impl Writer {
                 return;
             }
         };
-        let mut due = BTreeSet::new();
+        let (mut due, mut stored) = (BTreeSet::new(), 0);
         for (request, outcome) in batch.into_iter().zip(outcomes) {
             if let Outcome::Stored(..) = outcome {
                 due.extend(request.event.targets.iter().map(|t| t.target.clone()));
+                stored += request.event.targets.len().max(1) as u64;
             }
             self.prune.saw(request.now);
             let answer = match outcome {
@@ -155,6 +157,7 @@ impl Writer {
             let _ = request.reply.send(Ok(answer));
         }
         self.notifier.due(due);
+        self.analyze.stored(stored);
     }
 }
 

@@ -87,7 +87,9 @@ pub(super) fn driver_config(
     config.tcp_user_timeout(Duration::from_secs(10));
     config.ssl_mode(match settings.sslmode {
         SslMode::Disable => tokio_postgres::config::SslMode::Disable,
-        SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            tokio_postgres::config::SslMode::Require
+        }
     });
     Ok(config)
 }
@@ -95,26 +97,54 @@ pub(super) fn driver_config(
 /// The TLS connector for `sslmode`; with `disable` it is never used.
 pub(super) fn tls(settings: &PostgresSettings) -> Result<MakeRustlsConnect, SpoolError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = Arc::new(roots(settings)?);
-    let tls_error = |e: rustls::Error| SpoolError::caused("TLS setup", e);
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let verifier = verifier(settings, provider.clone())?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(tls_error)?;
-    let config = match settings.sslmode {
-        SslMode::Disable | SslMode::VerifyFull => {
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-        SslMode::Require => {
-            let chain = WebPkiServerVerifier::builder_with_provider(roots, provider)
-                .build()
-                .map_err(|e| SpoolError::caused("TLS setup", e))?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly(chain)))
-                .with_no_client_auth()
-        }
-    };
+        .map_err(|e| SpoolError::caused("TLS setup", e))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
+}
+
+/// What is checked of the database's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verification {
+    /// Nothing: any certificate is taken (only the handshake's signature
+    /// must match it).
+    Nothing,
+    /// Its chain leads to a trusted root and it is valid now.
+    Chain,
+    /// As `Chain`, and it names the host connected to.
+    ChainAndName,
+}
+
+/// What libpq checks for each `sslmode`: `require` verifies nothing,
+/// unless a root certificate is given, when it verifies as `verify-ca`.
+fn verification(sslmode: SslMode, ca_file: bool) -> Verification {
+    match sslmode {
+        SslMode::Disable | SslMode::Require if !ca_file => Verification::Nothing,
+        SslMode::Disable | SslMode::Require | SslMode::VerifyCa => Verification::Chain,
+        SslMode::VerifyFull => Verification::ChainAndName,
+    }
+}
+
+/// The certificate verifier `sslmode` (and `ca_file`) call for.
+fn verifier(
+    settings: &PostgresSettings,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, SpoolError> {
+    let verification = verification(settings.sslmode, settings.ca_file.is_some());
+    if verification == Verification::Nothing {
+        return Ok(Arc::new(AnyCertificate(provider)));
+    }
+    let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(settings)?), provider)
+        .build()
+        .map_err(|e| SpoolError::caused("TLS setup", e))?;
+    Ok(match verification {
+        Verification::ChainAndName => chain,
+        _ => Arc::new(ChainOnly(chain)),
+    })
 }
 
 /// `ca_file`'s certificates, or the webpki roots.
@@ -138,7 +168,7 @@ fn roots(settings: &PostgresSettings) -> Result<RootCertStore, SpoolError> {
     Ok(roots)
 }
 
-/// `sslmode = "require"`: the chain must lead to a trusted root and the
+/// `sslmode = "verify-ca"`: the chain must lead to a trusted root and the
 /// certificate must be valid; only its names are not compared with the host.
 #[derive(Debug)]
 struct ChainOnly(Arc<WebPkiServerVerifier>);
@@ -187,6 +217,49 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
+/// `sslmode = "require"` without a CA: any certificate is taken, as libpq
+/// does. The handshake is still checked against the certificate presented,
+/// so the connection is encrypted to whoever holds its key.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// A pool: at most `size` connections, a bounded wait for one, and a broken
 /// connection (the database restarted) replaced rather than reused.
 pub(super) fn pool(
@@ -209,4 +282,98 @@ pub(super) fn pool(
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| SpoolError::caused("cannot set up the connection pool", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    /// A CA (its PEM in a file) and two leaves: one it signed for
+    /// `db.internal`, and one signed by nobody.
+    struct Certificates {
+        _dir: tempfile::TempDir,
+        ca_file: std::path::PathBuf,
+        signed: CertificateDer<'static>,
+        self_signed: CertificateDer<'static>,
+    }
+
+    fn certificates() -> Certificates {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = || CertificateParams::new(vec!["db.internal".to_owned()]).unwrap();
+        let signed = leaf()
+            .signed_by(&KeyPair::generate().unwrap(), &issuer)
+            .unwrap();
+        let self_signed = leaf().self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        Certificates {
+            _dir: dir,
+            ca_file,
+            signed: signed.der().clone(),
+            self_signed: self_signed.der().clone(),
+        }
+    }
+
+    /// Whether `sslmode` (with `ca_file` or the public roots) takes `cert`
+    /// from a server reached as `host`.
+    fn takes(
+        sslmode: SslMode,
+        ca_file: Option<&Certificates>,
+        cert: &CertificateDer,
+        host: &str,
+    ) -> bool {
+        let settings = PostgresSettings {
+            url: crate::config::Secret::new("postgres://relay@db.internal/relay"),
+            display: String::new(),
+            schema: "wxrelay".into(),
+            pool_size: 1,
+            sslmode,
+            ca_file: ca_file.map(|c| c.ca_file.clone()),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let name = ServerName::try_from(host.to_owned()).unwrap();
+        verifier(&settings, provider)
+            .unwrap()
+            .verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+            .is_ok()
+    }
+
+    #[test]
+    fn sslmode_means_what_it_means_in_libpq() {
+        use Verification::*;
+        assert_eq!(verification(SslMode::Require, false), Nothing);
+        assert_eq!(verification(SslMode::Require, true), Chain);
+        assert_eq!(verification(SslMode::VerifyCa, false), Chain);
+        assert_eq!(verification(SslMode::VerifyCa, true), Chain);
+        assert_eq!(verification(SslMode::VerifyFull, false), ChainAndName);
+        assert_eq!(verification(SslMode::VerifyFull, true), ChainAndName);
+    }
+
+    #[test]
+    fn each_sslmode_takes_the_certificates_it_should() {
+        let c = certificates();
+        let (ca, public) = (Some(&c), None);
+        let (signed, stranger) = (&c.signed, &c.self_signed);
+        // require without a CA: anything, whoever signed it, whatever it names.
+        assert!(takes(SslMode::Require, public, stranger, "10.0.0.5"));
+        assert!(takes(SslMode::Require, public, signed, "db.internal"));
+        // require with a CA, and verify-ca: the chain, not the name.
+        for mode in [SslMode::Require, SslMode::VerifyCa] {
+            assert!(takes(mode, ca, signed, "10.0.0.5"), "{mode:?}");
+            assert!(!takes(mode, ca, stranger, "db.internal"), "{mode:?}");
+        }
+        assert!(!takes(SslMode::VerifyCa, public, signed, "db.internal"));
+        // verify-full: the chain and the name.
+        assert!(takes(SslMode::VerifyFull, ca, signed, "db.internal"));
+        assert!(!takes(SslMode::VerifyFull, ca, signed, "10.0.0.5"));
+        assert!(!takes(SslMode::VerifyFull, ca, signed, "other.internal"));
+        assert!(!takes(SslMode::VerifyFull, ca, stranger, "db.internal"));
+        assert!(!takes(SslMode::VerifyFull, public, signed, "db.internal"));
+    }
 }

@@ -42,10 +42,12 @@
 //! recorder of outcomes, the notifier, the pruners and the listener run as
 //! supervised tasks (see [`Supervision`]).
 
+mod analyze;
 mod commit;
 mod connect;
 mod dead;
 mod migrate;
+mod opening;
 mod prune;
 mod row;
 mod settle;
@@ -54,9 +56,10 @@ pub mod testing;
 mod wake;
 
 use super::Migrated;
+pub use analyze::ANALYZE_AFTER_ROWS;
 pub use connect::postgres_display;
 pub use migrate::latest as latest_schema_version;
-pub use settle::TARGETS_HOLD_MS;
+pub use settle::{REPLICA_FORGOTTEN_MS, TARGETS_HOLD_MS};
 
 use super::vocab::{EVENT_COLUMNS, PENDING, QUEUE};
 use super::{
@@ -68,7 +71,7 @@ use crate::config::PostgresSettings;
 use const_format::formatcp;
 use deadpool_postgres::{Object, Pool};
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -81,6 +84,9 @@ pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections that store pushes (the one group-commit writer's), beside
 /// `pool_size` for everything else.
 pub const PUSH_CONNECTIONS: usize = 1;
+/// How long a reading of the queue's depth is answered again: each is a
+/// count of the whole backlog, and every replica's every scrape asks.
+pub const DEPTH_EVERY: Duration = Duration::from_secs(5);
 
 impl From<tokio_postgres::Error> for SpoolError {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -97,8 +103,13 @@ impl From<deadpool_postgres::PoolError> for SpoolError {
 /// What opening the spool does to the schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnOpen {
-    /// Apply the migrations it lacks (the relay at start).
+    /// Apply the migrations it lacks.
     Migrate,
+    /// As `Migrate`, but a database that cannot be reached does not stop
+    /// the opening: the spool refuses every operation, saying why, and
+    /// tries again in the background until the database answers (the
+    /// relay at start).
+    MigrateWhenReachable,
     /// Require the version this binary knows; change nothing (the operator
     /// commands, which may run beside replicas of another version).
     RequireCurrent,
@@ -114,11 +125,17 @@ pub struct PostgresSpool {
     notify: JoinHandle<()>,
     /// The listener for other replicas' notifications, once asked for.
     listener: Mutex<Option<JoinHandle<()>>>,
+    /// Until the schema is checked, why not: every operation fails with it.
+    ready: Arc<opening::Readiness>,
+    /// The task checking the schema while the database cannot be reached.
+    opening: Option<JoinHandle<()>>,
     /// The group commit of pushes and the recorder of outcomes: let finish
     /// at close.
     writers: Mutex<Vec<JoinHandle<()>>>,
     supervision: Supervision,
     notifier: wake::Notifier,
+    /// The last reading of the depth.
+    depth: Arc<LastDepth>,
     /// This process's name in lease owners.
     replica: String,
     schema: String,
@@ -218,8 +235,9 @@ impl PostgresSpool {
         // Pushes are stored on a connection of their own, so that they never
         // wait for one behind the delivery workers' leases and outcomes.
         let push_pool = connect::pool(PUSH_CONNECTIONS, config.clone(), tls.clone())?;
-        prepare_schema(&pool, settings, on_open).await?;
         let supervision = Supervision::default();
+        let (ready, opening) =
+            opening::schema(&pool, &settings.schema, on_open, &supervision).await?;
         let (requests, rx) = mpsc::channel(QUEUE);
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
         let writer = commit::Writer {
@@ -227,6 +245,7 @@ impl PostgresSpool {
             notifier: notifier.clone(),
             prune: prune::Pruner::new(pool.clone(), supervision.clone()),
             supervision: supervision.clone(),
+            analyze: analyze::Analyzer::new(pool.clone(), supervision.clone()),
         };
         let writer =
             supervision.spawn("postgres writer", commit::run(writer, rx, max_batch.max(1)));
@@ -241,9 +260,12 @@ impl PostgresSpool {
             recordings: Mutex::new(Some(recordings)),
             notify,
             listener: Mutex::new(None),
+            ready,
+            opening,
             writers: Mutex::new(vec![writer, recorder]),
             supervision,
             notifier,
+            depth: Arc::default(),
             replica,
             schema: settings.schema.clone(),
             listen: (config, tls),
@@ -281,6 +303,9 @@ impl PostgresSpool {
     fn stop_background(&self) {
         self.supervision.closing();
         self.notify.abort();
+        if let Some(opening) = &self.opening {
+            opening.abort();
+        }
         if let Some(listener) = self
             .listener
             .lock()
@@ -304,13 +329,26 @@ impl PostgresSpool {
             .unwrap_or_else(|e| e.into_inner())
             .is_none();
         let failed = self.supervision.check();
+        let ready = self.ready.check();
         Box::pin(async move {
             failed?;
             if closed {
                 return Err(SpoolError::Closed);
             }
+            ready?;
             on_connection(&pool, what, operation).await
         })
+    }
+
+    /// `write`, unless the schema is not checked yet.
+    fn when_ready<T: Send + 'static>(
+        &self,
+        write: impl FnOnce() -> SpoolFuture<T>,
+    ) -> SpoolFuture<T> {
+        match self.ready.check() {
+            Ok(()) => write(),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
     }
 }
 
@@ -356,12 +394,14 @@ type BoxedOp<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, SpoolError
 
 impl Intake for PostgresSpool {
     fn enqueue(&self, event: NewEvent, now: UnixMs, window: Duration) -> SpoolFuture<Enqueued> {
-        submit(&self.supervision, &self.requests, |reply| {
-            commit::Request::Push(commit::Push {
-                event,
-                now,
-                window,
-                reply,
+        self.when_ready(|| {
+            submit(&self.supervision, &self.requests, |reply| {
+                commit::Request::Push(commit::Push {
+                    event,
+                    now,
+                    window,
+                    reply,
+                })
             })
         })
     }
@@ -377,12 +417,14 @@ impl Work for PostgresSpool {
     }
 
     fn record(&self, settlements: Vec<Settle>, now: UnixMs) -> SpoolFuture<()> {
-        submit(&self.supervision, &self.recordings, |reply| {
-            settle::Recording {
-                settles: settlements,
-                now,
-                reply,
-            }
+        self.when_ready(|| {
+            submit(&self.supervision, &self.recordings, |reply| {
+                settle::Recording {
+                    settles: settlements,
+                    now,
+                    reply,
+                }
+            })
         })
     }
 
@@ -504,17 +546,20 @@ const DEPTH: &str = formatcp!(
 impl Health for PostgresSpool {
     /// A write through the push writer, behind the pushes waiting for it.
     fn probe(&self) -> SpoolFuture<()> {
-        submit(&self.supervision, &self.requests, commit::Request::Probe)
+        self.when_ready(|| submit(&self.supervision, &self.requests, commit::Request::Probe))
     }
 
+    /// Read from the database at most every [`DEPTH_EVERY`]; calls in
+    /// between, on this replica, get the last reading.
     fn depth(&self) -> SpoolFuture<Vec<TargetDepth>> {
-        self.with_client("depth", move |c| {
+        let read = self.with_client("depth", move |c| {
             Box::pin(async move {
                 let statement = c.prepare_cached(DEPTH).await?;
                 let rows = c.query(&statement, &[]).await?;
                 rows.iter().map(rows::depth).collect()
             })
-        })
+        });
+        Box::pin(last_or_read(self.depth.clone(), read))
     }
 }
 
@@ -535,27 +580,22 @@ impl DueListener for PostgresSpool {
     }
 }
 
-/// Brings the schema up to date, or checks it is, as `on_open` says.
-async fn prepare_schema(
-    pool: &Pool,
-    settings: &PostgresSettings,
-    on_open: OnOpen,
-) -> Result<(), SpoolError> {
-    let mut client = client(pool).await?;
-    match on_open {
-        OnOpen::Migrate => {
-            let migrated = migrate::migrate(&mut client, &settings.schema).await?;
-            if !migrated.applied.is_empty() {
-                tracing::info!(schema = %settings.schema, from = migrated.from, to = migrated.to, "spool schema migrated");
-            }
-            Ok(())
-        }
-        OnOpen::RequireCurrent => {
-            bounded(
-                "schema check",
-                migrate::require_current(&client, &settings.schema),
-            )
-            .await
+/// A reading of the depth and when it was taken; locked while one is taken,
+/// so that scrapes at once wait for the one reading.
+type LastDepth = tokio::sync::Mutex<Option<(std::time::Instant, Vec<TargetDepth>)>>;
+
+/// The last reading while it is younger than [`DEPTH_EVERY`], else `read`.
+async fn last_or_read(
+    last: Arc<LastDepth>,
+    read: SpoolFuture<Vec<TargetDepth>>,
+) -> Result<Vec<TargetDepth>, SpoolError> {
+    let mut last = last.lock().await;
+    if let Some((at, depth)) = &*last {
+        if at.elapsed() < DEPTH_EVERY {
+            return Ok(depth.clone());
         }
     }
+    let depth = read.await?;
+    *last = Some((std::time::Instant::now(), depth.clone()));
+    Ok(depth)
 }

@@ -393,8 +393,12 @@ pub(super) async fn drop_events_if_done(
 /// How long a replica's word on its targets holds: several of the relay's
 /// retirement rounds (every 30 s), so that a live replica never lapses.
 pub const TARGETS_HOLD_MS: i64 = 120_000;
+/// When the names of a replica not heard from are deleted (one stopped for
+/// good, or a restart under a new id): long past the time its word holds.
+pub const REPLICA_FORGOTTEN_MS: i64 = 10 * TARGETS_HOLD_MS;
 
-/// Records that `replica` names `targets`, then dead-letters the pending
+/// Records that `replica` names `targets` (forgetting the replicas not
+/// heard from for [`REPLICA_FORGOTTEN_MS`]), then dead-letters the pending
 /// deliveries of every target that no replica heard from within
 /// [`TARGETS_HOLD_MS`] names. Returns how many, per target.
 pub(super) async fn retire(
@@ -407,11 +411,14 @@ pub(super) async fn retire(
     let forget = tx
         .prepare_cached(
             "DELETE FROM replica_targets
-             WHERE (replica = $1 AND NOT (target = ANY($2))) OR seen_at <= $3 - 10 * $4::bigint",
+             WHERE (replica = $1 AND NOT (target = ANY($2))) OR seen_at <= $3 - $4::bigint",
         )
         .await?;
-    tx.execute(&forget, &[&replica, &targets, &now.0, &TARGETS_HOLD_MS])
-        .await?;
+    tx.execute(
+        &forget,
+        &[&replica, &targets, &now.0, &REPLICA_FORGOTTEN_MS],
+    )
+    .await?;
     let name = tx
         .prepare_cached(
             "INSERT INTO replica_targets (replica, target, seen_at)

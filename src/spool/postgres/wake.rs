@@ -23,7 +23,7 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 /// `NOTIFY` payloads must stay under 8000 bytes.
 const PAYLOAD_MAX: usize = 7_000;
 /// Waits between attempts to reconnect the listener, at most.
-const RECONNECT_MAX: Duration = Duration::from_secs(10);
+pub(super) const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
 /// Collects the targets made due and announces them.
 #[derive(Clone)]

@@ -348,6 +348,7 @@ pub async fn ingest_in_process(
         spool: Some(spool),
         clock: None,
         config_path: None,
+        idle_poll: None,
     };
     let relay = wxrelay::app::Relay::start(settings, options)
         .await
@@ -359,13 +360,16 @@ pub async fn ingest_in_process(
 
 /// A fast local target that counts what it receives, per path, and answers
 /// `success` (a valid answer for a reply target too). A path can be made to
-/// play dead: it then answers 503 and counts the attempts instead.
+/// play dead: it then answers 503 and counts the attempts instead; and every
+/// answer can be made to take a while.
 #[derive(Clone, Default)]
 pub struct Sink {
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
     total: Arc<AtomicU64>,
     down: Arc<Mutex<Option<String>>>,
     refused: Arc<AtomicU64>,
+    /// Microseconds each answer waits before it is sent.
+    delay_us: Arc<AtomicU64>,
 }
 
 impl Sink {
@@ -381,6 +385,10 @@ impl Sink {
                     async move {
                         let path = req.uri().path().to_string();
                         let _ = req.into_body().collect().await;
+                        let delay = s.delay_us.load(Ordering::Relaxed);
+                        if delay > 0 {
+                            tokio::time::sleep(Duration::from_micros(delay)).await;
+                        }
                         let down = s.down.lock().unwrap_or_else(|e| e.into_inner());
                         if down.as_deref() == Some(path.as_str()) {
                             s.refused.fetch_add(1, Ordering::Relaxed);
@@ -431,6 +439,13 @@ impl Sink {
     /// Makes `path` answer 503 (`None`: every path answers again).
     pub fn set_down(&self, path: Option<&str>) {
         *self.down.lock().unwrap_or_else(|e| e.into_inner()) = path.map(str::to_owned);
+    }
+
+    /// Makes every answer wait `delay` first, as a target that takes that
+    /// long to answer.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Requests refused while a path played dead.

@@ -166,6 +166,8 @@ pub struct TestRelay {
     pub opened: OpenSpool,
     /// The PostgreSQL spool's schema, dropped with the relay.
     pub schema: Option<TestSchema>,
+    /// How often the delivery workers look in the spool unprompted.
+    idle_poll: Option<Duration>,
 }
 
 impl TestRelay {
@@ -209,6 +211,26 @@ impl TestRelay {
         Self::start_on(toml, now_secs, dir, &path, opened, Some(schema)).await
     }
 
+    /// As [`TestRelay::start`], its delivery workers looking in the spool
+    /// only when woken (every hour unprompted); on PostgreSQL with
+    /// `postgres`, `None` when no test database is configured.
+    pub async fn start_woken_only(toml: &str, now_secs: i64, postgres: bool) -> Option<TestRelay> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let (opened, schema) = if postgres {
+            let schema = TestSchema::new(&postgres::testing::test_url()?);
+            let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+                .await
+                .unwrap_or_else(|e| panic!("the test database: {e}"));
+            (OpenSpool::Postgres(Arc::new(spool)), Some(schema))
+        } else {
+            let spool = SqliteSpool::open(&path).unwrap();
+            (OpenSpool::Sqlite(Arc::new(spool)), None)
+        };
+        let hour = Some(Duration::from_secs(3_600));
+        Some(Self::start_polling(toml, now_secs, dir, &path, opened, schema, hour).await)
+    }
+
     async fn start_on(
         toml: &str,
         now_secs: i64,
@@ -217,9 +239,21 @@ impl TestRelay {
         opened: OpenSpool,
         schema: Option<TestSchema>,
     ) -> TestRelay {
+        Self::start_polling(toml, now_secs, dir, spool_path, opened, schema, None).await
+    }
+
+    async fn start_polling(
+        toml: &str,
+        now_secs: i64,
+        dir: tempfile::TempDir,
+        spool_path: &Path,
+        opened: OpenSpool,
+        schema: Option<TestSchema>,
+        idle_poll: Option<Duration>,
+    ) -> TestRelay {
         let spool = opened.operator();
         let clock = Arc::new(FixedClock::at_secs(now_secs));
-        let relay = Self::launch(toml, opened.clone(), clock.clone(), &dir).await;
+        let relay = Self::launch(toml, opened.clone(), clock.clone(), &dir, idle_poll).await;
         TestRelay {
             addr: relay.public_addr,
             admin: relay.admin_addr,
@@ -230,6 +264,7 @@ impl TestRelay {
             dir,
             opened,
             schema,
+            idle_poll,
         }
     }
 
@@ -243,7 +278,14 @@ impl TestRelay {
         if let Some(relay) = self.relay.take() {
             relay.shutdown().await;
         }
-        let relay = Self::launch(toml, self.opened.clone(), self.clock.clone(), &self.dir).await;
+        let relay = Self::launch(
+            toml,
+            self.opened.clone(),
+            self.clock.clone(),
+            &self.dir,
+            self.idle_poll,
+        )
+        .await;
         self.addr = relay.public_addr;
         self.admin = relay.admin_addr;
         self.relay = Some(relay);
@@ -259,6 +301,7 @@ impl TestRelay {
         spool: OpenSpool,
         clock: Arc<FixedClock>,
         dir: &tempfile::TempDir,
+        idle_poll: Option<Duration>,
     ) -> Relay {
         let settings = Settings::from_toml_str(toml).unwrap_or_else(|e| panic!("test config: {e}"));
         let config_path = dir.path().join("relay.toml");
@@ -271,6 +314,7 @@ impl TestRelay {
                 spool: Some(spool),
                 clock: Some(clock.clone()),
                 config_path: Some(config_path),
+                idle_poll,
             },
         )
         .await
