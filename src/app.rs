@@ -14,6 +14,7 @@ use crate::reload::Reloader;
 use crate::server::{self, Limits};
 use crate::spool::postgres::OnOpen;
 use crate::spool::{OpenSpool, SpoolError, Supervision};
+use crate::telemetry::{Export, Telemetry, TelemetryError};
 use crate::wechat::reply::SeenStamps;
 use arc_swap::ArcSwap;
 use http::Request;
@@ -40,6 +41,8 @@ pub enum StartError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// Why a running relay stopped by itself.
@@ -77,6 +80,8 @@ pub struct Relay {
     drain: Duration,
     owned_spool: Option<OpenSpool>,
     supervision: Supervision,
+    /// The span export, when traces are on: flushed at shutdown.
+    export: Option<Export>,
 }
 
 async fn bind(listener: Option<TcpListener>, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -132,7 +137,7 @@ fn push_path(
     spool: &OpenSpool,
     clock: &Arc<dyn Clock>,
     metrics: &Arc<Metrics>,
-    dispatcher: &Arc<Dispatcher>,
+    (dispatcher, telemetry): (&Arc<Dispatcher>, Option<Arc<Telemetry>>),
 ) -> Arc<PushPath> {
     let in_flight = config.load().server.max_body_bytes_in_flight;
     Arc::new(PushPath {
@@ -148,7 +153,27 @@ fn push_path(
         },
         dispatcher: dispatcher.clone(),
         reply_stamps: SeenStamps::default(),
+        telemetry,
     })
+}
+
+/// The dispatcher, and where its spans and the pushes' go when traces are
+/// exported, with their export.
+type Delivery = (Arc<Dispatcher>, Option<Arc<Telemetry>>, Option<Export>);
+
+/// The delivery side, and where its spans and the pushes' go when traces
+/// are exported.
+fn delivery(
+    config: &Arc<ArcSwap<Settings>>,
+    spool: &OpenSpool,
+    clock: &Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+) -> Result<Delivery, StartError> {
+    let traces = Telemetry::start(&config.load().telemetry, metrics, crate::deliver::client())?;
+    let (telemetry, export) = traces.unzip();
+    let (spool, clock, metrics) = (spool.work(), clock.clone(), metrics.clone());
+    let dispatcher = Dispatcher::new(config.clone(), spool, clock, metrics, telemetry.clone());
+    Ok((dispatcher, telemetry, export))
 }
 
 /// The public and admin listeners' limits.
@@ -184,8 +209,7 @@ impl Relay {
         let config = Arc::new(ArcSwap::from_pointee(settings));
         let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let metrics = Arc::new(Metrics::new()?);
-        let dispatcher =
-            Dispatcher::new(config.clone(), spool.work(), clock.clone(), metrics.clone());
+        let (dispatcher, telemetry, export) = delivery(&config, &spool, &clock, &metrics)?;
         options
             .idle_poll
             .inspect(|every| dispatcher.poll_idle_every(*every));
@@ -200,7 +224,7 @@ impl Relay {
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 
-        let push_path = push_path(&config, &spool, &clock, &metrics, &dispatcher);
+        let push_path = push_path(&config, &spool, &clock, &metrics, (&dispatcher, telemetry));
         let public_handler = move |req: Request<Incoming>| handler::handle(push_path.clone(), req);
         listeners.spawn(server::serve(
             public,
@@ -243,6 +267,7 @@ impl Relay {
             drain,
             owned_spool,
             supervision: spool.supervision(),
+            export,
         })
     }
 
@@ -283,6 +308,10 @@ impl Relay {
         {
             tracing::warn!("delivery attempts still running at the drain deadline");
             self.workers.abort_all();
+        }
+        // The attempts' spans are made by now: send what is queued.
+        if let Some(export) = self.export.take() {
+            export.finish(self.drain).await;
         }
         if let Some(spool) = self.owned_spool.take() {
             spool.close().await;

@@ -21,6 +21,7 @@ use crate::deliver::{Dispatcher, Unread};
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
 use crate::metrics::Metrics;
 use crate::spool::DeadReason;
+use crate::telemetry::{PushFacts, PushTrace, Telemetry};
 use crate::wechat::crypto::KeySlot;
 use crate::wechat::family::Family;
 use crate::wechat::inbound::{Callback, Credentials, Refused, VerifiedPush};
@@ -213,6 +214,8 @@ struct Accepted {
     reply: Option<&'static str>,
     key_slot: Option<KeySlot>,
     body: Bytes,
+    /// Its ids and times, when traces are exported.
+    trace: Option<PushTrace>,
 }
 
 impl Accepted {
@@ -235,6 +238,8 @@ pub struct PushPath {
     pub dispatcher: Arc<Dispatcher>,
     /// The stamps of the envelopes `wechat` reply targets sealed lately.
     pub reply_stamps: reply::SeenStamps,
+    /// Where the spans of stored pushes go, when traces are exported.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 /// Serves one request on the public listener. Never fails: every outcome is an
@@ -276,8 +281,11 @@ pub async fn handle(
             tracing::info!(account, verdict, latency_ms, "URL verification answered");
             text(StatusCode::OK, "text/plain; charset=utf-8", echostr.into())
         }
-        Ok(Answer::Accepted(a)) => {
+        Ok(Answer::Accepted(mut a)) => {
             observe_accepted(m, account, verdict, latency_ms, &a);
+            if let Some(telemetry) = &path.telemetry {
+                export_spans(telemetry, account, verdict, &mut a);
+            }
             text(StatusCode::OK, answer_content_type(&a.body), a.body)
         }
         Err(rejection) => {
@@ -336,6 +344,24 @@ fn observe_accepted(m: &Metrics, account: &str, verdict: &str, latency_ms: f64, 
         ticket = i.ticket.map(|latest| if latest { "kept" } else { "older" }),
         "push answered"
     );
+}
+
+/// The spans of a stored push, now that it is answered; a duplicate has no
+/// event of its own to carry, and makes none.
+fn export_spans(telemetry: &Telemetry, account: &str, verdict: &str, a: &mut Accepted) {
+    let (Some(trace), Some(stored)) = (a.trace.take(), a.ingested.stored.as_ref()) else {
+        return;
+    };
+    let reply = stored.reply.as_ref().zip(a.reply);
+    let facts = PushFacts {
+        event_id: stored.event_id,
+        account,
+        msg_type: &a.ingested.msg_type,
+        event: &a.ingested.event_name,
+        verdict,
+        reply: reply.map(|(to, outcome)| (to.target.name.as_str(), outcome)),
+    };
+    telemetry.push_spans(trace, &facts);
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
@@ -405,7 +431,10 @@ async fn answer(
                 .await
                 .map_err(|_| Rejection::BodyTimeout)??;
             let verified = callback.verify_push(&creds, signed, &body)?;
-            let accepted = accept_push(path, config, account, verified, body, started).await;
+            let from = verified.message.from_user();
+            let trace = path.telemetry.as_ref().map(|t| t.push(started, from));
+            let accepted =
+                accept_push(path, config, account, verified, body, (started, trace)).await;
             drop(reserved);
             accepted.map(|a| Answer::Accepted(Box::new(a)))
         }
@@ -489,16 +518,29 @@ async fn accept_push(
     account: &Account,
     verified: VerifiedPush,
     body: Bytes,
-    started: Instant,
+    (started, mut trace): (Instant, Option<PushTrace>),
 ) -> Result<Accepted, Rejection> {
     let reply_budget = config.server.reply_budget;
+    // Timed only when traced: off, nothing is measured.
+    let commit_from = trace.as_ref().map(|_| Instant::now());
+    let context = trace.as_ref().map(PushTrace::context);
     let ingested = path
         .ingest
-        .ingest(config, account, &verified, body, started + reply_budget)
+        .ingest(
+            config,
+            account,
+            &verified,
+            (body, context),
+            started + reply_budget,
+        )
         .await?;
+    if let (Some(trace), Some(from)) = (trace.as_mut(), commit_from) {
+        trace.committed(from);
+    }
     let mut answer = Bytes::from_static(b"success");
     let mut reply = None;
     if let Some(to) = ingested.stored.as_ref().and_then(|s| s.reply.as_ref()) {
+        let reply_from = trace.as_ref().map(|_| Instant::now());
         let remaining = reply_budget.saturating_sub(started.elapsed());
         // With no time left, an attempt could not even be sent: leave the
         // delivery to the workers rather than count an attempt never made.
@@ -510,12 +552,16 @@ async fn accept_push(
         let (body, outcome) = answer_with(path, account, &to.target, &verified, inline);
         answer = body;
         reply = Some(outcome);
+        if let (Some(trace), Some(from)) = (trace.as_mut(), reply_from) {
+            trace.replied(from);
+        }
     }
     Ok(Accepted {
         ingested,
         reply,
         key_slot: verified.key_slot,
         body: answer,
+        trace,
     })
 }
 
@@ -541,7 +587,7 @@ async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Inl
     let timeout = remaining.min(target.timeout);
     let result = path
         .dispatcher
-        .attempt_inline(target, to.delivery_id, &to.event, timeout)
+        .attempt_inline(target, (to.event_id, to.delivery_id), &to.event, timeout)
         .await;
     match (&result.verdict, result.body) {
         (Verdict::Delivered, Ok(body)) => Inline::Answered(body),

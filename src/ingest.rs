@@ -73,6 +73,7 @@ pub struct Stored {
 #[derive(Debug)]
 pub struct ReplyTo {
     pub target: Target,
+    pub event_id: EventId,
     pub delivery_id: DeliveryId,
     pub event: Event,
 }
@@ -86,13 +87,14 @@ struct Planned {
 }
 
 impl Ingest {
-    /// Routes and stores `push`; the commits must end by `deadline`.
+    /// Routes and stores `push`, with the W3C trace context of its span when
+    /// it is traced; the commits must end by `deadline`.
     pub async fn ingest(
         &self,
         config: &Settings,
         account: &Account,
         push: &VerifiedPush,
-        body: Bytes,
+        (body, trace_context): (Bytes, Option<String>),
         deadline: Instant,
     ) -> Result<Ingested, IngestError> {
         let now = UnixMs(self.clock.now_ms());
@@ -103,10 +105,11 @@ impl Ingest {
             None => None,
         };
         let Planned {
-            new_event,
+            mut new_event,
             reply,
             window,
         } = plan(config, account, push, body, now, &self.dispatcher);
+        new_event.event.trace_context = trace_context;
         let dedup_key = new_event.event.dedup_key.clone();
         let msg_type = new_event.event.msg_type.clone();
         let routed: Vec<String> = new_event.targets.iter().map(|t| t.target.clone()).collect();
@@ -129,6 +132,7 @@ impl Ingest {
         let reply = reply.and_then(|(target, position)| {
             Some(ReplyTo {
                 target,
+                event_id,
                 delivery_id: *deliveries.get(position)?,
                 event: *stored,
             })
@@ -257,6 +261,7 @@ fn stored_event(
         msg_type: msg_type.to_string(),
         event_type: push.message.event().map(str::to_string),
         origin: push.origin.clone(),
+        trace_context: None,
     }
 }
 

@@ -32,6 +32,8 @@
 //! - `admin`: the admin listener's routes; `reload`: configuration reload.
 //! - `metrics`: the Prometheus registry and every collector.
 //! - `server`: the accept loop and graceful drain.
+//! - `telemetry`: traces: a span per push and per delivery attempt, exported
+//!   over OTLP/HTTP when a collector is configured.
 //! - [`app`]: wiring and shutdown order.
 //! - [`clock`]: injected wall-clock time.
 //! - [`cli`]: the operator's commands: simulate, route, dlq, pending, migrate, keygen.
@@ -49,6 +51,7 @@ pub(crate) mod reload;
 pub mod route;
 pub(crate) mod server;
 pub mod spool;
+pub(crate) mod telemetry;
 pub mod wechat;
 
 pub use ingest::short_hash;

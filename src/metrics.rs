@@ -77,6 +77,10 @@ pub struct Metrics {
     pub target_circuit: IntGaugeVec,
     /// Each Open Platform's latest ticket's age, read at each scrape.
     pub component_ticket_age: GaugeVec,
+    /// Spans not exported, by reason: `queue_full` (the collector is slower
+    /// than the relay makes spans), `export_failed` (it refused them or did
+    /// not answer).
+    pub trace_spans_dropped: IntCounterVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +213,11 @@ const COMPONENT_TICKET_AGE: Spec = spec(
     "Age of each Open Platform's latest component_verify_ticket; +Inf while none was received.",
     ACCOUNT,
 );
+const TRACE_SPANS_DROPPED: Spec = spec(
+    "trace_spans_dropped_total",
+    "Spans not exported to the collector, by reason.",
+    &["reason"],
+);
 const BUILD_INFO: Spec = spec("build_info", "The running version; always 1.", &["version"]);
 
 /// Registers collectors of [`Spec`]s in the relay's registry.
@@ -282,6 +291,7 @@ impl Metrics {
             body_bytes_in_flight: r.gauge(BODY_BYTES_IN_FLIGHT)?,
             target_circuit: r.gauges(TARGET_CIRCUIT)?,
             component_ticket_age: r.float_gauges(COMPONENT_TICKET_AGE)?,
+            trace_spans_dropped: r.counters(TRACE_SPANS_DROPPED)?,
             registry: r.0,
         })
     }

@@ -70,9 +70,10 @@ impl Reloader {
             || next.spool.backend != current.spool.backend
             || next.server.max_connections != current.server.max_connections
             || next.server.max_body_bytes_in_flight != current.server.max_body_bytes_in_flight
+            || next.telemetry != current.telemetry
         {
             tracing::warn!(
-                "listen, admin_listen, max_connections, max_body_bytes_in_flight and the spool's backend and location take effect at the next start only"
+                "listen, admin_listen, max_connections, max_body_bytes_in_flight, the spool's backend and location and [telemetry] take effect at the next start only"
             );
         }
         let next = Arc::new(next);

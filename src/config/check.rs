@@ -5,7 +5,7 @@
 use super::units::format_size;
 use super::{
     Account, Adapters, Breaker, RetryPolicy, Secret, ServerSettings, Settings, SpoolBackend,
-    SpoolSettings, Target,
+    SpoolSettings, Target, TelemetrySettings,
 };
 use crate::route::Rule;
 use crate::wechat::crypto::KeyRing;
@@ -32,6 +32,7 @@ fn report(settings: &Settings, out: &mut String) -> fmt::Result {
         self::target(target, out)?;
     }
     routes(&settings.routes, out)?;
+    telemetry(&settings.telemetry, out)?;
     let warnings = settings.warnings();
     if !warnings.is_empty() {
         writeln!(out, "\nwarnings")?;
@@ -83,6 +84,16 @@ fn spool(spool: &SpoolSettings, out: &mut String) -> fmt::Result {
         }
     }
     row(out, "dedup_window", format_duration(spool.dedup_window))
+}
+
+/// Shown only when traces are exported: off is the default.
+fn telemetry(telemetry: &TelemetrySettings, out: &mut String) -> fmt::Result {
+    let Some(endpoint) = &telemetry.otlp_endpoint else {
+        return Ok(());
+    };
+    writeln!(out, "\ntelemetry")?;
+    row(out, "otlp_endpoint", endpoint)?;
+    row(out, "service_name", &telemetry.service_name)
 }
 
 fn account(account: &Account, out: &mut String) -> fmt::Result {

@@ -23,6 +23,8 @@ pub(crate) struct RawConfig {
     pub targets: BTreeMap<String, RawTarget>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +57,13 @@ pub(crate) struct RawSpool {
     pub pool_size: Option<i64>,
     pub sslmode: Option<String>,
     pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTelemetry {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

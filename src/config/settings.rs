@@ -21,6 +21,17 @@ pub struct Settings {
     pub targets: BTreeMap<String, Target>,
     /// In file order: the first matching rule decides.
     pub routes: Vec<Rule>,
+    pub telemetry: TelemetrySettings,
+}
+
+/// Where the relay's traces go, if anywhere.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySettings {
+    /// The collector's OTLP/HTTP base URL (spans are posted to its
+    /// `/v1/traces`); `None`, the default: no spans are made at all.
+    pub otlp_endpoint: Option<url::Url>,
+    /// The `service.name` the spans are exported under.
+    pub service_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]

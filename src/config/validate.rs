@@ -4,12 +4,12 @@
 
 use super::raw::{
     OneOrMany, RawAccount, RawBreaker, RawConfig, RawMatch, RawRoute, RawServer, RawSpool,
-    RawTarget, StringOrNumber,
+    RawTarget, RawTelemetry, StringOrNumber,
 };
 use super::settings::{
     decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, PostgresSettings,
     RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode,
-    Target, WechatServer,
+    Target, TelemetrySettings, WechatServer,
 };
 use super::units::{parse_duration, parse_size};
 use super::{ConfigError, Problem, Secret, ENV_PREFIX};
@@ -38,6 +38,7 @@ const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SPOOL_PATH: &str = "./data/spool.db";
 const DEFAULT_SCHEMA: &str = "wxrelay";
+const DEFAULT_SERVICE_NAME: &str = "wxrelay";
 /// Enough for the group commit, the lease queries and the operator
 /// commands at once; PostgreSQL's own default limit is 100 connections.
 const DEFAULT_POOL_SIZE: usize = 8;
@@ -79,12 +80,14 @@ pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
         dedup_outlasts_timestamp_windows(&spool, &accounts, &mut p);
     }
     let routes = routes(raw.routes, &names, &mut p);
+    let telemetry = telemetry(raw.telemetry, &mut p);
     let settings = Settings {
         server,
         spool,
         accounts,
         targets,
         routes,
+        telemetry,
     };
     if p.0.is_empty() {
         Ok(settings)
@@ -350,6 +353,40 @@ fn spool(mut raw: RawSpool, p: &mut Problems) -> SpoolSettings {
         backend,
         dedup_window,
     }
+}
+
+fn telemetry(raw: RawTelemetry, p: &mut Problems) -> TelemetrySettings {
+    let otlp_endpoint = raw
+        .otlp_endpoint
+        .and_then(|text| p.ok("telemetry.otlp_endpoint", otlp_endpoint(&text)));
+    let service_name = raw
+        .service_name
+        .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
+    if service_name.trim().is_empty() || service_name.chars().any(char::is_control) {
+        p.add(
+            "telemetry.service_name",
+            "must be a name: not empty, no control characters",
+        );
+    }
+    TelemetrySettings {
+        otlp_endpoint,
+        service_name,
+    }
+}
+
+/// A collector's base URL: the relay posts to its `/v1/traces`, so a
+/// query or a fragment would be lost, and credentials go in a header.
+fn otlp_endpoint(text: &str) -> Result<url::Url, String> {
+    let url = check_url(text)?;
+    if url.query().is_some() {
+        return Err("must not have a query: spans are posted to its /v1/traces".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "must not carry credentials: set a header with OTEL_EXPORTER_OTLP_HEADERS".to_owned(),
+        );
+    }
+    Ok(url)
 }
 
 fn postgres(raw: RawSpool, p: &mut Problems) -> PostgresSettings {

@@ -7,9 +7,10 @@ use super::retry::{self, Verdict};
 use crate::clock::Clock;
 use crate::config::Target;
 use crate::spool::{Event, UnixMs};
+use crate::telemetry::TRACEPARENT;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
-use http::{Request, StatusCode};
+use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -65,12 +66,13 @@ pub enum Unread {
 
 /// Sends `event` to `target` once, within `timeout`. `receive_id` is the
 /// receive id of the event's account (its AppID, a WeCom app's CorpID),
-/// which a `wechat` target may seal for.
+/// which a `wechat` target may seal for; `traceparent` names the attempt's
+/// span when traces are exported.
 pub async fn attempt(
     client: &HttpClient,
     clock: &dyn Clock,
     target: &Target,
-    (event, receive_id): (&Event, Option<&str>),
+    (event, receive_id, traceparent): (&Event, Option<&str>, Option<&HeaderValue>),
     timeout: Duration,
 ) -> Attempt {
     let failed = |verdict| Attempt {
@@ -95,6 +97,9 @@ pub async fn attempt(
         .header(USER_AGENT, concat!("wxrelay/", env!("CARGO_PKG_VERSION")));
     for (name, value) in &outbound.headers {
         request = request.header(*name, value.as_str());
+    }
+    if let Some(value) = traceparent {
+        request = request.header(TRACEPARENT, value);
     }
     let request = match request.body(Full::new(outbound.body)) {
         Ok(request) => request,

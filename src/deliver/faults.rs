@@ -1,6 +1,7 @@
 //! Spool failures a target's worker keeps meeting, logged without a line
 //! per occurrence: a full disk fails every write, and a line per failure
-//! would go to that disk.
+//! would go to that disk. The span export logs a collector that stays away
+//! the same way.
 
 use super::Dispatcher;
 use std::sync::Mutex;
@@ -14,7 +15,7 @@ const REPEAT_LOG_EVERY: Duration = Duration::from_secs(60);
 /// occurrence: the first, then a count at most every [`REPEAT_LOG_EVERY`],
 /// then once when it works again.
 #[derive(Default)]
-pub(super) struct Repeats(Mutex<RepeatState>);
+pub(crate) struct Repeats(Mutex<RepeatState>);
 
 #[derive(Default)]
 struct RepeatState {
@@ -24,7 +25,7 @@ struct RepeatState {
 }
 
 /// What to log for one more failure.
-pub(super) enum Repeat {
+pub(crate) enum Repeat {
     First,
     /// Failures since the last line, this one included.
     Summary(u64),
@@ -36,7 +37,7 @@ impl Repeats {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn failed(&self) -> Repeat {
+    pub(crate) fn failed(&self) -> Repeat {
         self.failed_at(std::time::Instant::now())
     }
 
@@ -58,7 +59,7 @@ impl Repeats {
     }
 
     /// `Some(failures not logged yet)` when this success ends a run of failures.
-    pub(super) fn succeeded(&self) -> Option<u64> {
+    pub(crate) fn succeeded(&self) -> Option<u64> {
         let mut s = self.state();
         std::mem::take(&mut s.failing).then(|| std::mem::take(&mut s.unlogged))
     }

@@ -27,7 +27,7 @@
 pub mod adapter;
 pub mod attempt;
 pub mod breaker;
-mod faults;
+pub(crate) mod faults;
 pub mod format;
 mod health;
 mod record;
@@ -40,6 +40,7 @@ use crate::clock::Clock;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::spool::{DueWaker, Work};
+use crate::telemetry::Telemetry;
 use arc_swap::ArcSwap;
 use faults::Faults;
 use health::TargetHealth;
@@ -57,6 +58,8 @@ pub struct Dispatcher {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     client: HttpClient,
+    /// Where attempts' spans go, when traces are exported.
+    telemetry: Option<Arc<Telemetry>>,
     /// Signalled after a reload, so new targets get a worker.
     config_changed: Notify,
     targets: Mutex<HashMap<String, Arc<TargetState>>>,
@@ -84,6 +87,7 @@ impl Dispatcher {
         spool: Arc<dyn Work>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
+        telemetry: Option<Arc<Telemetry>>,
     ) -> Arc<Dispatcher> {
         Arc::new(Dispatcher {
             config,
@@ -91,6 +95,7 @@ impl Dispatcher {
             clock,
             metrics,
             client: client(),
+            telemetry,
             config_changed: Notify::new(),
             targets: Mutex::new(HashMap::new()),
             records: Mutex::new(JoinSet::new()),

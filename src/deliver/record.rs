@@ -11,7 +11,8 @@ use super::retry::{self, Verdict};
 use super::Dispatcher;
 use crate::config::Target;
 use crate::metrics::Metrics;
-use crate::spool::{DeliveryId, Event, LeaseToken, Schedule, Settle, Settlement, UnixMs};
+use crate::spool::{DeliveryId, Event, EventId, LeaseToken, Schedule, Settle, Settlement, UnixMs};
+use crate::telemetry::{AttemptFacts, AttemptTrace};
 use rand::Rng;
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +25,8 @@ const AFTER_INLINE_MS: i64 = 1_000;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Due {
     pub(super) delivery_id: DeliveryId,
+    /// Its event's: what its span is found by.
+    pub(super) event_id: EventId,
     /// Attempts made before this one.
     pub(super) attempts: u32,
     pub(super) schedule: Schedule,
@@ -31,6 +34,8 @@ pub(super) struct Due {
     pub(super) lease: LeaseToken,
     /// The one attempt an open circuit lets through.
     pub(super) probe: bool,
+    /// Made by the request path for WeChat's answer, not by a worker.
+    pub(super) inline: bool,
 }
 
 /// How an attempt's outcome is written to the spool.
@@ -55,7 +60,7 @@ impl Dispatcher {
     pub async fn attempt_inline(
         self: &Arc<Self>,
         target: &Target,
-        delivery_id: DeliveryId,
+        (event_id, delivery_id): (EventId, DeliveryId),
         event: &Event,
         timeout: Duration,
     ) -> Attempt {
@@ -73,10 +78,12 @@ impl Dispatcher {
         }
         let due = Due {
             delivery_id,
+            event_id,
             attempts: 0,
             schedule: Schedule::default(),
             lease: LeaseToken::NONE,
             probe: false,
+            inline: true,
         };
         self.attempt_and_record(target, due, event, timeout, Record::Tracked)
             .await
@@ -117,7 +124,13 @@ impl Dispatcher {
             .as_ref()
             .and_then(|c| c.accounts.get(&event.account))
             .map(|a| a.app_id.as_str());
-        let result = attempt(&self.client, &*self.clock, target, (event, app_id), timeout).await;
+        let trace = self
+            .telemetry
+            .as_ref()
+            .map(|t| t.attempt(event.trace_context.as_deref()));
+        let traceparent = trace.as_ref().and_then(|t| t.header());
+        let sent = (event, app_id, traceparent);
+        let result = attempt(&self.client, &*self.clock, target, sent, timeout).await;
         let state = self.target_state(&target.name);
         let release = self.observe_health(target, &state, due.probe, &result);
         let unit: f64 = rand::thread_rng().gen();
@@ -130,7 +143,8 @@ impl Dispatcher {
             UnixMs(self.clock.now_ms()),
             unit,
         );
-        self.observe_attempt(target, &due, event, &result, &settlement, started);
+        let taken = (started, trace);
+        self.observe_attempt(target, &due, event, &result, &settlement, taken);
         let this = self.clone();
         let name = target.name.clone();
         let write = async move {
@@ -150,7 +164,8 @@ impl Dispatcher {
         result
     }
 
-    /// An attempt's metrics and log line, from what the spool will record.
+    /// An attempt's metrics, log line and span (when traced), from what the
+    /// spool will record.
     fn observe_attempt(
         &self,
         target: &Target,
@@ -158,7 +173,7 @@ impl Dispatcher {
         event: &Event,
         result: &Attempt,
         settlement: &Settlement,
-        started: tokio::time::Instant,
+        (started, trace): (tokio::time::Instant, Option<AttemptTrace>),
     ) {
         let outcome = count(&self.metrics, &target.name, settlement, started.elapsed());
         if matches!(settlement, Settlement::Delivered { .. }) {
@@ -173,6 +188,19 @@ impl Dispatcher {
             latency_ms = crate::rounded_ms(started.elapsed()),
             "delivery attempt"
         );
+        if let (Some(telemetry), Some(trace)) = (&self.telemetry, trace) {
+            let facts = AttemptFacts {
+                event_id: due.event_id,
+                delivery_id: due.delivery_id,
+                account: &event.account,
+                target: &target.name,
+                attempt: due.attempts + 1,
+                inline: due.inline,
+                status: result.status.map(|s| s.as_u16()),
+                outcome,
+            };
+            telemetry.attempt_span(trace, &facts);
+        }
     }
 
     /// Writes an attempt's outcome. When the spool cannot, the delivery stays

@@ -358,10 +358,12 @@ impl Dispatcher {
             in_flight.spawn(async move {
                 let due = Due {
                     delivery_id: lease.delivery_id,
+                    event_id: lease.event_id,
                     attempts: lease.attempts,
                     schedule: lease.schedule,
                     lease: lease.token,
                     probe,
+                    inline: false,
                 };
                 this.attempt_and_record(
                     &target,

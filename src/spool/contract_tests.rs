@@ -29,6 +29,7 @@ fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
             msg_type: "event".into(),
             event_type: Some("CLICK".into()),
             origin: Origin::default(),
+            trace_context: Some(format!("00-{:032x}-{:016x}-01", now + 1, now + 1)),
         },
         targets: targets
             .iter()

@@ -531,6 +531,10 @@ pub struct Event {
     pub event_type: Option<String>,
     /// The family, the codec and the family's identifiers, as verified.
     pub origin: Origin,
+    /// The W3C trace context (a `traceparent` value) of the push's span, so
+    /// that every attempt, by any worker on any replica, joins its trace;
+    /// `None` when traces are not exported.
+    pub trace_context: Option<String>,
 }
 
 /// Where a delivery stands. A delivered one is removed, so it has no state.

@@ -49,6 +49,7 @@ pub(super) fn event(row: &impl Columns) -> Result<Event, SpoolError> {
         msg_type: row.text("msg_type")?,
         event_type: row.opt_text("event")?,
         origin: origin(row)?,
+        trace_context: row.opt_text("trace_context")?,
     })
 }
 

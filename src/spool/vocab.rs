@@ -31,7 +31,7 @@ pub const RETIRED_ERROR: &str = "the target is no longer in the configuration";
 /// name (see `rows::event`).
 pub const EVENT_COLUMNS: &str =
     "e.dedup_key, e.account, e.received_at, e.query, e.body, e.xml, e.fields, e.msg_type, e.event, \
-     e.family, e.codec, e.appid, e.agent_id, e.info_type";
+     e.family, e.codec, e.appid, e.agent_id, e.info_type, e.trace_context";
 
 /// Keeps a ticket unless its account has one as new or newer; the
 /// parameters are the account, the ticket, its `CreateTime` and when it was

@@ -53,6 +53,7 @@ fn event(i: usize, users: usize) -> NewEvent {
             msg_type: "text".into(),
             event_type: None,
             origin: Default::default(),
+            trace_context: None,
         },
         targets: vec![NewDelivery {
             target: TARGET.into(),

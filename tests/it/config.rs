@@ -922,6 +922,49 @@ fn defaults_apply() {
     let broker = &settings.targets["broker"];
     assert_eq!(broker.max_age, Some(Duration::from_secs(600)));
     assert_eq!(broker.breaker, RetryClass::Login.default_breaker());
+    assert_eq!(
+        settings.telemetry.otlp_endpoint, None,
+        "no traces by default"
+    );
+    assert_eq!(settings.telemetry.service_name, "wxrelay");
+}
+
+#[test]
+fn a_collector_is_an_http_base_url_named_at_its_key() {
+    let with = |section: &str| Settings::from_toml_str(&format!("{VALID}\n[telemetry]\n{section}"));
+    let settings =
+        with("otlp_endpoint = \"http://collector:4318\"\nservice_name = \"relay-eu\"").unwrap();
+    let endpoint = settings
+        .telemetry
+        .otlp_endpoint
+        .as_ref()
+        .map(|u| u.as_str());
+    assert_eq!(endpoint, Some("http://collector:4318/"));
+    assert_eq!(settings.telemetry.service_name, "relay-eu");
+    for (endpoint, fragment) in [
+        ("collector:4318", "http or https"),
+        ("grpc://collector:4317", "http or https"),
+        ("http://", "invalid URL"),
+        ("http://collector:4318/?tenant=1", "query"),
+        ("http://collector:4318/#x", "fragment"),
+        ("https://user:pass@collector:4318", "credentials"),
+    ] {
+        let err = with(&format!("otlp_endpoint = \"{endpoint}\"")).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{endpoint}:\n{err}");
+        assert_has(&err, "telemetry.otlp_endpoint", fragment);
+        assert!(!err.to_string().contains("pass@"), "{err}");
+    }
+    let report = render_check(&settings);
+    assert!(
+        report.contains("otlp_endpoint     http://collector:4318/"),
+        "{report}"
+    );
+    let off = render_check(&Settings::from_toml_str(VALID).unwrap());
+    assert!(!off.contains("telemetry"), "{off}");
+    let err = with("service_name = \" \"").unwrap_err();
+    assert_has(&err, "telemetry.service_name", "not empty");
+    let err = with("endpoint = \"http://collector:4318\"").unwrap_err();
+    assert!(err.to_string().contains("endpoint"), "{err}");
 }
 
 #[test]

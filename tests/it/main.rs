@@ -36,5 +36,6 @@ mod retire_race;
 mod spool_health;
 mod supervision;
 mod ticket;
+mod traces;
 mod vectors_http;
 mod wechat_format;

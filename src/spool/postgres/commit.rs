@@ -360,10 +360,12 @@ async fn insert_rows(
     let (events, deliveries) = tokio::try_join!(
         tx.prepare_cached(
             "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
-                                 msg_type, event, family, codec, appid, agent_id, info_type)
+                                 msg_type, event, family, codec, appid, agent_id, info_type,
+                                 trace_context)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[],
                                   $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[],
-                                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])",
+                                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
+                                  $16::text[])",
         ),
         tx.prepare_cached(
             "INSERT INTO deliveries (id, event_id, target, state, next_at, scheduled_at, reason,
@@ -374,7 +376,7 @@ async fn insert_rows(
                   AS t(id, event_id, target, state, next_at, reason, updated_at, order_key)",
         ),
     )?;
-    let event_params: [&(dyn ToSql + Sync); 15] = [
+    let event_params: [&(dyn ToSql + Sync); 16] = [
         &event_ids,
         &e.keys,
         &e.accounts,
@@ -390,6 +392,7 @@ async fn insert_rows(
         &e.appids,
         &e.agent_ids,
         &e.info_types,
+        &e.traces,
     ];
     let delivery_params = d.params(&delivery_ids);
     // Pipelined: both statements go out before the first answer comes back.
@@ -419,6 +422,7 @@ struct EventColumns<'a> {
     appids: Vec<Option<&'a str>>,
     agent_ids: Vec<Option<&'a str>>,
     info_types: Vec<Option<&'a str>>,
+    traces: Vec<Option<&'a str>>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -441,6 +445,7 @@ impl<'a> EventColumns<'a> {
             fields: events().map(|e| e.fields.as_str()).collect(),
             msg_types: events().map(|e| e.msg_type.as_str()).collect(),
             kinds: events().map(|e| e.event_type.as_deref()).collect(),
+            traces: events().map(|e| e.trace_context.as_deref()).collect(),
         }
     }
 }
@@ -523,6 +528,7 @@ mod tests {
             msg_type: "event".into(),
             event_type: None,
             origin: Default::default(),
+            trace_context: None,
         };
         Push {
             event: NewEvent {

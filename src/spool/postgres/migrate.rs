@@ -12,6 +12,11 @@ use sha2::Digest;
 const MIGRATIONS: &[Migration] = &[
     Migration::new(1, "queue", include_str!("migrations/0001_queue.sql")),
     Migration::new(2, "families", include_str!("migrations/0002_families.sql")),
+    Migration::new(
+        3,
+        "trace_context",
+        include_str!("migrations/0003_trace_context.sql"),
+    ),
 ];
 
 /// The newest schema version this binary knows.

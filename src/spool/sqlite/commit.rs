@@ -49,7 +49,8 @@ pub(super) fn enqueue(
         codec,
         e.origin.appid,
         e.origin.agent_id,
-        e.origin.info_type
+        e.origin.info_type,
+        e.trace_context
     ])?;
     let event_id = EventId(c.last_insert_rowid());
     if targets.is_empty() {
@@ -82,8 +83,8 @@ const TAKE_KEY: &str = "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
      WHERE dedup.expires_at <= ?3";
 
 const INSERT_EVENT: &str = "INSERT INTO events (dedup_key, account, received_at, query, body, xml, fields, msg_type, event,
-                         family, codec, appid, agent_id, info_type)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+                         family, codec, appid, agent_id, info_type, trace_context)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
 
 const INSERT_UNROUTED: &str = formatcp!(
     "INSERT INTO deliveries (event_id, target, state, next_at, reason, updated_at)

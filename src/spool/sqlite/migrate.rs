@@ -31,6 +31,11 @@ const MIGRATIONS: &[Migration] = &[
         include_str!("migrations/0006_created_at_open.sql"),
     ),
     Migration::new(7, "families", include_str!("migrations/0007_families.sql")),
+    Migration::new(
+        8,
+        "trace_context",
+        include_str!("migrations/0008_trace_context.sql"),
+    ),
 ];
 
 /// The column each step before versions added, by the version it is.

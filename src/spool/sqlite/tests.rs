@@ -19,6 +19,7 @@ fn event(key: &str, body_bytes: usize) -> NewEvent {
             msg_type: "event".into(),
             event_type: None,
             origin: Default::default(),
+            trace_context: None,
         },
         targets: vec![NewDelivery {
             target: "hooks".into(),
@@ -352,6 +353,10 @@ async fn rows_are_intact(spool: &SqliteSpool) {
         ("<xml>2</xml>", &[2u8][..])
     );
     assert_eq!(event.event_type.as_deref(), Some("CLICK"));
+    assert_eq!(
+        event.trace_context, None,
+        "pushes stored before traces have none"
+    );
     let lease = leased(spool, "a", 7_000).await;
     assert_eq!((ids(&lease), lease[0].schedule), (rows(&[1]), schedule));
 }
