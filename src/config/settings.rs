@@ -296,6 +296,17 @@ pub struct Breaker {
     pub retry_after_up_to_max: bool,
 }
 
+impl Breaker {
+    /// How much of a target's `Retry-After` is honoured, by its circuit and
+    /// by the delivery that received it alike.
+    pub fn honoured(&self, retry_after: Option<Duration>) -> Option<Duration> {
+        match retry_after {
+            Some(asked) if self.retry_after_up_to_max => Some(asked.min(self.max_backoff)),
+            other => other,
+        }
+    }
+}
+
 impl Target {
     /// The HMAC key behind `secret`, for signing `json` deliveries.
     pub fn signing_key(&self) -> Option<Vec<u8>> {

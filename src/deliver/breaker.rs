@@ -154,10 +154,7 @@ fn wait(config: &Breaker, probes_failed: u32, retry_after: Option<Duration>, uni
         .backoff
         .saturating_mul(1u32 << probes_failed.min(20))
         .min(config.max_backoff);
-    let mut asked = retry_after.unwrap_or_default();
-    if config.retry_after_up_to_max {
-        asked = asked.min(config.max_backoff);
-    }
+    let asked = config.honoured(retry_after).unwrap_or_default();
     jittered(doubled, unit).max(asked).as_millis() as i64
 }
 

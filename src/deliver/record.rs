@@ -138,7 +138,7 @@ impl Dispatcher {
             due.delivery_id,
             &target.retry,
             due.schedule,
-            result.verdict.clone(),
+            result.verdict.clone().honouring(&target.breaker),
             started_ms,
             UnixMs(self.clock.now_ms()),
             unit,

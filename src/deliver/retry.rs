@@ -66,6 +66,19 @@ pub fn jittered(delay: Duration, unit: f64) -> Duration {
     delay.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0))
 }
 
+impl Verdict {
+    /// The verdict with its `Retry-After` cut to what `breaker` honours.
+    pub fn honouring(self, breaker: &crate::config::Breaker) -> Verdict {
+        match self {
+            Verdict::Retry { error, retry_after } => Verdict::Retry {
+                error,
+                retry_after: breaker.honoured(retry_after),
+            },
+            other => other,
+        }
+    }
+}
+
 /// What the spool should record for a delivery at `schedule` after this
 /// attempt's verdict; the attempt started at `started_ms` and ended at `now_ms`.
 pub fn decide(

@@ -259,6 +259,21 @@ async fn a_login_targets_circuit_honours_retry_after_only_up_to_max_backoff() {
             if probed { 0.0 } else { 1.0 },
             "{class}"
         );
+        // The login that got the hour-long Retry-After is not held for the
+        // hour either: its own hold is capped as the circuit's wait is.
+        let held_one = eventually(Duration::from_secs(5), || async {
+            hooks
+                .received()
+                .iter()
+                .filter(|r| r.text().contains("asks for an hour"))
+                .count()
+                >= 2
+        })
+        .await;
+        assert_eq!(
+            held_one, probed,
+            "{class}: the held delivery sent after max_backoff"
+        );
         relay.stop().await;
     }
 }
