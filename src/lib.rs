@@ -34,6 +34,7 @@
 //! - `server`: the accept loop and graceful drain.
 //! - `telemetry`: traces: a span per push and per delivery attempt, exported
 //!   over OTLP/HTTP when a collector is configured.
+//! - [`trail`]: what became of each push: the trail's filters and records.
 //! - [`app`]: wiring and shutdown order.
 //! - [`clock`]: injected wall-clock time.
 //! - [`cli`]: the operator's commands: simulate, route, dlq, pending, migrate, keygen.
@@ -52,6 +53,7 @@ pub mod route;
 pub(crate) mod server;
 pub mod spool;
 pub(crate) mod telemetry;
+pub mod trail;
 pub mod wechat;
 
 pub use ingest::short_hash;
