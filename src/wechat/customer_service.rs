@@ -376,7 +376,7 @@ mod tests {
     fn a_reply_with_no_message_has_no_late_form() {
         let transfer = reply("transfer_customer_service", "");
         assert_eq!(LateMessage::from_reply(&transfer), Err(NoLateForm::MsgType));
-        let no_media = reply("image", "<Image></Image>");
+        let no_media = reply("image", "<Image><MediaId></MediaId></Image>");
         assert_eq!(
             LateMessage::from_reply(&no_media),
             Err(NoLateForm::Missing("MediaId"))

@@ -40,6 +40,7 @@
 mod commit;
 mod dead;
 mod file;
+mod late;
 mod leases;
 mod migrate;
 mod reader;
@@ -47,13 +48,18 @@ mod row;
 mod settle;
 mod writer;
 
+use super::late::{
+    ApiToken, DeadLateReply, HeldLateReply, LateOutcome, LateReplies, LateReplyId, NewLateReply,
+};
 use super::vocab::{DEFAULT_MAX_BATCH, QUEUE};
+use super::LeaseToken;
 use super::{
     ComponentTicket, DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId,
     Health, Intake, Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture,
     Supervision, TargetDepth, Tickets, UnixMs, WaitingDelivery, Work,
 };
 use file::{open_connection, OpenedFile};
+use late::LateCommand;
 use leases::Leased;
 use reader::Read;
 use std::path::Path;
@@ -63,6 +69,9 @@ use std::thread;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use writer::Command;
+
+const FREE_LATE_LEASES: &str =
+    "UPDATE late_replies SET lease_until = 0 WHERE state = 'pending' AND lease_until > 0";
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
@@ -95,6 +104,9 @@ impl SqliteSpool {
         if !migrated.applied.is_empty() {
             tracing::info!(path = %path.display(), from = migrated.from, to = migrated.to, "spool file migrated");
         }
+        // Only this process writes the file: a late reply still leased was
+        // leased by a process that is gone, and is due again now.
+        conn.execute(FREE_LATE_LEASES, [])?;
         let file = OpenedFile::of(path)?;
         let read_conn = open_connection(path)?;
         let supervision = Supervision::default();
@@ -270,6 +282,49 @@ impl Tickets for SqliteSpool {
 
     fn tickets(&self) -> SpoolFuture<Vec<ComponentTicket>> {
         self.read(Read::Tickets)
+    }
+}
+
+impl LateReplies for SqliteSpool {
+    fn keep_late(&self, reply: NewLateReply) -> SpoolFuture<LateReplyId> {
+        self.submit(|r| Command::Late(LateCommand::Keep(reply, r)))
+    }
+
+    fn lease_late(&self, now: UnixMs, n: usize, hold: Duration) -> SpoolFuture<Vec<HeldLateReply>> {
+        self.submit(|r| Command::Late(LateCommand::Lease(now, n, hold, r)))
+    }
+
+    fn settle_late(
+        &self,
+        id: LateReplyId,
+        lease: LeaseToken,
+        outcome: LateOutcome,
+        now: UnixMs,
+    ) -> SpoolFuture<bool> {
+        self.submit(|r| Command::Late(LateCommand::Settle(id, lease, outcome, now, r)))
+    }
+
+    fn take_next_late(
+        &self,
+        account: &str,
+        openid: &str,
+        now: UnixMs,
+    ) -> SpoolFuture<Option<HeldLateReply>> {
+        let (account, openid) = (account.to_owned(), openid.to_owned());
+        self.submit(|r| Command::Late(LateCommand::TakeNext(account, openid, now, r)))
+    }
+
+    fn dead_late(&self, limit: usize) -> SpoolFuture<Vec<DeadLateReply>> {
+        self.submit(|r| Command::Late(LateCommand::Dead(limit, r)))
+    }
+
+    fn api_token(&self, account: &str) -> SpoolFuture<Option<ApiToken>> {
+        let account = account.to_owned();
+        self.submit(|r| Command::Late(LateCommand::Token(account, r)))
+    }
+
+    fn keep_api_token(&self, token: ApiToken) -> SpoolFuture<()> {
+        self.submit(|r| Command::Late(LateCommand::KeepToken(token, r)))
     }
 }
 
