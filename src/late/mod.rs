@@ -108,13 +108,6 @@ impl Late {
         })
     }
 
-    /// Starts the sender of `customer_service` late replies.
-    pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) -> JoinSet<()> {
-        let mut tasks = JoinSet::new();
-        tasks.spawn(self.clone().send_loop(stop));
-        tasks
-    }
-
     fn count(&self, to: (&str, LateReply), outcome: Outcome) {
         self.metrics
             .late_replies
@@ -211,7 +204,9 @@ impl Late {
         self.metrics.late_reply_seconds.observe(seconds);
     }
 
-    async fn send_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Sends the `customer_service` late replies as they come due, until
+    /// stopped.
+    pub async fn send_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
             let now = UnixMs(self.clock.now_ms());
             match self.spool.lease_late(now, BATCH, HOLD).await {

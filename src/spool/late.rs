@@ -150,24 +150,26 @@ pub(super) const INSERT_LATE: &str = "INSERT INTO late_replies
      (account, openid, channel, message, pushed_at, expires_at, due_at)
      VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
 
-/// `$1` now, `$2` the lease's end, `$3` how many; `{lock}` is PostgreSQL's
-/// `FOR UPDATE SKIP LOCKED` (SQLite has one writer).
-macro_rules! lease_late {
-    ($lock:literal) => {
-        const_format::concatcp!(
-            "UPDATE late_replies SET lease_token = lease_token + 1, lease_until = $2
-             WHERE id IN (SELECT id FROM late_replies
-                 WHERE state = 'pending' AND channel = 'customer_service'
-                   AND due_at <= $1 AND lease_until <= $1
-                 ORDER BY due_at, id LIMIT $3 ",
-            $lock,
-            ") RETURNING ",
-            HELD_COLUMNS
-        )
-    };
-}
-pub(super) const LEASE_LATE_SQLITE: &str = lease_late!("");
-pub(super) const LEASE_LATE_POSTGRES: &str = lease_late!("FOR UPDATE SKIP LOCKED");
+/// `$1` now, `$2` the lease's end, `$3` how many. A lease still running
+/// holds the reply, except in SQLite, where one taken by another process
+/// (`$4` is this one's) was taken by a relay that has stopped: only one
+/// relay writes the file.
+pub(super) const LEASE_LATE_POSTGRES: &str = const_format::concatcp!(
+    "UPDATE late_replies SET lease_token = lease_token + 1, lease_until = $2
+     WHERE id IN (SELECT id FROM late_replies
+         WHERE state = 'pending' AND channel = 'customer_service'
+           AND due_at <= $1 AND lease_until <= $1
+         ORDER BY due_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING ",
+    HELD_COLUMNS
+);
+pub(super) const LEASE_LATE_SQLITE: &str = const_format::concatcp!(
+    "UPDATE late_replies SET lease_token = lease_token + 1, lease_until = $2, lease_owner = $4
+     WHERE id IN (SELECT id FROM late_replies
+         WHERE state = 'pending' AND channel = 'customer_service'
+           AND due_at <= $1 AND (lease_until <= $1 OR lease_owner <> $4)
+         ORDER BY due_at, id LIMIT $3) RETURNING ",
+    HELD_COLUMNS
+);
 
 pub(super) const SENT_LATE: &str =
     "DELETE FROM late_replies WHERE id = $1 AND lease_token = $2 AND state = 'pending'";

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 pub(in crate::spool) enum LateCommand {
     Keep(NewLateReply, Reply<LateReplyId>),
-    Lease(UnixMs, usize, Duration, Reply<Vec<HeldLateReply>>),
+    Lease(UnixMs, usize, Duration, String, Reply<Vec<HeldLateReply>>),
     Settle(LateReplyId, LeaseToken, LateOutcome, UnixMs, Reply<bool>),
     TakeNext(String, String, UnixMs, Reply<Option<HeldLateReply>>),
     Dead(usize, Reply<Vec<DeadLateReply>>),
@@ -30,7 +30,7 @@ fn numbered(sql: &str) -> String {
 pub(super) fn fail(cmd: LateCommand, err: SpoolError) {
     match cmd {
         LateCommand::Keep(_, r) => drop(r.send(Err(err))),
-        LateCommand::Lease(_, _, _, r) => drop(r.send(Err(err))),
+        LateCommand::Lease(_, _, _, _, r) => drop(r.send(Err(err))),
         LateCommand::Settle(_, _, _, _, r) => drop(r.send(Err(err))),
         LateCommand::TakeNext(_, _, _, r) => drop(r.send(Err(err))),
         LateCommand::Dead(_, r) => drop(r.send(Err(err))),
@@ -42,7 +42,7 @@ pub(super) fn fail(cmd: LateCommand, err: SpoolError) {
 pub(super) fn apply(tx: &mut Transaction<'_>, cmd: LateCommand) -> (Answer, Option<SpoolError>) {
     match cmd {
         LateCommand::Keep(reply, r) => deferred(r, in_savepoint(tx, |c| keep(c, &reply))),
-        LateCommand::Lease(now, n, hold, r) => {
+        LateCommand::Lease(now, n, hold, owner, r) => {
             let until = now + hold;
             let limit = i64::try_from(n).unwrap_or(i64::MAX);
             deferred(
@@ -50,7 +50,7 @@ pub(super) fn apply(tx: &mut Transaction<'_>, cmd: LateCommand) -> (Answer, Opti
                 read_rows(
                     tx,
                     &numbered(late::LEASE_LATE_SQLITE),
-                    params![now.0, until.0, limit],
+                    params![now.0, until.0, limit, owner],
                     |row| late::held(row),
                 ),
             )

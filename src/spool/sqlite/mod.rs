@@ -70,9 +70,6 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use writer::Command;
 
-const FREE_LATE_LEASES: &str =
-    "UPDATE late_replies SET lease_until = 0 WHERE state = 'pending' AND lease_until > 0";
-
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// The SQLite spool. Dropping it (or calling [`SqliteSpool::close`]) lets the
@@ -83,6 +80,8 @@ pub struct SqliteSpool {
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
     leased: Leased,
     supervision: Supervision,
+    /// This process's name on the late replies it leases.
+    owner: String,
 }
 
 impl SqliteSpool {
@@ -104,9 +103,6 @@ impl SqliteSpool {
         if !migrated.applied.is_empty() {
             tracing::info!(path = %path.display(), from = migrated.from, to = migrated.to, "spool file migrated");
         }
-        // Only this process writes the file: a late reply still leased was
-        // leased by a process that is gone, and is due again now.
-        conn.execute(FREE_LATE_LEASES, [])?;
         let file = OpenedFile::of(path)?;
         let read_conn = open_connection(path)?;
         let supervision = Supervision::default();
@@ -133,6 +129,7 @@ impl SqliteSpool {
             threads: Mutex::new(vec![writer, reader]),
             leased,
             supervision,
+            owner: crate::wechat::push::digits(16),
         })
     }
 
@@ -291,7 +288,8 @@ impl LateReplies for SqliteSpool {
     }
 
     fn lease_late(&self, now: UnixMs, n: usize, hold: Duration) -> SpoolFuture<Vec<HeldLateReply>> {
-        self.submit(|r| Command::Late(LateCommand::Lease(now, n, hold, r)))
+        let owner = self.owner.clone();
+        self.submit(|r| Command::Late(LateCommand::Lease(now, n, hold, owner, r)))
     }
 
     fn settle_late(

@@ -16,6 +16,9 @@ CREATE TABLE late_replies (
     due_at      INTEGER NOT NULL,
     lease_token INTEGER NOT NULL DEFAULT 0,
     lease_until INTEGER NOT NULL DEFAULT 0,
+    -- The process that holds the lease: one lease taken by a process that
+    -- has stopped (a crash, a kill -9) holds nothing.
+    lease_owner TEXT    NOT NULL DEFAULT '',
     errcode     INTEGER NOT NULL DEFAULT 0,
     errmsg      TEXT    NOT NULL DEFAULT '',
     dead_at     INTEGER NOT NULL DEFAULT 0
