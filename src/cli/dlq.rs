@@ -159,22 +159,7 @@ pub async fn run(
     now_ms: i64,
 ) -> Result<String, CliError> {
     match command {
-        DlqCommand::List { select, limit } => {
-            let dead = spool
-                .dead_letters(select.filter(now_ms), *limit)
-                .await
-                .map_err(failed)?;
-            let mut out = table(&dead, *limit);
-            // Late replies are no deliveries: only an unfiltered list shows them.
-            if select.is_everything() {
-                let letters = late.dead_late(*limit).await.map_err(failed)?;
-                if !letters.is_empty() {
-                    out.push('\n');
-                    out.push_str(&late_table(&letters, *limit));
-                }
-            }
-            Ok(out)
-        }
+        DlqCommand::List { select, limit } => list((spool, late), select, *limit, now_ms).await,
         DlqCommand::Show { id, content } => show(spool, *id, *content).await,
         DlqCommand::Replay { select, all, force } => {
             guard("replay", select, *all)?;
@@ -221,6 +206,29 @@ pub async fn run(
             ))
         }
     }
+}
+
+/// The selected dead letters; and, unfiltered, the late replies that could
+/// not be sent (they are no deliveries: no target, reason or event).
+async fn list(
+    (spool, late): (&dyn Operator, &dyn LateReplies),
+    select: &Selection,
+    limit: usize,
+    now_ms: i64,
+) -> Result<String, CliError> {
+    let dead = spool
+        .dead_letters(select.filter(now_ms), limit)
+        .await
+        .map_err(failed)?;
+    let mut out = table(&dead, limit);
+    if select.is_everything() {
+        let letters = late.dead_late(limit).await.map_err(failed)?;
+        if !letters.is_empty() {
+            out.push('\n');
+            out.push_str(&late_table(&letters, limit));
+        }
+    }
+    Ok(out)
 }
 
 /// Replay and purge act on everything selected; an empty selection must be
