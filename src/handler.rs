@@ -38,6 +38,7 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -546,7 +547,6 @@ async fn accept_push(
     }
     let mut answer = Bytes::from_static(b"success");
     let mut reply = None;
-    let pushed = Answered::of(&verified);
     // A late reply kept for this user is the answer to their next push.
     let given = match &ingested.stored {
         Some(_) => given_late_reply(path, config, account, &verified).await,
@@ -561,6 +561,7 @@ async fn accept_push(
             Some(_) => Duration::ZERO,
             None => reply_budget.saturating_sub(started.elapsed()),
         };
+        let pushed = Answered::of(&verified);
         let inline = if to.late.0 != LateReply::None {
             reply_or_late(path, account, to, &pushed, remaining).await
         } else if remaining < MIN_INLINE_ATTEMPT {
@@ -576,6 +577,7 @@ async fn accept_push(
         }
     }
     if let Some(xml) = given {
+        let pushed = Answered::of(&verified);
         let (body, outcome) = answer_with(path, account, None, &pushed, Inline::Answered(xml));
         answer = body;
         reply = Some(outcome);
@@ -626,25 +628,36 @@ fn inline_of(result: Attempt) -> Inline {
     }
 }
 
-/// The push a reply answers, as judging and sealing the reply reads it;
-/// owned, so that a late answer is judged after the request is gone.
+/// The push a reply answers, as judging and sealing the reply reads it:
+/// borrowed from the request, or owned, so that a late answer is judged
+/// after the request is gone.
 #[derive(Debug, Clone)]
-struct Answered {
-    message: Message,
+struct Answered<'a> {
+    message: Cow<'a, Message>,
     /// `None` for an unencrypted push, and for a late answer: it is kept
     /// in plaintext, and sealed for the push it is finally given with.
     key_slot: Option<KeySlot>,
-    timestamp: String,
+    timestamp: Cow<'a, str>,
     family: Family,
 }
 
-impl Answered {
-    fn of(verified: &VerifiedPush) -> Answered {
+impl Answered<'_> {
+    fn of(verified: &VerifiedPush) -> Answered<'_> {
         Answered {
-            message: verified.message.clone(),
+            message: Cow::Borrowed(&verified.message),
             key_slot: verified.key_slot,
-            timestamp: verified.timestamp.clone(),
+            timestamp: Cow::Borrowed(&verified.timestamp),
             family: verified.origin.family,
+        }
+    }
+
+    /// The push as a late answer is judged against: owned, and unsealed.
+    fn for_later(&self) -> Answered<'static> {
+        Answered {
+            message: Cow::Owned(self.message.clone().into_owned()),
+            key_slot: None,
+            timestamp: Cow::Owned(self.timestamp.clone().into_owned()),
+            family: self.family,
         }
     }
 }
@@ -656,7 +669,7 @@ async fn reply_or_late(
     path: &Arc<PushPath>,
     account: &Account,
     to: &ReplyTo,
-    pushed: &Answered,
+    pushed: &Answered<'_>,
     remaining: Duration,
 ) -> Inline {
     let Some(openid) = pushed.message.from_user().filter(|o| !o.is_empty()) else {
@@ -686,10 +699,7 @@ async fn reply_or_late(
             let later = Later {
                 account: account.clone(),
                 target: to.target.clone(),
-                pushed: Answered {
-                    key_slot: None,
-                    ..pushed.clone()
-                },
+                pushed: pushed.for_later(),
                 addressed,
             };
             tokio::spawn(answer_late(path.clone(), later, attempt));
@@ -702,7 +712,7 @@ async fn reply_or_late(
 struct Later {
     account: Account,
     target: Target,
-    pushed: Answered,
+    pushed: Answered<'static>,
     addressed: Addressed,
 }
 
@@ -763,7 +773,7 @@ fn answer_with(
     path: &PushPath,
     account: &Account,
     target: Option<&Target>,
-    pushed: &Answered,
+    pushed: &Answered<'_>,
     inline: Inline,
 ) -> (Bytes, &'static str) {
     let success = Bytes::from_static(b"success");

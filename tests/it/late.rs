@@ -233,7 +233,14 @@ async fn a_refused_token_is_fetched_again_once_and_the_send_goes_through() {
     let broker = FakeTarget::start().await;
     let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service");
     let relay = TestRelay::start(&toml, reference_now(&g)).await;
-    one_late_answer(&relay, &g, &broker, "o_token").await;
+    broker.script([Behaviour::Gated(Box::new(answers(&reply_to(
+        "o_token", "late",
+    ))))]);
+    let (path, body) = text_from(&g, reference_now(&g), "o_token", 7);
+    assert_eq!(relay.post(&path, body).await.text(), "success");
+    // "Typing…" fetched the first token; the send is refused with it.
+    assert!(eventually(WAIT, || async { api.typing().len() == 1 }).await);
+    broker.release_hung();
     assert!(
         eventually(WAIT, || async { api.sent().len() == 1 }).await,
         "{:?}",
@@ -394,4 +401,23 @@ async fn one_token_fetch_serves_two_replicas() {
         assert!(eventually(WAIT, sent).await, "{:?}", api.log());
     }
     assert_eq!(api.token_fetches(), 1, "{:?}", api.log());
+}
+
+/// WeChat issues a token for the account's AppID and secret only: a wrong
+/// secret is a dead letter with WeChat's errcode, the secret in no log line.
+#[tokio::test]
+async fn a_wrong_secret_gets_no_token_and_the_reply_is_a_dead_letter() {
+    let g = generated();
+    let api = FakeWechatApi::start(app_id(&g), "the-right-secret").await;
+    let broker = FakeTarget::start().await;
+    let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service");
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    one_late_answer(&relay, &g, &broker, "o_secret").await;
+    let late = relay.opened.late_replies();
+    let dead = || async { !late.dead_late(10).await.unwrap().is_empty() };
+    assert!(eventually(WAIT, dead).await, "{:?}", api.log());
+    assert_eq!(late.dead_late(10).await.unwrap()[0].errcode, 40125);
+    assert_eq!(api.token_fetches(), 0);
+    assert!(api.sent().is_empty());
+    relay.stop().await;
 }
