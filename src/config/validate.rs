@@ -603,6 +603,12 @@ fn account(id: String, raw: RawAccount, p: &mut Problems) -> Option<Account> {
     }
     .filter(|window| !window.is_zero());
     let api = raw.api.and_then(|raw| api(p, &at, raw));
+    if api.is_some() && kind.is_some_and(|k| k != Family::OfficialAccount) {
+        p.add(
+            at("api"),
+            "only an Official Account sends late replies through the Customer Service API",
+        );
+    }
 
     if p.0.len() > found {
         return None;

@@ -1432,6 +1432,12 @@ fn late_replies_are_checked_at_their_keys_and_the_secret_is_never_shown() {
         "accounts.main.api.token_url",
         "http",
     );
+    let wecom = format!("{VALID}{api}").replace(
+        "[accounts.main]\n",
+        "[accounts.main]\nkind = \"wecom\"\ncorp_id = \"wwcorp123\"\n",
+    );
+    let err = Settings::from_toml_str(&wecom).unwrap_err();
+    assert_has(&err, "accounts.main.api", "Official Account");
     let env = format!("{VALID}{api}").replace("app_secret", "app_secret_file");
     let err = Settings::from_toml_str(&env).unwrap_err();
     assert_has(&err, "accounts.main.api.app_secret_file", "cannot read");
