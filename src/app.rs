@@ -240,6 +240,7 @@ impl Relay {
             &metrics,
             (&dispatcher, telemetry, late),
         );
+        dispatcher.on_worker_answer(handler::worker_answers(&push_path));
         let public_handler = move |req: Request<Incoming>| handler::handle(push_path.clone(), req);
         listeners.spawn(server::serve(
             public,

@@ -18,12 +18,12 @@ use crate::clock::Clock;
 use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::attempt::Attempt;
 use crate::deliver::retry::Verdict;
-use crate::deliver::{Dispatcher, Unread};
+use crate::deliver::{Dispatcher, Unread, WorkerAnswers};
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
 use crate::late::{Addressed, Late};
 use crate::metrics::Metrics;
 use crate::route::LateReply;
-use crate::spool::DeadReason;
+use crate::spool::{DeadReason, Event};
 use crate::telemetry::{PushFacts, PushTrace, Telemetry};
 use crate::wechat::crypto::KeySlot;
 use crate::wechat::customer_service::LateMessage;
@@ -726,14 +726,20 @@ async fn answer_late(path: Arc<PushPath>, later: Later, attempt: tokio::task::Jo
         let (late, account, openid) = (path.late.clone(), to.account.clone(), to.openid.clone());
         tokio::spawn(async move { late.typing(&account, &openid).await });
     }
-    // Not delivered: the workers retry the delivery, as without late replies.
+    // Not delivered: the workers retry the delivery, and their answer is
+    // kept the same way (see `worker_answers`).
     let Ok(result) = attempt.await else { return };
-    let inline = inline_of(result);
+    keep_late_answer(&path, &later, inline_of(result)).await;
+}
+
+/// Keeps a reply target's late answer as a late reply when it is a message
+/// WeChat would take, judged as any reply to the push.
+async fn keep_late_answer(path: &PushPath, later: &Later, inline: Inline) {
     if matches!(inline, Inline::Nothing) {
         return;
     }
-    let target = Some(&later.target);
-    let (xml, outcome) = answer_with(&path, &later.account, target, &later.pushed, inline);
+    let (to, target) = (&later.addressed, Some(&later.target));
+    let (xml, outcome) = answer_with(path, &later.account, target, &later.pushed, inline);
     let message = match outcome {
         "passed" | "encrypted" => std::str::from_utf8(&xml)
             .ok()
@@ -744,6 +750,64 @@ async fn answer_late(path: Arc<PushPath>, later: Later, attempt: tokio::task::Jo
         Some(message) => path.late.keep(to, &message).await,
         None => path.late.no_message(to),
     }
+}
+
+/// The answers the workers get from reply targets of routes with late
+/// replies: a delivery whose inline attempt a restart cut short (or that
+/// failed) is sent again by a worker, and the user gets that answer.
+pub fn worker_answers(path: &Arc<PushPath>) -> WorkerAnswers {
+    let path = Arc::downgrade(path);
+    Box::new(move |target: &Target, event: &Event, body: Bytes| {
+        let Some(path) = path.upgrade() else { return };
+        let config = path.config.load_full();
+        let replies_late = config.routes.iter().any(|r| {
+            r.late_reply != LateReply::None && r.reply_from.as_deref() == Some(&target.name)
+        });
+        if !replies_late {
+            return;
+        }
+        if let Some(later) = later_for(&config, target, event) {
+            tokio::spawn(async move {
+                keep_late_answer(&path, &later, Inline::Answered(body)).await;
+            });
+        }
+    })
+}
+
+/// What a worker's answer from `target` to `event` is judged against and
+/// kept for: only when the event's route still has `target` as its
+/// `reply_from` with late replies.
+fn later_for(config: &Settings, target: &Target, event: &Event) -> Option<Later> {
+    let account = config.accounts.get(&event.account)?;
+    let origin = &event.origin;
+    if origin.codec != crate::wechat::family::Codec::Xml || !origin.takes_reply() {
+        return None;
+    }
+    let message = Message::parse_push(event.xml.as_bytes()).ok()?;
+    let subject = crate::route::subject(&account.id, &message, origin);
+    let (_, rule) = crate::route::route(&config.routes, subject)?;
+    if rule.reply_from.as_deref() != Some(&target.name) || rule.late_reply == LateReply::None {
+        return None;
+    }
+    let openid = message.from_user().filter(|o| !o.is_empty())?.to_owned();
+    let addressed = Addressed {
+        account: account.id.clone(),
+        openid,
+        channel: rule.late_reply,
+        ttl: rule.late_reply_ttl,
+        pushed_at: event.received_at,
+    };
+    Some(Later {
+        account: account.clone(),
+        target: target.clone(),
+        pushed: Answered {
+            message: Cow::Owned(message),
+            key_slot: None,
+            timestamp: Cow::Owned(String::new()),
+            family: origin.family,
+        },
+        addressed,
+    })
 }
 
 /// The passive reply XML of a late reply kept for this push's sender, when

@@ -4,7 +4,8 @@
 //! The request path answers WeChat `success` when the budget runs out but
 //! keeps waiting for the target, up to its `timeout` (the delivery stays due
 //! only after that, so no worker calls the target a second time meanwhile;
-//! a restart that cuts the wait short leaves the delivery to the workers).
+//! a restart that cuts the wait short leaves the delivery to the workers,
+//! whose answer is taken the same way).
 //! A late answer that is a passive reply WeChat would take becomes a
 //! [`LateMessage`] and is stored on the spool **before** anything is sent:
 //!

@@ -421,3 +421,35 @@ async fn a_wrong_secret_gets_no_token_and_the_reply_is_a_dead_letter() {
     assert!(api.sent().is_empty());
     relay.stop().await;
 }
+
+/// `kill -9` while the target is still thinking: the inline attempt dies
+/// with the relay, its delivery comes due after the target's timeout, a
+/// worker sends it again, and that answer reaches the user: never lost.
+#[tokio::test]
+async fn an_answer_a_restart_cut_short_is_asked_again_and_reaches_the_user() {
+    let g = generated();
+    let api = FakeWechatApi::start(app_id(&g), SECRET).await;
+    let broker = FakeTarget::start().await;
+    broker.script([Behaviour::Gated(Box::new(Behaviour::status(503)))]);
+    broker.set_default(answers(&reply_to("o_cut", "asked again")));
+    let dir = tempfile::tempdir().unwrap();
+    let spool = format!("path = \"{}\"\n", dir.path().join("spool.db").display());
+    let (broker_url, base, g2) = (broker.url("/think"), api.base(), g.clone());
+    let config = move |public, admin| {
+        binary_config((public, admin), &g2, (&broker_url, &base), &spool)
+            .replace("timeout = \"10s\"", "timeout = \"2s\"")
+    };
+    let mut relays = Replicas::start(1, &[], Box::new(config)).await;
+    push_now(relays.replica(0).public, &g, "o_cut", 1).await;
+    assert!(broker.wait_for(1, WAIT).await);
+    relays.kill(0);
+    relays.restart(0).await;
+    assert!(broker.wait_for(2, WAIT).await, "the worker asks again");
+    assert!(
+        eventually(WAIT, || async { !api.sent().is_empty() }).await,
+        "{:?}",
+        api.log()
+    );
+    let text = json!({"touser": "o_cut", "msgtype": "text", "text": {"content": "asked again"}});
+    assert_eq!(api.sent(), vec![text]);
+}
