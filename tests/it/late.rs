@@ -453,3 +453,32 @@ async fn an_answer_a_restart_cut_short_is_asked_again_and_reaches_the_user() {
     let text = json!({"touser": "o_cut", "msgtype": "text", "text": {"content": "asked again"}});
     assert_eq!(api.sent(), vec![text]);
 }
+
+/// `token_source = "url"`: the token comes from the team's token service.
+#[tokio::test]
+async fn a_token_service_url_is_where_the_token_comes_from() {
+    let g = generated();
+    let api = FakeWechatApi::start(app_id(&g), SECRET).await;
+    let broker = FakeTarget::start().await;
+    let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service").replace(
+        &format!("app_secret = \"{SECRET}\"\n"),
+        &format!(
+            "token_source = \"url\"\ntoken_url = \"{}/token-service\"\n",
+            api.base()
+        ),
+    );
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    one_late_answer(&relay, &g, &broker, "o_service").await;
+    assert!(
+        eventually(WAIT, || async { api.sent().len() == 1 }).await,
+        "{:?}",
+        api.log()
+    );
+    let log = api.log();
+    assert!(
+        log.iter().any(|l| l.starts_with("GET /token-service")),
+        "{log:?}"
+    );
+    assert!(!log.iter().any(|l| l.contains("stable_token")), "{log:?}");
+    relay.stop().await;
+}

@@ -114,7 +114,8 @@ impl FakeWechatApi {
         self.state.lock().unwrap().token_fetches
     }
 
-    /// Every call, in order: `POST /cgi-bin/… -> what it answered`.
+    /// Every call, in order: `POST /cgi-bin/… -> what it answered`; the
+    /// token service is `GET /token-service`.
     pub fn log(&self) -> Vec<String> {
         self.state.lock().unwrap().log.clone()
     }
@@ -158,6 +159,13 @@ async fn answer(
     let mut s = state.lock().unwrap();
     let answer = match path.as_str() {
         "/cgi-bin/stable_token" => stable_token(&mut s, &body),
+        // A team's central token service, in front of stable_token.
+        "/token-service" => {
+            let (app_id, secret) = (s.app_id.clone(), s.secret.clone());
+            let grant = json!({"grant_type": "client_credential", "appid": app_id,
+                "secret": secret, "force_refresh": false});
+            stable_token(&mut s, &grant)
+        }
         "/cgi-bin/message/custom/send" => custom_send(&mut s, &token, body),
         "/cgi-bin/message/custom/typing" => match valid(&s, &token) {
             Some(refused) => refused,
@@ -172,7 +180,7 @@ async fn answer(
         Some(_) => format!("token #{}", s.issued),
         None => format!("errcode {}", answer["errcode"]),
     };
-    s.log.push(format!("POST {path} -> {summary}"));
+    s.log.push(format!("{} {path} -> {summary}", parts.method));
     Ok(Response::new(Full::new(Bytes::from(answer.to_string()))))
 }
 
