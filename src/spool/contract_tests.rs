@@ -1507,6 +1507,11 @@ fn late_reply(openid: &str, channel: crate::route::LateReply, at: i64) -> NewLat
     }
 }
 
+/// The `customer_service` late replies due at `at`, each leased for a second.
+async fn lease_at(spool: &dyn Roles, at: i64) -> Vec<HeldLateReply> {
+    spool.lease_late(UnixMs(at), 10, ms(1_000)).await.unwrap()
+}
+
 /// A `customer_service` late reply is leased once at a time, settled only
 /// under its own lease, due again when its lease ends unsettled, deleted
 /// when sent and kept with WeChat's errcode when dead.
@@ -1522,22 +1527,12 @@ async fn a_late_reply_is_leased_once_and_settled_under_its_lease() {
             .keep_late(late_reply("o2", NextMessage, 100))
             .await
             .unwrap();
-        let held = spool.lease_late(UnixMs(100), 10, ms(1_000)).await.unwrap();
+        let held = lease_at(&*spool, 100).await;
         assert_eq!(held.len(), 1, "{name}: only customer_service is sent");
         assert_eq!((held[0].id, held[0].openid.as_str()), (first, "o1"));
-        assert!(
-            spool
-                .lease_late(UnixMs(500), 10, ms(1_000))
-                .await
-                .unwrap()
-                .is_empty(),
-            "{name}"
-        );
+        assert!(lease_at(&*spool, 500).await.is_empty(), "{name}");
         // The lease ends unsettled (a crash mid-send): due again, a new lease.
-        let again = spool
-            .lease_late(UnixMs(1_100), 10, ms(1_000))
-            .await
-            .unwrap();
+        let again = lease_at(&*spool, 1_100).await;
         assert_eq!(again.len(), 1, "{name}");
         assert_ne!(again[0].lease, held[0].lease, "{name}");
         let stale = spool.settle_late(first, held[0].lease, LateOutcome::Sent, UnixMs(1_200));
@@ -1554,18 +1549,8 @@ async fn a_late_reply_is_leased_once_and_settled_under_its_lease() {
             .settle_late(first, again[0].lease, retry, UnixMs(1_200))
             .await
             .unwrap());
-        assert!(
-            spool
-                .lease_late(UnixMs(4_999), 10, ms(1_000))
-                .await
-                .unwrap()
-                .is_empty(),
-            "{name}"
-        );
-        let third = spool
-            .lease_late(UnixMs(5_000), 10, ms(1_000))
-            .await
-            .unwrap();
+        assert!(lease_at(&*spool, 4_999).await.is_empty(), "{name}");
+        let third = lease_at(&*spool, 5_000).await;
         assert_eq!(third[0].attempts, 1, "{name}");
         let dead = LateOutcome::Dead {
             errcode: 45015,
@@ -1587,23 +1572,13 @@ async fn a_late_reply_is_leased_once_and_settled_under_its_lease() {
             .keep_late(late_reply("o3", CustomerService, 6_000))
             .await
             .unwrap();
-        let held = spool
-            .lease_late(UnixMs(6_000), 10, ms(1_000))
-            .await
-            .unwrap();
+        let held = lease_at(&*spool, 6_000).await;
         assert_eq!(held[0].id, sent);
         assert!(spool
             .settle_late(sent, held[0].lease, LateOutcome::Sent, UnixMs(6_100))
             .await
             .unwrap());
-        assert!(
-            spool
-                .lease_late(UnixMs(99_000), 10, ms(1_000))
-                .await
-                .unwrap()
-                .is_empty(),
-            "{name}"
-        );
+        assert!(lease_at(&*spool, 99_000).await.is_empty(), "{name}");
     }
 }
 
