@@ -307,3 +307,58 @@ fn decide(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{LateReplyId, LeaseToken};
+
+    fn held(attempts: u32) -> HeldLateReply {
+        HeldLateReply {
+            id: LateReplyId(1),
+            account: "main".into(),
+            openid: "o1".into(),
+            message: String::new(),
+            pushed_at: UnixMs(0),
+            attempts,
+            lease: LeaseToken(1),
+        }
+    }
+
+    fn refused(errcode: i64) -> Result<(), ApiError> {
+        Err(ApiError::WeChat {
+            path: api::CUSTOM_SEND,
+            errcode,
+            errmsg: format!("e{errcode}"),
+        })
+    }
+
+    #[test]
+    fn busy_is_retried_on_the_durable_schedule_until_it_runs_out_and_a_refusal_is_final() {
+        let now = UnixMs(1_000);
+        assert_eq!(
+            decide(&held(0), Ok(()), now),
+            (Outcome::Sent, LateOutcome::Sent)
+        );
+        let (outcome, retry) = decide(&held(0), refused(-1), now);
+        assert_eq!(outcome, Outcome::Retried);
+        let first = RetryPolicy::for_class(RetryClass::Durable).delays[0];
+        let expected = LateOutcome::Retry {
+            next_at: now + first,
+            errcode: -1,
+            errmsg: "e-1".into(),
+        };
+        assert_eq!(retry, expected);
+        let last = RetryPolicy::for_class(RetryClass::Durable).delays.len() as u32;
+        let (outcome, _) = decide(&held(last), refused(-1), now);
+        assert_eq!(outcome, Outcome::DeadLettered, "the schedule is used up");
+        let dead = LateOutcome::Dead {
+            errcode: 48001,
+            errmsg: "e48001".into(),
+        };
+        assert_eq!(
+            decide(&held(0), refused(48001), now),
+            (Outcome::DeadLettered, dead)
+        );
+    }
+}
