@@ -818,7 +818,7 @@ async fn given_late_reply(
     account: &Account,
     verified: &VerifiedPush,
 ) -> Option<Bytes> {
-    if !verified.origin.takes_reply() || !Late::keeps_for_next_message(config) {
+    if !verified.origin.takes_reply() || !Late::keeps_for_next_message(config, &account.id) {
         return None;
     }
     let openid = verified.message.from_user().filter(|o| !o.is_empty())?;

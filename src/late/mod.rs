@@ -160,12 +160,16 @@ impl Late {
     }
 
     /// Whether a push to `account` may be answered with a kept late reply:
-    /// some route keeps them for the next message.
-    pub fn keeps_for_next_message(config: &Settings) -> bool {
-        config
-            .routes
-            .iter()
-            .any(|r| r.late_reply == LateReply::NextMessage)
+    /// some route that can match the account keeps them for the next
+    /// message. Other pushes spend no spool write on looking.
+    pub fn keeps_for_next_message(config: &Settings, account: &str) -> bool {
+        config.routes.iter().any(|r| {
+            r.late_reply == LateReply::NextMessage
+                && r.matcher
+                    .account
+                    .as_ref()
+                    .is_none_or(|ids| ids.iter().any(|id| id == account))
+        })
     }
 
     /// Takes the late reply kept for `openid`'s next push to `account`.
