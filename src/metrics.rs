@@ -60,8 +60,8 @@ pub struct Metrics {
     /// Late replies (a reply target's answer after the reply budget) by
     /// account, channel (customer_service, next_message) and outcome:
     /// stored, sent, given (as the passive reply to the next push), retried,
-    /// dead_lettered, or no_message (the late answer was `success` or no
-    /// message WeChat can send).
+    /// dead_lettered, no_message (the late answer was `success` or no
+    /// message WeChat can send), or lost (the spool could not store it).
     pub late_replies: IntCounterVec,
     /// From the push's arrival to the late reply's user-visible send.
     pub late_reply_seconds: Histogram,

@@ -54,6 +54,8 @@ pub enum Outcome {
     DeadLettered,
     /// The late answer was `success`, or no message WeChat can send.
     NoMessage,
+    /// The spool could not store it: the one way a late answer is lost.
+    Lost,
 }
 
 impl Outcome {
@@ -65,6 +67,7 @@ impl Outcome {
             Outcome::Retried => "retried",
             Outcome::DeadLettered => "dead_lettered",
             Outcome::NoMessage => "no_message",
+            Outcome::Lost => "lost",
         }
     }
 }
@@ -153,7 +156,7 @@ impl Late {
                 self.wake.notify_one();
             }
             Err(e) => {
-                self.count((account, to.channel), Outcome::DeadLettered);
+                self.count((account, to.channel), Outcome::Lost);
                 tracing::error!(account, channel, user, error = %crate::error_chain(&e), "cannot store a late reply: it is lost");
             }
         }
