@@ -9,6 +9,7 @@ use crate::config::Settings;
 use crate::deliver::Dispatcher;
 use crate::handler::{self, PushPath};
 use crate::ingest::Ingest;
+use crate::late::Late;
 use crate::metrics::{Metrics, MetricsError};
 use crate::reload::Reloader;
 use crate::server::{self, Limits};
@@ -137,7 +138,7 @@ fn push_path(
     spool: &OpenSpool,
     clock: &Arc<dyn Clock>,
     metrics: &Arc<Metrics>,
-    (dispatcher, telemetry): (&Arc<Dispatcher>, Option<Arc<Telemetry>>),
+    (dispatcher, telemetry, late): (&Arc<Dispatcher>, Option<Arc<Telemetry>>, Arc<Late>),
 ) -> Arc<PushPath> {
     let in_flight = config.load().server.max_body_bytes_in_flight;
     Arc::new(PushPath {
@@ -154,6 +155,7 @@ fn push_path(
         dispatcher: dispatcher.clone(),
         reply_stamps: SeenStamps::default(),
         telemetry,
+        late,
     })
 }
 
@@ -224,7 +226,21 @@ impl Relay {
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 
-        let push_path = push_path(&config, &spool, &clock, &metrics, (&dispatcher, telemetry));
+        let late = Late::new(
+            config.clone(),
+            spool.late_replies(),
+            (clock.clone(), metrics.clone()),
+            crate::deliver::client(),
+        );
+        let late_sender = late.clone();
+        let push_path = push_path(
+            &config,
+            &spool,
+            &clock,
+            &metrics,
+            (&dispatcher, telemetry, late),
+        );
+        dispatcher.on_worker_answer(handler::worker_answers(&push_path));
         let public_handler = move |req: Request<Incoming>| handler::handle(push_path.clone(), req);
         listeners.spawn(server::serve(
             public,
@@ -250,7 +266,8 @@ impl Relay {
         ));
 
         listeners.spawn(reload_on_hangup(reloader, stopped.clone()));
-        let workers = dispatcher.start(stopped);
+        let mut workers = dispatcher.start(stopped.clone());
+        workers.spawn(late_sender.send_loop(stopped));
         // Deliveries another replica makes due wake the workers here too.
         spool
             .due_listener()

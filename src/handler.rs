@@ -16,15 +16,20 @@
 
 use crate::clock::Clock;
 use crate::config::{Account, Mode, Settings, Target};
+use crate::deliver::attempt::Attempt;
 use crate::deliver::retry::Verdict;
-use crate::deliver::{Dispatcher, Unread};
+use crate::deliver::{Dispatcher, Unread, WorkerAnswers};
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
+use crate::late::{Addressed, Late};
 use crate::metrics::Metrics;
-use crate::spool::DeadReason;
+use crate::route::LateReply;
+use crate::spool::{DeadReason, Event};
 use crate::telemetry::{PushFacts, PushTrace, Telemetry};
 use crate::wechat::crypto::KeySlot;
+use crate::wechat::customer_service::LateMessage;
 use crate::wechat::family::Family;
 use crate::wechat::inbound::{Callback, Credentials, Refused, VerifiedPush};
+use crate::wechat::message::Message;
 use crate::wechat::push::digits;
 use crate::wechat::reply;
 use arc_swap::ArcSwap;
@@ -33,6 +38,7 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -240,6 +246,8 @@ pub struct PushPath {
     pub reply_stamps: reply::SeenStamps,
     /// Where the spans of stored pushes go, when traces are exported.
     pub telemetry: Option<Arc<Telemetry>>,
+    /// Late replies: kept, sent, and given with the next push.
+    pub late: Arc<Late>,
 }
 
 /// Serves one request on the public listener. Never fails: every outcome is an
@@ -396,7 +404,7 @@ fn endpoint(path: &str) -> Option<(&str, Option<&str>)> {
 }
 
 async fn answer(
-    path: &PushPath,
+    path: &Arc<PushPath>,
     config: &Settings,
     req: Request<Incoming>,
     started: Instant,
@@ -513,7 +521,7 @@ async fn read_body(req: Request<Incoming>, max_body: usize) -> Result<Bytes, Rej
 }
 
 async fn accept_push(
-    path: &PushPath,
+    path: &Arc<PushPath>,
     config: &Settings,
     account: &Account,
     verified: VerifiedPush,
@@ -539,22 +547,40 @@ async fn accept_push(
     }
     let mut answer = Bytes::from_static(b"success");
     let mut reply = None;
+    // A late reply kept for this user is the answer to their next push.
+    let given = match &ingested.stored {
+        Some(_) => given_late_reply(path, config, account, &verified).await,
+        None => None,
+    };
     if let Some(to) = ingested.stored.as_ref().and_then(|s| s.reply.as_ref()) {
         let reply_from = trace.as_ref().map(|_| Instant::now());
-        let remaining = reply_budget.saturating_sub(started.elapsed());
         // With no time left, an attempt could not even be sent: leave the
-        // delivery to the workers rather than count an attempt never made.
-        let inline = if remaining < MIN_INLINE_ATTEMPT {
+        // delivery to the workers rather than count an attempt never made;
+        // a route with late replies waits for the target all the same.
+        let remaining = match given {
+            Some(_) => Duration::ZERO,
+            None => reply_budget.saturating_sub(started.elapsed()),
+        };
+        let pushed = Answered::of(&verified);
+        let inline = if to.late.0 != LateReply::None {
+            reply_or_late(path, account, to, &pushed, remaining).await
+        } else if remaining < MIN_INLINE_ATTEMPT {
             Inline::Nothing
         } else {
             reply_inline(path, to, remaining).await
         };
-        let (body, outcome) = answer_with(path, account, &to.target, &verified, inline);
+        let (body, outcome) = answer_with(path, account, Some(&to.target), &pushed, inline);
         answer = body;
         reply = Some(outcome);
         if let (Some(trace), Some(from)) = (trace.as_mut(), reply_from) {
             trace.replied(from);
         }
+    }
+    if let Some(xml) = given {
+        let pushed = Answered::of(&verified);
+        let (body, outcome) = answer_with(path, account, None, &pushed, Inline::Answered(xml));
+        answer = body;
+        reply = Some(outcome);
     }
     Ok(Accepted {
         ingested,
@@ -577,6 +603,8 @@ enum Inline {
     /// Not delivered (the workers will retry it), or a 2xx whose body did
     /// not arrive in time (delivered, with nothing to pass on).
     Nothing,
+    /// Still thinking when the budget ran out: its answer becomes a late reply.
+    Late,
 }
 
 /// One attempt at the rule's reply target within what is left of the budget.
@@ -589,6 +617,10 @@ async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Inl
         .dispatcher
         .attempt_inline(target, (to.event_id, to.delivery_id), &to.event, timeout)
         .await;
+    inline_of(result)
+}
+
+fn inline_of(result: Attempt) -> Inline {
     match (&result.verdict, result.body) {
         (Verdict::Delivered, Ok(body)) => Inline::Answered(body),
         (Verdict::Delivered, Err(Unread::TooLarge)) => Inline::TooLarge,
@@ -596,22 +628,226 @@ async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Inl
     }
 }
 
+/// The push a reply answers, as judging and sealing the reply reads it:
+/// borrowed from the request, or owned, so that a late answer is judged
+/// after the request is gone.
+#[derive(Debug, Clone)]
+struct Answered<'a> {
+    message: Cow<'a, Message>,
+    /// `None` for an unencrypted push, and for a late answer: it is kept
+    /// in plaintext, and sealed for the push it is finally given with.
+    key_slot: Option<KeySlot>,
+    timestamp: Cow<'a, str>,
+    family: Family,
+}
+
+impl Answered<'_> {
+    fn of(verified: &VerifiedPush) -> Answered<'_> {
+        Answered {
+            message: Cow::Borrowed(&verified.message),
+            key_slot: verified.key_slot,
+            timestamp: Cow::Borrowed(&verified.timestamp),
+            family: verified.origin.family,
+        }
+    }
+
+    /// The push as a late answer is judged against: owned, and unsealed.
+    fn for_later(&self) -> Answered<'static> {
+        Answered {
+            message: Cow::Owned(self.message.clone().into_owned()),
+            key_slot: None,
+            timestamp: Cow::Owned(self.timestamp.clone().into_owned()),
+            family: self.family,
+        }
+    }
+}
+
+/// The reply target of a route with late replies: attempted for up to its
+/// whole `timeout`. An answer within `remaining` is WeChat's; one after it
+/// (WeChat has its `success` by then) becomes a late reply.
+async fn reply_or_late(
+    path: &Arc<PushPath>,
+    account: &Account,
+    to: &ReplyTo,
+    pushed: &Answered<'_>,
+    remaining: Duration,
+) -> Inline {
+    let Some(openid) = pushed.message.from_user().filter(|o| !o.is_empty()) else {
+        return reply_inline(path, to, remaining).await;
+    };
+    let dispatcher = path.dispatcher.clone();
+    let (target, event) = (to.target.clone(), to.event.clone());
+    let ids = (to.event_id, to.delivery_id);
+    let mut attempt = tokio::spawn(async move {
+        let timeout = target.timeout;
+        dispatcher
+            .attempt_inline(&target, ids, &event, timeout)
+            .await
+    });
+    match tokio::time::timeout(remaining, &mut attempt).await {
+        Ok(Ok(result)) => inline_of(result),
+        Ok(Err(_)) => Inline::Nothing,
+        Err(_) => {
+            let (channel, ttl) = to.late;
+            let addressed = Addressed {
+                account: account.id.clone(),
+                openid: openid.to_owned(),
+                channel,
+                ttl,
+                pushed_at: to.event.received_at,
+            };
+            let later = Later {
+                account: account.clone(),
+                target: to.target.clone(),
+                pushed: pushed.for_later(),
+                addressed,
+            };
+            tokio::spawn(answer_late(path.clone(), later, attempt));
+            Inline::Late
+        }
+    }
+}
+
+/// What a late answer is judged against and kept for.
+struct Later {
+    account: Account,
+    target: Target,
+    pushed: Answered<'static>,
+    addressed: Addressed,
+}
+
+/// Waits for the reply target's late answer and keeps it as a late reply
+/// when it is a message WeChat would take; meanwhile, with the Customer
+/// Service API, shows the user that the account is typing.
+async fn answer_late(path: Arc<PushPath>, later: Later, attempt: tokio::task::JoinHandle<Attempt>) {
+    let to = &later.addressed;
+    if to.channel == LateReply::CustomerService {
+        // Beside the wait, never before it: a slow API must not hold the answer.
+        let (late, account, openid) = (path.late.clone(), to.account.clone(), to.openid.clone());
+        tokio::spawn(async move { late.typing(&account, &openid).await });
+    }
+    // Not delivered: the workers retry the delivery, and their answer is
+    // kept the same way (see `worker_answers`).
+    let Ok(result) = attempt.await else { return };
+    keep_late_answer(&path, &later, inline_of(result)).await;
+}
+
+/// Keeps a reply target's late answer as a late reply when it is a message
+/// WeChat would take, judged as any reply to the push.
+async fn keep_late_answer(path: &PushPath, later: &Later, inline: Inline) {
+    if matches!(inline, Inline::Nothing) {
+        return;
+    }
+    let (to, target) = (&later.addressed, Some(&later.target));
+    let (xml, outcome) = answer_with(path, &later.account, target, &later.pushed, inline);
+    let message = match outcome {
+        "passed" | "encrypted" => std::str::from_utf8(&xml)
+            .ok()
+            .and_then(|xml| LateMessage::from_reply(xml).ok()),
+        _ => None,
+    };
+    match message {
+        Some(message) => path.late.keep(to, &message).await,
+        None => path.late.no_message(to),
+    }
+}
+
+/// The answers the workers get from reply targets of routes with late
+/// replies: a delivery whose inline attempt a restart cut short (or that
+/// failed) is sent again by a worker, and the user gets that answer.
+pub fn worker_answers(path: &Arc<PushPath>) -> WorkerAnswers {
+    let path = Arc::downgrade(path);
+    Box::new(move |target: &Target, event: &Event, body: Bytes| {
+        let Some(path) = path.upgrade() else { return };
+        let config = path.config.load_full();
+        let replies_late = config.routes.iter().any(|r| {
+            r.late_reply != LateReply::None && r.reply_from.as_deref() == Some(&target.name)
+        });
+        if !replies_late {
+            return;
+        }
+        if let Some(later) = later_for(&config, target, event) {
+            tokio::spawn(async move {
+                keep_late_answer(&path, &later, Inline::Answered(body)).await;
+            });
+        }
+    })
+}
+
+/// What a worker's answer from `target` to `event` is judged against and
+/// kept for: only when the event's route still has `target` as its
+/// `reply_from` with late replies.
+fn later_for(config: &Settings, target: &Target, event: &Event) -> Option<Later> {
+    let account = config.accounts.get(&event.account)?;
+    let origin = &event.origin;
+    if origin.codec != crate::wechat::family::Codec::Xml || !origin.takes_reply() {
+        return None;
+    }
+    let message = Message::parse_push(event.xml.as_bytes()).ok()?;
+    let subject = crate::route::subject(&account.id, &message, origin);
+    let (_, rule) = crate::route::route(&config.routes, subject)?;
+    if rule.reply_from.as_deref() != Some(&target.name) || rule.late_reply == LateReply::None {
+        return None;
+    }
+    let openid = message.from_user().filter(|o| !o.is_empty())?.to_owned();
+    let addressed = Addressed {
+        account: account.id.clone(),
+        openid,
+        channel: rule.late_reply,
+        ttl: rule.late_reply_ttl,
+        pushed_at: event.received_at,
+    };
+    Some(Later {
+        account: account.clone(),
+        target: target.clone(),
+        pushed: Answered {
+            message: Cow::Owned(message),
+            key_slot: None,
+            timestamp: Cow::Owned(String::new()),
+            family: origin.family,
+        },
+        addressed,
+    })
+}
+
+/// The passive reply XML of a late reply kept for this push's sender, when
+/// some route keeps them; taken, so that it is given once.
+async fn given_late_reply(
+    path: &PushPath,
+    config: &Settings,
+    account: &Account,
+    verified: &VerifiedPush,
+) -> Option<Bytes> {
+    if !verified.origin.takes_reply() || !Late::keeps_for_next_message(config, &account.id) {
+        return None;
+    }
+    let openid = verified.message.from_user().filter(|o| !o.is_empty())?;
+    let message = path.late.take_next(&account.id, openid).await?;
+    let from = verified.message.get("ToUserName").unwrap_or("");
+    let xml = message.passive_reply(openid, from, path.clock.now_secs());
+    Some(Bytes::from(xml))
+}
+
 /// What WeChat gets for the reply target's answer ([`reply::answer`] judges
-/// it), and the outcome's label; `success` and `none` without an answer.
-/// The log line says why a reply was not passed on.
+/// it), and the outcome's label; `success` and `none` without an answer,
+/// `late` when the answer is still to come. A kept late reply is given with
+/// no target: the relay wrote it. The log line says why a reply was not
+/// passed on.
 fn answer_with(
     path: &PushPath,
     account: &Account,
-    target: &Target,
-    verified: &VerifiedPush,
+    target: Option<&Target>,
+    pushed: &Answered<'_>,
     inline: Inline,
 ) -> (Bytes, &'static str) {
     let success = Bytes::from_static(b"success");
+    let name = target.map_or("-", |t| t.name.as_str());
     let body = match inline {
         Inline::Answered(body) => body,
         Inline::Nothing => return (success, "none"),
+        Inline::Late => return (success, "late"),
         Inline::TooLarge => {
-            tracing::warn!(account = %account.id, target = %target.name, "reply target answered more than the relay reads of an answer, far more than a reply may have; answering success");
+            tracing::warn!(account = %account.id, target = name, "reply target answered more than the relay reads of an answer, far more than a reply may have; answering success");
             return (success, "unverifiable");
         }
     };
@@ -620,22 +856,22 @@ fn answer_with(
         app_id: &account.app_id,
         keys: account.keys.as_ref(),
         secure: account.mode == Mode::Secure,
-        push: &verified.message,
-        key_slot: verified.key_slot,
-        timestamp: &verified.timestamp,
+        push: &pushed.message,
+        key_slot: pushed.key_slot,
+        timestamp: &pushed.timestamp,
     };
-    let own = target.wechat.as_ref().map(|server| reply::OwnServer {
-        target: &target.name,
-        token: server.token.expose(),
-        keys: server.keys.as_ref(),
-        app_id: server
-            .receive_id(verified.origin.family)
-            .unwrap_or(&account.app_id),
-        // WeCom takes a sealed reply only.
-        secure: server.mode == Mode::Secure || verified.origin.family == Family::Wecom,
-        now_secs: path.clock.now_secs(),
-        seen: &path.reply_stamps,
-    });
+    let own = target
+        .and_then(|t| t.wechat.as_ref().map(|server| (t, server)))
+        .map(|(t, server)| reply::OwnServer {
+            target: &t.name,
+            token: server.token.expose(),
+            keys: server.keys.as_ref(),
+            app_id: server.receive_id(pushed.family).unwrap_or(&account.app_id),
+            // WeCom takes a sealed reply only.
+            secure: server.mode == Mode::Secure || pushed.family == Family::Wecom,
+            now_secs: path.clock.now_secs(),
+            seen: &path.reply_stamps,
+        });
     let salt = reply::Salt {
         nonce: &digits(10),
         random: &reply::random_bytes(),
@@ -643,10 +879,10 @@ fn answer_with(
     let (answer, outcome) = reply::answer(&body, &to, own.as_ref(), &salt);
     match &outcome {
         reply::Outcome::Ignored => {
-            tracing::info!(account = %account.id, target = %target.name, "reply target answered something WeChat cannot take; answering success")
+            tracing::info!(account = %account.id, target = name, "reply target answered something WeChat cannot take; answering success")
         }
         reply::Outcome::Unverifiable(reason) => {
-            tracing::warn!(account = %account.id, target = %target.name, %reason, "reply target's answer is not one the relay can pass to WeChat; answering success")
+            tracing::warn!(account = %account.id, target = name, %reason, "reply target's answer is not one the relay can pass to WeChat; answering success")
         }
         reply::Outcome::Passed | reply::Outcome::Sealed => {}
     }

@@ -7,7 +7,7 @@
 use crate::clock::Clock;
 use crate::config::{Account, Mode, Ordering, Settings, Target};
 use crate::deliver::Dispatcher;
-use crate::route;
+use crate::route::{self, LateReply};
 use crate::spool::{
     ComponentTicket, DeliveryId, Enqueued, Event, EventId, Intake, NewDelivery, NewEvent,
     ReplayGuard, SpoolError, SpoolFuture, Tickets, UnixMs,
@@ -76,13 +76,16 @@ pub struct ReplyTo {
     pub event_id: EventId,
     pub delivery_id: DeliveryId,
     pub event: Event,
+    /// Where the target's answer goes when it comes after the budget, and
+    /// how long a `next_message` one is kept.
+    pub late: (LateReply, Duration),
 }
 
 /// What a push is stored as: its event and deliveries, the reply target
 /// and where its delivery is among them, and how long its key lives.
 struct Planned {
     new_event: NewEvent,
-    reply: Option<(Target, usize)>,
+    reply: Option<(Target, usize, (LateReply, Duration))>,
     window: Duration,
 }
 
@@ -129,12 +132,13 @@ impl Ingest {
             self.dispatcher.wake(target);
         }
         // Without its delivery there is nothing to attempt inline.
-        let reply = reply.and_then(|(target, position)| {
+        let reply = reply.and_then(|(target, position, late)| {
             Some(ReplyTo {
                 target,
                 event_id,
                 delivery_id: *deliveries.get(position)?,
                 event: *stored,
+                late,
             })
         });
         ingested.stored = Some(Stored { event_id, reply });
@@ -166,7 +170,10 @@ fn plan(
     let reply_from = rule
         .and_then(|r| r.reply_from.as_deref())
         .filter(|_| push.origin.takes_reply());
-    let reply_due_at = dispatcher.reply_due_at(now, config.server.reply_budget);
+    let late = rule.map_or((LateReply::None, route::DEFAULT_LATE_REPLY_TTL), |r| {
+        (r.late_reply, r.late_reply_ttl)
+    });
+    let reply_due_at = dispatcher.reply_due_at(now, inline_hold(config, reply_from, late.0));
     let user = (account.id.as_str(), message.from_user().unwrap_or(""));
     let targets = rule.map_or_else(Vec::new, |rule| {
         deliveries(config, &rule.to, reply_from, now, reply_due_at, user)
@@ -182,7 +189,9 @@ fn plan(
         targets,
     };
     // The reply target is sent the event as the spool hands it back.
-    let reply = reply_from.and_then(|name| reply_plan(config, name, &new_event));
+    let reply = reply_from
+        .and_then(|name| reply_plan(config, name, &new_event))
+        .map(|(target, position)| (target, position, late));
     Planned {
         new_event,
         reply,
@@ -230,6 +239,21 @@ impl Ingested {
             key_hash: short_hash(dedup_key),
             ticket: None,
         }
+    }
+}
+
+/// How long the inline attempt may hold the reply target's delivery: the
+/// reply budget, or with `late_reply` the target's whole `timeout`, so that
+/// no worker calls the target again while it is still thinking. A restart
+/// that cuts the wait short leaves the delivery due after that.
+fn inline_hold(config: &Settings, reply_from: Option<&str>, late: LateReply) -> Duration {
+    let budget = config.server.reply_budget;
+    let timeout = reply_from
+        .and_then(|name| config.targets.get(name))
+        .map(|t| t.timeout);
+    match (late, timeout) {
+        (LateReply::None, _) | (_, None) => budget,
+        (_, Some(timeout)) => budget.max(timeout),
     }
 }
 

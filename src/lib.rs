@@ -29,6 +29,8 @@
 //!   per-target circuit breaker.
 //! - `handler`: the WeChat-facing HTTP shell and its one error type.
 //! - `ingest`: route a verified push and store it durably.
+//! - `late`: a reply target's answer after the reply budget, kept on the
+//!   spool and sent through the Customer Service API or with the next push.
 //! - `admin`: the admin listener's routes; `reload`: configuration reload.
 //! - `metrics`: the Prometheus registry and every collector.
 //! - `server`: the accept loop and graceful drain.
@@ -47,6 +49,7 @@ pub mod config;
 pub(crate) mod deliver;
 pub(crate) mod handler;
 pub(crate) mod ingest;
+pub(crate) mod late;
 pub(crate) mod metrics;
 pub(crate) mod reload;
 pub mod route;

@@ -214,7 +214,12 @@ fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliEr
     let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
     let settings = cli::load(&config)?;
     on_spool(&settings, async |spool| {
-        dlq::run(&*spool.operator(), &command, SystemClock.now_ms()).await
+        dlq::run(
+            (&*spool.operator(), &*spool.late_replies()),
+            &command,
+            SystemClock.now_ms(),
+        )
+        .await
     })
 }
 

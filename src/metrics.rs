@@ -7,7 +7,7 @@
 
 use crate::spool::{Health, Tickets};
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -57,6 +57,14 @@ pub struct Metrics {
     pub login_events: IntCounterVec,
     /// From a login event's arrival to a target's 2xx, inline or by a worker.
     pub login_delivery_seconds: HistogramVec,
+    /// Late replies (a reply target's answer after the reply budget) by
+    /// account, channel (customer_service, next_message) and outcome:
+    /// stored, sent, given (as the passive reply to the next push), retried,
+    /// dead_lettered, no_message (the late answer was `success` or no
+    /// message WeChat can send), or lost (the spool could not store it).
+    pub late_replies: IntCounterVec,
+    /// From the push's arrival to the late reply's user-visible send.
+    pub late_reply_seconds: Histogram,
     /// Delivery work the spool refused, by target and operation (settle:
     /// an outcome not recorded; lease: due deliveries not read; release).
     pub spool_failures: IntCounterVec,
@@ -173,6 +181,21 @@ const LOGIN_DELIVERY_SECONDS: Spec = spec(
     "Time from a login event's arrival to a target's 2xx.",
     TARGET,
 );
+const LATE_REPLIES: Spec = spec(
+    "late_replies_total",
+    "Late replies (a reply target's answer after the reply budget), by channel and outcome.",
+    &["account", "channel", "outcome"],
+);
+const LATE_REPLY_SECONDS: Spec = spec(
+    "late_reply_seconds",
+    "Time from a push's arrival to its late reply's send.",
+    &[],
+);
+/// A late answer takes from the reply budget to the target's timeout (at
+/// most 120 s); a retried send, minutes to hours.
+const LATE_BUCKETS: &[f64] = &[
+    5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 1800.0, 7200.0, 86400.0,
+];
 const SPOOL_FAILURES: Spec = spec(
     "spool_failures_total",
     "Delivery work the spool could not do, by target and operation.",
@@ -256,6 +279,11 @@ impl Registrar {
         self.register(GaugeVec::new(Self::opts(&spec), spec.labels)?)
     }
 
+    fn histogram(&self, spec: Spec, buckets: &[f64]) -> Result<Histogram, MetricsError> {
+        let opts = HistogramOpts::new(spec.name, spec.help).buckets(buckets.to_vec());
+        self.register(Histogram::with_opts(opts)?)
+    }
+
     fn histograms(&self, spec: Spec, buckets: &[f64]) -> Result<HistogramVec, MetricsError> {
         let opts = HistogramOpts::new(spec.name, spec.help).buckets(buckets.to_vec());
         self.register(HistogramVec::new(opts, spec.labels)?)
@@ -283,6 +311,8 @@ impl Metrics {
             replies: r.counters(REPLIES)?,
             login_events: r.counters(LOGIN_EVENTS)?,
             login_delivery_seconds: r.histograms(LOGIN_DELIVERY_SECONDS, LOGIN_BUCKETS)?,
+            late_replies: r.counters(LATE_REPLIES)?,
+            late_reply_seconds: r.histogram(LATE_REPLY_SECONDS, LATE_BUCKETS)?,
             spool_failures: r.counters(SPOOL_FAILURES)?,
             open_connections: r.gauge(OPEN_CONNECTIONS)?,
             connections_refused: r.counter(CONNECTIONS_REFUSED)?,

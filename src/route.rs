@@ -42,7 +42,46 @@ pub struct Rule {
     /// The target whose answer, if it comes in time and is valid reply XML,
     /// becomes WeChat's answer. Always one of `to`.
     pub reply_from: Option<String>,
+    /// What becomes of the reply target's answer when it comes after the
+    /// reply budget.
+    pub late_reply: LateReply,
+    /// How long a `next_message` late reply waits for the user's next push.
+    pub late_reply_ttl: std::time::Duration,
 }
+
+/// Where a reply target's answer goes when it comes too late for WeChat's
+/// answer to the push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LateReply {
+    /// Lost, as WeChat has been answered `success`; the inline attempt ends
+    /// with the reply budget.
+    None,
+    /// Sent through the Customer Service API (客服消息).
+    CustomerService,
+    /// Kept, and given as the passive reply to the user's next push.
+    NextMessage,
+}
+
+impl LateReply {
+    pub const ALL: [LateReply; 3] = [
+        LateReply::None,
+        LateReply::CustomerService,
+        LateReply::NextMessage,
+    ];
+
+    /// The name in the file, the spool and the metrics' `channel` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LateReply::None => "none",
+            LateReply::CustomerService => "customer_service",
+            LateReply::NextMessage => "next_message",
+        }
+    }
+}
+
+/// What a `next_message` late reply waits for the next push by default:
+/// WeChat's 48-hour window for answering a user.
+pub const DEFAULT_LATE_REPLY_TTL: std::time::Duration = std::time::Duration::from_secs(48 * 3600);
 
 /// What routing looks at: the decrypted push's fields (never the query or
 /// plaintext copies, which an attacker could set apart from the ciphertext).
@@ -251,6 +290,8 @@ mod tests {
             matcher,
             to: vec![to.to_owned()],
             reply_from: None,
+            late_reply: LateReply::None,
+            late_reply_ttl: DEFAULT_LATE_REPLY_TTL,
         }
     }
 

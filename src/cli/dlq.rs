@@ -16,7 +16,8 @@ use crate::config::{Settings, SpoolBackend};
 use crate::ingest::short_hash;
 use crate::spool::postgres::OnOpen;
 use crate::spool::{
-    DeadFilter, DeadLetter, DeadReason, DeliveryId, OpenSpool, Operator, SpoolError, UnixMs,
+    DeadFilter, DeadLateReply, DeadLetter, DeadReason, DeliveryId, LateReplies, OpenSpool,
+    Operator, SpoolError, UnixMs,
 };
 use crate::wechat::message::Message;
 use std::fmt::Write as _;
@@ -153,18 +154,12 @@ pub async fn open(settings: &Settings) -> Result<OpenSpool, CliError> {
 /// Runs one `dlq` command; `now_ms` resolves `--since 2h` and is when
 /// replayed deliveries become due.
 pub async fn run(
-    spool: &dyn Operator,
+    (spool, late): (&dyn Operator, &dyn LateReplies),
     command: &DlqCommand,
     now_ms: i64,
 ) -> Result<String, CliError> {
     match command {
-        DlqCommand::List { select, limit } => {
-            let dead = spool
-                .dead_letters(select.filter(now_ms), *limit)
-                .await
-                .map_err(failed)?;
-            Ok(table(&dead, *limit))
-        }
+        DlqCommand::List { select, limit } => list((spool, late), select, *limit, now_ms).await,
         DlqCommand::Show { id, content } => show(spool, *id, *content).await,
         DlqCommand::Replay { select, all, force } => {
             guard("replay", select, *all)?;
@@ -211,6 +206,29 @@ pub async fn run(
             ))
         }
     }
+}
+
+/// The selected dead letters; and, unfiltered, the late replies that could
+/// not be sent (they are no deliveries: no target, reason or event).
+async fn list(
+    (spool, late): (&dyn Operator, &dyn LateReplies),
+    select: &Selection,
+    limit: usize,
+    now_ms: i64,
+) -> Result<String, CliError> {
+    let dead = spool
+        .dead_letters(select.filter(now_ms), limit)
+        .await
+        .map_err(failed)?;
+    let mut out = table(&dead, limit);
+    if select.is_everything() {
+        let letters = late.dead_late(limit).await.map_err(failed)?;
+        if !letters.is_empty() {
+            out.push('\n');
+            out.push_str(&late_table(&letters, limit));
+        }
+    }
+    Ok(out)
 }
 
 /// Replay and purge act on everything selected; an empty selection must be
@@ -328,6 +346,41 @@ fn table(dead: &[DeadLetter], limit: usize) -> String {
         }))
         .collect();
     listing(&rows, limit, ("dead letter", "dead letters"))
+}
+
+/// The late replies that could not be sent, with WeChat's errcode and
+/// errmsg; the user as a hash of the OpenID.
+fn late_table(dead: &[DeadLateReply], limit: usize) -> String {
+    let header = [
+        "LATE REPLY",
+        "DEAD AT",
+        "CHANNEL",
+        "ERRCODE",
+        "ATTEMPTS",
+        "ACCOUNT",
+        "USER",
+        "ERRMSG",
+    ]
+    .map(str::to_owned);
+    let rows: Vec<[String; 8]> = std::iter::once(header)
+        .chain(dead.iter().map(|d| {
+            [
+                d.id.to_string(),
+                rfc3339(d.dead_at),
+                d.channel.clone(),
+                d.errcode.to_string(),
+                d.attempts.to_string(),
+                d.account.clone(),
+                short_hash(&d.openid),
+                clip(&d.errmsg, ERROR_WIDTH),
+            ]
+        }))
+        .collect();
+    listing(
+        &rows,
+        limit,
+        ("late reply not sent", "late replies not sent"),
+    )
 }
 
 /// A table of `rows` (a header, then one a line), then how many lines there

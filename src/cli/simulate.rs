@@ -813,11 +813,8 @@ fn subscribe_msg_popup_fields() -> [String; 1] {
     )]
 }
 
-/// `<name><![CDATA[value]]></name>`, with any `]]>` in the value split across
-/// two sections so it cannot end the first early.
 fn text(name: &str, value: &str) -> String {
-    let value = value.replace("]]>", "]]]]><![CDATA[>");
-    format!("<{name}><![CDATA[{value}]]></{name}>")
+    crate::wechat::message::cdata_element(name, value)
 }
 
 /// `<name>value</name>`, for WeChat's unquoted numbers.

@@ -4,10 +4,10 @@
 
 use super::units::format_size;
 use super::{
-    Account, Adapters, Breaker, RetryPolicy, Secret, ServerSettings, Settings, SpoolBackend,
-    SpoolSettings, Target, TelemetrySettings,
+    Account, AccountApi, Adapters, Breaker, RetryPolicy, Secret, ServerSettings, Settings,
+    SpoolBackend, SpoolSettings, Target, TelemetrySettings, TokenSource,
 };
-use crate::route::Rule;
+use crate::route::{LateReply, Rule};
 use crate::wechat::crypto::KeyRing;
 use crate::wechat::family::Family;
 use humantime::format_duration;
@@ -118,8 +118,27 @@ fn account(account: &Account, out: &mut String) -> fmt::Result {
     row(out, "token", &account.token)?;
     keys(out, account.keys.as_ref())?;
     match account.timestamp_window {
-        None => row(out, "timestamp_window", "off"),
-        Some(window) => row(out, "timestamp_window", format_duration(window)),
+        None => row(out, "timestamp_window", "off")?,
+        Some(window) => row(out, "timestamp_window", format_duration(window))?,
+    }
+    api(account.api.as_ref(), out)
+}
+
+/// The API section: where the token comes from, never the secret or a token.
+fn api(api: Option<&AccountApi>, out: &mut String) -> fmt::Result {
+    let Some(api) = api else {
+        return Ok(());
+    };
+    row(out, "api_base", masked_url(&api.api_base))?;
+    match &api.token_source {
+        TokenSource::StableToken { app_secret } => {
+            row(out, "token_source", "stable_token")?;
+            row(out, "app_secret", masked(Some(app_secret)))
+        }
+        TokenSource::Url(url) => {
+            row(out, "token_source", "url")?;
+            row(out, "token_url", masked_url(url))
+        }
     }
 }
 
@@ -232,7 +251,15 @@ fn routes(routes: &[Rule], out: &mut String) -> fmt::Result {
             })
             .collect();
         let described = rule.matcher.describe();
-        writeln!(out, "  [{i}] {described} -> {}", to.join(", "))?;
+        let late = match rule.late_reply {
+            LateReply::None => String::new(),
+            LateReply::CustomerService => " (late: customer_service)".to_owned(),
+            LateReply::NextMessage => format!(
+                " (late: next_message within {})",
+                format_duration(rule.late_reply_ttl)
+            ),
+        };
+        writeln!(out, "  [{i}] {described} -> {}{late}", to.join(", "))?;
     }
     Ok(())
 }

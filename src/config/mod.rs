@@ -28,9 +28,9 @@ mod validate;
 pub use check::{masked_url, render_check};
 pub use secret::Secret;
 pub use settings::{
-    decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, PostgresSettings,
-    RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode,
-    Target, TelemetrySettings, WechatServer,
+    decode_webhook_secret, Account, AccountApi, Adapters, Breaker, Format, Mode, Ordering,
+    PostgresSettings, RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend,
+    SpoolSettings, SslMode, Target, TelemetrySettings, TokenSource, WechatServer,
 };
 
 /// The environment variable the relay reads its log filter from

@@ -83,6 +83,20 @@ pub(crate) struct RawAccount {
     pub previous_encoding_aes_key: Option<Secret>,
     pub mode: Option<String>,
     pub timestamp_window: Option<String>,
+    /// WeChat's server API: what late replies are sent through.
+    pub api: Option<RawApi>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawApi {
+    pub app_secret: Option<Secret>,
+    pub app_secret_file: Option<PathBuf>,
+    pub api_base: Option<String>,
+    /// stable_token (the default) or url.
+    pub token_source: Option<String>,
+    /// `token_source = "url"`: the central token service.
+    pub token_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +146,9 @@ pub(crate) struct RawRoute {
     pub matcher: RawMatch,
     pub to: Option<Vec<String>>,
     pub reply_from: Option<String>,
+    /// none (the default), customer_service or next_message.
+    pub late_reply: Option<String>,
+    pub late_reply_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -150,6 +150,40 @@ pub struct Account {
     pub mode: Mode,
     /// Pushes whose timestamp is further from now are refused; `None` = off.
     pub timestamp_window: Option<Duration>,
+    /// WeChat's server API (`[accounts.X.api]`): how late replies reach the
+    /// user through the Customer Service API.
+    pub api: Option<AccountApi>,
+}
+
+/// How the relay calls WeChat's server API for an account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountApi {
+    /// `https://api.weixin.qq.com` unless set; tests point it at a local server.
+    pub api_base: url::Url,
+    pub token_source: TokenSource,
+}
+
+/// Where the account's access token comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenSource {
+    /// `POST {api_base}/cgi-bin/stable_token` with `force_refresh = false`:
+    /// it hands out the token other services of the same AppID hold rather
+    /// than a new one that would end theirs.
+    StableToken { app_secret: Secret },
+    /// A central token service (中控服务器) that answers GET with
+    /// `{"access_token", "expires_in"}`.
+    Url(url::Url),
+}
+
+impl TokenSource {
+    pub const NAMES: [&'static str; 2] = ["stable_token", "url"];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TokenSource::StableToken { .. } => "stable_token",
+            TokenSource::Url(_) => "url",
+        }
+    }
 }
 
 /// The message encryption mode chosen in the WeChat admin console. The

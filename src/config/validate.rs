@@ -3,17 +3,17 @@
 //! lists everything that is wrong, not just the first thing.
 
 use super::raw::{
-    OneOrMany, RawAccount, RawBreaker, RawConfig, RawMatch, RawRoute, RawServer, RawSpool,
+    OneOrMany, RawAccount, RawApi, RawBreaker, RawConfig, RawMatch, RawRoute, RawServer, RawSpool,
     RawTarget, RawTelemetry, StringOrNumber,
 };
 use super::settings::{
-    decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, PostgresSettings,
-    RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode,
-    Target, TelemetrySettings, WechatServer,
+    decode_webhook_secret, Account, AccountApi, Adapters, Breaker, Format, Mode, Ordering,
+    PostgresSettings, RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend,
+    SpoolSettings, SslMode, Target, TelemetrySettings, TokenSource, WechatServer,
 };
 use super::units::{parse_duration, parse_size};
 use super::{ConfigError, Problem, Secret, ENV_PREFIX};
-use crate::route::{Match, Rule};
+use crate::route::{LateReply, Match, Rule, DEFAULT_LATE_REPLY_TTL};
 use crate::wechat::crypto::{AesKey, KeyRing};
 use crate::wechat::family::{is_app_id, Codec, Family};
 use crate::wechat::inbound::SINGLE_PARAMS;
@@ -48,6 +48,11 @@ const DEFAULT_TIMESTAMP_WINDOW: Duration = Duration::from_secs(300);
 const DEFAULT_TARGET_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_CONCURRENCY: usize = 8;
 const CONCURRENCY_RANGE: std::ops::RangeInclusive<i64> = 1..=1024;
+/// WeChat's API host, where access tokens and Customer Service messages go.
+const DEFAULT_API_BASE: &str = "https://api.weixin.qq.com";
+/// The longest a reply target may think on a route whose late answers are
+/// kept: past two minutes a user has stopped waiting for this answer.
+const MAX_LATE_TIMEOUT: Duration = Duration::from_secs(120);
 const BREAKER_FAILURES_RANGE: std::ops::RangeInclusive<i64> = 0..=100_000;
 
 pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
@@ -597,6 +602,13 @@ fn account(id: String, raw: RawAccount, p: &mut Problems) -> Option<Account> {
         Some(text) => p.ok(&at("timestamp_window"), parse_duration(&text)),
     }
     .filter(|window| !window.is_zero());
+    let api = raw.api.and_then(|raw| api(p, &at, raw));
+    if api.is_some() && kind.is_some_and(|k| k != Family::OfficialAccount) {
+        p.add(
+            at("api"),
+            "only an Official Account sends late replies through the Customer Service API",
+        );
+    }
 
     if p.0.len() > found {
         return None;
@@ -610,6 +622,7 @@ fn account(id: String, raw: RawAccount, p: &mut Problems) -> Option<Account> {
         keys: creds.keys,
         mode: creds.mode?,
         timestamp_window,
+        api,
     })
 }
 
@@ -875,6 +888,55 @@ fn secret_source(
         }
         (None, None) => Ok(None),
     }
+}
+
+/// `[accounts.X.api]`: where the API is and where its access token comes from.
+fn api(p: &mut Problems, at: &dyn Fn(&str) -> String, raw: RawApi) -> Option<AccountApi> {
+    let base_text = raw.api_base.unwrap_or_else(|| DEFAULT_API_BASE.to_owned());
+    let api_base = p.ok(&at("api.api_base"), check_url(&base_text));
+    let secret = secret_source(
+        p,
+        &at("api.app_secret"),
+        raw.app_secret,
+        raw.app_secret_file,
+    );
+    let token_source = match raw.token_source.as_deref().unwrap_or("stable_token") {
+        "stable_token" => match secret {
+            Ok(Some((app_secret, _))) => Some(TokenSource::StableToken { app_secret }),
+            Ok(None) => {
+                p.add(
+                    at("api.app_secret"),
+                    "required for token_source = \"stable_token\": set app_secret or app_secret_file",
+                );
+                None
+            }
+            Err(()) => None,
+        },
+        "url" => match raw.token_url {
+            Some(text) => p
+                .ok(&at("api.token_url"), check_url(&text))
+                .map(TokenSource::Url),
+            None => {
+                p.add(
+                    at("api.token_url"),
+                    "required for token_source = \"url\": the token service's URL",
+                );
+                None
+            }
+        },
+        other => {
+            let names = TokenSource::NAMES.join(", ");
+            p.add(
+                at("api.token_source"),
+                format!("unknown token_source {other:?} (one of: {names})"),
+            );
+            None
+        }
+    };
+    Some(AccountApi {
+        api_base: api_base?,
+        token_source: token_source?,
+    })
 }
 
 fn last_key(path: &str) -> &str {
@@ -1301,6 +1363,10 @@ struct Names {
     targets: BTreeSet<String>,
     kinds: BTreeMap<String, Family>,
     keyless_wechat: BTreeSet<String>,
+    /// Accounts with an `[accounts.X.api]` section.
+    with_api: BTreeSet<String>,
+    /// Each target's `timeout` as written.
+    timeouts: BTreeMap<String, Option<String>>,
 }
 
 impl Names {
@@ -1320,6 +1386,15 @@ impl Names {
             targets: targets.keys().cloned().collect(),
             kinds: kinds.collect(),
             keyless_wechat: keyless_wechat.map(|(name, _)| name.clone()).collect(),
+            with_api: accounts
+                .iter()
+                .filter(|(_, a)| a.api.is_some())
+                .map(|(id, _)| id.clone())
+                .collect(),
+            timeouts: targets
+                .iter()
+                .map(|(name, t)| (name.clone(), t.timeout.clone()))
+                .collect(),
         }
     }
 
@@ -1380,6 +1455,17 @@ fn rule(at: &str, raw: RawRoute, names: &Names, p: &mut Problems) -> Option<Rule
         }
     }
     fits_families(at, &matcher, &to, raw.reply_from.is_some(), names, p);
+    let late = late_reply(
+        at,
+        (
+            raw.late_reply,
+            raw.late_reply_ttl,
+            raw.reply_from.as_deref(),
+        ),
+        &matcher,
+        names,
+        p,
+    );
     if p.0.len() > found {
         return None;
     }
@@ -1387,7 +1473,72 @@ fn rule(at: &str, raw: RawRoute, names: &Names, p: &mut Problems) -> Option<Rule
         matcher,
         to,
         reply_from: raw.reply_from,
+        late_reply: late.0,
+        late_reply_ttl: late.1,
     })
+}
+
+/// A rule's `late_reply` and `late_reply_ttl`: only with a `reply_from`,
+/// whose `timeout` is what the late answer is waited for (at most 120 s);
+/// `customer_service` needs the API of every account the rule can match.
+fn late_reply(
+    at: &str,
+    (late_reply, ttl, reply_from): (Option<String>, Option<String>, Option<&str>),
+    matcher: &Match,
+    names: &Names,
+    p: &mut Problems,
+) -> (LateReply, Duration) {
+    let path = format!("{at}.late_reply");
+    let late = match late_reply.as_deref() {
+        None => LateReply::None,
+        Some(text) => p
+            .ok(
+                &path,
+                choice(&LateReply::ALL, LateReply::as_str, text, "late_reply"),
+            )
+            .unwrap_or(LateReply::None),
+    };
+    let ttl = p.duration(&format!("{at}.late_reply_ttl"), ttl, DEFAULT_LATE_REPLY_TTL);
+    if late == LateReply::None {
+        return (late, ttl);
+    }
+    let Some(reply_from) = reply_from else {
+        p.add(
+            path,
+            "needs reply_from: it is that target's answer that comes late",
+        );
+        return (late, ttl);
+    };
+    let timeout = names
+        .timeouts
+        .get(reply_from)
+        .and_then(|t| t.as_deref().map(parse_duration))
+        .and_then(Result::ok);
+    if timeout.is_some_and(|t| t > MAX_LATE_TIMEOUT) {
+        p.add(
+            format!("targets.{reply_from}.timeout"),
+            "must be at most 120s for the reply_from of a route with late_reply",
+        );
+    }
+    if late == LateReply::CustomerService {
+        let without: Vec<&str> = names
+            .accounts
+            .iter()
+            .filter(|id| matcher.account.as_ref().is_none_or(|ids| ids.contains(id)))
+            .filter(|id| !names.with_api.contains(*id))
+            .map(String::as_str)
+            .collect();
+        if !without.is_empty() {
+            p.add(
+                path,
+                format!(
+                    "customer_service needs [accounts.<id>.api] for every account the rule matches; missing for: {} (an account without the Customer Service API, error 48001, takes late_reply = \"next_message\")",
+                    without.join(", ")
+                ),
+            );
+        }
+    }
+    (late, ttl)
 }
 
 /// A rule's `to`: at least one configured target, each once.

@@ -67,7 +67,15 @@ pub struct Dispatcher {
     records: Mutex<JoinSet<()>>,
     /// Set by [`Dispatcher::poll_idle_every`]; the workers' default otherwise.
     idle_poll: std::sync::OnceLock<std::time::Duration>,
+    /// Told of every answer a worker's delivery got ([`Dispatcher::on_worker_answer`]).
+    worker_answers: std::sync::OnceLock<WorkerAnswers>,
 }
+
+/// What is told of a worker's delivered attempt and its target's answer:
+/// a reply target's answer that a worker got (its inline attempt cut short by
+/// a restart, or failed) may still be one for the user.
+pub type WorkerAnswers =
+    Box<dyn Fn(&crate::config::Target, &crate::spool::Event, bytes::Bytes) + Send + Sync>;
 
 /// What the dispatcher knows of one target between attempts.
 #[derive(Default)]
@@ -100,6 +108,7 @@ impl Dispatcher {
             targets: Mutex::new(HashMap::new()),
             records: Mutex::new(JoinSet::new()),
             idle_poll: std::sync::OnceLock::new(),
+            worker_answers: std::sync::OnceLock::new(),
         })
     }
 
@@ -129,6 +138,12 @@ impl Dispatcher {
     /// default; set before [`Dispatcher::start`].
     pub fn poll_idle_every(&self, every: std::time::Duration) {
         let _ = self.idle_poll.set(every);
+    }
+
+    /// Has `hook` told of each answer a worker's delivery gets; set once,
+    /// before [`Dispatcher::start`].
+    pub fn on_worker_answer(&self, hook: WorkerAnswers) {
+        let _ = self.worker_answers.set(hook);
     }
 
     /// Tells a target's worker that a delivery is due now.

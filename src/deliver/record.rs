@@ -131,6 +131,11 @@ impl Dispatcher {
         let traceparent = trace.as_ref().and_then(|t| t.header());
         let sent = (event, app_id, traceparent);
         let result = attempt(&self.client, &*self.clock, target, sent, timeout).await;
+        if let (false, Verdict::Delivered, Ok(body)) = (due.inline, &result.verdict, &result.body) {
+            if let Some(hook) = self.worker_answers.get() {
+                hook(target, event, body.clone());
+            }
+        }
         let state = self.target_state(&target.name);
         let release = self.observe_health(target, &state, due.probe, &result);
         let unit: f64 = rand::thread_rng().gen();

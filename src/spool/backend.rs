@@ -3,8 +3,8 @@
 
 use super::postgres::OnOpen;
 use super::{
-    DueListener, Health, Intake, Operator, PostgresSpool, SpoolError, SqliteSpool, Supervision,
-    Tickets, Work,
+    DueListener, Health, Intake, LateReplies, Operator, PostgresSpool, SpoolError, SqliteSpool,
+    Supervision, Tickets, Work,
 };
 use crate::config::{SpoolBackend, SpoolSettings};
 use std::sync::Arc;
@@ -65,6 +65,9 @@ impl OpenSpool {
         /// An Open Platform's ticket: kept by ingest, read by the admin
         /// API, `wxrelay ticket` and the metrics.
         tickets: Tickets;
+        /// Late replies and access tokens: kept by the request path, sent
+        /// by their worker, listed by `wxrelay dlq`.
+        late_replies: LateReplies;
     }
 
     /// The watch on the spool's tasks: the relay stops when one fails.

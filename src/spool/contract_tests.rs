@@ -9,8 +9,8 @@ const WINDOW_MS: i64 = 600_000;
 const WINDOW: Duration = Duration::from_millis(WINDOW_MS as u64);
 
 /// Every role of a spool, for the suite to use them all.
-trait Roles: Intake + Work + Operator + Health + DueListener + Tickets {}
-impl<T: Intake + Work + Operator + Health + DueListener + Tickets> Roles for T {}
+trait Roles: Intake + Work + Operator + Health + DueListener + Tickets + LateReplies {}
+impl<T: Intake + Work + Operator + Health + DueListener + Tickets + LateReplies> Roles for T {}
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -1492,6 +1492,163 @@ async fn the_newest_ticket_of_each_platform_is_kept() {
             ],
             "{name}"
         );
+    }
+}
+
+fn late_reply(openid: &str, channel: crate::route::LateReply, at: i64) -> NewLateReply {
+    NewLateReply {
+        account: "main".into(),
+        openid: openid.into(),
+        channel,
+        message: format!("{{\"msgtype\":\"text\",\"content\":\"{openid}\"}}"),
+        pushed_at: UnixMs(at),
+        expires_at: UnixMs(at + 1_000),
+        due_at: UnixMs(at),
+    }
+}
+
+/// The `customer_service` late replies due at `at`, each leased for a second.
+async fn lease_at(spool: &dyn Roles, at: i64) -> Vec<HeldLateReply> {
+    spool.lease_late(UnixMs(at), 10, ms(1_000)).await.unwrap()
+}
+
+/// A `customer_service` late reply is leased once at a time, settled only
+/// under its own lease, due again when its lease ends unsettled, deleted
+/// when sent and kept with WeChat's errcode when dead.
+#[tokio::test]
+async fn a_late_reply_is_leased_once_and_settled_under_its_lease() {
+    use crate::route::LateReply::{CustomerService, NextMessage};
+    for (name, spool, _cleanup) in spools().await {
+        let first = spool
+            .keep_late(late_reply("o1", CustomerService, 100))
+            .await
+            .unwrap();
+        spool
+            .keep_late(late_reply("o2", NextMessage, 100))
+            .await
+            .unwrap();
+        let held = lease_at(&*spool, 100).await;
+        assert_eq!(held.len(), 1, "{name}: only customer_service is sent");
+        assert_eq!((held[0].id, held[0].openid.as_str()), (first, "o1"));
+        assert!(lease_at(&*spool, 500).await.is_empty(), "{name}");
+        // The lease ends unsettled (a crash mid-send): due again, a new lease.
+        let again = lease_at(&*spool, 1_100).await;
+        assert_eq!(again.len(), 1, "{name}");
+        assert_ne!(again[0].lease, held[0].lease, "{name}");
+        let stale = spool.settle_late(first, held[0].lease, LateOutcome::Sent, UnixMs(1_200));
+        assert!(
+            !stale.await.unwrap(),
+            "{name}: the first lease's outcome changes nothing"
+        );
+        let retry = LateOutcome::Retry {
+            next_at: UnixMs(5_000),
+            errcode: -1,
+            errmsg: "busy".into(),
+        };
+        assert!(spool
+            .settle_late(first, again[0].lease, retry, UnixMs(1_200))
+            .await
+            .unwrap());
+        assert!(lease_at(&*spool, 4_999).await.is_empty(), "{name}");
+        let third = lease_at(&*spool, 5_000).await;
+        assert_eq!(third[0].attempts, 1, "{name}");
+        let dead = LateOutcome::Dead {
+            errcode: 45015,
+            errmsg: "response out of time limit".into(),
+        };
+        assert!(spool
+            .settle_late(first, third[0].lease, dead, UnixMs(5_100))
+            .await
+            .unwrap());
+        let letters = spool.dead_late(10).await.unwrap();
+        assert_eq!(letters.len(), 1, "{name}");
+        assert_eq!(
+            (letters[0].errcode, letters[0].attempts),
+            (45015, 2),
+            "{name}"
+        );
+        assert_eq!(letters[0].channel, "customer_service", "{name}");
+        let sent = spool
+            .keep_late(late_reply("o3", CustomerService, 6_000))
+            .await
+            .unwrap();
+        let held = lease_at(&*spool, 6_000).await;
+        assert_eq!(held[0].id, sent);
+        assert!(spool
+            .settle_late(sent, held[0].lease, LateOutcome::Sent, UnixMs(6_100))
+            .await
+            .unwrap());
+        assert!(lease_at(&*spool, 99_000).await.is_empty(), "{name}");
+    }
+}
+
+/// A `next_message` late reply is taken once, by its own user's next push,
+/// while it is fresh; an expired one becomes a dead letter.
+#[tokio::test]
+async fn a_next_message_late_reply_is_taken_once_while_fresh() {
+    use crate::route::LateReply::NextMessage;
+    for (name, spool, _cleanup) in spools().await {
+        spool
+            .keep_late(late_reply("o1", NextMessage, 100))
+            .await
+            .unwrap();
+        spool
+            .keep_late(late_reply("o2", NextMessage, 100))
+            .await
+            .unwrap();
+        assert!(
+            spool
+                .take_next_late("other", "o1", UnixMs(200))
+                .await
+                .unwrap()
+                .is_none(),
+            "{name}"
+        );
+        let taken = spool
+            .take_next_late("main", "o1", UnixMs(200))
+            .await
+            .unwrap();
+        assert_eq!(taken.map(|t| t.openid), Some("o1".to_owned()), "{name}");
+        assert!(
+            spool
+                .take_next_late("main", "o1", UnixMs(300))
+                .await
+                .unwrap()
+                .is_none(),
+            "{name}"
+        );
+        // o2's expires at 1_100.
+        assert!(
+            spool
+                .take_next_late("main", "o2", UnixMs(1_100))
+                .await
+                .unwrap()
+                .is_none(),
+            "{name}"
+        );
+        let letters = spool.dead_late(10).await.unwrap();
+        assert_eq!(letters.len(), 1, "{name}");
+        assert_eq!(letters[0].errmsg, late::EXPIRED, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn an_access_token_is_kept_per_account() {
+    for (name, spool, _cleanup) in spools().await {
+        assert!(spool.api_token("main").await.unwrap().is_none(), "{name}");
+        let token = |t: &str, at: i64| ApiToken {
+            account: "main".into(),
+            token: t.into(),
+            expires_at: UnixMs(at),
+        };
+        spool.keep_api_token(token("t1", 1_000)).await.unwrap();
+        spool.keep_api_token(token("t2", 2_000)).await.unwrap();
+        assert_eq!(
+            spool.api_token("main").await.unwrap(),
+            Some(token("t2", 2_000)),
+            "{name}"
+        );
+        assert!(spool.api_token("other").await.unwrap().is_none(), "{name}");
     }
 }
 

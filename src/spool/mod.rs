@@ -56,6 +56,7 @@
 //! replicas [`DueListener`], and an Open Platform's ticket [`Tickets`].
 
 mod backend;
+pub mod late;
 mod migration;
 pub mod postgres;
 mod rows;
@@ -66,6 +67,9 @@ pub mod vocab;
 pub use backend::OpenSpool;
 #[cfg(any(test, feature = "test-util"))]
 pub use backend::FAIL_WRITER_VAR;
+pub use late::{
+    ApiToken, DeadLateReply, HeldLateReply, LateOutcome, LateReplies, LateReplyId, NewLateReply,
+};
 pub use migration::Migrated;
 pub use postgres::{postgres_display, PostgresSpool};
 pub use sqlite::SqliteSpool;

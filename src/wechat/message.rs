@@ -92,6 +92,13 @@ use sha2::{Digest, Sha256};
 /// for new ones while bounding the recursion of [`Node`] and its consumers.
 pub(crate) const MAX_DEPTH: usize = 32;
 
+/// `<name><![CDATA[value]]></name>`, with any `]]>` in the value split across
+/// two sections so it cannot end the first early.
+pub fn cdata_element(name: &str, value: &str) -> String {
+    let value = value.replace("]]>", "]]]]><![CDATA[>");
+    format!("<{name}><![CDATA[{value}]]></{name}>")
+}
+
 /// The content of an element.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {

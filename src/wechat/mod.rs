@@ -83,6 +83,7 @@
 //! push exactly as WeChat would, for simulation and tests.
 
 pub mod crypto;
+pub mod customer_service;
 pub mod family;
 pub mod inbound;
 pub mod json;

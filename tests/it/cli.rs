@@ -404,7 +404,7 @@ async fn dlq_lists_without_openids_replays_to_a_target_that_is_back_and_purges()
     let now = relay.clock.now_ms();
     let run = |command: DlqCommand| {
         let spool = &spool;
-        async move { dlq::run(spool, &command, now).await }
+        async move { dlq::run((spool, spool), &command, now).await }
     };
     let list = || DlqCommand::List {
         select: Selection::default(),

@@ -1380,3 +1380,65 @@ fn a_postgres_spool_is_configured_with_its_defaults() {
     assert!(!report.contains(":pw@"), "{report}");
     assert!(!format!("{settings:?}").contains(":pw@"));
 }
+
+/// `late_reply` needs a `reply_from` whose timeout is at most 120 s, and
+/// `customer_service` the API of every account the rule can match;
+/// `[accounts.X.api]` needs its secret (or a token service). Each problem is
+/// named at its key; the secret is never printed.
+#[test]
+fn late_replies_are_checked_at_their_keys_and_the_secret_is_never_shown() {
+    let api = "\n[accounts.main.api]\napp_secret = \"very-secret-app-secret\"\n";
+    let late = |value: &str| {
+        edit(&[(
+            "reply_from = \"broker\"",
+            &format!("reply_from = \"broker\"\nlate_reply = \"{value}\""),
+        )])
+    };
+    let settings = Settings::from_toml_str(&format!("{}{api}", late("customer_service"))).unwrap();
+    let report = render_check(&settings);
+    assert!(report.contains("late: customer_service"), "{report}");
+    assert!(
+        report.contains("token_source      stable_token"),
+        "{report}"
+    );
+    assert!(report.contains("app_secret        ***"), "{report}");
+    assert!(!report.contains("very-secret"), "{report}");
+    assert!(!format!("{settings:?}").contains("very-secret"));
+    let next = Settings::from_toml_str(&late("next_message")).unwrap();
+    assert!(render_check(&next).contains("late: next_message within 2days"));
+
+    let err = Settings::from_toml_str(&late("customer_service")).unwrap_err();
+    assert_has(&err, "routes[0].late_reply", "missing for: main");
+    assert_has(&err, "routes[0].late_reply", "next_message");
+    let err = Settings::from_toml_str(&late("later")).unwrap_err();
+    assert_has(&err, "routes[0].late_reply", "customer_service");
+    let no_reply_from = edit(&[(
+        "to = [\"hooks\"]\n",
+        "to = [\"hooks\"]\nlate_reply = \"next_message\"\n",
+    )]);
+    let err = Settings::from_toml_str(&no_reply_from).unwrap_err();
+    assert_has(&err, "routes[1].late_reply", "needs reply_from");
+    let slow = late("next_message").replace("retry = \"login\"", "timeout = \"121s\"");
+    let err = Settings::from_toml_str(&slow).unwrap_err();
+    assert_has(&err, "targets.broker.timeout", "at most 120s");
+    let err = Settings::from_toml_str(&format!("{VALID}\n[accounts.main.api]\n")).unwrap_err();
+    assert_has(&err, "accounts.main.api.app_secret", "required");
+    let url = "\n[accounts.main.api]\ntoken_source = \"url\"\n";
+    let err = Settings::from_toml_str(&format!("{VALID}{url}")).unwrap_err();
+    assert_has(&err, "accounts.main.api.token_url", "required");
+    let bad = format!("{VALID}{url}token_url = \"ftp://x\"\n");
+    assert_has(
+        &Settings::from_toml_str(&bad).unwrap_err(),
+        "accounts.main.api.token_url",
+        "http",
+    );
+    let wecom = format!("{VALID}{api}").replace(
+        "[accounts.main]\n",
+        "[accounts.main]\nkind = \"wecom\"\ncorp_id = \"wwcorp123\"\n",
+    );
+    let err = Settings::from_toml_str(&wecom).unwrap_err();
+    assert_has(&err, "accounts.main.api", "Official Account");
+    let env = format!("{VALID}{api}").replace("app_secret", "app_secret_file");
+    let err = Settings::from_toml_str(&env).unwrap_err();
+    assert_has(&err, "accounts.main.api.app_secret_file", "cannot read");
+}

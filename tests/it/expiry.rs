@@ -117,14 +117,16 @@ async fn login_deliveries_older_than_max_age_expire_when_the_broker_returns() {
     };
     let now = relay.clock.now_ms();
     let sent_before = broker.count();
-    match dlq::run(&*relay.spool, &replay(false), now).await {
+    match dlq::run(operator(&relay), &replay(false), now).await {
         Err(CliError::Usage(why)) => {
             assert!(why.contains("--force") && why.contains("max_age"), "{why}");
             assert!(!why.contains("  "), "one sentence, not a layout: {why}");
         }
         other => panic!("replayed without --force: {other:?}"),
     }
-    let out = dlq::run(&*relay.spool, &replay(true), now).await.unwrap();
+    let out = dlq::run(operator(&relay), &replay(true), now)
+        .await
+        .unwrap();
     assert!(out.starts_with("1 delivery is due again"), "{out}");
     assert!(
         broker
@@ -174,4 +176,18 @@ async fn a_backlog_of_expired_deliveries_does_not_hold_back_the_probe() {
     );
     assert!(expired >= stale as f64, "{expired}");
     relay.stop().await;
+}
+
+/// The spool as `wxrelay dlq` sees it: its dead letters and its late replies.
+fn operator(
+    relay: &TestRelay,
+) -> (
+    &dyn wxrelay::spool::Operator,
+    &dyn wxrelay::spool::LateReplies,
+) {
+    let late: &dyn wxrelay::spool::LateReplies = match &relay.opened {
+        wxrelay::spool::OpenSpool::Sqlite(s) => &**s,
+        wxrelay::spool::OpenSpool::Postgres(s) => &**s,
+    };
+    (&*relay.spool, late)
 }

@@ -22,6 +22,7 @@ mod families;
 mod flapping;
 mod full_disk;
 mod interop;
+mod late;
 mod load_smoke;
 mod logs;
 mod operations;

@@ -17,6 +17,11 @@ const MIGRATIONS: &[Migration] = &[
         "trace_context",
         include_str!("migrations/0003_trace_context.sql"),
     ),
+    Migration::new(
+        5,
+        "late_replies",
+        include_str!("migrations/0005_late_replies.sql"),
+    ),
 ];
 
 /// The newest schema version this binary knows.

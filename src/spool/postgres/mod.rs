@@ -46,6 +46,7 @@ mod analyze;
 mod commit;
 mod connect;
 mod dead;
+mod late;
 mod migrate;
 mod opening;
 mod prune;

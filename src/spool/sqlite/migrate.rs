@@ -36,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         "trace_context",
         include_str!("migrations/0008_trace_context.sql"),
     ),
+    Migration::new(
+        10,
+        "late_replies",
+        include_str!("migrations/0010_late_replies.sql"),
+    ),
 ];
 
 /// The column each step before versions added, by the version it is.

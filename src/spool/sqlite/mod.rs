@@ -40,6 +40,7 @@
 mod commit;
 mod dead;
 mod file;
+mod late;
 mod leases;
 mod migrate;
 mod reader;
@@ -47,13 +48,18 @@ mod row;
 mod settle;
 mod writer;
 
+use super::late::{
+    ApiToken, DeadLateReply, HeldLateReply, LateOutcome, LateReplies, LateReplyId, NewLateReply,
+};
 use super::vocab::{DEFAULT_MAX_BATCH, QUEUE};
+use super::LeaseToken;
 use super::{
     ComponentTicket, DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId,
     Health, Intake, Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture,
     Supervision, TargetDepth, Tickets, UnixMs, WaitingDelivery, Work,
 };
 use file::{open_connection, OpenedFile};
+use late::LateCommand;
 use leases::Leased;
 use reader::Read;
 use std::path::Path;
@@ -74,6 +80,8 @@ pub struct SqliteSpool {
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
     leased: Leased,
     supervision: Supervision,
+    /// This process's name on the late replies it leases.
+    owner: String,
 }
 
 impl SqliteSpool {
@@ -121,6 +129,7 @@ impl SqliteSpool {
             threads: Mutex::new(vec![writer, reader]),
             leased,
             supervision,
+            owner: crate::wechat::push::digits(16),
         })
     }
 
@@ -270,6 +279,50 @@ impl Tickets for SqliteSpool {
 
     fn tickets(&self) -> SpoolFuture<Vec<ComponentTicket>> {
         self.read(Read::Tickets)
+    }
+}
+
+impl LateReplies for SqliteSpool {
+    fn keep_late(&self, reply: NewLateReply) -> SpoolFuture<LateReplyId> {
+        self.submit(|r| Command::Late(LateCommand::Keep(reply, r)))
+    }
+
+    fn lease_late(&self, now: UnixMs, n: usize, hold: Duration) -> SpoolFuture<Vec<HeldLateReply>> {
+        let owner = self.owner.clone();
+        self.submit(|r| Command::Late(LateCommand::Lease(now, n, hold, owner, r)))
+    }
+
+    fn settle_late(
+        &self,
+        id: LateReplyId,
+        lease: LeaseToken,
+        outcome: LateOutcome,
+        now: UnixMs,
+    ) -> SpoolFuture<bool> {
+        self.submit(|r| Command::Late(LateCommand::Settle(id, lease, outcome, now, r)))
+    }
+
+    fn take_next_late(
+        &self,
+        account: &str,
+        openid: &str,
+        now: UnixMs,
+    ) -> SpoolFuture<Option<HeldLateReply>> {
+        let (account, openid) = (account.to_owned(), openid.to_owned());
+        self.submit(|r| Command::Late(LateCommand::TakeNext(account, openid, now, r)))
+    }
+
+    fn dead_late(&self, limit: usize) -> SpoolFuture<Vec<DeadLateReply>> {
+        self.submit(|r| Command::Late(LateCommand::Dead(limit, r)))
+    }
+
+    fn api_token(&self, account: &str) -> SpoolFuture<Option<ApiToken>> {
+        let account = account.to_owned();
+        self.submit(|r| Command::Late(LateCommand::Token(account, r)))
+    }
+
+    fn keep_api_token(&self, token: ApiToken) -> SpoolFuture<()> {
+        self.submit(|r| Command::Late(LateCommand::KeepToken(token, r)))
     }
 }
 

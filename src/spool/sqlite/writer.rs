@@ -3,6 +3,7 @@
 //! per push.
 
 use super::file::OpenedFile;
+use super::late::{self, LateCommand};
 use super::{commit, dead, settle, Reply};
 use crate::spool::vocab::{PROBE, PRUNE_EVERY};
 use crate::spool::{
@@ -23,6 +24,7 @@ pub(super) enum Command {
     Release(Release, UnixMs, Reply<u64>),
     Probe(Reply<()>),
     KeepTicket(ComponentTicket, Reply<bool>),
+    Late(LateCommand),
 }
 
 /// Commits the waiting commands, a batch at a time, until the spool closes.
@@ -135,7 +137,7 @@ fn prune(tx: &Transaction<'_>, now: UnixMs) {
 }
 
 /// Answers a command once the commit's outcome is known (`Some` if it failed).
-type Answer = Box<dyn FnOnce(Option<SpoolError>) + Send>;
+pub(super) type Answer = Box<dyn FnOnce(Option<SpoolError>) + Send>;
 
 fn fail(cmd: Command, err: SpoolError) {
     match cmd {
@@ -147,6 +149,7 @@ fn fail(cmd: Command, err: SpoolError) {
         Command::Release(_, _, r) => drop(r.send(Err(err))),
         Command::Probe(r) => drop(r.send(Err(err))),
         Command::KeepTicket(_, r) => drop(r.send(Err(err))),
+        Command::Late(cmd) => late::fail(cmd, err),
     }
 }
 
@@ -175,10 +178,11 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>)
         Command::KeepTicket(ticket, r) => {
             deferred(r, in_savepoint(tx, |c| commit::keep_ticket(c, &ticket)))
         }
+        Command::Late(cmd) => late::apply(tx, cmd),
     }
 }
 
-fn deferred<T: Send + 'static>(
+pub(super) fn deferred<T: Send + 'static>(
     reply: Reply<T>,
     result: Result<T, SpoolError>,
 ) -> (Answer, Option<SpoolError>) {
@@ -192,7 +196,7 @@ fn deferred<T: Send + 'static>(
     (answer, error)
 }
 
-fn in_savepoint<T>(
+pub(super) fn in_savepoint<T>(
     tx: &mut Transaction<'_>,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
 ) -> Result<T, SpoolError> {

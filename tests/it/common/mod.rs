@@ -9,6 +9,7 @@ pub mod proxy;
 pub mod replicas;
 pub mod target;
 pub mod wechat;
+pub mod wechat_api;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};

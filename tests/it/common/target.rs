@@ -37,6 +37,9 @@ pub enum Behaviour {
     StallBody(u16),
     /// Answers as the inner behaviour after a delay: a slow broker.
     After(Duration, Box<Behaviour>),
+    /// Answers as the inner behaviour once told to release: a broker that
+    /// thinks for as long as the test wants.
+    Gated(Box<Behaviour>),
 }
 
 impl Behaviour {
@@ -256,9 +259,21 @@ async fn answer(
     };
     arrived.notify_waiters();
     let mut behaviour = behaviour;
-    while let Behaviour::After(delay, then) = behaviour {
-        tokio::time::sleep(delay).await;
-        behaviour = *then;
+    loop {
+        match behaviour {
+            Behaviour::After(delay, then) => {
+                tokio::time::sleep(delay).await;
+                behaviour = *then;
+            }
+            Behaviour::Gated(then) => {
+                release.notified().await;
+                behaviour = *then;
+            }
+            other => {
+                behaviour = other;
+                break;
+            }
+        }
     }
     let whole = |status, headers: &[(&'static str, String)], body: &str| {
         respond(
@@ -268,7 +283,7 @@ async fn answer(
         )
     };
     match behaviour {
-        Behaviour::After(..) => unreachable!("unwrapped above"),
+        Behaviour::After(..) | Behaviour::Gated(..) => unreachable!("unwrapped above"),
         Behaviour::Hang => {
             release.notified().await;
             Ok(whole(503, &[], ""))

@@ -1,0 +1,140 @@
+//! Late replies and access tokens in the file: each operation a command of
+//! the writer, so that a lease or a take is one write among the others.
+
+use super::reader::read_rows;
+use super::writer::{deferred, in_savepoint, Answer};
+use super::Reply;
+use crate::spool::late::{
+    self, ApiToken, DeadLateReply, HeldLateReply, LateOutcome, LateReplyId, NewLateReply,
+};
+use crate::spool::{LeaseToken, SpoolError, UnixMs};
+use rusqlite::{params, Connection, Transaction};
+use std::time::Duration;
+
+pub(in crate::spool) enum LateCommand {
+    Keep(NewLateReply, Reply<LateReplyId>),
+    Lease(UnixMs, usize, Duration, String, Reply<Vec<HeldLateReply>>),
+    Settle(LateReplyId, LeaseToken, LateOutcome, UnixMs, Reply<bool>),
+    TakeNext(String, String, UnixMs, Reply<Option<HeldLateReply>>),
+    Dead(usize, Reply<Vec<DeadLateReply>>),
+    Token(String, Reply<Option<ApiToken>>),
+    KeepToken(ApiToken, Reply<()>),
+}
+
+/// The statement with SQLite's numbered parameters: `?2` is the second
+/// wherever it first appears, while `$2` would be numbered by appearance.
+fn numbered(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+pub(super) fn fail(cmd: LateCommand, err: SpoolError) {
+    match cmd {
+        LateCommand::Keep(_, r) => drop(r.send(Err(err))),
+        LateCommand::Lease(_, _, _, _, r) => drop(r.send(Err(err))),
+        LateCommand::Settle(_, _, _, _, r) => drop(r.send(Err(err))),
+        LateCommand::TakeNext(_, _, _, r) => drop(r.send(Err(err))),
+        LateCommand::Dead(_, r) => drop(r.send(Err(err))),
+        LateCommand::Token(_, r) => drop(r.send(Err(err))),
+        LateCommand::KeepToken(_, r) => drop(r.send(Err(err))),
+    }
+}
+
+pub(super) fn apply(tx: &mut Transaction<'_>, cmd: LateCommand) -> (Answer, Option<SpoolError>) {
+    match cmd {
+        LateCommand::Keep(reply, r) => deferred(r, in_savepoint(tx, |c| keep(c, &reply))),
+        LateCommand::Lease(now, n, hold, owner, r) => {
+            let until = now + hold;
+            let limit = i64::try_from(n).unwrap_or(i64::MAX);
+            deferred(
+                r,
+                read_rows(
+                    tx,
+                    &numbered(late::LEASE_LATE_SQLITE),
+                    params![now.0, until.0, limit, owner],
+                    |row| late::held(row),
+                ),
+            )
+        }
+        LateCommand::Settle(id, lease, outcome, now, r) => {
+            deferred(r, in_savepoint(tx, |c| settle(c, id, lease, &outcome, now)))
+        }
+        LateCommand::TakeNext(account, openid, now, r) => {
+            let expired = in_savepoint(tx, |c| {
+                c.prepare_cached(&numbered(late::EXPIRE_NEXT))?
+                    .execute(params![account, openid, now.0, late::EXPIRED])
+            });
+            let taken = expired.and_then(|_| {
+                read_rows(
+                    tx,
+                    &numbered(late::TAKE_NEXT_SQLITE),
+                    params![account, openid, now.0],
+                    |row| late::held(row),
+                )
+            });
+            deferred(r, taken.map(|rows| rows.into_iter().next()))
+        }
+        LateCommand::Dead(limit, r) => {
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            deferred(
+                r,
+                read_rows(tx, &numbered(late::DEAD_LATE_LIST), params![limit], |row| {
+                    late::dead(row)
+                }),
+            )
+        }
+        LateCommand::Token(account, r) => {
+            let rows = read_rows(tx, &numbered(late::API_TOKEN), params![account], |row| {
+                late::api_token(row)
+            });
+            deferred(r, rows.map(|rows| rows.into_iter().next()))
+        }
+        LateCommand::KeepToken(token, r) => deferred(
+            r,
+            in_savepoint(tx, |c| {
+                c.prepare_cached(&numbered(late::KEEP_API_TOKEN))?
+                    .execute(params![token.account, token.token, token.expires_at.0])
+                    .map(drop)
+            }),
+        ),
+    }
+}
+
+fn keep(c: &Connection, reply: &NewLateReply) -> rusqlite::Result<LateReplyId> {
+    c.prepare_cached(&numbered(late::INSERT_LATE))?.query_row(
+        params![
+            reply.account,
+            reply.openid,
+            reply.channel.as_str(),
+            reply.message,
+            reply.pushed_at.0,
+            reply.expires_at.0,
+            reply.due_at.0
+        ],
+        |row| row.get(0).map(LateReplyId),
+    )
+}
+
+fn settle(
+    c: &Connection,
+    id: LateReplyId,
+    lease: LeaseToken,
+    outcome: &LateOutcome,
+    now: UnixMs,
+) -> rusqlite::Result<bool> {
+    let changed = match outcome {
+        LateOutcome::Sent => c
+            .prepare_cached(&numbered(late::SENT_LATE))?
+            .execute(params![id.0, lease.0])?,
+        LateOutcome::Retry {
+            next_at,
+            errcode,
+            errmsg,
+        } => c
+            .prepare_cached(&numbered(late::RETRY_LATE))?
+            .execute(params![id.0, lease.0, next_at.0, errcode, errmsg])?,
+        LateOutcome::Dead { errcode, errmsg } => c
+            .prepare_cached(&numbered(late::DEAD_LATE))?
+            .execute(params![id.0, lease.0, errcode, errmsg, now.0])?,
+    };
+    Ok(changed > 0)
+}
