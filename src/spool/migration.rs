@@ -24,6 +24,16 @@ pub(super) fn latest(migrations: &[Migration]) -> i32 {
     migrations.last().map_or(0, |m| m.version)
 }
 
+/// Whether `migrations` are numbered 1, 2, 3… with no gap: a step numbered
+/// past a gap would be skipped by a store that already took the later one.
+#[cfg(test)]
+pub(super) fn numbered_without_gaps(migrations: &[Migration]) -> bool {
+    migrations
+        .iter()
+        .enumerate()
+        .all(|(i, m)| m.version == i as i32 + 1)
+}
+
 /// The steps a store at `version` lacks, in order.
 pub(super) fn after(migrations: &[Migration], version: i32) -> impl Iterator<Item = &Migration> {
     migrations.iter().filter(move |m| m.version > version)

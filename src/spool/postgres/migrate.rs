@@ -18,9 +18,9 @@ const MIGRATIONS: &[Migration] = &[
         include_str!("migrations/0003_trace_context.sql"),
     ),
     Migration::new(
-        5,
+        4,
         "late_replies",
-        include_str!("migrations/0005_late_replies.sql"),
+        include_str!("migrations/0004_late_replies.sql"),
     ),
 ];
 
@@ -120,4 +120,14 @@ async fn version_in(client: &impl tokio_postgres::GenericClient) -> Result<i32, 
         )
         .await?;
     Ok(row.try_get("version")?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn migrations_are_numbered_without_gaps() {
+        assert!(crate::spool::migration::numbered_without_gaps(
+            super::MIGRATIONS
+        ));
+    }
 }

@@ -37,9 +37,9 @@ const MIGRATIONS: &[Migration] = &[
         include_str!("migrations/0008_trace_context.sql"),
     ),
     Migration::new(
-        10,
+        9,
         "late_replies",
-        include_str!("migrations/0010_late_replies.sql"),
+        include_str!("migrations/0009_late_replies.sql"),
     ),
 ];
 
@@ -96,4 +96,14 @@ fn unversioned(c: &Connection) -> rusqlite::Result<i32> {
         .rev()
         .find(|(_, column)| columns.iter().any(|c| c == column))
         .map_or(1, |(version, _)| *version))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn migrations_are_numbered_without_gaps() {
+        assert!(crate::spool::migration::numbered_without_gaps(
+            super::MIGRATIONS
+        ));
+    }
 }
