@@ -522,3 +522,14 @@ fn the_lease_reads_the_heads_index() {
         "{plan:?}"
     );
 }
+
+/// The lease reads its columns from a list: the list is the query's.
+#[test]
+fn the_lease_lists_the_columns_it_selects() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let mut conn = open_connection(&path).unwrap();
+    migrate::migrate(&mut conn, &path).unwrap();
+    let select = conn.prepare(leases::DUE).unwrap();
+    assert_eq!(select.column_names(), leases::DUE_NAMES);
+}
