@@ -29,8 +29,8 @@ pub use check::{masked_url, render_check};
 pub use secret::Secret;
 pub use settings::{
     decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, PostgresSettings,
-    RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode,
-    Target, TelemetrySettings, WechatServer,
+    RetryClass, RetryPolicy, ServerSettings, Settings, Signer, SpoolBackend, SpoolSettings,
+    SslMode, Target, TelemetrySettings, WechatServer,
 };
 
 /// The environment variable the relay reads its log filter from

@@ -8,8 +8,8 @@ use super::raw::{
 };
 use super::settings::{
     decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, PostgresSettings,
-    RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode,
-    Target, TelemetrySettings, WechatServer,
+    RetryClass, RetryPolicy, ServerSettings, Settings, Signer, SpoolBackend, SpoolSettings,
+    SslMode, Target, TelemetrySettings, WechatServer,
 };
 use super::units::{parse_duration, parse_size};
 use super::{ConfigError, Problem, Secret, ENV_PREFIX};
@@ -940,6 +940,7 @@ fn target(name: String, mut raw: RawTarget, p: &mut Problems) -> Option<Target> 
         retry,
         timeout,
         concurrency,
+        signer: secret.as_ref().and_then(Signer::of),
         secret,
         paused,
         max_age,

@@ -88,10 +88,10 @@ pub fn build(target: &Target, event: &Event, stamp: Stamp<'_>) -> Result<Outboun
             })
         }
         Format::Json => {
-            let key = target.signing_key().ok_or(FormatError::Secret)?;
+            let signer = target.signer.as_ref().ok_or(FormatError::Secret)?;
             let id = webhook_id(&event.dedup_key);
             let body = json_envelope(event, &id)?;
-            let signature = standard_webhooks_signature(&key, &id, stamp.now_secs, &body);
+            let signature = signed(signer.mac(), &id, stamp.now_secs, &body);
             Ok(Outbound {
                 uri: url.to_string(),
                 content_type: "application/json".to_owned(),
@@ -379,10 +379,9 @@ struct Envelope<'a> {
 }
 
 /// `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")), as the
-/// Standard Webhooks specification defines it.
-pub fn standard_webhooks_signature(key: &[u8], id: &str, timestamp: i64, body: &str) -> String {
-    #[allow(clippy::expect_used)] // HMAC accepts keys of any length.
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+/// Standard Webhooks specification defines it, with `mac` keyed with the
+/// target's secret.
+fn signed(mut mac: Hmac<Sha256>, id: &str, timestamp: i64, body: &str) -> String {
     mac.update(format!("{id}.{timestamp}.").as_bytes());
     mac.update(body.as_bytes());
     let tag = mac.finalize().into_bytes();
