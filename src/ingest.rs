@@ -257,7 +257,7 @@ fn stored_event(
         query: push.query.clone(),
         body,
         xml: push.xml.clone(),
-        fields: push.fields.to_string(),
+        fields: push.fields.clone(),
         msg_type: msg_type.to_string(),
         event_type: push.message.event().map(str::to_string),
         origin: push.origin.clone(),

@@ -307,9 +307,10 @@ pub struct VerifiedPush {
     /// or (a Mini Program's JSON) JSON.
     pub xml: String,
     pub message: Message,
-    /// The message's fields for the `json` format: text as strings, lists as
-    /// arrays ([`Message::fields_json`], or a JSON push's own object).
-    pub fields: Value,
+    /// The message's fields for the `json` format, as JSON text: text as
+    /// strings, lists as arrays ([`Message::fields_text`], or a JSON push's
+    /// own object).
+    pub fields: String,
     /// The family, the codec and the family's identifiers.
     pub origin: Origin,
 }
@@ -475,7 +476,7 @@ impl Callback<'_> {
             signature,
             query: query.raw,
             xml,
-            fields: fields.unwrap_or_else(|| message.fields_json()),
+            fields: fields.map_or_else(|| message.fields_text(), |f| f.to_string()),
             message,
             origin,
         })
@@ -790,7 +791,8 @@ mod tests {
                 let verified = mp.verify_push(&c, query, push.body.as_bytes()).unwrap();
                 assert_eq!(verified.xml, JSON, "{sealing:?}");
                 assert_eq!(verified.message.get("MsgId"), Some("24602152426471537123"));
-                assert_eq!(verified.fields["CreateTime"], "1700000000");
+                let fields: Value = serde_json::from_str(&verified.fields).unwrap();
+                assert_eq!(fields["CreateTime"], "1700000000");
                 assert_eq!(verified.origin.codec, Codec::Json);
             }
         }
