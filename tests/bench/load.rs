@@ -292,11 +292,12 @@ async fn pinned(args: &[String]) {
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for run in 0..runs {
         for (which, bin) in builds.iter().enumerate() {
-            let rate = pinned_run(bin, n, connections).await;
+            let (rate, busy) = pinned_run(bin, n, connections).await;
             println!(
-                "  run {} {:<6} {rate:>8.0} pushes/s  ({bin})",
+                "  run {} {:<6} {rate:>8.0} pushes/s  relay core busy {:>3.0} %  ({bin})",
                 run + 1,
-                ["this", "other"][which]
+                ["this", "other"][which],
+                busy * 100.0
             );
             rates[which].push(rate);
         }
@@ -319,8 +320,10 @@ async fn pinned(args: &[String]) {
 }
 
 /// Pushes per second from the first push to the last delivery recorded by
-/// the sinks, after a warm-up of a quarter as many.
-async fn pinned_run(bin: &str, n: usize, connections: usize) -> f64 {
+/// the sinks, after a warm-up of a quarter as many; and how busy the relay
+/// kept its core meanwhile (its CPU time over the time taken): below 100 %
+/// it was waiting, not computing.
+async fn pinned_run(bin: &str, n: usize, connections: usize) -> (f64, f64) {
     let (sink, at) = Sink::start_local().await;
     let relay = start_relay_bin(
         bin,
@@ -340,6 +343,8 @@ async fn pinned_run(bin: &str, n: usize, connections: usize) -> f64 {
     .await;
     check_delivered(&sink, &warm, Duration::from_secs(120)).await;
     let (hooks, broker) = (sink.count("/hooks"), sink.count("/broker"));
+    let pid = relay.server.child.id();
+    let cpu = cpu_seconds(pid).unwrap_or(0.0);
     let started = Instant::now();
     let report = harness::drive(
         relay.server.addr,
@@ -357,7 +362,20 @@ async fn pinned_run(bin: &str, n: usize, connections: usize) -> f64 {
     .await;
     assert!(delivered, "every answered push was delivered: {report:?}");
     assert_eq!(report.success, n, "every push answered success");
-    n as f64 / started.elapsed().as_secs_f64()
+    let took = started.elapsed().as_secs_f64();
+    let busy = (cpu_seconds(pid).unwrap_or(0.0) - cpu) / took;
+    (n as f64 / took, busy)
+}
+
+/// The CPU time a process has used, user and system, all its threads
+/// (`/proc/PID/stat`'s utime and stime, in Linux's 100 ticks a second).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's closing parenthesis: the state (field 3) first,
+    // so utime (field 14) and stime (15) are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<f64>().ok());
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 async fn rate(args: &[String]) {
