@@ -13,8 +13,9 @@
 //! core 0 (`taskset`), alternating this build and `OTHER_BIN` (an older
 //! release), RUNS times each (default 3): each run pushes and waits until
 //! every delivery reached the sinks, so the relay's one core does ingest and
-//! fan-out. It prints each run and the ratio of this build's median to the
-//! other's, with the range of the ratios of the runs' pairs.
+//! fan-out. It prints each run, with how busy the relay kept its core, and
+//! the ratio of this build's median to the other's, with the range of the
+//! ratios of the runs' pairs.
 //! `WXRELAY_RELAY_CPUS=LIST` pins the relay of any other run (`taskset -c`).
 //!
 //! `WXRELAY_BIN=/path/to/wxrelay` runs another build of the relay (an older
