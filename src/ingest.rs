@@ -55,8 +55,8 @@ pub struct Ingested {
     pub login: Option<LoginEvent>,
     /// `event/{Event}` or the MsgType, for the log line.
     pub kind: String,
-    /// The dedup key, hashed: it carries the sender's OpenID.
-    pub key_hash: String,
+    /// The dedup key, shown hashed: it carries the sender's OpenID.
+    pub key_hash: KeyHash,
     /// An Open Platform's ticket push: whether its ticket is now the
     /// latest kept (`false`: one as new or newer was kept already).
     pub ticket: Option<bool>,
@@ -236,7 +236,7 @@ impl Ingested {
             event_name: message.event().unwrap_or("").to_string(),
             login: message.login(),
             kind: kind(message, msg_type),
-            key_hash: short_hash(dedup_key),
+            key_hash: KeyHash(dedup_key.to_owned()),
             ticket: None,
         }
     }
@@ -281,7 +281,7 @@ fn stored_event(
         query: push.query.clone(),
         body,
         xml: push.xml.clone(),
-        fields: push.fields.to_string(),
+        fields: push.fields.clone(),
         msg_type: msg_type.to_string(),
         event_type: push.message.event().map(str::to_string),
         origin: push.origin.clone(),
@@ -377,4 +377,35 @@ fn replay_guard(account: &Account, push: &VerifiedPush, stale_at: UnixMs) -> Opt
 /// so logs can correlate without holding personal data.
 pub fn short_hash(value: &str) -> String {
     hex::encode(&Sha256::digest(value.as_bytes())[..6])
+}
+
+/// A dedup key that shows only as its [`short_hash`], worked out when it is
+/// shown: a log line filtered out costs no hashing.
+pub struct KeyHash(String);
+
+impl std::fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&short_hash(&self.0))
+    }
+}
+
+impl std::fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyHash({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The key carries an OpenID: however it is shown, only its hash shows.
+    #[test]
+    fn a_key_hash_shows_only_the_hash() {
+        let key = KeyHash("main|oOpenId123|1".into());
+        assert_eq!(key.to_string(), short_hash("main|oOpenId123|1"));
+        let debug = format!("{key:?} {:?}", Some(&key));
+        assert!(!debug.contains("oOpenId123"), "{debug}");
+        assert!(debug.contains(&short_hash("main|oOpenId123|1")), "{debug}");
+    }
 }

@@ -29,7 +29,7 @@ pub use check::{masked_url, render_check};
 pub use secret::Secret;
 pub use settings::{
     decode_webhook_secret, Account, AccountApi, Adapters, Breaker, Format, Mode, Ordering,
-    PostgresSettings, RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend,
+    PostgresSettings, RetryClass, RetryPolicy, ServerSettings, Settings, Signer, SpoolBackend,
     SpoolSettings, SslMode, Target, TelemetrySettings, TokenSource, WechatServer,
 };
 

@@ -7,6 +7,8 @@ use super::Secret;
 use crate::route::Rule;
 use crate::wechat::crypto::KeyRing;
 use crate::wechat::family::{Codec, Family};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -224,6 +226,8 @@ pub struct Target {
     /// The Standard Webhooks secret (`whsec_…`); present exactly when
     /// `format` is [`Format::Json`].
     pub secret: Option<Secret>,
+    /// `secret` decoded and keying an HMAC, once: present when it is.
+    pub signer: Option<Signer>,
     /// Deliveries are held in the spool and not sent (a maintenance window);
     /// a reload with `paused = false` sends them.
     pub paused: bool,
@@ -347,6 +351,41 @@ impl Target {
         self.secret
             .as_ref()
             .and_then(|s| decode_webhook_secret(s.expose()).ok())
+    }
+}
+
+/// A `json` target's HMAC-SHA256, keyed once with its decoded secret: each
+/// signature clones the keyed state rather than decoding the secret and
+/// hashing the key again. Its `Debug` shows no key.
+#[derive(Clone)]
+pub struct Signer {
+    key: Vec<u8>,
+    keyed: Hmac<Sha256>,
+}
+
+impl Signer {
+    /// The signer for a Standard Webhooks `secret`, if it decodes.
+    pub fn of(secret: &Secret) -> Option<Signer> {
+        let key = decode_webhook_secret(secret.expose()).ok()?;
+        let keyed = Hmac::<Sha256>::new_from_slice(&key).ok()?;
+        Some(Signer { key, keyed })
+    }
+
+    /// A MAC keyed with the secret, ready for a message.
+    pub fn mac(&self) -> Hmac<Sha256> {
+        self.keyed.clone()
+    }
+}
+
+impl PartialEq for Signer {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signer(***)")
     }
 }
 

@@ -8,7 +8,7 @@ use super::raw::{
 };
 use super::settings::{
     decode_webhook_secret, Account, AccountApi, Adapters, Breaker, Format, Mode, Ordering,
-    PostgresSettings, RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend,
+    PostgresSettings, RetryClass, RetryPolicy, ServerSettings, Settings, Signer, SpoolBackend,
     SpoolSettings, SslMode, Target, TelemetrySettings, TokenSource, WechatServer,
 };
 use super::units::{parse_duration, parse_size};
@@ -1002,6 +1002,7 @@ fn target(name: String, mut raw: RawTarget, p: &mut Problems) -> Option<Target> 
         retry,
         timeout,
         concurrency,
+        signer: secret.as_ref().and_then(Signer::of),
         secret,
         paused,
         max_age,

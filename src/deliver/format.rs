@@ -15,6 +15,7 @@ use crate::wechat::reply::random_bytes;
 use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
@@ -87,10 +88,10 @@ pub fn build(target: &Target, event: &Event, stamp: Stamp<'_>) -> Result<Outboun
             })
         }
         Format::Json => {
-            let key = target.signing_key().ok_or(FormatError::Secret)?;
+            let signer = target.signer.as_ref().ok_or(FormatError::Secret)?;
             let id = webhook_id(&event.dedup_key);
-            let body = json_envelope(event, &id)?.to_string();
-            let signature = standard_webhooks_signature(&key, &id, stamp.now_secs, &body);
+            let body = json_envelope(event, &id)?;
+            let signature = signed(signer.mac(), &id, stamp.now_secs, &body);
             Ok(Outbound {
                 uri: url.to_string(),
                 content_type: "application/json".to_owned(),
@@ -288,53 +289,99 @@ pub fn webhook_id(dedup_key: &str) -> String {
 
 /// The `json` format's envelope, keys in the documented order: the decrypted
 /// event's values as strings (`MsgId` exceeds 2^53 and must not become a JSON
-/// number) or `null` when absent, and `fields` in document order, which
-/// survives the spool because serde_json keeps insertion order. The stored
-/// fields are parsed once, straight into the envelope's map. An Official
-/// Account's envelope is as it always was; another family's names the
-/// family and its identifiers after `account`, and a JSON push carries its
-/// text as `json` where an XML push has `xml`.
-fn json_envelope(event: &Event, id: &str) -> Result<Value, FormatError> {
-    let fields: Map<String, Value> =
-        serde_json::from_str(&event.fields).map_err(|_| FormatError::Fields)?;
-    let text = |name: &str| fields.get(name).and_then(Value::as_str).map(str::to_string);
-    let received_at = event.received_at.to_system_time();
-    let mut envelope = Map::new();
-    envelope.insert("id".into(), id.into());
-    envelope.insert("account".into(), event.account.clone().into());
+/// number) or `null` when absent, and `fields` as stored, in document order.
+/// An Official Account's envelope is as it always was; another family's
+/// names the family and its identifiers after `account`, and a JSON push
+/// carries its text as `json` where an XML push has `xml`.
+///
+/// Written field by field from the stored event, borrowing its text: the
+/// stored fields are serde_json's own compact output, so they go into the
+/// envelope as they are, and the values picked from them keep their JSON
+/// text, as reading and writing them again would give.
+fn json_envelope(event: &Event, id: &str) -> Result<String, FormatError> {
+    let fields: &RawValue = serde_json::from_str(&event.fields).map_err(|_| FormatError::Fields)?;
+    if !fields.get().starts_with('{') {
+        return Err(FormatError::Fields);
+    }
+    let picked: Picked<'_> = serde_json::from_str(fields.get()).map_err(|_| FormatError::Fields)?;
     let origin = &event.origin;
-    if origin.family != Family::OfficialAccount {
-        envelope.insert("family".into(), origin.family.as_str().into());
-        envelope.insert("appid".into(), origin.appid.clone().into());
-        envelope.insert("agent_id".into(), origin.agent_id.clone().into());
-        envelope.insert("info_type".into(), origin.info_type.clone().into());
-    }
-    let at = humantime::format_rfc3339_millis(received_at).to_string();
-    envelope.insert("received_at".into(), at.into());
-    envelope.insert("msg_type".into(), event.msg_type.clone().into());
-    envelope.insert("event".into(), event.event_type.clone().into());
-    for (key, field) in [
-        ("event_key", "EventKey"),
-        ("from_user", "FromUserName"),
-        ("to_user", "ToUserName"),
-        ("create_time", "CreateTime"),
-    ] {
-        envelope.insert(key.into(), text(field).into());
-    }
-    let message = match origin.codec {
-        Codec::Xml => "xml",
-        Codec::Json => "json",
+    let other_family = origin.family != Family::OfficialAccount;
+    let identifier = |id: &Option<String>| other_family.then(|| id.clone());
+    let message = Some(event.xml.as_str());
+    let received_at =
+        humantime::format_rfc3339_millis(event.received_at.to_system_time()).to_string();
+    let envelope = Envelope {
+        id,
+        account: &event.account,
+        family: other_family.then_some(origin.family.as_str()),
+        appid: identifier(&origin.appid),
+        agent_id: identifier(&origin.agent_id),
+        info_type: identifier(&origin.info_type),
+        received_at: &received_at,
+        msg_type: &event.msg_type,
+        event: event.event_type.as_deref(),
+        event_key: text(picked.event_key),
+        from_user: text(picked.from_user),
+        to_user: text(picked.to_user),
+        create_time: text(picked.create_time),
+        fields,
+        xml: message.filter(|_| origin.codec == Codec::Xml),
+        json: message.filter(|_| origin.codec == Codec::Json),
     };
-    envelope.insert("fields".into(), Value::Object(fields));
-    envelope.insert(message.into(), event.xml.clone().into());
-    Ok(Value::Object(envelope))
+    serde_json::to_string(&envelope).map_err(|_| FormatError::Fields)
+}
+
+/// A value of the stored fields if it is a string, as its JSON text.
+fn text(value: Option<&RawValue>) -> Option<&RawValue> {
+    value.filter(|v| v.get().starts_with('"'))
+}
+
+/// The stored fields the envelope repeats at its top level.
+#[derive(serde::Deserialize)]
+struct Picked<'a> {
+    #[serde(rename = "EventKey", borrow, default)]
+    event_key: Option<&'a RawValue>,
+    #[serde(rename = "FromUserName", borrow, default)]
+    from_user: Option<&'a RawValue>,
+    #[serde(rename = "ToUserName", borrow, default)]
+    to_user: Option<&'a RawValue>,
+    #[serde(rename = "CreateTime", borrow, default)]
+    create_time: Option<&'a RawValue>,
+}
+
+/// The `json` format's body, in the order the README documents. The family
+/// and its identifiers are left out for an Official Account (`None`), and
+/// are `null` where another family's event has none (`Some(None)`).
+#[derive(serde::Serialize)]
+struct Envelope<'a> {
+    id: &'a str,
+    account: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    family: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    appid: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_id: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info_type: Option<Option<String>>,
+    received_at: &'a str,
+    msg_type: &'a str,
+    event: Option<&'a str>,
+    event_key: Option<&'a RawValue>,
+    from_user: Option<&'a RawValue>,
+    to_user: Option<&'a RawValue>,
+    create_time: Option<&'a RawValue>,
+    fields: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    xml: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    json: Option<&'a str>,
 }
 
 /// `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")), as the
-/// Standard Webhooks specification defines it.
-pub fn standard_webhooks_signature(key: &[u8], id: &str, timestamp: i64, body: &str) -> String {
-    #[allow(clippy::expect_used)] // HMAC accepts keys of any length.
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+/// Standard Webhooks specification defines it, with `mac` keyed with the
+/// target's secret.
+fn signed(mut mac: Hmac<Sha256>, id: &str, timestamp: i64, body: &str) -> String {
     mac.update(format!("{id}.{timestamp}.").as_bytes());
     mac.update(body.as_bytes());
     let tag = mac.finalize().into_bytes();
@@ -395,6 +442,49 @@ fn xml2js_text(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stored(fields: &str, origin: Origin) -> Event {
+        Event {
+            dedup_key: "main|o1|1".into(),
+            account: "main".into(),
+            received_at: crate::spool::UnixMs(1_700_000_000_123),
+            query: String::new(),
+            body: Bytes::new(),
+            xml: "<xml>\"é\"</xml>".into(),
+            fields: fields.into(),
+            msg_type: "event".into(),
+            event_type: Some("subscribe".into()),
+            origin,
+            trace_context: None,
+        }
+    }
+
+    /// The envelope's text, byte for byte: keys in the documented order,
+    /// the fields as stored, a value that is not a string as `null`.
+    #[test]
+    fn the_json_envelope_is_written_in_the_documented_order() {
+        let fields = r#"{"ToUserName":"gh_1","FromUserName":"o\"1","CreateTime":"17","Event":"subscribe","EventKey":{"x":"1"}}"#;
+        let official = json_envelope(&stored(fields, Origin::default()), "msg_1").unwrap();
+        assert_eq!(
+            official,
+            format!(
+                r#"{{"id":"msg_1","account":"main","received_at":"2023-11-14T22:13:20.123Z","msg_type":"event","event":"subscribe","event_key":null,"from_user":"o\"1","to_user":"gh_1","create_time":"17","fields":{fields},"xml":"<xml>\"é\"</xml>"}}"#
+            )
+        );
+        let origin = Origin {
+            appid: Some("wx1".into()),
+            ..Origin::of(Family::MiniProgram, Codec::Json)
+        };
+        let mini = json_envelope(&stored("{}", origin), "msg_1").unwrap();
+        assert_eq!(
+            mini,
+            r#"{"id":"msg_1","account":"main","family":"mini_program","appid":"wx1","agent_id":null,"info_type":null,"received_at":"2023-11-14T22:13:20.123Z","msg_type":"event","event":"subscribe","event_key":null,"from_user":null,"to_user":null,"create_time":null,"fields":{},"json":"<xml>\"é\"</xml>"}"#
+        );
+        for broken in ["[]", "\"text\"", "{", ""] {
+            let refused = json_envelope(&stored(broken, Origin::default()), "msg_1");
+            assert_eq!(refused, Err(FormatError::Fields), "{broken}");
+        }
+    }
 
     #[test]
     fn plaintext_query_drops_only_the_encryption_parameters() {

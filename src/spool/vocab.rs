@@ -33,6 +33,26 @@ pub const EVENT_COLUMNS: &str =
     "e.dedup_key, e.account, e.received_at, e.query, e.body, e.xml, e.fields, e.msg_type, e.event, \
      e.family, e.codec, e.appid, e.agent_id, e.info_type, e.trace_context";
 
+/// The names of [`EVENT_COLUMNS`], in their order: where a hot query finds
+/// them without asking the engine each column's name.
+pub const EVENT_NAMES: [&str; 15] = [
+    "dedup_key",
+    "account",
+    "received_at",
+    "query",
+    "body",
+    "xml",
+    "fields",
+    "msg_type",
+    "event",
+    "family",
+    "codec",
+    "appid",
+    "agent_id",
+    "info_type",
+    "trace_context",
+];
+
 /// Keeps a ticket unless its account has one as new or newer; the
 /// parameters are the account, the ticket, its `CreateTime` and when it was
 /// received. Returns the account when it was kept.
@@ -95,6 +115,13 @@ mod tests {
 
     /// The codes are stored: files and databases written by earlier releases
     /// hold these values, and the migrations' partial indexes name them.
+    #[test]
+    fn the_event_names_are_the_event_columns() {
+        let columns: Vec<String> = EVENT_NAMES.iter().map(|n| format!("e.{n}")).collect();
+        let listed: Vec<&str> = EVENT_COLUMNS.split(',').map(str::trim).collect();
+        assert_eq!(listed, columns);
+    }
+
     #[test]
     fn the_stored_codes_never_change() {
         assert_eq!((PENDING, DEAD), (0, 2));

@@ -18,8 +18,7 @@ use crate::wechat::json::{self, JsonError};
 use crate::wechat::message::{Message, XmlError};
 use crate::wechat::signature;
 use serde_json::Value;
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -121,24 +120,38 @@ pub const SINGLE_PARAMS: &[&str] = &[
 /// The query's parameters by name; WeChat's order varies. A repeated
 /// parameter of [`SINGLE_PARAMS`] is refused; of any other name, unused,
 /// the first is kept.
-fn params(query: &str) -> Result<HashMap<String, String>, Refused> {
-    let mut map = HashMap::new();
+fn params(query: &str) -> Result<Params<'_>, Refused> {
+    let mut params = Params(Vec::with_capacity(8));
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        match map.entry(k.into_owned()) {
-            Entry::Vacant(entry) => {
-                entry.insert(v.into_owned());
-            }
-            Entry::Occupied(entry) => {
-                if let Some(name) = SINGLE_PARAMS.iter().find(|&&name| name == entry.key()) {
-                    return Err(Refused::RepeatedParam(name));
-                }
-            }
+        if params.position(&k).is_none() {
+            params.0.push((k, v));
+        } else if let Some(name) = SINGLE_PARAMS.iter().find(|&&name| name == k) {
+            return Err(Refused::RepeatedParam(name));
         }
     }
-    Ok(map)
+    Ok(params)
 }
 
-fn take(q: &mut HashMap<String, String>, name: &'static str) -> Result<String, Refused> {
+/// A query's parameters, each name once, as read: a handful, so found by
+/// a scan, and borrowed from the query unless percent-decoding changed them.
+struct Params<'q>(Vec<(Cow<'q, str>, Cow<'q, str>)>);
+
+impl Params<'_> {
+    fn position(&self, name: &str) -> Option<usize> {
+        self.0.iter().position(|(k, _)| k == name)
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.position(name).map(|i| self.0[i].1.as_ref())
+    }
+
+    fn remove(&mut self, name: &str) -> Option<String> {
+        let i = self.position(name)?;
+        Some(self.0.swap_remove(i).1.into_owned())
+    }
+}
+
+fn take(q: &mut Params<'_>, name: &'static str) -> Result<String, Refused> {
     q.remove(name).ok_or(Refused::MissingSignature(name))
 }
 
@@ -152,7 +165,7 @@ struct Signed {
 /// Checks `signature` over (token, timestamp, nonce) and the freshness window.
 fn check_signature(
     creds: &Credentials<'_>,
-    q: &mut HashMap<String, String>,
+    q: &mut Params<'_>,
     now_secs: i64,
 ) -> Result<Signed, Refused> {
     let signature = take(q, "signature")?;
@@ -207,7 +220,7 @@ fn wecom_url_check(creds: &Credentials<'_>, query: &str, now_secs: i64) -> Resul
 /// WeCom's query: `msg_signature`, `timestamp` and `nonce`, and no
 /// `signature`; the `msg_signature` is checked with what it covers, the
 /// `echostr` or the body's `Encrypt`.
-fn msg_signed(q: &mut HashMap<String, String>) -> Result<Signed, Refused> {
+fn msg_signed(q: &mut Params<'_>) -> Result<Signed, Refused> {
     let signature = take(q, "msg_signature")?;
     let timestamp = take(q, "timestamp")?;
     let nonce = take(q, "nonce")?;
@@ -271,7 +284,7 @@ fn signed_push_query(
 ) -> Result<PushQuery, Refused> {
     let mut q = params(query)?;
     let signed = check_signature(creds, &mut q, now_secs)?;
-    let encrypted = match q.get("encrypt_type").map(String::as_str) {
+    let encrypted = match q.get("encrypt_type") {
         None | Some("raw") => false,
         Some("aes") => true,
         Some(_) => return Err(Refused::BadEncryptType),
@@ -307,9 +320,10 @@ pub struct VerifiedPush {
     /// or (a Mini Program's JSON) JSON.
     pub xml: String,
     pub message: Message,
-    /// The message's fields for the `json` format: text as strings, lists as
-    /// arrays ([`Message::fields_json`], or a JSON push's own object).
-    pub fields: Value,
+    /// The message's fields for the `json` format, as JSON text: text as
+    /// strings, lists as arrays ([`Message::fields_text`], or a JSON push's
+    /// own object).
+    pub fields: String,
     /// The family, the codec and the family's identifiers.
     pub origin: Origin,
 }
@@ -475,7 +489,7 @@ impl Callback<'_> {
             signature,
             query: query.raw,
             xml,
-            fields: fields.unwrap_or_else(|| message.fields_json()),
+            fields: fields.map_or_else(|| message.fields_text(), |f| f.to_string()),
             message,
             origin,
         })
@@ -790,7 +804,8 @@ mod tests {
                 let verified = mp.verify_push(&c, query, push.body.as_bytes()).unwrap();
                 assert_eq!(verified.xml, JSON, "{sealing:?}");
                 assert_eq!(verified.message.get("MsgId"), Some("24602152426471537123"));
-                assert_eq!(verified.fields["CreateTime"], "1700000000");
+                let fields: Value = serde_json::from_str(&verified.fields).unwrap();
+                assert_eq!(fields["CreateTime"], "1700000000");
                 assert_eq!(verified.origin.codec, Codec::Json);
             }
         }

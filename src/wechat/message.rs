@@ -318,6 +318,14 @@ impl Message {
         children_json(&self.fields)
     }
 
+    /// [`Message::fields_json`] as JSON text, written straight from the
+    /// fields rather than through a `Value`: what the spool keeps.
+    pub fn fields_text(&self) -> String {
+        let text = serde_json::to_string(&ChildrenJson(&self.fields));
+        // Only strings and objects of them: serde_json cannot fail on them.
+        text.unwrap_or_else(|_| self.fields_json().to_string())
+    }
+
     pub fn kind(&self) -> MessageKind {
         match self.msg_type() {
             Some(msg_type) if msg_type.eq_ignore_ascii_case("event") => MessageKind::Event {
@@ -579,6 +587,57 @@ fn children_json(children: &[(String, Node)]) -> Value {
     Value::Object(object)
 }
 
+/// [`children_json`]'s object as JSON, written without building it: a name
+/// goes where it first appears, with every node of that name in an array if
+/// it repeats or is a list entry.
+struct ChildrenJson<'a>(&'a [(String, Node)]);
+
+impl serde::Serialize for ChildrenJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let children = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        for (i, (name, node)) in children.iter().enumerate() {
+            if children[..i].iter().any(|(seen, _)| seen == name) {
+                continue;
+            }
+            let repeated = children[i + 1..].iter().any(|(other, _)| other == name);
+            if repeated || LIST_ENTRIES.contains(&name.as_str()) {
+                map.serialize_entry(name, &Named(&children[i..], name))?;
+            } else {
+                map.serialize_entry(name, &NodeJson(node))?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// The nodes called `.1` among `.0`, as an array.
+struct Named<'a>(&'a [(String, Node)], &'a str);
+
+impl serde::Serialize for Named<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let Named(children, name) = *self;
+        serializer.collect_seq(
+            children
+                .iter()
+                .filter(|(other, _)| other == name)
+                .map(|(_, node)| NodeJson(node)),
+        )
+    }
+}
+
+struct NodeJson<'a>(&'a Node);
+
+impl serde::Serialize for NodeJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Node::Text(text) => serializer.serialize_str(text),
+            Node::Children(children) => ChildrenJson(children).serialize(serializer),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -720,6 +779,26 @@ mod tests {
             message.fields_json().to_string(),
             r#"{"ToUserName":"t","CreateTime":"1","SubscribeMsgPopupEvent":{"List":[{"TemplateId":"x"}]}}"#
         );
+    }
+
+    /// The text the spool keeps is `fields_json`'s, for lists, lists of
+    /// one, names repeated among nested siblings, and escapes.
+    #[test]
+    fn fields_text_is_the_fields_json_written() {
+        for xml in [
+            "<xml><SendPicsInfo><Count>2</Count><PicList><item><PicMd5Sum>a</PicMd5Sum></item>\
+             <item><PicMd5Sum>b</PicMd5Sum></item></PicList></SendPicsInfo></xml>",
+            "<xml><E><List><T>x</T></List></E></xml>",
+            "<xml><N><A>1</A><B>2</B><A>3</A><A><C>4</C></A></N><Q>\"\\&lt;\té</Q></xml>",
+            "<xml></xml>",
+        ] {
+            let message = parse(xml).unwrap();
+            assert_eq!(
+                message.fields_text(),
+                message.fields_json().to_string(),
+                "{xml}"
+            );
+        }
     }
 
     #[test]
@@ -1011,6 +1090,7 @@ mod tests {
             if let Ok(message) = Message::parse(&bytes) {
                 // Whatever parses must be usable without panicking too.
                 let _ = (message.fields_json(), message.kind(), message.scene(), message.dedup_key());
+                prop_assert_eq!(message.fields_text(), message.fields_json().to_string());
             }
         }
     }

@@ -6,7 +6,17 @@
 //! cargo bench --bench load -- backlog [PUSHES]                 webhooks down: memory, then drain rate
 //! cargo bench --bench load -- flood [CONNECTIONS] [SECONDS] [send|hold|idle]  an attacker's flood: RSS, real pushes' latency
 //! cargo bench --bench load -- outage [SECONDS] [CONNECTIONS]  webhooks down that long under a stream of pushes, then back
+//! cargo bench --bench load -- pinned OTHER_BIN [PUSHES] [CONNECTIONS] [RUNS]  one core each: this build vs another
 //! ```
+//!
+//! `pinned` runs the relay on core 1 and this process (client and sinks) on
+//! core 0 (`taskset`), alternating this build and `OTHER_BIN` (an older
+//! release), RUNS times each (default 3): each run pushes and waits until
+//! every delivery reached the sinks, so the relay's one core does ingest and
+//! fan-out. It prints each run, with how busy the relay kept its core, and
+//! the ratio of this build's median to the other's, with the range of the
+//! ratios of the runs' pairs.
+//! `WXRELAY_RELAY_CPUS=LIST` pins the relay of any other run (`taskset -c`).
 //!
 //! `WXRELAY_BIN=/path/to/wxrelay` runs another build of the relay (an older
 //! release, to compare; `outage` runs it first, then this build); `WXRELAY_NOFILE=1024` runs it under that open-file
@@ -116,8 +126,17 @@ async fn start_relay_bin(relay: &str, broker: &str, hooks: &str, paused: bool) -
     );
     std::fs::write(&config, toml).unwrap_or_else(|e| panic!("{e}"));
     let nofile = std::env::var("WXRELAY_NOFILE").unwrap_or_else(|_| "unlimited".into());
+    // Pinned by `taskset`, which execs the shell.
+    let mut command = match std::env::var("WXRELAY_RELAY_CPUS") {
+        Ok(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpus, "sh"]);
+            c
+        }
+        Err(_) => Command::new("sh"),
+    };
     // Through a shell only to set the limit; `exec` keeps the relay's pid.
-    let child = Command::new("sh")
+    let child = command
         .args(["-c", "ulimit -n \"$0\" 2>/dev/null; exec \"$@\"", &nofile])
         .arg(relay)
         .args(["serve", "--config"])
@@ -247,6 +266,117 @@ async fn compare(args: &[String]) {
         ingest.percentile_ms(99.0) / base.percentile_ms(99.0).max(0.001),
         mixed.throughput() / base.throughput(),
     );
+}
+
+/// One core for the relay, the other for the client and sinks: this build
+/// against `OTHER_BIN`, alternating, each run from push to last delivery.
+async fn pinned(args: &[String]) {
+    let other = args
+        .first()
+        .cloned()
+        .unwrap_or_else(|| panic!("pinned OTHER_BIN [PUSHES] [CONNECTIONS] [RUNS]"));
+    let n = arg(args, 1, 10_000.0) as usize;
+    let connections = arg(args, 2, 32.0) as usize;
+    let runs = arg(args, 3, 3.0) as usize;
+    let own = std::process::id().to_string();
+    let pinned = Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &own])
+        .stdout(Stdio::null())
+        .status();
+    assert!(
+        pinned.is_ok_and(|s| s.success()),
+        "taskset pinned the client"
+    );
+    std::env::set_var("WXRELAY_RELAY_CPUS", "1");
+    println!("pinned: relay on core 1, client and sinks on core 0; {n} pushes over {connections} connections, until delivered; {runs} runs each, alternating");
+    let builds = [RELAY.to_string(), other];
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for run in 0..runs {
+        for (which, bin) in builds.iter().enumerate() {
+            let (rate, busy) = pinned_run(bin, n, connections).await;
+            println!(
+                "  run {} {:<6} {rate:>8.0} pushes/s  relay core busy {:>3.0} %  ({bin})",
+                run + 1,
+                ["this", "other"][which],
+                busy * 100.0
+            );
+            rates[which].push(rate);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let pairs: Vec<f64> = rates[0].iter().zip(&rates[1]).map(|(a, b)| a / b).collect();
+    let (low, high) = pairs
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(l, h), r| (l.min(*r), h.max(*r)));
+    println!(
+        "ratio this/other: {:.2} (medians {:.0} / {:.0} pushes/s); run pairs {low:.2}..{high:.2}",
+        median(&rates[0]) / median(&rates[1]),
+        median(&rates[0]),
+        median(&rates[1]),
+    );
+}
+
+/// Pushes per second from the first push to the last delivery recorded by
+/// the sinks, after a warm-up of a quarter as many; and how busy the relay
+/// kept its core meanwhile (its CPU time over the time taken): below 100 %
+/// it was waiting, not computing.
+async fn pinned_run(bin: &str, n: usize, connections: usize) -> (f64, f64) {
+    let (sink, at) = Sink::start_local().await;
+    let relay = start_relay_bin(
+        bin,
+        &format!("http://{at}/broker"),
+        &format!("http://{at}/hooks"),
+        false,
+    )
+    .await;
+    let warm = harness::drive(
+        relay.server.addr,
+        10_000_000,
+        n / 4,
+        connections,
+        None,
+        harness::unix_now(),
+    )
+    .await;
+    check_delivered(&sink, &warm, Duration::from_secs(120)).await;
+    let (hooks, broker) = (sink.count("/hooks"), sink.count("/broker"));
+    let pid = relay.server.child.id();
+    let cpu = cpu_seconds(pid).unwrap_or(0.0);
+    let started = Instant::now();
+    let report = harness::drive(
+        relay.server.addr,
+        0,
+        n,
+        connections,
+        None,
+        harness::unix_now(),
+    )
+    .await;
+    let delivered = common::eventually(Duration::from_secs(300), || async {
+        sink.count("/hooks") >= hooks + report.success as u64
+            && sink.count("/broker") >= broker + report.login_success as u64
+    })
+    .await;
+    assert!(delivered, "every answered push was delivered: {report:?}");
+    assert_eq!(report.success, n, "every push answered success");
+    let took = started.elapsed().as_secs_f64();
+    let busy = (cpu_seconds(pid).unwrap_or(0.0) - cpu) / took;
+    (n as f64 / took, busy)
+}
+
+/// The CPU time a process has used, user and system, all its threads
+/// (`/proc/PID/stat`'s utime and stime, in Linux's 100 ticks a second).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's closing parenthesis: the state (field 3) first,
+    // so utime (field 14) and stime (15) are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<f64>().ok());
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 async fn rate(args: &[String]) {
@@ -829,8 +959,9 @@ fn main() {
             Some("flood") => flood(&rest).await,
             Some("flood-client") => flood_client(&rest).await,
             Some("outage") => outage(&rest).await,
+            Some("pinned") => pinned(&rest).await,
             Some(other) => {
-                eprintln!("unknown run {other}: compare | rate | backlog | flood | outage")
+                eprintln!("unknown run {other}: compare | rate | backlog | flood | outage | pinned")
             }
         }
     });

@@ -8,7 +8,7 @@ use crate::spool::late::{
     self, ApiToken, DeadLateReply, HeldLateReply, LateOutcome, LateReplyId, NewLateReply,
 };
 use crate::spool::{LeaseToken, SpoolError, UnixMs};
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection};
 use std::time::Duration;
 
 pub(in crate::spool) enum LateCommand {
@@ -39,9 +39,15 @@ pub(super) fn fail(cmd: LateCommand, err: SpoolError) {
     }
 }
 
-pub(super) fn apply(tx: &mut Transaction<'_>, cmd: LateCommand) -> (Answer, Option<SpoolError>) {
+pub(super) fn apply(
+    tx: &Connection,
+    cmd: LateCommand,
+    savepoint: bool,
+) -> (Answer, Option<SpoolError>) {
     match cmd {
-        LateCommand::Keep(reply, r) => deferred(r, in_savepoint(tx, |c| keep(c, &reply))),
+        LateCommand::Keep(reply, r) => {
+            deferred(r, in_savepoint(tx, savepoint, |c| keep(c, &reply)))
+        }
         LateCommand::Lease(now, n, hold, owner, r) => {
             let until = now + hold;
             let limit = i64::try_from(n).unwrap_or(i64::MAX);
@@ -55,11 +61,12 @@ pub(super) fn apply(tx: &mut Transaction<'_>, cmd: LateCommand) -> (Answer, Opti
                 ),
             )
         }
-        LateCommand::Settle(id, lease, outcome, now, r) => {
-            deferred(r, in_savepoint(tx, |c| settle(c, id, lease, &outcome, now)))
-        }
+        LateCommand::Settle(id, lease, outcome, now, r) => deferred(
+            r,
+            in_savepoint(tx, savepoint, |c| settle(c, id, lease, &outcome, now)),
+        ),
         LateCommand::TakeNext(account, openid, now, r) => {
-            let expired = in_savepoint(tx, |c| {
+            let expired = in_savepoint(tx, savepoint, |c| {
                 c.prepare_cached(&numbered(late::EXPIRE_NEXT))?
                     .execute(params![account, openid, now.0, late::EXPIRED])
             });
@@ -90,7 +97,7 @@ pub(super) fn apply(tx: &mut Transaction<'_>, cmd: LateCommand) -> (Answer, Opti
         }
         LateCommand::KeepToken(token, r) => deferred(
             r,
-            in_savepoint(tx, |c| {
+            in_savepoint(tx, savepoint, |c| {
                 c.prepare_cached(&numbered(late::KEEP_API_TOKEN))?
                     .execute(params![token.account, token.token, token.expires_at.0])
                     .map(drop)

@@ -7,9 +7,11 @@
 //! keeps its mark to the end, so no new lease is taken on the delivery
 //! meanwhile.
 
-use crate::spool::vocab::{EVENT_COLUMNS, PENDING};
+use super::row::{joined, Listed};
+use crate::spool::rows::{self, Columns};
+use crate::spool::vocab::{EVENT_COLUMNS, EVENT_NAMES, PENDING};
 use crate::spool::SpoolError;
-use crate::spool::{rows, DeliveryId, Lease, LeaseToken, Settle, Settlement, UnixMs};
+use crate::spool::{DeliveryId, Lease, LeaseToken, Settle, Settlement, UnixMs};
 use const_format::formatcp;
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
@@ -39,6 +41,12 @@ pub(super) const DUE: &str = formatcp!(
      ORDER BY d.next_at, d.id LIMIT ?3"
 );
 
+/// The names of [`DUE`]'s columns, in order.
+pub(super) const DUE_NAMES: [&str; 20] = joined(
+    ["id", "event_id", "attempts", "step", "scheduled_at"],
+    EVENT_NAMES,
+);
+
 /// Up to `limit` due deliveries of `target` that are not held by a lease,
 /// each then held until `now + lease` or until it is settled.
 pub(super) fn lease(
@@ -58,13 +66,17 @@ pub(super) fn lease(
     let mut rows = select.query(params![target, now, (limit + skip) as i64])?;
     let mut leases = Vec::with_capacity(limit);
     while let Some(row) = rows.next()? {
-        let delivery_id: DeliveryId = row.get("id")?;
+        let row = Listed {
+            row,
+            names: &DUE_NAMES,
+        };
+        let delivery_id = DeliveryId(row.int("id")?);
         if held.marks.contains_key(&delivery_id) {
             continue;
         }
         held.last_token += 1;
         let token = LeaseToken(held.last_token);
-        leases.push(rows::lease(row, target, token)?);
+        leases.push(rows::lease(&row, target, token)?);
         held.marks
             .insert(delivery_id, (target.to_string(), now + lease, token));
         if leases.len() == limit {

@@ -142,7 +142,7 @@ async fn nothing_after_a_rolled_back_command_is_committed_on_its_own() {
         batch.push(Command::Enqueue(e, UnixMs(1), WINDOW, reply));
         replies.push(rx);
     }
-    commit_batch(&mut conn, &mut batch, None, &file);
+    commit_batch(&conn, &mut batch, None, &file);
     for rx in replies {
         let answer = rx.await.unwrap();
         let chain = answer.as_ref().map_err(|e| crate::error_chain(e));
@@ -152,6 +152,71 @@ async fn nothing_after_a_rolled_back_command_is_committed_on_its_own() {
         .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
         .unwrap();
     assert_eq!(stored, 0, "a request told it failed was stored");
+}
+
+/// A command that fails halfway leaves nothing of itself, whether alone in
+/// its batch (no savepoint: the transaction is rolled back) or with others
+/// (its savepoint is): its dedup key is not kept, so WeChat's retry of the
+/// push is stored, not taken for a duplicate.
+#[tokio::test]
+async fn a_command_that_fails_halfway_leaves_nothing_alone_or_batched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let mut conn = open_connection(&path).unwrap();
+    migrate::migrate(&mut conn, &path).unwrap();
+    let file = OpenedFile::of(&path).unwrap();
+    // The event and its dedup key are written before the delivery is refused.
+    conn.execute_batch(
+        "CREATE TEMP TRIGGER refuse BEFORE INSERT ON deliveries WHEN NEW.target = 'refused'
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    let refused = |key: &str| {
+        let mut e = event(key, 0);
+        e.targets[0].target = "refused".into();
+        Box::new(e)
+    };
+    let commit = |events: Vec<Box<NewEvent>>| {
+        let mut batch = Vec::new();
+        let mut replies = Vec::new();
+        for e in events {
+            let (reply, rx) = oneshot::channel();
+            batch.push(Command::Enqueue(e, UnixMs(1), WINDOW, reply));
+            replies.push(rx);
+        }
+        commit_batch(&conn, &mut batch, None, &file);
+        replies
+    };
+    let answers = |replies: Vec<oneshot::Receiver<_>>| async move {
+        let mut stored = Vec::new();
+        for rx in replies {
+            let answer: Result<Enqueued, SpoolError> = rx.await.unwrap();
+            stored.push(
+                answer
+                    .map(|e| matches!(e, Enqueued::Stored { .. }))
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        stored
+    };
+    let count = |table: &str| -> i64 {
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    };
+
+    let alone = answers(commit(vec![refused("alone")])).await;
+    assert!(alone[0].is_err(), "{alone:?}");
+    assert_eq!((count("dedup"), count("events")), (0, 0));
+
+    let batched = answers(commit(vec![refused("batched"), Box::new(event("kept", 0))])).await;
+    assert!(batched[0].is_err(), "{batched:?}");
+    assert_eq!(batched[1], Ok(true));
+    assert_eq!((count("dedup"), count("events")), (1, 1));
+
+    let retried = answers(commit(vec![Box::new(event("alone", 0))])).await;
+    assert_eq!(retried[0], Ok(true), "the retry was stored");
+    let retried = answers(commit(vec![Box::new(event("batched", 0))])).await;
+    assert_eq!(retried[0], Ok(true), "the retry was stored");
 }
 
 // ---- every layout an earlier release wrote ----
@@ -456,4 +521,15 @@ fn the_lease_reads_the_heads_index() {
         plan.iter().any(|step| step.contains("deliveries_heads")),
         "{plan:?}"
     );
+}
+
+/// The lease reads its columns from a list: the list is the query's.
+#[test]
+fn the_lease_lists_the_columns_it_selects() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let mut conn = open_connection(&path).unwrap();
+    migrate::migrate(&mut conn, &path).unwrap();
+    let select = conn.prepare(leases::DUE).unwrap();
+    assert_eq!(select.column_names(), leases::DUE_NAMES);
 }

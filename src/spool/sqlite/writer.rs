@@ -10,7 +10,7 @@ use crate::spool::{
     ComponentTicket, DeadFilter, Enqueued, NewEvent, Release, Settlement, SpoolError, Supervision,
     UnixMs,
 };
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ pub(super) enum Command {
 
 /// Commits the waiting commands, a batch at a time, until the spool closes.
 pub(super) fn run(
-    mut conn: Connection,
+    conn: Connection,
     rx: mpsc::Receiver<Command>,
     max_batch: usize,
     file: &OpenedFile,
@@ -60,45 +60,44 @@ pub(super) fn run(
         if let Some(now) = prune {
             pruned_at = now;
         }
-        commit_batch(&mut conn, &mut batch, prune, file);
+        commit_batch(&conn, &mut batch, prune, file);
     }
 }
 
 /// Applies every command in one transaction, each under its own savepoint so
 /// that one failing command does not undo the others, then commits once and
-/// only then answers them.
+/// only then answers them. A command alone in its batch needs no savepoint
+/// (which costs a statement journal): if it fails, the transaction is rolled
+/// back instead.
 ///
 /// Nothing is written into a file that is no longer at the spool's path, and
 /// a commit that raced with its removal is answered as failed.
 pub(super) fn commit_batch(
-    conn: &mut Connection,
+    conn: &Connection,
     batch: &mut Vec<Command>,
     prune_dedup_before: Option<UnixMs>,
     file: &OpenedFile,
 ) {
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
-    let tx = match file
+    if let Err(err) = file
         .check()
-        .and_then(|()| conn.transaction().map_err(SpoolError::from))
+        .and_then(|()| control(conn, BEGIN).map_err(SpoolError::from))
     {
-        Ok(tx) => tx,
-        Err(err) => {
-            for cmd in batch.drain(..) {
-                fail(cmd, err.clone());
-            }
-            return;
+        for cmd in batch.drain(..) {
+            fail(cmd, err.clone());
         }
-    };
-    let mut tx = tx;
+        return;
+    }
+    let alone = batch.len() == 1;
     let mut commands = batch.drain(..);
     while let Some(cmd) = commands.next() {
-        let (answer, error) = apply(&mut tx, cmd);
+        let (answer, error) = apply(conn, cmd, !alone);
         answers.push(answer);
         // A full disk or an I/O error can make SQLite roll the whole
         // transaction back. The next savepoint would then start (and commit)
         // a transaction of its own while every request is told the batch
         // failed: stop here and fail the batch with the cause.
-        if tx.is_autocommit() {
+        if conn.is_autocommit() {
             let err =
                 error.unwrap_or_else(|| SpoolError::storage("the transaction was rolled back"));
             for cmd in commands {
@@ -109,22 +108,36 @@ pub(super) fn commit_batch(
             }
             return;
         }
+        if alone && error.is_some() {
+            // Nothing else to commit: undo what the command wrote, and answer
+            // it with its own error.
+            if let Err(e) = control(conn, ROLLBACK) {
+                tracing::warn!(error = %e, "cannot roll back a failed command");
+            }
+            for answer in answers {
+                answer(None);
+            }
+            return;
+        }
     }
     if let Some(now) = prune_dedup_before {
-        prune(&tx, now);
+        prune(conn, now);
     }
-    let outcome = tx
-        .commit()
+    let outcome = control(conn, COMMIT)
         .map_err(SpoolError::from)
         .and_then(|()| file.check())
         .err();
+    if !conn.is_autocommit() {
+        // The commit failed and left the transaction open.
+        let _ = control(conn, ROLLBACK);
+    }
     for answer in answers {
         answer(outcome.clone());
     }
 }
 
 /// Deletes the dedup keys and replay guards expired by `now`.
-fn prune(tx: &Transaction<'_>, now: UnixMs) {
+fn prune(tx: &Connection, now: UnixMs) {
     for table in ["dedup", "replay"] {
         let delete = format!("DELETE FROM {table} WHERE expires_at <= ?1");
         if let Err(e) = tx
@@ -156,29 +169,39 @@ fn fail(cmd: Command, err: SpoolError) {
 /// Runs one command inside a savepoint and returns how to answer it once the
 /// commit's outcome is known: a result is only sent after the commit.
 /// Also returns the command's own error, if it failed.
-fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>) {
+fn apply(tx: &Connection, cmd: Command, savepoint: bool) -> (Answer, Option<SpoolError>) {
     match cmd {
         Command::Enqueue(event, now, window, r) => deferred(
             r,
-            in_savepoint(tx, |c| commit::enqueue(c, *event, now, window)),
+            in_savepoint(tx, savepoint, |c| commit::enqueue(c, *event, now, window)),
         ),
-        Command::Record(s, now, r) => deferred(r, in_savepoint(tx, |c| settle::record(c, &s, now))),
-        Command::Retire(keep, now, r) => {
-            deferred(r, in_savepoint(tx, |c| settle::retire(c, &keep, now)))
+        Command::Record(s, now, r) => deferred(
+            r,
+            in_savepoint(tx, savepoint, |c| settle::record(c, &s, now)),
+        ),
+        Command::Retire(keep, now, r) => deferred(
+            r,
+            in_savepoint(tx, savepoint, |c| settle::retire(c, &keep, now)),
+        ),
+        Command::Replay(f, now, r) => {
+            deferred(r, in_savepoint(tx, savepoint, |c| dead::replay(c, &f, now)))
         }
-        Command::Replay(f, now, r) => deferred(r, in_savepoint(tx, |c| dead::replay(c, &f, now))),
-        Command::Purge(f, r) => deferred(r, in_savepoint(tx, |c| dead::purge(c, &f))),
-        Command::Release(select, now, r) => {
-            deferred(r, in_savepoint(tx, |c| settle::release(c, &select, now)))
-        }
+        Command::Purge(f, r) => deferred(r, in_savepoint(tx, savepoint, |c| dead::purge(c, &f))),
+        Command::Release(select, now, r) => deferred(
+            r,
+            in_savepoint(tx, savepoint, |c| settle::release(c, &select, now)),
+        ),
         Command::Probe(r) => deferred(
             r,
-            in_savepoint(tx, |c| c.prepare_cached(PROBE)?.execute([]).map(drop)),
+            in_savepoint(tx, savepoint, |c| {
+                c.prepare_cached(PROBE)?.execute([]).map(drop)
+            }),
         ),
-        Command::KeepTicket(ticket, r) => {
-            deferred(r, in_savepoint(tx, |c| commit::keep_ticket(c, &ticket)))
-        }
-        Command::Late(cmd) => late::apply(tx, cmd),
+        Command::KeepTicket(ticket, r) => deferred(
+            r,
+            in_savepoint(tx, savepoint, |c| commit::keep_ticket(c, &ticket)),
+        ),
+        Command::Late(cmd) => late::apply(tx, cmd, savepoint),
     }
 }
 
@@ -196,12 +219,34 @@ pub(super) fn deferred<T: Send + 'static>(
     (answer, error)
 }
 
+/// Runs `f` under a savepoint, if asked; on failure undoes what it wrote, as
+/// a dropped `rusqlite::Savepoint` does.
 pub(super) fn in_savepoint<T>(
-    tx: &mut Transaction<'_>,
+    c: &Connection,
+    savepoint: bool,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
 ) -> Result<T, SpoolError> {
-    let sp = tx.savepoint()?;
-    let value = f(&sp)?;
-    sp.commit()?;
-    Ok(value)
+    if !savepoint {
+        return Ok(f(c)?);
+    }
+    control(c, SAVEPOINT)?;
+    let result = f(c).and_then(|value| control(c, RELEASE).map(|()| value));
+    if result.is_err() && !c.is_autocommit() {
+        let _ = control(c, ROLLBACK_TO).and_then(|()| control(c, RELEASE));
+    }
+    Ok(result?)
 }
+
+/// Transaction control through cached statements, compiled once per
+/// connection: rusqlite's `Transaction` and `Savepoint` send theirs through
+/// `execute_batch`, which compiles the SQL again on every batch and command.
+fn control(c: &Connection, sql: &'static str) -> rusqlite::Result<()> {
+    c.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+const BEGIN: &str = "BEGIN DEFERRED";
+const COMMIT: &str = "COMMIT";
+const ROLLBACK: &str = "ROLLBACK";
+const SAVEPOINT: &str = "SAVEPOINT command";
+const RELEASE: &str = "RELEASE command";
+const ROLLBACK_TO: &str = "ROLLBACK TO command";
