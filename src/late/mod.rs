@@ -54,7 +54,8 @@ pub enum Outcome {
     DeadLettered,
     /// The late answer was `success`, or no message WeChat can send.
     NoMessage,
-    /// The spool could not store it: the one way a late answer is lost.
+    /// The spool could not store it: that answer is lost, and its delivery
+    /// is tried again for another.
     Lost,
 }
 
@@ -124,12 +125,14 @@ impl Late {
         self.count((&to.account, to.channel), Outcome::NoMessage);
     }
 
-    /// Stores `message` durably for `to`, then wakes the sender. A late
-    /// reply the spool cannot store is lost: logged as an error and counted.
-    pub async fn keep(&self, to: &Addressed, message: &LateMessage) {
+    /// Stores `message` durably for `to`, then wakes the sender; false when
+    /// the spool cannot store it. That answer is lost (logged as an error
+    /// and counted), and its delivery is tried again for another.
+    pub async fn keep(&self, to: &Addressed, message: &LateMessage) -> bool {
         let now = UnixMs(self.clock.now_ms());
         let Ok(json) = serde_json::to_string(message) else {
-            return;
+            // A message of strings and lists always serialises.
+            return false;
         };
         let reply = NewLateReply {
             account: to.account.clone(),
@@ -154,10 +157,12 @@ impl Late {
                     "late reply stored"
                 );
                 self.wake.notify_one();
+                true
             }
             Err(e) => {
                 self.count((account, to.channel), Outcome::Lost);
-                tracing::error!(account, channel, user, error = %crate::error_chain(&e), "cannot store a late reply: it is lost");
+                tracing::error!(account, channel, user, error = %crate::error_chain(&e), "cannot store a late reply: this answer is lost, its delivery is tried again");
+                false
             }
         }
     }

@@ -482,3 +482,42 @@ async fn a_token_service_url_is_where_the_token_comes_from() {
     assert!(!log.iter().any(|l| l.contains("stable_token")), "{log:?}");
     relay.stop().await;
 }
+
+/// A late answer the spool cannot store is not recorded as delivered: the
+/// delivery is tried again, and that answer reaches the user. At least
+/// once, never lost between the delivery's record and the late reply's.
+#[tokio::test]
+async fn a_late_answer_the_spool_could_not_store_is_asked_again_and_reaches_the_user() {
+    let g = generated();
+    let api = FakeWechatApi::start(app_id(&g), SECRET).await;
+    let broker = FakeTarget::start().await;
+    broker.set_default(answers(&reply_to("o_again", "stored at last")));
+    let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service");
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    // The spool refuses late replies for a while: a full disk, a lock.
+    let file = rusqlite::Connection::open(&relay.spool_path).unwrap();
+    file.execute_batch(
+        "CREATE TRIGGER refuse_late BEFORE INSERT ON late_replies \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    one_late_answer(&relay, &g, &broker, "o_again").await;
+    let lost = || async { late_count(&relay.metrics().await, "customer_service", "lost") == 1.0 };
+    assert!(eventually(WAIT, lost).await);
+    file.execute_batch("DROP TRIGGER refuse_late;").unwrap();
+
+    relay.clock.advance_ms(60_000);
+    assert!(
+        broker.wait_for(2, WAIT).await,
+        "the delivery is tried again"
+    );
+    assert!(
+        eventually(WAIT, || async { !api.sent().is_empty() }).await,
+        "{:?}",
+        api.log()
+    );
+    let text =
+        json!({"touser": "o_again", "msgtype": "text", "text": {"content": "stored at last"}});
+    assert_eq!(api.sent(), vec![text]);
+    relay.stop().await;
+}
