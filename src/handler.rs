@@ -860,14 +860,16 @@ fn later_for(config: &Settings, target: &Target, event: &Event) -> Option<Later>
 }
 
 /// The passive reply XML of a late reply kept for this push's sender, when
-/// some route keeps them; taken, so that it is given once.
+/// some route keeps them and WeChat shows the user this push's reply;
+/// taken, so that it is given once.
 async fn given_late_reply(
     path: &PushPath,
     config: &Settings,
     account: &Account,
     verified: &VerifiedPush,
 ) -> Option<Bytes> {
-    if !verified.origin.takes_reply() || !Late::keeps_for_next_message(config, &account.id) {
+    let shown = verified.origin.takes_reply() && verified.message.shows_a_reply();
+    if !shown || !Late::keeps_for_next_message(config, &account.id) {
         return None;
     }
     let openid = verified.message.from_user().filter(|o| !o.is_empty())?;

@@ -55,10 +55,22 @@ fn late_sections(broker: &str, api_base: &str, late: &str) -> String {
 /// A text message from `openid` to the secure account, sealed and signed as
 /// WeChat sends it at `now_secs`: the same path and body for each re-send.
 fn text_from(g: &Value, now_secs: i64, openid: &str, msg_id: u64) -> (String, String) {
+    let fields = format!(
+        "<MsgType><![CDATA[text]]></MsgType><Content><![CDATA[question {msg_id}]]></Content><MsgId>{msg_id}</MsgId>"
+    );
+    push_from(g, (now_secs, openid, msg_id), &fields)
+}
+
+/// A push from `openid` with these `fields`, sealed and signed as WeChat
+/// sends it at `now_secs`; `msg_id` tells one push's nonce from another's.
+fn push_from(
+    g: &Value,
+    (now_secs, openid, msg_id): (i64, &str, u64),
+    fields: &str,
+) -> (String, String) {
     let xml = format!(
         "<xml><ToUserName><![CDATA[{ACCOUNT_ID}]]></ToUserName><FromUserName><![CDATA[{openid}]]></FromUserName>\
-         <CreateTime>{now_secs}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
-         <Content><![CDATA[question {msg_id}]]></Content><MsgId>{msg_id}</MsgId></xml>"
+         <CreateTime>{now_secs}</CreateTime>{fields}</xml>"
     );
     let key = aes(g);
     let nonce = format!("{msg_id}{}", openid.len());
@@ -519,5 +531,47 @@ async fn a_late_answer_the_spool_could_not_store_is_asked_again_and_reaches_the_
     let text =
         json!({"touser": "o_again", "msgtype": "text", "text": {"content": "stored at last"}});
     assert_eq!(api.sent(), vec![text]);
+    relay.stop().await;
+}
+
+/// A kept late reply waits for a push whose passive reply the user sees: an
+/// unfollow, a menu link, a location report or a template's receipt
+/// (WeChat shows no reply to those) leaves it for the user's next message.
+#[tokio::test]
+async fn a_kept_late_reply_waits_for_a_push_the_user_sees_the_answer_to() {
+    let g = generated();
+    let api = FakeWechatApi::start(app_id(&g), SECRET).await;
+    let broker = FakeTarget::start().await;
+    broker.set_default(Behaviour::status(200));
+    let toml = late_config(&g, &broker.url("/think"), &api.base(), "next_message");
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    one_late_answer(&relay, &g, &broker, "o_unseen").await;
+    let stored = || async { late_count(&relay.metrics().await, "next_message", "stored") == 1.0 };
+    assert!(eventually(WAIT, stored).await);
+
+    let now = reference_now(&g);
+    let unseen = [
+        "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[unsubscribe]]></Event><EventKey><![CDATA[]]></EventKey>",
+        "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[VIEW]]></Event><EventKey><![CDATA[https://example.com/]]></EventKey>",
+        "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[LOCATION]]></Event><Latitude>23.1</Latitude><Longitude>113.3</Longitude><Precision>65</Precision>",
+        "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event><MsgID>200163836</MsgID><Status><![CDATA[success]]></Status>",
+    ];
+    for (i, fields) in unseen.into_iter().enumerate() {
+        let (path, body) = push_from(&g, (now + 1 + i as i64, "o_unseen", 20 + i as u64), fields);
+        let answer = relay.post(&path, body).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.text()),
+            (200, "success".into()),
+            "{fields}"
+        );
+    }
+    let (path, body) = text_from(&g, now + 10, "o_unseen", 30);
+    let next = relay.post(&path, body).await;
+    let envelope = Message::parse(&next.body).expect("a sealed reply");
+    let sealed = envelope.get("Encrypt").expect("sealed");
+    let reply = Message::parse(decrypt(&aes(&g), sealed, app_id(&g)).unwrap().as_bytes()).unwrap();
+    assert_eq!(reply.get("Content"), Some("late"));
+    let metrics = relay.metrics().await;
+    assert_eq!(late_count(&metrics, "next_message", "given"), 1.0);
     relay.stop().await;
 }
