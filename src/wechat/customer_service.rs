@@ -15,7 +15,7 @@
 //! | voice | `Voice/MediaId` | `voice {media_id}` |
 //! | video | `Video/{MediaId, Title, Description}` | `video {media_id, thumb_media_id, title, description}` |
 //! | music | `Music/{Title, Description, MusicUrl, HQMusicUrl, ThumbMediaId}` | `music {title, description, musicurl, hqmusicurl, thumb_media_id}` |
-//! | news | `Articles/item/{Title, Description, PicUrl, Url}` | `news {articles: [{title, description, url, picurl}]}` |
+//! | news | `Articles/item/{Title, Description, PicUrl, Url}` | `news {articles: [{title, description, url, picurl}]}`, the first article only |
 //!
 //! A passive video reply has no thumbnail; the Customer Service JSON then
 //! carries the video's own media id as `thumb_media_id`, the field WeChat
@@ -165,8 +165,10 @@ impl LateMessage {
                 }),
             ),
             LateMessage::News { articles } => {
+                // `custom/send` refuses more than one article (45008).
                 let articles: Vec<Value> = articles
                     .iter()
+                    .take(1)
                     .map(|a| {
                         json!({
                             "title": a.title,
@@ -341,6 +343,16 @@ mod tests {
             ),
             (
                 "news",
+                "<ArticleCount>1</ArticleCount><Articles>\
+                 <item><Title><![CDATA[A]]></Title><Description><![CDATA[a]]></Description>\
+                 <PicUrl><![CDATA[http://p/a.jpg]]></PicUrl><Url><![CDATA[http://u/a]]></Url></item>\
+                 </Articles>",
+                json!({"touser": "o_user", "msgtype": "news", "news": {"articles": [
+                    {"title": "A", "description": "a", "url": "http://u/a", "picurl": "http://p/a.jpg"}]}}),
+            ),
+            // `custom/send` takes one article (45008 otherwise): the first.
+            (
+                "news",
                 "<ArticleCount>2</ArticleCount><Articles>\
                  <item><Title><![CDATA[A]]></Title><Description><![CDATA[a]]></Description>\
                  <PicUrl><![CDATA[http://p/a.jpg]]></PicUrl><Url><![CDATA[http://u/a]]></Url></item>\
@@ -348,8 +360,7 @@ mod tests {
                  <PicUrl><![CDATA[http://p/b.jpg]]></PicUrl><Url><![CDATA[http://u/b]]></Url></item>\
                  </Articles>",
                 json!({"touser": "o_user", "msgtype": "news", "news": {"articles": [
-                    {"title": "A", "description": "a", "url": "http://u/a", "picurl": "http://p/a.jpg"},
-                    {"title": "B", "description": "b", "url": "http://u/b", "picurl": "http://p/b.jpg"}]}}),
+                    {"title": "A", "description": "a", "url": "http://u/a", "picurl": "http://p/a.jpg"}]}}),
             ),
         ];
         for (msg_type, body, expected) in table {
