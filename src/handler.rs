@@ -563,7 +563,8 @@ async fn accept_push(
         };
         let pushed = Answered::of(&verified);
         let inline = if to.late.0 != LateReply::None {
-            reply_or_late(path, account, to, &pushed, remaining).await
+            let attempt_time = to.attempt_time(started.elapsed());
+            reply_or_late(path, account, to, &pushed, (remaining, attempt_time)).await
         } else if remaining < MIN_INLINE_ATTEMPT {
             Inline::Nothing
         } else {
@@ -667,16 +668,17 @@ impl Answered<'_> {
     }
 }
 
-/// The reply target of a route with late replies: attempted for up to its
-/// whole `timeout`. An answer within `remaining` is WeChat's; one after it
-/// (WeChat has its `success` by then) becomes a late reply, stored before
-/// the delivery is recorded delivered.
+/// The reply target of a route with late replies: attempted for up to
+/// `attempt_time` (its `timeout`, less what the push has taken already). An
+/// answer within `remaining` is WeChat's; one after it (WeChat has its
+/// `success` by then) becomes a late reply, stored before the delivery is
+/// recorded delivered.
 async fn reply_or_late(
     path: &Arc<PushPath>,
     account: &Account,
     to: &ReplyTo,
     pushed: &Answered<'_>,
-    remaining: Duration,
+    (remaining, attempt_time): (Duration, Duration),
 ) -> Inline {
     let Some(openid) = pushed.message.from_user().filter(|o| !o.is_empty()) else {
         return reply_inline(path, to, remaining).await;
@@ -687,9 +689,8 @@ async fn reply_or_late(
     let (target, event) = (to.target.clone(), to.event.clone());
     let ids = (to.event_id, to.delivery_id);
     let mut attempt = tokio::spawn(async move {
-        let timeout = target.timeout;
         dispatcher
-            .attempt_inline(&target, ids, &event, (timeout, Some(answer)))
+            .attempt_inline(&target, ids, &event, (attempt_time, Some(answer)))
             .await
     });
     if let Ok(done) = tokio::time::timeout(remaining, &mut attempt).await {
