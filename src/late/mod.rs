@@ -180,6 +180,35 @@ impl Late {
         })
     }
 
+    /// Shows the failures the alert counts at 0 for every account and
+    /// channel the configuration sends late replies through: `increase()`
+    /// sees a first failure only on a series that was there before it.
+    pub fn show_failures(metrics: &Metrics, config: &Settings) {
+        let late_routes = config
+            .routes
+            .iter()
+            .filter(|r| r.late_reply != LateReply::None);
+        for route in late_routes {
+            let accounts = config.accounts.keys().filter(|id| {
+                route
+                    .matcher
+                    .account
+                    .as_ref()
+                    .is_none_or(|ids| ids.contains(id))
+            });
+            for account in accounts {
+                for outcome in [Outcome::DeadLettered, Outcome::Lost] {
+                    let labels = [
+                        account.as_str(),
+                        route.late_reply.as_str(),
+                        outcome.as_str(),
+                    ];
+                    metrics.late_replies.with_label_values(&labels);
+                }
+            }
+        }
+    }
+
     /// Takes the late reply kept for `openid`'s next push to `account`.
     pub async fn take_next(&self, account: &str, openid: &str) -> Option<LateMessage> {
         let now = UnixMs(self.clock.now_ms());

@@ -575,3 +575,46 @@ async fn a_kept_late_reply_waits_for_a_push_the_user_sees_the_answer_to() {
     assert_eq!(late_count(&metrics, "next_message", "given"), 1.0);
     relay.stop().await;
 }
+
+/// Whether the exposition has the late-reply series of the secure account
+/// for `channel` and `outcome`, at any value.
+fn late_series_shown(metrics: &str, channel: &str, outcome: &str) -> bool {
+    metrics.lines().any(|l| {
+        l.starts_with(&format!("{LATE}{{"))
+            && l.contains("account=\"secure\"")
+            && l.contains(&format!("channel=\"{channel}\""))
+            && l.contains(&format!("outcome=\"{outcome}\""))
+    })
+}
+
+/// The failures the alert counts are shown at 0 before the first one, from
+/// the start and after a reload: `increase()` sees the first failure only
+/// on a series that existed before it.
+#[tokio::test]
+async fn late_reply_failures_are_shown_at_zero_before_the_first() {
+    let g = generated();
+    let api = FakeWechatApi::start(app_id(&g), SECRET).await;
+    let broker = FakeTarget::start().await;
+    let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service");
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    let metrics = relay.metrics().await;
+    for outcome in ["dead_lettered", "lost"] {
+        assert!(
+            late_series_shown(&metrics, "customer_service", outcome),
+            "{outcome}"
+        );
+    }
+    assert_eq!(
+        late_count(&metrics, "customer_service", "dead_lettered"),
+        0.0
+    );
+    assert!(!late_series_shown(&metrics, "next_message", "lost"));
+
+    let reloaded = late_config(&g, &broker.url("/think"), &api.base(), "next_message");
+    std::fs::write(relay.config_path(), reloaded).unwrap();
+    let answer = relay.admin(Method::POST, "/admin/reload", None).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let metrics = relay.metrics().await;
+    assert!(late_series_shown(&metrics, "next_message", "lost"));
+    relay.stop().await;
+}
