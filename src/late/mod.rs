@@ -43,6 +43,10 @@ const BATCH: usize = 8;
 /// How long a send holds its late reply: two API calls and a token fetch,
 /// with room to spare; a sender that dies leaves it to come due again.
 const HOLD: Duration = Duration::from_secs(60);
+/// The last post of a send starts this long before its hold ends, so that
+/// it is over (within [`api::CALL_TIMEOUT`]) while the send still holds the
+/// late reply: never sent beside another sender that leased it since.
+const LAST_POST_BEFORE_HOLD_ENDS: Duration = Duration::from_secs(15);
 
 /// What became of a late reply, as counted (`outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,9 +236,10 @@ impl Late {
             return;
         };
         let body = serde_json::json!({ "touser": openid, "command": "Typing" });
+        let last_post = tokio::time::Instant::now() + api::CALL_TIMEOUT;
         if let Err(e) = self
             .api
-            .call((account, api), api::CUSTOM_TYPING, &body)
+            .call((account, api), api::CUSTOM_TYPING, &body, last_post)
             .await
         {
             tracing::info!(account = %account.id, error = %e, "typing not shown");
@@ -275,6 +280,7 @@ impl Late {
 
     /// One send of a leased late reply, and its record.
     async fn send(self: Arc<Self>, held: HeldLateReply) {
+        let last_post = tokio::time::Instant::now() + (HOLD - LAST_POST_BEFORE_HOLD_ENDS);
         let config = self.config.load_full();
         let result = match (
             api_of(&config, &held.account),
@@ -284,7 +290,8 @@ impl Late {
             (_, Err(_)) => Err(ApiError::Unreadable),
             (Some(to), Ok(message)) => {
                 let body = message.custom_send(&held.openid);
-                self.api.call(to, api::CUSTOM_SEND, &body).await
+                let sent = self.api.call(to, api::CUSTOM_SEND, &body, last_post);
+                sent.await
             }
         };
         let now = UnixMs(self.clock.now_ms());
