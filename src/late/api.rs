@@ -297,6 +297,10 @@ pub enum Failed {
     /// Worth another try later: WeChat busy (-1), a rate limit, the
     /// network, a 5xx.
     Transient,
+    /// The account's setup that WeChat refused: an IP not in the account's
+    /// allowlist (40164), a wrong secret (40125) or AppID (40013). The
+    /// operator can fix it: tried again, and alerted on.
+    Setup,
     /// Never going to work for this reply: outside the 48-hour window
     /// (45015), too many messages without an answer (45047), no permission
     /// (48001), an unknown user, any other errcode.
@@ -305,6 +309,9 @@ pub enum Failed {
 
 /// WeChat's errcodes that pass: system busy, API rate limits.
 const TRANSIENT_ERRCODES: [i64; 3] = [-1, 45009, 45011];
+/// WeChat's errcodes for the account's setup: the IP allowlist, the
+/// secret, the AppID.
+const SETUP_ERRCODES: [i64; 3] = [40164, 40125, 40013];
 
 pub fn classify(error: &ApiError) -> Failed {
     match error {
@@ -316,6 +323,7 @@ pub fn classify(error: &ApiError) -> Failed {
         ApiError::WeChat { errcode, .. } if TRANSIENT_ERRCODES.contains(errcode) => {
             Failed::Transient
         }
+        ApiError::WeChat { errcode, .. } if SETUP_ERRCODES.contains(errcode) => Failed::Setup,
         // A token refused even fresh: the token source is at fault, and may recover.
         ApiError::WeChat { errcode, .. } if TOKEN_ERRCODES.contains(errcode) => Failed::Transient,
         ApiError::WeChat { .. } => Failed::Permanent,

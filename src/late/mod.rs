@@ -55,6 +55,9 @@ pub enum Outcome {
     Sent,
     Given,
     Retried,
+    /// Retried, but WeChat refused the account's setup (the secret, the
+    /// AppID, the IP allowlist): the operator's to fix, so it alerts.
+    Refused,
     DeadLettered,
     /// The late answer was `success`, or no message WeChat can send.
     NoMessage,
@@ -70,6 +73,7 @@ impl Outcome {
             Outcome::Sent => "sent",
             Outcome::Given => "given",
             Outcome::Retried => "retried",
+            Outcome::Refused => "refused",
             Outcome::DeadLettered => "dead_lettered",
             Outcome::NoMessage => "no_message",
             Outcome::Lost => "lost",
@@ -201,7 +205,7 @@ impl Late {
                     .is_none_or(|ids| ids.contains(id))
             });
             for account in accounts {
-                for outcome in [Outcome::DeadLettered, Outcome::Lost] {
+                for outcome in [Outcome::Refused, Outcome::DeadLettered, Outcome::Lost] {
                     let labels = [
                         account.as_str(),
                         route.late_reply.as_str(),
@@ -341,18 +345,21 @@ fn decide(
     let (errcode, errmsg) = (error.errcode(), error.errmsg());
     let policy = RetryPolicy::for_class(RetryClass::Durable);
     let next = policy.delay_after(held.attempts as usize + 1);
-    match (api::classify(&error), next) {
-        (Failed::Transient, Some(delay)) => (
-            Outcome::Retried,
+    let outcome = match api::classify(&error) {
+        Failed::Transient => Outcome::Retried,
+        Failed::Setup => Outcome::Refused,
+        Failed::Permanent => Outcome::DeadLettered,
+    };
+    match (outcome, next) {
+        (Outcome::Retried | Outcome::Refused, Some(delay)) => (
+            outcome,
             LateOutcome::Retry {
                 next_at: now + delay,
                 errcode,
                 errmsg,
             },
         ),
-        (Failed::Transient, None) | (Failed::Permanent, _) => {
-            (Outcome::DeadLettered, LateOutcome::Dead { errcode, errmsg })
-        }
+        _ => (Outcome::DeadLettered, LateOutcome::Dead { errcode, errmsg }),
     }
 }
 
@@ -408,5 +415,27 @@ mod tests {
             decide(&held(0), refused(48001), now),
             (Outcome::DeadLettered, dead)
         );
+    }
+
+    /// A wrong secret or AppID, or the relay's address missing from the
+    /// account's IP allowlist, is the operator's to fix: retried on the
+    /// durable schedule meanwhile, and counted apart so that it alerts.
+    #[test]
+    fn a_setup_the_operator_can_fix_is_retried_and_counted_as_refused() {
+        let now = UnixMs(1_000);
+        let first = RetryPolicy::for_class(RetryClass::Durable).delays[0];
+        for errcode in [40164, 40125, 40013] {
+            let (outcome, settle) = decide(&held(0), refused(errcode), now);
+            assert_eq!(outcome, Outcome::Refused, "{errcode}");
+            let retry = LateOutcome::Retry {
+                next_at: now + first,
+                errcode,
+                errmsg: format!("e{errcode}"),
+            };
+            assert_eq!(settle, retry, "{errcode}");
+        }
+        let last = RetryPolicy::for_class(RetryClass::Durable).delays.len() as u32;
+        let (outcome, _) = decide(&held(last), refused(40125), now);
+        assert_eq!(outcome, Outcome::DeadLettered, "the schedule is used up");
     }
 }
