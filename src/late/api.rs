@@ -23,7 +23,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// A token this close to its expiry is fetched again before it is used:
-/// WeChat's stable token then already answers with the next one.
+/// WeChat's stable token then already answers with the next one. A token
+/// with a shorter life is fetched again half way through it.
 const REFRESH_AHEAD_MS: i64 = 5 * 60 * 1000;
 /// Any one call to WeChat's API, at most.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -143,7 +144,7 @@ impl WechatApi {
         let (id, app_id) = (account.id.as_str(), account.app_id.as_str());
         let usable = |kept: &Option<ApiToken>, now: i64| {
             kept.as_ref()
-                .filter(|t| t.expires_at.0 - REFRESH_AHEAD_MS > now)
+                .filter(|t| t.expires_at.0 > now)
                 .filter(|t| Some(t.token.as_str()) != refused)
                 .map(|t| t.token.clone())
         };
@@ -158,7 +159,7 @@ impl WechatApi {
             return Ok(token);
         }
         let (token, expires_in) = self.fetch(app_id, api).await?;
-        let expires_at = UnixMs(self.clock.now_ms()) + Duration::from_secs(expires_in);
+        let expires_at = used_until(UnixMs(self.clock.now_ms()), expires_in);
         let fresh = ApiToken {
             account: id.to_owned(),
             token: token.clone(),
@@ -279,6 +280,18 @@ impl WechatApi {
     }
 }
 
+/// Until when a token fetched at `fetched` that lives `expires_in` seconds
+/// is used: [`REFRESH_AHEAD_MS`] before it expires, or half way through a
+/// life shorter than twice that.
+fn used_until(fetched: UnixMs, expires_in: u64) -> UnixMs {
+    let life_ms = i64::try_from(expires_in.saturating_mul(1000)).unwrap_or(i64::MAX);
+    UnixMs(
+        fetched
+            .0
+            .saturating_add(life_ms - REFRESH_AHEAD_MS.min(life_ms / 2)),
+    )
+}
+
 /// `{base}{path}`, with the token as `access_token` when there is one.
 fn joined(base: &url::Url, path: &str, token: Option<&str>) -> String {
     let mut url = base.clone();
@@ -392,6 +405,17 @@ mod tests {
             "{posted:?}"
         );
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A token is fetched again 5 minutes before it expires, or half way
+    /// through a shorter life: a token service's 200-second token is used.
+    #[test]
+    fn a_token_is_used_until_shortly_before_it_expires_however_short_its_life() {
+        let fetched = UnixMs(1_000_000);
+        assert_eq!(used_until(fetched, 7200), UnixMs(1_000_000 + 6_900_000));
+        assert_eq!(used_until(fetched, 600), UnixMs(1_000_000 + 300_000));
+        assert_eq!(used_until(fetched, 200), UnixMs(1_000_000 + 100_000));
+        assert!(used_until(fetched, 1) > fetched);
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub struct DeadLateReply {
 pub struct ApiToken {
     pub account: String,
     pub token: String,
+    /// When the relay stops using it: ahead of WeChat's expiry, so that no
+    /// call carries a token about to expire.
     pub expires_at: UnixMs,
 }
 
