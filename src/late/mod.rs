@@ -217,7 +217,8 @@ impl Late {
         }
     }
 
-    /// Takes the late reply kept for `openid`'s next push to `account`.
+    /// Takes the late reply kept for `openid`'s next push to `account`; one
+    /// that does not read back is taken all the same, and counted lost.
     pub async fn take_next(&self, account: &str, openid: &str) -> Option<LateMessage> {
         let now = UnixMs(self.clock.now_ms());
         let held = match self.spool.take_next_late(account, openid, now).await {
@@ -227,7 +228,18 @@ impl Late {
                 return None;
             }
         };
-        let message = serde_json::from_str::<LateMessage>(&held.message).ok()?;
+        // Taken already: one that does not read back is lost, and alerts.
+        let Ok(message) = serde_json::from_str::<LateMessage>(&held.message) else {
+            self.count((account, LateReply::NextMessage), Outcome::Lost);
+            let user = short_hash(openid);
+            tracing::error!(
+                account,
+                user,
+                late_reply = held.id.0,
+                "a kept late reply does not read back: it is lost"
+            );
+            return None;
+        };
         self.count((account, LateReply::NextMessage), Outcome::Given);
         self.observe_sent(&held);
         Some(message)

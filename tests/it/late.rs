@@ -536,20 +536,27 @@ async fn a_late_answer_the_spool_could_not_store_is_asked_again_and_reaches_the_
     relay.stop().await;
 }
 
+/// A relay on `next_message` that keeps one late reply for `openid`, with
+/// the fake API and the target it needs running.
+async fn kept_for_next_message(g: &Value, openid: &str) -> (TestRelay, FakeWechatApi, FakeTarget) {
+    let api = FakeWechatApi::start(app_id(g), SECRET).await;
+    let broker = FakeTarget::start().await;
+    broker.set_default(Behaviour::status(200));
+    let toml = late_config(g, &broker.url("/think"), &api.base(), "next_message");
+    let relay = TestRelay::start(&toml, reference_now(g)).await;
+    one_late_answer(&relay, g, &broker, openid).await;
+    let stored = || async { late_count(&relay.metrics().await, "next_message", "stored") == 1.0 };
+    assert!(eventually(WAIT, stored).await);
+    (relay, api, broker)
+}
+
 /// A kept late reply waits for a push whose passive reply the user sees: an
 /// unfollow, a menu link, a location report or a template's receipt
 /// (WeChat shows no reply to those) leaves it for the user's next message.
 #[tokio::test]
 async fn a_kept_late_reply_waits_for_a_push_the_user_sees_the_answer_to() {
     let g = generated();
-    let api = FakeWechatApi::start(app_id(&g), SECRET).await;
-    let broker = FakeTarget::start().await;
-    broker.set_default(Behaviour::status(200));
-    let toml = late_config(&g, &broker.url("/think"), &api.base(), "next_message");
-    let relay = TestRelay::start(&toml, reference_now(&g)).await;
-    one_late_answer(&relay, &g, &broker, "o_unseen").await;
-    let stored = || async { late_count(&relay.metrics().await, "next_message", "stored") == 1.0 };
-    assert!(eventually(WAIT, stored).await);
+    let (relay, _api, _broker) = kept_for_next_message(&g, "o_unseen").await;
 
     let now = reference_now(&g);
     let unseen = [
@@ -618,5 +625,26 @@ async fn late_reply_failures_are_shown_at_zero_before_the_first() {
     assert_eq!(answer.status, 200, "{}", answer.text());
     let metrics = relay.metrics().await;
     assert!(late_series_shown(&metrics, "next_message", "lost"));
+    relay.stop().await;
+}
+
+/// A kept reply that no longer reads back (a damaged row) is taken all the
+/// same, and counted lost, which alerts: the user's push is answered as
+/// usual.
+#[tokio::test]
+async fn a_kept_reply_that_does_not_read_back_is_counted_lost() {
+    let g = generated();
+    let (relay, _api, _broker) = kept_for_next_message(&g, "o_damaged").await;
+    let file = rusqlite::Connection::open(&relay.spool_path).unwrap();
+    let damaged = file
+        .execute("UPDATE late_replies SET message = 'not a message'", [])
+        .unwrap();
+    assert_eq!(damaged, 1);
+
+    let (path, body) = text_from(&g, reference_now(&g) + 5, "o_damaged", 40);
+    assert_eq!(relay.post(&path, body).await.text(), "success");
+    let metrics = relay.metrics().await;
+    assert_eq!(late_count(&metrics, "next_message", "lost"), 1.0);
+    assert_eq!(late_count(&metrics, "next_message", "given"), 0.0);
     relay.stop().await;
 }
