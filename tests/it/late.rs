@@ -271,24 +271,7 @@ async fn a_refused_token_is_fetched_again_once_and_the_send_goes_through() {
 #[tokio::test]
 async fn a_send_outside_the_48_hour_window_is_a_dead_letter_with_its_errcode() {
     let g = generated();
-    let api = FakeWechatApi::start(app_id(&g), SECRET).await;
-    api.fail_sends(45015);
-    let broker = FakeTarget::start().await;
-    let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service");
-    let relay = TestRelay::start(&toml, reference_now(&g)).await;
-    one_late_answer(&relay, &g, &broker, "o_gone").await;
-    let late = relay.opened.late_replies();
-    let dead = || async { !late.dead_late(10).await.unwrap().is_empty() };
-    assert!(eventually(WAIT, dead).await, "{:?}", api.log());
-    let letters = late.dead_late(10).await.unwrap();
-    assert_eq!((letters[0].errcode, letters[0].attempts), (45015, 1));
-    assert_eq!(letters[0].errmsg, "refused with 45015");
-    assert!(api.sent().is_empty());
-    let metrics = relay.metrics().await;
-    assert_eq!(
-        late_count(&metrics, "customer_service", "dead_lettered"),
-        1.0
-    );
+    let (relay, toml) = refused_with(&g, 45015, "o_gone").await;
     // The operator sees it among the dead letters.
     std::fs::write(relay.config_path(), &toml).unwrap();
     let spool = format!("[spool]\npath = \"{}\"\n", relay.spool_path.display());
@@ -306,6 +289,39 @@ async fn a_send_outside_the_48_hour_window_is_a_dead_letter_with_its_errcode() {
         "{out}"
     );
     assert!(!out.contains("o_gone"), "the OpenID is hashed: {out}");
+    relay.stop().await;
+}
+
+/// A relay whose late reply to `openid` WeChat refuses with `errcode`, once
+/// it is a dead letter with that errcode after one attempt; and its config.
+async fn refused_with(g: &Value, errcode: i64, openid: &str) -> (TestRelay, String) {
+    let api = FakeWechatApi::start(app_id(g), SECRET).await;
+    api.fail_sends(errcode);
+    let broker = FakeTarget::start().await;
+    let toml = late_config(g, &broker.url("/think"), &api.base(), "customer_service");
+    let relay = TestRelay::start(&toml, reference_now(g)).await;
+    one_late_answer(&relay, g, &broker, openid).await;
+    let late = relay.opened.late_replies();
+    let dead = || async { !late.dead_late(10).await.unwrap().is_empty() };
+    assert!(eventually(WAIT, dead).await, "{:?}", api.log());
+    let letters = late.dead_late(10).await.unwrap();
+    assert_eq!((letters[0].errcode, letters[0].attempts), (errcode, 1));
+    assert_eq!(letters[0].errmsg, format!("refused with {errcode}"));
+    assert!(api.sent().is_empty());
+    let metrics = relay.metrics().await;
+    assert_eq!(
+        late_count(&metrics, "customer_service", "dead_lettered"),
+        1.0
+    );
+    (relay, toml)
+}
+
+/// An account without the Customer Service API (unverified): WeChat's 48001
+/// is final, a dead letter that says so.
+#[tokio::test]
+async fn an_account_without_the_customer_service_api_is_a_dead_letter_with_48001() {
+    let g = generated();
+    let (relay, _) = refused_with(&g, 48001, "o_unverified").await;
     relay.stop().await;
 }
 
@@ -421,6 +437,7 @@ async fn one_token_fetch_serves_two_replicas() {
 #[tokio::test]
 async fn a_wrong_secret_gets_no_token_and_the_reply_waits_for_the_fix() {
     let g = generated();
+    let logs = common::logs::logs();
     let api = FakeWechatApi::start(app_id(&g), "the-right-secret").await;
     let broker = FakeTarget::start().await;
     let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service");
@@ -433,6 +450,10 @@ async fn a_wrong_secret_gets_no_token_and_the_reply_waits_for_the_fix() {
     assert!(late.dead_late(10).await.unwrap().is_empty(), "not final");
     assert_eq!(api.token_fetches(), 0);
     assert!(api.sent().is_empty());
+    let logged = logs.text();
+    assert!(logged.contains("late reply not sent"), "{logged}");
+    assert!(!logged.contains(SECRET), "the secret is in no log line");
+    assert!(!logged.contains("o_secret"), "the OpenID is hashed");
     relay.stop().await;
 }
 
