@@ -40,6 +40,15 @@ use tokio::task::JoinSet;
 const POLL: Duration = Duration::from_secs(1);
 /// Late replies sent at once.
 const BATCH: usize = 8;
+/// How often late replies that are over are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3_600);
+/// How long a dead late reply stays for the operator (`dlq list`), and an
+/// untaken `next_message` one after it expired.
+const KEEP_OVER: Duration = Duration::from_secs(7 * 24 * 3_600);
+/// Late replies deleted per statement, and statements per prune: a large
+/// backlog never holds the spool's writer long.
+const PRUNE_BATCH: usize = 500;
+const PRUNE_BATCHES: usize = 20;
 /// How long a send holds its late reply: two API calls and a token fetch,
 /// with room to spare; a sender that dies leaves it to come due again.
 const HOLD: Duration = Duration::from_secs(60);
@@ -270,8 +279,13 @@ impl Late {
     /// Sends the `customer_service` late replies as they come due, until
     /// stopped.
     pub async fn send_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut pruned_at: Option<UnixMs> = None;
         loop {
             let now = UnixMs(self.clock.now_ms());
+            if pruned_at.is_none_or(|at| now >= at + PRUNE_EVERY) {
+                self.prune(now).await;
+                pruned_at = Some(now);
+            }
             match self.spool.lease_late(now, BATCH, HOLD).await {
                 Ok(held) if !held.is_empty() => {
                     let mut sends = JoinSet::new();
@@ -291,6 +305,30 @@ impl Late {
                 _ = tokio::time::sleep(POLL) => {}
                 _ = stopping(&mut stop) => break,
             }
+        }
+    }
+
+    /// Deletes the late replies that are over (dead, or untaken and
+    /// expired) since [`KEEP_OVER`], in bounded batches.
+    async fn prune(&self, now: UnixMs) {
+        let cutoff = UnixMs(now.0 - KEEP_OVER.as_millis() as i64);
+        let mut pruned = 0;
+        for _ in 0..PRUNE_BATCHES {
+            match self.spool.prune_late(cutoff, PRUNE_BATCH).await {
+                Ok(n) => {
+                    pruned += n;
+                    if n < PRUNE_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot prune late replies");
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, "late replies that were over pruned");
         }
     }
 

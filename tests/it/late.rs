@@ -669,3 +669,17 @@ async fn a_kept_reply_that_does_not_read_back_is_counted_lost() {
     assert_eq!(late_count(&metrics, "next_message", "given"), 0.0);
     relay.stop().await;
 }
+
+/// Dead late replies are kept a week for the operator, then pruned: the
+/// spool does not grow with them.
+#[tokio::test]
+async fn a_dead_late_reply_is_pruned_after_a_week() {
+    let g = generated();
+    // A dead letter, listed (the relay prunes from its start on).
+    let (relay, _) = refused_with(&g, 45015, "o_pruned").await;
+    let late = relay.opened.late_replies();
+    relay.clock.advance_ms(8 * 24 * 3_600_000);
+    let pruned = || async { late.dead_late(10).await.unwrap().is_empty() };
+    assert!(eventually(WAIT, pruned).await);
+    relay.stop().await;
+}
