@@ -273,22 +273,27 @@ async fn a_send_outside_the_48_hour_window_is_a_dead_letter_with_its_errcode() {
     let g = generated();
     let (relay, toml) = refused_with(&g, 45015, "o_gone").await;
     // The operator sees it among the dead letters.
-    std::fs::write(relay.config_path(), &toml).unwrap();
     let spool = format!("[spool]\npath = \"{}\"\n", relay.spool_path.display());
     std::fs::write(relay.config_path(), format!("{toml}\n{spool}")).unwrap();
-    let (code, out) = common::wxrelay(vec![
-        "dlq".into(),
-        "list".into(),
-        "--config".into(),
-        relay.config_path().display().to_string(),
-    ])
-    .await;
+    let dlq = |verb: &str, all: bool| {
+        let mut args = vec!["dlq".into(), verb.into(), "--config".into()];
+        args.push(relay.config_path().display().to_string());
+        args.extend(all.then(|| "--all".to_owned()));
+        common::wxrelay(args)
+    };
+    let (code, out) = dlq("list", false).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("45015") && out.contains("customer_service"),
         "{out}"
     );
     assert!(!out.contains("o_gone"), "the OpenID is hashed: {out}");
+    // And purges it with the rest.
+    let (code, out) = dlq("purge", true).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("1 late reply deleted"), "{out}");
+    let late = relay.opened.late_replies();
+    assert!(late.dead_late(10).await.unwrap().is_empty());
     relay.stop().await;
 }
 
