@@ -109,7 +109,7 @@ fn platforms(config: &Settings) -> Vec<String> {
 }
 
 /// The metrics, with the spool's gauges and the Open Platforms' tickets
-/// read now.
+/// read now, and the late-reply failures of the configuration as it is now.
 async fn exposition(admin: &Admin) -> String {
     let config = admin.config.load();
     let targets: Vec<String> = config.targets.keys().cloned().collect();
@@ -119,6 +119,7 @@ async fn exposition(admin: &Admin) -> String {
         let tickets = &*admin.tickets;
         admin.metrics.read_tickets(tickets, &platforms, now).await;
     }
+    crate::late::Late::show_failures(&admin.metrics, &config);
     admin.metrics.render(&*admin.spool, &targets, now).await
 }
 

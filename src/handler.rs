@@ -18,7 +18,7 @@ use crate::clock::Clock;
 use crate::config::{Account, Mode, Settings, Target};
 use crate::deliver::attempt::Attempt;
 use crate::deliver::retry::Verdict;
-use crate::deliver::{Dispatcher, Unread, WorkerAnswers};
+use crate::deliver::{Dispatcher, InlineAnswer, Keeping, Unread, WorkerAnswers};
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
 use crate::late::{Addressed, Late};
 use crate::metrics::Metrics;
@@ -40,7 +40,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -563,7 +563,8 @@ async fn accept_push(
         };
         let pushed = Answered::of(&verified);
         let inline = if to.late.0 != LateReply::None {
-            reply_or_late(path, account, to, &pushed, remaining).await
+            let attempt_time = to.attempt_time(started.elapsed());
+            reply_or_late(path, account, to, &pushed, (remaining, attempt_time)).await
         } else if remaining < MIN_INLINE_ATTEMPT {
             Inline::Nothing
         } else {
@@ -615,14 +616,19 @@ async fn reply_inline(path: &PushPath, to: &ReplyTo, remaining: Duration) -> Inl
     let timeout = remaining.min(target.timeout);
     let result = path
         .dispatcher
-        .attempt_inline(target, (to.event_id, to.delivery_id), &to.event, timeout)
+        .attempt_inline(
+            target,
+            (to.event_id, to.delivery_id),
+            &to.event,
+            (timeout, None),
+        )
         .await;
-    inline_of(result)
+    inline_of(&result)
 }
 
-fn inline_of(result: Attempt) -> Inline {
-    match (&result.verdict, result.body) {
-        (Verdict::Delivered, Ok(body)) => Inline::Answered(body),
+fn inline_of(result: &Attempt) -> Inline {
+    match (&result.verdict, &result.body) {
+        (Verdict::Delivered, Ok(body)) => Inline::Answered(body.clone()),
         (Verdict::Delivered, Err(Unread::TooLarge)) => Inline::TooLarge,
         _ => Inline::Nothing,
     }
@@ -662,50 +668,105 @@ impl Answered<'_> {
     }
 }
 
-/// The reply target of a route with late replies: attempted for up to its
-/// whole `timeout`. An answer within `remaining` is WeChat's; one after it
-/// (WeChat has its `success` by then) becomes a late reply.
+/// The reply target of a route with late replies: attempted for up to
+/// `attempt_time` (its `timeout`, less what the push has taken already). An
+/// answer within `remaining` is WeChat's; one after it (WeChat has its
+/// `success` by then) becomes a late reply, stored before the delivery is
+/// recorded delivered.
 async fn reply_or_late(
     path: &Arc<PushPath>,
     account: &Account,
     to: &ReplyTo,
     pushed: &Answered<'_>,
-    remaining: Duration,
+    (remaining, attempt_time): (Duration, Duration),
 ) -> Inline {
     let Some(openid) = pushed.message.from_user().filter(|o| !o.is_empty()) else {
         return reply_inline(path, to, remaining).await;
     };
+    let taker = Arc::new(Mutex::new(Taker::Wechat));
+    let answer = late_answer(path.clone(), taker.clone());
     let dispatcher = path.dispatcher.clone();
     let (target, event) = (to.target.clone(), to.event.clone());
     let ids = (to.event_id, to.delivery_id);
     let mut attempt = tokio::spawn(async move {
-        let timeout = target.timeout;
         dispatcher
-            .attempt_inline(&target, ids, &event, timeout)
+            .attempt_inline(&target, ids, &event, (attempt_time, Some(answer)))
             .await
     });
-    match tokio::time::timeout(remaining, &mut attempt).await {
-        Ok(Ok(result)) => inline_of(result),
-        Ok(Err(_)) => Inline::Nothing,
-        Err(_) => {
-            let (channel, ttl) = to.late;
-            let addressed = Addressed {
-                account: account.id.clone(),
-                openid: openid.to_owned(),
-                channel,
-                ttl,
-                pushed_at: to.event.received_at,
-            };
-            let later = Later {
-                account: account.clone(),
-                target: to.target.clone(),
-                pushed: pushed.for_later(),
-                addressed,
-            };
-            tokio::spawn(answer_late(path.clone(), later, attempt));
-            Inline::Late
+    if let Ok(done) = tokio::time::timeout(remaining, &mut attempt).await {
+        return done.map_or(Inline::Nothing, |result| inline_of(&result));
+    }
+    let (channel, ttl) = to.late;
+    let later = Later {
+        account: account.clone(),
+        target: to.target.clone(),
+        pushed: pushed.for_later(),
+        addressed: Addressed {
+            account: account.id.clone(),
+            openid: openid.to_owned(),
+            channel,
+            ttl,
+            pushed_at: to.event.received_at,
+        },
+    };
+    if !taker
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .hand_over(later)
+    {
+        // The answer came as the budget ran out: it is still WeChat's.
+        return attempt
+            .await
+            .map_or(Inline::Nothing, |result| inline_of(&result));
+    }
+    if channel == LateReply::CustomerService {
+        // Beside the wait, never before it: a slow API must not hold the answer.
+        let (late, account, openid) = (path.late.clone(), account.id.clone(), openid.to_owned());
+        tokio::spawn(async move { late.typing(&account, &openid).await });
+    }
+    Inline::Late
+}
+
+/// Who the reply target's answer on a route with late replies is for:
+/// WeChat while the request waits for it, a late reply once it has stopped
+/// waiting. Whichever comes first, the answer or the end of the wait, decides.
+enum Taker {
+    Wechat,
+    Late(Box<Later>),
+    Answered,
+}
+
+impl Taker {
+    /// Hands the answer still to come over to a late reply; false when it
+    /// has come already.
+    fn hand_over(&mut self, later: Later) -> bool {
+        match self {
+            Taker::Wechat => {
+                *self = Taker::Late(Box::new(later));
+                true
+            }
+            Taker::Late(_) | Taker::Answered => false,
         }
     }
+
+    /// The late reply an answer that has just come is for, if the request
+    /// stopped waiting for it.
+    fn answered(&mut self) -> Option<Later> {
+        match std::mem::replace(self, Taker::Answered) {
+            Taker::Late(later) => Some(*later),
+            Taker::Wechat | Taker::Answered => None,
+        }
+    }
+}
+
+/// Keeps the inline attempt's answer as a late reply when the request has
+/// stopped waiting for it, before the delivery is recorded delivered.
+fn late_answer(path: Arc<PushPath>, taker: Arc<Mutex<Taker>>) -> InlineAnswer {
+    Box::new(move |result: &Attempt| {
+        let later = taker.lock().unwrap_or_else(|e| e.into_inner()).answered()?;
+        let inline = inline_of(result);
+        Some(Box::pin(async move { keep_late_answer(&path, &later, inline).await }) as Keeping)
+    })
 }
 
 /// What a late answer is judged against and kept for.
@@ -716,27 +777,12 @@ struct Later {
     addressed: Addressed,
 }
 
-/// Waits for the reply target's late answer and keeps it as a late reply
-/// when it is a message WeChat would take; meanwhile, with the Customer
-/// Service API, shows the user that the account is typing.
-async fn answer_late(path: Arc<PushPath>, later: Later, attempt: tokio::task::JoinHandle<Attempt>) {
-    let to = &later.addressed;
-    if to.channel == LateReply::CustomerService {
-        // Beside the wait, never before it: a slow API must not hold the answer.
-        let (late, account, openid) = (path.late.clone(), to.account.clone(), to.openid.clone());
-        tokio::spawn(async move { late.typing(&account, &openid).await });
-    }
-    // Not delivered: the workers retry the delivery, and their answer is
-    // kept the same way (see `worker_answers`).
-    let Ok(result) = attempt.await else { return };
-    keep_late_answer(&path, &later, inline_of(result)).await;
-}
-
 /// Keeps a reply target's late answer as a late reply when it is a message
-/// WeChat would take, judged as any reply to the push.
-async fn keep_late_answer(path: &PushPath, later: &Later, inline: Inline) {
+/// WeChat would take, judged as any reply to the push; false when the spool
+/// could not store it.
+async fn keep_late_answer(path: &PushPath, later: &Later, inline: Inline) -> bool {
     if matches!(inline, Inline::Nothing) {
-        return;
+        return true;
     }
     let (to, target) = (&later.addressed, Some(&later.target));
     let (xml, outcome) = answer_with(path, &later.account, target, &later.pushed, inline);
@@ -748,29 +794,33 @@ async fn keep_late_answer(path: &PushPath, later: &Later, inline: Inline) {
     };
     match message {
         Some(message) => path.late.keep(to, &message).await,
-        None => path.late.no_message(to),
+        None => {
+            path.late.no_message(to);
+            true
+        }
     }
 }
 
 /// The answers the workers get from reply targets of routes with late
 /// replies: a delivery whose inline attempt a restart cut short (or that
-/// failed) is sent again by a worker, and the user gets that answer.
+/// failed) is sent again by a worker, and the user gets that answer, kept
+/// before the delivery is recorded delivered.
 pub fn worker_answers(path: &Arc<PushPath>) -> WorkerAnswers {
     let path = Arc::downgrade(path);
     Box::new(move |target: &Target, event: &Event, body: Bytes| {
-        let Some(path) = path.upgrade() else { return };
+        let path = path.upgrade()?;
         let config = path.config.load_full();
         let replies_late = config.routes.iter().any(|r| {
             r.late_reply != LateReply::None && r.reply_from.as_deref() == Some(&target.name)
         });
         if !replies_late {
-            return;
+            return None;
         }
-        if let Some(later) = later_for(&config, target, event) {
-            tokio::spawn(async move {
-                keep_late_answer(&path, &later, Inline::Answered(body)).await;
-            });
-        }
+        let later = later_for(&config, target, event)?;
+        Some(
+            Box::pin(async move { keep_late_answer(&path, &later, Inline::Answered(body)).await })
+                as Keeping,
+        )
     })
 }
 
@@ -811,14 +861,16 @@ fn later_for(config: &Settings, target: &Target, event: &Event) -> Option<Later>
 }
 
 /// The passive reply XML of a late reply kept for this push's sender, when
-/// some route keeps them; taken, so that it is given once.
+/// some route keeps them and WeChat shows the user this push's reply;
+/// taken, so that it is given once.
 async fn given_late_reply(
     path: &PushPath,
     config: &Settings,
     account: &Account,
     verified: &VerifiedPush,
 ) -> Option<Bytes> {
-    if !verified.origin.takes_reply() || !Late::keeps_for_next_message(config, &account.id) {
+    let shown = verified.origin.takes_reply() && verified.message.shows_a_reply();
+    if !shown || !Late::keeps_for_next_message(config, &account.id) {
         return None;
     }
     let openid = verified.message.from_user().filter(|o| !o.is_empty())?;

@@ -79,6 +79,22 @@ pub struct ReplyTo {
     /// Where the target's answer goes when it comes after the budget, and
     /// how long a `next_message` one is kept.
     pub late: (LateReply, Duration),
+    /// How long after the push came in the inline attempt holds the
+    /// delivery: past it, the workers may send it.
+    pub hold: Duration,
+}
+
+impl ReplyTo {
+    /// How long the inline attempt may take, `elapsed` after the push came
+    /// in: what is left of its hold, so that it is over before any worker
+    /// may call the target again.
+    pub fn attempt_time(&self, elapsed: Duration) -> Duration {
+        attempt_time(self.hold, elapsed, self.target.timeout)
+    }
+}
+
+fn attempt_time(hold: Duration, elapsed: Duration, timeout: Duration) -> Duration {
+    hold.saturating_sub(elapsed).min(timeout)
 }
 
 /// What a push is stored as: its event and deliveries, the reply target
@@ -134,6 +150,7 @@ impl Ingest {
         // Without its delivery there is nothing to attempt inline.
         let reply = reply.and_then(|(target, position, late)| {
             Some(ReplyTo {
+                hold: inline_hold(config, Some(&target.name), late.0),
                 target,
                 event_id,
                 delivery_id: *deliveries.get(position)?,
@@ -407,5 +424,20 @@ mod tests {
         let debug = format!("{key:?} {:?}", Some(&key));
         assert!(!debug.contains("oOpenId123"), "{debug}");
         assert!(debug.contains(&short_hash("main|oOpenId123|1")), "{debug}");
+    }
+
+    /// The inline attempt ends by the end of its hold, however long the
+    /// commit took: past it the workers may send the delivery, and the
+    /// target would be called twice.
+    #[test]
+    fn the_inline_attempt_ends_within_what_is_left_of_its_hold() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // A 30 s target on a late route: a 30 s hold, 1.5 s of it spent.
+        assert_eq!(attempt_time(s(30), ms(1_500), s(30)), ms(28_500));
+        // A target faster than the hold keeps its own timeout.
+        assert_eq!(attempt_time(s(5), ms(200), s(2)), s(2));
+        // Nothing left: no attempt outlasts the hold.
+        assert_eq!(attempt_time(s(5), s(6), s(30)), Duration::ZERO);
     }
 }

@@ -57,7 +57,8 @@ pub enum DlqCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Delete the selected dead letters.
+    /// Delete the selected dead letters (with `--all`, the late replies that
+    /// could not be sent too).
     Purge {
         #[command(flatten)]
         select: Selection,
@@ -200,10 +201,16 @@ pub async fn run(
         DlqCommand::Purge { select, all } => {
             guard("purge", select, *all)?;
             let purged = spool.purge(select.filter(now_ms)).await.map_err(failed)?;
-            Ok(format!(
+            let mut out = format!(
                 "{purged} dead {} deleted\n",
                 plural(purged, "letter", "letters")
-            ))
+            );
+            if select.is_everything() {
+                let late = purge_late(late, now_ms).await?;
+                let replies = plural(late, "late reply", "late replies");
+                let _ = writeln!(out, "{late} {replies} deleted");
+            }
+            Ok(out)
         }
     }
 }
@@ -229,6 +236,23 @@ async fn list(
         }
     }
     Ok(out)
+}
+
+/// Every late reply that is over (dead, or untaken and expired), as with
+/// `list`, unfiltered: they are no deliveries, with no target or reason.
+async fn purge_late(late: &dyn LateReplies, now_ms: i64) -> Result<u64, CliError> {
+    const BATCH: usize = 500;
+    let mut purged = 0;
+    loop {
+        let n = late
+            .prune_late(UnixMs(now_ms), BATCH)
+            .await
+            .map_err(failed)?;
+        purged += n;
+        if n < BATCH as u64 {
+            return Ok(purged);
+        }
+    }
 }
 
 /// Replay and purge act on everything selected; an empty selection must be

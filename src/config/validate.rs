@@ -893,7 +893,7 @@ fn secret_source(
 /// `[accounts.X.api]`: where the API is and where its access token comes from.
 fn api(p: &mut Problems, at: &dyn Fn(&str) -> String, raw: RawApi) -> Option<AccountApi> {
     let base_text = raw.api_base.unwrap_or_else(|| DEFAULT_API_BASE.to_owned());
-    let api_base = p.ok(&at("api.api_base"), check_url(&base_text));
+    let api_base = p.ok(&at("api.api_base"), check_api_url(&base_text));
     let secret = secret_source(
         p,
         &at("api.app_secret"),
@@ -914,7 +914,7 @@ fn api(p: &mut Problems, at: &dyn Fn(&str) -> String, raw: RawApi) -> Option<Acc
         },
         "url" => match raw.token_url {
             Some(text) => p
-                .ok(&at("api.token_url"), check_url(&text))
+                .ok(&at("api.token_url"), check_api_url(&text))
                 .map(TokenSource::Url),
             None => {
                 p.add(
@@ -1328,6 +1328,25 @@ fn check_url(text: &str) -> Result<url::Url, String> {
         return Err(
             "must not have a #fragment: it is never sent, and a query appended to the URL \
              would end up inside it"
+                .to_owned(),
+        );
+    }
+    Ok(url)
+}
+
+/// A URL that access tokens or the app secret travel to: https, or plain
+/// http to a loopback host only (a token service beside the relay, a test).
+fn check_api_url(text: &str) -> Result<url::Url, String> {
+    let url = check_url(text)?;
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    if url.scheme() != "https" && !loopback {
+        return Err(
+            "must be an https URL (plain http only to a loopback host): access tokens travel to it"
                 .to_owned(),
         );
     }

@@ -73,9 +73,22 @@ pub struct Dispatcher {
 
 /// What is told of a worker's delivered attempt and its target's answer:
 /// a reply target's answer that a worker got (its inline attempt cut short by
-/// a restart, or failed) may still be one for the user.
-pub type WorkerAnswers =
-    Box<dyn Fn(&crate::config::Target, &crate::spool::Event, bytes::Bytes) + Send + Sync>;
+/// a restart, or failed) may still be one for the user, kept before the
+/// delivery is recorded delivered.
+pub type WorkerAnswers = Box<
+    dyn Fn(&crate::config::Target, &crate::spool::Event, bytes::Bytes) -> Option<Keeping>
+        + Send
+        + Sync,
+>;
+
+/// What is told of an inline attempt's delivered answer: the answer may be
+/// one to keep (a late reply) before the delivery is recorded delivered.
+pub type InlineAnswer = Box<dyn FnOnce(&attempt::Attempt) -> Option<Keeping> + Send>;
+
+/// Keeps a target's answer before its delivery is recorded delivered;
+/// resolves to whether it was kept. One that was not leaves the delivery to
+/// be tried again, so the answer is asked for again rather than lost.
+pub type Keeping = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
 
 /// What the dispatcher knows of one target between attempts.
 #[derive(Default)]

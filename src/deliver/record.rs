@@ -8,7 +8,7 @@ use super::breaker::Phase;
 use super::faults::{Faults, Repeat};
 use super::format;
 use super::retry::{self, Verdict};
-use super::Dispatcher;
+use super::{Dispatcher, InlineAnswer, Keeping};
 use crate::config::Target;
 use crate::metrics::Metrics;
 use crate::spool::{DeliveryId, Event, EventId, LeaseToken, Schedule, Settle, Settlement, UnixMs};
@@ -38,14 +38,20 @@ pub(super) struct Due {
     pub(super) inline: bool,
 }
 
+/// Whether the record is awaited or written in the background.
+enum Awaiting {
+    Awaited,
+    Tracked,
+}
+
 /// How an attempt's outcome is written to the spool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Record {
     /// Before the attempt returns: a worker's slot is free only once it is.
     Awaited,
     /// In the background, tracked until shutdown: WeChat's answer does not
     /// depend on it, and if the record is lost the delivery is sent again.
-    Tracked,
+    /// The answer, when one is kept, is kept first.
+    Tracked(Option<InlineAnswer>),
 }
 
 impl Dispatcher {
@@ -56,13 +62,14 @@ impl Dispatcher {
     }
 
     /// The request path's one attempt at the reply target, within `timeout`.
-    /// Recorded like a worker's; the record is written in the background.
+    /// Recorded like a worker's; the record is written in the background,
+    /// after `answer` has kept the target's answer when it keeps one.
     pub async fn attempt_inline(
         self: &Arc<Self>,
         target: &Target,
         (event_id, delivery_id): (EventId, DeliveryId),
         event: &Event,
-        timeout: Duration,
+        (timeout, answer): (Duration, Option<InlineAnswer>),
     ) -> Attempt {
         // An open circuit sends nothing, this included: the delivery waits in
         // the spool and WeChat gets `success`.
@@ -85,7 +92,7 @@ impl Dispatcher {
             probe: false,
             inline: true,
         };
-        self.attempt_and_record(target, due, event, timeout, Record::Tracked)
+        self.attempt_and_record(target, due, event, timeout, Record::Tracked(answer))
             .await
     }
 
@@ -131,11 +138,7 @@ impl Dispatcher {
         let traceparent = trace.as_ref().and_then(|t| t.header());
         let sent = (event, app_id, traceparent);
         let result = attempt(&self.client, &*self.clock, target, sent, timeout).await;
-        if let (false, Verdict::Delivered, Ok(body)) = (due.inline, &result.verdict, &result.body) {
-            if let Some(hook) = self.worker_answers.get() {
-                hook(target, event, body.clone());
-            }
-        }
+        let (record, keeping) = self.keeping(record, target, event, &result);
         let state = self.target_state(&target.name);
         let release = self.observe_health(target, &state, due.probe, &result);
         let unit: f64 = rand::thread_rng().gen();
@@ -148,6 +151,9 @@ impl Dispatcher {
             UnixMs(self.clock.now_ms()),
             unit,
         );
+        let unkept = keeping
+            .is_some()
+            .then(|| self.unkept(target, &due, started_ms, unit));
         let taken = (started, trace);
         self.observe_attempt(target, &due, event, &result, &settlement, taken);
         let this = self.clone();
@@ -156,6 +162,14 @@ impl Dispatcher {
             if release {
                 this.release_backlog(&name).await;
             }
+            let kept = match keeping {
+                Some(keeping) => keeping.await,
+                None => true,
+            };
+            let settlement = match unkept {
+                Some(unkept) if !kept => unkept,
+                _ => settlement,
+            };
             let settle = Settle {
                 lease: due.lease,
                 settlement,
@@ -163,10 +177,49 @@ impl Dispatcher {
             this.record(&name, &state.faults, vec![settle]).await;
         };
         match record {
-            Record::Awaited => write.await,
-            Record::Tracked => self.track(write),
+            Awaiting::Awaited => write.await,
+            Awaiting::Tracked => self.track(write),
         }
         result
+    }
+
+    /// The settlement of a delivered attempt whose answer the spool could
+    /// not keep: it is asked for again, as after a failure.
+    fn unkept(&self, target: &Target, due: &Due, started_ms: UnixMs, unit: f64) -> Settlement {
+        let verdict = Verdict::Retry {
+            error: "the answer could not be kept".into(),
+            retry_after: None,
+        };
+        let now = UnixMs(self.clock.now_ms());
+        let (id, schedule) = (due.delivery_id, due.schedule);
+        retry::decide(id, &target.retry, schedule, verdict, started_ms, now, unit)
+    }
+
+    /// What keeps a delivered attempt's answer before it is recorded: the
+    /// request path's, or the one told of every worker's answer.
+    fn keeping(
+        &self,
+        record: Record,
+        target: &Target,
+        event: &Event,
+        result: &Attempt,
+    ) -> (Awaiting, Option<Keeping>) {
+        let delivered = matches!(result.verdict, Verdict::Delivered);
+        match record {
+            Record::Tracked(answer) => {
+                let keeping = answer
+                    .filter(|_| delivered)
+                    .and_then(|answer| answer(result));
+                (Awaiting::Tracked, keeping)
+            }
+            Record::Awaited => {
+                let keeping = match (&result.body, self.worker_answers.get()) {
+                    (Ok(body), Some(hook)) if delivered => hook(target, event, body.clone()),
+                    _ => None,
+                };
+                (Awaiting::Awaited, keeping)
+            }
+        }
     }
 
     /// An attempt's metrics, log line and span (when traced), from what the

@@ -20,12 +20,14 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// A token this close to its expiry is fetched again before it is used:
-/// WeChat's stable token then already answers with the next one.
+/// WeChat's stable token then already answers with the next one. A token
+/// with a shorter life is fetched again half way through it.
 const REFRESH_AHEAD_MS: i64 = 5 * 60 * 1000;
 /// Any one call to WeChat's API, at most.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most of WeChat's answer that is read: its JSON is a few dozen bytes.
 const MAX_ANSWER: usize = 16 * 1024;
 
@@ -55,6 +57,10 @@ pub enum ApiError {
     /// The late reply's stored message does not read back.
     #[error("the stored message does not read back")]
     Unreadable,
+    /// The send's time ran out before its post: past it, its lease may have
+    /// ended and another sender may hold the late reply.
+    #[error("{path}: the send's time ran out before it was posted")]
+    TimeUp { path: &'static str },
 }
 
 impl ApiError {
@@ -101,19 +107,27 @@ impl WechatApi {
     }
 
     /// `POST {api_base}{path}?access_token=…` with `body`; on an invalid or
-    /// expired token, one fresh token and one more call.
+    /// expired token, one fresh token and one more call. No post starts
+    /// after `last_post`, and fetching the token (behind other fetches)
+    /// waits no longer than that.
     pub async fn call(
         &self,
         (account, api): (&Account, &AccountApi),
         path: &'static str,
         body: &Value,
+        last_post: Instant,
     ) -> Result<(), ApiError> {
-        let token = self.token(account, api, None).await?;
-        match self.post(api, path, &token, body).await {
+        let token = |refused| async move {
+            tokio::time::timeout_at(last_post, self.token(account, api, refused))
+                .await
+                .unwrap_or(Err(ApiError::TimeUp { path }))
+        };
+        let first = token(None).await?;
+        match self.post(api, path, &first, body, last_post).await {
             Err(ApiError::WeChat { errcode, .. }) if TOKEN_ERRCODES.contains(&errcode) => {
                 tracing::info!(account = %account.id, errcode, "access token refused; fetching a fresh one");
-                let fresh = self.token(account, api, Some(&token)).await?;
-                self.post(api, path, &fresh, body).await
+                let fresh = token(Some(&first)).await?;
+                self.post(api, path, &fresh, body, last_post).await
             }
             other => other,
         }
@@ -130,7 +144,7 @@ impl WechatApi {
         let (id, app_id) = (account.id.as_str(), account.app_id.as_str());
         let usable = |kept: &Option<ApiToken>, now: i64| {
             kept.as_ref()
-                .filter(|t| t.expires_at.0 - REFRESH_AHEAD_MS > now)
+                .filter(|t| t.expires_at.0 > now)
                 .filter(|t| Some(t.token.as_str()) != refused)
                 .map(|t| t.token.clone())
         };
@@ -145,7 +159,7 @@ impl WechatApi {
             return Ok(token);
         }
         let (token, expires_in) = self.fetch(app_id, api).await?;
-        let expires_at = UnixMs(self.clock.now_ms()) + Duration::from_secs(expires_in);
+        let expires_at = used_until(UnixMs(self.clock.now_ms()), expires_in);
         let fresh = ApiToken {
             account: id.to_owned(),
             token: token.clone(),
@@ -205,7 +219,11 @@ impl WechatApi {
         path: &'static str,
         token: &str,
         body: &Value,
+        last_post: Instant,
     ) -> Result<(), ApiError> {
+        if Instant::now() >= last_post {
+            return Err(ApiError::TimeUp { path });
+        }
         let url = joined(&api.api_base, path, Some(token));
         self.request(path, Method::POST, &url, Some(body))
             .await
@@ -262,6 +280,18 @@ impl WechatApi {
     }
 }
 
+/// Until when a token fetched at `fetched` that lives `expires_in` seconds
+/// is used: [`REFRESH_AHEAD_MS`] before it expires, or half way through a
+/// life shorter than twice that.
+fn used_until(fetched: UnixMs, expires_in: u64) -> UnixMs {
+    let life_ms = i64::try_from(expires_in.saturating_mul(1000)).unwrap_or(i64::MAX);
+    UnixMs(
+        fetched
+            .0
+            .saturating_add(life_ms - REFRESH_AHEAD_MS.min(life_ms / 2)),
+    )
+}
+
 /// `{base}{path}`, with the token as `access_token` when there is one.
 fn joined(base: &url::Url, path: &str, token: Option<&str>) -> String {
     let mut url = base.clone();
@@ -280,6 +310,10 @@ pub enum Failed {
     /// Worth another try later: WeChat busy (-1), a rate limit, the
     /// network, a 5xx.
     Transient,
+    /// The account's setup that WeChat refused: an IP not in the account's
+    /// allowlist (40164), a wrong secret (40125) or AppID (40013). The
+    /// operator can fix it: tried again, and alerted on.
+    Setup,
     /// Never going to work for this reply: outside the 48-hour window
     /// (45015), too many messages without an answer (45047), no permission
     /// (48001), an unknown user, any other errcode.
@@ -288,15 +322,21 @@ pub enum Failed {
 
 /// WeChat's errcodes that pass: system busy, API rate limits.
 const TRANSIENT_ERRCODES: [i64; 3] = [-1, 45009, 45011];
+/// WeChat's errcodes for the account's setup: the IP allowlist, the
+/// secret, the AppID.
+const SETUP_ERRCODES: [i64; 3] = [40164, 40125, 40013];
 
 pub fn classify(error: &ApiError) -> Failed {
     match error {
-        ApiError::Transport { .. } | ApiError::Answer { .. } => Failed::Transient,
+        ApiError::Transport { .. } | ApiError::Answer { .. } | ApiError::TimeUp { .. } => {
+            Failed::Transient
+        }
         ApiError::Status { status, .. } if *status >= 500 || *status == 429 => Failed::Transient,
         ApiError::Status { .. } | ApiError::NoApi | ApiError::Unreadable => Failed::Permanent,
         ApiError::WeChat { errcode, .. } if TRANSIENT_ERRCODES.contains(errcode) => {
             Failed::Transient
         }
+        ApiError::WeChat { errcode, .. } if SETUP_ERRCODES.contains(errcode) => Failed::Setup,
         // A token refused even fresh: the token source is at fault, and may recover.
         ApiError::WeChat { errcode, .. } if TOKEN_ERRCODES.contains(errcode) => Failed::Transient,
         ApiError::WeChat { .. } => Failed::Permanent,
@@ -329,6 +369,53 @@ mod tests {
         };
         assert_eq!(classify(&status(502)), Failed::Transient);
         assert_eq!(classify(&status(404)), Failed::Permanent);
+    }
+
+    /// A send whose lease has ended (another sender may hold it now) posts
+    /// nothing; one within it does.
+    #[tokio::test]
+    async fn no_post_starts_once_the_sends_time_is_up() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = url::Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let spool = crate::spool::SqliteSpool::open(&dir.path().join("s.db")).unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let api = WechatApi::new(crate::deliver::client(), Arc::new(spool), clock);
+        let to = AccountApi {
+            token_source: TokenSource::Url(base.clone()),
+            api_base: base,
+        };
+        let body = serde_json::json!({});
+        let ended = tokio::time::Instant::now();
+        let refused = api.post(&to, CUSTOM_SEND, "t", &body, ended).await;
+        assert_eq!(refused, Err(ApiError::TimeUp { path: CUSTOM_SEND }));
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let within = ended + Duration::from_secs(60);
+        let posted = api.post(&to, CUSTOM_SEND, "t", &body, within).await;
+        assert!(
+            matches!(posted, Err(ApiError::Transport { .. })),
+            "{posted:?}"
+        );
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A token is fetched again 5 minutes before it expires, or half way
+    /// through a shorter life: a token service's 200-second token is used.
+    #[test]
+    fn a_token_is_used_until_shortly_before_it_expires_however_short_its_life() {
+        let fetched = UnixMs(1_000_000);
+        assert_eq!(used_until(fetched, 7200), UnixMs(1_000_000 + 6_900_000));
+        assert_eq!(used_until(fetched, 600), UnixMs(1_000_000 + 300_000));
+        assert_eq!(used_until(fetched, 200), UnixMs(1_000_000 + 100_000));
+        assert!(used_until(fetched, 1) > fetched);
     }
 
     #[test]

@@ -40,9 +40,22 @@ use tokio::task::JoinSet;
 const POLL: Duration = Duration::from_secs(1);
 /// Late replies sent at once.
 const BATCH: usize = 8;
+/// How often late replies that are over are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3_600);
+/// How long a dead late reply stays for the operator (`dlq list`), and an
+/// untaken `next_message` one after it expired.
+const KEEP_OVER: Duration = Duration::from_secs(7 * 24 * 3_600);
+/// Late replies deleted per statement, and statements per prune: a large
+/// backlog never holds the spool's writer long.
+const PRUNE_BATCH: usize = 500;
+const PRUNE_BATCHES: usize = 20;
 /// How long a send holds its late reply: two API calls and a token fetch,
 /// with room to spare; a sender that dies leaves it to come due again.
 const HOLD: Duration = Duration::from_secs(60);
+/// The last post of a send starts this long before its hold ends, so that
+/// it is over (within [`api::CALL_TIMEOUT`]) while the send still holds the
+/// late reply: never sent beside another sender that leased it since.
+const LAST_POST_BEFORE_HOLD_ENDS: Duration = Duration::from_secs(15);
 
 /// What became of a late reply, as counted (`outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,10 +64,14 @@ pub enum Outcome {
     Sent,
     Given,
     Retried,
+    /// Retried, but WeChat refused the account's setup (the secret, the
+    /// AppID, the IP allowlist): the operator's to fix, so it alerts.
+    Refused,
     DeadLettered,
     /// The late answer was `success`, or no message WeChat can send.
     NoMessage,
-    /// The spool could not store it: the one way a late answer is lost.
+    /// The spool could not store it: that answer is lost, and its delivery
+    /// is tried again for another.
     Lost,
 }
 
@@ -65,6 +82,7 @@ impl Outcome {
             Outcome::Sent => "sent",
             Outcome::Given => "given",
             Outcome::Retried => "retried",
+            Outcome::Refused => "refused",
             Outcome::DeadLettered => "dead_lettered",
             Outcome::NoMessage => "no_message",
             Outcome::Lost => "lost",
@@ -124,12 +142,14 @@ impl Late {
         self.count((&to.account, to.channel), Outcome::NoMessage);
     }
 
-    /// Stores `message` durably for `to`, then wakes the sender. A late
-    /// reply the spool cannot store is lost: logged as an error and counted.
-    pub async fn keep(&self, to: &Addressed, message: &LateMessage) {
+    /// Stores `message` durably for `to`, then wakes the sender; false when
+    /// the spool cannot store it. That answer is lost (logged as an error
+    /// and counted), and its delivery is tried again for another.
+    pub async fn keep(&self, to: &Addressed, message: &LateMessage) -> bool {
         let now = UnixMs(self.clock.now_ms());
         let Ok(json) = serde_json::to_string(message) else {
-            return;
+            // A message of strings and lists always serialises.
+            return false;
         };
         let reply = NewLateReply {
             account: to.account.clone(),
@@ -154,10 +174,12 @@ impl Late {
                     "late reply stored"
                 );
                 self.wake.notify_one();
+                true
             }
             Err(e) => {
                 self.count((account, to.channel), Outcome::Lost);
-                tracing::error!(account, channel, user, error = %crate::error_chain(&e), "cannot store a late reply: it is lost");
+                tracing::error!(account, channel, user, error = %crate::error_chain(&e), "cannot store a late reply: this answer is lost, its delivery is tried again");
+                false
             }
         }
     }
@@ -175,7 +197,37 @@ impl Late {
         })
     }
 
-    /// Takes the late reply kept for `openid`'s next push to `account`.
+    /// Shows the failures the alert counts at 0 for every account and
+    /// channel the configuration sends late replies through: `increase()`
+    /// sees a first failure only on a series that was there before it.
+    pub fn show_failures(metrics: &Metrics, config: &Settings) {
+        let late_routes = config
+            .routes
+            .iter()
+            .filter(|r| r.late_reply != LateReply::None);
+        for route in late_routes {
+            let accounts = config.accounts.keys().filter(|id| {
+                route
+                    .matcher
+                    .account
+                    .as_ref()
+                    .is_none_or(|ids| ids.contains(id))
+            });
+            for account in accounts {
+                for outcome in [Outcome::Refused, Outcome::DeadLettered, Outcome::Lost] {
+                    let labels = [
+                        account.as_str(),
+                        route.late_reply.as_str(),
+                        outcome.as_str(),
+                    ];
+                    metrics.late_replies.with_label_values(&labels);
+                }
+            }
+        }
+    }
+
+    /// Takes the late reply kept for `openid`'s next push to `account`; one
+    /// that does not read back is taken all the same, and counted lost.
     pub async fn take_next(&self, account: &str, openid: &str) -> Option<LateMessage> {
         let now = UnixMs(self.clock.now_ms());
         let held = match self.spool.take_next_late(account, openid, now).await {
@@ -185,7 +237,18 @@ impl Late {
                 return None;
             }
         };
-        let message = serde_json::from_str::<LateMessage>(&held.message).ok()?;
+        // Taken already: one that does not read back is lost, and alerts.
+        let Ok(message) = serde_json::from_str::<LateMessage>(&held.message) else {
+            self.count((account, LateReply::NextMessage), Outcome::Lost);
+            let user = short_hash(openid);
+            tracing::error!(
+                account,
+                user,
+                late_reply = held.id.0,
+                "a kept late reply does not read back: it is lost"
+            );
+            return None;
+        };
         self.count((account, LateReply::NextMessage), Outcome::Given);
         self.observe_sent(&held);
         Some(message)
@@ -198,9 +261,10 @@ impl Late {
             return;
         };
         let body = serde_json::json!({ "touser": openid, "command": "Typing" });
+        let last_post = tokio::time::Instant::now() + api::CALL_TIMEOUT;
         if let Err(e) = self
             .api
-            .call((account, api), api::CUSTOM_TYPING, &body)
+            .call((account, api), api::CUSTOM_TYPING, &body, last_post)
             .await
         {
             tracing::info!(account = %account.id, error = %e, "typing not shown");
@@ -215,8 +279,13 @@ impl Late {
     /// Sends the `customer_service` late replies as they come due, until
     /// stopped.
     pub async fn send_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut pruned_at: Option<UnixMs> = None;
         loop {
             let now = UnixMs(self.clock.now_ms());
+            if pruned_at.is_none_or(|at| now >= at + PRUNE_EVERY) {
+                self.prune(now).await;
+                pruned_at = Some(now);
+            }
             match self.spool.lease_late(now, BATCH, HOLD).await {
                 Ok(held) if !held.is_empty() => {
                     let mut sends = JoinSet::new();
@@ -239,8 +308,33 @@ impl Late {
         }
     }
 
+    /// Deletes the late replies that are over (dead, or untaken and
+    /// expired) since [`KEEP_OVER`], in bounded batches.
+    async fn prune(&self, now: UnixMs) {
+        let cutoff = UnixMs(now.0 - KEEP_OVER.as_millis() as i64);
+        let mut pruned = 0;
+        for _ in 0..PRUNE_BATCHES {
+            match self.spool.prune_late(cutoff, PRUNE_BATCH).await {
+                Ok(n) => {
+                    pruned += n;
+                    if n < PRUNE_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot prune late replies");
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, "late replies that were over pruned");
+        }
+    }
+
     /// One send of a leased late reply, and its record.
     async fn send(self: Arc<Self>, held: HeldLateReply) {
+        let last_post = tokio::time::Instant::now() + (HOLD - LAST_POST_BEFORE_HOLD_ENDS);
         let config = self.config.load_full();
         let result = match (
             api_of(&config, &held.account),
@@ -250,7 +344,8 @@ impl Late {
             (_, Err(_)) => Err(ApiError::Unreadable),
             (Some(to), Ok(message)) => {
                 let body = message.custom_send(&held.openid);
-                self.api.call(to, api::CUSTOM_SEND, &body).await
+                let sent = self.api.call(to, api::CUSTOM_SEND, &body, last_post);
+                sent.await
             }
         };
         let now = UnixMs(self.clock.now_ms());
@@ -300,18 +395,21 @@ fn decide(
     let (errcode, errmsg) = (error.errcode(), error.errmsg());
     let policy = RetryPolicy::for_class(RetryClass::Durable);
     let next = policy.delay_after(held.attempts as usize + 1);
-    match (api::classify(&error), next) {
-        (Failed::Transient, Some(delay)) => (
-            Outcome::Retried,
+    let outcome = match api::classify(&error) {
+        Failed::Transient => Outcome::Retried,
+        Failed::Setup => Outcome::Refused,
+        Failed::Permanent => Outcome::DeadLettered,
+    };
+    match (outcome, next) {
+        (Outcome::Retried | Outcome::Refused, Some(delay)) => (
+            outcome,
             LateOutcome::Retry {
                 next_at: now + delay,
                 errcode,
                 errmsg,
             },
         ),
-        (Failed::Transient, None) | (Failed::Permanent, _) => {
-            (Outcome::DeadLettered, LateOutcome::Dead { errcode, errmsg })
-        }
+        _ => (Outcome::DeadLettered, LateOutcome::Dead { errcode, errmsg }),
     }
 }
 
@@ -367,5 +465,27 @@ mod tests {
             decide(&held(0), refused(48001), now),
             (Outcome::DeadLettered, dead)
         );
+    }
+
+    /// A wrong secret or AppID, or the relay's address missing from the
+    /// account's IP allowlist, is the operator's to fix: retried on the
+    /// durable schedule meanwhile, and counted apart so that it alerts.
+    #[test]
+    fn a_setup_the_operator_can_fix_is_retried_and_counted_as_refused() {
+        let now = UnixMs(1_000);
+        let first = RetryPolicy::for_class(RetryClass::Durable).delays[0];
+        for errcode in [40164, 40125, 40013] {
+            let (outcome, settle) = decide(&held(0), refused(errcode), now);
+            assert_eq!(outcome, Outcome::Refused, "{errcode}");
+            let retry = LateOutcome::Retry {
+                next_at: now + first,
+                errcode,
+                errmsg: format!("e{errcode}"),
+            };
+            assert_eq!(settle, retry, "{errcode}");
+        }
+        let last = RetryPolicy::for_class(RetryClass::Durable).delays.len() as u32;
+        let (outcome, _) = decide(&held(last), refused(40125), now);
+        assert_eq!(outcome, Outcome::DeadLettered, "the schedule is used up");
     }
 }

@@ -1738,3 +1738,64 @@ async fn postgres_a_large_intake_gets_fresh_statistics_without_autovacuum() {
     );
     spool.close().await;
 }
+
+/// Dead late replies, and `next_message` ones nobody took, go once they are
+/// older than the cutoff, a bounded batch at a time; pending ones that may
+/// still be sent or given stay.
+#[tokio::test]
+async fn old_dead_and_untaken_late_replies_are_pruned_in_batches() {
+    use crate::route::LateReply::{CustomerService, NextMessage};
+    for (name, spool, _cleanup) in spools().await {
+        let dead = LateOutcome::Dead {
+            errcode: 45015,
+            errmsg: "out of time".into(),
+        };
+        for (i, openid) in ["o1", "o2", "o3"].into_iter().enumerate() {
+            spool
+                .keep_late(late_reply(openid, CustomerService, 100))
+                .await
+                .unwrap();
+            let held = lease_at(&*spool, 100 + i as i64 * 2_000).await;
+            let settled = spool.settle_late(held[0].id, held[0].lease, dead.clone(), UnixMs(200));
+            assert!(settled.await.unwrap(), "{name}");
+        }
+        // Untaken: it expires at 1_100.
+        spool
+            .keep_late(late_reply("o4", NextMessage, 100))
+            .await
+            .unwrap();
+        // Still to be sent, and still fresh: never pruned.
+        spool
+            .keep_late(late_reply("o5", CustomerService, 50_000))
+            .await
+            .unwrap();
+        spool
+            .keep_late(late_reply("o6", NextMessage, 50_000))
+            .await
+            .unwrap();
+        assert_eq!(
+            spool.prune_late(UnixMs(150), 10).await.unwrap(),
+            0,
+            "{name}"
+        );
+        assert_eq!(
+            spool.prune_late(UnixMs(10_000), 2).await.unwrap(),
+            2,
+            "{name}"
+        );
+        assert_eq!(
+            spool.prune_late(UnixMs(10_000), 10).await.unwrap(),
+            2,
+            "{name}"
+        );
+        assert_eq!(
+            spool.prune_late(UnixMs(10_000), 10).await.unwrap(),
+            0,
+            "{name}"
+        );
+        assert!(spool.dead_late(10).await.unwrap().is_empty(), "{name}");
+        assert_eq!(lease_at(&*spool, 50_000).await.len(), 1, "{name}");
+        let fresh = spool.take_next_late("main", "o6", UnixMs(50_100)).await;
+        assert!(fresh.unwrap().is_some(), "{name}");
+    }
+}

@@ -99,6 +99,8 @@ pub struct DeadLateReply {
 pub struct ApiToken {
     pub account: String,
     pub token: String,
+    /// When the relay stops using it: ahead of WeChat's expiry, so that no
+    /// call carries a token about to expire.
     pub expires_at: UnixMs,
 }
 
@@ -137,6 +139,10 @@ pub trait LateReplies: Send + Sync + 'static {
     ) -> SpoolFuture<Option<HeldLateReply>>;
     /// The late replies that could not be sent, oldest first.
     fn dead_late(&self, limit: usize) -> SpoolFuture<Vec<DeadLateReply>>;
+    /// Deletes up to `batch` late replies that are over: dead ones dead by
+    /// `cutoff`, and `next_message` ones nobody took that expired by then.
+    /// How many went.
+    fn prune_late(&self, cutoff: UnixMs, batch: usize) -> SpoolFuture<u64>;
     fn api_token(&self, account: &str) -> SpoolFuture<Option<ApiToken>>;
     fn keep_api_token(&self, token: ApiToken) -> SpoolFuture<()>;
 }
@@ -204,6 +210,13 @@ pub(super) const TAKE_NEXT_POSTGRES: &str = take_next!("FOR UPDATE SKIP LOCKED")
 pub(super) const DEAD_LATE_LIST: &str = "SELECT id, account, openid, channel, attempts,
      errcode, errmsg, pushed_at, dead_at
      FROM late_replies WHERE state = 'dead' ORDER BY id LIMIT $1";
+
+/// `$1` the cutoff, `$2` the batch.
+pub(super) const PRUNE_LATE: &str = "DELETE FROM late_replies WHERE id IN (
+     SELECT id FROM late_replies
+     WHERE (state = 'dead' AND dead_at <= $1)
+        OR (state = 'pending' AND channel = 'next_message' AND expires_at <= $1)
+     ORDER BY id LIMIT $2)";
 
 pub(super) const API_TOKEN: &str =
     "SELECT account, token, expires_at FROM api_tokens WHERE account = $1";

@@ -13,13 +13,14 @@
 //! | text | `Content` | `text {content}` |
 //! | image | `Image/MediaId` | `image {media_id}` |
 //! | voice | `Voice/MediaId` | `voice {media_id}` |
-//! | video | `Video/{MediaId, Title, Description}` | `video {media_id, thumb_media_id, title, description}` |
+//! | video | `Video/{MediaId, ThumbMediaId?, Title, Description}` | `video {media_id, thumb_media_id?, title, description}` |
 //! | music | `Music/{Title, Description, MusicUrl, HQMusicUrl, ThumbMediaId}` | `music {title, description, musicurl, hqmusicurl, thumb_media_id}` |
-//! | news | `Articles/item/{Title, Description, PicUrl, Url}` | `news {articles: [{title, description, url, picurl}]}` |
+//! | news | `Articles/item/{Title, Description, PicUrl, Url}` | `news {articles: [{title, description, url, picurl}]}`, the first article only |
 //!
-//! A passive video reply has no thumbnail; the Customer Service JSON then
-//! carries the video's own media id as `thumb_media_id`, the field WeChat
-//! requires. `transfer_customer_service` hands the conversation to a human
+//! A passive video reply has no thumbnail: the Customer Service JSON
+//! carries `thumb_media_id` only when the target's reply had one (a video's
+//! own media id is no image, and WeChat would show a broken cover).
+//! `transfer_customer_service` hands the conversation to a human
 //! agent: it is no message, and has no late form.
 
 use super::message::{cdata_element, Message, Node};
@@ -41,6 +42,10 @@ pub enum LateMessage {
     },
     Video {
         media_id: String,
+        /// The target's `ThumbMediaId`, when its reply had one: a passive
+        /// video reply has no thumbnail, and none is made up.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        thumb_media_id: Option<String>,
         title: String,
         description: String,
     },
@@ -96,6 +101,7 @@ impl LateMessage {
                 let video = child("Video").ok_or(NoLateForm::Missing("Video"))?;
                 LateMessage::Video {
                     media_id: media_id(Some(video), "Video")?,
+                    thumb_media_id: Some(field(video, "ThumbMediaId")).filter(|t| !t.is_empty()),
                     title: field(video, "Title"),
                     description: field(video, "Description"),
                 }
@@ -137,17 +143,20 @@ impl LateMessage {
             LateMessage::Voice { media_id } => ("voice", json!({ "media_id": media_id })),
             LateMessage::Video {
                 media_id,
+                thumb_media_id,
                 title,
                 description,
-            } => (
-                "video",
-                json!({
+            } => {
+                let mut video = json!({
                     "media_id": media_id,
-                    "thumb_media_id": media_id,
                     "title": title,
                     "description": description,
-                }),
-            ),
+                });
+                if let Some(thumb) = thumb_media_id {
+                    video["thumb_media_id"] = Value::from(thumb.as_str());
+                }
+                ("video", video)
+            }
             LateMessage::Music {
                 title,
                 description,
@@ -165,8 +174,10 @@ impl LateMessage {
                 }),
             ),
             LateMessage::News { articles } => {
+                // `custom/send` refuses more than one article (45008).
                 let articles: Vec<Value> = articles
                     .iter()
+                    .take(1)
                     .map(|a| {
                         json!({
                             "title": a.title,
@@ -204,11 +215,16 @@ impl LateMessage {
             }
             LateMessage::Video {
                 media_id,
+                thumb_media_id,
                 title,
                 description,
             } => format!(
-                "<Video>{}{}{}</Video>",
+                "<Video>{}{}{}{}</Video>",
                 cdata_element("MediaId", media_id),
+                // Given back as the target wrote it.
+                thumb_media_id
+                    .as_deref()
+                    .map_or_else(String::new, |t| cdata_element("ThumbMediaId", t)),
                 cdata_element("Title", title),
                 cdata_element("Description", description)
             ),
@@ -328,7 +344,15 @@ mod tests {
                 "<Video><MediaId><![CDATA[vid_1]]></MediaId><Title><![CDATA[T]]></Title>\
                  <Description><![CDATA[D]]></Description></Video>",
                 json!({"touser": "o_user", "msgtype": "video", "video": {
-                    "media_id": "vid_1", "thumb_media_id": "vid_1", "title": "T", "description": "D"}}),
+                    "media_id": "vid_1", "title": "T", "description": "D"}}),
+            ),
+            // A thumbnail the target gave is carried; none is made up.
+            (
+                "video",
+                "<Video><MediaId><![CDATA[vid_1]]></MediaId><ThumbMediaId><![CDATA[th_2]]></ThumbMediaId>\
+                 <Title><![CDATA[T]]></Title><Description><![CDATA[D]]></Description></Video>",
+                json!({"touser": "o_user", "msgtype": "video", "video": {
+                    "media_id": "vid_1", "thumb_media_id": "th_2", "title": "T", "description": "D"}}),
             ),
             (
                 "music",
@@ -341,6 +365,16 @@ mod tests {
             ),
             (
                 "news",
+                "<ArticleCount>1</ArticleCount><Articles>\
+                 <item><Title><![CDATA[A]]></Title><Description><![CDATA[a]]></Description>\
+                 <PicUrl><![CDATA[http://p/a.jpg]]></PicUrl><Url><![CDATA[http://u/a]]></Url></item>\
+                 </Articles>",
+                json!({"touser": "o_user", "msgtype": "news", "news": {"articles": [
+                    {"title": "A", "description": "a", "url": "http://u/a", "picurl": "http://p/a.jpg"}]}}),
+            ),
+            // `custom/send` takes one article (45008 otherwise): the first.
+            (
+                "news",
                 "<ArticleCount>2</ArticleCount><Articles>\
                  <item><Title><![CDATA[A]]></Title><Description><![CDATA[a]]></Description>\
                  <PicUrl><![CDATA[http://p/a.jpg]]></PicUrl><Url><![CDATA[http://u/a]]></Url></item>\
@@ -348,8 +382,7 @@ mod tests {
                  <PicUrl><![CDATA[http://p/b.jpg]]></PicUrl><Url><![CDATA[http://u/b]]></Url></item>\
                  </Articles>",
                 json!({"touser": "o_user", "msgtype": "news", "news": {"articles": [
-                    {"title": "A", "description": "a", "url": "http://u/a", "picurl": "http://p/a.jpg"},
-                    {"title": "B", "description": "b", "url": "http://u/b", "picurl": "http://p/b.jpg"}]}}),
+                    {"title": "A", "description": "a", "url": "http://u/a", "picurl": "http://p/a.jpg"}]}}),
             ),
         ];
         for (msg_type, body, expected) in table {

@@ -297,6 +297,29 @@ impl Message {
         self.get("Event")
     }
 
+    /// Whether WeChat shows the user a passive reply to this push: one to a
+    /// message the user sent, or to a follow, a scan, a menu click or a
+    /// scan that waits for its answer. A reply to anything else (an
+    /// unfollow, a menu link, a location report, a job's receipt) is
+    /// accepted and shown to no one.
+    pub fn shows_a_reply(&self) -> bool {
+        const MESSAGES: [&str; 7] = [
+            "text",
+            "image",
+            "voice",
+            "video",
+            "shortvideo",
+            "location",
+            "link",
+        ];
+        const EVENTS: [&str; 4] = ["subscribe", "SCAN", "CLICK", "scancode_waitmsg"];
+        match (self.msg_type(), self.event()) {
+            (Some("event"), Some(event)) => EVENTS.contains(&event),
+            (Some(msg_type), _) => MESSAGES.contains(&msg_type),
+            (None, _) => false,
+        }
+    }
+
     pub fn event_key(&self) -> Option<&str> {
         self.get("EventKey")
     }
@@ -656,6 +679,45 @@ mod tests {
         <FromUserName><![CDATA[oUser]]></FromUserName>\n<CreateTime>1716999972</CreateTime>\n\
         <MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[SCAN]]></Event>\n\
         <EventKey><![CDATA[login:7f3c]]></EventKey>\n<Ticket><![CDATA[T1]]></Ticket>\n</xml>";
+
+    #[test]
+    fn a_reply_is_shown_to_user_messages_and_to_follows_scans_and_clicks_only() {
+        let push = |msg_type: &str, event: &str| {
+            let xml = format!("<xml><MsgType>{msg_type}</MsgType><Event>{event}</Event></xml>");
+            parse(&xml).unwrap().shows_a_reply()
+        };
+        let shown = [
+            "text",
+            "image",
+            "voice",
+            "video",
+            "shortvideo",
+            "location",
+            "link",
+        ];
+        for msg_type in shown {
+            assert!(push(msg_type, ""), "{msg_type}");
+        }
+        for event in ["subscribe", "SCAN", "CLICK", "scancode_waitmsg"] {
+            assert!(push("event", event), "{event}");
+        }
+        let unseen = [
+            "unsubscribe",
+            "VIEW",
+            "LOCATION",
+            "TEMPLATESENDJOBFINISH",
+            "MASSSENDJOBFINISH",
+            "scancode_push",
+            "view_miniprogram",
+        ];
+        for event in unseen {
+            assert!(!push("event", event), "{event}");
+        }
+        assert!(!push("device_event", ""));
+        assert!(!parse("<xml><Content>hi</Content></xml>")
+            .unwrap()
+            .shows_a_reply());
+    }
 
     #[test]
     fn login_events_are_told_apart_by_event_and_scene() {

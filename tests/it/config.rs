@@ -1442,3 +1442,30 @@ fn late_replies_are_checked_at_their_keys_and_the_secret_is_never_shown() {
     let err = Settings::from_toml_str(&env).unwrap_err();
     assert_has(&err, "accounts.main.api.app_secret_file", "cannot read");
 }
+
+/// The access token and the secret travel to `api_base` and `token_url`:
+/// plain http is taken only for a loopback host (a local token service, a
+/// test), and refused at the key otherwise.
+#[test]
+fn the_api_and_the_token_service_are_reached_over_https_unless_on_loopback() {
+    let api = "\n[accounts.main.api]\napp_secret = \"s\"\n";
+    let with = |line: &str| format!("{VALID}{api}{line}\n");
+    for ok in [
+        "api_base = \"https://api.weixin.qq.com\"",
+        "api_base = \"http://127.0.0.1:8080\"",
+        "api_base = \"http://[::1]:8080\"",
+        "api_base = \"http://localhost:8080\"",
+    ] {
+        assert!(Settings::from_toml_str(&with(ok)).is_ok(), "{ok}");
+    }
+    let err =
+        Settings::from_toml_str(&with("api_base = \"http://api.weixin.qq.com\"")).unwrap_err();
+    assert_has(&err, "accounts.main.api.api_base", "https");
+    let url = "\n[accounts.main.api]\ntoken_source = \"url\"\n";
+    let service = |line: &str| format!("{VALID}{url}{line}\n");
+    let err =
+        Settings::from_toml_str(&service("token_url = \"http://tokens.internal/t\"")).unwrap_err();
+    assert_has(&err, "accounts.main.api.token_url", "https");
+    assert!(Settings::from_toml_str(&service("token_url = \"http://127.0.0.1:9/t\"")).is_ok());
+    assert!(Settings::from_toml_str(&service("token_url = \"https://tokens.internal/t\"")).is_ok());
+}

@@ -55,10 +55,22 @@ fn late_sections(broker: &str, api_base: &str, late: &str) -> String {
 /// A text message from `openid` to the secure account, sealed and signed as
 /// WeChat sends it at `now_secs`: the same path and body for each re-send.
 fn text_from(g: &Value, now_secs: i64, openid: &str, msg_id: u64) -> (String, String) {
+    let fields = format!(
+        "<MsgType><![CDATA[text]]></MsgType><Content><![CDATA[question {msg_id}]]></Content><MsgId>{msg_id}</MsgId>"
+    );
+    push_from(g, (now_secs, openid, msg_id), &fields)
+}
+
+/// A push from `openid` with these `fields`, sealed and signed as WeChat
+/// sends it at `now_secs`; `msg_id` tells one push's nonce from another's.
+fn push_from(
+    g: &Value,
+    (now_secs, openid, msg_id): (i64, &str, u64),
+    fields: &str,
+) -> (String, String) {
     let xml = format!(
         "<xml><ToUserName><![CDATA[{ACCOUNT_ID}]]></ToUserName><FromUserName><![CDATA[{openid}]]></FromUserName>\
-         <CreateTime>{now_secs}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
-         <Content><![CDATA[question {msg_id}]]></Content><MsgId>{msg_id}</MsgId></xml>"
+         <CreateTime>{now_secs}</CreateTime>{fields}</xml>"
     );
     let key = aes(g);
     let nonce = format!("{msg_id}{}", openid.len());
@@ -259,41 +271,62 @@ async fn a_refused_token_is_fetched_again_once_and_the_send_goes_through() {
 #[tokio::test]
 async fn a_send_outside_the_48_hour_window_is_a_dead_letter_with_its_errcode() {
     let g = generated();
-    let api = FakeWechatApi::start(app_id(&g), SECRET).await;
-    api.fail_sends(45015);
-    let broker = FakeTarget::start().await;
-    let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service");
-    let relay = TestRelay::start(&toml, reference_now(&g)).await;
-    one_late_answer(&relay, &g, &broker, "o_gone").await;
-    let late = relay.opened.late_replies();
-    let dead = || async { !late.dead_late(10).await.unwrap().is_empty() };
-    assert!(eventually(WAIT, dead).await, "{:?}", api.log());
-    let letters = late.dead_late(10).await.unwrap();
-    assert_eq!((letters[0].errcode, letters[0].attempts), (45015, 1));
-    assert_eq!(letters[0].errmsg, "refused with 45015");
-    assert!(api.sent().is_empty());
-    let metrics = relay.metrics().await;
-    assert_eq!(
-        late_count(&metrics, "customer_service", "dead_lettered"),
-        1.0
-    );
+    let (relay, toml) = refused_with(&g, 45015, "o_gone").await;
     // The operator sees it among the dead letters.
-    std::fs::write(relay.config_path(), &toml).unwrap();
     let spool = format!("[spool]\npath = \"{}\"\n", relay.spool_path.display());
     std::fs::write(relay.config_path(), format!("{toml}\n{spool}")).unwrap();
-    let (code, out) = common::wxrelay(vec![
-        "dlq".into(),
-        "list".into(),
-        "--config".into(),
-        relay.config_path().display().to_string(),
-    ])
-    .await;
+    let dlq = |verb: &str, all: bool| {
+        let mut args = vec!["dlq".into(), verb.into(), "--config".into()];
+        args.push(relay.config_path().display().to_string());
+        args.extend(all.then(|| "--all".to_owned()));
+        common::wxrelay(args)
+    };
+    let (code, out) = dlq("list", false).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("45015") && out.contains("customer_service"),
         "{out}"
     );
     assert!(!out.contains("o_gone"), "the OpenID is hashed: {out}");
+    // And purges it with the rest.
+    let (code, out) = dlq("purge", true).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("1 late reply deleted"), "{out}");
+    let late = relay.opened.late_replies();
+    assert!(late.dead_late(10).await.unwrap().is_empty());
+    relay.stop().await;
+}
+
+/// A relay whose late reply to `openid` WeChat refuses with `errcode`, once
+/// it is a dead letter with that errcode after one attempt; and its config.
+async fn refused_with(g: &Value, errcode: i64, openid: &str) -> (TestRelay, String) {
+    let api = FakeWechatApi::start(app_id(g), SECRET).await;
+    api.fail_sends(errcode);
+    let broker = FakeTarget::start().await;
+    let toml = late_config(g, &broker.url("/think"), &api.base(), "customer_service");
+    let relay = TestRelay::start(&toml, reference_now(g)).await;
+    one_late_answer(&relay, g, &broker, openid).await;
+    let late = relay.opened.late_replies();
+    let dead = || async { !late.dead_late(10).await.unwrap().is_empty() };
+    assert!(eventually(WAIT, dead).await, "{:?}", api.log());
+    let letters = late.dead_late(10).await.unwrap();
+    assert_eq!((letters[0].errcode, letters[0].attempts), (errcode, 1));
+    assert_eq!(letters[0].errmsg, format!("refused with {errcode}"));
+    assert!(api.sent().is_empty());
+    let metrics = relay.metrics().await;
+    assert_eq!(
+        late_count(&metrics, "customer_service", "dead_lettered"),
+        1.0
+    );
+    (relay, toml)
+}
+
+/// An account without the Customer Service API (unverified): WeChat's 48001
+/// is final, a dead letter that says so.
+#[tokio::test]
+async fn an_account_without_the_customer_service_api_is_a_dead_letter_with_48001() {
+    let g = generated();
+    let (relay, _) = refused_with(&g, 48001, "o_unverified").await;
     relay.stop().await;
 }
 
@@ -404,21 +437,28 @@ async fn one_token_fetch_serves_two_replicas() {
 }
 
 /// WeChat issues a token for the account's AppID and secret only: a wrong
-/// secret is a dead letter with WeChat's errcode, the secret in no log line.
+/// secret is the operator's to fix, so the reply is kept and retried with
+/// WeChat's errcode, and counted as refused (which alerts).
 #[tokio::test]
-async fn a_wrong_secret_gets_no_token_and_the_reply_is_a_dead_letter() {
+async fn a_wrong_secret_gets_no_token_and_the_reply_waits_for_the_fix() {
     let g = generated();
+    let logs = common::logs::logs();
     let api = FakeWechatApi::start(app_id(&g), "the-right-secret").await;
     let broker = FakeTarget::start().await;
     let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service");
     let relay = TestRelay::start(&toml, reference_now(&g)).await;
     one_late_answer(&relay, &g, &broker, "o_secret").await;
+    let refused =
+        || async { late_count(&relay.metrics().await, "customer_service", "refused") == 1.0 };
+    assert!(eventually(WAIT, refused).await, "{:?}", api.log());
     let late = relay.opened.late_replies();
-    let dead = || async { !late.dead_late(10).await.unwrap().is_empty() };
-    assert!(eventually(WAIT, dead).await, "{:?}", api.log());
-    assert_eq!(late.dead_late(10).await.unwrap()[0].errcode, 40125);
+    assert!(late.dead_late(10).await.unwrap().is_empty(), "not final");
     assert_eq!(api.token_fetches(), 0);
     assert!(api.sent().is_empty());
+    let logged = logs.text();
+    assert!(logged.contains("late reply not sent"), "{logged}");
+    assert!(!logged.contains(SECRET), "the secret is in no log line");
+    assert!(!logged.contains("o_secret"), "the OpenID is hashed");
     relay.stop().await;
 }
 
@@ -480,5 +520,171 @@ async fn a_token_service_url_is_where_the_token_comes_from() {
         "{log:?}"
     );
     assert!(!log.iter().any(|l| l.contains("stable_token")), "{log:?}");
+    relay.stop().await;
+}
+
+/// A late answer the spool cannot store is not recorded as delivered: the
+/// delivery is tried again, and that answer reaches the user. At least
+/// once, never lost between the delivery's record and the late reply's.
+#[tokio::test]
+async fn a_late_answer_the_spool_could_not_store_is_asked_again_and_reaches_the_user() {
+    let g = generated();
+    let api = FakeWechatApi::start(app_id(&g), SECRET).await;
+    let broker = FakeTarget::start().await;
+    broker.set_default(answers(&reply_to("o_again", "stored at last")));
+    let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service");
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    // The spool refuses late replies for a while: a full disk, a lock.
+    let file = rusqlite::Connection::open(&relay.spool_path).unwrap();
+    file.execute_batch(
+        "CREATE TRIGGER refuse_late BEFORE INSERT ON late_replies \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    one_late_answer(&relay, &g, &broker, "o_again").await;
+    let lost = || async { late_count(&relay.metrics().await, "customer_service", "lost") == 1.0 };
+    assert!(eventually(WAIT, lost).await);
+    file.execute_batch("DROP TRIGGER refuse_late;").unwrap();
+
+    relay.clock.advance_ms(60_000);
+    assert!(
+        broker.wait_for(2, WAIT).await,
+        "the delivery is tried again"
+    );
+    assert!(
+        eventually(WAIT, || async { !api.sent().is_empty() }).await,
+        "{:?}",
+        api.log()
+    );
+    let text =
+        json!({"touser": "o_again", "msgtype": "text", "text": {"content": "stored at last"}});
+    assert_eq!(api.sent(), vec![text]);
+    relay.stop().await;
+}
+
+/// A relay on `next_message` that keeps one late reply for `openid`, with
+/// the fake API and the target it needs running.
+async fn kept_for_next_message(g: &Value, openid: &str) -> (TestRelay, FakeWechatApi, FakeTarget) {
+    let api = FakeWechatApi::start(app_id(g), SECRET).await;
+    let broker = FakeTarget::start().await;
+    broker.set_default(Behaviour::status(200));
+    let toml = late_config(g, &broker.url("/think"), &api.base(), "next_message");
+    let relay = TestRelay::start(&toml, reference_now(g)).await;
+    one_late_answer(&relay, g, &broker, openid).await;
+    let stored = || async { late_count(&relay.metrics().await, "next_message", "stored") == 1.0 };
+    assert!(eventually(WAIT, stored).await);
+    (relay, api, broker)
+}
+
+/// A kept late reply waits for a push whose passive reply the user sees: an
+/// unfollow, a menu link, a location report or a template's receipt
+/// (WeChat shows no reply to those) leaves it for the user's next message.
+#[tokio::test]
+async fn a_kept_late_reply_waits_for_a_push_the_user_sees_the_answer_to() {
+    let g = generated();
+    let (relay, _api, _broker) = kept_for_next_message(&g, "o_unseen").await;
+
+    let now = reference_now(&g);
+    let unseen = [
+        "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[unsubscribe]]></Event><EventKey><![CDATA[]]></EventKey>",
+        "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[VIEW]]></Event><EventKey><![CDATA[https://example.com/]]></EventKey>",
+        "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[LOCATION]]></Event><Latitude>23.1</Latitude><Longitude>113.3</Longitude><Precision>65</Precision>",
+        "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event><MsgID>200163836</MsgID><Status><![CDATA[success]]></Status>",
+    ];
+    for (i, fields) in unseen.into_iter().enumerate() {
+        let (path, body) = push_from(&g, (now + 1 + i as i64, "o_unseen", 20 + i as u64), fields);
+        let answer = relay.post(&path, body).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.text()),
+            (200, "success".into()),
+            "{fields}"
+        );
+    }
+    let (path, body) = text_from(&g, now + 10, "o_unseen", 30);
+    let next = relay.post(&path, body).await;
+    let envelope = Message::parse(&next.body).expect("a sealed reply");
+    let sealed = envelope.get("Encrypt").expect("sealed");
+    let reply = Message::parse(decrypt(&aes(&g), sealed, app_id(&g)).unwrap().as_bytes()).unwrap();
+    assert_eq!(reply.get("Content"), Some("late"));
+    let metrics = relay.metrics().await;
+    assert_eq!(late_count(&metrics, "next_message", "given"), 1.0);
+    relay.stop().await;
+}
+
+/// Whether the exposition has the late-reply series of the secure account
+/// for `channel` and `outcome`, at any value.
+fn late_series_shown(metrics: &str, channel: &str, outcome: &str) -> bool {
+    metrics.lines().any(|l| {
+        l.starts_with(&format!("{LATE}{{"))
+            && l.contains("account=\"secure\"")
+            && l.contains(&format!("channel=\"{channel}\""))
+            && l.contains(&format!("outcome=\"{outcome}\""))
+    })
+}
+
+/// The failures the alert counts are shown at 0 before the first one, from
+/// the start and after a reload: `increase()` sees the first failure only
+/// on a series that existed before it.
+#[tokio::test]
+async fn late_reply_failures_are_shown_at_zero_before_the_first() {
+    let g = generated();
+    let api = FakeWechatApi::start(app_id(&g), SECRET).await;
+    let broker = FakeTarget::start().await;
+    let toml = late_config(&g, &broker.url("/think"), &api.base(), "customer_service");
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    let metrics = relay.metrics().await;
+    for outcome in ["refused", "dead_lettered", "lost"] {
+        assert!(
+            late_series_shown(&metrics, "customer_service", outcome),
+            "{outcome}"
+        );
+    }
+    assert_eq!(
+        late_count(&metrics, "customer_service", "dead_lettered"),
+        0.0
+    );
+    assert!(!late_series_shown(&metrics, "next_message", "lost"));
+
+    let reloaded = late_config(&g, &broker.url("/think"), &api.base(), "next_message");
+    std::fs::write(relay.config_path(), reloaded).unwrap();
+    let answer = relay.admin(Method::POST, "/admin/reload", None).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let metrics = relay.metrics().await;
+    assert!(late_series_shown(&metrics, "next_message", "lost"));
+    relay.stop().await;
+}
+
+/// A kept reply that no longer reads back (a damaged row) is taken all the
+/// same, and counted lost, which alerts: the user's push is answered as
+/// usual.
+#[tokio::test]
+async fn a_kept_reply_that_does_not_read_back_is_counted_lost() {
+    let g = generated();
+    let (relay, _api, _broker) = kept_for_next_message(&g, "o_damaged").await;
+    let file = rusqlite::Connection::open(&relay.spool_path).unwrap();
+    let damaged = file
+        .execute("UPDATE late_replies SET message = 'not a message'", [])
+        .unwrap();
+    assert_eq!(damaged, 1);
+
+    let (path, body) = text_from(&g, reference_now(&g) + 5, "o_damaged", 40);
+    assert_eq!(relay.post(&path, body).await.text(), "success");
+    let metrics = relay.metrics().await;
+    assert_eq!(late_count(&metrics, "next_message", "lost"), 1.0);
+    assert_eq!(late_count(&metrics, "next_message", "given"), 0.0);
+    relay.stop().await;
+}
+
+/// Dead late replies are kept a week for the operator, then pruned: the
+/// spool does not grow with them.
+#[tokio::test]
+async fn a_dead_late_reply_is_pruned_after_a_week() {
+    let g = generated();
+    // A dead letter, listed (the relay prunes from its start on).
+    let (relay, _) = refused_with(&g, 45015, "o_pruned").await;
+    let late = relay.opened.late_replies();
+    relay.clock.advance_ms(8 * 24 * 3_600_000);
+    let pruned = || async { late.dead_late(10).await.unwrap().is_empty() };
+    assert!(eventually(WAIT, pruned).await);
     relay.stop().await;
 }

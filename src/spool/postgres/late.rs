@@ -125,6 +125,13 @@ impl LateReplies for PostgresSpool {
         })
     }
 
+    fn prune_late(&self, cutoff: UnixMs, batch: usize) -> SpoolFuture<u64> {
+        let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+        self.with_client("prune late replies", move |c| {
+            Box::pin(async move { execute(c, late::PRUNE_LATE, vec![&cutoff.0, &batch]).await })
+        })
+    }
+
     fn api_token(&self, account: &str) -> SpoolFuture<Option<ApiToken>> {
         let account = account.to_owned();
         self.with_client("api token", move |c| {

@@ -17,6 +17,7 @@ pub(in crate::spool) enum LateCommand {
     Settle(LateReplyId, LeaseToken, LateOutcome, UnixMs, Reply<bool>),
     TakeNext(String, String, UnixMs, Reply<Option<HeldLateReply>>),
     Dead(usize, Reply<Vec<DeadLateReply>>),
+    Prune(UnixMs, usize, Reply<u64>),
     Token(String, Reply<Option<ApiToken>>),
     KeepToken(ApiToken, Reply<()>),
 }
@@ -34,6 +35,7 @@ pub(super) fn fail(cmd: LateCommand, err: SpoolError) {
         LateCommand::Settle(_, _, _, _, r) => drop(r.send(Err(err))),
         LateCommand::TakeNext(_, _, _, r) => drop(r.send(Err(err))),
         LateCommand::Dead(_, r) => drop(r.send(Err(err))),
+        LateCommand::Prune(_, _, r) => drop(r.send(Err(err))),
         LateCommand::Token(_, r) => drop(r.send(Err(err))),
         LateCommand::KeepToken(_, r) => drop(r.send(Err(err))),
     }
@@ -88,6 +90,14 @@ pub(super) fn apply(
                     late::dead(row)
                 }),
             )
+        }
+        LateCommand::Prune(cutoff, batch, r) => {
+            let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+            let pruned = in_savepoint(tx, savepoint, |c| {
+                c.prepare_cached(&numbered(late::PRUNE_LATE))?
+                    .execute(params![cutoff.0, batch])
+            });
+            deferred(r, pruned.map(|n| n as u64))
         }
         LateCommand::Token(account, r) => {
             let rows = read_rows(tx, &numbered(late::API_TOKEN), params![account], |row| {

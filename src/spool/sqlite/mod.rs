@@ -316,6 +316,10 @@ impl LateReplies for SqliteSpool {
         self.submit(|r| Command::Late(LateCommand::Dead(limit, r)))
     }
 
+    fn prune_late(&self, cutoff: UnixMs, batch: usize) -> SpoolFuture<u64> {
+        self.submit(|r| Command::Late(LateCommand::Prune(cutoff, batch, r)))
+    }
+
     fn api_token(&self, account: &str) -> SpoolFuture<Option<ApiToken>> {
         let account = account.to_owned();
         self.submit(|r| Command::Late(LateCommand::Token(account, r)))
