@@ -245,6 +245,7 @@ impl Relay {
             clock,
             metrics,
             reloader: reloader.clone(),
+            trail: spool.trail(),
         });
         let admin_handler = move |req: Request<Incoming>| admin::serve(admin_routes.clone(), req);
         listeners.spawn(server::serve(
