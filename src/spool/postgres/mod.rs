@@ -415,16 +415,24 @@ type BoxedOp<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, SpoolError
 
 impl PostgresSpool {
     /// Turns the trail on with `setup`, its key the configured one or,
-    /// without one, the key kept in the database (made now if there is none).
+    /// without one, the key kept in the database (made now if there is
+    /// none). A relay starts while the database is away: it then reads the
+    /// key once the database is back, and writes the trail from then on.
     pub async fn start_trail(&self, setup: TrailSetup) -> Result<(), SpoolError> {
-        let key = match setup.key.clone() {
-            Some(key) => key,
-            None => {
-                self.with_client("trail key", |c| Box::pin(trail::stored_key(c)))
-                    .await?
+        if let Some(key) = setup.key.clone() {
+            self.trail.store(Some(Arc::new(setup.store(key))));
+            return Ok(());
+        }
+        let read = self.with_client("trail key", |c| Box::pin(trail::stored_key(c)));
+        match read.await {
+            Ok(key) => self.trail.store(Some(Arc::new(setup.store(key)))),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot read the trail's key yet: the trail starts once the database answers");
+                let (pool, slot) = (self.pool.clone(), self.trail.clone());
+                let task = trail::key_when_reachable(pool, slot, setup);
+                self.supervision.spawn_brief("postgres trail key", task);
             }
-        };
-        self.trail.store(Some(Arc::new(setup.store(key))));
+        }
         Ok(())
     }
 }
