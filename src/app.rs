@@ -123,13 +123,17 @@ type Spools = (OpenSpool, Option<OpenSpool>);
 /// The spool passed in, or the configured one, which the relay then owns
 /// and closes at shutdown. A PostgreSQL schema is brought up to date first.
 async fn open_spool(given: Option<OpenSpool>, settings: &Settings) -> Result<Spools, StartError> {
-    Ok(match given {
+    let spools = match given {
         Some(spool) => (spool, None),
         None => {
             let opened = OpenSpool::open(&settings.spool, OnOpen::MigrateWhenReachable).await?;
             (opened.clone(), Some(opened))
         }
-    })
+    };
+    if settings.trail.enabled {
+        spools.0.start_trail(settings.trail.setup()).await?;
+    }
+    Ok(spools)
 }
 
 /// What the public listener's requests get: exactly the handles they use.
@@ -156,6 +160,7 @@ fn push_path(
         reply_stamps: SeenStamps::default(),
         telemetry,
         late,
+        refusals: Default::default(),
     })
 }
 
@@ -256,6 +261,7 @@ impl Relay {
             clock,
             metrics,
             reloader: reloader.clone(),
+            trail: spool.trail(),
         });
         let admin_handler = move |req: Request<Incoming>| admin::serve(admin_routes.clone(), req);
         listeners.spawn(server::serve(

@@ -89,6 +89,10 @@ pub struct Metrics {
     /// than the relay makes spans), `export_failed` (it refused them or did
     /// not answer).
     pub trace_spans_dropped: IntCounterVec,
+    /// Trail notes (a reply, a refusal) not written: the spool was busy.
+    pub trail_notes_dropped: IntCounter,
+    /// Refused pushes over an account's trail rate, counted only.
+    pub trail_refusals_dropped: IntCounterVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +245,16 @@ const TRACE_SPANS_DROPPED: Spec = spec(
     "Spans not exported to the collector, by reason.",
     &["reason"],
 );
+const TRAIL_NOTES_DROPPED: Spec = spec(
+    "trail_notes_dropped_total",
+    "Trail notes (replies, refusals) not written because the spool was busy.",
+    &[],
+);
+const TRAIL_REFUSALS_DROPPED: Spec = spec(
+    "trail_refusals_dropped_total",
+    "Refused pushes beyond the trail's rate per account: counted, not written.",
+    ACCOUNT,
+);
 const BUILD_INFO: Spec = spec("build_info", "The running version; always 1.", &["version"]);
 
 /// Registers collectors of [`Spec`]s in the relay's registry.
@@ -322,6 +336,8 @@ impl Metrics {
             target_circuit: r.gauges(TARGET_CIRCUIT)?,
             component_ticket_age: r.float_gauges(COMPONENT_TICKET_AGE)?,
             trace_spans_dropped: r.counters(TRACE_SPANS_DROPPED)?,
+            trail_notes_dropped: r.counter(TRAIL_NOTES_DROPPED)?,
+            trail_refusals_dropped: r.counters(TRAIL_REFUSALS_DROPPED)?,
             registry: r.0,
         })
     }

@@ -30,7 +30,7 @@ pub use secret::Secret;
 pub use settings::{
     decode_webhook_secret, Account, AccountApi, Adapters, Breaker, Format, Mode, Ordering,
     PostgresSettings, RetryClass, RetryPolicy, ServerSettings, Settings, Signer, SpoolBackend,
-    SpoolSettings, SslMode, Target, TelemetrySettings, TokenSource, WechatServer,
+    SpoolSettings, SslMode, Target, TelemetrySettings, TokenSource, TrailSettings, WechatServer,
 };
 
 /// The environment variable the relay reads its log filter from

@@ -4,7 +4,7 @@
 use super::postgres::OnOpen;
 use super::{
     DueListener, Health, Intake, LateReplies, Operator, PostgresSpool, SpoolError, SqliteSpool,
-    Supervision, Tickets, Work,
+    Supervision, Tickets, TrailLog, TrailSetup, Work,
 };
 use crate::config::{SpoolBackend, SpoolSettings};
 use std::sync::Arc;
@@ -68,6 +68,16 @@ impl OpenSpool {
         /// Late replies and access tokens: kept by the request path, sent
         /// by their worker, listed by `wxrelay dlq`.
         late_replies: LateReplies;
+        /// The event trail: the command line, the admin API and the pages.
+        trail: TrailLog;
+    }
+
+    /// Turns the trail on (it is off until this is called).
+    pub async fn start_trail(&self, setup: TrailSetup) -> Result<(), SpoolError> {
+        match self {
+            OpenSpool::Sqlite(s) => s.start_trail(setup).await,
+            OpenSpool::Postgres(s) => s.start_trail(setup).await,
+        }
     }
 
     /// The watch on the spool's tasks: the relay stops when one fails.

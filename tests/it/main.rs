@@ -38,5 +38,6 @@ mod spool_health;
 mod supervision;
 mod ticket;
 mod traces;
+mod trail;
 mod vectors_http;
 mod wechat_format;

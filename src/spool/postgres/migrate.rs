@@ -22,6 +22,7 @@ const MIGRATIONS: &[Migration] = &[
         "late_replies",
         include_str!("migrations/0004_late_replies.sql"),
     ),
+    Migration::new(5, "trail", include_str!("migrations/0005_trail.sql")),
 ];
 
 /// The newest schema version this binary knows.

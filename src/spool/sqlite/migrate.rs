@@ -41,6 +41,7 @@ const MIGRATIONS: &[Migration] = &[
         "late_replies",
         include_str!("migrations/0009_late_replies.sql"),
     ),
+    Migration::new(10, "trail", include_str!("migrations/0010_trail.sql")),
 ];
 
 /// The column each step before versions added, by the version it is.

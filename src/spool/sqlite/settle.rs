@@ -3,18 +3,24 @@
 //! order: a pending delivery's `blocked` is 1 while an earlier pending one
 //! of its target and `order_key` exists.
 
+use super::trail;
+use crate::spool::trail_rows::end_of_dead;
 use crate::spool::vocab::{DEAD, EXPIRED, PENDING, RETIRED_ERROR, TARGET_REMOVED};
-use crate::spool::{DeadReason, DeliveryId, Release, Schedule, Settlement, UnixMs};
+use crate::spool::{
+    DeadReason, DeliveryId, Release, Schedule, Settle, Settlement, TrailStore, UnixMs,
+};
 use const_format::formatcp;
 use rusqlite::{params, Connection, OptionalExtension};
 
 pub(super) fn record(
     c: &Connection,
-    settlements: &[Settlement],
+    settles: &[Settle],
     now: UnixMs,
+    store: Option<&TrailStore>,
 ) -> rusqlite::Result<()> {
-    for s in settlements {
-        match s {
+    for settle in settles {
+        // The written outcome's delivery: its event and target.
+        let written = match &settle.settlement {
             Settlement::Delivered { delivery_id } => delivered(c, *delivery_id)?,
             Settlement::Retry {
                 delivery_id,
@@ -28,6 +34,15 @@ pub(super) fn record(
                 reason,
                 error,
             } => dead(c, *delivery_id, *reason, error, now)?,
+        };
+        // The trail's step is written only for an outcome that is.
+        if let (Some(_), Some((event_id, Some(target)))) = (store, written) {
+            let end = match &settle.settlement {
+                Settlement::Delivered { .. } => Some(("delivered", None)),
+                Settlement::Retry { .. } => None,
+                Settlement::Dead { reason, .. } => Some((end_of_dead(*reason), Some(*reason))),
+            };
+            trail::step(c, (event_id, &target), now, settle.trail.as_deref(), end)?;
         }
     }
     Ok(())
@@ -41,24 +56,29 @@ const DELETE_DELIVERED: &str = formatcp!(
      RETURNING event_id, target, order_key"
 );
 
-fn delivered(c: &Connection, id: DeliveryId) -> rusqlite::Result<()> {
-    let deleted = c
+/// The event and target of a delivery whose outcome was written.
+type Written = Option<(i64, Option<String>)>;
+
+fn delivered(c: &Connection, id: DeliveryId) -> rusqlite::Result<Written> {
+    let deleted: Option<(i64, Option<String>, Option<String>)> = c
         .prepare_cached(DELETE_DELIVERED)?
         .query_row(params![id], |r| {
             Ok((r.get("event_id")?, r.get("target")?, r.get("order_key")?))
         })
         .optional()?;
-    if let Some((event_id, target, order_key)) = deleted {
-        drop_event_if_done(c, event_id)?;
-        unblock_next(c, target, order_key)?;
-    }
-    Ok(())
+    let Some((event_id, target, order_key)) = deleted else {
+        return Ok(None);
+    };
+    drop_event_if_done(c, event_id)?;
+    unblock_next(c, target.as_deref(), order_key.as_deref())?;
+    Ok(Some((event_id, target)))
 }
 
 const RETRY: &str = formatcp!(
     "UPDATE deliveries SET attempts = attempts + 1, next_at = ?2, last_error = ?3, updated_at = ?4,
          not_before = ?5, step = ?6, scheduled_at = ?7
-     WHERE id = ?1 AND state = {PENDING}"
+     WHERE id = ?1 AND state = {PENDING}
+     RETURNING event_id, target"
 );
 
 fn retry(
@@ -69,8 +89,8 @@ fn retry(
     not_before: UnixMs,
     error: &str,
     now: UnixMs,
-) -> rusqlite::Result<()> {
-    c.prepare_cached(RETRY)?.execute(params![
+) -> rusqlite::Result<Written> {
+    let params = params![
         id,
         next_at,
         error,
@@ -78,8 +98,10 @@ fn retry(
         not_before,
         schedule.step,
         schedule.due_at
-    ])?;
-    Ok(())
+    ];
+    c.prepare_cached(RETRY)?
+        .query_row(params, |r| Ok((r.get("event_id")?, r.get("target")?)))
+        .optional()
 }
 
 /// An expired delivery is dead-lettered instead of sent: no attempt.
@@ -87,7 +109,7 @@ const DEAD_LETTER: &str = formatcp!(
     "UPDATE deliveries SET state = {DEAD}, attempts = attempts + (?2 <> '{EXPIRED}'),
          reason = ?2, last_error = ?3, updated_at = ?4
      WHERE id = ?1 AND state = {PENDING}
-     RETURNING target, order_key"
+     RETURNING event_id, target, order_key"
 );
 
 fn dead(
@@ -96,17 +118,18 @@ fn dead(
     reason: DeadReason,
     error: &str,
     now: UnixMs,
-) -> rusqlite::Result<()> {
-    let died = c
+) -> rusqlite::Result<Written> {
+    let died: Option<(i64, Option<String>, Option<String>)> = c
         .prepare_cached(DEAD_LETTER)?
         .query_row(params![id, reason, error, now], |r| {
-            Ok((r.get("target")?, r.get("order_key")?))
+            Ok((r.get("event_id")?, r.get("target")?, r.get("order_key")?))
         })
         .optional()?;
-    if let Some((target, order_key)) = died {
-        unblock_next(c, target, order_key)?;
-    }
-    Ok(())
+    let Some((event_id, target, order_key)) = died else {
+        return Ok(None);
+    };
+    unblock_next(c, target.as_deref(), order_key.as_deref())?;
+    Ok(Some((event_id, target)))
 }
 
 /// Once a pending delivery of `order_key` is gone (delivered or dead), the
@@ -119,8 +142,8 @@ const UNBLOCK_NEXT: &str = formatcp!(
 
 fn unblock_next(
     c: &Connection,
-    target: Option<String>,
-    order_key: Option<String>,
+    target: Option<&str>,
+    order_key: Option<&str>,
 ) -> rusqlite::Result<()> {
     let (Some(target), Some(order_key)) = (target, order_key) else {
         return Ok(());
@@ -186,6 +209,7 @@ pub(super) fn retire(
     c: &Connection,
     keep: &[String],
     now: UnixMs,
+    traced: bool,
 ) -> rusqlite::Result<Vec<(String, u64)>> {
     let pending: Vec<String> = c
         .prepare_cached(PENDING_TARGETS)?
@@ -193,6 +217,9 @@ pub(super) fn retire(
         .collect::<rusqlite::Result<_>>()?;
     let mut retired = Vec::new();
     for target in pending.iter().filter(|t| !keep.contains(t)) {
+        if traced {
+            trail::retired(c, target, now)?;
+        }
         let n = c.prepare_cached(RETIRE)?.execute(params![target, now])? as u64;
         retired.push((target.clone(), n));
     }

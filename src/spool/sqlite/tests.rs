@@ -27,6 +27,7 @@ fn event(key: &str, body_bytes: usize) -> NewEvent {
             order_key: None,
         }],
         replay: None,
+        trail: None,
     }
 }
 
@@ -68,7 +69,11 @@ async fn settle(spool: &SqliteSpool, leases: &[Lease], settlement: Settlement, n
         .find(|l| l.delivery_id == settlement.delivery_id())
         .unwrap()
         .token;
-    let settle = Settle { lease, settlement };
+    let settle = Settle {
+        lease,
+        settlement,
+        trail: None,
+    };
     spool.record(vec![settle], UnixMs(now)).await.unwrap();
 }
 
@@ -142,7 +147,7 @@ async fn nothing_after_a_rolled_back_command_is_committed_on_its_own() {
         batch.push(Command::Enqueue(e, UnixMs(1), WINDOW, reply));
         replies.push(rx);
     }
-    commit_batch(&conn, &mut batch, None, &file);
+    commit_batch(&conn, &mut batch, (None, None), (&file, None));
     for rx in replies {
         let answer = rx.await.unwrap();
         let chain = answer.as_ref().map_err(|e| crate::error_chain(e));
@@ -184,7 +189,7 @@ async fn a_command_that_fails_halfway_leaves_nothing_alone_or_batched() {
             batch.push(Command::Enqueue(e, UnixMs(1), WINDOW, reply));
             replies.push(rx);
         }
-        commit_batch(&conn, &mut batch, None, &file);
+        commit_batch(&conn, &mut batch, (None, None), (&file, None));
         replies
     };
     let answers = |replies: Vec<oneshot::Receiver<_>>| async move {

@@ -4,12 +4,13 @@
 
 use super::file::OpenedFile;
 use super::late::{self, LateCommand};
-use super::{commit, dead, settle, Reply};
+use super::{commit, dead, settle, trail, Reply};
 use crate::spool::vocab::{PROBE, PRUNE_EVERY};
 use crate::spool::{
-    ComponentTicket, DeadFilter, Enqueued, NewEvent, Release, Settlement, SpoolError, Supervision,
-    UnixMs,
+    ComponentTicket, DeadFilter, DeliveryId, Enqueued, EventId, NewEvent, Release, Settle,
+    SpoolError, Supervision, TrailSlot, TrailStore, UnixMs,
 };
+use crate::trail::{TrailKey, TrailNote};
 use rusqlite::{params, Connection};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use std::time::Duration;
 /// What the writer does, each in the next group commit.
 pub(super) enum Command {
     Enqueue(Box<NewEvent>, UnixMs, Duration, Reply<Enqueued>),
-    Record(Vec<Settlement>, UnixMs, Reply<()>),
+    Record(Vec<Settle>, UnixMs, Reply<()>),
     Retire(Vec<String>, UnixMs, Reply<Vec<(String, u64)>>),
     Replay(DeadFilter, UnixMs, Reply<u64>),
     Purge(DeadFilter, Reply<u64>),
@@ -25,6 +26,10 @@ pub(super) enum Command {
     Probe(Reply<()>),
     KeepTicket(ComponentTicket, Reply<bool>),
     Late(LateCommand),
+    /// Rides with the next commit; nothing waits for it.
+    Note(TrailNote),
+    TrailKey(Reply<TrailKey>),
+    Redeliver(EventId, String, UnixMs, Reply<DeliveryId>),
 }
 
 /// Commits the waiting commands, a batch at a time, until the spool closes.
@@ -32,19 +37,15 @@ pub(super) fn run(
     conn: Connection,
     rx: mpsc::Receiver<Command>,
     max_batch: usize,
-    file: &OpenedFile,
+    (file, trail): (&OpenedFile, &TrailSlot),
     supervision: &Supervision,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     let mut pruned_at = UnixMs(0);
+    let mut trail_pruning = TrailPruning::default();
     while let Ok(first) = rx.recv() {
         batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(cmd) => batch.push(cmd),
-                Err(_) => break,
-            }
-        }
+        gather(&rx, &mut batch, max_batch);
         // Keep the dedup and replay tables to their windows, now and then rather than on
         // every push; the clock is the pushes' own, so tests can move it.
         let now = batch.iter().filter_map(|c| match c {
@@ -60,9 +61,81 @@ pub(super) fn run(
         if let Some(now) = prune {
             pruned_at = now;
         }
-        commit_batch(&conn, &mut batch, prune, file);
+        let store = trail.load_full();
+        let trail_prune = store
+            .as_deref()
+            .and_then(|store| trail_pruning.due(now_of(&batch)).map(|now| (store, now)));
+        let pruned = commit_batch(
+            &conn,
+            &mut batch,
+            (prune, trail_prune),
+            (file, store.as_deref()),
+        );
+        trail_pruning.done(pruned);
     }
 }
+
+/// Takes what else is waiting, up to `max_batch`. Trail notes alone wait a
+/// while for a command to ride with rather than make a commit of their own.
+fn gather(rx: &mpsc::Receiver<Command>, batch: &mut Vec<Command>, max_batch: usize) {
+    loop {
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let notes_only = batch.iter().all(|c| matches!(c, Command::Note(_)));
+        if !notes_only || batch.len() >= max_batch {
+            return;
+        }
+        match rx.recv_timeout(NOTES_WAIT) {
+            Ok(cmd) => batch.push(cmd),
+            Err(_) => return,
+        }
+    }
+}
+
+/// How long trail notes wait for a commit to ride with.
+const NOTES_WAIT: Duration = Duration::from_millis(250);
+
+/// The latest push's time in the batch: the clock pruning goes by.
+fn now_of(batch: &[Command]) -> Option<UnixMs> {
+    batch
+        .iter()
+        .filter_map(|c| match c {
+            Command::Enqueue(_, now, _, _) => Some(*now),
+            _ => None,
+        })
+        .max()
+}
+
+/// When the trail is pruned: once a second of the pushes' clock, and at
+/// every commit while a whole batch was pruned last time (it is behind).
+#[derive(Default)]
+struct TrailPruning {
+    at: UnixMs,
+    behind: bool,
+}
+
+impl TrailPruning {
+    fn due(&mut self, now: Option<UnixMs>) -> Option<UnixMs> {
+        let now = now?;
+        if !self.behind && now < self.at + TRAIL_PRUNE_EVERY_MS {
+            return None;
+        }
+        self.at = now;
+        Some(now)
+    }
+
+    fn done(&mut self, pruned: Option<usize>) {
+        if let Some(n) = pruned {
+            self.behind = n as i64 >= trail::PRUNE_BATCH;
+        }
+    }
+}
+
+const TRAIL_PRUNE_EVERY_MS: i64 = 1_000;
 
 /// Applies every command in one transaction, each under its own savepoint so
 /// that one failing command does not undo the others, then commits once and
@@ -75,10 +148,14 @@ pub(super) fn run(
 pub(super) fn commit_batch(
     conn: &Connection,
     batch: &mut Vec<Command>,
-    prune_dedup_before: Option<UnixMs>,
-    file: &OpenedFile,
-) {
+    (prune_dedup_before, prune_trail): (Option<UnixMs>, Option<(&TrailStore, UnixMs)>),
+    (file, store): (&OpenedFile, Option<&TrailStore>),
+) -> Option<usize> {
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    let notes_only = batch.iter().all(|c| matches!(c, Command::Note(_)));
+    if notes_only {
+        relax_sync(conn, true);
+    }
     if let Err(err) = file
         .check()
         .and_then(|()| control(conn, BEGIN).map_err(SpoolError::from))
@@ -86,12 +163,15 @@ pub(super) fn commit_batch(
         for cmd in batch.drain(..) {
             fail(cmd, err.clone());
         }
-        return;
+        if notes_only {
+            relax_sync(conn, false);
+        }
+        return None;
     }
     let alone = batch.len() == 1;
     let mut commands = batch.drain(..);
     while let Some(cmd) = commands.next() {
-        let (answer, error) = apply(conn, cmd, !alone);
+        let (answer, error) = apply(conn, cmd, !alone, store);
         answers.push(answer);
         // A full disk or an I/O error can make SQLite roll the whole
         // transaction back. The next savepoint would then start (and commit)
@@ -106,7 +186,7 @@ pub(super) fn commit_batch(
             for answer in answers {
                 answer(Some(err.clone()));
             }
-            return;
+            return None;
         }
         if alone && error.is_some() {
             // Nothing else to commit: undo what the command wrote, and answer
@@ -117,12 +197,19 @@ pub(super) fn commit_batch(
             for answer in answers {
                 answer(None);
             }
-            return;
+            return None;
         }
     }
     if let Some(now) = prune_dedup_before {
         prune(conn, now);
     }
+    let pruned = prune_trail.and_then(|(store, now)| match trail::prune(conn, store, now) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot prune the trail");
+            None
+        }
+    });
     let outcome = control(conn, COMMIT)
         .map_err(SpoolError::from)
         .and_then(|()| file.check())
@@ -131,8 +218,22 @@ pub(super) fn commit_batch(
         // The commit failed and left the transaction open.
         let _ = control(conn, ROLLBACK);
     }
+    if notes_only {
+        relax_sync(conn, false);
+    }
     for answer in answers {
         answer(outcome.clone());
+    }
+    pruned
+}
+
+/// A commit of trail notes alone is not worth an fsync: in WAL mode with
+/// `synchronous=NORMAL` it is durable with the next full commit (or the
+/// next checkpoint), and a crash before that loses notes only.
+fn relax_sync(conn: &Connection, relax: bool) {
+    let mode = if relax { "NORMAL" } else { "FULL" };
+    if let Err(e) = conn.pragma_update(None, "synchronous", mode) {
+        tracing::warn!(error = %e, mode, "cannot set the spool file's synchronous mode");
     }
 }
 
@@ -163,25 +264,37 @@ fn fail(cmd: Command, err: SpoolError) {
         Command::Probe(r) => drop(r.send(Err(err))),
         Command::KeepTicket(_, r) => drop(r.send(Err(err))),
         Command::Late(cmd) => late::fail(cmd, err),
+        Command::Note(_) => {}
+        Command::TrailKey(r) => drop(r.send(Err(err))),
+        Command::Redeliver(_, _, _, r) => drop(r.send(Err(err))),
     }
 }
 
 /// Runs one command inside a savepoint and returns how to answer it once the
 /// commit's outcome is known: a result is only sent after the commit.
 /// Also returns the command's own error, if it failed.
-fn apply(tx: &Connection, cmd: Command, savepoint: bool) -> (Answer, Option<SpoolError>) {
+fn apply(
+    tx: &Connection,
+    cmd: Command,
+    savepoint: bool,
+    store: Option<&TrailStore>,
+) -> (Answer, Option<SpoolError>) {
     match cmd {
         Command::Enqueue(event, now, window, r) => deferred(
             r,
-            in_savepoint(tx, savepoint, |c| commit::enqueue(c, *event, now, window)),
+            in_savepoint(tx, savepoint, |c| {
+                commit::enqueue(c, *event, now, window, store)
+            }),
         ),
         Command::Record(s, now, r) => deferred(
             r,
-            in_savepoint(tx, savepoint, |c| settle::record(c, &s, now)),
+            in_savepoint(tx, savepoint, |c| settle::record(c, &s, now, store)),
         ),
         Command::Retire(keep, now, r) => deferred(
             r,
-            in_savepoint(tx, savepoint, |c| settle::retire(c, &keep, now)),
+            in_savepoint(tx, savepoint, |c| {
+                settle::retire(c, &keep, now, store.is_some())
+            }),
         ),
         Command::Replay(f, now, r) => {
             deferred(r, in_savepoint(tx, savepoint, |c| dead::replay(c, &f, now)))
@@ -202,6 +315,27 @@ fn apply(tx: &Connection, cmd: Command, savepoint: bool) -> (Answer, Option<Spoo
             in_savepoint(tx, savepoint, |c| commit::keep_ticket(c, &ticket)),
         ),
         Command::Late(cmd) => late::apply(tx, cmd, savepoint),
+        // One statement, atomic on its own: no savepoint needed.
+        Command::Note(note) => {
+            if let Err(e) = trail::note(tx, &note) {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot write a trail note");
+            }
+            (Box::new(|_| {}), None)
+        }
+        Command::TrailKey(r) => deferred(r, in_savepoint(tx, savepoint, trail::stored_key)),
+        Command::Redeliver(event_id, target, now, r) => {
+            // Under a savepoint always: a refusal leaves nothing behind.
+            let result = control(tx, SAVEPOINT)
+                .map_err(SpoolError::from)
+                .and_then(|()| match trail::redeliver(tx, event_id, &target, now) {
+                    Ok(id) => Ok(control(tx, RELEASE).map(|()| id)?),
+                    Err(e) => {
+                        let _ = control(tx, ROLLBACK_TO).and_then(|()| control(tx, RELEASE));
+                        Err(e)
+                    }
+                });
+            deferred(r, result)
+        }
     }
 }
 
