@@ -1,12 +1,14 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and `/admin/*`
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/admin/*`
 //! (`POST /admin/reload`, `GET /admin/ticket/{account}`) behind the admin
-//! token when one is configured.
+//! token when one is configured, and the pages at `/ui` (see [`crate::ui`]),
+//! which sign in with the same token.
 
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::spool::{Health, Tickets};
+use crate::ui::Ui;
 use crate::wechat::family::Family;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -29,6 +31,8 @@ pub struct Admin {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub reloader: Arc<Reloader>,
+    /// The pages, which check their own session.
+    pub ui: Arc<Ui>,
 }
 
 /// The admin listener: `/metrics`, `/healthz`, `/readyz`, and `/admin/*`
@@ -68,6 +72,9 @@ pub async fn serve(
                 )
             }
         },
+        (_, p) if p == crate::ui::ROOT || p.starts_with("/ui/") => {
+            crate::ui::serve(&admin.ui, req).await
+        }
         (_, p) if p.starts_with("/admin/") && !authorized(&admin, &req) => {
             tracing::warn!(path = p, "admin request without a valid token");
             plain(StatusCode::UNAUTHORIZED, "admin token required\n".into())

@@ -30,6 +30,9 @@
 //! - `handler`: the WeChat-facing HTTP shell and its one error type.
 //! - `ingest`: route a verified push and store it durably.
 //! - `admin`: the admin listener's routes; `reload`: configuration reload.
+//! - `ui`: the pages at `/ui` on the admin listener: signing in, the
+//!   overview, searching the trail and an event's timeline.
+//! - `recent`: the last hour's login latencies and refusals, for the overview.
 //! - `metrics`: the Prometheus registry and every collector.
 //! - `server`: the accept loop and graceful drain.
 //! - `telemetry`: traces: a span per push and per delivery attempt, exported
@@ -48,12 +51,14 @@ pub(crate) mod deliver;
 pub(crate) mod handler;
 pub(crate) mod ingest;
 pub(crate) mod metrics;
+pub(crate) mod recent;
 pub(crate) mod reload;
 pub mod route;
 pub(crate) mod server;
 pub mod spool;
 pub(crate) mod telemetry;
 pub mod trail;
+pub(crate) mod ui;
 pub mod wechat;
 
 pub use ingest::short_hash;

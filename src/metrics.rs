@@ -81,6 +81,10 @@ pub struct Metrics {
     /// than the relay makes spans), `export_failed` (it refused them or did
     /// not answer).
     pub trace_spans_dropped: IntCounterVec,
+    /// Requests the pages refused, by reason (`csrf`, `bad_token`…).
+    pub ui_refusals: IntCounterVec,
+    /// The last hour's login latencies and refusals, for the overview page.
+    pub recent: crate::recent::Recent,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +222,11 @@ const TRACE_SPANS_DROPPED: Spec = spec(
     "Spans not exported to the collector, by reason.",
     &["reason"],
 );
+const UI_REFUSALS: Spec = spec(
+    "ui_refusals_total",
+    "Requests to the pages refused, by reason.",
+    &["reason"],
+);
 const BUILD_INFO: Spec = spec("build_info", "The running version; always 1.", &["version"]);
 
 /// Registers collectors of [`Spec`]s in the relay's registry.
@@ -292,6 +301,8 @@ impl Metrics {
             target_circuit: r.gauges(TARGET_CIRCUIT)?,
             component_ticket_age: r.float_gauges(COMPONENT_TICKET_AGE)?,
             trace_spans_dropped: r.counters(TRACE_SPANS_DROPPED)?,
+            ui_refusals: r.counters(UI_REFUSALS)?,
+            recent: crate::recent::Recent::new(LOGIN_BUCKETS),
             registry: r.0,
         })
     }

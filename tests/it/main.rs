@@ -37,5 +37,6 @@ mod spool_health;
 mod supervision;
 mod ticket;
 mod traces;
+mod ui;
 mod vectors_http;
 mod wechat_format;

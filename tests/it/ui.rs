@@ -1,0 +1,289 @@
+//! The pages at `/ui` over real HTTP: signing in, the session cookie's flags,
+//! CSRF refusals, the content security policy, escaping, and the overview's
+//! dead-letter replay.
+
+use crate::common;
+
+use bytes::Bytes;
+use common::target::{Behaviour, FakeTarget};
+use common::{body, generated, generated_config, metric, path, reference_now, vector, Answer};
+use common::{eventually, TestRelay};
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use wxrelay::spool::DeadFilter;
+
+const WAIT: Duration = Duration::from_secs(20);
+pub const TOKEN: &str = "a-long-admin-token-for-the-pages";
+
+/// The vectors' accounts, one target `hooks` at `url` that every push goes
+/// to, and `server` keys.
+pub fn config(g: &Value, url: &str, server: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server}\n{}\n\
+         [targets.hooks]\nurl = \"{url}\"\nretry_schedule = [\"1s\"]\n\n[[routes]]\nto = [\"hooks\"]\n",
+        generated_config(g)
+    )
+}
+
+/// A browser without a browser: one session cookie, kept between requests.
+pub struct Visitor {
+    admin: SocketAddr,
+    pub cookie: Option<String>,
+}
+
+impl Visitor {
+    pub fn new(admin: SocketAddr) -> Self {
+        Visitor {
+            admin,
+            cookie: None,
+        }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Answer {
+        self.send(Method::GET, path, None).await
+    }
+
+    pub async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Answer {
+        let form = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        self.send(Method::POST, path, Some(form)).await
+    }
+
+    async fn send(&mut self, method: Method, path: &str, form: Option<String>) -> Answer {
+        let stream = TcpStream::connect(self.admin).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.admin.to_string());
+        if let Some(cookie) = &self.cookie {
+            req = req.header("cookie", cookie);
+        }
+        if form.is_some() {
+            req = req.header("content-type", "application/x-www-form-urlencoded");
+        }
+        let req = req.body(Full::new(Bytes::from(form.unwrap_or_default())));
+        let response = sender.send_request(req.unwrap()).await.unwrap();
+        let (parts, body) = response.into_parts();
+        if let Some(set) = parts.headers.get("set-cookie") {
+            let pair = set.to_str().unwrap().split(';').next().unwrap();
+            self.cookie = Some(pair.to_owned()).filter(|p| !p.ends_with('='));
+        }
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    /// Signs in with `token`; the answer to the form.
+    pub async fn sign_in(&mut self, token: &str) -> Answer {
+        self.post("/ui/signin", &[("token", token)]).await
+    }
+}
+
+/// The CSRF token a page's forms carry.
+pub fn csrf(page: &str) -> String {
+    let (_, rest) = page
+        .split_once("name=\"csrf\" value=\"")
+        .expect("a form with a CSRF token");
+    rest.split('"').next().unwrap().to_owned()
+}
+
+fn header<'a>(answer: &'a Answer, name: &str) -> &'a str {
+    answer.headers.get(name).map_or("", |v| v.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn signing_in_takes_the_admin_token_and_sets_a_strict_http_only_cookie() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let server = format!("admin_token = \"{TOKEN}\"");
+    let toml = config(&g, &hooks.url("/"), &server);
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    let mut visitor = Visitor::new(relay.admin);
+
+    let away = visitor.get("/ui").await;
+    assert_eq!(away.status, 303);
+    assert_eq!(header(&away, "location"), "/ui/signin");
+    let form = visitor.get("/ui/signin").await;
+    assert_eq!(form.status, 200);
+    assert!(form.text().contains("name=\"token\""), "{}", form.text());
+    for answer in [&away, &form] {
+        let csp = header(answer, "content-security-policy");
+        assert!(csp.starts_with("default-src 'self'"), "{csp}");
+    }
+
+    let wrong = visitor.sign_in("not-the-token").await;
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.text().contains("wrong admin token"));
+    assert!(visitor.cookie.is_none());
+    let m = relay.metrics().await;
+    assert_eq!(
+        metric(&m, "wxrelay_ui_refusals_total", &[("reason", "bad_token")]),
+        1.0
+    );
+
+    let signed_in = visitor.sign_in(TOKEN).await;
+    assert_eq!(signed_in.status, 303);
+    let cookie = header(&signed_in, "set-cookie");
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/ui", "Max-Age="] {
+        assert!(cookie.contains(flag), "{cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    assert!(!cookie.contains(TOKEN), "the cookie never holds the token");
+    let overview = visitor.get("/ui").await;
+    assert_eq!(overview.status, 200);
+    assert!(overview.text().contains("hooks"), "{}", overview.text());
+    assert!(header(&overview, "content-security-policy").starts_with("default-src 'self'"));
+
+    // A session of another token (a cookie forged or from before a token
+    // change) is not one.
+    let tampered = visitor.cookie.clone().unwrap().replace('.', ".0");
+    visitor.cookie = Some(tampered);
+    assert_eq!(visitor.get("/ui").await.status, 303);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_cookie_is_secure_when_configured() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let server = format!("admin_token = \"{TOKEN}\"\nui_secure_cookie = true");
+    let relay = TestRelay::start(&config(&g, &hooks.url("/"), &server), reference_now(&g)).await;
+    let mut visitor = Visitor::new(relay.admin);
+    let signed_in = visitor.sign_in(TOKEN).await;
+    assert!(header(&signed_in, "set-cookie").contains("; Secure"));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_change_without_its_sessions_csrf_token_is_refused() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let server = format!("admin_token = \"{TOKEN}\"");
+    let relay = TestRelay::start(&config(&g, &hooks.url("/"), &server), reference_now(&g)).await;
+    let mut visitor = Visitor::new(relay.admin);
+    visitor.sign_in(TOKEN).await;
+    let mine = csrf(&visitor.get("/ui").await.text());
+    let mut other = Visitor::new(relay.admin);
+    other.sign_in(TOKEN).await;
+    let theirs = csrf(&other.get("/ui").await.text());
+    assert_ne!(mine, theirs);
+
+    let none = visitor.post("/ui/replay", &[("delivery_id", "1")]).await;
+    assert_eq!(none.status, 403);
+    assert!(none.text().contains("CSRF token"), "{}", none.text());
+    let foreign = [("delivery_id", "1"), ("csrf", theirs.as_str())];
+    assert_eq!(visitor.post("/ui/replay", &foreign).await.status, 403);
+    let mut stranger = Visitor::new(relay.admin);
+    let unsigned = [("delivery_id", "1"), ("csrf", mine.as_str())];
+    assert_eq!(stranger.post("/ui/replay", &unsigned).await.status, 401);
+    let signout = visitor.post("/ui/signout", &[]).await;
+    assert_eq!(signout.status, 403);
+
+    let m = relay.metrics().await;
+    assert_eq!(
+        metric(&m, "wxrelay_ui_refusals_total", &[("reason", "csrf")]),
+        3.0
+    );
+    assert_eq!(
+        metric(&m, "wxrelay_ui_refusals_total", &[("reason", "signed_out")]),
+        1.0
+    );
+    // Signing out with the token clears the cookie.
+    let out = visitor
+        .post("/ui/signout", &[("csrf", mine.as_str())])
+        .await;
+    assert_eq!(out.status, 303);
+    assert!(header(&out, "set-cookie").contains("Max-Age=0"));
+    assert_eq!(visitor.get("/ui").await.status, 303);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_overview_escapes_a_targets_answer_and_replays_its_dead_letter() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let evil = "<script>alert('owned')</script>";
+    hooks.set_default(Behaviour::body(400, "text/html", evil));
+    let server = format!("admin_token = \"{TOKEN}\"");
+    let relay = TestRelay::start(&config(&g, &hooks.url("/"), &server), reference_now(&g)).await;
+    let click = &vector(&g, "secure.CLICK")["request"];
+    assert_eq!(
+        relay.post(&path("secure", click), body(click)).await.status,
+        200
+    );
+    assert!(relay.until_dead_letter(DeadFilter::default()).await);
+
+    let mut visitor = Visitor::new(relay.admin);
+    visitor.sign_in(TOKEN).await;
+    let overview = visitor.get("/ui").await.text();
+    assert!(!overview.contains(evil), "{overview}");
+    assert!(overview.contains("&lt;script&gt;alert('owned')&lt;/script&gt;"));
+    assert!(overview.contains("rejected"), "{overview}");
+
+    hooks.set_default(Behaviour::status(200));
+    let dead = relay
+        .spool
+        .dead_letters(DeadFilter::default(), 1)
+        .await
+        .unwrap();
+    let id = dead[0].delivery_id.to_string();
+    let token = csrf(&overview);
+    let form = [
+        ("csrf", token.as_str()),
+        ("delivery_id", &id),
+        ("target", "hooks"),
+    ];
+    let replayed = visitor.post("/ui/replay", &form).await;
+    assert_eq!(replayed.status, 303);
+    assert!(hooks.wait_for(2, WAIT).await);
+    assert!(relay.until_nothing_pending("hooks").await);
+    let spool = relay.spool.clone();
+    let gone = eventually(WAIT, || {
+        let spool = spool.clone();
+        async move {
+            spool
+                .dead_letters(DeadFilter::default(), 1)
+                .await
+                .unwrap()
+                .is_empty()
+        }
+    });
+    assert!(gone.await);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn without_an_admin_token_there_is_no_form_but_changes_still_need_the_csrf_token() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let relay = TestRelay::start(&config(&g, &hooks.url("/"), ""), reference_now(&g)).await;
+    let mut visitor = Visitor::new(relay.admin);
+    let overview = visitor.get("/ui").await;
+    assert_eq!(overview.status, 200);
+    assert!(!overview.text().contains("name=\"token\""));
+    assert!(!overview.text().contains("Sign out"));
+    assert!(visitor.cookie.is_some());
+    assert_eq!(visitor.get("/ui/signin").await.status, 303);
+    let css = visitor.get("/ui/style.css").await;
+    assert_eq!(header(&css, "content-type"), "text/css; charset=utf-8");
+    assert_eq!(
+        visitor
+            .post("/ui/replay", &[("delivery_id", "1")])
+            .await
+            .status,
+        403
+    );
+    relay.stop().await;
+}
