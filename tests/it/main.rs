@@ -10,6 +10,7 @@ mod common;
 mod harness;
 
 mod ambiguity;
+mod browser;
 mod capacity;
 mod circuit;
 mod cli;
