@@ -123,13 +123,17 @@ type Spools = (OpenSpool, Option<OpenSpool>);
 /// The spool passed in, or the configured one, which the relay then owns
 /// and closes at shutdown. A PostgreSQL schema is brought up to date first.
 async fn open_spool(given: Option<OpenSpool>, settings: &Settings) -> Result<Spools, StartError> {
-    Ok(match given {
+    let spools = match given {
         Some(spool) => (spool, None),
         None => {
             let opened = OpenSpool::open(&settings.spool, OnOpen::MigrateWhenReachable).await?;
             (opened.clone(), Some(opened))
         }
-    })
+    };
+    if settings.trail.enabled {
+        spools.0.start_trail(settings.trail.setup()).await?;
+    }
+    Ok(spools)
 }
 
 /// What the public listener's requests get: exactly the handles they use.
@@ -155,6 +159,7 @@ fn push_path(
         dispatcher: dispatcher.clone(),
         reply_stamps: SeenStamps::default(),
         telemetry,
+        refusals: Default::default(),
     })
 }
 

@@ -20,8 +20,11 @@ use crate::deliver::retry::Verdict;
 use crate::deliver::{Dispatcher, Unread};
 use crate::ingest::{Ingest, IngestError, Ingested, ReplyTo};
 use crate::metrics::Metrics;
+use crate::server::Peer;
 use crate::spool::DeadReason;
+use crate::spool::UnixMs;
 use crate::telemetry::{PushFacts, PushTrace, Telemetry};
+use crate::trail::{RefusalGate, ReplyOutcome, TrailNote, TrailRefusal, TrailReply};
 use crate::wechat::crypto::KeySlot;
 use crate::wechat::family::Family;
 use crate::wechat::inbound::{Callback, Credentials, Refused, VerifiedPush};
@@ -240,6 +243,8 @@ pub struct PushPath {
     pub reply_stamps: reply::SeenStamps,
     /// Where the spans of stored pushes go, when traces are exported.
     pub telemetry: Option<Arc<Telemetry>>,
+    /// Which refused pushes the trail records.
+    pub refusals: RefusalGate,
 }
 
 /// Serves one request on the public listener. Never fails: every outcome is an
@@ -257,6 +262,7 @@ pub async fn handle(
         .filter(|id| config.accounts.contains_key(*id))
         .unwrap_or("-")
         .to_string();
+    let source = req.extensions().get::<Peer>().map(|p| p.0.ip());
     let outcome = answer(&path, &config, req, started).await;
     let account = account.as_str();
     let elapsed = started.elapsed();
@@ -286,12 +292,18 @@ pub async fn handle(
         }
         Ok(Answer::Accepted(mut a)) => {
             observe_accepted(m, account, verdict, latency_ms, &a);
+            if config.trail.enabled {
+                note_reply(&path, &config, &a, elapsed);
+            }
             if let Some(telemetry) = &path.telemetry {
                 export_spans(telemetry, account, verdict, &mut a);
             }
             text(StatusCode::OK, answer_content_type(&a.body), a.body)
         }
         Err(rejection) => {
+            if method == Method::POST && config.trail.enabled {
+                note_refusal(&path, account, &rejection, source);
+            }
             let status = rejection.status();
             if status.is_server_error() {
                 tracing::error!(account, %method, verdict, latency_ms, reason = %rejection, "push not accepted");
@@ -347,6 +359,60 @@ fn observe_accepted(m: &Metrics, account: &str, verdict: &str, latency_ms: f64, 
         ticket = i.ticket.map(|latest| if latest { "kept" } else { "older" }),
         "push answered"
     );
+}
+
+/// A refused push in the trail: its reason and where it came from, within
+/// the account's rate; beyond it, only counted.
+fn note_refusal(
+    path: &PushPath,
+    account: &str,
+    rejection: &Rejection,
+    source: Option<std::net::IpAddr>,
+) {
+    let now = UnixMs(path.clock.now_ms());
+    if !path.refusals.admit(account, now) {
+        path.metrics
+            .trail_refusals_dropped
+            .with_label_values(&[account])
+            .inc();
+        return;
+    }
+    let note = TrailNote::Refused {
+        at: now,
+        account: account.to_owned(),
+        refusal: TrailRefusal {
+            reason: rejection.client_reason(),
+            source: source.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+        },
+    };
+    if !path.ingest.spool.note(note) {
+        path.metrics.trail_notes_dropped.inc();
+    }
+}
+
+/// A stored push's reply in the trail, now that its answer leaves.
+fn note_reply(path: &PushPath, config: &Settings, a: &Accepted, took: Duration) {
+    let Some(stored) = &a.ingested.stored else {
+        return;
+    };
+    let outcome = match a.reply {
+        None | Some("ignored") => ReplyOutcome::None,
+        Some("passed") => ReplyOutcome::Passed,
+        Some("encrypted") => ReplyOutcome::Sealed,
+        Some("unverifiable") => ReplyOutcome::Unverifiable,
+        Some(_) => ReplyOutcome::TimedOut,
+    };
+    let note = TrailNote::Reply {
+        event_id: stored.event_id,
+        reply: TrailReply {
+            outcome,
+            latency_ms: took.as_millis() as u64,
+            budget_ms: config.server.reply_budget.as_millis() as u64,
+        },
+    };
+    if !path.ingest.spool.note(note) {
+        path.metrics.trail_notes_dropped.inc();
+    }
 }
 
 /// The spans of a stored push, now that it is answered; a duplicate has no

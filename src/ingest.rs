@@ -12,6 +12,7 @@ use crate::spool::{
     ComponentTicket, DeliveryId, Enqueued, Event, EventId, Intake, NewDelivery, NewEvent,
     ReplayGuard, SpoolError, SpoolFuture, Tickets, UnixMs,
 };
+use crate::trail::TrailPush;
 use crate::wechat::family::{Family, TICKET_INFO_TYPE};
 use crate::wechat::inbound::VerifiedPush;
 use crate::wechat::message::{LoginEvent, Message};
@@ -110,6 +111,10 @@ impl Ingest {
             window,
         } = plan(config, account, push, body, now, &self.dispatcher);
         new_event.event.trace_context = trace_context;
+        if config.trail.enabled {
+            let started = deadline.into_std() - config.server.reply_budget;
+            new_event.trail = Some(Box::new(trail_push(config, account, push, started)));
+        }
         let dedup_key = new_event.event.dedup_key.clone();
         let msg_type = new_event.event.msg_type.clone();
         let routed: Vec<String> = new_event.targets.iter().map(|t| t.target.clone()).collect();
@@ -177,6 +182,7 @@ fn plan(
     let stale_at = stale_at(account, &push.timestamp).unwrap_or(now + dedup_window);
     let msg_type = subject.input.msg_type;
     let new_event = NewEvent {
+        trail: None,
         replay: replay_guard(account, push, stale_at),
         event: stored_event(account, push, body, dedup_key(account, push), now, msg_type),
         targets,
@@ -187,6 +193,38 @@ fn plan(
         new_event,
         reply,
         window: dedup_window.max(Duration::from_millis((stale_at - now).max(0) as u64)),
+    }
+}
+
+/// What the trail keeps of `push`: how it arrived and what identifies it
+/// (the OpenID goes to the spool, which keeps only its keyed hash).
+fn trail_push(
+    config: &Settings,
+    account: &Account,
+    push: &VerifiedPush,
+    started: std::time::Instant,
+) -> TrailPush {
+    let message = &push.message;
+    let owned = |name: &str| {
+        message
+            .get(name)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    TrailPush {
+        mode: match push.key_slot {
+            None => Mode::Plaintext.as_str(),
+            Some(_) => account.mode.as_str(),
+        },
+        scene: owned("EventKey"),
+        msg_id: owned("MsgId"),
+        ticket: message.get("Ticket").is_some_and(|t| !t.is_empty()),
+        openid: message
+            .from_user()
+            .filter(|o| !o.is_empty())
+            .map(str::to_owned),
+        budget_ms: config.server.reply_budget.as_millis() as u64,
+        started,
     }
 }
 

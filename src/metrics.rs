@@ -85,6 +85,10 @@ pub struct Metrics {
     pub ui_refusals: IntCounterVec,
     /// The last hour's login latencies and refusals, for the overview page.
     pub recent: crate::recent::Recent,
+    /// Trail notes (a reply, a refusal) not written: the spool was busy.
+    pub trail_notes_dropped: IntCounter,
+    /// Refused pushes over an account's trail rate, counted only.
+    pub trail_refusals_dropped: IntCounterVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +231,16 @@ const UI_REFUSALS: Spec = spec(
     "Requests to the pages refused, by reason.",
     &["reason"],
 );
+const TRAIL_NOTES_DROPPED: Spec = spec(
+    "trail_notes_dropped_total",
+    "Trail notes (replies, refusals) not written because the spool was busy.",
+    &[],
+);
+const TRAIL_REFUSALS_DROPPED: Spec = spec(
+    "trail_refusals_dropped_total",
+    "Refused pushes beyond the trail's rate per account: counted, not written.",
+    ACCOUNT,
+);
 const BUILD_INFO: Spec = spec("build_info", "The running version; always 1.", &["version"]);
 
 /// Registers collectors of [`Spec`]s in the relay's registry.
@@ -303,6 +317,8 @@ impl Metrics {
             trace_spans_dropped: r.counters(TRACE_SPANS_DROPPED)?,
             ui_refusals: r.counters(UI_REFUSALS)?,
             recent: crate::recent::Recent::new(LOGIN_BUCKETS),
+            trail_notes_dropped: r.counter(TRAIL_NOTES_DROPPED)?,
+            trail_refusals_dropped: r.counters(TRAIL_REFUSALS_DROPPED)?,
             registry: r.0,
         })
     }

@@ -298,6 +298,11 @@ fn admit(
     }
 }
 
+/// The client's address, in each request's extensions: what a refused
+/// push's trail row names as its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// One accepted connection and what serving it needs.
 struct Connection<H> {
     http: http1::Builder,
@@ -367,7 +372,11 @@ where
             _permit: permit,
         };
         let (connections, handler) = (self.connections.clone(), self.handler.clone());
-        let service = service_fn(move |req| {
+        let peer = stream.peer_addr().ok().map(Peer);
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            if let Some(peer) = peer {
+                req.extensions_mut().insert(peer);
+            }
             let busy = InFlight::start(&connections, id);
             let answer = handler(req);
             async move {

@@ -122,6 +122,27 @@ pub enum ReplyOutcome {
     TimedOut,
 }
 
+impl ReplyOutcome {
+    pub const ALL: [ReplyOutcome; 5] = [
+        ReplyOutcome::None,
+        ReplyOutcome::Sealed,
+        ReplyOutcome::Passed,
+        ReplyOutcome::Unverifiable,
+        ReplyOutcome::TimedOut,
+    ];
+
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplyOutcome::None => "none",
+            ReplyOutcome::Sealed => "sealed",
+            ReplyOutcome::Passed => "passed",
+            ReplyOutcome::Unverifiable => "unverifiable",
+            ReplyOutcome::TimedOut => "timed_out",
+        }
+    }
+}
+
 /// The reply to WeChat and how long it took against the budget.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TrailReply {
@@ -214,6 +235,239 @@ pub fn mask(openid: &str) -> String {
     let head: String = chars[..4].iter().collect();
     let tail: String = chars[chars.len() - 4..].iter().collect();
     format!("{head}…{tail}")
+}
+
+/// What the trail keeps of a push, written in the push's own commit. Built
+/// only while the trail is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrailPush {
+    /// `plaintext`, `compat` or `secure`: how this push arrived.
+    pub mode: &'static str,
+    pub scene: Option<String>,
+    pub msg_id: Option<String>,
+    pub ticket: bool,
+    /// In the clear, on its way to the spool, which keeps only its keyed
+    /// hash and its mask.
+    pub openid: Option<String>,
+    /// The reply budget, for the reply's latency against it.
+    pub budget_ms: u64,
+    /// When the handler took the request: a duplicate's answer leaves as
+    /// soon as the spool has found it, so its latency is taken then.
+    pub started: std::time::Instant,
+}
+
+/// What the trail adds after a push's commit, riding with the next one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrailNote {
+    /// A stored push's answer, once it has left.
+    Reply {
+        event_id: EventId,
+        reply: TrailReply,
+    },
+    /// A refused push.
+    Refused {
+        at: UnixMs,
+        account: String,
+        refusal: TrailRefusal,
+    },
+}
+
+/// Refused pushes written to the trail per account and second, at most:
+/// a flood of forged requests cannot fill the disk.
+pub const REFUSALS_PER_SECOND: u32 = 50;
+
+/// Lets through at most [`REFUSALS_PER_SECOND`] refusals per account in each
+/// second of the clock; the rest are only counted.
+#[derive(Debug, Default)]
+pub struct RefusalGate {
+    /// Per account (a configured id, or `-`): the second and how many so far.
+    seen: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
+}
+
+impl RefusalGate {
+    /// Whether this refusal of `account` at `now` is written.
+    pub fn admit(&self, account: &str, now: UnixMs) -> bool {
+        let second = now.0.div_euclid(1_000);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = match seen.get_mut(account) {
+            Some(entry) => entry,
+            None => seen.entry(account.to_owned()).or_insert((second, 0)),
+        };
+        if entry.0 != second {
+            *entry = (second, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= REFUSALS_PER_SECOND
+    }
+}
+
+/// How much of a target's answer an attempt's record keeps.
+pub const RESPONSE_PREFIX: usize = 256;
+
+/// The first [`RESPONSE_PREFIX`] bytes of an answer (cut at a character),
+/// with control characters escaped (`\n`, `\u{1b}`…) so that a record never
+/// carries a terminal's escape sequences.
+pub fn escape_prefix(body: &[u8]) -> String {
+    let head = &body[..body.len().min(RESPONSE_PREFIX)];
+    let text = String::from_utf8_lossy(head);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The key of the OpenIDs' hashes: from the configuration, or made once and
+/// kept in the spool, so that every replica hashes alike.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TrailKey([u8; 32]);
+
+impl std::fmt::Debug for TrailKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TrailKey(***)")
+    }
+}
+
+/// Bytes of an OpenID's keyed hash that are kept: enough never to collide
+/// among one account's users.
+pub const OPENID_HASH_LEN: usize = 16;
+
+impl TrailKey {
+    /// A configured key, of any length: its SHA-256 is the key used.
+    pub fn from_secret(secret: &str) -> Self {
+        use sha2::Digest;
+        TrailKey(sha2::Sha256::digest(secret.as_bytes()).into())
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        TrailKey(bytes)
+    }
+
+    pub fn random() -> Self {
+        TrailKey(rand::random())
+    }
+
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// HMAC-SHA256 of the OpenID under this key, cut to
+    /// [`OPENID_HASH_LEN`] bytes.
+    pub fn hash(&self, openid: &str) -> Vec<u8> {
+        use hmac::Mac;
+        let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0) {
+            Ok(mac) => mac,
+            // HMAC takes a key of any length.
+            Err(_) => return Vec::new(),
+        };
+        mac.update(openid.as_bytes());
+        mac.finalize().into_bytes()[..OPENID_HASH_LEN].to_vec()
+    }
+}
+
+/// A trail query as the command line, the admin API and the pages take it:
+/// `name=value` pairs (`openid`, `msg_id`, `scene`, `event_id`, `target`,
+/// `outcome`, `since`, `until`, `limit`), with `since` and `until` as RFC 3339
+/// times or spans back from `now` (`2h`). Empty values are left out. The
+/// error names the parameter.
+pub fn parse_filter<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    now: UnixMs,
+) -> Result<TrailFilter, String> {
+    let mut filter = TrailFilter::default();
+    for (name, value) in pairs {
+        let value = value.trim();
+        if value.is_empty() {
+            continue;
+        }
+        let text = || Some(value.to_owned());
+        match name {
+            "openid" => filter.openid = text(),
+            "msg_id" => filter.msg_id = text(),
+            "scene" => filter.scene = text(),
+            "target" => filter.target = text(),
+            "event_id" => filter.event_id = Some(EventId(number(name, value)?)),
+            "outcome" => filter.outcome = Some(value.parse().map_err(|e| format!("{name}: {e}"))?),
+            "since" => {
+                filter.since = Some(parse_time(value, now).map_err(|e| format!("{name}: {e}"))?)
+            }
+            "until" => {
+                filter.until = Some(parse_time(value, now).map_err(|e| format!("{name}: {e}"))?)
+            }
+            "limit" => {
+                let limit = number(name, value)?;
+                if !(1..=MAX_LIMIT as i64).contains(&limit) {
+                    return Err(format!("{name}: from 1 to {MAX_LIMIT}"));
+                }
+                filter.limit = limit as usize;
+            }
+            other => return Err(format!("unknown parameter {other:?}")),
+        }
+    }
+    Ok(filter)
+}
+
+/// The most events one search returns.
+pub const MAX_LIMIT: usize = 1_000;
+
+fn number(name: &str, value: &str) -> Result<i64, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{name}: not a number: {value:?}"))
+}
+
+/// An RFC 3339 time, or a span back from `now` (`90s`, `2h`, `7d`).
+pub fn parse_time(value: &str, now: UnixMs) -> Result<UnixMs, String> {
+    if let Ok(span) = humantime::parse_duration(value) {
+        return Ok(UnixMs(now.0.saturating_sub(span.as_millis() as i64)));
+    }
+    let at = humantime::parse_rfc3339_weak(value)
+        .map_err(|_| format!("neither an RFC 3339 time nor a span like 2h: {value:?}"))?;
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("before 1970: {value:?}"))?
+        .as_millis();
+    Ok(UnixMs(ms as i64))
+}
+
+/// Where a push stands, from its route, its ends (in the order they
+/// happened) and whether it was refused: a target's last end counts, so a
+/// dead letter replayed and then delivered is delivered.
+pub fn outcome_of(event: &TrailEvent) -> TrailOutcome {
+    if event.refusal.is_some() {
+        return TrailOutcome::Refused;
+    }
+    if event.dedup == Dedup::Duplicate {
+        return TrailOutcome::Delivered;
+    }
+    let last_end = |target: Option<&str>| {
+        event
+            .ends
+            .iter()
+            .rev()
+            .find(|e| target.is_none_or(|t| e.target == t))
+            .map(|e| e.end.as_str())
+    };
+    // An unrouted event has one end, with no target.
+    if event.route.is_empty() {
+        return match last_end(None) {
+            Some("dead" | "expired") => TrailOutcome::Dead,
+            _ => TrailOutcome::Delivered,
+        };
+    }
+    let mut outcome = TrailOutcome::Delivered;
+    for target in &event.route {
+        match last_end(Some(target)) {
+            Some("dead" | "expired") => return TrailOutcome::Dead,
+            Some(_) => {}
+            None => outcome = TrailOutcome::Pending,
+        }
+    }
+    outcome
 }
 
 #[cfg(test)]

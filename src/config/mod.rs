@@ -30,7 +30,7 @@ pub use secret::Secret;
 pub use settings::{
     decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, PostgresSettings,
     RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode,
-    Target, TelemetrySettings, WechatServer,
+    Target, TelemetrySettings, TrailSettings, WechatServer,
 };
 
 /// The environment variable the relay reads its log filter from

@@ -25,6 +25,20 @@ pub(crate) struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub telemetry: RawTelemetry,
+    #[serde(default)]
+    pub trail: RawTrail,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTrail {
+    pub enabled: Option<bool>,
+    pub key: Option<Secret>,
+    pub key_file: Option<PathBuf>,
+    pub keep_bodies: Option<bool>,
+    pub retain: Option<String>,
+    /// Signed so that `-1` is reported as out of range, not as a type error.
+    pub max_events: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

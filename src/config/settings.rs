@@ -22,6 +22,39 @@ pub struct Settings {
     /// In file order: the first matching rule decides.
     pub routes: Vec<Rule>,
     pub telemetry: TelemetrySettings,
+    pub trail: TrailSettings,
+}
+
+/// The event trail: what became of each push, kept for a while.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrailSettings {
+    /// Off, nothing of the trail is written or run.
+    pub enabled: bool,
+    /// The key of the OpenIDs' hashes; `None`: one made once and kept in
+    /// the spool.
+    pub key: Option<Secret>,
+    /// Keep each push's message with its trail, so that a delivered event
+    /// can be redelivered.
+    pub keep_bodies: bool,
+    /// Events older than this are pruned.
+    pub retain: Duration,
+    /// At most this many events are kept.
+    pub max_events: u64,
+}
+
+impl TrailSettings {
+    /// What the spool turns the trail on with.
+    pub fn setup(&self) -> crate::spool::TrailSetup {
+        crate::spool::TrailSetup {
+            key: self
+                .key
+                .as_ref()
+                .map(|k| crate::trail::TrailKey::from_secret(k.expose())),
+            keep_bodies: self.keep_bodies,
+            retain: self.retain,
+            max_events: self.max_events,
+        }
+    }
 }
 
 /// Where the relay's traces go, if anywhere.

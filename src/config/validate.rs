@@ -4,12 +4,12 @@
 
 use super::raw::{
     OneOrMany, RawAccount, RawBreaker, RawConfig, RawMatch, RawRoute, RawServer, RawSpool,
-    RawTarget, RawTelemetry, StringOrNumber,
+    RawTarget, RawTelemetry, RawTrail, StringOrNumber,
 };
 use super::settings::{
     decode_webhook_secret, Account, Adapters, Breaker, Format, Mode, Ordering, PostgresSettings,
     RetryClass, RetryPolicy, ServerSettings, Settings, SpoolBackend, SpoolSettings, SslMode,
-    Target, TelemetrySettings, WechatServer,
+    Target, TelemetrySettings, TrailSettings, WechatServer,
 };
 use super::units::{parse_duration, parse_size};
 use super::{ConfigError, Problem, Secret, ENV_PREFIX};
@@ -81,6 +81,7 @@ pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
     }
     let routes = routes(raw.routes, &names, &mut p);
     let telemetry = telemetry(raw.telemetry, &mut p);
+    let trail = trail(raw.trail, &mut p);
     let settings = Settings {
         server,
         spool,
@@ -88,6 +89,7 @@ pub(crate) fn settings(raw: RawConfig) -> Result<Settings, ConfigError> {
         targets,
         routes,
         telemetry,
+        trail,
     };
     if p.0.is_empty() {
         Ok(settings)
@@ -353,6 +355,40 @@ fn spool(mut raw: RawSpool, p: &mut Problems) -> SpoolSettings {
     SpoolSettings {
         backend,
         dedup_window,
+    }
+}
+
+/// Kept a week by default: long enough for "it failed on Monday".
+const DEFAULT_TRAIL_RETAIN: Duration = Duration::from_secs(7 * 24 * 3600);
+const DEFAULT_TRAIL_MAX_EVENTS: u64 = 1_000_000;
+
+fn trail(raw: RawTrail, p: &mut Problems) -> TrailSettings {
+    let key = secret_source(p, "trail.key", raw.key, raw.key_file)
+        .ok()
+        .flatten()
+        .map(|(key, path)| {
+            if key.expose().len() < 16 {
+                p.add(
+                    path,
+                    "must be at least 16 characters: it keys the OpenIDs' hashes",
+                );
+            }
+            key
+        });
+    let max_events = match raw.max_events {
+        None => DEFAULT_TRAIL_MAX_EVENTS,
+        Some(n) if n >= 1 => n as u64,
+        Some(_) => {
+            p.add("trail.max_events", "must be at least 1");
+            DEFAULT_TRAIL_MAX_EVENTS
+        }
+    };
+    TrailSettings {
+        enabled: raw.enabled.unwrap_or(true),
+        key,
+        keep_bodies: raw.keep_bodies.unwrap_or(false),
+        retain: p.duration("trail.retain", raw.retain, DEFAULT_TRAIL_RETAIN),
+        max_events,
     }
 }
 

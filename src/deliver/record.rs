@@ -13,6 +13,7 @@ use crate::config::Target;
 use crate::metrics::Metrics;
 use crate::spool::{DeliveryId, Event, EventId, LeaseToken, Schedule, Settle, Settlement, UnixMs};
 use crate::telemetry::{AttemptFacts, AttemptTrace};
+use crate::trail::{escape_prefix, TrailAttempt};
 use rand::Rng;
 use std::future::Future;
 use std::sync::Arc;
@@ -130,8 +131,15 @@ impl Dispatcher {
             .map(|t| t.attempt(event.trace_context.as_deref()));
         let traceparent = trace.as_ref().and_then(|t| t.header());
         let sent = (event, app_id, traceparent);
-        let result = attempt(&self.client, &*self.clock, target, sent, timeout).await;
         let state = self.target_state(&target.name);
+        // The circuit as the attempt found it, for the trail (while it is on).
+        let circuit = self
+            .config
+            .load()
+            .trail
+            .enabled
+            .then(|| circuit_name(state.health.phase()));
+        let result = attempt(&self.client, &*self.clock, target, sent, timeout).await;
         let release = self.observe_health(target, &state, due.probe, &result);
         let unit: f64 = rand::thread_rng().gen();
         let settlement = retry::decide(
@@ -143,6 +151,16 @@ impl Dispatcher {
             UnixMs(self.clock.now_ms()),
             unit,
         );
+        let note = circuit.map(|circuit| {
+            let took = started.elapsed();
+            Box::new(attempt_note(
+                (&due, &target.name),
+                started_ms,
+                took,
+                &result,
+                circuit,
+            ))
+        });
         let taken = (started, trace);
         self.observe_attempt(target, &due, event, &result, &settlement, taken);
         let this = self.clone();
@@ -154,6 +172,7 @@ impl Dispatcher {
             let settle = Settle {
                 lease: due.lease,
                 settlement,
+                trail: note,
             };
             this.record(&name, &state.faults, vec![settle]).await;
         };
@@ -246,6 +265,62 @@ impl Dispatcher {
         if ends && per_user {
             self.wake(target);
         }
+    }
+}
+
+/// A circuit's state as the trail shows it.
+fn circuit_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Closed => "closed",
+        Phase::Open => "open",
+        Phase::Probing => "half_open",
+    }
+}
+
+/// What the trail keeps of one attempt: when, how it went, how long it
+/// took, and the start of the answer.
+fn attempt_note(
+    (due, target): (&Due, &str),
+    at: UnixMs,
+    took: Duration,
+    result: &Attempt,
+    circuit: &'static str,
+) -> TrailAttempt {
+    let error = match (&result.status, &result.verdict) {
+        (Some(_), _) => None,
+        (None, Verdict::Retry { error, .. } | Verdict::Reject { error }) => {
+            Some(error_class(error))
+        }
+        (None, _) => Some("connect"),
+    };
+    TrailAttempt {
+        at,
+        target: target.to_owned(),
+        attempt: due.attempts + 1,
+        inline: due.inline,
+        status: result.status.map(|s| s.as_u16()),
+        error: error.map(str::to_owned),
+        latency_ms: took.as_millis() as u64,
+        response: escape_prefix(result.body.as_deref().unwrap_or_default()),
+        circuit: circuit.to_owned(),
+    }
+}
+
+/// An attempt that got no answer, by kind: its error's text may name hosts
+/// and addresses, which the trail has no need of.
+fn error_class(error: &str) -> &'static str {
+    if error.starts_with("no answer within") {
+        "timeout"
+    } else if error.contains("circuit is open") {
+        "circuit_open"
+    } else if error.starts_with("bad request") || error.contains("format") {
+        "request"
+    } else if error.contains("dns") || error.contains("resolve") {
+        "dns"
+    } else if error.contains("tls") || error.contains("certificate") {
+        "tls"
+    } else {
+        "connect"
     }
 }
 

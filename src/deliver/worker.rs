@@ -319,6 +319,7 @@ impl Dispatcher {
                     reason: DeadReason::Expired,
                     error: error.clone(),
                 },
+                trail: None,
             })
             .collect();
         self.metrics

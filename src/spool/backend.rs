@@ -4,7 +4,7 @@
 use super::postgres::OnOpen;
 use super::{
     DueListener, Health, Intake, Operator, PostgresSpool, SpoolError, SqliteSpool, Supervision,
-    Tickets, Work,
+    Tickets, TrailLog, TrailSetup, Work,
 };
 use crate::config::{SpoolBackend, SpoolSettings};
 use std::sync::Arc;
@@ -65,6 +65,16 @@ impl OpenSpool {
         /// An Open Platform's ticket: kept by ingest, read by the admin
         /// API, `wxrelay ticket` and the metrics.
         tickets: Tickets;
+        /// The event trail: the command line, the admin API and the pages.
+        trail: TrailLog;
+    }
+
+    /// Turns the trail on (it is off until this is called).
+    pub async fn start_trail(&self, setup: TrailSetup) -> Result<(), SpoolError> {
+        match self {
+            OpenSpool::Sqlite(s) => s.start_trail(setup).await,
+            OpenSpool::Postgres(s) => s.start_trail(setup).await,
+        }
     }
 
     /// The watch on the spool's tasks: the relay stops when one fails.

@@ -40,6 +40,7 @@ fn event(key: &str, targets: &[&str], now: i64) -> NewEvent {
             })
             .collect(),
         replay: None,
+        trail: None,
     }
 }
 
@@ -127,6 +128,7 @@ async fn settle(spool: &dyn Roles, leases: &[Lease], settlements: Vec<Settlement
                 .find(|l| l.delivery_id == settlement.delivery_id())
                 .map_or(LeaseToken::NONE, |l| l.token),
             settlement,
+            trail: None,
         })
         .collect();
     spool.record(settles, UnixMs(now)).await.unwrap();

@@ -61,6 +61,7 @@ pub mod postgres;
 mod rows;
 mod sqlite;
 mod supervise;
+mod trail_rows;
 pub mod vocab;
 
 pub use backend::OpenSpool;
@@ -71,6 +72,7 @@ pub use postgres::{postgres_display, PostgresSpool};
 pub use sqlite::SqliteSpool;
 pub use supervise::Supervision;
 
+use crate::trail::{TrailAttempt, TrailEvent, TrailFilter, TrailKey, TrailNote, TrailPush};
 use crate::wechat::family::Origin;
 use bytes::Bytes;
 use std::future::Future;
@@ -188,6 +190,9 @@ pub enum SpoolError {
     /// restarted (see [`Supervision`]).
     #[error("a spool task failed: {0}")]
     Failed(Arc<str>),
+    /// The operation cannot be done, for the reason given (no secret in it).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl SpoolError {
@@ -226,6 +231,9 @@ pub struct NewEvent {
     pub targets: Vec<NewDelivery>,
     /// Set when the request's signature does not cover its body.
     pub replay: Option<ReplayGuard>,
+    /// What the trail keeps of it, while the trail is on: written in the
+    /// same commit, whether the push is stored or a duplicate.
+    pub trail: Option<Box<TrailPush>>,
 }
 
 /// A signed query whose signature does not cover the body: once taken with
@@ -335,6 +343,9 @@ impl Settlement {
 pub struct Settle {
     pub lease: LeaseToken,
     pub settlement: Settlement,
+    /// The attempt, for the trail (while it is on): written with the
+    /// outcome, and only if the outcome is.
+    pub trail: Option<Box<TrailAttempt>>,
 }
 
 /// A delivery in the dead-letter table.
@@ -422,6 +433,57 @@ pub trait Intake: Send + Sync + 'static {
     /// Stores an event with its deliveries and dedup key, durably, in one
     /// commit; the key makes a push a duplicate for `window` (the dedup window).
     fn enqueue(&self, event: NewEvent, now: UnixMs, window: Duration) -> SpoolFuture<Enqueued>;
+    /// Adds to the trail what is known only after a push's commit (its
+    /// reply) or of a push never stored (a refusal). Nothing waits for it:
+    /// it rides with the next commit, or is written without an fsync of its
+    /// own. Returns false when it was dropped (the spool is busy or closed).
+    fn note(&self, note: TrailNote) -> bool;
+}
+
+/// What the command line and the pages use: the event trail.
+pub trait TrailLog: Send + Sync + 'static {
+    /// Events matching `filter`, newest first, each with its attempts and ends.
+    fn search(&self, filter: TrailFilter) -> SpoolFuture<Vec<TrailEvent>>;
+    /// Sends a retained event to `target` again, as a new delivery. Refused (an error naming
+    /// why) when the event is gone, or was delivered and its body was not kept.
+    fn redeliver(&self, event_id: EventId, target: String, now: UnixMs) -> SpoolFuture<DeliveryId>;
+}
+
+/// What the relay turns the trail on with: the configured key, if any
+/// (otherwise the spool's own), and how much to keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrailSetup {
+    pub key: Option<TrailKey>,
+    pub keep_bodies: bool,
+    pub retain: Duration,
+    pub max_events: u64,
+}
+
+impl TrailSetup {
+    fn store(self, key: TrailKey) -> TrailStore {
+        TrailStore {
+            key,
+            keep_bodies: self.keep_bodies,
+            retain: self.retain,
+            max_events: self.max_events,
+        }
+    }
+}
+
+/// Where an engine's threads find the trail's settings: empty while the
+/// trail is off, and then nothing of it is written.
+pub(crate) type TrailSlot = Arc<arc_swap::ArcSwapOption<TrailStore>>;
+
+/// How the spool keeps the trail, once the relay has turned it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrailStore {
+    pub key: TrailKey,
+    /// Keep each push's message with its trail, for redelivery.
+    pub keep_bodies: bool,
+    /// Events older than this are pruned.
+    pub retain: Duration,
+    /// At most this many events are kept: the oldest are pruned.
+    pub max_events: u64,
 }
 
 /// What the delivery workers need: taking due deliveries, recording what
@@ -597,3 +659,5 @@ impl std::str::FromStr for DeadReason {
 
 #[cfg(test)]
 mod contract_tests;
+#[cfg(test)]
+mod trail_contract_tests;

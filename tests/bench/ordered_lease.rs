@@ -61,6 +61,7 @@ fn event(i: usize, users: usize) -> NewEvent {
             order_key: Some(format!("main|user{user}")),
         }],
         replay: None,
+        trail: None,
     }
 }
 
@@ -170,6 +171,7 @@ fn main() {
         let backing_off = heads
             .iter()
             .map(|head| Settle {
+                trail: None,
                 lease: head.token,
                 settlement: Settlement::Retry {
                     delivery_id: head.delivery_id,

@@ -535,6 +535,7 @@ mod tests {
                 event,
                 targets: Vec::new(),
                 replay: None,
+                trail: None,
             },
             now: UnixMs(0),
             window: Duration::ZERO,

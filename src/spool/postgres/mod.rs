@@ -62,12 +62,14 @@ pub use migrate::latest as latest_schema_version;
 pub use settle::{REPLICA_FORGOTTEN_MS, TARGETS_HOLD_MS};
 
 use super::vocab::{EVENT_COLUMNS, KEEP_TICKET, PENDING, QUEUE, TICKETS};
+use super::DeliveryId;
 use super::{
     rows, ComponentTicket, DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId,
     Health, Intake, Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture,
-    Supervision, TargetDepth, Tickets, UnixMs, WaitingDelivery, Work,
+    Supervision, TargetDepth, Tickets, TrailLog, TrailSetup, UnixMs, WaitingDelivery, Work,
 };
 use crate::config::PostgresSettings;
+use crate::trail::{TrailEvent, TrailFilter, TrailNote};
 use const_format::formatcp;
 use deadpool_postgres::{Object, Pool};
 use std::future::Future;
@@ -392,7 +394,40 @@ fn submit<T: Send + 'static, R>(
 
 type BoxedOp<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send + 'c>>;
 
+impl PostgresSpool {
+    /// Turns the trail on with `setup`.
+    pub async fn start_trail(&self, setup: TrailSetup) -> Result<(), SpoolError> {
+        let _ = setup;
+        Ok(())
+    }
+}
+
+impl TrailLog for PostgresSpool {
+    fn search(&self, filter: TrailFilter) -> SpoolFuture<Vec<TrailEvent>> {
+        drop(filter);
+        Box::pin(async {
+            Err(SpoolError::Refused(
+                "the trail is not kept on PostgreSQL yet".into(),
+            ))
+        })
+    }
+
+    fn redeliver(&self, event_id: EventId, target: String, now: UnixMs) -> SpoolFuture<DeliveryId> {
+        let _ = (event_id, target, now);
+        Box::pin(async {
+            Err(SpoolError::Refused(
+                "the trail is not kept on PostgreSQL yet".into(),
+            ))
+        })
+    }
+}
+
 impl Intake for PostgresSpool {
+    fn note(&self, note: TrailNote) -> bool {
+        drop(note);
+        false
+    }
+
     fn enqueue(&self, event: NewEvent, now: UnixMs, window: Duration) -> SpoolFuture<Enqueued> {
         self.when_ready(|| {
             submit(&self.supervision, &self.requests, |reply| {

@@ -319,7 +319,13 @@ struct DeadColumns<'a> {
 
 impl<'a> Outcomes<'a> {
     /// One outcome, recorded at `now`.
-    fn add(&mut self, Settle { lease, settlement }: &'a Settle, now: UnixMs) {
+    fn add(
+        &mut self,
+        Settle {
+            lease, settlement, ..
+        }: &'a Settle,
+        now: UnixMs,
+    ) {
         match settlement {
             Settlement::Delivered { delivery_id } => {
                 self.delivered.0.push(delivery_id.0);

@@ -1,12 +1,17 @@
 //! What a push's commit writes: its replay guard, its dedup key, the event
 //! and a delivery per target (or its `unrouted` dead letter).
 
+use super::trail;
+use crate::spool::trail_rows::route_text;
 use crate::spool::vocab::KEEP_TICKET;
 use crate::spool::vocab::{PENDING, UNROUTED};
 use crate::spool::{
-    rows, ComponentTicket, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, ReplayGuard,
-    UnixMs,
+    rows, ComponentTicket, DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent,
+    ReplayGuard, TrailStore, UnixMs,
 };
+
+/// An unrouted event's end in the trail.
+const UNROUTED_END: &str = "dead";
 use const_format::formatcp;
 use rusqlite::{params, Connection};
 use std::time::Duration;
@@ -16,12 +21,16 @@ pub(super) fn enqueue(
     new: NewEvent,
     now: UnixMs,
     window: Duration,
+    store: Option<&TrailStore>,
 ) -> rusqlite::Result<Enqueued> {
     let NewEvent {
         event: e,
         targets,
         replay,
+        trail: push,
     } = new;
+    // Only while the relay has the trail on and the spool has its settings.
+    let trail = store.zip(push.as_deref());
     if let Some(guard) = &replay {
         if !first_body_under(c, guard, now)? {
             return Ok(Enqueued::Replayed);
@@ -32,6 +41,10 @@ pub(super) fn enqueue(
         .prepare_cached(TAKE_KEY)?
         .execute(params![e.dedup_key, now + window, now])?;
     if inserted == 0 {
+        if let Some((store, push)) = trail {
+            let route = route_text(targets.iter().map(|t| &t.target));
+            trail::push(c, store, (push, &e, &route), None)?;
+        }
         return Ok(Enqueued::Duplicate);
     }
     let (family, codec) = rows::origin_names(&e.origin);
@@ -70,6 +83,14 @@ pub(super) fn enqueue(
             d.order_key
         ])?;
         deliveries.push(DeliveryId(c.last_insert_rowid()));
+    }
+    if let Some((store, push)) = trail {
+        let route = route_text(targets.iter().map(|t| &t.target));
+        trail::push(c, store, (push, &e, &route), Some(event_id))?;
+        if targets.is_empty() {
+            let end = Some((UNROUTED_END, Some(DeadReason::Unrouted)));
+            trail::step(c, (event_id.0, ""), now, None, end)?;
+        }
     }
     Ok(Enqueued::Stored {
         event_id,

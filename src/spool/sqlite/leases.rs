@@ -9,7 +9,7 @@
 
 use crate::spool::vocab::{EVENT_COLUMNS, PENDING};
 use crate::spool::SpoolError;
-use crate::spool::{rows, DeliveryId, Lease, LeaseToken, Settle, Settlement, UnixMs};
+use crate::spool::{rows, DeliveryId, Lease, LeaseToken, Settle, UnixMs};
 use const_format::formatcp;
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
@@ -80,12 +80,12 @@ pub(super) fn lease(
 pub(super) fn take_marks(
     leased: &Leased,
     settles: Vec<Settle>,
-) -> (Vec<Settlement>, Vec<(DeliveryId, UnixMs, LeaseToken)>) {
+) -> (Vec<Settle>, Vec<(DeliveryId, UnixMs, LeaseToken)>) {
     let mut held = leased.lock().unwrap_or_else(|e| e.into_inner());
     let mut writing = Vec::new();
     let mut settlements = Vec::with_capacity(settles.len());
-    for Settle { lease, settlement } in settles {
-        let id = settlement.delivery_id();
+    for settle in settles {
+        let (id, lease) = (settle.settlement.delivery_id(), settle.lease);
         match held.marks.get_mut(&id) {
             Some((_, until, token)) if *token == lease => {
                 writing.push((id, *until, lease));
@@ -94,7 +94,7 @@ pub(super) fn take_marks(
             Some(_) => continue,
             None => {}
         }
-        settlements.push(settlement);
+        settlements.push(settle);
     }
     (settlements, writing)
 }

@@ -36,6 +36,7 @@ const MIGRATIONS: &[Migration] = &[
         "trace_context",
         include_str!("migrations/0008_trace_context.sql"),
     ),
+    Migration::new(9, "trail", include_str!("migrations/0009_trail.sql")),
 ];
 
 /// The column each step before versions added, by the version it is.

@@ -45,14 +45,17 @@ mod migrate;
 mod reader;
 mod row;
 mod settle;
+mod trail;
 mod writer;
 
 use super::vocab::{DEFAULT_MAX_BATCH, QUEUE};
 use super::{
-    ComponentTicket, DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId,
-    Health, Intake, Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture,
-    Supervision, TargetDepth, Tickets, UnixMs, WaitingDelivery, Work,
+    ComponentTicket, DeadFilter, DeadLetter, DeliveryId, DueListener, DueWaker, Enqueued, Event,
+    EventId, Health, Intake, Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture,
+    Supervision, TargetDepth, Tickets, TrailLog, TrailSetup, TrailSlot, UnixMs, WaitingDelivery,
+    Work,
 };
+use crate::trail::{TrailEvent, TrailFilter, TrailNote};
 use file::{open_connection, OpenedFile};
 use leases::Leased;
 use reader::Read;
@@ -74,6 +77,7 @@ pub struct SqliteSpool {
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
     leased: Leased,
     supervision: Supervision,
+    trail: TrailSlot,
 }
 
 impl SqliteSpool {
@@ -99,17 +103,18 @@ impl SqliteSpool {
         let read_conn = open_connection(path)?;
         let supervision = Supervision::default();
         let leased = Leased::default();
+        let trail = TrailSlot::default();
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let (reads, read_rx) = mpsc::sync_channel(QUEUE);
         let start_error = |e| SpoolError::caused("cannot start the spool threads", e);
         let file = std::sync::Arc::new(file);
         let writer = supervision
             .thread("sqlite writer", {
-                let (file, supervision) = (file.clone(), supervision.clone());
-                move || writer::run(conn, rx, max_batch.max(1), &file, &supervision)
+                let (file, supervision, trail) = (file.clone(), supervision.clone(), trail.clone());
+                move || writer::run(conn, rx, max_batch.max(1), (&file, &trail), &supervision)
             })
             .map_err(start_error)?;
-        let held = leased.clone();
+        let held = (leased.clone(), trail.clone());
         let reader = supervision
             .thread("sqlite reader", move || {
                 reader::run(read_conn, read_rx, held, &file)
@@ -121,7 +126,20 @@ impl SqliteSpool {
             threads: Mutex::new(vec![writer, reader]),
             leased,
             supervision,
+            trail,
         })
+    }
+
+    /// Turns the trail on with `settings`, its key the configured one or,
+    /// without one, the key kept in the file (made now if there is none).
+    pub async fn start_trail(&self, setup: TrailSetup) -> Result<(), SpoolError> {
+        let key = match setup.key.clone() {
+            Some(key) => key,
+            None => self.submit(Command::TrailKey).await?,
+        };
+        self.trail
+            .store(Some(std::sync::Arc::new(setup.store(key))));
+        Ok(())
     }
 
     /// The watch on this spool's threads.
@@ -195,6 +213,24 @@ impl Drop for SqliteSpool {
 impl Intake for SqliteSpool {
     fn enqueue(&self, event: NewEvent, now: UnixMs, window: Duration) -> SpoolFuture<Enqueued> {
         self.submit(|r| Command::Enqueue(Box::new(event), now, window, r))
+    }
+
+    fn note(&self, note: TrailNote) -> bool {
+        let sent = match self.tx.lock().ok().as_ref().and_then(|tx| tx.as_ref()) {
+            Some(tx) => tx.try_send(Command::Note(note)).is_ok(),
+            None => false,
+        };
+        sent
+    }
+}
+
+impl TrailLog for SqliteSpool {
+    fn search(&self, filter: TrailFilter) -> SpoolFuture<Vec<TrailEvent>> {
+        self.read(|r| Read::Trail(filter, r))
+    }
+
+    fn redeliver(&self, event_id: EventId, target: String, now: UnixMs) -> SpoolFuture<DeliveryId> {
+        self.submit(|r| Command::Redeliver(event_id, target, now, r))
     }
 }
 

@@ -8,8 +8,9 @@ use super::Reply;
 use crate::spool::vocab::{EVENT_COLUMNS, PENDING, TICKETS};
 use crate::spool::{
     rows, ComponentTicket, DeadFilter, DeadLetter, Event, EventId, Lease, SpoolError, TargetDepth,
-    UnixMs, WaitingDelivery,
+    TrailSlot, UnixMs, WaitingDelivery,
 };
+use crate::trail::{TrailEvent, TrailFilter};
 use const_format::formatcp;
 use rusqlite::{params, Connection};
 use std::sync::mpsc;
@@ -23,11 +24,17 @@ pub(super) enum Read {
     Waiting(String, usize, Reply<Vec<WaitingDelivery>>),
     Event(EventId, Reply<Option<Event>>),
     Tickets(Reply<Vec<ComponentTicket>>),
+    Trail(TrailFilter, Reply<Vec<TrailEvent>>),
 }
 
 /// Answers reads until the spool closes; none from a file no longer at the
 /// spool's path.
-pub(super) fn run(conn: Connection, rx: mpsc::Receiver<Read>, leased: Leased, file: &OpenedFile) {
+pub(super) fn run(
+    conn: Connection,
+    rx: mpsc::Receiver<Read>,
+    (leased, trail): (Leased, TrailSlot),
+    file: &OpenedFile,
+) {
     while let Ok(read) = rx.recv() {
         if let Err(e) = file.check() {
             fail(read, e);
@@ -52,6 +59,14 @@ pub(super) fn run(conn: Connection, rx: mpsc::Receiver<Read>, leased: Leased, fi
             Read::Tickets(r) => {
                 let _ = r.send(read_rows(&conn, TICKETS, [], |row| rows::ticket(row)));
             }
+            Read::Trail(filter, r) => {
+                let _ = r.send(match trail.load().as_deref() {
+                    Some(store) => super::trail::search(&conn, &store.key, &filter),
+                    None => Err(SpoolError::Refused(
+                        "the trail is off ([trail] enabled = false)".into(),
+                    )),
+                });
+            }
         }
     }
 }
@@ -64,6 +79,7 @@ fn fail(read: Read, err: SpoolError) {
         Read::Waiting(_, _, r) => drop(r.send(Err(err))),
         Read::Event(_, r) => drop(r.send(Err(err))),
         Read::Tickets(r) => drop(r.send(Err(err))),
+        Read::Trail(_, r) => drop(r.send(Err(err))),
     }
 }
 

@@ -3,18 +3,28 @@
 //! order: a pending delivery's `blocked` is 1 while an earlier pending one
 //! of its target and `order_key` exists.
 
+use super::trail;
+use crate::spool::trail_rows::end_of_dead;
 use crate::spool::vocab::{DEAD, EXPIRED, PENDING, RETIRED_ERROR, TARGET_REMOVED};
-use crate::spool::{DeadReason, DeliveryId, Release, Schedule, Settlement, UnixMs};
+use crate::spool::{
+    DeadReason, DeliveryId, Release, Schedule, Settle, Settlement, TrailStore, UnixMs,
+};
 use const_format::formatcp;
 use rusqlite::{params, Connection, OptionalExtension};
 
 pub(super) fn record(
     c: &Connection,
-    settlements: &[Settlement],
+    settles: &[Settle],
     now: UnixMs,
+    store: Option<&TrailStore>,
 ) -> rusqlite::Result<()> {
-    for s in settlements {
-        match s {
+    for settle in settles {
+        // The trail's step is written only for an outcome that is.
+        let traced = match store {
+            Some(_) => trail::pending_delivery(c, settle.settlement.delivery_id())?,
+            None => None,
+        };
+        let applied = match &settle.settlement {
             Settlement::Delivered { delivery_id } => delivered(c, *delivery_id)?,
             Settlement::Retry {
                 delivery_id,
@@ -28,6 +38,14 @@ pub(super) fn record(
                 reason,
                 error,
             } => dead(c, *delivery_id, *reason, error, now)?,
+        };
+        if let (true, Some((event_id, target))) = (applied, traced) {
+            let end = match &settle.settlement {
+                Settlement::Delivered { .. } => Some(("delivered", None)),
+                Settlement::Retry { .. } => None,
+                Settlement::Dead { reason, .. } => Some((end_of_dead(*reason), Some(*reason))),
+            };
+            trail::step(c, (event_id, &target), now, settle.trail.as_deref(), end)?;
         }
     }
     Ok(())
@@ -41,18 +59,19 @@ const DELETE_DELIVERED: &str = formatcp!(
      RETURNING event_id, target, order_key"
 );
 
-fn delivered(c: &Connection, id: DeliveryId) -> rusqlite::Result<()> {
+fn delivered(c: &Connection, id: DeliveryId) -> rusqlite::Result<bool> {
     let deleted = c
         .prepare_cached(DELETE_DELIVERED)?
         .query_row(params![id], |r| {
             Ok((r.get("event_id")?, r.get("target")?, r.get("order_key")?))
         })
         .optional()?;
+    let applied = deleted.is_some();
     if let Some((event_id, target, order_key)) = deleted {
         drop_event_if_done(c, event_id)?;
         unblock_next(c, target, order_key)?;
     }
-    Ok(())
+    Ok(applied)
 }
 
 const RETRY: &str = formatcp!(
@@ -69,8 +88,8 @@ fn retry(
     not_before: UnixMs,
     error: &str,
     now: UnixMs,
-) -> rusqlite::Result<()> {
-    c.prepare_cached(RETRY)?.execute(params![
+) -> rusqlite::Result<bool> {
+    let n = c.prepare_cached(RETRY)?.execute(params![
         id,
         next_at,
         error,
@@ -79,7 +98,7 @@ fn retry(
         schedule.step,
         schedule.due_at
     ])?;
-    Ok(())
+    Ok(n > 0)
 }
 
 /// An expired delivery is dead-lettered instead of sent: no attempt.
@@ -96,17 +115,18 @@ fn dead(
     reason: DeadReason,
     error: &str,
     now: UnixMs,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<bool> {
     let died = c
         .prepare_cached(DEAD_LETTER)?
         .query_row(params![id, reason, error, now], |r| {
             Ok((r.get("target")?, r.get("order_key")?))
         })
         .optional()?;
+    let applied = died.is_some();
     if let Some((target, order_key)) = died {
         unblock_next(c, target, order_key)?;
     }
-    Ok(())
+    Ok(applied)
 }
 
 /// Once a pending delivery of `order_key` is gone (delivered or dead), the
@@ -186,6 +206,7 @@ pub(super) fn retire(
     c: &Connection,
     keep: &[String],
     now: UnixMs,
+    traced: bool,
 ) -> rusqlite::Result<Vec<(String, u64)>> {
     let pending: Vec<String> = c
         .prepare_cached(PENDING_TARGETS)?
@@ -193,6 +214,9 @@ pub(super) fn retire(
         .collect::<rusqlite::Result<_>>()?;
     let mut retired = Vec::new();
     for target in pending.iter().filter(|t| !keep.contains(t)) {
+        if traced {
+            trail::retired(c, target, now)?;
+        }
         let n = c.prepare_cached(RETIRE)?.execute(params![target, now])? as u64;
         retired.push((target.clone(), n));
     }

@@ -27,6 +27,7 @@ fn event(key: &str, body_bytes: usize) -> NewEvent {
             order_key: None,
         }],
         replay: None,
+        trail: None,
     }
 }
 
@@ -68,7 +69,11 @@ async fn settle(spool: &SqliteSpool, leases: &[Lease], settlement: Settlement, n
         .find(|l| l.delivery_id == settlement.delivery_id())
         .unwrap()
         .token;
-    let settle = Settle { lease, settlement };
+    let settle = Settle {
+        lease,
+        settlement,
+        trail: None,
+    };
     spool.record(vec![settle], UnixMs(now)).await.unwrap();
 }
 
@@ -142,7 +147,7 @@ async fn nothing_after_a_rolled_back_command_is_committed_on_its_own() {
         batch.push(Command::Enqueue(e, UnixMs(1), WINDOW, reply));
         replies.push(rx);
     }
-    commit_batch(&mut conn, &mut batch, None, &file);
+    commit_batch(&mut conn, &mut batch, (None, None), (&file, None));
     for rx in replies {
         let answer = rx.await.unwrap();
         let chain = answer.as_ref().map_err(|e| crate::error_chain(e));

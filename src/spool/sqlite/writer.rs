@@ -3,12 +3,13 @@
 //! per push.
 
 use super::file::OpenedFile;
-use super::{commit, dead, settle, Reply};
+use super::{commit, dead, settle, trail, Reply};
 use crate::spool::vocab::{PROBE, PRUNE_EVERY};
 use crate::spool::{
-    ComponentTicket, DeadFilter, Enqueued, NewEvent, Release, Settlement, SpoolError, Supervision,
-    UnixMs,
+    ComponentTicket, DeadFilter, DeliveryId, Enqueued, EventId, NewEvent, Release, Settle,
+    SpoolError, Supervision, TrailSlot, TrailStore, UnixMs,
 };
+use crate::trail::{TrailKey, TrailNote};
 use rusqlite::{params, Connection, Transaction};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -16,13 +17,17 @@ use std::time::Duration;
 /// What the writer does, each in the next group commit.
 pub(super) enum Command {
     Enqueue(Box<NewEvent>, UnixMs, Duration, Reply<Enqueued>),
-    Record(Vec<Settlement>, UnixMs, Reply<()>),
+    Record(Vec<Settle>, UnixMs, Reply<()>),
     Retire(Vec<String>, UnixMs, Reply<Vec<(String, u64)>>),
     Replay(DeadFilter, UnixMs, Reply<u64>),
     Purge(DeadFilter, Reply<u64>),
     Release(Release, UnixMs, Reply<u64>),
     Probe(Reply<()>),
     KeepTicket(ComponentTicket, Reply<bool>),
+    /// Rides with the next commit; nothing waits for it.
+    Note(TrailNote),
+    TrailKey(Reply<TrailKey>),
+    Redeliver(EventId, String, UnixMs, Reply<DeliveryId>),
 }
 
 /// Commits the waiting commands, a batch at a time, until the spool closes.
@@ -30,11 +35,12 @@ pub(super) fn run(
     mut conn: Connection,
     rx: mpsc::Receiver<Command>,
     max_batch: usize,
-    file: &OpenedFile,
+    (file, trail): (&OpenedFile, &TrailSlot),
     supervision: &Supervision,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     let mut pruned_at = UnixMs(0);
+    let mut trail_pruning = TrailPruning::default();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -58,9 +64,57 @@ pub(super) fn run(
         if let Some(now) = prune {
             pruned_at = now;
         }
-        commit_batch(&mut conn, &mut batch, prune, file);
+        let store = trail.load_full();
+        let trail_prune = store
+            .as_deref()
+            .and_then(|store| trail_pruning.due(now_of(&batch)).map(|now| (store, now)));
+        let pruned = commit_batch(
+            &mut conn,
+            &mut batch,
+            (prune, trail_prune),
+            (file, store.as_deref()),
+        );
+        trail_pruning.done(pruned);
     }
 }
+
+/// The latest push's time in the batch: the clock pruning goes by.
+fn now_of(batch: &[Command]) -> Option<UnixMs> {
+    batch
+        .iter()
+        .filter_map(|c| match c {
+            Command::Enqueue(_, now, _, _) => Some(*now),
+            _ => None,
+        })
+        .max()
+}
+
+/// When the trail is pruned: once a second of the pushes' clock, and at
+/// every commit while a whole batch was pruned last time (it is behind).
+#[derive(Default)]
+struct TrailPruning {
+    at: UnixMs,
+    behind: bool,
+}
+
+impl TrailPruning {
+    fn due(&mut self, now: Option<UnixMs>) -> Option<UnixMs> {
+        let now = now?;
+        if !self.behind && now < self.at + TRAIL_PRUNE_EVERY_MS {
+            return None;
+        }
+        self.at = now;
+        Some(now)
+    }
+
+    fn done(&mut self, pruned: Option<usize>) {
+        if let Some(n) = pruned {
+            self.behind = n as i64 >= trail::PRUNE_BATCH;
+        }
+    }
+}
+
+const TRAIL_PRUNE_EVERY_MS: i64 = 1_000;
 
 /// Applies every command in one transaction, each under its own savepoint so
 /// that one failing command does not undo the others, then commits once and
@@ -71,10 +125,14 @@ pub(super) fn run(
 pub(super) fn commit_batch(
     conn: &mut Connection,
     batch: &mut Vec<Command>,
-    prune_dedup_before: Option<UnixMs>,
-    file: &OpenedFile,
-) {
+    (prune_dedup_before, prune_trail): (Option<UnixMs>, Option<(&TrailStore, UnixMs)>),
+    (file, store): (&OpenedFile, Option<&TrailStore>),
+) -> Option<usize> {
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    let notes_only = batch.iter().all(|c| matches!(c, Command::Note(_)));
+    if notes_only {
+        relax_sync(conn, true);
+    }
     let tx = match file
         .check()
         .and_then(|()| conn.transaction().map_err(SpoolError::from))
@@ -84,13 +142,13 @@ pub(super) fn commit_batch(
             for cmd in batch.drain(..) {
                 fail(cmd, err.clone());
             }
-            return;
+            return None;
         }
     };
     let mut tx = tx;
     let mut commands = batch.drain(..);
     while let Some(cmd) = commands.next() {
-        let (answer, error) = apply(&mut tx, cmd);
+        let (answer, error) = apply(&mut tx, cmd, store);
         answers.push(answer);
         // A full disk or an I/O error can make SQLite roll the whole
         // transaction back. The next savepoint would then start (and commit)
@@ -105,19 +163,40 @@ pub(super) fn commit_batch(
             for answer in answers {
                 answer(Some(err.clone()));
             }
-            return;
+            return None;
         }
     }
     if let Some(now) = prune_dedup_before {
         prune(&tx, now);
     }
+    let pruned = prune_trail.and_then(|(store, now)| match trail::prune(&tx, store, now) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot prune the trail");
+            None
+        }
+    });
     let outcome = tx
         .commit()
         .map_err(SpoolError::from)
         .and_then(|()| file.check())
         .err();
+    if notes_only {
+        relax_sync(conn, false);
+    }
     for answer in answers {
         answer(outcome.clone());
+    }
+    pruned
+}
+
+/// A commit of trail notes alone is not worth an fsync: in WAL mode with
+/// `synchronous=NORMAL` it is durable with the next full commit (or the
+/// next checkpoint), and a crash before that loses notes only.
+fn relax_sync(conn: &Connection, relax: bool) {
+    let mode = if relax { "NORMAL" } else { "FULL" };
+    if let Err(e) = conn.pragma_update(None, "synchronous", mode) {
+        tracing::warn!(error = %e, mode, "cannot set the spool file's synchronous mode");
     }
 }
 
@@ -147,22 +226,32 @@ fn fail(cmd: Command, err: SpoolError) {
         Command::Release(_, _, r) => drop(r.send(Err(err))),
         Command::Probe(r) => drop(r.send(Err(err))),
         Command::KeepTicket(_, r) => drop(r.send(Err(err))),
+        Command::Note(_) => {}
+        Command::TrailKey(r) => drop(r.send(Err(err))),
+        Command::Redeliver(_, _, _, r) => drop(r.send(Err(err))),
     }
 }
 
 /// Runs one command inside a savepoint and returns how to answer it once the
 /// commit's outcome is known: a result is only sent after the commit.
 /// Also returns the command's own error, if it failed.
-fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>) {
+fn apply(
+    tx: &mut Transaction<'_>,
+    cmd: Command,
+    store: Option<&TrailStore>,
+) -> (Answer, Option<SpoolError>) {
     match cmd {
         Command::Enqueue(event, now, window, r) => deferred(
             r,
-            in_savepoint(tx, |c| commit::enqueue(c, *event, now, window)),
+            in_savepoint(tx, |c| commit::enqueue(c, *event, now, window, store)),
         ),
-        Command::Record(s, now, r) => deferred(r, in_savepoint(tx, |c| settle::record(c, &s, now))),
-        Command::Retire(keep, now, r) => {
-            deferred(r, in_savepoint(tx, |c| settle::retire(c, &keep, now)))
+        Command::Record(s, now, r) => {
+            deferred(r, in_savepoint(tx, |c| settle::record(c, &s, now, store)))
         }
+        Command::Retire(keep, now, r) => deferred(
+            r,
+            in_savepoint(tx, |c| settle::retire(c, &keep, now, store.is_some())),
+        ),
         Command::Replay(f, now, r) => deferred(r, in_savepoint(tx, |c| dead::replay(c, &f, now))),
         Command::Purge(f, r) => deferred(r, in_savepoint(tx, |c| dead::purge(c, &f))),
         Command::Release(select, now, r) => {
@@ -174,6 +263,22 @@ fn apply(tx: &mut Transaction<'_>, cmd: Command) -> (Answer, Option<SpoolError>)
         ),
         Command::KeepTicket(ticket, r) => {
             deferred(r, in_savepoint(tx, |c| commit::keep_ticket(c, &ticket)))
+        }
+        Command::Note(note) => {
+            if let Err(e) = in_savepoint(tx, |c| trail::note(c, &note)) {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot write a trail note");
+            }
+            (Box::new(|_| {}), None)
+        }
+        Command::TrailKey(r) => deferred(r, in_savepoint(tx, trail::stored_key)),
+        Command::Redeliver(event_id, target, now, r) => {
+            let sp = tx.savepoint();
+            let result = sp.map_err(SpoolError::from).and_then(|sp| {
+                let id = trail::redeliver(&sp, event_id, &target, now)?;
+                sp.commit()?;
+                Ok(id)
+            });
+            deferred(r, result)
         }
     }
 }

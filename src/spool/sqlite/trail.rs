@@ -1,0 +1,317 @@
+//! The trail in the file: a push's row written in its commit, each
+//! attempt and end in its settle's, the notes that ride with the next
+//! commit, the search, redelivery and pruning.
+
+use crate::spool::trail_rows::{self, Param, STEP_COLUMNS};
+use crate::spool::vocab::{EVENT_COLUMNS, PENDING};
+use crate::spool::{rows, DeadReason, DeliveryId, Event, EventId, SpoolError, TrailStore, UnixMs};
+use crate::trail::{mask, TrailAttempt, TrailEvent, TrailFilter, TrailKey, TrailNote, TrailPush};
+use const_format::formatcp;
+use rusqlite::types::ToSqlOutput;
+use rusqlite::{params, Connection, OptionalExtension, ToSql};
+
+const INSERT_PUSH: &str = "INSERT INTO trail_events (event_id, received_at, account, mode, msg_type, event,
+         scene, msg_id, ticket, openid_hash, openid_mask, duplicate, route, reply, reply_ms, budget_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+
+/// A push's trail row, in its commit: `event_id` is `None` for a duplicate,
+/// whose answer leaves now (its reply is written with it).
+pub(super) fn push(
+    c: &Connection,
+    store: &TrailStore,
+    (trail, e, route): (&TrailPush, &Event, &str),
+    event_id: Option<EventId>,
+) -> rusqlite::Result<()> {
+    let hash = trail.openid.as_deref().map(|o| store.key.hash(o));
+    let masked = trail.openid.as_deref().map(mask);
+    let duplicate = event_id.is_none();
+    let (reply, reply_ms) = if duplicate {
+        let ms = trail.started.elapsed().as_millis() as i64;
+        (Some("none"), Some(ms))
+    } else {
+        (None, None)
+    };
+    c.prepare_cached(INSERT_PUSH)?.execute(params![
+        event_id,
+        e.received_at,
+        e.account,
+        trail.mode,
+        e.msg_type,
+        e.event_type,
+        trail.scene,
+        trail.msg_id,
+        trail.ticket,
+        hash,
+        masked,
+        duplicate,
+        route,
+        reply,
+        reply_ms,
+        trail.budget_ms as i64,
+    ])?;
+    if store.keep_bodies {
+        if let Some(id) = event_id {
+            c.prepare_cached(KEEP_BODY)?.execute(params![id])?;
+        }
+    }
+    Ok(())
+}
+
+const KEEP_BODY: &str =
+    "INSERT INTO trail_bodies (event_id, dedup_key, account, received_at, query, body, xml,
+         fields, msg_type, event, family, codec, appid, agent_id, info_type, trace_context)
+     SELECT id, dedup_key, account, received_at, query, body, xml, fields, msg_type, event, family,
+         codec, appid, agent_id, info_type, trace_context FROM events WHERE id = ?1";
+
+const INSERT_STEP: &str =
+    "INSERT INTO trail_steps (event_id, at, target, attempt, inline, status, error,
+         latency_ms, response, circuit, end_kind, reason)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
+/// One attempt (when there was one) and the end it brought (when it did).
+pub(super) fn step(
+    c: &Connection,
+    (event_id, target): (i64, &str),
+    at: UnixMs,
+    note: Option<&TrailAttempt>,
+    end: Option<(&str, Option<DeadReason>)>,
+) -> rusqlite::Result<()> {
+    if note.is_none() && end.is_none() {
+        return Ok(());
+    }
+    let (end_kind, reason) = end.unzip();
+    c.prepare_cached(INSERT_STEP)?.execute(params![
+        event_id,
+        note.map_or(at, |n| n.at),
+        target,
+        note.map(|n| n.attempt),
+        note.is_some_and(|n| n.inline),
+        note.and_then(|n| n.status),
+        note.and_then(|n| n.error.as_deref()),
+        note.map(|n| n.latency_ms as i64),
+        note.map(|n| n.response.as_str()),
+        note.map(|n| n.circuit.as_str()),
+        end_kind,
+        reason.flatten(),
+    ])?;
+    Ok(())
+}
+
+/// The delivery's event and target, before its outcome is written.
+pub(super) fn pending_delivery(
+    c: &Connection,
+    id: DeliveryId,
+) -> rusqlite::Result<Option<(i64, String)>> {
+    c.prepare_cached(
+        "SELECT event_id, target FROM deliveries WHERE id = ?1 AND target IS NOT NULL",
+    )?
+    .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+    .optional()
+}
+
+/// The retirement's ends: every pending delivery of `target`.
+pub(super) fn retired(c: &Connection, target: &str, now: UnixMs) -> rusqlite::Result<()> {
+    c.prepare_cached(formatcp!(
+        "INSERT INTO trail_steps (event_id, at, target, end_kind, reason)
+         SELECT event_id, ?2, target, 'dead', 'target_removed' FROM deliveries
+         WHERE state = {PENDING} AND target = ?1"
+    ))?
+    .execute(params![target, now])?;
+    Ok(())
+}
+
+/// A note after a push's commit: its reply, or a refused push's row.
+pub(super) fn note(c: &Connection, note: &TrailNote) -> rusqlite::Result<()> {
+    match note {
+        TrailNote::Reply { event_id, reply } => {
+            c.prepare_cached(
+                "UPDATE trail_events SET reply = ?2, reply_ms = ?3, budget_ms = ?4 WHERE event_id = ?1",
+            )?
+            .execute(params![
+                event_id,
+                reply.outcome.as_str(),
+                reply.latency_ms as i64,
+                reply.budget_ms as i64
+            ])?;
+        }
+        TrailNote::Refused {
+            at,
+            account,
+            refusal,
+        } => {
+            c.prepare_cached(
+                "INSERT INTO trail_events (received_at, account, mode, refusal, source)
+                 VALUES (?1, ?2, '', ?3, ?4)",
+            )?
+            .execute(params![at, account, refusal.reason, refusal.source])?;
+        }
+    }
+    Ok(())
+}
+
+/// The key of the OpenIDs' hashes kept in the file, made on first use.
+pub(super) fn stored_key(c: &Connection) -> rusqlite::Result<TrailKey> {
+    let fresh = TrailKey::random();
+    c.prepare_cached("INSERT INTO trail_key (id, key) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING")?
+        .execute(params![&fresh.bytes()[..]])?;
+    let key: Vec<u8> = c
+        .prepare_cached("SELECT key FROM trail_key WHERE id = 1")?
+        .query_row([], |r| r.get(0))?;
+    let bytes: [u8; 32] = key.try_into().map_err(|_| {
+        rusqlite::Error::InvalidColumnType(0, "key".into(), rusqlite::types::Type::Blob)
+    })?;
+    Ok(TrailKey::from_bytes(bytes))
+}
+
+impl ToSql for Param {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Param::Int(n) => (*n).into(),
+            Param::Text(t) => t.as_str().into(),
+            Param::Blob(b) => b.as_slice().into(),
+        })
+    }
+}
+
+/// Events matching `filter`, newest first, with their steps.
+pub(super) fn search(
+    c: &Connection,
+    key: &TrailKey,
+    filter: &TrailFilter,
+) -> Result<Vec<TrailEvent>, SpoolError> {
+    let page = trail_rows::page_size(filter);
+    let mut found = Vec::new();
+    let mut before = None;
+    loop {
+        let (sql, params) = trail_rows::page_query(filter, key, before, page, |n| format!("?{n}"));
+        let mut select = c.prepare_cached(&sql)?;
+        let mut rows = select.query(rusqlite::params_from_iter(params.iter()))?;
+        let mut read = 0;
+        while let Some(row) = rows.next()? {
+            read += 1;
+            let mut event = trail_rows::trail_event(row)?;
+            before = Some(event.id);
+            if let Some(id) = event.event_id {
+                steps(c, id, &mut event)?;
+            }
+            if trail_rows::judged(&mut event, filter) {
+                found.push(event);
+                if found.len() == filter.limit {
+                    return Ok(found);
+                }
+            }
+        }
+        if read < page {
+            return Ok(found);
+        }
+    }
+}
+
+fn steps(c: &Connection, id: EventId, event: &mut TrailEvent) -> Result<(), SpoolError> {
+    let mut select = c.prepare_cached(formatcp!(
+        "SELECT {STEP_COLUMNS} FROM trail_steps WHERE event_id = ?1 ORDER BY id"
+    ))?;
+    let mut rows = select.query(params![id])?;
+    while let Some(row) = rows.next()? {
+        trail_rows::add_step(event, row)?;
+    }
+    Ok(())
+}
+
+/// Sends the event to `target` again: a new delivery of the event while it
+/// is in the queue, or of its kept copy, put back in the queue under its own
+/// id, once it has left.
+pub(super) fn redeliver(
+    c: &Connection,
+    event_id: EventId,
+    target: &str,
+    now: UnixMs,
+) -> Result<DeliveryId, SpoolError> {
+    let queued: bool = c
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE id = ?1)")?
+        .query_row(params![event_id], |r| r.get(0))?;
+    if !queued {
+        let restored = c
+            .prepare_cached(RESTORE_EVENT)?
+            .execute(params![event_id])?;
+        if restored == 0 {
+            let traced: bool = c
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM trail_events WHERE event_id = ?1)")?
+                .query_row(params![event_id], |r| r.get(0))?;
+            return Err(SpoolError::Refused(if traced {
+                format!(
+                    "event {event_id} was delivered and its body was not kept (keep_bodies is off)"
+                )
+            } else {
+                format!("no event {event_id} in the spool or the trail")
+            }));
+        }
+    }
+    c.prepare_cached(
+        "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at)
+         VALUES (?1, ?2, 0, ?3, ?3, ?3)",
+    )?
+    .execute(params![event_id, target, now])?;
+    Ok(DeliveryId(c.last_insert_rowid()))
+}
+
+/// A kept copy back in the queue, under the id it had.
+const RESTORE_EVENT: &str = "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
+         msg_type, event, family, codec, appid, agent_id, info_type, trace_context)
+     SELECT event_id, dedup_key, account, received_at, query, body, xml, fields, msg_type, event,
+         family, codec, appid, agent_id, info_type, trace_context FROM trail_bodies WHERE event_id = ?1";
+
+/// A kept event as stored, for tests and the command line.
+#[allow(dead_code)]
+pub(super) fn kept_event(c: &Connection, id: EventId) -> Result<Option<Event>, SpoolError> {
+    let mut select = c.prepare_cached(formatcp!(
+        "SELECT {EVENT_COLUMNS} FROM trail_bodies e WHERE e.event_id = ?1"
+    ))?;
+    let mut rows = select.query(params![id])?;
+    rows.next()?.map(rows::event).transpose()
+}
+
+/// Rows pruned per statement: small enough that a prune never holds the
+/// writer for long.
+pub(super) const PRUNE_BATCH: i64 = 2_000;
+
+/// Deletes one bounded batch of the oldest events past `retain` or beyond
+/// `max_events`, with their steps and kept bodies. Returns how many events.
+/// Ids only grow, and `received_at` and the queue's event ids with them:
+/// the rows to prune are the lowest, read from the bottom, at most a batch.
+pub(super) fn prune(c: &Connection, store: &TrailStore, now: UnixMs) -> rusqlite::Result<usize> {
+    let newest: Option<i64> = c
+        .prepare_cached("SELECT MAX(id) FROM trail_events")?
+        .query_row([], |r| r.get(0))?;
+    let Some(newest) = newest else {
+        return Ok(0);
+    };
+    let beyond = newest.saturating_sub(store.max_events as i64);
+    let cutoff = trail_rows::cutoff(now, store.retain);
+    let mut oldest = c.prepare_cached(
+        "SELECT id, event_id, received_at FROM trail_events ORDER BY id LIMIT ?1",
+    )?;
+    let mut rows = oldest.query(params![PRUNE_BATCH])?;
+    let (mut upto, mut horizon) = (None, None);
+    while let Some(row) = rows.next()? {
+        let (id, event_id, received_at): (i64, Option<i64>, UnixMs) =
+            (row.get(0)?, row.get(1)?, row.get(2)?);
+        if id > beyond && received_at >= cutoff {
+            break;
+        }
+        upto = Some(id);
+        horizon = horizon.max(event_id);
+    }
+    drop(rows);
+    let Some(upto) = upto else {
+        return Ok(0);
+    };
+    if let Some(horizon) = horizon {
+        c.prepare_cached("DELETE FROM trail_steps WHERE event_id <= ?1")?
+            .execute(params![horizon])?;
+        c.prepare_cached("DELETE FROM trail_bodies WHERE event_id <= ?1")?
+            .execute(params![horizon])?;
+    }
+    c.prepare_cached("DELETE FROM trail_events WHERE id <= ?1")?
+        .execute(params![upto])
+}

@@ -1,0 +1,477 @@
+//! The trail's part of the spool's contract, on every engine: what a push,
+//! each attempt and each end write, what a search finds, and what is never
+//! kept.
+
+use super::*;
+use crate::trail::{Dedup, ReplyOutcome, TrailOutcome, TrailRefusal, TrailReply};
+
+const WINDOW: Duration = Duration::from_secs(600);
+const OPENID: &str = "oAbcDEFghijKLMnopQRSTuvwxyz9";
+const KEY: &str = "a trail key for the contract tests";
+
+trait TrailRoles: Intake + Work + Operator + TrailLog {}
+impl<T: Intake + Work + Operator + TrailLog> TrailRoles for T {}
+
+fn setup(keep_bodies: bool, max_events: u64) -> TrailSetup {
+    TrailSetup {
+        key: Some(TrailKey::from_secret(KEY)),
+        keep_bodies,
+        retain: Duration::from_secs(3600),
+        max_events,
+    }
+}
+
+/// An engine's name, the spool, what it leaves behind and removes when
+/// dropped, and its file (SQLite), for looking through it.
+type Opened = (
+    &'static str,
+    Arc<dyn TrailRoles>,
+    Box<dyn std::any::Any>,
+    Option<std::path::PathBuf>,
+);
+
+/// Each engine with the trail on.
+async fn spools(setup: TrailSetup) -> Vec<Opened> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let sqlite = SqliteSpool::open(&path).unwrap();
+    sqlite.start_trail(setup.clone()).await.unwrap();
+    let mut spools: Vec<Opened> = vec![("sqlite", Arc::new(sqlite), Box::new(dir), Some(path))];
+    if let Some(url) = postgres::testing::test_url() {
+        let schema = postgres::testing::TestSchema::new(&url);
+        let pg = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+            .await
+            .unwrap_or_else(|e| panic!("the test database at {url}: {e}"));
+        pg.start_trail(setup).await.unwrap();
+        spools.push(("postgres", Arc::new(pg), Box::new(schema), None));
+    }
+    spools
+}
+
+fn push(key: &str, targets: &[&str], now: i64) -> NewEvent {
+    NewEvent {
+        event: Event {
+            dedup_key: key.into(),
+            account: "main".into(),
+            received_at: UnixMs(now),
+            query: "signature=s&timestamp=1&nonce=n".into(),
+            body: format!("<xml><FromUserName>{OPENID}</FromUserName></xml>")
+                .into_bytes()
+                .into(),
+            xml: format!("<xml><FromUserName>{OPENID}</FromUserName></xml>"),
+            fields: "{}".into(),
+            msg_type: "event".into(),
+            event_type: Some("SCAN".into()),
+            origin: Origin::default(),
+            trace_context: None,
+        },
+        targets: targets
+            .iter()
+            .map(|t| NewDelivery {
+                target: t.to_string(),
+                due_at: UnixMs(now),
+                order_key: None,
+            })
+            .collect(),
+        replay: None,
+        trail: Some(Box::new(TrailPush {
+            mode: "secure",
+            scene: Some(format!("scene-{key}")),
+            msg_id: None,
+            ticket: true,
+            openid: Some(OPENID.into()),
+            budget_ms: 4_000,
+            started: std::time::Instant::now(),
+        })),
+    }
+}
+
+fn attempt(n: u32, status: Option<u16>, at: i64) -> Option<Box<TrailAttempt>> {
+    Some(Box::new(TrailAttempt {
+        at: UnixMs(at),
+        target: "a".into(),
+        attempt: n,
+        inline: false,
+        status,
+        error: status.is_none().then(|| "timeout".to_owned()),
+        latency_ms: 12,
+        response: "busy\\n".into(),
+        circuit: "closed".into(),
+    }))
+}
+
+async fn one(spool: &dyn TrailRoles, filter: TrailFilter) -> TrailEvent {
+    let mut found = spool.search(filter).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    found.remove(0)
+}
+
+fn by_event(id: EventId) -> TrailFilter {
+    TrailFilter {
+        event_id: Some(id),
+        ..TrailFilter::default()
+    }
+}
+
+/// Waits for notes, which ride with the next commit: a write through the
+/// same spool behind them.
+async fn after_notes(spool: &dyn TrailRoles, now: i64) {
+    spool
+        .enqueue(push(&format!("flush-{now}"), &[], now), UnixMs(now), WINDOW)
+        .await
+        .unwrap();
+}
+
+/// Stores a push; its event and delivery ids.
+async fn stored(
+    spool: &dyn TrailRoles,
+    key: &str,
+    targets: &[&str],
+    now: i64,
+) -> (EventId, Vec<DeliveryId>) {
+    let e = push(key, targets, now);
+    match spool.enqueue(e, UnixMs(now), WINDOW).await.unwrap() {
+        Enqueued::Stored {
+            event_id,
+            deliveries,
+            ..
+        } => (event_id, deliveries),
+        other => panic!("not stored: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_push_its_attempts_in_order_and_its_end_are_in_the_trail() {
+    for (name, spool, _keep, _) in spools(setup(false, 1_000)).await {
+        let (event_id, deliveries) = stored(&*spool, "k1", &["a"], 1_000).await;
+        let lease = spool
+            .lease("a", UnixMs(1_000), 1, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let failed = Settle {
+            lease: lease[0].token,
+            settlement: Settlement::Retry {
+                delivery_id: deliveries[0],
+                next_at: UnixMs(2_000),
+                schedule: Schedule::default(),
+                not_before: UnixMs(0),
+                error: "no answer".into(),
+            },
+            trail: attempt(1, None, 1_100),
+        };
+        spool.record(vec![failed], UnixMs(1_200)).await.unwrap();
+        let pending = one(&*spool, by_event(event_id)).await;
+        assert_eq!(pending.outcome, TrailOutcome::Pending, "{name}");
+        let lease = spool
+            .lease("a", UnixMs(2_000), 1, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let delivered = Settle {
+            lease: lease[0].token,
+            settlement: Settlement::Delivered {
+                delivery_id: deliveries[0],
+            },
+            trail: attempt(2, Some(200), 2_100),
+        };
+        spool.record(vec![delivered], UnixMs(2_200)).await.unwrap();
+        assert!(spool.note(TrailNote::Reply {
+            event_id,
+            reply: TrailReply {
+                outcome: ReplyOutcome::None,
+                latency_ms: 7,
+                budget_ms: 4_000,
+            },
+        }));
+        after_notes(&*spool, 2_300).await;
+
+        let e = one(&*spool, by_event(event_id)).await;
+        assert_eq!(e.event_id, Some(event_id), "{name}");
+        assert_eq!(e.outcome, TrailOutcome::Delivered, "{name}");
+        assert_eq!(e.dedup, Dedup::New, "{name}");
+        assert_eq!(e.route, vec!["a".to_owned()], "{name}");
+        assert_eq!((e.mode.as_str(), e.ticket), ("secure", true), "{name}");
+        assert_eq!(e.scene.as_deref(), Some("scene-k1"), "{name}");
+        assert_eq!(e.openid.as_deref(), Some("oAbc…xyz9"), "{name}");
+        let attempts: Vec<_> = e
+            .attempts
+            .iter()
+            .map(|a| (a.attempt, a.status, a.error.as_deref()))
+            .collect();
+        assert_eq!(
+            attempts,
+            vec![(1, None, Some("timeout")), (2, Some(200), None)],
+            "{name}"
+        );
+        assert_eq!(e.attempts[0].response, "busy\\n", "{name}");
+        assert_eq!(e.attempts[0].circuit, "closed", "{name}");
+        assert_eq!(e.ends.len(), 1, "{name}");
+        assert_eq!(
+            (e.ends[0].target.as_str(), e.ends[0].end.as_str()),
+            ("a", "delivered"),
+            "{name}"
+        );
+        let reply = e.reply.expect("reply");
+        assert_eq!(
+            (reply.outcome, reply.latency_ms, reply.budget_ms),
+            (ReplyOutcome::None, 7, 4_000),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_search_by_the_full_openid_finds_its_pushes_and_duplicates_are_marked() {
+    for (name, spool, _keep, _) in spools(setup(false, 1_000)).await {
+        spool
+            .enqueue(push("k1", &["a"], 1_000), UnixMs(1_000), WINDOW)
+            .await
+            .unwrap();
+        let again = spool
+            .enqueue(push("k1", &["a"], 1_500), UnixMs(1_500), WINDOW)
+            .await
+            .unwrap();
+        assert_eq!(again, Enqueued::Duplicate, "{name}");
+        let found = spool
+            .search(TrailFilter {
+                openid: Some(OPENID.into()),
+                ..TrailFilter::default()
+            })
+            .await
+            .unwrap();
+        let dedup: Vec<Dedup> = found.iter().map(|e| e.dedup).collect();
+        assert_eq!(
+            dedup,
+            vec![Dedup::Duplicate, Dedup::New],
+            "{name}: newest first"
+        );
+        assert_eq!(found[0].outcome, TrailOutcome::Delivered, "{name}");
+        assert_eq!(
+            found[0].reply.as_ref().map(|r| r.outcome),
+            Some(ReplyOutcome::None),
+            "{name}"
+        );
+        let other = TrailFilter {
+            openid: Some("oSomeoneElse0000000000000000".into()),
+            ..TrailFilter::default()
+        };
+        assert!(spool.search(other).await.unwrap().is_empty(), "{name}");
+        let by_scene = TrailFilter {
+            scene: Some("scene-k1".into()),
+            target: Some("a".into()),
+            since: Some(UnixMs(1_200)),
+            ..TrailFilter::default()
+        };
+        assert_eq!(
+            one(&*spool, by_scene).await.dedup,
+            Dedup::Duplicate,
+            "{name}"
+        );
+        let wrong_target = TrailFilter {
+            target: Some("b".into()),
+            ..TrailFilter::default()
+        };
+        assert!(
+            spool.search(wrong_target).await.unwrap().is_empty(),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dead_expired_retired_and_unrouted_ends_are_recorded() {
+    for (name, spool, _keep, _) in spools(setup(false, 1_000)).await {
+        let (rejected, d1) = stored(&*spool, "rejected", &["a"], 1_000).await;
+        let (expired, d2) = stored(&*spool, "expired", &["a"], 1_000).await;
+        let (retired, _) = stored(&*spool, "retired", &["gone"], 1_000).await;
+        let (unrouted, _) = stored(&*spool, "unrouted", &[], 1_000).await;
+        let settles = vec![
+            Settle {
+                lease: LeaseToken::NONE,
+                settlement: Settlement::Dead {
+                    delivery_id: d1[0],
+                    reason: DeadReason::Rejected,
+                    error: "HTTP 400".into(),
+                },
+                trail: attempt(1, Some(400), 1_100),
+            },
+            Settle {
+                lease: LeaseToken::NONE,
+                settlement: Settlement::Dead {
+                    delivery_id: d2[0],
+                    reason: DeadReason::Expired,
+                    error: "too old".into(),
+                },
+                trail: None,
+            },
+        ];
+        spool.record(settles, UnixMs(1_200)).await.unwrap();
+        spool
+            .retire_targets(vec!["a".into()], UnixMs(1_300))
+            .await
+            .unwrap();
+        let ends = |e: &TrailEvent| -> Vec<(String, String, Option<String>)> {
+            e.ends
+                .iter()
+                .map(|x| (x.target.clone(), x.end.clone(), x.reason.clone()))
+                .collect()
+        };
+        let e = one(&*spool, by_event(rejected)).await;
+        assert_eq!(
+            ends(&e),
+            vec![("a".into(), "dead".into(), Some("rejected".into()))],
+            "{name}"
+        );
+        assert_eq!(
+            (e.outcome, e.attempts.len()),
+            (TrailOutcome::Dead, 1),
+            "{name}"
+        );
+        let e = one(&*spool, by_event(expired)).await;
+        assert_eq!(
+            ends(&e),
+            vec![("a".into(), "expired".into(), Some("expired".into()))],
+            "{name}"
+        );
+        assert!(
+            e.attempts.is_empty(),
+            "{name}: an expired delivery was not sent"
+        );
+        let e = one(&*spool, by_event(retired)).await;
+        assert_eq!(
+            ends(&e),
+            vec![("gone".into(), "dead".into(), Some("target_removed".into()))],
+            "{name}"
+        );
+        let e = one(&*spool, by_event(unrouted)).await;
+        assert_eq!(
+            (e.outcome, e.route.len()),
+            (TrailOutcome::Dead, 0),
+            "{name}"
+        );
+        let dead = TrailFilter {
+            outcome: Some(TrailOutcome::Dead),
+            ..TrailFilter::default()
+        };
+        assert_eq!(spool.search(dead).await.unwrap().len(), 4, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_push_is_recorded_with_its_reason_and_source() {
+    for (name, spool, _keep, _) in spools(setup(false, 1_000)).await {
+        assert!(spool.note(TrailNote::Refused {
+            at: UnixMs(1_000),
+            account: "main".into(),
+            refusal: TrailRefusal {
+                reason: "bad signature".into(),
+                source: "192.0.2.7".into(),
+            },
+        }));
+        after_notes(&*spool, 1_100).await;
+        let refused = TrailFilter {
+            outcome: Some(TrailOutcome::Refused),
+            ..TrailFilter::default()
+        };
+        let e = one(&*spool, refused).await;
+        let refusal = e.refusal.expect("refusal");
+        assert_eq!(
+            (refusal.reason.as_str(), refusal.source.as_str()),
+            ("bad signature", "192.0.2.7"),
+            "{name}"
+        );
+        assert_eq!((e.account.as_str(), e.event_id), ("main", None), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_delivered_event_is_redelivered_only_when_its_body_was_kept() {
+    for keep in [false, true] {
+        for (name, spool, _keep, _) in spools(setup(keep, 1_000)).await {
+            let (event_id, deliveries) = stored(&*spool, "k1", &["a"], 1_000).await;
+            let delivered = Settle {
+                lease: LeaseToken::NONE,
+                settlement: Settlement::Delivered {
+                    delivery_id: deliveries[0],
+                },
+                trail: attempt(1, Some(200), 1_100),
+            };
+            spool.record(vec![delivered], UnixMs(1_200)).await.unwrap();
+            assert_eq!(
+                one(&*spool, by_event(event_id)).await.body_kept,
+                keep,
+                "{name}"
+            );
+            let again = spool.redeliver(event_id, "b".into(), UnixMs(1_300)).await;
+            if !keep {
+                let e = again.expect_err("refused");
+                assert!(e.to_string().contains("not kept"), "{name}: {e}");
+                continue;
+            }
+            again.unwrap_or_else(|e| panic!("{name}: {e}"));
+            let leased = spool
+                .lease("b", UnixMs(1_300), 10, Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert_eq!(leased.len(), 1, "{name}");
+            assert_eq!(leased[0].event_id, event_id, "{name}");
+            assert!(leased[0].event.xml.contains("FromUserName"), "{name}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn pruning_keeps_at_most_max_events() {
+    for (name, spool, _keep, _) in spools(setup(false, 50)).await {
+        // Pruning runs with the pushes, a bounded batch at a time.
+        for i in 0..400 {
+            let now = 1_000 + i * 1_000;
+            spool
+                .enqueue(push(&format!("k{i}"), &["a"], now), UnixMs(now), WINDOW)
+                .await
+                .unwrap();
+        }
+        let all = TrailFilter {
+            limit: 1_000,
+            ..TrailFilter::default()
+        };
+        let kept = spool.search(all).await.unwrap();
+        assert!(kept.len() <= 52, "{name}: {} kept", kept.len());
+        assert!(kept.len() >= 40, "{name}: {} kept", kept.len());
+        assert_eq!(
+            kept[0].scene.as_deref(),
+            Some("scene-k399"),
+            "{name}: the newest stay"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_trail_holds_no_openid_in_the_clear_and_no_key() {
+    for (name, spool, _keep, path) in spools(setup(false, 1_000)).await {
+        let Some(path) = path else { continue };
+        for i in 0..5 {
+            spool
+                .enqueue(push(&format!("k{i}"), &["a"], 1_000), UnixMs(1_000), WINDOW)
+                .await
+                .unwrap();
+        }
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let dump: Vec<String> = c
+            .prepare("SELECT quote(id) || quote(event_id) || quote(account) || quote(mode) || quote(scene)
+                          || quote(openid_hash) || quote(openid_mask) || quote(route) FROM trail_events")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(dump.len(), 5, "{name}");
+        for row in &dump {
+            assert!(!row.contains(OPENID), "{name}: {row}");
+            assert!(!row.contains(KEY), "{name}: {row}");
+        }
+        let kept: i64 = c
+            .query_row("SELECT COUNT(*) FROM trail_bodies", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, 0, "{name}: no message is kept without keep_bodies");
+    }
+}

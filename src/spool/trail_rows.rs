@@ -1,0 +1,224 @@
+//! The trail's rows in both engines: the search's statement (each engine
+//! names its parameters its own way), and the rows read back into
+//! [`TrailEvent`]s with their attempts and ends.
+
+use super::rows::Columns;
+use super::{EventId, SpoolError, UnixMs};
+use crate::trail::{
+    outcome_of, Dedup, ReplyOutcome, TrailAttempt, TrailEnd, TrailEvent, TrailFilter, TrailKey,
+    TrailOutcome, TrailRefusal, TrailReply,
+};
+
+/// A trail event's columns, `t` being `trail_events`.
+pub(super) const TRAIL_COLUMNS: &str =
+    "t.id, t.event_id, t.received_at, t.account, t.mode, t.msg_type, t.event, t.scene, t.msg_id, \
+     t.ticket, t.openid_mask, t.duplicate, t.route, t.reply, t.reply_ms, t.budget_ms, t.refusal, \
+     t.source, CASE WHEN EXISTS (SELECT 1 FROM trail_bodies b WHERE b.event_id = t.event_id) \
+     THEN 1 ELSE 0 END AS body_kept";
+
+/// A step's columns, by event, in the order they were written.
+pub(super) const STEP_COLUMNS: &str =
+    "at, target, attempt, inline, status, error, latency_ms, response, circuit, end_kind, reason";
+
+/// The routed targets as stored: each preceded and followed by a space
+/// (target names have none), so that a search matches one whole name.
+pub(super) fn route_text(targets: impl IntoIterator<Item = impl AsRef<str>>) -> String {
+    let mut route = String::new();
+    for t in targets {
+        if route.is_empty() {
+            route.push(' ');
+        }
+        route.push_str(t.as_ref());
+        route.push(' ');
+    }
+    route
+}
+
+/// A parameter of the search's statement.
+#[derive(Debug, Clone)]
+pub(super) enum Param {
+    Int(i64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+/// The search's statement for one page: events older than `before` (a
+/// trail id), newest first. `placeholder(n)` names the n-th parameter.
+pub(super) fn page_query(
+    filter: &TrailFilter,
+    key: &TrailKey,
+    before: Option<i64>,
+    page: usize,
+    placeholder: impl Fn(usize) -> String,
+) -> (String, Vec<Param>) {
+    let mut params = Vec::new();
+    let mut clauses = Vec::new();
+    let mut add = |clause: &str, param: Param| {
+        params.push(param);
+        clauses.push(clause.replace('?', &placeholder(params.len())));
+    };
+    if let Some(openid) = &filter.openid {
+        add("t.openid_hash = ?", Param::Blob(key.hash(openid)));
+    }
+    if let Some(msg_id) = &filter.msg_id {
+        add("t.msg_id = ?", Param::Text(msg_id.clone()));
+    }
+    if let Some(scene) = &filter.scene {
+        add("t.scene = ?", Param::Text(scene.clone()));
+    }
+    if let Some(id) = filter.event_id {
+        add("t.event_id = ?", Param::Int(id.0));
+    }
+    if let Some(target) = &filter.target {
+        let escaped = escape_like(target);
+        add(
+            "t.route LIKE ? ESCAPE '\\'",
+            Param::Text(format!("% {escaped} %")),
+        );
+    }
+    if let Some(since) = filter.since {
+        add("t.received_at >= ?", Param::Int(since.0));
+    }
+    if let Some(until) = filter.until {
+        add("t.received_at < ?", Param::Int(until.0));
+    }
+    if let Some(before) = before {
+        add("t.id < ?", Param::Int(before));
+    }
+    let filtered = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT {TRAIL_COLUMNS} FROM trail_events t {filtered} ORDER BY t.id DESC LIMIT {page}"
+    );
+    (sql, params)
+}
+
+/// `target` with LIKE's wildcards and the escape character escaped.
+fn escape_like(target: &str) -> String {
+    let mut out = String::with_capacity(target.len());
+    for c in target.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// How many rows one page of a search reads: the outcome is judged from
+/// each event's steps, so a page reads more than it may keep.
+pub(super) fn page_size(filter: &TrailFilter) -> usize {
+    if filter.outcome.is_some() {
+        (filter.limit * 4).clamp(100, 2_000)
+    } else {
+        filter.limit
+    }
+}
+
+/// A trail event's row, its steps not read yet.
+pub(super) fn trail_event(row: &impl Columns) -> Result<TrailEvent, SpoolError> {
+    let reply = match row.opt_text("reply")? {
+        None => None,
+        Some(name) => Some(TrailReply {
+            outcome: reply_outcome(&name)?,
+            latency_ms: row.opt_int("reply_ms")?.unwrap_or(0).max(0) as u64,
+            budget_ms: row.opt_int("budget_ms")?.unwrap_or(0).max(0) as u64,
+        }),
+    };
+    let refusal = match row.opt_text("refusal")? {
+        None => None,
+        Some(reason) => Some(TrailRefusal {
+            reason,
+            source: row.opt_text("source")?.unwrap_or_default(),
+        }),
+    };
+    let route = row.text("route")?;
+    Ok(TrailEvent {
+        id: row.int("id")?,
+        event_id: row.opt_int("event_id")?.map(EventId),
+        received_at: row.time("received_at")?,
+        account: row.text("account")?,
+        mode: row.text("mode")?,
+        msg_type: row.opt_text("msg_type")?,
+        event: row.opt_text("event")?,
+        scene: row.opt_text("scene")?,
+        msg_id: row.opt_text("msg_id")?,
+        ticket: row.int("ticket")? != 0,
+        openid: row.opt_text("openid_mask")?,
+        dedup: if row.int("duplicate")? != 0 {
+            Dedup::Duplicate
+        } else {
+            Dedup::New
+        },
+        route: route.split_whitespace().map(str::to_owned).collect(),
+        reply,
+        refusal,
+        body_kept: row.int("body_kept")? != 0,
+        outcome: TrailOutcome::Pending,
+        attempts: Vec::new(),
+        ends: Vec::new(),
+    })
+}
+
+/// Adds one step's row to its event: an attempt, an end, or both.
+pub(super) fn add_step(event: &mut TrailEvent, row: &impl Columns) -> Result<(), SpoolError> {
+    let at = row.time("at")?;
+    let target = row.text("target")?;
+    if let Some(attempt) = row.opt_int("attempt")? {
+        event.attempts.push(TrailAttempt {
+            at,
+            target: target.clone(),
+            attempt: attempt.max(0) as u32,
+            inline: row.int("inline")? != 0,
+            status: row.opt_int("status")?.map(|s| s.clamp(0, 999) as u16),
+            error: row.opt_text("error")?,
+            latency_ms: row.opt_int("latency_ms")?.unwrap_or(0).max(0) as u64,
+            response: row.opt_text("response")?.unwrap_or_default(),
+            circuit: row.opt_text("circuit")?.unwrap_or_default(),
+        });
+    }
+    if let Some(end) = row.opt_text("end_kind")? {
+        event.ends.push(TrailEnd {
+            at,
+            target,
+            end,
+            reason: row.opt_text("reason")?,
+        });
+    }
+    Ok(())
+}
+
+/// Judges the event's outcome once its steps are in; whether the filter
+/// keeps it.
+pub(super) fn judged(event: &mut TrailEvent, filter: &TrailFilter) -> bool {
+    event.outcome = outcome_of(event);
+    filter.outcome.is_none_or(|o| o == event.outcome)
+}
+
+fn reply_outcome(name: &str) -> Result<ReplyOutcome, SpoolError> {
+    ReplyOutcome::ALL
+        .into_iter()
+        .find(|o| o.as_str() == name)
+        .ok_or_else(|| SpoolError::storage(format!("column reply holds an unknown {name:?}")))
+}
+
+/// The end a settlement or a retirement writes: `delivered`, `dead` or
+/// `expired`.
+pub(super) fn end_of_dead(reason: super::DeadReason) -> &'static str {
+    if reason == super::DeadReason::Expired {
+        "expired"
+    } else {
+        "dead"
+    }
+}
+
+/// The time `span` before `now`, for pruning.
+pub(super) fn cutoff(now: UnixMs, span: std::time::Duration) -> UnixMs {
+    UnixMs(
+        now.0
+            .saturating_sub(span.as_millis().min(i64::MAX as u128) as i64),
+    )
+}
