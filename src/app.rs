@@ -175,7 +175,7 @@ fn admin_routes(
         config.clone(),
         clock.clone(),
         metrics.clone(),
-        (spool.health(), spool.operator()),
+        (spool.health(), spool.operator(), spool.trail()),
         dispatcher.clone(),
     ));
     Arc::new(Admin {

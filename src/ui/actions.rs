@@ -2,7 +2,7 @@
 
 use super::session::{same, Session};
 use super::{pages, Outcome, PageError, Refusal, Ui, Visit};
-use crate::spool::{DeadFilter, DeliveryId, UnixMs};
+use crate::spool::{DeadFilter, DeliveryId, EventId, UnixMs};
 use http::StatusCode;
 
 /// The sign-in form; with no admin token there is none to ask for.
@@ -51,6 +51,24 @@ pub(super) async fn replay(ui: &Ui, visit: &Visit) -> Result<Outcome, PageError>
             ui.dispatcher.wake(target);
         }
     }
+    Ok(Outcome::Redirect(back(visit)))
+}
+
+/// Sends a kept event to a configured target again, as a new delivery.
+pub(super) async fn redeliver(ui: &Ui, visit: &Visit) -> Result<Outcome, PageError> {
+    let event_id = visit
+        .field("event_id")
+        .and_then(|id| id.parse().ok())
+        .map(EventId)
+        .ok_or(Refusal::BadForm)?;
+    let target = visit
+        .field("target")
+        .filter(|t| ui.config.load().targets.contains_key(*t))
+        .ok_or(Refusal::BadForm)?;
+    let now = UnixMs(ui.clock.now_ms());
+    let delivery = ui.trail.redeliver(event_id, target.to_owned(), now).await?;
+    tracing::info!(%event_id, target, %delivery, "event redelivered from the pages");
+    ui.dispatcher.wake(target);
     Ok(Outcome::Redirect(back(visit)))
 }
 

@@ -25,7 +25,7 @@ use crate::clock::Clock;
 use crate::config::Settings;
 use crate::deliver::Dispatcher;
 use crate::metrics::Metrics;
-use crate::spool::{Health, Operator, SpoolError};
+use crate::spool::{Health, Operator, SpoolError, TrailLog};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
@@ -54,8 +54,10 @@ pub struct Ui {
     pub health: Arc<dyn Health>,
     /// Dead letters and replaying them.
     pub operator: Arc<dyn Operator>,
-    /// The targets' circuits.
+    /// The targets' circuits, and waking a target's workers after a change.
     pub dispatcher: Arc<Dispatcher>,
+    /// Searching the trail and redelivering a kept event.
+    pub trail: Arc<dyn TrailLog>,
     /// MACs the sessions while no admin token is configured.
     open_key: SessionKey,
 }
@@ -65,7 +67,7 @@ impl Ui {
         config: Arc<ArcSwap<Settings>>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
-        spool: (Arc<dyn Health>, Arc<dyn Operator>),
+        spool: (Arc<dyn Health>, Arc<dyn Operator>, Arc<dyn TrailLog>),
         dispatcher: Arc<Dispatcher>,
     ) -> Self {
         Ui {
@@ -74,6 +76,7 @@ impl Ui {
             metrics,
             health: spool.0,
             operator: spool.1,
+            trail: spool.2,
             dispatcher,
             open_key: SessionKey::random(),
         }
@@ -92,6 +95,8 @@ pub(crate) enum Refusal {
     BadToken,
     /// A form that is not one of the pages' own.
     BadForm,
+    /// A search the trail cannot read (an unknown outcome, a bad time).
+    BadQuery,
     NotFound,
     MethodNotAllowed,
 }
@@ -103,6 +108,7 @@ impl Refusal {
             Refusal::Csrf => "csrf",
             Refusal::BadToken => "bad_token",
             Refusal::BadForm => "bad_form",
+            Refusal::BadQuery => "bad_query",
             Refusal::NotFound => "not_found",
             Refusal::MethodNotAllowed => "method_not_allowed",
         }
@@ -112,7 +118,7 @@ impl Refusal {
         match self {
             Refusal::SignedOut | Refusal::BadToken => StatusCode::UNAUTHORIZED,
             Refusal::Csrf => StatusCode::FORBIDDEN,
-            Refusal::BadForm => StatusCode::BAD_REQUEST,
+            Refusal::BadForm | Refusal::BadQuery => StatusCode::BAD_REQUEST,
             Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -124,6 +130,7 @@ impl Refusal {
             Refusal::Csrf => "the form's CSRF token is missing or not this session's: reload the page and try again",
             Refusal::BadToken => "wrong admin token",
             Refusal::BadForm => "malformed form",
+            Refusal::BadQuery => "the search cannot be read",
             Refusal::NotFound => "no such page",
             Refusal::MethodNotAllowed => "method not allowed",
         }
@@ -149,6 +156,8 @@ impl From<Refusal> for PageError {
 pub(crate) struct Visit {
     pub method: Method,
     pub path: String,
+    /// The query string's pairs, decoded.
+    pub query: Vec<(String, String)>,
     /// The form of a `POST`, decoded.
     pub form: Vec<(String, String)>,
     pub session: Option<Session>,
@@ -209,6 +218,11 @@ pub async fn serve(ui: &Ui, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let outcome = match route(ui, &visit).await {
         Ok(outcome) => outcome,
         Err(PageError::Refused(r)) => refuse(ui, r, &visit.path, visit.session.as_ref()),
+        Err(PageError::Spool(SpoolError::Refused(reason))) => {
+            // Asked of the spool and declined (an event whose body was not kept).
+            tracing::warn!(path = %visit.path, %reason, "page action declined");
+            Outcome::Page(StatusCode::CONFLICT, pages::failure(&reason))
+        }
         Err(e @ PageError::Spool(_)) => {
             tracing::warn!(path = %visit.path, error = %e, "page not served");
             let body = pages::failure(&e.to_string());
@@ -237,6 +251,9 @@ async fn visit(ui: &Ui, req: Request<Incoming>) -> Result<Visit, Refusal> {
         .join("; ");
     let session = Session::from_cookies(&key, &cookies, ui.clock.now_ms());
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let query = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
     let form = match method {
         Method::POST => {
             let body = Limited::new(req.into_body(), MAX_FORM)
@@ -251,6 +268,7 @@ async fn visit(ui: &Ui, req: Request<Incoming>) -> Result<Visit, Refusal> {
     Ok(Visit {
         method,
         path,
+        query,
         form,
         session,
         key,
@@ -269,10 +287,28 @@ async fn route(ui: &Ui, visit: &Visit) -> Result<Outcome, PageError> {
         }
         (&Method::GET, "/ui") => {
             let csrf = visit.signed_in()?.csrf(&visit.key);
-            Ok(Outcome::Page(
-                StatusCode::OK,
-                pages::overview::page(ui, &csrf, visit.guarded).await?,
-            ))
+            let page = pages::overview::page(ui, chrome(visit, &csrf)).await?;
+            Ok(Outcome::Page(StatusCode::OK, page))
+        }
+        (&Method::GET | &Method::POST, "/ui/search") => {
+            let csrf = visit.signed_in()?.csrf(&visit.key);
+            let chrome = chrome(visit, &csrf);
+            let asked = match visit.method {
+                Method::POST => &visit.form,
+                _ => &visit.query,
+            };
+            let (status, page) = pages::search::show(ui, asked, chrome).await?;
+            Ok(Outcome::Page(status, page))
+        }
+        (&Method::GET, p) if p.starts_with(EVENT) => {
+            let csrf = visit.signed_in()?.csrf(&visit.key);
+            let id = &p[EVENT.len()..];
+            let page = pages::event::show(ui, id, chrome(visit, &csrf)).await?;
+            Ok(Outcome::Page(StatusCode::OK, page))
+        }
+        (&Method::POST, "/ui/redeliver") => {
+            visit.signed_in()?;
+            actions::redeliver(ui, visit).await
         }
         (&Method::POST, "/ui/signout") => {
             visit.signed_in()?;
@@ -287,18 +323,36 @@ async fn route(ui: &Ui, visit: &Visit) -> Result<Outcome, PageError> {
             visit.signed_in()?;
             actions::replay(ui, visit).await
         }
-        (_, "/ui" | "/ui/signin" | "/ui/signout" | "/ui/replay") => {
-            Err(Refusal::MethodNotAllowed.into())
-        }
+        (
+            _,
+            "/ui" | "/ui/signin" | "/ui/signout" | "/ui/replay" | "/ui/redeliver" | "/ui/search",
+        ) => Err(Refusal::MethodNotAllowed.into()),
         _ => Err(Refusal::NotFound.into()),
     }
 }
 
-/// The one place a refused request is counted, logged and answered.
+/// An event's page, by its spool id.
+const EVENT: &str = "/ui/event/";
+
+fn chrome<'a>(visit: &Visit, csrf: &'a str) -> pages::Chrome<'a> {
+    pages::Chrome {
+        csrf: Some(csrf),
+        guarded: visit.guarded,
+    }
+}
+
+impl Ui {
+    /// The one place a refused request is counted and logged.
+    pub(crate) fn count_refusal(&self, refusal: Refusal, path: &str) {
+        let reason = refusal.label();
+        self.metrics.ui_refusals.with_label_values(&[reason]).inc();
+        tracing::warn!(path, reason, "page request refused");
+    }
+}
+
+/// A refused request's answer, counted and logged.
 fn refuse(ui: &Ui, refusal: Refusal, path: &str, session: Option<&Session>) -> Outcome {
-    let reason = refusal.label();
-    ui.metrics.ui_refusals.with_label_values(&[reason]).inc();
-    tracing::warn!(path, reason, "page request refused");
+    ui.count_refusal(refusal, path);
     let signed_in = session.is_some();
     Outcome::Page(
         refusal.status(),

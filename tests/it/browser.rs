@@ -1,12 +1,14 @@
 //! The pages in a real browser: headless Chromium driven through WebDriver
-//! (Debian's `chromium` and `chromium-driver`). It signs in, replays a dead
-//! letter from the overview and sees it delivered, checks that no page asked
-//! another host for anything, and saves screenshots under `target/`.
+//! (Debian's `chromium` and `chromium-driver`). It signs in, searches an
+//! OpenID, opens the event and sees a failed attempt and a later delivered
+//! one, replays a dead letter from the overview and sees it delivered,
+//! checks that no page asked another host for anything, and saves
+//! screenshots under `target/`.
 //! Without Chromium the test is skipped with one line, except in CI
 //! (`CI` set), where `.ci/run` installs it and its absence fails.
 
 use crate::common;
-use crate::ui::TOKEN;
+use crate::ui::{OPENID, TOKEN};
 
 use common::target::{Behaviour, FakeTarget};
 use common::TestRelay;
@@ -162,31 +164,64 @@ async fn sign_in(client: &Client, relay: &TestRelay) {
     assert_eq!(client.current_url().await.unwrap().path(), "/ui");
 }
 
-#[tokio::test]
-async fn a_browser_signs_in_and_replays_a_dead_letter_from_the_overview() {
-    let Some((driver, chromium)) = driver() else {
-        return;
-    };
-    let g = generated();
-    let (broker, crm) = (FakeTarget::start().await, FakeTarget::start().await);
-    crm.set_default(Behaviour::body(400, "text/plain", "<b>no such user</b>"));
-    let toml = config(&g, &broker.url("/login"), &crm.url("/events"));
-    let relay = TestRelay::start(&toml, reference_now(&g)).await;
-    let text = &vector(&g, "secure.text")["request"];
-    assert_eq!(
-        relay.post(&path("secure", text), body(text)).await.status,
-        200
-    );
-    assert!(relay.until_dead_letter(DeadFilter::default()).await);
+/// Searches the OpenID, opens the event, and finds a failed attempt and a
+/// later delivered one; screenshots at 1280 and 375 pixels wide, where
+/// nothing may be wider than the screen.
+async fn follow_the_push(client: &Client, relay: &TestRelay) {
+    let search = format!("http://{}/ui/search", relay.admin);
+    client.goto(&search).await.unwrap();
+    let form = client
+        .form(Locator::Css("form[action='/ui/search']"))
+        .await
+        .unwrap();
+    form.set_by_name("openid", OPENID).await.unwrap();
+    form.submit().await.unwrap();
+    let link = Locator::Css("a[href^='/ui/event/']");
+    client
+        .wait()
+        .for_element(link)
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    client
+        .wait()
+        .for_element(Locator::Css("ol.timeline"))
+        .await
+        .unwrap();
+    let timeline = client.find(Locator::Css("ol.timeline")).await.unwrap();
+    let text = timeline.text().await.unwrap();
+    let failed = text.find("broker → HTTP 503").expect("the failed attempt");
+    let delivered = text
+        .find("broker → HTTP 200")
+        .expect("the delivered attempt");
+    assert!(failed < delivered, "{text}");
+    assert!(text.contains("broker: delivered"), "{text}");
+    assert!(!client.source().await.unwrap().contains(OPENID));
+    only_from(client, relay.admin).await;
+    screenshot(client, "ui-event").await;
 
-    let profile = tempfile::tempdir().unwrap();
-    let client = browser(&driver, &chromium, &profile).await;
-    sign_in(&client, &relay).await;
+    client.set_window_size(375, 1400).await.unwrap();
+    let width = "return [document.documentElement.scrollWidth, window.innerWidth];";
+    let [page, screen]: [u32; 2] =
+        serde_json::from_value(client.execute(width, Vec::new()).await.unwrap()).unwrap();
+    assert!(
+        page <= screen,
+        "the page is {page} px wide on a {screen} px screen"
+    );
+    screenshot(client, "ui-event-375").await;
+    client.set_window_size(1280, 1200).await.unwrap();
+}
+
+/// Replays the dead letter with the overview's button and sees it gone.
+async fn replay_from_the_overview(client: &Client, relay: &TestRelay, crm: &FakeTarget) {
+    client
+        .goto(&format!("http://{}/ui", relay.admin))
+        .await
+        .unwrap();
     let page = client.source().await.unwrap();
     assert!(page.contains("&lt;b&gt;no such user&lt;/b&gt;"), "{page}");
-    only_from(&client, relay.admin).await;
-    screenshot(&client, "ui-overview").await;
-
     crm.set_default(Behaviour::status(200));
     let replay = Locator::Css("form[action='/ui/replay'] button");
     client.find(replay).await.unwrap().click().await.unwrap();
@@ -197,6 +232,46 @@ async fn a_browser_signs_in_and_replays_a_dead_letter_from_the_overview() {
         client.find(replay).await.is_err()
     });
     assert!(emptied.await, "the dead letter is gone from the page");
+}
+
+#[tokio::test]
+async fn a_browser_follows_a_push_and_replays_a_dead_letter() {
+    let Some((driver, chromium)) = driver() else {
+        return;
+    };
+    let g = generated();
+    let (broker, crm) = (FakeTarget::start().await, FakeTarget::start().await);
+    broker.script([Behaviour::body(503, "text/plain", "busy, try later")]);
+    crm.set_default(Behaviour::body(400, "text/plain", "<b>no such user</b>"));
+    let toml = config(&g, &broker.url("/login"), &crm.url("/events"));
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    for id in ["secure.scan_str", "secure.text"] {
+        let push = &vector(&g, id)["request"];
+        assert_eq!(
+            relay.post(&path("secure", push), body(push)).await.status,
+            200
+        );
+    }
+    assert!(broker.wait_for(1, WAIT).await);
+    // The failure recorded before the clock moves, or the retry would be
+    // scheduled from the moved clock.
+    assert!(relay.until_attempts("broker", 1).await);
+    relay.clock.advance_ms(2_000);
+    assert!(broker.wait_for(2, WAIT).await);
+    assert!(relay.until_nothing_pending("broker").await);
+    assert!(relay.until_dead_letter(DeadFilter::default()).await);
+
+    let profile = tempfile::tempdir().unwrap();
+    let client = browser(&driver, &chromium, &profile).await;
+    sign_in(&client, &relay).await;
+    only_from(&client, relay.admin).await;
+    assert!(client
+        .find(Locator::Css("svg.chart polyline"))
+        .await
+        .is_ok());
+    screenshot(&client, "ui-overview").await;
+    follow_the_push(&client, &relay).await;
+    replay_from_the_overview(&client, &relay, &crm).await;
     client.close().await.unwrap();
     relay.stop().await;
 }

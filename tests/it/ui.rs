@@ -103,6 +103,16 @@ fn header<'a>(answer: &'a Answer, name: &str) -> &'a str {
     answer.headers.get(name).map_or("", |v| v.to_str().unwrap())
 }
 
+/// The relay with an admin token and `hooks` as its one target, and a
+/// visitor signed in to it.
+async fn signed_in(g: &Value, hooks: &FakeTarget) -> (TestRelay, Visitor) {
+    let server = format!("admin_token = \"{TOKEN}\"");
+    let relay = TestRelay::start(&config(g, &hooks.url("/"), &server), reference_now(g)).await;
+    let mut visitor = Visitor::new(relay.admin);
+    assert_eq!(visitor.sign_in(TOKEN).await.status, 303);
+    (relay, visitor)
+}
+
 #[tokio::test]
 async fn signing_in_takes_the_admin_token_and_sets_a_strict_http_only_cookie() {
     let g = generated();
@@ -170,10 +180,7 @@ async fn the_cookie_is_secure_when_configured() {
 async fn a_change_without_its_sessions_csrf_token_is_refused() {
     let g = generated();
     let hooks = FakeTarget::start().await;
-    let server = format!("admin_token = \"{TOKEN}\"");
-    let relay = TestRelay::start(&config(&g, &hooks.url("/"), &server), reference_now(&g)).await;
-    let mut visitor = Visitor::new(relay.admin);
-    visitor.sign_in(TOKEN).await;
+    let (relay, mut visitor) = signed_in(&g, &hooks).await;
     let mine = csrf(&visitor.get("/ui").await.text());
     let mut other = Visitor::new(relay.admin);
     other.sign_in(TOKEN).await;
@@ -216,8 +223,7 @@ async fn the_overview_escapes_a_targets_answer_and_replays_its_dead_letter() {
     let hooks = FakeTarget::start().await;
     let evil = "<script>alert('owned')</script>";
     hooks.set_default(Behaviour::body(400, "text/html", evil));
-    let server = format!("admin_token = \"{TOKEN}\"");
-    let relay = TestRelay::start(&config(&g, &hooks.url("/"), &server), reference_now(&g)).await;
+    let (relay, mut visitor) = signed_in(&g, &hooks).await;
     let click = &vector(&g, "secure.CLICK")["request"];
     assert_eq!(
         relay.post(&path("secure", click), body(click)).await.status,
@@ -225,8 +231,6 @@ async fn the_overview_escapes_a_targets_answer_and_replays_its_dead_letter() {
     );
     assert!(relay.until_dead_letter(DeadFilter::default()).await);
 
-    let mut visitor = Visitor::new(relay.admin);
-    visitor.sign_in(TOKEN).await;
     let overview = visitor.get("/ui").await.text();
     assert!(!overview.contains(evil), "{overview}");
     assert!(overview.contains("&lt;script&gt;alert('owned')&lt;/script&gt;"));
@@ -284,6 +288,108 @@ async fn without_an_admin_token_there_is_no_form_but_changes_still_need_the_csrf
             .await
             .status,
         403
+    );
+    relay.stop().await;
+}
+
+/// The OpenID of the `scan_str` vectors' sender.
+pub const OPENID: &str = "oRlyT3stUserOpenId0000000002";
+
+#[tokio::test]
+async fn a_search_by_openid_finds_the_push_and_its_page_shows_each_attempt_escaped() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let evil = "<img src=x onerror=alert(1)>";
+    hooks.script([Behaviour::body(503, "text/html", evil)]);
+    let (relay, mut visitor) = signed_in(&g, &hooks).await;
+    let scan = &vector(&g, "secure.scan_str")["request"];
+    assert_eq!(
+        relay.post(&path("secure", scan), body(scan)).await.status,
+        200
+    );
+    assert!(hooks.wait_for(1, WAIT).await);
+    // The failure recorded before the clock moves, or the retry would be
+    // scheduled from the moved clock.
+    assert!(relay.until_attempts("hooks", 1).await);
+    relay.clock.advance_ms(2_000);
+    assert!(hooks.wait_for(2, WAIT).await);
+    assert!(relay.until_nothing_pending("hooks").await);
+
+    let search = visitor.get("/ui/search").await;
+    assert_eq!(search.status, 200);
+    assert!(search.text().contains("name=\"openid\""));
+    // The trail may settle a moment after the target answered.
+    let query = format!("/ui/search?openid={OPENID}&msg_id=&outcome=delivered");
+    let (admin, cookie) = (relay.admin, visitor.cookie.clone());
+    let listed = eventually(WAIT, || {
+        let (query, cookie) = (query.clone(), cookie.clone());
+        async move {
+            let mut v = Visitor { admin, cookie };
+            v.get(&query).await.text().contains("/ui/event/")
+        }
+    });
+    assert!(listed.await);
+    let found = visitor.get(&query).await.text();
+    assert!(found.contains("oRly…0002"), "{found}");
+    assert!(!found.contains(OPENID), "the OpenID is masked: {found}");
+    assert!(found.contains("login:7f3c2a9e1b"), "the scene: {found}");
+    let (_, link) = found.split_once("href=\"/ui/event/").unwrap();
+    let id = link.split('"').next().unwrap();
+
+    let event = visitor.get(&format!("/ui/event/{id}")).await;
+    assert_eq!(event.status, 200);
+    let page = event.text();
+    for shown in [
+        "received",
+        "verified",
+        "routed",
+        "HTTP 503",
+        "HTTP 200",
+        "hooks: delivered",
+    ] {
+        assert!(page.contains(shown), "{shown} in {page}");
+    }
+    assert!(page.find("HTTP 503") < page.find("HTTP 200"), "in order");
+    assert!(!page.contains(evil), "{page}");
+    assert!(
+        page.contains("&lt;img src=x onerror=alert(1)&gt;"),
+        "{page}"
+    );
+    assert!(!page.contains(OPENID));
+    assert!(header(&event, "content-security-policy").starts_with("default-src 'self'"));
+
+    // Delivered, and its body not kept: nothing to redeliver.
+    let token = csrf(&page);
+    let form = [
+        ("csrf", token.as_str()),
+        ("event_id", id),
+        ("target", "hooks"),
+    ];
+    let refused = visitor.post("/ui/redeliver", &form).await;
+    assert_eq!(refused.status, 409, "{}", refused.text());
+    assert_eq!(visitor.get("/ui/event/999999").await.status, 404);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_search_it_cannot_read_is_refused_with_its_reason() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let (relay, mut visitor) = signed_in(&g, &hooks).await;
+    let answer = visitor.get("/ui/search?outcome=lost").await;
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.text().contains("unknown outcome"),
+        "{}",
+        answer.text()
+    );
+    let bad_time = visitor.get("/ui/search?since=yesterday-ish").await;
+    assert_eq!(bad_time.status, 400);
+    assert!(bad_time.text().contains("since"), "{}", bad_time.text());
+    let m = relay.metrics().await;
+    assert_eq!(
+        metric(&m, "wxrelay_ui_refusals_total", &[("reason", "bad_query")]),
+        2.0
     );
     relay.stop().await;
 }

@@ -5,8 +5,9 @@
 
 use super::search::outcome;
 use super::{action, layout, span, when, Chrome};
-use crate::spool::{DeliveryId, EventId, UnixMs};
-use crate::trail::{Dedup, ReplyOutcome, TrailAttempt, TrailEnd, TrailEvent};
+use crate::spool::{DeadFilter, DeliveryId, EventId, SpoolError, UnixMs};
+use crate::trail::{Dedup, ReplyOutcome, TrailAttempt, TrailEnd, TrailEvent, TrailFilter};
+use crate::ui::{PageError, Refusal, Ui};
 use maud::{html, Markup};
 
 /// What the page offers besides the event: its dead letters still in the
@@ -106,7 +107,12 @@ fn arrival(e: &TrailEvent) -> Vec<Step> {
         steps.push(step(at, "fail", "refused".into(), why));
         return steps;
     }
-    steps.push(step(at, "ok", "verified".into(), format!("{} mode", e.mode)));
+    steps.push(step(
+        at,
+        "ok",
+        "verified".into(),
+        format!("{} mode", e.mode),
+    ));
     if e.dedup == Dedup::Duplicate {
         let why = "a re-send of a push already taken: answered, nothing stored".to_owned();
         steps.push(step(at, "warn", "duplicate".into(), why));
@@ -130,7 +136,12 @@ fn arrival(e: &TrailEvent) -> Vec<Step> {
             span(reply.latency_ms as i64),
             span(reply.budget_ms as i64)
         );
-        steps.push(step(at + reply.latency_ms as i64, class, said.into(), detail));
+        steps.push(step(
+            at + reply.latency_ms as i64,
+            class,
+            said.into(),
+            detail,
+        ));
     }
     steps
 }
@@ -179,7 +190,12 @@ fn ending(e: &TrailEvent, end: &TrailEnd, offers: &Offers, csrf: &str) -> Step {
     };
     Step {
         action,
-        ..step(end.at, class, format!("{}: {}", end.target, end.end), detail)
+        ..step(
+            end.at,
+            class,
+            format!("{}: {}", end.target, end.end),
+            detail,
+        )
     }
 }
 
@@ -197,4 +213,50 @@ fn redeliver(id: EventId, offers: &Offers, csrf: &str) -> Markup {
             button type="submit" { "Redeliver" }
         }
     }
+}
+
+/// Serves an event's page, by its spool id.
+pub(in crate::ui) async fn show(
+    ui: &Ui,
+    id: &str,
+    chrome: Chrome<'_>,
+) -> Result<Markup, PageError> {
+    let id = id.parse().map(EventId).map_err(|_| Refusal::NotFound)?;
+    let filter = TrailFilter {
+        event_id: Some(id),
+        limit: 1,
+        ..Default::default()
+    };
+    let found = ui.trail.search(filter).await?.into_iter().next();
+    let event = found.ok_or(Refusal::NotFound)?;
+    let offers = Offers {
+        dead: dead_letters(ui, &event).await?,
+        targets: ui.config.load().targets.keys().cloned().collect(),
+    };
+    Ok(page(chrome, &event, &offers))
+}
+
+/// The event's deliveries still in the dead-letter table, by target: each
+/// looked up around the time the trail says it ended.
+async fn dead_letters(
+    ui: &Ui,
+    event: &TrailEvent,
+) -> Result<Vec<(String, DeliveryId)>, SpoolError> {
+    let mut dead = Vec::new();
+    let Some(event_id) = event.event_id else {
+        return Ok(dead);
+    };
+    for end in event.ends.iter().filter(|e| e.end != "delivered") {
+        let filter = DeadFilter {
+            target: Some(end.target.clone()),
+            since: Some(UnixMs(end.at.0 - 1_000)),
+            until: Some(end.at + 1_001),
+            ..Default::default()
+        };
+        let letters = ui.operator.dead_letters(filter, 100).await?;
+        if let Some(d) = letters.iter().find(|d| d.event_id == event_id) {
+            dead.push((end.target.clone(), d.delivery_id));
+        }
+    }
+    Ok(dead)
 }

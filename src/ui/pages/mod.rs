@@ -1,7 +1,9 @@
 //! The templates. maud escapes every value it is given, so text from a push
 //! or a target (a response body, an error) can only ever show as text.
 
+pub(super) mod event;
 pub(super) mod overview;
+pub(super) mod search;
 
 use crate::spool::UnixMs;
 use maud::{html, Markup, DOCTYPE};

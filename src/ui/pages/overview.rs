@@ -20,7 +20,8 @@ struct TargetRow {
     oldest_age_ms: Option<i64>,
 }
 
-pub(in crate::ui) async fn page(ui: &Ui, csrf: &str, guarded: bool) -> Result<Markup, SpoolError> {
+pub(in crate::ui) async fn page(ui: &Ui, chrome: Chrome<'_>) -> Result<Markup, SpoolError> {
+    let csrf = chrome.csrf.unwrap_or("");
     let now = ui.clock.now_ms();
     let depth = ui.health.depth().await?;
     let dead = ui
@@ -30,10 +31,6 @@ pub(in crate::ui) async fn page(ui: &Ui, csrf: &str, guarded: bool) -> Result<Ma
     let rows = target_rows(ui, &depth, now);
     let (spans, hour) = ui.metrics.recent.login_latency(now, SLOTS);
     let refusals = ui.metrics.recent.refusals(now);
-    let chrome = Chrome {
-        csrf: Some(csrf),
-        guarded,
-    };
     Ok(layout(
         "Overview",
         chrome,
@@ -123,7 +120,7 @@ fn latency(spans: &[Quantiles], hour: Quantiles) -> Markup {
     html! {
         p {
             "Median " strong { (seconds(hour.p50)) } ", 95th percentile " strong { (seconds(hour.p95)) }
-            " over " (hour.count) " deliveries (this replica)."
+            " over " (hour.count) @if hour.count == 1 { " delivery" } @else { " deliveries" } " (this replica)."
         }
         svg.chart viewBox="0 0 600 180" role="img" aria-label="Login delivery latency per five minutes" {
             line x1=(left) y1=(base) x2=(left + width) y2=(base) stroke="#c8ccd4" {}

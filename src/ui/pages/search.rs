@@ -1,13 +1,22 @@
 //! Searching the trail: by OpenID, MsgId, scene, time range and outcome;
 //! the results a table, newest first, OpenIDs masked.
+//!
+//! The form is posted, so that an OpenID typed into it stays out of the
+//! address bar, the browser's history and a proxy's access log; and it is
+//! not written back into the page either: the field shows it masked. The
+//! same search also answers `GET /ui/search?…`, for a link.
 
 use super::{layout, when, Chrome};
-use crate::trail::{TrailEvent, TrailOutcome};
+use crate::spool::UnixMs;
+use crate::trail::{parse_filter, TrailEvent, TrailOutcome};
+use crate::ui::{PageError, Refusal, Ui};
+use http::StatusCode;
 use maud::{html, Markup};
 
 /// What the form was filled with, shown again above the results.
 #[derive(Debug, Default)]
 pub(in crate::ui) struct Asked {
+    /// The OpenID searched, masked.
     pub openid: String,
     pub msg_id: String,
     pub scene: String,
@@ -26,7 +35,7 @@ impl Asked {
                 .unwrap_or_default()
         };
         Asked {
-            openid: get("openid"),
+            openid: crate::trail::mask(&get("openid")),
             msg_id: get("msg_id"),
             scene: get("scene"),
             since: get("since"),
@@ -47,7 +56,7 @@ pub(in crate::ui) fn page(
         chrome,
         html! {
             h1 { "Search the trail" }
-            section.card { (form(asked)) }
+            section.card { (form(asked, chrome.csrf.unwrap_or(""))) }
             @match found {
                 Err(problem) => section.card { p.problem { (problem) } },
                 Ok(None) => {},
@@ -57,7 +66,7 @@ pub(in crate::ui) fn page(
     )
 }
 
-fn form(asked: &Asked) -> Markup {
+fn form(asked: &Asked, csrf: &str) -> Markup {
     let field = |name: &str, label: &str, value: &str, hint: &str| {
         html! {
             div {
@@ -67,9 +76,14 @@ fn form(asked: &Asked) -> Markup {
         }
     };
     html! {
-        form method="get" action="/ui/search" {
+        form method="post" action="/ui/search" {
+            input type="hidden" name="csrf" value=(csrf);
             div.fields {
-                (field("openid", "OpenID", &asked.openid, "the full OpenID"))
+                div {
+                    label for="openid" { "OpenID" }
+                    @let hint = if asked.openid.is_empty() { "the full OpenID".to_owned() } else { format!("searched {}: type it again", asked.openid) };
+                    input #openid name="openid" placeholder=(hint) autocomplete="off";
+                }
                 (field("msg_id", "MsgId", &asked.msg_id, ""))
                 (field("scene", "Scene (EventKey)", &asked.scene, "qrscene_…"))
                 (field("since", "Since", &asked.since, "2h or 2026-12-07T10:00:00Z"))
@@ -138,5 +152,32 @@ pub(super) fn outcome(e: &TrailEvent) -> Markup {
         span class={ "badge " (name) } { (name) }
         @if let Some(r) = &e.refusal { " " span.muted { (r.reason) } }
         @if e.dedup == crate::trail::Dedup::Duplicate { " " span.badge.duplicate { "duplicate" } }
+    }
+}
+
+/// Serves the search, asked by a link's query or the posted form (less its
+/// CSRF token): the form alone until something is asked; a search it cannot
+/// read answers 400 with the reason beside the form.
+pub(in crate::ui) async fn show(
+    ui: &Ui,
+    asked: &[(String, String)],
+    chrome: Chrome<'_>,
+) -> Result<(StatusCode, Markup), PageError> {
+    let pairs: Vec<&(String, String)> = asked.iter().filter(|(n, _)| n != "csrf").collect();
+    let asked = Asked::of(asked);
+    if pairs.iter().all(|(_, v)| v.trim().is_empty()) {
+        return Ok((StatusCode::OK, page(chrome, &asked, Ok(None))));
+    }
+    let now = UnixMs(ui.clock.now_ms());
+    let pairs = pairs.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+    match parse_filter(pairs, now) {
+        Err(problem) => {
+            ui.count_refusal(Refusal::BadQuery, "/ui/search");
+            Ok((StatusCode::BAD_REQUEST, page(chrome, &asked, Err(problem))))
+        }
+        Ok(filter) => {
+            let events = ui.trail.search(filter).await?;
+            Ok((StatusCode::OK, page(chrome, &asked, Ok(Some(events)))))
+        }
     }
 }
