@@ -1,13 +1,14 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/admin/*`
-//! (`POST /admin/reload`, `GET /admin/ticket/{account}`) behind the admin
-//! token when one is configured, and the pages at `/ui` (see [`crate::ui`]),
-//! which sign in with the same token.
+//! (`POST /admin/reload`, `GET /admin/ticket/{account}`, `GET /admin/trail`)
+//! behind the admin token when one is configured, and the pages at `/ui`
+//! (see [`crate::ui`]), which sign in with the same token.
 
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
-use crate::spool::{Health, Tickets};
+use crate::spool::{EventId, Health, SpoolError, Tickets, TrailLog, UnixMs};
+use crate::trail::parse_filter;
 use crate::ui::Ui;
 use crate::wechat::family::Family;
 use arc_swap::ArcSwap;
@@ -31,6 +32,8 @@ pub struct Admin {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub reloader: Arc<Reloader>,
+    /// The event trail, for `/admin/trail`.
+    pub trail: Arc<dyn TrailLog>,
     /// The pages, which check their own session.
     pub ui: Arc<Ui>,
 }
@@ -80,15 +83,11 @@ pub async fn serve(
             plain(StatusCode::UNAUTHORIZED, "admin token required\n".into())
         }
         (&Method::GET, p) if p.starts_with(TICKET) || p == TICKETS => {
-            match ticket(&admin, p).await {
-                Ok(json) => {
-                    let mut response = plain(StatusCode::OK, json);
-                    let json = http::HeaderValue::from_static("application/json");
-                    response.headers_mut().insert(CONTENT_TYPE, json);
-                    response
-                }
-                Err((status, reason)) => plain(status, reason),
-            }
+            json_or_reason(ticket(&admin, p).await, plain)
+        }
+        (&Method::GET, p) if p.starts_with(TRAIL_ONE) || p == TRAIL => {
+            let now = UnixMs(admin.clock.now_ms());
+            json_or_reason(trail(&*admin.trail, p, req.uri().query(), now).await, plain)
         }
         (&Method::POST, "/admin/reload") => match admin.reloader.reload().await {
             Ok(()) => plain(StatusCode::OK, "reloaded\n".into()),
@@ -103,6 +102,71 @@ pub async fn serve(
         ),
         _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
     })
+}
+
+/// A JSON answer, or the status and reason why there is none.
+fn json_or_reason(
+    answer: Result<String, (StatusCode, String)>,
+    plain: impl Fn(StatusCode, String) -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    match answer {
+        Ok(json) => {
+            let mut response = plain(StatusCode::OK, json);
+            let json = http::HeaderValue::from_static("application/json");
+            response.headers_mut().insert(CONTENT_TYPE, json);
+            response
+        }
+        Err((status, reason)) => plain(status, reason),
+    }
+}
+
+/// The trail's search, and one event's trail below it, by its event id.
+const TRAIL: &str = "/admin/trail";
+const TRAIL_ONE: &str = "/admin/trail/";
+
+/// `GET /admin/trail?openid=…&msg_id=…&scene=…&target=…&outcome=…&since=…&until=…&limit=…`:
+/// a JSON array of the matching events, newest first, each with its
+/// `attempts` and `ends`. `GET /admin/trail/{event_id}`: that event's, as
+/// one object (404 when the trail has none).
+async fn trail(
+    log: &dyn TrailLog,
+    path: &str,
+    query: Option<&str>,
+    now: UnixMs,
+) -> Result<String, (StatusCode, String)> {
+    let bad = |e: String| (StatusCode::BAD_REQUEST, format!("{e}\n"));
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
+    let mut filter =
+        parse_filter(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())), now).map_err(bad)?;
+    let one = path.strip_prefix(TRAIL_ONE);
+    if let Some(id) = one {
+        let id = id
+            .parse()
+            .map_err(|_| bad(format!("not an event id: {id:?}")))?;
+        filter.event_id = Some(EventId(id));
+        filter.limit = 1;
+    }
+    let found = log.search(filter).await.map_err(|e| match e {
+        SpoolError::Refused(why) => (StatusCode::NOT_FOUND, format!("{why}\n")),
+        e => {
+            let e = crate::error_chain(&e);
+            tracing::warn!(error = %e, "cannot search the trail");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("spool unavailable: {e}\n"),
+            )
+        }
+    })?;
+    let json = match one {
+        None => serde_json::to_string(&found),
+        Some(_) => match found.first() {
+            Some(event) => serde_json::to_string(event),
+            None => return Err((StatusCode::NOT_FOUND, "no such event in the trail\n".into())),
+        },
+    };
+    json.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")))
 }
 
 /// The configured Open Platform accounts.

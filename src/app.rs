@@ -185,6 +185,7 @@ fn admin_routes(
         clock,
         metrics,
         reloader: reloader.clone(),
+        trail: spool.trail(),
         ui,
     })
 }

@@ -15,10 +15,11 @@ use wxrelay::cli::pending::{self, PendingCommand};
 use wxrelay::cli::route::{self, RouteArgs};
 use wxrelay::cli::simulate::{self, FamilyOptions, SimulateArgs};
 use wxrelay::cli::target::{self, TargetCommand};
+use wxrelay::cli::trail::{self, TrailArgs, TrailCommand};
 use wxrelay::cli::{self, keygen, migrate, ticket, CliError, Report};
 use wxrelay::clock::{Clock, SystemClock};
 use wxrelay::config::{render_check, Settings};
-use wxrelay::spool::OpenSpool;
+use wxrelay::spool::{OpenSpool, UnixMs};
 
 const EXIT_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
@@ -94,6 +95,19 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: PendingCommand,
+    },
+    /// What became of a push: search the event trail by OpenID, MsgId,
+    /// scene, event id, target, outcome or time (newest first), or
+    /// redeliver a retained event.
+    #[command(args_conflicts_with_subcommands = true)]
+    Trail {
+        /// The configuration file (required): the spool is read from it.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        args: TrailArgs,
+        #[command(subcommand)]
+        command: Option<TrailCommand>,
     },
     /// Apply the PostgreSQL spool's schema migrations and say what was done
     /// (safe while the relay runs; the relay also applies them at start).
@@ -185,6 +199,11 @@ fn main() -> ExitCode {
         } => finish(run_route(config, args, family).map(done)),
         Command::Dlq { config, command } => finish(run_dlq(config, command).map(done)),
         Command::Pending { config, command } => finish(run_pending(config, command).map(done)),
+        Command::Trail {
+            config,
+            args,
+            command,
+        } => finish(run_trail(config, args, command).map(done)),
         Command::Migrate { config } => finish(
             cli::load(&config)
                 .and_then(|settings| block_on(async move { migrate::run(&settings).await })?)
@@ -215,6 +234,25 @@ fn run_dlq(config: Option<PathBuf>, command: DlqCommand) -> Result<String, CliEr
     let settings = cli::load(&config)?;
     on_spool(&settings, async |spool| {
         dlq::run(&*spool.operator(), &command, SystemClock.now_ms()).await
+    })
+}
+
+fn run_trail(
+    config: Option<PathBuf>,
+    args: TrailArgs,
+    command: Option<TrailCommand>,
+) -> Result<String, CliError> {
+    let config = config.ok_or_else(|| CliError::Usage("--config is required".to_owned()))?;
+    let settings = cli::load(&config)?;
+    let now = UnixMs(SystemClock.now_ms());
+    on_spool(&settings, async |spool| {
+        trail::start(spool, &settings).await?;
+        match &command {
+            None => trail::search(&*spool.trail(), &args, now).await,
+            Some(TrailCommand::Redeliver { event_id, target }) => {
+                trail::redeliver(&*spool.trail(), &settings, (*event_id, target), now).await
+            }
+        }
     })
 }
 

@@ -18,6 +18,7 @@
 //! - [`sink`]: a local target that prints what it receives.
 //! - [`ticket`]: an Open Platform's latest `component_verify_ticket` and
 //!   its age.
+//! - [`trail`]: what became of a push, and redelivering a retained one.
 //!
 //! None of them prints message content or an OpenID unless asked to (the sink
 //! prints what it is sent: that is what it is for).
@@ -31,6 +32,7 @@ pub mod simulate;
 pub mod sink;
 pub mod target;
 pub mod ticket;
+pub mod trail;
 
 use crate::config::{Account, ConfigError, Settings};
 use std::path::{Path, PathBuf};

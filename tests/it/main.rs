@@ -38,6 +38,7 @@ mod spool_health;
 mod supervision;
 mod ticket;
 mod traces;
+mod trail;
 mod ui;
 mod vectors_http;
 mod wechat_format;
