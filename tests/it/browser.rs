@@ -154,6 +154,7 @@ async fn sign_in(client: &Client, relay: &TestRelay) {
         .unwrap();
     assert!(client.current_url().await.unwrap().path() == "/ui/signin");
     only_from(client, relay.admin).await;
+    screenshot(client, "ui-signin").await;
     let form = client
         .form(Locator::Css("form[action='/ui/signin']"))
         .await
@@ -177,14 +178,10 @@ async fn follow_the_push(client: &Client, relay: &TestRelay) {
     form.set_by_name("openid", OPENID).await.unwrap();
     form.submit().await.unwrap();
     let link = Locator::Css("a[href^='/ui/event/']");
-    client
-        .wait()
-        .for_element(link)
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    let found = client.wait().for_element(link).await.unwrap();
+    only_from(client, relay.admin).await;
+    screenshot(client, "ui-search").await;
+    found.click().await.unwrap();
     client
         .wait()
         .for_element(Locator::Css("ol.timeline"))

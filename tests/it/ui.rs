@@ -368,6 +368,13 @@ async fn a_search_by_openid_finds_the_push_and_its_page_shows_each_attempt_escap
     let refused = visitor.post("/ui/redeliver", &form).await;
     assert_eq!(refused.status, 409, "{}", refused.text());
     assert_eq!(visitor.get("/ui/event/999999").await.status, 404);
+    // The login delivery (a SCAN) is on the overview's chart.
+    let overview = visitor.get("/ui").await.text();
+    assert!(
+        overview.contains("<svg") && overview.contains("<polyline"),
+        "{overview}"
+    );
+    assert!(overview.contains("over 1 delivery"), "{overview}");
     relay.stop().await;
 }
 
@@ -391,5 +398,69 @@ async fn a_search_it_cannot_read_is_refused_with_its_reason() {
         metric(&m, "wxrelay_ui_refusals_total", &[("reason", "bad_query")]),
         2.0
     );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_push_is_counted_on_the_overview_and_found_by_its_outcome() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let (relay, mut visitor) = signed_in(&g, &hooks).await;
+    let click = &vector(&g, "secure.CLICK")["request"];
+    let forged = path("secure", click).replace("signature=", "signature=0");
+    assert_eq!(relay.post(&forged, body(click)).await.status, 401);
+
+    let overview = visitor.get("/ui").await.text();
+    let (_, refusals) = overview.split_once("Refused pushes").unwrap();
+    assert!(refusals.contains("bad_signature"), "{refusals}");
+    let (admin, cookie) = (relay.admin, visitor.cookie.clone());
+    let found = eventually(WAIT, || {
+        let cookie = cookie.clone();
+        async move {
+            let mut v = Visitor { admin, cookie };
+            let page = v.get("/ui/search?outcome=refused").await.text();
+            page.contains("badge refused")
+        }
+    });
+    assert!(found.await);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_kept_event_is_redelivered_from_its_page() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let server = format!("admin_token = \"{TOKEN}\"");
+    let toml = config(&g, &hooks.url("/"), &server) + "\n[trail]\nkeep_bodies = true\n";
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    let click = &vector(&g, "secure.CLICK")["request"];
+    assert_eq!(
+        relay.post(&path("secure", click), body(click)).await.status,
+        200
+    );
+    assert!(hooks.wait_for(1, WAIT).await);
+    assert!(relay.until_nothing_pending("hooks").await);
+
+    let mut visitor = Visitor::new(relay.admin);
+    visitor.sign_in(TOKEN).await;
+    let listed = visitor.get("/ui/search?outcome=delivered").await.text();
+    let (_, link) = listed.split_once("href=\"/ui/event/").expect("the event");
+    let id = link.split('"').next().unwrap().to_owned();
+    let page = visitor.get(&format!("/ui/event/{id}")).await.text();
+    assert!(page.contains("action=\"/ui/redeliver\""), "{page}");
+    let token = csrf(&page);
+    let back = format!("/ui/event/{id}");
+    let form = [
+        ("csrf", token.as_str()),
+        ("event_id", id.as_str()),
+        ("target", "hooks"),
+        ("back", back.as_str()),
+    ];
+    let sent = visitor.post("/ui/redeliver", &form).await;
+    assert_eq!(sent.status, 303, "{}", sent.text());
+    assert_eq!(header(&sent, "location"), back);
+    assert!(hooks.wait_for(2, WAIT).await);
+    let received = hooks.received();
+    assert_eq!(received[0].body, received[1].body, "the same push again");
     relay.stop().await;
 }

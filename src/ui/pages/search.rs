@@ -81,13 +81,13 @@ fn form(asked: &Asked, csrf: &str) -> Markup {
             div.fields {
                 div {
                     label for="openid" { "OpenID" }
-                    @let hint = if asked.openid.is_empty() { "the full OpenID".to_owned() } else { format!("searched {}: type it again", asked.openid) };
+                    @let hint = if asked.openid.is_empty() { "the full OpenID".to_owned() } else { format!("searched {}", asked.openid) };
                     input #openid name="openid" placeholder=(hint) autocomplete="off";
                 }
                 (field("msg_id", "MsgId", &asked.msg_id, ""))
                 (field("scene", "Scene (EventKey)", &asked.scene, "qrscene_…"))
-                (field("since", "Since", &asked.since, "2h or 2026-12-07T10:00:00Z"))
-                (field("until", "Until", &asked.until, "RFC 3339 or a duration"))
+                (field("since", "Since", &asked.since, "2h, or RFC 3339"))
+                (field("until", "Until", &asked.until, "30m, or RFC 3339"))
                 div {
                     label for="outcome" { "Outcome" }
                     select #outcome name="outcome" {
