@@ -106,11 +106,25 @@ fn header<'a>(answer: &'a Answer, name: &str) -> &'a str {
 /// The relay with an admin token and `hooks` as its one target, and a
 /// visitor signed in to it.
 async fn signed_in(g: &Value, hooks: &FakeTarget) -> (TestRelay, Visitor) {
+    signed_in_on(g, hooks, false).await.unwrap()
+}
+
+/// As [`signed_in`], on a PostgreSQL spool with `postgres`: `None` (the
+/// test skipped) when no test database is configured.
+async fn signed_in_on(
+    g: &Value,
+    hooks: &FakeTarget,
+    postgres: bool,
+) -> Option<(TestRelay, Visitor)> {
     let server = format!("admin_token = \"{TOKEN}\"");
-    let relay = TestRelay::start(&config(g, &hooks.url("/"), &server), reference_now(g)).await;
+    let toml = config(g, &hooks.url("/"), &server);
+    let relay = match postgres {
+        true => TestRelay::start_postgres(&toml, reference_now(g)).await?,
+        false => TestRelay::start(&toml, reference_now(g)).await,
+    };
     let mut visitor = Visitor::new(relay.admin);
     assert_eq!(visitor.sign_in(TOKEN).await.status, 303);
-    (relay, visitor)
+    Some((relay, visitor))
 }
 
 #[tokio::test]
@@ -219,11 +233,22 @@ async fn a_change_without_its_sessions_csrf_token_is_refused() {
 
 #[tokio::test]
 async fn the_overview_escapes_a_targets_answer_and_replays_its_dead_letter() {
+    overview_escapes_and_replays(false).await;
+}
+
+#[tokio::test]
+async fn the_overview_replays_a_dead_letter_on_postgres() {
+    overview_escapes_and_replays(true).await;
+}
+
+async fn overview_escapes_and_replays(postgres: bool) {
     let g = generated();
     let hooks = FakeTarget::start().await;
     let evil = "<script>alert('owned')</script>";
     hooks.set_default(Behaviour::body(400, "text/html", evil));
-    let (relay, mut visitor) = signed_in(&g, &hooks).await;
+    let Some((relay, mut visitor)) = signed_in_on(&g, &hooks, postgres).await else {
+        return;
+    };
     let click = &vector(&g, "secure.CLICK")["request"];
     assert_eq!(
         relay.post(&path("secure", click), body(click)).await.status,
