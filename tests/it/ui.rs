@@ -489,3 +489,18 @@ async fn a_kept_event_is_redelivered_from_its_page() {
     assert_eq!(received[0].body, received[1].body, "the same push again");
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn with_the_trail_off_the_search_says_so() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let server = format!("admin_token = \"{TOKEN}\"");
+    let toml = config(&g, &hooks.url("/"), &server) + "\n[trail]\nenabled = false\n";
+    let relay = TestRelay::start(&toml, reference_now(&g)).await;
+    let mut visitor = Visitor::new(relay.admin);
+    visitor.sign_in(TOKEN).await;
+    let page = visitor.get("/ui/search?outcome=dead").await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("The trail is off"), "{}", page.text());
+    relay.stop().await;
+}

@@ -168,6 +168,10 @@ pub(in crate::ui) async fn show(
     if pairs.iter().all(|(_, v)| v.trim().is_empty()) {
         return Ok((StatusCode::OK, page(chrome, &asked, Ok(None))));
     }
+    if !ui.config.load().trail.enabled {
+        let off = "The trail is off ([trail] enabled = false): no push is recorded to search.";
+        return Ok((StatusCode::OK, page(chrome, &asked, Err(off.into()))));
+    }
     let now = UnixMs(ui.clock.now_ms());
     let pairs = pairs.iter().map(|(n, v)| (n.as_str(), v.as_str()));
     match parse_filter(pairs, now) {
