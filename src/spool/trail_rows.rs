@@ -20,6 +20,13 @@ pub(super) const TRAIL_COLUMNS: &str =
 pub(super) const STEP_COLUMNS: &str =
     "at, target, attempt, inline, status, error, latency_ms, response, circuit, end_kind, reason";
 
+/// A kept copy of an event back in the queue, under the id it had, for a
+/// redelivery (`$1`: the event id; SQLite takes `$1` too).
+pub(super) const RESTORE_EVENT: &str = "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
+         msg_type, event, family, codec, appid, agent_id, info_type, trace_context)
+     SELECT event_id, dedup_key, account, received_at, query, body, xml, fields, msg_type, event,
+         family, codec, appid, agent_id, info_type, trace_context FROM trail_bodies WHERE event_id = $1";
+
 /// The routed targets as stored: each preceded and followed by a space
 /// (target names have none), so that a search matches one whole name.
 pub(super) fn route_text(targets: impl IntoIterator<Item = impl AsRef<str>>) -> String {

@@ -63,6 +63,8 @@ pub(super) struct Writer {
     #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
     pub supervision: Supervision,
     pub analyze: super::analyze::Analyzer,
+    /// The trail's settings, while it is on.
+    pub trail: crate::spool::TrailSlot,
 }
 
 /// Commits the waiting pushes, a batch at a time, then answers the probes
@@ -124,7 +126,8 @@ impl Writer {
     async fn commit_and_answer(&self, batch: Vec<Push>) {
         let result = super::bounded("commit", async {
             let mut checkout = super::Checkout::of(&self.pool).await?;
-            let outcomes = commit(checkout.get()?, &batch).await;
+            let store = self.trail.load_full();
+            let outcomes = commit(checkout.get()?, &batch, store.as_deref()).await;
             checkout.finished();
             outcomes
         })
@@ -161,11 +164,27 @@ impl Writer {
     }
 }
 
-async fn commit(client: &mut Object, batch: &[Push]) -> Result<Vec<Outcome>, SpoolError> {
+async fn commit(
+    client: &mut Object,
+    batch: &[Push],
+    trail: Option<&crate::spool::TrailStore>,
+) -> Result<Vec<Outcome>, SpoolError> {
     let tx = client.transaction().await?;
     let passed = guards(&tx, batch).await?;
     let first = dedup(&tx, batch, &passed).await?;
     let outcomes = store(&tx, batch, &passed, &first).await?;
+    if let Some(trail) = trail {
+        let written: Vec<(&Push, Option<EventId>)> = batch
+            .iter()
+            .zip(&outcomes)
+            .filter_map(|(push, outcome)| match outcome {
+                Outcome::Stored(id, _) => Some((push, Some(*id))),
+                Outcome::Duplicate => Some((push, None)),
+                Outcome::Replayed => None,
+            })
+            .collect();
+        super::trail::pushes(&tx, trail, &written).await?;
+    }
     tx.commit().await?;
     Ok(outcomes)
 }

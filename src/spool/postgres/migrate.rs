@@ -17,6 +17,7 @@ const MIGRATIONS: &[Migration] = &[
         "trace_context",
         include_str!("migrations/0003_trace_context.sql"),
     ),
+    Migration::new(4, "trail", include_str!("migrations/0004_trail.sql")),
 ];
 
 /// The newest schema version this binary knows.

@@ -53,6 +53,7 @@ mod row;
 mod settle;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+mod trail;
 mod wake;
 
 use super::Migrated;
@@ -66,7 +67,8 @@ use super::DeliveryId;
 use super::{
     rows, ComponentTicket, DeadFilter, DeadLetter, DueListener, DueWaker, Enqueued, Event, EventId,
     Health, Intake, Leases, NewEvent, Operator, Release, Settle, SpoolError, SpoolFuture,
-    Supervision, TargetDepth, Tickets, TrailLog, TrailSetup, UnixMs, WaitingDelivery, Work,
+    Supervision, TargetDepth, Tickets, TrailLog, TrailSetup, TrailSlot, UnixMs, WaitingDelivery,
+    Work,
 };
 use crate::config::PostgresSettings;
 use crate::trail::{TrailEvent, TrailFilter, TrailNote};
@@ -142,6 +144,10 @@ pub struct PostgresSpool {
     replica: String,
     schema: String,
     listen: (tokio_postgres::Config, MakeRustlsConnect),
+    /// The trail's settings, once the relay has turned it on.
+    trail: TrailSlot,
+    /// Replies and refusals for the trail, written by a task of their own.
+    notes: Mutex<Option<mpsc::Sender<TrailNote>>>,
 }
 
 /// One operation within [`OPERATION_TIMEOUT`].
@@ -242,18 +248,28 @@ impl PostgresSpool {
             opening::schema(&pool, &settings.schema, on_open, &supervision).await?;
         let (requests, rx) = mpsc::channel(QUEUE);
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
+        let trail = TrailSlot::default();
         let writer = commit::Writer {
             pool: push_pool,
             notifier: notifier.clone(),
-            prune: prune::Pruner::new(pool.clone(), supervision.clone()),
+            prune: prune::Pruner::new(pool.clone(), supervision.clone(), trail.clone()),
             supervision: supervision.clone(),
             analyze: analyze::Analyzer::new(pool.clone(), supervision.clone()),
+            trail: trail.clone(),
         };
         let writer =
             supervision.spawn("postgres writer", commit::run(writer, rx, max_batch.max(1)));
         let notify = supervision.spawn("postgres notifier", notifier.clone().run());
         let (recordings, recorded) = mpsc::channel(QUEUE);
-        let recorder = supervision.spawn("postgres settler", settle::run(pool.clone(), recorded));
+        let recorder = supervision.spawn(
+            "postgres settler",
+            settle::run(pool.clone(), recorded, trail.clone()),
+        );
+        let (notes, noted) = mpsc::channel(QUEUE);
+        let noter = supervision.spawn(
+            "postgres trail notes",
+            trail::write_notes(pool.clone(), noted),
+        );
         let replica = format!("{:016x}", rand::random::<u64>());
         tracing::info!(replica = %replica, database = %settings.display, schema = %settings.schema, "spool opened");
         Ok(Self {
@@ -264,13 +280,15 @@ impl PostgresSpool {
             listener: Mutex::new(None),
             ready,
             opening,
-            writers: Mutex::new(vec![writer, recorder]),
+            writers: Mutex::new(vec![writer, recorder, noter]),
             supervision,
             notifier,
             depth: Arc::default(),
             replica,
             schema: settings.schema.clone(),
             listen: (config, tls),
+            trail,
+            notes: Mutex::new(Some(notes)),
         })
     }
 
@@ -291,6 +309,7 @@ impl PostgresSpool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        self.notes.lock().unwrap_or_else(|e| e.into_inner()).take();
         let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|e| e.into_inner()));
         for writer in writers {
             let _ = writer.await;
@@ -395,37 +414,55 @@ fn submit<T: Send + 'static, R>(
 type BoxedOp<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send + 'c>>;
 
 impl PostgresSpool {
-    /// Turns the trail on with `setup`.
+    /// Turns the trail on with `setup`, its key the configured one or,
+    /// without one, the key kept in the database (made now if there is none).
     pub async fn start_trail(&self, setup: TrailSetup) -> Result<(), SpoolError> {
-        let _ = setup;
+        let key = match setup.key.clone() {
+            Some(key) => key,
+            None => {
+                self.with_client("trail key", |c| Box::pin(trail::stored_key(c)))
+                    .await?
+            }
+        };
+        self.trail.store(Some(Arc::new(setup.store(key))));
         Ok(())
     }
 }
 
 impl TrailLog for PostgresSpool {
     fn search(&self, filter: TrailFilter) -> SpoolFuture<Vec<TrailEvent>> {
-        drop(filter);
-        Box::pin(async {
-            Err(SpoolError::Refused(
-                "the trail is not kept on PostgreSQL yet".into(),
-            ))
+        let Some(store) = self.trail.load_full() else {
+            return Box::pin(async { Err(trail_off()) });
+        };
+        self.with_client("trail search", move |c| {
+            Box::pin(async move { trail::search(c, &store.key, &filter).await })
         })
     }
 
     fn redeliver(&self, event_id: EventId, target: String, now: UnixMs) -> SpoolFuture<DeliveryId> {
-        let _ = (event_id, target, now);
-        Box::pin(async {
-            Err(SpoolError::Refused(
-                "the trail is not kept on PostgreSQL yet".into(),
-            ))
+        let notifier = self.notifier.clone();
+        let done = self.with_client("redeliver", move |c| {
+            Box::pin(async move {
+                let id = trail::redeliver(c, event_id, &target, now).await?;
+                Ok((id, target))
+            })
+        });
+        Box::pin(async move {
+            let (id, target) = done.await?;
+            notifier.due([target]);
+            Ok(id)
         })
     }
 }
 
+fn trail_off() -> SpoolError {
+    SpoolError::Refused("the trail is off ([trail] enabled = false)".into())
+}
+
 impl Intake for PostgresSpool {
     fn note(&self, note: TrailNote) -> bool {
-        drop(note);
-        false
+        let notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        notes.as_ref().is_some_and(|tx| tx.try_send(note).is_ok())
     }
 
     fn enqueue(&self, event: NewEvent, now: UnixMs, window: Duration) -> SpoolFuture<Enqueued> {
@@ -469,8 +506,9 @@ impl Work for PostgresSpool {
 
     fn retire_targets(&self, targets: Vec<String>, now: UnixMs) -> SpoolFuture<Vec<(String, u64)>> {
         let replica = self.replica.clone();
+        let traced = self.trail.load().is_some();
         self.with_client("retire", move |c| {
-            Box::pin(async move { settle::retire(c, &replica, &targets, now).await })
+            Box::pin(async move { settle::retire(c, &replica, (&targets, traced), now).await })
         })
     }
 }

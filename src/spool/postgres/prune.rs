@@ -5,7 +5,7 @@
 //! makes the space reusable behind them.
 
 use crate::spool::vocab::PRUNE_EVERY;
-use crate::spool::{SpoolError, Supervision, UnixMs};
+use crate::spool::{SpoolError, Supervision, TrailSlot, UnixMs};
 use deadpool_postgres::Pool;
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +17,7 @@ pub(super) struct Pruner {
     pool: Pool,
     state: Arc<Mutex<State>>,
     supervision: Supervision,
+    trail: TrailSlot,
 }
 
 #[derive(Default)]
@@ -26,11 +27,12 @@ struct State {
 }
 
 impl Pruner {
-    pub(super) fn new(pool: Pool, supervision: Supervision) -> Self {
+    pub(super) fn new(pool: Pool, supervision: Supervision, trail: TrailSlot) -> Self {
         Self {
             pool,
             state: Arc::default(),
             supervision,
+            trail,
         }
     }
 
@@ -49,6 +51,11 @@ impl Pruner {
             for table in ["dedup", "replay"] {
                 if let Err(e) = this.prune(table, now).await {
                     tracing::warn!(error = %crate::error_chain(&e), table, "cannot prune expired keys");
+                }
+            }
+            if let Some(store) = this.trail.load_full() {
+                if let Err(e) = super::trail::prune(&this.pool, &store, now).await {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot prune the trail");
                 }
             }
             this.state.lock().unwrap_or_else(|e| e.into_inner()).running = false;

@@ -3,7 +3,9 @@
 
 use super::row::{column, get};
 use crate::spool::vocab::{DEAD, EVENT_COLUMNS, EXPIRED, PENDING, RETIRED_ERROR, TARGET_REMOVED};
-use crate::spool::{rows, DeadReason, Lease, LeaseToken, Settle, Settlement, SpoolError, UnixMs};
+use crate::spool::{
+    rows, DeadReason, Lease, LeaseToken, Settle, Settlement, SpoolError, TrailSlot, UnixMs,
+};
 use const_format::formatcp;
 use deadpool_postgres::{Object, Pool};
 use std::collections::BTreeMap;
@@ -174,12 +176,13 @@ pub(super) struct Recording {
 
 /// The `record` calls waiting when the recorder is free go into one
 /// transaction, as pushes do: the workers of every target settle together.
-pub(super) async fn run(pool: Pool, mut calls: mpsc::Receiver<Recording>) {
+pub(super) async fn run(pool: Pool, mut calls: mpsc::Receiver<Recording>, trail: TrailSlot) {
     let mut batch = Vec::new();
     while calls.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let traced = trail.load().is_some();
         let result = super::bounded("record", async {
             let mut checkout = super::Checkout::of(&pool).await?;
-            let recorded = record(checkout.get()?, &batch).await;
+            let recorded = record(checkout.get()?, &batch, traced).await;
             checkout.finished();
             recorded
         })
@@ -197,7 +200,7 @@ const MAX_BATCH: usize = 256;
 /// applied only where the row still holds the outcome's lease token. A
 /// delivered outcome also settles a delivery retired (`target_removed`)
 /// while its attempt was in flight: the target has it.
-async fn record(c: &mut Object, calls: &[Recording]) -> Result<(), SpoolError> {
+async fn record(c: &mut Object, calls: &[Recording], traced: bool) -> Result<(), SpoolError> {
     let mut o = Outcomes::default();
     for call in calls {
         for settle in &call.settles {
@@ -222,23 +225,59 @@ async fn record(c: &mut Object, calls: &[Recording]) -> Result<(), SpoolError> {
         .prepare_cached("SELECT id FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE")
         .await?;
     tx.execute(&lock, &[&all]).await?;
+    // With the trail on, each statement says which outcomes it wrote.
+    let mut applied = Vec::new();
     if !o.delivered.0.is_empty() {
-        let delete = tx.prepare_cached(DELETE_DELIVERED).await?;
-        tx.execute(&delete, &[&o.delivered.0, &o.delivered.1])
+        let delete = tx
+            .prepare_cached(&traced_or(DELETE_DELIVERED, traced))
             .await?;
+        let rows = tx.query(&delete, &[&o.delivered.0, &o.delivered.1]).await?;
+        written(&rows, &mut applied)?;
         drop_events_if_done(&tx, &events).await?;
     }
     if !o.retry.ids.is_empty() {
-        let update = tx.prepare_cached(RETRY).await?;
-        tx.execute(&update, &o.retry.params()).await?;
+        let update = tx.prepare_cached(&traced_or(RETRY, traced)).await?;
+        written(&tx.query(&update, &o.retry.params()).await?, &mut applied)?;
     }
     if !o.dead.ids.is_empty() {
-        let update = tx.prepare_cached(DEAD_LETTER).await?;
+        let update = tx.prepare_cached(&traced_or(DEAD_LETTER, traced)).await?;
         let d = &o.dead;
-        tx.execute(&update, &[&d.ids, &d.tokens, &d.reasons, &d.errors, &d.now])
-            .await?;
+        let params: [&(dyn ToSql + Sync); 5] = [&d.ids, &d.tokens, &d.reasons, &d.errors, &d.now];
+        written(&tx.query(&update, &params).await?, &mut applied)?;
+    }
+    if traced {
+        let settles: Vec<(&Settle, UnixMs)> = calls
+            .iter()
+            .flat_map(|call| call.settles.iter().map(|s| (s, call.now)))
+            .collect();
+        super::trail::steps(&tx, &settles, &applied).await?;
     }
     tx.commit().await?;
+    Ok(())
+}
+
+/// An outcome's statement, returning what it wrote when the trail is on.
+fn traced_or(statement: &'static str, traced: bool) -> String {
+    if traced {
+        format!("{statement} RETURNING d.id, d.event_id, d.target")
+    } else {
+        statement.to_owned()
+    }
+}
+
+/// The delivery, event and target of each outcome a statement wrote.
+fn written(
+    rows: &[tokio_postgres::Row],
+    applied: &mut Vec<(i64, i64, String)>,
+) -> Result<(), SpoolError> {
+    for row in rows {
+        let target: Option<String> = get(row, "target")?;
+        applied.push((
+            get(row, "id")?,
+            get(row, "event_id")?,
+            target.unwrap_or_default(),
+        ));
+    }
     Ok(())
 }
 
@@ -410,7 +449,7 @@ pub const REPLICA_FORGOTTEN_MS: i64 = 10 * TARGETS_HOLD_MS;
 pub(super) async fn retire(
     c: &mut Object,
     replica: &str,
-    targets: &[String],
+    (targets, traced): (&[String], bool),
     now: UnixMs,
 ) -> Result<Vec<(String, u64)>, SpoolError> {
     let tx = c.transaction().await?;
@@ -444,6 +483,13 @@ pub(super) async fn retire(
             ],
         )
         .await?;
+    if traced {
+        let ends: Vec<(i64, String)> = rows
+            .iter()
+            .map(|row| Ok((get(row, "event_id")?, get(row, "target")?)))
+            .collect::<Result<_, SpoolError>>()?;
+        super::trail::retired(&tx, &ends, now).await?;
+    }
     tx.commit().await?;
     let mut retired: BTreeMap<String, u64> = BTreeMap::new();
     for target in column::<String>(&rows, "target")? {
@@ -460,5 +506,5 @@ const RETIRE: &str = formatcp!(
      WHERE d.state = {PENDING} AND d.target IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM replica_targets r
                        WHERE r.target = d.target AND r.seen_at > $2 - $3::bigint)
-     RETURNING d.target"
+     RETURNING d.target, d.event_id"
 );

@@ -2,7 +2,7 @@
 //! attempt and end in its settle's, the notes that ride with the next
 //! commit, the search, redelivery and pruning.
 
-use crate::spool::trail_rows::{self, Param, STEP_COLUMNS};
+use crate::spool::trail_rows::{self, Param, RESTORE_EVENT, STEP_COLUMNS};
 use crate::spool::vocab::{EVENT_COLUMNS, PENDING};
 use crate::spool::{rows, DeadReason, DeliveryId, Event, EventId, SpoolError, TrailStore, UnixMs};
 use crate::trail::{mask, TrailAttempt, TrailEvent, TrailFilter, TrailKey, TrailNote, TrailPush};
@@ -254,12 +254,6 @@ pub(super) fn redeliver(
     .execute(params![event_id, target, now])?;
     Ok(DeliveryId(c.last_insert_rowid()))
 }
-
-/// A kept copy back in the queue, under the id it had.
-const RESTORE_EVENT: &str = "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
-         msg_type, event, family, codec, appid, agent_id, info_type, trace_context)
-     SELECT event_id, dedup_key, account, received_at, query, body, xml, fields, msg_type, event,
-         family, codec, appid, agent_id, info_type, trace_context FROM trail_bodies WHERE event_id = ?1";
 
 /// A kept event as stored, for tests and the command line.
 #[allow(dead_code)]

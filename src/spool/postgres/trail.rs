@@ -1,0 +1,503 @@
+//! The trail in the shared database: the pushes' rows in their group
+//! commit, the attempts and ends in their settles' transaction (a statement
+//! each, whatever the batch's size), the notes that need no flush of their
+//! own, the search, redelivery and pruning.
+
+use super::commit::Push;
+use super::row::get;
+use crate::spool::trail_rows::{self, route_text, Param, RESTORE_EVENT, STEP_COLUMNS};
+use crate::spool::{
+    DeadReason, DeliveryId, EventId, Settle, Settlement, SpoolError, TrailStore, UnixMs,
+};
+use crate::trail::{mask, TrailEvent, TrailFilter, TrailKey, TrailNote};
+use bytes::BytesMut;
+use deadpool_postgres::{Object, Pool, Transaction};
+use std::collections::HashMap;
+use tokio::sync::mpsc;
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+
+/// The trail rows of a batch's pushes, stored (`Some(event id)`) or
+/// duplicates (`None`); the replayed ones are refusals, noted apart.
+pub(super) async fn pushes(
+    tx: &Transaction<'_>,
+    store: &TrailStore,
+    written: &[(&Push, Option<EventId>)],
+) -> Result<(), SpoolError> {
+    let mut c = PushColumns::default();
+    for (push, event_id) in written {
+        let Some(trail) = push.event.trail.as_deref() else {
+            continue;
+        };
+        let e = &push.event.event;
+        c.event_ids.push(event_id.map(|id| id.0));
+        c.received.push(e.received_at.0);
+        c.accounts.push(e.account.clone());
+        c.modes.push(trail.mode);
+        c.msg_types.push(e.msg_type.clone());
+        c.events.push(e.event_type.clone());
+        c.scenes.push(trail.scene.clone());
+        c.msg_ids.push(trail.msg_id.clone());
+        c.tickets.push(i16::from(trail.ticket));
+        c.hashes
+            .push(trail.openid.as_deref().map(|o| store.key.hash(o)));
+        c.masks.push(trail.openid.as_deref().map(mask));
+        c.duplicates.push(i16::from(event_id.is_none()));
+        c.routes
+            .push(route_text(push.event.targets.iter().map(|t| &t.target)));
+        // A duplicate's answer leaves as soon as the spool has found it.
+        let duplicate = event_id.is_none();
+        c.replies.push(duplicate.then_some("none"));
+        c.reply_ms
+            .push(duplicate.then(|| trail.started.elapsed().as_millis() as i64));
+        c.budgets.push(trail.budget_ms as i64);
+        if let (Some(id), true) = (event_id, push.event.targets.is_empty()) {
+            c.unrouted.push(id.0);
+            c.unrouted_at.push(push.now.0);
+        }
+        if let (Some(id), true) = (event_id, store.keep_bodies) {
+            c.kept.push(id.0);
+        }
+    }
+    if c.received.is_empty() {
+        return Ok(());
+    }
+    let insert = tx.prepare_cached(INSERT_PUSHES).await?;
+    tx.execute(&insert, &c.params()).await?;
+    if !c.unrouted.is_empty() {
+        let ends = tx.prepare_cached(UNROUTED_ENDS).await?;
+        tx.execute(&ends, &[&c.unrouted, &c.unrouted_at]).await?;
+    }
+    if !c.kept.is_empty() {
+        let keep = tx.prepare_cached(KEEP_BODIES).await?;
+        tx.execute(&keep, &[&c.kept]).await?;
+    }
+    Ok(())
+}
+
+const INSERT_PUSHES: &str = "INSERT INTO trail_events (event_id, received_at, account, mode, msg_type, event,
+         scene, msg_id, ticket, openid_hash, openid_mask, duplicate, route, reply, reply_ms, budget_ms)
+     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+         $6::text[], $7::text[], $8::text[], $9::smallint[], $10::bytea[], $11::text[],
+         $12::smallint[], $13::text[], $14::text[], $15::bigint[], $16::bigint[])";
+
+const UNROUTED_ENDS: &str = "INSERT INTO trail_steps (event_id, at, target, end_kind, reason)
+     SELECT e, t, '', 'dead', 'unrouted' FROM unnest($1::bigint[], $2::bigint[]) AS u(e, t)";
+
+const KEEP_BODIES: &str =
+    "INSERT INTO trail_bodies (event_id, dedup_key, account, received_at, query, body, xml,
+         fields, msg_type, event, family, codec, appid, agent_id, info_type, trace_context)
+     SELECT id, dedup_key, account, received_at, query, body, xml, fields, msg_type, event, family,
+         codec, appid, agent_id, info_type, trace_context FROM events WHERE id = ANY($1)";
+
+/// A batch's pushes, as the columns of [`INSERT_PUSHES`].
+#[derive(Default)]
+struct PushColumns {
+    event_ids: Vec<Option<i64>>,
+    received: Vec<i64>,
+    accounts: Vec<String>,
+    modes: Vec<&'static str>,
+    msg_types: Vec<String>,
+    events: Vec<Option<String>>,
+    scenes: Vec<Option<String>>,
+    msg_ids: Vec<Option<String>>,
+    tickets: Vec<i16>,
+    hashes: Vec<Option<Vec<u8>>>,
+    masks: Vec<Option<String>>,
+    duplicates: Vec<i16>,
+    routes: Vec<String>,
+    replies: Vec<Option<&'static str>>,
+    reply_ms: Vec<Option<i64>>,
+    budgets: Vec<i64>,
+    unrouted: Vec<i64>,
+    unrouted_at: Vec<i64>,
+    kept: Vec<i64>,
+}
+
+impl PushColumns {
+    fn params(&self) -> [&(dyn ToSql + Sync); 16] {
+        [
+            &self.event_ids,
+            &self.received,
+            &self.accounts,
+            &self.modes,
+            &self.msg_types,
+            &self.events,
+            &self.scenes,
+            &self.msg_ids,
+            &self.tickets,
+            &self.hashes,
+            &self.masks,
+            &self.duplicates,
+            &self.routes,
+            &self.replies,
+            &self.reply_ms,
+            &self.budgets,
+        ]
+    }
+}
+
+/// The steps of the outcomes that were written: `applied` holds each one's
+/// delivery, event and target.
+pub(super) async fn steps(
+    tx: &Transaction<'_>,
+    settles: &[(&Settle, UnixMs)],
+    applied: &[(i64, i64, String)],
+) -> Result<(), SpoolError> {
+    let by_delivery: HashMap<i64, (&Settle, UnixMs)> = settles
+        .iter()
+        .map(|(s, now)| (s.settlement.delivery_id().0, (*s, *now)))
+        .collect();
+    let mut c = StepColumns::default();
+    for (delivery, event_id, target) in applied {
+        let Some((settle, now)) = by_delivery.get(delivery) else {
+            continue;
+        };
+        let note = settle.trail.as_deref();
+        let (end, reason) = match &settle.settlement {
+            Settlement::Delivered { .. } => (Some("delivered"), None),
+            Settlement::Retry { .. } => (None, None),
+            Settlement::Dead { reason, .. } => (
+                Some(trail_rows::end_of_dead(*reason)),
+                Some(reason.as_str()),
+            ),
+        };
+        if note.is_none() && end.is_none() {
+            continue;
+        }
+        c.event_ids.push(*event_id);
+        c.at.push(note.map_or(now.0, |n| n.at.0));
+        c.targets.push(target.clone());
+        c.attempts.push(note.map(|n| n.attempt as i32));
+        c.inline.push(i16::from(note.is_some_and(|n| n.inline)));
+        c.statuses.push(note.and_then(|n| n.status).map(i32::from));
+        c.errors.push(note.and_then(|n| n.error.clone()));
+        c.latency.push(note.map(|n| n.latency_ms as i64));
+        c.responses.push(note.map(|n| n.response.clone()));
+        c.circuits.push(note.map(|n| n.circuit.clone()));
+        c.ends.push(end);
+        c.reasons.push(reason);
+    }
+    if c.event_ids.is_empty() {
+        return Ok(());
+    }
+    let insert = tx.prepare_cached(INSERT_STEPS).await?;
+    tx.execute(&insert, &c.params()).await?;
+    Ok(())
+}
+
+const INSERT_STEPS: &str =
+    "INSERT INTO trail_steps (event_id, at, target, attempt, inline, status, error,
+         latency_ms, response, circuit, end_kind, reason)
+     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::smallint[],
+         $6::int[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[])";
+
+#[derive(Default)]
+struct StepColumns {
+    event_ids: Vec<i64>,
+    at: Vec<i64>,
+    targets: Vec<String>,
+    attempts: Vec<Option<i32>>,
+    inline: Vec<i16>,
+    statuses: Vec<Option<i32>>,
+    errors: Vec<Option<String>>,
+    latency: Vec<Option<i64>>,
+    responses: Vec<Option<String>>,
+    circuits: Vec<Option<String>>,
+    ends: Vec<Option<&'static str>>,
+    reasons: Vec<Option<&'static str>>,
+}
+
+impl StepColumns {
+    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
+        [
+            &self.event_ids,
+            &self.at,
+            &self.targets,
+            &self.attempts,
+            &self.inline,
+            &self.statuses,
+            &self.errors,
+            &self.latency,
+            &self.responses,
+            &self.circuits,
+            &self.ends,
+            &self.reasons,
+        ]
+    }
+}
+
+/// The retirement's ends: the retired deliveries' events and targets.
+pub(super) async fn retired(
+    tx: &Transaction<'_>,
+    retired: &[(i64, String)],
+    now: UnixMs,
+) -> Result<(), SpoolError> {
+    if retired.is_empty() {
+        return Ok(());
+    }
+    let (events, targets): (Vec<i64>, Vec<&str>) =
+        retired.iter().map(|(e, t)| (*e, t.as_str())).unzip();
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO trail_steps (event_id, at, target, end_kind, reason)
+             SELECT e, $3, t, 'dead', $4 FROM unnest($1::bigint[], $2::text[]) AS r(e, t)",
+        )
+        .await?;
+    let reason = DeadReason::TargetRemoved.as_str();
+    tx.execute(&insert, &[&events, &targets, &now.0, &reason])
+        .await?;
+    Ok(())
+}
+
+/// Writes the notes as they come, those waiting together, in transactions
+/// that do not wait for the flush: a crash of the database loses a few
+/// replies and refusals at most, and a note costs no fsync.
+pub(super) async fn write_notes(pool: Pool, mut notes: mpsc::Receiver<TrailNote>) {
+    let mut batch = Vec::new();
+    while notes.recv_many(&mut batch, NOTES_PER_COMMIT).await > 0 {
+        let written = super::on_connection(&pool, "trail notes", |c| {
+            let batch = std::mem::take(&mut batch);
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                tx.batch_execute("SET LOCAL synchronous_commit = off")
+                    .await?;
+                for note in &batch {
+                    note_one(&tx, note).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            })
+        })
+        .await;
+        if let Err(e) = written {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot write trail notes");
+        }
+    }
+}
+
+const NOTES_PER_COMMIT: usize = 256;
+
+async fn note_one(tx: &Transaction<'_>, note: &TrailNote) -> Result<(), SpoolError> {
+    match note {
+        TrailNote::Reply { event_id, reply } => {
+            let update = tx
+                .prepare_cached(
+                    "UPDATE trail_events SET reply = $2, reply_ms = $3, budget_ms = $4 WHERE event_id = $1",
+                )
+                .await?;
+            let params: [&(dyn ToSql + Sync); 4] = [
+                &event_id.0,
+                &reply.outcome.as_str(),
+                &(reply.latency_ms as i64),
+                &(reply.budget_ms as i64),
+            ];
+            tx.execute(&update, &params).await?;
+        }
+        TrailNote::Refused {
+            at,
+            account,
+            refusal,
+        } => {
+            let insert = tx
+                .prepare_cached(
+                    "INSERT INTO trail_events (received_at, account, mode, refusal, source)
+                     VALUES ($1, $2, '', $3, $4)",
+                )
+                .await?;
+            tx.execute(&insert, &[&at.0, account, &refusal.reason, &refusal.source])
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The key kept in the database, made by whichever replica comes first.
+pub(super) async fn stored_key(c: &mut Object) -> Result<TrailKey, SpoolError> {
+    let fresh = TrailKey::random();
+    let insert = c
+        .prepare_cached(
+            "INSERT INTO trail_key (id, key) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        )
+        .await?;
+    c.execute(&insert, &[&&fresh.bytes()[..]]).await?;
+    let select = c
+        .prepare_cached("SELECT key FROM trail_key WHERE id = 1")
+        .await?;
+    let key: Vec<u8> = get(&c.query_one(&select, &[]).await?, "key")?;
+    let bytes: [u8; 32] = key
+        .try_into()
+        .map_err(|_| SpoolError::storage("the trail's key is not 32 bytes"))?;
+    Ok(TrailKey::from_bytes(bytes))
+}
+
+impl ToSql for Param {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Param::Int(n) => n.to_sql(ty, out),
+            Param::Text(t) => t.to_sql(ty, out),
+            Param::Blob(b) => b.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <i64 as ToSql>::accepts(ty)
+            || <String as ToSql>::accepts(ty)
+            || <Vec<u8> as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
+}
+
+/// Events matching `filter`, newest first, with their steps.
+pub(super) async fn search(
+    c: &mut Object,
+    key: &TrailKey,
+    filter: &TrailFilter,
+) -> Result<Vec<TrailEvent>, SpoolError> {
+    let page = trail_rows::page_size(filter);
+    let mut found = Vec::new();
+    let mut before = None;
+    let steps = c
+        .prepare_cached(&format!(
+            "SELECT event_id, {STEP_COLUMNS} FROM trail_steps WHERE event_id = ANY($1) ORDER BY id"
+        ))
+        .await?;
+    loop {
+        let (sql, params) = trail_rows::page_query(filter, key, before, page, |n| format!("${n}"));
+        let select = c.prepare_cached(&sql).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+        let rows = c.query(&select, &refs).await?;
+        let mut events = rows
+            .iter()
+            .map(trail_rows::trail_event)
+            .collect::<Result<Vec<_>, _>>()?;
+        before = events.last().map(|e| e.id);
+        let ids: Vec<i64> = events
+            .iter()
+            .filter_map(|e| e.event_id.map(|id| id.0))
+            .collect();
+        let mut index: HashMap<i64, usize> = HashMap::new();
+        for (i, e) in events.iter().enumerate() {
+            if let Some(id) = e.event_id {
+                index.insert(id.0, i);
+            }
+        }
+        for row in c.query(&steps, &[&ids]).await? {
+            if let Some(&i) = index.get(&get::<i64>(&row, "event_id")?) {
+                trail_rows::add_step(&mut events[i], &row)?;
+            }
+        }
+        for mut event in events {
+            if trail_rows::judged(&mut event, filter) {
+                found.push(event);
+                if found.len() == filter.limit {
+                    return Ok(found);
+                }
+            }
+        }
+        if rows.len() < page {
+            return Ok(found);
+        }
+    }
+}
+
+/// Sends the event to `target` again (see the SQLite spool's).
+pub(super) async fn redeliver(
+    c: &mut Object,
+    event_id: EventId,
+    target: &str,
+    now: UnixMs,
+) -> Result<DeliveryId, SpoolError> {
+    let tx = c.transaction().await?;
+    let queued = tx
+        .prepare_cached("SELECT id FROM events WHERE id = $1 FOR UPDATE")
+        .await?;
+    if tx.query_opt(&queued, &[&event_id.0]).await?.is_none() {
+        let restore = tx.prepare_cached(RESTORE_EVENT).await?;
+        if tx.execute(&restore, &[&event_id.0]).await? == 0 {
+            let traced = tx
+                .prepare_cached("SELECT 1 FROM trail_events WHERE event_id = $1 LIMIT 1")
+                .await?;
+            let why = if tx.query_opt(&traced, &[&event_id.0]).await?.is_some() {
+                format!(
+                    "event {event_id} was delivered and its body was not kept (keep_bodies is off)"
+                )
+            } else {
+                format!("no event {event_id} in the spool or the trail")
+            };
+            return Err(SpoolError::Refused(why));
+        }
+    }
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO deliveries (event_id, target, state, next_at, scheduled_at, updated_at)
+             VALUES ($1, $2, 0, $3, $3, $3) RETURNING id",
+        )
+        .await?;
+    let row = tx
+        .query_one(&insert, &[&event_id.0, &target, &now.0])
+        .await?;
+    let id = DeliveryId(get(&row, "id")?);
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Rows pruned per statement.
+const PRUNE_BATCH: i64 = 1_000;
+
+/// Deletes the oldest events past `retain` or beyond `max_events`, a bounded
+/// batch per transaction, until none is left to prune. Returns how many.
+pub(super) async fn prune(pool: &Pool, store: &TrailStore, now: UnixMs) -> Result<u64, SpoolError> {
+    let cutoff = trail_rows::cutoff(now, store.retain);
+    let max_events = store.max_events as i64;
+    let mut pruned = 0;
+    loop {
+        let n = super::on_connection(pool, "trail prune", move |c| {
+            Box::pin(async move { prune_batch(c, cutoff, max_events).await })
+        })
+        .await?;
+        pruned += n;
+        if n < PRUNE_BATCH as u64 {
+            return Ok(pruned);
+        }
+    }
+}
+
+async fn prune_batch(c: &mut Object, cutoff: UnixMs, max_events: i64) -> Result<u64, SpoolError> {
+    let oldest = c
+        .prepare_cached(
+            "SELECT id, event_id, received_at, (SELECT max(id) FROM trail_events) AS newest
+             FROM trail_events ORDER BY id LIMIT $1",
+        )
+        .await?;
+    let rows = c.query(&oldest, &[&PRUNE_BATCH]).await?;
+    let (mut ids, mut events) = (Vec::new(), Vec::new());
+    for row in &rows {
+        let newest: i64 = get(row, "newest")?;
+        let id: i64 = get(row, "id")?;
+        let received: i64 = get(row, "received_at")?;
+        if id > newest - max_events && received >= cutoff.0 {
+            break;
+        }
+        ids.push(id);
+        events.extend(get::<Option<i64>>(row, "event_id")?);
+    }
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let tx = c.transaction().await?;
+    for (sql, keys) in [
+        ("DELETE FROM trail_steps WHERE event_id = ANY($1)", &events),
+        ("DELETE FROM trail_bodies WHERE event_id = ANY($1)", &events),
+        ("DELETE FROM trail_events WHERE id = ANY($1)", &ids),
+    ] {
+        let delete = tx.prepare_cached(sql).await?;
+        tx.execute(&delete, &[keys]).await?;
+    }
+    tx.commit().await?;
+    Ok(ids.len() as u64)
+}
