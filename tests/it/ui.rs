@@ -322,11 +322,22 @@ pub const OPENID: &str = "oRlyT3stUserOpenId0000000002";
 
 #[tokio::test]
 async fn a_search_by_openid_finds_the_push_and_its_page_shows_each_attempt_escaped() {
+    search_and_open(false).await;
+}
+
+#[tokio::test]
+async fn the_search_and_an_events_page_on_postgres() {
+    search_and_open(true).await;
+}
+
+async fn search_and_open(postgres: bool) {
     let g = generated();
     let hooks = FakeTarget::start().await;
     let evil = "<img src=x onerror=alert(1)>";
     hooks.script([Behaviour::body(503, "text/html", evil)]);
-    let (relay, mut visitor) = signed_in(&g, &hooks).await;
+    let Some((relay, mut visitor)) = signed_in_on(&g, &hooks, postgres).await else {
+        return;
+    };
     let scan = &vector(&g, "secure.scan_str")["request"];
     assert_eq!(
         relay.post(&path("secure", scan), body(scan)).await.status,
