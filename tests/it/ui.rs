@@ -268,6 +268,20 @@ async fn overview_escapes_and_replays(postgres: bool) {
         .await
         .unwrap();
     let id = dead[0].delivery_id.to_string();
+    // The event's page offers the same dead letter for replay.
+    let event = visitor
+        .get(&format!("/ui/event/{}", dead[0].event_id))
+        .await
+        .text();
+    let offered = format!("name=\"delivery_id\" value=\"{id}\"");
+    assert!(
+        event.contains("Replay this dead letter") && event.contains(&offered),
+        "{event}"
+    );
+    assert!(
+        event.contains("hooks: dead") && event.contains("rejected"),
+        "{event}"
+    );
     let token = csrf(&overview);
     let form = [
         ("csrf", token.as_str()),
