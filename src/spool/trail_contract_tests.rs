@@ -505,3 +505,71 @@ async fn the_trail_holds_no_openid_in_the_clear_and_no_key() {
         assert_eq!(kept, 0, "{name}: no message is kept without keep_bodies");
     }
 }
+
+/// The trail's tables in the file, in bytes (pages, indexes included).
+fn trail_bytes(path: &std::path::Path) -> i64 {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.query_row(
+        "SELECT SUM(pgsize) FROM dbstat WHERE name LIKE 'trail%'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// A steady stream of pushes, each attempted and delivered, `from` to `to`.
+async fn stream(spool: &dyn TrailRoles, from: i64, to: i64) {
+    for chunk in (from..to).collect::<Vec<_>>().chunks(250) {
+        let pushes = chunk.iter().map(|&i| {
+            let now = 1_000 + i * 10;
+            spool.enqueue(push(&format!("k{i}"), &["a"], now), UnixMs(now), WINDOW)
+        });
+        let mut settles = Vec::new();
+        for stored in answers(pushes).await {
+            if let Enqueued::Stored { deliveries, .. } = stored {
+                settles.push(Settle {
+                    lease: LeaseToken::NONE,
+                    settlement: Settlement::Delivered {
+                        delivery_id: deliveries[0],
+                    },
+                    trail: attempt(1, Some(200), 0),
+                });
+            }
+        }
+        spool
+            .record(settles, UnixMs(1_000 + to * 10))
+            .await
+            .unwrap();
+    }
+}
+
+/// Each answer, in order: the requests were all sent when made, so the
+/// spool takes them together.
+async fn answers<T>(futures: impl Iterator<Item = SpoolFuture<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for f in futures.collect::<Vec<_>>() {
+        out.push(f.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn sqlite_trail_disk_use_stays_flat_once_full() {
+    let (name, spool, _keep, path) = spools(setup(false, 1_000)).await.remove(0);
+    let path = path.unwrap();
+    stream(&*spool, 0, 2_000).await;
+    let full = trail_bytes(&path);
+    stream(&*spool, 2_000, 8_000).await;
+    let later = trail_bytes(&path);
+    let kept = spool
+        .search(TrailFilter {
+            limit: 2_000,
+            ..TrailFilter::default()
+        })
+        .await
+        .unwrap()
+        .len();
+    println!("{name}: trail {full} bytes after 2,000 pushes, {later} after 8,000; {kept} events kept, {} bytes each", later / kept as i64);
+    assert!(kept <= 1_001, "{kept} kept");
+    assert!(later <= full + full / 10, "{full} → {later} bytes");
+}

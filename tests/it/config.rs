@@ -267,6 +267,30 @@ fn broken_configs_are_refused_at_their_key_path() {
 
     let cases: Vec<(&str, String, &str, &str)> = vec![
         (
+            "a trail keeping no event",
+            format!("{VALID}\n[trail]\nmax_events = 0\n"),
+            "trail.max_events",
+            "at least 1",
+        ),
+        (
+            "a trail retention that is not a duration",
+            format!("{VALID}\n[trail]\nretain = \"a week\"\n"),
+            "trail.retain",
+            "",
+        ),
+        (
+            "a short trail key",
+            format!("{VALID}\n[trail]\nkey = \"short\"\n"),
+            "trail.key",
+            "at least 16 characters",
+        ),
+        (
+            "a trail key twice",
+            format!("{VALID}\n[trail]\nkey = \"0123456789abcdef\"\nkey_file = \"/k\"\n"),
+            "trail.key_file",
+            "not both",
+        ),
+        (
             "admin token with a space",
             format!("[server]\nadmin_token = \" padded-token\"\n{VALID}"),
             "server.admin_token",

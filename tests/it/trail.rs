@@ -29,14 +29,19 @@ fn scan(now: i64) -> String {
 /// The relay's configuration, its spool at `spool` so that the binary
 /// reads the same file; `trail` is the `[trail]` section.
 fn relay_config(g: &Value, hooks: &FakeTarget, spool: &Path, trail: &str) -> String {
+    let spool = format!("path = \"{}\"", spool.display());
+    config_on(g, hooks, &spool, trail)
+}
+
+/// As [`relay_config`], with `spool` the `[spool]` section's keys.
+fn config_on(g: &Value, hooks: &FakeTarget, spool: &str, trail: &str) -> String {
     let targets = [target(
         "hooks",
         &hooks.url("/hooks"),
         "retry_schedule = [\"1s\"]",
     )];
     format!(
-        "[spool]\npath = \"{}\"\n\n{}\n{trail}\n",
-        spool.display(),
+        "[spool]\n{spool}\n\n{}\n{trail}\n",
         config(g, &targets, "[[routes]]\nto = [\"hooks\"]\n")
     )
 }
@@ -102,23 +107,18 @@ fn ciphertext(body: &[u8]) -> String {
     body[start..start + end].to_owned()
 }
 
-#[tokio::test]
-async fn a_push_its_failed_and_delivered_attempts_and_its_duplicate_are_found_by_openid() {
-    let g = generated();
-    let hooks = FakeTarget::start().await;
+/// A push that fails once at the hooks and is then delivered, and WeChat's
+/// retry of it: its ciphertext, and the sender's trail as the admin API
+/// answers, the duplicate first. Checks what the trail says of both.
+async fn failed_then_delivered(
+    relay: &TestRelay,
+    g: &Value,
+    hooks: &FakeTarget,
+) -> (String, Vec<Value>) {
     hooks.script([Behaviour::body(503, "text/plain", "busy\r\n\u{1b}[31m")]);
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool.db");
-    let toml = relay_config(
-        &g,
-        &hooks,
-        &spool,
-        &format!("[trail]\nkey = \"{TRAIL_KEY}\""),
-    );
-    let relay = TestRelay::start_with_spool_at(&toml, reference_now(&g), &spool).await;
-    let cipher = send_scan(&relay, &g, "1").await;
+    let cipher = send_scan(relay, g, "1").await;
     // WeChat's retry: a new nonce, the same message.
-    send_scan(&relay, &g, "2").await;
+    send_scan(relay, g, "2").await;
     assert!(hooks.wait_for(1, WAIT).await);
     assert!(relay.until_attempts("hooks", 1).await);
     relay.clock.advance_ms(2_000);
@@ -127,11 +127,11 @@ async fn a_push_its_failed_and_delivered_attempts_and_its_duplicate_are_found_by
 
     let query = format!("openid={OPENID}");
     let settled = eventually(WAIT, || async {
-        let found = admin_trail(&relay, &query).await;
+        let found = admin_trail(relay, &query).await;
         found.len() == 2 && found[1]["outcome"] == "delivered" && found[1]["reply"].is_object()
     })
     .await;
-    let found = admin_trail(&relay, &query).await;
+    let found = admin_trail(relay, &query).await;
     assert!(settled, "{found:#?}");
     let (duplicate, push) = (&found[0], &found[1]);
     assert_eq!(duplicate["dedup"], "duplicate");
@@ -153,6 +153,20 @@ async fn a_push_its_failed_and_delivered_attempts_and_its_duplicate_are_found_by
     assert_eq!(attempts[0]["circuit"], "closed");
     assert_eq!(attempts[0]["response"], "busy\\r\\n\\u{1b}[31m");
     assert_eq!(push["ends"][0]["end"], "delivered");
+    (cipher, found)
+}
+
+#[tokio::test]
+async fn a_push_its_failed_and_delivered_attempts_and_its_duplicate_are_found_by_openid() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    let trail = format!("[trail]\nkey = \"{TRAIL_KEY}\"");
+    let toml = relay_config(&g, &hooks, &spool, &trail);
+    let relay = TestRelay::start_with_spool_at(&toml, reference_now(&g), &spool).await;
+    let (cipher, found) = failed_then_delivered(&relay, &g, &hooks).await;
+    let push = &found[1];
 
     let event_id = push["event_id"].as_i64().unwrap();
     let one = relay
@@ -308,5 +322,122 @@ async fn with_the_trail_off_nothing_is_written_and_the_search_says_so() {
             .unwrap();
         assert_eq!(n, 0, "{table}");
     }
+    relay.stop().await;
+}
+
+/// Every row of the trail's tables in the relay's PostgreSQL schema, as text.
+async fn postgres_trail_tables(relay: &TestRelay) -> String {
+    let schema = relay.schema.as_ref().unwrap();
+    let url = wxrelay::spool::postgres::testing::test_url().unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut dump = String::new();
+    for table in ["trail_events", "trail_steps", "trail_bodies", "trail_key"] {
+        let sql = format!(
+            "SELECT t::text FROM \"{}\".{table} t",
+            schema.settings.schema
+        );
+        for row in client.query(&sql, &[]).await.unwrap() {
+            dump.push_str(row.get::<_, &str>(0));
+            dump.push('\n');
+        }
+    }
+    dump
+}
+
+#[tokio::test]
+async fn on_postgres_a_push_its_attempts_and_its_duplicate_are_in_the_shared_trail() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    // No configured key: the spool makes one and keeps it in the database.
+    let toml = config_on(&g, &hooks, "", "");
+    let Some(relay) = TestRelay::start_postgres(&toml, reference_now(&g)).await else {
+        return;
+    };
+    let (cipher, found) = failed_then_delivered(&relay, &g, &hooks).await;
+    let dump = postgres_trail_tables(&relay).await;
+    assert!(dump.contains("oTra…89ab"), "{dump}");
+    for (what, text) in [
+        ("the admin JSON", serde_json::to_string(&found).unwrap()),
+        ("the trail's tables", dump),
+    ] {
+        assert_nothing_secret(&g, what, &text, &cipher);
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivered_event_is_redelivered_from_the_command_line_when_its_body_was_kept() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    let toml = relay_config(&g, &hooks, &spool, "[trail]\nkeep_bodies = true");
+    let relay = TestRelay::start_with_spool_at(&toml, reference_now(&g), &spool).await;
+    send_scan(&relay, &g, "1").await;
+    assert!(hooks.wait_for(1, WAIT).await);
+    assert!(relay.until_nothing_pending("hooks").await);
+    let found = admin_trail(&relay, "outcome=delivered").await;
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0]["body_kept"], true);
+    let event_id = found[0]["event_id"].as_i64().unwrap().to_string();
+    let config = dir.path().join("cli.toml");
+    std::fs::write(&config, &toml).unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let redeliver = |target: &str| {
+        let args = [
+            "trail",
+            "redeliver",
+            "--config",
+            &config,
+            &event_id,
+            "--target",
+            target,
+        ];
+        wxrelay(args.iter().map(|a| a.to_string()).collect())
+    };
+    let (code, out) = redeliver("nowhere").await;
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("no target \"nowhere\""), "{out}");
+    let (code, out) = redeliver("hooks").await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("due again at hooks"), "{out}");
+    // The relay's workers find it in the spool the command wrote to, due
+    // at the command's clock.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    relay.clock.set_secs(now.as_secs() as i64 + 1);
+    assert!(hooks.wait_for(2, WAIT).await, "redelivered");
+    assert_eq!(hooks.received()[1].body, hooks.received()[0].body);
+    relay.stop().await;
+
+    let toml = relay_config(&g, &hooks, &spool, "");
+    let config = dir.path().join("without.toml");
+    std::fs::write(&config, &toml).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let other = fresh.path().join("spool.db");
+    let toml = relay_config(&g, &hooks, &other, "");
+    let relay = TestRelay::start_with_spool_at(&toml, reference_now(&g), &other).await;
+    send_scan(&relay, &g, "1").await;
+    assert!(relay.until_nothing_pending("hooks").await);
+    let found = admin_trail(&relay, "outcome=delivered").await;
+    let event_id = found[0]["event_id"].as_i64().unwrap().to_string();
+    let config = fresh.path().join("cli.toml");
+    std::fs::write(&config, &toml).unwrap();
+    let args = [
+        "trail",
+        "redeliver",
+        "--config",
+        config.to_str().unwrap(),
+        &event_id,
+        "--target",
+        "hooks",
+    ];
+    let (code, out) = wxrelay(args.iter().map(|a| a.to_string()).collect()).await;
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("body was not kept"), "{out}");
     relay.stop().await;
 }
