@@ -66,7 +66,8 @@ fn facts(e: &TrailEvent) -> Markup {
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "–".into());
     html! {
         dl.facts {
-            dt { "Account" } dd { (e.account) " (" (e.mode) ")" }
+            dt { "Account" } dd { (e.account) }
+            dt { "Mode" } dd { (e.mode) }
             dt { "Type" } dd { (or_dash(&e.msg_type)) @if let Some(ev) = &e.event { " / " (ev) } }
             dt { "Scene" } dd { (or_dash(&e.scene)) }
             dt { "MsgId" } dd.mono { (or_dash(&e.msg_id)) }
