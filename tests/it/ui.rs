@@ -425,6 +425,10 @@ async fn search_and_open(postgres: bool) {
         "{overview}"
     );
     assert!(overview.contains("over 1 delivery"), "{overview}");
+    // No page needs script: none has any.
+    for page in [&found, &page, &overview] {
+        assert!(!page.contains("<script"), "{page}");
+    }
     relay.stop().await;
 }
 
