@@ -7,14 +7,12 @@ use crate::common;
 use bytes::Bytes;
 use common::target::{Behaviour, FakeTarget};
 use common::{body, generated, generated_config, metric, path, reference_now, vector, Answer};
-use common::{eventually, TestRelay};
+use common::{eventually, exchange, TestRelay};
 use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use wxrelay::spool::DeadFilter;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -56,11 +54,6 @@ impl Visitor {
     }
 
     async fn send(&mut self, method: Method, path: &str, form: Option<String>) -> Answer {
-        let stream = TcpStream::connect(self.admin).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -72,17 +65,12 @@ impl Visitor {
             req = req.header("content-type", "application/x-www-form-urlencoded");
         }
         let req = req.body(Full::new(Bytes::from(form.unwrap_or_default())));
-        let response = sender.send_request(req.unwrap()).await.unwrap();
-        let (parts, body) = response.into_parts();
-        if let Some(set) = parts.headers.get("set-cookie") {
+        let answer = exchange(self.admin, req.unwrap()).await;
+        if let Some(set) = answer.headers.get("set-cookie") {
             let pair = set.to_str().unwrap().split(';').next().unwrap();
             self.cookie = Some(pair.to_owned()).filter(|p| !p.ends_with('='));
         }
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
+        answer
     }
 
     /// Signs in with `token`; the answer to the form.
