@@ -353,11 +353,12 @@ impl Ui {
 /// A refused request's answer, counted and logged.
 fn refuse(ui: &Ui, refusal: Refusal, path: &str, session: Option<&Session>) -> Outcome {
     ui.count_refusal(refusal, path);
-    let signed_in = session.is_some();
-    Outcome::Page(
-        refusal.status(),
-        pages::refused(refusal.reason(), signed_in),
-    )
+    let page = match refusal {
+        // The form again, to try once more.
+        Refusal::BadToken => pages::signin(Some(refusal.reason())),
+        _ => pages::refused(refusal.reason(), session.is_some()),
+    };
+    Outcome::Page(refusal.status(), page)
 }
 
 /// The answer, with the headers every page carries.

@@ -138,6 +138,10 @@ async fn signing_in_takes_the_admin_token_and_sets_a_strict_http_only_cookie() {
     let wrong = visitor.sign_in("not-the-token").await;
     assert_eq!(wrong.status, 401);
     assert!(wrong.text().contains("wrong admin token"));
+    assert!(
+        wrong.text().contains("name=\"token\""),
+        "the form, to try again"
+    );
     assert!(visitor.cookie.is_none());
     let m = relay.metrics().await;
     assert_eq!(
