@@ -395,19 +395,22 @@ fn note_reply(path: &PushPath, config: &Settings, a: &Accepted, took: Duration) 
     let Some(stored) = &a.ingested.stored else {
         return;
     };
+    let budget = config.server.reply_budget;
     let outcome = match a.reply {
         None | Some("ignored") => ReplyOutcome::None,
         Some("passed") => ReplyOutcome::Passed,
         Some("encrypted") => ReplyOutcome::Sealed,
         Some("unverifiable") => ReplyOutcome::Unverifiable,
-        Some(_) => ReplyOutcome::TimedOut,
+        // No reply: the budget ran out, or the target failed within it.
+        Some(_) if took + MIN_INLINE_ATTEMPT >= budget => ReplyOutcome::TimedOut,
+        Some(_) => ReplyOutcome::None,
     };
     let note = TrailNote::Reply {
         event_id: stored.event_id,
         reply: TrailReply {
             outcome,
             latency_ms: took.as_millis() as u64,
-            budget_ms: config.server.reply_budget.as_millis() as u64,
+            budget_ms: budget.as_millis() as u64,
         },
     };
     if !path.ingest.spool.note(note) {

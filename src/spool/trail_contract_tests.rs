@@ -573,3 +573,38 @@ async fn sqlite_trail_disk_use_stays_flat_once_full() {
     assert!(kept <= 1_001, "{kept} kept");
     assert!(later <= full + full / 10, "{full} → {later} bytes");
 }
+
+#[tokio::test]
+async fn without_a_configured_key_the_spool_keeps_one_for_every_opener() {
+    let keyless = TrailSetup {
+        key: None,
+        ..setup(false, 1_000)
+    };
+    for (name, spool, keep, path) in spools(keyless.clone()).await {
+        let e = push("k1", &["a"], 1_000);
+        spool.enqueue(e, UnixMs(1_000), WINDOW).await.unwrap();
+        // Another opener of the same data: a restart, or another replica.
+        let other: Arc<dyn TrailRoles> = match &path {
+            Some(path) => {
+                let sqlite = SqliteSpool::open(path).unwrap();
+                sqlite.start_trail(keyless.clone()).await.unwrap();
+                Arc::new(sqlite)
+            }
+            None => {
+                let schema = keep.downcast_ref::<postgres::testing::TestSchema>();
+                let settings = &schema.unwrap().settings;
+                let pg = PostgresSpool::open(settings, postgres::OnOpen::Migrate)
+                    .await
+                    .unwrap();
+                pg.start_trail(keyless.clone()).await.unwrap();
+                Arc::new(pg)
+            }
+        };
+        let by_openid = TrailFilter {
+            openid: Some(OPENID.into()),
+            ..TrailFilter::default()
+        };
+        let found = other.search(by_openid).await.unwrap();
+        assert_eq!(found.len(), 1, "{name}: the same key hashes alike");
+    }
+}

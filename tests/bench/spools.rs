@@ -6,7 +6,8 @@
 //!   cargo bench --bench spools -- [PUSHES] [BACKLOG] [backlog [analyze]]
 //! ```
 //!
-//! (`backlog` runs the third part alone; `one-user [EVENTS]` the fourth.)
+//! (`backlog` runs the third part alone; `one-user [EVENTS]` the fourth;
+//! `trail [PUSHES]` the fifth alone.)
 //!
 //! 1. Ingest and fan-out, for SQLite, PostgreSQL with one replica and
 //!    PostgreSQL with two: the real binaries, each in its own process, with
@@ -33,6 +34,10 @@
 //!    targets paused, then drained to a sink that answers each after 20 ms.
 //!    Only one of them can be in flight at a time, so the rate is bound by
 //!    how soon the next is sent once one is delivered.
+//! 5. The event trail's cost: the relay in this process, its targets paused,
+//!    PUSHES pushes (default 20,000) with the trail on, then off
+//!    (`[trail] enabled = false`), twice over, on SQLite and on PostgreSQL;
+//!    the best run of each and the ratio on/off.
 //!
 //! The client, the sinks, the relays and PostgreSQL share the machine's cores.
 //! Each PostgreSQL run has a schema of its own, dropped at the end.
@@ -178,6 +183,7 @@ fn main() {
     let backlog_only = std::env::args().any(|a| a == "backlog");
     let analyze = std::env::args().any(|a| a == "analyze");
     let one_user_only = std::env::args().any(|a| a == "one-user");
+    let trail_only = std::env::args().any(|a| a == "trail");
     let n = args.first().copied().unwrap_or(50_000);
     let backlog = args.get(1).copied().unwrap_or(1_000_000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -187,6 +193,10 @@ fn main() {
     runtime.block_on(async {
         if backlog_only {
             backlog_sizes(backlog, analyze).await;
+            return;
+        }
+        if trail_only {
+            trail_cost(args.first().copied().unwrap_or(20_000)).await;
             return;
         }
         if one_user_only {
@@ -203,6 +213,7 @@ fn main() {
         ingest_and_fan_out("PostgreSQL, 1 replica", Backend::postgres(), 1, n).await;
         ingest_and_fan_out("PostgreSQL, 2 replicas", Backend::postgres(), 2, n).await;
         group_commit(n.min(20_000)).await;
+        trail_cost(n.min(20_000)).await;
         backlog_sizes(backlog, analyze).await;
     });
 }
@@ -229,6 +240,57 @@ async fn ingest_in_process(max_batch: usize, n: usize, first: u64) -> Report {
     .await;
     spool.close().await;
     report
+}
+
+/// Pushes/s into a relay in this process, its targets paused, on a fresh
+/// spool of `engine` with `trail` added to its configuration.
+async fn ingest_with(engine: &str, trail: &str, n: usize, first: u64) -> Report {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (spool, toml, _database) = if engine == "SQLite" {
+        let path = dir.path().join("spool.db");
+        let sqlite = wxrelay::spool::SqliteSpool::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let toml = format!("path = \"{}\"", path.display());
+        (OpenSpool::Sqlite(Arc::new(sqlite)), toml, None)
+    } else {
+        let Backend::Postgres(database) = Backend::postgres() else {
+            unreachable!()
+        };
+        let settings = &database.schema.settings;
+        let pg = PostgresSpool::open(settings, OnOpen::Migrate)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (
+            OpenSpool::Postgres(Arc::new(pg)),
+            database.spool_toml(),
+            Some(database),
+        )
+    };
+    let toml = format!("{toml}\n\n{trail}");
+    let report = harness::ingest_in_process(spool.clone(), &toml, first, n, CONNECTIONS).await;
+    spool.close().await;
+    report
+}
+
+/// Ingest with the trail on against off, alternately, on each spool.
+async fn trail_cost(n: usize) {
+    println!("the trail's cost, relay in this process: {n} pushes over {CONNECTIONS} connections, targets paused, best of two");
+    let mut first = 90_000_000;
+    for engine in ["SQLite", "PostgreSQL"] {
+        let mut best = [0.0f64; 2];
+        for _ in 0..2 {
+            for (i, trail) in ["", "[trail]\nenabled = false\n"].into_iter().enumerate() {
+                let report = ingest_with(engine, trail, n, first).await;
+                first += n as u64;
+                best[i] = best[i].max(report.throughput());
+            }
+        }
+        println!(
+            "{engine:<12} trail on {:>7.0} pushes/s, off {:>7.0} pushes/s: on/off {:.2}",
+            best[0],
+            best[1],
+            best[0] / best[1]
+        );
+    }
 }
 
 /// Group commit against one commit per push, on PostgreSQL.

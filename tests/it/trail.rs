@@ -441,3 +441,40 @@ async fn a_delivered_event_is_redelivered_from_the_command_line_when_its_body_wa
     assert!(out.contains("body was not kept"), "{out}");
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn an_inline_reply_attempt_that_times_out_is_in_the_trail_with_the_reply() {
+    let g = generated();
+    let broker = FakeTarget::start().await;
+    broker.set_default(Behaviour::After(
+        Duration::from_secs(3),
+        Box::new(Behaviour::status(200)),
+    ));
+    let targets = [target("broker", &broker.url("/broker"), "")];
+    let routes = "[[routes]]\nto = [\"broker\"]\nreply_from = \"broker\"\n";
+    let relay = TestRelay::start(&config(&g, &targets, routes), reference_now(&g)).await;
+    send_scan(&relay, &g, "1").await;
+    let query = format!("openid={OPENID}");
+    let replied = eventually(WAIT, || async {
+        let found = admin_trail(&relay, &query).await;
+        found.len() == 1
+            && found[0]["reply"].is_object()
+            && !found[0]["attempts"].as_array().unwrap().is_empty()
+    })
+    .await;
+    let found = admin_trail(&relay, &query).await;
+    assert!(replied, "{found:#?}");
+    let push = &found[0];
+    assert_eq!(push["reply"]["outcome"], "timed_out");
+    assert_eq!(push["reply"]["budget_ms"], 1_000);
+    assert!(
+        push["reply"]["latency_ms"].as_u64().unwrap() < 2_000,
+        "{push:#}"
+    );
+    let attempt = &push["attempts"][0];
+    assert_eq!(attempt["inline"], true);
+    assert_eq!(attempt["error"], "timeout");
+    assert_eq!(attempt["status"], Value::Null);
+    assert_eq!(push["outcome"], "pending");
+    relay.stop().await;
+}

@@ -19,12 +19,8 @@ pub(super) fn record(
     store: Option<&TrailStore>,
 ) -> rusqlite::Result<()> {
     for settle in settles {
-        // The trail's step is written only for an outcome that is.
-        let traced = match store {
-            Some(_) => trail::pending_delivery(c, settle.settlement.delivery_id())?,
-            None => None,
-        };
-        let applied = match &settle.settlement {
+        // The written outcome's delivery: its event and target.
+        let written = match &settle.settlement {
             Settlement::Delivered { delivery_id } => delivered(c, *delivery_id)?,
             Settlement::Retry {
                 delivery_id,
@@ -39,7 +35,8 @@ pub(super) fn record(
                 error,
             } => dead(c, *delivery_id, *reason, error, now)?,
         };
-        if let (true, Some((event_id, target))) = (applied, traced) {
+        // The trail's step is written only for an outcome that is.
+        if let (Some(_), Some((event_id, Some(target)))) = (store, written) {
             let end = match &settle.settlement {
                 Settlement::Delivered { .. } => Some(("delivered", None)),
                 Settlement::Retry { .. } => None,
@@ -59,25 +56,29 @@ const DELETE_DELIVERED: &str = formatcp!(
      RETURNING event_id, target, order_key"
 );
 
-fn delivered(c: &Connection, id: DeliveryId) -> rusqlite::Result<bool> {
-    let deleted = c
+/// The event and target of a delivery whose outcome was written.
+type Written = Option<(i64, Option<String>)>;
+
+fn delivered(c: &Connection, id: DeliveryId) -> rusqlite::Result<Written> {
+    let deleted: Option<(i64, Option<String>, Option<String>)> = c
         .prepare_cached(DELETE_DELIVERED)?
         .query_row(params![id], |r| {
             Ok((r.get("event_id")?, r.get("target")?, r.get("order_key")?))
         })
         .optional()?;
-    let applied = deleted.is_some();
-    if let Some((event_id, target, order_key)) = deleted {
-        drop_event_if_done(c, event_id)?;
-        unblock_next(c, target, order_key)?;
-    }
-    Ok(applied)
+    let Some((event_id, target, order_key)) = deleted else {
+        return Ok(None);
+    };
+    drop_event_if_done(c, event_id)?;
+    unblock_next(c, target.as_deref(), order_key.as_deref())?;
+    Ok(Some((event_id, target)))
 }
 
 const RETRY: &str = formatcp!(
     "UPDATE deliveries SET attempts = attempts + 1, next_at = ?2, last_error = ?3, updated_at = ?4,
          not_before = ?5, step = ?6, scheduled_at = ?7
-     WHERE id = ?1 AND state = {PENDING}"
+     WHERE id = ?1 AND state = {PENDING}
+     RETURNING event_id, target"
 );
 
 fn retry(
@@ -88,8 +89,8 @@ fn retry(
     not_before: UnixMs,
     error: &str,
     now: UnixMs,
-) -> rusqlite::Result<bool> {
-    let n = c.prepare_cached(RETRY)?.execute(params![
+) -> rusqlite::Result<Written> {
+    let params = params![
         id,
         next_at,
         error,
@@ -97,8 +98,10 @@ fn retry(
         not_before,
         schedule.step,
         schedule.due_at
-    ])?;
-    Ok(n > 0)
+    ];
+    c.prepare_cached(RETRY)?
+        .query_row(params, |r| Ok((r.get("event_id")?, r.get("target")?)))
+        .optional()
 }
 
 /// An expired delivery is dead-lettered instead of sent: no attempt.
@@ -106,7 +109,7 @@ const DEAD_LETTER: &str = formatcp!(
     "UPDATE deliveries SET state = {DEAD}, attempts = attempts + (?2 <> '{EXPIRED}'),
          reason = ?2, last_error = ?3, updated_at = ?4
      WHERE id = ?1 AND state = {PENDING}
-     RETURNING target, order_key"
+     RETURNING event_id, target, order_key"
 );
 
 fn dead(
@@ -115,18 +118,18 @@ fn dead(
     reason: DeadReason,
     error: &str,
     now: UnixMs,
-) -> rusqlite::Result<bool> {
-    let died = c
+) -> rusqlite::Result<Written> {
+    let died: Option<(i64, Option<String>, Option<String>)> = c
         .prepare_cached(DEAD_LETTER)?
         .query_row(params![id, reason, error, now], |r| {
-            Ok((r.get("target")?, r.get("order_key")?))
+            Ok((r.get("event_id")?, r.get("target")?, r.get("order_key")?))
         })
         .optional()?;
-    let applied = died.is_some();
-    if let Some((target, order_key)) = died {
-        unblock_next(c, target, order_key)?;
-    }
-    Ok(applied)
+    let Some((event_id, target, order_key)) = died else {
+        return Ok(None);
+    };
+    unblock_next(c, target.as_deref(), order_key.as_deref())?;
+    Ok(Some((event_id, target)))
 }
 
 /// Once a pending delivery of `order_key` is gone (delivered or dead), the
@@ -139,8 +142,8 @@ const UNBLOCK_NEXT: &str = formatcp!(
 
 fn unblock_next(
     c: &Connection,
-    target: Option<String>,
-    order_key: Option<String>,
+    target: Option<&str>,
+    order_key: Option<&str>,
 ) -> rusqlite::Result<()> {
     let (Some(target), Some(order_key)) = (target, order_key) else {
         return Ok(());

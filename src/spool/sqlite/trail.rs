@@ -8,7 +8,7 @@ use crate::spool::{rows, DeadReason, DeliveryId, Event, EventId, SpoolError, Tra
 use crate::trail::{mask, TrailAttempt, TrailEvent, TrailFilter, TrailKey, TrailNote, TrailPush};
 use const_format::formatcp;
 use rusqlite::types::ToSqlOutput;
-use rusqlite::{params, Connection, OptionalExtension, ToSql};
+use rusqlite::{params, Connection, ToSql};
 
 const INSERT_PUSH: &str = "INSERT INTO trail_events (event_id, received_at, account, mode, msg_type, event,
          scene, msg_id, ticket, openid_hash, openid_mask, duplicate, route, reply, reply_ms, budget_ms)
@@ -95,18 +95,6 @@ pub(super) fn step(
         reason.flatten(),
     ])?;
     Ok(())
-}
-
-/// The delivery's event and target, before its outcome is written.
-pub(super) fn pending_delivery(
-    c: &Connection,
-    id: DeliveryId,
-) -> rusqlite::Result<Option<(i64, String)>> {
-    c.prepare_cached(
-        "SELECT event_id, target FROM deliveries WHERE id = ?1 AND target IS NOT NULL",
-    )?
-    .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
-    .optional()
 }
 
 /// The retirement's ends: every pending delivery of `target`.
