@@ -175,7 +175,13 @@ fn attempt(a: &TrailAttempt) -> Step {
 fn ending(e: &TrailEvent, end: &TrailEnd, offers: &Offers, csrf: &str) -> Step {
     let class = if end.end == "delivered" { "ok" } else { "fail" };
     let detail = end.reason.clone().unwrap_or_default();
-    let dead = offers.dead.iter().find(|(t, _)| *t == end.target);
+    // A dead letter replayed and dead again ended twice: the last end offers it.
+    let last = e.ends.iter().rev().find(|x| x.target == end.target);
+    let dead = offers
+        .dead
+        .iter()
+        .find(|(t, _)| *t == end.target)
+        .filter(|_| last.is_some_and(|last| std::ptr::eq(last, end)));
     let action = match (end.end.as_str(), dead, e.event_id) {
         ("dead" | "expired", Some((target, delivery)), Some(id)) => Some(action(
             "/ui/replay",
@@ -260,4 +266,62 @@ async fn dead_letters(
         }
     }
     Ok(dead)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trail::TrailOutcome;
+
+    fn end(at: i64, end: &str) -> TrailEnd {
+        TrailEnd {
+            at: UnixMs(at),
+            target: "hooks".into(),
+            end: end.into(),
+            reason: Some("rejected".into()),
+        }
+    }
+
+    fn event(ends: Vec<TrailEnd>) -> TrailEvent {
+        TrailEvent {
+            id: 1,
+            event_id: Some(EventId(7)),
+            received_at: UnixMs(1_000),
+            account: "main".into(),
+            mode: "secure".into(),
+            msg_type: Some("event".into()),
+            event: Some("SCAN".into()),
+            scene: Some("<b>scene</b>".into()),
+            msg_id: None,
+            ticket: true,
+            openid: Some("oAbc…xyz9".into()),
+            dedup: Dedup::New,
+            route: vec!["hooks".into()],
+            reply: None,
+            refusal: None,
+            body_kept: false,
+            outcome: TrailOutcome::Dead,
+            attempts: Vec::new(),
+            ends,
+        }
+    }
+
+    #[test]
+    fn only_the_last_end_of_a_target_offers_its_dead_letter() {
+        let offers = Offers {
+            dead: vec![("hooks".into(), DeliveryId(3))],
+            targets: vec!["hooks".into()],
+        };
+        let chrome = Chrome {
+            csrf: Some("token"),
+            guarded: true,
+        };
+        let twice = event(vec![end(2_000, "dead"), end(9_000, "dead")]);
+        let page = page(chrome, &twice, &offers).into_string();
+        assert_eq!(page.matches("Replay this dead letter").count(), 1, "{page}");
+        assert!(page.contains("&lt;b&gt;scene&lt;/b&gt;"), "{page}");
+        let delivered = event(vec![end(2_000, "dead"), end(9_000, "delivered")]);
+        let page = super::page(chrome, &delivered, &offers).into_string();
+        assert!(!page.contains("Replay this dead letter"), "{page}");
+    }
 }
