@@ -392,7 +392,8 @@ fn note_refusal(
 
 /// A stored push's reply in the trail, now that its answer leaves.
 fn note_reply(path: &PushPath, config: &Settings, a: &Accepted, took: Duration) {
-    let Some(stored) = &a.ingested.stored else {
+    // Without an inline reply the reply was written with the push.
+    let Some(stored) = a.ingested.stored.as_ref().filter(|s| s.reply.is_some()) else {
         return;
     };
     let budget = config.server.reply_budget;

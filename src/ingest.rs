@@ -113,7 +113,9 @@ impl Ingest {
         new_event.event.trace_context = trace_context;
         if config.trail.enabled {
             let started = deadline.into_std() - config.server.reply_budget;
-            new_event.trail = Some(Box::new(trail_push(config, account, push, started)));
+            let inline = reply.is_some();
+            let trail = trail_push(config, account, push, (started, inline));
+            new_event.trail = Some(Box::new(trail));
         }
         let dedup_key = new_event.event.dedup_key.clone();
         let msg_type = new_event.event.msg_type.clone();
@@ -202,7 +204,7 @@ fn trail_push(
     config: &Settings,
     account: &Account,
     push: &VerifiedPush,
-    started: std::time::Instant,
+    (started, reply_inline): (std::time::Instant, bool),
 ) -> TrailPush {
     let message = &push.message;
     let owned = |name: &str| {
@@ -224,6 +226,7 @@ fn trail_push(
             .filter(|o| !o.is_empty())
             .map(str::to_owned),
         budget_ms: config.server.reply_budget.as_millis() as u64,
+        reply_inline,
         started,
     }
 }

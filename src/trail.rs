@@ -251,8 +251,13 @@ pub struct TrailPush {
     pub openid: Option<String>,
     /// The reply budget, for the reply's latency against it.
     pub budget_ms: u64,
-    /// When the handler took the request: a duplicate's answer leaves as
-    /// soon as the spool has found it, so its latency is taken then.
+    /// A reply target is to be tried inline: the reply is noted once it is
+    /// known. Without one the answer is `success` once the push is stored,
+    /// and its reply is written with the push.
+    pub reply_inline: bool,
+    /// When the handler took the request: an answer that waits for no
+    /// reply target leaves once the spool has the push, so its latency is
+    /// taken then (up to the commit).
     pub started: std::time::Instant,
 }
 

@@ -81,6 +81,7 @@ fn push(key: &str, targets: &[&str], now: i64) -> NewEvent {
             ticket: true,
             openid: Some(OPENID.into()),
             budget_ms: 4_000,
+            reply_inline: key == "inline",
             started: std::time::Instant::now(),
         })),
     }
@@ -163,7 +164,7 @@ async fn stored(
 #[tokio::test]
 async fn a_push_its_attempts_in_order_and_its_end_are_in_the_trail() {
     for (name, spool, _keep, _) in spools(setup(false, 1_000)).await {
-        let (event_id, deliveries) = stored(&*spool, "k1", &["a"], 1_000).await;
+        let (event_id, deliveries) = stored(&*spool, "inline", &["a"], 1_000).await;
         let lease = spool
             .lease("a", UnixMs(1_000), 1, Duration::from_secs(30))
             .await
@@ -210,7 +211,7 @@ async fn a_push_its_attempts_in_order_and_its_end_are_in_the_trail() {
         assert_eq!(e.dedup, Dedup::New, "{name}");
         assert_eq!(e.route, vec!["a".to_owned()], "{name}");
         assert_eq!((e.mode.as_str(), e.ticket), ("secure", true), "{name}");
-        assert_eq!(e.scene.as_deref(), Some("scene-k1"), "{name}");
+        assert_eq!(e.scene.as_deref(), Some("scene-inline"), "{name}");
         assert_eq!(e.openid.as_deref(), Some("oAbc…xyz9"), "{name}");
         let attempts: Vec<_> = e
             .attempts

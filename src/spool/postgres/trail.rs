@@ -44,11 +44,12 @@ pub(super) async fn pushes(
         c.duplicates.push(i16::from(event_id.is_none()));
         c.routes
             .push(route_text(push.event.targets.iter().map(|t| &t.target)));
-        // A duplicate's answer leaves as soon as the spool has found it.
-        let duplicate = event_id.is_none();
-        c.replies.push(duplicate.then_some("none"));
+        // Unless a reply target is tried inline, the answer leaves once the
+        // push is stored (or found a duplicate).
+        let answered = event_id.is_none() || !trail.reply_inline;
+        c.replies.push(answered.then_some("none"));
         c.reply_ms
-            .push(duplicate.then(|| trail.started.elapsed().as_millis() as i64));
+            .push(answered.then(|| trail.started.elapsed().as_millis() as i64));
         c.budgets.push(trail.budget_ms as i64);
         if let (Some(id), true) = (event_id, push.event.targets.is_empty()) {
             c.unrouted.push(id.0);

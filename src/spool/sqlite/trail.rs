@@ -14,8 +14,9 @@ const INSERT_PUSH: &str = "INSERT INTO trail_events (event_id, received_at, acco
          scene, msg_id, ticket, openid_hash, openid_mask, duplicate, route, reply, reply_ms, budget_ms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
 
-/// A push's trail row, in its commit: `event_id` is `None` for a duplicate,
-/// whose answer leaves now (its reply is written with it).
+/// A push's trail row, in its commit: `event_id` is `None` for a duplicate.
+/// Unless a reply target is tried inline, the answer leaves once the push is
+/// stored: its reply is written with it.
 pub(super) fn push(
     c: &Connection,
     store: &TrailStore,
@@ -25,7 +26,7 @@ pub(super) fn push(
     let hash = trail.openid.as_deref().map(|o| store.key.hash(o));
     let masked = trail.openid.as_deref().map(mask);
     let duplicate = event_id.is_none();
-    let (reply, reply_ms) = if duplicate {
+    let (reply, reply_ms) = if duplicate || !trail.reply_inline {
         let ms = trail.started.elapsed().as_millis() as i64;
         (Some("none"), Some(ms))
     } else {

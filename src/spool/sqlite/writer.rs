@@ -264,8 +264,9 @@ fn apply(
         Command::KeepTicket(ticket, r) => {
             deferred(r, in_savepoint(tx, |c| commit::keep_ticket(c, &ticket)))
         }
+        // One statement, atomic on its own: no savepoint needed.
         Command::Note(note) => {
-            if let Err(e) = in_savepoint(tx, |c| trail::note(c, &note)) {
+            if let Err(e) = trail::note(tx, &note) {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot write a trail note");
             }
             (Box::new(|_| {}), None)
