@@ -135,6 +135,19 @@ async fn only_from(client: &Client, admin: SocketAddr) {
     assert_eq!(styled, json!("flex"));
 }
 
+/// Asserts that nothing on the page is wider than the window: on a phone
+/// it reads without scrolling sideways (wide tables scroll in their box).
+async fn fits(client: &Client) {
+    let width = "return [document.documentElement.scrollWidth, window.innerWidth];";
+    let [page, screen]: [u32; 2] =
+        serde_json::from_value(client.execute(width, Vec::new()).await.unwrap()).unwrap();
+    let at = client.current_url().await.unwrap();
+    assert!(
+        page <= screen,
+        "{at} is {page} px wide on a {screen} px screen"
+    );
+}
+
 /// Two targets: `broker` for login events, `crm` for everything else.
 fn config(g: &Value, broker: &str, crm: &str) -> String {
     format!(
@@ -200,14 +213,16 @@ async fn follow_the_push(client: &Client, relay: &TestRelay) {
     screenshot(client, "ui-event").await;
 
     client.set_window_size(375, 1400).await.unwrap();
-    let width = "return [document.documentElement.scrollWidth, window.innerWidth];";
-    let [page, screen]: [u32; 2] =
-        serde_json::from_value(client.execute(width, Vec::new()).await.unwrap()).unwrap();
-    assert!(
-        page <= screen,
-        "the page is {page} px wide on a {screen} px screen"
-    );
+    fits(client).await;
     screenshot(client, "ui-event-375").await;
+    for page in ["/ui", "/ui/search"] {
+        client
+            .goto(&format!("http://{}{page}", relay.admin))
+            .await
+            .unwrap();
+        fits(client).await;
+    }
+    screenshot(client, "ui-search-375").await;
     client.set_window_size(1280, 1200).await.unwrap();
 }
 
