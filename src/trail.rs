@@ -327,9 +327,21 @@ pub fn escape_prefix(body: &[u8]) -> String {
 }
 
 /// The key of the OpenIDs' hashes: from the configuration, or made once and
-/// kept in the spool, so that every replica hashes alike.
-#[derive(Clone, PartialEq, Eq)]
-pub struct TrailKey([u8; 32]);
+/// kept in the spool, so that every replica hashes alike. The HMAC's keyed
+/// state is prepared once: each hash starts from a copy of it.
+#[derive(Clone)]
+pub struct TrailKey {
+    bytes: [u8; 32],
+    mac: hmac::Hmac<sha2::Sha256>,
+}
+
+impl PartialEq for TrailKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for TrailKey {}
 
 impl std::fmt::Debug for TrailKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -345,30 +357,31 @@ impl TrailKey {
     /// A configured key, of any length: its SHA-256 is the key used.
     pub fn from_secret(secret: &str) -> Self {
         use sha2::Digest;
-        TrailKey(sha2::Sha256::digest(secret.as_bytes()).into())
+        Self::from_bytes(sha2::Sha256::digest(secret.as_bytes()).into())
     }
 
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        TrailKey(bytes)
+        use hmac::digest::KeyInit;
+        type Keyed = hmac::Hmac<sha2::Sha256>;
+        // HMAC takes a key of any length: the fallback is never taken.
+        let mac = <Keyed as KeyInit>::new_from_slice(&bytes)
+            .unwrap_or_else(|_| <Keyed as KeyInit>::new(&Default::default()));
+        TrailKey { bytes, mac }
     }
 
     pub fn random() -> Self {
-        TrailKey(rand::random())
+        Self::from_bytes(rand::random())
     }
 
     pub fn bytes(&self) -> &[u8; 32] {
-        &self.0
+        &self.bytes
     }
 
     /// HMAC-SHA256 of the OpenID under this key, cut to
     /// [`OPENID_HASH_LEN`] bytes.
     pub fn hash(&self, openid: &str) -> Vec<u8> {
         use hmac::Mac;
-        let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0) {
-            Ok(mac) => mac,
-            // HMAC takes a key of any length.
-            Err(_) => return Vec::new(),
-        };
+        let mut mac = self.mac.clone();
         mac.update(openid.as_bytes());
         mac.finalize().into_bytes()[..OPENID_HASH_LEN].to_vec()
     }
@@ -484,6 +497,59 @@ mod tests {
         assert_eq!(mask("oAbcdefghijklmnopqrstuxyz9"), "oAbc…xyz9");
         assert_eq!(mask("oShort"), "o…");
         assert_eq!(mask(""), "");
+    }
+
+    #[test]
+    fn an_openids_hash_is_keyed_and_stable() {
+        let key = TrailKey::from_secret("a key of the trail's tests");
+        let again = TrailKey::from_bytes(*key.bytes());
+        assert_eq!(key.hash("oAbc"), again.hash("oAbc"));
+        assert_eq!(key.hash("oAbc").len(), OPENID_HASH_LEN);
+        assert_ne!(key.hash("oAbc"), key.hash("oAbd"));
+        assert_ne!(
+            key.hash("oAbc"),
+            TrailKey::from_secret("another").hash("oAbc")
+        );
+    }
+
+    #[test]
+    fn a_query_becomes_a_filter_and_a_bad_one_names_its_parameter() {
+        let now = UnixMs(10_000_000);
+        let pairs = [
+            ("openid", "oAbc"),
+            ("scene", ""),
+            ("outcome", "dead"),
+            ("since", "2h"),
+            ("until", "1970-01-01T00:00:01Z"),
+            ("event_id", "42"),
+            ("limit", "5"),
+        ];
+        let filter = parse_filter(pairs, now).unwrap();
+        assert_eq!(filter.openid.as_deref(), Some("oAbc"));
+        assert_eq!(filter.scene, None, "an empty value is left out");
+        assert_eq!(filter.outcome, Some(TrailOutcome::Dead));
+        assert_eq!(filter.since, Some(UnixMs(10_000_000 - 7_200_000)));
+        assert_eq!(filter.until, Some(UnixMs(1_000)));
+        assert_eq!(filter.event_id, Some(EventId(42)));
+        assert_eq!(filter.limit, 5);
+        for (pair, named) in [
+            (("since", "yesterday"), "since"),
+            (("limit", "0"), "limit"),
+            (("event_id", "x"), "event_id"),
+            (("colour", "blue"), "colour"),
+        ] {
+            let e = parse_filter([pair], now).unwrap_err();
+            assert!(e.contains(named), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_answer_is_cut_to_256_bytes_with_control_characters_escaped() {
+        assert_eq!(escape_prefix(b"ok\r\n\x1b[31m"), "ok\\r\\n\\u{1b}[31m");
+        let long = "é".repeat(200);
+        let cut = escape_prefix(long.as_bytes());
+        assert!(cut.len() <= RESPONSE_PREFIX + 3, "{}", cut.len());
+        assert!(cut.starts_with("éé"));
     }
 
     #[test]

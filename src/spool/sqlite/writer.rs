@@ -43,12 +43,7 @@ pub(super) fn run(
     let mut trail_pruning = TrailPruning::default();
     while let Ok(first) = rx.recv() {
         batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(cmd) => batch.push(cmd),
-                Err(_) => break,
-            }
-        }
+        gather(&rx, &mut batch, max_batch);
         // Keep the dedup and replay tables to their windows, now and then rather than on
         // every push; the clock is the pushes' own, so tests can move it.
         let now = batch.iter().filter_map(|c| match c {
@@ -77,6 +72,30 @@ pub(super) fn run(
         trail_pruning.done(pruned);
     }
 }
+
+/// Takes what else is waiting, up to `max_batch`. Trail notes alone wait a
+/// while for a command to ride with rather than make a commit of their own.
+fn gather(rx: &mpsc::Receiver<Command>, batch: &mut Vec<Command>, max_batch: usize) {
+    loop {
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let notes_only = batch.iter().all(|c| matches!(c, Command::Note(_)));
+        if !notes_only || batch.len() >= max_batch {
+            return;
+        }
+        match rx.recv_timeout(NOTES_WAIT) {
+            Ok(cmd) => batch.push(cmd),
+            Err(_) => return,
+        }
+    }
+}
+
+/// How long trail notes wait for a commit to ride with.
+const NOTES_WAIT: Duration = Duration::from_millis(250);
 
 /// The latest push's time in the batch: the clock pruning goes by.
 fn now_of(batch: &[Command]) -> Option<UnixMs> {
