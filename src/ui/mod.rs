@@ -15,7 +15,8 @@
 //! Signing in takes the admin token and sets the session cookie; without an
 //! admin token there is no form, and a session is handed out with the first
 //! page (its CSRF token still guards every change). Every `POST` carries the
-//! session's CSRF token.
+//! session's CSRF token, except signing in: its only effect is a session for
+//! whoever knows the admin token, which a forged form cannot supply.
 
 mod actions;
 mod pages;
