@@ -460,7 +460,7 @@ pub struct TrailSetup {
 }
 
 impl TrailSetup {
-    fn store(self, key: TrailKey) -> TrailStore {
+    pub(crate) fn store(self, key: TrailKey) -> TrailStore {
         TrailStore {
             key,
             keep_bodies: self.keep_bodies,

@@ -250,7 +250,7 @@ async fn a_replica_started_while_the_database_is_down_waits_for_it() {
     // The trail, whose key is kept in the database, starts once it answers.
     let trail_on = common::eventually(Duration::from_secs(20), || {
         let log = replicas.log(0);
-        async move { log.contains("the trail key is read") }
+        async move { log.contains("the trail's key is read") }
     });
     assert!(trail_on.await, "{}", replicas.log(0));
     let stored = common::try_send(public, Method::POST, &push.path, push.body).await;

@@ -415,58 +415,25 @@ type BoxedOp<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, SpoolError
 
 impl PostgresSpool {
     /// Turns the trail on with `setup`, its key the configured one or,
-    /// without one, the key kept in the database (made now if there is none).
+    /// without one, the key kept in the database (made now if there is
+    /// none). A relay starts while the database is away: it then reads the
+    /// key once the database is back, and writes the trail from then on.
     pub async fn start_trail(&self, setup: TrailSetup) -> Result<(), SpoolError> {
-        let key = match setup.key.clone() {
-            Some(key) => key,
-            None => match self
-                .with_client("trail key", |c| Box::pin(trail::stored_key(c)))
-                .await
-            {
-                Ok(key) => key,
-                // The relay starts without its database (pushes get 503
-                // until it answers): the trail starts once the key is read.
-                Err(e) if self.ready.check().is_err() => {
-                    self.read_trail_key_later(setup, e);
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            },
-        };
-        self.trail.store(Some(Arc::new(setup.store(key))));
-        Ok(())
-    }
-
-    /// Reads the spool's trail key once the database answers, then turns the
-    /// trail on.
-    fn read_trail_key_later(&self, setup: TrailSetup, first: SpoolError) {
-        let error = crate::error_chain(&first);
-        tracing::warn!(%error, "the trail starts once the database answers");
-        let (pool, ready, slot) = (self.pool.clone(), self.ready.clone(), self.trail.clone());
-        let read = async move {
-            let mut wait = Duration::from_millis(100);
-            loop {
-                tokio::time::sleep(wait).await;
-                // Read as soon as the spool is ready: pushes stored before
-                // that are not in the trail.
-                if ready.check().is_err() {
-                    continue;
-                }
-                wait = (wait * 2).min(wake::RECONNECT_MAX);
-                let key = on_connection(&pool, "trail key", |c| Box::pin(trail::stored_key(c)));
-                match key.await {
-                    Ok(key) => {
-                        slot.store(Some(Arc::new(setup.store(key))));
-                        tracing::info!("the trail key is read: the trail is on");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %crate::error_chain(&e), "cannot read the trail key yet")
-                    }
-                }
+        if let Some(key) = setup.key.clone() {
+            self.trail.store(Some(Arc::new(setup.store(key))));
+            return Ok(());
+        }
+        let read = self.with_client("trail key", |c| Box::pin(trail::stored_key(c)));
+        match read.await {
+            Ok(key) => self.trail.store(Some(Arc::new(setup.store(key)))),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot read the trail's key yet: the trail starts once the database answers");
+                let (pool, slot) = (self.pool.clone(), self.trail.clone());
+                let task = trail::key_when_reachable(pool, slot, setup);
+                self.supervision.spawn_brief("postgres trail key", task);
             }
-        };
-        self.supervision.spawn_brief("postgres trail key", read);
+        }
+        Ok(())
     }
 }
 

@@ -312,6 +312,27 @@ async fn note_one(tx: &Transaction<'_>, note: &TrailNote) -> Result<(), SpoolErr
     Ok(())
 }
 
+/// Reads the key kept in the database once it answers (and its schema is
+/// there), then turns the trail on with it.
+pub(super) async fn key_when_reachable(
+    pool: Pool,
+    slot: crate::spool::TrailSlot,
+    setup: crate::spool::TrailSetup,
+) {
+    loop {
+        tokio::time::sleep(KEY_RETRY).await;
+        let read = super::on_connection(&pool, "trail key", |c| Box::pin(stored_key(c))).await;
+        if let Ok(key) = read {
+            slot.store(Some(std::sync::Arc::new(setup.store(key))));
+            tracing::info!("the trail's key is read: the trail is written from now on");
+            return;
+        }
+    }
+}
+
+/// How often the key is tried while the database is away.
+const KEY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The key kept in the database, made by whichever replica comes first.
 pub(super) async fn stored_key(c: &mut Object) -> Result<TrailKey, SpoolError> {
     let fresh = TrailKey::random();
