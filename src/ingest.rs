@@ -114,7 +114,8 @@ impl Ingest {
         if config.trail.enabled {
             let started = deadline.into_std() - config.server.reply_budget;
             let inline = reply.is_some();
-            let trail = trail_push(config, account, push, (started, inline));
+            let key = self.spool.trail_key();
+            let trail = trail_push(config, account, push, (started, inline), key.as_ref());
             new_event.trail = Some(Box::new(trail));
         }
         let dedup_key = new_event.event.dedup_key.clone();
@@ -205,8 +206,10 @@ fn trail_push(
     account: &Account,
     push: &VerifiedPush,
     (started, reply_inline): (std::time::Instant, bool),
+    key: Option<&crate::trail::TrailKey>,
 ) -> TrailPush {
     let message = &push.message;
+    let openid = message.from_user().filter(|o| !o.is_empty());
     let owned = |name: &str| {
         message
             .get(name)
@@ -221,10 +224,8 @@ fn trail_push(
         scene: owned("EventKey"),
         msg_id: owned("MsgId"),
         ticket: message.get("Ticket").is_some_and(|t| !t.is_empty()),
-        openid: message
-            .from_user()
-            .filter(|o| !o.is_empty())
-            .map(str::to_owned),
+        openid_hash: key.zip(openid).map(|(key, o)| key.hash(o)),
+        openid_mask: openid.map(crate::trail::mask),
         budget_ms: config.server.reply_budget.as_millis() as u64,
         reply_inline,
         started,

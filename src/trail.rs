@@ -246,9 +246,11 @@ pub struct TrailPush {
     pub scene: Option<String>,
     pub msg_id: Option<String>,
     pub ticket: bool,
-    /// In the clear, on its way to the spool, which keeps only its keyed
-    /// hash and its mask.
-    pub openid: Option<String>,
+    /// The sender's OpenID, hashed with the spool's key ([`TrailKey::hash`])
+    /// on the request path, so that the spool's one writer spends nothing on it.
+    pub openid_hash: Option<Vec<u8>>,
+    /// The sender's OpenID, [`mask`]ed.
+    pub openid_mask: Option<String>,
     /// The reply budget, for the reply's latency against it.
     pub budget_ms: u64,
     /// A reply target is to be tried inline: the reply is noted once it is

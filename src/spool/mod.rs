@@ -438,6 +438,8 @@ pub trait Intake: Send + Sync + 'static {
     /// it rides with the next commit, or is written without an fsync of its
     /// own. Returns false when it was dropped (the spool is busy or closed).
     fn note(&self, note: TrailNote) -> bool;
+    /// The key the trail hashes OpenIDs with, once the trail is on.
+    fn trail_key(&self) -> Option<TrailKey>;
 }
 
 /// What the command line and the pages use: the event trail.

@@ -468,6 +468,10 @@ fn trail_off() -> SpoolError {
 }
 
 impl Intake for PostgresSpool {
+    fn trail_key(&self) -> Option<crate::trail::TrailKey> {
+        self.trail.load().as_ref().map(|store| store.key.clone())
+    }
+
     fn note(&self, note: TrailNote) -> bool {
         let notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
         notes.as_ref().is_some_and(|tx| tx.try_send(note).is_ok())

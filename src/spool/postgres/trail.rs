@@ -9,7 +9,7 @@ use crate::spool::trail_rows::{self, route_text, Param, RESTORE_EVENT, STEP_COLU
 use crate::spool::{
     DeadReason, DeliveryId, EventId, Settle, Settlement, SpoolError, TrailStore, UnixMs,
 };
-use crate::trail::{mask, TrailEvent, TrailFilter, TrailKey, TrailNote};
+use crate::trail::{TrailEvent, TrailFilter, TrailKey, TrailNote};
 use bytes::BytesMut;
 use deadpool_postgres::{Object, Pool, Transaction};
 use std::collections::HashMap;
@@ -38,9 +38,8 @@ pub(super) async fn pushes(
         c.scenes.push(trail.scene.clone());
         c.msg_ids.push(trail.msg_id.clone());
         c.tickets.push(i16::from(trail.ticket));
-        c.hashes
-            .push(trail.openid.as_deref().map(|o| store.key.hash(o)));
-        c.masks.push(trail.openid.as_deref().map(mask));
+        c.hashes.push(trail.openid_hash.clone());
+        c.masks.push(trail.openid_mask.clone());
         c.duplicates.push(i16::from(event_id.is_none()));
         c.routes
             .push(route_text(push.event.targets.iter().map(|t| &t.target)));

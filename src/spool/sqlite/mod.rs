@@ -215,6 +215,10 @@ impl Intake for SqliteSpool {
         self.submit(|r| Command::Enqueue(Box::new(event), now, window, r))
     }
 
+    fn trail_key(&self) -> Option<crate::trail::TrailKey> {
+        self.trail.load().as_ref().map(|store| store.key.clone())
+    }
+
     fn note(&self, note: TrailNote) -> bool {
         let sent = match self.tx.lock().ok().as_ref().and_then(|tx| tx.as_ref()) {
             Some(tx) => tx.try_send(Command::Note(note)).is_ok(),

@@ -5,7 +5,7 @@
 use crate::spool::trail_rows::{self, Param, RESTORE_EVENT, STEP_COLUMNS};
 use crate::spool::vocab::{EVENT_COLUMNS, PENDING};
 use crate::spool::{rows, DeadReason, DeliveryId, Event, EventId, SpoolError, TrailStore, UnixMs};
-use crate::trail::{mask, TrailAttempt, TrailEvent, TrailFilter, TrailKey, TrailNote, TrailPush};
+use crate::trail::{TrailAttempt, TrailEvent, TrailFilter, TrailKey, TrailNote, TrailPush};
 use const_format::formatcp;
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{params, Connection, ToSql};
@@ -23,8 +23,6 @@ pub(super) fn push(
     (trail, e, route): (&TrailPush, &Event, &str),
     event_id: Option<EventId>,
 ) -> rusqlite::Result<()> {
-    let hash = trail.openid.as_deref().map(|o| store.key.hash(o));
-    let masked = trail.openid.as_deref().map(mask);
     let duplicate = event_id.is_none();
     let (reply, reply_ms) = if duplicate || !trail.reply_inline {
         let ms = trail.started.elapsed().as_millis() as i64;
@@ -42,8 +40,8 @@ pub(super) fn push(
         trail.scene,
         trail.msg_id,
         trail.ticket,
-        hash,
-        masked,
+        trail.openid_hash,
+        trail.openid_mask,
         duplicate,
         route,
         reply,
