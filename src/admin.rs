@@ -1,6 +1,7 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and `/admin/*`
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/admin/*`
 //! (`POST /admin/reload`, `GET /admin/ticket/{account}`, `GET /admin/trail`)
-//! behind the admin token when one is configured.
+//! behind the admin token when one is configured, and the pages at `/ui`
+//! (see [`crate::ui`]), which sign in with the same token.
 
 use crate::clock::Clock;
 use crate::config::Settings;
@@ -8,6 +9,7 @@ use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::spool::{EventId, Health, SpoolError, Tickets, TrailLog, UnixMs};
 use crate::trail::parse_filter;
+use crate::ui::Ui;
 use crate::wechat::family::Family;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -32,6 +34,8 @@ pub struct Admin {
     pub reloader: Arc<Reloader>,
     /// The event trail, for `/admin/trail`.
     pub trail: Arc<dyn TrailLog>,
+    /// The pages, which check their own session.
+    pub ui: Arc<Ui>,
 }
 
 /// The admin listener: `/metrics`, `/healthz`, `/readyz`, and `/admin/*`
@@ -71,6 +75,9 @@ pub async fn serve(
                 )
             }
         },
+        (_, p) if p == crate::ui::ROOT || p.starts_with("/ui/") => {
+            crate::ui::serve(&admin.ui, req).await
+        }
         (_, p) if p.starts_with("/admin/") && !authorized(&admin, &req) => {
             tracing::warn!(path = p, "admin request without a valid token");
             plain(StatusCode::UNAUTHORIZED, "admin token required\n".into())

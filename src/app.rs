@@ -16,6 +16,7 @@ use crate::server::{self, Limits};
 use crate::spool::postgres::OnOpen;
 use crate::spool::{OpenSpool, SpoolError, Supervision};
 use crate::telemetry::{Export, Telemetry, TelemetryError};
+use crate::ui::Ui;
 use crate::wechat::reply::SeenStamps;
 use arc_swap::ArcSwap;
 use http::Request;
@@ -164,6 +165,33 @@ fn push_path(
     })
 }
 
+/// What the admin listener's requests get, the pages included.
+fn admin_routes(
+    config: Arc<ArcSwap<Settings>>,
+    spool: &OpenSpool,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    (dispatcher, reloader): (&Arc<Dispatcher>, &Arc<Reloader>),
+) -> Arc<Admin> {
+    let ui = Arc::new(Ui::new(
+        config.clone(),
+        clock.clone(),
+        metrics.clone(),
+        (spool.health(), spool.operator(), spool.trail()),
+        dispatcher.clone(),
+    ));
+    Arc::new(Admin {
+        config,
+        spool: spool.health(),
+        tickets: spool.tickets(),
+        clock,
+        metrics,
+        reloader: reloader.clone(),
+        trail: spool.trail(),
+        ui,
+    })
+}
+
 /// The dispatcher, and where its spans and the pushes' go when traces are
 /// exported, with their export.
 type Delivery = (Arc<Dispatcher>, Option<Arc<Telemetry>>, Option<Export>);
@@ -254,15 +282,7 @@ impl Relay {
             stopped.clone(),
         ));
 
-        let admin_routes = Arc::new(Admin {
-            config,
-            spool: spool.health(),
-            tickets: spool.tickets(),
-            clock,
-            metrics,
-            reloader: reloader.clone(),
-            trail: spool.trail(),
-        });
+        let admin_routes = admin_routes(config, &spool, clock, metrics, (&dispatcher, &reloader));
         let admin_handler = move |req: Request<Incoming>| admin::serve(admin_routes.clone(), req);
         listeners.spawn(server::serve(
             admin,

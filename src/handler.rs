@@ -283,6 +283,9 @@ pub async fn handle(
     let m = &path.metrics;
     if method == Method::POST {
         m.pushes.with_label_values(&[account, verdict]).inc();
+        if outcome.is_err() {
+            m.recent.refused(path.clock.now_ms(), verdict);
+        }
         m.answer_seconds
             .with_label_values(&[account])
             .observe(elapsed.as_secs_f64());

@@ -32,6 +32,9 @@
 //! - `late`: a reply target's answer after the reply budget, kept on the
 //!   spool and sent through the Customer Service API or with the next push.
 //! - `admin`: the admin listener's routes; `reload`: configuration reload.
+//! - `ui`: the pages at `/ui` on the admin listener: signing in, the
+//!   overview, searching the trail and an event's timeline.
+//! - `recent`: the last hour's login latencies and refusals, for the overview.
 //! - `metrics`: the Prometheus registry and every collector.
 //! - `server`: the accept loop and graceful drain.
 //! - `telemetry`: traces: a span per push and per delivery attempt, exported
@@ -51,12 +54,14 @@ pub(crate) mod handler;
 pub(crate) mod ingest;
 pub(crate) mod late;
 pub(crate) mod metrics;
+pub(crate) mod recent;
 pub(crate) mod reload;
 pub mod route;
 pub(crate) mod server;
 pub mod spool;
 pub(crate) mod telemetry;
 pub mod trail;
+pub(crate) mod ui;
 pub mod wechat;
 
 pub use ingest::short_hash;

@@ -89,6 +89,10 @@ pub struct Metrics {
     /// than the relay makes spans), `export_failed` (it refused them or did
     /// not answer).
     pub trace_spans_dropped: IntCounterVec,
+    /// Requests the pages refused, by reason (`csrf`, `bad_token`…).
+    pub ui_refusals: IntCounterVec,
+    /// The last hour's login latencies and refusals, for the overview page.
+    pub recent: crate::recent::Recent,
     /// Trail notes (a reply, a refusal) not written: the spool was busy.
     pub trail_notes_dropped: IntCounter,
     /// Refused pushes over an account's trail rate, counted only.
@@ -245,6 +249,11 @@ const TRACE_SPANS_DROPPED: Spec = spec(
     "Spans not exported to the collector, by reason.",
     &["reason"],
 );
+const UI_REFUSALS: Spec = spec(
+    "ui_refusals_total",
+    "Requests to the pages refused, by reason.",
+    &["reason"],
+);
 const TRAIL_NOTES_DROPPED: Spec = spec(
     "trail_notes_dropped_total",
     "Trail notes (replies, refusals) not written because the spool was busy.",
@@ -336,6 +345,8 @@ impl Metrics {
             target_circuit: r.gauges(TARGET_CIRCUIT)?,
             component_ticket_age: r.float_gauges(COMPONENT_TICKET_AGE)?,
             trace_spans_dropped: r.counters(TRACE_SPANS_DROPPED)?,
+            ui_refusals: r.counters(UI_REFUSALS)?,
+            recent: crate::recent::Recent::new(LOGIN_BUCKETS),
             trail_notes_dropped: r.counter(TRAIL_NOTES_DROPPED)?,
             trail_refusals_dropped: r.counters(TRAIL_REFUSALS_DROPPED)?,
             registry: r.0,

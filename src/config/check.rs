@@ -62,7 +62,8 @@ fn server(s: &ServerSettings, out: &mut String) -> fmt::Result {
     row(out, "reply_budget", format_duration(s.reply_budget))?;
     row(out, "header_timeout", format_duration(s.header_timeout))?;
     row(out, "shutdown_timeout", format_duration(s.shutdown_timeout))?;
-    row(out, "admin_token", masked(s.admin_token.as_ref()))
+    row(out, "admin_token", masked(s.admin_token.as_ref()))?;
+    row(out, "ui_secure_cookie", s.ui_secure_cookie)
 }
 
 fn spool(spool: &SpoolSettings, out: &mut String) -> fmt::Result {

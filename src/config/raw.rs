@@ -56,6 +56,7 @@ pub(crate) struct RawServer {
     pub admin_token: Option<Secret>,
     pub admin_token_file: Option<PathBuf>,
     pub allow_unauthenticated_admin: Option<bool>,
+    pub ui_secure_cookie: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -94,6 +94,10 @@ pub struct ServerSettings {
     /// The operator's explicit choice to serve `/admin/*` without a token on
     /// an address other hosts can reach.
     pub allow_unauthenticated_admin: bool,
+    /// Marks the pages' session cookie `Secure`: for an admin listener
+    /// reached over HTTPS (a TLS proxy in front), where a browser must never
+    /// send the cookie in the clear.
+    pub ui_secure_cookie: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -180,6 +180,7 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
         ),
         admin_token,
         allow_unauthenticated_admin,
+        ui_secure_cookie: raw.ui_secure_cookie.unwrap_or(false),
     }
 }
 

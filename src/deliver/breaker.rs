@@ -23,6 +23,17 @@ pub enum Phase {
     Probing = 2,
 }
 
+impl Phase {
+    /// Its name on the pages and in the trail.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Closed => "closed",
+            Phase::Open => "open",
+            Phase::Probing => "half_open",
+        }
+    }
+}
+
 /// What the worker may do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {

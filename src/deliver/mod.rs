@@ -169,6 +169,11 @@ impl Dispatcher {
         self.config_changed.notify_waiters();
     }
 
+    /// Where a target's circuit stands now, for the pages.
+    pub fn circuit(&self, target: &str) -> breaker::Phase {
+        self.target_state(target).health.phase()
+    }
+
     fn target_state(&self, target: &str) -> Arc<TargetState> {
         let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         // Looked up on every push: no new name is allocated for a known target.

@@ -438,5 +438,6 @@ fn observe_login(metrics: &Metrics, target: &str, event: &Event, now_ms: i64) {
             .login_delivery_seconds
             .with_label_values(&[target])
             .observe(seconds);
+        metrics.recent.login(now_ms, seconds);
     }
 }

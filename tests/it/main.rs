@@ -10,6 +10,7 @@ mod common;
 mod harness;
 
 mod ambiguity;
+mod browser;
 mod capacity;
 mod circuit;
 mod cli;
@@ -39,5 +40,6 @@ mod supervision;
 mod ticket;
 mod traces;
 mod trail;
+mod ui;
 mod vectors_http;
 mod wechat_format;

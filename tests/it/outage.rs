@@ -247,10 +247,23 @@ async fn a_replica_started_while_the_database_is_down_waits_for_it() {
     })
     .await;
     assert!(became_ready, "{}", replicas.log(0));
+    // The trail, whose key is kept in the database, starts once it answers.
+    let trail_on = common::eventually(Duration::from_secs(20), || {
+        let log = replicas.log(0);
+        async move { log.contains("the trail's key is read") }
+    });
+    assert!(trail_on.await, "{}", replicas.log(0));
     let stored = common::try_send(public, Method::POST, &push.path, push.body).await;
     assert_eq!(stored.unwrap().status, 200);
     assert!(
         hooks.wait_for(1, Duration::from_secs(20)).await,
         "delivered"
     );
+    let trailed = common::eventually(Duration::from_secs(20), || async {
+        let answer = common::try_send(admin, Method::GET, "/admin/trail", bytes::Bytes::new());
+        answer
+            .await
+            .is_ok_and(|a| a.status == 200 && a.text().contains("\"event_id\""))
+    });
+    assert!(trailed.await, "{}", replicas.log(0));
 }

@@ -510,11 +510,6 @@ pub async fn admin_request_authorized(
     path: &str,
     authorization: Option<&str>,
 ) -> Answer {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
     let mut req = Request::builder()
         .method(method)
         .uri(path)
@@ -522,10 +517,17 @@ pub async fn admin_request_authorized(
     if let Some(value) = authorization {
         req = req.header("authorization", value);
     }
-    let response = sender
-        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+    exchange(addr, req.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// `req` on a fresh connection to `addr`, and its answer.
+pub async fn exchange(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
+    tokio::spawn(conn);
+    let response = sender.send_request(req).await.unwrap();
     let (parts, body) = response.into_parts();
     Answer {
         status: parts.status,
