@@ -137,16 +137,24 @@ async fn open_spool(given: Option<OpenSpool>, settings: &Settings) -> Result<Spo
     Ok(spools)
 }
 
-/// What the public listener's requests get: exactly the handles they use.
+/// What the public listener's requests get: exactly the handles they use;
+/// with the late replies' sender, which the push path keeps replies for.
+/// The workers' answers to a reply target take the same way as inline ones.
 fn push_path(
     config: &Arc<ArcSwap<Settings>>,
     spool: &OpenSpool,
     clock: &Arc<dyn Clock>,
     metrics: &Arc<Metrics>,
-    (dispatcher, telemetry, late): (&Arc<Dispatcher>, Option<Arc<Telemetry>>, Arc<Late>),
-) -> Arc<PushPath> {
+    (dispatcher, telemetry): (&Arc<Dispatcher>, Option<Arc<Telemetry>>),
+) -> (Arc<PushPath>, Arc<Late>) {
+    let late = Late::new(
+        config.clone(),
+        spool.late_replies(),
+        (clock.clone(), metrics.clone()),
+        crate::deliver::client(),
+    );
     let in_flight = config.load().server.max_body_bytes_in_flight;
-    Arc::new(PushPath {
+    let path = Arc::new(PushPath {
         config: config.clone(),
         clock: clock.clone(),
         metrics: metrics.clone(),
@@ -160,9 +168,11 @@ fn push_path(
         dispatcher: dispatcher.clone(),
         reply_stamps: SeenStamps::default(),
         telemetry,
-        late,
+        late: late.clone(),
         refusals: Default::default(),
-    })
+    });
+    dispatcher.on_worker_answer(handler::worker_answers(&path));
+    (path, late)
 }
 
 /// What the admin listener's requests get, the pages included.
@@ -259,21 +269,8 @@ impl Relay {
         let (stop, stopped) = watch::channel(false);
         let mut listeners = JoinSet::new();
 
-        let late = Late::new(
-            config.clone(),
-            spool.late_replies(),
-            (clock.clone(), metrics.clone()),
-            crate::deliver::client(),
-        );
-        let late_sender = late.clone();
-        let push_path = push_path(
-            &config,
-            &spool,
-            &clock,
-            &metrics,
-            (&dispatcher, telemetry, late),
-        );
-        dispatcher.on_worker_answer(handler::worker_answers(&push_path));
+        let (push_path, late) =
+            push_path(&config, &spool, &clock, &metrics, (&dispatcher, telemetry));
         let public_handler = move |req: Request<Incoming>| handler::handle(push_path.clone(), req);
         listeners.spawn(server::serve(
             public,
@@ -293,7 +290,7 @@ impl Relay {
 
         listeners.spawn(reload_on_hangup(reloader, stopped.clone()));
         let mut workers = dispatcher.start(stopped.clone());
-        workers.spawn(late_sender.send_loop(stopped));
+        workers.spawn(late.send_loop(stopped));
         // Deliveries another replica makes due wake the workers here too.
         spool
             .due_listener()
