@@ -634,14 +634,7 @@ async fn accept_push(
             None => reply_budget.saturating_sub(started.elapsed()),
         };
         let pushed = Answered::of(&verified);
-        let inline = if to.late.0 != LateReply::None {
-            let attempt_time = to.attempt_time(started.elapsed());
-            reply_or_late(path, account, to, &pushed, (remaining, attempt_time)).await
-        } else if remaining < MIN_INLINE_ATTEMPT {
-            Inline::Nothing
-        } else {
-            reply_inline(path, to, remaining).await
-        };
+        let inline = reply_target(path, account, to, &pushed, (started, remaining)).await;
         let (body, outcome) = answer_with(path, account, Some(&to.target), &pushed, inline);
         answer = body;
         reply = Some(outcome);
@@ -662,6 +655,26 @@ async fn accept_push(
         body: answer,
         trace,
     })
+}
+
+/// What the reply target gives for WeChat's answer with `remaining` of the
+/// budget: a route with late replies waits for it all the same; otherwise
+/// it is attempted only with time enough left for an attempt.
+async fn reply_target(
+    path: &Arc<PushPath>,
+    account: &Account,
+    to: &ReplyTo,
+    pushed: &Answered<'_>,
+    (started, remaining): (Instant, Duration),
+) -> Inline {
+    if to.late.0 != LateReply::None {
+        let attempt_time = to.attempt_time(started.elapsed());
+        reply_or_late(path, account, to, pushed, (remaining, attempt_time)).await
+    } else if remaining < MIN_INLINE_ATTEMPT {
+        Inline::Nothing
+    } else {
+        reply_inline(path, to, remaining).await
+    }
 }
 
 /// The least time worth an inline attempt at the reply target.

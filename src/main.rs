@@ -7,7 +7,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use wxrelay::app::{Options, Relay};
 use wxrelay::cli::dlq::{self, DlqCommand};
@@ -157,36 +157,8 @@ fn main() -> ExitCode {
     };
     init_logs(cli.log_format);
     match cli.command {
-        Command::Check { config } => match Settings::load(&config) {
-            Ok(settings) => {
-                print!("{}", render_check(&settings));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{}: invalid configuration\n{e}", config.display());
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
-        Command::Serve { config } => {
-            let settings = match Settings::load(&config) {
-                Ok(settings) => settings,
-                Err(e) => {
-                    eprintln!("{}: invalid configuration\n{e}", config.display());
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            };
-            runtime.block_on(serve(settings, config))
-        }
+        Command::Check { config } => run_check(&config),
+        Command::Serve { config } => run_serve(config),
         Command::Simulate {
             config,
             args,
@@ -214,6 +186,45 @@ fn main() -> ExitCode {
         Command::Keygen => finish(Ok(done(keygen::run()))),
         Command::Sink { listen } => finish(block_on(run_sink(listen)).and_then(|r| r)),
     }
+}
+
+/// Validates the configuration and prints what it holds.
+fn run_check(config: &Path) -> ExitCode {
+    match load_settings(config) {
+        Ok(settings) => {
+            print!("{}", render_check(&settings));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// Runs the relay until a stop signal or a failure.
+fn run_serve(config: PathBuf) -> ExitCode {
+    let settings = match load_settings(&config) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(serve(settings, config))
+}
+
+/// The configuration's settings, or the exit status after saying what is
+/// wrong with it.
+fn load_settings(config: &Path) -> Result<Settings, ExitCode> {
+    Settings::load(config).map_err(|e| {
+        eprintln!("{}: invalid configuration\n{e}", config.display());
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
 fn run_simulate(

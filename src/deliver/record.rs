@@ -8,7 +8,7 @@ use super::breaker::Phase;
 use super::faults::{Faults, Repeat};
 use super::format;
 use super::retry::{self, Verdict};
-use super::{Dispatcher, InlineAnswer, Keeping};
+use super::{Dispatcher, InlineAnswer, Keeping, TargetState};
 use crate::config::Target;
 use crate::metrics::Metrics;
 use crate::spool::{DeliveryId, Event, EventId, LeaseToken, Schedule, Settle, Settlement, UnixMs};
@@ -43,6 +43,20 @@ pub(super) struct Due {
 enum Awaiting {
     Awaited,
     Tracked,
+}
+
+/// What an attempt settled, written once its answer is kept or not.
+struct Outcome {
+    lease: LeaseToken,
+    settlement: Settlement,
+    /// The settlement instead, when the answer being kept is not.
+    unkept: Option<Settlement>,
+    /// What keeps a delivered attempt's answer.
+    keeping: Option<Keeping>,
+    /// The attempt, for the trail (while it is on).
+    note: Option<Box<TrailAttempt>>,
+    /// Whether the attempt releases the target's backlog.
+    release: bool,
 }
 
 /// How an attempt's outcome is written to the spool.
@@ -139,62 +153,34 @@ impl Dispatcher {
         let traceparent = trace.as_ref().and_then(|t| t.header());
         let sent = (event, app_id, traceparent);
         let state = self.target_state(&target.name);
-        // The circuit as the attempt found it, for the trail (while it is on).
-        let circuit = self
-            .config
-            .load()
-            .trail
-            .enabled
-            .then(|| circuit_name(state.health.phase()));
+        let circuit = self.trail_circuit(&state);
         let result = attempt(&self.client, &*self.clock, target, sent, timeout).await;
         let (record, keeping) = self.keeping(record, target, event, &result);
         let release = self.observe_health(target, &state, due.probe, &result);
         let unit: f64 = rand::thread_rng().gen();
-        let settlement = retry::decide(
-            due.delivery_id,
-            &target.retry,
-            due.schedule,
-            result.verdict.clone().honouring(&target.breaker),
-            started_ms,
-            UnixMs(self.clock.now_ms()),
-            unit,
-        );
+        let verdict = result.verdict.clone().honouring(&target.breaker);
+        let settlement = self.decide(target, &due, verdict, started_ms, unit);
         let unkept = keeping
             .is_some()
             .then(|| self.unkept(target, &due, started_ms, unit));
         let note = circuit.map(|circuit| {
             let took = started.elapsed();
-            Box::new(attempt_note(
-                (&due, &target.name, event),
-                started_ms,
-                took,
-                &result,
-                circuit,
-            ))
+            let noted = (&due, target.name.as_str(), event);
+            Box::new(attempt_note(noted, started_ms, took, &result, circuit))
         });
         let taken = (started, trace);
         self.observe_attempt(target, &due, event, &result, &settlement, taken);
-        let this = self.clone();
-        let name = target.name.clone();
-        let write = async move {
-            if release {
-                this.release_backlog(&name).await;
-            }
-            let kept = match keeping {
-                Some(keeping) => keeping.await,
-                None => true,
-            };
-            let settlement = match unkept {
-                Some(unkept) if !kept => unkept,
-                _ => settlement,
-            };
-            let settle = Settle {
-                lease: due.lease,
-                settlement,
-                trail: note,
-            };
-            this.record(&name, &state.faults, vec![settle]).await;
+        let outcome = Outcome {
+            lease: due.lease,
+            settlement,
+            unkept,
+            keeping,
+            note,
+            release,
         };
+        let write = self
+            .clone()
+            .record_outcome(target.name.clone(), state, outcome);
         match record {
             Awaiting::Awaited => write.await,
             Awaiting::Tracked => self.track(write),
@@ -209,9 +195,55 @@ impl Dispatcher {
             error: "the answer could not be kept".into(),
             retry_after: None,
         };
+        self.decide(target, due, verdict, started_ms, unit)
+    }
+
+    /// The retry decision on `due`'s attempt, started at `started_ms`, as of now.
+    fn decide(
+        &self,
+        target: &Target,
+        due: &Due,
+        verdict: Verdict,
+        started_ms: UnixMs,
+        unit: f64,
+    ) -> Settlement {
         let now = UnixMs(self.clock.now_ms());
         let (id, schedule) = (due.delivery_id, due.schedule);
         retry::decide(id, &target.retry, schedule, verdict, started_ms, now, unit)
+    }
+
+    /// The circuit as an attempt finds it, for the trail (while it is on).
+    fn trail_circuit(&self, state: &TargetState) -> Option<&'static str> {
+        let trail_on = self.config.load().trail.enabled;
+        trail_on.then(|| circuit_name(state.health.phase()))
+    }
+
+    /// Writes an attempt's outcome, once the backlog it releases is released
+    /// and the answer being kept is kept (or is not, and the delivery is
+    /// asked for again).
+    async fn record_outcome(
+        self: Arc<Self>,
+        target: String,
+        state: Arc<TargetState>,
+        outcome: Outcome,
+    ) {
+        if outcome.release {
+            self.release_backlog(&target).await;
+        }
+        let kept = match outcome.keeping {
+            Some(keeping) => keeping.await,
+            None => true,
+        };
+        let settlement = match outcome.unkept {
+            Some(unkept) if !kept => unkept,
+            _ => outcome.settlement,
+        };
+        let settle = Settle {
+            lease: outcome.lease,
+            settlement,
+            trail: outcome.note,
+        };
+        self.record(&target, &state.faults, vec![settle]).await;
     }
 
     /// What keeps a delivered attempt's answer before it is recorded: the

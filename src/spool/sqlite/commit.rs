@@ -6,9 +6,10 @@ use crate::spool::trail_rows::route_text;
 use crate::spool::vocab::KEEP_TICKET;
 use crate::spool::vocab::{PENDING, UNROUTED};
 use crate::spool::{
-    rows, ComponentTicket, DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent,
-    ReplayGuard, TrailStore, UnixMs,
+    rows, ComponentTicket, DeadReason, DeliveryId, DeliveryState, Enqueued, Event, EventId,
+    NewDelivery, NewEvent, ReplayGuard, TrailStore, UnixMs,
 };
+use crate::trail::TrailPush;
 
 /// An unrouted event's end in the trail.
 const UNROUTED_END: &str = "dead";
@@ -36,17 +37,38 @@ pub(super) fn enqueue(
             return Ok(Enqueued::Replayed);
         }
     }
-    // An expired key is taken over by the new event; a live one makes it a duplicate.
-    let inserted = c
-        .prepare_cached(TAKE_KEY)?
-        .execute(params![e.dedup_key, now + window, now])?;
-    if inserted == 0 {
-        if let Some((store, push)) = trail {
-            let route = route_text(targets.iter().map(|t| &t.target));
-            trail::push(c, store, (push, &e, &route), None)?;
+    if !take_key(c, &e.dedup_key, now, window)? {
+        if let Some(trail) = trail {
+            push_trail(c, trail, (&e, &targets), None)?;
         }
         return Ok(Enqueued::Duplicate);
     }
+    let event_id = insert_event(c, &e)?;
+    let deliveries = insert_deliveries(c, event_id, &targets, now)?;
+    if let Some(trail) = trail {
+        push_trail(c, trail, (&e, &targets), Some(event_id))?;
+        if targets.is_empty() {
+            let end = Some((UNROUTED_END, Some(DeadReason::Unrouted)));
+            trail::step(c, (event_id.0, ""), now, None, end)?;
+        }
+    }
+    Ok(Enqueued::Stored {
+        event_id,
+        deliveries,
+        event: Box::new(e),
+    })
+}
+
+/// Takes the push's dedup key; false when a live one makes it a duplicate.
+/// An expired key is taken over by the new event.
+fn take_key(c: &Connection, key: &str, now: UnixMs, window: Duration) -> rusqlite::Result<bool> {
+    let inserted = c
+        .prepare_cached(TAKE_KEY)?
+        .execute(params![key, now + window, now])?;
+    Ok(inserted != 0)
+}
+
+fn insert_event(c: &Connection, e: &Event) -> rusqlite::Result<EventId> {
     let (family, codec) = rows::origin_names(&e.origin);
     c.prepare_cached(INSERT_EVENT)?.execute(params![
         e.dedup_key,
@@ -65,14 +87,24 @@ pub(super) fn enqueue(
         e.origin.info_type,
         e.trace_context
     ])?;
-    let event_id = EventId(c.last_insert_rowid());
+    Ok(EventId(c.last_insert_rowid()))
+}
+
+/// A pending delivery per target, or the event's `unrouted` dead letter
+/// when it has none.
+fn insert_deliveries(
+    c: &Connection,
+    event_id: EventId,
+    targets: &[NewDelivery],
+    now: UnixMs,
+) -> rusqlite::Result<Vec<DeliveryId>> {
     if targets.is_empty() {
         c.prepare_cached(INSERT_UNROUTED)?
             .execute(params![event_id, DeliveryState::Dead, now])?;
     }
     let mut deliveries = Vec::with_capacity(targets.len());
     let mut insert = c.prepare_cached(INSERT_DELIVERY)?;
-    for d in &targets {
+    for d in targets {
         let state = DeliveryState::Pending;
         insert.execute(params![
             event_id,
@@ -84,19 +116,18 @@ pub(super) fn enqueue(
         ])?;
         deliveries.push(DeliveryId(c.last_insert_rowid()));
     }
-    if let Some((store, push)) = trail {
-        let route = route_text(targets.iter().map(|t| &t.target));
-        trail::push(c, store, (push, &e, &route), Some(event_id))?;
-        if targets.is_empty() {
-            let end = Some((UNROUTED_END, Some(DeadReason::Unrouted)));
-            trail::step(c, (event_id.0, ""), now, None, end)?;
-        }
-    }
-    Ok(Enqueued::Stored {
-        event_id,
-        deliveries,
-        event: Box::new(e),
-    })
+    Ok(deliveries)
+}
+
+/// The push in the trail, with the route it took; a duplicate has no event id.
+fn push_trail(
+    c: &Connection,
+    (store, push): (&TrailStore, &TrailPush),
+    (e, targets): (&Event, &[NewDelivery]),
+    event_id: Option<EventId>,
+) -> rusqlite::Result<()> {
+    let route = route_text(targets.iter().map(|t| &t.target));
+    trail::push(c, store, (push, e, &route), event_id)
 }
 
 const TAKE_KEY: &str = "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)

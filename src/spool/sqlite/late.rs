@@ -50,70 +50,97 @@ pub(super) fn apply(
         LateCommand::Keep(reply, r) => {
             deferred(r, in_savepoint(tx, savepoint, |c| keep(c, &reply)))
         }
-        LateCommand::Lease(now, n, hold, owner, r) => {
-            let until = now + hold;
-            let limit = i64::try_from(n).unwrap_or(i64::MAX);
-            deferred(
-                r,
-                read_rows(
-                    tx,
-                    &numbered(late::LEASE_LATE_SQLITE),
-                    params![now.0, until.0, limit, owner],
-                    |row| late::held(row),
-                ),
-            )
-        }
+        LateCommand::Lease(now, n, hold, owner, r) => deferred(r, lease(tx, now, n, hold, &owner)),
         LateCommand::Settle(id, lease, outcome, now, r) => deferred(
             r,
             in_savepoint(tx, savepoint, |c| settle(c, id, lease, &outcome, now)),
         ),
         LateCommand::TakeNext(account, openid, now, r) => {
-            let expired = in_savepoint(tx, savepoint, |c| {
-                c.prepare_cached(&numbered(late::EXPIRE_NEXT))?
-                    .execute(params![account, openid, now.0, late::EXPIRED])
-            });
-            let taken = expired.and_then(|_| {
-                read_rows(
-                    tx,
-                    &numbered(late::TAKE_NEXT_SQLITE),
-                    params![account, openid, now.0],
-                    |row| late::held(row),
-                )
-            });
-            deferred(r, taken.map(|rows| rows.into_iter().next()))
+            deferred(r, take_next(tx, savepoint, (&account, &openid), now))
         }
-        LateCommand::Dead(limit, r) => {
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            deferred(
-                r,
-                read_rows(tx, &numbered(late::DEAD_LATE_LIST), params![limit], |row| {
-                    late::dead(row)
-                }),
-            )
+        LateCommand::Dead(limit, r) => deferred(r, dead_list(tx, limit)),
+        LateCommand::Prune(cutoff, batch, r) => deferred(r, prune(tx, savepoint, cutoff, batch)),
+        LateCommand::Token(account, r) => deferred(r, token(tx, &account)),
+        LateCommand::KeepToken(token, r) => {
+            deferred(r, in_savepoint(tx, savepoint, |c| keep_token(c, &token)))
         }
-        LateCommand::Prune(cutoff, batch, r) => {
-            let batch = i64::try_from(batch).unwrap_or(i64::MAX);
-            let pruned = in_savepoint(tx, savepoint, |c| {
-                c.prepare_cached(&numbered(late::PRUNE_LATE))?
-                    .execute(params![cutoff.0, batch])
-            });
-            deferred(r, pruned.map(|n| n as u64))
-        }
-        LateCommand::Token(account, r) => {
-            let rows = read_rows(tx, &numbered(late::API_TOKEN), params![account], |row| {
-                late::api_token(row)
-            });
-            deferred(r, rows.map(|rows| rows.into_iter().next()))
-        }
-        LateCommand::KeepToken(token, r) => deferred(
-            r,
-            in_savepoint(tx, savepoint, |c| {
-                c.prepare_cached(&numbered(late::KEEP_API_TOKEN))?
-                    .execute(params![token.account, token.token, token.expires_at.0])
-                    .map(drop)
-            }),
-        ),
     }
+}
+
+/// Leases up to `n` due late replies to `owner` for `hold`.
+fn lease(
+    tx: &Connection,
+    now: UnixMs,
+    n: usize,
+    hold: Duration,
+    owner: &str,
+) -> Result<Vec<HeldLateReply>, SpoolError> {
+    let until = now + hold;
+    let limit = i64::try_from(n).unwrap_or(i64::MAX);
+    read_rows(
+        tx,
+        &numbered(late::LEASE_LATE_SQLITE),
+        params![now.0, until.0, limit, owner],
+        |row| late::held(row),
+    )
+}
+
+/// Takes the user's next late reply, once the expired ones are set aside.
+fn take_next(
+    tx: &Connection,
+    savepoint: bool,
+    (account, openid): (&str, &str),
+    now: UnixMs,
+) -> Result<Option<HeldLateReply>, SpoolError> {
+    let expired = in_savepoint(tx, savepoint, |c| {
+        c.prepare_cached(&numbered(late::EXPIRE_NEXT))?
+            .execute(params![account, openid, now.0, late::EXPIRED])
+    });
+    let taken = expired.and_then(|_| {
+        read_rows(
+            tx,
+            &numbered(late::TAKE_NEXT_SQLITE),
+            params![account, openid, now.0],
+            |row| late::held(row),
+        )
+    });
+    taken.map(|rows| rows.into_iter().next())
+}
+
+fn dead_list(tx: &Connection, limit: usize) -> Result<Vec<DeadLateReply>, SpoolError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    read_rows(tx, &numbered(late::DEAD_LATE_LIST), params![limit], |row| {
+        late::dead(row)
+    })
+}
+
+/// Deletes up to `batch` late replies done with by `cutoff`: the dead, and
+/// the unsent ones for a next message that expired.
+fn prune(
+    tx: &Connection,
+    savepoint: bool,
+    cutoff: UnixMs,
+    batch: usize,
+) -> Result<u64, SpoolError> {
+    let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+    let pruned = in_savepoint(tx, savepoint, |c| {
+        c.prepare_cached(&numbered(late::PRUNE_LATE))?
+            .execute(params![cutoff.0, batch])
+    });
+    pruned.map(|n| n as u64)
+}
+
+fn token(tx: &Connection, account: &str) -> Result<Option<ApiToken>, SpoolError> {
+    let rows = read_rows(tx, &numbered(late::API_TOKEN), params![account], |row| {
+        late::api_token(row)
+    });
+    rows.map(|rows| rows.into_iter().next())
+}
+
+fn keep_token(c: &Connection, token: &ApiToken) -> rusqlite::Result<()> {
+    c.prepare_cached(&numbered(late::KEEP_API_TOKEN))?
+        .execute(params![token.account, token.token, token.expires_at.0])
+        .map(drop)
 }
 
 fn keep(c: &Connection, reply: &NewLateReply) -> rusqlite::Result<LateReplyId> {

@@ -151,15 +151,11 @@ pub(super) fn commit_batch(
     (prune_dedup_before, prune_trail): (Option<UnixMs>, Option<(&TrailStore, UnixMs)>),
     (file, store): (&OpenedFile, Option<&TrailStore>),
 ) -> Option<usize> {
-    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
     let notes_only = batch.iter().all(|c| matches!(c, Command::Note(_)));
     if notes_only {
         relax_sync(conn, true);
     }
-    if let Err(err) = file
-        .check()
-        .and_then(|()| control(conn, BEGIN).map_err(SpoolError::from))
-    {
+    if let Err(err) = begin(conn, file) {
         for cmd in batch.drain(..) {
             fail(cmd, err.clone());
         }
@@ -168,6 +164,36 @@ pub(super) fn commit_batch(
         }
         return None;
     }
+    let answers = apply_batch(conn, batch, store)?;
+    if let Some(now) = prune_dedup_before {
+        prune(conn, now);
+    }
+    let pruned = prune_trail.and_then(|(store, now)| prune_trail_rows(conn, store, now));
+    let outcome = commit_or_roll_back(conn, file);
+    if notes_only {
+        relax_sync(conn, false);
+    }
+    for answer in answers {
+        answer(outcome.clone());
+    }
+    pruned
+}
+
+/// Opens the batch's transaction, in a file still at the spool's path.
+fn begin(conn: &Connection, file: &OpenedFile) -> Result<(), SpoolError> {
+    file.check()
+        .and_then(|()| control(conn, BEGIN).map_err(SpoolError::from))
+}
+
+/// Applies the batch's commands in the open transaction; their answers wait
+/// for its commit. None when the batch ended early, every command answered:
+/// the transaction was rolled back under it, or a command alone failed.
+fn apply_batch(
+    conn: &Connection,
+    batch: &mut Vec<Command>,
+    store: Option<&TrailStore>,
+) -> Option<Vec<Answer>> {
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
     let alone = batch.len() == 1;
     let mut commands = batch.drain(..);
     while let Some(cmd) = commands.next() {
@@ -200,16 +226,23 @@ pub(super) fn commit_batch(
             return None;
         }
     }
-    if let Some(now) = prune_dedup_before {
-        prune(conn, now);
-    }
-    let pruned = prune_trail.and_then(|(store, now)| match trail::prune(conn, store, now) {
+    Some(answers)
+}
+
+/// How many trail rows were pruned; none when they could not be.
+fn prune_trail_rows(conn: &Connection, store: &TrailStore, now: UnixMs) -> Option<usize> {
+    match trail::prune(conn, store, now) {
         Ok(n) => Some(n),
         Err(e) => {
             tracing::warn!(error = %e, "cannot prune the trail");
             None
         }
-    });
+    }
+}
+
+/// Commits the batch; the error its commands are answered with when the
+/// commit fails or the file left the spool's path meanwhile.
+fn commit_or_roll_back(conn: &Connection, file: &OpenedFile) -> Option<SpoolError> {
     let outcome = control(conn, COMMIT)
         .map_err(SpoolError::from)
         .and_then(|()| file.check())
@@ -218,18 +251,9 @@ pub(super) fn commit_batch(
         // The commit failed and left the transaction open.
         let _ = control(conn, ROLLBACK);
     }
-    if notes_only {
-        relax_sync(conn, false);
-    }
-    for answer in answers {
-        answer(outcome.clone());
-    }
-    pruned
+    outcome
 }
 
-/// A commit of trail notes alone is not worth an fsync: in WAL mode with
-/// `synchronous=NORMAL` it is durable with the next full commit (or the
-/// next checkpoint), and a crash before that loses notes only.
 fn relax_sync(conn: &Connection, relax: bool) {
     let mode = if relax { "NORMAL" } else { "FULL" };
     if let Err(e) = conn.pragma_update(None, "synchronous", mode) {
