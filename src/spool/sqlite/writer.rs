@@ -148,19 +148,32 @@ const TRAIL_PRUNE_EVERY_MS: i64 = 1_000;
 pub(super) fn commit_batch(
     conn: &Connection,
     batch: &mut Vec<Command>,
-    (prune_dedup_before, prune_trail): (Option<UnixMs>, Option<(&TrailStore, UnixMs)>),
+    prunes: (Option<UnixMs>, Option<(&TrailStore, UnixMs)>),
     (file, store): (&OpenedFile, Option<&TrailStore>),
 ) -> Option<usize> {
+    // Trail notes alone need no fsync: what they say is not a promise made
+    // to WeChat. Every way out puts `synchronous=FULL` back.
     let notes_only = batch.iter().all(|c| matches!(c, Command::Note(_)));
     if notes_only {
         relax_sync(conn, true);
     }
+    let pruned = commit_in_transaction(conn, batch, prunes, (file, store));
+    if notes_only {
+        relax_sync(conn, false);
+    }
+    pruned
+}
+
+/// [`commit_batch`] once the connection's durability is set.
+fn commit_in_transaction(
+    conn: &Connection,
+    batch: &mut Vec<Command>,
+    (prune_dedup_before, prune_trail): (Option<UnixMs>, Option<(&TrailStore, UnixMs)>),
+    (file, store): (&OpenedFile, Option<&TrailStore>),
+) -> Option<usize> {
     if let Err(err) = begin(conn, file) {
         for cmd in batch.drain(..) {
             fail(cmd, err.clone());
-        }
-        if notes_only {
-            relax_sync(conn, false);
         }
         return None;
     }
@@ -170,9 +183,6 @@ pub(super) fn commit_batch(
     }
     let pruned = prune_trail.and_then(|(store, now)| prune_trail_rows(conn, store, now));
     let outcome = commit_or_roll_back(conn, file);
-    if notes_only {
-        relax_sync(conn, false);
-    }
     for answer in answers {
         answer(outcome.clone());
     }
