@@ -244,3 +244,71 @@ fn timeline(out: &mut String, e: &TrailEvent) {
         let _ = writeln!(out, "  {}  {line}", time(at));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trail::{Dedup, TrailAttempt, TrailEnd, TrailOutcome, TrailRefusal};
+
+    fn pushed(hostile: &str) -> TrailEvent {
+        let text = |s: &str| Some(format!("{s}{hostile}"));
+        TrailEvent {
+            id: 1,
+            event_id: Some(EventId(7)),
+            received_at: UnixMs(1_700_000_000_000),
+            account: "secure".into(),
+            mode: "secure".into(),
+            msg_type: text("event"),
+            event: text("SCAN"),
+            scene: text("qrscene_1"),
+            msg_id: text("4242"),
+            ticket: true,
+            openid: text("oAbc…"),
+            dedup: Dedup::New,
+            route: vec!["hooks".into()],
+            reply: None,
+            refusal: None,
+            body_kept: false,
+            outcome: TrailOutcome::Dead,
+            attempts: vec![TrailAttempt {
+                at: UnixMs(1_700_000_000_100),
+                target: "hooks".into(),
+                attempt: 1,
+                inline: false,
+                status: None,
+                error: text("connect"),
+                latency_ms: 3,
+                response: String::new(),
+                circuit: "closed".into(),
+            }],
+            ends: vec![TrailEnd {
+                at: UnixMs(1_700_000_000_200),
+                target: "hooks".into(),
+                end: "dead".into(),
+                reason: text("http_4xx"),
+            }],
+        }
+    }
+
+    /// What a push carries reaches the operator's terminal escaped: no
+    /// escape sequence, carriage return or line of its own.
+    #[test]
+    fn a_pushs_fields_are_printed_with_control_characters_escaped() {
+        let hostile = "\u{1b}]0;owned\u{7}\r\n\u{1b}[2J";
+        let mut refused = pushed(hostile);
+        refused.refusal = Some(TrailRefusal {
+            reason: format!("bad signature{hostile}"),
+            source: "127.0.0.1".into(),
+        });
+        for event in [pushed(hostile), refused] {
+            let out = block(&event);
+            assert!(!out.contains('\u{1b}'), "{out:?}");
+            assert!(!out.contains('\u{7}'), "{out:?}");
+            assert!(!out.contains('\r'), "{out:?}");
+            assert!(out.contains("\\u{1b}"), "{out:?}");
+            // Each line is one of the block's own.
+            assert!(out.lines().all(|l| !l.starts_with('\u{1b}')), "{out:?}");
+        }
+        assert!(block(&pushed(hostile)).contains("scene=qrscene_1\\u{1b}]0;owned"));
+    }
+}

@@ -478,3 +478,55 @@ async fn an_inline_reply_attempt_that_times_out_is_in_the_trail_with_the_reply()
     assert_eq!(push["outcome"], "pending");
     relay.stop().await;
 }
+
+/// A reply target that cannot be reached inside the budget: the trail says
+/// the reply failed, not that there was none to wait for.
+#[tokio::test]
+async fn an_unreachable_reply_target_is_a_failed_reply_in_the_trail() {
+    let g = generated();
+    let nowhere = common::free_port();
+    let targets = [target(
+        "broker",
+        &format!("http://{nowhere}/broker"),
+        "retry_schedule = [\"1h\"]",
+    )];
+    let routes = "[[routes]]\nto = [\"broker\"]\nreply_from = \"broker\"\n";
+    let relay = TestRelay::start(&config(&g, &targets, routes), reference_now(&g)).await;
+    send_scan(&relay, &g, "1").await;
+    let query = format!("openid={OPENID}");
+    let replied = eventually(WAIT, || async {
+        let found = admin_trail(&relay, &query).await;
+        found.len() == 1 && found[0]["reply"].is_object()
+    })
+    .await;
+    let found = admin_trail(&relay, &query).await;
+    assert!(replied, "{found:#?}");
+    let push = &found[0];
+    assert_eq!(push["reply"]["outcome"], "failed", "{push:#}");
+    assert!(push["reply"]["latency_ms"].as_u64().unwrap() < 1_000, "{push:#}");
+    let attempt = &push["attempts"][0];
+    assert_eq!(attempt["inline"], true);
+    assert_eq!(attempt["status"], Value::Null);
+    relay.stop().await;
+}
+
+/// The trail's store is opened at the start only: a reload that turns it
+/// on is refused and says a restart is needed.
+#[tokio::test]
+async fn a_reload_that_turns_the_trail_on_is_refused_until_a_restart() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    let off = relay_config(&g, &hooks, &spool, "[trail]\nenabled = false\n");
+    let relay = TestRelay::start(&off, reference_now(&g)).await;
+    let on = relay_config(&g, &hooks, &spool, "[trail]\nenabled = true\n");
+    std::fs::write(relay.config_path(), on).unwrap();
+    let answer = relay.admin(Method::POST, "/admin/reload", None).await;
+    assert_eq!(answer.status, 422, "{}", answer.text());
+    assert!(answer.text().contains("[trail] enabled"), "{}", answer.text());
+    assert!(answer.text().contains("restart"), "{}", answer.text());
+    let m = relay.metrics().await;
+    assert_eq!(metric(&m, "wxrelay_config_reloads_total", &[("result", "failed")]), 1.0);
+    relay.stop().await;
+}
