@@ -2,6 +2,13 @@
 //! (`POST /admin/reload`, `GET /admin/ticket/{account}`, `GET /admin/trail`)
 //! behind the admin token when one is configured, and the pages at `/ui`
 //! (see [`crate::ui`]), which sign in with the same token.
+//!
+//! `/admin/*` and `/ui` answer only a request whose `Host` names this
+//! listener: its own address, `localhost`, or a name in
+//! `server.admin_hosts`. A page of another site that rebinds its own name
+//! to this address (DNS rebinding) sends that name, and is refused with
+//! 421. `/metrics`, `/healthz` and `/readyz` answer under any name, for
+//! probes and scrapers that reach the relay by a service name.
 
 use crate::clock::Clock;
 use crate::config::Settings;
@@ -18,8 +25,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 
 /// What the admin routes read: the configuration (for the token and the
 /// targets' names), the spool and the clock (for the gauges and readiness),
@@ -36,6 +43,8 @@ pub struct Admin {
     pub trail: Arc<dyn TrailLog>,
     /// The pages, which check their own session.
     pub ui: Arc<Ui>,
+    /// The address the admin listener is bound to: a `Host` it answers to.
+    pub listening: SocketAddr,
 }
 
 /// The admin listener: `/metrics`, `/healthz`, `/readyz`, and `/admin/*`
@@ -75,6 +84,7 @@ pub async fn serve(
                 )
             }
         },
+        (_, p) if guarded(p) && !host_allowed(&admin, &req) => misdirected(&admin, &req, plain),
         (_, p) if p == crate::ui::ROOT || p.starts_with("/ui/") => {
             crate::ui::serve(&admin.ui, req).await
         }
@@ -102,6 +112,63 @@ pub async fn serve(
         ),
         _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
     })
+}
+
+/// The refusal of a request naming another host: 421, counted and logged.
+fn misdirected(
+    admin: &Admin,
+    req: &Request<Incoming>,
+    plain: impl Fn(StatusCode, String) -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    admin
+        .metrics
+        .admin_refusals
+        .with_label_values(&["host"])
+        .inc();
+    let host: String = request_host(req).unwrap_or("").chars().take(100).collect();
+    let path = req.uri().path();
+    tracing::warn!(path, host = ?host, "admin request naming another host refused");
+    plain(
+        StatusCode::MISDIRECTED_REQUEST,
+        "the Host header does not name this admin listener: use its address or localhost, \
+         or list the name in server.admin_hosts\n"
+            .into(),
+    )
+}
+
+/// The paths only a request naming this listener gets: what reads the trail
+/// or changes anything.
+fn guarded(path: &str) -> bool {
+    path == crate::ui::ROOT || path.starts_with("/ui/") || path.starts_with("/admin/")
+}
+
+/// The host a request names: its URI's authority (absolute form), else its
+/// `Host` header.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => req.headers().get(http::header::HOST)?.to_str().ok(),
+    }
+}
+
+/// Whether the request names this listener: its IP address (any IP address
+/// when it listens on all of them), `localhost`, or a configured name. An
+/// IP address cannot be rebound; a name can, so names must be listed.
+fn host_allowed(admin: &Admin, req: &Request<Incoming>) -> bool {
+    let Some(host) = request_host(req) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || admin.config.load().server.admin_hosts.contains(&name) {
+        return true;
+    }
+    let own = admin.listening.ip();
+    name.parse::<IpAddr>()
+        .is_ok_and(|ip| ip == own || own.is_unspecified())
 }
 
 /// A JSON answer, or the status and reason why there is none.
@@ -250,7 +317,5 @@ fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .is_some_and(|(_, given)| {
-            bool::from(given.trim().as_bytes().ct_eq(token.expose().as_bytes()))
-        })
+        .is_some_and(|(_, given)| crate::ui::session::same(given.trim(), token.expose()))
 }

@@ -57,6 +57,7 @@ pub(crate) struct RawServer {
     pub admin_token_file: Option<PathBuf>,
     pub allow_unauthenticated_admin: Option<bool>,
     pub ui_secure_cookie: Option<bool>,
+    pub admin_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -98,6 +98,10 @@ pub struct ServerSettings {
     /// reached over HTTPS (a TLS proxy in front), where a browser must never
     /// send the cookie in the clear.
     pub ui_secure_cookie: bool,
+    /// Names the admin listener answers `/admin/*` and `/ui` under, besides
+    /// its own address and `localhost` (lower case, without a port): a
+    /// request naming another `Host` is refused, against DNS rebinding.
+    pub admin_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
