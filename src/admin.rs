@@ -97,7 +97,8 @@ pub async fn serve(
         }
         (&Method::GET, p) if p.starts_with(TRAIL_ONE) || p == TRAIL => {
             let now = UnixMs(admin.clock.now_ms());
-            json_or_reason(trail(&*admin.trail, p, req.uri().query(), now).await, plain)
+            let answer = trail(&*admin.trail, p, req.uri().query(), now).await;
+            trail_answer(answer, plain)
         }
         (&Method::POST, "/admin/reload") => match admin.reloader.reload().await {
             Ok(()) => plain(StatusCode::OK, "reloaded\n".into()),
@@ -134,6 +135,23 @@ fn misdirected(
          or list the name in server.admin_hosts\n"
             .into(),
     )
+}
+
+/// The trail's JSON, with the note when the search was cut short as a
+/// header; or the status and reason why there is none.
+fn trail_answer(
+    answer: Result<(String, Option<String>), (StatusCode, String)>,
+    plain: impl Fn(StatusCode, String) -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    let (answer, cut_short) = match answer {
+        Ok((json, note)) => (Ok(json), note),
+        Err(e) => (Err(e), None),
+    };
+    let mut response = json_or_reason(answer, plain);
+    if let Some(note) = cut_short.and_then(|n| http::HeaderValue::try_from(n).ok()) {
+        response.headers_mut().insert(CUT_SHORT, note);
+    }
+    response
 }
 
 /// The paths only a request naming this listener gets: what reads the trail
@@ -187,6 +205,10 @@ fn json_or_reason(
     }
 }
 
+/// The header a search's answer carries when it stopped at its cap of rows
+/// read, saying so: older events may match.
+pub const CUT_SHORT: &str = "wxrelay-search-cut-short";
+
 /// The trail's search, and one event's trail below it, by its event id.
 const TRAIL: &str = "/admin/trail";
 const TRAIL_ONE: &str = "/admin/trail/";
@@ -194,13 +216,14 @@ const TRAIL_ONE: &str = "/admin/trail/";
 /// `GET /admin/trail?openid=…&msg_id=…&scene=…&target=…&outcome=…&since=…&until=…&limit=…`:
 /// a JSON array of the matching events, newest first, each with its
 /// `attempts` and `ends`. `GET /admin/trail/{event_id}`: that event's, as
-/// one object (404 when the trail has none).
+/// one object (404 when the trail has none). With the JSON, the note when
+/// the search stopped at its cap of rows read (see [`CUT_SHORT`]).
 async fn trail(
     log: &dyn TrailLog,
     path: &str,
     query: Option<&str>,
     now: UnixMs,
-) -> Result<String, (StatusCode, String)> {
+) -> Result<(String, Option<String>), (StatusCode, String)> {
     let bad = |e: String| (StatusCode::BAD_REQUEST, format!("{e}\n"));
     let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .into_owned()
@@ -215,7 +238,8 @@ async fn trail(
         filter.event_id = Some(EventId(id));
         filter.limit = 1;
     }
-    let found = log.search(filter).await.map_err(|e| match e {
+    let scan = filter.scan;
+    let found = log.find(filter).await.map_err(|e| match e {
         SpoolError::Refused(why) => (StatusCode::NOT_FOUND, format!("{why}\n")),
         e => {
             let e = crate::error_chain(&e);
@@ -226,14 +250,16 @@ async fn trail(
             )
         }
     })?;
+    let note = found.cut_short_note(scan);
     let json = match one {
-        None => serde_json::to_string(&found),
-        Some(_) => match found.first() {
+        None => serde_json::to_string(&found.events),
+        Some(_) => match found.events.first() {
             Some(event) => serde_json::to_string(event),
             None => return Err((StatusCode::NOT_FOUND, "no such event in the trail\n".into())),
         },
     };
-    json.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")))
+    json.map(|json| (json, note))
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")))
 }
 
 /// The configured Open Platform accounts.
