@@ -503,7 +503,10 @@ async fn an_unreachable_reply_target_is_a_failed_reply_in_the_trail() {
     assert!(replied, "{found:#?}");
     let push = &found[0];
     assert_eq!(push["reply"]["outcome"], "failed", "{push:#}");
-    assert!(push["reply"]["latency_ms"].as_u64().unwrap() < 1_000, "{push:#}");
+    assert!(
+        push["reply"]["latency_ms"].as_u64().unwrap() < 1_000,
+        "{push:#}"
+    );
     let attempt = &push["attempts"][0];
     assert_eq!(attempt["inline"], true);
     assert_eq!(attempt["status"], Value::Null);
@@ -524,9 +527,16 @@ async fn a_reload_that_turns_the_trail_on_is_refused_until_a_restart() {
     std::fs::write(relay.config_path(), on).unwrap();
     let answer = relay.admin(Method::POST, "/admin/reload", None).await;
     assert_eq!(answer.status, 422, "{}", answer.text());
-    assert!(answer.text().contains("[trail] enabled"), "{}", answer.text());
+    assert!(
+        answer.text().contains("[trail] enabled"),
+        "{}",
+        answer.text()
+    );
     assert!(answer.text().contains("restart"), "{}", answer.text());
     let m = relay.metrics().await;
-    assert_eq!(metric(&m, "wxrelay_config_reloads_total", &[("result", "failed")]), 1.0);
+    assert_eq!(
+        metric(&m, "wxrelay_config_reloads_total", &[("result", "failed")]),
+        1.0
+    );
     relay.stop().await;
 }

@@ -589,19 +589,32 @@ async fn failed_sign_ins_from_one_address_are_limited() {
     let relay = TestRelay::start(&config(&g, &hooks.url("/"), &server), reference_now(&g)).await;
     let mut visitor = Visitor::new(relay.admin);
     for guess in 0..5 {
-        let wrong = visitor.sign_in(&format!("guess-number-{guess}-of-many")).await;
+        let wrong = visitor
+            .sign_in(&format!("guess-number-{guess}-of-many"))
+            .await;
         assert_eq!(wrong.status, 401, "guess {guess}");
     }
     let limited = visitor.sign_in("guess-number-6-of-many").await;
     assert_eq!(limited.status, 429, "{}", limited.text());
-    assert!(limited.text().contains("too many failed sign-ins"), "{}", limited.text());
+    assert!(
+        limited.text().contains("too many failed sign-ins"),
+        "{}",
+        limited.text()
+    );
     let right = visitor.sign_in(TOKEN).await;
     assert_eq!(right.status, 429, "the limit holds for the right token too");
     assert!(visitor.cookie.is_none());
     let m = relay.metrics().await;
-    let counted = metric(&m, "wxrelay_ui_refusals_total", &[("reason", "too_many_sign_ins")]);
+    let counted = metric(
+        &m,
+        "wxrelay_ui_refusals_total",
+        &[("reason", "too_many_sign_ins")],
+    );
     assert_eq!(counted, 2.0);
-    assert_eq!(metric(&m, "wxrelay_ui_refusals_total", &[("reason", "bad_token")]), 5.0);
+    assert_eq!(
+        metric(&m, "wxrelay_ui_refusals_total", &[("reason", "bad_token")]),
+        5.0
+    );
     // A minute later the address may try again.
     relay.clock.advance_ms(60_000);
     assert_eq!(visitor.sign_in(TOKEN).await.status, 303);
@@ -619,7 +632,9 @@ async fn a_signed_out_session_cookie_is_refused_afterwards() {
     assert_eq!(page.status, 200);
     let kept = visitor.cookie.clone().unwrap();
     let token = csrf(&page.text());
-    let out = visitor.post("/ui/signout", &[("csrf", token.as_str())]).await;
+    let out = visitor
+        .post("/ui/signout", &[("csrf", token.as_str())])
+        .await;
     assert_eq!(out.status, 303);
     let mut replayed = Visitor::new(relay.admin);
     replayed.cookie = Some(kept);
