@@ -97,7 +97,8 @@ pub async fn serve(
         }
         (&Method::GET, p) if p.starts_with(TRAIL_ONE) || p == TRAIL => {
             let now = UnixMs(admin.clock.now_ms());
-            let answer = trail(&*admin.trail, p, req.uri().query(), now).await;
+            let scan = admin.config.load().trail.search_rows;
+            let answer = trail(&*admin.trail, p, req.uri().query(), (now, scan)).await;
             trail_answer(answer, plain)
         }
         (&Method::POST, "/admin/reload") => match admin.reloader.reload().await {
@@ -222,7 +223,7 @@ async fn trail(
     log: &dyn TrailLog,
     path: &str,
     query: Option<&str>,
-    now: UnixMs,
+    (now, scan): (UnixMs, usize),
 ) -> Result<(String, Option<String>), (StatusCode, String)> {
     let bad = |e: String| (StatusCode::BAD_REQUEST, format!("{e}\n"));
     let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
@@ -230,6 +231,7 @@ async fn trail(
         .collect();
     let mut filter =
         parse_filter(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())), now).map_err(bad)?;
+    filter.scan = scan;
     let one = path.strip_prefix(TRAIL_ONE);
     if let Some(id) = one {
         let id = id

@@ -91,14 +91,14 @@ pub async fn start(spool: &OpenSpool, settings: &Settings) -> Result<(), CliErro
         .map_err(failed)
 }
 
-/// Runs the search and prints its events.
+/// Runs the search, reading at most `scan` trail rows, and prints its events.
 pub async fn search(
     trail: &dyn TrailLog,
     args: &TrailArgs,
-    now: UnixMs,
+    (now, scan): (UnixMs, usize),
 ) -> Result<String, CliError> {
-    let filter = args.filter(now)?;
-    let scan = filter.scan;
+    let mut filter = args.filter(now)?;
+    filter.scan = scan;
     let found = trail.find(filter).await.map_err(failed)?;
     let note = found.cut_short_note(scan);
     let found = found.events;

@@ -42,6 +42,8 @@ pub struct TrailSettings {
     pub retain: Duration,
     /// At most this many events are kept.
     pub max_events: u64,
+    /// At most this many trail rows are read by one search.
+    pub search_rows: usize,
 }
 
 impl TrailSettings {

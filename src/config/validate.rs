@@ -423,12 +423,21 @@ fn trail(raw: RawTrail, p: &mut Problems) -> TrailSettings {
             DEFAULT_TRAIL_MAX_EVENTS
         }
     };
+    let search_rows = match raw.search_rows {
+        None => crate::trail::SEARCH_ROWS,
+        Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(_) => {
+            p.add("trail.search_rows", "must be at least 1");
+            crate::trail::SEARCH_ROWS
+        }
+    };
     TrailSettings {
         enabled: raw.enabled.unwrap_or(true),
         key,
         keep_bodies: raw.keep_bodies.unwrap_or(false),
         retain: p.duration("trail.retain", raw.retain, DEFAULT_TRAIL_RETAIN),
         max_events,
+        search_rows,
     }
 }
 

@@ -540,3 +540,56 @@ async fn a_reload_that_turns_the_trail_on_is_refused_until_a_restart() {
     );
     relay.stop().await;
 }
+
+/// A search without an indexed field reads the newest `search_rows` rows
+/// only, and both the admin API and the command line say when that cut it
+/// short; by OpenID it reaches every row.
+#[tokio::test]
+async fn a_search_cut_short_by_search_rows_says_so() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    let trail = format!("[trail]\nkey = \"{TRAIL_KEY}\"\nsearch_rows = 2");
+    let toml = relay_config(&g, &hooks, &spool, &trail);
+    let relay = TestRelay::start_with_spool_at(&toml, reference_now(&g), &spool).await;
+    for nonce in ["1", "2", "3"] {
+        send_scan(&relay, &g, nonce).await;
+    }
+    let query = format!("openid={OPENID}");
+    let written = eventually(WAIT, || async {
+        admin_trail(&relay, &query).await.len() == 2
+    })
+    .await;
+    assert!(written, "the OpenID's rows are read up to the cap");
+
+    let by_scene = format!("/admin/trail?scene={SCENE}");
+    let capped = relay.admin(Method::GET, &by_scene, None).await;
+    assert_eq!(capped.status, 200, "{}", capped.text());
+    let found: Vec<Value> = serde_json::from_str(&capped.text()).unwrap();
+    assert_eq!(found.len(), 2, "the newest two rows only");
+    let note = capped.headers["wxrelay-search-cut-short"].to_str().unwrap();
+    assert!(note.contains("2 trail rows"), "{note}");
+    let whole = relay
+        .admin(Method::GET, &format!("{by_scene}&limit=2"), None)
+        .await;
+    assert!(whole.headers.get("wxrelay-search-cut-short").is_none());
+
+    let config = dir.path().join("cli.toml");
+    std::fs::write(&config, &toml).unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let args = vec![
+        "trail".into(),
+        "--config".into(),
+        config,
+        "--scene".into(),
+        SCENE.into(),
+    ];
+    let (code, out) = wxrelay(args).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("note: the search stopped after reading 2 trail rows"),
+        "{out}"
+    );
+    relay.stop().await;
+}

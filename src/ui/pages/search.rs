@@ -188,7 +188,8 @@ pub(in crate::ui) async fn show(
             ui.count_refusal(Refusal::BadQuery, "/ui/search");
             Ok((StatusCode::BAD_REQUEST, page(chrome, &asked, Err(problem))))
         }
-        Ok(filter) => {
+        Ok(mut filter) => {
+            filter.scan = ui.config.load().trail.search_rows;
             let scan = filter.scan;
             let found = ui.trail.find(filter).await?;
             let note = found.cut_short_note(scan);
