@@ -2,6 +2,13 @@
 //! (`POST /admin/reload`, `GET /admin/ticket/{account}`, `GET /admin/trail`)
 //! behind the admin token when one is configured, and the pages at `/ui`
 //! (see [`crate::ui`]), which sign in with the same token.
+//!
+//! `/admin/*` and `/ui` answer only a request whose `Host` names this
+//! listener: its own address, `localhost`, or a name in
+//! `server.admin_hosts`. A page of another site that rebinds its own name
+//! to this address (DNS rebinding) sends that name, and is refused with
+//! 421. `/metrics`, `/healthz` and `/readyz` answer under any name, for
+//! probes and scrapers that reach the relay by a service name.
 
 use crate::clock::Clock;
 use crate::config::Settings;
@@ -18,8 +25,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 
 /// What the admin routes read: the configuration (for the token and the
 /// targets' names), the spool and the clock (for the gauges and readiness),
@@ -36,6 +43,8 @@ pub struct Admin {
     pub trail: Arc<dyn TrailLog>,
     /// The pages, which check their own session.
     pub ui: Arc<Ui>,
+    /// The address the admin listener is bound to: a `Host` it answers to.
+    pub listening: SocketAddr,
 }
 
 /// The admin listener: `/metrics`, `/healthz`, `/readyz`, and `/admin/*`
@@ -75,6 +84,7 @@ pub async fn serve(
                 )
             }
         },
+        (_, p) if guarded(p) && !host_allowed(&admin, &req) => misdirected(&admin, &req, plain),
         (_, p) if p == crate::ui::ROOT || p.starts_with("/ui/") => {
             crate::ui::serve(&admin.ui, req).await
         }
@@ -87,7 +97,9 @@ pub async fn serve(
         }
         (&Method::GET, p) if p.starts_with(TRAIL_ONE) || p == TRAIL => {
             let now = UnixMs(admin.clock.now_ms());
-            json_or_reason(trail(&*admin.trail, p, req.uri().query(), now).await, plain)
+            let scan = admin.config.load().trail.search_rows;
+            let answer = trail(&*admin.trail, p, req.uri().query(), (now, scan)).await;
+            trail_answer(answer, plain)
         }
         (&Method::POST, "/admin/reload") => match admin.reloader.reload().await {
             Ok(()) => plain(StatusCode::OK, "reloaded\n".into()),
@@ -102,6 +114,80 @@ pub async fn serve(
         ),
         _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
     })
+}
+
+/// The refusal of a request naming another host: 421, counted and logged.
+fn misdirected(
+    admin: &Admin,
+    req: &Request<Incoming>,
+    plain: impl Fn(StatusCode, String) -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    admin
+        .metrics
+        .admin_refusals
+        .with_label_values(&["host"])
+        .inc();
+    let host: String = request_host(req).unwrap_or("").chars().take(100).collect();
+    let path = req.uri().path();
+    tracing::warn!(path, host = ?host, "admin request naming another host refused");
+    plain(
+        StatusCode::MISDIRECTED_REQUEST,
+        "the Host header does not name this admin listener: use its address or localhost, \
+         or list the name in server.admin_hosts\n"
+            .into(),
+    )
+}
+
+/// The trail's JSON, with the note when the search was cut short as a
+/// header; or the status and reason why there is none.
+fn trail_answer(
+    answer: Result<(String, Option<String>), (StatusCode, String)>,
+    plain: impl Fn(StatusCode, String) -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    let (answer, cut_short) = match answer {
+        Ok((json, note)) => (Ok(json), note),
+        Err(e) => (Err(e), None),
+    };
+    let mut response = json_or_reason(answer, plain);
+    if let Some(note) = cut_short.and_then(|n| http::HeaderValue::try_from(n).ok()) {
+        response.headers_mut().insert(CUT_SHORT, note);
+    }
+    response
+}
+
+/// The paths only a request naming this listener gets: what reads the trail
+/// or changes anything.
+fn guarded(path: &str) -> bool {
+    path == crate::ui::ROOT || path.starts_with("/ui/") || path.starts_with("/admin/")
+}
+
+/// The host a request names: its URI's authority (absolute form), else its
+/// `Host` header.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => req.headers().get(http::header::HOST)?.to_str().ok(),
+    }
+}
+
+/// Whether the request names this listener: its IP address (any IP address
+/// when it listens on all of them), `localhost`, or a configured name. An
+/// IP address cannot be rebound; a name can, so names must be listed.
+fn host_allowed(admin: &Admin, req: &Request<Incoming>) -> bool {
+    let Some(host) = request_host(req) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || admin.config.load().server.admin_hosts.contains(&name) {
+        return true;
+    }
+    let own = admin.listening.ip();
+    name.parse::<IpAddr>()
+        .is_ok_and(|ip| ip == own || own.is_unspecified())
 }
 
 /// A JSON answer, or the status and reason why there is none.
@@ -120,6 +206,10 @@ fn json_or_reason(
     }
 }
 
+/// The header a search's answer carries when it stopped at its cap of rows
+/// read, saying so: older events may match.
+pub const CUT_SHORT: &str = "wxrelay-search-cut-short";
+
 /// The trail's search, and one event's trail below it, by its event id.
 const TRAIL: &str = "/admin/trail";
 const TRAIL_ONE: &str = "/admin/trail/";
@@ -127,19 +217,21 @@ const TRAIL_ONE: &str = "/admin/trail/";
 /// `GET /admin/trail?openid=…&msg_id=…&scene=…&target=…&outcome=…&since=…&until=…&limit=…`:
 /// a JSON array of the matching events, newest first, each with its
 /// `attempts` and `ends`. `GET /admin/trail/{event_id}`: that event's, as
-/// one object (404 when the trail has none).
+/// one object (404 when the trail has none). With the JSON, the note when
+/// the search stopped at its cap of rows read (see [`CUT_SHORT`]).
 async fn trail(
     log: &dyn TrailLog,
     path: &str,
     query: Option<&str>,
-    now: UnixMs,
-) -> Result<String, (StatusCode, String)> {
+    (now, scan): (UnixMs, usize),
+) -> Result<(String, Option<String>), (StatusCode, String)> {
     let bad = |e: String| (StatusCode::BAD_REQUEST, format!("{e}\n"));
     let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .into_owned()
         .collect();
     let mut filter =
         parse_filter(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())), now).map_err(bad)?;
+    filter.scan = scan;
     let one = path.strip_prefix(TRAIL_ONE);
     if let Some(id) = one {
         let id = id
@@ -148,7 +240,8 @@ async fn trail(
         filter.event_id = Some(EventId(id));
         filter.limit = 1;
     }
-    let found = log.search(filter).await.map_err(|e| match e {
+    let scan = filter.scan;
+    let found = log.find(filter).await.map_err(|e| match e {
         SpoolError::Refused(why) => (StatusCode::NOT_FOUND, format!("{why}\n")),
         e => {
             let e = crate::error_chain(&e);
@@ -159,14 +252,16 @@ async fn trail(
             )
         }
     })?;
+    let note = found.cut_short_note(scan);
     let json = match one {
-        None => serde_json::to_string(&found),
-        Some(_) => match found.first() {
+        None => serde_json::to_string(&found.events),
+        Some(_) => match found.events.first() {
             Some(event) => serde_json::to_string(event),
             None => return Err((StatusCode::NOT_FOUND, "no such event in the trail\n".into())),
         },
     };
-    json.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")))
+    json.map(|json| (json, note))
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")))
 }
 
 /// The configured Open Platform accounts.
@@ -250,7 +345,5 @@ fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .is_some_and(|(_, given)| {
-            bool::from(given.trim().as_bytes().ct_eq(token.expose().as_bytes()))
-        })
+        .is_some_and(|(_, given)| crate::ui::session::same(given.trim(), token.expose()))
 }

@@ -181,7 +181,7 @@ fn admin_routes(
     spool: &OpenSpool,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    (dispatcher, reloader): (&Arc<Dispatcher>, &Arc<Reloader>),
+    (dispatcher, reloader, listening): (&Arc<Dispatcher>, &Arc<Reloader>, SocketAddr),
 ) -> Arc<Admin> {
     let ui = Arc::new(Ui::new(
         config.clone(),
@@ -199,6 +199,7 @@ fn admin_routes(
         reloader: reloader.clone(),
         trail: spool.trail(),
         ui,
+        listening,
     })
 }
 
@@ -279,7 +280,8 @@ impl Relay {
             stopped.clone(),
         ));
 
-        let admin_routes = admin_routes(config, &spool, clock, metrics, (&dispatcher, &reloader));
+        let admin_deps = (&dispatcher, &reloader, admin_addr);
+        let admin_routes = admin_routes(config, &spool, clock, metrics, admin_deps);
         let admin_handler = move |req: Request<Incoming>| admin::serve(admin_routes.clone(), req);
         listeners.spawn(server::serve(
             admin,

@@ -409,9 +409,10 @@ fn note_reply(path: &PushPath, config: &Settings, a: &Accepted, took: Duration) 
         Some("passed") => ReplyOutcome::Passed,
         Some("encrypted") => ReplyOutcome::Sealed,
         Some("unverifiable") => ReplyOutcome::Unverifiable,
-        // No reply: the budget ran out, or the target failed within it.
+        // No reply: the budget ran out, or the target failed within it
+        // (unreachable, an error status).
         Some(_) if took + MIN_INLINE_ATTEMPT >= budget => ReplyOutcome::TimedOut,
-        Some(_) => ReplyOutcome::None,
+        Some(_) => ReplyOutcome::Failed,
     };
     let note = TrailNote::Reply {
         event_id: stored.event_id,

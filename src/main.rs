@@ -264,7 +264,10 @@ fn run_trail(
     on_spool(&settings, async |spool| {
         trail::start(spool, &settings).await?;
         match &command {
-            None => trail::search(&*spool.trail(), &args, now).await,
+            None => {
+                let scan = settings.trail.search_rows;
+                trail::search(&*spool.trail(), &args, (now, scan)).await
+            }
             Some(TrailCommand::Redeliver { event_id, target }) => {
                 trail::redeliver(&*spool.trail(), &settings, (*event_id, target), now).await
             }

@@ -91,6 +91,9 @@ pub struct Metrics {
     pub trace_spans_dropped: IntCounterVec,
     /// Requests the pages refused, by reason (`csrf`, `bad_token`…).
     pub ui_refusals: IntCounterVec,
+    /// Requests the admin listener refused before reading them, by reason
+    /// (`host`: a `Host` that is not the listener's).
+    pub admin_refusals: IntCounterVec,
     /// The last hour's login latencies and refusals, for the overview page.
     pub recent: crate::recent::Recent,
     /// Trail notes (a reply, a refusal) not written: the spool was busy.
@@ -249,6 +252,11 @@ const TRACE_SPANS_DROPPED: Spec = spec(
     "Spans not exported to the collector, by reason.",
     &["reason"],
 );
+const ADMIN_REFUSALS: Spec = spec(
+    "admin_refusals_total",
+    "Requests to /admin/* and /ui refused before they were read, by reason.",
+    &["reason"],
+);
 const UI_REFUSALS: Spec = spec(
     "ui_refusals_total",
     "Requests to the pages refused, by reason.",
@@ -346,6 +354,7 @@ impl Metrics {
             component_ticket_age: r.float_gauges(COMPONENT_TICKET_AGE)?,
             trace_spans_dropped: r.counters(TRACE_SPANS_DROPPED)?,
             ui_refusals: r.counters(UI_REFUSALS)?,
+            admin_refusals: r.counters(ADMIN_REFUSALS)?,
             recent: crate::recent::Recent::new(LOGIN_BUCKETS),
             trail_notes_dropped: r.counter(TRAIL_NOTES_DROPPED)?,
             trail_refusals_dropped: r.counters(TRAIL_REFUSALS_DROPPED)?,

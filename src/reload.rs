@@ -19,6 +19,9 @@ pub struct Reloader {
     config_path: Option<PathBuf>,
     /// Serialises reloads, so two at once cannot interleave.
     reloading: tokio::sync::Mutex<()>,
+    /// Whether the relay started with the trail on: only then is its store
+    /// open (its key read), so only then can a reload turn it on.
+    trail_opened: bool,
 }
 
 impl Reloader {
@@ -28,7 +31,9 @@ impl Reloader {
         metrics: Arc<Metrics>,
         config_path: Option<PathBuf>,
     ) -> Reloader {
+        let trail_opened = config.load().trail.enabled;
         Reloader {
+            trail_opened,
             config,
             dispatcher,
             metrics,
@@ -65,6 +70,12 @@ impl Reloader {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let next = Settings::load(path)?;
         let current = self.config.load();
+        if next.trail.enabled && !self.trail_opened {
+            return Err(ReloadError::RestartNeeded(
+                "[trail] enabled = true: the relay started with the trail off, so its store is \
+                 not open; restart the relay to turn the trail on (or set enabled = false)",
+            ));
+        }
         if next.server.listen != current.server.listen
             || next.server.admin_listen != current.server.admin_listen
             || next.spool.backend != current.spool.backend
@@ -95,4 +106,7 @@ pub enum ReloadError {
     Invalid(#[from] ConfigError),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// A change that takes a restart, refused whole.
+    #[error("{0}")]
+    RestartNeeded(&'static str),
 }

@@ -31,6 +31,38 @@ pub struct TrailFilter {
     /// Received before, unix milliseconds.
     pub until: Option<UnixMs>,
     pub limit: usize,
+    /// At most this many trail rows are read ([`SEARCH_ROWS`] unless set):
+    /// without an OpenID or an event id (the indexed fields) the search reads
+    /// only the newest this many events.
+    pub scan: usize,
+}
+
+/// How many trail rows one search reads at most, so that a search over a
+/// large trail is bounded however little it matches.
+pub const SEARCH_ROWS: usize = 100_000;
+
+/// What a search found, and whether it stopped at its [`TrailFilter::scan`]
+/// cap before finding `limit` events: older events may match too.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrailFound {
+    pub events: Vec<TrailEvent>,
+    pub cut_short: bool,
+}
+
+impl TrailFound {
+    pub fn of(events: Vec<TrailEvent>, cut_short: bool) -> Self {
+        TrailFound { events, cut_short }
+    }
+
+    /// What the answer says when the cap cut the search short.
+    pub fn cut_short_note(&self, scan: usize) -> Option<String> {
+        self.cut_short.then(|| {
+            format!(
+                "the search stopped after reading {scan} trail rows (the newest): older events \
+                 may match; search by OpenID or event id to reach them, or narrow the search"
+            )
+        })
+    }
 }
 
 /// The default number of events a search returns.
@@ -48,6 +80,7 @@ impl Default for TrailFilter {
             since: None,
             until: None,
             limit: DEFAULT_LIMIT,
+            scan: SEARCH_ROWS,
         }
     }
 }
@@ -120,15 +153,19 @@ pub enum ReplyOutcome {
     Unverifiable,
     /// The target did not answer inside the reply budget.
     TimedOut,
+    /// The target failed inside the reply budget (unreachable, an error
+    /// status): `success`.
+    Failed,
 }
 
 impl ReplyOutcome {
-    pub const ALL: [ReplyOutcome; 5] = [
+    pub const ALL: [ReplyOutcome; 6] = [
         ReplyOutcome::None,
         ReplyOutcome::Sealed,
         ReplyOutcome::Passed,
         ReplyOutcome::Unverifiable,
         ReplyOutcome::TimedOut,
+        ReplyOutcome::Failed,
     ];
 
     /// The name stored and shown.
@@ -139,6 +176,7 @@ impl ReplyOutcome {
             ReplyOutcome::Passed => "passed",
             ReplyOutcome::Unverifiable => "unverifiable",
             ReplyOutcome::TimedOut => "timed_out",
+            ReplyOutcome::Failed => "failed",
         }
     }
 }
@@ -340,6 +378,12 @@ fn escape_prefix_masking(body: &[u8], sender: Option<&str>) -> String {
     if let Some(openid) = sender.filter(|o| !o.is_empty() && text.contains(*o)) {
         text = text.replace(openid, &mask(openid)).into();
     }
+    escape_controls(&text)
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`…): what a
+/// push or a target sent, safe to print on a terminal.
+pub fn escape_controls(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if c.is_control() {

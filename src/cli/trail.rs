@@ -8,7 +8,7 @@
 use super::CliError;
 use crate::config::Settings;
 use crate::spool::{EventId, OpenSpool, SpoolError, TrailLog, UnixMs};
-use crate::trail::{parse_filter, TrailEvent, TrailFilter};
+use crate::trail::{escape_controls as shown, parse_filter, TrailEvent, TrailFilter};
 use std::fmt::Write as _;
 
 /// The search's filters, as the admin API names them.
@@ -91,15 +91,22 @@ pub async fn start(spool: &OpenSpool, settings: &Settings) -> Result<(), CliErro
         .map_err(failed)
 }
 
-/// Runs the search and prints its events.
+/// Runs the search, reading at most `scan` trail rows, and prints its events.
 pub async fn search(
     trail: &dyn TrailLog,
     args: &TrailArgs,
-    now: UnixMs,
+    (now, scan): (UnixMs, usize),
 ) -> Result<String, CliError> {
-    let filter = args.filter(now)?;
-    let found = trail.search(filter).await.map_err(failed)?;
+    let mut filter = args.filter(now)?;
+    filter.scan = scan;
+    let found = trail.find(filter).await.map_err(failed)?;
+    let note = found.cut_short_note(scan);
+    let found = found.events;
     if args.json {
+        // The lines stay JSON: the note goes to the terminal.
+        if let Some(note) = &note {
+            eprintln!("wxrelay trail: {note}");
+        }
         let mut out = String::new();
         for event in &found {
             let line = serde_json::to_string(event).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -108,10 +115,12 @@ pub async fn search(
         }
         return Ok(out);
     }
+    let note = note.map(|n| format!("\nnote: {n}\n")).unwrap_or_default();
     if found.is_empty() {
-        return Ok("no event in the trail matches\n".into());
+        return Ok(format!("no event in the trail matches\n{note}"));
     }
-    Ok(found.iter().map(block).collect::<Vec<_>>().join("\n"))
+    let blocks = found.iter().map(block).collect::<Vec<_>>().join("\n");
+    Ok(format!("{blocks}{note}"))
 }
 
 /// Redelivers an event to a configured target.
@@ -148,7 +157,9 @@ fn time(at: UnixMs) -> String {
     humantime::format_rfc3339_millis(at.to_system_time()).to_string()
 }
 
-/// One event and its timeline, as a block of lines.
+/// One event and its timeline, as a block of lines. What a push or a
+/// target sent is printed with its control characters escaped, so that a
+/// push cannot write a terminal's escape sequences or lines of its own.
 pub fn block(e: &TrailEvent) -> String {
     let mut out = String::new();
     let id = e
@@ -158,11 +169,12 @@ pub fn block(e: &TrailEvent) -> String {
         out,
         "{id}  {}  {}  {}",
         time(e.received_at),
-        e.account,
+        shown(&e.account),
         e.outcome.as_str()
     );
     if let Some(r) = &e.refusal {
-        let _ = writeln!(out, "  refused     {} (from {})", r.reason, r.source);
+        let (reason, source) = (shown(&r.reason), shown(&r.source));
+        let _ = writeln!(out, "  refused     {reason} (from {source})");
         return out;
     }
     let kind = match (&e.msg_type, &e.event) {
@@ -170,24 +182,25 @@ pub fn block(e: &TrailEvent) -> String {
         (Some(t), _) => t.clone(),
         (None, _) => "-".into(),
     };
+    let kind = shown(&kind);
     let dedup = match e.dedup {
         crate::trail::Dedup::New => "new",
         crate::trail::Dedup::Duplicate => "duplicate",
     };
-    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let or_dash = |v: &Option<String>| v.as_deref().map_or_else(|| "-".into(), shown);
     let _ = writeln!(
         out,
         "  push        {kind}  scene={}  msg_id={}  openid={}  mode={}  ticket={}  {dedup}",
         or_dash(&e.scene),
         or_dash(&e.msg_id),
         or_dash(&e.openid),
-        e.mode,
+        shown(&e.mode),
         if e.ticket { "yes" } else { "no" },
     );
     let route = if e.route.is_empty() {
         "(unrouted)".to_owned()
     } else {
-        e.route.join(", ")
+        shown(&e.route.join(", "))
     };
     let _ = writeln!(out, "  route       {route}");
     if let Some(r) = &e.reply {
@@ -209,38 +222,109 @@ fn timeline(out: &mut String, e: &TrailEvent) {
     for (i, a) in e.attempts.iter().enumerate() {
         let answer = match (a.status, &a.error) {
             (Some(status), _) => format!("HTTP {status}"),
-            (None, Some(error)) => error.clone(),
+            (None, Some(error)) => shown(error),
             (None, None) => "-".into(),
         };
         let how = if a.inline { "inline" } else { "worker" };
         let mut line = format!(
             "{}  attempt {} {how}  {answer}  {} ms  circuit {}",
-            a.target, a.attempt, a.latency_ms, a.circuit
+            shown(&a.target),
+            a.attempt,
+            a.latency_ms,
+            shown(&a.circuit)
         );
         if !a.response.is_empty() {
-            let _ = write!(line, "  \"{}\"", a.response);
+            let _ = write!(line, "  \"{}\"", shown(&a.response));
         }
         lines.push((a.at, i, line));
     }
     for (i, end) in e.ends.iter().enumerate() {
         let target = if end.target.is_empty() {
-            "-"
+            "-".to_owned()
         } else {
-            &end.target
+            shown(&end.target)
         };
         let reason = end
             .reason
             .as_ref()
-            .map(|r| format!(" ({r})"))
+            .map(|r| format!(" ({})", shown(r)))
             .unwrap_or_default();
         lines.push((
             end.at,
             e.attempts.len() + i,
-            format!("{target}  {}{reason}", end.end),
+            format!("{target}  {}{reason}", shown(&end.end)),
         ));
     }
     lines.sort_by_key(|(at, i, _)| (*at, *i));
     for (at, _, line) in lines {
         let _ = writeln!(out, "  {}  {line}", time(at));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trail::{Dedup, TrailAttempt, TrailEnd, TrailOutcome, TrailRefusal};
+
+    fn pushed(hostile: &str) -> TrailEvent {
+        let text = |s: &str| Some(format!("{s}{hostile}"));
+        TrailEvent {
+            id: 1,
+            event_id: Some(EventId(7)),
+            received_at: UnixMs(1_700_000_000_000),
+            account: "secure".into(),
+            mode: "secure".into(),
+            msg_type: text("event"),
+            event: text("SCAN"),
+            scene: text("qrscene_1"),
+            msg_id: text("4242"),
+            ticket: true,
+            openid: text("oAbc…"),
+            dedup: Dedup::New,
+            route: vec!["hooks".into()],
+            reply: None,
+            refusal: None,
+            body_kept: false,
+            outcome: TrailOutcome::Dead,
+            attempts: vec![TrailAttempt {
+                at: UnixMs(1_700_000_000_100),
+                target: "hooks".into(),
+                attempt: 1,
+                inline: false,
+                status: None,
+                error: text("connect"),
+                latency_ms: 3,
+                response: String::new(),
+                circuit: "closed".into(),
+            }],
+            ends: vec![TrailEnd {
+                at: UnixMs(1_700_000_000_200),
+                target: "hooks".into(),
+                end: "dead".into(),
+                reason: text("http_4xx"),
+            }],
+        }
+    }
+
+    /// What a push carries reaches the operator's terminal escaped: no
+    /// escape sequence, carriage return or line of its own.
+    #[test]
+    fn a_pushs_fields_are_printed_with_control_characters_escaped() {
+        let hostile = "\u{1b}]0;owned\u{7}\r\n\u{1b}[2J";
+        let mut refused = pushed(hostile);
+        refused.refusal = Some(TrailRefusal {
+            reason: format!("bad signature{hostile}"),
+            source: "127.0.0.1".into(),
+        });
+        for event in [pushed(hostile), refused] {
+            let out = block(&event);
+            assert!(!out.contains('\u{1b}'), "{out:?}");
+            assert!(!out.contains('\u{7}'), "{out:?}");
+            assert!(!out.contains('\r'), "{out:?}");
+            assert!(out.contains("\\u{1b}"), "{out:?}");
+            // Each line is one of the block's own.
+            assert!(out.lines().all(|l| !l.starts_with('\u{1b}')), "{out:?}");
+        }
+        assert!(block(&pushed(hostile)).contains("scene=qrscene_1\\u{1b}]0;owned"));
     }
 }

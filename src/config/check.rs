@@ -63,6 +63,9 @@ fn server(s: &ServerSettings, out: &mut String) -> fmt::Result {
     row(out, "header_timeout", format_duration(s.header_timeout))?;
     row(out, "shutdown_timeout", format_duration(s.shutdown_timeout))?;
     row(out, "admin_token", masked(s.admin_token.as_ref()))?;
+    if !s.admin_hosts.is_empty() {
+        row(out, "admin_hosts", s.admin_hosts.join(", "))?;
+    }
     row(out, "ui_secure_cookie", s.ui_secure_cookie)
 }
 

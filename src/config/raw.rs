@@ -39,6 +39,8 @@ pub(crate) struct RawTrail {
     pub retain: Option<String>,
     /// Signed so that `-1` is reported as out of range, not as a type error.
     pub max_events: Option<i64>,
+    /// Signed so that `-1` is reported as out of range, not as a type error.
+    pub search_rows: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +59,7 @@ pub(crate) struct RawServer {
     pub admin_token_file: Option<PathBuf>,
     pub allow_unauthenticated_admin: Option<bool>,
     pub ui_secure_cookie: Option<bool>,
+    pub admin_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -42,6 +42,8 @@ pub struct TrailSettings {
     pub retain: Duration,
     /// At most this many events are kept.
     pub max_events: u64,
+    /// At most this many trail rows are read by one search.
+    pub search_rows: usize,
 }
 
 impl TrailSettings {
@@ -98,6 +100,10 @@ pub struct ServerSettings {
     /// reached over HTTPS (a TLS proxy in front), where a browser must never
     /// send the cookie in the clear.
     pub ui_secure_cookie: bool,
+    /// Names the admin listener answers `/admin/*` and `/ui` under, besides
+    /// its own address and `localhost` (lower case, without a port): a
+    /// request naming another `Host` is refused, against DNS rebinding.
+    pub admin_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

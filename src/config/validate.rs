@@ -181,8 +181,35 @@ fn server(raw: RawServer, p: &mut Problems) -> ServerSettings {
         admin_token,
         allow_unauthenticated_admin,
         ui_secure_cookie: raw.ui_secure_cookie.unwrap_or(false),
+        admin_hosts: admin_hosts(p, raw.admin_hosts.unwrap_or_default()),
     }
 }
+
+/// The host names the admin listener also answers under: lower case,
+/// without a trailing dot; a name only (no port, no scheme, no path).
+fn admin_hosts(p: &mut Problems, names: Vec<String>) -> Vec<String> {
+    let mut hosts = Vec::new();
+    for name in names {
+        let host = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        let fits = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
+        if host.is_empty() || !host.chars().all(fits) {
+            p.add(
+                "server.admin_hosts",
+                format!(
+                    "{name:?} is not a host name: list names such as \"relay.internal\", \
+                     without a port or scheme"
+                ),
+            );
+        } else {
+            hosts.push(host);
+        }
+    }
+    hosts
+}
+
+/// The shortest admin token taken, in bytes: long enough that guessing it
+/// at the pages' sign-in rate is hopeless.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 /// The public and admin addresses, which must differ.
 fn listeners(
@@ -278,6 +305,14 @@ fn admin_token(
     admin_token.ok().flatten().map(|(token, path)| {
         if token.expose().is_empty() {
             p.add(path, "must not be empty");
+        } else if token.expose().len() < MIN_ADMIN_TOKEN {
+            p.add(
+                path,
+                format!(
+                    "must be at least {MIN_ADMIN_TOKEN} bytes long: a short token can be \
+                     guessed (generate one with `openssl rand -hex 32`)"
+                ),
+            );
         } else if !token.expose().bytes().all(|b| b.is_ascii_graphic()) {
             // It travels in an Authorization header, which trims white space
             // and may carry only visible ASCII: another token never matches.
@@ -388,12 +423,21 @@ fn trail(raw: RawTrail, p: &mut Problems) -> TrailSettings {
             DEFAULT_TRAIL_MAX_EVENTS
         }
     };
+    let search_rows = match raw.search_rows {
+        None => crate::trail::SEARCH_ROWS,
+        Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(_) => {
+            p.add("trail.search_rows", "must be at least 1");
+            crate::trail::SEARCH_ROWS
+        }
+    };
     TrailSettings {
         enabled: raw.enabled.unwrap_or(true),
         key,
         keep_bodies: raw.keep_bodies.unwrap_or(false),
         retain: p.duration("trail.retain", raw.retain, DEFAULT_TRAIL_RETAIN),
         max_events,
+        search_rows,
     }
 }
 

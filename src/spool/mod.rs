@@ -76,7 +76,9 @@ pub use postgres::{postgres_display, PostgresSpool};
 pub use sqlite::SqliteSpool;
 pub use supervise::Supervision;
 
-use crate::trail::{TrailAttempt, TrailEvent, TrailFilter, TrailKey, TrailNote, TrailPush};
+use crate::trail::{
+    TrailAttempt, TrailEvent, TrailFilter, TrailFound, TrailKey, TrailNote, TrailPush,
+};
 use crate::wechat::family::Origin;
 use bytes::Bytes;
 use std::future::Future;
@@ -448,8 +450,15 @@ pub trait Intake: Send + Sync + 'static {
 
 /// What the command line and the pages use: the event trail.
 pub trait TrailLog: Send + Sync + 'static {
-    /// Events matching `filter`, newest first, each with its attempts and ends.
-    fn search(&self, filter: TrailFilter) -> SpoolFuture<Vec<TrailEvent>>;
+    /// Events matching `filter`, newest first, each with its attempts and
+    /// ends, and whether the search stopped at its cap of rows read
+    /// ([`TrailFilter::scan`]). Never on the path that hands out leases.
+    fn find(&self, filter: TrailFilter) -> SpoolFuture<TrailFound>;
+    /// The events [`TrailLog::find`] finds.
+    fn search(&self, filter: TrailFilter) -> SpoolFuture<Vec<TrailEvent>> {
+        let found = self.find(filter);
+        Box::pin(async move { found.await.map(|f| f.events) })
+    }
     /// Sends a retained event to `target` again, as a new delivery. Refused (an error naming
     /// why) when the event is gone, or was delivered and its body was not kept.
     fn redeliver(&self, event_id: EventId, target: String, now: UnixMs) -> SpoolFuture<DeliveryId>;

@@ -617,3 +617,51 @@ async fn without_a_configured_key_the_spool_keeps_one_for_every_opener() {
         assert_eq!(found.len(), 1, "{name}: the same key hashes alike");
     }
 }
+
+/// A search reads at most its `scan` rows: without an indexed field the
+/// newest ones only, and says when it stopped short of older rows.
+#[tokio::test]
+async fn a_search_reads_at_most_its_cap_of_rows_and_says_so() {
+    for (name, spool, _keep, _) in spools(setup(false, 1_000)).await {
+        for i in 0..6 {
+            let now = 1_000 + i * 1_000;
+            let e = push(&format!("k{i}"), &["a"], now);
+            spool.enqueue(e, UnixMs(now), WINDOW).await.unwrap();
+        }
+        let scene = |key: &str, scan: usize| TrailFilter {
+            scene: Some(format!("scene-{key}")),
+            scan,
+            ..TrailFilter::default()
+        };
+        let oldest = spool.find(scene("k0", 3)).await.unwrap();
+        assert!(oldest.events.is_empty(), "{name}: {oldest:#?}");
+        assert!(oldest.cut_short, "{name}: the cap is said");
+        assert!(oldest.cut_short_note(3).unwrap().contains("3 trail rows"));
+        let newest = spool.find(scene("k5", 3)).await.unwrap();
+        assert_eq!(newest.events.len(), 1, "{name}");
+        let uncapped = spool.find(scene("k0", 100)).await.unwrap();
+        assert_eq!(uncapped.events.len(), 1, "{name}");
+        assert!(!uncapped.cut_short, "{name}");
+
+        // By OpenID (indexed): the matching rows count against the cap.
+        let by_openid = |scan: usize| TrailFilter {
+            openid: Some(OPENID.into()),
+            scan,
+            ..TrailFilter::default()
+        };
+        let capped = spool.find(by_openid(4)).await.unwrap();
+        assert_eq!(capped.events.len(), 4, "{name}");
+        assert!(capped.cut_short, "{name}");
+        let all = spool.find(by_openid(100)).await.unwrap();
+        assert_eq!(all.events.len(), 6, "{name}");
+        assert!(!all.cut_short, "{name}");
+        // An event by its id is found however old.
+        let id = all.events[5].event_id.unwrap();
+        let by_id = TrailFilter {
+            event_id: Some(id),
+            scan: 1,
+            ..TrailFilter::default()
+        };
+        assert_eq!(spool.find(by_id).await.unwrap().events.len(), 1, "{name}");
+    }
+}

@@ -49,12 +49,27 @@ pub(super) enum Param {
     Blob(Vec<u8>),
 }
 
-/// The search's statement for one page: events older than `before` (a
-/// trail id), newest first. `placeholder(n)` names the n-th parameter.
+/// Whether the search selects by an indexed field (the OpenID's hash, the
+/// event id), so that the database reads only the rows that match it.
+/// Otherwise it reads the newest [`TrailFilter::scan`] rows at most: those
+/// with an id above [`scan_floor`].
+pub(super) fn indexed(filter: &TrailFilter) -> bool {
+    filter.openid.is_some() || filter.event_id.is_some()
+}
+
+/// The trail id a search without an indexed field reads above, given the
+/// newest id: the newest `scan` rows (ids grow; pruning takes the oldest).
+pub(super) fn scan_floor(filter: &TrailFilter, newest: i64) -> i64 {
+    newest.saturating_sub(i64::try_from(filter.scan).unwrap_or(i64::MAX))
+}
+
+/// The search's statement for one page: events older than `before` and
+/// newer than `floor` (trail ids), newest first. `placeholder(n)` names the
+/// n-th parameter.
 pub(super) fn page_query(
     filter: &TrailFilter,
     key: &TrailKey,
-    before: Option<i64>,
+    (before, floor): (Option<i64>, Option<i64>),
     page: usize,
     placeholder: impl Fn(usize) -> String,
 ) -> (String, Vec<Param>) {
@@ -91,6 +106,9 @@ pub(super) fn page_query(
     }
     if let Some(before) = before {
         add("t.id < ?", Param::Int(before));
+    }
+    if let Some(floor) = floor {
+        add("t.id > ?", Param::Int(floor));
     }
     let filtered = if clauses.is_empty() {
         String::new()

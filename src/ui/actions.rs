@@ -19,11 +19,18 @@ pub(super) fn sign_in(ui: &Ui, visit: &Visit) -> Result<Outcome, PageError> {
     let Some(token) = &config.server.admin_token else {
         return Ok(Outcome::Redirect(super::ROOT.into()));
     };
+    // Without a known address (never on a TCP listener) all share one count.
+    let peer = visit.peer.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let now = ui.clock.now_ms();
+    if ui.sign_ins.exhausted(peer, now) {
+        return Err(Refusal::TooManySignIns.into());
+    }
     let given = visit.field("token").ok_or(Refusal::BadForm)?.trim();
     if !same(given, token.expose()) {
+        ui.sign_ins.failed(peer, now);
         return Err(Refusal::BadToken.into());
     }
-    let session = Session::issue(ui.clock.now_ms());
+    let session = Session::issue(now);
     tracing::info!("signed in to the pages");
     let cookie = session.set_cookie(&visit.key, config.server.ui_secure_cookie);
     let home = Outcome::Redirect(back(visit));

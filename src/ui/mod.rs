@@ -8,7 +8,8 @@
 //!
 //! - this file: the routes, who may use them, and the one place a refused
 //!   request becomes an answer, a metric and a log line;
-//! - `session`: the session cookie and its CSRF token;
+//! - `session`: the session cookie, its CSRF token and signing out;
+//! - `limit`: failed sign-ins per address;
 //! - `pages`: the templates: the layout, signing in, the overview, the
 //!   search and an event's timeline.
 //!
@@ -19,6 +20,7 @@
 //! whoever knows the admin token, which a forged form cannot supply.
 
 mod actions;
+mod limit;
 mod pages;
 pub mod session;
 
@@ -33,8 +35,9 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use limit::SignInLimit;
 use maud::Markup;
-use session::{Session, SessionKey};
+use session::{Session, SessionKey, SignedOut};
 use std::sync::Arc;
 
 /// Where the pages live on the admin listener.
@@ -61,6 +64,10 @@ pub struct Ui {
     pub trail: Arc<dyn TrailLog>,
     /// MACs the sessions while no admin token is configured.
     open_key: SessionKey,
+    /// Failed sign-ins per address.
+    sign_ins: SignInLimit,
+    /// The sessions signed out on this process.
+    signed_out: SignedOut,
 }
 
 impl Ui {
@@ -80,6 +87,8 @@ impl Ui {
             trail: spool.2,
             dispatcher,
             open_key: SessionKey::random(),
+            sign_ins: SignInLimit::default(),
+            signed_out: SignedOut::default(),
         }
     }
 }
@@ -94,6 +103,8 @@ pub(crate) enum Refusal {
     Csrf,
     /// Signing in with a wrong admin token.
     BadToken,
+    /// Signing in from an address that failed too often in the last minute.
+    TooManySignIns,
     /// A form that is not one of the pages' own.
     BadForm,
     /// A search the trail cannot read (an unknown outcome, a bad time).
@@ -108,6 +119,7 @@ impl Refusal {
             Refusal::SignedOut => "signed_out",
             Refusal::Csrf => "csrf",
             Refusal::BadToken => "bad_token",
+            Refusal::TooManySignIns => "too_many_sign_ins",
             Refusal::BadForm => "bad_form",
             Refusal::BadQuery => "bad_query",
             Refusal::NotFound => "not_found",
@@ -119,6 +131,7 @@ impl Refusal {
         match self {
             Refusal::SignedOut | Refusal::BadToken => StatusCode::UNAUTHORIZED,
             Refusal::Csrf => StatusCode::FORBIDDEN,
+            Refusal::TooManySignIns => StatusCode::TOO_MANY_REQUESTS,
             Refusal::BadForm | Refusal::BadQuery => StatusCode::BAD_REQUEST,
             Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -130,6 +143,9 @@ impl Refusal {
             Refusal::SignedOut => "not signed in, or the session has expired: sign in again",
             Refusal::Csrf => "the form's CSRF token is missing or not this session's: reload the page and try again",
             Refusal::BadToken => "wrong admin token",
+            Refusal::TooManySignIns => {
+                "too many failed sign-ins from this address: wait a minute and try again"
+            }
             Refusal::BadForm => "malformed form",
             Refusal::BadQuery => "the search cannot be read",
             Refusal::NotFound => "no such page",
@@ -165,6 +181,8 @@ pub(crate) struct Visit {
     pub key: SessionKey,
     /// Whether signing in takes the admin token (one is configured).
     pub guarded: bool,
+    /// The client's address, when known.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 impl Visit {
@@ -250,7 +268,12 @@ async fn visit(ui: &Ui, req: Request<Incoming>) -> Result<Visit, Refusal> {
         .filter_map(|v| v.to_str().ok())
         .collect::<Vec<_>>()
         .join("; ");
-    let session = Session::from_cookies(&key, &cookies, ui.clock.now_ms());
+    let session = Session::from_cookies(&key, &cookies, ui.clock.now_ms())
+        .filter(|s| !ui.signed_out.ended(s));
+    let peer = req
+        .extensions()
+        .get::<crate::server::Peer>()
+        .map(|p| p.0.ip());
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let query = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
         .into_owned()
@@ -274,6 +297,7 @@ async fn visit(ui: &Ui, req: Request<Incoming>) -> Result<Visit, Refusal> {
         session,
         key,
         guarded,
+        peer,
     })
 }
 
@@ -312,7 +336,8 @@ async fn route(ui: &Ui, visit: &Visit) -> Result<Outcome, PageError> {
             actions::redeliver(ui, visit).await
         }
         (&Method::POST, "/ui/signout") => {
-            visit.signed_in()?;
+            let session = visit.signed_in()?;
+            ui.signed_out.sign_out(session, ui.clock.now_ms());
             let secure = ui.config.load().server.ui_secure_cookie;
             let target = Outcome::Redirect("/ui/signin".into());
             Ok(Outcome::WithCookie(
@@ -356,7 +381,7 @@ fn refuse(ui: &Ui, refusal: Refusal, path: &str, session: Option<&Session>) -> O
     ui.count_refusal(refusal, path);
     let page = match refusal {
         // The form again, to try once more.
-        Refusal::BadToken => pages::signin(Some(refusal.reason())),
+        Refusal::BadToken | Refusal::TooManySignIns => pages::signin(Some(refusal.reason())),
         _ => pages::refused(refusal.reason(), session.is_some()),
     };
     Outcome::Page(refusal.status(), page)

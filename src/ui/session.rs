@@ -7,11 +7,19 @@
 //! open) the key is random per process: the cookie then only carries the
 //! CSRF token. The CSRF token is the MAC of the nonce under the same key, so
 //! a form is accepted only with the session it was rendered for. Every
-//! comparison is in constant time.
+//! comparison is of two SHA-256 digests, in constant time: neither the
+//! secret's content nor its length shows in how long it takes.
+//!
+//! Signing out ends the session on this process: its nonce is kept in a
+//! bounded set until the cookie would have expired ([`SignedOut`]). Another
+//! replica does not know of it and accepts the cookie until it expires;
+//! changing the admin token signs every session out everywhere.
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Mutex;
 use subtle::ConstantTimeEq;
 
 /// The cookie's name.
@@ -57,9 +65,12 @@ fn mac(key: &[u8], message: &[u8]) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
-/// Whether two secrets are equal, in time that depends only on their lengths.
+/// Whether two secrets are equal. Their SHA-256 digests are compared in
+/// constant time: the time taken depends on neither secret's content nor
+/// its length (only hashing `given` depends on its own length).
 pub fn same(given: &str, expected: &str) -> bool {
-    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+    let (given, expected) = (Sha256::digest(given), Sha256::digest(expected));
+    bool::from(given.ct_eq(&expected))
 }
 
 /// A signed-in browser.
@@ -118,6 +129,11 @@ impl Session {
         format!("{COOKIE}=; Path=/ui; Max-Age=0; HttpOnly; SameSite=Strict{secure}")
     }
 
+    /// When the session was issued: its expiry less its lifetime.
+    fn issued_at(&self) -> i64 {
+        self.expires_at.saturating_sub(LIFETIME_MS)
+    }
+
     /// The CSRF token every form of this session carries.
     pub fn csrf(&self, key: &SessionKey) -> String {
         key.sign("csrf", &self.nonce)
@@ -126,6 +142,50 @@ impl Session {
     /// Whether `given` is this session's CSRF token.
     pub fn csrf_holds(&self, key: &SessionKey, given: &str) -> bool {
         same(given, &self.csrf(key))
+    }
+}
+
+/// The sessions signed out on this process, until their cookies would have
+/// expired. Bounded: when it is full of live sessions, every session issued
+/// until then is refused instead (everyone signs in again), which keeps the
+/// promise that a signed-out cookie opens nothing.
+#[derive(Debug, Default)]
+pub struct SignedOut {
+    state: Mutex<Revoked>,
+}
+
+#[derive(Debug, Default)]
+struct Revoked {
+    /// Nonce → when its cookie expires.
+    nonces: HashMap<String, i64>,
+    /// Sessions issued before this (unix milliseconds) are refused.
+    not_before: i64,
+}
+
+/// How many signed-out sessions are remembered one by one.
+pub const MAX_SIGNED_OUT: usize = 4_096;
+
+impl SignedOut {
+    /// Ends `session` on this process.
+    pub fn sign_out(&self, session: &Session, now: i64) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.nonces.len() >= MAX_SIGNED_OUT {
+            state.nonces.retain(|_, expires_at| *expires_at > now);
+        }
+        if state.nonces.len() >= MAX_SIGNED_OUT {
+            state.nonces.clear();
+            state.not_before = now.saturating_add(1);
+            return;
+        }
+        state
+            .nonces
+            .insert(session.nonce.clone(), session.expires_at);
+    }
+
+    /// Whether `session` was signed out here.
+    pub fn ended(&self, session: &Session) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        session.issued_at() < state.not_before || state.nonces.contains_key(&session.nonce)
     }
 }
 
@@ -172,6 +232,29 @@ mod tests {
         assert!(a.csrf_holds(&key, &a.csrf(&key)));
         assert!(!a.csrf_holds(&key, &b.csrf(&key)));
         assert!(!a.csrf_holds(&key, ""));
+    }
+
+    #[test]
+    fn secrets_of_any_length_compare_by_their_digests() {
+        assert!(same("a-long-admin-token", "a-long-admin-token"));
+        assert!(!same("a-long-admin-token", "a-long-admin-toke"));
+        assert!(!same("", "a-long-admin-token"));
+        assert!(same("", ""));
+    }
+
+    #[test]
+    fn a_signed_out_session_stays_ended_and_a_full_set_ends_every_older_one() {
+        let signed_out = SignedOut::default();
+        let (a, b) = (Session::issue(0), Session::issue(0));
+        signed_out.sign_out(&a, 10);
+        assert!(signed_out.ended(&a));
+        assert!(!signed_out.ended(&b));
+        for _ in 0..MAX_SIGNED_OUT {
+            signed_out.sign_out(&Session::issue(20), 30);
+        }
+        // Full of live sessions: every one issued so far is refused, a new one is not.
+        assert!(signed_out.ended(&a) && signed_out.ended(&b));
+        assert!(!signed_out.ended(&Session::issue(40)));
     }
 
     #[test]

@@ -291,8 +291,14 @@ fn broken_configs_are_refused_at_their_key_path() {
             "not both",
         ),
         (
+            "admin token too short to resist guessing",
+            format!("[server]\nadmin_token = \"short-token\"\n{VALID}"),
+            "server.admin_token",
+            "at least 16 bytes",
+        ),
+        (
             "admin token with a space",
-            format!("[server]\nadmin_token = \" padded-token\"\n{VALID}"),
+            format!("[server]\nadmin_token = \" padded-admin-token\"\n{VALID}"),
             "server.admin_token",
             "visible ASCII",
         ),

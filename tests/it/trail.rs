@@ -478,3 +478,118 @@ async fn an_inline_reply_attempt_that_times_out_is_in_the_trail_with_the_reply()
     assert_eq!(push["outcome"], "pending");
     relay.stop().await;
 }
+
+/// A reply target that cannot be reached inside the budget: the trail says
+/// the reply failed, not that there was none to wait for.
+#[tokio::test]
+async fn an_unreachable_reply_target_is_a_failed_reply_in_the_trail() {
+    let g = generated();
+    let nowhere = common::free_port();
+    let targets = [target(
+        "broker",
+        &format!("http://{nowhere}/broker"),
+        "retry_schedule = [\"1h\"]",
+    )];
+    let routes = "[[routes]]\nto = [\"broker\"]\nreply_from = \"broker\"\n";
+    let relay = TestRelay::start(&config(&g, &targets, routes), reference_now(&g)).await;
+    send_scan(&relay, &g, "1").await;
+    let query = format!("openid={OPENID}");
+    let replied = eventually(WAIT, || async {
+        let found = admin_trail(&relay, &query).await;
+        found.len() == 1 && found[0]["reply"].is_object()
+    })
+    .await;
+    let found = admin_trail(&relay, &query).await;
+    assert!(replied, "{found:#?}");
+    let push = &found[0];
+    assert_eq!(push["reply"]["outcome"], "failed", "{push:#}");
+    assert!(
+        push["reply"]["latency_ms"].as_u64().unwrap() < 1_000,
+        "{push:#}"
+    );
+    let attempt = &push["attempts"][0];
+    assert_eq!(attempt["inline"], true);
+    assert_eq!(attempt["status"], Value::Null);
+    relay.stop().await;
+}
+
+/// The trail's store is opened at the start only: a reload that turns it
+/// on is refused and says a restart is needed.
+#[tokio::test]
+async fn a_reload_that_turns_the_trail_on_is_refused_until_a_restart() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    let off = relay_config(&g, &hooks, &spool, "[trail]\nenabled = false\n");
+    let relay = TestRelay::start(&off, reference_now(&g)).await;
+    let on = relay_config(&g, &hooks, &spool, "[trail]\nenabled = true\n");
+    std::fs::write(relay.config_path(), on).unwrap();
+    let answer = relay.admin(Method::POST, "/admin/reload", None).await;
+    assert_eq!(answer.status, 422, "{}", answer.text());
+    assert!(
+        answer.text().contains("[trail] enabled"),
+        "{}",
+        answer.text()
+    );
+    assert!(answer.text().contains("restart"), "{}", answer.text());
+    let m = relay.metrics().await;
+    assert_eq!(
+        metric(&m, "wxrelay_config_reloads_total", &[("result", "failed")]),
+        1.0
+    );
+    relay.stop().await;
+}
+
+/// A search without an indexed field reads the newest `search_rows` rows
+/// only, and both the admin API and the command line say when that cut it
+/// short; by OpenID it reaches every row.
+#[tokio::test]
+async fn a_search_cut_short_by_search_rows_says_so() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    let trail = format!("[trail]\nkey = \"{TRAIL_KEY}\"\nsearch_rows = 2");
+    let toml = relay_config(&g, &hooks, &spool, &trail);
+    let relay = TestRelay::start_with_spool_at(&toml, reference_now(&g), &spool).await;
+    for nonce in ["1", "2", "3"] {
+        send_scan(&relay, &g, nonce).await;
+    }
+    let query = format!("openid={OPENID}");
+    let written = eventually(WAIT, || async {
+        admin_trail(&relay, &query).await.len() == 2
+    })
+    .await;
+    assert!(written, "the OpenID's rows are read up to the cap");
+
+    let by_scene = format!("/admin/trail?scene={SCENE}");
+    let capped = relay.admin(Method::GET, &by_scene, None).await;
+    assert_eq!(capped.status, 200, "{}", capped.text());
+    let found: Vec<Value> = serde_json::from_str(&capped.text()).unwrap();
+    assert_eq!(found.len(), 2, "the newest two rows only");
+    let note = capped.headers["wxrelay-search-cut-short"].to_str().unwrap();
+    assert!(note.contains("2 trail rows"), "{note}");
+    let whole = relay
+        .admin(Method::GET, &format!("{by_scene}&limit=2"), None)
+        .await;
+    assert!(whole.headers.get("wxrelay-search-cut-short").is_none());
+
+    let config = dir.path().join("cli.toml");
+    std::fs::write(&config, &toml).unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let args = vec![
+        "trail".into(),
+        "--config".into(),
+        config,
+        "--scene".into(),
+        SCENE.into(),
+    ];
+    let (code, out) = wxrelay(args).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("note: the search stopped after reading 2 trail rows"),
+        "{out}"
+    );
+    relay.stop().await;
+}

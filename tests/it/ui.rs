@@ -525,3 +525,125 @@ async fn with_the_trail_off_the_search_says_so() {
     assert!(page.text().contains("The trail is off"), "{}", page.text());
     relay.stop().await;
 }
+
+/// A request to the admin listener naming `host` in its `Host` header.
+async fn as_host(admin: SocketAddr, path: &str, host: &str) -> Answer {
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header("host", host)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    exchange(admin, req).await
+}
+
+/// A page of another site whose name was rebound to the loopback address
+/// reaches the admin listener with its own name in `Host`: refused.
+#[tokio::test]
+async fn a_request_naming_another_host_is_refused_on_the_admin_listener() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let server = "allow_unauthenticated_admin = true";
+    let relay = TestRelay::start(&config(&g, &hooks.url("/"), server), reference_now(&g)).await;
+    let port = relay.admin.port();
+    for path in ["/ui", "/admin/trail", "/ui/signin"] {
+        let rebound = as_host(relay.admin, path, &format!("attacker.example:{port}")).await;
+        assert_eq!(rebound.status, 421, "{path}: {}", rebound.text());
+        assert!(rebound.text().contains("Host"), "{}", rebound.text());
+    }
+    let m = relay.metrics().await;
+    let refused = metric(&m, "wxrelay_admin_refusals_total", &[("reason", "host")]);
+    assert_eq!(refused, 3.0);
+    // Its own address and localhost are served.
+    let own = as_host(relay.admin, "/admin/trail", &relay.admin.to_string()).await;
+    assert_eq!(own.status, 200, "{}", own.text());
+    let local = as_host(relay.admin, "/admin/trail", &format!("localhost:{port}")).await;
+    assert_eq!(local.status, 200, "{}", local.text());
+    // Health and metrics stay open to probes and scrapers under any name.
+    let probe = as_host(relay.admin, "/healthz", "wxrelay.svc.cluster.local").await;
+    assert_eq!(probe.status, 200);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_name_listed_in_admin_hosts_is_served() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let server = format!("admin_token = \"{TOKEN}\"\nadmin_hosts = [\"relay.internal\"]");
+    let relay = TestRelay::start(&config(&g, &hooks.url("/"), &server), reference_now(&g)).await;
+    let listed = as_host(relay.admin, "/admin/trail", "Relay.Internal:8443").await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    let other = as_host(relay.admin, "/admin/trail", "other.internal").await;
+    assert_eq!(other.status, 421, "{}", other.text());
+    relay.stop().await;
+}
+
+/// Guessing the admin token from one address is slowed to a few tries a
+/// minute: beyond them even the right token waits.
+#[tokio::test]
+async fn failed_sign_ins_from_one_address_are_limited() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let server = format!("admin_token = \"{TOKEN}\"");
+    let relay = TestRelay::start(&config(&g, &hooks.url("/"), &server), reference_now(&g)).await;
+    let mut visitor = Visitor::new(relay.admin);
+    for guess in 0..5 {
+        let wrong = visitor
+            .sign_in(&format!("guess-number-{guess}-of-many"))
+            .await;
+        assert_eq!(wrong.status, 401, "guess {guess}");
+    }
+    let limited = visitor.sign_in("guess-number-6-of-many").await;
+    assert_eq!(limited.status, 429, "{}", limited.text());
+    assert!(
+        limited.text().contains("too many failed sign-ins"),
+        "{}",
+        limited.text()
+    );
+    let right = visitor.sign_in(TOKEN).await;
+    assert_eq!(right.status, 429, "the limit holds for the right token too");
+    assert!(visitor.cookie.is_none());
+    let m = relay.metrics().await;
+    let counted = metric(
+        &m,
+        "wxrelay_ui_refusals_total",
+        &[("reason", "too_many_sign_ins")],
+    );
+    assert_eq!(counted, 2.0);
+    assert_eq!(
+        metric(&m, "wxrelay_ui_refusals_total", &[("reason", "bad_token")]),
+        5.0
+    );
+    // A minute later the address may try again.
+    relay.clock.advance_ms(60_000);
+    assert_eq!(visitor.sign_in(TOKEN).await.status, 303);
+    relay.stop().await;
+}
+
+/// Signing out ends the session: its cookie, kept by someone, no longer
+/// opens a page.
+#[tokio::test]
+async fn a_signed_out_session_cookie_is_refused_afterwards() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let (relay, mut visitor) = signed_in(&g, &hooks).await;
+    let page = visitor.get("/ui").await;
+    assert_eq!(page.status, 200);
+    let kept = visitor.cookie.clone().unwrap();
+    let token = csrf(&page.text());
+    let out = visitor
+        .post("/ui/signout", &[("csrf", token.as_str())])
+        .await;
+    assert_eq!(out.status, 303);
+    let mut replayed = Visitor::new(relay.admin);
+    replayed.cookie = Some(kept);
+    let after = replayed.get("/ui").await;
+    assert_eq!(after.status, 303, "{}", after.text());
+    assert_eq!(header(&after, "location"), "/ui/signin");
+    // Another session of the same token is still signed in.
+    let mut other = Visitor::new(relay.admin);
+    assert_eq!(other.sign_in(TOKEN).await.status, 303);
+    assert_eq!(other.get("/ui").await.status, 200);
+    relay.stop().await;
+}

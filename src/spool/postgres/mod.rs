@@ -72,7 +72,7 @@ use super::{
     Work,
 };
 use crate::config::PostgresSettings;
-use crate::trail::{TrailEvent, TrailFilter, TrailNote};
+use crate::trail::{TrailFilter, TrailFound, TrailNote};
 use const_format::formatcp;
 use deadpool_postgres::{Object, Pool};
 use std::future::Future;
@@ -439,7 +439,7 @@ impl PostgresSpool {
 }
 
 impl TrailLog for PostgresSpool {
-    fn search(&self, filter: TrailFilter) -> SpoolFuture<Vec<TrailEvent>> {
+    fn find(&self, filter: TrailFilter) -> SpoolFuture<TrailFound> {
         let Some(store) = self.trail.load_full() else {
             return Box::pin(async { Err(trail_off()) });
         };

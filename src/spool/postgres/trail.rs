@@ -9,7 +9,7 @@ use crate::spool::trail_rows::{self, route_text, Param, RESTORE_EVENT, STEP_COLU
 use crate::spool::{
     DeadReason, DeliveryId, EventId, Settle, Settlement, SpoolError, TrailStore, UnixMs,
 };
-use crate::trail::{TrailEvent, TrailFilter, TrailKey, TrailNote};
+use crate::trail::{TrailFilter, TrailFound, TrailKey, TrailNote};
 use bytes::BytesMut;
 use deadpool_postgres::{Object, Pool, Transaction};
 use std::collections::HashMap;
@@ -374,24 +374,39 @@ impl ToSql for Param {
 }
 
 /// Events matching `filter`, newest first, with their steps.
+/// The newest trail id (0 while there is none), and whether any row is at
+/// or below a search's floor.
+const NEWEST: &str = "SELECT COALESCE(max(id), 0)::bigint FROM trail_events";
+const OLDER: &str = "SELECT EXISTS (SELECT 1 FROM trail_events WHERE id <= $1)";
+
 pub(super) async fn search(
     c: &mut Object,
     key: &TrailKey,
     filter: &TrailFilter,
-) -> Result<Vec<TrailEvent>, SpoolError> {
-    let page = trail_rows::page_size(filter);
-    let mut found = Vec::new();
-    let mut before = None;
+) -> Result<TrailFound, SpoolError> {
+    let floor = match trail_rows::indexed(filter) {
+        true => None,
+        false => {
+            let newest = c.query_one(NEWEST, &[]).await?.try_get(0)?;
+            Some(trail_rows::scan_floor(filter, newest))
+        }
+    };
+    let (mut found, mut before, mut read) = (Vec::new(), None, 0);
     let steps = c
         .prepare_cached(&format!(
             "SELECT event_id, {STEP_COLUMNS} FROM trail_steps WHERE event_id = ANY($1) ORDER BY id"
         ))
         .await?;
     loop {
-        let (sql, params) = trail_rows::page_query(filter, key, before, page, |n| format!("${n}"));
+        let page = trail_rows::page_size(filter)
+            .min(filter.scan.saturating_sub(read))
+            .max(1);
+        let (sql, params) =
+            trail_rows::page_query(filter, key, (before, floor), page, |n| format!("${n}"));
         let select = c.prepare_cached(&sql).await?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
         let rows = c.query(&select, &refs).await?;
+        read += rows.len();
         let mut events = rows
             .iter()
             .map(trail_rows::trail_event)
@@ -416,14 +431,23 @@ pub(super) async fn search(
             if trail_rows::judged(&mut event, filter) {
                 found.push(event);
                 if found.len() == filter.limit {
-                    return Ok(found);
+                    return Ok(TrailFound::of(found, false));
                 }
             }
         }
         if rows.len() < page {
-            return Ok(found);
+            break;
+        }
+        if read >= filter.scan {
+            return Ok(TrailFound::of(found, true));
         }
     }
+    // Rows below the floor were never read: any of them may match.
+    let cut_short = match floor {
+        Some(floor) => c.query_one(OLDER, &[&floor]).await?.try_get(0)?,
+        None => false,
+    };
+    Ok(TrailFound::of(found, cut_short))
 }
 
 /// Sends the event to `target` again (see the SQLite spool's).

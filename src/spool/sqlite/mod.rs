@@ -2,7 +2,8 @@
 //! written by one thread that commits whatever requests are waiting in one
 //! transaction (group commit), so a burst of pushes costs one fsync, not one
 //! per push. Reads (leases, listings) run on a second thread with its own
-//! connection, so they never wait behind a commit.
+//! connection, so they never wait behind a commit; searches of the trail on
+//! a third, so that a long one never holds up a lease.
 //!
 //! A lease is held in memory, not written (see [`leases`]).
 //!
@@ -60,7 +61,7 @@ use super::{
     Supervision, TargetDepth, Tickets, TrailLog, TrailSetup, TrailSlot, UnixMs, WaitingDelivery,
     Work,
 };
-use crate::trail::{TrailEvent, TrailFilter, TrailNote};
+use crate::trail::{TrailFilter, TrailFound, TrailNote};
 use file::{open_connection, OpenedFile};
 use late::LateCommand;
 use leases::Leased;
@@ -80,6 +81,8 @@ type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 pub struct SqliteSpool {
     tx: Mutex<Option<mpsc::SyncSender<Command>>>,
     reads: Mutex<Option<mpsc::SyncSender<Read>>>,
+    /// The trail's searches, on their own thread and connection.
+    searches: Mutex<Option<mpsc::SyncSender<Read>>>,
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
     leased: Leased,
     supervision: Supervision,
@@ -109,11 +112,13 @@ impl SqliteSpool {
         }
         let file = OpenedFile::of(path)?;
         let read_conn = open_connection(path)?;
+        let search_conn = open_connection(path)?;
         let supervision = Supervision::default();
         let leased = Leased::default();
         let trail = TrailSlot::default();
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let (reads, read_rx) = mpsc::sync_channel(QUEUE);
+        let (searches, search_rx) = mpsc::sync_channel(SEARCH_QUEUE);
         let start_error = |e| SpoolError::caused("cannot start the spool threads", e);
         let file = std::sync::Arc::new(file);
         let writer = supervision
@@ -124,14 +129,23 @@ impl SqliteSpool {
             .map_err(start_error)?;
         let held = (leased.clone(), trail.clone());
         let reader = supervision
-            .thread("sqlite reader", move || {
-                reader::run(read_conn, read_rx, held, &file)
+            .thread("sqlite reader", {
+                let file = file.clone();
+                move || reader::run(read_conn, read_rx, held, &file)
+            })
+            .map_err(start_error)?;
+        // Only searches reach it: its leases are never asked for.
+        let held = (Leased::default(), trail.clone());
+        let searcher = supervision
+            .thread("sqlite trail search", move || {
+                reader::run(search_conn, search_rx, held, &file)
             })
             .map_err(start_error)?;
         Ok(Self {
             tx: Mutex::new(Some(tx)),
             reads: Mutex::new(Some(reads)),
-            threads: Mutex::new(vec![writer, reader]),
+            searches: Mutex::new(Some(searches)),
+            threads: Mutex::new(vec![writer, reader, searcher]),
             leased,
             supervision,
             owner: crate::wechat::push::digits(16),
@@ -165,6 +179,9 @@ impl SqliteSpool {
         if let Ok(mut reads) = self.reads.lock() {
             reads.take();
         }
+        if let Ok(mut searches) = self.searches.lock() {
+            searches.take();
+        }
         let threads = self
             .threads
             .lock()
@@ -183,6 +200,10 @@ impl SqliteSpool {
         send_to(&self.supervision, &self.reads, make)
     }
 }
+
+/// Searches waiting for the search thread: beyond, a search is answered
+/// `Busy` at once.
+const SEARCH_QUEUE: usize = 8;
 
 /// Hands a request to the writer or the reader: `Busy` when its queue is
 /// full (while the disk stalls, a push gets 503 at once and WeChat retries),
@@ -238,8 +259,10 @@ impl Intake for SqliteSpool {
 }
 
 impl TrailLog for SqliteSpool {
-    fn search(&self, filter: TrailFilter) -> SpoolFuture<Vec<TrailEvent>> {
-        self.read(|r| Read::Trail(filter, r))
+    fn find(&self, filter: TrailFilter) -> SpoolFuture<TrailFound> {
+        send_to(&self.supervision, &self.searches, |r| {
+            Read::Trail(filter, r)
+        })
     }
 
     fn redeliver(&self, event_id: EventId, target: String, now: UnixMs) -> SpoolFuture<DeliveryId> {

@@ -1,5 +1,6 @@
 //! The reader: a thread with its own connection for leases and listings, so
-//! that they never wait behind a commit.
+//! that they never wait behind a commit. The trail's searches run the same
+//! loop on a thread and connection of their own.
 
 use super::dead::dead_letters;
 use super::file::OpenedFile;
@@ -10,7 +11,7 @@ use crate::spool::{
     rows, ComponentTicket, DeadFilter, DeadLetter, Event, EventId, Lease, SpoolError, TargetDepth,
     TrailSlot, UnixMs, WaitingDelivery,
 };
-use crate::trail::{TrailEvent, TrailFilter};
+use crate::trail::{TrailFilter, TrailFound};
 use const_format::formatcp;
 use rusqlite::{params, Connection};
 use std::sync::mpsc;
@@ -24,7 +25,7 @@ pub(super) enum Read {
     Waiting(String, usize, Reply<Vec<WaitingDelivery>>),
     Event(EventId, Reply<Option<Event>>),
     Tickets(Reply<Vec<ComponentTicket>>),
-    Trail(TrailFilter, Reply<Vec<TrailEvent>>),
+    Trail(TrailFilter, Reply<TrailFound>),
 }
 
 /// Answers reads until the spool closes; none from a file no longer at the

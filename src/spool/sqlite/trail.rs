@@ -5,7 +5,9 @@
 use crate::spool::trail_rows::{self, Param, RESTORE_EVENT, STEP_COLUMNS};
 use crate::spool::vocab::{EVENT_COLUMNS, PENDING};
 use crate::spool::{rows, DeadReason, DeliveryId, Event, EventId, SpoolError, TrailStore, UnixMs};
-use crate::trail::{TrailAttempt, TrailEvent, TrailFilter, TrailKey, TrailNote, TrailPush};
+use crate::trail::{
+    TrailAttempt, TrailEvent, TrailFilter, TrailFound, TrailKey, TrailNote, TrailPush,
+};
 use const_format::formatcp;
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{params, Connection, ToSql};
@@ -160,22 +162,34 @@ impl ToSql for Param {
     }
 }
 
-/// Events matching `filter`, newest first, with their steps.
+/// Events matching `filter`, newest first, with their steps: at most
+/// `filter.scan` trail rows read (see [`trail_rows::indexed`]).
 pub(super) fn search(
     c: &Connection,
     key: &TrailKey,
     filter: &TrailFilter,
-) -> Result<Vec<TrailEvent>, SpoolError> {
-    let page = trail_rows::page_size(filter);
-    let mut found = Vec::new();
-    let mut before = None;
+) -> Result<TrailFound, SpoolError> {
+    let floor = match trail_rows::indexed(filter) {
+        true => None,
+        false => {
+            let newest: i64 = c
+                .prepare_cached("SELECT COALESCE(max(id), 0) FROM trail_events")?
+                .query_row([], |r| r.get(0))?;
+            Some(trail_rows::scan_floor(filter, newest))
+        }
+    };
+    let (mut found, mut before, mut read) = (Vec::new(), None, 0);
     loop {
-        let (sql, params) = trail_rows::page_query(filter, key, before, page, |n| format!("?{n}"));
+        let page = trail_rows::page_size(filter)
+            .min(filter.scan.saturating_sub(read))
+            .max(1);
+        let (sql, params) =
+            trail_rows::page_query(filter, key, (before, floor), page, |n| format!("?{n}"));
         let mut select = c.prepare_cached(&sql)?;
         let mut rows = select.query(rusqlite::params_from_iter(params.iter()))?;
-        let mut read = 0;
+        let mut in_page = 0;
         while let Some(row) = rows.next()? {
-            read += 1;
+            in_page += 1;
             let mut event = trail_rows::trail_event(row)?;
             before = Some(event.id);
             if let Some(id) = event.event_id {
@@ -184,14 +198,26 @@ pub(super) fn search(
             if trail_rows::judged(&mut event, filter) {
                 found.push(event);
                 if found.len() == filter.limit {
-                    return Ok(found);
+                    return Ok(TrailFound::of(found, false));
                 }
             }
         }
-        if read < page {
-            return Ok(found);
+        read += in_page;
+        if in_page < page {
+            break;
+        }
+        if read >= filter.scan {
+            return Ok(TrailFound::of(found, true));
         }
     }
+    // Rows below the floor were never read: any of them may match.
+    let cut_short = match floor {
+        Some(floor) => c
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM trail_events WHERE id <= ?1)")?
+            .query_row(params![floor], |r| r.get(0))?,
+        None => false,
+    };
+    Ok(TrailFound::of(found, cut_short))
 }
 
 fn steps(c: &Connection, id: EventId, event: &mut TrailEvent) -> Result<(), SpoolError> {

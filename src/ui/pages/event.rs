@@ -131,6 +131,7 @@ fn arrival(e: &TrailEvent) -> Vec<Step> {
             ReplyOutcome::Passed => ("ok", "answered with the target's reply"),
             ReplyOutcome::Unverifiable => ("warn", "target's reply unusable: answered success"),
             ReplyOutcome::TimedOut => ("warn", "no reply in time: answered success"),
+            ReplyOutcome::Failed => ("warn", "reply target failed: answered success"),
         };
         let detail = format!(
             "{} of a {} budget",

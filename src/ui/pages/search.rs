@@ -45,11 +45,17 @@ impl Asked {
     }
 }
 
+/// A search's results, and the note when it stopped at its cap of rows read.
+pub(in crate::ui) struct Shown {
+    pub events: Vec<TrailEvent>,
+    pub note: Option<String>,
+}
+
 /// The search page: the form, then the results, or why there are none.
 pub(in crate::ui) fn page(
     chrome: Chrome<'_>,
     asked: &Asked,
-    found: Result<Option<Vec<TrailEvent>>, String>,
+    found: Result<Option<Shown>, String>,
 ) -> Markup {
     layout(
         "Search",
@@ -60,7 +66,10 @@ pub(in crate::ui) fn page(
             @match found {
                 Err(problem) => section.card { p.problem { (problem) } },
                 Ok(None) => {},
-                Ok(Some(events)) => section.card { (results(&events)) },
+                Ok(Some(shown)) => section.card {
+                    @if let Some(note) = &shown.note { p.problem { (note) } }
+                    (results(&shown.events))
+                },
             }
         },
     )
@@ -179,9 +188,16 @@ pub(in crate::ui) async fn show(
             ui.count_refusal(Refusal::BadQuery, "/ui/search");
             Ok((StatusCode::BAD_REQUEST, page(chrome, &asked, Err(problem))))
         }
-        Ok(filter) => {
-            let events = ui.trail.search(filter).await?;
-            Ok((StatusCode::OK, page(chrome, &asked, Ok(Some(events)))))
+        Ok(mut filter) => {
+            filter.scan = ui.config.load().trail.search_rows;
+            let scan = filter.scan;
+            let found = ui.trail.find(filter).await?;
+            let note = found.cut_short_note(scan);
+            let shown = Shown {
+                events: found.events,
+                note,
+            };
+            Ok((StatusCode::OK, page(chrome, &asked, Ok(Some(shown)))))
         }
     }
 }
