@@ -49,26 +49,27 @@ pub(super) fn record(
 }
 
 /// A delivery retired while its attempt was in flight was still delivered:
-/// a replay would send it twice.
-const DELETE_DELIVERED: &str = formatcp!(
-    "DELETE FROM deliveries WHERE id = ?1
-       AND (state = {PENDING} OR (state = {DEAD} AND reason = '{TARGET_REMOVED}'))
-     RETURNING event_id, target, order_key"
+/// a replay would send it twice. Read, then deleted by its id: a `RETURNING`
+/// clause would cost a temporary table per delivery.
+const DELIVERED: &str = formatcp!(
+    "SELECT event_id, target, order_key FROM deliveries WHERE id = ?1
+       AND (state = {PENDING} OR (state = {DEAD} AND reason = '{TARGET_REMOVED}'))"
 );
+
+const DELETE_DELIVERY: &str = "DELETE FROM deliveries WHERE id = ?1";
 
 /// The event and target of a delivery whose outcome was written.
 type Written = Option<(i64, Option<String>)>;
 
 fn delivered(c: &Connection, id: DeliveryId) -> rusqlite::Result<Written> {
-    let deleted: Option<(i64, Option<String>, Option<String>)> = c
-        .prepare_cached(DELETE_DELIVERED)?
-        .query_row(params![id], |r| {
-            Ok((r.get("event_id")?, r.get("target")?, r.get("order_key")?))
-        })
+    let found: Option<(i64, Option<String>, Option<String>)> = c
+        .prepare_cached(DELIVERED)?
+        .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let Some((event_id, target, order_key)) = deleted else {
+    let Some((event_id, target, order_key)) = found else {
         return Ok(None);
     };
+    c.prepare_cached(DELETE_DELIVERY)?.execute(params![id])?;
     drop_event_if_done(c, event_id)?;
     unblock_next(c, target.as_deref(), order_key.as_deref())?;
     Ok(Some((event_id, target)))
