@@ -109,10 +109,20 @@ fn depth(c: &Connection) -> Result<Vec<TargetDepth>, SpoolError> {
     read_rows(c, DEPTH, [], |row| rows::depth(row))
 }
 
-const WAITING: &str = formatcp!(
-    "SELECT id, event_id, attempts, next_at, last_error, step, scheduled_at, not_before
-     FROM deliveries WHERE state = {PENDING} AND target = ?1 ORDER BY next_at, id LIMIT ?2"
+/// A target's waiting deliveries, first due first: the heads and those held
+/// back behind them, each part read in due order from the pending index and
+/// the two merged, so no listing sorts a whole backlog.
+pub(super) const WAITING: &str = formatcp!(
+    "SELECT {WAITING_COLUMNS} FROM deliveries
+     WHERE state = {PENDING} AND target = ?1 AND blocked = 0
+     UNION ALL
+     SELECT {WAITING_COLUMNS} FROM deliveries
+     WHERE state = {PENDING} AND target = ?1 AND blocked = 1
+     ORDER BY next_at, id LIMIT ?2"
 );
+
+const WAITING_COLUMNS: &str =
+    "id, event_id, attempts, next_at, last_error, step, scheduled_at, not_before";
 
 fn waiting(c: &Connection, target: &str, limit: usize) -> Result<Vec<WaitingDelivery>, SpoolError> {
     read_rows(c, WAITING, params![target, limit as i64], |row| {

@@ -506,9 +506,9 @@ async fn a_migrated_file_opens_again_unchanged() {
 }
 
 /// The state codes are literals in the statements, so the partial indexes
-/// serve them: a lease reads the heads index, not the table.
+/// serve them: a lease reads the pending index, not the table.
 #[test]
-fn the_lease_reads_the_heads_index() {
+fn the_lease_reads_the_pending_index() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
     let mut conn = open_connection(&path).unwrap();
@@ -523,9 +523,29 @@ fn the_lease_reads_the_heads_index() {
         .collect::<rusqlite::Result<_>>()
         .unwrap();
     assert!(
-        plan.iter().any(|step| step.contains("deliveries_heads")),
+        plan.iter().any(|step| step.contains("deliveries_pending")),
         "{plan:?}"
     );
+}
+
+/// A target's waiting deliveries are listed from the pending index in due
+/// order, held-back ones merged in, without sorting the backlog.
+#[test]
+fn the_waiting_listing_reads_the_pending_index_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let mut conn = open_connection(&path).unwrap();
+    migrate::migrate(&mut conn, &path).unwrap();
+    let plan: Vec<String> = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", reader::WAITING))
+        .unwrap()
+        .query_map(rusqlite::params!["t", 10], |r| r.get::<_, String>("detail"))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    let indexed = plan.iter().filter(|s| s.contains("deliveries_pending"));
+    assert_eq!(indexed.count(), 2, "{plan:?}");
+    assert!(!plan.iter().any(|s| s.contains("TEMP B-TREE")), "{plan:?}");
 }
 
 /// The lease reads its columns from a list: the list is the query's.
