@@ -3,6 +3,7 @@
 
 use super::dead::dead_letters;
 use super::file::OpenedFile;
+use super::held::Prepared;
 use super::leases::{self, Leased};
 use super::Reply;
 use crate::spool::vocab::{EVENT_COLUMNS, PENDING, TICKETS};
@@ -35,6 +36,7 @@ pub(super) fn run(
     (leased, trail): (Leased, TrailSlot),
     file: &OpenedFile,
 ) {
+    let held = Prepared::new(&conn);
     while let Ok(read) = rx.recv() {
         if let Err(e) = file.check() {
             fail(read, e);
@@ -42,7 +44,7 @@ pub(super) fn run(
         }
         match read {
             Read::Lease(target, now, limit, lease, r) => {
-                let _ = r.send(leases::lease(&conn, &leased, &target, now, limit, lease));
+                let _ = r.send(leases::lease(&held, &leased, &target, now, limit, lease));
             }
             Read::DeadLetters(f, limit, r) => {
                 let _ = r.send(dead_letters(&conn, &f, limit));
