@@ -945,6 +945,38 @@ fn ordered(key: &str, targets: &[&str], now: i64, order_key: &str) -> NewEvent {
     e
 }
 
+/// The waiting listing holds a target's pending deliveries first due first,
+/// those held back behind an earlier one of their user among the rest.
+#[tokio::test]
+async fn waiting_lists_held_back_deliveries_in_due_order() {
+    for (name, spool, _cleanup) in spools().await {
+        let (_, first) = stored(&*spool, ordered("k1", &["a"], 10, "u"), 10).await;
+        let (_, free) = stored(&*spool, event("k2", &["a"], 20), 20).await;
+        let (_, held) = stored(&*spool, ordered("k3", &["a"], 30, "u"), 30).await;
+        let (_, later) = stored(&*spool, event("k4", &["a"], 40), 40).await;
+        let listed: Vec<(DeliveryId, UnixMs)> = spool
+            .waiting("a", 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|w| (w.delivery_id, w.next_at))
+            .collect();
+        let expected = [(&first, 10), (&free, 20), (&held, 30), (&later, 40)]
+            .map(|(d, at)| (d[0], UnixMs(at)));
+        assert_eq!(listed, expected, "{name}");
+        let leased = spool.lease("a", UnixMs(40), 10, ms(60_000)).await.unwrap();
+        assert_eq!(ids(&leased), [first[0], free[0], later[0]], "{name}");
+        let two: Vec<DeliveryId> = spool
+            .waiting("a", 2)
+            .await
+            .unwrap()
+            .iter()
+            .map(|w| w.delivery_id)
+            .collect();
+        assert_eq!(two, [first[0], free[0]], "{name}");
+    }
+}
+
 fn ids(leases: &[Lease]) -> Vec<DeliveryId> {
     leases.iter().map(|l| l.delivery_id).collect()
 }

@@ -13,12 +13,13 @@ use crate::trail::TrailPush;
 
 /// An unrouted event's end in the trail.
 const UNROUTED_END: &str = "dead";
+use super::held::Prepared;
 use const_format::formatcp;
 use rusqlite::{params, Connection};
 use std::time::Duration;
 
 pub(super) fn enqueue(
-    c: &Connection,
+    c: &Prepared<'_>,
     new: NewEvent,
     now: UnixMs,
     window: Duration,
@@ -61,16 +62,17 @@ pub(super) fn enqueue(
 
 /// Takes the push's dedup key; false when a live one makes it a duplicate.
 /// An expired key is taken over by the new event.
-fn take_key(c: &Connection, key: &str, now: UnixMs, window: Duration) -> rusqlite::Result<bool> {
+fn take_key(c: &Prepared<'_>, key: &str, now: UnixMs, window: Duration) -> rusqlite::Result<bool> {
     let inserted = c
-        .prepare_cached(TAKE_KEY)?
+        .statement(TAKE_KEY)?
+        .borrow_mut()
         .execute(params![key, now + window, now])?;
     Ok(inserted != 0)
 }
 
-fn insert_event(c: &Connection, e: &Event) -> rusqlite::Result<EventId> {
+fn insert_event(c: &Prepared<'_>, e: &Event) -> rusqlite::Result<EventId> {
     let (family, codec) = rows::origin_names(&e.origin);
-    c.prepare_cached(INSERT_EVENT)?.execute(params![
+    c.statement(INSERT_EVENT)?.borrow_mut().execute(params![
         e.dedup_key,
         e.account,
         e.received_at,
@@ -93,7 +95,7 @@ fn insert_event(c: &Connection, e: &Event) -> rusqlite::Result<EventId> {
 /// A pending delivery per target, or the event's `unrouted` dead letter
 /// when it has none.
 fn insert_deliveries(
-    c: &Connection,
+    c: &Prepared<'_>,
     event_id: EventId,
     targets: &[NewDelivery],
     now: UnixMs,
@@ -103,7 +105,8 @@ fn insert_deliveries(
             .execute(params![event_id, DeliveryState::Dead, now])?;
     }
     let mut deliveries = Vec::with_capacity(targets.len());
-    let mut insert = c.prepare_cached(INSERT_DELIVERY)?;
+    let insert = c.statement(INSERT_DELIVERY)?;
+    let mut insert = insert.borrow_mut();
     for d in targets {
         let state = DeliveryState::Pending;
         insert.execute(params![
@@ -153,22 +156,28 @@ const INSERT_DELIVERY: &str = formatcp!(
 /// Records the guard's query with its body hash; false when the query was
 /// already taken, unexpired, with another body. An expired entry is taken
 /// over, like an expired dedup key.
-fn first_body_under(c: &Connection, guard: &ReplayGuard, now: UnixMs) -> rusqlite::Result<bool> {
-    let inserted = c
-        .prepare_cached(
-            "INSERT INTO replay (key, body_hash, expires_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (key) DO UPDATE SET body_hash = excluded.body_hash, expires_at = excluded.expires_at
-             WHERE replay.expires_at <= ?4",
-        )?
-        .execute(params![guard.key, &guard.body_hash[..], guard.expires_at, now])?;
+fn first_body_under(c: &Prepared<'_>, guard: &ReplayGuard, now: UnixMs) -> rusqlite::Result<bool> {
+    let inserted = c.statement(GUARD)?.borrow_mut().execute(params![
+        guard.key,
+        &guard.body_hash[..],
+        guard.expires_at,
+        now
+    ])?;
     if inserted == 1 {
         return Ok(true);
     }
     let seen: Vec<u8> = c
-        .prepare_cached("SELECT body_hash FROM replay WHERE key = ?1")?
+        .statement(GUARDED_BODY)?
+        .borrow_mut()
         .query_row(params![guard.key], |r| r.get("body_hash"))?;
     Ok(seen == guard.body_hash)
 }
+
+const GUARD: &str = "INSERT INTO replay (key, body_hash, expires_at) VALUES (?1, ?2, ?3)
+     ON CONFLICT (key) DO UPDATE SET body_hash = excluded.body_hash, expires_at = excluded.expires_at
+     WHERE replay.expires_at <= ?4";
+
+const GUARDED_BODY: &str = "SELECT body_hash FROM replay WHERE key = ?1";
 
 /// Keeps `ticket` unless its account has one as new or newer; whether it did.
 pub(super) fn keep_ticket(c: &Connection, ticket: &ComponentTicket) -> rusqlite::Result<bool> {

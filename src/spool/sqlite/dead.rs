@@ -1,5 +1,6 @@
 //! The dead-letter table: listing, replaying and purging by filter.
 
+use super::held::Prepared;
 use super::reader::read_rows;
 use super::settle::{drop_event_if_done, reorder};
 use crate::spool::vocab::{DEAD, PENDING};
@@ -80,7 +81,7 @@ const PURGE: &str = formatcp!("DELETE FROM deliveries WHERE {DEAD_SELECTION} RET
 
 /// Deletes the selected dead letters, and their events once no delivery of
 /// them is left. Returns how many.
-pub(super) fn purge(c: &Connection, f: &DeadFilter) -> rusqlite::Result<u64> {
+pub(super) fn purge(c: &Prepared<'_>, f: &DeadFilter) -> rusqlite::Result<u64> {
     let mut delete = c.prepare_cached(PURGE)?;
     let events: Vec<i64> = delete
         .query_map(

@@ -1,6 +1,7 @@
 //! Late replies and access tokens in the file: each operation a command of
 //! the writer, so that a lease or a take is one write among the others.
 
+use super::held::Prepared;
 use super::reader::read_rows;
 use super::writer::{deferred, in_savepoint, Answer};
 use super::Reply;
@@ -42,7 +43,7 @@ pub(super) fn fail(cmd: LateCommand, err: SpoolError) {
 }
 
 pub(super) fn apply(
-    tx: &Connection,
+    tx: &Prepared<'_>,
     cmd: LateCommand,
     savepoint: bool,
 ) -> (Answer, Option<SpoolError>) {
@@ -87,7 +88,7 @@ fn lease(
 
 /// Takes the user's next late reply, once the expired ones are set aside.
 fn take_next(
-    tx: &Connection,
+    tx: &Prepared<'_>,
     savepoint: bool,
     (account, openid): (&str, &str),
     now: UnixMs,
@@ -117,7 +118,7 @@ fn dead_list(tx: &Connection, limit: usize) -> Result<Vec<DeadLateReply>, SpoolE
 /// Deletes up to `batch` late replies done with by `cutoff`: the dead, and
 /// the unsent ones for a next message that expired.
 fn prune(
-    tx: &Connection,
+    tx: &Prepared<'_>,
     savepoint: bool,
     cutoff: UnixMs,
     batch: usize,

@@ -7,13 +7,14 @@
 //! keeps its mark to the end, so no new lease is taken on the delivery
 //! meanwhile.
 
+use super::held::Prepared;
 use super::row::{joined, Listed};
 use crate::spool::rows::{self, Columns};
 use crate::spool::vocab::{EVENT_COLUMNS, EVENT_NAMES, PENDING};
 use crate::spool::SpoolError;
 use crate::spool::{DeliveryId, Lease, LeaseToken, Settle, UnixMs};
 use const_format::formatcp;
-use rusqlite::{params, Connection};
+use rusqlite::params;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +51,7 @@ pub(super) const DUE_NAMES: [&str; 20] = joined(
 /// Up to `limit` due deliveries of `target` that are not held by a lease,
 /// each then held until `now + lease` or until it is settled.
 pub(super) fn lease(
-    c: &Connection,
+    c: &Prepared<'_>,
     leased: &Leased,
     target: &str,
     now: UnixMs,
@@ -62,7 +63,8 @@ pub(super) fn lease(
     held.marks.retain(|_, (_, until, _)| *until > now);
     // Held deliveries are still due in the file and come first; read past them.
     let skip = held.marks.values().filter(|(t, _, _)| t == target).count();
-    let mut select = c.prepare_cached(DUE)?;
+    let select = c.statement(DUE)?;
+    let mut select = select.borrow_mut();
     let mut rows = select.query(params![target, now, (limit + skip) as i64])?;
     let mut leases = Vec::with_capacity(limit);
     while let Some(row) = rows.next()? {

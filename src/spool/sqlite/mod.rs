@@ -41,6 +41,7 @@
 mod commit;
 mod dead;
 mod file;
+mod held;
 mod late;
 mod leases;
 mod migrate;

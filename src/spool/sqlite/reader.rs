@@ -4,6 +4,7 @@
 
 use super::dead::dead_letters;
 use super::file::OpenedFile;
+use super::held::Prepared;
 use super::leases::{self, Leased};
 use super::Reply;
 use crate::spool::vocab::{EVENT_COLUMNS, PENDING, TICKETS};
@@ -36,6 +37,7 @@ pub(super) fn run(
     (leased, trail): (Leased, TrailSlot),
     file: &OpenedFile,
 ) {
+    let held = Prepared::new(&conn);
     while let Ok(read) = rx.recv() {
         if let Err(e) = file.check() {
             fail(read, e);
@@ -43,7 +45,7 @@ pub(super) fn run(
         }
         match read {
             Read::Lease(target, now, limit, lease, r) => {
-                let _ = r.send(leases::lease(&conn, &leased, &target, now, limit, lease));
+                let _ = r.send(leases::lease(&held, &leased, &target, now, limit, lease));
             }
             Read::DeadLetters(f, limit, r) => {
                 let _ = r.send(dead_letters(&conn, &f, limit));
@@ -110,10 +112,20 @@ fn depth(c: &Connection) -> Result<Vec<TargetDepth>, SpoolError> {
     read_rows(c, DEPTH, [], |row| rows::depth(row))
 }
 
-const WAITING: &str = formatcp!(
-    "SELECT id, event_id, attempts, next_at, last_error, step, scheduled_at, not_before
-     FROM deliveries WHERE state = {PENDING} AND target = ?1 ORDER BY next_at, id LIMIT ?2"
+/// A target's waiting deliveries, first due first: the heads and those held
+/// back behind them, each part read in due order from the pending index and
+/// the two merged, so no listing sorts a whole backlog.
+pub(super) const WAITING: &str = formatcp!(
+    "SELECT {WAITING_COLUMNS} FROM deliveries
+     WHERE state = {PENDING} AND target = ?1 AND blocked = 0
+     UNION ALL
+     SELECT {WAITING_COLUMNS} FROM deliveries
+     WHERE state = {PENDING} AND target = ?1 AND blocked = 1
+     ORDER BY next_at, id LIMIT ?2"
 );
+
+const WAITING_COLUMNS: &str =
+    "id, event_id, attempts, next_at, last_error, step, scheduled_at, not_before";
 
 fn waiting(c: &Connection, target: &str, limit: usize) -> Result<Vec<WaitingDelivery>, SpoolError> {
     read_rows(c, WAITING, params![target, limit as i64], |row| {

@@ -3,6 +3,7 @@
 //! order: a pending delivery's `blocked` is 1 while an earlier pending one
 //! of its target and `order_key` exists.
 
+use super::held::Prepared;
 use super::trail;
 use crate::spool::trail_rows::end_of_dead;
 use crate::spool::vocab::{DEAD, EXPIRED, PENDING, RETIRED_ERROR, TARGET_REMOVED};
@@ -13,7 +14,7 @@ use const_format::formatcp;
 use rusqlite::{params, Connection, OptionalExtension};
 
 pub(super) fn record(
-    c: &Connection,
+    c: &Prepared<'_>,
     settles: &[Settle],
     now: UnixMs,
     store: Option<&TrailStore>,
@@ -49,26 +50,30 @@ pub(super) fn record(
 }
 
 /// A delivery retired while its attempt was in flight was still delivered:
-/// a replay would send it twice.
-const DELETE_DELIVERED: &str = formatcp!(
-    "DELETE FROM deliveries WHERE id = ?1
-       AND (state = {PENDING} OR (state = {DEAD} AND reason = '{TARGET_REMOVED}'))
-     RETURNING event_id, target, order_key"
+/// a replay would send it twice. Read, then deleted by its id: a `RETURNING`
+/// clause would cost a temporary table per delivery.
+const DELIVERED: &str = formatcp!(
+    "SELECT event_id, target, order_key FROM deliveries WHERE id = ?1
+       AND (state = {PENDING} OR (state = {DEAD} AND reason = '{TARGET_REMOVED}'))"
 );
+
+const DELETE_DELIVERY: &str = "DELETE FROM deliveries WHERE id = ?1";
 
 /// The event and target of a delivery whose outcome was written.
 type Written = Option<(i64, Option<String>)>;
 
-fn delivered(c: &Connection, id: DeliveryId) -> rusqlite::Result<Written> {
-    let deleted: Option<(i64, Option<String>, Option<String>)> = c
-        .prepare_cached(DELETE_DELIVERED)?
-        .query_row(params![id], |r| {
-            Ok((r.get("event_id")?, r.get("target")?, r.get("order_key")?))
-        })
+fn delivered(c: &Prepared<'_>, id: DeliveryId) -> rusqlite::Result<Written> {
+    let found: Option<(i64, Option<String>, Option<String>)> = c
+        .statement(DELIVERED)?
+        .borrow_mut()
+        .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let Some((event_id, target, order_key)) = deleted else {
+    let Some((event_id, target, order_key)) = found else {
         return Ok(None);
     };
+    c.statement(DELETE_DELIVERY)?
+        .borrow_mut()
+        .execute(params![id])?;
     drop_event_if_done(c, event_id)?;
     unblock_next(c, target.as_deref(), order_key.as_deref())?;
     Ok(Some((event_id, target)))
@@ -169,11 +174,13 @@ pub(super) fn reorder(c: &Connection, target: &str, order_key: &str) -> rusqlite
     Ok(())
 }
 
-pub(super) fn drop_event_if_done(c: &Connection, event_id: i64) -> rusqlite::Result<()> {
-    c.prepare_cached(
-        "DELETE FROM events WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?1)",
-    )?
-    .execute(params![event_id])?;
+const DROP_EVENT_IF_DONE: &str =
+    "DELETE FROM events WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?1)";
+
+pub(super) fn drop_event_if_done(c: &Prepared<'_>, event_id: i64) -> rusqlite::Result<()> {
+    c.statement(DROP_EVENT_IF_DONE)?
+        .borrow_mut()
+        .execute(params![event_id])?;
     Ok(())
 }
 

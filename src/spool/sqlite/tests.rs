@@ -147,7 +147,12 @@ async fn nothing_after_a_rolled_back_command_is_committed_on_its_own() {
         batch.push(Command::Enqueue(e, UnixMs(1), WINDOW, reply));
         replies.push(rx);
     }
-    commit_batch(&conn, &mut batch, (None, None), (&file, None));
+    commit_batch(
+        &held::Prepared::new(&conn),
+        &mut batch,
+        (None, None),
+        (&file, None),
+    );
     for rx in replies {
         let answer = rx.await.unwrap();
         let chain = answer.as_ref().map_err(|e| crate::error_chain(e));
@@ -189,7 +194,12 @@ async fn a_command_that_fails_halfway_leaves_nothing_alone_or_batched() {
             batch.push(Command::Enqueue(e, UnixMs(1), WINDOW, reply));
             replies.push(rx);
         }
-        commit_batch(&conn, &mut batch, (None, None), (&file, None));
+        commit_batch(
+            &held::Prepared::new(&conn),
+            &mut batch,
+            (None, None),
+            (&file, None),
+        );
         replies
     };
     let answers = |replies: Vec<oneshot::Receiver<_>>| async move {
@@ -506,9 +516,9 @@ async fn a_migrated_file_opens_again_unchanged() {
 }
 
 /// The state codes are literals in the statements, so the partial indexes
-/// serve them: a lease reads the heads index, not the table.
+/// serve them: a lease reads the pending index, not the table.
 #[test]
-fn the_lease_reads_the_heads_index() {
+fn the_lease_reads_the_pending_index() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
     let mut conn = open_connection(&path).unwrap();
@@ -523,9 +533,29 @@ fn the_lease_reads_the_heads_index() {
         .collect::<rusqlite::Result<_>>()
         .unwrap();
     assert!(
-        plan.iter().any(|step| step.contains("deliveries_heads")),
+        plan.iter().any(|step| step.contains("deliveries_pending")),
         "{plan:?}"
     );
+}
+
+/// A target's waiting deliveries are listed from the pending index in due
+/// order, held-back ones merged in, without sorting the backlog.
+#[test]
+fn the_waiting_listing_reads_the_pending_index_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let mut conn = open_connection(&path).unwrap();
+    migrate::migrate(&mut conn, &path).unwrap();
+    let plan: Vec<String> = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", reader::WAITING))
+        .unwrap()
+        .query_map(rusqlite::params!["t", 10], |r| r.get::<_, String>("detail"))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    let indexed = plan.iter().filter(|s| s.contains("deliveries_pending"));
+    assert_eq!(indexed.count(), 2, "{plan:?}");
+    assert!(!plan.iter().any(|s| s.contains("TEMP B-TREE")), "{plan:?}");
 }
 
 /// The lease reads its columns from a list: the list is the query's.

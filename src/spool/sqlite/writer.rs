@@ -3,6 +3,7 @@
 //! per push.
 
 use super::file::OpenedFile;
+use super::held::Prepared;
 use super::late::{self, LateCommand};
 use super::{commit, dead, settle, trail, Reply};
 use crate::spool::vocab::{PROBE, PRUNE_EVERY};
@@ -40,6 +41,7 @@ pub(super) fn run(
     (file, trail): (&OpenedFile, &TrailSlot),
     supervision: &Supervision,
 ) {
+    let held = Prepared::new(&conn);
     let mut batch = Vec::with_capacity(max_batch);
     let mut pruned_at = UnixMs(0);
     let mut trail_pruning = TrailPruning::default();
@@ -66,7 +68,7 @@ pub(super) fn run(
             .as_deref()
             .and_then(|store| trail_pruning.due(now_of(&batch)).map(|now| (store, now)));
         let pruned = commit_batch(
-            &conn,
+            &held,
             &mut batch,
             (prune, trail_prune),
             (file, store.as_deref()),
@@ -146,7 +148,7 @@ const TRAIL_PRUNE_EVERY_MS: i64 = 1_000;
 /// Nothing is written into a file that is no longer at the spool's path, and
 /// a commit that raced with its removal is answered as failed.
 pub(super) fn commit_batch(
-    conn: &Connection,
+    conn: &Prepared<'_>,
     batch: &mut Vec<Command>,
     prunes: (Option<UnixMs>, Option<(&TrailStore, UnixMs)>),
     (file, store): (&OpenedFile, Option<&TrailStore>),
@@ -166,7 +168,7 @@ pub(super) fn commit_batch(
 
 /// [`commit_batch`] once the connection's durability is set.
 fn commit_in_transaction(
-    conn: &Connection,
+    conn: &Prepared<'_>,
     batch: &mut Vec<Command>,
     (prune_dedup_before, prune_trail): (Option<UnixMs>, Option<(&TrailStore, UnixMs)>),
     (file, store): (&OpenedFile, Option<&TrailStore>),
@@ -190,7 +192,7 @@ fn commit_in_transaction(
 }
 
 /// Opens the batch's transaction, in a file still at the spool's path.
-fn begin(conn: &Connection, file: &OpenedFile) -> Result<(), SpoolError> {
+fn begin(conn: &Prepared<'_>, file: &OpenedFile) -> Result<(), SpoolError> {
     file.check()
         .and_then(|()| control(conn, BEGIN).map_err(SpoolError::from))
 }
@@ -199,7 +201,7 @@ fn begin(conn: &Connection, file: &OpenedFile) -> Result<(), SpoolError> {
 /// for its commit. None when the batch ended early, every command answered:
 /// the transaction was rolled back under it, or a command alone failed.
 fn apply_batch(
-    conn: &Connection,
+    conn: &Prepared<'_>,
     batch: &mut Vec<Command>,
     store: Option<&TrailStore>,
 ) -> Option<Vec<Answer>> {
@@ -252,7 +254,7 @@ fn prune_trail_rows(conn: &Connection, store: &TrailStore, now: UnixMs) -> Optio
 
 /// Commits the batch; the error its commands are answered with when the
 /// commit fails or the file left the spool's path meanwhile.
-fn commit_or_roll_back(conn: &Connection, file: &OpenedFile) -> Option<SpoolError> {
+fn commit_or_roll_back(conn: &Prepared<'_>, file: &OpenedFile) -> Option<SpoolError> {
     let outcome = control(conn, COMMIT)
         .map_err(SpoolError::from)
         .and_then(|()| file.check())
@@ -308,7 +310,7 @@ fn fail(cmd: Command, err: SpoolError) {
 /// commit's outcome is known: a result is only sent after the commit.
 /// Also returns the command's own error, if it failed.
 fn apply(
-    tx: &Connection,
+    tx: &Prepared<'_>,
     cmd: Command,
     savepoint: bool,
     store: Option<&TrailStore>,
@@ -356,7 +358,7 @@ fn apply(
             }
             (Box::new(|_| {}), None)
         }
-        Command::TrailKey(r) => deferred(r, in_savepoint(tx, savepoint, trail::stored_key)),
+        Command::TrailKey(r) => deferred(r, in_savepoint(tx, savepoint, |c| trail::stored_key(c))),
         Command::Redeliver(event_id, target, now, r) => {
             // Under a savepoint always: a refusal leaves nothing behind.
             let result = control(tx, SAVEPOINT)
@@ -390,9 +392,9 @@ pub(super) fn deferred<T: Send + 'static>(
 /// Runs `f` under a savepoint, if asked; on failure undoes what it wrote, as
 /// a dropped `rusqlite::Savepoint` does.
 pub(super) fn in_savepoint<T>(
-    c: &Connection,
+    c: &Prepared<'_>,
     savepoint: bool,
-    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    f: impl FnOnce(&Prepared<'_>) -> rusqlite::Result<T>,
 ) -> Result<T, SpoolError> {
     if !savepoint {
         return Ok(f(c)?);
@@ -405,11 +407,11 @@ pub(super) fn in_savepoint<T>(
     Ok(result?)
 }
 
-/// Transaction control through cached statements, compiled once per
+/// Transaction control through held statements, compiled once per
 /// connection: rusqlite's `Transaction` and `Savepoint` send theirs through
 /// `execute_batch`, which compiles the SQL again on every batch and command.
-fn control(c: &Connection, sql: &'static str) -> rusqlite::Result<()> {
-    c.prepare_cached(sql)?.execute([]).map(drop)
+fn control(c: &Prepared<'_>, sql: &'static str) -> rusqlite::Result<()> {
+    c.statement(sql)?.borrow_mut().execute([]).map(drop)
 }
 
 const BEGIN: &str = "BEGIN DEFERRED";
