@@ -26,6 +26,10 @@ use tokio_postgres::types::ToSql;
 /// leased) does it look past it, stepping through the order index one key at
 /// a time to the keys' heads, until it has found enough, so that a backlog
 /// held back behind its heads is never read in full.
+///
+/// Each claim is a transaction of its own, sent in one round trip (see
+/// [`claim_at_once`]): the workers of a target wait for their next
+/// deliveries one round trip, not four.
 pub(super) async fn lease(
     c: &mut Object,
     target: &str,
