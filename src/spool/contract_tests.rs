@@ -1773,6 +1773,70 @@ async fn postgres_a_large_intake_gets_fresh_statistics_without_autovacuum() {
     spool.close().await;
 }
 
+/// After a large drain the spool vacuums its deliveries itself: the dead
+/// index entries of the deliveries settled do not pile up in front of the
+/// claim while autovacuum is off (as here) or late.
+#[tokio::test]
+async fn postgres_a_large_drain_is_vacuumed_without_autovacuum() {
+    let Some(schema) = pg_schema() else { return };
+    let spool = pg_replica(&schema).await;
+    let s = &schema.settings.schema;
+    for table in ["events", "deliveries", "dedup", "replay"] {
+        schema.execute(&format!(
+            "ALTER TABLE \"{s}\".{table} SET (autovacuum_enabled = off)"
+        ));
+    }
+    let (client, connection) =
+        tokio_postgres::connect(schema.settings.url.expose(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let vacuums = || async {
+        let row = client
+            .query_one(
+                "SELECT vacuum_count FROM pg_stat_user_tables
+                 WHERE schemaname = $1 AND relname = 'deliveries'",
+                &[s],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    let targets: Vec<String> = (0..10).map(|t| format!("t{t}")).collect();
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let rows = postgres::VACUUM_AFTER_ROWS as usize;
+    let stores: Vec<_> = (0..rows / targets.len())
+        .map(|i| spool.enqueue(event(&format!("k{i}"), &targets, 0), UnixMs(0), WINDOW))
+        .collect();
+    for store in stores {
+        assert!(matches!(store.await.unwrap(), Enqueued::Stored { .. }));
+    }
+    assert_eq!(vacuums().await, 0, "nothing settled, nothing vacuumed");
+    let mut settled = 0;
+    for target in &targets {
+        let leases = spool
+            .lease(target, UnixMs(1), rows, ms(60_000))
+            .await
+            .unwrap();
+        let done = leases
+            .iter()
+            .map(|l| Settlement::Delivered {
+                delivery_id: l.delivery_id,
+            })
+            .collect();
+        settled += leases.len();
+        settle(&spool, &leases, done, 2).await;
+    }
+    assert_eq!(settled, rows);
+    assert_eq!(schema.count("deliveries"), 0);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while vacuums().await == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(vacuums().await > 0, "the deliveries were vacuumed");
+    spool.close().await;
+}
+
 /// Dead late replies, and `next_message` ones nobody took, go once they are
 /// older than the cutoff, a bounded batch at a time; pending ones that may
 /// still be sent or given stay.

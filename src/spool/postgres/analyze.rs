@@ -8,6 +8,18 @@
 //! a large intake the spool analyzes the tables itself, whether autovacuum
 //! runs or not: in a task of its own, never in a commit a push waits for, and
 //! at most once per [`ANALYZE_EVERY`].
+//!
+//! A drain leaves the other trace: every delivery settled (deleted, or
+//! updated to a later due time) leaves its entry in the due index, at the
+//! front of it, where the claim starts reading. Until a vacuum removes them,
+//! each claim steps over all the entries of the deliveries settled before
+//! it, so a drain slows as it goes, the more the larger the backlog. So
+//! after [`VACUUM_AFTER_ROWS`] settled deliveries the spool vacuums the
+//! `deliveries` table itself, whether autovacuum runs or not: a plain
+//! `VACUUM`, which blocks no reads nor writes, skipped if another one runs
+//! on the table, never truncating it (that would lock it briefly), at most
+//! once per [`VACUUM_EVERY`], in a task of its own, and never at the same
+//! time as this spool's analyze.
 
 use crate::spool::{SpoolError, Supervision};
 use deadpool_postgres::Pool;
@@ -18,13 +30,26 @@ use std::time::{Duration, Instant};
 pub const ANALYZE_AFTER_ROWS: u64 = 10_000;
 /// At most one analyze per this, however fast pushes come in.
 pub(super) const ANALYZE_EVERY: Duration = Duration::from_secs(10);
+/// Deliveries settled since the last vacuum that make a large drain: a few
+/// seconds of one, whose dead index entries a claim steps over in well under
+/// a millisecond.
+pub const VACUUM_AFTER_ROWS: u64 = 10_000;
+/// At most one vacuum per this, however fast deliveries are settled.
+pub(super) const VACUUM_EVERY: Duration = Duration::from_secs(5);
+/// How long a vacuum may run: it reads the whole table and its indexes,
+/// which takes longer than any other operation's bound on a large backlog.
+const VACUUM_TIMEOUT: Duration = Duration::from_secs(300);
+/// The vacuum: see the module's documentation.
+const VACUUM: &str = "VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP ON) deliveries";
+
 /// The analyze's statistics target, a tenth of PostgreSQL's default: it
 /// samples 3,000 rows of each table, which tells how many rows it holds and
 /// how the few columns the queue's statements filter on spread, at a tenth
 /// of the reads (on a table of a million events, 0.1 s rather than 1.5 s).
 const STATISTICS_TARGET: u32 = 10;
 
-/// Counts the deliveries stored, and analyzes the tables after many.
+/// Counts the deliveries stored and settled, and analyzes the tables after
+/// many stored, vacuums `deliveries` after many settled.
 #[derive(Clone)]
 pub(super) struct Analyzer {
     pool: Pool,
@@ -36,7 +61,17 @@ pub(super) struct Analyzer {
 struct State {
     stored: u64,
     analyzed_at: Option<Instant>,
+    settled: u64,
+    vacuumed_at: Option<Instant>,
+    /// An analyze or a vacuum runs: they would wait for each other.
     running: bool,
+}
+
+/// The two kinds of upkeep.
+#[derive(Clone, Copy)]
+enum Upkeep {
+    Analyze,
+    Vacuum,
 }
 
 impl Analyzer {
@@ -49,29 +84,88 @@ impl Analyzer {
     }
 
     /// A commit stored `rows` deliveries: analyze if that makes a large
-    /// intake, no analyze ran lately and none runs now.
+    /// intake and no analyze ran lately (see [`Analyzer::poke`]).
     pub(super) fn stored(&self, rows: u64) {
-        {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).stored += rows;
+        self.poke();
+    }
+
+    /// A batch of outcomes settled `rows` deliveries: vacuum if that makes a
+    /// large drain and no vacuum ran lately (see [`Analyzer::poke`]).
+    pub(super) fn settled(&self, rows: u64) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).settled += rows;
+        self.poke();
+    }
+
+    /// Starts the upkeep that is due, unless one runs: the vacuum first,
+    /// then the analyze. One that waited for the other starts when it ends.
+    fn poke(&self) {
+        let upkeep = {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            s.stored += rows;
-            let lately = s.analyzed_at.is_some_and(|at| at.elapsed() < ANALYZE_EVERY);
-            if s.running || lately || s.stored < ANALYZE_AFTER_ROWS {
-                return;
-            }
-            s.running = true;
-            s.stored = 0;
+            let lately =
+                |at: Option<Instant>, every| at.is_some_and(|at: Instant| at.elapsed() < every);
+            let upkeep = if s.running {
+                None
+            } else if s.settled >= VACUUM_AFTER_ROWS && !lately(s.vacuumed_at, VACUUM_EVERY) {
+                s.settled = 0;
+                Some(Upkeep::Vacuum)
+            } else if s.stored >= ANALYZE_AFTER_ROWS && !lately(s.analyzed_at, ANALYZE_EVERY) {
+                s.stored = 0;
+                Some(Upkeep::Analyze)
+            } else {
+                None
+            };
+            s.running |= upkeep.is_some();
+            upkeep
+        };
+        if let Some(upkeep) = upkeep {
+            self.start(upkeep);
         }
+    }
+
+    /// Runs `upkeep` in a task of its own; the caller has marked it running.
+    fn start(&self, upkeep: Upkeep) {
         let this = self.clone();
-        self.supervision.spawn_brief("postgres analyzer", async move {
+        self.supervision.spawn_brief("postgres upkeep", async move {
             let started = Instant::now();
-            match this.analyze().await {
-                Ok(()) => tracing::debug!(took = ?started.elapsed(), "queue tables analyzed"),
-                Err(e) => tracing::warn!(error = %crate::error_chain(&e), "cannot analyze the queue tables"),
+            let (done, what) = match upkeep {
+                Upkeep::Analyze => (this.analyze().await, "analyze the queue tables"),
+                Upkeep::Vacuum => (this.vacuum().await, "vacuum the deliveries"),
+            };
+            match done {
+                Ok(()) => tracing::debug!(took = ?started.elapsed(), "did {what}"),
+                Err(e) => tracing::warn!(error = %crate::error_chain(&e), "cannot {what}"),
             }
             let mut s = this.state.lock().unwrap_or_else(|e| e.into_inner());
             s.running = false;
-            s.analyzed_at = Some(Instant::now());
+            match upkeep {
+                Upkeep::Analyze => s.analyzed_at = Some(Instant::now()),
+                Upkeep::Vacuum => s.vacuumed_at = Some(Instant::now()),
+            }
+            drop(s);
+            this.poke();
         });
+    }
+
+    /// [`VACUUM`], within [`VACUUM_TIMEOUT`] (in the database too). A
+    /// connection given up on is discarded, not pooled, with its timeout.
+    async fn vacuum(&self) -> Result<(), SpoolError> {
+        let pool = self.pool.clone();
+        let run = async move {
+            let mut checkout = super::Checkout::of(&pool).await?;
+            let c = checkout.get()?;
+            let ms = VACUUM_TIMEOUT.as_millis();
+            c.batch_execute(&format!("SET statement_timeout = {ms}"))
+                .await?;
+            // Not in the same string: a vacuum runs outside a transaction.
+            let vacuumed = c.batch_execute(VACUUM).await;
+            c.batch_execute("RESET statement_timeout").await?;
+            checkout.finished();
+            Ok(vacuumed?)
+        };
+        tokio::time::timeout(VACUUM_TIMEOUT, run)
+            .await
+            .unwrap_or_else(|_| Err(SpoolError::storage("the vacuum did not end in time")))
     }
 
     async fn analyze(&self) -> Result<(), SpoolError> {

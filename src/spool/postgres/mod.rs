@@ -58,7 +58,7 @@ mod trail;
 mod wake;
 
 use super::Migrated;
-pub use analyze::ANALYZE_AFTER_ROWS;
+pub use analyze::{ANALYZE_AFTER_ROWS, VACUUM_AFTER_ROWS};
 pub use connect::postgres_display;
 pub use migrate::latest as latest_schema_version;
 pub use settle::{REPLICA_FORGOTTEN_MS, TARGETS_HOLD_MS};
@@ -250,12 +250,13 @@ impl PostgresSpool {
         let (requests, rx) = mpsc::channel(QUEUE);
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
         let trail = TrailSlot::default();
+        let upkeep = analyze::Analyzer::new(pool.clone(), supervision.clone());
         let writer = commit::Writer {
             pool: push_pool,
             notifier: notifier.clone(),
             prune: prune::Pruner::new(pool.clone(), supervision.clone(), trail.clone()),
             supervision: supervision.clone(),
-            analyze: analyze::Analyzer::new(pool.clone(), supervision.clone()),
+            analyze: upkeep.clone(),
             trail: trail.clone(),
         };
         let writer =
@@ -264,7 +265,7 @@ impl PostgresSpool {
         let (recordings, recorded) = mpsc::channel(QUEUE);
         let recorder = supervision.spawn(
             "postgres settler",
-            settle::run(pool.clone(), recorded, trail.clone()),
+            settle::run(pool.clone(), recorded, trail.clone(), upkeep),
         );
         let (notes, noted) = mpsc::channel(QUEUE);
         let noter = supervision.spawn(

@@ -9,6 +9,7 @@ use crate::spool::{
 use const_format::formatcp;
 use deadpool_postgres::{Object, Pool};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
@@ -25,6 +26,10 @@ use tokio_postgres::types::ToSql;
 /// leased) does it look past it, stepping through the order index one key at
 /// a time to the keys' heads, until it has found enough, so that a backlog
 /// held back behind its heads is never read in full.
+///
+/// Each claim is a transaction of its own, sent in one round trip (see
+/// [`claim_at_once`]): the workers of a target wait for their next
+/// deliveries one round trip, not four.
 pub(super) async fn lease(
     c: &mut Object,
     target: &str,
@@ -33,20 +38,18 @@ pub(super) async fn lease(
     lease: Duration,
     owner: &str,
 ) -> Result<Vec<Lease>, SpoolError> {
-    let tx = not_waiting_for_the_flush(c).await?;
     let limit = super::sql_limit(limit);
     let window = limit.saturating_add(LOOK_AHEAD);
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-    let in_due_order = tx.prepare_cached(CLAIM_IN_DUE_ORDER).await?;
+    let in_due_order = c.prepare_cached(CLAIM_IN_DUE_ORDER).await?;
     let params: [&(dyn ToSql + Sync); 6] = [&target, &now.0, &limit, &owner, &lease_ms, &window];
-    let mut rows = tx.query(&in_due_order, &params).await?;
+    let mut rows = claim_at_once(c, &in_due_order, &params).await?;
     let short = limit - rows.len() as i64;
-    if short > 0 && window_full(&tx, target, now, window).await? {
-        let through_heads = tx.prepare_cached(CLAIM_THROUGH_HEADS).await?;
+    if short > 0 && window_full(c, target, now, window).await? {
+        let through_heads = c.prepare_cached(CLAIM_THROUGH_HEADS).await?;
         let params: [&(dyn ToSql + Sync); 5] = [&target, &now.0, &short, &owner, &lease_ms];
-        rows.extend(tx.query(&through_heads, &params).await?);
+        rows.extend(claim_at_once(c, &through_heads, &params).await?);
     }
-    tx.commit().await?;
     let mut leases = rows
         .iter()
         .map(|row| {
@@ -60,6 +63,38 @@ pub(super) async fn lease(
     // The two claims' rows, in due order together.
     leases.sort_by_key(|(next_at, lease)| (*next_at, lease.delivery_id));
     Ok(leases.into_iter().map(|(_, lease)| lease).collect())
+}
+
+/// Opens a transaction whose commit does not wait for the database to
+/// flush it to disk (`synchronous_commit = off`), as leases and outcomes
+/// are: a database crash can lose the last of them, which only means their
+/// deliveries are sent again (at least once), and an fsync per lease or
+/// outcome would bound fan-out by the disk. Pushes are never stored this
+/// way.
+const BEGIN_NOT_WAITING: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+
+/// Runs one claim in a transaction of its own in one round trip: its
+/// opening, the claim and the commit are sent together, and the database
+/// answers them in order. A claim that fails leaves the transaction
+/// aborted, and the commit then rolls it back: the connection is clean
+/// either way. (A connection given up on midway is discarded, never
+/// pooled: see `Checkout`.)
+async fn claim_at_once(
+    c: &Object,
+    claim: &tokio_postgres::Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, SpoolError> {
+    let client: &tokio_postgres::Client = c;
+    let (begun, claimed, committed) = tokio::join!(
+        biased;
+        client.batch_execute(BEGIN_NOT_WAITING),
+        client.query(claim, params),
+        client.batch_execute("COMMIT"),
+    );
+    begun?;
+    let rows = claimed?;
+    committed?;
+    Ok(rows)
 }
 
 /// How many due deliveries past `limit` a lease reads in due order before it
@@ -137,13 +172,13 @@ const CLAIM_THROUGH_HEADS: &str = formatcp!(
 /// lease that read them all in due order may have left claimable ones past
 /// them.
 async fn window_full(
-    tx: &deadpool_postgres::Transaction<'_>,
+    c: &Object,
     target: &str,
     now: UnixMs,
     window: i64,
 ) -> Result<bool, SpoolError> {
-    let count = tx.prepare_cached(DUE_IN_WINDOW).await?;
-    let row = tx.query_one(&count, &[&target, &now.0, &window]).await?;
+    let count = c.prepare_cached(DUE_IN_WINDOW).await?;
+    let row = c.query_one(&count, &[&target, &now.0, &window]).await?;
     Ok(get::<i64>(&row, "due")? >= window)
 }
 
@@ -152,20 +187,6 @@ const DUE_IN_WINDOW: &str = formatcp!(
          SELECT 1 FROM deliveries WHERE target = $1 AND state = {PENDING} AND next_at <= $2
          LIMIT $3) w"
 );
-
-/// A transaction whose commit does not wait for the database to flush it
-/// to disk (`synchronous_commit = off`), for leases and outcomes: a database
-/// crash can lose the last of them, which only means their deliveries are
-/// sent again (at least once), and an fsync per lease or outcome would bound
-/// fan-out by the disk. Pushes are never stored this way.
-async fn not_waiting_for_the_flush(
-    c: &mut Object,
-) -> Result<deadpool_postgres::Transaction<'_>, SpoolError> {
-    let tx = c.transaction().await?;
-    tx.batch_execute("SET LOCAL synchronous_commit = off")
-        .await?;
-    Ok(tx)
-}
 
 /// A `record` call waiting for the next batch of outcomes.
 pub(super) struct Recording {
@@ -176,7 +197,13 @@ pub(super) struct Recording {
 
 /// The `record` calls waiting when the recorder is free go into one
 /// transaction, as pushes do: the workers of every target settle together.
-pub(super) async fn run(pool: Pool, mut calls: mpsc::Receiver<Recording>, trail: TrailSlot) {
+/// The deliveries settled go to `upkeep`'s count (see [`super::analyze`]).
+pub(super) async fn run(
+    pool: Pool,
+    mut calls: mpsc::Receiver<Recording>,
+    trail: TrailSlot,
+    upkeep: super::analyze::Analyzer,
+) {
     let mut batch = Vec::new();
     while calls.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let traced = trail.load().is_some();
@@ -187,6 +214,9 @@ pub(super) async fn run(pool: Pool, mut calls: mpsc::Receiver<Recording>, trail:
             recorded
         })
         .await;
+        if result.is_ok() {
+            upkeep.settled(batch.iter().map(|call| call.settles.len() as u64).sum());
+        }
         for call in batch.drain(..) {
             let _ = call.reply.send(result.clone());
         }
@@ -196,10 +226,14 @@ pub(super) async fn run(pool: Pool, mut calls: mpsc::Receiver<Recording>, trail:
 /// `record` calls in one transaction at most.
 const MAX_BATCH: usize = 256;
 
-/// Writes outcomes in one transaction, three statements at most, each
-/// applied only where the row still holds the outcome's lease token. A
-/// delivered outcome also settles a delivery retired (`target_removed`)
-/// while its attempt was in flight: the target has it.
+/// Writes outcomes in one transaction, each applied only where the row
+/// still holds the outcome's lease token. A delivered outcome also settles
+/// a delivery retired (`target_removed`) while its attempt was in flight:
+/// the target has it.
+///
+/// The statements go out together once the transaction is open, and the
+/// database runs them in order: a batch costs the same few round trips
+/// however many outcomes it holds and of what kinds.
 async fn record(c: &mut Object, calls: &[Recording], traced: bool) -> Result<(), SpoolError> {
     let mut o = Outcomes::default();
     for call in calls {
@@ -207,43 +241,46 @@ async fn record(c: &mut Object, calls: &[Recording], traced: bool) -> Result<(),
             o.add(settle, call.now);
         }
     }
-    let tx = not_waiting_for_the_flush(c).await?;
-    // Rows are locked in one order, events then deliveries, each by id: two
-    // batches (two replicas', or a stale outcome and the new owner's) wait
-    // for each other rather than deadlock.
-    let events = if o.delivered.0.is_empty() {
-        Vec::new()
-    } else {
-        lock_events_of(&tx, "d.id = ANY($1)", &[&o.delivered.0]).await?
-    };
     let all: Vec<i64> = [&o.delivered.0, &o.retry.ids, &o.dead.ids]
         .into_iter()
         .flatten()
         .copied()
         .collect();
-    let lock = tx
-        .prepare_cached("SELECT id FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .await?;
-    tx.execute(&lock, &[&all]).await?;
+    let tx = c.transaction().await?;
+    // Prepared before any is sent (from the cache, after the first batch),
+    // so that none waits for a statement to be prepared and they go out in
+    // the order below.
+    let lock_events = tx.prepare_cached(LOCK_EVENTS_OF_DELIVERIES).await?;
+    let lock = tx.prepare_cached(LOCK_DELIVERIES).await?;
+    let delete = tx.prepare_cached(DELETE_DELIVERED).await?;
+    let retry = tx.prepare_cached(&traced_or(RETRY, traced)).await?;
+    let dead = tx.prepare_cached(&traced_or(DEAD_LETTER, traced)).await?;
+    let (delivered, d) = (&o.delivered, &o.dead);
+    let events_params: [&(dyn ToSql + Sync); 1] = [&delivered.0];
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&all];
+    let delete_params: [&(dyn ToSql + Sync); 2] = [&delivered.0, &delivered.1];
+    let retry_params = o.retry.params();
+    let dead_params: [&(dyn ToSql + Sync); 5] = [&d.ids, &d.tokens, &d.reasons, &d.errors, &d.now];
+    // Rows are locked in one order, events then deliveries, each by id: two
+    // batches (two replicas', or a stale outcome and the new owner's) wait
+    // for each other rather than deadlock.
+    let (set, events, locked, deleted, retried, dead_lettered) = tokio::join!(
+        biased;
+        // Not waiting for the flush, as a lease's commit (see [`BEGIN_NOT_WAITING`]).
+        tx.batch_execute("SET LOCAL synchronous_commit = off"),
+        unless_empty(&delivered.0, tx.query(&lock_events, &events_params)),
+        tx.execute(&lock, &lock_params),
+        unless_empty(&delivered.0, tx.query(&delete, &delete_params)),
+        unless_empty(&o.retry.ids, tx.query(&retry, &retry_params)),
+        unless_empty(&d.ids, tx.query(&dead, &dead_params)),
+    );
+    set?;
+    events?;
+    locked?;
     // With the trail on, each statement says which outcomes it wrote.
     let mut applied = Vec::new();
-    if !o.delivered.0.is_empty() {
-        let delete = tx
-            .prepare_cached(&traced_or(DELETE_DELIVERED, traced))
-            .await?;
-        let rows = tx.query(&delete, &[&o.delivered.0, &o.delivered.1]).await?;
+    for rows in [deleted?, retried?, dead_lettered?] {
         written(&rows, &mut applied)?;
-        drop_events_if_done(&tx, &events).await?;
-    }
-    if !o.retry.ids.is_empty() {
-        let update = tx.prepare_cached(&traced_or(RETRY, traced)).await?;
-        written(&tx.query(&update, &o.retry.params()).await?, &mut applied)?;
-    }
-    if !o.dead.ids.is_empty() {
-        let update = tx.prepare_cached(&traced_or(DEAD_LETTER, traced)).await?;
-        let d = &o.dead;
-        let params: [&(dyn ToSql + Sync); 5] = [&d.ids, &d.tokens, &d.reasons, &d.errors, &d.now];
-        written(&tx.query(&update, &params).await?, &mut applied)?;
     }
     if traced {
         let settles: Vec<(&Settle, UnixMs)> = calls
@@ -255,6 +292,27 @@ async fn record(c: &mut Object, calls: &[Recording], traced: bool) -> Result<(),
     tx.commit().await?;
     Ok(())
 }
+
+/// `query`'s rows, or none without running it when `ids` is empty.
+async fn unless_empty(
+    ids: &[i64],
+    query: impl Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    query.await
+}
+
+/// Locks, in id order, the events of the deliveries `$1` names: two batches
+/// that remove the last two deliveries of one event take turns, so the
+/// second sees the first's removal and removes the event.
+const LOCK_EVENTS_OF_DELIVERIES: &str =
+    "SELECT id FROM events WHERE id IN (SELECT d.event_id FROM deliveries d WHERE d.id = ANY($1))
+     ORDER BY id FOR UPDATE";
+
+/// Locks the deliveries `$1` names, in id order.
+const LOCK_DELIVERIES: &str = "SELECT id FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 
 /// An outcome's statement, returning what it wrote when the trail is on.
 fn traced_or(statement: &'static str, traced: bool) -> String {
@@ -281,11 +339,23 @@ fn written(
     Ok(())
 }
 
-/// Delivered outcomes: ids and tokens.
+/// Delivered outcomes: ids and tokens. Each is deleted, and so is its
+/// event once no delivery of it is left (its event is locked first, see
+/// [`LOCK_EVENTS_OF_DELIVERIES`]); the deliveries deleted are returned.
+/// The statement's own deletions are not in the snapshot its event check
+/// reads, so it leaves them out by id.
 const DELETE_DELIVERED: &str = formatcp!(
-    "DELETE FROM deliveries d USING unnest($1::bigint[], $2::bigint[]) AS s(id, token)
-     WHERE d.id = s.id AND d.lease_token = s.token
-       AND (d.state = {PENDING} OR (d.state = {DEAD} AND d.reason = '{TARGET_REMOVED}'))"
+    "WITH gone AS (
+         DELETE FROM deliveries d USING unnest($1::bigint[], $2::bigint[]) AS s(id, token)
+         WHERE d.id = s.id AND d.lease_token = s.token
+           AND (d.state = {PENDING} OR (d.state = {DEAD} AND d.reason = '{TARGET_REMOVED}'))
+         RETURNING d.id, d.event_id, d.target
+     ), dropped AS (
+         DELETE FROM events e WHERE e.id IN (SELECT event_id FROM gone)
+           AND NOT EXISTS (SELECT 1 FROM deliveries o
+                           WHERE o.event_id = e.id AND o.id NOT IN (SELECT id FROM gone))
+     )
+     SELECT id, event_id, target FROM gone"
 );
 
 /// Failed attempts to try again: [`RetryColumns`].
