@@ -88,7 +88,12 @@ pub async fn serve(
         (_, p) if p == crate::ui::ROOT || p.starts_with("/ui/") => {
             crate::ui::serve(&admin.ui, req).await
         }
-        (_, p) if p.starts_with("/admin/") && !authorized(&admin, &req) => {
+        (_, p) if p.starts_with("/admin/") && !authorized(&admin, &req).await => {
+            admin
+                .metrics
+                .admin_refusals
+                .with_label_values(&["token"])
+                .inc();
             tracing::warn!(path = p, "admin request without a valid token");
             plain(StatusCode::UNAUTHORIZED, "admin token required\n".into())
         }
@@ -332,18 +337,28 @@ async fn ticket(admin: &Admin, path: &str) -> Result<String, (StatusCode, String
     }
 }
 
-/// `Authorization: Bearer <admin_token>`, compared in constant time; open when
-/// no token is configured (validation allows that only on loopback or when
-/// explicitly allowed). The scheme is case-insensitive (RFC 7235 §2.1).
-fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
+/// `Authorization: Bearer <admin_token>`, compared in constant time after
+/// the wait the client's failed tries ask for, the same as signing in to the
+/// pages (a wrong token counts for both); open when no token is configured
+/// (validation allows that only on loopback or when explicitly allowed). The
+/// scheme is case-insensitive (RFC 7235 §2.1).
+async fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
     let config = admin.config.load();
     let Some(token) = &config.server.admin_token else {
         return true;
     };
-    req.headers()
+    let given = req
+        .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .is_some_and(|(_, given)| crate::ui::session::same(given.trim(), token.expose()))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+    let Some((_, given)) = given else {
+        return false;
+    };
+    let peer = req
+        .extensions()
+        .get::<crate::server::Peer>()
+        .map(|p| p.0.ip());
+    admin.ui.token_holds(peer, given.trim(), token.expose()).await
 }
