@@ -360,5 +360,8 @@ async fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
         .extensions()
         .get::<crate::server::Peer>()
         .map(|p| p.0.ip());
-    admin.ui.token_holds(peer, given.trim(), token.expose()).await
+    admin
+        .ui
+        .token_holds(peer, given.trim(), token.expose())
+        .await
 }

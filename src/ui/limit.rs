@@ -70,9 +70,7 @@ pub fn client(peer: IpAddr) -> IpAddr {
         IpAddr::V4(_) => peer,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(
-                u128::from(v6) & !((1u128 << 64) - 1),
-            )),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
         },
     }
 }
@@ -171,7 +169,12 @@ mod tests {
     #[test]
     fn an_ipv6_client_is_its_64_and_a_mapped_ipv4_address_is_itself() {
         let limit = SignInLimit::default();
-        fail(&limit, "2001:db8:1:2::1".parse().unwrap(), FREE_FAILURES + 1, 0);
+        fail(
+            &limit,
+            "2001:db8:1:2::1".parse().unwrap(),
+            FREE_FAILURES + 1,
+            0,
+        );
         assert!(limit.wait("2001:db8:1:2:ffff::9".parse().unwrap(), 0) > 0);
         assert_eq!(limit.wait("2001:db8:1:3::1".parse().unwrap(), 0), 0);
         fail(&limit, "192.0.2.7".parse().unwrap(), FREE_FAILURES + 1, 0);
@@ -188,7 +191,10 @@ mod tests {
         }
         let late: IpAddr = "192.0.2.1".parse().unwrap();
         fail(&limit, late, FREE_FAILURES + 1, 20);
-        assert!(limit.wait(late, 20) > 0, "the newcomer is counted on its own");
+        assert!(
+            limit.wait(late, 20) > 0,
+            "the newcomer is counted on its own"
+        );
         assert_eq!(limit.wait(first, 20), 0, "the oldest was forgotten");
         let fresh: IpAddr = "192.0.2.2".parse().unwrap();
         assert_eq!(limit.wait(fresh, 20), 0, "nobody else shares its count");

@@ -597,11 +597,17 @@ async fn failed_sign_ins_from_one_address_wait_but_the_right_token_gets_in() {
     }
     let started = std::time::Instant::now();
     let waited = visitor.sign_in("guess-number-6-of-many").await;
-    assert!(started.elapsed() >= Duration::from_millis(250), "the sixth try waits");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "the sixth try waits"
+    );
     assert_eq!(waited.status, 401, "{}", waited.text());
     let started = std::time::Instant::now();
     let right = visitor.sign_in(TOKEN).await;
-    assert!(started.elapsed() >= Duration::from_millis(500), "the next waits longer");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the next waits longer"
+    );
     assert_eq!(right.status, 303, "after its wait the right token gets in");
     assert!(visitor.cookie.is_some());
     let m = relay.metrics().await;
@@ -628,11 +634,17 @@ async fn wrong_bearer_tokens_count_toward_the_same_wait() {
     let started = std::time::Instant::now();
     let mut visitor = Visitor::new(relay.admin);
     assert_eq!(visitor.sign_in("guess-number-6-of-many").await.status, 401);
-    assert!(started.elapsed() >= Duration::from_millis(250), "the sixth try waits");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "the sixth try waits"
+    );
     let started = std::time::Instant::now();
     let right = common::admin_request(relay.admin, Method::GET, "/admin/trail", Some(TOKEN));
     assert_eq!(right.await.status, 200);
-    assert!(started.elapsed() >= Duration::from_millis(500), "the bearer waits too");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the bearer waits too"
+    );
     let m = relay.metrics().await;
     assert_eq!(
         metric(&m, "wxrelay_admin_refusals_total", &[("reason", "token")]),
