@@ -171,7 +171,7 @@ pub(super) fn trail_event(row: &impl Columns) -> Result<TrailEvent, SpoolError> 
     let reply = match row.opt_text("reply")? {
         None => None,
         Some(name) => Some(TrailReply {
-            outcome: reply_outcome(&name)?,
+            outcome: reply_outcome(&name),
             latency_ms: row.opt_int("reply_ms")?.unwrap_or(0).max(0) as u64,
             budget_ms: row.opt_int("budget_ms")?.unwrap_or(0).max(0) as u64,
         }),
@@ -246,11 +246,13 @@ pub(super) fn judged(event: &mut TrailEvent, filter: &TrailFilter) -> bool {
     filter.outcome.is_none_or(|o| o == event.outcome)
 }
 
-fn reply_outcome(name: &str) -> Result<ReplyOutcome, SpoolError> {
+/// The reply's outcome by its stored name; one written by a newer version
+/// is [`ReplyOutcome::Unknown`], so that the search still answers.
+fn reply_outcome(name: &str) -> ReplyOutcome {
     ReplyOutcome::ALL
         .into_iter()
         .find(|o| o.as_str() == name)
-        .ok_or_else(|| SpoolError::storage(format!("column reply holds an unknown {name:?}")))
+        .unwrap_or(ReplyOutcome::Unknown)
 }
 
 /// The end a settlement or a retirement writes: `delivered`, `dead` or
@@ -269,4 +271,15 @@ pub(super) fn cutoff(now: UnixMs, span: std::time::Duration) -> UnixMs {
         now.0
             .saturating_sub(span.as_millis().min(i64::MAX as u128) as i64),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_outcome_of_a_newer_version_reads_as_unknown() {
+        assert_eq!(reply_outcome("failed"), ReplyOutcome::Failed);
+        assert_eq!(reply_outcome("from_the_future"), ReplyOutcome::Unknown);
+    }
 }
