@@ -566,6 +566,42 @@ async fn a_request_naming_another_host_is_refused_on_the_admin_listener() {
     relay.stop().await;
 }
 
+/// How a `Host` is read: any case, a trailing dot, an IPv6 literal that is
+/// not the listener's, and the absolute form's authority over the header.
+#[tokio::test]
+async fn host_names_are_read_in_any_case_and_the_absolute_form_wins() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let server = format!("admin_token = \"{TOKEN}\"");
+    let relay = TestRelay::start(&config(&g, &hooks.url("/"), &server), reference_now(&g)).await;
+    let port = relay.admin.port();
+    for (host, status) in [
+        (format!("LOCALHOST:{port}"), 200),
+        (format!("localhost.:{port}"), 200),
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("[::1]:{port}"), 421),
+        (format!("evil.example.:{port}"), 421),
+    ] {
+        let answer = as_host(relay.admin, "/admin/trail", &host).await;
+        assert_eq!(answer.status, status, "{host}: {}", answer.text());
+    }
+    // The request line's authority is the host asked for, whatever the header says.
+    let absolute = |uri: String| {
+        Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .header("host", relay.admin.to_string())
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let other = absolute(format!("http://evil.example:{port}/admin/trail"));
+    assert_eq!(exchange(relay.admin, other).await.status, 421);
+    let own = absolute(format!("http://localhost:{port}/admin/trail"));
+    assert_eq!(exchange(relay.admin, own).await.status, 200);
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_name_listed_in_admin_hosts_is_served() {
     let g = generated();
