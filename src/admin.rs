@@ -85,6 +85,18 @@ pub async fn serve(
             }
         },
         (_, p) if guarded(p) && !host_allowed(&admin, &req) => misdirected(&admin, &req, plain),
+        (&Method::POST, p) if guarded(p) && cross_site(&req) => {
+            admin
+                .metrics
+                .admin_refusals
+                .with_label_values(&["origin"])
+                .inc();
+            tracing::warn!(path = p, "admin POST from a page of another site refused");
+            plain(
+                StatusCode::FORBIDDEN,
+                "a POST from a page of another site (Origin or Sec-Fetch-Site) is refused\n".into(),
+            )
+        }
         (_, p) if p == crate::ui::ROOT || p.starts_with("/ui/") => {
             crate::ui::serve(&admin.ui, req).await
         }
@@ -172,6 +184,26 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
     match req.uri().authority() {
         Some(authority) => Some(authority.as_str()),
         None => req.headers().get(http::header::HOST)?.to_str().ok(),
+    }
+}
+
+/// Whether a request was sent by a page of another site: its
+/// `Sec-Fetch-Site` says `cross-site`, or its `Origin` names another host
+/// than the request (or is `null`). Without either header (curl, scripts)
+/// it is not.
+fn cross_site(req: &Request<Incoming>) -> bool {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if header("sec-fetch-site").is_some_and(|s| s.eq_ignore_ascii_case("cross-site")) {
+        return true;
+    }
+    let Some(origin) = req.headers().get(http::header::ORIGIN) else {
+        return false;
+    };
+    let origin = origin.to_str().unwrap_or("null");
+    let host = origin.split_once("://").map(|(_, host)| host);
+    match (host, request_host(req)) {
+        (Some(origin), Some(asked)) => !origin.eq_ignore_ascii_case(asked),
+        _ => true,
     }
 }
 

@@ -602,6 +602,47 @@ async fn host_names_are_read_in_any_case_and_the_absolute_form_wins() {
     relay.stop().await;
 }
 
+/// Without a token (a loopback listener), a page of another site could
+/// still make the browser POST to it: such a POST is refused by its
+/// `Origin` or `Sec-Fetch-Site`.
+#[tokio::test]
+async fn a_post_from_a_page_of_another_site_is_refused() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let relay = TestRelay::start(&config(&g, &hooks.url("/"), ""), reference_now(&g)).await;
+    let post = |headers: &[(&str, String)]| {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri("/admin/reload")
+            .header("host", relay.admin.to_string());
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        exchange(relay.admin, req.body(Full::new(Bytes::new())).unwrap())
+    };
+    let own = format!("http://{}", relay.admin);
+    for (headers, status) in [
+        (vec![("origin", "http://evil.example".to_owned())], 403),
+        (vec![("origin", "null".to_owned())], 403),
+        (vec![("sec-fetch-site", "cross-site".to_owned())], 403),
+        (vec![("origin", own.clone())], 200),
+        (
+            vec![("origin", own), ("sec-fetch-site", "same-origin".into())],
+            200,
+        ),
+        (vec![], 200),
+    ] {
+        let answer = post(&headers).await;
+        assert_eq!(answer.status, status, "{headers:?}: {}", answer.text());
+    }
+    let m = relay.metrics().await;
+    assert_eq!(
+        metric(&m, "wxrelay_admin_refusals_total", &[("reason", "origin")]),
+        3.0
+    );
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_name_listed_in_admin_hosts_is_served() {
     let g = generated();
