@@ -277,8 +277,7 @@ async fn trail(
         filter.event_id = Some(EventId(id));
         filter.limit = 1;
     }
-    let scan = filter.scan;
-    let found = log.find(filter).await.map_err(|e| match e {
+    let found = log.find(filter.clone()).await.map_err(|e| match e {
         SpoolError::Refused(why) => (StatusCode::NOT_FOUND, format!("{why}\n")),
         e => {
             let e = crate::error_chain(&e);
@@ -289,7 +288,7 @@ async fn trail(
             )
         }
     })?;
-    let note = found.cut_short_note(scan);
+    let note = found.cut_short_note(&filter);
     let json = match one {
         None => serde_json::to_string(&found.events),
         Some(_) => match found.events.first() {

@@ -54,13 +54,20 @@ impl TrailFound {
         TrailFound { events, cut_short }
     }
 
-    /// What the answer says when the cap cut the search short.
-    pub fn cut_short_note(&self, scan: usize) -> Option<String> {
+    /// What the answer says when the cap cut the search short, for the
+    /// search `filter` asked.
+    pub fn cut_short_note(&self, filter: &TrailFilter) -> Option<String> {
+        let scan = filter.scan;
         self.cut_short.then(|| {
-            format!(
-                "the search stopped after reading {scan} trail rows (the newest): older events \
-                 may match; search by OpenID or event id to reach them, or narrow the search"
-            )
+            if filter.openid.is_some() || filter.event_id.is_some() {
+                format!(
+                    "the search stopped after reading {scan} matching trail rows (the newest):                      older events match too; narrow it by time (since, until) to reach them"
+                )
+            } else {
+                format!(
+                    "the search read the newest {scan} trail rows and older ones remain: older                      events may match; search by OpenID or event id to reach them, or narrow                      the search"
+                )
+            }
         })
     }
 }

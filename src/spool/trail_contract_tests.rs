@@ -636,7 +636,11 @@ async fn a_search_reads_at_most_its_cap_of_rows_and_says_so() {
         let oldest = spool.find(scene("k0", 3)).await.unwrap();
         assert!(oldest.events.is_empty(), "{name}: {oldest:#?}");
         assert!(oldest.cut_short, "{name}: the cap is said");
-        assert!(oldest.cut_short_note(3).unwrap().contains("3 trail rows"));
+        let note = oldest.cut_short_note(&scene("k0", 3)).unwrap();
+        assert!(
+            note.contains("newest 3 trail rows") && note.contains("by OpenID"),
+            "{note}"
+        );
         let newest = spool.find(scene("k5", 3)).await.unwrap();
         assert_eq!(newest.events.len(), 1, "{name}");
         let uncapped = spool.find(scene("k0", 100)).await.unwrap();
@@ -652,6 +656,11 @@ async fn a_search_reads_at_most_its_cap_of_rows_and_says_so() {
         let capped = spool.find(by_openid(4)).await.unwrap();
         assert_eq!(capped.events.len(), 4, "{name}");
         assert!(capped.cut_short, "{name}");
+        let note = capped.cut_short_note(&by_openid(4)).unwrap();
+        assert!(
+            !note.contains("by OpenID") && note.contains("since"),
+            "{note}"
+        );
         let all = spool.find(by_openid(100)).await.unwrap();
         assert_eq!(all.events.len(), 6, "{name}");
         assert!(!all.cut_short, "{name}");
