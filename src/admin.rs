@@ -73,41 +73,28 @@ pub async fn serve(
             response
         }
         (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok\n".into()),
-        (&Method::GET, "/readyz") => match admin.spool.probe().await {
-            Ok(()) => plain(StatusCode::OK, "ready\n".into()),
-            Err(e) => {
-                let e = crate::error_chain(&e);
-                tracing::warn!(error = %e, "not ready: the spool does not accept writes");
-                plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("spool not writable: {e}\n"),
-                )
-            }
-        },
+        (&Method::GET, "/readyz") => ready(&admin, plain).await,
         (_, p) if guarded(p) && !host_allowed(&admin, &req) => misdirected(&admin, &req, plain),
         (&Method::POST, p) if guarded(p) && cross_site(&req) => {
-            admin
-                .metrics
-                .admin_refusals
-                .with_label_values(&["origin"])
-                .inc();
-            tracing::warn!(path = p, "admin POST from a page of another site refused");
-            plain(
-                StatusCode::FORBIDDEN,
-                "a POST from a page of another site (Origin or Sec-Fetch-Site) is refused\n".into(),
+            let reason = "a POST from a page of another site (Origin or Sec-Fetch-Site) is refused";
+            refused(
+                &admin,
+                ("origin", p),
+                (StatusCode::FORBIDDEN, reason),
+                plain,
             )
         }
         (_, p) if p == crate::ui::ROOT || p.starts_with("/ui/") => {
             crate::ui::serve(&admin.ui, req).await
         }
         (_, p) if p.starts_with("/admin/") && !authorized(&admin, &req).await => {
-            admin
-                .metrics
-                .admin_refusals
-                .with_label_values(&["token"])
-                .inc();
-            tracing::warn!(path = p, "admin request without a valid token");
-            plain(StatusCode::UNAUTHORIZED, "admin token required\n".into())
+            let reason = "admin token required";
+            refused(
+                &admin,
+                ("token", p),
+                (StatusCode::UNAUTHORIZED, reason),
+                plain,
+            )
         }
         (&Method::GET, p) if p.starts_with(TICKET) || p == TICKETS => {
             json_or_reason(ticket(&admin, p).await, plain)
@@ -131,6 +118,41 @@ pub async fn serve(
         ),
         _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
     })
+}
+
+/// `/readyz`: 200 while the spool accepts writes, else 503 with why.
+async fn ready(
+    admin: &Admin,
+    plain: impl Fn(StatusCode, String) -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    match admin.spool.probe().await {
+        Ok(()) => plain(StatusCode::OK, "ready\n".into()),
+        Err(e) => {
+            let e = crate::error_chain(&e);
+            tracing::warn!(error = %e, "not ready: the spool does not accept writes");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("spool not writable: {e}\n"),
+            )
+        }
+    }
+}
+
+/// A refused admin request: its status and reason, counted under `label`
+/// and logged with its path.
+fn refused(
+    admin: &Admin,
+    (label, path): (&str, &str),
+    (status, reason): (StatusCode, &str),
+    plain: impl Fn(StatusCode, String) -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    admin
+        .metrics
+        .admin_refusals
+        .with_label_values(&[label])
+        .inc();
+    tracing::warn!(path, reason, "admin request refused");
+    plain(status, format!("{reason}\n"))
 }
 
 /// The refusal of a request naming another host: 421, counted and logged.
