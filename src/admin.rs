@@ -211,8 +211,9 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
 
 /// Whether a request was sent by a page of another site: its
 /// `Sec-Fetch-Site` says `cross-site`, or its `Origin` names another host
-/// than the request (or is `null`). Without either header (curl, scripts)
-/// it is not.
+/// than the request. Without either header (curl, scripts) it is not, nor
+/// with `Origin: null` alone (a browser sends that for its own pages'
+/// forms under `Referrer-Policy: no-referrer`, with `Sec-Fetch-Site`).
 fn cross_site(req: &Request<Incoming>) -> bool {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     if header("sec-fetch-site").is_some_and(|s| s.eq_ignore_ascii_case("cross-site")) {
@@ -221,7 +222,10 @@ fn cross_site(req: &Request<Incoming>) -> bool {
     let Some(origin) = req.headers().get(http::header::ORIGIN) else {
         return false;
     };
-    let origin = origin.to_str().unwrap_or("null");
+    let origin = origin.to_str().unwrap_or("");
+    if origin == "null" {
+        return false;
+    }
     let host = origin.split_once("://").map(|(_, host)| host);
     match (host, request_host(req)) {
         (Some(origin), Some(asked)) => !origin.eq_ignore_ascii_case(asked),
