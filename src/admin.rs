@@ -73,24 +73,28 @@ pub async fn serve(
             response
         }
         (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok\n".into()),
-        (&Method::GET, "/readyz") => match admin.spool.probe().await {
-            Ok(()) => plain(StatusCode::OK, "ready\n".into()),
-            Err(e) => {
-                let e = crate::error_chain(&e);
-                tracing::warn!(error = %e, "not ready: the spool does not accept writes");
-                plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("spool not writable: {e}\n"),
-                )
-            }
-        },
+        (&Method::GET, "/readyz") => ready(&admin, plain).await,
         (_, p) if guarded(p) && !host_allowed(&admin, &req) => misdirected(&admin, &req, plain),
+        (&Method::POST, p) if guarded(p) && cross_site(&req) => {
+            let reason = "a POST from a page of another site (Origin or Sec-Fetch-Site) is refused";
+            refused(
+                &admin,
+                ("origin", p),
+                (StatusCode::FORBIDDEN, reason),
+                plain,
+            )
+        }
         (_, p) if p == crate::ui::ROOT || p.starts_with("/ui/") => {
             crate::ui::serve(&admin.ui, req).await
         }
-        (_, p) if p.starts_with("/admin/") && !authorized(&admin, &req) => {
-            tracing::warn!(path = p, "admin request without a valid token");
-            plain(StatusCode::UNAUTHORIZED, "admin token required\n".into())
+        (_, p) if p.starts_with("/admin/") && !authorized(&admin, &req).await => {
+            let reason = "admin token required";
+            refused(
+                &admin,
+                ("token", p),
+                (StatusCode::UNAUTHORIZED, reason),
+                plain,
+            )
         }
         (&Method::GET, p) if p.starts_with(TICKET) || p == TICKETS => {
             json_or_reason(ticket(&admin, p).await, plain)
@@ -114,6 +118,41 @@ pub async fn serve(
         ),
         _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
     })
+}
+
+/// `/readyz`: 200 while the spool accepts writes, else 503 with why.
+async fn ready(
+    admin: &Admin,
+    plain: impl Fn(StatusCode, String) -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    match admin.spool.probe().await {
+        Ok(()) => plain(StatusCode::OK, "ready\n".into()),
+        Err(e) => {
+            let e = crate::error_chain(&e);
+            tracing::warn!(error = %e, "not ready: the spool does not accept writes");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("spool not writable: {e}\n"),
+            )
+        }
+    }
+}
+
+/// A refused admin request: its status and reason, counted under `label`
+/// and logged with its path.
+fn refused(
+    admin: &Admin,
+    (label, path): (&str, &str),
+    (status, reason): (StatusCode, &str),
+    plain: impl Fn(StatusCode, String) -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    admin
+        .metrics
+        .admin_refusals
+        .with_label_values(&[label])
+        .inc();
+    tracing::warn!(path, reason, "admin request refused");
+    plain(status, format!("{reason}\n"))
 }
 
 /// The refusal of a request naming another host: 421, counted and logged.
@@ -167,6 +206,30 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
     match req.uri().authority() {
         Some(authority) => Some(authority.as_str()),
         None => req.headers().get(http::header::HOST)?.to_str().ok(),
+    }
+}
+
+/// Whether a request was sent by a page of another site: its
+/// `Sec-Fetch-Site` says `cross-site`, or its `Origin` names another host
+/// than the request. Without either header (curl, scripts) it is not, nor
+/// with `Origin: null` alone (a browser sends that for its own pages'
+/// forms under `Referrer-Policy: no-referrer`, with `Sec-Fetch-Site`).
+fn cross_site(req: &Request<Incoming>) -> bool {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if header("sec-fetch-site").is_some_and(|s| s.eq_ignore_ascii_case("cross-site")) {
+        return true;
+    }
+    let Some(origin) = req.headers().get(http::header::ORIGIN) else {
+        return false;
+    };
+    let origin = origin.to_str().unwrap_or("");
+    if origin == "null" {
+        return false;
+    }
+    let host = origin.split_once("://").map(|(_, host)| host);
+    match (host, request_host(req)) {
+        (Some(origin), Some(asked)) => !origin.eq_ignore_ascii_case(asked),
+        _ => true,
     }
 }
 
@@ -240,8 +303,7 @@ async fn trail(
         filter.event_id = Some(EventId(id));
         filter.limit = 1;
     }
-    let scan = filter.scan;
-    let found = log.find(filter).await.map_err(|e| match e {
+    let found = log.find(filter.clone()).await.map_err(|e| match e {
         SpoolError::Refused(why) => (StatusCode::NOT_FOUND, format!("{why}\n")),
         e => {
             let e = crate::error_chain(&e);
@@ -252,7 +314,7 @@ async fn trail(
             )
         }
     })?;
-    let note = found.cut_short_note(scan);
+    let note = found.cut_short_note(&filter);
     let json = match one {
         None => serde_json::to_string(&found.events),
         Some(_) => match found.events.first() {
@@ -332,18 +394,31 @@ async fn ticket(admin: &Admin, path: &str) -> Result<String, (StatusCode, String
     }
 }
 
-/// `Authorization: Bearer <admin_token>`, compared in constant time; open when
-/// no token is configured (validation allows that only on loopback or when
-/// explicitly allowed). The scheme is case-insensitive (RFC 7235 §2.1).
-fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
+/// `Authorization: Bearer <admin_token>`, compared in constant time after
+/// the wait the client's failed tries ask for, the same as signing in to the
+/// pages (a wrong token counts for both); open when no token is configured
+/// (validation allows that only on loopback or when explicitly allowed). The
+/// scheme is case-insensitive (RFC 7235 §2.1).
+async fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
     let config = admin.config.load();
     let Some(token) = &config.server.admin_token else {
         return true;
     };
-    req.headers()
+    let given = req
+        .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .is_some_and(|(_, given)| crate::ui::session::same(given.trim(), token.expose()))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+    let Some((_, given)) = given else {
+        return false;
+    };
+    let peer = req
+        .extensions()
+        .get::<crate::server::Peer>()
+        .map(|p| p.0.ip());
+    admin
+        .ui
+        .token_holds(peer, given.trim(), token.expose())
+        .await
 }

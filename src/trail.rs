@@ -54,13 +54,20 @@ impl TrailFound {
         TrailFound { events, cut_short }
     }
 
-    /// What the answer says when the cap cut the search short.
-    pub fn cut_short_note(&self, scan: usize) -> Option<String> {
+    /// What the answer says when the cap cut the search short, for the
+    /// search `filter` asked.
+    pub fn cut_short_note(&self, filter: &TrailFilter) -> Option<String> {
+        let scan = filter.scan;
         self.cut_short.then(|| {
-            format!(
-                "the search stopped after reading {scan} trail rows (the newest): older events \
-                 may match; search by OpenID or event id to reach them, or narrow the search"
-            )
+            if filter.openid.is_some() || filter.event_id.is_some() {
+                format!(
+                    "the search stopped after reading {scan} matching trail rows (the newest):                      older events match too; narrow it by time (since, until) to reach them"
+                )
+            } else {
+                format!(
+                    "the search read the newest {scan} trail rows and older ones remain: older                      events may match; search by OpenID or event id to reach them, or narrow                      the search"
+                )
+            }
         })
     }
 }
@@ -156,6 +163,9 @@ pub enum ReplyOutcome {
     /// The target failed inside the reply budget (unreachable, an error
     /// status): `success`.
     Failed,
+    /// A name this version does not know, written by a newer one (during a
+    /// rolling upgrade): shown as unknown rather than failing the search.
+    Unknown,
 }
 
 impl ReplyOutcome {
@@ -177,6 +187,7 @@ impl ReplyOutcome {
             ReplyOutcome::Unverifiable => "unverifiable",
             ReplyOutcome::TimedOut => "timed_out",
             ReplyOutcome::Failed => "failed",
+            ReplyOutcome::Unknown => "unknown",
         }
     }
 }
@@ -381,18 +392,30 @@ fn escape_prefix_masking(body: &[u8], sender: Option<&str>) -> String {
     escape_controls(&text)
 }
 
-/// `text` with its control characters escaped (`\n`, `\u{1b}`…): what a
-/// push or a target sent, safe to print on a terminal.
+/// `text` with its control characters (`\n`, `\u{1b}`…), its backslashes
+/// and the Unicode format and separator characters that reorder or break
+/// lines (`\u{202e}`, `\u{2028}`…) escaped: what a push or a target sent,
+/// safe to print on a terminal, and told apart from an escape.
 pub fn escape_controls(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() {
+        if c.is_control() || c == '\\' || invisible(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// Unicode's format (Cf) and line/paragraph separator characters a
+/// terminal would act on or hide: bidirectional controls, zero-width ones,
+/// the byte order mark, the separators.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}'
+        | '\u{e0001}' | '\u{e0020}'..='\u{e007f}')
 }
 
 /// The key of the OpenIDs' hashes: from the configuration, or made once and
@@ -610,6 +633,16 @@ mod tests {
             let e = parse_filter([pair], now).unwrap_err();
             assert!(e.contains(named), "{e}");
         }
+    }
+
+    #[test]
+    fn backslashes_and_invisible_format_characters_are_escaped_too() {
+        let sent = "a\\n\u{202e}txt.exe\u{2028}b\u{200b}c\u{feff}";
+        assert_eq!(
+            escape_controls(sent),
+            "a\\\\n\\u{202e}txt.exe\\u{2028}b\\u{200b}c\\u{feff}"
+        );
+        assert_eq!(escape_controls("é 中文 ok"), "é 中文 ok");
     }
 
     #[test]

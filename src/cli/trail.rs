@@ -99,8 +99,8 @@ pub async fn search(
 ) -> Result<String, CliError> {
     let mut filter = args.filter(now)?;
     filter.scan = scan;
-    let found = trail.find(filter).await.map_err(failed)?;
-    let note = found.cut_short_note(scan);
+    let found = trail.find(filter.clone()).await.map_err(failed)?;
+    let note = found.cut_short_note(&filter);
     let found = found.events;
     if args.json {
         // The lines stay JSON: the note goes to the terminal.

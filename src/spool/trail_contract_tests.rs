@@ -636,7 +636,11 @@ async fn a_search_reads_at_most_its_cap_of_rows_and_says_so() {
         let oldest = spool.find(scene("k0", 3)).await.unwrap();
         assert!(oldest.events.is_empty(), "{name}: {oldest:#?}");
         assert!(oldest.cut_short, "{name}: the cap is said");
-        assert!(oldest.cut_short_note(3).unwrap().contains("3 trail rows"));
+        let note = oldest.cut_short_note(&scene("k0", 3)).unwrap();
+        assert!(
+            note.contains("newest 3 trail rows") && note.contains("by OpenID"),
+            "{note}"
+        );
         let newest = spool.find(scene("k5", 3)).await.unwrap();
         assert_eq!(newest.events.len(), 1, "{name}");
         let uncapped = spool.find(scene("k0", 100)).await.unwrap();
@@ -652,9 +656,17 @@ async fn a_search_reads_at_most_its_cap_of_rows_and_says_so() {
         let capped = spool.find(by_openid(4)).await.unwrap();
         assert_eq!(capped.events.len(), 4, "{name}");
         assert!(capped.cut_short, "{name}");
+        let note = capped.cut_short_note(&by_openid(4)).unwrap();
+        assert!(
+            !note.contains("by OpenID") && note.contains("since"),
+            "{note}"
+        );
         let all = spool.find(by_openid(100)).await.unwrap();
         assert_eq!(all.events.len(), 6, "{name}");
         assert!(!all.cut_short, "{name}");
+        let exactly = spool.find(by_openid(6)).await.unwrap();
+        assert_eq!(exactly.events.len(), 6, "{name}");
+        assert!(!exactly.cut_short, "{name}: nothing older is left");
         // An event by its id is found however old.
         let id = all.events[5].event_id.unwrap();
         let by_id = TrailFilter {
@@ -663,5 +675,56 @@ async fn a_search_reads_at_most_its_cap_of_rows_and_says_so() {
             ..TrailFilter::default()
         };
         assert_eq!(spool.find(by_id).await.unwrap().events.len(), 1, "{name}");
+    }
+}
+
+/// Refusals are not in the window of a search that can match only answered
+/// pushes: a burst of them pushes no stored push out of it.
+#[tokio::test]
+async fn refusals_do_not_push_stored_events_out_of_the_search_window() {
+    for (name, spool, _keep, _) in spools(setup(false, 1_000)).await {
+        for i in 0..3 {
+            let now = 1_000 + i * 1_000;
+            let e = push(&format!("k{i}"), &["a"], now);
+            spool.enqueue(e, UnixMs(now), WINDOW).await.unwrap();
+        }
+        for i in 0..10 {
+            assert!(spool.note(TrailNote::Refused {
+                at: UnixMs(5_000 + i),
+                account: "main".into(),
+                refusal: TrailRefusal {
+                    reason: "bad signature".into(),
+                    source: "192.0.2.7".into(),
+                },
+            }));
+        }
+        let refused = TrailFilter {
+            outcome: Some(TrailOutcome::Refused),
+            ..TrailFilter::default()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while spool.search(refused.clone()).await.unwrap().len() < 10 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: refusals not written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let oldest = TrailFilter {
+            scene: Some("scene-k0".into()),
+            scan: 3,
+            ..TrailFilter::default()
+        };
+        let found = spool.find(oldest).await.unwrap();
+        assert_eq!(found.events.len(), 1, "{name}: {found:#?}");
+        assert!(!found.cut_short, "{name}: nothing older is left");
+        let capped = TrailFilter {
+            outcome: Some(TrailOutcome::Refused),
+            scan: 4,
+            ..TrailFilter::default()
+        };
+        let found = spool.find(capped).await.unwrap();
+        assert_eq!(found.events.len(), 4, "{name}");
+        assert!(found.cut_short, "{name}: older refusals may match");
     }
 }

@@ -52,15 +52,35 @@ pub(super) enum Param {
 /// Whether the search selects by an indexed field (the OpenID's hash, the
 /// event id), so that the database reads only the rows that match it.
 /// Otherwise it reads the newest [`TrailFilter::scan`] rows at most: those
-/// with an id above [`scan_floor`].
+/// with an id above the floor [`FLOOR`] finds.
 pub(super) fn indexed(filter: &TrailFilter) -> bool {
     filter.openid.is_some() || filter.event_id.is_some()
 }
 
-/// The trail id a search without an indexed field reads above, given the
-/// newest id: the newest `scan` rows (ids grow; pruning takes the oldest).
-pub(super) fn scan_floor(filter: &TrailFilter, newest: i64) -> i64 {
-    newest.saturating_sub(i64::try_from(filter.scan).unwrap_or(i64::MAX))
+/// Whether the search can match only answered pushes (stored or
+/// duplicate), not refusals: it does unless it asks for the refused
+/// outcome. Refusals (a bad signature, up to 50 a second per account) then
+/// neither count toward its rows read nor push answered pushes out of its
+/// window.
+pub(super) fn answered_only(filter: &TrailFilter) -> bool {
+    filter.outcome != Some(TrailOutcome::Refused)
+}
+
+/// The trail id a search without an indexed field reads above: the id of
+/// the newest row past the `scan` newest it may match (`$1`: how many to
+/// skip; SQLite takes `$1` too). None while there are no more rows than
+/// that.
+pub(super) fn floor_query(filter: &TrailFilter) -> &'static str {
+    if answered_only(filter) {
+        "SELECT id FROM trail_events WHERE refusal IS NULL ORDER BY id DESC LIMIT 1 OFFSET $1"
+    } else {
+        "SELECT id FROM trail_events ORDER BY id DESC LIMIT 1 OFFSET $1"
+    }
+}
+
+/// How many rows the floor's statement skips.
+pub(super) fn floor_offset(filter: &TrailFilter) -> i64 {
+    i64::try_from(filter.scan).unwrap_or(i64::MAX)
 }
 
 /// The search's statement for one page: events older than `before` and
@@ -110,6 +130,9 @@ pub(super) fn page_query(
     if let Some(floor) = floor {
         add("t.id > ?", Param::Int(floor));
     }
+    if answered_only(filter) {
+        clauses.push("t.refusal IS NULL".into());
+    }
     let filtered = if clauses.is_empty() {
         String::new()
     } else {
@@ -148,7 +171,7 @@ pub(super) fn trail_event(row: &impl Columns) -> Result<TrailEvent, SpoolError> 
     let reply = match row.opt_text("reply")? {
         None => None,
         Some(name) => Some(TrailReply {
-            outcome: reply_outcome(&name)?,
+            outcome: reply_outcome(&name),
             latency_ms: row.opt_int("reply_ms")?.unwrap_or(0).max(0) as u64,
             budget_ms: row.opt_int("budget_ms")?.unwrap_or(0).max(0) as u64,
         }),
@@ -223,11 +246,13 @@ pub(super) fn judged(event: &mut TrailEvent, filter: &TrailFilter) -> bool {
     filter.outcome.is_none_or(|o| o == event.outcome)
 }
 
-fn reply_outcome(name: &str) -> Result<ReplyOutcome, SpoolError> {
+/// The reply's outcome by its stored name; one written by a newer version
+/// is [`ReplyOutcome::Unknown`], so that the search still answers.
+fn reply_outcome(name: &str) -> ReplyOutcome {
     ReplyOutcome::ALL
         .into_iter()
         .find(|o| o.as_str() == name)
-        .ok_or_else(|| SpoolError::storage(format!("column reply holds an unknown {name:?}")))
+        .unwrap_or(ReplyOutcome::Unknown)
 }
 
 /// The end a settlement or a retirement writes: `delivered`, `dead` or
@@ -246,4 +271,15 @@ pub(super) fn cutoff(now: UnixMs, span: std::time::Duration) -> UnixMs {
         now.0
             .saturating_sub(span.as_millis().min(i64::MAX as u128) as i64),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_outcome_of_a_newer_version_reads_as_unknown() {
+        assert_eq!(reply_outcome("failed"), ReplyOutcome::Failed);
+        assert_eq!(reply_outcome("from_the_future"), ReplyOutcome::Unknown);
+    }
 }

@@ -1,6 +1,6 @@
 //! What the pages' forms do: signing in, and replaying a dead letter.
 
-use super::session::{same, Session};
+use super::session::Session;
 use super::{pages, Outcome, PageError, Refusal, Ui, Visit};
 use crate::spool::{DeadFilter, DeliveryId, EventId, UnixMs};
 use http::StatusCode;
@@ -13,24 +13,18 @@ pub(super) fn signin_form(visit: &Visit) -> Outcome {
     Outcome::Page(StatusCode::OK, pages::signin(None))
 }
 
-/// Signing in: the admin token, compared in constant time, opens a session.
-pub(super) fn sign_in(ui: &Ui, visit: &Visit) -> Result<Outcome, PageError> {
+/// Signing in: the admin token, compared in constant time after the wait
+/// the client's failed tries ask for, opens a session.
+pub(super) async fn sign_in(ui: &Ui, visit: &Visit) -> Result<Outcome, PageError> {
     let config = ui.config.load();
     let Some(token) = &config.server.admin_token else {
         return Ok(Outcome::Redirect(super::ROOT.into()));
     };
-    // Without a known address (never on a TCP listener) all share one count.
-    let peer = visit.peer.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-    let now = ui.clock.now_ms();
-    if ui.sign_ins.exhausted(peer, now) {
-        return Err(Refusal::TooManySignIns.into());
-    }
     let given = visit.field("token").ok_or(Refusal::BadForm)?.trim();
-    if !same(given, token.expose()) {
-        ui.sign_ins.failed(peer, now);
+    if !ui.token_holds(visit.peer, given, token.expose()).await {
         return Err(Refusal::BadToken.into());
     }
-    let session = Session::issue(now);
+    let session = Session::issue(ui.clock.now_ms());
     tracing::info!("signed in to the pages");
     let cookie = session.set_cookie(&visit.key, config.server.ui_secure_cookie);
     let home = Outcome::Redirect(back(visit));

@@ -9,7 +9,8 @@
 //! - this file: the routes, who may use them, and the one place a refused
 //!   request becomes an answer, a metric and a log line;
 //! - `session`: the session cookie, its CSRF token and signing out;
-//! - `limit`: failed sign-ins per address;
+//! - `limit`: failed tries of the admin token per client, here and on
+//!   `/admin/*`;
 //! - `pages`: the templates: the layout, signing in, the overview, the
 //!   search and an event's timeline.
 //!
@@ -64,7 +65,7 @@ pub struct Ui {
     pub trail: Arc<dyn TrailLog>,
     /// MACs the sessions while no admin token is configured.
     open_key: SessionKey,
-    /// Failed sign-ins per address.
+    /// Failed tries of the admin token per client.
     sign_ins: SignInLimit,
     /// The sessions signed out on this process.
     signed_out: SignedOut,
@@ -103,8 +104,6 @@ pub(crate) enum Refusal {
     Csrf,
     /// Signing in with a wrong admin token.
     BadToken,
-    /// Signing in from an address that failed too often in the last minute.
-    TooManySignIns,
     /// A form that is not one of the pages' own.
     BadForm,
     /// A search the trail cannot read (an unknown outcome, a bad time).
@@ -119,7 +118,6 @@ impl Refusal {
             Refusal::SignedOut => "signed_out",
             Refusal::Csrf => "csrf",
             Refusal::BadToken => "bad_token",
-            Refusal::TooManySignIns => "too_many_sign_ins",
             Refusal::BadForm => "bad_form",
             Refusal::BadQuery => "bad_query",
             Refusal::NotFound => "not_found",
@@ -131,7 +129,6 @@ impl Refusal {
         match self {
             Refusal::SignedOut | Refusal::BadToken => StatusCode::UNAUTHORIZED,
             Refusal::Csrf => StatusCode::FORBIDDEN,
-            Refusal::TooManySignIns => StatusCode::TOO_MANY_REQUESTS,
             Refusal::BadForm | Refusal::BadQuery => StatusCode::BAD_REQUEST,
             Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -143,9 +140,6 @@ impl Refusal {
             Refusal::SignedOut => "not signed in, or the session has expired: sign in again",
             Refusal::Csrf => "the form's CSRF token is missing or not this session's: reload the page and try again",
             Refusal::BadToken => "wrong admin token",
-            Refusal::TooManySignIns => {
-                "too many failed sign-ins from this address: wait a minute and try again"
-            }
             Refusal::BadForm => "malformed form",
             Refusal::BadQuery => "the search cannot be read",
             Refusal::NotFound => "no such page",
@@ -306,7 +300,7 @@ async fn route(ui: &Ui, visit: &Visit) -> Result<Outcome, PageError> {
     let path = visit.path.trim_end_matches('/');
     match (&visit.method, path) {
         (&Method::GET, "/ui/signin") => Ok(actions::signin_form(visit)),
-        (&Method::POST, "/ui/signin") => actions::sign_in(ui, visit),
+        (&Method::POST, "/ui/signin") => actions::sign_in(ui, visit).await,
         _ if visit.session.is_none() && visit.method == Method::GET => {
             Ok(Outcome::Redirect("/ui/signin".into()))
         }
@@ -368,6 +362,33 @@ fn chrome<'a>(visit: &Visit, csrf: &'a str) -> pages::Chrome<'a> {
 }
 
 impl Ui {
+    /// Whether `given` is the admin `token`, compared in constant time once
+    /// the wait the client's failed tries ask for is over (see [`limit`]); a
+    /// wrong one is counted against the client. Without a known address
+    /// (never on a TCP listener) all share one count.
+    pub(crate) async fn token_holds(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        given: &str,
+        token: &str,
+    ) -> bool {
+        let peer = peer.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let wait = self.sign_ins.wait(peer, self.clock.now_ms());
+        if wait > 0 {
+            tracing::info!(
+                wait_ms = wait,
+                "a try of the admin token waits after failed tries from its client"
+            );
+            let wait = std::time::Duration::from_millis(wait.unsigned_abs());
+            tokio::time::sleep(wait).await;
+        }
+        let holds = session::same(given, token);
+        if !holds {
+            self.sign_ins.failed(peer, self.clock.now_ms());
+        }
+        holds
+    }
+
     /// The one place a refused request is counted and logged.
     pub(crate) fn count_refusal(&self, refusal: Refusal, path: &str) {
         let reason = refusal.label();
@@ -381,7 +402,7 @@ fn refuse(ui: &Ui, refusal: Refusal, path: &str, session: Option<&Session>) -> O
     ui.count_refusal(refusal, path);
     let page = match refusal {
         // The form again, to try once more.
-        Refusal::BadToken | Refusal::TooManySignIns => pages::signin(Some(refusal.reason())),
+        Refusal::BadToken => pages::signin(Some(refusal.reason())),
         _ => pages::refused(refusal.reason(), session.is_some()),
     };
     Outcome::Page(refusal.status(), page)

@@ -569,7 +569,7 @@ async fn a_search_cut_short_by_search_rows_says_so() {
     let found: Vec<Value> = serde_json::from_str(&capped.text()).unwrap();
     assert_eq!(found.len(), 2, "the newest two rows only");
     let note = capped.headers["wxrelay-search-cut-short"].to_str().unwrap();
-    assert!(note.contains("2 trail rows"), "{note}");
+    assert!(note.contains("newest 2 trail rows"), "{note}");
     let whole = relay
         .admin(Method::GET, &format!("{by_scene}&limit=2"), None)
         .await;
@@ -588,7 +588,7 @@ async fn a_search_cut_short_by_search_rows_says_so() {
     let (code, out) = wxrelay(args).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains("note: the search stopped after reading 2 trail rows"),
+        out.contains("note: the search read the newest 2 trail rows"),
         "{out}"
     );
     relay.stop().await;

@@ -373,12 +373,8 @@ impl ToSql for Param {
     to_sql_checked!();
 }
 
-/// Events matching `filter`, newest first, with their steps.
-/// The newest trail id (0 while there is none), and whether any row is at
-/// or below a search's floor.
-const NEWEST: &str = "SELECT COALESCE(max(id), 0)::bigint FROM trail_events";
-const OLDER: &str = "SELECT EXISTS (SELECT 1 FROM trail_events WHERE id <= $1)";
-
+/// Events matching `filter`, newest first, with their steps: at most
+/// `filter.scan` trail rows read (see [`trail_rows::indexed`]).
 pub(super) async fn search(
     c: &mut Object,
     key: &TrailKey,
@@ -387,8 +383,11 @@ pub(super) async fn search(
     let floor = match trail_rows::indexed(filter) {
         true => None,
         false => {
-            let newest = c.query_one(NEWEST, &[]).await?.try_get(0)?;
-            Some(trail_rows::scan_floor(filter, newest))
+            let offset = trail_rows::floor_offset(filter);
+            let floor = c
+                .query_opt(trail_rows::floor_query(filter), &[&offset])
+                .await?;
+            floor.map(|r| r.try_get(0)).transpose()?
         }
     };
     let (mut found, mut before, mut read) = (Vec::new(), None, 0);
@@ -435,19 +434,27 @@ pub(super) async fn search(
                 }
             }
         }
-        if rows.len() < page {
+        if rows.len() < page || read >= filter.scan {
             break;
         }
-        if read >= filter.scan {
-            return Ok(TrailFound::of(found, true));
-        }
     }
-    // Rows below the floor were never read: any of them may match.
-    let cut_short = match floor {
-        Some(floor) => c.query_one(OLDER, &[&floor]).await?.try_get(0)?,
-        None => false,
-    };
+    // Rows at or below the floor were never read, and any of them may
+    // match; an indexed search stopped at its cap may have more matches.
+    let cut_short =
+        floor.is_some() || (read >= filter.scan && more(c, key, filter, before).await?);
     Ok(TrailFound::of(found, cut_short))
+}
+
+/// Whether a row older than `before` matches `filter`'s fields.
+async fn more(
+    c: &mut Object,
+    key: &TrailKey,
+    filter: &TrailFilter,
+    before: Option<i64>,
+) -> Result<bool, SpoolError> {
+    let (sql, params) = trail_rows::page_query(filter, key, (before, None), 1, |n| format!("${n}"));
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+    Ok(!c.query(&sql, &refs).await?.is_empty())
 }
 
 /// Sends the event to `target` again (see the SQLite spool's).

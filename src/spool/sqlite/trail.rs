@@ -10,7 +10,7 @@ use crate::trail::{
 };
 use const_format::formatcp;
 use rusqlite::types::ToSqlOutput;
-use rusqlite::{params, Connection, ToSql};
+use rusqlite::{params, Connection, OptionalExtension, ToSql};
 
 const INSERT_PUSH: &str = "INSERT INTO trail_events (event_id, received_at, account, mode, msg_type, event,
          scene, msg_id, ticket, openid_hash, openid_mask, duplicate, route, reply, reply_ms, budget_ms)
@@ -171,12 +171,10 @@ pub(super) fn search(
 ) -> Result<TrailFound, SpoolError> {
     let floor = match trail_rows::indexed(filter) {
         true => None,
-        false => {
-            let newest: i64 = c
-                .prepare_cached("SELECT COALESCE(max(id), 0) FROM trail_events")?
-                .query_row([], |r| r.get(0))?;
-            Some(trail_rows::scan_floor(filter, newest))
-        }
+        false => c
+            .prepare_cached(trail_rows::floor_query(filter))?
+            .query_row(params![trail_rows::floor_offset(filter)], |r| r.get(0))
+            .optional()?,
     };
     let (mut found, mut before, mut read) = (Vec::new(), None, 0);
     loop {
@@ -203,20 +201,21 @@ pub(super) fn search(
             }
         }
         read += in_page;
-        if in_page < page {
+        if in_page < page || read >= filter.scan {
             break;
         }
-        if read >= filter.scan {
-            return Ok(TrailFound::of(found, true));
-        }
     }
-    // Rows below the floor were never read: any of them may match.
-    let cut_short = match floor {
-        Some(floor) => c
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM trail_events WHERE id <= ?1)")?
-            .query_row(params![floor], |r| r.get(0))?,
-        None => false,
-    };
+    // Rows at or below the floor were never read, and any of them may
+    // match; an indexed search stopped at its cap may have more matches.
+    let cut_short = floor.is_some()
+        || (read >= filter.scan && {
+            let (sql, params) =
+                trail_rows::page_query(filter, key, (before, None), 1, |n| format!("?{n}"));
+            c.prepare_cached(&sql)?
+                .query(rusqlite::params_from_iter(params.iter()))?
+                .next()?
+                .is_some()
+        });
     Ok(TrailFound::of(found, cut_short))
 }
 

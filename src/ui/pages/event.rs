@@ -132,6 +132,7 @@ fn arrival(e: &TrailEvent) -> Vec<Step> {
             ReplyOutcome::Unverifiable => ("warn", "target's reply unusable: answered success"),
             ReplyOutcome::TimedOut => ("warn", "no reply in time: answered success"),
             ReplyOutcome::Failed => ("warn", "reply target failed: answered success"),
+            ReplyOutcome::Unknown => ("", "answered (a reply this version does not know)"),
         };
         let detail = format!(
             "{} of a {} budget",

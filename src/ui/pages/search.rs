@@ -190,9 +190,8 @@ pub(in crate::ui) async fn show(
         }
         Ok(mut filter) => {
             filter.scan = ui.config.load().trail.search_rows;
-            let scan = filter.scan;
-            let found = ui.trail.find(filter).await?;
-            let note = found.cut_short_note(scan);
+            let found = ui.trail.find(filter.clone()).await?;
+            let note = found.cut_short_note(&filter);
             let shown = Shown {
                 events: found.events,
                 note,
