@@ -39,6 +39,8 @@ pub(crate) struct RawTrail {
     pub retain: Option<String>,
     /// Signed so that `-1` is reported as out of range, not as a type error.
     pub max_events: Option<i64>,
+    /// Signed, as `max_events`.
+    pub max_refusals: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -42,6 +42,11 @@ const MIGRATIONS: &[Migration] = &[
         include_str!("migrations/0009_late_replies.sql"),
     ),
     Migration::new(10, "trail", include_str!("migrations/0010_trail.sql")),
+    Migration::new(
+        11,
+        "trail_refusals",
+        include_str!("migrations/0011_trail_refusals.sql"),
+    ),
 ];
 
 /// The column each step before versions added, by the version it is.

@@ -127,8 +127,8 @@ pub(super) fn note(c: &Connection, note: &TrailNote) -> rusqlite::Result<()> {
             refusal,
         } => {
             c.prepare_cached(
-                "INSERT INTO trail_events (received_at, account, mode, refusal, source)
-                 VALUES (?1, ?2, '', ?3, ?4)",
+                "INSERT INTO trail_refusals (received_at, account, refusal, source)
+                 VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![at, account, refusal.reason, refusal.source])?;
         }
@@ -162,6 +162,29 @@ impl ToSql for Param {
 
 /// Events matching `filter`, newest first, with their steps.
 pub(super) fn search(
+    c: &Connection,
+    key: &TrailKey,
+    filter: &TrailFilter,
+) -> Result<Vec<TrailEvent>, SpoolError> {
+    let answered = if trail_rows::wants_answered(filter) {
+        answered(c, key, filter)?
+    } else {
+        Vec::new()
+    };
+    let mut refused = Vec::new();
+    if trail_rows::wants_refusals(filter) {
+        let (sql, params) = trail_rows::refusals_query(filter, |n| format!("?{n}"));
+        let mut select = c.prepare_cached(&sql)?;
+        let mut rows = select.query(rusqlite::params_from_iter(params.iter()))?;
+        while let Some(row) = rows.next()? {
+            refused.push(trail_rows::refusal_event(row)?);
+        }
+    }
+    Ok(trail_rows::merged(answered, refused, filter.limit))
+}
+
+/// Answered pushes matching `filter`, newest first, with their steps.
+fn answered(
     c: &Connection,
     key: &TrailKey,
     filter: &TrailFilter,
@@ -256,22 +279,62 @@ pub(super) fn kept_event(c: &Connection, id: EventId) -> Result<Option<Event>, S
 /// writer for long.
 pub(super) const PRUNE_BATCH: i64 = 2_000;
 
-/// Deletes one bounded batch of the oldest events past `retain` or beyond
-/// `max_events`, with their steps and kept bodies. Returns how many events.
-/// Ids only grow, and `received_at` and the queue's event ids with them:
-/// the rows to prune are the lowest, read from the bottom, at most a batch.
+/// Deletes one bounded batch of the oldest answered pushes past `retain` or
+/// beyond `max_events`, with their steps and kept bodies, and one of the
+/// oldest refusals past `retain` or beyond `max_refusals`. Returns the larger
+/// of the two counts: a whole batch means pruning is behind.
+///
+/// Each table's ids only grow, and `received_at` and the queue's event ids
+/// with them: the rows to prune are the lowest, read from the bottom, at most
+/// a batch. A step is deleted with its event, or later, when its event's row
+/// was pruned before the step was written (a delivery outliving its event's
+/// trail): by the event ids below the newest pruned one.
 pub(super) fn prune(c: &Connection, store: &TrailStore, now: UnixMs) -> rusqlite::Result<usize> {
-    let newest: Option<i64> = c
-        .prepare_cached("SELECT MAX(id) FROM trail_events")?
-        .query_row([], |r| r.get(0))?;
-    let Some(newest) = newest else {
-        return Ok(0);
-    };
-    let beyond = newest.saturating_sub(store.max_events as i64);
     let cutoff = trail_rows::cutoff(now, store.retain);
-    let mut oldest = c.prepare_cached(
-        "SELECT id, event_id, received_at FROM trail_events ORDER BY id LIMIT ?1",
-    )?;
+    let mut events = 0;
+    if let Some((upto, horizon)) = oldest(c, OLDEST_EVENTS, store.max_events, cutoff)? {
+        if let Some(horizon) = horizon {
+            c.prepare_cached("DELETE FROM trail_steps WHERE event_id <= ?1")?
+                .execute(params![horizon])?;
+            c.prepare_cached("DELETE FROM trail_bodies WHERE event_id <= ?1")?
+                .execute(params![horizon])?;
+        }
+        events = c
+            .prepare_cached("DELETE FROM trail_events WHERE id <= ?1")?
+            .execute(params![upto])?;
+    }
+    let mut refusals = 0;
+    if let Some((upto, _)) = oldest(c, OLDEST_REFUSALS, store.max_refusals, cutoff)? {
+        refusals = c
+            .prepare_cached("DELETE FROM trail_refusals WHERE id <= ?1")?
+            .execute(params![upto])?;
+    }
+    Ok(events.max(refusals))
+}
+
+const OLDEST_EVENTS: [&str; 2] = [
+    "SELECT MAX(id) FROM trail_events",
+    "SELECT id, event_id, received_at FROM trail_events ORDER BY id LIMIT ?1",
+];
+const OLDEST_REFUSALS: [&str; 2] = [
+    "SELECT MAX(id) FROM trail_refusals",
+    "SELECT id, NULL, received_at FROM trail_refusals ORDER BY id LIMIT ?1",
+];
+
+/// The highest id of a table's rows to prune now (at most a batch of them),
+/// and the highest event id among them.
+fn oldest(
+    c: &Connection,
+    [newest, bottom]: [&str; 2],
+    keep: u64,
+    cutoff: UnixMs,
+) -> rusqlite::Result<Option<(i64, Option<i64>)>> {
+    let newest: Option<i64> = c.prepare_cached(newest)?.query_row([], |r| r.get(0))?;
+    let Some(newest) = newest else {
+        return Ok(None);
+    };
+    let beyond = newest.saturating_sub(keep.min(i64::MAX as u64) as i64);
+    let mut oldest = c.prepare_cached(bottom)?;
     let mut rows = oldest.query(params![PRUNE_BATCH])?;
     let (mut upto, mut horizon) = (None, None);
     while let Some(row) = rows.next()? {
@@ -283,16 +346,5 @@ pub(super) fn prune(c: &Connection, store: &TrailStore, now: UnixMs) -> rusqlite
         upto = Some(id);
         horizon = horizon.max(event_id);
     }
-    drop(rows);
-    let Some(upto) = upto else {
-        return Ok(0);
-    };
-    if let Some(horizon) = horizon {
-        c.prepare_cached("DELETE FROM trail_steps WHERE event_id <= ?1")?
-            .execute(params![horizon])?;
-        c.prepare_cached("DELETE FROM trail_bodies WHERE event_id <= ?1")?
-            .execute(params![horizon])?;
-    }
-    c.prepare_cached("DELETE FROM trail_events WHERE id <= ?1")?
-        .execute(params![upto])
+    Ok(upto.map(|upto| (upto, horizon)))
 }
