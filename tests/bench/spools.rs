@@ -577,7 +577,10 @@ async fn trail_size(total: usize, max_events: usize, postgres: bool) {
             &format!("http://{at}/hooks"),
             false,
         );
-        format!("{}\n[trail]\nmax_events = {max_events}\n", without_inline_replies(relay))
+        format!(
+            "{}\n[trail]\nmax_events = {max_events}\n",
+            without_inline_replies(relay)
+        )
     };
     let relays = Replicas::start(1, &[("WXRELAY_LOG", "warn")], Box::new(config)).await;
     let public = relays.replica(0).public;
@@ -586,8 +589,15 @@ async fn trail_size(total: usize, max_events: usize, postgres: bool) {
     let (mut sent, mut answered, mut header) = (0usize, 0usize, true);
     while sent < total {
         let n = TRAIL_SAMPLE.min(total - sent);
-        let report =
-            harness::drive(public, sent as u64, n, CONNECTIONS, None, harness::unix_now()).await;
+        let report = harness::drive(
+            public,
+            sent as u64,
+            n,
+            CONNECTIONS,
+            None,
+            harness::unix_now(),
+        )
+        .await;
         sent += n;
         answered += report.success + report.login_success;
         let sizes = match &backend {
@@ -604,7 +614,32 @@ async fn trail_size(total: usize, max_events: usize, postgres: bool) {
         );
         print_trail_sizes(&when, &sizes, &mut header);
     }
+    if let Backend::Sqlite(dir) = &backend {
+        openid_scan(&dir.path().join("spool.db"));
+    }
     drop(relays);
+}
+
+/// How long a search by an OpenID that has no push takes, the worst case
+/// without an index on the hashes: every kept event is read.
+fn openid_scan(path: &std::path::Path) {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..2 {
+        let started = Instant::now();
+        let found: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM (SELECT id FROM trail_events WHERE openid_hash = ?1 \
+                 ORDER BY id DESC LIMIT 50)",
+                [&[7u8; 32][..]],
+                |r| r.get(0),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!(
+            "a search by an OpenID with no push: {found} found in {:.0} ms (every kept event read)",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
 }
 
 /// A sample: each table's rows (`None`: not a table) and bytes.

@@ -13,3 +13,8 @@ INSERT INTO trail_refusals (received_at, account, refusal, source)
     SELECT received_at, account, refusal, COALESCE(source, '') FROM trail_events
     WHERE refusal IS NOT NULL ORDER BY id;
 DELETE FROM trail_events WHERE refusal IS NOT NULL;
+
+-- No index on the OpenIDs' hashes (see the SQLite spool's
+-- 0011_trail_refusals.sql): a search by OpenID reads the kept events from
+-- the newest back, bounded by max_events.
+DROP INDEX trail_events_openid;

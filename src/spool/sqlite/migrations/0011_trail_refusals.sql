@@ -14,3 +14,10 @@ INSERT INTO trail_refusals (received_at, account, refusal, source)
     SELECT received_at, account, refusal, COALESCE(source, '') FROM trail_events
     WHERE refusal IS NOT NULL ORDER BY id;
 DELETE FROM trail_events WHERE refusal IS NOT NULL;
+
+-- No index on the OpenIDs' hashes: each push's hash is a random key, so its
+-- index took a page of its own in nearly every push's commit (the rest of
+-- the trail's rows and indexes are appended, many pushes to a page). A
+-- search by OpenID reads the kept events from the newest back instead,
+-- bounded by max_events (see README, "Performance").
+DROP INDEX trail_events_openid;
