@@ -586,7 +586,7 @@ async fn trail_size(total: usize, max_events: usize, postgres: bool) {
     let public = relays.replica(0).public;
     let engine = if postgres { "PostgreSQL" } else { "SQLite" };
     println!("the trail's size on {engine}: {total} pushes over {CONNECTIONS} connections, targets delivering to a local sink, [trail] max_events = {max_events}; sizes in MiB, indexes included");
-    let (mut sent, mut answered, mut header) = (0usize, 0usize, true);
+    let (mut sent, mut due, mut header) = (0usize, 0usize, true);
     while sent < total {
         let n = TRAIL_SAMPLE.min(total - sent);
         let report = harness::drive(
@@ -599,7 +599,7 @@ async fn trail_size(total: usize, max_events: usize, postgres: bool) {
         )
         .await;
         sent += n;
-        answered += report.success + report.login_success;
+        due += report.success + report.login_success;
         let sizes = match &backend {
             Backend::Sqlite(dir) => sqlite_trail_sizes(&dir.path().join("spool.db")),
             Backend::Postgres(database) => {
@@ -607,10 +607,9 @@ async fn trail_size(total: usize, max_events: usize, postgres: bool) {
             }
         };
         let when = format!(
-            "{sent} pushes ({} answered, {:.0}/s, {} delivered)",
-            answered,
+            "{sent} pushes ({:.0}/s; {} of {due} delivered)",
             report.throughput(),
-            sink.total()
+            sink.total(),
         );
         print_trail_sizes(&when, &sizes, &mut header);
     }
