@@ -185,11 +185,16 @@ pub(super) async fn steps(
     Ok(())
 }
 
+/// Only for events whose row is kept: a step of an event pruned while a
+/// delivery of it was pending would never be pruned (pruning deletes the
+/// steps of the events it prunes, by their ids).
 const INSERT_STEPS: &str =
     "INSERT INTO trail_steps (event_id, at, target, attempt, inline, status, error,
          latency_ms, response, circuit, end_kind, reason)
      SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::smallint[],
-         $6::int[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[])";
+         $6::int[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[])
+         AS u(event_id)
+     WHERE EXISTS (SELECT 1 FROM trail_events t WHERE t.event_id = u.event_id)";
 
 #[derive(Default)]
 struct StepColumns {
@@ -240,7 +245,8 @@ pub(super) async fn retired(
     let insert = tx
         .prepare_cached(
             "INSERT INTO trail_steps (event_id, at, target, end_kind, reason)
-             SELECT e, $3, t, 'dead', $4 FROM unnest($1::bigint[], $2::text[]) AS r(e, t)",
+             SELECT e, $3, t, 'dead', $4 FROM unnest($1::bigint[], $2::text[]) AS r(e, t)
+             WHERE EXISTS (SELECT 1 FROM trail_events x WHERE x.event_id = r.e)",
         )
         .await?;
     let reason = DeadReason::TargetRemoved.as_str();
@@ -556,16 +562,12 @@ impl Pruned {
     }
 }
 
-/// Steps whose event's row is gone, up to the newest pruned event: those of
-/// the events just pruned, and those written later for an event whose row
-/// was pruned while a delivery of it was still pending. Another replica's
-/// push may have a lower event id and a higher trail id: its steps stay.
-const DELETE_STEPS: &str = "DELETE FROM trail_steps s WHERE s.event_id <= $1
-     AND NOT EXISTS (SELECT 1 FROM trail_events t WHERE t.event_id = s.event_id)";
+/// The steps of the events just pruned, each found by its event id (a range
+/// would walk the dead index entries of every earlier batch until a vacuum).
+const DELETE_STEPS: &str = "DELETE FROM trail_steps WHERE event_id = ANY($1)";
 
-/// Kept bodies whose event's row is gone, as [`DELETE_STEPS`].
-const DELETE_BODIES: &str = "DELETE FROM trail_bodies b WHERE b.event_id <= $1
-     AND NOT EXISTS (SELECT 1 FROM trail_events t WHERE t.event_id = b.event_id)";
+/// The kept bodies of the events just pruned, as [`DELETE_STEPS`].
+const DELETE_BODIES: &str = "DELETE FROM trail_bodies WHERE event_id = ANY($1)";
 
 async fn prune_batch(
     c: &mut Object,
@@ -575,7 +577,7 @@ async fn prune_batch(
 ) -> Result<u64, SpoolError> {
     let oldest = c.prepare_cached(table.oldest()).await?;
     let rows = c.query(&oldest, &[&PRUNE_BATCH]).await?;
-    let (mut upto, mut horizon) = (None, None);
+    let (mut upto, mut events) = (None, Vec::new());
     for row in &rows {
         let newest: i64 = get(row, "newest")?;
         let id: i64 = get(row, "id")?;
@@ -584,7 +586,7 @@ async fn prune_batch(
             break;
         }
         upto = Some(id);
-        horizon = horizon.max(get::<Option<i64>>(row, "event_id")?);
+        events.extend(get::<Option<i64>>(row, "event_id")?);
     }
     let Some(upto) = upto else {
         return Ok(0);
@@ -602,10 +604,10 @@ async fn prune_batch(
                 .prepare_cached("DELETE FROM trail_events WHERE id <= $1")
                 .await?;
             let pruned = tx.execute(&delete, &[&upto]).await?;
-            if let Some(horizon) = horizon {
+            if !events.is_empty() {
                 for sql in [DELETE_STEPS, DELETE_BODIES] {
                     let delete = tx.prepare_cached(sql).await?;
-                    tx.execute(&delete, &[&horizon]).await?;
+                    tx.execute(&delete, &[&events]).await?;
                 }
             }
             pruned
