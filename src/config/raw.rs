@@ -41,6 +41,8 @@ pub(crate) struct RawTrail {
     pub max_events: Option<i64>,
     /// Signed so that `-1` is reported as out of range, not as a type error.
     pub search_rows: Option<i64>,
+    /// Signed, as `max_events`.
+    pub max_refusals: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -40,10 +40,12 @@ pub struct TrailSettings {
     pub keep_bodies: bool,
     /// Events older than this are pruned.
     pub retain: Duration,
-    /// At most this many events are kept.
+    /// At most this many answered pushes are kept.
     pub max_events: u64,
     /// At most this many trail rows are read by one search.
     pub search_rows: usize,
+    /// At most this many refused pushes are kept, apart from `max_events`.
+    pub max_refusals: u64,
 }
 
 impl TrailSettings {
@@ -57,6 +59,7 @@ impl TrailSettings {
             keep_bodies: self.keep_bodies,
             retain: self.retain,
             max_events: self.max_events,
+            max_refusals: self.max_refusals,
         }
     }
 }

@@ -401,6 +401,7 @@ fn spool(mut raw: RawSpool, p: &mut Problems) -> SpoolSettings {
 /// Kept a week by default: long enough for "it failed on Monday".
 const DEFAULT_TRAIL_RETAIN: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_TRAIL_MAX_EVENTS: u64 = 1_000_000;
+const DEFAULT_TRAIL_MAX_REFUSALS: u64 = 100_000;
 
 fn trail(raw: RawTrail, p: &mut Problems) -> TrailSettings {
     let key = secret_source(p, "trail.key", raw.key, raw.key_file)
@@ -415,22 +416,25 @@ fn trail(raw: RawTrail, p: &mut Problems) -> TrailSettings {
             }
             key
         });
-    let max_events = match raw.max_events {
-        None => DEFAULT_TRAIL_MAX_EVENTS,
-        Some(n) if n >= 1 => n as u64,
-        Some(_) => {
-            p.add("trail.max_events", "must be at least 1");
-            DEFAULT_TRAIL_MAX_EVENTS
-        }
-    };
-    let search_rows = match raw.search_rows {
-        None => crate::trail::SEARCH_ROWS,
-        Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
-        Some(_) => {
-            p.add("trail.search_rows", "must be at least 1");
-            crate::trail::SEARCH_ROWS
-        }
-    };
+    let max_events = at_least_one(
+        p,
+        "trail.max_events",
+        raw.max_events,
+        DEFAULT_TRAIL_MAX_EVENTS,
+    );
+    let max_refusals = at_least_one(
+        p,
+        "trail.max_refusals",
+        raw.max_refusals,
+        DEFAULT_TRAIL_MAX_REFUSALS,
+    );
+    let search_rows = at_least_one(
+        p,
+        "trail.search_rows",
+        raw.search_rows,
+        crate::trail::SEARCH_ROWS as u64,
+    );
+    let search_rows = usize::try_from(search_rows).unwrap_or(usize::MAX);
     TrailSettings {
         enabled: raw.enabled.unwrap_or(true),
         key,
@@ -438,6 +442,19 @@ fn trail(raw: RawTrail, p: &mut Problems) -> TrailSettings {
         retain: p.duration("trail.retain", raw.retain, DEFAULT_TRAIL_RETAIN),
         max_events,
         search_rows,
+        max_refusals,
+    }
+}
+
+/// A count of rows to keep: `default` when unset, at least 1.
+fn at_least_one(p: &mut Problems, key: &str, raw: Option<i64>, default: u64) -> u64 {
+    match raw {
+        None => default,
+        Some(n) if n >= 1 => n as u64,
+        Some(_) => {
+            p.add(key, "must be at least 1");
+            default
+        }
     }
 }
 

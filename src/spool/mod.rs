@@ -472,6 +472,7 @@ pub struct TrailSetup {
     pub keep_bodies: bool,
     pub retain: Duration,
     pub max_events: u64,
+    pub max_refusals: u64,
 }
 
 impl TrailSetup {
@@ -481,6 +482,7 @@ impl TrailSetup {
             keep_bodies: self.keep_bodies,
             retain: self.retain,
             max_events: self.max_events,
+            max_refusals: self.max_refusals,
         }
     }
 }
@@ -497,8 +499,11 @@ pub struct TrailStore {
     pub keep_bodies: bool,
     /// Events older than this are pruned.
     pub retain: Duration,
-    /// At most this many events are kept: the oldest are pruned.
+    /// At most this many answered pushes are kept: the oldest are pruned.
     pub max_events: u64,
+    /// At most this many refused pushes are kept, apart: a flood of
+    /// refusals never evicts the answered pushes' history.
+    pub max_refusals: u64,
 }
 
 /// What the delivery workers need: taking due deliveries, recording what

@@ -18,6 +18,7 @@ fn setup(keep_bodies: bool, max_events: u64) -> TrailSetup {
         keep_bodies,
         retain: Duration::from_secs(3600),
         max_events,
+        max_refusals: 100_000,
     }
 }
 
@@ -477,6 +478,133 @@ async fn pruning_keeps_at_most_max_events() {
     }
 }
 
+fn refused(at: i64) -> TrailNote {
+    TrailNote::Refused {
+        at: UnixMs(at),
+        account: "main".into(),
+        refusal: TrailRefusal {
+            reason: "bad signature".into(),
+            source: "192.0.2.7".into(),
+        },
+    }
+}
+
+fn refusals() -> TrailFilter {
+    TrailFilter {
+        outcome: Some(TrailOutcome::Refused),
+        limit: 1_000,
+        ..TrailFilter::default()
+    }
+}
+
+/// Notes a refusal a pruning period later each time, until `done` holds of
+/// the refusals found (after 10 s, the last count): notes are written after
+/// a while, and the refusals' clock drives pruning too.
+async fn refusals_until(
+    spool: &dyn TrailRoles,
+    mut now: i64,
+    done: impl Fn(usize) -> bool,
+) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        now += 31_000;
+        assert!(spool.note(refused(now)));
+        let kept = spool.search(refusals()).await.unwrap().len();
+        if done(kept) || std::time::Instant::now() > deadline {
+            return kept;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn with_refusals(max_events: u64, max_refusals: u64) -> TrailSetup {
+    TrailSetup {
+        max_refusals,
+        ..setup(false, max_events)
+    }
+}
+
+#[tokio::test]
+async fn refusals_alone_are_pruned_to_max_refusals() {
+    for (name, spool, _keep, _) in spools(with_refusals(1_000, 20)).await {
+        for i in 0..300 {
+            assert!(spool.note(refused(1_000 + i * 1_000)), "{name}");
+        }
+        let kept = refusals_until(&*spool, 301_000, |n| (10..=21).contains(&n)).await;
+        assert!(kept <= 21, "{name}: {kept} refusals kept");
+        assert!(kept >= 10, "{name}: {kept} refusals kept");
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_refusals_leaves_the_answered_pushes_alone() {
+    for (name, spool, _keep, _) in spools(with_refusals(100, 20)).await {
+        for i in 0..30 {
+            stored(&*spool, &format!("k{i}"), &["a"], 1_000 + i * 1_000).await;
+        }
+        for i in 0..300 {
+            assert!(spool.note(refused(31_000 + i * 1_000)), "{name}");
+        }
+        // A push after the flood prunes as well.
+        after_notes(&*spool, 331_000).await;
+        let kept = refusals_until(&*spool, 331_000, |n| (10..=21).contains(&n)).await;
+        assert!(kept <= 21, "{name}: {kept} refusals kept");
+        let answered = spool
+            .search(TrailFilter {
+                target: Some("a".into()),
+                limit: 1_000,
+                ..TrailFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(answered.len(), 30, "{name}: the answered pushes are kept");
+    }
+}
+
+/// The rows of a trail table, in either engine.
+fn rows_in(keep: &dyn std::any::Any, path: Option<&std::path::Path>, table: &str) -> i64 {
+    match path {
+        Some(path) => rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap(),
+        None => keep
+            .downcast_ref::<postgres::testing::TestSchema>()
+            .expect("the test schema")
+            .count(table),
+    }
+}
+
+#[tokio::test]
+async fn steps_written_after_their_event_was_pruned_are_pruned_too() {
+    for (name, spool, keep, path) in spools(setup(false, 10)).await {
+        let (old, deliveries) = stored(&*spool, "old", &["a"], 1_000).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut now = 1_000;
+        // Pushes until the old event's row is pruned (its delivery waits on).
+        while !spool.search(by_event(old)).await.unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "{name}: never pruned");
+            now += 31_000;
+            stored(&*spool, &format!("k{now}"), &["b"], now).await;
+        }
+        let delivered = Settle {
+            lease: LeaseToken::NONE,
+            settlement: Settlement::Delivered {
+                delivery_id: deliveries[0],
+            },
+            trail: attempt(1, Some(200), now),
+        };
+        spool.record(vec![delivered], UnixMs(now)).await.unwrap();
+        let mut steps = rows_in(&*keep, path.as_deref(), "trail_steps");
+        while steps > 0 && std::time::Instant::now() < deadline {
+            now += 31_000;
+            stored(&*spool, &format!("k{now}"), &["b"], now).await;
+            steps = rows_in(&*keep, path.as_deref(), "trail_steps");
+        }
+        assert_eq!(steps, 0, "{name}: the pruned event's step is left behind");
+    }
+}
+
 #[tokio::test]
 async fn the_trail_holds_no_openid_in_the_clear_and_no_key() {
     for (name, spool, _keep, path) in spools(setup(false, 1_000)).await {
@@ -723,8 +851,10 @@ async fn refusals_do_not_push_stored_events_out_of_the_search_window() {
             scan: 4,
             ..TrailFilter::default()
         };
+        // Refusals are kept apart, bounded by max_refusals: the answered
+        // pushes' window does not cut their search.
         let found = spool.find(capped).await.unwrap();
-        assert_eq!(found.events.len(), 4, "{name}");
-        assert!(found.cut_short, "{name}: older refusals may match");
+        assert_eq!(found.events.len(), 10, "{name}");
+        assert!(!found.cut_short, "{name}: every refusal was read");
     }
 }

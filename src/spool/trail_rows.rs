@@ -49,10 +49,12 @@ pub(super) enum Param {
     Blob(Vec<u8>),
 }
 
-/// Whether the search selects by an indexed field (the OpenID's hash, the
-/// event id), so that the database reads only the rows that match it.
-/// Otherwise it reads the newest [`TrailFilter::scan`] rows at most: those
-/// with an id above the floor [`FLOOR`] finds.
+/// Whether the search selects by one push's or one user's own rows (the
+/// event id, which is indexed; the OpenID's hash, which is not, so that
+/// search reads the kept events back to the oldest, bounded by
+/// `max_events`), so that it is not windowed. Otherwise it reads the newest
+/// [`TrailFilter::scan`] rows at most: those with an id above the floor
+/// [`floor_query`] finds.
 pub(super) fn indexed(filter: &TrailFilter) -> bool {
     filter.openid.is_some() || filter.event_id.is_some()
 }
@@ -142,6 +144,109 @@ pub(super) fn page_query(
         "SELECT {TRAIL_COLUMNS} FROM trail_events t {filtered} ORDER BY t.id DESC LIMIT {page}"
     );
     (sql, params)
+}
+
+/// Whether refused pushes can match `filter`: they have no OpenID, MsgId,
+/// scene, event or route, and their outcome is `refused`.
+pub(super) fn wants_refusals(filter: &TrailFilter) -> bool {
+    filter.openid.is_none()
+        && filter.msg_id.is_none()
+        && filter.scene.is_none()
+        && filter.event_id.is_none()
+        && filter.target.is_none()
+        && filter.outcome.is_none_or(|o| o == TrailOutcome::Refused)
+}
+
+/// Whether answered pushes can match `filter`.
+pub(super) fn wants_answered(filter: &TrailFilter) -> bool {
+    filter.outcome != Some(TrailOutcome::Refused)
+}
+
+/// The newest `filter.limit` refused pushes in its time range, newest first
+/// (see [`wants_refusals`] for whether any can match).
+pub(super) fn refusals_query(
+    filter: &TrailFilter,
+    placeholder: impl Fn(usize) -> String,
+) -> (String, Vec<Param>) {
+    let mut params = Vec::new();
+    let mut clauses = Vec::new();
+    for (clause, bound) in [
+        ("received_at >= ", filter.since),
+        ("received_at < ", filter.until),
+    ] {
+        if let Some(at) = bound {
+            params.push(Param::Int(at.0));
+            clauses.push(format!("{clause}{}", placeholder(params.len())));
+        }
+    }
+    let filtered = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT id, received_at, account, refusal, source FROM trail_refusals {filtered} \
+         ORDER BY id DESC LIMIT {}",
+        filter.limit
+    );
+    (sql, params)
+}
+
+/// A refused push's row.
+pub(super) fn refusal_event(row: &impl Columns) -> Result<TrailEvent, SpoolError> {
+    Ok(TrailEvent {
+        id: row.int("id")?,
+        event_id: None,
+        received_at: row.time("received_at")?,
+        account: row.text("account")?,
+        mode: String::new(),
+        msg_type: None,
+        event: None,
+        scene: None,
+        msg_id: None,
+        ticket: false,
+        openid: None,
+        dedup: Dedup::New,
+        route: Vec::new(),
+        reply: None,
+        refusal: Some(TrailRefusal {
+            reason: row.text("refusal")?,
+            source: row.text("source")?,
+        }),
+        body_kept: false,
+        outcome: TrailOutcome::Refused,
+        attempts: Vec::new(),
+        ends: Vec::new(),
+    })
+}
+
+/// The answered and the refused pushes found, each newest first, as one
+/// list newest first, at most `limit`.
+pub(super) fn merged(
+    answered: Vec<TrailEvent>,
+    refused: Vec<TrailEvent>,
+    limit: usize,
+) -> Vec<TrailEvent> {
+    if refused.is_empty() {
+        return answered;
+    }
+    let mut all = Vec::with_capacity(limit.min(answered.len() + refused.len()));
+    let (mut a, mut r) = (
+        answered.into_iter().peekable(),
+        refused.into_iter().peekable(),
+    );
+    while all.len() < limit {
+        let refusal_first = match (a.peek(), r.peek()) {
+            (Some(x), Some(y)) => y.received_at > x.received_at,
+            (None, Some(_)) => true,
+            (_, None) => false,
+        };
+        match if refusal_first { r.next() } else { a.next() } {
+            Some(event) => all.push(event),
+            None => break,
+        }
+    }
+    all
 }
 
 /// `target` with LIKE's wildcards and the escape character escaped.

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! (`backlog` runs the third part alone; `one-user [EVENTS]` the fourth;
-//! `trail [PUSHES]` the fifth alone.)
+//! `trail [PUSHES]` the fifth alone; `trail-size [PUSHES] [MAX_EVENTS]
+//! [sqlite|postgres]` the sixth, which no other part runs.)
 //!
 //! 1. Ingest and fan-out, for SQLite, PostgreSQL with one replica and
 //!    PostgreSQL with two: the real binaries, each in its own process, with
@@ -38,6 +39,14 @@
 //!    PUSHES pushes (default 20,000) with the trail on, then off
 //!    (`[trail] enabled = false`), twice over, on SQLite and on PostgreSQL;
 //!    the best run of each and the ratio on/off.
+//! 6. The event trail's size when full: the real binary, its targets
+//!    delivering to a local sink (so that each push also leaves its attempts
+//!    and ends in the trail, and the queue stays small), PUSHES pushes
+//!    (default 2,000,000) with `[trail] max_events = MAX_EVENTS` (default
+//!    1,000,000); every 250,000 pushes, the trail's rows and its bytes on
+//!    disk per table, indexes included (SQLite: `dbstat`, and the file and
+//!    its WAL; PostgreSQL: `pg_total_relation_size`), and the bytes per kept
+//!    event. On SQLite, or PostgreSQL with `postgres`.
 //!
 //! The client, the sinks, the relays and PostgreSQL share the machine's cores.
 //! Each PostgreSQL run has a schema of its own, dropped at the end.
@@ -184,6 +193,9 @@ fn main() {
     let analyze = std::env::args().any(|a| a == "analyze");
     let one_user_only = std::env::args().any(|a| a == "one-user");
     let trail_only = std::env::args().any(|a| a == "trail");
+    let trail_size_on = std::env::args()
+        .any(|a| a == "trail-size")
+        .then(|| std::env::args().any(|a| a == "postgres"));
     let n = args.first().copied().unwrap_or(50_000);
     let backlog = args.get(1).copied().unwrap_or(1_000_000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -193,6 +205,12 @@ fn main() {
     runtime.block_on(async {
         if backlog_only {
             backlog_sizes(backlog, analyze).await;
+            return;
+        }
+        if let Some(postgres) = trail_size_on {
+            let total = args.first().copied().unwrap_or(2_000_000);
+            let max_events = args.get(1).copied().unwrap_or(1_000_000);
+            trail_size(total, max_events, postgres).await;
             return;
         }
         if trail_only {
@@ -535,4 +553,180 @@ async fn one_user(name: &str, backend: Backend, events: usize) {
     }
     drop(relays);
     drop(backend);
+}
+
+/// Pushes per sample of the trail's size.
+const TRAIL_SAMPLE: usize = 250_000;
+
+/// The trail's size as a steady stream of pushes fills it and goes on past
+/// `max_events`, its targets delivering all along.
+async fn trail_size(total: usize, max_events: usize, postgres: bool) {
+    let backend = if postgres {
+        Backend::postgres()
+    } else {
+        Backend::Sqlite(tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")))
+    };
+    let (sink, at) = Sink::start_local().await;
+    let spool = backend.spool_toml();
+    let config = move |public, admin| {
+        let relay = harness::relay_config_paused(
+            public,
+            admin,
+            &spool,
+            &format!("http://{at}/broker"),
+            &format!("http://{at}/hooks"),
+            false,
+        );
+        format!(
+            "{}\n[trail]\nmax_events = {max_events}\n",
+            without_inline_replies(relay)
+        )
+    };
+    let relays = Replicas::start(1, &[("WXRELAY_LOG", "warn")], Box::new(config)).await;
+    let public = relays.replica(0).public;
+    let engine = if postgres { "PostgreSQL" } else { "SQLite" };
+    println!("the trail's size on {engine}: {total} pushes over {CONNECTIONS} connections, targets delivering to a local sink, [trail] max_events = {max_events}; sizes in MiB, indexes included");
+    let (mut sent, mut due, mut header) = (0usize, 0usize, true);
+    while sent < total {
+        let n = TRAIL_SAMPLE.min(total - sent);
+        let report = harness::drive(
+            public,
+            sent as u64,
+            n,
+            CONNECTIONS,
+            None,
+            harness::unix_now(),
+        )
+        .await;
+        sent += n;
+        due += report.success + report.login_success;
+        let sizes = match &backend {
+            Backend::Sqlite(dir) => sqlite_trail_sizes(&dir.path().join("spool.db")),
+            Backend::Postgres(database) => {
+                postgres_trail_sizes(&database.client().await, database.name()).await
+            }
+        };
+        let when = format!(
+            "{sent} pushes ({:.0}/s; {} of {due} delivered)",
+            report.throughput(),
+            sink.total(),
+        );
+        print_trail_sizes(&when, &sizes, &mut header);
+    }
+    if let Backend::Sqlite(dir) = &backend {
+        openid_scan(&dir.path().join("spool.db"));
+    }
+    drop(relays);
+}
+
+/// How long a search by an OpenID that has no push takes, the worst case
+/// without an index on the hashes: every kept event is read.
+fn openid_scan(path: &std::path::Path) {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..2 {
+        let started = Instant::now();
+        let found: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM (SELECT id FROM trail_events WHERE openid_hash = ?1 \
+                 ORDER BY id DESC LIMIT 50)",
+                [&[7u8; 32][..]],
+                |r| r.get(0),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!(
+            "a search by an OpenID with no push: {found} found in {:.0} ms (every kept event read)",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+}
+
+/// A sample: each table's rows (`None`: not a table) and bytes.
+type TrailSizes = Vec<(String, Option<i64>, i64)>;
+
+fn print_trail_sizes(when: &str, sizes: &TrailSizes, header: &mut bool) {
+    if std::mem::take(header) {
+        let names: Vec<String> = sizes.iter().map(|(n, _, _)| format!("{n:>26}")).collect();
+        println!("{:<52}{}{:>16}", "", names.join(""), "bytes/event");
+    }
+    let cells: Vec<String> = sizes
+        .iter()
+        .map(|(_, rows, bytes)| {
+            let mib = *bytes as f64 / 1_048_576.0;
+            match rows {
+                Some(rows) => format!("{:>26}", format!("{rows} rows {mib:.1}")),
+                None => format!("{mib:>26.1}"),
+            }
+        })
+        .collect();
+    let events = sizes
+        .iter()
+        .find(|(n, _, _)| n == "trail_events")
+        .and_then(|(_, rows, _)| *rows)
+        .unwrap_or(0);
+    let trail: i64 = sizes
+        .iter()
+        .filter(|(n, rows, _)| n.starts_with("trail") && rows.is_some())
+        .map(|(_, _, bytes)| bytes)
+        .sum();
+    println!(
+        "{when:<52}{}{:>16.0}",
+        cells.join(""),
+        trail as f64 / events.max(1) as f64
+    );
+}
+
+/// The trail's tables in the file, each with its indexes (`dbstat`), then
+/// the file and its WAL.
+fn sqlite_trail_sizes(path: &std::path::Path) -> TrailSizes {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bytes_of = |table: &str| -> i64 {
+        c.query_row(
+            "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat WHERE name = ?1
+                 OR name IN (SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?1)",
+            [table],
+            |r| r.get(0),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let mut sizes = TrailSizes::new();
+    for table in TRAIL_TABLES {
+        let rows: i64 = c
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        sizes.push((table.to_owned(), Some(rows), bytes_of(table)));
+    }
+    let len = |p: std::path::PathBuf| std::fs::metadata(p).map_or(0, |m| m.len() as i64);
+    let wal = path.with_extension("db-wal");
+    sizes.push(("file".into(), None, len(path.to_owned())));
+    sizes.push(("wal".into(), None, len(wal)));
+    sizes
+}
+
+const TRAIL_TABLES: [&str; 3] = ["trail_events", "trail_steps", "trail_refusals"];
+
+/// The trail's tables in the schema, indexes and TOAST included, then the
+/// whole schema's.
+async fn postgres_trail_sizes(client: &tokio_postgres::Client, schema: &str) -> TrailSizes {
+    let mut sizes = TrailSizes::new();
+    for table in TRAIL_TABLES {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT count(*), pg_total_relation_size('\"{schema}\".{table}') FROM \"{schema}\".{table}"
+                ),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        sizes.push((table.to_owned(), Some(row.get(0)), row.get(1)));
+    }
+    let all: i64 = table_sizes(client, schema)
+        .await
+        .iter()
+        .map(|(_, bytes)| bytes)
+        .sum();
+    sizes.push(("schema".into(), None, all));
+    sizes
 }

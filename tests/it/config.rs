@@ -273,6 +273,12 @@ fn broken_configs_are_refused_at_their_key_path() {
             "at least 1",
         ),
         (
+            "a trail keeping no refusal",
+            format!("{VALID}\n[trail]\nmax_refusals = 0\n"),
+            "trail.max_refusals",
+            "at least 1",
+        ),
+        (
             "a trail retention that is not a duration",
             format!("{VALID}\n[trail]\nretain = \"a week\"\n"),
             "trail.retain",

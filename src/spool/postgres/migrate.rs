@@ -23,6 +23,11 @@ const MIGRATIONS: &[Migration] = &[
         include_str!("migrations/0004_late_replies.sql"),
     ),
     Migration::new(5, "trail", include_str!("migrations/0005_trail.sql")),
+    Migration::new(
+        6,
+        "trail_refusals",
+        include_str!("migrations/0006_trail_refusals.sql"),
+    ),
 ];
 
 /// The newest schema version this binary knows.

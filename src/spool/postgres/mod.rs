@@ -251,10 +251,11 @@ impl PostgresSpool {
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
         let trail = TrailSlot::default();
         let upkeep = analyze::Analyzer::new(pool.clone(), supervision.clone());
+        let pruner = prune::Pruner::new(pool.clone(), supervision.clone(), trail.clone());
         let writer = commit::Writer {
             pool: push_pool,
             notifier: notifier.clone(),
-            prune: prune::Pruner::new(pool.clone(), supervision.clone(), trail.clone()),
+            prune: pruner.clone(),
             supervision: supervision.clone(),
             analyze: upkeep.clone(),
             trail: trail.clone(),
@@ -270,7 +271,7 @@ impl PostgresSpool {
         let (notes, noted) = mpsc::channel(QUEUE);
         let noter = supervision.spawn(
             "postgres trail notes",
-            trail::write_notes(pool.clone(), noted),
+            trail::write_notes(pool.clone(), noted, pruner),
         );
         let replica = format!("{:016x}", rand::random::<u64>());
         tracing::info!(replica = %replica, database = %settings.display, schema = %settings.schema, "spool opened");

@@ -36,7 +36,8 @@ impl Pruner {
         }
     }
 
-    /// A push was stored at `now`: prune if it is time and no prune runs.
+    /// A push was stored, or a refusal noted, at `now`: prune if it is time
+    /// and no prune runs.
     pub(super) fn saw(&self, now: UnixMs) {
         {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -9,7 +9,7 @@ use crate::spool::trail_rows::{self, route_text, Param, RESTORE_EVENT, STEP_COLU
 use crate::spool::{
     DeadReason, DeliveryId, EventId, Settle, Settlement, SpoolError, TrailStore, UnixMs,
 };
-use crate::trail::{TrailFilter, TrailFound, TrailKey, TrailNote};
+use crate::trail::{TrailEvent, TrailFilter, TrailFound, TrailKey, TrailNote};
 use bytes::BytesMut;
 use deadpool_postgres::{Object, Pool, Transaction};
 use std::collections::HashMap;
@@ -185,11 +185,16 @@ pub(super) async fn steps(
     Ok(())
 }
 
+/// Only for events whose row is kept: a step of an event pruned while a
+/// delivery of it was pending would never be pruned (pruning deletes the
+/// steps of the events it prunes, by their ids).
 const INSERT_STEPS: &str =
     "INSERT INTO trail_steps (event_id, at, target, attempt, inline, status, error,
          latency_ms, response, circuit, end_kind, reason)
      SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::smallint[],
-         $6::int[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[])";
+         $6::int[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[])
+         AS u(event_id)
+     WHERE EXISTS (SELECT 1 FROM trail_events t WHERE t.event_id = u.event_id)";
 
 #[derive(Default)]
 struct StepColumns {
@@ -240,7 +245,8 @@ pub(super) async fn retired(
     let insert = tx
         .prepare_cached(
             "INSERT INTO trail_steps (event_id, at, target, end_kind, reason)
-             SELECT e, $3, t, 'dead', $4 FROM unnest($1::bigint[], $2::text[]) AS r(e, t)",
+             SELECT e, $3, t, 'dead', $4 FROM unnest($1::bigint[], $2::text[]) AS r(e, t)
+             WHERE EXISTS (SELECT 1 FROM trail_events x WHERE x.event_id = r.e)",
         )
         .await?;
     let reason = DeadReason::TargetRemoved.as_str();
@@ -251,10 +257,22 @@ pub(super) async fn retired(
 
 /// Writes the notes as they come, those waiting together, in transactions
 /// that do not wait for the flush: a crash of the database loses a few
-/// replies and refusals at most, and a note costs no fsync.
-pub(super) async fn write_notes(pool: Pool, mut notes: mpsc::Receiver<TrailNote>) {
+/// replies and refusals at most, and a note costs no fsync. Refusals move
+/// the pruner's clock as pushes do: refusals alone are pruned too.
+pub(super) async fn write_notes(
+    pool: Pool,
+    mut notes: mpsc::Receiver<TrailNote>,
+    pruner: super::prune::Pruner,
+) {
     let mut batch = Vec::new();
     while notes.recv_many(&mut batch, NOTES_PER_COMMIT).await > 0 {
+        let refused_at = batch
+            .iter()
+            .filter_map(|n| match n {
+                TrailNote::Refused { at, .. } => Some(*at),
+                TrailNote::Reply { .. } => None,
+            })
+            .max();
         let written = super::on_connection(&pool, "trail notes", |c| {
             let batch = std::mem::take(&mut batch);
             Box::pin(async move {
@@ -271,6 +289,9 @@ pub(super) async fn write_notes(pool: Pool, mut notes: mpsc::Receiver<TrailNote>
         .await;
         if let Err(e) = written {
             tracing::warn!(error = %crate::error_chain(&e), "cannot write trail notes");
+        }
+        if let Some(at) = refused_at {
+            pruner.saw(at);
         }
     }
 }
@@ -300,8 +321,8 @@ async fn note_one(tx: &Transaction<'_>, note: &TrailNote) -> Result<(), SpoolErr
         } => {
             let insert = tx
                 .prepare_cached(
-                    "INSERT INTO trail_events (received_at, account, mode, refusal, source)
-                     VALUES ($1, $2, '', $3, $4)",
+                    "INSERT INTO trail_refusals (received_at, account, refusal, source)
+                     VALUES ($1, $2, $3, $4)",
                 )
                 .await?;
             tx.execute(&insert, &[&at.0, account, &refusal.reason, &refusal.source])
@@ -373,13 +394,39 @@ impl ToSql for Param {
     to_sql_checked!();
 }
 
-/// Events matching `filter`, newest first, with their steps: at most
-/// `filter.scan` trail rows read (see [`trail_rows::indexed`]).
+/// Events matching `filter`, newest first, with their steps: the answered
+/// pushes (at most `filter.scan` trail rows read, see
+/// [`trail_rows::indexed`]) and the refused ones, merged.
 pub(super) async fn search(
     c: &mut Object,
     key: &TrailKey,
     filter: &TrailFilter,
 ) -> Result<TrailFound, SpoolError> {
+    let (answered, cut_short) = if trail_rows::wants_answered(filter) {
+        answered(c, key, filter).await?
+    } else {
+        (Vec::new(), false)
+    };
+    let mut refused = Vec::new();
+    if trail_rows::wants_refusals(filter) {
+        let (sql, params) = trail_rows::refusals_query(filter, |n| format!("${n}"));
+        let select = c.prepare_cached(&sql).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+        for row in c.query(&select, &refs).await? {
+            refused.push(trail_rows::refusal_event(&row)?);
+        }
+    }
+    let found = trail_rows::merged(answered, refused, filter.limit);
+    Ok(TrailFound::of(found, cut_short))
+}
+
+/// Answered pushes matching `filter`, newest first, with their steps, and
+/// whether older rows that were not read remain.
+async fn answered(
+    c: &mut Object,
+    key: &TrailKey,
+    filter: &TrailFilter,
+) -> Result<(Vec<TrailEvent>, bool), SpoolError> {
     let floor = match trail_rows::indexed(filter) {
         true => None,
         false => {
@@ -430,7 +477,7 @@ pub(super) async fn search(
             if trail_rows::judged(&mut event, filter) {
                 found.push(event);
                 if found.len() == filter.limit {
-                    return Ok(TrailFound::of(found, false));
+                    return Ok((found, false));
                 }
             }
         }
@@ -442,7 +489,7 @@ pub(super) async fn search(
     // match; an indexed search stopped at its cap may have more matches.
     let cut_short =
         floor.is_some() || (read >= filter.scan && more(c, key, filter, before).await?);
-    Ok(TrailFound::of(found, cut_short))
+    Ok((found, cut_short))
 }
 
 /// Whether a row older than `before` matches `filter`'s fields.
@@ -501,55 +548,105 @@ pub(super) async fn redeliver(
 /// Rows pruned per statement.
 const PRUNE_BATCH: i64 = 1_000;
 
-/// Deletes the oldest events past `retain` or beyond `max_events`, a bounded
+/// Deletes the oldest answered pushes past `retain` or beyond `max_events`,
+/// and the oldest refusals past `retain` or beyond `max_refusals`, a bounded
 /// batch per transaction, until none is left to prune. Returns how many.
 pub(super) async fn prune(pool: &Pool, store: &TrailStore, now: UnixMs) -> Result<u64, SpoolError> {
     let cutoff = trail_rows::cutoff(now, store.retain);
-    let max_events = store.max_events as i64;
     let mut pruned = 0;
-    loop {
-        let n = super::on_connection(pool, "trail prune", move |c| {
-            Box::pin(async move { prune_batch(c, cutoff, max_events).await })
-        })
-        .await?;
-        pruned += n;
-        if n < PRUNE_BATCH as u64 {
-            return Ok(pruned);
+    for (table, keep) in [
+        (Pruned::Events, store.max_events),
+        (Pruned::Refusals, store.max_refusals),
+    ] {
+        let keep = keep.min(i64::MAX as u64) as i64;
+        loop {
+            let n = super::on_connection(pool, "trail prune", move |c| {
+                Box::pin(async move { prune_batch(c, table, cutoff, keep).await })
+            })
+            .await?;
+            pruned += n;
+            if n < PRUNE_BATCH as u64 {
+                break;
+            }
+        }
+    }
+    Ok(pruned)
+}
+
+/// The table a prune batch deletes from.
+#[derive(Clone, Copy)]
+enum Pruned {
+    Events,
+    Refusals,
+}
+
+impl Pruned {
+    fn oldest(self) -> &'static str {
+        match self {
+            Pruned::Events => {
+                "SELECT id, event_id, received_at, (SELECT max(id) FROM trail_events) AS newest
+                 FROM trail_events ORDER BY id LIMIT $1"
+            }
+            Pruned::Refusals => {
+                "SELECT id, NULL::bigint AS event_id, received_at,
+                     (SELECT max(id) FROM trail_refusals) AS newest
+                 FROM trail_refusals ORDER BY id LIMIT $1"
+            }
         }
     }
 }
 
-async fn prune_batch(c: &mut Object, cutoff: UnixMs, max_events: i64) -> Result<u64, SpoolError> {
-    let oldest = c
-        .prepare_cached(
-            "SELECT id, event_id, received_at, (SELECT max(id) FROM trail_events) AS newest
-             FROM trail_events ORDER BY id LIMIT $1",
-        )
-        .await?;
+/// The steps of the events just pruned, each found by its event id (a range
+/// would walk the dead index entries of every earlier batch until a vacuum).
+const DELETE_STEPS: &str = "DELETE FROM trail_steps WHERE event_id = ANY($1)";
+
+/// The kept bodies of the events just pruned, as [`DELETE_STEPS`].
+const DELETE_BODIES: &str = "DELETE FROM trail_bodies WHERE event_id = ANY($1)";
+
+async fn prune_batch(
+    c: &mut Object,
+    table: Pruned,
+    cutoff: UnixMs,
+    keep: i64,
+) -> Result<u64, SpoolError> {
+    let oldest = c.prepare_cached(table.oldest()).await?;
     let rows = c.query(&oldest, &[&PRUNE_BATCH]).await?;
-    let (mut ids, mut events) = (Vec::new(), Vec::new());
+    let (mut upto, mut events) = (None, Vec::new());
     for row in &rows {
         let newest: i64 = get(row, "newest")?;
         let id: i64 = get(row, "id")?;
         let received: i64 = get(row, "received_at")?;
-        if id > newest - max_events && received >= cutoff.0 {
+        if id > newest.saturating_sub(keep) && received >= cutoff.0 {
             break;
         }
-        ids.push(id);
+        upto = Some(id);
         events.extend(get::<Option<i64>>(row, "event_id")?);
     }
-    if ids.is_empty() {
+    let Some(upto) = upto else {
         return Ok(0);
-    }
+    };
     let tx = c.transaction().await?;
-    for (sql, keys) in [
-        ("DELETE FROM trail_steps WHERE event_id = ANY($1)", &events),
-        ("DELETE FROM trail_bodies WHERE event_id = ANY($1)", &events),
-        ("DELETE FROM trail_events WHERE id = ANY($1)", &ids),
-    ] {
-        let delete = tx.prepare_cached(sql).await?;
-        tx.execute(&delete, &[keys]).await?;
-    }
+    let pruned = match table {
+        Pruned::Refusals => {
+            let delete = tx
+                .prepare_cached("DELETE FROM trail_refusals WHERE id <= $1")
+                .await?;
+            tx.execute(&delete, &[&upto]).await?
+        }
+        Pruned::Events => {
+            let delete = tx
+                .prepare_cached("DELETE FROM trail_events WHERE id <= $1")
+                .await?;
+            let pruned = tx.execute(&delete, &[&upto]).await?;
+            if !events.is_empty() {
+                for sql in [DELETE_STEPS, DELETE_BODIES] {
+                    let delete = tx.prepare_cached(sql).await?;
+                    tx.execute(&delete, &[&events]).await?;
+                }
+            }
+            pruned
+        }
+    };
     tx.commit().await?;
-    Ok(ids.len() as u64)
+    Ok(pruned)
 }

@@ -47,6 +47,11 @@ const MIGRATIONS: &[Migration] = &[
         "pending_index",
         include_str!("migrations/0011_pending_index.sql"),
     ),
+    Migration::new(
+        12,
+        "trail_refusals",
+        include_str!("migrations/0012_trail_refusals.sql"),
+    ),
 ];
 
 /// The column each step before versions added, by the version it is.

@@ -147,12 +147,7 @@ async fn nothing_after_a_rolled_back_command_is_committed_on_its_own() {
         batch.push(Command::Enqueue(e, UnixMs(1), WINDOW, reply));
         replies.push(rx);
     }
-    commit_batch(
-        &held::Prepared::new(&conn),
-        &mut batch,
-        (None, None),
-        (&file, None),
-    );
+    commit_batch(&held::Prepared::new(&conn), &mut batch, None, (&file, None));
     for rx in replies {
         let answer = rx.await.unwrap();
         let chain = answer.as_ref().map_err(|e| crate::error_chain(e));
@@ -194,12 +189,7 @@ async fn a_command_that_fails_halfway_leaves_nothing_alone_or_batched() {
             batch.push(Command::Enqueue(e, UnixMs(1), WINDOW, reply));
             replies.push(rx);
         }
-        commit_batch(
-            &held::Prepared::new(&conn),
-            &mut batch,
-            (None, None),
-            (&file, None),
-        );
+        commit_batch(&held::Prepared::new(&conn), &mut batch, None, (&file, None));
         replies
     };
     let answers = |replies: Vec<oneshot::Receiver<_>>| async move {

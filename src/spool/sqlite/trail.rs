@@ -129,8 +129,8 @@ pub(super) fn note(c: &Connection, note: &TrailNote) -> rusqlite::Result<()> {
             refusal,
         } => {
             c.prepare_cached(
-                "INSERT INTO trail_events (received_at, account, mode, refusal, source)
-                 VALUES (?1, ?2, '', ?3, ?4)",
+                "INSERT INTO trail_refusals (received_at, account, refusal, source)
+                 VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![at, account, refusal.reason, refusal.source])?;
         }
@@ -162,13 +162,39 @@ impl ToSql for Param {
     }
 }
 
-/// Events matching `filter`, newest first, with their steps: at most
-/// `filter.scan` trail rows read (see [`trail_rows::indexed`]).
+/// Events matching `filter`, newest first, with their steps: the answered
+/// pushes (at most `filter.scan` trail rows read, see
+/// [`trail_rows::indexed`]) and the refused ones, merged.
 pub(super) fn search(
     c: &Connection,
     key: &TrailKey,
     filter: &TrailFilter,
 ) -> Result<TrailFound, SpoolError> {
+    let (answered, cut_short) = if trail_rows::wants_answered(filter) {
+        answered(c, key, filter)?
+    } else {
+        (Vec::new(), false)
+    };
+    let mut refused = Vec::new();
+    if trail_rows::wants_refusals(filter) {
+        let (sql, params) = trail_rows::refusals_query(filter, |n| format!("?{n}"));
+        let mut select = c.prepare_cached(&sql)?;
+        let mut rows = select.query(rusqlite::params_from_iter(params.iter()))?;
+        while let Some(row) = rows.next()? {
+            refused.push(trail_rows::refusal_event(row)?);
+        }
+    }
+    let found = trail_rows::merged(answered, refused, filter.limit);
+    Ok(TrailFound::of(found, cut_short))
+}
+
+/// Answered pushes matching `filter`, newest first, with their steps, and
+/// whether older rows that were not read remain.
+fn answered(
+    c: &Connection,
+    key: &TrailKey,
+    filter: &TrailFilter,
+) -> Result<(Vec<TrailEvent>, bool), SpoolError> {
     let floor = match trail_rows::indexed(filter) {
         true => None,
         false => c
@@ -196,7 +222,7 @@ pub(super) fn search(
             if trail_rows::judged(&mut event, filter) {
                 found.push(event);
                 if found.len() == filter.limit {
-                    return Ok(TrailFound::of(found, false));
+                    return Ok((found, false));
                 }
             }
         }
@@ -216,7 +242,7 @@ pub(super) fn search(
                 .next()?
                 .is_some()
         });
-    Ok(TrailFound::of(found, cut_short))
+    Ok((found, cut_short))
 }
 
 fn steps(c: &Connection, id: EventId, event: &mut TrailEvent) -> Result<(), SpoolError> {
@@ -281,22 +307,62 @@ pub(super) fn kept_event(c: &Connection, id: EventId) -> Result<Option<Event>, S
 /// writer for long.
 pub(super) const PRUNE_BATCH: i64 = 2_000;
 
-/// Deletes one bounded batch of the oldest events past `retain` or beyond
-/// `max_events`, with their steps and kept bodies. Returns how many events.
-/// Ids only grow, and `received_at` and the queue's event ids with them:
-/// the rows to prune are the lowest, read from the bottom, at most a batch.
+/// Deletes one bounded batch of the oldest answered pushes past `retain` or
+/// beyond `max_events`, with their steps and kept bodies, and one of the
+/// oldest refusals past `retain` or beyond `max_refusals`. Returns the larger
+/// of the two counts: a whole batch means pruning is behind.
+///
+/// Each table's ids only grow, and `received_at` and the queue's event ids
+/// with them: the rows to prune are the lowest, read from the bottom, at most
+/// a batch. A step is deleted with its event, or later, when its event's row
+/// was pruned before the step was written (a delivery outliving its event's
+/// trail): by the event ids below the newest pruned one.
 pub(super) fn prune(c: &Connection, store: &TrailStore, now: UnixMs) -> rusqlite::Result<usize> {
-    let newest: Option<i64> = c
-        .prepare_cached("SELECT MAX(id) FROM trail_events")?
-        .query_row([], |r| r.get(0))?;
-    let Some(newest) = newest else {
-        return Ok(0);
-    };
-    let beyond = newest.saturating_sub(store.max_events as i64);
     let cutoff = trail_rows::cutoff(now, store.retain);
-    let mut oldest = c.prepare_cached(
-        "SELECT id, event_id, received_at FROM trail_events ORDER BY id LIMIT ?1",
-    )?;
+    let mut events = 0;
+    if let Some((upto, horizon)) = oldest(c, OLDEST_EVENTS, store.max_events, cutoff)? {
+        if let Some(horizon) = horizon {
+            c.prepare_cached("DELETE FROM trail_steps WHERE event_id <= ?1")?
+                .execute(params![horizon])?;
+            c.prepare_cached("DELETE FROM trail_bodies WHERE event_id <= ?1")?
+                .execute(params![horizon])?;
+        }
+        events = c
+            .prepare_cached("DELETE FROM trail_events WHERE id <= ?1")?
+            .execute(params![upto])?;
+    }
+    let mut refusals = 0;
+    if let Some((upto, _)) = oldest(c, OLDEST_REFUSALS, store.max_refusals, cutoff)? {
+        refusals = c
+            .prepare_cached("DELETE FROM trail_refusals WHERE id <= ?1")?
+            .execute(params![upto])?;
+    }
+    Ok(events.max(refusals))
+}
+
+const OLDEST_EVENTS: [&str; 2] = [
+    "SELECT MAX(id) FROM trail_events",
+    "SELECT id, event_id, received_at FROM trail_events ORDER BY id LIMIT ?1",
+];
+const OLDEST_REFUSALS: [&str; 2] = [
+    "SELECT MAX(id) FROM trail_refusals",
+    "SELECT id, NULL, received_at FROM trail_refusals ORDER BY id LIMIT ?1",
+];
+
+/// The highest id of a table's rows to prune now (at most a batch of them),
+/// and the highest event id among them.
+fn oldest(
+    c: &Connection,
+    [newest, bottom]: [&str; 2],
+    keep: u64,
+    cutoff: UnixMs,
+) -> rusqlite::Result<Option<(i64, Option<i64>)>> {
+    let newest: Option<i64> = c.prepare_cached(newest)?.query_row([], |r| r.get(0))?;
+    let Some(newest) = newest else {
+        return Ok(None);
+    };
+    let beyond = newest.saturating_sub(keep.min(i64::MAX as u64) as i64);
+    let mut oldest = c.prepare_cached(bottom)?;
     let mut rows = oldest.query(params![PRUNE_BATCH])?;
     let (mut upto, mut horizon) = (None, None);
     while let Some(row) = rows.next()? {
@@ -308,16 +374,5 @@ pub(super) fn prune(c: &Connection, store: &TrailStore, now: UnixMs) -> rusqlite
         upto = Some(id);
         horizon = horizon.max(event_id);
     }
-    drop(rows);
-    let Some(upto) = upto else {
-        return Ok(0);
-    };
-    if let Some(horizon) = horizon {
-        c.prepare_cached("DELETE FROM trail_steps WHERE event_id <= ?1")?
-            .execute(params![horizon])?;
-        c.prepare_cached("DELETE FROM trail_bodies WHERE event_id <= ?1")?
-            .execute(params![horizon])?;
-    }
-    c.prepare_cached("DELETE FROM trail_events WHERE id <= ?1")?
-        .execute(params![upto])
+    Ok(upto.map(|upto| (upto, horizon)))
 }

@@ -34,6 +34,8 @@ pub(super) enum Command {
 }
 
 /// Commits the waiting commands, a batch at a time, until the spool closes.
+/// The trail is pruned in commits of its own, after a batch's answers have
+/// gone: no push waits for a prune.
 pub(super) fn run(
     conn: Connection,
     rx: mpsc::Receiver<Command>,
@@ -45,7 +47,8 @@ pub(super) fn run(
     let mut batch = Vec::with_capacity(max_batch);
     let mut pruned_at = UnixMs(0);
     let mut trail_pruning = TrailPruning::default();
-    while let Ok(first) = rx.recv() {
+    let mut next = None;
+    while let Some(first) = next.take().or_else(|| rx.recv().ok()) {
         batch.push(first);
         gather(&rx, &mut batch, max_batch);
         // Keep the dedup and replay tables to their windows, now and then rather than on
@@ -64,22 +67,50 @@ pub(super) fn run(
             pruned_at = now;
         }
         let store = trail.load_full();
-        let trail_prune = store
-            .as_deref()
-            .and_then(|store| trail_pruning.due(now_of(&batch)).map(|now| (store, now)));
-        let pruned = commit_batch(
-            &held,
-            &mut batch,
-            (prune, trail_prune),
-            (file, store.as_deref()),
-        );
-        trail_pruning.done(pruned);
+        let trail_due = trail_pruning.due(now_of(&batch));
+        commit_batch(&held, &mut batch, prune, (file, store.as_deref()));
+        if let (Some(store), Some(now)) = (store.as_deref(), trail_due) {
+            next = prune_trail(&held, &rx, (file, store, now), &mut trail_pruning);
+        }
+    }
+}
+
+/// Prunes the trail a bounded batch per commit while it is behind and no
+/// command waits; the command that came meanwhile, to commit next.
+fn prune_trail(
+    conn: &Prepared<'_>,
+    rx: &mpsc::Receiver<Command>,
+    (file, store, now): (&OpenedFile, &TrailStore, UnixMs),
+    pruning: &mut TrailPruning,
+) -> Option<Command> {
+    loop {
+        // What a prune deletes is no promise made to WeChat: a crash that
+        // loses it leaves it to the next one.
+        relax_sync(conn, true);
+        let pruned = begin(conn, file).ok().and_then(|()| {
+            let pruned = prune_trail_rows(conn, store, now);
+            commit_or_roll_back(conn, file)
+                .is_none()
+                .then_some(pruned)?
+        });
+        relax_sync(conn, false);
+        pruning.done(pruned);
+        if pruned.is_none() || !pruning.behind {
+            return None;
+        }
+        match rx.try_recv() {
+            Ok(cmd) => return Some(cmd),
+            Err(mpsc::TryRecvError::Empty) => continue,
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+        }
     }
 }
 
 /// Takes what else is waiting, up to `max_batch`. Trail notes alone wait a
-/// while for a command to ride with rather than make a commit of their own.
+/// while (from the first, however many follow) for a command to ride with
+/// rather than make a commit of their own.
 fn gather(rx: &mpsc::Receiver<Command>, batch: &mut Vec<Command>, max_batch: usize) {
+    let deadline = std::time::Instant::now() + NOTES_WAIT;
     loop {
         while batch.len() < max_batch {
             match rx.try_recv() {
@@ -91,7 +122,8 @@ fn gather(rx: &mpsc::Receiver<Command>, batch: &mut Vec<Command>, max_batch: usi
         if !notes_only || batch.len() >= max_batch {
             return;
         }
-        match rx.recv_timeout(NOTES_WAIT) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
             Ok(cmd) => batch.push(cmd),
             Err(_) => return,
         }
@@ -101,19 +133,21 @@ fn gather(rx: &mpsc::Receiver<Command>, batch: &mut Vec<Command>, max_batch: usi
 /// How long trail notes wait for a commit to ride with.
 const NOTES_WAIT: Duration = Duration::from_millis(250);
 
-/// The latest push's time in the batch: the clock pruning goes by.
+/// The latest push's or refusal's time in the batch: the clock the trail's
+/// pruning goes by (refusals alone must be pruned too).
 fn now_of(batch: &[Command]) -> Option<UnixMs> {
     batch
         .iter()
         .filter_map(|c| match c {
             Command::Enqueue(_, now, _, _) => Some(*now),
+            Command::Note(TrailNote::Refused { at, .. }) => Some(*at),
             _ => None,
         })
         .max()
 }
 
-/// When the trail is pruned: once a second of the pushes' clock, and at
-/// every commit while a whole batch was pruned last time (it is behind).
+/// When the trail is pruned: once a second of the pushes' clock, and again
+/// while a whole batch was pruned last time (it is behind).
 #[derive(Default)]
 struct TrailPruning {
     at: UnixMs,
@@ -150,45 +184,44 @@ const TRAIL_PRUNE_EVERY_MS: i64 = 1_000;
 pub(super) fn commit_batch(
     conn: &Prepared<'_>,
     batch: &mut Vec<Command>,
-    prunes: (Option<UnixMs>, Option<(&TrailStore, UnixMs)>),
+    prune_dedup_before: Option<UnixMs>,
     (file, store): (&OpenedFile, Option<&TrailStore>),
-) -> Option<usize> {
+) {
     // Trail notes alone need no fsync: what they say is not a promise made
     // to WeChat. Every way out puts `synchronous=FULL` back.
     let notes_only = batch.iter().all(|c| matches!(c, Command::Note(_)));
     if notes_only {
         relax_sync(conn, true);
     }
-    let pruned = commit_in_transaction(conn, batch, prunes, (file, store));
+    commit_in_transaction(conn, batch, prune_dedup_before, (file, store));
     if notes_only {
         relax_sync(conn, false);
     }
-    pruned
 }
 
 /// [`commit_batch`] once the connection's durability is set.
 fn commit_in_transaction(
     conn: &Prepared<'_>,
     batch: &mut Vec<Command>,
-    (prune_dedup_before, prune_trail): (Option<UnixMs>, Option<(&TrailStore, UnixMs)>),
+    prune_dedup_before: Option<UnixMs>,
     (file, store): (&OpenedFile, Option<&TrailStore>),
-) -> Option<usize> {
+) {
     if let Err(err) = begin(conn, file) {
         for cmd in batch.drain(..) {
             fail(cmd, err.clone());
         }
-        return None;
+        return;
     }
-    let answers = apply_batch(conn, batch, store)?;
+    let Some(answers) = apply_batch(conn, batch, store) else {
+        return;
+    };
     if let Some(now) = prune_dedup_before {
         prune(conn, now);
     }
-    let pruned = prune_trail.and_then(|(store, now)| prune_trail_rows(conn, store, now));
     let outcome = commit_or_roll_back(conn, file);
     for answer in answers {
         answer(outcome.clone());
     }
-    pruned
 }
 
 /// Opens the batch's transaction, in a file still at the spool's path.
