@@ -429,6 +429,10 @@ async fn one_token_fetch_serves_two_replicas() {
         ))))]);
         push_now(relays.replica(i).public, &g, openid, 10 + i as u64).await;
         assert!(broker.wait_for(i + 1, WAIT).await);
+        // The "typing…" past the budget takes the token first: released
+        // only then, the send never races it to a fetch of its own.
+        let typed = || async { api.typing().len() == i + 1 };
+        assert!(eventually(WAIT, typed).await, "{:?}", api.log());
         broker.release_hung();
         let sent = || async { api.sent().len() == i + 1 };
         assert!(eventually(WAIT, sent).await, "{:?}", api.log());
