@@ -87,9 +87,9 @@ async fn claim_at_once(
     let client: &tokio_postgres::Client = c;
     let (begun, claimed, committed) = tokio::join!(
         biased;
-        client.batch_execute(BEGIN_NOT_WAITING),
-        client.query(claim, params),
-        client.batch_execute("COMMIT"),
+        Box::pin(client.batch_execute(BEGIN_NOT_WAITING)),
+        Box::pin(client.query(claim, params)),
+        Box::pin(client.batch_execute("COMMIT")),
     );
     begun?;
     let rows = claimed?;
@@ -267,12 +267,12 @@ async fn record(c: &mut Object, calls: &[Recording], traced: bool) -> Result<(),
     let (set, events, locked, deleted, retried, dead_lettered) = tokio::join!(
         biased;
         // Not waiting for the flush, as a lease's commit (see [`BEGIN_NOT_WAITING`]).
-        tx.batch_execute("SET LOCAL synchronous_commit = off"),
-        unless_empty(&delivered.0, tx.query(&lock_events, &events_params)),
-        tx.execute(&lock, &lock_params),
-        unless_empty(&delivered.0, tx.query(&delete, &delete_params)),
-        unless_empty(&o.retry.ids, tx.query(&retry, &retry_params)),
-        unless_empty(&d.ids, tx.query(&dead, &dead_params)),
+        Box::pin(tx.batch_execute("SET LOCAL synchronous_commit = off")),
+        Box::pin(unless_empty(&delivered.0, tx.query(&lock_events, &events_params))),
+        Box::pin(tx.execute(&lock, &lock_params)),
+        Box::pin(unless_empty(&delivered.0, tx.query(&delete, &delete_params))),
+        Box::pin(unless_empty(&o.retry.ids, tx.query(&retry, &retry_params))),
+        Box::pin(unless_empty(&d.ids, tx.query(&dead, &dead_params))),
     );
     set?;
     events?;
