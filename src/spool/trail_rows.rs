@@ -54,31 +54,17 @@ pub(super) enum Param {
 /// search reads the kept events back to the oldest, bounded by
 /// `max_events`), so that it is not windowed. Otherwise it reads the newest
 /// [`TrailFilter::scan`] rows at most: those with an id above the floor
-/// [`floor_query`] finds.
+/// [`FLOOR`] finds.
 pub(super) fn indexed(filter: &TrailFilter) -> bool {
     filter.openid.is_some() || filter.event_id.is_some()
-}
-
-/// Whether the search can match only answered pushes (stored or
-/// duplicate), not refusals: it does unless it asks for the refused
-/// outcome. Refusals (a bad signature, up to 50 a second per account) then
-/// neither count toward its rows read nor push answered pushes out of its
-/// window.
-pub(super) fn answered_only(filter: &TrailFilter) -> bool {
-    filter.outcome != Some(TrailOutcome::Refused)
 }
 
 /// The trail id a search without an indexed field reads above: the id of
 /// the newest row past the `scan` newest it may match (`$1`: how many to
 /// skip; SQLite takes `$1` too). None while there are no more rows than
-/// that.
-pub(super) fn floor_query(filter: &TrailFilter) -> &'static str {
-    if answered_only(filter) {
-        "SELECT id FROM trail_events WHERE refusal IS NULL ORDER BY id DESC LIMIT 1 OFFSET $1"
-    } else {
-        "SELECT id FROM trail_events ORDER BY id DESC LIMIT 1 OFFSET $1"
-    }
-}
+/// that. Refused pushes are kept apart (`trail_refusals`), so they neither
+/// count toward a search's rows nor push answered ones out of its window.
+pub(super) const FLOOR: &str = "SELECT id FROM trail_events ORDER BY id DESC LIMIT 1 OFFSET $1";
 
 /// How many rows the floor's statement skips.
 pub(super) fn floor_offset(filter: &TrailFilter) -> i64 {
@@ -131,9 +117,6 @@ pub(super) fn page_query(
     }
     if let Some(floor) = floor {
         add("t.id > ?", Param::Int(floor));
-    }
-    if answered_only(filter) {
-        clauses.push("t.refusal IS NULL".into());
     }
     let filtered = if clauses.is_empty() {
         String::new()

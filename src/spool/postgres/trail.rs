@@ -431,9 +431,7 @@ async fn answered(
         true => None,
         false => {
             let offset = trail_rows::floor_offset(filter);
-            let floor = c
-                .query_opt(trail_rows::floor_query(filter), &[&offset])
-                .await?;
+            let floor = c.query_opt(trail_rows::FLOOR, &[&offset]).await?;
             floor.map(|r| r.try_get(0)).transpose()?
         }
     };

@@ -198,7 +198,7 @@ fn answered(
     let floor = match trail_rows::indexed(filter) {
         true => None,
         false => c
-            .prepare_cached(trail_rows::floor_query(filter))?
+            .prepare_cached(trail_rows::FLOOR)?
             .query_row(params![trail_rows::floor_offset(filter)], |r| r.get(0))
             .optional()?,
     };
