@@ -106,7 +106,13 @@ pub async fn serve(
             trail_answer(answer, plain)
         }
         (&Method::POST, "/admin/reload") => match admin.reloader.reload().await {
-            Ok(()) => plain(StatusCode::OK, "reloaded\n".into()),
+            Ok(later) => {
+                let later: String = later
+                    .iter()
+                    .map(|what| format!("{what} take effect at the next start only\n"))
+                    .collect();
+                plain(StatusCode::OK, format!("reloaded\n{later}"))
+            }
             Err(e) => plain(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!("reload refused; still running the previous configuration\n{e}\n"),

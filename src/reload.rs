@@ -51,14 +51,21 @@ impl Reloader {
 impl Reloader {
     /// Loads, validates and swaps in the configuration file. An invalid file
     /// changes nothing: the running configuration stays, the reasons are
-    /// returned and logged, and the failure is counted.
-    pub async fn reload(&self) -> Result<(), ReloadError> {
+    /// returned and logged, and the failure is counted. A valid file is
+    /// taken whole; what of it waits for the next start is returned (and
+    /// logged), empty when nothing does.
+    pub async fn reload(&self) -> Result<Vec<&'static str>, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
         let result = self.try_reload().await;
         let label = if result.is_ok() { "ok" } else { "failed" };
         self.metrics.reloads.with_label_values(&[label]).inc();
         match &result {
-            Ok(()) => tracing::info!("configuration reloaded"),
+            Ok(later) => {
+                for what in later {
+                    tracing::warn!("{what} take effect at the next start only");
+                }
+                tracing::info!("configuration reloaded")
+            }
             Err(e) => {
                 tracing::error!(reasons = %e, "configuration reload refused; the running configuration stays")
             }
@@ -66,7 +73,7 @@ impl Reloader {
         result
     }
 
-    async fn try_reload(&self) -> Result<(), ReloadError> {
+    async fn try_reload(&self) -> Result<Vec<&'static str>, ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let next = Settings::load(path)?;
         let current = self.config.load();
@@ -76,17 +83,7 @@ impl Reloader {
                  not open; restart the relay to turn the trail on (or set enabled = false)",
             ));
         }
-        if next.server.listen != current.server.listen
-            || next.server.admin_listen != current.server.admin_listen
-            || next.spool.backend != current.spool.backend
-            || next.server.max_connections != current.server.max_connections
-            || next.server.max_body_bytes_in_flight != current.server.max_body_bytes_in_flight
-            || next.telemetry != current.telemetry
-        {
-            tracing::warn!(
-                "listen, admin_listen, max_connections, max_body_bytes_in_flight, the spool's backend and location and [telemetry] take effect at the next start only"
-            );
-        }
+        let later = waiting_for_a_start(&current, &next);
         let next = Arc::new(next);
         self.config.store(next.clone());
         self.dispatcher.reconfigured();
@@ -94,8 +91,43 @@ impl Reloader {
         // request still finishing under the previous view is caught by the
         // workers' periodic retire.
         self.dispatcher.retire_removed_targets(&next).await?;
-        Ok(())
+        Ok(later)
     }
+}
+
+/// The changes from `current` to `next` that only a start applies: the
+/// listeners and their bounds, the spool, traces, and the settings the
+/// trail's store was opened with.
+fn waiting_for_a_start(current: &Settings, next: &Settings) -> Vec<&'static str> {
+    let (s, n) = (&current.server, &next.server);
+    let (t, u) = (&current.trail, &next.trail);
+    let secret = |k: &Option<crate::config::Secret>| k.as_ref().map(|k| k.expose().to_owned());
+    let changes = [
+        (
+            s.listen != n.listen
+                || s.admin_listen != n.admin_listen
+                || s.max_connections != n.max_connections
+                || s.max_body_bytes_in_flight != n.max_body_bytes_in_flight,
+            "listen, admin_listen, max_connections and max_body_bytes_in_flight",
+        ),
+        (
+            current.spool.backend != next.spool.backend,
+            "the spool's backend and location",
+        ),
+        (current.telemetry != next.telemetry, "[telemetry]"),
+        (
+            secret(&t.key) != secret(&u.key)
+                || t.keep_bodies != u.keep_bodies
+                || t.retain != u.retain
+                || t.max_events != u.max_events
+                || t.max_refusals != u.max_refusals,
+            "[trail] key, keep_bodies, retain, max_events and max_refusals",
+        ),
+    ];
+    changes
+        .into_iter()
+        .filter_map(|(changed, what)| changed.then_some(what))
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]

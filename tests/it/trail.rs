@@ -541,6 +541,41 @@ async fn a_reload_that_turns_the_trail_on_is_refused_until_a_restart() {
     relay.stop().await;
 }
 
+/// The trail's store keeps the settings it was opened with: a reload that
+/// changes them is taken, and its answer says which of them wait for a
+/// restart, rather than leaving the operator to believe they apply.
+#[tokio::test]
+async fn a_reload_says_which_trail_settings_wait_for_a_restart() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    let before = relay_config(&g, &hooks, &spool, "[trail]\nmax_events = 1000\n");
+    let relay = TestRelay::start(&before, reference_now(&g)).await;
+    let same = relay.admin(Method::POST, "/admin/reload", None).await;
+    assert_eq!(same.status, 200, "{}", same.text());
+    assert_eq!(same.text(), "reloaded\n", "nothing changed, nothing to say");
+    let after = relay_config(
+        &g,
+        &hooks,
+        &spool,
+        "[trail]\nmax_events = 2000\nretain = \"1d\"\n",
+    );
+    std::fs::write(relay.config_path(), after).unwrap();
+    let answer = relay.admin(Method::POST, "/admin/reload", None).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let text = answer.text();
+    for key in ["[trail]", "retain", "max_events", "next start"] {
+        assert!(text.contains(key), "{key}: {text}");
+    }
+    let m = relay.metrics().await;
+    assert_eq!(
+        metric(&m, "wxrelay_config_reloads_total", &[("result", "ok")]),
+        2.0
+    );
+    relay.stop().await;
+}
+
 /// A search without an indexed field reads the newest `search_rows` rows
 /// only, and both the admin API and the command line say when that cut it
 /// short; by OpenID it reaches every row.
