@@ -858,3 +858,64 @@ async fn refusals_do_not_push_stored_events_out_of_the_search_window() {
         assert!(!found.cut_short, "{name}: every refusal was read");
     }
 }
+
+/// The trail's tables on PostgreSQL, each vacuumed after a prune deleted
+/// rows from it.
+const PG_TRAIL_TABLES: [&str; 3] = ["trail_events", "trail_steps", "trail_refusals"];
+
+/// After a prune the spool vacuums the trail's tables itself: the space of
+/// the rows it deleted is reused by the next ones while autovacuum is off
+/// (as here) or late, and the trail's bytes stay bounded as its rows do.
+#[tokio::test]
+async fn postgres_a_pruned_trail_is_vacuumed_without_autovacuum() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+        .await
+        .unwrap();
+    spool.start_trail(with_refusals(10, 10)).await.unwrap();
+    for table in PG_TRAIL_TABLES {
+        let s = &schema.settings.schema;
+        schema.execute(&format!(
+            "ALTER TABLE \"{s}\".{table} SET (autovacuum_enabled = off)"
+        ));
+    }
+    // Thirty of each within a pruning period: none is pruned yet.
+    let mut now = 1_000;
+    for i in 0..30 {
+        now += 500;
+        let (_, deliveries) = stored(&spool, &format!("k{i}"), &["a"], now).await;
+        let delivered = Settle {
+            lease: LeaseToken::NONE,
+            settlement: Settlement::Delivered {
+                delivery_id: deliveries[0],
+            },
+            trail: attempt(1, Some(200), now),
+        };
+        spool.record(vec![delivered], UnixMs(now)).await.unwrap();
+        assert!(spool.note(refused(now)));
+    }
+    for table in PG_TRAIL_TABLES {
+        assert_eq!(schema.vacuums(table), 0, "{table}: nothing pruned yet");
+    }
+    // Pruning follows the pushes' and refusals' clock: on, a pruning period
+    // at a time, until every table was vacuumed (or 30 s went by).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let unvacuumed = || {
+        PG_TRAIL_TABLES
+            .into_iter()
+            .filter(|t| schema.vacuums(t) == 0)
+    };
+    while unvacuumed().next().is_some() && std::time::Instant::now() < deadline {
+        now += 31_000;
+        after_notes(&spool, now).await;
+        assert!(spool.note(refused(now)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: Vec<&str> = unvacuumed().collect();
+    assert!(left.is_empty(), "not vacuumed after pruning: {left:?}");
+    assert!(schema.count("trail_events") <= 12, "the trail was pruned");
+    spool.close().await;
+}

@@ -251,7 +251,12 @@ impl PostgresSpool {
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
         let trail = TrailSlot::default();
         let upkeep = analyze::Analyzer::new(pool.clone(), supervision.clone());
-        let pruner = prune::Pruner::new(pool.clone(), supervision.clone(), trail.clone());
+        let pruner = prune::Pruner::new(
+            pool.clone(),
+            supervision.clone(),
+            trail.clone(),
+            upkeep.clone(),
+        );
         let writer = commit::Writer {
             pool: push_pool,
             notifier: notifier.clone(),

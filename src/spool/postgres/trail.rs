@@ -3,6 +3,7 @@
 //! each, whatever the batch's size), the notes that need no flush of their
 //! own, the search, redelivery and pruning.
 
+use super::analyze::TrailPruned;
 use super::commit::Push;
 use super::row::get;
 use crate::spool::trail_rows::{self, route_text, Param, RESTORE_EVENT, STEP_COLUMNS};
@@ -548,10 +549,15 @@ const PRUNE_BATCH: i64 = 1_000;
 
 /// Deletes the oldest answered pushes past `retain` or beyond `max_events`,
 /// and the oldest refusals past `retain` or beyond `max_refusals`, a bounded
-/// batch per transaction, until none is left to prune. Returns how many.
-pub(super) async fn prune(pool: &Pool, store: &TrailStore, now: UnixMs) -> Result<u64, SpoolError> {
+/// batch per transaction, until none is left to prune. Returns which tables
+/// it deleted rows from, for their vacuum.
+pub(super) async fn prune(
+    pool: &Pool,
+    store: &TrailStore,
+    now: UnixMs,
+) -> Result<TrailPruned, SpoolError> {
     let cutoff = trail_rows::cutoff(now, store.retain);
-    let mut pruned = 0;
+    let mut pruned = TrailPruned::default();
     for (table, keep) in [
         (Pruned::Events, store.max_events),
         (Pruned::Refusals, store.max_refusals),
@@ -562,7 +568,10 @@ pub(super) async fn prune(pool: &Pool, store: &TrailStore, now: UnixMs) -> Resul
                 Box::pin(async move { prune_batch(c, table, cutoff, keep).await })
             })
             .await?;
-            pruned += n;
+            match table {
+                Pruned::Events => pruned.events |= n > 0,
+                Pruned::Refusals => pruned.refusals |= n > 0,
+            }
             if n < PRUNE_BATCH as u64 {
                 break;
             }
