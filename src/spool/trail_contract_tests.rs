@@ -919,3 +919,70 @@ async fn postgres_a_pruned_trail_is_vacuumed_without_autovacuum() {
     assert!(schema.count("trail_events") <= 12, "the trail was pruned");
     spool.close().await;
 }
+
+/// On PostgreSQL, trail searches share the pool with the deliveries'
+/// leases: at most [`postgres::SEARCHES`] run at once, one more is refused
+/// saying why, the leases still find a connection, and a search held up
+/// past its statement timeout is stopped with a word on how to narrow it.
+#[tokio::test]
+async fn postgres_searches_are_bounded_and_leave_connections_to_the_leases() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let mut schema = postgres::testing::TestSchema::new(&url);
+    // One connection beyond the searches' bound, for the leases.
+    schema.settings.pool_size = postgres::SEARCHES + 1;
+    let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+        .await
+        .unwrap();
+    spool.start_trail(setup(false, 1_000)).await.unwrap();
+    stored(&spool, "k0", &["a"], 1_000).await;
+    // An operator's transaction holds the trail's table: searches wait.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let table = format!("\"{}\".trail_events", schema.settings.schema);
+    client
+        .batch_execute(&format!(
+            // Ended by the database too, should the test end first.
+            "SET idle_in_transaction_session_timeout = '20s';
+             BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await
+        .unwrap();
+    let held: Vec<_> = (0..postgres::SEARCHES)
+        .map(|_| tokio::spawn(spool.find(TrailFilter::default())))
+        .collect();
+    let waiting = format!(
+        "SELECT count(*) FROM pg_locks WHERE relation = '{table}'::regclass AND NOT granted"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while schema_number(&client, &waiting).await < postgres::SEARCHES as i64 {
+        assert!(std::time::Instant::now() < deadline, "searches not waiting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = spool.find(TrailFilter::default()).await.unwrap_err();
+    assert!(matches!(refused, SpoolError::Limited(_)), "{refused:?}");
+    assert!(refused.to_string().contains("try again"), "{refused}");
+    let leased = spool.lease("a", UnixMs(2_000), 10, Duration::from_secs(60));
+    let leased = leased.await;
+    assert_eq!(leased.unwrap().len(), 1, "the delivery is leased meanwhile");
+    for search in held {
+        let stopped = search.await.unwrap().unwrap_err();
+        assert!(matches!(stopped, SpoolError::Limited(_)), "{stopped:?}");
+        assert!(stopped.to_string().contains("narrow it"), "{stopped}");
+    }
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let found = spool.search(TrailFilter::default()).await.unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "searches run again once the permits are back"
+    );
+    spool.close().await;
+}
+
+async fn schema_number(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}

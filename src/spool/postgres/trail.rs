@@ -397,9 +397,48 @@ impl ToSql for Param {
 
 /// Events matching `filter`, newest first, with their steps: the answered
 /// pushes (at most `filter.scan` trail rows read, see
-/// [`trail_rows::indexed`]) and the refused ones, merged.
+/// [`trail_rows::indexed`]) and the refused ones, merged. Read in one
+/// read-only transaction, each statement within
+/// [`super::SEARCH_STATEMENT_TIMEOUT`]: one that runs longer is stopped by
+/// the database, and the search refused saying so.
 pub(super) async fn search(
     c: &mut Object,
+    key: &TrailKey,
+    filter: &TrailFilter,
+) -> Result<TrailFound, SpoolError> {
+    let tx = c.build_transaction().read_only(true).start().await?;
+    let ms = super::SEARCH_STATEMENT_TIMEOUT.as_millis();
+    tx.batch_execute(&format!("SET LOCAL statement_timeout = {ms}"))
+        .await?;
+    let found = search_in(&tx, key, filter).await.map_err(too_long)?;
+    tx.commit().await?;
+    Ok(found)
+}
+
+/// `e`, or what to say when it is the database stopping a search's
+/// statement at its timeout.
+fn too_long(e: SpoolError) -> SpoolError {
+    let SpoolError::Storage {
+        source: Some(cause),
+        ..
+    } = &e
+    else {
+        return e;
+    };
+    let pg = cause.downcast_ref::<tokio_postgres::Error>();
+    if pg.and_then(|pg| pg.code()) != Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
+        return e;
+    }
+    SpoolError::Limited(format!(
+        "the trail search took longer than {} s and was stopped: narrow it by OpenID, \
+         event id or time (since, until)",
+        super::SEARCH_STATEMENT_TIMEOUT.as_secs()
+    ))
+}
+
+/// [`search`], in its transaction.
+async fn search_in(
+    c: &Transaction<'_>,
     key: &TrailKey,
     filter: &TrailFilter,
 ) -> Result<TrailFound, SpoolError> {
@@ -424,7 +463,7 @@ pub(super) async fn search(
 /// Answered pushes matching `filter`, newest first, with their steps, and
 /// whether older rows that were not read remain.
 async fn answered(
-    c: &mut Object,
+    c: &Transaction<'_>,
     key: &TrailKey,
     filter: &TrailFilter,
 ) -> Result<(Vec<TrailEvent>, bool), SpoolError> {
@@ -493,7 +532,7 @@ async fn answered(
 
 /// Whether a row older than `before` matches `filter`'s fields.
 async fn more(
-    c: &mut Object,
+    c: &Transaction<'_>,
     key: &TrailKey,
     filter: &TrailFilter,
     before: Option<i64>,
