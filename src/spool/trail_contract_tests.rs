@@ -986,3 +986,59 @@ async fn postgres_searches_are_bounded_and_leave_connections_to_the_leases() {
 async fn schema_number(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
+
+/// A search by time reads the rows of its time, wherever they lie: with
+/// `until` far back it finds the old pushes a window of the newest rows
+/// would not reach, and with `since` it stops at the first of its time,
+/// having read them all.
+#[tokio::test]
+async fn a_search_by_time_reads_the_rows_of_its_time() {
+    for (name, spool, _keep, _) in spools(setup(false, 1_000)).await {
+        // A minute apart: further than pushes' times stray from their order.
+        let at = |i: i64| 1_000 + i * 60_000;
+        for i in 0..8 {
+            stored(&*spool, &format!("k{i}"), &["a"], at(i)).await;
+        }
+        let scenes = |found: &TrailFound| -> Vec<String> {
+            let scenes = found.events.iter().map(|e| e.scene.clone().unwrap());
+            scenes.collect()
+        };
+        let old = TrailFilter {
+            until: Some(UnixMs(at(3))),
+            scan: 3,
+            ..TrailFilter::default()
+        };
+        let found = spool.find(old).await.unwrap();
+        assert_eq!(scenes(&found), ["scene-k2", "scene-k1"], "{name}");
+        assert!(found.cut_short, "{name}: k0 was not read");
+        let range = TrailFilter {
+            since: Some(UnixMs(at(1))),
+            until: Some(UnixMs(at(3))),
+            scan: 3,
+            ..TrailFilter::default()
+        };
+        let found = spool.find(range).await.unwrap();
+        assert_eq!(scenes(&found), ["scene-k2", "scene-k1"], "{name}");
+        assert!(!found.cut_short, "{name}: every row of its time was read");
+        let recent = TrailFilter {
+            since: Some(UnixMs(at(6))),
+            scan: 2,
+            ..TrailFilter::default()
+        };
+        let found = spool.find(recent).await.unwrap();
+        assert_eq!(scenes(&found), ["scene-k7", "scene-k6"], "{name}");
+        assert!(!found.cut_short, "{name}: nothing older is of its time");
+        let between = TrailFilter {
+            since: Some(UnixMs(at(4) + 1)),
+            until: Some(UnixMs(at(5))),
+            ..TrailFilter::default()
+        };
+        assert!(spool.find(between).await.unwrap().events.is_empty());
+        let refused = TrailFilter {
+            outcome: Some(TrailOutcome::Refused),
+            until: Some(UnixMs(at(3))),
+            ..TrailFilter::default()
+        };
+        assert!(spool.find(refused).await.unwrap().events.is_empty());
+    }
+}

@@ -449,7 +449,9 @@ async fn search_in(
     };
     let mut refused = Vec::new();
     if trail_rows::wants_refusals(filter) {
-        let (sql, params) = trail_rows::refusals_query(filter, |n| format!("${n}"));
+        let (top, bottom) = placed(c, "trail_refusals", filter).await?;
+        let window = trail_rows::Window::of(top, bottom, None);
+        let (sql, params) = trail_rows::refusals_query(filter, window, |n| format!("${n}"));
         let select = c.prepare_cached(&sql).await?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
         for row in c.query(&select, &refs).await? {
@@ -467,15 +469,20 @@ async fn answered(
     key: &TrailKey,
     filter: &TrailFilter,
 ) -> Result<(Vec<TrailEvent>, bool), SpoolError> {
-    let floor = match trail_rows::indexed(filter) {
+    let (top, bottom) = placed(c, "trail_events", filter).await?;
+    let cap = match trail_rows::indexed(filter) {
         true => None,
         false => {
             let offset = trail_rows::floor_offset(filter);
-            let floor = c.query_opt(trail_rows::FLOOR, &[&offset]).await?;
+            let (below, above) = trail_rows::Window::floor_bounds(top, bottom);
+            let params: [&(dyn ToSql + Sync); 3] = [&below, &above, &offset];
+            let floor = c.query_opt(trail_rows::FLOOR, &params).await?;
             floor.map(|r| r.try_get(0)).transpose()?
         }
     };
-    let (mut found, mut before, mut read) = (Vec::new(), None, 0);
+    let window = trail_rows::Window::of(top, bottom, cap);
+    let floor = window.floor;
+    let (mut found, mut before, mut read) = (Vec::new(), window.before, 0);
     let steps = c
         .prepare_cached(&format!(
             "SELECT event_id, {STEP_COLUMNS} FROM trail_steps WHERE event_id = ANY($1) ORDER BY id"
@@ -523,21 +530,45 @@ async fn answered(
             break;
         }
     }
-    // Rows at or below the floor were never read, and any of them may
-    // match; an indexed search stopped at its cap may have more matches.
+    // Rows of its time at or below a capped floor were never read, and any
+    // of them may match; an indexed search stopped at its cap may have more.
     let cut_short =
-        floor.is_some() || (read >= filter.scan && more(c, key, filter, before).await?);
+        window.capped || (read >= filter.scan && more(c, key, filter, (before, floor)).await?);
     Ok((found, cut_short))
 }
 
-/// Whether a row older than `before` matches `filter`'s fields.
+/// The ids `filter`'s time range starts above and ends below in `table`
+/// (see [`trail_rows::positions`]), each looked up only when it is set.
+async fn placed(
+    c: &Transaction<'_>,
+    table: &str,
+    filter: &TrailFilter,
+) -> Result<(Option<i64>, Option<i64>), SpoolError> {
+    let mut ids = [None, None];
+    let (until, since) = trail_rows::positions(filter);
+    for (id, at) in ids.iter_mut().zip([until, since]) {
+        if let Some(at) = at {
+            let position = c.prepare_cached(&trail_rows::position_query(table)).await?;
+            *id = c
+                .query_opt(&position, &[&at])
+                .await?
+                .map(|r| get(&r, "lo"))
+                .transpose()?;
+        }
+    }
+    Ok((ids[0], ids[1]))
+}
+
+/// Whether a row older than `before` (and above `floor`) matches
+/// `filter`'s fields.
 async fn more(
     c: &Transaction<'_>,
     key: &TrailKey,
     filter: &TrailFilter,
-    before: Option<i64>,
+    (before, floor): (Option<i64>, Option<i64>),
 ) -> Result<bool, SpoolError> {
-    let (sql, params) = trail_rows::page_query(filter, key, (before, None), 1, |n| format!("${n}"));
+    let (sql, params) =
+        trail_rows::page_query(filter, key, (before, floor), 1, |n| format!("${n}"));
     let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
     Ok(!c.query(&sql, &refs).await?.is_empty())
 }
