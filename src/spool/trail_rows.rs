@@ -53,8 +53,8 @@ pub(super) enum Param {
 /// event id, which is indexed; the OpenID's hash, which is not, so that
 /// search reads the kept events back to the oldest, bounded by
 /// `max_events`), so that it is not windowed. Otherwise it reads the newest
-/// [`TrailFilter::scan`] rows at most: those with an id above the floor
-/// [`FLOOR`] finds.
+/// [`TrailFilter::scan`] rows of its time range at most: those below its
+/// `until` and above the floor [`FLOOR`] finds (see [`Window`]).
 pub(super) fn indexed(filter: &TrailFilter) -> bool {
     filter.openid.is_some() || filter.event_id.is_some()
 }
