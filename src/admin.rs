@@ -311,6 +311,8 @@ async fn trail(
     }
     let found = log.find(filter.clone()).await.map_err(|e| match e {
         SpoolError::Refused(why) => (StatusCode::NOT_FOUND, format!("{why}\n")),
+        // Too many searches at once, or one too long: said as is.
+        SpoolError::Limited(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         e => {
             let e = crate::error_chain(&e);
             tracing::warn!(error = %e, "cannot search the trail");

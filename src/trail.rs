@@ -33,7 +33,7 @@ pub struct TrailFilter {
     pub limit: usize,
     /// At most this many trail rows are read ([`SEARCH_ROWS`] unless set):
     /// without an OpenID or an event id (the indexed fields) the search reads
-    /// only the newest this many events.
+    /// only the newest this many events of its time (`since`, `until`).
     pub scan: usize,
 }
 

@@ -199,6 +199,11 @@ pub enum SpoolError {
     /// The operation cannot be done, for the reason given (no secret in it).
     #[error("{0}")]
     Refused(String),
+    /// The operation was declined, or stopped, at a bound that keeps the
+    /// database free for the queue (the reason given): later, or narrowed,
+    /// it may succeed.
+    #[error("{0}")]
+    Limited(String),
 }
 
 impl SpoolError {

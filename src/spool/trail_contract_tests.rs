@@ -858,3 +858,187 @@ async fn refusals_do_not_push_stored_events_out_of_the_search_window() {
         assert!(!found.cut_short, "{name}: every refusal was read");
     }
 }
+
+/// The trail's tables on PostgreSQL, each vacuumed after a prune deleted
+/// rows from it.
+const PG_TRAIL_TABLES: [&str; 3] = ["trail_events", "trail_steps", "trail_refusals"];
+
+/// After a prune the spool vacuums the trail's tables itself: the space of
+/// the rows it deleted is reused by the next ones while autovacuum is off
+/// (as here) or late, and the trail's bytes stay bounded as its rows do.
+#[tokio::test]
+async fn postgres_a_pruned_trail_is_vacuumed_without_autovacuum() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let schema = postgres::testing::TestSchema::new(&url);
+    let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+        .await
+        .unwrap();
+    spool.start_trail(with_refusals(10, 10)).await.unwrap();
+    for table in PG_TRAIL_TABLES {
+        let s = &schema.settings.schema;
+        schema.execute(&format!(
+            "ALTER TABLE \"{s}\".{table} SET (autovacuum_enabled = off)"
+        ));
+    }
+    // Thirty of each within a pruning period: none is pruned yet.
+    let mut now = 1_000;
+    for i in 0..30 {
+        now += 500;
+        let (_, deliveries) = stored(&spool, &format!("k{i}"), &["a"], now).await;
+        let delivered = Settle {
+            lease: LeaseToken::NONE,
+            settlement: Settlement::Delivered {
+                delivery_id: deliveries[0],
+            },
+            trail: attempt(1, Some(200), now),
+        };
+        spool.record(vec![delivered], UnixMs(now)).await.unwrap();
+        assert!(spool.note(refused(now)));
+    }
+    for table in PG_TRAIL_TABLES {
+        assert_eq!(schema.vacuums(table), 0, "{table}: nothing pruned yet");
+    }
+    // Pruning follows the pushes' and refusals' clock: on, a pruning period
+    // at a time, until every table was vacuumed (or 30 s went by).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let unvacuumed = || {
+        PG_TRAIL_TABLES
+            .into_iter()
+            .filter(|t| schema.vacuums(t) == 0)
+    };
+    while unvacuumed().next().is_some() && std::time::Instant::now() < deadline {
+        now += 31_000;
+        after_notes(&spool, now).await;
+        assert!(spool.note(refused(now)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: Vec<&str> = unvacuumed().collect();
+    assert!(left.is_empty(), "not vacuumed after pruning: {left:?}");
+    assert!(schema.count("trail_events") <= 12, "the trail was pruned");
+    spool.close().await;
+}
+
+/// On PostgreSQL, trail searches share the pool with the deliveries'
+/// leases: at most [`postgres::SEARCHES`] run at once, one more is refused
+/// saying why, the leases still find a connection, and a search held up
+/// past its statement timeout is stopped with a word on how to narrow it.
+#[tokio::test]
+async fn postgres_searches_are_bounded_and_leave_connections_to_the_leases() {
+    let Some(url) = postgres::testing::test_url() else {
+        return;
+    };
+    let mut schema = postgres::testing::TestSchema::new(&url);
+    // One connection beyond the searches' bound, for the leases.
+    schema.settings.pool_size = postgres::SEARCHES + 1;
+    let spool = PostgresSpool::open(&schema.settings, postgres::OnOpen::Migrate)
+        .await
+        .unwrap();
+    spool.start_trail(setup(false, 1_000)).await.unwrap();
+    stored(&spool, "k0", &["a"], 1_000).await;
+    // An operator's transaction holds the trail's table: searches wait.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let table = format!("\"{}\".trail_events", schema.settings.schema);
+    client
+        .batch_execute(&format!(
+            // Ended by the database too, should the test end first.
+            "SET idle_in_transaction_session_timeout = '20s';
+             BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await
+        .unwrap();
+    let held: Vec<_> = (0..postgres::SEARCHES)
+        .map(|_| tokio::spawn(spool.find(TrailFilter::default())))
+        .collect();
+    let waiting = format!(
+        "SELECT count(*) FROM pg_locks WHERE relation = '{table}'::regclass AND NOT granted"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while schema_number(&client, &waiting).await < postgres::SEARCHES as i64 {
+        assert!(std::time::Instant::now() < deadline, "searches not waiting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = spool.find(TrailFilter::default()).await.unwrap_err();
+    assert!(matches!(refused, SpoolError::Limited(_)), "{refused:?}");
+    assert!(refused.to_string().contains("try again"), "{refused}");
+    let leased = spool.lease("a", UnixMs(2_000), 10, Duration::from_secs(60));
+    let leased = leased.await;
+    assert_eq!(leased.unwrap().len(), 1, "the delivery is leased meanwhile");
+    for search in held {
+        let stopped = search.await.unwrap().unwrap_err();
+        assert!(matches!(stopped, SpoolError::Limited(_)), "{stopped:?}");
+        assert!(stopped.to_string().contains("narrow it"), "{stopped}");
+    }
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let found = spool.search(TrailFilter::default()).await.unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "searches run again once the permits are back"
+    );
+    spool.close().await;
+}
+
+async fn schema_number(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// A search by time reads the rows of its time, wherever they lie: with
+/// `until` far back it finds the old pushes a window of the newest rows
+/// would not reach, and with `since` it stops at the first of its time,
+/// having read them all.
+#[tokio::test]
+async fn a_search_by_time_reads_the_rows_of_its_time() {
+    for (name, spool, _keep, _) in spools(setup(false, 1_000)).await {
+        // A minute apart: further than pushes' times stray from their order.
+        let at = |i: i64| 1_000 + i * 60_000;
+        for i in 0..8 {
+            stored(&*spool, &format!("k{i}"), &["a"], at(i)).await;
+        }
+        let scenes = |found: &TrailFound| -> Vec<String> {
+            let scenes = found.events.iter().map(|e| e.scene.clone().unwrap());
+            scenes.collect()
+        };
+        let old = TrailFilter {
+            until: Some(UnixMs(at(3))),
+            scan: 3,
+            ..TrailFilter::default()
+        };
+        let found = spool.find(old).await.unwrap();
+        assert_eq!(scenes(&found), ["scene-k2", "scene-k1"], "{name}");
+        assert!(found.cut_short, "{name}: k0 was not read");
+        let range = TrailFilter {
+            since: Some(UnixMs(at(1))),
+            until: Some(UnixMs(at(3))),
+            scan: 3,
+            ..TrailFilter::default()
+        };
+        let found = spool.find(range).await.unwrap();
+        assert_eq!(scenes(&found), ["scene-k2", "scene-k1"], "{name}");
+        assert!(!found.cut_short, "{name}: every row of its time was read");
+        let recent = TrailFilter {
+            since: Some(UnixMs(at(6))),
+            scan: 2,
+            ..TrailFilter::default()
+        };
+        let found = spool.find(recent).await.unwrap();
+        assert_eq!(scenes(&found), ["scene-k7", "scene-k6"], "{name}");
+        assert!(!found.cut_short, "{name}: nothing older is of its time");
+        let between = TrailFilter {
+            since: Some(UnixMs(at(4) + 1)),
+            until: Some(UnixMs(at(5))),
+            ..TrailFilter::default()
+        };
+        assert!(spool.find(between).await.unwrap().events.is_empty());
+        let refused = TrailFilter {
+            outcome: Some(TrailOutcome::Refused),
+            until: Some(UnixMs(at(3))),
+            ..TrailFilter::default()
+        };
+        assert!(spool.find(refused).await.unwrap().events.is_empty());
+    }
+}

@@ -53,18 +53,87 @@ pub(super) enum Param {
 /// event id, which is indexed; the OpenID's hash, which is not, so that
 /// search reads the kept events back to the oldest, bounded by
 /// `max_events`), so that it is not windowed. Otherwise it reads the newest
-/// [`TrailFilter::scan`] rows at most: those with an id above the floor
-/// [`FLOOR`] finds.
+/// [`TrailFilter::scan`] rows of its time range at most: those below its
+/// `until` and above the floor [`FLOOR`] finds (see [`Window`]).
 pub(super) fn indexed(filter: &TrailFilter) -> bool {
     filter.openid.is_some() || filter.event_id.is_some()
 }
 
 /// The trail id a search without an indexed field reads above: the id of
-/// the newest row past the `scan` newest it may match (`$1`: how many to
-/// skip; SQLite takes `$1` too). None while there are no more rows than
+/// the newest row past the `scan` newest it may match in its time's rows,
+/// those below `$1` and above `$2` (see [`Window`]) (`$3`: how many to
+/// skip; SQLite takes `$1` too, numbering them in the order they appear). None while there are no more rows than
 /// that. Refused pushes are kept apart (`trail_refusals`), so they neither
 /// count toward a search's rows nor push answered ones out of its window.
-pub(super) const FLOOR: &str = "SELECT id FROM trail_events ORDER BY id DESC LIMIT 1 OFFSET $1";
+pub(super) const FLOOR: &str =
+    "SELECT id FROM trail_events WHERE id < $1 AND id > $2 ORDER BY id DESC LIMIT 1 OFFSET $3";
+
+/// How far out of their ids' order two pushes' times may be: a push is
+/// stored within seconds of its arrival (WeChat waits 5 s for the answer),
+/// and the replicas' clocks agree to well within that. A search placed by
+/// time reads this much beyond its time range, so that it misses none.
+pub(super) const OUT_OF_ORDER_MS: i64 = 10_000;
+
+/// The first trail id from which every row was received at `$1` or later,
+/// found by halving the range of ids: rows are stored in about the order
+/// they arrive, so `received_at` grows with the id (within
+/// [`OUT_OF_ORDER_MS`]), and each step reads one row by its primary key,
+/// however many rows the table holds. One past the newest id when no row
+/// was received that late; none when the table is empty. The same in
+/// both engines (SQLite takes `$1` too), for `trail_events` and
+/// `trail_refusals` alike.
+pub(super) fn position_query(table: &str) -> String {
+    let probe = format!(
+        "(SELECT received_at FROM {table} WHERE id >= (lo + hi) / 2 ORDER BY id LIMIT 1) >= $1"
+    );
+    format!(
+        "WITH RECURSIVE b(lo, hi) AS (
+             SELECT min(id), max(id) + 1 FROM {table}
+             UNION ALL
+             SELECT CASE WHEN {probe} THEN lo ELSE (lo + hi) / 2 + 1 END,
+                    CASE WHEN {probe} THEN (lo + hi) / 2 ELSE hi END
+             FROM b WHERE lo < hi)
+         SELECT lo FROM b WHERE lo >= hi"
+    )
+}
+
+/// The times a search places its rows by, for [`position_query`]: the
+/// first id received at or after its `until` (plus the slack) bounds it
+/// from above, the first received at or after its `since` (less the slack)
+/// from below.
+pub(super) fn positions(filter: &TrailFilter) -> (Option<i64>, Option<i64>) {
+    (
+        filter.until.map(|t| t.0.saturating_add(OUT_OF_ORDER_MS)),
+        filter.since.map(|t| t.0.saturating_sub(OUT_OF_ORDER_MS)),
+    )
+}
+
+/// The ids a search reads between, newest first: below `before`, above
+/// `floor`. `capped` when the floor is its cap of rows, not the start of
+/// its time range: older rows of its time were not read, and may match.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Window {
+    pub before: Option<i64>,
+    pub floor: Option<i64>,
+    pub capped: bool,
+}
+
+impl Window {
+    /// The window from the ids [`position_query`] found for
+    /// [`positions`] (`top`, `bottom`) and the cap's [`FLOOR`], if any.
+    pub(super) fn of(top: Option<i64>, bottom: Option<i64>, cap: Option<i64>) -> Self {
+        Window {
+            before: top,
+            floor: cap.or(bottom.map(|b| b - 1)),
+            capped: cap.is_some(),
+        }
+    }
+
+    /// [`FLOOR`]'s `$1` and `$2`: the ids its rows lie between.
+    pub(super) fn floor_bounds(top: Option<i64>, bottom: Option<i64>) -> (i64, i64) {
+        (top.unwrap_or(i64::MAX), bottom.map_or(i64::MIN, |b| b - 1))
+    }
+}
 
 /// How many rows the floor's statement skips.
 pub(super) fn floor_offset(filter: &TrailFilter) -> i64 {
@@ -146,19 +215,24 @@ pub(super) fn wants_answered(filter: &TrailFilter) -> bool {
 }
 
 /// The newest `filter.limit` refused pushes in its time range, newest first
-/// (see [`wants_refusals`] for whether any can match).
+/// (see [`wants_refusals`] for whether any can match), read between the
+/// ids of `window` (placed by time, never capped: refusals are bounded by
+/// `max_refusals`).
 pub(super) fn refusals_query(
     filter: &TrailFilter,
+    window: Window,
     placeholder: impl Fn(usize) -> String,
 ) -> (String, Vec<Param>) {
     let mut params = Vec::new();
     let mut clauses = Vec::new();
     for (clause, bound) in [
-        ("received_at >= ", filter.since),
-        ("received_at < ", filter.until),
+        ("received_at >= ", filter.since.map(|t| t.0)),
+        ("received_at < ", filter.until.map(|t| t.0)),
+        ("id < ", window.before),
+        ("id > ", window.floor),
     ] {
         if let Some(at) = bound {
-            params.push(Param::Int(at.0));
+            params.push(Param::Int(at));
             clauses.push(format!("{clause}{}", placeholder(params.len())));
         }
     }

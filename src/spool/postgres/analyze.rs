@@ -20,6 +20,13 @@
 //! on the table, never truncating it (that would lock it briefly), at most
 //! once per [`VACUUM_EVERY`], in a task of its own, and never at the same
 //! time as this spool's analyze.
+//!
+//! Pruning the trail leaves the same: the space of the rows it deleted is
+//! reused only once a vacuum has seen them, so without one the trail's
+//! tables grow by what each prune deleted, though their rows stay bounded.
+//! So after a prune that deleted rows the spool vacuums the tables it
+//! deleted from, the same way, one upkeep at a time: the pruner runs at
+//! most once per pruning period, which bounds these vacuums too.
 
 use crate::spool::{SpoolError, Supervision};
 use deadpool_postgres::Pool;
@@ -41,6 +48,13 @@ pub(super) const VACUUM_EVERY: Duration = Duration::from_secs(5);
 const VACUUM_TIMEOUT: Duration = Duration::from_secs(300);
 /// The vacuum: see the module's documentation.
 const VACUUM: &str = "VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP ON) deliveries";
+/// The vacuum of the answered pushes' trail, after a prune deleted some (a
+/// push's steps and kept body go with its row).
+const VACUUM_TRAIL_EVENTS: &str =
+    "VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP ON) trail_events, trail_steps, trail_bodies";
+/// The vacuum of the refused pushes' trail, after a prune deleted some.
+const VACUUM_TRAIL_REFUSALS: &str =
+    "VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP ON) trail_refusals";
 
 /// The analyze's statistics target, a tenth of PostgreSQL's default: it
 /// samples 3,000 rows of each table, which tells how many rows it holds and
@@ -49,7 +63,8 @@ const VACUUM: &str = "VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP ON) del
 const STATISTICS_TARGET: u32 = 10;
 
 /// Counts the deliveries stored and settled, and analyzes the tables after
-/// many stored, vacuums `deliveries` after many settled.
+/// many stored, vacuums `deliveries` after many settled and the trail's
+/// tables after a prune.
 #[derive(Clone)]
 pub(super) struct Analyzer {
     pool: Pool,
@@ -63,15 +78,40 @@ struct State {
     analyzed_at: Option<Instant>,
     settled: u64,
     vacuumed_at: Option<Instant>,
+    /// The trail's tables pruned since their last vacuum.
+    trail_pruned: TrailPruned,
     /// An analyze or a vacuum runs: they would wait for each other.
     running: bool,
 }
 
-/// The two kinds of upkeep.
+/// Which of the trail's tables a prune deleted rows from.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TrailPruned {
+    /// The answered pushes' rows (and so their steps and bodies).
+    pub events: bool,
+    /// The refused pushes' rows.
+    pub refusals: bool,
+}
+
+impl TrailPruned {
+    fn any(self) -> bool {
+        self.events || self.refusals
+    }
+
+    fn or(self, other: TrailPruned) -> TrailPruned {
+        TrailPruned {
+            events: self.events || other.events,
+            refusals: self.refusals || other.refusals,
+        }
+    }
+}
+
+/// The kinds of upkeep.
 #[derive(Clone, Copy)]
 enum Upkeep {
     Analyze,
     Vacuum,
+    VacuumTrail(TrailPruned),
 }
 
 impl Analyzer {
@@ -97,8 +137,18 @@ impl Analyzer {
         self.poke();
     }
 
-    /// Starts the upkeep that is due, unless one runs: the vacuum first,
-    /// then the analyze. One that waited for the other starts when it ends.
+    /// A prune deleted rows from the trail's tables in `pruned`: vacuum
+    /// them once no other upkeep runs (see [`Analyzer::poke`]).
+    pub(super) fn pruned(&self, pruned: TrailPruned) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.trail_pruned = s.trail_pruned.or(pruned);
+        drop(s);
+        self.poke();
+    }
+
+    /// Starts the upkeep that is due, unless one runs: the deliveries'
+    /// vacuum first, then the trail's, then the analyze. One that waited
+    /// for another starts when it ends.
     fn poke(&self) {
         let upkeep = {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -109,6 +159,8 @@ impl Analyzer {
             } else if s.settled >= VACUUM_AFTER_ROWS && !lately(s.vacuumed_at, VACUUM_EVERY) {
                 s.settled = 0;
                 Some(Upkeep::Vacuum)
+            } else if s.trail_pruned.any() {
+                Some(Upkeep::VacuumTrail(std::mem::take(&mut s.trail_pruned)))
             } else if s.stored >= ANALYZE_AFTER_ROWS && !lately(s.analyzed_at, ANALYZE_EVERY) {
                 s.stored = 0;
                 Some(Upkeep::Analyze)
@@ -130,7 +182,19 @@ impl Analyzer {
             let started = Instant::now();
             let (done, what) = match upkeep {
                 Upkeep::Analyze => (this.analyze().await, "analyze the queue tables"),
-                Upkeep::Vacuum => (this.vacuum().await, "vacuum the deliveries"),
+                Upkeep::Vacuum => (this.vacuum(&[VACUUM]).await, "vacuum the deliveries"),
+                Upkeep::VacuumTrail(pruned) => {
+                    let vacuums = [
+                        (pruned.events, VACUUM_TRAIL_EVENTS),
+                        (pruned.refusals, VACUUM_TRAIL_REFUSALS),
+                    ];
+                    let vacuums: Vec<&str> = vacuums
+                        .iter()
+                        .filter(|(p, _)| *p)
+                        .map(|(_, v)| *v)
+                        .collect();
+                    (this.vacuum(&vacuums).await, "vacuum the trail")
+                }
             };
             match done {
                 Ok(()) => tracing::debug!(took = ?started.elapsed(), "did {what}"),
@@ -141,24 +205,34 @@ impl Analyzer {
             match upkeep {
                 Upkeep::Analyze => s.analyzed_at = Some(Instant::now()),
                 Upkeep::Vacuum => s.vacuumed_at = Some(Instant::now()),
+                Upkeep::VacuumTrail(_) => {}
             }
             drop(s);
             this.poke();
         });
     }
 
-    /// [`VACUUM`], within [`VACUUM_TIMEOUT`] (in the database too). A
-    /// connection given up on is discarded, not pooled, with its timeout.
-    async fn vacuum(&self) -> Result<(), SpoolError> {
+    /// The `vacuums` in turn, within [`VACUUM_TIMEOUT`] together (in the
+    /// database too). A connection given up on is discarded, not pooled,
+    /// with its timeout.
+    async fn vacuum(&self, vacuums: &[&str]) -> Result<(), SpoolError> {
         let pool = self.pool.clone();
+        let vacuums: Vec<String> = vacuums.iter().map(|v| v.to_string()).collect();
         let run = async move {
             let mut checkout = super::Checkout::of(&pool).await?;
             let c = checkout.get()?;
             let ms = VACUUM_TIMEOUT.as_millis();
             c.batch_execute(&format!("SET statement_timeout = {ms}"))
                 .await?;
-            // Not in the same string: a vacuum runs outside a transaction.
-            let vacuumed = c.batch_execute(VACUUM).await;
+            // Each apart: a vacuum runs outside a transaction, and a string
+            // of several statements is one.
+            let mut vacuumed = Ok(());
+            for vacuum in &vacuums {
+                vacuumed = c.batch_execute(vacuum).await;
+                if vacuumed.is_err() {
+                    break;
+                }
+            }
             c.batch_execute("RESET statement_timeout").await?;
             checkout.finished();
             Ok(vacuumed?)

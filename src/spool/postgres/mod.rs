@@ -89,6 +89,14 @@ pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections that store pushes (the one group-commit writer's), beside
 /// `pool_size` for everything else.
 pub const PUSH_CONNECTIONS: usize = 1;
+/// Trail searches that run at once, at most: each holds a connection of the
+/// pool the deliveries' leases and outcomes use, so a few slow searches
+/// from the admin page must not take them all.
+pub const SEARCHES: usize = 2;
+/// How long each statement of a trail search may run: well within
+/// [`OPERATION_TIMEOUT`], so that a search over a large trail is stopped
+/// with a word on how to narrow it rather than lost in a timeout.
+pub const SEARCH_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a reading of the queue's depth is answered again: each is a
 /// count of the whole backlog, and every replica's every scrape asks.
 pub const DEPTH_EVERY: Duration = Duration::from_secs(5);
@@ -149,6 +157,8 @@ pub struct PostgresSpool {
     trail: TrailSlot,
     /// Replies and refusals for the trail, written by a task of their own.
     notes: Mutex<Option<mpsc::Sender<TrailNote>>>,
+    /// A permit per trail search running: at most [`SEARCHES`].
+    searches: Arc<tokio::sync::Semaphore>,
 }
 
 /// One operation within [`OPERATION_TIMEOUT`].
@@ -251,7 +261,12 @@ impl PostgresSpool {
         let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
         let trail = TrailSlot::default();
         let upkeep = analyze::Analyzer::new(pool.clone(), supervision.clone());
-        let pruner = prune::Pruner::new(pool.clone(), supervision.clone(), trail.clone());
+        let pruner = prune::Pruner::new(
+            pool.clone(),
+            supervision.clone(),
+            trail.clone(),
+            upkeep.clone(),
+        );
         let writer = commit::Writer {
             pool: push_pool,
             notifier: notifier.clone(),
@@ -292,6 +307,7 @@ impl PostgresSpool {
             listen: (config, tls),
             trail,
             notes: Mutex::new(Some(notes)),
+            searches: Arc::new(tokio::sync::Semaphore::new(SEARCHES)),
         })
     }
 
@@ -445,8 +461,22 @@ impl TrailLog for PostgresSpool {
         let Some(store) = self.trail.load_full() else {
             return Box::pin(async { Err(trail_off()) });
         };
-        self.with_client("trail search", move |c| {
+        // Refused at once beyond the bound: the page or command says so,
+        // and its user tries again, rather than waiting unseen.
+        let Ok(permit) = self.searches.clone().try_acquire_owned() else {
+            return Box::pin(async {
+                Err(SpoolError::Limited(format!(
+                    "{SEARCHES} trail searches are running already: try again once they end"
+                )))
+            });
+        };
+        let search = self.with_client("trail search", move |c| {
             Box::pin(async move { trail::search(c, &store.key, &filter).await })
+        });
+        Box::pin(async move {
+            let found = search.await;
+            drop(permit);
+            found
         })
     }
 

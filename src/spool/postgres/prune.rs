@@ -2,7 +2,9 @@
 //! task of their own, now and then: never a large `DELETE` holding locks
 //! and leaving a table's worth of dead rows at once, and never in the
 //! commit a push waits for. Autovacuum (tuned per table in the migration)
-//! makes the space reusable behind them.
+//! makes the space reusable behind them; behind the trail's prunes, whose
+//! tables grow by what each deletes until a vacuum, the spool's own upkeep
+//! does too (see [`super::analyze`]).
 
 use crate::spool::vocab::PRUNE_EVERY;
 use crate::spool::{SpoolError, Supervision, TrailSlot, UnixMs};
@@ -18,6 +20,7 @@ pub(super) struct Pruner {
     state: Arc<Mutex<State>>,
     supervision: Supervision,
     trail: TrailSlot,
+    upkeep: super::analyze::Analyzer,
 }
 
 #[derive(Default)]
@@ -27,12 +30,18 @@ struct State {
 }
 
 impl Pruner {
-    pub(super) fn new(pool: Pool, supervision: Supervision, trail: TrailSlot) -> Self {
+    pub(super) fn new(
+        pool: Pool,
+        supervision: Supervision,
+        trail: TrailSlot,
+        upkeep: super::analyze::Analyzer,
+    ) -> Self {
         Self {
             pool,
             state: Arc::default(),
             supervision,
             trail,
+            upkeep,
         }
     }
 
@@ -55,8 +64,11 @@ impl Pruner {
                 }
             }
             if let Some(store) = this.trail.load_full() {
-                if let Err(e) = super::trail::prune(&this.pool, &store, now).await {
-                    tracing::warn!(error = %crate::error_chain(&e), "cannot prune the trail");
+                match super::trail::prune(&this.pool, &store, now).await {
+                    Ok(pruned) => this.upkeep.pruned(pruned),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot prune the trail")
+                    }
                 }
             }
             this.state.lock().unwrap_or_else(|e| e.into_inner()).running = false;

@@ -76,8 +76,25 @@ impl TestSchema {
 
     /// The rows in one of the schema's tables.
     pub fn count(&self, table: &str) -> i64 {
-        let url = self.url.clone();
-        let sql = format!("SELECT count(*) FROM \"{}\".{table}", self.settings.schema);
+        self.number(&format!(
+            "SELECT count(*) FROM \"{}\".{table}",
+            self.settings.schema
+        ))
+    }
+
+    /// How many times one of the schema's tables was vacuumed (by hand or
+    /// by the spool; autovacuum's runs are counted apart).
+    pub fn vacuums(&self, table: &str) -> i64 {
+        self.number(&format!(
+            "SELECT vacuum_count FROM pg_stat_user_tables
+             WHERE schemaname = '{}' AND relname = '{table}'",
+            self.settings.schema
+        ))
+    }
+
+    /// The one bigint `sql` selects.
+    fn number(&self, sql: &str) -> i64 {
+        let (url, sql) = (self.url.clone(), sql.to_owned());
         let (tx, rx) = std::sync::mpsc::channel();
         on_own_runtime(move || async move {
             let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)

@@ -3,6 +3,7 @@
 //! each, whatever the batch's size), the notes that need no flush of their
 //! own, the search, redelivery and pruning.
 
+use super::analyze::TrailPruned;
 use super::commit::Push;
 use super::row::get;
 use crate::spool::trail_rows::{self, route_text, Param, RESTORE_EVENT, STEP_COLUMNS};
@@ -396,9 +397,48 @@ impl ToSql for Param {
 
 /// Events matching `filter`, newest first, with their steps: the answered
 /// pushes (at most `filter.scan` trail rows read, see
-/// [`trail_rows::indexed`]) and the refused ones, merged.
+/// [`trail_rows::indexed`]) and the refused ones, merged. Read in one
+/// read-only transaction, each statement within
+/// [`super::SEARCH_STATEMENT_TIMEOUT`]: one that runs longer is stopped by
+/// the database, and the search refused saying so.
 pub(super) async fn search(
     c: &mut Object,
+    key: &TrailKey,
+    filter: &TrailFilter,
+) -> Result<TrailFound, SpoolError> {
+    let tx = c.build_transaction().read_only(true).start().await?;
+    let ms = super::SEARCH_STATEMENT_TIMEOUT.as_millis();
+    tx.batch_execute(&format!("SET LOCAL statement_timeout = {ms}"))
+        .await?;
+    let found = search_in(&tx, key, filter).await.map_err(too_long)?;
+    tx.commit().await?;
+    Ok(found)
+}
+
+/// `e`, or what to say when it is the database stopping a search's
+/// statement at its timeout.
+fn too_long(e: SpoolError) -> SpoolError {
+    let SpoolError::Storage {
+        source: Some(cause),
+        ..
+    } = &e
+    else {
+        return e;
+    };
+    let pg = cause.downcast_ref::<tokio_postgres::Error>();
+    if pg.and_then(|pg| pg.code()) != Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
+        return e;
+    }
+    SpoolError::Limited(format!(
+        "the trail search took longer than {} s and was stopped: narrow it by OpenID, \
+         event id or time (since, until)",
+        super::SEARCH_STATEMENT_TIMEOUT.as_secs()
+    ))
+}
+
+/// [`search`], in its transaction.
+async fn search_in(
+    c: &Transaction<'_>,
     key: &TrailKey,
     filter: &TrailFilter,
 ) -> Result<TrailFound, SpoolError> {
@@ -409,7 +449,9 @@ pub(super) async fn search(
     };
     let mut refused = Vec::new();
     if trail_rows::wants_refusals(filter) {
-        let (sql, params) = trail_rows::refusals_query(filter, |n| format!("${n}"));
+        let (top, bottom) = placed(c, "trail_refusals", filter).await?;
+        let window = trail_rows::Window::of(top, bottom, None);
+        let (sql, params) = trail_rows::refusals_query(filter, window, |n| format!("${n}"));
         let select = c.prepare_cached(&sql).await?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
         for row in c.query(&select, &refs).await? {
@@ -423,19 +465,24 @@ pub(super) async fn search(
 /// Answered pushes matching `filter`, newest first, with their steps, and
 /// whether older rows that were not read remain.
 async fn answered(
-    c: &mut Object,
+    c: &Transaction<'_>,
     key: &TrailKey,
     filter: &TrailFilter,
 ) -> Result<(Vec<TrailEvent>, bool), SpoolError> {
-    let floor = match trail_rows::indexed(filter) {
+    let (top, bottom) = placed(c, "trail_events", filter).await?;
+    let cap = match trail_rows::indexed(filter) {
         true => None,
         false => {
             let offset = trail_rows::floor_offset(filter);
-            let floor = c.query_opt(trail_rows::FLOOR, &[&offset]).await?;
+            let (below, above) = trail_rows::Window::floor_bounds(top, bottom);
+            let params: [&(dyn ToSql + Sync); 3] = [&below, &above, &offset];
+            let floor = c.query_opt(trail_rows::FLOOR, &params).await?;
             floor.map(|r| r.try_get(0)).transpose()?
         }
     };
-    let (mut found, mut before, mut read) = (Vec::new(), None, 0);
+    let window = trail_rows::Window::of(top, bottom, cap);
+    let floor = window.floor;
+    let (mut found, mut before, mut read) = (Vec::new(), window.before, 0);
     let steps = c
         .prepare_cached(&format!(
             "SELECT event_id, {STEP_COLUMNS} FROM trail_steps WHERE event_id = ANY($1) ORDER BY id"
@@ -483,21 +530,45 @@ async fn answered(
             break;
         }
     }
-    // Rows at or below the floor were never read, and any of them may
-    // match; an indexed search stopped at its cap may have more matches.
+    // Rows of its time at or below a capped floor were never read, and any
+    // of them may match; an indexed search stopped at its cap may have more.
     let cut_short =
-        floor.is_some() || (read >= filter.scan && more(c, key, filter, before).await?);
+        window.capped || (read >= filter.scan && more(c, key, filter, (before, floor)).await?);
     Ok((found, cut_short))
 }
 
-/// Whether a row older than `before` matches `filter`'s fields.
+/// The ids `filter`'s time range starts above and ends below in `table`
+/// (see [`trail_rows::positions`]), each looked up only when it is set.
+async fn placed(
+    c: &Transaction<'_>,
+    table: &str,
+    filter: &TrailFilter,
+) -> Result<(Option<i64>, Option<i64>), SpoolError> {
+    let mut ids = [None, None];
+    let (until, since) = trail_rows::positions(filter);
+    for (id, at) in ids.iter_mut().zip([until, since]) {
+        if let Some(at) = at {
+            let position = c.prepare_cached(&trail_rows::position_query(table)).await?;
+            *id = c
+                .query_opt(&position, &[&at])
+                .await?
+                .map(|r| get(&r, "lo"))
+                .transpose()?;
+        }
+    }
+    Ok((ids[0], ids[1]))
+}
+
+/// Whether a row older than `before` (and above `floor`) matches
+/// `filter`'s fields.
 async fn more(
-    c: &mut Object,
+    c: &Transaction<'_>,
     key: &TrailKey,
     filter: &TrailFilter,
-    before: Option<i64>,
+    (before, floor): (Option<i64>, Option<i64>),
 ) -> Result<bool, SpoolError> {
-    let (sql, params) = trail_rows::page_query(filter, key, (before, None), 1, |n| format!("${n}"));
+    let (sql, params) =
+        trail_rows::page_query(filter, key, (before, floor), 1, |n| format!("${n}"));
     let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
     Ok(!c.query(&sql, &refs).await?.is_empty())
 }
@@ -548,10 +619,15 @@ const PRUNE_BATCH: i64 = 1_000;
 
 /// Deletes the oldest answered pushes past `retain` or beyond `max_events`,
 /// and the oldest refusals past `retain` or beyond `max_refusals`, a bounded
-/// batch per transaction, until none is left to prune. Returns how many.
-pub(super) async fn prune(pool: &Pool, store: &TrailStore, now: UnixMs) -> Result<u64, SpoolError> {
+/// batch per transaction, until none is left to prune. Returns which tables
+/// it deleted rows from, for their vacuum.
+pub(super) async fn prune(
+    pool: &Pool,
+    store: &TrailStore,
+    now: UnixMs,
+) -> Result<TrailPruned, SpoolError> {
     let cutoff = trail_rows::cutoff(now, store.retain);
-    let mut pruned = 0;
+    let mut pruned = TrailPruned::default();
     for (table, keep) in [
         (Pruned::Events, store.max_events),
         (Pruned::Refusals, store.max_refusals),
@@ -562,7 +638,10 @@ pub(super) async fn prune(pool: &Pool, store: &TrailStore, now: UnixMs) -> Resul
                 Box::pin(async move { prune_batch(c, table, cutoff, keep).await })
             })
             .await?;
-            pruned += n;
+            match table {
+                Pruned::Events => pruned.events |= n > 0,
+                Pruned::Refusals => pruned.refusals |= n > 0,
+            }
             if n < PRUNE_BATCH as u64 {
                 break;
             }

@@ -177,7 +177,9 @@ pub(super) fn search(
     };
     let mut refused = Vec::new();
     if trail_rows::wants_refusals(filter) {
-        let (sql, params) = trail_rows::refusals_query(filter, |n| format!("?{n}"));
+        let (top, bottom) = placed(c, "trail_refusals", filter)?;
+        let window = trail_rows::Window::of(top, bottom, None);
+        let (sql, params) = trail_rows::refusals_query(filter, window, |n| format!("?{n}"));
         let mut select = c.prepare_cached(&sql)?;
         let mut rows = select.query(rusqlite::params_from_iter(params.iter()))?;
         while let Some(row) = rows.next()? {
@@ -195,14 +197,22 @@ fn answered(
     key: &TrailKey,
     filter: &TrailFilter,
 ) -> Result<(Vec<TrailEvent>, bool), SpoolError> {
-    let floor = match trail_rows::indexed(filter) {
+    let (top, bottom) = placed(c, "trail_events", filter)?;
+    let cap = match trail_rows::indexed(filter) {
         true => None,
-        false => c
-            .prepare_cached(trail_rows::FLOOR)?
-            .query_row(params![trail_rows::floor_offset(filter)], |r| r.get(0))
-            .optional()?,
+        false => {
+            let (below, above) = trail_rows::Window::floor_bounds(top, bottom);
+            c.prepare_cached(trail_rows::FLOOR)?
+                .query_row(
+                    params![below, above, trail_rows::floor_offset(filter)],
+                    |r| r.get(0),
+                )
+                .optional()?
+        }
     };
-    let (mut found, mut before, mut read) = (Vec::new(), None, 0);
+    let window = trail_rows::Window::of(top, bottom, cap);
+    let floor = window.floor;
+    let (mut found, mut before, mut read) = (Vec::new(), window.before, 0);
     loop {
         let page = trail_rows::page_size(filter)
             .min(filter.scan.saturating_sub(read))
@@ -231,18 +241,36 @@ fn answered(
             break;
         }
     }
-    // Rows at or below the floor were never read, and any of them may
-    // match; an indexed search stopped at its cap may have more matches.
-    let cut_short = floor.is_some()
+    // Rows of its time at or below a capped floor were never read, and any
+    // of them may match; an indexed search stopped at its cap may have more.
+    let cut_short = window.capped
         || (read >= filter.scan && {
             let (sql, params) =
-                trail_rows::page_query(filter, key, (before, None), 1, |n| format!("?{n}"));
+                trail_rows::page_query(filter, key, (before, floor), 1, |n| format!("?{n}"));
             c.prepare_cached(&sql)?
                 .query(rusqlite::params_from_iter(params.iter()))?
                 .next()?
                 .is_some()
         });
     Ok((found, cut_short))
+}
+
+/// The ids `filter`'s time range starts above and ends below in `table`
+/// (see [`trail_rows::positions`]), each looked up only when it is set.
+fn placed(
+    c: &Connection,
+    table: &str,
+    filter: &TrailFilter,
+) -> Result<(Option<i64>, Option<i64>), SpoolError> {
+    let mut ids = [None, None];
+    let (until, since) = trail_rows::positions(filter);
+    for (id, at) in ids.iter_mut().zip([until, since]) {
+        if let Some(at) = at {
+            let mut position = c.prepare_cached(&trail_rows::position_query(table))?;
+            *id = position.query_row(params![at], |r| r.get(0)).optional()?;
+        }
+    }
+    Ok((ids[0], ids[1]))
 }
 
 fn steps(c: &Connection, id: EventId, event: &mut TrailEvent) -> Result<(), SpoolError> {
