@@ -139,9 +139,15 @@ impl Ingest {
         }
         let dedup_key = new_event.event.dedup_key.clone();
         let msg_type = new_event.event.msg_type.clone();
-        let routed: Vec<String> = new_event.targets.iter().map(|t| t.target.clone()).collect();
+        let unrouted = new_event.targets.is_empty();
+        // The reply target's delivery waits for the inline attempt: its
+        // worker woken now would find nothing due.
+        let due_now: Vec<String> = (new_event.targets.iter())
+            .filter(|t| t.due_at <= now)
+            .map(|t| t.target.clone())
+            .collect();
         let enqueued = within(deadline, self.spool.enqueue(new_event, now, window)).await?;
-        let mut ingested = Ingested::taken(&push.message, &msg_type, &dedup_key, routed.is_empty());
+        let mut ingested = Ingested::taken(&push.message, &msg_type, &dedup_key, unrouted);
         ingested.ticket = ticket;
         let (event_id, deliveries, stored) = match enqueued {
             Enqueued::Replayed => return Err(IngestError::Replayed),
@@ -152,7 +158,7 @@ impl Ingest {
                 event,
             } => (event_id, deliveries, event),
         };
-        for target in &routed {
+        for target in &due_now {
             self.dispatcher.wake(target);
         }
         // Without its delivery there is nothing to attempt inline.
