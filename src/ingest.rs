@@ -139,9 +139,15 @@ impl Ingest {
         }
         let dedup_key = new_event.event.dedup_key.clone();
         let msg_type = new_event.event.msg_type.clone();
-        let routed: Vec<String> = new_event.targets.iter().map(|t| t.target.clone()).collect();
+        let unrouted = new_event.targets.is_empty();
+        // The reply target's delivery waits for the inline attempt: its
+        // worker woken now would find nothing due.
+        let due_now: Vec<String> = (new_event.targets.iter())
+            .filter(|t| t.due_at <= now)
+            .map(|t| t.target.clone())
+            .collect();
         let enqueued = within(deadline, self.spool.enqueue(new_event, now, window)).await?;
-        let mut ingested = Ingested::taken(&push.message, &msg_type, &dedup_key, routed.is_empty());
+        let mut ingested = Ingested::taken(&push.message, msg_type, dedup_key, unrouted);
         ingested.ticket = ticket;
         let (event_id, deliveries, stored) = match enqueued {
             Enqueued::Replayed => return Err(IngestError::Replayed),
@@ -152,7 +158,7 @@ impl Ingest {
                 event,
             } => (event_id, deliveries, event),
         };
-        for target in &routed {
+        for target in &due_now {
             self.dispatcher.wake(target);
         }
         // Without its delivery there is nothing to attempt inline.
@@ -287,15 +293,17 @@ fn ticket_of(account: &Account, push: &VerifiedPush, now: UnixMs) -> Option<Comp
 impl Ingested {
     /// What the request path counts and logs of a push taken in, before
     /// the spool says whether it was stored.
-    fn taken(message: &Message, msg_type: &str, dedup_key: &str, unrouted: bool) -> Ingested {
+    /// Takes the copies of the event's type and key made before it was
+    /// stored, rather than copying them again.
+    fn taken(message: &Message, msg_type: String, dedup_key: String, unrouted: bool) -> Ingested {
         Ingested {
             stored: None,
             unrouted,
-            msg_type: msg_type.to_string(),
+            kind: kind(message, &msg_type),
+            msg_type,
             event_name: message.event().unwrap_or("").to_string(),
             login: message.login(),
-            kind: kind(message, msg_type),
-            key_hash: KeyHash(dedup_key.to_owned()),
+            key_hash: KeyHash(dedup_key),
             ticket: None,
         }
     }

@@ -68,6 +68,10 @@ pub struct Metrics {
     /// Delivery work the spool refused, by target and operation (settle:
     /// an outcome not recorded; lease: due deliveries not read; release).
     pub spool_failures: IntCounterVec,
+    /// The delivery workers' leases by target and result: `found` (at least
+    /// one delivery handed out) or `empty` (a read of the spool that found
+    /// nothing due), so wasted reads show.
+    pub leases: IntCounterVec,
     /// Connections open on the public address.
     pub open_connections: IntGauge,
     /// Connections refused with a canned 503: the cap was reached and every
@@ -212,6 +216,11 @@ const SPOOL_FAILURES: Spec = spec(
     "Delivery work the spool could not do, by target and operation.",
     &["target", "operation"],
 );
+const LEASES: Spec = spec(
+    "delivery_leases_total",
+    "Leases of due deliveries by the target's worker, by result (found, empty).",
+    &["target", "result"],
+);
 const OPEN_CONNECTIONS: Spec = spec(
     "open_connections",
     "Connections open on the public address.",
@@ -345,6 +354,7 @@ impl Metrics {
             late_replies: r.counters(LATE_REPLIES)?,
             late_reply_seconds: r.histogram(LATE_REPLY_SECONDS, LATE_BUCKETS)?,
             spool_failures: r.counters(SPOOL_FAILURES)?,
+            leases: r.counters(LEASES)?,
             open_connections: r.gauge(OPEN_CONNECTIONS)?,
             connections_refused: r.counter(CONNECTIONS_REFUSED)?,
             idle_connections_closed: r.counter(IDLE_CONNECTIONS_CLOSED)?,

@@ -277,13 +277,23 @@ pub struct TrailEvent {
 /// An OpenID as pages and output show it: its first four and last four
 /// characters (`oAbc…xyz9`); a short one shows only its first character.
 pub fn mask(openid: &str) -> String {
-    let chars: Vec<char> = openid.chars().collect();
-    if chars.len() <= 10 {
-        return chars.first().map(|c| format!("{c}…")).unwrap_or_default();
+    // Cut at character boundaries, with no list of the characters between:
+    // every push the trail keeps is masked.
+    if openid.chars().count() <= 10 {
+        return openid
+            .chars()
+            .next()
+            .map(|first| [first, '…'].iter().collect())
+            .unwrap_or_default();
     }
-    let head: String = chars[..4].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
-    format!("{head}…{tail}")
+    let head_end = openid.char_indices().nth(4).map_or(0, |(at, _)| at);
+    let tail_start = openid.char_indices().nth_back(3).map_or(0, |(at, _)| at);
+    let (head, tail) = (&openid[..head_end], &openid[tail_start..]);
+    let mut masked = String::with_capacity(head.len() + '…'.len_utf8() + tail.len());
+    masked.push_str(head);
+    masked.push('…');
+    masked.push_str(tail);
+    masked
 }
 
 /// What the trail keeps of a push, written in the push's own commit. Built
@@ -589,6 +599,12 @@ mod tests {
         assert_eq!(mask("oAbcdefghijklmnopqrstuxyz9"), "oAbc…xyz9");
         assert_eq!(mask("oShort"), "o…");
         assert_eq!(mask(""), "");
+        assert_eq!(
+            mask("éabcdefghijkxyzö"),
+            "éabc…xyzö",
+            "cut between characters"
+        );
+        assert_eq!(mask("é"), "é…");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::wechat::reply::random_bytes;
 use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
+use http::HeaderName;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -24,10 +25,16 @@ use std::borrow::Cow;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outbound {
     pub uri: String,
-    pub content_type: String,
-    pub headers: Vec<(&'static str, String)>,
+    /// The format's own type, or the one a target's adapters name.
+    pub content_type: Cow<'static, str>,
+    pub headers: Vec<(HeaderName, String)>,
     pub body: Bytes,
 }
+
+/// The `json` format's headers, named once rather than parsed per request.
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {
@@ -58,17 +65,14 @@ pub struct Stamp<'a> {
 pub fn build(target: &Target, event: &Event, stamp: Stamp<'_>) -> Result<Outbound, FormatError> {
     let url = target_url(&target.url, event, stamp);
     let codec = event.origin.codec;
-    let content_type = || {
-        target
-            .adapters
-            .content_type
-            .clone()
-            .unwrap_or_else(|| codec.content_type().to_owned())
+    let content_type = || match &target.adapters.content_type {
+        Some(named) => Cow::Owned(named.clone()),
+        None => Cow::Borrowed(codec.content_type()),
     };
     match target.format {
         Format::Raw => Ok(Outbound {
             uri: with_query(&url, &event.query),
-            content_type: codec.content_type().to_owned(),
+            content_type: Cow::Borrowed(codec.content_type()),
             headers: Vec::new(),
             body: event.body.clone(),
         }),
@@ -91,21 +95,22 @@ pub fn build(target: &Target, event: &Event, stamp: Stamp<'_>) -> Result<Outboun
             let signer = target.signer.as_ref().ok_or(FormatError::Secret)?;
             let id = webhook_id(&event.dedup_key);
             let body = json_envelope(event, &id)?;
-            let signature = signed(signer.mac(), &id, stamp.now_secs, &body);
+            let timestamp = stamp.now_secs.to_string();
+            let signature = signed(signer.mac(), &id, &timestamp, &body);
             Ok(Outbound {
                 uri: url.to_string(),
-                content_type: "application/json".to_owned(),
+                content_type: Cow::Borrowed("application/json"),
                 headers: vec![
-                    ("webhook-id", id),
-                    ("webhook-timestamp", stamp.now_secs.to_string()),
-                    ("webhook-signature", signature),
+                    (WEBHOOK_ID, id),
+                    (WEBHOOK_TIMESTAMP, timestamp),
+                    (WEBHOOK_SIGNATURE, signature),
                 ],
                 body: Bytes::from(body),
             })
         }
         Format::AuthingDemoJson => Ok(Outbound {
             uri: url.to_string(),
-            content_type: "application/json".to_owned(),
+            content_type: Cow::Borrowed("application/json"),
             headers: Vec::new(),
             body: Bytes::from(authing_demo_body(&event.body)?.to_string()),
         }),
@@ -381,9 +386,10 @@ struct Envelope<'a> {
 /// `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")), as the
 /// Standard Webhooks specification defines it, with `mac` keyed with the
 /// target's secret.
-fn signed(mut mac: Hmac<Sha256>, id: &str, timestamp: i64, body: &str) -> String {
-    mac.update(format!("{id}.{timestamp}.").as_bytes());
-    mac.update(body.as_bytes());
+fn signed(mut mac: Hmac<Sha256>, id: &str, timestamp: &str, body: &str) -> String {
+    for part in [id, ".", timestamp, ".", body] {
+        mac.update(part.as_bytes());
+    }
     let tag = mac.finalize().into_bytes();
     format!(
         "v1,{}",

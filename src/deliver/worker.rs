@@ -9,8 +9,10 @@ use super::faults::Repeat;
 use super::record::{Due, Record};
 use super::{Dispatcher, TargetState};
 use crate::config::{Settings, Target};
+use crate::metrics::Metrics;
 use crate::server::stopping;
 use crate::spool::{DeadReason, Lease, Settle, Settlement, SpoolError, UnixMs};
+use prometheus::IntCounter;
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -98,6 +100,7 @@ impl Dispatcher {
     async fn run_target(self: Arc<Self>, name: String, mut stop: watch::Receiver<bool>) -> String {
         let state = self.target_state(&name);
         self.show_circuit(&name, state.health.circuit().phase());
+        let counts = LeaseCounts::of(&self.metrics, &name);
         let mut slots: Option<(usize, Arc<Semaphore>)> = None;
         let mut in_flight = JoinSet::new();
         let mut removed = false;
@@ -106,7 +109,7 @@ impl Dispatcher {
                 break;
             }
             let config = self.config.load_full();
-            let Some(target) = config.targets.get(&name).cloned() else {
+            let Some(target) = config.targets.get(&name) else {
                 removed = true;
                 break;
             };
@@ -129,28 +132,29 @@ impl Dispatcher {
             };
             while in_flight.try_join_next().is_some() {}
             let free = semaphore.available_permits() + 1;
-            match self.next_leases(&target, &state, free).await {
-                Ok((leases, probe)) => {
-                    self.spawn_attempts(&mut in_flight, &target, leases, probe, first, &semaphore);
+            let pause = match self.next_leases(target, &state, free, &counts).await {
+                Ok(Leased {
+                    leases,
+                    probe,
+                    drained,
+                }) => {
+                    let attempts = (&config, name.as_str(), first, &semaphore);
+                    self.spawn_attempts(&mut in_flight, attempts, leases, probe);
+                    // Nothing more was due: another lease now would find
+                    // nothing; the next delivery stored wakes the worker.
+                    if !drained {
+                        continue;
+                    }
+                    Pause::Woken
                 }
                 Err(pause) => {
                     drop(first);
-                    let resume = async {
-                        match pause {
-                            Pause::Woken => {
-                                tokio::select! {
-                                    _ = state.wake.notified() => {}
-                                    _ = tokio::time::sleep(self.idle_poll()) => {}
-                                }
-                            }
-                            Pause::For(wait) => tokio::time::sleep(wait).await,
-                        }
-                    };
-                    tokio::select! {
-                        _ = resume => {}
-                        _ = stopping(&mut stop) => break,
-                    }
+                    pause
                 }
+            };
+            tokio::select! {
+                _ = self.pause(&state, pause) => {}
+                _ = stopping(&mut stop) => break,
             }
         }
         // Let the attempts under way end; the caller bounds this with its drain deadline.
@@ -159,6 +163,20 @@ impl Dispatcher {
             self.forget(&name);
         }
         name
+    }
+
+    /// Waits as `pause` says: for the target's wake signal or the idle
+    /// poll, whichever comes first, or for a time.
+    async fn pause(&self, state: &TargetState, pause: Pause) {
+        match pause {
+            Pause::Woken => {
+                tokio::select! {
+                    _ = state.wake.notified() => {}
+                    _ = tokio::time::sleep(self.idle_poll()) => {}
+                }
+            }
+            Pause::For(wait) => tokio::time::sleep(wait).await,
+        }
     }
 
     /// A target a reload removed leaves no circuit behind: no series that
@@ -172,14 +190,20 @@ impl Dispatcher {
     }
 
     /// The deliveries to send now, up to `free` of them, as the circuit
-    /// allows (true: the one is its probe), with those past `max_age`
-    /// dead-lettered; or how long to pause when there are none.
+    /// allows, with those past `max_age` dead-lettered; or how long to pause
+    /// when there are none.
     async fn next_leases(
         &self,
         target: &Target,
         state: &TargetState,
         free: usize,
-    ) -> Result<(Vec<Lease>, bool), Pause> {
+        counts: &LeaseCounts,
+    ) -> Result<Leased, Pause> {
+        // A wake stored before this point is answered by the lease below,
+        // which sees all that was stored before it: kept, it would only
+        // make the worker lease again for nothing.
+        let stored = std::pin::pin!(state.wake.notified());
+        stored.enable();
         let now = self.clock.now_ms();
         let before = state.health.circuit().phase();
         let probe = match state.health.circuit().gate(&target.breaker, now) {
@@ -209,6 +233,10 @@ impl Dispatcher {
             self.no_probe(target, state, probe, false, now);
             return Err(Pause::For(Duration::from_secs(1)));
         };
+        counts.count(leases.len());
+        // Fewer than asked for: nothing else was due. A probe's one lease
+        // says nothing of what is behind it.
+        let drained = !probe && leases.len() < limit;
         let (leases, expired) = self.expire(target, state, leases, now).await;
         if leases.is_empty() {
             self.no_probe(target, state, probe, expired > 0, now);
@@ -221,7 +249,11 @@ impl Dispatcher {
                 Pause::Woken
             });
         }
-        Ok((leases, probe))
+        Ok(Leased {
+            leases,
+            probe,
+            drained,
+        })
     }
 
     /// Leases up to `free` due deliveries; `None` when the spool cannot,
@@ -334,15 +366,19 @@ impl Dispatcher {
 
     /// Starts an attempt per lease, each holding a slot: `first`, then the
     /// free ones the lease was sized by. `probe`: the lease is the circuit's
-    /// one probe.
+    /// one probe. Each attempt reads its target from the configuration it
+    /// was leased under, shared rather than copied.
     fn spawn_attempts(
         self: &Arc<Self>,
         in_flight: &mut JoinSet<()>,
-        target: &Target,
+        (config, name, first, semaphore): (
+            &Arc<Settings>,
+            &str,
+            OwnedSemaphorePermit,
+            &Arc<Semaphore>,
+        ),
         leases: Vec<Lease>,
         probe: bool,
-        first: OwnedSemaphorePermit,
-        semaphore: &Arc<Semaphore>,
     ) {
         let mut permit = Some(first);
         for lease in leases {
@@ -355,8 +391,13 @@ impl Dispatcher {
                 },
             };
             let this = self.clone();
-            let target = target.clone();
+            let config = config.clone();
+            let name = name.to_string();
             in_flight.spawn(async move {
+                // Present: the map is the one the worker found the target in.
+                let Some(target) = config.targets.get(&name) else {
+                    return;
+                };
                 let due = Due {
                     delivery_id: lease.delivery_id,
                     event_id: lease.event_id,
@@ -366,16 +407,41 @@ impl Dispatcher {
                     probe,
                     inline: false,
                 };
-                this.attempt_and_record(
-                    &target,
-                    due,
-                    &lease.event,
-                    target.timeout,
-                    Record::Awaited,
-                )
-                .await;
+                this.attempt_and_record(target, due, &lease.event, target.timeout, Record::Awaited)
+                    .await;
                 drop(permit);
             });
+        }
+    }
+}
+
+/// What a worker leased: the deliveries, whether the one is the circuit's
+/// probe, and whether the lease found fewer than it asked for, so nothing
+/// else is due until the worker is woken or polls.
+struct Leased {
+    leases: Vec<Lease>,
+    probe: bool,
+    drained: bool,
+}
+
+/// A target's lease counters, resolved once for its worker's life.
+struct LeaseCounts {
+    found: IntCounter,
+    empty: IntCounter,
+}
+
+impl LeaseCounts {
+    fn of(metrics: &Metrics, target: &str) -> LeaseCounts {
+        LeaseCounts {
+            found: metrics.leases.with_label_values(&[target, "found"]),
+            empty: metrics.leases.with_label_values(&[target, "empty"]),
+        }
+    }
+
+    fn count(&self, leased: usize) {
+        match leased {
+            0 => self.empty.inc(),
+            _ => self.found.inc(),
         }
     }
 }

@@ -122,7 +122,7 @@ pub const SINGLE_PARAMS: &[&str] = &[
 /// the first is kept.
 fn params(query: &str) -> Result<Params<'_>, Refused> {
     let mut params = Params(Vec::with_capacity(8));
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+    for (k, v) in pairs(query) {
         if params.position(&k).is_none() {
             params.0.push((k, v));
         } else if let Some(name) = SINGLE_PARAMS.iter().find(|&&name| name == k) {
@@ -130,6 +130,26 @@ fn params(query: &str) -> Result<Params<'_>, Refused> {
         }
     }
     Ok(params)
+}
+
+/// The query's `name=value` pairs as `application/x-www-form-urlencoded`
+/// reads them. WeChat's own have nothing to decode, so a pair without `%`
+/// or `+` is borrowed as it is (the query is already UTF-8); one with either
+/// is decoded by the form reader itself.
+fn pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            if pair.bytes().any(|b| b == b'%' || b == b'+') {
+                let mut decoded = url::form_urlencoded::parse(pair.as_bytes());
+                // A pair that is not empty reads as one pair.
+                decoded.next().unwrap_or_default()
+            } else {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (Cow::Borrowed(name), Cow::Borrowed(value))
+            }
+        })
 }
 
 /// A query's parameters, each name once, as read: a handful, so found by
@@ -559,6 +579,28 @@ mod tests {
     }
 
     const XML: &str = "<xml><ToUserName>to</ToUserName><FromUserName>from</FromUserName><CreateTime>1</CreateTime><MsgType>text</MsgType><Content>hi</Content><MsgId>1</MsgId></xml>";
+
+    #[test]
+    fn a_query_reads_as_the_form_reader_reads_it() {
+        let queries = [
+            "signature=abc&timestamp=1&nonce=n1&openid=o_1&encrypt_type=aes&msg_signature=f0",
+            "%74imestamp=1&nonce=a+b&x=%E4%B8%AD&bad=%ff%&y=%zz",
+            "&&a&=b&c=d=e&&",
+            "a=1&a=2&&=&=x",
+            "",
+            "é=ü&ö",
+        ];
+        for query in queries {
+            let ours: Vec<_> = pairs(query).collect();
+            let form: Vec<_> = url::form_urlencoded::parse(query.as_bytes()).collect();
+            assert_eq!(ours, form, "{query}");
+        }
+        let plain = pairs("nonce=n1").next().unwrap();
+        assert!(matches!(
+            plain,
+            (Cow::Borrowed("nonce"), Cow::Borrowed("n1"))
+        ));
+    }
 
     #[test]
     fn the_url_check_answers_echostr_only_when_signed_and_fresh() {

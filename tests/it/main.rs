@@ -24,6 +24,7 @@ mod flapping;
 mod full_disk;
 mod interop;
 mod late;
+mod leases;
 mod load_smoke;
 mod logs;
 mod operations;
