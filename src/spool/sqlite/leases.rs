@@ -112,10 +112,7 @@ fn leased_row(
     let Some(row) = rows.next()? else {
         return Ok(None);
     };
-    let row = Listed {
-        row,
-        names: &DUE_NAMES,
-    };
+    let row = Listed::new(row, &DUE_NAMES);
     Ok(Some(rows::lease(&row, target, token)?))
 }
 
