@@ -101,8 +101,11 @@ fn insert_deliveries(
     now: UnixMs,
 ) -> rusqlite::Result<Vec<DeliveryId>> {
     if targets.is_empty() {
-        c.prepare_cached(INSERT_UNROUTED)?
-            .execute(params![event_id, DeliveryState::Dead, now])?;
+        c.statement(INSERT_UNROUTED)?.borrow_mut().execute(params![
+            event_id,
+            DeliveryState::Dead,
+            now
+        ])?;
     }
     let mut deliveries = Vec::with_capacity(targets.len());
     let insert = c.statement(INSERT_DELIVERY)?;
@@ -124,7 +127,7 @@ fn insert_deliveries(
 
 /// The push in the trail, with the route it took; a duplicate has no event id.
 fn push_trail(
-    c: &Connection,
+    c: &Prepared<'_>,
     (store, push): (&TrailStore, &TrailPush),
     (e, targets): (&Event, &[NewDelivery]),
     event_id: Option<EventId>,

@@ -9,12 +9,12 @@
 
 use super::held::Prepared;
 use super::row::{joined, Listed};
-use crate::spool::rows::{self, Columns};
+use crate::spool::rows;
 use crate::spool::vocab::{EVENT_COLUMNS, EVENT_NAMES, PENDING};
 use crate::spool::SpoolError;
 use crate::spool::{DeliveryId, Lease, LeaseToken, Settle, UnixMs};
 use const_format::formatcp;
-use rusqlite::params;
+use rusqlite::{params, Statement};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,12 +34,23 @@ pub(super) struct Held {
 const WRITING: UnixMs = UnixMs(i64::MAX);
 
 /// The due deliveries that no earlier one of their user holds back, first
-/// due first, with their events.
+/// due first: their ids alone, read from the pending index without a look
+/// at their rows. Deliveries held by a lease are still due in the file and
+/// come first; passing over them costs an index entry each, not a row and
+/// its event.
+pub(super) const DUE_IDS: &str = formatcp!(
+    "SELECT id FROM deliveries
+     WHERE state = {PENDING} AND blocked = 0 AND target = ?1 AND next_at <= ?2
+     ORDER BY next_at, id LIMIT ?3"
+);
+
+/// A due delivery to lease, with its event. Read while [`DUE_IDS`] is still
+/// stepping, so in the same read transaction: the row is the one the index
+/// showed.
 pub(super) const DUE: &str = formatcp!(
     "SELECT d.id, d.event_id, d.attempts, d.step, d.scheduled_at, {EVENT_COLUMNS}
      FROM deliveries d JOIN events e ON e.id = d.event_id
-     WHERE d.state = {PENDING} AND d.blocked = 0 AND d.target = ?1 AND d.next_at <= ?2
-     ORDER BY d.next_at, d.id LIMIT ?3"
+     WHERE d.id = ?1"
 );
 
 /// The names of [`DUE`]'s columns, in order.
@@ -63,22 +74,23 @@ pub(super) fn lease(
     held.marks.retain(|_, (_, until, _)| *until > now);
     // Held deliveries are still due in the file and come first; read past them.
     let skip = held.marks.values().filter(|(t, _, _)| t == target).count();
+    let due = c.statement(DUE_IDS)?;
+    let mut due = due.borrow_mut();
+    let mut ids = due.query(params![target, now, (limit + skip) as i64])?;
     let select = c.statement(DUE)?;
     let mut select = select.borrow_mut();
-    let mut rows = select.query(params![target, now, (limit + skip) as i64])?;
     let mut leases = Vec::with_capacity(limit);
-    while let Some(row) = rows.next()? {
-        let row = Listed {
-            row,
-            names: &DUE_NAMES,
-        };
-        let delivery_id = DeliveryId(row.int("id")?);
+    while let Some(id) = ids.next()? {
+        let delivery_id = DeliveryId(id.get(0)?);
         if held.marks.contains_key(&delivery_id) {
             continue;
         }
-        held.last_token += 1;
-        let token = LeaseToken(held.last_token);
-        leases.push(rows::lease(&row, target, token)?);
+        let token = LeaseToken(held.last_token + 1);
+        let Some(found) = leased_row(&mut select, delivery_id, target, token)? else {
+            continue;
+        };
+        held.last_token = token.0;
+        leases.push(found);
         held.marks
             .insert(delivery_id, (target.to_string(), now + lease, token));
         if leases.len() == limit {
@@ -86,6 +98,22 @@ pub(super) fn lease(
         }
     }
     Ok(leases)
+}
+
+/// The delivery `id` with its event, leased under `token`; none if its row
+/// is gone.
+fn leased_row(
+    select: &mut Statement<'_>,
+    id: DeliveryId,
+    target: &str,
+    token: LeaseToken,
+) -> Result<Option<Lease>, SpoolError> {
+    let mut rows = select.query(params![id])?;
+    let Some(row) = rows.next()? else {
+        return Ok(None);
+    };
+    let row = Listed::new(row, &DUE_NAMES);
+    Ok(Some(rows::lease(&row, target, token)?))
 }
 
 /// The outcomes to write: those whose delivery is unleased or leased under

@@ -6,6 +6,7 @@ use crate::spool::rows::Columns;
 use crate::spool::{DeadReason, DeliveryId, DeliveryState, EventId, SpoolError, UnixMs};
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{Row, ToSql};
+use std::cell::Cell;
 
 impl ToSql for DeliveryState {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
@@ -70,16 +71,30 @@ impl Columns for Row<'_> {
 /// for every column's name on each read, and a lease reads twenty columns.
 /// A name not listed is an error, and a test holds each list to its query.
 pub(super) struct Listed<'r, 's> {
-    pub(super) row: &'r Row<'s>,
-    pub(super) names: &'static [&'static str],
+    row: &'r Row<'s>,
+    names: &'static [&'static str],
+    /// Just past the last name found: reads mostly follow the list, so each
+    /// search starts there and finds its name at the first look.
+    next: Cell<usize>,
 }
 
-impl Listed<'_, '_> {
+impl<'r, 's> Listed<'r, 's> {
+    pub(super) fn new(row: &'r Row<'s>, names: &'static [&'static str]) -> Self {
+        Listed {
+            row,
+            names,
+            next: Cell::new(0),
+        }
+    }
+
     fn index(&self, name: &str) -> Result<usize, SpoolError> {
-        self.names
-            .iter()
-            .position(|n| *n == name)
-            .ok_or_else(|| SpoolError::storage(format!("column {name} is not in the query")))
+        let (start, len) = (self.next.get(), self.names.len());
+        let found = (start..len)
+            .chain(0..start)
+            .find(|&i| self.names[i] == name)
+            .ok_or_else(|| SpoolError::storage(format!("column {name} is not in the query")))?;
+        self.next.set(found + 1);
+        Ok(found)
     }
 }
 
@@ -118,4 +133,27 @@ pub(super) const fn joined<const A: usize, const B: usize, const N: usize>(
         i += 1;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::rows::Columns;
+
+    /// Names are found wherever the last search stopped, in any order, and a
+    /// name not in the list is an error.
+    #[test]
+    fn a_listed_row_finds_its_columns_in_any_order() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut select = conn.prepare("SELECT 1, 2, 3").unwrap();
+        let mut rows = select.query([]).unwrap();
+        let row = rows.next().unwrap().unwrap();
+        let listed = Listed::new(row, &["a", "b", "c"]);
+        let read: Vec<i64> = ["a", "b", "c", "b", "a", "c", "c"]
+            .iter()
+            .map(|name| listed.int(name).unwrap())
+            .collect();
+        assert_eq!(read, [1, 2, 3, 2, 1, 3, 3]);
+        assert!(listed.int("d").is_err());
+    }
 }

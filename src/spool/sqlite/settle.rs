@@ -87,7 +87,7 @@ const RETRY: &str = formatcp!(
 );
 
 fn retry(
-    c: &Connection,
+    c: &Prepared<'_>,
     id: DeliveryId,
     next_at: UnixMs,
     schedule: &Schedule,
@@ -104,7 +104,8 @@ fn retry(
         schedule.step,
         schedule.due_at
     ];
-    c.prepare_cached(RETRY)?
+    c.statement(RETRY)?
+        .borrow_mut()
         .query_row(params, |r| Ok((r.get("event_id")?, r.get("target")?)))
         .optional()
 }
@@ -118,14 +119,15 @@ const DEAD_LETTER: &str = formatcp!(
 );
 
 fn dead(
-    c: &Connection,
+    c: &Prepared<'_>,
     id: DeliveryId,
     reason: DeadReason,
     error: &str,
     now: UnixMs,
 ) -> rusqlite::Result<Written> {
     let died: Option<(i64, Option<String>, Option<String>)> = c
-        .prepare_cached(DEAD_LETTER)?
+        .statement(DEAD_LETTER)?
+        .borrow_mut()
         .query_row(params![id, reason, error, now], |r| {
             Ok((r.get("event_id")?, r.get("target")?, r.get("order_key")?))
         })
@@ -146,14 +148,15 @@ const UNBLOCK_NEXT: &str = formatcp!(
 );
 
 fn unblock_next(
-    c: &Connection,
+    c: &Prepared<'_>,
     target: Option<&str>,
     order_key: Option<&str>,
 ) -> rusqlite::Result<()> {
     let (Some(target), Some(order_key)) = (target, order_key) else {
         return Ok(());
     };
-    c.prepare_cached(UNBLOCK_NEXT)?
+    c.statement(UNBLOCK_NEXT)?
+        .borrow_mut()
         .execute(params![target, order_key])?;
     Ok(())
 }

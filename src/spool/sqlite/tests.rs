@@ -224,6 +224,51 @@ async fn a_command_that_fails_halfway_leaves_nothing_alone_or_batched() {
     assert_eq!(retried[0], Ok(true), "the retry was stored");
 }
 
+/// A command whose only company in its batch is trail notes runs without a
+/// savepoint; when it fails, what it wrote is undone and the notes are still
+/// written, in a transaction of their own.
+#[tokio::test]
+async fn notes_outlive_a_command_that_fails_beside_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let mut conn = open_connection(&path).unwrap();
+    migrate::migrate(&mut conn, &path).unwrap();
+    let file = OpenedFile::of(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TEMP TRIGGER refuse BEFORE INSERT ON deliveries WHEN NEW.target = 'refused'
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    let note = |n: i64| {
+        Command::Note(crate::trail::TrailNote::Refused {
+            at: UnixMs(n),
+            account: "main".into(),
+            refusal: crate::trail::TrailRefusal {
+                reason: "bad signature".into(),
+                source: "127.0.0.1".into(),
+            },
+        })
+    };
+    let mut e = event("refused", 0);
+    e.targets[0].target = "refused".into();
+    let (reply, rx) = oneshot::channel();
+    let mut batch = vec![
+        note(1),
+        Command::Enqueue(Box::new(e), UnixMs(1), WINDOW, reply),
+        note(2),
+    ];
+    commit_batch(&held::Prepared::new(&conn), &mut batch, None, (&file, None));
+    let answer = rx.await.unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+    let count = |table: &str| -> i64 {
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!((count("dedup"), count("events")), (0, 0));
+    assert_eq!(count("trail_refusals"), 2, "the notes were written");
+    assert!(conn.is_autocommit(), "no transaction left open");
+}
+
 // ---- every layout an earlier release wrote ----
 
 /// The first release's tables (its ids without AUTOINCREMENT).
@@ -506,7 +551,8 @@ async fn a_migrated_file_opens_again_unchanged() {
 }
 
 /// The state codes are literals in the statements, so the partial indexes
-/// serve them: a lease reads the pending index, not the table.
+/// serve them: a lease finds its deliveries in the pending index alone, in
+/// due order, reading no row of a delivery it passes over.
 #[test]
 fn the_lease_reads_the_pending_index() {
     let dir = tempfile::tempdir().unwrap();
@@ -514,7 +560,7 @@ fn the_lease_reads_the_pending_index() {
     let mut conn = open_connection(&path).unwrap();
     migrate::migrate(&mut conn, &path).unwrap();
     let plan: Vec<String> = conn
-        .prepare(&format!("EXPLAIN QUERY PLAN {}", leases::DUE))
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", leases::DUE_IDS))
         .unwrap()
         .query_map(rusqlite::params!["t", 0, 10], |r| {
             r.get::<_, String>("detail")
@@ -523,9 +569,11 @@ fn the_lease_reads_the_pending_index() {
         .collect::<rusqlite::Result<_>>()
         .unwrap();
     assert!(
-        plan.iter().any(|step| step.contains("deliveries_pending")),
+        plan.iter()
+            .any(|step| step.contains("COVERING INDEX deliveries_pending")),
         "{plan:?}"
     );
+    assert!(!plan.iter().any(|s| s.contains("TEMP B-TREE")), "{plan:?}");
 }
 
 /// A target's waiting deliveries are listed from the pending index in due

@@ -2,6 +2,7 @@
 //! attempt and end in its settle's, the notes that ride with the next
 //! commit, the search, redelivery and pruning.
 
+use super::held::Prepared;
 use crate::spool::trail_rows::{self, Param, RESTORE_EVENT, STEP_COLUMNS};
 use crate::spool::vocab::{EVENT_COLUMNS, PENDING};
 use crate::spool::{rows, DeadReason, DeliveryId, Event, EventId, SpoolError, TrailStore, UnixMs};
@@ -18,9 +19,10 @@ const INSERT_PUSH: &str = "INSERT INTO trail_events (event_id, received_at, acco
 
 /// A push's trail row, in its commit: `event_id` is `None` for a duplicate.
 /// Unless a reply target is tried inline, the answer leaves once the push is
-/// stored: its reply is written with it.
+/// stored: its reply is written with it. Its statements are held, like the
+/// push's own: every push writes one.
 pub(super) fn push(
-    c: &Connection,
+    c: &Prepared<'_>,
     store: &TrailStore,
     (trail, e, route): (&TrailPush, &Event, &str),
     event_id: Option<EventId>,
@@ -32,7 +34,7 @@ pub(super) fn push(
     } else {
         (None, None)
     };
-    c.prepare_cached(INSERT_PUSH)?.execute(params![
+    c.statement(INSERT_PUSH)?.borrow_mut().execute(params![
         event_id,
         e.received_at,
         e.account,
@@ -52,7 +54,7 @@ pub(super) fn push(
     ])?;
     if store.keep_bodies {
         if let Some(id) = event_id {
-            c.prepare_cached(KEEP_BODY)?.execute(params![id])?;
+            c.statement(KEEP_BODY)?.borrow_mut().execute(params![id])?;
         }
     }
     Ok(())
@@ -70,8 +72,9 @@ const INSERT_STEP: &str =
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
 
 /// One attempt (when there was one) and the end it brought (when it did).
+/// Held, as nearly every settle writes one.
 pub(super) fn step(
-    c: &Connection,
+    c: &Prepared<'_>,
     (event_id, target): (i64, &str),
     at: UnixMs,
     note: Option<&TrailAttempt>,
@@ -81,7 +84,7 @@ pub(super) fn step(
         return Ok(());
     }
     let (end_kind, reason) = end.unzip();
-    c.prepare_cached(INSERT_STEP)?.execute(params![
+    c.statement(INSERT_STEP)?.borrow_mut().execute(params![
         event_id,
         note.map_or(at, |n| n.at),
         target,
@@ -109,14 +112,12 @@ pub(super) fn retired(c: &Connection, target: &str, now: UnixMs) -> rusqlite::Re
     Ok(())
 }
 
-/// A note after a push's commit: its reply, or a refused push's row.
-pub(super) fn note(c: &Connection, note: &TrailNote) -> rusqlite::Result<()> {
+/// A note after a push's commit: its reply, or a refused push's row. Held:
+/// a push with a reply target tried inline writes one.
+pub(super) fn note(c: &Prepared<'_>, note: &TrailNote) -> rusqlite::Result<()> {
     match note {
         TrailNote::Reply { event_id, reply } => {
-            c.prepare_cached(
-                "UPDATE trail_events SET reply = ?2, reply_ms = ?3, budget_ms = ?4 WHERE event_id = ?1",
-            )?
-            .execute(params![
+            c.statement(NOTE_REPLY)?.borrow_mut().execute(params![
                 event_id,
                 reply.outcome.as_str(),
                 reply.latency_ms as i64,
@@ -128,15 +129,22 @@ pub(super) fn note(c: &Connection, note: &TrailNote) -> rusqlite::Result<()> {
             account,
             refusal,
         } => {
-            c.prepare_cached(
-                "INSERT INTO trail_refusals (received_at, account, refusal, source)
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![at, account, refusal.reason, refusal.source])?;
+            c.statement(NOTE_REFUSAL)?.borrow_mut().execute(params![
+                at,
+                account,
+                refusal.reason,
+                refusal.source
+            ])?;
         }
     }
     Ok(())
 }
+
+const NOTE_REPLY: &str =
+    "UPDATE trail_events SET reply = ?2, reply_ms = ?3, budget_ms = ?4 WHERE event_id = ?1";
+
+const NOTE_REFUSAL: &str = "INSERT INTO trail_refusals (received_at, account, refusal, source)
+     VALUES (?1, ?2, ?3, ?4)";
 
 /// The key of the OpenIDs' hashes kept in the file, made on first use.
 pub(super) fn stored_key(c: &Connection) -> rusqlite::Result<TrailKey> {

@@ -212,7 +212,7 @@ fn commit_in_transaction(
         }
         return;
     }
-    let Some(answers) = apply_batch(conn, batch, store) else {
+    let Some(answers) = apply_batch(conn, batch, (file, store)) else {
         return;
     };
     if let Some(now) = prune_dedup_before {
@@ -233,13 +233,23 @@ fn begin(conn: &Prepared<'_>, file: &OpenedFile) -> Result<(), SpoolError> {
 /// Applies the batch's commands in the open transaction; their answers wait
 /// for its commit. None when the batch ended early, every command answered:
 /// the transaction was rolled back under it, or a command alone failed.
+///
+/// Trail notes go last and do not count: a command whose only company is
+/// notes runs without a savepoint (which copies every page it changes into
+/// a statement journal), and if it fails, the notes, not yet written, are
+/// written in a transaction of their own.
 fn apply_batch(
     conn: &Prepared<'_>,
     batch: &mut Vec<Command>,
-    store: Option<&TrailStore>,
+    (file, store): (&OpenedFile, Option<&TrailStore>),
 ) -> Option<Vec<Answer>> {
+    batch.sort_by_key(|c| matches!(c, Command::Note(_)));
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
-    let alone = batch.len() == 1;
+    let alone = batch
+        .iter()
+        .filter(|c| !matches!(c, Command::Note(_)))
+        .count()
+        <= 1;
     let mut commands = batch.drain(..);
     while let Some(cmd) = commands.next() {
         let (answer, error) = apply(conn, cmd, !alone, store);
@@ -268,10 +278,33 @@ fn apply_batch(
             for answer in answers {
                 answer(None);
             }
+            notes_alone(conn, commands, (file, store));
             return None;
         }
     }
     Some(answers)
+}
+
+/// Writes the trail notes that were to ride with a command that failed
+/// alone and was rolled back, in a transaction of their own.
+fn notes_alone(
+    conn: &Prepared<'_>,
+    notes: impl ExactSizeIterator<Item = Command>,
+    (file, store): (&OpenedFile, Option<&TrailStore>),
+) {
+    if notes.len() == 0 || begin(conn, file).is_err() {
+        return;
+    }
+    for note in notes {
+        // A note's answer does nothing: nothing waits for it.
+        let _ = apply(conn, note, false, store);
+    }
+    if conn.is_autocommit() {
+        return;
+    }
+    if let Some(e) = commit_or_roll_back(conn, file) {
+        tracing::warn!(error = %crate::error_chain(&e), "cannot write trail notes");
+    }
 }
 
 /// How many trail rows were pruned; none when they could not be.
