@@ -11,67 +11,79 @@ use crate::spool::{
 };
 use crate::trail::{TrailEvent, TrailFilter, TrailFound, TrailKey, TrailNote};
 use bytes::BytesMut;
-use deadpool_postgres::{Object, Pool, Transaction};
+use deadpool_postgres::{ClientWrapper, Object, Pool, Transaction};
 use std::collections::HashMap;
 use tokio::sync::mpsc;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use tokio_postgres::Statement;
 
-/// The trail rows of a batch's pushes, stored (`Some(event id)`) or
-/// duplicates (`None`); the replayed ones are refusals, noted apart.
-pub(super) async fn pushes(
-    tx: &Transaction<'_>,
-    store: &TrailStore,
-    written: &[(&Push, Option<EventId>)],
-) -> Result<(), SpoolError> {
-    let mut c = PushColumns::default();
-    for (push, event_id) in written {
-        let Some(trail) = push.event.trail.as_deref() else {
-            continue;
+/// A batch's trail rows with their statements prepared, so that
+/// [`PushRows::write`] sends them all at once, behind the batch's inserts
+/// and ahead of its `COMMIT`: the trail adds no round trip to a commit.
+pub(super) struct PushRows {
+    columns: PushColumns,
+    insert: Statement,
+    ends: Option<Statement>,
+    keep: Option<Statement>,
+}
+
+impl PushRows {
+    /// The rows of a batch's pushes, stored (`Some(event id)`) or
+    /// duplicates (`None`); the replayed ones are refusals, noted apart.
+    /// `None` when no push carries a trail record.
+    pub(super) async fn of(
+        c: &ClientWrapper,
+        store: &TrailStore,
+        written: &[(&Push, Option<EventId>)],
+    ) -> Result<Option<Self>, SpoolError> {
+        let columns = PushColumns::of(store, written);
+        if columns.received.is_empty() {
+            return Ok(None);
+        }
+        let insert = c.prepare_cached(INSERT_PUSHES).await?;
+        let ends = match columns.unrouted.is_empty() {
+            true => None,
+            false => Some(c.prepare_cached(UNROUTED_ENDS).await?),
         };
-        let e = &push.event.event;
-        c.event_ids.push(event_id.map(|id| id.0));
-        c.received.push(e.received_at.0);
-        c.accounts.push(e.account.clone());
-        c.modes.push(trail.mode);
-        c.msg_types.push(e.msg_type.clone());
-        c.events.push(e.event_type.clone());
-        c.scenes.push(trail.scene.clone());
-        c.msg_ids.push(trail.msg_id.clone());
-        c.tickets.push(i16::from(trail.ticket));
-        c.hashes.push(trail.openid_hash.clone());
-        c.masks.push(trail.openid_mask.clone());
-        c.duplicates.push(i16::from(event_id.is_none()));
-        c.routes
-            .push(route_text(push.event.targets.iter().map(|t| &t.target)));
-        // Unless a reply target is tried inline, the answer leaves once the
-        // push is stored (or found a duplicate).
-        let answered = event_id.is_none() || !trail.reply_inline;
-        c.replies.push(answered.then_some("none"));
-        c.reply_ms
-            .push(answered.then(|| trail.started.elapsed().as_millis() as i64));
-        c.budgets.push(trail.budget_ms as i64);
-        if let (Some(id), true) = (event_id, push.event.targets.is_empty()) {
-            c.unrouted.push(id.0);
-            c.unrouted_at.push(push.now.0);
-        }
-        if let (Some(id), true) = (event_id, store.keep_bodies) {
-            c.kept.push(id.0);
-        }
+        let keep = match columns.kept.is_empty() {
+            true => None,
+            false => Some(c.prepare_cached(KEEP_BODIES).await?),
+        };
+        Ok(Some(Self {
+            columns,
+            insert,
+            ends,
+            keep,
+        }))
     }
-    if c.received.is_empty() {
-        return Ok(());
+
+    /// Sends every statement on the first poll, in order, then waits for
+    /// each answer: any failure fails the write (and so the batch's commit).
+    pub(super) async fn write(&self, c: &ClientWrapper) -> Result<(), SpoolError> {
+        let columns = &self.columns;
+        let rows = columns.params();
+        let ends: [&(dyn ToSql + Sync); 2] = [&columns.unrouted, &columns.unrouted_at];
+        let keep: [&(dyn ToSql + Sync); 1] = [&columns.kept];
+        tokio::try_join!(
+            biased;
+            c.execute(&self.insert, &rows),
+            execute_some(c, self.ends.as_ref(), &ends),
+            execute_some(c, self.keep.as_ref(), &keep),
+        )?;
+        Ok(())
     }
-    let insert = tx.prepare_cached(INSERT_PUSHES).await?;
-    tx.execute(&insert, &c.params()).await?;
-    if !c.unrouted.is_empty() {
-        let ends = tx.prepare_cached(UNROUTED_ENDS).await?;
-        tx.execute(&ends, &[&c.unrouted, &c.unrouted_at]).await?;
+}
+
+/// `statement`, where there is one.
+async fn execute_some(
+    c: &ClientWrapper,
+    statement: Option<&Statement>,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    match statement {
+        Some(statement) => c.execute(statement, params).await,
+        None => Ok(0),
     }
-    if !c.kept.is_empty() {
-        let keep = tx.prepare_cached(KEEP_BODIES).await?;
-        tx.execute(&keep, &[&c.kept]).await?;
-    }
-    Ok(())
 }
 
 const INSERT_PUSHES: &str = "INSERT INTO trail_events (event_id, received_at, account, mode, msg_type, event,
@@ -114,6 +126,45 @@ struct PushColumns {
 }
 
 impl PushColumns {
+    fn of(store: &TrailStore, written: &[(&Push, Option<EventId>)]) -> Self {
+        let mut c = PushColumns::default();
+        for (push, event_id) in written {
+            let Some(trail) = push.event.trail.as_deref() else {
+                continue;
+            };
+            let e = &push.event.event;
+            c.event_ids.push(event_id.map(|id| id.0));
+            c.received.push(e.received_at.0);
+            c.accounts.push(e.account.clone());
+            c.modes.push(trail.mode);
+            c.msg_types.push(e.msg_type.clone());
+            c.events.push(e.event_type.clone());
+            c.scenes.push(trail.scene.clone());
+            c.msg_ids.push(trail.msg_id.clone());
+            c.tickets.push(i16::from(trail.ticket));
+            c.hashes.push(trail.openid_hash.clone());
+            c.masks.push(trail.openid_mask.clone());
+            c.duplicates.push(i16::from(event_id.is_none()));
+            c.routes
+                .push(route_text(push.event.targets.iter().map(|t| &t.target)));
+            // Unless a reply target is tried inline, the answer leaves once the
+            // push is stored (or found a duplicate).
+            let answered = event_id.is_none() || !trail.reply_inline;
+            c.replies.push(answered.then_some("none"));
+            c.reply_ms
+                .push(answered.then(|| trail.started.elapsed().as_millis() as i64));
+            c.budgets.push(trail.budget_ms as i64);
+            if let (Some(id), true) = (event_id, push.event.targets.is_empty()) {
+                c.unrouted.push(id.0);
+                c.unrouted_at.push(push.now.0);
+            }
+            if let (Some(id), true) = (event_id, store.keep_bodies) {
+                c.kept.push(id.0);
+            }
+        }
+        c
+    }
+
     fn params(&self) -> [&(dyn ToSql + Sync); 16] {
         [
             &self.event_ids,
