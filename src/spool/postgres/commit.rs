@@ -9,6 +9,7 @@
 //! it, then see the conflict: of two racing copies, one is stored and the
 //! other answered as a duplicate, on one replica or two.
 
+use super::prepared::Prepared;
 use super::row::{column, get};
 use super::wake::Notifier;
 use crate::spool::vocab::PROBE;
@@ -75,6 +76,7 @@ pub(super) async fn run(writer: Writer, mut requests: mpsc::Receiver<Request>, m
     let mut waiting = Vec::with_capacity(max_batch);
     let mut pushes = Vec::with_capacity(max_batch);
     let mut probes = Vec::new();
+    let mut prepared = Prepared::default();
     while requests.recv_many(&mut waiting, max_batch).await > 0 {
         for request in waiting.drain(..) {
             match request {
@@ -86,7 +88,7 @@ pub(super) async fn run(writer: Writer, mut requests: mpsc::Receiver<Request>, m
             #[cfg(any(test, feature = "test-util"))]
             writer.supervision.panic_if_asked();
             let batch: Vec<Push> = pushes.drain(..fitting(&pushes)).collect();
-            writer.commit_and_answer(batch).await;
+            writer.commit_and_answer(batch, &mut prepared).await;
         }
         if !probes.is_empty() {
             writer.probe(std::mem::take(&mut probes)).await;
@@ -124,11 +126,14 @@ impl Writer {
         }
     }
 
-    async fn commit_and_answer(&self, batch: Vec<Push>) {
+    async fn commit_and_answer(&self, batch: Vec<Push>, prepared: &mut Prepared) {
         let result = super::bounded("commit", async {
             let mut checkout = super::Checkout::of(&self.pool).await?;
             let store = self.trail.load_full();
-            let outcomes = commit(checkout.get()?, &batch, store.as_deref()).await;
+            // Boxed: the commit's future is large, and the timeout would
+            // otherwise copy it whole at every move.
+            let outcomes =
+                Box::pin(commit(checkout.get()?, prepared, &batch, store.as_deref())).await;
             checkout.finished();
             outcomes
         })
@@ -169,10 +174,11 @@ impl Writer {
 /// back to the pool outside any transaction, whatever failed.
 async fn commit(
     client: &mut Object,
+    p: &mut Prepared,
     batch: &[Push],
     trail: Option<&crate::spool::TrailStore>,
 ) -> Result<Vec<Outcome>, SpoolError> {
-    let stored = in_transaction(client, batch, trail).await;
+    let stored = in_transaction(client, p, batch, trail).await;
     if stored.is_err() {
         // A statement failed before the `COMMIT` went out, or with it (which
         // then answered `ROLLBACK` and only warns of this one).
@@ -190,10 +196,11 @@ async fn commit(
 /// answer is checked, and any failure fails the whole batch.
 async fn in_transaction(
     c: &ClientWrapper,
+    p: &mut Prepared,
     batch: &[Push],
     trail: Option<&crate::spool::TrailStore>,
 ) -> Result<Vec<Outcome>, SpoolError> {
-    let (passed, took) = begin_and_check_keys(c, batch).await?;
+    let (passed, took) = begin_and_check_keys(c, p, batch).await?;
     let stored: Vec<&Push> = batch
         .iter()
         .zip(&took)
@@ -204,13 +211,13 @@ async fn in_transaction(
     let (inserts, event_ids, delivery_ids) = if stored.is_empty() {
         (None, Vec::new(), Vec::new())
     } else {
-        let (events, deliveries) = draw_ids(c, &stored, rows).await?;
-        (Some(Inserts::prepare(c).await?), events, deliveries)
+        let (events, deliveries) = draw_ids(c, p, &stored, rows).await?;
+        (Some(Inserts::prepare(c, p).await?), events, deliveries)
     };
     let outcomes = outcomes(batch, &passed, &took, &event_ids, &delivery_ids);
     let trail_rows = match trail {
         Some(store) => {
-            super::trail::PushRows::of(c, store, &trail_written(batch, &outcomes)).await?
+            super::trail::PushRows::of(c, p, store, &trail_written(batch, &outcomes)).await?
         }
         None => None,
     };
@@ -238,16 +245,17 @@ async fn in_transaction(
 /// the first statement, not a round trip before it.
 async fn begin_and_check_keys(
     c: &ClientWrapper,
+    p: &mut Prepared,
     batch: &[Push],
 ) -> Result<(Vec<bool>, Vec<bool>), SpoolError> {
     let begin = async { Ok::<_, SpoolError>(c.batch_execute("BEGIN").await?) };
     if batch.iter().any(|r| r.event.replay.is_some()) {
-        let ((), passed) = tokio::try_join!(biased; begin, guards(c, batch))?;
-        let took = dedup(c, batch, &passed).await?;
+        let ((), passed) = tokio::try_join!(biased; begin, guards(c, p, batch))?;
+        let took = dedup(c, p, batch, &passed).await?;
         Ok((passed, took))
     } else {
         let passed = vec![true; batch.len()];
-        let ((), took) = tokio::try_join!(biased; begin, dedup(c, batch, &passed))?;
+        let ((), took) = tokio::try_join!(biased; begin, dedup(c, p, batch, &passed))?;
         Ok((passed, took))
     }
 }
@@ -269,7 +277,11 @@ fn trail_written<'b>(batch: &'b [Push], outcomes: &[Outcome]) -> Vec<(&'b Push, 
 /// Records each guard's first body and answers, per request, whether it got
 /// past its guard: no guard, or the body the guard holds (its own, or the
 /// same body taken earlier). An expired guard is taken over.
-async fn guards(c: &ClientWrapper, batch: &[Push]) -> Result<Vec<bool>, SpoolError> {
+async fn guards(
+    c: &ClientWrapper,
+    p: &mut Prepared,
+    batch: &[Push],
+) -> Result<Vec<bool>, SpoolError> {
     // The first body of each key in the batch, sorted by key.
     let mut first: BTreeMap<&str, (&[u8], i64)> = BTreeMap::new();
     for r in batch {
@@ -286,16 +298,19 @@ async fn guards(c: &ClientWrapper, batch: &[Push]) -> Result<Vec<bool>, SpoolErr
     let hashes: Vec<&[u8]> = first.values().map(|(h, _)| *h).collect();
     let expires: Vec<i64> = first.values().map(|(_, e)| *e).collect();
     let now = batch.iter().map(|r| r.now.0).max().unwrap_or(0);
-    let (insert, held) = tokio::try_join!(
-        c.prepare_cached(
+    let insert = p
+        .get(
+            c,
             "INSERT INTO replay (key, body_hash, expires_at)
              SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[]) ORDER BY 1
              ON CONFLICT (key) DO UPDATE
                 SET body_hash = excluded.body_hash, expires_at = excluded.expires_at
                 WHERE replay.expires_at <= $4",
-        ),
-        c.prepare_cached("SELECT key, body_hash FROM replay WHERE key = ANY($1)"),
-    )?;
+        )
+        .await?;
+    let held = p
+        .get(c, "SELECT key, body_hash FROM replay WHERE key = ANY($1)")
+        .await?;
     let written: [&(dyn ToSql + Sync); 4] = [&keys, &hashes, &expires, &now];
     let read: [&(dyn ToSql + Sync); 1] = [&keys];
     // Pipelined: the guards are read back after they are written.
@@ -322,6 +337,7 @@ async fn guards(c: &ClientWrapper, batch: &[Push]) -> Result<Vec<bool>, SpoolErr
 /// and the key was free (or expired).
 async fn dedup(
     c: &ClientWrapper,
+    p: &mut Prepared,
     batch: &[Push],
     passed: &[bool],
 ) -> Result<Vec<bool>, SpoolError> {
@@ -337,8 +353,9 @@ async fn dedup(
     let keys: Vec<&str> = first.keys().copied().collect();
     let expires: Vec<i64> = first.values().map(|(_, e)| *e).collect();
     let now = batch.iter().map(|r| r.now.0).max().unwrap_or(0);
-    let insert = c
-        .prepare_cached(
+    let insert = p
+        .get(
+            c,
             "INSERT INTO dedup (key, expires_at)
              SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
              ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
@@ -402,6 +419,7 @@ fn outcomes(
 /// statement still runs before the ids' one.
 async fn draw_ids(
     c: &ClientWrapper,
+    p: &mut Prepared,
     stored: &[&Push],
     rows: usize,
 ) -> Result<(Vec<i64>, Vec<i64>), SpoolError> {
@@ -414,15 +432,17 @@ async fn draw_ids(
     let lock = match keys.is_empty() {
         true => None,
         false => Some(
-            c.prepare_cached(
+            p.get(
+                c,
                 "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '|' || k, 0))
                  FROM unnest($1::text[]) AS k ORDER BY k",
             )
             .await?,
         ),
     };
-    let ids = c
-        .prepare_cached(
+    let ids = p
+        .get(
+            c,
             "SELECT ARRAY(SELECT nextval('events_id_seq') FROM generate_series(1, $1::int)) AS events,
                     ARRAY(SELECT nextval('deliveries_id_seq') FROM generate_series(1, $2::int))
                         AS deliveries",
@@ -452,9 +472,10 @@ struct Inserts {
 }
 
 impl Inserts {
-    async fn prepare(c: &ClientWrapper) -> Result<Self, SpoolError> {
-        let (events, deliveries) = tokio::try_join!(
-            c.prepare_cached(
+    async fn prepare(c: &ClientWrapper, p: &mut Prepared) -> Result<Self, SpoolError> {
+        let events = p
+            .get(
+                c,
                 "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
                                      msg_type, event, family, codec, appid, agent_id, info_type,
                                      trace_context)
@@ -462,16 +483,19 @@ impl Inserts {
                                       $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[],
                                       $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
                                       $16::text[])",
-            ),
-            c.prepare_cached(
+            )
+            .await?;
+        let deliveries = p
+            .get(
+                c,
                 "INSERT INTO deliveries (id, event_id, target, state, next_at, scheduled_at, reason,
                                          updated_at, order_key)
                  SELECT id, event_id, target, state, next_at, next_at, reason, updated_at, order_key
                  FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
                              $6::text[], $7::bigint[], $8::text[])
                       AS t(id, event_id, target, state, next_at, reason, updated_at, order_key)",
-            ),
-        )?;
+            )
+            .await?;
         Ok(Self { events, deliveries })
     }
 

@@ -33,6 +33,7 @@ impl PushRows {
     /// `None` when no push carries a trail record.
     pub(super) async fn of(
         c: &ClientWrapper,
+        p: &mut super::prepared::Prepared,
         store: &TrailStore,
         written: &[(&Push, Option<EventId>)],
     ) -> Result<Option<Self>, SpoolError> {
@@ -40,14 +41,14 @@ impl PushRows {
         if columns.received.is_empty() {
             return Ok(None);
         }
-        let insert = c.prepare_cached(INSERT_PUSHES).await?;
+        let insert = p.get(c, INSERT_PUSHES).await?;
         let ends = match columns.unrouted.is_empty() {
             true => None,
-            false => Some(c.prepare_cached(UNROUTED_ENDS).await?),
+            false => Some(p.get(c, UNROUTED_ENDS).await?),
         };
         let keep = match columns.kept.is_empty() {
             true => None,
-            false => Some(c.prepare_cached(KEEP_BODIES).await?),
+            false => Some(p.get(c, KEEP_BODIES).await?),
         };
         Ok(Some(Self {
             columns,
