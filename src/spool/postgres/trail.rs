@@ -20,14 +20,14 @@ use tokio_postgres::Statement;
 /// A batch's trail rows with their statements prepared, so that
 /// [`PushRows::write`] sends them all at once, behind the batch's inserts
 /// and ahead of its `COMMIT`: the trail adds no round trip to a commit.
-pub(super) struct PushRows {
-    columns: PushColumns,
+pub(super) struct PushRows<'a> {
+    columns: PushColumns<'a>,
     insert: Statement,
     ends: Option<Statement>,
     keep: Option<Statement>,
 }
 
-impl PushRows {
+impl<'a> PushRows<'a> {
     /// The rows of a batch's pushes, stored (`Some(event id)`) or
     /// duplicates (`None`); the replayed ones are refusals, noted apart.
     /// `None` when no push carries a trail record.
@@ -35,7 +35,7 @@ impl PushRows {
         c: &ClientWrapper,
         p: &mut super::prepared::Prepared,
         store: &TrailStore,
-        written: &[(&Push, Option<EventId>)],
+        written: &[(&'a Push, Option<EventId>)],
     ) -> Result<Option<Self>, SpoolError> {
         let columns = PushColumns::of(store, written);
         if columns.received.is_empty() {
@@ -102,20 +102,21 @@ const KEEP_BODIES: &str =
      SELECT id, dedup_key, account, received_at, query, body, xml, fields, msg_type, event, family,
          codec, appid, agent_id, info_type, trace_context FROM events WHERE id = ANY($1)";
 
-/// A batch's pushes, as the columns of [`INSERT_PUSHES`].
+/// A batch's pushes, as the columns of [`INSERT_PUSHES`], borrowed from the
+/// batch: no copy of each push's text to make and free.
 #[derive(Default)]
-struct PushColumns {
+struct PushColumns<'a> {
     event_ids: Vec<Option<i64>>,
     received: Vec<i64>,
-    accounts: Vec<String>,
+    accounts: Vec<&'a str>,
     modes: Vec<&'static str>,
-    msg_types: Vec<String>,
-    events: Vec<Option<String>>,
-    scenes: Vec<Option<String>>,
-    msg_ids: Vec<Option<String>>,
+    msg_types: Vec<&'a str>,
+    events: Vec<Option<&'a str>>,
+    scenes: Vec<Option<&'a str>>,
+    msg_ids: Vec<Option<&'a str>>,
     tickets: Vec<i16>,
-    hashes: Vec<Option<Vec<u8>>>,
-    masks: Vec<Option<String>>,
+    hashes: Vec<Option<&'a [u8]>>,
+    masks: Vec<Option<&'a str>>,
     duplicates: Vec<i16>,
     routes: Vec<String>,
     replies: Vec<Option<&'static str>>,
@@ -126,25 +127,25 @@ struct PushColumns {
     kept: Vec<i64>,
 }
 
-impl PushColumns {
-    fn of(store: &TrailStore, written: &[(&Push, Option<EventId>)]) -> Self {
+impl<'a> PushColumns<'a> {
+    fn of(store: &TrailStore, written: &[(&'a Push, Option<EventId>)]) -> Self {
         let mut c = PushColumns::default();
-        for (push, event_id) in written {
+        for &(push, event_id) in written {
             let Some(trail) = push.event.trail.as_deref() else {
                 continue;
             };
             let e = &push.event.event;
             c.event_ids.push(event_id.map(|id| id.0));
             c.received.push(e.received_at.0);
-            c.accounts.push(e.account.clone());
+            c.accounts.push(e.account.as_str());
             c.modes.push(trail.mode);
-            c.msg_types.push(e.msg_type.clone());
-            c.events.push(e.event_type.clone());
-            c.scenes.push(trail.scene.clone());
-            c.msg_ids.push(trail.msg_id.clone());
+            c.msg_types.push(e.msg_type.as_str());
+            c.events.push(e.event_type.as_deref());
+            c.scenes.push(trail.scene.as_deref());
+            c.msg_ids.push(trail.msg_id.as_deref());
             c.tickets.push(i16::from(trail.ticket));
-            c.hashes.push(trail.openid_hash.clone());
-            c.masks.push(trail.openid_mask.clone());
+            c.hashes.push(trail.openid_hash.as_deref());
+            c.masks.push(trail.openid_mask.as_deref());
             c.duplicates.push(i16::from(event_id.is_none()));
             c.routes
                 .push(route_text(push.event.targets.iter().map(|t| &t.target)));
