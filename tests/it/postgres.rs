@@ -368,6 +368,49 @@ async fn a_commit_slower_than_the_reply_budget_is_a_503_and_stores_at_most_once(
     relay.stop().await;
 }
 
+/// A push's trail row goes out with its commit's `COMMIT`, which after a
+/// failed statement answers `ROLLBACK` without an error: a trail row the
+/// database refuses must fail the push (503, nothing stored), so that
+/// WeChat's re-send is stored and delivered, not taken for a duplicate.
+#[tokio::test]
+async fn a_trail_row_the_database_refuses_fails_the_push_and_stores_nothing() {
+    let g = generated();
+    let hooks = FakeTarget::start().await;
+    let toml = hooks_config(&g, &hooks.url("/"), "");
+    let Some(relay) = TestRelay::start_postgres(&toml, reference_now(&g)).await else {
+        return;
+    };
+    let schema = relay.schema.as_ref().unwrap();
+    let trail = format!("\"{}\".trail_events", schema.settings.schema);
+    schema.execute(&format!(
+        "ALTER TABLE {trail} ADD CONSTRAINT no_rows CHECK (false) NOT VALID"
+    ));
+    let v = vector(&g, "secure.CLICK");
+    let send = || relay.post_later(path("secure", &v["request"]), body(&v["request"]));
+    let refused = send().await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        refused.text().contains("spool unavailable"),
+        "{}",
+        refused.text()
+    );
+    for table in ["events", "deliveries", "dedup", "trail_events"] {
+        assert_eq!(schema.count(table), 0, "{table} after the failed commit");
+    }
+
+    schema.execute(&format!("ALTER TABLE {trail} DROP CONSTRAINT no_rows"));
+    assert_eq!(send().await.status, 200);
+    assert!(hooks.wait_for(1, WAIT).await, "the re-send is delivered");
+    assert_eq!(schema.count("trail_events"), 1);
+    let metrics = relay.metrics().await;
+    assert!(
+        metrics.contains("wxrelay_pushes_total{account=\"secure\",verdict=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("verdict=\"duplicate\""), "{metrics}");
+    relay.stop().await;
+}
+
 /// The test database's certificate, when it serves TLS and the file is
 /// readable here (a database on this host).
 async fn server_certificate(url: &str) -> Option<String> {

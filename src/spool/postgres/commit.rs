@@ -9,6 +9,7 @@
 //! it, then see the conflict: of two racing copies, one is stored and the
 //! other answered as a duplicate, on one replica or two.
 
+use super::prepared::Prepared;
 use super::row::{column, get};
 use super::wake::Notifier;
 use crate::spool::vocab::PROBE;
@@ -16,11 +17,12 @@ use crate::spool::{
     rows, DeadReason, DeliveryId, DeliveryState, Enqueued, EventId, NewEvent, SpoolError,
     Supervision, UnixMs,
 };
-use deadpool_postgres::{Object, Pool, Transaction};
+use deadpool_postgres::{ClientWrapper, Object, Pool};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
+use tokio_postgres::Statement;
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
@@ -74,6 +76,7 @@ pub(super) async fn run(writer: Writer, mut requests: mpsc::Receiver<Request>, m
     let mut waiting = Vec::with_capacity(max_batch);
     let mut pushes = Vec::with_capacity(max_batch);
     let mut probes = Vec::new();
+    let mut prepared = Prepared::default();
     while requests.recv_many(&mut waiting, max_batch).await > 0 {
         for request in waiting.drain(..) {
             match request {
@@ -85,7 +88,7 @@ pub(super) async fn run(writer: Writer, mut requests: mpsc::Receiver<Request>, m
             #[cfg(any(test, feature = "test-util"))]
             writer.supervision.panic_if_asked();
             let batch: Vec<Push> = pushes.drain(..fitting(&pushes)).collect();
-            writer.commit_and_answer(batch).await;
+            writer.commit_and_answer(batch, &mut prepared).await;
         }
         if !probes.is_empty() {
             writer.probe(std::mem::take(&mut probes)).await;
@@ -123,11 +126,14 @@ impl Writer {
         }
     }
 
-    async fn commit_and_answer(&self, batch: Vec<Push>) {
+    async fn commit_and_answer(&self, batch: Vec<Push>, prepared: &mut Prepared) {
         let result = super::bounded("commit", async {
             let mut checkout = super::Checkout::of(&self.pool).await?;
             let store = self.trail.load_full();
-            let outcomes = commit(checkout.get()?, &batch, store.as_deref()).await;
+            // Boxed: the commit's future is large, and the timeout would
+            // otherwise copy it whole at every move.
+            let outcomes =
+                Box::pin(commit(checkout.get()?, prepared, &batch, store.as_deref())).await;
             checkout.finished();
             outcomes
         })
@@ -164,35 +170,118 @@ impl Writer {
     }
 }
 
+/// Stores a batch in one transaction, and makes sure the connection goes
+/// back to the pool outside any transaction, whatever failed.
 async fn commit(
     client: &mut Object,
+    p: &mut Prepared,
     batch: &[Push],
     trail: Option<&crate::spool::TrailStore>,
 ) -> Result<Vec<Outcome>, SpoolError> {
-    let tx = client.transaction().await?;
-    let passed = guards(&tx, batch).await?;
-    let first = dedup(&tx, batch, &passed).await?;
-    let outcomes = store(&tx, batch, &passed, &first).await?;
-    if let Some(trail) = trail {
-        let written: Vec<(&Push, Option<EventId>)> = batch
-            .iter()
-            .zip(&outcomes)
-            .filter_map(|(push, outcome)| match outcome {
-                Outcome::Stored(id, _) => Some((push, Some(*id))),
-                Outcome::Duplicate => Some((push, None)),
-                Outcome::Replayed => None,
-            })
-            .collect();
-        super::trail::pushes(&tx, trail, &written).await?;
+    let stored = in_transaction(client, p, batch, trail).await;
+    if stored.is_err() {
+        // A statement failed before the `COMMIT` went out, or with it (which
+        // then answered `ROLLBACK` and only warns of this one).
+        let _ = client.batch_execute("ROLLBACK").await;
     }
-    tx.commit().await?;
+    stored
+}
+
+/// The batch's statements in four round trips whatever its size: `BEGIN`
+/// with the first statement; the dedup keys (which depend on the replay
+/// guards' answer); the order locks with the ids; then the rows, the trail's
+/// and the `COMMIT` together. Statements pipelined on one connection run in
+/// the order sent, each in the transaction, and a `COMMIT` after a failed
+/// statement answers `ROLLBACK` without an error: so every statement's own
+/// answer is checked, and any failure fails the whole batch.
+async fn in_transaction(
+    c: &ClientWrapper,
+    p: &mut Prepared,
+    batch: &[Push],
+    trail: Option<&crate::spool::TrailStore>,
+) -> Result<Vec<Outcome>, SpoolError> {
+    let (passed, took) = begin_and_check_keys(c, p, batch).await?;
+    let stored: Vec<&Push> = batch
+        .iter()
+        .zip(&took)
+        .filter(|(_, took)| **took)
+        .map(|(r, _)| r)
+        .collect();
+    let rows: usize = stored.iter().map(|r| r.event.targets.len().max(1)).sum();
+    let (inserts, event_ids, delivery_ids) = if stored.is_empty() {
+        (None, Vec::new(), Vec::new())
+    } else {
+        let (events, deliveries) = draw_ids(c, p, &stored, rows).await?;
+        (Some(Inserts::prepare(c, p).await?), events, deliveries)
+    };
+    let outcomes = outcomes(batch, &passed, &took, &event_ids, &delivery_ids);
+    let trail_rows = match trail {
+        Some(store) => {
+            super::trail::PushRows::of(c, p, store, &trail_written(batch, &outcomes)).await?
+        }
+        None => None,
+    };
+    // Every statement is prepared by now: each future below sends its
+    // statements on its first poll, in this order.
+    let rows = async {
+        match &inserts {
+            Some(i) => i.run(c, &stored, &event_ids, &delivery_ids, rows).await,
+            None => Ok(()),
+        }
+    };
+    let trail_rows = async {
+        match &trail_rows {
+            Some(t) => t.write(c).await,
+            None => Ok(()),
+        }
+    };
+    let commit = async { Ok::<_, SpoolError>(c.batch_execute("COMMIT").await?) };
+    tokio::try_join!(biased; rows, trail_rows, commit)?;
     Ok(outcomes)
+}
+
+/// Opens the transaction and answers, per request, whether it got past its
+/// replay guard and whether it took its dedup key. `BEGIN` goes out with
+/// the first statement, not a round trip before it.
+async fn begin_and_check_keys(
+    c: &ClientWrapper,
+    p: &mut Prepared,
+    batch: &[Push],
+) -> Result<(Vec<bool>, Vec<bool>), SpoolError> {
+    let begin = async { Ok::<_, SpoolError>(c.batch_execute("BEGIN").await?) };
+    if batch.iter().any(|r| r.event.replay.is_some()) {
+        let ((), passed) = tokio::try_join!(biased; begin, guards(c, p, batch))?;
+        let took = dedup(c, p, batch, &passed).await?;
+        Ok((passed, took))
+    } else {
+        let passed = vec![true; batch.len()];
+        let ((), took) = tokio::try_join!(biased; begin, dedup(c, p, batch, &passed))?;
+        Ok((passed, took))
+    }
+}
+
+/// The pushes of a batch that have a trail row: the stored (with their
+/// event ids) and the duplicates; the replayed are refusals, noted apart.
+fn trail_written<'b>(batch: &'b [Push], outcomes: &[Outcome]) -> Vec<(&'b Push, Option<EventId>)> {
+    batch
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(push, outcome)| match outcome {
+            Outcome::Stored(id, _) => Some((push, Some(*id))),
+            Outcome::Duplicate => Some((push, None)),
+            Outcome::Replayed => None,
+        })
+        .collect()
 }
 
 /// Records each guard's first body and answers, per request, whether it got
 /// past its guard: no guard, or the body the guard holds (its own, or the
 /// same body taken earlier). An expired guard is taken over.
-async fn guards(tx: &Transaction<'_>, batch: &[Push]) -> Result<Vec<bool>, SpoolError> {
+async fn guards(
+    c: &ClientWrapper,
+    p: &mut Prepared,
+    batch: &[Push],
+) -> Result<Vec<bool>, SpoolError> {
     // The first body of each key in the batch, sorted by key.
     let mut first: BTreeMap<&str, (&[u8], i64)> = BTreeMap::new();
     for r in batch {
@@ -209,8 +298,9 @@ async fn guards(tx: &Transaction<'_>, batch: &[Push]) -> Result<Vec<bool>, Spool
     let hashes: Vec<&[u8]> = first.values().map(|(h, _)| *h).collect();
     let expires: Vec<i64> = first.values().map(|(_, e)| *e).collect();
     let now = batch.iter().map(|r| r.now.0).max().unwrap_or(0);
-    let insert = tx
-        .prepare_cached(
+    let insert = p
+        .get(
+            c,
             "INSERT INTO replay (key, body_hash, expires_at)
              SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[]) ORDER BY 1
              ON CONFLICT (key) DO UPDATE
@@ -218,14 +308,18 @@ async fn guards(tx: &Transaction<'_>, batch: &[Push]) -> Result<Vec<bool>, Spool
                 WHERE replay.expires_at <= $4",
         )
         .await?;
-    tx.execute(&insert, &[&keys, &hashes, &expires, &now])
+    let held = p
+        .get(c, "SELECT key, body_hash FROM replay WHERE key = ANY($1)")
         .await?;
-    let held = tx
-        .prepare_cached("SELECT key, body_hash FROM replay WHERE key = ANY($1)")
-        .await?;
-    let holds: HashMap<String, Vec<u8>> = tx
-        .query(&held, &[&keys])
-        .await?
+    let written: [&(dyn ToSql + Sync); 4] = [&keys, &hashes, &expires, &now];
+    let read: [&(dyn ToSql + Sync); 1] = [&keys];
+    // Pipelined: the guards are read back after they are written.
+    let (_, rows) = tokio::try_join!(
+        biased;
+        c.execute(&insert, &written),
+        c.query(&held, &read),
+    )?;
+    let holds: HashMap<String, Vec<u8>> = rows
         .iter()
         .map(|row| Ok((get(row, "key")?, get(row, "body_hash")?)))
         .collect::<Result<_, SpoolError>>()?;
@@ -242,7 +336,8 @@ async fn guards(tx: &Transaction<'_>, batch: &[Push]) -> Result<Vec<bool>, Spool
 /// request, whether it took its key: the first of the batch with the key,
 /// and the key was free (or expired).
 async fn dedup(
-    tx: &Transaction<'_>,
+    c: &ClientWrapper,
+    p: &mut Prepared,
     batch: &[Push],
     passed: &[bool],
 ) -> Result<Vec<bool>, SpoolError> {
@@ -258,8 +353,9 @@ async fn dedup(
     let keys: Vec<&str> = first.keys().copied().collect();
     let expires: Vec<i64> = first.values().map(|(_, e)| *e).collect();
     let now = batch.iter().map(|r| r.now.0).max().unwrap_or(0);
-    let insert = tx
-        .prepare_cached(
+    let insert = p
+        .get(
+            c,
             "INSERT INTO dedup (key, expires_at)
              SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
              ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
@@ -267,7 +363,7 @@ async fn dedup(
              RETURNING key",
         )
         .await?;
-    let rows = tx.query(&insert, &[&keys, &expires, &now]).await?;
+    let rows = c.query(&insert, &[&keys, &expires, &now]).await?;
     let taken: HashSet<String> = column(&rows, "key")?.into_iter().collect();
     let mut took = vec![false; batch.len()];
     for (key, (i, _)) in first {
@@ -276,30 +372,19 @@ async fn dedup(
     Ok(took)
 }
 
-/// Inserts the events that took their keys and their deliveries (an
-/// unrouted event gets its dead letter), ids drawn in batch order.
-async fn store(
-    tx: &Transaction<'_>,
+/// What each request came to, given the ids drawn for the stored ones in
+/// batch order (an event's, and one per delivery row: one for an unrouted
+/// event).
+fn outcomes(
     batch: &[Push],
     passed: &[bool],
     took: &[bool],
-) -> Result<Vec<Outcome>, SpoolError> {
-    let stored: Vec<&Push> = batch
-        .iter()
-        .zip(took)
-        .filter(|(_, took)| **took)
-        .map(|(r, _)| r)
-        .collect();
-    let rows: usize = stored.iter().map(|r| r.event.targets.len().max(1)).sum();
-    let (event_ids, delivery_ids) = if stored.is_empty() {
-        (Vec::new(), Vec::new())
-    } else {
-        order_after_earlier_commits(tx, &stored).await?;
-        insert_rows(tx, &stored, rows).await?
-    };
-    let mut events = event_ids.into_iter();
-    let mut deliveries = delivery_ids.into_iter();
-    let outcomes = batch
+    event_ids: &[i64],
+    delivery_ids: &[i64],
+) -> Vec<Outcome> {
+    let mut events = event_ids.iter().copied().map(EventId);
+    let mut deliveries = delivery_ids.iter().copied().map(DeliveryId);
+    batch
         .iter()
         .enumerate()
         .map(|(i, r)| {
@@ -319,110 +404,140 @@ async fn store(
             };
             Outcome::Stored(event_id, ids)
         })
-        .collect();
-    Ok(outcomes)
+        .collect()
 }
 
+/// Draws the stored events' and delivery rows' ids, sorted, in one round
+/// trip with the order locks.
+///
 /// Per-user order follows delivery ids. Two pushes of one user stored on
 /// two replicas at once could take ids in one order and commit in the
 /// other, and the later push be leased while the earlier one is not yet
 /// visible. So a batch takes a lock per order key (sorted, after its dedup
 /// keys, as every batch does) before drawing ids: of two such batches, the
-/// second draws its ids once the first has committed.
-async fn order_after_earlier_commits(
-    tx: &Transaction<'_>,
+/// second draws its ids once the first has committed. Pipelined, the lock
+/// statement still runs before the ids' one.
+async fn draw_ids(
+    c: &ClientWrapper,
+    p: &mut Prepared,
     stored: &[&Push],
-) -> Result<(), SpoolError> {
+    rows: usize,
+) -> Result<(Vec<i64>, Vec<i64>), SpoolError> {
     let keys: BTreeSet<&str> = stored
         .iter()
         .flat_map(|r| r.event.targets.iter())
         .filter_map(|t| t.order_key.as_deref())
         .collect();
-    if keys.is_empty() {
-        return Ok(());
-    }
     let keys: Vec<&str> = keys.into_iter().collect();
-    let lock = tx
-        .prepare_cached(
-            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '|' || k, 0))
-             FROM unnest($1::text[]) AS k ORDER BY k",
-        )
-        .await?;
-    tx.execute(&lock, &[&keys]).await?;
-    Ok(())
-}
-
-/// Two statements whatever the batch's size; returns the ids given, in
-/// order: an event's, and one per delivery row (one for an unrouted event).
-async fn insert_rows(
-    tx: &Transaction<'_>,
-    stored: &[&Push],
-    rows: usize,
-) -> Result<(Vec<EventId>, Vec<DeliveryId>), SpoolError> {
-    let ids = tx
-        .prepare_cached(
+    let lock = match keys.is_empty() {
+        true => None,
+        false => Some(
+            p.get(
+                c,
+                "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '|' || k, 0))
+                 FROM unnest($1::text[]) AS k ORDER BY k",
+            )
+            .await?,
+        ),
+    };
+    let ids = p
+        .get(
+            c,
             "SELECT ARRAY(SELECT nextval('events_id_seq') FROM generate_series(1, $1::int)) AS events,
                     ARRAY(SELECT nextval('deliveries_id_seq') FROM generate_series(1, $2::int))
                         AS deliveries",
         )
         .await?;
-    let row = tx
-        .query_one(&ids, &[&(stored.len() as i32), &(rows as i32)])
-        .await?;
+    let locked = async {
+        match &lock {
+            Some(lock) => c.execute(lock, &[&keys]).await,
+            None => Ok(0),
+        }
+    };
+    let (events, rows) = (stored.len() as i32, rows as i32);
+    let counts: [&(dyn ToSql + Sync); 2] = [&events, &rows];
+    let (_, row) = tokio::try_join!(biased; locked, c.query_one(&ids, &counts))?;
     let mut event_ids: Vec<i64> = get(&row, "events")?;
     let mut delivery_ids: Vec<i64> = get(&row, "deliveries")?;
     event_ids.sort_unstable();
     delivery_ids.sort_unstable();
+    Ok((event_ids, delivery_ids))
+}
 
-    let e = EventColumns::of(stored);
-    let d = DeliveryColumns::of(stored, &event_ids, rows);
-    let (events, deliveries) = tokio::try_join!(
-        tx.prepare_cached(
-            "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
-                                 msg_type, event, family, codec, appid, agent_id, info_type,
-                                 trace_context)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[],
-                                  $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[],
-                                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
-                                  $16::text[])",
-        ),
-        tx.prepare_cached(
-            "INSERT INTO deliveries (id, event_id, target, state, next_at, scheduled_at, reason,
-                                     updated_at, order_key)
-             SELECT id, event_id, target, state, next_at, next_at, reason, updated_at, order_key
-             FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
-                         $6::text[], $7::bigint[], $8::text[])
-                  AS t(id, event_id, target, state, next_at, reason, updated_at, order_key)",
-        ),
-    )?;
-    let event_params: [&(dyn ToSql + Sync); 16] = [
-        &event_ids,
-        &e.keys,
-        &e.accounts,
-        &e.received,
-        &e.queries,
-        &e.bodies,
-        &e.xmls,
-        &e.fields,
-        &e.msg_types,
-        &e.kinds,
-        &e.families,
-        &e.codecs,
-        &e.appids,
-        &e.agent_ids,
-        &e.info_types,
-        &e.traces,
-    ];
-    let delivery_params = d.params(&delivery_ids);
-    // Pipelined: both statements go out before the first answer comes back.
-    tokio::try_join!(
-        tx.execute(&events, &event_params),
-        tx.execute(&deliveries, &delivery_params),
-    )?;
-    Ok((
-        event_ids.into_iter().map(EventId).collect(),
-        delivery_ids.into_iter().map(DeliveryId).collect(),
-    ))
+/// The two inserts of a batch's rows, prepared before anything is sent, so
+/// that [`Inserts::run`] sends both at once.
+struct Inserts {
+    events: Statement,
+    deliveries: Statement,
+}
+
+impl Inserts {
+    async fn prepare(c: &ClientWrapper, p: &mut Prepared) -> Result<Self, SpoolError> {
+        let events = p
+            .get(
+                c,
+                "INSERT INTO events (id, dedup_key, account, received_at, query, body, xml, fields,
+                                     msg_type, event, family, codec, appid, agent_id, info_type,
+                                     trace_context)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                                      $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[],
+                                      $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
+                                      $16::text[])",
+            )
+            .await?;
+        let deliveries = p
+            .get(
+                c,
+                "INSERT INTO deliveries (id, event_id, target, state, next_at, scheduled_at, reason,
+                                         updated_at, order_key)
+                 SELECT id, event_id, target, state, next_at, next_at, reason, updated_at, order_key
+                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
+                             $6::text[], $7::bigint[], $8::text[])
+                      AS t(id, event_id, target, state, next_at, reason, updated_at, order_key)",
+            )
+            .await?;
+        Ok(Self { events, deliveries })
+    }
+
+    /// The stored events and their delivery rows (an unrouted event gets its
+    /// dead letter), under the ids drawn; both statements sent on the first
+    /// poll, events first.
+    async fn run(
+        &self,
+        c: &ClientWrapper,
+        stored: &[&Push],
+        event_ids: &Vec<i64>,
+        delivery_ids: &Vec<i64>,
+        rows: usize,
+    ) -> Result<(), SpoolError> {
+        let e = EventColumns::of(stored);
+        let d = DeliveryColumns::of(stored, event_ids, rows);
+        let event_params: [&(dyn ToSql + Sync); 16] = [
+            event_ids,
+            &e.keys,
+            &e.accounts,
+            &e.received,
+            &e.queries,
+            &e.bodies,
+            &e.xmls,
+            &e.fields,
+            &e.msg_types,
+            &e.kinds,
+            &e.families,
+            &e.codecs,
+            &e.appids,
+            &e.agent_ids,
+            &e.info_types,
+            &e.traces,
+        ];
+        let delivery_params = d.params(delivery_ids);
+        tokio::try_join!(
+            biased;
+            c.execute(&self.events, &event_params),
+            c.execute(&self.deliveries, &delivery_params),
+        )?;
+        Ok(())
+    }
 }
 
 /// The stored requests' events, as columns.

@@ -49,6 +49,7 @@ mod dead;
 mod late;
 mod migrate;
 mod opening;
+mod prepared;
 mod prune;
 mod row;
 mod settle;

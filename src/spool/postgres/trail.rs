@@ -12,67 +12,80 @@ use crate::spool::{
 };
 use crate::trail::{TrailEvent, TrailFilter, TrailFound, TrailKey, TrailNote};
 use bytes::BytesMut;
-use deadpool_postgres::{Object, Pool, Transaction};
+use deadpool_postgres::{ClientWrapper, Object, Pool, Transaction};
 use std::collections::HashMap;
 use tokio::sync::mpsc;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use tokio_postgres::Statement;
 
-/// The trail rows of a batch's pushes, stored (`Some(event id)`) or
-/// duplicates (`None`); the replayed ones are refusals, noted apart.
-pub(super) async fn pushes(
-    tx: &Transaction<'_>,
-    store: &TrailStore,
-    written: &[(&Push, Option<EventId>)],
-) -> Result<(), SpoolError> {
-    let mut c = PushColumns::default();
-    for (push, event_id) in written {
-        let Some(trail) = push.event.trail.as_deref() else {
-            continue;
+/// A batch's trail rows with their statements prepared, so that
+/// [`PushRows::write`] sends them all at once, behind the batch's inserts
+/// and ahead of its `COMMIT`: the trail adds no round trip to a commit.
+pub(super) struct PushRows<'a> {
+    columns: PushColumns<'a>,
+    insert: Statement,
+    ends: Option<Statement>,
+    keep: Option<Statement>,
+}
+
+impl<'a> PushRows<'a> {
+    /// The rows of a batch's pushes, stored (`Some(event id)`) or
+    /// duplicates (`None`); the replayed ones are refusals, noted apart.
+    /// `None` when no push carries a trail record.
+    pub(super) async fn of(
+        c: &ClientWrapper,
+        p: &mut super::prepared::Prepared,
+        store: &TrailStore,
+        written: &[(&'a Push, Option<EventId>)],
+    ) -> Result<Option<Self>, SpoolError> {
+        let columns = PushColumns::of(store, written);
+        if columns.received.is_empty() {
+            return Ok(None);
+        }
+        let insert = p.get(c, INSERT_PUSHES).await?;
+        let ends = match columns.unrouted.is_empty() {
+            true => None,
+            false => Some(p.get(c, UNROUTED_ENDS).await?),
         };
-        let e = &push.event.event;
-        c.event_ids.push(event_id.map(|id| id.0));
-        c.received.push(e.received_at.0);
-        c.accounts.push(e.account.clone());
-        c.modes.push(trail.mode);
-        c.msg_types.push(e.msg_type.clone());
-        c.events.push(e.event_type.clone());
-        c.scenes.push(trail.scene.clone());
-        c.msg_ids.push(trail.msg_id.clone());
-        c.tickets.push(i16::from(trail.ticket));
-        c.hashes.push(trail.openid_hash.clone());
-        c.masks.push(trail.openid_mask.clone());
-        c.duplicates.push(i16::from(event_id.is_none()));
-        c.routes
-            .push(route_text(push.event.targets.iter().map(|t| &t.target)));
-        // Unless a reply target is tried inline, the answer leaves once the
-        // push is stored (or found a duplicate).
-        let answered = event_id.is_none() || !trail.reply_inline;
-        c.replies.push(answered.then_some("none"));
-        c.reply_ms
-            .push(answered.then(|| trail.started.elapsed().as_millis() as i64));
-        c.budgets.push(trail.budget_ms as i64);
-        if let (Some(id), true) = (event_id, push.event.targets.is_empty()) {
-            c.unrouted.push(id.0);
-            c.unrouted_at.push(push.now.0);
-        }
-        if let (Some(id), true) = (event_id, store.keep_bodies) {
-            c.kept.push(id.0);
-        }
+        let keep = match columns.kept.is_empty() {
+            true => None,
+            false => Some(p.get(c, KEEP_BODIES).await?),
+        };
+        Ok(Some(Self {
+            columns,
+            insert,
+            ends,
+            keep,
+        }))
     }
-    if c.received.is_empty() {
-        return Ok(());
+
+    /// Sends every statement on the first poll, in order, then waits for
+    /// each answer: any failure fails the write (and so the batch's commit).
+    pub(super) async fn write(&self, c: &ClientWrapper) -> Result<(), SpoolError> {
+        let columns = &self.columns;
+        let rows = columns.params();
+        let ends: [&(dyn ToSql + Sync); 2] = [&columns.unrouted, &columns.unrouted_at];
+        let keep: [&(dyn ToSql + Sync); 1] = [&columns.kept];
+        tokio::try_join!(
+            biased;
+            c.execute(&self.insert, &rows),
+            execute_some(c, self.ends.as_ref(), &ends),
+            execute_some(c, self.keep.as_ref(), &keep),
+        )?;
+        Ok(())
     }
-    let insert = tx.prepare_cached(INSERT_PUSHES).await?;
-    tx.execute(&insert, &c.params()).await?;
-    if !c.unrouted.is_empty() {
-        let ends = tx.prepare_cached(UNROUTED_ENDS).await?;
-        tx.execute(&ends, &[&c.unrouted, &c.unrouted_at]).await?;
+}
+
+/// `statement`, where there is one.
+async fn execute_some(
+    c: &ClientWrapper,
+    statement: Option<&Statement>,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    match statement {
+        Some(statement) => c.execute(statement, params).await,
+        None => Ok(0),
     }
-    if !c.kept.is_empty() {
-        let keep = tx.prepare_cached(KEEP_BODIES).await?;
-        tx.execute(&keep, &[&c.kept]).await?;
-    }
-    Ok(())
 }
 
 const INSERT_PUSHES: &str = "INSERT INTO trail_events (event_id, received_at, account, mode, msg_type, event,
@@ -90,20 +103,21 @@ const KEEP_BODIES: &str =
      SELECT id, dedup_key, account, received_at, query, body, xml, fields, msg_type, event, family,
          codec, appid, agent_id, info_type, trace_context FROM events WHERE id = ANY($1)";
 
-/// A batch's pushes, as the columns of [`INSERT_PUSHES`].
+/// A batch's pushes, as the columns of [`INSERT_PUSHES`], borrowed from the
+/// batch: no copy of each push's text to make and free.
 #[derive(Default)]
-struct PushColumns {
+struct PushColumns<'a> {
     event_ids: Vec<Option<i64>>,
     received: Vec<i64>,
-    accounts: Vec<String>,
+    accounts: Vec<&'a str>,
     modes: Vec<&'static str>,
-    msg_types: Vec<String>,
-    events: Vec<Option<String>>,
-    scenes: Vec<Option<String>>,
-    msg_ids: Vec<Option<String>>,
+    msg_types: Vec<&'a str>,
+    events: Vec<Option<&'a str>>,
+    scenes: Vec<Option<&'a str>>,
+    msg_ids: Vec<Option<&'a str>>,
     tickets: Vec<i16>,
-    hashes: Vec<Option<Vec<u8>>>,
-    masks: Vec<Option<String>>,
+    hashes: Vec<Option<&'a [u8]>>,
+    masks: Vec<Option<&'a str>>,
     duplicates: Vec<i16>,
     routes: Vec<String>,
     replies: Vec<Option<&'static str>>,
@@ -114,7 +128,46 @@ struct PushColumns {
     kept: Vec<i64>,
 }
 
-impl PushColumns {
+impl<'a> PushColumns<'a> {
+    fn of(store: &TrailStore, written: &[(&'a Push, Option<EventId>)]) -> Self {
+        let mut c = PushColumns::default();
+        for &(push, event_id) in written {
+            let Some(trail) = push.event.trail.as_deref() else {
+                continue;
+            };
+            let e = &push.event.event;
+            c.event_ids.push(event_id.map(|id| id.0));
+            c.received.push(e.received_at.0);
+            c.accounts.push(e.account.as_str());
+            c.modes.push(trail.mode);
+            c.msg_types.push(e.msg_type.as_str());
+            c.events.push(e.event_type.as_deref());
+            c.scenes.push(trail.scene.as_deref());
+            c.msg_ids.push(trail.msg_id.as_deref());
+            c.tickets.push(i16::from(trail.ticket));
+            c.hashes.push(trail.openid_hash.as_deref());
+            c.masks.push(trail.openid_mask.as_deref());
+            c.duplicates.push(i16::from(event_id.is_none()));
+            c.routes
+                .push(route_text(push.event.targets.iter().map(|t| &t.target)));
+            // Unless a reply target is tried inline, the answer leaves once the
+            // push is stored (or found a duplicate).
+            let answered = event_id.is_none() || !trail.reply_inline;
+            c.replies.push(answered.then_some("none"));
+            c.reply_ms
+                .push(answered.then(|| trail.started.elapsed().as_millis() as i64));
+            c.budgets.push(trail.budget_ms as i64);
+            if let (Some(id), true) = (event_id, push.event.targets.is_empty()) {
+                c.unrouted.push(id.0);
+                c.unrouted_at.push(push.now.0);
+            }
+            if let (Some(id), true) = (event_id, store.keep_bodies) {
+                c.kept.push(id.0);
+            }
+        }
+        c
+    }
+
     fn params(&self) -> [&(dyn ToSql + Sync); 16] {
         [
             &self.event_ids,
