@@ -132,9 +132,11 @@ impl Writer {
             let store = self.trail.load_full();
             // Boxed: the commit's future is large, and the timeout would
             // otherwise copy it whole at every move.
-            let outcomes =
+            let (outcomes, clean) =
                 Box::pin(commit(checkout.get()?, prepared, &batch, store.as_deref())).await;
-            checkout.finished();
+            if clean {
+                checkout.finished();
+            }
             outcomes
         })
         .await;
@@ -170,30 +172,36 @@ impl Writer {
     }
 }
 
-/// Stores a batch in one transaction, and makes sure the connection goes
-/// back to the pool outside any transaction, whatever failed.
+/// Stores a batch in one transaction, and answers whether the connection
+/// is outside any transaction, fit to go back to the pool: after a failure
+/// only once its `ROLLBACK` was answered (a connection that could not roll
+/// back is discarded, never handed to the next user inside a transaction).
 async fn commit(
     client: &mut Object,
     p: &mut Prepared,
     batch: &[Push],
     trail: Option<&crate::spool::TrailStore>,
-) -> Result<Vec<Outcome>, SpoolError> {
+) -> (Result<Vec<Outcome>, SpoolError>, bool) {
     let stored = in_transaction(client, p, batch, trail).await;
-    if stored.is_err() {
-        // A statement failed before the `COMMIT` went out, or with it (which
-        // then answered `ROLLBACK` and only warns of this one).
-        let _ = client.batch_execute("ROLLBACK").await;
+    if stored.is_ok() {
+        return (stored, true);
     }
-    stored
+    // A statement failed before the `COMMIT` went out, or with it (which
+    // then answered `ROLLBACK` and only warns of this one).
+    let rolled_back = client.batch_execute("ROLLBACK").await.is_ok();
+    (stored, rolled_back)
 }
 
-/// The batch's statements in four round trips whatever its size: `BEGIN`
+/// The batch's statements in at most four round trips whatever its size (three without replay guards): `BEGIN`
 /// with the first statement; the dedup keys (which depend on the replay
 /// guards' answer); the order locks with the ids; then the rows, the trail's
 /// and the `COMMIT` together. Statements pipelined on one connection run in
 /// the order sent, each in the transaction, and a `COMMIT` after a failed
 /// statement answers `ROLLBACK` without an error: so every statement's own
-/// answer is checked, and any failure fails the whole batch.
+/// answer is checked, and any failure fails the whole batch. That rests on
+/// one rule, kept by every change here: each statement sent is a future
+/// awaited inside the batch's joins, none sent and left, and the `COMMIT`
+/// is the last future of the last join.
 async fn in_transaction(
     c: &ClientWrapper,
     p: &mut Prepared,
