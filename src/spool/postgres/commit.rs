@@ -192,8 +192,9 @@ async fn commit(
     (stored, rolled_back)
 }
 
-/// The batch's statements in at most four round trips whatever its size (three without replay guards): `BEGIN`
-/// with the first statement; the dedup keys (which depend on the replay
+/// The batch's statements in at most four round trips whatever its size
+/// (three without replay guards): `BEGIN` with the first statement; the
+/// dedup keys (which depend on the replay
 /// guards' answer); the order locks with the ids; then the rows, the trail's
 /// and the `COMMIT` together. Statements pipelined on one connection run in
 /// the order sent, each in the transaction, and a `COMMIT` after a failed
