@@ -259,7 +259,8 @@ impl PostgresSpool {
         let (ready, opening) =
             opening::schema(&pool, &settings.schema, on_open, &supervision).await?;
         let (requests, rx) = mpsc::channel(QUEUE);
-        let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone());
+        let replica = format!("{:016x}", rand::random::<u64>());
+        let notifier = wake::Notifier::new(pool.clone(), settings.schema.clone(), replica.clone());
         let trail = TrailSlot::default();
         let upkeep = analyze::Analyzer::new(pool.clone(), supervision.clone());
         let pruner = prune::Pruner::new(
@@ -289,7 +290,6 @@ impl PostgresSpool {
             "postgres trail notes",
             trail::write_notes(pool.clone(), noted, pruner),
         );
-        let replica = format!("{:016x}", rand::random::<u64>());
         tracing::info!(replica = %replica, database = %settings.display, schema = %settings.schema, "spool opened");
         Ok(Self {
             pool,
@@ -710,7 +710,7 @@ impl Tickets for PostgresSpool {
 impl DueListener for PostgresSpool {
     fn on_due_elsewhere(&self, wake: DueWaker) {
         let (config, tls) = self.listen.clone();
-        let listen = wake::listen(config, tls, self.schema.clone(), wake);
+        let listen = wake::listen(config, tls, self.schema.clone(), self.replica.clone(), wake);
         let task = self.supervision.spawn("postgres listener", listen);
         // A relay started again on the same spool listens for its new workers.
         let previous = self

@@ -7,6 +7,13 @@
 //! are collected and sent at most once per [`DEBOUNCE`], in a statement of
 //! its own. A notification lost (the listener reconnecting, a debounce
 //! window still open) costs only latency: every worker also polls.
+//!
+//! The payload starts with the sending replica's id and a `|`: a replica
+//! hears its own notifications too, and drops them, its workers already
+//! woken in-process (woken again, they would lease for nothing). A payload
+//! without the id (from a relay of an earlier version) wakes every target
+//! it names; such a relay reads the id as part of the first target's name,
+//! which it does not know, so that target waits for its next poll.
 
 use super::connect::CONNECT_TIMEOUT;
 use crate::spool::DueWaker;
@@ -34,16 +41,19 @@ pub(super) struct Notifier {
 struct Pending {
     pool: Pool,
     channel: String,
+    /// This replica's id, which starts every payload it sends.
+    replica: String,
     targets: Mutex<BTreeSet<String>>,
     signal: Notify,
 }
 
 impl Notifier {
-    pub(super) fn new(pool: Pool, channel: String) -> Self {
+    pub(super) fn new(pool: Pool, channel: String, replica: String) -> Self {
         Self {
             inner: Arc::new(Pending {
                 pool,
                 channel,
+                replica,
                 targets: Mutex::default(),
                 signal: Notify::new(),
             }),
@@ -76,8 +86,13 @@ impl Notifier {
         if targets.is_empty() {
             return;
         }
-        let Pending { pool, channel, .. } = &*self.inner;
-        for payload in payloads(targets) {
+        let Pending {
+            pool,
+            channel,
+            replica,
+            ..
+        } = &*self.inner;
+        for payload in payloads(replica, targets) {
             let channel = channel.clone();
             let sent = super::on_connection(pool, "notify", move |client| {
                 Box::pin(async move {
@@ -95,22 +110,32 @@ impl Notifier {
     }
 }
 
-/// Target names joined by commas, split to fit a payload.
-fn payloads(targets: BTreeSet<String>) -> Vec<String> {
-    let mut payloads = vec![String::new()];
+/// `replica|` and target names joined by commas, split to fit a payload.
+fn payloads(replica: &str, targets: BTreeSet<String>) -> Vec<String> {
+    let start = format!("{replica}|");
+    let mut payloads = vec![start.clone()];
     for target in targets {
         let last = payloads.last().map_or(0, |p| p.len());
         if last + target.len() + 1 > PAYLOAD_MAX {
-            payloads.push(String::new());
+            payloads.push(start.clone());
         }
         if let Some(p) = payloads.last_mut() {
-            if !p.is_empty() {
+            if p.len() > start.len() {
                 p.push(',');
             }
             p.push_str(&target);
         }
     }
     payloads
+}
+
+/// The targets a payload names, unless this replica sent it.
+fn heard<'p>(payload: &'p str, replica: &str) -> Option<&'p str> {
+    match payload.split_once('|') {
+        Some((sender, _)) if sender == replica => None,
+        Some((_, targets)) => Some(targets),
+        None => Some(payload),
+    }
 }
 
 /// Listens on `channel` on a connection of its own, waking the named
@@ -120,6 +145,7 @@ pub(super) async fn listen(
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
     channel: String,
+    replica: String,
     wake: DueWaker,
 ) {
     let mut backoff = Duration::from_millis(250);
@@ -144,7 +170,9 @@ pub(super) async fn listen(
                         backoff = Duration::from_millis(250);
                         tracing::debug!(channel, "listening for deliveries due on other replicas");
                         while let Some(payload) = rx.recv().await {
-                            payload.split(',').for_each(&wake);
+                            if let Some(targets) = heard(&payload, &replica) {
+                                targets.split(',').for_each(&wake);
+                            }
                         }
                     }
                     Err(e) => {
@@ -170,5 +198,34 @@ pub(super) async fn listen(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_drops_its_own_payloads_and_hears_the_others_and_the_older() {
+        let targets = BTreeSet::from(["broker".to_owned(), "hooks".to_owned()]);
+        let sent = payloads("r1", targets);
+        assert_eq!(sent, ["r1|broker,hooks"]);
+        assert_eq!(heard(&sent[0], "r1"), None);
+        assert_eq!(heard(&sent[0], "r2"), Some("broker,hooks"));
+        assert_eq!(heard("broker,hooks", "r1"), Some("broker,hooks"));
+    }
+
+    #[test]
+    fn every_split_payload_names_its_replica() {
+        let targets: BTreeSet<String> = (0..2_000).map(|i| format!("target_{i:04}")).collect();
+        let sent = payloads("r1", targets.clone());
+        assert!(sent.len() > 1);
+        let mut named = BTreeSet::new();
+        for payload in &sent {
+            assert!(payload.len() <= PAYLOAD_MAX);
+            assert_eq!(heard(payload, "r1"), None);
+            named.extend(heard(payload, "r2").unwrap().split(',').map(str::to_owned));
+        }
+        assert_eq!(named, targets);
     }
 }
